@@ -1,0 +1,226 @@
+"""Engine configuration: small frozen dataclasses, one per concern, validated on construction.
+
+The KV-cache accounting helpers at the bottom are the single source of truth shared by the
+engine (which allocates) and the capacity planner (which predicts), so the two always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPE_BYTES = {
+    "float32": 4,
+    "fp32": 4,
+    "float16": 2,
+    "fp16": 2,
+    "half": 2,
+    "bfloat16": 2,
+    "bf16": 2,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+}
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element for a dtype name (torch-free so the scheduler side can use it)."""
+    try:
+        return _DTYPE_BYTES[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {name!r}; expected one of {sorted(set(_DTYPE_BYTES))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters, normalised from an HF config.json or GGUF metadata."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"  # the checkpoint's own dtype
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "head_dim",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be > 0, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) must be a "
+                f"multiple of num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a parsed HF config.json (missing required keys raise ValueError)."""
+        archs = d.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry")
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"config.json is missing required fields: {', '.join(missing)}")
+        eos = d.get("eos_token_id")
+        if eos is None:
+            eos_ids: tuple[int, ...] = ()
+        elif isinstance(eos, list):
+            eos_ids = tuple(int(e) for e in eos)
+        else:
+            eos_ids = (int(eos),)
+        n_heads = int(d["num_attention_heads"])
+        return cls(
+            architecture=archs[0],
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
+            intermediate_size=int(d.get("intermediate_size", 4 * int(d["hidden_size"]))),
+            head_dim=int(d.get("head_dim") or 0),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_scaling=d.get("rope_scaling"),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False))
+            or archs[0] in ("Qwen2ForCausalLM",),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+            hf_config=dict(d),
+        )
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count of a llama-style decoder with this shape."""
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * h * i
+        per_layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return L * per_layer + emb + head + h
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: block size, how much memory it may take, prefix caching."""
+
+    block_size: int = 16
+    # CPU: bytes given to the KV cache. None -> 1 GiB on CPU, derived on CUDA.
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.90
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16", "float32"):
+            raise ValueError(f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}")
+
+
+DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: per-step token budget and concurrent sequences."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    max_waiting_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "without chunked prefill max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
+            )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Where weights come from: 'auto' (safetensors folder or .gguf file) or 'dummy' (random)."""
+
+    load_format: str = "auto"
+    quantization: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(
+                f"load_format must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}"
+            )
+
+
+def kv_cache_bytes_per_token(
+    model: ModelConfig, kv_dtype_bytes: int, tensor_parallel_size: int = 1
+) -> int:
+    """Bytes of K and V one token occupies on one GPU: 2 x layers x kv_heads x head_dim x bytes.
+
+    Under tensor parallelism each rank holds kv_heads / tp heads (at least one: replicated
+    when tp exceeds the KV head count).
+    """
+    kv_heads = max(1, model.num_key_value_heads // tensor_parallel_size)
+    return 2 * model.num_hidden_layers * kv_heads * model.head_dim * kv_dtype_bytes
+
+
+def num_kv_blocks(
+    memory_bytes: int,
+    model: ModelConfig,
+    block_size: int,
+    kv_dtype_bytes: int,
+    tensor_parallel_size: int = 1,
+) -> int:
+    """How many KV blocks fit in memory_bytes: the engine allocates exactly this many."""
+    per_block = block_size * kv_cache_bytes_per_token(model, kv_dtype_bytes, tensor_parallel_size)
+    return int(memory_bytes) // per_block

@@ -1,0 +1,179 @@
+"""Paged attention: the forward context, the metadata contract and the torch reference backend.
+
+KV cache layout, per layer: a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+(index 0 = K, 1 = V). A token at position p of a request lives in slot
+block_table[p // block_size] * block_size + p % block_size of the flattened
+[num_blocks * block_size] view.
+
+The batch is flat: all scheduled tokens of all requests concatenated in request order.
+Request i owns query rows query_start_loc[i]:query_start_loc[i+1] and its context is
+positions 0 .. seq_lens[i]-1, of which the last (query_len) are the new tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of each new token
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32 (device)
+    seq_lens: torch.Tensor  # [num_reqs] int32 (device): context length incl. new tokens
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32 (device), padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # host copies for backends that loop in Python (the reference backend)
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+@dataclass
+class ForwardContext:
+    attn_metadata: AttentionMetadata | None
+    kv_caches: list[torch.Tensor]  # one per layer, see module docstring
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    """Make ctx visible to attention layers for one forward pass; nesting is a bug."""
+    global _CONTEXT
+    if _CONTEXT is not None:
+        raise RuntimeError("forward_context is already set: nested model forwards are not allowed")
+    _CONTEXT = ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _CONTEXT is None:
+        raise RuntimeError("attention called outside forward_context()")
+    return _CONTEXT
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store new K/V rows ([T, kv_heads, head_dim]) into their cache slots."""
+    _, nb, bs, h, d = kv_cache.shape
+    flat = kv_cache.view(2, nb * bs, h, d)
+    flat[0].index_copy_(0, slots, k.to(flat.dtype))
+    flat[1].index_copy_(0, slots, v.to(flat.dtype))
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of positions [0, seq_len) of one request: each [seq_len, kv_heads, head_dim]."""
+    n_blocks = (seq_len + kv_cache.shape[2] - 1) // kv_cache.shape[2]
+    ids = block_ids[:n_blocks]
+    k = kv_cache[0].index_select(0, ids).flatten(0, 1)[:seq_len]
+    v = kv_cache[1].index_select(0, ids).flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def reference_paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each request's new queries over its cached context.
+
+    q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
+    Correct on any device; one SDPA call per request (the fast kernels replace this on CUDA).
+    """
+    out = torch.empty_like(q)
+    qsl = meta.query_start_loc_cpu
+    for i, seq_len in enumerate(meta.seq_lens_cpu):
+        s, e = qsl[i], qsl[i + 1]
+        if e == s:
+            continue
+        k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+        qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        ki = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KH, S, D]
+        vi = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
+        n = e - s
+        if n == 1:
+            mask = None  # a single query at the last position sees everything
+        else:
+            # query j sits at position seq_len - n + j and sees keys <= that position
+            qpos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
+            kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+            mask = kpos <= qpos
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[s:e] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+class Attention(nn.Module):
+    """Attention over the paged KV cache of one layer.
+
+    Model code calls it like single-device attention on flat [T, heads*dim] tensors; the
+    metadata and the layer's cache come from the forward context.
+    """
+
+    def __init__(
+        self, num_heads: int, head_dim: int, num_kv_heads: int, layer_idx: int, scale: float
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.layer_idx = layer_idx
+        self.scale = scale
+        self.backend = reference_paged_attention
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        meta = ctx.attn_metadata
+        if meta is None:  # profiling / dummy run without a cache: plain causal attention
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                is_causal=True, scale=self.scale, enable_gqa=True,
+            ).transpose(0, 1)
+            return o.reshape(t, self.num_heads * self.head_dim)
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        o = self.backend(q, kv_cache, meta, self.scale)
+        return o.reshape(t, self.num_heads * self.head_dim)
+
+
+def build_single_sequence_metadata(
+    num_tokens: int, block_size: int, device: torch.device | str = "cpu"
+) -> AttentionMetadata:
+    """Metadata for one request prefilling num_tokens tokens into blocks 0..n-1 (tests, warm-up)."""
+    n_blocks = (num_tokens + block_size - 1) // block_size
+    return AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens, device=device, dtype=torch.int64),
+        query_start_loc=torch.tensor([0, num_tokens], device=device, dtype=torch.int32),
+        seq_lens=torch.tensor([num_tokens], device=device, dtype=torch.int32),
+        block_tables=torch.arange(n_blocks, device=device, dtype=torch.int32).unsqueeze(0),
+        max_query_len=num_tokens,
+        max_seq_len=num_tokens,
+        query_start_loc_cpu=[0, num_tokens],
+        seq_lens_cpu=[num_tokens],
+        block_size=block_size,
+    )
