@@ -1,0 +1,5 @@
+import sys
+
+from modelport.entrypoints.cli import main
+
+sys.exit(main())

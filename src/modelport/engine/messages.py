@@ -1,0 +1,78 @@
+"""Typed messages between the frontend (tokenize/detokenize/HTTP) and the engine core.
+
+msgspec Structs so they cross a process boundary cheaply (msgspec.msgpack); the engine core
+knows token ids only, never text.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from modelport.sampling_params import SamplingParams
+
+
+class EngineCoreRequest(msgspec.Struct, kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    # SamplingParams travels as its constructor kwargs (see params_to_dict / dict_to_params)
+    sampling_params: dict
+    eos_token_ids: list[int]
+    arrival_time: float
+    priority: int = 0
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Logprobs of one position: the chosen token first, then the top-k (ids, logprobs, ranks)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+
+class EngineCoreOutput(msgspec.Struct, kw_only=True):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    # monotonic timestamps, for per-request metrics
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineCoreOutputs(msgspec.Struct, kw_only=True):
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats | None = None
+
+
+class SchedulerStats(msgspec.Struct, kw_only=True):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of blocks in use
+    prefix_cache_queries: int = 0  # tokens looked up (cumulative)
+    prefix_cache_hits: int = 0  # tokens found (cumulative)
+    num_preemptions: int = 0  # cumulative
+    num_kv_blocks: int = 0
+    block_size: int = 0
+
+
+_PARAM_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "stop",
+    "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "logprobs",
+    "prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens",
+)
+
+
+def params_to_dict(p: SamplingParams) -> dict:
+    return {f: getattr(p, f) for f in _PARAM_FIELDS}
+
+
+def dict_to_params(d: dict) -> SamplingParams:
+    return SamplingParams(**d)

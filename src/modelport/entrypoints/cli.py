@@ -1,0 +1,46 @@
+"""`modelport` command line. Each subcommand lives in its own module with register(subparsers)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module defining register(subparsers) that sets func=callable(args) -> int
+_SUBCOMMANDS = {
+    "serve": "modelport.entrypoints.cli_serve",
+    "generate": "modelport.entrypoints.cli_generate",
+    "plan": "modelport.entrypoints.cli_plan",
+    "bench": "modelport.entrypoints.cli_bench",
+    "quantize": "modelport.entrypoints.cli_quantize",
+    "eval": "modelport.entrypoints.cli_eval",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelport", description="Deploy LLMs and other models behind standard APIs."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in _SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # not built yet
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

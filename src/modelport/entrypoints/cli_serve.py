@@ -1,0 +1,92 @@
+"""`modelport serve`: one process, one HTTP port, every frontend that has something to serve.
+
+Frontends plug in through a small interface (a module with):
+    add_serve_args(parser)                 -- its flags
+    wants(args) -> bool                    -- whether these args ask for it
+    async build(args, app) -> Service      -- mount routes on the shared FastAPI app
+A Service has `async start()` (extra ports, background tasks) and `async stop()`.
+The OpenAI frontend serves the embedded default model when nothing else is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+from typing import Any
+
+logger = logging.getLogger("modelport.serve")
+
+FRONTENDS = (
+    "modelport.entrypoints.openai.frontend",
+    "modelport.entrypoints.kserve.frontend",
+    "modelport.entrypoints.torchserve.frontend",
+)
+
+
+def _available_frontends() -> list[Any]:
+    mods = []
+    for name in FRONTENDS:
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that frontend is not built yet
+            raise
+    return mods
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve models over HTTP (OpenAI, KServe v2, TorchServe)")
+    add_common_args(p)
+    for mod in _available_frontends():
+        mod.add_serve_args(p)
+    p.set_defaults(func=run_serve)
+
+
+async def serve_async(args: argparse.Namespace) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    mods = _available_frontends()
+    chosen = [m for m in mods if m.wants(args)]
+    if not chosen:
+        raise SystemExit("nothing to serve: give --model, --model-repository or --model-store")
+    app = FastAPI(title="modelport", version=_version())
+    services = [await m.build(args, app) for m in chosen]
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(config)
+    try:
+        for s in services:
+            await s.start()
+        logger.info("serving on http://%s:%d", args.host, args.port)
+        await server.serve()
+    finally:
+        for s in reversed(services):
+            with contextlib.suppress(Exception):
+                await s.stop()
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    try:
+        return version("modelport")
+    except Exception:
+        return "0.0.0"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve_async(args))
+    return 0
