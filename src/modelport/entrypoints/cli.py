@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modelport", description="Deploy LLMs and other models behind standard APIs."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in _SUBCOMMANDS.items():
+    for module in _SUBCOMMANDS.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
