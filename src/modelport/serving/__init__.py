@@ -1,0 +1,1 @@
+"""Serving pieces shared by the model repository (Triton) and TorchServe frontends."""

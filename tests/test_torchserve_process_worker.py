@@ -1,0 +1,83 @@
+"""ProcessWorker: a real child process per worker; crashes fail one call and restart it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from modelport.serving.process_worker import (
+    ProcessWorker,
+    WorkerCallError,
+    WorkerDiedError,
+    WorkerInitError,
+    WorkerTimeoutError,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "torchserve"
+
+
+@pytest.fixture(autouse=True)
+def _fixtures_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(FIXTURES))  # spawn children inherit sys.path
+
+
+def test_execute_error_restart_and_timeout():
+    async def main():
+        w = ProcessWorker("pw_targets:Echo", {"scale": 3}, name="echo", call_timeout=3)
+        await w.start()
+        try:
+            assert w.alive
+            assert await w.execute([1, 2]) == [3, 6]
+            # user code raising comes back typed; the child survives and keeps its state
+            with pytest.raises(WorkerCallError) as ei:
+                await w.execute("raise")
+            assert ei.value.exc_type == "ValueError" and "bad payload" in str(ei.value)
+            assert await w.execute("calls") == 3
+            pid = await w.execute("pid")
+            # a dying child fails only the call in flight, and is restarted
+            with pytest.raises(WorkerDiedError, match="exit code 3"):
+                await w.execute("die")
+            assert await w.execute([5]) == [15]
+            assert w.restarts == 1
+            assert await w.execute("pid") != pid
+            assert await w.execute("calls") == 3  # a fresh object
+            # a call past the timeout kills and restarts the child
+            with pytest.raises(WorkerTimeoutError):
+                await w.execute("sleep")
+            assert await w.execute([1]) == [3]
+            assert w.restarts == 2
+        finally:
+            await w.stop()
+        assert not w.alive
+
+    asyncio.run(main())
+
+
+def test_concurrent_calls_are_serialized():
+    async def main():
+        w = ProcessWorker("pw_targets:Echo", {}, name="echo2")
+        await w.start()
+        try:
+            outs = await asyncio.gather(*(w.execute([i]) for i in range(8)))
+            assert outs == [[i] for i in range(8)]
+            assert await w.execute("calls") == 9
+        finally:
+            await w.stop()
+
+    asyncio.run(main())
+
+
+def test_factory_failure_is_init_error():
+    async def main():
+        w = ProcessWorker("pw_targets:broken", {}, name="broken")
+        with pytest.raises(WorkerInitError, match="cannot load weights"):
+            await w.start()
+        await w.stop()
+        bad = ProcessWorker("no_such_module_xyz:thing", {}, name="missing")
+        with pytest.raises(WorkerInitError, match="ModuleNotFoundError"):
+            await bad.start()
+        await bad.stop()
+
+    asyncio.run(main())
