@@ -1,0 +1,249 @@
+"""Continuous batching by a per-step token budget. Pure Python: no torch.
+
+Every step gives each running request the tokens it is owed (one for a decoding request, a
+chunk for a prefilling one), then admits waiting requests while the token budget, the
+sequence limit and the KV cache allow. When the cache runs dry for a running request, the
+newest running request is preempted: its blocks are freed and it goes back to the front of
+the waiting queue to be recomputed later (its full blocks usually survive in the prefix cache).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from modelport.config import SchedulerConfig
+from modelport.engine.kv_cache_manager import KVCacheManager
+from modelport.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    # tokens to compute this step: request.all_token_ids[start : start + num_tokens]
+    start: int
+    num_tokens: int
+    # the request's block table after allocation
+    block_ids: list[int]
+    # this chunk reaches the end of the known tokens, so the runner samples a new token
+    sample: bool
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start : self.start + self.num_tokens]
+
+
+@dataclass
+class SchedulerOutput:
+    # in batch order: running requests first, then newly admitted ones
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # total tokens this step (<= max_num_batched_tokens)
+    num_batched_tokens: int = 0
+    # requests preempted during this schedule() call
+    preempted_ids: list[str] = field(default_factory=list)
+    # requests that finished since the last step (the runner drops their per-request state)
+    finished_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    # -- admission -----------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        total = req.num_prompt_tokens + req.max_tokens
+        if total > self.config.max_model_len:
+            raise ValueError(
+                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.max_tokens}) = "
+                f"{total} exceeds max_model_len ({self.config.max_model_len})"
+            )
+        max_blocks = -(-total // self.kv.block_size)
+        if max_blocks > self.kv.num_blocks:
+            raise ValueError(
+                f"request needs up to {max_blocks} KV blocks ({total} tokens) but the cache holds "
+                f"only {self.kv.num_blocks} blocks ({self.kv.num_blocks * self.kv.block_size} tokens)"
+            )
+        if (
+            self.config.max_waiting_requests is not None
+            and len(self.waiting) >= self.config.max_waiting_requests
+        ):
+            raise QueueFullError(f"waiting queue is full ({len(self.waiting)} requests)")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+            aborted.append(req)
+        return aborted
+
+    # -- the step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.config.max_num_batched_tokens
+        now = time.monotonic()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while True:
+                block_ids = self.kv.allocate_slots(req, n)
+                if block_ids is not None:
+                    break
+                victim = self.running.pop()  # newest running request
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is req:
+                    break
+            if block_ids is None:
+                break  # req itself was preempted; everything after it too
+            out.scheduled.append(self._scheduled(req, n, block_ids))
+            budget -= n
+            i += 1
+
+        # admit waiting requests (not in a step that had to preempt: the cache is full)
+        while (
+            self.waiting
+            and budget > 0
+            and not out.preempted_ids
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            computed_blocks, num_cached = ([], 0)
+            if req.num_computed_tokens == 0:
+                computed_blocks, num_cached = self.kv.get_computed_blocks(req)
+            n = req.num_tokens - req.num_computed_tokens - num_cached
+            if not self.config.enable_chunked_prefill and n > budget:
+                break
+            n = min(n, budget)
+            block_ids = self.kv.allocate_slots(req, n, computed_blocks)
+            if block_ids is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens += num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(self._scheduled(req, n, block_ids))
+            budget -= n
+
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _scheduled(self, req: Request, n: int, block_ids: list[int]) -> ScheduledRequest:
+        return ScheduledRequest(
+            request=req,
+            start=req.num_computed_tokens,
+            num_tokens=n,
+            block_ids=block_ids,
+            sample=req.num_computed_tokens + n == req.num_tokens,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- after the model ran ---------------------------------------------------------------
+    def update(
+        self, out: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[tuple[Request, list[int]]]:
+        """Advance requests by what ran; returns (request, new token ids) for those that moved.
+
+        Requests that finished have their status set and their blocks freed.
+        """
+        progressed: list[tuple[Request, list[int]]] = []
+        now = time.monotonic()
+        for s in out.scheduled:
+            req = s.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += s.num_tokens
+            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            if not s.sample:
+                progressed.append((req, []))
+                continue
+            token = sampled[req.request_id]
+            req.append_output_token(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            status = self._check_stop(req, token)
+            if status is not None:
+                self._finish(req, status)
+            progressed.append((req, [token]))
+        return progressed
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.sampling_params
+        if req.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if p.stop_token_ids and token in p.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.append(req.request_id)
+
+    # -- state ---------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at max_waiting_requests: the caller should retry later (HTTP 503)."""
