@@ -1,0 +1,156 @@
+"""OpenAI-shaped errors: every failure leaves the server as {"error": {message, type, param, code}}.
+
+Validation happens once at the edge; handlers raise `OpenAIError` and the exception handlers
+installed here turn it (and FastAPI's own validation errors) into the right status and body.
+A real internal fault becomes a 500 that carries a request id, and the traceback is logged
+under that id so an operator can find it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from modelport.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("modelport.openai")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable_error",
+}
+
+
+class OpenAIError(Exception):
+    """An error to return to the client as-is (status, OpenAI error type, param, code)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        *,
+        param: str | None = None,
+        code: str | int | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        return error_response(
+            self.message,
+            self.status,
+            param=self.param,
+            code=self.code,
+            retry_after=self.retry_after,
+        )
+
+
+def error_body(
+    message: str, status: int, *, param: str | None = None, code: str | int | None = None
+) -> dict:
+    info = ErrorInfo(
+        message=message, type=_TYPES.get(status, "invalid_request_error"), param=param, code=code
+    )
+    return ErrorResponse(error=info).model_dump()
+
+
+def error_response(
+    message: str,
+    status: int,
+    *,
+    param: str | None = None,
+    code: str | int | None = None,
+    retry_after: int | None = None,
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(
+        error_body(message, status, param=param, code=code), status_code=status, headers=headers
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    first = errs[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    extra = f" (and {len(errs) - 1} more errors)" if len(errs) > 1 else ""
+    return (f"{param}: {msg}{extra}" if param else f"{msg}{extra}"), param
+
+
+def install_error_handlers(app: FastAPI, prefixes: tuple[str, ...] = ("/v1/",)) -> None:
+    """Make the OpenAI routes (paths under `prefixes`) answer every error in OpenAI's JSON.
+
+    On the shared `modelport serve` app other frontends own other paths: for those, the
+    handler that was installed before (or FastAPI's default) still answers.
+    """
+    from fastapi.exception_handlers import (
+        http_exception_handler,
+        request_validation_exception_handler,
+    )
+
+    def ours(request: Request) -> bool:
+        return request.url.path.startswith(prefixes)
+
+    prev_validation = app.exception_handlers.get(
+        RequestValidationError, request_validation_exception_handler
+    )
+    prev_http = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
+    prev_internal = app.exception_handlers.get(Exception)
+
+    async def _openai_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, OpenAIError)
+        return exc.response()
+
+    async def _validation_error(request: Request, exc: Exception) -> Any:
+        if not ours(request):
+            return await prev_validation(request, exc)
+        assert isinstance(exc, RequestValidationError)
+        message, param = _validation_message(exc)
+        return error_response(message, 400, param=param)
+
+    async def _http_error(request: Request, exc: Exception) -> Any:
+        if not ours(request):
+            return await prev_http(request, exc)
+        assert isinstance(exc, StarletteHTTPException)
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return error_response(message, exc.status_code)
+
+    async def _internal_error(request: Request, exc: Exception) -> Any:
+        if not ours(request) and prev_internal is not None:
+            return await prev_internal(request, exc)
+        return internal_error(request.url.path, exc)
+
+    app.add_exception_handler(OpenAIError, _openai_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+
+def internal_error(where: str, exc: BaseException) -> JSONResponse:
+    """Log a fault with a fresh id and return a 500 that names the id (never the traceback)."""
+    err_id = uuid.uuid4().hex[:16]
+    logger.error("internal error %s in %s", err_id, where, exc_info=exc)
+    return error_response(
+        f"internal server error (id {err_id}): {type(exc).__name__}", 500, code="internal_error"
+    )

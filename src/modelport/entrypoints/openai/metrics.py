@@ -1,0 +1,151 @@
+"""Prometheus metrics for the LLM server, named `modelport:...` like vLLM's `vllm:...`.
+
+Each server owns its own CollectorRegistry so two apps in one process (tests, or several
+frontends) never collide on names. Engine-side gauges come from the SchedulerStats the core
+attaches to every step; latencies are measured here, in the server process, from the moment
+a request arrived over HTTP, which is what a client experiences.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from modelport.engine.messages import SchedulerStats
+
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """All series of one served model; methods are cheap enough to call per token batch."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r, labels = self.registry, ["model_name"]
+        self._model = model_name
+
+        def hist(name: str, doc: str, buckets: tuple = _LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, labels, registry=r, buckets=buckets)
+
+        self.ttft = hist("modelport:time_to_first_token_seconds", "Time to first token.")
+        self.itl = hist("modelport:inter_token_latency_seconds", "Time between output tokens.")
+        self.e2e = hist("modelport:e2e_request_latency_seconds", "End-to-end request latency.")
+        self.queue = hist("modelport:request_queue_time_seconds", "Time waiting to be scheduled.")
+        self.prompt_len = hist(
+            "modelport:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
+        )
+        self.gen_len = hist(
+            "modelport:request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS
+        )
+        self.running = Gauge(
+            "modelport:num_requests_running", "Requests running.", labels, registry=r
+        )
+        self.waiting = Gauge(
+            "modelport:num_requests_waiting", "Requests waiting.", labels, registry=r
+        )
+        self.kv_usage = Gauge(
+            "modelport:kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use (0-1).",
+            labels,
+            registry=r,
+        )
+        self.prefix_hit_rate = Gauge(
+            "modelport:prefix_cache_hit_rate",
+            "Prefix cache hits / queries (tokens, 0-1).",
+            labels,
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            "modelport:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            labels,
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "modelport:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            labels,
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "modelport:num_preemptions",
+            "Requests preempted (recomputed later).",
+            labels,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "modelport:prompt_tokens", "Prompt tokens processed.", labels, registry=r
+        )
+        self.generation_tokens = Counter(
+            "modelport:generation_tokens", "Tokens generated.", labels, registry=r
+        )
+        self.success = Counter(
+            "modelport:request_success",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "modelport:request_rejected",
+            "Requests refused because the waiting queue was full.",
+            labels,
+            registry=r,
+        )
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(model_name, reason)
+        self._last = SchedulerStats()
+
+    # -- engine stats (once per step)
+
+    def observe_stats(self, s: SchedulerStats) -> None:
+        m = self._model
+        self.running.labels(m).set(s.num_running)
+        self.waiting.labels(m).set(s.num_waiting)
+        self.kv_usage.labels(m).set(s.kv_cache_usage)
+        for counter, now, before in (
+            (self.prefix_queries, s.prefix_cache_queries, self._last.prefix_cache_queries),
+            (self.prefix_hits, s.prefix_cache_hits, self._last.prefix_cache_hits),
+            (self.preemptions, s.num_preemptions, self._last.num_preemptions),
+        ):
+            if now > before:
+                counter.labels(m).inc(now - before)
+        if s.prefix_cache_queries:
+            self.prefix_hit_rate.labels(m).set(s.prefix_cache_hits / s.prefix_cache_queries)
+        self._last = s
+
+    # -- per request (server clock)
+
+    def observe_first_token(self, ttft: float, queue_time: float | None) -> None:
+        self.ttft.labels(self._model).observe(ttft)
+        if queue_time is not None and queue_time >= 0:
+            self.queue.labels(self._model).observe(queue_time)
+
+    def observe_tokens(self, n_new: int, gap: float | None) -> None:
+        """n_new tokens arrived together, `gap` seconds after the previous ones."""
+        self.generation_tokens.labels(self._model).inc(n_new)
+        if gap is not None and n_new > 0:
+            per = gap / n_new
+            for _ in range(n_new):
+                self.itl.labels(self._model).observe(per)
+
+    def observe_finished(
+        self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int
+    ) -> None:
+        m = self._model
+        self.success.labels(m, finish_reason).inc()
+        self.e2e.labels(m).observe(e2e)
+        self.prompt_tokens.labels(m).inc(prompt_tokens)
+        self.prompt_len.labels(m).observe(prompt_tokens)
+        self.gen_len.labels(m).observe(generation_tokens)
+
+    def observe_rejected(self) -> None:
+        self.rejected.labels(self._model).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
