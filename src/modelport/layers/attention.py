@@ -99,8 +99,11 @@ def reference_paged_attention(
     """Causal attention of each request's new queries over its cached context.
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
-    Correct on any device; one SDPA call per request (the fast kernels replace this on CUDA).
+    Correct on any device: one batched SDPA call for a decode-only batch, otherwise one call
+    per request (the fast kernels replace this on CUDA).
     """
+    if meta.is_pure_decode and meta.num_reqs > 1:
+        return _batched_decode_attention(q, kv_cache, meta, scale)
     out = torch.empty_like(q)
     qsl = meta.query_start_loc_cpu
     for i, seq_len in enumerate(meta.seq_lens_cpu):
@@ -122,6 +125,25 @@ def reference_paged_attention(
         o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s:e] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _batched_decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """All requests have one query: gather every context padded to the longest and mask."""
+    b, h, d = q.shape
+    bs = kv_cache.shape[2]
+    max_len = meta.max_seq_len
+    n_blocks = (max_len + bs - 1) // bs
+    tables = meta.block_tables[:, :n_blocks].long()
+    k = kv_cache[0][tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)  # [B, KH, L, D]
+    v = kv_cache[1][tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)
+    lens = meta.seq_lens.to(q.device).long()
+    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return o.squeeze(2)
 
 
 class Attention(nn.Module):
