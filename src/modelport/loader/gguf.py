@@ -1,0 +1,180 @@
+"""GGUF files: config from metadata, dequantized weights under HF tensor names.
+
+Built on ``gguf.GGUFReader`` (memory-mapped) and ``gguf.quants.dequantize``. Weights come out
+in float32 with HF names, so the model classes load them exactly like a safetensors folder.
+
+llama.cpp's converter permutes the rows of attn_q / attn_k for the ``llama`` architecture:
+llama.cpp rotates adjacent pairs (2j, 2j+1) of each head while HF Llama rotates
+(j, j + d/2), so the converter reorders each head's rows from [half0 | half1] to interleaved
+(row h*d + 2j + s holds HF row h*d + s*d/2 + j). ``unpermute_qk`` applies the inverse.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# GGUF architecture -> (HF architecture, q/k rows permuted by the converter)
+GGUF_ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "llama": ("LlamaForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_FILE_TYPE_DTYPE = {0: "float32", 1: "float16", 32: "bfloat16"}
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> Any:
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def open_gguf(path: Path) -> Any:
+    """A GGUFReader for path; any parse failure becomes one clear ValueError."""
+    try:
+        st = path.stat()
+        return _cached_reader(str(path), st.st_size, st.st_mtime_ns)
+    except FileNotFoundError:
+        raise ValueError(f"GGUF file not found: {path}") from None
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors/...
+        raise ValueError(
+            f"cannot read GGUF file {path}: corrupt or truncated ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _f32(value: float) -> float:
+    """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; recover the short decimal."""
+    return float(str(np.float32(value)))
+
+
+def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
+    """An HF-style config.json dict built from GGUF metadata (ModelConfig.from_hf_dict input)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{path.name}: unsupported GGUF architecture {arch!r}; supported: "
+            f"{', '.join(GGUF_ARCHITECTURES)}"
+        )
+    hf_arch, _ = GGUF_ARCHITECTURES[arch]
+
+    def meta(key: str, default: Any = None) -> Any:
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path.name}: GGUF metadata is missing {arch}.{key}")
+        return value
+
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError(
+            f"{path.name}: per-frequency rope factors (rope_freqs.weight, Llama 3.1 GGUF) are "
+            "not supported yet; use the HF safetensors folder of this model"
+        )
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    heads = int(meta("attention.head_count"))
+    hidden = int(meta("embedding_length"))
+    scaling = None
+    scaling_type = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        if scaling_type != "linear":
+            raise ValueError(f"{path.name}: unsupported GGUF rope scaling {scaling_type!r}")
+        scaling = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+    eos = [_field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    eos_ids = sorted({int(e) for e in eos if e is not None})
+    return {
+        "architectures": [hf_arch],
+        "model_type": arch,
+        "vocab_size": len(tokens) if tokens else int(meta("vocab_size")),
+        "hidden_size": hidden,
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
+        "intermediate_size": int(meta("feed_forward_length")),
+        "head_dim": int(meta("attention.key_length", hidden // heads)),
+        "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _f32(meta("rope.freq_base", 10000.0)),
+        "rope_scaling": scaling,
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+        "torch_dtype": _FILE_TYPE_DTYPE.get(int(_field(reader, "general.file_type", 0)), "float32"),
+    }
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """HF name of a GGUF tensor name (ValueError for names we do not map)."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
+        return f"{_GLOBAL_NAMES[stem]}.{kind}"
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no HF equivalent in our name mapping")
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row interleaving (see module docstring); works on [out, ...]."""
+    rest = w.shape[1:]
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantized_numel(reader: Any) -> int:
+    return sum(int(np.prod(t.shape)) for t in reader.tensors)
+
+
+def iter_gguf_weights(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every tensor of the file, q/k rows restored."""
+    from gguf.quants import dequantize
+
+    arch = hf_config["model_type"]
+    permuted = GGUF_ARCHITECTURES[arch][1]
+    heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(
+                f"GGUF tensor {t.name!r} uses {t.tensor_type.name}, which gguf-py cannot "
+                "dequantize"
+            ) from None
+        except Exception as e:
+            raise ValueError(f"GGUF tensor {t.name!r} is corrupt or truncated ({e})") from None
+        w = np.asarray(w, dtype=np.float32)
+        m = _BLOCK_RE.match(t.name)
+        if permuted and m and m.group(2) in heads and m.group(3) == "weight":
+            w = unpermute_qk(w, heads[m.group(2)])
+        yield name, torch.from_numpy(np.array(w, dtype=np.float32, copy=True))

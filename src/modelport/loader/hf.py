@@ -1,0 +1,96 @@
+"""HF folders: config.json -> ModelConfig, *.safetensors -> (name, tensor) stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelport.config import ModelConfig
+
+
+def normalize_hf_config(d: dict[str, Any]) -> dict[str, Any]:
+    """Bring newer config.json spellings to the keys ModelConfig.from_hf_dict reads.
+
+    transformers >= 5 nests rope settings in ``rope_parameters`` (theta included) instead
+    of top-level ``rope_theta`` / ``rope_scaling``.
+    """
+    d = dict(d)
+    params = d.get("rope_parameters")
+    if isinstance(params, dict):
+        if "rope_theta" in params:
+            d.setdefault("rope_theta", params["rope_theta"])
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default" and not d.get("rope_scaling"):
+            d["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return d
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder} has no config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    try:
+        return ModelConfig.from_hf_dict(normalize_hf_config(raw))
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{path}: invalid model config ({e})") from None
+
+
+def read_generation_eos(folder: Path) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (Llama 3 lists several there), if present."""
+    try:
+        eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+        hint = f" (found {', '.join(other)}: PyTorch pickles are not loaded)" if other else ""
+        raise ValueError(f"no *.safetensors weights in {folder}{hint}")
+    return files
+
+
+def _open(path: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read weights file {path}: corrupt or truncated ({e})") from None
+
+
+def count_tensors(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        with _open(path) as f:
+            total += len(f.keys())
+    return total
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors one at a time (memory-mapped), so peak host memory stays ~one tensor."""
+    from safetensors import SafetensorError
+
+    for path in files:
+        with _open(path) as f:
+            for name in f.keys():
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from None
+                yield name, tensor

@@ -1,0 +1,139 @@
+"""Llama family decoder (Llama 2/3/3.1, Mistral, SmolLM): GQA, RMSNorm, SwiGLU, rotary.
+
+Single-device code over flat token batches: ``forward(input_ids [T], positions [T])``.
+Attention reads its paged KV cache and metadata from the forward context, so the same
+module serves prefill chunks and decode steps of many requests in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from modelport.config import ModelConfig
+from modelport.layers.activation import SiluAndMul
+from modelport.layers.attention import Attention
+from modelport.layers.embedding import LMHead, VocabEmbedding
+from modelport.layers.layernorm import RMSNorm
+from modelport.layers.linear import Linear, MergedLinear, QKVLinear
+from modelport.layers.rotary import RotaryEmbedding, rope_settings
+from modelport.models.weights import StackedParam, load_declared_weights
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool
+    ) -> None:
+        super().__init__()
+        h, d = config.num_attention_heads, config.head_dim
+        kvh = config.num_key_value_heads
+        self.qkv_proj = QKVLinear(config.hidden_size, d, h, kvh, bias=qkv_bias)
+        self.o_proj = Linear(h * d, config.hidden_size, bias=o_bias)
+        self.rotary_emb = RotaryEmbedding(d, rope_settings(config))
+        self.attn = Attention(h, d, kvh, layer_idx, scale=d**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, bias: bool = False) -> None:
+        super().__init__()
+        i = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, (i, i), ("gate", "up"), bias=bias)
+        self.down_proj = Linear(i, config.hidden_size, bias=bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(config, mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self, config: ModelConfig, qkv_bias: bool, o_bias: bool, mlp_bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, qkv_bias, o_bias, mlp_bias)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    """HF-compatible Llama causal LM: loads HF tensor names, returns float32 logits."""
+
+    # checkpoint sub-name -> (fused sub-name, shard): loading is declared here, once
+    stacked_params: tuple[StackedParam, ...] = (
+        (".qkv_proj.", ".q_proj.", "q"),
+        (".qkv_proj.", ".k_proj.", "k"),
+        (".qkv_proj.", ".v_proj.", "v"),
+        (".gate_up_proj.", ".gate_proj.", "gate"),
+        (".gate_up_proj.", ".up_proj.", "up"),
+    )
+    skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = self._build_model(config)
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
+
+    def _build_model(self, config: ModelConfig) -> LlamaModel:
+        bias = config.attention_bias
+        return LlamaModel(config, qkv_bias=bias, o_bias=bias,
+                          mlp_bias=bool(config.hf_config.get("mlp_bias", False)))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors; returns the names of our parameters that were fully set."""
+        skip = self.skip_weights
+        if self.config.tie_word_embeddings:
+            skip = (*skip, "lm_head.weight")  # some tied checkpoints still store a copy
+        return load_declared_weights(self, weights, self.stacked_params, skip)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral is Llama's architecture (sliding window aside, which we do not implement)."""

@@ -1,0 +1,31 @@
+"""Lazy model registry: HF architecture name -> (module, class), imported on first use.
+
+Lazy so that importing the registry (e.g. to validate a config in the HTTP process) costs
+nothing and a broken optional model file cannot break the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("modelport.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("modelport.models.llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("modelport.models.qwen2", "Qwen2ForCausalLM"),
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    """The model class for an HF ``architectures[0]`` name; ValueError lists what we support."""
+    try:
+        module_name, class_name = _MODELS[architecture]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model architecture {architecture!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        ) from None
+    return getattr(importlib.import_module(module_name), class_name)

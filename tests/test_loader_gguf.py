@@ -1,0 +1,100 @@
+"""Our GGUF loader on tiny llama.cpp-style files reproduces HF logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.tiny_models import TINY_PROMPT as PROMPT
+from helpers.tiny_models import (
+    hf_reference_logits,
+    llama_cpp_permute,
+    make_tiny_llama_dir,
+    make_tiny_llama_gguf,
+    run_one_sequence,
+)
+from modelport.config import LoadConfig
+from modelport.loader import gguf_cache_folder, load_model, load_model_config, resolve_model
+from modelport.loader.gguf import unpermute_qk
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "hf", seed=3)
+
+
+def _load(gguf_path: Path) -> torch.nn.Module:
+    src = resolve_model(str(gguf_path))
+    assert src.kind == "gguf" and src.name == gguf_path.stem
+    cfg = load_model_config(src)
+    return load_model(src, cfg, LoadConfig(), torch.float32, torch.device("cpu"))
+
+
+def test_unpermute_inverts_llama_cpp_permutation() -> None:
+    w = np.arange(4 * 16 * 3, dtype=np.float32).reshape(4 * 16, 3)
+    permuted = llama_cpp_permute(w, 4)
+    assert not np.array_equal(permuted, w)
+    np.testing.assert_array_equal(unpermute_qk(permuted, 4), w)
+
+
+def test_gguf_config_from_metadata(tiny_hf: Path, tmp_path: Path) -> None:
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny.gguf", "F32")
+    cfg = load_model_config(resolve_model(str(path)))
+    hf_cfg = load_model_config(resolve_model(str(tiny_hf)))
+    for field in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim",
+                  "rms_norm_eps", "rope_theta", "max_position_embeddings",
+                  "tie_word_embeddings", "bos_token_id", "eos_token_ids"):
+        assert getattr(cfg, field) == getattr(hf_cfg, field), field
+
+
+def test_gguf_f32_is_exact(tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-f32.gguf", "F32")
+    logits = run_one_sequence(_load(path), PROMPT)
+    torch.testing.assert_close(logits, hf_reference_logits(tiny_hf, PROMPT), atol=1e-5, rtol=1e-5)
+    assert (gguf_cache_folder(path) / "model.safetensors").is_file()
+
+
+def test_gguf_q8_0_is_close(tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-q8.gguf", "Q8_0")
+    logits = run_one_sequence(_load(path), PROMPT)
+    ref = hf_reference_logits(tiny_hf, PROMPT)
+    err = (logits - ref).abs().max().item()
+    assert 0 < err < 0.1, err  # quantized: close but not identical
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_gguf_without_unpermute_would_be_wrong(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards the test itself: the q/k permutation matters, so exactness above means it was undone."""
+    import modelport.loader.gguf as gguf_loader
+
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_loader, "unpermute_qk", lambda w, n: w)
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-f32.gguf", "F32")
+    logits = run_one_sequence(_load(path), PROMPT)
+    assert (logits - hf_reference_logits(tiny_hf, PROMPT)).abs().max() > 1e-3
+
+
+def test_gguf_second_load_reads_the_cache(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelport.loader as loader
+
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny.gguf", "F32")
+    first = run_one_sequence(_load(path), PROMPT[:20])
+
+    def no_gguf(*a: object, **k: object) -> None:
+        raise AssertionError("GGUF file read although the cache is warm")
+
+    monkeypatch.setattr(loader, "_gguf_config_dict", no_gguf)
+    monkeypatch.setattr(loader, "_write_gguf_cache", no_gguf)
+    second = run_one_sequence(_load(path), PROMPT[:20])
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
