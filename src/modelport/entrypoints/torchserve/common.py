@@ -1,0 +1,32 @@
+"""What the inference and management apps share: the registry, auth, metrics, error shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from modelport.entrypoints.torchserve.metrics import TSMetrics
+from modelport.torchserve.auth import TokenAuth
+from modelport.torchserve.errors import TSError
+from modelport.torchserve.registry import ModelRegistry
+
+
+@dataclass
+class TSState:
+    registry: ModelRegistry
+    metrics: TSMetrics
+    auth: TokenAuth | None  # None: token authorization disabled
+
+    def authorize(self, kind: str, request: Request) -> None:
+        if self.auth is not None:
+            self.auth.check(kind, request.headers.get("authorization"))
+
+
+def error_response(e: TSError) -> JSONResponse:
+    return JSONResponse(e.to_json(), status_code=e.code)
+
+
+def status(message: str, code: int = 200) -> JSONResponse:
+    return JSONResponse({"status": message}, status_code=code)

@@ -1,0 +1,252 @@
+"""The TorchServe plug-in of `modelport serve` (see entrypoints/cli_serve.py for the contract).
+
+Inference routes go on the shared app (the main --port) and, with --inference-port, on an
+app of their own; the management API always has its own port (127.0.0.1:8081 by default),
+as in TorchServe, so exposing inference never exposes model management.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from modelport.entrypoints.torchserve.common import TSState
+from modelport.entrypoints.torchserve.inference import make_inference_router
+from modelport.entrypoints.torchserve.management import make_management_app
+from modelport.entrypoints.torchserve.metrics import TSMetrics
+from modelport.torchserve.archive import MANIFEST_PATH
+from modelport.torchserve.auth import TokenAuth
+from modelport.torchserve.registry import ARCHIVE_SUFFIXES, ModelRegistry
+from modelport.torchserve.ts_config import ModelSettings, TSConfig, load_ts_config
+
+logger = logging.getLogger("modelport.torchserve")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("TorchServe (.mar archives)")
+    g.add_argument("--model-store", dest="model_store", help="folder of .mar archives")
+    g.add_argument(
+        "--models",
+        dest="models",
+        nargs="+",
+        metavar="NAME=FILE.mar",
+        help="archives to load at startup: NAME=FILE, FILE, or 'all' (everything in the store)",
+    )
+    g.add_argument("--ts-config", dest="ts_config", help="TorchServe config.properties")
+    g.add_argument("--inference-port", dest="ts_inference_port", type=int, default=None)
+    g.add_argument(
+        "--management-port",
+        dest="ts_management_port",
+        type=int,
+        default=None,
+        help="management API port (default 8081)",
+    )
+    g.add_argument(
+        "--management-host",
+        dest="ts_management_host",
+        default=None,
+        help="management API address (default 127.0.0.1)",
+    )
+    g.add_argument("--disable-token-auth", dest="ts_disable_token_auth", action="store_true")
+    g.add_argument(
+        "--allowed-urls",
+        dest="ts_allowed_urls",
+        nargs="+",
+        metavar="REGEX",
+        help="model URLs/paths outside the model store that may be registered",
+    )
+    g.add_argument(
+        "--ts-key-file",
+        dest="ts_key_file",
+        default=None,
+        help="where to write the token key file (default ./key_file.json)",
+    )
+    g.add_argument(
+        "--ts-workers",
+        dest="ts_workers",
+        type=int,
+        default=None,
+        help="workers per model loaded at startup (default 1)",
+    )
+
+
+def wants(args: argparse.Namespace) -> bool:
+    return bool(
+        getattr(args, "model_store", None)
+        or getattr(args, "models", None)
+        or getattr(args, "ts_config", None)
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the service needs, resolved from the CLI over config.properties."""
+
+    management: tuple[str, int]
+    inference: tuple[str, int] | None
+    startup: tuple[tuple[str | None, str], ...]  # (name or None, url)
+    config: TSConfig
+    workers: int
+
+
+def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
+    mhost, mport = cfg.management_address or ("127.0.0.1", 8081)
+    management = (args.ts_management_host or mhost, _pick(args.ts_management_port, mport))
+    inference = None
+    if args.ts_inference_port is not None:
+        host = cfg.inference_address[0] if cfg.inference_address else args.host
+        inference = (host, args.ts_inference_port)
+    specs = list(args.models or cfg.load_models)
+    startup: list[tuple[str | None, str]] = []
+    for spec in specs:
+        name, sep, url = spec.partition("=")
+        if spec == "all" or (not sep and spec == "ALL"):
+            startup.extend((None, u) for u in _store_archives(args.model_store or cfg.model_store))
+        elif sep:
+            startup.append((name, url))
+        else:
+            startup.append((None, spec))
+    if not specs:
+        startup = [(e.name, e.mar_name) for e in cfg.models]
+    workers = args.ts_workers or cfg.default_workers_per_model or 1
+    return _Plan(management, inference, tuple(startup), cfg, workers)
+
+
+def _pick(cli: int | None, default: int) -> int:
+    return default if cli is None else cli
+
+
+def _store_archives(store: str | None) -> list[str]:
+    if not store:
+        raise SystemExit("--models all needs --model-store")
+    out = []
+    for p in sorted(Path(store).iterdir()):
+        if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES) or (p / MANIFEST_PATH).is_file():
+            out.append(p.name)
+    return out
+
+
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the main server of the process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot bind TorchServe API to {host}:{port}: {e}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+class TorchServeService:
+    """Loads startup models and runs the management (and extra inference) servers."""
+
+    def __init__(self, state: TSState, plan: _Plan, log_level: str) -> None:
+        self.state = state
+        self.plan = plan
+        self.log_level = log_level
+        self._servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
+        self.management_port: int | None = None
+        self.inference_port: int | None = None
+
+    async def start(self) -> None:
+        # load startup models concurrently: each spends seconds importing in its workers
+        results = await asyncio.gather(
+            *(self._load(name, url) for name, url in self.plan.startup), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await self.state.registry.stop()
+            raise RuntimeError(f"loading TorchServe models failed: {failed[0]}") from failed[0]
+        self.management_port = await self._serve(
+            make_management_app(self.state), *self.plan.management
+        )
+        logger.info(
+            "TorchServe management API on http://%s:%d",
+            self.plan.management[0],
+            self.management_port,
+        )
+        if self.plan.inference is not None:
+            app = FastAPI(title="modelport TorchServe inference API")
+            app.include_router(make_inference_router(self.state))
+            self.inference_port = await self._serve(app, *self.plan.inference)
+
+    async def _load(self, name: str | None, url: str) -> None:
+        entry = next((e for e in self.plan.config.models if e.name == name), None)
+        overrides = dict(entry.overrides) if entry else {}
+        mv = await self.state.registry.register(
+            url,
+            model_name=name,
+            overrides=overrides,
+            initial_workers=None if "min_workers" in overrides else self.plan.workers,
+            synchronous=True,
+            loaded_at_startup=True,
+            version=entry.version if entry else None,
+            make_default=bool(entry and entry.default),
+        )
+        logger.info("loaded TorchServe model %s version %s", mv.name, mv.version)
+
+    async def _serve(self, app: FastAPI, host: str, port: int) -> int:
+        sock = _bind(host, port)
+        config = uvicorn.Config(app, log_level=self.log_level, lifespan="off")
+        server = _QuietServer(config)
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        self._servers.append((server, task))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError(f"server on {host}:{port} exited at startup")
+            await asyncio.sleep(0.01)
+        return sock.getsockname()[1]
+
+    async def stop(self) -> None:
+        for server, _ in self._servers:
+            server.should_exit = True
+        for _, task in self._servers:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 10)
+        await self.state.registry.stop()
+        if self.state.auth is not None:
+            self.state.auth.remove_key_file()
+
+
+async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
+    cfg = load_ts_config(args.ts_config) if getattr(args, "ts_config", None) else TSConfig()
+    plan = _plan(args, cfg)
+    store = args.model_store or cfg.model_store
+    defaults = ModelSettings(
+        response_timeout_s=cfg.default_response_timeout, job_queue_size=cfg.job_queue_size
+    )
+    registry = ModelRegistry(
+        Path(store) if store else None,
+        allowed_urls=tuple(args.ts_allowed_urls or cfg.allowed_urls),
+        default_settings=defaults,
+        install_py_dep_per_model=cfg.install_py_dep_per_model,
+    )
+    auth = None
+    if not (args.ts_disable_token_auth or cfg.disable_token_authorization):
+        key_file = Path(args.ts_key_file or os.path.join(os.getcwd(), "key_file.json"))
+        auth = TokenAuth(key_file, cfg.token_expiration_min)
+        logger.info("TorchServe token authorization on; keys in %s", key_file)
+    state = TSState(registry=registry, metrics=TSMetrics(), auth=auth)
+    app.include_router(make_inference_router(state))
+    return TorchServeService(state, plan, getattr(args, "log_level", "info"))

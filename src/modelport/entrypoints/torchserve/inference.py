@@ -1,0 +1,148 @@
+"""TorchServe's inference API: /ping, /predictions/{model}[/{version}], KServe v1 predict.
+
+Requests are turned into the inputs TorchServe's frontend gives a handler: a raw body is one
+input named "body"; multipart and urlencoded form fields and query parameters are inputs
+under their own names. Each input keeps its content type so the worker decodes it the way
+TorchServe's backend does (JSON -> object, text -> str, anything else -> bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from email.parser import BytesParser
+from email.policy import HTTP
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from modelport.entrypoints.torchserve.common import TSState, error_response
+from modelport.torchserve.errors import TSError, bad_request
+from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
+from modelport.torchserve.model import ModelVersion
+
+
+def _form_params(content_type: str, body: bytes) -> list[InputParam]:
+    msg = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not msg.is_multipart():
+        raise bad_request("malformed multipart/form-data body")
+    params = []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if part.get("content-type"):
+            ct = part.get_content_type()
+        else:
+            ct = "application/octet-stream" if part.get_filename() else "text/plain"
+        params.append(InputParam(str(name), ct, payload))
+    return params
+
+
+async def request_item(request: Request) -> RequestItem:
+    """Build the handler's view of one HTTP request."""
+    ct = request.headers.get("content-type", "")
+    body = await request.body()
+    base = ct.split(";")[0].strip().lower()
+    if base == "multipart/form-data":
+        params = _form_params(ct, body)
+    elif base == "application/x-www-form-urlencoded" and b"=" not in body:
+        # `curl -d "some text"` sends this content type for plain text; TorchServe would turn
+        # the text into an empty form field named after it, which no handler expects
+        params = [InputParam("body", "text/plain", body)]
+    elif base == "application/x-www-form-urlencoded":
+        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        params = [InputParam(k, "text/plain", v.encode()) for k, v in pairs]
+    else:
+        params = [InputParam("body", ct, body)]
+    params += [InputParam(k, "text/plain", v.encode()) for k, v in request.query_params.items()]
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    return RequestItem(uuid.uuid4().hex, params, headers)
+
+
+def _to_response(r: ItemResponse) -> Response:
+    return Response(
+        content=r.body, status_code=r.status, media_type=r.content_type, headers=r.headers
+    )
+
+
+async def run_one(state: TSState, mv: ModelVersion, item: RequestItem) -> ItemResponse:
+    start = time.monotonic()
+    outcome = await mv.predict(item)
+    state.metrics.observe(mv.name, mv.version, time.monotonic() - start, outcome.queue_latency_s)
+    if isinstance(outcome.response, TSError):
+        raise outcome.response
+    return outcome.response
+
+
+def _decode_prediction(r: ItemResponse) -> object:
+    ct = (r.content_type or "").split(";")[0].strip().lower()
+    if ct == "application/json":
+        return json.loads(r.body)
+    return r.body.decode("utf-8", "replace")
+
+
+def make_inference_router(state: TSState) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/ping")
+    async def ping() -> JSONResponse:
+        models = state.registry.all_versions()
+        healthy = all(mv.healthy() for mv in models)
+        return JSONResponse(
+            {"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 500
+        )
+
+    async def predict(request: Request, model_name: str, version: str | None) -> Response:
+        try:
+            state.authorize("inference", request)
+            mv = state.registry.get(model_name, version)
+            item = await request_item(request)
+            return _to_response(await run_one(state, mv, item))
+        except TSError as e:
+            return error_response(e)
+
+    @router.post("/predictions/{model_name}")
+    @router.put("/predictions/{model_name}")
+    async def predictions(request: Request, model_name: str) -> Response:
+        return await predict(request, model_name, None)
+
+    @router.post("/predictions/{model_name}/{version}")
+    @router.put("/predictions/{model_name}/{version}")
+    async def predictions_version(request: Request, model_name: str, version: str) -> Response:
+        return await predict(request, model_name, version)
+
+    @router.post("/v1/models/{model_name}:predict")
+    async def kserve_v1_predict(request: Request, model_name: str) -> Response:
+        import asyncio
+
+        try:
+            state.authorize("inference", request)
+            mv = state.registry.get(model_name)
+            try:
+                doc = json.loads(await request.body())
+                instances = doc["instances"]
+                if not isinstance(instances, list):
+                    raise TypeError("instances must be a list")
+            except (ValueError, KeyError, TypeError) as e:
+                raise bad_request(f'body must be {{"instances": [...]}}: {e}') from e
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            items = []
+            for inst in instances:
+                fields = inst if isinstance(inst, dict) else {"data": inst}
+                params = [
+                    InputParam(str(k), "application/json", json.dumps(v).encode())
+                    for k, v in fields.items()
+                ]
+                items.append(RequestItem(uuid.uuid4().hex, params, headers))
+            results = await asyncio.gather(*(run_one(state, mv, it) for it in items))
+            return JSONResponse({"predictions": [_decode_prediction(r) for r in results]})
+        except TSError as e:
+            return error_response(e)
+
+    return router

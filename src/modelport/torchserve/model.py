@@ -1,0 +1,287 @@
+"""One registered model version: its worker processes and the batcher in front of them.
+
+Requests go through the shared DynamicBatcher (batch_size / max_batch_delay), and each batch
+runs on whichever worker process is idle. Workers can be added and removed while serving
+(the scale API): the batcher is rebuilt for the new worker count and the old one drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from modelport.serving.batcher import (
+    BatcherConfig,
+    BatcherStoppedError,
+    DynamicBatcher,
+    QueueFullError,
+    QueuePolicy,
+)
+from modelport.serving.process_worker import (
+    ProcessWorker,
+    WorkerDiedError,
+    WorkerError,
+    WorkerTimeoutError,
+)
+from modelport.torchserve.archive import Manifest
+from modelport.torchserve.errors import TSError, internal, service_unavailable
+from modelport.torchserve.messages import BatchResult, ItemResponse, RequestItem
+from modelport.torchserve.ts_config import ModelSettings
+
+logger = logging.getLogger("modelport.torchserve")
+
+HANDLER_FACTORY = "modelport.torchserve.handler_service:HandlerService"
+_worker_ids = itertools.count(9000)
+
+
+@dataclass(eq=False)
+class _Slot:
+    worker: ProcessWorker
+    id: str
+    start_time: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    )
+    retired: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request's result and how long it waited in the queue."""
+
+    response: ItemResponse | TSError
+    queue_latency_s: float
+
+
+class ModelVersion:
+    """A (name, version) served by `settings.min_workers..max_workers` handler processes."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        url: str,
+        model_dir: Path,
+        manifest: Manifest,
+        settings: ModelSettings,
+        *,
+        handler: str | None = None,
+        model_yaml: dict | None = None,
+        loaded_at_startup: bool = False,
+        extra_sys_path: list[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.url = url
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.settings = settings
+        self.handler = handler or manifest.handler
+        self.model_yaml = model_yaml or {}
+        self.loaded_at_startup = loaded_at_startup
+        self.extra_sys_path = extra_sys_path or []
+        self._slots: list[_Slot] = []
+        self._idle: deque[_Slot] = deque()
+        self._idle_event = asyncio.Event()
+        self._batcher = self._new_batcher(1)
+        self._batcher_instances = 0  # 0: not started yet
+        self._retiring: set[asyncio.Task] = set()
+        self._scale_lock = asyncio.Lock()
+        self.batch_sizes_seen: list[int] = []  # for describe/debugging: recent batch sizes
+
+    # -- workers --
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._slots)
+
+    def _new_worker(self) -> ProcessWorker:
+        return ProcessWorker(
+            HANDLER_FACTORY,
+            {
+                "model_name": self.name,
+                "model_dir": str(self.model_dir),
+                "handler": self.handler,
+                "batch_size": self.settings.batch_size,
+                "envelope": self.manifest.envelope,
+                "model_yaml_config": self.model_yaml,
+                "extra_sys_path": self.extra_sys_path,
+            },
+            name=f"{self.name}/{self.version}",
+            call_timeout=self.settings.response_timeout_s,
+        )
+
+    async def scale(self, n: int) -> None:
+        """Start or stop worker processes until `n` run; raises if a new one fails to load."""
+        async with self._scale_lock:
+            if n > len(self._slots):
+                new = [
+                    _Slot(self._new_worker(), str(next(_worker_ids)))
+                    for _ in range(n - len(self._slots))
+                ]
+                results = await asyncio.gather(
+                    *(s.worker.start() for s in new), return_exceptions=True
+                )
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    await asyncio.gather(*(s.worker.stop() for s in new), return_exceptions=True)
+                    raise internal(
+                        f"Failed to start workers for model {self.name} version {self.version}: "
+                        f"{failed[0]}"
+                    )
+                self._slots.extend(new)
+                self._idle.extend(new)
+            while len(self._slots) > n:
+                slot = self._slots.pop()
+                slot.retired = True
+                if slot in self._idle:
+                    self._idle.remove(slot)
+                    self._spawn(slot.worker.stop())
+                # a busy slot is stopped when its batch returns (see _execute)
+            self._idle_event.set()
+            self._swap_batcher(max(len(self._slots), 1))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _new_batcher(self, instances: int) -> DynamicBatcher:
+        cfg = BatcherConfig(
+            max_batch_size=self.settings.batch_size,
+            max_queue_delay_s=self.settings.max_batch_delay_ms / 1000.0,
+            default_policy=QueuePolicy(max_queue_size=self.settings.job_queue_size),
+        )
+        return DynamicBatcher(cfg, self._execute, num_instances=instances)
+
+    def _swap_batcher(self, instances: int) -> None:
+        if self._batcher_instances == instances:
+            return
+        old, was_started = self._batcher, self._batcher_instances > 0
+        self._batcher = self._new_batcher(instances)
+        self._batcher.start()
+        self._batcher_instances = instances
+        if was_started:
+            self._spawn(self._drain(old))
+
+    @staticmethod
+    async def _drain(batcher: DynamicBatcher) -> None:
+        while batcher.queued or batcher.in_flight:
+            await asyncio.sleep(0.02)
+        await batcher.stop()
+
+    async def _acquire(self) -> _Slot:
+        while not self._idle:
+            if not self._slots:
+                raise service_unavailable(_no_worker_message(self.name))
+            self._idle_event.clear()
+            await self._idle_event.wait()
+        return self._idle.popleft()
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.retired:
+            self._spawn(slot.worker.stop())
+            return
+        self._idle.append(slot)
+        self._idle_event.set()
+
+    async def _execute(self, jobs: list[tuple[RequestItem, float]]) -> list[Any]:
+        slot = await self._acquire()
+        started = time.monotonic()
+        try:
+            self.batch_sizes_seen = (self.batch_sizes_seen + [len(jobs)])[-64:]
+            result: BatchResult = await slot.worker.execute([item for item, _ in jobs])
+        except WorkerTimeoutError as e:
+            err = TSError(408, "RequestTimeoutException", f"Model {self.name}: {e}")
+            return [Outcome(err, started - t) for _, t in jobs]
+        except WorkerDiedError as e:
+            err = internal(f"Worker died while running a batch of model {self.name}: {e}")
+            return [Outcome(err, started - t) for _, t in jobs]
+        except WorkerError as e:
+            err = internal(f"Model {self.name} worker error: {e}")
+            return [Outcome(err, started - t) for _, t in jobs]
+        finally:
+            self._release(slot)
+        if result.responses is None:
+            code = result.error_code or 500
+            err = TSError(
+                code,
+                "InternalServerException" if code >= 500 else "PredictionException",
+                f"Prediction failed for model {self.name} (version {self.version}): "
+                f"{result.error_message}",
+            )
+            return [Outcome(err, started - t) for _, t in jobs]
+        return [Outcome(r, started - t) for r, (_, t) in zip(result.responses, jobs)]
+
+    # -- requests --
+
+    async def predict(self, item: RequestItem) -> Outcome:
+        if not self._slots:
+            raise service_unavailable(_no_worker_message(self.name))
+        try:
+            return await self._batcher.submit((item, time.monotonic()))
+        except QueueFullError as e:
+            raise service_unavailable(
+                f'Model "{self.name}" has no worker to serve inference request. {e}'
+            ) from e
+        except BatcherStoppedError as e:
+            raise service_unavailable(f"Model {self.name} is being unloaded") from e
+
+    def describe(self) -> dict:
+        s = self.settings
+        return {
+            "modelName": self.name,
+            "modelVersion": self.version,
+            "modelUrl": self.url,
+            "runtime": self.manifest.runtime,
+            "minWorkers": s.min_workers,
+            "maxWorkers": s.max_workers,
+            "batchSize": s.batch_size,
+            "maxBatchDelay": s.max_batch_delay_ms,
+            "responseTimeout": int(s.response_timeout_s),
+            "loadedAtStartup": self.loaded_at_startup,
+            "jobQueueStatus": {
+                "remainingCapacity": max(s.job_queue_size - self._batcher.queued, 0),
+                "pendingRequests": self._batcher.queued,
+            },
+            "workers": [
+                {
+                    "id": slot.id,
+                    "startTime": slot.start_time,
+                    "status": "READY" if slot.worker.alive else "UNLOADING",
+                    "memoryUsage": 0,
+                    "pid": slot.worker.pid,
+                    "gpu": False,
+                    "gpuUsage": "N/A",
+                    "restarts": slot.worker.restarts,
+                }
+                for slot in self._slots
+            ],
+        }
+
+    def healthy(self) -> bool:
+        return self.settings.min_workers == 0 or any(s.worker.alive for s in self._slots)
+
+    async def stop(self) -> None:
+        slots, self._slots = self._slots, []
+        self._idle.clear()
+        self._idle_event.set()
+        await self._batcher.stop()
+        await asyncio.gather(*(s.worker.stop() for s in slots), return_exceptions=True)
+        for t in list(self._retiring):
+            with contextlib.suppress(BaseException):
+                await t
+
+
+def _no_worker_message(name: str) -> str:
+    return (
+        f'Model "{name}" has no worker to serve inference request. '
+        "Please use scale workers API to add workers."
+    )

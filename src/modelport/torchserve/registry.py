@@ -1,0 +1,330 @@
+"""The set of registered models: name -> versions, a default version each, and the model store.
+
+Registration resolves a `url` the way TorchServe does, with one stricter default: a plain
+name is an archive in the model store; a local path or a remote URL is accepted only when it
+matches one of the operator's `allowed_urls` patterns. Archives are unpacked into a private
+work folder per version, which is removed on unregister.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from modelport.torchserve.archive import read_manifest, unpack
+from modelport.torchserve.errors import TSError, bad_request, conflict, model_not_found
+from modelport.torchserve.model import ModelVersion
+from modelport.torchserve.ts_config import ModelSettings, model_overrides, read_model_yaml
+
+logger = logging.getLogger("modelport.torchserve")
+
+ARCHIVE_SUFFIXES = (".mar", ".tar.gz", ".tgz", ".zip")
+
+
+class ModelRegistry:
+    """Registered model versions. All methods run on the server's event loop."""
+
+    def __init__(
+        self,
+        model_store: Path | None,
+        *,
+        allowed_urls: tuple[str, ...] = (),
+        default_settings: ModelSettings | None = None,
+        install_py_dep_per_model: bool = False,
+        work_dir: Path | None = None,
+    ) -> None:
+        self.model_store = Path(model_store).resolve() if model_store else None
+        self.allowed_urls = tuple(re.compile(p) for p in allowed_urls)
+        self.default_settings = default_settings or ModelSettings()
+        self.install_py_dep_per_model = install_py_dep_per_model
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="modelport-ts-"))
+        self._models: dict[str, dict[str, ModelVersion]] = {}
+        self._defaults: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    # -- lookup --
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        versions = self._models.get(name)
+        if not versions:
+            raise model_not_found(f"Model not found: {name}")
+        if version is None:
+            return versions[self._defaults[name]]
+        if version not in versions:
+            raise model_not_found(f"Model version: {version} does not exist for model: {name}")
+        return versions[version]
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        if name not in self._models:
+            raise model_not_found(f"Model not found: {name}")
+        return list(self._models[name].values())
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def all_versions(self) -> list[ModelVersion]:
+        return [v for name in self.names() for v in self._models[name].values()]
+
+    # -- url resolution --
+
+    def _allowed(self, url: str) -> bool:
+        return any(p.fullmatch(url) for p in self.allowed_urls)
+
+    def resolve_url(self, url: str) -> Path:
+        """Map a registration `url` to a local archive path (downloading if allowed)."""
+        if not url or not url.strip():
+            raise bad_request("Parameter url is required.")
+        try:
+            parts = urlsplit(url)
+            _ = parts.port
+        except ValueError as e:
+            raise bad_request(f"Invalid model url: {url} ({e})") from e
+        scheme = parts.scheme.lower()
+        if scheme in ("http", "https"):
+            if not parts.hostname:
+                raise bad_request(f"Invalid model url: {url}")
+            if not self._allowed(url):
+                raise model_not_found(f"Given URL {url} does not match any allowed URL(s)")
+            return self._download(url)
+        if scheme not in ("", "file"):
+            raise bad_request(f"Invalid model url: {url} (unsupported scheme {parts.scheme!r})")
+        raw = unquote(parts.path) if scheme == "file" else url
+        if ".." in Path(raw).parts:
+            raise model_not_found(f"Relative path is not allowed in url: {url}")
+        path = Path(raw)
+        if not path.is_absolute():
+            if self.model_store is None:
+                raise model_not_found(f"Model not found in model store: {url} (no model store)")
+            path = self.model_store / path
+            if not path.exists():
+                raise model_not_found(f"Model not found in model store: {url}")
+            return path
+        resolved = path.resolve()
+        in_store = self.model_store is not None and (
+            resolved == self.model_store or self.model_store in resolved.parents
+        )
+        if not in_store and not self._allowed(f"file://{resolved}"):
+            raise model_not_found(f"Given URL {url} does not match any allowed URL(s)")
+        if not resolved.exists():
+            raise model_not_found(f"Model not found: {url}")
+        return resolved
+
+    def _download(self, url: str) -> Path:
+        import httpx
+
+        if self.model_store is None:
+            raise bad_request("Cannot download a model archive without a model store")
+        name = Path(unquote(urlsplit(url).path)).name
+        if not name or not name.endswith(ARCHIVE_SUFFIXES):
+            raise bad_request(f"Invalid model url: {url} (does not name an archive)")
+        target = self.model_store / name
+        if target.exists():
+            raise conflict(f"Model file {name} already exists in model store")
+        try:
+            with httpx.stream("GET", url, follow_redirects=False, timeout=60) as r:
+                r.raise_for_status()
+                with open(target, "wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+        except httpx.HTTPError as e:
+            target.unlink(missing_ok=True)
+            raise TSError(
+                400, "DownloadArchiveException", f"Failed to download archive from: {url}: {e}"
+            ) from e
+        return target
+
+    # -- registration --
+
+    async def register(
+        self,
+        url: str,
+        *,
+        model_name: str | None = None,
+        handler: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        initial_workers: int | None = None,
+        synchronous: bool = True,
+        loaded_at_startup: bool = False,
+        version: str | None = None,
+        make_default: bool = False,
+    ) -> ModelVersion:
+        src = await asyncio.to_thread(self.resolve_url, url)
+        dest = self.work_dir / uuid.uuid4().hex
+        model_dir = await asyncio.to_thread(unpack, src, dest)
+        try:
+            mv = await self._load(
+                url,
+                src,
+                model_dir,
+                model_name,
+                handler,
+                overrides or {},
+                initial_workers,
+                loaded_at_startup,
+                version,
+            )
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        name = mv.name
+        async with self._lock:
+            if mv.version in self._models.get(name, {}):
+                shutil.rmtree(dest, ignore_errors=True)
+                raise conflict(f"Model version {mv.version} is already registered for model {name}")
+            self._models.setdefault(name, {})[mv.version] = mv
+            if name not in self._defaults or make_default:
+                self._defaults[name] = mv.version
+        task = asyncio.get_running_loop().create_task(mv.scale(mv.settings.min_workers))
+        if synchronous:
+            try:
+                await task
+            except BaseException:
+                await self._remove(name, mv.version)
+                raise
+        else:
+            task.add_done_callback(_log_failure(name))
+        return mv
+
+    async def _load(
+        self,
+        url: str,
+        src: Path,
+        model_dir: Path,
+        model_name: str | None,
+        handler: str | None,
+        overrides: dict[str, Any],
+        initial_workers: int | None,
+        loaded_at_startup: bool,
+        version: str | None,
+    ) -> ModelVersion:
+        manifest = read_manifest(model_dir)
+        model_yaml: dict = {}
+        if manifest.config_file:
+            try:
+                model_yaml = read_model_yaml(model_dir / manifest.config_file)
+            except (OSError, ValueError) as e:
+                raise TSError(400, "InvalidModelException", f"bad model config: {e}") from e
+        fields = {**model_overrides(model_yaml), **overrides}
+        if initial_workers is not None:
+            fields["min_workers"] = initial_workers
+            fields["max_workers"] = max(initial_workers, fields.get("max_workers", 0))
+        if fields.get("min_workers", self.default_settings.min_workers) > fields.get(
+            "max_workers", self.default_settings.max_workers
+        ):
+            fields["max_workers"] = fields["min_workers"]
+        try:
+            settings = replace(self.default_settings, **fields)
+        except ValueError as e:
+            raise bad_request(f"Invalid model parameters: {e}") from e
+        name = model_name or manifest.model_name
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+            raise bad_request(f"Invalid model name: {name!r}")
+        extra_path = await self._install_requirements(model_dir, manifest.requirements_file)
+        return ModelVersion(
+            name,
+            version or manifest.model_version,
+            url,
+            model_dir,
+            manifest,
+            settings,
+            handler=handler,
+            model_yaml=model_yaml,
+            loaded_at_startup=loaded_at_startup,
+            extra_sys_path=extra_path,
+        )
+
+    async def _install_requirements(self, model_dir: Path, req: str | None) -> list[str]:
+        if not req:
+            return []
+        if not self.install_py_dep_per_model:
+            logger.warning(
+                "model requirements file %s not installed (install_py_dep_per_model=false)", req
+            )
+            return []
+        target = model_dir / ".modelport-deps"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--target",
+            str(target),
+            "-r",
+            str(model_dir / req),
+        ]
+        proc = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TSError(
+                400, "ModelException", f"installing {req} failed: {proc.stderr.strip()[-500:]}"
+            )
+        return [str(target)]
+
+    # -- management --
+
+    def set_default(self, name: str, version: str) -> None:
+        self.get(name, version)  # raises 404s
+        self._defaults[name] = version
+
+    async def scale(
+        self, name: str, version: str | None, min_worker: int, max_worker: int | None
+    ) -> ModelVersion:
+        mv = self.get(name, version)
+        max_worker = max(max_worker if max_worker is not None else min_worker, min_worker)
+        try:
+            mv.settings = replace(mv.settings, min_workers=min_worker, max_workers=max_worker)
+        except ValueError as e:
+            raise bad_request(f"Invalid worker params: {e}") from e
+        await mv.scale(min_worker)
+        return mv
+
+    async def unregister(self, name: str, version: str | None = None) -> ModelVersion:
+        mv = self.get(name, version)
+        explicit_default = version is not None and self._defaults[name] == mv.version
+        if explicit_default and len(self._models[name]) > 1:
+            raise TSError(
+                403,
+                "InvalidModelVersionException",
+                f"Cannot remove default version {mv.version} for model {name}",
+            )
+        await self._remove(name, mv.version)
+        return mv
+
+    async def _remove(self, name: str, version: str) -> None:
+        async with self._lock:
+            versions = self._models.get(name, {})
+            mv = versions.pop(version, None)
+            if not versions:
+                self._models.pop(name, None)
+                self._defaults.pop(name, None)
+            elif self._defaults.get(name) == version:
+                self._defaults[name] = next(iter(versions))
+        if mv is not None:
+            await mv.stop()
+            if self.work_dir in mv.model_dir.parents:
+                shutil.rmtree(
+                    self.work_dir / mv.model_dir.relative_to(self.work_dir).parts[0],
+                    ignore_errors=True,
+                )
+
+    async def stop(self) -> None:
+        for mv in self.all_versions():
+            await self._remove(mv.name, mv.version)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _log_failure(name: str) -> Any:
+    def done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("starting workers for model %s failed: %s", name, task.exception())
+
+    return done

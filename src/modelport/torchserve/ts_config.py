@@ -1,0 +1,202 @@
+"""TorchServe's config.properties and the per-model YAML config, parsed into frozen dataclasses.
+
+Only keys that change modelport's behaviour are read; unknown keys are kept in `extra` so
+nothing a user wrote is silently mistaken for something else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+# Only archives inside the model store, unless the operator lists more (regexes, TorchServe style)
+DEFAULT_ALLOWED_URLS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How one model version is served (TorchServe's registration parameters)."""
+
+    batch_size: int = 1
+    max_batch_delay_ms: int = 100
+    min_workers: int = 1
+    max_workers: int = 1
+    response_timeout_s: float = 120.0
+    job_queue_size: int = 100
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_batch_delay_ms < 0:
+            raise ValueError(f"max_batch_delay must be >= 0, got {self.max_batch_delay_ms}")
+        if self.min_workers < 0 or self.max_workers < 0:
+            raise ValueError("min_worker and max_worker must be >= 0")
+        if self.max_workers < self.min_workers:
+            raise ValueError(
+                f"max_worker ({self.max_workers}) must be >= min_worker ({self.min_workers})"
+            )
+        if self.response_timeout_s <= 0:
+            raise ValueError("responseTimeout must be > 0")
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Java .properties: `k=v` or `k: v`, #/! comments, backslash line continuation."""
+    out: dict[str, str] = {}
+    logical = ""
+    for raw in text.splitlines():
+        line = raw.strip() if not logical else raw.lstrip()
+        if not logical and (not line or line[0] in "#!"):
+            continue
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            logical += line[:-1]
+            continue
+        logical += line
+        m = re.match(r"\s*([^=:\s]+)\s*[=:]?\s*(.*)$", logical)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+        logical = ""
+    return out
+
+
+def _bool(v: str | None, default: bool) -> bool:
+    if v is None:
+        return default
+    return v.strip().lower() in ("true", "1", "yes")
+
+
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    if not address:
+        return None
+    u = urlsplit(address if "://" in address else f"http://{address}")
+    if u.port is None:
+        raise ValueError(f"address {address!r} has no port")
+    return (u.hostname or "127.0.0.1", u.port)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One version listed in config.properties `models=` JSON."""
+
+    name: str
+    version: str | None
+    mar_name: str
+    default: bool
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TSConfig:
+    inference_address: tuple[str, int] | None = None
+    management_address: tuple[str, int] | None = None
+    metrics_address: tuple[str, int] | None = None
+    model_store: str | None = None
+    load_models: tuple[str, ...] = ()
+    models: tuple[ModelEntry, ...] = ()
+    allowed_urls: tuple[str, ...] = DEFAULT_ALLOWED_URLS
+    default_workers_per_model: int | None = None
+    default_response_timeout: float = 120.0
+    job_queue_size: int = 100
+    disable_token_authorization: bool = False
+    token_expiration_min: float = 60.0
+    install_py_dep_per_model: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for pattern in self.allowed_urls:
+            re.compile(pattern)  # fail at startup, not at the first registration
+
+
+_KNOWN = {
+    "inference_address",
+    "management_address",
+    "metrics_address",
+    "model_store",
+    "load_models",
+    "models",
+    "allowed_urls",
+    "default_workers_per_model",
+    "default_response_timeout",
+    "job_queue_size",
+    "disable_token_authorization",
+    "token_expiration",
+    "install_py_dep_per_model",
+}
+
+
+def _model_entries(text: str) -> tuple[ModelEntry, ...]:
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"config.properties models= is not valid JSON: {e}") from e
+    entries = []
+    for name, versions in doc.items():
+        for version, spec in versions.items():
+            if "marName" not in spec:
+                raise ValueError(f"models={name}/{version} has no marName")
+            entries.append(
+                ModelEntry(
+                    name=name,
+                    version=version,
+                    mar_name=spec["marName"],
+                    default=bool(spec.get("defaultVersion", False)),
+                    overrides=model_overrides(spec),
+                )
+            )
+    return tuple(entries)
+
+
+def model_overrides(spec: dict[str, Any]) -> dict[str, Any]:
+    """Map TorchServe camelCase keys (models= JSON, model YAML) to ModelSettings fields."""
+    keys = {
+        "batchSize": "batch_size",
+        "maxBatchDelay": "max_batch_delay_ms",
+        "minWorkers": "min_workers",
+        "maxWorkers": "max_workers",
+        "responseTimeout": "response_timeout_s",
+    }
+    return {
+        keys[k]: (float(v) if k == "responseTimeout" else int(v))
+        for k, v in spec.items()
+        if k in keys
+    }
+
+
+def load_ts_config(path: str | Path) -> TSConfig:
+    props = parse_properties(Path(path).read_text())
+    allowed = props.get("allowed_urls")
+    expiration = props.get("token_expiration") or props.get("token_expiration_min")
+    workers = props.get("default_workers_per_model")
+    return TSConfig(
+        inference_address=_host_port(props.get("inference_address")),
+        management_address=_host_port(props.get("management_address")),
+        metrics_address=_host_port(props.get("metrics_address")),
+        model_store=props.get("model_store"),
+        load_models=tuple(
+            s.strip() for s in (props.get("load_models") or "").split(",") if s.strip()
+        ),
+        models=_model_entries(props["models"]) if props.get("models") else (),
+        allowed_urls=tuple(a.strip() for a in allowed.split(",") if a.strip())
+        if allowed
+        else DEFAULT_ALLOWED_URLS,
+        default_workers_per_model=int(workers) if workers else None,
+        default_response_timeout=float(props.get("default_response_timeout") or 120),
+        job_queue_size=int(props.get("job_queue_size") or 100),
+        disable_token_authorization=_bool(props.get("disable_token_authorization"), False),
+        token_expiration_min=float(expiration) if expiration else 60.0,
+        install_py_dep_per_model=_bool(props.get("install_py_dep_per_model"), False),
+        extra={k: v for k, v in props.items() if k not in _KNOWN},
+    )
+
+
+def read_model_yaml(path: Path) -> dict[str, Any]:
+    """The archive's model-config YAML (`torch-model-archiver --config-file`)."""
+    import yaml
+
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path.name} must be a YAML mapping")
+    return doc
