@@ -13,8 +13,8 @@ positions 0 .. seq_lens[i]-1, of which the last (query_len) are the new tokens.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    # per-step scratch of a fast backend (e.g. its launch plan), built by the first layer
+    # and reused by the others; never read by the reference backend
+    backend_state: dict = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:
@@ -162,7 +165,10 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.layer_idx = layer_idx
         self.scale = scale
-        self.backend = reference_paged_attention
+        # None: chosen at the first call (Triton kernels on CUDA where they apply, else the
+        # reference). Tests may pin reference_paged_attention here.
+        self.backend: Callable | None = None
+        self._write: Callable = write_kv
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
@@ -178,9 +184,28 @@ class Attention(nn.Module):
             ).transpose(0, 1)
             return o.reshape(t, self.num_heads * self.head_dim)
         kv_cache = ctx.kv_caches[self.layer_idx]
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if self.backend is None:
+            self.backend, self._write = _select_backend(q, kv_cache, self.head_dim)
+        self._write(kv_cache, k, v, meta.slot_mapping)
         o = self.backend(q, kv_cache, meta, self.scale)
         return o.reshape(t, self.num_heads * self.head_dim)
+
+
+def _select_backend(
+    q: torch.Tensor, kv_cache: torch.Tensor, head_dim: int
+) -> tuple[Callable, Callable]:
+    """(attention, kv write) for this layer: Triton kernels on CUDA when they apply.
+
+    Imported lazily so CPU start-up never pays for (or needs) Triton.
+    """
+    if q.is_cuda:
+        try:
+            from modelport.layers import triton_attention as ta
+        except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
+            return reference_paged_attention, write_kv
+        if ta.supports(q, kv_cache, head_dim):
+            return ta.triton_paged_attention, ta.write_kv_triton
+    return reference_paged_attention, write_kv
 
 
 def build_single_sequence_metadata(
