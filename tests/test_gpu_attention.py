@@ -1,0 +1,211 @@
+"""Triton paged-attention kernels and fused small ops against the torch references (CUDA only).
+
+Inputs are fresh random draws each case: ragged context and query lengths, prefix hits
+(queries behind cached context), GQA groups, contexts ending on and off block boundaries,
+blocks scattered through the cache, and the padded rows a CUDA graph replays.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from modelport.layers.attention import AttentionMetadata, reference_paged_attention, write_kv
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+
+def _batch(cases, heads, kv_heads, head_dim, page, seed, dtype=torch.bfloat16):
+    """cases: [(cached_context, query_len)]. Returns q, k, v, an empty cache and metadata."""
+    rng = random.Random(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    need = sum(-(-(c + n) // page) for c, n in cases)
+    num_blocks = need + 7
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    qsl, seq, tables, slots = [0], [], [], []
+    for ctx, n in cases:
+        total = ctx + n
+        blocks = [free.pop() for _ in range(-(-total // page))]
+        tables.append(blocks)
+        slots += [blocks[p // page] * page + p % page for p in range(ctx, total)]
+        qsl.append(qsl[-1] + n)
+        seq.append(total)
+    t = qsl[-1]
+    cache = torch.randn(2, num_blocks, page, kv_heads, head_dim, generator=g, device=DEV)
+    cache = cache.to(dtype)
+    q = torch.randn(t, heads, head_dim, generator=g, device=DEV).to(dtype)
+    k = torch.randn(t, kv_heads, head_dim, generator=g, device=DEV).to(dtype)
+    v = torch.randn(t, kv_heads, head_dim, generator=g, device=DEV).to(dtype)
+    width = max(map(len, tables))
+    bt = torch.zeros(len(tables), width, dtype=torch.int32)
+    for i, b in enumerate(tables):
+        bt[i, : len(b)] = torch.tensor(b)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEV),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEV),
+        seq_lens=torch.tensor(seq, dtype=torch.int32, device=DEV),
+        block_tables=bt.to(DEV),
+        max_query_len=max(n for _, n in cases),
+        max_seq_len=max(seq),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq,
+        block_size=page,
+    )
+    return q, k, v, cache, meta
+
+
+def _rel(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _reference(q, cache, meta, scale):
+    """float32 reference on a copy of the metadata (the backend caches a plan on it)."""
+    m = AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
+    return reference_paged_attention(q.float(), cache.float(), m, scale)
+
+
+def test_write_kv_matches_index_copy_and_skips_padding():
+    from modelport.layers.triton_attention import write_kv_triton
+
+    q, k, v, cache, meta = _batch([(5, 9), (0, 17), (31, 1)], 8, 2, 64, 16, seed=1)
+    want = cache.clone()
+    write_kv(want, k, v, meta.slot_mapping)
+    got = cache.clone()
+    slots = meta.slot_mapping.clone()
+    write_kv_triton(got, k, v, slots)
+    assert torch.equal(got, want)
+    # a -1 slot (a padded CUDA-graph row) writes nothing
+    got2 = cache.clone()
+    slots[3] = -1
+    write_kv_triton(got2, k, v, slots)
+    keep = torch.ones(len(slots), dtype=torch.bool, device=DEV)
+    keep[3] = False
+    want2 = cache.clone()
+    write_kv(want2, k[keep], v[keep], meta.slot_mapping[keep])
+    assert torch.equal(got2, want2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (8, 8, 64), (14, 2, 64)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_prefill_decode_and_prefix_hits_match_reference(heads, kv_heads, head_dim, seed):
+    from modelport.layers.triton_attention import triton_paged_attention, write_kv_triton
+
+    rng = random.Random(seed)
+    cases = [(0, rng.randint(2, 200)) for _ in range(2)]  # fresh prompts
+    cases += [(rng.randint(1, 300), rng.randint(2, 150)) for _ in range(3)]  # prefix hits
+    cases += [(16 * rng.randint(1, 8), 16), (0, 64), (47, 1)]  # block-aligned, one decode
+    cases += [(rng.randint(1, 700), 1) for _ in range(5)]  # decodes
+    rng.shuffle(cases)
+    q, k, v, cache, meta = _batch(cases, heads, kv_heads, head_dim, 16, seed)
+    write_kv_triton(cache, k, v, meta.slot_mapping)
+    scale = head_dim**-0.5
+    out = triton_paged_attention(q, cache, meta, scale)
+    assert _rel(out, _reference(q, cache, meta, scale)) < 1e-2
+
+
+@pytest.mark.parametrize("n_reqs", [1, 3, 16, 200])
+@pytest.mark.parametrize("page", [16, 32])
+def test_decode_split_k_matches_reference(n_reqs, page):
+    from modelport.layers.triton_attention import (
+        build_plan,
+        triton_paged_attention,
+        write_kv_triton,
+    )
+
+    rng = random.Random(n_reqs * page)
+    cases = [(rng.randint(0, 2100), 1) for _ in range(n_reqs)]
+    q, k, v, cache, meta = _batch(cases, 32, 8, 128, page, seed=n_reqs)
+    write_kv_triton(cache, k, v, meta.slot_mapping)
+    plan = build_plan(meta, 8)
+    assert plan.prefill_items is None and plan.has_decode
+    out = triton_paged_attention(q, cache, meta, 128**-0.5)
+    assert _rel(out, _reference(q, cache, meta, 128**-0.5)) < 1e-2
+
+
+def test_padded_graph_rows_stay_finite_and_leave_real_rows_alone():
+    from modelport.layers.triton_attention import triton_paged_attention
+
+    q, k, v, cache, meta = _batch([(100, 1), (7, 1), (0, 1)], 16, 4, 64, 16, seed=5)
+    # row 2 plays a CUDA-graph pad: context 0
+    meta.seq_lens[2] = 0
+    meta.seq_lens_cpu[2] = 0
+    out = triton_paged_attention(q, cache, meta, 0.125)
+    assert torch.isfinite(out).all() and out[2].abs().max() == 0
+    ref = reference_paged_attention(q[:2].float(), cache.float(), AttentionMetadata(
+        meta.slot_mapping[:2], meta.query_start_loc[:3], meta.seq_lens[:2],
+        meta.block_tables[:2], 1, 101, [0, 1, 2], [101, 8], 16), 0.125)
+    assert _rel(out[:2], ref) < 1e-2
+
+
+def test_attention_layer_picks_triton_on_cuda():
+    from modelport.layers import triton_attention as ta
+    from modelport.layers.attention import Attention, ForwardContext, forward_context
+
+    q, k, v, cache, meta = _batch([(20, 5), (9, 1)], 8, 2, 64, 16, seed=9)
+    layer = Attention(8, 64, 2, 0, 0.125)
+    with forward_context(ForwardContext(meta, [cache])):
+        out = layer(q.flatten(1), k.flatten(1), v.flatten(1))
+    assert layer.backend is ta.triton_paged_attention
+    assert _rel(out.view_as(q), _reference(q, cache, meta, 0.125)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# fused small ops: same bits as the eager modules they replace
+# ---------------------------------------------------------------------------------------
+def test_fused_ops_equal_eager_modules():
+    from modelport.layers import fused_ops as fo
+    from modelport.layers.activation import SiluAndMul
+    from modelport.layers.layernorm import RMSNorm
+    from modelport.layers.rotary import RopeSettings, RotaryEmbedding
+
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    x = torch.randn(37, 4096, device=DEV, dtype=dt)
+    r = torch.randn(37, 4096, device=DEV, dtype=dt)
+    norm = RMSNorm(4096, 1e-5).to(DEV, dt)
+    norm.weight.data.normal_(1.0, 0.1)
+    want_y, want_r = norm(x, r)
+    got_y, got_r = fo.rms_norm(x, norm.weight, 1e-5, r)
+    assert torch.equal(got_r, want_r)
+    assert (got_y.float() - want_y.float()).abs().max() <= 2 * want_y.float().abs().max() * 2**-8
+    assert (got_y != want_y).float().mean() < 0.01  # rsqrt/sum order: rare 1-ulp flips
+
+    g = torch.randn(37, 2 * 1000, device=DEV, dtype=dt)
+    want = SiluAndMul()(g)
+    got = fo.silu_and_mul(g)
+    assert (got != want).float().mean() < 0.01
+    assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7
+
+    settings = RopeSettings(500000.0, {"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}, 4096)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    with torch.device(DEV):
+        rot = RotaryEmbedding(128, settings)
+    torch.set_default_dtype(old)
+    qkv = torch.randn(37, (32 + 16) * 128, device=DEV, dtype=dt)
+    q, k, _ = qkv.split([32 * 128, 8 * 128, 8 * 128], -1)
+    pos = torch.randint(0, 4096, (37,), device=DEV)
+    wq, wk = rot(pos, q.clone(), k.clone())
+    gq, gk = fo.apply_rotary_(pos, q, k, rot.cos_sin_cache, 128)
+    assert torch.equal(gq, wq) and torch.equal(gk, wk)
+
+
+def test_fuse_small_ops_swaps_modules_and_keeps_outputs():
+    from modelport.layers import fused_ops as fo
+    from modelport.layers.layernorm import RMSNorm
+
+    m = torch.nn.Sequential(RMSNorm(256, 1e-6)).to(DEV, torch.bfloat16)
+    m[0].weight.data.normal_()
+    x = torch.randn(5, 256, device=DEV, dtype=torch.bfloat16)
+    before = m(x)
+    assert fo.fuse_small_ops(m) == 1 and type(m[0]) is fo.FusedRMSNorm
+    after = m(x)
+    assert (after.float() - before.float()).abs().max() <= before.float().abs().max() * 2**-7
