@@ -1,0 +1,143 @@
+"""config.properties parsing, model settings validation, and the registry's URL rules."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelport.torchserve.errors import TSError
+from modelport.torchserve.registry import ModelRegistry
+from modelport.torchserve.ts_config import (
+    ModelSettings,
+    load_ts_config,
+    model_overrides,
+    parse_properties,
+)
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "torchserve"))
+import ts_archives  # noqa: E402
+
+HERE = Path(__file__).parent / "fixtures" / "torchserve"
+
+
+def test_properties_syntax():
+    text = (
+        "# comment\n! also a comment\n"
+        "inference_address=http://0.0.0.0:8080\n"
+        "management_address: http://127.0.0.1:9081\n"
+        'models={\\\n  "a": {"1.0": {"marName": "a.mar"}}\\\n}\n'
+        "empty=\n"
+    )
+    props = parse_properties(text)
+    assert props["inference_address"] == "http://0.0.0.0:8080"
+    assert props["management_address"] == "http://127.0.0.1:9081"
+    assert props["models"].replace(" ", "") == '{"a":{"1.0":{"marName":"a.mar"}}}'
+    assert props["empty"] == ""
+
+
+def test_load_ts_config(tmp_path):
+    p = tmp_path / "config.properties"
+    p.write_text(
+        "management_address=http://127.0.0.1:9081\n"
+        "model_store=/models\n"
+        "load_models=a.mar, b.mar\n"
+        'models={"a": {"2.0": {"defaultVersion": true, "marName": "a.mar", "batchSize": 8, '
+        '"maxBatchDelay": 50, "minWorkers": 2, "maxWorkers": 4, "responseTimeout": 30}}}\n'
+        "allowed_urls=https://s3.amazonaws.com/.*,file:///opt/models/.*\n"
+        "disable_token_authorization=true\n"
+        "default_workers_per_model=3\n"
+        "some_java_option=1\n"
+    )
+    cfg = load_ts_config(p)
+    assert cfg.management_address == ("127.0.0.1", 9081)
+    assert cfg.model_store == "/models" and cfg.load_models == ("a.mar", "b.mar")
+    (entry,) = cfg.models
+    assert (entry.name, entry.version, entry.mar_name, entry.default) == ("a", "2.0", "a.mar", True)
+    assert entry.overrides == {
+        "batch_size": 8,
+        "max_batch_delay_ms": 50,
+        "min_workers": 2,
+        "max_workers": 4,
+        "response_timeout_s": 30.0,
+    }
+    assert cfg.allowed_urls == ("https://s3.amazonaws.com/.*", "file:///opt/models/.*")
+    assert cfg.disable_token_authorization and cfg.default_workers_per_model == 3
+    assert cfg.extra == {"some_java_option": "1"}
+
+
+def test_bad_config_values_fail_clearly(tmp_path):
+    p = tmp_path / "c.properties"
+    p.write_text("models={not json\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_ts_config(p)
+    p.write_text("allowed_urls=([unclosed\n")
+    with pytest.raises(Exception, match="unterminated|missing"):
+        load_ts_config(p)
+    with pytest.raises(ValueError, match="max_worker"):
+        ModelSettings(min_workers=3, max_workers=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        ModelSettings(batch_size=0)
+    assert model_overrides({"batchSize": "4", "unknown": 1}) == {"batch_size": 4}
+
+
+def test_url_resolution_rules(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.mar").write_bytes(b"")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "b.mar").write_bytes(b"")
+    reg = ModelRegistry(store, allowed_urls=(rf"file://{outside}/.*",), work_dir=tmp_path / "w")
+    assert reg.resolve_url("a.mar") == (store / "a.mar").resolve()
+    assert reg.resolve_url(str(store / "a.mar")) == (store / "a.mar").resolve()
+    assert reg.resolve_url(f"file://{outside}/b.mar") == (outside / "b.mar").resolve()
+    strict = ModelRegistry(store, work_dir=tmp_path / "w2")
+    for url, code in [
+        (f"file://{outside}/b.mar", 404),  # outside the store and not allowed
+        ("../elsewhere/b.mar", 404),
+        ("https://example.com/a.mar", 404),
+        ("http://[::1/a.mar", 400),
+        ("s3://bucket/a.mar", 400),
+        ("", 400),
+    ]:
+        with pytest.raises(TSError) as ei:
+            strict.resolve_url(url)
+        assert ei.value.code == code, (url, ei.value.to_json())
+
+
+def test_model_yaml_settings_and_tgz_served_in_process(tmp_path):
+    """The archive's model-config YAML sets batch size and workers; a tgz archive serves."""
+    cfg = tmp_path / "model-config.yaml"
+    cfg.write_text("batchSize: 3\nmaxBatchDelay: 20\nminWorkers: 1\nmaxWorkers: 2\n")
+    src = ts_archives.echo_archive(
+        tmp_path / "store", tmp_path / "w", name="yecho", config_file=cfg, archive_format="tgz"
+    )
+
+    async def main():
+        from modelport.torchserve.messages import InputParam, RequestItem
+
+        reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
+        try:
+            mv = await reg.register(src.name)
+            assert (mv.settings.batch_size, mv.settings.max_batch_delay_ms) == (3, 20)
+            assert (mv.settings.min_workers, mv.settings.max_workers, mv.num_workers) == (1, 2, 1)
+            items = [
+                RequestItem(str(i), [InputParam("data", "text/plain", b"v")]) for i in range(3)
+            ]
+            outs = await asyncio.gather(*(mv.predict(it) for it in items))
+            import json
+
+            bodies = [json.loads(o.response.body) for o in outs]
+            assert [b["batch"] for b in bodies] == [3, 3, 3]
+            assert bodies[0]["keys"] == ["data"] and bodies[0]["echo"] == "v"
+            with pytest.raises(TSError) as ei:
+                await reg.register(src.name)
+            assert ei.value.code == 409
+        finally:
+            await reg.stop()
+        assert not (tmp_path / "work").exists()
+
+    asyncio.run(main())
