@@ -1,0 +1,1 @@
+"""KServe v2 / Triton protocol frontend: REST routes, gRPC service, metrics."""

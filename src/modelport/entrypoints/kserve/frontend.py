@@ -1,0 +1,105 @@
+"""`modelport serve --model-repository ...`: the KServe v2 / Triton frontend plug-in.
+
+Mounts /v2 on the shared HTTP app; `Service.start()` loads the repository, then opens the
+gRPC port (Triton's 8001) and the metrics port (8002); `Service.stop()` closes them and
+unloads every model (finalizing python models and ending their processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from fastapi import FastAPI
+
+from modelport.entrypoints.kserve.grpc_server import GrpcServer
+from modelport.entrypoints.kserve.http_routes import mount
+from modelport.entrypoints.kserve.metrics import MetricsServer
+from modelport.repository.manager import CONTROL_MODES, RepositoryManager
+
+logger = logging.getLogger("modelport.kserve")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Triton model repository (KServe v2 HTTP + gRPC)")
+    g.add_argument(
+        "--model-repository",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="Triton-style model repository (repeatable)",
+    )
+    g.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; -1: off)")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8002,
+        help="Prometheus metrics port (default 8002; -1: off)",
+    )
+    g.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none")
+    g.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --model-control-mode explicit: load NAME at startup ('*' for all; repeatable)",
+    )
+    g.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        help="with --model-control-mode poll: seconds between repository scans",
+    )
+
+
+def wants(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "model_repository", None))
+
+
+class Service:
+    def __init__(
+        self, manager: RepositoryManager, host: str, grpc_port: int, metrics_port: int, version: str
+    ) -> None:
+        self.manager = manager
+        self.grpc = GrpcServer(manager, host, grpc_port, version) if grpc_port >= 0 else None
+        self.metrics = MetricsServer(manager, host, metrics_port) if metrics_port >= 0 else None
+
+    async def start(self) -> None:
+        await self.manager.start()
+        for row in self.manager.index():
+            if row.get("state") and row["state"] != "READY":
+                logger.warning("model '%s' is %s: %s", row["name"], row["state"], row.get("reason"))
+        if self.grpc is not None:
+            await self.grpc.start()
+            logger.info("gRPC (inference.GRPCInferenceService) on port %d", self.grpc.port)
+        if self.metrics is not None:
+            await self.metrics.start()
+            logger.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
+
+    async def stop(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
+        await self.manager.stop()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelport")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+async def build(args: argparse.Namespace, app: FastAPI) -> Service:
+    manager = RepositoryManager(
+        args.model_repository,
+        control_mode=args.model_control_mode,
+        startup_models=args.load_model,
+        poll_secs=args.repository_poll_secs,
+    )
+    version = _version()
+    mount(app, manager, version)
+    return Service(manager, args.host, args.grpc_port, args.metrics_port, version)

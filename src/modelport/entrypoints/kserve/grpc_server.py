@@ -1,0 +1,365 @@
+"""`inference.GRPCInferenceService` on grpc.aio, using the service definition tritonclient ships.
+
+Errors become gRPC status codes with Triton's mapping (INVALID_ARG -> INVALID_ARGUMENT,
+UNAVAILABLE -> UNAVAILABLE, ...). ModelStreamInfer runs the requests of one stream
+concurrently and interleaves their responses, marking each with `triton_final_response`
+the way Triton's decoupled streaming does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from modelport.entrypoints.kserve.http_codec import tensor_metadata
+from modelport.entrypoints.kserve.http_routes import EXTENSIONS
+from modelport.repository.errors import InvalidArgument, ServingError, Status, Unsupported
+from modelport.repository.manager import RepositoryManager
+from modelport.repository.tensors import (
+    WIRE_DTYPES,
+    InferRequest,
+    InferResponse,
+    InferTensor,
+    from_raw,
+    numpy_dtype,
+    to_raw,
+)
+
+GRPC_STATUS = {
+    Status.INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Status.UNSUPPORTED: grpc.StatusCode.UNIMPLEMENTED,
+    Status.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Status.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _param_value(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def _version(v: str) -> int:
+    if not v:
+        return -1
+    try:
+        return int(v)
+    except ValueError:
+        raise InvalidArgument(f"failed to parse model version '{v}'") from None
+
+
+def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
+    params = {k: _param_value(v) for k, v in msg.parameters.items()}
+    raw = list(msg.raw_input_contents)
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidArgument(f"expected {len(msg.inputs)} raw input contents, got {len(raw)}")
+    inputs: dict[str, InferTensor] = {}
+    for i, t in enumerate(msg.inputs):
+        if t.datatype not in WIRE_DTYPES:
+            raise InvalidArgument(f"invalid datatype '{t.datatype}' for input '{t.name}'")
+        shape = tuple(int(d) for d in t.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidArgument(f"invalid shape {list(shape)} for input '{t.name}'")
+        if "shared_memory_region" in t.parameters:
+            raise Unsupported("shared memory inputs are not supported by modelport")
+        if raw:
+            data = from_raw(raw[i], t.datatype, shape)
+        else:
+            field = _CONTENTS.get(t.datatype)
+            if field is None:
+                raise InvalidArgument(
+                    f"{t.datatype} input '{t.name}' must be sent in raw_input_contents"
+                )
+            values = list(getattr(t.contents, field))
+            count = int(np.prod(shape)) if shape else 1
+            if len(values) != count:
+                raise InvalidArgument(
+                    f"unexpected number of elements {len(values)} for input '{t.name}', "
+                    f"expecting {count}"
+                )
+            if t.datatype == "BYTES":
+                data = np.array(values, dtype=np.object_).reshape(shape)
+            else:
+                data = np.array(values, dtype=numpy_dtype(t.datatype)).reshape(shape)
+        inputs[t.name] = InferTensor(t.name, t.datatype, data)
+    requested = [o.name for o in msg.outputs] or None
+    for o in msg.outputs:
+        if "classification" in o.parameters:
+            raise Unsupported("the classification extension is not supported by modelport")
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=_version(msg.model_version),
+        inputs=inputs,
+        requested_outputs=requested,
+        id=msg.id,
+        parameters={
+            k: v
+            for k, v in params.items()
+            if k not in ("priority", "timeout", "triton_enable_empty_final_response")
+        },
+        priority=int(params.get("priority", 0) or 0),
+        timeout_us=int(params.get("timeout", 0) or 0),
+    )
+
+
+def _set_param(target: Any, key: str, value: Any) -> None:
+    p = target[key]
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    else:
+        p.string_param = str(value)
+
+
+def encode_response(resp: InferResponse, final: bool | None = None) -> pb.ModelInferResponse:
+    out = pb.ModelInferResponse(
+        model_name=resp.model_name, model_version=str(resp.model_version), id=resp.id
+    )
+    for name, t in resp.outputs.items():
+        out.outputs.add(name=name, datatype=t.datatype, shape=t.shape)
+        out.raw_output_contents.append(to_raw(t.data, t.datatype))
+    for k, v in resp.parameters.items():
+        _set_param(out.parameters, k, v)
+    if final is not None:
+        out.parameters["triton_final_response"].bool_param = final
+    return out
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, manager: RepositoryManager, version: str) -> None:
+        self.manager = manager
+        self.version = version
+
+    async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
+        if isinstance(e, ServingError):
+            await context.abort(GRPC_STATUS.get(e.status, grpc.StatusCode.INTERNAL), str(e))
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    async def ServerLive(self, request, context):  # noqa: N802 - gRPC method names
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.manager.ready)
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        try:
+            ok = self.manager.is_ready(request.name, _version(request.version))
+        except ServingError as e:
+            await self._fail(context, e)
+        return pb.ModelReadyResponse(ready=ok)
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        return pb.ServerMetadataResponse(
+            name="modelport", version=self.version, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        try:
+            model = self.manager.get(request.name, _version(request.version))
+            cfg = model.config
+            versions = sorted(self.manager.entries[request.name].versions)
+        except ServingError as e:
+            await self._fail(context, e)
+        return pb.ModelMetadataResponse(
+            name=cfg.name,
+            versions=[str(v) for v in versions],
+            platform=cfg.platform or cfg.backend,
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(**m)
+                for m in tensor_metadata(cfg, cfg.input)
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(**m)
+                for m in tensor_metadata(cfg, cfg.output)
+            ],
+        )
+
+    async def ModelConfig(self, request, context):  # noqa: N802
+        try:
+            cfg = self.manager.config(request.name, _version(request.version))
+        except ServingError as e:
+            await self._fail(context, e)
+        return pb.ModelConfigResponse(config=cfg)
+
+    async def ModelStatistics(self, request, context):  # noqa: N802
+        try:
+            stats = self.manager.stats(request.name, _version(request.version))
+        except ServingError as e:
+            await self._fail(context, e)
+        out = pb.ModelStatisticsResponse()
+        json_format.ParseDict({"model_stats": stats}, out, ignore_unknown_fields=True)
+        return out
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        try:
+            resp = await self.manager.infer(decode_request(request))
+            return encode_response(resp)
+        except Exception as e:
+            await self._fail(context, e)
+
+    async def ModelStreamInfer(self, request_iterator, context):  # noqa: N802
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        done_reading = object()
+
+        async def one(msg: pb.ModelInferRequest) -> None:
+            empty_final = False
+            p = msg.parameters.get("triton_enable_empty_final_response")
+            if p is not None:
+                empty_final = bool(_param_value(p))
+            try:
+                req = decode_request(msg)
+                model = self.manager.get(req.model_name, req.model_version)
+                if not model.decoupled:
+                    await out.put(
+                        pb.ModelStreamInferResponse(
+                            infer_response=encode_response(await model.infer(req))
+                        )
+                    )
+                    return
+                previous: InferResponse | None = None
+                async for r in model.stream(req):
+                    if previous is not None:
+                        await out.put(
+                            pb.ModelStreamInferResponse(
+                                infer_response=encode_response(previous, False)
+                            )
+                        )
+                    previous = r
+                if previous is not None:
+                    await out.put(
+                        pb.ModelStreamInferResponse(
+                            infer_response=encode_response(previous, not empty_final)
+                        )
+                    )
+                if empty_final:
+                    final = pb.ModelInferResponse(
+                        model_name=req.model_name,
+                        model_version=str(model.version),
+                        id=req.id,
+                    )
+                    final.parameters["triton_final_response"].bool_param = True
+                    await out.put(pb.ModelStreamInferResponse(infer_response=final))
+            except Exception as e:
+                msg_text = str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"
+                await out.put(pb.ModelStreamInferResponse(error_message=msg_text))
+
+        async def reader() -> None:
+            try:
+                async for msg in request_iterator:
+                    task = asyncio.ensure_future(one(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:
+                await out.put(done_reading)
+
+        reader_task = asyncio.ensure_future(reader())
+        reading = True
+        try:
+            while reading or tasks or not out.empty():
+                item = await out.get()
+                if item is done_reading:
+                    reading = False
+                    if tasks:
+                        await asyncio.gather(*list(tasks), return_exceptions=True)
+                    continue
+                yield item
+        finally:
+            reader_task.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        rows = self.manager.index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=r["name"],
+                    version=r.get("version", ""),
+                    state=r.get("state", ""),
+                    reason=r.get("reason", ""),
+                )
+                for r in rows
+            ]
+        )
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        try:
+            config = None
+            if "config" in request.parameters:
+                config = request.parameters["config"].string_param
+            if any(k.startswith("file:") for k in request.parameters):
+                raise Unsupported("loading models from files in the request is not supported")
+            await self.manager.request_load(request.model_name, config)
+        except Exception as e:
+            await self._fail(context, e)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        try:
+            deps = False
+            if "unload_dependents" in request.parameters:
+                deps = request.parameters["unload_dependents"].bool_param
+            await self.manager.request_unload(request.model_name, deps)
+        except Exception as e:
+            await self._fail(context, e)
+        return pb.RepositoryModelUnloadResponse()
+
+
+class GrpcServer:
+    """grpc.aio server lifecycle; `port` is the bound port (useful with port 0)."""
+
+    def __init__(self, manager: RepositoryManager, host: str, port: int, version: str) -> None:
+        self.manager = manager
+        self.host = host
+        self.requested_port = port
+        self.version = version
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        server = grpc.aio.server(options=opts)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.manager, self.version), server
+        )
+        self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC on {self.host}:{self.requested_port}")
+        await server.start()
+        self._server = server
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.stop(grace=1.0)
+            self._server = None
+
+
+__all__ = ["GrpcServer", "InferenceServicer"]

@@ -1,0 +1,239 @@
+"""KServe v2 / Triton REST routes on the shared FastAPI app.
+
+Every error leaves as `{"error": "<message>"}` with Triton's status mapping, whatever
+raised it; only the routes under /v2 are registered here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from modelport.entrypoints.kserve import http_codec as codec
+from modelport.repository.errors import InvalidArgument, ServingError, Status, Unsupported
+from modelport.repository.manager import RepositoryManager
+from modelport.repository.model_config import config_to_json
+from modelport.repository.tensors import InferRequest
+
+HTTP_STATUS = {
+    Status.INVALID_ARG: 400,
+    Status.NOT_FOUND: 404,
+    Status.UNAVAILABLE: 503,
+    Status.UNSUPPORTED: 400,
+    Status.ALREADY_EXISTS: 409,
+    Status.INTERNAL: 500,
+}
+EXTENSIONS = [
+    "binary_tensor_data",
+    "statistics",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "model_configuration",
+    "schedule_policy",
+    "generate",
+]
+
+
+def error_response(e: Exception) -> JSONResponse:
+    if isinstance(e, ServingError):
+        return JSONResponse({"error": str(e)}, status_code=HTTP_STATUS.get(e.status, 500))
+    return JSONResponse({"error": f"{type(e).__name__}: {e}"}, status_code=500)
+
+
+def _version(v: str | None) -> int:
+    if v is None or v == "":
+        return -1
+    try:
+        return int(v)
+    except ValueError:
+        raise InvalidArgument(f"failed to parse model version '{v}'") from None
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body:
+        return {}
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"failed to parse the request JSON buffer: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    return doc
+
+
+def build_router(
+    manager: RepositoryManager, server_name: str = "modelport", server_version: str = "0.0.0"
+) -> APIRouter:
+    router = APIRouter()
+
+    def guarded(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Response:
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as e:
+                return error_response(e)
+
+        return wrapper
+
+    @router.get("/v2")
+    @guarded
+    async def server_metadata() -> Response:
+        return JSONResponse(
+            {"name": server_name, "version": server_version, "extensions": EXTENSIONS}
+        )
+
+    @router.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @router.get("/v2/health/ready")
+    async def ready() -> Response:
+        return Response(status_code=200 if manager.ready else 400)
+
+    async def _model_ready(model_name: str, model_version: str | None = None) -> Response:
+        ok = manager.is_ready(model_name, _version(model_version))
+        return Response(status_code=200 if ok else 400)
+
+    router.get("/v2/models/{model_name}/ready")(guarded(_model_ready))
+    router.get("/v2/models/{model_name}/versions/{model_version}/ready")(guarded(_model_ready))
+
+    async def _metadata(model_name: str, model_version: str | None = None) -> Response:
+        model = manager.get(model_name, _version(model_version))
+        versions = sorted(manager.entries[model_name].versions)
+        return JSONResponse(codec.model_metadata(model.config, versions))
+
+    router.get("/v2/models/{model_name}")(guarded(_metadata))
+    router.get("/v2/models/{model_name}/versions/{model_version}")(guarded(_metadata))
+
+    async def _config(model_name: str, model_version: str | None = None) -> Response:
+        return JSONResponse(config_to_json(manager.config(model_name, _version(model_version))))
+
+    router.get("/v2/models/{model_name}/config")(guarded(_config))
+    router.get("/v2/models/{model_name}/versions/{model_version}/config")(guarded(_config))
+
+    async def _stats(model_name: str = "", model_version: str | None = None) -> Response:
+        return JSONResponse({"model_stats": manager.stats(model_name, _version(model_version))})
+
+    router.get("/v2/models/stats")(guarded(_stats))
+    router.get("/v2/models/{model_name}/stats")(guarded(_stats))
+    router.get("/v2/models/{model_name}/versions/{model_version}/stats")(guarded(_stats))
+
+    async def _infer(
+        request: Request, model_name: str, model_version: str | None = None
+    ) -> Response:
+        body = codec.decompress(await request.body(), request.headers.get("content-encoding"))
+        req, binary_outputs, all_binary = codec.parse_infer_request(
+            model_name,
+            _version(model_version),
+            body,
+            request.headers.get(codec.HEADER_LENGTH),
+        )
+        resp = await manager.infer(req)
+        payload, header_len = codec.encode_infer_response(resp, binary_outputs, all_binary)
+        if header_len is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={codec.HEADER_LENGTH: str(header_len)},
+        )
+
+    router.post("/v2/models/{model_name}/infer")(guarded(_infer))
+    router.post("/v2/models/{model_name}/versions/{model_version}/infer")(guarded(_infer))
+
+    def _generate_request(model_name: str, model_version: str | None, doc: dict) -> InferRequest:
+        version = _version(model_version)
+        cfg = manager.config(model_name, version)
+        params = doc.get("parameters") or {}
+        return InferRequest(
+            model_name=model_name,
+            model_version=version,
+            inputs=codec.generate_inputs(cfg, doc),
+            id=str(doc.get("id", "")),
+            parameters=params if isinstance(params, dict) else {},
+        )
+
+    async def _generate(
+        request: Request, model_name: str, model_version: str | None = None
+    ) -> Response:
+        req = _generate_request(model_name, model_version, await _json_body(request))
+        model = manager.get(model_name, req.model_version)
+        responses = [r async for r in model.stream(req)]
+        if len(responses) != 1:
+            raise Unsupported(
+                f"generate expects exactly one response, model '{model_name}' sent "
+                f"{len(responses)}: use generate_stream"
+            )
+        return JSONResponse(codec.generate_output(responses[0]))
+
+    async def _generate_stream(
+        request: Request, model_name: str, model_version: str | None = None
+    ) -> Response:
+        req = _generate_request(model_name, model_version, await _json_body(request))
+        stream = manager.stream(req)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+
+        async def events():
+            try:
+                if first is not None:
+                    yield f"data: {json.dumps(codec.generate_output(first))}\n\n"
+                async for r in stream:
+                    yield f"data: {json.dumps(codec.generate_output(r))}\n\n"
+            except ServingError as e:
+                yield f"data: {json.dumps({'error': str(e)})}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    router.post("/v2/models/{model_name}/generate")(guarded(_generate))
+    router.post("/v2/models/{model_name}/versions/{model_version}/generate")(guarded(_generate))
+    router.post("/v2/models/{model_name}/generate_stream")(guarded(_generate_stream))
+    router.post("/v2/models/{model_name}/versions/{model_version}/generate_stream")(
+        guarded(_generate_stream)
+    )
+
+    @router.post("/v2/repository/index")
+    @guarded
+    async def repository_index(request: Request) -> Response:
+        doc = await _json_body(request)
+        return JSONResponse(manager.index(ready_only=bool(doc.get("ready", False))))
+
+    @router.post("/v2/repository/models/{model_name}/load")
+    @guarded
+    async def repository_load(request: Request, model_name: str) -> Response:
+        doc = await _json_body(request)
+        params = doc.get("parameters") or {}
+        config = params.get("config")
+        if any(k.startswith("file:") for k in params):
+            raise Unsupported("loading models from files in the request is not supported")
+        await manager.request_load(model_name, config)
+        return Response(status_code=200)
+
+    @router.post("/v2/repository/models/{model_name}/unload")
+    @guarded
+    async def repository_unload(request: Request, model_name: str) -> Response:
+        doc = await _json_body(request)
+        params = doc.get("parameters") or {}
+        await manager.request_unload(model_name, bool(params.get("unload_dependents", False)))
+        return Response(status_code=200)
+
+    async def _unsupported(request: Request, rest: str = "") -> Response:
+        raise Unsupported(f"{request.url.path}: shared memory is not supported by modelport")
+
+    for prefix in ("/v2/systemsharedmemory", "/v2/cudasharedmemory"):
+        router.api_route(prefix + "/{rest:path}", methods=["GET", "POST"])(guarded(_unsupported))
+
+    return router
+
+
+def mount(app: FastAPI, manager: RepositoryManager, version: str) -> None:
+    app.include_router(build_router(manager, server_version=version))

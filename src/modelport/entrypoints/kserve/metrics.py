@@ -1,0 +1,105 @@
+"""Prometheus metrics with Triton's names, served on their own port (Triton's 8002).
+
+Why hand-written exposition: prometheus_client appends `_total` to counters, and users'
+dashboards and alerts are written against Triton's exact names
+(`nv_inference_request_success{model="m",version="1"}`). The numbers come from the same
+ModelStats as the statistics API, read at scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from modelport.repository.manager import RepositoryManager
+
+# name, type, help, getter(stats dict, pending) -> number
+_METRICS = [
+    ("nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes",
+     lambda s, p: s["inference_stats"]["success"]["count"]),
+    ("nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes",
+     lambda s, p: s["inference_stats"]["fail"]["count"]),
+    ("nv_inference_count", "counter", "Number of inferences performed (does not include cached requests)",
+     lambda s, p: s["inference_count"]),
+    ("nv_inference_exec_count", "counter", "Number of model executions performed (does not include cached requests)",
+     lambda s, p: s["execution_count"]),
+    ("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds",
+     lambda s, p: (s["inference_stats"]["success"]["ns"] + s["inference_stats"]["fail"]["ns"]) // 1000),
+    ("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds",
+     lambda s, p: s["inference_stats"]["queue"]["ns"] // 1000),
+    ("nv_inference_compute_input_duration_us", "counter", "Cumulative compute input duration in microseconds",
+     lambda s, p: s["inference_stats"]["compute_input"]["ns"] // 1000),
+    ("nv_inference_compute_infer_duration_us", "counter", "Cumulative compute inference duration in microseconds",
+     lambda s, p: s["inference_stats"]["compute_infer"]["ns"] // 1000),
+    ("nv_inference_compute_output_duration_us", "counter", "Cumulative inference compute output duration in microseconds",
+     lambda s, p: s["inference_stats"]["compute_output"]["ns"] // 1000),
+    ("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting execution per-model.",
+     lambda s, p: p),
+]  # fmt: skip
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(manager: RepositoryManager) -> str:
+    rows = []
+    for model in manager.served():
+        rows.append((model.name, str(model.version), model.stats.as_dict(), model.stats.pending))
+    lines = []
+    for name, kind, help_text, get in _METRICS:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for model, version, stats, pending in rows:
+            labels = f'model="{_escape(model)}",version="{_escape(version)}"'
+            lines.append(f"{name}{{{labels}}} {get(stats, pending)}")
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """A minimal HTTP/1.1 server answering GET /metrics (anything else: 404)."""
+
+    def __init__(self, manager: RepositoryManager, host: str, port: int) -> None:
+        self.manager = manager
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), 10)
+            while True:  # drain headers
+                line = await asyncio.wait_for(reader.readline(), 10)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+            parts = request_line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) > 1 else ""
+            if len(parts) > 1 and parts[0] == "GET" and path == "/metrics":
+                body = render(self.manager).encode()
+                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, ctype = b"not found\n", "404 Not Found", "text/plain"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.requested_port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None

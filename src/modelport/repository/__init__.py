@@ -1,0 +1,1 @@
+"""Triton-compatible model repository (config.pbtxt, backends, batching, ensembles)."""

@@ -1,0 +1,114 @@
+"""The contract between a loaded model version and whatever framework runs it.
+
+A backend owns its instances (threads, sessions or processes) and runs one batch at a time
+per instance; the dynamic batcher in front of it decides what a batch is. Like Triton's
+`execute(requests) -> responses`, errors are per request: an entry of the returned list may
+be an exception, which fails that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from modelport.repository.tensors import InferRequest, InferResponse
+
+# BLS: a python model calling another model through the server
+BLSHandler = Callable[[InferRequest], Awaitable[list[InferResponse]]]
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    config: mc.ModelConfig  # autocompleted and validated
+    model_dir: Path
+    version: int
+    bls: BLSHandler | None = None
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / str(self.version)
+
+    @property
+    def repository(self) -> Path:
+        return self.model_dir.parent
+
+    def model_file(self, default: str) -> Path:
+        return self.version_dir / (self.config.default_model_filename or default)
+
+
+@dataclass(eq=False)
+class BatchItem:
+    """One request inside a batch; `stream` receives responses of decoupled models."""
+
+    request: InferRequest
+    stream: asyncio.Queue | None = None
+    compute_start_ns: int = 0
+    compute_end_ns: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One instance to create: Triton's instance_group expanded (name, kind, device)."""
+
+    name: str
+    kind: str  # "CPU" | "GPU" | "MODEL"
+    device_id: int
+
+
+def expand_instances(cfg: mc.ModelConfig) -> list[InstanceSpec]:
+    specs = []
+    kinds = mc.ModelInstanceGroup.Kind
+    for group in cfg.instance_group:
+        kind = kinds.Name(group.kind).removeprefix("KIND_")
+        devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
+        for dev in devices:
+            for i in range(group.count):
+                specs.append(InstanceSpec(f"{group.name}_{len(specs)}", kind, dev))
+                del i
+    return specs or [InstanceSpec(f"{cfg.name}_0", "CPU", 0)]
+
+
+class Backend(ABC):
+    """A loaded model version. Subclasses implement load / run_batch / unload."""
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.instances = expand_instances(ctx.config)
+        self._idle: asyncio.Queue[int] = asyncio.Queue()
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.instances)
+
+    @abstractmethod
+    async def load(self) -> None:
+        """Create every instance; raise ModelConfigError (or any error) to fail the load."""
+
+    @abstractmethod
+    async def run_batch(self, instance: int, items: list[BatchItem]) -> list[Any]:
+        """Run one batch on instance `instance`: one InferResponse or exception per item."""
+
+    async def unload(self) -> None:  # noqa: B027 - optional hook
+        """Release instances (finalize user code, free sessions)."""
+
+    def _mark_ready(self) -> None:
+        for i in range(self.num_instances):
+            self._idle.put_nowait(i)
+
+    async def execute(self, items: list[BatchItem]) -> list[Any]:
+        """Pick an idle instance, run the batch there, give the instance back."""
+        instance = await self._idle.get()
+        try:
+            return await self.run_batch(instance, items)
+        finally:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._idle.put_nowait(instance)

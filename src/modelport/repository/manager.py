@@ -1,0 +1,393 @@
+"""The model repository manager: discovery, load / unload / poll, and request routing.
+
+Why one owner: load state (READY / UNAVAILABLE with a reason), the model control mode and
+ensemble dependencies interact; keeping them in one place makes "a bad model never takes
+the server down" a property of a single class. Protocol frontends only call `infer`,
+`stream`, `index`, `load`, `unload`, `get` and `stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from modelport.repository.backends import backend_names, create_backend
+from modelport.repository.backends.base import BackendContext
+from modelport.repository.ensemble import EnsembleModel, check_composing, ensemble_steps
+from modelport.repository.errors import (
+    ModelConfigError,
+    NotFound,
+    ServingError,
+    Unavailable,
+    Unsupported,
+    not_ready,
+    unknown_model,
+)
+from modelport.repository.model import ModelVersion
+from modelport.repository.model_config import autocomplete, read_config
+from modelport.repository.tensors import InferRequest, InferResponse
+from modelport.repository.validation import validate_config
+from modelport.repository.versions import select_versions
+
+logger = logging.getLogger("modelport.repository")
+
+CONTROL_MODES = ("none", "explicit", "poll")
+Served = ModelVersion | EnsembleModel
+
+
+def gpu_count() -> int:
+    """GPUs visible to this process, without importing torch (cheap at startup)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        found = len([p for p in os.listdir("/proc/driver/nvidia/gpus")])
+    except OSError:
+        return 0
+    if visible is not None:
+        return min(found, len([v for v in visible.split(",") if v.strip()]))
+    return found
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: Path | None
+    config: mc.ModelConfig | None = None
+    versions: dict[int, Served] = field(default_factory=dict)
+    state: str = ""  # "" (never loaded), READY, LOADING, UNLOADING, UNAVAILABLE
+    reason: str = ""
+    signature: tuple = ()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _signature(path: Path) -> tuple:
+    """What poll mode compares: config and version-folder file names and mtimes."""
+    items = []
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            p = Path(root) / f
+            with contextlib.suppress(OSError):
+                items.append((str(p.relative_to(path)), p.stat().st_mtime_ns))
+    return tuple(sorted(items))
+
+
+class RepositoryManager:
+    def __init__(
+        self,
+        repositories: Iterable[str | Path],
+        control_mode: str = "none",
+        startup_models: Iterable[str] = (),
+        poll_secs: float = 15.0,
+        gpus: int | None = None,
+    ) -> None:
+        if control_mode not in CONTROL_MODES:
+            raise ValueError(f"model control mode must be one of {CONTROL_MODES}")
+        self.repositories = [Path(r) for r in repositories]
+        for r in self.repositories:
+            if not r.is_dir():
+                raise FileNotFoundError(f"model repository {r} is not a directory")
+        self.control_mode = control_mode
+        self.startup_models = list(startup_models)
+        self.poll_secs = poll_secs
+        self.gpus = gpu_count() if gpus is None else gpus
+        self.entries: dict[str, ModelEntry] = {}
+        self.ready = False
+        self._poll_task: asyncio.Task | None = None
+
+    # -- discovery --
+
+    def discover(self) -> dict[str, Path | None]:
+        """Model name -> folder (None when the name is in two repositories)."""
+        found: dict[str, Path | None] = {}
+        for repo in self.repositories:
+            for p in sorted(repo.iterdir()):
+                if not p.is_dir() or p.name.startswith("."):
+                    continue
+                found[p.name] = None if p.name in found else p
+        for name, path in found.items():
+            entry = self.entries.get(name)
+            if entry is None:
+                self.entries[name] = ModelEntry(name, path)
+            else:
+                entry.path = path
+        return found
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        found = self.discover()
+        if self.control_mode == "explicit":
+            names = list(found) if "*" in self.startup_models else self.startup_models
+        else:
+            names = list(found)
+        await self.load_many(names)
+        if self.control_mode == "poll":
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll())
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._poll_task
+        await asyncio.gather(
+            *(self._unload(e) for e in self.entries.values() if e.versions), return_exceptions=True
+        )
+
+    async def load_many(self, names: Iterable[str]) -> None:
+        """Load plain models in parallel first, then ensembles (which need them)."""
+        plain, ensembles = [], []
+        for name in names:
+            entry = self.entries.get(name)
+            cfg = None
+            if entry is not None and entry.path is not None:
+                with contextlib.suppress(ServingError):
+                    cfg = read_config(entry.path)
+            if cfg is not None and cfg.platform == "ensemble":
+                ensembles.append(name)
+            else:
+                plain.append(name)
+        await asyncio.gather(*(self._load_logged(n) for n in plain))
+        for name in ensembles:
+            await self._load_logged(name)
+
+    async def _load_logged(self, name: str) -> None:
+        try:
+            await self.load(name)
+        except ServingError as e:
+            logger.error("failed to load model '%s': %s", name, e)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_secs)
+            with contextlib.suppress(Exception):
+                await self.poll_once()
+
+    async def poll_once(self) -> None:
+        """Load new or changed models, unload removed ones (poll mode)."""
+        found = self.discover()
+        for name, entry in list(self.entries.items()):
+            if name not in found and entry.versions:
+                await self._unload(entry)
+                entry.state, entry.reason = "UNAVAILABLE", "model folder removed"
+        changed = [
+            n
+            for n, p in found.items()
+            if p is not None
+            and (not self.entries[n].state or _signature(p) != self.entries[n].signature)
+        ]
+        if changed:
+            await self.load_many(changed)
+
+    # -- explicit control --
+
+    def _check_control(self) -> None:
+        if self.control_mode != "explicit":
+            raise Unsupported(
+                "explicit model load / unload is not allowed if model control mode is "
+                f"'{self.control_mode}' (start with --model-control-mode explicit)"
+            )
+
+    async def request_load(self, name: str, config_json: str | None = None) -> None:
+        self._check_control()
+        self.discover()
+        await self.load(name, config_json)
+
+    async def request_unload(self, name: str, unload_dependents: bool = False) -> None:
+        self._check_control()
+        entry = self.entries.get(name)
+        if entry is None:
+            raise unknown_model(name)
+        if unload_dependents:
+            for other in self.entries.values():
+                if other.config is not None and other.config.platform == "ensemble":
+                    if any(s.model_name == name for s in other.config.ensemble_scheduling.step):
+                        await self._unload(other)
+        await self._unload(entry)
+
+    # -- loading --
+
+    async def load(self, name: str, config_json: str | None = None) -> None:
+        entry = self.entries.get(name)
+        if entry is None:
+            self.discover()
+            entry = self.entries.get(name)
+        if entry is None or (entry.path is None and config_json is None):
+            if entry is not None and entry.path is None:
+                entry.state, entry.reason = (
+                    "UNAVAILABLE",
+                    "model name appears in several repositories",
+                )
+                raise ModelConfigError(
+                    f"failed to load '{name}': model name appears in several repositories"
+                )
+            raise NotFound(f"failed to load '{name}', no version is available")
+        async with entry.lock:
+            entry.state, entry.reason = "LOADING", ""
+            new: dict[int, Served] = {}
+            try:
+                assert entry.path is not None
+                cfg = await self._read(entry.path, config_json)
+                entry.signature = _signature(entry.path)
+                versions = select_versions(cfg, entry.path)
+                if cfg.backend == "ensemble":
+                    steps = ensemble_steps(cfg)
+                    await self._ensure_dependencies(cfg, steps)
+                    configs = {s.model_name: self.entries[s.model_name].config for s in steps}
+                    check_composing(cfg, steps, configs)  # type: ignore[arg-type]
+                    for v in versions:
+                        new[v] = EnsembleModel(cfg, v, steps, self.infer)
+                else:
+                    for v in versions:
+                        ctx = BackendContext(cfg, entry.path, v, bls=self._bls)
+                        model = ModelVersion(cfg, v, create_backend(cfg.backend, ctx))
+                        await model.start()
+                        new[v] = model
+            except Exception as e:
+                for m in new.values():
+                    with contextlib.suppress(Exception):
+                        await m.stop()
+                reason = str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"
+                old = entry.versions
+                entry.state = "READY" if old else "UNAVAILABLE"
+                entry.reason = "" if old else reason
+                if isinstance(e, ServingError):
+                    raise ModelConfigError(f"failed to load '{name}': {reason}") from None
+                raise ModelConfigError(f"failed to load '{name}': {reason}") from e
+            old, entry.versions, entry.config = entry.versions, new, cfg
+            entry.state, entry.reason = "READY", ""
+        for m in old.values():
+            with contextlib.suppress(Exception):
+                await m.stop()
+
+    async def _read(self, path: Path, config_json: str | None) -> mc.ModelConfig:
+        if config_json:
+            from modelport.repository.model_config import config_from_json
+
+            raw = config_from_json(config_json)
+        else:
+            raw = read_config(path)
+        cfg = autocomplete(raw, path, self.gpus)
+        validate_config(cfg, path.name, backend_names(), self.gpus)
+        return cfg
+
+    async def _ensure_dependencies(self, cfg: mc.ModelConfig, steps: list) -> None:
+        for name in dict.fromkeys(s.model_name for s in steps):
+            entry = self.entries.get(name)
+            if entry is None:
+                raise ModelConfigError(
+                    f"ensemble '{cfg.name}' depends on '{name}' which is not in the repository"
+                )
+            if entry.state != "READY" and self.control_mode == "explicit":
+                with contextlib.suppress(ServingError):
+                    await self.load(name)
+            if entry.state != "READY" or entry.config is None:
+                why = f": {entry.reason}" if entry.reason else ""
+                raise ModelConfigError(
+                    f"ensemble '{cfg.name}' depends on '{name}' which is not available{why}"
+                )
+
+    async def _unload(self, entry: ModelEntry) -> None:
+        async with entry.lock:
+            old, entry.versions = entry.versions, {}
+            entry.state, entry.reason = "UNLOADING", ""
+            for m in old.values():
+                with contextlib.suppress(Exception):
+                    await m.stop()
+            entry.state, entry.reason = "UNAVAILABLE", "unloaded"
+
+    # -- lookup and inference --
+
+    def get(self, name: str, version: int = -1) -> Served:
+        entry = self.entries.get(name)
+        if entry is None or (
+            not entry.versions and entry.state in ("", "UNAVAILABLE") and entry.path is None
+        ):
+            raise unknown_model(name, version)
+        if not entry.versions:
+            if entry.state == "":
+                raise unknown_model(name, version)
+            raise not_ready(name, version)
+        if version is None or version < 0:
+            model = entry.versions[max(entry.versions)]
+        else:
+            model = entry.versions.get(version)
+            if model is None:
+                raise unknown_model(name, version)
+        if not model.ready:
+            raise not_ready(name, version)
+        return model
+
+    def config(self, name: str, version: int = -1) -> mc.ModelConfig:
+        return self.get(name, version).config
+
+    def is_ready(self, name: str, version: int = -1) -> bool:
+        try:
+            self.get(name, version)
+        except ServingError:
+            return False
+        return True
+
+    async def infer(self, req: InferRequest) -> InferResponse:
+        return await self.get(req.model_name, req.model_version).infer(req)
+
+    async def stream(self, req: InferRequest) -> AsyncIterator[InferResponse]:
+        model = self.get(req.model_name, req.model_version)
+        async for r in model.stream(req):
+            yield r
+
+    async def _bls(self, req: InferRequest) -> list[InferResponse]:
+        model = self.get(req.model_name, req.model_version)
+        if model.decoupled:
+            return [r async for r in model.stream(req)]
+        return [await model.infer(req)]
+
+    # -- repository API --
+
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        self.discover()
+        rows: list[dict[str, Any]] = []
+        for name in sorted(self.entries):
+            e = self.entries[name]
+            if e.versions:
+                for v, m in sorted(e.versions.items()):
+                    state = "READY" if m.ready else "UNAVAILABLE"
+                    rows.append({"name": name, "version": str(v), "state": state, "reason": ""})
+            elif not ready_only:
+                row: dict[str, Any] = {"name": name}
+                if e.state:
+                    row.update(state=e.state, reason=e.reason)
+                rows.append(row)
+        if ready_only:
+            rows = [r for r in rows if r.get("state") == "READY"]
+        return rows
+
+    def stats(self, name: str = "", version: int = -1) -> list[dict[str, Any]]:
+        if name:
+            entry = self.entries.get(name)
+            if entry is None or not entry.versions:
+                raise NotFound(f"requested model '{name}' is not available")
+            models = list(entry.versions.values())
+            if version is not None and version >= 0:
+                models = [m for m in models if m.version == version]
+                if not models:
+                    raise NotFound(f"requested model '{name}' version {version} is not available")
+            return [m.stats.as_dict() for m in models]
+        out = []
+        for entry in self.entries.values():
+            out.extend(m.stats.as_dict() for m in entry.versions.values())
+        return out
+
+    def served(self) -> list[Served]:
+        return [m for e in self.entries.values() for m in e.versions.values()]
+
+
+__all__ = ["RepositoryManager", "Unavailable", "gpu_count"]

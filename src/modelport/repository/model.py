@@ -1,0 +1,268 @@
+"""A loaded model version: request checks, the dynamic batcher, the backend, and stats.
+
+The request path is: check (Triton's messages) -> reshape -> batcher queue (priority,
+queue policy) -> backend.execute on a free instance -> reshape back, filter outputs.
+Readiness turns true only after every instance initialized and warm-up ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from modelport.repository.backends.base import Backend, BatchItem
+from modelport.repository.backends.python_backend import STREAM_END
+from modelport.repository.checks import check_request
+from modelport.repository.errors import (
+    InvalidArgument,
+    ModelConfigError,
+    ServingError,
+    Unavailable,
+    Unsupported,
+)
+from modelport.repository.model_config import is_decoupled
+from modelport.repository.stats import ModelStats
+from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
+from modelport.repository.warmup import warmup_requests
+from modelport.serving.batcher import (
+    BatcherConfig,
+    BatcherStoppedError,
+    DynamicBatcher,
+    QueueFullError,
+    QueuePolicy,
+    RequestTimeoutError,
+    TimeoutAction,
+)
+
+
+def _policy(p: mc.ModelQueuePolicy) -> QueuePolicy:
+    return QueuePolicy(
+        max_queue_size=p.max_queue_size,
+        timeout_s=(p.default_timeout_microseconds / 1e6)
+        if p.default_timeout_microseconds
+        else None,
+        timeout_action=(
+            TimeoutAction.DELAY
+            if p.timeout_action == mc.ModelQueuePolicy.DELAY
+            else TimeoutAction.REJECT
+        ),
+        allow_timeout_override=p.allow_timeout_override,
+    )
+
+
+def batcher_config(cfg: mc.ModelConfig) -> BatcherConfig:
+    """Triton's dynamic_batching block -> BatcherConfig (no block: each request alone)."""
+    if not cfg.HasField("dynamic_batching"):
+        return BatcherConfig(max_batch_size=0)
+    db = cfg.dynamic_batching
+    return BatcherConfig(
+        max_batch_size=cfg.max_batch_size,
+        preferred_batch_sizes=tuple(db.preferred_batch_size),
+        max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+        preserve_ordering=db.preserve_ordering,
+        priority_levels=db.priority_levels,
+        default_priority=db.default_priority_level,
+        default_policy=_policy(db.default_queue_policy),
+        priority_policies={int(k): _policy(v) for k, v in db.priority_queue_policy.items()},
+    )
+
+
+def _reshape(t: InferTensor, shape: list[int], batched: bool) -> InferTensor:
+    target = ([t.data.shape[0]] if batched else []) + shape
+    if sum(1 for d in target if d == -1) > 1 or list(t.data.shape) == target:
+        return t
+    try:
+        return InferTensor(t.name, t.datatype, t.data.reshape(target))
+    except ValueError:
+        raise InvalidArgument(
+            f"cannot reshape '{t.name}' {list(t.data.shape)} to {target}"
+        ) from None
+
+
+class ModelVersion:
+    """One ready-to-serve version of a non-ensemble model."""
+
+    def __init__(self, config: mc.ModelConfig, version: int, backend: Backend) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self.backend = backend
+        self.decoupled = is_decoupled(config)
+        self.stats = ModelStats(config.name, version)
+        self.batcher = DynamicBatcher(batcher_config(config), self._execute, backend.num_instances)
+        self.ready = False
+        self._inputs = {i.name: i for i in config.input}
+        self._outputs = {o.name: o for o in config.output}
+
+    async def start(self) -> None:
+        await self.backend.load()
+        self.batcher.start()
+        try:
+            await self._warmup()
+        except Exception:
+            await self.stop()
+            raise
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+        await self.backend.unload()
+
+    async def _warmup(self) -> None:
+        for label, req, count in warmup_requests(self.config, self.backend.ctx.model_dir):
+            for _ in range(count):
+                try:
+                    if self.decoupled:
+                        async for _r in self.stream(req):
+                            pass
+                    else:
+                        await self.infer(req)
+                except ServingError as e:
+                    raise ModelConfigError(
+                        f"model '{self.name}' version {self.version}: warmup '{label}' failed: {e}"
+                    ) from None
+
+    async def _execute(self, items: list[BatchItem]) -> list[Any]:
+        start = time.perf_counter_ns()
+        results = await self.backend.execute(items)
+        rows = sum(it.extra.get("rows", 1) for it in items)
+        self.stats.record_execution(rows, time.perf_counter_ns() - start)
+        return results
+
+    def _prepare(self, req: InferRequest) -> tuple[InferRequest, int]:
+        rows = check_request(self.config, req)
+        batched = self.config.max_batch_size > 0
+        inputs = {}
+        for name, t in req.inputs.items():
+            io = self._inputs[name]
+            inputs[name] = (
+                _reshape(t, list(io.reshape.shape), batched) if io.HasField("reshape") else t
+            )
+        prepared = InferRequest(
+            model_name=req.model_name,
+            model_version=self.version,
+            inputs=inputs,
+            requested_outputs=req.requested_outputs,
+            id=req.id,
+            parameters=req.parameters,
+            priority=req.priority,
+            timeout_us=req.timeout_us,
+        )
+        return prepared, rows
+
+    def _finish(self, req: InferRequest, resp: InferResponse) -> InferResponse:
+        batched = self.config.max_batch_size > 0
+        outputs = {}
+        for name, t in resp.outputs.items():
+            if req.requested_outputs is not None and name not in req.requested_outputs:
+                continue
+            io = self._outputs.get(name)
+            if io is not None and io.HasField("reshape"):
+                t = _reshape(t, list(io.dims), batched)
+            outputs[name] = t
+        return InferResponse(
+            self.name,
+            self.version,
+            outputs,
+            id=req.id,
+            parameters=resp.parameters,
+            final=resp.final,
+        )
+
+    async def _submit(self, item: BatchItem, rows: int) -> Any:
+        req = item.request
+        timeout = req.timeout_us / 1e6 if req.timeout_us else None
+        try:
+            return await self.batcher.submit(
+                item, batch_size=rows, priority=req.priority or None, timeout_s=timeout
+            )
+        except QueueFullError:
+            raise Unavailable("Exceeds maximum queue size") from None
+        except RequestTimeoutError:
+            raise Unavailable("Request timeout expired") from None
+        except BatcherStoppedError:
+            raise Unavailable(f"model '{self.name}' is being unloaded") from None
+        except ValueError as e:
+            raise InvalidArgument(f"{e} for model '{self.name}'") from None
+
+    async def infer(self, req: InferRequest) -> InferResponse:
+        if self.decoupled:
+            raise Unsupported(
+                f"model '{self.name}' uses the decoupled transaction policy: use streaming "
+                "(gRPC ModelStreamInfer or generate_stream)"
+            )
+        t0 = time.perf_counter_ns()
+        self.stats.pending += 1
+        try:
+            prepared, rows = self._prepare(req)
+            item = BatchItem(prepared, extra={"rows": rows})
+            result = await self._submit(item, rows)
+            resp = self._finish(req, result)
+        except ServingError:
+            self.stats.record_failure(time.perf_counter_ns() - t0)
+            raise
+        except Exception as e:
+            self.stats.record_failure(time.perf_counter_ns() - t0)
+            raise ServingError(f"model '{self.name}': {type(e).__name__}: {e}") from e
+        finally:
+            self.stats.pending -= 1
+        end = time.perf_counter_ns()
+        self.stats.record_success(
+            rows,
+            end - t0,
+            queue_ns=(item.compute_start_ns - t0) if item.compute_start_ns else 0,
+            infer_ns=item.compute_end_ns - item.compute_start_ns,
+        )
+        return resp
+
+    async def stream(self, req: InferRequest) -> AsyncIterator[InferResponse]:
+        """Responses of one request: many for a decoupled model, one otherwise."""
+        if not self.decoupled:
+            yield await self.infer(req)
+            return
+        t0 = time.perf_counter_ns()
+        self.stats.pending += 1
+        ok = False
+        item: BatchItem | None = None
+        try:
+            prepared, rows = self._prepare(req)
+            item = BatchItem(prepared, stream=asyncio.Queue(), extra={"rows": rows})
+            submit = asyncio.ensure_future(self._submit(item, rows))
+            while True:
+                getter = asyncio.ensure_future(item.stream.get())
+                done, _ = await asyncio.wait({getter, submit}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    exc = submit.exception()
+                    if exc is not None:  # rejected in the queue, or the whole batch failed
+                        raise exc
+                    submit = asyncio.ensure_future(asyncio.sleep(3600))  # submit ok: keep reading
+                    continue
+                msg = getter.result()
+                if msg is STREAM_END:
+                    break
+                if isinstance(msg, BaseException):
+                    raise msg
+                yield self._finish(req, msg)
+            submit.cancel()
+            ok = True
+        finally:
+            self.stats.pending -= 1
+            elapsed = time.perf_counter_ns() - t0
+            if ok and item is not None:
+                self.stats.record_success(
+                    item.extra.get("rows", 1),
+                    elapsed,
+                    queue_ns=max(item.compute_start_ns - t0, 0) if item.compute_start_ns else 0,
+                    infer_ns=item.compute_end_ns - item.compute_start_ns,
+                )
+            else:
+                self.stats.record_failure(elapsed)
+
+
+__all__ = ["ModelVersion", "batcher_config"]

@@ -1,0 +1,335 @@
+"""The `triton_python_backend_utils` API, so Triton python models run unchanged.
+
+A model.py does `import triton_python_backend_utils as pb_utils`; inside an instance
+process that name is this module. It is deliberately numpy-only (torch only for dlpack)
+so an instance process starts fast. Talking to the server (decoupled response senders,
+BLS requests) goes through a runtime object the instance process installs with
+`_install_runtime`; without one (plain unit tests of a model.py) those calls raise.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "InferenceRequest",
+    "InferenceResponse",
+    "Logger",
+    "Tensor",
+    "TritonError",
+    "TritonModelException",
+    "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END",
+    "TRITONSERVER_REQUEST_FLAG_SEQUENCE_START",
+    "TRITONSERVER_RESPONSE_COMPLETE_FINAL",
+    "get_input_config_by_name",
+    "get_input_tensor_by_name",
+    "get_output_config_by_name",
+    "get_output_tensor_by_name",
+    "numpy_to_triton_type",
+    "triton_string_to_numpy",
+]
+
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
+
+_NUMPY = {
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_UINT16": np.uint16,
+    "TYPE_UINT32": np.uint32,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_INT8": np.int8,
+    "TYPE_INT16": np.int16,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+    "TYPE_STRING": np.object_,
+}
+
+_runtime: Any = None  # set in an instance process: send_response(), bls()
+
+
+def _install_runtime(runtime: Any) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def triton_string_to_numpy(triton_type: str) -> Any:
+    """'TYPE_FP32' (or 'FP32') -> numpy.float32; strings map to object arrays of bytes."""
+    key = triton_type if triton_type.startswith("TYPE_") else "TYPE_" + triton_type
+    if key == "TYPE_BYTES":
+        key = "TYPE_STRING"
+    return _NUMPY[key]
+
+
+def numpy_to_triton_type(dtype: Any) -> str:
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return "TYPE_STRING"
+    for k, v in _NUMPY.items():
+        if np.dtype(v) == dtype:
+            return k
+    raise TritonModelException(f"numpy dtype {dtype} has no Triton type")
+
+
+class TritonError:
+    UNKNOWN = 0
+    INTERNAL = 1
+    NOT_FOUND = 2
+    INVALID_ARG = 3
+    UNAVAILABLE = 4
+    UNSUPPORTED = 5
+    ALREADY_EXISTS = 6
+    CANCELLED = 7
+
+    def __init__(self, message: str, code: int = INTERNAL) -> None:
+        self._message = str(message)
+        self._code = code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+    def __repr__(self) -> str:
+        return f"TritonError({self._message!r})"
+
+
+class TritonModelException(Exception):
+    """Raised by pb_utils calls (and by a failed BLS request when the model wants that)."""
+
+    def message(self) -> str:
+        return str(self)
+
+
+class Tensor:
+    def __init__(self, name: str, array: Any) -> None:
+        if not isinstance(array, np.ndarray):
+            array = np.asarray(array)
+        if array.dtype.kind in "SU":
+            array = np.array(
+                [x.encode() if isinstance(x, str) else bytes(x) for x in array.reshape(-1)],
+                dtype=np.object_,
+            ).reshape(array.shape)
+        self._name = name
+        self._array = array
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+    def shape(self) -> list[int]:
+        return list(self._array.shape)
+
+    def triton_dtype(self) -> str:
+        return numpy_to_triton_type(self._array.dtype)
+
+    def is_cpu(self) -> bool:
+        return True
+
+    def to_dlpack(self) -> Any:
+        import torch
+
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(self._array)))
+
+    @staticmethod
+    def from_dlpack(name: str, capsule: Any) -> Tensor:
+        import torch
+
+        t = torch.utils.dlpack.from_dlpack(capsule)
+        return Tensor(name, t.detach().cpu().numpy())
+
+    def __repr__(self) -> str:
+        return f"Tensor({self._name!r}, shape={self.shape()}, dtype={self._array.dtype})"
+
+
+class InferenceResponse:
+    def __init__(
+        self,
+        output_tensors: list[Tensor] | None = None,
+        error: TritonError | None = None,
+        parameters: dict[str, Any] | str | None = None,
+    ) -> None:
+        self._outputs = list(output_tensors or [])
+        self._error = error
+        if isinstance(parameters, str):
+            parameters = json.loads(parameters or "{}")
+        self._parameters = dict(parameters or {})
+
+    def output_tensors(self) -> list[Tensor]:
+        return self._outputs
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+    def parameters(self) -> str:
+        return json.dumps(self._parameters)
+
+
+class ResponseSender:
+    """Decoupled models send any number of responses, then a final flag, per request."""
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+        self._closed = False
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if self._closed:
+            raise TritonModelException("the response sender of this request is already closed")
+        if _runtime is None:
+            raise TritonModelException("response senders need a running modelport server")
+        final = bool(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        _runtime.send_response(self._key, response, final)
+        if final:
+            self._closed = True
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+class InferenceRequest:
+    """A request handed to execute(), or, built by the model, a BLS request to run."""
+
+    def __init__(
+        self,
+        model_name: str = "",
+        inputs: list[Tensor] | None = None,
+        requested_output_names: list[str] | None = None,
+        model_version: int = -1,
+        request_id: str = "",
+        correlation_id: int | str = 0,
+        flags: int = 0,
+        parameters: dict[str, Any] | str | None = None,
+        timeout: int = 0,
+        preferred_memory: Any = None,
+        trace: Any = None,
+    ) -> None:
+        self._model_name = model_name
+        self._inputs = list(inputs or [])
+        self._requested = list(requested_output_names or [])
+        self._model_version = model_version
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        self._flags = flags
+        if isinstance(parameters, str):
+            parameters = json.loads(parameters or "{}")
+        self._parameters = dict(parameters or {})
+        self._timeout = timeout
+        self._sender: ResponseSender | None = None
+
+    # -- as seen inside execute() --
+    def inputs(self) -> list[Tensor]:
+        return self._inputs
+
+    def request_id(self) -> str:
+        return self._request_id
+
+    def correlation_id(self) -> int | str:
+        return self._correlation_id
+
+    def flags(self) -> int:
+        return self._flags
+
+    def model_name(self) -> str:
+        return self._model_name
+
+    def model_version(self) -> int:
+        return self._model_version
+
+    def requested_output_names(self) -> list[str]:
+        return self._requested
+
+    def parameters(self) -> str:
+        return json.dumps(self._parameters)
+
+    def timeout(self) -> int:
+        return self._timeout
+
+    def get_response_sender(self) -> ResponseSender:
+        if self._sender is None:
+            raise TritonModelException("only requests of a decoupled model have a response sender")
+        return self._sender
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    # -- BLS --
+    def exec(self, decoupled: bool = False) -> Any:
+        """Run this request on another model of the server and wait for its response(s)."""
+        if _runtime is None:
+            raise TritonModelException("BLS requests need a running modelport server")
+        responses = _runtime.bls(self, decoupled)
+        if decoupled:
+            return iter(responses)
+        return responses[0] if responses else InferenceResponse(error=TritonError("no response"))
+
+    async def async_exec(self, decoupled: bool = False) -> Any:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self.exec, decoupled)
+
+
+def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
+    for t in request.inputs():
+        if t.name() == name:
+            return t
+    return None
+
+
+def get_output_tensor_by_name(response: InferenceResponse, name: str) -> Tensor | None:
+    for t in response.output_tensors():
+        if t.name() == name:
+            return t
+    return None
+
+
+def get_input_config_by_name(model_config: dict[str, Any], name: str) -> dict | None:
+    for c in model_config.get("input", []):
+        if c.get("name") == name:
+            return c
+    return None
+
+
+def get_output_config_by_name(model_config: dict[str, Any], name: str) -> dict | None:
+    for c in model_config.get("output", []):
+        if c.get("name") == name:
+            return c
+    return None
+
+
+class Logger:
+    """pb_utils.Logger.log_info(...) etc.; goes to the instance process's stderr."""
+
+    @staticmethod
+    def log(message: str, level: str = "INFO") -> None:
+        import sys
+
+        print(f"[{level}] {message}", file=sys.stderr, flush=True)
+
+    @classmethod
+    def log_info(cls, message: str) -> None:
+        cls.log(message, "INFO")
+
+    @classmethod
+    def log_warn(cls, message: str) -> None:
+        cls.log(message, "WARNING")
+
+    @classmethod
+    def log_error(cls, message: str) -> None:
+        cls.log(message, "ERROR")
+
+    @classmethod
+    def log_verbose(cls, message: str) -> None:
+        cls.log(message, "VERBOSE")

@@ -1,0 +1,267 @@
+"""The instance process of a `python` backend model: hosts model.py's TritonPythonModel.
+
+Why a process per instance: user code may hold the GIL, leak, or crash the interpreter; in
+its own process it can only fail its own in-flight requests (the parent restarts it).
+Why not serving.process_worker: a Triton python model also talks back mid-execute --
+decoupled response senders stream many responses per request, and BLS requests call other
+models through the server and wait -- so this pipe carries messages both ways at any time.
+
+Messages are the frozen dataclasses below. In the child a reader thread owns the receiving
+end: execute batches go to the main thread's queue, BLS results wake the waiting caller.
+Only numpy and pb_utils are imported here so the process starts quickly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import queue
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelport.repository import pb_utils
+
+# ---- messages ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Req:
+    id: str
+    inputs: dict[str, np.ndarray]
+    requested_outputs: list[str]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    model_name: str = ""
+    model_version: int = -1
+    timeout_us: int = 0
+
+
+@dataclass(frozen=True)
+class Resp:
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    error: str | None = None
+    error_code: int = 0
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Execute:
+    batch_id: int
+    requests: list[Req]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True)
+class InitFailed:
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class ExecDone:
+    batch_id: int
+    responses: list[Resp] | None  # None for decoupled models (responses were streamed)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Stream:
+    batch_id: int
+    index: int
+    response: Resp | None
+    final: bool
+
+
+@dataclass(frozen=True)
+class BLSCall:
+    call_id: int
+    request: Req
+    decoupled: bool
+
+
+@dataclass(frozen=True)
+class BLSResult:
+    call_id: int
+    responses: list[Resp]
+
+
+# ---- conversions ------------------------------------------------------------------------------
+
+
+def resp_from_pb(r: Any) -> Resp:
+    if r is None:
+        return Resp()
+    err = r.error()
+    outputs = {}
+    for t in r.output_tensors():
+        arr = t.as_numpy()
+        if not isinstance(arr, np.ndarray):
+            arr = np.asarray(arr)
+        outputs[t.name()] = arr
+    params = {}
+    try:
+        import json
+
+        params = json.loads(r.parameters())
+    except Exception:
+        params = {}
+    return Resp(
+        outputs=outputs,
+        error=None if err is None else err.message(),
+        error_code=0 if err is None else err.code(),
+        parameters=params,
+    )
+
+
+def resp_to_pb(r: Resp) -> Any:
+    tensors = [pb_utils.Tensor(n, a) for n, a in r.outputs.items()]
+    err = None if r.error is None else pb_utils.TritonError(r.error, r.error_code or 1)
+    return pb_utils.InferenceResponse(tensors, error=err, parameters=r.parameters)
+
+
+# ---- child ------------------------------------------------------------------------------------
+
+
+class _Runtime:
+    """What pb_utils calls into: response senders and BLS, over the shared pipe."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[threading.Event, list]] = {}
+
+    def send(self, msg: Any) -> None:
+        with self._lock:
+            self.conn.send(msg)
+
+    def send_response(self, key: tuple[int, int], response: Any, final: bool) -> None:
+        self.send(
+            Stream(key[0], key[1], None if response is None else resp_from_pb(response), final)
+        )
+
+    def bls(self, request: Any, decoupled: bool) -> list[Any]:
+        call_id = next(self._ids)
+        event = threading.Event()
+        box: list = []
+        self._waiting[call_id] = (event, box)
+        req = Req(
+            id=request.request_id(),
+            inputs={t.name(): t.as_numpy() for t in request.inputs()},
+            requested_outputs=request.requested_output_names(),
+            parameters=__import__("json").loads(request.parameters()),
+            model_name=request.model_name(),
+            model_version=request.model_version(),
+            timeout_us=request.timeout(),
+        )
+        self.send(BLSCall(call_id, req, decoupled))
+        event.wait()
+        return [resp_to_pb(r) for r in box[0]]
+
+    def resolve(self, msg: BLSResult) -> None:
+        event, box = self._waiting.pop(msg.call_id, (None, None))
+        if event is not None:
+            box.append(msg.responses)
+            event.set()
+
+
+def _load_model(model_file: str) -> Any:
+    spec = importlib.util.spec_from_file_location("model", model_file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {model_file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["model"] = module
+    spec.loader.exec_module(module)
+    cls = getattr(module, "TritonPythonModel", None)
+    if cls is None:
+        raise AttributeError(f"{model_file} defines no class TritonPythonModel")
+    return cls()
+
+
+def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupled: bool) -> None:
+    sys.modules["triton_python_backend_utils"] = pb_utils
+    sys.path.insert(0, version_dir)
+    runtime = _Runtime(conn)
+    pb_utils._install_runtime(runtime)
+    try:
+        model = _load_model(model_file)
+        init = getattr(model, "initialize", None)
+        if callable(init):
+            init(args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(InitFailed(f"{type(e).__name__}: {e}", traceback.format_exc()))
+        return
+    work: queue.Queue = queue.Queue()
+
+    def reader() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                work.put(Shutdown())
+                return
+            if isinstance(msg, BLSResult):
+                runtime.resolve(msg)
+            else:
+                work.put(msg)
+
+    threading.Thread(target=reader, daemon=True).start()
+    runtime.send(Ready(os.getpid()))
+    while True:
+        msg = work.get()
+        if isinstance(msg, Shutdown):
+            fin = getattr(model, "finalize", None)
+            if callable(fin):
+                try:
+                    fin()
+                except Exception:
+                    traceback.print_exc()
+            return
+        runtime.send(_execute(model, msg, decoupled, args.get("model_name", "")))
+
+
+def _execute(model: Any, msg: Execute, decoupled: bool, name: str) -> ExecDone:
+    requests = []
+    for i, r in enumerate(msg.requests):
+        req = pb_utils.InferenceRequest(
+            model_name=name,
+            inputs=[pb_utils.Tensor(n, a) for n, a in r.inputs.items()],
+            requested_output_names=r.requested_outputs,
+            request_id=r.id,
+            parameters=r.parameters,
+            timeout=r.timeout_us,
+        )
+        if decoupled:
+            req._sender = pb_utils.ResponseSender((msg.batch_id, i))
+        requests.append(req)
+    try:
+        responses = model.execute(requests)
+    except BaseException as e:  # noqa: BLE001 - fails this batch only
+        return ExecDone(msg.batch_id, None, f"{type(e).__name__}: {e}")
+    if decoupled:
+        return ExecDone(msg.batch_id, None)
+    if responses is None or len(responses) != len(requests):
+        n = "None" if responses is None else len(responses)
+        return ExecDone(
+            msg.batch_id,
+            None,
+            f"execute() returned {n} responses for {len(requests)} requests",
+        )
+    try:
+        return ExecDone(msg.batch_id, [resp_from_pb(r) for r in responses])
+    except Exception as e:
+        return ExecDone(msg.batch_id, None, f"bad response from execute(): {e}")

@@ -1,0 +1,160 @@
+"""Triton data types and the protocol-neutral request/response carried through the repository.
+
+Tensors are numpy arrays everywhere inside the repository; BYTES/TYPE_STRING tensors are
+numpy object arrays of `bytes` (what Triton's python backend hands to model.py).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelport.repository.errors import InvalidArgument
+
+# config enum name (TYPE_*) <-> wire name (KServe v2 datatype) <-> numpy dtype
+_TABLE: list[tuple[str, str, Any]] = [
+    ("TYPE_BOOL", "BOOL", np.bool_),
+    ("TYPE_UINT8", "UINT8", np.uint8),
+    ("TYPE_UINT16", "UINT16", np.uint16),
+    ("TYPE_UINT32", "UINT32", np.uint32),
+    ("TYPE_UINT64", "UINT64", np.uint64),
+    ("TYPE_INT8", "INT8", np.int8),
+    ("TYPE_INT16", "INT16", np.int16),
+    ("TYPE_INT32", "INT32", np.int32),
+    ("TYPE_INT64", "INT64", np.int64),
+    ("TYPE_FP16", "FP16", np.float16),
+    ("TYPE_FP32", "FP32", np.float32),
+    ("TYPE_FP64", "FP64", np.float64),
+    ("TYPE_STRING", "BYTES", np.object_),
+]
+CONFIG_TO_WIRE = {c: w for c, w, _ in _TABLE}
+WIRE_TO_CONFIG = {w: c for c, w, _ in _TABLE}
+WIRE_TO_NUMPY = {w: np.dtype(n) for _, w, n in _TABLE}
+WIRE_DTYPES = frozenset(WIRE_TO_NUMPY) | {"BF16"}
+
+
+def wire_of_config(type_name: str) -> str:
+    """TYPE_FP32 -> FP32 (TYPE_BF16 -> BF16, which numpy cannot hold)."""
+    if type_name == "TYPE_BF16":
+        return "BF16"
+    return CONFIG_TO_WIRE.get(type_name, type_name.removeprefix("TYPE_"))
+
+
+def numpy_dtype(wire: str) -> np.dtype:
+    try:
+        return WIRE_TO_NUMPY[wire]
+    except KeyError:
+        raise InvalidArgument(f"data type {wire} is not supported by this server") from None
+
+
+def wire_of_numpy(dtype: np.dtype) -> str:
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return "BYTES"
+    for w, d in WIRE_TO_NUMPY.items():
+        if d == dtype:
+            return w
+    raise InvalidArgument(f"numpy dtype {dtype} has no Triton data type")
+
+
+def as_bytes_array(arr: np.ndarray) -> np.ndarray:
+    """Normalise str/bytes/object arrays to an object array of bytes."""
+    out = np.empty(arr.shape, dtype=np.object_)
+    flat = out.reshape(-1)
+    for i, x in enumerate(arr.reshape(-1)):
+        if isinstance(x, bytes):
+            flat[i] = x
+        elif isinstance(x, str):
+            flat[i] = x.encode("utf-8")
+        elif isinstance(x, np.bytes_):
+            flat[i] = bytes(x)
+        else:
+            flat[i] = str(x).encode("utf-8")
+    return out
+
+
+def serialize_bytes(arr: np.ndarray) -> bytes:
+    """BYTES tensor -> 4-byte little-endian length-prefixed elements (row-major)."""
+    parts = []
+    for x in as_bytes_array(arr).reshape(-1):
+        parts.append(struct.pack("<I", len(x)))
+        parts.append(x)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buf: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape)) if shape else 1
+    out = np.empty(count, dtype=np.object_)
+    view = memoryview(buf)
+    off = 0
+    for i in range(count):
+        if off + 4 > len(view):
+            raise InvalidArgument("unexpected end of BYTES tensor data")
+        (n,) = struct.unpack_from("<I", view, off)
+        off += 4
+        if off + n > len(view):
+            raise InvalidArgument("BYTES element length exceeds the tensor data")
+        out[i] = bytes(view[off : off + n])
+        off += n
+    if off != len(view):
+        raise InvalidArgument(
+            f"BYTES tensor data has {len(view) - off} trailing bytes for shape {list(shape)}"
+        )
+    return out.reshape(shape)
+
+
+def to_raw(arr: np.ndarray, wire: str) -> bytes:
+    if wire == "BYTES":
+        return serialize_bytes(arr)
+    return np.ascontiguousarray(arr, dtype=numpy_dtype(wire)).tobytes()
+
+
+def from_raw(buf: bytes | memoryview, wire: str, shape: tuple[int, ...]) -> np.ndarray:
+    if wire == "BYTES":
+        return deserialize_bytes(buf, shape)
+    dtype = numpy_dtype(wire)
+    count = int(np.prod(shape)) if shape else 1
+    if len(buf) != count * dtype.itemsize:
+        raise InvalidArgument(
+            f"unexpected total byte size {len(buf)} for input, expecting "
+            f"{count * dtype.itemsize} for shape {list(shape)} of {wire}"
+        )
+    return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
+
+
+@dataclass
+class InferTensor:
+    name: str
+    datatype: str  # wire name
+    data: np.ndarray
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.data.shape)
+
+
+@dataclass
+class InferRequest:
+    """One inference request as the repository sees it, whatever protocol brought it."""
+
+    model_name: str
+    model_version: int = -1  # -1: the policy's newest ready version
+    inputs: dict[str, InferTensor] = field(default_factory=dict)
+    requested_outputs: list[str] | None = None  # None: every output
+    id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    timeout_us: int = 0
+
+
+@dataclass
+class InferResponse:
+    model_name: str
+    model_version: int
+    outputs: dict[str, InferTensor] = field(default_factory=dict)
+    id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    final: bool = True  # decoupled streams: the last response of a request
