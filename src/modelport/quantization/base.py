@@ -1,0 +1,131 @@
+"""The LinearMethod interface every quantized format implements, and its config base.
+
+A model file builds plain ``Linear`` / ``MergedLinear`` / ``QKVLinear`` layers; quantization
+is a transformation of the built module (gpt-fast style) that gives each linear layer a
+``LinearMethod``. The method owns the layer's parameters from then on:
+
+* ``create_weights`` registers the checkpoint's own tensors (qweight/qzeros/scales, an FP8
+  weight and its scale, raw GGUF blocks, ...), each carrying a ``weight_loader`` so the
+  model's declared loading table (q/k/v -> qkv shards) works unchanged;
+* ``process_weights_after_loading`` turns what the checkpoint stored into what the kernel
+  reads (repacking, act-order permutation, fused-shard scale reconciliation);
+* ``apply`` runs the matmul.
+
+Parameters packed along the output dimension carry ``output_dim`` and ``pack_factor``
+attributes, so one generic shard loader (here) narrows fused q/k/v or gate/up slices for
+every format; the same metadata is what a tensor-parallel split of a packed weight needs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class QuantizationConfig(ABC):
+    """What a checkpoint's ``quantization_config`` (or a GGUF file, or the user) asks for."""
+
+    name: str = ""
+
+    @abstractmethod
+    def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
+        """The method for one linear layer (None keeps it unquantized)."""
+
+    def check_device(self, device: torch.device) -> None:  # noqa: B027 - optional hook
+        """Raise ValueError naming an alternative when the format cannot run on ``device``."""
+
+    def hf_dict(self) -> dict[str, Any]:
+        """config.json ``quantization_config`` for this method (writers use it)."""
+        return {"quant_method": self.name}
+
+
+class LinearMethod(ABC):
+    """create_weights -> weight_loader (per shard) -> process_weights_after_loading -> apply."""
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size: int,
+        output_sizes: Sequence[int],
+        params_dtype: torch.dtype,
+    ) -> None:
+        """Register this format's parameters on ``layer`` (output_sizes: one per shard)."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027
+        """Convert checkpoint tensors into the kernel's layout (default: nothing to do)."""
+
+    @abstractmethod
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """y = x W^T (+ bias) for x [..., input_size]."""
+
+
+def new_param(
+    layer: nn.Module,
+    name: str,
+    data: torch.Tensor,
+    *,
+    output_dim: int | None = None,
+    pack_factor: int = 1,
+    loader: Any = None,
+) -> nn.Parameter:
+    """Register a frozen parameter with its sharding metadata and the generic shard loader."""
+    p = nn.Parameter(data, requires_grad=False)
+    p.output_dim = output_dim  # type: ignore[attr-defined]
+    p.pack_factor = pack_factor  # type: ignore[attr-defined]
+    p.weight_loader = loader or (  # type: ignore[attr-defined]
+        lambda param, loaded, shard_id=None: load_shard(layer, name, param, loaded, shard_id)
+    )
+    layer.register_parameter(name, p)
+    return p
+
+
+def shard_slice(layer: nn.Module, shard_id: str | None) -> tuple[int, int] | None:
+    """(offset, size) of a named shard in output units; None for a whole (fused) tensor."""
+    if shard_id is None:
+        return None
+    ranges: dict[str, tuple[int, int]] = getattr(layer, "shard_ranges", None) or {}
+    if shard_id not in ranges:
+        known = ", ".join(ranges) or "none"
+        raise ValueError(f"{type(layer).__name__} has no shard {shard_id!r} (shards: {known})")
+    return ranges[shard_id]
+
+
+def load_shard(
+    layer: nn.Module,
+    name: str,
+    param: nn.Parameter,
+    loaded: torch.Tensor,
+    shard_id: str | None,
+) -> None:
+    """Copy ``loaded`` into its slice of ``param`` along the (possibly packed) output dim."""
+    dst = param.data
+    sl = shard_slice(layer, shard_id)
+    out_dim = getattr(param, "output_dim", None)
+    if sl is not None and out_dim is not None:
+        offset, size = sl
+        pf = getattr(param, "pack_factor", 1)
+        if offset % pf or size % pf:
+            raise ValueError(
+                f"{name}: shard {shard_id!r} ({size} outputs at {offset}) is not a multiple of "
+                f"the packing factor {pf}"
+            )
+        dst = dst.narrow(out_dim, offset // pf, size // pf)
+    if tuple(dst.shape) != tuple(loaded.shape):
+        where = f" shard {shard_id!r}" if shard_id else ""
+        raise ValueError(
+            f"shape mismatch for {name}{where}: checkpoint has {tuple(loaded.shape)}, "
+            f"the layer expects {tuple(dst.shape)} (wrong bits or group size in "
+            "quantization_config?)"
+        )
+    if loaded.dtype != dst.dtype and not (loaded.is_floating_point() and dst.is_floating_point()):
+        raise ValueError(
+            f"dtype mismatch for {name}: checkpoint has {loaded.dtype}, expected {dst.dtype}"
+        )
+    dst.copy_(loaded)

@@ -1,0 +1,159 @@
+"""GGUF kept quantized: raw GGML blocks are loaded as is and run by low-bit kernels.
+
+The float path (loader/gguf.py) dequantizes every tensor; here linear weights stay in their
+GGML blocks until ``process_weights_after_loading`` converts them to a GroupQuant for the
+kernel (int4 GEMM for the 4-bit types on CPU, dequant-GEMM elsewhere). Norms and the
+embedding (and a tied LM head) still come through the float path.
+
+A fused layer (q/k/v, gate/up) may mix types (Q4_K_M files store attn_v as Q6_K): shards
+are unpacked separately and concatenated; groups of 32 are split to 16 when a Q6_K shard
+needs it, so one kernel still runs the fused matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelport.quantization.base import LinearMethod, QuantizationConfig, shard_slice
+from modelport.quantization.gguf_formats import FLOAT_TYPES, GGML_TYPES, row_bytes, type_name
+from modelport.quantization.gguf_formats import unpack as unpack_ggml
+from modelport.quantization.kernels import GroupQuant, make_kernel
+
+
+@dataclass
+class GGUFQuantConfig(QuantizationConfig):
+    """tensor_types: HF checkpoint name -> ggml type id, read from the file's tensor table."""
+
+    tensor_types: dict[str, int]
+    stacked_params: Sequence[tuple[str, str, str]] = ()
+    name: str = field(default="gguf", init=False)
+    kept: set[str] = field(default_factory=set, init=False)  # names loaded as raw blocks
+
+    def shard_names(self, prefix: str, layer: nn.Module) -> dict[str | None, str]:
+        """Checkpoint weight name of each shard of the layer at ``prefix``."""
+        ranges = getattr(layer, "shard_ranges", None)
+        if not ranges:
+            return {None: f"{prefix}.weight"}
+        out: dict[str | None, str] = {}
+        for fused, part, shard in self.stacked_params:
+            if fused in f"{prefix}." and shard in ranges:
+                out[shard] = f"{prefix}.".replace(fused, part) + "weight"
+        return out
+
+    def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
+        names = self.shard_names(prefix, layer)
+        types = {shard: self.tensor_types.get(n) for shard, n in names.items()}
+        if all(t is None or t in FLOAT_TYPES for t in types.values()):
+            return None
+        bad = {names[s]: t for s, t in types.items() if t not in GGML_TYPES}
+        if bad:
+            desc = ", ".join(f"{n} ({type_name(t) if t is not None else 'absent'})"
+                             for n, t in bad.items())
+            raise ValueError(
+                f"cannot keep {prefix} quantized: {desc}; load the file without "
+                "--quantization gguf to dequantize it"
+            )
+        self.kept.update(names.values())
+        return GGUFLinearMethod({s: int(t) for s, t in types.items()})  # type: ignore[arg-type]
+
+
+class GGUFLinearMethod(LinearMethod):
+    def __init__(self, shard_types: dict[str | None, int]) -> None:
+        self.shard_types = shard_types
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:
+        # Raw blocks differ in width per type, so shards are kept apart until loading ends;
+        # the placeholder parameter exists for the loading table and the missing-weight check.
+        layer.gguf_raw = {}
+        p = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        p.weight_loader = lambda param, loaded, shard_id=None: self._load(layer, loaded, shard_id)
+        layer.register_parameter("weight", p)
+
+    def _load(self, layer: nn.Module, raw: torch.Tensor, shard_id: str | None) -> None:
+        if shard_id not in self.shard_types:
+            raise ValueError(f"GGUF: unexpected shard {shard_id!r} for {type(layer).__name__}")
+        sl = shard_slice(layer, shard_id)
+        rows = sl[1] if sl else int(layer.output_size)
+        t = self.shard_types[shard_id]
+        want = (rows, row_bytes(t, int(layer.input_size)))
+        if raw.dtype != torch.uint8 or tuple(raw.shape) != want:
+            raise ValueError(
+                f"GGUF {type_name(t)} tensor has {raw.dtype} {tuple(raw.shape)}, expected raw "
+                f"uint8 blocks {want} (corrupt file or name mapping bug)"
+            )
+        layer.gguf_raw[shard_id] = raw
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        k = int(layer.input_size)
+        parts = [unpack_ggml(layer.gguf_raw[s], t, k) for s, t in self.shard_types.items()]
+        gq = concat_group_quants(parts)
+        layer.qkernel = make_kernel(gq, layer.quant_device)
+        del layer._parameters["weight"]
+        del layer.gguf_raw
+        layer.gguf_types = tuple(type_name(t) for t in self.shard_types.values())
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = layer.qkernel(x)
+        return y + bias if bias is not None else y
+
+
+def concat_group_quants(parts: list[GroupQuant]) -> GroupQuant:
+    """Stack GroupQuants along the output dim, splitting groups to the finest group size."""
+    if len(parts) == 1:
+        return parts[0]
+    g = min(p.group_size for p in parts)
+    scales, zeros = [], []
+    for p in parts:
+        if p.group_size % g:
+            raise ValueError(f"cannot fuse group sizes {p.group_size} and {g}")
+        r = p.group_size // g
+        scales.append(p.scales.repeat_interleave(r, dim=1))
+        zeros.append(p.zeros.repeat_interleave(r, dim=1))
+    return GroupQuant(torch.cat([p.codes for p in parts]), torch.cat(scales), torch.cat(zeros),
+                      g, max(p.bits for p in parts))
+
+
+def gguf_quant_config(reader: Any, stacked_params: Sequence[tuple[str, str, str]]) -> GGUFQuantConfig:
+    from modelport.loader.gguf import hf_tensor_name
+
+    types = {hf_tensor_name(t.name): int(t.tensor_type) for t in reader.tensors}
+    return GGUFQuantConfig(types, tuple(stacked_params))
+
+
+def iter_gguf_kept(
+    reader: Any, hf_config: dict[str, Any], quantized: set[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Like loader.gguf.iter_gguf_weights, but tensors named in ``quantized`` stay raw bytes."""
+    from modelport.loader.gguf import (
+        _BLOCK_RE,
+        GGUF_ARCHITECTURES,
+        hf_tensor_name,
+        iter_gguf_weights,
+        unpermute_qk,
+    )
+
+    permuted = GGUF_ARCHITECTURES[hf_config["model_type"]][1]
+    heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
+
+    class _Subset:  # the float path for everything we do not keep quantized
+        tensors = [t for t in reader.tensors if hf_tensor_name(t.name) not in quantized]
+
+    yield from iter_gguf_weights(_Subset, hf_config)
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name not in quantized:
+            continue
+        raw = np.asarray(t.data)
+        if raw.dtype != np.uint8 or raw.ndim != 2:
+            raise ValueError(f"GGUF tensor {t.name!r}: unexpected raw layout {raw.dtype} {raw.shape}")
+        m = _BLOCK_RE.match(t.name)
+        if permuted and m and m.group(2) in heads:
+            raw = unpermute_qk(raw, heads[m.group(2)])  # rows move whole, blocks stay intact
+        yield name, torch.from_numpy(np.array(raw, copy=True))

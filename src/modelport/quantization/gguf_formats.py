@@ -1,0 +1,150 @@
+"""GGML block formats -> GroupQuant (codes, per-group scale and zero), written from ggml's layout.
+
+Each function takes the raw bytes of a weight, uint8 [rows, bytes_per_row], and returns
+unsigned codes plus an affine map per group of inputs, so the same kernels serve all of
+them. The tests check every format against ``gguf.quants.dequantize`` (an independent
+reference implementation).
+
+Layouts (little-endian; "d", "m", "dmin" are float16):
+  Q4_0  32 w / 18 B: d, 16 B nibbles (low nibble = w[j], high = w[j+16]); w = (q - 8) d
+  Q4_1  32 w / 20 B: d, m, 16 B nibbles;                                   w = q d + m
+  Q5_0  32 w / 22 B: d, 4 B high bits (bit j -> w[j]), 16 B nibbles;       w = (q - 16) d
+  Q5_1  32 w / 24 B: d, m, 4 B high bits, 16 B nibbles;                    w = q d + m
+  Q8_0  32 w / 34 B: d, 32 int8;                                          w = q d
+  Q4_K 256 w / 144 B: d, dmin, 12 B of 6-bit (scale, min) x 8, 128 B nibbles (per 64 w:
+       low nibbles = first 32, high = next 32);                            w = d sc q - dmin m
+  Q5_K 256 w / 176 B: as Q4_K plus 32 B high bits (bit 2c / 2c+1 for chunk c)
+  Q6_K 256 w / 210 B: 128 B low nibbles, 64 B 2-bit highs, 16 int8 scales, d;
+       w = d sc (q - 32), 16 weights per scale
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modelport.quantization.kernels import GroupQuant
+
+# ggml type id -> (name, weights per block, bytes per block)
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+}
+FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
+
+
+def type_name(type_id: int) -> str:
+    if type_id in GGML_TYPES:
+        return GGML_TYPES[type_id][0]
+    return FLOAT_TYPES.get(type_id, f"ggml type {type_id}")
+
+
+def row_bytes(type_id: int, k: int) -> int:
+    """Bytes one row of k weights takes (ValueError if k does not fill whole blocks)."""
+    name, per_block, nbytes = _spec(type_id)
+    if k % per_block:
+        raise ValueError(f"{name}: row length {k} is not a multiple of the block size {per_block}")
+    return k // per_block * nbytes
+
+
+def _spec(type_id: int) -> tuple[str, int, int]:
+    try:
+        return GGML_TYPES[type_id]
+    except KeyError:
+        supported = ", ".join(v[0] for v in GGML_TYPES.values())
+        raise ValueError(
+            f"GGUF {type_name(type_id)} weights cannot be kept quantized (supported: "
+            f"{supported}); load the file without --quantization gguf to dequantize it"
+        ) from None
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[..., 2] uint8 -> [...] float32."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 16] bytes -> [..., 32] codes: low nibbles first, then high nibbles."""
+    return torch.cat([qs & 0xF, qs >> 4], dim=-1)
+
+
+def _bits(qh: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., n/8] bytes -> [..., n] bits, bit j of the little-endian word = element j."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(*qh.shape[:-1], n)
+
+
+def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., 12] packed 6-bit scales/mins of a K-quant super-block -> two [..., 8]."""
+    s = s.to(torch.int32)
+    lo_sc = s[..., 0:4] & 63
+    lo_m = s[..., 4:8] & 63
+    hi_sc = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return torch.cat([lo_sc, hi_sc], -1).float(), torch.cat([lo_m, hi_m], -1).float()
+
+
+def unpack(raw: torch.Tensor, type_id: int, k: int) -> GroupQuant:
+    """Raw GGML bytes [N, row_bytes] of an [N, k] weight -> GroupQuant."""
+    name, per_block, nbytes = _spec(type_id)
+    n = raw.shape[0]
+    if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != row_bytes(type_id, k):
+        raise ValueError(
+            f"{name} weight of {k} columns needs uint8 rows of {row_bytes(type_id, k)} bytes, "
+            f"got {raw.dtype} {tuple(raw.shape)} (truncated or mismatched tensor?)"
+        )
+    b = raw.reshape(n, k // per_block, nbytes)
+    if name == "Q4_0":
+        d = _f16(b[..., 0:2])
+        codes, scale, zero = _nibbles(b[..., 2:18]), d, -8 * d
+        bits, group = 4, 32
+    elif name == "Q4_1":
+        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        codes, scale, zero, bits, group = _nibbles(b[..., 4:20]), d, m, 4, 32
+    elif name in ("Q5_0", "Q5_1"):
+        off = 2 if name == "Q5_0" else 4
+        d = _f16(b[..., 0:2])
+        zero = -16 * d if name == "Q5_0" else _f16(b[..., 2:4])
+        high = _bits(b[..., off : off + 4], 32)
+        codes = _nibbles(b[..., off + 4 : off + 20]) | (high << 4)
+        scale, bits, group = d, 5, 32
+    elif name == "Q8_0":
+        d = _f16(b[..., 0:2])
+        codes = (b[..., 2:34].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        scale, zero, bits, group = d, -128 * d, 8, 32
+    elif name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, mn = _k_scale_min(b[..., 4:16])
+        qs_off = 16 if name == "Q4_K" else 48
+        qs = b[..., qs_off : qs_off + 128].reshape(n, -1, 4, 32)  # 4 chunks of 64 weights
+        codes = torch.cat([qs & 0xF, qs >> 4], dim=-1)  # [n, blocks, 4, 64]
+        if name == "Q5_K":
+            hb = _bits(b[..., 16:48], 256).reshape(n, -1, 32, 8)  # [.., l, bit]
+            hb = hb.permute(0, 1, 3, 2).reshape(n, -1, 4, 64)  # bit 2c -> first 32 of chunk c
+            codes = codes | (hb << 4)
+        codes = codes.reshape(n, -1, 256)
+        scale, zero = d * sc, -dmin * mn
+        bits, group = (4 if name == "Q4_K" else 5), 32
+    else:  # Q6_K
+        ql = b[..., 0:128].reshape(n, -1, 2, 64)
+        qh = b[..., 128:192].reshape(n, -1, 2, 32)
+        sc = b[..., 192:208].view(torch.int8).float()  # 16 per super-block
+        d = _f16(b[..., 208:210])[..., None]
+        lo = torch.cat([ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4,
+                        ql[..., 32:] >> 4], dim=-1)  # [n, blocks, 2, 128]
+        hi = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=-1)
+        codes = (lo | (hi << 4)).reshape(n, -1, 256)
+        scale = d * sc
+        zero, bits, group = -32 * scale, 6, 16
+    return GroupQuant(
+        codes=codes.reshape(n, k).to(torch.uint8),
+        scales=scale.reshape(n, -1).float(),
+        zeros=zero.reshape(n, -1).float(),
+        group_size=group,
+        bits=bits,
+    )

@@ -1,0 +1,167 @@
+"""The loader's hook: which quantization a model gets, and the three points where it acts.
+
+``resolve_quantization`` decides once, from the user's ``quantization=`` and the checkpoint
+(config.json ``quantization_config``, or a GGUF file's tensor types), and fails early with a
+message naming the alternative. The returned ``QuantPlan`` then (1) transforms the built
+model's linear layers, (2) supplies the weight stream when the format needs a special one
+(GGUF raw blocks), and (3) repacks for the kernels after loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelport.config import ModelConfig
+from modelport.quantization.base import QuantizationConfig
+
+# user-facing names (--quantization) -> what they load
+SUPPORTED_METHODS = ("awq", "gptq", "fp8", "bitsandbytes", "gguf")
+_ALIASES = {"nf4": "bitsandbytes", "bnb": "bitsandbytes", "awq_marlin": "awq",
+            "gptq_marlin": "gptq"}
+
+
+def checkpoint_method(model_config: ModelConfig) -> str | None:
+    """The method a checkpoint's config.json declares (None: not a quantized checkpoint)."""
+    qc = model_config.hf_config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    return _ALIASES.get(method, method) or None
+
+
+def _normalize(requested: str | None) -> str | None:
+    if requested is None:
+        return None
+    name = _ALIASES.get(requested.lower(), requested.lower())
+    if name not in SUPPORTED_METHODS:
+        raise ValueError(
+            f"unknown quantization {requested!r}; supported: {', '.join(SUPPORTED_METHODS)}"
+        )
+    return name
+
+
+def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
+                stacked: Any) -> QuantizationConfig:
+    qc = model_config.hf_config.get("quantization_config") or {}
+    if method == "gguf":
+        from modelport.loader.gguf import open_gguf
+        from modelport.quantization.gguf import gguf_quant_config
+
+        return gguf_quant_config(open_gguf(src.path), stacked)
+    if method == "awq":
+        from modelport.quantization.awq import AWQConfig
+
+        return AWQConfig.from_hf(qc)
+    if method == "gptq":
+        from modelport.quantization.gptq import GPTQConfig
+
+        return GPTQConfig.from_hf(qc)
+    if method == "fp8":
+        from modelport.quantization.fp8 import FP8Config
+
+        return FP8Config.online() if online else FP8Config.from_hf(qc)
+    from modelport.quantization.nf4 import NF4Config
+
+    return NF4Config.from_hf(qc)
+
+
+def resolve_quantization(
+    requested: str | None, src: Any, model_config: ModelConfig, device: torch.device | str
+) -> QuantPlan | None:
+    """The plan for this model, or None when it loads unquantized (exactly as before)."""
+    method = _normalize(requested)
+    declared = checkpoint_method(model_config)
+    if declared is not None and declared not in SUPPORTED_METHODS:
+        raise ValueError(
+            f"{src.path}: quantization_config.quant_method {declared!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_METHODS)}"
+        )
+    if method is None and declared is None:
+        return None
+    if src.kind == "gguf" and method not in (None, "gguf"):
+        raise ValueError(
+            f"{src.path.name} is a GGUF file: use --quantization gguf to keep its blocks "
+            f"quantized (or none to dequantize); {method!r} applies to HF checkpoints"
+        )
+    if method == "gguf" and src.kind != "gguf":
+        raise ValueError("--quantization gguf needs a .gguf file")
+    online = False
+    if method is not None and declared is not None and method != declared:
+        raise ValueError(
+            f"{src.path} is a {declared} checkpoint but quantization={requested!r} was "
+            f"requested; drop --quantization (it is detected) or pass {declared}"
+        )
+    if method is not None and declared is None and src.kind == "hf":
+        if method != "fp8":
+            raise ValueError(
+                f"{src.path} has no quantization_config, so it is not a {method} checkpoint; "
+                f"make one with `modelport quantize --method {method}` or use "
+                "--quantization fp8 to quantize at load time"
+            )
+        online = True
+    from modelport.models.registry import get_model_class
+
+    stacked = getattr(get_model_class(model_config.architecture), "stacked_params", ())
+    config = _config_for(method or declared, src, model_config, online, stacked)  # type: ignore[arg-type]
+    config.check_device(torch.device(device))
+    return QuantPlan(config, src, online)
+
+
+@dataclass
+class QuantPlan:
+    config: QuantizationConfig
+    src: Any
+    online: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def prepare_model(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        """Swap every linear layer's weights for the format's parameters (before loading)."""
+        from modelport.quantization.apply import quantize_linear_layers
+
+        quantize_linear_layers(model, self.config, dtype, device)
+
+    def weights(self, hf_config: dict[str, Any]) -> tuple[Iterator[tuple[str, torch.Tensor]], int] | None:
+        """A special weight stream, or None to use the loader's ordinary one."""
+        if self.name != "gguf":
+            return None
+        from modelport.loader.gguf import open_gguf
+        from modelport.quantization.gguf import iter_gguf_kept
+
+        reader = open_gguf(self.src.path)
+        return iter_gguf_kept(reader, hf_config, self.config.kept), len(reader.tensors)  # type: ignore[attr-defined]
+
+    def load(self, cls: type[nn.Module], config: ModelConfig, load_format: str, seed: int,
+             dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """Build, transform, fill and repack; a failure leaves nothing half-loaded behind."""
+        from modelport import loader
+        from modelport.quantization.apply import finish_loading
+
+        with loader._build_defaults(dtype, device):
+            model = cls(config)
+        self.prepare_model(model, dtype, device)
+        expected = {name for name, _ in model.named_parameters()}
+        if load_format == "dummy":
+            from modelport.quantization.dummy import init_dummy_quantized
+
+            init_dummy_quantized(model, seed)
+            finish_loading(model)
+            return model.eval()
+        stream = self.weights(config.hf_config) or loader._weights_for(self.src)
+        weights, total = stream
+        with torch.no_grad():
+            loaded = model.load_weights(
+                loader._progress(weights, total, f"Loading {self.src.name} ({self.name})"))
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"{self.src.path}: checkpoint is missing weights for {shown}")
+        finish_loading(model)
+        return model.eval()

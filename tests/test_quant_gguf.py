@@ -1,0 +1,145 @@
+"""GGUF kept quantized: our block unpacking vs gguf-py's reference, and whole tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from helpers.tiny_models import TINY_PROMPT as PROMPT
+from helpers.tiny_models import make_tiny_llama_dir, make_tiny_llama_gguf, run_one_sequence
+from modelport.config import LoadConfig
+from modelport.loader import load_model, load_model_config, resolve_model
+from modelport.quantization.gguf_formats import GGML_TYPES, unpack
+from modelport.quantization.kernels import CpuInt4Kernel, DequantKernel
+
+# where each format keeps its float16 scale fields (byte offsets inside a block)
+_F16_FIELDS = {"Q4_0": (0,), "Q8_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2),
+               "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _random_blocks(name: str, per_block: int, nbytes: int, n: int, k: int) -> np.ndarray:
+    """Random but valid blocks: random codes, finite positive float16 scales."""
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    raw = rng.integers(0, 256, (n, k // per_block, nbytes), dtype=np.uint8)
+    for off in _F16_FIELDS[name]:
+        f16 = rng.uniform(0.005, 0.05, (n, k // per_block)).astype(np.float16)
+        raw[..., off : off + 2] = f16.view(np.uint8).reshape(n, k // per_block, 2)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("type_id", sorted(GGML_TYPES), ids=[v[0] for _, v in sorted(GGML_TYPES.items())])
+def test_unpack_matches_gguf_reference_dequantize(type_id: int) -> None:
+    name, per_block, nbytes = GGML_TYPES[type_id]
+    n, k = 16, 512
+    raw = _random_blocks(name, per_block, nbytes, n, k)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(type_id)).astype(np.float32)
+    gq = unpack(torch.from_numpy(raw), type_id, k)
+    torch.testing.assert_close(gq.dequantize(), torch.from_numpy(ref), atol=0, rtol=0)
+    # and the kernel that will run it agrees with the reference on activations
+    x = torch.randn(5, k)
+    kern = CpuInt4Kernel(gq) if gq.bits <= 4 else DequantKernel(gq)
+    y_ref = x @ torch.from_numpy(ref).t()
+    tol = 2e-2 * y_ref.abs().max().item() if gq.bits <= 4 else 1e-4 * y_ref.abs().max().item()
+    torch.testing.assert_close(kern(x), y_ref, atol=tol, rtol=0)
+
+
+def test_truncated_row_is_a_clear_error() -> None:
+    raw = torch.zeros(4, 20 * 2 - 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="truncated or mismatched"):
+        unpack(raw, 3, 64)
+    with pytest.raises(ValueError, match="cannot be kept quantized"):
+        unpack(torch.zeros(4, 84, dtype=torch.uint8), 10, 256)  # Q2_K
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("qg") / "hf", seed=5)
+
+
+def _load(path: Path, quantization: str | None) -> torch.nn.Module:
+    src = resolve_model(str(path))
+    return load_model(src, load_model_config(src), LoadConfig(quantization=quantization),
+                      torch.float32, torch.device("cpu"))
+
+
+def _linear_kernels(model: torch.nn.Module) -> list[type]:
+    return [type(m.qkernel) for m in model.modules() if hasattr(m, "qkernel")]
+
+
+@pytest.mark.parametrize("qtype,kernel", [("Q4_1", CpuInt4Kernel), ("Q4_0", CpuInt4Kernel),
+                                          ("Q8_0", DequantKernel), ("Q5_1", DequantKernel)])
+def test_kept_quantized_matches_dequantized_path(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, kernel: type
+) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    ref = run_one_sequence(_load(path, None), PROMPT)
+    model = _load(path, "gguf")
+    kinds = _linear_kernels(model)
+    assert len(kinds) == 2 * 4 and set(kinds) == {kernel}  # qkv, o, gate_up, down per layer
+    for m in model.modules():
+        if hasattr(m, "quant_method"):
+            assert "weight" not in m._parameters  # no float copy of the weight was kept
+    got = run_one_sequence(model, PROMPT)
+    if kernel is DequantKernel:
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    else:  # bf16 activations in torch's int4 kernel
+        assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_mixed_types_in_one_fused_layer(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Q4_K_M-style file: attn_v in 8-bit while q/k are 4-bit, fused into one qkv matmul."""
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def add_mixed(self, name, tensor, *args, raw_dtype=None, **kw):  # type: ignore[no-untyped-def]
+        if name.endswith("attn_v.weight") and raw_dtype is not None:
+            dense = gguf.quants.dequantize(tensor, raw_dtype)
+            raw_dtype = gguf.GGMLQuantizationType.Q8_0
+            tensor = gguf.quants.quantize(dense, raw_dtype)
+        return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_mixed)
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed.gguf", "Q4_1")
+    reader = gguf.GGUFReader(str(path))
+    assert {t.tensor_type.name for t in reader.tensors if "attn_v" in t.name} == {"Q8_0"}
+    ref = run_one_sequence(_load(path, None), PROMPT)
+    model = _load(path, "gguf")
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.gguf_types == ("Q4_1", "Q4_1", "Q8_0")
+    assert isinstance(qkv.qkernel, DequantKernel)  # 8-bit codes: no int4 kernel for this one
+    got = run_one_sequence(model, PROMPT)
+    assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()  # o/mlp run int4
+    # the fused layer itself is exact against the dequantized model's q/k/v projection
+    dense = _load(path, None).model.layers[0].self_attn.qkv_proj
+    x = torch.randn(3, dense.input_size)
+    torch.testing.assert_close(qkv(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_float_gguf_with_gguf_quantization_is_a_clear_error(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-f32.gguf", "F32")
+    with pytest.raises(ValueError, match="no linear layer of the model could be quantized"):
+        _load(path, "gguf")
+    with pytest.raises(ValueError, match="GGUF file: use --quantization gguf"):
+        _load(path, "awq")
+
+
+def test_truncated_gguf_file_is_a_clear_error(tiny_hf: Path, tmp_path: Path) -> None:
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-q4.gguf", "Q4_1")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 3000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        src = resolve_model(str(cut))
+        load_model(src, load_model_config(src), LoadConfig(quantization="gguf"), torch.float32,
+                   torch.device("cpu"))
