@@ -1,0 +1,123 @@
+"""Resolve `--model`: a built-in preset, an HF config.json / model folder, or a .gguf file.
+
+The result carries the normalised ModelConfig (the engine's own type) plus whatever a real
+checkpoint tells us beyond the architecture: measured weight bytes and its quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelport.config import ModelConfig
+from modelport.planner.errors import PlanError
+from modelport.planner.gguf_source import read_gguf
+from modelport.planner.presets import find_model_preset, model_preset_names
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # preset name or path as given
+    kind: str  # "preset" | "hf" | "gguf"
+    config: ModelConfig
+    path: Path | None = None
+    quantization: str | None = None  # what the checkpoint already is (awq, gptq, fp8, gguf-..)
+    weight_bytes: int | None = None  # measured from the files, when there are files
+    storage: dict[str, int] | None = None  # measured storage label -> tensor count
+    file_bytes: int | None = None  # size on disk of the weight file(s)
+
+
+def _config(d: dict[str, Any], where: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf_dict(d)
+    except (ValueError, TypeError) as e:
+        raise PlanError("--model", f"{where}: {e}") from None
+
+
+def _hf_quantization(d: dict[str, Any]) -> str | None:
+    qc = d.get("quantization_config") or {}
+    method = str(qc.get("quant_method", "")).lower()
+    if method in ("awq", "gptq", "fp8"):
+        return method
+    if method == "compressed-tensors":
+        return "fp8" if "float" in json.dumps(qc).lower() else None
+    return None
+
+
+def _safetensors_bytes(folder: Path) -> tuple[int, dict[str, int], int] | None:
+    """(tensor bytes, dtype -> count, file bytes) from the safetensors headers only."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    data = disk = 0
+    storage: dict[str, int] = {}
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            data += end - start
+            storage[meta["dtype"]] = storage.get(meta["dtype"], 0) + 1
+        disk += f.stat().st_size
+    return data, storage, disk
+
+
+def _from_hf(path: Path) -> ModelSource:
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.is_file():
+        raise PlanError("--model", f"{path}: no config.json in this folder")
+    try:
+        d = json.loads(cfg_path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError("--model", f"{cfg_path}: not a readable config.json ({e})") from None
+    if not isinstance(d, dict):
+        raise PlanError("--model", f"{cfg_path}: config.json must be a JSON object")
+    measured = _safetensors_bytes(cfg_path.parent)
+    return ModelSource(
+        name=str(path),
+        kind="hf",
+        config=_config(d, str(cfg_path)),
+        path=cfg_path.parent,
+        quantization=_hf_quantization(d),
+        weight_bytes=measured[0] if measured else None,
+        storage=measured[1] if measured else None,
+        file_bytes=measured[2] if measured else None,
+    )
+
+
+def _from_gguf(path: Path) -> ModelSource:
+    info = read_gguf(path)
+    return ModelSource(
+        name=str(path),
+        kind="gguf",
+        config=_config(info.hf_config, str(path)),
+        path=path,
+        quantization=f"gguf-{info.file_type}" if info.file_type else None,
+        weight_bytes=info.tensor_bytes,
+        storage=info.storage,
+        file_bytes=info.file_bytes,
+    )
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Preset names win over paths; anything else must be an existing file or folder."""
+    preset = find_model_preset(spec)
+    if preset is not None:
+        name, d = preset
+        return ModelSource(name=name, kind="preset", config=_config(d, f"preset {name}"))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise PlanError(
+            "--model",
+            f"{spec!r} is neither a preset ({', '.join(model_preset_names())}) "
+            "nor an existing config.json, model folder or .gguf file",
+        )
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _from_gguf(path)
+    return _from_hf(path)

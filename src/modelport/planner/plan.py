@@ -1,0 +1,259 @@
+"""The planner's core: one validated request in, one Plan (pure arithmetic) out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modelport.config import dtype_bytes
+from modelport.planner.errors import PlanError
+from modelport.planner.hardware import Device
+from modelport.planner.memory import KVCapacity, MemoryBudget, kv_capacity, memory_budget
+from modelport.planner.model_source import ModelSource
+from modelport.planner.parallel import resolve_parallelism, valid_tp_degrees
+from modelport.planner.roofline import Roofline, roofline
+from modelport.planner.weights import (
+    QUANTIZATIONS,
+    WeightFormat,
+    WeightReport,
+    estimate_weights,
+    measured_weights,
+)
+
+_CANON = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", *_CANON)
+DTYPES = ("auto", *_CANON)
+
+# This build's loader dequantizes GGUF tensors to the compute dtype when it loads them, so a
+# GGUF model occupies its dense size in memory (its file stays small). Flip when GGUF kernels land.
+ENGINE_KEEPS_GGUF_QUANTIZED = False
+
+
+def resolve_dtype(dtype: str, device: Device, checkpoint_dtype: str) -> str:
+    """Mirror of modelport.loader.resolve_dtype (torch-free): "auto" is float32 on CPU; on CUDA
+    the checkpoint's dtype with float32 -> bfloat16."""
+    if dtype != "auto":
+        return _CANON[dtype]
+    if device.is_cpu:
+        return "float32"
+    ckpt = _CANON.get(checkpoint_dtype.lower().removeprefix("torch."), "float32")
+    return "bfloat16" if ckpt == "float32" else ckpt
+
+
+def engine_max_num_batched_tokens(device: Device) -> int:
+    """Mirror of EngineArgs' default: 2048 tokens per step on CUDA, 512 on CPU."""
+    return 512 if device.is_cpu else 2048
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything `modelport plan` was asked; validated so each error names its flag."""
+
+    model: ModelSource
+    device: Device
+    num_gpus: int = 1
+    tensor_parallel_size: int | None = None  # None: all GPUs in one replica
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
+    group_size: int = 128
+    gpu_memory_utilization: float = 0.90
+    kv_cache_memory: int | None = None  # CPU KV budget in bytes
+    block_size: int = 16
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        for flag, v in (
+            ("--max-model-len", self.max_model_len),
+            ("--max-num-seqs", self.max_num_seqs),
+            ("--kv-cache-memory", self.kv_cache_memory),
+            ("--max-num-batched-tokens", self.max_num_batched_tokens),
+            ("--group-size", self.group_size),
+        ):
+            if v is not None and v <= 0:
+                raise PlanError(flag, f"must be > 0, got {v}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise PlanError(
+                "--block-size", f"must be a positive power of two, got {self.block_size}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise PlanError(
+                "--gpu-memory-utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.dtype not in DTYPES:
+            raise PlanError("--dtype", f"unknown dtype {self.dtype!r} (one of {', '.join(DTYPES)})")
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise PlanError(
+                "--kv-cache-dtype",
+                f"unknown KV cache dtype {self.kv_cache_dtype!r} (one of {', '.join(KV_DTYPES)})",
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise PlanError(
+                "--quantization",
+                f"unknown method {self.quantization!r} (one of {', '.join(QUANTIZATIONS)})",
+            )
+        own = self.model.quantization
+        if own and self.quantization and self.quantization != own:
+            raise PlanError(
+                "--quantization",
+                f"{self.model.name} is already {own}; it cannot be planned as {self.quantization}",
+            )
+        limit = self.model.config.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise PlanError(
+                "--max-model-len",
+                f"{self.max_model_len} is larger than the model's "
+                f"max_position_embeddings ({limit})",
+            )
+        resolve_parallelism(self.model.config, self.num_gpus, self.tensor_parallel_size)
+
+    @property
+    def effective_quantization(self) -> str | None:
+        return self.quantization or self.model.quantization
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: PlanRequest
+    dtype: str  # resolved compute dtype
+    tp: int
+    replicas: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    weights: WeightReport  # as stored (file / checkpoint format)
+    resident_per_gpu: int  # what one rank holds in memory
+    budget: MemoryBudget
+    kv: KVCapacity
+    roofline: Roofline | None
+    valid_tp: list[int]
+    weights_fit: bool
+    engine_starts: bool  # weights fit and one max_model_len sequence fits in the KV cache
+    fits: bool  # and max_num_seqs full-length sequences fit at once
+    reason: str  # one sentence behind the verdict
+
+
+def _kv_dtype(req: PlanRequest, act: str) -> tuple[str, int]:
+    kd = req.kv_cache_dtype
+    if kd == "auto":
+        return act, dtype_bytes(act)
+    if kd.startswith("fp8"):
+        return "fp8" if kd == "fp8" else kd, 1
+    return _CANON[kd], dtype_bytes(_CANON[kd])
+
+
+def make_plan(req: PlanRequest) -> Plan:
+    model, device = req.model.config, req.device
+    tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size)
+    act = resolve_dtype(req.dtype, device, model.torch_dtype)
+    quant = req.effective_quantization
+    fmt = WeightFormat(dtype=act, quantization=quant, group_size=req.group_size)
+    weights = estimate_weights(model, fmt, tp)
+    if req.model.weight_bytes is not None and quant is not None:
+        weights = measured_weights(
+            weights,
+            req.model.weight_bytes,
+            req.model.storage or {},
+            f"measured from {req.model.path}",
+        )
+    resident = weights.per_gpu_bytes
+    if fmt.gguf_file_type and not ENGINE_KEEPS_GGUF_QUANTIZED:
+        resident = estimate_weights(model, WeightFormat(dtype=act), tp).per_gpu_bytes
+    max_len = req.max_model_len or model.max_position_embeddings
+    batched = req.max_num_batched_tokens or engine_max_num_batched_tokens(device)
+    budget = memory_budget(
+        device,
+        model,
+        resident,
+        act_bytes=dtype_bytes(act),
+        tp=tp,
+        gpu_memory_utilization=req.gpu_memory_utilization,
+        max_num_batched_tokens=batched,
+        max_num_seqs=req.max_num_seqs,
+        kv_cache_memory=req.kv_cache_memory,
+        enforce_eager=req.enforce_eager,
+    )
+    kv_name, kv_bytes = _kv_dtype(req, act)
+    kv = kv_capacity(
+        model,
+        budget.kv_bytes,
+        kv_dtype=kv_name,
+        kv_dtype_bytes=kv_bytes,
+        tp=tp,
+        block_size=req.block_size,
+        max_model_len=max_len,
+        max_num_seqs=req.max_num_seqs,
+    )
+    weights_fit = budget.ram_left_bytes >= 0 if budget.kv_from_flag else budget.kv_bytes > 0
+    starts = weights_fit and kv.holds_one_sequence
+    fits = starts and kv.full_length_seqs >= req.max_num_seqs
+    gib = 2**30
+    if not weights_fit:
+        if budget.kv_from_flag:
+            reason = (
+                f"weights {resident / gib:.2f} GiB + KV cache {budget.kv_bytes / gib:.2f} GiB "
+                f"+ activations exceed the {device.memory_bytes / gib:.1f} GiB of RAM"
+            )
+        else:
+            reason = (
+                f"weights need {resident / gib:.2f} GiB per GPU, more than the "
+                f"{budget.usable_bytes / gib:.2f} GiB that gpu_memory_utilization "
+                f"{req.gpu_memory_utilization} leaves after activations"
+            )
+    elif not starts:
+        reason = (
+            f"the KV cache holds {kv.tokens} tokens, fewer than one max_model_len "
+            f"sequence ({max_len}); the engine would refuse to start"
+        )
+    elif not fits:
+        reason = (
+            f"KV for {req.max_num_seqs} x {max_len} tokens needs "
+            f"{kv.demand_bytes_per_gpu / gib:.1f} GiB per GPU but "
+            f"{max(budget.kv_bytes, 0) / gib:.1f} GiB is available: only "
+            f"{kv.full_length_seqs} full-length sequences fit at once"
+        )
+    else:
+        reason = (
+            f"{kv.full_length_seqs} full-length sequences fit in the KV cache "
+            f"(>= max_num_seqs {req.max_num_seqs})"
+        )
+    batch = min(req.max_num_seqs, kv.full_length_seqs) if starts else 0
+    rl = roofline(
+        model,
+        weights_per_gpu=resident,
+        kv_bytes_per_token_per_gpu=kv.bytes_per_token_per_gpu,
+        bandwidth_bytes_s=device.bandwidth_bytes_s,
+        flops=device.flops,
+        tp=tp,
+        replicas=replicas,
+        batch=batch,
+        max_model_len=max_len,
+    )
+    return Plan(
+        req,
+        act,
+        tp,
+        replicas,
+        max_len,
+        batched,
+        weights,
+        resident,
+        budget,
+        kv,
+        rl,
+        valid_tp_degrees(model),
+        weights_fit,
+        starts,
+        fits,
+        reason,
+    )

@@ -1,0 +1,158 @@
+"""`modelport plan` end to end: table, --json, advice, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from modelport.entrypoints.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _json(capsys, *argv: str) -> dict:
+    rc, out, err = _run(capsys, *argv, "--json")
+    assert rc == 0, err
+    assert len(out.strip().splitlines()) == 1  # one object, one line
+    return json.loads(out)
+
+
+SEED = ("--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--max-model-len", "8192",
+        "--max-num-seqs", "256", "--dtype", "bf16")  # fmt: skip
+
+
+def test_seed_case_table_says_it_does_not_fit(capsys):
+    rc, out, _ = _run(capsys, *SEED)
+    assert rc == 0
+    assert "128.0 KiB" in out
+    assert "256 x 8192 tokens = 256.00 GiB" in out
+    assert "DOES NOT FIT" in out
+    assert "--kv-cache-dtype fp8" in out  # among the recommendations
+
+
+def test_json_has_the_figures_and_a_serve_command_that_really_fits(capsys):
+    d = _json(capsys, *SEED)
+    assert d["kv_cache"]["bytes_per_token"] == 131072
+    assert d["kv_cache"]["demand_bytes"] == 256 * 2**30
+    assert d["verdict"]["fits"] is False
+    assert d["parallelism"]["valid_tensor_parallel_sizes"] == [1, 2, 4, 8]
+    cmd = shlex.split(d["serve_command"])
+    assert cmd[:2] == ["modelport", "serve"]
+    # re-plan exactly the recommended settings: they must fit
+    flags = dict(zip(cmd[2::2], cmd[3::2], strict=True))
+    again = _json(
+        capsys,
+        "--model", "llama-3.1-8b", "--gpu", "h100-80gb",
+        "--dtype", flags["--dtype"],
+        "--max-model-len", flags["--max-model-len"],
+        "--max-num-seqs", flags["--max-num-seqs"],
+        "--kv-cache-dtype", flags.get("--kv-cache-dtype", "auto"),
+    )  # fmt: skip
+    assert again["verdict"]["fits"] is True
+    assert int(flags["--max-num-seqs"]) == again["kv_cache"]["full_length_sequences"]
+
+
+def test_tp_3_is_refused_for_llama_8b(capsys):
+    rc, out, err = _run(capsys, "--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--num-gpus", "3")
+    assert rc == 2 and out == ""
+    assert err.startswith("modelport plan: error: --num-gpus: tensor parallel degree 3")
+    assert "32 attention heads" in err and "8 KV heads" in err and "1, 2, 4, 8" in err
+
+
+def test_warnings_high_utilization_and_tp_over_pcie(capsys):
+    d = _json(capsys, "--model", "qwen2.5-7b", "--gpu", "l4", "--num-gpus", "2",
+              "--max-model-len", "4096", "--max-num-seqs", "4",
+              "--gpu-memory-utilization", "0.97")  # fmt: skip
+    text = " ".join(d["warnings"])
+    assert "0.97" in text and "OOM" in text
+    assert "PCIe" in text
+
+
+def test_data_parallel_advice_when_one_gpu_holds_the_model(capsys):
+    d = _json(capsys, "--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--num-gpus", "8",
+              "--max-model-len", "8192", "--max-num-seqs", "64")  # fmt: skip
+    assert d["verdict"]["fits"] is True
+    assert any("8 data-parallel replicas of TP=1" in r for r in d["recommendations"])
+
+
+def test_custom_gpu_from_explicit_figures(capsys):
+    d = _json(capsys, "--model", "mistral-7b", "--gpu-memory-gib", "48",
+              "--gpu-bandwidth-tbps", "0.864", "--gpu-tflops", "181",
+              "--max-model-len", "8192", "--max-num-seqs", "8")  # fmt: skip
+    assert d["device"]["memory_bytes"] == 48 * 2**30
+    assert d["roofline"]["itl_ms_min"] == pytest.approx(
+        d["weights"]["resident_per_gpu_bytes"] / 0.864e12 * 1e3, rel=1e-3
+    )
+
+
+def test_hf_config_folder(capsys, tmp_path):
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+           "num_key_value_heads": 2, "max_position_embeddings": 1024,
+           "torch_dtype": "float32"}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    d = _json(capsys, "--model", str(tmp_path), "--gpu", "a10g", "--max-num-seqs", "4")
+    assert d["settings"]["dtype"] == "bfloat16"  # fp32 checkpoints run bf16 on CUDA
+    assert d["kv_cache"]["bytes_per_token"] == 2 * 4 * 2 * 32 * 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "needle"),
+    [
+        (("--model", "llama-9b", "--gpu", "h100"), "--model", "neither a preset"),
+        (("--model", "llama-3.1-8b", "--gpu", "tpu-v5"), "--gpu", "unknown GPU preset"),
+        (("--model", "llama-3.1-8b"), "--gpu", "--gpu-memory-gib"),
+        (("--model", "llama-3.1-8b", "--gpu", "h100", "--max-num-seqs", "-1"),
+         "--max-num-seqs", "must be > 0"),
+        (("--model", "llama-3.1-8b", "--gpu", "cpu", "--memory", "-8"), "--memory", "> 0"),
+        (("--model", "llama-3.1-8b", "--gpu", "cpu"), "--memory", "host RAM"),
+        (("--model", "llama-3.1-8b", "--gpu", "cpu", "--memory", "8", "--kv-cache-memory", "-5"),
+         "--kv-cache-memory", "must be > 0"),
+        (("--model", "llama-3.1-8b", "--gpu", "h100", "--gpu-memory-gib", "0"),
+         "--gpu-memory-gib", "> 0"),
+        (("--model", "llama-3.1-8b", "--gpu", "h100", "-q", "gguf-q9"), "--quantization", "unknown"),
+        (("--model", "llama-3.1-8b", "--gpu", "h100", "--interconnect", "wifi"),
+         "--interconnect", "nvlink"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_naming_the_flag(capsys, argv, flag, needle):
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"modelport plan: error: {flag}: ")
+    assert needle in err
+
+
+def test_config_missing_fields_names_model_and_the_field(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": 10,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+            }
+        )  # fmt: skip
+    )
+    rc, _, err = _run(capsys, "--model", str(tmp_path), "--gpu", "h100")
+    assert rc == 2
+    assert err.startswith("modelport plan: error: --model: ") and "hidden_size" in err
+
+
+def test_real_process_exit_code_2_and_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelport.entrypoints.cli", "plan", "--model", "nope",
+         "--gpu", "h100"],  # fmt: skip
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("modelport plan: error: --model:")
