@@ -1,0 +1,122 @@
+"""Run the KServe frontend in a background thread (tests, benchmarks, notebooks).
+
+Why: a test wants a real server on real sockets, started once per module, whose ports it
+knows without racing for free ones (HTTP, gRPC and metrics all bind port 0 here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from modelport.entrypoints.kserve import frontend
+
+
+class EmbeddedServer:
+    def __init__(
+        self,
+        repositories: Sequence[str | Path],
+        control_mode: str = "none",
+        load_models: Sequence[str] = (),
+        poll_secs: float = 15.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.args = argparse.Namespace(
+            host=host,
+            port=0,
+            grpc_port=0,
+            metrics_port=0,
+            model_repository=[str(r) for r in repositories],
+            model_control_mode=control_mode,
+            load_model=list(load_models),
+            repository_poll_secs=poll_secs,
+        )
+        self.host = host
+        self.http_port = 0
+        self.service: frontend.Service | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._uvicorn = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        assert self.service is not None and self.service.grpc is not None
+        return f"{self.host}:{self.service.grpc.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.service is not None and self.service.metrics is not None
+        return f"http://{self.host}:{self.service.metrics.port}/metrics"
+
+    @property
+    def manager(self):
+        assert self.service is not None
+        return self.service.manager
+
+    def start(self, timeout: float = 180.0) -> EmbeddedServer:
+        self._thread = threading.Thread(target=self._run, name="kserve-embedded", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("the embedded server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:  # surfaced to start()
+            self._error = e
+            self._started.set()
+
+    async def _main(self) -> None:
+        import uvicorn
+        from fastapi import FastAPI
+
+        self.loop = asyncio.get_running_loop()
+        app = FastAPI()
+        self.service = await frontend.build(self.args, app)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, 0))
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        server = uvicorn.Server(config)
+        self._uvicorn = server
+        try:
+            await self.service.start()
+            serve = asyncio.ensure_future(server.serve(sockets=[sock]))
+            while not server.started and not serve.done():
+                await asyncio.sleep(0.01)
+            self._started.set()
+            await serve
+        finally:
+            await self.service.stop()
+            sock.close()
+
+    def call(self, coro, timeout: float = 60.0):
+        """Run a coroutine on the server's loop (e.g. manager.poll_once()) and wait."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

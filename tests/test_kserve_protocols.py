@@ -1,0 +1,354 @@
+"""End to end over tritonclient.http and tritonclient.grpc against one real server.
+
+The repository is tests/fixtures/repositories/main copied to a tmp dir, with the TorchScript
+and ONNX models built here. One server for the whole module keeps the suite fast.
+"""
+
+from __future__ import annotations
+
+import shutil
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from modelport.entrypoints.kserve.embedded import EmbeddedServer
+from modelport.repository import testing
+
+FIXTURES = Path(__file__).parent / "fixtures" / "repositories"
+PROTOCOLS = ["http", "grpc"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo") / "models"
+    shutil.copytree(FIXTURES / "main", repo)
+    testing.build_seed_model(repo / "llama_model" / "1" / "model.pt")
+    testing.build_onnx_add(repo / "onnx_add" / "1" / "model.onnx")
+    testing.build_torch_linear(repo / "torch_linear" / "1" / "model.pt", version=1)
+    testing.build_torch_linear(repo / "torch_linear" / "2" / "model.pt", version=2)
+    srv = EmbeddedServer([repo, FIXTURES / "invalid"]).start()
+    yield srv
+    srv.stop()
+
+
+def client(server, protocol):
+    if protocol == "http":
+        return httpclient.InferenceServerClient(server.http_url, concurrency=8)
+    return grpcclient.InferenceServerClient(server.grpc_url)
+
+
+def mod(protocol):
+    return httpclient if protocol == "http" else grpcclient
+
+
+def make_input(protocol, name, array, datatype, binary=True):
+    m = mod(protocol)
+    t = m.InferInput(name, list(array.shape), datatype)
+    if protocol == "http":
+        t.set_data_from_numpy(array, binary_data=binary)
+    else:
+        t.set_data_from_numpy(array)
+    return t
+
+
+def as_bytes(arr):
+    """tritonclient returns JSON BYTES outputs as str, binary ones as bytes."""
+    return [x.encode() if isinstance(x, str) else x for x in arr.reshape(-1)]
+
+
+def make_output(protocol, name, binary=True):
+    if protocol == "http":
+        return httpclient.InferRequestedOutput(name, binary_data=binary)
+    return grpcclient.InferRequestedOutput(name)
+
+
+VARIANTS = [("http", False), ("http", True), ("grpc", True)]
+
+
+@pytest.mark.parametrize("protocol,binary", VARIANTS)
+def test_add_sub_python_model(server, protocol, binary):
+    c = client(server, protocol)
+    a = np.arange(4, dtype=np.float32)
+    b = np.full(4, 0.5, dtype=np.float32)
+    r = c.infer(
+        "add_sub",
+        [
+            make_input(protocol, "INPUT0", a, "FP32", binary),
+            make_input(protocol, "INPUT1", b, "FP32", binary),
+        ],
+        outputs=[
+            make_output(protocol, "OUTPUT0", binary),
+            make_output(protocol, "OUTPUT1", binary),
+        ],
+    )
+    np.testing.assert_allclose(r.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b)
+
+
+@pytest.mark.parametrize("protocol,binary", VARIANTS)
+def test_torchscript_model_both_versions(server, protocol, binary):
+    c = client(server, protocol)
+    x = np.array([[1, 2, 3], [-1, 0, 4]], dtype=np.float32)
+    for version in ("1", "2"):
+        r = c.infer(
+            "torch_linear",
+            [make_input(protocol, "INPUT__0", x, "FP32", binary)],
+            model_version=version,
+            outputs=[make_output(protocol, "OUTPUT__0", binary)],
+        )
+        np.testing.assert_allclose(
+            r.as_numpy("OUTPUT__0"), testing.linear_reference(x, int(version)), rtol=1e-5
+        )
+    # no version: the newest of the policy's versions (2)
+    r = c.infer("torch_linear", [make_input(protocol, "INPUT__0", x, "FP32", binary)])
+    np.testing.assert_allclose(r.as_numpy("OUTPUT__0"), testing.linear_reference(x, 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("protocol,binary", VARIANTS)
+def test_onnx_model(server, protocol, binary):
+    c = client(server, protocol)
+    a = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    b = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    r = c.infer(
+        "onnx_add",
+        [
+            make_input(protocol, "A", a, "FP32", binary),
+            make_input(protocol, "B", b, "FP32", binary),
+        ],
+        outputs=[make_output(protocol, "PRODUCT", binary)],
+    )
+    np.testing.assert_allclose(r.as_numpy("PRODUCT"), a * b, rtol=1e-6)
+    assert r.as_numpy("SUM") is None  # only what was asked for comes back
+
+
+@pytest.mark.parametrize("protocol,binary", VARIANTS)
+def test_seed_ensemble_tokenizer_model_detokenizer(server, protocol, binary):
+    c = client(server, protocol)
+    texts = np.array([[b"hello world"], [b"Triton 24.01"]], dtype=np.object_)
+    r = c.infer(
+        "llama_ensemble",
+        [make_input(protocol, "TEXT", texts, "BYTES", binary)],
+        outputs=[make_output(protocol, "OUTPUT_TEXT", binary)],
+    )
+    assert as_bytes(r.as_numpy("OUTPUT_TEXT")) == [b"HELLO WORLD", b"TRITON 24.01"]
+
+
+@pytest.mark.parametrize("protocol,binary", VARIANTS)
+def test_bytes_round_trip(server, protocol, binary):
+    c = client(server, protocol)
+    if binary:
+        data = np.array([[b"abc", b"\x00\xff\xfe", b""]], dtype=np.object_)
+    else:  # JSON carries BYTES as UTF-8 strings
+        data = np.array([["abc", "two words", ""]], dtype=np.object_)
+    r = c.infer(
+        "bytes_echo",
+        [make_input(protocol, "IN", data, "BYTES", binary)],
+        outputs=[make_output(protocol, "OUT", binary), make_output(protocol, "LENGTHS", binary)],
+    )
+    expect = [x if isinstance(x, bytes) else x.encode() for x in data.reshape(-1)]
+    assert as_bytes(r.as_numpy("OUT")) == [x[::-1] for x in expect]
+    assert r.as_numpy("LENGTHS").reshape(-1).tolist() == [len(x) for x in expect]
+
+
+def test_non_utf8_bytes_output_needs_binary(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    data = np.array([["h\u00e9llo"]], dtype=np.object_)  # reversed: invalid UTF-8
+    with pytest.raises(InferenceServerException, match="request it as binary data"):
+        c.infer(
+            "bytes_echo",
+            [make_input("http", "IN", data, "BYTES", False)],
+            outputs=[make_output("http", "OUT", False)],
+        )
+    r = c.infer(
+        "bytes_echo",
+        [make_input("http", "IN", data, "BYTES", False)],
+        outputs=[make_output("http", "OUT", True)],
+    )
+    assert as_bytes(r.as_numpy("OUT")) == ["h\u00e9llo".encode()[::-1]]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_bls_calls_another_model(server, protocol):
+    c = client(server, protocol)
+    a = np.arange(4, dtype=np.float32)
+    r = c.infer(
+        "bls_add",
+        [make_input(protocol, "INPUT0", a, "FP32"), make_input(protocol, "INPUT1", a, "FP32")],
+    )
+    np.testing.assert_allclose(r.as_numpy("OUTPUT0"), (a + a) * 2)
+
+
+def test_decoupled_model_streams_over_grpc(server):
+    results = []
+
+    def callback(result, error):
+        results.append(error if error is not None else result)
+
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    c.start_stream(callback=callback)
+    try:
+        inp = grpcclient.InferInput("COUNT", [1], "INT32")
+        inp.set_data_from_numpy(np.array([4], dtype=np.int32))
+        c.async_stream_infer("repeat_decoupled", [inp], enable_empty_final_response=True)
+    finally:
+        c.stop_stream()  # waits for the stream to finish
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors
+    outs = [r.as_numpy("OUT") for r in results if r.as_numpy("OUT") is not None]
+    assert [int(o[0]) for o in outs] == [0, 1, 2, 3]
+    finals = [r.get_response().parameters["triton_final_response"].bool_param for r in results]
+    assert finals[-1] is True and not any(finals[:-1])
+
+
+def test_decoupled_model_refuses_unary_infer(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    inp = httpclient.InferInput("COUNT", [1], "INT32")
+    inp.set_data_from_numpy(np.array([2], dtype=np.int32))
+    with pytest.raises(InferenceServerException, match="decoupled"):
+        c.infer("repeat_decoupled", [inp])
+
+
+def test_generate_extension(server):
+    import json
+
+    body = json.dumps({"INPUT0": [1, 2, 3, 4], "INPUT1": [1, 1, 1, 1]}).encode()
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/add_sub/generate", data=body, method="POST"
+    )
+    doc = json.loads(urllib.request.urlopen(req).read())
+    assert doc["OUTPUT0"] == [2, 3, 4, 5] and doc["OUTPUT1"] == [0, 1, 2, 3]
+    body = json.dumps({"COUNT": 3}).encode()
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/repeat_decoupled/generate_stream",
+        data=body,
+        method="POST",
+    )
+    events = [
+        json.loads(line[len("data: ") :])
+        for line in urllib.request.urlopen(req).read().decode().splitlines()
+        if line.startswith("data: ")
+    ]
+    assert [e["OUT"] for e in events] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_metadata_config_and_health(server, protocol):
+    c = client(server, protocol)
+    assert c.is_server_live() and c.is_server_ready()
+    assert c.is_model_ready("onnx_add") and c.is_model_ready("torch_linear", "1")
+    assert not c.is_model_ready("neg_max_batch_size")
+    if protocol == "http":
+        meta = c.get_model_metadata("llama_model")
+        assert meta["platform"] == "pytorch_libtorch"
+        assert meta["inputs"][0] == {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}
+        cfg = c.get_model_config("llama_model")
+        assert cfg["max_batch_size"] == 64
+        assert cfg["dynamic_batching"]["preferred_batch_size"] == [8, 16, 32]
+        assert c.get_server_metadata()["name"] == "modelport"
+    else:
+        meta = c.get_model_metadata("torch_linear")
+        assert sorted(meta.versions) == ["1", "2"]
+        cfg = c.get_model_config("llama_model").config
+        assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size) == [
+            8,
+            16,
+            32,
+        ]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_infer_errors_have_triton_messages_and_codes(server, protocol):
+    c = client(server, protocol)
+    a3 = np.arange(3, dtype=np.float32)
+    a4 = np.arange(4, dtype=np.float32)
+    i4 = np.arange(4, dtype=np.int32)
+    cases = [
+        ("add_sub", [("INPUT0", a3, "FP32"), ("INPUT1", a4, "FP32")], "unexpected shape for input 'INPUT0'", 400, "StatusCode.INVALID_ARGUMENT"),
+        ("add_sub", [("INPUT0", i4, "INT32"), ("INPUT1", a4, "FP32")], "unexpected datatype TYPE_INT32 for inference input 'INPUT0', expecting TYPE_FP32", 400, "StatusCode.INVALID_ARGUMENT"),
+        ("add_sub", [("INPUT0", a4, "FP32")], "missing required input(s) ['INPUT1']", 400, "StatusCode.INVALID_ARGUMENT"),
+        ("add_sub", [("INPUT0", a4, "FP32"), ("INPUT1", a4, "FP32"), ("EXTRA", a4, "FP32")], "unexpected inference input 'EXTRA'", 400, "StatusCode.INVALID_ARGUMENT"),
+        ("no_such_model", [("INPUT0", a4, "FP32")], "Request for unknown model: 'no_such_model' is not found", 404, "StatusCode.NOT_FOUND"),
+        ("onnx_add", [("A", np.zeros((9, 4), np.float32), "FP32"), ("B", np.zeros((9, 4), np.float32), "FP32")], "inference request batch-size must be <= 8 for 'onnx_add'", 400, "StatusCode.INVALID_ARGUMENT"),
+        ("neg_max_batch_size", [("X", a4, "FP32")], "is not ready", 503, "StatusCode.UNAVAILABLE"),
+    ]  # fmt: skip
+    for model, inputs, message, http_status, grpc_status in cases:
+        with pytest.raises(InferenceServerException) as info:
+            c.infer(model, [make_input(protocol, n, arr, dt) for n, arr, dt in inputs])
+        assert message in info.value.message(), (model, info.value.message())
+        expected = str(http_status) if protocol == "http" else grpc_status
+        assert info.value.status() == expected, (model, info.value.status())
+
+
+def test_http_error_body_shape_and_bad_json(server):
+    import json
+    import urllib.error
+
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/add_sub/infer", data=b"{not json", method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req)
+    assert info.value.code == 400
+    assert "failed to parse the request JSON" in json.loads(info.value.read())["error"]
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://{server.http_url}/v2/models/nope")
+    assert info.value.code == 404
+    assert json.loads(info.value.read()) == {
+        "error": "Request for unknown model: 'nope' is not found"
+    }
+
+
+def test_statistics_and_metrics_count_requests(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    before = c.get_inference_statistics("onnx_add")["model_stats"][0]
+    a = np.ones((2, 4), dtype=np.float32)
+    for _ in range(3):
+        c.infer(
+            "onnx_add", [make_input("http", "A", a, "FP32"), make_input("http", "B", a, "FP32")]
+        )
+    after = c.get_inference_statistics("onnx_add")["model_stats"][0]
+    assert (
+        after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+        == 3
+    )
+    assert after["inference_count"] - before["inference_count"] == 6  # rows
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    gstats = g.get_inference_statistics("onnx_add").model_stats[0]
+    assert gstats.inference_stats.success.count == after["inference_stats"]["success"]["count"]
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    line = f'nv_inference_request_success{{model="onnx_add",version="1"}} {after["inference_stats"]["success"]["count"]}'
+    assert line in text
+    for name in ("nv_inference_count", "nv_inference_exec_count", "nv_inference_queue_duration_us",
+                 "nv_inference_compute_infer_duration_us", "nv_inference_request_failure",
+                 "nv_inference_pending_request_count"):  # fmt: skip
+        assert f"# TYPE {name} " in text
+
+
+def test_warmup_ran_before_ready(server):
+    stats = server.manager.stats("onnx_add")[0]
+    # the warm-up request (batch 2) ran at load, before the model reported ready
+    assert stats["execution_count"] >= 1
+    assert any(b["batch_size"] == 2 for b in stats["batch_stats"])
+
+
+def test_concurrent_clients_on_both_protocols(server):
+    x = np.array([[1, 2, 3]], dtype=np.float32)
+
+    def one(i):
+        protocol = PROTOCOLS[i % 2]
+        c = client(server, protocol)
+        r = c.infer(
+            "torch_linear", [make_input(protocol, "INPUT__0", x * i, "FP32")], model_version="1"
+        )
+        return r.as_numpy("OUTPUT__0")
+
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(one, range(32)))
+    for i, out in enumerate(outs):
+        np.testing.assert_allclose(out, testing.linear_reference(x * i, 1), rtol=1e-5)
