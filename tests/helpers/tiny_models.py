@@ -48,6 +48,13 @@ def _byte_level_tokenizer() -> Any:
     return fast
 
 
+def tiny_tokenizer() -> Any:
+    """Our Tokenizer over the byte-level tiny tokenizer (no files, no model)."""
+    from modelport.frontend.tokenizer import Tokenizer
+
+    return Tokenizer(_byte_level_tokenizer())
+
+
 def _save(model: Any, path: Path, with_tokenizer: bool) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
@@ -241,7 +248,7 @@ def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types([1] * 256 + [3] * len(SPECIAL_TOKENS))
-    w.add_token_merges([])
+    w.add_token_scores([0.0] * len(tokens))  # no merges: transformers derives none from scores
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
     w.add_pad_token_id(258)
