@@ -104,3 +104,18 @@ def test_awq_estimate_within_2_percent_of_a_real_awq_checkpoint(tmp_path):
     assert plan.request.effective_quantization == "awq"
     assert plan.weights.source.startswith("measured")
     assert plan.weights.total_bytes == pytest.approx(est.total_bytes, rel=0.001)
+
+
+def test_gguf_file_is_dequantized_unless_kept_as_the_engine_does():
+    src = resolve_model(str(_default_gguf()))
+    cpu = resolve_device("cpu", memory_gib=8)
+    dense = make_plan(PlanRequest(src, cpu, max_model_len=2048, max_num_seqs=4))
+    kept = make_plan(PlanRequest(src, cpu, max_model_len=2048, max_num_seqs=4, quantization="gguf"))
+    # the loader dequantizes to float32 on CPU: 4 bytes per parameter (the tied head once)
+    assert dense.resident_per_gpu == 4 * dense.weights.num_params
+    assert kept.resident_per_gpu == src.weight_bytes
+    assert dense.weights.total_bytes == kept.weights.total_bytes == src.weight_bytes
+    from modelport.planner.advisor import serve_command
+
+    assert "--quantization gguf" in serve_command(kept)
+    assert "--quantization" not in serve_command(dense)

@@ -73,11 +73,11 @@ def _warnings(plan: Plan) -> list[str]:
             f"{dev.name} has no fp8 tensor cores: fp8 weights save memory but run "
             "weight-only (no compute speed-up)"
         )
-    if q and q.startswith("gguf-") and plan.resident_per_gpu > plan.weights.per_gpu_bytes:
+    if q and q.startswith("gguf-") and not req.keeps_quantized:
         out.append(
-            f"this build dequantizes GGUF to {plan.dtype} at load: "
-            f"{plan.resident_per_gpu / GIB:.2f} GiB resident per device although the "
-            f"tensors are {plan.weights.per_gpu_bytes / GIB:.2f} GiB on disk"
+            f"the engine dequantizes this GGUF to {plan.dtype} at load: "
+            f"{plan.resident_per_gpu / GIB:.2f} GiB resident per device although its tensors "
+            f"are {plan.weights.per_gpu_bytes / GIB:.2f} GiB; --quantization gguf keeps them"
         )
     if plan.replicas > 1 and req.num_gpus % plan.tp:
         out.append(
@@ -108,6 +108,13 @@ def _recommendations(plan: Plan) -> list[str]:
                 f"{p.kv.bytes_per_token_per_gpu // 1024} KiB/token per GPU, "
                 f"{p.kv.full_length_seqs} full-length sequences instead of "
                 f"{kv.full_length_seqs}"
+            )
+    if req.model.kind == "gguf" and not req.keeps_quantized:
+        p = _replan(req, quantization="gguf")
+        if p is not None:
+            out.append(
+                f"--quantization gguf: keep the file's blocks, {p.resident_per_gpu / GIB:.2f} "
+                f"GiB resident instead of {plan.resident_per_gpu / GIB:.2f} GiB"
             )
     if req.effective_quantization is None:
         method = "gguf-q4_k_m" if dev.is_cpu else ("fp8" if dev.fp8 else "awq")
@@ -208,8 +215,12 @@ def serve_command(plan: Plan) -> str:
         args += ["--dtype", plan.dtype]
     if plan.tp > 1:
         args += ["--tensor-parallel-size", str(plan.tp)]
-    q = req.quantization
-    if q and m.quantization is None:
+    q = req.effective_quantization
+    if q and q.startswith("gguf-") and req.keeps_quantized:
+        args += ["--quantization", "gguf"]
+        if m.kind != "gguf":  # the user still has to fetch or convert that file
+            args[3] = f"{model.rsplit('/', 1)[-1]}-{q[5:].upper()}.gguf"
+    elif q and m.quantization is None:
         args += ["--quantization", q]
     args += ["--max-model-len", str(plan.max_model_len), "--max-num-seqs", str(req.max_num_seqs)]
     if req.kv_cache_dtype != "auto":
@@ -225,6 +236,8 @@ def serve_command(plan: Plan) -> str:
 
 
 def _mib_flag(n: int) -> str:
+    if n % GIB == 0:
+        return f"{n // GIB}GiB"
     return f"{n // (1 << 20)}MiB" if n % (1 << 20) == 0 else str(n)
 
 

@@ -32,9 +32,10 @@ _CANON = {
 KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", *_CANON)
 DTYPES = ("auto", *_CANON)
 
-# This build's loader dequantizes GGUF tensors to the compute dtype when it loads them, so a
-# GGUF model occupies its dense size in memory (its file stays small). Flip when GGUF kernels land.
-ENGINE_KEEPS_GGUF_QUANTIZED = False
+# "gguf": keep a .gguf file's own blocks in memory (the engine's --quantization gguf). Without
+# it the engine's loader dequantizes a GGUF file to the compute dtype, so the model occupies
+# its dense size although its file is small.
+KEEP_GGUF = "gguf"
 
 
 def resolve_dtype(dtype: str, device: Device, checkpoint_dtype: str) -> str:
@@ -98,13 +99,20 @@ class PlanRequest:
                 "--kv-cache-dtype",
                 f"unknown KV cache dtype {self.kv_cache_dtype!r} (one of {', '.join(KV_DTYPES)})",
             )
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+        known = (*QUANTIZATIONS, KEEP_GGUF)
+        if self.quantization is not None and self.quantization not in known:
             raise PlanError(
                 "--quantization",
-                f"unknown method {self.quantization!r} (one of {', '.join(QUANTIZATIONS)})",
+                f"unknown method {self.quantization!r} (one of {', '.join(known)})",
             )
         own = self.model.quantization
-        if own and self.quantization and self.quantization != own:
+        if self.quantization == KEEP_GGUF and self.model.kind != "gguf":
+            raise PlanError(
+                "--quantization",
+                "gguf keeps a .gguf file's blocks; for a preset or HF model name the GGUF type, "
+                "e.g. gguf-q4_k_m",
+            )
+        if own and self.quantization not in (None, own, KEEP_GGUF):
             raise PlanError(
                 "--quantization",
                 f"{self.model.name} is already {own}; it cannot be planned as {self.quantization}",
@@ -120,7 +128,18 @@ class PlanRequest:
 
     @property
     def effective_quantization(self) -> str | None:
+        """The storage format of the weights (a .gguf file's own type even when dequantized)."""
+        if self.quantization == KEEP_GGUF:
+            return self.model.quantization
         return self.quantization or self.model.quantization
+
+    @property
+    def keeps_quantized(self) -> bool:
+        """Whether the weights stay quantized in memory (GGUF files only with --quantization)."""
+        q = self.effective_quantization
+        if q is None:
+            return False
+        return not q.startswith("gguf-") or self.model.kind != "gguf" or bool(self.quantization)
 
 
 @dataclass(frozen=True)
@@ -157,7 +176,10 @@ def make_plan(req: PlanRequest) -> Plan:
     tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size)
     act = resolve_dtype(req.dtype, device, model.torch_dtype)
     quant = req.effective_quantization
-    fmt = WeightFormat(dtype=act, quantization=quant, group_size=req.group_size)
+    # a GGUF type without mixing rules here (IQ*, Q2_K, ...) is measured from its file; the
+    # estimate then only lends its TP proportions
+    known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"
+    fmt = WeightFormat(dtype=act, quantization=known, group_size=req.group_size)
     weights = estimate_weights(model, fmt, tp)
     if req.model.weight_bytes is not None and quant is not None:
         weights = measured_weights(
@@ -167,7 +189,7 @@ def make_plan(req: PlanRequest) -> Plan:
             f"measured from {req.model.path}",
         )
     resident = weights.per_gpu_bytes
-    if fmt.gguf_file_type and not ENGINE_KEEPS_GGUF_QUANTIZED:
+    if quant is not None and not req.keeps_quantized:
         resident = estimate_weights(model, WeightFormat(dtype=act), tp).per_gpu_bytes
     max_len = req.max_model_len or model.max_position_embeddings
     batched = req.max_num_batched_tokens or engine_max_num_batched_tokens(device)

@@ -138,17 +138,17 @@ def render_text(plan: Plan, advice: Advice) -> str:
         ("dtype / quant", f"{plan.dtype} / {quant} / KV {kv.dtype}"),
         (
             "weights",
-            f"{_gib(w.total_bytes)} total, {_gib(w.per_gpu_bytes)} per GPU, "
+            f"{_size(w.total_bytes)} total, {_size(w.per_gpu_bytes)} per device, "
             f"{w.bits_per_weight:.2f} bits/weight ({w.source})",
         ),
     ]
     if plan.resident_per_gpu != w.per_gpu_bytes:
-        rows.append(("resident weights", f"{_gib(plan.resident_per_gpu)} per device"))
+        rows.append(("resident weights", f"{_size(plan.resident_per_gpu)} per device in memory"))
     if b.kv_from_flag:
         rows.append(
             (
                 "memory",
-                f"RAM {_gib(b.device_bytes)}: weights {_gib(b.weights_bytes)} + "
+                f"RAM {_gib(b.device_bytes)}: weights {_size(b.weights_bytes)} + "
                 f"activations {_size(b.activation_bytes)} + KV cache "
                 f"{_gib(b.kv_bytes)} (--kv-cache-memory); "
                 f"{_gib(b.ram_left_bytes)} left",
@@ -170,7 +170,7 @@ def render_text(plan: Plan, advice: Advice) -> str:
             "KV per token",
             f"{_size(kv.bytes_per_token)} (2 x {m.num_hidden_layers} x "
             f"{m.num_key_value_heads} x {m.head_dim} x {kv.dtype_bytes} B), "
-            f"{_size(kv.bytes_per_token_per_gpu)} per GPU",
+            f"{_size(kv.bytes_per_token_per_gpu)} per device",
         ),
         (
             "KV capacity",
