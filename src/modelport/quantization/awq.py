@@ -1,0 +1,128 @@
+"""AWQ checkpoints (AutoAWQ "GEMM" layout): pack/unpack and the load-side LinearMethod.
+
+Layout, per linear layer with K inputs, N outputs, group size g (4-bit, zero point):
+  qweight int32 [K, N/8]   eight 4-bit codes per word along the output dim, interleaved:
+                           nibble i of word c holds output column 8c + AWQ_ORDER[i]
+  qzeros  int32 [K/g, N/8] the zero points, packed the same way
+  scales  fp16  [K/g, N]
+  w[n, k] = (q[k, n] - z[k // g, n]) * s[k // g, n]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelport.quantization.base import LinearMethod, QuantizationConfig, new_param
+from modelport.quantization.kernels import GroupQuant, make_kernel
+from modelport.quantization.packing import pack_along, unpack_along
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i <- column offset AWQ_ORDER[i]
+
+
+def pack_awq_int32(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [R, N] (values < 16) -> int32 [R, N/8] in AWQ's interleaved nibble order."""
+    r, n = codes.shape
+    if n % 8:
+        raise ValueError(f"AWQ packs 8 outputs per word; {n} outputs is not a multiple of 8")
+    c = codes.reshape(r, n // 8, 8)[..., list(AWQ_ORDER)].reshape(r, n)
+    return pack_along(c, 4, dim=1)
+
+
+def unpack_awq_int32(words: torch.Tensor) -> torch.Tensor:
+    """int32 [R, N/8] -> uint8 codes [R, N] (inverse of pack_awq_int32)."""
+    r, c = words.shape
+    nib = unpack_along(words, 4, dim=1).reshape(r, c, 8)  # by nibble index
+    inv = [AWQ_ORDER.index(j) for j in range(8)]
+    return nib[..., inv].reshape(r, c * 8).contiguous()
+
+
+@dataclass
+class AWQConfig(QuantizationConfig):
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    modules_to_not_convert: tuple[str, ...] = ()
+    name: str = field(default="awq", init=False)
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise ValueError(f"AWQ: unsupported bit width {self.bits} (AutoAWQ GEMM is 4-bit)")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"AWQ: group_size must be a positive multiple of 8, got {self.group_size}")
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any]) -> AWQConfig:
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"AWQ version {version!r} is not supported (only the GEMM layout)")
+        return cls(
+            bits=int(qc.get("bits", qc.get("w_bit", 4))),
+            group_size=int(qc.get("group_size", qc.get("q_group_size", 128))),
+            zero_point=bool(qc.get("zero_point", True)),
+            modules_to_not_convert=tuple(qc.get("modules_to_not_convert") or ()),
+        )
+
+    def hf_dict(self) -> dict[str, Any]:
+        return {"quant_method": "awq", "bits": self.bits, "group_size": self.group_size,
+                "zero_point": self.zero_point, "version": "gemm",
+                "modules_to_not_convert": list(self.modules_to_not_convert) or None}
+
+    def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
+        if any(m in prefix for m in self.modules_to_not_convert):
+            return None
+        return AWQLinearMethod(self)
+
+
+class AWQLinearMethod(LinearMethod):
+    def __init__(self, config: AWQConfig) -> None:
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:
+        g, n = self.config.group_size, sum(output_sizes)
+        if input_size % g:
+            raise ValueError(
+                f"AWQ: input size {input_size} is not a multiple of group_size {g} "
+                "(mismatched group size in quantization_config?)"
+            )
+        if any(s % 8 for s in output_sizes):
+            raise ValueError(f"AWQ: output sizes {list(output_sizes)} must be multiples of 8")
+        new_param(layer, "qweight", torch.zeros(input_size, n // 8, dtype=torch.int32),
+                  output_dim=1, pack_factor=8)
+        new_param(layer, "qzeros", torch.zeros(input_size // g, n // 8, dtype=torch.int32),
+                  output_dim=1, pack_factor=8)
+        new_param(layer, "scales", torch.zeros(input_size // g, n, dtype=params_dtype),
+                  output_dim=1)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        gq = awq_to_group_quant(layer.qweight.data, layer.qzeros.data, layer.scales.data,
+                                self.config.group_size)
+        layer.qkernel = make_kernel(gq, layer.quant_device)
+        for name in ("qweight", "qzeros", "scales"):
+            del layer._parameters[name]
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = layer.qkernel(x)
+        return y + bias if bias is not None else y
+
+
+def awq_to_group_quant(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                       group_size: int) -> GroupQuant:
+    codes = unpack_awq_int32(qweight).t().contiguous()  # [N, K]
+    z = unpack_awq_int32(qzeros).t().float()  # [N, G]
+    s = scales.t().float()
+    return GroupQuant(codes, s, -z * s, group_size, 4)
+
+
+def pack_awq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors from codes [N, K], integer zeros [N, G] and scales [N, G]."""
+    return {
+        "qweight": pack_awq_int32(codes.t().contiguous()),
+        "qzeros": pack_awq_int32(zeros.t().contiguous().to(torch.uint8)),
+        "scales": scales.t().contiguous().to(torch.float16),
+    }

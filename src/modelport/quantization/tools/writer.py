@@ -1,0 +1,61 @@
+"""Checkpoint writers in the public layouts (AutoAWQ GEMM, AutoGPTQ, FP8), HF folder shape.
+
+The output folder is what the loaders here and other engines read: config.json with a
+``quantization_config``, one model.safetensors, and the source's tokenizer files copied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from modelport.quantization.base import QuantizationConfig
+
+# Linear weights that get quantized (HF Llama/Qwen2 names); everything else stays float.
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "added_tokens.json")
+
+
+def is_quantizable(name: str) -> bool:
+    """Whether a checkpoint tensor is a linear weight we quantize (lm_head and embeddings stay)."""
+    parts = name.rsplit(".", 2)
+    return len(parts) == 3 and parts[2] == "weight" and parts[1] in LINEAR_SUFFIXES
+
+
+def write_checkpoint(
+    src_dir: Path,
+    out_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    config: QuantizationConfig,
+    float_dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write tensors + config.json (+ quantization_config) + tokenizer files to out_dir."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((Path(src_dir) / "config.json").read_text())
+    cfg["quantization_config"] = {k: v for k, v in config.hf_dict().items() if v is not None}
+    cfg["torch_dtype"] = str(float_dtype).removeprefix("torch.")
+    cfg.pop("dtype", None)
+    out = {}
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn,) and not name.endswith(
+            ("weight_scale", "input_scale")
+        ):
+            t = t.to(float_dtype)
+        out[name] = t.contiguous()
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(out, str(tmp), metadata={"format": "pt", "quant_method": config.name})
+    tmp.replace(out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    for fname in TOKENIZER_FILES:
+        f = Path(src_dir) / fname
+        if f.is_file():
+            shutil.copy2(f, out_dir / fname)
+    return out_dir
