@@ -1,0 +1,194 @@
+"""Offline throughput: many requests through the engine core at once (BENCH.md's W1).
+
+Defaults are W1: 256 requests, prompt and output lengths uniform in [100, 1024] drawn with
+random.Random(0), random token ids, greedy, ignore EOS. Prints one JSON object per run
+with the device, versions, workload, token counts, seconds and tokens/s. ``--backend hf``
+runs HF transformers on the same workload (``both``: ours first, then HF, same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from modelport.bench import _harness as h
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    h.add_common_args(p)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len-range", type=int, nargs=2, default=(100, 1024), metavar=("LO", "HI"))
+    p.add_argument("--output-len-range", type=int, nargs=2, default=(100, 1024), metavar=("LO", "HI"))
+    p.add_argument("--hf-mode", default="continuous", choices=["continuous", "static"],
+                   help="HF: generate_batch-style continuous batching, or padded static batches")
+    p.add_argument("--hf-batch-size", type=int, default=64, help="HF static batch size")
+    p.add_argument("--hf-num-prompts", type=int, default=None,
+                   help="run HF on the first N requests only (its tok/s is then per that subset)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many engine steps once half the output is done")
+
+
+def _vocab(path: str | None) -> int:
+    from modelport.loader import load_model_config, resolve_model
+
+    return load_model_config(resolve_model(path)).vocab_size
+
+
+def _workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[int]]:
+    return h.w1_workload(args.num_prompts, tuple(args.input_len_range),
+                         tuple(args.output_len_range), vocab, args.seed)
+
+
+def run_modelport(
+    args: argparse.Namespace, path: str | None, prompts: list[list[int]], outs: list[int],
+    device: str, vocab: int,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    core = h.build_engine(args, path)
+    startup = time.perf_counter() - t0
+    # warm-up outside the timed region: compiles the prefill and decode kernels once
+    warm = h.random_prompts(2, (80, 80), vocab, seed=args.seed + 10_000)
+    for i, p in enumerate(warm):
+        core.add_request(h.greedy_request(f"warmup-{i}", p, 4))
+    while core.has_unfinished_requests():
+        core.step()
+    h.sync(device)
+
+    total_out = sum(outs)
+    prof_info = None
+    t = time.perf_counter()
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        core.add_request(h.greedy_request(str(i), p, o))
+    got, steps, prof, prof_t, prof_start = 0, 0, None, 0.0, 0
+    while core.has_unfinished_requests():
+        if args.profile_steps and prof is None and got >= total_out // 2:
+            import torch
+
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+            prof_start, prof_t = steps, time.perf_counter()
+        for o in core.step().outputs:
+            got += len(o.new_token_ids)
+        steps += 1
+        if prof is not None and prof_info is None and steps - prof_start == args.profile_steps:
+            h.sync(device)
+            wall = time.perf_counter() - prof_t
+            prof.__exit__(None, None, None)
+            prof_info = h.profile_summary(prof, args.profile_steps, wall)
+    h.sync(device)
+    dt = time.perf_counter() - t
+    res: dict[str, Any] = {
+        "backend": "modelport",
+        "requests": len(prompts),
+        "prompt_tokens": sum(map(len, prompts)),
+        "output_tokens": got,
+        "seconds": round(dt, 3),
+        "output_tok_s": round(got / dt, 1),
+        "total_tok_s": round((got + sum(map(len, prompts))) / dt, 1),
+        "steps": steps,
+        "startup_s": round(startup, 1),
+        "kv_blocks": core.num_kv_blocks,
+        "enforce_eager": args.enforce_eager,
+    }
+    if prof_info is not None:
+        res["profile"] = prof_info
+    del core
+    h.free_cuda()
+    return res
+
+
+def _hf_continuous(model: Any, prompts: list[list[int]], outs: list[int]) -> int:
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=-1,
+                          pad_token_id=0)
+    mgr = model.init_continuous_batching(generation_config=gc)
+    mgr.start()
+    try:
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            mgr.add_request(p, request_id=f"r{i}", max_new_tokens=o)
+        got = 0
+        for _ in prompts:
+            r = mgr.get_result(timeout=3600)
+            if r is None:
+                raise RuntimeError("HF continuous batching returned no result")
+            got += len(r.generated_tokens)
+    finally:
+        mgr.stop(block=True)
+    return got
+
+
+def _hf_static(model: Any, prompts: list[list[int]], outs: list[int], bs: int, device: str
+               ) -> int:
+    import torch
+
+    useful = 0
+    for i in range(0, len(prompts), bs):
+        ps, os_ = prompts[i:i + bs], outs[i:i + bs]
+        width = max(map(len, ps))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
+        n = max(os_)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+        useful += sum(os_)  # a padded static batch runs to its longest; count what was asked
+    return useful
+
+
+def run_hf(args: argparse.Namespace, path: str, prompts: list[list[int]], outs: list[int],
+           device: str) -> dict[str, Any]:
+    if path is None:
+        raise SystemExit("--backend hf needs --model (an HF folder) or --model-config")
+    n = args.hf_num_prompts or len(prompts)
+    prompts, outs = prompts[:n], outs[:n]
+    model = h.build_hf_model(path, args, device)
+    h.sync(device)
+    t = time.perf_counter()
+    if args.hf_mode == "continuous":
+        got = _hf_continuous(model, prompts, outs)
+    else:
+        got = _hf_static(model, prompts, outs, args.hf_batch_size, device)
+    h.sync(device)
+    dt = time.perf_counter() - t
+    del model
+    h.free_cuda()
+    return {"backend": f"hf-{args.hf_mode}", "requests": n,
+            "prompt_tokens": sum(map(len, prompts)), "output_tokens": got,
+            "seconds": round(dt, 3), "output_tok_s": round(got / dt, 1),
+            "total_tok_s": round((got + sum(map(len, prompts))) / dt, 1)}
+
+
+def run(args: argparse.Namespace) -> int:
+    device = h.resolved_device(args)
+    path = h.model_path(args)
+    vocab = _vocab(path)
+    prompts, outs = _workload(args, vocab)
+    result: dict[str, Any] = {
+        "bench": "throughput",
+        "env": h.environment(device),
+        "model": args.model_config or args.model or "default",
+        "load_format": args.load_format,
+        "workload": {"num_prompts": args.num_prompts, "input_len_range": list(args.input_len_range),
+                     "output_len_range": list(args.output_len_range), "seed": args.seed,
+                     "greedy": True, "ignore_eos": True},
+    }
+    runs = []
+    if args.backend in ("modelport", "both"):
+        runs.append(run_modelport(args, path, prompts, outs, device, vocab))
+    if args.backend in ("hf", "both"):
+        runs.append(run_hf(args, path, prompts, outs, device))
+    result["runs"] = runs
+    if len(runs) == 2:
+        result["ratio_output_tok_s"] = round(runs[0]["output_tok_s"] / runs[1]["output_tok_s"], 2)
+    h.emit(result, args)
+    return 0
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """Read back an --output-json file (one JSON object a line)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,82 @@
+"""The offline benchmark harness (`modelport bench throughput|latency`) on CPU with a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers.tiny_models import make_tiny_llama_dir
+from modelport.bench import _harness as h
+from modelport.entrypoints.cli import main
+
+
+def test_w1_workload_reproduces_bench_md_totals():
+    # shared/BENCH.md: 256 requests, lengths uniform in [100, 1024], random.Random(0), prompts
+    # first then output lengths -> 140,306 prompt tokens and 141,230 output tokens
+    prompts, outs = h.w1_workload(256, (100, 1024), (100, 1024), 128256, 0)
+    assert sum(map(len, prompts)) == 140_306
+    assert sum(outs) == 141_230
+    assert all(0 <= t < 128256 for p in prompts for t in p)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("bench") / "m", with_tokenizer=False)
+
+
+def _read(path):
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_throughput_side_by_side_with_hf(tiny, tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    rc = main(["bench", "throughput", "--model", str(tiny), "--num-prompts", "5",
+               "--input-len-range", "4", "40", "--output-len-range", "2", "9",
+               "--kv-cache-memory", "8000000", "--max-num-batched-tokens", "32",
+               "--backend", "both", "--hf-mode", "static", "--hf-batch-size", "3",
+               "--output-json", str(out)])
+    assert rc == 0
+    r = _read(out)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == r
+    _, outs = h.w1_workload(5, (4, 40), (2, 9), 259, 0)
+    ours, hf = r["runs"]
+    assert ours["backend"] == "modelport" and hf["backend"] == "hf-static"
+    assert ours["output_tokens"] == hf["output_tokens"] == sum(outs)
+    assert ours["output_tok_s"] > 0 and ours["seconds"] > 0
+    assert r["ratio_output_tok_s"] == round(ours["output_tok_s"] / hf["output_tok_s"], 2)
+    assert r["env"]["device"] == "cpu" and r["env"]["torch"]
+    assert r["args"]["num_prompts"] == 5 and r["args"]["backend"] == "both"
+
+
+def test_latency_reports_ttft_and_itl(tiny, tmp_path):
+    out = tmp_path / "l.jsonl"
+    rc = main(["bench", "latency", "--model", str(tiny), "--input-len", "24",
+               "--output-len", "6", "--num-iters", "2", "--num-iters-warmup", "1",
+               "--kv-cache-memory", "8000000", "--output-json", str(out)])
+    assert rc == 0
+    r = _read(out)
+    (run,) = r["runs"]
+    assert r["workload"] == {"batch_size": 1, "input_len": 24, "output_len": 6, "num_iters": 2,
+                             "greedy": True}
+    assert len(run["ttft_ms_all"]) == 2 and len(run["itl_ms_all"]) == 2
+    assert run["ttft_ms"] > 0 and run["itl_ms"] > 0
+
+
+def test_model_config_with_dummy_weights(tmp_path):
+    # what the H200 runs use (bench/configs/llama-3.1-8b.json), here with a tiny shape
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 300, "max_position_embeddings": 256,
+    }))
+    out = tmp_path / "d.jsonl"
+    rc = main(["bench", "throughput", "--model-config", str(cfg), "--load-format", "dummy",
+               "--num-prompts", "3", "--input-len-range", "3", "10", "--output-len-range",
+               "2", "4", "--kv-cache-memory", "4000000", "--output-json", str(out)])
+    assert rc == 0
+    (run,) = _read(out)["runs"]
+    assert run["output_tokens"] == sum(h.w1_workload(3, (3, 10), (2, 4), 300, 0)[1])
