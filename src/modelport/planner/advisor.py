@@ -51,10 +51,15 @@ def _warnings(plan: Plan) -> list[str]:
             f"({plan.max_model_len}) sequence: the engine refuses to start"
         )
     if plan.tp > 1 and dev.interconnect == "pcie":
+        single = _replan(req, num_gpus=1, tensor_parallel_size=1)
+        tail = (
+            "one GPU holds the model, so prefer data-parallel replicas"
+            if single is not None and single.engine_starts
+            else "expect poor scaling"
+        )
         out.append(
             f"tensor parallelism over PCIe: every layer does 2 all-reduces across "
-            f"{plan.tp} GPUs without NVLink; expect poor scaling, prefer data-parallel "
-            "replicas when one GPU holds the model"
+            f"{plan.tp} GPUs without NVLink; {tail}"
         )
     q = req.effective_quantization
     if q in ("awq", "gptq"):
@@ -116,6 +121,14 @@ def _recommendations(plan: Plan) -> list[str]:
                 f"--quantization gguf: keep the file's blocks, {p.resident_per_gpu / GIB:.2f} "
                 f"GiB resident instead of {plan.resident_per_gpu / GIB:.2f} GiB"
             )
+    if dev.is_cpu and plan.dtype == "float32" and not req.keeps_quantized:
+        p = _replan(req, dtype="bf16")
+        if p is not None:
+            out.append(
+                f"--dtype bfloat16: weights {plan.resident_per_gpu / GIB:.2f} -> "
+                f"{p.resident_per_gpu / GIB:.2f} GiB in RAM, KV "
+                f"{kv.bytes_per_token // 1024} -> {p.kv.bytes_per_token // 1024} KiB/token"
+            )
     if req.effective_quantization is None:
         method = "gguf-q4_k_m" if dev.is_cpu else ("fp8" if dev.fp8 else "awq")
         p = _replan(req, quantization=method)
@@ -149,9 +162,10 @@ def _recommendations(plan: Plan) -> list[str]:
     if dev.is_cpu and not plan.fits:
         need = kv.demand_bytes_per_gpu
         room = plan.budget.usable_bytes - plan.resident_per_gpu - plan.budget.activation_bytes
-        if need <= room:
+        if need <= room * 0.9:  # leave the OS and the server 10%
             out.append(
-                f"--kv-cache-memory {_gib_flag(need)}: the whole workload's KV cache "
+                f"--kv-cache-memory {_mib_flag(-(-need // 2**20) * 2**20)}: the whole "
+                "workload's KV cache "
                 f"fits in RAM ({need / GIB:.2f} GiB)"
             )
     if not dev.is_cpu and not plan.fits:
@@ -174,10 +188,6 @@ def _recommendations(plan: Plan) -> list[str]:
                 )
                 break
     return out
-
-
-def _gib_flag(n: int) -> str:
-    return f"{-(-n // GIB)}GiB"
 
 
 def _fitting_plan(plan: Plan) -> Plan | None:
