@@ -14,6 +14,7 @@ from helpers.tiny_models import (
     llama_cpp_permute,
     make_tiny_llama_dir,
     make_tiny_llama_gguf,
+    make_tiny_qwen2_dir,
     run_one_sequence,
 )
 from modelport.config import LoadConfig
@@ -98,3 +99,30 @@ def test_gguf_second_load_reads_the_cache(
     monkeypatch.setattr(loader, "_write_gguf_cache", no_gguf)
     second = run_one_sequence(_load(path), PROMPT[:20])
     torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def test_qwen2_gguf_with_bias_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    hf_dir = make_tiny_qwen2_dir(tmp_path / "qwen2", tie_word_embeddings=True)
+    path = make_tiny_llama_gguf(hf_dir, tmp_path / "qwen2.gguf", "F32")
+    model = _load(path)
+    assert model.config.architecture == "Qwen2ForCausalLM" and model.config.tie_word_embeddings
+    assert model.config.rope_theta == 1000000.0
+    logits = run_one_sequence(model, PROMPT[:30])
+    torch.testing.assert_close(logits, hf_reference_logits(hf_dir, PROMPT[:30]), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_llama31_rope_freqs_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama 3.1 GGUFs carry rope scaling as a rope_freqs tensor of per-frequency divisors."""
+    from helpers.tiny_models import make_tiny_llama_dir
+
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    hf_dir = make_tiny_llama_dir(tmp_path / "l31", rope_scaling=scaling, rope_theta=500000.0)
+    path = make_tiny_llama_gguf(hf_dir, tmp_path / "l31.gguf", "F32")
+    model = _load(path)
+    assert model.config.rope_scaling["rope_type"] == "freq_factors"
+    logits = run_one_sequence(model, PROMPT)
+    torch.testing.assert_close(logits, hf_reference_logits(hf_dir, PROMPT), atol=1e-4, rtol=1e-4)

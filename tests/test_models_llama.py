@@ -112,3 +112,22 @@ def test_registry_is_lazy_and_lists_supported() -> None:
     assert get_model_class("Qwen2ForCausalLM").__name__ == "Qwen2ForCausalLM"
     with pytest.raises(ValueError, match="supported: LlamaForCausalLM"):
         get_model_class("GPT2LMHeadModel")
+
+
+def test_mistral_uses_llama_and_refuses_sliding_window(tmp_path: Path) -> None:
+    import json
+
+    path = make_tiny_llama_dir(tmp_path, with_tokenizer=False)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = load(path)
+    assert type(model).__name__ == "MistralForCausalLM"
+    torch.testing.assert_close(
+        run_one_sequence(model, PROMPT[:20]), hf_reference_logits(path, PROMPT[:20]),
+        atol=1e-4, rtol=1e-4,
+    )
+    cfg["sliding_window"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding_window=64"):
+        load(path)

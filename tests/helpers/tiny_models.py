@@ -216,11 +216,35 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_GGUF_BLOCK[module]}.{kind}"
 
 
+def _llama3_rope_divisors(cfg: dict[str, Any]) -> Any:
+    """What llama.cpp's converter stores for llama3 rope scaling: one divisor per frequency."""
+    import math
+
+    import numpy as np
+
+    rope = cfg["rope_parameters"]
+    dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_ctx = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * rope["rope_theta"] ** (i / dim)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
-    """Convert a tiny HF Llama folder to a llama.cpp-style GGUF (F32 or Q8_0 matrices).
+    """Convert a tiny HF Llama or Qwen2 folder to a llama.cpp-style GGUF (F32 or Q8_0).
 
     Written independently of our loader: metadata keys, tensor names and the q/k
-    permutation follow llama.cpp's converter, with a byte-level gpt2 tokenizer.
+    permutation (llama only) follow llama.cpp's converter, with a byte-level gpt2 tokenizer.
+    The GGUF architecture is the folder's model_type ("llama" or "qwen2").
     """
     import json
 
@@ -231,7 +255,8 @@ def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     tensors = load_file(str(Path(hf_dir) / "model.safetensors"))
-    w = gguf.GGUFWriter(str(out), arch="llama")
+    arch = cfg["model_type"]
+    w = gguf.GGUFWriter(str(out), arch=arch)
     w.add_name("tiny-llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -240,7 +265,10 @@ def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    rope = cfg["rope_parameters"]
+    w.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "llama3":  # llama.cpp writes per-frequency divisors instead
+        w.add_tensor("rope_freqs.weight", _llama3_rope_divisors(cfg))
     w.add_file_type(0 if qtype == "F32" else 7)
     byte_chars = _byte_to_char()
     tokens = [byte_chars[b] for b in range(256)] + list(SPECIAL_TOKENS)
@@ -256,9 +284,9 @@ def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
     w.add_chat_template(CHAT_TEMPLATE)
     for name, t in tensors.items():
         t = t.astype(np.float32)
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             t = llama_cpp_permute(t, heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             t = llama_cpp_permute(t, kv_heads)
         if qtype == "F32" or t.ndim == 1:
             w.add_tensor(_gguf_name(name), np.ascontiguousarray(t))

@@ -76,8 +76,16 @@ def compute_inv_freq(rotary_dim: int, settings: RopeSettings) -> torch.Tensor:
         return _llama3_inv_freq(inv_freq, s)
     if kind == "linear":
         return inv_freq / float(s["factor"])
+    if kind == "freq_factors":  # explicit per-frequency divisors (Llama 3.1 GGUF files)
+        factors = torch.tensor(s["factors"], dtype=torch.float32, device="cpu")
+        if factors.shape != inv_freq.shape:
+            raise ValueError(
+                f"rope freq_factors has {factors.numel()} entries, expected {inv_freq.numel()}"
+            )
+        return inv_freq / factors
     raise ValueError(
-        f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3"
+        f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, "
+        "freq_factors"
     )
 
 

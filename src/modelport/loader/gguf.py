@@ -44,6 +44,7 @@ _BLOCK_NAMES = {
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _FILE_TYPE_DTYPE = {0: "float32", 1: "float16", 32: "bfloat16"}
+ROPE_FREQS = "rope_freqs.weight"  # not a weight: read into the config's rope scaling
 
 
 @functools.lru_cache(maxsize=2)
@@ -78,6 +79,26 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+def _rope_scaling(reader: Any, arch: str, path: Path) -> dict[str, Any] | None:
+    """Rope scaling from metadata, or from the rope_freqs tensor of Llama 3.1 GGUFs.
+
+    llama.cpp stores Llama 3.1's frequency-dependent scaling as one divisor per frequency
+    (``rope_freqs.weight``) rather than as the llama3 parameters, so we keep the divisors.
+    """
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:
+        from gguf.quants import dequantize
+
+        factors = np.asarray(dequantize(freqs.data, freqs.tensor_type), dtype=np.float32)
+        return {"rope_type": "freq_factors", "factors": factors.ravel().tolist()}
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind != "linear":
+        raise ValueError(f"{path.name}: unsupported GGUF rope scaling {kind!r}")
+    return {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+
+
 def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
     """An HF-style config.json dict built from GGUF metadata (ModelConfig.from_hf_dict input)."""
     arch = _field(reader, "general.architecture")
@@ -95,20 +116,10 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
         return value
 
     tensor_names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError(
-            f"{path.name}: per-frequency rope factors (rope_freqs.weight, Llama 3.1 GGUF) are "
-            "not supported yet; use the HF safetensors folder of this model"
-        )
     tokens = _field(reader, "tokenizer.ggml.tokens")
     heads = int(meta("attention.head_count"))
     hidden = int(meta("embedding_length"))
-    scaling = None
-    scaling_type = _field(reader, f"{arch}.rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        if scaling_type != "linear":
-            raise ValueError(f"{path.name}: unsupported GGUF rope scaling {scaling_type!r}")
-        scaling = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+    scaling = _rope_scaling(reader, arch, path)
     eos = [_field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     eos_ids = sorted({int(e) for e in eos if e is not None})
     return {
@@ -163,6 +174,8 @@ def iter_gguf_weights(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[
     permuted = GGUF_ARCHITECTURES[arch][1]
     heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue
         name = hf_tensor_name(t.name)
         try:
             w = dequantize(t.data, t.tensor_type)

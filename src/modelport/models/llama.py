@@ -136,4 +136,17 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral is Llama's architecture (sliding window aside, which we do not implement)."""
+    """Mistral is Llama's architecture, except Mistral-7B-v0.1's sliding window.
+
+    We run full attention: identical up to ``sliding_window`` tokens of context, so a
+    windowed checkpoint is refused unless its window covers the whole position range.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        window = config.hf_config.get("sliding_window")
+        if window and int(window) < config.max_position_embeddings:
+            raise ValueError(
+                f"Mistral with sliding_window={window} < max_position_embeddings="
+                f"{config.max_position_embeddings} is not supported (full attention only)"
+            )
+        super().__init__(config)
