@@ -352,3 +352,19 @@ def test_concurrent_clients_on_both_protocols(server):
         outs = list(pool.map(one, range(32)))
     for i, out in enumerate(outs):
         np.testing.assert_allclose(out, testing.linear_reference(x * i, 1), rtol=1e-5)
+
+
+def test_load_unload_refused_in_none_mode(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    with pytest.raises(
+        InferenceServerException, match="not allowed if model control mode is 'none'"
+    ):
+        c.load_model("add_sub")
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="not allowed"):
+        g.unload_model("add_sub")
+    assert c.is_model_ready("add_sub")
+    index = {r["name"]: r for r in c.get_model_repository_index()}
+    assert index["add_sub"]["state"] == "READY"
+    assert index["ensemble_cycle"]["state"] == "UNAVAILABLE"
+    assert "cycle" in index["ensemble_cycle"]["reason"]
