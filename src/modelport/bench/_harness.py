@@ -43,6 +43,14 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-json", default=None, help="append the result (one JSON line)")
 
 
+def standalone_main(add_args: Any, run: Any, doc: str | None) -> int:
+    """`python -m modelport.bench.<kind>`: the same arguments without the whole CLI, for
+    machines that lack the HTTP stack's packages (the GPU box)."""
+    p = argparse.ArgumentParser(description=doc)
+    add_args(p)
+    return run(p.parse_args())
+
+
 def model_path(args: argparse.Namespace) -> str | None:
     """--model, or a temporary folder holding --model-config as config.json."""
     if args.model_config is None:

@@ -144,3 +144,7 @@ def run(args: argparse.Namespace) -> int:
         result["speedup_ttft"] = round(runs[1]["ttft_ms"] / runs[0]["ttft_ms"], 2)
     h.emit(result, args)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(h.standalone_main(add_args, run, __doc__))

@@ -192,3 +192,7 @@ def run(args: argparse.Namespace) -> int:
 def load_results(path: str | Path) -> list[dict[str, Any]]:
     """Read back an --output-json file (one JSON object a line)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    raise SystemExit(h.standalone_main(add_args, run, __doc__))

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from modelport.layers.attention import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
-_NEG_BIG = -1.0e30  # finite "minus infinity": keeps empty splits free of inf - inf = NaN
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": empty splits give no inf - inf = NaN
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Everything the GPU fast path is checked and measured with, on one H200 (the device tool's
+# machine: torch 2.11, triton 3.6, transformers 5.17, no network). From the repo root:
+#   bash bench/gpu/run_all.sh [stage ...]      stages: tests kernels w3 w1 hf-w3 hf-w1 (default: all)
+# Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
+# Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
+# into .whl/, then carry ".whl" (this script installs them when the folder is there).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:src
+else
+  export PYTHONPATH=src
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=python3
+CFG=bench/configs/llama-3.1-8b.json
+COMMON="--model-config $CFG --load-format dummy --dtype bfloat16 --max-model-len 2048"
+stages=${*:-tests kernels w3 w1 hf-w3 hf-w1}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+$PY -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+rc=0
+for s in $stages; do
+  echo "=== $s $(date -u +%T)"
+  case $s in
+    tests)   $PY -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_engine.py \
+               2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || rc=1 ;;
+    kernels) $PY bench/gpu/kernel_bench.py | tee "$OUT/kernels.jsonl" || rc=1 ;;
+    w3)      $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 --profile \
+               --output-json "$OUT/w3.jsonl" 2>"$OUT/w3.err" || { rc=1; tail -20 "$OUT/w3.err"; } ;;
+    w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
+               --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;
+    w1)      $PY -m modelport.bench.throughput $COMMON --num-prompts 256 \
+               --max-num-seqs 256 --max-num-batched-tokens 2048 --profile-steps 20 \
+               --output-json "$OUT/w1.jsonl" 2>"$OUT/w1.err" || { rc=1; tail -20 "$OUT/w1.err"; } ;;
+    hf-w3)   $PY -m modelport.bench.latency $COMMON --backend hf \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 --num-iters-warmup 1 \
+               --output-json "$OUT/w3.jsonl" 2>"$OUT/hfw3.err" || { rc=1; tail -20 "$OUT/hfw3.err"; } ;;
+    hf-w1)   $PY -m modelport.bench.throughput $COMMON --backend hf --hf-mode continuous \
+               --num-prompts 256 --output-json "$OUT/w1.jsonl" 2>"$OUT/hfw1.err" || { rc=1; tail -20 "$OUT/hfw1.err"; } ;;
+    *) echo "unknown stage $s"; rc=2 ;;
+  esac
+done
+echo "=== done $(date -u +%T) rc=$rc"
+exit $rc
