@@ -131,7 +131,7 @@ class BatcherConfig:
         return self.priority_policies.get(level, self.default_policy)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)  # identity semantics; a repr would print whole tensors
 class _Pending:
     item: Any
     batch_size: int
@@ -250,9 +250,16 @@ class DynamicBatcher:
         return priority
 
     def _discard(self, pending: _Pending) -> None:
+        self._take([pending])
+
+    def _take(self, batch: list[_Pending]) -> None:
+        """Remove `batch` from the queues by identity, in one pass per queue."""
+        chosen = {id(p) for p in batch}
         for q in (*self._queues.values(), self._delayed):
-            with contextlib.suppress(ValueError):
-                q.remove(pending)
+            if any(id(p) in chosen for p in q):
+                kept = [p for p in q if id(p) not in chosen]
+                q.clear()
+                q.extend(kept)
 
     def _drain_all(self) -> list[_Pending]:
         out: list[_Pending] = []
@@ -328,8 +335,7 @@ class DynamicBatcher:
                     break
                 wait = due - now if nearest is None else min(due, nearest) - now
                 await self._sleep(wait)
-            for p in batch:
-                self._discard(p)
+            self._take(batch)
             self._launch(batch)
 
     async def _sleep(self, seconds: float | None) -> None:
