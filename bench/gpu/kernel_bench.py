@@ -85,5 +85,30 @@ def main():
              "fused": round(f2 * 1e3, 1)})
 
 
+def gemv_shapes():
+    """Triton GEMV vs cuBLAS (F.linear) on the 8B decode shapes, weight GB/s."""
+    import torch.nn.functional as F
+
+    from modelport.layers.triton_gemv import gemv
+
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+              "down": (4096, 14336), "lm_head": (128256, 4096)}
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=DEV, dtype=DT) * 0.02
+        for m in (1, 4):
+            x = torch.randn(m, k, device=DEV, dtype=DT)
+            gb = n * k * 2 / 1e9
+            row = {"kernel": "gemv", "shape": name, "m": m,
+                   "cublas_GBps": round(gb / bench(F.linear, x, w) * 1e3)}
+            ref = F.linear(x, w).float()
+            for bn, bk in ((4, 512), (8, 512), (16, 256), (8, 1024)):
+                y = gemv(x, w, None, bn, bk)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                row[f"triton_{bn}x{bk}_GBps"] = round(gb / bench(gemv, x, w, None, bn, bk) * 1e3)
+                row[f"err_{bn}x{bk}"] = float(f"{err:.1e}")
+            emit(**row)
+
+
 if __name__ == "__main__":
     main()
+    gemv_shapes()
