@@ -275,7 +275,7 @@ def test_infer_errors_have_triton_messages_and_codes(server, protocol):
         ("add_sub", [("INPUT0", a4, "FP32"), ("INPUT1", a4, "FP32"), ("EXTRA", a4, "FP32")], "unexpected inference input 'EXTRA'", 400, "StatusCode.INVALID_ARGUMENT"),
         ("no_such_model", [("INPUT0", a4, "FP32")], "Request for unknown model: 'no_such_model' is not found", 404, "StatusCode.NOT_FOUND"),
         ("onnx_add", [("A", np.zeros((9, 4), np.float32), "FP32"), ("B", np.zeros((9, 4), np.float32), "FP32")], "inference request batch-size must be <= 8 for 'onnx_add'", 400, "StatusCode.INVALID_ARGUMENT"),
-        ("neg_max_batch_size", [("X", a4, "FP32")], "is not ready", 503, "StatusCode.UNAVAILABLE"),
+        ("neg_max_batch_size", [("X", a4, "FP32")], "has no available versions", 503, "StatusCode.UNAVAILABLE"),
     ]  # fmt: skip
     for model, inputs, message, http_status, grpc_status in cases:
         with pytest.raises(InferenceServerException) as info:

@@ -69,7 +69,7 @@ def test_load_and_unload_over_http_and_grpc(explicit_server):
     assert not g.is_model_ready("bytes_echo")
     index = {r.name: r for r in g.get_model_repository_index().models}
     assert index["bytes_echo"].state == "UNAVAILABLE" and index["bytes_echo"].reason == "unloaded"
-    with pytest.raises(InferenceServerException, match="is not ready"):
+    with pytest.raises(InferenceServerException, match="has no available versions"):
         t = httpclient.InferInput("IN", [1, 1], "BYTES")
         t.set_data_from_numpy(np.array([[b"x"]], dtype=np.object_))
         h.infer("bytes_echo", [t])

@@ -63,5 +63,8 @@ def unknown_model(name: str, version: int | None = None) -> NotFound:
 
 
 def not_ready(name: str, version: int | None = None) -> Unavailable:
-    v = "" if version is None or version < 0 else f" version {version}"
-    return Unavailable(f"Request for unknown model: '{name}'{v} is not ready")
+    if version is None or version < 0:
+        return Unavailable(f"Request for unknown model: '{name}' has no available versions")
+    return Unavailable(
+        f"Request for unknown model: '{name}' version {version} is not at ready state"
+    )

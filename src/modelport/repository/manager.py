@@ -70,7 +70,8 @@ class ModelEntry:
 def _signature(path: Path) -> tuple:
     """What poll mode compares: config and version-folder file names and mtimes."""
     items = []
-    for root, _dirs, files in os.walk(path):
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
         for f in files:
             p = Path(root) / f
             with contextlib.suppress(OSError):
@@ -307,14 +308,11 @@ class RepositoryManager:
     # -- lookup and inference --
 
     def get(self, name: str, version: int = -1) -> Served:
+        """The served model version, or Triton's not-found / not-ready error."""
         entry = self.entries.get(name)
-        if entry is None or (
-            not entry.versions and entry.state in ("", "UNAVAILABLE") and entry.path is None
-        ):
+        if entry is None or not entry.state:  # unknown, or known but never loaded
             raise unknown_model(name, version)
         if not entry.versions:
-            if entry.state == "":
-                raise unknown_model(name, version)
             raise not_ready(name, version)
         if version is None or version < 0:
             model = entry.versions[max(entry.versions)]

@@ -233,23 +233,24 @@ class ModelVersion:
             prepared, rows = self._prepare(req)
             item = BatchItem(prepared, stream=asyncio.Queue(), extra={"rows": rows})
             submit = asyncio.ensure_future(self._submit(item, rows))
-            while True:
-                getter = asyncio.ensure_future(item.stream.get())
-                done, _ = await asyncio.wait({getter, submit}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    exc = submit.exception()
-                    if exc is not None:  # rejected in the queue, or the whole batch failed
-                        raise exc
-                    submit = asyncio.ensure_future(asyncio.sleep(3600))  # submit ok: keep reading
-                    continue
-                msg = getter.result()
-                if msg is STREAM_END:
-                    break
-                if isinstance(msg, BaseException):
-                    raise msg
-                yield self._finish(req, msg)
-            submit.cancel()
+            try:
+                while True:
+                    getter = asyncio.ensure_future(item.stream.get())
+                    waiting = {getter} if submit.done() else {getter, submit}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():  # the batch ended before the stream did
+                        getter.cancel()
+                        submit.result()  # raises if rejected in the queue or the batch failed
+                        continue
+                    msg = getter.result()
+                    if msg is STREAM_END:
+                        break
+                    if isinstance(msg, BaseException):
+                        raise msg
+                    yield self._finish(req, msg)
+            finally:
+                if not submit.done():
+                    submit.cancel()
             ok = True
         finally:
             self.stats.pending -= 1

@@ -194,6 +194,7 @@ def _load_model(model_file: str) -> Any:
 
 def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupled: bool) -> None:
     sys.modules["triton_python_backend_utils"] = pb_utils
+    sys.dont_write_bytecode = True  # never write __pycache__ into the model repository
     sys.path.insert(0, version_dir)
     runtime = _Runtime(conn)
     pb_utils._install_runtime(runtime)
