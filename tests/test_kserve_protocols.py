@@ -32,6 +32,7 @@ def server(tmp_path_factory):
     testing.build_onnx_add(repo / "onnx_add" / "1" / "model.onnx")
     testing.build_torch_linear(repo / "torch_linear" / "1" / "model.pt", version=1)
     testing.build_torch_linear(repo / "torch_linear" / "2" / "model.pt", version=2)
+    testing.build_onnx_add(repo / "onnx_no_config" / "1" / "model.onnx")  # no config.pbtxt
     srv = EmbeddedServer([repo, FIXTURES / "invalid"]).start()
     yield srv
     srv.stop()
@@ -368,3 +369,18 @@ def test_load_unload_refused_in_none_mode(server):
     assert index["add_sub"]["state"] == "READY"
     assert index["ensemble_cycle"]["state"] == "UNAVAILABLE"
     assert "cycle" in index["ensemble_cycle"]["reason"]
+
+
+def test_onnx_model_without_config_is_autocompleted(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    cfg = c.get_model_config("onnx_no_config")
+    assert cfg["backend"] == "onnxruntime" and cfg["max_batch_size"] == 4
+    assert [(i["name"], i["data_type"], i["dims"]) for i in cfg["input"]] == [
+        ("A", "TYPE_FP32", [4]),
+        ("B", "TYPE_FP32", [4]),
+    ]
+    a = np.ones((3, 4), dtype=np.float32)
+    r = c.infer(
+        "onnx_no_config", [make_input("http", "A", a, "FP32"), make_input("http", "B", a, "FP32")]
+    )
+    np.testing.assert_allclose(r.as_numpy("SUM"), a * 2)

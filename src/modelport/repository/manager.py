@@ -33,6 +33,7 @@ from modelport.repository.errors import (
 )
 from modelport.repository.model import ModelVersion
 from modelport.repository.model_config import autocomplete, read_config
+from modelport.repository.onnx_autocomplete import autocomplete_onnx
 from modelport.repository.tensors import InferRequest, InferResponse
 from modelport.repository.validation import validate_config
 from modelport.repository.versions import select_versions
@@ -277,6 +278,13 @@ class RepositoryManager:
         else:
             raw = read_config(path)
         cfg = autocomplete(raw, path, self.gpus)
+        if cfg.backend == "onnxruntime" and not (cfg.input and cfg.output):
+            try:
+                versions = select_versions(cfg, path)
+            except ServingError:
+                versions = []  # reported below, by the version check
+            if versions:
+                cfg = autocomplete_onnx(cfg, path, versions)
         validate_config(cfg, path.name, backend_names(), self.gpus)
         return cfg
 
