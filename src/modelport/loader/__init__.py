@@ -166,7 +166,7 @@ def load_model(
         raise ValueError(f"load_format='gguf' needs a .gguf file, got {src.path}")
     from modelport.quantization.loading import resolve_quantization
 
-    plan = resolve_quantization(load_config.quantization, src, config, device)
+    plan = resolve_quantization(load_config.quantization, src, config, device, fmt)
     if plan is not None:  # quantized checkpoint or --quantization: see quantization/loading.py
         return plan.load(cls, config, fmt, load_config.seed, dtype, device)
     with _build_defaults(dtype, device):

@@ -64,16 +64,21 @@ def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
     if method == "fp8":
         from modelport.quantization.fp8 import FP8Config
 
-        return FP8Config.online() if online else FP8Config.from_hf(qc)
+        return FP8Config(online=True) if online else FP8Config.from_hf(qc)
     from modelport.quantization.nf4 import NF4Config
 
     return NF4Config.from_hf(qc)
 
 
 def resolve_quantization(
-    requested: str | None, src: Any, model_config: ModelConfig, device: torch.device | str
+    requested: str | None, src: Any, model_config: ModelConfig, device: torch.device | str,
+    load_format: str = "auto",
 ) -> QuantPlan | None:
-    """The plan for this model, or None when it loads unquantized (exactly as before)."""
+    """The plan for this model, or None when it loads unquantized (exactly as before).
+
+    With load_format="dummy" any method may be requested for a float config (benchmarks:
+    random weights packed in that format, default bits / group size).
+    """
     method = _normalize(requested)
     declared = checkpoint_method(model_config)
     if declared is not None and declared not in SUPPORTED_METHODS:
@@ -97,13 +102,14 @@ def resolve_quantization(
             f"requested; drop --quantization (it is detected) or pass {declared}"
         )
     if method is not None and declared is None and src.kind == "hf":
-        if method != "fp8":
+        if method == "fp8":
+            online = True
+        elif load_format != "dummy":
             raise ValueError(
                 f"{src.path} has no quantization_config, so it is not a {method} checkpoint; "
                 f"make one with `modelport quantize --method {method}` or use "
                 "--quantization fp8 to quantize at load time"
             )
-        online = True
     from modelport.models.registry import get_model_class
 
     stacked = getattr(get_model_class(model_config.architecture), "stacked_params", ())

@@ -1,0 +1,57 @@
+"""`modelport quantize --method awq|gptq|fp8 --model PATH --output PATH --calib FILE ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="write an AWQ / GPTQ / FP8 checkpoint from a float HF folder",
+        description="Quantize a float HF checkpoint into the public AWQ (AutoAWQ GEMM), GPTQ "
+                    "(AutoGPTQ) or FP8 layout; per-layer errors are printed and saved.")
+    p.add_argument("--method", required=True, choices=["awq", "gptq", "fp8"])
+    p.add_argument("--model", required=True, help="float HF folder (config.json + safetensors)")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--calib", type=Path, default=None,
+                   help="calibration text: .txt or .jsonl with a \"text\" field (not for fp8)")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="-1: one group per channel")
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
+                   help="asymmetric quantization with zero points (default: on for AWQ, off "
+                        "(symmetric) for GPTQ)")
+    p.add_argument("--reference-text", type=Path, default=None,
+                   help="a sample of the text the model will serve: warns when the "
+                        "calibration text looks unrelated to it")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (where calibration runs)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
+
+    zero_point = args.zero_point if args.zero_point is not None else args.method == "awq"
+    try:
+        opts = QuantizeOptions(
+            method=args.method, bits=args.bits, group_size=args.group_size,
+            desc_act=args.desc_act, zero_point=zero_point, num_samples=args.num_samples,
+            seq_len=args.seq_len, reference_text=args.reference_text, device=args.device)
+        report = quantize_model(args.model, args.output, args.calib, opts)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if report.layer_errors:
+        print(f"{'layer':60s} rel. output error")
+        for name, err in report.layer_errors.items():
+            print(f"{name:60s} {err:.4f}")
+        worst = max(report.layer_errors.items(), key=lambda kv: kv[1])
+        print(f"worst: {worst[0]} ({worst[1]:.4f})")
+    print(f"wrote {report.output}")
+    return 0

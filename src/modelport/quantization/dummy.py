@@ -1,0 +1,60 @@
+"""Random weights packed in a quantized format (load_format="dummy"), for benchmarks.
+
+Each quantized layer gets a Normal(0, 0.02) float weight encoded the way a checkpoint would
+store it (RTN codes for AWQ/GPTQ, E4M3 + scales for FP8) and loaded through the layer's own
+weight loaders, so the kernels see exactly what a real checkpoint would give them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelport.loader.dummy import DUMMY_STD
+
+
+def encode(config: object, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors of one linear layer's float weight w [N, K] in config's format."""
+    from modelport.quantization.tools.rtn import rtn_quantize
+
+    name = getattr(config, "name", "")
+    if name == "awq":
+        from modelport.quantization.awq import pack_awq
+
+        return pack_awq(*rtn_quantize(w, config.bits, config.group_size, sym=False))
+    if name == "gptq":
+        from modelport.quantization.gptq import pack_gptq
+
+        g = w.shape[1] if config.group_size == -1 else config.group_size
+        codes, zeros, scales = rtn_quantize(w, config.bits, g, sym=config.sym)
+        return pack_gptq(codes, zeros, scales, config.bits, group_size=g)
+    if name == "fp8":
+        if config.online:
+            return {"weight": w}
+        from modelport.quantization.fp8 import quantize_fp8_per_channel
+
+        q, s = quantize_fp8_per_channel(w)
+        return {"weight": q, "weight_scale": s}
+    raise ValueError(f"load_format='dummy' is not available for quantization {name!r}")
+
+
+@torch.no_grad()
+def init_dummy_quantized(model: nn.Module, seed: int) -> None:
+    gen_cpu = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            n = sum(s for _, s in getattr(module, "shard_ranges", {}).values()) or module.output_size
+            dev = module.quant_device
+            w = (torch.randn(n, module.input_size, generator=gen_cpu) * DUMMY_STD).to(dev)
+            for pname, tensor in encode(method.config, w).items():
+                param = module._parameters[pname]
+                param.weight_loader(param, tensor.to(dev), None)
+            if module.bias is not None:
+                module.bias.normal_(0.0, DUMMY_STD)
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if pname == "weight" and "norm" in type(module).__name__.lower():
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, DUMMY_STD)

@@ -1,0 +1,177 @@
+"""The `modelport quantize` pipeline: float HF folder + calibration text -> quantized folder.
+
+load float model -> calibration windows (+ warnings) -> per-layer input statistics ->
+per linear weight: AWQ scales + RTN, GPTQ, or FP8 -> public-layout checkpoint, with the
+relative output error of every layer on calibration activations reported (and saved as
+quantization_report.json next to the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
+
+METHODS = ("awq", "gptq", "fp8")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    method: str
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    zero_point: bool = True  # asymmetric (AWQ default); False: symmetric (GPTQ "sym")
+    num_samples: int = 128
+    seq_len: int = 512
+    reference_text: Path | None = None  # a sample of real traffic, for the relevance check
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "awq" and self.bits != 4:
+            raise ValueError(f"AWQ: unsupported bit width {self.bits} (only 4)")
+        if self.method == "gptq" and self.bits not in (4, 8):
+            raise ValueError(f"GPTQ: unsupported bit width {self.bits}; supported: 4, 8")
+        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
+            raise ValueError(f"--group-size must be -1 or a positive multiple of 8, got {self.group_size}")
+        if self.num_samples <= 0 or self.seq_len <= 1:
+            raise ValueError("--num-samples must be > 0 and --seq-len > 1")
+
+
+@dataclass
+class QuantizeReport:
+    output: Path
+    warnings: list[str] = field(default_factory=list)
+    layer_errors: dict[str, float] = field(default_factory=dict)  # HF weight name -> rel. error
+    calibration_tokens: int = 0
+
+    def to_json(self) -> dict:
+        return {"warnings": self.warnings, "calibration_tokens": self.calibration_tokens,
+                "layer_relative_output_error": self.layer_errors}
+
+
+def stats_key(hf_name: str) -> str:
+    """HF weight name -> our fused module whose input it shares (q/k/v -> qkv_proj, ...)."""
+    prefix = hf_name.removesuffix(".weight")
+    prefix = re.sub(r"\.(q|k|v)_proj$", ".qkv_proj", prefix)
+    return re.sub(r"\.(gate|up)_proj$", ".gate_up_proj", prefix)
+
+
+def _rel_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    y = x @ w.t().float()
+    return ((x @ w_hat.t().float() - y).norm() / y.norm().clamp(min=1e-12)).item()
+
+
+def _tokenize(model_dir: Path, texts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeOptions,
+                   progress: bool = True) -> QuantizeReport:
+    from tqdm.auto import tqdm
+
+    from modelport.config import LoadConfig
+    from modelport.loader import hf, load_model, load_model_config, resolve_model
+    from modelport.quantization.tools import calib as calib_mod
+    from modelport.quantization.tools.capture import collect_stats
+
+    src = resolve_model(model)
+    if src.kind != "hf":
+        raise ValueError("quantize needs an HF folder (config.json + *.safetensors), not a GGUF file")
+    mcfg = load_model_config(src)
+    if mcfg.hf_config.get("quantization_config"):
+        raise ValueError(f"{src.path} is already quantized; start from the float checkpoint")
+    if calib is None and opts.method != "fp8":
+        raise ValueError(f"--calib is required for {opts.method} (FP8 needs no calibration)")
+    report = QuantizeReport(Path(output))
+    weights = {n: t.float() for n, t in hf.iter_safetensors(hf.safetensors_files(src.path))}
+    stats = {}
+    if calib is not None:
+        windows = calib_mod.make_windows(_tokenize(src.path, calib_mod.read_texts(calib)),
+                                         opts.num_samples, opts.seq_len)
+        ref = None
+        if opts.reference_text is not None:
+            ref = [t for ids in _tokenize(src.path, calib_mod.read_texts(opts.reference_text))
+                   for t in ids]
+        report.warnings = calib_mod.calibration_warnings(windows, opts.num_samples, opts.seq_len, ref)
+        report.calibration_tokens = sum(len(w) for w in windows)
+        float_model = load_model(src, mcfg, LoadConfig(), torch.float32, torch.device(opts.device))
+        stats = collect_stats(float_model, windows)
+        del float_model
+    originals = {n: w.clone() for n, w in weights.items() if is_quantizable(n)}
+    if opts.method == "awq":
+        from modelport.quantization.tools.awq_algo import apply_awq_scales, scale_groups
+
+        apply_awq_scales(weights, stats, scale_groups(mcfg.num_hidden_layers, mcfg.num_attention_heads,
+                                                      mcfg.num_key_value_heads),
+                         opts.bits, opts.group_size, opts.zero_point)
+    out: dict[str, torch.Tensor] = {n: w for n, w in weights.items() if not is_quantizable(n)}
+    names = [n for n in weights if is_quantizable(n)]
+    for name in tqdm(names, desc=f"Quantizing ({opts.method})", unit="layer", disable=not progress):
+        w, w_hat, tensors = _quantize_one(name, weights[name], stats, opts)
+        prefix = name.removesuffix(".weight")
+        out.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+        if stats:
+            x = stats[stats_key(name)].x_sample
+            if opts.method == "awq":  # compare the effective weight with the original one
+                w_hat = w_hat * (originals[name] / w.where(w != 0, torch.ones_like(w))).where(
+                    w != 0, torch.zeros_like(w))
+            report.layer_errors[name] = _rel_error(x, originals[name], w_hat)
+    write_checkpoint(src.path, report.output, out, _hf_config(opts),
+                     float_dtype=torch.float16 if opts.method != "fp8" else torch.bfloat16)
+    (report.output / "quantization_report.json").write_text(json.dumps(report.to_json(), indent=2))
+    return report
+
+
+def _hf_config(opts: QuantizeOptions):  # noqa: ANN202 - one of three config classes
+    if opts.method == "awq":
+        from modelport.quantization.awq import AWQConfig
+
+        return AWQConfig(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
+    if opts.method == "gptq":
+        from modelport.quantization.gptq import GPTQConfig
+
+        return GPTQConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
+                          sym=not opts.zero_point)
+    from modelport.quantization.fp8 import FP8Config
+
+    return FP8Config()
+
+
+def _quantize_one(name: str, w: torch.Tensor, stats: dict, opts: QuantizeOptions
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(weight that was quantized, its dequantization, checkpoint tensors) for one linear."""
+    from modelport.quantization.tools.rtn import dequantize_codes, rtn_quantize
+
+    k = w.shape[1]
+    g = k if opts.group_size == -1 else opts.group_size
+    if opts.method == "fp8":
+        from modelport.quantization.fp8 import quantize_fp8_per_channel
+
+        q, scale = quantize_fp8_per_channel(w)
+        return w, q.float() * scale[:, None], {"weight": q, "weight_scale": scale}
+    if k % g:
+        raise ValueError(f"{name}: input size {k} is not a multiple of --group-size {g}")
+    if opts.method == "awq":
+        from modelport.quantization.awq import pack_awq
+
+        codes, zeros, scales = rtn_quantize(w, opts.bits, g, sym=not opts.zero_point)
+        g_idx = torch.arange(k) // g
+        return w, dequantize_codes(codes, zeros, scales, g_idx), pack_awq(codes, zeros, scales)
+    from modelport.quantization.gptq import pack_gptq
+    from modelport.quantization.tools.gptq_algo import gptq_quantize
+
+    codes, zeros, scales, g_idx = gptq_quantize(w, stats[stats_key(name)].hessian, opts.bits, g,
+                                                sym=not opts.zero_point, act_order=opts.desc_act)
+    deq = dequantize_codes(codes, zeros, scales, g_idx.long())
+    return w, deq, pack_gptq(codes, zeros, scales, opts.bits, g_idx=g_idx)
