@@ -80,6 +80,7 @@ def server(tmp_path_factory, remote_http):
     ts_archives.classifier_archive(store, work / "cls")
     ts_archives.archive(store, "func", HERE / "func_handler.py")
     ts_archives.traversal_archive(store)
+    ts_archives.archive(store, "badinit", HERE / "bad_init_handler.py")
     cfg = root / "config.properties"
     models = {
         "echo": {
@@ -354,3 +355,27 @@ def test_worker_crash_is_restarted(server, echo1):
     assert desc["workers"][0]["restarts"] == 1
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_async_registration_and_failed_initialize(server):
+    r = server.mgmt("POST", "/models?url=func.mar&model_name=func_async&initial_workers=1")
+    assert r.status_code == 202, r.text
+    assert "Processing worker updates" in r.json()["status"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        (desc,) = server.mgmt("GET", "/models/func_async").json()
+        if desc["workers"] and desc["workers"][0]["status"] == "READY":
+            break
+        time.sleep(0.2)
+    assert server.infer("/predictions/func_async", content=b"ab").json()["model"] == "func_async"
+    assert server.mgmt("DELETE", "/models/func_async").status_code == 200
+
+    r = server.mgmt("POST", "/models?url=badinit.mar&initial_workers=1&synchronous=true")
+    body = _ts_error(r, 500, "InternalServerException")
+    assert "badinit" in body["message"] and "weights.bin is missing" in body["message"]
+    _ts_error(server.mgmt("GET", "/models/badinit"), 404)  # nothing half-registered
+    r = server.mgmt("POST", "/models?url=badinit.mar&initial_workers=0")
+    assert r.status_code == 200 and "Use scale workers API" in r.json()["status"]
+    body = _ts_error(server.infer("/predictions/badinit", content=b"x"), 503)
+    assert body["type"] == "ServiceUnavailableException" and "no worker" in body["message"]
+    assert server.mgmt("DELETE", "/models/badinit").status_code == 200

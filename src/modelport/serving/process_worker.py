@@ -35,7 +35,10 @@ import asyncio
 import contextlib
 import importlib
 import multiprocessing as mp
+import multiprocessing.util as mp_util
 import os
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -133,6 +136,8 @@ def _resolve(factory: str) -> Any:
 
 
 def _child_main(conn: Any, factory: str, init_kwargs: dict, env: dict[str, str]) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides when a child stops
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
     try:
         target = _resolve(factory)(**init_kwargs)
@@ -150,7 +155,16 @@ def _child_main(conn: Any, factory: str, init_kwargs: dict, env: dict[str, str])
             if callable(finalize):
                 with contextlib.suppress(Exception):
                     finalize()
-            return
+            # skip interpreter teardown: with torch loaded it takes seconds and does nothing
+            # the user's finalize() did not already do
+            with contextlib.suppress(Exception):
+                # multiprocessing's own exit hook: unlinks semaphores (tqdm makes one) so the
+                # resource tracker has nothing to warn about
+                mp_util._exit_function()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
         try:
             result = _Result(msg.seq, target.execute(msg.payload))
         except BaseException as e:  # noqa: BLE001
@@ -211,7 +225,14 @@ class ProcessWorker:
     @property
     def alive(self) -> bool:
         inc = self._inc
-        return inc is not None and not inc.dead and inc.ready.done() and not inc.ready.exception()
+        return (
+            inc is not None
+            and not inc.dead
+            and not self._stopping
+            and inc.ready.done()
+            and not inc.ready.exception()
+            and inc.proc.is_alive()
+        )
 
     @property
     def pid(self) -> int | None:

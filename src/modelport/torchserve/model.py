@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -50,6 +51,7 @@ class _Slot:
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     )
     retired: bool = False
+    gpu_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class ModelVersion:
     def num_workers(self) -> int:
         return len(self._slots)
 
-    def _new_worker(self) -> ProcessWorker:
+    def _new_worker(self, gpu_id: int | None) -> ProcessWorker:
         return ProcessWorker(
             HANDLER_FACTORY,
             {
@@ -110,6 +112,7 @@ class ModelVersion:
                 "model_dir": str(self.model_dir),
                 "handler": self.handler,
                 "batch_size": self.settings.batch_size,
+                "gpu_id": gpu_id,
                 "envelope": self.manifest.envelope,
                 "model_yaml_config": self.model_yaml,
                 "extra_sys_path": self.extra_sys_path,
@@ -122,9 +125,10 @@ class ModelVersion:
         """Start or stop worker processes until `n` run; raises if a new one fails to load."""
         async with self._scale_lock:
             if n > len(self._slots):
+                n_gpu = await asyncio.to_thread(gpu_count)  # first call imports torch
                 new = [
-                    _Slot(self._new_worker(), str(next(_worker_ids)))
-                    for _ in range(n - len(self._slots))
+                    _Slot(self._new_worker(gpu), str(next(_worker_ids)), gpu_id=gpu)
+                    for gpu in self._gpu_ids(n - len(self._slots), n_gpu)
                 ]
                 results = await asyncio.gather(
                     *(s.worker.start() for s in new), return_exceptions=True
@@ -132,9 +136,11 @@ class ModelVersion:
                 failed = [r for r in results if isinstance(r, BaseException)]
                 if failed:
                     await asyncio.gather(*(s.worker.stop() for s in new), return_exceptions=True)
+                    logger.error("workers of %s/%s failed: %s", self.name, self.version, failed[0])
+                    first_line = (str(failed[0]).splitlines() or [""])[0]
                     raise internal(
                         f"Failed to start workers for model {self.name} version {self.version}: "
-                        f"{failed[0]}"
+                        f"{first_line}"
                     )
                 self._slots.extend(new)
                 self._idle.extend(new)
@@ -147,6 +153,17 @@ class ModelVersion:
                 # a busy slot is stopped when its batch returns (see _execute)
             self._idle_event.set()
             self._swap_batcher(max(len(self._slots), 1))
+
+    def _gpu_ids(self, count: int, n_gpu: int) -> list[int | None]:
+        """Spread workers over visible GPUs, as TorchServe assigns gpu_id to workers."""
+        if n_gpu == 0:
+            return [None] * count
+        used = [s.gpu_id for s in self._slots]
+        out: list[int | None] = []
+        for _ in range(count):
+            gpu = min(range(n_gpu), key=lambda g: (used + out).count(g))
+            out.append(gpu)
+        return out
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -258,7 +275,8 @@ class ModelVersion:
                     "status": "READY" if slot.worker.alive else "UNLOADING",
                     "memoryUsage": 0,
                     "pid": slot.worker.pid,
-                    "gpu": False,
+                    "gpu": slot.gpu_id is not None,
+                    "gpuId": slot.gpu_id,
                     "gpuUsage": "N/A",
                     "restarts": slot.worker.restarts,
                 }
@@ -278,6 +296,17 @@ class ModelVersion:
         for t in list(self._retiring):
             with contextlib.suppress(BaseException):
                 await t
+
+
+@functools.cache
+def gpu_count() -> int:
+    """Visible CUDA devices; 0 when torch has no CUDA (the handler then runs on CPU)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
 
 
 def _no_worker_message(name: str) -> str:

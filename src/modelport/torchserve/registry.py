@@ -317,8 +317,10 @@ class ModelRegistry:
                 )
 
     async def stop(self) -> None:
-        for mv in self.all_versions():
-            await self._remove(mv.name, mv.version)
+        await asyncio.gather(
+            *(self._remove(mv.name, mv.version) for mv in self.all_versions()),
+            return_exceptions=True,
+        )
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
