@@ -53,11 +53,7 @@ def test_kv_capacity_is_the_shared_engine_formula_on_the_budget():
     # the budget itself: utilization x memory - weights - activations - reserves
     b = p.budget
     assert b.kv_bytes == (
-        b.usable_bytes
-        - b.weights_bytes
-        - b.activation_bytes
-        - b.non_torch_bytes
-        - b.graph_reserve_bytes
+        b.usable_bytes - b.weights_bytes - b.buffer_bytes - b.activation_bytes - b.non_torch_bytes
     )
     assert b.usable_bytes == int(0.9 * b.device_bytes)
 

@@ -109,7 +109,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="CPU KV cache budget (bytes, or 512MiB / 2GiB); engine default 1 GiB",
     )
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph memory reserve")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--list-presets", action="store_true", help="list model and GPU presets")
     p.set_defaults(func=run_plan)
@@ -152,7 +151,6 @@ def build_request(args: argparse.Namespace):  # -> PlanRequest
         kv_cache_memory=kv_mem,
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager,
     )
 
 

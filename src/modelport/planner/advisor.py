@@ -161,7 +161,7 @@ def _recommendations(plan: Plan) -> list[str]:
         )
     if dev.is_cpu and not plan.fits:
         need = kv.demand_bytes_per_gpu
-        room = plan.budget.usable_bytes - plan.resident_per_gpu - plan.budget.activation_bytes
+        room = plan.budget.room_for_kv_bytes
         if need <= room * 0.9:  # leave the OS and the server 10%
             out.append(
                 f"--kv-cache-memory {_mib_flag(-(-need // 2**20) * 2**20)}: the whole "
@@ -203,7 +203,7 @@ def _fitting_plan(plan: Plan) -> Plan | None:
         method = "gguf-q4_k_m" if req.device.is_cpu else ("fp8" if req.device.fp8 else "awq")
         p = _replan(p.request, quantization=method) or p
     if req.device.is_cpu and not p.fits:
-        room = p.budget.usable_bytes - p.resident_per_gpu - p.budget.activation_bytes
+        room = p.budget.room_for_kv_bytes
         want = min(p.kv.demand_bytes_per_gpu, int(room * 0.9))
         if want > p.budget.kv_bytes:
             p = _replan(p.request, kv_cache_memory=-(-want // (1 << 20)) * (1 << 20)) or p

@@ -1,19 +1,25 @@
 """Memory budget and KV-cache capacity, computed the way the engine computes them.
 
 CPU: the KV cache gets exactly `kv_cache_memory` bytes (1 GiB by default), as in the runner.
-CUDA: gpu_memory_utilization x device memory, minus what the profiling forward leaves in use
-(weights + peak activations) and memory outside torch's allocator (CUDA context, cuBLAS,
-NCCL). The planner cannot run that forward, so it estimates it:
+CUDA: gpu_memory_utilization x device memory, minus the peak the profiling forward reaches
+(weights + buffers + activations) and memory outside torch's allocator. The planner cannot run
+that forward, so it models it on what the runner does:
 
+  buffers      rotary cos/sin tables: one per layer of max_position_embeddings x head_dim in
+               the compute dtype (1 GiB for Llama-3.1-8B's 131072 positions).
   activations  max_num_batched_tokens x (2 x hidden + 3 x intermediate / tp) x act_bytes
                (residual stream, gate/up projections and their product at the MLP peak)
+               + heads / tp x tokens^2 x 8 for the fp32 scores and probabilities of the causal
+               attention the profile forward runs without a KV cache
                + min(max_num_seqs, tokens) x vocab x (act_bytes + 4) for the logits and their
-               fp32 upcast in the sampler. Checked against a profiling forward of the
-               Llama-3.1-8B shape on an H200: 0.34 GiB measured vs 0.38 GiB estimated at 2048
-               tokens, 0.94 vs 0.96 GiB at 8192.
-  non-torch    0.5 GiB (a bare CUDA context took 0.51 GiB on that H200), +0.5 GiB for NCCL
+               fp32 upcast in the sampler.
+  non-torch    0.65 GiB: CUDA context, cuBLAS workspace and loaded kernels; +0.5 GiB of NCCL
                buffers when tp > 1.
-  graphs       0.25 GiB for CUDA-graph pools and allocator slack, 0 with --enforce-eager.
+CUDA graphs are captured after the KV cache is sized, inside the (1 - utilization) headroom,
+so they take nothing from the budget. Checked on an H200 against the engine itself (dummy bf16
+weights, tests/test_planner_gpu.py): planned KV blocks were 0.05% (Llama-3.1-8B, 8192 x 256,
+0.9), 0.21% (4096 x 64, 0.8), 0.08% (Qwen2.5-7B), 0.63% (Mistral-7B, 4096-token steps) and
+0.08% (16384 x 32, 1024-token steps) above what the engine allocated.
 
 The KV arithmetic itself is modelport.config's, shared with the engine, never re-derived.
 """
@@ -30,20 +36,25 @@ from modelport.config import (
 )
 from modelport.planner.hardware import GIB, Device
 
-NON_TORCH_BYTES = GIB // 2
+NON_TORCH_BYTES = int(0.65 * GIB)
 NCCL_BYTES = GIB // 2
-GRAPH_RESERVE_BYTES = GIB // 4
+
+
+def buffer_bytes(model: ModelConfig, act_bytes: int) -> int:
+    """Non-parameter tensors the model holds: the per-layer rotary tables."""
+    return model.num_hidden_layers * model.max_position_embeddings * model.head_dim * act_bytes
 
 
 def activation_peak_bytes(
     model: ModelConfig, act_bytes: int, tp: int, max_num_batched_tokens: int, max_num_seqs: int
 ) -> int:
     """Estimated peak activation memory of the engine's profiling forward on one rank."""
+    t = max_num_batched_tokens
     h, inter = model.hidden_size, model.intermediate_size
     per_token = (2 * h + 3 * inter // tp) * act_bytes
-    rows = min(max_num_seqs, max_num_batched_tokens)
-    logits = rows * model.vocab_size * (act_bytes + 4)
-    return max_num_batched_tokens * per_token + logits
+    attention = model.num_attention_heads // tp * t * t * 8
+    logits = min(max_num_seqs, t) * model.vocab_size * (act_bytes + 4)
+    return t * per_token + attention + logits
 
 
 @dataclass(frozen=True)
@@ -53,17 +64,22 @@ class MemoryBudget:
     device_bytes: int
     usable_bytes: int  # gpu_memory_utilization x device (CPU: the whole RAM)
     weights_bytes: int
+    buffer_bytes: int
     activation_bytes: int
     non_torch_bytes: int
-    graph_reserve_bytes: int
     kv_bytes: int
     kv_from_flag: bool  # CPU: the KV budget is --kv-cache-memory, not what is left over
 
     @property
-    def ram_left_bytes(self) -> int:
-        """CPU: RAM left after weights, activations and the fixed KV cache."""
-        used = self.weights_bytes + self.activation_bytes + max(self.kv_bytes, 0)
+    def room_for_kv_bytes(self) -> int:
+        """Memory left once weights, buffers and activations are in."""
+        used = self.weights_bytes + self.buffer_bytes + self.activation_bytes
         return self.usable_bytes - used
+
+    @property
+    def ram_left_bytes(self) -> int:
+        """CPU: RAM left after weights, buffers, activations and the fixed KV cache."""
+        return self.room_for_kv_bytes - max(self.kv_bytes, 0)
 
 
 def memory_budget(
@@ -77,20 +93,18 @@ def memory_budget(
     max_num_batched_tokens: int,
     max_num_seqs: int,
     kv_cache_memory: int | None,
-    enforce_eager: bool,
 ) -> MemoryBudget:
     act = activation_peak_bytes(model, act_bytes, tp, max_num_batched_tokens, max_num_seqs)
+    buffers = buffer_bytes(model, act_bytes)
     if device.is_cpu:
         kv = kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
-        return MemoryBudget(
-            device.memory_bytes, device.memory_bytes, weights_per_gpu, act, 0, 0, kv, True
-        )
+        mem = device.memory_bytes
+        return MemoryBudget(mem, mem, weights_per_gpu, buffers, act, 0, kv, True)
     usable = int(device.memory_bytes * gpu_memory_utilization)
     non_torch = NON_TORCH_BYTES + (NCCL_BYTES if tp > 1 else 0)
-    graphs = 0 if enforce_eager else GRAPH_RESERVE_BYTES
-    kv = usable - weights_per_gpu - act - non_torch - graphs
+    kv = usable - weights_per_gpu - buffers - act - non_torch
     return MemoryBudget(
-        device.memory_bytes, usable, weights_per_gpu, act, non_torch, graphs, kv, False
+        device.memory_bytes, usable, weights_per_gpu, buffers, act, non_torch, kv, False
     )
 
 

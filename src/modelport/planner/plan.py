@@ -29,7 +29,7 @@ _CANON = {
     "float32": "float32",
     "float": "float32",
 }
-KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", *_CANON)
+KV_DTYPES = ("auto", "fp8", "fp8_e4m3", *_CANON)  # what CacheConfig accepts
 DTYPES = ("auto", *_CANON)
 
 # "gguf": keep a .gguf file's own blocks in memory (the engine's --quantization gguf). Without
@@ -72,7 +72,6 @@ class PlanRequest:
     kv_cache_memory: int | None = None  # CPU KV budget in bytes
     block_size: int = 16
     max_num_batched_tokens: int | None = None
-    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         for flag, v in (
@@ -203,7 +202,6 @@ def make_plan(req: PlanRequest) -> Plan:
         max_num_batched_tokens=batched,
         max_num_seqs=req.max_num_seqs,
         kv_cache_memory=req.kv_cache_memory,
-        enforce_eager=req.enforce_eager,
     )
     kv_name, kv_bytes = _kv_dtype(req, act)
     kv = kv_capacity(

@@ -62,7 +62,7 @@ def plan_to_dict(plan: Plan, advice: Advice) -> dict[str, Any]:
             "weights_bytes": b.weights_bytes,
             "activation_bytes": b.activation_bytes,
             "non_torch_bytes": b.non_torch_bytes,
-            "cuda_graph_reserve_bytes": b.graph_reserve_bytes,
+            "buffer_bytes": b.buffer_bytes,
             "kv_budget_bytes": b.kv_bytes,
         },
         "kv_cache": {
@@ -148,8 +148,8 @@ def render_text(plan: Plan, advice: Advice) -> str:
         rows.append(
             (
                 "memory",
-                f"RAM {_gib(b.device_bytes)}: weights {_size(b.weights_bytes)} + "
-                f"activations {_size(b.activation_bytes)} + KV cache "
+                f"RAM {_gib(b.device_bytes)}: weights {_size(b.weights_bytes)} + buffers "
+                f"{_size(b.buffer_bytes)} + activations {_size(b.activation_bytes)} + KV cache "
                 f"{_gib(b.kv_bytes)} (--kv-cache-memory); "
                 f"{_gib(b.ram_left_bytes)} left",
             )
@@ -159,10 +159,9 @@ def render_text(plan: Plan, advice: Advice) -> str:
             (
                 "memory",
                 f"{req.gpu_memory_utilization:g} x {_gib(b.device_bytes)} = "
-                f"{_gib(b.usable_bytes)} - weights {_gib(b.weights_bytes)} - "
-                f"activations {_size(b.activation_bytes)} - non-torch "
-                f"{_size(b.non_torch_bytes)} - graphs "
-                f"{_size(b.graph_reserve_bytes)} = KV {_gib(b.kv_bytes)}",
+                f"{_gib(b.usable_bytes)} - weights {_gib(b.weights_bytes)} - buffers "
+                f"{_size(b.buffer_bytes)} - activations {_size(b.activation_bytes)} - "
+                f"non-torch {_size(b.non_torch_bytes)} = KV {_gib(b.kv_bytes)}",
             )
         )
     rows += [
