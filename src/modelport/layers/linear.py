@@ -2,8 +2,10 @@
 
 Every projection in a model is one of these classes rather than a bare nn.Linear, for two
 reasons: (1) fused projections (q/k/v, gate/up) keep one matmul at run time while the
-checkpoint still stores them apart, so each parameter carries a ``weight_loader`` that knows
-where a named shard goes; (2) tensor parallelism and quantized methods can later replace
+checkpoint still stores them apart, so the layer's ``weight_loader(param, tensor, shard_id)``
+knows where a named shard goes (a method of the layer, not an attribute of the parameter:
+a parameter pointing back at its module would form a reference cycle that keeps GPU
+memory alive after ``del model`` until the garbage collector happens to run); (2) tensor parallelism and quantized methods can later replace
 these classes (or their loaders) as a transformation of the built module, leaving model files
 as plain single-device code.
 """
@@ -39,10 +41,8 @@ class Linear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.weight = _param(output_size, input_size)
-        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if bias:
             self.bias = _param(output_size)
-            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
 

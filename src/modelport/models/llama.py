@@ -24,14 +24,19 @@ from modelport.models.weights import StackedParam, load_declared_weights
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        rotary_emb: RotaryEmbedding,
     ) -> None:
         super().__init__()
         h, d = config.num_attention_heads, config.head_dim
         kvh = config.num_key_value_heads
         self.qkv_proj = QKVLinear(config.hidden_size, d, h, kvh, bias=qkv_bias)
         self.o_proj = Linear(h * d, config.hidden_size, bias=o_bias)
-        self.rotary_emb = RotaryEmbedding(d, rope_settings(config))
+        self.rotary_emb = rotary_emb  # one instance shared by all layers
         self.attn = Attention(h, d, kvh, layer_idx, scale=d**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -54,10 +59,16 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        mlp_bias: bool,
+        rotary_emb: RotaryEmbedding,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias, rotary_emb)
         self.mlp = LlamaMLP(config, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -81,8 +92,10 @@ class LlamaModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # one cos/sin table for the whole model (Llama 3.1: 131072 positions x 128 dims)
+        rotary = RotaryEmbedding(config.head_dim, rope_settings(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias, o_bias, mlp_bias)
+            LlamaDecoderLayer(config, i, qkv_bias, o_bias, mlp_bias, rotary)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -3,6 +3,10 @@
 A model declares ``stacked_params`` (checkpoint sub-name -> fused sub-name, shard id) and
 ``skip_weights`` (checkpoint names that carry nothing we need); this one function does the
 rest for every model, and checks that each fused parameter received all of its shards.
+
+Where a tensor goes is decided by, in order: a ``weight_loader`` attribute on the parameter
+(quantized methods attach their own), the owning module's ``weight_loader`` method (the
+linear layers), else a plain shape-checked copy.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 StackedParam = tuple[str, str, str]
 
 
-def _shard_names(param: nn.Parameter, module: nn.Module | None) -> set[str]:
+def _shard_names(module: nn.Module) -> set[str]:
     ranges = getattr(module, "shard_ranges", None)
     return set(ranges) if ranges else set()
 
@@ -50,13 +54,14 @@ def load_declared_weights(
             raise ValueError(
                 f"checkpoint tensor {ckpt_name!r} matches no parameter of {type(model).__name__}"
             )
-        loader = getattr(param, "weight_loader", None)
+        owner = owners[target]
+        loader = getattr(param, "weight_loader", None) or getattr(owner, "weight_loader", None)
         if shard is not None:
             if loader is None:
                 raise ValueError(f"parameter {target!r} cannot take shard {shard!r}")
             loader(param, tensor, shard)
             shards_seen.setdefault(target, set()).add(shard)
-            if shards_seen[target] >= _shard_names(param, owners[target]):
+            if shards_seen[target] >= _shard_names(owner):
                 loaded.add(target)
         elif loader is not None:
             loader(param, tensor)
