@@ -5,7 +5,8 @@
 Builds an ONNX MLP (512 -> 4096 -> 512, fp32: 16 MB of weights read per execution) into a temporary repository twice: `mlp_plain`
 (no dynamic_batching: every request runs alone) and `mlp_batched` (dynamic_batching, max
 batch 64, max_queue_delay 2 ms). Both have the same instance count. `modelport serve` runs
-as a child process; the clients are tritonclient's asyncio gRPC (or HTTP) client, each of
+as a child process (`--server embedded`: the KServe frontend alone, for machines that lack
+the other frontends' packages); the clients are tritonclient's asyncio gRPC (or HTTP) client, each of
 `--concurrency` coroutines sending one [1, 256] request at a time in a closed loop.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import signal
@@ -20,7 +22,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +59,34 @@ def make_repo(
             )
         )
     return repo
+
+
+def ready(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready") as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def http_json(http_port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}") as r:
+        return json.loads(r.read())
+
+
+def serve_only(repo: str, http_port: str, grpc_port: str) -> int:
+    """The KServe frontend alone, until SIGTERM."""
+    from modelport.entrypoints.kserve.embedded import EmbeddedServer
+
+    server = EmbeddedServer(
+        [repo], http_port=int(http_port), grpc_port=int(grpc_port), metrics_port=-1
+    ).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    return 0
 
 
 def free_port() -> int:
@@ -119,29 +151,36 @@ def main() -> int:
     ap.add_argument("--delay-us", type=int, default=2000, help="max_queue_delay_microseconds")
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--server", choices=["serve", "embedded"], default="serve")
+    ap.add_argument(
+        "--serve-only", nargs=3, metavar=("REPO", "HTTP", "GRPC"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
+    if args.serve_only:
+        return serve_only(*args.serve_only)
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(
             Path(tmp), args.instances, args.threads, args.delay_us, args.width, args.hidden
         )
         http_port, grpc_port = free_port(), free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "modelport", "serve", "--model-repository", str(repo),
-             "--port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", "-1",
-             "--log-level", "warning"],
-        )  # fmt: skip
+        if args.server == "serve":
+            cmd = [sys.executable, "-m", "modelport", "serve", "--model-repository", str(repo),
+                   "--port", str(http_port), "--grpc-port", str(grpc_port),
+                   "--metrics-port", "-1", "--log-level", "warning"]  # fmt: skip
+        else:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--serve-only",
+                str(repo),
+                str(http_port),
+                str(grpc_port),
+            ]
+        proc = subprocess.Popen(cmd)
         try:
-            import tritonclient.http as httpclient
-
-            probe = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
             deadline = time.time() + 120
-            while True:
-                try:
-                    if probe.is_server_ready():
-                        break
-                except Exception:
-                    pass
+            while not ready(http_port):
                 if proc.poll() is not None or time.time() > deadline:
                     raise SystemExit("server did not start")
                 time.sleep(0.2)
@@ -153,7 +192,7 @@ def main() -> int:
                         url, args.protocol, model, args.concurrency, args.duration, args.width
                     )
                 )
-                stats = probe.get_inference_statistics(model)["model_stats"][0]
+                stats = http_json(http_port, f"/v2/models/{model}/stats")["model_stats"][0]
                 execs, infers = stats["execution_count"], stats["inference_count"]
                 r["mean_batch"] = infers / max(execs, 1)
                 rows.append((model, r))

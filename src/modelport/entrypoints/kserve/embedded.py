@@ -24,12 +24,16 @@ class EmbeddedServer:
         load_models: Sequence[str] = (),
         poll_secs: float = 15.0,
         host: str = "127.0.0.1",
+        http_port: int = 0,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
     ) -> None:
+        """Ports 0 (the default) bind free ports; -1 turns gRPC or metrics off."""
         self.args = argparse.Namespace(
             host=host,
-            port=0,
-            grpc_port=0,
-            metrics_port=0,
+            port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
             model_repository=[str(r) for r in repositories],
             model_control_mode=control_mode,
             load_model=list(load_models),
@@ -88,7 +92,7 @@ class EmbeddedServer:
         self.service = await frontend.build(self.args, app)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
+        sock.bind((self.host, self.args.port))
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off")
         server = uvicorn.Server(config)
