@@ -141,3 +141,56 @@ def test_model_yaml_settings_and_tgz_served_in_process(tmp_path):
         assert not (tmp_path / "work").exists()
 
     asyncio.run(main())
+
+
+def _serve_args(argv: list[str]):
+    import argparse
+
+    from modelport.entrypoints.cli_serve import add_common_args
+    from modelport.entrypoints.torchserve import frontend
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    frontend.add_serve_args(parser)
+    return frontend, parser.parse_args(argv)
+
+
+def test_frontend_plan_from_cli_and_config(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("a.mar", "b.tar.gz", "notes.txt"):
+        (store / name).write_bytes(b"")
+    (store / "folder" / "MAR-INF").mkdir(parents=True)
+    (store / "folder" / "MAR-INF" / "MANIFEST.json").write_text("{}")
+
+    frontend, args = _serve_args(["--model-store", str(store), "--models", "all"])
+    assert frontend.wants(args)
+    plan = frontend._plan(args, load_ts_config_text(tmp_path, ""))
+    assert plan.startup == ((None, "a.mar"), (None, "b.tar.gz"), (None, "folder"))
+    assert plan.management == ("127.0.0.1", 8081) and plan.inference is None
+
+    frontend, args = _serve_args(
+        ["--models", "x=a.mar", "b.tar.gz", "--management-port", "9999", "--inference-port", "0"]
+    )
+    plan = frontend._plan(args, load_ts_config_text(tmp_path, ""))
+    assert plan.startup == (("x", "a.mar"), (None, "b.tar.gz"))
+    assert plan.management == ("127.0.0.1", 9999) and plan.inference == ("127.0.0.1", 0)
+
+    cfg = load_ts_config_text(
+        tmp_path,
+        "management_address=http://0.0.0.0:7071\nload_models=a.mar\ndefault_workers_per_model=2\n",
+    )
+    frontend, args = _serve_args(["--ts-config", "c.properties"])
+    assert frontend.wants(args)
+    plan = frontend._plan(args, cfg)
+    assert plan.startup == ((None, "a.mar"),) and plan.workers == 2
+    assert plan.management == ("0.0.0.0", 7071)
+
+    frontend, args = _serve_args(["--port", "8000"])
+    assert not frontend.wants(args)
+
+
+def load_ts_config_text(tmp_path: Path, text: str):
+    p = tmp_path / "c.properties"
+    p.write_text(text)
+    return load_ts_config(p)

@@ -77,7 +77,7 @@ def server(tmp_path_factory, remote_http):
     ts_archives.llm_archive(store, work / "llm")
     ts_archives.echo_archive(store, work / "echo1", greeting="hello from v1")
     ts_archives.echo_archive(store / "v2", work / "echo2", version="2.0", greeting="hello from v2")
-    ts_archives.classifier_archive(store, work / "cls")
+    ts_archives.classifier_archive(root / "outside_store", work / "cls")
     ts_archives.archive(store, "func", HERE / "func_handler.py")
     ts_archives.traversal_archive(store)
     ts_archives.archive(store, "badinit", HERE / "bad_init_handler.py")
@@ -105,7 +105,8 @@ def server(tmp_path_factory, remote_http):
         sys.executable, "-m", "modelport", "serve",
         "--port", str(s.port), "--log-level", "warning",
         "--model-store", str(store),
-        "--models", "llm=llm.mar", "echo=echo.mar", "classifier=classifier.mar",
+        "--models", "llm=llm.mar", "echo=echo.mar",
+        f"classifier={root / 'outside_store' / 'classifier.mar'}",  # operator-named: trusted
         "--ts-config", str(cfg),
         "--management-port", str(s.mport), "--inference-port", str(s.iport),
         "--ts-key-file", str(s.key_file),
@@ -379,3 +380,18 @@ def test_async_registration_and_failed_initialize(server):
     body = _ts_error(server.infer("/predictions/badinit", content=b"x"), 503)
     assert body["type"] == "ServiceUnavailableException" and "no worker" in body["message"]
     assert server.mgmt("DELETE", "/models/badinit").status_code == 200
+
+
+def test_explanations_customized_describe_and_extras(server, echo1):
+    r = server.infer("/explanations/echo1", content=b"why")
+    assert r.status_code == 200 and r.json()["explained"] is True and r.json()["echo"] == "why"
+    r = server.infer(echo1, content=b"plain")
+    assert r.json()["explained"] is False
+    assert len(r.headers["x-request-id"]) == 32
+    (desc,) = server.mgmt("GET", "/models/echo1?customized=true").json()
+    assert desc["customizedMetadata"] == {"handler": "EchoHandler", "greeting": "hello from v1"}
+    assert desc["workers"][0]["memoryUsage"] > 10_000_000  # RSS of a real process
+    (desc,) = server.mgmt("GET", "/models/classifier").json()
+    assert desc["modelUrl"].endswith("outside_store/classifier.mar")
+    _ts_error(server.mgmt("GET", "/no/such/api"), 404, "ResourceNotFoundException")
+    _ts_error(server.mgmt("PATCH", "/models"), 405, "MethodNotAllowedException")

@@ -251,6 +251,18 @@ class ModelVersion:
         except BatcherStoppedError as e:
             raise service_unavailable(f"Model {self.name} is being unloaded") from e
 
+    async def run_alone(self, item: RequestItem) -> Outcome:
+        """Run one request in a batch of its own, bypassing the batcher.
+
+        For requests whose handler mode is decided by a header of the *first* request of a
+        batch (TorchServe's `explain` and `describe`): batched with ordinary predictions they
+        would switch the whole batch's mode.
+        """
+        if not self._slots:
+            raise service_unavailable(_no_worker_message(self.name))
+        (outcome,) = await self._execute([(item, time.monotonic())])
+        return outcome
+
     def describe(self) -> dict:
         s = self.settings
         return {
@@ -273,7 +285,7 @@ class ModelVersion:
                     "id": slot.id,
                     "startTime": slot.start_time,
                     "status": "READY" if slot.worker.alive else "UNLOADING",
-                    "memoryUsage": 0,
+                    "memoryUsage": _rss(slot.worker.pid),
                     "pid": slot.worker.pid,
                     "gpu": slot.gpu_id is not None,
                     "gpuId": slot.gpu_id,
@@ -296,6 +308,15 @@ class ModelVersion:
         for t in list(self._retiring):
             with contextlib.suppress(BaseException):
                 await t
+
+
+def _rss(pid: int | None) -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss) if pid else 0
+    except Exception:
+        return 0
 
 
 @functools.cache

@@ -80,8 +80,12 @@ class ModelRegistry:
     def _allowed(self, url: str) -> bool:
         return any(p.fullmatch(url) for p in self.allowed_urls)
 
-    def resolve_url(self, url: str) -> Path:
-        """Map a registration `url` to a local archive path (downloading if allowed)."""
+    def resolve_url(self, url: str, trusted: bool = False) -> Path:
+        """Map a registration `url` to a local archive path (downloading if allowed).
+
+        `trusted` is for archives the operator named on the command line or in
+        config.properties: any local path is accepted for those, only API calls are confined.
+        """
         if not url or not url.strip():
             raise bad_request("Parameter url is required.")
         try:
@@ -99,6 +103,12 @@ class ModelRegistry:
         if scheme not in ("", "file"):
             raise bad_request(f"Invalid model url: {url} (unsupported scheme {parts.scheme!r})")
         raw = unquote(parts.path) if scheme == "file" else url
+        if trusted:
+            in_store = self.model_store / raw if self.model_store else None
+            local = in_store if in_store is not None and in_store.exists() else Path(raw)
+            if not local.exists():
+                raise model_not_found(f"Model not found: {url}")
+            return local.resolve()
         if ".." in Path(raw).parts:
             raise model_not_found(f"Relative path is not allowed in url: {url}")
         path = Path(raw)
@@ -157,8 +167,9 @@ class ModelRegistry:
         loaded_at_startup: bool = False,
         version: str | None = None,
         make_default: bool = False,
+        trusted: bool = False,
     ) -> ModelVersion:
-        src = await asyncio.to_thread(self.resolve_url, url)
+        src = await asyncio.to_thread(self.resolve_url, url, trusted)
         dest = self.work_dir / uuid.uuid4().hex
         model_dir = await asyncio.to_thread(unpack, src, dest)
         try:

@@ -202,6 +202,7 @@ class TorchServeService:
             loaded_at_startup=True,
             version=entry.version if entry else None,
             make_default=bool(entry and entry.default),
+            trusted=True,
         )
         logger.info("loaded TorchServe model %s version %s", mv.name, mv.version)
 

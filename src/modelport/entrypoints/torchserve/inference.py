@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from email.parser import BytesParser
 from email.policy import HTTP
 from urllib.parse import parse_qsl
@@ -65,15 +66,18 @@ async def request_item(request: Request) -> RequestItem:
     return RequestItem(uuid.uuid4().hex, params, headers)
 
 
-def _to_response(r: ItemResponse) -> Response:
+def _to_response(r: ItemResponse, request_id: str) -> Response:
+    headers = {"x-request-id": request_id, **r.headers}
     return Response(
-        content=r.body, status_code=r.status, media_type=r.content_type, headers=r.headers
+        content=r.body, status_code=r.status, media_type=r.content_type, headers=headers
     )
 
 
-async def run_one(state: TSState, mv: ModelVersion, item: RequestItem) -> ItemResponse:
+async def run_one(
+    state: TSState, mv: ModelVersion, item: RequestItem, alone: bool = False
+) -> ItemResponse:
     start = time.monotonic()
-    outcome = await mv.predict(item)
+    outcome = await (mv.run_alone(item) if alone else mv.predict(item))
     state.metrics.observe(mv.name, mv.version, time.monotonic() - start, outcome.queue_latency_s)
     if isinstance(outcome.response, TSError):
         raise outcome.response
@@ -98,14 +102,26 @@ def make_inference_router(state: TSState) -> APIRouter:
             {"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 500
         )
 
-    async def predict(request: Request, model_name: str, version: str | None) -> Response:
+    async def predict(
+        request: Request, model_name: str, version: str | None, explain: bool = False
+    ) -> Response:
         try:
             state.authorize("inference", request)
             mv = state.registry.get(model_name, version)
             item = await request_item(request)
-            return _to_response(await run_one(state, mv, item))
+            if explain:  # BaseHandler switches to explain_handle on this header
+                item = replace(item, headers={**item.headers, "explain": "True"})
+            return _to_response(await run_one(state, mv, item, alone=explain), item.request_id)
         except TSError as e:
             return error_response(e)
+
+    @router.post("/explanations/{model_name}")
+    async def explanations(request: Request, model_name: str) -> Response:
+        return await predict(request, model_name, None, explain=True)
+
+    @router.post("/explanations/{model_name}/{version}")
+    async def explanations_version(request: Request, model_name: str, version: str) -> Response:
+        return await predict(request, model_name, version, explain=True)
 
     @router.post("/predictions/{model_name}")
     @router.put("/predictions/{model_name}")

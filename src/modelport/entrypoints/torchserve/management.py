@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelport.entrypoints.torchserve.common import TSState, error_response, status
 from modelport.entrypoints.torchserve.metrics import CONTENT_TYPE
 from modelport.torchserve.errors import TSError, bad_request
+from modelport.torchserve.messages import InputParam, RequestItem
 from modelport.torchserve.model import ModelVersion
 
 logger = logging.getLogger("modelport.torchserve")
@@ -76,6 +79,24 @@ def make_management_app(state: TSState) -> FastAPI:
     async def _ts_error(_: Request, e: TSError) -> JSONResponse:
         return error_response(e)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 404:
+            err = TSError(
+                404,
+                "ResourceNotFoundException",
+                "Requested resource is not found, please refer to API document.",
+            )
+        elif e.status_code == 405:
+            err = TSError(
+                405,
+                "MethodNotAllowedException",
+                "Requested method is not allowed, please refer to API document.",
+            )
+        else:
+            err = TSError(e.status_code, "BadRequestException", str(e.detail))
+        return error_response(err)
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):  # noqa: ANN001, ANN202
         if request.url.path != "/token":
@@ -130,20 +151,25 @@ def make_management_app(state: TSState) -> FastAPI:
             return status(base)
         return status(f"{base}. Processing worker updates...", 202)
 
-    def _describe(mvs: list[ModelVersion]) -> JSONResponse:
-        return JSONResponse([mv.describe() for mv in mvs])
+    async def _describe(request: Request, mvs: list[ModelVersion]) -> JSONResponse:
+        p = await _params(request)
+        out = [mv.describe() for mv in mvs]
+        if p.bool("customized", False):
+            for doc, mv in zip(out, mvs):
+                doc["customizedMetadata"] = await _customized(mv)
+        return JSONResponse(out)
 
     @app.get("/models/{model_name}")
-    async def describe(model_name: str) -> JSONResponse:
-        return _describe([reg.get(model_name)])
+    async def describe(request: Request, model_name: str) -> JSONResponse:
+        return await _describe(request, [reg.get(model_name)])
 
     @app.get("/models/{model_name}/all")
-    async def describe_all(model_name: str) -> JSONResponse:
-        return _describe(reg.versions(model_name))
+    async def describe_all(request: Request, model_name: str) -> JSONResponse:
+        return await _describe(request, reg.versions(model_name))
 
     @app.get("/models/{model_name}/{version}")
-    async def describe_version(model_name: str, version: str) -> JSONResponse:
-        return _describe([reg.get(model_name, version)])
+    async def describe_version(request: Request, model_name: str, version: str) -> JSONResponse:
+        return await _describe(request, [reg.get(model_name, version)])
 
     async def _scale(request: Request, model_name: str, version: str | None) -> JSONResponse:
         p = await _params(request)
@@ -203,6 +229,19 @@ def make_management_app(state: TSState) -> FastAPI:
         return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+async def _customized(mv: ModelVersion) -> object:
+    """TorchServe's `?customized=true`: the handler's describe_handle() output."""
+    item = RequestItem(uuid.uuid4().hex, [InputParam("body", "", b"")], {"describe": "True"})
+    outcome = await mv.run_alone(item)
+    if isinstance(outcome.response, TSError):
+        raise outcome.response
+    body = outcome.response.body.decode("utf-8", "replace")
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body
 
 
 def _log_failure(task: asyncio.Task) -> None:
