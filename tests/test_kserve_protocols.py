@@ -384,3 +384,34 @@ def test_onnx_model_without_config_is_autocompleted(server):
         "onnx_no_config", [make_input("http", "A", a, "FP32"), make_input("http", "B", a, "FP32")]
     )
     np.testing.assert_allclose(r.as_numpy("SUM"), a * 2)
+
+
+def test_grpc_typed_contents_and_stream_errors(server):
+    """Clients other than tritonclient send tensors in `contents` rather than raw bytes."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = service_pb2.ModelInferRequest(model_name="add_sub", id="typed-1")
+        for name, values in (("INPUT0", [1, 2, 3, 4]), ("INPUT1", [0.5, 0.5, 0.5, 0.5])):
+            t = req.inputs.add(name=name, datatype="FP32", shape=[4])
+            t.contents.fp32_contents.extend(values)
+        resp = stub.ModelInfer(req)
+        assert resp.id == "typed-1" and resp.model_version == "1"
+        out = {o.name: i for i, o in enumerate(resp.outputs)}
+        got = np.frombuffer(resp.raw_output_contents[out["OUTPUT0"]], dtype=np.float32)
+        np.testing.assert_allclose(got, [1.5, 2.5, 3.5, 4.5])
+        bad = service_pb2.ModelInferRequest(model_name="add_sub")
+        t = bad.inputs.add(name="INPUT0", datatype="FP32", shape=[4])
+        t.contents.fp32_contents.extend([1, 2])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(bad)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unexpected number of elements 2" in info.value.details()
+        replies = list(
+            stub.ModelStreamInfer(iter([service_pb2.ModelInferRequest(model_name="nope")]))
+        )
+        assert [r.error_message for r in replies] == [
+            "Request for unknown model: 'nope' is not found"
+        ]
