@@ -114,20 +114,41 @@ def reference_paged_attention(
         if e == s:
             continue
         k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
-        qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        ki = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KH, S, D]
-        vi = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
         n = e - s
-        if n == 1:
-            mask = None  # a single query at the last position sees everything
-        else:
+        mask = None
+        if n > 1:
             # query j sits at position seq_len - n + j and sees keys <= that position
             qpos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
-            kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
-            mask = kpos <= qpos
-        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= qpos  # [n, S]
+            mask = mask[None, None, None]
+        o = grouped_attention(
+            q[s:e].transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            v.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            mask,
+            scale,
+        )
         out[s:e] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention with grouped KV heads as batched matmuls, without repeating K/V.
+
+    q [B, H, n, D], k/v [B, KH, S, D], mask broadcastable to [B, KH, H/KH, n, S] (True = see).
+    (Plain matmuls: on CPU, SDPA's GQA path is several times slower for short queries.)
+    """
+    b, h, n, d = q.shape
+    kh, s_len = k.shape[1], k.shape[2]
+    g = h // kh
+    scores = torch.matmul(q.reshape(b, kh, g * n, d), k.transpose(-1, -2)) * scale
+    scores = scores.view(b, kh, g, n, s_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).view(b, kh, g * n, s_len)
+    return torch.matmul(probs, v).view(b, h, n, d)
 
 
 def _batched_decode_attention(
@@ -143,9 +164,7 @@ def _batched_decode_attention(
     v = kv_cache[1][tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)
     lens = meta.seq_lens.to(q.device).long()
     mask = torch.arange(max_len, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-    )
+    o = grouped_attention(q.unsqueeze(2), k, v, mask[:, None, None, None, :], scale)
     return o.squeeze(2)
 
 
