@@ -169,7 +169,7 @@ def test_basehandler_subclass_with_torchscript_model(server):
     torch.manual_seed(0)  # the same net ts_archives scripted into the archive
     net = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
     expected = net(torch.tensor([x])).detach()[0]
-    assert got["label"] == int(expected.argmax())
+    assert got["label"] == int(expected.argmax()) and got["device"] == "cpu"
     assert got["scores"] == pytest.approx(expected.tolist(), abs=1e-3)
 
 
@@ -199,7 +199,7 @@ def test_inference_port_and_kserve_v1(server):
     )
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
-    assert len(preds) == 2 and all(set(p) == {"label", "scores"} for p in preds)
+    assert len(preds) == 2 and all(set(p) == {"label", "scores", "device"} for p in preds)
 
 
 def test_token_auth(server):
