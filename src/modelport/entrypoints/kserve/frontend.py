@@ -94,12 +94,15 @@ def _version() -> str:
 
 
 async def build(args: argparse.Namespace, app: FastAPI) -> Service:
-    manager = RepositoryManager(
-        args.model_repository,
-        control_mode=args.model_control_mode,
-        startup_models=args.load_model,
-        poll_secs=args.repository_poll_secs,
-    )
+    try:
+        manager = RepositoryManager(
+            args.model_repository,
+            control_mode=args.model_control_mode,
+            startup_models=args.load_model,
+            poll_secs=args.repository_poll_secs,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"modelport serve: {e}") from None
     version = _version()
     mount(app, manager, version)
     return Service(manager, args.host, args.grpc_port, args.metrics_port, version)
