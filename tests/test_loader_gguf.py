@@ -126,3 +126,19 @@ def test_llama31_rope_freqs_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert model.config.rope_scaling["rope_type"] == "freq_factors"
     logits = run_one_sequence(model, PROMPT)
     torch.testing.assert_close(logits, hf_reference_logits(hf_dir, PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_unwritable_cache_still_loads(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelport.frontend.tokenizer import load_tokenizer
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MODELPORT_CACHE", str(blocker))
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny.gguf", "F32")
+    logits = run_one_sequence(_load(path), PROMPT[:10])
+    torch.testing.assert_close(logits, hf_reference_logits(tiny_hf, PROMPT[:10]), atol=1e-5,
+                               rtol=1e-5)
+    tok = load_tokenizer(resolve_model(str(path)))
+    assert tok.encode("ok") == [111, 107]

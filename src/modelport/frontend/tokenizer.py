@@ -160,17 +160,18 @@ def _from_gguf(path: Path, cache_dir: Path | None = None) -> Any:
     if (cached / "tokenizer.json").is_file():
         return _from_folder(cached)
 
-    def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer
-
-        try:
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        except Exception as e:
-            raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from None
-        hf.save_pretrained(str(tmp))
+    from transformers import AutoTokenizer
 
     logger.info("converting the tokenizer of %s (cached in %s)", path.name, cached)
-    return _from_folder(build_entry(cached, build))
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from None
+    try:
+        build_entry(cached, lambda tmp: hf.save_pretrained(str(tmp)))
+    except OSError as e:  # read-only or full cache folder: works, only slower next time
+        logger.warning("cannot cache the tokenizer of %s in %s: %s", path.name, cached, e)
+    return hf
 
 
 def load_tokenizer(src: ModelSource, cache_dir: Path | None = None) -> Tokenizer:

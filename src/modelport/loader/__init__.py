@@ -136,11 +136,16 @@ def _weights_for(src: ModelSource) -> tuple[Iterator[tuple[str, torch.Tensor]], 
     cached = gguf_cache_folder(src.path)
     if not (cached / "model.safetensors").is_file():
         reader = open_gguf(src.path)
+        direct = iter_gguf_weights(reader, _gguf_config_dict(src.path)), len(reader.tensors)
         if dequantized_numel(reader) * 4 > MAX_CACHED_GGUF_BYTES:
-            cfg = _gguf_config_dict(src.path)
-            return iter_gguf_weights(reader, cfg), len(reader.tensors)
+            return direct
         t0 = time.perf_counter()
-        _write_gguf_cache(src.path, cached)
+        try:
+            _write_gguf_cache(src.path, cached)
+        except OSError as e:  # read-only or full cache folder: load without caching
+            logger.warning("cannot cache %s in %s (%s); loading it directly",
+                           src.path.name, cached, e)
+            return direct
         logger.info("cached dequantized %s in %s (%.1f s)", src.path.name, cached,
                     time.perf_counter() - t0)
     files = [cached / "model.safetensors"]
