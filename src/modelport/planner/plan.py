@@ -12,6 +12,7 @@ from modelport.planner.model_source import ModelSource
 from modelport.planner.parallel import resolve_parallelism, valid_tp_degrees
 from modelport.planner.roofline import Roofline, roofline
 from modelport.planner.weights import (
+    CHECKPOINT_DENSE_DTYPE,
     QUANTIZATIONS,
     WeightFormat,
     WeightReport,
@@ -178,7 +179,8 @@ def make_plan(req: PlanRequest) -> Plan:
     # a GGUF type without mixing rules here (IQ*, Q2_K, ...) is measured from its file; the
     # estimate then only lends its TP proportions
     known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"
-    fmt = WeightFormat(dtype=act, quantization=known, group_size=req.group_size)
+    stored_dtype = CHECKPOINT_DENSE_DTYPE.get(known or "", act)
+    fmt = WeightFormat(dtype=stored_dtype, quantization=known, group_size=req.group_size)
     weights = estimate_weights(model, fmt, tp)
     if req.model.weight_bytes is not None and quant is not None:
         weights = measured_weights(
@@ -187,9 +189,14 @@ def make_plan(req: PlanRequest) -> Plan:
             req.model.storage or {},
             f"measured from {req.model.path}",
         )
-    resident = weights.per_gpu_bytes
-    if quant is not None and not req.keeps_quantized:
+    # in memory: unquantized tensors in the compute dtype; a GGUF file's blocks only when kept
+    if quant is None or not req.keeps_quantized:
         resident = estimate_weights(model, WeightFormat(dtype=act), tp).per_gpu_bytes
+    elif known.startswith("gguf-"):
+        resident = weights.per_gpu_bytes
+    else:
+        in_memory = WeightFormat(dtype=act, quantization=known, group_size=req.group_size)
+        resident = estimate_weights(model, in_memory, tp).per_gpu_bytes
     max_len = req.max_model_len or model.max_position_embeddings
     batched = req.max_num_batched_tokens or engine_max_num_batched_tokens(device)
     budget = memory_budget(

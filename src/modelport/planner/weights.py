@@ -3,10 +3,11 @@
 Quantized formats are counted by what they really store, not by a nominal bit width:
   awq   4-bit weights packed in int32 + per-group fp16 scales + per-group packed 4-bit zeros
   gptq  the same plus an int32 g_idx per input feature (act-order checkpoints carry it)
-  fp8   one byte per weight + a per-tensor fp32 scale
+  fp8   one byte per weight + a per-output-channel fp32 scale
   gguf-<type>  llama.cpp's per-tensor mix (see gguf_mix) with its block scales
-Embeddings, lm head and norms stay in the activation dtype for awq/gptq/fp8, as the
-checkpoints those tools write do.
+Embeddings, lm head and norms are not quantized: they take WeightFormat.dtype, which is 16-bit
+in the checkpoints (fp16 for awq/gptq, bf16 for fp8, as `modelport quantize` and the public
+tools write them) and the compute dtype once loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from modelport.config import ModelConfig, dtype_bytes
 from modelport.planner import gguf_mix
 from modelport.planner.tensors import TensorSpec, decoder_tensors, tp_share
 
+# dtype of the unquantized tensors inside a checkpoint of each method
+CHECKPOINT_DENSE_DTYPE = {"awq": "float16", "gptq": "float16", "fp8": "bfloat16"}
 QUANTIZATIONS = ("awq", "gptq", "fp8", *(f"gguf-{ft}" for ft in gguf_mix.FILE_TYPES))
 _PACK = 8  # 4-bit values per int32
 
@@ -63,7 +66,7 @@ def tensor_bytes(t: TensorSpec, fmt: WeightFormat, model: ModelConfig) -> tuple[
     if t.kind != "linear" or fmt.quantization is None:
         return t.numel * dense, fmt.dtype
     if fmt.quantization == "fp8":
-        return t.numel + 4, "fp8"
+        return t.numel + 4 * t.shape[0], "fp8"
     label = f"int4-g{fmt.group_size}"
     return _int4_bytes(t, fmt.group_size, fmt.quantization == "gptq"), label
 
