@@ -70,9 +70,8 @@ def expand_instances(cfg: mc.ModelConfig) -> list[InstanceSpec]:
         kind = kinds.Name(group.kind).removeprefix("KIND_")
         devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
         for dev in devices:
-            for i in range(group.count):
+            for _ in range(group.count):
                 specs.append(InstanceSpec(f"{group.name}_{len(specs)}", kind, dev))
-                del i
     return specs or [InstanceSpec(f"{cfg.name}_0", "CPU", 0)]
 
 
