@@ -42,8 +42,9 @@ def test_dummy_weights_are_seeded_and_shaped(tmp_path: Path) -> None:
     cfg = load_model_config(src)
 
     def dummy(seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-        return load_model(src, cfg, LoadConfig(load_format="dummy", seed=seed), dtype,
-                          torch.device("cpu"))
+        return load_model(
+            src, cfg, LoadConfig(load_format="dummy", seed=seed), dtype, torch.device("cpu")
+        )
 
     a, b, c = dummy(1), dummy(1), dummy(2)
     wa = a.model.layers[0].self_attn.qkv_proj.weight

@@ -55,8 +55,11 @@ def test_unsupported_architecture_lists_supported(tiny_dir: Path, tmp_path: Path
     cfg = json.loads((d / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported model architecture 'GPT2LMHeadModel'.*"
-                                         "LlamaForCausalLM.*Qwen2ForCausalLM"):
+    with pytest.raises(
+        ValueError,
+        match="unsupported model architecture 'GPT2LMHeadModel'.*"
+        "LlamaForCausalLM.*Qwen2ForCausalLM",
+    ):
         _load(str(d))
 
 
@@ -84,7 +87,9 @@ def test_missing_weights_named(tiny_dir: Path, tmp_path: Path) -> None:
     tensors = load_file(str(d / "model.safetensors"))
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, str(d / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing weights for model\.layers\.1\.self_attn\.qkv_proj"):
+    with pytest.raises(
+        ValueError, match=r"missing weights for model\.layers\.1\.self_attn\.qkv_proj"
+    ):
         _load(str(d))
 
 

@@ -45,10 +45,22 @@ def test_gguf_config_from_metadata(tiny_hf: Path, tmp_path: Path) -> None:
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny.gguf", "F32")
     cfg = load_model_config(resolve_model(str(path)))
     hf_cfg = load_model_config(resolve_model(str(tiny_hf)))
-    for field in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim",
-                  "rms_norm_eps", "rope_theta", "max_position_embeddings",
-                  "tie_word_embeddings", "bos_token_id", "eos_token_ids"):
+    for field in (
+        "architecture",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_ids",
+    ):
         assert getattr(cfg, field) == getattr(hf_cfg, field), field
 
 
@@ -109,8 +121,9 @@ def test_qwen2_gguf_with_bias_is_exact(tmp_path: Path, monkeypatch: pytest.Monke
     assert model.config.architecture == "Qwen2ForCausalLM" and model.config.tie_word_embeddings
     assert model.config.rope_theta == 1000000.0
     logits = run_one_sequence(model, PROMPT[:30])
-    torch.testing.assert_close(logits, hf_reference_logits(hf_dir, PROMPT[:30]), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        logits, hf_reference_logits(hf_dir, PROMPT[:30]), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_llama31_rope_freqs_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,8 +131,13 @@ def test_llama31_rope_freqs_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     from helpers.tiny_models import make_tiny_llama_dir
 
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     hf_dir = make_tiny_llama_dir(tmp_path / "l31", rope_scaling=scaling, rope_theta=500000.0)
     path = make_tiny_llama_gguf(hf_dir, tmp_path / "l31.gguf", "F32")
     model = _load(path)
@@ -138,7 +156,8 @@ def test_unwritable_cache_still_loads(
     monkeypatch.setenv("MODELPORT_CACHE", str(blocker))
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny.gguf", "F32")
     logits = run_one_sequence(_load(path), PROMPT[:10])
-    torch.testing.assert_close(logits, hf_reference_logits(tiny_hf, PROMPT[:10]), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        logits, hf_reference_logits(tiny_hf, PROMPT[:10]), atol=1e-5, rtol=1e-5
+    )
     tok = load_tokenizer(resolve_model(str(path)))
     assert tok.encode("ok") == [111, 107]

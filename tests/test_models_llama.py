@@ -124,8 +124,10 @@ def test_mistral_uses_llama_and_refuses_sliding_window(tmp_path: Path) -> None:
     model = load(path)
     assert type(model).__name__ == "MistralForCausalLM"
     torch.testing.assert_close(
-        run_one_sequence(model, PROMPT[:20]), hf_reference_logits(path, PROMPT[:20]),
-        atol=1e-4, rtol=1e-4,
+        run_one_sequence(model, PROMPT[:20]),
+        hf_reference_logits(path, PROMPT[:20]),
+        atol=1e-4,
+        rtol=1e-4,
     )
     cfg["sliding_window"] = 64
     (path / "config.json").write_text(json.dumps(cfg))

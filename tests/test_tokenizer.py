@@ -45,8 +45,9 @@ def test_default_chat_template_matches_transformers(smol: Tokenizer) -> None:
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\nName two colours. 🎨<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert prompt == smol.hf.apply_chat_template(MESSAGES, tokenize=False,
-                                                  add_generation_prompt=True)
+    assert prompt == smol.hf.apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True
+    )
     # the template adds SmolLM's default system prompt when none is given
     assert "You are a helpful AI assistant named SmolLM" in smol.apply_chat_template(
         MESSAGES[1:], add_generation_prompt=False

@@ -24,8 +24,13 @@ def smol() -> Tokenizer:
     return load_tokenizer(resolve_model(None))
 
 
-def stream(tok: Tokenizer, prompt: list[int], ids: list[int], rng: random.Random,
-           skip_special_tokens: bool = True) -> tuple[list[str], IncrementalDetokenizer]:
+def stream(
+    tok: Tokenizer,
+    prompt: list[int],
+    ids: list[int],
+    rng: random.Random,
+    skip_special_tokens: bool = True,
+) -> tuple[list[str], IncrementalDetokenizer]:
     detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens)
     deltas, i = [], 0
     while i < len(ids):
@@ -81,7 +86,15 @@ def _metaspace_tokenizer() -> Tokenizer:
     from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "</s>", "\u2581The", "\u2581capital", "\u2581is", "\u2581Paris", "\u2581indeed"]
+    words = [
+        "<unk>",
+        "</s>",
+        "\u2581The",
+        "\u2581capital",
+        "\u2581is",
+        "\u2581Paris",
+        "\u2581indeed",
+    ]
     raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
     raw.decoder = decoders.Metaspace(prepend_scheme="always")

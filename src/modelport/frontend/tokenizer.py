@@ -32,10 +32,16 @@ def _raise(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
-            sort_keys: bool = False, separators: Any = None) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
-                      separators=separators)
+def _tojson(
+    value: Any,
+    indent: int | None = None,
+    ensure_ascii: bool = False,
+    sort_keys: bool = False,
+    separators: Any = None,
+) -> str:
+    return json.dumps(
+        value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, separators=separators
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,8 +144,12 @@ class Tokenizer:
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
         return render_chat_template(
-            self._template(tools), messages, add_generation_prompt=add_generation_prompt,
-            tools=tools, special_tokens=special, **kw,
+            self._template(tools),
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            special_tokens=special,
+            **kw,
         )
 
 

@@ -84,8 +84,7 @@ def compute_inv_freq(rotary_dim: int, settings: RopeSettings) -> torch.Tensor:
             )
         return inv_freq / factors
     raise ValueError(
-        f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, "
-        "freq_factors"
+        f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, freq_factors"
     )
 
 
@@ -102,7 +101,8 @@ class RotaryEmbedding(nn.Module):
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [P, rotary_dim]
         device = torch.empty(0).device  # honours an enclosing `with torch.device(...)`
         self.register_buffer(
-            "cos_sin_cache", cache.to(device=device, dtype=torch.get_default_dtype()),
+            "cos_sin_cache",
+            cache.to(device=device, dtype=torch.get_default_dtype()),
             persistent=False,
         )
 

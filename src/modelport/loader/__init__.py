@@ -52,7 +52,7 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """"auto": float32 on CPU; on CUDA the checkpoint's dtype, with float32 -> bfloat16."""
+    """Resolve "auto": float32 on CPU; on CUDA the checkpoint dtype, with float32 -> bfloat16."""
     if dtype != "auto":
         try:
             return _DTYPES[dtype.lower()]
@@ -116,8 +116,13 @@ def _write_gguf_cache(path: Path, target: Path) -> Path:
     hf_config = gguf_hf_config(reader, path)
 
     def build(tmp: Path) -> None:
-        tensors = dict(_progress(iter_gguf_weights(reader, hf_config), len(reader.tensors),
-                                 f"Dequantizing {path.name}"))
+        tensors = dict(
+            _progress(
+                iter_gguf_weights(reader, hf_config),
+                len(reader.tensors),
+                f"Dequantizing {path.name}",
+            )
+        )
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"source": str(path)})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
 
@@ -143,11 +148,13 @@ def _weights_for(src: ModelSource) -> tuple[Iterator[tuple[str, torch.Tensor]], 
         try:
             _write_gguf_cache(src.path, cached)
         except OSError as e:  # read-only or full cache folder: load without caching
-            logger.warning("cannot cache %s in %s (%s); loading it directly",
-                           src.path.name, cached, e)
+            logger.warning(
+                "cannot cache %s in %s (%s); loading it directly", src.path.name, cached, e
+            )
             return direct
-        logger.info("cached dequantized %s in %s (%.1f s)", src.path.name, cached,
-                    time.perf_counter() - t0)
+        logger.info(
+            "cached dequantized %s in %s (%.1f s)", src.path.name, cached, time.perf_counter() - t0
+        )
     files = [cached / "model.safetensors"]
     return hf.iter_safetensors(files), hf.count_tensors(files)
 
@@ -187,7 +194,8 @@ def load_model(
         loaded = model.load_weights(_progress(weights, total, f"Loading {src.name}"))
     missing = sorted(expected - loaded)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise ValueError(f"{src.path}: checkpoint is missing weights for {shown}")
     return model.eval()
-

@@ -120,7 +120,9 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
     heads = int(meta("attention.head_count"))
     hidden = int(meta("embedding_length"))
     scaling = _rope_scaling(reader, arch, path)
-    eos = [_field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    eos = [
+        _field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+    ]
     eos_ids = sorted({int(e) for e in eos if e is not None})
     return {
         "architectures": [hf_arch],
@@ -181,8 +183,7 @@ def iter_gguf_weights(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ValueError(
-                f"GGUF tensor {t.name!r} uses {t.tensor_type.name}, which gguf-py cannot "
-                "dequantize"
+                f"GGUF tensor {t.name!r} uses {t.tensor_type.name}, which gguf-py cannot dequantize"
             ) from None
         except Exception as e:
             raise ValueError(f"GGUF tensor {t.name!r} is corrupt or truncated ({e})") from None

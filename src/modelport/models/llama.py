@@ -131,8 +131,12 @@ class LlamaForCausalLM(nn.Module):
 
     def _build_model(self, config: ModelConfig) -> LlamaModel:
         bias = config.attention_bias
-        return LlamaModel(config, qkv_bias=bias, o_bias=bias,
-                          mlp_bias=bool(config.hf_config.get("mlp_bias", False)))
+        return LlamaModel(
+            config,
+            qkv_bias=bias,
+            o_bias=bias,
+            mlp_bias=bool(config.hf_config.get("mlp_bias", False)),
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
