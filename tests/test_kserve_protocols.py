@@ -415,3 +415,29 @@ def test_grpc_typed_contents_and_stream_errors(server):
         assert [r.error_message for r in replies] == [
             "Request for unknown model: 'nope' is not found"
         ]
+
+
+def test_seed_ensemble_under_concurrency_keeps_answers_apart(server):
+    words = [f"request number {i} " + "x" * (i % 5) for i in range(24)]
+
+    def one(i):
+        protocol = PROTOCOLS[i % 2]
+        c = client(server, protocol)
+        text = np.array([[words[i].encode()]], dtype=np.object_)
+        r = c.infer("llama_ensemble", [make_input(protocol, "TEXT", text, "BYTES")])
+        return as_bytes(r.as_numpy("OUTPUT_TEXT"))[0]
+
+    with ThreadPoolExecutor(12) as pool:
+        outs = list(pool.map(one, range(len(words))))
+    assert outs == [w.upper().encode() for w in words]
+
+
+def test_gzip_compressed_http_request(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    a = np.arange(4, dtype=np.float32)
+    r = c.infer(
+        "add_sub",
+        [make_input("http", "INPUT0", a, "FP32"), make_input("http", "INPUT1", a, "FP32")],
+        request_compression_algorithm="gzip",
+    )
+    np.testing.assert_allclose(r.as_numpy("OUTPUT0"), a * 2)
