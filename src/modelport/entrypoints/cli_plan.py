@@ -11,8 +11,12 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelport.planner.errors import PlanError
+
+if TYPE_CHECKING:
+    from modelport.planner.plan import PlanRequest
 
 _UNITS = {
     "": 1,
@@ -114,7 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_plan)
 
 
-def build_request(args: argparse.Namespace):  # -> PlanRequest
+def build_request(args: argparse.Namespace) -> PlanRequest:
+    """Flags -> a validated PlanRequest (PlanError names the offending flag)."""
     from modelport.planner.hardware import resolve_device
     from modelport.planner.model_source import resolve_model
     from modelport.planner.plan import PlanRequest
