@@ -26,6 +26,21 @@ from modelport.layers.rotary import RotaryEmbedding
 # kernels
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _round(x, dt: tl.constexpr):
+    """x (float32) rounded to dt and back, as torch rounds each op's result.
+
+    bf16 rounds to nearest-even with integer ops: the compiler may fold a plain
+    fp32 -> bf16 -> fp32 cast pair away (seen on the H200), which would skip the rounding.
+    """
+    if dt == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
@@ -42,7 +57,7 @@ def _rmsnorm_kernel(
         tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
         x = x.to(tl.float32)
     var = tl.sum(x * x, 0) / n_cols
-    y = (x * (1.0 / tl.sqrt(var + eps))).to(dt).to(tl.float32)
+    y = _round(x * (1.0 / tl.sqrt(var + eps)), dt)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (w * y).to(dt), mask=mask)
 
@@ -65,10 +80,10 @@ def _rotary_kernel(
     p1 = q_ptr + t * stride_q + hq[:, None] * (2 * HALF) + j[None, :]
     x1 = tl.load(p1, mask=mq, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=mq, other=0.0).to(tl.float32)
-    a = (x1 * c[None, :]).to(dt).to(tl.float32)
-    b = (x2 * s[None, :]).to(dt).to(tl.float32)
-    e = (x2 * c[None, :]).to(dt).to(tl.float32)
-    f = (x1 * s[None, :]).to(dt).to(tl.float32)
+    a = _round(x1 * c[None, :], dt)
+    b = _round(x2 * s[None, :], dt)
+    e = _round(x2 * c[None, :], dt)
+    f = _round(x1 * s[None, :], dt)
     tl.store(p1, (a - b).to(dt), mask=mq)
     tl.store(p1 + HALF, (e + f).to(dt), mask=mq)
     hk = tl.arange(0, NK_PAD)
@@ -76,10 +91,10 @@ def _rotary_kernel(
     p2 = k_ptr + t * stride_k + hk[:, None] * (2 * HALF) + j[None, :]
     y1 = tl.load(p2, mask=mk, other=0.0).to(tl.float32)
     y2 = tl.load(p2 + HALF, mask=mk, other=0.0).to(tl.float32)
-    a = (y1 * c[None, :]).to(dt).to(tl.float32)
-    b = (y2 * s[None, :]).to(dt).to(tl.float32)
-    e = (y2 * c[None, :]).to(dt).to(tl.float32)
-    f = (y1 * s[None, :]).to(dt).to(tl.float32)
+    a = _round(y1 * c[None, :], dt)
+    b = _round(y2 * s[None, :], dt)
+    e = _round(y2 * c[None, :], dt)
+    f = _round(y1 * s[None, :], dt)
     tl.store(p2, (a - b).to(dt), mask=mk)
     tl.store(p2 + HALF, (e + f).to(dt), mask=mk)
 
@@ -92,7 +107,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.c
     dt = out_ptr.dtype.element_ty
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    act = _round(g / (1.0 + tl.exp(-g)), dt)
     tl.store(out_ptr + row * stride_o + offs, (act * u).to(dt), mask=mask)
 
 
