@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from helpers.tiny_models import make_tiny_llama_dir
 from modelport.bench import _harness as h
-from modelport.entrypoints.cli import main
+from modelport.bench import latency, throughput
+
+KINDS = {"throughput": throughput, "latency": latency}
+
+
+def main(argv: list[str]) -> int:
+    """`modelport bench <kind> ...` minus the CLI dispatch (each kind's own add_args/run)."""
+    assert argv[0] == "bench"
+    mod = KINDS[argv[1]]
+    p = argparse.ArgumentParser()
+    mod.add_args(p)
+    return mod.run(p.parse_args(argv[2:]))
 
 
 def test_w1_workload_reproduces_bench_md_totals():
