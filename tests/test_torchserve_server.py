@@ -169,7 +169,8 @@ def test_basehandler_subclass_with_torchscript_model(server):
     torch.manual_seed(0)  # the same net ts_archives scripted into the archive
     net = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
     expected = net(torch.tensor([x])).detach()[0]
-    assert got["label"] == int(expected.argmax()) and got["device"] == "cpu"
+    assert got["label"] == int(expected.argmax())
+    assert got["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # gpu_id
     assert got["scores"] == pytest.approx(expected.tolist(), abs=1e-3)
 
 
