@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from helpers.tiny_models import make_tiny_llama_dir
-from modelport import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 
@@ -30,12 +29,17 @@ def model_dir(tmp_path_factory):
     )
 
 
-def _llm(model_dir, **kw) -> LLM:
-    return LLM(str(model_dir), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3,
-               max_model_len=512, max_num_batched_tokens=64, block_size=16, **kw)
+def _llm(model_dir, **kw):
+    from modelport import LLM
+
+    kw.setdefault("gpu_memory_utilization", 0.3)
+    return LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512,
+               max_num_batched_tokens=64, block_size=16, **kw)
 
 
-def _greedy(n: int = N_NEW, **kw) -> SamplingParams:
+def _greedy(n: int = N_NEW, **kw):
+    from modelport import SamplingParams
+
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
 
 
@@ -53,7 +57,7 @@ def _hf_greedy(model_dir, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def _runner(llm: LLM):
+def _runner(llm):
     return llm.llm_engine.core.runner
 
 
@@ -102,6 +106,8 @@ def test_cuda_graph_replay_equals_eager(model_dir):
 
 
 def test_seeded_sampling_on_gpu_is_reproducible_across_batches(model_dir):
+    from modelport import SamplingParams
+
     llm = _llm(model_dir)
     p = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
     alone = llm.generate(prompt_token_ids=PROMPTS[2:3], sampling_params=p, use_tqdm=False)
@@ -113,5 +119,4 @@ def test_seeded_sampling_on_gpu_is_reproducible_across_batches(model_dir):
 
 def test_kv_budget_too_small_is_a_clear_error(model_dir):
     with pytest.raises(ValueError, match="max_model_len|KV cache|gpu_memory_utilization"):
-        LLM(str(model_dir), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.001,
-            max_model_len=512)
+        _llm(model_dir, gpu_memory_utilization=0.001)
