@@ -178,13 +178,15 @@ def test_frontend_plan_from_cli_and_config(tmp_path):
 
     cfg = load_ts_config_text(
         tmp_path,
-        "management_address=http://0.0.0.0:7071\nload_models=a.mar\ndefault_workers_per_model=2\n",
+        "management_address=http://0.0.0.0:7071\nload_models=a.mar\ndefault_workers_per_model=2\n"
+        "inference_address=http://127.0.0.1:7070\nmetrics_address=http://127.0.0.1:7072\n",
     )
     frontend, args = _serve_args(["--ts-config", "c.properties"])
     assert frontend.wants(args)
     plan = frontend._plan(args, cfg)
     assert plan.startup == ((None, "a.mar"),) and plan.workers == 2
     assert plan.management == ("0.0.0.0", 7071)
+    assert plan.inference == ("127.0.0.1", 7070) and plan.metrics == ("127.0.0.1", 7072)
 
     frontend, args = _serve_args(["--port", "8000"])
     assert not frontend.wants(args)

@@ -38,6 +38,7 @@ class Server:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port, self.mport, self.iport = _free_port(), _free_port(), _free_port()
+        self.metrics_port = _free_port()
         self.key_file = root / "keys" / "key_file.json"
         self.remote_dir = root / "remote"
         self.proc: subprocess.Popen | None = None
@@ -81,6 +82,7 @@ def server(tmp_path_factory, remote_http):
     ts_archives.archive(store, "func", HERE / "func_handler.py")
     ts_archives.traversal_archive(store)
     ts_archives.archive(store, "badinit", HERE / "bad_init_handler.py")
+    s = Server(root)
     cfg = root / "config.properties"
     models = {
         "echo": {
@@ -99,8 +101,8 @@ def server(tmp_path_factory, remote_http):
         f"models={json.dumps(models)}\n"
         f"allowed_urls={remote_http}/.*\n"
         "default_response_timeout=60\n"
+        f"metrics_address=http://127.0.0.1:{s.metrics_port}\n"
     )
-    s = Server(root)
     cmd = [
         sys.executable, "-m", "modelport", "serve",
         "--port", str(s.port), "--log-level", "warning",
@@ -231,6 +233,8 @@ def test_metrics(server):
     assert float(line.rsplit(" ", 1)[1]) >= 1
     assert 'ts_inference_latency_microseconds{model_name="classifier"' in text
     assert 'ts_queue_latency_microseconds{model_name="classifier"' in text
+    # the metrics API of config.properties' metrics_address serves the same, without a key
+    assert httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text.startswith("# HELP")
 
 
 # ---- management -------------------------------------------------------------------------------

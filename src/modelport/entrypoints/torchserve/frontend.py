@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from modelport.entrypoints.torchserve.common import TSState
 from modelport.entrypoints.torchserve.inference import make_inference_router
-from modelport.entrypoints.torchserve.management import make_management_app
+from modelport.entrypoints.torchserve.management import make_management_app, make_metrics_app
 from modelport.entrypoints.torchserve.metrics import TSMetrics
 from modelport.torchserve.archive import MANIFEST_PATH
 from modelport.torchserve.auth import TokenAuth
@@ -93,7 +93,8 @@ class _Plan:
     """Everything the service needs, resolved from the CLI over config.properties."""
 
     management: tuple[str, int]
-    inference: tuple[str, int] | None
+    inference: tuple[str, int] | None  # an extra inference-only server, besides --port
+    metrics: tuple[str, int] | None  # a metrics-only server (config metrics_address)
     startup: tuple[tuple[str | None, str], ...]  # (name or None, url)
     config: TSConfig
     workers: int
@@ -106,6 +107,8 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
     if args.ts_inference_port is not None:
         host = cfg.inference_address[0] if cfg.inference_address else args.host
         inference = (host, args.ts_inference_port)
+    elif cfg.inference_address and cfg.inference_address[1] != args.port:
+        inference = cfg.inference_address  # config.properties' own inference port
     specs = list(args.models or cfg.load_models)
     startup: list[tuple[str | None, str]] = []
     for spec in specs:
@@ -119,7 +122,7 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
     if not specs:
         startup = [(e.name, e.mar_name) for e in cfg.models]
     workers = args.ts_workers or cfg.default_workers_per_model or 1
-    return _Plan(management, inference, tuple(startup), cfg, workers)
+    return _Plan(management, inference, cfg.metrics_address, tuple(startup), cfg, workers)
 
 
 def _pick(cli: int | None, default: int) -> int:
@@ -167,6 +170,7 @@ class TorchServeService:
         self._servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
         self.management_port: int | None = None
         self.inference_port: int | None = None
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
         # load startup models concurrently: each spends seconds importing in its workers
@@ -189,6 +193,8 @@ class TorchServeService:
             app = FastAPI(title="modelport TorchServe inference API")
             app.include_router(make_inference_router(self.state))
             self.inference_port = await self._serve(app, *self.plan.inference)
+        if self.plan.metrics is not None:
+            self.metrics_port = await self._serve(make_metrics_app(self.state), *self.plan.metrics)
 
     async def _load(self, name: str | None, url: str) -> None:
         entry = next((e for e in self.plan.config.models if e.name == name), None)

@@ -231,6 +231,17 @@ def make_management_app(state: TSState) -> FastAPI:
     return app
 
 
+def make_metrics_app(state: TSState) -> FastAPI:
+    """TorchServe's metrics API (its own port, 8082 there), for config `metrics_address`."""
+    app = FastAPI(title="modelport TorchServe metrics API")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
 async def _customized(mv: ModelVersion) -> object:
     """TorchServe's `?customized=true`: the handler's describe_handle() output."""
     item = RequestItem(uuid.uuid4().hex, [InputParam("body", "", b"")], {"describe": "True"})
