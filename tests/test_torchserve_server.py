@@ -400,3 +400,16 @@ def test_explanations_customized_describe_and_extras(server, echo1):
     assert desc["modelUrl"].endswith("outside_store/classifier.mar")
     _ts_error(server.mgmt("GET", "/no/such/api"), 404, "ResourceNotFoundException")
     _ts_error(server.mgmt("PATCH", "/models"), 405, "MethodNotAllowedException")
+
+
+def test_request_shapes_reach_the_handler_as_torchserve_sends_them(server, echo1):
+    # multipart: each form field is an input under its own name; files arrive as bytes
+    r = server.infer(echo1, files={"data": ("x.txt", b"file-bytes")}, data={"extra": "v"})
+    assert r.status_code == 200, r.text
+    assert r.json()["keys"] == ["data", "extra"] and r.json()["echo"] == "file-bytes"
+    # urlencoded form fields and query parameters are inputs too
+    r = server.infer(echo1 + "?mode=fast", data={"data": "form-value"})
+    assert r.json()["keys"] == ["data", "mode"] and r.json()["echo"] == "form-value"
+    # a JSON body is decoded before the handler sees it
+    r = server.infer(echo1, json={"a": 1})
+    assert r.json()["echo"] == {"a": 1}
