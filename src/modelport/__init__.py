@@ -1,0 +1,22 @@
+"""modelport: deploy LLMs and other models behind the APIs your clients already speak."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from modelport.outputs import CompletionOutput, RequestOutput
+from modelport.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from modelport.entrypoints.llm import LLM
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and the model code: import it only when asked for
+    if name == "LLM":
+        from modelport.entrypoints.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,174 @@
+"""EngineArgs: the user-facing knobs (vLLM's names), resolved into a frozen EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from modelport.config import (
+    CacheConfig,
+    LoadConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_source: Any  # modelport.loader.ModelSource
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+    load_config: LoadConfig
+    device: str  # "cpu" | "cuda" | "cuda:N"
+    dtype: str  # resolved torch dtype name, e.g. "float32", "bfloat16"
+    enforce_eager: bool
+    seed: int
+    served_model_name: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.90
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    load_format: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    seed: int = 0
+    quantization: str | None = None
+    served_model_name: str | None = None
+    device: str = "auto"
+    kv_cache_dtype: str = "auto"
+    max_waiting_requests: int | None = None
+
+    # -- command line --------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        d = EngineArgs()
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", default=None,
+                       help="local HF folder (config.json + safetensors), a .gguf file, or a name in "
+                            "the local HF cache; default: the embedded SmolLM2-135M-Instruct")
+        g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+        g.add_argument("--dtype", default=d.dtype,
+                       choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32"])
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
+                       help="bytes for the KV cache (e.g. 1073741824, 512MiB, 2GiB); CPU default 1 GiB")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=d.enable_prefix_caching)
+        g.add_argument("--enforce-eager", action="store_true", default=False)
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        g.add_argument("--load-format", default=d.load_format,
+                       choices=["auto", "safetensors", "gguf", "dummy"])
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--block-size", type=int, default=d.block_size)
+        g.add_argument("--seed", type=int, default=d.seed)
+        g.add_argument("--quantization", "-q", default=None)
+        g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
+        g.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="bound on queued requests; past it requests get 503")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    # -- resolution ----------------------------------------------------------------------
+    def create_engine_config(self) -> EngineConfig:
+        import torch
+
+        from modelport.loader import load_model_config, resolve_dtype, resolve_model
+
+        src = resolve_model(self.model)
+        model_config = load_model_config(src)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if self.tensor_parallel_size != 1:
+            tp = self.tensor_parallel_size
+            for what, n in (("num_attention_heads", model_config.num_attention_heads),
+                            ("num_key_value_heads", model_config.num_key_value_heads)):
+                if n % tp:
+                    raise ValueError(f"tensor_parallel_size {tp} must divide {what} ({n})")
+            raise ValueError(
+                "tensor_parallel_size > 1 is not supported by this build yet; "
+                "run data-parallel replicas instead"
+            )
+        if self.quantization is not None:
+            raise ValueError(
+                f"quantization={self.quantization!r} is not supported by this build yet"
+            )
+        dtype = resolve_dtype(self.dtype, model_config, torch.device(device))
+        max_len = self.max_model_len or model_config.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) is larger than the model's "
+                f"max_position_embeddings ({model_config.max_position_embeddings})"
+            )
+        batched = self.max_num_batched_tokens or (2048 if device.startswith("cuda") else 512)
+        cache = CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory=self.kv_cache_memory,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+        sched = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=batched,
+            max_model_len=max_len,
+            max_waiting_requests=self.max_waiting_requests,
+        )
+        return EngineConfig(
+            model_source=src,
+            model_config=model_config,
+            cache_config=cache,
+            scheduler_config=sched,
+            parallel_config=ParallelConfig(self.tensor_parallel_size),
+            load_config=LoadConfig(load_format=self.load_format, quantization=self.quantization,
+                                   seed=self.seed),
+            device=device,
+            dtype=str(dtype).removeprefix("torch."),
+            enforce_eager=self.enforce_eager,
+            seed=self.seed,
+            served_model_name=self.served_model_name or src.name,
+        )
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def _parse_bytes(text: str) -> int:
+    s = text.strip().lower().replace("_", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    if unit not in _UNITS or not num:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 1073741824, 512MiB, 2GiB)")
+    value = int(float(num) * _UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"byte size must be > 0: {text!r}")
+    return value

@@ -1,0 +1,134 @@
+"""EngineCore: schedule -> runner.execute -> update, over typed messages. Token ids only."""
+
+from __future__ import annotations
+
+import logging
+
+from modelport.engine.arg_utils import EngineConfig
+from modelport.engine.kv_cache_manager import KVCacheManager
+from modelport.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    SchedulerStats,
+    TokenLogprobs,
+    dict_to_params,
+)
+from modelport.engine.request import Request
+from modelport.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        from modelport.runner.model_runner import ModelRunner
+
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.runner.load_model()
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.init_kv_cache(num_blocks)
+        bs = config.cache_config.block_size
+        self.kv = KVCacheManager(num_blocks, bs, config.cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens", num_blocks, bs, num_blocks * bs)
+        # prompt logprobs arrive chunk by chunk; gathered here until the prompt is done
+        self._prompt_lps: dict[str, list[TokenLogprobs | None]] = {}
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
+
+    def add_request(self, r: EngineCoreRequest) -> None:
+        """Raises ValueError (invalid) or QueueFullError (back-pressure); the engine is unaffected."""
+        params = dict_to_params(r.sampling_params)
+        if params.max_tokens is None:
+            params.max_tokens = self.config.scheduler_config.max_model_len - len(r.prompt_token_ids)
+            if params.max_tokens < 1:
+                raise ValueError(
+                    f"prompt ({len(r.prompt_token_ids)} tokens) leaves no room to generate within "
+                    f"max_model_len ({self.config.scheduler_config.max_model_len})"
+                )
+        vocab = self.config.model_config.vocab_size
+        bad = [t for t in r.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if not r.prompt_token_ids:
+            raise ValueError("prompt is empty")
+        req = Request(
+            request_id=r.request_id,
+            prompt_token_ids=list(r.prompt_token_ids),
+            sampling_params=params,
+            eos_token_ids=tuple(r.eos_token_ids),
+            arrival_time=r.arrival_time,
+            priority=r.priority,
+        )
+        self.scheduler.add_request(req)
+        if params.prompt_logprobs is not None:
+            self._prompt_lps[r.request_id] = [None]
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        outs = []
+        for req in self.scheduler.abort_requests(request_ids):
+            self._prompt_lps.pop(req.request_id, None)
+            outs.append(EngineCoreOutput(request_id=req.request_id, new_token_ids=[],
+                                         finish_reason="abort",
+                                         num_cached_tokens=max(0, req.num_cached_tokens)))
+        return outs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            if so.finished_ids:
+                self.runner.execute(so)  # lets the runner drop per-request state
+            return EngineCoreOutputs(outputs=[], stats=self.get_stats())
+        ro = self.runner.execute(so)
+        for rid in so.preempted_ids:  # recompute re-sends prompt logprobs from the start
+            if rid in self._prompt_lps:
+                self._prompt_lps[rid] = [None]
+        progressed = self.scheduler.update(so, ro.sampled)
+        outputs = []
+        for req, new_tokens in progressed:
+            rid = req.request_id
+            plp = None
+            if rid in self._prompt_lps and rid in ro.prompt_logprobs:
+                self._prompt_lps[rid].extend(ro.prompt_logprobs[rid])
+            if new_tokens and rid in self._prompt_lps:
+                plp = self._prompt_lps.pop(rid)
+            if not new_tokens and not req.is_finished and plp is None:
+                continue
+            lp = ro.logprobs.get(rid)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=rid,
+                    new_token_ids=new_tokens,
+                    new_logprobs=[lp] if lp is not None else None,
+                    prompt_logprobs=plp,
+                    finish_reason=req.status.value if req.is_finished else None,
+                    stop_reason=req.stop_reason,
+                    num_cached_tokens=max(0, req.num_cached_tokens),
+                    first_scheduled_time=req.first_scheduled_time,
+                    first_token_time=req.first_token_time,
+                )
+            )
+        return EngineCoreOutputs(outputs=outputs, stats=self.get_stats())
+
+    def get_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.queries,
+            prefix_cache_hits=self.kv.hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_kv_blocks=self.kv.num_blocks,
+            block_size=self.kv.block_size,
+        )

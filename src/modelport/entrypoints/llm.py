@@ -1,0 +1,147 @@
+"""The offline API: `LLM(...)` and `llm.generate(...)` / `llm.chat(...)`, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from modelport.engine.arg_utils import EngineArgs
+from modelport.engine.llm_engine import LLMEngine
+from modelport.outputs import RequestOutput
+from modelport.sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """Generate from a model in this process.
+
+    >>> llm = LLM()   # the embedded SmolLM2-135M-Instruct on CPU
+    >>> llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.90,
+        kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
+        load_format: str = "auto",
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        seed: int = 0,
+        quantization: str | None = None,
+        device: str = "auto",
+        kv_cache_dtype: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(kwargs))}")
+        args = EngineArgs(
+            model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size, load_format=load_format,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size, seed=seed, quantization=quantization, device=device,
+            kv_cache_dtype=kv_cache_dtype,
+        )
+        self.llm_engine = LLMEngine.from_engine_args(args)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Invalid input raises ValueError."""
+        items = _normalize_prompts(prompts, prompt_token_ids)
+        return self._run(items, sampling_params, use_tqdm, add_special_tokens=True)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        convs: Sequence[Conversation]
+        if messages and isinstance(messages[0], dict):
+            convs = [messages]  # type: ignore[list-item]
+        else:
+            convs = messages  # type: ignore[assignment]
+        tok = self.llm_engine.tokenizer
+        prompts = [
+            tok.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt,
+                                    **(chat_template_kwargs or {}))
+            for c in convs
+        ]
+        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
+
+    def _run(self, items: list, sampling_params, use_tqdm: bool, add_special_tokens: bool
+             ) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(
+                    f"got {len(params)} SamplingParams for {len(items)} prompts; pass one or one each"
+                )
+        engine = self.llm_engine
+        ids = []
+        try:
+            for item, p in zip(items, params):
+                rid = str(next(self._counter))
+                engine.add_request(rid, item, p, add_special_tokens=add_special_tokens)
+                ids.append(rid)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests() or len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+                if not engine.has_unfinished_requests() and len(results) < len(ids):
+                    missing = [r for r in ids if r not in results]
+                    raise RuntimeError(f"engine went idle with requests unanswered: {missing}")
+        finally:
+            bar.close()
+        return [results[r] for r in ids]
+
+
+def _normalize_prompts(prompts, prompt_token_ids) -> list[str | list[int]]:
+    if prompt_token_ids is not None:
+        return [list(p) for p in prompt_token_ids]
+    if prompts is None:
+        raise ValueError("give prompts (strings or token id lists)")
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single token-id prompt
+    return [p if isinstance(p, str) else list(p) for p in prompts]

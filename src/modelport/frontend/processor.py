@@ -1,0 +1,277 @@
+"""The frontend halves of a request: text in -> EngineCoreRequest, EngineCoreOutput -> text out.
+
+They live in the process that talks to users (the server or the offline LLM), so tokenizing,
+detokenizing and stop-string matching never stall the engine's model steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from modelport.config import ModelConfig, SchedulerConfig
+from modelport.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    TokenLogprobs,
+    params_to_dict,
+)
+from modelport.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from modelport.sampling_params import SamplingParams
+
+
+def child_id(parent_id: str, index: int, n: int) -> str:
+    return parent_id if n == 1 else f"{index}_{parent_id}"
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, model_config: ModelConfig, scheduler_config: SchedulerConfig) -> None:
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.max_model_len = scheduler_config.max_model_len
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("prompt must be a string or a list of token ids")
+        return list(prompt)
+
+    def process(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> list[EngineCoreRequest]:
+        """Validate and fan out into n engine requests (children share the prompt's KV blocks)."""
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n_prompt
+            if max_tokens < 1:
+                raise ValueError(
+                    f"the prompt ({n_prompt} tokens) fills max_model_len ({self.max_model_len}); "
+                    "no room to generate"
+                )
+        if n_prompt + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{n_prompt} tokens and max_tokens is {max_tokens} ({n_prompt + max_tokens} in total)"
+            )
+        base = params_to_dict(params)
+        base["max_tokens"] = max_tokens
+        base["n"] = 1
+        eos = list(self.tokenizer.eos_token_ids) if self.tokenizer is not None else list(
+            self.model_config.eos_token_ids)
+        t = time.monotonic() if arrival_time is None else arrival_time
+        reqs = []
+        for i in range(params.n):
+            d = dict(base)
+            if params.seed is not None:
+                d["seed"] = params.seed + i
+            reqs.append(EngineCoreRequest(
+                request_id=child_id(request_id, i, params.n),
+                prompt_token_ids=list(prompt_token_ids),
+                sampling_params=d,
+                eos_token_ids=eos,
+                arrival_time=t,
+                priority=priority,
+            ))
+        return reqs
+
+
+@dataclass
+class _ChildState:
+    index: int
+    detok: object  # IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    text: str = ""  # visible text (stop string handled)
+    emitted: int = 0  # chars of text already sent (delta mode)
+    sent_tokens: int = 0  # token ids already sent (delta mode)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_kind: str  # "cumulative" | "delta" | "final"
+    children: dict[str, _ChildState]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int = 0
+    num_finished: int = 0
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.parents: dict[str, _ParentState] = {}
+        self.child_to_parent: dict[str, str] = {}
+
+    def add_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+        params: SamplingParams, output_kind: str = "final", arrival_time: float | None = None,
+    ) -> None:
+        from modelport.frontend.detokenizer import IncrementalDetokenizer
+
+        children = {}
+        for i in range(params.n):
+            cid = child_id(request_id, i, params.n)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            children[cid] = _ChildState(
+                index=i, detok=detok,
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            self.child_to_parent[cid] = request_id
+        self.parents[request_id] = _ParentState(
+            request_id, prompt, list(prompt_token_ids), params, output_kind, children,
+            RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time),
+        )
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.parents
+
+    def child_ids(self, request_id: str) -> list[str]:
+        ps = self.parents.get(request_id)
+        return list(ps.children) if ps else []
+
+    def _decode_logprobs(self, tl: TokenLogprobs) -> dict[int, Logprob]:
+        d: dict[int, Logprob] = {}
+        for tid, lp, rank in zip(tl.token_ids, tl.logprobs, tl.ranks):
+            if tid not in d:
+                d[tid] = Logprob(lp, rank, self.tokenizer.decode([tid], skip_special_tokens=False))
+        return d
+
+    def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns RequestOutputs to deliver and child request ids the engine must abort (stop strings)."""
+        results: dict[str, RequestOutput] = {}
+        to_abort: list[str] = []
+        changed: dict[str, list[_ChildState]] = {}
+        now = time.monotonic()
+        for o in outputs:
+            pid = self.child_to_parent.get(o.request_id)
+            if pid is None:
+                continue
+            ps = self.parents[pid]
+            c = ps.children[o.request_id]
+            if c.finish_reason is not None:
+                continue
+            ps.num_cached_tokens = max(ps.num_cached_tokens, o.num_cached_tokens)
+            m = ps.metrics
+            if o.first_scheduled_time and m.first_scheduled_time is None:
+                m.first_scheduled_time = o.first_scheduled_time
+            if o.new_token_ids:
+                if m.first_token_time is None:
+                    m.first_token_time = now
+                m.last_token_time = now
+            if o.prompt_logprobs is not None and ps.prompt_logprobs is None:
+                ps.prompt_logprobs = [None if t is None else self._decode_logprobs(t)
+                                      for t in o.prompt_logprobs]
+            self._update_child(ps, c, o, to_abort)
+            changed.setdefault(pid, []).append(c)
+        for pid, kids in changed.items():
+            ps = self.parents[pid]
+            finished = ps.num_finished == len(ps.children)
+            if ps.output_kind == "final" and not finished:
+                continue
+            ro = self._make_output(ps, kids, finished)
+            if ro is not None:
+                results[pid] = ro
+            if finished:
+                ps.metrics.finished_time = now
+                for cid in ps.children:
+                    self.child_to_parent.pop(cid, None)
+                del self.parents[pid]
+        return list(results.values()), to_abort
+
+    def _update_child(self, ps: _ParentState, c: _ChildState, o: EngineCoreOutput, to_abort: list[str]) -> None:
+        p = ps.params
+        c.token_ids.extend(o.new_token_ids)
+        if o.new_logprobs and c.logprobs is not None:
+            for tl in o.new_logprobs:
+                c.logprobs.append(self._decode_logprobs(tl))
+                c.cumulative_logprob = (c.cumulative_logprob or 0.0) + tl.logprobs[0]
+        old_len = len(c.text)
+        c.detok.add(o.new_token_ids)
+        if o.finish_reason is not None:
+            c.detok.flush()  # an incomplete trailing character becomes U+FFFD, as in decode()
+        full = c.detok.text
+        stops = p.stop_strings
+        if stops and o.new_token_ids:
+            longest = max(len(s) for s in stops)
+            search_from = max(0, old_len - longest + 1)
+            hit = None
+            for s in stops:
+                j = full.find(s, search_from)
+                if j != -1 and (hit is None or j < hit[0]):
+                    hit = (j, s)
+            if hit is not None:
+                j, s = hit
+                c.text = full[: j + len(s)] if p.include_stop_str_in_output else full[:j]
+                c.finish_reason, c.stop_reason = "stop", s
+                ps.num_finished += 1
+                if o.finish_reason is None:
+                    to_abort.append(o.request_id)
+                return
+        c.text = full
+        if o.finish_reason is not None:
+            c.finish_reason = o.finish_reason
+            c.stop_reason = o.stop_reason
+            ps.num_finished += 1
+
+    def _make_output(self, ps: _ParentState, kids: list[_ChildState], finished: bool) -> RequestOutput | None:
+        p = ps.params
+        holdback = max((len(s) for s in p.stop_strings), default=1) - 1
+        outs = []
+        if ps.output_kind == "delta":
+            for c in sorted(kids, key=lambda c: c.index):
+                end = len(c.text) if c.finish_reason is not None else max(c.emitted, len(c.text) - holdback)
+                delta_text = c.text[c.emitted:end]
+                n_new = c.sent_tokens
+                new_ids = c.token_ids[n_new:]
+                c.sent_tokens = len(c.token_ids)
+                c.emitted = end
+                outs.append(CompletionOutput(
+                    index=c.index, text=delta_text, token_ids=new_ids,
+                    cumulative_logprob=c.cumulative_logprob,
+                    logprobs=c.logprobs[n_new:] if c.logprobs is not None else None,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                ))
+        else:
+            for c in sorted(ps.children.values(), key=lambda c: c.index):
+                outs.append(CompletionOutput(
+                    index=c.index, text=c.text, token_ids=list(c.token_ids),
+                    cumulative_logprob=c.cumulative_logprob,
+                    logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                ))
+        return RequestOutput(
+            request_id=ps.request_id, prompt=ps.prompt, prompt_token_ids=ps.prompt_token_ids,
+            outputs=outs, finished=finished, prompt_logprobs=ps.prompt_logprobs,
+            num_cached_tokens=ps.num_cached_tokens, metrics=dataclasses.replace(ps.metrics),
+        )
+
+    def abort(self, request_id: str) -> list[str]:
+        """Forget a parent request; returns its child ids (to abort in the engine)."""
+        ps = self.parents.pop(request_id, None)
+        if ps is None:
+            return []
+        for cid in ps.children:
+            self.child_to_parent.pop(cid, None)
+        return list(ps.children)

@@ -1,0 +1,216 @@
+"""ModelRunner: owns every tensor. Turns a SchedulerOutput into flat inputs, runs the model, samples.
+
+execute() is the whole contract: SchedulerOutput in, RunnerOutput (token ids + logprobs) out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from modelport.config import DEFAULT_CPU_KV_CACHE_MEMORY, num_kv_blocks
+from modelport.engine.arg_utils import EngineConfig
+from modelport.engine.messages import TokenLogprobs
+from modelport.engine.scheduler import SchedulerOutput
+from modelport.layers.attention import AttentionMetadata, ForwardContext, forward_context
+from modelport.runner.sampler import Sampler, SamplingRow, compute_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.dtype)
+        self.block_size = config.cache_config.block_size
+        self.model: torch.nn.Module | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+
+    # -- start-up ------------------------------------------------------------------------
+    def load_model(self) -> None:
+        from modelport.loader import load_model
+
+        t0 = time.perf_counter()
+        torch.manual_seed(self.config.seed)
+        self.model = load_model(
+            self.config.model_source, self.config.model_config, self.config.load_config,
+            self.dtype, self.device,
+        )
+        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info(
+            "loaded %s (%s) on %s as %s: %.1f MiB of weights in %.1f s",
+            self.config.model_source.name, self.config.model_config.architecture, self.device,
+            self.config.dtype, n_bytes / 2**20, time.perf_counter() - t0,
+        )
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        kd = self.config.cache_config.kv_cache_dtype
+        return self.dtype if kd == "auto" else getattr(torch, {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}.get(kd, kd))
+
+    def determine_num_blocks(self) -> int:
+        cc = self.config.cache_config
+        mc = self.config.model_config
+        kv_bytes = torch.empty((), dtype=self.kv_dtype).element_size()
+        if self.device.type == "cuda":
+            budget = self._cuda_kv_budget()
+        else:
+            budget = cc.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
+        n = num_kv_blocks(budget, mc, self.block_size, kv_bytes, self.config.parallel_config.tensor_parallel_size)
+        need = -(-self.config.scheduler_config.max_model_len // self.block_size)
+        if n < need:
+            raise ValueError(
+                f"the KV cache budget ({budget / 2**20:.1f} MiB -> {n} blocks of {self.block_size} "
+                f"tokens) cannot hold one max_model_len request ({self.config.scheduler_config.max_model_len} "
+                f"tokens = {need} blocks); raise kv_cache_memory / gpu_memory_utilization or lower max_model_len"
+            )
+        return n
+
+    def _cuda_kv_budget(self) -> int:
+        """gpu_memory_utilization x total - (memory in use after a profiling forward at max batch)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak - used_by_others
+        logger.info(
+            "CUDA memory: total %.2f GiB, peak during profiling %.2f GiB, KV budget %.2f GiB",
+            total / 2**30, peak / 2**30, budget / 2**30,
+        )
+        if budget <= 0:
+            raise ValueError(
+                f"no memory left for the KV cache: gpu_memory_utilization "
+                f"{self.config.cache_config.gpu_memory_utilization} x {total / 2**30:.1f} GiB is below "
+                f"the {peak / 2**30:.1f} GiB that weights and activations need"
+            )
+        return budget
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        assert self.model is not None
+        n = self.config.scheduler_config.max_num_batched_tokens
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device) % self.config.scheduler_config.max_model_len
+        with forward_context(ForwardContext(None, [])):
+            hidden = self.model(ids, pos)
+        logits = self.model.compute_logits(hidden[-self.config.scheduler_config.max_num_seqs:])
+        del hidden, logits
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        mc = self.config.model_config
+        tp = self.config.parallel_config.tensor_parallel_size
+        kv_heads = max(1, mc.num_key_value_heads // tp)
+        shape = (2, num_blocks, self.block_size, kv_heads, mc.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            for _ in range(mc.num_hidden_layers)
+        ]
+        self.num_blocks = num_blocks
+
+    # -- the step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        assert self.model is not None
+        for rid in so.finished_ids:
+            self.generators.pop(rid, None)
+        out = RunnerOutput()
+        if so.is_empty:
+            return out
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        logit_rows: list[int] = []  # flat token index whose logits we need
+        sample_reqs = []  # (scheduled, row index into logits)
+        prompt_lp_reqs = []  # (scheduled, first row, count)
+        for s in so.scheduled:
+            req = s.request
+            start, n = s.start, s.num_tokens
+            input_ids.extend(req.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            blk = s.block_ids
+            slots.extend(blk[p // bs] * bs + p % bs for p in range(start, start + n))
+            base = qsl[-1]
+            qsl.append(base + n)
+            seq_lens.append(start + n)
+            tables.append(blk)
+            if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
+                n_pl = min(n, req.num_prompt_tokens - 1 - start)
+                prompt_lp_reqs.append((s, len(logit_rows), n_pl))
+                logit_rows.extend(range(base, base + n_pl))
+            if s.sample:
+                sample_reqs.append((s, len(logit_rows)))
+                logit_rows.append(base + n - 1)
+        dev = self.device
+        max_blocks = max(len(t) for t in tables)
+        table_t = torch.zeros((len(tables), max_blocks), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table_t[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table_t.to(dev, non_blocking=True),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+            block_size=bs,
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        with forward_context(ForwardContext(meta, self.kv_caches)):
+            hidden = self.model(ids_t, pos_t)
+        if not logit_rows:
+            return out
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]).float()
+
+        if sample_reqs:
+            rows = []
+            for s, _ in sample_reqs:
+                req = s.request
+                p = req.sampling_params
+                gen = None
+                if p.seed is not None and not p.greedy:
+                    gen = self.generators.get(req.request_id)
+                    if gen is None:
+                        gen = torch.Generator(device=dev)
+                        gen.manual_seed(p.seed)
+                        self.generators[req.request_id] = gen
+                rows.append(SamplingRow(req.request_id, p, req.prompt_token_ids,
+                                        req.output_token_ids, req.eos_token_ids, gen))
+            idx = torch.tensor([r for _, r in sample_reqs], device=dev)
+            tokens, lps = self.sampler(logits[idx], rows)
+            for (s, _), tok, lp in zip(sample_reqs, tokens, lps):
+                out.sampled[s.request_id] = tok
+                if lp is not None:
+                    out.logprobs[s.request_id] = lp
+        for s, first, count in prompt_lp_reqs:
+            req = s.request
+            k = req.sampling_params.prompt_logprobs or 0
+            lp = logits[first : first + count].log_softmax(dim=-1)
+            targets = torch.tensor(
+                req.prompt_token_ids[s.start + 1 : s.start + 1 + count], device=dev
+            )
+            out.prompt_logprobs[s.request_id] = list(compute_logprobs(lp, targets, k))
+        return out

@@ -1,0 +1,157 @@
+"""Sampling on the logits' device: penalties, min_tokens, temperature, top-k/top-p/min-p, logprobs.
+
+Seeded requests draw from their own torch.Generator with the exponential-race trick
+(argmax(p / q), q ~ Exp(1)), so a seeded request's tokens do not depend on which other
+requests share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modelport.engine.messages import TokenLogprobs
+from modelport.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    request_id: str
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated so far (not including the one sampled now)
+    eos_token_ids: tuple[int, ...]
+    generator: torch.Generator | None
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[-1]
+    for i, r in enumerate(rows):
+        p = r.params
+        if not p.needs_penalties:
+            continue
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(
+                sorted({t for t in r.prompt_token_ids + r.output_token_ids if t < vocab}),
+                dtype=torch.long, device=logits.device,
+            )
+            if seen.numel():
+                vals = row[seen]
+                row[seen] = torch.where(
+                    vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+                )
+        if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(ids, minlength=vocab)[:vocab].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, r in enumerate(rows):
+        p = r.params
+        if len(r.output_token_ids) >= p.min_tokens:
+            continue
+        banned = list(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            banned += list(r.eos_token_ids)
+        banned = [t for t in banned if t < logits.shape[-1]]
+        if banned:
+            logits[i, banned] = float("-inf")
+
+
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask filtered tokens to -inf. top_k: [N] int (0 = off); top_p, min_p: [N] float."""
+    vocab = logits.shape[-1]
+    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
+        ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+        mask |= ranks >= k.unsqueeze(1)
+        probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+        cum_before = probs.cumsum(dim=-1) - probs  # mass strictly above this token
+        mask |= cum_before >= top_p.unsqueeze(1)
+        mask[:, 0] = False  # always keep the most likely token
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(mask, float("-inf")))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        thresh = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < thresh, float("-inf"))
+    return logits
+
+
+def compute_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> list[TokenLogprobs]:
+    """For each row: the chosen token's logprob and rank, then the top-k."""
+    chosen = logprobs.gather(1, token_ids.view(-1, 1))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
+    chosen_l, ranks_l, ids_l = chosen.squeeze(1).tolist(), ranks.tolist(), token_ids.tolist()
+    tv = top_vals.tolist() if top_vals is not None else None
+    ti = top_ids.tolist() if top_ids is not None else None
+    out = []
+    for i in range(len(ids_l)):
+        t_ids, t_lp, t_rk = [ids_l[i]], [chosen_l[i]], [ranks_l[i]]
+        if tv is not None:
+            t_ids += ti[i]
+            t_lp += tv[i]
+            t_rk += list(range(1, k + 1))
+        out.append(TokenLogprobs(t_ids, t_lp, t_rk))
+    return out
+
+
+class Sampler:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits: [N, vocab] float32 (modified in place). Returns token ids and logprobs per row."""
+        max_lp = max((r.params.logprobs or 0) for r in rows if r.params.logprobs is not None) \
+            if any(r.params.logprobs is not None for r in rows) else None
+        raw_logprobs = logits.log_softmax(dim=-1) if max_lp is not None else None
+
+        apply_penalties(logits, rows)
+        apply_min_tokens(logits, rows)
+
+        greedy = [r.params.greedy for r in rows]
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            dev = logits.device
+            temps = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(greedy, rows)],
+                                 device=dev, dtype=logits.dtype)
+            scaled = logits / temps.unsqueeze(1)
+            scaled = apply_top_k_top_p_min_p(
+                scaled,
+                torch.tensor([r.params.top_k for r in rows], device=dev),
+                torch.tensor([r.params.top_p for r in rows], device=dev, dtype=logits.dtype),
+                torch.tensor([r.params.min_p for r in rows], device=dev, dtype=logits.dtype),
+            )
+            probs = scaled.softmax(dim=-1)
+            q = torch.empty_like(probs)
+            unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+            if unseeded:
+                q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
+            for i, r in enumerate(rows):
+                if r.generator is not None:
+                    q[i].exponential_(generator=r.generator)
+            tokens = (probs / q).argmax(dim=-1)
+            if any(greedy):
+                g_idx = torch.tensor([i for i, g in enumerate(greedy) if g], device=dev)
+                tokens[g_idx] = logits[g_idx].argmax(dim=-1)
+
+        lps: list[TokenLogprobs | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+            idx = torch.tensor(want, device=logits.device)
+            computed = compute_logprobs(raw_logprobs[idx], tokens[idx], max_lp or 0)
+            for j, i in enumerate(want):
+                k = rows[i].params.logprobs or 0
+                c = computed[j]
+                lps[i] = TokenLogprobs(c.token_ids[: k + 1], c.logprobs[: k + 1], c.ranks[: k + 1])
+        return tokens.tolist(), lps

@@ -1,0 +1,42 @@
+"""The embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF) through the whole engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelport import LLM, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(kv_cache_memory=64 << 20, max_model_len=1024)
+
+
+def test_first_16_greedy_tokens_match_hf(llm) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from modelport.loader import default_model_path
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                        use_tqdm=False)
+    for out in outs:
+        ids = torch.tensor([out.prompt_token_ids])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                              min_new_tokens=16, do_sample=False)
+        assert out.outputs[0].token_ids == ref[0, ids.shape[1]:].tolist(), out.prompt
+
+
+def test_offline_api_as_documented(llm) -> None:
+    outs = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
+    assert "Paris" in outs[0].outputs[0].text
+    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                    SamplingParams(temperature=0, max_tokens=32))
+    assert "Paris" in chat[0].outputs[0].text
+    assert chat[0].outputs[0].finish_reason in ("stop", "length")
