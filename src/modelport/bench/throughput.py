@@ -63,6 +63,7 @@ def run_modelport(
     for i, (p, o) in enumerate(zip(prompts, outs)):
         core.add_request(h.greedy_request(str(i), p, o))
     got, steps, prof, prof_t, prof_start = 0, 0, None, 0.0, 0
+    admitted_at, admitted_steps = None, 0  # when the last request got into the batch
     while core.has_unfinished_requests():
         if args.profile_steps and prof is None and got >= total_out // 2:
             import torch
@@ -71,9 +72,12 @@ def run_modelport(
                                                       torch.profiler.ProfilerActivity.CUDA])
             prof.__enter__()
             prof_start, prof_t = steps, time.perf_counter()
-        for o in core.step().outputs:
+        step_out = core.step()
+        for o in step_out.outputs:
             got += len(o.new_token_ids)
         steps += 1
+        if admitted_at is None and step_out.stats is not None and step_out.stats.num_waiting == 0:
+            admitted_at, admitted_steps = time.perf_counter(), steps
         if prof is not None and prof_info is None and steps - prof_start == args.profile_steps:
             h.sync(device)
             wall = time.perf_counter() - prof_t
@@ -90,6 +94,9 @@ def run_modelport(
         "output_tok_s": round(got / dt, 1),
         "total_tok_s": round((got + sum(map(len, prompts))) / dt, 1),
         "steps": steps,
+        # until every request is admitted (prefill chunks ride along with decodes), then the
+        # remaining steps (pure decode, mostly replayed from CUDA graphs)
+        "admission_phase": {"seconds": round((admitted_at or t) - t, 3), "steps": admitted_steps},
         "startup_s": round(startup, 1),
         "kv_blocks": core.num_kv_blocks,
         "enforce_eager": args.enforce_eager,
