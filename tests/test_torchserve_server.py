@@ -413,3 +413,24 @@ def test_request_shapes_reach_the_handler_as_torchserve_sends_them(server, echo1
     # a JSON body is decoded before the handler sees it
     r = server.infer(echo1, json={"a": 1})
     assert r.json()["echo"] == {"a": 1}
+
+
+def test_seed_llm_handler_in_batches_of_4(server):
+    r = server.mgmt(
+        "POST", "/models?url=llm.mar&model_name=llm4&batch_size=4&max_batch_delay=10000"
+        "&initial_workers=1&synchronous=true"
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    prompts = ["a", "bb bb", "the cat sat", "four little words here"]
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda p: server.infer("/predictions/llm4", content=p.encode(),
+                             headers={**server.headers("inference"), "Content-Type": "text/plain"}),
+                             prompts))  # fmt: skip
+    # one padded batch of 4 (a lone request would wait the 10 s delay); each answer is its
+    # own prompt continued, so padding and row order survived the batch
+    assert [o.status_code for o in outs] == [200] * 4
+    assert time.monotonic() - start < 9.5, "the batch filled up instead of timing out"
+    for prompt, out in zip(prompts, outs):
+        assert out.text.startswith(prompt) and len(out.text.encode()) > len(prompt)
+    assert server.mgmt("DELETE", "/models/llm4").status_code == 200
