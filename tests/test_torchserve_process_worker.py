@@ -81,3 +81,23 @@ def test_factory_failure_is_init_error():
         await bad.stop()
 
     asyncio.run(main())
+
+
+def test_partial_results_arrive_in_order_before_the_result():
+    from modelport.serving.process_worker import emit_partial
+
+    with pytest.raises(RuntimeError, match="outside"):
+        emit_partial(1)  # only inside a worker's execute
+
+    async def main():
+        w = ProcessWorker("pw_targets:Echo", {}, name="streamer")
+        await w.start()
+        try:
+            seen: list = []
+            result = await w.execute("stream:5", on_partial=seen.append)
+            assert (seen, result) == ([0, 1, 2, 3, 4], "done")
+            assert await w.execute([1]) == [1]  # no stale partials afterwards
+        finally:
+            await w.stop()
+
+    asyncio.run(main())

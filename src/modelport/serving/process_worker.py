@@ -24,6 +24,9 @@ Interface (stable; other backends build on it)::
 - If `call_timeout` passes, the child is killed, the call raises `WorkerTimeoutError` and the
   child is restarted.
 - If the factory raises, `start()` (or the next `execute`) raises `WorkerInitError`.
+- Streaming: while `execute` runs in the child, user code may call `emit_partial(value)`
+  (this module) any number of times; each value reaches the parent, in order and before
+  the final result, through `execute(payload, on_partial=callback)`'s callback.
 
 Messages are small frozen dataclasses (`_Execute`, `_Result`, ...); the child never receives
 method names to dispatch on.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import multiprocessing as mp
 import multiprocessing.util as mp_util
 import os
@@ -42,6 +46,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +58,10 @@ __all__ = [
     "WorkerInitError",
     "WorkerTimeoutError",
     "WorkerStoppedError",
+    "emit_partial",
 ]
+
+logger = logging.getLogger("modelport.serving.worker")
 
 
 class WorkerError(RuntimeError):
@@ -97,6 +105,12 @@ class _Execute:
 
 
 @dataclass(frozen=True)
+class _Partial:
+    seq: int
+    value: Any
+
+
+@dataclass(frozen=True)
 class _Shutdown:
     pass
 
@@ -135,7 +149,23 @@ def _resolve(factory: str) -> Any:
     return obj
 
 
+# The call running in this process, when this process is a worker child (one at a time).
+_current_call: tuple[Any, int] | None = None
+
+
+def emit_partial(value: Any) -> None:
+    """Send an intermediate result of the running `execute` call to the parent.
+
+    Only meaningful inside a worker child during `execute`; raises RuntimeError elsewhere.
+    """
+    if _current_call is None:
+        raise RuntimeError("emit_partial() called outside a ProcessWorker execute call")
+    conn, seq = _current_call
+    conn.send(_Partial(seq, value))
+
+
 def _child_main(conn: Any, factory: str, init_kwargs: dict, env: dict[str, str]) -> None:
+    global _current_call
     # Ctrl-C reaches the whole process group; the parent decides when a child stops
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
@@ -165,10 +195,13 @@ def _child_main(conn: Any, factory: str, init_kwargs: dict, env: dict[str, str])
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(0)
+        _current_call = (conn, msg.seq)
         try:
             result = _Result(msg.seq, target.execute(msg.payload))
         except BaseException as e:  # noqa: BLE001
             result = _Result(msg.seq, None, type(e).__name__, str(e), traceback.format_exc())
+        finally:
+            _current_call = None
         try:
             conn.send(result)
         except Exception as e:  # the result did not pickle
@@ -186,6 +219,7 @@ class _Incarnation:
     conn: Any
     ready: asyncio.Future
     pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    on_partial: dict[int, Callable[[Any], None]] = field(default_factory=dict)
     dead: bool = False
     killed_for_timeout: bool = False
 
@@ -309,7 +343,15 @@ class ProcessWorker:
                         f"\n{msg.traceback}"
                     )
                 )
+        elif isinstance(msg, _Partial):
+            callback = inc.on_partial.get(msg.seq)
+            if callback is not None:
+                try:
+                    callback(msg.value)
+                except Exception:  # a consumer's bug must not kill the reader
+                    logger.exception("on_partial callback of worker %s failed", self.name)
         elif isinstance(msg, _Result):
+            inc.on_partial.pop(msg.seq, None)
             fut = inc.pending.pop(msg.seq, None)
             if fut is None and msg.seq == -1 and inc.pending:
                 fut = inc.pending.pop(next(iter(inc.pending)))
@@ -347,6 +389,7 @@ class ProcessWorker:
                     )
                 )
         inc.pending.clear()
+        inc.on_partial.clear()
         with contextlib.suppress(Exception):
             inc.conn.close()
         was_ready = inc.ready.done() and inc.ready.exception() is None
@@ -360,8 +403,12 @@ class ProcessWorker:
 
     # -- calls --
 
-    async def execute(self, payload: Any) -> Any:
-        """Run `execute(payload)` in the child and return its result (see module docstring)."""
+    async def execute(self, payload: Any, on_partial: Callable[[Any], None] | None = None) -> Any:
+        """Run `execute(payload)` in the child and return its result (see module docstring).
+
+        `on_partial` is called on the event loop with each value the child emits with
+        `emit_partial` during this call.
+        """
         async with self._lock:
             if self._stopping:
                 raise WorkerStoppedError(f"worker {self.name} is stopped")
@@ -372,6 +419,8 @@ class ProcessWorker:
             seq = self._seq
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
             inc.pending[seq] = fut
+            if on_partial is not None:
+                inc.on_partial[seq] = on_partial
             try:
                 inc.conn.send(_Execute(seq, payload))
             except (OSError, EOFError, BrokenPipeError) as e:
