@@ -172,3 +172,23 @@ def test_dead_process_fails_only_its_requests_and_is_restarted(server):
         assert one(float(v)) == v + 1.0
     assert set(backend.pids()) != pids_before
     assert server.manager.is_ready("raiser")
+
+
+def test_priority_parameter_reaches_the_queue(server):
+    """priority_levels 2: a priority-1 request overtakes priority-2 requests already queued."""
+    order = []
+
+    def one(i, priority):
+        c = httpclient.InferenceServerClient(server.http_url)
+        time.sleep(0.05 * i)
+        c.infer("prioritized", [x_input(float(i))], priority=priority)
+        order.append(i)
+
+    with ThreadPoolExecutor(4) as pool:
+        # 0 runs first (0.3 s); 1 and 2 queue at priority 2; 3 arrives last at priority 1
+        list(pool.map(one, range(4), [2, 2, 2, 1]))
+    assert order.index(3) < order.index(1) and order.index(3) < order.index(2), order
+    with pytest.raises(InferenceServerException, match=r"priority 7 outside \[1, 2\]"):
+        httpclient.InferenceServerClient(server.http_url).infer(
+            "prioritized", [x_input(1.0)], priority=7
+        )

@@ -227,9 +227,10 @@ def build_router(
         return Response(status_code=200)
 
     async def _unsupported(request: Request, rest: str = "") -> Response:
-        raise Unsupported(f"{request.url.path}: shared memory is not supported by modelport")
+        raise Unsupported(f"{request.url.path} is not supported by modelport")
 
-    for prefix in ("/v2/systemsharedmemory", "/v2/cudasharedmemory"):
+    for prefix in ("/v2/systemsharedmemory", "/v2/cudasharedmemory", "/v2/trace", "/v2/logging"):
+        router.api_route(prefix, methods=["GET", "POST"])(guarded(_unsupported))
         router.api_route(prefix + "/{rest:path}", methods=["GET", "POST"])(guarded(_unsupported))
 
     return router
