@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from modelport.config import DEFAULT_CPU_KV_CACHE_MEMORY, num_kv_blocks
@@ -39,6 +40,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
+        self.graphs = None  # DecodeGraphs on CUDA unless enforce_eager (see cuda_graphs.py)
 
     # -- start-up ------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -50,6 +52,10 @@ class ModelRunner:
             self.config.model_source, self.config.model_config, self.config.load_config,
             self.dtype, self.device,
         )
+        if self.device.type == "cuda":
+            from modelport.layers.fused_ops import fuse_small_ops
+
+            logger.info("fused small ops on CUDA: %d modules", fuse_small_ops(self.model))
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "loaded %s (%s) on %s as %s: %.1f MiB of weights in %.1f s",
@@ -123,6 +129,76 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> None:
+        """Capture decode steps for the batch ladder, when the CUDA kernels serve this model.
+
+        Padded graph rows rely on the Triton KV write skipping slot -1, so graphs are only
+        used where that backend applies; otherwise decode stays eager (logged, not an error).
+        """
+        from modelport.layers import triton_attention as ta
+        from modelport.runner.cuda_graphs import DecodeGraphs
+
+        mc = self.config.model_config
+        probe = torch.empty(1, mc.num_attention_heads, mc.head_dim, dtype=self.dtype,
+                            device=self.device)
+        if not ta.supports(probe, self.kv_caches[0], mc.head_dim):
+            logger.info("CUDA graphs off: the Triton attention kernels do not cover dtype %s / "
+                        "KV dtype %s / head_dim %d", self.dtype, self.kv_dtype, mc.head_dim)
+            return
+        sc = self.config.scheduler_config
+        graphs = DecodeGraphs(
+            self.model, self.kv_caches, min(sc.max_num_seqs, sc.max_num_batched_tokens),
+            -(-sc.max_model_len // self.block_size), self.block_size, self.device,
+        )
+        graphs.capture()
+        self.graphs = graphs
+
+    # -- the forward: eager, or a decode batch replayed from its CUDA graph ------------------
+    def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int],
+                       qsl: list[int], seq_lens: list[int], tables: list[list[int]]
+                       ) -> torch.Tensor:
+        dev = self.device
+        cuda = dev.type == "cuda"
+        table_np = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table_np[i, : len(t)] = t
+
+        def to_dev(x: torch.Tensor) -> torch.Tensor:
+            # pinned staging makes the copy asynchronous: the host runs ahead to the launches
+            return (x.pin_memory() if cuda else x).to(dev, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=to_dev(torch.tensor(slots, dtype=torch.int64)),
+            query_start_loc=to_dev(torch.tensor(qsl, dtype=torch.int32)),
+            seq_lens=to_dev(torch.tensor(seq_lens, dtype=torch.int32)),
+            block_tables=to_dev(torch.from_numpy(table_np)),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+            block_size=self.block_size,
+        )
+        ids_t = to_dev(torch.tensor(input_ids, dtype=torch.long))
+        pos_t = to_dev(torch.tensor(positions, dtype=torch.long))
+        with forward_context(ForwardContext(meta, self.kv_caches)):
+            return self.model(ids_t, pos_t)
+
+    def _replay_decode(self, input_ids: list[int], positions: list[int], slots: list[int],
+                       seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
+        assert self.graphs is not None
+        n = len(input_ids)
+        host = self.graphs.host_inputs(n)
+        host.input_ids[:] = input_ids
+        host.positions[:] = positions
+        host.slots[:] = slots
+        host.seq_lens[:] = seq_lens
+        bt = host.block_tables
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = t
+        return self.graphs.replay(n)
 
     # -- the step ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -162,28 +238,17 @@ class ModelRunner:
                 sample_reqs.append((s, len(logit_rows)))
                 logit_rows.append(base + n - 1)
         dev = self.device
-        max_blocks = max(len(t) for t in tables)
-        table_t = torch.zeros((len(tables), max_blocks), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table_t[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table_t.to(dev, non_blocking=True),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-            block_size=bs,
-        )
-        ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
-        with forward_context(ForwardContext(meta, self.kv_caches)):
-            hidden = self.model(ids_t, pos_t)
+        n_reqs = len(tables)
+        if (self.graphs is not None and len(input_ids) == n_reqs
+                and n_reqs <= self.graphs.max_batch):
+            hidden = self._replay_decode(input_ids, positions, slots, seq_lens, tables)
+        else:
+            hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables)
         if not logit_rows:
             return out
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]).float()
+        if len(logit_rows) != hidden.shape[0]:  # rows are increasing: equal count = all rows
+            hidden = hidden[torch.tensor(logit_rows, device=dev)]
+        logits = self.model.compute_logits(hidden).float()
 
         if sample_reqs:
             rows = []
@@ -199,8 +264,11 @@ class ModelRunner:
                         self.generators[req.request_id] = gen
                 rows.append(SamplingRow(req.request_id, p, req.prompt_token_ids,
                                         req.output_token_ids, req.eos_token_ids, gen))
-            idx = torch.tensor([r for _, r in sample_reqs], device=dev)
-            tokens, lps = self.sampler(logits[idx], rows)
+            if len(sample_reqs) == logits.shape[0]:  # every row samples: no gather copy
+                to_sample = logits
+            else:
+                to_sample = logits[torch.tensor([r for _, r in sample_reqs], device=dev)]
+            tokens, lps = self.sampler(to_sample, rows)
             for (s, _), tok, lp in zip(sample_reqs, tokens, lps):
                 out.sampled[s.request_id] = tok
                 if lp is not None:
