@@ -62,11 +62,20 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 
 def apply_top_k_top_p_min_p(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+    need_sort: bool | None = None, need_min_p: bool | None = None,
 ) -> torch.Tensor:
-    """Mask filtered tokens to -inf. top_k: [N] int (0 = off); top_p, min_p: [N] float."""
+    """Mask filtered tokens to -inf. top_k: [N] int (0 = off); top_p, min_p: [N] float.
+
+    need_sort / need_min_p: the caller's host-side answer to "is any filter on?"; passing
+    them saves the device-to-host syncs of asking the tensors.
+    """
     vocab = logits.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+    if need_sort is None:
+        need_sort = bool((top_k > 0).any()) or bool((top_p < 1.0).any())
+    if need_min_p is None:
+        need_min_p = bool((min_p > 0).any())
+    if need_sort:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
@@ -77,7 +86,7 @@ def apply_top_k_top_p_min_p(
         mask |= cum_before >= top_p.unsqueeze(1)
         mask[:, 0] = False  # always keep the most likely token
         logits = logits.scatter(1, order, sorted_logits.masked_fill(mask, float("-inf")))
-    if bool((min_p > 0).any()):
+    if need_min_p:
         probs = logits.softmax(dim=-1)
         thresh = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         logits = logits.masked_fill(probs < thresh, float("-inf"))
@@ -123,14 +132,19 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             dev = logits.device
-            temps = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(greedy, rows)],
-                                 device=dev, dtype=logits.dtype)
-            scaled = logits / temps.unsqueeze(1)
+            # one host tensor, one (pinned, asynchronous on CUDA) copy for all four settings
+            params = torch.tensor(
+                [[1.0 if g else r.params.temperature, r.params.top_k, r.params.top_p,
+                  r.params.min_p] for g, r in zip(greedy, rows)], dtype=torch.float32)
+            if dev.type == "cuda":
+                params = params.pin_memory()
+            params = params.to(dev, non_blocking=True)
+            scaled = logits / params[:, 0:1].to(logits.dtype)
             scaled = apply_top_k_top_p_min_p(
-                scaled,
-                torch.tensor([r.params.top_k for r in rows], device=dev),
-                torch.tensor([r.params.top_p for r in rows], device=dev, dtype=logits.dtype),
-                torch.tensor([r.params.min_p for r in rows], device=dev, dtype=logits.dtype),
+                scaled, params[:, 1].long(), params[:, 2].to(logits.dtype),
+                params[:, 3].to(logits.dtype),
+                need_sort=any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows),
+                need_min_p=any(r.params.min_p > 0 for r in rows),
             )
             probs = scaled.softmax(dim=-1)
             q = torch.empty_like(probs)
