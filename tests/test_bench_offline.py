@@ -34,8 +34,6 @@ def test_w1_workload_reproduces_bench_md_totals():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    # the harness drives the engine core; until that lands on main these cannot run
-    pytest.importorskip("modelport.engine.core")
     return make_tiny_llama_dir(tmp_path_factory.mktemp("bench") / "m", with_tokenizer=False)
 
 
@@ -80,7 +78,6 @@ def test_latency_reports_ttft_and_itl(tiny, tmp_path):
 
 
 def test_model_config_with_dummy_weights(tmp_path):
-    pytest.importorskip("modelport.engine.core")
     # what the H200 runs use (bench/configs/llama-3.1-8b.json), here with a tiny shape
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps({
