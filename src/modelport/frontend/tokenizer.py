@@ -174,7 +174,9 @@ def _from_gguf(path: Path, cache_dir: Path | None = None) -> Any:
 
     logger.info("converting the tokenizer of %s (cached in %s)", path.name, cached)
     try:
-        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf = AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True
+        )
     except Exception as e:  # transformers raises many types for a bad file
         raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from None
     try:
