@@ -2,7 +2,9 @@
 KV of every running sequence from memory, and do 2 FLOPs per weight per token.
 
 These are bounds, not predictions: real kernels reach maybe 60-80% of peak bandwidth, so
-measured inter-token latency is above itl_ms_min and measured throughput below the cap.
+measured inter-token latency is above itl_ms_min and measured throughput below the cap. For the
+Llama-3.1-8B shape on an H200 (bf16, bench/README.md) the bound says ITL >= 3.35 ms and a
+batch-256 step at 2048 context >= 10.5 ms; the engine measured 4.92 ms and 11.7 ms GPU-busy.
 """
 
 from __future__ import annotations
