@@ -181,11 +181,6 @@ def load_model(
     plan = resolve_quantization(load_config.quantization, src, config, device, fmt)
     if plan is not None:  # quantized checkpoint or --quantization: see quantization/loading.py
         return plan.load(cls, config, fmt, load_config.seed, dtype, device)
-    from modelport.quantization.loading import resolve_quantization
-
-    plan = resolve_quantization(load_config.quantization, src, config, device, fmt)
-    if plan is not None:  # quantized checkpoint or method: build, transform, fill, repack
-        return plan.load(cls, config, fmt, load_config.seed, dtype, device)
     with _build_defaults(dtype, device):
         model = cls(config)
     expected = {name for name, _ in model.named_parameters()}
