@@ -119,6 +119,8 @@ def test_hf_config_folder(capsys, tmp_path):
         (("--model", "llama-3.1-8b", "--gpu", "h100", "--gpu-memory-gib", "0"),
          "--gpu-memory-gib", "> 0"),
         (("--model", "llama-3.1-8b", "--gpu", "h100", "-q", "gguf-q9"), "--quantization", "unknown"),
+        (("--model", "llama-3.1-8b", "--gpu", "cpu", "--memory", "64", "--num-gpus", "2"),
+         "--num-gpus", "one host"),
         (("--model", "llama-3.1-8b", "--gpu", "h100", "--interconnect", "wifi"),
          "--interconnect", "nvlink"),
     ],

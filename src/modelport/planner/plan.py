@@ -124,6 +124,12 @@ class PlanRequest:
                 f"{self.max_model_len} is larger than the model's "
                 f"max_position_embeddings ({limit})",
             )
+        if self.device.is_cpu and (self.num_gpus > 1 or (self.tensor_parallel_size or 1) > 1):
+            raise PlanError(
+                "--num-gpus",
+                "CPU plans cover one process on one host (its ranks would share the same RAM); "
+                "plan one replica and multiply",
+            )
         resolve_parallelism(self.model.config, self.num_gpus, self.tensor_parallel_size)
 
     @property
