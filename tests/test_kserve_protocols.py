@@ -441,3 +441,15 @@ def test_gzip_compressed_http_request(server):
         request_compression_algorithm="gzip",
     )
     np.testing.assert_allclose(r.as_numpy("OUTPUT0"), a * 2)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_python_model_auto_complete_config(server, protocol):
+    c = client(server, protocol)
+    if protocol == "http":
+        cfg = c.get_model_config("autocomplete_py")
+        assert cfg["max_batch_size"] == 4 and "dynamic_batching" in cfg
+        assert cfg["input"][0]["name"] == "X" and cfg["input"][0]["dims"] == [2]
+    x = np.array([[1, 2], [3, 4]], dtype=np.int32)
+    r = c.infer("autocomplete_py", [make_input(protocol, "X", x, "INT32")])
+    np.testing.assert_array_equal(r.as_numpy("SQUARE"), x**2)

@@ -19,7 +19,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from modelport.repository.backends import backend_names, create_backend
+from modelport.repository.backends import create_backend
 from modelport.repository.backends.base import BackendContext
 from modelport.repository.ensemble import EnsembleModel, check_composing, ensemble_steps
 from modelport.repository.errors import (
@@ -32,10 +32,9 @@ from modelport.repository.errors import (
     unknown_model,
 )
 from modelport.repository.model import ModelVersion
-from modelport.repository.model_config import autocomplete, read_config
-from modelport.repository.onnx_autocomplete import autocomplete_onnx
+from modelport.repository.model_config import read_config
+from modelport.repository.resolve import resolve_config
 from modelport.repository.tensors import InferRequest, InferResponse
-from modelport.repository.validation import validate_config
 from modelport.repository.versions import select_versions
 
 logger = logging.getLogger("modelport.repository")
@@ -237,7 +236,7 @@ class RepositoryManager:
             new: dict[int, Served] = {}
             try:
                 assert entry.path is not None
-                cfg = await self._read(entry.path, config_json)
+                cfg = await resolve_config(entry.path, config_json, self.gpus)
                 entry.signature = _signature(entry.path)
                 versions = select_versions(cfg, entry.path)
                 if cfg.backend == "ensemble":
@@ -269,24 +268,6 @@ class RepositoryManager:
         for m in old.values():
             with contextlib.suppress(Exception):
                 await m.stop()
-
-    async def _read(self, path: Path, config_json: str | None) -> mc.ModelConfig:
-        if config_json:
-            from modelport.repository.model_config import config_from_json
-
-            raw = config_from_json(config_json)
-        else:
-            raw = read_config(path)
-        cfg = autocomplete(raw, path, self.gpus)
-        if cfg.backend == "onnxruntime" and not (cfg.input and cfg.output):
-            try:
-                versions = select_versions(cfg, path)
-            except ServingError:
-                versions = []  # reported below, by the version check
-            if versions:
-                cfg = autocomplete_onnx(cfg, path, versions)
-        validate_config(cfg, path.name, backend_names(), self.gpus)
-        return cfg
 
     async def _ensure_dependencies(self, cfg: mc.ModelConfig, steps: list) -> None:
         for name in dict.fromkeys(s.model_name for s in steps):

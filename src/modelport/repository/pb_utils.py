@@ -18,6 +18,7 @@ __all__ = [
     "InferenceRequest",
     "InferenceResponse",
     "Logger",
+    "ModelConfig",
     "Tensor",
     "TritonError",
     "TritonModelException",
@@ -333,3 +334,64 @@ class Logger:
     @classmethod
     def log_verbose(cls, message: str) -> None:
         cls.log(message, "VERBOSE")
+
+
+class ModelConfig:
+    """What `TritonPythonModel.auto_complete_config(config)` receives and returns.
+
+    Holds the config as Triton's JSON dict; the setters refuse to contradict what the
+    config.pbtxt already says, as Triton's do.
+    """
+
+    def __init__(self, model_config: dict[str, Any] | str) -> None:
+        if isinstance(model_config, str):
+            model_config = json.loads(model_config)
+        self._config = dict(model_config)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self._config
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        current = int(self._config.get("max_batch_size", 0) or 0)
+        if current and current != max_batch_size:
+            raise ValueError(
+                f"configuration specified max_batch_size {current}, but in auto-complete-config "
+                f"function for model '{self._config.get('name')}' specified max_batch_size "
+                f"{max_batch_size}"
+            )
+        self._config["max_batch_size"] = max_batch_size
+
+    def set_dynamic_batching(self) -> None:
+        self._config.setdefault("dynamic_batching", {})
+
+    def set_model_transaction_policy(self, policy: dict[str, Any]) -> None:
+        current = self._config.setdefault("model_transaction_policy", {})
+        for key, value in policy.items():
+            if key in current and current[key] not in (value, False):
+                raise ValueError(f"model_transaction_policy.{key} is already {current[key]}")
+            current[key] = value
+
+    def _add_io(self, field: str, spec: dict[str, Any]) -> None:
+        if "name" not in spec:
+            raise ValueError(f"{field} in auto-complete-config function must have a name")
+        items = self._config.setdefault(field, [])
+        for item in items:
+            if item.get("name") == spec["name"]:
+                for key in ("data_type", "dims"):
+                    if key in spec and item.get(key) not in (None, [], spec[key]):
+                        raise ValueError(
+                            f"{field} '{spec['name']}' {key} {spec[key]} conflicts with the "
+                            f"configuration's {item.get(key)}"
+                        )
+                    item.setdefault(key, spec.get(key))
+                return
+        items.append(dict(spec))
+
+    def add_input(self, input: dict[str, Any]) -> None:  # noqa: A002 - Triton's name
+        self._add_io("input", input)
+
+    def add_output(self, output: dict[str, Any]) -> None:
+        self._add_io("output", output)
+
+    def add_model_warmup(self, model_warmup: dict[str, Any]) -> None:
+        self._config.setdefault("model_warmup", []).append(dict(model_warmup))

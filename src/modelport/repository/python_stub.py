@@ -266,3 +266,22 @@ def _execute(model: Any, msg: Execute, decoupled: bool, name: str) -> ExecDone:
         return ExecDone(msg.batch_id, [resp_from_pb(r) for r in responses])
     except Exception as e:
         return ExecDone(msg.batch_id, None, f"bad response from execute(): {e}")
+
+
+def auto_complete(model_file: str, version_dir: str, config: dict) -> dict | None:
+    """Run the model's `auto_complete_config` (in a throwaway process); None if it has none."""
+    sys.modules["triton_python_backend_utils"] = pb_utils
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, version_dir)
+    spec = importlib.util.spec_from_file_location("model", model_file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {model_file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["model"] = module
+    spec.loader.exec_module(module)
+    cls = getattr(module, "TritonPythonModel", None)
+    hook = getattr(cls, "auto_complete_config", None)
+    if hook is None:
+        return None
+    result = hook(pb_utils.ModelConfig(config))
+    return (result if result is not None else pb_utils.ModelConfig(config)).as_dict()

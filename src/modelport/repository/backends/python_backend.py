@@ -109,14 +109,15 @@ class _Instance:
         threading.Thread(
             target=self._reader, args=(proc, parent, loop), name=f"{self.name}-reader", daemon=True
         ).start()
-        try:
-            await asyncio.wait_for(asyncio.shield(ready), START_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        done, _ = await asyncio.wait({ready}, timeout=START_TIMEOUT_S)
+        if not done:
+            ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed
             proc.kill()
             raise ModelConfigError(
                 f"model '{ctx.config.name}': instance {self.name} did not initialize within "
                 f"{START_TIMEOUT_S:.0f}s"
-            ) from None
+            )
+        ready.result()  # raises the initialization error, if any
 
     def _reader(self, proc: Any, conn: Any, loop: asyncio.AbstractEventLoop) -> None:
         while True:

@@ -1,0 +1,48 @@
+"""Python models that complete their own config (`TritonPythonModel.auto_complete_config`).
+
+Why a throwaway process: the hook lives in user code, which must never run in the server
+process; and it has to run before the config is validated, so before any instance exists.
+Only a model.py that mentions `auto_complete_config` pays for the extra process start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from modelport.repository import python_stub
+from modelport.repository.errors import ModelConfigError
+from modelport.repository.model_config import config_from_json, config_to_json
+
+
+async def python_auto_complete(
+    cfg: mc.ModelConfig, model_dir: Path, version: int
+) -> mc.ModelConfig:
+    model_file = model_dir / str(version) / (cfg.default_model_filename or "model.py")
+    try:
+        source = model_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return cfg  # the backend reports the missing file
+    if "auto_complete_config" not in source:
+        return cfg
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        try:
+            completed = await loop.run_in_executor(
+                pool,
+                python_stub.auto_complete,
+                str(model_file),
+                str(model_file.parent),
+                config_to_json(cfg),
+            )
+        except Exception as e:
+            raise ModelConfigError(
+                f"model '{cfg.name}': auto_complete_config failed: {type(e).__name__}: {e}"
+            ) from None
+    if completed is None:
+        return cfg
+    return config_from_json(completed)
