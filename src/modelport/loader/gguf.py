@@ -147,7 +147,13 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
 
 
 def hf_tensor_name(gguf_name: str) -> str:
-    """HF name of a GGUF tensor name (ValueError for names we do not map)."""
+    """HF name of a GGUF tensor name (ValueError for names we do not map).
+
+    ``rope_freqs.weight`` keeps its name: it is no model weight (the config reads it and
+    ``iter_gguf_weights`` skips it), but callers listing every tensor must not fail on it.
+    """
+    if gguf_name == ROPE_FREQS:
+        return ROPE_FREQS
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
