@@ -82,6 +82,7 @@ def server(tmp_path_factory, remote_http):
     ts_archives.archive(store, "func", HERE / "func_handler.py")
     ts_archives.traversal_archive(store)
     ts_archives.archive(store, "badinit", HERE / "bad_init_handler.py")
+    ts_archives.archive(store, "stream", HERE / "stream_handler.py")
     s = Server(root)
     cfg = root / "config.properties"
     models = {
@@ -434,3 +435,22 @@ def test_seed_llm_handler_in_batches_of_4(server):
     for prompt, out in zip(prompts, outs):
         assert out.text.startswith(prompt) and len(out.text.encode()) > len(prompt)
     assert server.mgmt("DELETE", "/models/llm4").status_code == 200
+
+
+def test_intermediate_responses_stream_as_chunks(server):
+    r = server.mgmt("POST", "/models?url=stream.mar&initial_workers=1&synchronous=true")
+    assert r.status_code == 200, r.text
+    arrivals = []
+    with httpx.stream(
+        "POST", f"http://127.0.0.1:{server.port}/predictions/stream", content=b"4",
+        headers=server.headers("inference"), timeout=60,
+    ) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        assert "content-length" not in resp.headers and "ts_stream_next" not in resp.headers
+        for chunk in resp.iter_bytes():
+            arrivals.append((time.monotonic(), chunk))
+    text = b"".join(c for _, c in arrivals).decode()
+    assert text == "tok0 tok1 tok2 tok3 [end]"
+    # the first token arrived while the handler was still producing the rest (4 x 0.3 s)
+    assert arrivals[-1][0] - arrivals[0][0] > 0.6
+    assert server.mgmt("DELETE", "/models/stream").status_code == 200

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from modelport.torchserve.messages import BatchResult, InputParam, ItemResponse, RequestItem
+from modelport.torchserve.streaming import StreamSocket
 
 logger = logging.getLogger("modelport.torchserve.worker")
 
@@ -148,6 +149,7 @@ class HandlerService:
             _metrics_cache(model_name),
             model_yaml_config or {},
         )
+        self.context.cl_socket = StreamSocket()  # send_intermediate_predict_response target
         self._entry = entry
         initialize(self.context)
 
@@ -195,6 +197,7 @@ class HandlerService:
             except TypeError:
                 return BatchResult(None, 503, "Unsupported model output data type.")
             headers = dict(processors[i].get_response_headers())
+            headers.pop("ts_stream_next", None)  # left over from intermediate responses
             ct = headers.pop("content-type", None) or default_ct
             code = processors[i].get_response_status_code() or 200
             phrase = processors[i].get_response_status_phrase() or ""

@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from modelport.serving.process_worker import (
 from modelport.torchserve.archive import Manifest
 from modelport.torchserve.errors import TSError, internal, service_unavailable
 from modelport.torchserve.messages import BatchResult, ItemResponse, RequestItem
+from modelport.torchserve.streaming import PartialResponses
 from modelport.torchserve.ts_config import ModelSettings
 
 logger = logging.getLogger("modelport.torchserve")
@@ -97,6 +99,8 @@ class ModelVersion:
         self._retiring: set[asyncio.Task] = set()
         self._scale_lock = asyncio.Lock()
         self.batch_sizes_seen: list[int] = []  # for describe/debugging: recent batch sizes
+        # request id -> consumer of that request's intermediate (streamed) responses
+        self._streams: dict[str, Callable[[ItemResponse], None]] = {}
 
     # -- workers --
 
@@ -214,7 +218,9 @@ class ModelVersion:
         started = time.monotonic()
         try:
             self.batch_sizes_seen = (self.batch_sizes_seen + [len(jobs)])[-64:]
-            result: BatchResult = await slot.worker.execute([item for item, _ in jobs])
+            result: BatchResult = await slot.worker.execute(
+                [item for item, _ in jobs], on_partial=self._route_partial
+            )
         except WorkerTimeoutError as e:
             err = TSError(408, "RequestTimeoutException", f"Model {self.name}: {e}")
             return [Outcome(err, started - t) for _, t in jobs]
@@ -237,11 +243,22 @@ class ModelVersion:
             return [Outcome(err, started - t) for _, t in jobs]
         return [Outcome(r, started - t) for r, (_, t) in zip(result.responses, jobs)]
 
+    def _route_partial(self, partial: PartialResponses) -> None:
+        for request_id, response in partial.responses.items():
+            consumer = self._streams.get(request_id)
+            if consumer is not None:
+                consumer(response)
+
     # -- requests --
 
-    async def predict(self, item: RequestItem) -> Outcome:
+    async def predict(
+        self, item: RequestItem, on_partial: Callable[[ItemResponse], None] | None = None
+    ) -> Outcome:
+        """Queue one request; `on_partial` gets its intermediate responses, if any."""
         if not self._slots:
             raise service_unavailable(_no_worker_message(self.name))
+        if on_partial is not None:
+            self._streams[item.request_id] = on_partial
         try:
             return await self._batcher.submit((item, time.monotonic()))
         except QueueFullError as e:
@@ -250,6 +267,8 @@ class ModelVersion:
             ) from e
         except BatcherStoppedError as e:
             raise service_unavailable(f"Model {self.name} is being unloaded") from e
+        finally:
+            self._streams.pop(item.request_id, None)
 
     async def run_alone(self, item: RequestItem) -> Outcome:
         """Run one request in a batch of its own, bypassing the batcher.

@@ -8,21 +8,26 @@ TorchServe's backend does (JSON -> object, text -> str, anything else -> bytes).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from email.parser import BytesParser
 from email.policy import HTTP
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from modelport.entrypoints.torchserve.common import TSState, error_response
 from modelport.torchserve.errors import TSError, bad_request
 from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
 from modelport.torchserve.model import ModelVersion
+
+logger = logging.getLogger("modelport.torchserve")
 
 
 def _form_params(content_type: str, body: bytes) -> list[InputParam]:
@@ -74,14 +79,57 @@ def _to_response(r: ItemResponse, request_id: str) -> Response:
 
 
 async def run_one(
-    state: TSState, mv: ModelVersion, item: RequestItem, alone: bool = False
+    state: TSState,
+    mv: ModelVersion,
+    item: RequestItem,
+    alone: bool = False,
+    on_partial: Callable[[ItemResponse], None] | None = None,
 ) -> ItemResponse:
     start = time.monotonic()
-    outcome = await (mv.run_alone(item) if alone else mv.predict(item))
+    outcome = await (mv.run_alone(item) if alone else mv.predict(item, on_partial))
     state.metrics.observe(mv.name, mv.version, time.monotonic() - start, outcome.queue_latency_s)
     if isinstance(outcome.response, TSError):
         raise outcome.response
     return outcome.response
+
+
+async def respond(state: TSState, mv: ModelVersion, item: RequestItem) -> Response:
+    """One response, or a chunked stream when the handler sends intermediate responses.
+
+    The choice is made by the handler at run time (send_intermediate_predict_response), so
+    the response waits for whichever comes first: an intermediate response or the final one.
+    """
+    partials: asyncio.Queue[ItemResponse] = asyncio.Queue()
+    final = asyncio.ensure_future(run_one(state, mv, item, on_partial=partials.put_nowait))
+    first = asyncio.ensure_future(partials.get())
+    await asyncio.wait({final, first}, return_when=asyncio.FIRST_COMPLETED)
+    if not first.done():
+        first.cancel()
+        return _to_response(final.result(), item.request_id)  # raises the request's TSError
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield first.result().body
+        while True:
+            nxt = asyncio.ensure_future(partials.get())
+            await asyncio.wait({final, nxt}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt.done():
+                yield nxt.result().body
+                continue
+            nxt.cancel()
+            while not partials.empty():
+                yield partials.get_nowait().body
+            try:
+                yield final.result().body
+            except TSError as e:  # the status line is gone: end the stream, log why
+                logger.warning("stream of model %s ended with an error: %s", mv.name, e)
+            return
+
+    head = first.result()
+    headers = {k: v for k, v in head.headers.items() if k != "ts_stream_next"}
+    headers["x-request-id"] = item.request_id
+    return StreamingResponse(
+        chunks(), status_code=head.status, media_type=head.content_type, headers=headers
+    )
 
 
 def _decode_prediction(r: ItemResponse) -> object:
@@ -111,7 +159,8 @@ def make_inference_router(state: TSState) -> APIRouter:
             item = await request_item(request)
             if explain:  # BaseHandler switches to explain_handle on this header
                 item = replace(item, headers={**item.headers, "explain": "True"})
-            return _to_response(await run_one(state, mv, item, alone=explain), item.request_id)
+                return _to_response(await run_one(state, mv, item, alone=True), item.request_id)
+            return await respond(state, mv, item)
         except TSError as e:
             return error_response(e)
 
@@ -135,8 +184,6 @@ def make_inference_router(state: TSState) -> APIRouter:
 
     @router.post("/v1/models/{model_name}:predict")
     async def kserve_v1_predict(request: Request, model_name: str) -> Response:
-        import asyncio
-
         try:
             state.authorize("inference", request)
             mv = state.registry.get(model_name)
