@@ -43,7 +43,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="archives to load at startup: NAME=FILE, FILE, or 'all' (everything in the store)",
     )
     g.add_argument("--ts-config", dest="ts_config", help="TorchServe config.properties")
-    g.add_argument("--inference-port", dest="ts_inference_port", type=int, default=None)
+    g.add_argument(
+        "--inference-port",
+        dest="ts_inference_port",
+        type=int,
+        default=None,
+        help="also serve the inference API alone on this port (it is always on --port)",
+    )
     g.add_argument(
         "--management-port",
         dest="ts_management_port",
@@ -57,7 +63,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="management API address (default 127.0.0.1)",
     )
-    g.add_argument("--disable-token-auth", dest="ts_disable_token_auth", action="store_true")
+    g.add_argument(
+        "--disable-token-auth",
+        dest="ts_disable_token_auth",
+        action="store_true",
+        help="serve without TorchServe's token authorization (keys in --ts-key-file)",
+    )
     g.add_argument(
         "--allowed-urls",
         dest="ts_allowed_urls",
