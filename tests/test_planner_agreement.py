@@ -42,3 +42,20 @@ def test_dtype_resolution_mirrors_the_loader(ckpt, asked):
         dev = resolve_device(gpu, memory_gib=1.0 if gpu == "cpu" else None)
         expected = resolve_dtype(asked, cfg, torch.device(device))
         assert planner.resolve_dtype(asked, dev, ckpt) == str(expected).removeprefix("torch.")
+
+
+def test_engine_defaults_for_the_default_model_on_cpu_match_the_plan():
+    from modelport.engine.arg_utils import EngineArgs
+    from modelport.planner.plan import PlanRequest, make_plan
+
+    path = str(default_model_path())
+    engine = EngineArgs(model=path, device="cpu", kv_cache_memory=300 << 20).create_engine_config()
+    plan = make_plan(
+        PlanRequest(
+            planner_resolve(path), resolve_device("cpu", memory_gib=8.0), kv_cache_memory=300 << 20
+        )  # fmt: skip
+    )
+    assert plan.max_model_len == engine.scheduler_config.max_model_len
+    assert plan.max_num_batched_tokens == engine.scheduler_config.max_num_batched_tokens
+    assert plan.kv.block_size == engine.cache_config.block_size
+    assert plan.dtype == engine.dtype
