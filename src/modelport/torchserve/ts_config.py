@@ -103,6 +103,9 @@ class TSConfig:
     disable_token_authorization: bool = False
     token_expiration_min: float = 60.0
     install_py_dep_per_model: bool = False
+    # TorchServe >= 0.11 defaults this to false; modelport keeps the API on (it is bound to
+    # 127.0.0.1 and token-protected by default) and honours an explicit false
+    enable_model_api: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +127,7 @@ _KNOWN = {
     "disable_token_authorization",
     "token_expiration",
     "install_py_dep_per_model",
+    "enable_model_api",
 }
 
 
@@ -188,6 +192,7 @@ def load_ts_config(path: str | Path) -> TSConfig:
         disable_token_authorization=_bool(props.get("disable_token_authorization"), False),
         token_expiration_min=float(expiration) if expiration else 60.0,
         install_py_dep_per_model=_bool(props.get("install_py_dep_per_model"), False),
+        enable_model_api=_bool(props.get("enable_model_api"), True),
         extra={k: v for k, v in props.items() if k not in _KNOWN},
     )
 

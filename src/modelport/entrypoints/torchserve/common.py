@@ -18,6 +18,7 @@ class TSState:
     registry: ModelRegistry
     metrics: TSMetrics
     auth: TokenAuth | None  # None: token authorization disabled
+    model_api: bool = True  # register / unregister over the management API
 
     def authorize(self, kind: str, request: Request) -> None:
         if self.auth is not None:

@@ -265,6 +265,8 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         key_file = Path(args.ts_key_file or os.path.join(os.getcwd(), "key_file.json"))
         auth = TokenAuth(key_file, cfg.token_expiration_min)
         logger.info("TorchServe token authorization on; keys in %s", key_file)
-    state = TSState(registry=registry, metrics=TSMetrics(), auth=auth)
+    state = TSState(
+        registry=registry, metrics=TSMetrics(), auth=auth, model_api=cfg.enable_model_api
+    )
     app.include_router(make_inference_router(state))
     return TorchServeService(state, plan, getattr(args, "log_level", "info"))

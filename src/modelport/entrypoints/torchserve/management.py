@@ -119,8 +119,17 @@ def make_management_app(state: TSState) -> FastAPI:
         doc["models"] = [{"modelName": n, "modelUrl": reg.get(n).url} for n in page]
         return JSONResponse(doc)
 
+    def _model_api() -> None:
+        if not state.model_api:
+            raise TSError(
+                405,
+                "ModelAPIDisabledException",
+                "Model API is disabled (enable_model_api=false in config.properties)",
+            )
+
     @app.post("/models")
     async def register(request: Request) -> JSONResponse:
+        _model_api()
         p = await _params(request)
         url = p.str("url")
         if not url:
@@ -208,11 +217,13 @@ def make_management_app(state: TSState) -> FastAPI:
 
     @app.delete("/models/{model_name}")
     async def unregister(model_name: str) -> JSONResponse:
+        _model_api()
         mv = await reg.unregister(model_name)
         return status(f'Model "{mv.name}" unregistered')
 
     @app.delete("/models/{model_name}/{version}")
     async def unregister_version(model_name: str, version: str) -> JSONResponse:
+        _model_api()
         mv = await reg.unregister(model_name, version)
         return status(f'Model "{mv.name}" version: {mv.version} unregistered')
 
