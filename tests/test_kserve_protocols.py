@@ -453,3 +453,17 @@ def test_python_model_auto_complete_config(server, protocol):
     x = np.array([[1, 2], [3, 4]], dtype=np.int32)
     r = c.infer("autocomplete_py", [make_input(protocol, "X", x, "INT32")])
     np.testing.assert_array_equal(r.as_numpy("SQUARE"), x**2)
+
+
+def test_non_decoupled_model_answering_through_response_senders(server):
+    def one(i):
+        c = client(server, PROTOCOLS[i % 2])
+        x = np.array([[float(i)]], dtype=np.float32)
+        return float(
+            c.infer("sender_default", [make_input(PROTOCOLS[i % 2], "X", x, "FP32")]).as_numpy("Y")[
+                0, 0
+            ]
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == [-float(i) for i in range(8)]

@@ -260,7 +260,7 @@ class InferenceRequest:
 
     def get_response_sender(self) -> ResponseSender:
         if self._sender is None:
-            raise TritonModelException("only requests of a decoupled model have a response sender")
+            raise TritonModelException("this request has no response sender (a BLS request?)")
         return self._sender
 
     def is_cancelled(self) -> bool:

@@ -136,6 +136,12 @@ def resp_to_pb(r: Resp) -> Any:
 # ---- child ------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Collected:
+    responses: list = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class _Runtime:
     """What pb_utils calls into: response senders and BLS, over the shared pipe."""
 
@@ -144,12 +150,20 @@ class _Runtime:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[threading.Event, list]] = {}
+        self.collected: dict[tuple[int, int], _Collected] = {}
 
     def send(self, msg: Any) -> None:
         with self._lock:
             self.conn.send(msg)
 
     def send_response(self, key: tuple[int, int], response: Any, final: bool) -> None:
+        box = self.collected.get(key)
+        if box is not None:  # a non-decoupled model answering through its sender
+            if response is not None:
+                box.responses.append(response)
+            if final:
+                box.done.set()
+            return
         self.send(
             Stream(key[0], key[1], None if response is None else resp_from_pb(response), final)
         )
@@ -232,12 +246,13 @@ def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupl
                 except Exception:
                     traceback.print_exc()
             return
-        runtime.send(_execute(model, msg, decoupled, args.get("model_name", "")))
+        runtime.send(_execute(model, msg, decoupled, args.get("model_name", ""), runtime))
 
 
-def _execute(model: Any, msg: Execute, decoupled: bool, name: str) -> ExecDone:
+def _execute(model: Any, msg: Execute, decoupled: bool, name: str, runtime: _Runtime) -> ExecDone:
     requests = []
-    for i, r in enumerate(msg.requests):
+    keys = [(msg.batch_id, i) for i in range(len(msg.requests))]
+    for key, r in zip(keys, msg.requests):
         req = pb_utils.InferenceRequest(
             model_name=name,
             inputs=[pb_utils.Tensor(n, a) for n, a in r.inputs.items()],
@@ -246,26 +261,48 @@ def _execute(model: Any, msg: Execute, decoupled: bool, name: str) -> ExecDone:
             parameters=r.parameters,
             timeout=r.timeout_us,
         )
-        if decoupled:
-            req._sender = pb_utils.ResponseSender((msg.batch_id, i))
+        req._sender = pb_utils.ResponseSender(key)
+        if not decoupled:
+            runtime.collected[key] = _Collected()
         requests.append(req)
     try:
-        responses = model.execute(requests)
-    except BaseException as e:  # noqa: BLE001 - fails this batch only
-        return ExecDone(msg.batch_id, None, f"{type(e).__name__}: {e}")
-    if decoupled:
-        return ExecDone(msg.batch_id, None)
-    if responses is None or len(responses) != len(requests):
-        n = "None" if responses is None else len(responses)
+        try:
+            responses = model.execute(requests)
+        except BaseException as e:  # noqa: BLE001 - fails this batch only
+            return ExecDone(msg.batch_id, None, f"{type(e).__name__}: {e}")
+        if decoupled:
+            return ExecDone(msg.batch_id, None)
+        if responses is None:
+            return _from_senders(msg.batch_id, [runtime.collected[k] for k in keys])
+        if len(responses) != len(requests):
+            return ExecDone(
+                msg.batch_id,
+                None,
+                f"execute() returned {len(responses)} responses for {len(requests)} requests",
+            )
+        try:
+            return ExecDone(msg.batch_id, [resp_from_pb(r) for r in responses])
+        except Exception as e:
+            return ExecDone(msg.batch_id, None, f"bad response from execute(): {e}")
+    finally:
+        for k in keys:
+            runtime.collected.pop(k, None)
+
+
+def _from_senders(batch_id: int, boxes: list[_Collected]) -> ExecDone:
+    """execute() returned None: a non-decoupled model may answer through its senders."""
+    if not any(b.responses or b.done.is_set() for b in boxes):
+        return ExecDone(batch_id, None, "execute() returned None and sent no response")
+    for b in boxes:
+        b.done.wait()
+    if any(len(b.responses) != 1 for b in boxes):
+        counts = [len(b.responses) for b in boxes]
         return ExecDone(
-            msg.batch_id,
+            batch_id,
             None,
-            f"execute() returned {n} responses for {len(requests)} requests",
+            f"a non-decoupled model must send exactly one response per request, sent {counts}",
         )
-    try:
-        return ExecDone(msg.batch_id, [resp_from_pb(r) for r in responses])
-    except Exception as e:
-        return ExecDone(msg.batch_id, None, f"bad response from execute(): {e}")
+    return ExecDone(batch_id, [resp_from_pb(b.responses[0]) for b in boxes])
 
 
 def auto_complete(model_file: str, version_dir: str, config: dict) -> dict | None:
