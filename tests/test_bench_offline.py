@@ -45,11 +45,34 @@ def _read(path):
 
 def test_throughput_side_by_side_with_hf(tiny, tmp_path, capsys):
     out = tmp_path / "t.jsonl"
-    rc = main(["bench", "throughput", "--model", str(tiny), "--num-prompts", "5",
-               "--input-len-range", "4", "40", "--output-len-range", "2", "9",
-               "--kv-cache-memory", "8000000", "--max-num-batched-tokens", "32",
-               "--backend", "both", "--hf-mode", "static", "--hf-batch-size", "3",
-               "--output-json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "throughput",
+            "--model",
+            str(tiny),
+            "--num-prompts",
+            "5",
+            "--input-len-range",
+            "4",
+            "40",
+            "--output-len-range",
+            "2",
+            "9",
+            "--kv-cache-memory",
+            "8000000",
+            "--max-num-batched-tokens",
+            "32",
+            "--backend",
+            "both",
+            "--hf-mode",
+            "static",
+            "--hf-batch-size",
+            "3",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert rc == 0
     r = _read(out)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == r
@@ -65,14 +88,36 @@ def test_throughput_side_by_side_with_hf(tiny, tmp_path, capsys):
 
 def test_latency_reports_ttft_and_itl(tiny, tmp_path):
     out = tmp_path / "l.jsonl"
-    rc = main(["bench", "latency", "--model", str(tiny), "--input-len", "24",
-               "--output-len", "6", "--num-iters", "2", "--num-iters-warmup", "1",
-               "--kv-cache-memory", "8000000", "--output-json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "latency",
+            "--model",
+            str(tiny),
+            "--input-len",
+            "24",
+            "--output-len",
+            "6",
+            "--num-iters",
+            "2",
+            "--num-iters-warmup",
+            "1",
+            "--kv-cache-memory",
+            "8000000",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert rc == 0
     r = _read(out)
     (run,) = r["runs"]
-    assert r["workload"] == {"batch_size": 1, "input_len": 24, "output_len": 6, "num_iters": 2,
-                             "greedy": True}
+    assert r["workload"] == {
+        "batch_size": 1,
+        "input_len": 24,
+        "output_len": 6,
+        "num_iters": 2,
+        "greedy": True,
+    }
     assert len(run["ttft_ms_all"]) == 2 and len(run["itl_ms_all"]) == 2
     assert run["ttft_ms"] > 0 and run["itl_ms"] > 0
 
@@ -80,15 +125,43 @@ def test_latency_reports_ttft_and_itl(tiny, tmp_path):
 def test_model_config_with_dummy_weights(tmp_path):
     # what the H200 runs use (bench/configs/llama-3.1-8b.json), here with a tiny shape
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 300, "max_position_embeddings": 256,
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 300,
+                "max_position_embeddings": 256,
+            }
+        )
+    )
     out = tmp_path / "d.jsonl"
-    rc = main(["bench", "throughput", "--model-config", str(cfg), "--load-format", "dummy",
-               "--num-prompts", "3", "--input-len-range", "3", "10", "--output-len-range",
-               "2", "4", "--kv-cache-memory", "4000000", "--output-json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "throughput",
+            "--model-config",
+            str(cfg),
+            "--load-format",
+            "dummy",
+            "--num-prompts",
+            "3",
+            "--input-len-range",
+            "3",
+            "10",
+            "--output-len-range",
+            "2",
+            "4",
+            "--kv-cache-memory",
+            "4000000",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert rc == 0
     (run,) = _read(out)["runs"]
     assert run["output_tokens"] == sum(h.w1_workload(3, (3, 10), (2, 4), 300, 0)[1])

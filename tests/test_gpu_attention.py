@@ -137,9 +137,22 @@ def test_padded_graph_rows_stay_finite_and_leave_real_rows_alone():
     meta.seq_lens_cpu[2] = 0
     out = triton_paged_attention(q, cache, meta, 0.125)
     assert torch.isfinite(out).all() and out[2].abs().max() == 0
-    ref = reference_paged_attention(q[:2].float(), cache.float(), AttentionMetadata(
-        meta.slot_mapping[:2], meta.query_start_loc[:3], meta.seq_lens[:2],
-        meta.block_tables[:2], 1, 101, [0, 1, 2], [101, 8], 16), 0.125)
+    ref = reference_paged_attention(
+        q[:2].float(),
+        cache.float(),
+        AttentionMetadata(
+            meta.slot_mapping[:2],
+            meta.query_start_loc[:3],
+            meta.seq_lens[:2],
+            meta.block_tables[:2],
+            1,
+            101,
+            [0, 1, 2],
+            [101, 8],
+            16,
+        ),
+        0.125,
+    )
     assert _rel(out[:2], ref) < 1e-2
 
 
@@ -182,9 +195,17 @@ def test_fused_ops_equal_eager_modules():
     assert (got != want).float().mean() < 0.01
     assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7
 
-    settings = RopeSettings(500000.0, {"rope_type": "llama3", "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}, 4096)
+    settings = RopeSettings(
+        500000.0,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        4096,
+    )
     old = torch.get_default_dtype()
     torch.set_default_dtype(dt)
     with torch.device(DEV):

@@ -24,8 +24,12 @@ N_NEW = 12
 def model_dir(tmp_path_factory):
     # head_dim 64 and 4:1 GQA, as the 8B shape has (128, 4:1), but small
     return make_tiny_llama_dir(
-        tmp_path_factory.mktemp("gpu") / "m", hidden_size=256, num_heads=4, num_kv_heads=1,
-        intermediate_size=512, num_layers=3,
+        tmp_path_factory.mktemp("gpu") / "m",
+        hidden_size=256,
+        num_heads=4,
+        num_kv_heads=1,
+        intermediate_size=512,
+        num_layers=3,
     )
 
 
@@ -33,8 +37,15 @@ def _llm(model_dir, **kw):
     from modelport import LLM
 
     kw.setdefault("gpu_memory_utilization", 0.3)
-    return LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512,
-               max_num_batched_tokens=64, block_size=16, **kw)
+    return LLM(
+        str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        max_model_len=512,
+        max_num_batched_tokens=64,
+        block_size=16,
+        **kw,
+    )
 
 
 def _greedy(n: int = N_NEW, **kw):
@@ -46,15 +57,25 @@ def _greedy(n: int = N_NEW, **kw):
 def _hf_greedy(model_dir, prompt: list[int], n: int) -> list[int]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, local_files_only=True, attn_implementation="sdpa"
-    ).cuda().eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, local_files_only=True, attn_implementation="sdpa"
+        )
+        .cuda()
+        .eval()
+    )
     ids = torch.tensor([prompt], device="cuda")
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=258, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=258,
+            eos_token_id=None,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def _runner(llm):
@@ -69,8 +90,9 @@ def test_triton_backend_graphs_and_fused_ops_are_in_use(model_dir):
     runner = _runner(llm)
     assert runner.graphs is not None and runner.graphs.graphs
     layers = runner.model.model.layers
-    assert all(lyr.self_attn.attn.backend is triton_attention.triton_paged_attention
-               for lyr in layers)
+    assert all(
+        lyr.self_attn.attn.backend is triton_attention.triton_paged_attention for lyr in layers
+    )
     assert isinstance(layers[0].input_layernorm, fused_ops.FusedRMSNorm)
 
 
@@ -90,11 +112,9 @@ def test_cuda_graph_replay_equals_eager(model_dir):
         llm = _llm(model_dir, enforce_eager=eager)
         assert (_runner(llm).graphs is None) == eager
         # 4 equal-length requests: every decode batch is exactly a captured size (4), then 1
-        runs[eager] = (
-            llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
-            + llm.generate(prompt_token_ids=PROMPTS[1:2], sampling_params=params,
-                           use_tqdm=False)
-        )
+        runs[eager] = llm.generate(
+            prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False
+        ) + llm.generate(prompt_token_ids=PROMPTS[1:2], sampling_params=params, use_tqdm=False)
         del llm
         torch.cuda.empty_cache()
     for a, b in zip(runs[True], runs[False]):
@@ -112,8 +132,9 @@ def test_seeded_sampling_on_gpu_is_reproducible_across_batches(model_dir):
     p = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
     alone = llm.generate(prompt_token_ids=PROMPTS[2:3], sampling_params=p, use_tqdm=False)
     other = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
-    mixed = llm.generate(prompt_token_ids=PROMPTS, sampling_params=[other, other, p, other],
-                         use_tqdm=False)
+    mixed = llm.generate(
+        prompt_token_ids=PROMPTS, sampling_params=[other, other, p, other], use_tqdm=False
+    )
     assert alone[0].outputs[0].token_ids == mixed[2].outputs[0].token_ids
 
 

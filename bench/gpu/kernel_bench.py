@@ -36,10 +36,17 @@ def meta_for(cases, seed=0):
     bt = torch.zeros(len(cases), max(map(len, tables)), dtype=torch.int32)
     for i, t in enumerate(tables):
         bt[i, : len(t)] = torch.tensor(t)
-    m = AttentionMetadata(torch.zeros(qsl[-1], dtype=torch.int64, device=DEV),
-                          torch.tensor(qsl, dtype=torch.int32, device=DEV),
-                          torch.tensor(seq, dtype=torch.int32, device=DEV), bt.to(DEV),
-                          max(n for _, n in cases), max(seq), qsl, seq, PAGE)
+    m = AttentionMetadata(
+        torch.zeros(qsl[-1], dtype=torch.int64, device=DEV),
+        torch.tensor(qsl, dtype=torch.int32, device=DEV),
+        torch.tensor(seq, dtype=torch.int32, device=DEV),
+        bt.to(DEV),
+        max(n for _, n in cases),
+        max(seq),
+        qsl,
+        seq,
+        PAGE,
+    )
     return m, nb
 
 
@@ -59,16 +66,27 @@ def main():
         q = torch.randn(b, H, D, device=DEV, dtype=DT)
         ms = bench(ta.triton_paged_attention, q, cache, meta, D**-0.5)
         gb = b * ctx * KVH * D * 2 * 2 / 1e9
-        emit(kernel="decode_attention", batch=b, ctx=ctx, splits=meta.backend_state["triton"].splits,
-             us=round(ms * 1e3, 1), kv_GBps=round(gb / ms * 1e3, 1))
+        emit(
+            kernel="decode_attention",
+            batch=b,
+            ctx=ctx,
+            splits=meta.backend_state["triton"].splits,
+            us=round(ms * 1e3, 1),
+            kv_GBps=round(gb / ms * 1e3, 1),
+        )
     for n, prefix in [(1024, 0), (2048, 0), (512, 1536)]:
         meta, nb = meta_for([(prefix, n)])
         cache = torch.randn(2, nb, PAGE, KVH, D, device=DEV, dtype=DT)
         q = torch.randn(n, H, D, device=DEV, dtype=DT)
         ms = bench(ta.triton_paged_attention, q, cache, meta, D**-0.5)
         flops = 4 * H * D * sum(prefix + i + 1 for i in range(n))  # causal QK^T + PV
-        emit(kernel="prefill_attention", q_len=n, prefix=prefix, us=round(ms * 1e3, 1),
-             TFLOPs=round(flops / ms / 1e9, 1))
+        emit(
+            kernel="prefill_attention",
+            q_len=n,
+            prefix=prefix,
+            us=round(ms * 1e3, 1),
+            TFLOPs=round(flops / ms / 1e9, 1),
+        )
     for t in (1, 256, 2048):
         x = torch.randn(t, 4096, device=DEV, dtype=DT)
         r = torch.randn_like(x)
@@ -80,9 +98,12 @@ def main():
         act = SiluAndMul()
         e2 = bench(act, g)
         f2 = bench(fo.silu_and_mul, g)
-        emit(kernel="fused_ops", tokens=t, rmsnorm_residual_us={"eager": round(eager * 1e3, 1),
-             "fused": round(fused * 1e3, 1)}, silu_and_mul_us={"eager": round(e2 * 1e3, 1),
-             "fused": round(f2 * 1e3, 1)})
+        emit(
+            kernel="fused_ops",
+            tokens=t,
+            rmsnorm_residual_us={"eager": round(eager * 1e3, 1), "fused": round(fused * 1e3, 1)},
+            silu_and_mul_us={"eager": round(e2 * 1e3, 1), "fused": round(f2 * 1e3, 1)},
+        )
 
 
 def gemv_shapes():
@@ -91,15 +112,24 @@ def gemv_shapes():
 
     from modelport.layers.triton_gemv import gemv
 
-    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
-              "down": (4096, 14336), "lm_head": (128256, 4096)}
+    shapes = {
+        "qkv": (6144, 4096),
+        "o": (4096, 4096),
+        "gate_up": (28672, 4096),
+        "down": (4096, 14336),
+        "lm_head": (128256, 4096),
+    }
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device=DEV, dtype=DT) * 0.02
         for m in (1, 4):
             x = torch.randn(m, k, device=DEV, dtype=DT)
             gb = n * k * 2 / 1e9
-            row = {"kernel": "gemv", "shape": name, "m": m,
-                   "cublas_GBps": round(gb / bench(F.linear, x, w) * 1e3)}
+            row = {
+                "kernel": "gemv",
+                "shape": name,
+                "m": m,
+                "cublas_GBps": round(gb / bench(F.linear, x, w) * 1e3),
+            }
             ref = F.linear(x, w).float()
             for bn, bk in ((4, 512), (8, 512), (16, 256), (8, 1024)):
                 y = gemv(x, w, None, bn, bk)

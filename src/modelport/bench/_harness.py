@@ -20,12 +20,20 @@ from typing import Any
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="local HF folder or .gguf file (default: the embedded SmolLM2)")
-    p.add_argument("--model-config", default=None,
-                   help="an HF config.json to build the model from (use with --load-format "
-                        "dummy), e.g. bench/configs/llama-3.1-8b.json")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF folder or .gguf file (default: the embedded SmolLM2)",
+    )
+    p.add_argument(
+        "--model-config",
+        default=None,
+        help="an HF config.json to build the model from (use with --load-format "
+        "dummy), e.g. bench/configs/llama-3.1-8b.json",
+    )
+    p.add_argument(
+        "--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"]
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -37,9 +45,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="modelport", choices=["modelport", "hf", "both"],
-                   help="hf: HF transformers on the same workload; both: ours, then HF, "
-                        "in this process, with the ratio")
+    p.add_argument(
+        "--backend",
+        default="modelport",
+        choices=["modelport", "hf", "both"],
+        help="hf: HF transformers on the same workload; both: ours, then HF, "
+        "in this process, with the ratio",
+    )
     p.add_argument("--output-json", default=None, help="append the result (one JSON line)")
 
 
@@ -63,9 +75,7 @@ def model_path(args: argparse.Namespace) -> str | None:
     return str(d)
 
 
-def random_prompts(
-    n: int, lens: tuple[int, int], vocab: int, seed: int
-) -> list[list[int]]:
+def random_prompts(n: int, lens: tuple[int, int], vocab: int, seed: int) -> list[list[int]]:
     """n prompts, each a length uniform in [lo, hi] then that many ids in [0, vocab)."""
     rng = random.Random(seed)
     out = []
@@ -94,11 +104,18 @@ def build_engine(args: argparse.Namespace, path: str | None) -> Any:
     from modelport.engine.core import EngineCore
 
     ea = EngineArgs(
-        model=path, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=not args.no_prefix_caching, load_format=args.load_format,
+        model=path,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=not args.no_prefix_caching,
+        load_format=args.load_format,
         seed=args.seed,
     )
     return EngineCore(ea.create_engine_config())
@@ -109,9 +126,13 @@ def greedy_request(rid: str, prompt: list[int], max_tokens: int) -> Any:
     from modelport.sampling_params import SamplingParams
 
     p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    return EngineCoreRequest(request_id=rid, prompt_token_ids=prompt,
-                             sampling_params=params_to_dict(p), eos_token_ids=[],
-                             arrival_time=time.monotonic())
+    return EngineCoreRequest(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        sampling_params=params_to_dict(p),
+        eos_token_ids=[],
+        arrival_time=time.monotonic(),
+    )
 
 
 def sync(device: str) -> None:
@@ -142,9 +163,12 @@ def build_hf_model(path: str, args: argparse.Namespace, device: str) -> Any:
             torch.set_default_dtype(old)
     else:
         if src.kind != "hf":
-            raise SystemExit("--backend hf needs an HF folder (or --model-config with dummy weights)")
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, local_files_only=True,
-                                                     attn_implementation="sdpa").to(device)
+            raise SystemExit(
+                "--backend hf needs an HF folder (or --model-config with dummy weights)"
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        ).to(device)
     return model.eval()
 
 
@@ -159,8 +183,11 @@ def resolved_device(args: argparse.Namespace) -> str:
 def environment(device: str) -> dict[str, Any]:
     import torch
 
-    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                           "device": device}
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         try:
@@ -185,8 +212,11 @@ def emit(result: dict[str, Any], args: argparse.Namespace) -> None:
     """Print one JSON object (with the command line and every argument); append it to
     --output-json as one line."""
     argv = [os.path.basename(sys.argv[0]), *sys.argv[1:]]
-    result = {**result, "command": " ".join(argv),
-              "args": {k: v for k, v in vars(args).items() if not callable(v)}}
+    result = {
+        **result,
+        "command": " ".join(argv),
+        "args": {k: v for k, v in vars(args).items() if not callable(v)},
+    }
     line = json.dumps(result)
     print(line, flush=True)
     if args.output_json:

@@ -24,12 +24,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-iters", type=int, default=5)
     p.add_argument("--num-iters-warmup", type=int, default=2)
-    p.add_argument("--profile", action="store_true",
-                   help="profile the decode steps of one extra iteration (kernel vs idle time)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the decode steps of one extra iteration (kernel vs idle time)",
+    )
 
 
-def _one_iteration(core: Any, args: argparse.Namespace, vocab: int, seed: int, device: str,
-                   prof: Any = None) -> tuple[float, list[float]]:
+def _one_iteration(
+    core: Any, args: argparse.Namespace, vocab: int, seed: int, device: str, prof: Any = None
+) -> tuple[float, list[float]]:
     prompts = h.random_prompts(args.batch_size, (args.input_len, args.input_len), vocab, seed)
     h.sync(device)
     t0 = time.perf_counter()
@@ -49,8 +53,9 @@ def _one_iteration(core: Any, args: argparse.Namespace, vocab: int, seed: int, d
     return t0, stamps
 
 
-def run_modelport(args: argparse.Namespace, path: str | None, vocab: int, device: str
-                  ) -> dict[str, Any]:
+def run_modelport(
+    args: argparse.Namespace, path: str | None, vocab: int, device: str
+) -> dict[str, Any]:
     t = time.perf_counter()
     core = h.build_engine(args, path)
     startup = time.perf_counter() - t
@@ -74,8 +79,9 @@ def run_modelport(args: argparse.Namespace, path: str | None, vocab: int, device
     if args.profile:
         import torch
 
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                  torch.profiler.ProfilerActivity.CUDA])
+        prof = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        )
         _, stamps = _one_iteration(core, args, vocab, args.seed + 999, device, prof)
         res["profile_decode"] = h.profile_summary(prof, len(stamps) - 1, stamps[-1] - stamps[0])
     del core
@@ -83,8 +89,7 @@ def run_modelport(args: argparse.Namespace, path: str | None, vocab: int, device
     return res
 
 
-def run_hf(args: argparse.Namespace, path: str | None, vocab: int, device: str
-           ) -> dict[str, Any]:
+def run_hf(args: argparse.Namespace, path: str | None, vocab: int, device: str) -> dict[str, Any]:
     import torch
 
     if path is None:
@@ -95,15 +100,22 @@ def run_hf(args: argparse.Namespace, path: str | None, vocab: int, device: str
         h.sync(device)
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0, eos_token_id=None)
+            model.generate(
+                input_ids=ids,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         h.sync(device)
         return time.perf_counter() - t
 
     ttfts, itls = [], []
     for it in range(args.num_iters_warmup + args.num_iters):
-        p = h.random_prompts(args.batch_size, (args.input_len, args.input_len), vocab,
-                             args.seed + it)
+        p = h.random_prompts(
+            args.batch_size, (args.input_len, args.input_len), vocab, args.seed + it
+        )
         ids = torch.tensor(p, device=device)
         t1 = gen(model, ids, 1)
         tn = gen(model, ids, args.output_len)
@@ -112,10 +124,13 @@ def run_hf(args: argparse.Namespace, path: str | None, vocab: int, device: str
             itls.append((tn - t1) / max(1, args.output_len - 1))
     del model
     h.free_cuda()
-    return {"backend": "hf", "ttft_ms": round(statistics.median(ttfts) * 1e3, 2),
-            "itl_ms": round(statistics.median(itls) * 1e3, 3),
-            "ttft_ms_all": [round(x * 1e3, 2) for x in ttfts],
-            "itl_ms_all": [round(x * 1e3, 3) for x in itls]}
+    return {
+        "backend": "hf",
+        "ttft_ms": round(statistics.median(ttfts) * 1e3, 2),
+        "itl_ms": round(statistics.median(itls) * 1e3, 3),
+        "ttft_ms_all": [round(x * 1e3, 2) for x in ttfts],
+        "itl_ms_all": [round(x * 1e3, 3) for x in itls],
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,9 +144,13 @@ def run(args: argparse.Namespace) -> int:
         "env": h.environment(device),
         "model": args.model_config or args.model or "default",
         "load_format": args.load_format,
-        "workload": {"batch_size": args.batch_size, "input_len": args.input_len,
-                     "output_len": args.output_len, "num_iters": args.num_iters,
-                     "greedy": True},
+        "workload": {
+            "batch_size": args.batch_size,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "num_iters": args.num_iters,
+            "greedy": True,
+        },
     }
     runs = []
     if args.backend in ("modelport", "both"):

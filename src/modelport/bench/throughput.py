@@ -20,15 +20,31 @@ from modelport.bench import _harness as h
 def add_args(p: argparse.ArgumentParser) -> None:
     h.add_common_args(p)
     p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--input-len-range", type=int, nargs=2, default=(100, 1024), metavar=("LO", "HI"))
-    p.add_argument("--output-len-range", type=int, nargs=2, default=(100, 1024), metavar=("LO", "HI"))
-    p.add_argument("--hf-mode", default="continuous", choices=["continuous", "static"],
-                   help="HF: generate_batch-style continuous batching, or padded static batches")
+    p.add_argument(
+        "--input-len-range", type=int, nargs=2, default=(100, 1024), metavar=("LO", "HI")
+    )
+    p.add_argument(
+        "--output-len-range", type=int, nargs=2, default=(100, 1024), metavar=("LO", "HI")
+    )
+    p.add_argument(
+        "--hf-mode",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="HF: generate_batch-style continuous batching, or padded static batches",
+    )
     p.add_argument("--hf-batch-size", type=int, default=64, help="HF static batch size")
-    p.add_argument("--hf-num-prompts", type=int, default=None,
-                   help="run HF on the first N requests only (its tok/s is then per that subset)")
-    p.add_argument("--profile-steps", type=int, default=0,
-                   help="profile this many engine steps once half the output is done")
+    p.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="run HF on the first N requests only (its tok/s is then per that subset)",
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many engine steps once half the output is done",
+    )
 
 
 def _vocab(path: str | None) -> int:
@@ -38,13 +54,22 @@ def _vocab(path: str | None) -> int:
 
 
 def _workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[int]]:
-    return h.w1_workload(args.num_prompts, tuple(args.input_len_range),
-                         tuple(args.output_len_range), vocab, args.seed)
+    return h.w1_workload(
+        args.num_prompts,
+        tuple(args.input_len_range),
+        tuple(args.output_len_range),
+        vocab,
+        args.seed,
+    )
 
 
 def run_modelport(
-    args: argparse.Namespace, path: str | None, prompts: list[list[int]], outs: list[int],
-    device: str, vocab: int,
+    args: argparse.Namespace,
+    path: str | None,
+    prompts: list[list[int]],
+    outs: list[int],
+    device: str,
+    vocab: int,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     core = h.build_engine(args, path)
@@ -68,8 +93,12 @@ def run_modelport(
         if args.profile_steps and prof is None and got >= total_out // 2:
             import torch
 
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof = torch.profiler.profile(
+                activities=[
+                    torch.profiler.ProfilerActivity.CPU,
+                    torch.profiler.ProfilerActivity.CUDA,
+                ]
+            )
             prof.__enter__()
             prof_start, prof_t = steps, time.perf_counter()
         step_out = core.step()
@@ -111,8 +140,9 @@ def run_modelport(
 def _hf_continuous(model: Any, prompts: list[list[int]], outs: list[int]) -> int:
     from transformers import GenerationConfig
 
-    gc = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=-1,
-                          pad_token_id=0)
+    gc = GenerationConfig(
+        max_new_tokens=max(outs), do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
     mgr = model.init_continuous_batching(generation_config=gc)
     mgr.start()
     try:
@@ -129,26 +159,33 @@ def _hf_continuous(model: Any, prompts: list[list[int]], outs: list[int]) -> int
     return got
 
 
-def _hf_static(model: Any, prompts: list[list[int]], outs: list[int], bs: int, device: str
-               ) -> int:
+def _hf_static(model: Any, prompts: list[list[int]], outs: list[int], bs: int, device: str) -> int:
     import torch
 
     useful = 0
     for i in range(0, len(prompts), bs):
-        ps, os_ = prompts[i:i + bs], outs[i:i + bs]
+        ps, os_ = prompts[i : i + bs], outs[i : i + bs]
         width = max(map(len, ps))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
         n = max(os_)
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         useful += sum(os_)  # a padded static batch runs to its longest; count what was asked
     return useful
 
 
-def run_hf(args: argparse.Namespace, path: str, prompts: list[list[int]], outs: list[int],
-           device: str) -> dict[str, Any]:
+def run_hf(
+    args: argparse.Namespace, path: str, prompts: list[list[int]], outs: list[int], device: str
+) -> dict[str, Any]:
     if path is None:
         raise SystemExit("--backend hf needs --model (an HF folder) or --model-config")
     n = args.hf_num_prompts or len(prompts)
@@ -164,10 +201,15 @@ def run_hf(args: argparse.Namespace, path: str, prompts: list[list[int]], outs: 
     dt = time.perf_counter() - t
     del model
     h.free_cuda()
-    return {"backend": f"hf-{args.hf_mode}", "requests": n,
-            "prompt_tokens": sum(map(len, prompts)), "output_tokens": got,
-            "seconds": round(dt, 3), "output_tok_s": round(got / dt, 1),
-            "total_tok_s": round((got + sum(map(len, prompts))) / dt, 1)}
+    return {
+        "backend": f"hf-{args.hf_mode}",
+        "requests": n,
+        "prompt_tokens": sum(map(len, prompts)),
+        "output_tokens": got,
+        "seconds": round(dt, 3),
+        "output_tok_s": round(got / dt, 1),
+        "total_tok_s": round((got + sum(map(len, prompts))) / dt, 1),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,9 +222,14 @@ def run(args: argparse.Namespace) -> int:
         "env": h.environment(device),
         "model": args.model_config or args.model or "default",
         "load_format": args.load_format,
-        "workload": {"num_prompts": args.num_prompts, "input_len_range": list(args.input_len_range),
-                     "output_len_range": list(args.output_len_range), "seed": args.seed,
-                     "greedy": True, "ignore_eos": True},
+        "workload": {
+            "num_prompts": args.num_prompts,
+            "input_len_range": list(args.input_len_range),
+            "output_len_range": list(args.output_len_range),
+            "seed": args.seed,
+            "greedy": True,
+            "ignore_eos": True,
+        },
     }
     runs = []
     if args.backend in ("modelport", "both"):

@@ -42,9 +42,19 @@ def _round(x, dt: tl.constexpr):
 
 @triton.jit
 def _rmsnorm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    n_cols,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -64,8 +74,17 @@ def _rmsnorm_kernel(
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, cos_sin_ptr, pos_ptr, stride_q, stride_k, stride_cs,
-    NQ: tl.constexpr, NK: tl.constexpr, NQ_PAD: tl.constexpr, NK_PAD: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cos_sin_ptr,
+    pos_ptr,
+    stride_q,
+    stride_k,
+    stride_cs,
+    NQ: tl.constexpr,
+    NK: tl.constexpr,
+    NQ_PAD: tl.constexpr,
+    NK_PAD: tl.constexpr,
     HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -125,15 +144,29 @@ def rms_norm(
     block = triton.next_power_of_2(n)
     if n_rows:
         _rmsnorm_kernel[(n_rows,)](
-            x, res, weight, out, res_out, x.stride(0), res.stride(0), out.stride(0),
-            res_out.stride(0), n, eps, HAS_RES=residual is not None, BLOCK=block,
+            x,
+            res,
+            weight,
+            out,
+            res_out,
+            x.stride(0),
+            res.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            n,
+            eps,
+            HAS_RES=residual is not None,
+            BLOCK=block,
             num_warps=min(16, max(1, block // 512)),
         )
     return out if residual is None else (out, res_out)
 
 
 def apply_rotary_(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin: torch.Tensor,
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, H*D] and k [T, KH*D] in place (neox layout, full rotary dim)."""
@@ -141,9 +174,19 @@ def apply_rotary_(
     nq, nk = q.shape[1] // head_dim, k.shape[1] // head_dim
     if t:
         _rotary_kernel[(t,)](
-            q, k, cos_sin, positions, q.stride(0), k.stride(0), cos_sin.stride(0),
-            NQ=nq, NK=nk, NQ_PAD=triton.next_power_of_2(nq), NK_PAD=triton.next_power_of_2(nk),
-            HALF=head_dim // 2, num_warps=4,
+            q,
+            k,
+            cos_sin,
+            positions,
+            q.stride(0),
+            k.stride(0),
+            cos_sin.stride(0),
+            NQ=nq,
+            NK=nk,
+            NQ_PAD=triton.next_power_of_2(nq),
+            NK_PAD=triton.next_power_of_2(nk),
+            HALF=head_dim // 2,
+            num_warps=4,
         )
     return q, k
 
@@ -156,7 +199,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = 1024
     if n_rows:
         _silu_and_mul_kernel[(n_rows, triton.cdiv(n, block))](
-            x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
+            x,
+            out,
+            x.stride(0),
+            out.stride(0),
+            n,
+            BLOCK=block,
+            num_warps=4,
         )
     return out
 
@@ -165,8 +214,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # module transformation
 # ----------------------------------------------------------------------------------------
 def _fusable(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2 \
+    return (
+        x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dim() == 2
         and x.stride(-1) == 1
+    )
 
 
 class FusedRMSNorm(RMSNorm):
@@ -188,9 +241,14 @@ class FusedRotaryEmbedding(RotaryEmbedding):
     def forward(self, positions, q, k):  # type: ignore[override]
         hd = self.head_dim
         ok = (
-            _fusable(q) and _fusable(k) and self.rotary_dim == hd and hd % 2 == 0
-            and (hd // 2) & (hd // 2 - 1) == 0 and self.cos_sin_cache.dtype == q.dtype
-            and q.dtype == k.dtype and positions.is_cuda
+            _fusable(q)
+            and _fusable(k)
+            and self.rotary_dim == hd
+            and hd % 2 == 0
+            and (hd // 2) & (hd // 2 - 1) == 0
+            and self.cos_sin_cache.dtype == q.dtype
+            and q.dtype == k.dtype
+            and positions.is_cuda
         )
         if not ok:
             return super().forward(positions, q, k)

@@ -41,9 +41,15 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": empty splits give n
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, slot_ptr,
-    stride_k, stride_v, half_stride,
-    ROW: tl.constexpr, BLOCK: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_k,
+    stride_v,
+    half_stride,
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -68,8 +74,16 @@ def write_kv_triton(
     if k.stride(-1) != 1 or k.stride(-2) != d or v.stride(-1) != 1 or v.stride(-2) != d:
         k, v = k.contiguous(), v.contiguous()
     _write_kv_kernel[(t,)](
-        k, v, kv_cache, slots, k.stride(0), v.stride(0), nb * bs * row,
-        ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4,
+        k,
+        v,
+        kv_cache,
+        slots,
+        k.stride(0),
+        v.stride(0),
+        nb * bs * row,
+        ROW=row,
+        BLOCK=triton.next_power_of_2(row),
+        num_warps=4,
     )
 
 
@@ -78,13 +92,29 @@ def write_kv_triton(
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _decode_kernel(
-    q_ptr, cache_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    block_tables_ptr, seq_lens_ptr, qsl_ptr,
+    q_ptr,
+    cache_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    half_stride, stride_blk, stride_slot,
-    NUM_SPLITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    half_stride,
+    stride_blk,
+    stride_slot,
+    NUM_SPLITS: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     req = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -105,7 +135,8 @@ def _decode_kernel(
     g_mask = offs_g < G
     q = tl.load(
         q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=g_mask[:, None] & is_decode, other=0.0,
+        mask=g_mask[:, None] & is_decode,
+        other=0.0,
     )
     m_i = tl.full([G_PAD], _NEG_BIG, tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -126,7 +157,8 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             cache_ptr + half_stride + row[:, None] + offs_d[None, :],
-            mask=n_mask[:, None], other=0.0,
+            mask=n_mask[:, None],
+            other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -134,9 +166,12 @@ def _decode_kernel(
     o = acc / safe_l[:, None]
     if NUM_SPLITS == 1:
         tl.store(
-            out_ptr + q_start.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
+            out_ptr
+            + q_start.to(tl.int64) * stride_ot
+            + heads[:, None] * stride_oh
             + offs_d[None, :],
-            o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & is_decode,
+            o.to(out_ptr.dtype.element_ty),
+            mask=g_mask[:, None] & is_decode,
         )
     else:
         # partials laid out [num_reqs, num_heads, NUM_SPLITS, (D | 1)], float32
@@ -149,8 +184,15 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
+    out_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    qsl_ptr,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr,
+    D: tl.constexpr,
 ):
     req = tl.program_id(0)
     head = tl.program_id(1)
@@ -163,11 +205,15 @@ def _merge_splits_kernel(
     lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=_NEG_BIG)
     w = tl.math.exp2(lse - tl.max(lse, 0))
     w = tl.where(s_mask, w, 0.0)
-    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * D + offs_d[None, :],
-                mask=s_mask[:, None], other=0.0)
+    o = tl.load(
+        part_o_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0
+    )
     merged = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
-             merged.to(out_ptr.dtype.element_ty), mask=(offs_d < D) & is_decode)
+    tl.store(
+        out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+        merged.to(out_ptr.dtype.element_ty),
+        mask=(offs_d < D) & is_decode,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,13 +221,27 @@ def _merge_splits_kernel(
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, out_ptr, items_ptr,
-    block_tables_ptr, seq_lens_ptr, qsl_ptr,
+    q_ptr,
+    cache_ptr,
+    out_ptr,
+    items_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    half_stride, stride_blk, stride_slot,
-    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    half_stride,
+    stride_blk,
+    stride_slot,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     item = tl.program_id(0)
     head = tl.program_id(1)
@@ -197,9 +257,12 @@ def _prefill_kernel(
     q_pos = ctx_before + offs_m
     offs_d = tl.arange(0, D)
     q = tl.load(
-        q_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + head * stride_qh
+        q_ptr
+        + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt
+        + head * stride_qh
         + offs_d[None, :],
-        mask=m_mask[:, None], other=0.0,
+        mask=m_mask[:, None],
+        other=0.0,
     )
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -222,15 +285,19 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             cache_ptr + half_stride + row[:, None] + offs_d[None, :],
-            mask=n_mask[:, None], other=0.0,
+            mask=n_mask[:, None],
+            other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
-        out_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_ot + head * stride_oh
+        out_ptr
+        + (q_start + offs_m).to(tl.int64)[:, None] * stride_ot
+        + head * stride_oh
         + offs_d[None, :],
-        o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None],
+        o.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None],
     )
 
 
@@ -330,24 +397,66 @@ def triton_paged_attention(
         else:
             part_o = part_lse = out  # unused
         _decode_kernel[(n_reqs, kvh, splits)](
-            q, kv_cache, out, part_o, part_lse, bt, meta.seq_lens, meta.query_start_loc,
-            scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1), bt.stride(0),
+            q,
+            kv_cache,
+            out,
+            part_o,
+            part_lse,
+            bt,
+            meta.seq_lens,
+            meta.query_start_loc,
+            scale_log2,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            bt.stride(0),
             *cache_strides,
-            NUM_SPLITS=splits, G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d,
-            PAGE=page, BLOCK_N=DECODE_BLOCK_N, num_warps=4, num_stages=2,
+            NUM_SPLITS=splits,
+            G=g,
+            G_PAD=max(16, triton.next_power_of_2(g)),
+            D=d,
+            PAGE=page,
+            BLOCK_N=DECODE_BLOCK_N,
+            num_warps=4,
+            num_stages=2,
         )
         if splits > 1:
             _merge_splits_kernel[(n_reqs, h)](
-                out, part_o, part_lse, meta.query_start_loc, out.stride(0), out.stride(1),
-                NUM_SPLITS=splits, S_PAD=max(2, splits), D=d, num_warps=4,
+                out,
+                part_o,
+                part_lse,
+                meta.query_start_loc,
+                out.stride(0),
+                out.stride(1),
+                NUM_SPLITS=splits,
+                S_PAD=max(2, splits),
+                D=d,
+                num_warps=4,
             )
     if plan.prefill_items is not None:
         items = plan.prefill_items
         _prefill_kernel[(items.shape[0], h)](
-            q, kv_cache, out, items, bt, meta.seq_lens, meta.query_start_loc,
-            scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1), bt.stride(0),
+            q,
+            kv_cache,
+            out,
+            items,
+            bt,
+            meta.seq_lens,
+            meta.query_start_loc,
+            scale_log2,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            bt.stride(0),
             *cache_strides,
-            G=g, D=d, PAGE=page, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=64,
-            num_warps=4, num_stages=2,
+            G=g,
+            D=d,
+            PAGE=page,
+            BLOCK_M=PREFILL_BLOCK_M,
+            BLOCK_N=64,
+            num_warps=4,
+            num_stages=2,
         )
     return out

@@ -20,8 +20,19 @@ MAX_ROWS = 4
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
-    M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -35,8 +46,9 @@ def _gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(tl.float32)
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(
+            tl.float32
+        )
         x0 = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
         acc0 += tl.sum(w * x0[None, :], 1)
         if M > 1:
@@ -66,22 +78,44 @@ def _gemv_kernel(
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(-1) == 1
-        and weight.dim() == 2 and weight.stride(-1) == 1 and weight.dtype == x.dtype
+        x.is_cuda
+        and x.dim() == 2
+        and 0 < x.shape[0] <= MAX_ROWS
+        and x.stride(-1) == 1
+        and weight.dim() == 2
+        and weight.stride(-1) == 1
+        and weight.dtype == x.dtype
         and x.dtype in (torch.bfloat16, torch.float16)
     )
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         block_n: int = 8, block_k: int = 512) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_n: int = 8,
+    block_k: int = 512,
+) -> torch.Tensor:
     """x [M <= 4, K] @ weight[N, K]^T (+ bias) -> [M, N], float32 accumulation."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, k, x.stride(0),
-        weight.stride(0), y.stride(0), M=m, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        M=m,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+        num_stages=3,
     )
     return y
 
@@ -105,6 +139,7 @@ _GEMV_CLASSES: dict[type, type] = {}
 
 def _gemv_class(base: type) -> type:
     if base not in _GEMV_CLASSES:
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if applies(x, self.weight):
                 return gemv(x, self.weight, self.bias)

@@ -87,8 +87,12 @@ class DecodeGraphs:
     def host_inputs(self, n: int) -> DecodeInputs:
         """Numpy views to fill rows [0, n) of the next batch (pads are set by replay())."""
         return DecodeInputs(
-            n, self._h_ids.numpy()[:n], self._h_pos.numpy()[:n], self._h_slots.numpy()[:n],
-            self._h_lens.numpy()[:n], self._h_tables.numpy()[:n],
+            n,
+            self._h_ids.numpy()[:n],
+            self._h_pos.numpy()[:n],
+            self._h_slots.numpy()[:n],
+            self._h_lens.numpy()[:n],
+            self._h_tables.numpy()[:n],
         )
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -124,8 +128,12 @@ class DecodeGraphs:
             self.graphs[b] = g
         torch.cuda.synchronize(self.device)
         took = time.perf_counter() - t0
-        logger.info("captured %d CUDA graphs for decode batches %s in %.1f s",
-                    len(self.sizes), self.sizes, took)
+        logger.info(
+            "captured %d CUDA graphs for decode batches %s in %.1f s",
+            len(self.sizes),
+            self.sizes,
+            took,
+        )
         return took
 
     def replay(self, n: int) -> torch.Tensor:
