@@ -104,3 +104,18 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="cannot load a tokenizer"):
         load_tokenizer(resolve_model(str(tmp_path)))
+
+
+def test_eos_ids_include_the_models_own(tiny_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    d = tmp_path / "eos"
+    d.mkdir()
+    for f in tiny_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, 10]}))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["eos_token_id"] = [257, 13]
+    (d / "config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(resolve_model(str(d)))
+    assert tok.eos_token_ids == (257, 13, 10)  # the tokenizer's own eos first

@@ -187,9 +187,18 @@ def _from_gguf(path: Path, cache_dir: Path | None = None) -> Any:
 
 
 def load_tokenizer(src: ModelSource, cache_dir: Path | None = None) -> Tokenizer:
-    """The tokenizer of a model source (HF folder files, or GGUF metadata via the cache)."""
-    if src.kind == "gguf":
-        return Tokenizer(_from_gguf(src.path, cache_dir))
+    """The tokenizer of a model source (HF folder files, or GGUF metadata via the cache).
+
+    Its ``eos_token_ids`` also hold the model's own end ids (config.json and
+    generation_config.json eos lists, GGUF eos/eot ids): chat models often end a turn with
+    a token other than the tokenizer's eos (Llama 3's <|eot_id|>).
+    """
+    from modelport.loader import load_model_config
     from modelport.loader.hf import read_generation_eos
 
-    return Tokenizer(_from_folder(src.path), read_generation_eos(src.path))
+    if src.kind == "gguf":
+        hf = _from_gguf(src.path, cache_dir)
+        return Tokenizer(hf, load_model_config(src).eos_token_ids)
+    hf = _from_folder(src.path)
+    model_eos = load_model_config(src).eos_token_ids
+    return Tokenizer(hf, (*model_eos, *read_generation_eos(src.path)))
