@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -196,3 +197,32 @@ def load_ts_config_text(tmp_path: Path, text: str):
     p = tmp_path / "c.properties"
     p.write_text(text)
     return load_ts_config(p)
+
+
+def test_requirements_file_installed_only_when_allowed(tmp_path):
+    wheel = ts_archives.tiny_wheel(tmp_path / "wheels", value=7)
+    req = tmp_path / "requirements.txt"
+    req.write_text(f"{wheel}\n")
+    store = tmp_path / "store"
+    ts_archives.archive(store, "dep", HERE / "dep_handler.py", requirements_file=req)
+
+    async def main():
+        from modelport.torchserve.messages import InputParam, RequestItem
+
+        strict = ModelRegistry(store, work_dir=tmp_path / "w1")
+        try:
+            with pytest.raises(TSError) as ei:  # not installed: the handler cannot import
+                await strict.register("dep.mar")
+            assert ei.value.code == 500 and "tinydep" in ei.value.message
+            assert strict.names() == []
+        finally:
+            await strict.stop()
+        allowed = ModelRegistry(store, work_dir=tmp_path / "w2", install_py_dep_per_model=True)
+        try:
+            mv = await allowed.register("dep.mar")
+            out = await mv.predict(RequestItem("r", [InputParam("body", "text/plain", b"x")]))
+            assert json.loads(out.response.body) == {"value": 7}
+        finally:
+            await allowed.stop()
+
+    asyncio.run(main())

@@ -264,15 +264,9 @@ class ModelRegistry:
             return []
         target = model_dir / ".modelport-deps"
         cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--target",
-            str(target),
-            "-r",
-            str(model_dir / req),
-        ]
+            sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+            "--target", str(target), "-r", str(model_dir / req),
+        ]  # fmt: skip
         proc = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise TSError(
