@@ -467,3 +467,10 @@ def test_non_decoupled_model_answering_through_response_senders(server):
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(one, range(8))) == [-float(i) for i in range(8)]
+
+
+def test_bls_to_a_decoupled_model(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    r = c.infer("bls_stream", [make_input("http", "COUNT", np.array([5], dtype=np.int32), "INT32")])
+    assert int(r.as_numpy("TOTAL")[0]) == 0 + 1 + 2 + 3 + 4
+    assert int(r.as_numpy("RESPONSES")[0]) == 5
