@@ -474,3 +474,11 @@ def test_bls_to_a_decoupled_model(server):
     r = c.infer("bls_stream", [make_input("http", "COUNT", np.array([5], dtype=np.int32), "INT32")])
     assert int(r.as_numpy("TOTAL")[0]) == 0 + 1 + 2 + 3 + 4
     assert int(r.as_numpy("RESPONSES")[0]) == 5
+
+
+def test_statistics_of_all_models(server):
+    h = httpclient.InferenceServerClient(server.http_url)
+    names = {s["name"] for s in h.get_inference_statistics()["model_stats"]}
+    assert {"add_sub", "onnx_add", "llama_ensemble"} <= names
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    assert {s.name for s in g.get_inference_statistics().model_stats} == names

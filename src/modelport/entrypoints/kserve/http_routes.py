@@ -97,6 +97,14 @@ def build_router(
     async def ready() -> Response:
         return Response(status_code=200 if manager.ready else 400)
 
+    # before /v2/models/{model_name}, which would otherwise take "stats" for a model name
+    async def _stats(model_name: str = "", model_version: str | None = None) -> Response:
+        return JSONResponse({"model_stats": manager.stats(model_name, _version(model_version))})
+
+    router.get("/v2/models/stats")(guarded(_stats))
+    router.get("/v2/models/{model_name}/stats")(guarded(_stats))
+    router.get("/v2/models/{model_name}/versions/{model_version}/stats")(guarded(_stats))
+
     async def _model_ready(model_name: str, model_version: str | None = None) -> Response:
         ok = manager.is_ready(model_name, _version(model_version))
         return Response(status_code=200 if ok else 400)
@@ -117,13 +125,6 @@ def build_router(
 
     router.get("/v2/models/{model_name}/config")(guarded(_config))
     router.get("/v2/models/{model_name}/versions/{model_version}/config")(guarded(_config))
-
-    async def _stats(model_name: str = "", model_version: str | None = None) -> Response:
-        return JSONResponse({"model_stats": manager.stats(model_name, _version(model_version))})
-
-    router.get("/v2/models/stats")(guarded(_stats))
-    router.get("/v2/models/{model_name}/stats")(guarded(_stats))
-    router.get("/v2/models/{model_name}/versions/{model_version}/stats")(guarded(_stats))
 
     async def _infer(
         request: Request, model_name: str, model_version: str | None = None
