@@ -63,6 +63,8 @@ def test_concurrent_calls_are_serialized():
             outs = await asyncio.gather(*(w.execute([i]) for i in range(8)))
             assert outs == [[i] for i in range(8)]
             assert await w.execute("calls") == 9
+            grandchild = await w.execute("grandchild")
+            assert isinstance(grandchild, int) and grandchild != w.pid
         finally:
             await w.stop()
 
@@ -101,3 +103,26 @@ def test_partial_results_arrive_in_order_before_the_result():
             await w.stop()
 
     asyncio.run(main())
+
+
+def test_a_parent_that_forgets_stop_still_exits(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "forget.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {str(FIXTURES)!r})\n"
+        "from modelport.serving.process_worker import ProcessWorker\n"
+        "async def main():\n"
+        "    w = ProcessWorker('pw_targets:Echo', {}, name='forgotten')\n"
+        "    await w.start()\n"
+        "    print(w.pid, flush=True)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(out.stdout.strip()), 0)

@@ -35,6 +35,7 @@ method names to dispatch on.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib
 import logging
@@ -46,6 +47,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,6 +226,24 @@ class _Incarnation:
     killed_for_timeout: bool = False
 
 
+_LIVE: weakref.WeakSet[ProcessWorker] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_children_at_exit() -> None:
+    """Kill children a parent forgot to stop.
+
+    Registered after multiprocessing's own exit hook, so it runs first: that hook joins
+    non-daemonic children, which would wait forever for a child blocked on its pipe.
+    """
+    for worker in list(_LIVE):
+        inc = worker._inc
+        if inc is not None and inc.proc.is_alive():
+            with contextlib.suppress(Exception):
+                inc.proc.kill()
+                inc.proc.join(5)
+
+
 class ProcessWorker:
     """A restartable child process running `factory(**init_kwargs).execute(payload)`."""
 
@@ -305,12 +325,15 @@ class ProcessWorker:
             target=_child_main,
             args=(child_conn, self.factory, self.init_kwargs, self.env),
             name=f"modelport-worker-{self.name}",
-            daemon=True,
+            # not daemonic: user code may start processes of its own (DataLoader workers,
+            # tokenizer pools); _kill_children_at_exit replaces what daemon=True gave
+            daemon=False,
         )
         proc.start()
         child_conn.close()  # so that recv() sees EOF when the child dies
         inc = _Incarnation(proc=proc, conn=parent_conn, ready=loop.create_future())
         self._inc = inc
+        _LIVE.add(self)
         threading.Thread(
             target=self._reader, args=(inc, loop), name=f"{self.name}-reader", daemon=True
         ).start()
