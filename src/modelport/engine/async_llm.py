@@ -1,0 +1,363 @@
+"""AsyncLLM: the server-side engine handle. Text work here, model steps in the core process.
+
+`generate()` validates and sends a request at once (so errors surface before any response
+starts) and returns a stream of cumulative RequestOutputs. The OutputProcessor runs on the
+event loop in delta mode (it holds back text that might still become a stop string) and the
+stream re-accumulates, so a streamed answer and a non-streamed one are the same text.
+
+Back-pressure is decided here, not in the core: the core is another process and could only
+answer asynchronously, after a streaming response has already begun with 200. The estimate
+`in-flight sequences - running sequences (from the latest step)` is exact as of that step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from modelport.engine.core_client import (
+    CoreReady,
+    CoreRejected,
+    CoreStepOutputs,
+    EngineCoreClient,
+    EngineDeadError,
+)
+from modelport.engine.messages import SchedulerStats
+from modelport.outputs import CompletionOutput, RequestOutput
+from modelport.sampling_params import SamplingParams
+
+logger = logging.getLogger("modelport.engine.async_llm")
+
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestStream"]
+
+
+class QueueFullError(RuntimeError):
+    """The bounded waiting queue cannot take the request now; retry later (HTTP 503)."""
+
+
+class StatLogger:
+    """What AsyncLLM reports; the OpenAI server plugs its Prometheus metrics in here."""
+
+    def observe_stats(self, stats: SchedulerStats) -> None: ...
+    def observe_first_token(self, ttft: float, queue_time: float | None) -> None: ...
+    def observe_tokens(self, n_new: int, gap: float | None) -> None: ...
+    def observe_finished(
+        self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int
+    ) -> None: ...
+    def observe_rejected(self) -> None: ...
+
+
+@dataclasses.dataclass
+class _Child:
+    index: int
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    last_token_time: float | None = None
+
+
+class RequestStream:
+    """Async iterator of one request's cumulative outputs; closing it early aborts the request."""
+
+    def __init__(
+        self, llm: AsyncLLM, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ):
+        self._llm = llm
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.children = {i: _Child(i) for i in range(params.n)}
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+        except BaseException:  # cancelled: the client is gone
+            self._llm.abort_now(self.request_id)
+            raise
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        if item.finished:
+            self.done = True
+        return item
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self._llm.abort_now(self.request_id)
+
+    def __del__(self) -> None:
+        if not self.done and self._llm is not None:
+            try:
+                self._llm._loop.call_soon_threadsafe(self._llm.abort_now, self.request_id)
+            except Exception:
+                pass
+
+
+class AsyncLLM:
+    def __init__(
+        self,
+        engine_config: Any,
+        tokenizer: Any,
+        client: EngineCoreClient | None,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_waiting_requests: int | None = None,
+        served_model_names: list[str] | None = None,
+    ) -> None:
+        from modelport.frontend.processor import InputProcessor, OutputProcessor
+
+        self.engine_config = engine_config
+        self.tokenizer = tokenizer
+        self._loop = loop
+        self.input_processor = InputProcessor(
+            tokenizer, engine_config.model_config, engine_config.scheduler_config
+        )
+        self.output_processor = OutputProcessor(tokenizer)
+        self.max_waiting_requests = max_waiting_requests
+        self.served_model_names = served_model_names or [engine_config.served_model_name]
+        self.stat_logger: StatLogger = StatLogger()
+        self.stats = SchedulerStats()
+        self._streams: dict[str, RequestStream] = {}
+        self._num_inflight_seqs = 0
+        self.dead_reason: str | None = None
+        self.client: EngineCoreClient | None = client
+        self.ready: CoreReady | None = client.ready if client is not None else None
+
+    # ---------------------------------------------------------------- start / stop
+
+    @classmethod
+    async def from_engine_args(cls, engine_args: Any, **kw: Any) -> AsyncLLM:
+        """Resolve the config, load the tokenizer, start the core process (in worker threads)."""
+        from modelport.frontend.tokenizer import load_tokenizer
+
+        loop = asyncio.get_running_loop()
+        config = await asyncio.to_thread(engine_args.create_engine_config)
+        tokenizer = await asyncio.to_thread(load_tokenizer, config.model_source)
+        # The bound is enforced here (see module doc), so the core gets none.
+        sched = dataclasses.replace(config.scheduler_config, max_waiting_requests=None)
+        core_config = dataclasses.replace(config, scheduler_config=sched)
+        llm = cls(
+            config,
+            tokenizer,
+            None,
+            loop,
+            max_waiting_requests=config.scheduler_config.max_waiting_requests,
+            **kw,
+        )
+
+        def on_message(msg: Any) -> None:
+            loop.call_soon_threadsafe(llm._on_core_message, msg)
+
+        client = await asyncio.to_thread(EngineCoreClient, core_config, on_message)
+        llm.client = client
+        llm.ready = client.ready
+        return llm
+
+    def shutdown(self) -> None:
+        if self.client is not None:
+            self.client.shutdown()
+
+    # ---------------------------------------------------------------- facts
+
+    @property
+    def model_config(self) -> Any:
+        return self.engine_config.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine_config.scheduler_config.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine_config.scheduler_config.max_num_seqs
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine_config.model_config.vocab_size
+
+    @property
+    def is_ready(self) -> bool:
+        return self.client is not None and self.dead_reason is None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ---------------------------------------------------------------- requests
+
+    def check_admission(self, num_seqs: int) -> None:
+        """Raise QueueFullError if `num_seqs` more sequences would overflow the waiting queue."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        limit = self.max_waiting_requests
+        if limit is None:
+            return
+        waiting = max(0, self._num_inflight_seqs - self.stats.num_running)
+        if waiting + num_seqs > limit:
+            self.stat_logger.observe_rejected()
+            raise QueueFullError(
+                f"the server is busy: {waiting} requests are waiting "
+                f"(--max-waiting-requests {limit}); retry later"
+            )
+
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        prompt_text: str | None = None,
+        priority: int = 0,
+    ) -> RequestStream:
+        """Send the request now (ValueError if invalid); iterate the result for its outputs."""
+        if self.dead_reason is not None or self.client is None:
+            raise EngineDeadError(self.dead_reason or "engine is not started")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(self, request_id, list(prompt_token_ids), params)
+        core_reqs = self.input_processor.process(
+            request_id, stream.prompt_ids, params, arrival_time=stream.arrival, priority=priority
+        )
+        self.output_processor.add_request(
+            request_id, prompt_text, stream.prompt_ids, params,
+            output_kind="delta", arrival_time=stream.arrival,
+        )  # fmt: skip
+        self._streams[request_id] = stream
+        self._num_inflight_seqs += len(core_reqs)
+        for r in core_reqs:
+            self.client.add_request(r)
+        return stream
+
+    def abort_now(self, request_id: str) -> None:
+        """Forget the request here and tell the core to free its blocks (next step at latest)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        stream.done = True
+        child_ids = self.output_processor.abort(request_id)
+        self._num_inflight_seqs -= sum(
+            1 for c in stream.children.values() if c.finish_reason is None
+        )
+        e2e = time.monotonic() - stream.arrival
+        for c in stream.children.values():
+            if c.finish_reason is None:
+                self.stat_logger.observe_finished(
+                    "abort", e2e, len(stream.prompt_ids), len(c.token_ids)
+                )
+        if self.client is not None and self.dead_reason is None and child_ids:
+            self.client.abort_requests(child_ids)
+
+    async def abort(self, request_id: str) -> None:
+        self.abort_now(request_id)
+
+    # ---------------------------------------------------------------- core messages (loop thread)
+
+    def _on_core_message(self, msg: Any) -> None:
+        try:
+            if isinstance(msg, CoreStepOutputs):
+                self._on_outputs(msg)
+            elif isinstance(msg, CoreRejected):
+                self._on_rejected(msg)
+            elif isinstance(msg, EngineDeadError):
+                self._on_dead(msg)
+        except Exception:
+            logger.exception("failed to process engine core outputs")
+
+    def _on_rejected(self, msg: CoreRejected) -> None:
+        for rid, stream in list(self._streams.items()):
+            if msg.request_id in self.output_processor.child_ids(rid):
+                err: Exception = (
+                    QueueFullError(msg.message)
+                    if msg.kind == "queue_full"
+                    else ValueError(msg.message)
+                )
+                self.abort_now(rid)
+                stream.queue.put_nowait(err)
+                return
+
+    def _on_dead(self, err: EngineDeadError) -> None:
+        self.dead_reason = str(err)
+        logger.error("engine core died: %s; failing %d requests", err, len(self._streams))
+        for stream in self._streams.values():
+            stream.queue.put_nowait(EngineDeadError(str(err)))
+        self._streams.clear()
+        self._num_inflight_seqs = 0
+
+    def _on_outputs(self, msg: CoreStepOutputs) -> None:
+        outs = msg.outputs
+        if outs.stats is not None:
+            self.stats = outs.stats
+            self.stat_logger.observe_stats(outs.stats)
+        if not outs.outputs:
+            return
+        results, to_abort = self.output_processor.process_outputs(outs.outputs)
+        if to_abort and self.client is not None:
+            self.client.abort_requests(to_abort)
+        now = time.monotonic()
+        for ro in results:
+            stream = self._streams.get(ro.request_id)
+            if stream is not None:
+                self._deliver(stream, ro, now)
+
+    def _deliver(self, stream: RequestStream, delta: RequestOutput, now: float) -> None:
+        log = self.stat_logger
+        for d in delta.outputs:
+            c = stream.children[d.index]
+            if d.token_ids:
+                if stream.first_token_time is None:
+                    stream.first_token_time = now
+                    m = delta.metrics
+                    queue_time = None
+                    if m is not None and m.first_scheduled_time is not None:
+                        queue_time = m.first_scheduled_time - stream.arrival
+                    log.observe_first_token(now - stream.arrival, queue_time)
+                gap = None if c.last_token_time is None else now - c.last_token_time
+                log.observe_tokens(len(d.token_ids), gap)
+                c.last_token_time = now
+            c.text += d.text
+            c.token_ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                c.logprobs = (c.logprobs or []) + list(d.logprobs)
+            c.cumulative_logprob = d.cumulative_logprob
+            if d.finish_reason is not None and c.finish_reason is None:
+                c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+                self._num_inflight_seqs -= 1
+                log.observe_finished(
+                    d.finish_reason, now - stream.arrival, len(stream.prompt_ids), len(c.token_ids)
+                )
+        outputs = [
+            CompletionOutput(
+                index=c.index,
+                text=c.text,
+                token_ids=list(c.token_ids),
+                cumulative_logprob=c.cumulative_logprob,
+                logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in stream.children.values()
+        ]
+        cumulative = dataclasses.replace(delta, outputs=outputs)
+        if delta.finished:
+            self._streams.pop(stream.request_id, None)
+        stream.queue.put_nowait(cumulative)

@@ -1,0 +1,194 @@
+"""The OpenAI-compatible server: `python -m modelport.entrypoints.openai.api_server --model PATH`.
+
+`modelport serve` mounts the same routes through frontend.py; this module is the standalone
+form with the same flags. The engine loads in the background once the server is up, so load
+balancers see /health answer 503 (not a refused connection) until the model is ready; if
+loading fails the process stops rather than serve 503s forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from fastapi import FastAPI
+
+from modelport.engine.async_llm import AsyncLLM
+from modelport.entrypoints.openai.errors import install_error_handlers
+from modelport.entrypoints.openai.metrics import ServerMetrics
+from modelport.entrypoints.openai.routes import OPENAI_PATHS, ServerState, mount
+
+logger = logging.getLogger("modelport.openai")
+
+
+def add_openai_args(parser: argparse.ArgumentParser) -> None:
+    """Engine flags (vLLM names) plus the server's own; flags another frontend added are kept."""
+    from modelport.engine.arg_utils import EngineArgs
+
+    if "--model" not in parser._option_string_actions:
+        EngineArgs.add_cli_args(parser)
+    g = parser.add_argument_group("OpenAI server")
+    if "--served-model-name" not in parser._option_string_actions:
+        g.add_argument(
+            "--served-model-name",
+            nargs="+",
+            default=None,
+            help="name(s) clients use in 'model' (default: the model's name); the first is reported",
+        )
+    if "--api-key" not in parser._option_string_actions:
+        g.add_argument(
+            "--api-key",
+            default=None,
+            help="require this key (Authorization: Bearer KEY) on /v1, /tokenize, /detokenize",
+        )
+    if "--max-waiting-requests" not in parser._option_string_actions:
+        g.add_argument(
+            "--max-waiting-requests",
+            type=int,
+            default=None,
+            help="bound on queued requests; past it requests get 503 with Retry-After",
+        )
+
+
+def engine_args_from(args: argparse.Namespace) -> Any:
+    from modelport.engine.arg_utils import EngineArgs
+
+    engine_args = EngineArgs.from_cli_args(args)
+    names = _served_names(args)
+    engine_args.served_model_name = names[0] if names else None
+    return engine_args
+
+
+def _served_names(args: argparse.Namespace) -> list[str] | None:
+    names = getattr(args, "served_model_name", None)
+    if isinstance(names, str):
+        return [names]
+    return list(names) if names else None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelport")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+class OpenAIService:
+    """Owns the engine of one served model: loads it in the background, shuts it down."""
+
+    def __init__(self, args: argparse.Namespace, state: ServerState, *, exit_on_failure: bool):
+        self.args = args
+        self.state = state
+        self.exit_on_failure = exit_on_failure
+        self._task: asyncio.Task | None = None
+        self.loaded = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._load(), name="openai-engine-load")
+
+    async def _load(self) -> None:
+        try:
+            engine = await AsyncLLM.from_engine_args(
+                engine_args_from(self.args), served_model_names=_served_names(self.args)
+            )
+        except Exception as e:
+            self.state.load_error = f"{type(e).__name__}: {e}"
+            logger.error("failed to load the model: %s", self.state.load_error, exc_info=e)
+            self.loaded.set()
+            if self.exit_on_failure:
+                os.kill(os.getpid(), signal.SIGTERM)  # let uvicorn shut down cleanly
+            return
+        metrics = ServerMetrics(engine.served_model_names[0])
+        engine.stat_logger = metrics
+        self.state.metrics = metrics
+        self.state.engine = engine
+        self.loaded.set()
+        _log_loaded(engine, self.args)
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.state.engine is not None:
+            await asyncio.to_thread(self.state.engine.shutdown)
+
+
+def _log_loaded(engine: AsyncLLM, args: argparse.Namespace) -> None:
+    cfg = engine.engine_config
+    ready = engine.ready
+    src = cfg.model_source
+    where = getattr(src, "path", None) or getattr(src, "name", src)
+    mc = cfg.model_config
+    logger.info(
+        "loaded %s (%s, %.0fM params, %s) from %s on %s in %.1fs",
+        engine.served_model_names[0], mc.architecture, mc.num_params / 1e6, cfg.dtype, where,
+        ready.device if ready else cfg.device, ready.load_seconds if ready else 0.0,
+    )  # fmt: skip
+    if ready is not None:
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d, max_num_seqs %d",
+            ready.num_kv_blocks, ready.block_size, ready.num_kv_blocks * ready.block_size,
+            engine.max_model_len, engine.max_num_seqs,
+        )  # fmt: skip
+    host = getattr(args, "host", "127.0.0.1")
+    logger.info("OpenAI API ready at http://%s:%d/v1", host, getattr(args, "port", 8000))
+
+
+def attach(app: FastAPI, args: argparse.Namespace, *, exit_on_failure: bool) -> OpenAIService:
+    """Mount the routes and error handlers on `app`; the returned service loads the engine."""
+    state = ServerState(version=_version(), api_key=getattr(args, "api_key", None))
+    install_error_handlers(app, OPENAI_PATHS)
+    mount(app, state)
+    return OpenAIService(args, state, exit_on_failure=exit_on_failure)
+
+
+def build_app(args: argparse.Namespace) -> tuple[FastAPI, OpenAIService]:
+    app = FastAPI(title="modelport OpenAI-compatible server", version=_version())
+    return app, attach(app, args, exit_on_failure=True)
+
+
+async def run_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app, service = build_app(args)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(config)
+    await service.start()
+    try:
+        await server.serve()
+    finally:
+        await service.stop()
+    return 1 if service.state.load_error else 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from modelport.entrypoints.cli_serve import add_common_args
+
+    parser = argparse.ArgumentParser(
+        prog="python -m modelport.entrypoints.openai.api_server",
+        description="OpenAI-compatible server for one LLM",
+    )
+    add_common_args(parser)
+    add_openai_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(run_server(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The OpenAI-compatible routes, mounted on any FastAPI app (standalone or `modelport serve`).
+
+`ServerState` is filled in when the engine finishes loading in the background, which is why
+/health answers 503 until then and the /v1 routes answer 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+
+from modelport.engine.async_llm import AsyncLLM, EngineDeadError
+from modelport.entrypoints.openai.errors import OpenAIError
+from modelport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from modelport.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from modelport.entrypoints.openai.serving_chat import ServingChat, render_chat
+from modelport.entrypoints.openai.serving_common import check_model, engine_unavailable
+from modelport.entrypoints.openai.serving_completion import ServingCompletion
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)
+}
+
+
+@dataclass
+class ServerState:
+    version: str
+    api_key: str | None = None
+    engine: AsyncLLM | None = None
+    metrics: ServerMetrics | None = None
+    load_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def require_engine(self) -> AsyncLLM:
+        if self.engine is None:
+            if self.load_error is not None:
+                raise OpenAIError(f"the model failed to load: {self.load_error}", 503)
+            raise OpenAIError("the model is still loading; retry shortly", 503, retry_after=5)
+        err = engine_unavailable(self.engine)
+        if err is not None:
+            raise err
+        return self.engine
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.openai
+
+
+async def check_api_key(request: Request) -> None:
+    """401 unless the request carries the --api-key (Authorization: Bearer, or api-key header)."""
+    key = _state(request).api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+    token = token or request.headers.get("api-key", "") or request.headers.get("x-api-key", "")
+    if not token or not hmac.compare_digest(token.encode(), key.encode()):
+        raise OpenAIError(
+            "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
+            401,
+            code="invalid_api_key",
+        )
+
+
+def build_routers() -> tuple[APIRouter, APIRouter]:
+    """(routes behind --api-key, public probes)."""
+    api = APIRouter(dependencies=[Depends(check_api_key)], responses=_ERRORS)
+    public = APIRouter()
+
+    @api.post("/v1/completions", tags=["openai"])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        engine = _state(request).require_engine()
+        try:
+            return await ServingCompletion(engine).create(body, request)
+        except EngineDeadError as e:
+            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
+
+    @api.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        engine = _state(request).require_engine()
+        try:
+            return await ServingChat(engine).create(body, request)
+        except EngineDeadError as e:
+            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
+
+    @api.get("/v1/models", tags=["openai"])
+    async def models(request: Request) -> ModelList:
+        engine = _state(request).require_engine()
+        root = str(getattr(engine.engine_config.model_source, "name", engine.served_model_names[0]))
+        return ModelList(
+            data=[
+                ModelCard(id=name, root=root, max_model_len=engine.max_model_len)
+                for name in engine.served_model_names
+            ]
+        )
+
+    @api.post("/tokenize", tags=["tokenizer"])
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        engine = _state(request).require_engine()
+        check_model(engine, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError("give exactly one of prompt or messages", 400, param="prompt")
+        if body.messages is not None:
+            if not body.messages:
+                raise OpenAIError("messages must not be empty", 400, param="messages")
+            ids = render_chat(engine, body.messages, body.add_generation_prompt)
+        else:
+            ids = engine.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
+
+    @api.post("/detokenize", tags=["tokenizer"])
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        engine = _state(request).require_engine()
+        check_model(engine, body.model)
+        bad = [t for t in body.tokens if t >= engine.vocab_size]
+        if bad:
+            raise OpenAIError(
+                f"token ids must be < {engine.vocab_size}; got {bad[:5]}", 400, param="tokens"
+            )
+        return DetokenizeResponse(prompt=engine.decode(body.tokens))
+
+    @public.get("/health", tags=["server"], responses={503: {"model": ErrorResponse}})
+    async def health(request: Request) -> Response:
+        state = _state(request)
+        if state.engine is not None and state.engine.is_ready:
+            return Response(status_code=200)
+        try:
+            state.require_engine()
+        except OpenAIError as e:
+            return e.response()
+        return Response(status_code=200)
+
+    @public.get("/version", tags=["server"])
+    async def version(request: Request) -> VersionResponse:
+        return VersionResponse(version=_state(request).version)
+
+    @public.get("/metrics", tags=["server"])
+    async def metrics(request: Request) -> Response:
+        m = _state(request).metrics
+        return Response(m.render() if m is not None else b"", media_type=CONTENT_TYPE)
+
+    return api, public
+
+
+OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/health", "/version", "/metrics")
+
+
+def mount(app: FastAPI, state: ServerState) -> None:
+    app.state.openai = state
+    api, public = build_routers()
+    app.include_router(api)
+    app.include_router(public)

@@ -1,0 +1,219 @@
+"""POST /v1/chat/completions: messages through the model's chat template, chat objects out.
+
+The template comes with the model (GGUF metadata or tokenizer_config.json), so it is
+untrusted input: the tokenizer renders it in a sandboxed jinja2 environment, and any
+template failure is the request's 400, never the server's 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from modelport.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
+from modelport.entrypoints.openai.errors import OpenAIError, internal_error
+from modelport.entrypoints.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatStreamChoice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+    dump,
+    random_id,
+)
+from modelport.entrypoints.openai.serving_common import (
+    SSE_DONE,
+    ClientGone,
+    admit,
+    check_model,
+    check_prompt_ids,
+    check_unsupported,
+    collect_final,
+    make_sampling_params,
+    sse,
+    sse_error,
+    token_text,
+    top_entries,
+    unless_disconnected,
+)
+from modelport.outputs import LogprobsDict, RequestOutput
+
+
+def render_chat(
+    engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> list[int]:
+    """Messages -> prompt token ids via the model's (sandboxed) chat template."""
+    convo = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        rendered = engine.tokenizer.apply_chat_template(
+            convo, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as e:  # jinja2 SecurityError/TemplateError, missing template, ...
+        raise OpenAIError(
+            f"could not apply the chat template: {type(e).__name__}: {e}", 400, param="messages"
+        ) from None
+    if isinstance(rendered, str):
+        return engine.encode(rendered, add_special_tokens=False)
+    return list(rendered)
+
+
+class ServingChat:
+    def __init__(self, engine: AsyncLLM) -> None:
+        self.engine = engine
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        engine = self.engine
+        model = check_model(engine, req.model)
+        check_unsupported(req)
+        if req.echo:
+            raise OpenAIError("echo is not supported for chat completions", 400, param="echo")
+        ids = render_chat(engine, req.messages, req.add_generation_prompt)
+        requested = req.max_completion_tokens or req.max_tokens
+        max_tokens = check_prompt_ids(engine, ids, requested)
+        k = None
+        if req.logprobs:
+            k = req.top_logprobs or 0
+        elif req.top_logprobs:
+            raise OpenAIError(
+                "top_logprobs requires logprobs to be true", 400, param="top_logprobs"
+            )
+        params = make_sampling_params(req, max_tokens, k)
+        admit(engine, req.n)
+        rid = req.request_id or random_id("chatcmpl")
+        stream = engine.generate(ids, params, rid)
+        if req.stream:
+            return StreamingResponse(
+                self._stream(req, model, rid, stream), media_type="text/event-stream"
+            )
+        try:
+            final = (await unless_disconnected(raw, collect_final([stream])))[0]
+        except ClientGone:
+            return Response(status_code=499)
+        except EngineDeadError as e:
+            raise OpenAIError(f"engine failed: {e}", 500, code="engine_dead") from None
+        choices = []
+        n_gen = 0
+        for o in sorted(final.outputs, key=lambda o: o.index):
+            n_gen += len(o.token_ids)
+            logprobs = None
+            if k is not None:
+                logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs, k))
+            choices.append(
+                ChatChoice(
+                    index=o.index,
+                    message=AssistantMessage(content=o.text),
+                    logprobs=logprobs,
+                    finish_reason=o.finish_reason,
+                    stop_reason=o.stop_reason,
+                )
+            )
+        n_prompt = len(final.prompt_token_ids)
+        usage = UsageInfo(
+            prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen
+        )
+        body = ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage)
+        return JSONResponse(body.model_dump())
+
+    def _logprobs(
+        self, token_ids: list[int], positions: list[LogprobsDict] | None, k: int
+    ) -> list[TokenLogprob]:
+        out = []
+        for j, tid in enumerate(token_ids):
+            pos = positions[j] if positions is not None and j < len(positions) else {}
+            chosen = pos.get(tid)
+            tok = token_text(self.engine, tid, chosen)
+            tops = [
+                TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8")))
+                for _, t, v in top_entries(self.engine, pos, k)
+            ]
+            out.append(
+                TokenLogprob(
+                    token=tok,
+                    logprob=chosen.logprob if chosen is not None else float("-inf"),
+                    bytes=list(tok.encode("utf-8")),
+                    top_logprobs=tops,
+                )
+            )
+        return out
+
+    async def _stream(
+        self,
+        req: ChatCompletionRequest,
+        model: str,
+        rid: str,
+        stream: RequestStream,
+    ) -> AsyncIterator[str]:
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finished: set[int] = set()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        last: RequestOutput | None = None
+
+        def chunk(choices: list[ChatStreamChoice]) -> str:
+            body = ChatCompletionChunk(id=rid, model=model, choices=choices)
+            return sse(dump(body, exclude={"usage"}))
+
+        try:
+            yield chunk(
+                [
+                    ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                    for i in range(req.n)
+                ]
+            )
+            async for out in stream:
+                last = out
+                choices = []
+                for o in out.outputs:
+                    if o.index in finished:
+                        continue
+                    text = o.text[sent_text.get(o.index, 0) :]
+                    start = sent_tokens.get(o.index, 0)
+                    new_ids = o.token_ids[start:]
+                    sent_text[o.index] = len(o.text)
+                    sent_tokens[o.index] = len(o.token_ids)
+                    if o.finish_reason is not None:
+                        finished.add(o.index)
+                    if not text and o.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if k is not None and new_ids:
+                        lps = o.logprobs[start:] if o.logprobs is not None else None
+                        logprobs = ChoiceLogprobs(content=self._logprobs(new_ids, lps, k))
+                    choices.append(
+                        ChatStreamChoice(
+                            index=o.index,
+                            delta=DeltaMessage(content=text),
+                            logprobs=logprobs,
+                            finish_reason=o.finish_reason,
+                            stop_reason=o.stop_reason,
+                        )
+                    )
+                if choices:
+                    yield chunk(choices)
+            if include_usage and last is not None:
+                p = len(last.prompt_token_ids)
+                g = sum(len(o.token_ids) for o in last.outputs)
+                usage = UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g)
+                body = ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage)
+                yield sse(dump(body))
+        except EngineDeadError as e:
+            yield sse_error(f"engine failed: {e}", 500)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            internal_error("/v1/chat/completions (stream)", e)
+            yield sse_error(f"internal error: {type(e).__name__}", 500)
+        finally:
+            await stream.aclose()
+        yield SSE_DONE

@@ -1,0 +1,246 @@
+"""What completions and chat share: model check, admission, sampling params, SSE, disconnects.
+
+Everything here turns user input into engine input exactly once and raises `OpenAIError`
+with the protocol's status for anything wrong, so the serving classes stay about their
+response shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from modelport.engine.async_llm import AsyncLLM, QueueFullError, RequestStream
+from modelport.entrypoints.openai.errors import OpenAIError, error_body
+from modelport.entrypoints.openai.protocol import SamplingFields
+from modelport.outputs import Logprob, LogprobsDict, RequestOutput
+from modelport.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def sse_error(message: str, status: int) -> str:
+    return sse(json.dumps(error_body(message, status)))
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+def check_model(engine: AsyncLLM, name: str | None) -> str:
+    """The served name to answer with; 404 for a model this server does not serve."""
+    if name is None or name == "" or name in engine.served_model_names:
+        return engine.served_model_names[0]
+    raise OpenAIError(
+        f"The model `{name}` does not exist. Served: {', '.join(engine.served_model_names)}",
+        404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def check_unsupported(req: Any) -> None:
+    """Fields OpenAI defines that this server does not implement: say so instead of ignoring."""
+    if getattr(req, "logit_bias", None):
+        raise OpenAIError("logit_bias is not supported", 400, param="logit_bias")
+    if getattr(req, "suffix", None):
+        raise OpenAIError("suffix is not supported", 400, param="suffix")
+    best_of = getattr(req, "best_of", None)
+    if best_of is not None and best_of != req.n:
+        raise OpenAIError("best_of other than n is not supported", 400, param="best_of")
+
+
+def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | None) -> int:
+    """Validate one tokenized prompt; returns the max_tokens to use (default: what fits)."""
+    if not ids:
+        raise OpenAIError("prompt is empty (no tokens)", 400, param="prompt")
+    vocab = engine.vocab_size
+    if vocab and max(ids) >= vocab:
+        raise OpenAIError(
+            f"token id {max(ids)} is out of range for a vocabulary of {vocab}", 400, param="prompt"
+        )
+    limit = engine.max_model_len
+    if max_tokens is None:
+        if len(ids) >= limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {len(ids)} tokens, which leaves no room for a completion.",
+                400,
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        return limit - len(ids)
+    if len(ids) + max_tokens > limit:
+        raise OpenAIError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the prompt or max_tokens.",
+            400,
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def make_sampling_params(
+    req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            seed=None if req.seed is None else int(req.seed) % (2**63),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            max_tokens=max_tokens,
+            min_tokens=min(req.min_tokens, max_tokens),
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except (ValueError, TypeError) as e:
+        raise OpenAIError(str(e), 400) from None
+
+
+def admit(engine: AsyncLLM, n_requests: int) -> None:
+    """503 with Retry-After when the bounded waiting queue cannot take these requests."""
+    try:
+        engine.check_admission(n_requests)
+    except QueueFullError as e:
+        raise OpenAIError(str(e), 503, code="queue_full", retry_after=1) from None
+
+
+def engine_unavailable(engine: AsyncLLM) -> OpenAIError | None:
+    if engine.dead_reason is not None:
+        return OpenAIError(f"engine is not available: {engine.dead_reason}", 503, retry_after=5)
+    return None
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def token_text(engine: AsyncLLM, token_id: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return engine.decode_token(token_id)
+
+
+def top_entries(engine: AsyncLLM, pos: LogprobsDict, k: int) -> list[tuple[int, str, float]]:
+    """The k most likely (token id, text, logprob) of one position, best first."""
+    ranked = sorted(
+        pos.items(),
+        key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob),
+    )
+    return [(tid, token_text(engine, tid, lp), lp.logprob) for tid, lp in ranked[:k]]
+
+
+# ---------------------------------------------------------------- async plumbing
+
+
+async def wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`; if the client goes away first, cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone()
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as outputs arrive, tagged with the stream index.
+
+    Closing the merged iterator early (client gone) closes, and so aborts, every stream.
+    """
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    _end = object()
+
+    async def pump(i: int, it: RequestStream) -> None:
+        try:
+            async for item in it:
+                await queue.put((i, item))
+            await queue.put((i, _end))
+        except BaseException as e:  # forwarded to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is _end:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for s in streams:
+            await s.aclose()
+
+
+async def collect_final(streams: list[RequestStream]) -> list[RequestOutput]:
+    """The final output of each stream (all run concurrently); aborts the rest on failure."""
+
+    async def last(it: RequestStream) -> RequestOutput:
+        final = None
+        async for out in it:
+            final = out
+        assert final is not None, "engine produced no output"
+        return final
+
+    tasks = [asyncio.ensure_future(last(s)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            await s.aclose()

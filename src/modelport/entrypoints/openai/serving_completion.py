@@ -1,0 +1,252 @@
+"""POST /v1/completions: prompts (text, batches, token ids) in, text_completion objects out.
+
+Several prompts become independent engine requests (ids `<id>-<i>`) that run concurrently;
+choice index is prompt_index * n + output index, as OpenAI numbers them. Outputs from the
+engine are cumulative, so streaming sends, per choice, whatever text is new since the last
+chunk; the concatenation of the chunks is therefore the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from modelport.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
+from modelport.entrypoints.openai.errors import OpenAIError, internal_error
+from modelport.entrypoints.openai.protocol import (
+    CompletionChoice,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    dump,
+    random_id,
+)
+from modelport.entrypoints.openai.serving_common import (
+    SSE_DONE,
+    ClientGone,
+    admit,
+    check_model,
+    check_prompt_ids,
+    check_unsupported,
+    collect_final,
+    make_sampling_params,
+    merge_streams,
+    sse,
+    sse_error,
+    token_text,
+    top_entries,
+    unless_disconnected,
+)
+from modelport.outputs import CompletionOutput, LogprobsDict, RequestOutput
+
+
+class ServingCompletion:
+    def __init__(self, engine: AsyncLLM) -> None:
+        self.engine = engine
+
+    def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        p = req.prompt
+        if isinstance(p, str):
+            texts: list = [p]
+        elif p and isinstance(p[0], int):
+            texts = [p]
+        else:
+            texts = list(p)
+        if not texts:
+            raise OpenAIError("prompt must not be an empty list", 400, param="prompt")
+        out = []
+        for item in texts:
+            if isinstance(item, str):
+                out.append((item, self.engine.encode(item)))
+            else:
+                out.append((None, list(item)))
+        return out
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        engine = self.engine
+        model = check_model(engine, req.model)
+        check_unsupported(req)
+        prompts = self._prompts(req)
+        params_list = []
+        for _, ids in prompts:
+            max_tokens = check_prompt_ids(engine, ids, req.max_tokens)
+            want_prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
+            params_list.append(make_sampling_params(req, max_tokens, req.logprobs, want_prompt_lp))
+        admit(engine, len(prompts) * req.n)
+        base_id = req.request_id or random_id("cmpl")
+        streams = [
+            engine.generate(ids, params, f"{base_id}-{i}", prompt_text=text)
+            for i, ((text, ids), params) in enumerate(zip(prompts, params_list, strict=True))
+        ]
+        if req.stream:
+            gen = self._stream(req, model, base_id, prompts, streams)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        try:
+            finals = await unless_disconnected(raw, collect_final(streams))
+        except ClientGone:
+            return Response(status_code=499)
+        except EngineDeadError as e:
+            raise OpenAIError(f"engine failed: {e}", 500, code="engine_dead") from None
+        choices: list[CompletionChoice] = []
+        n_prompt = n_gen = 0
+        for i, final in enumerate(finals):
+            n_prompt += len(final.prompt_token_ids)
+            for o in sorted(final.outputs, key=lambda o: o.index):
+                n_gen += len(o.token_ids)
+                choices.append(self._choice(req, i * req.n + o.index, prompts[i], final, o))
+        usage = UsageInfo(
+            prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen
+        )
+        body = CompletionResponse(id=base_id, model=model, choices=choices, usage=usage)
+        return JSONResponse(body.model_dump())
+
+    # -- non-streaming pieces
+
+    def _choice(
+        self,
+        req: CompletionRequest,
+        index: int,
+        prompt: tuple[str | None, list[int]],
+        final: RequestOutput,
+        o: CompletionOutput,
+    ) -> CompletionChoice:
+        text = o.text
+        logprobs = None
+        if req.echo:
+            prompt_text = self._prompt_text(prompt)
+            text = prompt_text + text
+        if req.logprobs is not None:
+            logprobs = CompletionLogProbs()
+            offset = 0
+            if req.echo:
+                offset = self._add_prompt_logprobs(logprobs, prompt[1], final, req.logprobs)
+            self._add_logprobs(logprobs, o.token_ids, o.logprobs, req.logprobs, offset)
+        return CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=o.finish_reason,
+            stop_reason=o.stop_reason,
+        )
+
+    def _prompt_text(self, prompt: tuple[str | None, list[int]]) -> str:
+        return prompt[0] if prompt[0] is not None else self.engine.decode(prompt[1])
+
+    def _add_prompt_logprobs(
+        self, lp: CompletionLogProbs, ids: list[int], final: RequestOutput, k: int
+    ) -> int:
+        positions = final.prompt_logprobs or [None] * len(ids)
+        offset = 0
+        for tid, pos in zip(ids, positions, strict=False):
+            tok = token_text(self.engine, tid, pos.get(tid) if pos else None)
+            lp.tokens.append(tok)
+            lp.text_offset.append(offset)
+            offset += len(tok)
+            if pos is None or tid not in pos:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+            else:
+                lp.token_logprobs.append(pos[tid].logprob)
+                lp.top_logprobs.append({t: v for _, t, v in top_entries(self.engine, pos, k)})
+        return offset
+
+    def _add_logprobs(
+        self,
+        lp: CompletionLogProbs,
+        token_ids: list[int],
+        positions: list[LogprobsDict] | None,
+        k: int,
+        offset: int,
+    ) -> int:
+        """Append one entry per token; returns the text offset after the last one."""
+        for j, tid in enumerate(token_ids):
+            pos = positions[j] if positions is not None and j < len(positions) else {}
+            chosen = pos.get(tid)
+            tok = token_text(self.engine, tid, chosen)
+            lp.tokens.append(tok)
+            lp.text_offset.append(offset)
+            offset += len(tok)
+            lp.token_logprobs.append(chosen.logprob if chosen is not None else None)
+            top = {t: v for _, t, v in top_entries(self.engine, pos, k)} if pos else {}
+            if chosen is not None:
+                top.setdefault(tok, chosen.logprob)
+            lp.top_logprobs.append(top)
+        return offset
+
+    # -- streaming
+
+    async def _stream(
+        self,
+        req: CompletionRequest,
+        model: str,
+        base_id: str,
+        prompts: list[tuple[str | None, list[int]]],
+        streams: list[RequestStream],
+    ) -> AsyncIterator[str]:
+        n = req.n
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        finished: set[int] = set()
+        prompt_lens: dict[int, int] = {}
+        gen_tokens: dict[int, int] = {}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        try:
+            async for i, out in merge_streams(streams):
+                prompt_lens[i] = len(out.prompt_token_ids)
+                choices = []
+                for o in out.outputs:
+                    idx = i * n + o.index
+                    if idx in finished:
+                        continue
+                    first = idx not in sent_text
+                    text = o.text[sent_text.get(idx, 0) :]
+                    new_ids = o.token_ids[sent_tokens.get(idx, 0) :]
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = CompletionLogProbs()
+                        off = offsets.get(idx, 0)
+                        if first and req.echo:
+                            off = self._add_prompt_logprobs(
+                                logprobs, prompts[i][1], out, req.logprobs
+                            )
+                        lps = o.logprobs[sent_tokens.get(idx, 0) :] if o.logprobs else None
+                        offsets[idx] = self._add_logprobs(logprobs, new_ids, lps, req.logprobs, off)
+                    if first and req.echo:
+                        text = self._prompt_text(prompts[i]) + text
+                    sent_text[idx] = len(o.text)
+                    sent_tokens[idx] = len(o.token_ids)
+                    gen_tokens[idx] = len(o.token_ids)
+                    if o.finish_reason is not None:
+                        finished.add(idx)
+                    if not text and o.finish_reason is None and not new_ids:
+                        continue
+                    choices.append(
+                        CompletionChoice(
+                            index=idx,
+                            text=text,
+                            logprobs=logprobs,
+                            finish_reason=o.finish_reason,
+                            stop_reason=o.stop_reason,
+                        )
+                    )
+                if choices:
+                    chunk = CompletionResponse(id=base_id, model=model, choices=choices)
+                    yield sse(dump(chunk, exclude={"usage"}))
+            if include_usage:
+                p, g = sum(prompt_lens.values()), sum(gen_tokens.values())
+                usage = UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g)
+                chunk = CompletionResponse(id=base_id, model=model, choices=[], usage=usage)
+                yield sse(dump(chunk))
+        except EngineDeadError as e:
+            yield sse_error(f"engine failed: {e}", 500)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an answer already started: report in-band, then end cleanly
+            internal_error("/v1/completions (stream)", e)
+            yield sse_error(f"internal error: {type(e).__name__}", 500)
+        yield SSE_DONE

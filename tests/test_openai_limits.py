@@ -1,0 +1,118 @@
+"""--api-key, the bounded waiting queue (503 + Retry-After) and --served-model-name, through
+the seed's launch form `python -m modelport.entrypoints.openai.api_server`.
+
+One engine slot (--max-num-seqs 1) and a waiting queue of one make back-pressure certain with
+a handful of concurrent requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+KEY = "s3cret-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("limits") / "server.log"
+    cmd = [
+        sys.executable, "-m", "modelport.entrypoints.openai.api_server",
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
+        "--max-num-seqs", "1", "--max-waiting-requests", "1", "--max-model-len", "128",
+        "--served-model-name", "smol", "smol-alias",
+    ]  # fmt: skip
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    saw_503 = False
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            try:
+                status = httpx.get(f"{url}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                status = None
+            if status == 200:
+                break
+            saw_503 |= status == 503
+            time.sleep(0.2)
+        yield url, saw_503
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_health_is_503_until_ready(base) -> None:
+    url, saw_503 = base
+    assert saw_503, "/health should answer 503 while the model loads"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_api_key_enforced(base) -> None:
+    url, _ = base
+    body = {"prompt": "Hi", "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "x"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert [m.id for m in good.models.list().data] == ["smol", "smol-alias"]
+    r = good.completions.create(model="smol-alias", prompt="Hi", max_tokens=2, temperature=0)
+    assert r.model == "smol" and r.choices[0].text is not None
+    # probes stay open
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_full_waiting_queue_gives_503_with_retry_after(base) -> None:
+    url, _ = base
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "smol", "prompt": "Count:", "max_tokens": 12, "ignore_eos": True}
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers=headers, timeout=120) as c:
+            return await asyncio.gather(
+                *(c.post(f"{url}/v1/completions", json=body) for _ in range(5))
+            )
+
+    responses = asyncio.run(main())
+    statuses = sorted(r.status_code for r in responses)
+    assert 503 in statuses and 200 in statuses, statuses
+    assert set(statuses) <= {200, 503}
+    for r in responses:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["type"] == "service_unavailable_error"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 12
+    rejected = httpx.get(f"{url}/metrics").text
+    assert 'modelport:request_rejected_total{model_name="smol"}' in rejected
+    # after the burst the server takes requests again
+    ok = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}, headers=headers)
+    assert ok.status_code == 200

@@ -1,0 +1,114 @@
+"""Property-based fuzzing of every operation in /openapi.json with schemathesis: no 5xx.
+
+Bounded for CI: a few dozen examples per operation, and generation cost capped (a tiny
+max_model_len; n and max_tokens clamped) so that valid requests stay fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+
+EXAMPLES = 20
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("schema") / "server.log"
+    cmd = [
+        sys.executable, "-m", "modelport.entrypoints.cli", "serve", "--host", "127.0.0.1",
+        "--port", str(port), "--max-model-len", "64", "--max-num-seqs", "8",
+    ]  # fmt: skip
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert "internal error" not in log.read_text(), log.read_text()[-4000:]
+
+
+def _bound_cost(case) -> None:
+    """Keep generation cheap (n <= 2, at most 2 new tokens); every other value passes as drawn.
+
+    A missing max_tokens would mean "up to max_model_len" (chat) or 16 (completions); both are
+    valid but slow on CPU, so it is set explicitly.
+    """
+    body = case.body
+    if not isinstance(body, dict) or case.operation.path not in GENERATE_PATHS:
+        return
+    if isinstance(body.get("n"), int) and body["n"] > 2:
+        body["n"] = 2
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is None or (isinstance(value, int) and value > 2):
+            body[key] = 2
+
+
+def _fuzz(op, base: str, failures: list[str], seen: Counter) -> None:
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=op.as_strategy())
+    def check(case) -> None:
+        _bound_cost(case)
+        r = case.call(base_url=base, timeout=60)
+        seen[(op.path, r.status_code)] += 1
+        if r.status_code >= 500:
+            failures.append(f"{op.method.upper()} {op.path} -> {r.status_code}: {r.text[:300]}")
+
+    check()
+
+
+def test_openapi_fuzz_finds_no_server_errors(base) -> None:
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    operations = [r.ok() for r in schema.get_all_operations()]
+    paths = {op.path for op in operations}
+    assert {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"} <= paths
+    failures: list[str] = []
+    seen: Counter = Counter()
+    for op in operations:
+        _fuzz(op, base, failures, seen)
+    assert not failures, "\n".join(failures[:10])
+    # the fuzzing reached the model, not only the validators
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+        assert seen[(path, 200)] > 0, sorted(seen.items())
+    assert httpx.get(f"{base}/health").status_code == 200

@@ -1,0 +1,429 @@
+"""The OpenAI-compatible server end to end: `modelport serve` with the embedded default model on
+CPU, on 127.0.0.1, driven by the real `openai` client and raw httpx (for SSE framing and
+disconnects). One module-scoped server; generations stay short because CPU decode is slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+MAX_MODEL_LEN = 256
+PROMPT = "The capital of France is"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    argv: list[str], log: Path, timeout: float = 240.0
+) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, *argv, "--host", "127.0.0.1", "--port", str(port)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server not healthy in {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("srv") / "server.log"
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--max-model-len", str(MAX_MODEL_LEN)]
+    proc, base = start_server(argv, log)
+    yield base, log
+    stop_server(proc)
+    assert proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    return server[0]
+
+
+@pytest.fixture(scope="module")
+def client(base) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def sse_events(base: str, path: str, body: dict) -> list[str]:
+    """Raw `data:` payloads of one streamed response, in order."""
+    events = []
+    with httpx.stream("POST", f"{base}{path}", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+            else:
+                assert line == "", f"unexpected SSE line {line!r}"
+    return events
+
+
+def metric(base: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{base}/metrics").text
+    pat = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", re.M)
+    for found, value in pat.findall(text):
+        if labels in found:
+            return float(value)
+    raise AssertionError(f"{name}{{{labels}}} not in /metrics")
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_startup_log_health_version_models(server, client, model) -> None:
+    base, log = server
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert httpx.get(f"{base}/version").json()["version"]
+    cards = client.models.list().data
+    assert cards[0].id == model and cards[0].max_model_len == MAX_MODEL_LEN
+    text = log.read_text()
+    assert "loaded " in text and " on cpu" in text
+    assert re.search(r"KV cache: \d+ blocks x \d+ tokens = \d+ tokens", text)
+    assert "http://127.0.0.1:" in text
+
+
+def test_completion_usage_is_exact(base, client, model) -> None:
+    n_prompt = httpx.post(f"{base}/tokenize", json={"prompt": PROMPT}).json()["count"]
+    r = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    assert r.usage.prompt_tokens == n_prompt
+    assert r.usage.completion_tokens == 6
+    assert r.usage.total_tokens == n_prompt + 6
+
+
+def test_stream_concatenates_to_non_stream_text(base, model) -> None:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0.9, "seed": 7}
+    full = httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()
+    events = sse_events(base, "/v1/completions", {**body, "stream": True})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == full["choices"][0]["text"]
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert [r for r in reasons if r is not None] == [full["choices"][0]["finish_reason"]]
+    assert reasons[-1] is not None
+
+
+def run_all(base: str, *calls):
+    """Run async calls (each takes an AsyncOpenAI client) concurrently: the engine batches them,
+    so a test costs about one generation's wall time on a slow CPU."""
+
+    async def main() -> list:
+        async with openai.AsyncOpenAI(
+            base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=180
+        ) as c:
+            return await asyncio.gather(*(call(c) for call in calls))
+
+    return asyncio.run(main())
+
+
+def test_seed_reproducibility(base, model) -> None:
+    def sample(seed: int):
+        async def call(c):
+            r = await c.completions.create(
+                model=model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=seed
+            )
+            return r.choices[0].text
+
+        return call
+
+    a, b, c1, c2 = run_all(base, sample(1234), sample(1234), sample(1), sample(2))
+    assert a == b
+    assert len({a, c1, c2}) > 1, "different seeds should not all give the same text"
+
+
+def test_n2_and_token_id_prompts(base, model) -> None:
+    ids = httpx.post(f"{base}/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    r, r2, r3, r4 = run_all(
+        base,
+        lambda c: c.completions.create(
+            model=model, prompt=PROMPT, n=2, max_tokens=4, temperature=1.0, seed=3,
+            extra_body={"ignore_eos": True},
+        ),
+        lambda c: c.completions.create(
+            model=model, prompt=[ids, ids[:3]], max_tokens=3, temperature=0
+        ),
+        # a token-id prompt and its text give the same greedy continuation
+        lambda c: c.completions.create(model=model, prompt=ids, max_tokens=5, temperature=0),
+        lambda c: c.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0),
+    )  # fmt: skip
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert r.usage.completion_tokens == 8
+    assert sorted(c.index for c in r2.choices) == [0, 1]
+    assert r2.usage.prompt_tokens == len(ids) + 3
+    assert r3.choices[0].text == r4.choices[0].text
+
+
+def test_stop_string_cuts_text_stream_and_not(base, client, model) -> None:
+    free = (
+        client.completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+    )
+    assert len(free) > 6
+    stop = free[3:6]
+    expect = free[: free.index(stop)]
+
+    async def streamed(c) -> str:
+        stream = await c.completions.create(
+            model=model, prompt=PROMPT, max_tokens=12, temperature=0, stop=stop, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return "".join([ch.choices[0].text async for ch in stream if ch.choices])
+
+    r, text = run_all(
+        base,
+        lambda c: c.completions.create(
+            model=model, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop],
+            extra_body={"ignore_eos": True},
+        ),
+        streamed,
+    )  # fmt: skip
+    assert r.choices[0].text == expect
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].stop_reason == stop
+    assert text == expect
+
+
+def test_logprobs_and_echo(base, model) -> None:
+    r, e = run_all(
+        base,
+        lambda c: c.completions.create(
+            model=model, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2
+        ),
+        lambda c: c.completions.create(
+            model=model, prompt=PROMPT, max_tokens=3, temperature=0, echo=True
+        ),
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == r.choices[0].text
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert chosen <= 0.0 and 1 <= len(top) <= 3
+        assert max(top.values()) == pytest.approx(chosen, abs=1e-4)  # greedy picks the best
+    assert e.choices[0].text.startswith(PROMPT) and len(e.choices[0].text) > len(PROMPT)
+
+
+def test_chat_stream_and_not(base, model) -> None:
+    messages = [{"role": "user", "content": "Say hello."}]
+
+    async def streamed(c):
+        stream = await c.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        parts, finish, usage, roles = [], [], None, []
+        async for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            for ch in chunk.choices:
+                parts.append(ch.delta.content or "")
+                roles += [ch.delta.role] if ch.delta.role else []
+                if ch.finish_reason:
+                    finish.append(ch.finish_reason)
+        return "".join(parts), finish, usage, roles
+
+    r, (text, finish, usage, roles), lp = run_all(
+        base,
+        lambda c: c.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0
+        ),
+        streamed,
+        lambda c: c.chat.completions.create(
+            model=model, messages=messages, max_tokens=3, temperature=0, logprobs=True,
+            top_logprobs=2,
+        ),
+    )  # fmt: skip
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 3
+    assert text == r.choices[0].message.content
+    assert finish == [r.choices[0].finish_reason] and roles == ["assistant"]
+    assert usage.completion_tokens == r.usage.completion_tokens
+    content = lp.choices[0].logprobs.content
+    assert 1 <= len(content) <= 3 and all(len(t.top_logprobs) == 2 for t in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-4)
+
+
+def test_tokenize_detokenize_roundtrip(base) -> None:
+    t = httpx.post(f"{base}/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()
+    assert t["count"] == len(t["tokens"]) and t["max_model_len"] == MAX_MODEL_LEN
+    d = httpx.post(f"{base}/detokenize", json={"tokens": t["tokens"]}).json()
+    assert d["prompt"] == PROMPT
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_errors_have_openai_shape_and_server_keeps_serving(base, client, model) -> None:
+    url = f"{base}/v1/completions"
+    _assert_error(httpx.post(url, json={"prompt": "x", "temperature": -1}), 400)
+    _assert_error(httpx.post(url, json={"prompt": "x", "n": 0}), 400)
+    _assert_error(
+        httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
+    _assert_error(httpx.post(url, json={"prompt": [10**9]}), 400)
+    _assert_error(httpx.post(url, json={"prompt": "x", "stop": 5}), 400)
+    err = _assert_error(httpx.post(url, json={"model": "nope", "prompt": "x"}), 404)
+    assert err["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=[], max_tokens=2)
+    _assert_error(httpx.get(f"{base}/v1/nothing-here"), 404)
+    # still serving
+    ok = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert ok.choices[0].text
+
+
+def test_context_length_message_names_both_numbers(base) -> None:
+    n_prompt = httpx.post(f"{base}/tokenize", json={"prompt": PROMPT}).json()["count"]
+    body = {"prompt": PROMPT, "max_tokens": MAX_MODEL_LEN}
+    err = _assert_error(httpx.post(f"{base}/v1/completions", json=body), 400)
+    assert str(MAX_MODEL_LEN) in err["message"]
+    assert str(n_prompt + MAX_MODEL_LEN) in err["message"]
+
+
+# ---------------------------------------------------------------- load
+
+
+def test_64_concurrent_streams_complete_with_correct_usage(base, model) -> None:
+    async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, int, int]:
+        stream = await c.completions.create(
+            model=model, prompt=f"{PROMPT} {i}", max_tokens=3, temperature=0.5, seed=i,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        text, usage, finishes = "", None, 0
+        async for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            for ch in chunk.choices:
+                text += ch.text
+                finishes += ch.finish_reason is not None
+        assert finishes == 1
+        return text, usage.completion_tokens, usage.prompt_tokens
+
+    async def main() -> list:
+        async with openai.AsyncOpenAI(
+            base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=180
+        ) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64
+    assert all(n == 3 for _, n, _ in results)
+    for i, (_, _, n_prompt) in enumerate(results[:3]):
+        want = httpx.post(f"{base}/tokenize", json={"prompt": f"{PROMPT} {i}"}).json()["count"]
+        assert n_prompt == want
+
+
+def test_disconnected_stream_is_aborted(base, model) -> None:
+    before = metric(base, "modelport:request_success_total", 'finished_reason="abort"')
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 2:
+                break
+    assert metric(base, "modelport:num_requests_running") >= 0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if (
+            metric(base, "modelport:request_success_total", 'finished_reason="abort"') > before
+            and metric(base, "modelport:num_requests_running") == 0
+            and metric(base, "modelport:kv_cache_usage_perc") == 0
+        ):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the disconnected request was not aborted")
+    # and a non-streaming request whose client times out is aborted too
+    before = metric(base, "modelport:request_success_total", 'finished_reason="abort"')
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json={**body, "stream": False}, timeout=1.5)
+    deadline = time.monotonic() + 15
+    while metric(base, "modelport:request_success_total", 'finished_reason="abort"') <= before:
+        assert time.monotonic() < deadline, "the dropped non-streaming request was not aborted"
+        time.sleep(0.1)
+    while metric(base, "modelport:num_requests_running") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_metrics_exposed(base) -> None:
+    text = httpx.get(f"{base}/metrics").text
+    for name in (
+        "modelport:time_to_first_token_seconds_bucket",
+        "modelport:inter_token_latency_seconds_bucket",
+        "modelport:e2e_request_latency_seconds_bucket",
+        "modelport:request_queue_time_seconds_bucket",
+        "modelport:num_requests_running",
+        "modelport:num_requests_waiting",
+        "modelport:kv_cache_usage_perc",
+        "modelport:prefix_cache_hit_rate",
+        "modelport:num_preemptions_total",
+        "modelport:prompt_tokens_total",
+        "modelport:generation_tokens_total",
+    ):
+        assert name in text, name
+    assert metric(base, "modelport:request_success_total", 'finished_reason="length"') > 0
+    assert metric(base, "modelport:generation_tokens_total") > 0
+    assert metric(base, "modelport:time_to_first_token_seconds_count") > 0
