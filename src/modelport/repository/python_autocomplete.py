@@ -8,15 +8,13 @@ Only a model.py that mentions `auto_complete_config` pays for the extra process 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from modelport.repository import python_stub
 from modelport.repository.errors import ModelConfigError
 from modelport.repository.model_config import config_from_json, config_to_json
+from modelport.repository.stub_process import run_auto_complete
 
 
 async def python_auto_complete(
@@ -30,19 +28,12 @@ async def python_auto_complete(
     if "auto_complete_config" not in source:
         return cfg
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        try:
-            completed = await loop.run_in_executor(
-                pool,
-                python_stub.auto_complete,
-                str(model_file),
-                str(model_file.parent),
-                config_to_json(cfg),
-            )
-        except Exception as e:
-            raise ModelConfigError(
-                f"model '{cfg.name}': auto_complete_config failed: {type(e).__name__}: {e}"
-            ) from None
+    try:
+        completed = await loop.run_in_executor(
+            None, run_auto_complete, str(model_file), str(model_file.parent), config_to_json(cfg)
+        )
+    except Exception as e:
+        raise ModelConfigError(f"model '{cfg.name}': auto_complete_config failed: {e}") from None
     if completed is None:
         return cfg
     return config_from_json(completed)

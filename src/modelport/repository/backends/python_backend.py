@@ -1,4 +1,4 @@
-"""The `python` backend: each instance of model.py runs in its own spawned process.
+"""The `python` backend: each instance of model.py runs in its own process (stub_process.py).
 
 The parent side of repository/python_stub.py. An instance that dies fails only the batch
 it was running (and the open streams of its decoupled requests) with Triton's "stub process
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import multiprocessing as mp
 import threading
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from modelport.repository import python_stub as stub
 from modelport.repository.backends.base import Backend, BackendContext, BatchItem, InstanceSpec
 from modelport.repository.errors import ModelConfigError, ServingError, Status, Unavailable
 from modelport.repository.model_config import config_to_json, is_decoupled
+from modelport.repository.stub_process import start_stub
 from modelport.repository.tensors import (
     InferRequest,
     InferResponse,
@@ -88,22 +88,15 @@ class _Instance:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.backend.ctx
-        mpctx = mp.get_context("spawn")
-        parent, child = mpctx.Pipe(duplex=True)
-        proc = mpctx.Process(
-            target=stub.child_main,
-            args=(
-                child,
+        proc, parent = start_stub(
+            (
                 str(self.backend.model_file),
                 str(ctx.version_dir),
                 self._args(),
                 is_decoupled(ctx.config),
             ),
-            name=f"modelport-python-{self.name}",
-            daemon=True,
+            self.name,
         )
-        proc.start()
-        child.close()
         self.proc, self.conn = proc, parent
         self._ready = ready = loop.create_future()
         threading.Thread(
