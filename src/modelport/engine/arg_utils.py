@@ -117,10 +117,11 @@ class EngineArgs:
                 "tensor_parallel_size > 1 is not supported by this build yet; "
                 "run data-parallel replicas instead"
             )
-        if self.quantization is not None:
-            raise ValueError(
-                f"quantization={self.quantization!r} is not supported by this build yet"
-            )
+        if self.quantization is not None or model_config.hf_config.get("quantization_config"):
+            from modelport.quantization.loading import resolve_quantization
+
+            # fail here, before the engine starts, with the format's own message
+            resolve_quantization(self.quantization, src, model_config, device, self.load_format)
         dtype = resolve_dtype(self.dtype, model_config, torch.device(device))
         max_len = self.max_model_len or model_config.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > model_config.max_position_embeddings:

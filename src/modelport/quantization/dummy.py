@@ -35,6 +35,11 @@ def encode(config: object, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
         q, s = quantize_fp8_per_channel(w)
         return {"weight": q, "weight_scale": s}
+    if name == "bitsandbytes":
+        from modelport.quantization.nf4 import nf4_encode
+
+        renamed = {"": "weight", "quant_state.bitsandbytes__nf4": "nf4_state"}
+        return {renamed.get(k, f"nf4_{k}"): v for k, v in nf4_encode(w, 64, config.double_quant).items()}
     raise ValueError(f"load_format='dummy' is not available for quantization {name!r}")
 
 

@@ -136,6 +136,12 @@ class QuantPlan:
 
     def weights(self, hf_config: dict[str, Any]) -> tuple[Iterator[tuple[str, torch.Tensor]], int] | None:
         """A special weight stream, or None to use the loader's ordinary one."""
+        if self.name == "bitsandbytes":
+            from modelport import loader
+            from modelport.quantization.nf4 import rename_stream
+
+            stream, total = loader._weights_for(self.src)
+            return rename_stream(stream), total
         if self.name != "gguf":
             return None
         from modelport.loader.gguf import open_gguf

@@ -1,0 +1,106 @@
+"""GPU: time of the linear layers of Llama-3.1-8B per decode step, per weight format.
+
+Per decoder layer the four projections (qkv 4096->6144, o 4096->4096, gate_up 4096->28672,
+down 14336->4096) run back to back inside one CUDA graph (as the engine's decode graphs do),
+replayed many times; the figure is x 32 layers, i.e. the linear part of one decode step.
+Random weights packed in each format (group 128 for the 4-bit ones). Attention, norms and the
+LM head are not included: this isolates what the weight format changes.
+
+    python bench/quant_gpu_linear.py [--batch 1 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LAYERS = 32
+
+
+def build(fmt: str) -> list:
+    from modelport.quantization.fp8 import fp8_scaled_mm, quantize_fp8_per_channel
+    from modelport.quantization.kernels import GroupQuant
+    from modelport.quantization.triton_gemm import TritonKernel
+
+    ops = []
+    gen = torch.Generator().manual_seed(0)
+    for n, k in SHAPES.values():
+        if fmt == "bf16":
+            w = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch.bfloat16)
+            ops.append(lambda x, w=w: F.linear(x, w))
+        elif fmt in ("awq-w4", "gptq-w4", "gptq-w8"):
+            bits = 8 if fmt.endswith("w8") else 4
+            codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.int32)
+            s = torch.rand(n, k // 128, generator=gen) * 0.01
+            gq = GroupQuant(codes.to(torch.uint8), s, -s * (1 << (bits - 1)), 128, bits)
+            ops.append(TritonKernel(gq, torch.device("cuda")))
+        elif fmt == "fp8":
+            q, sc = quantize_fp8_per_channel((torch.randn(n, k, generator=gen) * 0.02).cuda())
+            ops.append(lambda x, q=q, sc=sc: fp8_scaled_mm(x, q, sc, None))
+    return ops
+
+
+def time_step(ops: list, m: int, iters: int = 50) -> float:
+    """Milliseconds for one decode step's linears (one layer's four, graph-replayed, x 32)."""
+    xs = {k: torch.randn(m, kk, device="cuda", dtype=torch.bfloat16) for k, (_, kk) in SHAPES.items()}
+    inputs = [xs[k] for k in SHAPES]
+
+    def layer() -> None:
+        for op, x in zip(ops, inputs):
+            op(x)
+
+    for _ in range(3):
+        layer()  # autotune + warm up outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer()
+        with torch.cuda.graph(graph, stream=s):
+            for _ in range(LAYERS):
+                layer()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--formats", nargs="+", default=["bf16", "awq-w4", "gptq-w8", "fp8"])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    for fmt in args.formats:
+        ops = build(fmt)
+        for m in args.batch:
+            ms = time_step(ops, m)
+            rows.append({"format": fmt, "batch": m, "linear_ms_per_step": round(ms, 3),
+                         "tok_s_linear_only": round(m * 1000 / ms, 1)})
+        del ops
+        torch.cuda.empty_cache()
+    base = {r["batch"]: r["linear_ms_per_step"] for r in rows if r["format"] == "bf16"}
+    for r in rows:
+        if r["batch"] in base:
+            r["vs_bf16_latency"] = round(r["linear_ms_per_step"] / base[r["batch"]], 3)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""bitsandbytes NF4 checkpoints (transformers' 4-bit serialization), with double quantization.
+
+Per linear ``X`` the checkpoint stores (bitsandbytes' Params4bit layout):
+  X.weight                 uint8 [N*K/2, 1]   two 4-bit codes per byte, first in the high nibble,
+                                              over the row-major flattened [N, K] weight
+  X.weight.absmax          float32 [N*K/64]   per block of 64 weights (blocksize)
+                           or uint8 with double quant: absmax = nested_quant_map[a] *
+                           nested_absmax[i // nested_blocksize] + nested_offset
+  X.weight.quant_map       float32 [16]       the NF4 code values
+  X.weight.nested_absmax / nested_quant_map   (double quant only)
+  X.weight.quant_state.bitsandbytes__nf4      uint8 bytes of a JSON dict (blocksize, shape,
+                                              nested_blocksize, nested_offset, ...)
+  w = quant_map[code] * absmax[block]
+
+Dotted sub-names cannot be parameters, so the plan renames them in the weight stream
+(``X.weight.absmax`` -> ``X.nf4_absmax``) and each shard is kept apart until loading ends;
+absmax is then expanded to float32 once (it is 1/64 of the weight count).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelport.quantization.base import LinearMethod, QuantizationConfig, shard_slice
+
+# The NF4 code book (QLoRA paper, Appendix E): quantiles of N(0, 1) normalised to [-1, 1].
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
+             "quant_state.bitsandbytes__nf4")
+
+
+@dataclass
+class NF4Config(QuantizationConfig):
+    double_quant: bool = True
+    name: str = field(default="bitsandbytes", init=False)
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any]) -> NF4Config:
+        if qc.get("load_in_8bit"):
+            raise ValueError("bitsandbytes 8-bit (LLM.int8) checkpoints are not supported; NF4 is")
+        if not qc.get("load_in_4bit", True):
+            raise ValueError("bitsandbytes checkpoint is neither 4-bit nor 8-bit")
+        kind = str(qc.get("bnb_4bit_quant_type", "nf4")).lower()
+        if kind != "nf4":
+            raise ValueError(f"bitsandbytes 4-bit type {kind!r} is not supported (only nf4)")
+        return cls(double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)))
+
+    def hf_dict(self) -> dict[str, Any]:
+        return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": self.double_quant,
+                "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8"}
+
+    def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
+        return NF4LinearMethod(self)
+
+
+def rename_stream(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``X.weight.absmax`` -> ``X.nf4_absmax`` etc. so each piece names a parameter."""
+    for name, t in weights:
+        for suf in _SUFFIXES:
+            if name.endswith(f".weight.{suf}"):
+                key = "nf4_state" if suf.startswith("quant_state") else f"nf4_{suf}"
+                name = name[: -len(f"weight.{suf}")] + key
+                break
+        yield name, t
+
+
+class NF4LinearMethod(LinearMethod):
+    def __init__(self, config: NF4Config) -> None:
+        self.config = config
+        nested = ("nf4_nested_absmax", "nf4_nested_quant_map") if config.double_quant else ()
+        self.pieces = ("weight", "nf4_absmax", "nf4_quant_map", "nf4_state", *nested)
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:
+        layer.nf4_parts = {}
+        for piece in self.pieces:
+            p = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+            p.weight_loader = (lambda param, loaded, shard_id=None, piece=piece:
+                               layer.nf4_parts.setdefault(shard_id, {}).__setitem__(piece, loaded))
+            layer.register_parameter(piece, p)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        k = int(layer.input_size)
+        codes, scales = [], []
+        shards = list(getattr(layer, "shard_ranges", None) or {None: 0})
+        if set(layer.nf4_parts) == {None}:  # one fused tensor (dummy weights)
+            shards = [None]
+        for shard in shards:
+            parts = layer.nf4_parts.get(shard)
+            if parts is None:
+                raise ValueError(f"NF4: shard {shard!r} of {type(layer).__name__} was not loaded")
+            sl = shard_slice(layer, shard) if shard is not None else None
+            n = sl[1] if sl else int(layer.output_size)
+            c, s = nf4_unpack(parts, n, k)
+            codes.append(c)
+            scales.append(s)
+        for piece in self.pieces:
+            del layer._parameters[piece]
+        del layer.nf4_parts
+        dev = layer.quant_device
+        layer.register_buffer("nf4_codes", torch.cat(codes).to(dev))
+        layer.register_buffer("nf4_absmax", torch.cat(scales).to(dev))
+        layer.register_buffer("nf4_table", torch.tensor(NF4_CODE, device=dev))
+        layer.nf4_block = 64 if layer.nf4_absmax.shape[1] * 64 == k else k // layer.nf4_absmax.shape[1]
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = layer.nf4_table.to(x.dtype)[layer.nf4_codes.long()]
+        w = (w.view(w.shape[0], -1, layer.nf4_block) * layer.nf4_absmax.to(x.dtype)[..., None])
+        return F.linear(x, w.view(layer.nf4_codes.shape), bias)
+
+
+def _state(parts: dict[str, torch.Tensor]) -> dict[str, Any]:
+    raw = parts.get("nf4_state")
+    if raw is None:
+        raise ValueError("NF4: missing weight.quant_state.bitsandbytes__nf4 (not a bnb 4-bit checkpoint?)")
+    try:
+        return json.loads(bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"NF4: corrupt quant_state ({e})") from None
+
+
+def nf4_unpack(parts: dict[str, torch.Tensor], n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shard's pieces -> (codes uint8 [n, k], absmax float32 [n, k // blocksize])."""
+    st = _state(parts)
+    block = int(st.get("blocksize", 64))
+    if list(st.get("shape", [n, k])) != [n, k]:
+        raise ValueError(f"NF4: quant_state shape {st.get('shape')} but the layer is {[n, k]}")
+    if k % block:
+        raise ValueError(f"NF4: input size {k} is not a multiple of the blocksize {block}")
+    packed = parts["weight"].reshape(-1)
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k:
+        raise ValueError(f"NF4: packed weight has {packed.numel()} bytes, expected {n * k // 2}")
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(n, k)
+    absmax = parts["nf4_absmax"].reshape(-1)
+    if absmax.dtype == torch.uint8:  # double quantization
+        nested_map = parts["nf4_nested_quant_map"].float()
+        nested_absmax = parts["nf4_nested_absmax"].float().reshape(-1)
+        nb = int(st.get("nested_blocksize", 256))
+        idx = torch.arange(absmax.numel()) // nb
+        absmax = nested_map[absmax.long()] * nested_absmax[idx] + float(st.get("nested_offset", 0.0))
+    if absmax.numel() != n * k // block:
+        raise ValueError(f"NF4: absmax has {absmax.numel()} values, expected {n * k // block}")
+    qmap = parts.get("nf4_quant_map")
+    if qmap is not None and not torch.allclose(qmap.float(), torch.tensor(NF4_CODE), atol=1e-6):
+        raise ValueError("NF4: quant_map is not the NF4 code book (FP4 checkpoints are not supported)")
+    return codes, absmax.float().reshape(n, k // block)
+
+
+def nf4_encode(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+               nested_blocksize: int = 256) -> dict[str, torch.Tensor]:
+    """Float w [N, K] -> the bnb checkpoint pieces (names relative to ``X.weight``: "" is the
+    packed weight itself). Double quant stores absmax - mean as 8-bit codes of a linear signed
+    map (the map travels in nested_quant_map, so readers need not know which map was used)."""
+    n, k = w.shape
+    blocks = w.float().reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)
+    table = torch.tensor(NF4_CODE)
+    codes = (blocks / absmax[:, None]).unsqueeze(-1).sub(table).abs().argmin(-1).to(torch.uint8)
+    flat = codes.reshape(-1)
+    out: dict[str, torch.Tensor] = {"": ((flat[0::2] << 4) | flat[1::2]).reshape(-1, 1),
+                                    "quant_map": table.clone()}
+    state: dict[str, Any] = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32",
+                             "shape": [n, k]}
+    if double_quant:
+        offset = absmax.mean()
+        centred = absmax - offset
+        pad = (-centred.numel()) % nested_blocksize
+        nested = torch.nn.functional.pad(centred, (0, pad)).reshape(-1, nested_blocksize)
+        nested_absmax = nested.abs().amax(dim=1).clamp(min=1e-12)
+        nested_map = torch.linspace(-1, 1, 256)
+        q = torch.round((nested / nested_absmax[:, None] + 1) * 127.5).clamp(0, 255)
+        out["absmax"] = q.reshape(-1)[: centred.numel()].to(torch.uint8)
+        out["nested_absmax"] = nested_absmax
+        out["nested_quant_map"] = nested_map
+        state.update(nested_blocksize=nested_blocksize, nested_offset=float(offset),
+                     nested_dtype="float32")
+    else:
+        out["absmax"] = absmax
+    blob = json.dumps(state).encode()
+    out["quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+    return out

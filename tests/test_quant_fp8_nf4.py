@@ -1,0 +1,138 @@
+"""FP8 (checkpoints, online, device checks) and bitsandbytes NF4 checkpoints on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers.tiny_models import TINY_PROMPT as PROMPT
+from helpers.tiny_models import make_tiny_llama_dir, run_one_sequence
+from modelport.config import LoadConfig
+from modelport.loader import load_model, load_model_config, resolve_model
+from modelport.quantization.fp8 import FP8Config, fp8_supported
+from modelport.quantization.nf4 import NF4_CODE, NF4Config, nf4_encode
+from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
+
+
+def _load(path: Path, quantization: str | None = None, fmt: str = "auto") -> torch.nn.Module:
+    src = resolve_model(str(path))
+    return load_model(src, load_model_config(src), LoadConfig(load_format=fmt, quantization=quantization),
+                      torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("f8") / "hf", seed=13)
+
+
+def _write_variant(tiny: Path, out: Path, encode, config) -> tuple[Path, Path]:  # noqa: ANN001
+    """Quantized folder + a float folder holding the reference dequantization."""
+    tensors = load_file(str(tiny / "model.safetensors"))
+    qt, ref = {}, {}
+    for name, w in tensors.items():
+        if not is_quantizable(name):
+            qt[name] = ref[name] = w
+            continue
+        pieces, deq = encode(w)
+        qt.update({f"{name}{'.' + k if k else ''}": v for k, v in pieces.items()})
+        ref[name] = deq
+    qdir = write_checkpoint(tiny, out / "q", qt, config, float_dtype=torch.float32)
+    rdir = out / "ref"
+    rdir.mkdir()
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(rdir / "model.safetensors"))
+    (rdir / "config.json").write_text((tiny / "config.json").read_text())
+    return qdir, rdir
+
+
+def _fp8_per_tensor(w: torch.Tensor):  # noqa: ANN202
+    scale = w.abs().max() / 448.0
+    q = (w / scale).to(torch.float8_e4m3fn)
+    return {"weight": q, "weight_scale": scale.reshape(())}, q.float() * scale
+
+
+def test_fp8_checkpoint_per_tensor_scales(tiny: Path, tmp_path: Path) -> None:
+    # checkpoint tensor names are X.weight / X.weight_scale: the encoder returns suffix keys
+    def enc(w: torch.Tensor):  # noqa: ANN202
+        pieces, deq = _fp8_per_tensor(w)
+        return {"": pieces["weight"], "_scale": pieces["weight_scale"]}, deq
+
+    qdir, rdir = _write_variant(tiny, tmp_path, lambda w: enc(w), FP8Config())
+    # rename X.weight._scale -> X.weight_scale (the public name)
+    t = load_file(str(qdir / "model.safetensors"))
+    t = {k.replace(".weight._scale", ".weight_scale"): v for k, v in t.items()}
+    save_file(t, str(qdir / "model.safetensors"))
+    model = _load(qdir)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.fp8_weight.dtype == torch.float8_e4m3fn
+    # q, k and v had different per-tensor scales: fused into one per-channel vector
+    assert len(set(qkv.fp8_scale.tolist())) == 3
+    torch.testing.assert_close(run_one_sequence(model, PROMPT),
+                               run_one_sequence(_load(rdir), PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_fp8_online_from_float(tiny: Path, tmp_path: Path) -> None:
+    def per_channel(w: torch.Tensor):  # noqa: ANN202 - E4M3 with scale = row amax / 448
+        scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+        return {}, (w / scale).to(torch.float8_e4m3fn).float() * scale
+
+    _, rdir = _write_variant(tiny, tmp_path, per_channel, FP8Config())
+    model = _load(tiny, "fp8")
+    layer = model.model.layers[1].mlp.gate_up_proj
+    assert layer.fp8_weight.dtype == torch.float8_e4m3fn and "weight" not in layer._parameters
+    got = run_one_sequence(model, PROMPT)
+    torch.testing.assert_close(got, run_one_sequence(_load(rdir), PROMPT), atol=1e-4, rtol=1e-4)
+    original = run_one_sequence(_load(tiny), PROMPT)
+    assert (got - original).abs().max().item() < 0.1 * original.abs().max().item()
+
+
+def test_fp8_device_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fp8_supported((9, 0)) and fp8_supported((8, 9)) and not fp8_supported((8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"compute capability >= 8.9.*this GPU is 8.0.*AWQ/GPTQ"):
+        FP8Config().check_device(torch.device("cuda"))
+
+
+def _ref_nf4(pieces: dict[str, torch.Tensor], n: int, k: int) -> torch.Tensor:
+    """Independent reading of the bnb layout: high nibble first, absmax per 64, nested map."""
+    packed = pieces[""].numpy().reshape(-1).astype(np.int64)
+    codes = np.empty(packed.size * 2, dtype=np.int64)
+    codes[0::2], codes[1::2] = packed >> 4, packed & 15
+    state = json.loads(bytes(pieces["quant_state.bitsandbytes__nf4"].tolist()))
+    a = pieces["absmax"].numpy()
+    if a.dtype == np.uint8:
+        nmap, nabs = pieces["nested_quant_map"].numpy(), pieces["nested_absmax"].numpy()
+        a = nmap[a.astype(np.int64)] * np.repeat(nabs, state["nested_blocksize"])[: a.size]
+        a = a + state["nested_offset"]
+    vals = np.asarray(NF4_CODE, dtype=np.float32)[codes] * np.repeat(a, state["blocksize"])
+    return torch.from_numpy(vals.reshape(n, k).astype(np.float32))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_checkpoint_matches_reference(tiny: Path, tmp_path: Path, double_quant: bool) -> None:
+    def enc(w: torch.Tensor):  # noqa: ANN202
+        pieces = nf4_encode(w, 64, double_quant)
+        return pieces, _ref_nf4(pieces, *w.shape)
+
+    qdir, rdir = _write_variant(tiny, tmp_path, enc, NF4Config(double_quant=double_quant))
+    assert json.loads((qdir / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    model = _load(qdir)
+    assert model.model.layers[0].self_attn.qkv_proj.nf4_codes.dtype == torch.uint8
+    ref = run_one_sequence(_load(rdir), PROMPT)
+    torch.testing.assert_close(run_one_sequence(model, PROMPT), ref, atol=1e-4, rtol=1e-4)
+    original = run_one_sequence(_load(tiny), PROMPT)
+    assert (ref - original).abs().max().item() < 0.3 * original.abs().max().item()  # 4-bit: ~0.2
+
+
+def test_dummy_weights_in_every_loadable_format(tmp_path: Path) -> None:
+    """Benchmarks load a float config with random weights packed in each format."""
+    wide = make_tiny_llama_dir(tmp_path / "wide", hidden_size=128, intermediate_size=256)
+    assert "quantization_config" not in json.loads((wide / "config.json").read_text())
+    for q in ("awq", "gptq", "fp8", "bitsandbytes"):  # default group size 128
+        model = _load(wide, q, fmt="dummy")
+        logits = run_one_sequence(model, PROMPT[:8])
+        assert torch.isfinite(logits).all(), q
