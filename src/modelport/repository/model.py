@@ -14,8 +14,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from modelport.repository.backends.base import Backend, BatchItem
-from modelport.repository.backends.python_backend import STREAM_END
+from modelport.repository.backends.base import STREAM_END, Backend, BatchItem
 from modelport.repository.checks import check_request
 from modelport.repository.errors import (
     InvalidArgument,

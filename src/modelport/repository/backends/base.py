@@ -4,6 +4,11 @@ A backend owns its instances (threads, sessions or processes) and runs one batch
 per instance; the dynamic batcher in front of it decides what a batch is. Like Triton's
 `execute(requests) -> responses`, errors are per request: an entry of the returned list may
 be an exception, which fails that request only.
+
+Decoupled models (config `model_transaction_policy { decoupled: true }`, e.g. an LLM
+streaming tokens) answer through `BatchItem.stream` instead: put each InferResponse (or an
+exception) on it, then STREAM_END; run_batch returns None for such items. A new backend
+(the engine's `llm`) subclasses Backend and calls backends.register_backend("llm", cls).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.tensors import InferRequest, InferResponse
+
+STREAM_END = object()  # put on BatchItem.stream after a decoupled request's last response
 
 # BLS: a python model calling another model through the server
 BLSHandler = Callable[[InferRequest], Awaitable[list[InferResponse]]]

@@ -17,7 +17,13 @@ import time
 from typing import Any
 
 from modelport.repository import python_stub as stub
-from modelport.repository.backends.base import Backend, BackendContext, BatchItem, InstanceSpec
+from modelport.repository.backends.base import (
+    STREAM_END,
+    Backend,
+    BackendContext,
+    BatchItem,
+    InstanceSpec,
+)
 from modelport.repository.errors import ModelConfigError, ServingError, Status, Unavailable
 from modelport.repository.model_config import config_to_json, is_decoupled
 from modelport.repository.stub_process import start_stub
@@ -30,7 +36,6 @@ from modelport.repository.tensors import (
 )
 
 START_TIMEOUT_S = 120.0
-STREAM_END = object()  # put on a BatchItem.stream after a decoupled request's last response
 
 _CODES = {
     2: Status.NOT_FOUND,
@@ -338,4 +343,4 @@ class PythonBackend(Backend):
         await asyncio.gather(*(p.stop() for p in self._procs), return_exceptions=True)
 
 
-__all__ = ["PythonBackend", "STREAM_END"]
+__all__ = ["PythonBackend"]
