@@ -482,3 +482,11 @@ def test_statistics_of_all_models(server):
     assert {"add_sub", "onnx_add", "llama_ensemble"} <= names
     g = grpcclient.InferenceServerClient(server.grpc_url)
     assert {s.name for s in g.get_inference_statistics().model_stats} == names
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_nested_ensemble(server, protocol):
+    c = client(server, protocol)
+    text = np.array([[b"abc def"]], dtype=np.object_)
+    r = c.infer("nested_ensemble", [make_input(protocol, "TEXT", text, "BYTES")])
+    assert as_bytes(r.as_numpy("REVERSED_UPPER")) == [b"FED CBA"]

@@ -57,6 +57,7 @@ EXPECTED = {
     "warmup_fails": r"warmup 'w' failed: .*ValueError: cannot run on zeros",
     "sequence_batching": r"sequence_batching is not supported",
     "no_backend": r"must specify 'backend' or 'platform'",
+    "ensemble_self_reference": r"step 0 uses the ensemble itself",
     "autocomplete_conflict": r"auto_complete_config failed: ValueError: configuration specified max_batch_size 8",
 }
 

@@ -43,6 +43,8 @@ def ensemble_steps(cfg: mc.ModelConfig) -> list[Step]:
     for i, s in enumerate(raw):
         if not s.model_name:
             raise _err(cfg, f"step {i} must specify 'model_name'")
+        if s.model_name == cfg.name:
+            raise _err(cfg, f"step {i} uses the ensemble itself")
         if not s.input_map or not s.output_map:
             raise _err(cfg, f"step {i} (model '{s.model_name}') needs input_map and output_map")
         steps.append(Step(i, s.model_name, s.model_version, dict(s.input_map), dict(s.output_map)))

@@ -144,8 +144,8 @@ class RepositoryManager:
         )
 
     async def load_many(self, names: Iterable[str]) -> None:
-        """Load plain models in parallel first, then ensembles (which need them)."""
-        plain, ensembles = [], []
+        """Load plain models in parallel, then ensembles once their steps are loaded."""
+        plain, ensembles = [], {}
         for name in names:
             entry = self.entries.get(name)
             cfg = None
@@ -153,12 +153,15 @@ class RepositoryManager:
                 with contextlib.suppress(ServingError):
                     cfg = read_config(entry.path)
             if cfg is not None and cfg.platform == "ensemble":
-                ensembles.append(name)
+                ensembles[name] = {s.model_name for s in cfg.ensemble_scheduling.step}
             else:
                 plain.append(name)
         await asyncio.gather(*(self._load_logged(n) for n in plain))
-        for name in ensembles:
-            await self._load_logged(name)
+        while ensembles:  # nested ensembles: load those whose steps are settled first
+            ready = [n for n, deps in ensembles.items() if not deps & set(ensembles)]
+            for name in ready or list(ensembles):  # no progress possible: let each fail
+                ensembles.pop(name)
+                await self._load_logged(name)
 
     async def _load_logged(self, name: str) -> None:
         try:
@@ -275,6 +278,11 @@ class RepositoryManager:
             if entry is None:
                 raise ModelConfigError(
                     f"ensemble '{cfg.name}' depends on '{name}' which is not in the repository"
+                )
+            if entry.state == "LOADING":
+                raise ModelConfigError(
+                    f"ensemble '{cfg.name}' depends on '{name}' which is still loading "
+                    "(ensembles that contain each other?)"
                 )
             if entry.state != "READY" and self.control_mode == "explicit":
                 with contextlib.suppress(ServingError):
