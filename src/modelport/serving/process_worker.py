@@ -25,11 +25,11 @@ Interface (stable; other backends build on it)::
   child is restarted.
 - If the factory raises, `start()` (or the next `execute`) raises `WorkerInitError`.
 - Streaming: while `execute` runs in the child, user code may call `emit_partial(value)`
-  (this module) any number of times; each value reaches the parent, in order and before
+  (this module, or worker_child) any number of times; each value reaches the parent, in order and before
   the final result, through `execute(payload, on_partial=callback)`'s callback.
 
-Messages are small frozen dataclasses (`_Execute`, `_Result`, ...); the child never receives
-method names to dispatch on.
+Messages are small frozen dataclasses (worker_child.py: `ExecuteMsg`, `ResultMsg`, ...);
+the child never receives method names to dispatch on.
 """
 
 from __future__ import annotations
@@ -37,20 +37,25 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import importlib
 import logging
 import multiprocessing as mp
-import multiprocessing.util as mp_util
-import os
-import signal
-import sys
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from modelport.serving.worker_child import (
+    ExecuteMsg,
+    InitFailedMsg,
+    PartialMsg,
+    ReadyMsg,
+    ResultMsg,
+    ShutdownMsg,
+    child_main,
+    emit_partial,
+)
 
 __all__ = [
     "ProcessWorker",
@@ -95,119 +100,6 @@ class WorkerTimeoutError(WorkerError):
 
 class WorkerStoppedError(WorkerError):
     """The worker was stopped (or is stopping) and takes no more calls."""
-
-
-# ---- messages (parent <-> child) -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Execute:
-    seq: int
-    payload: Any
-
-
-@dataclass(frozen=True)
-class _Partial:
-    seq: int
-    value: Any
-
-
-@dataclass(frozen=True)
-class _Shutdown:
-    pass
-
-
-@dataclass(frozen=True)
-class _Ready:
-    pid: int
-
-
-@dataclass(frozen=True)
-class _InitFailed:
-    exc_type: str
-    message: str
-    traceback: str
-
-
-@dataclass(frozen=True)
-class _Result:
-    seq: int
-    value: Any = None
-    exc_type: str | None = None  # set when execute raised
-    message: str = ""
-    traceback: str = ""
-
-
-# ---- child side ------------------------------------------------------------------------------
-
-
-def _resolve(factory: str) -> Any:
-    module_name, sep, attr = factory.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"factory must be 'module:callable', got {factory!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-# The call running in this process, when this process is a worker child (one at a time).
-_current_call: tuple[Any, int] | None = None
-
-
-def emit_partial(value: Any) -> None:
-    """Send an intermediate result of the running `execute` call to the parent.
-
-    Only meaningful inside a worker child during `execute`; raises RuntimeError elsewhere.
-    """
-    if _current_call is None:
-        raise RuntimeError("emit_partial() called outside a ProcessWorker execute call")
-    conn, seq = _current_call
-    conn.send(_Partial(seq, value))
-
-
-def _child_main(conn: Any, factory: str, init_kwargs: dict, env: dict[str, str]) -> None:
-    global _current_call
-    # Ctrl-C reaches the whole process group; the parent decides when a child stops
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.update(env)
-    try:
-        target = _resolve(factory)(**init_kwargs)
-    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
-        conn.send(_InitFailed(type(e).__name__, str(e), traceback.format_exc()))
-        return
-    conn.send(_Ready(os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return  # parent went away
-        if isinstance(msg, _Shutdown):
-            finalize = getattr(target, "finalize", None)
-            if callable(finalize):
-                with contextlib.suppress(Exception):
-                    finalize()
-            # skip interpreter teardown: with torch loaded it takes seconds and does nothing
-            # the user's finalize() did not already do
-            with contextlib.suppress(Exception):
-                # multiprocessing's own exit hook: unlinks semaphores (tqdm makes one) so the
-                # resource tracker has nothing to warn about
-                mp_util._exit_function()
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            os._exit(0)
-        _current_call = (conn, msg.seq)
-        try:
-            result = _Result(msg.seq, target.execute(msg.payload))
-        except BaseException as e:  # noqa: BLE001
-            result = _Result(msg.seq, None, type(e).__name__, str(e), traceback.format_exc())
-        finally:
-            _current_call = None
-        try:
-            conn.send(result)
-        except Exception as e:  # the result did not pickle
-            conn.send(_Result(msg.seq, None, type(e).__name__, f"result not sendable: {e}", ""))
 
 
 # ---- parent side -----------------------------------------------------------------------------
@@ -322,7 +214,7 @@ class ProcessWorker:
         loop = asyncio.get_running_loop()
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=_child_main,
+            target=child_main,
             args=(child_conn, self.factory, self.init_kwargs, self.env),
             name=f"modelport-worker-{self.name}",
             # not daemonic: user code may start processes of its own (DataLoader workers,
@@ -347,7 +239,7 @@ class ProcessWorker:
             except (EOFError, OSError):
                 break
             except Exception as e:  # a message that did not unpickle
-                msg = _Result(-1, None, type(e).__name__, f"undecodable result: {e}", "")
+                msg = ResultMsg(-1, None, type(e).__name__, f"undecodable result: {e}", "")
             with contextlib.suppress(RuntimeError):  # loop closed
                 loop.call_soon_threadsafe(self._on_message, inc, msg)
         inc.proc.join(5)
@@ -355,10 +247,10 @@ class ProcessWorker:
             loop.call_soon_threadsafe(self._on_exit, inc)
 
     def _on_message(self, inc: _Incarnation, msg: Any) -> None:
-        if isinstance(msg, _Ready):
+        if isinstance(msg, ReadyMsg):
             if not inc.ready.done():
                 inc.ready.set_result(msg.pid)
-        elif isinstance(msg, _InitFailed):
+        elif isinstance(msg, InitFailedMsg):
             if not inc.ready.done():
                 inc.ready.set_exception(
                     WorkerInitError(
@@ -366,14 +258,14 @@ class ProcessWorker:
                         f"\n{msg.traceback}"
                     )
                 )
-        elif isinstance(msg, _Partial):
+        elif isinstance(msg, PartialMsg):
             callback = inc.on_partial.get(msg.seq)
             if callback is not None:
                 try:
                     callback(msg.value)
                 except Exception:  # a consumer's bug must not kill the reader
                     logger.exception("on_partial callback of worker %s failed", self.name)
-        elif isinstance(msg, _Result):
+        elif isinstance(msg, ResultMsg):
             inc.on_partial.pop(msg.seq, None)
             fut = inc.pending.pop(msg.seq, None)
             if fut is None and msg.seq == -1 and inc.pending:
@@ -445,7 +337,7 @@ class ProcessWorker:
             if on_partial is not None:
                 inc.on_partial[seq] = on_partial
             try:
-                inc.conn.send(_Execute(seq, payload))
+                inc.conn.send(ExecuteMsg(seq, payload))
             except (OSError, EOFError, BrokenPipeError) as e:
                 inc.pending.pop(seq, None)
                 raise WorkerDiedError(f"worker {self.name} is gone: {e}") from e
@@ -467,7 +359,7 @@ class ProcessWorker:
         if inc is None:
             return
         with contextlib.suppress(Exception):
-            inc.conn.send(_Shutdown())
+            inc.conn.send(ShutdownMsg())
         deadline = time.monotonic() + timeout
         while inc.proc.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
