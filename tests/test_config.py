@@ -42,3 +42,14 @@ def test_config_validation_names_field() -> None:
     with pytest.raises(ValueError, match="missing required fields: hidden_size"):
         ModelConfig.from_hf_dict({"architectures": ["X"], "vocab_size": 1,
                                   "num_hidden_layers": 1, "num_attention_heads": 1})
+
+
+def test_transformers5_rope_parameters_are_read() -> None:
+    d = dict(LLAMA_8B)
+    d["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "llama3"
+    assert cfg.rope_scaling["factor"] == 8.0

@@ -79,6 +79,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a parsed HF config.json (missing required keys raise ValueError)."""
+        d = _normalize_rope_keys(d)
         archs = d.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry")
@@ -128,6 +129,21 @@ class ModelConfig:
         emb = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return L * per_layer + emb + head + h
+
+
+def _normalize_rope_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 nests rope settings in ``rope_parameters`` (theta included) instead
+    of top-level ``rope_theta`` / ``rope_scaling``: read either spelling."""
+    params = d.get("rope_parameters")
+    if not isinstance(params, dict):
+        return d
+    d = dict(d)
+    if "rope_theta" in params:
+        d.setdefault("rope_theta", params["rope_theta"])
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default" and not d.get("rope_scaling"):
+        d["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return d
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,6 @@ import torch
 from modelport.config import ModelConfig
 
 
-def normalize_hf_config(d: dict[str, Any]) -> dict[str, Any]:
-    """Bring newer config.json spellings to the keys ModelConfig.from_hf_dict reads.
-
-    transformers >= 5 nests rope settings in ``rope_parameters`` (theta included) instead
-    of top-level ``rope_theta`` / ``rope_scaling``.
-    """
-    d = dict(d)
-    params = d.get("rope_parameters")
-    if isinstance(params, dict):
-        if "rope_theta" in params:
-            d.setdefault("rope_theta", params["rope_theta"])
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default" and not d.get("rope_scaling"):
-            d["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-    return d
-
-
 def read_hf_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     try:
@@ -40,7 +23,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a JSON object")
     try:
-        return ModelConfig.from_hf_dict(normalize_hf_config(raw))
+        return ModelConfig.from_hf_dict(raw)
     except (TypeError, KeyError) as e:
         raise ValueError(f"{path}: invalid model config ({e})") from None
 
