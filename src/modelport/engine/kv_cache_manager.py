@@ -98,7 +98,10 @@ class KVCacheManager:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockHash, KVBlock] = {}
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # kept beside req_blocks: no rebuild per step
         self.req_hashes: dict[str, list[BlockHash]] = {}
+        self.req_last_digest: dict[str, bytes] = {}
+        self.req_num_published: dict[str, int] = {}  # leading blocks cache_full_blocks has seen
         # prefix-cache statistics, in tokens
         self.queries = 0
         self.hits = 0
@@ -113,18 +116,21 @@ class KVCacheManager:
         return 1.0 - self.free_queue.num_free / self.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        return list(self.req_block_ids.get(request_id, ()))
 
     def _block_hashes(self, req: Request) -> list[BlockHash]:
         """Hashes of the request's full blocks, extended lazily as tokens arrive."""
-        hashes = self.req_hashes.setdefault(req.request_id, [])
+        rid = req.request_id
+        hashes = self.req_hashes.setdefault(rid, [])
         bs = self.block_size
         n_full = req.num_tokens // bs
-        parent = digest(hashes[-1]) if hashes else b""
-        for i in range(len(hashes), n_full):
-            h = hash_block(parent, req.all_token_ids[i * bs : (i + 1) * bs])
-            hashes.append(h)
-            parent = digest(h)
+        if len(hashes) < n_full:
+            parent = self.req_last_digest.get(rid, b"")
+            for i in range(len(hashes), n_full):
+                h = hash_block(parent, req.all_token_ids[i * bs : (i + 1) * bs])
+                hashes.append(h)
+                parent = digest(h)
+            self.req_last_digest[rid] = parent
         return hashes
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
@@ -166,7 +172,9 @@ class KVCacheManager:
                 self.free_queue.remove(b)
             b.ref_cnt += 1
         blocks = self.req_blocks.setdefault(req.request_id, blocks)
+        ids = self.req_block_ids.setdefault(req.request_id, [])
         blocks.extend(computed_blocks)
+        ids.extend(b.block_id for b in computed_blocks)
         for _ in range(num_new_blocks):
             b = self.free_queue.popleft()
             if b.block_hash is not None:  # evict: its contents are about to be overwritten
@@ -175,18 +183,25 @@ class KVCacheManager:
                 b.block_hash = None
             b.ref_cnt = 1
             blocks.append(b)
-        return [b.block_id for b in blocks]
+            ids.append(b.block_id)
+        return ids
 
     def cache_full_blocks(self, req: Request, num_computed_tokens: int) -> None:
         """Publish req's blocks that are full of computed tokens for prefix reuse."""
         if not self.enable_prefix_caching:
             return
-        blocks = self.req_blocks.get(req.request_id)
+        rid = req.request_id
+        blocks = self.req_blocks.get(rid)
         if not blocks:
             return
+        start = self.req_num_published.get(rid, 0)
+        n_full = min(num_computed_tokens // self.block_size, len(blocks))
+        if n_full <= start:
+            return  # no block filled up since the last call (the common decode step)
         hashes = self._block_hashes(req)
-        n_full = min(num_computed_tokens // self.block_size, len(hashes), len(blocks))
-        for i in range(n_full):
+        n_full = min(n_full, len(hashes))
+        self.req_num_published[rid] = n_full
+        for i in range(start, n_full):
             b = blocks[i]
             if b.block_hash is not None:
                 continue
@@ -199,7 +214,10 @@ class KVCacheManager:
     def free(self, req: Request) -> None:
         """Release req's blocks. Tail blocks are freed first so they are evicted first."""
         blocks = self.req_blocks.pop(req.request_id, [])
+        self.req_block_ids.pop(req.request_id, None)
         self.req_hashes.pop(req.request_id, None)
+        self.req_last_digest.pop(req.request_id, None)
+        self.req_num_published.pop(req.request_id, None)
         for b in reversed(blocks):
             b.ref_cnt -= 1
             assert b.ref_cnt >= 0, f"block {b.block_id} ref count below zero"
@@ -231,3 +249,5 @@ class KVCacheManager:
             assert (b.ref_cnt == 0) == (b.block_id in set(free_ids)), f"block {b.block_id} free state"
         for h, b in self.cached.items():
             assert b.block_hash == h
+        for rid, blocks in self.req_blocks.items():
+            assert self.req_block_ids[rid] == [b.block_id for b in blocks]
