@@ -490,3 +490,27 @@ def test_nested_ensemble(server, protocol):
     text = np.array([[b"abc def"]], dtype=np.object_)
     r = c.infer("nested_ensemble", [make_input(protocol, "TEXT", text, "BYTES")])
     assert as_bytes(r.as_numpy("REVERSED_UPPER")) == [b"FED CBA"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_classification_extension(server, protocol):
+    c = client(server, protocol)
+    a = np.array([[1, 5, 3, 2], [9, 0, 0, 8]], dtype=np.float32)
+    zeros = np.zeros_like(a)
+    if protocol == "http":
+        out = httpclient.InferRequestedOutput("SUM", binary_data=False, class_count=2)
+    else:
+        out = grpcclient.InferRequestedOutput("SUM", class_count=2)
+    r = c.infer(
+        "onnx_add",
+        [make_input(protocol, "A", a, "FP32"), make_input(protocol, "B", zeros, "FP32")],
+        outputs=[out],
+    )
+    got = r.as_numpy("SUM")
+    assert got.shape == (2, 2)
+    assert as_bytes(got) == [
+        b"5.000000:1:one",
+        b"3.000000:2:two",
+        b"9.000000:0:zero",
+        b"8.000000:3:three",
+    ]

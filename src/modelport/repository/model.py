@@ -16,6 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.backends.base import STREAM_END, Backend, BatchItem
 from modelport.repository.checks import check_request
+from modelport.repository.classification import classify, load_labels
 from modelport.repository.errors import (
     InvalidArgument,
     ModelConfigError,
@@ -96,6 +97,7 @@ class ModelVersion:
         self.ready = False
         self._inputs = {i.name: i for i in config.input}
         self._outputs = {o.name: o for o in config.output}
+        self._labels = load_labels(config, backend.ctx.model_dir)
 
     async def start(self) -> None:
         await self.backend.load()
@@ -151,6 +153,7 @@ class ModelVersion:
             parameters=req.parameters,
             priority=req.priority,
             timeout_us=req.timeout_us,
+            classification=req.classification,
         )
         return prepared, rows
 
@@ -163,6 +166,8 @@ class ModelVersion:
             io = self._outputs.get(name)
             if io is not None and io.HasField("reshape"):
                 t = _reshape(t, list(io.dims), batched)
+            if name in req.classification:
+                t = classify(t, req.classification[name], self._labels.get(name), batched)
             outputs[name] = t
         return InferResponse(
             self.name,

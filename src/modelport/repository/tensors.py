@@ -148,6 +148,7 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
     timeout_us: int = 0
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
 
 
 @dataclass

@@ -106,9 +106,11 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
                 data = np.array(values, dtype=numpy_dtype(t.datatype)).reshape(shape)
         inputs[t.name] = InferTensor(t.name, t.datatype, data)
     requested = [o.name for o in msg.outputs] or None
-    for o in msg.outputs:
-        if "classification" in o.parameters:
-            raise Unsupported("the classification extension is not supported by modelport")
+    classification = {
+        o.name: int(_param_value(o.parameters["classification"]) or 0)
+        for o in msg.outputs
+        if "classification" in o.parameters
+    }
     return InferRequest(
         model_name=msg.model_name,
         model_version=_version(msg.model_version),
@@ -122,6 +124,7 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
         },
         priority=int(params.get("priority", 0) or 0),
         timeout_us=int(params.get("timeout", 0) or 0),
+        classification=classification,
     )
 
 

@@ -135,6 +135,7 @@ def parse_infer_request(
         )
     requested = None
     binary_outputs: set[str] = set()
+    classification: dict[str, int] = {}
     if doc.get("outputs") is not None:
         requested = []
         for spec in doc["outputs"]:
@@ -142,7 +143,7 @@ def parse_infer_request(
             requested.append(name)
             oparams = spec.get("parameters") or {}
             if oparams.get("classification"):
-                raise Unsupported("the classification extension is not supported by modelport")
+                classification[name] = int(oparams["classification"])
             if "shared_memory_region" in oparams:
                 raise Unsupported("shared memory outputs are not supported by modelport")
             if oparams.get("binary_data"):
@@ -160,6 +161,7 @@ def parse_infer_request(
         },
         priority=int(params.get("priority", 0) or 0),
         timeout_us=int(params.get("timeout", 0) or 0),
+        classification=classification,
     )
     return req, binary_outputs, bool(params.get("binary_data_output", False))
 

@@ -34,6 +34,7 @@ EXTENSIONS = [
     "model_repository",
     "model_repository(unload_dependents)",
     "model_configuration",
+    "classification",
     "schedule_policy",
     "generate",
 ]

@@ -20,6 +20,7 @@ _REGISTRY: dict[str, str | BackendFactory] = {
     "python": "modelport.repository.backends.python_backend:PythonBackend",
     "pytorch": "modelport.repository.backends.pytorch:TorchScriptBackend",
     "onnxruntime": "modelport.repository.backends.onnx:OnnxRuntimeBackend",
+    "llm": "modelport.repository.backends.llm:LLMBackend",
 }
 # handled by the repository itself (ensemble scheduling), listed so configs validate
 BUILTIN_SCHEDULERS = ("ensemble",)
