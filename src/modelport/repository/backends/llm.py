@@ -1,0 +1,173 @@
+"""The `llm` backend: modelport's LLM engine inside a Triton model repository.
+
+config.pbtxt:
+    backend: "llm"
+    max_batch_size: 0                      # the engine batches continuously by itself
+    model_transaction_policy { decoupled: true }   # stream tokens (generate_stream,
+                                                   # ModelStreamInfer); false: one response
+    input [ { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] } ]   # + optional
+        # max_tokens (INT32), temperature / top_p (FP32), top_k / seed (INT32), ignore_eos (BOOL)
+    output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]
+    parameters { key: "model" value: { string_value: "/path/to/hf-folder-or.gguf" } }
+    # other keys: EngineArgs names (max_model_len, kv_cache_memory, dtype, max_num_seqs, ...)
+
+Sampling settings come from the optional input tensors, or from the request's `parameters`
+(Triton's generate extension puts them there). A decoupled model sends the text in pieces,
+each a delta, with the last response marked final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import numpy as np
+
+from modelport.repository.backends.base import STREAM_END, Backend, BackendContext, BatchItem
+from modelport.repository.errors import ModelConfigError
+from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
+
+_SAMPLING_KEYS = {
+    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+    "seed": int, "ignore_eos": bool, "min_tokens": int, "presence_penalty": float,
+    "frequency_penalty": float, "repetition_penalty": float,
+}
+
+
+def _engine_args(ctx: BackendContext) -> Any:
+    from modelport.engine.arg_utils import EngineArgs
+
+    fields = {f.name: f for f in dataclasses.fields(EngineArgs)}
+    kw: dict[str, Any] = {}
+    for key, p in ctx.config.parameters.items():
+        if key not in fields:
+            raise ModelConfigError(
+                f"model '{ctx.config.name}': unknown llm parameter '{key}'; known: "
+                f"{sorted(fields)}"
+            )
+        raw = p.string_value
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                kw[key] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int) or key in ("max_model_len", "kv_cache_memory",
+                                                     "max_num_batched_tokens"):
+                kw[key] = int(raw)
+            elif isinstance(default, float):
+                kw[key] = float(raw)
+            else:
+                kw[key] = raw
+        except ValueError:
+            raise ModelConfigError(
+                f"model '{ctx.config.name}': llm parameter '{key}' has invalid value {raw!r}"
+            ) from None
+    if "model" in kw and not kw["model"].startswith("/"):
+        kw["model"] = str((ctx.version_dir / kw["model"]).resolve())
+    return EngineArgs(**kw)
+
+
+class LLMBackend(Backend):
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        names = {i.name for i in ctx.config.input}
+        if "text_input" not in names:
+            raise ModelConfigError(
+                f"model '{ctx.config.name}': the llm backend needs a TYPE_STRING input 'text_input'"
+            )
+        if "text_output" not in {o.name for o in ctx.config.output}:
+            raise ModelConfigError(
+                f"model '{ctx.config.name}': the llm backend needs a TYPE_STRING output "
+                "'text_output'"
+            )
+        self.args = _engine_args(ctx)
+        self.llm: Any = None
+        self._ids = itertools.count()
+
+    @property
+    def num_instances(self) -> int:
+        # the engine batches internally: let the queue hand it as many requests as it runs
+        return max(1, self.args.max_num_seqs)
+
+    async def load(self) -> None:
+        from modelport.engine.async_llm import AsyncLLM
+
+        try:
+            self.llm = await AsyncLLM.from_engine_args(self.args)
+        except ValueError as e:
+            raise ModelConfigError(f"model '{self.config.name}': {e}") from None
+        self._mark_ready()
+
+    async def unload(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    async def execute(self, items: list[BatchItem]) -> list[Any]:
+        import asyncio
+
+        return list(await asyncio.gather(*(self._one(it) for it in items)))
+
+    async def run_batch(self, instance: int, items: list[BatchItem]) -> list[Any]:
+        return await self.execute(items)
+
+    def _params(self, req: InferRequest) -> Any:
+        from modelport.sampling_params import SamplingParams
+
+        kw: dict[str, Any] = {}
+        for key, cast in _SAMPLING_KEYS.items():
+            if key in req.inputs:
+                kw[key] = cast(np.asarray(req.inputs[key].data).reshape(-1)[0].item())
+            elif key in req.parameters:
+                kw[key] = cast(req.parameters[key])
+        stop = req.parameters.get("stop")
+        if stop is not None:
+            kw["stop"] = stop
+        return SamplingParams(**kw)
+
+    async def _one(self, item: BatchItem) -> Any:
+        req = item.request
+        try:
+            raw = np.asarray(req.inputs["text_input"].data).reshape(-1)
+            if raw.size != 1:
+                raise ValueError(f"text_input must hold one string, got {raw.size}")
+            value = raw[0]
+            text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            params = self._params(req)
+            ids = self.llm.encode(text)
+            rid = f"triton-{req.id or ''}-{next(self._ids)}"
+            stream = self.llm.generate(ids, params, rid, prompt_text=text)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            return self._fail(item, ValueError(str(e)))
+        sent = 0
+        last = None
+        try:
+            async for out in stream:
+                last = out
+                if item.stream is not None:
+                    full = out.outputs[0].text
+                    if len(full) > sent or out.finished:
+                        item.stream.put_nowait(self._response(req, full[sent:], out.finished))
+                        sent = len(full)
+        except Exception as e:  # engine died / aborted: fail this request only
+            return self._fail(item, RuntimeError(f"generation failed: {e}"))
+        if item.stream is not None:
+            item.stream.put_nowait(STREAM_END)
+            return None
+        return self._response(req, last.outputs[0].text if last else "", True)
+
+    def _fail(self, item: BatchItem, err: Exception) -> Any:
+        if item.stream is not None:
+            item.stream.put_nowait(err)
+            item.stream.put_nowait(STREAM_END)
+            return None
+        return err
+
+    def _response(self, req: InferRequest, text: str, final: bool) -> InferResponse:
+        arr = np.empty((1,), dtype=np.object_)
+        arr[0] = text.encode("utf-8")
+        return InferResponse(
+            self.config.name, req.model_version,
+            {"text_output": InferTensor("text_output", "BYTES", arr)},
+            id=req.id, final=final,
+        )

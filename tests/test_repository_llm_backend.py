@@ -1,0 +1,124 @@
+"""The `llm` backend: modelport's engine in a Triton repository, over generate, infer and gRPC."""
+
+from __future__ import annotations
+
+import json
+import queue
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from helpers.tiny_models import make_tiny_llama_dir
+from modelport import LLM, SamplingParams
+from modelport.entrypoints.kserve.embedded import EmbeddedServer
+
+CONFIG = """
+name: "{name}"
+backend: "llm"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: {decoupled} }}
+input [
+  {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}
+]
+output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }} ]
+parameters {{ key: "model" value: {{ string_value: "{model}" }} }}
+parameters {{ key: "kv_cache_memory" value: {{ string_value: "8388608" }} }}
+parameters {{ key: "max_model_len" value: {{ string_value: "256" }} }}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llmrepo")
+    model_dir = make_tiny_llama_dir(root / "weights")
+    repo = root / "models"
+    for name, dec in (("tiny_llm", "false"), ("tiny_llm_stream", "true")):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text(
+            CONFIG.format(name=name, decoupled=dec, model=model_dir))
+    bad = repo / "bad_llm"
+    (bad / "1").mkdir(parents=True)
+    (bad / "config.pbtxt").write_text(
+        CONFIG.format(name="bad_llm", decoupled="false", model=root / "missing"))
+    srv = EmbeddedServer([repo]).start()
+    ref = LLM(str(model_dir), kv_cache_memory=8 << 20, max_model_len=256)
+    yield srv, ref
+    srv.stop()
+
+
+def expected(ref, prompt: str, n: int) -> str:
+    p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return ref.generate([prompt], p, use_tqdm=False)[0].outputs[0].text
+
+
+def test_generate_extension(setup) -> None:
+    srv, ref = setup
+    r = httpx.post(f"http://{srv.http_url}/v2/models/tiny_llm/generate", json={
+        "text_input": "hello", "parameters": {"max_tokens": 6, "temperature": 0, "ignore_eos": True}})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["model_name"] == "tiny_llm"
+    assert doc["text_output"] == expected(ref, "hello", 6)
+
+
+def test_generate_stream_deltas_concatenate(setup) -> None:
+    srv, ref = setup
+    with httpx.stream("POST", f"http://{srv.http_url}/v2/models/tiny_llm_stream/generate_stream",
+                      json={"text_input": "abc", "parameters": {"max_tokens": 8, "temperature": 0,
+                                                                 "ignore_eos": True}}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) >= 2
+    assert "".join(e["text_output"] for e in events) == expected(ref, "abc", 8)
+
+
+def test_tritonclient_http_infer_with_max_tokens_tensor(setup) -> None:
+    srv, ref = setup
+    c = httpclient.InferenceServerClient(srv.http_url)
+    text = httpclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"xyz"], dtype=np.object_))
+    mt = httpclient.InferInput("max_tokens", [1], "INT32")
+    mt.set_data_from_numpy(np.array([5], dtype=np.int32))
+    # greedy through request parameters, length through the tensor
+    r = c.infer("tiny_llm", [text, mt], parameters={"temperature": 0, "ignore_eos": True})
+    out = r.as_numpy("text_output").reshape(-1)[0]
+    out = out.decode() if isinstance(out, bytes) else out
+    assert out == expected(ref, "xyz", 5)
+
+
+def test_grpc_stream_infer(setup) -> None:
+    srv, ref = setup
+    results: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(srv.grpc_url)
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"stream me"], dtype=np.object_))
+    c.async_stream_infer("tiny_llm_stream", [text], request_id="s1",
+                         parameters={"max_tokens": 6, "temperature": 0, "ignore_eos": True},
+                         enable_empty_final_response=False)
+    pieces = []
+    while True:
+        result, error = results.get(timeout=60)
+        assert error is None, error
+        pieces.append(result.as_numpy("text_output").reshape(-1)[0].decode())
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    c.stop_stream()
+    assert "".join(pieces) == expected(ref, "stream me", 6)
+
+
+def test_bad_llm_config_is_a_load_error_others_serve(setup) -> None:
+    srv, _ = setup
+    index = httpx.post(f"http://{srv.http_url}/v2/repository/index", json={}).json()
+    bad = [m for m in index if m["name"] == "bad_llm"][0]
+    assert bad["state"] == "UNAVAILABLE" and "not found" in bad["reason"]
+    r = httpx.post(f"http://{srv.http_url}/v2/models/tiny_llm/generate",
+                   json={"text_input": "ok", "parameters": {"max_tokens": 300}})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]
+    r = httpx.post(f"http://{srv.http_url}/v2/models/tiny_llm/generate",
+                   json={"text_input": "ok", "parameters": {"max_tokens": 2}})
+    assert r.status_code == 200
