@@ -78,7 +78,7 @@ def time_step(ops: list, m: int, iters: int = 50) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--formats", nargs="+", default=["bf16", "awq-w4", "gptq-w8", "fp8"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
