@@ -6,6 +6,7 @@ and ONNX models built here. One server for the whole module keeps the suite fast
 
 from __future__ import annotations
 
+import os
 import shutil
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -514,3 +515,43 @@ def test_classification_extension(server, protocol):
         b"9.000000:0:zero",
         b"8.000000:3:three",
     ]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_system_shared_memory(server, protocol):
+    import tritonclient.utils.shared_memory as shm
+
+    c = client(server, protocol)
+    m = mod(protocol)
+    a = np.arange(4, dtype=np.float32)
+    b = np.full(4, 2.0, dtype=np.float32)
+    tag = f"mp_{protocol}_{os.getpid()}"
+    inp = shm.create_shared_memory_region(f"{tag}_in", f"/{tag}_in", 32)
+    out = shm.create_shared_memory_region(f"{tag}_out", f"/{tag}_out", 32)
+    try:
+        shm.set_shared_memory_region(inp, [a, b])
+        c.register_system_shared_memory(f"{tag}_in", f"/{tag}_in", 32)
+        c.register_system_shared_memory(f"{tag}_out", f"/{tag}_out", 32)
+        status = c.get_system_shared_memory_status()
+        names = [r["name"] for r in status] if protocol == "http" else list(status.regions)
+        assert f"{tag}_in" in names and f"{tag}_out" in names
+        inputs = [m.InferInput("INPUT0", [4], "FP32"), m.InferInput("INPUT1", [4], "FP32")]
+        inputs[0].set_shared_memory(f"{tag}_in", 16)
+        inputs[1].set_shared_memory(f"{tag}_in", 16, offset=16)
+        outputs = [m.InferRequestedOutput("OUTPUT0"), m.InferRequestedOutput("OUTPUT1")]
+        outputs[0].set_shared_memory(f"{tag}_out", 16)
+        outputs[1].set_shared_memory(f"{tag}_out", 16, offset=16)
+        r = c.infer("add_sub", inputs, outputs=outputs)
+        assert r.get_output("OUTPUT0") is not None
+        got0 = shm.get_contents_as_numpy(out, np.float32, [4])
+        got1 = shm.get_contents_as_numpy(out, np.float32, [4], offset=16)
+        np.testing.assert_allclose(got0, a + b)
+        np.testing.assert_allclose(got1, a - b)
+        with pytest.raises(InferenceServerException, match="already in manager"):
+            c.register_system_shared_memory(f"{tag}_in", f"/{tag}_in", 32)
+    finally:
+        c.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(inp)
+        shm.destroy_shared_memory_region(out)
+    status = c.get_system_shared_memory_status()
+    assert not (status if protocol == "http" else status.regions)

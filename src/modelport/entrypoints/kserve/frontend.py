@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from modelport.entrypoints.kserve.grpc_server import GrpcServer
 from modelport.entrypoints.kserve.http_routes import mount
 from modelport.entrypoints.kserve.metrics import MetricsServer
+from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.manager import CONTROL_MODES, RepositoryManager
 
 logger = logging.getLogger("modelport.kserve")
@@ -58,10 +59,17 @@ def wants(args: argparse.Namespace) -> bool:
 
 class Service:
     def __init__(
-        self, manager: RepositoryManager, host: str, grpc_port: int, metrics_port: int, version: str
+        self,
+        manager: RepositoryManager,
+        host: str,
+        grpc_port: int,
+        metrics_port: int,
+        version: str,
+        shm: SharedMemoryRegistry,
     ) -> None:
         self.manager = manager
-        self.grpc = GrpcServer(manager, host, grpc_port, version) if grpc_port >= 0 else None
+        self.shm = shm
+        self.grpc = GrpcServer(manager, host, grpc_port, version, shm) if grpc_port >= 0 else None
         self.metrics = MetricsServer(manager, host, metrics_port) if metrics_port >= 0 else None
 
     async def start(self) -> None:
@@ -82,6 +90,7 @@ class Service:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.manager.stop()
+        self.shm.close()
 
 
 def _version() -> str:
@@ -104,5 +113,6 @@ async def build(args: argparse.Namespace, app: FastAPI) -> Service:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"modelport serve: {e}") from None
     version = _version()
-    mount(app, manager, version)
-    return Service(manager, args.host, args.grpc_port, args.metrics_port, version)
+    shm = SharedMemoryRegistry()
+    mount(app, manager, shm, version)
+    return Service(manager, args.host, args.grpc_port, args.metrics_port, version, shm)

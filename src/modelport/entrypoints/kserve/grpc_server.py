@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from modelport.entrypoints.kserve.grpc_codec import (
+    decode_request,
+    encode_response,
+    param_value,
+    parse_version,
+)
 from modelport.entrypoints.kserve.http_codec import tensor_metadata
 from modelport.entrypoints.kserve.http_routes import EXTENSIONS
-from modelport.repository.errors import InvalidArgument, ServingError, Status, Unsupported
+from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
+from modelport.repository.errors import ServingError, Status, Unsupported
 from modelport.repository.manager import RepositoryManager
 from modelport.repository.tensors import (
-    WIRE_DTYPES,
-    InferRequest,
     InferResponse,
-    InferTensor,
-    from_raw,
-    numpy_dtype,
-    to_raw,
 )
 
 GRPC_STATUS = {
@@ -41,123 +40,14 @@ GRPC_STATUS = {
     Status.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
-_CONTENTS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
-
-def _param_value(p: pb.InferParameter) -> Any:
-    which = p.WhichOneof("parameter_choice")
-    return getattr(p, which) if which else None
-
-
-def _version(v: str) -> int:
-    if not v:
-        return -1
-    try:
-        return int(v)
-    except ValueError:
-        raise InvalidArgument(f"failed to parse model version '{v}'") from None
-
-
-def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
-    params = {k: _param_value(v) for k, v in msg.parameters.items()}
-    raw = list(msg.raw_input_contents)
-    if raw and len(raw) != len(msg.inputs):
-        raise InvalidArgument(f"expected {len(msg.inputs)} raw input contents, got {len(raw)}")
-    inputs: dict[str, InferTensor] = {}
-    for i, t in enumerate(msg.inputs):
-        if t.datatype not in WIRE_DTYPES:
-            raise InvalidArgument(f"invalid datatype '{t.datatype}' for input '{t.name}'")
-        shape = tuple(int(d) for d in t.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidArgument(f"invalid shape {list(shape)} for input '{t.name}'")
-        if "shared_memory_region" in t.parameters:
-            raise Unsupported("shared memory inputs are not supported by modelport")
-        if raw:
-            data = from_raw(raw[i], t.datatype, shape)
-        else:
-            field = _CONTENTS.get(t.datatype)
-            if field is None:
-                raise InvalidArgument(
-                    f"{t.datatype} input '{t.name}' must be sent in raw_input_contents"
-                )
-            values = list(getattr(t.contents, field))
-            count = int(np.prod(shape)) if shape else 1
-            if len(values) != count:
-                raise InvalidArgument(
-                    f"unexpected number of elements {len(values)} for input '{t.name}', "
-                    f"expecting {count}"
-                )
-            if t.datatype == "BYTES":
-                data = np.array(values, dtype=np.object_).reshape(shape)
-            else:
-                data = np.array(values, dtype=numpy_dtype(t.datatype)).reshape(shape)
-        inputs[t.name] = InferTensor(t.name, t.datatype, data)
-    requested = [o.name for o in msg.outputs] or None
-    classification = {
-        o.name: int(_param_value(o.parameters["classification"]) or 0)
-        for o in msg.outputs
-        if "classification" in o.parameters
-    }
-    return InferRequest(
-        model_name=msg.model_name,
-        model_version=_version(msg.model_version),
-        inputs=inputs,
-        requested_outputs=requested,
-        id=msg.id,
-        parameters={
-            k: v
-            for k, v in params.items()
-            if k not in ("priority", "timeout", "triton_enable_empty_final_response")
-        },
-        priority=int(params.get("priority", 0) or 0),
-        timeout_us=int(params.get("timeout", 0) or 0),
-        classification=classification,
-    )
-
-
-def _set_param(target: Any, key: str, value: Any) -> None:
-    p = target[key]
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    else:
-        p.string_param = str(value)
-
-
-def encode_response(resp: InferResponse, final: bool | None = None) -> pb.ModelInferResponse:
-    out = pb.ModelInferResponse(
-        model_name=resp.model_name, model_version=str(resp.model_version), id=resp.id
-    )
-    for name, t in resp.outputs.items():
-        out.outputs.add(name=name, datatype=t.datatype, shape=t.shape)
-        out.raw_output_contents.append(to_raw(t.data, t.datatype))
-    for k, v in resp.parameters.items():
-        _set_param(out.parameters, k, v)
-    if final is not None:
-        out.parameters["triton_final_response"].bool_param = final
-    return out
-
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, manager: RepositoryManager, version: str) -> None:
+    def __init__(
+        self, manager: RepositoryManager, version: str, shm: SharedMemoryRegistry | None = None
+    ) -> None:
         self.manager = manager
         self.version = version
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
         if isinstance(e, ServingError):
@@ -172,7 +62,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):  # noqa: N802
         try:
-            ok = self.manager.is_ready(request.name, _version(request.version))
+            ok = self.manager.is_ready(request.name, parse_version(request.version))
         except ServingError as e:
             await self._fail(context, e)
         return pb.ModelReadyResponse(ready=ok)
@@ -184,7 +74,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):  # noqa: N802
         try:
-            model = self.manager.get(request.name, _version(request.version))
+            model = self.manager.get(request.name, parse_version(request.version))
             cfg = model.config
             versions = sorted(self.manager.entries[request.name].versions)
         except ServingError as e:
@@ -205,14 +95,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):  # noqa: N802
         try:
-            cfg = self.manager.config(request.name, _version(request.version))
+            cfg = self.manager.config(request.name, parse_version(request.version))
         except ServingError as e:
             await self._fail(context, e)
         return pb.ModelConfigResponse(config=cfg)
 
     async def ModelStatistics(self, request, context):  # noqa: N802
         try:
-            stats = self.manager.stats(request.name, _version(request.version))
+            stats = self.manager.stats(request.name, parse_version(request.version))
         except ServingError as e:
             await self._fail(context, e)
         out = pb.ModelStatisticsResponse()
@@ -221,8 +111,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):  # noqa: N802
         try:
-            resp = await self.manager.infer(decode_request(request))
-            return encode_response(resp)
+            req, shm_outputs = decode_request(request, self.shm)
+            resp = await self.manager.infer(req)
+            return encode_response(resp, None, shm_outputs, self.shm)
         except Exception as e:
             await self._fail(context, e)
 
@@ -235,9 +126,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             empty_final = False
             p = msg.parameters.get("triton_enable_empty_final_response")
             if p is not None:
-                empty_final = bool(_param_value(p))
+                empty_final = bool(param_value(p))
             try:
-                req = decode_request(msg)
+                req, _ = decode_request(msg, self.shm)
                 model = self.manager.get(req.model_name, req.model_version)
                 if not model.decoupled:
                     await out.put(
@@ -298,6 +189,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for t in list(tasks):
                 t.cancel()
 
+    async def SystemSharedMemoryStatus(self, request, context):  # noqa: N802
+        try:
+            rows = self.shm.status(request.name)
+        except ServingError as e:
+            await self._fail(context, e)
+        out = pb.SystemSharedMemoryStatusResponse()
+        for r in rows:
+            out.regions[r["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**r))
+        return out
+
+    async def SystemSharedMemoryRegister(self, request, context):  # noqa: N802
+        try:
+            self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        except ServingError as e:
+            await self._fail(context, e)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):  # noqa: N802
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     async def RepositoryIndex(self, request, context):  # noqa: N802
         rows = self.manager.index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(
@@ -338,8 +250,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 class GrpcServer:
     """grpc.aio server lifecycle; `port` is the bound port (useful with port 0)."""
 
-    def __init__(self, manager: RepositoryManager, host: str, port: int, version: str) -> None:
+    def __init__(
+        self,
+        manager: RepositoryManager,
+        host: str,
+        port: int,
+        version: str,
+        shm: SharedMemoryRegistry | None = None,
+    ) -> None:
         self.manager = manager
+        self.shm = shm
         self.host = host
         self.requested_port = port
         self.version = version
@@ -350,7 +270,7 @@ class GrpcServer:
         opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         server = grpc.aio.server(options=opts)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.manager, self.version), server
+            InferenceServicer(self.manager, self.version, self.shm), server
         )
         self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
         if self.port == 0:

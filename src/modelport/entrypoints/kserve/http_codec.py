@@ -12,11 +12,13 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.errors import InvalidArgument, Unsupported
 from modelport.repository.tensors import (
     WIRE_DTYPES,
@@ -72,10 +74,38 @@ def _json_tensor(name: str, wire: str, shape: list[int], data: Any) -> np.ndarra
     return arr.reshape(shape)
 
 
+@dataclass
+class HttpInfer:
+    """A parsed infer body: the request plus how each output wants to travel back."""
+
+    request: InferRequest
+    binary_outputs: set[str] = field(default_factory=set)
+    all_binary: bool = False
+    shm_outputs: dict[str, tuple[str, int, int]] = field(
+        default_factory=dict
+    )  # region, offset, size
+
+
+def shm_params(params: dict[str, Any], what: str) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) when a tensor names a shared memory region."""
+    if "shared_memory_region" not in params:
+        return None
+    if "shared_memory_byte_size" not in params:
+        raise InvalidArgument(f"{what}: 'shared_memory_byte_size' is required with a region")
+    return (
+        str(params["shared_memory_region"]),
+        int(params.get("shared_memory_offset", 0)),
+        int(params["shared_memory_byte_size"]),
+    )
+
+
 def parse_infer_request(
-    model_name: str, model_version: int, body: bytes, header_length: str | None
-) -> tuple[InferRequest, set[str], bool]:
-    """Returns the request, outputs wanted in binary form, and 'all outputs binary'."""
+    model_name: str,
+    model_version: int,
+    body: bytes,
+    header_length: str | None,
+    shm: SharedMemoryRegistry | None = None,
+) -> HttpInfer:
     if header_length is not None:
         try:
             n = int(header_length)
@@ -113,9 +143,12 @@ def parse_infer_request(
         if name in inputs:
             raise InvalidArgument(f"input '{name}' is given more than once")
         iparams = spec.get("parameters") or {}
-        if "shared_memory_region" in iparams:
-            raise Unsupported("shared memory inputs are not supported by modelport")
-        if "binary_data_size" in iparams:
+        region = shm_params(iparams, f"input '{name}'")
+        if region is not None:
+            if shm is None:
+                raise Unsupported("shared memory is not available on this endpoint")
+            data = from_raw(shm.read(region[0], region[1], region[2]), wire, tuple(shape))
+        elif "binary_data_size" in iparams:
             size = int(iparams["binary_data_size"])
             if offset + size > len(binary):
                 raise InvalidArgument(
@@ -135,6 +168,7 @@ def parse_infer_request(
         )
     requested = None
     binary_outputs: set[str] = set()
+    shm_outputs: dict[str, tuple[str, int, int]] = {}
     classification: dict[str, int] = {}
     if doc.get("outputs") is not None:
         requested = []
@@ -144,9 +178,10 @@ def parse_infer_request(
             oparams = spec.get("parameters") or {}
             if oparams.get("classification"):
                 classification[name] = int(oparams["classification"])
-            if "shared_memory_region" in oparams:
-                raise Unsupported("shared memory outputs are not supported by modelport")
-            if oparams.get("binary_data"):
+            region = shm_params(oparams, f"output '{name}'")
+            if region is not None:
+                shm_outputs[name] = region
+            elif oparams.get("binary_data"):
                 binary_outputs.add(name)
     req = InferRequest(
         model_name=model_name,
@@ -163,7 +198,9 @@ def parse_infer_request(
         timeout_us=int(params.get("timeout", 0) or 0),
         classification=classification,
     )
-    return req, binary_outputs, bool(params.get("binary_data_output", False))
+    return HttpInfer(
+        req, binary_outputs, bool(params.get("binary_data_output", False)), shm_outputs
+    )
 
 
 def _json_data(t: InferTensor) -> list:
@@ -183,14 +220,22 @@ def _json_data(t: InferTensor) -> list:
 
 
 def encode_infer_response(
-    resp: InferResponse, binary_outputs: set[str], all_binary: bool
+    resp: InferResponse, parsed: HttpInfer, shm: SharedMemoryRegistry | None = None
 ) -> tuple[bytes, int | None]:
     """Body bytes and, when binary tensors follow the JSON, the JSON header length."""
     outputs = []
     blobs: list[bytes] = []
     for name, t in resp.outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": t.datatype, "shape": t.shape}
-        if all_binary or name in binary_outputs:
+        if name in parsed.shm_outputs and shm is not None:
+            region, offset, size = parsed.shm_outputs[name]
+            raw = to_raw(t.data, t.datatype)
+            shm.write(region, offset, size, raw)
+            entry["parameters"] = {
+                "shared_memory_region": region,
+                "shared_memory_byte_size": len(raw),
+            }
+        elif parsed.all_binary or name in parsed.binary_outputs:
             raw = to_raw(t.data, t.datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)

@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from modelport.entrypoints.kserve import http_codec as codec
+from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.errors import InvalidArgument, ServingError, Status, Unsupported
 from modelport.repository.manager import RepositoryManager
 from modelport.repository.model_config import config_to_json
@@ -35,6 +36,7 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "model_configuration",
     "classification",
+    "system_shared_memory",
     "schedule_policy",
     "generate",
 ]
@@ -69,7 +71,10 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 def build_router(
-    manager: RepositoryManager, server_name: str = "modelport", server_version: str = "0.0.0"
+    manager: RepositoryManager,
+    shm: SharedMemoryRegistry,
+    server_name: str = "modelport",
+    server_version: str = "0.0.0",
 ) -> APIRouter:
     router = APIRouter()
 
@@ -131,14 +136,15 @@ def build_router(
         request: Request, model_name: str, model_version: str | None = None
     ) -> Response:
         body = codec.decompress(await request.body(), request.headers.get("content-encoding"))
-        req, binary_outputs, all_binary = codec.parse_infer_request(
+        parsed = codec.parse_infer_request(
             model_name,
             _version(model_version),
             body,
             request.headers.get(codec.HEADER_LENGTH),
+            shm,
         )
-        resp = await manager.infer(req)
-        payload, header_len = codec.encode_infer_response(resp, binary_outputs, all_binary)
+        resp = await manager.infer(parsed.request)
+        payload, header_len = codec.encode_infer_response(resp, parsed, shm)
         if header_len is None:
             return Response(payload, media_type="application/json")
         return Response(
@@ -228,15 +234,39 @@ def build_router(
         await manager.request_unload(model_name, bool(params.get("unload_dependents", False)))
         return Response(status_code=200)
 
+    @router.get("/v2/systemsharedmemory/status")
+    @router.get("/v2/systemsharedmemory/region/{region}/status")
+    @guarded
+    async def shm_status(region: str = "") -> Response:
+        return JSONResponse(shm.status(region))
+
+    @router.post("/v2/systemsharedmemory/region/{region}/register")
+    @guarded
+    async def shm_register(request: Request, region: str) -> Response:
+        doc = await _json_body(request)
+        shm.register(
+            region, str(doc.get("key", "")), int(doc.get("offset", 0)), int(doc.get("byte_size", 0))
+        )
+        return Response(status_code=200)
+
+    @router.post("/v2/systemsharedmemory/unregister")
+    @router.post("/v2/systemsharedmemory/region/{region}/unregister")
+    @guarded
+    async def shm_unregister(region: str = "") -> Response:
+        shm.unregister(region)
+        return Response(status_code=200)
+
     async def _unsupported(request: Request, rest: str = "") -> Response:
         raise Unsupported(f"{request.url.path} is not supported by modelport")
 
-    for prefix in ("/v2/systemsharedmemory", "/v2/cudasharedmemory", "/v2/trace", "/v2/logging"):
+    for prefix in ("/v2/cudasharedmemory", "/v2/trace", "/v2/logging"):
         router.api_route(prefix, methods=["GET", "POST"])(guarded(_unsupported))
         router.api_route(prefix + "/{rest:path}", methods=["GET", "POST"])(guarded(_unsupported))
 
     return router
 
 
-def mount(app: FastAPI, manager: RepositoryManager, version: str) -> None:
-    app.include_router(build_router(manager, server_version=version))
+def mount(
+    app: FastAPI, manager: RepositoryManager, shm: SharedMemoryRegistry, version: str
+) -> None:
+    app.include_router(build_router(manager, shm, server_version=version))
