@@ -549,6 +549,8 @@ def test_system_shared_memory(server, protocol):
         np.testing.assert_allclose(got1, a - b)
         with pytest.raises(InferenceServerException, match="already in manager"):
             c.register_system_shared_memory(f"{tag}_in", f"/{tag}_in", 32)
+        with pytest.raises(InferenceServerException, match="invalid shared memory key"):
+            c.register_system_shared_memory("escape", "/../../etc/hostname", 4)
     finally:
         c.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(inp)

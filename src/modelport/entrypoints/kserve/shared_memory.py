@@ -47,7 +47,11 @@ class SharedMemoryRegistry:
                 raise ServingError(
                     f"shared memory region '{name}' already in manager", Status.ALREADY_EXISTS
                 )
-            path = os.path.join(SHM_DIR, key.lstrip("/"))
+            base = key[1:] if key.startswith("/") else key
+            if not base or "/" in base or base in (".", ".."):
+                # shm_open's rule; also keeps a request from naming any other file
+                raise InvalidArgument(f"invalid shared memory key '{key}'")
+            path = os.path.join(SHM_DIR, base)
             try:
                 fd = os.open(path, os.O_RDWR)
             except OSError as e:
