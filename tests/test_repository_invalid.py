@@ -58,6 +58,7 @@ EXPECTED = {
     "sequence_batching": r"sequence_batching is not supported",
     "no_backend": r"must specify 'backend' or 'platform'",
     "ensemble_self_reference": r"step 0 uses the ensemble itself",
+    "filename_escape": r"default_model_filename '../../../elsewhere/model.py' must be a plain file name",
     "autocomplete_conflict": r"auto_complete_config failed: ValueError: configuration specified max_batch_size 8",
 }
 

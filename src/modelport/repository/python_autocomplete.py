@@ -20,7 +20,10 @@ from modelport.repository.stub_process import run_auto_complete
 async def python_auto_complete(
     cfg: mc.ModelConfig, model_dir: Path, version: int
 ) -> mc.ModelConfig:
-    model_file = model_dir / str(version) / (cfg.default_model_filename or "model.py")
+    filename = cfg.default_model_filename or "model.py"
+    if "/" in filename or "\\" in filename or filename in (".", ".."):
+        return cfg  # validation rejects it; never run a file outside the model folder
+    model_file = model_dir / str(version) / filename
     try:
         source = model_file.read_text(encoding="utf-8", errors="replace")
     except OSError:

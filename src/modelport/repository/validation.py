@@ -151,6 +151,19 @@ def _check_warmup(cfg: mc.ModelConfig) -> None:
             raise _err(cfg, f"warmup '{w.name}' is missing required input(s) {missing}")
 
 
+def _check_file_names(cfg: mc.ModelConfig) -> None:
+    """File names in a config stay inside the model folder (they may come from a load request)."""
+    names = [("default_model_filename", cfg.default_model_filename)]
+    names += [(f"output '{o.name}' label_filename", o.label_filename) for o in cfg.output]
+    for w in cfg.model_warmup:
+        for key, spec in w.inputs.items():
+            if spec.WhichOneof("input_data_type") == "input_data_file":
+                names.append((f"warmup '{w.name}' input '{key}' file", spec.input_data_file))
+    for what, value in names:
+        if value and ("/" in value or "\\" in value or value in (".", "..")):
+            raise _err(cfg, f"{what} '{value}' must be a plain file name")
+
+
 def validate_config(
     cfg: mc.ModelConfig, dir_name: str, known_backends: Iterable[str], gpu_count: int = 0
 ) -> None:
@@ -187,6 +200,7 @@ def validate_config(
     if not is_ensemble:
         _check_instances(cfg, gpu_count)
     _check_warmup(cfg)
+    _check_file_names(cfg)
     if cfg.version_policy.WhichOneof("policy_choice") == "specific":
         if not cfg.version_policy.specific.versions:
             raise _err(cfg, "version_policy 'specific' lists no versions")

@@ -29,9 +29,17 @@ from modelport.repository.errors import ModelConfigError
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
 
 _SAMPLING_KEYS = {
-    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-    "seed": int, "ignore_eos": bool, "min_tokens": int, "presence_penalty": float,
-    "frequency_penalty": float, "repetition_penalty": float,
+    "max_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "seed": int,
+    "ignore_eos": bool,
+    "min_tokens": int,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "repetition_penalty": float,
 }
 
 
@@ -43,16 +51,18 @@ def _engine_args(ctx: BackendContext) -> Any:
     for key, p in ctx.config.parameters.items():
         if key not in fields:
             raise ModelConfigError(
-                f"model '{ctx.config.name}': unknown llm parameter '{key}'; known: "
-                f"{sorted(fields)}"
+                f"model '{ctx.config.name}': unknown llm parameter '{key}'; known: {sorted(fields)}"
             )
         raw = p.string_value
         default = fields[key].default
         try:
             if isinstance(default, bool):
                 kw[key] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int) or key in ("max_model_len", "kv_cache_memory",
-                                                     "max_num_batched_tokens"):
+            elif isinstance(default, int) or key in (
+                "max_model_len",
+                "kv_cache_memory",
+                "max_num_batched_tokens",
+            ):
                 kw[key] = int(raw)
             elif isinstance(default, float):
                 kw[key] = float(raw)
@@ -167,7 +177,9 @@ class LLMBackend(Backend):
         arr = np.empty((1,), dtype=np.object_)
         arr[0] = text.encode("utf-8")
         return InferResponse(
-            self.config.name, req.model_version,
+            self.config.name,
+            req.model_version,
             {"text_output": InferTensor("text_output", "BYTES", arr)},
-            id=req.id, final=final,
+            id=req.id,
+            final=final,
         )
