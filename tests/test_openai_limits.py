@@ -8,7 +8,10 @@ a handful of concurrent requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +31,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("limits") / "server.log"
     cmd = [
@@ -54,7 +57,7 @@ def base(tmp_path_factory):
                 break
             saw_503 |= status == 503
             time.sleep(0.2)
-        yield url, saw_503
+        yield url, saw_503, log
     finally:
         proc.terminate()
         try:
@@ -62,6 +65,16 @@ def base(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def base(server):
+    return server[:2]
+
+
+@pytest.fixture(scope="module")
+def server_log(server):
+    return server[2]
 
 
 def test_health_is_503_until_ready(base) -> None:
@@ -116,3 +129,38 @@ def test_full_waiting_queue_gives_503_with_retry_after(base) -> None:
     # after the burst the server takes requests again
     ok = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}, headers=headers)
     assert ok.status_code == 200
+
+
+def test_engine_core_death_is_reported_not_hung(base, server_log) -> None:
+    """Last in this module: it kills the engine core process of this server."""
+    url, _ = base
+    headers = {"Authorization": f"Bearer {KEY}"}
+    pid = int(re.search(r"engine core pid (\d+)", server_log.read_text()).group(1))
+    body = {"model": "smol", "prompt": "Count:", "max_tokens": 100, "ignore_eos": True}
+
+    async def main() -> tuple[list[str], httpx.Response]:
+        async with httpx.AsyncClient(headers=headers, timeout=60) as c:
+            events: list[str] = []
+            plain = None
+            req = c.stream("POST", f"{url}/v1/completions", json={**body, "stream": True})
+            async with req as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line[6:])
+                    if len(events) == 1:  # one request running, a second one queued: kill
+                        plain = asyncio.ensure_future(c.post(f"{url}/v1/completions", json=body))
+                        await asyncio.sleep(1.0)
+                        os.kill(pid, signal.SIGKILL)
+            assert plain is not None
+            return events, await asyncio.wait_for(plain, 60)
+
+    events, plain = asyncio.run(main())
+    assert events[-1] == "[DONE]"
+    assert "error" in json.loads(events[-2]) and "engine" in events[-2]
+    assert plain.status_code == 500 and "engine" in plain.json()["error"]["message"]
+    # afterwards: not ready, and requests get 503 at once instead of hanging
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 503
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=5)
+    assert r.status_code == 503 and r.json()["error"]["message"]

@@ -427,3 +427,17 @@ def test_metrics_exposed(base) -> None:
     assert metric(base, "modelport:request_success_total", 'finished_reason="length"') > 0
     assert metric(base, "modelport:generation_tokens_total") > 0
     assert metric(base, "modelport:time_to_first_token_seconds_count") > 0
+
+
+def test_bench_serve_reports_throughput_and_latencies(base, model) -> None:
+    cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "bench", "serve", "--url", base,
+           "--num-prompts", "4", "--input-len", "8", "--output-len", "3", "--request-rate", "50",
+           "--max-concurrency", "2"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout)
+    assert result["model"] == model and result["completed"] == 4 and result["failed"] == 0
+    assert result["total_input_tokens"] == 32 and result["total_output_tokens"] == 12
+    assert result["request_throughput"] > 0 and result["output_throughput"] > 0
+    assert 0 < result["median_ttft_ms"] <= result["p99_ttft_ms"]
+    assert result["mean_tpot_ms"] > 0 and result["mean_itl_ms"] > 0

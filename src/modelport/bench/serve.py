@@ -80,7 +80,7 @@ async def _one(client: Any, url: str, body: dict, timeout: float) -> RequestResu
                 if chunk.get("usage"):
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices"):  # a chunk with choices carries new tokens
                     now = time.perf_counter()
                     if res.ttft == 0.0:
                         res.ttft = now - start

@@ -129,9 +129,10 @@ def _log_loaded(engine: AsyncLLM, args: argparse.Namespace) -> None:
     where = getattr(src, "path", None) or getattr(src, "name", src)
     mc = cfg.model_config
     logger.info(
-        "loaded %s (%s, %.0fM params, %s) from %s on %s in %.1fs",
+        "loaded %s (%s, %.0fM params, %s) from %s on %s in %.1fs (engine core pid %s)",
         engine.served_model_names[0], mc.architecture, mc.num_params / 1e6, cfg.dtype, where,
         ready.device if ready else cfg.device, ready.load_seconds if ready else 0.0,
+        engine.client.pid if engine.client else None,
     )  # fmt: skip
     if ready is not None:
         logger.info(

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from modelport.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
-from modelport.entrypoints.openai.errors import OpenAIError, internal_error
+from modelport.engine.async_llm import AsyncLLM, RequestStream
+from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -39,9 +39,11 @@ from modelport.entrypoints.openai.serving_common import (
     check_prompt_ids,
     check_unsupported,
     collect_final,
+    known_error,
     make_sampling_params,
     sse,
-    sse_error,
+    start_streams,
+    stream_error,
     token_text,
     top_entries,
     unless_disconnected,
@@ -90,7 +92,7 @@ class ServingChat:
         params = make_sampling_params(req, max_tokens, k)
         admit(engine, req.n)
         rid = req.request_id or random_id("chatcmpl")
-        stream = engine.generate(ids, params, rid)
+        stream = start_streams(engine, [(ids, params, rid, None)])[0]
         if req.stream:
             return StreamingResponse(
                 self._stream(req, model, rid, stream), media_type="text/event-stream"
@@ -99,8 +101,8 @@ class ServingChat:
             final = (await unless_disconnected(raw, collect_final([stream])))[0]
         except ClientGone:
             return Response(status_code=499)
-        except EngineDeadError as e:
-            raise OpenAIError(f"engine failed: {e}", 500, code="engine_dead") from None
+        except Exception as e:
+            raise (known_error(e) or e) from None
         choices = []
         n_gen = 0
         for o in sorted(final.outputs, key=lambda o: o.index):
@@ -207,13 +209,10 @@ class ServingChat:
                 usage = UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g)
                 body = ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage)
                 yield sse(dump(body))
-        except EngineDeadError as e:
-            yield sse_error(f"engine failed: {e}", 500)
         except asyncio.CancelledError:
             raise
-        except Exception as e:
-            internal_error("/v1/chat/completions (stream)", e)
-            yield sse_error(f"internal error: {type(e).__name__}", 500)
+        except Exception as e:  # an answer already started: report in-band, then end cleanly
+            yield stream_error("/v1/chat/completions (stream)", e)
         finally:
             await stream.aclose()
         yield SSE_DONE

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from modelport.engine.async_llm import AsyncLLM, QueueFullError, RequestStream
-from modelport.entrypoints.openai.errors import OpenAIError, error_body
+from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
+from modelport.entrypoints.openai.errors import OpenAIError, error_body, internal_error
 from modelport.entrypoints.openai.protocol import SamplingFields
 from modelport.outputs import Logprob, LogprobsDict, RequestOutput
 from modelport.sampling_params import SamplingParams
@@ -127,6 +127,46 @@ def admit(engine: AsyncLLM, n_requests: int) -> None:
         engine.check_admission(n_requests)
     except QueueFullError as e:
         raise OpenAIError(str(e), 503, code="queue_full", retry_after=1) from None
+
+
+def start_streams(
+    engine: AsyncLLM, requests: list[tuple[list[int], SamplingParams, str, str | None]]
+) -> list[RequestStream]:
+    """Send every request (ids, params, request id, prompt text) or none of them."""
+    streams: list[RequestStream] = []
+    try:
+        for ids, params, rid, text in requests:
+            streams.append(engine.generate(ids, params, rid, prompt_text=text))
+    except BaseException as e:
+        for s in streams:
+            engine.abort_now(s.request_id)
+        mapped = known_error(e)
+        if mapped is None:
+            raise
+        raise mapped from None
+    return streams
+
+
+def known_error(e: BaseException) -> OpenAIError | None:
+    """The client-facing error for a failure the server understands; None for a real fault."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return OpenAIError(f"engine failed: {e}", 500, code="engine_dead")
+    if isinstance(e, QueueFullError):
+        return OpenAIError(str(e), 503, code="queue_full", retry_after=1)
+    if isinstance(e, ValueError):
+        return OpenAIError(str(e), 400)
+    return None
+
+
+def stream_error(where: str, e: Exception) -> str:
+    """An error after a stream began: reported in-band as an SSE event (status already sent)."""
+    mapped = known_error(e)
+    if mapped is None:
+        internal_error(where, e)
+        return sse_error(f"internal error: {type(e).__name__}", 500)
+    return sse_error(mapped.message, mapped.status)
 
 
 def engine_unavailable(engine: AsyncLLM) -> OpenAIError | None:

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from modelport.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
-from modelport.entrypoints.openai.errors import OpenAIError, internal_error
+from modelport.engine.async_llm import AsyncLLM, RequestStream
+from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -33,10 +33,12 @@ from modelport.entrypoints.openai.serving_common import (
     check_prompt_ids,
     check_unsupported,
     collect_final,
+    known_error,
     make_sampling_params,
     merge_streams,
     sse,
-    sse_error,
+    start_streams,
+    stream_error,
     token_text,
     top_entries,
     unless_disconnected,
@@ -78,10 +80,13 @@ class ServingCompletion:
             params_list.append(make_sampling_params(req, max_tokens, req.logprobs, want_prompt_lp))
         admit(engine, len(prompts) * req.n)
         base_id = req.request_id or random_id("cmpl")
-        streams = [
-            engine.generate(ids, params, f"{base_id}-{i}", prompt_text=text)
-            for i, ((text, ids), params) in enumerate(zip(prompts, params_list, strict=True))
-        ]
+        streams = start_streams(
+            engine,
+            [
+                (ids, params, f"{base_id}-{i}", text)
+                for i, ((text, ids), params) in enumerate(zip(prompts, params_list, strict=True))
+            ],
+        )
         if req.stream:
             gen = self._stream(req, model, base_id, prompts, streams)
             return StreamingResponse(gen, media_type="text/event-stream")
@@ -89,8 +94,8 @@ class ServingCompletion:
             finals = await unless_disconnected(raw, collect_final(streams))
         except ClientGone:
             return Response(status_code=499)
-        except EngineDeadError as e:
-            raise OpenAIError(f"engine failed: {e}", 500, code="engine_dead") from None
+        except Exception as e:
+            raise (known_error(e) or e) from None
         choices: list[CompletionChoice] = []
         n_prompt = n_gen = 0
         for i, final in enumerate(finals):
@@ -242,11 +247,8 @@ class ServingCompletion:
                 usage = UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g)
                 chunk = CompletionResponse(id=base_id, model=model, choices=[], usage=usage)
                 yield sse(dump(chunk))
-        except EngineDeadError as e:
-            yield sse_error(f"engine failed: {e}", 500)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # an answer already started: report in-band, then end cleanly
-            internal_error("/v1/completions (stream)", e)
-            yield sse_error(f"internal error: {type(e).__name__}", 500)
+            yield stream_error("/v1/completions (stream)", e)
         yield SSE_DONE
