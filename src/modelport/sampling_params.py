@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_N = 128  # completions per request (OpenAI's own limit)
+
 
 @dataclass
 class SamplingParams:
@@ -33,15 +35,15 @@ class SamplingParams:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "an integer >= 1")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"an integer in [1, {MAX_N}]")
         if self.temperature < 0:
             raise bad("temperature", ">= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "in (0, 1]")
         if self.top_k == -1:
             self.top_k = 0
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
             raise bad("top_k", "0 or -1 (disabled) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "in [0, 1]")
@@ -51,10 +53,12 @@ class SamplingParams:
             raise bad("frequency_penalty", "in [-2, 2]")
         if not 0.0 < self.repetition_penalty <= 2.0:
             raise bad("repetition_penalty", "in (0, 2]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", "an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < 2**31
+        ):
+            raise bad("max_tokens", "an integer in [1, 2^31)")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens < 2**31:
+            raise bad("min_tokens", "an integer in [0, 2^31)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
@@ -63,8 +67,10 @@ class SamplingParams:
             raise bad("logprobs", "in [0, 20]")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             raise bad("prompt_logprobs", "in [0, 20]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an integer")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63
+        ):
+            raise bad("seed", "a 64-bit signed integer")
         if self.stop is None:
             self._stop_list = []
         elif isinstance(self.stop, str):
@@ -74,9 +80,9 @@ class SamplingParams:
                 raise bad("stop", "a string or a list of strings")
             self._stop_list = [s for s in self.stop if s]
         if self.stop_token_ids is not None and not all(
-            isinstance(t, int) and t >= 0 for t in self.stop_token_ids
+            isinstance(t, int) and 0 <= t < 2**31 for t in self.stop_token_ids
         ):
-            raise bad("stop_token_ids", "a list of non-negative integers")
+            raise bad("stop_token_ids", "a list of token ids (integers in [0, 2^31))")
 
     @property
     def greedy(self) -> bool:

@@ -77,7 +77,7 @@ class InputProcessor:
         for i in range(params.n):
             d = dict(base)
             if params.seed is not None:
-                d["seed"] = params.seed + i
+                d["seed"] = (params.seed + i + 2**63) % 2**64 - 2**63  # stays in int64
             reqs.append(EngineCoreRequest(
                 request_id=child_id(request_id, i, params.n),
                 prompt_token_ids=list(prompt_token_ids),

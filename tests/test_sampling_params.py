@@ -1,0 +1,56 @@
+import pytest
+
+from modelport.engine.messages import EngineCoreRequest, params_to_dict
+from modelport.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"n": 0}, "n"),
+        ({"n": 10**6}, "n"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2**70}, "max_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"seed": 2**64}, "seed"),
+        ({"stop": [1, 2]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": [2**70]}, "stop_token_ids"),
+    ],
+)
+def test_invalid_values_name_the_field(kw, field) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kw)
+
+
+def test_extreme_valid_values_cross_the_process_boundary() -> None:
+    import msgspec
+
+    p = SamplingParams(seed=2**63 - 1, n=128, top_k=-1, stop="x", stop_token_ids=[2**31 - 1])
+    assert p.top_k == 0 and p.stop_strings == ["x"]
+    r = EngineCoreRequest(request_id="a", prompt_token_ids=[1], sampling_params=params_to_dict(p),
+                          eos_token_ids=[2], arrival_time=0.0)
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(r), type=EngineCoreRequest)
+    assert SamplingParams(**back.sampling_params) == p
+
+
+def test_child_seeds_stay_in_int64() -> None:
+    from modelport.config import ModelConfig, SchedulerConfig
+    from modelport.frontend.processor import InputProcessor
+
+    mc = ModelConfig("LlamaForCausalLM", 100, 8, 1, 2, 1, 16)
+    proc = InputProcessor(None, mc, SchedulerConfig(max_model_len=64))
+    reqs = proc.process("r", [1, 2, 3], SamplingParams(n=3, seed=2**63 - 1, max_tokens=4))
+    seeds = [r.sampling_params["seed"] for r in reqs]
+    assert seeds == [2**63 - 1, -(2**63), -(2**63) + 1]
+    assert [r.request_id for r in reqs] == ["0_r", "1_r", "2_r"]
