@@ -29,7 +29,7 @@ def step(s: Scheduler, token: int = 7):
 
 def test_chunked_prefill_and_decode_share_a_step() -> None:
     s = make(budget=8)
-    a, b = req("a", 6), req("b", 10)
+    a, b = req("a", 6), req("b", 10, base=100)
     s.add_request(a)
     s.add_request(b)
     o1 = s.schedule()
@@ -138,3 +138,21 @@ def test_abort_frees_and_reports_finished() -> None:
     assert s.kv.num_free_blocks == 16
     out = s.schedule()
     assert out.finished_ids == ["a"] and out.is_empty
+
+
+def test_equal_prompts_wait_for_the_first_prefill_and_share_its_blocks() -> None:
+    s = make(budget=64)
+    kids = [req(f"{i}_p", 10, max_tokens=3) for i in range(3)]  # n=3 children of one prompt
+    other = req("other", 10, base=500)
+    for r in (*kids, other):
+        s.add_request(r)
+    o1 = s.schedule()
+    # only the first child prefills; its siblings wait a step, the unrelated prompt does not
+    assert [x.request_id for x in o1.scheduled] == ["0_p", "other"]
+    assert [r.request_id for r in s.waiting] == ["1_p", "2_p"]
+    s.update(o1, {"0_p": 7, "other": 7})
+    o2 = s.schedule()
+    got = {x.request_id: (x.start, x.num_tokens) for x in o2.scheduled}
+    assert got["1_p"] == (8, 2) and got["2_p"] == (8, 2)  # two blocks from the cache
+    assert s.kv.block_ids("1_p")[:2] == s.kv.block_ids("0_p")[:2] == s.kv.block_ids("2_p")[:2]
+    assert s.kv.blocks[s.kv.block_ids("0_p")[0]].ref_cnt == 3

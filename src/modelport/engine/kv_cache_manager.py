@@ -133,6 +133,10 @@ class KVCacheManager:
             self.req_last_digest[rid] = parent
         return hashes
 
+    def first_block_hash(self, req: Request) -> BlockHash | None:
+        hashes = self._block_hashes(req)
+        return hashes[0] if hashes else None
+
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of req in whole blocks, leaving at least one token to compute."""
         if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:

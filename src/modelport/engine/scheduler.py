@@ -129,24 +129,33 @@ class Scheduler:
             i += 1
 
         # admit waiting requests (not in a step that had to preempt: the cache is full)
+        prefilling = self._prefilling_first_blocks()
+        deferred: list[Request] = []
         while (
             self.waiting
             and budget > 0
             and not out.preempted_ids
             and len(self.running) < self.config.max_num_seqs
         ):
-            req = self.waiting[0]
+            req = self.waiting.popleft()
+            first = self._first_block_hash(req)
+            if first is not None and first in prefilling:
+                # a request with the same leading block is mid-prefill: wait one step and
+                # share its blocks instead of computing them twice (n > 1, shared prompts)
+                deferred.append(req)
+                continue
             computed_blocks, num_cached = ([], 0)
             if req.num_computed_tokens == 0:
                 computed_blocks, num_cached = self.kv.get_computed_blocks(req)
             n = req.num_tokens - req.num_computed_tokens - num_cached
             if not self.config.enable_chunked_prefill and n > budget:
+                self.waiting.appendleft(req)
                 break
             n = min(n, budget)
             block_ids = self.kv.allocate_slots(req, n, computed_blocks)
             if block_ids is None:
+                self.waiting.appendleft(req)
                 break
-            self.waiting.popleft()
             req.num_computed_tokens += num_cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
@@ -156,8 +165,36 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(self._scheduled(req, n, block_ids))
             budget -= n
+            if first is not None and num_cached == 0:
+                prefilling.add(first)  # its siblings can share once this prefill is done
+        self.waiting.extendleft(reversed(deferred))
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _first_block_hash(self, req: Request):
+        """Hash of req's first full block if it could be shared through the prefix cache."""
+        if (
+            not self.kv.enable_prefix_caching
+            or req.num_computed_tokens > 0
+            or req.num_tokens <= self.kv.block_size
+            or req.sampling_params.prompt_logprobs is not None
+        ):
+            return None
+        return self.kv.first_block_hash(req)
+
+    def _prefilling_first_blocks(self) -> set:
+        """First-block hashes of running requests that have not computed their first block.
+
+        Only the first block: waiting for a whole long chunked prefill would cost a sibling
+        more latency than recomputing the blocks it could not share.
+        """
+        out = set()
+        for r in self.running:
+            if r.num_computed_tokens < self.kv.block_size < r.num_tokens:
+                h = self.kv.first_block_hash(r)
+                if h is not None:
+                    out.add(h)
         return out
 
     def _scheduled(self, req: Request, n: int, block_ids: list[int]) -> ScheduledRequest:
