@@ -31,9 +31,16 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tiny, q
 
 
-def test_perplexity_through_the_engine_matches_a_direct_forward(folders: tuple[Path, Path]) -> None:
+@pytest.fixture(scope="module")
+def float_llm(folders: tuple[Path, Path]) -> LLM:
+    return LLM(model=str(folders[0]), **KW)
+
+
+def test_perplexity_through_the_engine_matches_a_direct_forward(
+    folders: tuple[Path, Path], float_llm: LLM
+) -> None:
     tiny, _ = folders
-    llm = LLM(model=str(tiny), **KW)
+    llm = float_llm
     res = perplexity(llm, TEXT.read_text(), max_length=256)
     ids = llm.get_tokenizer().encode(TEXT.read_text(), add_special_tokens=False)
     src = resolve_model(str(tiny))
@@ -51,9 +58,11 @@ def test_perplexity_through_the_engine_matches_a_direct_forward(folders: tuple[P
     assert res.perplexity == pytest.approx(math.exp(total / count), rel=1e-3)
 
 
-def test_quantized_checkpoint_is_detected_and_served(folders: tuple[Path, Path]) -> None:
-    tiny, q = folders
-    ppl_f = perplexity(LLM(model=str(tiny), **KW), TEXT.read_text(), 256).perplexity
+def test_quantized_checkpoint_is_detected_and_served(
+    folders: tuple[Path, Path], float_llm: LLM
+) -> None:
+    _, q = folders
+    ppl_f = perplexity(float_llm, TEXT.read_text(), 256).perplexity
     llm = LLM(model=str(q), **KW)  # quantization_config detected, no flag needed
     core_model = llm.llm_engine.core.runner.model
     assert any(hasattr(m, "qkernel") for m in core_model.modules())

@@ -40,6 +40,9 @@ class Linear(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
+        # Set by modelport.quantization (a LinearMethod: create weights, load shards, apply);
+        # None keeps the dense weight below.
+        self.quant_method = None
         self.weight = _param(output_size, input_size)
         if bias:
             self.bias = _param(output_size)
@@ -55,6 +58,8 @@ class Linear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

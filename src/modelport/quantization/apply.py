@@ -2,10 +2,9 @@
 
 ``quantize_linear_layers`` hands every ``Linear`` (plain, merged gate/up, fused q/k/v) to
 the config's LinearMethod, which replaces the layer's dense ``weight`` with the format's own
-parameters; ``finish_loading`` runs each method's ``process_weights_after_loading`` once all
-shards arrived. The layer's class is swapped for a subclass whose forward calls the method,
-as ``torch.nn.utils.parametrize`` does, so ``split`` / ``shard_ranges`` and the declared
-loading table keep working and the unquantized classes are untouched.
+parameters; ``Linear.forward`` then calls ``quant_method.apply``. ``finish_loading`` runs each
+method's ``process_weights_after_loading`` once all shards arrived. ``split`` /
+``shard_ranges`` and the declared loading table keep working unchanged.
 """
 
 from __future__ import annotations
@@ -14,19 +13,6 @@ import torch
 from torch import nn
 
 from modelport.quantization.base import QuantizationConfig
-
-_CLASSES: dict[type, type] = {}
-
-
-def _quantized_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.quant_method.apply(self, x, self.bias)
-
-
-def _quantized_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Quantized{cls.__name__}", (cls,),
-                             {"forward": _quantized_forward, "__module__": __name__})
-    return _CLASSES[cls]
 
 
 def output_sizes(layer: nn.Module) -> list[int]:
@@ -45,7 +31,7 @@ def quantize_linear_layers(
 
     count = 0
     for prefix, layer in list(model.named_modules()):
-        if not isinstance(layer, Linear) or hasattr(layer, "quant_method"):
+        if not isinstance(layer, Linear) or getattr(layer, "quant_method", None) is not None:
             continue
         method = config.linear_method(prefix, layer)
         if method is None:
@@ -56,7 +42,6 @@ def quantize_linear_layers(
         with torch.device(device):
             method.create_weights(layer, int(layer.input_size), output_sizes(layer),
                                   params_dtype)
-        layer.__class__ = _quantized_class(type(layer))
         count += 1
     if count == 0:
         raise ValueError(f"{config.name}: no linear layer of the model could be quantized")
@@ -73,4 +58,4 @@ def finish_loading(model: nn.Module) -> None:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(hasattr(m, "quant_method") for m in model.modules())
+    return any(getattr(m, "quant_method", None) is not None for m in model.modules())

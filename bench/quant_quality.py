@@ -1,0 +1,101 @@
+"""Quality table: size on disk and perplexity of SmolLM2-135M-Instruct in each format.
+
+The float source is the embedded default GGUF dequantized by our loader (its on-disk cache)
+plus the tokenizer the loader extracted, written as an HF folder; `modelport quantize` then
+makes AWQ / GPTQ / FP8 checkpoints from it (calibration text: --calib, by default this repo's
+README.md and docs, i.e. not the evaluation text), and every variant is scored through the
+engine's prompt logprobs on tests/data/quant_eval.txt. GGUF Q4_1 is scored both kept
+quantized (--quantization gguf) and dequantized.
+
+    .venv/bin/python bench/quant_quality.py [--calib FILE] [--work DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "tests" / "data" / "quant_eval.txt"
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(
+        p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
+
+
+def float_folder(work: Path) -> Path:
+    """An HF folder (config, float32 safetensors, tokenizer) of the default model."""
+    from modelport import LLM
+    from modelport.loader import default_model_path, gguf_cache_folder
+    from modelport.loader.cache import entry_dir
+
+    LLM(max_model_len=512, kv_cache_memory=64 << 20, device="cpu")  # fills the caches
+    gguf = default_model_path()
+    cached = gguf_cache_folder(gguf)
+    tok = entry_dir(gguf, "gguf-tokenizer")
+    out = work / "smollm2-f32"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in [*cached.iterdir(), *tok.iterdir()]:
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from modelport import LLM
+    from modelport.loader import default_model_path
+    from modelport.quantization.tools.perplexity import perplexity
+    from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="quantq-"))
+    calib = args.calib
+    if calib is None:
+        calib = work / "calib.txt"
+        docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+        calib.write_text("\n\n".join(p.read_text() for p in docs if p.is_file()))
+    src = float_folder(work)
+    text = TEXT.read_text()
+    variants: list[tuple[str, str, str | None, Path]] = [
+        ("fp32 (GGUF dequantized)", str(src), None, src),
+        ("GGUF Q4_1 kept quantized", str(default_model_path()), "gguf", default_model_path()),
+    ]
+    for label, opts in [
+        ("AWQ W4 g64", QuantizeOptions("awq", 4, 64)),
+        ("GPTQ W4 g64 act-order", QuantizeOptions("gptq", 4, 64, desc_act=True, zero_point=False)),
+        ("GPTQ W8 g64", QuantizeOptions("gptq", 8, 64, zero_point=False)),
+        ("FP8 E4M3 per-channel", QuantizeOptions("fp8")),
+    ]:
+        t0 = time.perf_counter()
+        rep = quantize_model(str(src), work / label.split()[0].lower() / str(opts.bits),
+                             calib if opts.method != "fp8" else None, opts)
+        print(f"{label}: quantized in {time.perf_counter() - t0:.0f} s; warnings: {rep.warnings}")
+        variants.append((label, str(rep.output), None, rep.output))
+    rows = []
+    base = None
+    for label, model, q, path in variants:
+        llm = LLM(model=model, quantization=q, max_model_len=512, kv_cache_memory=64 << 20,
+                  device="cpu")
+        ppl = perplexity(llm, text, 512).perplexity
+        base = base or ppl
+        rows.append({"format": label, "size_mb": round(_size(path) / 2**20, 1),
+                     "perplexity": round(ppl, 3), "vs_fp32": f"{100 * (ppl / base - 1):+.2f}%"})
+        print(rows[-1])
+        del llm
+    out = {"text": str(TEXT.relative_to(ROOT)), "rows": rows}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
