@@ -29,7 +29,7 @@ def run_modelport(args) -> dict:
     from modelport import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(kv_cache_memory=256 << 20, max_num_seqs=64)
+    llm = LLM(kv_cache_memory=256 << 20, max_model_len=2048, max_num_seqs=64)
     load_s = time.perf_counter() - t0
     eng = llm.llm_engine
     vocab = eng.config.model_config.vocab_size
