@@ -113,10 +113,11 @@ class EngineArgs:
                             ("num_key_value_heads", model_config.num_key_value_heads)):
                 if n % tp:
                     raise ValueError(f"tensor_parallel_size {tp} must divide {what} ({n})")
-            raise ValueError(
-                "tensor_parallel_size > 1 is not supported by this build yet; "
-                "run data-parallel replicas instead"
-            )
+            if device.startswith("cuda") and torch.cuda.device_count() < tp:
+                raise ValueError(
+                    f"tensor_parallel_size {tp} needs {tp} GPUs; "
+                    f"{torch.cuda.device_count()} visible"
+                )
         if self.quantization is not None or model_config.hf_config.get("quantization_config"):
             from modelport.quantization.loading import resolve_quantization
 

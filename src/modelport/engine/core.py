@@ -44,6 +44,10 @@ class EngineCore:
     def block_size(self) -> int:
         return self.kv.block_size
 
+    def shutdown(self) -> None:
+        """Stop helper processes (tensor-parallel ranks); the core is unusable afterwards."""
+        self.runner.shutdown()
+
     def add_request(self, r: EngineCoreRequest) -> None:
         """Raises ValueError (invalid) or QueueFullError (back-pressure); the engine is unaffected."""
         params = dict_to_params(r.sampling_params)

@@ -140,6 +140,9 @@ def run_engine_core(engine_config: Any, in_conn: Any, out_conn: Any) -> None:
     except BaseException as e:
         with contextlib.suppress(Exception):
             send(CoreFailed(message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()))
+    finally:
+        with contextlib.suppress(Exception):
+            core.shutdown()
 
 
 def _busy_loop(core: Any, in_conn: Any, send: Callable[[FromCore], None]) -> None:

@@ -30,9 +30,14 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp_rank: int = 0) -> None:
         self.config = config
+        self.tp_rank = tp_rank
+        self.tp_size = config.parallel_config.tensor_parallel_size
+        self.tp_workers = None  # on rank 0 of a tensor-parallel group: the other ranks
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.tp_size > 1:
+            self.device = torch.device("cuda", (self.device.index or 0) + tp_rank)
         self.dtype = getattr(torch, config.dtype)
         self.block_size = config.cache_config.block_size
         self.model: torch.nn.Module | None = None
@@ -47,11 +52,21 @@ class ModelRunner:
         from modelport.loader import load_model
 
         t0 = time.perf_counter()
+        if self.tp_size > 1 and self.tp_rank == 0:
+            from modelport.parallel.workers import TPWorkers, cpu_threads_per_rank
+
+            if self.device.type == "cpu":
+                torch.set_num_threads(cpu_threads_per_rank(self.tp_size))
+            self.tp_workers = TPWorkers(self.config, self.device.type)
         torch.manual_seed(self.config.seed)
         self.model = load_model(
             self.config.model_source, self.config.model_config, self.config.load_config,
             self.dtype, self.device,
         )
+        if self.tp_size > 1:
+            from modelport.parallel.tensor_parallel import shard_model
+
+            shard_model(self.model, self.tp_rank, self.tp_size)
         if self.device.type == "cuda":
             from modelport.layers.fused_ops import fuse_small_ops
 
@@ -111,6 +126,8 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_run(self) -> None:
         assert self.model is not None
+        if self.tp_workers is not None:
+            self.tp_workers.send(("profile", None))
         n = self.config.scheduler_config.max_num_batched_tokens
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device) % self.config.scheduler_config.max_model_len
@@ -120,6 +137,8 @@ class ModelRunner:
         del hidden, logits
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        if self.tp_workers is not None:
+            self.tp_workers.send(("kv", num_blocks))
         mc = self.config.model_config
         tp = self.config.parallel_config.tensor_parallel_size
         kv_heads = max(1, mc.num_key_value_heads // tp)
@@ -129,7 +148,7 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_size == 1:
             self._capture_cuda_graphs()
 
     def _capture_cuda_graphs(self) -> None:
@@ -155,6 +174,11 @@ class ModelRunner:
         )
         graphs.capture()
         self.graphs = graphs
+
+    def shutdown(self) -> None:
+        if self.tp_workers is not None:
+            self.tp_workers.shutdown()
+            self.tp_workers = None
 
     # -- the forward: eager, or a decode batch replayed from its CUDA graph ------------------
     def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int],
@@ -243,6 +267,8 @@ class ModelRunner:
                 and n_reqs <= self.graphs.max_batch):
             hidden = self._replay_decode(input_ids, positions, slots, seq_lens, tables)
         else:
+            if self.tp_workers is not None:
+                self.tp_workers.send(("fwd", (input_ids, positions, slots, qsl, seq_lens, tables)))
             hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables)
         if not logit_rows:
             return out

@@ -1,0 +1,117 @@
+"""Tensor-parallel ranks 1..N-1 as child processes driven by rank 0 (the engine's runner).
+
+Rank 0 broadcasts each step's flat inputs; every rank runs its slice of the model and the
+row-parallel layers all-reduce, so rank 0 ends with whole hidden states and samples alone.
+Children are plain subprocesses (not multiprocessing) so that an engine core which is itself
+a daemonic process may start them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import weakref
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+STARTUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device_type: str, rank: int, size: int, port: int) -> None:
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+        timeout=STARTUP_TIMEOUT,
+    )
+
+
+def cpu_threads_per_rank(size: int) -> int:
+    """Ranks share the host's cores; oversubscribed OpenMP threads stall on every barrier."""
+    return max(1, (os.cpu_count() or 1) // size)
+
+
+def broadcast(msg: Any) -> Any:
+    """Rank 0 sends msg to every rank; other ranks receive it (pass None)."""
+    box = [msg]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class TPWorkers:
+    """The child ranks of one tensor-parallel group, as seen from rank 0."""
+
+    def __init__(self, config: Any, device_type: str) -> None:
+        self.size = config.parallel_config.tensor_parallel_size
+        port = _free_port()
+        fd, self._config_path = tempfile.mkstemp(prefix="modelport-tp-", suffix=".pkl")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(config, f)
+        self.procs = [
+            subprocess.Popen([sys.executable, "-m", "modelport.parallel.worker",
+                              self._config_path, str(rank), str(port)])
+            for rank in range(1, self.size)
+        ]
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self._config_path)
+        init_process_group(device_type, 0, self.size, port)
+
+    def send(self, msg: Any) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"tensor-parallel worker pid {p.pid} exited with {p.returncode}")
+        broadcast(msg)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            broadcast(None)  # the ranks leave their loop and exit by themselves
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+        self._finalizer()
+
+
+def _stop(procs: list[subprocess.Popen], path: str) -> None:
+    """Last resort (also at interpreter exit): end ranks still waiting for rank 0."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def worker_loop(runner: Any) -> None:
+    """Serve rank 0's messages until it sends None (or its connection drops)."""
+    with torch.inference_mode():
+        while True:
+            msg = broadcast(None)
+            if msg is None:
+                return
+            kind, args = msg
+            if kind == "fwd":
+                runner._eager_forward(*args)
+            elif kind == "kv":
+                runner.init_kv_cache(args)
+            elif kind == "profile":
+                runner.profile_run()
+            else:
+                raise RuntimeError(f"unknown tensor-parallel message {kind!r}")
