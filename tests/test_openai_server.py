@@ -321,6 +321,11 @@ def test_errors_have_openai_shape_and_server_keeps_serving(base, client, model) 
     )
     _assert_error(httpx.post(url, json={"prompt": [10**9]}), 400)
     _assert_error(httpx.post(url, json={"prompt": "x", "stop": 5}), 400)
+    err = _assert_error(
+        httpx.post(url, json={"prompt": "x", "stream_options": {"include_usage": True}}), 400
+    )
+    assert err["param"] == "stream_options"
+    _assert_error(httpx.post(url, json={"prompt": "x", "logit_bias": {"5": 1.0}}), 400)
     err = _assert_error(httpx.post(url, json={"model": "nope", "prompt": "x"}), 404)
     assert err["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):

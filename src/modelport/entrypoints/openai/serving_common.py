@@ -51,11 +51,15 @@ def check_model(engine: AsyncLLM, name: str | None) -> str:
 
 
 def check_unsupported(req: Any) -> None:
-    """Fields OpenAI defines that this server does not implement: say so instead of ignoring."""
+    """Fields this server does not implement, or combinations OpenAI refuses: say so (400)."""
     if getattr(req, "logit_bias", None):
         raise OpenAIError("logit_bias is not supported", 400, param="logit_bias")
     if getattr(req, "suffix", None):
         raise OpenAIError("suffix is not supported", 400, param="suffix")
+    if getattr(req, "stream_options", None) is not None and not req.stream:
+        raise OpenAIError(
+            "stream_options is only allowed when stream is true", 400, param="stream_options"
+        )
     best_of = getattr(req, "best_of", None)
     if best_of is not None and best_of != req.n:
         raise OpenAIError("best_of other than n is not supported", 400, param="best_of")
