@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -111,8 +112,11 @@ def _describe_device(engine_config: Any) -> str:
     return device
 
 
-def run_engine_core(engine_config: Any, in_conn: Any, out_conn: Any) -> None:
+def run_engine_core(engine_config: Any, in_conn: Any, out_conn: Any, log_level: int = 20) -> None:
     """Entry point of the core process: load, report ready, then the busy loop until shutdown."""
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s"
+    )
     from modelport.engine.core import EngineCore
 
     def send(msg: FromCore) -> None:
@@ -202,11 +206,19 @@ class EngineCoreClient:
         self._out_recv, core_out_send = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(
             target=run_engine_core,
-            args=(engine_config, core_in_recv, core_out_send),
+            args=(
+                engine_config,
+                core_in_recv,
+                core_out_send,
+                logging.getLogger().getEffectiveLevel(),
+            ),
             name="modelport-engine-core",
-            daemon=True,
+            # not daemonic: a core may start processes of its own (tensor-parallel workers);
+            # the finalizer below still kills it if this process exits without shutdown()
+            daemon=False,
         )
         self._proc.start()
+        self._finalizer = weakref.finalize(self, _kill_process, self._proc)
         # Close our copies of the core's ends so EOF reaches us when the core exits.
         core_in_recv.close()
         core_out_send.close()
@@ -313,9 +325,13 @@ class EngineCoreClient:
             self._in_send.close()
 
     def _kill(self) -> None:
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(2)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(2)
+        _kill_process(self._proc)
+
+
+def _kill_process(proc: Any) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(2)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(2)
