@@ -326,6 +326,10 @@ def test_errors_have_openai_shape_and_server_keeps_serving(base, client, model) 
     )
     assert err["param"] == "stream_options"
     _assert_error(httpx.post(url, json={"prompt": "x", "logit_bias": {"5": 1.0}}), 400)
+    err = _assert_error(
+        httpx.post(url, json={"prompt": "x", "max_tokens": 2, "min_tokens": 3}), 400
+    )
+    assert "min_tokens" in err["message"]
     err = _assert_error(httpx.post(url, json={"model": "nope", "prompt": "x"}), 404)
     assert err["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
@@ -437,7 +441,7 @@ def test_metrics_exposed(base) -> None:
 def test_bench_serve_reports_throughput_and_latencies(base, model) -> None:
     cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "bench", "serve", "--url", base,
            "--num-prompts", "4", "--input-len", "8", "--output-len", "3", "--request-rate", "50",
-           "--max-concurrency", "2"]  # fmt: skip
+           "--max-concurrency", "4"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(r.stdout)

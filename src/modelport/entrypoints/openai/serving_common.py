@@ -112,7 +112,7 @@ def make_sampling_params(
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             max_tokens=max_tokens,
-            min_tokens=min(req.min_tokens, max_tokens),
+            min_tokens=req.min_tokens,
             stop=req.stop,
             stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos,
