@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,3 +194,14 @@ def run(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as f:
             f.write(text + "\n")
     return 0 if result["completed"] == result["num_prompts"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m modelport.bench.serve ...`: the same as `modelport bench serve ...`."""
+    parser = argparse.ArgumentParser(prog="python -m modelport.bench.serve", description=__doc__)
+    add_args(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
