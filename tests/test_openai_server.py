@@ -118,6 +118,9 @@ def test_startup_log_health_version_models(server, client, model) -> None:
     assert httpx.get(f"{base}/version").json()["version"]
     cards = client.models.list().data
     assert cards[0].id == model and cards[0].max_model_len == MAX_MODEL_LEN
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
     text = log.read_text()
     assert "loaded " in text and " on cpu" in text
     assert re.search(r"KV cache: \d+ blocks x \d+ tokens = \d+ tokens", text)

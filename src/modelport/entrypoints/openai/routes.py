@@ -77,6 +77,14 @@ async def check_api_key(request: Request) -> None:
         )
 
 
+def _cards(engine: AsyncLLM) -> list[ModelCard]:
+    root = str(getattr(engine.engine_config.model_source, "name", engine.served_model_names[0]))
+    return [
+        ModelCard(id=name, root=root, max_model_len=engine.max_model_len)
+        for name in engine.served_model_names
+    ]
+
+
 def build_routers() -> tuple[APIRouter, APIRouter]:
     """(routes behind --api-key, public probes)."""
     api = APIRouter(dependencies=[Depends(check_api_key)], responses=_ERRORS)
@@ -100,13 +108,15 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
 
     @api.get("/v1/models", tags=["openai"])
     async def models(request: Request) -> ModelList:
-        engine = _state(request).require_engine()
-        root = str(getattr(engine.engine_config.model_source, "name", engine.served_model_names[0]))
-        return ModelList(
-            data=[
-                ModelCard(id=name, root=root, max_model_len=engine.max_model_len)
-                for name in engine.served_model_names
-            ]
+        return ModelList(data=_cards(_state(request).require_engine()))
+
+    @api.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def model_card(model_id: str, request: Request) -> ModelCard:
+        for card in _cards(_state(request).require_engine()):
+            if card.id == model_id:
+                return card
+        raise OpenAIError(
+            f"The model `{model_id}` does not exist.", 404, param="model", code="model_not_found"
         )
 
     @api.post("/tokenize", tags=["tokenizer"])
