@@ -58,6 +58,7 @@ def main() -> None:
     from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="quantq-"))
+    work.mkdir(parents=True, exist_ok=True)
     calib = args.calib
     if calib is None:
         calib = work / "calib.txt"
