@@ -25,7 +25,7 @@ class LayerStats:
     sample: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, x: torch.Tensor, gen: torch.Generator) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).double().cpu()  # statistics live on the host
         self.hessian += x.t() @ x
         self.abs_mean += x.abs().sum(0)
         self.rows += x.shape[0]
@@ -54,6 +54,7 @@ def collect_stats(model: nn.Module, windows: list[list[int]], block_size: int = 
     from modelport.layers.linear import Linear
 
     cfg = model.config
+    device = next(model.parameters()).device
     stats: dict[str, LayerStats] = {}
     gen = torch.Generator().manual_seed(0)
     handles = []
@@ -70,12 +71,14 @@ def collect_stats(model: nn.Module, windows: list[list[int]], block_size: int = 
     try:
         for ids in windows:
             t = len(ids)
-            meta = build_single_sequence_metadata(t, block_size)
+            meta = build_single_sequence_metadata(t, block_size, device)
             n_blocks = (t + block_size - 1) // block_size
-            kv = [torch.zeros(2, n_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+            dtype = next(model.parameters()).dtype
+            kv = [torch.zeros(2, n_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+                              device=device, dtype=dtype)
                   for _ in range(cfg.num_hidden_layers)]
             with forward_context(ForwardContext(meta, kv)):
-                model(torch.tensor(ids), torch.arange(t))
+                model(torch.tensor(ids, device=device), torch.arange(t, device=device))
     finally:
         for h in handles:
             h.remove()
