@@ -10,7 +10,7 @@ from modelport.entrypoints.openai.api_server import OpenAIService, add_openai_ar
 
 # flags owned by the other frontends; asking for any of them (without --model) means
 # "serve those, not the embedded default LLM"
-_OTHER_FRONTEND_FLAGS = ("model_repository", "model_store", "models")
+_OTHER_FRONTEND_FLAGS = ("model_repository", "model_store", "models", "ts_config")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
