@@ -42,8 +42,12 @@ def test_wants_default_model_unless_another_frontend_is_asked_for() -> None:
     ns = argparse.Namespace
     assert frontend.wants(ns(model=None))  # `modelport serve`: the embedded default
     assert frontend.wants(ns(model="/m", model_repository="/repo"))
-    assert not frontend.wants(ns(model=None, model_repository="/repo"))
+    # a repository alone: /v1 routes for its `llm` models, but no default LLM of our own
+    assert frontend.wants(ns(model=None, model_repository="/repo"))
+    assert not frontend._own_engine(ns(model=None, model_repository="/repo"))
+    assert frontend._own_engine(ns(model="/m", model_repository="/repo"))
     assert not frontend.wants(ns(model=None, model_store="/store", models=["a.mar"]))
+    assert not frontend.wants(ns(model=None, ts_config="config.properties"))
 
 
 def test_bad_flag_values_are_rejected() -> None:

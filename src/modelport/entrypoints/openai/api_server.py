@@ -92,6 +92,9 @@ class OpenAIService:
         self.loaded = asyncio.Event()
 
     async def start(self) -> None:
+        if not self.state.serve_own_engine:
+            self.loaded.set()
+            return
         self._task = asyncio.create_task(self._load(), name="openai-engine-load")
 
     async def _load(self) -> None:
@@ -144,9 +147,16 @@ def _log_loaded(engine: AsyncLLM, args: argparse.Namespace) -> None:
     logger.info("OpenAI API ready at http://%s:%d/v1", host, getattr(args, "port", 8000))
 
 
-def attach(app: FastAPI, args: argparse.Namespace, *, exit_on_failure: bool) -> OpenAIService:
-    """Mount the routes and error handlers on `app`; the returned service loads the engine."""
-    state = ServerState(version=_version(), api_key=getattr(args, "api_key", None))
+def attach(
+    app: FastAPI, args: argparse.Namespace, *, exit_on_failure: bool, own_engine: bool = True
+) -> OpenAIService:
+    """Mount the routes and error handlers on `app`; the returned service loads the engine.
+
+    own_engine=False mounts the routes for engines other frontends register (a model
+    repository's `llm` models) without loading one of this server's own.
+    """
+    state = ServerState(version=_version(), api_key=getattr(args, "api_key", None),
+                        serve_own_engine=own_engine)
     install_error_handlers(app, OPENAI_PATHS)
     mount(app, state)
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)

@@ -17,15 +17,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_openai_args(parser)
 
 
-def wants(args: argparse.Namespace) -> bool:
-    """Serve an LLM when --model is given, or when nothing else was asked for (the default)."""
+def _own_engine(args: argparse.Namespace) -> bool:
+    """Load an LLM of our own when --model is given, or when nothing else was asked for."""
     if getattr(args, "model", None):
         return True
     return not any(getattr(args, name, None) for name in _OTHER_FRONTEND_FLAGS)
+
+
+def wants(args: argparse.Namespace) -> bool:
+    # a model repository may hold `llm` models: /v1 serves those too
+    return _own_engine(args) or bool(getattr(args, "model_repository", None))
 
 
 async def build(args: argparse.Namespace, app: FastAPI) -> OpenAIService:
     # Other frontends may share this process: a failed model load is logged and answered
     # with 503s, it does not stop them.
     only_us = not any(getattr(args, name, None) for name in _OTHER_FRONTEND_FLAGS)
-    return attach(app, args, exit_on_failure=only_us)
+    return attach(app, args, exit_on_failure=only_us, own_engine=_own_engine(args))

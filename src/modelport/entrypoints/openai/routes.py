@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 
+from modelport.engine import registry
 from modelport.engine.async_llm import AsyncLLM, EngineDeadError
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -46,7 +47,14 @@ class ServerState:
     load_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    serve_own_engine: bool = True  # False: only engines that other frontends register
+
     def require_engine(self) -> AsyncLLM:
+        if self.engine is None and not self.serve_own_engine:
+            raise OpenAIError(
+                f"no such model; served: {', '.join(_served_names(self)) or '(none)'}",
+                404, param="model", code="model_not_found",
+            )
         if self.engine is None:
             if self.load_error is not None:
                 raise OpenAIError(f"the model failed to load: {self.load_error}", 503)
@@ -59,6 +67,29 @@ class ServerState:
 
 def _state(request: Request) -> ServerState:
     return request.app.state.openai
+
+
+def _engine_for(request: Request, model: str | None) -> AsyncLLM:
+    """The engine serving `model`: one a model repository registered, else this server's own."""
+    engine = registry.lookup(model)
+    if engine is not None:
+        err = engine_unavailable(engine)
+        if err is not None:
+            raise err
+        return engine
+    return _state(request).require_engine()
+
+
+def _served_names(state: ServerState) -> list[str]:
+    names = list(state.engine.served_model_names) if state.engine is not None else []
+    return names + [n for e in registry.engines() for n in e.served_model_names]
+
+
+def _all_cards(state: ServerState) -> list[ModelCard]:
+    cards = _cards(state.require_engine()) if state.serve_own_engine else []
+    for engine in registry.engines():
+        cards.extend(_cards(engine))
+    return cards
 
 
 async def check_api_key(request: Request) -> None:
@@ -92,7 +123,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
 
     @api.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        engine = _state(request).require_engine()
+        engine = _engine_for(request, body.model)
         try:
             return await ServingCompletion(engine).create(body, request)
         except EngineDeadError as e:
@@ -100,7 +131,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
 
     @api.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        engine = _state(request).require_engine()
+        engine = _engine_for(request, body.model)
         try:
             return await ServingChat(engine).create(body, request)
         except EngineDeadError as e:
@@ -108,11 +139,11 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
 
     @api.get("/v1/models", tags=["openai"])
     async def models(request: Request) -> ModelList:
-        return ModelList(data=_cards(_state(request).require_engine()))
+        return ModelList(data=_all_cards(_state(request)))
 
     @api.get("/v1/models/{model_id:path}", tags=["openai"])
     async def model_card(model_id: str, request: Request) -> ModelCard:
-        for card in _cards(_state(request).require_engine()):
+        for card in _all_cards(_state(request)):
             if card.id == model_id:
                 return card
         raise OpenAIError(
@@ -121,7 +152,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
 
     @api.post("/tokenize", tags=["tokenizer"])
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-        engine = _state(request).require_engine()
+        engine = _engine_for(request, body.model)
         check_model(engine, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError("give exactly one of prompt or messages", 400, param="prompt")
@@ -135,7 +166,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
 
     @api.post("/detokenize", tags=["tokenizer"])
     async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-        engine = _state(request).require_engine()
+        engine = _engine_for(request, body.model)
         check_model(engine, body.model)
         bad = [t for t in body.tokens if t >= engine.vocab_size]
         if bad:
@@ -147,7 +178,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     @public.get("/health", tags=["server"], responses={503: {"model": ErrorResponse}})
     async def health(request: Request) -> Response:
         state = _state(request)
-        if state.engine is not None and state.engine.is_ready:
+        if not state.serve_own_engine or (state.engine is not None and state.engine.is_ready):
             return Response(status_code=200)
         try:
             state.require_engine()

@@ -100,16 +100,23 @@ class LLMBackend(Backend):
         return max(1, self.args.max_num_seqs)
 
     async def load(self) -> None:
+        from modelport.engine import registry
         from modelport.engine.async_llm import AsyncLLM
 
         try:
-            self.llm = await AsyncLLM.from_engine_args(self.args)
+            self.llm = await AsyncLLM.from_engine_args(
+                self.args, served_model_names=[self.config.name]
+            )
         except ValueError as e:
             raise ModelConfigError(f"model '{self.config.name}': {e}") from None
+        registry.register(self.config.name, self.llm)  # reachable through /v1 as well
         self._mark_ready()
 
     async def unload(self) -> None:
+        from modelport.engine import registry
+
         if self.llm is not None:
+            registry.unregister(self.config.name, self.llm)
             self.llm.shutdown()
             self.llm = None
 
