@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="labels' first words to leave out, e.g. GPTQ-W8 as 'W8'")
     args = ap.parse_args()
     from modelport import LLM
     from modelport.loader import default_model_path
@@ -76,11 +78,14 @@ def main() -> None:
         ("GPTQ W8 g64", QuantizeOptions("gptq", 8, 64, zero_point=False)),
         ("FP8 E4M3 per-channel", QuantizeOptions("fp8")),
     ]:
-        t0 = time.perf_counter()
-        rep = quantize_model(str(src), work / label.split()[0].lower() / str(opts.bits),
-                             calib if opts.method != "fp8" else None, opts)
-        print(f"{label}: quantized in {time.perf_counter() - t0:.0f} s; warnings: {rep.warnings}")
-        variants.append((label, str(rep.output), None, rep.output))
+        if any(word in label.split() for word in args.skip):
+            continue
+        folder = work / label.split()[0].lower() / str(opts.bits)
+        if not (folder / "config.json").is_file():  # re-runs reuse finished checkpoints
+            t0 = time.perf_counter()
+            rep = quantize_model(str(src), folder, calib if opts.method != "fp8" else None, opts)
+            print(f"{label}: quantized in {time.perf_counter() - t0:.0f} s; warnings: {rep.warnings}")
+        variants.append((label, str(folder), None, folder))
     rows = []
     base = None
     for label, model, q, path in variants:

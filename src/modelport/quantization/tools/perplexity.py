@@ -31,6 +31,9 @@ def perplexity(llm: Any, text: str, max_length: int = 512) -> PerplexityResult:
     """``llm`` is a modelport.LLM; its tokenizer and engine score the text."""
     from modelport.sampling_params import SamplingParams
 
+    engine_cfg = getattr(getattr(llm, "llm_engine", None), "config", None)
+    if engine_cfg is not None:  # a window plus the one generated token must fit the context
+        max_length = min(max_length, engine_cfg.scheduler_config.max_model_len - 1)
     tok = llm.get_tokenizer()
     ids = tok.encode(text, add_special_tokens=False) if hasattr(tok, "encode") else tok(text)
     wins = windows_of(list(ids), max_length)
