@@ -25,15 +25,17 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(n)]
 
 
-def run_modelport(args) -> dict:
+def run_modelport(args, quantization: str | None = None) -> dict:
     from modelport import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(kv_cache_memory=256 << 20, max_model_len=2048, max_num_seqs=64)
+    llm = LLM(kv_cache_memory=256 << 20, max_model_len=2048, max_num_seqs=64,
+              quantization=quantization)
     load_s = time.perf_counter() - t0
     eng = llm.llm_engine
     vocab = eng.config.model_config.vocab_size
-    res = {"engine": "modelport", "load_s": round(load_s, 2)}
+    name = "modelport" + (" (Q4_1 kept quantized)" if quantization else " (fp32)")
+    res = {"engine": name, "load_s": round(load_s, 2)}
 
     # C1: time to first token and decode rate from the engine's own step loop
     p = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
@@ -102,6 +104,8 @@ def run_hf(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", choices=["hf", "none"], default="none")
+    ap.add_argument("--quantized", action="store_true",
+                    help="also run the default model with --quantization gguf (Q4_1 kept)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     machine = {
@@ -111,6 +115,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     results = [run_modelport(args)]
+    if args.quantized:
+        results.append(run_modelport(args, "gguf"))
     if args.peer == "hf":
         results.append(run_hf(args))
     report = {"machine": machine, "results": results,
