@@ -12,59 +12,30 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 
+from helpers.server_proc import start_server, stop_server
+
 KEY = "s3cret-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("limits") / "server.log"
-    cmd = [
-        sys.executable, "-m", "modelport.entrypoints.openai.api_server",
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
+    argv = [
+        "-m", "modelport.entrypoints.openai.api_server", "--api-key", KEY,
         "--max-num-seqs", "1", "--max-waiting-requests", "1", "--max-model-len", "128",
         "--served-model-name", "smol", "smol-alias",
     ]  # fmt: skip
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    saw_503 = False
-    deadline = time.monotonic() + 240
+    seen: set[int | None] = set()
+    proc, url = start_server(argv, log, on_status=seen.add)
     try:
-        while True:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            try:
-                status = httpx.get(f"{url}/health", timeout=2).status_code
-            except httpx.HTTPError:
-                status = None
-            if status == 200:
-                break
-            saw_503 |= status == 503
-            time.sleep(0.2)
-        yield url, saw_503, log
+        yield url, 503 in seen, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

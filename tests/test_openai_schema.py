@@ -6,11 +6,6 @@ max_model_len; n and max_tokens clamped) so that valid requests stay fast on two
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 
 import httpx
@@ -18,46 +13,22 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
+from helpers.server_proc import start_server, stop_server
+
 EXAMPLES = 20
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("schema") / "server.log"
-    cmd = [
-        sys.executable, "-m", "modelport.entrypoints.cli", "serve", "--host", "127.0.0.1",
-        "--port", str(port), "--max-model-len", "64", "--max-num-seqs", "8",
-    ]  # fmt: skip
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--max-model-len", "64",
+            "--max-num-seqs", "8"]
+    proc, url = start_server(argv, log)
     try:
-        while True:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_server(proc)
     assert "internal error" not in log.read_text(), log.read_text()[-4000:]
 
 

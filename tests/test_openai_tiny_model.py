@@ -6,24 +6,13 @@ server's greedy text equals the offline `LLM` on the same folder.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 
+from helpers.server_proc import start_server, stop_server
 from helpers.tiny_models import make_tiny_llama_dir
 
 HOSTILE = "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,35 +24,14 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(model_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("tinysrv") / "server.log"
-    cmd = [
-        sys.executable, "-m", "modelport.entrypoints.cli", "serve", "--model", str(model_dir),
-        "--served-model-name", "tiny", "--max-model-len", "64", "--kv-cache-memory", "8MiB",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", str(model_dir),
+            "--served-model-name", "tiny", "--max-model-len", "64", "--kv-cache-memory", "8MiB"]
+    proc, url = start_server(argv, log, timeout=180)
     try:
-        while True:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_server(proc)
 
 
 def test_hostile_chat_template_is_the_requests_400(base) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from helpers.server_proc import free_port, start_server, stop_server
 from helpers.tiny_models import make_tiny_llama_dir
 from modelport import LLM, SamplingParams
 from modelport.entrypoints.kserve.embedded import EmbeddedServer
@@ -124,45 +126,21 @@ def test_bad_llm_config_is_a_load_error_others_serve(setup) -> None:
     assert r.status_code == 200
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_repository_llm_is_served_on_v1_too(setup, tmp_path) -> None:
     """`modelport serve --model-repository` answers OpenAI requests for its llm models."""
-    import subprocess
-    import sys
-    import time
-
     import openai
 
     srv, ref = setup
     repo = tmp_path / "models"
     (repo / "tiny_llm" / "1").mkdir(parents=True)
-    cfg = (srv.args.model_repository[0] + "/tiny_llm/config.pbtxt")
-    (repo / "tiny_llm" / "config.pbtxt").write_text(open(cfg).read())
-    port = _free_port()
-    cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "serve", "--model-repository",
-           str(repo), "--port", str(port), "--grpc-port", str(_free_port()),
-           "--metrics-port", str(_free_port())]
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    cfg = Path(srv.args.model_repository[0]) / "tiny_llm" / "config.pbtxt"
+    (repo / "tiny_llm" / "config.pbtxt").write_text(cfg.read_text())
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--model-repository", str(repo),
+            "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    proc, base = start_server(argv, tmp_path / "serve.log", timeout=120,
+                              ready_path="/v2/models/tiny_llm/ready")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/models/tiny_llm/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x")
         assert [m.id for m in client.models.list().data] == ["tiny_llm"]
         out = client.completions.create(model="tiny_llm", prompt="hello", max_tokens=6,
                                         temperature=0, extra_body={"ignore_eos": True})
@@ -170,5 +148,4 @@ def test_repository_llm_is_served_on_v1_too(setup, tmp_path) -> None:
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="nope", prompt="x", max_tokens=2)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)

@@ -1,0 +1,63 @@
+"""Start a real server process for a test and wait until it answers (one place for all tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    argv: list[str],
+    log: Path,
+    timeout: float = 240.0,
+    ready_path: str = "/health",
+    on_status: Callable[[int | None], None] | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """Run `python ARGV --host 127.0.0.1 --port P` until GET ready_path is 200.
+
+    on_status sees every probe's status code (None: no answer yet), e.g. to check for 503
+    while loading. The server's output goes to `log`, quoted when it fails to come up.
+    """
+    port = free_port()
+    cmd = [sys.executable, *argv, "--host", "127.0.0.1", "--port", str(port)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            status: int | None = httpx.get(f"{base}{ready_path}", timeout=2).status_code
+        except httpx.HTTPError:
+            status = None
+        if on_status is not None:
+            on_status(status)
+        if status == 200:
+            return proc, base
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready in {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
