@@ -414,3 +414,14 @@ def test_bench_serve_reports_throughput_and_latencies(base, model) -> None:
     assert result["request_throughput"] > 0 and result["output_throughput"] > 0
     assert 0 < result["median_ttft_ms"] <= result["p99_ttft_ms"]
     assert result["mean_tpot_ms"] > 0 and result["mean_itl_ms"] > 0
+
+
+def test_chat_stream_chunks_name_the_role_once(base, model) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0].get("role") == "assistant"
+    assert all("role" not in d for d in deltas[1:])  # never "role": null
