@@ -33,6 +33,27 @@ def dtype_bytes(name: str) -> int:
         ) from None
 
 
+_CANONICAL_DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def auto_dtype(on_cuda: bool, checkpoint_dtype: str) -> str:
+    """What dtype "auto" means: float32 on CPU; on a GPU the checkpoint's own dtype, with
+    float32 checkpoints run in bfloat16. Torch-free, shared by the loader and the planner."""
+    if not on_cuda:
+        return "float32"
+    ckpt = _CANONICAL_DTYPES.get(checkpoint_dtype.lower().removeprefix("torch."), "float32")
+    return "bfloat16" if ckpt == "float32" else ckpt
+
+
+def default_max_num_batched_tokens(on_cuda: bool) -> int:
+    """Per-step token budget when none is given (engine and planner alike)."""
+    return 2048 if on_cuda else 512
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters, normalised from an HF config.json or GGUF metadata."""

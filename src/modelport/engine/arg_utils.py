@@ -13,6 +13,7 @@ from modelport.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    default_max_num_batched_tokens,
 )
 
 
@@ -130,7 +131,9 @@ class EngineArgs:
                 f"max_model_len ({self.max_model_len}) is larger than the model's "
                 f"max_position_embeddings ({model_config.max_position_embeddings})"
             )
-        batched = self.max_num_batched_tokens or (2048 if device.startswith("cuda") else 512)
+        batched = self.max_num_batched_tokens or default_max_num_batched_tokens(
+            device.startswith("cuda")
+        )
         cache = CacheConfig(
             block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelport.config import LoadConfig, ModelConfig
+from modelport.config import LoadConfig, ModelConfig, auto_dtype
 from modelport.loader.cache import build_entry, default_cache_dir, entry_dir
 from modelport.loader.default_model import default_model_path
 from modelport.loader.source import ModelSource, resolve_model
@@ -60,10 +60,7 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torc
             raise ValueError(
                 f"unsupported dtype {dtype!r}; expected auto, {', '.join(_DTYPES)}"
             ) from None
-    if torch.device(device).type == "cpu":
-        return torch.float32
-    ckpt = _DTYPES.get(config.torch_dtype.lower().removeprefix("torch."), torch.float32)
-    return torch.bfloat16 if ckpt == torch.float32 else ckpt
+    return getattr(torch, auto_dtype(torch.device(device).type != "cpu", config.torch_dtype))
 
 
 def gguf_cache_folder(path: Path, cache_dir: Path | None = None) -> Path:

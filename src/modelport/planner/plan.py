@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelport.config import dtype_bytes
+from modelport.config import auto_dtype, default_max_num_batched_tokens, dtype_bytes
 from modelport.planner.errors import PlanError
 from modelport.planner.hardware import Device
 from modelport.planner.memory import KVCapacity, MemoryBudget, kv_capacity, memory_budget
@@ -40,19 +40,15 @@ KEEP_GGUF = "gguf"
 
 
 def resolve_dtype(dtype: str, device: Device, checkpoint_dtype: str) -> str:
-    """Mirror of modelport.loader.resolve_dtype (torch-free): "auto" is float32 on CPU; on CUDA
-    the checkpoint's dtype with float32 -> bfloat16."""
+    """The engine's dtype rule (config.auto_dtype), with the planner's own dtype names."""
     if dtype != "auto":
         return _CANON[dtype]
-    if device.is_cpu:
-        return "float32"
-    ckpt = _CANON.get(checkpoint_dtype.lower().removeprefix("torch."), "float32")
-    return "bfloat16" if ckpt == "float32" else ckpt
+    return auto_dtype(not device.is_cpu, checkpoint_dtype)
 
 
 def engine_max_num_batched_tokens(device: Device) -> int:
-    """Mirror of EngineArgs' default: 2048 tokens per step on CUDA, 512 on CPU."""
-    return 512 if device.is_cpu else 2048
+    """EngineArgs' default per-step token budget for this device."""
+    return default_max_num_batched_tokens(not device.is_cpu)
 
 
 @dataclass(frozen=True)
