@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU fast path is checked and measured with, on one H200 (the device tool's
 # machine: torch 2.11, triton 3.6, transformers 5.17, no network). From the repo root:
-#   bash bench/gpu/run_all.sh [stage ...]      stages: tests kernels w3 w1 hf-w3 hf-w1 (default: all)
+#   bash bench/gpu/run_all.sh [stage ...]      stages: tests kernels w3 w1 hf-w3 hf-w1 (default: all);
+#   also w3-sync w1-sync (async scheduling off), w3-fp8kv w1-fp8kv (FP8 KV cache), w1-fp8
+#   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
 # into .whl/, then carry ".whl" (this script installs them when the folder is there).
@@ -33,6 +35,28 @@ for s in $stages; do
     w3)      $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 --profile \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3.err" || { rc=1; tail -20 "$OUT/w3.err"; } ;;
+    w3-sync) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --no-async-scheduling \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 \
+               --output-json "$OUT/w3.jsonl" 2>"$OUT/w3s.err" || { rc=1; tail -20 "$OUT/w3s.err"; } ;;
+    w3-fp8kv) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --kv-cache-dtype fp8 \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 \
+               --output-json "$OUT/w3.jsonl" 2>"$OUT/w3f.err" || { rc=1; tail -20 "$OUT/w3f.err"; } ;;
+    w1-sync) $PY -m modelport.bench.throughput $COMMON --num-prompts 256 --no-async-scheduling \
+               --max-num-seqs 256 --max-num-batched-tokens 2048 \
+               --output-json "$OUT/w1.jsonl" 2>"$OUT/w1s.err" || { rc=1; tail -20 "$OUT/w1s.err"; } ;;
+    w1-fp8kv) $PY -m modelport.bench.throughput $COMMON --num-prompts 256 --kv-cache-dtype fp8 \
+               --max-num-seqs 256 --max-num-batched-tokens 2048 --profile-steps 20 \
+               --output-json "$OUT/w1.jsonl" 2>"$OUT/w1f.err" || { rc=1; tail -20 "$OUT/w1f.err"; } ;;
+    w1-fp8)  $PY -m modelport.bench.throughput $COMMON --num-prompts 256 --kv-cache-dtype fp8 \
+               --quantization fp8 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+               --output-json "$OUT/w1.jsonl" 2>"$OUT/w1q.err" || { rc=1; tail -20 "$OUT/w1q.err"; } ;;
+    w3-awq|w3-gptq|w3-fp8) q=${s#w3-}
+             $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --quantization $q \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 \
+               --output-json "$OUT/w3.jsonl" 2>"$OUT/w3$q.err" || { rc=1; tail -20 "$OUT/w3$q.err"; } ;;
+    quant-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py \
+               2>&1 | tee "$OUT/quant_tests.log" | tail -25 || rc=1 ;;
+    quant-bench) $PY bench/quant_gpu_linear.py | tee "$OUT/quant_linear.jsonl" || rc=1 ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;

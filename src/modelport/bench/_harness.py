@@ -44,6 +44,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | bfloat16 | ...")
+    p.add_argument("--quantization", "-q", default=None,
+                   help="e.g. fp8, awq, gptq (with --load-format dummy: random packed weights)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare step N+1 while the device runs step N (default: on for CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--backend",
@@ -117,6 +122,9 @@ def build_engine(args: argparse.Namespace, path: str | None) -> Any:
         enable_prefix_caching=not args.no_prefix_caching,
         load_format=args.load_format,
         seed=args.seed,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        async_scheduling=args.async_scheduling,
     )
     return EngineCore(ea.create_engine_config())
 

@@ -75,6 +75,9 @@ def run_modelport(
         "itl_ms_all": [round(x * 1e3, 3) for x in itls],
         "startup_s": round(startup, 1),
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": core.async_scheduling,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "quantization": args.quantization,
     }
     if args.profile:
         import torch

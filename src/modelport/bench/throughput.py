@@ -129,6 +129,9 @@ def run_modelport(
         "startup_s": round(startup, 1),
         "kv_blocks": core.num_kv_blocks,
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": core.async_scheduling,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "quantization": args.quantization,
     }
     if prof_info is not None:
         res["profile"] = prof_info

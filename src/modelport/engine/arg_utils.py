@@ -30,6 +30,8 @@ class EngineConfig:
     enforce_eager: bool
     seed: int
     served_model_name: str
+    # prepare step N+1 on the host while the device runs step N (see engine/core.py)
+    async_scheduling: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -57,6 +59,8 @@ class EngineArgs:
     device: str = "auto"
     kv_cache_dtype: str = "auto"
     max_waiting_requests: int | None = None
+    # None: on for a single CUDA device, where the host work overlaps the GPU's
+    async_scheduling: bool | None = None
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -88,6 +92,9 @@ class EngineArgs:
         g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
         g.add_argument("--max-waiting-requests", type=int, default=None,
                        help="bound on queued requests; past it requests get 503")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                       help="prepare step N+1 while the device runs step N "
+                            "(default: on for one CUDA device)")
         return parser
 
     @classmethod
@@ -160,6 +167,8 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             seed=self.seed,
             served_model_name=self.served_model_name or src.name,
+            async_scheduling=(device.startswith("cuda") and self.tensor_parallel_size == 1
+                              if self.async_scheduling is None else self.async_scheduling),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from modelport.engine.arg_utils import EngineConfig
 from modelport.engine.kv_cache_manager import KVCacheManager
@@ -15,7 +16,10 @@ from modelport.engine.messages import (
     dict_to_params,
 )
 from modelport.engine.request import Request
-from modelport.engine.scheduler import Scheduler
+from modelport.engine.scheduler import Scheduler, SchedulerOutput
+
+if TYPE_CHECKING:
+    from modelport.runner.model_runner import PendingStep
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,11 @@ class EngineCore:
         logger.info("KV cache: %d blocks x %d tokens = %d tokens", num_blocks, bs, num_blocks * bs)
         # prompt logprobs arrive chunk by chunk; gathered here until the prompt is done
         self._prompt_lps: dict[str, list[TokenLogprobs | None]] = {}
+        # async scheduling: the step launched on the device whose tokens are not back yet
+        self.async_scheduling = config.async_scheduling and self.runner.supports_async
+        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
+        if self.async_scheduling:
+            logger.info("async scheduling: step N+1 is prepared while step N runs")
 
     @property
     def num_kv_blocks(self) -> int:
@@ -86,15 +95,31 @@ class EngineCore:
         return outs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._inflight is not None
 
     def step(self) -> EngineCoreOutputs:
+        """One scheduling step. With async scheduling, schedules and launches step N+1, then
+        waits for step N's tokens and returns their outputs: the host's bookkeeping for N
+        runs while the device computes N+1."""
+        outputs: list[EngineCoreOutput] = []
+        if self._inflight is not None and self.scheduler.num_needing_history:
+            # a request needs every earlier token on the host (penalties, logprobs): drain
+            outputs += self._collect(*self._inflight)
+            self._inflight = None
         so = self.scheduler.schedule()
-        if so.is_empty:
-            if so.finished_ids:
-                self.runner.execute(so)  # lets the runner drop per-request state
-            return EngineCoreOutputs(outputs=[], stats=self.get_stats())
-        ro = self.runner.execute(so)
+        pending = self.runner.launch(so)  # None for an empty step
+        if self._inflight is not None:
+            outputs += self._collect(*self._inflight)
+            self._inflight = None
+        if pending is not None:
+            if self.async_scheduling:
+                self._inflight = (so, pending)
+            else:
+                outputs += self._collect(so, pending)
+        return EngineCoreOutputs(outputs=outputs, stats=self.get_stats())
+
+    def _collect(self, so: SchedulerOutput, pending: PendingStep) -> list[EngineCoreOutput]:
+        ro = self.runner.collect(pending)
         for rid in so.preempted_ids:  # recompute re-sends prompt logprobs from the start
             if rid in self._prompt_lps:
                 self._prompt_lps[rid] = [None]
@@ -123,7 +148,7 @@ class EngineCore:
                     first_token_time=req.first_token_time,
                 )
             )
-        return EngineCoreOutputs(outputs=outputs, stats=self.get_stats())
+        return outputs
 
     def get_stats(self) -> SchedulerStats:
         return SchedulerStats(

@@ -43,6 +43,9 @@ class Request:
     priority: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # tokens sampled by a step still in flight (async scheduling): their ids are not known
+    # here yet, but their positions are already scheduled (num_computed_tokens counts them)
+    num_placeholders: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until scheduled
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -71,6 +74,17 @@ class Request:
         mt = self.sampling_params.max_tokens
         assert mt is not None, "max_tokens is resolved at admission"
         return mt
+
+    @property
+    def needs_host_history(self) -> bool:
+        """Whether sampling or outputs need every earlier token on the host (no overlap)."""
+        p = self.sampling_params
+        return (
+            p.needs_penalties
+            or p.min_tokens > 0
+            or p.logprobs is not None
+            or p.prompt_logprobs is not None
+        )
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

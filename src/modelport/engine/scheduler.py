@@ -5,6 +5,11 @@ chunk for a prefilling one), then admits waiting requests while the token budget
 sequence limit and the KV cache allow. When the cache runs dry for a running request, the
 newest running request is preempted: its blocks are freed and it goes back to the front of
 the waiting queue to be recomputed later (its full blocks usually survive in the prefix cache).
+
+A request's tokens count as computed when they are scheduled, so the next step can be
+scheduled while this one still runs on the GPU (async scheduling). The token that step will
+sample is a placeholder until update() hears it: it already has a position and a KV slot,
+and the runner takes its id from the previous step's sampled tokens on the device.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        # unfinished requests whose sampling needs every earlier token on the host
+        self.num_needing_history = 0
 
     # -- admission -----------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -88,6 +95,8 @@ class Scheduler:
             raise QueueFullError(f"waiting queue is full ({len(self.waiting)} requests)")
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        if req.needs_host_history:
+            self.num_needing_history += 1
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
         aborted = []
@@ -109,10 +118,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:
-                i += 1
+            owed = req.num_tokens + req.num_placeholders - req.num_computed_tokens
+            if owed <= 0 or (req.num_placeholders and self._will_stop_by_length(req)):
+                i += 1  # nothing owed, or the in-flight token is its last one
                 continue
+            n = min(owed, budget)
             while True:
                 block_ids = self.kv.allocate_slots(req, n)
                 if block_ids is not None:
@@ -138,6 +148,10 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting.popleft()
+            if req.num_placeholders:
+                # preempted while a step of it was in flight: wait for that step's token
+                deferred.append(req)
+                continue
             first = self._first_block_hash(req)
             if first is not None and first in prefilling:
                 # a request with the same leading block is mid-prefill: wait one step and
@@ -198,12 +212,20 @@ class Scheduler:
         return out
 
     def _scheduled(self, req: Request, n: int, block_ids: list[int]) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        sample = start + n == req.num_tokens + req.num_placeholders
+        req.num_computed_tokens += n
+        if sample:
+            req.num_placeholders += 1
         return ScheduledRequest(
-            request=req,
-            start=req.num_computed_tokens,
-            num_tokens=n,
-            block_ids=block_ids,
-            sample=req.num_computed_tokens + n == req.num_tokens,
+            request=req, start=start, num_tokens=n, block_ids=block_ids, sample=sample
+        )
+
+    def _will_stop_by_length(self, req: Request) -> bool:
+        """Whether the tokens in flight already take req to max_tokens or max_model_len."""
+        return (
+            req.num_output_tokens + req.num_placeholders >= req.max_tokens
+            or req.num_tokens + req.num_placeholders >= self.config.max_model_len
         )
 
     def _preempt(self, req: Request) -> None:
@@ -226,15 +248,16 @@ class Scheduler:
         now = time.monotonic()
         for s in out.scheduled:
             req = s.request
-            if req.is_finished:  # aborted while the step ran
+            if req.is_finished:  # aborted (or stopped) while the step ran: drop its token
                 continue
-            req.num_computed_tokens += s.num_tokens
-            self.kv.cache_full_blocks(req, req.num_computed_tokens)
             if not s.sample:
+                self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
                 progressed.append((req, []))
                 continue
             token = sampled[req.request_id]
+            req.num_placeholders -= 1
             req.append_output_token(token)
+            self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if req.first_token_time is None:
                 req.first_token_time = now
             status = self._check_stop(req, token)
@@ -258,6 +281,8 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
+        if req.needs_host_history:
+            self.num_needing_history -= 1
         if req in self.running:
             self.running.remove(req)
         else:

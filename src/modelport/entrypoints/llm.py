@@ -43,6 +43,7 @@ class LLM:
         quantization: str | None = None,
         device: str = "auto",
         kv_cache_dtype: str = "auto",
+        async_scheduling: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -54,7 +55,7 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, load_format=load_format,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, seed=seed, quantization=quantization, device=device,
-            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_dtype=kv_cache_dtype, async_scheduling=async_scheduling,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()

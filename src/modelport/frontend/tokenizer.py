@@ -108,11 +108,17 @@ class Tokenizer:
         self.bos_token_id: int | None = hf.bos_token_id
         self.vocab_size: int = len(hf)
         self.chat_template: str | dict | None = getattr(hf, "chat_template", None)
+        # a fast tokenizer's Rust object decodes ~5x faster than the Python wrapper around
+        # it (which adds only argument conversion when clean-up is off): detokenization runs
+        # twice per generated token
+        self._rust = getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._rust is not None:
+            return self._rust.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self.hf.decode(
             list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )

@@ -45,6 +45,15 @@ class DecodeInputs:
     block_tables: np.ndarray
 
 
+@dataclass
+class _Staging:
+    ids: torch.Tensor
+    pos: torch.Tensor
+    slots: torch.Tensor
+    lens: torch.Tensor
+    tables: torch.Tensor
+
+
 class DecodeGraphs:
     """Static buffers, the captured graphs, and replay for pure-decode batches."""
 
@@ -68,12 +77,16 @@ class DecodeGraphs:
         def pinned(*shape, dtype):
             return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
-        # host staging (pinned, so the copies below are truly asynchronous)
-        self._h_ids = pinned(b, dtype=torch.int64)
-        self._h_pos = pinned(b, dtype=torch.int64)
-        self._h_slots = pinned(b, dtype=torch.int64)
-        self._h_lens = pinned(b, dtype=torch.int32)
-        self._h_tables = pinned(b, w, dtype=torch.int32)
+        # host staging (pinned, so the copies below are truly asynchronous). Two sets used in
+        # turn: with async scheduling the host fills step N+1's inputs while the copy of step
+        # N's may still be queued behind step N-1 on the device.
+        self._staging = [
+            _Staging(pinned(b, dtype=torch.int64), pinned(b, dtype=torch.int64),
+                     pinned(b, dtype=torch.int64), pinned(b, dtype=torch.int32),
+                     pinned(b, w, dtype=torch.int32))
+            for _ in range(2)
+        ]
+        self._cur = 0
         # device buffers the graphs read
         self.ids = torch.zeros(b, dtype=torch.int64, device=device)
         self.pos = torch.zeros(b, dtype=torch.int64, device=device)
@@ -86,13 +99,15 @@ class DecodeGraphs:
 
     def host_inputs(self, n: int) -> DecodeInputs:
         """Numpy views to fill rows [0, n) of the next batch (pads are set by replay())."""
+        self._cur ^= 1
+        h = self._staging[self._cur]
         return DecodeInputs(
             n,
-            self._h_ids.numpy()[:n],
-            self._h_pos.numpy()[:n],
-            self._h_slots.numpy()[:n],
-            self._h_lens.numpy()[:n],
-            self._h_tables.numpy()[:n],
+            h.ids.numpy()[:n],
+            h.pos.numpy()[:n],
+            h.slots.numpy()[:n],
+            h.lens.numpy()[:n],
+            h.tables.numpy()[:n],
         )
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -136,18 +151,25 @@ class DecodeGraphs:
         )
         return took
 
-    def replay(self, n: int) -> torch.Tensor:
-        """Run the batch staged through host_inputs(n); returns hidden states [n, hidden]."""
+    def replay(self, n: int, fill=None) -> torch.Tensor:  # noqa: ANN001
+        """Run the batch staged through host_inputs(n); returns hidden states [n, hidden].
+
+        fill(ids), if given, patches the device input ids before the replay (the placeholder
+        tokens of async scheduling, which only the device knows yet).
+        """
         b = batch_bucket(n)
+        h = self._staging[self._cur]
         if n < b:  # pads: no KV write, no context
-            self._h_ids[n:b] = 0
-            self._h_pos[n:b] = 0
-            self._h_slots[n:b] = -1
-            self._h_lens[n:b] = 0
-        self.ids[:b].copy_(self._h_ids[:b], non_blocking=True)
-        self.pos[:b].copy_(self._h_pos[:b], non_blocking=True)
-        self.slots[:b].copy_(self._h_slots[:b], non_blocking=True)
-        self.seq_lens[:b].copy_(self._h_lens[:b], non_blocking=True)
-        self.tables[:b].copy_(self._h_tables[:b], non_blocking=True)
+            h.ids[n:b] = 0
+            h.pos[n:b] = 0
+            h.slots[n:b] = -1
+            h.lens[n:b] = 0
+        self.ids[:b].copy_(h.ids[:b], non_blocking=True)
+        self.pos[:b].copy_(h.pos[:b], non_blocking=True)
+        self.slots[:b].copy_(h.slots[:b], non_blocking=True)
+        self.seq_lens[:b].copy_(h.lens[:b], non_blocking=True)
+        self.tables[:b].copy_(h.tables[:b], non_blocking=True)
+        if fill is not None:
+            fill(self.ids[:n])
         self.graphs[b].replay()
         return self.outputs[b][:n]

@@ -29,6 +29,16 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
 
 
+@dataclass
+class PendingStep:
+    """A launched step: its sampled ids are on their way to the host (collect() waits)."""
+
+    out: RunnerOutput  # logprobs are filled at launch; sampled ids at collect
+    sample_ids: list[str] = field(default_factory=list)  # request ids, in token order
+    tokens_host: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp_rank: int = 0) -> None:
         self.config = config
@@ -46,6 +56,15 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.graphs = None  # DecodeGraphs on CUDA unless enforce_eager (see cuda_graphs.py)
+        # the last launched step's sampled ids (device) and each sampling request's row in it:
+        # a placeholder token of the next step (async scheduling) is read from here
+        self._prev_tokens: torch.Tensor | None = None
+        self._prev_rows: dict[str, int] = {}
+
+    @property
+    def supports_async(self) -> bool:
+        """Async scheduling needs every rank to read placeholder ids on its own device."""
+        return self.tp_size == 1
 
     # -- start-up ------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -181,19 +200,35 @@ class ModelRunner:
             self.tp_workers = None
 
     # -- the forward: eager, or a decode batch replayed from its CUDA graph ------------------
+    def _to_dev(self, x: torch.Tensor) -> torch.Tensor:
+        # pinned staging makes the copy asynchronous: the host runs ahead to the launches
+        cuda = self.device.type == "cuda"
+        return (x.pin_memory() if cuda else x).to(self.device, non_blocking=True)
+
+    def _placeholder_fill(self, holes: list[tuple[int, int]]):  # noqa: ANN202
+        """A function writing the previous step's sampled ids into the holes of input ids.
+
+        holes: (index into this step's input ids, row of the previous step's sampled ids).
+        """
+        if not holes:
+            return None
+        assert self._prev_tokens is not None
+        idx = self._to_dev(torch.tensor(holes, dtype=torch.int64).t().contiguous())
+        prev = self._prev_tokens
+
+        def fill(ids: torch.Tensor) -> None:
+            ids.index_copy_(0, idx[0], prev.index_select(0, idx[1]))
+
+        return fill
+
     def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int],
-                       qsl: list[int], seq_lens: list[int], tables: list[list[int]]
+                       qsl: list[int], seq_lens: list[int], tables: list[list[int]],
+                       fill=None,  # noqa: ANN001
                        ) -> torch.Tensor:
-        dev = self.device
-        cuda = dev.type == "cuda"
         table_np = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
         for i, t in enumerate(tables):
             table_np[i, : len(t)] = t
-
-        def to_dev(x: torch.Tensor) -> torch.Tensor:
-            # pinned staging makes the copy asynchronous: the host runs ahead to the launches
-            return (x.pin_memory() if cuda else x).to(dev, non_blocking=True)
-
+        to_dev = self._to_dev
         meta = AttentionMetadata(
             slot_mapping=to_dev(torch.tensor(slots, dtype=torch.int64)),
             query_start_loc=to_dev(torch.tensor(qsl, dtype=torch.int32)),
@@ -206,12 +241,15 @@ class ModelRunner:
             block_size=self.block_size,
         )
         ids_t = to_dev(torch.tensor(input_ids, dtype=torch.long))
+        if fill is not None:
+            fill(ids_t)
         pos_t = to_dev(torch.tensor(positions, dtype=torch.long))
         with forward_context(ForwardContext(meta, self.kv_caches)):
             return self.model(ids_t, pos_t)
 
     def _replay_decode(self, input_ids: list[int], positions: list[int], slots: list[int],
-                       seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
+                       seq_lens: list[int], tables: list[list[int]], fill=None,  # noqa: ANN001
+                       ) -> torch.Tensor:
         assert self.graphs is not None
         n = len(input_ids)
         host = self.graphs.host_inputs(n)
@@ -222,17 +260,36 @@ class ModelRunner:
         bt = host.block_tables
         for i, t in enumerate(tables):
             bt[i, : len(t)] = t
-        return self.graphs.replay(n)
+        return self.graphs.replay(n, fill)
 
     # -- the step ------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        """Run one step and wait for its tokens."""
+        pending = self.launch(so)
+        return self.collect(pending) if pending is not None else RunnerOutput()
+
+    def collect(self, pending: PendingStep) -> RunnerOutput:
+        """Wait for a launched step's sampled ids; the only device-to-host sync of a step."""
+        out = pending.out
+        if pending.sample_ids:
+            if pending.done is not None:
+                pending.done.synchronize()
+            out.sampled = dict(zip(pending.sample_ids, pending.tokens_host.tolist()))
+        return out
+
+    @torch.inference_mode()
+    def launch(self, so: SchedulerOutput) -> PendingStep | None:
+        """Queue one step on the device; returns without waiting for it (None: nothing to run).
+
+        A scheduled token at index >= the request's known tokens is a placeholder: the token
+        the previous (still running) step samples for it, read on the device.
+        """
         assert self.model is not None
         for rid in so.finished_ids:
             self.generators.pop(rid, None)
-        out = RunnerOutput()
         if so.is_empty:
-            return out
+            return None
+        out = RunnerOutput()
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -240,16 +297,27 @@ class ModelRunner:
         qsl = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
+        holes: list[tuple[int, int]] = []  # (input index, row in the previous step's tokens)
         logit_rows: list[int] = []  # flat token index whose logits we need
         sample_reqs = []  # (scheduled, row index into logits)
         prompt_lp_reqs = []  # (scheduled, first row, count)
         for s in so.scheduled:
             req = s.request
             start, n = s.start, s.num_tokens
-            input_ids.extend(req.all_token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+            known = req.num_tokens
+            if start + n <= known:
+                input_ids.extend(req.all_token_ids[start : start + n])
+            else:  # the last token is still being sampled by the step in flight
+                input_ids.extend(req.all_token_ids[start:known])
+                holes.append((len(input_ids), self._prev_rows[req.request_id]))
+                input_ids.append(0)
             blk = s.block_ids
-            slots.extend(blk[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                positions.append(start)
+                slots.append(blk[start // bs] * bs + start % bs)
+            else:
+                positions.extend(range(start, start + n))
+                slots.extend(blk[p // bs] * bs + p % bs for p in range(start, start + n))
             base = qsl[-1]
             qsl.append(base + n)
             seq_lens.append(start + n)
@@ -263,17 +331,19 @@ class ModelRunner:
                 logit_rows.append(base + n - 1)
         dev = self.device
         n_reqs = len(tables)
+        fill = self._placeholder_fill(holes)
         if (self.graphs is not None and len(input_ids) == n_reqs
                 and n_reqs <= self.graphs.max_batch):
-            hidden = self._replay_decode(input_ids, positions, slots, seq_lens, tables)
+            hidden = self._replay_decode(input_ids, positions, slots, seq_lens, tables, fill)
         else:
             if self.tp_workers is not None:
                 self.tp_workers.send(("fwd", (input_ids, positions, slots, qsl, seq_lens, tables)))
-            hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables)
+            hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables, fill)
+        pending = PendingStep(out)
         if not logit_rows:
-            return out
+            return pending
         if len(logit_rows) != hidden.shape[0]:  # rows are increasing: equal count = all rows
-            hidden = hidden[torch.tensor(logit_rows, device=dev)]
+            hidden = hidden[self._to_dev(torch.tensor(logit_rows))]
         logits = self.model.compute_logits(hidden).float()
 
         if sample_reqs:
@@ -293,10 +363,19 @@ class ModelRunner:
             if len(sample_reqs) == logits.shape[0]:  # every row samples: no gather copy
                 to_sample = logits
             else:
-                to_sample = logits[torch.tensor([r for _, r in sample_reqs], device=dev)]
+                to_sample = logits[self._to_dev(torch.tensor([r for _, r in sample_reqs]))]
             tokens, lps = self.sampler(to_sample, rows)
-            for (s, _), tok, lp in zip(sample_reqs, tokens, lps):
-                out.sampled[s.request_id] = tok
+            pending.sample_ids = [s.request_id for s, _ in sample_reqs]
+            self._prev_tokens = tokens
+            self._prev_rows = {rid: i for i, rid in enumerate(pending.sample_ids)}
+            if dev.type == "cuda":
+                pending.tokens_host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                pending.tokens_host.copy_(tokens, non_blocking=True)
+                pending.done = torch.cuda.Event()
+                pending.done.record()
+            else:
+                pending.tokens_host = tokens
+            for (s, _), lp in zip(sample_reqs, lps):
                 if lp is not None:
                     out.logprobs[s.request_id] = lp
         for s, first, count in prompt_lp_reqs:
@@ -307,4 +386,4 @@ class ModelRunner:
                 req.prompt_token_ids[s.start + 1 : s.start + 1 + count], device=dev
             )
             out.prompt_logprobs[s.request_id] = list(compute_logprobs(lp, targets, k))
-        return out
+        return pending

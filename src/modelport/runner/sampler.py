@@ -114,11 +114,21 @@ def compute_logprobs(
     return out
 
 
+def _index(rows: list[int], dev: torch.device) -> torch.Tensor:
+    """Row indices on dev without a blocking copy (a pageable copy would sync the stream)."""
+    t = torch.tensor(rows, dtype=torch.long)
+    return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
+
+
 class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]
-    ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """logits: [N, vocab] float32 (modified in place). Returns token ids and logprobs per row."""
+    ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """logits: [N, vocab] float32 (modified in place).
+
+        Returns the token ids (a [N] tensor on the logits' device: reading it is the caller's
+        sync) and logprobs per row (on the host; computing them syncs).
+        """
         max_lp = max((r.params.logprobs or 0) for r in rows if r.params.logprobs is not None) \
             if any(r.params.logprobs is not None for r in rows) else None
         raw_logprobs = logits.log_softmax(dim=-1) if max_lp is not None else None
@@ -149,14 +159,17 @@ class Sampler:
             probs = scaled.softmax(dim=-1)
             q = torch.empty_like(probs)
             unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-            if unseeded:
-                q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_()
+            if len(unseeded) == len(rows):
+                q.exponential_()
+            elif unseeded:
+                q[_index(unseeded, dev)] = torch.empty(
+                    len(unseeded), probs.shape[1], device=dev).exponential_()
             for i, r in enumerate(rows):
                 if r.generator is not None:
                     q[i].exponential_(generator=r.generator)
             tokens = (probs / q).argmax(dim=-1)
             if any(greedy):
-                g_idx = torch.tensor([i for i, g in enumerate(greedy) if g], device=dev)
+                g_idx = _index([i for i, g in enumerate(greedy) if g], dev)
                 tokens[g_idx] = logits[g_idx].argmax(dim=-1)
 
         lps: list[TokenLogprobs | None] = [None] * len(rows)
@@ -168,4 +181,4 @@ class Sampler:
                 k = rows[i].params.logprobs or 0
                 c = computed[j]
                 lps[i] = TokenLogprobs(c.token_ids[: k + 1], c.logprobs[: k + 1], c.ranks[: k + 1])
-        return tokens.tolist(), lps
+        return tokens, lps
