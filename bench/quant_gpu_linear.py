@@ -6,7 +6,13 @@ replayed many times; the figure is x 32 layers, i.e. the linear part of one deco
 Random weights packed in each format (group 128 for the 4-bit ones). Attention, norms and the
 LM head are not included: this isolates what the weight format changes.
 
-    python bench/quant_gpu_linear.py [--batch 1 64] [--json out.json]
+FP8 rows: ``fp8`` is what the engine runs (Triton W8A16 up to ``fp8.W8A16_MAX_M`` rows, fused
+per-token quantization + ``torch._scaled_mm`` above); ``fp8-mm`` forces the quantize +
+``_scaled_mm`` path, ``fp8-w8a8`` the quantize + Triton FP8 GEMM path and ``fp8-w8a16`` the
+W8A16 kernel (up to 256 rows) at every batch, to place the crossovers.
+
+    python bench/quant_gpu_linear.py [--batch 1 4 64 256] [--formats bf16 fp8 fp8-mm]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,10 +25,16 @@ import torch.nn.functional as F
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAYERS = 32
+W8A16_BENCH_MAX_M = 256
 
 
 def build(fmt: str) -> list:
-    from modelport.quantization.fp8 import fp8_scaled_mm, quantize_fp8_per_channel
+    from modelport.quantization.fp8 import (
+        fp8_linear,
+        fp8_scaled_mm,
+        fp8_triton_mm,
+        quantize_fp8_per_channel,
+    )
     from modelport.quantization.kernels import GroupQuant
     from modelport.quantization.triton_gemm import TritonKernel
 
@@ -38,9 +50,13 @@ def build(fmt: str) -> list:
             s = torch.rand(n, k // 128, generator=gen) * 0.01
             gq = GroupQuant(codes.to(torch.uint8), s, -s * (1 << (bits - 1)), 128, bits)
             ops.append(TritonKernel(gq, torch.device("cuda")))
-        elif fmt == "fp8":
+        elif fmt.startswith("fp8"):
+            from modelport.quantization.triton_fp8 import w8a16_linear
+
             q, sc = quantize_fp8_per_channel((torch.randn(n, k, generator=gen) * 0.02).cuda())
-            ops.append(lambda x, q=q, sc=sc: fp8_scaled_mm(x, q, sc, None))
+            fn = {"fp8": fp8_linear, "fp8-mm": fp8_scaled_mm, "fp8-w8a16": w8a16_linear,
+                  "fp8-w8a8": fp8_triton_mm}[fmt]  # fmt: skip
+            ops.append(lambda x, q=q, sc=sc, fn=fn: fn(x, q, sc, None))
     return ops
 
 
@@ -78,7 +94,7 @@ def time_step(ops: list, m: int, iters: int = 50) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 64, 256])
     ap.add_argument("--formats", nargs="+", default=["bf16", "awq-w4", "gptq-w8", "fp8"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -86,6 +102,8 @@ def main() -> None:
     for fmt in args.formats:
         ops = build(fmt)
         for m in args.batch:
+            if fmt == "fp8-w8a16" and m > W8A16_BENCH_MAX_M:
+                continue  # bf16 tensor-core bound there: not a candidate
             ms = time_step(ops, m)
             rows.append({"format": fmt, "batch": m, "linear_ms_per_step": round(ms, 3),
                          "tok_s_linear_only": round(m * 1000 / ms, 1)})

@@ -6,10 +6,20 @@ activation scheme; we always compute dynamic per-token scales, which is at least
 A fused q/k/v or gate/up layer keeps one scale per output channel, so shards with different
 per-tensor scales fuse without requantizing.
 
-Run: on GPUs with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell)
-``torch._scaled_mm`` with per-token activation and per-channel weight scales. On older GPUs
-loading fails with the alternatives named. On CPU, a weight-only fallback (dequantize to the
-activation dtype per call) keeps the memory saving and the numerics; it is not fast.
+Run, on GPUs with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell), from
+the one stored weight (E4M3 [N, K] row-major, fp32 scale per channel):
+
+* up to ``W8A16_MAX_M`` rows (decode): a Triton W8A16 kernel (weights upcast in registers,
+  bf16/fp16 activations as they are, scale and bias in the epilogue): half the bytes of bf16,
+  no activation quantization (``triton_fp8.w8a16_linear``);
+* more rows: dynamic per-token FP8 activations from one fused Triton kernel, then
+  ``torch._scaled_mm`` (rowwise: scale_a [M, 1], scale_b [1, N], the weight's ``.t()`` view as
+  the column-major operand, fast accumulation) on the FP8 tensor cores.
+
+Without Triton the activations are quantized by torch ops and every batch takes
+``_scaled_mm``. On older GPUs loading fails with the alternatives named. On CPU, a weight-only
+fallback (dequantize to the activation dtype per call) keeps the memory saving and the
+numerics; it is not fast.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelport.quantization import triton_fp8
 from modelport.quantization.base import LinearMethod, QuantizationConfig, new_param, shard_slice
 
 logger = logging.getLogger(__name__)
@@ -30,6 +41,15 @@ logger = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 MIN_CAPABILITY = (8, 9)
+# decode batches up to this many rows take the W8A16 kernel (no activation quantization);
+# larger ones quantize the activations per token and run on the FP8 tensor cores
+W8A16_MAX_M = 16
+# _scaled_mm without periodic fp32 promotion of the tensor-core accumulator (what inference
+# FP8 GEMMs use; measurably faster on Hopper)
+FAST_ACCUM = True
+# the FP8 GEMM above W8A16_MAX_M rows: "scaled_mm" (torch._scaled_mm: cuBLASLt/CUTLASS) or
+# "triton" (triton_fp8.w8a8_linear); both take the fused-quantized activations
+FP8_GEMM = "scaled_mm"
 
 
 def fp8_supported(capability: tuple[int, int]) -> bool:
@@ -112,22 +132,93 @@ class FP8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
-            return fp8_scaled_mm(x, layer.fp8_weight, layer.fp8_scale, bias)
+            return fp8_linear(x, layer.fp8_weight, layer.fp8_scale, bias)
         w = layer.fp8_weight.to(x.dtype) * layer.fp8_scale.to(x.dtype)[:, None]
         return F.linear(x, w, bias)
 
 
-def fp8_scaled_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """Dynamic per-token FP8 activations x per-channel FP8 weights on FP8 tensor cores."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+def quantize_fp8_per_token_torch(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (and no-Triton) dynamic per-token quantization: x2 [M, K] -> (E4M3, [M, 1])."""
     x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-    xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), x_scale
+
+
+def quantize_fp8_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (E4M3 [M, K], fp32 scales [M, 1]): one fused kernel on CUDA with Triton."""
+    if x2.is_cuda and triton_fp8.available():
+        return triton_fp8.quantize_per_token(x2)
+    return quantize_fp8_per_token_torch(x2)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])  # a view for the usual contiguous activations
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def fp8_linear(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y = x (w * w_scale)^T + bias on CUDA, by batch size (see the module docstring)."""
+    n, k = w.shape
+    m = x.numel() // k if k else 0
+    if triton_fp8.available() and x.dtype in (torch.bfloat16, torch.float16):
+        if m <= W8A16_MAX_M or k % 16 or n % 16:  # _scaled_mm needs K, N multiples of 16
+            y = triton_fp8.w8a16_linear(_rows(x), w, w_scale, bias)
+            return y.reshape(*x.shape[:-1], n)
+        if FP8_GEMM == "triton":
+            return fp8_triton_mm(x, w, w_scale, bias)
+    elif k % 16 or n % 16:
+        wd = w.to(x.dtype) * w_scale.to(x.dtype).reshape(-1, 1)
+        return F.linear(x, wd, bias)
+    return fp8_scaled_mm(x, w, w_scale, bias)
+
+
+def fp8_triton_mm(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """fp8_scaled_mm with the Triton FP8 GEMM in place of torch._scaled_mm (bf16/fp16 x)."""
+    n = w.shape[0]
+    xq, x_scale = triton_fp8.quantize_per_token(_rows(x))
+    y = triton_fp8.w8a8_linear(xq, x_scale, w, w_scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def fp8_scaled_mm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    fast_accum: bool = FAST_ACCUM,
+) -> torch.Tensor:
+    """Dynamic per-token FP8 activations x per-channel FP8 weights on FP8 tensor cores.
+
+    ``w`` [N, K] E4M3 row-major (``w.t()`` is the column-major operand ``_scaled_mm`` wants:
+    a view); ``w_scale`` fp32 [N] (or one per-tensor value). K and N multiples of 16.
+    """
+    n = w.shape[0]
+    x2 = _rows(x)
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    xq, x_scale = quantize_fp8_per_token(x2)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    y = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale[None, :],
-                         out_dtype=out_dtype, bias=bias.to(out_dtype) if bias is not None else None)
-    return y.to(x.dtype).reshape(*shape[:-1], w.shape[0])
+    if w_scale.dtype != torch.float32:
+        w_scale = w_scale.float()
+    # rowwise scaling takes scale_b as [1, N] with unit stride: a view of the stored [N] scales
+    scale_b = w_scale.reshape(1, -1) if w_scale.numel() == n else w_scale.reshape(1, 1).repeat(1, n)
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    y = torch._scaled_mm(
+        xq,
+        w.t(),
+        scale_a=x_scale,
+        scale_b=scale_b,
+        out_dtype=out_dtype,
+        bias=bias,
+        use_fast_accum=fast_accum,
+    )
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _load_fp8_weight(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
