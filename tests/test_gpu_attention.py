@@ -2,7 +2,9 @@
 
 Inputs are fresh random draws each case: ragged context and query lengths, prefix hits
 (queries behind cached context), GQA groups, contexts ending on and off block boundaries,
-blocks scattered through the cache, and the padded rows a CUDA graph replays.
+blocks scattered through the cache, and the padded rows a CUDA graph replays. The same
+cases run on an fp8 (e4m3) cache: the kernels upcast fp8 K/V exactly, so they must match
+the float32 reference computed on that same fp8 cache.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-def _batch(cases, heads, kv_heads, head_dim, page, seed, dtype=torch.bfloat16):
-    """cases: [(cached_context, query_len)]. Returns q, k, v, an empty cache and metadata."""
+FP8 = torch.float8_e4m3fn
+
+
+def _batch(cases, heads, kv_heads, head_dim, page, seed, dtype=torch.bfloat16, kv_dtype=None):
+    """cases: [(cached_context, query_len)]. Returns q, k, v, a random cache (kv_dtype,
+    default dtype) and metadata."""
     rng = random.Random(seed)
     g = torch.Generator(device=DEV).manual_seed(seed)
     need = sum(-(-(c + n) // page) for c, n in cases)
@@ -37,7 +43,7 @@ def _batch(cases, heads, kv_heads, head_dim, page, seed, dtype=torch.bfloat16):
         seq.append(total)
     t = qsl[-1]
     cache = torch.randn(2, num_blocks, page, kv_heads, head_dim, generator=g, device=DEV)
-    cache = cache.to(dtype)
+    cache = cache.to(kv_dtype or dtype)
     q = torch.randn(t, heads, head_dim, generator=g, device=DEV).to(dtype)
     k = torch.randn(t, kv_heads, head_dim, generator=g, device=DEV).to(dtype)
     v = torch.randn(t, kv_heads, head_dim, generator=g, device=DEV).to(dtype)
@@ -231,3 +237,127 @@ def test_fuse_small_ops_swaps_modules_and_keeps_outputs():
     assert fo.fuse_small_ops(m) == 1 and type(m[0]) is fo.FusedRMSNorm
     after = m(x)
     assert (after.float() - before.float()).abs().max() <= before.float().abs().max() * 2**-7
+
+
+# ---------------------------------------------------------------------------------------
+# fp8 (e4m3) KV cache: clamp + cast on write, exact upcast on read
+# ---------------------------------------------------------------------------------------
+def test_fp8_write_kv_matches_reference_saturates_and_skips_padding():
+    from modelport.layers.triton_attention import write_kv_triton
+
+    q, k, v, cache, meta = _batch([(5, 9), (0, 17), (31, 1)], 8, 2, 64, 16, seed=1, kv_dtype=FP8)
+    k[0, 0, :4] = torch.tensor([1000.0, -1.0e4, 447.0, 460.0])  # outliers saturate to +-448
+    v[2, 1, :3] = torch.tensor([3.0e38, -500.0, 1.0e-6])
+    k[4] *= 37.0  # a whole row spread over the e4m3 range, rounding ties included
+    want = cache.clone()
+    write_kv(want, k, v, meta.slot_mapping)
+    got = cache.clone()
+    write_kv_triton(got, k, v, meta.slot_mapping)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert not got.float().isnan().any()
+    flat = got.view(2, -1, 2, 64)
+    assert flat[0, meta.slot_mapping[0], 0, :4].float().tolist() == [448.0, -448.0, 448.0, 448.0]
+    assert flat[1, meta.slot_mapping[2], 1, :2].float().tolist() == [448.0, -448.0]
+    # float32 and float16 inputs take the same clamp + round-to-nearest-even cast
+    for dt in (torch.float32, torch.float16):
+        want_dt, got_dt = cache.clone(), cache.clone()
+        write_kv(want_dt, k.to(dt), v.to(dt), meta.slot_mapping)
+        write_kv_triton(got_dt, k.to(dt), v.to(dt), meta.slot_mapping)
+        assert torch.equal(got_dt.view(torch.uint8), want_dt.view(torch.uint8))
+    # a -1 slot (a padded CUDA-graph row) writes nothing
+    slots = meta.slot_mapping.clone()
+    slots[3] = -1
+    got2 = cache.clone()
+    write_kv_triton(got2, k, v, slots)
+    keep = torch.ones(len(slots), dtype=torch.bool, device=DEV)
+    keep[3] = False
+    want2 = cache.clone()
+    write_kv(want2, k[keep], v[keep], meta.slot_mapping[keep])
+    assert torch.equal(got2.view(torch.uint8), want2.view(torch.uint8))
+
+
+def test_fp8_cache_is_supported_and_other_kv_dtypes_are_not():
+    from modelport.layers.triton_attention import supports
+
+    q = torch.empty(1, 8, 64, device=DEV, dtype=torch.bfloat16)
+    for kv_dtype, ok in (
+        (torch.bfloat16, True),
+        (FP8, True),
+        (torch.float8_e5m2, False),
+        (torch.float16, False),
+        (torch.float32, False),
+    ):
+        cache = torch.empty(2, 4, 16, 2, 64, device=DEV, dtype=kv_dtype)
+        assert supports(q, cache, 64) is ok, kv_dtype
+    assert supports(q.half(), torch.empty(2, 4, 16, 2, 64, device=DEV, dtype=FP8), 64)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,dtype",
+    [
+        (32, 8, 128, torch.bfloat16),
+        (8, 8, 64, torch.bfloat16),
+        (14, 2, 64, torch.bfloat16),
+        (32, 8, 128, torch.float16),
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp8_mixed_prefill_decode_and_prefix_hits_match_reference(
+    heads, kv_heads, head_dim, dtype, seed
+):
+    from modelport.layers.triton_attention import triton_paged_attention, write_kv_triton
+
+    rng = random.Random(seed)
+    cases = [(0, rng.randint(2, 200)) for _ in range(2)]  # fresh prompts
+    cases += [(rng.randint(1, 300), rng.randint(2, 150)) for _ in range(3)]  # prefix hits
+    cases += [(16 * rng.randint(1, 8), 16), (0, 64), (47, 1), (63, 1)]  # block edges
+    cases += [(rng.randint(1, 700), 1) for _ in range(5)]  # decodes
+    rng.shuffle(cases)
+    q, k, v, cache, meta = _batch(
+        cases, heads, kv_heads, head_dim, 16, seed, dtype=dtype, kv_dtype=FP8
+    )
+    write_kv_triton(cache, k, v, meta.slot_mapping)
+    scale = head_dim**-0.5
+    out = triton_paged_attention(q, cache, meta, scale)
+    assert out.dtype == dtype
+    # the same fp8 cache read by the reference: only accumulation order and rounding differ
+    assert _rel(out, _reference(q, cache, meta, scale)) < 1e-2
+    # and the reference backend on the raw fp8 cache (its own upcast) agrees too
+    m = AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
+    assert _rel(out, reference_paged_attention(q, cache, m, scale)) < 2e-2
+
+
+@pytest.mark.parametrize("n_reqs", [1, 3, 16, 200])
+@pytest.mark.parametrize("page", [16, 32])
+def test_fp8_decode_split_k_matches_reference(n_reqs, page):
+    from modelport.layers.triton_attention import triton_paged_attention, write_kv_triton
+
+    rng = random.Random(n_reqs * page)
+    cases = [(rng.randint(0, 2100), 1) for _ in range(n_reqs)]
+    q, k, v, cache, meta = _batch(cases, 32, 8, 128, page, seed=n_reqs, kv_dtype=FP8)
+    write_kv_triton(cache, k, v, meta.slot_mapping)
+    out = triton_paged_attention(q, cache, meta, 128**-0.5)
+    assert _rel(out, _reference(q, cache, meta, 128**-0.5)) < 1e-2
+
+
+def test_fp8_padded_graph_rows_stay_finite():
+    from modelport.layers.triton_attention import triton_paged_attention
+
+    q, k, v, cache, meta = _batch([(100, 1), (7, 1), (0, 1)], 16, 4, 64, 16, seed=5, kv_dtype=FP8)
+    meta.seq_lens[2] = 0
+    meta.seq_lens_cpu[2] = 0
+    out = triton_paged_attention(q, cache, meta, 0.125)
+    assert torch.isfinite(out).all() and out[2].abs().max() == 0
+
+
+def test_attention_layer_picks_triton_for_an_fp8_cache():
+    from modelport.layers import triton_attention as ta
+    from modelport.layers.attention import Attention, ForwardContext, forward_context
+
+    q, k, v, cache, meta = _batch([(20, 5), (9, 1)], 8, 2, 64, 16, seed=9, kv_dtype=FP8)
+    layer = Attention(8, 64, 2, 0, 0.125)
+    with forward_context(ForwardContext(meta, [cache])):
+        out = layer(q.flatten(1), k.flatten(1), v.flatten(1))
+    assert layer.backend is ta.triton_paged_attention
+    assert layer._write is ta.write_kv_triton
+    assert _rel(out.view_as(q), _reference(q, cache, meta, 0.125)) < 1e-2

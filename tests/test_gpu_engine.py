@@ -141,3 +141,66 @@ def test_seeded_sampling_on_gpu_is_reproducible_across_batches(model_dir):
 def test_kv_budget_too_small_is_a_clear_error(model_dir):
     with pytest.raises(ValueError, match="max_model_len|KV cache|gpu_memory_utilization"):
         _llm(model_dir, gpu_memory_utilization=0.001)
+
+
+# ---------------------------------------------------------------------------------------
+# fp8 (e4m3) KV cache: the Triton kernels and CUDA graphs serve it too
+# ---------------------------------------------------------------------------------------
+def test_fp8_kv_cache_runs_on_triton_with_graphs(model_dir):
+    from modelport.layers import triton_attention
+
+    llm = _llm(model_dir, kv_cache_dtype="fp8")
+    out = llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=_greedy(3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    runner = _runner(llm)
+    assert runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    assert runner.graphs is not None and runner.graphs.graphs
+    for lyr in runner.model.model.layers:
+        assert lyr.self_attn.attn.backend is triton_attention.triton_paged_attention
+        assert lyr.self_attn.attn._write is triton_attention.write_kv_triton
+
+
+def test_fp8_kv_cache_greedy_mostly_equals_bf16_cache(model_dir):
+    # a tiny random model has near-ties (top-2 logprobs within 0.01), so tokens may part
+    # ways; where they do, the fp8 pick must be a near-tie of the bf16 run's choice
+    params = _greedy(N_NEW, logprobs=20, prompt_logprobs=0)
+    runs = {}
+    for kd in ("auto", "fp8"):
+        llm = _llm(model_dir, kv_cache_dtype=kd)
+        runs[kd] = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
+        del llm
+        torch.cuda.empty_cache()
+    same = 0
+    for prompt, a, b in zip(PROMPTS, runs["auto"], runs["fp8"]):
+        # teacher-forced prompt logprobs: prefill and prefix reads of the fp8 cache
+        for i in range(1, len(prompt)):
+            la = a.prompt_logprobs[i][prompt[i]].logprob
+            lb = b.prompt_logprobs[i][prompt[i]].logprob
+            assert abs(la - lb) < 0.3, (prompt[:3], i, la, lb)
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        same += sum(x == y for x, y in zip(ta, tb))
+        for i, (x, y) in enumerate(zip(ta, tb)):
+            lpa, lpb = a.outputs[0].logprobs[i], b.outputs[0].logprobs[i]
+            if x != y:  # first divergence: a near-tie in the bf16 run
+                assert y in lpa and lpa[x].logprob - lpa[y].logprob < 0.3, (prompt[:3], i)
+                break
+            assert abs(lpa[x].logprob - lpb[y].logprob) < 0.3, (prompt[:3], i)
+    assert same >= N_NEW * len(PROMPTS) // 2, (same, runs)
+
+
+def test_fp8_kv_cache_graph_replay_equals_eager(model_dir):
+    params = _greedy(N_NEW, logprobs=2)
+    runs = {}
+    for eager in (True, False):
+        llm = _llm(model_dir, enforce_eager=eager, kv_cache_dtype="fp8")
+        assert (_runner(llm).graphs is None) == eager
+        runs[eager] = llm.generate(
+            prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False
+        ) + llm.generate(prompt_token_ids=PROMPTS[1:2], sampling_params=params, use_tqdm=False)
+        del llm
+        torch.cuda.empty_cache()
+    for a, b in zip(runs[True], runs[False]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in a.outputs[0].logprobs]
+        lb = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in b.outputs[0].logprobs]
+        assert len(la) == N_NEW and la == lb

@@ -8,6 +8,10 @@ block_table[p // block_size] * block_size + p % block_size of the flattened
 The batch is flat: all scheduled tokens of all requests concatenated in request order.
 Request i owns query rows query_start_loc[i]:query_start_loc[i+1] and its context is
 positions 0 .. seq_lens[i]-1, of which the last (query_len) are the new tokens.
+
+An fp8 cache (torch.float8_e4m3fn, ``--kv-cache-dtype fp8``) stores K/V clamped to the e4m3
+range (+-448) and cast with scale 1.0; readers upcast to the query dtype (exact). The Triton
+kernels do the same, so CPU and GPU agree.
 """
 
 from __future__ import annotations
@@ -74,12 +78,28 @@ def get_forward_context() -> ForwardContext:
     return _CONTEXT
 
 
+FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K or V as the cache stores it: fp8 saturates to +-448 (scale 1.0) instead of NaN."""
+    if dtype in FP8_KV_DTYPES:
+        return x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+    return x.to(dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as uint8 for index ops that lack fp8 kernels (CPU index_copy_), else t."""
+    return t.view(torch.uint8) if t.dtype in FP8_KV_DTYPES else t
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store new K/V rows ([T, kv_heads, head_dim]) into their cache slots."""
     _, nb, bs, h, d = kv_cache.shape
-    flat = kv_cache.view(2, nb * bs, h, d)
-    flat[0].index_copy_(0, slots, k.to(flat.dtype))
-    flat[1].index_copy_(0, slots, v.to(flat.dtype))
+    flat = _bytes(kv_cache.view(2, nb * bs, h, d))
+    flat[0].index_copy_(0, slots, _bytes(to_cache_dtype(k, kv_cache.dtype)))
+    flat[1].index_copy_(0, slots, _bytes(to_cache_dtype(v, kv_cache.dtype)))
 
 
 def gather_kv(
@@ -88,8 +108,9 @@ def gather_kv(
     """K and V of positions [0, seq_len) of one request: each [seq_len, kv_heads, head_dim]."""
     n_blocks = (seq_len + kv_cache.shape[2] - 1) // kv_cache.shape[2]
     ids = block_ids[:n_blocks]
-    k = kv_cache[0].index_select(0, ids).flatten(0, 1)[:seq_len]
-    v = kv_cache[1].index_select(0, ids).flatten(0, 1)[:seq_len]
+    raw = _bytes(kv_cache)
+    k = raw[0].index_select(0, ids).flatten(0, 1)[:seq_len].view(kv_cache.dtype)
+    v = raw[1].index_select(0, ids).flatten(0, 1)[:seq_len].view(kv_cache.dtype)
     return k, v
 
 
@@ -160,8 +181,11 @@ def _batched_decode_attention(
     max_len = meta.max_seq_len
     n_blocks = (max_len + bs - 1) // bs
     tables = meta.block_tables[:, :n_blocks].long()
-    k = kv_cache[0][tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)  # [B, KH, L, D]
-    v = kv_cache[1][tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)
+    raw = _bytes(kv_cache)
+    k = raw[0][tables].flatten(1, 2)[:, :max_len].view(kv_cache.dtype)
+    v = raw[1][tables].flatten(1, 2)[:, :max_len].view(kv_cache.dtype)
+    k = k.transpose(1, 2).to(q.dtype)  # [B, KH, L, D]
+    v = v.transpose(1, 2).to(q.dtype)
     lens = meta.seq_lens.to(q.device).long()
     mask = torch.arange(max_len, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
     o = grouped_attention(q.unsqueeze(2), k, v, mask[:, None, None, None, :], scale)

@@ -18,6 +18,12 @@ Why two attention kernels instead of one:
 
 Numerical choices keep CUDA-graph replay and eager runs bit-identical: the split count
 depends only on the padded batch bucket, never on the step's context lengths.
+
+FP8 KV cache (``--kv-cache-dtype fp8``, torch.float8_e4m3fn): the write clamps K/V to the
+e4m3 range (+-448) and casts with scale 1.0 (vLLM's default without calibrated scales), so
+outliers saturate instead of turning into NaN; the attention kernels load fp8 tiles and
+upcast them (exactly) to the query dtype before the dot products. Decode reads half the
+bytes. On a 16-bit cache those casts are no-ops, so that path compiles to the same code.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+
+from modelport.layers.attention import FP8_E4M3_MAX, FP8_KV_DTYPES
 
 if TYPE_CHECKING:
     from modelport.layers.attention import AttentionMetadata
@@ -50,6 +58,7 @@ def _write_kv_kernel(
     half_stride,
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # > 0: fp8 cache, saturate to +-FP8_MAX before the cast
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -57,6 +66,9 @@ def _write_kv_kernel(
     mask = (offs < ROW) & (slot >= 0)  # slot -1: a padded row of a CUDA graph, skip it
     k = tl.load(k_ptr + t.to(tl.int64) * stride_k + offs, mask=mask)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_v + offs, mask=mask)
+    if FP8_MAX > 0:
+        k = tl.clamp(k.to(tl.float32), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     dst = cache_ptr + slot * ROW + offs
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + half_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -65,7 +77,10 @@ def _write_kv_kernel(
 def write_kv_triton(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """Store K/V rows [T, kv_heads, head_dim] at their slots; slot -1 rows are skipped."""
+    """Store K/V rows [T, kv_heads, head_dim] at their slots; slot -1 rows are skipped.
+
+    An fp8 cache gets K/V clamped to +-448 and cast (scale 1.0), like ``write_kv``.
+    """
     t = k.shape[0]
     if t == 0:
         return
@@ -83,6 +98,7 @@ def write_kv_triton(
         nb * bs * row,
         ROW=row,
         BLOCK=triton.next_power_of_2(row),
+        FP8_MAX=FP8_E4M3_MAX if kv_cache.dtype in FP8_KV_DTYPES else 0.0,
         num_warps=4,
     )
 
@@ -149,6 +165,7 @@ def _decode_kernel(
         page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         row = page * stride_blk + (offs_n % PAGE) * stride_slot + kv_head_off
         k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        k = k.to(q.dtype)  # fp8 cache: exact upcast; 16-bit: a no-op
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -159,7 +176,7 @@ def _decode_kernel(
             cache_ptr + half_stride + row[:, None] + offs_d[None, :],
             mask=n_mask[:, None],
             other=0.0,
-        )
+        ).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -276,6 +293,7 @@ def _prefill_kernel(
         page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         row = page * stride_blk + (offs_n % PAGE) * stride_slot + kv_head_off
         k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        k = k.to(q.dtype)  # fp8 cache: exact upcast; 16-bit: a no-op
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         keep = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -287,7 +305,7 @@ def _prefill_kernel(
             cache_ptr + half_stride + row[:, None] + offs_d[None, :],
             mask=n_mask[:, None],
             other=0.0,
-        )
+        ).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -364,11 +382,12 @@ def get_plan(meta: AttentionMetadata, num_kv_heads: int) -> TritonPlan:
 
 
 def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim: int) -> bool:
-    """Whether these kernels handle this layer: CUDA, 16-bit, power-of-two head_dim >= 16."""
+    """Whether these kernels handle this layer: CUDA, 16-bit queries, a cache of the query
+    dtype or fp8 e4m3, power-of-two head_dim >= 16."""
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
-        and kv_cache.dtype == q.dtype
+        and (kv_cache.dtype == q.dtype or kv_cache.dtype in FP8_KV_DTYPES)
         and head_dim >= 16
         and head_dim & (head_dim - 1) == 0
         and kv_cache.is_contiguous()
