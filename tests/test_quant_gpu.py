@@ -65,3 +65,75 @@ def test_fp8_scaled_mm_matches_reference(m: int) -> None:
     ref = x.float() @ (q.float() * s[:, None]).t() + bias.float()
     got = fp8_scaled_mm(x, q, s, bias).float()
     torch.testing.assert_close(got, ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+
+
+def _gemv_case(n: int, k: int, bits: int, group: int, act_order: bool, seed: int):  # noqa: ANN202
+    from modelport.quantization.triton_gemm import TritonKernel
+
+    gq = _random_gq(n, k, bits, group, act_order, seed)
+    return gq, TritonKernel(gq, torch.device("cuda")), gq.dequantize().cuda()
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("group", [16, 32, 64, 128])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_triton_gemv_matches_reference(bits: int, group: int, act_order: bool) -> None:
+    """Decode-sized batches (1..GEMV_MAX_M rows) take the GEMV kernel; shapes that are not
+    multiples of its blocks exercise the masked paths."""
+    from modelport.quantization.triton_gemm import GEMV_MAX_M
+
+    gen = torch.Generator().manual_seed(bits * 1000 + group)
+    for i in range(3):
+        n = int(torch.randint(1, 700, (1,), generator=gen))
+        k = group * int(torch.randint(1, 4096 // group + 1, (1,), generator=gen))
+        gq, kern, w = _gemv_case(n, k, bits, group, act_order, seed=i)
+        kern.gemm = None  # these batches must never reach the GEMM
+        for m in range(1, GEMV_MAX_M + 1):
+            for dtype in (torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+                ref = x.float() @ w.t()
+                got = kern(x)
+                assert got.dtype == dtype and got.shape == (m, n)
+                torch.testing.assert_close(got.float(), ref, atol=2e-2 * ref.abs().max().item(),
+                                           rtol=0, msg=f"n={n} k={k} m={m} {dtype}")
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (100, 1280)])
+def test_triton_gemv_every_config(shape: tuple[int, int]) -> None:
+    """Each autotune candidate on its own (the tuner would only ever run the fastest)."""
+    from modelport.quantization import triton_gemm as tg
+    from modelport.quantization import triton_kernels as tk
+
+    n, k = shape
+    gq, kern, w = _gemv_case(n, k, 4, 128, False, seed=3)
+    for m in range(1, tg.GEMV_MAX_M + 1):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.t()
+        for cfg in tk.gemv_prune(tk.gemv.configs, {}, BLOCK_M=m):
+            y = torch.empty((m, n), device="cuda", dtype=x.dtype)
+            grid = (tg.triton_cdiv(n, cfg.kwargs["BLOCK_N"]),)
+            tk.gemv.fn[grid](x, kern.qweight, kern.sz, y, n, x.stride(0), y.stride(0),
+                             tg.MAG_2048, tg.MAG_128, K=k, GROUP=128, BITS=4, V=kern.v,
+                             BLOCK_M=m, num_warps=cfg.num_warps, **cfg.kwargs)
+            torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(),
+                                       rtol=0, msg=f"{cfg} m={m}")
+
+
+def test_triton_gemv_in_cuda_graph() -> None:
+    """One launch per call, nothing allocated but the output: capturable and replayable."""
+    gq, kern, w = _gemv_case(512, 2048, 4, 128, False, seed=5)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    kern(x)  # autotune outside the graph
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kern(x)
+        with torch.cuda.graph(graph, stream=s):
+            y = kern(x)
+    torch.cuda.current_stream().wait_stream(s)
+    x.copy_(torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = x.float() @ w.t()
+    torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)

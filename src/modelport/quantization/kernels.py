@@ -10,7 +10,8 @@ Kernels, chosen by ``make_kernel``:
 
 * ``CpuInt4Kernel``: torch's weight-only int4 CPU GEMM (``_weight_int4pack_mm_for_cpu``) with
   bf16 activations (the fp32 entry of that op is ~20x slower; bf16 is its fast path).
-* ``TritonKernel`` (CUDA): a dequantize-in-registers GEMM over GPTQ-style packed int32 words.
+* ``TritonKernel`` (CUDA): int32 words packed along K; a GEMV for decode-sized batches (no
+  tl.dot, no split-K) and a dequantize-in-registers tl.dot GEMM for larger ones.
 * ``DequantKernel``: dequantize to the activation dtype and call ``F.linear`` (everything
   else: 5/6/8-bit codes on CPU, CUDA without Triton). Memory stays quantized (uint8 codes);
   only the matmul's operand is transient.
@@ -152,6 +153,6 @@ def make_kernel(gq: GroupQuant, device: torch.device, *, allow_fast: bool = True
     if allow_fast and device.type == "cuda":
         from modelport.quantization import triton_gemm
 
-        if triton_gemm.available():
+        if triton_gemm.available() and triton_gemm.fits(gq):
             return triton_gemm.TritonKernel(gq, device)
     return DequantKernel(gq).to(device)

@@ -1,12 +1,29 @@
-"""CUDA dequant-GEMM (Triton) for every GroupQuant weight: W4A16 / W8A16 with group scales.
+"""CUDA kernels (Triton) for every GroupQuant weight: W4A16 / W8A16 with group scales.
 
-The weight is packed GPTQ-style: int32 words along the input dim (8 codes of 4 bits, or 4
-codes of 8 bits for 5-8-bit formats), scales and additive zeros per (group, output) in fp32.
-Each program computes a [BLOCK_M, BLOCK_N] tile of y = x W^T over one slice of K (split-K, so
-a single decode token still fills the GPU), walking BLOCK_K steps that never straddle a group,
-reading each packed word once and expanding it in registers (shift + mask), applying the
-group's affine map, and feeding tl.dot; partial sums meet in an fp32 buffer by atomic adds. Act-order weights are permuted to contiguous groups at load
-time and the activation columns gathered with the same permutation.
+Layout (one stored copy, built at load time by ``pack_weight``):
+
+* ``qweight`` int32 [N, K / per]: each output row's codes packed along K (8 codes of 4 bits,
+  or 4 codes of 8 bits for 5-8-bit formats), rows contiguous. Codes are interleaved inside
+  chunks of V words (V * per codes, never straddling a group): code j of word v holds input
+  ``chunk_start + j * V + v``, so the activations that meet code j of a thread's V words are
+  V contiguous values (one vector load per code position).
+* ``sz`` int32 [N, K / group]: the group's fp16 scale (low half) and fp16 zero (high half);
+  w = code * scale + zero.
+
+Two kernels read it:
+
+* ``gemv`` (1..GEMV_MAX_M rows, decode): no tl.dot, no split-K, one launch writing the
+  output in the activation dtype. A program owns BLOCK_N whole output rows and walks all of
+  K; each thread reads 16 contiguous bytes per row per step. Dequantization never converts
+  an integer: a code's bits are OR-ed into the mantissa of a float whose exponent makes it
+  exactly ``C + code`` (C = 2048 / 128 for the two nibble positions, 32768 for bytes), so a
+  code costs one LOP3 plus one FFMA; the per-group affine map and the C offset are applied
+  per (row, chunk) from sums of the activations.
+* ``gemm`` (more rows): a [BLOCK_M, BLOCK_N] tile of y = x W^T over one slice of K (split-K,
+  atomics into an fp32 buffer), expanding each packed word in registers and feeding tl.dot.
+
+Act-order weights are permuted to contiguous groups at load time and the activation columns
+gathered with the same permutation.
 """
 
 from __future__ import annotations
@@ -17,6 +34,14 @@ import torch
 
 from modelport.quantization.kernels import GroupQuant
 from modelport.quantization.packing import pack_along
+
+GEMV_MAX_M = 4  # rows of x served by the GEMV kernel; more rows go to the tl.dot GEMM
+CHUNK_WORDS = 4  # V: words per interleaved chunk (fewer when a group is smaller)
+# fp32 bit patterns with exponent E and empty mantissa: code bits OR-ed in give 2**E * (1 + m)
+MAG_2048 = 0x45000000  # 4-bit codes at mantissa bits 12..15 -> 2048 + code
+MAG_128 = 0x43000000  # 4-bit codes at bits 16..19 -> 128 + code
+MAG_32768 = 0x47000000  # 8-bit codes at bits 8..15 -> 32768 + code
+MAG_2_23 = 0x4B000000  # codes at bits 0..7 -> 2**23 + code (GEMM dequant)
 
 
 @functools.cache
@@ -30,62 +55,51 @@ def available() -> bool:
     return True
 
 
+def layout(gq: GroupQuant) -> tuple[int, int, int]:
+    """(packed bits, chunk words V, GEMM block_k) for this weight; ValueError if unsupported."""
+    bits = 4 if gq.bits <= 4 else 8
+    per = 32 // bits
+    group = gq.group_size
+    block_k = min(128, group)
+    if group % block_k or block_k % per or block_k < 16:
+        raise ValueError(f"Triton kernels: unsupported group size {group}")
+    v = max(1, min(CHUNK_WORDS, group // per))
+    return bits, v, block_k
+
+
+def fits(gq: GroupQuant) -> bool:
+    """Whether TritonKernel can hold this weight: its group size, and scales and zeros that
+    fp16 keeps (finite; scales to 2**-10 relative, which excludes fp16-subnormal scales)."""
+    try:
+        layout(gq)
+    except ValueError:
+        return False
+    s, z = gq.scales.float(), gq.zeros.float()
+    if not (torch.isfinite(s.half()).all() and torch.isfinite(z.half()).all()):
+        return False
+    return bool(((s.half().float() - s).abs() <= s.abs() * 2**-10).all())
+
+
+def pack_weight(codes: torch.Tensor, bits: int, v: int) -> torch.Tensor:
+    """codes [N, K] -> int32 [N, K * bits / 32], chunk-interleaved (see module docstring)."""
+    n, k = codes.shape
+    per = 32 // bits
+    c = codes.reshape(n, k // (v * per), per, v).transpose(-1, -2)  # [N, chunk, v, j]
+    return pack_along(c.reshape(n, k), bits, dim=1)
+
+
+def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """fp16 scale in the low half, fp16 zero in the high half of one int32 per group."""
+    s = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    z = zeros.to(torch.float16).contiguous().view(torch.int16).to(torch.int32)
+    return (s | (z << 16)).contiguous()
+
+
 @functools.cache
-def _kernel():  # noqa: ANN202 - built lazily so importing this module never needs triton
-    import triton
-    import triton.language as tl
+def _kernels():  # noqa: ANN202 - imported lazily so importing this module never needs triton
+    from modelport.quantization import triton_kernels
 
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
-        for bm, bn, sk, w, st in (
-            (16, 64, 4, 4, 4), (16, 128, 4, 4, 4), (16, 64, 8, 4, 4), (16, 128, 8, 4, 3),
-            (64, 128, 1, 8, 3), (64, 128, 2, 8, 3), (128, 128, 1, 8, 3))
-    ]
-
-    def prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - small M: split-K tiles
-        small = named_args["M_BUCKET"] <= 16
-        return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small]
-
-    @triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "BITS"],
-                     prune_configs_by={"early_config_prune": prune}, reset_to_zero=["y_ptr"])
-    @triton.jit
-    def gemm(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET,
-             stride_xm, stride_wk, stride_sg, stride_ym,
-             GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
-        PER: tl.constexpr = 32 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        rw = tl.arange(0, BLOCK_K // PER)
-        shifts = tl.arange(0, PER) * BITS
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-            offs_k = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :],
-                        mask=(rm[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            # each packed word is read once, then expanded to PER codes in registers
-            words = tl.load(w_ptr + (k0 // PER + rw)[:, None] * stride_wk + rn[None, :],
-                            mask=(rn[None, :] < N), other=0)
-            q = (words[:, None, :] >> shifts[None, :, None]) & MASK
-            q = tl.reshape(q, (BLOCK_K, BLOCK_N))
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * stride_sg + rn, mask=rn < N, other=0.0)
-            z = tl.load(z_ptr + g * stride_sg + rn, mask=rn < N, other=0.0)
-            w = (q.to(tl.float32) * s[None, :] + z[None, :]).to(x.dtype)
-            acc += tl.dot(x, w)
-        out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        msk = (rm[:, None] < M) & (rn[None, :] < N)
-        if SPLIT_K == 1:
-            tl.store(out, acc, mask=msk)
-        else:
-            tl.atomic_add(out, acc, mask=msk, sem="relaxed")
-
-    return gemm
+    return triton_kernels.gemv, triton_kernels.gemm
 
 
 _TUNED: set[tuple] = set()
@@ -96,15 +110,11 @@ class TritonKernel(torch.nn.Module):
         super().__init__()
         gq, perm = gq.contiguous_groups()
         n, k = gq.shape
-        self.bits = 4 if gq.bits <= 4 else 8
+        self.bits, self.v, self.block_k = layout(gq)
         self.group = gq.group_size
-        self.block_k = min(128, self.group)
-        if self.group % self.block_k or self.block_k % (32 // self.bits) or self.block_k < 16:
-            raise ValueError(f"Triton GEMM: unsupported group size {self.group}")
         self.n, self.k = n, k
-        self.register_buffer("qweight", pack_along(gq.codes.t(), self.bits, dim=0).to(device))
-        self.register_buffer("scales", gq.scales.t().contiguous().float().to(device))
-        self.register_buffer("zeros", gq.zeros.t().contiguous().float().to(device))
+        self.register_buffer("qweight", pack_weight(gq.codes, self.bits, self.v).to(device))
+        self.register_buffer("sz", pack_scales(gq.scales, gq.zeros).to(device))
         self.register_buffer("perm", perm.to(device) if perm is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,21 +124,43 @@ class TritonKernel(torch.nn.Module):
             x2 = x2[:, self.perm]
         x2 = x2.contiguous()
         m = x2.shape[0]
+        if m == 0:
+            y = x2.new_zeros((0, self.n))
+        elif m <= GEMV_MAX_M:
+            y = self.gemv(x2)
+        else:
+            y = self.gemm(x2)
+        return y.reshape(*shape[:-1], self.n)
+
+    def gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [m <= GEMV_MAX_M, K] contiguous (already permuted) -> y [m, N] in x2.dtype."""
+        m = x2.shape[0]
+        y = torch.empty((m, self.n), dtype=x2.dtype, device=x2.device)
+        mags = (MAG_2048, MAG_128) if self.bits == 4 else (MAG_32768, 0)
+        grid = lambda meta: (triton_cdiv(self.n, meta["BLOCK_N"]),)  # noqa: E731
+        _kernels()[0][grid](x2, self.qweight, self.sz, y, self.n, x2.stride(0), y.stride(0),
+                            *mags, K=self.k, GROUP=self.group, BITS=self.bits, V=self.v,
+                            BLOCK_M=m)
+        return y
+
+    def gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        m = x2.shape[0]
         # fp32 accumulator: split-K programs add their partial sums into it atomically
-        y = torch.zeros((m, self.n), dtype=torch.float32, device=x.device)
+        y = torch.zeros((m, self.n), dtype=torch.float32, device=x2.device)
         bucket = 1 << max(0, (m - 1).bit_length())  # autotune per power-of-two batch
         grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(self.n, meta["BLOCK_N"]),  # noqa: E731
                              meta["SPLIT_K"])
-        args = (x2, self.qweight, self.scales, self.zeros, y, m, self.n, self.k, bucket,
-                x2.stride(0), self.qweight.stride(0), self.scales.stride(0), y.stride(0))
-        meta = {"GROUP": self.group, "BITS": self.bits, "BLOCK_K": self.block_k}
-        _kernel()[grid](*args, **meta)
-        key = (bucket, self.n, self.k, self.bits, self.group, x.dtype)
+        args = (x2, self.qweight, self.sz, y, m, self.n, bucket, x2.stride(0),
+                self.qweight.stride(0), self.sz.stride(0), y.stride(0), MAG_2_23)
+        meta = {"K": self.k, "GROUP": self.group, "BITS": self.bits, "V": self.v, "BLOCK_K": self.block_k}
+        gemm = _kernels()[1]
+        gemm[grid](*args, **meta)
+        key = (bucket, self.n, self.k, self.bits, self.group, x2.dtype)
         if key not in _TUNED:  # the first call autotuned: its sums may hold the trial runs
             _TUNED.add(key)
             y.zero_()
-            _kernel()[grid](*args, **meta)
-        return y.to(x.dtype).reshape(*shape[:-1], self.n)
+            gemm[grid](*args, **meta)
+        return y.to(x2.dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:

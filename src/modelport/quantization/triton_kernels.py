@@ -1,0 +1,234 @@
+"""Triton source of the quantized-weight kernels; see triton_gemm for the layout and the math.
+
+Imported only when a CUDA weight is built (importing it needs triton).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def magic(words, j: tl.constexpr, BITS: tl.constexpr, mag_a, mag_b):
+    # code j of each (uint32) word as an exact fp32 C + code, one LOP3 per code; the word
+    # is shifted once per pair of codes (none for the pair in place, a rotate for the ends)
+    if BITS == 4:
+        # nibble j sits at bits 4j: (3, 4) in place, (1, 2) << 8, (5, 6) >> 8, (7, 0) rot 16
+        if j == 0 or j == 7:
+            t = (words << 16) | (words >> 16)
+        elif j == 1 or j == 2:
+            t = words << 8
+        elif j == 5 or j == 6:
+            t = words >> 8
+        else:
+            t = words
+        if j % 2 == 1:
+            return ((t & 0xF000) | mag_a).to(tl.float32, bitcast=True)  # 2048 + code
+        else:
+            return ((t & 0xF0000) | mag_b).to(tl.float32, bitcast=True)  # 128 + code
+    else:
+        # byte j sits at bits 8j -> bits 8..15: byte 1 in place
+        if j == 0:
+            t = words << 8
+        elif j == 2:
+            t = words >> 8
+        elif j == 3:
+            t = (words << 16) | (words >> 16)
+        else:
+            t = words
+        return ((t & 0xFF00) | mag_a).to(tl.float32, bitcast=True)  # 32768 + code
+
+@triton.jit
+def row_part(x_ptr, wk, xoff, wmask, EVEN_K: tl.constexpr, words, s, z, mag_a, mag_b,
+             BITS: tl.constexpr, PER: tl.constexpr, V: tl.constexpr, NV: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    # one activation row against a [BLOCK_W, BLOCK_N] tile of words -> [NV, BLOCK_N]
+    for j in tl.static_range(PER):
+        f = magic(words, j, BITS, mag_a, mag_b)
+        if EVEN_K:
+            x = tl.load(x_ptr + wk * PER + j * V + xoff).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + wk * PER + j * V + xoff, mask=wmask, other=0.0).to(tl.float32)
+        # xa sums x over codes with C = 2048 (4-bit odd j) or 32768 (8-bit); xb: C = 128
+        if j == 0:
+            p = f * x
+            if BITS == 4:
+                xb = x
+            else:
+                xa = x
+        elif j == 1:
+            p += f * x
+            if BITS == 4:
+                xa = x
+            else:
+                xb = x
+        elif BITS == 4 and j % 2 == 0:
+            p += f * x
+            xb += x
+        else:
+            p += f * x
+            xa += x
+    pc = tl.sum(tl.reshape(p, (NV, V, BLOCK_N)), 1)
+    sa = tl.sum(tl.reshape(xa, (NV, V, 1)), 1)
+    sb = tl.sum(tl.reshape(xb, (NV, V, 1)), 1)
+    # sum(code * x) = pc - sum(C * x); w = code * s + z
+    if BITS == 4:
+        return s * (pc - (sa * 2048.0 + sb * 128.0)) + z * (sa + sb)
+    else:
+        sa += sb
+        return s * (pc - sa * 32768.0) + z * sa
+
+
+gemv_configs = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_W": 128 * w, "PREFETCH": pf}, num_warps=w,
+                  num_stages=1)
+    for bn, w, pf in ((4, 2, False), (4, 4, False), (8, 1, True), (8, 2, False),
+                      (8, 2, True), (8, 4, False), (16, 1, False), (16, 2, False))
+]
+
+
+def gemv_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202
+    # registers: one [4, BLOCK_N] fp32 partial-sum tile per row of x
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] * kwargs["BLOCK_M"] <= 16]
+    return keep or configs[:1]
+
+
+# Tiles are [words, rows]: Triton orders dims of equal contiguity first-fastest, so with
+# the word dim first, and BLOCK_W = 128 * num_warps (16 bytes per thread along K, every
+# warp along K), the weight, scale and activation loads all land in one thread layout and
+# no tile ever goes through shared memory.
+@triton.autotune(configs=gemv_configs, key=["N", "K", "BITS", "GROUP", "BLOCK_M"],
+                 prune_configs_by={"early_config_prune": gemv_prune})
+@triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+@triton.jit
+def gemv(x_ptr, w_ptr, sz_ptr, y_ptr, N, stride_xm, stride_ym, mag_a, mag_b,
+         K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+         PREFETCH: tl.constexpr, EVEN_N: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    CH: tl.constexpr = V * PER
+    NV: tl.constexpr = BLOCK_W // V
+    KW: tl.constexpr = K // PER
+    NG: tl.constexpr = K // GROUP
+    EVEN_K: tl.constexpr = KW % BLOCK_W == 0
+    EVEN: tl.constexpr = EVEN_K and EVEN_N
+    PF: tl.constexpr = PREFETCH and EVEN and KW > BLOCK_W
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rw = tl.arange(0, BLOCK_W)
+    rc = tl.arange(0, NV)
+    xoff = ((rw // V) * CH + rw % V)[:, None]
+    w_cols = w_ptr + rw[:, None] + rn[None, :] * KW
+    sz_cols = sz_ptr + rn[None, :] * NG
+    acc0 = tl.zeros([NV, BLOCK_N], dtype=tl.float32)
+    if BLOCK_M > 1:
+        acc1 = tl.zeros([NV, BLOCK_N], dtype=tl.float32)
+    if BLOCK_M > 2:
+        acc2 = tl.zeros([NV, BLOCK_N], dtype=tl.float32)
+    if BLOCK_M > 3:
+        acc3 = tl.zeros([NV, BLOCK_N], dtype=tl.float32)
+    if PF:  # registers double-buffer the next step's weights and scales
+        words_n = tl.load(w_cols)
+        sz_n = tl.load(sz_cols + ((rc * CH) // GROUP)[:, None])
+    for wk in range(0, KW, BLOCK_W):
+        wmask = ((wk + rw) < KW)[:, None]
+        if PF:
+            words = words_n
+            sz = sz_n
+            nk = tl.minimum(wk + BLOCK_W, KW - BLOCK_W)  # the last step reloads itself
+            words_n = tl.load(w_cols + nk)
+            sz_n = tl.load(sz_cols + ((nk * PER + rc * CH) // GROUP)[:, None])
+        elif EVEN:
+            words = tl.load(w_cols + wk)
+            sz = tl.load(sz_cols + ((wk * PER + rc * CH) // GROUP)[:, None])
+        else:
+            words = tl.load(w_cols + wk, mask=wmask & nmask[None, :], other=0)
+            cmask = (wk + rc * V) < KW
+            sz = tl.load(sz_cols + ((wk * PER + rc * CH) // GROUP)[:, None],
+                         mask=cmask[:, None] & nmask[None, :], other=0)
+        words = words.to(tl.uint32, bitcast=True)  # logical shifts: a rotate is one SHF
+        s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        acc0 += row_part(x_ptr, wk, xoff, wmask, EVEN_K, words, s, z, mag_a, mag_b,
+                         BITS, PER, V, NV, BLOCK_N)
+        if BLOCK_M > 1:
+            acc1 += row_part(x_ptr + stride_xm, wk, xoff, wmask, EVEN_K, words, s, z,
+                             mag_a, mag_b, BITS, PER, V, NV, BLOCK_N)
+        if BLOCK_M > 2:
+            acc2 += row_part(x_ptr + 2 * stride_xm, wk, xoff, wmask, EVEN_K, words, s, z,
+                             mag_a, mag_b, BITS, PER, V, NV, BLOCK_N)
+        if BLOCK_M > 3:
+            acc3 += row_part(x_ptr + 3 * stride_xm, wk, xoff, wmask, EVEN_K, words, s, z,
+                             mag_a, mag_b, BITS, PER, V, NV, BLOCK_N)
+    out = y_ptr + rn
+    ty = y_ptr.dtype.element_ty
+    tl.store(out, tl.sum(acc0, 0).to(ty), mask=nmask)
+    if BLOCK_M > 1:
+        tl.store(out + stride_ym, tl.sum(acc1, 0).to(ty), mask=nmask)
+    if BLOCK_M > 2:
+        tl.store(out + 2 * stride_ym, tl.sum(acc2, 0).to(ty), mask=nmask)
+    if BLOCK_M > 3:
+        tl.store(out + 3 * stride_ym, tl.sum(acc3, 0).to(ty), mask=nmask)
+
+
+gemm_configs = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+    for bm, bn, sk, w, st in (
+        (16, 64, 4, 4, 4), (16, 128, 4, 4, 4), (16, 64, 8, 4, 4), (16, 128, 8, 4, 3),
+        (64, 64, 4, 4, 3), (64, 128, 1, 8, 3), (64, 128, 2, 8, 3), (64, 128, 4, 8, 3),
+        (128, 128, 1, 8, 3), (128, 128, 2, 8, 3))
+]
+
+
+def gemm_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - small M: split-K
+    small = named_args["M_BUCKET"] <= 16
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small]
+
+
+@triton.autotune(configs=gemm_configs, key=["M_BUCKET", "N", "K", "BITS"],
+                 prune_configs_by={"early_config_prune": gemm_prune}, reset_to_zero=["y_ptr"])
+@triton.jit
+def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, M_BUCKET, stride_xm, stride_wn, stride_sn,
+         stride_ym, mag, K: tl.constexpr,
+         GROUP: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BKW: tl.constexpr = BLOCK_K // PER
+    NCH: tl.constexpr = BKW // V
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rw = tl.arange(0, BKW)
+    shifts = tl.arange(0, PER) * BITS
+    nmask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, K, BLOCK_K * SPLIT_K):
+        k0 = kk + pid_k * BLOCK_K  # past K (last round of some splits): masked to zero
+        kin = k0 < K
+        offs_k = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :],
+                    mask=(rm[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        # each packed word is read once, then expanded to PER codes in registers; within a
+        # chunk of V words code j of word v is input j * V + v (see pack_weight)
+        words = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // PER + rw)[None, :],
+                        mask=nmask[:, None] & kin, other=0)
+        w4 = tl.reshape(words, (BLOCK_N, NCH, 1, V))
+        q = (w4 >> shifts[None, None, :, None]) & MASK
+        q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+        # exact int -> float without a conversion instruction: (2**23 + q) - 2**23
+        qf = (q | mag).to(tl.float32, bitcast=True) - 8388608.0
+        sz = tl.load(sz_ptr + rn * stride_sn + k0 // GROUP, mask=nmask & kin, other=0)
+        s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        w = (qf * s[:, None] + z[:, None]).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
+    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    msk = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=msk)
+    else:
+        tl.atomic_add(out, acc, mask=msk, sem="relaxed")
