@@ -150,9 +150,9 @@ class TritonKernel(torch.nn.Module):
         bucket = 1 << max(0, (m - 1).bit_length())  # autotune per power-of-two batch
         grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(self.n, meta["BLOCK_N"]),  # noqa: E731
                              meta["SPLIT_K"])
-        args = (x2, self.qweight, self.sz, y, m, self.n, bucket, x2.stride(0),
+        args = (x2, self.qweight, self.sz, y, m, self.n, self.k, bucket, x2.stride(0),
                 self.qweight.stride(0), self.sz.stride(0), y.stride(0), MAG_2_23)
-        meta = {"K": self.k, "GROUP": self.group, "BITS": self.bits, "V": self.v, "BLOCK_K": self.block_k}
+        meta = {"GROUP": self.group, "BITS": self.bits, "V": self.v, "BLOCK_K": self.block_k}
         gemm = _kernels()[1]
         gemm[grid](*args, **meta)
         key = (bucket, self.n, self.k, self.bits, self.group, x2.dtype)

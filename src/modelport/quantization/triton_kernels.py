@@ -188,8 +188,8 @@ def gemm_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - small M
 @triton.autotune(configs=gemm_configs, key=["M_BUCKET", "N", "K", "BITS"],
                  prune_configs_by={"early_config_prune": gemm_prune}, reset_to_zero=["y_ptr"])
 @triton.jit
-def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, M_BUCKET, stride_xm, stride_wn, stride_sn,
-         stride_ym, mag, K: tl.constexpr,
+def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn,
+         stride_ym, mag,
          GROUP: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
@@ -206,22 +206,20 @@ def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, M_BUCKET, stride_xm, stride_wn, stri
     shifts = tl.arange(0, PER) * BITS
     nmask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, K, BLOCK_K * SPLIT_K):
-        k0 = kk + pid_k * BLOCK_K  # past K (last round of some splits): masked to zero
-        kin = k0 < K
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :],
                     mask=(rm[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         # each packed word is read once, then expanded to PER codes in registers; within a
         # chunk of V words code j of word v is input j * V + v (see pack_weight)
         words = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // PER + rw)[None, :],
-                        mask=nmask[:, None] & kin, other=0)
+                        mask=nmask[:, None], other=0)
         w4 = tl.reshape(words, (BLOCK_N, NCH, 1, V))
         q = (w4 >> shifts[None, None, :, None]) & MASK
         q = tl.reshape(q, (BLOCK_N, BLOCK_K))
         # exact int -> float without a conversion instruction: (2**23 + q) - 2**23
         qf = (q | mag).to(tl.float32, bitcast=True) - 8388608.0
-        sz = tl.load(sz_ptr + rn * stride_sn + k0 // GROUP, mask=nmask & kin, other=0)
+        sz = tl.load(sz_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0)
         s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         w = (qf * s[:, None] + z[:, None]).to(x.dtype)
