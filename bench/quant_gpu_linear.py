@@ -7,7 +7,8 @@ Random weights packed in each format (group 128 for the 4-bit ones). Attention, 
 LM head are not included: this isolates what the weight format changes.
 
 FP8 rows: ``fp8`` is what the engine runs (Triton W8A16 up to ``fp8.W8A16_MAX_M`` rows, fused
-per-token quantization + ``torch._scaled_mm`` above); ``fp8-mm`` forces the quantize +
+per-token quantization + the Triton FP8 GEMM up to ``fp8.TRITON_W8A8_MAX_M``, the same
+quantization + ``torch._scaled_mm`` above); ``fp8-mm`` forces the quantize +
 ``_scaled_mm`` path, ``fp8-w8a8`` the quantize + Triton FP8 GEMM path and ``fp8-w8a16`` the
 W8A16 kernel (up to 256 rows) at every batch, to place the crossovers.
 

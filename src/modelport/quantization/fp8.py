@@ -7,14 +7,21 @@ A fused q/k/v or gate/up layer keeps one scale per output channel, so shards wit
 per-tensor scales fuse without requantizing.
 
 Run, on GPUs with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell), from
-the one stored weight (E4M3 [N, K] row-major, fp32 scale per channel):
+the one stored weight (E4M3 [N, K] row-major, fp32 scale per channel), by the number of rows M
+(thresholds measured on an H200, see ``W8A16_MAX_M``):
 
-* up to ``W8A16_MAX_M`` rows (decode): a Triton W8A16 kernel (weights upcast in registers,
+* one row (decode of a single sequence): a Triton W8A16 GEMV (weights upcast in registers,
   bf16/fp16 activations as they are, scale and bias in the epilogue): half the bytes of bf16,
   no activation quantization (``triton_fp8.w8a16_linear``);
-* more rows: dynamic per-token FP8 activations from one fused Triton kernel, then
-  ``torch._scaled_mm`` (rowwise: scale_a [M, 1], scale_b [1, N], the weight's ``.t()`` view as
-  the column-major operand, fast accumulation) on the FP8 tensor cores.
+* 2 .. ``TRITON_W8A8_MAX_M`` rows (batched decode): dynamic per-token FP8 activations from one
+  fused Triton kernel, then the Triton FP8 x FP8 GEMM (``triton_fp8.w8a8_linear``), which also
+  takes any K and N;
+* more rows (prefill): the same fused quantization, then ``torch._scaled_mm`` (rowwise:
+  scale_a [M, 1], scale_b [1, N], the weight's ``.t()`` view as the column-major operand, fast
+  accumulation), where K and N are multiples of 16 (otherwise the Triton GEMM).
+
+Every path captures in a CUDA graph once its kernels are compiled and autotuned for that row
+bucket (the decode graphs run each batch size eagerly before capturing it).
 
 Without Triton the activations are quantized by torch ops and every batch takes
 ``_scaled_mm``. On older GPUs loading fails with the alternatives named. On CPU, a weight-only
@@ -41,15 +48,23 @@ logger = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 MIN_CAPABILITY = (8, 9)
-# decode batches up to this many rows take the W8A16 kernel (no activation quantization);
-# larger ones quantize the activations per token and run on the FP8 tensor cores
-W8A16_MAX_M = 16
+# fp32(1/448): per-token scales are amax * FP8_INV_MAX (rounded to fp32 where used), the same
+# value on CPU, on CUDA and in the fused Triton quantizer (see quantize_fp8_per_token_torch)
+FP8_INV_MAX = 1.0 / FP8_MAX
+# Dispatch by rows M. bench/quant_gpu_linear.py on one H200 (torch 2.11 + CUDA 13.0, Triton
+# 3.6): linear-layer time of one Llama-3.1-8B decode step (all 32 layers' projections), ms:
+#   rows                          1      4     16     64    256   2048
+#   bf16                      3.706  3.790  3.873  4.030  6.505 43.771
+#   W8A16 Triton GEMV/tc      2.458  4.665  4.614  6.055 14.032      -
+#   quant + Triton W8A8 GEMM  2.884  2.904  2.976  3.168  4.903 26.957
+#   quant + _scaled_mm        4.320  3.739  3.624  3.697  4.550 25.394
+# W8A16 wins at one row only; the Triton GEMM from 2 rows up to 64 (the last point where
+# it leads; 128 is taken as the crossover, between the 64 and 256 points); _scaled_mm above.
+W8A16_MAX_M = 1
+TRITON_W8A8_MAX_M = 128
 # _scaled_mm without periodic fp32 promotion of the tensor-core accumulator (what inference
 # FP8 GEMMs use; measurably faster on Hopper)
 FAST_ACCUM = True
-# the FP8 GEMM above W8A16_MAX_M rows: "scaled_mm" (torch._scaled_mm: cuBLASLt/CUTLASS) or
-# "triton" (triton_fp8.w8a8_linear); both take the fused-quantized activations
-FP8_GEMM = "scaled_mm"
 
 
 def fp8_supported(capability: tuple[int, int]) -> bool:
@@ -138,8 +153,13 @@ class FP8LinearMethod(LinearMethod):
 
 
 def quantize_fp8_per_token_torch(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference (and no-Triton) dynamic per-token quantization: x2 [M, K] -> (E4M3, [M, 1])."""
-    x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    """Reference (and no-Triton) dynamic per-token quantization: x2 [M, K] -> (E4M3, [M, 1]).
+
+    The scale is amax * fp32(1/448), a multiply on every device (``amax / 448`` would be a
+    correctly rounded division on CPU but a multiply by the reciprocal on CUDA, one ulp apart
+    for some rows); the fused Triton kernel computes the same scales and codes bit for bit.
+    """
+    x_scale = (x2.abs().amax(dim=1, keepdim=True).float() * FP8_INV_MAX).clamp(min=1e-12)
     return (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), x_scale
 
 
@@ -162,10 +182,10 @@ def fp8_linear(
     n, k = w.shape
     m = x.numel() // k if k else 0
     if triton_fp8.available() and x.dtype in (torch.bfloat16, torch.float16):
-        if m <= W8A16_MAX_M or k % 16 or n % 16:  # _scaled_mm needs K, N multiples of 16
+        if m <= W8A16_MAX_M:
             y = triton_fp8.w8a16_linear(_rows(x), w, w_scale, bias)
             return y.reshape(*x.shape[:-1], n)
-        if FP8_GEMM == "triton":
+        if m <= TRITON_W8A8_MAX_M or k % 16 or n % 16:  # _scaled_mm needs K, N multiples of 16
             return fp8_triton_mm(x, w, w_scale, bias)
     elif k % 16 or n % 16:
         wd = w.to(x.dtype) * w_scale.to(x.dtype).reshape(-1, 1)
@@ -176,7 +196,7 @@ def fp8_linear(
 def fp8_triton_mm(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """fp8_scaled_mm with the Triton FP8 GEMM in place of torch._scaled_mm (bf16/fp16 x)."""
+    """Fused per-token quantization + the Triton FP8 GEMM (bf16/fp16 x; any K and N)."""
     n = w.shape[0]
     xq, x_scale = triton_fp8.quantize_per_token(_rows(x))
     y = triton_fp8.w8a8_linear(xq, x_scale, w, w_scale, bias, x.dtype)

@@ -4,7 +4,7 @@ Kernels reading the one stored copy of the weight: float8_e4m3fn [N, K], row-maj
 (``torch._scaled_mm`` takes its ``.t()`` view as the column-major second operand, no copy):
 
 * ``quantize_per_token``: dynamic per-token activation quantization in one launch. One
-  program per row: amax over the row -> scale = max(amax / 448, 1e-12) -> x / scale
+  program per row: amax over the row -> scale = max(amax * (1/448), 1e-12) -> x / scale
   clamped to +-448 and cast (round to nearest even) to E4M3; writes the FP8 rows and the fp32
   scales [M, 1] that ``_scaled_mm`` takes as ``scale_a``. Rows up to 16384 wide stay in
   registers (one read of x); wider rows take two passes.
@@ -19,8 +19,8 @@ Kernels reading the one stored copy of the weight: float8_e4m3fn [N, K], row-maj
   the many weight rows fill the MMA's M side and the few x rows its N side.
 * ``w8a8_linear``: the FP8 tensor-core GEMM on the quantizer's output (per-token x per-channel
   scales and bias in the epilogue), same swapped orientation, autotuned per (row bucket, N,
-  K): an alternative to ``torch._scaled_mm`` (``fp8.FP8_GEMM`` picks; the bench measures
-  both).
+  K): on an H200 faster than ``torch._scaled_mm`` up to ~128 rows, slower above (``fp8``'s
+  dispatch thresholds cite the measurements).
 
 Nothing here needs Triton at import time; the kernels are built on first use.
 """
@@ -84,10 +84,14 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
                 xk = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
                 run = tl.maximum(run, tl.abs(xk))
             amax = tl.max(run, axis=0)
-        # E4M3 max 448; an all-zero row gets scale 1e-12 and codes 0. Correctly rounded
-        # divisions (Triton's plain fp32 `/` is approximate): scales and codes equal torch's
-        # (amax / 448).clamp(min=1e-12) and (x / scale) bit for bit; still memory-bound
-        scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)
+        # E4M3 max 448; an all-zero row gets scale 1e-12 and codes 0. The scale is amax times
+        # the fp32 reciprocal of 448, as fp8.quantize_fp8_per_token_torch computes it (a
+        # multiply, not amax / 448: torch on CUDA turns a division by a Python scalar into that
+        # multiply, on CPU it divides; a one-ulp difference in the scale moves x / scale off
+        # the exact ties bf16 inputs often land on and flips codes). x / scale is correctly
+        # rounded (Triton's plain fp32 `/` is approximate), as torch's tensor division is: the
+        # scales and codes equal the torch reference's bit for bit; still memory-bound
+        scale = tl.maximum(amax * (1.0 / 448.0), 1e-12)
         if ONE_PASS:
             q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
             tl.store(q_row + offs, q.to(tl.float8e4nv), mask=offs < K)
