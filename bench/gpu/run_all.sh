@@ -4,6 +4,7 @@
 #   bash bench/gpu/run_all.sh [stage ...]      stages: tests kernels w3 w1 hf-w3 hf-w1 (default: all);
 #   also w3-sync w1-sync (async scheduling off), w3-fp8kv w1-fp8kv (FP8 KV cache), w1-fp8
 #   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench
+# W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
 # into .whl/, then carry ".whl" (this script installs them when the folder is there).
@@ -42,13 +43,13 @@ for s in $stages; do
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3f.err" || { rc=1; tail -20 "$OUT/w3f.err"; } ;;
     w1-sync) $PY -m modelport.bench.throughput $COMMON --num-prompts 256 --no-async-scheduling \
-               --max-num-seqs 256 --max-num-batched-tokens 2048 \
+               --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} \
                --output-json "$OUT/w1.jsonl" 2>"$OUT/w1s.err" || { rc=1; tail -20 "$OUT/w1s.err"; } ;;
     w1-fp8kv) $PY -m modelport.bench.throughput $COMMON --num-prompts 256 --kv-cache-dtype fp8 \
-               --max-num-seqs 256 --max-num-batched-tokens 2048 --profile-steps 20 \
+               --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} --profile-steps 20 \
                --output-json "$OUT/w1.jsonl" 2>"$OUT/w1f.err" || { rc=1; tail -20 "$OUT/w1f.err"; } ;;
     w1-fp8)  $PY -m modelport.bench.throughput $COMMON --num-prompts 256 --kv-cache-dtype fp8 \
-               --quantization fp8 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+               --quantization fp8 --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} \
                --output-json "$OUT/w1.jsonl" 2>"$OUT/w1q.err" || { rc=1; tail -20 "$OUT/w1q.err"; } ;;
     w3-awq|w3-gptq|w3-fp8) q=${s#w3-}
              $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --quantization $q \
@@ -62,7 +63,7 @@ for s in $stages; do
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;
     w1)      $PY -m modelport.bench.throughput $COMMON --num-prompts 256 \
-               --max-num-seqs 256 --max-num-batched-tokens 2048 --profile-steps 20 \
+               --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} --profile-steps 20 \
                --output-json "$OUT/w1.jsonl" 2>"$OUT/w1.err" || { rc=1; tail -20 "$OUT/w1.err"; } ;;
     hf-w3)   $PY -m modelport.bench.latency $COMMON --backend hf \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 --num-iters-warmup 1 \
