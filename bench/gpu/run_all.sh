@@ -57,7 +57,7 @@ for s in $stages; do
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3$q.err" || { rc=1; tail -20 "$OUT/w3$q.err"; } ;;
     quant-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py tests/test_quant_fp8_gpu.py \
                2>&1 | tee "$OUT/quant_tests.log" | tail -25 || rc=1 ;;
-    quant-bench) $PY bench/quant_gpu_linear.py --batch 1 4 16 64 256 2048 ${QUANT_FORMATS:+--formats $QUANT_FORMATS} \
+    quant-bench) $PY bench/quant_gpu_linear.py --batch ${QUANT_BATCHES:-1 4 16 64 256 2048} ${QUANT_FORMATS:+--formats $QUANT_FORMATS} \
                --json "$OUT/quant_linear.json" 2>&1 | tail -40 || rc=1 ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
