@@ -361,3 +361,81 @@ def test_attention_layer_picks_triton_for_an_fp8_cache():
     assert layer.backend is ta.triton_paged_attention
     assert layer._write is ta.write_kv_triton
     assert _rel(out.view_as(q), _reference(q, cache, meta, 0.125)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# decode launch configs by cache kind (triton_attention.DECODE_CONFIGS / DECODE_CANDIDATES):
+# every candidate the decode-sweep benchmark times must be correct, whichever is picked
+# ---------------------------------------------------------------------------------------
+def _candidates(kind):
+    """The candidate configs as test params (none where triton is missing: CPU collection)."""
+    try:
+        from modelport.layers.triton_attention import DECODE_CANDIDATES
+    except ImportError:
+        return []
+    return [pytest.param(c, id=c.name) for c in DECODE_CANDIDATES[kind]]
+
+
+@pytest.mark.parametrize("cfg", _candidates("fp8"))
+def test_fp8_decode_candidate_configs_match_reference(cfg, monkeypatch):
+    from modelport.layers import triton_attention as ta
+
+    monkeypatch.setitem(ta.DECODE_CONFIGS, "fp8", ((1, cfg),))
+    for n_reqs, dtype, codes in (
+        (3, torch.bfloat16, True),
+        (40, torch.bfloat16, False),
+        (40, torch.float16, True),
+    ):
+        rng = random.Random(n_reqs)
+        cases = [(rng.randint(0, 700), 1) for _ in range(n_reqs)]
+        q, k, v, cache, meta = _batch(cases, 32, 8, 128, 16, seed=n_reqs, dtype=dtype, kv_dtype=FP8)
+        if codes:  # every finite e4m3 code: subnormals, +-0 and +-448 included
+            u = torch.randint(0, 256, cache.shape, device=DEV, dtype=torch.uint8)
+            u[(u & 0x7F) == 0x7F] = 0x7E
+            cache = u.view(FP8)
+            q = q * 0.05
+        out = ta.triton_paged_attention(q, cache, meta, 128**-0.5)
+        assert meta.backend_state["triton"].decode_cfg == cfg
+        assert _rel(out, _reference(q, cache, meta, 128**-0.5)) < 1e-2, (n_reqs, dtype, codes)
+
+
+@pytest.mark.parametrize("cfg", _candidates("16bit"))
+def test_16bit_decode_candidate_configs_match_reference(cfg, monkeypatch):
+    from modelport.layers import triton_attention as ta
+
+    monkeypatch.setitem(ta.DECODE_CONFIGS, "16bit", ((1, cfg),))
+    for n_reqs in (3, 40):
+        rng = random.Random(n_reqs)
+        cases = [(rng.randint(0, 700), 1) for _ in range(n_reqs)]
+        q, k, v, cache, meta = _batch(cases, 32, 8, 128, 16, seed=n_reqs)
+        out = ta.triton_paged_attention(q, cache, meta, 128**-0.5)
+        assert _rel(out, _reference(q, cache, meta, 128**-0.5)) < 1e-2
+
+
+def test_fp8_default_decode_keeps_pad_rows_zero_and_splits_by_bucket():
+    from modelport.layers import triton_attention as ta
+
+    q, k, v, cache, meta = _batch([(100, 1), (7, 1), (0, 1)], 32, 8, 128, 16, seed=5, kv_dtype=FP8)
+    meta.seq_lens[2] = 0
+    meta.seq_lens_cpu[2] = 0
+    out = ta.triton_paged_attention(q, cache, meta, 128**-0.5)
+    assert torch.isfinite(out).all() and out[2].abs().max() == 0
+    plan = meta.backend_state["triton"]
+    cfg = ta.decode_config(3, FP8)
+    assert plan.decode_cfg == cfg and plan.splits == ta.decode_splits(3, 8, cfg.programs)
+
+
+def test_decode_config_names_table_and_env_override(monkeypatch):
+    from modelport.layers import triton_attention as ta
+
+    for cands in ta.DECODE_CANDIDATES.values():
+        for c in cands:
+            assert ta.DecodeConfig.parse(c.name) == c
+    assert ta.decode_config(200, torch.bfloat16) == ta.DecodeConfig()  # 16-bit unchanged
+    small, big = ta.DecodeConfig(block_n=32), ta.DecodeConfig(block_n=128, num_warps=8)
+    monkeypatch.setitem(ta.DECODE_CONFIGS, "fp8", ((1, small), (64, big)))
+    assert ta.decode_config(48, FP8) == small and ta.decode_config(49, FP8) == big
+    ta._apply_env_configs("fp8:n128w8s2k5v5p528")
+    assert ta.decode_config(3, FP8) == ta.DecodeConfig(128, 8, 2, 5, 5, 528)
+    with pytest.raises(ValueError):
+        ta._apply_env_configs("fp8:n64")

@@ -1,7 +1,12 @@
 """Time the Triton kernels against their byte/FLOP floors on the GPU (one JSON line each).
 
 Decode attention: KV bytes read / time vs the copy bandwidth; prefill: FLOPs / time; fused ops
-vs the eager torch modules they replace. Run on the device: PYTHONPATH=src python3 bench/gpu/kernel_bench.py
+vs the eager torch modules they replace. Run on the device:
+    PYTHONPATH=src python3 bench/gpu/kernel_bench.py [main] [gemv] [decode-sweep]
+(default: main gemv). decode-sweep times the decode kernel for every candidate launch config
+of triton_attention.DECODE_CANDIDATES, on a bf16 and an fp8 (e4m3) cache, at batch 64/128/256
+x context 1152, and ends with the fastest config per cache kind and batch and the
+DECODE_CONFIGS entry to put in triton_attention.py.
 """
 
 from __future__ import annotations
@@ -9,9 +14,10 @@ from __future__ import annotations
 import functools
 import json
 import random
+import sys
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from modelport.layers import fused_ops as fo
 from modelport.layers import triton_attention as ta
@@ -60,20 +66,24 @@ def emit(**kw):
 
 
 def main():
-    for b, ctx in [(1, 1152), (1, 4096), (64, 1152), (256, 1152), (256, 600)]:
-        meta, nb = meta_for([(ctx - 1, 1)] * b)
-        cache = torch.randn(2, nb, PAGE, KVH, D, device=DEV, dtype=DT)
-        q = torch.randn(b, H, D, device=DEV, dtype=DT)
-        ms = bench(ta.triton_paged_attention, q, cache, meta, D**-0.5)
-        gb = b * ctx * KVH * D * 2 * 2 / 1e9
-        emit(
-            kernel="decode_attention",
-            batch=b,
-            ctx=ctx,
-            splits=meta.backend_state["triton"].splits,
-            us=round(ms * 1e3, 1),
-            kv_GBps=round(gb / ms * 1e3, 1),
-        )
+    for kv_dt in (DT, FP8):
+        for b, ctx in [(1, 1152), (1, 4096), (64, 1152), (256, 1152), (256, 600)]:
+            meta, nb = meta_for([(ctx - 1, 1)] * b)
+            cache = torch.randn(2, nb, PAGE, KVH, D, device=DEV, dtype=DT).to(kv_dt)
+            q = torch.randn(b, H, D, device=DEV, dtype=DT)
+            ms = bench(ta.triton_paged_attention, q, cache, meta, D**-0.5)
+            gb = b * ctx * KVH * D * 2 * cache.element_size() / 1e9
+            plan = meta.backend_state["triton"]
+            emit(
+                kernel="decode_attention",
+                kv=str(kv_dt).removeprefix("torch."),
+                config=plan.decode_cfg.name,
+                batch=b,
+                ctx=ctx,
+                splits=plan.splits,
+                us=round(ms * 1e3, 1),
+                kv_GBps=round(gb / ms * 1e3, 1),
+            )
     for n, prefix in [(1024, 0), (2048, 0), (512, 1536)]:
         meta, nb = meta_for([(prefix, n)])
         cache = torch.randn(2, nb, PAGE, KVH, D, device=DEV, dtype=DT)
@@ -139,6 +149,96 @@ def gemv_shapes():
             emit(**row)
 
 
+FP8 = torch.float8_e4m3fn
+
+
+def decode_sweep(batches=(64, 128, 256), ctx=1152):
+    """Every candidate decode config per cache kind: one JSON line per (kind, config, batch).
+
+    us: median of do_bench (L2 flushed before each call, like the rows of main()); us_graph:
+    the same call replayed from a CUDA graph (how decode steps run), back to back. kv_TBps:
+    KV bytes of the live context (K and V, at the cache's element size) / us. rel_err: vs
+    the default 16-bit kernel on the same values upcast to bf16 (fp16 dots and rounding:
+    expect ~1e-3; over 1e-2 means a broken variant, and it is never picked as best).
+    """
+    scale = D**-0.5
+    times: dict[tuple[str, int], dict[str, float]] = {}
+    saved = dict(ta.DECODE_CONFIGS)
+    try:
+        for b in batches:
+            meta, nb = meta_for([(ctx - 1, 1)] * b, seed=b)
+            base = torch.randn(2, nb, PAGE, KVH, D, device=DEV, dtype=DT)
+            q = torch.randn(b, H, D, device=DEV, dtype=DT)
+            for kind, kv_dt in (("16bit", DT), ("fp8", FP8)):
+                cache = base.to(kv_dt)
+                ta.DECODE_CONFIGS["16bit"] = saved["16bit"]
+                ref = ta.triton_paged_attention(q, cache.to(DT), fresh(meta), scale).float()
+                gb = b * ctx * KVH * D * 2 * cache.element_size() / 1e9
+                for cfg in ta.DECODE_CANDIDATES[kind]:
+                    ta.DECODE_CONFIGS[kind] = ((1, cfg),)
+                    m = fresh(meta)
+                    row = {"kernel": "decode_config", "kv": kind, "config": cfg.name, "batch": b}
+                    try:
+                        out = ta.triton_paged_attention(q, cache, m, scale)
+                        torch.cuda.synchronize()
+                        err = ((out.float() - ref).norm() / ref.norm()).item()
+                        fn = functools.partial(ta.triton_paged_attention, q, cache, m, scale)
+                        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                        ms_g = do_bench_cudagraph(fn, rep=20, return_mode="median")
+                    except Exception as e:  # a config that does not compile or launch
+                        emit(**row, error=f"{type(e).__name__}: {e}"[:300])
+                        continue
+                    emit(
+                        **row,
+                        ctx=ctx,
+                        splits=m.backend_state["triton"].splits,
+                        us=round(ms * 1e3, 1),
+                        us_graph=round(ms_g * 1e3, 1),
+                        kv_TBps=round(gb / ms, 2),
+                        rel_err=float(f"{err:.1e}"),
+                    )
+                    if err < 1e-2:
+                        times.setdefault((kind, b), {})[cfg.name] = ms
+    finally:
+        ta.DECODE_CONFIGS.clear()
+        ta.DECODE_CONFIGS.update(saved)
+    best_cfg: dict[str, list[tuple[int, str]]] = {}
+    for (kind, b), t in sorted(times.items()):
+        name = min(t, key=t.get)
+        bf16 = times.get(("16bit", b), {}).get(ta.DecodeConfig().name)
+        default = ta.decode_config(b, FP8 if kind == "fp8" else DT).name
+        emit(
+            kernel="decode_config_best",
+            kv=kind,
+            batch=b,
+            config=name,
+            us=round(t[name] * 1e3, 1),
+            default_config=default,
+            default_us=round(t[default] * 1e3, 1) if default in t else None,
+            vs_bf16_default=round(bf16 / t[name], 2) if bf16 else None,
+        )
+        best_cfg.setdefault(kind, []).append((b, name))
+    for kind, rows in best_cfg.items():
+        # one config for all batches: the one with the least total time over the batches
+        common = [
+            n for n in times[(kind, rows[0][0])] if all(n in times[(kind, b)] for b, _ in rows)
+        ]
+        pick = min(common, key=lambda n: sum(times[(kind, b)][n] for b, _ in rows))
+        print(
+            f"# {kind}: best over batches {[b for b, _ in rows]}: {pick} "
+            f"(per batch: {', '.join(f'{b}: {n}' for b, n in rows)}); "
+            f'DECODE_CONFIGS["{kind}"] = ((1, DecodeConfig.parse("{pick}")),)  '
+            f"or MODELPORT_DECODE_CONFIG={kind}:{pick}",
+            flush=True,
+        )
+
+
+def fresh(meta: AttentionMetadata) -> AttentionMetadata:
+    """The same batch without the launch plan the backend cached on it."""
+    return AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
+
+
 if __name__ == "__main__":
-    main()
-    gemv_shapes()
+    sections = sys.argv[1:] or ["main", "gemv"]
+    for sec in sections:
+        {"main": main, "gemv": gemv_shapes, "decode-sweep": decode_sweep}[sec]()

@@ -22,12 +22,16 @@ depends only on the padded batch bucket, never on the step's context lengths.
 FP8 KV cache (``--kv-cache-dtype fp8``, torch.float8_e4m3fn): the write clamps K/V to the
 e4m3 range (+-448) and casts with scale 1.0 (vLLM's default without calibrated scales), so
 outliers saturate instead of turning into NaN; the attention kernels load fp8 tiles and
-upcast them (exactly) to the query dtype before the dot products. Decode reads half the
-bytes. On a 16-bit cache those casts are no-ops, so that path compiles to the same code.
+upcast them exactly: prefill to the query dtype, decode (which reads half the bytes and must
+stay memory-bound) to fp16 with cheap integer ops, dot products in fp16 (see _kv_upcast).
+Decode launch configs are per cache kind (DECODE_CONFIGS); on a 16-bit cache the kernels
+compile to the same code as before fp8 support.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,6 +108,91 @@ def write_kv_triton(
 
 
 # ----------------------------------------------------------------------------------------
+# fp8 (e4m3) -> fp16 upcasts for the decode kernel
+# ----------------------------------------------------------------------------------------
+# The plain ``.to(bfloat16)`` of an e4m3 tile costs, on sm90, one cvt.f16x2.e4m3x2 per pair
+# plus two scalar cvt.bf16.f16 (conversions: 16/clk/SM in NVIDIA's throughput tables, integer
+# ops 64); worse, Triton moves that upcast behind the shared-memory -> dot-operand load, and
+# for V (the dot's B operand runs along tokens, not along the contiguous head_dim) an 8-bit
+# operand is gathered byte by byte (LDS.U8 + PRMT). Offline sm90 SASS of the loop: 57
+# warp-instructions per KV token (bf16 cache: 26), while at 4.8 TB/s an SM can issue only ~55
+# in the time one token's fp8 K and V (256 B per KV head) arrive: issue-bound, not memory-bound,
+# hence slower than bf16 although it reads half the bytes.
+#
+# So the decode kernel can do its fp8 dot products in fp16, with these upcasts (the CVT codes
+# of DecodeConfig.k_cvt / v_cvt):
+#   1  cvt.rn.f16x2.e4m3x2 (``.to(float16)``, exact); Triton converts after the dot-operand
+#      load, like code 0.
+#   2  bit trick (below), pure inline PTX: Triton also hoists it behind the dot-operand load;
+#      good for K (read as fp8 through ldmatrix), bad for V (byte gathers).
+#   3  the bit trick in plain Triton integer ops (what the interpreter runs for 2 and 4).
+#   4  the bit trick as inline PTX marked impure, which Triton does not move: the upcast runs
+#      on the loaded tile with 128-bit shared loads and fp16 reaches the dot through
+#      shared memory and ldmatrix(.trans), like a bf16 tile. 33-35 warp-instructions a token.
+#   5  cvt.rn.f16x2.e4m3x2 as impure inline PTX (exact, converted on the loaded tile like 4).
+# Bit trick: e4m3 and fp16 differ only in exponent width and bias, so the sign at bit 15 and
+# the 7 exponent+mantissa bits at bits 13..7 make an fp16 of exactly value * 2**-8,
+# subnormals included (e4m3 subnormals land on fp16 subnormals). The kernel folds the 2**8
+# back into the softmax scale (K) and the output normalization (V). NaN codes (0x7f/0xff,
+# never written by the saturating KV write) read as +-480 instead of NaN.
+_FP8_F16_UNSCALE = tl.constexpr(256.0)
+
+# per 4 codes in $2 (one byte each): prmt puts code i in the low byte of a 16-bit half and
+# its sign replicated in the high byte; << 7 moves the 7 low bits to 13..7 and a sign copy
+# to 15; the mask keeps bits 15 and 13..7 (dropping the second sign copy at 14 and what the
+# shift carried over from the neighbouring half).
+_E4M3_F16_SCALED_PTX = tl.constexpr("""
+        {
+        .reg .b32 a<2>;
+        prmt.b32 a0, $2, 0, 0x9180;
+        prmt.b32 a1, $2, 0, 0xB3A2;
+        shl.b32 a0, a0, 7;
+        shl.b32 a1, a1, 7;
+        and.b32 $0, a0, 0xBF80BF80;
+        and.b32 $1, a1, 0xBF80BF80;
+        }
+        """)
+_E4M3_F16_PTX = tl.constexpr("""
+        {
+        .reg .b16 lo, hi;
+        mov.b32 {lo, hi}, $2;
+        cvt.rn.f16x2.e4m3x2 $0, lo;
+        cvt.rn.f16x2.e4m3x2 $1, hi;
+        }
+        """)
+
+
+@triton.jit
+def _e4m3_to_f16_scaled_int(x):
+    """The bit trick in integer ops: sign-extend the byte, shift by 7, mask."""
+    h = x.to(tl.int8, bitcast=True).to(tl.int32)
+    return ((h << 7) & 0xBF80).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _kv_upcast(x, CVT: tl.constexpr):
+    """fp8 e4m3 tile -> fp16 by CVT code (see above): exact for 1 and 5, * 2**-8 for 2-4."""
+    bits = x.to(tl.uint8, bitcast=True)
+    if CVT == 1:
+        y = x.to(tl.float16)
+    elif CVT == 2:
+        y = tl.inline_asm_elementwise(
+            _E4M3_F16_SCALED_PTX, "=r,=r,r", [bits], dtype=tl.float16, is_pure=True, pack=4
+        )
+    elif CVT == 4:
+        y = tl.inline_asm_elementwise(
+            _E4M3_F16_SCALED_PTX, "=r,=r,r", [bits], dtype=tl.float16, is_pure=False, pack=4
+        )
+    elif CVT == 5:
+        y = tl.inline_asm_elementwise(
+            _E4M3_F16_PTX, "=r,=r,r", [bits], dtype=tl.float16, is_pure=False, pack=4
+        )
+    else:
+        y = _e4m3_to_f16_scaled_int(x)
+    return y
+
+
+# ----------------------------------------------------------------------------------------
 # decode: one query per request, split-K over the paged context, GQA groups share KV loads
 # ----------------------------------------------------------------------------------------
 @triton.jit
@@ -131,6 +220,8 @@ def _decode_kernel(
     D: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    K_CVT: tl.constexpr = 0,  # 0: K.to(q dtype); 1-5: fp8 K -> fp16 via _kv_upcast
+    V_CVT: tl.constexpr = 0,  # the same for V
 ):
     req = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -159,14 +250,27 @@ def _decode_kernel(
     acc = tl.zeros([G_PAD, D], tl.float32)
     table = block_tables_ptr + req.to(tl.int64) * stride_bt
     kv_head_off = kvh * D
+    if K_CVT == 0:
+        qk = q
+        qk_scale = sm_scale_log2
+    else:  # fp16 dot with fp8 K: q in fp16 (exact in its normal range; clamp: no inf)
+        qk = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
+        qk = qk.to(tl.float16)
+        if K_CVT == 1 or K_CVT == 5:
+            qk_scale = sm_scale_log2
+        else:
+            qk_scale = sm_scale_log2 * _FP8_F16_UNSCALE
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
         page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         row = page * stride_blk + (offs_n % PAGE) * stride_slot + kv_head_off
         k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        k = k.to(q.dtype)  # fp8 cache: exact upcast; 16-bit: a no-op
-        s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        if K_CVT == 0:
+            k = k.to(q.dtype)  # fp8 cache: exact upcast; 16-bit: a no-op
+        else:
+            k = _kv_upcast(k, K_CVT)
+        s = tl.dot(qk, tl.trans(k)) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -176,11 +280,18 @@ def _decode_kernel(
             cache_ptr + half_stride + row[:, None] + offs_d[None, :],
             mask=n_mask[:, None],
             other=0.0,
-        ).to(q.dtype)
+        )
+        if V_CVT == 0:
+            v = v.to(q.dtype)
+        else:
+            v = _kv_upcast(v, V_CVT)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / safe_l[:, None]
+    if V_CVT >= 2 and V_CVT <= 4:  # V was read as value * 2**-8
+        o = acc / safe_l[:, None] * _FP8_F16_UNSCALE
+    else:
+        o = acc / safe_l[:, None]
     if NUM_SPLITS == 1:
         tl.store(
             out_ptr
@@ -326,6 +437,114 @@ PREFILL_BLOCK_M = 64
 DECODE_BLOCK_N = 64
 MAX_DECODE_SPLITS = 16
 _TARGET_PROGRAMS = 2 * 132  # two waves on an H200; a fixed number keeps results portable
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm in the interpreter
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel for one cache kind (see DECODE_CONFIGS).
+
+    k_cvt / v_cvt: how fp8 K / V tiles are upcast, the CVT codes of ``_kv_upcast`` (0: to
+    the query dtype; 1-5: to fp16, dot products in fp16); 16-bit caches always run 0.
+    programs: the context is split until a batch has about this many programs.
+    """
+
+    block_n: int = DECODE_BLOCK_N
+    num_warps: int = 4
+    num_stages: int = 2
+    k_cvt: int = 0
+    v_cvt: int = 0
+    programs: int = _TARGET_PROGRAMS
+
+    @property
+    def name(self) -> str:
+        return (
+            f"n{self.block_n}w{self.num_warps}s{self.num_stages}"
+            f"k{self.k_cvt}v{self.v_cvt}p{self.programs}"
+        )
+
+    @classmethod
+    def parse(cls, name: str) -> DecodeConfig:
+        """Inverse of ``name``: e.g. "n64w4s2k2v4p264"."""
+        m = re.fullmatch(r"n(\d+)w(\d+)s(\d+)k([0-5])v([0-5])p(\d+)", name.strip())
+        if m is None:
+            raise ValueError(f"bad decode config {name!r} (want e.g. n64w4s2k2v4p264)")
+        return cls(*map(int, m.groups()))
+
+
+# Decode launch configs by cache kind: ((smallest batch bucket, config), ...) ascending; a
+# batch takes the last entry whose bucket <= its own. Only the kind and the padded bucket
+# decide, so an eager batch and its CUDA-graph replay run the same code and give the same
+# bits. The 16-bit entry is the config the bf16 numbers in bench/README.md were measured
+# with. The fp8 entry was chosen offline from sm90 SASS (not yet timed on the H200):
+# `python bench/gpu/kernel_bench.py decode-sweep` times every candidate below and prints
+# the table to put here. MODELPORT_DECODE_CONFIG="fp8:n64w4s2k2v4p264,16bit:n64w4s2k0v0p264"
+# replaces a kind's entries with one config (for trying a config without editing this).
+DECODE_CONFIGS: dict[str, tuple[tuple[int, DecodeConfig], ...]] = {
+    "16bit": ((1, DecodeConfig()),),
+    "fp8": ((1, DecodeConfig(k_cvt=2, v_cvt=4)),),
+}
+
+# What the decode-sweep benchmark times, per kind. Offline sm90 compile (loop body per KV
+# token, warp-instructions; bf16 default: 26): fp8 as shipped (k0v0) 57; k2v4 35; k4v4 33;
+# k1v4 31; k5v5 25 (but its cvt instructions issue at a quarter of the ALU rate).
+DECODE_CANDIDATES: dict[str, tuple[DecodeConfig, ...]] = {
+    "16bit": (
+        DecodeConfig(),
+        DecodeConfig(num_stages=3),
+        DecodeConfig(block_n=32),
+        DecodeConfig(block_n=128, num_warps=8),
+        DecodeConfig(block_n=128),
+        DecodeConfig(programs=4 * 132),
+    ),
+    "fp8": (
+        DecodeConfig(),  # the upcast 3351eba shipped: cvt chain to the query dtype
+        DecodeConfig(k_cvt=2, v_cvt=2),
+        DecodeConfig(k_cvt=2, v_cvt=4),
+        DecodeConfig(k_cvt=4, v_cvt=4),
+        DecodeConfig(k_cvt=5, v_cvt=5),
+        DecodeConfig(k_cvt=1, v_cvt=4),
+        DecodeConfig(k_cvt=5, v_cvt=4),
+        DecodeConfig(k_cvt=1, v_cvt=5),
+        DecodeConfig(k_cvt=2, v_cvt=5),
+        DecodeConfig(k_cvt=3, v_cvt=3),
+        DecodeConfig(k_cvt=2, v_cvt=4, num_stages=3),
+        DecodeConfig(k_cvt=4, v_cvt=4, num_stages=1),
+        DecodeConfig(k_cvt=2, v_cvt=4, block_n=32),
+        DecodeConfig(k_cvt=2, v_cvt=4, block_n=128),
+        DecodeConfig(k_cvt=2, v_cvt=4, block_n=128, num_warps=8),
+        DecodeConfig(k_cvt=5, v_cvt=5, block_n=128),
+        DecodeConfig(k_cvt=5, v_cvt=5, block_n=128, num_warps=8),
+        DecodeConfig(k_cvt=2, v_cvt=4, programs=4 * 132),
+        DecodeConfig(k_cvt=5, v_cvt=5, programs=4 * 132),
+    ),
+}
+
+
+def _apply_env_configs(spec: str | None) -> None:
+    for item in filter(None, (spec or "").split(",")):
+        kind, _, name = item.partition(":")
+        if kind.strip() not in DECODE_CONFIGS:
+            raise ValueError(f"MODELPORT_DECODE_CONFIG: unknown cache kind {kind!r}")
+        DECODE_CONFIGS[kind.strip()] = ((1, DecodeConfig.parse(name)),)
+
+
+_apply_env_configs(os.environ.get("MODELPORT_DECODE_CONFIG"))
+
+
+def cache_kind(kv_dtype: torch.dtype | None) -> str:
+    return "fp8" if kv_dtype in FP8_KV_DTYPES else "16bit"
+
+
+def decode_config(num_reqs: int, kv_dtype: torch.dtype | None = None) -> DecodeConfig:
+    """The decode launch config for this batch (by its padded bucket) and cache dtype."""
+    bucket = batch_bucket(num_reqs)
+    cfg = None
+    for min_bucket, c in DECODE_CONFIGS[cache_kind(kv_dtype)]:
+        if cfg is None or min_bucket <= bucket:
+            cfg = c
+    assert cfg is not None
+    return cfg
 
 
 def batch_bucket(num_reqs: int) -> int:
@@ -335,13 +554,13 @@ def batch_bucket(num_reqs: int) -> int:
     return -(-num_reqs // 16) * 16
 
 
-def decode_splits(num_reqs: int, num_kv_heads: int) -> int:
+def decode_splits(num_reqs: int, num_kv_heads: int, programs: int = _TARGET_PROGRAMS) -> int:
     """Context splits per decode request: enough programs to fill the GPU at small batches.
 
     Depends on the padded bucket only, so a batch run eagerly and the same batch replayed
     from its CUDA graph reduce in the same order and give identical bits.
     """
-    want = -(-_TARGET_PROGRAMS // (batch_bucket(num_reqs) * num_kv_heads))
+    want = -(-programs // (batch_bucket(num_reqs) * num_kv_heads))
     return 1 << min(max(0, (want - 1).bit_length()), MAX_DECODE_SPLITS.bit_length() - 1)
 
 
@@ -352,9 +571,12 @@ class TritonPlan:
     has_decode: bool
     prefill_items: torch.Tensor | None  # [n_items, 2] int32 (request, first query row)
     splits: int
+    decode_cfg: DecodeConfig
 
 
-def build_plan(meta: AttentionMetadata, num_kv_heads: int) -> TritonPlan:
+def build_plan(
+    meta: AttentionMetadata, num_kv_heads: int, kv_dtype: torch.dtype | None = None
+) -> TritonPlan:
     qsl = meta.query_start_loc_cpu
     items: list[int] = []
     has_decode = False
@@ -370,13 +592,17 @@ def build_plan(meta: AttentionMetadata, num_kv_heads: int) -> TritonPlan:
         prefill = torch.tensor(items, dtype=torch.int32).view(-1, 2)
         prefill = prefill.pin_memory() if meta.seq_lens.is_cuda else prefill
         prefill = prefill.to(meta.seq_lens.device, non_blocking=True)
-    return TritonPlan(has_decode, prefill, decode_splits(meta.num_reqs, num_kv_heads))
+    cfg = decode_config(meta.num_reqs, kv_dtype)
+    splits = decode_splits(meta.num_reqs, num_kv_heads, cfg.programs)
+    return TritonPlan(has_decode, prefill, splits, cfg)
 
 
-def get_plan(meta: AttentionMetadata, num_kv_heads: int) -> TritonPlan:
+def get_plan(
+    meta: AttentionMetadata, num_kv_heads: int, kv_dtype: torch.dtype | None = None
+) -> TritonPlan:
     plan = meta.backend_state.get("triton")
     if plan is None:
-        plan = build_plan(meta, num_kv_heads)
+        plan = build_plan(meta, num_kv_heads, kv_dtype)
         meta.backend_state["triton"] = plan
     return plan
 
@@ -402,14 +628,19 @@ def triton_paged_attention(
     _, nb, page, kvh, _ = kv_cache.shape
     g = h // kvh
     out = torch.empty_like(q)
-    plan = get_plan(meta, kvh)
+    plan = get_plan(meta, kvh, kv_cache.dtype)
     scale_log2 = scale * _LOG2E
     half = nb * page * kvh * d
     cache_strides = (half, page * kvh * d, kvh * d)
     bt = meta.block_tables
     n_reqs = meta.num_reqs
     if plan.has_decode:
-        splits = plan.splits
+        splits, cfg = plan.splits, plan.decode_cfg
+        k_cvt = v_cvt = 0
+        if kv_cache.dtype in FP8_KV_DTYPES:
+            k_cvt, v_cvt = cfg.k_cvt, cfg.v_cvt
+            if _INTERPRET:  # no inline asm there: the same bits in plain Triton ops
+                k_cvt, v_cvt = ({2: 3, 4: 3, 5: 1}.get(c, c) for c in (k_cvt, v_cvt))
         if splits > 1:
             part_o = torch.empty((n_reqs, h, splits, d), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((n_reqs, h, splits), dtype=torch.float32, device=q.device)
@@ -436,9 +667,11 @@ def triton_paged_attention(
             G_PAD=max(16, triton.next_power_of_2(g)),
             D=d,
             PAGE=page,
-            BLOCK_N=DECODE_BLOCK_N,
-            num_warps=4,
-            num_stages=2,
+            BLOCK_N=cfg.block_n,
+            K_CVT=k_cvt,
+            V_CVT=v_cvt,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         if splits > 1:
             _merge_splits_kernel[(n_reqs, h)](
