@@ -431,7 +431,7 @@ def test_decode_config_names_table_and_env_override(monkeypatch):
     for cands in ta.DECODE_CANDIDATES.values():
         for c in cands:
             assert ta.DecodeConfig.parse(c.name) == c
-    assert ta.decode_config(200, torch.bfloat16) == ta.DecodeConfig()  # 16-bit unchanged
+    assert ta.decode_config(200, torch.bfloat16) == ta.DecodeConfig(num_stages=3)  # H200 sweep
     small, big = ta.DecodeConfig(block_n=32), ta.DecodeConfig(block_n=128, num_warps=8)
     monkeypatch.setitem(ta.DECODE_CONFIGS, "fp8", ((1, small), (64, big)))
     assert ta.decode_config(48, FP8) == small and ta.decode_config(49, FP8) == big

@@ -475,14 +475,16 @@ class DecodeConfig:
 # Decode launch configs by cache kind: ((smallest batch bucket, config), ...) ascending; a
 # batch takes the last entry whose bucket <= its own. Only the kind and the padded bucket
 # decide, so an eager batch and its CUDA-graph replay run the same code and give the same
-# bits. The 16-bit entry is the config the bf16 numbers in bench/README.md were measured
-# with. The fp8 entry was chosen offline from sm90 SASS (not yet timed on the H200):
-# `python bench/gpu/kernel_bench.py decode-sweep` times every candidate below and prints
-# the table to put here. MODELPORT_DECODE_CONFIG="fp8:n64w4s2k2v4p264,16bit:n64w4s2k0v0p264"
-# replaces a kind's entries with one config (for trying a config without editing this).
+# bits. Both entries are the fastest of `python bench/gpu/kernel_bench.py decode-sweep` on
+# the H200 (bench/results/2026-11-29-h200-decode-sweep.jsonl, CUDA-graph replay, batch
+# 64/128/256 x 1,152 tokens): 16-bit n64w4s3 277 us at 256 rows (n64w4s2, with which the
+# bench/README.md W1/W3 runs were measured: 302 us); fp8 n64w4s2k1v5 206 us (k2v4, the W1
+# FP8-KV run: 209 us; the first fp8 kernel: 288 us).
+# MODELPORT_DECODE_CONFIG="fp8:n64w4s2k2v4p264,16bit:n64w4s2k0v0p264" replaces a kind's
+# entries with one config (for trying a config without editing this).
 DECODE_CONFIGS: dict[str, tuple[tuple[int, DecodeConfig], ...]] = {
-    "16bit": ((1, DecodeConfig()),),
-    "fp8": ((1, DecodeConfig(k_cvt=2, v_cvt=4)),),
+    "16bit": ((1, DecodeConfig(num_stages=3)),),
+    "fp8": ((1, DecodeConfig(k_cvt=1, v_cvt=5)),),
 }
 
 # What the decode-sweep benchmark times, per kind. Offline sm90 compile (loop body per KV
