@@ -31,19 +31,10 @@ import functools
 
 import torch
 
+from modelport.quantization.triton_gemm import available  # noqa: F401 - one CUDA+Triton probe
+
 FP8 = torch.float8_e4m3fn
 ONE_PASS_MAX_K = 16384  # widest row the quantizer keeps in registers
-
-
-@functools.cache
-def available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _next_pow2(n: int) -> int:
