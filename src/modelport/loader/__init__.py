@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -162,8 +162,13 @@ def load_model(
     load_config: LoadConfig,
     dtype: torch.dtype,
     device: torch.device,
+    transform: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
-    """Build the registered model class on device/dtype and fill its weights; returns eval()."""
+    """Build the registered model class on device/dtype and fill its weights; returns eval().
+
+    ``transform`` (e.g. tensor-parallel sharding) runs once the weights are loaded; for a
+    quantized model, before the kernels repack them (so packed layouts are cut correctly).
+    """
     from modelport.models.registry import get_model_class
 
     cls = get_model_class(config.architecture)
@@ -177,7 +182,7 @@ def load_model(
 
     plan = resolve_quantization(load_config.quantization, src, config, device, fmt)
     if plan is not None:  # quantized checkpoint or --quantization: see quantization/loading.py
-        return plan.load(cls, config, fmt, load_config.seed, dtype, device)
+        return plan.load(cls, config, fmt, load_config.seed, dtype, device, transform)
     with _build_defaults(dtype, device):
         model = cls(config)
     expected = {name for name, _ in model.named_parameters()}
@@ -185,6 +190,8 @@ def load_model(
         from modelport.loader.dummy import init_dummy_weights
 
         init_dummy_weights(model, load_config.seed)
+        if transform is not None:
+            transform(model)
         return model.eval()
     weights, total = _weights_for(src)
     with torch.no_grad():
@@ -195,4 +202,6 @@ def load_model(
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise ValueError(f"{src.path}: checkpoint is missing weights for {shown}")
+    if transform is not None:
+        transform(model)
     return model.eval()

@@ -5,6 +5,12 @@ its slice: q/k/v and gate/up are split by output rows (heads / intermediate chan
 o_proj and down_proj by input columns with a sum over ranks (all-reduce) after them.
 Embeddings, norms and the LM head stay replicated, so every rank holds whole hidden states
 and rank 0 alone computes logits and samples.
+
+Quantized layers shard through their LinearMethod (``quant_method.shard`` with a
+``TPShard``): the method records the slice, and ``process_weights_after_loading`` cuts the
+format's canonical weight before packing it for the kernel. So a quantized model must be
+sharded between loading and repacking: ``load_model(..., transform=...)`` (what the runner
+does) calls ``shard_model`` at that point; plain models may also be sharded after loading.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from torch import nn
 
 from modelport.layers.attention import Attention
 from modelport.layers.linear import Linear, MergedLinear, QKVLinear
+from modelport.quantization.base import TPShard
 
 COLUMN_PARALLEL = ("gate_up_proj",)  # plus every QKVLinear
 ROW_PARALLEL = ("o_proj", "down_proj")
@@ -46,9 +53,14 @@ def _rows(ranges: list[tuple[int, int]], rank: int, size: int) -> torch.Tensor:
     return torch.cat(idx)
 
 
-def _take_rows(m: Linear, idx: torch.Tensor) -> None:
-    m.weight = nn.Parameter(m.weight.data.index_select(0, idx.to(m.weight.device)).clone(),
-                            requires_grad=False)
+def _take_rows(m: Linear, idx: torch.Tensor, rank: int, size: int) -> None:
+    if m.quant_method is not None:
+        ranges = dict(getattr(m, "shard_ranges", None) or {}) or None
+        m.quant_method.shard(m, TPShard(0, idx, int(m.input_size), int(m.output_size), rank, size,
+                                        ranges))
+    else:
+        m.weight = nn.Parameter(m.weight.data.index_select(0, idx.to(m.weight.device)).clone(),
+                                requires_grad=False)
     if m.bias is not None:
         m.bias = nn.Parameter(m.bias.data.index_select(0, idx.to(m.bias.device)).clone(),
                               requires_grad=False)
@@ -57,7 +69,7 @@ def _take_rows(m: Linear, idx: torch.Tensor) -> None:
 
 def _shard_qkv(m: QKVLinear, rank: int, size: int) -> None:
     d = m.head_dim
-    _take_rows(m, _rows(_head_ranges(m), rank, size))
+    _take_rows(m, _rows(_head_ranges(m), rank, size), rank, size)
     m.num_heads //= size
     m.num_kv_heads //= size
     m.q_size, m.kv_size = m.num_heads * d, m.num_kv_heads * d
@@ -72,7 +84,7 @@ def _head_ranges(m: QKVLinear) -> list[tuple[int, int]]:
 def _shard_merged(m: MergedLinear, rank: int, size: int) -> None:
     names = list(m.shard_ranges)
     ranges = [m.shard_ranges[n] for n in names]
-    _take_rows(m, _rows(ranges, rank, size))
+    _take_rows(m, _rows(ranges, rank, size), rank, size)
     offset = 0
     for n, (_, length) in zip(names, ranges):
         m.shard_ranges[n] = (offset, length // size)
@@ -81,20 +93,26 @@ def _shard_merged(m: MergedLinear, rank: int, size: int) -> None:
 
 def _shard_row(m: Linear, rank: int, size: int) -> None:
     part = m.input_size // size
-    w = m.weight.data[:, rank * part : (rank + 1) * part].clone()
-    m.weight = nn.Parameter(w, requires_grad=False)
+    if m.quant_method is not None:
+        idx = torch.arange(rank * part, (rank + 1) * part)
+        m.quant_method.shard(m, TPShard(1, idx, int(m.input_size), int(m.output_size), rank, size))
+    else:
+        w = m.weight.data[:, rank * part : (rank + 1) * part].clone()
+        m.weight = nn.Parameter(w, requires_grad=False)
     m.input_size = part
 
 
 def shard_model(model: nn.Module, rank: int, size: int) -> None:
-    """Keep rank's slice of every parallel layer, in place. Requires heads % size == 0."""
+    """Keep rank's slice of every parallel layer, in place. Requires heads % size == 0.
+
+    Quantized layers only record their slice here (see the module docstring): call this
+    before ``finish_loading``, e.g. through ``load_model(..., transform=...)``.
+    """
     if size == 1:
         return
     replace: list[tuple[nn.Module, str, nn.Module]] = []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, Linear) and getattr(module, "quant_method", None) is not None:
-            raise ValueError("tensor parallelism with quantized weights is not supported yet")
         if isinstance(module, QKVLinear):
             if module.num_heads % size or module.num_kv_heads % size:
                 raise ValueError(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from modelport.quantization.base import LinearMethod, QuantizationConfig, new_param
-from modelport.quantization.kernels import GroupQuant, make_kernel
+from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
 from modelport.quantization.packing import pack_along, unpack_along
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i <- column offset AWQ_ORDER[i]
@@ -78,9 +78,14 @@ class AWQConfig(QuantizationConfig):
         return AWQLinearMethod(self)
 
 
-class AWQLinearMethod(LinearMethod):
+class AWQLinearMethod(GroupQuantMethod):
+    format_name = "AWQ"
+
     def __init__(self, config: AWQConfig) -> None:
         self.config = config
+
+    def group_size_for(self, input_size: int) -> int | None:
+        return self.config.group_size
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:
@@ -99,16 +104,12 @@ class AWQLinearMethod(LinearMethod):
         new_param(layer, "scales", torch.zeros(input_size // g, n, dtype=params_dtype),
                   output_dim=1)
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
         gq = awq_to_group_quant(layer.qweight.data, layer.qzeros.data, layer.scales.data,
                                 self.config.group_size)
-        layer.qkernel = make_kernel(gq, layer.quant_device)
         for name in ("qweight", "qzeros", "scales"):
             del layer._parameters[name]
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = layer.qkernel(x)
-        return y + bias if bias is not None else y
+        return gq
 
 
 def awq_to_group_quant(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

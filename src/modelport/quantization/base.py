@@ -9,7 +9,11 @@ is a transformation of the built module (gpt-fast style) that gives each linear 
   model's declared loading table (q/k/v -> qkv shards) works unchanged;
 * ``process_weights_after_loading`` turns what the checkpoint stored into what the kernel
   reads (repacking, act-order permutation, fused-shard scale reconciliation);
-* ``apply`` runs the matmul.
+* ``apply`` runs the matmul;
+* ``shard`` keeps one tensor-parallel rank's slice of the layer (``TPShard``: output rows for
+  column-parallel layers, a contiguous range of input columns for row-parallel ones). It is
+  called after loading and before ``process_weights_after_loading``, so a method may record
+  the slice and cut its canonical form before building the kernel's packed layout.
 
 Parameters packed along the output dimension carry ``output_dim`` and ``pack_factor``
 attributes, so one generic shard loader (here) narrows fused q/k/v or gate/up slices for
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +48,45 @@ class QuantizationConfig(ABC):
         return {"quant_method": self.name}
 
 
+@dataclass(frozen=True)
+class TPShard:
+    """One tensor-parallel rank's slice of a linear layer, in the unsharded layer's coordinates.
+
+    dim 0 (column parallel): keep output rows ``index`` (for fused q/k/v or gate/up: this
+    rank's part of every sub-shard, in order); dim 1 (row parallel): keep input columns
+    ``index``, a contiguous range. ``input_size`` / ``output_size`` are the layer's sizes
+    before sharding (``shard_model`` updates the layer's own afterwards).
+    """
+
+    dim: int
+    index: torch.Tensor
+    input_size: int
+    output_size: int
+    rank: int
+    size: int
+    # the fused layer's (offset, size) per sub-shard before sharding (None: not fused)
+    shard_ranges: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def start(self) -> int:
+        return int(self.index[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.index.numel())
+
+
+def check_input_split(input_size: int, part: int, tp_size: int, group_size: int,
+                      what: str) -> None:
+    """Row parallelism cuts K; each rank's columns must be whole groups (or lie inside one)."""
+    if part % group_size and group_size % part:
+        raise ValueError(
+            f"{what}: tensor_parallel_size {tp_size} splits {input_size} input columns into "
+            f"{part} per rank, which is not a multiple of the group size {group_size}; use a "
+            "tensor_parallel_size (or a checkpoint group size) that gives each rank whole groups"
+        )
+
+
 class LinearMethod(ABC):
     """create_weights -> weight_loader (per shard) -> process_weights_after_loading -> apply."""
 
@@ -64,6 +108,13 @@ class LinearMethod(ABC):
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """y = x W^T (+ bias) for x [..., input_size]."""
+
+    def shard(self, layer: nn.Module, spec: TPShard) -> None:
+        """Keep ``spec``'s slice of this layer (tensor parallelism); see ``TPShard``."""
+        raise ValueError(
+            f"tensor parallelism is not supported with {type(self).__name__.removesuffix('LinearMethod')} "
+            "weights yet; use tensor_parallel_size=1, or an AWQ, GPTQ, FP8, GGUF or NF4 checkpoint"
+        )
 
 
 def new_param(

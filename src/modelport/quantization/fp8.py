@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelport.quantization import triton_fp8
-from modelport.quantization.base import LinearMethod, QuantizationConfig, new_param, shard_slice
+from modelport.quantization.base import (
+    LinearMethod,
+    QuantizationConfig,
+    TPShard,
+    new_param,
+    shard_slice,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,16 +146,37 @@ class FP8LinearMethod(LinearMethod):
             q, scale = layer.weight.data, layer.weight_scale.data
             if (scale < 0).any():
                 raise ValueError("FP8 checkpoint: some output channels received no weight_scale")
+        spec: TPShard | None = getattr(layer, "tp_shard", None)
+        if spec is not None:
+            q, scale = _shard_fp8(q, scale, spec)
+            layer.tp_shard = None
         for name in ("weight", "weight_scale", "input_scale"):
             layer._parameters.pop(name, None)
         layer.register_buffer("fp8_weight", q.contiguous())
         layer.register_buffer("fp8_scale", scale.float().contiguous())
+
+    def shard(self, layer: nn.Module, spec: TPShard) -> None:
+        """Scales are per output channel (per-tensor ones are broadcast at load), so a slice
+        is the slice of the weight and, for output rows, of the scale; no requantization."""
+        if hasattr(layer, "fp8_weight"):  # already repacked: cut the buffers in place
+            q, scale = _shard_fp8(layer.fp8_weight, layer.fp8_scale, spec)
+            layer.fp8_weight, layer.fp8_scale = q.contiguous(), scale.contiguous()
+            return
+        layer.tp_shard = spec
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
             return fp8_linear(x, layer.fp8_weight, layer.fp8_scale, bias)
         w = layer.fp8_weight.to(x.dtype) * layer.fp8_scale.to(x.dtype)[:, None]
         return F.linear(x, w, bias)
+
+
+def _shard_fp8(q: torch.Tensor, scale: torch.Tensor, spec: TPShard) -> tuple[torch.Tensor, torch.Tensor]:
+    index = spec.index.to(q.device)
+    if spec.dim == 0:  # gathered as bytes: index_select need not support float8 on every device
+        rows = q.view(torch.uint8).index_select(0, index).view(q.dtype) if q.dtype == FP8 else q[index]
+        return rows, scale.index_select(0, index)
+    return q[:, spec.start : spec.start + spec.length], scale
 
 
 def quantize_fp8_per_token_torch(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import nn
 from modelport.quantization.base import LinearMethod, QuantizationConfig, shard_slice
 from modelport.quantization.gguf_formats import FLOAT_TYPES, GGML_TYPES, row_bytes, type_name
 from modelport.quantization.gguf_formats import unpack as unpack_ggml
-from modelport.quantization.kernels import GroupQuant, make_kernel
+from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
 
 
 @dataclass
@@ -63,7 +63,9 @@ class GGUFQuantConfig(QuantizationConfig):
         return GGUFLinearMethod({s: int(t) for s, t in types.items()})  # type: ignore[arg-type]
 
 
-class GGUFLinearMethod(LinearMethod):
+class GGUFLinearMethod(GroupQuantMethod):
+    format_name = "GGUF"
+
     def __init__(self, shard_types: dict[str | None, int]) -> None:
         self.shard_types = shard_types
 
@@ -90,18 +92,13 @@ class GGUFLinearMethod(LinearMethod):
             )
         layer.gguf_raw[shard_id] = raw
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        k = int(layer.input_size)
-        parts = [unpack_ggml(layer.gguf_raw[s], t, k) for s, t in self.shard_types.items()]
+    def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
+        parts = [unpack_ggml(layer.gguf_raw[s], t, input_size) for s, t in self.shard_types.items()]
         gq = concat_group_quants(parts)
-        layer.qkernel = make_kernel(gq, layer.quant_device)
         del layer._parameters["weight"]
         del layer.gguf_raw
         layer.gguf_types = tuple(type_name(t) for t in self.shard_types.values())
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = layer.qkernel(x)
-        return y + bias if bias is not None else y
+        return gq
 
 
 def concat_group_quants(parts: list[GroupQuant]) -> GroupQuant:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from modelport.quantization.base import LinearMethod, QuantizationConfig, new_param
-from modelport.quantization.kernels import GroupQuant, make_kernel
+from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
 from modelport.quantization.packing import pack_along, unpack_along
 
 SUPPORTED_BITS = (4, 8)
@@ -64,9 +64,14 @@ class GPTQConfig(QuantizationConfig):
         return GPTQLinearMethod(self)
 
 
-class GPTQLinearMethod(LinearMethod):
+class GPTQLinearMethod(GroupQuantMethod):
+    format_name = "GPTQ"
+
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
+
+    def group_size_for(self, input_size: int) -> int | None:
+        return self.group_size(input_size)
 
     def group_size(self, input_size: int) -> int:
         return input_size if self.config.group_size == -1 else self.config.group_size
@@ -91,18 +96,13 @@ class GPTQLinearMethod(LinearMethod):
         new_param(layer, "g_idx", torch.full((input_size,), -1, dtype=torch.int32),
                   loader=lambda p, t, shard_id=None: _load_g_idx(p, t))
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        g = self.group_size(int(layer.input_size))
+    def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
         gq = gptq_to_group_quant(layer.qweight.data, layer.qzeros.data, layer.scales.data,
-                                 layer.g_idx.data, self.config.bits, g,
+                                 layer.g_idx.data, self.config.bits, self.group_size(input_size),
                                  self.config.checkpoint_format)
-        layer.qkernel = make_kernel(gq, layer.quant_device)
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             del layer._parameters[name]
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = layer.qkernel(x)
-        return y + bias if bias is not None else y
+        return gq
 
 
 def _load_g_idx(param: nn.Parameter, loaded: torch.Tensor) -> None:

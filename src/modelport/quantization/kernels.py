@@ -18,14 +18,23 @@ Kernels, chosen by ``make_kernel``:
 
 Act-order (GPTQ ``desc_act``) is handled by permuting the weight's input columns once so
 groups are contiguous, and gathering the activation columns with the same permutation.
+
+Tensor parallelism cuts the canonical ``GroupQuant`` (``shard_group_quant``) before the
+kernel packs it, so every format shards through the same code (``GroupQuantMethod.shard``).
+A row-parallel slice of an act-order weight usually holds parts of groups (a group's columns
+are scattered over K); such a slice keeps its g_idx and runs on ``DequantKernel``.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from modelport.quantization.base import LinearMethod, TPShard, check_input_split
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
 
@@ -66,6 +75,16 @@ class GroupQuant:
         if self.g_idx is not None:
             return self.g_idx
         return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
+
+    def uniform_groups(self) -> bool:
+        """Whether every group holds exactly group_size columns (what the fast kernels need)."""
+        if self.g_idx is None:
+            return True
+        n_groups = self.scales.shape[1]
+        if n_groups * self.group_size != self.shape[1]:
+            return False
+        counts = torch.bincount(self.g_idx.long(), minlength=n_groups)
+        return bool((counts == self.group_size).all())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The reference: float weight [N, K]."""
@@ -148,6 +167,7 @@ def cpu_int4_fits(gq: GroupQuant) -> bool:
 def make_kernel(gq: GroupQuant, device: torch.device, *, allow_fast: bool = True) -> torch.nn.Module:
     """The fastest kernel for this weight on this device (see module docstring)."""
     device = torch.device(device)
+    allow_fast = allow_fast and gq.uniform_groups()
     if allow_fast and device.type == "cpu" and cpu_int4_fits(gq):
         return CpuInt4Kernel(gq)
     if allow_fast and device.type == "cuda":
@@ -156,3 +176,89 @@ def make_kernel(gq: GroupQuant, device: torch.device, *, allow_fast: bool = True
         if triton_gemm.available() and triton_gemm.fits(gq):
             return triton_gemm.TritonKernel(gq, device)
     return DequantKernel(gq).to(device)
+
+
+def shard_group_quant(gq: GroupQuant, dim: int, index: torch.Tensor, what: str = "weight",
+                      tp_size: int = 0) -> GroupQuant:
+    """Output rows ``index`` (dim 0) or the contiguous input columns ``index`` (dim 1) of gq.
+
+    Input slices must be whole groups or lie inside one group (which then becomes the slice's
+    only group). With a g_idx (act-order) the columns and their group ids are cut together and
+    each rank keeps the scales/zeros of the groups its columns reference.
+    """
+    index = index.to(gq.codes.device)
+    if dim == 0:
+        return GroupQuant(gq.codes[index].contiguous(), gq.scales[index].contiguous(),
+                          gq.zeros[index].contiguous(), gq.group_size, gq.bits, gq.g_idx)
+    if dim != 1:
+        raise ValueError(f"shard_group_quant: dim must be 0 or 1, got {dim}")
+    k0, part = int(index[0]), int(index.numel())
+    k = gq.shape[1]
+    if not torch.equal(index, torch.arange(k0, k0 + part, device=index.device)):
+        raise ValueError("shard_group_quant: input columns must be a contiguous range")
+    codes = gq.codes[:, k0 : k0 + part].contiguous()
+    gs = gq.group_size
+    if gq.g_idx is None:
+        check_input_split(k, part, tp_size or max(1, k // part), gs, what)
+        if part % gs == 0:
+            g0, g1 = k0 // gs, (k0 + part) // gs
+            return GroupQuant(codes, gq.scales[:, g0:g1].contiguous(),
+                              gq.zeros[:, g0:g1].contiguous(), gs, gq.bits)
+        g = k0 // gs  # the slice lies inside one group: that group, at the slice's width
+        return GroupQuant(codes, gq.scales[:, g : g + 1].contiguous(),
+                          gq.zeros[:, g : g + 1].contiguous(), part, gq.bits)
+    g_sl = gq.g_idx[k0 : k0 + part].long()
+    used = torch.unique(g_sl)  # sorted
+    local = torch.searchsorted(used, g_sl)
+    scales = gq.scales[:, used].contiguous()
+    zeros = gq.zeros[:, used].contiguous()
+    if part % gs == 0 and torch.equal(local, torch.arange(part, device=local.device) // gs):
+        return GroupQuant(codes, scales, zeros, gs, gq.bits)
+    return GroupQuant(codes, scales, zeros, gs, gq.bits, local)
+
+
+class GroupQuantMethod(LinearMethod):
+    """A format whose weights become one ``GroupQuant``: shared repack, shard and apply.
+
+    Subclasses implement ``to_group_quant`` (checkpoint tensors -> canonical form, dropping
+    the checkpoint parameters); a tensor-parallel slice recorded by ``shard`` is cut from the
+    canonical form before ``make_kernel`` packs it.
+    """
+
+    format_name = "quantized"
+
+    @abstractmethod
+    def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
+        """The layer's loaded weight as a GroupQuant; ``input_size`` is the unsharded K."""
+
+    def group_size_for(self, input_size: int) -> int | None:
+        """The group size along K when the format knows it before loading (early TP check)."""
+        return None
+
+    def shard(self, layer: nn.Module, spec: TPShard) -> None:
+        if hasattr(layer, "qkernel"):
+            raise ValueError(
+                f"{self.format_name}: shard a quantized layer before its kernel is built "
+                "(load_model(..., transform=...) shards between loading and repacking)"
+            )
+        if getattr(layer, "tp_shard", None) is not None:
+            raise ValueError(f"{self.format_name}: layer is already sharded")
+        if spec.dim == 1:
+            g = self.group_size_for(spec.input_size)
+            if g is not None:
+                check_input_split(spec.input_size, spec.length, spec.size, g,
+                                  f"{self.format_name} {type(layer).__name__}")
+        layer.tp_shard = spec
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        spec: TPShard | None = getattr(layer, "tp_shard", None)
+        gq = self.to_group_quant(layer, spec.input_size if spec else int(layer.input_size))
+        if spec is not None:
+            gq = shard_group_quant(gq, spec.dim, spec.index,
+                                   f"{self.format_name} {type(layer).__name__}", spec.size)
+            layer.tp_shard = None
+        layer.qkernel = make_kernel(gq, layer.quant_device)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = layer.qkernel(x)
+        return y + bias if bias is not None else y

@@ -9,7 +9,7 @@ model's linear layers, (2) supplies the weight stream when the format needs a sp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,8 +151,13 @@ class QuantPlan:
         return iter_gguf_kept(reader, hf_config, self.config.kept), len(reader.tensors)  # type: ignore[attr-defined]
 
     def load(self, cls: type[nn.Module], config: ModelConfig, load_format: str, seed: int,
-             dtype: torch.dtype, device: torch.device) -> nn.Module:
-        """Build, transform, fill and repack; a failure leaves nothing half-loaded behind."""
+             dtype: torch.dtype, device: torch.device,
+             transform: Callable[[nn.Module], None] | None = None) -> nn.Module:
+        """Build, transform, fill and repack; a failure leaves nothing half-loaded behind.
+
+        ``transform`` (tensor-parallel sharding) runs after the weights are filled and before
+        the repack, so each LinearMethod cuts its canonical weight before packing it.
+        """
         from modelport import loader
         from modelport.quantization.apply import finish_loading
 
@@ -164,6 +169,8 @@ class QuantPlan:
             from modelport.quantization.dummy import init_dummy_quantized
 
             init_dummy_quantized(model, seed)
+            if transform is not None:
+                transform(model)
             finish_loading(model)
             return model.eval()
         stream = self.weights(config.hf_config) or loader._weights_for(self.src)
@@ -175,5 +182,7 @@ class QuantPlan:
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"{self.src.path}: checkpoint is missing weights for {shown}")
+        if transform is not None:
+            transform(model)
         finish_loading(model)
         return model.eval()

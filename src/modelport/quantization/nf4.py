@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelport.quantization.base import LinearMethod, QuantizationConfig, shard_slice
+from modelport.quantization.base import (
+    LinearMethod,
+    QuantizationConfig,
+    TPShard,
+    check_input_split,
+)
 
 # The NF4 code book (QLoRA paper, Appendix E): quantiles of N(0, 1) normalised to [-1, 1].
 NF4_CODE = (
@@ -92,34 +97,63 @@ class NF4LinearMethod(LinearMethod):
                                layer.nf4_parts.setdefault(shard_id, {}).__setitem__(piece, loaded))
             layer.register_parameter(piece, p)
 
+    def shard(self, layer: nn.Module, spec: TPShard) -> None:
+        """Record the slice; the codes and absmax are cut once unpacked (the block size is in
+        the checkpoint's quant_state, so a bad input split is reported then)."""
+        if hasattr(layer, "nf4_codes"):
+            raise ValueError("NF4: shard a layer before process_weights_after_loading")
+        layer.tp_shard = spec
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        k = int(layer.input_size)
+        spec: TPShard | None = getattr(layer, "tp_shard", None)
+        k = spec.input_size if spec else int(layer.input_size)
+        n_all = spec.output_size if spec else int(layer.output_size)
+        ranges = (spec.shard_ranges if spec else None) or getattr(layer, "shard_ranges", None) or {}
         codes, scales = [], []
-        shards = list(getattr(layer, "shard_ranges", None) or {None: 0})
+        shards = list(ranges or {None: 0})
         if set(layer.nf4_parts) == {None}:  # one fused tensor (dummy weights)
             shards = [None]
         for shard in shards:
             parts = layer.nf4_parts.get(shard)
             if parts is None:
                 raise ValueError(f"NF4: shard {shard!r} of {type(layer).__name__} was not loaded")
-            sl = shard_slice(layer, shard) if shard is not None else None
-            n = sl[1] if sl else int(layer.output_size)
+            n = ranges[shard][1] if shard is not None else n_all
             c, s = nf4_unpack(parts, n, k)
             codes.append(c)
             scales.append(s)
         for piece in self.pieces:
             del layer._parameters[piece]
         del layer.nf4_parts
+        codes_t, absmax = torch.cat(codes), torch.cat(scales)
+        block = 64 if absmax.shape[1] * 64 == k else k // absmax.shape[1]
+        if spec is not None:
+            codes_t, absmax, block = _shard_nf4(codes_t, absmax, block, spec)
+            layer.tp_shard = None
         dev = layer.quant_device
-        layer.register_buffer("nf4_codes", torch.cat(codes).to(dev))
-        layer.register_buffer("nf4_absmax", torch.cat(scales).to(dev))
+        layer.register_buffer("nf4_codes", codes_t.contiguous().to(dev))
+        layer.register_buffer("nf4_absmax", absmax.contiguous().to(dev))
         layer.register_buffer("nf4_table", torch.tensor(NF4_CODE, device=dev))
-        layer.nf4_block = 64 if layer.nf4_absmax.shape[1] * 64 == k else k // layer.nf4_absmax.shape[1]
+        layer.nf4_block = block
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = layer.nf4_table.to(x.dtype)[layer.nf4_codes.long()]
         w = (w.view(w.shape[0], -1, layer.nf4_block) * layer.nf4_absmax.to(x.dtype)[..., None])
         return F.linear(x, w.view(layer.nf4_codes.shape), bias)
+
+
+def _shard_nf4(codes: torch.Tensor, absmax: torch.Tensor, block: int,
+               spec: TPShard) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One rank's rows (dim 0) or input columns (dim 1, whole blocks or inside one block)."""
+    if spec.dim == 0:
+        idx = spec.index.to(codes.device)
+        return codes[idx], absmax[idx], block
+    k0, part = spec.start, spec.length
+    check_input_split(spec.input_size, part, spec.size, block, "NF4 (bitsandbytes) blocks")
+    codes = codes[:, k0 : k0 + part]
+    if part % block == 0:
+        return codes, absmax[:, k0 // block : (k0 + part) // block], block
+    g = k0 // block
+    return codes, absmax[:, g : g + 1], part
 
 
 def _state(parts: dict[str, torch.Tensor]) -> dict[str, Any]:

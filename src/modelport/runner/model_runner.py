@@ -78,14 +78,16 @@ class ModelRunner:
                 torch.set_num_threads(cpu_threads_per_rank(self.tp_size))
             self.tp_workers = TPWorkers(self.config, self.device.type)
         torch.manual_seed(self.config.seed)
-        self.model = load_model(
-            self.config.model_source, self.config.model_config, self.config.load_config,
-            self.dtype, self.device,
-        )
+        shard = None
         if self.tp_size > 1:
             from modelport.parallel.tensor_parallel import shard_model
 
-            shard_model(self.model, self.tp_rank, self.tp_size)
+            def shard(model: torch.nn.Module) -> None:  # between loading and kernel repacking
+                shard_model(model, self.tp_rank, self.tp_size)
+        self.model = load_model(
+            self.config.model_source, self.config.model_config, self.config.load_config,
+            self.dtype, self.device, transform=shard,
+        )
         if self.device.type == "cuda":
             from modelport.layers.fused_ops import fuse_small_ops
 
