@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import modelport.quantization.loading as quant_loading
 from helpers.tiny_models import TINY_PROMPT as PROMPT
 from helpers.tiny_models import make_tiny_llama_dir, make_tiny_llama_gguf, run_one_sequence
 from modelport.config import LoadConfig
@@ -76,6 +77,8 @@ def test_kept_quantized_matches_dequantized_path(
     tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, kernel: type
 ) -> None:
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    # the linear layers alone: the bf16 LM head of the kept path has its own test below
+    monkeypatch.setattr(quant_loading, "NARROW_CPU_LM_HEAD", False)
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
     ref = run_one_sequence(_load(path, None), PROMPT)
     model = _load(path, "gguf")
@@ -90,6 +93,27 @@ def test_kept_quantized_matches_dequantized_path(
     else:  # bf16 activations in torch's int4 kernel
         assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_kept_path_on_cpu_narrows_the_fp32_lm_head_to_bf16(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-Q4_1.gguf", "Q4_1")
+    wide = _load(path, None)
+    model = _load(path, "gguf")
+    assert wide.lm_head.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # lookups stay exact
+    torch.testing.assert_close(model.lm_head.weight.float(), wide.lm_head.weight,
+                               atol=0, rtol=2**-8)  # fmt: skip
+    hidden = torch.randn(5, wide.config.hidden_size)
+    ref = wide.compute_logits(hidden)
+    got = model.compute_logits(hidden)
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+    monkeypatch.setattr(quant_loading, "NARROW_CPU_LM_HEAD", False)
+    assert _load(path, "gguf").lm_head.weight.dtype == torch.float32
 
 
 def test_mixed_types_in_one_fused_layer(

@@ -34,4 +34,6 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        # the weight may be narrower than the activations (a bf16 head beside a kept-GGUF
+        # model's fp32 activations on CPU): the matmul runs in the weight's dtype
+        return F.linear(hidden.to(self.weight.dtype), self.weight).float()
