@@ -113,8 +113,23 @@ def test_gguf_file_is_dequantized_unless_kept_as_the_engine_does():
     kept = make_plan(PlanRequest(src, cpu, max_model_len=2048, max_num_seqs=4, quantization="gguf"))
     # the loader dequantizes to float32 on CPU: 4 bytes per parameter (the tied head once)
     assert dense.resident_per_gpu == 4 * dense.weights.num_params
-    assert kept.resident_per_gpu == src.weight_bytes
     assert dense.weights.total_bytes == kept.weights.total_bytes == src.weight_bytes
+    # kept: the linear layers stay in blocks, the embedding table is fp32 and the tied head
+    # a bf16 copy; the plan must agree with what the engine's loader really holds
+    from modelport.config import LoadConfig
+    from modelport.loader import load_model, load_model_config
+    from modelport.loader import resolve_model as resolve_source
+
+    msrc = resolve_source(str(_default_gguf()))
+    model = load_model(msrc, load_model_config(msrc), LoadConfig(quantization="gguf"),
+                       torch.float32, torch.device("cpu"))  # fmt: skip
+    seen, held = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            held += t.numel() * t.element_size()
+    assert kept.resident_per_gpu == pytest.approx(held, rel=0.05)
+    assert kept.resident_per_gpu > src.weight_bytes  # more than the file: fp32 embedding
     from modelport.planner.advisor import serve_command
 
     assert "--quantization gguf" in serve_command(kept)

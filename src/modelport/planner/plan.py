@@ -11,6 +11,7 @@ from modelport.planner.memory import KVCapacity, MemoryBudget, kv_capacity, memo
 from modelport.planner.model_source import ModelSource
 from modelport.planner.parallel import resolve_parallelism, valid_tp_degrees
 from modelport.planner.roofline import Roofline, roofline
+from modelport.planner.tensors import decoder_tensors, tp_share
 from modelport.planner.weights import (
     CHECKPOINT_DENSE_DTYPE,
     QUANTIZATIONS,
@@ -18,6 +19,7 @@ from modelport.planner.weights import (
     WeightReport,
     estimate_weights,
     measured_weights,
+    tensor_bytes,
 )
 
 _CANON = {
@@ -173,6 +175,26 @@ def _kv_dtype(req: PlanRequest, act: str) -> tuple[str, int]:
     return _CANON[kd], dtype_bytes(_CANON[kd])
 
 
+def _kept_gguf_float_tensors(model, fmt: WeightFormat, scale: float, act: str,  # noqa: ANN001
+                             on_cpu: bool, tp: int) -> int:
+    """What a kept GGUF model holds beyond its file's blocks, per rank: the engine keeps only
+    the linear layers in blocks; the embedding table is dequantized to the compute dtype, and
+    the LM head too, where on CPU an fp32 head becomes a bf16 copy (also when it is tied to
+    the embedding: quantization/loading.py narrow_lm_head). ``scale``: measured file bytes
+    over the estimate, applied to the estimate's bytes of the tensors replaced."""
+    head_bytes = 2 if on_cpu and dtype_bytes(act) == 4 else dtype_bytes(act)
+    extra = 0.0
+    for t in decoder_tensors(model):
+        if t.kind not in ("embed", "output"):
+            continue
+        share = tp_share(t, model, tp)
+        extra -= tensor_bytes(t, fmt, model)[0] * scale * share
+        extra += t.numel * (dtype_bytes(act) if t.kind == "embed" else head_bytes) * share
+        if t.kind == "embed" and model.tie_word_embeddings and head_bytes != dtype_bytes(act):
+            extra += t.numel * head_bytes * share  # the narrowed copy of a tied head
+    return int(extra)
+
+
 def make_plan(req: PlanRequest) -> Plan:
     model, device = req.model.config, req.device
     tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size)
@@ -183,7 +205,7 @@ def make_plan(req: PlanRequest) -> Plan:
     known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"
     stored_dtype = CHECKPOINT_DENSE_DTYPE.get(known or "", act)
     fmt = WeightFormat(dtype=stored_dtype, quantization=known, group_size=req.group_size)
-    weights = estimate_weights(model, fmt, tp)
+    weights = estimate = estimate_weights(model, fmt, tp)
     if req.model.weight_bytes is not None and quant is not None:
         weights = measured_weights(
             weights,
@@ -195,7 +217,8 @@ def make_plan(req: PlanRequest) -> Plan:
     if quant is None or not req.keeps_quantized:
         resident = estimate_weights(model, WeightFormat(dtype=act), tp).per_gpu_bytes
     elif known.startswith("gguf-"):
-        resident = weights.per_gpu_bytes
+        resident = weights.per_gpu_bytes + _kept_gguf_float_tensors(
+            model, fmt, weights.total_bytes / estimate.total_bytes, act, device.is_cpu, tp)
     else:
         in_memory = WeightFormat(dtype=act, quantization=known, group_size=req.group_size)
         resident = estimate_weights(model, in_memory, tp).per_gpu_bytes
