@@ -167,3 +167,31 @@ def test_truncated_gguf_file_is_a_clear_error(tiny_hf: Path, tmp_path: Path) -> 
         src = resolve_model(str(cut))
         load_model(src, load_model_config(src), LoadConfig(quantization="gguf"), torch.float32,
                    torch.device("cpu"))
+
+
+def test_kept_path_reads_a_cached_tensor_table_instead_of_reparsing(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import gguf as gguf_py
+
+    from modelport.loader import gguf as loader_gguf
+
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-Q4_1.gguf", "Q4_1")
+    first = run_one_sequence(_load(path, "gguf"), PROMPT)  # parses once, writes the table
+    assert list((tmp_path / "cache" / loader_gguf.TENSOR_TABLE_KIND).glob("*/tensors.json"))
+
+    def no_parse(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the GGUF metadata was parsed again")
+
+    loader_gguf._cached_reader.cache_clear()
+    monkeypatch.setattr(gguf_py, "GGUFReader", no_parse)
+    again = run_one_sequence(_load(path, "gguf"), PROMPT)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    # a changed file is a new cache key: it is parsed again, not served from the old table
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="parsed again"):  # open_gguf wraps parse failures
+        _load(path, "gguf")

@@ -80,9 +80,11 @@ def load_model_config(src: ModelSource) -> ModelConfig:
 
     if src.kind == "hf":
         return read_hf_config(src.path)
-    cached = gguf_cache_folder(src.path)
-    if (cached / "config.json").is_file():
-        return read_hf_config(cached)
+    from modelport.loader.gguf import TENSOR_TABLE_KIND
+
+    for cached in (gguf_cache_folder(src.path), entry_dir(src.path, TENSOR_TABLE_KIND)):
+        if (cached / "config.json").is_file():
+            return read_hf_config(cached)
     return ModelConfig.from_hf_dict(_gguf_config_dict(src.path))
 
 

@@ -54,6 +54,65 @@ def _cached_reader(path: str, size: int, mtime_ns: int) -> Any:
     return GGUFReader(path)
 
 
+class _TableTensor:
+    """One entry of a cached tensor table: what the loaders read of a GGUFReader tensor."""
+
+    def __init__(self, path: str, name: str, type_id: int, offset: int, shape: list[int],
+                 dtype: str) -> None:
+        from gguf import GGMLQuantizationType
+
+        self.name = name
+        self.tensor_type = GGMLQuantizationType(type_id)
+        self._where = (path, offset, tuple(shape), dtype)
+
+    @property
+    def data(self) -> np.ndarray:
+        path, offset, shape, dtype = self._where
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+class GGUFTensorTable:
+    """``.tensors`` of a GGUF file without parsing its metadata again (see open_gguf_tensors)."""
+
+    def __init__(self, tensors: list[_TableTensor]) -> None:
+        self.tensors = tensors
+
+
+TENSOR_TABLE_KIND = "gguf-tensors"
+
+
+def open_gguf_tensors(path: Path) -> Any:
+    """The file's tensor table (names, types, data views), from the cache when present.
+
+    gguf-py's reader parses every metadata field on open; for a model's tokenizer arrays
+    that is seconds (2.2 s for the embedded 135M model), more than the weights take to
+    load kept-quantized. The first open writes the table (offsets into the file, keyed by
+    its path, size and mtime) and the HF config beside it; later opens read those.
+    """
+    import json
+
+    from modelport.loader.cache import build_entry, entry_dir
+
+    entry = entry_dir(path, TENSOR_TABLE_KIND)
+    table = entry / "tensors.json"
+    if table.is_file():
+        rows = json.loads(table.read_text())
+        return GGUFTensorTable([_TableTensor(str(path), *row) for row in rows])
+    reader = open_gguf(path)
+    rows = [[t.name, int(t.tensor_type), int(t.data_offset), list(t.data.shape), str(t.data.dtype)]
+            for t in reader.tensors]
+
+    def build(tmp: Path) -> None:
+        (tmp / "tensors.json").write_text(json.dumps(rows))
+        (tmp / "config.json").write_text(json.dumps(gguf_hf_config(reader, path), indent=2))
+
+    try:
+        build_entry(entry, build)
+    except OSError:  # read-only or full cache folder: the parsed reader still serves
+        pass
+    return reader
+
+
 def open_gguf(path: Path) -> Any:
     """A GGUFReader for path; any parse failure becomes one clear ValueError."""
     try:

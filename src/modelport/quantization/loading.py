@@ -49,10 +49,10 @@ def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
                 stacked: Any) -> QuantizationConfig:
     qc = model_config.hf_config.get("quantization_config") or {}
     if method == "gguf":
-        from modelport.loader.gguf import open_gguf
+        from modelport.loader.gguf import open_gguf_tensors
         from modelport.quantization.gguf import gguf_quant_config
 
-        return gguf_quant_config(open_gguf(src.path), stacked)
+        return gguf_quant_config(open_gguf_tensors(src.path), stacked)
     if method == "awq":
         from modelport.quantization.awq import AWQConfig
 
@@ -144,10 +144,10 @@ class QuantPlan:
             return rename_stream(stream), total
         if self.name != "gguf":
             return None
-        from modelport.loader.gguf import open_gguf
+        from modelport.loader.gguf import open_gguf_tensors
         from modelport.quantization.gguf import iter_gguf_kept
 
-        reader = open_gguf(self.src.path)
+        reader = open_gguf_tensors(self.src.path)
         return iter_gguf_kept(reader, hf_config, self.config.kept), len(reader.tensors)  # type: ignore[attr-defined]
 
     def load(self, cls: type[nn.Module], config: ModelConfig, load_format: str, seed: int,
