@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelport.config import auto_dtype, default_max_num_batched_tokens, dtype_bytes
+from modelport.config import ModelConfig, auto_dtype, default_max_num_batched_tokens, dtype_bytes
 from modelport.planner.errors import PlanError
 from modelport.planner.hardware import Device
 from modelport.planner.memory import KVCapacity, MemoryBudget, kv_capacity, memory_budget
@@ -175,7 +175,7 @@ def _kv_dtype(req: PlanRequest, act: str) -> tuple[str, int]:
     return _CANON[kd], dtype_bytes(_CANON[kd])
 
 
-def _kept_gguf_float_tensors(model, fmt: WeightFormat, scale: float, act: str,  # noqa: ANN001
+def _kept_gguf_float_tensors(model: ModelConfig, fmt: WeightFormat, scale: float, act: str,
                              on_cpu: bool, tp: int) -> int:
     """What a kept GGUF model holds beyond its file's blocks, per rank: the engine keeps only
     the linear layers in blocks; the embedding table is dequantized to the compute dtype, and

@@ -190,6 +190,9 @@ class QuantPlan:
         return model.eval()
 
 
+NARROW_CPU_LM_HEAD = True  # a switch for benchmarks and tests comparing both heads
+
+
 def narrow_lm_head(model: nn.Module) -> None:
     """Give a kept-GGUF model on CPU a bf16 copy of its fp32 LM head (tied to the embedding).
 
@@ -203,5 +206,3 @@ def narrow_lm_head(model: nn.Module) -> None:
     if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and NARROW_CPU_LM_HEAD:
         head.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
 
-
-NARROW_CPU_LM_HEAD = True  # a switch for benchmarks comparing both heads

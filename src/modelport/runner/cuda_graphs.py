@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,7 +152,7 @@ class DecodeGraphs:
         )
         return took
 
-    def replay(self, n: int, fill=None) -> torch.Tensor:  # noqa: ANN001
+    def replay(self, n: int, fill: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Run the batch staged through host_inputs(n); returns hidden states [n, hidden].
 
         fill(ids), if given, patches the device input ids before the replay (the placeholder

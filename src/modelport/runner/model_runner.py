@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,9 +18,11 @@ from modelport.engine.arg_utils import EngineConfig
 from modelport.engine.messages import TokenLogprobs
 from modelport.engine.scheduler import SchedulerOutput
 from modelport.layers.attention import AttentionMetadata, ForwardContext, forward_context
-from modelport.runner.sampler import Sampler, SamplingRow, compute_logprobs
+from modelport.runner.sampler import Sampler, SamplingRow, compute_logprobs, to_device
 
 logger = logging.getLogger(__name__)
+
+Fill = Callable[[torch.Tensor], None]  # patches a step's device input ids in place
 
 
 @dataclass
@@ -203,11 +206,9 @@ class ModelRunner:
 
     # -- the forward: eager, or a decode batch replayed from its CUDA graph ------------------
     def _to_dev(self, x: torch.Tensor) -> torch.Tensor:
-        # pinned staging makes the copy asynchronous: the host runs ahead to the launches
-        cuda = self.device.type == "cuda"
-        return (x.pin_memory() if cuda else x).to(self.device, non_blocking=True)
+        return to_device(x, self.device)
 
-    def _placeholder_fill(self, holes: list[tuple[int, int]]):  # noqa: ANN202
+    def _placeholder_fill(self, holes: list[tuple[int, int]]) -> Fill | None:
         """A function writing the previous step's sampled ids into the holes of input ids.
 
         holes: (index into this step's input ids, row of the previous step's sampled ids).
@@ -225,8 +226,7 @@ class ModelRunner:
 
     def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int],
                        qsl: list[int], seq_lens: list[int], tables: list[list[int]],
-                       fill=None,  # noqa: ANN001
-                       ) -> torch.Tensor:
+                       fill: Fill | None = None) -> torch.Tensor:
         table_np = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
         for i, t in enumerate(tables):
             table_np[i, : len(t)] = t
@@ -250,7 +250,7 @@ class ModelRunner:
             return self.model(ids_t, pos_t)
 
     def _replay_decode(self, input_ids: list[int], positions: list[int], slots: list[int],
-                       seq_lens: list[int], tables: list[list[int]], fill=None,  # noqa: ANN001
+                       seq_lens: list[int], tables: list[list[int]], fill: Fill | None = None,
                        ) -> torch.Tensor:
         assert self.graphs is not None
         n = len(input_ids)

@@ -114,10 +114,14 @@ def compute_logprobs(
     return out
 
 
-def _index(rows: list[int], dev: torch.device) -> torch.Tensor:
-    """Row indices on dev without a blocking copy (a pageable copy would sync the stream)."""
-    t = torch.tensor(rows, dtype=torch.long)
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on dev without a blocking copy: a pageable copy would sync the stream,
+    a pinned one lets the host run ahead to the launches."""
     return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
+
+
+def _index(rows: list[int], dev: torch.device) -> torch.Tensor:
+    return to_device(torch.tensor(rows, dtype=torch.long), dev)
 
 
 class Sampler:
@@ -146,9 +150,7 @@ class Sampler:
             params = torch.tensor(
                 [[1.0 if g else r.params.temperature, r.params.top_k, r.params.top_p,
                   r.params.min_p] for g, r in zip(greedy, rows)], dtype=torch.float32)
-            if dev.type == "cuda":
-                params = params.pin_memory()
-            params = params.to(dev, non_blocking=True)
+            params = to_device(params, dev)
             scaled = logits / params[:, 0:1].to(logits.dtype)
             scaled = apply_top_k_top_p_min_p(
                 scaled, params[:, 1].long(), params[:, 2].to(logits.dtype),
