@@ -12,11 +12,18 @@ from helpers.tiny_models import make_tiny_llama_dir, run_one_sequence
 from modelport.config import LoadConfig
 from modelport.entrypoints.cli import main as cli_main
 from modelport.loader import load_model, load_model_config, resolve_model
+from modelport.quantization.gptq import GPTQConfig
 from modelport.quantization.tools.awq_algo import search_scale
 from modelport.quantization.tools.calib import calibration_warnings, make_windows, read_texts
+from modelport.quantization.tools.capture import LayerStats, collect_stats
 from modelport.quantization.tools.gptq_algo import gptq_quantize
-from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
+from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model, stats_key
 from modelport.quantization.tools.rtn import dequantize_codes, rtn_quantize
+from modelport.quantization.tools.sequential import (
+    hf_weight_names,
+    layerwise_weight_names,
+    quantize_layerwise,
+)
 
 TEXT = Path(__file__).parent / "data" / "quant_eval.txt"
 
@@ -81,22 +88,79 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama_dir(tmp_path_factory.mktemp("qt") / "hf", seed=11)
 
 
-def _nll(path: Path, ids: list[int]) -> float:
+def _load(path: Path) -> torch.nn.Module:
     src = resolve_model(str(path))
-    model = load_model(src, load_model_config(src), LoadConfig(), torch.float32, torch.device("cpu"))
-    logits = run_one_sequence(model, ids)
+    return load_model(src, load_model_config(src), LoadConfig(), torch.float32, torch.device("cpu"))
+
+
+def _nll(path: Path, ids: list[int]) -> float:
+    logits = run_one_sequence(_load(path), ids)
     return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
 
 
-@pytest.mark.parametrize("method,bits,max_rise", [("gptq", 8, 0.02), ("fp8", 8, 0.02),
-                                                   ("awq", 4, 0.10), ("gptq", 4, 0.10)])
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_layerwise_inputs_are_those_of_the_model_quantized_so_far(tiny: Path) -> None:
+    """Sequential GPTQ's capture: with nothing quantized it sees exactly what one float forward
+    sees; once a linear is replaced by its quantization, every linear after it (o after qkv in
+    the same layer, all of layer 1 after layer 0) sees inputs computed through it."""
+    windows = make_windows([list(TEXT.read_bytes())], num_samples=2, seq_len=64)
+    ref = collect_stats(_load(tiny), windows)
+
+    def run(fake_quant: bool) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor], list[str]]:
+        model = _load(tiny)
+        seen: dict[str, LayerStats] = {}
+        returned: dict[str, torch.Tensor] = {}
+
+        def quantize(name: str, st: LayerStats) -> torch.Tensor:
+            seen[name] = st
+            module = model.get_submodule(stats_key(name))
+            w = module.weight.data[dict(hf_weight_names(stats_key(name), module))[name]].clone()
+            if fake_quant:
+                w = dequantize_codes(*rtn_quantize(w, 4, 32), torch.arange(w.shape[1]) // 32)
+            returned[name] = w
+            return w
+
+        quantize_layerwise(model, windows, quantize)
+        in_model = {n: model.get_submodule(stats_key(n)).weight.data[
+            dict(hf_weight_names(stats_key(n), model.get_submodule(stats_key(n))))[n]]
+            for n in returned}
+        assert all(torch.equal(in_model[n], returned[n]) for n in returned)  # written back
+        return seen, returned, layerwise_weight_names(model)
+
+    seen, _, order = run(fake_quant=False)
+    assert list(seen) == order and len(order) == 2 * 7
+    assert order[:4] == [f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkvo"]
+    assert seen[order[0]] is seen[order[2]]  # q, k and v share one input
+    for name, st in seen.items():
+        assert st.rows == ref[stats_key(name)].rows == 128
+        assert _rel(st.hessian, ref[stats_key(name)].hessian) < 1e-6, name
+
+    seen, _, _ = run(fake_quant=True)
+    layer0, layer1 = "model.layers.0.self_attn", "model.layers.1.self_attn"
+    assert _rel(seen[f"{layer0}.q_proj.weight"].hessian, ref[f"{layer0}.qkv_proj"].hessian) < 1e-6
+    for name in (f"{layer0}.o_proj.weight", f"{layer1}.q_proj.weight",
+                 "model.layers.1.mlp.down_proj.weight"):
+        assert _rel(seen[name].hessian, ref[stats_key(name)].hessian) > 1e-2, name  # ~0.1-0.3
+
+
+@pytest.mark.parametrize("method,bits,max_rise,sequential",
+                         [("gptq", 8, 0.02, True), ("fp8", 8, 0.02, True),
+                          ("awq", 4, 0.10, True), ("gptq", 4, 0.10, True),
+                          ("gptq", 4, 0.10, False)])
 def test_quantize_then_load_round_trip(tiny: Path, tmp_path: Path, method: str, bits: int,
-                                       max_rise: float) -> None:
+                                       max_rise: float, sequential: bool) -> None:
     opts = QuantizeOptions(method=method, bits=bits, group_size=32, num_samples=4, seq_len=128,
-                           zero_point=method == "awq", desc_act=method == "gptq")
+                           zero_point=method == "awq", desc_act=method == "gptq",
+                           sequential=sequential)
     report = quantize_model(str(tiny), tmp_path / "q", TEXT, opts, progress=False)
     cfg = json.loads((report.output / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == method
+    if method == "gptq":
+        assert cfg["quantization_config"]["true_sequential"] is sequential
+        assert GPTQConfig.from_hf(cfg["quantization_config"]).true_sequential is sequential
     assert (report.output / "tokenizer.json").is_file()
     assert len(report.layer_errors) == 2 * 7 and max(report.layer_errors.values()) < 0.2
     ids = list(TEXT.read_bytes()[:384])
@@ -108,11 +172,16 @@ def test_cli_quantize_and_its_errors(tiny: Path, tmp_path: Path, capsys: pytest.
     out = tmp_path / "cli-gptq"
     rc = cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output", str(out),
                    "--calib", str(TEXT), "--num-samples", "2", "--seq-len", "64",
-                   "--group-size", "32", "--bits", "8"])
+                   "--group-size", "32", "--bits", "8", "--no-sequential"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert "small calibration set" in printed.err and "worst:" in printed.out
     assert json.loads((out / "quantization_report.json").read_text())["layer_relative_output_error"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["true_sequential"] is False
+    assert cli_main(["quantize", "--method", "awq", "--model", str(tiny), "--output",
+                     str(tmp_path / "w"), "--calib", str(TEXT), "--no-sequential"]) == 1
+    assert "applies to --method gptq only" in capsys.readouterr().err
     assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",
                      str(tmp_path / "x"), "--calib", str(TEXT), "--bits", "3"]) == 1
     assert "unsupported bit width 3" in capsys.readouterr().err

@@ -22,6 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128, help="-1: one group per channel")
     p.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize layer by layer, each linear fitted to its inputs in the "
+                        "model quantized so far (default; true_sequential in the config). "
+                        "--no-sequential: every layer's inputs from one pass of the float model "
+                        "(one forward instead of about three, but all Hessians held at once)")
     p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
                    help="asymmetric quantization with zero points (default: on for AWQ, off "
                         "(symmetric) for GPTQ)")
@@ -36,11 +41,16 @@ def _run(args: argparse.Namespace) -> int:
     from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
 
     zero_point = args.zero_point if args.zero_point is not None else args.method == "awq"
+    if args.sequential is not None and args.method != "gptq":
+        print("error: --sequential / --no-sequential applies to --method gptq only (AWQ and "
+              "FP8 always take their statistics from the float model)", file=sys.stderr)
+        return 1
     try:
         opts = QuantizeOptions(
             method=args.method, bits=args.bits, group_size=args.group_size,
             desc_act=args.desc_act, zero_point=zero_point, num_samples=args.num_samples,
-            seq_len=args.seq_len, reference_text=args.reference_text, device=args.device)
+            seq_len=args.seq_len, reference_text=args.reference_text, device=args.device,
+            sequential=args.sequential is not False)
         report = quantize_model(args.model, args.output, args.calib, opts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

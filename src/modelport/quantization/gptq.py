@@ -32,6 +32,9 @@ class GPTQConfig(QuantizationConfig):
     desc_act: bool = False
     sym: bool = True
     checkpoint_format: str = "gptq"  # or "gptq_v2"
+    # how the writer fitted it (the loader ignores it): each layer on the inputs of the layers
+    # quantized before it (True), or on the float model's activations (False)
+    true_sequential: bool = True
     name: str = field(default="gptq", init=False)
 
     def __post_init__(self) -> None:
@@ -53,12 +56,14 @@ class GPTQConfig(QuantizationConfig):
             desc_act=bool(qc.get("desc_act", False)),
             sym=bool(qc.get("sym", True)),
             checkpoint_format=str(qc.get("checkpoint_format", "gptq")),
+            true_sequential=bool(qc.get("true_sequential", True)),
         )
 
     def hf_dict(self) -> dict[str, Any]:
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
                 "desc_act": self.desc_act, "sym": self.sym, "checkpoint_format": self.checkpoint_format,
-                "static_groups": False, "true_sequential": True, "damp_percent": 0.01}
+                "static_groups": False, "true_sequential": self.true_sequential,
+                "damp_percent": 0.01}
 
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
         return GPTQLinearMethod(self)

@@ -7,6 +7,12 @@ calibration activations' output error.
 Groups per decoder layer (Llama/Qwen2): q/k/v after input_layernorm; gate/up after
 post_attention_layernorm; down after up_proj; o after v_proj when q and kv head counts match
 (with GQA the v rows do not map one-to-one onto o's inputs, so o keeps s = 1).
+
+Statistics come from one pass of the float model, not GPTQ's sequential mode: llm-awq and
+AutoAWQ also work layer by layer, but feed each layer the output of the previous one computed
+before it is scaled and quantized, i.e. float activations. Inside a layer a sequential order
+would not fit either: o's scale folds into v_proj's rows and down's into up_proj's, which
+would then already be quantized.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 GPTQ need: the input Gram matrix X^T X (GPTQ's Hessian), the mean |x| per input channel
 (AWQ's salience), and a small row sample of X (to score candidate scales / report errors).
 
-Statistics come from the float model in one pass (not layer-by-layer on the partially
-quantized model as the GPTQ paper's sequential mode does): one forward per window, bounded
-memory (K x K per layer), and the same statistics serve every method.
+This is the one-pass mode: every layer's statistics come from the float model, one forward
+per window, and all layers' statistics are held at once (a K x K Hessian per linear, so
+AWQ, which never reads it, asks for none). GPTQ's default, sequential mode captures the same
+``LayerStats`` one linear at a time on the partially quantized model: see ``sequential.py``.
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ SAMPLE_ROWS = 512
 
 @dataclass
 class LayerStats:
-    hessian: torch.Tensor  # [K, K] sum of x x^T
+    hessian: torch.Tensor | None  # [K, K] sum of x x^T; None when not asked for
     abs_mean: torch.Tensor  # [K] running sum of |x|
     rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
 
+    @classmethod
+    def empty(cls, k: int, hessian: bool = True) -> LayerStats:
+        h = torch.zeros(k, k, dtype=torch.float64) if hessian else None
+        return cls(h, torch.zeros(k, dtype=torch.float64))
+
     def add(self, x: torch.Tensor, gen: torch.Generator) -> None:
         x = x.reshape(-1, x.shape[-1]).double().cpu()  # statistics live on the host
-        self.hessian += x.t() @ x
+        if self.hessian is not None:
+            self.hessian += x.t() @ x
         self.abs_mean += x.abs().sum(0)
         self.rows += x.shape[0]
         have = sum(s.shape[0] for s in self.sample)
@@ -44,7 +51,8 @@ class LayerStats:
 
 
 @torch.no_grad()
-def collect_stats(model: nn.Module, windows: list[list[int]], block_size: int = 16) -> dict[str, LayerStats]:
+def collect_stats(model: nn.Module, windows: list[list[int]], block_size: int = 16,
+                  hessian: bool = True) -> dict[str, LayerStats]:
     """Per linear-layer module name (e.g. ``model.layers.0.self_attn.qkv_proj``) statistics."""
     from modelport.layers.attention import (
         ForwardContext,
@@ -60,9 +68,7 @@ def collect_stats(model: nn.Module, windows: list[list[int]], block_size: int = 
     handles = []
     for name, mod in model.named_modules():
         if isinstance(mod, Linear):
-            k = int(mod.input_size)
-            stats[name] = LayerStats(torch.zeros(k, k, dtype=torch.float64),
-                                     torch.zeros(k, dtype=torch.float64))
+            stats[name] = LayerStats.empty(int(mod.input_size), hessian)
 
             def hook(_m: nn.Module, args: tuple, _out: torch.Tensor, name: str = name) -> None:
                 stats[name].add(args[0], gen)

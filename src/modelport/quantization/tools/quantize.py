@@ -2,8 +2,14 @@
 
 load float model -> calibration windows (+ warnings) -> per-layer input statistics ->
 per linear weight: AWQ scales + RTN, GPTQ, or FP8 -> public-layout checkpoint, with the
-relative output error of every layer on calibration activations reported (and saved as
+relative output error of every layer on its calibration inputs reported (and saved as
 quantization_report.json next to the weights).
+
+GPTQ's statistics come layer by layer from the model quantized so far (``sequential.py``,
+the default) or, with ``sequential=False``, from one pass of the float model (``capture.py``),
+which is how AWQ and FP8 always get theirs. A layer's reported error compares its float and
+quantized weights on the inputs it was fitted to (in sequential mode, those of the partially
+quantized model); it does not include the error that reaches it from the layers below.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
+
+if TYPE_CHECKING:
+    from modelport.quantization.tools.capture import LayerStats
 
 METHODS = ("awq", "gptq", "fp8")
 
@@ -31,6 +41,10 @@ class QuantizeOptions:
     seq_len: int = 512
     reference_text: Path | None = None  # a sample of real traffic, for the relevance check
     device: str = "cpu"
+    # GPTQ only: fit each linear to its inputs in the model quantized so far, layer by layer
+    # (the paper's sequential mode, AutoGPTQ's true_sequential); False: one pass of the float
+    # model gives every layer's inputs (AWQ always works so, like AutoAWQ and llm-awq)
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -95,8 +109,31 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         raise ValueError(f"--calib is required for {opts.method} (FP8 needs no calibration)")
     report = QuantizeReport(Path(output))
     weights = {n: t.float() for n, t in hf.iter_safetensors(hf.safetensors_files(src.path))}
-    stats = {}
-    if calib is not None:
+    names = [n for n in weights if is_quantizable(n)]
+    # AWQ folds its scales into ``weights``; errors are always against the checkpoint's weights
+    originals = {n: weights[n].clone() for n in names} if opts.method == "awq" else weights
+    out: dict[str, torch.Tensor] = {n: w for n, w in weights.items() if not is_quantizable(n)}
+    bar = tqdm(total=len(names), desc=f"Quantizing ({opts.method})", unit="layer",
+               disable=not progress)
+
+    def emit(name: str, st: LayerStats | None) -> torch.Tensor:
+        """Quantize one weight into ``out``, report its error on its calibration inputs, and
+        return its dequantization (what the sequential mode continues with)."""
+        w, w_hat, tensors = _quantize_one(name, weights[name], st, opts)
+        prefix = name.removesuffix(".weight")
+        out.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+        if st is not None:
+            if opts.method == "awq":  # compare the effective weight with the original one
+                w_hat = w_hat * (originals[name] / w.where(w != 0, torch.ones_like(w))).where(
+                    w != 0, torch.zeros_like(w))
+            report.layer_errors[name] = _rel_error(st.x_sample, originals[name], w_hat)
+        bar.update(1)
+        return w_hat
+
+    if calib is None:
+        for name in names:
+            emit(name, None)
+    else:
         windows = calib_mod.make_windows(_tokenize(src.path, calib_mod.read_texts(calib)),
                                          opts.num_samples, opts.seq_len)
         ref = None
@@ -106,27 +143,31 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         report.warnings = calib_mod.calibration_warnings(windows, opts.num_samples, opts.seq_len, ref)
         report.calibration_tokens = sum(len(w) for w in windows)
         float_model = load_model(src, mcfg, LoadConfig(), torch.float32, torch.device(opts.device))
-        stats = collect_stats(float_model, windows)
-        del float_model
-    originals = {n: w.clone() for n, w in weights.items() if is_quantizable(n)}
-    if opts.method == "awq":
-        from modelport.quantization.tools.awq_algo import apply_awq_scales, scale_groups
+        if opts.method == "gptq" and opts.sequential:
+            from modelport.quantization.tools.sequential import (
+                layerwise_weight_names,
+                quantize_layerwise,
+            )
 
-        apply_awq_scales(weights, stats, scale_groups(mcfg.num_hidden_layers, mcfg.num_attention_heads,
-                                                      mcfg.num_key_value_heads),
-                         opts.bits, opts.group_size, opts.zero_point)
-    out: dict[str, torch.Tensor] = {n: w for n, w in weights.items() if not is_quantizable(n)}
-    names = [n for n in weights if is_quantizable(n)]
-    for name in tqdm(names, desc=f"Quantizing ({opts.method})", unit="layer", disable=not progress):
-        w, w_hat, tensors = _quantize_one(name, weights[name], stats, opts)
-        prefix = name.removesuffix(".weight")
-        out.update({f"{prefix}.{k}": v for k, v in tensors.items()})
-        if stats:
-            x = stats[stats_key(name)].x_sample
-            if opts.method == "awq":  # compare the effective weight with the original one
-                w_hat = w_hat * (originals[name] / w.where(w != 0, torch.ones_like(w))).where(
-                    w != 0, torch.zeros_like(w))
-            report.layer_errors[name] = _rel_error(x, originals[name], w_hat)
+            if sorted(layerwise_weight_names(float_model)) != sorted(names):
+                raise ValueError(
+                    "sequential GPTQ: the checkpoint's linear weights and the model's differ: "
+                    f"{sorted(set(names) ^ set(layerwise_weight_names(float_model)))}")
+            quantize_layerwise(float_model, windows, emit)
+            del float_model
+        else:
+            stats = collect_stats(float_model, windows, hessian=opts.method == "gptq")
+            del float_model
+            if opts.method == "awq":
+                from modelport.quantization.tools.awq_algo import apply_awq_scales, scale_groups
+
+                apply_awq_scales(weights, stats,
+                                 scale_groups(mcfg.num_hidden_layers, mcfg.num_attention_heads,
+                                              mcfg.num_key_value_heads),
+                                 opts.bits, opts.group_size, opts.zero_point)
+            for name in names:
+                emit(name, stats[stats_key(name)])
+    bar.close()
     write_checkpoint(src.path, report.output, out, _hf_config(opts),
                      float_dtype=torch.float16 if opts.method != "fp8" else torch.bfloat16)
     (report.output / "quantization_report.json").write_text(json.dumps(report.to_json(), indent=2))
@@ -142,13 +183,13 @@ def _hf_config(opts: QuantizeOptions):  # noqa: ANN202 - one of three config cla
         from modelport.quantization.gptq import GPTQConfig
 
         return GPTQConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
-                          sym=not opts.zero_point)
+                          sym=not opts.zero_point, true_sequential=opts.sequential)
     from modelport.quantization.fp8 import FP8Config
 
     return FP8Config()
 
 
-def _quantize_one(name: str, w: torch.Tensor, stats: dict, opts: QuantizeOptions
+def _quantize_one(name: str, w: torch.Tensor, st: LayerStats | None, opts: QuantizeOptions
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(weight that was quantized, its dequantization, checkpoint tensors) for one linear."""
     from modelport.quantization.tools.rtn import dequantize_codes, rtn_quantize
@@ -171,7 +212,9 @@ def _quantize_one(name: str, w: torch.Tensor, stats: dict, opts: QuantizeOptions
     from modelport.quantization.gptq import pack_gptq
     from modelport.quantization.tools.gptq_algo import gptq_quantize
 
-    codes, zeros, scales, g_idx = gptq_quantize(w, stats[stats_key(name)].hessian, opts.bits, g,
+    if st is None or st.hessian is None:
+        raise ValueError(f"{name}: GPTQ needs the Hessian of the layer's calibration inputs")
+    codes, zeros, scales, g_idx = gptq_quantize(w, st.hessian, opts.bits, g,
                                                 sym=not opts.zero_point, act_order=opts.desc_act)
     deq = dequantize_codes(codes, zeros, scales, g_idx.long())
     return w, deq, pack_gptq(codes, zeros, scales, opts.bits, g_idx=g_idx)
