@@ -112,10 +112,11 @@ def test_triton_gemv_every_config(shape: tuple[int, int]) -> None:
     for m in range(1, tg.GEMV_MAX_M + 1):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w.t()
-        for cfg in tk.gemv_prune(tk.gemv.configs, {}, BLOCK_M=m):
+        for cfg in tk.gemv_prune(tk.gemv.configs, {}, BLOCK_M=m, K=k, BITS=4):
             y = torch.empty((m, n), device="cuda", dtype=x.dtype)
-            grid = (tg.triton_cdiv(n, cfg.kwargs["BLOCK_N"]),)
-            tk.gemv.fn[grid](x, kern.qweight, kern.sz, y, n, x.stride(0), y.stride(0),
+            grid = (tg.triton_cdiv(n, cfg.kwargs["BLOCK_N"]), cfg.kwargs["SPLIT"])
+            ws, cnt = tg.gemv_workspace(x.device, n)
+            tk.gemv.fn[grid](x, kern.qweight, kern.sz, y, ws, cnt, n, x.stride(0), y.stride(0),
                              tg.MAG_2048, tg.MAG_128, K=k, GROUP=128, BITS=4, V=kern.v,
                              BLOCK_M=m, num_warps=cfg.num_warps, **cfg.kwargs)
             torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(),

@@ -3,7 +3,8 @@
 # machine: torch 2.11, triton 3.6, transformers 5.17, no network). From the repo root:
 #   bash bench/gpu/run_all.sh [stage ...]      stages: tests kernels w3 w1 hf-w3 hf-w1 (default: all);
 #   also w3-sync w1-sync (async scheduling off), w3-fp8kv w1-fp8kv (FP8 KV cache), w1-fp8
-#   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench
+#   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench,
+#   w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1)
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -50,7 +51,7 @@ for s in $stages; do
                --output-json "$OUT/w1.jsonl" 2>"$OUT/w1f.err" || { rc=1; tail -20 "$OUT/w1f.err"; } ;;
     w1-fp8)  $PY -m modelport.bench.throughput $COMMON --num-prompts 256 --kv-cache-dtype fp8 \
                --quantization fp8 --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} \
-               --output-json "$OUT/w1.jsonl" 2>"$OUT/w1q.err" || { rc=1; tail -20 "$OUT/w1q.err"; } ;;
+               --profile-steps 20 --output-json "$OUT/w1.jsonl" 2>"$OUT/w1q.err" || { rc=1; tail -20 "$OUT/w1q.err"; } ;;
     w3-awq|w3-gptq|w3-fp8) q=${s#w3-}
              $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --quantization $q \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 \
@@ -59,6 +60,8 @@ for s in $stages; do
                2>&1 | tee "$OUT/quant_tests.log" | tail -25 || rc=1 ;;
     quant-bench) $PY bench/quant_gpu_linear.py --batch ${QUANT_BATCHES:-1 4 16 64 256 2048} ${QUANT_FORMATS:+--formats $QUANT_FORMATS} \
                --json "$OUT/quant_linear.json" 2>&1 | tail -40 || rc=1 ;;
+    w4-sweep) $PY bench/gpu/w4_gemv_sweep.py --batch ${SWEEP_BATCHES:-1} --out "$OUT/w4_gemv_sweep.jsonl" \
+               | grep '"best"' || rc=1 ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;

@@ -303,6 +303,7 @@ def _w8a16_tuned():  # noqa: ANN202
         configs=configs,
         key=["M_BUCKET", "N", "K"],
         prune_configs_by={"early_config_prune": prune},
+        cache_results=True,
     )(_jit()[1])
 
 
@@ -323,6 +324,7 @@ def _w8a8_tuned():  # noqa: ANN202
         configs=configs,
         key=["M_BUCKET", "N", "K"],
         prune_configs_by={"early_config_prune": prune},
+        cache_results=True,
     )(_jit()[2])
 
 

@@ -12,9 +12,10 @@ Layout (one stored copy, built at load time by ``pack_weight``):
 
 Two kernels read it:
 
-* ``gemv`` (1..GEMV_MAX_M rows, decode): no tl.dot, no split-K, one launch writing the
-  output in the activation dtype. A program owns BLOCK_N whole output rows and walks all of
-  K; each thread reads 16 contiguous bytes per row per step. Dequantization never converts
+* ``gemv`` (1..GEMV_MAX_M rows, decode): no tl.dot, one launch writing the output in the
+  activation dtype. A program owns BLOCK_N output rows and walks all of K (or one of SPLIT
+  slices of it, the last slice to finish adding the others' partial sums); each thread
+  reads 16 contiguous bytes per row per step. Dequantization never converts
   an integer: a code's bits are OR-ed into the mantissa of a float whose exponent makes it
   exactly ``C + code`` (C = 2048 / 128 for the two nibble positions, 32768 for bytes), so a
   code costs one LOP3 plus one FFMA; the per-group affine map and the C offset are applied
@@ -102,6 +103,20 @@ def _kernels():  # noqa: ANN202 - imported lazily so importing this module never
     return triton_kernels.gemv, triton_kernels.gemm
 
 
+GEMV_MAX_SPLIT = 8
+GEMV_MIN_BLOCK_N = 2
+
+
+@functools.cache
+def gemv_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch shared by every GEMV of output width n on a device: fp32 partial sums
+    [GEMV_MAX_SPLIT, GEMV_MAX_M, n] and one arrival counter per column tile, which each
+    launch leaves at zero (launches on one stream never overlap)."""
+    ws = torch.empty((GEMV_MAX_SPLIT * GEMV_MAX_M * n,), dtype=torch.float32, device=device)
+    cnt = torch.zeros((triton_cdiv(n, GEMV_MIN_BLOCK_N),), dtype=torch.int32, device=device)
+    return ws, cnt
+
+
 _TUNED: set[tuple] = set()
 
 
@@ -137,10 +152,11 @@ class TritonKernel(torch.nn.Module):
         m = x2.shape[0]
         y = torch.empty((m, self.n), dtype=x2.dtype, device=x2.device)
         mags = (MAG_2048, MAG_128) if self.bits == 4 else (MAG_32768, 0)
-        grid = lambda meta: (triton_cdiv(self.n, meta["BLOCK_N"]),)  # noqa: E731
-        _kernels()[0][grid](x2, self.qweight, self.sz, y, self.n, x2.stride(0), y.stride(0),
-                            *mags, K=self.k, GROUP=self.group, BITS=self.bits, V=self.v,
-                            BLOCK_M=m)
+        grid = lambda meta: (triton_cdiv(self.n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+        ws, cnt = gemv_workspace(x2.device, self.n)
+        _kernels()[0][grid](x2, self.qweight, self.sz, y, ws, cnt, self.n, x2.stride(0),
+                            y.stride(0), *mags, K=self.k, GROUP=self.group, BITS=self.bits,
+                            V=self.v, BLOCK_M=m)
         return y
 
     def gemm(self, x2: torch.Tensor) -> torch.Tensor:
