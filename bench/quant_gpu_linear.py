@@ -6,6 +6,10 @@ replayed many times; the figure is x 32 layers, i.e. the linear part of one deco
 Random weights packed in each format (group 128 for the 4-bit ones). Attention, norms and the
 LM head are not included: this isolates what the weight format changes.
 
+4-bit rows: ``awq-w4`` is what the engine runs (GEMV up to ``GEMV_MAX_M`` rows, the
+dequant-GEMM kernel below ``DEQUANT_MIN_M``, expand-to-bf16 + cuBLAS from there);
+``awq-w4-gemm`` and ``awq-w4-dequant`` force the last two paths at every batch.
+
 FP8 rows: ``fp8`` is what the engine runs (Triton W8A16 up to ``fp8.W8A16_MAX_M`` rows, fused
 per-token quantization + the Triton FP8 GEMM up to ``fp8.TRITON_W8A8_MAX_M``, the same
 quantization + ``torch._scaled_mm`` above); ``fp8-mm`` forces the quantize +
@@ -45,12 +49,18 @@ def build(fmt: str) -> list:
         if fmt == "bf16":
             w = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch.bfloat16)
             ops.append(lambda x, w=w: F.linear(x, w))
-        elif fmt in ("awq-w4", "gptq-w4", "gptq-w8"):
-            bits = 8 if fmt.endswith("w8") else 4
+        elif fmt.split("-")[0] in ("awq", "gptq"):
+            bits = 8 if "w8" in fmt else 4
             codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.int32)
             s = torch.rand(n, k // 128, generator=gen) * 0.01
             gq = GroupQuant(codes.to(torch.uint8), s, -s * (1 << (bits - 1)), 128, bits)
-            ops.append(TritonKernel(gq, torch.device("cuda")))
+            kern = TritonKernel(gq, torch.device("cuda"))
+            if fmt.endswith("-dequant"):  # expand to bf16 + cuBLAS at every batch
+                ops.append(lambda x, kern=kern: F.linear(x, kern.dequantize(x.dtype)))
+            elif fmt.endswith("-gemm"):  # the dequant-GEMM kernel at every batch
+                ops.append(lambda x, kern=kern: kern.gemm(x))
+            else:
+                ops.append(kern)
         elif fmt.startswith("fp8"):
             from modelport.quantization.triton_fp8 import w8a16_linear
 

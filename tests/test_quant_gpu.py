@@ -42,6 +42,38 @@ def test_triton_gemm_matches_reference(bits: int, group: int, act_order: bool) -
             torch.testing.assert_close(got, ref, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("group", [16, 64, 128])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_triton_dequant_path_matches_reference(bits: int, group: int, act_order: bool) -> None:
+    """From DEQUANT_MIN_M rows the weight is expanded once (dequant kernel) and cuBLAS runs:
+    the expansion equals the reference dequantization in the stored (group-contiguous)
+    order, and forward() there equals both the reference and the dequant-GEMM kernel."""
+    from modelport.quantization import triton_gemm as tg
+
+    n, k = 200 + bits, 1024
+    gq = _random_gq(n, k, bits, group, act_order, seed=bits + group)
+    kern = tg.TritonKernel(gq, torch.device("cuda"))
+    stored, _ = gq.contiguous_groups()
+    # the kernel stores scale and zero as fp16 (see pack_scales): the reference rounds alike
+    stored = GroupQuant(stored.codes, stored.scales.half().float(), stored.zeros.half().float(),
+                        group, bits)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = kern.dequantize(dtype)
+        assert w.dtype == dtype and w.shape == (n, k)
+        # one rounding to dtype apart at most (fused multiply-add vs multiply then add)
+        torch.testing.assert_close(w.float(), stored.dequantize().cuda().to(dtype).float(),
+                                   atol=1e-5, rtol=1e-2)
+    for m in (tg.DEQUANT_MIN_M, 700):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to("cuda", torch.bfloat16)
+        ref = x.float() @ gq.dequantize().cuda().t()
+        got = kern(x).float()
+        tol = 2e-2 * ref.abs().max().item()
+        torch.testing.assert_close(got, ref, atol=tol, rtol=0)
+        xp = (x[:, kern.perm] if kern.perm is not None else x).contiguous()
+        torch.testing.assert_close(got, kern.gemm(xp).float(), atol=tol, rtol=0)
+
+
 def test_triton_gemm_handles_gguf_q6k_group16() -> None:
     from modelport.quantization.triton_gemm import TritonKernel
 

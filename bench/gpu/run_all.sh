@@ -54,7 +54,7 @@ for s in $stages; do
                --profile-steps 20 --output-json "$OUT/w1.jsonl" 2>"$OUT/w1q.err" || { rc=1; tail -20 "$OUT/w1q.err"; } ;;
     w3-awq|w3-gptq|w3-fp8) q=${s#w3-}
              $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --quantization $q \
-               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 --profile \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3$q.err" || { rc=1; tail -20 "$OUT/w3$q.err"; } ;;
     quant-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py tests/test_quant_fp8_gpu.py \
                2>&1 | tee "$OUT/quant_tests.log" | tail -25 || rc=1 ;;

@@ -20,8 +20,11 @@ Two kernels read it:
   exactly ``C + code`` (C = 2048 / 128 for the two nibble positions, 32768 for bytes), so a
   code costs one LOP3 plus one FFMA; the per-group affine map and the C offset are applied
   per (row, chunk) from sums of the activations.
-* ``gemm`` (more rows): a [BLOCK_M, BLOCK_N] tile of y = x W^T over one slice of K (split-K,
-  atomics into an fp32 buffer), expanding each packed word in registers and feeding tl.dot.
+* ``gemm`` (up to DEQUANT_MIN_M rows): a [BLOCK_M, BLOCK_N] tile of y = x W^T over one
+  slice of K (split-K, atomics into an fp32 buffer), expanding each packed word in registers
+  and feeding tl.dot.
+* ``dequant`` (more rows): the weight expanded once into a scratch [N, K] tensor of the
+  activation dtype, then cuBLAS (the expansion's cost is a small part of a large GEMM).
 
 Act-order weights are permuted to contiguous groups at load time and the activation columns
 gathered with the same permutation.
@@ -37,6 +40,12 @@ from modelport.quantization.kernels import GroupQuant
 from modelport.quantization.packing import pack_along
 
 GEMV_MAX_M = 4  # rows of x served by the GEMV kernel; more rows go to the tl.dot GEMM
+# From this many rows (prefill chunks, large decode batches) the weight is expanded to the
+# activation dtype in a scratch tensor and multiplied by cuBLAS: the dequant-GEMM repeats
+# the expansion for every BLOCK_M rows and loses to the tensor-core GEMM there
+# (bench/quant_gpu_linear.py, format awq-w4-dequant, places the crossover)
+DEQUANT_MIN_M = 256
+DEQUANT_BLOCK_N = 64
 CHUNK_WORDS = 4  # V: words per interleaved chunk (fewer when a group is smaller)
 # fp32 bit patterns with exponent E and empty mantissa: code bits OR-ed in give 2**E * (1 + m)
 MAG_2048 = 0x45000000  # 4-bit codes at mantissa bits 12..15 -> 2048 + code
@@ -100,7 +109,7 @@ def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
 def _kernels():  # noqa: ANN202 - imported lazily so importing this module never needs triton
     from modelport.quantization import triton_kernels
 
-    return triton_kernels.gemv, triton_kernels.gemm
+    return triton_kernels.gemv, triton_kernels.gemm, triton_kernels.dequant
 
 
 GEMV_MAX_SPLIT = 8
@@ -143,6 +152,8 @@ class TritonKernel(torch.nn.Module):
             y = x2.new_zeros((0, self.n))
         elif m <= GEMV_MAX_M:
             y = self.gemv(x2)
+        elif m >= DEQUANT_MIN_M:
+            y = torch.nn.functional.linear(x2, self.dequantize(x2.dtype))
         else:
             y = self.gemm(x2)
         return y.reshape(*shape[:-1], self.n)
@@ -158,6 +169,16 @@ class TritonKernel(torch.nn.Module):
                             y.stride(0), *mags, K=self.k, GROUP=self.group, BITS=self.bits,
                             V=self.v, BLOCK_M=m)
         return y
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as [N, K] in dtype (K in the stored, group-contiguous order): a scratch
+        tensor, one launch."""
+        w = torch.empty((self.n, self.k), dtype=dtype, device=self.qweight.device)
+        grid = (triton_cdiv(self.n, DEQUANT_BLOCK_N), self.k // self.block_k)
+        _kernels()[2][grid](self.qweight, self.sz, w, self.n, K=self.k, GROUP=self.group,
+                            BITS=self.bits, V=self.v, BLOCK_N=DEQUANT_BLOCK_N,
+                            BLOCK_K=self.block_k, num_warps=4)
+        return w
 
     def gemm(self, x2: torch.Tensor) -> torch.Tensor:
         m = x2.shape[0]

@@ -284,3 +284,32 @@ def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, s
         tl.store(out, acc, mask=msk)
     else:
         tl.atomic_add(out, acc, mask=msk, sem="relaxed")
+
+
+@triton.jit
+def dequant(w_ptr, sz_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
+            BITS: tl.constexpr, V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed weight -> out [N, K] in out's dtype (w = code * scale + zero), K in the
+    stored order: a [BLOCK_N, BLOCK_K] tile a program, BLOCK_K inside one group."""
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BKW: tl.constexpr = BLOCK_K // PER
+    NCH: tl.constexpr = BKW // V
+    KW: tl.constexpr = K // PER
+    NG: tl.constexpr = K // GROUP
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    nmask = rn < N
+    rw = tl.arange(0, BKW)
+    words = tl.load(w_ptr + rn[:, None] * KW + (k0 // PER + rw)[None, :], mask=nmask[:, None],
+                    other=0)
+    # the same expansion as the GEMM: code j of word v in a chunk is input j * V + v
+    shifts = tl.arange(0, PER) * BITS
+    q = (tl.reshape(words, (BLOCK_N, NCH, 1, V)) >> shifts[None, None, :, None]) & MASK
+    q = tl.reshape(q, (BLOCK_N, BLOCK_K)).to(tl.float32)
+    sz = tl.load(sz_ptr + rn * NG + k0 // GROUP, mask=nmask, other=0)
+    s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    w = q * s[:, None] + z[:, None]
+    out = out_ptr + rn[:, None].to(tl.int64) * K + (k0 + tl.arange(0, BLOCK_K))[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=nmask[:, None])
