@@ -112,7 +112,7 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     names = [n for n in weights if is_quantizable(n)]
     # AWQ folds its scales into ``weights``; errors are always against the checkpoint's weights
     originals = {n: weights[n].clone() for n in names} if opts.method == "awq" else weights
-    out: dict[str, torch.Tensor] = {n: w for n, w in weights.items() if not is_quantizable(n)}
+    out: dict[str, torch.Tensor] = {}  # checkpoint tensors; the float ones are added last
     bar = tqdm(total=len(names), desc=f"Quantizing ({opts.method})", unit="layer",
                disable=not progress)
 
@@ -168,6 +168,8 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
             for name in names:
                 emit(name, stats[stats_key(name)])
     bar.close()
+    # after AWQ has folded its inverse scales into the norms and the other float tensors
+    out.update({n: w for n, w in weights.items() if not is_quantizable(n)})
     write_checkpoint(src.path, report.output, out, _hf_config(opts),
                      float_dtype=torch.float16 if opts.method != "fp8" else torch.bfloat16)
     (report.output / "quantization_report.json").write_text(json.dumps(report.to_json(), indent=2))
