@@ -173,3 +173,32 @@ def test_triton_gemv_in_cuda_graph() -> None:
     torch.cuda.synchronize()
     ref = x.float() @ w.t()
     torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_triton_gemv_split_k_replays_in_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split-K GEMV (the last K slice adds the partial sums and resets its counter):
+    forced as the only config, captured once, replayed with new inputs: each replay equals
+    the reference and leaves every arrival counter at zero."""
+    from modelport.quantization import triton_gemm as tg
+    from modelport.quantization import triton_kernels as tk
+
+    split = [c for c in tk.gemv.configs if c.kwargs["SPLIT"] > 1]
+    assert split, "the autotune list keeps a split-K candidate"
+    monkeypatch.setattr(tk.gemv, "configs", split[:1])
+    gq, kern, w = _gemv_case(384, 4096, 4, 128, False, seed=7)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    kern(x)  # compile outside the graph
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+        y = kern(x)
+    torch.cuda.current_stream().wait_stream(s)
+    _, cnt = tg.gemv_workspace(x.device, 384)
+    for seed in range(3):
+        x.copy_(torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = x.float() @ w.t()
+        torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+        assert int(cnt.abs().sum()) == 0

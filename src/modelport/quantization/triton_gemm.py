@@ -112,8 +112,8 @@ def _kernels():  # noqa: ANN202 - imported lazily so importing this module never
     return triton_kernels.gemv, triton_kernels.gemm, triton_kernels.dequant
 
 
-GEMV_MAX_SPLIT = 8
-GEMV_MIN_BLOCK_N = 2
+GEMV_MAX_SPLIT = 8  # bounds on the GEMV configs (triton_kernels.gemv_fits enforces them)
+GEMV_MIN_BLOCK_N = 2  # that size the split-K scratch below
 
 
 @functools.cache

@@ -6,6 +6,8 @@ Imported only when a CUDA weight is built (importing it needs triton).
 import triton
 import triton.language as tl
 
+from modelport.quantization.triton_gemm import GEMV_MAX_SPLIT, GEMV_MIN_BLOCK_N
+
 
 @triton.jit
 def magic(words, j: tl.constexpr, BITS: tl.constexpr, mag_a, mag_b):
@@ -95,9 +97,12 @@ gemv_configs = [
 
 def gemv_fits(bn: int, bw: int, warps: int, split: int, block_m: int, k: int,
               bits: int) -> bool:
-    """Whether a (BLOCK_N, BLOCK_W, num_warps, SPLIT) tile suits BLOCK_M rows of x and K."""
+    """Whether a (BLOCK_N, BLOCK_W, num_warps, SPLIT) tile suits BLOCK_M rows of x and K
+    (and the split-K scratch that ``triton_gemm.gemv_workspace`` sizes)."""
+    if split > GEMV_MAX_SPLIT or bn < GEMV_MIN_BLOCK_N:
+        return False
     words_per_thread = bw // (32 * warps)
-    if bn * block_m * words_per_thread > 64:  # one [4, BLOCK_N] fp32 partial tile a row
+    if bn * block_m * words_per_thread > 64:  # registers: a thread's partial sums, all rows
         return False
     kw = k * bits // 32
     return split == 1 or kw % (split * bw) == 0

@@ -149,10 +149,10 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
                 quantize_layerwise,
             )
 
-            if sorted(layerwise_weight_names(float_model)) != sorted(names):
-                raise ValueError(
-                    "sequential GPTQ: the checkpoint's linear weights and the model's differ: "
-                    f"{sorted(set(names) ^ set(layerwise_weight_names(float_model)))}")
+            mismatch = set(names) ^ set(layerwise_weight_names(float_model))
+            if mismatch:
+                raise ValueError("sequential GPTQ: the checkpoint's linear weights and the "
+                                 f"model's differ: {sorted(mismatch)}")
             quantize_layerwise(float_model, windows, emit)
             del float_model
         else:
