@@ -22,16 +22,18 @@ def test_gemv_matches_float32_matmul(m, n, k):
     assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3
 
 
-def test_gemv_swap_keeps_module_outputs_and_large_batches_use_cublas():
+def test_gemv_swap_routes_single_rows_and_leaves_larger_batches_to_cublas():
     from modelport.layers.linear import QKVLinear
     from modelport.layers.triton_gemv import use_gemv_for_decode
 
     lin = QKVLinear(256, 64, 4, 2).to("cuda", torch.bfloat16)
     lin.weight.data.normal_(0, 0.05)
-    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    one = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    few = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
     big = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    before, before_big = lin(x), lin(big)
+    before_one, before_few, before_big = lin(one), lin(few), lin(big)
     assert use_gemv_for_decode(torch.nn.Sequential(lin)) == 1
-    assert type(lin).__name__ == "GemvQKVLinear" and lin.split(lin(x))[0].shape == (3, 256)
-    assert ((lin(x).float() - before.float()).norm() / before.float().norm()) < 1e-2
-    assert torch.equal(lin(big), before_big)
+    assert type(lin).__name__ == "GemvQKVLinear" and lin.split(lin(one))[0].shape == (1, 256)
+    got = lin(one).float()
+    assert ((got - before_one.float()).norm() / before_one.float().norm()) < 1e-2
+    assert torch.equal(lin(few), before_few) and torch.equal(lin(big), before_big)

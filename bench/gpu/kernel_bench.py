@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
+import re
 import sys
 
 import torch
@@ -150,6 +152,9 @@ def gemv_shapes():
 
 
 FP8 = torch.float8_e4m3fn
+# DECODE_SWEEP_KINDS=fp8 sweeps one cache kind only (default: both)
+SWEEP_KINDS = os.environ.get("DECODE_SWEEP_KINDS", "16bit,fp8").split(",")
+SWEEP_MATCH = os.environ.get("DECODE_SWEEP_MATCH", "")  # a regex on the config names
 
 
 def decode_sweep(batches=(64, 128, 256), ctx=1152):
@@ -170,11 +175,15 @@ def decode_sweep(batches=(64, 128, 256), ctx=1152):
             base = torch.randn(2, nb, PAGE, KVH, D, device=DEV, dtype=DT)
             q = torch.randn(b, H, D, device=DEV, dtype=DT)
             for kind, kv_dt in (("16bit", DT), ("fp8", FP8)):
+                if kind not in SWEEP_KINDS:
+                    continue
                 cache = base.to(kv_dt)
                 ta.DECODE_CONFIGS["16bit"] = saved["16bit"]
                 ref = ta.triton_paged_attention(q, cache.to(DT), fresh(meta), scale).float()
                 gb = b * ctx * KVH * D * 2 * cache.element_size() / 1e9
                 for cfg in ta.DECODE_CANDIDATES[kind]:
+                    if not re.search(SWEEP_MATCH, cfg.name):
+                        continue
                     ta.DECODE_CONFIGS[kind] = ((1, cfg),)
                     m = fresh(meta)
                     row = {"kernel": "decode_config", "kv": kind, "config": cfg.name, "batch": b}

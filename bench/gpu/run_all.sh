@@ -4,7 +4,9 @@
 #   bash bench/gpu/run_all.sh [stage ...]      stages: tests kernels w3 w1 hf-w3 hf-w1 (default: all);
 #   also w3-sync w1-sync (async scheduling off), w3-fp8kv w1-fp8kv (FP8 KV cache), w1-fp8
 #   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench,
-#   w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1)
+#   w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1),
+#   host-prof (cProfile of FP8 W1 engine steps: bench/gpu/host_profile.py), decode-sweep
+#   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex)
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -62,6 +64,12 @@ for s in $stages; do
                --json "$OUT/quant_linear.json" 2>&1 | tail -40 || rc=1 ;;
     w4-sweep) $PY bench/gpu/w4_gemv_sweep.py --batch ${SWEEP_BATCHES:-1} --out "$OUT/w4_gemv_sweep.jsonl" \
                | grep '"best"' || rc=1 ;;
+    host-prof) $PY bench/gpu/host_profile.py $COMMON --num-prompts 256 --kv-cache-dtype fp8 \
+               --quantization fp8 --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} \
+               > "$OUT/host_prof.txt" 2>"$OUT/hostprof.err" || { rc=1; tail -20 "$OUT/hostprof.err"; }
+             tail -1 "$OUT/host_prof.txt" ;;
+    decode-sweep) $PY bench/gpu/kernel_bench.py decode-sweep | tee "$OUT/decode_sweep.jsonl" \
+               | grep -E 'best|^#' || rc=1 ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;

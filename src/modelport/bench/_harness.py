@@ -213,6 +213,13 @@ def environment(device: str) -> dict[str, Any]:
         env["transformers"] = transformers.__version__
     except ImportError:
         pass
+    knobs = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MODELPORT_")}
+    if knobs:  # the switches a run was measured with (e.g. MODELPORT_PDL=0)
+        env["knobs"] = knobs
+    if device.startswith("cuda"):
+        from modelport.layers import pdl
+
+        env["pdl"] = pdl.enabled()
     return env
 
 

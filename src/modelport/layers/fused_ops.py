@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from modelport.layers import pdl
 from modelport.layers.activation import SiluAndMul
 from modelport.layers.layernorm import RMSNorm
 from modelport.layers.rotary import RotaryEmbedding
@@ -55,11 +56,14 @@ def _rmsnorm_kernel(
     eps,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     dt = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a weight: before the wait
+    pdl.wait(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
@@ -68,7 +72,6 @@ def _rmsnorm_kernel(
         x = x.to(tl.float32)
     var = tl.sum(x * x, 0) / n_cols
     y = _round(x * (1.0 / tl.sqrt(var + eps)), dt)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (w * y).to(dt), mask=mask)
 
 
@@ -86,7 +89,9 @@ def _rotary_kernel(
     NQ_PAD: tl.constexpr,
     NK_PAD: tl.constexpr,
     HALF: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF)
@@ -119,7 +124,9 @@ def _rotary_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -158,6 +165,8 @@ def rms_norm(
             HAS_RES=residual is not None,
             BLOCK=block,
             num_warps=min(16, max(1, block // 512)),
+            PDL=pdl.enabled(),
+            **pdl.launch_kwargs(),
         )
     return out if residual is None else (out, res_out)
 
@@ -187,6 +196,8 @@ def apply_rotary_(
             NK_PAD=triton.next_power_of_2(nk),
             HALF=head_dim // 2,
             num_warps=4,
+            PDL=pdl.enabled(),
+            **pdl.launch_kwargs(),
         )
     return q, k
 
@@ -206,6 +217,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             n,
             BLOCK=block,
             num_warps=4,
+            PDL=pdl.enabled(),
+            **pdl.launch_kwargs(),
         )
     return out
 

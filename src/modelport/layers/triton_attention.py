@@ -10,8 +10,9 @@ Why two attention kernels instead of one:
 - Decode rows (query length 1) are memory-bound. One program per (request, KV head, split)
   loads each K/V tile once and serves all query heads of its GQA group with one small
   matrix product, so KV bytes are read once per KV head. Short batches split the context
-  ("flash decoding") so that a single stream still fills the 132 SMs; a tiny second kernel
-  merges the splits by their log-sum-exp.
+  ("flash decoding") so that a single stream still fills the 132 SMs; the split of a
+  (request, KV head) that finishes last merges them by their log-sum-exp (no second
+  kernel: at batch 1 a launch costs about as much as the merge's work).
 - Prefill rows are compute-bound: a flash-attention loop over (query block, head) work items
   built on the host once per step, so decode requests in a mixed batch cost no prefill
   programs.
@@ -30,6 +31,7 @@ compile to the same code as before fp8 support.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from modelport.layers import pdl
 from modelport.layers.attention import FP8_E4M3_MAX, FP8_KV_DTYPES
 
 if TYPE_CHECKING:
@@ -63,7 +66,9 @@ def _write_kv_kernel(
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
     FP8_MAX: tl.constexpr,  # > 0: fp8 cache, saturate to +-FP8_MAX before the cast
+    PDL: tl.constexpr = False,
 ):
+    pdl.wait(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -104,6 +109,8 @@ def write_kv_triton(
         BLOCK=triton.next_power_of_2(row),
         FP8_MAX=FP8_E4M3_MAX if kv_cache.dtype in FP8_KV_DTYPES else 0.0,
         num_warps=4,
+        PDL=pdl.enabled(),
+        **pdl.launch_kwargs(),
     )
 
 
@@ -202,6 +209,7 @@ def _decode_kernel(
     out_ptr,
     part_o_ptr,
     part_lse_ptr,
+    cnt_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     qsl_ptr,
@@ -215,6 +223,7 @@ def _decode_kernel(
     stride_blk,
     stride_slot,
     NUM_SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     D: tl.constexpr,
@@ -222,7 +231,9 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     K_CVT: tl.constexpr = 0,  # 0: K.to(q dtype); 1-5: fp8 K -> fp16 via _kv_upcast
     V_CVT: tl.constexpr = 0,  # the same for V
+    PDL: tl.constexpr = False,
 ):
+    pdl.wait(PDL)
     req = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -302,46 +313,43 @@ def _decode_kernel(
             mask=g_mask[:, None] & is_decode,
         )
     else:
-        # partials laid out [num_reqs, num_heads, NUM_SPLITS, (D | 1)], float32
+        # partials laid out [num_reqs, num_heads, NUM_SPLITS, (D | 1)], float32; the split
+        # that finishes last for this (request, KV head) merges them (one launch, no merge
+        # kernel) and resets the arrival counter for the next launch / CUDA-graph replay
         n_heads = tl.num_programs(1) * G
-        base = (req * n_heads + heads) * NUM_SPLITS + split
+        head0 = (req * n_heads + heads) * NUM_SPLITS
         lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), _NEG_BIG)
-        tl.store(part_lse_ptr + base, lse, mask=g_mask)
-        tl.store(part_o_ptr + base[:, None] * D + offs_d[None, :], o, mask=g_mask[:, None])
-
-
-@triton.jit
-def _merge_splits_kernel(
-    out_ptr,
-    part_o_ptr,
-    part_lse_ptr,
-    qsl_ptr,
-    stride_ot,
-    stride_oh,
-    NUM_SPLITS: tl.constexpr,
-    S_PAD: tl.constexpr,
-    D: tl.constexpr,
-):
-    req = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(qsl_ptr + req)
-    is_decode = (tl.load(qsl_ptr + req + 1) - q_start) == 1
-    offs_s = tl.arange(0, S_PAD)
-    offs_d = tl.arange(0, D)
-    s_mask = offs_s < NUM_SPLITS
-    base = (req * tl.num_programs(1) + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=_NEG_BIG)
-    w = tl.math.exp2(lse - tl.max(lse, 0))
-    w = tl.where(s_mask, w, 0.0)
-    o = tl.load(
-        part_o_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0
-    )
-    merged = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(
-        out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
-        merged.to(out_ptr.dtype.element_ty),
-        mask=(offs_d < D) & is_decode,
-    )
+        tl.store(part_lse_ptr + head0 + split, lse, mask=g_mask)
+        tl.store(part_o_ptr + (head0 + split)[:, None] * D + offs_d[None, :], o,
+                 mask=g_mask[:, None])
+        tl.debug_barrier()  # every thread's partials are written before the release below
+        counter = cnt_ptr + req * tl.num_programs(1) + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            # merged = sum_s 2**(lse_s - max) * o_s / sum_s 2**(lse_s - max), splits in order
+            # (the same bits whichever split arrives last)
+            offs_s = tl.arange(0, S_PAD)
+            lses = tl.load(part_lse_ptr + head0[:, None] + offs_s[None, :],
+                           mask=g_mask[:, None] & (offs_s < NUM_SPLITS)[None, :],
+                           other=_NEG_BIG, cache_modifier=".cg")
+            top = tl.max(lses, 1)
+            den = tl.zeros([G_PAD], tl.float32)
+            num = tl.zeros([G_PAD, D], tl.float32)
+            for sp in tl.static_range(NUM_SPLITS):
+                w = tl.math.exp2(tl.load(part_lse_ptr + head0 + sp, mask=g_mask, other=_NEG_BIG,
+                                         cache_modifier=".cg") - top)
+                part = tl.load(part_o_ptr + (head0 + sp)[:, None] * D + offs_d[None, :],
+                               mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+                den += w
+                num += part * w[:, None]
+            tl.store(
+                out_ptr
+                + q_start.to(tl.int64) * stride_ot
+                + heads[:, None] * stride_oh
+                + offs_d[None, :],
+                (num / den[:, None]).to(out_ptr.dtype.element_ty),
+                mask=g_mask[:, None] & is_decode,
+            )
+            tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,7 +378,9 @@ def _prefill_kernel(
     PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl.wait(PDL)
     item = tl.program_id(0)
     head = tl.program_id(1)
     req = tl.load(items_ptr + 2 * item)
@@ -437,6 +447,7 @@ PREFILL_BLOCK_M = 64
 DECODE_BLOCK_N = 64
 MAX_DECODE_SPLITS = 16
 _TARGET_PROGRAMS = 2 * 132  # two waves on an H200; a fixed number keeps results portable
+SPLIT_COUNTERS = 4096  # > batch x KV heads of any split launch (that is < DecodeConfig.programs)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm in the interpreter
 
 
@@ -519,6 +530,14 @@ DECODE_CANDIDATES: dict[str, tuple[DecodeConfig, ...]] = {
         DecodeConfig(k_cvt=5, v_cvt=5, block_n=128, num_warps=8),
         DecodeConfig(k_cvt=2, v_cvt=4, programs=4 * 132),
         DecodeConfig(k_cvt=5, v_cvt=5, programs=4 * 132),
+        # around the shipped k1v5: wider tiles (more fp8 bytes in flight a program), stages
+        DecodeConfig(k_cvt=1, v_cvt=5, block_n=128),
+        DecodeConfig(k_cvt=1, v_cvt=5, block_n=128, num_warps=8),
+        DecodeConfig(k_cvt=1, v_cvt=5, num_stages=3),
+        DecodeConfig(k_cvt=1, v_cvt=5, block_n=128, num_stages=3),
+        DecodeConfig(k_cvt=1, v_cvt=5, num_warps=8),
+        DecodeConfig(k_cvt=1, v_cvt=5, block_n=32),
+        DecodeConfig(k_cvt=1, v_cvt=5, num_stages=4),
     ),
 }
 
@@ -564,6 +583,14 @@ def decode_splits(num_reqs: int, num_kv_heads: int, programs: int = _TARGET_PROG
     """
     want = -(-programs // (batch_bucket(num_reqs) * num_kv_heads))
     return 1 << min(max(0, (want - 1).bit_length()), MAX_DECODE_SPLITS.bit_length() - 1)
+
+
+@functools.cache
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """Arrival counters of the split decode kernel, one per (request, KV head): zero between
+    launches (the last split of each resets its own). Splits > 1 only while batch x KV heads
+    is below the target program count, so a fixed size covers every such batch."""
+    return torch.zeros((SPLIT_COUNTERS,), dtype=torch.int32, device=device)
 
 
 @dataclass
@@ -646,14 +673,17 @@ def triton_paged_attention(
         if splits > 1:
             part_o = torch.empty((n_reqs, h, splits, d), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((n_reqs, h, splits), dtype=torch.float32, device=q.device)
+            counters = _split_counters(q.device)
+            assert n_reqs * kvh <= counters.numel(), "split decode batches are small"
         else:
-            part_o = part_lse = out  # unused
+            part_o = part_lse = counters = out  # unused
         _decode_kernel[(n_reqs, kvh, splits)](
             q,
             kv_cache,
             out,
             part_o,
             part_lse,
+            counters,
             bt,
             meta.seq_lens,
             meta.query_start_loc,
@@ -665,6 +695,7 @@ def triton_paged_attention(
             bt.stride(0),
             *cache_strides,
             NUM_SPLITS=splits,
+            S_PAD=max(2, splits),
             G=g,
             G_PAD=max(16, triton.next_power_of_2(g)),
             D=d,
@@ -674,20 +705,9 @@ def triton_paged_attention(
             V_CVT=v_cvt,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            PDL=pdl.enabled(),
+            **pdl.launch_kwargs(),
         )
-        if splits > 1:
-            _merge_splits_kernel[(n_reqs, h)](
-                out,
-                part_o,
-                part_lse,
-                meta.query_start_loc,
-                out.stride(0),
-                out.stride(1),
-                NUM_SPLITS=splits,
-                S_PAD=max(2, splits),
-                D=d,
-                num_warps=4,
-            )
     if plan.prefill_items is not None:
         items = plan.prefill_items
         _prefill_kernel[(items.shape[0], h)](
@@ -712,5 +732,7 @@ def triton_paged_attention(
             BLOCK_N=64,
             num_warps=4,
             num_stages=2,
+            PDL=pdl.enabled(),
+            **pdl.launch_kwargs(),
         )
     return out

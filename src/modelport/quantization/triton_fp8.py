@@ -31,6 +31,7 @@ import functools
 
 import torch
 
+from modelport.layers import pdl
 from modelport.quantization.triton_gemm import available  # noqa: F401 - one CUDA+Triton probe
 
 FP8 = torch.float8_e4m3fn
@@ -60,7 +61,9 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         stride_qm,
         BLOCK_K: tl.constexpr,
         ONE_PASS: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl.wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xm
         q_row = q_ptr + row * stride_qm
@@ -113,9 +116,11 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # 1-D grid, row blocks fastest: the programs sharing a weight tile run side by side,
         # so a second x row block re-reads that tile from L2, not HBM
+        pdl.wait(PDL)
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
@@ -184,9 +189,11 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # FP8 x FP8 on the tensor cores, operands swapped as in w8a16 (both K-major, as FP8
         # wgmma wants them); row blocks fastest, so a weight tile is fetched from HBM once
+        pdl.wait(PDL)
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
@@ -342,7 +349,7 @@ def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     warps = max(1, min(16, block // 1024))
     _jit()[0][(m,)](
         x2, xq, scale, k, x2.stride(0), xq.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
-        num_warps=warps,
+        num_warps=warps, PDL=pdl.enabled(), **pdl.launch_kwargs(),
     )  # fmt: skip
     return xq, scale
 
@@ -365,6 +372,7 @@ def w8a16_linear(
         x2, w, w_scale, bias if bias is not None else w_scale, y, m, n, k, bucket,
         x2.stride(0), w.stride(0), y.stride(0),
         PER_CHANNEL=w_scale.numel() != 1, HAS_BIAS=bias is not None,
+        PDL=pdl.enabled(), **pdl.launch_kwargs(),
     )  # fmt: skip
     return y
 
@@ -391,5 +399,6 @@ def w8a8_linear(
         xq, x_scale, w, w_scale, bias if bias is not None else w_scale, y, m, n, k,
         _next_pow2(m), xq.stride(0), w.stride(0), y.stride(0),
         PER_CHANNEL=w_scale.numel() != 1, HAS_BIAS=bias is not None,
+        PDL=pdl.enabled(), **pdl.launch_kwargs(),
     )  # fmt: skip
     return y

@@ -36,6 +36,7 @@ import functools
 
 import torch
 
+from modelport.layers import pdl
 from modelport.quantization.kernels import GroupQuant
 from modelport.quantization.packing import pack_along
 
@@ -167,7 +168,7 @@ class TritonKernel(torch.nn.Module):
         ws, cnt = gemv_workspace(x2.device, self.n)
         _kernels()[0][grid](x2, self.qweight, self.sz, y, ws, cnt, self.n, x2.stride(0),
                             y.stride(0), *mags, K=self.k, GROUP=self.group, BITS=self.bits,
-                            V=self.v, BLOCK_M=m)
+                            V=self.v, BLOCK_M=m, PDL=pdl.enabled(), **pdl.launch_kwargs())
         return y
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -177,7 +178,8 @@ class TritonKernel(torch.nn.Module):
         grid = (triton_cdiv(self.n, DEQUANT_BLOCK_N), self.k // self.block_k)
         _kernels()[2][grid](self.qweight, self.sz, w, self.n, K=self.k, GROUP=self.group,
                             BITS=self.bits, V=self.v, BLOCK_N=DEQUANT_BLOCK_N,
-                            BLOCK_K=self.block_k, num_warps=4)
+                            BLOCK_K=self.block_k, num_warps=4, PDL=pdl.enabled(),
+                            **pdl.launch_kwargs())
         return w
 
     def gemm(self, x2: torch.Tensor) -> torch.Tensor:
@@ -189,7 +191,8 @@ class TritonKernel(torch.nn.Module):
                              meta["SPLIT_K"])
         args = (x2, self.qweight, self.sz, y, m, self.n, self.k, bucket, x2.stride(0),
                 self.qweight.stride(0), self.sz.stride(0), y.stride(0), MAG_2_23)
-        meta = {"GROUP": self.group, "BITS": self.bits, "V": self.v, "BLOCK_K": self.block_k}
+        meta = {"GROUP": self.group, "BITS": self.bits, "V": self.v, "BLOCK_K": self.block_k,
+                "PDL": pdl.enabled(), **pdl.launch_kwargs()}
         gemm = _kernels()[1]
         gemm[grid](*args, **meta)
         key = (bucket, self.n, self.k, self.bits, self.group, x2.dtype)

@@ -6,6 +6,7 @@ Imported only when a CUDA weight is built (importing it needs triton).
 import triton
 import triton.language as tl
 
+from modelport.layers import pdl
 from modelport.quantization.triton_gemm import GEMV_MAX_SPLIT, GEMV_MIN_BLOCK_N
 
 
@@ -127,11 +128,27 @@ def gemv_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202
 # arrives last adds the partials in slice order (the same bits whichever finishes last),
 # writes y and resets the counter to 0 for the next launch (and the next CUDA-graph replay).
 @triton.jit
+def gemv_tile(w_cols, sz_cols, wk, rw, rc, nmask, KW: tl.constexpr, PER: tl.constexpr,
+              CH: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr):
+    # the [BLOCK_W, BLOCK_N] words from word wk on, and their [NV, BLOCK_N] scale/zero pairs
+    if EVEN:
+        words = tl.load(w_cols + wk)
+        sz = tl.load(sz_cols + ((wk * PER + rc * CH) // GROUP)[:, None])
+    else:
+        words = tl.load(w_cols + wk, mask=((wk + rw) < KW)[:, None] & nmask[None, :], other=0)
+        cmask = (wk + rc * V) < KW
+        sz = tl.load(sz_cols + ((wk * PER + rc * CH) // GROUP)[:, None],
+                     mask=cmask[:, None] & nmask[None, :], other=0)
+    return words, sz
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, stride_xm, stride_ym,
                 mag_a, mag_b,
                 K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr):
+                PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr,
+                PDL: tl.constexpr = False):
     PER: tl.constexpr = 32 // BITS
     CH: tl.constexpr = V * PER
     NV: tl.constexpr = BLOCK_W // V
@@ -141,6 +158,9 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, stride_xm, stri
     EVEN_K: tl.constexpr = KS % BLOCK_W == 0
     EVEN: tl.constexpr = EVEN_K and EVEN_N
     PF: tl.constexpr = PREFETCH and EVEN and KS > BLOCK_W
+    # the first step's tile is loaded before the PDL wait (weights: no kernel writes them)
+    # when registers hold it anyway: prefetching, or a slice that is one step long
+    PRE: tl.constexpr = PF or KS <= BLOCK_W
     pid = tl.program_id(0)
     k_lo = tl.program_id(1) * KS
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -157,26 +177,23 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, stride_xm, stri
         acc2 = tl.zeros([NV, BLOCK_N], dtype=tl.float32)
     if BLOCK_M > 3:
         acc3 = tl.zeros([NV, BLOCK_N], dtype=tl.float32)
-    if PF:  # registers double-buffer the next step's weights and scales
-        words_n = tl.load(w_cols + k_lo)
-        sz_n = tl.load(sz_cols + ((k_lo * PER + rc * CH) // GROUP)[:, None])
+    if PRE:  # registers double-buffer the next step's weights and scales
+        words_n, sz_n = gemv_tile(w_cols, sz_cols, k_lo, rw, rc, nmask, KW, PER, CH, GROUP, V,
+                                  EVEN)
+    pdl.wait(PDL)
     for step in range(0, KS, BLOCK_W):
         wk = k_lo + step
         wmask = ((wk + rw) < KW)[:, None]
-        if PF:
+        if PRE:
             words = words_n
             sz = sz_n
-            nk = tl.minimum(wk + BLOCK_W, k_lo + KS - BLOCK_W)  # the last step reloads itself
-            words_n = tl.load(w_cols + nk)
-            sz_n = tl.load(sz_cols + ((nk * PER + rc * CH) // GROUP)[:, None])
-        elif EVEN:
-            words = tl.load(w_cols + wk)
-            sz = tl.load(sz_cols + ((wk * PER + rc * CH) // GROUP)[:, None])
+            if PF:
+                nk = tl.minimum(wk + BLOCK_W, k_lo + KS - BLOCK_W)  # the last step reloads itself
+                words_n, sz_n = gemv_tile(w_cols, sz_cols, nk, rw, rc, nmask, KW, PER, CH,
+                                          GROUP, V, EVEN)
         else:
-            words = tl.load(w_cols + wk, mask=wmask & nmask[None, :], other=0)
-            cmask = (wk + rc * V) < KW
-            sz = tl.load(sz_cols + ((wk * PER + rc * CH) // GROUP)[:, None],
-                         mask=cmask[:, None] & nmask[None, :], other=0)
+            words, sz = gemv_tile(w_cols, sz_cols, wk, rw, rc, nmask, KW, PER, CH, GROUP, V,
+                                  EVEN)
         words = words.to(tl.uint32, bitcast=True)  # logical shifts: a rotate is one SHF
         s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -250,11 +267,13 @@ def gemm_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - small M
 def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn,
          stride_ym, mag,
          GROUP: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+         PDL: tl.constexpr = False):
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BKW: tl.constexpr = BLOCK_K // PER
     NCH: tl.constexpr = BKW // V
+    pdl.wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -293,9 +312,11 @@ def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, s
 
 @triton.jit
 def dequant(w_ptr, sz_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
-            BITS: tl.constexpr, V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            BITS: tl.constexpr, V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            PDL: tl.constexpr = False):
     """The packed weight -> out [N, K] in out's dtype (w = code * scale + zero), K in the
-    stored order: a [BLOCK_N, BLOCK_K] tile a program, BLOCK_K inside one group."""
+    stored order: a [BLOCK_N, BLOCK_K] tile a program, BLOCK_K inside one group. Reads
+    weights only: with PDL it waits for the previous kernel just before its store."""
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BKW: tl.constexpr = BLOCK_K // PER
@@ -317,4 +338,5 @@ def dequant(w_ptr, sz_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
     z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     w = q * s[:, None] + z[:, None]
     out = out_ptr + rn[:, None].to(tl.int64) * K + (k0 + tl.arange(0, BLOCK_K))[None, :]
+    pdl.wait(PDL)
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=nmask[:, None])

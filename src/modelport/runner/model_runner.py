@@ -6,6 +6,7 @@ execute() is the whole contract: SchedulerOutput in, RunnerOutput (token ids + l
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,11 @@ class ModelRunner:
             from modelport.layers.fused_ops import fuse_small_ops
 
             logger.info("fused small ops on CUDA: %d modules", fuse_small_ops(self.model))
+            if os.environ.get("MODELPORT_TRITON_GEMV", "1") != "0":
+                from modelport.layers.triton_gemv import use_gemv_for_decode
+
+                n = use_gemv_for_decode(self.model)
+                logger.info("Triton GEMV for single-row calls: %d linear modules", n)
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "loaded %s (%s) on %s as %s: %.1f MiB of weights in %.1f s",

@@ -1,0 +1,59 @@
+"""Programmatic dependent launch (PDL) for our Triton kernels on sm90+ GPUs.
+
+A decode step is a chain of ~300 short kernels; between two of them the GPU drains the
+first, then launches and ramps up the second. With PDL (CUDA's programmatic stream
+serialization, kept as programmatic edges when the step is captured in a CUDA graph) a
+kernel may be scheduled while its predecessor is still running; it waits on
+``griddepcontrol.wait`` before it touches anything the predecessor produces.
+
+The contract every kernel launched with ``launch_kwargs()`` follows (``wait`` below):
+
+* before ``wait``: only reads of data no kernel of this forward writes (weights, scales)
+  and of data written before the predecessor started; no writes at all;
+* ``wait``, then ``griddepcontrol.launch_dependents`` (the successor may be scheduled from
+  now on: everything before this kernel's predecessor is then complete, so the successor's
+  own pre-wait reads are safe by the same argument).
+
+Kernels without PDL (cuBLAS, torch ops) keep the full stream order on both sides.
+``MODELPORT_PDL=0`` turns it off (every kernel then compiles without the wait, and launches
+as before).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def enabled() -> bool:
+    """PDL on: a CUDA device of compute capability 9.0+, not the Triton interpreter, and
+    MODELPORT_PDL not "0"."""
+    if os.environ.get("MODELPORT_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+def launch_kwargs() -> dict[str, bool]:
+    """Extra launch arguments of a kernel that calls ``wait(PDL)``: pass with PDL=enabled()."""
+    return {"launch_pdl": True} if enabled() else {}
+
+
+try:  # importable without triton (CPU installs): only the kernels' modules call ``wait``
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
+    pass
+else:
+
+    @triton.jit
+    def wait(PDL: tl.constexpr):
+        """Wait for the predecessor kernel's results, then let the successor be scheduled."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
