@@ -120,6 +120,7 @@ def test_mixed_prefill_decode_and_prefix_hits_match_reference(heads, kv_heads, h
 def test_decode_split_k_matches_reference(n_reqs, page):
     from modelport.layers.triton_attention import (
         build_plan,
+        split_counters,
         triton_paged_attention,
         write_kv_triton,
     )
@@ -132,6 +133,12 @@ def test_decode_split_k_matches_reference(n_reqs, page):
     assert plan.prefill_items is None and plan.has_decode
     out = triton_paged_attention(q, cache, meta, 128**-0.5)
     assert _rel(out, _reference(q, cache, meta, 128**-0.5)) < 1e-2
+    # the last split of each (request, KV head) merged and reset its arrival counter
+    assert (plan.splits > 1) == (n_reqs < 33) and int(split_counters(q.device).abs().sum()) == 0
+    again = triton_paged_attention(q, cache, AttentionMetadata(**{**meta.__dict__,
+                                                                 "backend_state": {}}),
+                                   128**-0.5)
+    assert torch.equal(out, again)
 
 
 def test_padded_graph_rows_stay_finite_and_leave_real_rows_alone():

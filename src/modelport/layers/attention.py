@@ -247,6 +247,7 @@ def _select_backend(
         except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
             return reference_paged_attention, write_kv
         if ta.supports(q, kv_cache, head_dim):
+            ta.split_counters(q.device)  # allocated now, not inside a CUDA-graph capture
             return ta.triton_paged_attention, ta.write_kv_triton
     return reference_paged_attention, write_kv
 

@@ -586,7 +586,7 @@ def decode_splits(num_reqs: int, num_kv_heads: int, programs: int = _TARGET_PROG
 
 
 @functools.cache
-def _split_counters(device: torch.device) -> torch.Tensor:
+def split_counters(device: torch.device) -> torch.Tensor:
     """Arrival counters of the split decode kernel, one per (request, KV head): zero between
     launches (the last split of each resets its own). Splits > 1 only while batch x KV heads
     is below the target program count, so a fixed size covers every such batch."""
@@ -673,7 +673,7 @@ def triton_paged_attention(
         if splits > 1:
             part_o = torch.empty((n_reqs, h, splits, d), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((n_reqs, h, splits), dtype=torch.float32, device=q.device)
-            counters = _split_counters(q.device)
+            counters = split_counters(q.device)
             assert n_reqs * kvh <= counters.numel(), "split decode batches are small"
         else:
             part_o = part_lse = counters = out  # unused
