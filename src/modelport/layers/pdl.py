@@ -29,11 +29,11 @@ import torch
 
 @functools.cache
 def enabled() -> bool:
-    """PDL on: a CUDA device of compute capability 9.0+, not the Triton interpreter, and
+    """PDL on: an NVIDIA GPU of compute capability 9.0+, not the Triton interpreter, and
     MODELPORT_PDL not "0"."""
     if os.environ.get("MODELPORT_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or torch.version.hip is not None:  # NVIDIA only
         return False
     return torch.cuda.get_device_capability()[0] >= 9
 
