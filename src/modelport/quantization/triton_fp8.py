@@ -189,11 +189,9 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):
         # FP8 x FP8 on the tensor cores, operands swapped as in w8a16 (both K-major, as FP8
         # wgmma wants them); row blocks fastest, so a weight tile is fetched from HBM once
-        pdl.wait(PDL)
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
@@ -399,6 +397,5 @@ def w8a8_linear(
         xq, x_scale, w, w_scale, bias if bias is not None else w_scale, y, m, n, k,
         _next_pow2(m), xq.stride(0), w.stride(0), y.stride(0),
         PER_CHANNEL=w_scale.numel() != 1, HAS_BIAS=bias is not None,
-        PDL=pdl.enabled(), **pdl.launch_kwargs(),
-    )  # fmt: skip
+    )  # fmt: skip  (launched plainly, no PDL: not yet checked on a GPU with it)
     return y

@@ -267,13 +267,11 @@ def gemm_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - small M
 def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn,
          stride_ym, mag,
          GROUP: tl.constexpr, BITS: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-         PDL: tl.constexpr = False):
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BKW: tl.constexpr = BLOCK_K // PER
     NCH: tl.constexpr = BKW // V
-    pdl.wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
