@@ -33,7 +33,7 @@ rc=0
 for s in $stages; do
   echo "=== $s $(date -u +%T)"
   case $s in
-    tests)   $PY -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_engine.py \
+    tests)   $PY -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py tests/test_gpu_engine.py tests/test_gpu_gemv.py \
                2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || rc=1 ;;
     kernels) $PY bench/gpu/kernel_bench.py | tee "$OUT/kernels.jsonl" || rc=1 ;;
     w3)      $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 \
