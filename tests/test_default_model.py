@@ -33,6 +33,16 @@ def test_first_16_greedy_tokens_match_hf(llm) -> None:
         assert out.outputs[0].token_ids == ref[0, ids.shape[1]:].tolist(), out.prompt
 
 
+def test_default_runs_its_q4_blocks_on_the_int4_kernel_on_an_avx2_cpu(llm) -> None:
+    from modelport.quantization.kernels import CpuInt4Kernel
+
+    model = llm.llm_engine.core.runner.model
+    kinds = {type(m.qkernel) for m in model.modules() if hasattr(m, "qkernel")}
+    avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert kinds == ({CpuInt4Kernel} if avx2 else set())
+    assert model.lm_head.weight.dtype == torch.float32
+
+
 def test_offline_api_as_documented(llm) -> None:
     outs = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
     assert "Paris" in outs[0].outputs[0].text

@@ -80,7 +80,7 @@ def test_kept_quantized_matches_dequantized_path(
     # the linear layers alone: the bf16 LM head of the kept path has its own test below
     monkeypatch.setattr(quant_loading, "NARROW_CPU_LM_HEAD", False)
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
-    ref = run_one_sequence(_load(path, None), PROMPT)
+    ref = run_one_sequence(_load(path, "none"), PROMPT)
     model = _load(path, "gguf")
     kinds = _linear_kernels(model)
     assert len(kinds) == 2 * 4 and set(kinds) == {kernel}  # qkv, o, gate_up, down per layer
@@ -100,7 +100,7 @@ def test_kept_path_on_cpu_narrows_the_fp32_lm_head_to_bf16(
 ) -> None:
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-Q4_1.gguf", "Q4_1")
-    wide = _load(path, None)
+    wide = _load(path, "none")
     model = _load(path, "gguf")
     assert wide.lm_head.weight.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
@@ -134,7 +134,7 @@ def test_mixed_types_in_one_fused_layer(
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed.gguf", "Q4_1")
     reader = gguf.GGUFReader(str(path))
     assert {t.tensor_type.name for t in reader.tensors if "attn_v" in t.name} == {"Q8_0"}
-    ref = run_one_sequence(_load(path, None), PROMPT)
+    ref = run_one_sequence(_load(path, "none"), PROMPT)
     model = _load(path, "gguf")
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert qkv.gguf_types == ("Q4_1", "Q4_1", "Q8_0")
@@ -142,7 +142,7 @@ def test_mixed_types_in_one_fused_layer(
     got = run_one_sequence(model, PROMPT)
     assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()  # o/mlp run int4
     # the fused layer itself is exact against the dequantized model's q/k/v projection
-    dense = _load(path, None).model.layers[0].self_attn.qkv_proj
+    dense = _load(path, "none").model.layers[0].self_attn.qkv_proj
     x = torch.randn(3, dense.input_size)
     torch.testing.assert_close(qkv(x), dense(x), atol=1e-5, rtol=1e-5)
 
@@ -195,3 +195,55 @@ def test_kept_path_reads_a_cached_tensor_table_instead_of_reparsing(
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(ValueError, match="parsed again"):  # open_gguf wraps parse failures
         _load(path, "gguf")
+
+
+@pytest.mark.parametrize("qtype,cpu,kept", [
+    ("Q4_1", "AVX512", True), ("Q4_0", "AVX2", True),  # torch's int4 GEMM runs them
+    ("Q4_1", "DEFAULT", False),  # no AVX2 (e.g. an ARM laptop): floats, as before
+    ("Q8_0", "AVX512", False),  # 8-bit would run dequantize-per-call: floats are faster
+    ("F32", "AVX512", False),
+])
+def test_gguf_without_quantization_keeps_q4_blocks_on_an_avx2_cpu(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, cpu: str,
+    kept: bool,
+) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cpu)
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    model = _load(path, None)
+    assert set(_linear_kernels(model)) == ({CpuInt4Kernel} if kept else set())
+    floats = _load(path, "none")  # explicit: always the float path
+    assert _linear_kernels(floats) == []
+    assert model.lm_head.weight.dtype == torch.float32  # the default keeps an fp32 head
+    if kept:  # the same model up to the int4 kernel's bf16 activations (and bf16 LM head)
+        got, ref = run_one_sequence(model, PROMPT), run_one_sequence(floats, PROMPT)
+        assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_gguf_with_a_mixed_layer_is_not_kept_by_default(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def add_mixed(self, name, tensor, *args, raw_dtype=None, **kw):  # type: ignore[no-untyped-def]
+        if name.endswith("ffn_down.weight") and raw_dtype is not None:
+            raw_dtype = gguf.GGMLQuantizationType.Q8_0
+            tensor = gguf.quants.quantize(gguf.quants.dequantize(tensor, 3), raw_dtype)
+        return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_mixed)
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed-down.gguf", "Q4_1")
+    assert _linear_kernels(_load(path, None)) == []  # one 8-bit weight: the float path
+    assert CpuInt4Kernel in set(_linear_kernels(_load(path, "gguf")))  # still on request
+
+
+def test_quantization_none_on_a_quantized_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(hf_config={"quantization_config": {"quant_method": "awq"}})
+    src = SimpleNamespace(path=tmp_path / "awq-model", kind="hf")
+    with pytest.raises(ValueError, match="awq checkpoint: quantization='none' only loads a GGUF"):
+        quant_loading.resolve_quantization("none", src, cfg, "cpu")  # type: ignore[arg-type]

@@ -87,7 +87,10 @@ class EngineArgs:
         g.add_argument("--max-num-batched-tokens", type=int, default=None)
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--seed", type=int, default=d.seed)
-        g.add_argument("--quantization", "-q", default=None)
+        g.add_argument("--quantization", "-q", default=None,
+                       help="awq | gptq | fp8 | bitsandbytes | gguf | none (default: what the "
+                       "checkpoint declares; a Q4 GGUF file stays quantized on an AVX2 CPU; "
+                       "none loads a GGUF file as floats)")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
         g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
         g.add_argument("--max-waiting-requests", type=int, default=None,

@@ -56,8 +56,8 @@ class GGUFQuantConfig(QuantizationConfig):
             desc = ", ".join(f"{n} ({type_name(t) if t is not None else 'absent'})"
                              for n, t in bad.items())
             raise ValueError(
-                f"cannot keep {prefix} quantized: {desc}; load the file without "
-                "--quantization gguf to dequantize it"
+                f"cannot keep {prefix} quantized: {desc}; load the file with "
+                "--quantization none to dequantize it"
             )
         self.kept.update(names.values())
         return GGUFLinearMethod({s: int(t) for s, t in types.items()})  # type: ignore[arg-type]

@@ -59,7 +59,7 @@ def _spec(type_id: int) -> tuple[str, int, int]:
         supported = ", ".join(v[0] for v in GGML_TYPES.values())
         raise ValueError(
             f"GGUF {type_name(type_id)} weights cannot be kept quantized (supported: "
-            f"{supported}); load the file without --quantization gguf to dequantize it"
+            f"{supported}); load the file with --quantization none to dequantize it"
         ) from None
 
 

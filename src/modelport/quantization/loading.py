@@ -9,6 +9,8 @@ model's linear layers, (2) supplies the weight stream when the format needs a sp
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,8 @@ from torch import nn
 
 from modelport.config import ModelConfig
 from modelport.quantization.base import QuantizationConfig
+
+logger = logging.getLogger(__name__)
 
 # user-facing names (--quantization) -> what they load
 SUPPORTED_METHODS = ("awq", "gptq", "fp8", "bitsandbytes", "gguf")
@@ -70,28 +74,69 @@ def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
     return NF4Config.from_hf(qc)
 
 
+# GGML types that torch's int4 CPU GEMM runs (groups of 32): a GGUF file whose linear
+# weights are all of these is kept quantized on CPU by default (see auto_keep_gguf)
+CPU_INT4_GGML_TYPES = {2: "Q4_0", 3: "Q4_1", 12: "Q4_K"}
+_GGUF_LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+
+
+def auto_keep_gguf(src: Any, device: torch.device | str) -> bool:
+    """Whether a GGUF file loaded without ``quantization=`` keeps its blocks quantized.
+
+    Yes on an x86 CPU with AVX2/AVX-512 when every linear weight is Q4_0, Q4_1 or Q4_K: torch's
+    int4 GEMM then runs them (the embedded default model: 2.5x the single-stream decode speed
+    of the float path on the 2-core box, the same greedy tokens; bench/README.md). Otherwise
+    (other types would run a dequantize-per-call kernel, slower than floats; a GPU, where the
+    bf16 path is the fast one) the file is dequantized as before. ``quantization="gguf"`` /
+    ``"none"`` choose explicitly.
+    """
+    if src.kind != "gguf" or torch.device(device).type != "cpu":
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    from modelport.loader.gguf import open_gguf_tensors
+
+    types = [int(t.tensor_type) for t in open_gguf_tensors(src.path).tensors
+             if _GGUF_LINEAR.match(t.name)]
+    return bool(types) and all(t in CPU_INT4_GGML_TYPES for t in types)
+
+
 def resolve_quantization(
     requested: str | None, src: Any, model_config: ModelConfig, device: torch.device | str,
     load_format: str = "auto",
 ) -> QuantPlan | None:
-    """The plan for this model, or None when it loads unquantized (exactly as before).
+    """The plan for this model, or None when it loads unquantized.
 
-    With load_format="dummy" any method may be requested for a float config (benchmarks:
-    random weights packed in that format, default bits / group size).
+    ``requested`` None: what the checkpoint declares; a GGUF file is kept quantized where
+    ``auto_keep_gguf`` says so. "none": load a GGUF file's weights as floats (an error for a
+    quantized HF checkpoint). With load_format="dummy" any method may be requested for a float
+    config (benchmarks: random weights packed in that format, default bits / group size).
     """
-    method = _normalize(requested)
     declared = checkpoint_method(model_config)
+    if requested is not None and requested.lower() == "none":
+        if declared is not None:
+            raise ValueError(
+                f"{src.path} is a {declared} checkpoint: quantization='none' only loads a GGUF "
+                "file as floats; drop it to run the checkpoint quantized"
+            )
+        return None
+    method = _normalize(requested)
     if declared is not None and declared not in SUPPORTED_METHODS:
         raise ValueError(
             f"{src.path}: quantization_config.quant_method {declared!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_METHODS)}"
         )
     if method is None and declared is None:
-        return None
+        if load_format == "dummy" or not auto_keep_gguf(src, device):
+            return None
+        logger.info("%s: Q4 GGUF blocks kept quantized for the CPU int4 kernel "
+                    "(quantization='none' loads them as floats)", src.path.name)
+        method = "gguf"
     if src.kind == "gguf" and method not in (None, "gguf"):
         raise ValueError(
             f"{src.path.name} is a GGUF file: use --quantization gguf to keep its blocks "
-            f"quantized (or none to dequantize); {method!r} applies to HF checkpoints"
+            f"quantized (or --quantization none to dequantize); {method!r} applies to HF "
+            "checkpoints"
         )
     if method == "gguf" and src.kind != "gguf":
         raise ValueError("--quantization gguf needs a .gguf file")
@@ -115,7 +160,7 @@ def resolve_quantization(
     stacked = getattr(get_model_class(model_config.architecture), "stacked_params", ())
     config = _config_for(method or declared, src, model_config, online, stacked)  # type: ignore[arg-type]
     config.check_device(torch.device(device))
-    return QuantPlan(config, src, online)
+    return QuantPlan(config, src, online, auto=requested is None and declared is None)
 
 
 @dataclass
@@ -123,6 +168,10 @@ class QuantPlan:
     config: QuantizationConfig
     src: Any
     online: bool = False
+    # chosen without quantization= (a Q4 GGUF file on CPU): the LM head stays fp32, so the
+    # default keeps the float path's answers (a bf16 head flipped the embedded model's
+    # documented chat answer); quantization="gguf" narrows it for speed
+    auto: bool = False
 
     @property
     def name(self) -> str:
@@ -185,7 +234,7 @@ class QuantPlan:
         if transform is not None:
             transform(model)
         finish_loading(model)
-        if self.name == "gguf" and device.type == "cpu":
+        if self.name == "gguf" and device.type == "cpu" and not self.auto:
             narrow_lm_head(model)
         return model.eval()
 
