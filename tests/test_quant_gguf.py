@@ -67,6 +67,13 @@ def _load(path: Path, quantization: str | None) -> torch.nn.Module:
                       torch.float32, torch.device("cpu"))
 
 
+def _assert_int4_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Logits of the kept model vs the float path: the same weights, bf16 activations in
+    torch's int4 kernel."""
+    assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
 def _linear_kernels(model: torch.nn.Module) -> list[type]:
     return [type(m.qkernel) for m in model.modules() if hasattr(m, "qkernel")]
 
@@ -90,9 +97,8 @@ def test_kept_quantized_matches_dequantized_path(
     got = run_one_sequence(model, PROMPT)
     if kernel is DequantKernel:
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    else:  # bf16 activations in torch's int4 kernel
-        assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
-        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    else:
+        _assert_int4_close(got, ref)
 
 
 def test_kept_path_on_cpu_narrows_the_fp32_lm_head_to_bf16(
@@ -215,10 +221,8 @@ def test_gguf_without_quantization_keeps_q4_blocks_on_an_avx2_cpu(
     floats = _load(path, "none")  # explicit: always the float path
     assert _linear_kernels(floats) == []
     assert model.lm_head.weight.dtype == torch.float32  # the default keeps an fp32 head
-    if kept:  # the same model up to the int4 kernel's bf16 activations (and bf16 LM head)
-        got, ref = run_one_sequence(model, PROMPT), run_one_sequence(floats, PROMPT)
-        assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
-        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    if kept:
+        _assert_int4_close(run_one_sequence(model, PROMPT), run_one_sequence(floats, PROMPT))
 
 
 def test_gguf_with_a_mixed_layer_is_not_kept_by_default(
