@@ -5,7 +5,8 @@
 #   also w3-sync w1-sync (async scheduling off), w3-fp8kv w1-fp8kv (FP8 KV cache), w1-fp8
 #   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench,
 #   w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1),
-#   host-prof (cProfile of FP8 W1 engine steps: bench/gpu/host_profile.py), decode-sweep
+#   host-prof (cProfile of FP8 W1 engine steps: bench/gpu/host_profile.py), pdl-check (the GPU
+#   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex)
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
@@ -58,6 +59,10 @@ for s in $stages; do
              $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --quantization $q \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 --profile \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3$q.err" || { rc=1; tail -20 "$OUT/w3$q.err"; } ;;
+    pdl-check) { $PY -m pytest -q -p no:cacheprovider tests/test_gpu_gemv.py tests/test_quant_fp8_gpu.py \
+               "tests/test_gpu_attention.py::test_decode_split_k_matches_reference" \
+               && $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py -k "gemm or scaled_mm"; } \
+               2>&1 | tee "$OUT/pdl_check.log" | tail -25 || rc=1 ;;
     quant-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py tests/test_quant_fp8_gpu.py \
                2>&1 | tee "$OUT/quant_tests.log" | tail -25 || rc=1 ;;
     quant-bench) $PY bench/quant_gpu_linear.py --batch ${QUANT_BATCHES:-1 4 16 64 256 2048} ${QUANT_FORMATS:+--formats $QUANT_FORMATS} \
