@@ -34,7 +34,10 @@ def run_modelport(args, quantization: str | None = None) -> dict:
     load_s = time.perf_counter() - t0
     eng = llm.llm_engine
     vocab = eng.config.model_config.vocab_size
-    name = "modelport" + (" (Q4_1 kept quantized)" if quantization else " (fp32)")
+    kept = any(hasattr(m, "qkernel") for m in eng.core.runner.model.modules())
+    head = eng.core.runner.model.lm_head.weight.dtype
+    name = (f"modelport quantization={quantization!r}: "
+            + (f"Q4_1 kept, {str(head).removeprefix('torch.')} LM head" if kept else "fp32"))
     res = {"engine": name, "load_s": round(load_s, 2)}
 
     # C1: time to first token and decode rate from the engine's own step loop
@@ -105,7 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", choices=["hf", "none"], default="none")
     ap.add_argument("--quantized", action="store_true",
-                    help="also run the default model with --quantization gguf (Q4_1 kept)")
+                    help="besides the default (Q4_1 kept on an AVX2 CPU), also quantization="
+                    "'none' (fp32) and 'gguf' (kept, bf16 LM head)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     machine = {
@@ -116,7 +120,7 @@ def main() -> None:
     }
     results = [run_modelport(args)]
     if args.quantized:
-        results.append(run_modelport(args, "gguf"))
+        results += [run_modelport(args, "none"), run_modelport(args, "gguf")]
     if args.peer == "hf":
         results.append(run_hf(args))
     report = {"machine": machine, "results": results,
