@@ -1,8 +1,9 @@
 """CPU decode speed of the embedded default GGUF (Q4_1): kept quantized vs our fp32 path.
 
 Three engines: quantization="none" (the file dequantized to fp32), the default (no
-quantization=: on an AVX2/AVX-512 CPU the Q4 blocks stay quantized with an fp32 LM head) and
-quantization="gguf" (kept, with a bf16 copy of the LM head).
+quantization=: on an AVX2/AVX-512 CPU the Q4 blocks stay quantized; the tied LM head reads a
+bf16 copy and refines each row's top logits from the fp32 table) and quantization="gguf"
+(kept on any CPU; for this tied model the same head).
 
 Single stream: 64-token prompt, 128 new tokens, greedy, ignore_eos; decode tok/s from the
 engine's own step loop (as bench/cpu_default.py). --batch: also 32 concurrent requests, 64 new
@@ -99,7 +100,7 @@ def main() -> None:
     from modelport import SamplingParams
 
     variants = {}
-    names = {"none": "none (fp32)", None: "default (auto)", "gguf": "gguf (bf16 head)"}
+    names = {"none": "none (fp32)", None: "default (auto)", "gguf": "gguf (explicit)"}
     for q in ("none", None, "gguf"):
         t0 = time.perf_counter()
         llm = make_llm(q)

@@ -40,7 +40,10 @@ def test_default_runs_its_q4_blocks_on_the_int4_kernel_on_an_avx2_cpu(llm) -> No
     kinds = {type(m.qkernel) for m in model.modules() if hasattr(m, "qkernel")}
     avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     assert kinds == ({CpuInt4Kernel} if avx2 else set())
-    assert model.lm_head.weight.dtype == torch.float32
+    if avx2:  # the tied head reads bf16 and refines its top logits from the fp32 table
+        head, table = model.lm_head, model.model.embed_tokens.weight
+        assert head.weight.dtype == torch.bfloat16 and table.dtype == torch.float32
+        assert head.exact_weight.data_ptr() == table.data_ptr()
 
 
 def test_offline_api_as_documented(llm) -> None:

@@ -220,7 +220,7 @@ def test_gguf_without_quantization_keeps_q4_blocks_on_an_avx2_cpu(
     assert set(_linear_kernels(model)) == ({CpuInt4Kernel} if kept else set())
     floats = _load(path, "none")  # explicit: always the float path
     assert _linear_kernels(floats) == []
-    assert model.lm_head.weight.dtype == torch.float32  # the default keeps an fp32 head
+    assert model.lm_head.weight.dtype == torch.float32  # untied: the default keeps it fp32
     if kept:
         _assert_int4_close(run_one_sequence(model, PROMPT), run_one_sequence(floats, PROMPT))
 
@@ -251,3 +251,28 @@ def test_quantization_none_on_a_quantized_checkpoint_is_a_clear_error(tmp_path: 
     src = SimpleNamespace(path=tmp_path / "awq-model", kind="hf")
     with pytest.raises(ValueError, match="awq checkpoint: quantization='none' only loads a GGUF"):
         quant_loading.resolve_quantization("none", src, cfg, "cpu")  # type: ignore[arg-type]
+
+
+def test_tied_bf16_head_refines_each_rows_top_logits_from_the_fp32_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelport.layers.embedding import REFINE_TOPK
+
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    hf = make_tiny_llama_dir(tmp_path / "tied", seed=7, tie_word_embeddings=True)
+    path = make_tiny_llama_gguf(hf, tmp_path / "tied-Q4_1.gguf", "Q4_1")
+    for q in (None, "gguf"):  # the default narrows a tied head too
+        model = _load(path, q)
+        head, table = model.lm_head, model.model.embed_tokens.weight
+        assert head.weight.dtype == torch.bfloat16 and table.dtype == torch.float32
+        hidden = torch.randn(6, table.shape[1]) * 3
+        got = model.compute_logits(hidden)
+        wide = hidden @ table.t()  # what the fp32 head computes
+        narrow = (hidden.to(torch.bfloat16) @ head.weight.t()).float()  # the bf16 matmul alone
+        top = narrow.topk(REFINE_TOPK, dim=-1).indices  # the rows' entries it refines
+        torch.testing.assert_close(got.gather(1, top), wide.gather(1, top), atol=1e-5, rtol=1e-5)
+        assert torch.equal(got.argmax(-1), wide.argmax(-1))
+        rest = torch.ones_like(got, dtype=torch.bool).scatter_(1, top, False)
+        assert ((got - wide)[rest].abs().max() < 0.02 * wide.abs().max())  # bf16 elsewhere
+        assert 0 < (got - wide)[rest].abs().max()  # ... really read from the bf16 copy

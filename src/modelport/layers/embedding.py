@@ -17,12 +17,22 @@ class VocabEmbedding(nn.Module):
         return F.embedding(input_ids, self.weight)
 
 
+REFINE_TOPK = 8  # logits recomputed from exact_weight per row (see LMHead)
+
+
 class LMHead(nn.Module):
     """Projects hidden states to vocabulary logits, always returned as float32 for sampling.
 
     With tied embeddings the head holds no weight of its own: it reuses the embedding's
     Parameter object, so loading and moving the model keep the two identical.
+
+    ``exact_weight`` (a plain attribute, None by default): a wider copy of a narrowed weight
+    (the fp32 embedding table behind a bf16 head). The REFINE_TOPK largest logits of each
+    row are then recomputed from it in fp32, so greedy picks and the top logprobs are those
+    of the wide head while the matmul over the whole vocabulary reads half the bytes.
     """
+
+    exact_weight: torch.Tensor | None = None
 
     def __init__(
         self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None
@@ -36,4 +46,10 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # the weight may be narrower than the activations (a bf16 head beside a kept-GGUF
         # model's fp32 activations on CPU): the matmul runs in the weight's dtype
-        return F.linear(hidden.to(self.weight.dtype), self.weight).float()
+        logits = F.linear(hidden.to(self.weight.dtype), self.weight).float()
+        exact = self.exact_weight
+        if exact is not None and logits.shape[0]:
+            top = logits.topk(min(REFINE_TOPK, logits.shape[-1]), dim=-1).indices
+            wide = torch.einsum("td,tkd->tk", hidden.to(exact.dtype), exact[top])
+            logits.scatter_(1, top, wide.float())
+        return logits

@@ -168,9 +168,9 @@ class QuantPlan:
     config: QuantizationConfig
     src: Any
     online: bool = False
-    # chosen without quantization= (a Q4 GGUF file on CPU): the LM head stays fp32, so the
-    # default keeps the float path's answers (a bf16 head flipped the embedded model's
-    # documented chat answer); quantization="gguf" narrows it for speed
+    # chosen without quantization= (a Q4 GGUF file on CPU): only a tied LM head is narrowed
+    # to bf16 (its top logits refined from the fp32 embedding table); an untied one stays
+    # fp32. quantization="gguf" narrows either.
     auto: bool = False
 
     @property
@@ -234,24 +234,35 @@ class QuantPlan:
         if transform is not None:
             transform(model)
         finish_loading(model)
-        if self.name == "gguf" and device.type == "cpu" and not self.auto:
-            narrow_lm_head(model)
+        if self.name == "gguf" and device.type == "cpu":
+            narrow_lm_head(model, tied_only=self.auto)
         return model.eval()
 
 
 NARROW_CPU_LM_HEAD = True  # a switch for benchmarks and tests comparing both heads
 
 
-def narrow_lm_head(model: nn.Module) -> None:
-    """Give a kept-GGUF model on CPU a bf16 copy of its fp32 LM head (tied to the embedding).
+def narrow_lm_head(model: nn.Module, tied_only: bool = False) -> None:
+    """Give a kept-GGUF model on CPU a bf16 copy of its fp32 LM head.
 
     With the linear layers in 4-bit blocks, the fp32 head is the largest read of a decode step
     (SmolLM2-135M: 113 MB of 180 MB); bf16 halves it and runs on the CPU's bf16 matmul. The
     head's values come from the file's 8-bit (Q8_0) or 4-bit embedding blocks, whose precision
-    bf16's 8-bit mantissa about matches. The embedding keeps its fp32 table for lookups.
+    bf16's 8-bit mantissa about matches. A head tied to the embedding keeps the embedding's
+    fp32 table (needed for lookups anyway) as ``exact_weight``: each row's top logits are
+    recomputed from it (see LMHead), so greedy answers stay those of the fp32 head (the plain
+    bf16 head changed the embedded model's answer to the README's chat example).
+    ``tied_only``: leave an untied head (which has no fp32 copy to refine from) in fp32.
     """
     head = getattr(model, "lm_head", None)
     w = getattr(head, "weight", None)
-    if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and NARROW_CPU_LM_HEAD:
-        head.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    if not (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and NARROW_CPU_LM_HEAD):
+        return
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = embed is not None and getattr(embed, "weight", None) is w
+    if tied_only and not tied:
+        return
+    head.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    if tied:
+        head.exact_weight = w.detach()  # a plain tensor (shares storage): not a parameter
 
