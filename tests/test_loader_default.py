@@ -1,7 +1,9 @@
 """The embedded default (SmolLM2-135M-Instruct Q4_1 GGUF): found, configured, loaded, cached.
 
 The dequantized copy lives in the regular modelport cache ($MODELPORT_CACHE or
-~/.cache/modelport), shared with every other test and run that loads the default.
+~/.cache/modelport), shared with every other test and run that loads the default as floats
+(``quantization="none"``: on an AVX2 CPU the default keeps the Q4_1 blocks instead, see
+tests/test_quant_gguf.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from helpers.tiny_models import run_one_sequence
 from modelport.config import LoadConfig, ModelConfig
 from modelport.loader import gguf_cache_folder, load_model, load_model_config, resolve_model
 
+FLOATS = LoadConfig(quantization="none")
+
 
 @pytest.fixture(scope="module")
 def default_src() -> loader.ModelSource:
@@ -25,7 +29,7 @@ def default_src() -> loader.ModelSource:
 @pytest.fixture(scope="module")
 def default_model(default_src: loader.ModelSource) -> torch.nn.Module:
     cfg = load_model_config(default_src)
-    return load_model(default_src, cfg, LoadConfig(), torch.float32, torch.device("cpu"))
+    return load_model(default_src, cfg, FLOATS, torch.float32, torch.device("cpu"))
 
 
 def test_default_model_is_found_without_importing_the_package(
@@ -72,7 +76,7 @@ def test_default_second_load_uses_cache(
     monkeypatch.setattr(loader, "_write_gguf_cache", no_gguf)
     t0 = time.perf_counter()
     cfg = load_model_config(default_src)
-    again = load_model(default_src, cfg, LoadConfig(), torch.float32, torch.device("cpu"))
+    again = load_model(default_src, cfg, FLOATS, torch.float32, torch.device("cpu"))
     elapsed = time.perf_counter() - t0
     for (name, a), (_, b) in zip(default_model.named_parameters(), again.named_parameters()):
         assert torch.equal(a, b), name
