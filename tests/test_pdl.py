@@ -32,12 +32,13 @@ def test_hopper_and_newer_launch_with_pdl(gpu):
         gpu["value"] = cap
         pdl.enabled.cache_clear()
         assert pdl.enabled() and pdl.launch_kwargs() == {"launch_pdl": True}, cap
+        assert pdl.kernel_kwargs() == {"PDL": True, "launch_pdl": True}
 
 
 def test_older_gpus_rocm_interpreter_and_the_switch_turn_it_off(gpu, monkeypatch):
     gpu["value"] = (8, 9)
     pdl.enabled.cache_clear()
-    assert not pdl.enabled() and pdl.launch_kwargs() == {}
+    assert not pdl.enabled() and pdl.launch_kwargs() == {} and pdl.kernel_kwargs() == {}
     gpu["value"] = (9, 0)
     for env, val in [("MODELPORT_PDL", "0"), ("TRITON_INTERPRET", "1")]:
         monkeypatch.setenv(env, val)

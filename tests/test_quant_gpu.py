@@ -155,11 +155,9 @@ def test_triton_gemv_every_config(shape: tuple[int, int]) -> None:
                                        rtol=0, msg=f"{cfg} m={m}")
 
 
-def test_triton_gemv_in_cuda_graph() -> None:
-    """One launch per call, nothing allocated but the output: capturable and replayable."""
-    gq, kern, w = _gemv_case(512, 2048, 4, 128, False, seed=5)
-    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    kern(x)  # autotune outside the graph
+def _capture(kern: torch.nn.Module, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """kern(x) captured in a CUDA graph on a side stream (after one warm-up call there);
+    returns the graph and its output tensor."""
     graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -168,6 +166,15 @@ def test_triton_gemv_in_cuda_graph() -> None:
         with torch.cuda.graph(graph, stream=s):
             y = kern(x)
     torch.cuda.current_stream().wait_stream(s)
+    return graph, y
+
+
+def test_triton_gemv_in_cuda_graph() -> None:
+    """One launch per call, nothing allocated but the output: capturable and replayable."""
+    gq, kern, w = _gemv_case(512, 2048, 4, 128, False, seed=5)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    kern(x)  # autotune outside the graph
+    graph, y = _capture(kern, x)
     x.copy_(torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16))
     graph.replay()
     torch.cuda.synchronize()
@@ -188,12 +195,7 @@ def test_triton_gemv_split_k_replays_in_cuda_graph(monkeypatch: pytest.MonkeyPat
     gq, kern, w = _gemv_case(384, 4096, 4, 128, False, seed=7)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     kern(x)  # compile outside the graph
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
-        y = kern(x)
-    torch.cuda.current_stream().wait_stream(s)
+    graph, y = _capture(kern, x)
     _, cnt = tg.gemv_workspace(x.device, 384)
     for seed in range(3):
         x.copy_(torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))

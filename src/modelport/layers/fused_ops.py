@@ -165,8 +165,7 @@ def rms_norm(
             HAS_RES=residual is not None,
             BLOCK=block,
             num_warps=min(16, max(1, block // 512)),
-            PDL=pdl.enabled(),
-            **pdl.launch_kwargs(),
+            **pdl.kernel_kwargs(),
         )
     return out if residual is None else (out, res_out)
 
@@ -196,8 +195,7 @@ def apply_rotary_(
             NK_PAD=triton.next_power_of_2(nk),
             HALF=head_dim // 2,
             num_warps=4,
-            PDL=pdl.enabled(),
-            **pdl.launch_kwargs(),
+            **pdl.kernel_kwargs(),
         )
     return q, k
 
@@ -217,8 +215,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             n,
             BLOCK=block,
             num_warps=4,
-            PDL=pdl.enabled(),
-            **pdl.launch_kwargs(),
+            **pdl.kernel_kwargs(),
         )
     return out
 

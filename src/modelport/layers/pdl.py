@@ -10,7 +10,7 @@ serialization, kept as programmatic edges when the step is captured in a CUDA gr
 kernel may be scheduled while its predecessor is still running; it waits on
 ``griddepcontrol.wait`` before it touches anything the predecessor produces.
 
-The contract every kernel launched with ``launch_kwargs()`` follows (``wait`` below):
+The contract every kernel launched with ``kernel_kwargs()`` follows (``wait`` below):
 
 * before ``wait``: only reads of data no kernel of this forward writes (weights, scales)
   and of data written before the predecessor started; no writes at all;
@@ -43,8 +43,14 @@ def enabled() -> bool:
 
 
 def launch_kwargs() -> dict[str, bool]:
-    """Extra launch arguments of a kernel that calls ``wait(PDL)``: pass with PDL=enabled()."""
+    """The launch option PDL needs (``launch_pdl``), or nothing when it is off."""
     return {"launch_pdl": True} if enabled() else {}
+
+
+def kernel_kwargs() -> dict[str, bool]:
+    """Everything a launch of a kernel calling ``wait(PDL)`` adds: the PDL constexpr and the
+    launch option, or nothing (the kernel's PDL defaults to False)."""
+    return {"PDL": True, **launch_kwargs()} if enabled() else {}
 
 
 try:  # importable without triton (CPU installs): only the kernels' modules call ``wait``

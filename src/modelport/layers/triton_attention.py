@@ -109,8 +109,7 @@ def write_kv_triton(
         BLOCK=triton.next_power_of_2(row),
         FP8_MAX=FP8_E4M3_MAX if kv_cache.dtype in FP8_KV_DTYPES else 0.0,
         num_warps=4,
-        PDL=pdl.enabled(),
-        **pdl.launch_kwargs(),
+        **pdl.kernel_kwargs(),
     )
 
 
@@ -705,8 +704,7 @@ def triton_paged_attention(
             V_CVT=v_cvt,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
-            PDL=pdl.enabled(),
-            **pdl.launch_kwargs(),
+            **pdl.kernel_kwargs(),
         )
     if plan.prefill_items is not None:
         items = plan.prefill_items
@@ -732,7 +730,6 @@ def triton_paged_attention(
             BLOCK_N=64,
             num_warps=4,
             num_stages=2,
-            PDL=pdl.enabled(),
-            **pdl.launch_kwargs(),
+            **pdl.kernel_kwargs(),
         )
     return out

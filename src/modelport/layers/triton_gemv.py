@@ -148,7 +148,7 @@ def gemv(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     args = (x, weight, bias if bias is not None else weight, y, n, k, x.stride(0),
             weight.stride(0), y.stride(0))
-    meta = {"M": m, "HAS_BIAS": bias is not None, "PDL": pdl.enabled(), **pdl.launch_kwargs()}
+    meta = {"M": m, "HAS_BIAS": bias is not None, **pdl.kernel_kwargs()}
     if block_n is None:
         _tuned()[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:

@@ -347,7 +347,7 @@ def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     warps = max(1, min(16, block // 1024))
     _jit()[0][(m,)](
         x2, xq, scale, k, x2.stride(0), xq.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
-        num_warps=warps, PDL=pdl.enabled(), **pdl.launch_kwargs(),
+        num_warps=warps, **pdl.kernel_kwargs(),
     )  # fmt: skip
     return xq, scale
 
@@ -370,7 +370,7 @@ def w8a16_linear(
         x2, w, w_scale, bias if bias is not None else w_scale, y, m, n, k, bucket,
         x2.stride(0), w.stride(0), y.stride(0),
         PER_CHANNEL=w_scale.numel() != 1, HAS_BIAS=bias is not None,
-        PDL=pdl.enabled(), **pdl.launch_kwargs(),
+        **pdl.kernel_kwargs(),
     )  # fmt: skip
     return y
 

@@ -168,7 +168,7 @@ class TritonKernel(torch.nn.Module):
         ws, cnt = gemv_workspace(x2.device, self.n)
         _kernels()[0][grid](x2, self.qweight, self.sz, y, ws, cnt, self.n, x2.stride(0),
                             y.stride(0), *mags, K=self.k, GROUP=self.group, BITS=self.bits,
-                            V=self.v, BLOCK_M=m, PDL=pdl.enabled(), **pdl.launch_kwargs())
+                            V=self.v, BLOCK_M=m, **pdl.kernel_kwargs())
         return y
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -178,8 +178,7 @@ class TritonKernel(torch.nn.Module):
         grid = (triton_cdiv(self.n, DEQUANT_BLOCK_N), self.k // self.block_k)
         _kernels()[2][grid](self.qweight, self.sz, w, self.n, K=self.k, GROUP=self.group,
                             BITS=self.bits, V=self.v, BLOCK_N=DEQUANT_BLOCK_N,
-                            BLOCK_K=self.block_k, num_warps=4, PDL=pdl.enabled(),
-                            **pdl.launch_kwargs())
+                            BLOCK_K=self.block_k, num_warps=4, **pdl.kernel_kwargs())
         return w
 
     def gemm(self, x2: torch.Tensor) -> torch.Tensor:
