@@ -37,3 +37,74 @@ def test_gemv_swap_routes_single_rows_and_leaves_larger_batches_to_cublas():
     got = lin(one).float()
     assert ((got - before_one.float()).norm() / before_one.float().norm()) < 1e-2
     assert torch.equal(lin(few), before_few) and torch.equal(lin(big), before_big)
+
+
+@pytest.mark.parametrize("lane_acc", [False, True])
+@pytest.mark.parametrize("block_n,block_k", [(8, 512), (16, 256)])
+@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (4, 1024, 4096), (1, 37, 4099), (3, 40, 700)])
+def test_gemv_block_shapes_and_lane_accumulation(lane_acc, block_n, block_k, m, n, k):
+    """Fixed launch configs (both accumulation schemes, masked and mask-free shapes)."""
+    from modelport.layers.triton_gemv import gemv
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    ref = x.float() @ w.float().T
+    y = gemv(x, w, None, block_n=block_n, block_k=block_k, lane_acc=lane_acc)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def _rms(h, w, eps):
+    hf = h.float()
+    return w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+@pytest.mark.parametrize("lane_acc", [False, True])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (300, 1000)])
+def test_fused_prologues_and_residual_equal_the_unfused_ops(lane_acc, n, k):
+    """norm / silu prologues, the GLU epilogue and the residual epilogue give what the
+    unfused torch ops feed / make of the same GEMV: equal outputs up to the odd last-bit flip
+    of a rounded intermediate."""
+    import torch.nn.functional as F
+
+    from modelport.layers.triton_gemv import gemv
+
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    w = torch.randn(n, k, device="cuda", dtype=bf) * 0.02
+    b = torch.randn(n, device="cuda", dtype=bf)
+    h = torch.randn(1, k, device="cuda", dtype=bf) * 3
+    nw = (1 + 0.2 * torch.randn(k, device="cuda")).to(bf)
+    res = torch.randn(1, n, device="cuda", dtype=bf)
+    gu = torch.randn(1, 2 * k, device="cuda", dtype=bf)
+    cfg = {"block_n": 8, "block_k": 512, "lane_acc": lane_acc}
+    w2 = torch.randn(2 * n, k, device="cuda", dtype=bf) * 0.02  # [gate; up]
+    b2 = torch.randn(2 * n, device="cuda", dtype=bf)
+    g_u = gemv(_rms(h, nw, 1e-5), w2, b2, **cfg)
+    # (fused, unfused, same launch config: then bit-equal but for rare last-bit flips)
+    cases = [
+        (gemv(h, w, b, norm=(nw, 1e-5), **cfg), gemv(_rms(h, nw, 1e-5), w, b, **cfg), True),
+        (gemv(gu, w, None, silu=True, **cfg),
+         gemv(F.silu(gu[:, :k]) * gu[:, k:], w, None, **cfg), True),
+        (gemv(h, w, b, residual=res, **cfg), gemv(h, w, b, **cfg) + res, True),
+        (gemv(h, w2, b2, norm=(nw, 1e-5), glu=True, **cfg),
+         F.silu(g_u[:, :n]) * g_u[:, n:], True),
+        (gemv(gu, w, b, silu=True, residual=res),  # autotuned launches
+         gemv(F.silu(gu[:, :k]) * gu[:, k:], w, b) + res, False),
+        (gemv(h, w, None, norm=(nw, 1e-6)), gemv(_rms(h, nw, 1e-6), w, None), False),
+    ]
+    for got, want, same_config in cases:
+        assert got.shape == want.shape == (1, n) and got.dtype == bf
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 5e-3
+        if same_config:
+            assert (got == want).float().mean().item() > 0.95
+
+
+def test_fusions_refuse_more_than_one_row():
+    from modelport.layers.triton_gemv import gemv
+
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one row"):
+        gemv(x, w, residual=torch.zeros(2, 32, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="features"):
+        gemv(x[:1], w, silu=True)

@@ -7,7 +7,8 @@
 #   w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1),
 #   host-prof (cProfile of FP8 W1 engine steps: bench/gpu/host_profile.py), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
-#   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex)
+#   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
+#   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers)
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -75,6 +76,9 @@ for s in $stages; do
              tail -1 "$OUT/host_prof.txt" ;;
     decode-sweep) $PY bench/gpu/kernel_bench.py decode-sweep | tee "$OUT/decode_sweep.jsonl" \
                | grep -E 'best|^#' || rc=1 ;;
+    w3-nofuse) MODELPORT_FUSED_DECODE=0 $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 \
+               --output-json "$OUT/w3.jsonl" 2>"$OUT/w3n.err" || { rc=1; tail -20 "$OUT/w3n.err"; } ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;

@@ -91,7 +91,7 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    pdl.wait(PDL)
+    pdl.wait(PDL, trigger_first=True)  # the KV write after this one waits for it anyway
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF)

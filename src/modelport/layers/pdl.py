@@ -12,11 +12,14 @@ kernel may be scheduled while its predecessor is still running; it waits on
 
 The contract every kernel launched with ``kernel_kwargs()`` follows (``wait`` below):
 
-* before ``wait``: only reads of data no kernel of this forward writes (weights, scales)
-  and of data written before the predecessor started; no writes at all;
+* before ``wait``: only reads of data no kernel of this forward writes (weights, scales, the
+  step's metadata, KV cache slots other than the ones this step writes); no writes at all;
 * ``wait``, then ``griddepcontrol.launch_dependents`` (the successor may be scheduled from
-  now on: everything before this kernel's predecessor is then complete, so the successor's
-  own pre-wait reads are safe by the same argument).
+  now on). Short kernels whose wait is long (rotary, KV write: they wait for a whole GEMV)
+  let the successor be scheduled first (``trigger_first``): by the rule above its early
+  part reads nothing a running kernel writes, and its own wait still returns only after
+  this kernel, hence every earlier one, has finished. All of a kernel's programs are
+  resident before its successor can be scheduled, so waiting successors never starve it.
 
 Kernels without PDL (cuBLAS, torch ops) keep the full stream order on both sides.
 ``MODELPORT_PDL=0`` turns it off (every kernel then compiles without the wait, and launches
@@ -62,8 +65,13 @@ except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
 else:
 
     @triton.jit
-    def wait(PDL: tl.constexpr):
-        """Wait for the predecessor kernel's results, then let the successor be scheduled."""
+    def wait(PDL: tl.constexpr, trigger_first: tl.constexpr = False):
+        """Wait for the predecessor kernel's results, then let the successor be scheduled
+        (trigger_first: let it be scheduled, then wait)."""
         if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+            if trigger_first:
+                gdc_launch_dependents()
+                gdc_wait()
+            else:
+                gdc_wait()
+                gdc_launch_dependents()

@@ -12,6 +12,11 @@ at one row, inside a CUDA graph with PDL, this kernel is (W3 ITL 4.58 vs 4.70 ms
 bench/results/2026-12-04-h200-w3-pdl.jsonl). ``MODELPORT_TRITON_GEMV=0`` keeps cuBLAS.
 
 With PDL each program reads its first weight block before waiting for the previous kernel.
+Launch configs include per-lane accumulation (LANE_ACC, reduce once after the loop); with
+them autotuned, W3 ITL went from 4.50 to 4.33-4.36 ms on the H200 (same code otherwise,
+bench/results/2026-12-04-h200-w3-fused-decode.jsonl, the MODELPORT_FUSED_DECODE=0 rows).
+The norm / SiLU-GLU / residual fusions (``norm=``, ``silu=``, ``glu=``, ``residual=``) serve
+the opt-in fused decode layer (layers/fused_decode.py), measured slower, off by default.
 """
 
 from __future__ import annotations
@@ -23,26 +28,73 @@ import triton
 import triton.language as tl
 
 from modelport.layers import pdl
+from modelport.layers.fused_ops import _round
 
 MAX_ROWS = 4
 DECODE_ROWS = 1  # rows the module swap sends here; more go to cuBLAS
 
 
 @triton.jit
-def _gemv_block(w, x_ptr, kk, k_mask, stride_xm, acc0, acc1, acc2, acc3, M: tl.constexpr):
-    """Add one [BLOCK_N, BLOCK_K] weight block (fp32) times each x row's slice kk."""
-    x0 = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-    acc0 += tl.sum(w * x0[None, :], 1)
-    if M > 1:
-        x1 = tl.load(x_ptr + stride_xm + kk, mask=k_mask, other=0.0).to(tl.float32)
-        acc1 += tl.sum(w * x1[None, :], 1)
+def _x(ptr, kk, k_mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptr + kk).to(tl.float32)
+    else:
+        return tl.load(ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _w(w_rows, kk, n_mask, K, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(w_rows + kk[None, :])
+    else:
+        return tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _acc(acc, w, x, LANE_ACC: tl.constexpr):
+    if LANE_ACC:  # per-lane partial sums, reduced once after the loop
+        return acc + w.to(tl.float32) * x[None, :]
+    else:  # reduced across the block's threads every K step
+        return acc + tl.sum(w.to(tl.float32) * x[None, :], 1)
+
+
+@triton.jit
+def _step(w, w2, x_ptr, aux_ptr, kk, k_mask, K, rstd, stride_xm, acc0, acc1, acc2, acc3,
+          M: tl.constexpr, PRO: tl.constexpr, GLU: tl.constexpr, EVEN: tl.constexpr,
+          LANE_ACC: tl.constexpr, dt: tl.constexpr):
+    """Add one [BLOCK_N, BLOCK_K] weight block (and its GLU partner w2) times each x row's
+    slice kk. Row 0's slice goes through the prologue PRO first:
+    0: x itself; 1: RMSNorm(x) * aux, rounded as torch rounds it (rstd known);
+    2: silu(x[:K]) * x[K:] (x is the [gate | up] row)."""
+    if PRO == 0:
+        x0 = _x(x_ptr, kk, k_mask, EVEN)
+    elif PRO == 1:
+        h = _x(x_ptr, kk, k_mask, EVEN)
+        x0 = _round(_x(aux_ptr, kk, k_mask, EVEN) * _round(h * rstd, dt), dt)
+    else:
+        g = _x(x_ptr, kk, k_mask, EVEN)
+        x0 = _round(_round(g / (1.0 + tl.exp(-g)), dt) * _x(x_ptr + K, kk, k_mask, EVEN), dt)
+    acc0 = _acc(acc0, w, x0, LANE_ACC)
+    if GLU:
+        acc1 = _acc(acc1, w2, x0, LANE_ACC)
+    elif M > 1:
+        acc1 = _acc(acc1, w, _x(x_ptr + stride_xm, kk, k_mask, EVEN), LANE_ACC)
     if M > 2:
-        x2 = tl.load(x_ptr + 2 * stride_xm + kk, mask=k_mask, other=0.0).to(tl.float32)
-        acc2 += tl.sum(w * x2[None, :], 1)
+        acc2 = _acc(acc2, w, _x(x_ptr + 2 * stride_xm, kk, k_mask, EVEN), LANE_ACC)
     if M > 3:
-        x3 = tl.load(x_ptr + 3 * stride_xm + kk, mask=k_mask, other=0.0).to(tl.float32)
-        acc3 += tl.sum(w * x3[None, :], 1)
+        acc3 = _acc(acc3, w, _x(x_ptr + 3 * stride_xm, kk, k_mask, EVEN), LANE_ACC)
     return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _sum(acc, b_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, LANE_ACC: tl.constexpr):
+    if LANE_ACC:
+        y = tl.sum(acc, 1)
+    else:
+        y = acc
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -51,58 +103,87 @@ def _gemv_kernel(
     w_ptr,
     b_ptr,
     y_ptr,
+    aux_ptr,
+    res_ptr,
     N,
     K,
     stride_xm,
     stride_wn,
     stride_ym,
+    eps,
     M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,
+    EVEN: tl.constexpr = False,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
+    LANE_ACC: tl.constexpr = False,
+    PRO: tl.constexpr = 0,  # x prologue, see _step (1, 2 take M == 1)
+    GLU: tl.constexpr = False,  # W is [gate; up] (2N rows): y = silu(gate x) * (up x), M == 1
+    HAS_RES: tl.constexpr = False,  # add a residual row to the output (M == 1)
 ):
     pid = tl.program_id(0)
+    dt: tl.constexpr = y_ptr.dtype.element_ty
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc0 = tl.zeros([BLOCK_N], tl.float32)
-    acc1 = tl.zeros([BLOCK_N], tl.float32)
-    acc2 = tl.zeros([BLOCK_N], tl.float32)
-    acc3 = tl.zeros([BLOCK_N], tl.float32)
+    w_rows2 = w_ptr + (offs_n.to(tl.int64) + N)[:, None] * stride_wn  # GLU: up rows
+    if LANE_ACC:
+        acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    else:
+        acc0 = tl.zeros([BLOCK_N], tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
     # software-pipelined by hand (registers hold the next weight block while the current one
     # is multiplied); the first block is read before the PDL wait: no kernel writes weights
     k_cur = 0
-    w_cur = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :],
-                    other=0.0)
+    w_cur = _w(w_rows, offs_k, n_mask, K, EVEN)
+    w2_cur = w_cur
+    if GLU:
+        w2_cur = _w(w_rows2, offs_k, n_mask, K, EVEN)
     pdl.wait(PDL)
+    rstd = 1.0
+    if PRO == 1:  # the row's 1/rms first: every program reads the (L2-resident) row once
+        ss = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            h = _x(x_ptr, k0 + offs_k, k0 + offs_k < K, EVEN)
+            ss += h * h
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        kk = k0 + offs_k
-        w_nxt = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :],
-                        other=0.0)
+        w_nxt = _w(w_rows, k0 + offs_k, n_mask, K, EVEN)
+        w2_nxt = w_nxt
+        if GLU:
+            w2_nxt = _w(w_rows2, k0 + offs_k, n_mask, K, EVEN)
         kc = k_cur + offs_k
-        acc0, acc1, acc2, acc3 = _gemv_block(w_cur.to(tl.float32), x_ptr, kc, kc < K,
-                                             stride_xm, acc0, acc1, acc2, acc3, M)
+        acc0, acc1, acc2, acc3 = _step(w_cur, w2_cur, x_ptr, aux_ptr, kc, kc < K, K, rstd,
+                                       stride_xm, acc0, acc1, acc2, acc3, M, PRO, GLU, EVEN,
+                                       LANE_ACC, dt)
         w_cur = w_nxt
+        w2_cur = w2_nxt
         k_cur = k0
     kc = k_cur + offs_k
-    acc0, acc1, acc2, acc3 = _gemv_block(w_cur.to(tl.float32), x_ptr, kc, kc < K, stride_xm,
-                                         acc0, acc1, acc2, acc3, M)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc0 += bias
-        acc1 += bias
-        acc2 += bias
-        acc3 += bias
-    dt = y_ptr.dtype.element_ty
-    tl.store(y_ptr + offs_n, acc0.to(dt), mask=n_mask)
+    acc0, acc1, acc2, acc3 = _step(w_cur, w2_cur, x_ptr, aux_ptr, kc, kc < K, K, rstd,
+                                   stride_xm, acc0, acc1, acc2, acc3, M, PRO, GLU, EVEN,
+                                   LANE_ACC, dt)
+    y = _sum(acc0, b_ptr, offs_n, n_mask, HAS_BIAS, LANE_ACC)
+    if GLU:  # gate and up rounded as stored, then silu(gate) and the product, as torch
+        g = _round(y, dt)
+        u = _round(_sum(acc1, b_ptr + N, offs_n, n_mask, HAS_BIAS, LANE_ACC), dt)
+        y = _round(g / (1.0 + tl.exp(-g)), dt) * u
+    if HAS_RES:  # residual stream: round(round(W x + b) + residual), as torch would
+        y = _round(y, dt) + tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(dt), mask=n_mask)
     if M > 1:
-        tl.store(y_ptr + stride_ym + offs_n, acc1.to(dt), mask=n_mask)
+        y = _sum(acc1, b_ptr, offs_n, n_mask, HAS_BIAS, LANE_ACC)
+        tl.store(y_ptr + stride_ym + offs_n, y.to(dt), mask=n_mask)
     if M > 2:
-        tl.store(y_ptr + 2 * stride_ym + offs_n, acc2.to(dt), mask=n_mask)
+        y = _sum(acc2, b_ptr, offs_n, n_mask, HAS_BIAS, LANE_ACC)
+        tl.store(y_ptr + 2 * stride_ym + offs_n, y.to(dt), mask=n_mask)
     if M > 3:
-        tl.store(y_ptr + 3 * stride_ym + offs_n, acc3.to(dt), mask=n_mask)
+        y = _sum(acc3, b_ptr, offs_n, n_mask, HAS_BIAS, LANE_ACC)
+        tl.store(y_ptr + 3 * stride_ym + offs_n, y.to(dt), mask=n_mask)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
@@ -118,19 +199,28 @@ def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> 
     )
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages; the loop is pipelined by hand, so 1 stage):
-# the 4x512 / 8x512 / 16x256 rows led on some of
-# the Llama-3.1-8B shapes at one row (bench/results/2026-11-29-h200-kernels.jsonl, within a
-# few % of each other); autotuned per (N, K, M) at the first call, cached on disk.
-GEMV_CONFIGS = ((4, 512, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (8, 1024, 4, 1),
-                (4, 1024, 4, 1), (16, 512, 8, 1), (8, 256, 2, 1))
+# (BLOCK_N, BLOCK_K, num_warps, LANE_ACC; the loop is pipelined by hand, so 1 stage):
+# the 4x512 / 8x512 / 16x256 rows led on some of the Llama-3.1-8B shapes at one row
+# (bench/results/2026-11-29-h200-kernels.jsonl, within a few % of each other). LANE_ACC keeps
+# [BLOCK_N, BLOCK_K] partial sums per thread and reduces once after the loop (half the
+# instructions per K step on sm_90); autotuned per (N, K, M, prologue, residual) at the first
+# call, cached on disk.
+GEMV_CONFIGS = tuple((bn, bk, w, lane) for lane in (False, True)
+                     for bn, bk, w in ((4, 512, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 4)))
+
+
+def _even(a: dict) -> bool:
+    return a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0
 
 
 @functools.cache
 def _tuned():  # noqa: ANN202
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-               for bn, bk, w, st in GEMV_CONFIGS]
-    return triton.autotune(configs=configs, key=["N", "K", "M"], cache_results=True)(_gemv_kernel)
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LANE_ACC": lane}, num_warps=w,
+                             num_stages=1)
+               for bn, bk, w, lane in GEMV_CONFIGS]
+    even = triton.heuristics({"EVEN": _even})
+    return triton.autotune(configs=configs, key=["N", "K", "M", "PRO", "GLU", "HAS_RES"],
+                           cache_results=True)(even(_gemv_kernel))
 
 
 def gemv(
@@ -139,21 +229,46 @@ def gemv(
     bias: torch.Tensor | None = None,
     block_n: int | None = None,
     block_k: int = 512,
+    *,
+    lane_acc: bool = False,
+    norm: tuple[torch.Tensor, float] | None = None,
+    silu: bool = False,
+    glu: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M <= 4, K] @ weight[N, K]^T (+ bias) -> [M, N], float32 accumulation.
 
-    block_n None: the autotuned launch config; else this block shape (4 warps)."""
+    block_n None: the autotuned launch config; else this block shape (4 warps, lane_acc).
+    One-row fusions of a decoder layer (each rounds as the unfused torch ops would):
+    ``norm=(w, eps)``: multiply RMSNorm(x) * w instead of x;
+    ``silu``: x is [gate | up] ([1, 2K]) and silu(gate) * up is multiplied; ``glu``: weight is
+    [gate; up] ([2N, K]) and the output is silu(gate x) * (up x); ``residual`` [1, N]: return
+    W x + b + residual (the new residual stream)."""
     m, k = x.shape
-    n = weight.shape[0]
+    if silu:
+        k //= 2
+    n = weight.shape[0] // 2 if glu else weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"gemv: x has {k} features, the weight {weight.shape[1]}")
+    if (norm is not None or silu or glu or residual is not None) and m != 1:
+        raise ValueError("gemv: the norm / silu / glu / residual fusions take one row")
+    if norm is not None and silu:
+        raise ValueError("gemv: norm and silu prologues are exclusive")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    args = (x, weight, bias if bias is not None else weight, y, n, k, x.stride(0),
-            weight.stride(0), y.stride(0))
-    meta = {"M": m, "HAS_BIAS": bias is not None, **pdl.kernel_kwargs()}
+    aux, eps = norm if norm is not None else (weight, 0.0)
+    pro = 1 if norm is not None else 2 if silu else 0
+    args = (x, weight, bias if bias is not None else weight, y, aux,
+            residual if residual is not None else y, n, k, x.stride(0), weight.stride(0),
+            y.stride(0), eps)
+    meta = {"M": m, "HAS_BIAS": bias is not None, "PRO": pro, "GLU": glu,
+            "HAS_RES": residual is not None, **pdl.kernel_kwargs()}
     if block_n is None:
         _tuned()[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
-        _gemv_kernel[(triton.cdiv(n, block_n),)](*args, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                  num_warps=4, num_stages=1, **meta)
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
+            *args, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=1,
+            EVEN=_even({"N": n, "K": k, "BLOCK_N": block_n, "BLOCK_K": block_k}),
+            LANE_ACC=lane_acc, **meta)
     return y
 
 

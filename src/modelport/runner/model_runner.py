@@ -101,6 +101,12 @@ class ModelRunner:
 
                 n = use_gemv_for_decode(self.model)
                 logger.info("Triton GEMV for single-row calls: %d linear modules", n)
+                if os.environ.get("MODELPORT_FUSED_DECODE", "0") == "1":
+                    from modelport.layers.fused_decode import fuse_decode_layers
+
+                    n = fuse_decode_layers(self.model)
+                    logger.info("fused single-row decode layers (norm/SiLU/residual in the "
+                                "GEMVs): %d", n)
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "loaded %s (%s) on %s as %s: %.1f MiB of weights in %.1f s",
