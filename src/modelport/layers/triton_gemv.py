@@ -203,8 +203,8 @@ def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> 
 # the 4x512 / 8x512 / 16x256 rows led on some of the Llama-3.1-8B shapes at one row
 # (bench/results/2026-11-29-h200-kernels.jsonl, within a few % of each other). LANE_ACC keeps
 # [BLOCK_N, BLOCK_K] partial sums per thread and reduces once after the loop (half the
-# instructions per K step on sm_90); autotuned per (N, K, M, prologue, residual) at the first
-# call, cached on disk.
+# instructions per K step on sm_90); autotuned per (N, K, M, prologue, GLU, residual) at the
+# first call, cached on disk.
 GEMV_CONFIGS = tuple((bn, bk, w, lane) for lane in (False, True)
                      for bn, bk, w in ((4, 512, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 4)))
 
