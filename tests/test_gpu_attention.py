@@ -141,6 +141,35 @@ def test_decode_split_k_matches_reference(n_reqs, page):
     assert torch.equal(out, again)
 
 
+@pytest.mark.parametrize("n_reqs", [16, 48])
+def test_longest_first_decode_order_gives_the_same_bits(n_reqs, monkeypatch):
+    from modelport.layers import triton_attention as ta
+
+    rng = random.Random(n_reqs)
+    cases = [(rng.choice([rng.randint(0, 40), rng.randint(900, 2000)]), 1)
+             for _ in range(n_reqs)]
+    q, k, v, cache, meta = _batch(cases, 32, 8, 128, 16, seed=n_reqs)
+    ta.write_kv_triton(cache, k, v, meta.slot_mapping)
+    scale = 128**-0.5
+
+    def fresh():
+        return AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
+
+    m = fresh()
+    ordered = ta.triton_paged_attention(q, cache, m, scale)
+    order = ta.get_plan(m, 8).order
+    assert order is not None
+    lens = meta.seq_lens[order]
+    assert sorted(order.tolist()) == list(range(n_reqs)) and bool((lens[:-1] >= lens[1:]).all())
+    monkeypatch.setattr(ta, "ORDERED_MIN_REQS", 10**9)
+    m = fresh()
+    plain = ta.triton_paged_attention(q, cache, m, scale)
+    assert ta.get_plan(m, 8).order is None
+    assert torch.equal(ordered, plain)
+    assert _rel(ordered, _reference(q, cache, meta, scale)) < 1e-2
+    assert int(ta.split_counters(q.device).abs().sum()) == 0
+
+
 def test_padded_graph_rows_stay_finite_and_leave_real_rows_alone():
     from modelport.layers.triton_attention import triton_paged_attention
 
@@ -439,6 +468,10 @@ def test_decode_config_names_table_and_env_override(monkeypatch):
         for c in cands:
             assert ta.DecodeConfig.parse(c.name) == c
     assert ta.decode_config(200, torch.bfloat16) == ta.DecodeConfig(num_stages=3)  # H200 sweep
+    one = ta.decode_config(1, torch.bfloat16)  # batch 1: its own config, 16 splits
+    assert one == ta.DecodeConfig(block_n=128, num_warps=8, programs=128)
+    assert ta.decode_splits(1, 8, one.programs) == 16
+    assert ta.decode_config(2, torch.bfloat16) == ta.DecodeConfig(num_stages=3)
     small, big = ta.DecodeConfig(block_n=32), ta.DecodeConfig(block_n=128, num_warps=8)
     monkeypatch.setitem(ta.DECODE_CONFIGS, "fp8", ((1, small), (64, big)))
     assert ta.decode_config(48, FP8) == small and ta.decode_config(49, FP8) == big

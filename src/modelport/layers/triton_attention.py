@@ -23,6 +23,10 @@ those HBM reads overlap the kernels still running (the KV write and rotary let i
 scheduled before they wait themselves): 10.3 -> 9.6 us a layer at batch 1 and 1,024 tokens
 (bench/results/2026-12-04-h200-attn-path-*.jsonl).
 
+From ORDERED_MIN_REQS decode requests on, the decode programs run longest context first (a
+device-side sort of the step's lengths, once a step): with ragged contexts, programs handed
+out in request order can leave a long one to start in the last wave and run on alone.
+
 Numerical choices keep CUDA-graph replay and eager runs bit-identical: the split count
 depends only on the padded batch bucket, never on the step's context lengths.
 
@@ -240,6 +244,7 @@ def _decode_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     qsl_ptr,
+    order_ptr,
     sm_scale_log2,
     stride_qt,
     stride_qh,
@@ -259,12 +264,19 @@ def _decode_kernel(
     K_CVT: tl.constexpr = 0,  # 0: K.to(q dtype); 1-5: fp8 K -> fp16 via _kv_upcast
     V_CVT: tl.constexpr = 0,  # the same for V
     PDL: tl.constexpr = False,
+    ORDERED: tl.constexpr = False,  # grid (KV heads, requests longest first via order_ptr)
 ):
     # Before the PDL wait: the step's metadata and the first tile of the context except its
     # newest token (no kernel of this forward writes those; the KV write before this kernel
     # stores the newest token only), so the HBM reads overlap the kernels still running.
-    req = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if ORDERED:
+        kvh = tl.program_id(0)
+        req = tl.load(order_ptr + tl.program_id(1)).to(tl.int32)
+        n_kvh = tl.num_programs(0)
+    else:
+        req = tl.program_id(0)
+        kvh = tl.program_id(1)
+        n_kvh = tl.num_programs(1)
     split = tl.program_id(2)
     q_start = tl.load(qsl_ptr + req)
     q_len = tl.load(qsl_ptr + req + 1) - q_start
@@ -346,14 +358,14 @@ def _decode_kernel(
         # partials laid out [num_reqs, num_heads, NUM_SPLITS, (D | 1)], float32; the split
         # that finishes last for this (request, KV head) merges them (one launch, no merge
         # kernel) and resets the arrival counter for the next launch / CUDA-graph replay
-        n_heads = tl.num_programs(1) * G
+        n_heads = n_kvh * G
         head0 = (req * n_heads + heads) * NUM_SPLITS
         lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), _NEG_BIG)
         tl.store(part_lse_ptr + head0 + split, lse, mask=g_mask)
         tl.store(part_o_ptr + (head0 + split)[:, None] * D + offs_d[None, :], o,
                  mask=g_mask[:, None])
         tl.debug_barrier()  # every thread's partials are written before the release below
-        counter = cnt_ptr + req * tl.num_programs(1) + kvh
+        counter = cnt_ptr + req * n_kvh + kvh
         if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
             # merged = sum_s 2**(lse_s - max) * o_s / sum_s 2**(lse_s - max), splits in order
             # (the same bits whichever split arrives last)
@@ -477,6 +489,9 @@ PREFILL_BLOCK_M = 64
 DECODE_BLOCK_N = 64
 MAX_DECODE_SPLITS = 16
 _TARGET_PROGRAMS = 2 * 132  # two waves on an H200; a fixed number keeps results portable
+# From this many requests the decode programs start with the longest contexts (a sort a step):
+# with ragged lengths, a long context left to the last wave otherwise runs on alone.
+ORDERED_MIN_REQS = 16
 SPLIT_COUNTERS = 4096  # > batch x KV heads of any split launch (that is < DecodeConfig.programs)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm in the interpreter
 
@@ -524,7 +539,10 @@ class DecodeConfig:
 # MODELPORT_DECODE_CONFIG="fp8:n64w4s2k2v4p264,16bit:n64w4s2k0v0p264" replaces a kind's
 # entries with one config (for trying a config without editing this).
 DECODE_CONFIGS: dict[str, tuple[tuple[int, DecodeConfig], ...]] = {
-    "16bit": ((1, DecodeConfig(num_stages=3)),),
+    # batch 1: one 128-row tile a program, 16 splits, 8 warps: 9.8 -> 6.4 us a layer at 1,024
+    # tokens (bench/gpu/fusion_bench.py attn, 2026-12-04-h200-attn-b1-configs.jsonl)
+    "16bit": ((1, DecodeConfig(block_n=128, num_warps=8, programs=128)),
+              (2, DecodeConfig(num_stages=3))),
     "fp8": ((1, DecodeConfig(k_cvt=1, v_cvt=5)),),
 }
 
@@ -539,6 +557,7 @@ DECODE_CANDIDATES: dict[str, tuple[DecodeConfig, ...]] = {
         DecodeConfig(block_n=128, num_warps=8),
         DecodeConfig(block_n=128),
         DecodeConfig(programs=4 * 132),
+        DecodeConfig(block_n=128, num_warps=8, programs=128),
     ),
     "fp8": (
         DecodeConfig(),  # the upcast 3351eba shipped: cvt chain to the query dtype
@@ -631,6 +650,7 @@ class TritonPlan:
     prefill_items: torch.Tensor | None  # [n_items, 2] int32 (request, first query row)
     splits: int
     decode_cfg: DecodeConfig
+    order: torch.Tensor | None = None  # requests by context length, longest first (device)
 
 
 def build_plan(
@@ -653,7 +673,12 @@ def build_plan(
         prefill = prefill.to(meta.seq_lens.device, non_blocking=True)
     cfg = decode_config(meta.num_reqs, kv_dtype)
     splits = decode_splits(meta.num_reqs, num_kv_heads, cfg.programs)
-    return TritonPlan(has_decode, prefill, splits, cfg)
+    order = None
+    if has_decode and meta.num_reqs >= ORDERED_MIN_REQS:
+        # on the device (a CUDA graph replays it with each step's lengths): one sort a step,
+        # shared by every layer
+        order = torch.argsort(meta.seq_lens[: meta.num_reqs], descending=True)
+    return TritonPlan(has_decode, prefill, splits, cfg, order)
 
 
 def get_plan(
@@ -707,7 +732,9 @@ def triton_paged_attention(
             assert n_reqs * kvh <= counters.numel(), "split decode batches are small"
         else:
             part_o = part_lse = counters = out  # unused
-        _decode_kernel[(n_reqs, kvh, splits)](
+        ordered = plan.order is not None
+        grid = (kvh, n_reqs, splits) if ordered else (n_reqs, kvh, splits)
+        _decode_kernel[grid](
             q,
             kv_cache,
             out,
@@ -717,6 +744,7 @@ def triton_paged_attention(
             bt,
             meta.seq_lens,
             meta.query_start_loc,
+            plan.order if ordered else meta.seq_lens,
             scale_log2,
             q.stride(0),
             q.stride(1),
@@ -733,6 +761,7 @@ def triton_paged_attention(
             BLOCK_N=cfg.block_n,
             K_CVT=k_cvt,
             V_CVT=v_cvt,
+            ORDERED=ordered,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **pdl.kernel_kwargs(),
