@@ -53,6 +53,25 @@ def test_llama_greedy_matches_hf_with_chunked_prefill(llama, llama_dir) -> None:
         assert out.outputs[0].finish_reason == "length"
 
 
+def test_eager_block_tables_have_a_width_of_whole_16s(llama, llama_dir, monkeypatch) -> None:
+    # the Triton kernels specialize on divisibility by 16 of the table stride: a width that
+    # followed the longest context would compile new kernel variants mid-run
+    from modelport.runner import model_runner
+
+    widths = []
+    real = model_runner.AttentionMetadata
+
+    def recording(**kw):
+        widths.append((kw["block_tables"].shape[1], kw["max_seq_len"]))
+        return real(**kw)
+
+    monkeypatch.setattr(model_runner, "AttentionMetadata", recording)
+    outs = llama.generate(prompt_token_ids=PROMPTS[1:2], sampling_params=greedy(4),
+                          use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == hf_greedy(llama_dir, PROMPTS[1], 4)
+    assert widths and all(w % 16 == 0 and w * 8 >= n for w, n in widths)
+
+
 def test_qwen2_greedy_matches_hf(tmp_path) -> None:
     d = make_tiny_qwen2_dir(tmp_path / "q")
     llm = LLM(str(d), kv_cache_memory=KV_MEM, max_num_batched_tokens=24, block_size=8)

@@ -239,7 +239,11 @@ class ModelRunner:
     def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int],
                        qsl: list[int], seq_lens: list[int], tables: list[list[int]],
                        fill: Fill | None = None) -> torch.Tensor:
-        table_np = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+        # width rounded up to 16 entries: the Triton kernels specialize on their integer
+        # arguments' divisibility by 16, so a width that changes with every step would
+        # otherwise compile a second variant of each in the middle of a run
+        width = -(-max(len(t) for t in tables) // 16) * 16
+        table_np = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
             table_np[i, : len(t)] = t
         to_dev = self._to_dev
