@@ -37,12 +37,12 @@ def _llm(model_dir, **kw):
     from modelport import LLM
 
     kw.setdefault("gpu_memory_utilization", 0.3)
+    kw.setdefault("max_num_batched_tokens", 64)
     return LLM(
         str(model_dir),
         device="cuda",
         dtype="bfloat16",
         max_model_len=512,
-        max_num_batched_tokens=64,
         block_size=16,
         **kw,
     )
@@ -156,6 +156,30 @@ def test_cuda_graph_replay_equals_eager(model_dir):
         la = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in a.outputs[0].logprobs]
         lb = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in b.outputs[0].logprobs]
         assert len(la) == N_NEW and la == lb
+
+
+def test_longest_first_decode_batches_replay_equal_eager(model_dir):
+    # 32 ragged prompts admitted in one step, so every decode batch is 32 requests, a captured
+    # size (the same shapes eager and replayed); from 16 requests on the decode programs are
+    # sorted by context length on the device, inside the captured graphs
+    from modelport.layers import triton_attention as ta
+
+    prompts = [[256] + [(7 * i + 3 * j) % 250 for j in range(5 + 17 * i % 160)]
+               for i in range(32)]
+    assert len(prompts) >= 2 * ta.ORDERED_MIN_REQS
+    params = _greedy(6, logprobs=1)
+    runs = {}
+    for eager in (True, False):
+        llm = _llm(model_dir, enforce_eager=eager, max_num_batched_tokens=4096)
+        runs[eager] = llm.generate(prompt_token_ids=prompts, sampling_params=params,
+                                   use_tqdm=False)
+        del llm
+        torch.cuda.empty_cache()
+    for a, b in zip(runs[True], runs[False]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = [{t: lp.logprob for t, lp in d.items()} for d in a.outputs[0].logprobs]
+        lb = [{t: lp.logprob for t, lp in d.items()} for d in b.outputs[0].logprobs]
+        assert la == lb
 
 
 def test_seeded_sampling_on_gpu_is_reproducible_across_batches(model_dir):
