@@ -170,6 +170,44 @@ def test_longest_first_decode_order_gives_the_same_bits(n_reqs, monkeypatch):
     assert int(ta.split_counters(q.device).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("n_reqs,page,pad", [(1, 16, False), (3, 32, True), (20, 16, True)])
+def test_rope_in_decode_equals_rotary_kv_write_then_decode(n_reqs, page, pad, monkeypatch):
+    # the decode kernel taking the rotary and the KV write: same output and cache bits as
+    # the rotary kernel, then the KV-write kernel, then the decode kernel
+    from modelport.layers import fused_ops as fo
+    from modelport.layers import triton_attention as ta
+    from modelport.layers.rotary import RopeSettings, RotaryEmbedding
+
+    rng = random.Random(n_reqs + page)
+    cases = [(rng.randint(0, 1500), 1) for _ in range(n_reqs)]
+    q, k, v, cache, meta = _batch(cases, 32, 8, 128, page, seed=n_reqs + 7)
+    if pad:  # the last row plays a CUDA-graph pad: no context, no slot
+        meta.seq_lens[-1] = 0
+        meta.seq_lens_cpu[-1] = 0
+        meta.slot_mapping[-1] = -1
+    positions = (meta.seq_lens.long() - 1).clamp(min=0)
+    cos_sin = RotaryEmbedding(128, RopeSettings(500000.0, None, 4096)).cos_sin_cache
+    cos_sin = cos_sin.to(DEV, q.dtype)
+    scale = 128**-0.5
+    t = q.shape[0]
+
+    def fresh():
+        return AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
+
+    monkeypatch.setattr(ta, "ROPE_IN_DECODE", True)
+    assert ta.rope_fits(q, cache, meta, cos_sin)
+    fused_cache = cache.clone()
+    fused = ta.triton_paged_attention(q.clone(), fused_cache, fresh(), scale,
+                                      rope=(k.clone(), v.clone(), positions, cos_sin))
+    q2, k2 = q.clone(), k.clone()
+    fo.apply_rotary_(positions, q2.view(t, -1), k2.view(t, -1), cos_sin, 128)
+    ta.write_kv_triton(cache, k2, v, meta.slot_mapping)
+    plain = ta.triton_paged_attention(q2, cache, fresh(), scale)
+    assert torch.equal(fused_cache, cache)
+    assert torch.equal(fused, plain)
+    assert _rel(fused[: t - pad], _reference(q2, cache, meta, scale)[: t - pad]) < 1e-2
+
+
 def test_padded_graph_rows_stay_finite_and_leave_real_rows_alone():
     from modelport.layers.triton_attention import triton_paged_attention
 

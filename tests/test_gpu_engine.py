@@ -182,6 +182,25 @@ def test_longest_first_decode_batches_replay_equal_eager(model_dir):
         assert la == lb
 
 
+def test_rope_in_decode_equals_separate_rotary_and_kv_write(model_dir, monkeypatch):
+    from modelport.layers import triton_attention as ta
+
+    params = _greedy(N_NEW, logprobs=2)
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(ta, "ROPE_IN_DECODE", fused)
+        llm = _llm(model_dir)
+        runs[fused] = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params,
+                                   use_tqdm=False)
+        del llm
+        torch.cuda.empty_cache()
+    for a, b in zip(runs[True], runs[False]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = [{t: lp.logprob for t, lp in d.items()} for d in a.outputs[0].logprobs]
+        lb = [{t: lp.logprob for t, lp in d.items()} for d in b.outputs[0].logprobs]
+        assert la == lb
+
+
 def test_seeded_sampling_on_gpu_is_reproducible_across_batches(model_dir):
     from modelport import SamplingParams
 

@@ -213,6 +213,34 @@ class Attention(nn.Module):
         self.backend: Callable | None = None
         self._write: Callable = write_kv
 
+    def forward_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, rotary: nn.Module) -> torch.Tensor:
+        """rotary(positions, q, k), then attention; the Triton backend takes the rotary into
+        its decode kernel on decode-only steps (same bits, two kernels fewer)."""
+        ctx = get_forward_context()
+        meta = ctx.attn_metadata
+        if meta is not None and q.is_cuda and self.backend is not None:
+            cos_sin = getattr(rotary, "cos_sin_cache", None)
+            full = getattr(rotary, "rotary_dim", 0) == self.head_dim
+            kv_cache = ctx.kv_caches[self.layer_idx]
+            if full and cos_sin is not None and self._fuses_rope(q, kv_cache, meta, cos_sin):
+                t = q.shape[0]
+                o = self.backend(
+                    q.view(t, self.num_heads, self.head_dim), kv_cache, meta, self.scale,
+                    rope=(k.view(t, self.num_kv_heads, self.head_dim),
+                          v.view(t, self.num_kv_heads, self.head_dim), positions, cos_sin),
+                )
+                return o.reshape(t, self.num_heads * self.head_dim)
+        q, k = rotary(positions, q, k)
+        return self.forward(q, k, v)
+
+    def _fuses_rope(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    cos_sin: torch.Tensor) -> bool:
+        from modelport.layers import triton_attention as ta  # CUDA only: Triton is there
+
+        return self.backend is ta.triton_paged_attention and ta.rope_fits(
+            q.view(q.shape[0], self.num_heads, self.head_dim), kv_cache, meta, cos_sin)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
         t = q.shape[0]

@@ -42,8 +42,8 @@ class FusedDecodeLlamaLayer(LlamaDecoderLayer):
         h = x if residual is None else x + residual
         qkv = gemv(h, w_qkv, attn.qkv_proj.bias, norm=(ln1.weight, ln1.eps))
         q, k, v = attn.qkv_proj.split(qkv)
-        q, k = attn.rotary_emb(positions, q, k)
-        h = gemv(attn.attn(q, k, v), attn.o_proj.weight, attn.o_proj.bias, residual=h)
+        o = attn.attn.forward_rope(positions, q, k, v, attn.rotary_emb)
+        h = gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
         act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
                    norm=(ln2.weight, ln2.eps), glu=True)
         return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h), None

@@ -23,6 +23,13 @@ those HBM reads overlap the kernels still running (the KV write and rotary let i
 scheduled before they wait themselves): 10.3 -> 9.6 us a layer at batch 1 and 1,024 tokens
 (bench/results/2026-12-04-h200-attn-path-*.jsonl).
 
+On decode-only steps the model's rotary embedding and the KV write move into the decode
+kernel (``rope=`` of triton_paged_attention, called through ``Attention.forward_rope``):
+every program rotates its query heads and the new key itself, and the split holding the
+newest position stores the new K/V into the cache; the results are the same bits as the
+rotary kernel + KV-write kernel + decode kernel chain. Opt-in for now
+(MODELPORT_ROPE_IN_DECODE=1, see ROPE_IN_DECODE).
+
 From ORDERED_MIN_REQS decode requests on, the decode programs run longest context first (a
 device-side sort of the step's lengths, once a step): with ragged contexts, programs handed
 out in request order can leave a long one to start in the last wave and run on alone.
@@ -53,6 +60,7 @@ import triton.language as tl
 
 from modelport.layers import pdl
 from modelport.layers.attention import FP8_E4M3_MAX, FP8_KV_DTYPES
+from modelport.layers.fused_ops import _round
 
 if TYPE_CHECKING:
     from modelport.layers.attention import AttentionMetadata
@@ -234,6 +242,16 @@ def _decode_tile(qk, qk_scale, k, v, n_mask, m_i, l_i, acc, q_dtype: tl.constexp
 
 
 @triton.jit
+def _rope(row_ptr, offs_d, cos, sin, mask, dt: tl.constexpr, D: tl.constexpr):
+    """Rotary (neox halves, full head) of the rows at row_ptr (+ offs_d), rounded as the
+    rotary kernel and torch round it: x*cos and partner*sin each to dt, then their sum."""
+    x = tl.load(row_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(row_ptr + (offs_d + D // 2) % D, mask=mask, other=0.0).to(tl.float32)
+    sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+    return (_round(x * cos, dt) + sign * _round(y * sin, dt)).to(dt)
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,
     cache_ptr,
@@ -245,6 +263,14 @@ def _decode_kernel(
     seq_lens_ptr,
     qsl_ptr,
     order_ptr,
+    k_new_ptr,
+    v_new_ptr,
+    pos_ptr,
+    cos_sin_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_vt,
+    stride_cs,
     sm_scale_log2,
     stride_qt,
     stride_qh,
@@ -265,6 +291,7 @@ def _decode_kernel(
     V_CVT: tl.constexpr = 0,  # the same for V
     PDL: tl.constexpr = False,
     ORDERED: tl.constexpr = False,  # grid (KV heads, requests longest first via order_ptr)
+    ROPE: tl.constexpr = False,  # q, k_new, v_new raw: rotate here and store the new K/V
 ):
     # Before the PDL wait: the step's metadata and the first tile of the context except its
     # newest token (no kernel of this forward writes those; the KV write before this kernel
@@ -301,17 +328,34 @@ def _decode_kernel(
     old = (n_mask & (offs_n < seq_len - 1))[:, None]
     k0 = tl.load(cache_ptr + row0[:, None] + offs_d[None, :], mask=old, other=0.0)
     v0 = tl.load(cache_ptr + half_stride + row0[:, None] + offs_d[None, :], mask=old, other=0.0)
-    pdl.wait(PDL)
     newest = (n_mask & (offs_n == seq_len - 1))[:, None]
-    k0 = tl.where(newest, tl.load(cache_ptr + row0[:, None] + offs_d[None, :], mask=newest,
-                                  other=0.0), k0)
-    v0 = tl.where(newest, tl.load(cache_ptr + half_stride + row0[:, None] + offs_d[None, :],
-                                  mask=newest, other=0.0), v0)
-    q = tl.load(
-        q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=g_mask[:, None] & is_decode,
-        other=0.0,
-    )
+    q_row = q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+    if ROPE:  # the step's position and its cos / sin rows: metadata, read before the wait
+        tok = q_start.to(tl.int64)
+        cs_row = cos_sin_ptr + tl.load(pos_ptr + tok).to(tl.int64) * stride_cs
+        cos = tl.load(cs_row + offs_d % (D // 2)).to(tl.float32)
+        sin = tl.load(cs_row + D // 2 + offs_d % (D // 2)).to(tl.float32)
+        slot = tl.load(slot_ptr + tok)
+        pdl.wait(PDL)
+        q = _rope(q_row, offs_d, cos, sin, g_mask[:, None] & is_decode, q_ptr.dtype.element_ty, D)
+        k_new = _rope(k_new_ptr + tok * stride_kt + kv_head_off, offs_d, cos, sin, is_decode,
+                      cache_ptr.dtype.element_ty, D)
+        v_new = tl.load(v_new_ptr + tok * stride_vt + kv_head_off + offs_d, mask=is_decode)
+        # the split holding the newest position stores it (slot -1: a padded graph row)
+        own = is_decode & (seq_len - 1 >= lo) & (seq_len - 1 < hi) & (slot >= 0)
+        dst = cache_ptr + slot.to(tl.int64) * stride_slot + kv_head_off + offs_d
+        tl.store(dst, k_new, mask=own)
+        tl.store(dst + half_stride, v_new.to(cache_ptr.dtype.element_ty), mask=own)
+        tl.debug_barrier()  # a later tile of this program reads it back from the cache
+        k0 = tl.where(newest, k_new[None, :], k0)
+        v0 = tl.where(newest, v_new[None, :].to(cache_ptr.dtype.element_ty), v0)
+    else:
+        pdl.wait(PDL)
+        k0 = tl.where(newest, tl.load(cache_ptr + row0[:, None] + offs_d[None, :], mask=newest,
+                                      other=0.0), k0)
+        v0 = tl.where(newest, tl.load(cache_ptr + half_stride + row0[:, None] + offs_d[None, :],
+                                      mask=newest, other=0.0), v0)
+        q = tl.load(q_row + offs_d[None, :], mask=g_mask[:, None] & is_decode, other=0.0)
     m_i = tl.full([G_PAD], _NEG_BIG, tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
@@ -492,6 +536,10 @@ _TARGET_PROGRAMS = 2 * 132  # two waves on an H200; a fixed number keeps results
 # From this many requests the decode programs start with the longest contexts (a sort a step):
 # with ragged lengths, a long context left to the last wave otherwise runs on alone.
 ORDERED_MIN_REQS = 16
+# Decode-only steps: the decode kernel applies the rotary embedding and stores the new K/V
+# itself (two kernels fewer a layer). Opt-in (MODELPORT_ROPE_IN_DECODE=1) until it has run
+# on a GPU: checked so far in the Triton interpreter only (same bits as the separate kernels).
+ROPE_IN_DECODE = os.environ.get("MODELPORT_ROPE_IN_DECODE", "0") == "1"
 SPLIT_COUNTERS = 4096  # > batch x KV heads of any split launch (that is < DecodeConfig.programs)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm in the interpreter
 
@@ -704,15 +752,46 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim: int) -> bool:
     )
 
 
+def rope_fits(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+              cos_sin: torch.Tensor) -> bool:
+    """Whether triton_paged_attention can take this step's rotary and KV write (``rope=``):
+    every request decodes one token, the cache has the query dtype, the cos/sin table too
+    (rows [cos | sin] of head_dim), and ROPE_IN_DECODE (MODELPORT_ROPE_IN_DECODE=1) is on."""
+    return (
+        ROPE_IN_DECODE
+        and meta.max_query_len == 1
+        and kv_cache.dtype == q.dtype
+        and cos_sin.dtype == q.dtype
+        and cos_sin.shape[-1] == q.shape[-1]
+        and cos_sin.stride(-1) == 1
+    )
+
+
 def triton_paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Drop-in replacement for reference_paged_attention on CUDA (q: [T, H, D])."""
+    """Drop-in replacement for reference_paged_attention on CUDA (q: [T, H, D]).
+
+    rope=(k, v, positions, cos_sin) (a decode-only step, see rope_fits): q and k are not
+    rotated yet and k / v not yet in the cache; the decode kernel rotates q and k and stores
+    k and v at meta.slot_mapping itself (what the rotary and KV-write kernels would do)."""
     t, h, d = q.shape
     _, nb, page, kvh, _ = kv_cache.shape
     g = h // kvh
     out = torch.empty_like(q)
     plan = get_plan(meta, kvh, kv_cache.dtype)
+    if rope is not None:
+        k_new, v_new, positions, cos_sin = rope
+        assert plan.prefill_items is None and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
+        assert k_new.stride(-2) == d and v_new.stride(-2) == d and q.stride(-1) == 1
+        rope_args = (k_new, v_new, positions, cos_sin, meta.slot_mapping, k_new.stride(0),
+                     v_new.stride(0), cos_sin.stride(0))
+    else:
+        rope_args = (q, q, meta.seq_lens, q, meta.seq_lens, 0, 0, 0)  # unused
     scale_log2 = scale * _LOG2E
     half = nb * page * kvh * d
     cache_strides = (half, page * kvh * d, kvh * d)
@@ -745,6 +824,7 @@ def triton_paged_attention(
             meta.seq_lens,
             meta.query_start_loc,
             plan.order if ordered else meta.seq_lens,
+            *rope_args,
             scale_log2,
             q.stride(0),
             q.stride(1),
@@ -762,6 +842,7 @@ def triton_paged_attention(
             K_CVT=k_cvt,
             V_CVT=v_cvt,
             ORDERED=ordered,
+            ROPE=rope is not None,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **pdl.kernel_kwargs(),
