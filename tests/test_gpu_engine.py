@@ -82,6 +82,16 @@ def _runner(llm):
     return llm.llm_engine.core.runner
 
 
+def _assert_same_bits(runs_a, runs_b, n_new: int) -> None:
+    """Same tokens and the same top logprobs (float values and ranks) at every position."""
+    assert len(runs_a) == len(runs_b)
+    for a, b in zip(runs_a, runs_b):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in a.outputs[0].logprobs]
+        lb = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in b.outputs[0].logprobs]
+        assert len(la) == n_new and la == lb
+
+
 def test_triton_backend_graphs_and_fused_ops_are_in_use(model_dir):
     from modelport.layers import fused_ops, triton_attention
 
@@ -150,12 +160,7 @@ def test_cuda_graph_replay_equals_eager(model_dir):
         ) + llm.generate(prompt_token_ids=PROMPTS[1:2], sampling_params=params, use_tqdm=False)
         del llm
         torch.cuda.empty_cache()
-    for a, b in zip(runs[True], runs[False]):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        # same bits: every position's top logprobs (float values, ranks) are equal
-        la = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in a.outputs[0].logprobs]
-        lb = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in b.outputs[0].logprobs]
-        assert len(la) == N_NEW and la == lb
+    _assert_same_bits(runs[True], runs[False], N_NEW)
 
 
 def test_longest_first_decode_batches_replay_equal_eager(model_dir):
@@ -175,11 +180,7 @@ def test_longest_first_decode_batches_replay_equal_eager(model_dir):
                                    use_tqdm=False)
         del llm
         torch.cuda.empty_cache()
-    for a, b in zip(runs[True], runs[False]):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        la = [{t: lp.logprob for t, lp in d.items()} for d in a.outputs[0].logprobs]
-        lb = [{t: lp.logprob for t, lp in d.items()} for d in b.outputs[0].logprobs]
-        assert la == lb
+    _assert_same_bits(runs[True], runs[False], 6)
 
 
 def test_rope_in_decode_equals_separate_rotary_and_kv_write(model_dir, monkeypatch):
@@ -194,11 +195,7 @@ def test_rope_in_decode_equals_separate_rotary_and_kv_write(model_dir, monkeypat
                                    use_tqdm=False)
         del llm
         torch.cuda.empty_cache()
-    for a, b in zip(runs[True], runs[False]):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        la = [{t: lp.logprob for t, lp in d.items()} for d in a.outputs[0].logprobs]
-        lb = [{t: lp.logprob for t, lp in d.items()} for d in b.outputs[0].logprobs]
-        assert la == lb
+    _assert_same_bits(runs[True], runs[False], N_NEW)
 
 
 def test_seeded_sampling_on_gpu_is_reproducible_across_batches(model_dir):
@@ -275,11 +272,7 @@ def test_fp8_kv_cache_graph_replay_equals_eager(model_dir):
         ) + llm.generate(prompt_token_ids=PROMPTS[1:2], sampling_params=params, use_tqdm=False)
         del llm
         torch.cuda.empty_cache()
-    for a, b in zip(runs[True], runs[False]):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        la = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in a.outputs[0].logprobs]
-        lb = [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in b.outputs[0].logprobs]
-        assert len(la) == N_NEW and la == lb
+    _assert_same_bits(runs[True], runs[False], N_NEW)
 
 
 def test_async_scheduling_equals_sync_with_graphs(model_dir):
