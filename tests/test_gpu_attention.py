@@ -186,8 +186,8 @@ def test_rope_in_decode_equals_rotary_kv_write_then_decode(n_reqs, page, pad, mo
         meta.seq_lens_cpu[-1] = 0
         meta.slot_mapping[-1] = -1
     positions = (meta.seq_lens.long() - 1).clamp(min=0)
-    cos_sin = RotaryEmbedding(128, RopeSettings(500000.0, None, 4096)).cos_sin_cache
-    cos_sin = cos_sin.to(DEV, q.dtype)
+    rotary = RotaryEmbedding(128, RopeSettings(500000.0, None, 4096)).to(DEV, q.dtype)
+    cos_sin = rotary.cos_sin_cache
     scale = 128**-0.5
     t = q.shape[0]
 
@@ -195,7 +195,7 @@ def test_rope_in_decode_equals_rotary_kv_write_then_decode(n_reqs, page, pad, mo
         return AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
 
     monkeypatch.setattr(ta, "ROPE_IN_DECODE", True)
-    assert ta.rope_fits(q, cache, meta, cos_sin)
+    assert ta.rope_fits(q, cache, meta, rotary)
     fused_cache = cache.clone()
     fused = ta.triton_paged_attention(q.clone(), fused_cache, fresh(), scale,
                                       rope=(k.clone(), v.clone(), positions, cos_sin))

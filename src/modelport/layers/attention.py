@@ -212,6 +212,8 @@ class Attention(nn.Module):
         # reference). Tests may pin reference_paged_attention here.
         self.backend: Callable | None = None
         self._write: Callable = write_kv
+        # the backend's test for taking the rotary into attention (forward_rope), if it can
+        self._rope_fits: Callable | None = None
 
     def forward_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, rotary: nn.Module) -> torch.Tensor:
@@ -219,27 +221,21 @@ class Attention(nn.Module):
         its decode kernel on decode-only steps (same bits, two kernels fewer)."""
         ctx = get_forward_context()
         meta = ctx.attn_metadata
-        if meta is not None and q.is_cuda and self.backend is not None:
-            cos_sin = getattr(rotary, "cos_sin_cache", None)
-            full = getattr(rotary, "rotary_dim", 0) == self.head_dim
+        if meta is not None and self._rope_fits is not None:
+            t = q.shape[0]
+            q3 = q.view(t, self.num_heads, self.head_dim)
             kv_cache = ctx.kv_caches[self.layer_idx]
-            if full and cos_sin is not None and self._fuses_rope(q, kv_cache, meta, cos_sin):
-                t = q.shape[0]
+            if self._rope_fits(q3, kv_cache, meta, rotary):
+                assert self.backend is not None
                 o = self.backend(
-                    q.view(t, self.num_heads, self.head_dim), kv_cache, meta, self.scale,
+                    q3, kv_cache, meta, self.scale,
                     rope=(k.view(t, self.num_kv_heads, self.head_dim),
-                          v.view(t, self.num_kv_heads, self.head_dim), positions, cos_sin),
+                          v.view(t, self.num_kv_heads, self.head_dim), positions,
+                          rotary.cos_sin_cache),
                 )
                 return o.reshape(t, self.num_heads * self.head_dim)
         q, k = rotary(positions, q, k)
         return self.forward(q, k, v)
-
-    def _fuses_rope(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                    cos_sin: torch.Tensor) -> bool:
-        from modelport.layers import triton_attention as ta  # CUDA only: Triton is there
-
-        return self.backend is ta.triton_paged_attention and ta.rope_fits(
-            q.view(q.shape[0], self.num_heads, self.head_dim), kv_cache, meta, cos_sin)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
@@ -256,7 +252,8 @@ class Attention(nn.Module):
             return o.reshape(t, self.num_heads * self.head_dim)
         kv_cache = ctx.kv_caches[self.layer_idx]
         if self.backend is None:
-            self.backend, self._write = _select_backend(q, kv_cache, self.head_dim)
+            self.backend, self._write, self._rope_fits = _select_backend(q, kv_cache,
+                                                                          self.head_dim)
         self._write(kv_cache, k, v, meta.slot_mapping)
         o = self.backend(q, kv_cache, meta, self.scale)
         return o.reshape(t, self.num_heads * self.head_dim)
@@ -264,8 +261,9 @@ class Attention(nn.Module):
 
 def _select_backend(
     q: torch.Tensor, kv_cache: torch.Tensor, head_dim: int
-) -> tuple[Callable, Callable]:
-    """(attention, kv write) for this layer: Triton kernels on CUDA when they apply.
+) -> tuple[Callable, Callable, Callable | None]:
+    """(attention, kv write, rotary-in-attention test or None) for this layer: Triton
+    kernels on CUDA when they apply.
 
     Imported lazily so CPU start-up never pays for (or needs) Triton.
     """
@@ -273,11 +271,11 @@ def _select_backend(
         try:
             from modelport.layers import triton_attention as ta
         except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
-            return reference_paged_attention, write_kv
+            return reference_paged_attention, write_kv, None
         if ta.supports(q, kv_cache, head_dim):
             ta.split_counters(q.device)  # allocated now, not inside a CUDA-graph capture
-            return ta.triton_paged_attention, ta.write_kv_triton
-    return reference_paged_attention, write_kv
+            return ta.triton_paged_attention, ta.write_kv_triton, ta.rope_fits
+    return reference_paged_attention, write_kv, None
 
 
 def build_single_sequence_metadata(

@@ -753,14 +753,17 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim: int) -> bool:
 
 
 def rope_fits(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-              cos_sin: torch.Tensor) -> bool:
-    """Whether triton_paged_attention can take this step's rotary and KV write (``rope=``):
-    every request decodes one token, the cache has the query dtype, the cos/sin table too
-    (rows [cos | sin] of head_dim), and ROPE_IN_DECODE (MODELPORT_ROPE_IN_DECODE=1) is on."""
+              rotary: torch.nn.Module) -> bool:
+    """Whether triton_paged_attention can take this step's rotary and KV write (``rope=``,
+    with rotary.cos_sin_cache): ROPE_IN_DECODE (MODELPORT_ROPE_IN_DECODE=1) is on, every
+    request decodes one token, the cache has the query dtype, and the rotary covers the
+    whole head with a table of [cos | sin] rows in the query dtype."""
+    if not ROPE_IN_DECODE or meta.max_query_len != 1 or kv_cache.dtype != q.dtype:
+        return False
+    cos_sin = getattr(rotary, "cos_sin_cache", None)
     return (
-        ROPE_IN_DECODE
-        and meta.max_query_len == 1
-        and kv_cache.dtype == q.dtype
+        getattr(rotary, "rotary_dim", 0) == q.shape[-1]
+        and cos_sin is not None
         and cos_sin.dtype == q.dtype
         and cos_sin.shape[-1] == q.shape[-1]
         and cos_sin.stride(-1) == 1
