@@ -27,8 +27,8 @@ On decode-only steps the model's rotary embedding and the KV write move into the
 kernel (``rope=`` of triton_paged_attention, called through ``Attention.forward_rope``):
 every program rotates its query heads and the new key itself, and the split holding the
 newest position stores the new K/V into the cache; the results are the same bits as the
-rotary kernel + KV-write kernel + decode kernel chain. Opt-in for now
-(MODELPORT_ROPE_IN_DECODE=1, see ROPE_IN_DECODE).
+rotary kernel + KV-write kernel + decode kernel chain. On by default;
+MODELPORT_ROPE_IN_DECODE=0 turns it off (see ROPE_IN_DECODE).
 
 From ORDERED_MIN_REQS decode requests on, the decode programs run longest context first (a
 device-side sort of the step's lengths, once a step): with ragged contexts, programs handed
@@ -537,9 +537,9 @@ _TARGET_PROGRAMS = 2 * 132  # two waves on an H200; a fixed number keeps results
 # with ragged lengths, a long context left to the last wave otherwise runs on alone.
 ORDERED_MIN_REQS = 16
 # Decode-only steps: the decode kernel applies the rotary embedding and stores the new K/V
-# itself (two kernels fewer a layer). Opt-in (MODELPORT_ROPE_IN_DECODE=1) until it has run
-# on a GPU: checked so far in the Triton interpreter only (same bits as the separate kernels).
-ROPE_IN_DECODE = os.environ.get("MODELPORT_ROPE_IN_DECODE", "0") == "1"
+# itself (two kernels fewer a layer; same bits as the separate kernels). On unless
+# MODELPORT_ROPE_IN_DECODE=0.
+ROPE_IN_DECODE = os.environ.get("MODELPORT_ROPE_IN_DECODE", "1") != "0"
 SPLIT_COUNTERS = 4096  # > batch x KV heads of any split launch (that is < DecodeConfig.programs)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm in the interpreter
 
@@ -755,7 +755,7 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim: int) -> bool:
 def rope_fits(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
               rotary: torch.nn.Module) -> bool:
     """Whether triton_paged_attention can take this step's rotary and KV write (``rope=``,
-    with rotary.cos_sin_cache): ROPE_IN_DECODE (MODELPORT_ROPE_IN_DECODE=1) is on, every
+    with rotary.cos_sin_cache): ROPE_IN_DECODE is on (MODELPORT_ROPE_IN_DECODE=0 turns it off), every
     request decodes one token, the cache has the query dtype, and the rotary covers the
     whole head with a table of [cos | sin] rows in the query dtype."""
     if not ROPE_IN_DECODE or meta.max_query_len != 1 or kv_cache.dtype != q.dtype:
