@@ -11,8 +11,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _case(n, k, group, dtype, m, seed=0):
-    from modelport.quantization import triton_w4mma as wm
-    from modelport.quantization.triton_gemm import pack_scales
+    from modelport.quantization.triton_gemm import pack_pairs, pack_scales
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     codes = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.uint8)
@@ -22,7 +21,7 @@ def _case(n, k, group, dtype, m, seed=0):
     s16, z16 = s.half().float(), z.half().float()
     w = codes.float() * s16.repeat_interleave(group, 1) + z16.repeat_interleave(group, 1)
     x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
-    return x, wm.pack(codes), pack_scales(s, z), x.float() @ w.T
+    return x, pack_pairs(codes), pack_scales(s, z), x.float() @ w.T
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -20,6 +20,7 @@ from modelport.quantization.triton_gemm import (
     MAG_128,
     MAG_2048,
     gemv_workspace,
+    pack_pairs,
     pack_scales,
     pack_weight,
     triton_cdiv,
@@ -51,7 +52,7 @@ def bench_shape(name: str, x: torch.Tensor) -> None:
     z = -torch.randint(0, 16, (n, k // GROUP), device="cuda").float() * s
     sz = pack_scales(s, z)
     old = [pack_weight(codes, 4, 4)]
-    new = [wm.pack(codes)]
+    new = [pack_pairs(codes)]
     for _ in range(1, LAYERS):  # distinct bytes per layer (random words)
         old.append(torch.empty_like(old[0]).random_(-(2**31), 2**31 - 1))
         new.append(torch.empty_like(old[0]).random_(-(2**31), 2**31 - 1))

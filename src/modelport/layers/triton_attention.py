@@ -755,9 +755,9 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim: int) -> bool:
 def rope_fits(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
               rotary: torch.nn.Module) -> bool:
     """Whether triton_paged_attention can take this step's rotary and KV write (``rope=``,
-    with rotary.cos_sin_cache): ROPE_IN_DECODE is on (MODELPORT_ROPE_IN_DECODE=0 turns it off), every
-    request decodes one token, the cache has the query dtype, and the rotary covers the
-    whole head with a table of [cos | sin] rows in the query dtype."""
+    with rotary.cos_sin_cache): ROPE_IN_DECODE is on (MODELPORT_ROPE_IN_DECODE=0 turns it
+    off), every request decodes one token, the cache has the query dtype, and the rotary
+    covers the whole head with a table of [cos | sin] rows in the query dtype."""
     if not ROPE_IN_DECODE or meta.max_query_len != 1 or kv_cache.dtype != q.dtype:
         return False
     cos_sin = getattr(rotary, "cos_sin_cache", None)

@@ -144,17 +144,18 @@ def gemv_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Te
 _TUNED: set[tuple] = set()
 W4_MMA = os.environ.get("MODELPORT_W4_MMA", "0") == "1"
 MMA_BLOCK_N = 128
+MMA_TARGET_PROGRAMS = 2 * 132  # two per SM of an H200
 
 
 def mma_split(n: int, k: int, group: int) -> int:
     """K slices for the tensor-core GEMV: the fewest (a power of two dividing the group
-    count, at most GEMV_MAX_SPLIT) that give ~264 programs (two per H200 SM); 0 when the
-    shape does not fit that kernel."""
+    count, at most GEMV_MAX_SPLIT) that give MMA_TARGET_PROGRAMS programs; 0 when the shape
+    does not fit that kernel."""
     if k % group or group % 16:
         return 0
     tiles, groups = triton_cdiv(n, MMA_BLOCK_N), k // group
     split = 1
-    while tiles * split < 264 and split < GEMV_MAX_SPLIT and groups % (split * 2) == 0:
+    while tiles * split < MMA_TARGET_PROGRAMS and split < GEMV_MAX_SPLIT and groups % (split * 2) == 0:
         split *= 2
     return split
 

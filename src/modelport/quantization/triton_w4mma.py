@@ -1,14 +1,15 @@
-"""Experimental (not used by the engine yet): 4-bit group-quantized GEMV on tensor cores.
+"""Experimental, opt-in (MODELPORT_W4_MMA=1, see triton_gemm.TritonKernel): 4-bit
+group-quantized GEMV on tensor cores.
 
 The engine's W4 GEMV (triton_kernels.gemv) multiplies on the FP32 pipes: ~26 instructions
 per packed word on sm_90, which bounds it well below the memory rate (AWQ W3 on the H200:
 the W4 GEMV takes 1.79 ms of a 2.3 ms step for 3.75 GB of weights). Here each packed word
 becomes bf16 (or fp16) values with no arithmetic at all, and the tensor cores do the rest:
 
-* Layout (``triton_gemm.pack_pairs``, also ``pack`` here): group-contiguous K; in each int32 word the codes of inputs 8w+2i and
-  8w+2i+1 sit at bits 4i and 16+4i. One LOP3 per pair, ``(word >> 4i) & 0x000F000F |
-  MAGIC``, makes two bf16 numbers 128 + code (fp16: 1024 + code) in one register, already in
-  K order: 4 LOP3 + 3 shifts a word (the asm in ``_codes``).
+* Layout (``triton_gemm.pack_pairs``): group-contiguous K; in each int32 word the codes of
+  inputs 8w+2i and 8w+2i+1 sit at bits 4i and 16+4i. One LOP3 per pair, ``(word >> 4i) &
+  0x000F000F | MAGIC``, makes two bf16 numbers 128 + code (fp16: 1024 + code) in one
+  register, already in K order: 4 LOP3 + 3 shifts a word (the asm in ``_codes``).
 * Per group of GROUP inputs a program multiplies its [BLOCK_N, GROUP] tile of (C + code)
   with the activations (tl.dot, the rows of x padded to 16) and folds the group's affine map
   in afterwards: sum_k (code_k s + z) x_k = s P + (z - C s) X with P = sum (C + code) x and
@@ -17,8 +18,8 @@ becomes bf16 (or fp16) values with no arithmetic at all, and the tensor cores do
   slice stores fp32 partial sums, the last to arrive adds them in slice order (same bits
   whichever slice is last) and resets its counter.
 
-Offline (sm_90 SASS, BLOCK_N 256, 8 warps): ~17-18 instructions per packed word in the main
-loop, of which 7 are the code extraction. Checked in the Triton interpreter (with a plain
+Offline sm_90 SASS of the main loop: 20.3 instructions per packed word (BLOCK_N 128, 4 warps,
+the engine's choice) and 18.6 (256, 8 warps), of which 7 are the code extraction. Checked in the Triton interpreter (with a plain
 Triton stand-in for the asm); on a GPU only by ``bench/gpu/w4_mma_bench.py`` and
 ``tests/test_w4_mma_gpu.py``.
 """
@@ -32,7 +33,6 @@ import triton
 import triton.language as tl
 
 from modelport.layers import pdl
-from modelport.quantization.triton_gemm import pack_pairs as pack  # noqa: F401 - the layout
 
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # no asm there
 
@@ -82,7 +82,8 @@ def _code_ref(words2, e, i: tl.constexpr, FP16: tl.constexpr):
 @triton.jit
 def w4_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_xm, stride_ym,
                   K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr = 16, PDL: tl.constexpr = False):
+                  SPLIT: tl.constexpr, MAX_M: tl.constexpr, BLOCK_M: tl.constexpr = 16,
+                  PDL: tl.constexpr = False):
     KW: tl.constexpr = K // 8
     NG: tl.constexpr = K // GROUP
     GW: tl.constexpr = GROUP // 8  # words per group and row
@@ -123,13 +124,13 @@ def w4_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_xm,
     if SPLIT == 1:
         tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(ty), mask=out_mask)
     else:
-        # partials [SPLIT, BLOCK_M <= 4 rows, N]; the last slice of this column tile adds them
-        tl.store(ws_ptr + (sp * 4 + rm[None, :]) * N + rn[:, None], acc, mask=out_mask)
+        # partials [SPLIT, MAX_M, N]; the last slice of this column tile adds them
+        tl.store(ws_ptr + (sp * MAX_M + rm[None, :]) * N + rn[:, None], acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partials are written before the release below
         if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT - 1:
             tot = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for j in tl.static_range(SPLIT):
-                tot += tl.load(ws_ptr + (j * 4 + rm[None, :]) * N + rn[:, None], mask=out_mask,
+                tot += tl.load(ws_ptr + (j * MAX_M + rm[None, :]) * N + rn[:, None], mask=out_mask,
                                other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], tot.to(ty), mask=out_mask)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
@@ -138,18 +139,23 @@ def w4_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_xm,
 def w4_mma(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, n: int, group: int,
            block_n: int = 128, split: int = 1, num_warps: int = 4,
            num_stages: int = 1) -> torch.Tensor:
-    """x [M <= 4, K] (bf16/fp16, contiguous) times the ``pack``-ed weight [N, K] with
-    triton_gemm.pack_scales scales -> y [M, N] in x's dtype."""
-    from modelport.quantization.triton_gemm import GEMV_MAX_SPLIT, gemv_workspace, triton_cdiv
+    """x [M <= GEMV_MAX_M, K] (bf16/fp16, contiguous) times the ``pack_pairs``-ed weight
+    [N, K] with ``pack_scales`` scales -> y [M, N] in x's dtype."""
+    from modelport.quantization.triton_gemm import (
+        GEMV_MAX_M,
+        GEMV_MAX_SPLIT,
+        gemv_workspace,
+        triton_cdiv,
+    )
 
     m, k = x.shape
-    if m > 4 or k % group or (k // group) % split or group % 16 or split > GEMV_MAX_SPLIT:
+    if m > GEMV_MAX_M or k % group or (k // group) % split or group % 16 or split > GEMV_MAX_SPLIT:
         raise ValueError(f"w4_mma: unsupported shape x {tuple(x.shape)}, group {group}, "
                          f"split {split}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, cnt = gemv_workspace(x.device, n)
     w4_mma_kernel[(triton_cdiv(n, block_n), split)](
         x, qweight, sz, y, ws, cnt, n, m, x.stride(0), y.stride(0), K=k, GROUP=group,
-        BLOCK_N=block_n, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, SPLIT=split, MAX_M=GEMV_MAX_M, num_warps=num_warps, num_stages=num_stages,
         **pdl.kernel_kwargs())
     return y
