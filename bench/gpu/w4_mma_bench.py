@@ -29,9 +29,9 @@ from modelport.quantization.triton_gemm import (
 LAYERS, GROUP = 32, 128
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
-# (block_n, split, num_warps)
-VARIANTS = [(128, 1, 4), (128, 2, 4), (128, 4, 4), (128, 8, 4), (64, 4, 4), (64, 8, 4),
-            (256, 2, 8)]
+# (block_n, split, num_warps, num_stages)
+VARIANTS = [(128, 1, 4, 1), (128, 2, 4, 1), (128, 4, 4, 1), (128, 8, 4, 1), (64, 4, 4, 1),
+            (64, 8, 4, 1), (256, 2, 8, 1), (128, 4, 4, 2), (128, 8, 4, 3)]
 
 
 def graph_ms(fn) -> float:
@@ -65,8 +65,8 @@ def bench_shape(name: str, x: torch.Tensor) -> None:
             GROUP=GROUP, BITS=4, V=4, BLOCK_M=1)
         return y
 
-    def run_new(bn: int, split: int, warps: int) -> list[torch.Tensor]:
-        return [wm.w4_mma(xk, w, sz, n, GROUP, bn, split, warps) for w in new]
+    def run_new(bn: int, split: int, warps: int, stages: int) -> list[torch.Tensor]:
+        return [wm.w4_mma(xk, w, sz, n, GROUP, bn, split, warps, stages) for w in new]
 
     ref = run_old(old[0]).float().clone()
     ms = graph_ms(lambda: [run_old(w) for w in old])
@@ -74,18 +74,18 @@ def bench_shape(name: str, x: torch.Tensor) -> None:
     print(json.dumps({"shape": name, "n": n, "k": k, "variant": "engine_gemv",
                       "us_per_layer": round(ms * 1000 / LAYERS, 2),
                       "TBps": round(gb / ms, 3)}), flush=True)
-    for bn, split, warps in VARIANTS:
+    for bn, split, warps, stages in VARIANTS:
         if (k // GROUP) % split:
             continue
         try:
-            out = wm.w4_mma(xk, new[0], sz, n, GROUP, bn, split, warps).float()
+            out = wm.w4_mma(xk, new[0], sz, n, GROUP, bn, split, warps, stages).float()
             err = ((out - ref).norm() / ref.norm()).item()
-            ms = graph_ms(functools.partial(run_new, bn, split, warps))
+            ms = graph_ms(functools.partial(run_new, bn, split, warps, stages))
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
-            print(json.dumps({"shape": name, "variant": [bn, split, warps],
+            print(json.dumps({"shape": name, "variant": [bn, split, warps, stages],
                               "error": repr(e)[:300]}), flush=True)
             continue
-        print(json.dumps({"shape": name, "n": n, "k": k, "variant": [bn, split, warps],
+        print(json.dumps({"shape": name, "n": n, "k": k, "variant": [bn, split, warps, stages],
                           "us_per_layer": round(ms * 1000 / LAYERS, 2),
                           "TBps": round(gb / ms, 3), "rel_err_vs_engine": err}), flush=True)
 
