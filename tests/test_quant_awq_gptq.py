@@ -188,17 +188,3 @@ def test_awq_gemv_layout_is_refused(tiny: Path, tmp_path: Path) -> None:
     _set_qc(qdir, version="gemv")
     with pytest.raises(ValueError, match="only the GEMM layout"):
         _load(qdir)
-
-
-def test_pair_packing_puts_neighbouring_inputs_in_the_two_register_halves():
-    """The tensor-core GEMV's layout: in word w, inputs 8w+2i and 8w+2i+1 at bits 4i and
-    16+4i (one mask-and-or of word >> 4i then yields both as the halves of a register)."""
-    from modelport.quantization.triton_gemm import pack_pairs
-
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (3, 64), generator=g, dtype=torch.uint8)
-    words = pack_pairs(codes).to(torch.int64) & 0xFFFFFFFF
-    assert words.shape == (3, 8)
-    for i in range(4):
-        assert torch.equal((words >> (4 * i)) & 0xF, codes[:, 2 * i::8].to(torch.int64))
-        assert torch.equal((words >> (16 + 4 * i)) & 0xF, codes[:, 2 * i + 1::8].to(torch.int64))

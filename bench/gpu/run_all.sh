@@ -10,8 +10,7 @@
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
 #   w3-env (one W3 run per entry of W3_ENVS, each a comma-joined list of VAR=VAL; W3_EXTRA: more
-#   latency arguments, e.g. "--quantization awq"), w4-mma (the
-#   experimental tensor-core W4 GEMV: its GPU tests, then bench/gpu/w4_mma_bench.py)
+#   latency arguments, e.g. "--quantization awq")
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -89,8 +88,6 @@ for s in $stages; do
                  --output-json "$OUT/w3_env.jsonl" 2>"$OUT/w3v.err" || { rc=1; tail -20 "$OUT/w3v.err"; }
                tail -1 "$OUT/w3_env.jsonl" | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d["runs"][0]; print(d["env"].get("knobs"), "ITL", r["itl_ms"], r["itl_ms_all"], "TTFT", r["ttft_ms"])'
              done ;;
-    w4-mma)  $PY -m pytest -q -p no:cacheprovider tests/test_w4_mma_gpu.py 2>&1 | tee "$OUT/w4_mma_tests.log" | tail -5
-             $PY bench/gpu/w4_mma_bench.py | tee "$OUT/w4_mma.jsonl" || rc=1 ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;

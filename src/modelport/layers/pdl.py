@@ -1,7 +1,7 @@
 """Programmatic dependent launch (PDL) for our Triton kernels on sm90+ GPUs.
 
-Used by: the fused small ops, the KV write and attention kernels, the bf16 and W4 GEMVs
-(and the opt-in tensor-core W4 GEMV), the W4 dequant kernel, and the FP8 activation quantizer and W8A16 GEMV. The W4 dequant-GEMM
+Used by: the fused small ops, the KV write and attention kernels, the bf16 and W4 GEMVs,
+the W4 dequant kernel, and the FP8 activation quantizer and W8A16 GEMV. The W4 dequant-GEMM
 (5-255 rows) and the FP8 W8A8 GEMM launch plainly until they have been checked with it.
 
 A decode step is a chain of ~300 short kernels; between two of them the GPU drains the

@@ -33,7 +33,6 @@ gathered with the same permutation.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -100,19 +99,6 @@ def pack_weight(codes: torch.Tensor, bits: int, v: int) -> torch.Tensor:
     return pack_along(c.reshape(n, k), bits, dim=1)
 
 
-# bit position q (bits 4q..4q+3) of a pair-packed word holds the code of input 8w + PAIR_PERM[q]
-PAIR_PERM = (0, 2, 4, 6, 1, 3, 5, 7)
-
-
-def pack_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [N, K] -> int32 [N, K / 8] for the tensor-core GEMV (triton_w4mma): in
-    word w the codes of inputs 8w + 2i and 8w + 2i + 1 sit at bits 4i and 16 + 4i, so one
-    mask-and-or of (word >> 4i) makes both 16-bit halves of a register, in K order."""
-    n, k = codes.shape
-    c = codes.reshape(n, k // 8, 8)[..., list(PAIR_PERM)]
-    return pack_along(c.reshape(n, k), 4, dim=1)
-
-
 def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """fp16 scale in the low half, fp16 zero in the high half of one int32 per group."""
     s = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
@@ -142,22 +128,6 @@ def gemv_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Te
 
 
 _TUNED: set[tuple] = set()
-W4_MMA = os.environ.get("MODELPORT_W4_MMA", "0") == "1"
-MMA_BLOCK_N = 128
-MMA_TARGET_PROGRAMS = 2 * 132  # two per SM of an H200
-
-
-def mma_split(n: int, k: int, group: int) -> int:
-    """K slices for the tensor-core GEMV: the fewest (a power of two dividing the group
-    count, at most GEMV_MAX_SPLIT) that give MMA_TARGET_PROGRAMS programs; 0 when the shape
-    does not fit that kernel."""
-    if k % group or group % 16:
-        return 0
-    tiles, groups = triton_cdiv(n, MMA_BLOCK_N), k // group
-    split = 1
-    while tiles * split < MMA_TARGET_PROGRAMS and split < GEMV_MAX_SPLIT and groups % (split * 2) == 0:
-        split *= 2
-    return split
 
 
 class TritonKernel(torch.nn.Module):
@@ -171,11 +141,6 @@ class TritonKernel(torch.nn.Module):
         self.register_buffer("qweight", pack_weight(gq.codes, self.bits, self.v).to(device))
         self.register_buffer("sz", pack_scales(gq.scales, gq.zeros).to(device))
         self.register_buffer("perm", perm.to(device) if perm is not None else None)
-        # opt-in experiment (MODELPORT_W4_MMA=1): a second, pair-packed copy of a 4-bit weight
-        # for the tensor-core GEMV (triton_w4mma), which then serves 1-4 rows
-        self.mma_split = mma_split(n, k, self.group) if self.bits == 4 and W4_MMA else 0
-        self.register_buffer(
-            "qweight_pairs", pack_pairs(gq.codes).to(device) if self.mma_split else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -197,11 +162,6 @@ class TritonKernel(torch.nn.Module):
     def gemv(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [m <= GEMV_MAX_M, K] contiguous (already permuted) -> y [m, N] in x2.dtype."""
         m = x2.shape[0]
-        if self.mma_split and x2.dtype in (torch.bfloat16, torch.float16):
-            from modelport.quantization.triton_w4mma import w4_mma
-
-            return w4_mma(x2, self.qweight_pairs, self.sz, self.n, self.group,
-                          MMA_BLOCK_N, self.mma_split)
         y = torch.empty((m, self.n), dtype=x2.dtype, device=x2.device)
         mags = (MAG_2048, MAG_128) if self.bits == 4 else (MAG_32768, 0)
         grid = lambda meta: (triton_cdiv(self.n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
