@@ -122,7 +122,7 @@ ATTN_VARIANTS = {
     "attn_rot": attn_chain(("rot",)),
     "attn_kv": attn_chain(("kv",)),
     "attn_dec": attn_chain(("dec",)),
-    **{f"attn_dec_splits{s}": attn_chain(("dec",), s) for s in (1, 2, 4, 8, 16)},
+    **{f"attn_dec_splits{s}": attn_chain(("dec",), s) for s in (1, 2, 4, 8, 16, 32)},
 }
 
 

@@ -114,6 +114,33 @@ def compute_logprobs(
     return out
 
 
+# Greedy argmax over the vocabulary for a few rows on CUDA: torch.argmax reduces a row in one
+# block (31 us for one float32 row of 128,256 logits on the H200, 28 us for 8); a max per
+# ARGMAX_CHUNK-wide chunk and then an argmax over the chunk maxima takes 12 / 15 us
+# (bench/gpu/bw_probe.py argmax, bench/results/2026-12-04-h200-bw-probe.jsonl). From 256
+# rows torch.argmax is faster (48 vs 94 us), so larger batches keep it.
+ARGMAX_CHUNK = 256
+ARGMAX_CHUNKED_MAX_ROWS = 8
+
+
+def chunked_argmax(x: torch.Tensor, chunk: int = ARGMAX_CHUNK) -> torch.Tensor:
+    """x.argmax(-1) for a [N, V] tensor with V % chunk == 0, as a max per chunk and an
+    argmax over the chunk maxima: the same index (the first maximum; a NaN counts as the
+    maximum, the first NaN wins), in two small parallel reductions."""
+    n, v = x.shape
+    vals, idx = x.view(n, v // chunk, chunk).max(-1)
+    c = vals.argmax(-1, keepdim=True)
+    return (c * chunk + idx.gather(1, c)).squeeze(1)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax token of each row of [N, V] logits (chunked for a few CUDA rows)."""
+    n, v = logits.shape
+    if logits.is_cuda and 0 < n <= ARGMAX_CHUNKED_MAX_ROWS and v % ARGMAX_CHUNK == 0:
+        return chunked_argmax(logits)
+    return logits.argmax(dim=-1)
+
+
 def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """A host tensor on dev without a blocking copy: a pageable copy would sync the stream,
     a pinned one lets the host run ahead to the launches."""
@@ -143,7 +170,7 @@ class Sampler:
         greedy = [r.params.greedy for r in rows]
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if all(greedy):
-            tokens = logits.argmax(dim=-1)
+            tokens = greedy_tokens(logits)
         else:
             dev = logits.device
             # one host tensor, one (pinned, asynchronous on CUDA) copy for all four settings
@@ -172,7 +199,7 @@ class Sampler:
             tokens = (probs / q).argmax(dim=-1)
             if any(greedy):
                 g_idx = _index([i for i, g in enumerate(greedy) if g], dev)
-                tokens[g_idx] = logits[g_idx].argmax(dim=-1)
+                tokens[g_idx] = greedy_tokens(logits[g_idx])
 
         lps: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
