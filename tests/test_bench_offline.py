@@ -120,6 +120,9 @@ def test_latency_reports_ttft_and_itl(tiny, tmp_path):
     }
     assert len(run["ttft_ms_all"]) == 2 and len(run["itl_ms_all"]) == 2
     assert run["ttft_ms"] > 0 and run["itl_ms"] > 0
+    # the first step() returns no later than the first token is back
+    assert len(run["first_step_ms_all"]) == 2
+    assert all(0 < f <= t for f, t in zip(run["first_step_ms_all"], run["ttft_ms_all"]))
 
 
 def test_model_config_with_dummy_weights(tmp_path):
