@@ -28,6 +28,8 @@ def test_chunked_argmax_equals_torch_argmax_on_ties_masks_and_nan(chunk):
     assert want.tolist()[1:] == [3 * ARGMAX_CHUNK + 5, 7, 40 * ARGMAX_CHUNK,
                                  2 * ARGMAX_CHUNK + 3, 0]
     assert torch.equal(chunked_argmax(x, chunk), want)
+    strided = x.t().contiguous().t()  # same values, column-major: not viewable as chunks
+    assert torch.equal(chunked_argmax(strided, chunk), want)
 
 
 def test_greedy_tokens_keeps_torch_argmax_where_chunking_does_not_apply():

@@ -35,6 +35,7 @@ from modelport.quantization.triton_gemm import (
     triton_cdiv,
 )
 from modelport.quantization.triton_kernels import gemv, row_part
+from modelport.runner.sampler import chunked_argmax
 
 LAYERS, GROUP = 32, 128
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
@@ -209,14 +210,6 @@ def w4_shape(name: str, n: int, k: int, x: torch.Tensor) -> None:
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
             print(json.dumps({"probe": "w4", "shape": name, "variant": [bn, tiles],
                               "error": repr(e)[:300]}), flush=True)
-
-
-def chunked_argmax(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """argmax over the last dim as a max per chunk, then the argmax of the chunk maxima."""
-    n, v = x.shape
-    vals, idx = x.view(n, v // chunk, chunk).max(-1)
-    c = vals.argmax(-1, keepdim=True)
-    return (c * chunk + idx.gather(1, c)).squeeze(1)
 
 
 def probe_argmax() -> None:

@@ -128,7 +128,7 @@ def chunked_argmax(x: torch.Tensor, chunk: int = ARGMAX_CHUNK) -> torch.Tensor:
     argmax over the chunk maxima: the same index (the first maximum; a NaN counts as the
     maximum, the first NaN wins), in two small parallel reductions."""
     n, v = x.shape
-    vals, idx = x.view(n, v // chunk, chunk).max(-1)
+    vals, idx = x.reshape(n, v // chunk, chunk).max(-1)
     c = vals.argmax(-1, keepdim=True)
     return (c * chunk + idx.gather(1, c)).squeeze(1)
 
