@@ -2,7 +2,7 @@
 
 Decode attention: KV bytes read / time vs the copy bandwidth; prefill: FLOPs / time; fused ops
 vs the eager torch modules they replace. Run on the device:
-    PYTHONPATH=src python3 bench/gpu/kernel_bench.py [main] [gemv] [decode-sweep]
+    PYTHONPATH=src python3 bench/gpu/kernel_bench.py [main] [gemv] [decode-sweep] [decode-ragged]
 (default: main gemv). decode-sweep times the decode kernel for every candidate launch config
 of triton_attention.DECODE_CANDIDATES, on a bf16 and an fp8 (e4m3) cache, at batch 64/128/256
 x context 1152, and ends with the fastest config per cache kind and batch and the
@@ -242,6 +242,47 @@ def decode_sweep(batches=(64, 128, 256), ctx=1152):
         )
 
 
+def decode_ragged(b=256, lo=100, hi=1100):
+    """W1-like decode batches: b requests with context lengths uniform in [lo, hi] (seeded),
+    the shipped config per cache kind against the same tile with more context splits
+    (DecodeConfig.programs), timed from a CUDA graph. kv_TBps: live KV bytes / time. Short
+    contexts give each (request, KV head) program little work; splits balance it."""
+    rng = random.Random(0)
+    lens = [rng.randint(lo, hi) for _ in range(b)]
+    meta, nb = meta_for([(n - 1, 1) for n in lens], seed=1)
+    base = torch.randn(2, nb, PAGE, KVH, D, device=DEV, dtype=DT)
+    q = torch.randn(b, H, D, device=DEV, dtype=DT)
+    saved = dict(ta.DECODE_CONFIGS)
+    try:
+        for kind, kv_dt in (("16bit", DT), ("fp8", FP8)):
+            cache = base.to(kv_dt)
+            shipped = ta.decode_config(b, kv_dt)
+            ref = ta.triton_paged_attention(q, cache, fresh(meta), D**-0.5).float()
+            gb = sum(lens) * KVH * D * 2 * cache.element_size() / 1e9
+            for programs in (shipped.programs, 4096, 8192, 16384):
+                for block_n in sorted({shipped.block_n, 32, 128}):
+                    cfg = ta.DecodeConfig(block_n, shipped.num_warps, shipped.num_stages,
+                                          shipped.k_cvt, shipped.v_cvt, programs)
+                    ta.DECODE_CONFIGS[kind] = ((1, cfg),)
+                    m = fresh(meta)
+                    try:
+                        out = ta.triton_paged_attention(q, cache, m, D**-0.5)
+                        err = ((out.float() - ref).norm() / ref.norm()).item()
+                        fn = functools.partial(ta.triton_paged_attention, q, cache, m, D**-0.5)
+                        ms = do_bench_cudagraph(fn, rep=20, return_mode="median")
+                    except Exception as e:  # a config that does not compile or launch
+                        emit(kernel="decode_ragged", kv=kind, config=cfg.name,
+                             error=f"{type(e).__name__}: {e}"[:300])
+                        continue
+                    emit(kernel="decode_ragged", kv=kind, batch=b, ctx=[lo, hi],
+                         config=cfg.name, shipped=cfg == shipped,
+                         splits=m.backend_state["triton"].splits, us_graph=round(ms * 1e3, 1),
+                         kv_TBps=round(gb / ms, 2), rel_err=float(f"{err:.1e}"))
+    finally:
+        ta.DECODE_CONFIGS.clear()
+        ta.DECODE_CONFIGS.update(saved)
+
+
 def fresh(meta: AttentionMetadata) -> AttentionMetadata:
     """The same batch without the launch plan the backend cached on it."""
     return AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
@@ -250,4 +291,5 @@ def fresh(meta: AttentionMetadata) -> AttentionMetadata:
 if __name__ == "__main__":
     sections = sys.argv[1:] or ["main", "gemv"]
     for sec in sections:
-        {"main": main, "gemv": gemv_shapes, "decode-sweep": decode_sweep}[sec]()
+        {"main": main, "gemv": gemv_shapes, "decode-sweep": decode_sweep,
+         "decode-ragged": decode_ragged}[sec]()
