@@ -6,7 +6,9 @@
 #   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench,
 #   w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1),
 #   host-prof (cProfile of FP8 W1 engine steps: bench/gpu/host_profile.py), prefill-prof (the
-#   same for W3's eager 1,024-token prefill step: its host launch time), pdl-check (the GPU
+#   same for W3's eager 1,024-token prefill step: its host launch time), launch-cost (host time
+#   per launch of each op of that step: bench/gpu/launch_cost.py), decode-ragged (decode
+#   attention on W1-like ragged batches, more splits: kernel_bench.py decode-ragged), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
@@ -77,6 +79,8 @@ for s in $stages; do
                --quantization fp8 --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} \
                > "$OUT/host_prof.txt" 2>"$OUT/hostprof.err" || { rc=1; tail -20 "$OUT/hostprof.err"; }
              tail -1 "$OUT/host_prof.txt" ;;
+    launch-cost) $PY bench/gpu/launch_cost.py | tee "$OUT/launch_cost.jsonl" || rc=1 ;;
+    decode-ragged) $PY bench/gpu/kernel_bench.py decode-ragged | tee "$OUT/decode_ragged.jsonl" || rc=1 ;;
     prefill-prof) $PY bench/gpu/host_profile.py $COMMON --max-num-seqs 8 --w3-prefill 1024 --steps 10 \
                > "$OUT/prefill_prof.txt" 2>"$OUT/prefillprof.err" || { rc=1; tail -20 "$OUT/prefillprof.err"; }
              tail -1 "$OUT/prefill_prof.txt" ;;
