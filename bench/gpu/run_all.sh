@@ -8,7 +8,8 @@
 #   host-prof (cProfile of FP8 W1 engine steps: bench/gpu/host_profile.py), prefill-prof (the
 #   same for W3's eager 1,024-token prefill step: its host launch time), launch-cost (host time
 #   per launch of each op of that step: bench/gpu/launch_cost.py), decode-ragged (decode
-#   attention on W1-like ragged batches, more splits: kernel_bench.py decode-ragged), pdl-check (the GPU
+#   attention on W1-like ragged batches, more splits: kernel_bench.py decode-ragged),
+#   piecewise-tests (the opt-in piecewise prefill graphs' GPU tests and the engine's), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
@@ -79,6 +80,8 @@ for s in $stages; do
                --quantization fp8 --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} \
                > "$OUT/host_prof.txt" 2>"$OUT/hostprof.err" || { rc=1; tail -20 "$OUT/hostprof.err"; }
              tail -1 "$OUT/host_prof.txt" ;;
+    piecewise-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py tests/test_gpu_engine.py \
+               2>&1 | tee "$OUT/piecewise_tests.log" | tail -5 || rc=1 ;;
     launch-cost) $PY bench/gpu/launch_cost.py | tee "$OUT/launch_cost.jsonl" || rc=1 ;;
     decode-ragged) $PY bench/gpu/kernel_bench.py decode-ragged | tee "$OUT/decode_ragged.jsonl" || rc=1 ;;
     prefill-prof) $PY bench/gpu/host_profile.py $COMMON --max-num-seqs 8 --w3-prefill 1024 --steps 10 \

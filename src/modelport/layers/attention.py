@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,9 @@ class AttentionMetadata:
 class ForwardContext:
     attn_metadata: AttentionMetadata | None
     kv_caches: list[torch.Tensor]  # one per layer, see module docstring
+    # set while piecewise CUDA graphs are captured (runner/piecewise_graphs.py): attention
+    # calls are recorded there instead of run
+    piecewise: Any = None
 
 
 _CONTEXT: ForwardContext | None = None
@@ -255,7 +259,10 @@ class Attention(nn.Module):
             self.backend, self._write, self._rope_fits = _select_backend(q, kv_cache,
                                                                           self.head_dim)
         self._write(kv_cache, k, v, meta.slot_mapping)
-        o = self.backend(q, kv_cache, meta, self.scale)
+        if ctx.piecewise is not None:  # capturing: the graph ends here, attention runs eagerly
+            o = ctx.piecewise.split(self, q, kv_cache)
+        else:
+            o = self.backend(q, kv_cache, meta, self.scale)
         return o.reshape(t, self.num_heads * self.head_dim)
 
 

@@ -776,16 +776,21 @@ def triton_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Drop-in replacement for reference_paged_attention on CUDA (q: [T, H, D]).
 
     rope=(k, v, positions, cos_sin) (a decode-only step, see rope_fits): q and k are not
     rotated yet and k / v not yet in the cache; the decode kernel rotates q and k and stores
-    k and v at meta.slot_mapping itself (what the rotary and KV-write kernels would do)."""
+    k and v at meta.slot_mapping itself (what the rotary and KV-write kernels would do).
+    out: a [T, H, D] buffer to write into (piecewise CUDA graphs) instead of a new tensor."""
     t, h, d = q.shape
     _, nb, page, kvh, _ = kv_cache.shape
     g = h // kvh
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not fit q {tuple(q.shape)}")
     plan = get_plan(meta, kvh, kv_cache.dtype)
     if rope is not None:
         k_new, v_new, positions, cos_sin = rope

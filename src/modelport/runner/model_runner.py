@@ -60,6 +60,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.graphs = None  # DecodeGraphs on CUDA unless enforce_eager (see cuda_graphs.py)
+        self.piecewise = None  # opt-in PiecewiseGraphs for prefill / mixed steps
         # the last launched step's sampled ids (device) and each sampling request's row in it:
         # a placeholder token of the next step (async scheduling) is read from here
         self._prev_tokens: torch.Tensor | None = None
@@ -210,6 +211,15 @@ class ModelRunner:
         )
         graphs.capture()
         self.graphs = graphs
+        from modelport.runner import piecewise_graphs as pg
+
+        if pg.ENABLED and pg.token_buckets(sc.max_num_batched_tokens):
+            pw = pg.PiecewiseGraphs(
+                self.model, self.kv_caches, sc.max_num_batched_tokens, mc.num_attention_heads,
+                mc.head_dim, self.dtype, self.block_size, self.device,
+            )
+            pw.capture()
+            self.piecewise = pw
 
     def shutdown(self) -> None:
         if self.tp_workers is not None:
@@ -236,9 +246,8 @@ class ModelRunner:
 
         return fill
 
-    def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int],
-                       qsl: list[int], seq_lens: list[int], tables: list[list[int]],
-                       fill: Fill | None = None) -> torch.Tensor:
+    def _step_meta(self, slots: list[int], qsl: list[int], seq_lens: list[int],
+                   tables: list[list[int]]) -> AttentionMetadata:
         # width rounded up to 16 entries: the Triton kernels specialize on their integer
         # arguments' divisibility by 16, so a width that changes with every step would
         # otherwise compile a second variant of each in the middle of a run
@@ -247,7 +256,7 @@ class ModelRunner:
         for i, t in enumerate(tables):
             table_np[i, : len(t)] = t
         to_dev = self._to_dev
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=to_dev(torch.tensor(slots, dtype=torch.int64)),
             query_start_loc=to_dev(torch.tensor(qsl, dtype=torch.int32)),
             seq_lens=to_dev(torch.tensor(seq_lens, dtype=torch.int32)),
@@ -258,6 +267,12 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             block_size=self.block_size,
         )
+
+    def _eager_forward(self, input_ids: list[int], positions: list[int], slots: list[int],
+                       qsl: list[int], seq_lens: list[int], tables: list[list[int]],
+                       fill: Fill | None = None) -> torch.Tensor:
+        meta = self._step_meta(slots, qsl, seq_lens, tables)
+        to_dev = self._to_dev
         ids_t = to_dev(torch.tensor(input_ids, dtype=torch.long))
         if fill is not None:
             fill(ids_t)
@@ -353,6 +368,9 @@ class ModelRunner:
         if (self.graphs is not None and len(input_ids) == n_reqs
                 and n_reqs <= self.graphs.max_batch):
             hidden = self._replay_decode(input_ids, positions, slots, seq_lens, tables, fill)
+        elif self.piecewise is not None and len(input_ids) <= self.piecewise.max_tokens:
+            meta = self._step_meta(slots, qsl, seq_lens, tables)
+            hidden = self.piecewise.replay(meta, input_ids, positions, slots, fill)
         else:
             if self.tp_workers is not None:
                 self.tp_workers.send(("fwd", (input_ids, positions, slots, qsl, seq_lens, tables)))
