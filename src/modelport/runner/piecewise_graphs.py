@@ -103,9 +103,11 @@ class PiecewiseGraphs:
         self.block_size = block_size
         self.device = device
         top = self.buckets[-1] if self.buckets else 0
-        # rows: input ids, positions, KV slots (pads: 0, 0, -1)
-        self.inputs = torch.zeros((3, top), dtype=torch.int64, device=device)
-        self._staging = [torch.zeros((3, top), dtype=torch.int64, pin_memory=True)
+        # per bucket, contiguous rows: input ids, positions, KV slots (pads: 0, 0, -1), so a
+        # step's inputs go over in one asynchronous copy of contiguous pinned memory
+        self.inputs = {b: torch.zeros((3, b), dtype=torch.int64, device=device)
+                       for b in self.buckets}
+        self._staging = [torch.zeros(3 * top, dtype=torch.int64, pin_memory=True)
                          for _ in range(2)]  # used in turn (async scheduling: see DecodeGraphs)
         self._cur = 0
         self.attn_out = torch.zeros((top, num_heads, head_dim), dtype=dtype, device=device)
@@ -117,9 +119,8 @@ class PiecewiseGraphs:
 
     def _static_meta(self, b: int) -> AttentionMetadata:
         """A one-request prefill of b tokens whose KV writes all go to slot -1 (skipped)."""
-        slots = self.inputs[2, :b]
         return AttentionMetadata(
-            slot_mapping=slots,
+            slot_mapping=self.inputs[b][2],
             query_start_loc=torch.tensor([0, b], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([b], dtype=torch.int32, device=self.device),
             block_tables=torch.zeros((1, -(-b // self.block_size)), dtype=torch.int32,
@@ -138,14 +139,14 @@ class PiecewiseGraphs:
         from modelport.layers import triton_attention as ta
 
         t0 = time.perf_counter()
-        self.inputs.zero_()
-        self.inputs[2].fill_(-1)
+        for buf in self.inputs.values():
+            buf[2].fill_(-1)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for b in reversed(self.buckets):
-                ids, pos = self.inputs[0, :b], self.inputs[1, :b]
+                ids, pos = self.inputs[b][0], self.inputs[b][1]
                 with forward_context(ForwardContext(self._static_meta(b), self.kv_caches)):
                     self.model(ids, pos)
                 torch.cuda.synchronize(self.device)
@@ -177,13 +178,14 @@ class PiecewiseGraphs:
         b = bucket_for(n, self.buckets)
         assert b is not None, "the caller checks n <= max_tokens"
         self._cur ^= 1
-        host = self._staging[self._cur]
+        host = self._staging[self._cur][: 3 * b].view(3, b)
         h = host.numpy()
         h[0, :n], h[1, :n], h[2, :n] = input_ids, positions, slots
-        h[0, n:b], h[1, n:b], h[2, n:b] = 0, 0, -1
-        self.inputs[:, :b].copy_(host[:, :b], non_blocking=True)
+        h[0, n:], h[1, n:], h[2, n:] = 0, 0, -1
+        dev = self.inputs[b]
+        dev.copy_(host, non_blocking=True)
         if fill is not None:
-            fill(self.inputs[0, :n])
+            fill(dev[0, :n])
         pieces = self.pieces[b]
         for i, graph in enumerate(pieces.graphs):
             graph.replay()
