@@ -505,7 +505,9 @@ def test_decode_config_names_table_and_env_override(monkeypatch):
     for cands in ta.DECODE_CANDIDATES.values():
         for c in cands:
             assert ta.DecodeConfig.parse(c.name) == c
-    assert ta.decode_config(200, torch.bfloat16) == ta.DecodeConfig(num_stages=3)  # H200 sweep
+    # H200: decode-sweep (uniform contexts) for small batches, decode-ragged from 128 rows
+    assert ta.decode_config(200, torch.bfloat16) == ta.DecodeConfig(block_n=32, num_stages=3)
+    assert ta.decode_config(112, torch.bfloat16) == ta.DecodeConfig(num_stages=3)
     one = ta.decode_config(1, torch.bfloat16)  # batch 1: its own config, 16 splits
     assert one == ta.DecodeConfig(block_n=128, num_warps=8, programs=128)
     assert ta.decode_splits(1, 8, one.programs) == 16

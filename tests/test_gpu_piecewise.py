@@ -22,7 +22,7 @@ PROMPTS = [
 def model_dir(tmp_path_factory):
     return make_tiny_llama_dir(tmp_path_factory.mktemp("pw") / "m", hidden_size=256,
                                num_heads=4, num_kv_heads=1, intermediate_size=512,
-                               num_layers=3)
+                               num_layers=3, max_position_embeddings=1024)
 
 
 def _llm(model_dir, piecewise: bool, monkeypatch):
@@ -37,13 +37,13 @@ def _llm(model_dir, piecewise: bool, monkeypatch):
 def test_pieces_are_captured_per_bucket(model_dir, monkeypatch):
     llm = _llm(model_dir, True, monkeypatch)
     pw = llm.llm_engine.core.runner.piecewise
-    assert pw is not None and pw.buckets == [256, 512]
+    assert pw is not None and pw.buckets == [16, 32, 64, 128, 256, 512]
     n_layers = len(llm.llm_engine.core.runner.model.model.layers)
     for b in pw.buckets:
         assert len(pw.pieces[b].graphs) == n_layers + 1 and len(pw.pieces[b].ops) == n_layers
 
 
-@pytest.mark.parametrize("n", [37, 256, 300])
+@pytest.mark.parametrize("n", [5, 37, 256, 300])
 def test_replay_hidden_states_equal_the_eager_forward(model_dir, monkeypatch, n):
     llm = _llm(model_dir, True, monkeypatch)
     runner = llm.llm_engine.core.runner

@@ -60,9 +60,10 @@ def test_split_after_the_kv_write_gives_the_plain_forward(tmp_path: Path) -> Non
 
 
 def test_token_buckets_and_padding_choice() -> None:
-    assert token_buckets(2048) == [256, 512, 1024, 2048]
-    assert token_buckets(600) == [256, 512]
-    assert token_buckets(128) == []
+    assert token_buckets(8192) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert token_buckets(600) == [16, 32, 64, 128, 256, 512]
+    assert token_buckets(100) == [16, 32, 64]
+    assert token_buckets(8) == []
     assert bucket_for(1, [256, 512]) == 256
     assert bucket_for(257, [256, 512]) == 512
     assert bucket_for(513, [256, 512]) is None

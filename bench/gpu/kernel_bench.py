@@ -246,7 +246,14 @@ def decode_ragged(b=256, lo=100, hi=1100):
     """W1-like decode batches: b requests with context lengths uniform in [lo, hi] (seeded),
     the shipped config per cache kind against the same tile with more context splits
     (DecodeConfig.programs), timed from a CUDA graph. kv_TBps: live KV bytes / time. Short
-    contexts give each (request, KV head) program little work; splits balance it."""
+    contexts give each (request, KV head) program little work; splits balance it.
+    DECODE_RAGGED_BATCHES="64 128 256" runs each batch size; DECODE_RAGGED_SPLITS=0 times the
+    shipped split target only (no 4096/8192/16384-program rows)."""
+    for bb in [int(x) for x in os.environ.get("DECODE_RAGGED_BATCHES", str(b)).split()]:
+        _decode_ragged_batch(bb, lo, hi)
+
+
+def _decode_ragged_batch(b: int, lo: int, hi: int) -> None:
     rng = random.Random(0)
     lens = [rng.randint(lo, hi) for _ in range(b)]
     meta, nb = meta_for([(n - 1, 1) for n in lens], seed=1)
@@ -259,8 +266,9 @@ def decode_ragged(b=256, lo=100, hi=1100):
             shipped = ta.decode_config(b, kv_dt)
             ref = ta.triton_paged_attention(q, cache, fresh(meta), D**-0.5).float()
             gb = sum(lens) * KVH * D * 2 * cache.element_size() / 1e9
-            for programs in (shipped.programs, 4096, 8192, 16384):
-                for block_n in sorted({shipped.block_n, 32, 128}):
+            more = () if os.environ.get("DECODE_RAGGED_SPLITS") == "0" else (4096, 8192, 16384)
+            for programs in (shipped.programs, *more):
+                for block_n in sorted({shipped.block_n, 16, 32, 64, 128}):
                     cfg = ta.DecodeConfig(block_n, shipped.num_warps, shipped.num_stages,
                                           shipped.k_cvt, shipped.v_cvt, programs)
                     ta.DECODE_CONFIGS[kind] = ((1, cfg),)

@@ -9,12 +9,14 @@
 #   same for W3's eager 1,024-token prefill step: its host launch time), launch-cost (host time
 #   per launch of each op of that step: bench/gpu/launch_cost.py), decode-ragged (decode
 #   attention on W1-like ragged batches, more splits: kernel_bench.py decode-ragged),
-#   piecewise-tests (the opt-in piecewise prefill graphs' GPU tests and the engine's), pdl-check (the GPU
+#   piecewise-tests (the opt-in piecewise prefill graphs' GPU tests and the engine's; pw-tests: only
+#   the piecewise ones), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
 #   w3-env (one W3 run per entry of W3_ENVS, each a comma-joined list of VAR=VAL; W3_EXTRA: more
-#   latency arguments, e.g. "--quantization awq")
+#   latency arguments, e.g. "--quantization awq"), w1-env (the same for W1: W1_ENVS, W1_EXTRA,
+#   e.g. "--quantization fp8 --kv-cache-dtype fp8")
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -81,7 +83,10 @@ for s in $stages; do
                > "$OUT/host_prof.txt" 2>"$OUT/hostprof.err" || { rc=1; tail -20 "$OUT/hostprof.err"; }
              tail -1 "$OUT/host_prof.txt" ;;
     piecewise-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py tests/test_gpu_engine.py \
+               tests/test_gpu_attention.py::test_decode_config_names_table_and_env_override \
                2>&1 | tee "$OUT/piecewise_tests.log" | tail -5 || rc=1 ;;
+    pw-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py 2>&1 \
+               | tee "$OUT/pw_tests.log" | tail -15 || rc=1 ;;
     launch-cost) $PY bench/gpu/launch_cost.py | tee "$OUT/launch_cost.jsonl" || rc=1 ;;
     decode-ragged) $PY bench/gpu/kernel_bench.py decode-ragged | tee "$OUT/decode_ragged.jsonl" || rc=1 ;;
     prefill-prof) $PY bench/gpu/host_profile.py $COMMON --max-num-seqs 8 --w3-prefill 1024 --steps 10 \
@@ -97,7 +102,14 @@ for s in $stages; do
                env ${v//,/ } $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 ${W3_EXTRA:-} \
                  --batch-size 1 --input-len 1024 --output-len 128 --num-iters 5 \
                  --output-json "$OUT/w3_env.jsonl" 2>"$OUT/w3v.err" || { rc=1; tail -20 "$OUT/w3v.err"; }
-               tail -1 "$OUT/w3_env.jsonl" | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d["runs"][0]; print(d["env"].get("knobs"), "ITL", r["itl_ms"], r["itl_ms_all"], "TTFT", r["ttft_ms"])'
+               tail -1 "$OUT/w3_env.jsonl" | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d["runs"][0]; fs=sorted(r.get("first_step_ms_all") or [0]); print(d["env"].get("knobs"), "ITL", r["itl_ms"], r["itl_ms_all"], "TTFT", r["ttft_ms"], r.get("ttft_ms_all"), "first-step host ms", fs[len(fs)//2])'
+             done ;;
+    w1-env)  for v in ${W1_ENVS:-MODELPORT_PDL=1}; do  # one W1 run per comma-joined VAR=VAL list
+               echo "--- $v"
+               env ${v//,/ } $PY -m modelport.bench.throughput $COMMON --num-prompts 256 ${W1_EXTRA:-} \
+                 --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} \
+                 --output-json "$OUT/w1_env.jsonl" 2>"$OUT/w1v.err" || { rc=1; tail -20 "$OUT/w1v.err"; }
+               tail -1 "$OUT/w1_env.jsonl" | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d["runs"][0]; print(d["env"].get("knobs"), r["output_tok_s"], "tok/s", r["seconds"], "s admission", r["admission_phase"], "decode", r["decode_phase"], "startup", r["startup_s"])'
              done ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \

@@ -590,7 +590,12 @@ DECODE_CONFIGS: dict[str, tuple[tuple[int, DecodeConfig], ...]] = {
     # batch 1: one 128-row tile a program, 16 splits, 8 warps: 9.8 -> 6.4 us a layer at 1,024
     # tokens (bench/gpu/fusion_bench.py attn, 2026-12-04-h200-attn-b1-configs.jsonl)
     "16bit": ((1, DecodeConfig(block_n=128, num_warps=8, programs=128)),
-              (2, DecodeConfig(num_stages=3))),
+              (2, DecodeConfig(num_stages=3)),
+              # W1-like ragged contexts (100-1,100 tokens): 32-row tiles from 128 rows, 191 ->
+              # 158 us a layer at 256 rows, 97 -> 84 at 128 (at 64 rows 64-row tiles stay
+              # best: 50 vs 68; kernel_bench.py decode-ragged); W1 9,996 -> 10,153 tok/s
+              # (bench/results/2026-12-04-h200-w1-piecewise-n32.jsonl)
+              (128, DecodeConfig(block_n=32, num_stages=3))),
     "fp8": ((1, DecodeConfig(k_cvt=1, v_cvt=5)),),
 }
 

@@ -60,7 +60,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.graphs = None  # DecodeGraphs on CUDA unless enforce_eager (see cuda_graphs.py)
-        self.piecewise = None  # opt-in PiecewiseGraphs for prefill / mixed steps
+        self.piecewise = None  # PiecewiseGraphs for prefill / mixed steps (CUDA, tp 1)
         # the last launched step's sampled ids (device) and each sampling request's row in it:
         # a placeholder token of the next step (async scheduling) is read from here
         self._prev_tokens: torch.Tensor | None = None
@@ -218,8 +218,8 @@ class ModelRunner:
                 self.model, self.kv_caches, sc.max_num_batched_tokens, mc.num_attention_heads,
                 mc.head_dim, self.dtype, self.block_size, self.device,
             )
-            pw.capture()
-            self.piecewise = pw
+            if pw.capture():
+                self.piecewise = pw
 
     def shutdown(self) -> None:
         if self.tp_workers is not None:

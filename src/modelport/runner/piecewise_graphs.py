@@ -1,21 +1,19 @@
-"""Experimental, opt-in (MODELPORT_PIECEWISE_GRAPHS=1): prefill and mixed steps replayed from
-CUDA graphs cut at attention.
+"""Prefill and mixed steps replayed from CUDA graphs cut at attention (on by default on CUDA
+with the decode graphs; MODELPORT_PIECEWISE_GRAPHS=0 or enforce_eager turns them off).
 
 A 1,024-token prefill of an 8B model is ~320 launches from Python (193 Triton kernels, 129
-cuBLAS calls); their host time (14-39 ms on the H200 machine, bench/README.md eighth round)
-can exceed the ~22 ms the device needs, and then TTFT follows the host. Attention is the
-one part of such a step whose launch depends on the step's shape beyond its token count (a
-Triton launch plan per request and query block), so everything else is captured per token
-bucket: for each layer, one graph from the previous attention to this layer's KV write
-(norms, projections, rotary, KV write at a static slot buffer, SiLU), then this layer's
-attention launched eagerly from the step's metadata into one static output buffer the next
-graph reads. A step of n tokens pads to its bucket: pad tokens have slot -1 (no KV write)
-and lie outside every request's query range (attention never reads or writes them), and the
-caller uses rows [0, n) only. Graphs replay in capture order and share one memory pool.
-
-Not measured on a GPU yet: bench/gpu/run_all.sh w3-env with
-W3_ENVS="MODELPORT_PIECEWISE_GRAPHS=0 MODELPORT_PIECEWISE_GRAPHS=1", and
-tests/test_gpu_piecewise.py.
+cuBLAS calls) at ~20-30 us of host time each on the H200 machine (bench/gpu/launch_cost.py);
+their host time (14-39 ms, bench/README.md eighth round) can exceed the ~22 ms the device
+needs, and then TTFT follows the host. Attention is the one part of such a step whose launch
+depends on the step's shape beyond its token count (a Triton launch plan per request and
+query block), so everything else is captured per token bucket: for each layer, one graph
+from the previous attention to this layer's KV write (norms, projections, rotary, KV write
+at a static slot buffer, SiLU), then this layer's attention launched eagerly from the step's
+metadata into one static output buffer the next graph reads. A step of n tokens pads to its
+bucket: pad tokens have slot -1 (no KV write) and lie outside every request's query range
+(attention never reads or writes them), and the caller uses rows [0, n) only. Graphs replay
+in capture order and share one memory pool. Measured (ninth round): the W3 prefill step's
+host time 13.7-30.7 ms -> 3.2-5.2 ms, TTFT 23.0-23.9 ms.
 """
 
 from __future__ import annotations
@@ -33,8 +31,8 @@ from modelport.layers.attention import AttentionMetadata, ForwardContext, forwar
 
 logger = logging.getLogger(__name__)
 
-ENABLED = os.environ.get("MODELPORT_PIECEWISE_GRAPHS", "0") == "1"
-BUCKETS = (256, 512, 1024, 2048)  # token counts captured (those <= max_num_batched_tokens)
+ENABLED = os.environ.get("MODELPORT_PIECEWISE_GRAPHS", "1") != "0"
+BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)  # token counts captured (those <= max_num_batched_tokens)
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -133,12 +131,17 @@ class PiecewiseGraphs:
         )
 
     @torch.inference_mode()
-    def capture(self) -> float:
+    def capture(self) -> bool:
         """Capture every bucket, largest first, in one memory pool. Each bucket first runs
-        eagerly (compiles and autotunes its kernels, picks the attention backend)."""
+        eagerly (compiles and autotunes its kernels, picks the attention backend). False
+        (logged; the caller runs those steps eagerly) when a layer's attention is not the
+        Triton kernel or does not go through the split (a model with its own attention)."""
         from modelport.layers import triton_attention as ta
+        from modelport.layers.attention import Attention
 
+        n_attn = sum(isinstance(m, Attention) for m in self.model.modules())
         t0 = time.perf_counter()
+        mem0 = torch.cuda.memory_reserved(self.device)
         for buf in self.inputs.values():
             buf[2].fill_(-1)
         pool = torch.cuda.graph_pool_handle()
@@ -157,15 +160,21 @@ class PiecewiseGraphs:
                     out = self.model(ids, pos)
                     rec.end()
                 rec.pieces.output = out
-                if any(m.backend is not ta.triton_paged_attention for m, _, _ in rec.pieces.ops):
-                    raise RuntimeError("piecewise CUDA graphs need the Triton attention backend")
+                ops = rec.pieces.ops
+                if (len(ops) != n_attn or n_attn == 0
+                        or any(m.backend is not ta.triton_paged_attention for m, _, _ in ops)):
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+                    self.pieces.clear()
+                    logger.info("piecewise CUDA graphs off: %d of the model's %d attention "
+                                "layers split on the Triton kernel", len(ops), n_attn)
+                    return False
                 self.pieces[b] = rec.pieces
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        took = time.perf_counter() - t0
         logger.info("captured piecewise CUDA graphs for prefill / mixed steps of %s tokens "
-                    "in %.1f s", self.buckets, took)
-        return took
+                    "in %.1f s (%.0f MiB)", self.buckets, time.perf_counter() - t0,
+                    (torch.cuda.memory_reserved(self.device) - mem0) / 2**20)
+        return True
 
     def replay(self, meta: AttentionMetadata, input_ids: list[int], positions: list[int],
                slots: list[int], fill: Callable[[torch.Tensor], None] | None = None,
