@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.tiny_models import make_tiny_llama_dir
-from modelport.config import LoadConfig
-from modelport.loader import load_model, load_model_config, resolve_model
+from helpers.tiny_models import load_cpu, make_tiny_llama_dir
 from modelport.quantization import fp8
 
 
@@ -75,10 +73,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama_dir(tmp_path_factory.mktemp("f8h") / "hf", seed=3)
 
 
-def _load(path: Path, quantization: str | None) -> torch.nn.Module:
-    src = resolve_model(str(path))
-    return load_model(src, load_model_config(src), LoadConfig(quantization=quantization),
-                      torch.float32, torch.device("cpu"))
+_load = load_cpu
 
 
 def test_wiring_marks_the_producers_of_fp8_inputs(tiny: Path) -> None:

@@ -16,9 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.tiny_models import TINY_PROMPT as PROMPT
-from helpers.tiny_models import make_tiny_llama_dir, run_one_sequence
-from modelport.config import LoadConfig
-from modelport.loader import load_model, load_model_config, resolve_model
+from helpers.tiny_models import load_cpu, make_tiny_llama_dir, run_one_sequence
 from modelport.quantization import kernels
 from modelport.quantization.awq import AWQConfig, pack_awq
 from modelport.quantization.gptq import GPTQConfig, pack_gptq
@@ -100,10 +98,7 @@ def quantize_folder(src: Path, out: Path, method: str, bits: int = 4, group: int
     return qdir, rdir
 
 
-def _load(path: Path, quantization: str | None = None) -> torch.nn.Module:
-    src = resolve_model(str(path))
-    return load_model(src, load_model_config(src), LoadConfig(quantization=quantization),
-                      torch.float32, torch.device("cpu"))
+_load = load_cpu
 
 
 @pytest.fixture(scope="module")

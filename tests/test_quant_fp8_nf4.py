@@ -11,18 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.tiny_models import TINY_PROMPT as PROMPT
-from helpers.tiny_models import make_tiny_llama_dir, run_one_sequence
-from modelport.config import LoadConfig
-from modelport.loader import load_model, load_model_config, resolve_model
+from helpers.tiny_models import load_cpu, make_tiny_llama_dir, run_one_sequence
 from modelport.quantization.fp8 import FP8Config, fp8_supported
 from modelport.quantization.nf4 import NF4_CODE, NF4Config, nf4_encode
 from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
 
-
-def _load(path: Path, quantization: str | None = None, fmt: str = "auto") -> torch.nn.Module:
-    src = resolve_model(str(path))
-    return load_model(src, load_model_config(src), LoadConfig(load_format=fmt, quantization=quantization),
-                      torch.float32, torch.device("cpu"))
+_load = load_cpu
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,12 @@ import torch
 
 import modelport.quantization.loading as quant_loading
 from helpers.tiny_models import TINY_PROMPT as PROMPT
-from helpers.tiny_models import make_tiny_llama_dir, make_tiny_llama_gguf, run_one_sequence
+from helpers.tiny_models import (
+    load_cpu,
+    make_tiny_llama_dir,
+    make_tiny_llama_gguf,
+    run_one_sequence,
+)
 from modelport.config import LoadConfig
 from modelport.loader import load_model, load_model_config, resolve_model
 from modelport.quantization.gguf_formats import GGML_TYPES, unpack
@@ -61,10 +66,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama_dir(tmp_path_factory.mktemp("qg") / "hf", seed=5)
 
 
-def _load(path: Path, quantization: str | None) -> torch.nn.Module:
-    src = resolve_model(str(path))
-    return load_model(src, load_model_config(src), LoadConfig(quantization=quantization),
-                      torch.float32, torch.device("cpu"))
+_load = load_cpu
 
 
 def _assert_int4_close(got: torch.Tensor, ref: torch.Tensor) -> None:

@@ -301,3 +301,13 @@ def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
     w.write_tensors_to_file()
     w.close()
     return Path(out)
+
+
+def load_cpu(path: Path, quantization: str | None = None, fmt: str = "auto") -> torch.nn.Module:
+    """Load a model folder (or file) with modelport's loader on CPU in float32."""
+    from modelport.config import LoadConfig
+    from modelport.loader import load_model, load_model_config, resolve_model
+
+    src = resolve_model(str(path))
+    return load_model(src, load_model_config(src), LoadConfig(load_format=fmt, quantization=quantization),
+                      torch.float32, torch.device("cpu"))

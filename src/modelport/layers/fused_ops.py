@@ -142,8 +142,11 @@ def _rotary_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr,
+def _silu_and_mul_kernel(x_ptr, out_ptr, q_ptr, s_ptr, stride_x, stride_o, stride_q, n_cols,
+                         BLOCK: tl.constexpr, QUANT: tl.constexpr = False,
                          PDL: tl.constexpr = False):
+    """silu(gate) * up over BLOCK columns of a row; QUANT (one program a whole row): also the
+    row's E4M3 codes and scale."""
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -153,22 +156,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.c
     u = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
     act = _round(g / (1.0 + tl.exp(-g)), dt)
     tl.store(out_ptr + row * stride_o + offs, (act * u).to(dt), mask=mask)
-
-
-@triton.jit
-def _silu_and_mul_quant_kernel(x_ptr, out_ptr, q_ptr, s_ptr, stride_x, stride_o, stride_q,
-                               n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    """_silu_and_mul_kernel over a whole row per program, plus the row's E4M3 codes/scale."""
-    pdl.wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n_cols
-    dt = out_ptr.dtype.element_ty
-    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-    act = _round(g / (1.0 + tl.exp(-g)), dt)
-    tl.store(out_ptr + row * stride_o + offs, (act * u).to(dt), mask=mask)
-    _quant_row(_round(act * u, dt), q_ptr + row * stride_q, s_ptr + row, offs, mask)
+    if QUANT:
+        _quant_row(_round(act * u, dt), q_ptr + row * stride_q, s_ptr + row, offs, mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -274,8 +263,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(n_rows, triton.cdiv(n, block))](
             x,
             out,
+            out,
+            out,
             x.stride(0),
             out.stride(0),
+            0,
             n,
             BLOCK=block,
             num_warps=4,
@@ -294,8 +286,8 @@ def silu_and_mul_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     q, qs = _quant_outputs(n_rows, n, x.device)
     block = triton.next_power_of_2(n)
     if n_rows:
-        _silu_and_mul_quant_kernel[(n_rows,)](
-            x, out, q, qs, x.stride(0), out.stride(0), q.stride(0), n, BLOCK=block,
+        _silu_and_mul_kernel[(n_rows, 1)](
+            x, out, q, qs, x.stride(0), out.stride(0), q.stride(0), n, BLOCK=block, QUANT=True,
             num_warps=min(16, max(1, block // 1024)), **pdl.kernel_kwargs(),
         )  # fmt: skip
     return out, q, qs
