@@ -4,7 +4,8 @@
 #   bash bench/gpu/run_all.sh [stage ...]      stages: tests kernels w3 w1 hf-w3 hf-w1 (default: all);
 #   also w3-sync w1-sync (async scheduling off), w3-fp8kv w1-fp8kv (FP8 KV cache), w1-fp8
 #   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench,
-#   w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1),
+#   quant-decode (decode tok/s at batch 1 and 64 per weight format, bench/quant_decode.py;
+#   QD_FORMATS="none awq ..." picks formats), w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1),
 #   host-prof (cProfile of FP8 W1 engine steps: bench/gpu/host_profile.py), prefill-prof (the
 #   same for W3's eager 1,024-token prefill step: its host launch time), launch-cost (host time
 #   per launch of each op of that step: bench/gpu/launch_cost.py), decode-ragged (decode
@@ -77,6 +78,12 @@ for s in $stages; do
                2>&1 | tee "$OUT/quant_tests.log" | tail -25 || rc=1 ;;
     quant-bench) $PY bench/quant_gpu_linear.py --batch ${QUANT_BATCHES:-1 4 16 64 256 2048} ${QUANT_FORMATS:+--formats $QUANT_FORMATS} \
                --json "$OUT/quant_linear.json" 2>&1 | tail -40 || rc=1 ;;
+    quant-decode) for f in ${QD_FORMATS:-none awq gptq fp8 bitsandbytes}; do  # a process each
+               $PY bench/quant_decode.py $COMMON --max-num-seqs 64 --formats $f \
+                 --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" | python3 -c 'import json,sys
+for l in sys.stdin: d=json.loads(l); print(d["format"], d["batch"], d["weights_mb"], "MB ITL", d["itl_ms"], "tok/s", d["decode_tok_s"])' \
+                 || { rc=1; tail -20 "$OUT/qd.err"; }
+             done ;;
     w4-sweep) $PY bench/gpu/w4_gemv_sweep.py --batch ${SWEEP_BATCHES:-1} --out "$OUT/w4_gemv_sweep.jsonl" \
                | grep '"best"' || rc=1 ;;
     host-prof) $PY bench/gpu/host_profile.py $COMMON --num-prompts 256 --kv-cache-dtype fp8 \
