@@ -248,7 +248,8 @@ def decode_ragged(b=256, lo=100, hi=1100):
     (DecodeConfig.programs), timed from a CUDA graph. kv_TBps: live KV bytes / time. Short
     contexts give each (request, KV head) program little work; splits balance it.
     DECODE_RAGGED_BATCHES="64 128 256" runs each batch size; DECODE_RAGGED_SPLITS=0 times the
-    shipped split target only (no 4096/8192/16384-program rows)."""
+    shipped split target only (no 4096/8192/16384-program rows); DECODE_RAGGED_ALL=1 times
+    every DECODE_CANDIDATES config of each kind instead (warps, stages, fp8 upcasts too)."""
     for bb in [int(x) for x in os.environ.get("DECODE_RAGGED_BATCHES", str(b)).split()]:
         _decode_ragged_batch(bb, lo, hi)
 
@@ -267,25 +268,29 @@ def _decode_ragged_batch(b: int, lo: int, hi: int) -> None:
             ref = ta.triton_paged_attention(q, cache, fresh(meta), D**-0.5).float()
             gb = sum(lens) * KVH * D * 2 * cache.element_size() / 1e9
             more = () if os.environ.get("DECODE_RAGGED_SPLITS") == "0" else (4096, 8192, 16384)
-            for programs in (shipped.programs, *more):
-                for block_n in sorted({shipped.block_n, 16, 32, 64, 128}):
-                    cfg = ta.DecodeConfig(block_n, shipped.num_warps, shipped.num_stages,
-                                          shipped.k_cvt, shipped.v_cvt, programs)
-                    ta.DECODE_CONFIGS[kind] = ((1, cfg),)
-                    m = fresh(meta)
-                    try:
-                        out = ta.triton_paged_attention(q, cache, m, D**-0.5)
-                        err = ((out.float() - ref).norm() / ref.norm()).item()
-                        fn = functools.partial(ta.triton_paged_attention, q, cache, m, D**-0.5)
-                        ms = do_bench_cudagraph(fn, rep=20, return_mode="median")
-                    except Exception as e:  # a config that does not compile or launch
-                        emit(kernel="decode_ragged", kv=kind, config=cfg.name,
-                             error=f"{type(e).__name__}: {e}"[:300])
-                        continue
-                    emit(kernel="decode_ragged", kv=kind, batch=b, ctx=[lo, hi],
-                         config=cfg.name, shipped=cfg == shipped,
-                         splits=m.backend_state["triton"].splits, us_graph=round(ms * 1e3, 1),
-                         kv_TBps=round(gb / ms, 2), rel_err=float(f"{err:.1e}"))
+            if os.environ.get("DECODE_RAGGED_ALL") == "1":
+                cfgs = list(dict.fromkeys((shipped, *ta.DECODE_CANDIDATES[kind])))
+            else:
+                cfgs = [ta.DecodeConfig(block_n, shipped.num_warps, shipped.num_stages,
+                                        shipped.k_cvt, shipped.v_cvt, programs)
+                        for programs in (shipped.programs, *more)
+                        for block_n in sorted({shipped.block_n, 16, 32, 64, 128})]
+            for cfg in cfgs:
+                ta.DECODE_CONFIGS[kind] = ((1, cfg),)
+                m = fresh(meta)
+                try:
+                    out = ta.triton_paged_attention(q, cache, m, D**-0.5)
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    fn = functools.partial(ta.triton_paged_attention, q, cache, m, D**-0.5)
+                    ms = do_bench_cudagraph(fn, rep=20, return_mode="median")
+                except Exception as e:  # a config that does not compile or launch
+                    emit(kernel="decode_ragged", kv=kind, config=cfg.name,
+                         error=f"{type(e).__name__}: {e}"[:300])
+                    continue
+                emit(kernel="decode_ragged", kv=kind, batch=b, ctx=[lo, hi],
+                     config=cfg.name, shipped=cfg == shipped,
+                     splits=m.backend_state["triton"].splits, us_graph=round(ms * 1e3, 1),
+                     kv_TBps=round(gb / ms, 2), rel_err=float(f"{err:.1e}"))
     finally:
         ta.DECODE_CONFIGS.clear()
         ta.DECODE_CONFIGS.update(saved)
