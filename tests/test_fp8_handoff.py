@@ -27,6 +27,17 @@ def test_take_returns_the_offer_for_the_same_tensor_once() -> None:
     assert fp8.take_quantized(x) is None  # taken: gone
 
 
+def test_inference_mode_tensors_have_no_version_but_hand_off() -> None:
+    with torch.inference_mode():  # how the engine runs its forward
+        x = torch.randn(3, 32)
+        q, s = _codes(x)
+        fp8.offer_quantized(x, q, s)
+        assert fp8.take_quantized(x.clone()) is None
+        fp8.offer_quantized(x, q, s)
+        got = fp8.take_quantized(x)
+    assert got is not None and got[0] is q
+
+
 def test_another_tensor_or_an_in_place_change_gets_nothing() -> None:
     x = torch.randn(3, 32)
     fp8.offer_quantized(x, *_codes(x))

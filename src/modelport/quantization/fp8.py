@@ -208,17 +208,26 @@ def quantize_fp8_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 _handoff = threading.local()
 
 
+def _version(x: torch.Tensor) -> int | None:
+    """x's in-place version counter; None for inference-mode tensors, which keep none (the
+    engine's forward runs in inference mode: there the identity check alone applies)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 def offer_quantized(x: torch.Tensor, xq: torch.Tensor, scale: torch.Tensor) -> None:
     """Offer x's per-token E4M3 codes [M, K] and fp32 scales [M, 1] to the next FP8 layer."""
-    _handoff.item = (x, x._version, xq, scale)
+    _handoff.item = (x, _version(x), xq, scale)
 
 
 def take_quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The offered (codes, scales) when x is the offered tensor, unmodified; else None. Any
-    call clears the offer."""
+    """The offered (codes, scales) when x is the offered tensor, unmodified (where it has a
+    version counter); else None. Any call clears the offer."""
     item = getattr(_handoff, "item", None)
     _handoff.item = None
-    if item is None or item[0] is not x or item[1] != x._version:
+    if item is None or item[0] is not x or item[1] != _version(x):
         return None
     return item[2], item[3]
 
