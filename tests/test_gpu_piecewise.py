@@ -77,3 +77,14 @@ def test_generation_equals_the_eager_prefill_path(model_dir, monkeypatch):
             for t, lp in da.items():
                 if t in db:
                     assert abs(lp.logprob - db[t].logprob) < 0.05
+
+
+def test_enforce_eager_captures_nothing(model_dir, monkeypatch):
+    from modelport import LLM
+    from modelport.runner import piecewise_graphs as pg
+
+    monkeypatch.setattr(pg, "ENABLED", True)
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=1024, block_size=16,
+              gpu_memory_utilization=0.3, max_num_batched_tokens=512, enforce_eager=True)
+    runner = llm.llm_engine.core.runner
+    assert runner.piecewise is None and runner.graphs is None

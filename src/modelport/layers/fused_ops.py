@@ -21,6 +21,7 @@ from modelport.layers import pdl
 from modelport.layers.activation import SiluAndMul
 from modelport.layers.layernorm import RMSNorm
 from modelport.layers.rotary import RotaryEmbedding
+from modelport.quantization import fp8 as fp8_linear
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,17 +309,8 @@ def _fusable(x: torch.Tensor) -> bool:
 def _quantizes(mod: nn.Module, x: torch.Tensor, n_cols: int) -> bool:
     """Whether mod's output goes to an FP8 layer that will quantize it (fp8_out, set by
     quantization.fp8.wire_fused_input_quant; more rows than its unquantized GEMV takes)."""
-    if not getattr(mod, "fp8_out", False) or n_cols > QUANT_MAX_COLS:
-        return False
-    from modelport.quantization import fp8
-
-    return x.shape[0] > fp8.W8A16_MAX_M
-
-
-def _offer(y: torch.Tensor, q: torch.Tensor, qs: torch.Tensor) -> None:
-    from modelport.quantization import fp8
-
-    fp8.offer_quantized(y, q, qs)
+    return (getattr(mod, "fp8_out", False) and n_cols <= QUANT_MAX_COLS
+            and x.shape[0] > fp8_linear.W8A16_MAX_M)
 
 
 class FusedRMSNorm(RMSNorm):
@@ -328,7 +320,7 @@ class FusedRMSNorm(RMSNorm):
             return super().forward(x, residual)
         if _quantizes(self, x, x.shape[1]):
             res, q, qs = rms_norm_quant(x, self.weight, self.eps, residual)
-            _offer(res if residual is None else res[0], q, qs)
+            fp8_linear.offer_quantized(res if residual is None else res[0], q, qs)
             return res
         return rms_norm(x, self.weight, self.eps, residual)
 
@@ -339,7 +331,7 @@ class FusedSiluAndMul(SiluAndMul):
             return super().forward(x)
         if _quantizes(self, x, x.shape[1] // 2):
             out, q, qs = silu_and_mul_quant(x)
-            _offer(out, q, qs)
+            fp8_linear.offer_quantized(out, q, qs)
             return out
         return silu_and_mul(x)
 
