@@ -13,7 +13,7 @@ metadata into one static output buffer the next graph reads. A step of n tokens 
 bucket: pad tokens have slot -1 (no KV write) and lie outside every request's query range
 (attention never reads or writes them), and the caller uses rows [0, n) only. Graphs replay
 in capture order and share one memory pool. Measured (ninth round): the W3 prefill step's
-host time 15-39 ms -> 3-5 ms, TTFT 23.0-23.9 ms.
+host time 15-39 ms -> 3-5 ms, TTFT 22.8-23.9 ms.
 """
 
 from __future__ import annotations
