@@ -53,7 +53,7 @@ def test_replay_hidden_states_equal_the_eager_forward(model_dir, monkeypatch, n)
     args = (ids, list(range(n)), slots, [0, n], [n], [blocks])
     with torch.inference_mode():
         eager = runner._eager_forward(*args).float().clone()
-        meta = runner._step_meta(*args[2:])
+        meta = runner._step_meta(runner.piecewise.slot_view(n), *args[3:])  # as launch() does
         replayed = runner.piecewise.replay(meta, ids, list(range(n)), slots).float()
     assert replayed.shape == eager.shape
     assert ((replayed - eager).norm() / eager.norm()).item() < 1e-2

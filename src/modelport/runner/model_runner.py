@@ -251,8 +251,9 @@ class ModelRunner:
 
         return fill
 
-    def _step_meta(self, slots: list[int], qsl: list[int], seq_lens: list[int],
+    def _step_meta(self, slots: list[int] | torch.Tensor, qsl: list[int], seq_lens: list[int],
                    tables: list[list[int]]) -> AttentionMetadata:
+        # slots: a host list, copied over; or a device tensor already holding them
         # width rounded up to 16 entries: the Triton kernels specialize on their integer
         # arguments' divisibility by 16, so a width that changes with every step would
         # otherwise compile a second variant of each in the middle of a run
@@ -262,7 +263,8 @@ class ModelRunner:
             table_np[i, : len(t)] = t
         to_dev = self._to_dev
         return AttentionMetadata(
-            slot_mapping=to_dev(torch.tensor(slots, dtype=torch.int64)),
+            slot_mapping=(slots if isinstance(slots, torch.Tensor)
+                          else to_dev(torch.tensor(slots, dtype=torch.int64))),
             query_start_loc=to_dev(torch.tensor(qsl, dtype=torch.int32)),
             seq_lens=to_dev(torch.tensor(seq_lens, dtype=torch.int32)),
             block_tables=to_dev(torch.from_numpy(table_np)),
@@ -374,7 +376,9 @@ class ModelRunner:
                 and n_reqs <= self.graphs.max_batch):
             hidden = self._replay_decode(input_ids, positions, slots, seq_lens, tables, fill)
         elif self.piecewise is not None and len(input_ids) <= self.piecewise.max_tokens:
-            meta = self._step_meta(slots, qsl, seq_lens, tables)
+            # the graphs' own slot buffer (written by the replay's input copy): no second copy
+            meta = self._step_meta(self.piecewise.slot_view(len(input_ids)), qsl, seq_lens,
+                                   tables)
             hidden = self.piecewise.replay(meta, input_ids, positions, slots, fill)
         else:
             if self.tp_workers is not None:

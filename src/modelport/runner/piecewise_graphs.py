@@ -176,6 +176,12 @@ class PiecewiseGraphs:
                     (torch.cuda.memory_reserved(self.device) - mem0) / 2**20)
         return True
 
+    def slot_view(self, n: int) -> torch.Tensor:
+        """The device slot row a step of n tokens replays with ([n]; filled by ``replay``)."""
+        b = bucket_for(n, self.buckets)
+        assert b is not None, "the caller checks n <= max_tokens"
+        return self.inputs[b][2, :n]
+
     def replay(self, meta: AttentionMetadata, input_ids: list[int], positions: list[int],
                slots: list[int], fill: Callable[[torch.Tensor], None] | None = None,
                ) -> torch.Tensor:
