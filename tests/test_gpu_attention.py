@@ -512,6 +512,9 @@ def test_decode_config_names_table_and_env_override(monkeypatch):
     assert one == ta.DecodeConfig(block_n=128, num_warps=8, programs=128)
     assert ta.decode_splits(1, 8, one.programs) == 16
     assert ta.decode_config(2, torch.bfloat16) == ta.DecodeConfig(num_stages=3)
+    k1v5 = ta.DecodeConfig(k_cvt=1, v_cvt=5)
+    assert ta.decode_config(48, FP8) == k1v5 and ta.decode_config(65, FP8) == k1v5
+    assert ta.decode_config(64, FP8) == ta.DecodeConfig(block_n=128, num_stages=3, k_cvt=1, v_cvt=5)
     small, big = ta.DecodeConfig(block_n=32), ta.DecodeConfig(block_n=128, num_warps=8)
     monkeypatch.setitem(ta.DECODE_CONFIGS, "fp8", ((1, small), (64, big)))
     assert ta.decode_config(48, FP8) == small and ta.decode_config(49, FP8) == big

@@ -204,3 +204,21 @@ def test_triton_gemv_split_k_replays_in_cuda_graph(monkeypatch: pytest.MonkeyPat
         ref = x.float() @ w.t()
         torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
         assert int(cnt.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_encode_on_cuda_matches_cpu(double_quant: bool) -> None:
+    """The dummy NF4 loader packs on the weight's own device (an 8B run packs on the GPU)."""
+    from modelport.quantization.nf4 import nf4_encode
+
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(5))
+    on_cpu = nf4_encode(w, 64, double_quant)
+    on_gpu = nf4_encode(w.cuda(), 64, double_quant)
+    assert on_cpu.keys() == on_gpu.keys()
+    assert torch.equal(on_cpu[""], on_gpu[""].cpu())  # the packed 4-bit codes
+    for k, v in on_cpu.items():
+        g = on_gpu[k].cpu()
+        if v.is_floating_point():
+            assert torch.allclose(v, g, rtol=1e-5, atol=0), k
+        elif k == "absmax":  # double quant's 8-bit codes of absmax - mean: the mean may differ
+            assert (v.int() - g.int()).abs().max() <= 1  # in its last bit between devices

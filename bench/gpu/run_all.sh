@@ -11,8 +11,7 @@
 #   per launch of each op of that step: bench/gpu/launch_cost.py), decode-ragged (decode
 #   attention on W1-like ragged batches, more splits: kernel_bench.py decode-ragged),
 #   piecewise-tests (the opt-in piecewise prefill graphs' GPU tests and the engine's; pw-tests: only
-#   the piecewise ones), fp8-fused-tests (FP8 activations quantized inside the norm / SiLU
-#   kernels, MODELPORT_FP8_FUSED_QUANT=1: tests/test_fp8_fused_quant_gpu.py), pdl-check (the GPU
+#   the piecewise ones), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
@@ -93,8 +92,6 @@ for l in sys.stdin: d=json.loads(l); print(d["format"], d["batch"], d["weights_m
     piecewise-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py tests/test_gpu_engine.py \
                tests/test_gpu_attention.py::test_decode_config_names_table_and_env_override \
                2>&1 | tee "$OUT/piecewise_tests.log" | tail -5 || rc=1 ;;
-    fp8-fused-tests) $PY -m pytest -q -p no:cacheprovider tests/test_fp8_fused_quant_gpu.py 2>&1 \
-               | tee "$OUT/fp8_fused_tests.log" | tail -15 || rc=1 ;;
     pw-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py 2>&1 \
                | tee "$OUT/pw_tests.log" | tail -15 || rc=1 ;;
     launch-cost) $PY bench/gpu/launch_cost.py | tee "$OUT/launch_cost.jsonl" || rc=1 ;;

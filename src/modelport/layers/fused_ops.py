@@ -21,7 +21,6 @@ from modelport.layers import pdl
 from modelport.layers.activation import SiluAndMul
 from modelport.layers.layernorm import RMSNorm
 from modelport.layers.rotary import RotaryEmbedding
-from modelport.quantization import fp8 as fp8_linear
 
 
 # ----------------------------------------------------------------------------------------
@@ -43,18 +42,6 @@ def _round(x, dt: tl.constexpr):
 
 
 @triton.jit
-def _quant_row(y, q_row, s_ptr, offs, mask):
-    """Per-token E4M3 codes and scale of one output row y (fp32 values of the stored dtype),
-    as triton_fp8's quant_rows computes them from that stored row (same scale, same
-    correctly rounded division, same clamp): an FP8 linear layer takes them instead."""
-    amax = tl.max(tl.abs(y), axis=0)  # masked lanes are 0
-    scale = tl.maximum(amax * (1.0 / 448.0), 1e-12)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
-    tl.store(q_row + offs, q.to(tl.float8e4nv), mask=mask)
-    tl.store(s_ptr, scale)
-
-
-@triton.jit
 def _rmsnorm_kernel(
     x_ptr,
     res_ptr,
@@ -67,12 +54,8 @@ def _rmsnorm_kernel(
     stride_ro,
     n_cols,
     eps,
-    q_ptr,
-    s_ptr,
-    stride_q,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
-    QUANT: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -90,8 +73,6 @@ def _rmsnorm_kernel(
     var = tl.sum(x * x, 0) / n_cols
     y = _round(x * (1.0 / tl.sqrt(var + eps)), dt)
     tl.store(out_ptr + row * stride_o + offs, (w * y).to(dt), mask=mask)
-    if QUANT:
-        _quant_row(_round(w * y, dt), q_ptr + row * stride_q, s_ptr + row, offs, mask)
 
 
 @triton.jit
@@ -143,11 +124,8 @@ def _rotary_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, q_ptr, s_ptr, stride_x, stride_o, stride_q, n_cols,
-                         BLOCK: tl.constexpr, QUANT: tl.constexpr = False,
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr,
                          PDL: tl.constexpr = False):
-    """silu(gate) * up over BLOCK columns of a row; QUANT (one program a whole row): also the
-    row's E4M3 codes and scale."""
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -157,39 +135,20 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, q_ptr, s_ptr, stride_x, stride_o, strid
     u = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
     act = _round(g / (1.0 + tl.exp(-g)), dt)
     tl.store(out_ptr + row * stride_o + offs, (act * u).to(dt), mask=mask)
-    if QUANT:
-        _quant_row(_round(act * u, dt), q_ptr + row * stride_q, s_ptr + row, offs, mask)
 
 
 # ----------------------------------------------------------------------------------------
 # functions
 # ----------------------------------------------------------------------------------------
-FP8 = torch.float8_e4m3fn
-QUANT_MAX_COLS = 16384  # widest row the fused quantizing kernels keep in registers
-
-
-def _quant_outputs(n_rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty((n_rows, n), dtype=FP8, device=device),
-            torch.empty((n_rows, 1), dtype=torch.float32, device=device))
-
-
 def rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-    quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """norm(x) or (norm(x + residual), x + residual), as RMSNorm.forward, in one pass.
-
-    quant: (E4M3 [rows, n], fp32 [rows, 1]) buffers that also get the per-token FP8 codes and
-    scales of norm's output (see ``rms_norm_quant``)."""
+    """norm(x) or (norm(x + residual), x + residual), as RMSNorm.forward, in one pass."""
     n_rows, n = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else out
     res = residual if residual is not None else x
     block = triton.next_power_of_2(n)
-    q, qs = quant if quant is not None else (out, out)
     if n_rows:
         _rmsnorm_kernel[(n_rows,)](
             x,
@@ -203,25 +162,12 @@ def rms_norm(
             res_out.stride(0),
             n,
             eps,
-            q,
-            qs,
-            q.stride(0),
             HAS_RES=residual is not None,
             BLOCK=block,
-            QUANT=quant is not None,
             num_warps=min(16, max(1, block // 512)),
             **pdl.kernel_kwargs(),
         )
     return out if residual is None else (out, res_out)
-
-
-def rms_norm_quant(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(rms_norm(...), E4M3 codes [rows, n], fp32 scales [rows, 1]) in one launch: the codes
-    and scales are those ``triton_fp8.quantize_per_token`` gives for norm's output."""
-    q, qs = _quant_outputs(x.shape[0], x.shape[1], x.device)
-    return rms_norm(x, weight, eps, residual, quant=(q, qs)), q, qs
 
 
 def apply_rotary_(
@@ -264,34 +210,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(n_rows, triton.cdiv(n, block))](
             x,
             out,
-            out,
-            out,
             x.stride(0),
             out.stride(0),
-            0,
             n,
             BLOCK=block,
             num_warps=4,
             **pdl.kernel_kwargs(),
         )
     return out
-
-
-def silu_and_mul_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(silu_and_mul(x), its E4M3 codes [rows, n], fp32 scales [rows, 1]) in one launch, one
-    program a row (n <= QUANT_MAX_COLS)."""
-    n_rows, two_n = x.shape
-    n = two_n // 2
-    assert n <= QUANT_MAX_COLS
-    out = torch.empty((n_rows, n), dtype=x.dtype, device=x.device)
-    q, qs = _quant_outputs(n_rows, n, x.device)
-    block = triton.next_power_of_2(n)
-    if n_rows:
-        _silu_and_mul_kernel[(n_rows, 1)](
-            x, out, q, qs, x.stride(0), out.stride(0), q.stride(0), n, BLOCK=block, QUANT=True,
-            num_warps=min(16, max(1, block // 1024)), **pdl.kernel_kwargs(),
-        )  # fmt: skip
-    return out, q, qs
 
 
 # ----------------------------------------------------------------------------------------
@@ -306,22 +232,11 @@ def _fusable(x: torch.Tensor) -> bool:
     )
 
 
-def _quantizes(mod: nn.Module, x: torch.Tensor, n_cols: int) -> bool:
-    """Whether mod's output goes to an FP8 layer that will quantize it (fp8_out, set by
-    quantization.fp8.wire_fused_input_quant; more rows than its unquantized GEMV takes)."""
-    return (getattr(mod, "fp8_out", False) and n_cols <= QUANT_MAX_COLS
-            and x.shape[0] > fp8_linear.W8A16_MAX_M)
-
-
 class FusedRMSNorm(RMSNorm):
     def forward(self, x, residual=None):  # type: ignore[override]
         ok = _fusable(x) and (residual is None or _fusable(residual))
         if not ok or self.weight.dtype != x.dtype:
             return super().forward(x, residual)
-        if _quantizes(self, x, x.shape[1]):
-            res, q, qs = rms_norm_quant(x, self.weight, self.eps, residual)
-            fp8_linear.offer_quantized(res if residual is None else res[0], q, qs)
-            return res
         return rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -329,10 +244,6 @@ class FusedSiluAndMul(SiluAndMul):
     def forward(self, x):  # type: ignore[override]
         if not _fusable(x):
             return super().forward(x)
-        if _quantizes(self, x, x.shape[1] // 2):
-            out, q, qs = silu_and_mul_quant(x)
-            fp8_linear.offer_quantized(out, q, qs)
-            return out
         return silu_and_mul(x)
 
 

@@ -596,7 +596,12 @@ DECODE_CONFIGS: dict[str, tuple[tuple[int, DecodeConfig], ...]] = {
               # best: 50 vs 68; kernel_bench.py decode-ragged); W1 9,996 -> 10,153 tok/s
               # (bench/results/2026-12-04-h200-w1-piecewise-n32.jsonl)
               (128, DecodeConfig(block_n=32, num_stages=3))),
-    "fp8": ((1, DecodeConfig(k_cvt=1, v_cvt=5)),),
+    # fp8, ragged contexts (DECODE_RAGGED_ALL=1, 2026-12-04-h200-decode-ragged-all.jsonl):
+    # at 64 rows 128-row tiles, 3 stages: 46.8 -> 38.7 us a layer; at 128 and 256 rows the
+    # 64-row tile stays best (61.2 vs 75.2, 114.2 vs 146.3). Buckets between: not measured.
+    "fp8": ((1, DecodeConfig(k_cvt=1, v_cvt=5)),
+            (64, DecodeConfig(block_n=128, num_stages=3, k_cvt=1, v_cvt=5)),
+            (80, DecodeConfig(k_cvt=1, v_cvt=5))),
 }
 
 # What the decode-sweep benchmark times, per kind. Offline sm90 compile (loop body per KV

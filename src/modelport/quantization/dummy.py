@@ -52,9 +52,12 @@ def init_dummy_quantized(model: nn.Module, seed: int) -> None:
             n = sum(s for _, s in getattr(module, "shard_ranges", {}).values()) or module.output_size
             dev = module.quant_device
             w = (torch.randn(n, module.input_size, generator=gen_cpu) * DUMMY_STD).to(dev)
+            # packed on the layer's device; NF4's pieces are then handed over on the CPU, as
+            # a checkpoint's are (its unpacking runs there and moves the result to dev)
+            dest = "cpu" if getattr(method.config, "name", "") == "bitsandbytes" else dev
             for pname, tensor in encode(method.config, w).items():
                 param = module._parameters[pname]
-                param.weight_loader(param, tensor.to(dev), None)
+                param.weight_loader(param, tensor.to(dest), None)
             if module.bias is not None:
                 module.bias.normal_(0.0, DUMMY_STD)
             continue

@@ -32,7 +32,6 @@ numerics; it is not fast.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,63 +197,6 @@ def quantize_fp8_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return quantize_fp8_per_token_torch(x2)
 
 
-# -- activations quantized by the kernel that produced them --------------------------------
-# Opt-in (MODELPORT_FP8_FUSED_QUANT=1, runner): the fused RMSNorm and SiLU-and-multiply
-# kernels in front of an FP8 linear layer also write the per-token E4M3 codes and scales of
-# their own output, the same bits ``triton_fp8.quantize_per_token`` computes from that output,
-# and offer them here; the layer takes them instead of launching the quantizer. The offer is
-# keyed by the output tensor itself (identity and in-place version), so a consumer that gets
-# any other tensor quantizes as before.
-_handoff = threading.local()
-
-
-def _version(x: torch.Tensor) -> int | None:
-    """x's in-place version counter; None for inference-mode tensors, which keep none (the
-    engine's forward runs in inference mode: there the identity check alone applies)."""
-    try:
-        return x._version
-    except RuntimeError:
-        return None
-
-
-def offer_quantized(x: torch.Tensor, xq: torch.Tensor, scale: torch.Tensor) -> None:
-    """Offer x's per-token E4M3 codes [M, K] and fp32 scales [M, 1] to the next FP8 layer."""
-    _handoff.item = (x, _version(x), xq, scale)
-
-
-def take_quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The offered (codes, scales) when x is the offered tensor, unmodified (where it has a
-    version counter); else None. Any call clears the offer."""
-    item = getattr(_handoff, "item", None)
-    _handoff.item = None
-    if item is None or item[0] is not x or item[1] != _version(x):
-        return None
-    return item[2], item[3]
-
-
-def wire_fused_input_quant(model: nn.Module) -> int:
-    """Mark the norms / activations whose only consumer is an FP8 linear layer that quantizes
-    its input (``fp8_out = True``; the fused CUDA kernels read it): a decoder layer's input
-    norm (-> qkv_proj), post-attention norm (-> gate_up_proj) and MLP activation (->
-    down_proj). Returns how many were marked."""
-    def fp8(linear: object) -> bool:
-        return isinstance(getattr(linear, "quant_method", None), FP8LinearMethod)
-
-    n = 0
-    for layer in model.modules():
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        pairs = [
-            (getattr(layer, "input_layernorm", None), getattr(attn, "qkv_proj", None)),
-            (getattr(layer, "post_attention_layernorm", None), getattr(mlp, "gate_up_proj", None)),
-            (getattr(mlp, "act", None), getattr(mlp, "down_proj", None)),
-        ]
-        for producer, consumer in pairs:
-            if producer is not None and fp8(consumer):
-                producer.fp8_out = True
-                n += 1
-    return n
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # a view for the usual contiguous activations
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -283,8 +225,7 @@ def fp8_triton_mm(
 ) -> torch.Tensor:
     """Fused per-token quantization + the Triton FP8 GEMM (bf16/fp16 x; any K and N)."""
     n = w.shape[0]
-    pre = take_quantized(x)
-    xq, x_scale = pre if pre is not None else triton_fp8.quantize_per_token(_rows(x))
+    xq, x_scale = triton_fp8.quantize_per_token(_rows(x))
     y = triton_fp8.w8a8_linear(xq, x_scale, w, w_scale, bias, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
@@ -305,8 +246,7 @@ def fp8_scaled_mm(
     x2 = _rows(x)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
-    pre = take_quantized(x)
-    xq, x_scale = pre if pre is not None else quantize_fp8_per_token(x2)
+    xq, x_scale = quantize_fp8_per_token(x2)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     if w_scale.dtype != torch.float32:
         w_scale = w_scale.float()

@@ -188,7 +188,7 @@ def nf4_unpack(parts: dict[str, torch.Tensor], n: int, k: int) -> tuple[torch.Te
     if absmax.numel() != n * k // block:
         raise ValueError(f"NF4: absmax has {absmax.numel()} values, expected {n * k // block}")
     qmap = parts.get("nf4_quant_map")
-    if qmap is not None and not torch.allclose(qmap.float(), torch.tensor(NF4_CODE), atol=1e-6):
+    if qmap is not None and not torch.allclose(qmap.float().cpu(), torch.tensor(NF4_CODE), atol=1e-6):
         raise ValueError("NF4: quant_map is not the NF4 code book (FP4 checkpoints are not supported)")
     return codes, absmax.float().reshape(n, k // block)
 
@@ -201,8 +201,12 @@ def nf4_encode(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
     n, k = w.shape
     blocks = w.float().reshape(-1, blocksize)
     absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)
-    table = torch.tensor(NF4_CODE)
-    codes = (blocks / absmax[:, None]).unsqueeze(-1).sub(table).abs().argmin(-1).to(torch.uint8)
+    table = torch.tensor(NF4_CODE, device=w.device)
+    scaled = blocks / absmax[:, None]
+    codes = torch.cat([  # nearest code, 64K blocks at a time (a [blocks, 64, 16] temporary)
+        part.unsqueeze(-1).sub(table).abs().argmin(-1).to(torch.uint8)
+        for part in scaled.split(1 << 16)
+    ])
     flat = codes.reshape(-1)
     out: dict[str, torch.Tensor] = {"": ((flat[0::2] << 4) | flat[1::2]).reshape(-1, 1),
                                     "quant_map": table.clone()}
@@ -214,7 +218,7 @@ def nf4_encode(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
         pad = (-centred.numel()) % nested_blocksize
         nested = torch.nn.functional.pad(centred, (0, pad)).reshape(-1, nested_blocksize)
         nested_absmax = nested.abs().amax(dim=1).clamp(min=1e-12)
-        nested_map = torch.linspace(-1, 1, 256)
+        nested_map = torch.linspace(-1, 1, 256, device=w.device)
         q = torch.round((nested / nested_absmax[:, None] + 1) * 127.5).clamp(0, 255)
         out["absmax"] = q.reshape(-1)[: centred.numel()].to(torch.uint8)
         out["nested_absmax"] = nested_absmax

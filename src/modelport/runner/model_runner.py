@@ -97,11 +97,6 @@ class ModelRunner:
             from modelport.layers.fused_ops import fuse_small_ops
 
             logger.info("fused small ops on CUDA: %d modules", fuse_small_ops(self.model))
-            if os.environ.get("MODELPORT_FP8_FUSED_QUANT", "0") == "1":  # experiment, unmeasured
-                from modelport.quantization.fp8 import wire_fused_input_quant
-
-                n = wire_fused_input_quant(self.model)
-                logger.info("FP8 activations quantized by the norm / SiLU kernels: %d", n)
             if os.environ.get("MODELPORT_TRITON_GEMV", "1") != "0":
                 from modelport.layers.triton_gemv import use_gemv_for_decode
 
