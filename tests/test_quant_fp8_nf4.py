@@ -130,3 +130,19 @@ def test_dummy_weights_in_every_loadable_format(tmp_path: Path) -> None:
         model = _load(wide, q, fmt="dummy")
         logits = run_one_sequence(model, PROMPT[:8])
         assert torch.isfinite(logits).all(), q
+
+
+def test_nf4_rows_pack_back_to_the_checkpoint_bytes() -> None:
+    """The CUDA layout (``triton_nf4.pack_rows`` of the unpacked codes) is the checkpoint's
+    own byte order, row by row."""
+    from modelport.quantization.nf4 import nf4_unpack
+    from modelport.quantization.triton_nf4 import fits, pack_rows
+
+    w = torch.randn(12, 256, generator=torch.Generator().manual_seed(2))
+    pieces = nf4_encode(w, 64, False)
+    parts = {"weight": pieces[""], "nf4_absmax": pieces["absmax"],
+             "nf4_state": pieces["quant_state.bitsandbytes__nf4"]}
+    codes, absmax = nf4_unpack(parts, 12, 256)
+    assert torch.equal(pack_rows(codes), pieces[""].reshape(12, 128))
+    assert absmax.shape == (12, 4)
+    assert fits(256, 64) and not fits(256, 48) and not fits(192, 128) and not fits(4096, 4096)

@@ -20,6 +20,7 @@ absmax is then expanded to float32 once (it is 1/64 of the weight count).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,16 +130,36 @@ class NF4LinearMethod(LinearMethod):
         if spec is not None:
             codes_t, absmax, block = _shard_nf4(codes_t, absmax, block, spec)
             layer.tp_shard = None
-        dev = layer.quant_device
-        layer.register_buffer("nf4_codes", codes_t.contiguous().to(dev))
+        dev = torch.device(layer.quant_device)
+        if _triton_fits(dev, codes_t.shape[1], block):  # kept at 4 bits: Triton kernels
+            from modelport.quantization.triton_nf4 import pack_rows
+
+            layer.register_buffer("nf4_packed", pack_rows(codes_t).to(dev))
+        else:
+            layer.register_buffer("nf4_codes", codes_t.contiguous().to(dev))
         layer.register_buffer("nf4_absmax", absmax.contiguous().to(dev))
         layer.register_buffer("nf4_table", torch.tensor(NF4_CODE, device=dev))
         layer.nf4_block = block
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if hasattr(layer, "nf4_packed"):
+            from modelport.quantization import triton_nf4
+
+            return triton_nf4.linear(x, layer.nf4_packed, layer.nf4_absmax, layer.nf4_table, bias)
+        # reference path (CPU, or a layout the kernels do not take): dequantize per call
         w = layer.nf4_table.to(x.dtype)[layer.nf4_codes.long()]
         w = (w.view(w.shape[0], -1, layer.nf4_block) * layer.nf4_absmax.to(x.dtype)[..., None])
         return F.linear(x, w.view(layer.nf4_codes.shape), bias)
+
+
+def _triton_fits(dev: torch.device, k: int, block: int) -> bool:
+    """Whether this layer runs on the Triton NF4 kernels (CUDA, Triton importable, a layout
+    they take; MODELPORT_NF4_TRITON=0 keeps the per-call dequantization)."""
+    if dev.type != "cuda" or os.environ.get("MODELPORT_NF4_TRITON", "1") == "0":
+        return False
+    from modelport.quantization import triton_gemm, triton_nf4
+
+    return triton_gemm.available() and triton_nf4.fits(k, block)
 
 
 def _shard_nf4(codes: torch.Tensor, absmax: torch.Tensor, block: int,
