@@ -8,13 +8,15 @@ then timed ones of ``--input-len`` random prompt tokens and ``--output-len`` gre
 JSON line per (format, batch):
 
     PYTHONPATH=src python3 bench/quant_decode.py --model-config bench/configs/llama-3.1-8b.json \
-        --formats none awq gptq fp8 bitsandbytes --batch-sizes 1 64 --output-json out.jsonl
+        --formats none awq gptq fp8 bitsandbytes gguf-q4_k gguf-q8_0 --batch-sizes 1 64 \
+        --output-json out.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -36,6 +38,9 @@ def weight_bytes(core: Any) -> int:
 def measure(args: argparse.Namespace, path: str, vocab: int, fmt: str) -> list[dict[str, Any]]:
     run_args = argparse.Namespace(**vars(args))
     run_args.quantization = None if fmt == "none" else fmt
+    if fmt.startswith("gguf-"):  # gguf-q4_k, gguf-q8_0, gguf-q4_0: every linear in that type
+        run_args.quantization = "gguf"
+        os.environ["MODELPORT_DUMMY_GGUF_TYPE"] = fmt[5:].upper()
     core = h.build_engine(run_args, path)
     size = weight_bytes(core)
     rows = []
@@ -63,7 +68,8 @@ def measure(args: argparse.Namespace, path: str, vocab: int, fmt: str) -> list[d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     latency.add_args(p)
-    p.add_argument("--formats", nargs="+", default=["none", "awq", "gptq", "fp8", "bitsandbytes"])
+    p.add_argument("--formats", nargs="+",
+                   default=["none", "awq", "gptq", "fp8", "bitsandbytes", "gguf-q4_k", "gguf-q8_0"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.set_defaults(load_format="dummy", input_len=512, num_iters=3, num_iters_warmup=1)
     args = p.parse_args(argv)

@@ -278,3 +278,37 @@ def test_tied_bf16_head_refines_each_rows_top_logits_from_the_fp32_table(
         rest = torch.ones_like(got, dtype=torch.bool).scatter_(1, top, False)
         assert ((got - wide)[rest].abs().max() < 0.02 * wide.abs().max())  # bf16 elsewhere
         assert 0 < (got - wide)[rest].abs().max()  # ... really read from the bf16 copy
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q4_K"])
+def test_pack_round_trips_through_the_gguf_reference(name: str) -> None:
+    """The dummy-weight packer writes blocks gguf-py's own dequantizer reads back close to the
+    float weight (RTN error of the type), and our unpacking reads them the same way."""
+    from modelport.quantization.gguf_formats import PACK_TYPES, pack
+
+    t = PACK_TYPES[name]
+    w = torch.randn(6, 512, generator=torch.Generator().manual_seed(t)) * 0.05
+    w[0, :32] = 0.0  # an all-zero block: scale 0, codes decode to 0
+    raw = pack(w, t)
+    ref = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(t)).astype(np.float32)
+    ref = torch.from_numpy(ref).reshape(6, 512)
+    err = ((ref - w).norm() / w.norm()).item()
+    assert err < (0.01 if name == "Q8_0" else 0.12), err
+    assert torch.equal(ref[0, :32], torch.zeros(32))
+    torch.testing.assert_close(unpack(raw, t, 512).dequantize(), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dummy_gguf_weights_for_a_float_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Benchmarks: --load-format dummy --quantization gguf packs random weights in one type."""
+    wide = make_tiny_llama_dir(tmp_path / "wide", hidden_size=256, intermediate_size=512)
+    for name in ("Q4_K", "Q8_0"):
+        monkeypatch.setenv("MODELPORT_DUMMY_GGUF_TYPE", name)
+        model = load_cpu(wide, "gguf", fmt="dummy")
+        layer = model.model.layers[0].mlp.gate_up_proj
+        assert layer.gguf_types == (name,)
+        assert torch.isfinite(run_one_sequence(model, PROMPT[:8])).all()
+    monkeypatch.setenv("MODELPORT_DUMMY_GGUF_TYPE", "Q6_K")
+    with pytest.raises(ValueError, match="Q4_0, Q8_0, Q4_K"):
+        load_cpu(wide, "gguf", fmt="dummy")
+    with pytest.raises(ValueError, match="needs a .gguf file"):
+        load_cpu(wide, "gguf")

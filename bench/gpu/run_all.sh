@@ -77,7 +77,7 @@ for s in $stages; do
                2>&1 | tee "$OUT/quant_tests.log" | tail -25 || rc=1 ;;
     quant-bench) $PY bench/quant_gpu_linear.py --batch ${QUANT_BATCHES:-1 4 16 64 256 2048} ${QUANT_FORMATS:+--formats $QUANT_FORMATS} \
                --json "$OUT/quant_linear.json" 2>&1 | tail -40 || rc=1 ;;
-    quant-decode) for f in ${QD_FORMATS:-none awq gptq fp8 bitsandbytes}; do  # a process each
+    quant-decode) for f in ${QD_FORMATS:-none awq gptq fp8 bitsandbytes gguf-q4_k gguf-q8_0}; do  # a process each
                $PY bench/quant_decode.py $COMMON --max-num-seqs 64 --formats $f \
                  --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" | python3 -c 'import json,sys
 for l in sys.stdin: d=json.loads(l); print(d["format"], d["batch"], d["weights_mb"], "MB ITL", d["itl_ms"], "tok/s", d["decode_tok_s"])' \

@@ -1,7 +1,8 @@
 """Random weights packed in a quantized format (load_format="dummy"), for benchmarks.
 
 Each quantized layer gets a Normal(0, 0.02) float weight encoded the way a checkpoint would
-store it (RTN codes for AWQ/GPTQ, E4M3 + scales for FP8) and loaded through the layer's own
+store it (RTN codes for AWQ/GPTQ, E4M3 + scales for FP8, NF4 codes + absmax, GGML blocks
+for GGUF: MODELPORT_DUMMY_GGUF_TYPE, Q4_K by default) and loaded through the layer's own
 weight loaders, so the kernels see exactly what a real checkpoint would give them.
 """
 
@@ -40,6 +41,10 @@ def encode(config: object, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
         renamed = {"": "weight", "quant_state.bitsandbytes__nf4": "nf4_state"}
         return {renamed.get(k, f"nf4_{k}"): v for k, v in nf4_encode(w, 64, config.double_quant).items()}
+    if name == "gguf":
+        from modelport.quantization.gguf_formats import pack
+
+        return {"weight": pack(w, config.type_id)}
     raise ValueError(f"load_format='dummy' is not available for quantization {name!r}")
 
 

@@ -12,6 +12,7 @@ needs it, so one kernel still runs the fused matmul.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,11 +64,35 @@ class GGUFQuantConfig(QuantizationConfig):
         return GGUFLinearMethod({s: int(t) for s, t in types.items()})  # type: ignore[arg-type]
 
 
+@dataclass
+class GGUFDummyConfig(QuantizationConfig):
+    """Every linear layer in one GGML type (load_format="dummy" with quantization="gguf" on a
+    float config: benchmarks). The type: MODELPORT_DUMMY_GGUF_TYPE, Q4_K unless set."""
+
+    type_id: int = 12
+    name: str = field(default="gguf", init=False)
+
+    @classmethod
+    def from_env(cls) -> GGUFDummyConfig:
+        from modelport.quantization.gguf_formats import PACK_TYPES
+
+        t = os.environ.get("MODELPORT_DUMMY_GGUF_TYPE", "Q4_K").upper()
+        if t not in PACK_TYPES:
+            raise ValueError(f"MODELPORT_DUMMY_GGUF_TYPE={t!r}: dummy GGUF weights come in "
+                             f"{', '.join(PACK_TYPES)}")
+        return cls(PACK_TYPES[t])
+
+    def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
+        return GGUFLinearMethod({None: self.type_id}, self)  # a fused layer: one tensor
+
+
 class GGUFLinearMethod(GroupQuantMethod):
     format_name = "GGUF"
 
-    def __init__(self, shard_types: dict[str | None, int]) -> None:
+    def __init__(self, shard_types: dict[str | None, int],
+                 config: QuantizationConfig | None = None) -> None:
         self.shard_types = shard_types
+        self.config = config  # the dummy config (what the dummy packer reads)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:

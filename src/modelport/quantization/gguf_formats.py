@@ -148,3 +148,56 @@ def unpack(raw: torch.Tensor, type_id: int, k: int) -> GroupQuant:
         group_size=group,
         bits=bits,
     )
+
+
+# -- packing (dummy weights for benchmarks: load_format="dummy", quantization="gguf") -------
+PACK_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """[...] float -> [..., 2] uint8 of its float16."""
+    return x.to(torch.float16).unsqueeze(-1).view(torch.uint8)
+
+
+def pack(w: torch.Tensor, type_id: int) -> torch.Tensor:
+    """Float w [N, K] -> raw GGML bytes [N, row_bytes] in type Q4_0, Q8_0 or Q4_K (round to
+    nearest; ggml's own quantizers search scales a little further, the layout is the same).
+    Runs on w's device."""
+    name, per_block, nbytes = _spec(type_id)
+    if name not in PACK_TYPES:
+        raise ValueError(f"no packer for {name} (packable: {', '.join(PACK_TYPES)})")
+    n, k = w.shape
+    row_bytes(type_id, k)  # whole blocks
+    x = w.float().reshape(n, k // per_block, per_block)
+    if name == "Q8_0":
+        d = x.abs().amax(-1) / 127
+        d = d.to(torch.float16).float()  # the stored scale: codes are rounded against it
+        q = torch.round(x / d.clamp(min=1e-30)[..., None]).clamp(-127, 127).to(torch.int8)
+        out = torch.cat([_f16_bytes(d), q.view(torch.uint8)], -1)
+    elif name == "Q4_0":
+        idx = x.abs().argmax(-1, keepdim=True)
+        d = (x.gather(-1, idx).squeeze(-1) / -8).to(torch.float16).float()
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = torch.round(x * inv[..., None] + 8).clamp(0, 15).to(torch.uint8)
+        out = torch.cat([_f16_bytes(d), q[..., :16] | (q[..., 16:] << 4)], -1)
+    else:  # Q4_K: 8 sub-blocks of 32, 6-bit scale and min each, against fp16 d and dmin
+        sub = x.reshape(n, -1, 8, 32)
+        lo = sub.amin(-1).clamp(max=0)
+        scale = (sub.amax(-1) - lo) / 15
+        d = (scale.amax(-1) / 63).to(torch.float16).float()
+        dmin = ((-lo).amax(-1) / 63).to(torch.float16).float()
+        sc = torch.round(scale / d.clamp(min=1e-30)[..., None]).clamp(0, 63)
+        mn = torch.round(-lo / dmin.clamp(min=1e-30)[..., None]).clamp(0, 63)
+        step = (d[..., None] * sc)[..., None]
+        q = torch.round((sub + (dmin[..., None] * mn)[..., None]) / step.clamp(min=1e-30))
+        q = q.clamp(0, 15).to(torch.uint8).reshape(n, -1, 4, 2, 32)  # chunks of 64
+        qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, -1, 128)
+        sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
+        packed = torch.cat([
+            sc[..., :4] | ((sc[..., 4:] >> 4) << 6),
+            mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
+            (sc[..., 4:] & 0xF) | ((mn[..., 4:] & 0xF) << 4),
+        ], -1)
+        out = torch.cat([_f16_bytes(d), _f16_bytes(dmin), packed, qs], -1)
+    assert out.shape[-1] == nbytes
+    return out.reshape(n, -1).contiguous()

@@ -52,6 +52,10 @@ def _normalize(requested: str | None) -> str | None:
 def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
                 stacked: Any) -> QuantizationConfig:
     qc = model_config.hf_config.get("quantization_config") or {}
+    if method == "gguf" and src.kind != "gguf":  # dummy weights (resolve_quantization checks)
+        from modelport.quantization.gguf import GGUFDummyConfig
+
+        return GGUFDummyConfig.from_env()
     if method == "gguf":
         from modelport.loader.gguf import open_gguf_tensors
         from modelport.quantization.gguf import gguf_quant_config
@@ -138,7 +142,7 @@ def resolve_quantization(
             f"quantized (or --quantization none to dequantize); {method!r} applies to HF "
             "checkpoints"
         )
-    if method == "gguf" and src.kind != "gguf":
+    if method == "gguf" and src.kind != "gguf" and load_format != "dummy":
         raise ValueError("--quantization gguf needs a .gguf file")
     online = False
     if method is not None and declared is not None and method != declared:
