@@ -246,6 +246,9 @@ def test_nf4_triton_matches_reference(dtype: torch.dtype, n: int, k: int, qb: in
     err = ((y.float().cpu() - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-2, err
     assert torch.equal(tn.dequantize(packed, am_d, t_d, dtype).cpu(), w.to(dtype))
+    flat = torch.zeros(m * k + 1, dtype=dtype, device="cuda")  # odd storage offset: the GEMV
+    x_odd = flat[1:].view(m, k).copy_(x.cuda())  # reads x as int32 words (it copies first)
+    assert torch.equal(tn.linear(x_odd, packed, am_d, t_d, None), y)
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +286,12 @@ def test_nf4_engine_on_triton_kernels_matches_reference_path(nf4_model_dir, monk
         assert a.token_ids[:3] == b.token_ids[:3]
         for tok, da, db in list(zip(a.token_ids, a.logprobs, b.logprobs))[:3]:
             assert abs(da[tok].logprob - db[tok].logprob) < 0.05
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q4_K"])
+def test_gguf_pack_on_cuda_matches_cpu(name: str) -> None:
+    """Dummy GGUF weights are packed on the layer's device (the 8B benchmark packs on the GPU)."""
+    from modelport.quantization.gguf_formats import PACK_TYPES, pack
+
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(7)) * 0.02
+    assert torch.equal(pack(w, PACK_TYPES[name]), pack(w.cuda(), PACK_TYPES[name]).cpu())

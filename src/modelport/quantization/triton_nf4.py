@@ -9,10 +9,10 @@ Stored per layer (``nf4.NF4LinearMethod`` on CUDA):
 
 Two kernels read it:
 
-* ``gemv`` (1..GEMV_MAX_M rows of x: decode): a program owns BLOCK_N output rows and walks all
-  of K, S quant blocks a step. Each code is looked up in the 64-byte table (an L1-resident
-  gather), multiplied by its activation in fp32, summed per quant block and scaled once per
-  block by absmax.
+* ``gemv`` (1..GEMV_MAX_M rows of 16-bit x: decode): a program owns GEMV_BLOCK_N output rows
+  and walks all of K, NB quant blocks a step, 16 bytes of codes a thread. Each code is
+  looked up in the 16-entry table (``tl.gather``: shared memory), multiplied by its
+  activation in fp32, summed per quant block and scaled once per block by absmax.
 * ``dequant`` (more rows): the weight expanded to [N, K] in the activation dtype in a scratch
   tensor (table value x absmax in fp32, rounded once), then cuBLAS.
 
@@ -28,7 +28,11 @@ import torch
 import torch.nn.functional as F
 
 GEMV_MAX_M = 4  # rows of x served by the GEMV kernel; more rows: dequant + cuBLAS
-GEMV_BLOCK_N = 32
+# 8 rows a program, K across the threads (512 programs for N = 4,096). sm_90 SASS compiled
+# offline, one row: ~250 warp-instructions per 1,000 weights (a first version with 32-row
+# tiles along K and table loads from global memory: ~333), no register spills up to 4 rows
+GEMV_BLOCK_N = 8
+GEMV_STEP_BYTES = 8192
 DEQUANT_BLOCK_N = 32
 MAX_QB = 256  # widest quant block the kernels take in one tile (bnb's default is 64)
 
@@ -45,9 +49,14 @@ def pack_rows(codes: torch.Tensor) -> torch.Tensor:
     return ((c[:, 0::2] << 4) | c[:, 1::2]).contiguous()
 
 
-def _steps(n_blocks: int) -> int:
-    """Quant blocks a GEMV step takes: the largest of 4, 2, 1 dividing the row's count."""
-    return next(s for s in (4, 2, 1) if n_blocks % s == 0)
+def _blocks_per_step(n_blocks: int, qb: int) -> int:
+    """Quant blocks a GEMV step takes: a power of two dividing the row's count, at most 32
+    and at most GEMV_STEP_BYTES bytes a step for GEMV_BLOCK_N rows."""
+    nb = 1
+    while (nb * 2 <= 32 and n_blocks % (nb * 2) == 0
+           and GEMV_BLOCK_N * nb * 2 * qb // 2 <= GEMV_STEP_BYTES):
+        nb *= 2
+    return nb
 
 
 @functools.cache
@@ -56,35 +65,39 @@ def _kernels():  # noqa: ANN202 - built lazily so importing this module never ne
     import triton.language as tl
 
     @triton.jit
-    def gemv(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, N, stride_xm, stride_ym,
-             K: tl.constexpr, QB: tl.constexpr, S: tl.constexpr, M: tl.constexpr,
+    def gemv(xw_ptr, w_ptr, am_ptr, t_ptr, y_ptr, N, stride_xm, stride_ym,
+             K: tl.constexpr, QB: tl.constexpr, NB: tl.constexpr, M: tl.constexpr,
              MP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """[BLOCK_N rows, NB quant blocks, QB / 2 bytes] a step, threads along K (16 bytes
+        each); xw_ptr: x's 16-bit values as int32 words (even column in the low half)."""
         HB: tl.constexpr = QB // 2  # bytes of one quant block
-        SB: tl.constexpr = S * HB  # bytes a row a step
         NQ: tl.constexpr = K // QB
+        dt = y_ptr.dtype.element_ty
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
-        rj = tl.arange(0, SB)
-        rs = tl.arange(0, S)
+        rb = tl.arange(0, NB)
+        rh = tl.arange(0, HB)
         rm = tl.arange(0, MP)
-        w_rows = w_ptr + rn.to(tl.int64)[:, None] * (K // 2)
-        am_rows = am_ptr + rn.to(tl.int64)[:, None] * NQ
-        acc = tl.zeros([MP, BLOCK_N], dtype=tl.float32)
-        for g in range(0, NQ // S):
-            b = tl.load(w_rows + g * SB + rj[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-            hi = tl.load(t_ptr + (b >> 4))  # [BLOCK_N, SB] values of the even columns
-            lo = tl.load(t_ptr + (b & 15))  # and of the odd ones
-            am = tl.load(am_rows + g * S + rs[None, :], mask=nmask[:, None], other=0.0)
-            k0 = g * S * QB
+        w_rows = w_ptr + rn.to(tl.int64) * (K // 2)
+        am_rows = am_ptr + rn.to(tl.int64) * NQ
+        table = tl.load(t_ptr + tl.arange(0, 16))  # looked up from shared memory (tl.gather)
+        acc = tl.zeros([MP, BLOCK_N, NB], dtype=tl.float32)
+        for g in range(0, NQ // NB):
+            blk = g * NB + rb
+            b = tl.load(w_rows[:, None, None] + (blk * HB)[None, :, None] + rh[None, None, :],
+                        mask=nmask[:, None, None], other=0).to(tl.int32)
+            flat: tl.constexpr = BLOCK_N * NB * HB
+            hi = tl.reshape(tl.gather(table, tl.reshape(b >> 4, (flat,)), 0), (BLOCK_N, NB, HB))
+            lo = tl.reshape(tl.gather(table, tl.reshape(b & 15, (flat,)), 0), (BLOCK_N, NB, HB))
+            am = tl.load(am_rows[:, None] + blk[None, :], mask=nmask[:, None], other=0.0)
             for m in tl.static_range(M):
-                xe = tl.load(x_ptr + m * stride_xm + k0 + 2 * rj).to(tl.float32)
-                xo = tl.load(x_ptr + m * stride_xm + k0 + 2 * rj + 1).to(tl.float32)
-                p = hi * xe[None, :] + lo * xo[None, :]
-                p = tl.sum(tl.reshape(p, (BLOCK_N, S, HB)), axis=2)  # per quant block
-                p = tl.sum(p * am, axis=1)
-                acc = tl.where(rm[:, None] == m, acc + p[None, :], acc)
+                xw = tl.load(xw_ptr + m * stride_xm + blk[:, None] * HB + rh[None, :])
+                xe = (xw & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+                xo = (xw >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+                p = tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2) * am
+                acc = tl.where(rm[:, None, None] == m, acc + p[None, :, :], acc)
         out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & nmask[None, :])
+        tl.store(out, tl.sum(acc, axis=2).to(dt), mask=(rm[:, None] < M) & nmask[None, :])
 
     @triton.jit
     def dequant(w_ptr, am_ptr, t_ptr, out_ptr, N, K: tl.constexpr, QB: tl.constexpr,
@@ -113,15 +126,18 @@ def _cdiv(a: int, b: int) -> int:
 
 def gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
          table: torch.Tensor) -> torch.Tensor:
-    """x2 [m <= GEMV_MAX_M, K] contiguous -> y [m, N] in x2's dtype."""
+    """x2 [m <= GEMV_MAX_M, K] contiguous, 16-bit -> y [m, N] in x2's dtype."""
     m, k = x2.shape
     n = packed.shape[0]
     qb = k // absmax.shape[1]
+    if x2.storage_offset() % 2:  # the int32 view below needs 4-byte alignment
+        x2 = x2.clone()
+    xw = x2.view(torch.int32)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     _kernels()[0][(_cdiv(n, GEMV_BLOCK_N),)](
-        x2, packed, absmax, table, y, n, x2.stride(0), y.stride(0), K=k, QB=qb,
-        S=_steps(k // qb), M=m, MP=max(2, 1 << (m - 1).bit_length()), BLOCK_N=GEMV_BLOCK_N,
-        num_warps=4,
+        xw, packed, absmax, table, y, n, xw.stride(0), y.stride(0), K=k, QB=qb,
+        NB=_blocks_per_step(k // qb, qb), M=m, MP=max(2, 1 << (m - 1).bit_length()),
+        BLOCK_N=GEMV_BLOCK_N, num_warps=4,
     )  # fmt: skip
     return y
 
@@ -142,7 +158,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table: t
     """y = x W^T + bias for an NF4 weight kept packed (see the module docstring)."""
     k = packed.shape[1] * 2
     x2 = x.reshape(-1, k)
-    if 0 < x2.shape[0] <= GEMV_MAX_M:
+    if 0 < x2.shape[0] <= GEMV_MAX_M and x.dtype in (torch.float16, torch.bfloat16):
         y = gemv(x2.contiguous(), packed, absmax, table)
         if bias is not None:
             y = y + bias
