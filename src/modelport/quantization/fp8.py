@@ -32,6 +32,7 @@ numerics; it is not fast.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,10 @@ FP8_INV_MAX = 1.0 / FP8_MAX
 # W8A16 wins at one row only; the Triton GEMM from 2 rows up to 64 (the last point where
 # it leads; 128 is taken as the crossover, between the 64 and 256 points); _scaled_mm above.
 W8A16_MAX_M = 1
-TRITON_W8A8_MAX_M = 128
+# MODELPORT_FP8_TRITON_MAX_M=256 also sends full W1 decode batches (256 rows) to the Triton
+# GEMM (an A/B knob: at 256 rows both paths are ~1.5 ms above what the weight reads and the
+# FP8 tensor-core rate allow, and W8A8_CONFIGS now has 64-row weight tiles for more programs)
+TRITON_W8A8_MAX_M = int(os.environ.get("MODELPORT_FP8_TRITON_MAX_M", "128"))
 # _scaled_mm without periodic fp32 promotion of the tensor-core accumulator (what inference
 # FP8 GEMMs use; measurably faster on Hopper)
 FAST_ACCUM = True

@@ -263,6 +263,10 @@ W8A8_CONFIGS = (
     (128, 128, 128, 8, 4),
     (128, 256, 128, 8, 3),
     (256, 128, 128, 8, 3),
+    # 256 rows (a full W1 decode batch): 64 weight rows a program, so N = 4,096 gives 128 /
+    # 64 programs (128-row weight tiles: 32 on 132 SMs); not yet timed
+    (128, 64, 128, 4, 4),
+    (256, 64, 128, 4, 3),
 )
 
 
