@@ -226,10 +226,12 @@ def test_nf4_encode_on_cuda_matches_cpu(double_quant: bool) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,qb,m", [(40, 256, 64, 1), (4096, 4096, 64, 1), (96, 14336, 64, 3),
-                                      (33, 384, 128, 4), (16, 128, 32, 2), (70, 448, 64, 9)])
+                                      (33, 384, 128, 4), (16, 128, 32, 2), (70, 448, 64, 9),
+                                      (4096, 4096, 64, 64), (100, 1024, 128, 130),
+                                      (40, 256, 64, 300)])
 def test_nf4_triton_matches_reference(dtype: torch.dtype, n: int, k: int, qb: int, m: int) -> None:
-    """NF4 kept at 4 bits: the GEMV (<= 4 rows) and dequant + cuBLAS paths against the
-    reference w = table[code] * absmax."""
+    """NF4 kept at 4 bits: the GEMV (<= 4 rows), the in-register GEMM (< 256 rows) and the
+    dequant + cuBLAS paths against the reference w = table[code] * absmax."""
     from modelport.quantization import triton_nf4 as tn
     from modelport.quantization.nf4 import NF4_CODE
 
@@ -277,7 +279,7 @@ def _nf4_generate(model_dir, monkeypatch, triton: bool):  # noqa: ANN001, ANN202
 
 
 def test_nf4_engine_on_triton_kernels_matches_reference_path(nf4_model_dir, monkeypatch) -> None:
-    """Batch-3 decode steps run the NF4 GEMV (CUDA graphs), prefill dequant + cuBLAS: the
+    """Batch-3 decode steps run the NF4 GEMV (CUDA graphs), the 30-row prefill its GEMM: the
     first greedy tokens and their logprobs agree with the per-call dequantization (bf16: the
     reference rounds table and absmax to bf16 before multiplying, the kernels do not)."""
     ref = _nf4_generate(nf4_model_dir, monkeypatch, False)

@@ -7,14 +7,16 @@ Stored per layer (``nf4.NF4LinearMethod`` on CUDA):
 * ``absmax`` float32 [N, K / QB]: one scale per block of QB input columns;
 * ``table`` float32 [16]: the NF4 code book. w[n, k] = table[code] * absmax[n, k // QB].
 
-Two kernels read it:
+Three kernels read it:
 
 * ``gemv`` (1..GEMV_MAX_M rows of 16-bit x: decode): a program owns GEMV_BLOCK_N output rows
   and walks all of K, NB quant blocks a step, 16 bytes of codes a thread. Each code is
   looked up in the 16-entry table (``tl.gather``: shared memory), multiplied by its
   activation in fp32, summed per quant block and scaled once per block by absmax.
-* ``dequant`` (more rows): the weight expanded to [N, K] in the activation dtype in a scratch
-  tensor (table value x absmax in fp32, rounded once), then cuBLAS.
+* ``gemm`` (up to DEQUANT_MIN_M rows: batched decode): [BLOCK_M, GEMM_BLOCK_N] tiles of y on the
+  tensor cores, each quant block of the weight expanded in registers as ``dequant`` does.
+* ``dequant`` (more rows: prefill): the weight expanded to [N, K] in the activation dtype in
+  a scratch tensor (table value x absmax in fp32, rounded once), then cuBLAS.
 
 Checked against the reference dequantization in the Triton interpreter; the GPU tests are in
 tests/test_quant_gpu.py.
@@ -33,6 +35,13 @@ GEMV_MAX_M = 4  # rows of x served by the GEMV kernel; more rows: dequant + cuBL
 # tiles along K and table loads from global memory: ~333), no register spills up to 4 rows
 GEMV_BLOCK_N = 8
 GEMV_STEP_BYTES = 8192
+# GEMV_MAX_M < rows < DEQUANT_MIN_M (batched decode): tensor-core tiles with the weight
+# expanded in registers, one quant block (<= GEMM_QB_MAX columns) a step; from
+# DEQUANT_MIN_M rows (prefill) the weight is expanded once for cuBLAS (W4's crossover,
+# triton_gemm.DEQUANT_MIN_M; NF4's own is not measured)
+GEMM_BLOCK_N = 32  # 128 programs a 64-row tile at N = 4,096
+GEMM_QB_MAX = 128
+DEQUANT_MIN_M = 256
 DEQUANT_BLOCK_N = 32
 MAX_QB = 256  # widest quant block the kernels take in one tile (bnb's default is 64)
 
@@ -117,7 +126,39 @@ def _kernels():  # noqa: ANN202 - built lazily so importing this module never ne
         tl.store(out, (tl.load(t_ptr + (b >> 4)) * am).to(dt), mask=nmask[:, None])
         tl.store(out + 1, (tl.load(t_ptr + (b & 15)) * am).to(dt), mask=nmask[:, None])
 
-    return gemv, dequant
+    @triton.jit
+    def gemm(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, M, N, stride_xm, stride_ym,
+             K: tl.constexpr, QB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y tile [BLOCK_M, BLOCK_N] = x W^T, one quant block (QB columns) of W a step,
+        expanded in registers (table value x absmax, rounded once to x's dtype) for tl.dot."""
+        HB: tl.constexpr = QB // 2
+        NQ: tl.constexpr = K // QB
+        dt = x_ptr.dtype.element_ty
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = rm < M
+        nmask = rn < N
+        rh = tl.arange(0, HB)
+        rk = tl.arange(0, QB)
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * (K // 2)
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        am_rows = am_ptr + rn.to(tl.int64) * NQ
+        table = tl.load(t_ptr + tl.arange(0, 16))
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(0, NQ):
+            b = tl.load(w_rows + g * HB + rh[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+            flat: tl.constexpr = BLOCK_N * HB
+            hi = tl.reshape(tl.gather(table, tl.reshape(b >> 4, (flat,)), 0), (BLOCK_N, HB))
+            lo = tl.reshape(tl.gather(table, tl.reshape(b & 15, (flat,)), 0), (BLOCK_N, HB))
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, QB))  # even, odd, even, ... columns
+            am = tl.load(am_rows + g, mask=nmask, other=0.0)
+            w = (w * am[:, None]).to(dt)
+            x = tl.load(x_rows + g * QB + rk[None, :], mask=mmask[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    return gemv, dequant, gemm
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -153,15 +194,35 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
     return w
 
 
+def gemm(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+         table: torch.Tensor) -> torch.Tensor:
+    """x2 [m, K] (16-bit, unit stride along K) -> y [m, N]: tensor-core tiles, the weight
+    expanded in registers (GEMM_MIN_M <= m < DEQUANT_MIN_M)."""
+    m, k = x2.shape
+    n = packed.shape[0]
+    qb = k // absmax.shape[1]
+    bm = min(64, max(16, 1 << (m - 1).bit_length()))
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    _kernels()[2][(_cdiv(m, bm), _cdiv(n, GEMM_BLOCK_N))](
+        x2, packed, absmax, table, y, m, n, x2.stride(0), y.stride(0), K=k, QB=qb,
+        BLOCK_M=bm, BLOCK_N=GEMM_BLOCK_N, num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return y
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
            bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + bias for an NF4 weight kept packed (see the module docstring)."""
     k = packed.shape[1] * 2
     x2 = x.reshape(-1, k)
-    if 0 < x2.shape[0] <= GEMV_MAX_M and x.dtype in (torch.float16, torch.bfloat16):
+    m = x2.shape[0]
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if half and 0 < m <= GEMV_MAX_M:
         y = gemv(x2.contiguous(), packed, absmax, table)
-        if bias is not None:
-            y = y + bias
+    elif half and m < DEQUANT_MIN_M and absmax.shape[1] * GEMM_QB_MAX >= k:
+        y = gemm(x2.contiguous(), packed, absmax, table)
     else:
-        y = F.linear(x2, dequantize(packed, absmax, table, x.dtype), bias)
+        return F.linear(x, dequantize(packed, absmax, table, x.dtype), bias)
+    if bias is not None:
+        y = y + bias
     return y.reshape(*x.shape[:-1], packed.shape[0])
