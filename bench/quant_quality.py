@@ -5,7 +5,8 @@ plus the tokenizer the loader extracted, written as an HF folder; `modelport qua
 makes AWQ / GPTQ / FP8 checkpoints from it (calibration text: --calib, by default this repo's
 README.md and docs, i.e. not the evaluation text), and every variant is scored through the
 engine's prompt logprobs on tests/data/quant_eval.txt. GGUF Q4_1 is scored both kept
-quantized (--quantization gguf) and dequantized.
+quantized (--quantization gguf) and dequantized. NF4 is written in bitsandbytes' layout by
+our encoder (no calibration: absmax scaling and the nearest NF4 code).
 
     .venv/bin/python bench/quant_quality.py [--calib FILE] [--work DIR] [--json out.json]
 """
@@ -44,6 +45,27 @@ def float_folder(work: Path) -> Path:
         if f.is_file():
             shutil.copy2(f, out / f.name)
     return out
+
+
+def nf4_folder(src: Path, out: Path) -> Path:
+    """A bitsandbytes NF4 checkpoint (blocks of 64, double quant; bnb's layout, written by
+    ``nf4_encode``: nearest code of the NF4 book after absmax scaling, as bnb quantizes)."""
+    from safetensors.torch import load_file
+
+    from modelport.quantization.nf4 import NF4Config, nf4_encode
+    from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
+
+    if (out / "config.json").is_file():
+        return out
+    tensors: dict = {}
+    for f in sorted(src.glob("*.safetensors")):
+        for name, w in load_file(str(f)).items():
+            if is_quantizable(name):
+                pieces = nf4_encode(w, 64, True)
+                tensors.update({f"{name}{'.' + k if k else ''}": v for k, v in pieces.items()})
+            else:
+                tensors[name] = w
+    return write_checkpoint(src, out, tensors, NF4Config(double_quant=True))  # floats: fp16
 
 
 def main() -> None:
@@ -86,6 +108,9 @@ def main() -> None:
             rep = quantize_model(str(src), folder, calib if opts.method != "fp8" else None, opts)
             print(f"{label}: quantized in {time.perf_counter() - t0:.0f} s; warnings: {rep.warnings}")
         variants.append((label, str(folder), None, folder))
+    if "NF4" not in args.skip:
+        nf4 = nf4_folder(src, work / "nf4")
+        variants.append(("NF4 (bitsandbytes layout) b64 double-quant", str(nf4), None, nf4))
     rows = []
     base = None
     for label, model, q, path in variants:

@@ -146,3 +146,20 @@ def test_nf4_rows_pack_back_to_the_checkpoint_bytes() -> None:
     assert torch.equal(pack_rows(codes), pieces[""].reshape(12, 128))
     assert absmax.shape == (12, 4)
     assert fits(256, 64) and not fits(256, 48) and not fits(192, 128) and not fits(4096, 4096)
+
+
+def test_nf4_checkpoint_written_in_fp16_keeps_its_state_in_fp32(tiny: Path, tmp_path: Path) -> None:
+    """The writer narrows float tensors to fp16 but not NF4's absmax / code books (the loader
+    checks the code book against NF4's exact values)."""
+    tensors = load_file(str(tiny / "model.safetensors"))
+    qt = {}
+    for name, w in tensors.items():
+        pieces = nf4_encode(w, 64, True) if is_quantizable(name) else {"": w}
+        qt.update({f"{name}{'.' + k if k else ''}": v for k, v in pieces.items()})
+    qdir = write_checkpoint(tiny, tmp_path / "q", qt, NF4Config(double_quant=True))
+    stored = load_file(str(qdir / "model.safetensors"))
+    name = next(n for n in stored if n.endswith(".quant_map"))
+    assert stored[name].dtype == torch.float32
+    assert stored[name.replace(".quant_map", ".nested_absmax")].dtype == torch.float32
+    assert stored["model.embed_tokens.weight"].dtype == torch.float16
+    assert torch.isfinite(run_one_sequence(_load(qdir), PROMPT)).all()

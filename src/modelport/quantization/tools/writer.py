@@ -27,6 +27,12 @@ def is_quantizable(name: str) -> bool:
     return len(parts) == 3 and parts[2] == "weight" and parts[1] in LINEAR_SUFFIXES
 
 
+# quantization state that stays as it was computed (float32): FP8 scales, bitsandbytes'
+# absmax and code books (readers compare the code book against NF4's exact values)
+KEEP_FP32_SUFFIXES = ("weight_scale", "input_scale", ".absmax", ".quant_map", ".nested_absmax",
+                      ".nested_quant_map")
+
+
 def write_checkpoint(
     src_dir: Path,
     out_dir: Path,
@@ -46,7 +52,7 @@ def write_checkpoint(
     out = {}
     for name, t in tensors.items():
         if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn,) and not name.endswith(
-            ("weight_scale", "input_scale")
+            KEEP_FP32_SUFFIXES
         ):
             t = t.to(float_dtype)
         out[name] = t.contiguous()
