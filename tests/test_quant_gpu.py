@@ -297,3 +297,32 @@ def test_gguf_pack_on_cuda_matches_cpu(name: str) -> None:
 
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(7)) * 0.02
     assert torch.equal(pack(w, PACK_TYPES[name]), pack(w.cuda(), PACK_TYPES[name]).cpu())
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_gguf_kept_on_cuda_runs_the_triton_kernels(tmp_path, monkeypatch, qtype: str) -> None:
+    """A GGUF file with --quantization gguf on CUDA: every linear layer on the Triton W4/W8
+    kernels, logits close to the same file loaded as floats (--quantization none)."""
+    from helpers.tiny_models import TINY_PROMPT, make_tiny_llama_dir, make_tiny_llama_gguf
+    from modelport import LLM, SamplingParams
+    from modelport.quantization.triton_gemm import TritonKernel
+
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    hf = make_tiny_llama_dir(tmp_path / "hf", hidden_size=256, intermediate_size=512)
+    path = make_tiny_llama_gguf(hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    outs = {}
+    for q in ("none", "gguf"):
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", quantization=q, max_model_len=256,
+                  block_size=16, gpu_memory_utilization=0.3)
+        model = llm.llm_engine.core.runner.model
+        kernels = [type(m.qkernel) for m in model.modules() if hasattr(m, "qkernel")]
+        assert (set(kernels) == {TritonKernel} and len(kernels) == 8) if q == "gguf" else not kernels
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
+        outs[q] = llm.generate(prompt_token_ids=[TINY_PROMPT], sampling_params=params,
+                               use_tqdm=False)[0].outputs[0]
+        del llm
+        torch.cuda.empty_cache()
+    a, b = outs["none"], outs["gguf"]
+    assert a.token_ids[:2] == b.token_ids[:2]
+    tok = a.token_ids[0]
+    assert abs(a.logprobs[0][tok].logprob - b.logprobs[0][tok].logprob) < 0.05
