@@ -299,7 +299,8 @@ def test_pack_round_trips_through_the_gguf_reference(name: str) -> None:
 
 
 def test_dummy_gguf_weights_for_a_float_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Benchmarks: --load-format dummy --quantization gguf packs random weights in one type."""
+    """Benchmarks: --load-format dummy --quantization gguf packs random weights in one type
+    (a float config, or a GGUF file whose own types then give way)."""
     wide = make_tiny_llama_dir(tmp_path / "wide", hidden_size=256, intermediate_size=512)
     for name in ("Q4_K", "Q8_0"):
         monkeypatch.setenv("MODELPORT_DUMMY_GGUF_TYPE", name)
@@ -307,6 +308,10 @@ def test_dummy_gguf_weights_for_a_float_config(tmp_path: Path, monkeypatch: pyte
         layer = model.model.layers[0].mlp.gate_up_proj
         assert layer.gguf_types == (name,)
         assert torch.isfinite(run_one_sequence(model, PROMPT[:8])).all()
+    gguf_file = make_tiny_llama_gguf(wide, tmp_path / "wide.gguf", "Q8_0")
+    monkeypatch.setenv("MODELPORT_DUMMY_GGUF_TYPE", "Q4_K")
+    model = load_cpu(gguf_file, "gguf", fmt="dummy")  # the file's Q8_0 gives way to Q4_K
+    assert model.model.layers[0].self_attn.qkv_proj.gguf_types == ("Q4_K",)
     monkeypatch.setenv("MODELPORT_DUMMY_GGUF_TYPE", "Q6_K")
     with pytest.raises(ValueError, match="Q4_0, Q8_0, Q4_K"):
         load_cpu(wide, "gguf", fmt="dummy")

@@ -50,9 +50,9 @@ def _normalize(requested: str | None) -> str | None:
 
 
 def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
-                stacked: Any) -> QuantizationConfig:
+                stacked: Any, dummy: bool = False) -> QuantizationConfig:
     qc = model_config.hf_config.get("quantization_config") or {}
-    if method == "gguf" and src.kind != "gguf":  # dummy weights (resolve_quantization checks)
+    if method == "gguf" and dummy:  # random weights, every linear layer in one GGML type
         from modelport.quantization.gguf import GGUFDummyConfig
 
         return GGUFDummyConfig.from_env()
@@ -162,7 +162,8 @@ def resolve_quantization(
     from modelport.models.registry import get_model_class
 
     stacked = getattr(get_model_class(model_config.architecture), "stacked_params", ())
-    config = _config_for(method or declared, src, model_config, online, stacked)  # type: ignore[arg-type]
+    config = _config_for(method or declared, src, model_config, online, stacked,  # type: ignore[arg-type]
+                         dummy=load_format == "dummy")
     config.check_device(torch.device(device))
     return QuantPlan(config, src, online, auto=requested is None and declared is None)
 
