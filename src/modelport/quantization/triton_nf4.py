@@ -217,7 +217,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table: t
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     half = x.dtype in (torch.float16, torch.bfloat16)
-    if half and 0 < m <= GEMV_MAX_M:
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], packed.shape[0])
+    if half and m <= GEMV_MAX_M:
         y = gemv(x2.contiguous(), packed, absmax, table)
     elif half and m < DEQUANT_MIN_M and absmax.shape[1] * GEMM_QB_MAX >= k:
         y = gemm(x2.contiguous(), packed, absmax, table)
