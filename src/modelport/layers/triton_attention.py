@@ -645,6 +645,11 @@ DECODE_CANDIDATES: dict[str, tuple[DecodeConfig, ...]] = {
         DecodeConfig(k_cvt=1, v_cvt=5, num_warps=8),
         DecodeConfig(k_cvt=1, v_cvt=5, block_n=32),
         DecodeConfig(k_cvt=1, v_cvt=5, num_stages=4),
+        # shared memory bounds the programs an SM holds (34 KB each for 64-row tiles and 2
+        # stages: 6 a SM, offline sm_90 compile): one stage (17 KB) or fewer warps a program
+        DecodeConfig(k_cvt=1, v_cvt=5, num_stages=1),
+        DecodeConfig(k_cvt=1, v_cvt=5, num_warps=2),
+        DecodeConfig(k_cvt=1, v_cvt=5, block_n=32, num_warps=2),
     ),
 }
 
