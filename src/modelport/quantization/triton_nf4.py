@@ -13,8 +13,8 @@ Three kernels read it:
   and walks all of K, NB quant blocks a step, 16 bytes of codes a thread. Each code is
   looked up in the 16-entry table (``tl.gather``: shared memory), multiplied by its
   activation in fp32, summed per quant block and scaled once per block by absmax.
-* ``gemm`` (up to DEQUANT_MIN_M rows: batched decode): [BLOCK_M, GEMM_BLOCK_N] tiles of y on the
-  tensor cores, each quant block of the weight expanded in registers as ``dequant`` does.
+* ``gemm`` (below DEQUANT_MIN_M rows: batched decode): [BLOCK_M, GEMM_BLOCK_N] tiles of y on
+  the tensor cores, each quant block of the weight expanded in registers as ``dequant`` does.
 * ``dequant`` (more rows: prefill): the weight expanded to [N, K] in the activation dtype in
   a scratch tensor (table value x absmax in fp32, rounded once), then cuBLAS.
 
@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-GEMV_MAX_M = 4  # rows of x served by the GEMV kernel; more rows: dequant + cuBLAS
+GEMV_MAX_M = 4  # rows of x served by the GEMV kernel; more rows: the GEMM, then dequant
 # 8 rows a program, K across the threads (512 programs for N = 4,096). sm_90 SASS compiled
 # offline, one row: ~250 warp-instructions per 1,000 weights (a first version with 32-row
 # tiles along K and table loads from global memory: ~333), no register spills up to 4 rows
