@@ -16,7 +16,8 @@ Three kernels read it:
 * ``gemm`` (below DEQUANT_MIN_M rows: batched decode): [BLOCK_M, GEMM_BLOCK_N] tiles of y on
   the tensor cores, each quant block of the weight expanded in registers as ``dequant`` does.
 * ``dequant`` (more rows: prefill): the weight expanded to [N, K] in the activation dtype in
-  a scratch tensor (table value x absmax in fp32, rounded once), then cuBLAS.
+  a scratch tensor (table value x absmax in fp32, rounded once: ``expand``, which the GEMM
+  shares), then cuBLAS.
 
 Checked against the reference dequantization in the Triton interpreter; the GPU tests are in
 tests/test_quant_gpu.py.
@@ -28,6 +29,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from modelport.quantization.triton_gemm import triton_cdiv
 
 GEMV_MAX_M = 4  # rows of x served by the GEMV kernel; more rows: the GEMM, then dequant
 # 8 rows a program, K across the threads (512 programs for N = 4,096). sm_90 SASS compiled
@@ -69,100 +72,10 @@ def _blocks_per_step(n_blocks: int, qb: int) -> int:
 
 
 @functools.cache
-def _kernels():  # noqa: ANN202 - built lazily so importing this module never needs triton
-    import triton
-    import triton.language as tl
+def _kernels():  # noqa: ANN202 - imported lazily so importing this module never needs triton
+    from modelport.quantization import triton_nf4_kernels as k
 
-    @triton.jit
-    def gemv(xw_ptr, w_ptr, am_ptr, t_ptr, y_ptr, N, stride_xm, stride_ym,
-             K: tl.constexpr, QB: tl.constexpr, NB: tl.constexpr, M: tl.constexpr,
-             MP: tl.constexpr, BLOCK_N: tl.constexpr):
-        """[BLOCK_N rows, NB quant blocks, QB / 2 bytes] a step, threads along K (16 bytes
-        each); xw_ptr: x's 16-bit values as int32 words (even column in the low half)."""
-        HB: tl.constexpr = QB // 2  # bytes of one quant block
-        NQ: tl.constexpr = K // QB
-        dt = y_ptr.dtype.element_ty
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        rb = tl.arange(0, NB)
-        rh = tl.arange(0, HB)
-        rm = tl.arange(0, MP)
-        w_rows = w_ptr + rn.to(tl.int64) * (K // 2)
-        am_rows = am_ptr + rn.to(tl.int64) * NQ
-        table = tl.load(t_ptr + tl.arange(0, 16))  # looked up from shared memory (tl.gather)
-        acc = tl.zeros([MP, BLOCK_N, NB], dtype=tl.float32)
-        for g in range(0, NQ // NB):
-            blk = g * NB + rb
-            b = tl.load(w_rows[:, None, None] + (blk * HB)[None, :, None] + rh[None, None, :],
-                        mask=nmask[:, None, None], other=0).to(tl.int32)
-            flat: tl.constexpr = BLOCK_N * NB * HB
-            hi = tl.reshape(tl.gather(table, tl.reshape(b >> 4, (flat,)), 0), (BLOCK_N, NB, HB))
-            lo = tl.reshape(tl.gather(table, tl.reshape(b & 15, (flat,)), 0), (BLOCK_N, NB, HB))
-            am = tl.load(am_rows[:, None] + blk[None, :], mask=nmask[:, None], other=0.0)
-            for m in tl.static_range(M):
-                xw = tl.load(xw_ptr + m * stride_xm + blk[:, None] * HB + rh[None, :])
-                xe = (xw & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-                xo = (xw >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-                p = tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2) * am
-                acc = tl.where(rm[:, None, None] == m, acc + p[None, :, :], acc)
-        out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        tl.store(out, tl.sum(acc, axis=2).to(dt), mask=(rm[:, None] < M) & nmask[None, :])
-
-    @triton.jit
-    def dequant(w_ptr, am_ptr, t_ptr, out_ptr, N, K: tl.constexpr, QB: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-        """One [BLOCK_N, QB] tile a program: one quant block of BLOCK_N rows."""
-        HB: tl.constexpr = QB // 2
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        g = tl.program_id(1)
-        nmask = rn < N
-        rj = tl.arange(0, HB)
-        rows = rn.to(tl.int64)[:, None]
-        b = tl.load(w_ptr + rows * (K // 2) + g * HB + rj[None, :], mask=nmask[:, None],
-                    other=0).to(tl.int32)
-        am = tl.load(am_ptr + rn.to(tl.int64) * (K // QB) + g, mask=nmask, other=0.0)[:, None]
-        dt = out_ptr.dtype.element_ty
-        out = out_ptr + rows * K + g * QB + 2 * rj[None, :]
-        tl.store(out, (tl.load(t_ptr + (b >> 4)) * am).to(dt), mask=nmask[:, None])
-        tl.store(out + 1, (tl.load(t_ptr + (b & 15)) * am).to(dt), mask=nmask[:, None])
-
-    @triton.jit
-    def gemm(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, M, N, stride_xm, stride_ym,
-             K: tl.constexpr, QB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """y tile [BLOCK_M, BLOCK_N] = x W^T, one quant block (QB columns) of W a step,
-        expanded in registers (table value x absmax, rounded once to x's dtype) for tl.dot."""
-        HB: tl.constexpr = QB // 2
-        NQ: tl.constexpr = K // QB
-        dt = x_ptr.dtype.element_ty
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mmask = rm < M
-        nmask = rn < N
-        rh = tl.arange(0, HB)
-        rk = tl.arange(0, QB)
-        w_rows = w_ptr + rn.to(tl.int64)[:, None] * (K // 2)
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-        am_rows = am_ptr + rn.to(tl.int64) * NQ
-        table = tl.load(t_ptr + tl.arange(0, 16))
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in range(0, NQ):
-            b = tl.load(w_rows + g * HB + rh[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-            flat: tl.constexpr = BLOCK_N * HB
-            hi = tl.reshape(tl.gather(table, tl.reshape(b >> 4, (flat,)), 0), (BLOCK_N, HB))
-            lo = tl.reshape(tl.gather(table, tl.reshape(b & 15, (flat,)), 0), (BLOCK_N, HB))
-            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, QB))  # even, odd, even, ... columns
-            am = tl.load(am_rows + g, mask=nmask, other=0.0)
-            w = (w * am[:, None]).to(dt)
-            x = tl.load(x_rows + g * QB + rk[None, :], mask=mmask[:, None], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
-        out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
-    return gemv, dequant, gemm
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return k.gemv, k.dequant, k.gemm
 
 
 def gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
@@ -175,7 +88,7 @@ def gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
         x2 = x2.clone()
     xw = x2.view(torch.int32)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    _kernels()[0][(_cdiv(n, GEMV_BLOCK_N),)](
+    _kernels()[0][(triton_cdiv(n, GEMV_BLOCK_N),)](
         xw, packed, absmax, table, y, n, xw.stride(0), y.stride(0), K=k, QB=qb,
         NB=_blocks_per_step(k // qb, qb), M=m, MP=max(2, 1 << (m - 1).bit_length()),
         BLOCK_N=GEMV_BLOCK_N, num_warps=4,
@@ -189,7 +102,7 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
     n, k = packed.shape[0], packed.shape[1] * 2
     qb = k // absmax.shape[1]
     w = torch.empty((n, k), dtype=dtype, device=packed.device)
-    _kernels()[1][(_cdiv(n, DEQUANT_BLOCK_N), k // qb)](
+    _kernels()[1][(triton_cdiv(n, DEQUANT_BLOCK_N), k // qb)](
         packed, absmax, table, w, n, K=k, QB=qb, BLOCK_N=DEQUANT_BLOCK_N, num_warps=4)
     return w
 
@@ -203,7 +116,7 @@ def gemm(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     qb = k // absmax.shape[1]
     bm = min(64, max(16, 1 << (m - 1).bit_length()))
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    _kernels()[2][(_cdiv(m, bm), _cdiv(n, GEMM_BLOCK_N))](
+    _kernels()[2][(triton_cdiv(m, bm), triton_cdiv(n, GEMM_BLOCK_N))](
         x2, packed, absmax, table, y, m, n, x2.stride(0), y.stride(0), K=k, QB=qb,
         BLOCK_M=bm, BLOCK_N=GEMM_BLOCK_N, num_warps=4, num_stages=3,
     )  # fmt: skip

@@ -1,0 +1,96 @@
+"""Triton source of the NF4 kernels; see triton_nf4 for the layout and the paths.
+
+Imported only when a CUDA NF4 weight runs (importing it needs triton).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gemv(xw_ptr, w_ptr, am_ptr, t_ptr, y_ptr, N, stride_xm, stride_ym,
+         K: tl.constexpr, QB: tl.constexpr, NB: tl.constexpr, M: tl.constexpr,
+         MP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N rows, NB quant blocks, QB / 2 bytes] a step, threads along K (16 bytes
+    each); xw_ptr: x's 16-bit values as int32 words (even column in the low half)."""
+    HB: tl.constexpr = QB // 2  # bytes of one quant block
+    NQ: tl.constexpr = K // QB
+    dt = y_ptr.dtype.element_ty
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rb = tl.arange(0, NB)
+    rh = tl.arange(0, HB)
+    rm = tl.arange(0, MP)
+    w_rows = w_ptr + rn.to(tl.int64) * (K // 2)
+    am_rows = am_ptr + rn.to(tl.int64) * NQ
+    table = tl.load(t_ptr + tl.arange(0, 16))  # looked up from shared memory (tl.gather)
+    acc = tl.zeros([MP, BLOCK_N, NB], dtype=tl.float32)
+    for g in range(0, NQ // NB):
+        blk = g * NB + rb
+        b = tl.load(w_rows[:, None, None] + (blk * HB)[None, :, None] + rh[None, None, :],
+                    mask=nmask[:, None, None], other=0).to(tl.int32)
+        flat: tl.constexpr = BLOCK_N * NB * HB
+        hi = tl.reshape(tl.gather(table, tl.reshape(b >> 4, (flat,)), 0), (BLOCK_N, NB, HB))
+        lo = tl.reshape(tl.gather(table, tl.reshape(b & 15, (flat,)), 0), (BLOCK_N, NB, HB))
+        am = tl.load(am_rows[:, None] + blk[None, :], mask=nmask[:, None], other=0.0)
+        for m in tl.static_range(M):
+            xw = tl.load(xw_ptr + m * stride_xm + blk[:, None] * HB + rh[None, :])
+            xe = (xw & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+            xo = (xw >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+            p = tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2) * am
+            acc = tl.where(rm[:, None, None] == m, acc + p[None, :, :], acc)
+    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(out, tl.sum(acc, axis=2).to(dt), mask=(rm[:, None] < M) & nmask[None, :])
+
+@triton.jit
+def expand(b, table, am, BLOCK_N: tl.constexpr, HB: tl.constexpr):
+    """Bytes b [BLOCK_N, HB] (int32) of one quant block and its absmax [BLOCK_N] -> the
+    weights [BLOCK_N, 2 * HB] in fp32: even, odd, even, ... columns."""
+    flat: tl.constexpr = BLOCK_N * HB
+    hi = tl.reshape(tl.gather(table, tl.reshape(b >> 4, (flat,)), 0), (BLOCK_N, HB))
+    lo = tl.reshape(tl.gather(table, tl.reshape(b & 15, (flat,)), 0), (BLOCK_N, HB))
+    return tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * HB)) * am[:, None]
+
+@triton.jit
+def dequant(w_ptr, am_ptr, t_ptr, out_ptr, N, K: tl.constexpr, QB: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """One [BLOCK_N, QB] tile a program: one quant block of BLOCK_N rows."""
+    HB: tl.constexpr = QB // 2
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    nmask = rn < N
+    rows = rn.to(tl.int64)[:, None]
+    b = tl.load(w_ptr + rows * (K // 2) + g * HB + tl.arange(0, HB)[None, :],
+                mask=nmask[:, None], other=0).to(tl.int32)
+    am = tl.load(am_ptr + rn.to(tl.int64) * (K // QB) + g, mask=nmask, other=0.0)
+    w = expand(b, tl.load(t_ptr + tl.arange(0, 16)), am, BLOCK_N, HB)
+    out = out_ptr + rows * K + g * QB + tl.arange(0, QB)[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=nmask[:, None])
+
+@triton.jit
+def gemm(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, M, N, stride_xm, stride_ym,
+         K: tl.constexpr, QB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y tile [BLOCK_M, BLOCK_N] = x W^T, one quant block (QB columns) of W a step,
+    expanded in registers (table value x absmax, rounded once to x's dtype) for tl.dot."""
+    HB: tl.constexpr = QB // 2
+    NQ: tl.constexpr = K // QB
+    dt = x_ptr.dtype.element_ty
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    rh = tl.arange(0, HB)
+    rk = tl.arange(0, QB)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * (K // 2)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    am_rows = am_ptr + rn.to(tl.int64) * NQ
+    table = tl.load(t_ptr + tl.arange(0, 16))
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, NQ):
+        b = tl.load(w_rows + g * HB + rh[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        am = tl.load(am_rows + g, mask=nmask, other=0.0)
+        w = expand(b, table, am, BLOCK_N, HB).to(dt)
+        x = tl.load(x_rows + g * QB + rk[None, :], mask=mmask[:, None], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
