@@ -6,7 +6,12 @@ makes AWQ / GPTQ / FP8 checkpoints from it (calibration text: --calib, by defaul
 README.md and docs, i.e. not the evaluation text), and every variant is scored through the
 engine's prompt logprobs on tests/data/quant_eval.txt. GGUF Q4_1 is scored both kept
 quantized (--quantization gguf) and dequantized. NF4 is written in bitsandbytes' layout by
-our encoder (no calibration: absmax scaling and the nearest NF4 code).
+our encoder (no calibration: absmax scaling and the nearest NF4 code). Two baselines, plain
+round-to-nearest at 4 bits in groups of 64 (no calibration), are written in the AWQ layout
+(with zero points) and the GPTQ layout (symmetric), so each calibrated method can be read
+against the rounding it refines. AWQ and GPTQ also score every layer on the evaluation text's
+inputs beside that rounding (`--reference-text`; the quantization itself never sees the text):
+the "layers worse than RTN" column counts where the calibrated weights lost to plain rounding.
 
     .venv/bin/python bench/quant_quality.py [--calib FILE] [--work DIR] [--json out.json]
 """
@@ -68,6 +73,33 @@ def nf4_folder(src: Path, out: Path) -> Path:
     return write_checkpoint(src, out, tensors, NF4Config(double_quant=True))  # floats: fp16
 
 
+def rtn_folder(src: Path, out: Path, sym: bool, group: int = 64) -> Path:
+    """Round-to-nearest 4-bit weights in groups of ``group``: the AWQ layout with zero points,
+    or the GPTQ layout when symmetric. No calibration: the baseline AWQ and GPTQ refine."""
+    from safetensors.torch import load_file
+
+    from modelport.quantization.awq import AWQConfig, pack_awq
+    from modelport.quantization.gptq import GPTQConfig, pack_gptq
+    from modelport.quantization.tools.rtn import rtn_quantize
+    from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
+
+    if (out / "config.json").is_file():
+        return out
+    tensors: dict = {}
+    for f in sorted(src.glob("*.safetensors")):
+        for name, w in load_file(str(f)).items():
+            if not is_quantizable(name):
+                tensors[name] = w
+                continue
+            codes, zeros, scales = rtn_quantize(w.float(), 4, group, sym)
+            pieces = pack_gptq(codes, zeros, scales, 4) if sym else pack_awq(codes, zeros, scales)
+            prefix = name.removesuffix(".weight")
+            tensors.update({f"{prefix}.{k}": v for k, v in pieces.items()})
+    cfg = (GPTQConfig(bits=4, group_size=group, sym=True, true_sequential=False) if sym
+           else AWQConfig(bits=4, group_size=group, zero_point=True))
+    return write_checkpoint(src, out, tensors, cfg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", type=Path, default=None)
@@ -94,19 +126,33 @@ def main() -> None:
         ("fp32 (GGUF dequantized)", str(src), None, src),
         ("GGUF Q4_1 kept quantized", str(default_model_path()), "gguf", default_model_path()),
     ]
+    if "RTN" not in args.skip:
+        for label, sym in [("RTN W4 g64 zero-point (AWQ layout)", False),
+                           ("RTN W4 g64 symmetric (GPTQ layout)", True)]:
+            folder = rtn_folder(src, work / ("rtn-sym" if sym else "rtn-asym"), sym)
+            variants.append((label, str(folder), None, folder))
+    worse: dict[str, str] = {}  # label -> "n of m" layers worse than RTN on the eval text
     for label, opts in [
-        ("AWQ W4 g64", QuantizeOptions("awq", 4, 64)),
-        ("GPTQ W4 g64 act-order", QuantizeOptions("gptq", 4, 64, desc_act=True, zero_point=False)),
+        ("AWQ W4 g64", QuantizeOptions("awq", 4, 64, reference_text=TEXT)),
+        ("GPTQ W4 g64 act-order", QuantizeOptions("gptq", 4, 64, desc_act=True, zero_point=False,
+                                                  reference_text=TEXT)),
+        ("GPTQ W4 g64 act-order zero-point", QuantizeOptions("gptq", 4, 64, desc_act=True,
+                                                             reference_text=TEXT)),
         ("GPTQ W8 g64", QuantizeOptions("gptq", 8, 64, zero_point=False)),
         ("FP8 E4M3 per-channel", QuantizeOptions("fp8")),
     ]:
         if any(word in label.split() for word in args.skip):
             continue
-        folder = work / label.split()[0].lower() / str(opts.bits)
+        folder = work / label.split()[0].lower() / f"{opts.bits}{'' if opts.zero_point else 'sym'}"
+        report = folder / "quantization_report.json"
         if not (folder / "config.json").is_file():  # re-runs reuse finished checkpoints
             t0 = time.perf_counter()
             rep = quantize_model(str(src), folder, calib if opts.method != "fp8" else None, opts)
             print(f"{label}: quantized in {time.perf_counter() - t0:.0f} s; warnings: {rep.warnings}")
+        ref = json.loads(report.read_text()).get("reference_relative_output_error") if report.is_file() else None
+        if ref:
+            n = sum(e["quantized"] > 1.05 * e["round_to_nearest"] for e in ref.values())
+            worse[label] = f"{n} of {len(ref)}"
         variants.append((label, str(folder), None, folder))
     if "NF4" not in args.skip:
         nf4 = nf4_folder(src, work / "nf4")
@@ -120,6 +166,8 @@ def main() -> None:
         base = base or ppl
         rows.append({"format": label, "size_mb": round(_size(path) / 2**20, 1),
                      "perplexity": round(ppl, 3), "vs_fp32": f"{100 * (ppl / base - 1):+.2f}%"})
+        if label in worse:
+            rows[-1]["layers_worse_than_rtn_on_text"] = worse[label]
         print(rows[-1])
         del llm
     out = {"text": str(TEXT.relative_to(ROOT)), "rows": rows}

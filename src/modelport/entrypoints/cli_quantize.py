@@ -27,12 +27,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model quantized so far (default; true_sequential in the config). "
                         "--no-sequential: every layer's inputs from one pass of the float model "
                         "(one forward instead of about three, but all Hessians held at once)")
+    p.add_argument("--damp-percent", type=float, default=None,
+                   help="GPTQ: Hessian dampening as a fraction of its mean diagonal (default "
+                        "0.01, AutoGPTQ's damp_percent); larger leans less on the calibration "
+                        "inputs' correlations")
     p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
                    help="asymmetric quantization with zero points (default: on for AWQ, off "
                         "(symmetric) for GPTQ)")
     p.add_argument("--reference-text", type=Path, default=None,
                    help="a sample of the text the model will serve: warns when the "
-                        "calibration text looks unrelated to it")
+                        "calibration text looks unrelated to it, and scores every layer on its "
+                        "inputs beside plain round-to-nearest (AWQ / GPTQ)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (where calibration runs)")
     p.set_defaults(func=_run)
 
@@ -41,6 +46,9 @@ def _run(args: argparse.Namespace) -> int:
     from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
 
     zero_point = args.zero_point if args.zero_point is not None else args.method == "awq"
+    if args.damp_percent is not None and args.method != "gptq":
+        print("error: --damp-percent applies to --method gptq only", file=sys.stderr)
+        return 1
     if args.sequential is not None and args.method != "gptq":
         print("error: --sequential / --no-sequential applies to --method gptq only (AWQ and "
               "FP8 always take their statistics from the float model)", file=sys.stderr)
@@ -50,7 +58,8 @@ def _run(args: argparse.Namespace) -> int:
             method=args.method, bits=args.bits, group_size=args.group_size,
             desc_act=args.desc_act, zero_point=zero_point, num_samples=args.num_samples,
             seq_len=args.seq_len, reference_text=args.reference_text, device=args.device,
-            sequential=args.sequential is not False)
+            sequential=args.sequential is not False,
+            damp_percent=args.damp_percent if args.damp_percent is not None else 0.01)
         report = quantize_model(args.model, args.output, args.calib, opts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -58,10 +67,16 @@ def _run(args: argparse.Namespace) -> int:
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if report.layer_errors:
-        print(f"{'layer':60s} rel. output error")
+        ref = report.reference_errors
+        head = "  reference  (round-to-nearest)" if ref else ""
+        print(f"{'layer':60s} rel. output error{head}")
         for name, err in report.layer_errors.items():
-            print(f"{name:60s} {err:.4f}")
+            tail = f"  {ref[name][0]:9.4f}  ({ref[name][1]:.4f})" if name in ref else ""
+            print(f"{name:60s} {err:16.4f}{tail}")
         worst = max(report.layer_errors.items(), key=lambda kv: kv[1])
         print(f"worst: {worst[0]} ({worst[1]:.4f})")
+        if ref:
+            print(f"on the reference sample: {len(report.worse_than_rtn())} of {len(ref)} layers "
+                  "worse than round-to-nearest")
     print(f"wrote {report.output}")
     return 0

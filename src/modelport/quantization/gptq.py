@@ -35,6 +35,7 @@ class GPTQConfig(QuantizationConfig):
     # how the writer fitted it (the loader ignores it): each layer on the inputs of the layers
     # quantized before it (True), or on the float model's activations (False)
     true_sequential: bool = True
+    damp_percent: float = 0.01  # the writer's Hessian dampening (also ignored by the loader)
     name: str = field(default="gptq", init=False)
 
     def __post_init__(self) -> None:
@@ -57,13 +58,14 @@ class GPTQConfig(QuantizationConfig):
             sym=bool(qc.get("sym", True)),
             checkpoint_format=str(qc.get("checkpoint_format", "gptq")),
             true_sequential=bool(qc.get("true_sequential", True)),
+            damp_percent=float(qc.get("damp_percent", 0.01)),
         )
 
     def hf_dict(self) -> dict[str, Any]:
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
                 "desc_act": self.desc_act, "sym": self.sym, "checkpoint_format": self.checkpoint_format,
                 "static_groups": False, "true_sequential": self.true_sequential,
-                "damp_percent": 0.01}
+                "damp_percent": self.damp_percent}
 
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
         return GPTQLinearMethod(self)

@@ -10,6 +10,13 @@ the default) or, with ``sequential=False``, from one pass of the float model (``
 which is how AWQ and FP8 always get theirs. A layer's reported error compares its float and
 quantized weights on the inputs it was fitted to (in sequential mode, those of the partially
 quantized model); it does not include the error that reaches it from the layers below.
+
+With ``--reference-text`` (a sample of the traffic the model will serve), every layer's error
+is also measured on that sample's inputs (from the float model), beside what plain
+round-to-nearest at the same bits and group size gives there. A method fitted to calibration
+text unlike the reference can beat rounding on the calibration inputs and lose to it on the
+reference (GPTQ especially: it pushes each column's rounding error into directions the
+calibration inputs do not use); the tool warns when that happens on many layers.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ if TYPE_CHECKING:
     from modelport.quantization.tools.capture import LayerStats
 
 METHODS = ("awq", "gptq", "fp8")
+REFERENCE_WINDOWS = 8  # windows of the reference sample whose inputs score every layer
+# warn when at least this share of layers is worse than round-to-nearest on the reference
+WORSE_THAN_RTN_WARN = 0.1
+WORSE_MARGIN = 1.05  # "worse" is > 5 % above round-to-nearest's error, not a tie
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,9 @@ class QuantizeOptions:
     # (the paper's sequential mode, AutoGPTQ's true_sequential); False: one pass of the float
     # model gives every layer's inputs (AWQ always works so, like AutoAWQ and llm-awq)
     sequential: bool = True
+    # GPTQ only: dampening added to the Hessian's diagonal, as a fraction of its mean
+    # (AutoGPTQ's damp_percent); larger trusts the calibration inputs' correlations less
+    damp_percent: float = 0.01
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +69,8 @@ class QuantizeOptions:
             raise ValueError(f"GPTQ: unsupported bit width {self.bits}; supported: 4, 8")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
             raise ValueError(f"--group-size must be -1 or a positive multiple of 8, got {self.group_size}")
+        if not 0 < self.damp_percent <= 10:
+            raise ValueError(f"--damp-percent must be in (0, 10], got {self.damp_percent}")
         if self.num_samples <= 0 or self.seq_len <= 1:
             raise ValueError("--num-samples must be > 0 and --seq-len > 1")
 
@@ -65,10 +81,35 @@ class QuantizeReport:
     warnings: list[str] = field(default_factory=list)
     layer_errors: dict[str, float] = field(default_factory=dict)  # HF weight name -> rel. error
     calibration_tokens: int = 0
+    # with a reference sample: HF weight name -> (this method's, round-to-nearest's) relative
+    # output error on the reference sample's inputs
+    reference_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"warnings": self.warnings, "calibration_tokens": self.calibration_tokens,
-                "layer_relative_output_error": self.layer_errors}
+        out = {"warnings": self.warnings, "calibration_tokens": self.calibration_tokens,
+               "layer_relative_output_error": self.layer_errors}
+        if self.reference_errors:
+            out["reference_relative_output_error"] = {
+                name: {"quantized": q, "round_to_nearest": r}
+                for name, (q, r) in self.reference_errors.items()}
+        return out
+
+    def worse_than_rtn(self) -> list[str]:
+        """Layers whose error on the reference sample exceeds round-to-nearest's by > 5 %."""
+        return [n for n, (q, r) in self.reference_errors.items() if q > WORSE_MARGIN * r]
+
+
+def reference_warning(report: QuantizeReport) -> str | None:
+    """The warning for a quantization that fits its calibration text but not the reference."""
+    worse = report.worse_than_rtn()
+    if not report.reference_errors or len(worse) < WORSE_THAN_RTN_WARN * len(report.reference_errors):
+        return None
+    name = max(worse, key=lambda n: report.reference_errors[n][0] / max(report.reference_errors[n][1], 1e-12))
+    q, r = report.reference_errors[name]
+    return (f"on the reference sample {len(worse)} of {len(report.reference_errors)} layers have a "
+            f"larger output error (by > 5 %) than plain round-to-nearest would give (worst: {name}, "
+            f"{q:.4f} vs {r:.4f}): the calibration text does not represent the reference; "
+            "calibrate on text like the traffic the model will serve")
 
 
 def stats_key(hf_name: str) -> str:
@@ -127,9 +168,14 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
                 w_hat = w_hat * (originals[name] / w.where(w != 0, torch.ones_like(w))).where(
                     w != 0, torch.zeros_like(w))
             report.layer_errors[name] = _rel_error(st.x_sample, originals[name], w_hat)
+        if ref_stats is not None:
+            x_ref = ref_stats[stats_key(name)].x_sample
+            report.reference_errors[name] = (_rel_error(x_ref, originals[name], w_hat),
+                                             _rel_error(x_ref, originals[name], _rtn(originals[name], opts)))
         bar.update(1)
         return w_hat
 
+    ref_stats: dict[str, LayerStats] | None = None
     if calib is None:
         for name in names:
             emit(name, None)
@@ -143,6 +189,9 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         report.warnings = calib_mod.calibration_warnings(windows, opts.num_samples, opts.seq_len, ref)
         report.calibration_tokens = sum(len(w) for w in windows)
         float_model = load_model(src, mcfg, LoadConfig(), torch.float32, torch.device(opts.device))
+        if ref is not None and opts.method != "fp8":  # before sequential GPTQ changes the model
+            ref_stats = collect_stats(float_model, calib_mod.make_windows(
+                [ref], REFERENCE_WINDOWS, opts.seq_len), hessian=False)
         if opts.method == "gptq" and opts.sequential:
             from modelport.quantization.tools.sequential import (
                 layerwise_weight_names,
@@ -168,6 +217,10 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
             for name in names:
                 emit(name, stats[stats_key(name)])
     bar.close()
+    warning = reference_warning(report)
+    if warning is not None:
+        calib_mod.logger.warning(warning)
+        report.warnings.append(warning)
     # after AWQ has folded its inverse scales into the norms and the other float tensors
     out.update({n: w for n, w in weights.items() if not is_quantizable(n)})
     write_checkpoint(src.path, report.output, out, _hf_config(opts),
@@ -185,10 +238,21 @@ def _hf_config(opts: QuantizeOptions):  # noqa: ANN202 - one of three config cla
         from modelport.quantization.gptq import GPTQConfig
 
         return GPTQConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
-                          sym=not opts.zero_point, true_sequential=opts.sequential)
+                          sym=not opts.zero_point, true_sequential=opts.sequential,
+                          damp_percent=opts.damp_percent)
     from modelport.quantization.fp8 import FP8Config
 
     return FP8Config()
+
+
+def _rtn(w: torch.Tensor, opts: QuantizeOptions) -> torch.Tensor:
+    """The plain round-to-nearest weight at the options' bits, group size and symmetry."""
+    from modelport.quantization.tools.rtn import dequantize_codes, rtn_quantize
+
+    k = w.shape[1]
+    g = k if opts.group_size == -1 else opts.group_size
+    return dequantize_codes(*rtn_quantize(w, opts.bits, g, sym=not opts.zero_point),
+                            torch.arange(k) // g)
 
 
 def _quantize_one(name: str, w: torch.Tensor, st: LayerStats | None, opts: QuantizeOptions
@@ -209,14 +273,14 @@ def _quantize_one(name: str, w: torch.Tensor, st: LayerStats | None, opts: Quant
         from modelport.quantization.awq import pack_awq
 
         codes, zeros, scales = rtn_quantize(w, opts.bits, g, sym=not opts.zero_point)
-        g_idx = torch.arange(k) // g
-        return w, dequantize_codes(codes, zeros, scales, g_idx), pack_awq(codes, zeros, scales)
+        return w, dequantize_codes(codes, zeros, scales, torch.arange(k) // g), pack_awq(codes, zeros, scales)
     from modelport.quantization.gptq import pack_gptq
     from modelport.quantization.tools.gptq_algo import gptq_quantize
 
     if st is None or st.hessian is None:
         raise ValueError(f"{name}: GPTQ needs the Hessian of the layer's calibration inputs")
     codes, zeros, scales, g_idx = gptq_quantize(w, st.hessian, opts.bits, g,
-                                                sym=not opts.zero_point, act_order=opts.desc_act)
+                                                sym=not opts.zero_point, act_order=opts.desc_act,
+                                                damp=opts.damp_percent)
     deq = dequantize_codes(codes, zeros, scales, g_idx.long())
     return w, deq, pack_gptq(codes, zeros, scales, opts.bits, g_idx=g_idx)
