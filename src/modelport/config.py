@@ -216,6 +216,55 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by n-gram prompt lookup (vLLM's ``{"method": "ngram", ...}``).
+
+    Each step, a decoding request's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens
+    are looked up earlier in its own prompt and output; the tokens that followed the latest
+    match become up to ``num_speculative_tokens`` draft tokens, checked by the model in the
+    same forward (one token per position): greedy requests keep their exact output, sampled
+    ones their distribution (rejection sampling). No draft model.
+    """
+
+    num_speculative_tokens: int
+    method: str = "ngram"
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative method {self.method!r} is not supported; supported: ngram "
+                             "(draft models are not yet)")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be in [1, 16], got "
+                             f"{self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
+        """From vLLM's speculative_config dict (``method``, ``num_speculative_tokens``,
+        ``prompt_lookup_max``, ``prompt_lookup_min``)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}")
+        if "model" in d:
+            raise ValueError("speculative decoding with a draft model is not supported; use "
+                             '{"method": "ngram", "num_speculative_tokens": k}')
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        if "num_speculative_tokens" not in d:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        kw = {k: d[k] for k in known if k in d}
+        for k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            if k in kw and (isinstance(kw[k], bool) or not isinstance(kw[k], int)):
+                raise ValueError(f"speculative_config.{k} must be an integer, got {kw[k]!r}")
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
 

@@ -13,6 +13,7 @@ from modelport.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     default_max_num_batched_tokens,
 )
 
@@ -32,6 +33,7 @@ class EngineConfig:
     served_model_name: str
     # prepare step N+1 on the host while the device runs step N (see engine/core.py)
     async_scheduling: bool = False
+    speculative_config: SpeculativeConfig | None = None
 
     @property
     def is_cuda(self) -> bool:
@@ -61,6 +63,8 @@ class EngineArgs:
     max_waiting_requests: int | None = None
     # None: on for a single CUDA device, where the host work overlaps the GPU's
     async_scheduling: bool | None = None
+    # vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}
+    speculative_config: dict[str, Any] | None = None
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -98,6 +102,10 @@ class EngineArgs:
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="prepare step N+1 while the device runs step N "
                             "(default: on for one CUDA device)")
+        g.add_argument("--speculative-config", type=_parse_json_dict, default=None,
+                       help='speculative decoding, e.g. \'{"method": "ngram", '
+                            '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (n-gram '
+                            "prompt lookup: drafts from the request's own text, no draft model)")
         return parser
 
     @classmethod
@@ -134,6 +142,8 @@ class EngineArgs:
 
             # fail here, before the engine starts, with the format's own message
             resolve_quantization(self.quantization, src, model_config, device, self.load_format)
+        spec = (SpeculativeConfig.from_dict(self.speculative_config)
+                if self.speculative_config is not None else None)
         dtype = resolve_dtype(self.dtype, model_config, torch.device(device))
         max_len = self.max_model_len or model_config.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > model_config.max_position_embeddings:
@@ -172,7 +182,20 @@ class EngineArgs:
             served_model_name=self.served_model_name or src.name,
             async_scheduling=(device.startswith("cuda") and self.tensor_parallel_size == 1
                               if self.async_scheduling is None else self.async_scheduling),
+            speculative_config=spec,
         )
+
+
+def _parse_json_dict(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,

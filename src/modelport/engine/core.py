@@ -35,15 +35,22 @@ class EngineCore:
         self.runner.init_kv_cache(num_blocks)
         bs = config.cache_config.block_size
         self.kv = KVCacheManager(num_blocks, bs, config.cache_config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config, self.kv)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv, config.speculative_config)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens", num_blocks, bs, num_blocks * bs)
         # prompt logprobs arrive chunk by chunk; gathered here until the prompt is done
         self._prompt_lps: dict[str, list[TokenLogprobs | None]] = {}
         # async scheduling: the step launched on the device whose tokens are not back yet
-        self.async_scheduling = config.async_scheduling and self.runner.supports_async
+        # speculative steps need the accepted tokens on the host before the next schedule
+        spec = config.speculative_config
+        self.async_scheduling = (config.async_scheduling and self.runner.supports_async
+                                 and spec is None)
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
         if self.async_scheduling:
             logger.info("async scheduling: step N+1 is prepared while step N runs")
+        if spec is not None:
+            logger.info("speculative decoding: n-gram prompt lookup, up to %d draft tokens "
+                        "(n-grams of %d-%d tokens); async scheduling off",
+                        spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -123,7 +130,7 @@ class EngineCore:
         for rid in so.preempted_ids:  # recompute re-sends prompt logprobs from the start
             if rid in self._prompt_lps:
                 self._prompt_lps[rid] = [None]
-        progressed = self.scheduler.update(so, ro.sampled)
+        progressed = self.scheduler.update(so, ro.sampled, ro.spec_tokens)
         outputs = []
         for req, new_tokens in progressed:
             rid = req.request_id
@@ -158,6 +165,8 @@ class EngineCore:
             prefix_cache_queries=self.kv.queries,
             prefix_cache_hits=self.kv.hits,
             num_preemptions=self.scheduler.num_preemptions,
+            spec_num_draft_tokens=self.scheduler.num_draft_tokens,
+            spec_num_accepted_tokens=self.scheduler.num_accepted_tokens,
             num_kv_blocks=self.kv.num_blocks,
             block_size=self.kv.block_size,
         )

@@ -58,6 +58,8 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     prefix_cache_queries: int = 0  # tokens looked up (cumulative)
     prefix_cache_hits: int = 0  # tokens found (cumulative)
     num_preemptions: int = 0  # cumulative
+    spec_num_draft_tokens: int = 0  # speculative decoding: drafts proposed (cumulative)
+    spec_num_accepted_tokens: int = 0  # ... and accepted (cumulative)
     num_kv_blocks: int = 0
     block_size: int = 0
 

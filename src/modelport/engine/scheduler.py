@@ -10,6 +10,12 @@ A request's tokens count as computed when they are scheduled, so the next step c
 scheduled while this one still runs on the GPU (async scheduling). The token that step will
 sample is a placeholder until update() hears it: it already has a position and a KV slot,
 and the runner takes its id from the previous step's sampled tokens on the device.
+
+With speculative decoding (n-gram prompt lookup, engine/ngram.py), a decoding request is
+scheduled with draft tokens after its last token: 1 + d positions and KV slots. update()
+hears how many drafts the model accepted, appends them and the model's own next token, and
+winds num_computed_tokens back to the positions whose KV holds accepted tokens (the slots
+of rejected drafts are written again when those positions come round).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from modelport.config import SchedulerConfig
+from modelport.config import SchedulerConfig, SpeculativeConfig
+from modelport.engine import ngram
 from modelport.engine.kv_cache_manager import KVCacheManager
 from modelport.engine.request import Request, RequestStatus
 
@@ -34,6 +41,9 @@ class ScheduledRequest:
     block_ids: list[int]
     # this chunk reaches the end of the known tokens, so the runner samples a new token
     sample: bool
+    # speculative decoding: draft tokens after the request's last token (num_tokens is then
+    # 1 + len(spec_token_ids)); the runner checks them and samples from every position
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -61,9 +71,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.speculative = speculative
+        self.num_draft_tokens = 0  # speculative decoding, cumulative: drafts proposed
+        self.num_accepted_tokens = 0  # ... and accepted by the model
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -123,10 +137,16 @@ class Scheduler:
                 i += 1  # nothing owed, or the in-flight token is its last one
                 continue
             n = min(owed, budget)
+            draft = self._draft(req, budget) if owed == 1 else []
+            n += len(draft)
             while True:
                 block_ids = self.kv.allocate_slots(req, n)
                 if block_ids is not None:
                     break
+                if draft:  # no room for the drafts: decode plainly before preempting anyone
+                    n -= len(draft)
+                    draft = []
+                    continue
                 victim = self.running.pop()  # newest running request
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
@@ -134,7 +154,10 @@ class Scheduler:
                     break
             if block_ids is None:
                 break  # req itself was preempted; everything after it too
-            out.scheduled.append(self._scheduled(req, n, block_ids))
+            if draft:
+                out.scheduled.append(self._scheduled_spec(req, draft, block_ids))
+            else:
+                out.scheduled.append(self._scheduled(req, n, block_ids))
             budget -= n
             i += 1
 
@@ -221,6 +244,26 @@ class Scheduler:
             request=req, start=start, num_tokens=n, block_ids=block_ids, sample=sample
         )
 
+    def _draft(self, req: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding request (speculative decoding), within what it may
+        still generate, max_model_len and the step's token budget."""
+        spec = self.speculative
+        if spec is None or req.num_placeholders or req.needs_host_history:
+            return []
+        room = min(spec.num_speculative_tokens, budget - 1,
+                   req.max_tokens - req.num_output_tokens - 1,
+                   self.config.max_model_len - req.num_tokens)
+        if room <= 0:
+            return []
+        return ngram.propose(req.all_token_ids, room, spec.prompt_lookup_max, spec.prompt_lookup_min)
+
+    def _scheduled_spec(self, req: Request, draft: list[int], block_ids: list[int]) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        req.num_computed_tokens += 1 + len(draft)
+        req.num_placeholders += 1
+        return ScheduledRequest(request=req, start=start, num_tokens=1 + len(draft),
+                                block_ids=block_ids, sample=True, spec_token_ids=draft)
+
     def _will_stop_by_length(self, req: Request) -> bool:
         """Whether the tokens in flight already take req to max_tokens or max_model_len."""
         return (
@@ -238,10 +281,13 @@ class Scheduler:
 
     # -- after the model ran ---------------------------------------------------------------
     def update(
-        self, out: SchedulerOutput, sampled: dict[str, int]
+        self, out: SchedulerOutput, sampled: dict[str, int],
+        spec_tokens: dict[str, list[int]] | None = None,
     ) -> list[tuple[Request, list[int]]]:
         """Advance requests by what ran; returns (request, new token ids) for those that moved.
 
+        sampled: the new token of each sampling request; spec_tokens: for a request scheduled
+        with drafts, the accepted drafts followed by the model's next token.
         Requests that finished have their status set and their blocks freed.
         """
         progressed: list[tuple[Request, list[int]]] = []
@@ -254,6 +300,9 @@ class Scheduler:
                 self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
                 progressed.append((req, []))
                 continue
+            if s.spec_token_ids:
+                progressed.append((req, self._accept(req, s, (spec_tokens or {})[req.request_id], now)))
+                continue
             token = sampled[req.request_id]
             req.num_placeholders -= 1
             req.append_output_token(token)
@@ -265,6 +314,27 @@ class Scheduler:
                 self._finish(req, status)
             progressed.append((req, [token]))
         return progressed
+
+    def _accept(self, req: Request, s: ScheduledRequest, tokens: list[int], now: float) -> list[int]:
+        """Append a speculative step's tokens (accepted drafts + the model's next one) up to
+        the first that stops the request; returns those appended."""
+        accepted = len(tokens) - 1
+        self.num_draft_tokens += len(s.spec_token_ids)
+        self.num_accepted_tokens += accepted
+        req.num_placeholders -= 1
+        req.num_computed_tokens = s.start + 1 + accepted  # KV of rejected drafts is stale
+        if req.first_token_time is None:
+            req.first_token_time = now
+        appended = []
+        for token in tokens:
+            req.append_output_token(token)
+            appended.append(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self._finish(req, status)
+                return appended
+        self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+        return appended
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.sampling_params

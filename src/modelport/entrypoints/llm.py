@@ -44,6 +44,7 @@ class LLM:
         device: str = "auto",
         kv_cache_dtype: str = "auto",
         async_scheduling: bool | None = None,
+        speculative_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -56,6 +57,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, seed=seed, quantization=quantization, device=device,
             kv_cache_dtype=kv_cache_dtype, async_scheduling=async_scheduling,
+            speculative_config=speculative_config,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()

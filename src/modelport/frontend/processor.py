@@ -10,6 +10,8 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from modelport.config import ModelConfig, SchedulerConfig
 from modelport.engine.messages import (
     EngineCoreOutput,
@@ -201,6 +203,24 @@ class OutputProcessor:
         return list(results.values()), to_abort
 
     def _update_child(self, ps: _ParentState, c: _ChildState, o: EngineCoreOutput, to_abort: list[str]) -> None:
+        n = len(o.new_token_ids)
+        if n > 1 and ps.params.stop_strings:
+            # several tokens at once (speculative decoding): look for the stop strings after
+            # each, as one at a time would, so nothing past a stop string is kept
+            lps = o.new_logprobs
+            for i, t in enumerate(o.new_token_ids):
+                last = i == n - 1
+                self._update_child_tokens(ps, c, msgspec.structs.replace(
+                    o, new_token_ids=[t], new_logprobs=[lps[i]] if lps else None,
+                    finish_reason=o.finish_reason if last else None,
+                    stop_reason=o.stop_reason if last else None), to_abort)
+                if c.finish_reason is not None:
+                    return
+            return
+        self._update_child_tokens(ps, c, o, to_abort)
+
+    def _update_child_tokens(self, ps: _ParentState, c: _ChildState, o: EngineCoreOutput,
+                             to_abort: list[str]) -> None:
         p = ps.params
         c.token_ids.extend(o.new_token_ids)
         if o.new_logprobs and c.logprobs is not None:

@@ -29,6 +29,8 @@ Fill = Callable[[torch.Tensor], None]  # patches a step's device input ids in pl
 @dataclass
 class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
+    # speculative decoding: request id -> accepted drafts + the model's next token
+    spec_tokens: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
 
@@ -41,6 +43,9 @@ class PendingStep:
     sample_ids: list[str] = field(default_factory=list)  # request ids, in token order
     tokens_host: torch.Tensor | None = None
     done: torch.cuda.Event | None = None
+    # speculative requests (id, drafts) in order, and their verify() results end to end
+    spec: list[tuple[str, list[int]]] = field(default_factory=list)
+    spec_host: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -297,6 +302,27 @@ class ModelRunner:
             bt[i, : len(t)] = t
         return self.graphs.replay(n, fill)
 
+    def _generator(self, req) -> torch.Generator | None:  # noqa: ANN001 - a Request
+        """The seeded request's own generator (made on its first sampled token)."""
+        p = req.sampling_params
+        if p.seed is None or p.greedy:
+            return None
+        gen = self.generators.get(req.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(p.seed)
+            self.generators[req.request_id] = gen
+        return gen
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A device tensor's copy on its way to pinned host memory (CUDA: read it after the
+        step's event); on the CPU the tensor itself."""
+        if self.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
     # -- the step ------------------------------------------------------------------------
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
         """Run one step and wait for its tokens."""
@@ -306,10 +332,19 @@ class ModelRunner:
     def collect(self, pending: PendingStep) -> RunnerOutput:
         """Wait for a launched step's sampled ids; the only device-to-host sync of a step."""
         out = pending.out
-        if pending.sample_ids:
+        if pending.sample_ids or pending.spec:
             if pending.done is not None:
                 pending.done.synchronize()
+        if pending.sample_ids:
             out.sampled = dict(zip(pending.sample_ids, pending.tokens_host.tolist()))
+        if pending.spec:
+            from modelport.runner.spec_verify import accepted_tokens
+
+            flat, off = pending.spec_host.tolist(), 0
+            for rid, draft in pending.spec:
+                width = 2 * len(draft) + 1
+                out.spec_tokens[rid] = accepted_tokens(flat[off : off + width], draft)
+                off += width
         return out
 
     @torch.inference_mode()
@@ -335,12 +370,16 @@ class ModelRunner:
         holes: list[tuple[int, int]] = []  # (input index, row in the previous step's tokens)
         logit_rows: list[int] = []  # flat token index whose logits we need
         sample_reqs = []  # (scheduled, row index into logits)
+        spec_reqs = []  # (scheduled, first row index into logits): speculative decoding
         prompt_lp_reqs = []  # (scheduled, first row, count)
         for s in so.scheduled:
             req = s.request
             start, n = s.start, s.num_tokens
             known = req.num_tokens
-            if start + n <= known:
+            if s.spec_token_ids:  # the last known token, then the drafts
+                input_ids.extend(req.all_token_ids[start:known])
+                input_ids.extend(s.spec_token_ids)
+            elif start + n <= known:
                 input_ids.extend(req.all_token_ids[start : start + n])
             else:  # the last token is still being sampled by the step in flight
                 input_ids.extend(req.all_token_ids[start:known])
@@ -361,7 +400,10 @@ class ModelRunner:
                 n_pl = min(n, req.num_prompt_tokens - 1 - start)
                 prompt_lp_reqs.append((s, len(logit_rows), n_pl))
                 logit_rows.extend(range(base, base + n_pl))
-            if s.sample:
+            if s.spec_token_ids:
+                spec_reqs.append((s, len(logit_rows)))
+                logit_rows.extend(range(base, base + n))
+            elif s.sample:
                 sample_reqs.append((s, len(logit_rows)))
                 logit_rows.append(base + n - 1)
         dev = self.device
@@ -386,20 +428,24 @@ class ModelRunner:
             hidden = hidden[self._to_dev(torch.tensor(logit_rows))]
         logits = self.model.compute_logits(hidden).float()
 
+        if spec_reqs:
+            from modelport.runner.spec_verify import verify
+
+            results = []
+            for s, first in spec_reqs:
+                req = s.request
+                rows_logits = logits[first : first + s.num_tokens]
+                results.append(verify(rows_logits, s.spec_token_ids, req.sampling_params,
+                                      self._generator(req)))
+                pending.spec.append((req.request_id, s.spec_token_ids))
+            pending.spec_host = self._to_host(torch.cat(results))
         if sample_reqs:
             rows = []
             for s, _ in sample_reqs:
                 req = s.request
-                p = req.sampling_params
-                gen = None
-                if p.seed is not None and not p.greedy:
-                    gen = self.generators.get(req.request_id)
-                    if gen is None:
-                        gen = torch.Generator(device=dev)
-                        gen.manual_seed(p.seed)
-                        self.generators[req.request_id] = gen
-                rows.append(SamplingRow(req.request_id, p, req.prompt_token_ids,
-                                        req.output_token_ids, req.eos_token_ids, gen))
+                rows.append(SamplingRow(req.request_id, req.sampling_params, req.prompt_token_ids,
+                                        req.output_token_ids, req.eos_token_ids,
+                                        self._generator(req)))
             if len(sample_reqs) == logits.shape[0]:  # every row samples: no gather copy
                 to_sample = logits
             else:
@@ -408,16 +454,13 @@ class ModelRunner:
             pending.sample_ids = [s.request_id for s, _ in sample_reqs]
             self._prev_tokens = tokens
             self._prev_rows = {rid: i for i, rid in enumerate(pending.sample_ids)}
-            if dev.type == "cuda":
-                pending.tokens_host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                pending.tokens_host.copy_(tokens, non_blocking=True)
-                pending.done = torch.cuda.Event()
-                pending.done.record()
-            else:
-                pending.tokens_host = tokens
+            pending.tokens_host = self._to_host(tokens)
             for (s, _), lp in zip(sample_reqs, lps):
                 if lp is not None:
                     out.logprobs[s.request_id] = lp
+        if dev.type == "cuda" and (sample_reqs or spec_reqs):
+            pending.done = torch.cuda.Event()
+            pending.done.record()
         for s, first, count in prompt_lp_reqs:
             req = s.request
             k = req.sampling_params.prompt_logprobs or 0

@@ -79,6 +79,18 @@ class ServerMetrics:
             labels,
             registry=r,
         )
+        self.spec_drafts = Counter(
+            "modelport:spec_decode_num_draft_tokens",
+            "Speculative decoding: draft tokens proposed.",
+            labels,
+            registry=r,
+        )
+        self.spec_accepted = Counter(
+            "modelport:spec_decode_num_accepted_tokens",
+            "Speculative decoding: draft tokens the model accepted.",
+            labels,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "modelport:prompt_tokens", "Prompt tokens processed.", labels, registry=r
         )
@@ -112,6 +124,8 @@ class ServerMetrics:
             (self.prefix_queries, s.prefix_cache_queries, self._last.prefix_cache_queries),
             (self.prefix_hits, s.prefix_cache_hits, self._last.prefix_cache_hits),
             (self.preemptions, s.num_preemptions, self._last.num_preemptions),
+            (self.spec_drafts, s.spec_num_draft_tokens, self._last.spec_num_draft_tokens),
+            (self.spec_accepted, s.spec_num_accepted_tokens, self._last.spec_num_accepted_tokens),
         ):
             if now > before:
                 counter.labels(m).inc(now - before)

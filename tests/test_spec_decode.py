@@ -1,0 +1,232 @@
+"""Speculative decoding by n-gram prompt lookup: proposals, the verify rule, the engine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.tiny_models import make_tiny_llama_dir
+from modelport import LLM, SamplingParams
+from modelport.config import SpeculativeConfig
+from modelport.engine.arg_utils import EngineArgs
+from modelport.engine.ngram import propose
+from modelport.runner.spec_verify import accepted_tokens, verify
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 3}
+# greedy decoding of this tiny random model falls into loops on these: drafts get accepted
+PROMPTS = ["abcabcabcabc", "the cat sat on the mat, the cat sat on the", "0101010101"]
+
+
+def test_ngram_proposes_what_followed_the_latest_match() -> None:
+    assert propose([1, 2, 3, 4, 1, 2, 3], 3, 4, 1) == [4, 1, 2]
+    assert propose([7, 1, 2, 9, 1, 2, 5, 1, 2], 2, 2, 1) == [5, 1]  # the latest of two matches
+    assert propose([1, 2, 3, 9, 8, 2, 3], 2, 3, 1) == [9, 8]  # longest suffix first: [2, 3]
+    assert propose([5, 6, 7], 3, 4, 1) == []  # nothing repeats
+    assert propose([1, 2, 1, 2, 1, 2], 5, 4, 1) == [1, 2]  # only what is there to copy
+    assert propose([4, 4], 3, 2, 2) == []  # shorter than min_n + 1
+    assert propose([1, 2, 3, 1], 0, 4, 1) == []
+
+
+def test_speculative_config_from_vllm_dict_and_its_errors() -> None:
+    c = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 5,
+                                     "prompt_lookup_max": 3})
+    assert (c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min) == (5, 3, 1)
+    for bad, match in [
+        ({"model": "some/draft", "num_speculative_tokens": 4}, "draft model"),
+        ({"method": "eagle", "num_speculative_tokens": 4}, "not supported"),
+        ({"method": "ngram"}, "needs num_speculative_tokens"),
+        ({"num_speculative_tokens": 0}, r"\[1, 16\]"),
+        ({"num_speculative_tokens": "4"}, "must be an integer"),
+        ({"num_speculative_tokens": 4, "prompt_lookup_min": 5}, "prompt_lookup_min"),
+        ({"num_speculative_tokens": 4, "typo": 1}, "unknown keys"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SpeculativeConfig.from_dict(bad)
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'])
+    assert EngineArgs.from_cli_args(args).speculative_config == {"method": "ngram",
+                                                                 "num_speculative_tokens": 2}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--speculative-config", "[1, 2]"])
+
+
+def test_greedy_verify_keeps_drafts_up_to_the_first_miss() -> None:
+    logits = torch.full((4, 10), -5.0)
+    for row, tok in enumerate([3, 7, 1, 4]):
+        logits[row, tok] = 5.0
+    p = SamplingParams(temperature=0)
+    assert accepted_tokens(verify(logits, [3, 7, 1], p, None).tolist(), [3, 7, 1]) == [3, 7, 1, 4]
+    assert accepted_tokens(verify(logits, [3, 2, 1], p, None).tolist(), [3, 2, 1]) == [3, 7]
+    assert accepted_tokens(verify(logits, [0, 7, 1], p, None).tolist(), [0, 7, 1]) == [3]
+
+
+def test_speculative_sampling_emits_the_models_distribution() -> None:
+    """The first token a sampled request emits is distributed as p (after temperature and
+    top-k) whatever the draft: a likely draft, an unlikely one, one that top-k removes."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0], [0.0] * 6])
+    gen = torch.Generator().manual_seed(0)
+    trials = 1500
+    for params, expected, drafts in [
+        (SamplingParams(temperature=0.8, seed=1), (logits[0] / 0.8).softmax(-1), (5, 3)),
+        (SamplingParams(temperature=1.0, top_k=3, seed=1),
+         torch.where(logits[0] >= 1.0, logits[0], -torch.inf).softmax(-1), (0, 4)),
+    ]:
+        for draft in drafts:
+            counts = torch.zeros(6)
+            for _ in range(trials):
+                first = accepted_tokens(verify(logits, [draft], params, gen).tolist(), [draft])[0]
+                counts[first] += 1
+            err = (counts / trials - expected).abs().max().item()
+            assert err < 0.045, (params, draft, counts / trials, expected)  # 3.5 sigma at p = 0.5
+            if expected[draft] == 0:
+                assert counts[draft] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("spec") / "hf", seed=3)
+
+
+def _llm(tiny: Path, spec: dict | None) -> LLM:
+    return LLM(model=str(tiny), device="cpu", max_model_len=256, kv_cache_memory=8 << 20,
+               speculative_config=spec)
+
+
+def test_greedy_outputs_equal_plain_decoding(tiny: Path) -> None:
+    """Same tokens as without speculation, in a batch that mixes speculating requests with one
+    that cannot speculate (logprobs need every token's distribution) and with stops inside
+    an accepted run of drafts (max_tokens, a stop token)."""
+    params = [SamplingParams(max_tokens=30, temperature=0),
+              SamplingParams(max_tokens=7, temperature=0),
+              SamplingParams(max_tokens=30, temperature=0, logprobs=2)]
+    plain = _llm(tiny, None).generate(PROMPTS, params, use_tqdm=False)
+    stop_at = plain[0].outputs[0].token_ids[0]  # the loop token of the first prompt
+    stop_params = SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_at], min_tokens=0)
+    spec_llm = _llm(tiny, SPEC)
+    spec = spec_llm.generate(PROMPTS, params, use_tqdm=False)
+    for a, b in zip(plain, spec):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+    assert len(spec[1].outputs[0].token_ids) == 7
+    lp_plain, lp_spec = plain[2].outputs[0].logprobs, spec[2].outputs[0].logprobs
+    assert [sorted(x) for x in lp_plain] == [sorted(x) for x in lp_spec]
+    stats = spec_llm.llm_engine.core.get_stats()
+    assert stats.spec_num_draft_tokens >= 10 and stats.spec_num_accepted_tokens >= 5  # 15, 14
+    assert stats.spec_num_accepted_tokens <= stats.spec_num_draft_tokens
+    # a stop token in the middle of accepted drafts ends the output there
+    stopped = spec_llm.generate(PROMPTS[1:2], SamplingParams(max_tokens=30, temperature=0,
+                                stop_token_ids=[plain[1].outputs[0].token_ids[5]]), use_tqdm=False)
+    ref = _llm(tiny, None).generate(PROMPTS[1:2], SamplingParams(max_tokens=30, temperature=0,
+                                    stop_token_ids=[plain[1].outputs[0].token_ids[5]]), use_tqdm=False)
+    assert stopped[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    assert stopped[0].outputs[0].finish_reason == "stop"
+    assert stop_params.max_tokens == 30
+
+
+def test_stop_string_inside_a_multi_token_step(tiny: Path) -> None:
+    """A stop string completed by a token in the middle of a speculative step cuts the text
+    and the token ids there, as decoding one token at a time does."""
+    plain = _llm(tiny, None).generate(PROMPTS[1:2], SamplingParams(max_tokens=30, temperature=0),
+                                      use_tqdm=False)[0].outputs[0]
+    stop = plain.text[10:12]  # two bytes of the repeating loop
+    p = SamplingParams(max_tokens=30, temperature=0, stop=[stop])
+    a = _llm(tiny, None).generate(PROMPTS[1:2], p, use_tqdm=False)[0].outputs[0]
+    b = _llm(tiny, SPEC).generate(PROMPTS[1:2], p, use_tqdm=False)[0].outputs[0]
+    assert stop not in b.text and b.finish_reason == "stop" and b.stop_reason == stop
+    assert (b.text, b.token_ids) == (a.text, a.token_ids)
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(tiny: Path) -> None:
+    llm = _llm(tiny, SPEC)
+    p = SamplingParams(max_tokens=24, temperature=0.7, seed=123)
+    first = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, p, use_tqdm=False)]
+    again = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, p, use_tqdm=False)]
+    assert first == again and all(len(t) == 24 for t in first)
+
+
+def test_server_with_speculative_config(tiny: Path, tmp_path: Path) -> None:
+    """`modelport serve --speculative-config ...`: streamed and whole completions equal plain
+    offline decoding, and /metrics counts the drafts."""
+    import json
+
+    import httpx
+
+    from helpers.server_proc import start_server, stop_server
+
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", str(tiny),
+            "--served-model-name", "tiny", "--max-model-len", "256", "--kv-cache-memory", "8MiB",
+            "--speculative-config", json.dumps(SPEC)]
+    proc, url = start_server(argv, tmp_path / "server.log", timeout=180)
+    try:
+        want = _llm(tiny, None).generate(PROMPTS[1:2], SamplingParams(max_tokens=24, temperature=0),
+                                         use_tqdm=False)[0].outputs[0].text
+        body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+        assert r.json()["usage"]["completion_tokens"] == 24
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        drafts = [float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("modelport:spec_decode_num_draft_tokens_total")]
+        accepted = [float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("modelport:spec_decode_num_accepted_tokens_total")]
+        assert drafts and drafts[0] > 0 and accepted and 0 < accepted[0] <= drafts[0]
+    finally:
+        stop_server(proc)
+
+
+def test_scheduler_drafts_rewinds_rejected_positions_and_yields_to_plain_decoding() -> None:
+    """Pure scheduler: when the cache has no room for a decoding request's drafts it decodes
+    plainly instead of preempting anyone; with room it is scheduled with its n-gram drafts,
+    and after the runner kept one of them only the positions holding kept tokens count as
+    computed (the rejected drafts' slots are written again later)."""
+    from modelport.config import SchedulerConfig
+    from modelport.engine.kv_cache_manager import KVCacheManager
+    from modelport.engine.request import Request
+    from modelport.engine.scheduler import Scheduler, SchedulerOutput
+
+    kv = KVCacheManager(4, 4, True)  # 16 slots
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=16),
+                  kv, SpeculativeConfig(num_speculative_tokens=3))
+    r = Request("a", [5, 6, 7, 5, 6], SamplingParams(max_tokens=7, temperature=0))
+    s.add_request(r)
+    out = s.schedule()
+    assert out.scheduled[0].num_tokens == 5 and out.scheduled[0].spec_token_ids == []
+    s.update(out, {"a": 7})  # "5 6 7 5 6 7": drafts would be "5 6 7" (after the first "5 6 7")
+    other = Request("x", [1] * 8, SamplingParams(max_tokens=1))
+    assert kv.allocate_slots(other, 8) is not None and kv.num_free_blocks == 0  # cache held
+    out = s.schedule()
+    (x,) = out.scheduled
+    assert (x.start, x.num_tokens, x.spec_token_ids, out.preempted_ids) == (5, 1, [], [])
+    s.update(out, {"a": 5})
+    kv.free(other)
+    out = s.schedule()  # "5 6 7 5 6 7 5": "6 7 5" followed the first "5 6 7 5"
+    (x,) = out.scheduled
+    assert (x.start, x.num_tokens, x.spec_token_ids, x.sample) == (6, 4, [6, 7, 5], True)
+    assert r.num_computed_tokens == 10 and len(x.block_ids) == 3
+    assert s.schedule().is_empty  # nothing owed while the speculative step is out
+    s.update(SchedulerOutput(scheduled=[x]), {}, {"a": [6, 9]})  # kept "6", then the model's 9
+    assert r.output_token_ids == [7, 5, 6, 9] and r.num_computed_tokens == 8
+    assert (s.num_draft_tokens, s.num_accepted_tokens) == (3, 1)
+
+
+@pytest.mark.gpu
+def test_greedy_outputs_equal_plain_decoding_on_cuda(tiny: Path) -> None:
+    """On CUDA (fp32, so no bf16 rounding differences between a one-token and a multi-token
+    forward): CUDA-graph decode steps for plain rows, eager/piecewise steps with drafts."""
+    kw = dict(model=str(tiny), device="cuda", dtype="float32", max_model_len=256,
+              gpu_memory_utilization=0.2)
+    p = SamplingParams(max_tokens=30, temperature=0)
+    plain = LLM(**kw).generate(PROMPTS, p, use_tqdm=False)
+    llm = LLM(**kw, speculative_config=SPEC)
+    spec = llm.generate(PROMPTS, p, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in spec]
+    assert llm.llm_engine.core.get_stats().spec_num_accepted_tokens > 0
