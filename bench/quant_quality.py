@@ -92,7 +92,7 @@ def rtn_folder(src: Path, out: Path, sym: bool, group: int = 64) -> Path:
                 tensors[name] = w
                 continue
             codes, zeros, scales = rtn_quantize(w.float(), 4, group, sym)
-            pieces = pack_gptq(codes, zeros, scales, 4) if sym else pack_awq(codes, zeros, scales)
+            pieces = pack_gptq(codes, zeros, scales, 4, group_size=group) if sym else pack_awq(codes, zeros, scales)
             prefix = name.removesuffix(".weight")
             tensors.update({f"{prefix}.{k}": v for k, v in pieces.items()})
     cfg = (GPTQConfig(bits=4, group_size=group, sym=True, true_sequential=False) if sym

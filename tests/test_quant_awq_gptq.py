@@ -183,3 +183,15 @@ def test_awq_gemv_layout_is_refused(tiny: Path, tmp_path: Path) -> None:
     _set_qc(qdir, version="gemv")
     with pytest.raises(ValueError, match="only the GEMM layout"):
         _load(qdir)
+
+
+def test_pack_gptq_without_g_idx_takes_contiguous_groups() -> None:
+    """No g_idx and no group_size: the groups are K / G contiguous inputs (G = the scales'
+    column count), not one group for all inputs (a bug that made a 4-bit checkpoint's
+    perplexity 3.7e6 in bench/quant_quality.py)."""
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    codes, zeros, scales = rtn_quantize(w, 4, 16, True)
+    packed = pack_gptq(codes, zeros, scales, 4)
+    assert packed["g_idx"].tolist() == [i // 16 for i in range(64)]
+    deq = ref_dequant_gptq(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4)
+    assert (torch.from_numpy(deq) - w).abs().max() < scales.max() * 0.51 + 1e-3

@@ -140,10 +140,11 @@ def gptq_to_group_quant(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
 
 def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
               g_idx: torch.Tensor | None = None, group_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors ("gptq" format) from codes [N, K], integer zeros and scales [N, G]."""
+    """Checkpoint tensors ("gptq" format) from codes [N, K], integer zeros and scales [N, G];
+    without g_idx, input i is in group i // group_size (default: K / G, contiguous groups)."""
     k = codes.shape[1]
     if g_idx is None:
-        g_idx = torch.arange(k) // (group_size or k)
+        g_idx = torch.arange(k) // (group_size or k // scales.shape[1])
     stored = (zeros.to(torch.int64) - 1) % (1 << bits)
     return {
         "qweight": pack_along(codes.t(), bits, dim=0),
