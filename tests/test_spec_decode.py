@@ -35,7 +35,9 @@ def test_speculative_config_from_vllm_dict_and_its_errors() -> None:
                                      "prompt_lookup_max": 3})
     assert (c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min) == (5, 3, 1)
     for bad, match in [
-        ({"model": "some/draft", "num_speculative_tokens": 4}, "draft model"),
+        ({"method": "ngram", "model": "some/draft", "num_speculative_tokens": 4}, "takes no model"),
+        ({"method": "draft_model", "num_speculative_tokens": 4}, "needs method"),
+        ({"model": 3, "num_speculative_tokens": 4}, "model path"),
         ({"method": "eagle", "num_speculative_tokens": 4}, "not supported"),
         ({"method": "ngram"}, "needs num_speculative_tokens"),
         ({"num_speculative_tokens": 0}, r"\[1, 16\]"),
@@ -45,6 +47,8 @@ def test_speculative_config_from_vllm_dict_and_its_errors() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             SpeculativeConfig.from_dict(bad)
+    d = SpeculativeConfig.from_dict({"model": "some/draft", "num_speculative_tokens": 4})
+    assert (d.method, d.model) == ("draft_model", "some/draft")
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     args = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'])
     assert EngineArgs.from_cli_args(args).speculative_config == {"method": "ngram",
@@ -139,12 +143,14 @@ def test_stop_string_inside_a_multi_token_step(tiny: Path) -> None:
     assert (b.text, b.token_ids) == (a.text, a.token_ids)
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(tiny: Path) -> None:
-    llm = _llm(tiny, SPEC)
+@pytest.mark.parametrize("draft_model", [False, True])
+def test_seeded_sampling_with_speculation_is_reproducible(tiny: Path, draft_model: bool) -> None:
+    llm = _llm(tiny, {"model": str(tiny), "num_speculative_tokens": 3} if draft_model else SPEC)
     p = SamplingParams(max_tokens=24, temperature=0.7, seed=123)
     first = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, p, use_tqdm=False)]
     again = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, p, use_tqdm=False)]
     assert first == again and all(len(t) == 24 for t in first)
+    assert llm.llm_engine.core.get_stats().spec_num_draft_tokens > 0
 
 
 def test_server_with_speculative_config(tiny: Path, tmp_path: Path) -> None:
@@ -226,7 +232,43 @@ def test_greedy_outputs_equal_plain_decoding_on_cuda(tiny: Path) -> None:
               gpu_memory_utilization=0.2)
     p = SamplingParams(max_tokens=30, temperature=0)
     plain = LLM(**kw).generate(PROMPTS, p, use_tqdm=False)
-    llm = LLM(**kw, speculative_config=SPEC)
-    spec = llm.generate(PROMPTS, p, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in spec]
-    assert llm.llm_engine.core.get_stats().spec_num_accepted_tokens > 0
+    for config in (SPEC, {"model": str(tiny), "num_speculative_tokens": 3}):
+        llm = LLM(**kw, speculative_config=config)
+        spec = llm.generate(PROMPTS, p, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in spec]
+        assert llm.llm_engine.core.get_stats().spec_num_accepted_tokens > 0
+        del llm
+
+
+def test_draft_model_greedy_outputs_equal_plain_decoding(tiny: Path, tmp_path: Path) -> None:
+    """A draft model beside the target on the same block tables: with the target itself as
+    the draft every draft is kept; with another, smaller random model few are; either way the
+    greedy tokens are plain decoding's, with a logprobs request decoding plainly beside them."""
+    params = [SamplingParams(max_tokens=20, temperature=0),
+              SamplingParams(max_tokens=9, temperature=0),
+              SamplingParams(max_tokens=20, temperature=0, logprobs=1)]
+    plain = [o.outputs[0].token_ids for o in _llm(tiny, None).generate(PROMPTS, params, use_tqdm=False)]
+    other = make_tiny_llama_dir(tmp_path / "draft", seed=5, num_layers=1)
+    for draft, k in ((tiny, 3), (other, 2)):
+        llm = _llm(tiny, {"model": str(draft), "num_speculative_tokens": k})
+        outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        assert outs == plain, draft
+        st = llm.llm_engine.core.get_stats()
+        assert st.spec_num_draft_tokens > 10
+        if draft == tiny:  # its own greedy continuation: every draft kept
+            assert st.spec_num_accepted_tokens == st.spec_num_draft_tokens
+        else:
+            assert st.spec_num_accepted_tokens < st.spec_num_draft_tokens
+    # its KV shares the target's blocks: fewer blocks from the same memory
+    assert llm.llm_engine.core.num_kv_blocks < _llm(tiny, None).llm_engine.core.num_kv_blocks
+
+
+def test_draft_model_errors(tiny: Path, tmp_path: Path) -> None:
+    wide = make_tiny_llama_dir(tmp_path / "wide", seed=1, vocab_size=320)
+    with pytest.raises(ValueError, match="vocabulary"):
+        _llm(tiny, {"model": str(wide), "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        LLM(model=str(tiny), device="cpu", tensor_parallel_size=2,
+            speculative_config={"model": str(tiny), "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="speculative_config.model"):
+        _llm(tiny, {"model": str(tmp_path / "missing"), "num_speculative_tokens": 2})

@@ -217,24 +217,30 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding by n-gram prompt lookup (vLLM's ``{"method": "ngram", ...}``).
+    """Speculative decoding, vLLM's ``speculative_config``: draft tokens that the model checks
+    in one forward (one position each); greedy requests keep their exact output, sampled ones
+    their distribution (rejection sampling against a deterministic proposal).
 
-    Each step, a decoding request's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens
-    are looked up earlier in its own prompt and output; the tokens that followed the latest
-    match become up to ``num_speculative_tokens`` draft tokens, checked by the model in the
-    same forward (one token per position): greedy requests keep their exact output, sampled
-    ones their distribution (rejection sampling). No draft model.
+    ``method="ngram"``: prompt lookup, no second model. A decoding request's last
+    ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens are looked up earlier in its own
+    prompt and output, and the tokens that followed the latest match are the drafts.
+    ``method="draft_model"`` (``model=PATH``): a smaller model with the same vocabulary runs
+    beside the target on the same KV block tables and proposes its greedy continuation.
     """
 
     num_speculative_tokens: int
     method: str = "ngram"
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    model: str | None = None  # the draft model (method "draft_model")
 
     def __post_init__(self) -> None:
-        if self.method != "ngram":
-            raise ValueError(f"speculative method {self.method!r} is not supported; supported: ngram "
-                             "(draft models are not yet)")
+        if self.method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative method {self.method!r} is not supported; supported: "
+                             "ngram, draft_model")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError("speculative_config: a draft model needs method 'draft_model' and "
+                             "'model'; method 'ngram' takes no model")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be in [1, 16], got "
                              f"{self.num_speculative_tokens}")
@@ -244,14 +250,13 @@ class SpeculativeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
-        """From vLLM's speculative_config dict (``method``, ``num_speculative_tokens``,
-        ``prompt_lookup_max``, ``prompt_lookup_min``)."""
+        """From vLLM's speculative_config dict: ``{"method": "ngram", "num_speculative_tokens":
+        k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` or ``{"model": PATH,
+        "num_speculative_tokens": k}`` (method "draft_model" implied)."""
         if not isinstance(d, dict):
             raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}")
-        if "model" in d:
-            raise ValueError("speculative decoding with a draft model is not supported; use "
-                             '{"method": "ngram", "num_speculative_tokens": k}')
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                 "model"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
@@ -261,6 +266,10 @@ class SpeculativeConfig:
         for k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             if k in kw and (isinstance(kw[k], bool) or not isinstance(kw[k], int)):
                 raise ValueError(f"speculative_config.{k} must be an integer, got {kw[k]!r}")
+        if "model" in kw:
+            if not isinstance(kw["model"], str) or not kw["model"]:
+                raise ValueError("speculative_config.model must be a model path")
+            kw.setdefault("method", "draft_model")
         return cls(**kw)
 
 

@@ -144,6 +144,9 @@ class EngineArgs:
             resolve_quantization(self.quantization, src, model_config, device, self.load_format)
         spec = (SpeculativeConfig.from_dict(self.speculative_config)
                 if self.speculative_config is not None else None)
+        if spec is not None and spec.model is not None:
+            _check_draft_model(spec, model_config, self.tensor_parallel_size,
+                               self.max_model_len or model_config.max_position_embeddings)
         dtype = resolve_dtype(self.dtype, model_config, torch.device(device))
         max_len = self.max_model_len or model_config.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > model_config.max_position_embeddings:
@@ -184,6 +187,25 @@ class EngineArgs:
                               if self.async_scheduling is None else self.async_scheduling),
             speculative_config=spec,
         )
+
+
+def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, max_len: int) -> None:
+    """A draft model must speak the target's vocabulary and reach max_model_len."""
+    from modelport.loader import load_model_config, resolve_model
+
+    if tp != 1:
+        raise ValueError("speculative decoding with a draft model needs tensor_parallel_size 1 "
+                         "(n-gram speculation works with any)")
+    try:
+        draft = load_model_config(resolve_model(spec.model))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"speculative_config.model {spec.model!r}: {e}") from None
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from "
+                         f"the target's ({target.vocab_size}): they must share one tokenizer")
+    if draft.max_position_embeddings < max_len:
+        raise ValueError(f"the draft model reaches {draft.max_position_embeddings} positions, "
+                         f"below max_model_len ({max_len})")
 
 
 def _parse_json_dict(text: str) -> dict[str, Any]:

@@ -255,6 +255,8 @@ class Scheduler:
                    self.config.max_model_len - req.num_tokens)
         if room <= 0:
             return []
+        if spec.model is not None:  # the runner's draft model fills them in
+            return [-1] * room
         return ngram.propose(req.all_token_ids, room, spec.prompt_lookup_max, spec.prompt_lookup_min)
 
     def _scheduled_spec(self, req: Request, draft: list[int], block_ids: list[int]) -> ScheduledRequest:

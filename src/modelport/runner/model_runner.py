@@ -61,6 +61,10 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
+        # speculative decoding with a draft model: its weights and KV cache (same blocks)
+        self.draft_model: torch.nn.Module | None = None
+        self.draft_config = None  # its ModelConfig
+        self.draft_kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
@@ -113,6 +117,17 @@ class ModelRunner:
                     n = fuse_decode_layers(self.model)
                     logger.info("fused single-row decode layers (norm/SiLU/residual in the "
                                 "GEMVs): %d", n)
+        spec = self.config.speculative_config
+        if spec is not None and spec.model is not None:
+            from modelport.config import LoadConfig
+            from modelport.loader import load_model_config, resolve_model
+
+            src = resolve_model(spec.model)
+            self.draft_config = load_model_config(src)
+            self.draft_model = load_model(src, self.draft_config, LoadConfig(), self.dtype,
+                                          self.device)
+            logger.info("draft model for speculative decoding: %s (%d layers)", src.name,
+                        self.draft_config.num_hidden_layers)
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "loaded %s (%s) on %s as %s: %.1f MiB of weights in %.1f s",
@@ -134,6 +149,12 @@ class ModelRunner:
         else:
             budget = cc.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
         n = num_kv_blocks(budget, mc, self.block_size, kv_bytes, self.config.parallel_config.tensor_parallel_size)
+        if self.draft_config is not None:  # one block holds the target's and the draft's K/V
+            from modelport.config import kv_cache_bytes_per_token
+
+            per_token = (kv_cache_bytes_per_token(mc, kv_bytes)
+                         + kv_cache_bytes_per_token(self.draft_config, kv_bytes))
+            n = int(budget) // (self.block_size * per_token)
         need = -(-self.config.scheduler_config.max_model_len // self.block_size)
         if n < need:
             raise ValueError(
@@ -190,6 +211,13 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
+        if self.draft_config is not None:
+            dc = self.draft_config
+            self.draft_kv_caches = [
+                torch.zeros((2, num_blocks, self.block_size, dc.num_key_value_heads, dc.head_dim),
+                            dtype=self.kv_dtype, device=self.device)
+                for _ in range(dc.num_hidden_layers)
+            ]
         if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_size == 1:
             self._capture_cuda_graphs()
 
@@ -302,6 +330,67 @@ class ModelRunner:
             bt[i, : len(t)] = t
         return self.graphs.replay(n, fill)
 
+    def _draft_forward(self, ids: list[int] | torch.Tensor, positions: list[int],
+                       slots: list[int], qsl: list[int], seq_lens: list[int],
+                       tables: list[list[int]]) -> torch.Tensor:
+        assert self.draft_model is not None
+        meta = self._step_meta(slots, qsl, seq_lens, tables)
+        ids_t = ids if isinstance(ids, torch.Tensor) else self._to_dev(torch.tensor(ids, dtype=torch.long))
+        pos_t = self._to_dev(torch.tensor(positions, dtype=torch.long))
+        with forward_context(ForwardContext(meta, self.draft_kv_caches)):
+            return self.draft_model(ids_t, pos_t)
+
+    def _draft_step(self, so: SchedulerOutput) -> None:
+        """The draft model's share of a step: one pass over the step's known tokens (so its
+        KV cache holds every position the target computes), then one token a pass for the
+        requests scheduled with drafts, whose greedy continuation replaces the scheduler's
+        placeholders in ``spec_token_ids``. Pass j writes the KV of draft j - 1, so after d
+        passes a request's draft KV is complete up to its last draft."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        drafting: list[tuple] = []  # (scheduled, last row of pass 0)
+        for s in so.scheduled:
+            n = 1 if s.spec_token_ids else s.num_tokens
+            span = range(s.start, s.start + n)
+            ids.extend(s.request.all_token_ids[s.start : s.start + n])
+            positions.extend(span)
+            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in span)
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(s.start + n)
+            tables.append(s.block_ids)
+            if s.spec_token_ids:
+                drafting.append((s, qsl[-1] - 1))
+        hidden = self._draft_forward(ids, positions, slots, qsl, seq_lens, tables)
+        if not drafting:
+            return
+        from modelport.runner.sampler import greedy_tokens
+
+        rows = self._to_dev(torch.tensor([r for _, r in drafting]))
+        latest = greedy_tokens(self.draft_model.compute_logits(hidden[rows]).float())
+        proposed = [latest]  # proposed[j][i]: draft j of request i
+        for j in range(1, max(len(s.spec_token_ids) for s, _ in drafting) + 1):
+            active = [i for i, (s, _) in enumerate(drafting) if len(s.spec_token_ids) >= j]
+            scheds = [drafting[i][0] for i in active]
+            span = [s.start + j for s in scheds]
+            hidden = self._draft_forward(
+                latest[self._to_dev(torch.tensor(active))], span,
+                [s.block_ids[p // bs] * bs + p % bs for s, p in zip(scheds, span)],
+                list(range(len(active) + 1)), [p + 1 for p in span], [s.block_ids for s in scheds])
+            if j == max(len(s.spec_token_ids) for s in scheds):
+                break  # the last pass only writes the last draft's KV
+            latest = latest.clone()
+            latest[self._to_dev(torch.tensor(active))] = greedy_tokens(
+                self.draft_model.compute_logits(hidden).float())
+            proposed.append(latest)
+        table = torch.stack(proposed).tolist()  # the step's one wait for the draft model
+        for i, (s, _) in enumerate(drafting):
+            s.spec_token_ids[:] = [table[j][i] for j in range(len(s.spec_token_ids))]
+
     def _generator(self, req) -> torch.Generator | None:  # noqa: ANN001 - a Request
         """The seeded request's own generator (made on its first sampled token)."""
         p = req.sampling_params
@@ -359,6 +448,8 @@ class ModelRunner:
             self.generators.pop(rid, None)
         if so.is_empty:
             return None
+        if self.draft_model is not None:
+            self._draft_step(so)
         out = RunnerOutput()
         bs = self.block_size
         input_ids: list[int] = []
