@@ -5,7 +5,12 @@ that copy from their context (editing code, fixing a list) and one that does not
 greedy, one request at a time: decode tok/s = (output tokens - 1) / (time after the first
 token), the share of drafts accepted, and whether each output equals plain decoding's.
 
-    .venv/bin/python bench/spec_decode.py [--k 2 4] [--max-tokens 128] [--repeat 3] [--json F]
+``--draft-layers N`` adds draft-model rows: the target's own first N decoder layers (with its
+final norm and tied head) written as a float HF folder, a draft with the target's vocabulary
+that needs no download (an early exit of the model; no training).
+
+    .venv/bin/python bench/spec_decode.py [--k 2 4] [--draft-layers 6] [--max-tokens 128]
+        [--repeat 3] [--json F]
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 CODE = '''def mean(values):
     total = 0
@@ -67,9 +75,39 @@ def run(llm, prompt: str, max_tokens: int, repeat: int) -> dict:  # noqa: ANN001
     return best
 
 
+def truncated_draft(layers: int, work: Path) -> Path:
+    """The embedded default's first ``layers`` decoder layers as a float32 HF folder."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    from modelport import LLM
+    from modelport.loader import default_model_path, gguf_cache_folder
+    from modelport.loader.cache import entry_dir
+
+    LLM(max_model_len=256, kv_cache_memory=32 << 20, device="cpu", quantization="none")  # fills the caches
+    gguf = default_model_path()
+    out = work / f"draft-{layers}"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in [*gguf_cache_folder(gguf).iterdir(), *entry_dir(gguf, "gguf-tokenizer").iterdir()]:
+        if f.suffix == ".safetensors":
+            keep = {n: t for n, t in load_file(str(f)).items()
+                    if not n.startswith("model.layers.") or int(n.split(".")[2]) < layers}
+            save_file(keep, str(out / f.name), metadata={"format": "pt"})
+        elif f.name == "config.json":
+            cfg = _json.loads(f.read_text())
+            cfg["num_hidden_layers"] = layers
+            (out / f.name).write_text(_json.dumps(cfg))
+        elif f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, nargs="*", default=[2, 4], help="num_speculative_tokens")
+    ap.add_argument("--draft-layers", type=int, nargs="*", default=[],
+                    help="draft-model rows: the target's first N layers as the draft")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -80,6 +118,11 @@ def main() -> None:
 
     configs = [("plain", None)] + [
         (f"ngram k={k}", {"method": "ngram", "num_speculative_tokens": k}) for k in args.k]
+    work = Path(tempfile.mkdtemp(prefix="specdraft-"))
+    for layers in args.draft_layers:
+        draft = str(truncated_draft(layers, work))
+        configs += [(f"draft {layers} layers k={k}", {"model": draft, "num_speculative_tokens": k})
+                    for k in args.k]
     results: dict[str, dict] = {}
     for label, spec in configs:
         llm = LLM(max_model_len=1024, kv_cache_memory=128 << 20, device="cpu",
