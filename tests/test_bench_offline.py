@@ -125,6 +125,19 @@ def test_latency_reports_ttft_and_itl(tiny, tmp_path):
     assert all(0 < f <= t for f, t in zip(run["first_step_ms_all"], run["ttft_ms_all"]))
 
 
+def test_latency_with_a_speculative_config(tiny, tmp_path):
+    out = tmp_path / "s.jsonl"
+    spec = {"method": "ngram", "num_speculative_tokens": 2}
+    rc = main(["bench", "latency", "--model", str(tiny), "--input-len", "16", "--output-len", "6",
+               "--num-iters", "1", "--num-iters-warmup", "0", "--kv-cache-memory", "8000000",
+               "--speculative-config", json.dumps(spec), "--output-json", str(out)])
+    assert rc == 0
+    r = _read(out)
+    assert r["args"]["speculative_config"] == spec and r["runs"][0]["itl_ms"] > 0
+    with pytest.raises(SystemExit):
+        main(["bench", "latency", "--model", str(tiny), "--speculative-config", "{bad"])
+
+
 def test_model_config_with_dummy_weights(tmp_path):
     # what the H200 runs use (bench/configs/llama-3.1-8b.json), here with a tiny shape
     cfg = tmp_path / "tiny.json"
