@@ -44,6 +44,7 @@ def test_speculative_config_from_vllm_dict_and_its_errors() -> None:
         ({"num_speculative_tokens": "4"}, "must be an integer"),
         ({"num_speculative_tokens": 4, "prompt_lookup_min": 5}, "prompt_lookup_min"),
         ({"num_speculative_tokens": 4, "typo": 1}, "unknown keys"),
+        ({"num_speculative_tokens": 4, "disable_by_batch_size": 0}, "disable_by_batch_size"),
     ]:
         with pytest.raises(ValueError, match=match):
             SpeculativeConfig.from_dict(bad)
@@ -120,6 +121,11 @@ def test_greedy_outputs_equal_plain_decoding(tiny: Path) -> None:
     stats = spec_llm.llm_engine.core.get_stats()
     assert stats.spec_num_draft_tokens >= 10 and stats.spec_num_accepted_tokens >= 5  # 15, 14
     assert stats.spec_num_accepted_tokens <= stats.spec_num_draft_tokens
+    # more running requests than disable_by_batch_size: no drafts, the same tokens
+    busy = _llm(tiny, {**SPEC, "disable_by_batch_size": 2})
+    assert [o.outputs[0].token_ids for o in busy.generate(PROMPTS, params, use_tqdm=False)] == [
+        o.outputs[0].token_ids for o in plain]
+    assert busy.llm_engine.core.get_stats().spec_num_draft_tokens < stats.spec_num_draft_tokens
     # a stop token in the middle of accepted drafts ends the output there
     stopped = spec_llm.generate(PROMPTS[1:2], SamplingParams(max_tokens=30, temperature=0,
                                 stop_token_ids=[plain[1].outputs[0].token_ids[5]]), use_tqdm=False)

@@ -233,6 +233,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     model: str | None = None  # the draft model (method "draft_model")
+    # no drafts while more requests than this are running (vLLM's disable_by_batch_size):
+    # large batches are already bound by compute, where checking drafts costs more than it saves
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("ngram", "draft_model"):
@@ -244,6 +247,8 @@ class SpeculativeConfig:
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be in [1, 16], got "
                              f"{self.num_speculative_tokens}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
@@ -256,14 +261,15 @@ class SpeculativeConfig:
         if not isinstance(d, dict):
             raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}")
         known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                 "model"}
+                 "model", "disable_by_batch_size"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
         if "num_speculative_tokens" not in d:
             raise ValueError("speculative_config needs num_speculative_tokens")
         kw = {k: d[k] for k in known if k in d}
-        for k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        for k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                  "disable_by_batch_size"):
             if k in kw and (isinstance(kw[k], bool) or not isinstance(kw[k], int)):
                 raise ValueError(f"speculative_config.{k} must be an integer, got {kw[k]!r}")
         if "model" in kw:

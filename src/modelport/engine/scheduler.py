@@ -250,6 +250,8 @@ class Scheduler:
         spec = self.speculative
         if spec is None or req.num_placeholders or req.needs_host_history:
             return []
+        if spec.disable_by_batch_size is not None and len(self.running) > spec.disable_by_batch_size:
+            return []
         room = min(spec.num_speculative_tokens, budget - 1,
                    req.max_tokens - req.num_output_tokens - 1,
                    self.config.max_model_len - req.num_tokens)
