@@ -231,18 +231,28 @@ def test_scheduler_drafts_rewinds_rejected_positions_and_yields_to_plain_decodin
 
 
 @pytest.mark.gpu
-def test_greedy_outputs_equal_plain_decoding_on_cuda(tiny: Path) -> None:
-    """On CUDA (fp32, so no bf16 rounding differences between a one-token and a multi-token
-    forward): CUDA-graph decode steps for plain rows, eager/piecewise steps with drafts."""
-    kw = dict(model=str(tiny), device="cuda", dtype="float32", max_model_len=256,
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_outputs_equal_plain_decoding_on_cuda(tiny: Path, dtype: str) -> None:
+    """On CUDA, n-grams and a draft model (the target itself). float32 runs the torch
+    attention eagerly: every token must equal plain decoding's. bfloat16 runs the Triton
+    kernels with CUDA graphs for plain decode steps, and a speculative step's multi-token
+    forward takes the prefill kernel, which rounds differently: the first 8 tokens must equal
+    (as the bf16 engine test asks of HF), and the self-draft must keep most of its drafts."""
+    kw = dict(model=str(tiny), device="cuda", dtype=dtype, max_model_len=256,
               gpu_memory_utilization=0.2)
     p = SamplingParams(max_tokens=30, temperature=0)
-    plain = LLM(**kw).generate(PROMPTS, p, use_tqdm=False)
+    plain = [o.outputs[0].token_ids for o in LLM(**kw).generate(PROMPTS, p, use_tqdm=False)]
     for config in (SPEC, {"model": str(tiny), "num_speculative_tokens": 3}):
         llm = LLM(**kw, speculative_config=config)
-        spec = llm.generate(PROMPTS, p, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in spec]
-        assert llm.llm_engine.core.get_stats().spec_num_accepted_tokens > 0
+        spec = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, p, use_tqdm=False)]
+        if dtype == "float32":
+            assert spec == plain
+        else:
+            assert [t[:8] for t in spec] == [t[:8] for t in plain]
+        st = llm.llm_engine.core.get_stats()
+        assert st.spec_num_accepted_tokens > 0
+        if "model" in config:
+            assert st.spec_num_accepted_tokens >= 0.8 * st.spec_num_draft_tokens
         del llm
 
 
