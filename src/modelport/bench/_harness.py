@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modelport.engine.arg_utils import parse_json_dict
+
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -50,7 +52,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare step N+1 while the device runs step N (default: on for CUDA)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speculative-config", type=_json_dict, default=None,
+    p.add_argument("--speculative-config", type=parse_json_dict, default=None,
                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     p.add_argument(
         "--backend",
@@ -127,15 +129,9 @@ def build_engine(args: argparse.Namespace, path: str | None) -> Any:
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
         async_scheduling=args.async_scheduling,
-        speculative_config=getattr(args, "speculative_config", None),
+        speculative_config=args.speculative_config,
     )
     return EngineCore(ea.create_engine_config())
-
-
-def _json_dict(text: str) -> dict:
-    from modelport.engine.arg_utils import _parse_json_dict
-
-    return _parse_json_dict(text)
 
 
 def greedy_request(rid: str, prompt: list[int], max_tokens: int) -> Any:

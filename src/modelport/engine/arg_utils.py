@@ -102,7 +102,7 @@ class EngineArgs:
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="prepare step N+1 while the device runs step N "
                             "(default: on for one CUDA device)")
-        g.add_argument("--speculative-config", type=_parse_json_dict, default=None,
+        g.add_argument("--speculative-config", type=parse_json_dict, default=None,
                        help='speculative decoding, e.g. \'{"method": "ngram", '
                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (n-gram '
                             "prompt lookup: drafts from the request's own text, no draft model)")
@@ -208,7 +208,8 @@ def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, ma
                          f"below max_model_len ({max_len})")
 
 
-def _parse_json_dict(text: str) -> dict[str, Any]:
+def parse_json_dict(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object on the command line."""
     import json
 
     try:

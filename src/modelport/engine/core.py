@@ -48,9 +48,10 @@ class EngineCore:
         if self.async_scheduling:
             logger.info("async scheduling: step N+1 is prepared while step N runs")
         if spec is not None:
-            logger.info("speculative decoding: n-gram prompt lookup, up to %d draft tokens "
-                        "(n-grams of %d-%d tokens); async scheduling off",
-                        spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+            source = (f"draft model {spec.model}" if spec.model is not None else
+                      f"n-grams of {spec.prompt_lookup_min}-{spec.prompt_lookup_max} tokens")
+            logger.info("speculative decoding: up to %d draft tokens from %s; async scheduling "
+                        "off", spec.num_speculative_tokens, source)
 
     @property
     def num_kv_blocks(self) -> int:

@@ -19,7 +19,14 @@ from modelport.engine.arg_utils import EngineConfig
 from modelport.engine.messages import TokenLogprobs
 from modelport.engine.scheduler import SchedulerOutput
 from modelport.layers.attention import AttentionMetadata, ForwardContext, forward_context
-from modelport.runner.sampler import Sampler, SamplingRow, compute_logprobs, to_device
+from modelport.runner.sampler import (
+    Sampler,
+    SamplingRow,
+    compute_logprobs,
+    greedy_tokens,
+    to_device,
+)
+from modelport.runner.spec_verify import accepted_tokens, verify
 
 logger = logging.getLogger(__name__)
 
@@ -368,12 +375,11 @@ class ModelRunner:
         hidden = self._draft_forward(ids, positions, slots, qsl, seq_lens, tables)
         if not drafting:
             return
-        from modelport.runner.sampler import greedy_tokens
-
         rows = self._to_dev(torch.tensor([r for _, r in drafting]))
         latest = greedy_tokens(self.draft_model.compute_logits(hidden[rows]).float())
         proposed = [latest]  # proposed[j][i]: draft j of request i
-        for j in range(1, max(len(s.spec_token_ids) for s, _ in drafting) + 1):
+        longest = max(len(s.spec_token_ids) for s, _ in drafting)
+        for j in range(1, longest + 1):
             active = [i for i, (s, _) in enumerate(drafting) if len(s.spec_token_ids) >= j]
             scheds = [drafting[i][0] for i in active]
             span = [s.start + j for s in scheds]
@@ -381,7 +387,7 @@ class ModelRunner:
                 latest[self._to_dev(torch.tensor(active))], span,
                 [s.block_ids[p // bs] * bs + p % bs for s, p in zip(scheds, span)],
                 list(range(len(active) + 1)), [p + 1 for p in span], [s.block_ids for s in scheds])
-            if j == max(len(s.spec_token_ids) for s in scheds):
+            if j == longest:
                 break  # the last pass only writes the last draft's KV
             latest = latest.clone()
             latest[self._to_dev(torch.tensor(active))] = greedy_tokens(
@@ -427,8 +433,6 @@ class ModelRunner:
         if pending.sample_ids:
             out.sampled = dict(zip(pending.sample_ids, pending.tokens_host.tolist()))
         if pending.spec:
-            from modelport.runner.spec_verify import accepted_tokens
-
             flat, off = pending.spec_host.tolist(), 0
             for rid, draft in pending.spec:
                 width = 2 * len(draft) + 1
@@ -520,8 +524,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden).float()
 
         if spec_reqs:
-            from modelport.runner.spec_verify import verify
-
             results = []
             for s, first in spec_reqs:
                 req = s.request
