@@ -3,8 +3,9 @@
 The float source is the embedded default GGUF dequantized by our loader (its on-disk cache)
 plus the tokenizer the loader extracted, written as an HF folder; `modelport quantize` then
 makes AWQ / GPTQ / FP8 checkpoints from it (calibration text: --calib, by default this repo's
-README.md and docs, i.e. not the evaluation text), and every variant is scored through the
-engine's prompt logprobs on tests/data/quant_eval.txt. GGUF Q4_1 is scored both kept
+README.md and docs, i.e. not the evaluation text; or --calib-from-model N, text the model
+writes itself, as `modelport quantize --calib-from-model` does), and every variant is scored
+through the engine's prompt logprobs on tests/data/quant_eval.txt. GGUF Q4_1 is scored both kept
 quantized (--quantization gguf) and dequantized. NF4 is written in bitsandbytes' layout by
 our encoder (no calibration: absmax scaling and the nearest NF4 code). Two baselines, plain
 round-to-nearest at 4 bits in groups of 64 (no calibration), are written in the AWQ layout
@@ -13,7 +14,8 @@ against the rounding it refines. AWQ and GPTQ also score every layer on the eval
 inputs beside that rounding (`--reference-text`; the quantization itself never sees the text):
 the "layers worse than RTN" column counts where the calibrated weights lost to plain rounding.
 
-    .venv/bin/python bench/quant_quality.py [--calib FILE] [--work DIR] [--json out.json]
+    .venv/bin/python bench/quant_quality.py [--calib FILE | --calib-from-model N] [--work DIR]
+        [--json out.json] [--skip WORD ...]
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def float_folder(work: Path) -> Path:
     from modelport.loader import default_model_path, gguf_cache_folder
     from modelport.loader.cache import entry_dir
 
-    LLM(max_model_len=512, kv_cache_memory=64 << 20, device="cpu")  # fills the caches
+    # the dequantized path writes the fp32 cache (the default keeps Q4_1 blocks instead)
+    LLM(max_model_len=512, kv_cache_memory=64 << 20, device="cpu", quantization="none")
     gguf = default_model_path()
     cached = gguf_cache_folder(gguf)
     tok = entry_dir(gguf, "gguf-tokenizer")
@@ -103,6 +106,9 @@ def rtn_folder(src: Path, out: Path, sym: bool, group: int = 64) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", type=Path, default=None)
+    ap.add_argument("--calib-from-model", type=int, default=0, metavar="N",
+                    help="calibrate AWQ / GPTQ on N texts of up to 512 tokens written by the "
+                         "float model itself (generated once, saved as WORK/calib_from_model.jsonl)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", nargs="*", default=[],
@@ -121,6 +127,15 @@ def main() -> None:
         docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
         calib.write_text("\n\n".join(p.read_text() for p in docs if p.is_file()))
     src = float_folder(work)
+    if args.calib_from_model:
+        from modelport.quantization.tools.selfcalib import generate_calibration
+
+        calib = work / "calib_from_model.jsonl"
+        if not calib.is_file():
+            t0 = time.perf_counter()
+            texts = generate_calibration(str(src), args.calib_from_model, 512)
+            calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+            print(f"calibration from the model: {len(texts)} texts in {time.perf_counter() - t0:.0f} s")
     text = TEXT.read_text()
     variants: list[tuple[str, str, str | None, Path]] = [
         ("fp32 (GGUF dequantized)", str(src), None, src),
@@ -138,12 +153,16 @@ def main() -> None:
                                                   reference_text=TEXT)),
         ("GPTQ W4 g64 act-order zero-point", QuantizeOptions("gptq", 4, 64, desc_act=True,
                                                              reference_text=TEXT)),
+        # AutoGPTQ's Hessian: massive-activation tokens counted at their full length
+        ("GPTQ W4 g64 act-order zero-point uncapped", QuantizeOptions(
+            "gptq", 4, 64, desc_act=True, reference_text=TEXT, hessian_row_clip=0)),
         ("GPTQ W8 g64", QuantizeOptions("gptq", 8, 64, zero_point=False)),
         ("FP8 E4M3 per-channel", QuantizeOptions("fp8")),
     ]:
         if any(word in label.split() for word in args.skip):
             continue
-        folder = work / label.split()[0].lower() / f"{opts.bits}{'' if opts.zero_point else 'sym'}"
+        folder = work / label.split()[0].lower() / (
+            f"{opts.bits}{'' if opts.zero_point else 'sym'}{'' if opts.hessian_row_clip else '-uncapped'}")
         report = folder / "quantization_report.json"
         if not (folder / "config.json").is_file():  # re-runs reuse finished checkpoints
             t0 = time.perf_counter()

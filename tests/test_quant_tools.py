@@ -55,6 +55,37 @@ def test_gptq_beats_round_to_nearest() -> None:
         assert _out_err(x, w, gptq) < 0.3 * _out_err(x, w, rtn), act_order  # measured ~0.13x
 
 
+def test_hessian_caps_massive_activation_rows() -> None:
+    """A window's first token reaching a layer 40x longer than the rest (an attention sink)
+    counts in GPTQ's Hessian at 5x the median row's length, and GPTQ fitted to the capped
+    Hessian reconstructs the ordinary tokens better than when that token owns X^T X."""
+    x, w = _layer_with_outlier_channels(rows=1024)
+    gen = torch.Generator().manual_seed(1)
+    sink = torch.randn(x.shape[1], generator=gen)
+    windows = x.reshape(8, 128, -1).clone()
+    windows[:, 0] = sink * 40 * x.norm(dim=1).median() / sink.norm()
+    capped, plain = LayerStats.empty(x.shape[1]), LayerStats.empty(x.shape[1], row_clip=0)
+    for win in windows:
+        capped.add(win, gen)
+        plain.add(win, gen)
+    assert capped.clipped_rows == 8 and plain.clipped_rows == 0
+    xd = windows.double()
+    assert torch.allclose(plain.hessian, sum(v.t() @ v for v in xd))
+    expected = 0
+    for v in xd:
+        norms = v.norm(dim=1)
+        v = v.clone()
+        v[0] *= 5 * norms.median() / norms[0]
+        expected = expected + v.t() @ v
+    assert torch.allclose(capped.hessian, expected)
+    ordinary = windows[:, 1:].reshape(-1, x.shape[1])
+    errs = {}
+    for name, st in (("capped", capped), ("plain", plain)):
+        codes, zeros, scales, gi = gptq_quantize(w, st.hessian, 4, 32, sym=True, act_order=True)
+        errs[name] = _out_err(ordinary, w, dequantize_codes(codes, zeros, scales, gi.long()))
+    assert errs["capped"] < 0.8 * errs["plain"], errs  # measured 0.33x
+
+
 def test_awq_scale_search_beats_round_to_nearest() -> None:
     x, w = _layer_with_outlier_channels()
     s, alpha = search_scale(w, x, x.abs().mean(0), 4, 32, zero_point=True)
@@ -253,11 +284,55 @@ def test_cli_quantize_and_its_errors(tiny: Path, tmp_path: Path, capsys: pytest.
                      str(tmp_path / "w"), "--calib", str(TEXT), "--no-sequential"]) == 1
     assert "applies to --method gptq only" in capsys.readouterr().err
     assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",
+                     str(tmp_path / "v"), "--calib", str(TEXT), "--hessian-row-clip", "0.5"]) == 1
+    assert "--hessian-row-clip must be 0 (off) or >= 1" in capsys.readouterr().err
+    assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",
                      str(tmp_path / "x"), "--calib", str(TEXT), "--bits", "3"]) == 1
     assert "unsupported bit width 3" in capsys.readouterr().err
     assert cli_main(["quantize", "--method", "awq", "--model", str(tiny), "--output",
                      str(tmp_path / "y")]) == 1
-    assert "--calib is required" in capsys.readouterr().err
+    assert "--calib (or --calib-from-model) is required" in capsys.readouterr().err
     assert cli_main(["quantize", "--method", "gptq", "--model", str(out), "--output",
                      str(tmp_path / "z"), "--calib", str(TEXT)]) == 1
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_calibration_from_model(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--calib-from-model: the model writes its own calibration text (chat requests when its
+    tokenizer has a chat template, else continuations of a random token), reproducibly, and
+    the checkpoint records the texts it was calibrated on."""
+    from modelport.quantization.tools.selfcalib import generate_calibration
+
+    texts = generate_calibration(str(tiny), num_samples=3, seq_len=16)
+    assert len(texts) >= 3 and all(texts)
+    assert generate_calibration(str(tiny), num_samples=3, seq_len=16) == texts
+    assert generate_calibration(str(tiny), num_samples=3, seq_len=16, seed=1) != texts
+
+    base = make_tiny_llama_dir(tmp_path / "base", seed=11)  # the same model, no chat template
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_path = base / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    base_texts = generate_calibration(str(base), num_samples=3, seq_len=16)
+    assert len(base_texts) >= 3 and base_texts != texts
+
+    out = tmp_path / "gptq-self"
+    rc = cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output", str(out),
+                   "--calib-from-model", "--num-samples", "4", "--seq-len", "32",
+                   "--group-size", "32", "--bits", "8", "--no-sequential"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    saved = [json.loads(line)["text"] for line in
+             (out / "calibration_from_model.jsonl").read_text().splitlines()]
+    assert saved == generate_calibration(str(tiny), num_samples=4, seq_len=32)
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["calibration_from_model"] == "calibration_from_model.jsonl"
+    assert report["calibration_tokens"] > 0
+    assert read_texts(out / "calibration_from_model.jsonl") == saved  # reusable as --calib
+    assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",
+                     str(tmp_path / "both"), "--calib", str(TEXT), "--calib-from-model"]) == 1
+    assert "either --calib or --calib-from-model" in capsys.readouterr().err
+    assert cli_main(["quantize", "--method", "fp8", "--model", str(tiny), "--output",
+                     str(tmp_path / "fp8"), "--calib-from-model"]) == 1
+    assert "FP8 needs no calibration" in capsys.readouterr().err

@@ -17,6 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--calib", type=Path, default=None,
                    help="calibration text: .txt or .jsonl with a \"text\" field (not for fp8)")
+    p.add_argument("--calib-from-model", action="store_true",
+                   help="AWQ / GPTQ without a calibration file: the model writes --num-samples "
+                        "texts of up to --seq-len tokens itself (saved in the output as "
+                        "calibration_from_model.jsonl); better than unrelated text, not as good "
+                        "as a sample of your traffic")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--bits", type=int, default=4)
@@ -31,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="GPTQ: Hessian dampening as a fraction of its mean diagonal (default "
                         "0.01, AutoGPTQ's damp_percent); larger leans less on the calibration "
                         "inputs' correlations")
+    p.add_argument("--hessian-row-clip", type=float, default=None,
+                   help="GPTQ: in the Hessian, a token whose layer input is longer than this "
+                        "many times its window's median (massive activations, e.g. the first "
+                        "token) counts at that length (default 5; 0: off, as AutoGPTQ)")
     p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
                    help="asymmetric quantization with zero points (default: on for AWQ, off "
                         "(symmetric) for GPTQ)")
@@ -43,11 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from modelport.quantization.tools.capture import HESSIAN_ROW_CLIP
     from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
 
     zero_point = args.zero_point if args.zero_point is not None else args.method == "awq"
     if args.damp_percent is not None and args.method != "gptq":
         print("error: --damp-percent applies to --method gptq only", file=sys.stderr)
+        return 1
+    if args.hessian_row_clip is not None and args.method != "gptq":
+        print("error: --hessian-row-clip applies to --method gptq only", file=sys.stderr)
         return 1
     if args.sequential is not None and args.method != "gptq":
         print("error: --sequential / --no-sequential applies to --method gptq only (AWQ and "
@@ -58,8 +71,10 @@ def _run(args: argparse.Namespace) -> int:
             method=args.method, bits=args.bits, group_size=args.group_size,
             desc_act=args.desc_act, zero_point=zero_point, num_samples=args.num_samples,
             seq_len=args.seq_len, reference_text=args.reference_text, device=args.device,
-            sequential=args.sequential is not False,
-            damp_percent=args.damp_percent if args.damp_percent is not None else 0.01)
+            sequential=args.sequential is not False, calib_from_model=args.calib_from_model,
+            damp_percent=args.damp_percent if args.damp_percent is not None else 0.01,
+            hessian_row_clip=(args.hessian_row_clip if args.hessian_row_clip is not None
+                              else HESSIAN_ROW_CLIP))
         report = quantize_model(args.model, args.output, args.calib, opts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

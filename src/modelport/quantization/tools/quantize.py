@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from modelport.quantization.tools.capture import HESSIAN_ROW_CLIP
 from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
 
 if TYPE_CHECKING:
     from modelport.quantization.tools.capture import LayerStats
 
 METHODS = ("awq", "gptq", "fp8")
+GENERATED_CALIB = "calibration_from_model.jsonl"
 REFERENCE_WINDOWS = 8  # windows of the reference sample whose inputs score every layer
 # warn when at least this share of layers is worse than round-to-nearest on the reference
 WORSE_THAN_RTN_WARN = 0.1
@@ -59,6 +61,12 @@ class QuantizeOptions:
     # GPTQ only: dampening added to the Hessian's diagonal, as a fraction of its mean
     # (AutoGPTQ's damp_percent); larger trusts the calibration inputs' correlations less
     damp_percent: float = 0.01
+    # GPTQ only: in the Hessian, a token's input row longer than this many times its window's
+    # median row counts at that length (massive activations; ``capture.LayerStats``); 0: off
+    hessian_row_clip: float = HESSIAN_ROW_CLIP
+    # AWQ / GPTQ: calibrate on text the model samples itself (``selfcalib``), num_samples
+    # answers of up to seq_len tokens, instead of a --calib file
+    calib_from_model: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +79,10 @@ class QuantizeOptions:
             raise ValueError(f"--group-size must be -1 or a positive multiple of 8, got {self.group_size}")
         if not 0 < self.damp_percent <= 10:
             raise ValueError(f"--damp-percent must be in (0, 10], got {self.damp_percent}")
+        if self.hessian_row_clip != 0 and self.hessian_row_clip < 1:
+            raise ValueError(f"--hessian-row-clip must be 0 (off) or >= 1, got {self.hessian_row_clip}")
+        if self.calib_from_model and self.method == "fp8":
+            raise ValueError("--calib-from-model: FP8 needs no calibration")
         if self.num_samples <= 0 or self.seq_len <= 1:
             raise ValueError("--num-samples must be > 0 and --seq-len > 1")
 
@@ -81,6 +93,10 @@ class QuantizeReport:
     warnings: list[str] = field(default_factory=list)
     layer_errors: dict[str, float] = field(default_factory=dict)  # HF weight name -> rel. error
     calibration_tokens: int = 0
+    # GPTQ: HF weight name -> tokens whose Hessian row was shortened (``hessian_row_clip``)
+    clipped_rows: dict[str, int] = field(default_factory=dict)
+    # --calib-from-model: the texts the model wrote (saved as GENERATED_CALIB, --calib-able)
+    generated_calibration: list[str] = field(default_factory=list)
     # with a reference sample: HF weight name -> (this method's, round-to-nearest's) relative
     # output error on the reference sample's inputs
     reference_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -88,6 +104,10 @@ class QuantizeReport:
     def to_json(self) -> dict:
         out = {"warnings": self.warnings, "calibration_tokens": self.calibration_tokens,
                "layer_relative_output_error": self.layer_errors}
+        if self.generated_calibration:
+            out["calibration_from_model"] = GENERATED_CALIB
+        if self.clipped_rows:
+            out["hessian_clipped_rows"] = self.clipped_rows
         if self.reference_errors:
             out["reference_relative_output_error"] = {
                 name: {"quantized": q, "round_to_nearest": r}
@@ -146,8 +166,11 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     mcfg = load_model_config(src)
     if mcfg.hf_config.get("quantization_config"):
         raise ValueError(f"{src.path} is already quantized; start from the float checkpoint")
-    if calib is None and opts.method != "fp8":
-        raise ValueError(f"--calib is required for {opts.method} (FP8 needs no calibration)")
+    if calib is not None and opts.calib_from_model:
+        raise ValueError("give either --calib or --calib-from-model, not both")
+    if calib is None and opts.method != "fp8" and not opts.calib_from_model:
+        raise ValueError(f"--calib (or --calib-from-model) is required for {opts.method} (FP8 "
+                         "needs no calibration)")
     report = QuantizeReport(Path(output))
     weights = {n: t.float() for n, t in hf.iter_safetensors(hf.safetensors_files(src.path))}
     names = [n for n in weights if is_quantizable(n)]
@@ -168,6 +191,8 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
                 w_hat = w_hat * (originals[name] / w.where(w != 0, torch.ones_like(w))).where(
                     w != 0, torch.zeros_like(w))
             report.layer_errors[name] = _rel_error(st.x_sample, originals[name], w_hat)
+            if st.clipped_rows:
+                report.clipped_rows[name] = st.clipped_rows
         if ref_stats is not None:
             x_ref = ref_stats[stats_key(name)].x_sample
             report.reference_errors[name] = (_rel_error(x_ref, originals[name], w_hat),
@@ -176,12 +201,19 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         return w_hat
 
     ref_stats: dict[str, LayerStats] | None = None
-    if calib is None:
+    texts: list[str] | None = None
+    if calib is not None:
+        texts = calib_mod.read_texts(calib)
+    elif opts.calib_from_model:
+        from modelport.quantization.tools.selfcalib import generate_calibration
+
+        texts = generate_calibration(str(src.path), opts.num_samples, opts.seq_len, opts.device)
+        report.generated_calibration = texts
+    if texts is None:
         for name in names:
             emit(name, None)
     else:
-        windows = calib_mod.make_windows(_tokenize(src.path, calib_mod.read_texts(calib)),
-                                         opts.num_samples, opts.seq_len)
+        windows = calib_mod.make_windows(_tokenize(src.path, texts), opts.num_samples, opts.seq_len)
         ref = None
         if opts.reference_text is not None:
             ref = [t for ids in _tokenize(src.path, calib_mod.read_texts(opts.reference_text))
@@ -202,10 +234,11 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
             if mismatch:
                 raise ValueError("sequential GPTQ: the checkpoint's linear weights and the "
                                  f"model's differ: {sorted(mismatch)}")
-            quantize_layerwise(float_model, windows, emit)
+            quantize_layerwise(float_model, windows, emit, row_clip=opts.hessian_row_clip)
             del float_model
         else:
-            stats = collect_stats(float_model, windows, hessian=opts.method == "gptq")
+            stats = collect_stats(float_model, windows, hessian=opts.method == "gptq",
+                                  row_clip=opts.hessian_row_clip)
             del float_model
             if opts.method == "awq":
                 from modelport.quantization.tools.awq_algo import apply_awq_scales, scale_groups
@@ -226,6 +259,9 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     write_checkpoint(src.path, report.output, out, _hf_config(opts),
                      float_dtype=torch.float16 if opts.method != "fp8" else torch.bfloat16)
     (report.output / "quantization_report.json").write_text(json.dumps(report.to_json(), indent=2))
+    if report.generated_calibration:
+        (report.output / GENERATED_CALIB).write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in report.generated_calibration))
     return report
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from modelport.quantization.tools.capture import LayerStats
+from modelport.quantization.tools.capture import HESSIAN_ROW_CLIP, LayerStats
 
 # Our fused linears of a Llama/Qwen2 decoder layer, in the order the forward reaches them.
 SUBLAYERS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -54,7 +54,7 @@ def layerwise_weight_names(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def quantize_layerwise(model: nn.Module, windows: list[list[int]], quantize: QuantizeFn,
-                       block_size: int = 16) -> None:
+                       block_size: int = 16, row_clip: float = HESSIAN_ROW_CLIP) -> None:
     """Quantize every decoder-layer linear of ``model`` in place (weights replaced by their
     dequantization), each from its inputs in the model quantized so far."""
     device = next(model.parameters()).device
@@ -62,7 +62,7 @@ def quantize_layerwise(model: nn.Module, windows: list[list[int]], quantize: Qua
     for i, layer in enumerate(model.model.layers):
         for sub in SUBLAYERS:
             module = layer.get_submodule(sub)
-            stats = _capture_input(model, layer, module, hidden, block_size)
+            stats = _capture_input(model, layer, module, hidden, block_size, row_clip)
             for name, rows in hf_weight_names(f"model.layers.{i}.{sub}", module):
                 module.weight.data[rows] = quantize(name, stats).to(module.weight.dtype)
             del stats
@@ -71,8 +71,8 @@ def quantize_layerwise(model: nn.Module, windows: list[list[int]], quantize: Qua
 
 
 def _capture_input(model: nn.Module, layer: nn.Module, module: nn.Module,
-                   hidden: list[torch.Tensor], block_size: int) -> LayerStats:
-    stats = LayerStats.empty(int(module.input_size))
+                   hidden: list[torch.Tensor], block_size: int, row_clip: float) -> LayerStats:
+    stats = LayerStats.empty(int(module.input_size), row_clip=row_clip)
     gen = torch.Generator().manual_seed(0)
 
     def hook(_m: nn.Module, args: tuple) -> None:
