@@ -138,6 +138,16 @@ def test_latency_with_a_speculative_config(tiny, tmp_path):
         main(["bench", "latency", "--model", str(tiny), "--speculative-config", "{bad"])
 
 
+def test_latency_with_tensor_parallel_ranks(tiny, tmp_path):
+    out = tmp_path / "tp.jsonl"
+    rc = main(["bench", "latency", "--model", str(tiny), "--input-len", "16", "--output-len", "4",
+               "--num-iters", "1", "--num-iters-warmup", "0", "--kv-cache-memory", "8000000",
+               "--tensor-parallel-size", "2", "--output-json", str(out)])
+    assert rc == 0
+    r = _read(out)
+    assert r["args"]["tensor_parallel_size"] == 2 and r["runs"][0]["itl_ms"] > 0
+
+
 def test_model_config_with_dummy_weights(tmp_path):
     # what the H200 runs use (bench/configs/llama-3.1-8b.json), here with a tiny shape
     cfg = tmp_path / "tiny.json"

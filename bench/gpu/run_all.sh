@@ -19,7 +19,11 @@
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
 #   w3-env (one W3 run per entry of W3_ENVS, each a comma-joined list of VAR=VAL; W3_EXTRA: more
 #   latency arguments, e.g. "--quantization awq"), w1-env (the same for W1: W1_ENVS, W1_EXTRA,
-#   e.g. "--quantization fp8 --kv-cache-dtype fp8")
+#   e.g. "--quantization fp8 --kv-cache-dtype fp8"), tp2 (on the 2-GPU kind: NCCL tensor
+#   parallelism's GPU test, then W3 with --tensor-parallel-size 2), w2 (online serving through the HTTP
+#   server, bench/gpu/w2_serve.py: 1,000 x 1,024 -> 128 at W2_RATES, default "inf 16";
+#   W2_EXTRA: more serve arguments; needs the HTTP stack as wheels: ../shared/tools/device-wheels.sh
+#   fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn msgspec gguf)
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -125,6 +129,13 @@ for l in sys.stdin: d=json.loads(l); print(d["format"], d["batch"], d["weights_m
                  --output-json "$OUT/w1_env.jsonl" 2>"$OUT/w1v.err" || { rc=1; tail -20 "$OUT/w1v.err"; }
                tail -1 "$OUT/w1_env.jsonl" | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d["runs"][0]; print(d["env"].get("knobs"), r["output_tok_s"], "tok/s", r["seconds"], "s admission", r["admission_phase"], "decode", r["decode_phase"], "startup", r["startup_s"])'
              done ;;
+    tp2)     $PY -m pytest -q -m gpu tests/test_tensor_parallel_gpu.py 2>&1 | tee "$OUT/tp2-tests.log" | tail -5
+             [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+             $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --tensor-parallel-size 2 \
+               --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
+               --output-json "$OUT/w3-tp2.jsonl" 2>"$OUT/w3-tp2.err" || { rc=1; tail -20 "$OUT/w3-tp2.err"; } ;;
+    w2)      $PY bench/gpu/w2_serve.py --out "$OUT" --rates ${W2_RATES:-inf 16} \
+               -- --dtype bfloat16 --max-num-seqs 256 ${W2_EXTRA:-} || { rc=1; tail -30 "$OUT/w2-server.log"; } ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;

@@ -51,6 +51,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="e.g. fp8, awq, gptq (with --load-format dummy: random packed weights)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare step N+1 while the device runs step N (default: on for CUDA)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks on one host (NCCL on CUDA, gloo on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative-config", type=parse_json_dict, default=None,
                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
@@ -130,6 +132,7 @@ def build_engine(args: argparse.Namespace, path: str | None) -> Any:
         quantization=args.quantization,
         async_scheduling=args.async_scheduling,
         speculative_config=args.speculative_config,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     return EngineCore(ea.create_engine_config())
 

@@ -14,6 +14,7 @@ repo's technical docs and 41.4 for plain rounding.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 
@@ -64,5 +65,12 @@ def generate_calibration(model: str, num_samples: int, seq_len: int, device: str
         logger.info("calibration from the model: %d answers, %d tokens so far", len(texts), tokens)
         if tokens >= target:
             break
+    # free the engine (its KV cache, CUDA graphs) before the quantizer loads the float model
+    llm.llm_engine.core.shutdown()
     del llm
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
     return [t for t in texts if t.strip()]

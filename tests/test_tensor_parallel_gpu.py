@@ -1,0 +1,46 @@
+"""Tensor parallelism over NCCL on two GPUs: the sharded model computes what one GPU does.
+
+Run with `bash bench/gpu/run_all.sh tp2` on the device tool's nvidia-h200-x2 machine; skipped
+with fewer than two CUDA devices (and everywhere without CUDA, like every `gpu` test).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.tiny_models import make_tiny_llama_dir, make_tiny_qwen2_dir
+from modelport import LLM, SamplingParams
+
+PROMPTS = [[256, 10, 20, 30], [256] + list(range(40, 77)), [256, 99]]
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tp2_on_nccl_greedy_equals_one_gpu(tmp_path, arch: str) -> None:
+    """float32, so the two ranks' partial sums add up to the single GPU's result within
+    rounding: every greedy token equals. Qwen2 adds the q/k/v biases, which only rank 0 of a
+    row-parallel layer may add once."""
+    make = make_tiny_llama_dir if arch == "llama" else make_tiny_qwen2_dir
+    d = make(tmp_path / arch)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", kv_cache_memory=32 << 20, block_size=16,
+              max_num_batched_tokens=32)
+    one = LLM(str(d), **kw)
+    want = one.generate(prompt_token_ids=PROMPTS, sampling_params=greedy, use_tqdm=False)
+    blocks_one = one.llm_engine.num_kv_blocks
+    del one
+    llm = LLM(str(d), tensor_parallel_size=2, **kw)
+    try:
+        got = llm.generate(prompt_token_ids=PROMPTS, sampling_params=greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        assert llm.llm_engine.num_kv_blocks == 2 * blocks_one  # half the KV heads per rank
+        # the engine keeps serving: a second round (prefix-cache hits) gives the same tokens
+        again = llm.generate(prompt_token_ids=PROMPTS, sampling_params=greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in want]
+    finally:
+        llm.llm_engine.core.shutdown()
