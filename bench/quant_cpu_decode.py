@@ -1,5 +1,8 @@
 """CPU decode speed of the embedded default GGUF (Q4_1): kept quantized vs our fp32 path.
 
+With --model FILE.gguf (e.g. a Q8_0 copy made by bench/gguf_requant.py), two engines for that
+file: quantization="none" (fp32) and "gguf" (kept; 5- to 8-bit types run the int8 kernel).
+
 Three engines: quantization="none" (the file dequantized to fp32), the default (no
 quantization=: on an AVX2/AVX-512 CPU the Q4 blocks stay quantized; the tied LM head reads a
 bf16 copy and refines each row's top logits from the fp32 table) and quantization="gguf"
@@ -12,6 +15,7 @@ Both engines are built once in one process and measured alternately --repeat tim
 box may be shared: other load only slows a run down, so the best and the median are kept).
 
     .venv/bin/python bench/quant_cpu_decode.py [--repeat 5] [--batch] [--json out.json]
+        [--model FILE.gguf]
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(n)]
 
 
-def make_llm(quantization: str | None):  # noqa: ANN201
+def make_llm(quantization: str | None, model: str | None = None):  # noqa: ANN201
     from modelport import LLM
     from modelport.engine.arg_utils import EngineArgs
 
     try:
-        return LLM(kv_cache_memory=256 << 20, max_num_seqs=64, max_model_len=2048,
+        return LLM(model, kv_cache_memory=256 << 20, max_num_seqs=64, max_model_len=2048,
                    quantization=quantization)
     except ValueError as e:
         if "not supported by this build yet" not in str(e):
@@ -54,7 +58,7 @@ def make_llm(quantization: str | None):  # noqa: ANN201
 
     EngineArgs.create_engine_config = patched
     try:
-        return LLM(kv_cache_memory=256 << 20, max_num_seqs=64, max_model_len=2048,
+        return LLM(model, kv_cache_memory=256 << 20, max_num_seqs=64, max_model_len=2048,
                    quantization=quantization)
     finally:
         EngineArgs.create_engine_config = orig
@@ -96,14 +100,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--batch", action="store_true", help="also 32 concurrent requests")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", default=None,
+                    help="another GGUF file (e.g. a Q8_0 copy from bench/gguf_requant.py): "
+                         "its fp32 path against it kept quantized (--quantization gguf)")
     args = ap.parse_args()
     from modelport import SamplingParams
 
     variants = {}
     names = {"none": "none (fp32)", None: "default (auto)", "gguf": "gguf (explicit)"}
-    for q in ("none", None, "gguf"):
+    for q in ("none", None, "gguf") if args.model is None else ("none", "gguf"):
         t0 = time.perf_counter()
-        llm = make_llm(q)
+        llm = make_llm(q, args.model)
         warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         llm.generate(prompt_token_ids=[[1000] * 64], sampling_params=warm, use_tqdm=False)
         variants[names[q]] = {"llm": llm, "load_s": round(time.perf_counter() - t0, 1),
@@ -123,7 +130,8 @@ def main() -> None:
         if v["batch"]:
             row["batch32_tok_s_best"] = round(max(v["batch"]), 1)
         rows.append(row)
-    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    out = {"model": args.model or "embedded default (Q4_1)",
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                       f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
            "results": rows,
            "single_stream_speedup_best_vs_fp32": {

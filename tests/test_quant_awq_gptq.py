@@ -124,12 +124,14 @@ def test_loader_matches_reference_dequantization(
     ref = run_one_sequence(_load(rdir), PROMPT)
     # the format itself (reference dequant kernel): exact up to float rounding
     monkeypatch.setattr(kernels, "cpu_int4_fits", lambda gq: False)
+    monkeypatch.setattr(kernels, "cpu_int8_fits", lambda gq: False)
     torch.testing.assert_close(run_one_sequence(_load(qdir), PROMPT), ref, atol=2e-4, rtol=1e-4)
     monkeypatch.undo()
-    # the fast kernel the loader picks (int4 CPU GEMM for 4-bit, bf16 activations)
+    # the fast kernel the loader picks (int4 CPU GEMM for 4-bit, int8 for 8-bit and for
+    # act-order groups, bf16 activations)
     model = _load(qdir)
     kinds = {type(m.qkernel) for m in model.modules() if hasattr(m, "qkernel")}
-    assert kinds == ({kernels.CpuInt4Kernel} if bits == 4 else {kernels.DequantKernel})
+    assert kinds == ({kernels.CpuInt4Kernel} if bits == 4 else {kernels.CpuInt8Kernel})
     got = run_one_sequence(model, PROMPT)
     assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
 
@@ -195,3 +197,37 @@ def test_pack_gptq_without_g_idx_takes_contiguous_groups() -> None:
     assert packed["g_idx"].tolist() == [i // 16 for i in range(64)]
     deq = ref_dequant_gptq(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4)
     assert (torch.from_numpy(deq) - w).abs().max() < scales.max() * 0.51 + 1e-3
+
+
+@pytest.mark.parametrize("bits,group,act_order", [(8, 32, False), (6, 16, False), (5, 32, True),
+                                                  (4, 16, False), (4, 16, True)])
+def test_cpu_int8_kernel_against_the_reference_dequantization(
+    bits: int, group: int, act_order: bool
+) -> None:
+    """CpuInt8Kernel (torch's int8 weight-only GEMM up to 16 rows, the int8 weight expanded to
+    bf16 above) computes x @ W^T for W requantized per row, whose error against the format's
+    own weight is at most half a step of the row's int8 scale."""
+    n, k = 48, 128
+    gen = torch.Generator().manual_seed(bits * 100 + group)
+    g_idx = torch.arange(k) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    gq = kernels.GroupQuant(
+        torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8),
+        torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3,
+        -torch.rand(n, k // group, generator=gen) * 0.1, group, bits,
+        g_idx=g_idx if act_order else None)
+    kern = kernels.make_kernel(gq, torch.device("cpu"))
+    assert isinstance(kern, kernels.CpuInt8Kernel)
+    w = gq.dequantize()
+    w8 = kern.qweight.float() * kern.scale.float()[:, None]
+    step = w.abs().amax(1) / 127
+    assert ((w8 - w).abs() <= step[:, None] * 0.5 + w.abs().amax(1, keepdim=True) * 2**-8).all()
+    for m in (1, 16, 17, 64):  # both branches of the kernel
+        x = torch.randn(m, k, generator=gen)
+        want = x.to(torch.bfloat16).float() @ w8.t()
+        got = kern(x)
+        assert got.dtype == x.dtype and got.shape == (m, n)
+        torch.testing.assert_close(got, want, atol=1e-2 * want.abs().max().item(), rtol=0)
+        ref = x @ w.t()
+        assert (got - ref).abs().max() < 2e-2 * ref.abs().max(), m

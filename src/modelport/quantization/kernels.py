@@ -10,11 +10,16 @@ Kernels, chosen by ``make_kernel``:
 
 * ``CpuInt4Kernel``: torch's weight-only int4 CPU GEMM (``_weight_int4pack_mm_for_cpu``) with
   bf16 activations (the fp32 entry of that op is ~20x slower; bf16 is its fast path).
+* ``CpuInt8Kernel``: every other weight on CPU (GGUF Q5/Q6/Q8, GPTQ W8, 4-bit codes the int4
+  kernel does not take: act-order groups, groups of 16), requantized per
+  output row to the symmetric int8 that torch's weight-only int8 CPU GEMM
+  (``_weight_int8pack_mm``) takes, bf16 activations; batches above ``CPU_INT8_MAX_M`` rows
+  expand the int8 weight to bf16 per call for a bf16 matmul instead (faster there).
 * ``TritonKernel`` (CUDA): int32 words packed along K; a GEMV for decode-sized batches (no
   tl.dot, no split-K) and a dequantize-in-registers tl.dot GEMM for larger ones.
 * ``DequantKernel``: dequantize to the activation dtype and call ``F.linear`` (everything
-  else: 5/6/8-bit codes on CPU, CUDA without Triton). Memory stays quantized (uint8 codes);
-  only the matmul's operand is transient.
+  else: CUDA without Triton, shapes the Triton kernels do not take). Memory stays quantized
+  (uint8 codes); only the matmul's operand is transient.
 
 Act-order (GPTQ ``desc_act``) is handled by permuting the weight's input columns once so
 groups are contiguous, and gathering the activation columns with the same permutation.
@@ -22,7 +27,8 @@ groups are contiguous, and gathering the activation columns with the same permut
 Tensor parallelism cuts the canonical ``GroupQuant`` (``shard_group_quant``) before the
 kernel packs it, so every format shards through the same code (``GroupQuantMethod.shard``).
 A row-parallel slice of an act-order weight usually holds parts of groups (a group's columns
-are scattered over K); such a slice keeps its g_idx and runs on ``DequantKernel``.
+are scattered over K); such a slice keeps its g_idx and runs on ``CpuInt8Kernel`` on CPU,
+``DequantKernel`` on CUDA.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ from torch import nn
 from modelport.quantization.base import LinearMethod, TPShard, check_input_split
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
+# rows up to which torch's int8 GEMM beats expanding the int8 weight to bf16 for a bf16
+# matmul (2-core AVX-512 box, SmolLM2's 1536x576 / 576x1536: int8 GEMM 2x faster than fp32
+# at 1-4 rows, even at 16, 2x slower from 128; the expansion 1.3-3x faster than fp32 above 32)
+CPU_INT8_MAX_M = 16
 
 
 @dataclass
@@ -158,6 +168,39 @@ class CpuInt4Kernel(torch.nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
+class CpuInt8Kernel(torch.nn.Module):
+    """torch's int8 weight-only CPU GEMM for 5- to 8-bit codes.
+
+    That kernel takes one scale per output row and no zero point, so the weight (GGUF blocks
+    of 32 with their own scales, GPTQ groups with zeros) is dequantized once at load and
+    requantized per row: q = round(w / s), s = max|w| / 127. This adds at most s / 2 of
+    rounding per weight on top of the format's own (8-bit precision over the row's range,
+    where Q8_0 has it over each block of 32), and the weight stays 1 byte each.
+    """
+
+    def __init__(self, gq: GroupQuant) -> None:
+        super().__init__()
+        w = gq.dequantize(torch.float32)
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127)
+                             .to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.out_features = w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        if x2.shape[0] <= CPU_INT8_MAX_M:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        else:
+            y = F.linear(x2, self.qweight.to(torch.bfloat16) * self.scale[:, None])
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def cpu_int8_fits(gq: GroupQuant) -> bool:
+    return gq.bits <= 8
+
+
 def cpu_int4_fits(gq: GroupQuant) -> bool:
     n, k = gq.shape
     return (gq.bits <= 4 and gq.group_size in CPU_INT4_GROUPS and k % gq.group_size == 0
@@ -167,9 +210,12 @@ def cpu_int4_fits(gq: GroupQuant) -> bool:
 def make_kernel(gq: GroupQuant, device: torch.device, *, allow_fast: bool = True) -> torch.nn.Module:
     """The fastest kernel for this weight on this device (see module docstring)."""
     device = torch.device(device)
+    if allow_fast and device.type == "cpu":
+        if gq.uniform_groups() and cpu_int4_fits(gq):
+            return CpuInt4Kernel(gq)
+        if cpu_int8_fits(gq):  # any groups (act-order, 16-wide): requantized per row
+            return CpuInt8Kernel(gq)
     allow_fast = allow_fast and gq.uniform_groups()
-    if allow_fast and device.type == "cpu" and cpu_int4_fits(gq):
-        return CpuInt4Kernel(gq)
     if allow_fast and device.type == "cuda":
         from modelport.quantization import triton_gemm
 
