@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from helpers.tiny_models import TINY_PROMPT as PROMPT
 from helpers.tiny_models import load_cpu, make_tiny_llama_dir, run_one_sequence
 from modelport.quantization.fp8 import FP8Config, fp8_supported
+from modelport.quantization.kernels import CpuInt8Kernel
 from modelport.quantization.nf4 import NF4_CODE, NF4Config, nf4_encode
 from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
 
@@ -107,17 +108,27 @@ def _ref_nf4(pieces: dict[str, torch.Tensor], n: int, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_checkpoint_matches_reference(tiny: Path, tmp_path: Path, double_quant: bool) -> None:
+def test_nf4_checkpoint_matches_reference(tiny: Path, tmp_path: Path, double_quant: bool,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     def enc(w: torch.Tensor):  # noqa: ANN202
         pieces = nf4_encode(w, 64, double_quant)
         return pieces, _ref_nf4(pieces, *w.shape)
 
     qdir, rdir = _write_variant(tiny, tmp_path, enc, NF4Config(double_quant=double_quant))
     assert json.loads((qdir / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    ref = run_one_sequence(_load(rdir), PROMPT)
+    # the format itself: 4-bit codes kept, dequantized per call, exact up to float rounding
+    monkeypatch.setenv("MODELPORT_NF4_CPU_INT8", "0")
     model = _load(qdir)
     assert model.model.layers[0].self_attn.qkv_proj.nf4_codes.dtype == torch.uint8
-    ref = run_one_sequence(_load(rdir), PROMPT)
     torch.testing.assert_close(run_one_sequence(model, PROMPT), ref, atol=1e-4, rtol=1e-4)
+    # the CPU default: torch's int8 GEMM on the rows requantized to int8, bf16 activations
+    monkeypatch.delenv("MODELPORT_NF4_CPU_INT8")
+    fast = _load(qdir)
+    qkv = fast.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.nf4_int8, CpuInt8Kernel) and not hasattr(qkv, "nf4_codes")
+    got = run_one_sequence(fast, PROMPT)
+    assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
     original = run_one_sequence(_load(tiny), PROMPT)
     assert (ref - original).abs().max().item() < 0.3 * original.abs().max().item()  # 4-bit: ~0.2
 

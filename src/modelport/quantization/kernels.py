@@ -178,9 +178,10 @@ class CpuInt8Kernel(torch.nn.Module):
     where Q8_0 has it over each block of 32), and the weight stays 1 byte each.
     """
 
-    def __init__(self, gq: GroupQuant) -> None:
+    def __init__(self, w: torch.Tensor) -> None:
+        """``w``: the format's weight dequantized, float [N, K]."""
         super().__init__()
-        w = gq.dequantize(torch.float32)
+        w = w.float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127)
                              .to(torch.int8).contiguous())
@@ -214,7 +215,7 @@ def make_kernel(gq: GroupQuant, device: torch.device, *, allow_fast: bool = True
         if gq.uniform_groups() and cpu_int4_fits(gq):
             return CpuInt4Kernel(gq)
         if cpu_int8_fits(gq):  # any groups (act-order, 16-wide): requantized per row
-            return CpuInt8Kernel(gq)
+            return CpuInt8Kernel(gq.dequantize(torch.float32))
     allow_fast = allow_fast and gq.uniform_groups()
     if allow_fast and device.type == "cuda":
         from modelport.quantization import triton_gemm

@@ -35,6 +35,7 @@ from modelport.quantization.base import (
     TPShard,
     check_input_split,
 )
+from modelport.quantization.kernels import CpuInt8Kernel
 
 # The NF4 code book (QLoRA paper, Appendix E): quantiles of N(0, 1) normalised to [-1, 1].
 NF4_CODE = (
@@ -135,6 +136,13 @@ class NF4LinearMethod(LinearMethod):
             from modelport.quantization.triton_nf4 import pack_rows
 
             layer.register_buffer("nf4_packed", pack_rows(codes_t).to(dev))
+        elif dev.type == "cpu" and cpu_int8_rows():
+            # torch's int8 GEMM on the rows requantized to int8 (kernels.CpuInt8Kernel)
+            table = torch.tensor(NF4_CODE)
+            w = table[codes_t.long()].view(codes_t.shape[0], -1, block) * absmax.float()[..., None]
+            layer.nf4_int8 = CpuInt8Kernel(w.view(codes_t.shape))
+            layer.nf4_block = block
+            return
         else:
             layer.register_buffer("nf4_codes", codes_t.contiguous().to(dev))
         layer.register_buffer("nf4_absmax", absmax.contiguous().to(dev))
@@ -142,6 +150,9 @@ class NF4LinearMethod(LinearMethod):
         layer.nf4_block = block
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if hasattr(layer, "nf4_int8"):
+            y = layer.nf4_int8(x)
+            return y + bias if bias is not None else y
         if hasattr(layer, "nf4_packed"):
             from modelport.quantization import triton_nf4
 
@@ -150,6 +161,11 @@ class NF4LinearMethod(LinearMethod):
         w = layer.nf4_table.to(x.dtype)[layer.nf4_codes.long()]
         w = (w.view(w.shape[0], -1, layer.nf4_block) * layer.nf4_absmax.to(x.dtype)[..., None])
         return F.linear(x, w.view(layer.nf4_codes.shape), bias)
+
+
+def cpu_int8_rows() -> bool:
+    """Whether NF4 on a CPU runs the int8 kernel (else: dequantization per call, exact)."""
+    return os.environ.get("MODELPORT_NF4_CPU_INT8", "1") != "0"
 
 
 def _triton_fits(dev: torch.device, k: int, block: int) -> bool:
