@@ -50,7 +50,8 @@ def _fp8_per_tensor(w: torch.Tensor):  # noqa: ANN202
     return {"weight": q, "weight_scale": scale.reshape(())}, q.float() * scale
 
 
-def test_fp8_checkpoint_per_tensor_scales(tiny: Path, tmp_path: Path) -> None:
+def test_fp8_checkpoint_per_tensor_scales(tiny: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # checkpoint tensor names are X.weight / X.weight_scale: the encoder returns suffix keys
     def enc(w: torch.Tensor):  # noqa: ANN202
         pieces, deq = _fp8_per_tensor(w)
@@ -61,16 +62,26 @@ def test_fp8_checkpoint_per_tensor_scales(tiny: Path, tmp_path: Path) -> None:
     t = load_file(str(qdir / "model.safetensors"))
     t = {k.replace(".weight._scale", ".weight_scale"): v for k, v in t.items()}
     save_file(t, str(qdir / "model.safetensors"))
+    monkeypatch.setenv("MODELPORT_FP8_CPU_INT8", "0")  # the FP8 bytes kept, exact
     model = _load(qdir)
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert qkv.fp8_weight.dtype == torch.float8_e4m3fn
     # q, k and v had different per-tensor scales: fused into one per-channel vector
     assert len(set(qkv.fp8_scale.tolist())) == 3
-    torch.testing.assert_close(run_one_sequence(model, PROMPT),
-                               run_one_sequence(_load(rdir), PROMPT), atol=1e-4, rtol=1e-4)
+    ref = run_one_sequence(_load(rdir), PROMPT)
+    torch.testing.assert_close(run_one_sequence(model, PROMPT), ref, atol=1e-4, rtol=1e-4)
+    # the CPU default: the rows requantized to int8 for torch's int8 GEMM, bf16 activations
+    monkeypatch.delenv("MODELPORT_FP8_CPU_INT8")
+    fast = _load(qdir)
+    qkv = fast.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.fp8_int8, CpuInt8Kernel) and not hasattr(qkv, "fp8_weight")
+    got = run_one_sequence(fast, PROMPT)
+    assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
 
 
-def test_fp8_online_from_float(tiny: Path, tmp_path: Path) -> None:
+def test_fp8_online_from_float(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELPORT_FP8_CPU_INT8", "0")  # the FP8 bytes kept, exact
+
     def per_channel(w: torch.Tensor):  # noqa: ANN202 - E4M3 with scale = row amax / 448
         scale = w.abs().amax(dim=1, keepdim=True) / 448.0
         return {}, (w / scale).to(torch.float8_e4m3fn).float() * scale

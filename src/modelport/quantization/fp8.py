@@ -24,9 +24,10 @@ Every path captures in a CUDA graph once its kernels are compiled and autotuned 
 bucket (the decode graphs run each batch size eagerly before capturing it).
 
 Without Triton the activations are quantized by torch ops and every batch takes
-``_scaled_mm``. On older GPUs loading fails with the alternatives named. On CPU, a weight-only
-fallback (dequantize to the activation dtype per call) keeps the memory saving and the
-numerics; it is not fast.
+``_scaled_mm``. On older GPUs loading fails with the alternatives named. A CPU has no FP8
+matmul: each weight row (E4M3 x its scale) is requantized once to int8 for torch's int8 GEMM
+(``kernels.CpuInt8Kernel``; MODELPORT_FP8_CPU_INT8=0 keeps the FP8 bytes and dequantizes them
+per call instead: exact, not fast).
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class FP8Config(QuantizationConfig):
                     "(--dtype bfloat16) instead"
                 )
         elif device.type == "cpu":
-            logger.warning("FP8 on CPU: weight-only fallback (dequantize per matmul), not fast")
+            logger.info("FP8 on CPU: no FP8 matmul; the weights run torch's int8 GEMM, each row "
+                        "requantized to int8 (MODELPORT_FP8_CPU_INT8=0: exact, dequantized per call)")
 
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
         return FP8LinearMethod(self)
@@ -156,6 +158,11 @@ class FP8LinearMethod(LinearMethod):
             layer.tp_shard = None
         for name in ("weight", "weight_scale", "input_scale"):
             layer._parameters.pop(name, None)
+        if q.device.type == "cpu" and os.environ.get("MODELPORT_FP8_CPU_INT8", "1") != "0":
+            from modelport.quantization.kernels import CpuInt8Kernel
+
+            layer.fp8_int8 = CpuInt8Kernel(q.float() * scale.float()[:, None])
+            return
         layer.register_buffer("fp8_weight", q.contiguous())
         layer.register_buffer("fp8_scale", scale.float().contiguous())
 
@@ -171,6 +178,9 @@ class FP8LinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
             return fp8_linear(x, layer.fp8_weight, layer.fp8_scale, bias)
+        if hasattr(layer, "fp8_int8"):
+            y = layer.fp8_int8(x)
+            return y + bias if bias is not None else y
         w = layer.fp8_weight.to(x.dtype) * layer.fp8_scale.to(x.dtype)[:, None]
         return F.linear(x, w, bias)
 
