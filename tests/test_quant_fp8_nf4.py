@@ -50,6 +50,17 @@ def _fp8_per_tensor(w: torch.Tensor):  # noqa: ANN202
     return {"weight": q, "weight_scale": scale.reshape(())}, q.float() * scale
 
 
+def _assert_cpu_int8_default(qdir: Path, ref: torch.Tensor, fmt: str) -> None:
+    """The CPU default for FP8 / NF4: torch's int8 GEMM on the weight rows requantized to
+    int8 (bf16 activations), the format's own bytes dropped; logits near the exact path's."""
+    model = _load(qdir)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(getattr(qkv, f"{fmt}_int8"), CpuInt8Kernel)
+    assert not hasattr(qkv, "fp8_weight" if fmt == "fp8" else "nf4_codes")
+    got = run_one_sequence(model, PROMPT)
+    assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
+
+
 def test_fp8_checkpoint_per_tensor_scales(tiny: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # checkpoint tensor names are X.weight / X.weight_scale: the encoder returns suffix keys
@@ -70,13 +81,8 @@ def test_fp8_checkpoint_per_tensor_scales(tiny: Path, tmp_path: Path,
     assert len(set(qkv.fp8_scale.tolist())) == 3
     ref = run_one_sequence(_load(rdir), PROMPT)
     torch.testing.assert_close(run_one_sequence(model, PROMPT), ref, atol=1e-4, rtol=1e-4)
-    # the CPU default: the rows requantized to int8 for torch's int8 GEMM, bf16 activations
     monkeypatch.delenv("MODELPORT_FP8_CPU_INT8")
-    fast = _load(qdir)
-    qkv = fast.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv.fp8_int8, CpuInt8Kernel) and not hasattr(qkv, "fp8_weight")
-    got = run_one_sequence(fast, PROMPT)
-    assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
+    _assert_cpu_int8_default(qdir, ref, "fp8")
 
 
 def test_fp8_online_from_float(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,13 +139,8 @@ def test_nf4_checkpoint_matches_reference(tiny: Path, tmp_path: Path, double_qua
     model = _load(qdir)
     assert model.model.layers[0].self_attn.qkv_proj.nf4_codes.dtype == torch.uint8
     torch.testing.assert_close(run_one_sequence(model, PROMPT), ref, atol=1e-4, rtol=1e-4)
-    # the CPU default: torch's int8 GEMM on the rows requantized to int8, bf16 activations
     monkeypatch.delenv("MODELPORT_NF4_CPU_INT8")
-    fast = _load(qdir)
-    qkv = fast.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv.nf4_int8, CpuInt8Kernel) and not hasattr(qkv, "nf4_codes")
-    got = run_one_sequence(fast, PROMPT)
-    assert (got - ref).abs().max().item() < 0.03 * ref.abs().max().item()
+    _assert_cpu_int8_default(qdir, ref, "nf4")
     original = run_one_sequence(_load(tiny), PROMPT)
     assert (ref - original).abs().max().item() < 0.3 * original.abs().max().item()  # 4-bit: ~0.2
 
