@@ -13,7 +13,9 @@
 #   piecewise-tests (the opt-in piecewise prefill graphs' GPU tests and the engine's; pw-tests: only
 #   the piecewise ones), s18-tests (the GPU tests of what session 18 wrote without a GPU: NF4
 #   kernels, GGUF dummy packing and kept GGUF on CUDA, the new FP8 W8A8 configs), s19-tests
-#   (speculative decoding on CUDA: greedy tokens equal to plain decoding), pdl-check (the GPU
+#   (speculative decoding on CUDA: greedy tokens equal to plain decoding), s20-tests (`modelport
+#   quantize --device cuda` against the CPU's checkpoint, --calib-from-model on CUDA; the TP test
+#   skips on one GPU), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
@@ -103,6 +105,8 @@ for l in sys.stdin: d=json.loads(l); print(d["format"], d["batch"], d["weights_m
                2>&1 | tee "$OUT/s18_tests.log" | tail -15 || rc=1 ;;
     s19-tests) $PY -m pytest -q -p no:cacheprovider tests/test_spec_decode.py -k "cuda or verify or sampling" \
                2>&1 | tee "$OUT/s19_tests.log" | tail -15 || rc=1 ;;
+    s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \
+               tests/test_tensor_parallel_gpu.py 2>&1 | tee "$OUT/s20_tests.log" | tail -15 || rc=1 ;;
     pw-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py 2>&1 \
                | tee "$OUT/pw_tests.log" | tail -15 || rc=1 ;;
     launch-cost) $PY bench/gpu/launch_cost.py | tee "$OUT/launch_cost.jsonl" || rc=1 ;;
