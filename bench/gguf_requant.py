@@ -6,6 +6,7 @@ every blk.*.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}.weight d
 and quantized again, other tensors copied as they are.
 
     .venv/bin/python bench/gguf_requant.py --type Q8_0 --out /tmp/smollm2-q8_0.gguf [--model F]
+        [--only attn_v ffn_down]
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 
 
-def requantize(src: Path, out: Path, type_name: str) -> Path:
+def requantize(src: Path, out: Path, type_name: str, only: tuple[str, ...] = ()) -> Path:
+    """``only``: requantize just the linear weights whose name holds one of these (e.g.
+    ("attn_v", "ffn_down") for a Q4_K_M-like mix of the default model)."""
     import gguf
 
     target = gguf.GGMLQuantizationType[type_name]
@@ -31,7 +34,8 @@ def requantize(src: Path, out: Path, type_name: str) -> Path:
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
     for t in reader.tensors:
-        if LINEAR.search(t.name) and t.tensor_type != target:
+        if (LINEAR.search(t.name) and t.tensor_type != target
+                and (not only or any(o in t.name for o in only))):
             dense = gguf.quants.dequantize(t.data, t.tensor_type)
             writer.add_tensor(t.name, gguf.quants.quantize(dense, target), raw_dtype=target)
         else:
@@ -48,12 +52,14 @@ def main() -> None:
     ap.add_argument("--type", default="Q8_0")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=None, help="default: the embedded model")
+    ap.add_argument("--only", nargs="*", default=(),
+                    help="only linear weights whose name holds one of these, e.g. attn_v ffn_down")
     args = ap.parse_args()
     if args.model is None:
         from modelport.loader import default_model_path
 
         args.model = default_model_path()
-    print(requantize(args.model, args.out, args.type))
+    print(requantize(args.model, args.out, args.type, tuple(args.only)))
 
 
 if __name__ == "__main__":
