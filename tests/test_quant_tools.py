@@ -328,6 +328,8 @@ def test_calibration_from_model(tiny: Path, tmp_path: Path, capsys: pytest.Captu
     assert saved == generate_calibration(str(tiny), num_samples=4, seq_len=32)
     report = json.loads((out / "quantization_report.json").read_text())
     assert report["calibration_from_model"] == "calibration_from_model.jsonl"
+    assert report["options"]["calib_from_model"] is True and report["options"]["bits"] == 8
+    assert report["options"]["hessian_row_clip"] == 5.0 and report["options"]["sequential"] is False
     assert report["calibration_tokens"] > 0
     assert read_texts(out / "calibration_from_model.jsonl") == saved  # reusable as --calib
     assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",

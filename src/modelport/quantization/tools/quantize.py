@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,6 +90,7 @@ class QuantizeOptions:
 @dataclass
 class QuantizeReport:
     output: Path
+    options: dict = field(default_factory=dict)  # the QuantizeOptions it ran with
     warnings: list[str] = field(default_factory=list)
     layer_errors: dict[str, float] = field(default_factory=dict)  # HF weight name -> rel. error
     calibration_tokens: int = 0
@@ -102,7 +103,8 @@ class QuantizeReport:
     reference_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        out = {"warnings": self.warnings, "calibration_tokens": self.calibration_tokens,
+        out = {"options": self.options, "warnings": self.warnings,
+               "calibration_tokens": self.calibration_tokens,
                "layer_relative_output_error": self.layer_errors}
         if self.generated_calibration:
             out["calibration_from_model"] = GENERATED_CALIB
@@ -171,7 +173,8 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     if calib is None and opts.method != "fp8" and not opts.calib_from_model:
         raise ValueError(f"--calib (or --calib-from-model) is required for {opts.method} (FP8 "
                          "needs no calibration)")
-    report = QuantizeReport(Path(output))
+    report = QuantizeReport(Path(output), options={
+        k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()})
     weights = {n: t.float() for n, t in hf.iter_safetensors(hf.safetensors_files(src.path))}
     names = [n for n in weights if is_quantizable(n)]
     # AWQ folds its scales into ``weights``; errors are always against the checkpoint's weights
