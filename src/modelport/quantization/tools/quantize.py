@@ -210,7 +210,8 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     elif opts.calib_from_model:
         from modelport.quantization.tools.selfcalib import generate_calibration
 
-        texts = generate_calibration(str(src.path), opts.num_samples, opts.seq_len, opts.device)
+        texts = generate_calibration(str(src.path), opts.num_samples, opts.seq_len, opts.device,
+                                     progress=progress)
         report.generated_calibration = texts
     if texts is None:
         for name in names:

@@ -35,9 +35,9 @@ MAX_ROUNDS = 3  # answers that stop early are topped up with new requests, at mo
 
 
 def generate_calibration(model: str, num_samples: int, seq_len: int, device: str = "cpu",
-                         seed: int = 0) -> list[str]:
+                         seed: int = 0, progress: bool = False) -> list[str]:
     """About ``num_samples`` x ``seq_len`` tokens of text sampled from ``model`` (an HF folder),
-    as a list of texts (one per answer)."""
+    as a list of texts (one per answer); ``progress``: a bar per round of requests."""
     from modelport import LLM, SamplingParams
 
     llm = LLM(model=model, device=device, max_model_len=seq_len + 64, seed=seed,
@@ -56,10 +56,11 @@ def generate_calibration(model: str, num_samples: int, seq_len: int, device: str
         if tok.chat_template:
             convs = [[{"role": "user", "content": "{} {}.".format(*prompts[(asked + i) % len(prompts)])}]
                      for i in range(want)]
-            outs = llm.chat(convs, params, use_tqdm=False)
+            outs = llm.chat(convs, params, use_tqdm=progress)
         else:
             starts = [[rng.randrange(vocab)] for _ in range(want)]
-            outs = llm.generate(prompt_token_ids=starts, sampling_params=params, use_tqdm=False)
+            outs = llm.generate(prompt_token_ids=starts, sampling_params=params,
+                                use_tqdm=progress)
         asked += want
         for o in outs:
             texts.append(o.outputs[0].text)
