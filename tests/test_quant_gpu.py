@@ -250,7 +250,11 @@ def test_nf4_triton_matches_reference(dtype: torch.dtype, n: int, k: int, qb: in
     assert torch.equal(tn.dequantize(packed, am_d, t_d, dtype).cpu(), w.to(dtype))
     flat = torch.zeros(m * k + 1, dtype=dtype, device="cuda")  # odd storage offset: the GEMV
     x_odd = flat[1:].view(m, k).copy_(x.cuda())  # reads x as int32 words (it copies first)
-    assert torch.equal(tn.linear(x_odd, packed, am_d, t_d, None), y)
+    y_odd = tn.linear(x_odd, packed, am_d, t_d, None)
+    if m < tn.DEQUANT_MIN_M:  # our kernels: the same bits
+        assert torch.equal(y_odd, y)
+    else:  # cuBLAS picks another algorithm for a misaligned operand (H200, 2026-12-05)
+        torch.testing.assert_close(y_odd, y, atol=1e-2 * y.float().abs().max().item(), rtol=0)
 
 
 @pytest.fixture(scope="module")
