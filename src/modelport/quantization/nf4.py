@@ -139,8 +139,7 @@ class NF4LinearMethod(LinearMethod):
         elif dev.type == "cpu" and cpu_int8_rows():
             # torch's int8 GEMM on the rows requantized to int8 (kernels.CpuInt8Kernel)
             table = torch.tensor(NF4_CODE)
-            w = table[codes_t.long()].view(codes_t.shape[0], -1, block) * absmax.float()[..., None]
-            layer.nf4_int8 = CpuInt8Kernel(w.view(codes_t.shape))
+            layer.nf4_int8 = CpuInt8Kernel(nf4_dequantize(codes_t, absmax.float(), table, block))
             layer.nf4_block = block
             return
         else:
@@ -158,9 +157,17 @@ class NF4LinearMethod(LinearMethod):
 
             return triton_nf4.linear(x, layer.nf4_packed, layer.nf4_absmax, layer.nf4_table, bias)
         # reference path (CPU, or a layout the kernels do not take): dequantize per call
-        w = layer.nf4_table.to(x.dtype)[layer.nf4_codes.long()]
-        w = (w.view(w.shape[0], -1, layer.nf4_block) * layer.nf4_absmax.to(x.dtype)[..., None])
-        return F.linear(x, w.view(layer.nf4_codes.shape), bias)
+        w = nf4_dequantize(layer.nf4_codes, layer.nf4_absmax.to(x.dtype),
+                           layer.nf4_table.to(x.dtype), layer.nf4_block)
+        return F.linear(x, w, bias)
+
+
+def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
+                   block: int) -> torch.Tensor:
+    """codes [N, K] (uint8 code-book indices) -> table[code] x its block's absmax, [N, K] in
+    table's dtype."""
+    w = table[codes.long()]
+    return (w.view(w.shape[0], -1, block) * absmax[..., None]).view(codes.shape)
 
 
 def cpu_int8_rows() -> bool:
