@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers.tiny_models import load_cpu, make_tiny_llama_dir, make_tiny_llama_gguf
 from modelport.config import ModelConfig
 from modelport.planner.gguf_source import estimated_metadata_bytes
 from modelport.planner.hardware import resolve_device
@@ -106,31 +107,87 @@ def test_awq_estimate_within_2_percent_of_a_real_awq_checkpoint(tmp_path):
     assert plan.weights.total_bytes == pytest.approx(est.total_bytes, rel=0.001)
 
 
-def test_gguf_file_is_dequantized_unless_kept_as_the_engine_does():
-    src = resolve_model(str(_default_gguf()))
-    cpu = resolve_device("cpu", memory_gib=8)
-    dense = make_plan(PlanRequest(src, cpu, max_model_len=2048, max_num_seqs=4))
-    kept = make_plan(PlanRequest(src, cpu, max_model_len=2048, max_num_seqs=4, quantization="gguf"))
-    # the loader dequantizes to float32 on CPU: 4 bytes per parameter (the tied head once)
-    assert dense.resident_per_gpu == 4 * dense.weights.num_params
-    assert dense.weights.total_bytes == kept.weights.total_bytes == src.weight_bytes
-    # kept: the linear layers stay in blocks, the embedding table is fp32 and the tied head
-    # a bf16 copy; the plan must agree with what the engine's loader really holds
-    from modelport.config import LoadConfig
-    from modelport.loader import load_model, load_model_config
-    from modelport.loader import resolve_model as resolve_source
-
-    msrc = resolve_source(str(_default_gguf()))
-    model = load_model(msrc, load_model_config(msrc), LoadConfig(quantization="gguf"),
-                       torch.float32, torch.device("cpu"))  # fmt: skip
+def _held_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the weights a loaded model holds (the rotary cos/sin table is no weight)."""
     seen, held = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    buffers = [b for n, b in module.named_buffers() if "cos_sin_cache" not in n]
+    for t in [*module.parameters(), *buffers]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             held += t.numel() * t.element_size()
-    assert kept.resident_per_gpu == pytest.approx(held, rel=0.05)
-    assert kept.resident_per_gpu > src.weight_bytes  # more than the file: fp32 embedding
-    from modelport.planner.advisor import serve_command
+    return held
 
-    assert "--quantization gguf" in serve_command(kept)
-    assert "--quantization" not in serve_command(dense)
+
+def test_gguf_file_is_kept_or_dequantized_as_the_engine_does(monkeypatch: pytest.MonkeyPatch):
+    from modelport.planner.advisor import advise, serve_command
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    path = _default_gguf()
+    src = resolve_model(str(path))
+    cpu = resolve_device("cpu", memory_gib=8)
+    default = make_plan(PlanRequest(src, cpu, max_model_len=2048, max_num_seqs=4))
+    kept = make_plan(PlanRequest(src, cpu, max_model_len=2048, max_num_seqs=4, quantization="gguf"))
+    gpu = make_plan(PlanRequest(src, resolve_device("h100"), max_model_len=2048, max_num_seqs=4))
+    assert default.weights.total_bytes == kept.weights.total_bytes == src.weight_bytes
+    # all-Q4_1 linear weights: on an x86 CPU the engine keeps the blocks without being asked
+    # (the int4 GEMM); the linear layers stay in blocks, the embedding table is fp32 and the
+    # tied head a bf16 copy, and the plan must agree with what the loader really holds
+    assert default.request.keeps_quantized
+    assert default.resident_per_gpu == kept.resident_per_gpu
+    held = _held_bytes(load_cpu(path, None))
+    assert default.resident_per_gpu == pytest.approx(held, rel=0.001)
+    assert default.resident_per_gpu > src.weight_bytes  # more than the file: fp32 embedding
+    assert not any("dequantizes" in w for w in advise(default).warnings)
+    assert "--quantization gguf" in serve_command(default)
+    # on a GPU the loader dequantizes it to bf16: 2 bytes per parameter (the tied head once)
+    assert not gpu.request.keeps_quantized
+    assert gpu.resident_per_gpu == 2 * gpu.weights.num_params
+    assert any("dequantizes this GGUF" in w for w in advise(gpu).warnings)
+    assert "--quantization" not in serve_command(gpu)
+
+
+def test_mixed_gguf_on_cpu_is_planned_with_the_bytes_of_the_engines_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A Q4_K_M-style mix: attn_v in 8-bit takes its whole fused q/k/v to the int8 kernel (1
+    byte a weight, more than the file's blocks); the rest stays in the int4 kernel."""
+    import gguf
+
+    from modelport.planner.advisor import advise
+    from modelport.planner.gguf_mix import cpu_kept_bytes
+    from modelport.quantization.kernels import CPU_INT4_GROUPS, CpuInt4Kernel, CpuInt8Kernel
+
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def add_mixed(self, name, tensor, *args, raw_dtype=None, **kw):  # type: ignore[no-untyped-def]
+        if name.endswith("attn_v.weight") and raw_dtype is not None:
+            raw_dtype = gguf.GGMLQuantizationType.Q8_0
+            tensor = gguf.quants.quantize(gguf.quants.dequantize(tensor, 3), raw_dtype)
+        return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_mixed)
+    path = make_tiny_llama_gguf(make_tiny_llama_dir(tmp_path / "hf", seed=3),
+                                tmp_path / "tiny-mix.gguf", "Q4_1")
+    src = resolve_model(str(path))
+    assert {t.qtype for t in src.gguf_linear} == {"Q4_1", "Q8_0"}
+    cpu = resolve_device("cpu", memory_gib=8)
+    default = make_plan(PlanRequest(src, cpu, max_model_len=256, max_num_seqs=4))
+    kept = make_plan(PlanRequest(src, cpu, max_model_len=256, max_num_seqs=4, quantization="gguf"))
+    # not all 4-bit: the engine dequantizes it to fp32 unless asked
+    assert not default.request.keeps_quantized
+    assert default.resident_per_gpu == 4 * default.weights.num_params
+    assert any("dequantizes this GGUF" in w for w in advise(default).warnings)
+    model = load_cpu(path, "gguf")
+    kernels = [m.qkernel for m in model.modules() if hasattr(m, "qkernel")]
+    assert {type(k) for k in kernels} == {CpuInt4Kernel, CpuInt8Kernel}
+    # the linear weights: exactly the bytes of the engine's kernels, above the file's blocks
+    linear = sum(_held_bytes(k) for k in kernels)
+    assert cpu_kept_bytes(src.gguf_linear) == linear
+    assert linear > sum(t.n_bytes for t in src.gguf_linear)
+    # (the embedding and head are counted from the estimate of their file bytes: 0.5 % here)
+    assert kept.resident_per_gpu == pytest.approx(_held_bytes(model), rel=0.01)
+    from modelport.planner import gguf_mix
+
+    assert gguf_mix.CPU_INT4_GROUPS == CPU_INT4_GROUPS  # the planner's copy of the kernel's rule

@@ -19,7 +19,8 @@ from helpers.tiny_models import (
 )
 from modelport.config import LoadConfig
 from modelport.loader import load_model, load_model_config, resolve_model
-from modelport.quantization.gguf_formats import GGML_TYPES, unpack
+from modelport.quantization.gguf_formats import unpack
+from modelport.quantization.gguf_types import GGML_CODES, GGML_TYPES
 from modelport.quantization.kernels import CpuInt4Kernel, CpuInt8Kernel, make_kernel
 
 # where each format keeps its float16 scale fields (byte offsets inside a block)
@@ -45,6 +46,9 @@ def test_unpack_matches_gguf_reference_dequantize(type_id: int) -> None:
     ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(type_id)).astype(np.float32)
     gq = unpack(torch.from_numpy(raw), type_id, k)
     torch.testing.assert_close(gq.dequantize(), torch.from_numpy(ref), atol=0, rtol=0)
+    # the torch-free table the planner sizes kernels by: random codes fill exactly those bits
+    assert (gq.bits, gq.group_size) == GGML_CODES[name]
+    assert int(gq.codes.max()) == 2**gq.bits - 1 and gq.scales.shape[1] == k // gq.group_size
     # and the kernel that will run it agrees with the reference on activations
     x = torch.randn(5, k)
     kern = make_kernel(gq, torch.device("cpu"))

@@ -10,9 +10,16 @@ the planner's estimate tracks real files (the tests check the shipped SmolLM2 fi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from modelport.planner.tensors import TensorSpec
+from modelport.quantization.gguf_types import GGML_CODES, GGUF_FUSED, GGUF_LINEAR
+
+# group sizes torch's int4 CPU GEMM takes (quantization/kernels.CPU_INT4_GROUPS)
+CPU_INT4_GROUPS = (32, 64, 128, 256)
 
 Q = GGMLQuantizationType
 
@@ -75,3 +82,45 @@ def type_bytes(numel: int, qtype: GGMLQuantizationType) -> int:
     """Bytes of numel elements stored as qtype (numel is a whole number of blocks)."""
     block, size = GGML_QUANT_SIZES[qtype]
     return (numel + block - 1) // block * size
+
+
+@dataclass(frozen=True)
+class LinearTensor:
+    """One linear weight of a GGUF file: GGUF name, GGML type name, [rows, cols], file bytes."""
+
+    name: str
+    qtype: str
+    rows: int
+    cols: int
+    n_bytes: int
+
+
+def cpu_kept_bytes(linear: Iterable[LinearTensor]) -> int:
+    """Bytes the engine holds on CPU for these weights kept quantized (--quantization gguf).
+
+    The engine fuses q/k/v and gate/up into one matmul each (quantization/gguf.py), with the
+    most bits and the finest group of its parts, and then picks the kernel
+    (quantization/kernels.make_kernel): codes of at most 4 bits in groups of 32 run torch's
+    int4 GEMM (half a byte per weight + a bf16 scale and zero per group); up to 8 bits its
+    int8 GEMM (one byte per weight + a bf16 scale per row). A Q4_K_M file's Q6_K attn_v thus
+    takes its whole fused q/k/v to 1 byte per weight. Types not kept (floats) count as stored.
+    """
+    groups: dict[tuple[str, str], list[LinearTensor]] = {}
+    for t in linear:
+        m = GGUF_LINEAR.match(t.name)
+        key = (m.group(1), GGUF_FUSED.get(m.group(2), m.group(2))) if m else ("", t.name)
+        groups.setdefault(key, []).append(t)
+    held = 0
+    for parts in groups.values():
+        codes = [GGML_CODES.get(p.qtype) for p in parts]
+        if any(c is None for c in codes):
+            held += sum(p.n_bytes for p in parts)
+            continue
+        bits = max(c[0] for c in codes)
+        group = min(c[1] for c in codes)
+        rows, cols = sum(p.rows for p in parts), parts[0].cols
+        if bits <= 4 and group in CPU_INT4_GROUPS and cols % group == 0 and rows % 8 == 0:
+            held += rows * cols // 2 + cols // group * rows * 4
+        else:
+            held += rows * cols + rows * 2
+    return held

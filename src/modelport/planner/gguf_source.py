@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from modelport.planner.errors import PlanError
+from modelport.planner.gguf_mix import LinearTensor
+from modelport.quantization.gguf_types import GGUF_LINEAR
 
 # GGUF general.architecture -> HF architecture name (llama.cpp writes Mistral as "llama")
 _ARCHS = {
@@ -28,6 +30,7 @@ class GGUFInfo:
     storage: dict[str, int]  # GGML type name -> tensor count
     file_type: str | None  # e.g. "q4_1", from general.file_type
     file_bytes: int
+    linear: tuple[LinearTensor, ...] = ()  # the decoder layers' linear weights
 
 
 def _value(reader: Any, key: str) -> Any:
@@ -104,6 +107,11 @@ def _read(path: str, mtime_ns: int) -> GGUFInfo:
         storage=storage,
         file_type=_file_type_name(_value(reader, "general.file_type")),
         file_bytes=Path(path).stat().st_size,
+        linear=tuple(
+            LinearTensor(t.name, t.tensor_type.name, int(t.shape[1]), int(t.shape[0]),
+                         int(t.n_bytes))
+            for t in reader.tensors if GGUF_LINEAR.match(t.name)
+        ),
     )
 
 

@@ -14,8 +14,10 @@ from typing import Any
 
 from modelport.config import ModelConfig
 from modelport.planner.errors import PlanError
+from modelport.planner.gguf_mix import LinearTensor
 from modelport.planner.gguf_source import read_gguf
 from modelport.planner.presets import find_model_preset, model_preset_names
+from modelport.quantization.gguf_types import CPU_INT4_GGML_TYPES
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,14 @@ class ModelSource:
     weight_bytes: int | None = None  # measured from the files, when there are files
     storage: dict[str, int] | None = None  # measured storage label -> tensor count
     file_bytes: int | None = None  # size on disk of the weight file(s)
+    gguf_linear: tuple[LinearTensor, ...] = ()  # a .gguf file's linear weights and types
+
+    @property
+    def gguf_cpu_int4(self) -> bool:
+        """A .gguf file whose linear weights all run torch's int4 CPU GEMM (Q4_0/Q4_1/Q4_K):
+        the engine keeps those quantized on an x86 CPU by default (loading.auto_keep_gguf)."""
+        names = set(CPU_INT4_GGML_TYPES.values())
+        return bool(self.gguf_linear) and all(t.qtype in names for t in self.gguf_linear)
 
 
 def _config(d: dict[str, Any], where: str) -> ModelConfig:
@@ -102,6 +112,7 @@ def _from_gguf(path: Path) -> ModelSource:
         weight_bytes=info.tensor_bytes,
         storage=info.storage,
         file_bytes=info.file_bytes,
+        gguf_linear=info.linear,
     )
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modelport.config import ModelConfig, auto_dtype, default_max_num_batched_tokens, dtype_bytes
+from modelport.planner import gguf_mix
 from modelport.planner.errors import PlanError
+from modelport.planner.gguf_mix import LinearTensor, cpu_kept_bytes
 from modelport.planner.hardware import Device
 from modelport.planner.memory import KVCapacity, MemoryBudget, kv_capacity, memory_budget
 from modelport.planner.model_source import ModelSource
@@ -143,7 +145,12 @@ class PlanRequest:
         q = self.effective_quantization
         if q is None:
             return False
-        return not q.startswith("gguf-") or self.model.kind != "gguf" or bool(self.quantization)
+        if not q.startswith("gguf-") or self.model.kind != "gguf" or self.quantization:
+            return True
+        # no flag: the engine keeps an all-4-bit file's blocks on an x86 CPU with AVX2 or
+        # AVX-512 (loading.auto_keep_gguf; the planner assumes such a CPU) and dequantizes
+        # anything else
+        return self.device.is_cpu and self.model.gguf_cpu_int4
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,18 @@ def _kept_gguf_float_tensors(model: ModelConfig, fmt: WeightFormat, scale: float
     return int(extra)
 
 
+def _estimated_gguf_linear(model: ModelConfig, fmt: WeightFormat) -> list[LinearTensor]:
+    """The linear weights of a GGUF file of fmt's type, as gguf_mix predicts them."""
+    out = []
+    for t in decoder_tensors(model):
+        if t.kind == "linear":
+            q = gguf_mix.tensor_type(t, fmt.gguf_file_type, model.num_hidden_layers,
+                                     model.tie_word_embeddings)
+            out.append(LinearTensor(t.name, q.name, t.shape[0], t.shape[1],
+                                    gguf_mix.type_bytes(t.numel, q)))
+    return out
+
+
 def make_plan(req: PlanRequest) -> Plan:
     model, device = req.model.config, req.device
     tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size)
@@ -219,6 +238,9 @@ def make_plan(req: PlanRequest) -> Plan:
     elif known.startswith("gguf-"):
         resident = weights.per_gpu_bytes + _kept_gguf_float_tensors(
             model, fmt, weights.total_bytes / estimate.total_bytes, act, device.is_cpu, tp)
+        if device.is_cpu:  # the CPU kernels' own layouts (int4 / int8), not the file's blocks
+            linear = req.model.gguf_linear or _estimated_gguf_linear(model, fmt)
+            resident += cpu_kept_bytes(linear) - sum(t.n_bytes for t in linear)
     else:
         in_memory = WeightFormat(dtype=act, quantization=known, group_size=req.group_size)
         resident = estimate_weights(model, in_memory, tp).per_gpu_bytes

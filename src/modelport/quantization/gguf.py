@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from modelport.quantization.base import LinearMethod, QuantizationConfig, shard_slice
-from modelport.quantization.gguf_formats import FLOAT_TYPES, GGML_TYPES, row_bytes, type_name
+from modelport.quantization.gguf_formats import row_bytes, type_name
 from modelport.quantization.gguf_formats import unpack as unpack_ggml
+from modelport.quantization.gguf_types import FLOAT_TYPES, GGML_TYPES
 from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
 
 

@@ -22,20 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from modelport.quantization.gguf_types import FLOAT_TYPES, GGML_CODES, GGML_TYPES
 from modelport.quantization.kernels import GroupQuant
-
-# ggml type id -> (name, weights per block, bytes per block)
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-}
-FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
 
 def type_name(type_id: int) -> str:
@@ -102,21 +90,20 @@ def unpack(raw: torch.Tensor, type_id: int, k: int) -> GroupQuant:
     if name == "Q4_0":
         d = _f16(b[..., 0:2])
         codes, scale, zero = _nibbles(b[..., 2:18]), d, -8 * d
-        bits, group = 4, 32
     elif name == "Q4_1":
         d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        codes, scale, zero, bits, group = _nibbles(b[..., 4:20]), d, m, 4, 32
+        codes, scale, zero = _nibbles(b[..., 4:20]), d, m
     elif name in ("Q5_0", "Q5_1"):
         off = 2 if name == "Q5_0" else 4
         d = _f16(b[..., 0:2])
         zero = -16 * d if name == "Q5_0" else _f16(b[..., 2:4])
         high = _bits(b[..., off : off + 4], 32)
         codes = _nibbles(b[..., off + 4 : off + 20]) | (high << 4)
-        scale, bits, group = d, 5, 32
+        scale = d
     elif name == "Q8_0":
         d = _f16(b[..., 0:2])
         codes = (b[..., 2:34].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-        scale, zero, bits, group = d, -128 * d, 8, 32
+        scale, zero = d, -128 * d
     elif name in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
         sc, mn = _k_scale_min(b[..., 4:16])
@@ -129,7 +116,6 @@ def unpack(raw: torch.Tensor, type_id: int, k: int) -> GroupQuant:
             codes = codes | (hb << 4)
         codes = codes.reshape(n, -1, 256)
         scale, zero = d * sc, -dmin * mn
-        bits, group = (4 if name == "Q4_K" else 5), 32
     else:  # Q6_K
         ql = b[..., 0:128].reshape(n, -1, 2, 64)
         qh = b[..., 128:192].reshape(n, -1, 2, 32)
@@ -140,7 +126,8 @@ def unpack(raw: torch.Tensor, type_id: int, k: int) -> GroupQuant:
         hi = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=-1)
         codes = (lo | (hi << 4)).reshape(n, -1, 256)
         scale = d * sc
-        zero, bits, group = -32 * scale, 6, 16
+        zero = -32 * scale
+    bits, group = GGML_CODES[name]
     return GroupQuant(
         codes=codes.reshape(n, k).to(torch.uint8),
         scales=scale.reshape(n, -1).float(),

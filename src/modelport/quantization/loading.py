@@ -10,7 +10,6 @@ model's linear layers, (2) supplies the weight stream when the format needs a sp
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 
 from modelport.config import ModelConfig
 from modelport.quantization.base import QuantizationConfig
+from modelport.quantization.gguf_types import CPU_INT4_GGML_TYPES, GGUF_LINEAR
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,6 @@ def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
     return NF4Config.from_hf(qc)
 
 
-# GGML types that torch's int4 CPU GEMM runs (groups of 32): a GGUF file whose linear
-# weights are all of these is kept quantized on CPU by default (see auto_keep_gguf)
-CPU_INT4_GGML_TYPES = {2: "Q4_0", 3: "Q4_1", 12: "Q4_K"}
-_GGUF_LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 
 
 def auto_keep_gguf(src: Any, device: torch.device | str) -> bool:
@@ -101,7 +97,7 @@ def auto_keep_gguf(src: Any, device: torch.device | str) -> bool:
     from modelport.loader.gguf import open_gguf_tensors
 
     types = [int(t.tensor_type) for t in open_gguf_tensors(src.path).tensors
-             if _GGUF_LINEAR.match(t.name)]
+             if GGUF_LINEAR.match(t.name)]
     return bool(types) and all(t in CPU_INT4_GGML_TYPES for t in types)
 
 

@@ -1,0 +1,41 @@
+"""GGML weight types as the kept-GGUF path sees them, without torch (the planner reads these).
+
+``GGML_TYPES``: type id -> (name, weights per block, bytes per block) for every type that can
+be kept quantized. ``GGML_CODES``: name -> (bits per code, weights per scale) of the
+GroupQuant each type unpacks to (gguf_formats.unpack); the kernel a weight gets follows from
+these two numbers.
+"""
+
+from __future__ import annotations
+
+import re
+
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+}
+GGML_CODES: dict[str, tuple[int, int]] = {
+    "Q4_0": (4, 32),
+    "Q4_1": (4, 32),
+    "Q5_0": (5, 32),
+    "Q5_1": (5, 32),
+    "Q8_0": (8, 32),
+    "Q4_K": (4, 32),  # the 6-bit sub-block scales and mins folded into one scale/zero per 32
+    "Q5_K": (5, 32),
+    "Q6_K": (6, 16),
+}
+FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
+
+# GGML types that torch's int4 CPU GEMM runs (groups of 32): a GGUF file whose linear
+# weights are all of these is kept quantized on CPU by default (loading.auto_keep_gguf)
+CPU_INT4_GGML_TYPES = {2: "Q4_0", 3: "Q4_1", 12: "Q4_K"}
+GGUF_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_(?:q|k|v|output)|ffn_(?:gate|up|down))\.weight$")
+# GGUF tensors the engine runs as one matmul (qkv_proj, gate_up_proj)
+GGUF_FUSED = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "ffn_gate": "gate_up",
+              "ffn_up": "gate_up"}
