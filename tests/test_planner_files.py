@@ -151,7 +151,6 @@ def test_mixed_gguf_on_cpu_is_planned_with_the_bytes_of_the_engines_kernels(
 ):
     """A Q4_K_M-style mix: attn_v in 8-bit takes its whole fused q/k/v to the int8 kernel (1
     byte a weight, more than the file's blocks); the rest stays in the int4 kernel."""
-    import gguf
 
     from modelport.planner.advisor import advise
     from modelport.planner.gguf_mix import cpu_kept_bytes
@@ -159,17 +158,8 @@ def test_mixed_gguf_on_cpu_is_planned_with_the_bytes_of_the_engines_kernels(
 
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    add_tensor = gguf.GGUFWriter.add_tensor
-
-    def add_mixed(self, name, tensor, *args, raw_dtype=None, **kw):  # type: ignore[no-untyped-def]
-        if name.endswith("attn_v.weight") and raw_dtype is not None:
-            raw_dtype = gguf.GGMLQuantizationType.Q8_0
-            tensor = gguf.quants.quantize(gguf.quants.dequantize(tensor, 3), raw_dtype)
-        return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kw)
-
-    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_mixed)
     path = make_tiny_llama_gguf(make_tiny_llama_dir(tmp_path / "hf", seed=3),
-                                tmp_path / "tiny-mix.gguf", "Q4_1")
+                                tmp_path / "tiny-mix.gguf", "Q4_1", {"attn_v.weight": "Q8_0"})
     src = resolve_model(str(path))
     assert {t.qtype for t in src.gguf_linear} == {"Q4_1", "Q8_0"}
     cpu = resolve_device("cpu", memory_gib=8)

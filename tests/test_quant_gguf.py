@@ -131,17 +131,7 @@ def test_mixed_types_in_one_fused_layer(
 ) -> None:
     """A Q4_K_M-style file: attn_v in 8-bit while q/k are 4-bit, fused into one qkv matmul."""
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
-    add_tensor = gguf.GGUFWriter.add_tensor
-
-    def add_mixed(self, name, tensor, *args, raw_dtype=None, **kw):  # type: ignore[no-untyped-def]
-        if name.endswith("attn_v.weight") and raw_dtype is not None:
-            dense = gguf.quants.dequantize(tensor, raw_dtype)
-            raw_dtype = gguf.GGMLQuantizationType.Q8_0
-            tensor = gguf.quants.quantize(dense, raw_dtype)
-        return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kw)
-
-    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_mixed)
-    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed.gguf", "Q4_1")
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed.gguf", "Q4_1", {"attn_v.weight": "Q8_0"})
     reader = gguf.GGUFReader(str(path))
     assert {t.tensor_type.name for t in reader.tensors if "attn_v" in t.name} == {"Q8_0"}
     ref = run_one_sequence(_load(path, "none"), PROMPT)
@@ -236,16 +226,8 @@ def test_gguf_with_a_mixed_layer_is_not_kept_by_default(
 ) -> None:
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    add_tensor = gguf.GGUFWriter.add_tensor
-
-    def add_mixed(self, name, tensor, *args, raw_dtype=None, **kw):  # type: ignore[no-untyped-def]
-        if name.endswith("ffn_down.weight") and raw_dtype is not None:
-            raw_dtype = gguf.GGMLQuantizationType.Q8_0
-            tensor = gguf.quants.quantize(gguf.quants.dequantize(tensor, 3), raw_dtype)
-        return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kw)
-
-    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_mixed)
-    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed-down.gguf", "Q4_1")
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed-down.gguf", "Q4_1",
+                                {"ffn_down.weight": "Q8_0"})
     assert _linear_kernels(_load(path, None)) == []  # one 8-bit weight: the float path
     assert CpuInt4Kernel in set(_linear_kernels(_load(path, "gguf")))  # still on request
 

@@ -242,8 +242,12 @@ def _llama3_rope_divisors(cfg: dict[str, Any]) -> Any:
     return np.array(out, dtype=np.float32)
 
 
-def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
-    """Convert a tiny HF Llama or Qwen2 folder to a llama.cpp-style GGUF (F32 or Q8_0).
+def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32",
+                         overrides: dict[str, str] | None = None) -> Path:
+    """Convert a tiny HF Llama or Qwen2 folder to a llama.cpp-style GGUF (F32 or a GGML type).
+
+    ``overrides``: GGUF tensor-name suffix -> GGML type for those tensors, e.g.
+    ``{"attn_v.weight": "Q8_0"}`` for a Q4_K_M-style mix of types.
 
     Written independently of our loader: metadata keys, tensor names and the q/k
     permutation (llama only) follow llama.cpp's converter, with a byte-level gpt2 tokenizer.
@@ -294,8 +298,10 @@ def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
         if qtype == "F32" or t.ndim == 1:
             w.add_tensor(_gguf_name(name), np.ascontiguousarray(t))
         else:
-            q = gguf.GGMLQuantizationType[qtype]
-            w.add_tensor(_gguf_name(name), gguf.quants.quantize(t, q), raw_dtype=q)
+            gname = _gguf_name(name)
+            own = [v for k, v in (overrides or {}).items() if gname.endswith(k)]
+            q = gguf.GGMLQuantizationType[own[0] if own else qtype]
+            w.add_tensor(gname, gguf.quants.quantize(t, q), raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
