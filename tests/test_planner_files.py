@@ -146,14 +146,15 @@ def test_gguf_file_is_kept_or_dequantized_as_the_engine_does(monkeypatch: pytest
     assert "--quantization" not in serve_command(gpu)
 
 
-def test_mixed_gguf_on_cpu_is_planned_with_the_bytes_of_the_engines_kernels(
+def test_mixed_gguf_is_planned_with_the_bytes_of_the_engines_kernels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """A Q4_K_M-style mix: attn_v in 8-bit takes its whole fused q/k/v to the int8 kernel (1
-    byte a weight, more than the file's blocks); the rest stays in the int4 kernel."""
+    """A Q4_K_M-style mix: attn_v in 8-bit takes its whole fused q/k/v to the CPU's int8
+    kernel (1 byte a weight, more than the file's blocks); the rest stays in the int4 kernel.
+    On CUDA the same fusion picks the Triton kernels' 8-bit codes."""
 
     from modelport.planner.advisor import advise
-    from modelport.planner.gguf_mix import cpu_kept_bytes
+    from modelport.planner.gguf_mix import kept_bytes
     from modelport.quantization.kernels import CPU_INT4_GROUPS, CpuInt4Kernel, CpuInt8Kernel
 
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
@@ -174,10 +175,27 @@ def test_mixed_gguf_on_cpu_is_planned_with_the_bytes_of_the_engines_kernels(
     assert {type(k) for k in kernels} == {CpuInt4Kernel, CpuInt8Kernel}
     # the linear weights: exactly the bytes of the engine's kernels, above the file's blocks
     linear = sum(_held_bytes(k) for k in kernels)
-    assert cpu_kept_bytes(src.gguf_linear) == linear
+    assert kept_bytes(src.gguf_linear, on_cpu=True) == linear
     assert linear > sum(t.n_bytes for t in src.gguf_linear)
     # (the embedding and head are counted from the estimate of their file bytes: 0.5 % here)
     assert kept.resident_per_gpu == pytest.approx(_held_bytes(model), rel=0.01)
     from modelport.planner import gguf_mix
 
     assert gguf_mix.CPU_INT4_GROUPS == CPU_INT4_GROUPS  # the planner's copy of the kernel's rule
+    # on CUDA the same layers go to the Triton kernels (4- or 8-bit codes, fp16 scale + zero
+    # per group); their buffers are built here on the CPU, where no kernel launches
+    from modelport.quantization import kernels as quant_kernels
+    from modelport.quantization.triton_gemm import TritonKernel
+
+    monkeypatch.setattr(quant_kernels, "make_kernel",
+                        lambda gq, device, **kw: TritonKernel(gq, torch.device("cpu")))
+    triton = [m.qkernel for m in load_cpu(path, "gguf").modules() if hasattr(m, "qkernel")]
+    assert {type(k) for k in triton} == {TritonKernel}
+    held_cuda = sum(_held_bytes(k) for k in triton)
+    assert kept_bytes(src.gguf_linear, on_cpu=False) == held_cuda
+    h100 = make_plan(PlanRequest(src, resolve_device("h100"), max_model_len=256, max_num_seqs=4,
+                                 quantization="gguf"))
+    # the GPU plan differs from the CPU one by the kernels' bytes and the embedding table (bf16
+    # there, fp32 here; the untied head is bf16 on both)
+    embed = src.config.vocab_size * src.config.hidden_size
+    assert h100.resident_per_gpu - kept.resident_per_gpu == held_cuda - linear - 2 * embed

@@ -95,15 +95,17 @@ class LinearTensor:
     n_bytes: int
 
 
-def cpu_kept_bytes(linear: Iterable[LinearTensor]) -> int:
-    """Bytes the engine holds on CPU for these weights kept quantized (--quantization gguf).
+def kept_bytes(linear: Iterable[LinearTensor], on_cpu: bool) -> int:
+    """Bytes the engine holds for these weights kept quantized (--quantization gguf).
 
     The engine fuses q/k/v and gate/up into one matmul each (quantization/gguf.py), with the
     most bits and the finest group of its parts, and then picks the kernel
-    (quantization/kernels.make_kernel): codes of at most 4 bits in groups of 32 run torch's
-    int4 GEMM (half a byte per weight + a bf16 scale and zero per group); up to 8 bits its
-    int8 GEMM (one byte per weight + a bf16 scale per row). A Q4_K_M file's Q6_K attn_v thus
-    takes its whole fused q/k/v to 1 byte per weight. Types not kept (floats) count as stored.
+    (quantization/kernels.make_kernel). On CPU: codes of at most 4 bits in groups of 32 run
+    torch's int4 GEMM (half a byte per weight + a bf16 scale and zero per group); up to 8
+    bits its int8 GEMM (one byte per weight + a bf16 scale per row). On CUDA the Triton
+    kernels (quantization/triton_gemm): 4- or 8-bit codes + an fp16 scale and zero per group.
+    A Q4_K_M file's Q6_K attn_v thus takes its whole fused q/k/v to 1 byte per weight, and on
+    CUDA to Q6_K's 16-wide groups. Types not kept (floats) count as stored.
     """
     groups: dict[tuple[str, str], list[LinearTensor]] = {}
     for t in linear:
@@ -119,7 +121,9 @@ def cpu_kept_bytes(linear: Iterable[LinearTensor]) -> int:
         bits = max(c[0] for c in codes)
         group = min(c[1] for c in codes)
         rows, cols = sum(p.rows for p in parts), parts[0].cols
-        if bits <= 4 and group in CPU_INT4_GROUPS and cols % group == 0 and rows % 8 == 0:
+        if not on_cpu:
+            held += rows * cols * (4 if bits <= 4 else 8) // 8 + cols // group * rows * 4
+        elif bits <= 4 and group in CPU_INT4_GROUPS and cols % group == 0 and rows % 8 == 0:
             held += rows * cols // 2 + cols // group * rows * 4
         else:
             held += rows * cols + rows * 2

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from modelport.config import ModelConfig, auto_dtype, default_max_num_batched_tokens, dtype_bytes
 from modelport.planner import gguf_mix
 from modelport.planner.errors import PlanError
-from modelport.planner.gguf_mix import LinearTensor, cpu_kept_bytes
+from modelport.planner.gguf_mix import LinearTensor, kept_bytes
 from modelport.planner.hardware import Device
 from modelport.planner.memory import KVCapacity, MemoryBudget, kv_capacity, memory_budget
 from modelport.planner.model_source import ModelSource
@@ -238,9 +238,11 @@ def make_plan(req: PlanRequest) -> Plan:
     elif known.startswith("gguf-"):
         resident = weights.per_gpu_bytes + _kept_gguf_float_tensors(
             model, fmt, weights.total_bytes / estimate.total_bytes, act, device.is_cpu, tp)
-        if device.is_cpu:  # the CPU kernels' own layouts (int4 / int8), not the file's blocks
-            linear = req.model.gguf_linear or _estimated_gguf_linear(model, fmt)
-            resident += cpu_kept_bytes(linear) - sum(t.n_bytes for t in linear)
+        # the kernels' own layouts (CPU int4 / int8, CUDA Triton), not the file's blocks; a
+        # rank holds 1/tp of each (the few replicated KV rows of a large TP are not counted)
+        linear = req.model.gguf_linear or _estimated_gguf_linear(model, fmt)
+        delta = kept_bytes(linear, device.is_cpu) - sum(t.n_bytes for t in linear)
+        resident += delta // tp
     else:
         in_memory = WeightFormat(dtype=act, quantization=known, group_size=req.group_size)
         resident = estimate_weights(model, in_memory, tp).per_gpu_bytes
