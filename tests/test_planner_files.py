@@ -166,11 +166,13 @@ def test_mixed_gguf_is_planned_with_the_bytes_of_the_engines_kernels(
     cpu = resolve_device("cpu", memory_gib=8)
     default = make_plan(PlanRequest(src, cpu, max_model_len=256, max_num_seqs=4))
     kept = make_plan(PlanRequest(src, cpu, max_model_len=256, max_num_seqs=4, quantization="gguf"))
-    # not all 4-bit: the engine dequantizes it to fp32 unless asked
-    assert not default.request.keeps_quantized
-    assert default.resident_per_gpu == 4 * default.weights.num_params
-    assert any("dequantizes this GGUF" in w for w in advise(default).warnings)
-    model = load_cpu(path, "gguf")
+    # every type one the kept path holds: kept by default on an x86 CPU, as the engine does
+    assert default.request.keeps_quantized
+    assert not any("dequantizes this GGUF" in w for w in advise(default).warnings)
+    # (its untied LM head stays fp32 by default; --quantization gguf narrows it to bf16)
+    head = src.config.vocab_size * src.config.hidden_size
+    assert default.resident_per_gpu == kept.resident_per_gpu + 2 * head
+    model = load_cpu(path, None)
     kernels = [m.qkernel for m in model.modules() if hasattr(m, "qkernel")]
     assert {type(k) for k in kernels} == {CpuInt4Kernel, CpuInt8Kernel}
     # the linear weights: exactly the bytes of the engine's kernels, above the file's blocks
@@ -178,7 +180,8 @@ def test_mixed_gguf_is_planned_with_the_bytes_of_the_engines_kernels(
     assert kept_bytes(src.gguf_linear, on_cpu=True) == linear
     assert linear > sum(t.n_bytes for t in src.gguf_linear)
     # (the embedding and head are counted from the estimate of their file bytes: 0.5 % here)
-    assert kept.resident_per_gpu == pytest.approx(_held_bytes(model), rel=0.01)
+    assert default.resident_per_gpu == pytest.approx(_held_bytes(model), rel=0.01)
+    assert kept.resident_per_gpu == pytest.approx(_held_bytes(load_cpu(path, "gguf")), rel=0.01)
     from modelport.planner import gguf_mix
 
     assert gguf_mix.CPU_INT4_GROUPS == CPU_INT4_GROUPS  # the planner's copy of the kernel's rule
@@ -196,6 +199,5 @@ def test_mixed_gguf_is_planned_with_the_bytes_of_the_engines_kernels(
     h100 = make_plan(PlanRequest(src, resolve_device("h100"), max_model_len=256, max_num_seqs=4,
                                  quantization="gguf"))
     # the GPU plan differs from the CPU one by the kernels' bytes and the embedding table (bf16
-    # there, fp32 here; the untied head is bf16 on both)
-    embed = src.config.vocab_size * src.config.hidden_size
-    assert h100.resident_per_gpu - kept.resident_per_gpu == held_cuda - linear - 2 * embed
+    # there, fp32 here; the untied head is bf16 on both; embedding and head are equal-sized)
+    assert h100.resident_per_gpu - kept.resident_per_gpu == held_cuda - linear - 2 * head

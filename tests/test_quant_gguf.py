@@ -199,37 +199,44 @@ def test_kept_path_reads_a_cached_tensor_table_instead_of_reparsing(
         _load(path, "gguf")
 
 
-@pytest.mark.parametrize("qtype,cpu,kept", [
-    ("Q4_1", "AVX512", True), ("Q4_0", "AVX2", True),  # torch's int4 GEMM runs them
-    ("Q4_1", "DEFAULT", False),  # no AVX2 (e.g. an ARM laptop): floats, as before
-    ("Q8_0", "AVX512", False),  # 8-bit would run dequantize-per-call: floats are faster
-    ("F32", "AVX512", False),
+@pytest.mark.parametrize("qtype,cpu,kernels", [
+    ("Q4_1", "AVX512", {CpuInt4Kernel}), ("Q4_0", "AVX2", {CpuInt4Kernel}),  # torch's int4 GEMM
+    ("Q8_0", "AVX512", {CpuInt8Kernel}), ("Q5_1", "AVX2", {CpuInt8Kernel}),  # its int8 GEMM
+    ("Q4_1", "DEFAULT", set()),  # no AVX2 (e.g. an ARM laptop): floats, as before
+    ("F32", "AVX512", set()),
 ])
-def test_gguf_without_quantization_keeps_q4_blocks_on_an_avx2_cpu(
+def test_gguf_without_quantization_keeps_its_blocks_on_an_avx2_cpu(
     tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, cpu: str,
-    kept: bool,
+    kernels: set[type],
 ) -> None:
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cpu)
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
     model = _load(path, None)
-    assert set(_linear_kernels(model)) == ({CpuInt4Kernel} if kept else set())
+    assert set(_linear_kernels(model)) == kernels
     floats = _load(path, "none")  # explicit: always the float path
     assert _linear_kernels(floats) == []
     assert model.lm_head.weight.dtype == torch.float32  # untied: the default keeps it fp32
-    if kept:
+    if kernels:
         _assert_int4_close(run_one_sequence(model, PROMPT), run_one_sequence(floats, PROMPT))
 
 
-def test_gguf_with_a_mixed_layer_is_not_kept_by_default(
+def test_gguf_with_mixed_types_is_kept_by_default_in_both_cpu_kernels(
     tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed-down.gguf", "Q4_1",
                                 {"ffn_down.weight": "Q8_0"})
-    assert _linear_kernels(_load(path, None)) == []  # one 8-bit weight: the float path
-    assert CpuInt4Kernel in set(_linear_kernels(_load(path, "gguf")))  # still on request
+    model = _load(path, None)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.gguf_types == ("Q8_0",) and isinstance(down.qkernel, CpuInt8Kernel)
+    assert set(_linear_kernels(model)) == {CpuInt4Kernel, CpuInt8Kernel}
+    _assert_int4_close(run_one_sequence(model, PROMPT), run_one_sequence(_load(path, "none"), PROMPT))
+    # a float linear weight anywhere: the float path
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-f16-down.gguf", "Q4_1",
+                                {"ffn_down.weight": "F16"})
+    assert _linear_kernels(_load(path, None)) == []
 
 
 def test_quantization_none_on_a_quantized_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from modelport.planner.errors import PlanError
 from modelport.planner.gguf_mix import LinearTensor
 from modelport.planner.gguf_source import read_gguf
 from modelport.planner.presets import find_model_preset, model_preset_names
-from modelport.quantization.gguf_types import CPU_INT4_GGML_TYPES
+from modelport.quantization.gguf_types import GGML_TYPES
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,10 @@ class ModelSource:
     gguf_linear: tuple[LinearTensor, ...] = ()  # a .gguf file's linear weights and types
 
     @property
-    def gguf_cpu_int4(self) -> bool:
-        """A .gguf file whose linear weights all run torch's int4 CPU GEMM (Q4_0/Q4_1/Q4_K):
+    def gguf_cpu_keepable(self) -> bool:
+        """A .gguf file whose linear weights are all types the kept path holds (Q4 to Q8):
         the engine keeps those quantized on an x86 CPU by default (loading.auto_keep_gguf)."""
-        names = set(CPU_INT4_GGML_TYPES.values())
+        names = {name for name, _, _ in GGML_TYPES.values()}
         return bool(self.gguf_linear) and all(t.qtype in names for t in self.gguf_linear)
 
 

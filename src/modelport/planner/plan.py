@@ -147,10 +147,10 @@ class PlanRequest:
             return False
         if not q.startswith("gguf-") or self.model.kind != "gguf" or self.quantization:
             return True
-        # no flag: the engine keeps an all-4-bit file's blocks on an x86 CPU with AVX2 or
-        # AVX-512 (loading.auto_keep_gguf; the planner assumes such a CPU) and dequantizes
-        # anything else
-        return self.device.is_cpu and self.model.gguf_cpu_int4
+        # no flag: the engine keeps a Q4-Q8 file's blocks on an x86 CPU with AVX2 or AVX-512
+        # (loading.auto_keep_gguf; the planner assumes such a CPU) and dequantizes anything
+        # else (float files, a GPU)
+        return self.device.is_cpu and self.model.gguf_cpu_keepable
 
 
 @dataclass(frozen=True)
@@ -183,12 +183,13 @@ def _kv_dtype(req: PlanRequest, act: str) -> tuple[str, int]:
 
 
 def _kept_gguf_float_tensors(model: ModelConfig, fmt: WeightFormat, scale: float, act: str,
-                             on_cpu: bool, tp: int) -> int:
+                             on_cpu: bool, tp: int, narrow_untied: bool) -> int:
     """What a kept GGUF model holds beyond its file's blocks, per rank: the engine keeps only
     the linear layers in blocks; the embedding table is dequantized to the compute dtype, and
-    the LM head too, where on CPU an fp32 head becomes a bf16 copy (also when it is tied to
-    the embedding: quantization/loading.py narrow_lm_head). ``scale``: measured file bytes
-    over the estimate, applied to the estimate's bytes of the tensors replaced."""
+    the LM head too, where on CPU an fp32 head becomes a bf16 copy when it is tied to the
+    embedding, and when untied if --quantization gguf asked for the kept path (the default
+    keeps an untied head in fp32: quantization/loading.py narrow_lm_head). ``scale``: measured
+    file bytes over the estimate, applied to the estimate's bytes of the tensors replaced."""
     head_bytes = 2 if on_cpu and dtype_bytes(act) == 4 else dtype_bytes(act)
     extra = 0.0
     for t in decoder_tensors(model):
@@ -196,7 +197,8 @@ def _kept_gguf_float_tensors(model: ModelConfig, fmt: WeightFormat, scale: float
             continue
         share = tp_share(t, model, tp)
         extra -= tensor_bytes(t, fmt, model)[0] * scale * share
-        extra += t.numel * (dtype_bytes(act) if t.kind == "embed" else head_bytes) * share
+        own = dtype_bytes(act) if t.kind == "embed" or not narrow_untied else head_bytes
+        extra += t.numel * own * share
         if t.kind == "embed" and model.tie_word_embeddings and head_bytes != dtype_bytes(act):
             extra += t.numel * head_bytes * share  # the narrowed copy of a tied head
     return int(extra)
@@ -237,7 +239,8 @@ def make_plan(req: PlanRequest) -> Plan:
         resident = estimate_weights(model, WeightFormat(dtype=act), tp).per_gpu_bytes
     elif known.startswith("gguf-"):
         resident = weights.per_gpu_bytes + _kept_gguf_float_tensors(
-            model, fmt, weights.total_bytes / estimate.total_bytes, act, device.is_cpu, tp)
+            model, fmt, weights.total_bytes / estimate.total_bytes, act, device.is_cpu, tp,
+            narrow_untied=req.quantization is not None)
         # the kernels' own layouts (CPU int4 / int8, CUDA Triton), not the file's blocks; a
         # rank holds 1/tp of each (the few replicated KV rows of a large TP are not counted)
         linear = req.model.gguf_linear or _estimated_gguf_linear(model, fmt)

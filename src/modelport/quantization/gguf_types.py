@@ -32,9 +32,8 @@ GGML_CODES: dict[str, tuple[int, int]] = {
 }
 FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
-# GGML types that torch's int4 CPU GEMM runs (groups of 32): a GGUF file whose linear
-# weights are all of these is kept quantized on CPU by default (loading.auto_keep_gguf)
-CPU_INT4_GGML_TYPES = {2: "Q4_0", 3: "Q4_1", 12: "Q4_K"}
+# A GGUF file whose linear weights are all in GGML_TYPES is kept quantized on an x86 CPU by
+# default (loading.auto_keep_gguf): 4-bit codes in torch's int4 GEMM, 5 to 8 bits its int8 one
 GGUF_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_(?:q|k|v|output)|ffn_(?:gate|up|down))\.weight$")
 # GGUF tensors the engine runs as one matmul (qkv_proj, gate_up_proj)
 GGUF_FUSED = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "ffn_gate": "gate_up",
