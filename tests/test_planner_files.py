@@ -138,7 +138,8 @@ def test_gguf_file_is_kept_or_dequantized_as_the_engine_does(monkeypatch: pytest
     assert default.resident_per_gpu == pytest.approx(held, rel=0.001)
     assert default.resident_per_gpu > src.weight_bytes  # more than the file: fp32 embedding
     assert not any("dequantizes" in w for w in advise(default).warnings)
-    assert "--quantization gguf" in serve_command(default)
+    assert "--quantization" not in serve_command(default)  # the engine's default: no flag
+    assert "--quantization gguf" in serve_command(kept)
     # on a GPU the loader dequantizes it to bf16: 2 bytes per parameter (the tied head once)
     assert not gpu.request.keeps_quantized
     assert gpu.resident_per_gpu == 2 * gpu.weights.num_params

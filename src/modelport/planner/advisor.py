@@ -227,7 +227,8 @@ def serve_command(plan: Plan) -> str:
         args += ["--tensor-parallel-size", str(plan.tp)]
     q = req.effective_quantization
     if q and q.startswith("gguf-") and req.keeps_quantized:
-        args += ["--quantization", "gguf"]
+        if m.kind != "gguf" or req.quantization:  # not when the engine keeps it by default
+            args += ["--quantization", "gguf"]
         if m.kind != "gguf":  # the user still has to fetch or convert that file
             args[3] = f"{model.rsplit('/', 1)[-1]}-{q[5:].upper()}.gguf"
     elif q and m.quantization is None:
