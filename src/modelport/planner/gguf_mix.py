@@ -96,7 +96,8 @@ class LinearTensor:
 
 
 def kept_bytes(linear: Iterable[LinearTensor], on_cpu: bool) -> int:
-    """Bytes the engine holds for these weights kept quantized (--quantization gguf).
+    """Bytes the engine holds for these weights kept quantized (on CPU by default for Q4-Q8
+    files, or with --quantization gguf).
 
     The engine fuses q/k/v and gate/up into one matmul each (quantization/gguf.py), with the
     most bits and the finest group of its parts, and then picks the kernel
