@@ -425,3 +425,14 @@ def test_chat_stream_chunks_name_the_role_once(base, model) -> None:
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert deltas[0].get("role") == "assistant"
     assert all("role" not in d for d in deltas[1:])  # never "role": null
+
+
+@pytest.mark.parametrize("entry", [["modelport.entrypoints.cli", "serve"],
+                                   ["modelport.entrypoints.openai.api_server"]])
+def test_a_model_that_fails_to_load_ends_serve_with_status_1(tmp_path, entry) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    cmd = [sys.executable, "-m", *entry, "--model", str(tmp_path), "--device", "cpu",
+           "--port", "8093"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed to load the model: ValueError: config.json has no 'architectures'" in r.stderr

@@ -88,6 +88,14 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=900.0)
     ap.add_argument("serve_args", nargs="*", help="after --: more `modelport serve` arguments")
     args = ap.parse_args()
+    # the HTTP stack travels as wheels to the GPU machine: name what is missing before the
+    # server (and the 8B model's start-up) is paid for
+    probe = subprocess.run([sys.executable, "-c", "import modelport.entrypoints.openai.frontend"],
+                           capture_output=True, text=True)
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        raise SystemExit(f"the OpenAI frontend does not import here ({last}); carry the missing "
+                         "package as a wheel (bench/gpu/run_all.sh's header lists them)")
     from modelport.bench import serve as serve_bench
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-async def serve_async(args: argparse.Namespace) -> None:
+async def serve_async(args: argparse.Namespace) -> int:
+    """Serve until shut down; 1 when a frontend's model failed to load and stopped the server."""
     import uvicorn
     from fastapi import FastAPI
 
@@ -64,6 +65,9 @@ async def serve_async(args: argparse.Namespace) -> None:
     services = [await m.build(args, app) for m in chosen]
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
     server = uvicorn.Server(config)
+    for s in services:
+        if hasattr(s, "http_server"):
+            s.http_server = server  # a service whose model fails to load stops the server
     try:
         for s in services:
             await s.start()
@@ -73,6 +77,7 @@ async def serve_async(args: argparse.Namespace) -> None:
         for s in reversed(services):
             with contextlib.suppress(Exception):
                 await s.stop()
+    return 1 if any(getattr(s, "load_failed", False) for s in services) else 0
 
 
 def _version() -> str:
@@ -88,5 +93,4 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve_async(args))
-    return 0
+    return asyncio.run(serve_async(args))

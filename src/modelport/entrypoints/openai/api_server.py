@@ -88,6 +88,8 @@ class OpenAIService:
         self.args = args
         self.state = state
         self.exit_on_failure = exit_on_failure
+        self.http_server: Any = None  # the uvicorn.Server to stop when loading fails
+        self.load_failed = False
         self._task: asyncio.Task | None = None
         self.loaded = asyncio.Event()
 
@@ -107,7 +109,11 @@ class OpenAIService:
             logger.error("failed to load the model: %s", self.state.load_error, exc_info=e)
             self.loaded.set()
             if self.exit_on_failure:
-                os.kill(os.getpid(), signal.SIGTERM)  # let uvicorn shut down cleanly
+                self.load_failed = True  # the process exits with status 1 after a clean shutdown
+                if self.http_server is not None:
+                    self.http_server.should_exit = True
+                else:
+                    os.kill(os.getpid(), signal.SIGTERM)
             return
         metrics = ServerMetrics(engine.served_model_names[0])
         engine.stat_logger = metrics
@@ -173,6 +179,7 @@ async def run_server(args: argparse.Namespace) -> int:
     app, service = build_app(args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
     server = uvicorn.Server(config)
+    service.http_server = server
     await service.start()
     try:
         await server.serve()
