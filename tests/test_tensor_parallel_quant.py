@@ -30,6 +30,7 @@ CASES = {  # name -> (method, act_order)
     "awq": ("awq", False),
     "fp8": ("fp8", False),
     "gguf-q4_0": ("gguf", False),
+    "gguf-q8_0": ("gguf", False),  # kept by default on an x86 CPU (int8 kernel)
     "nf4": ("bitsandbytes", True),  # double quantization
     "fp8-online": ("fp8", True),  # a float checkpoint quantized at load time
 }
@@ -56,7 +57,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         elif method == "bitsandbytes":
             out[name] = _nf4_checkpoint(hf, root / name)
         elif method == "gguf":
-            out[name] = make_tiny_llama_gguf(hf, root / name / "tiny-q4_0.gguf", "Q4_0")
+            qtype = name.removeprefix("gguf-").upper()
+            out[name] = make_tiny_llama_gguf(hf, root / name / f"tiny-{name}.gguf", qtype)
         else:
             out[name] = quantize_folder(hf, root / name, method, 4, 32, act_order=act_order)[0]
     return out
