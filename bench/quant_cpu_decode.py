@@ -1,12 +1,11 @@
 """CPU decode speed of the embedded default GGUF (Q4_1): kept quantized vs our fp32 path.
 
-With --model FILE.gguf (e.g. a Q8_0 copy made by bench/gguf_requant.py), two engines for that
-file: quantization="none" (fp32) and "gguf" (kept; 5- to 8-bit types run the int8 kernel).
-
 Three engines: quantization="none" (the file dequantized to fp32), the default (no
-quantization=: on an AVX2/AVX-512 CPU the Q4 blocks stay quantized; the tied LM head reads a
+quantization=: on an AVX2/AVX-512 CPU Q4-Q8 blocks stay quantized; the tied LM head reads a
 bf16 copy and refines each row's top logits from the fp32 table) and quantization="gguf"
-(kept on any CPU; for this tied model the same head).
+(kept on any CPU; for this tied model the same head). --model FILE.gguf (e.g. a Q8_0 copy
+made by bench/gguf_requant.py) measures that file instead (5- to 8-bit types run the int8
+kernel).
 
 Single stream: 64-token prompt, 128 new tokens, greedy, ignore_eos; decode tok/s from the
 engine's own step loop (as bench/cpu_default.py). --batch: also 32 concurrent requests, 64 new
@@ -101,14 +100,13 @@ def main() -> None:
     ap.add_argument("--batch", action="store_true", help="also 32 concurrent requests")
     ap.add_argument("--json", default=None)
     ap.add_argument("--model", default=None,
-                    help="another GGUF file (e.g. a Q8_0 copy from bench/gguf_requant.py): "
-                         "its fp32 path against it kept quantized (--quantization gguf)")
+                    help="another GGUF file (e.g. a Q8_0 copy from bench/gguf_requant.py)")
     args = ap.parse_args()
     from modelport import SamplingParams
 
     variants = {}
     names = {"none": "none (fp32)", None: "default (auto)", "gguf": "gguf (explicit)"}
-    for q in ("none", None, "gguf") if args.model is None else ("none", "gguf"):
+    for q in ("none", None, "gguf"):
         t0 = time.perf_counter()
         llm = make_llm(q, args.model)
         warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
