@@ -299,7 +299,8 @@ def make_plan(req: PlanRequest) -> Plan:
             f"KV for {req.max_num_seqs} x {max_len} tokens needs "
             f"{kv.demand_bytes_per_gpu / gib:.1f} GiB {'of RAM' if device.is_cpu else 'per GPU'} but "
             f"{max(budget.kv_bytes, 0) / gib:.1f} GiB is available: only "
-            f"{kv.full_length_seqs} full-length sequences fit at once"
+            f"{kv.full_length_seqs} full-length sequences fit at once (the engine starts; "
+            f"more requests wait or are preempted)"
         )
     else:
         reason = (
