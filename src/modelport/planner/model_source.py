@@ -17,7 +17,7 @@ from modelport.planner.errors import PlanError
 from modelport.planner.gguf_mix import LinearTensor
 from modelport.planner.gguf_source import read_gguf
 from modelport.planner.presets import find_model_preset, model_preset_names
-from modelport.quantization.gguf_types import GGML_TYPES
+from modelport.quantization.gguf_types import kept_on_cpu_by_default
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,7 @@ class ModelSource:
     def gguf_cpu_keepable(self) -> bool:
         """A .gguf file whose linear weights are all types the kept path holds (Q4 to Q8):
         the engine keeps those quantized on an x86 CPU by default (loading.auto_keep_gguf)."""
-        names = {name for name, _, _ in GGML_TYPES.values()}
-        return bool(self.gguf_linear) and all(t.qtype in names for t in self.gguf_linear)
+        return kept_on_cpu_by_default([t.qtype for t in self.gguf_linear])
 
 
 def _config(d: dict[str, Any], where: str) -> ModelConfig:

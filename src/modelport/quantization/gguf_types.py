@@ -32,9 +32,16 @@ GGML_CODES: dict[str, tuple[int, int]] = {
 }
 FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
-# A GGUF file whose linear weights are all in GGML_TYPES is kept quantized on an x86 CPU by
-# default (loading.auto_keep_gguf): 4-bit codes in torch's int4 GEMM, 5 to 8 bits its int8 one
 GGUF_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_(?:q|k|v|output)|ffn_(?:gate|up|down))\.weight$")
 # GGUF tensors the engine runs as one matmul (qkv_proj, gate_up_proj)
 GGUF_FUSED = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "ffn_gate": "gate_up",
               "ffn_up": "gate_up"}
+
+
+def kept_on_cpu_by_default(linear_type_names: list[str]) -> bool:
+    """Whether a GGUF file with linear weights of these GGML types keeps its blocks on an x86
+    CPU without being asked: all of them types the kept path holds (4-bit codes run torch's
+    int4 GEMM, 5 to 8 bits its int8 one). The engine (loading.auto_keep_gguf) and the planner
+    both ask this."""
+    kept = {name for name, _, _ in GGML_TYPES.values()}
+    return bool(linear_type_names) and all(n in kept for n in linear_type_names)

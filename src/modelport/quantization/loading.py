@@ -19,7 +19,7 @@ from torch import nn
 
 from modelport.config import ModelConfig
 from modelport.quantization.base import QuantizationConfig
-from modelport.quantization.gguf_types import GGML_TYPES, GGUF_LINEAR
+from modelport.quantization.gguf_types import GGUF_LINEAR, kept_on_cpu_by_default
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,8 @@ def auto_keep_gguf(src: Any, device: torch.device | str) -> bool:
         return False
     from modelport.loader.gguf import open_gguf_tensors
 
-    types = [int(t.tensor_type) for t in open_gguf_tensors(src.path).tensors
-             if GGUF_LINEAR.match(t.name)]
-    return bool(types) and all(t in GGML_TYPES for t in types)
+    return kept_on_cpu_by_default([t.tensor_type.name for t in open_gguf_tensors(src.path).tensors
+                                   if GGUF_LINEAR.match(t.name)])
 
 
 def resolve_quantization(
