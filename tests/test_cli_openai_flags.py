@@ -55,3 +55,55 @@ def test_bad_flag_values_are_rejected() -> None:
         build_parser().parse_args(["serve", "--kv-cache-memory", "lots"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--port", "eighty"])
+
+
+def _without_package(monkeypatch: pytest.MonkeyPatch, frontend_module: str, package: str) -> None:
+    """Importing frontend_module fails as it does where `package` is not installed."""
+    from modelport.entrypoints import cli_serve
+
+    real = cli_serve.importlib.import_module
+
+    def fake(name: str, *a, **kw):  # noqa: ANN202
+        if name == frontend_module:
+            raise ModuleNotFoundError(f"No module named '{package}'", name=package)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(cli_serve.importlib, "import_module", fake)
+    monkeypatch.setattr(cli_serve, "UNAVAILABLE", {})
+
+
+def test_a_frontend_whose_package_is_missing_is_left_out_and_named(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # the GPU image has no tritonclient: `modelport serve --model ...` must still start
+    from modelport.entrypoints import cli
+    from modelport.entrypoints.cli_serve import FRONTENDS
+
+    kserve = next(f for f in FRONTENDS if ".kserve." in f)
+    _without_package(monkeypatch, kserve, "tritonclient")
+    args = build_parser().parse_args(["serve", "--model", "/m", "--port", "8002"])
+    assert args.model == "/m" and args.port == 8002
+    assert "kserve frontend off" in args.unrecognized_hint
+    assert "'tritonclient'" in args.unrecognized_hint
+    # its own flags are unknown now: the error says why instead of a bare "unrecognized"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--model-repository", "/repo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --model-repository /repo" in err
+    assert "kserve frontend off" in err and "tritonclient" in err
+
+
+def test_a_missing_module_of_modelport_itself_is_not_hidden(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelport.entrypoints.cli_serve import FRONTENDS
+
+    _without_package(monkeypatch, FRONTENDS[1], "modelport.entrypoints.kserve.gone")
+    with pytest.raises(ModuleNotFoundError):
+        build_parser()
+
+
+def test_every_frontend_imports_in_the_test_environment() -> None:
+    from modelport.entrypoints import cli_serve
+
+    args = build_parser().parse_args(["serve"])
+    assert args.unrecognized_hint == "" and cli_serve.UNAVAILABLE == {}

@@ -26,7 +26,8 @@
 #   server, bench/gpu/w2_serve.py: 1,000 x 1,024 -> 128 at W2_RATES, default "inf 16";
 #   W2_EXTRA: more serve arguments; needs the HTTP stack as wheels: ../shared/tools/device-wheels.sh
 #   fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn msgspec gguf
-#   opentelemetry-api: fastapi 0.165 imports it, the GPU image lacks it)
+#   opentelemetry-api sniffio: fastapi 0.165 imports the first, the GPU image lacks both; without
+#   tritonclient `serve` leaves the KServe frontend out and says so)
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf

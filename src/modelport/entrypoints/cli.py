@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # a subcommand may know why (serve: a frontend whose package is missing)
+        hint = getattr(args, "unrecognized_hint", "")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({hint})" if hint else ""))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -26,7 +26,14 @@ FRONTENDS = (
 )
 
 
+# frontends left out because a package they need is missing: module -> the reason
+UNAVAILABLE: dict[str, str] = {}
+
+
 def _available_frontends() -> list[Any]:
+    """The frontend modules that import here. One whose third-party package is missing (a
+    trimmed environment: e.g. no tritonclient) is left out and named in UNAVAILABLE, so the
+    other frontends still serve; a missing module of modelport itself is a bug and raises."""
     mods = []
     for name in FRONTENDS:
         try:
@@ -34,8 +41,14 @@ def _available_frontends() -> list[Any]:
         except ModuleNotFoundError as e:
             if e.name is not None and name.startswith(e.name):
                 continue  # that frontend is not built yet
-            raise
+            if e.name is None or e.name.split(".")[0] == "modelport":
+                raise
+            UNAVAILABLE[name] = f"needs the package {e.name.split('.')[0]!r}, not installed here"
     return mods
+
+
+def _unavailable_note() -> str:
+    return "; ".join(f"{n.rsplit('.', 2)[-2]} frontend off: {why}" for n, why in UNAVAILABLE.items())
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common_args(p)
     for mod in _available_frontends():
         mod.add_serve_args(p)
-    p.set_defaults(func=run_serve)
+    note = _unavailable_note()  # a left-out frontend's flags are unknown here: say why
+    p.epilog = note or None
+    p.set_defaults(func=run_serve, unrecognized_hint=note)
 
 
 async def serve_async(args: argparse.Namespace) -> int:
@@ -58,6 +73,8 @@ async def serve_async(args: argparse.Namespace) -> int:
     from fastapi import FastAPI
 
     mods = _available_frontends()
+    if UNAVAILABLE:
+        logger.warning("%s", _unavailable_note())
     chosen = [m for m in mods if m.wants(args)]
     if not chosen:
         raise SystemExit("nothing to serve: give --model, --model-repository or --model-store")
