@@ -522,3 +522,19 @@ def test_decode_config_names_table_and_env_override(monkeypatch):
     assert ta.decode_config(3, FP8) == ta.DecodeConfig(128, 8, 2, 5, 5, 528)
     with pytest.raises(ValueError):
         ta._apply_env_configs("fp8:n64")
+    # a register cap names itself ("r96") and round-trips; no cap: the old names
+    capped = ta.DecodeConfig(block_n=32, num_stages=3, maxnreg=96)
+    assert capped.name == "n32w4s3k0v0p264r96" and ta.DecodeConfig.parse(capped.name) == capped
+    assert ta.DecodeConfig.parse("n32w4s3k0v0p264") == ta.DecodeConfig(block_n=32, num_stages=3)
+    # "kind@bucket:name" replaces one bucket's entry and keeps the others
+    monkeypatch.setitem(ta.DECODE_CONFIGS, "16bit", ta.DECODE_CONFIGS["16bit"])
+    before_small = ta.decode_config(2, torch.bfloat16)
+    ta._apply_env_configs("16bit@128:n32w4s3k0v0p264r96")
+    assert ta.decode_config(200, torch.bfloat16) == capped
+    assert ta.decode_config(2, torch.bfloat16) == before_small
+    ta._apply_env_configs("16bit@160:n64w4s2k0v0p264")  # a new bucket slots in by its size
+    assert ta.decode_config(140, torch.bfloat16) == capped  # bucket 144
+    assert ta.decode_config(170, torch.bfloat16) == ta.DecodeConfig()
+    for bad in ("16bit@0:n32w4s3k0v0p264", "16bit@x:n32w4s3k0v0p264", "int4@8:n32w4s3k0v0p264"):
+        with pytest.raises(ValueError):
+            ta._apply_env_configs(bad)

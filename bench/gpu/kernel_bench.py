@@ -249,7 +249,10 @@ def decode_ragged(b=256, lo=100, hi=1100):
     contexts give each (request, KV head) program little work; splits balance it.
     DECODE_RAGGED_BATCHES="64 128 256" runs each batch size; DECODE_RAGGED_SPLITS=0 times the
     shipped split target only (no 4096/8192/16384-program rows); DECODE_RAGGED_ALL=1 times
-    every DECODE_CANDIDATES config of each kind instead (warps, stages, fp8 upcasts too)."""
+    every DECODE_CANDIDATES config of each kind instead (warps, stages, fp8 upcasts too).
+    DECODE_RAGGED_ROPE=1 also times the 16-bit cache with the rotary and KV write inside
+    the kernel (kv "16bit-rope": what the engine runs for a decode-only step on a 16-bit
+    cache, rope_fits; it compiles to more registers a thread than the plain kernel)."""
     for bb in [int(x) for x in os.environ.get("DECODE_RAGGED_BATCHES", str(b)).split()]:
         _decode_ragged_batch(bb, lo, hi)
 
@@ -261,11 +264,14 @@ def _decode_ragged_batch(b: int, lo: int, hi: int) -> None:
     base = torch.randn(2, nb, PAGE, KVH, D, device=DEV, dtype=DT)
     q = torch.randn(b, H, D, device=DEV, dtype=DT)
     saved = dict(ta.DECODE_CONFIGS)
+    kinds = [("16bit", DT, None), ("fp8", FP8, None)]
+    if os.environ.get("DECODE_RAGGED_ROPE") == "1":
+        kinds.insert(1, ("16bit", DT, _rope_args(meta, b, lens)))
     try:
-        for kind, kv_dt in (("16bit", DT), ("fp8", FP8)):
+        for kind, kv_dt, rope in kinds:
             cache = base.to(kv_dt)
             shipped = ta.decode_config(b, kv_dt)
-            ref = ta.triton_paged_attention(q, cache, fresh(meta), D**-0.5).float()
+            ref = ta.triton_paged_attention(q, cache, fresh(meta), D**-0.5, rope=rope).float()
             gb = sum(lens) * KVH * D * 2 * cache.element_size() / 1e9
             more = () if os.environ.get("DECODE_RAGGED_SPLITS") == "0" else (4096, 8192, 16384)
             if os.environ.get("DECODE_RAGGED_ALL") == "1":
@@ -279,21 +285,35 @@ def _decode_ragged_batch(b: int, lo: int, hi: int) -> None:
                 ta.DECODE_CONFIGS[kind] = ((1, cfg),)
                 m = fresh(meta)
                 try:
-                    out = ta.triton_paged_attention(q, cache, m, D**-0.5)
+                    out = ta.triton_paged_attention(q, cache, m, D**-0.5, rope=rope)
                     err = ((out.float() - ref).norm() / ref.norm()).item()
-                    fn = functools.partial(ta.triton_paged_attention, q, cache, m, D**-0.5)
+                    fn = functools.partial(ta.triton_paged_attention, q, cache, m, D**-0.5,
+                                           rope=rope)
                     ms = do_bench_cudagraph(fn, rep=20, return_mode="median")
                 except Exception as e:  # a config that does not compile or launch
-                    emit(kernel="decode_ragged", kv=kind, config=cfg.name,
-                         error=f"{type(e).__name__}: {e}"[:300])
+                    emit(kernel="decode_ragged", kv=kind + ("-rope" if rope else ""),
+                         config=cfg.name, error=f"{type(e).__name__}: {e}"[:300])
                     continue
-                emit(kernel="decode_ragged", kv=kind, batch=b, ctx=[lo, hi],
+                emit(kernel="decode_ragged", kv=kind + ("-rope" if rope else ""), batch=b, ctx=[lo, hi],
                      config=cfg.name, shipped=cfg == shipped,
                      splits=m.backend_state["triton"].splits, us_graph=round(ms * 1e3, 1),
                      kv_TBps=round(gb / ms, 2), rel_err=float(f"{err:.1e}"))
     finally:
         ta.DECODE_CONFIGS.clear()
         ta.DECODE_CONFIGS.update(saved)
+
+
+def _rope_args(meta: AttentionMetadata, b: int, lens: list[int]) -> tuple:
+    """(k_new, v_new, positions, cos_sin) for a decode step's rotary inside the kernel; the
+    metadata's slots become each request's newest position (the kernel stores K/V there)."""
+    from modelport.layers.rotary import RopeSettings, RotaryEmbedding
+
+    pos = torch.tensor([n - 1 for n in lens], dtype=torch.int64, device=DEV)
+    page_of = meta.block_tables.long().gather(1, (pos // PAGE)[:, None])[:, 0]
+    meta.slot_mapping.copy_(page_of * PAGE + pos % PAGE)
+    cos_sin = RotaryEmbedding(D, RopeSettings(500000.0, None, 4096)).to(DEV, DT).cos_sin_cache
+    return (torch.randn(b, KVH, D, device=DEV, dtype=DT), torch.randn(b, KVH, D, device=DEV, dtype=DT),
+            pos, cos_sin)
 
 
 def fresh(meta: AttentionMetadata) -> AttentionMetadata:

@@ -551,6 +551,10 @@ class DecodeConfig:
     k_cvt / v_cvt: how fp8 K / V tiles are upcast, the CVT codes of ``_kv_upcast`` (0: to
     the query dtype; 1-5: to fp16, dot products in fp16); 16-bit caches always run 0.
     programs: the context is split until a batch has about this many programs.
+    maxnreg: registers a thread may use (0: the compiler's choice). An SM holds 65,536; the
+    shipped tiles compile (offline, sm_90) to 128 a thread for 16-bit with the rotary inside
+    and for fp8 (4 programs an SM), 96 for 16-bit without it (5): a cap buys programs an SM,
+    and bytes in flight, for spills.
     """
 
     block_n: int = DECODE_BLOCK_N
@@ -559,21 +563,22 @@ class DecodeConfig:
     k_cvt: int = 0
     v_cvt: int = 0
     programs: int = _TARGET_PROGRAMS
+    maxnreg: int = 0
 
     @property
     def name(self) -> str:
         return (
             f"n{self.block_n}w{self.num_warps}s{self.num_stages}"
             f"k{self.k_cvt}v{self.v_cvt}p{self.programs}"
-        )
+        ) + (f"r{self.maxnreg}" if self.maxnreg else "")
 
     @classmethod
     def parse(cls, name: str) -> DecodeConfig:
-        """Inverse of ``name``: e.g. "n64w4s2k2v4p264"."""
-        m = re.fullmatch(r"n(\d+)w(\d+)s(\d+)k([0-5])v([0-5])p(\d+)", name.strip())
+        """Inverse of ``name``: e.g. "n64w4s2k2v4p264", "n32w4s3k0v0p264r96"."""
+        m = re.fullmatch(r"n(\d+)w(\d+)s(\d+)k([0-5])v([0-5])p(\d+)(?:r(\d+))?", name.strip())
         if m is None:
             raise ValueError(f"bad decode config {name!r} (want e.g. n64w4s2k2v4p264)")
-        return cls(*map(int, m.groups()))
+        return cls(*(int(g or 0) for g in m.groups()))
 
 
 # Decode launch configs by cache kind: ((smallest batch bucket, config), ...) ascending; a
@@ -616,6 +621,12 @@ DECODE_CANDIDATES: dict[str, tuple[DecodeConfig, ...]] = {
         DecodeConfig(block_n=128),
         DecodeConfig(programs=4 * 132),
         DecodeConfig(block_n=128, num_warps=8, programs=128),
+        # register caps (offline sm_90 compile, 2026-12-05; an SM holds 65,536 a thread x
+        # threads): the shipped 32-row tile with the rotary inside (the engine's decode-only
+        # steps) takes 128 a thread, 4 programs an SM; without it 96 (5). r96 gives the
+        # rotary variant 5 (24 bytes of spill a thread), r80 either 6 (56-104 bytes)
+        DecodeConfig(block_n=32, num_stages=3, maxnreg=96),
+        DecodeConfig(block_n=32, num_stages=3, maxnreg=80),
     ),
     "fp8": (
         DecodeConfig(),  # the upcast 3351eba shipped: cvt chain to the query dtype
@@ -650,16 +661,34 @@ DECODE_CANDIDATES: dict[str, tuple[DecodeConfig, ...]] = {
         DecodeConfig(k_cvt=1, v_cvt=5, num_stages=1),
         DecodeConfig(k_cvt=1, v_cvt=5, num_warps=2),
         DecodeConfig(k_cvt=1, v_cvt=5, block_n=32, num_warps=2),
+        # registers bound the shipped fp8 tile at 4 programs an SM (128 a thread; shared
+        # memory would allow 6): caps trade spills for programs (offline sm_90 compile:
+        # r96 5 programs, 184 bytes of spill a thread; r80 6, 336); 3 stages take 144 a
+        # thread (3 programs), r128 keeps them at 4 without a spill
+        DecodeConfig(k_cvt=1, v_cvt=5, maxnreg=96),
+        DecodeConfig(k_cvt=1, v_cvt=5, maxnreg=80),
+        DecodeConfig(k_cvt=1, v_cvt=5, num_stages=3, maxnreg=128),
     ),
 }
 
 
 def _apply_env_configs(spec: str | None) -> None:
+    """MODELPORT_DECODE_CONFIG items "kind:name" replace all of a kind's entries with one
+    config; "kind@bucket:name" replaces (or adds) only the entry from that batch bucket."""
     for item in filter(None, (spec or "").split(",")):
-        kind, _, name = item.partition(":")
-        if kind.strip() not in DECODE_CONFIGS:
+        head, _, name = item.partition(":")
+        kind, _, at = head.strip().partition("@")
+        if kind not in DECODE_CONFIGS:
             raise ValueError(f"MODELPORT_DECODE_CONFIG: unknown cache kind {kind!r}")
-        DECODE_CONFIGS[kind.strip()] = ((1, DecodeConfig.parse(name)),)
+        cfg = DecodeConfig.parse(name)
+        if not at:
+            DECODE_CONFIGS[kind] = ((1, cfg),)
+            continue
+        if not at.isdigit() or int(at) < 1:
+            raise ValueError(f"MODELPORT_DECODE_CONFIG: bad batch bucket {at!r} in {item!r}")
+        entries = dict(DECODE_CONFIGS[kind])
+        entries[int(at)] = cfg
+        DECODE_CONFIGS[kind] = tuple(sorted(entries.items()))
 
 
 _apply_env_configs(os.environ.get("MODELPORT_DECODE_CONFIG"))
@@ -868,6 +897,7 @@ def triton_paged_attention(
             ROPE=rope is not None,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
             **pdl.kernel_kwargs(),
         )
     if plan.prefill_items is not None:
