@@ -229,11 +229,16 @@ def test_nf4_encode_on_cuda_matches_cpu(double_quant: bool) -> None:
                                       (33, 384, 128, 4), (16, 128, 32, 2), (70, 448, 64, 9),
                                       (4096, 4096, 64, 64), (100, 1024, 128, 130),
                                       (40, 256, 64, 300)])
-def test_nf4_triton_matches_reference(dtype: torch.dtype, n: int, k: int, qb: int, m: int) -> None:
-    """NF4 kept at 4 bits: the GEMV (<= 4 rows), the in-register GEMM (< 256 rows) and the
+@pytest.mark.parametrize("words", [False, True])
+def test_nf4_triton_matches_reference(dtype: torch.dtype, n: int, k: int, qb: int, m: int,
+                                      words: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NF4 kept at 4 bits: the GEMV (<= 4 rows; the byte kernel and, words=True, the one
+    reading int32 words: MODELPORT_NF4_GEMV=words), the in-register GEMM (< 256 rows) and the
     dequant + cuBLAS paths against the reference w = table[code] * absmax."""
     from modelport.quantization import triton_nf4 as tn
     from modelport.quantization.nf4 import NF4_CODE
+
+    monkeypatch.setattr(tn, "GEMV_WORDS", words)
 
     g = torch.Generator().manual_seed(n + k + m)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)

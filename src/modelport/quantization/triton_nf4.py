@@ -13,6 +13,9 @@ Three kernels read it:
   and walks all of K, NB quant blocks a step, 16 bytes of codes a thread. Each code is
   looked up in the 16-entry table (``tl.gather``: shared memory), multiplied by its
   activation in fp32, summed per quant block and scaled once per block by absmax.
+* ``gemv_words`` (the same rows, opt-in: MODELPORT_NF4_GEMV=words): the codes read as int32
+  words, 8 codes a register, so a program holds far fewer registers and an SM more programs;
+  x read as 16-bit pairs and split per byte of the word.
 * ``gemm`` (below DEQUANT_MIN_M rows: batched decode): [BLOCK_M, GEMM_BLOCK_N] tiles of y on
   the tensor cores, each quant block of the weight expanded in registers as ``dequant`` does.
 * ``dequant`` (more rows: prefill): the weight expanded to [N, K] in the activation dtype in
@@ -26,6 +29,7 @@ tests/test_quant_gpu.py.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +65,13 @@ def pack_rows(codes: torch.Tensor) -> torch.Tensor:
     return ((c[:, 0::2] << 4) | c[:, 1::2]).contiguous()
 
 
-def _blocks_per_step(n_blocks: int, qb: int) -> int:
+def _blocks_per_step(n_blocks: int, qb: int, block_n: int = GEMV_BLOCK_N,
+                     step_bytes: int = GEMV_STEP_BYTES) -> int:
     """Quant blocks a GEMV step takes: a power of two dividing the row's count, at most 32
-    and at most GEMV_STEP_BYTES bytes a step for GEMV_BLOCK_N rows."""
+    and at most step_bytes bytes a step for block_n rows."""
     nb = 1
     while (nb * 2 <= 32 and n_blocks % (nb * 2) == 0
-           and GEMV_BLOCK_N * nb * 2 * qb // 2 <= GEMV_STEP_BYTES):
+           and block_n * nb * 2 * qb // 2 <= step_bytes):
         nb *= 2
     return nb
 
@@ -75,7 +80,21 @@ def _blocks_per_step(n_blocks: int, qb: int) -> int:
 def _kernels():  # noqa: ANN202 - imported lazily so importing this module never needs triton
     from modelport.quantization import triton_nf4_kernels as k
 
-    return k.gemv, k.dequant, k.gemm
+    return k.gemv, k.dequant, k.gemm, k.gemv_words
+
+
+# MODELPORT_NF4_GEMV=words: the GEMV that reads the codes as int32 words (gemv_words). The
+# byte GEMV compiles (offline, sm_90, one row, bench/gpu/kernel_regs.py nf4) to 233-235
+# registers a thread: 2 programs an SM, 16 KB of codes in flight; the word GEMV's same 8 KB
+# steps to 96-119: 4-5 programs, 32-40 KB in flight, and 10 % fewer instructions. Not yet
+# timed on a GPU, so the byte kernel stays the default.
+GEMV_WORDS = os.environ.get("MODELPORT_NF4_GEMV", "bytes") == "words"
+WORDS_BLOCK_N = 8
+WORDS_STEP_BYTES = 8192
+
+
+def _words_fit(packed: torch.Tensor, k: int, qb: int) -> bool:
+    return k % 8 == 0 and qb % 16 == 0 and packed.is_contiguous() and packed.storage_offset() % 4 == 0
 
 
 def gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
@@ -88,6 +107,12 @@ def gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
         x2 = x2.clone()
     xw = x2.view(torch.int32)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if GEMV_WORDS and _words_fit(packed, k, qb):
+        nb = _blocks_per_step(k // qb, qb, WORDS_BLOCK_N, WORDS_STEP_BYTES)
+        _kernels()[3][(triton_cdiv(n, WORDS_BLOCK_N),)](
+            xw, packed.view(torch.int32), absmax, table, y, n, xw.stride(0), y.stride(0), K=k,
+            QB=qb, NB=nb, M=m, BLOCK_N=WORDS_BLOCK_N, num_warps=4)
+        return y
     _kernels()[0][(triton_cdiv(n, GEMV_BLOCK_N),)](
         xw, packed, absmax, table, y, n, xw.stride(0), y.stride(0), K=k, QB=qb,
         NB=_blocks_per_step(k // qb, qb), M=m, MP=max(2, 1 << (m - 1).bit_length()),

@@ -94,3 +94,89 @@ def gemm(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, M, N, stride_xm, stride_ym,
         acc = tl.dot(x, tl.trans(w), acc)
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+@triton.jit
+def _lookup(table, idx, SHAPE0: tl.constexpr, SHAPE1: tl.constexpr, SHAPE2: tl.constexpr):
+    """table[idx] for a [SHAPE0, SHAPE1, SHAPE2] index (tl.gather: shared memory)."""
+    flat: tl.constexpr = SHAPE0 * SHAPE1 * SHAPE2
+    v = tl.gather(table, tl.reshape(idx.to(tl.int32), (flat,)), 0)
+    return tl.reshape(v, (SHAPE0, SHAPE1, SHAPE2))
+
+
+@triton.jit
+def _words_dot(wd, table, xw_row, blk, rp, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+               QW: tl.constexpr, dt: tl.constexpr):
+    """One activation row against [BLOCK_N, NB, QW] code words -> [BLOCK_N, NB] sums per quant
+    block (absmax not applied). Word q of a block holds its bytes 4q..4q+3, byte i at bits
+    8i: codes of columns 8q+2i (high nibble) and 8q+2i+1, whose activations are x's 16-bit
+    pair 4q+i (an int32: the even column in the low half)."""
+    HB: tl.constexpr = QW * 4
+    xw = tl.load(xw_row + (blk * HB)[:, None] + rp[None, :])  # [NB, HB] pairs, contiguous
+    x01, x23 = tl.split(tl.reshape(xw, (NB, QW, 2, 2)))  # pairs 4q + {0, 2} and 4q + {1, 3}
+    x0, x2 = tl.split(x01)
+    x1, x3 = tl.split(x23)
+    p = tl.zeros([BLOCK_N, NB, QW], dtype=tl.float32)
+    for i in tl.static_range(4):
+        if i == 0:
+            xi = x0
+        elif i == 1:
+            xi = x1
+        elif i == 2:
+            xi = x2
+        else:
+            xi = x3
+        xe = (xi & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        xo = (xi >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        hi = _lookup(table, (wd >> (8 * i + 4)) & 15, BLOCK_N, NB, QW)
+        lo = _lookup(table, (wd >> (8 * i)) & 15, BLOCK_N, NB, QW)
+        p += hi * xe[None, :, :] + lo * xo[None, :, :]
+    return tl.sum(p, axis=2)
+
+
+@triton.jit
+def gemv_words(xw_ptr, w_ptr, am_ptr, t_ptr, y_ptr, N, stride_xm, stride_ym,
+               K: tl.constexpr, QB: tl.constexpr, NB: tl.constexpr, M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The GEMV reading the codes as int32 words (w_ptr: [N, K / 8]): 4 registers hold what
+    16 do as bytes, so a program keeps fewer registers and an SM more programs (loads in
+    flight); [BLOCK_N rows, NB quant blocks, QB / 8 words] a step, M <= 4 rows of x."""
+    QW: tl.constexpr = QB // 8
+    NQ: tl.constexpr = K // QB
+    dt = y_ptr.dtype.element_ty
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rb = tl.arange(0, NB)
+    rq = tl.arange(0, QW)
+    rp = tl.arange(0, QW * 4)
+    w_rows = w_ptr + rn.to(tl.int64) * (K // 8)
+    am_rows = am_ptr + rn.to(tl.int64) * NQ
+    table = tl.load(t_ptr + tl.arange(0, 16))
+    acc0 = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+    if M > 1:
+        acc1 = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+    if M > 2:
+        acc2 = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+    if M > 3:
+        acc3 = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+    for g in range(0, NQ // NB):
+        blk = g * NB + rb
+        wd = tl.load(w_rows[:, None, None] + (blk * QW)[None, :, None] + rq[None, None, :],
+                     mask=nmask[:, None, None], other=0).to(tl.uint32, bitcast=True)
+        am = tl.load(am_rows[:, None] + blk[None, :], mask=nmask[:, None], other=0.0)
+        acc0 += _words_dot(wd, table, xw_ptr, blk, rp, BLOCK_N, NB, QW, dt) * am
+        if M > 1:
+            acc1 += _words_dot(wd, table, xw_ptr + stride_xm, blk, rp, BLOCK_N, NB, QW, dt) * am
+        if M > 2:
+            acc2 += _words_dot(wd, table, xw_ptr + 2 * stride_xm, blk, rp, BLOCK_N, NB, QW,
+                               dt) * am
+        if M > 3:
+            acc3 += _words_dot(wd, table, xw_ptr + 3 * stride_xm, blk, rp, BLOCK_N, NB, QW,
+                               dt) * am
+    out = y_ptr + rn
+    tl.store(out, tl.sum(acc0, axis=1).to(dt), mask=nmask)
+    if M > 1:
+        tl.store(out + stride_ym, tl.sum(acc1, axis=1).to(dt), mask=nmask)
+    if M > 2:
+        tl.store(out + 2 * stride_ym, tl.sum(acc2, axis=1).to(dt), mask=nmask)
+    if M > 3:
+        tl.store(out + 3 * stride_ym, tl.sum(acc3, axis=1).to(dt), mask=nmask)
