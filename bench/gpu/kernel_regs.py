@@ -1,15 +1,20 @@
-"""Registers, spills and shared memory of the decode attention kernel per launch config,
-compiled offline for sm_90 (no GPU needed: Triton's bundled ptxas and cuobjdump).
+"""Registers, spills and shared memory of our Triton kernels per launch config, compiled
+offline for sm_90 (no GPU needed: Triton's bundled ptxas and cuobjdump).
 
     pip install --target /tmp/tsite triton==3.6.0      # once, on a CPU machine
-    PYTHONPATH=/tmp/tsite:src python bench/gpu/decode_regs.py [--kind 16bit fp8] [--config NAME ...]
+    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py decode [--kind 16bit fp8] [--config NAME ...]
+    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py w4     # the W4 GEMV's one-row configs
+    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py nf4    # NF4 GEMV: bytes vs words
 
-One JSON line a config: regs and stack (spill) bytes a thread, shared bytes a program, and
-the programs an H100/H200 SM holds by registers (65,536 a SM), shared memory (228 KiB) and
-warps (64). The 16-bit kind is compiled both with the rotary + KV write inside (``rope``:
-what the engine runs for decode-only steps, triton_attention.rope_fits) and without; fp8
-caches never take the rotary path. Integer arguments are compiled as divisible by 16, as
-the JIT specializes them for the engine's shapes (Llama-3.1-8B: 8 KV heads, head 128, GQA 4).
+One JSON line a config: registers and stack (spill) bytes a thread, shared bytes a program,
+SASS instructions, and the programs an H100/H200 SM holds by registers (65,536 an SM,
+allocated per warp in 256s), shared memory (228 KiB, 1 KiB reserved a program) and warps
+(64). Integer arguments are compiled as divisible by 16, as the JIT specializes them for the
+engine's shapes (Llama-3.1-8B: 8 KV heads, head 128, GQA 4; K = 4,096 and 14,336).
+
+decode: the 16-bit kind is compiled with the rotary + KV write inside (``rope``: what the
+engine runs for decode-only steps, triton_attention.rope_fits) and without; fp8 caches never
+take the rotary path.
 """
 
 from __future__ import annotations
@@ -25,64 +30,120 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from modelport.layers import triton_attention as ta
-
-_PTRS = dict(q_ptr="*bf16", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
-             cnt_ptr="*i32", block_tables_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
-             order_ptr="*i32", k_new_ptr="*bf16", v_new_ptr="*bf16", pos_ptr="*i64",
-             cos_sin_ptr="*bf16", slot_ptr="*i64")
-_INTS = ("stride_kt", "stride_vt", "stride_cs", "stride_qt", "stride_qh", "stride_ot",
-         "stride_oh", "stride_bt", "half_stride", "stride_blk", "stride_slot")
-SM_REGS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
+SM_REGS, SM_SHARED, SM_WARPS, SM_BLOCKS = 65536, 228 * 1024, 64, 32
 
 
-def compile_decode(cfg: ta.DecodeConfig, kind: str, rope: bool) -> dict:
-    fn = ta._decode_kernel
-    sig = {**_PTRS, "cache_ptr": "*fp8e4nv" if kind == "fp8" else "*bf16",
-           **{a: "i64" if a == "half_stride" else "i32" for a in _INTS}, "sm_scale_log2": "fp32"}
-    const = dict(NUM_SPLITS=1, S_PAD=2, G=4, G_PAD=16, D=128, PAGE=16, BLOCK_N=cfg.block_n,
-                 K_CVT=cfg.k_cvt, V_CVT=cfg.v_cvt, PDL=True, ORDERED=True, ROPE=rope)
-    sig.update(dict.fromkeys(const, "constexpr"))
+def compile_sm90(fn, sig: dict[str, str], const: dict, divisible: tuple[str, ...],  # noqa: ANN001
+                 num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
+    """Compile fn for sm_90 and read its resource use."""
+    sig = {**sig, **dict.fromkeys(const, "constexpr")}
     idx = fn.arg_names.index
-    attrs = {(idx(a),): [["tt.divisibility", 16]] for a in (*_PTRS, "cache_ptr", *_INTS)}
+    attrs = {(idx(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature=sig, constexprs={(idx(k),): v for k, v in const.items()},
                     attrs=attrs)
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if cfg.maxnreg:
-        opts["maxnreg"] = cfg.maxnreg
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
         res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", res)
     assert m is not None, res
     regs, stack = int(m.group(1)), int(m.group(2))
-    threads = 32 * cfg.num_warps
-    by_regs = SM_REGS // (-(-regs * 32 // 256) * 256 * cfg.num_warps)  # per-warp granule
-    by_shared = SM_SHARED // (k.metadata.shared + 1024)  # + the 1 KiB a block reserves
-    return {"kind": kind, "rope": rope, "config": cfg.name, "regs": regs, "stack": stack,
-            "shared": k.metadata.shared, "threads": threads,
-            "programs_per_sm": min(by_regs, by_shared, SM_WARPS // cfg.num_warps),
+    by_regs = SM_REGS // (-(-regs * 32 // 256) * 256 * num_warps)
+    by_shared = SM_SHARED // (k.metadata.shared + 1024)
+    instr = sum(bool(re.match(r"\s+/\*[0-9a-f]{4}\*/", line)) for line in sass.splitlines())
+    return {"regs": regs, "stack": stack, "shared": k.metadata.shared, "sass_instr": instr,
+            "warps": num_warps, "maxnreg": maxnreg,
+            "programs_per_sm": min(by_regs, by_shared, SM_WARPS // num_warps, SM_BLOCKS),
             "bound": "regs" if by_regs <= by_shared else "shared"}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kind", nargs="+", default=["16bit", "fp8"], choices=["16bit", "fp8"])
-    ap.add_argument("--config", nargs="*", help="config names (default: shipped + candidates)")
-    args = ap.parse_args()
+def decode(args: argparse.Namespace) -> None:
+    from modelport.layers import triton_attention as ta
+
+    ptrs = dict(q_ptr="*bf16", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
+                cnt_ptr="*i32", block_tables_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+                order_ptr="*i32", k_new_ptr="*bf16", v_new_ptr="*bf16", pos_ptr="*i64",
+                cos_sin_ptr="*bf16", slot_ptr="*i64")
+    ints = ("stride_kt", "stride_vt", "stride_cs", "stride_qt", "stride_qh", "stride_ot",
+            "stride_oh", "stride_bt", "half_stride", "stride_blk", "stride_slot")
     for kind in args.kind:
         if args.config:
             cfgs = [ta.DecodeConfig.parse(n) for n in args.config]
         else:
             shipped = [c for _, c in ta.DECODE_CONFIGS[kind]]
             cfgs = list(dict.fromkeys((*shipped, *ta.DECODE_CANDIDATES[kind])))
+        sig = {**ptrs, "cache_ptr": "*fp8e4nv" if kind == "fp8" else "*bf16",
+               **{a: "i64" if a == "half_stride" else "i32" for a in ints},
+               "sm_scale_log2": "fp32"}
         for cfg in cfgs:
             for rope in ((False, True) if kind == "16bit" else (False,)):
-                print(json.dumps(compile_decode(cfg, kind, rope)), flush=True)
+                const = dict(NUM_SPLITS=1, S_PAD=2, G=4, G_PAD=16, D=128, PAGE=16,
+                             BLOCK_N=cfg.block_n, K_CVT=cfg.k_cvt, V_CVT=cfg.v_cvt, PDL=True,
+                             ORDERED=True, ROPE=rope)
+                r = compile_sm90(ta._decode_kernel, sig, const, (*ptrs, "cache_ptr", *ints),
+                                 cfg.num_warps, cfg.num_stages, cfg.maxnreg or None)
+                print(json.dumps({"kernel": "decode", "kind": kind, "rope": rope,
+                                  "config": cfg.name, **r}), flush=True)
+
+
+def w4(args: argparse.Namespace) -> None:
+    from modelport.quantization import triton_kernels as tk
+
+    sig = dict(x_ptr="*bf16", w_ptr="*i32", sz_ptr="*i32", y_ptr="*bf16", ws_ptr="*fp32",
+               cnt_ptr="*i32", N="i32", stride_xm="i32", stride_ym="i32", mag_a="i32",
+               mag_b="i32")
+    for k in (4096, 14336):
+        for c in tk.gemv_configs:
+            cfg = dict(BLOCK_N=c.kwargs["BLOCK_N"], BLOCK_W=c.kwargs["BLOCK_W"],
+                       PREFETCH=c.kwargs["PREFETCH"], SPLIT=c.kwargs["SPLIT"])
+            if not tk.gemv_fits(cfg["BLOCK_N"], cfg["BLOCK_W"], c.num_warps, cfg["SPLIT"], 1, k, 4):
+                continue
+            const = dict(K=k, GROUP=128, BITS=4, V=4, BLOCK_M=1, EVEN_N=True, PDL=True, **cfg)
+            r = compile_sm90(tk.gemv_kernel, sig, const, tuple(list(sig)[:9]), c.num_warps, 1,
+                             c.maxnreg)
+            print(json.dumps({"kernel": "w4_gemv", "K": k, **cfg, **r}), flush=True)
+
+
+def nf4(args: argparse.Namespace) -> None:
+    from modelport.quantization import triton_nf4 as tn
+    from modelport.quantization import triton_nf4_kernels as nk
+
+    sig = dict(xw_ptr="*i32", w_ptr="*u8", am_ptr="*fp32", t_ptr="*fp32", y_ptr="*bf16",
+               N="i32", stride_xm="i32", stride_ym="i32")
+    qb = 64  # bitsandbytes' default block
+    for k in (4096, 14336):
+        nb = tn._blocks_per_step(k // qb, qb)
+        r = compile_sm90(nk.gemv, sig, dict(K=k, QB=qb, NB=nb, M=1, MP=2, BLOCK_N=tn.GEMV_BLOCK_N),
+                         tuple(sig), 4, 3)
+        print(json.dumps({"kernel": "nf4_gemv_bytes", "K": k, "NB": nb,
+                          "BLOCK_N": tn.GEMV_BLOCK_N, "step_bytes": tn.GEMV_BLOCK_N * nb * qb // 2,
+                          **r}), flush=True)
+        nb = tn._blocks_per_step(k // qb, qb, tn.WORDS_BLOCK_N, tn.WORDS_STEP_BYTES)
+        r = compile_sm90(nk.gemv_words, {**sig, "w_ptr": "*i32"},
+                         dict(K=k, QB=qb, NB=nb, M=1, BLOCK_N=tn.WORDS_BLOCK_N), tuple(sig), 4, 3)
+        print(json.dumps({"kernel": "nf4_gemv_words", "K": k, "NB": nb,
+                          "BLOCK_N": tn.WORDS_BLOCK_N,
+                          "step_bytes": tn.WORDS_BLOCK_N * nb * qb // 2, **r}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("decode")
+    d.add_argument("--kind", nargs="+", default=["16bit", "fp8"], choices=["16bit", "fp8"])
+    d.add_argument("--config", nargs="*", help="config names (default: shipped + candidates)")
+    sub.add_parser("w4")
+    sub.add_parser("nf4")
+    args = ap.parse_args()
+    {"decode": decode, "w4": w4, "nf4": nf4}[args.what](args)
 
 
 if __name__ == "__main__":

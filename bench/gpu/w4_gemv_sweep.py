@@ -34,6 +34,11 @@ def candidates() -> list[dict]:
     for bn, w, st in itertools.product((4, 8), (2, 4), (2, 3)):
         out.append({"BLOCK_N": bn, "num_warps": w, "BLOCK_W": 128 * w, "PREFETCH": False,
                     "SPLIT": 1, "num_stages": st})
+    # register caps for the widest one-row tiles (16 columns, 4 warps: 255 registers a
+    # thread uncapped, two programs an SM; bench/gpu/kernel_regs.py w4)
+    for pf, cap in itertools.product((False, True), (168, 128)):
+        out.append({"BLOCK_N": 16, "num_warps": 4, "BLOCK_W": 512, "PREFETCH": pf, "SPLIT": 1,
+                    "num_stages": 1, "maxnreg": cap})
     return out
 
 

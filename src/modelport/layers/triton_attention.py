@@ -621,10 +621,10 @@ DECODE_CANDIDATES: dict[str, tuple[DecodeConfig, ...]] = {
         DecodeConfig(block_n=128),
         DecodeConfig(programs=4 * 132),
         DecodeConfig(block_n=128, num_warps=8, programs=128),
-        # register caps (offline sm_90 compile, 2026-12-05; an SM holds 65,536 a thread x
-        # threads): the shipped 32-row tile with the rotary inside (the engine's decode-only
-        # steps) takes 128 a thread, 4 programs an SM; without it 96 (5). r96 gives the
-        # rotary variant 5 (24 bytes of spill a thread), r80 either 6 (56-104 bytes)
+        # register caps (bench/gpu/kernel_regs.py decode, 2026-12-05; an SM holds 65,536
+        # registers): the shipped 32-row tile with the rotary inside (the engine's
+        # decode-only steps) takes 128 a thread, 4 programs an SM; without it 96 (5). r96
+        # gives the rotary variant 5 (24 bytes of spill a thread), r80 either 6 (56-104)
         DecodeConfig(block_n=32, num_stages=3, maxnreg=96),
         DecodeConfig(block_n=32, num_stages=3, maxnreg=80),
     ),

@@ -81,18 +81,23 @@ def row_part(x_ptr, wk, xoff, wmask, EVEN_K: tl.constexpr, words, s, z, mag_a, m
         return s * (pc - sa * 32768.0) + z * sa
 
 
-# (BLOCK_N, num_warps, words per thread / 4, PREFETCH, SPLIT). The first five are the
-# fastest at one row on the Llama-3.1-8B shapes (bench/gpu/w4_gemv_sweep.py, H200,
-# bench/results/2026-12-04-h200-w4-gemv-sweep.jsonl: qkv/gate_up 16x4w, o 16x4w prefetch,
-# down 8x2w / 4x2w prefetch); the rest serve 2-4 rows (fewer columns a program: registers)
-# and short-N shapes (a tensor-parallel shard), where K slices add loads in flight.
+# (BLOCK_N, num_warps, words per thread / 4, PREFETCH, SPLIT[, register cap]). The first
+# five are the fastest at one row on the Llama-3.1-8B shapes (bench/gpu/w4_gemv_sweep.py,
+# H200, bench/results/2026-12-04-h200-w4-gemv-sweep.jsonl: qkv/gate_up 16x4w, o 16x4w
+# prefetch, down 8x2w / 4x2w prefetch); the next five serve 2-4 rows (fewer columns a
+# program: registers) and short-N shapes (a tensor-parallel shard), where K slices add
+# loads in flight. The last two are the 16x4w tiles capped at 168 registers a thread:
+# uncapped they compile (offline, sm_90, K = 4,096, one row) to 255, two programs (8 warps)
+# an SM; at 168 to no spill and three programs. The autotuner keeps them only where they
+# time faster (not yet timed on a GPU; at K = 14,336 they spill 600 bytes a thread).
 gemv_configs = [
     triton.Config({"BLOCK_N": bn, "BLOCK_W": 128 * w * r, "PREFETCH": pf, "SPLIT": sp},
-                  num_warps=w, num_stages=1)
-    for bn, w, r, pf, sp in ((16, 4, 1, False, 1), (16, 4, 1, True, 1), (8, 2, 1, True, 1),
-                             (4, 2, 1, True, 1), (8, 1, 1, True, 1), (4, 2, 1, False, 1),
-                             (4, 4, 1, False, 1), (8, 2, 1, False, 1), (8, 4, 1, False, 1),
-                             (16, 2, 1, False, 2))
+                  num_warps=w, num_stages=1, maxnreg=cap[0] if cap else None)
+    for bn, w, r, pf, sp, *cap in ((16, 4, 1, False, 1), (16, 4, 1, True, 1), (8, 2, 1, True, 1),
+                                   (4, 2, 1, True, 1), (8, 1, 1, True, 1), (4, 2, 1, False, 1),
+                                   (4, 4, 1, False, 1), (8, 2, 1, False, 1), (8, 4, 1, False, 1),
+                                   (16, 2, 1, False, 2), (16, 4, 1, False, 1, 168),
+                                   (16, 4, 1, True, 1, 168))
 ]
 
 
