@@ -26,8 +26,13 @@ def _random_gq(n: int, k: int, bits: int, group: int, act_order: bool, seed: int
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_triton_gemm_matches_reference(bits: int, group: int, act_order: bool) -> None:
+@pytest.mark.parametrize("wide_k", [0, 128])  # MODELPORT_W_GEMM_WIDE_K: several groups a step
+def test_triton_gemm_matches_reference(bits: int, group: int, act_order: bool, wide_k: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelport.quantization import triton_gemm
     from modelport.quantization.triton_gemm import TritonKernel, available
+
+    monkeypatch.setattr(triton_gemm, "GEMM_WIDE_K", wide_k)
 
     assert available(), "Triton must be importable on the GPU machine"
     for i, (n, k, m) in enumerate([(256, 512, 1), (384, 1024, 7), (512, 256, 64), (1000, 768, 300)]):

@@ -17,7 +17,8 @@
 #   quantize --device cuda` against the CPU's checkpoint, --calib-from-model on CUDA; the TP test
 #   skips on one GPU), s22-tests (session 22's: the NF4 word GEMV, the W4 GEMV with its capped
 #   configs, decode-config names with register caps and per-bucket overrides), nf4-ab (NF4
-#   decode at batch 1 and 64 with MODELPORT_NF4_GEMV=bytes, then =words), pdl-check (the GPU
+#   decode at batch 1 and 64 with MODELPORT_NF4_GEMV=bytes, then =words), wide-k-ab (GGUF Q4_K
+#   and Q8_0 decode with MODELPORT_W_GEMM_WIDE_K=0, then 1; WK_FORMATS), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
@@ -110,6 +111,15 @@ for l in sys.stdin: d=json.loads(l); print(d["format"], d["batch"], d["weights_m
     s22-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py tests/test_gpu_attention.py \
                -k "nf4_triton or triton_gemm_matches or decode_config_names or rope_in_decode" \
                2>&1 | tee "$OUT/s22_tests.log" | tail -15 || rc=1 ;;
+    wide-k-ab) for v in 0 1; do  # the W4/W8 GEMM at 5-255 rows: one group a step vs 128 columns
+               for f in ${WK_FORMATS:-gguf-q4_k gguf-q8_0}; do
+                 MODELPORT_W_GEMM_WIDE_K=$v $PY bench/quant_decode.py $COMMON --max-num-seqs 64 \
+                   --formats $f --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" \
+                   | python3 -c 'import json,sys
+for l in sys.stdin: d=json.loads(l); print(d["format"], d["env"].get("knobs"), d["batch"], "ITL", d["itl_ms"], "tok/s", d["decode_tok_s"])' \
+                   || { rc=1; tail -20 "$OUT/qd.err"; }
+               done
+             done ;;
     nf4-ab)  for v in bytes words; do  # the NF4 GEMV reading bytes (default) vs int32 words
                MODELPORT_NF4_GEMV=$v $PY bench/quant_decode.py $COMMON --max-num-seqs 64 \
                  --formats bitsandbytes --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" \

@@ -300,10 +300,20 @@ def gemm(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, s
         q = tl.reshape(q, (BLOCK_N, BLOCK_K))
         # exact int -> float without a conversion instruction: (2**23 + q) - 2**23
         qf = (q | mag).to(tl.float32, bitcast=True) - 8388608.0
-        sz = tl.load(sz_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0)
-        s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        w = (qf * s[:, None] + z[:, None]).to(x.dtype)
+        if BLOCK_K <= GROUP:  # one group a step
+            sz = tl.load(sz_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0)
+            s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            w = (qf * s[:, None] + z[:, None]).to(x.dtype)
+        else:  # GPS groups a step (wide steps for small groups: GGUF's 32)
+            GPS: tl.constexpr = BLOCK_K // GROUP
+            gi = k0 // GROUP + tl.arange(0, GPS)
+            sz = tl.load(sz_ptr + rn[:, None] * stride_sn + gi[None, :], mask=nmask[:, None],
+                         other=0)
+            s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            w = tl.reshape(qf, (BLOCK_N, GPS, GROUP)) * s[:, :, None] + z[:, :, None]
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x.dtype)
         acc += tl.dot(x, tl.trans(w))
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     msk = (rm[:, None] < M) & (rn[None, :] < N)
