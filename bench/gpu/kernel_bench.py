@@ -269,6 +269,7 @@ def _decode_ragged_batch(b: int, lo: int, hi: int) -> None:
         kinds.insert(1, ("16bit", DT, _rope_args(meta, b, lens)))
     try:
         for kind, kv_dt, rope in kinds:
+            ta.DECODE_CONFIGS.update(saved)  # the previous pass left its last candidate
             cache = base.to(kv_dt)
             shipped = ta.decode_config(b, kv_dt)
             ref = ta.triton_paged_attention(q, cache, fresh(meta), D**-0.5, rope=rope).float()
