@@ -31,6 +31,9 @@ class GGUFInfo:
     file_type: str | None  # e.g. "q4_1", from general.file_type
     file_bytes: int
     linear: tuple[LinearTensor, ...] = ()  # the decoder layers' linear weights
+    # file bytes of the embedding and LM head (token_embd.weight, output.weight): the kept
+    # path replaces those blocks with float tables
+    tables: tuple[tuple[str, int], ...] = ()
 
 
 def _value(reader: Any, key: str) -> Any:
@@ -112,6 +115,8 @@ def _read(path: str, mtime_ns: int) -> GGUFInfo:
                          int(t.n_bytes))
             for t in reader.tensors if GGUF_LINEAR.match(t.name)
         ),
+        tables=tuple((t.name, int(t.n_bytes)) for t in reader.tensors
+                     if t.name in ("token_embd.weight", "output.weight")),
     )
 
 

@@ -31,6 +31,7 @@ class ModelSource:
     storage: dict[str, int] | None = None  # measured storage label -> tensor count
     file_bytes: int | None = None  # size on disk of the weight file(s)
     gguf_linear: tuple[LinearTensor, ...] = ()  # a .gguf file's linear weights and types
+    gguf_tables: tuple[tuple[str, int], ...] = ()  # its embedding / LM head: name, file bytes
 
     @property
     def gguf_cpu_keepable(self) -> bool:
@@ -112,6 +113,7 @@ def _from_gguf(path: Path) -> ModelSource:
         storage=info.storage,
         file_bytes=info.file_bytes,
         gguf_linear=info.linear,
+        gguf_tables=info.tables,
     )
 
 

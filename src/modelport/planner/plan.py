@@ -183,20 +183,23 @@ def _kv_dtype(req: PlanRequest, act: str) -> tuple[str, int]:
 
 
 def _kept_gguf_float_tensors(model: ModelConfig, fmt: WeightFormat, scale: float, act: str,
-                             on_cpu: bool, tp: int, narrow_untied: bool) -> int:
+                             on_cpu: bool, tp: int, narrow_untied: bool,
+                             file_bytes: dict[str, int]) -> int:
     """What a kept GGUF model holds beyond its file's blocks, per rank: the engine keeps only
     the linear layers in blocks; the embedding table is dequantized to the compute dtype, and
     the LM head too, where on CPU an fp32 head becomes a bf16 copy when it is tied to the
     embedding, and when untied if --quantization gguf asked for the kept path (the default
-    keeps an untied head in fp32: quantization/loading.py narrow_lm_head). ``scale``: measured
-    file bytes over the estimate, applied to the estimate's bytes of the tensors replaced."""
+    keeps an untied head in fp32: quantization/loading.py narrow_lm_head). The blocks
+    replaced count at their bytes in the file (``file_bytes``, by tensor name) when known,
+    else at the estimate's bytes times ``scale`` (measured file bytes over the estimate)."""
     head_bytes = 2 if on_cpu and dtype_bytes(act) == 4 else dtype_bytes(act)
     extra = 0.0
     for t in decoder_tensors(model):
         if t.kind not in ("embed", "output"):
             continue
         share = tp_share(t, model, tp)
-        extra -= tensor_bytes(t, fmt, model)[0] * scale * share
+        stored = file_bytes.get(t.name)
+        extra -= (stored if stored is not None else tensor_bytes(t, fmt, model)[0] * scale) * share
         own = dtype_bytes(act) if t.kind == "embed" or not narrow_untied else head_bytes
         extra += t.numel * own * share
         if t.kind == "embed" and model.tie_word_embeddings and head_bytes != dtype_bytes(act):
@@ -240,7 +243,7 @@ def make_plan(req: PlanRequest) -> Plan:
     elif known.startswith("gguf-"):
         resident = weights.per_gpu_bytes + _kept_gguf_float_tensors(
             model, fmt, weights.total_bytes / estimate.total_bytes, act, device.is_cpu, tp,
-            narrow_untied=req.quantization is not None)
+            narrow_untied=req.quantization is not None, file_bytes=dict(req.model.gguf_tables))
         # the kernels' own layouts (CPU int4 / int8, CUDA Triton), not the file's blocks; a
         # rank holds 1/tp of each (the few replicated KV rows of a large TP are not counted)
         linear = req.model.gguf_linear or _estimated_gguf_linear(model, fmt)
