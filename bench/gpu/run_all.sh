@@ -17,7 +17,7 @@
 #   quantize --device cuda` against the CPU's checkpoint, --calib-from-model on CUDA; the TP test
 #   skips on one GPU), s22-tests (session 22's: the NF4 word GEMV, the W4 GEMV with its capped
 #   configs, decode-config names with register caps and per-bucket overrides), nf4-ab (NF4
-#   decode at batch 1 and 64 with MODELPORT_NF4_GEMV=bytes, then =words), wide-k-ab (GGUF Q4_K
+#   decode at batch 1 and 64 as shipped, then with the word GEMV and the split-K GEMM), wide-k-ab (GGUF Q4_K
 #   and Q8_0 decode with MODELPORT_W_GEMM_WIDE_K=0, then 1; WK_FORMATS), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
@@ -120,8 +120,8 @@ for l in sys.stdin: d=json.loads(l); print(d["format"], d["env"].get("knobs"), d
                    || { rc=1; tail -20 "$OUT/qd.err"; }
                done
              done ;;
-    nf4-ab)  for v in bytes words; do  # the NF4 GEMV reading bytes (default) vs int32 words
-               MODELPORT_NF4_GEMV=$v $PY bench/quant_decode.py $COMMON --max-num-seqs 64 \
+    nf4-ab)  for v in MODELPORT_NF4_GEMV=bytes MODELPORT_NF4_GEMV=words,MODELPORT_NF4_GEMM_SPLIT=1; do
+               env ${v//,/ } $PY bench/quant_decode.py $COMMON --max-num-seqs 64 \
                  --formats bitsandbytes --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" \
                  | python3 -c 'import json,sys
 for l in sys.stdin: d=json.loads(l); print(d["env"].get("knobs"), d["batch"], "ITL", d["itl_ms"], "tok/s", d["decode_tok_s"])' \

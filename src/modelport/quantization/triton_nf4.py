@@ -91,6 +91,13 @@ def _kernels():  # noqa: ANN202 - imported lazily so importing this module never
 GEMV_WORDS = os.environ.get("MODELPORT_NF4_GEMV", "bytes") == "words"
 WORDS_BLOCK_N = 8
 WORDS_STEP_BYTES = 8192
+# MODELPORT_NF4_GEMM_SPLIT=1: the GEMM (5-255 rows) splits K until its grid has about
+# GEMM_SPLIT_PROGRAMS programs. Without it a 64-row batch through a 4,096-wide projection
+# (o, down) is 128 programs for 132 SMs, one each (NF4 at 64 rows: 16.2 ms a decode step
+# against bf16's 10.7). Opt-in until timed: its atomic fp32 sums change the last bits from
+# run to run, as the W4 GEMM's split-K does.
+GEMM_SPLIT = os.environ.get("MODELPORT_NF4_GEMM_SPLIT") == "1"
+GEMM_SPLIT_PROGRAMS = 4 * 132
 
 
 def _words_fit(packed: torch.Tensor, k: int, qb: int) -> bool:
@@ -132,6 +139,17 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
     return w
 
 
+def gemm_split(m_tiles: int, n_tiles: int, n_blocks: int) -> int:
+    """K slices for the NF4 GEMM (MODELPORT_NF4_GEMM_SPLIT=1): a power of two, at most 8 and
+    at most the quant blocks of a row, until the grid has ~GEMM_SPLIT_PROGRAMS programs."""
+    if not GEMM_SPLIT:
+        return 1
+    split = 1
+    while split < 8 and split * 2 <= n_blocks and m_tiles * n_tiles * split < GEMM_SPLIT_PROGRAMS:
+        split *= 2
+    return split
+
+
 def gemm(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
          table: torch.Tensor) -> torch.Tensor:
     """x2 [m, K] (16-bit, unit stride along K) -> y [m, N]: tensor-core tiles, the weight
@@ -140,12 +158,17 @@ def gemm(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     n = packed.shape[0]
     qb = k // absmax.shape[1]
     bm = min(64, max(16, 1 << (m - 1).bit_length()))
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    _kernels()[2][(triton_cdiv(m, bm), triton_cdiv(n, GEMM_BLOCK_N))](
+    grid = (triton_cdiv(m, bm), triton_cdiv(n, GEMM_BLOCK_N))
+    split = gemm_split(grid[0], grid[1], k // qb)
+    if split > 1:  # fp32 partial tiles added atomically, then rounded once
+        y = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
+    else:
+        y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    _kernels()[2][(*grid, split)](
         x2, packed, absmax, table, y, m, n, x2.stride(0), y.stride(0), K=k, QB=qb,
-        BLOCK_M=bm, BLOCK_N=GEMM_BLOCK_N, num_warps=4, num_stages=3,
+        BLOCK_M=bm, BLOCK_N=GEMM_BLOCK_N, SPLIT_K=split, num_warps=4, num_stages=3,
     )  # fmt: skip
-    return y
+    return y.to(x2.dtype)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,

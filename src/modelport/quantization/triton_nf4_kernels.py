@@ -69,9 +69,12 @@ def dequant(w_ptr, am_ptr, t_ptr, out_ptr, N, K: tl.constexpr, QB: tl.constexpr,
 
 @triton.jit
 def gemm(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, M, N, stride_xm, stride_ym,
-         K: tl.constexpr, QB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+         K: tl.constexpr, QB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         SPLIT_K: tl.constexpr = 1):
     """y tile [BLOCK_M, BLOCK_N] = x W^T, one quant block (QB columns) of W a step,
-    expanded in registers (table value x absmax, rounded once to x's dtype) for tl.dot."""
+    expanded in registers (table value x absmax, rounded once to x's dtype) for tl.dot.
+    SPLIT_K > 1: program k of grid axis 2 takes blocks k, k + SPLIT_K, ... and adds its
+    partial tile into y (fp32, zeroed by the caller) atomically."""
     HB: tl.constexpr = QB // 2
     NQ: tl.constexpr = K // QB
     dt = x_ptr.dtype.element_ty
@@ -86,14 +89,17 @@ def gemm(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, M, N, stride_xm, stride_ym,
     am_rows = am_ptr + rn.to(tl.int64) * NQ
     table = tl.load(t_ptr + tl.arange(0, 16))
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(0, NQ):
+    for g in range(tl.program_id(2), NQ, SPLIT_K):
         b = tl.load(w_rows + g * HB + rh[None, :], mask=nmask[:, None], other=0).to(tl.int32)
         am = tl.load(am_rows + g, mask=nmask, other=0.0)
         w = expand(b, table, am, BLOCK_N, HB).to(dt)
         x = tl.load(x_rows + g * QB + rk[None, :], mask=mmask[:, None], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    else:
+        tl.atomic_add(out, acc, mask=mmask[:, None] & nmask[None, :], sem="relaxed")
 
 @triton.jit
 def _lookup(table, idx, SHAPE0: tl.constexpr, SHAPE1: tl.constexpr, SHAPE2: tl.constexpr):
