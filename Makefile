@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modelport-installed
+# the GPU machine's Triton, for the offline sm_90 compile and interpreter checks of our
+# kernels in `make test` (tests/test_triton_offline.py); `make serve` does not need it
+TRITON_STAMP := $(VENV)/.triton-installed
 
 .PHONY: venv serve test lint bench-cpu clean
 
@@ -16,10 +19,14 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+$(TRITON_STAMP): $(STAMP)
+	$(PY) -m pip install -q triton==3.6.0
+	touch $(TRITON_STAMP)
+
 serve: $(STAMP)
 	$(VENV)/bin/modelport serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(TRITON_STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q tests
 

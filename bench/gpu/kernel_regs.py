@@ -1,10 +1,10 @@
 """Registers, spills and shared memory of our Triton kernels per launch config, compiled
 offline for sm_90 (no GPU needed: Triton's bundled ptxas and cuobjdump).
 
-    pip install --target /tmp/tsite triton==3.6.0      # once, on a CPU machine
+    pip install --target /tmp/tsite triton==3.6.0      # once (`make test` puts it in .venv)
     PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py decode [--kind 16bit fp8] [--config NAME ...]
-    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py w4     # the W4 GEMV's one-row configs
-    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py nf4    # NF4 GEMV: bytes vs words
+    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py w4     # W4 GEMV configs, W4/W8 GEMM
+    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py nf4    # NF4 GEMVs (bytes, words), GEMM
 
 One JSON line a config: registers and stack (spill) bytes a thread, shared bytes a program,
 SASS instructions, and the programs an H100/H200 SM holds by registers (65,536 an SM,
@@ -65,73 +65,115 @@ def compile_sm90(fn, sig: dict[str, str], const: dict, divisible: tuple[str, ...
             "bound": "regs" if by_regs <= by_shared else "shared"}
 
 
+_DECODE_PTRS = dict(q_ptr="*bf16", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
+                    cnt_ptr="*i32", block_tables_ptr="*i32", seq_lens_ptr="*i32",
+                    qsl_ptr="*i32", order_ptr="*i32", k_new_ptr="*bf16", v_new_ptr="*bf16",
+                    pos_ptr="*i64", cos_sin_ptr="*bf16", slot_ptr="*i64")
+_DECODE_INTS = ("stride_kt", "stride_vt", "stride_cs", "stride_qt", "stride_qh", "stride_ot",
+                "stride_oh", "stride_bt", "half_stride", "stride_blk", "stride_slot")
+
+
+def compile_decode(cfg, kind: str, rope: bool) -> dict:  # noqa: ANN001 - a DecodeConfig
+    """The decode attention kernel for one config, cache kind ("16bit" / "fp8") and rotary."""
+    from modelport.layers import triton_attention as ta
+
+    sig = {**_DECODE_PTRS, "cache_ptr": "*fp8e4nv" if kind == "fp8" else "*bf16",
+           **{a: "i64" if a == "half_stride" else "i32" for a in _DECODE_INTS},
+           "sm_scale_log2": "fp32"}
+    const = dict(NUM_SPLITS=1, S_PAD=2, G=4, G_PAD=16, D=128, PAGE=16, BLOCK_N=cfg.block_n,
+                 K_CVT=cfg.k_cvt, V_CVT=cfg.v_cvt, PDL=True, ORDERED=True, ROPE=rope)
+    r = compile_sm90(ta._decode_kernel, sig, const, (*_DECODE_PTRS, "cache_ptr", *_DECODE_INTS),
+                     cfg.num_warps, cfg.num_stages, cfg.maxnreg or None)
+    return {"kernel": "decode", "kind": kind, "rope": rope, "config": cfg.name, **r}
+
+
+def compile_w4_gemv(c, k: int) -> dict:  # noqa: ANN001 - a triton.Config of gemv_configs
+    """The W4 GEMV at one row of x, K = k, groups of 128, for one autotune config."""
+    from modelport.quantization import triton_kernels as tk
+
+    sig = dict(x_ptr="*bf16", w_ptr="*i32", sz_ptr="*i32", y_ptr="*bf16", ws_ptr="*fp32",
+               cnt_ptr="*i32", N="i32", stride_xm="i32", stride_ym="i32", mag_a="i32",
+               mag_b="i32")
+    cfg = {n: c.kwargs[n] for n in ("BLOCK_N", "BLOCK_W", "PREFETCH", "SPLIT")}
+    const = dict(K=k, GROUP=128, BITS=4, V=4, BLOCK_M=1, EVEN_N=True, PDL=True, **cfg)
+    r = compile_sm90(tk.gemv_kernel, sig, const, tuple(list(sig)[:9]), c.num_warps, 1, c.maxnreg)
+    return {"kernel": "w4_gemv", "K": k, **cfg, **r}
+
+
+def compile_w_gemm(bits: int, group: int, block_k: int) -> dict:
+    """The W4/W8 GEMM (5-255 rows) with a 64 x 128 tile, one K step of block_k columns."""
+    from modelport.quantization import triton_kernels as tk
+
+    sig = dict(x_ptr="*bf16", w_ptr="*i32", sz_ptr="*i32", y_ptr="*fp32", M="i32", N="i32",
+               K="i32", M_BUCKET="i32", stride_xm="i32", stride_wn="i32", stride_sn="i32",
+               stride_ym="i32", mag="i32")
+    const = dict(GROUP=group, BITS=bits, V=4, BLOCK_K=block_k, BLOCK_M=64, BLOCK_N=128,
+                 SPLIT_K=1)
+    div = ("x_ptr", "w_ptr", "sz_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn",
+           "stride_sn", "stride_ym")
+    r = compile_sm90(tk.gemm.fn, sig, const, div, 8, 3)
+    return {"kernel": "w_gemm", "bits": bits, "group": group, "BLOCK_K": block_k, **r}
+
+
+def nf4_rows() -> list[dict]:
+    """The NF4 GEMVs (bytes, words) at one row and the GEMM (64 rows, K split 1 and 4), for
+    bitsandbytes' blocks of 64 at K = 4,096 and 14,336."""
+    from modelport.quantization import triton_nf4 as tn
+    from modelport.quantization import triton_nf4_kernels as nk
+
+    sig = dict(xw_ptr="*i32", w_ptr="*u8", am_ptr="*fp32", t_ptr="*fp32", y_ptr="*bf16",
+               N="i32", stride_xm="i32", stride_ym="i32")
+    qb, rows = 64, []
+    for k in (4096, 14336):
+        nb = tn._blocks_per_step(k // qb, qb)
+        r = compile_sm90(nk.gemv, sig, dict(K=k, QB=qb, NB=nb, M=1, MP=2,
+                                            BLOCK_N=tn.GEMV_BLOCK_N), tuple(sig), 4, 3)
+        rows.append({"kernel": "nf4_gemv_bytes", "K": k, "NB": nb, "BLOCK_N": tn.GEMV_BLOCK_N,
+                     "step_bytes": tn.GEMV_BLOCK_N * nb * qb // 2, **r})
+        nb = tn._blocks_per_step(k // qb, qb, tn.WORDS_BLOCK_N, tn.WORDS_STEP_BYTES)
+        r = compile_sm90(nk.gemv_words, {**sig, "w_ptr": "*i32"},
+                         dict(K=k, QB=qb, NB=nb, M=1, BLOCK_N=tn.WORDS_BLOCK_N), tuple(sig), 4, 3)
+        rows.append({"kernel": "nf4_gemv_words", "K": k, "NB": nb, "BLOCK_N": tn.WORDS_BLOCK_N,
+                     "step_bytes": tn.WORDS_BLOCK_N * nb * qb // 2, **r})
+        gsig = dict(x_ptr="*bf16", w_ptr="*u8", am_ptr="*fp32", t_ptr="*fp32", y_ptr="*fp32",
+                    M="i32", N="i32", stride_xm="i32", stride_ym="i32")
+        for split in (1, 4):
+            r = compile_sm90(nk.gemm, gsig, dict(K=k, QB=qb, BLOCK_M=64, BLOCK_N=tn.GEMM_BLOCK_N,
+                                                 SPLIT_K=split), tuple(gsig), 4, 3)
+            rows.append({"kernel": "nf4_gemm", "K": k, "SPLIT_K": split, **r})
+    return rows
+
+
 def decode(args: argparse.Namespace) -> None:
     from modelport.layers import triton_attention as ta
 
-    ptrs = dict(q_ptr="*bf16", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
-                cnt_ptr="*i32", block_tables_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
-                order_ptr="*i32", k_new_ptr="*bf16", v_new_ptr="*bf16", pos_ptr="*i64",
-                cos_sin_ptr="*bf16", slot_ptr="*i64")
-    ints = ("stride_kt", "stride_vt", "stride_cs", "stride_qt", "stride_qh", "stride_ot",
-            "stride_oh", "stride_bt", "half_stride", "stride_blk", "stride_slot")
     for kind in args.kind:
         if args.config:
             cfgs = [ta.DecodeConfig.parse(n) for n in args.config]
         else:
             shipped = [c for _, c in ta.DECODE_CONFIGS[kind]]
             cfgs = list(dict.fromkeys((*shipped, *ta.DECODE_CANDIDATES[kind])))
-        sig = {**ptrs, "cache_ptr": "*fp8e4nv" if kind == "fp8" else "*bf16",
-               **{a: "i64" if a == "half_stride" else "i32" for a in ints},
-               "sm_scale_log2": "fp32"}
         for cfg in cfgs:
             for rope in ((False, True) if kind == "16bit" else (False,)):
-                const = dict(NUM_SPLITS=1, S_PAD=2, G=4, G_PAD=16, D=128, PAGE=16,
-                             BLOCK_N=cfg.block_n, K_CVT=cfg.k_cvt, V_CVT=cfg.v_cvt, PDL=True,
-                             ORDERED=True, ROPE=rope)
-                r = compile_sm90(ta._decode_kernel, sig, const, (*ptrs, "cache_ptr", *ints),
-                                 cfg.num_warps, cfg.num_stages, cfg.maxnreg or None)
-                print(json.dumps({"kernel": "decode", "kind": kind, "rope": rope,
-                                  "config": cfg.name, **r}), flush=True)
+                print(json.dumps(compile_decode(cfg, kind, rope)), flush=True)
 
 
 def w4(args: argparse.Namespace) -> None:
     from modelport.quantization import triton_kernels as tk
 
-    sig = dict(x_ptr="*bf16", w_ptr="*i32", sz_ptr="*i32", y_ptr="*bf16", ws_ptr="*fp32",
-               cnt_ptr="*i32", N="i32", stride_xm="i32", stride_ym="i32", mag_a="i32",
-               mag_b="i32")
     for k in (4096, 14336):
         for c in tk.gemv_configs:
-            cfg = dict(BLOCK_N=c.kwargs["BLOCK_N"], BLOCK_W=c.kwargs["BLOCK_W"],
-                       PREFETCH=c.kwargs["PREFETCH"], SPLIT=c.kwargs["SPLIT"])
-            if not tk.gemv_fits(cfg["BLOCK_N"], cfg["BLOCK_W"], c.num_warps, cfg["SPLIT"], 1, k, 4):
-                continue
-            const = dict(K=k, GROUP=128, BITS=4, V=4, BLOCK_M=1, EVEN_N=True, PDL=True, **cfg)
-            r = compile_sm90(tk.gemv_kernel, sig, const, tuple(list(sig)[:9]), c.num_warps, 1,
-                             c.maxnreg)
-            print(json.dumps({"kernel": "w4_gemv", "K": k, **cfg, **r}), flush=True)
+            if tk.gemv_fits(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps,
+                            c.kwargs["SPLIT"], 1, k, 4):
+                print(json.dumps(compile_w4_gemv(c, k)), flush=True)
+    for bits in (4, 8):
+        for block_k in (32, 128):
+            print(json.dumps(compile_w_gemm(bits, 32, block_k)), flush=True)
 
 
 def nf4(args: argparse.Namespace) -> None:
-    from modelport.quantization import triton_nf4 as tn
-    from modelport.quantization import triton_nf4_kernels as nk
-
-    sig = dict(xw_ptr="*i32", w_ptr="*u8", am_ptr="*fp32", t_ptr="*fp32", y_ptr="*bf16",
-               N="i32", stride_xm="i32", stride_ym="i32")
-    qb = 64  # bitsandbytes' default block
-    for k in (4096, 14336):
-        nb = tn._blocks_per_step(k // qb, qb)
-        r = compile_sm90(nk.gemv, sig, dict(K=k, QB=qb, NB=nb, M=1, MP=2, BLOCK_N=tn.GEMV_BLOCK_N),
-                         tuple(sig), 4, 3)
-        print(json.dumps({"kernel": "nf4_gemv_bytes", "K": k, "NB": nb,
-                          "BLOCK_N": tn.GEMV_BLOCK_N, "step_bytes": tn.GEMV_BLOCK_N * nb * qb // 2,
-                          **r}), flush=True)
-        nb = tn._blocks_per_step(k // qb, qb, tn.WORDS_BLOCK_N, tn.WORDS_STEP_BYTES)
-        r = compile_sm90(nk.gemv_words, {**sig, "w_ptr": "*i32"},
-                         dict(K=k, QB=qb, NB=nb, M=1, BLOCK_N=tn.WORDS_BLOCK_N), tuple(sig), 4, 3)
-        print(json.dumps({"kernel": "nf4_gemv_words", "K": k, "NB": nb,
-                          "BLOCK_N": tn.WORDS_BLOCK_N,
-                          "step_bytes": tn.WORDS_BLOCK_N * nb * qb // 2, **r}), flush=True)
+    for row in nf4_rows():
+        print(json.dumps(row), flush=True)
 
 
 def main() -> None:
