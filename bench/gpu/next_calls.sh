@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device session's plan (bench/README.md, "Next device session") as two calls that
+# The next device session's plan (bench/README.md, "Next device session") as three calls that
 # each fit the device tool's 600 s limit; every stage has its own timeout, so a slow stage
 # leaves the others' results under $OUT. From the repo root, carrying .whl:
 #   bash bench/gpu/next_calls.sh 1     # GPU tests of session 22's kernels, decode caps, NF4 A/B
