@@ -1,5 +1,5 @@
 """Our Triton kernels without a GPU: each compiles for sm_90 (Triton's own ptxas, as on the H200
-machine), and the NF4 GEMVs give the reference's products in the Triton interpreter.
+machine), and the NF4 kernels give the reference's products in the Triton interpreter.
 
 CI has no GPU, and sessions often have none either; this catches a kernel edit that no longer
 compiles, or an opt-in kernel that computes the wrong thing, before a device session pays for
@@ -89,14 +89,34 @@ _INTERPRETED = textwrap.dedent("""
             assert y.dtype == torch.float16 and y.shape == (m, n)
             assert err < 2e-3, (words, n, k, qb, m, err)
             print("ok", words, n, k, qb, m, f"{err:.1e}")
+
+    tn.GEMM_SPLIT_PROGRAMS = 64  # these small grids split too
+    for split in (False, True):
+        tn.GEMM_SPLIT = split
+        for n, k, qb, m, want in [(64, 512, 64, 9, 8), (40, 384, 64, 20, 2), (24, 448, 64, 5, 1)]:
+            g = torch.Generator().manual_seed(n + k + m)
+            codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+            am = torch.rand(n, k // qb, generator=g) + 0.05
+            table = torch.tensor(NF4_CODE)
+            w = table[codes.long()] * am.repeat_interleave(qb, dim=1)
+            x = torch.randn(m, k, generator=g).to(torch.float16)
+            slices = tn.gemm_split(1, -(-n // tn.GEMM_BLOCK_N), k // qb)
+            assert slices == (want if split else 1), (n, k, slices)
+            y = tn.gemm(x, tn.pack_rows(codes), am, table)
+            ref = x.float() @ w.t()
+            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            assert y.dtype == torch.float16 and y.shape == (m, n)
+            assert err < 2e-3, (split, n, k, qb, m, err)
+            print("ok gemm", split, n, k, qb, m, slices, f"{err:.1e}")
 """)
 
 
-def test_nf4_gemvs_match_the_reference_in_the_triton_interpreter() -> None:
-    # the byte GEMV (shipped) and the word GEMV (MODELPORT_NF4_GEMV=words) on CPU tensors;
-    # a child process, since TRITON_INTERPRET must be set before triton is imported
+def test_nf4_kernels_match_the_reference_in_the_triton_interpreter() -> None:
+    # the byte GEMV (shipped), the word GEMV (MODELPORT_NF4_GEMV=words) and the GEMM with and
+    # without K slices (MODELPORT_NF4_GEMM_SPLIT=1) on CPU tensors; a child process, since
+    # TRITON_INTERPRET must be set before triton is imported
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
     p = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("ok ") == 10
+    assert p.stdout.count("ok ") == 16

@@ -140,12 +140,13 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
 
 
 def gemm_split(m_tiles: int, n_tiles: int, n_blocks: int) -> int:
-    """K slices for the NF4 GEMM (MODELPORT_NF4_GEMM_SPLIT=1): a power of two, at most 8 and
-    at most the quant blocks of a row, until the grid has ~GEMM_SPLIT_PROGRAMS programs."""
+    """K slices for the NF4 GEMM (MODELPORT_NF4_GEMM_SPLIT=1): a power of two, at most 8,
+    dividing the quant blocks of a row, until the grid has ~GEMM_SPLIT_PROGRAMS programs."""
     if not GEMM_SPLIT:
         return 1
     split = 1
-    while split < 8 and split * 2 <= n_blocks and m_tiles * n_tiles * split < GEMM_SPLIT_PROGRAMS:
+    while (split < 8 and n_blocks % (split * 2) == 0
+           and m_tiles * n_tiles * split < GEMM_SPLIT_PROGRAMS):
         split *= 2
     return split
 

@@ -73,8 +73,8 @@ def gemm(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, M, N, stride_xm, stride_ym,
          SPLIT_K: tl.constexpr = 1):
     """y tile [BLOCK_M, BLOCK_N] = x W^T, one quant block (QB columns) of W a step,
     expanded in registers (table value x absmax, rounded once to x's dtype) for tl.dot.
-    SPLIT_K > 1: program k of grid axis 2 takes blocks k, k + SPLIT_K, ... and adds its
-    partial tile into y (fp32, zeroed by the caller) atomically."""
+    SPLIT_K > 1 (a divisor of K / QB): program k of grid axis 2 takes blocks k, k + SPLIT_K,
+    ... and adds its partial tile into y (fp32, zeroed by the caller) atomically."""
     HB: tl.constexpr = QB // 2
     NQ: tl.constexpr = K // QB
     dt = x_ptr.dtype.element_ty
@@ -89,7 +89,8 @@ def gemm(x_ptr, w_ptr, am_ptr, t_ptr, y_ptr, M, N, stride_xm, stride_ym,
     am_rows = am_ptr + rn.to(tl.int64) * NQ
     table = tl.load(t_ptr + tl.arange(0, 16))
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(tl.program_id(2), NQ, SPLIT_K):
+    for g0 in range(0, NQ, SPLIT_K):  # SPLIT_K divides NQ (gemm_split)
+        g = g0 + tl.program_id(2)
         b = tl.load(w_rows + g * HB + rh[None, :], mask=nmask[:, None], other=0).to(tl.int32)
         am = tl.load(am_rows + g, mask=nmask, other=0.0)
         w = expand(b, table, am, BLOCK_N, HB).to(dt)
