@@ -1,5 +1,6 @@
 """Our Triton kernels without a GPU: each compiles for sm_90 (Triton's own ptxas, as on the H200
-machine), and the NF4 kernels give the reference's products in the Triton interpreter.
+machine), and in the Triton interpreter the paged-attention kernels (decode, prefill, fp8
+cache, rotary inside decode), the W4/W8 GEMM and the NF4 kernels give the references' results.
 
 CI has no GPU, and sessions often have none either; this catches a kernel edit that no longer
 compiles, or an opt-in kernel that computes the wrong thing, before a device session pays for
@@ -120,3 +121,105 @@ def test_nf4_kernels_match_the_reference_in_the_triton_interpreter() -> None:
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("ok ") == 16
+
+
+# triton 3.6's interpreter turns a program id used as an int (a loop start: the decode
+# kernel's context split, the W4/W8 GEMM's K slice) into a 1-element array that int() rejects;
+# 3.9 fixed it the same way (`.squeeze()`). The child patches that one conversion.
+_FIX_INDEX = textwrap.dedent("""
+    import triton.runtime.interpreter as ti
+    _patch = ti._patch_lang_tensor
+    def _fixed(tensor, scope):
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    ti._patch_lang_tensor = _fixed
+""")
+
+_ATTENTION = textwrap.dedent("""
+    import torch
+    import test_gpu_attention as tga
+    from modelport.layers import triton_attention as ta
+    from modelport.layers.attention import AttentionMetadata, write_kv
+    from modelport.layers.rotary import RopeSettings, RotaryEmbedding
+
+    tga.DEV = "cpu"  # its batch builder, on CPU tensors (fp16: the interpreter's bf16 dot
+    scale = 64 ** -0.5  # is not exact)
+
+    def fresh(meta):
+        return AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
+
+    decode = [(37, 1), (16, 1), (100, 1), (0, 1)]
+    mixed = [(20, 5), (0, 17), (33, 1)]  # prefill, prefix hit, decode in one step
+    for kv in (None, torch.float8_e4m3fn):
+        for cases in (decode, mixed):
+            q, k, v, cache, meta = tga._batch(cases, 8, 2, 64, 16, seed=len(cases),
+                                              dtype=torch.float16, kv_dtype=kv)
+            out = ta.triton_paged_attention(q, cache, fresh(meta), scale)
+            rel = tga._rel(out, tga._reference(q, cache, meta, scale))
+            assert rel < 2e-3, (kv, cases, rel)
+            print("ok attention", kv, len(cases), f"{rel:.1e}")
+    # the decode kernel taking the step's rotary and KV write (16-bit cache, decode only)
+    q, k, v, cache, meta = tga._batch(decode, 8, 2, 64, 16, seed=9, dtype=torch.float16)
+    pos = (meta.seq_lens.long() - 1).clamp(min=0)
+    rotary = RotaryEmbedding(64, RopeSettings(10000.0, None, 4096)).to(torch.float16)
+    fused_cache = cache.clone()
+    out = ta.triton_paged_attention(q.clone(), fused_cache, fresh(meta), scale,
+                                    rope=(k.clone(), v.clone(), pos, rotary.cos_sin_cache))
+    q2, k2 = (t.view(like.shape) for t, like in zip(rotary(pos, q, k), (q, k)))
+    write_kv(cache, k2, v, meta.slot_mapping)
+    assert (fused_cache.float() - cache.float()).abs().max().item() < 2e-3
+    rel = tga._rel(out, tga._reference(q2, cache, meta, scale))
+    assert rel < 2e-3, rel
+    print("ok attention rope", f"{rel:.1e}")
+""")
+
+_W_GEMM = textwrap.dedent("""
+    import torch
+    from modelport.quantization import triton_gemm as tg
+    from modelport.quantization import triton_kernels as tk
+    from modelport.quantization.kernels import GroupQuant
+
+    for bits, group, n, k, m in [(8, 32, 64, 512, 7), (4, 32, 48, 256, 20), (4, 64, 40, 384, 5)]:
+        g = torch.Generator().manual_seed(bits + group + m)
+        codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int32)
+        scales = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+        zeros = -scales * torch.randint(0, 1 << bits, (n, k // group), generator=g).float()
+        gq = GroupQuant(codes.to(torch.uint8), scales, zeros, group, bits)
+        pbits, v, block_k = tg.layout(gq)
+        qw, sz = tg.pack_weight(gq.codes, pbits, v), tg.pack_scales(gq.scales, gq.zeros)
+        x = torch.randn(m, k, generator=g).to(torch.float16)
+        ref = x.float() @ gq.dequantize().t()
+        for bk in (block_k, 128):  # one group a step (shipped), 128 columns (WIDE_K)
+            for split in (1, 2):
+                y = torch.zeros((m, n), dtype=torch.float32)
+                grid = (tg.triton_cdiv(m, 16), tg.triton_cdiv(n, 32), split)
+                tk.gemm.fn[grid](x, qw, sz, y, m, n, k, 16, x.stride(0), qw.stride(0),
+                                 sz.stride(0), y.stride(0), tg.MAG_2_23, GROUP=group,
+                                 BITS=pbits, V=v, BLOCK_K=bk, BLOCK_M=16, BLOCK_N=32,
+                                 SPLIT_K=split)
+                err = ((y - ref).abs().max() / ref.abs().max()).item()
+                assert err < 2e-3, (bits, group, bk, split, err)
+                print("ok w_gemm", bits, group, bk, split, f"{err:.1e}")
+""")
+
+
+def _interpret(script: str) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    p = subprocess.run([sys.executable, "-c", _FIX_INDEX + script], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+def test_paged_attention_kernels_match_the_reference_in_the_triton_interpreter() -> None:
+    # decode and prefill (prefix hits, a mixed step) on 16-bit and fp8 caches against the
+    # float32 reference, and the decode kernel with the rotary + KV write inside
+    assert _interpret(_ATTENTION).count("ok attention") == 5
+
+
+def test_w4_w8_gemm_matches_the_reference_in_the_triton_interpreter() -> None:
+    # the 5-255-row GEMM at one group a step and at 128 columns (MODELPORT_W_GEMM_WIDE_K),
+    # with and without K slices, against the reference dequantization
+    assert _interpret(_W_GEMM).count("ok w_gemm") == 12
+
