@@ -1,6 +1,7 @@
 """Our Triton kernels without a GPU: each compiles for sm_90 (Triton's own ptxas, as on the H200
 machine), and in the Triton interpreter the paged-attention kernels (decode, prefill, fp8
-cache, rotary inside decode), the W4/W8 GEMM and the NF4 kernels give the references' results.
+cache, rotary inside decode), the small fused ops, the W4/W8 GEMM and the NF4 kernels give
+the references' results.
 
 CI has no GPU, and sessions often have none either; this catches a kernel edit that no longer
 compiles, or an opt-in kernel that computes the wrong thing, before a device session pays for
@@ -203,6 +204,53 @@ _W_GEMM = textwrap.dedent("""
 """)
 
 
+_SMALL_OPS = textwrap.dedent("""
+    import torch
+    from modelport.layers import fused_ops as fo
+    from modelport.layers import triton_attention as ta
+    from modelport.layers.activation import SiluAndMul
+    from modelport.layers.attention import write_kv
+    from modelport.layers.layernorm import RMSNorm
+    from modelport.layers.rotary import RopeSettings, RotaryEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.float16
+
+    def close(a, b, what):
+        err = (a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+        assert err < 2e-3, (what, err)
+        print("ok", what, f"{err:.1e}")
+
+    x, res = torch.randn(5, 192, generator=g).to(h), torch.randn(5, 192, generator=g).to(h)
+    norm = RMSNorm(192, 1e-5).to(h)
+    norm.weight.copy_(torch.rand(192, generator=g) + 0.5)
+    close(fo.rms_norm(x, norm.weight, 1e-5), norm(x), "rms_norm")
+    out, summed = fo.rms_norm(x, norm.weight, 1e-5, res)
+    ref_out, ref_sum = norm(x, res)
+    close(out, ref_out, "rms_norm + residual")
+    close(summed, ref_sum, "residual sum")
+    gu = torch.randn(3, 2 * 1500, generator=g).to(h)  # two column blocks, the last partial
+    close(fo.silu_and_mul(gu), SiluAndMul()(gu), "silu_and_mul")
+    rotary = RotaryEmbedding(64, RopeSettings(10000.0, None, 256)).to(h)
+    pos = torch.tensor([0, 7, 200, 31])
+    q, k = torch.randn(4, 8 * 64, generator=g).to(h), torch.randn(4, 2 * 64, generator=g).to(h)
+    rq, rk = rotary(pos, q, k)
+    fq, fk = fo.apply_rotary_(pos, q.clone(), k.clone(), rotary.cos_sin_cache, 64)
+    close(fq, rq, "rotary q")
+    close(fk, rk, "rotary k")
+    # (a 16-bit cache only: the interpreter's own fp16 -> e4m3 cast does not round as the
+    # GPU does, so an fp8 write is checked on the GPU alone)
+    cache = torch.zeros(2, 6, 16, 2, 64).to(h)
+    ref = cache.clone()
+    kk, vv = torch.randn(3, 2, 64, generator=g).to(h), torch.randn(3, 2, 64, generator=g).to(h)
+    slots = torch.tensor([5, -1, 77])  # -1: a padded CUDA-graph row, skipped
+    ta.write_kv_triton(cache, kk, vv, slots)
+    write_kv(ref, kk[[0, 2]], vv[[0, 2]], slots[[0, 2]])
+    assert torch.equal(cache, ref)
+    print("ok write_kv")
+""")
+
+
 def _interpret(script: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
@@ -222,4 +270,10 @@ def test_w4_w8_gemm_matches_the_reference_in_the_triton_interpreter() -> None:
     # the 5-255-row GEMM at one group a step and at 128 columns (MODELPORT_W_GEMM_WIDE_K),
     # with and without K slices, against the reference dequantization
     assert _interpret(_W_GEMM).count("ok w_gemm") == 12
+
+
+def test_small_fused_ops_match_torch_in_the_triton_interpreter() -> None:
+    # RMSNorm (with the residual add), SiLU-and-mul, rotary and the KV write (a skipped
+    # padding row) against the torch modules they replace
+    assert _interpret(_SMALL_OPS).count("ok ") == 7
 
