@@ -75,41 +75,37 @@ _INTERPRETED = textwrap.dedent("""
     from modelport.quantization import triton_nf4 as tn
     from modelport.quantization.nf4 import NF4_CODE
 
+    def case(n, k, qb, m):
+        # random codes and block scales, x in fp16, and the reference product x W^T
+        g = torch.Generator().manual_seed(n + k + m)
+        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        am = torch.rand(n, k // qb, generator=g) + 0.05
+        table = torch.tensor(NF4_CODE)
+        w = table[codes.long()] * am.repeat_interleave(qb, dim=1)
+        x = torch.randn(m, k, generator=g).to(torch.float16)
+        return x, tn.pack_rows(codes), am, table, x.float() @ w.t()
+
+    def check(y, ref, m, n, what):
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        assert y.dtype == torch.float16 and y.shape == (m, n), what
+        assert err < 2e-3, (what, err)
+        print("ok", what, f"{err:.1e}")
+
     for words in (False, True):
         tn.GEMV_WORDS = words
         for n, k, qb, m in [(40, 256, 64, 1), (33, 384, 128, 4), (16, 128, 32, 2),
                             (20, 512, 16, 1), (24, 768, 256, 3)]:
-            g = torch.Generator().manual_seed(n + k + m)
-            codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-            am = torch.rand(n, k // qb, generator=g) + 0.05
-            table = torch.tensor(NF4_CODE)
-            w = table[codes.long()] * am.repeat_interleave(qb, dim=1)
-            x = torch.randn(m, k, generator=g).to(torch.float16)
-            y = tn.gemv(x, tn.pack_rows(codes), am, table)
-            ref = x.float() @ w.t()
-            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-            assert y.dtype == torch.float16 and y.shape == (m, n)
-            assert err < 2e-3, (words, n, k, qb, m, err)
-            print("ok", words, n, k, qb, m, f"{err:.1e}")
+            x, packed, am, table, ref = case(n, k, qb, m)
+            check(tn.gemv(x, packed, am, table), ref, m, n, ("gemv", words, n, k, qb, m))
 
     tn.GEMM_SPLIT_PROGRAMS = 64  # these small grids split too
     for split in (False, True):
         tn.GEMM_SPLIT = split
         for n, k, qb, m, want in [(64, 512, 64, 9, 8), (40, 384, 64, 20, 2), (24, 448, 64, 5, 1)]:
-            g = torch.Generator().manual_seed(n + k + m)
-            codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-            am = torch.rand(n, k // qb, generator=g) + 0.05
-            table = torch.tensor(NF4_CODE)
-            w = table[codes.long()] * am.repeat_interleave(qb, dim=1)
-            x = torch.randn(m, k, generator=g).to(torch.float16)
+            x, packed, am, table, ref = case(n, k, qb, m)
             slices = tn.gemm_split(1, -(-n // tn.GEMM_BLOCK_N), k // qb)
             assert slices == (want if split else 1), (n, k, slices)
-            y = tn.gemm(x, tn.pack_rows(codes), am, table)
-            ref = x.float() @ w.t()
-            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-            assert y.dtype == torch.float16 and y.shape == (m, n)
-            assert err < 2e-3, (split, n, k, qb, m, err)
-            print("ok gemm", split, n, k, qb, m, slices, f"{err:.1e}")
+            check(tn.gemm(x, packed, am, table), ref, m, n, ("gemm", split, n, k, qb, m, slices))
 """)
 
 
