@@ -51,6 +51,52 @@ def test_shipped_decode_attention_configs_compile_for_sm90() -> None:
     assert kernel_regs.compile_decode(capped, "fp8", False)["regs"] <= 128
 
 
+def test_decode_config_names_table_and_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the launch-config table and its parsing are plain Python (run here, where triton imports)
+    import torch
+
+    from modelport.layers import triton_attention as ta
+
+    FP8 = torch.float8_e4m3fn  # noqa: N806
+
+    for cands in ta.DECODE_CANDIDATES.values():
+        for c in cands:
+            assert ta.DecodeConfig.parse(c.name) == c
+    # H200: decode-sweep (uniform contexts) for small batches, decode-ragged from 128 rows
+    assert ta.decode_config(200, torch.bfloat16) == ta.DecodeConfig(block_n=32, num_stages=3)
+    assert ta.decode_config(112, torch.bfloat16) == ta.DecodeConfig(num_stages=3)
+    one = ta.decode_config(1, torch.bfloat16)  # batch 1: its own config, 16 splits
+    assert one == ta.DecodeConfig(block_n=128, num_warps=8, programs=128)
+    assert ta.decode_splits(1, 8, one.programs) == 16
+    assert ta.decode_config(2, torch.bfloat16) == ta.DecodeConfig(num_stages=3)
+    k1v5 = ta.DecodeConfig(k_cvt=1, v_cvt=5)
+    assert ta.decode_config(48, FP8) == k1v5 and ta.decode_config(65, FP8) == k1v5
+    assert ta.decode_config(64, FP8) == ta.DecodeConfig(block_n=128, num_stages=3, k_cvt=1, v_cvt=5)
+    small, big = ta.DecodeConfig(block_n=32), ta.DecodeConfig(block_n=128, num_warps=8)
+    monkeypatch.setitem(ta.DECODE_CONFIGS, "fp8", ((1, small), (64, big)))
+    assert ta.decode_config(48, FP8) == small and ta.decode_config(49, FP8) == big
+    ta._apply_env_configs("fp8:n128w8s2k5v5p528")
+    assert ta.decode_config(3, FP8) == ta.DecodeConfig(128, 8, 2, 5, 5, 528)
+    with pytest.raises(ValueError):
+        ta._apply_env_configs("fp8:n64")
+    # a register cap names itself ("r96") and round-trips; no cap: the old names
+    capped = ta.DecodeConfig(block_n=32, num_stages=3, maxnreg=96)
+    assert capped.name == "n32w4s3k0v0p264r96" and ta.DecodeConfig.parse(capped.name) == capped
+    assert ta.DecodeConfig.parse("n32w4s3k0v0p264") == ta.DecodeConfig(block_n=32, num_stages=3)
+    # "kind@bucket:name" replaces one bucket's entry and keeps the others
+    monkeypatch.setitem(ta.DECODE_CONFIGS, "16bit", ta.DECODE_CONFIGS["16bit"])
+    before_small = ta.decode_config(2, torch.bfloat16)
+    ta._apply_env_configs("16bit@128:n32w4s3k0v0p264r96")
+    assert ta.decode_config(200, torch.bfloat16) == capped
+    assert ta.decode_config(2, torch.bfloat16) == before_small
+    ta._apply_env_configs("16bit@160:n64w4s2k0v0p264")  # a new bucket slots in by its size
+    assert ta.decode_config(140, torch.bfloat16) == capped  # bucket 144
+    assert ta.decode_config(170, torch.bfloat16) == ta.DecodeConfig()
+    for bad in ("16bit@0:n32w4s3k0v0p264", "16bit@x:n32w4s3k0v0p264", "int4@8:n32w4s3k0v0p264"):
+        with pytest.raises(ValueError):
+            ta._apply_env_configs(bad)
+
+
 def test_quantized_weight_kernels_compile_for_sm90() -> None:
     # one representative launch of each: the W4 GEMV's one-row tile (and its register cap),
     # the W4/W8 GEMM one group a step and 128 columns a step, the NF4 GEMVs and GEMM
@@ -70,7 +116,7 @@ def test_quantized_weight_kernels_compile_for_sm90() -> None:
         _check(r)
 
 
-_INTERPRETED = textwrap.dedent("""
+_NF4 = textwrap.dedent("""
     import torch
     from modelport.quantization import triton_nf4 as tn
     from modelport.quantization.nf4 import NF4_CODE
@@ -86,10 +132,8 @@ _INTERPRETED = textwrap.dedent("""
         return x, tn.pack_rows(codes), am, table, x.float() @ w.t()
 
     def check(y, ref, m, n, what):
-        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
         assert y.dtype == torch.float16 and y.shape == (m, n), what
-        assert err < 2e-3, (what, err)
-        print("ok", what, f"{err:.1e}")
+        close(y, ref, what)
 
     for words in (False, True):
         tn.GEMV_WORDS = words
@@ -111,25 +155,27 @@ _INTERPRETED = textwrap.dedent("""
 
 def test_nf4_kernels_match_the_reference_in_the_triton_interpreter() -> None:
     # the byte GEMV (shipped), the word GEMV (MODELPORT_NF4_GEMV=words) and the GEMM with and
-    # without K slices (MODELPORT_NF4_GEMM_SPLIT=1) on CPU tensors; a child process, since
-    # TRITON_INTERPRET must be set before triton is imported
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    p = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("ok ") == 16
+    # without K slices (MODELPORT_NF4_GEMM_SPLIT=1) on CPU tensors
+    assert _interpret(_NF4).count("ok ") == 16
 
 
-# triton 3.6's interpreter turns a program id used as an int (a loop start: the decode
-# kernel's context split, the W4/W8 GEMM's K slice) into a 1-element array that int() rejects;
-# 3.9 fixed it the same way (`.squeeze()`). The child patches that one conversion.
-_FIX_INDEX = textwrap.dedent("""
+# Every child first patches triton 3.6's interpreter, which turns a program id used as an int
+# (a loop start: the decode kernel's context split, the W4/W8 GEMM's K slice) into a
+# 1-element array that int() rejects (3.9 fixed it the same way, `.squeeze()`), and defines
+# close(), the results' check.
+_PRELUDE = textwrap.dedent("""
     import triton.runtime.interpreter as ti
     _patch = ti._patch_lang_tensor
     def _fixed(tensor, scope):
         _patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     ti._patch_lang_tensor = _fixed
+
+    def close(y, ref, what):
+        # max error relative to the reference's largest value: within fp16 rounding
+        err = (y.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+        assert err < 2e-3, (what, err)
+        print("ok", what, f"{err:.1e}")
 """)
 
 _ATTENTION = textwrap.dedent("""
@@ -194,9 +240,7 @@ _W_GEMM = textwrap.dedent("""
                                  sz.stride(0), y.stride(0), tg.MAG_2_23, GROUP=group,
                                  BITS=pbits, V=v, BLOCK_K=bk, BLOCK_M=16, BLOCK_N=32,
                                  SPLIT_K=split)
-                err = ((y - ref).abs().max() / ref.abs().max()).item()
-                assert err < 2e-3, (bits, group, bk, split, err)
-                print("ok w_gemm", bits, group, bk, split, f"{err:.1e}")
+                close(y, ref, f"w_gemm {bits} {group} {bk} {split}")
 """)
 
 
@@ -211,11 +255,6 @@ _SMALL_OPS = textwrap.dedent("""
 
     g = torch.Generator().manual_seed(0)
     h = torch.float16
-
-    def close(a, b, what):
-        err = (a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
-        assert err < 2e-3, (what, err)
-        print("ok", what, f"{err:.1e}")
 
     x, res = torch.randn(5, 192, generator=g).to(h), torch.randn(5, 192, generator=g).to(h)
     norm = RMSNorm(192, 1e-5).to(h)
@@ -248,9 +287,11 @@ _SMALL_OPS = textwrap.dedent("""
 
 
 def _interpret(script: str) -> str:
+    """Run script after _PRELUDE in a child process (TRITON_INTERPRET must be set before
+    triton is imported) and return what it printed."""
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
-    p = subprocess.run([sys.executable, "-c", _FIX_INDEX + script], env=env,
+    p = subprocess.run([sys.executable, "-c", _PRELUDE + script], env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return p.stdout

@@ -18,7 +18,8 @@
 #   skips on one GPU), s22-tests (session 22's: the NF4 word GEMV, the W4 GEMV with its capped
 #   configs, decode-config names with register caps and per-bucket overrides), nf4-ab (NF4
 #   decode at batch 1 and 64 as shipped, then with the word GEMV and the split-K GEMM), wide-k-ab (GGUF Q4_K
-#   and Q8_0 decode with MODELPORT_W_GEMM_WIDE_K=0, then 1; WK_FORMATS), pdl-check (the GPU
+#   and Q8_0 decode with MODELPORT_W_GEMM_WIDE_K=0, then 1), qd-env (the same for QD_FORMATS under
+#   each entry of QD_ENVS, comma-joined VAR=VAL lists), pdl-check (the GPU
 #   tests that had not run with PDL when it landed: bf16 GEMV, FP8, W4 GEMM, split decode), decode-sweep
 #   (decode attention launch configs; DECODE_SWEEP_KINDS=fp8, DECODE_SWEEP_MATCH=regex),
 #   w3-nofuse (W3 with MODELPORT_FUSED_DECODE=0: the unfused single-row decode layers),
@@ -53,6 +54,10 @@ COMMON="--model-config $CFG --load-format dummy --dtype bfloat16 --max-model-len
 stages=${*:-tests kernels w3 w1 hf-w3 hf-w1}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 $PY -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+qd_print() {  # one line a bench/quant_decode.py result
+  python3 -c 'import json,sys
+for l in sys.stdin: d=json.loads(l); print(d["format"], d["env"].get("knobs") or "", d["batch"], d["weights_mb"], "MB ITL", d["itl_ms"], "tok/s", d["decode_tok_s"])'
+}
 rc=0
 for s in $stages; do
   echo "=== $s $(date -u +%T)"
@@ -92,8 +97,7 @@ for s in $stages; do
                --json "$OUT/quant_linear.json" 2>&1 | tail -40 || rc=1 ;;
     quant-decode) for f in ${QD_FORMATS:-none awq gptq fp8 bitsandbytes gguf-q4_k gguf-q8_0}; do  # a process each
                $PY bench/quant_decode.py $COMMON --max-num-seqs 64 --formats $f \
-                 --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" | python3 -c 'import json,sys
-for l in sys.stdin: d=json.loads(l); print(d["format"], d["batch"], d["weights_mb"], "MB ITL", d["itl_ms"], "tok/s", d["decode_tok_s"])' \
+                 --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" | qd_print \
                  || { rc=1; tail -20 "$OUT/qd.err"; }
              done ;;
     w4-sweep) $PY bench/gpu/w4_gemv_sweep.py --batch ${SWEEP_BATCHES:-1} --out "$OUT/w4_gemv_sweep.jsonl" \
@@ -103,29 +107,28 @@ for l in sys.stdin: d=json.loads(l); print(d["format"], d["batch"], d["weights_m
                > "$OUT/host_prof.txt" 2>"$OUT/hostprof.err" || { rc=1; tail -20 "$OUT/hostprof.err"; }
              tail -1 "$OUT/host_prof.txt" ;;
     piecewise-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py tests/test_gpu_engine.py \
-               tests/test_gpu_attention.py::test_decode_config_names_table_and_env_override \
+               tests/test_triton_offline.py::test_decode_config_names_table_and_env_override \
                2>&1 | tee "$OUT/piecewise_tests.log" | tail -5 || rc=1 ;;
     s18-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py tests/test_quant_fp8_gpu.py \
                tests/test_gpu_attention.py -k "nf4 or gguf or every_program or triton_fp8_gemm_path or decode_config_names or n128w4s3k1v5" \
                2>&1 | tee "$OUT/s18_tests.log" | tail -15 || rc=1 ;;
     s22-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py tests/test_gpu_attention.py \
-               -k "nf4_triton or triton_gemm_matches or decode_config_names or rope_in_decode" \
+               tests/test_triton_offline.py -k "nf4_triton or triton_gemm_matches or decode_config_names or rope_in_decode" \
                2>&1 | tee "$OUT/s22_tests.log" | tail -15 || rc=1 ;;
-    wide-k-ab) for v in 0 1; do  # the W4/W8 GEMM at 5-255 rows: one group a step vs 128 columns
-               for f in ${WK_FORMATS:-gguf-q4_k gguf-q8_0}; do
-                 MODELPORT_W_GEMM_WIDE_K=$v $PY bench/quant_decode.py $COMMON --max-num-seqs 64 \
-                   --formats $f --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" \
-                   | python3 -c 'import json,sys
-for l in sys.stdin: d=json.loads(l); print(d["format"], d["env"].get("knobs"), d["batch"], "ITL", d["itl_ms"], "tok/s", d["decode_tok_s"])' \
+    qd-env|nf4-ab|wide-k-ab)  # quant-decode per format under each comma-joined VAR=VAL list
+             case $s in
+               nf4-ab)    envs="MODELPORT_NF4_GEMV=bytes MODELPORT_NF4_GEMV=words,MODELPORT_NF4_GEMM_SPLIT=1"
+                          fmts=bitsandbytes ;;
+               wide-k-ab) envs="MODELPORT_W_GEMM_WIDE_K=0 MODELPORT_W_GEMM_WIDE_K=1"
+                          fmts="gguf-q4_k gguf-q8_0" ;;
+               *)         envs=${QD_ENVS:-MODELPORT_PDL=1}; fmts=${QD_FORMATS:-none} ;;
+             esac
+             for v in $envs; do
+               for f in $fmts; do
+                 env ${v//,/ } $PY bench/quant_decode.py $COMMON --max-num-seqs 64 --formats $f \
+                   --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" | qd_print \
                    || { rc=1; tail -20 "$OUT/qd.err"; }
                done
-             done ;;
-    nf4-ab)  for v in MODELPORT_NF4_GEMV=bytes MODELPORT_NF4_GEMV=words,MODELPORT_NF4_GEMM_SPLIT=1; do
-               env ${v//,/ } $PY bench/quant_decode.py $COMMON --max-num-seqs 64 \
-                 --formats bitsandbytes --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" \
-                 | python3 -c 'import json,sys
-for l in sys.stdin: d=json.loads(l); print(d["env"].get("knobs"), d["batch"], "ITL", d["itl_ms"], "tok/s", d["decode_tok_s"])' \
-                 || { rc=1; tail -20 "$OUT/qd.err"; }
              done ;;
     s19-tests) $PY -m pytest -q -p no:cacheprovider tests/test_spec_decode.py -k "cuda or verify or sampling" \
                2>&1 | tee "$OUT/s19_tests.log" | tail -15 || rc=1 ;;
