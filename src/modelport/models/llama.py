@@ -7,7 +7,7 @@ module serves prefill chunks and decode steps of many requests in one call.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -145,10 +145,9 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the names of our parameters that were fully set."""
-        skip = self.skip_weights
         if self.config.tie_word_embeddings:
-            skip = (*skip, "lm_head.weight")  # some tied checkpoints still store a copy
-        return load_declared_weights(self, weights, self.stacked_params, skip)
+            weights = _tied_embedding(weights)
+        return load_declared_weights(self, weights, self.stacked_params, self.skip_weights)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
@@ -166,3 +165,26 @@ class MistralForCausalLM(LlamaForCausalLM):
                 f"{config.max_position_embeddings} is not supported (full attention only)"
             )
         super().__init__(config)
+
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _tied_embedding(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A tied checkpoint's tensors with its one shared matrix under the embedding's name.
+
+    Most tied checkpoints store ``model.embed_tokens.weight`` (some also a copy as
+    ``lm_head.weight``, dropped here); a few store only ``lm_head.weight`` (what
+    ``safetensors.torch.save_model`` keeps of a tied pair). Like HF transformers, the
+    embedding wins when both are present; the head's copy is used only when it is alone.
+    """
+    head = None
+    seen_embed = False
+    for name, tensor in weights:
+        if name == HEAD:
+            head = tensor
+            continue
+        seen_embed = seen_embed or name == EMBED
+        yield name, tensor
+    if head is not None and not seen_embed:
+        yield EMBED, head
