@@ -295,6 +295,13 @@ def test_cli_quantize_and_its_errors(tiny: Path, tmp_path: Path, capsys: pytest.
     assert cli_main(["quantize", "--method", "gptq", "--model", str(out), "--output",
                      str(tmp_path / "z"), "--calib", str(TEXT)]) == 1
     assert "already quantized" in capsys.readouterr().err
+    # the tiny model's 64-wide inputs hold no whole 128-wide group: refused before calibrating,
+    # with the group size that fits every layer
+    assert cli_main(["quantize", "--method", "awq", "--model", str(tiny), "--output",
+                     str(tmp_path / "g"), "--calib", str(TEXT)]) == 1
+    err = capsys.readouterr().err
+    assert "--group-size 128 does not divide the input size" in err
+    assert "(input size 64); use --group-size 64" in err and not (tmp_path / "g").exists()
 
 
 def test_calibration_from_model(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

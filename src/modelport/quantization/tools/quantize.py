@@ -177,6 +177,7 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()})
     weights = {n: t.float() for n, t in hf.iter_safetensors(hf.safetensors_files(src.path))}
     names = [n for n in weights if is_quantizable(n)]
+    check_group_size(weights, names, opts)
     # AWQ folds its scales into ``weights``; errors are always against the checkpoint's weights
     originals = {n: weights[n].clone() for n in names} if opts.method == "awq" else weights
     out: dict[str, torch.Tensor] = {}  # checkpoint tensors; the float ones are added last
@@ -267,6 +268,21 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         (report.output / GENERATED_CALIB).write_text(
             "".join(json.dumps({"text": t}) + "\n" for t in report.generated_calibration))
     return report
+
+
+def check_group_size(weights: dict[str, torch.Tensor], names: list[str], opts: QuantizeOptions) -> None:
+    """Before any calibration: every layer's input size must hold whole groups."""
+    g = opts.group_size
+    if opts.method == "fp8" or g == -1:
+        return
+    bad = [n for n in names if weights[n].shape[1] % g]
+    if not bad:
+        return
+    fits = [c for c in (128, 64, 32) if c < g and all(weights[n].shape[1] % c == 0 for n in names)]
+    hint = f"--group-size {fits[0]}" if fits else "--group-size -1 (one group per row)"
+    raise ValueError(
+        f"--group-size {g} does not divide the input size of {len(bad)} layer(s), e.g. {bad[0]} "
+        f"(input size {weights[bad[0]].shape[1]}); use {hint}")
 
 
 def _hf_config(opts: QuantizeOptions):  # noqa: ANN202 - one of three config classes
