@@ -6,10 +6,13 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from modelport.entrypoints.cli import main
+
+CONFIG_8B = Path(__file__).resolve().parents[1] / "bench" / "configs" / "llama-3.1-8b.json"
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -158,3 +161,22 @@ def test_real_process_exit_code_2_and_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("modelport plan: error: --model:")
+
+
+def test_serve_command_from_a_config_without_weights_names_what_to_fill_in(capsys, tmp_path):
+    """A bare config (bench/configs/*.json) cannot be served: the command says what goes there."""
+    bare = ("--model", str(CONFIG_8B), "--gpu", "h100-80gb", "--max-num-seqs", "8",
+            "--max-model-len", "8192")  # fmt: skip
+    d = _json(capsys, *bare)
+    assert shlex.split(d["serve_command"])[2:4] == ["--model", "MODEL_DIR"]
+    assert "has no weights beside it" in d["serve_note"]
+    rc, out, _ = _run(capsys, *bare)
+    assert rc == 0 and "(MODEL_DIR: put here the folder holding this config.json" in out
+    # a config naming its hub id: serve finds that id in the local HF cache
+    cfg = json.loads(CONFIG_8B.read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "org/some-8b"}))
+    d = _json(capsys, "--model", str(tmp_path), *bare[2:])
+    assert shlex.split(d["serve_command"])[2:4] == ["--model", "org/some-8b"]
+    assert "local HF cache" in d["serve_note"]
+    # the preset and a folder with weights keep their names, with no note
+    assert _json(capsys, *SEED)["serve_note"] is None

@@ -23,6 +23,7 @@ class Advice:
     recommendations: list[str]
     serve_command: str | None  # a command whose settings fit, None when nothing does
     serve_plan: Plan | None  # the plan of that command
+    serve_note: str | None = None  # what the user must fill in before running it
 
 
 def _replan(req: PlanRequest, **changes: object) -> Plan | None:
@@ -214,10 +215,27 @@ def _fitting_plan(plan: Plan) -> Plan | None:
     return p if p.fits else None
 
 
+MODEL_PLACEHOLDER = "MODEL_DIR"
+
+
+def serve_note(plan: Plan) -> str | None:
+    m = plan.request.model
+    if not m.weightless:
+        return None
+    if m.hub_id:
+        return (f"{m.hub_id} is the model {m.name} names (_name_or_path): serve finds it in the "
+                "local HF cache, or give the folder holding its weights instead")
+    return (f"{MODEL_PLACEHOLDER}: put here the folder holding this config.json and the model's "
+            f"*.safetensors; {m.name} has no weights beside it")
+
+
 def serve_command(plan: Plan) -> str:
     """The `modelport serve` line for a plan (one replica)."""
     req, m = plan.request, plan.request.model
-    model = str(m.path) if m.path is not None else model_hub_id(m.name)
+    if m.weightless:  # a config without weights: the hub id it names, or a placeholder
+        model = m.hub_id or MODEL_PLACEHOLDER
+    else:
+        model = str(m.path) if m.path is not None else model_hub_id(m.name)
     args = ["modelport", "serve", "--model", model]
     if req.device.is_cpu:
         args += ["--device", "cpu"]
@@ -258,5 +276,6 @@ def advise(plan: Plan) -> Advice:
         warnings=_warnings(plan),
         recommendations=_recommendations(plan),
         serve_command=serve_command(fitting) if fitting is not None else None,
+        serve_note=serve_note(fitting) if fitting is not None else None,
         serve_plan=fitting,
     )

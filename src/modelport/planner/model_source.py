@@ -33,6 +33,11 @@ class ModelSource:
     gguf_linear: tuple[LinearTensor, ...] = ()  # a .gguf file's linear weights and types
     gguf_tables: tuple[tuple[str, int], ...] = ()  # its embedding / LM head: name, file bytes
 
+    # an HF config planned without its weights beside it (a bare .json, a folder of only
+    # config.json): `modelport serve` cannot be pointed at this path
+    weightless: bool = False
+    hub_id: str | None = None  # the config's _name_or_path when it looks like org/name
+
     @property
     def gguf_cpu_keepable(self) -> bool:
         """A .gguf file whose linear weights are all types the kept path holds (Q4 to Q8):
@@ -89,6 +94,7 @@ def _from_hf(path: Path) -> ModelSource:
     if not isinstance(d, dict):
         raise PlanError("--model", f"{cfg_path}: config.json must be a JSON object")
     measured = _safetensors_bytes(cfg_path.parent)
+    hub = d.get("_name_or_path")
     return ModelSource(
         name=str(path),
         kind="hf",
@@ -98,6 +104,9 @@ def _from_hf(path: Path) -> ModelSource:
         weight_bytes=measured[0] if measured else None,
         storage=measured[1] if measured else None,
         file_bytes=measured[2] if measured else None,
+        weightless=measured is None or cfg_path.name != "config.json",
+        hub_id=hub if isinstance(hub, str) and hub.count("/") == 1 and not Path(hub).exists()
+        else None,
     )
 
 

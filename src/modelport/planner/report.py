@@ -99,6 +99,7 @@ def plan_to_dict(plan: Plan, advice: Advice) -> dict[str, Any]:
         "warnings": advice.warnings,
         "recommendations": advice.recommendations,
         "serve_command": advice.serve_command,
+        "serve_note": advice.serve_note,
     }
 
 
@@ -209,4 +210,6 @@ def render_text(plan: Plan, advice: Advice) -> str:
         if advice.serve_command
         else "  none on this hardware: add GPUs or use a smaller model"
     )
+    if advice.serve_command and advice.serve_note:
+        lines.append(f"  ({advice.serve_note})")
     return "\n".join(lines)
