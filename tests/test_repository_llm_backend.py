@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from helpers.server_proc import free_port, start_server, stop_server
 from helpers.tiny_models import make_tiny_llama_dir
@@ -46,7 +47,7 @@ def setup(tmp_path_factory):
     (bad / "1").mkdir(parents=True)
     (bad / "config.pbtxt").write_text(
         CONFIG.format(name="bad_llm", decoupled="false", model=root / "missing"))
-    srv = EmbeddedServer([repo]).start()
+    srv = EmbeddedServer([repo], exit_on_error=False).start()  # bad_llm fails on purpose
     ref = LLM(str(model_dir), kv_cache_memory=8 << 20, max_model_len=256)
     yield srv, ref
     srv.stop()
@@ -124,6 +125,71 @@ def test_bad_llm_config_is_a_load_error_others_serve(setup) -> None:
     r = httpx.post(f"http://{srv.http_url}/v2/models/tiny_llm/generate",
                    json={"text_input": "ok", "parameters": {"max_tokens": 2}})
     assert r.status_code == 200
+
+
+BAD_MAX_TOKENS = "max_tokens must be an integer in [1, 2^31), got -4"
+
+
+@pytest.mark.parametrize("model", ["tiny_llm", "tiny_llm_stream"])
+@pytest.mark.parametrize("endpoint", ["generate", "generate_stream"])
+def test_bad_sampling_value_is_400(setup, model, endpoint) -> None:
+    """The user's report: max_tokens -4 was a 500 "ValueError: ..." on generate_stream."""
+    srv, _ = setup
+    url = f"http://{srv.http_url}/v2/models/{model}/{endpoint}"
+    cases = [
+        ({"text_input": "Hi", "max_tokens": -4}, BAD_MAX_TOKENS),  # the input tensor
+        ({"text_input": "Hi", "parameters": {"max_tokens": -4}}, BAD_MAX_TOKENS),
+        ({"text_input": "Hi", "parameters": {"temperature": -1}}, "temperature must be >= 0, got -1.0"),
+        ({"text_input": "Hi", "parameters": {"max_tokens": "many"}},
+         "max_tokens must be an integer, got 'many'"),
+        ({"text_input": "Hi", "parameters": {"max_tokens": 2.5}},
+         "max_tokens must be an integer, got 2.5"),
+        ({"text_input": "Hi", "parameters": {"ignore_eos": "sure"}},
+         "ignore_eos must be a boolean, got 'sure'"),
+        ({"text_input": "Hi", "parameters": {"stop": 7}}, "'int' object is not iterable"),
+    ]  # fmt: skip
+    for body, message in cases:
+        r = httpx.post(url, json=body)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert r.json() == {"error": f"model '{model}': {message}"}, body
+    ok = {"text_input": "Hi", "parameters": {"max_tokens": 2, "ignore_eos": "true"}}
+    assert httpx.post(url, json=ok).status_code == 200
+
+
+def test_bad_sampling_value_over_grpc(setup) -> None:
+    srv, _ = setup
+    c = grpcclient.InferenceServerClient(srv.grpc_url)
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"Hi"], dtype=np.object_))
+    mt = grpcclient.InferInput("max_tokens", [1], "INT32")
+    mt.set_data_from_numpy(np.array([-4], dtype=np.int32))
+    with pytest.raises(InferenceServerException) as info:
+        c.infer("tiny_llm", [text, mt])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert info.value.message() == f"model 'tiny_llm': {BAD_MAX_TOKENS}"
+    # a stream carries errors as messages (no status there): the same text, no "ValueError"
+    results: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    c.async_stream_infer("tiny_llm_stream", [text, mt], request_id="bad")
+    result, error = results.get(timeout=60)
+    c.stop_stream()
+    assert result is None and error.message() == f"model 'tiny_llm_stream': {BAD_MAX_TOKENS}"
+
+
+@pytest.mark.parametrize("model,endpoint", [("tiny_llm", "generate"),
+                                            ("tiny_llm_stream", "generate_stream")])  # fmt: skip
+def test_engine_failure_stays_500(setup, monkeypatch, model, endpoint) -> None:
+    srv, _ = setup
+    llm = srv.manager.get(model).backend.llm
+
+    def dead(*args, **kwargs):
+        raise RuntimeError("engine core died")
+
+    monkeypatch.setattr(llm, "generate", dead)
+    r = httpx.post(f"http://{srv.http_url}/v2/models/{model}/{endpoint}",
+                   json={"text_input": "Hi", "parameters": {"max_tokens": 2}})  # fmt: skip
+    assert r.status_code == 500
+    assert r.json() == {"error": f"model '{model}': RuntimeError: engine core died"}
 
 
 def test_repository_llm_is_served_on_v1_too(setup, tmp_path) -> None:

@@ -3,7 +3,9 @@
 Why one owner: load state (READY / UNAVAILABLE with a reason), the model control mode and
 ensemble dependencies interact; keeping them in one place makes "a bad model never takes
 the server down" a property of a single class. Protocol frontends only call `infer`,
-`stream`, `index`, `load`, `unload`, `get` and `stats`.
+`stream`, `index`, `load`, `unload`, `get`, `stats` and `server_ready`. Whether a model
+that fails at start-up stops the server is the frontend's call (Triton's --exit-on-error):
+the manager only records it in `startup_failures`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ logger = logging.getLogger("modelport.repository")
 
 CONTROL_MODES = ("none", "explicit", "poll")
 Served = ModelVersion | EnsembleModel
+UNLOADED = "unloaded"
+FOLDER_REMOVED = "model folder removed"
+# reasons of models taken out on purpose: strict readiness does not wait for them
+_DELIBERATELY_UNAVAILABLE = (UNLOADED, FOLDER_REMOVED)
 
 
 def gpu_count() -> int:
@@ -87,7 +93,9 @@ class RepositoryManager:
         startup_models: Iterable[str] = (),
         poll_secs: float = 15.0,
         gpus: int | None = None,
+        strict_readiness: bool = True,
     ) -> None:
+        """strict_readiness: Triton's --strict-readiness (see `server_ready`)."""
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}")
         self.repositories = [Path(r) for r in repositories]
@@ -98,8 +106,11 @@ class RepositoryManager:
         self.startup_models = list(startup_models)
         self.poll_secs = poll_secs
         self.gpus = gpu_count() if gpus is None else gpus
+        self.strict_readiness = strict_readiness
         self.entries: dict[str, ModelEntry] = {}
-        self.ready = False
+        self.ready = False  # started and not stopping; `server_ready` adds the model check
+        # models asked for at start-up that failed to load: name -> why
+        self.startup_failures: dict[str, str] = {}
         self._poll_task: asyncio.Task | None = None
 
     # -- discovery --
@@ -128,7 +139,7 @@ class RepositoryManager:
             names = list(found) if "*" in self.startup_models else self.startup_models
         else:
             names = list(found)
-        await self.load_many(names)
+        self.startup_failures = await self.load_many(names)
         if self.control_mode == "poll":
             self._poll_task = asyncio.get_running_loop().create_task(self._poll())
         self.ready = True
@@ -143,8 +154,10 @@ class RepositoryManager:
             *(self._unload(e) for e in self.entries.values() if e.versions), return_exceptions=True
         )
 
-    async def load_many(self, names: Iterable[str]) -> None:
-        """Load plain models in parallel, then ensembles once their steps are loaded."""
+    async def load_many(self, names: Iterable[str]) -> dict[str, str]:
+        """Load plain models in parallel, then ensembles once their steps are loaded.
+
+        Returns the models that failed: name -> the load error."""
         plain, ensembles = [], {}
         for name in names:
             entry = self.entries.get(name)
@@ -156,18 +169,26 @@ class RepositoryManager:
                 ensembles[name] = {s.model_name for s in cfg.ensemble_scheduling.step}
             else:
                 plain.append(name)
-        await asyncio.gather(*(self._load_logged(n) for n in plain))
+        errors = await asyncio.gather(*(self._load_logged(n) for n in plain))
+        failed = {n: e for n, e in zip(plain, errors, strict=True) if e is not None}
         while ensembles:  # nested ensembles: load those whose steps are settled first
             ready = [n for n, deps in ensembles.items() if not deps & set(ensembles)]
             for name in ready or list(ensembles):  # no progress possible: let each fail
                 ensembles.pop(name)
-                await self._load_logged(name)
+                error = await self._load_logged(name)
+                if error is not None:
+                    failed[name] = error
+        return failed
 
-    async def _load_logged(self, name: str) -> None:
+    async def _load_logged(self, name: str) -> str | None:
+        """Load one model; None when it loaded, else why not (logged here)."""
         try:
             await self.load(name)
         except ServingError as e:
-            logger.error("failed to load model '%s': %s", name, e)
+            logger.error("%s", e)  # "failed to load '<name>'...": names model and reason
+            entry = self.entries.get(name)
+            return entry.reason if entry is not None and entry.reason else str(e)
+        return None
 
     async def _poll(self) -> None:
         while True:
@@ -179,9 +200,10 @@ class RepositoryManager:
         """Load new or changed models, unload removed ones (poll mode)."""
         found = self.discover()
         for name, entry in list(self.entries.items()):
-            if name not in found and entry.versions:
-                await self._unload(entry)
-                entry.state, entry.reason = "UNAVAILABLE", "model folder removed"
+            if name not in found and entry.state and entry.reason != FOLDER_REMOVED:
+                if entry.versions:
+                    await self._unload(entry)
+                entry.state, entry.reason = "UNAVAILABLE", FOLDER_REMOVED
         changed = [
             n
             for n, p in found.items()
@@ -300,7 +322,34 @@ class RepositoryManager:
             for m in old.values():
                 with contextlib.suppress(Exception):
                     await m.stop()
-            entry.state, entry.reason = "UNAVAILABLE", "unloaded"
+            entry.state, entry.reason = "UNAVAILABLE", UNLOADED
+
+    # -- readiness --
+
+    def server_ready(self) -> bool:
+        """Triton's server readiness: started, and with strict readiness also no model the
+        server tried to load left unavailable (`unready_models`)."""
+        if not self.ready:
+            return False
+        return not self.strict_readiness or not self.unready_models()
+
+    def unready_models(self) -> dict[str, str]:
+        """What keeps a strict server from being ready: model name -> state and reason.
+
+        Why every attempted model and not only the start-up ones: like Triton, a model that a
+        later load (explicit request, poll) failed to bring up makes the server not ready
+        too; models never asked for, or unloaded / removed on purpose, do not count."""
+        out = {}
+        for name, error in self.startup_failures.items():
+            if name not in self.entries:  # asked for at start-up, not in any repository
+                out[name] = f"UNAVAILABLE: {error}"
+        for name, e in self.entries.items():
+            if e.versions and all(m.ready for m in e.versions.values()):
+                continue  # READY, or reloading while the old versions serve
+            if not e.state or (e.state == "UNAVAILABLE" and e.reason in _DELIBERATELY_UNAVAILABLE):
+                continue
+            out[name] = f"{e.state}: {e.reason}" if e.reason else e.state
+        return out
 
     # -- lookup and inference --
 

@@ -27,8 +27,13 @@ class EmbeddedServer:
         http_port: int = 0,
         grpc_port: int = 0,
         metrics_port: int = 0,
+        exit_on_error: bool = True,
+        strict_readiness: bool = True,
     ) -> None:
-        """Ports 0 (the default) bind free ports; -1 turns gRPC or metrics off."""
+        """Ports 0 (the default) bind free ports; -1 turns gRPC or metrics off.
+
+        exit_on_error / strict_readiness: as `modelport serve`'s flags (Triton's defaults);
+        with exit_on_error a model failing at start-up makes start() raise StartupFailed."""
         self.args = argparse.Namespace(
             host=host,
             port=http_port,
@@ -38,6 +43,8 @@ class EmbeddedServer:
             model_control_mode=control_mode,
             load_model=list(load_models),
             repository_poll_secs=poll_secs,
+            exit_on_error=exit_on_error,
+            strict_readiness=strict_readiness,
         )
         self.host = host
         self.http_port = 0

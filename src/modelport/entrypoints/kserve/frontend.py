@@ -3,6 +3,10 @@
 Mounts /v2 on the shared HTTP app; `Service.start()` loads the repository, then opens the
 gRPC port (Triton's 8001) and the metrics port (8002); `Service.stop()` closes them and
 unloads every model (finalizing python models and ending their processes).
+
+Start-up failures follow Triton: with --exit-on-error (default) a model that fails to load
+at start-up stops the server with an error; with --strict-readiness (default) the server
+reports ready only while every model it tried to load is READY.
 """
 
 from __future__ import annotations
@@ -19,6 +23,35 @@ from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.manager import CONTROL_MODES, RepositoryManager
 
 logger = logging.getLogger("modelport.kserve")
+
+_TRUE = ("true", "on", "yes", "1")
+_FALSE = ("false", "off", "no", "0")
+
+
+def triton_bool(value: str) -> bool:
+    """Triton's boolean option values: `--exit-on-error=false`, `--strict-readiness 0`, ..."""
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, on/off, 1/0), got {value!r}")
+
+
+class StartupFailed(SystemExit):
+    """Models failed to load at start-up and --exit-on-error is on.
+
+    A SystemExit so that `modelport serve` ends with status 1 and this message, after the
+    services stopped (models unloaded, python model processes ended)."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = dict(failures)
+        lines = "\n".join(f"  {name}: {why}" for name, why in sorted(failures.items()))
+        n = len(failures)
+        super().__init__(
+            f"modelport serve: {n} model{'s' if n > 1 else ''} failed to load at start-up, "
+            f"exiting (--exit-on-error=false serves the others):\n{lines}"
+        )
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +79,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="with --model-control-mode explicit: load NAME at startup ('*' for all; repeatable)",
     )
     g.add_argument(
+        "--exit-on-error",
+        type=triton_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="exit when a model fails to load at start-up (default true; "
+        "--exit-on-error=false serves the models that loaded)",
+    )
+    g.add_argument(
+        "--strict-readiness",
+        type=triton_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="/v2/health/ready and gRPC ServerReady say ready only when every model the server "
+        "tried to load is READY (default true; false: ready once started)",
+    )
+    g.add_argument(
         "--repository-poll-secs",
         type=float,
         default=15.0,
@@ -66,9 +119,11 @@ class Service:
         metrics_port: int,
         version: str,
         shm: SharedMemoryRegistry,
+        exit_on_error: bool = True,
     ) -> None:
         self.manager = manager
         self.shm = shm
+        self.exit_on_error = exit_on_error
         self.grpc = GrpcServer(manager, host, grpc_port, version, shm) if grpc_port >= 0 else None
         self.metrics = MetricsServer(manager, host, metrics_port) if metrics_port >= 0 else None
 
@@ -77,6 +132,8 @@ class Service:
         for row in self.manager.index():
             if row.get("state") and row["state"] != "READY":
                 logger.warning("model '%s' is %s: %s", row["name"], row["state"], row.get("reason"))
+        if self.exit_on_error and self.manager.startup_failures:
+            raise StartupFailed(self.manager.startup_failures)
         if self.grpc is not None:
             await self.grpc.start()
             logger.info("gRPC (inference.GRPCInferenceService) on port %d", self.grpc.port)
@@ -109,10 +166,13 @@ async def build(args: argparse.Namespace, app: FastAPI) -> Service:
             control_mode=args.model_control_mode,
             startup_models=args.load_model,
             poll_secs=args.repository_poll_secs,
+            strict_readiness=args.strict_readiness,
         )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"modelport serve: {e}") from None
     version = _version()
     shm = SharedMemoryRegistry()
     mount(app, manager, shm, version)
-    return Service(manager, args.host, args.grpc_port, args.metrics_port, version, shm)
+    return Service(
+        manager, args.host, args.grpc_port, args.metrics_port, version, shm, args.exit_on_error
+    )

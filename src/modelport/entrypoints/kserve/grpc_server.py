@@ -58,7 +58,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.manager.ready)
+        return pb.ServerReadyResponse(ready=self.manager.server_ready())
 
     async def ModelReady(self, request, context):  # noqa: N802
         try:

@@ -101,7 +101,8 @@ def build_router(
 
     @router.get("/v2/health/ready")
     async def ready() -> Response:
-        return Response(status_code=200 if manager.ready else 400)
+        # Triton answers "not ready" with 400, like /v2/models/{m}/ready
+        return Response(status_code=200 if manager.server_ready() else 400)
 
     # before /v2/models/{model_name}, which would otherwise take "stats" for a model name
     async def _stats(model_name: str = "", model_version: str | None = None) -> Response:

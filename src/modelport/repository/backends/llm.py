@@ -14,6 +14,10 @@ config.pbtxt:
 Sampling settings come from the optional input tensors, or from the request's `parameters`
 (Triton's generate extension puts them there). A decoupled model sends the text in pieces,
 each a delta, with the last response marked final.
+
+A request the engine refuses (bad sampling value, prompt too long) fails with
+InvalidArgument: HTTP 400 / gRPC INVALID_ARGUMENT on every path, streaming or not. Anything
+else that goes wrong is an internal error of that request only.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from modelport.repository.backends.base import STREAM_END, Backend, BackendContext, BatchItem
-from modelport.repository.errors import ModelConfigError
+from modelport.repository.errors import InvalidArgument, ModelConfigError, ServingError
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
 
 _SAMPLING_KEYS = {
@@ -75,6 +79,29 @@ def _engine_args(ctx: BackendContext) -> Any:
     if "model" in kw and not kw["model"].startswith("/"):
         kw["model"] = str((ctx.version_dir / kw["model"]).resolve())
     return EngineArgs(**kw)
+
+
+_KIND = {int: "an integer", float: "a number", bool: "a boolean"}
+
+
+def _cast(value: Any, cast: type) -> Any:
+    """A JSON / tensor value as the sampling field's type, refusing lossy or odd conversions
+    (3.7 as max_tokens, "false" as true)."""
+    if cast is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError(value)
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if cast is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if isinstance(value, str):
+            return int(value.strip())
+        return int(value)
+    return float(value)
 
 
 class LLMBackend(Backend):
@@ -134,9 +161,15 @@ class LLMBackend(Backend):
         kw: dict[str, Any] = {}
         for key, cast in _SAMPLING_KEYS.items():
             if key in req.inputs:
-                kw[key] = cast(np.asarray(req.inputs[key].data).reshape(-1)[0].item())
+                value = np.asarray(req.inputs[key].data).reshape(-1)[0].item()
             elif key in req.parameters:
-                kw[key] = cast(req.parameters[key])
+                value = req.parameters[key]
+            else:
+                continue
+            try:
+                kw[key] = _cast(value, cast)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be {_KIND[cast]}, got {value!r}") from None
         stop = req.parameters.get("stop")
         if stop is not None:
             kw["stop"] = stop
@@ -144,18 +177,25 @@ class LLMBackend(Backend):
 
     async def _one(self, item: BatchItem) -> Any:
         req = item.request
-        try:
+        try:  # everything here reads the client's request
             raw = np.asarray(req.inputs["text_input"].data).reshape(-1)
             if raw.size != 1:
                 raise ValueError(f"text_input must hold one string, got {raw.size}")
             value = raw[0]
             text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
             params = self._params(req)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            return self._fail(item, self._invalid(e))
+        try:
             ids = self.llm.encode(text)
             rid = f"triton-{req.id or ''}-{next(self._ids)}"
             stream = self.llm.generate(ids, params, rid, prompt_text=text)
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            return self._fail(item, ValueError(str(e)))
+        except ValueError as e:  # the engine refused it (e.g. longer than max_model_len)
+            return self._fail(item, self._invalid(e))
+        except Exception as e:  # engine dead, a bug: not the client's fault
+            return self._fail(
+                item, ServingError(f"model '{self.config.name}': {type(e).__name__}: {e}")
+            )
         sent = 0
         last = None
         try:
@@ -167,11 +207,15 @@ class LLMBackend(Backend):
                         item.stream.put_nowait(self._response(req, full[sent:], out.finished))
                         sent = len(full)
         except Exception as e:  # engine died / aborted: fail this request only
-            return self._fail(item, RuntimeError(f"generation failed: {e}"))
+            msg = f"model '{self.config.name}': generation failed: {type(e).__name__}: {e}"
+            return self._fail(item, ServingError(msg))
         if item.stream is not None:
             item.stream.put_nowait(STREAM_END)
             return None
         return self._response(req, last.outputs[0].text if last else "", True)
+
+    def _invalid(self, e: Exception) -> InvalidArgument:
+        return InvalidArgument(f"model '{self.config.name}': {e}")
 
     def _fail(self, item: BatchItem, err: Exception) -> Any:
         if item.stream is not None:
