@@ -36,6 +36,8 @@
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
 # into .whl/, then carry ".whl" (this script installs them when the folder is there).
+# Before a device session, `.venv/bin/python bench/gpu/preflight.py` runs every stage's entry
+# points here on the CPU with only the image's packages and .whl's importable.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results}
