@@ -107,3 +107,27 @@ def test_every_frontend_imports_in_the_test_environment() -> None:
 
     args = build_parser().parse_args(["serve"])
     assert args.unrecognized_hint == "" and cli_serve.UNAVAILABLE == {}
+
+
+@pytest.mark.parametrize(
+    ("argv", "source_name", "expected"),
+    [
+        # vLLM's default name is the --model string as given; the folder name stays served
+        (["--model", "./tiny"], "tiny", ["./tiny", "tiny"]),
+        (["--model", "/models/llama/"], "llama", ["/models/llama/", "llama"]),
+        (["--model", "m.Q4_0.gguf"], "m.Q4_0", ["m.Q4_0.gguf", "m.Q4_0"]),
+        (["--model", "org/name"], "org/name", ["org/name"]),  # a cached repo id: one name
+        ([], "SmolLM2-135M-Instruct", ["SmolLM2-135M-Instruct"]),  # the embedded default
+        (["--model", "./tiny", "--served-model-name", "a", "b"], "tiny", ["a", "b"]),
+    ],
+)
+def test_served_names_default_to_the_model_string_and_its_folder_name(
+    argv: list[str], source_name: str, expected: list[str]
+) -> None:
+    from modelport.entrypoints.openai.api_server import served_names
+
+    for args in (build_parser().parse_args(["serve", *argv]), make_parser().parse_args(argv)):
+        assert served_names(args, source_name) == expected
+        # the engine config's name is the first served name (None: the loader's name)
+        first = expected[0] if argv else None
+        assert engine_args_from(args).served_model_name == first

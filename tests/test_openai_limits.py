@@ -135,3 +135,13 @@ def test_engine_core_death_is_reported_not_hung(base, server_log) -> None:
     assert httpx.get(f"{url}/health", timeout=5).status_code == 503
     r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=5)
     assert r.status_code == 503 and r.json()["error"]["message"]
+
+
+def test_queue_admits_any_request_while_empty() -> None:
+    from modelport.engine.async_llm import queue_has_room
+
+    assert queue_has_room(waiting=0, num_seqs=5, limit=1)  # retrying could not help: admit
+    assert queue_has_room(waiting=0, num_seqs=1, limit=1)
+    assert queue_has_room(waiting=1, num_seqs=1, limit=2)
+    assert not queue_has_room(waiting=1, num_seqs=1, limit=1)  # busy: retry later helps
+    assert not queue_has_room(waiting=1, num_seqs=2, limit=2)

@@ -41,12 +41,16 @@ def _bound_cost(case) -> None:
     body = case.body
     if not isinstance(body, dict) or case.operation.path not in GENERATE_PATHS:
         return
-    if isinstance(body.get("n"), int) and body["n"] > 2:
+    if _number(body.get("n")) and body["n"] > 2:  # 103.0 is a valid n too
         body["n"] = 2
     for key in ("max_tokens", "max_completion_tokens"):
         value = body.get(key)
-        if value is None or (isinstance(value, int) and value > 1):
+        if value is None or (_number(value) and value > 1):
             body[key] = 1
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _fuzz(op, base: str, failures: list[str], seen: Counter) -> None:

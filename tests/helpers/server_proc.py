@@ -25,8 +25,9 @@ def start_server(
     timeout: float = 240.0,
     ready_path: str = "/health",
     on_status: Callable[[int | None], None] | None = None,
+    cwd: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """Run `python ARGV --host 127.0.0.1 --port P` until GET ready_path is 200.
+    """Run `python ARGV --host 127.0.0.1 --port P` (in `cwd`) until GET ready_path is 200.
 
     on_status sees every probe's status code (None: no answer yet), e.g. to check for 503
     while loading. The server's output goes to `log`, quoted when it fails to come up.
@@ -35,7 +36,7 @@ def start_server(
     cmd = [sys.executable, *argv, "--host", "127.0.0.1", "--port", str(port)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

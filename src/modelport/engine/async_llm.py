@@ -108,6 +108,15 @@ class RequestStream:
                 pass
 
 
+def queue_has_room(waiting: int, num_seqs: int, limit: int) -> bool:
+    """Whether a request of `num_seqs` sequences (n, times prompts) may join `waiting` ones.
+
+    An empty queue takes any request, even one wider than the limit: refusing it as "busy"
+    would refuse it forever, since no retry could find the queue emptier than that.
+    """
+    return waiting == 0 or waiting + num_seqs <= limit
+
+
 class AsyncLLM:
     def __init__(
         self,
@@ -213,7 +222,7 @@ class AsyncLLM:
         if limit is None:
             return
         waiting = max(0, self._num_inflight_seqs - self.stats.num_running)
-        if waiting + num_seqs > limit:
+        if not queue_has_room(waiting, num_seqs, limit):
             self.stat_logger.observe_rejected()
             raise QueueFullError(
                 f"the server is busy: {waiting} requests are waiting "

@@ -39,7 +39,8 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             "--served-model-name",
             nargs="+",
             default=None,
-            help="name(s) clients use in 'model' (default: the model's name); the first is reported",
+            help="name(s) clients use in 'model'; the first is reported (default: the --model "
+            "string as given, and also the model's folder name or file stem)",
         )
     if "--api-key" not in parser._option_string_actions:
         g.add_argument(
@@ -61,7 +62,7 @@ def engine_args_from(args: argparse.Namespace) -> Any:
 
     engine_args = EngineArgs.from_cli_args(args)
     names = _served_names(args)
-    engine_args.served_model_name = names[0] if names else None
+    engine_args.served_model_name = names[0] if names else getattr(args, "model", None)
     return engine_args
 
 
@@ -70,6 +71,21 @@ def _served_names(args: argparse.Namespace) -> list[str] | None:
     if isinstance(names, str):
         return [names]
     return list(names) if names else None
+
+
+def served_names(args: argparse.Namespace, source_name: str) -> list[str]:
+    """The names clients may send in 'model'; the first is the one listed first and echoed.
+
+    --served-model-name: exactly those. Otherwise vLLM's default, the --model string as the
+    user typed it ("./tiny"), then `source_name`, the loader's name for the model (folder
+    basename or file stem: "tiny"), which modelport served alone before; clients of either
+    server keep working. Without --model (the embedded default) only `source_name`.
+    """
+    given = _served_names(args)
+    if given:
+        return given
+    model = getattr(args, "model", None)
+    return list(dict.fromkeys(n for n in (model, source_name) if n))
 
 
 def _version() -> str:
@@ -101,9 +117,7 @@ class OpenAIService:
 
     async def _load(self) -> None:
         try:
-            engine = await AsyncLLM.from_engine_args(
-                engine_args_from(self.args), served_model_names=_served_names(self.args)
-            )
+            engine = await AsyncLLM.from_engine_args(engine_args_from(self.args))
         except Exception as e:
             self.state.load_error = f"{type(e).__name__}: {e}"
             logger.error("failed to load the model: %s", self.state.load_error, exc_info=e)
@@ -115,6 +129,8 @@ class OpenAIService:
                 else:
                     os.kill(os.getpid(), signal.SIGTERM)
             return
+        # the loader's name for the model is known only now, once --model is resolved
+        engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
         metrics = ServerMetrics(engine.served_model_names[0])
         engine.stat_logger = metrics
         self.state.metrics = metrics

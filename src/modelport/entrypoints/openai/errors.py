@@ -91,11 +91,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errs:
         return "invalid request", None
     first = errs[0]
+    if first.get("type") == "json_invalid":  # FastAPI puts the character offset in loc
+        return _json_message(first, getattr(exc, "body", None)), None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     extra = f" (and {len(errs) - 1} more errors)" if len(errs) > 1 else ""
     return (f"{param}: {msg}{extra}" if param else f"{msg}{extra}"), param
+
+
+def _json_message(err: dict[str, Any], body: Any) -> str:
+    """'not valid JSON: Expecting value: line 1 column 17 (char 16)', as json.loads says it."""
+    loc = err.get("loc", ())
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+    why = (err.get("ctx") or {}).get("error") or "JSON decode error"
+    if pos is None:
+        return f"the request body is not valid JSON: {why}"
+    where = f"char {pos}"
+    if isinstance(body, str):  # the decoded text json.loads saw: pos counts its characters
+        line = body.count("\n", 0, pos) + 1
+        column = pos - body.rfind("\n", 0, pos)
+        where = f"line {line} column {column} (char {pos})"
+    return f"the request body is not valid JSON: {why}: {where}"
 
 
 def install_error_handlers(app: FastAPI, prefixes: tuple[str, ...] = ("/v1/",)) -> None:

@@ -8,7 +8,9 @@ template failure is the request's 400, never the server's 500.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -52,14 +54,20 @@ from modelport.outputs import LogprobsDict, RequestOutput
 
 
 def render_chat(
-    engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool = True
+    engine: AsyncLLM,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Messages -> prompt token ids via the model's (sandboxed) chat template."""
+    """Messages (and tools, for a tool-aware template) -> prompt token ids via the model's
+    (sandboxed) chat template."""
     convo = [{"role": m.role, "content": m.text()} for m in messages]
+    apply = engine.tokenizer.apply_chat_template
+    kw: dict[str, Any] = {"add_generation_prompt": add_generation_prompt}
+    if tools and _takes_tools(apply):
+        kw["tools"] = tools
     try:
-        rendered = engine.tokenizer.apply_chat_template(
-            convo, add_generation_prompt=add_generation_prompt
-        )
+        rendered = apply(convo, **kw)
     except Exception as e:  # jinja2 SecurityError/TemplateError, missing template, ...
         raise OpenAIError(
             f"could not apply the chat template: {type(e).__name__}: {e}", 400, param="messages"
@@ -67,6 +75,41 @@ def render_chat(
     if isinstance(rendered, str):
         return engine.encode(rendered, add_special_tokens=False)
     return list(rendered)
+
+
+def _takes_tools(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "tools" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools to show the chat template, or 400 where the client expects tool calls back.
+
+    There is no tool-call parser, so only tool_choice "none" can be honoured: the template
+    still sees the tools (a tool-aware model then knows them), and the answer is plain text.
+    """
+    choice = req.tool_choice
+    if choice is None:
+        choice = "auto" if req.tools else "none"
+        what = '"auto" (the default when tools are given)'
+    elif isinstance(choice, str):
+        what = f'"{choice}"'
+    else:
+        what = f'naming the function "{choice.function.name}"'
+    if choice != "none":
+        raise OpenAIError(
+            f"tool_choice {what} is not supported: this server has no tool-call parser, so it "
+            'cannot return tool calls; send tool_choice "none" (the tools still reach the chat '
+            "template) or leave tools out",
+            400,
+            param="tool_choice",
+        )
+    if not req.tools:
+        return None
+    return [t.model_dump(exclude_none=True) for t in req.tools]
 
 
 class ServingChat:
@@ -79,7 +122,8 @@ class ServingChat:
         check_unsupported(req)
         if req.echo:
             raise OpenAIError("echo is not supported for chat completions", 400, param="echo")
-        ids = render_chat(engine, req.messages, req.add_generation_prompt)
+        tools = check_tools(req)
+        ids = render_chat(engine, req.messages, req.add_generation_prompt, tools)
         requested = req.max_completion_tokens or req.max_tokens
         max_tokens = check_prompt_ids(engine, ids, requested)
         k = None

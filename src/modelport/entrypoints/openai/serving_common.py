@@ -52,6 +52,15 @@ def check_model(engine: AsyncLLM, name: str | None) -> str:
 
 def check_unsupported(req: Any) -> None:
     """Fields this server does not implement, or combinations OpenAI refuses: say so (400)."""
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type != "text":
+        raise OpenAIError(
+            f"response_format type '{fmt.type}' is not supported: this server has no guided "
+            'decoding, so it cannot constrain the output to JSON; send {"type": "text"} or '
+            "leave response_format out",
+            400,
+            param="response_format",
+        )
     if getattr(req, "logit_bias", None):
         raise OpenAIError("logit_bias is not supported", 400, param="logit_bias")
     if getattr(req, "suffix", None):

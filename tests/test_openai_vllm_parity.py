@@ -1,0 +1,178 @@
+"""What a vLLM client expects of the OpenAI server, on a tiny model served as vLLM users start it:
+`modelport serve --model ./tiny` (a relative path, no --served-model-name), one engine slot and
+a waiting queue of one.
+
+- the `--model` string as given is a served name (vLLM's default), and so is the folder name;
+- response_format json_object / json_schema and tool calls are refused with 400 (there is no
+  guided decoding and no tool-call parser) instead of answering plain text; tool_choice
+  "none" is served, with the tools rendered by a tool-aware chat template;
+- a request wider (n) than --max-waiting-requests is served on an idle server, not 503 forever;
+- a body that is not JSON is a 400 that says so, with the position.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from helpers.server_proc import start_server, stop_server
+from helpers.tiny_models import CHAT_TEMPLATE, make_tiny_llama_dir
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|bos|>tools\n{% for t in tools %}{{ t['function']['name'] }}: "
+    "{{ t['function']['description'] }}\n{% endfor %}<|eos|>\n{% endif %}" + CHAT_TEMPLATE
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = make_tiny_llama_dir(tmp_path_factory.mktemp("parity") / "tiny")
+    (path / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("paritysrv") / "server.log"
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", "./tiny",
+            "--max-model-len", "64", "--kv-cache-memory", "8MiB",
+            "--max-num-seqs", "1", "--max-waiting-requests", "1"]  # fmt: skip
+    proc, url = start_server(argv, log, timeout=180, cwd=model_dir.parent)
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+
+
+def _error(r: httpx.Response, status: int = 400) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_the_model_string_as_given_and_the_folder_name_are_both_served(base) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["./tiny", "tiny"]
+    for name in ("./tiny", "tiny"):
+        r = client.completions.create(model=name, prompt="hello", max_tokens=2)
+        assert r.model == "./tiny"  # like vLLM: the first served name, the --model string
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tiny2", prompt="hello", max_tokens=2)
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    ],
+)
+def test_json_response_formats_are_refused(base, path, fmt) -> None:
+    body = {"messages": MESSAGES} if "chat" in path else {"prompt": "hello"}
+    r = httpx.post(f"{base}{path}", json={**body, "max_tokens": 2, "response_format": fmt})
+    err = _error(r)
+    assert err["param"] == "response_format" and err["type"] == "invalid_request_error"
+    assert f"'{fmt['type']}' is not supported" in err["message"]
+    assert "guided decoding" in err["message"]
+
+
+def test_text_response_format_is_served(base) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+    r = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=2, response_format={"type": "text"}
+    )
+    assert r.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=2,
+            response_format={"type": "json_object"},
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ({"tools": [WEATHER]}, '"auto" (the default when tools are given)'),
+        ({"tools": [WEATHER], "tool_choice": "auto"}, '"auto"'),
+        ({"tools": [WEATHER], "tool_choice": "required"}, '"required"'),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            },
+            'naming the function "get_weather"',
+        ),
+        ({"tool_choice": "required"}, '"required"'),
+    ],
+)
+def test_tool_calls_are_refused(base, extra, said) -> None:
+    r = httpx.post(f"{base}/v1/chat/completions",
+                   json={"messages": MESSAGES, "max_tokens": 2, **extra})  # fmt: skip
+    err = _error(r)
+    assert err["param"] == "tool_choice"
+    assert f"tool_choice {said} is not supported" in err["message"]
+    assert "tool-call parser" in err["message"]
+
+
+def test_tool_choice_none_renders_the_tools_into_the_chat_template(base, model_dir) -> None:
+    from modelport.frontend.tokenizer import load_tokenizer
+    from modelport.loader import resolve_model
+
+    tok = load_tokenizer(resolve_model(str(model_dir)))
+    with_tools = tok.apply_chat_template(MESSAGES, tools=[WEATHER])
+    assert "get_weather: Weather now" in with_tools
+    expected = len(tok.encode(with_tools, add_special_tokens=False))
+    plain = len(tok.encode(tok.apply_chat_template(MESSAGES), add_special_tokens=False))
+    assert expected > plain
+
+    url = f"{base}/v1/chat/completions"
+    body = {"messages": MESSAGES, "max_tokens": 1, "tools": [WEATHER], "tool_choice": "none"}
+    r = httpx.post(url, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == expected
+    r = httpx.post(url, json={"messages": MESSAGES, "max_tokens": 1}, timeout=60)
+    assert r.json()["usage"]["prompt_tokens"] == plain
+
+
+def test_n_above_the_waiting_limit_is_served_when_the_queue_is_empty(base) -> None:
+    # --max-num-seqs 1 --max-waiting-requests 1: n=2 leaves one sequence waiting beyond the
+    # limit of one; retrying can never help, so the idle server must take it
+    body = {"prompt": "hello", "max_tokens": 3, "ignore_eos": True, "n": 2}
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert sorted(c["index"] for c in r.json()["choices"]) == [0, 1]
+    assert r.json()["usage"]["completion_tokens"] == 6
+    chat = {"messages": MESSAGES, "max_tokens": 2, "ignore_eos": True, "n": 3}
+    r = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "where"),
+    [
+        (b'{"prompt": "x",, "max_tokens": 2}', "line 1 column 16 (char 15)"),
+        (b'{\n  "prompt": "x",\n  "n": \n}', "line 4 column 1 (char 27)"),
+        (b"{not json", "line 1 column 2 (char 1)"),
+    ],
+)
+def test_a_body_that_is_not_json_is_a_400_that_says_so(base, raw, where) -> None:
+    r = httpx.post(f"{base}/v1/completions", content=raw,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    err = _error(r)
+    assert err["message"].startswith("the request body is not valid JSON: ")
+    assert err["message"].endswith(where)
+    assert err["param"] is None and err["type"] == "invalid_request_error"
