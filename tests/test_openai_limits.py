@@ -33,7 +33,7 @@ def server(tmp_path_factory):
     seen: set[int | None] = set()
     proc, url = start_server(argv, log, on_status=seen.add)
     try:
-        yield url, 503 in seen, log
+        yield url, 503 in seen, log, proc
     finally:
         stop_server(proc)
 
@@ -46,6 +46,11 @@ def base(server):
 @pytest.fixture(scope="module")
 def server_log(server):
     return server[2]
+
+
+@pytest.fixture(scope="module")
+def server_proc(server):
+    return server[3]
 
 
 def test_health_is_503_until_ready(base) -> None:
@@ -102,8 +107,9 @@ def test_full_waiting_queue_gives_503_with_retry_after(base) -> None:
     assert ok.status_code == 200
 
 
-def test_engine_core_death_is_reported_not_hung(base, server_log) -> None:
-    """Last in this module: it kills the engine core process of this server."""
+def test_engine_core_death_is_reported_not_hung(base, server_log, server_proc) -> None:
+    """Last in this module: it kills the engine core process of this server, which then
+    fails the requests it held and exits with status 1 (vLLM's behaviour)."""
     url, _ = base
     headers = {"Authorization": f"Bearer {KEY}"}
     pid = int(re.search(r"engine core pid (\d+)", server_log.read_text()).group(1))
@@ -131,10 +137,27 @@ def test_engine_core_death_is_reported_not_hung(base, server_log) -> None:
     assert events[-1] == "[DONE]"
     assert "error" in json.loads(events[-2]) and "engine" in events[-2]
     assert plain.status_code == 500 and "engine" in plain.json()["error"]["message"]
-    # afterwards: not ready, and requests get 503 at once instead of hanging
-    assert httpx.get(f"{url}/health", timeout=5).status_code == 503
-    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=5)
-    assert r.status_code == 503 and r.json()["error"]["message"]
+    # afterwards the server ends, for a supervisor to restart it
+    assert server_proc.wait(30) == 1
+    assert "shutting the server down, exit status 1" in server_log.read_text()
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_engine_death_stops_the_server_unless_kept_alive(monkeypatch, keep_alive: bool) -> None:
+    from types import SimpleNamespace
+
+    from modelport.entrypoints.openai.api_server import OpenAIService
+
+    if keep_alive:
+        monkeypatch.setenv("MODELPORT_KEEP_ALIVE_ON_ENGINE_DEATH", "1")
+    else:
+        monkeypatch.delenv("MODELPORT_KEEP_ALIVE_ON_ENGINE_DEATH", raising=False)
+    for alone in (True, False):  # beside other frontends the process stays up for them
+        service = OpenAIService(SimpleNamespace(), SimpleNamespace(), exit_on_failure=alone)
+        service.http_server = SimpleNamespace(should_exit=False)
+        service._engine_died("engine core process exited with code -9")
+        stops = alone and not keep_alive
+        assert service.http_server.should_exit is stops and service.failed is stops
 
 
 def test_queue_admits_any_request_while_empty() -> None:

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from modelport.engine.core_client import (
@@ -144,6 +145,8 @@ class AsyncLLM:
         self._streams: dict[str, RequestStream] = {}
         self._num_inflight_seqs = 0
         self.dead_reason: str | None = None
+        # called (on the event loop) once the core died and its requests were failed
+        self.on_dead: Callable[[str], None] | None = None
         self.client: EngineCoreClient | None = client
         self.ready: CoreReady | None = client.ready if client is not None else None
 
@@ -311,6 +314,8 @@ class AsyncLLM:
             stream.queue.put_nowait(EngineDeadError(str(err)))
         self._streams.clear()
         self._num_inflight_seqs = 0
+        if self.on_dead is not None:
+            self.on_dead(self.dead_reason)
 
     def _on_outputs(self, msg: CoreStepOutputs) -> None:
         outs = msg.outputs

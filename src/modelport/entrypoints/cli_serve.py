@@ -94,7 +94,7 @@ async def serve_async(args: argparse.Namespace) -> int:
         for s in reversed(services):
             with contextlib.suppress(Exception):
                 await s.stop()
-    return 1 if any(getattr(s, "load_failed", False) for s in services) else 0
+    return 1 if any(getattr(s, "failed", False) for s in services) else 0
 
 
 def _version() -> str:

@@ -106,6 +106,7 @@ class OpenAIService:
         self.exit_on_failure = exit_on_failure
         self.http_server: Any = None  # the uvicorn.Server to stop when loading fails
         self.load_failed = False
+        self.engine_died = False
         self._task: asyncio.Task | None = None
         self.loaded = asyncio.Event()
 
@@ -120,14 +121,13 @@ class OpenAIService:
             engine = await AsyncLLM.from_engine_args(engine_args_from(self.args))
         except Exception as e:
             self.state.load_error = f"{type(e).__name__}: {e}"
-            logger.error("failed to load the model: %s", self.state.load_error, exc_info=e)
+            # a ValueError is a bad model or setting, told in its message (no traceback)
+            logger.error("failed to load the model: %s", self.state.load_error,
+                         exc_info=None if isinstance(e, ValueError) else e)
             self.loaded.set()
             if self.exit_on_failure:
                 self.load_failed = True  # the process exits with status 1 after a clean shutdown
-                if self.http_server is not None:
-                    self.http_server.should_exit = True
-                else:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                self._stop_serving()
             return
         # the loader's name for the model is known only now, once --model is resolved
         engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
@@ -135,8 +135,31 @@ class OpenAIService:
         engine.stat_logger = metrics
         self.state.metrics = metrics
         self.state.engine = engine
+        engine.on_dead = self._engine_died
         self.loaded.set()
         _log_loaded(engine, self.args)
+
+    @property
+    def failed(self) -> bool:
+        """The process should end with status 1: the model did not load, or its engine died."""
+        return self.load_failed or self.engine_died
+
+    def _stop_serving(self) -> None:
+        if self.http_server is not None:
+            self.http_server.should_exit = True  # uvicorn finishes the open responses first
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _engine_died(self, reason: str) -> None:
+        """As vLLM: a dead engine core ends the server (status 1) for a supervisor to restart,
+        once the requests it failed have their errors. MODELPORT_KEEP_ALIVE_ON_ENGINE_DEATH=1,
+        or other frontends in the process, keep it up: /health and requests then get 503."""
+        if not self.exit_on_failure or os.environ.get("MODELPORT_KEEP_ALIVE_ON_ENGINE_DEATH") == "1":
+            return
+        logger.error("engine core died (%s): shutting the server down, exit status 1 "
+                     "(MODELPORT_KEEP_ALIVE_ON_ENGINE_DEATH=1 keeps it up, answering 503)", reason)
+        self.engine_died = True
+        self._stop_serving()
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
@@ -201,7 +224,7 @@ async def run_server(args: argparse.Namespace) -> int:
         await server.serve()
     finally:
         await service.stop()
-    return 1 if service.state.load_error else 0
+    return 1 if service.failed else 0
 
 
 def make_parser() -> argparse.ArgumentParser:
