@@ -344,7 +344,10 @@ def test_handler_exception_fails_only_that_batch(server, echo1):
     with ThreadPoolExecutor(2) as pool:
         bad = pool.submit(server.infer, echo1, content=b"raise")
         good = pool.submit(server.infer, echo1, content=b"fine")
-    body = _ts_error(bad.result(), 500)
+    # TorchServe answers a handler exception with 503 InternalServerException "Prediction
+    # failed"; ours says which model failed and why after those words
+    body = _ts_error(bad.result(), 503, "InternalServerException")
+    assert body["message"].startswith("Prediction failed")
     assert "echo1" in body["message"] and "handler was asked to raise" in body["message"]
     assert good.result().status_code == 200 and good.result().json()["echo"] == "fine"
     r = server.infer(echo1, content=b"status:201")

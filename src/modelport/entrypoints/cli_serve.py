@@ -4,7 +4,9 @@ Frontends plug in through a small interface (a module with):
     add_serve_args(parser)                 -- its flags
     wants(args) -> bool                    -- whether these args ask for it
     async build(args, app) -> Service      -- mount routes on the shared FastAPI app
-A Service has `async start()` (extra ports, background tasks) and `async stop()`.
+A Service has `async start()` (extra ports, background tasks) and `async stop()`, and may
+have `listen`: a (host, port) for the shared app instead of --host/--port (TorchServe's
+config inference_address when it is the only frontend; see `args.serve_frontends`).
 The OpenAI frontend serves the embedded default model when nothing else is asked for.
 """
 
@@ -51,9 +53,26 @@ def _unavailable_note() -> str:
     return "; ".join(f"{n.rsplit('.', 2)[-2]} frontend off: {why}" for n, why in UNAVAILABLE.items())
 
 
+class _StoreGiven(argparse.Action):
+    """Store the value and note in `<dest>_given` that it was typed, not defaulted."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument(
+        "--port", type=int, default=8000, action=_StoreGiven, help="HTTP port (default 8000)"
+    )
+    parser.set_defaults(port_given=False)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -79,8 +98,13 @@ async def serve_async(args: argparse.Namespace) -> int:
     if not chosen:
         raise SystemExit("nothing to serve: give --model, --model-repository or --model-store")
     app = FastAPI(title="modelport", version=_version())
+    args.serve_frontends = tuple(m.__name__ for m in chosen)
     services = [await m.build(args, app) for m in chosen]
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    host, port = args.host, args.port
+    for s in services:
+        if getattr(s, "listen", None) is not None:
+            host, port = s.listen
+    config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level)
     server = uvicorn.Server(config)
     for s in services:
         if hasattr(s, "http_server"):
@@ -88,7 +112,7 @@ async def serve_async(args: argparse.Namespace) -> int:
     try:
         for s in services:
             await s.start()
-        logger.info("serving on http://%s:%d", args.host, args.port)
+        logger.info("serving on http://%s:%d", host, port)
         await server.serve()
     finally:
         for s in reversed(services):

@@ -177,8 +177,11 @@ class HandlerService:
         except MemoryError:
             return BatchResult(None, 507, "Out of resources")
         except Exception as e:
+            # TorchServe's backend (ts/service.py): a CUDA error is taken for running out of
+            # GPU memory (507); any other handler error is 503 "Prediction failed"
             logger.exception("handler of model %s failed", self.model_name)
-            return BatchResult(None, 500, f"{type(e).__name__}: {e}")
+            code = 507 if "CUDA" in str(e) else 503
+            return BatchResult(None, code, f"{type(e).__name__}: {e}")
         if not isinstance(ret, list):
             return BatchResult(None, 503, f"Invalid model predict output: {type(ret).__name__}")
         if len(ret) != len(batch):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,12 @@ from urllib.parse import unquote, urlsplit
 from modelport.torchserve.archive import read_manifest, unpack
 from modelport.torchserve.errors import TSError, bad_request, conflict, model_not_found
 from modelport.torchserve.model import ModelVersion
-from modelport.torchserve.ts_config import ModelSettings, model_overrides, read_model_yaml
+from modelport.torchserve.ts_config import (
+    ModelEntry,
+    ModelSettings,
+    model_overrides,
+    read_model_yaml,
+)
 
 logger = logging.getLogger("modelport.torchserve")
 
@@ -168,12 +174,20 @@ class ModelRegistry:
         version: str | None = None,
         make_default: bool = False,
         trusted: bool = False,
+        config_entry: Callable[[str, str], ModelEntry | None] | None = None,
     ) -> ModelVersion:
+        """Register one archive.
+
+        `config_entry(name, version)` finds the config.properties `models=` entry of the model
+        once its manifest is read (TorchServe's lookup for the models it loads at startup):
+        the entry's settings apply where `overrides` leaves them unset, its minWorkers
+        replaces `initial_workers`, and its defaultVersion makes this version the default.
+        """
         src = await asyncio.to_thread(self.resolve_url, url, trusted)
         dest = self.work_dir / uuid.uuid4().hex
         model_dir = await asyncio.to_thread(unpack, src, dest)
         try:
-            mv = await self._load(
+            mv, entry = await self._load(
                 url,
                 src,
                 model_dir,
@@ -183,10 +197,12 @@ class ModelRegistry:
                 initial_workers,
                 loaded_at_startup,
                 version,
+                config_entry,
             )
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
+        make_default = make_default or bool(entry and entry.default)
         name = mv.name
         async with self._lock:
             if mv.version in self._models.get(name, {}):
@@ -217,7 +233,8 @@ class ModelRegistry:
         initial_workers: int | None,
         loaded_at_startup: bool,
         version: str | None,
-    ) -> ModelVersion:
+        config_entry: Callable[[str, str], ModelEntry | None] | None,
+    ) -> tuple[ModelVersion, ModelEntry | None]:
         manifest = read_manifest(model_dir)
         model_yaml: dict = {}
         if manifest.config_file:
@@ -225,6 +242,15 @@ class ModelRegistry:
                 model_yaml = read_model_yaml(model_dir / manifest.config_file)
             except (OSError, ValueError) as e:
                 raise TSError(400, "InvalidModelException", f"bad model config: {e}") from e
+        name = model_name or manifest.model_name
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+            raise bad_request(f"Invalid model name: {name!r}")
+        version = version or manifest.model_version
+        entry = config_entry(name, version) if config_entry else None
+        if entry is not None:
+            overrides = {**entry.overrides, **overrides}
+            if "min_workers" in entry.overrides:
+                initial_workers = None  # the entry's minWorkers, not the startup default
         fields = {**model_overrides(model_yaml), **overrides}
         if initial_workers is not None:
             fields["min_workers"] = initial_workers
@@ -237,13 +263,10 @@ class ModelRegistry:
             settings = replace(self.default_settings, **fields)
         except ValueError as e:
             raise bad_request(f"Invalid model parameters: {e}") from e
-        name = model_name or manifest.model_name
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
-            raise bad_request(f"Invalid model name: {name!r}")
         extra_path = await self._install_requirements(model_dir, manifest.requirements_file)
-        return ModelVersion(
+        mv = ModelVersion(
             name,
-            version or manifest.model_version,
+            version,
             url,
             model_dir,
             manifest,
@@ -253,6 +276,7 @@ class ModelRegistry:
             loaded_at_startup=loaded_at_startup,
             extra_sys_path=extra_path,
         )
+        return mv, entry
 
     async def _install_requirements(self, model_dir: Path, req: str | None) -> list[str]:
         if not req:

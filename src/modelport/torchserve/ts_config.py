@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 # Only archives inside the model store, unless the operator lists more (regexes, TorchServe style)
 DEFAULT_ALLOWED_URLS: tuple[str, ...] = ()
@@ -111,6 +111,31 @@ class TSConfig:
     def __post_init__(self) -> None:
         for pattern in self.allowed_urls:
             re.compile(pattern)  # fail at startup, not at the first registration
+
+    def entry_for_archive(self, url: str, name: str | None = None) -> ModelEntry | None:
+        """The `models=` entry whose marName is this startup archive (`load_models=`, --models).
+
+        A modelport addition to TorchServe's lookup by (name, version) (see entry_for_model):
+        it ties an archive to its entry before the archive is opened, so the entry's name and
+        version are served even where the manifest says otherwise (as with `models=` alone).
+        A spec that names its model (`NAME=FILE`) only matches entries under that name. An
+        exact marName wins over one that is equal only in its file name; several entries
+        equally good match none, and the lookup by (name, version) decides.
+        """
+        candidates = [e for e in self.models if name is None or e.name == name]
+        hits = [e for e in candidates if e.mar_name == url]
+        if not hits:
+            hits = [e for e in candidates if _file_name(e.mar_name) == _file_name(url)]
+        return hits[0] if len(hits) == 1 else None
+
+    def entry_for_model(self, name: str, version: str) -> ModelEntry | None:
+        """The `models=` entry for a registered model, keyed as TorchServe keys it: the model's
+        name (its manifest's, or the one the load spec gives) and its manifest version."""
+        return next((e for e in self.models if (e.name, e.version) == (name, version)), None)
+
+
+def _file_name(url: str) -> str:
+    return Path(unquote(urlsplit(url).path)).name
 
 
 _KNOWN = {

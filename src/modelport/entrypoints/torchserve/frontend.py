@@ -1,8 +1,11 @@
 """The TorchServe plug-in of `modelport serve` (see entrypoints/cli_serve.py for the contract).
 
-Inference routes go on the shared app (the main --port) and, with --inference-port, on an
-app of their own; the management API always has its own port (127.0.0.1:8081 by default),
-as in TorchServe, so exposing inference never exposes model management.
+Inference routes go on the shared app (the main --port) and, with --inference-port or a
+config.properties inference_address, on an app of their own; the management API always has
+its own port (127.0.0.1:8081 by default), as in TorchServe, so exposing inference never
+exposes model management. When TorchServe is the only frontend, config.properties gives an
+inference_address and --port is not given, the shared app listens there instead of --port:
+TorchServe binds the addresses of its config and no other.
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=FILE.mar",
         help="archives to load at startup: NAME=FILE, FILE, or 'all' (everything in the store)",
     )
-    g.add_argument("--ts-config", dest="ts_config", help="TorchServe config.properties")
+    g.add_argument(
+        "--ts-config",
+        dest="ts_config",
+        help="TorchServe config.properties (served alone and without --port, its "
+        "inference_address replaces --port)",
+    )
     g.add_argument(
         "--inference-port",
         dest="ts_inference_port",
@@ -105,6 +113,7 @@ class _Plan:
 
     management: tuple[str, int]
     inference: tuple[str, int] | None  # an extra inference-only server, besides --port
+    listen: tuple[str, int] | None  # where the shared app listens instead of --host/--port
     metrics: tuple[str, int] | None  # a metrics-only server (config metrics_address)
     startup: tuple[tuple[str | None, str], ...]  # (name or None, url)
     config: TSConfig
@@ -114,10 +123,16 @@ class _Plan:
 def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
     mhost, mport = cfg.management_address or ("127.0.0.1", 8081)
     management = (args.ts_management_host or mhost, _pick(args.ts_management_port, mport))
-    inference = None
+    inference = listen = None
+    # the shared app is ours alone (cli_serve names the frontends it chose) and --port was
+    # not typed: config.properties' inference_address replaces it, as in TorchServe
+    alone = tuple(getattr(args, "serve_frontends", ())) == (__name__,)
+    port_given = getattr(args, "port_given", True)
     if args.ts_inference_port is not None:
         host = cfg.inference_address[0] if cfg.inference_address else args.host
         inference = (host, args.ts_inference_port)
+    elif cfg.inference_address and alone and not port_given:
+        listen = cfg.inference_address
     elif cfg.inference_address and cfg.inference_address[1] != args.port:
         inference = cfg.inference_address  # config.properties' own inference port
     specs = list(args.models or cfg.load_models)
@@ -133,7 +148,7 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
     if not specs:
         startup = [(e.name, e.mar_name) for e in cfg.models]
     workers = args.ts_workers or cfg.default_workers_per_model or 1
-    return _Plan(management, inference, cfg.metrics_address, tuple(startup), cfg, workers)
+    return _Plan(management, inference, listen, cfg.metrics_address, tuple(startup), cfg, workers)
 
 
 def _pick(cli: int | None, default: int) -> int:
@@ -182,6 +197,7 @@ class TorchServeService:
         self.management_port: int | None = None
         self.inference_port: int | None = None
         self.metrics_port: int | None = None
+        self.listen = plan.listen  # read by cli_serve: where the shared app listens
 
     async def start(self) -> None:
         # load startup models concurrently: each spends seconds importing in its workers
@@ -204,22 +220,35 @@ class TorchServeService:
             app = FastAPI(title="modelport TorchServe inference API")
             app.include_router(make_inference_router(self.state))
             self.inference_port = await self._serve(app, *self.plan.inference)
+            logger.info(
+                "TorchServe inference API on http://%s:%d",
+                self.plan.inference[0],
+                self.inference_port,
+            )
         if self.plan.metrics is not None:
             self.metrics_port = await self._serve(make_metrics_app(self.state), *self.plan.metrics)
+            logger.info(
+                "TorchServe metrics API on http://%s:%d", self.plan.metrics[0], self.metrics_port
+            )
 
     async def _load(self, name: str | None, url: str) -> None:
-        entry = next((e for e in self.plan.config.models if e.name == name), None)
-        overrides = dict(entry.overrides) if entry else {}
+        """Load one startup archive with its config.properties `models=` settings.
+
+        The entry is the one whose marName is this archive (`load_models=echo.mar`, `all`,
+        --models); failing that, the one keyed by the model's name and version once the
+        archive is open, which is TorchServe's own lookup.
+        """
+        cfg = self.plan.config
+        by_mar = cfg.entry_for_archive(url, name)
         mv = await self.state.registry.register(
             url,
-            model_name=name,
-            overrides=overrides,
-            initial_workers=None if "min_workers" in overrides else self.plan.workers,
+            model_name=by_mar.name if by_mar else name,
+            version=by_mar.version if by_mar else None,
+            initial_workers=self.plan.workers,
             synchronous=True,
             loaded_at_startup=True,
-            version=entry.version if entry else None,
-            make_default=bool(entry and entry.default),
             trusted=True,
+            config_entry=(lambda *_: by_mar) if by_mar else cfg.entry_for_model,
         )
         logger.info("loaded TorchServe model %s version %s", mv.name, mv.version)
 

@@ -1,0 +1,270 @@
+"""`modelport serve` with TorchServe's config.properties: the settings of the models it loads at
+startup (`models=` with `load_models=` / --models) and the addresses it listens on."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from modelport.entrypoints.cli_serve import add_common_args
+from modelport.entrypoints.torchserve import frontend
+from modelport.torchserve.ts_config import load_ts_config
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "torchserve"))
+import ts_archives  # noqa: E402
+
+SETTINGS = {"batchSize": 4, "maxBatchDelay": 300, "responseTimeout": 20}
+
+
+def _args(argv: list[str], *, alone: bool = True) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    frontend.add_serve_args(parser)
+    args = parser.parse_args(argv)
+    if alone:  # as cli_serve sets it when TorchServe is the only frontend chosen
+        args.serve_frontends = (frontend.__name__,)
+    return args
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.properties"
+    p.write_text(text)
+    return p
+
+
+def _models_json(entry: dict, name: str = "echo", version: str = "1.0") -> str:
+    return json.dumps({name: {version: {"defaultVersion": True, **entry}}})
+
+
+async def _started(args: argparse.Namespace) -> tuple[frontend.TorchServeService, FastAPI]:
+    app = FastAPI()
+    service = await frontend.build(args, app)
+    await service.start()
+    return service, app
+
+
+# ---- models= settings for the models loaded at startup ----------------------------------------
+
+
+def test_models_settings_apply_to_load_models_archive(tmp_path):
+    """The reported setup: `load_models=echo.mar` plus a `models=` entry for it. Its batch
+    settings show in the describe API and the predictions really run in batches of 4."""
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w")
+    cfg = _config(
+        tmp_path,
+        f"model_store={store}\nload_models=echo.mar\n"
+        f"models={_models_json({'marName': 'echo.mar', **SETTINGS})}\n"
+        "management_address=http://127.0.0.1:0\n",
+    )
+
+    async def main():
+        service, app = await _started(_args(["--ts-config", str(cfg), "--disable-token-auth"]))
+        try:
+            (desc,) = [mv.describe() for mv in service.state.registry.versions("echo")]
+            assert (desc["batchSize"], desc["maxBatchDelay"], desc["responseTimeout"]) == (
+                4,
+                300,
+                20,
+            )
+            assert desc["minWorkers"] == 1 and len(desc["workers"]) == 1
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://ts") as c:
+                rs = await asyncio.gather(
+                    *(c.post("/predictions/echo", content=f"r{i}".encode()) for i in range(4))
+                )
+            assert [r.status_code for r in rs] == [200] * 4, [r.text for r in rs]
+            assert [r.json()["batch"] for r in rs] == [4] * 4
+            assert rs[0].json()["batch_size"] == 4  # the handler's context says so too
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "load_models, cli, entry",
+    [
+        ("all", [], {"marName": "echo.mar"}),  # load_models=all
+        ("", ["--models", "echo.mar"], {"marName": "echo.mar"}),  # --models on the command line
+        ("", ["--models", "all"], {"marName": "echo.mar"}),
+        # TorchServe's own key: the model's name and manifest version, whatever the marName
+        ("echo.mar", [], {"marName": "elsewhere/echo-renamed.mar"}),
+        ("", ["--models", "echo=echo.mar"], {"marName": "other.mar"}),
+    ],
+)
+def test_models_settings_apply_to_every_startup_spec(tmp_path, load_models, cli, entry):
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w")
+    # minWorkers 0: the settings are checked without starting worker processes
+    models = _models_json({**entry, **SETTINGS, "minWorkers": 0, "maxWorkers": 2})
+    cfg = _config(
+        tmp_path,
+        f"model_store={store}\nmodels={models}\nmanagement_address=http://127.0.0.1:0\n"
+        + (f"load_models={load_models}\n" if load_models else ""),
+    )
+    args = _args(["--ts-config", str(cfg), "--disable-token-auth", *cli])
+
+    async def main():
+        service, _ = await _started(args)
+        try:
+            (mv,) = service.state.registry.versions("echo")
+            s = mv.settings
+            assert (s.batch_size, s.max_batch_delay_ms, s.response_timeout_s) == (4, 300, 20)
+            assert (s.min_workers, s.max_workers, mv.num_workers) == (0, 2, 0)
+            assert mv.loaded_at_startup
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+def test_entries_matched_by_marName_keep_their_names_and_versions(tmp_path):
+    """Two versions of one model in two archives that both say "echo 1.0" in their manifests:
+    each archive gets its own entry by marName, with that entry's version and settings."""
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w1")
+    (store / "echo.mar").rename(store / "echo_v1.mar")
+    ts_archives.echo_archive(store, tmp_path / "w2")
+    (store / "echo.mar").rename(store / "echo_v2.mar")
+    models = {
+        "echo": {
+            "1.0": {"marName": "echo_v1.mar", "batchSize": 2, "minWorkers": 0},
+            "2.0": {"marName": "echo_v2.mar", "batchSize": 8, "minWorkers": 0},
+        }
+    }
+    cfg = _config(
+        tmp_path,
+        f"model_store={store}\nload_models=all\nmodels={json.dumps(models)}\n"
+        "management_address=http://127.0.0.1:0\n",
+    )
+
+    async def main():
+        service, _ = await _started(_args(["--ts-config", str(cfg), "--disable-token-auth"]))
+        try:
+            got = {
+                mv.version: mv.settings.batch_size for mv in service.state.registry.versions("echo")
+            }
+            assert got == {"1.0": 2, "2.0": 8}
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+def test_archive_entry_lookup(tmp_path):
+    models = {
+        "a": {"1.0": {"marName": "a.mar"}, "2.0": {"marName": "v2/a.mar"}},
+        "b": {"1.0": {"marName": "shared.mar"}},
+        "c": {"1.0": {"marName": "shared.mar"}},
+    }
+    cfg = load_ts_config(_config(tmp_path, f"models={json.dumps(models)}\n"))
+    assert cfg.entry_for_archive("a.mar").version == "1.0"
+    assert cfg.entry_for_archive("v2/a.mar").version == "2.0"  # the exact marName first
+    assert cfg.entry_for_archive("/models/a.mar") is None  # a.mar or v2/a.mar: not decided
+    assert cfg.entry_for_archive("shared.mar") is None  # two models: not decided
+    assert cfg.entry_for_archive("shared.mar", "c").name == "c"
+    assert cfg.entry_for_archive("a.mar", "b") is None  # NAME=FILE keeps to NAME's entries
+    assert cfg.entry_for_model("a", "2.0").mar_name == "v2/a.mar"
+    assert cfg.entry_for_model("a", "3.0") is None
+
+
+# ---- listening addresses ----------------------------------------------------------------------
+
+
+def test_plan_listens_on_config_inference_address(tmp_path):
+    cfg = load_ts_config(
+        _config(
+            tmp_path,
+            "inference_address=http://127.0.0.1:7070\nmanagement_address=http://127.0.0.1:7071\n",
+        )
+    )
+    # TorchServe alone, no --port: the shared app moves to the configured address
+    plan = frontend._plan(_args(["--ts-config", "c"]), cfg)
+    assert plan.listen == ("127.0.0.1", 7070) and plan.inference is None
+    # an explicit --port keeps it, even --port 8000, and inference_address is served besides
+    for port in ("8000", "9000"):
+        plan = frontend._plan(_args(["--ts-config", "c", "--port", port]), cfg)
+        assert plan.listen is None and plan.inference == ("127.0.0.1", 7070)
+    # other frontends in the process need the main port: as before
+    plan = frontend._plan(_args(["--ts-config", "c"], alone=False), cfg)
+    assert plan.listen is None and plan.inference == ("127.0.0.1", 7070)
+    # --inference-port is an extra server, besides --port, as before
+    plan = frontend._plan(_args(["--ts-config", "c", "--inference-port", "7080"]), cfg)
+    assert plan.listen is None and plan.inference == ("127.0.0.1", 7080)
+    # no inference_address in the config: --port's default
+    plan = frontend._plan(_args(["--ts-config", "c"]), load_ts_config(_config(tmp_path, "")))
+    assert plan.listen is None and plan.inference is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(tmp_path: Path, port: int | None) -> tuple[set[int], str, dict[str, int]]:
+    """Run `modelport serve --ts-config ...` (no models) until every port it should have is
+    up; return the ports it listens on, its log, and the config's ports."""
+    import psutil
+
+    ports = {"inference": _free_port(), "management": _free_port(), "metrics": _free_port()}
+    cfg = _config(
+        tmp_path, "".join(f"{k}_address=http://127.0.0.1:{p}\n" for k, p in ports.items())
+    )
+    cmd = [sys.executable, "-m", "modelport", "serve", "--ts-config", str(cfg),
+           "--disable-token-auth", *(["--port", str(port)] if port else [])]  # fmt: skip
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        for p in [*ports.values(), *([port] if port else [])]:
+            while True:
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                try:
+                    httpx.get(f"http://127.0.0.1:{p}/ping", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+        listening = {
+            c.laddr.port
+            for c in psutil.Process(proc.pid).net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return listening, log_path.read_text(), ports
+
+
+def test_serve_binds_only_the_config_addresses(tmp_path):
+    listening, log, ports = _serve(tmp_path, None)
+    assert listening == set(ports.values()), log  # and not --port's default 8000
+    assert f"serving on http://127.0.0.1:{ports['inference']}" in log
+    assert f"management API on http://127.0.0.1:{ports['management']}" in log
+    assert f"metrics API on http://127.0.0.1:{ports['metrics']}" in log
+    assert ":8000" not in log
+
+
+def test_serve_with_explicit_port_keeps_it(tmp_path):
+    port = _free_port()
+    listening, log, ports = _serve(tmp_path, port)
+    assert listening == {port, *ports.values()}, log
+    assert f"serving on http://127.0.0.1:{port}" in log
+    assert f"inference API on http://127.0.0.1:{ports['inference']}" in log
