@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelport", description="Deploy LLMs and other models behind standard APIs."
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _SUBCOMMANDS.values():
         try:
@@ -31,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # not built yet
         mod.register(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelport")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

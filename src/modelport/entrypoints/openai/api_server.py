@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from modelport.engine.async_llm import AsyncLLM
 from modelport.entrypoints.openai.errors import install_error_handlers
 from modelport.entrypoints.openai.metrics import ServerMetrics
-from modelport.entrypoints.openai.routes import OPENAI_PATHS, ServerState, mount
+from modelport.entrypoints.openai.routes import OPENAI_PATHS, POOLING_PATHS, ServerState, mount
 
 logger = logging.getLogger("modelport.openai")
 
@@ -193,23 +193,29 @@ def _log_loaded(engine: AsyncLLM, args: argparse.Namespace) -> None:
 
 
 def attach(
-    app: FastAPI, args: argparse.Namespace, *, exit_on_failure: bool, own_engine: bool = True
+    app: FastAPI,
+    args: argparse.Namespace,
+    *,
+    exit_on_failure: bool,
+    own_engine: bool = True,
+    all_paths: bool = False,
 ) -> OpenAIService:
     """Mount the routes and error handlers on `app`; the returned service loads the engine.
 
     own_engine=False mounts the routes for engines other frontends register (a model
-    repository's `llm` models) without loading one of this server's own.
+    repository's `llm` models) without loading one of this server's own. all_paths: no other
+    frontend shares `app`, so every error (an unknown path's 404 too) is OpenAI-shaped.
     """
     state = ServerState(version=_version(), api_key=getattr(args, "api_key", None),
                         serve_own_engine=own_engine)
-    install_error_handlers(app, OPENAI_PATHS)
+    install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS)
     mount(app, state)
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)
 
 
 def build_app(args: argparse.Namespace) -> tuple[FastAPI, OpenAIService]:
     app = FastAPI(title="modelport OpenAI-compatible server", version=_version())
-    return app, attach(app, args, exit_on_failure=True)
+    return app, attach(app, args, exit_on_failure=True, all_paths=True)
 
 
 async def run_server(args: argparse.Namespace) -> int:

@@ -119,7 +119,8 @@ def install_error_handlers(app: FastAPI, prefixes: tuple[str, ...] = ("/v1/",)) 
     """Make the OpenAI routes (paths under `prefixes`) answer every error in OpenAI's JSON.
 
     On the shared `modelport serve` app other frontends own other paths: for those, the
-    handler that was installed before (or FastAPI's default) still answers.
+    handler that was installed before (or FastAPI's default) still answers. A server that
+    is only this frontend passes ("/",): then an unknown path is OpenAI's 404 too.
     """
     from fastapi.exception_handlers import (
         http_exception_handler,
@@ -151,6 +152,8 @@ def install_error_handlers(app: FastAPI, prefixes: tuple[str, ...] = ("/v1/",)) 
             return await prev_http(request, exc)
         assert isinstance(exc, StarletteHTTPException)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # no route has this path
+            message = f"Invalid URL ({request.method} {request.url.path})"  # OpenAI's words
         return error_response(message, exc.status_code)
 
     async def _internal_error(request: Request, exc: Exception) -> Any:

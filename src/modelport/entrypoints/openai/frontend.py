@@ -33,4 +33,6 @@ async def build(args: argparse.Namespace, app: FastAPI) -> OpenAIService:
     # Other frontends may share this process: a failed model load is logged and answered
     # with 503s, it does not stop them.
     only_us = not any(getattr(args, name, None) for name in _OTHER_FRONTEND_FLAGS)
-    return attach(app, args, exit_on_failure=only_us, own_engine=_own_engine(args))
+    return attach(
+        app, args, exit_on_failure=only_us, own_engine=_own_engine(args), all_paths=only_us
+    )

@@ -61,6 +61,19 @@ class ResponseFormat(OpenAIModel):
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
 
+# vLLM's guided decoding fields: parsed only so that the server can refuse them (400) rather
+# than answer with unconstrained text; any value other than null is refused.
+GUIDED_FIELDS = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "structured_outputs",
+    "structural_tag",
+)
+
 
 class SamplingFields(OpenAIModel):
     """Sampling fields shared by completions and chat (OpenAI names, then vLLM extras)."""
@@ -87,6 +100,17 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     request_id: str | None = Field(None, max_length=256)
     response_format: ResponseFormat | None = None
+    # keep only the last k prompt tokens (-1: the last max_model_len)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    structural_tag: Any = None
 
 
 # ---------------------------------------------------------------- completions
@@ -109,12 +133,25 @@ class CompletionLogProbs(OpenAIModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(OpenAIModel):
+    """One candidate at one prompt position, as vLLM's `prompt_logprobs` entries."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# per prompt token: None for the first (nothing predicts it), else token id -> candidate
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # not in stream chunks (as vLLM)
 
 
 class CompletionResponse(OpenAIModel):
@@ -178,6 +215,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     echo: bool = False
     logit_bias: dict[str, float] | None = None
 
@@ -217,6 +255,7 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(OpenAIModel):
@@ -269,6 +308,7 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class TokenizeResponse(OpenAIModel):

@@ -37,6 +37,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)
 }
 
+# vLLM's APIs for embedding and pooling models: a 404 that says why, not an unknown path
+POOLING_PATHS = (
+    "/v1/embeddings",
+    "/pooling",
+    "/classify",
+    "/score",
+    "/v1/score",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+)
+
 
 @dataclass
 class ServerState:
@@ -159,7 +171,12 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         if body.messages is not None:
             if not body.messages:
                 raise OpenAIError("messages must not be empty", 400, param="messages")
-            ids = render_chat(engine, body.messages, body.add_generation_prompt)
+            ids = render_chat(
+                engine,
+                body.messages,
+                body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+            )
         else:
             ids = engine.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
@@ -174,6 +191,16 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
                 f"token ids must be < {engine.vocab_size}; got {bad[:5]}", 400, param="tokens"
             )
         return DetokenizeResponse(prompt=engine.decode(body.tokens))
+
+    async def not_served(request: Request) -> Response:
+        raise OpenAIError(
+            f"{request.url.path} is not served: this server serves generative models only "
+            "(completions, chat); it has no embeddings, pooling, score or rerank API",
+            404,
+        )
+
+    for path in POOLING_PATHS:
+        public.add_api_route(path, not_served, methods=["GET", "POST"], include_in_schema=False)
 
     @public.get("/health", tags=["server"], responses={503: {"model": ErrorResponse}})
     async def health(request: Request) -> Response:

@@ -29,7 +29,6 @@ from modelport.entrypoints.openai.protocol import (
     DeltaMessage,
     TokenLogprob,
     TopLogprob,
-    UsageInfo,
     dump,
     random_id,
 )
@@ -43,14 +42,23 @@ from modelport.entrypoints.openai.serving_common import (
     collect_final,
     known_error,
     make_sampling_params,
+    prompt_logprobs_out,
     sse,
     start_streams,
     stream_error,
     token_text,
     top_entries,
+    truncate_prompt,
     unless_disconnected,
+    usage,
+    usage_options,
 )
 from modelport.outputs import LogprobsDict, RequestOutput
+
+# Appended to the final message when it is to be continued: the rendered prompt is cut where
+# the marker lands, so whatever the template puts after that message (end of turn, a new
+# generation prompt) is dropped. Plain letters survive trim, escaping and tojson filters.
+_CONTINUE_MARK = "MODELPORTCONTINUEHEREq7Zx"
 
 
 def render_chat(
@@ -58,10 +66,18 @@ def render_chat(
     messages: list[ChatMessage],
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
+    continue_final_message: bool = False,
 ) -> list[int]:
     """Messages (and tools, for a tool-aware template) -> prompt token ids via the model's
-    (sandboxed) chat template."""
+    (sandboxed) chat template.
+
+    continue_final_message leaves the final (assistant) message open, so the model goes on
+    writing it ("prefill") instead of starting a new turn.
+    """
     convo = [{"role": m.role, "content": m.text()} for m in messages]
+    if continue_final_message:
+        check_continue(messages, add_generation_prompt)
+        convo[-1]["content"] += _CONTINUE_MARK
     apply = engine.tokenizer.apply_chat_template
     kw: dict[str, Any] = {"add_generation_prompt": add_generation_prompt}
     if tools and _takes_tools(apply):
@@ -72,9 +88,36 @@ def render_chat(
         raise OpenAIError(
             f"could not apply the chat template: {type(e).__name__}: {e}", 400, param="messages"
         ) from None
+    if continue_final_message:
+        if not isinstance(rendered, str) or _CONTINUE_MARK not in rendered:
+            raise OpenAIError(
+                "continue_final_message: the chat template does not render the final "
+                "message's text, so it cannot be continued",
+                400,
+                param="messages",
+            )
+        rendered = rendered[: rendered.rindex(_CONTINUE_MARK)]
     if isinstance(rendered, str):
         return engine.encode(rendered, add_special_tokens=False)
     return list(rendered)
+
+
+def check_continue(messages: list[ChatMessage], add_generation_prompt: bool) -> None:
+    """What continuing the final message needs (vLLM's rules)."""
+    if add_generation_prompt:
+        raise OpenAIError(
+            "continue_final_message and add_generation_prompt cannot both be true: send "
+            "add_generation_prompt: false to continue the final message",
+            400,
+            param="continue_final_message",
+        )
+    if messages[-1].role != "assistant":
+        raise OpenAIError(
+            "continue_final_message needs the final message to be the assistant's (the text "
+            f"to continue); it is {messages[-1].role!r}",
+            400,
+            param="messages",
+        )
 
 
 def _takes_tools(fn: Any) -> bool:
@@ -123,7 +166,10 @@ class ServingChat:
         if req.echo:
             raise OpenAIError("echo is not supported for chat completions", 400, param="echo")
         tools = check_tools(req)
-        ids = render_chat(engine, req.messages, req.add_generation_prompt, tools)
+        ids = render_chat(
+            engine, req.messages, req.add_generation_prompt, tools, req.continue_final_message
+        )
+        ids = truncate_prompt(engine, ids, req.truncate_prompt_tokens)
         requested = req.max_completion_tokens or req.max_tokens
         max_tokens = check_prompt_ids(engine, ids, requested)
         k = None
@@ -133,13 +179,13 @@ class ServingChat:
             raise OpenAIError(
                 "top_logprobs requires logprobs to be true", 400, param="top_logprobs"
             )
-        params = make_sampling_params(req, max_tokens, k)
+        params = make_sampling_params(req, max_tokens, k, req.prompt_logprobs)
         admit(engine, req.n)
         rid = req.request_id or random_id("chatcmpl")
         stream = start_streams(engine, [(ids, params, rid, None)])[0]
         if req.stream:
             return StreamingResponse(
-                self._stream(req, model, rid, stream), media_type="text/event-stream"
+                self._stream(req, model, rid, stream, len(ids)), media_type="text/event-stream"
             )
         try:
             final = (await unless_disconnected(raw, collect_final([stream])))[0]
@@ -163,11 +209,18 @@ class ServingChat:
                     stop_reason=o.stop_reason,
                 )
             )
-        n_prompt = len(final.prompt_token_ids)
-        usage = UsageInfo(
-            prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs_out(
+                engine, ids, final.prompt_logprobs, req.prompt_logprobs
+            )
+        body = ChatCompletionResponse(
+            id=rid,
+            model=model,
+            choices=choices,
+            usage=usage(len(final.prompt_token_ids), n_gen),
+            prompt_logprobs=prompt_logprobs,
         )
-        body = ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage)
         return JSONResponse(body.model_dump())
 
     def _logprobs(
@@ -198,17 +251,21 @@ class ServingChat:
         model: str,
         rid: str,
         stream: RequestStream,
+        n_prompt: int,
     ) -> AsyncIterator[str]:
         k = (req.top_logprobs or 0) if req.logprobs else None
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         finished: set[int] = set()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous_usage = usage_options(req)
         last: RequestOutput | None = None
 
         def chunk(choices: list[ChatStreamChoice]) -> str:
             body = ChatCompletionChunk(id=rid, model=model, choices=choices)
-            return sse(dump(body, exclude={"usage"}))
+            if not continuous_usage:
+                return sse(dump(body, exclude={"usage"}))
+            body.usage = usage(n_prompt, sum(sent_tokens.values()))
+            return sse(dump(body))
 
         try:
             yield chunk(
@@ -248,10 +305,10 @@ class ServingChat:
                 if choices:
                     yield chunk(choices)
             if include_usage and last is not None:
-                p = len(last.prompt_token_ids)
                 g = sum(len(o.token_ids) for o in last.outputs)
-                usage = UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g)
-                body = ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage)
+                body = ChatCompletionChunk(
+                    id=rid, model=model, choices=[], usage=usage(n_prompt, g)
+                )
                 yield sse(dump(body))
         except asyncio.CancelledError:
             raise

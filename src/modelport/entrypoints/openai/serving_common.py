@@ -17,7 +17,13 @@ from fastapi import Request
 
 from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
 from modelport.entrypoints.openai.errors import OpenAIError, error_body, internal_error
-from modelport.entrypoints.openai.protocol import SamplingFields
+from modelport.entrypoints.openai.protocol import (
+    GUIDED_FIELDS,
+    PromptLogprob,
+    PromptLogprobs,
+    SamplingFields,
+    UsageInfo,
+)
 from modelport.outputs import Logprob, LogprobsDict, RequestOutput
 from modelport.sampling_params import SamplingParams
 
@@ -61,6 +67,14 @@ def check_unsupported(req: Any) -> None:
             400,
             param="response_format",
         )
+    for name in GUIDED_FIELDS:
+        if getattr(req, name, None) is not None:
+            raise OpenAIError(
+                f"{name} is not supported: this server has no guided decoding, so it cannot "
+                f"constrain the output; leave {name} out",
+                400,
+                param=name,
+            )
     if getattr(req, "logit_bias", None):
         raise OpenAIError("logit_bias is not supported", 400, param="logit_bias")
     if getattr(req, "suffix", None):
@@ -72,6 +86,32 @@ def check_unsupported(req: Any) -> None:
     best_of = getattr(req, "best_of", None)
     if best_of is not None and best_of != req.n:
         raise OpenAIError("best_of other than n is not supported", 400, param="best_of")
+    if req.stream and req.prompt_logprobs is not None:
+        raise OpenAIError(
+            "prompt_logprobs is not available when stream is true",
+            400,
+            param="prompt_logprobs",
+        )
+
+
+def truncate_prompt(engine: AsyncLLM, ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` prompt tokens (-1: max_model_len).
+
+    Runs before the length checks, so a long prompt that is cut to fit is served.
+    """
+    if keep is None:
+        return ids
+    limit = engine.max_model_len
+    if keep == -1:
+        keep = limit
+    if keep < 1 or keep > limit:
+        raise OpenAIError(
+            f"truncate_prompt_tokens must be -1 (this model's maximum context length) or from "
+            f"1 to {limit}; got {keep}",
+            400,
+            param="truncate_prompt_tokens",
+        )
+    return ids[-keep:]
 
 
 def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | None) -> int:
@@ -104,6 +144,29 @@ def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | Non
             code="context_length_exceeded",
         )
     return max_tokens
+
+
+def usage_options(req: SamplingFields) -> tuple[bool, bool]:
+    """(send a usage chunk at the end, put the running usage in every chunk) for a stream.
+
+    continuous_usage_stats implies include_usage unless that is sent as false: vLLM's
+    include_usage defaults to true, and its continuous usage needs it.
+    """
+    opts = req.stream_options
+    if opts is None:
+        return False, False
+    final = opts.include_usage
+    if "include_usage" not in opts.model_fields_set:
+        final = opts.continuous_usage_stats
+    return final, final and opts.continuous_usage_stats
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
 
 
 def make_sampling_params(
@@ -204,6 +267,37 @@ def top_entries(engine: AsyncLLM, pos: LogprobsDict, k: int) -> list[tuple[int, 
         key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob),
     )
     return [(tid, token_text(engine, tid, lp), lp.logprob) for tid, lp in ranked[:k]]
+
+
+# JSON has no -inf: a token the model rules out entirely gets this logprob (vLLM does the same)
+MIN_LOGPROB = -9999.0
+
+
+def prompt_logprobs_out(
+    engine: AsyncLLM, ids: Sequence[int], positions: list[LogprobsDict | None] | None, k: int
+) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token, that token and the k most likely ones.
+
+    The engine may have computed more candidates (echo asks for its own k): the extra ones
+    are left out, so the answer depends only on this request's prompt_logprobs.
+    """
+    positions = positions or []
+    out: PromptLogprobs = []
+    for j, tid in enumerate(ids):
+        pos = positions[j] if j < len(positions) else None
+        if not pos:
+            out.append(None)
+            continue
+        entry = {}
+        for cand, lp in pos.items():
+            if cand == tid or (lp.rank is not None and lp.rank <= k):
+                entry[cand] = PromptLogprob(
+                    logprob=max(lp.logprob, MIN_LOGPROB),
+                    rank=lp.rank,
+                    decoded_token=token_text(engine, cand, lp),
+                )
+        out.append(entry)
+    return out
 
 
 # ---------------------------------------------------------------- async plumbing

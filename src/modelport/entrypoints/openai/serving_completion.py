@@ -21,7 +21,6 @@ from modelport.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
-    UsageInfo,
     dump,
     random_id,
 )
@@ -36,12 +35,16 @@ from modelport.entrypoints.openai.serving_common import (
     known_error,
     make_sampling_params,
     merge_streams,
+    prompt_logprobs_out,
     sse,
     start_streams,
     stream_error,
     token_text,
     top_entries,
+    truncate_prompt,
     unless_disconnected,
+    usage,
+    usage_options,
 )
 from modelport.outputs import CompletionOutput, LogprobsDict, RequestOutput
 
@@ -60,12 +63,15 @@ class ServingCompletion:
             texts = list(p)
         if not texts:
             raise OpenAIError("prompt must not be an empty list", 400, param="prompt")
-        out = []
+        out: list[tuple[str | None, list[int]]] = []
         for item in texts:
             if isinstance(item, str):
-                out.append((item, self.engine.encode(item)))
+                text, ids = item, self.engine.encode(item)
             else:
-                out.append((None, list(item)))
+                text, ids = None, list(item)
+            kept = truncate_prompt(self.engine, ids, req.truncate_prompt_tokens)
+            # a cut prompt is what the model sees (and echo returns): its text is decoded
+            out.append((text if len(kept) == len(ids) else None, kept))
         return out
 
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
@@ -74,10 +80,12 @@ class ServingCompletion:
         check_unsupported(req)
         prompts = self._prompts(req)
         params_list = []
+        echo_k = req.logprobs if (req.echo and req.logprobs is not None) else None
+        wanted = [k for k in (echo_k, req.prompt_logprobs) if k is not None]
+        prompt_k = max(wanted) if wanted else None
         for _, ids in prompts:
             max_tokens = check_prompt_ids(engine, ids, req.max_tokens)
-            want_prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-            params_list.append(make_sampling_params(req, max_tokens, req.logprobs, want_prompt_lp))
+            params_list.append(make_sampling_params(req, max_tokens, req.logprobs, prompt_k))
         admit(engine, len(prompts) * req.n)
         base_id = req.request_id or random_id("cmpl")
         streams = start_streams(
@@ -103,10 +111,9 @@ class ServingCompletion:
             for o in sorted(final.outputs, key=lambda o: o.index):
                 n_gen += len(o.token_ids)
                 choices.append(self._choice(req, i * req.n + o.index, prompts[i], final, o))
-        usage = UsageInfo(
-            prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen
+        body = CompletionResponse(
+            id=base_id, model=model, choices=choices, usage=usage(n_prompt, n_gen)
         )
-        body = CompletionResponse(id=base_id, model=model, choices=choices, usage=usage)
         return JSONResponse(body.model_dump())
 
     # -- non-streaming pieces
@@ -130,12 +137,18 @@ class ServingCompletion:
             if req.echo:
                 offset = self._add_prompt_logprobs(logprobs, prompt[1], final, req.logprobs)
             self._add_logprobs(logprobs, o.token_ids, o.logprobs, req.logprobs, offset)
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs_out(
+                self.engine, prompt[1], final.prompt_logprobs, req.prompt_logprobs
+            )
         return CompletionChoice(
             index=index,
             text=text,
             logprobs=logprobs,
             finish_reason=o.finish_reason,
             stop_reason=o.stop_reason,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _prompt_text(self, prompt: tuple[str | None, list[int]]) -> str:
@@ -197,12 +210,12 @@ class ServingCompletion:
         sent_tokens: dict[int, int] = {}
         offsets: dict[int, int] = {}
         finished: set[int] = set()
-        prompt_lens: dict[int, int] = {}
         gen_tokens: dict[int, int] = {}
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous_usage = usage_options(req)
+        # every prompt counts once (not once per choice), from the first chunk on
+        n_prompt = sum(len(ids) for _, ids in prompts)
         try:
             async for i, out in merge_streams(streams):
-                prompt_lens[i] = len(out.prompt_token_ids)
                 choices = []
                 for o in out.outputs:
                     idx = i * n + o.index
@@ -241,12 +254,16 @@ class ServingCompletion:
                     )
                 if choices:
                     chunk = CompletionResponse(id=base_id, model=model, choices=choices)
-                    yield sse(dump(chunk, exclude={"usage"}))
+                    exclude: dict = {"choices": {"__all__": {"prompt_logprobs"}}}
+                    if continuous_usage:
+                        chunk.usage = usage(n_prompt, sum(gen_tokens.values()))
+                    else:
+                        exclude["usage"] = True
+                    yield sse(dump(chunk, exclude=exclude))
             if include_usage:
-                p, g = sum(prompt_lens.values()), sum(gen_tokens.values())
-                usage = UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g)
-                chunk = CompletionResponse(id=base_id, model=model, choices=[], usage=usage)
-                yield sse(dump(chunk))
+                final = usage(n_prompt, sum(gen_tokens.values()))
+                chunk = CompletionResponse(id=base_id, model=model, choices=[], usage=final)
+                yield sse(dump(chunk, exclude={"choices": {"__all__": {"prompt_logprobs"}}}))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # an answer already started: report in-band, then end cleanly
