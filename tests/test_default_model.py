@@ -68,3 +68,44 @@ def test_offline_api_as_documented(llm) -> None:
                     SamplingParams(temperature=0, max_tokens=32))
     assert "Paris" in chat[0].outputs[0].text
     assert chat[0].outputs[0].finish_reason in ("stop", "length")
+
+
+def test_vllm_prompt_dicts_and_hf_tokenizer(llm) -> None:
+    params = SamplingParams(temperature=0, max_tokens=8)
+    (as_dict,) = llm.generate({"prompt": "The capital of France is"}, params, use_tqdm=False)
+    assert as_dict.prompt == "The capital of France is"  # not the word "prompt"
+    tok = llm.get_tokenizer()  # the GGUF's vocabulary, as an HF tokenizer
+    assert tok.eos_token_id == 2 and tok.eos_token == "<|im_end|>"
+    ids = tok("The capital of France is")["input_ids"]
+    plain, by_ids = llm.generate(["The capital of France is", {"prompt_token_ids": ids}], params,
+                                 use_tqdm=False)  # fmt: skip
+    assert as_dict.prompt == plain.prompt == "The capital of France is" and by_ids.prompt is None
+    assert as_dict.prompt_token_ids == plain.prompt_token_ids == [504, 3575, 282, 4649, 314]
+    assert as_dict.outputs[0].token_ids == plain.outputs[0].token_ids
+    assert by_ids.prompt_token_ids == ids and by_ids.outputs[0].text == plain.outputs[0].text
+
+
+def test_min_tokens_holds_back_stop_strings(llm) -> None:
+    """vLLM checks stop strings only in text completed after min_tokens output tokens."""
+    prompt = "The capital of France is"
+
+    def params(**kw) -> SamplingParams:
+        return SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, **kw)
+
+    base, early, out = (o.outputs[0] for o in llm.generate(
+        [prompt] * 3, [params(), params(stop=["."]), params(min_tokens=10, stop=["."])],
+        use_tqdm=False))  # fmt: skip
+    floor = len(llm.get_tokenizer().decode(base.token_ids[:10]))
+    assert "." in base.text[:floor]  # " Paris." : without min_tokens it stops there
+    assert early.text == base.text[: base.text.index(".")]
+    later = base.text.find(".", floor)
+    if later == -1:
+        assert (out.text, out.finish_reason) == (base.text, "length")
+    else:
+        assert (out.text, out.finish_reason, out.stop_reason) == (base.text[:later], "stop", ".")
+        assert len(out.token_ids) > 10
+    # a stop string found only after min_tokens still stops there, trimmed as usual
+    stop = base.text[floor : floor + 3]
+    (out,) = llm.generate(prompt, params(min_tokens=10, stop=[stop]), use_tqdm=False)
+    first_end = base.text.index(stop, floor - len(stop) + 1)  # the first to end past floor
+    assert (out.outputs[0].text, out.outputs[0].stop_reason) == (base.text[:first_end], stop)

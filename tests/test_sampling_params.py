@@ -26,6 +26,13 @@ from modelport.sampling_params import SamplingParams
         ({"stop": [1, 2]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": [2**70]}, "stop_token_ids"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 2.5}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": True}, "truncate_prompt_tokens"),
+        ({"best_of": 0}, "best_of"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"best_of": 1.0}, "best_of"),
     ],
 )
 def test_invalid_values_name_the_field(kw, field) -> None:
@@ -54,3 +61,56 @@ def test_child_seeds_stay_in_int64() -> None:
     seeds = [r.sampling_params["seed"] for r in reqs]
     assert seeds == [2**63 - 1, -(2**63), -(2**63) + 1]
     assert [r.request_id for r in reqs] == ["0_r", "1_r", "2_r"]
+
+
+def test_truncate_prompt_tokens_and_best_of_as_vllm_accepts_them() -> None:
+    assert SamplingParams().truncate_prompt_tokens is None and SamplingParams().best_of is None
+    assert SamplingParams(truncate_prompt_tokens=1).truncate_prompt_tokens == 1
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1
+    assert SamplingParams(n=3, best_of=3).best_of == 3
+    with pytest.raises(ValueError, match=r"best_of \(4\) > n \(2\) is not supported"):
+        SamplingParams(n=2, best_of=4)
+
+
+def _processor(max_model_len: int):
+    from modelport.config import ModelConfig, SchedulerConfig
+    from modelport.frontend.processor import InputProcessor
+
+    mc = ModelConfig("LlamaForCausalLM", 1000, 8, 1, 2, 1, 16)
+    return InputProcessor(None, mc, SchedulerConfig(max_model_len=max_model_len))
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens() -> None:
+    proc = _processor(64)
+    ids = list(range(100))
+    keep = proc.prompt_inputs(ids, SamplingParams(truncate_prompt_tokens=5))
+    assert keep == (None, [95, 96, 97, 98, 99])
+    assert proc.prompt_inputs(ids[:3], SamplingParams(truncate_prompt_tokens=5)) == (None, [0, 1, 2])
+    assert proc.prompt_inputs(ids, SamplingParams(truncate_prompt_tokens=-1))[1] == ids[-64:]
+    assert proc.prompt_inputs(ids, SamplingParams())[1] == ids  # None: no truncation
+    assert proc.prompt_inputs(
+        {"prompt_token_ids": ids, "prompt": "p"}, SamplingParams(truncate_prompt_tokens=2)
+    ) == ("p", [98, 99])
+    with pytest.raises(ValueError, match=r"truncate_prompt_tokens \(65\) is greater than max_model_len"):
+        proc.prompt_inputs(ids, SamplingParams(truncate_prompt_tokens=65))
+
+
+def test_async_llm_generate_truncates_too() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from modelport.engine.async_llm import AsyncLLM
+
+    sent = []
+    proc = _processor(64)
+    cfg = SimpleNamespace(model_config=proc.model_config, served_model_name="m",
+                          scheduler_config=SimpleNamespace(max_model_len=64))
+    client = SimpleNamespace(ready=None, add_request=sent.append)
+
+    async def send():
+        llm = AsyncLLM(cfg, None, client, asyncio.get_running_loop())
+        params = SamplingParams(max_tokens=4, truncate_prompt_tokens=5)
+        return llm.generate(list(range(100)), params, "r")
+
+    stream = asyncio.run(send())
+    assert stream.prompt_ids == sent[0].prompt_token_ids == [95, 96, 97, 98, 99]

@@ -119,3 +119,54 @@ def test_eos_ids_include_the_models_own(tiny_dir: Path, tmp_path: Path) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
     tok = load_tokenizer(resolve_model(str(d)))
     assert tok.eos_token_ids == (257, 13, 10)  # the tokenizer's own eos first
+
+
+@pytest.mark.parametrize("which", ["smol", "tiny"])
+def test_the_wrapper_is_also_the_hf_tokenizer(which: str, smol: Tokenizer, tiny_dir: Path) -> None:
+    """vLLM's llm.get_tokenizer() is the HF tokenizer: whatever the wrapper lacks is HF's,
+    for the GGUF-converted default tokenizer and an HF folder's alike."""
+    tok = smol if which == "smol" else load_tokenizer(resolve_model(str(tiny_dir)))
+    hf = tok.hf
+    text = "The capital of France is"
+    assert tok.eos_token_id == hf.eos_token_id == tok.eos_token_ids[0]
+    assert tok.bos_token_id == hf.bos_token_id and tok.eos_token == hf.eos_token
+    assert tok.pad_token_id == hf.pad_token_id and tok.all_special_ids == hf.all_special_ids
+    assert tok(text)["input_ids"] == hf(text)["input_ids"] == tok.encode(text)
+    assert tok([text, "hi"])["input_ids"] == hf([text, "hi"])["input_ids"]
+    assert len(tok) == len(hf) == tok.vocab_size
+    assert tok.get_vocab() == hf.get_vocab()
+    assert tok.batch_decode([tok.encode(text)]) == [text]
+    assert tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(tok.encode(text))) == tok.encode(text)
+    assert tok.decode(tok.encode(text)[0]) == hf.decode(tok.encode(text)[0])  # one int
+    assert tok.decode([tok.encode(text), tok.encode("hi")]) == [text, "hi"]
+    assert tok.encode(text, return_tensors="pt").tolist() == [tok.encode(text)]
+    assert tok.decode(tok.encode(text, return_tensors="pt")[0]) == text
+    # HF's chat-template options: tokenize=False is our text, tokenize=True HF's ids
+    rendered = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert rendered == hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    ids = tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True,
+                                  return_dict=False)
+    assert ids == tok.encode(rendered, add_special_tokens=False)
+    assert ids == hf.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
+    out = tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True,
+                                  return_dict=True)
+    assert out["input_ids"] == ids
+    assert tok.apply_chat_template(MESSAGES, chat_template="{{ messages[0]['content'] }}") == (
+        "Be brief."
+    )
+
+
+def test_hf_attribute_writes_reach_the_hf_tokenizer(tiny_dir: Path) -> None:
+    import copy
+    import pickle
+
+    tok = load_tokenizer(resolve_model(str(tiny_dir)))
+    tok.pad_token = tok.eos_token  # the usual "no pad token" fix reaches HF
+    assert tok.hf.pad_token == "<|eos|>" and tok.pad_token_id == 257
+    assert tok(["a", "abc"], padding=True)["input_ids"][0] == [97, 257, 257]
+    tok.chat_template = "{{ 'x' }}"  # our own attributes stay ours
+    assert tok.apply_chat_template([]) == "x" and tok.hf.chat_template != "{{ 'x' }}"
+    for clone in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert clone.encode("hé") == [104, 195, 169] and clone.eos_token_id == 257
+    with pytest.raises(AttributeError):
+        tok.no_such_attribute  # noqa: B018

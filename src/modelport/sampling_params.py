@@ -28,6 +28,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # keep only the last k prompt tokens (-1: the model's max length; None: keep all);
+    # applied where the frontend builds the prompt ids, so the engine core never sees it
+    truncate_prompt_tokens: int | None = None
+    # vLLM V1 has no best-of-n selection: accepted only where it asks for nothing (None or n)
+    best_of: int | None = None
     # filled by the engine
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -71,6 +76,21 @@ class SamplingParams:
             not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63
         ):
             raise bad("seed", "a 64-bit signed integer")
+        if self.truncate_prompt_tokens is not None and (
+            not _is_int(self.truncate_prompt_tokens)
+            or not (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)
+        ):
+            raise bad(
+                "truncate_prompt_tokens", "None, -1 (the model's max length) or an integer >= 1"
+            )
+        if self.best_of is not None:
+            if not _is_int(self.best_of) or self.best_of < self.n:
+                raise bad("best_of", f"None or an integer >= n ({self.n})")
+            if self.best_of > self.n:
+                raise ValueError(
+                    f"best_of ({self.best_of}) > n ({self.n}) is not supported (nor in vLLM V1): "
+                    "leave best_of unset, or ask for n completions and pick among them"
+                )
         if self.stop is None:
             self._stop_list = []
         elif isinstance(self.stop, str):
@@ -99,3 +119,7 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

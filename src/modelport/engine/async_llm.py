@@ -246,7 +246,10 @@ class AsyncLLM:
             raise EngineDeadError(self.dead_reason or "engine is not started")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = RequestStream(self, request_id, list(prompt_token_ids), params)
+        ids = list(prompt_token_ids)
+        if params.truncate_prompt_tokens is not None:  # as LLM.generate does
+            ids = self.input_processor.truncate(ids, params.truncate_prompt_tokens)
+        stream = RequestStream(self, request_id, ids, params)
         core_reqs = self.input_processor.process(
             request_id, stream.prompt_ids, params, arrival_time=stream.arrival, priority=priority
         )

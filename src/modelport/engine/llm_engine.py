@@ -9,6 +9,7 @@ from __future__ import annotations
 from modelport.engine.arg_utils import EngineArgs, EngineConfig
 from modelport.engine.core import EngineCore
 from modelport.frontend.processor import InputProcessor, OutputProcessor
+from modelport.frontend.prompts import PromptInput
 from modelport.outputs import RequestOutput
 from modelport.sampling_params import SamplingParams
 
@@ -39,15 +40,17 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: PromptInput,
         params: SamplingParams,
         *,
         output_kind: str = "final",
         priority: int = 0,
         add_special_tokens: bool = True,
     ) -> None:
-        """Validate and queue one request; raises ValueError and leaves the engine untouched."""
-        ids = self.input_processor.tokenize(prompt, add_special_tokens)
+        """Validate and queue one request; raises ValueError and leaves the engine untouched.
+
+        ``prompt``: text, token ids, or a vLLM prompt dict (see frontend/prompts.py)."""
+        text, ids = self.input_processor.prompt_inputs(prompt, params, add_special_tokens)
         core_reqs = self.input_processor.process(request_id, ids, params, priority=priority)
         added = []
         try:
@@ -58,7 +61,7 @@ class LLMEngine:
             self.core.abort_requests(added)
             raise
         self.output_processor.add_request(
-            request_id, prompt if isinstance(prompt, str) else None, ids, params,
+            request_id, text, ids, params,
             output_kind=output_kind, arrival_time=core_reqs[0].arrival_time,
         )
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.llm_engine import LLMEngine
+from modelport.frontend.prompts import PromptInput, is_token_ids
+from modelport.frontend.tokenizer import Tokenizer
 from modelport.outputs import RequestOutput
 from modelport.sampling_params import SamplingParams
 
@@ -62,18 +64,25 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer: it answers as the Hugging Face tokenizer does, as vLLM's
+        (see frontend/tokenizer.py for the members whose defaults are the engine's)."""
         return self.llm_engine.tokenizer
 
     def generate(
         self,
-        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | None = None,
+        prompts: PromptInput | Sequence[PromptInput] | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Invalid input raises ValueError."""
+        """One RequestOutput per prompt, in order. Invalid input raises ValueError.
+
+        A prompt is a string, a list of token ids, ``{"prompt": text}`` or
+        ``{"prompt_token_ids": ids}`` (vLLM's TextPrompt / TokensPrompt); give one, or a list
+        of them in any mix.
+        """
         items = _normalize_prompts(prompts, prompt_token_ids)
         return self._run(items, sampling_params, use_tqdm, add_special_tokens=True)
 
@@ -137,14 +146,17 @@ class LLM:
         return [results[r] for r in ids]
 
 
-def _normalize_prompts(prompts, prompt_token_ids) -> list[str | list[int]]:
+def _normalize_prompts(prompts, prompt_token_ids) -> list[PromptInput]:
+    """One prompt or a batch of them -> a list of prompts (each checked when it is added)."""
     if prompt_token_ids is not None:
         return [list(p) for p in prompt_token_ids]
     if prompts is None:
-        raise ValueError("give prompts (strings or token id lists)")
-    if isinstance(prompts, str):
+        raise ValueError("give prompts (strings, token id lists or prompt dicts)")
+    if isinstance(prompts, (str, Mapping)):
         return [prompts]
+    if not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts must be a prompt or a list of them, got {type(prompts).__name__}")
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
+    if prompts and is_token_ids(prompts):
         return [prompts]  # a single token-id prompt
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+    return prompts

@@ -19,6 +19,7 @@ from modelport.engine.messages import (
     TokenLogprobs,
     params_to_dict,
 )
+from modelport.frontend.prompts import PromptInput, parse_prompt
 from modelport.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from modelport.sampling_params import SamplingParams
 
@@ -33,12 +34,32 @@ class InputProcessor:
         self.model_config = model_config
         self.max_model_len = scheduler_config.max_model_len
 
-    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
-            raise ValueError("prompt must be a string or a list of token ids")
-        return list(prompt)
+    def tokenize(self, prompt: PromptInput, add_special_tokens: bool = True) -> list[int]:
+        return self.prompt_inputs(prompt, None, add_special_tokens)[1]
+
+    def prompt_inputs(
+        self, prompt: PromptInput, params: SamplingParams | None, add_special_tokens: bool = True
+    ) -> tuple[str | None, list[int]]:
+        """A prompt in any of the offline API's forms -> (its text if known, its token ids),
+        truncated as ``params.truncate_prompt_tokens`` asks. ValueError if invalid."""
+        parsed = parse_prompt(prompt)
+        ids = parsed.token_ids
+        if ids is None:
+            ids = self.tokenizer.encode(parsed.text, add_special_tokens=add_special_tokens)
+        if params is not None and params.truncate_prompt_tokens is not None:
+            ids = self.truncate(ids, params.truncate_prompt_tokens)
+        return parsed.text, ids
+
+    def truncate(self, prompt_token_ids: list[int], keep: int) -> list[int]:
+        """The last ``keep`` ids (-1: the model's max length), as vLLM's truncate_prompt_tokens."""
+        if keep == -1:
+            keep = self.max_model_len
+        elif keep > self.max_model_len:
+            raise ValueError(
+                f"truncate_prompt_tokens ({keep}) is greater than max_model_len "
+                f"({self.max_model_len}); give a smaller value, or -1 for max_model_len"
+            )
+        return list(prompt_token_ids[-keep:])
 
     def process(
         self,
@@ -99,6 +120,9 @@ class _ChildState:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     text: str = ""  # visible text (stop string handled)
+    # text length while the output is within min_tokens: a stop string ending at or before
+    # it does not count (vLLM: no stop string stops a request before min_tokens tokens)
+    stop_floor: int = 0
     emitted: int = 0  # chars of text already sent (delta mode)
     sent_tokens: int = 0  # token ids already sent (delta mode)
     finish_reason: str | None = None
@@ -233,12 +257,15 @@ class OutputProcessor:
             c.detok.flush()  # an incomplete trailing character becomes U+FFFD, as in decode()
         full = c.detok.text
         stops = p.stop_strings
+        if len(c.token_ids) <= p.min_tokens:
+            c.stop_floor = len(full)
+            stops = []
         if stops and o.new_token_ids:
             longest = max(len(s) for s in stops)
             search_from = max(0, old_len - longest + 1)
             hit = None
             for s in stops:
-                j = full.find(s, search_from)
+                j = full.find(s, max(search_from, c.stop_floor - len(s) + 1))
                 if j != -1 and (hit is None or j < hit[0]):
                     hit = (j, s)
             if hit is not None:

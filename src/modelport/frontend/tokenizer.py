@@ -94,42 +94,124 @@ def render_chat_template(
         raise ValueError(f"chat template error: {e}") from None
 
 
-class Tokenizer:
-    """What the frontend needs from a tokenizer, independent of where it came from.
+# apply_chat_template options that only the HF tokenizer implements: a call giving one is
+# rendered by HF (with our template), as the caller asked for HF's behaviour
+_HF_CHAT_OPTIONS = frozenset(
+    {
+        "tokenize",
+        "return_dict",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "continue_final_message",
+        "sanitize_control_tokens",
+    }
+)
+# attributes this class sets itself; any other attribute write goes to the HF tokenizer
+_OWN_ATTRS = frozenset({"hf", "eos_token_ids", "vocab_size", "chat_template", "_rust"})
 
-    Decoding never applies ``clean_up_tokenization_spaces``: that legacy rewrite (" ." ->
-    ".") would corrupt code and make incremental detokenization disagree with a full decode.
+
+class Tokenizer:
+    """What the frontend needs from a tokenizer, independent of where it came from, and
+    otherwise the Hugging Face tokenizer it wraps.
+
+    ``llm.get_tokenizer()`` returns this object, where vLLM returns the HF tokenizer, so
+    everything this class does not define is the HF tokenizer's: ``tok(text)``,
+    ``tok.eos_token_id``, ``tok.pad_token``, ``tok.batch_decode``, ``len(tok)``... (reads
+    and writes of those attributes reach the HF object; ``tok.hf`` is the HF object itself,
+    for code that checks its class). GGUF models have an HF tokenizer too, converted from
+    the GGUF vocabulary, so this holds for every model.
+
+    Its own members keep the meanings the engine relies on, which differ from HF's:
+
+    * ``decode`` skips special tokens unless told otherwise, and never applies
+      ``clean_up_tokenization_spaces``: that legacy rewrite (" ." -> ".") would corrupt
+      code and make incremental detokenization disagree with a full decode;
+    * ``encode`` returns a plain list of ids;
+    * ``apply_chat_template`` adds the generation prompt and returns text, rendered in our
+      sandbox (HF's defaults are the opposite); given ``tokenize=True`` or another option
+      only HF has, HF renders the same template and answers as HF;
+    * ``vocab_size`` counts added tokens too (``len(tok)``; HF's excludes them);
+    * ``eos_token_ids`` (no HF counterpart) also holds the model's own end ids.
     """
 
     def __init__(self, hf: Any, extra_eos_token_ids: tuple[int, ...] = ()) -> None:
         self.hf = hf
         eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*eos, *extra_eos_token_ids]))
-        self.bos_token_id: int | None = hf.bos_token_id
         self.vocab_size: int = len(hf)
         self.chat_template: str | dict | None = getattr(hf, "chat_template", None)
         # a fast tokenizer's Rust object decodes ~5x faster than the Python wrapper around
         # it (which adds only argument conversion when clean-up is off): detokenization runs
         # twice per generated token
-        self._rust = getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        if self._rust is not None:
-            return self._rust.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return self.hf.decode(
-            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        self._rust = (
+            getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
         )
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return list(self.hf.convert_ids_to_tokens(list(ids)))
+    # ------------------------------------------------------------ the HF tokenizer's API
 
-    def _template(self, tools: Any) -> str:
+    def __getattr__(self, name: str) -> Any:
+        # only called for names this object lacks; "hf" itself missing means a half-built
+        # object (copy, pickle), which must not recurse
+        if name == "hf" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.hf, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN_ATTRS or hasattr(type(self), name):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.hf, name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.hf(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *dir(self.hf)})
+
+    def __repr__(self) -> str:
+        return f"modelport Tokenizer over {self.hf!r}"
+
+    # ------------------------------------------------------------ what the engine uses
+
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> Any:
+        """A list of ids; HF's other options (``return_tensors``, ...) pass through."""
+        out = self.hf.encode(text, add_special_tokens=add_special_tokens, **kwargs)
+        return out if kwargs else list(out)
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True, **kwargs: Any) -> Any:
+        """Text of ``ids`` (a list, an int, an array or tensor); a list of lists gives a list."""
+        if type(ids) is not list:
+            ids = ids.tolist() if hasattr(ids, "tolist") else ids
+            ids = [ids] if isinstance(ids, int) else list(ids)
+        if ids and isinstance(ids[0], list):
+            return [self.decode(x, skip_special_tokens, **kwargs) for x in ids]
+        if self._rust is not None and not kwargs:
+            return self._rust.decode(ids, skip_special_tokens=skip_special_tokens)
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def convert_ids_to_tokens(self, ids: Any, skip_special_tokens: bool = False) -> Any:
+        if isinstance(ids, int):
+            return self.hf.convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
+        return list(
+            self.hf.convert_ids_to_tokens(list(ids), skip_special_tokens=skip_special_tokens)
+        )
+
+    def _template(self, tools: Any, name: str | None = None) -> str:
         tpl = self.chat_template
         if isinstance(tpl, dict):  # named templates (e.g. "default", "tool_use")
+            if name is not None and name in tpl:
+                return tpl[name]
             tpl = tpl.get("tool_use") if tools and "tool_use" in tpl else tpl.get("default")
+        if name is not None:  # not a known name: the template text itself, as HF reads it
+            return name
         if not tpl:
             raise ValueError(
                 "this model has no chat template; use a completion request, or give a model "
@@ -142,15 +224,33 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        *,
+        chat_template: str | None = None,
         **kw: Any,
-    ) -> str:
-        """Render the model's chat template in a sandboxed Jinja environment."""
+    ) -> Any:
+        """Render the model's chat template (or ``chat_template``: a name or the template
+        text) in a sandboxed Jinja environment; other keywords become template variables.
+
+        Given one of HF's own options (``tokenize=True``, ``continue_final_message``,
+        ``return_dict``, ...), HF's apply_chat_template answers, with the same template.
+        """
+        template = self._template(tools, chat_template)
+        hf_options = {k: kw.pop(k) for k in _HF_CHAT_OPTIONS & kw.keys()}
+        tokenize = hf_options.pop("tokenize", False)
+        if tokenize or hf_options:
+            convo = messages
+            if messages and isinstance(messages[0], dict):
+                convo = flatten_content(messages)
+            return self.hf.apply_chat_template(
+                convo, tools=tools, chat_template=template, tokenize=tokenize,
+                add_generation_prompt=add_generation_prompt, **hf_options, **kw,
+            )  # fmt: skip
         special = {
             name: getattr(self.hf, name, None)
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
         return render_chat_template(
-            self._template(tools),
+            template,
             messages,
             add_generation_prompt=add_generation_prompt,
             tools=tools,
