@@ -436,3 +436,13 @@ def test_a_model_that_fails_to_load_ends_serve_with_status_1(tmp_path, entry) ->
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "failed to load the model: ValueError: config.json has no 'architectures'" in r.stderr
+
+
+@pytest.mark.parametrize("entry", [["modelport.entrypoints.cli", "serve"],
+                                   ["modelport.entrypoints.openai.api_server"]])
+def test_a_model_that_is_not_there_ends_serve_before_it_listens(tmp_path, entry) -> None:
+    cmd = [sys.executable, "-m", *entry, "--model", str(tmp_path / "nope"), "--port", "8094"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "modelport serve: model " in r.stderr and "nope' not found" in r.stderr
+    assert "Uvicorn running" not in r.stderr and "Traceback" not in r.stderr

@@ -206,6 +206,13 @@ def attach(
     repository's `llm` models) without loading one of this server's own. all_paths: no other
     frontend shares `app`, so every error (an unknown path's 404 too) is OpenAI-shaped.
     """
+    if own_engine and getattr(args, "model", None):
+        from modelport.loader.source import resolve_model
+
+        try:  # a path or cached id that is not there ends serve before any port opens
+            resolve_model(args.model)
+        except ValueError as e:
+            raise SystemExit(f"modelport serve: {e}") from None
     state = ServerState(version=_version(), api_key=getattr(args, "api_key", None),
                         serve_own_engine=own_engine)
     install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS)
