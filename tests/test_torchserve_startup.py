@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from helpers.server_proc import stop_server
 from modelport.entrypoints.cli_serve import add_common_args
 from modelport.entrypoints.torchserve import frontend
 from modelport.torchserve.ts_config import load_ts_config
@@ -245,11 +245,7 @@ def _serve(tmp_path: Path, port: int | None) -> tuple[set[int], str, dict[str, i
             if c.status == psutil.CONN_LISTEN
         }
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return listening, log_path.read_text(), ports
 
 
