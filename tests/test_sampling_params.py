@@ -16,6 +16,7 @@ from modelport.sampling_params import SamplingParams
         ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"frequency_penalty": -3.0}, "frequency_penalty"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 2**70}, "max_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
@@ -43,7 +44,8 @@ def test_invalid_values_name_the_field(kw, field) -> None:
 def test_extreme_valid_values_cross_the_process_boundary() -> None:
     import msgspec
 
-    p = SamplingParams(seed=2**63 - 1, n=128, top_k=-1, stop="x", stop_token_ids=[2**31 - 1])
+    p = SamplingParams(seed=2**63 - 1, n=128, top_k=-1, stop="x", stop_token_ids=[2**31 - 1],
+                       repetition_penalty=5.0)  # vLLM takes any positive penalty
     assert p.top_k == 0 and p.stop_strings == ["x"]
     r = EngineCoreRequest(request_id="a", prompt_token_ids=[1], sampling_params=params_to_dict(p),
                           eos_token_ids=[2], arrival_time=0.0)

@@ -56,8 +56,8 @@ class SamplingParams:
             raise bad("presence_penalty", "in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "in (0, 2]")
+        if not self.repetition_penalty > 0.0:  # as vLLM: any positive value
+            raise bad("repetition_penalty", "> 0")
         if self.max_tokens is not None and (
             not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < 2**31
         ):
