@@ -13,6 +13,7 @@ answer asynchronously, after a streaming response has already begun with 200. Th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -173,7 +174,9 @@ class AsyncLLM:
         )
 
         def on_message(msg: Any) -> None:
-            loop.call_soon_threadsafe(llm._on_core_message, msg)
+            # the core's last message (its exit) can come after the server's loop closed
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(llm._on_core_message, msg)
 
         client = await asyncio.to_thread(EngineCoreClient, core_config, on_message)
         llm.client = client

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -112,8 +113,26 @@ def _describe_device(engine_config: Any) -> str:
     return device
 
 
+def prepare_child_process() -> None:
+    """For a process the server owns (the engine core, a tensor-parallel rank).
+
+    Ctrl-C in a terminal reaches the whole process group, and a service manager's stop
+    (systemd's default) signals every process of the service; the owner shuts its children
+    down in order (requests answered first), so they ignore SIGINT and SIGTERM (an owner
+    that is gone closes their pipe, and they exit on that). tqdm's loading bars would make a
+    cross-process lock: a named semaphore that the resource tracker reports as leaked when
+    the process ends before tqdm's finalizer runs; a thread lock is all one process needs.
+    """
+    from tqdm import tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
+
+
 def run_engine_core(engine_config: Any, in_conn: Any, out_conn: Any, log_level: int = 20) -> None:
     """Entry point of the core process: load, report ready, then the busy loop until shutdown."""
+    prepare_child_process()
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s"
     )
@@ -223,6 +242,7 @@ class EngineCoreClient:
         core_in_recv.close()
         core_out_send.close()
         self.dead: EngineDeadError | None = None
+        self._closing = False  # shutdown() asked the core to stop: its exit is no death
         self.ready = self._wait_ready(startup_timeout)
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="core-writer", daemon=True)
@@ -288,8 +308,9 @@ class EngineCoreClient:
         self._proc.join(5)
         if self._proc.exitcode not in (None, 0):
             reason += f" (exit code {self._proc.exitcode})"
-        self.dead = EngineDeadError(reason)
-        self._on_message(self.dead)
+        self.dead = EngineDeadError("engine core shut down" if self._closing else reason)
+        if not self._closing:
+            self._on_message(self.dead)
 
     # -- API
 
@@ -315,6 +336,7 @@ class EngineCoreClient:
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Ask the core to stop, then make sure it has: join, terminate, kill."""
+        self._closing = True
         if self._proc.is_alive():
             with contextlib.suppress(Exception):
                 self._outbox.put(_to_core_encoder.encode(Shutdown()))
@@ -329,9 +351,6 @@ class EngineCoreClient:
 
 
 def _kill_process(proc: Any) -> None:
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(2)
-    if proc.is_alive():
+    if proc.is_alive():  # SIGKILL: the core ignores SIGTERM (prepare_child_process)
         proc.kill()
         proc.join(2)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 logger = logging.getLogger("modelport.serve")
@@ -97,9 +98,11 @@ async def serve_async(args: argparse.Namespace) -> int:
     chosen = [m for m in mods if m.wants(args)]
     if not chosen:
         raise SystemExit("nothing to serve: give --model, --model-repository or --model-store")
-    app = FastAPI(title="modelport", version=_version())
+    services: list[Any] = []
+    stop_all = stopper(services)
+    app = FastAPI(title="modelport", version=_version(), lifespan=stop_at_shutdown(stop_all))
     args.serve_frontends = tuple(m.__name__ for m in chosen)
-    services = [await m.build(args, app) for m in chosen]
+    services += [await m.build(args, app) for m in chosen]
     host, port = args.host, args.port
     for s in services:
         if getattr(s, "listen", None) is not None:
@@ -115,10 +118,37 @@ async def serve_async(args: argparse.Namespace) -> int:
         logger.info("serving on http://%s:%d", host, port)
         await server.serve()
     finally:
+        await stop_all()
+    return 1 if any(getattr(s, "failed", False) for s in services) else 0
+
+
+def stopper(services: list[Any]) -> Callable[[], Awaitable[None]]:
+    """Stop the services once, last started first (from the app's shutdown or a failure)."""
+    done = False
+
+    async def stop_all() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
         for s in reversed(services):
             with contextlib.suppress(Exception):
                 await s.stop()
-    return 1 if any(getattr(s, "failed", False) for s in services) else 0
+
+    return stop_all
+
+
+def stop_at_shutdown(stop_all: Callable[[], Awaitable[None]]) -> Callable[[Any], Any]:
+    """A lifespan that stops the services in uvicorn's shutdown: before uvicorn re-raises a
+    SIGTERM it caught (which ends the process at once), so engines and model processes are
+    stopped in order and not left behind."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await stop_all()
+
+    return lifespan
 
 
 def _version() -> str:

@@ -9,9 +9,11 @@ import sys
 def main(argv: list[str]) -> int:
     import torch
 
+    from modelport.engine.core_client import prepare_child_process
     from modelport.parallel.workers import cpu_threads_per_rank, init_process_group, worker_loop
     from modelport.runner.model_runner import ModelRunner
 
+    prepare_child_process()
     path, rank, port = argv[0], int(argv[1]), int(argv[2])
     with open(path, "rb") as f:
         config = pickle.load(f)

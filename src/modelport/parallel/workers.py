@@ -86,12 +86,10 @@ class TPWorkers:
 def _stop(procs: list[subprocess.Popen], path: str) -> None:
     """Last resort (also at interpreter exit): end ranks still waiting for rank 0."""
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
+        if p.poll() is None:  # SIGKILL: ranks ignore SIGTERM (core_client.prepare_child_process)
+            p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
     with contextlib.suppress(OSError):
         os.unlink(path)
     if dist.is_initialized():

@@ -220,15 +220,22 @@ def attach(
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)
 
 
-def build_app(args: argparse.Namespace) -> tuple[FastAPI, OpenAIService]:
-    app = FastAPI(title="modelport OpenAI-compatible server", version=_version())
-    return app, attach(app, args, exit_on_failure=True, all_paths=True)
+def build_app(args: argparse.Namespace) -> tuple[FastAPI, OpenAIService, Any]:
+    """The app, its service and the stop that the app's shutdown (or a failure) runs once."""
+    from modelport.entrypoints.cli_serve import stop_at_shutdown, stopper
+
+    services: list[OpenAIService] = []
+    stop_all = stopper(services)
+    app = FastAPI(title="modelport OpenAI-compatible server", version=_version(),
+                  lifespan=stop_at_shutdown(stop_all))
+    services.append(attach(app, args, exit_on_failure=True, all_paths=True))
+    return app, services[0], stop_all
 
 
 async def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
-    app, service = build_app(args)
+    app, service, stop_all = build_app(args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
     server = uvicorn.Server(config)
     service.http_server = server
@@ -236,7 +243,7 @@ async def run_server(args: argparse.Namespace) -> int:
     try:
         await server.serve()
     finally:
-        await service.stop()
+        await stop_all()
     return 1 if service.failed else 0
 
 
