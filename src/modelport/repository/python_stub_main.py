@@ -7,6 +7,7 @@ python -m modelport.repository.python_stub_main --auto-complete < request.json
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from multiprocessing.connection import Connection
 
@@ -19,6 +20,11 @@ def main() -> int:
         result = python_stub.auto_complete(req["model_file"], req["version_dir"], req["config"])
         sys.stdout.write("\n" + json.dumps(result) + "\n")
         return 0
+    # Ctrl-C (and a service manager's SIGTERM) reach the whole process group: the server
+    # unloads its models in order (TritonPythonModel.finalize runs) and ends a stub with a
+    # message or SIGKILL
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
     try:
         init = conn.recv()

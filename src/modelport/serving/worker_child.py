@@ -87,8 +87,10 @@ def emit_partial(value: Any) -> None:
 
 def child_main(conn: Any, factory: str, init_kwargs: dict, env: dict[str, str]) -> None:
     global _current_call
-    # Ctrl-C reaches the whole process group; the parent decides when a child stops
+    # Ctrl-C (and a service manager's SIGTERM) reach the whole process group; the parent
+    # decides when a child stops, and ends it with a message or SIGKILL
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.update(env)
     try:
         target = _resolve(factory)(**init_kwargs)
