@@ -68,6 +68,22 @@ def test_generate_extension(setup) -> None:
     assert doc["text_output"] == expected(ref, "hello", 6)
 
 
+def test_generate_takes_top_level_fields_as_parameters(setup) -> None:
+    """Triton: fields beside text_input that are not inputs are passed as parameters."""
+    srv, ref = setup
+    url = f"http://{srv.http_url}/v2/models/tiny_llm/generate"
+    r = httpx.post(url, json={"text_input": "hello", "max_tokens": 6, "temperature": 0,
+                              "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["text_output"] == expected(ref, "hello", 6)
+    r = httpx.post(url, json={"text_input": "hello", "max_tokens": 6, "temperature": 5.0,
+                              "seed": 1, "ignore_eos": True, "parameters": {"temperature": 0}})
+    assert r.json()["text_output"] == expected(ref, "hello", 6)  # "parameters" wins: greedy
+    r = httpx.post(url, json={"text_input": "hello", "stop": ["x"]})
+    assert r.status_code == 400
+    assert "field 'stop' is not an input of model 'tiny_llm'" in r.json()["error"]
+
+
 def test_generate_stream_deltas_concatenate(setup) -> None:
     srv, ref = setup
     with httpx.stream("POST", f"http://{srv.http_url}/v2/models/tiny_llm_stream/generate_stream",

@@ -296,6 +296,26 @@ def generate_inputs(cfg: mc.ModelConfig, doc: dict[str, Any]) -> dict[str, Infer
     return inputs
 
 
+def generate_parameters(cfg: mc.ModelConfig, doc: dict[str, Any]) -> dict[str, Any]:
+    """Triton's generate extension: the request's "parameters", plus every other top-level
+    field that is not an input (Triton passes those "as parameters or tensors based on model
+    specification"); a key in "parameters" wins over the same top-level field."""
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidArgument("'parameters' must be a JSON object")
+    inputs = {io.name for io in cfg.input}
+    extra = {}
+    for key, value in doc.items():
+        if key in ("parameters", "id") or key in inputs:
+            continue
+        if isinstance(value, (dict, list)) or value is None:
+            raise InvalidArgument(
+                f"field '{key}' is not an input of model '{cfg.name}', and a parameter must be "
+                "a string, a number or a boolean")
+        extra[key] = value
+    return {**extra, **params}
+
+
 def generate_output(resp: InferResponse) -> dict[str, Any]:
     doc: dict[str, Any] = {"model_name": resp.model_name, "model_version": str(resp.model_version)}
     for name, t in resp.outputs.items():

@@ -160,13 +160,12 @@ def build_router(
     def _generate_request(model_name: str, model_version: str | None, doc: dict) -> InferRequest:
         version = _version(model_version)
         cfg = manager.config(model_name, version)
-        params = doc.get("parameters") or {}
         return InferRequest(
             model_name=model_name,
             model_version=version,
             inputs=codec.generate_inputs(cfg, doc),
             id=str(doc.get("id", "")),
-            parameters=params if isinstance(params, dict) else {},
+            parameters=codec.generate_parameters(cfg, doc),
         )
 
     async def _generate(
