@@ -46,7 +46,8 @@ def base(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("paritysrv") / "server.log"
     argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", "./tiny",
             "--max-model-len", "64", "--kv-cache-memory", "8MiB",
-            "--max-num-seqs", "1", "--max-waiting-requests", "1"]  # fmt: skip
+            "--max-num-seqs", "1", "--max-waiting-requests", "1",
+            "--metrics-prefix", "vllm"]  # fmt: skip
     proc, url = start_server(argv, log, timeout=180, cwd=model_dir.parent)
     try:
         yield url
@@ -176,3 +177,21 @@ def test_a_body_that_is_not_json_is_a_400_that_says_so(base, raw, where) -> None
     assert err["message"].startswith("the request body is not valid JSON: ")
     assert err["message"].endswith(where)
     assert err["param"] is None and err["type"] == "invalid_request_error"
+
+
+def test_metrics_prefix_vllm_gives_vllms_series_names(base) -> None:
+    r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200
+    text = httpx.get(f"{base}/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:generation_tokens_total",
+                 "vllm:request_success_total"):
+        assert name in text, name
+    assert "modelport:" not in text
+
+
+def test_metrics_prefix_is_checked() -> None:
+    from modelport.entrypoints.openai.metrics import ServerMetrics
+
+    with pytest.raises(ValueError, match="metrics prefix must be one of"):
+        ServerMetrics("m", prefix="tgi")

@@ -48,6 +48,14 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             default=None,
             help="require this key (Authorization: Bearer KEY) on /v1, /tokenize, /detokenize",
         )
+    if "--metrics-prefix" not in parser._option_string_actions:
+        g.add_argument(
+            "--metrics-prefix",
+            choices=("modelport", "vllm"),
+            default="modelport",
+            help="namespace of the /metrics series: modelport:... (default), or vllm:... for "
+            "dashboards built on vLLM's names (the same series)",
+        )
     if "--max-waiting-requests" not in parser._option_string_actions:
         g.add_argument(
             "--max-waiting-requests",
@@ -131,7 +139,8 @@ class OpenAIService:
             return
         # the loader's name for the model is known only now, once --model is resolved
         engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
-        metrics = ServerMetrics(engine.served_model_names[0])
+        metrics = ServerMetrics(engine.served_model_names[0],
+                                prefix=getattr(self.args, "metrics_prefix", "modelport"))
         engine.stat_logger = metrics
         self.state.metrics = metrics
         self.state.engine = engine

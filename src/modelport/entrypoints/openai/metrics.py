@@ -1,4 +1,5 @@
-"""Prometheus metrics for the LLM server, named `modelport:...` like vLLM's `vllm:...`.
+"""Prometheus metrics for the LLM server, named `modelport:...` like vLLM's `vllm:...` (or
+`vllm:...` themselves with `--metrics-prefix vllm`).
 
 Each server owns its own CollectorRegistry so two apps in one process (tests, or several
 frontends) never collide on names. Engine-side gauges come from the SchedulerStats the core
@@ -20,12 +21,18 @@ _LATENCY_BUCKETS = (
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+METRIC_PREFIXES = ("modelport", "vllm")
 
 
 class ServerMetrics:
     """All series of one served model; methods are cheap enough to call per token batch."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
+                 prefix: str = "modelport") -> None:
+        """prefix: the series' namespace; "vllm" gives vLLM's names (`vllm:num_requests_running`
+        ...) for dashboards built on them (`--metrics-prefix vllm`)."""
+        if prefix not in METRIC_PREFIXES:
+            raise ValueError(f"metrics prefix must be one of {METRIC_PREFIXES}, got {prefix!r}")
         self.registry = registry or CollectorRegistry()
         r, labels = self.registry, ["model_name"]
         self._model = model_name
@@ -33,78 +40,78 @@ class ServerMetrics:
         def hist(name: str, doc: str, buckets: tuple = _LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, labels, registry=r, buckets=buckets)
 
-        self.ttft = hist("modelport:time_to_first_token_seconds", "Time to first token.")
-        self.itl = hist("modelport:inter_token_latency_seconds", "Time between output tokens.")
-        self.e2e = hist("modelport:e2e_request_latency_seconds", "End-to-end request latency.")
-        self.queue = hist("modelport:request_queue_time_seconds", "Time waiting to be scheduled.")
+        self.ttft = hist(f"{prefix}:time_to_first_token_seconds", "Time to first token.")
+        self.itl = hist(f"{prefix}:inter_token_latency_seconds", "Time between output tokens.")
+        self.e2e = hist(f"{prefix}:e2e_request_latency_seconds", "End-to-end request latency.")
+        self.queue = hist(f"{prefix}:request_queue_time_seconds", "Time waiting to be scheduled.")
         self.prompt_len = hist(
-            "modelport:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
+            f"{prefix}:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
         )
         self.gen_len = hist(
-            "modelport:request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS
+            f"{prefix}:request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS
         )
         self.running = Gauge(
-            "modelport:num_requests_running", "Requests running.", labels, registry=r
+            f"{prefix}:num_requests_running", "Requests running.", labels, registry=r
         )
         self.waiting = Gauge(
-            "modelport:num_requests_waiting", "Requests waiting.", labels, registry=r
+            f"{prefix}:num_requests_waiting", "Requests waiting.", labels, registry=r
         )
         self.kv_usage = Gauge(
-            "modelport:kv_cache_usage_perc",
+            f"{prefix}:kv_cache_usage_perc",
             "Fraction of KV cache blocks in use (0-1).",
             labels,
             registry=r,
         )
         self.prefix_hit_rate = Gauge(
-            "modelport:prefix_cache_hit_rate",
+            f"{prefix}:prefix_cache_hit_rate",
             "Prefix cache hits / queries (tokens, 0-1).",
             labels,
             registry=r,
         )
         self.prefix_queries = Counter(
-            "modelport:prefix_cache_queries",
+            f"{prefix}:prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache.",
             labels,
             registry=r,
         )
         self.prefix_hits = Counter(
-            "modelport:prefix_cache_hits",
+            f"{prefix}:prefix_cache_hits",
             "Prompt tokens found in the prefix cache.",
             labels,
             registry=r,
         )
         self.preemptions = Counter(
-            "modelport:num_preemptions",
+            f"{prefix}:num_preemptions",
             "Requests preempted (recomputed later).",
             labels,
             registry=r,
         )
         self.spec_drafts = Counter(
-            "modelport:spec_decode_num_draft_tokens",
+            f"{prefix}:spec_decode_num_draft_tokens",
             "Speculative decoding: draft tokens proposed.",
             labels,
             registry=r,
         )
         self.spec_accepted = Counter(
-            "modelport:spec_decode_num_accepted_tokens",
+            f"{prefix}:spec_decode_num_accepted_tokens",
             "Speculative decoding: draft tokens the model accepted.",
             labels,
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "modelport:prompt_tokens", "Prompt tokens processed.", labels, registry=r
+            f"{prefix}:prompt_tokens", "Prompt tokens processed.", labels, registry=r
         )
         self.generation_tokens = Counter(
-            "modelport:generation_tokens", "Tokens generated.", labels, registry=r
+            f"{prefix}:generation_tokens", "Tokens generated.", labels, registry=r
         )
         self.success = Counter(
-            "modelport:request_success",
+            f"{prefix}:request_success",
             "Finished requests by finish reason.",
             ["model_name", "finished_reason"],
             registry=r,
         )
         self.rejected = Counter(
-            "modelport:request_rejected",
+            f"{prefix}:request_rejected",
             "Requests refused because the waiting queue was full.",
             labels,
             registry=r,
