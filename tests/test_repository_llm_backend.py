@@ -95,13 +95,19 @@ def test_generate_stream_deltas_concatenate(setup) -> None:
     assert "".join(e["text_output"] for e in events) == expected(ref, "abc", 8)
 
 
+def _text_and_max_tokens(client, text: bytes, max_tokens: int) -> tuple:  # noqa: ANN001
+    """tritonclient (http or grpc) inputs: the prompt and a max_tokens tensor."""
+    t = client.InferInput("text_input", [1], "BYTES")
+    t.set_data_from_numpy(np.array([text], dtype=np.object_))
+    mt = client.InferInput("max_tokens", [1], "INT32")
+    mt.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+    return t, mt
+
+
 def test_tritonclient_http_infer_with_max_tokens_tensor(setup) -> None:
     srv, ref = setup
     c = httpclient.InferenceServerClient(srv.http_url)
-    text = httpclient.InferInput("text_input", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"xyz"], dtype=np.object_))
-    mt = httpclient.InferInput("max_tokens", [1], "INT32")
-    mt.set_data_from_numpy(np.array([5], dtype=np.int32))
+    text, mt = _text_and_max_tokens(httpclient, b"xyz", 5)
     # greedy through request parameters, length through the tensor
     r = c.infer("tiny_llm", [text, mt], parameters={"temperature": 0, "ignore_eos": True})
     out = r.as_numpy("text_output").reshape(-1)[0]
@@ -175,10 +181,7 @@ def test_bad_sampling_value_is_400(setup, model, endpoint) -> None:
 def test_bad_sampling_value_over_grpc(setup) -> None:
     srv, _ = setup
     c = grpcclient.InferenceServerClient(srv.grpc_url)
-    text = grpcclient.InferInput("text_input", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"Hi"], dtype=np.object_))
-    mt = grpcclient.InferInput("max_tokens", [1], "INT32")
-    mt.set_data_from_numpy(np.array([-4], dtype=np.int32))
+    text, mt = _text_and_max_tokens(grpcclient, b"Hi", -4)
     with pytest.raises(InferenceServerException) as info:
         c.infer("tiny_llm", [text, mt])
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"

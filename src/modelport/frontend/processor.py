@@ -54,6 +54,8 @@ class InputProcessor:
         """The last ``keep`` ids (-1: the model's max length), as vLLM's truncate_prompt_tokens."""
         if keep == -1:
             keep = self.max_model_len
+        elif keep < 1:
+            raise ValueError(f"truncate_prompt_tokens must be -1 (max_model_len) or >= 1, got {keep}")
         elif keep > self.max_model_len:
             raise ValueError(
                 f"truncate_prompt_tokens ({keep}) is greater than max_model_len "

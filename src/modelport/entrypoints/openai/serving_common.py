@@ -95,23 +95,16 @@ def check_unsupported(req: Any) -> None:
 
 
 def truncate_prompt(engine: AsyncLLM, ids: list[int], keep: int | None) -> list[int]:
-    """vLLM's truncate_prompt_tokens: the last `keep` prompt tokens (-1: max_model_len).
+    """vLLM's truncate_prompt_tokens (the engine's own truncation), as a 400 when invalid.
 
     Runs before the length checks, so a long prompt that is cut to fit is served.
     """
     if keep is None:
         return ids
-    limit = engine.max_model_len
-    if keep == -1:
-        keep = limit
-    if keep < 1 or keep > limit:
-        raise OpenAIError(
-            f"truncate_prompt_tokens must be -1 (this model's maximum context length) or from "
-            f"1 to {limit}; got {keep}",
-            400,
-            param="truncate_prompt_tokens",
-        )
-    return ids[-keep:]
+    try:
+        return engine.input_processor.truncate(ids, keep)
+    except ValueError as e:
+        raise OpenAIError(str(e), 400, param="truncate_prompt_tokens") from None
 
 
 def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | None) -> int:
