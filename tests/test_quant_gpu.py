@@ -234,18 +234,19 @@ def test_nf4_encode_on_cuda_matches_cpu(double_quant: bool) -> None:
                                       (33, 384, 128, 4), (16, 128, 32, 2), (70, 448, 64, 9),
                                       (4096, 4096, 64, 64), (100, 1024, 128, 130),
                                       (40, 256, 64, 300)])
-@pytest.mark.parametrize("opt_in", [False, True])
+@pytest.mark.parametrize("words_split", [False, True])
 def test_nf4_triton_matches_reference(dtype: torch.dtype, n: int, k: int, qb: int, m: int,
-                                      opt_in: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+                                      words_split: bool,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """NF4 kept at 4 bits: the GEMV (<= 4 rows), the in-register GEMM (< 256 rows) and the
-    dequant + cuBLAS paths against the reference w = table[code] * absmax; opt_in: the GEMV
-    reading int32 words (MODELPORT_NF4_GEMV=words) and the split-K GEMM
-    (MODELPORT_NF4_GEMM_SPLIT=1)."""
+    dequant + cuBLAS paths against the reference w = table[code] * absmax; words_split: the
+    GEMV reading int32 words and the split-K GEMM (the defaults), else the byte GEMV and the
+    unsplit GEMM (MODELPORT_NF4_GEMV=bytes, MODELPORT_NF4_GEMM_SPLIT=0)."""
     from modelport.quantization import triton_nf4 as tn
     from modelport.quantization.nf4 import NF4_CODE
 
-    monkeypatch.setattr(tn, "GEMV_WORDS", opt_in)
-    monkeypatch.setattr(tn, "GEMM_SPLIT", opt_in)
+    monkeypatch.setattr(tn, "GEMV_WORDS", words_split)
+    monkeypatch.setattr(tn, "GEMM_SPLIT", words_split)
 
     g = torch.Generator().manual_seed(n + k + m)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
@@ -263,7 +264,7 @@ def test_nf4_triton_matches_reference(dtype: torch.dtype, n: int, k: int, qb: in
     flat = torch.zeros(m * k + 1, dtype=dtype, device="cuda")  # odd storage offset: the GEMV
     x_odd = flat[1:].view(m, k).copy_(x.cuda())  # reads x as int32 words (it copies first)
     y_odd = tn.linear(x_odd, packed, am_d, t_d, None)
-    if opt_in and tn.GEMV_MAX_M < m < tn.DEQUANT_MIN_M:  # split-K: atomic fp32 sums
+    if words_split and tn.GEMV_MAX_M < m < tn.DEQUANT_MIN_M:  # split-K: atomic fp32 sums
         torch.testing.assert_close(y_odd, y, atol=2e-3 * y.float().abs().max().item(), rtol=0)
     elif m < tn.DEQUANT_MIN_M:  # our kernels: the same bits
         assert torch.equal(y_odd, y)

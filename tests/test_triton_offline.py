@@ -154,8 +154,8 @@ _NF4 = textwrap.dedent("""
 
 
 def test_nf4_kernels_match_the_reference_in_the_triton_interpreter() -> None:
-    # the byte GEMV (shipped), the word GEMV (MODELPORT_NF4_GEMV=words) and the GEMM with and
-    # without K slices (MODELPORT_NF4_GEMM_SPLIT=1) on CPU tensors
+    # the byte GEMV (MODELPORT_NF4_GEMV=bytes), the word GEMV (the default) and the GEMM with
+    # and without K slices (MODELPORT_NF4_GEMM_SPLIT=0 / the default) on CPU tensors
     assert _interpret(_NF4).count("ok ") == 16
 
 

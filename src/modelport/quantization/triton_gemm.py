@@ -54,11 +54,12 @@ MAG_2048 = 0x45000000  # 4-bit codes at mantissa bits 12..15 -> 2048 + code
 MAG_128 = 0x43000000  # 4-bit codes at bits 16..19 -> 128 + code
 MAG_32768 = 0x47000000  # 8-bit codes at bits 8..15 -> 32768 + code
 MAG_2_23 = 0x4B000000  # codes at bits 0..7 -> 2**23 + code (GEMM dequant)
-# MODELPORT_W_GEMM_WIDE_K=1: the GEMM (5-255 rows) takes 128 columns of K a step when the
-# group is smaller (several groups' scales a step) instead of one group: GGUF's blocks of
-# 32 otherwise make 4x the steps, each a 32-deep dot (GGUF Q4_K at 64 rows: 14.76 ms a
-# decode step against AWQ g128's 12.14 on the H200). Opt-in until timed on a GPU.
-GEMM_WIDE_K = 128 if os.environ.get("MODELPORT_W_GEMM_WIDE_K") == "1" else 0
+# The GEMM (5-255 rows) takes 128 columns of K a step when the group is smaller (several
+# groups' scales a step) instead of one group: GGUF's blocks of 32 otherwise make 4x the
+# steps, each a 32-deep dot. GGUF Q4_K at 64 rows on an H100 (session 24, `qd-env`): 16.13
+# ms a decode step with one group a step, 13.66 with 128 columns. MODELPORT_W_GEMM_WIDE_K=0
+# goes back to one group a step.
+GEMM_WIDE_K = 0 if os.environ.get("MODELPORT_W_GEMM_WIDE_K") == "0" else 128
 
 
 @functools.cache

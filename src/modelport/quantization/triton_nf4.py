@@ -7,15 +7,15 @@ Stored per layer (``nf4.NF4LinearMethod`` on CUDA):
 * ``absmax`` float32 [N, K / QB]: one scale per block of QB input columns;
 * ``table`` float32 [16]: the NF4 code book. w[n, k] = table[code] * absmax[n, k // QB].
 
-Three kernels read it:
+Four kernels read it:
 
 * ``gemv`` (1..GEMV_MAX_M rows of 16-bit x: decode): a program owns GEMV_BLOCK_N output rows
   and walks all of K, NB quant blocks a step, 16 bytes of codes a thread. Each code is
   looked up in the 16-entry table (``tl.gather``: shared memory), multiplied by its
   activation in fp32, summed per quant block and scaled once per block by absmax.
-* ``gemv_words`` (the same rows, opt-in: MODELPORT_NF4_GEMV=words): the codes read as int32
-  words, 8 codes a register, so a program holds far fewer registers and an SM more programs;
-  x read as 16-bit pairs and split per byte of the word.
+* ``gemv_words`` (the same rows; the default, MODELPORT_NF4_GEMV=bytes runs ``gemv``): the
+  codes read as int32 words, 8 codes a register, so a program holds far fewer registers
+  and an SM more programs; x read as 16-bit pairs and split per byte of the word.
 * ``gemm`` (below DEQUANT_MIN_M rows: batched decode): [BLOCK_M, GEMM_BLOCK_N] tiles of y on
   the tensor cores, each quant block of the weight expanded in registers as ``dequant`` does.
 * ``dequant`` (more rows: prefill): the weight expanded to [N, K] in the activation dtype in
@@ -83,20 +83,20 @@ def _kernels():  # noqa: ANN202 - imported lazily so importing this module never
     return k.gemv, k.dequant, k.gemm, k.gemv_words
 
 
-# MODELPORT_NF4_GEMV=words: the GEMV that reads the codes as int32 words (gemv_words). The
+# The GEMV reads the codes as int32 words (gemv_words) unless MODELPORT_NF4_GEMV=bytes. The
 # byte GEMV compiles (offline, sm_90, one row, bench/gpu/kernel_regs.py nf4) to 233-235
 # registers a thread: 2 programs an SM, 16 KB of codes in flight; the word GEMV's same 8 KB
-# steps to 96-119: 4-5 programs, 32-40 KB in flight, and 10 % fewer instructions. Not yet
-# timed on a GPU, so the byte kernel stays the default.
-GEMV_WORDS = os.environ.get("MODELPORT_NF4_GEMV", "bytes") == "words"
+# steps to 96-119: 4-5 programs, 32-40 KB in flight, and 10 % fewer instructions. NF4 decode
+# at batch 1 on an H100 (session 24, `nf4-ab`): 5.111 ms a token with bytes, 3.877 with words.
+GEMV_WORDS = os.environ.get("MODELPORT_NF4_GEMV", "words") == "words"
 WORDS_BLOCK_N = 8
 WORDS_STEP_BYTES = 8192
-# MODELPORT_NF4_GEMM_SPLIT=1: the GEMM (5-255 rows) splits K until its grid has about
-# GEMM_SPLIT_PROGRAMS programs. Without it a 64-row batch through a 4,096-wide projection
-# (o, down) is 128 programs for 132 SMs, one each (NF4 at 64 rows: 16.2 ms a decode step
-# against bf16's 10.7). Opt-in until timed: its atomic fp32 sums change the last bits from
-# run to run, as the W4 GEMM's split-K does.
-GEMM_SPLIT = os.environ.get("MODELPORT_NF4_GEMM_SPLIT") == "1"
+# The GEMM (5-255 rows) splits K until its grid has about GEMM_SPLIT_PROGRAMS programs
+# (MODELPORT_NF4_GEMM_SPLIT=0: never). Unsplit, a 64-row batch through a 4,096-wide
+# projection (o, down) is 128 programs for 132 SMs, one each. NF4 at 64 rows on an H100
+# (session 24, `nf4-ab`, with the word GEMV): 17.00 ms a decode step unsplit, 15.44 split.
+# Its atomic fp32 sums change the last bits from run to run, as the W4 GEMM's split-K does.
+GEMM_SPLIT = os.environ.get("MODELPORT_NF4_GEMM_SPLIT") != "0"
 GEMM_SPLIT_PROGRAMS = 4 * 132
 
 
@@ -140,7 +140,7 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
 
 
 def gemm_split(m_tiles: int, n_tiles: int, n_blocks: int) -> int:
-    """K slices for the NF4 GEMM (MODELPORT_NF4_GEMM_SPLIT=1): a power of two, at most 8,
+    """K slices for the NF4 GEMM (1 with MODELPORT_NF4_GEMM_SPLIT=0): a power of two, at most 8,
     dividing the quant blocks of a row, until the grid has ~GEMM_SPLIT_PROGRAMS programs."""
     if not GEMM_SPLIT:
         return 1
