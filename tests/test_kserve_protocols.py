@@ -362,13 +362,16 @@ def test_concurrent_clients_on_both_protocols(server):
 
 def test_load_unload_refused_in_none_mode(server):
     c = httpclient.InferenceServerClient(server.http_url)
+    # Triton's words and status: UNAVAILABLE (503)
     with pytest.raises(
-        InferenceServerException, match="not allowed if model control mode is 'none'"
-    ):
+        InferenceServerException, match="load / unload is not allowed if polling is enabled"
+    ) as info:
         c.load_model("add_sub")
+    assert info.value.status() == "503"
     g = grpcclient.InferenceServerClient(server.grpc_url)
-    with pytest.raises(InferenceServerException, match="not allowed"):
+    with pytest.raises(InferenceServerException, match="not allowed") as info:
         g.unload_model("add_sub")
+    assert info.value.status() == "StatusCode.UNAVAILABLE"
     assert c.is_model_ready("add_sub")
     index = {r["name"]: r for r in c.get_model_repository_index()}
     assert index["add_sub"]["state"] == "READY"

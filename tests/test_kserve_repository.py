@@ -127,7 +127,9 @@ def test_poll_mode_picks_up_new_changed_and_removed_models(tmp_path):
                 )
             )
             np.testing.assert_allclose(resp.outputs["OUTPUT0"].data, x * 2)
-            with pytest.raises(Exception, match="not allowed if model control mode is 'poll'"):
+            with pytest.raises(
+                Exception, match="not allowed if polling is enabled \\(model control mode is 'poll'"
+            ):
                 await manager.request_load("add_sub")
         finally:
             await manager.stop()

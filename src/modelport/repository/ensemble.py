@@ -202,7 +202,11 @@ class EnsembleModel:
                     done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
                         st = running.pop(task)
-                        resp = task.result()
+                        try:
+                            resp = task.result()
+                        except ServingError as e:
+                            # Triton names the ensemble in a step's error, keeping its code
+                            raise ServingError(f"in ensemble '{self.name}', {e}", e.status) from e
                         for k, name in st.output_map.items():
                             if k not in resp.outputs:
                                 raise ServingError(

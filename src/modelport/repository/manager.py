@@ -29,7 +29,6 @@ from modelport.repository.errors import (
     NotFound,
     ServingError,
     Unavailable,
-    Unsupported,
     not_ready,
     unknown_model,
 )
@@ -69,6 +68,9 @@ class ModelEntry:
     versions: dict[int, Served] = field(default_factory=dict)
     state: str = ""  # "" (never loaded), READY, LOADING, UNLOADING, UNAVAILABLE
     reason: str = ""
+    # versions served once and unloaded since (unload, or a reload under another version
+    # policy): the repository index lists them, as Triton does, UNAVAILABLE "unloaded"
+    retired: set[int] = field(default_factory=set)
     signature: tuple = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -217,9 +219,11 @@ class RepositoryManager:
 
     def _check_control(self) -> None:
         if self.control_mode != "explicit":
-            raise Unsupported(
-                "explicit model load / unload is not allowed if model control mode is "
-                f"'{self.control_mode}' (start with --model-control-mode explicit)"
+            # Triton's status (UNAVAILABLE) and words, which clients match on
+            raise Unavailable(
+                "explicit model load / unload is not allowed if polling is enabled (model "
+                f"control mode is '{self.control_mode}': start with --model-control-mode "
+                "explicit)"
             )
 
     async def request_load(self, name: str, config_json: str | None = None) -> None:
@@ -290,6 +294,7 @@ class RepositoryManager:
                 raise ModelConfigError(f"failed to load '{name}': {reason}") from e
             old, entry.versions, entry.config = entry.versions, new, cfg
             entry.state, entry.reason = "READY", ""
+            entry.retired = (entry.retired | set(old)) - set(new)
         for m in old.values():
             with contextlib.suppress(Exception):
                 await m.stop()
@@ -319,6 +324,7 @@ class RepositoryManager:
         async with entry.lock:
             old, entry.versions = entry.versions, {}
             entry.state, entry.reason = "UNLOADING", ""
+            entry.retired |= set(old)
             for m in old.values():
                 with contextlib.suppress(Exception):
                     await m.stop()
@@ -401,12 +407,18 @@ class RepositoryManager:
         rows: list[dict[str, Any]] = []
         for name in sorted(self.entries):
             e = self.entries[name]
-            if e.versions:
-                for v, m in sorted(e.versions.items()):
-                    state = "READY" if m.ready else "UNAVAILABLE"
-                    rows.append({"name": name, "version": str(v), "state": state, "reason": ""})
+            unloaded = e.state == "UNAVAILABLE" and e.reason == UNLOADED
+            if e.versions or (unloaded and e.retired):
+                states = {v: ("UNAVAILABLE", UNLOADED) for v in e.retired}
+                for v, m in e.versions.items():
+                    states[v] = ("READY" if m.ready else "UNAVAILABLE", "")
+                for v, (state, reason) in sorted(states.items()):
+                    row: dict[str, Any] = {"name": name, "version": str(v), "state": state}
+                    if reason:  # Triton leaves an empty reason out
+                        row["reason"] = reason
+                    rows.append(row)
             elif not ready_only:
-                row: dict[str, Any] = {"name": name}
+                row = {"name": name}
                 if e.state:
                     row.update(state=e.state, reason=e.reason)
                 rows.append(row)

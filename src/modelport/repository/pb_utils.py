@@ -10,6 +10,7 @@ BLS requests) goes through a runtime object the instance process installs with
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,12 @@ __all__ = [
     "get_input_tensor_by_name",
     "get_output_config_by_name",
     "get_output_tensor_by_name",
+    "deserialize_bytes_tensor",
     "numpy_to_triton_type",
+    "serialize_byte_tensor",
     "triton_string_to_numpy",
+    "triton_to_numpy_type",
+    "using_decoupled_model_transaction_policy",
 ]
 
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
@@ -69,14 +74,59 @@ def triton_string_to_numpy(triton_type: str) -> Any:
     return _NUMPY[key]
 
 
-def numpy_to_triton_type(dtype: Any) -> str:
+# TRITONSERVER_DataType values, in _NUMPY's order: what Triton's pb_utils functions and
+# Tensor.triton_dtype() use (TYPE_BOOL is 1, ..., TYPE_STRING / BYTES is 13)
+_TRITON_CODES = {name: code for code, name in enumerate(_NUMPY, start=1)}
+
+
+def numpy_to_triton_type(dtype: Any) -> int | None:
+    """numpy dtype -> Triton's data type number (numpy.float32 -> 11), None if it has none."""
     dtype = np.dtype(dtype)
     if dtype.kind in "OSU":
-        return "TYPE_STRING"
+        return _TRITON_CODES["TYPE_STRING"]
     for k, v in _NUMPY.items():
         if np.dtype(v) == dtype:
-            return k
-    raise TritonModelException(f"numpy dtype {dtype} has no Triton type")
+            return _TRITON_CODES[k]
+    return None
+
+
+def triton_to_numpy_type(data_type: int) -> Any:
+    """Triton's data type number -> numpy type (11 -> numpy.float32), None if unknown."""
+    for name, code in _TRITON_CODES.items():
+        if code == data_type:
+            return _NUMPY[name]
+    return None
+
+
+def serialize_byte_tensor(input_tensor: np.ndarray) -> bytes | None:
+    """A BYTES tensor as Triton lays it out: each element's 4-byte little-endian length,
+    then its bytes, in C order (None for a non-bytes tensor)."""
+    if input_tensor.size == 0:
+        return b""
+    if input_tensor.dtype != np.object_ and input_tensor.dtype.type != np.bytes_:
+        return None
+    parts = []
+    for x in input_tensor.reshape(-1):
+        b = x if isinstance(x, bytes) else str(x).encode("utf-8")
+        parts += [struct.pack("<I", len(b)), b]
+    return b"".join(parts)
+
+
+def deserialize_bytes_tensor(encoded_tensor: bytes) -> np.ndarray:
+    """The inverse of serialize_byte_tensor: a 1-D object array of bytes."""
+    view = memoryview(encoded_tensor)
+    out, offset = [], 0
+    while offset < len(view):
+        (n,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        out.append(bytes(view[offset : offset + n]))
+        offset += n
+    return np.array(out, dtype=np.object_)
+
+
+def using_decoupled_model_transaction_policy(model_config: dict[str, Any]) -> bool:
+    """Whether a model config (the JSON dict of args["model_config"]) is decoupled."""
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
 
 
 class TritonError:
@@ -131,7 +181,7 @@ class Tensor:
     def shape(self) -> list[int]:
         return list(self._array.shape)
 
-    def triton_dtype(self) -> str:
+    def triton_dtype(self) -> int | None:
         return numpy_to_triton_type(self._array.dtype)
 
     def is_cpu(self) -> bool:
@@ -310,11 +360,27 @@ def get_output_config_by_name(model_config: dict[str, Any], name: str) -> dict |
     return None
 
 
+class LogLevel:
+    """Triton's `pb_utils.Logger.LogLevel` (also `Logger.INFO`, ...)."""
+
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    VERBOSE = "VERBOSE"
+
+
 class Logger:
-    """pb_utils.Logger.log_info(...) etc.; goes to the instance process's stderr."""
+    """pb_utils.Logger.log_info(...), `Logger.log(msg, Logger.WARNING)`; goes to the
+    instance process's stderr."""
+
+    LogLevel = LogLevel
+    INFO = LogLevel.INFO
+    WARNING = LogLevel.WARNING
+    ERROR = LogLevel.ERROR
+    VERBOSE = LogLevel.VERBOSE
 
     @staticmethod
-    def log(message: str, level: str = "INFO") -> None:
+    def log(message: str, level: str = LogLevel.INFO) -> None:
         import sys
 
         print(f"[{level}] {message}", file=sys.stderr, flush=True)
@@ -352,8 +418,9 @@ class ModelConfig:
         return self._config
 
     def set_max_batch_size(self, max_batch_size: int) -> None:
+        # Triton's rule: the model may raise the configured max_batch_size, not lower it
         current = int(self._config.get("max_batch_size", 0) or 0)
-        if current and current != max_batch_size:
+        if current > max_batch_size:
             raise ValueError(
                 f"configuration specified max_batch_size {current}, but in auto-complete-config "
                 f"function for model '{self._config.get('name')}' specified max_batch_size "

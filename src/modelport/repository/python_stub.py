@@ -13,7 +13,9 @@ Only numpy and pb_utils are imported here so the process starts quickly.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
 import itertools
 import os
 import queue
@@ -147,6 +149,7 @@ class _Runtime:
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[threading.Event, list]] = {}
@@ -155,6 +158,16 @@ class _Runtime:
     def send(self, msg: Any) -> None:
         with self._lock:
             self.conn.send(msg)
+
+    def run(self, awaitable: Any) -> Any:
+        """Run an `async def execute(...)` to its end on the process's one event loop.
+
+        Triton's stub does the same so a model can `await request.async_exec()` (BLS)
+        and `asyncio.gather` several of them."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+        return self._loop.run_until_complete(awaitable)
 
     def send_response(self, key: tuple[int, int], response: Any, final: bool) -> None:
         box = self.collected.get(key)
@@ -268,12 +281,23 @@ def _execute(model: Any, msg: Execute, decoupled: bool, name: str, runtime: _Run
     try:
         try:
             responses = model.execute(requests)
+            if inspect.isawaitable(responses):  # `async def execute`
+                responses = runtime.run(responses)
         except BaseException as e:  # noqa: BLE001 - fails this batch only
             return ExecDone(msg.batch_id, None, f"{type(e).__name__}: {e}")
         if decoupled:
             return ExecDone(msg.batch_id, None)
         if responses is None:
             return _from_senders(msg.batch_id, [runtime.collected[k] for k in keys])
+        try:
+            responses = list(responses)
+        except TypeError:
+            return ExecDone(
+                msg.batch_id,
+                None,
+                f"execute() must return a list of InferenceResponse, got "
+                f"{type(responses).__name__}",
+            )
         if len(responses) != len(requests):
             return ExecDone(
                 msg.batch_id,

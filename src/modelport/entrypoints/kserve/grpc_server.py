@@ -112,7 +112,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):  # noqa: N802
         try:
             req, shm_outputs = decode_request(request, self.shm)
-            resp = await self.manager.infer(req)
+            model = self.manager.get(req.model_name, req.model_version)
+            if model.decoupled:  # Triton's check and words, before the request is made
+                raise Unsupported(
+                    "ModelInfer RPC doesn't support models with decoupled transaction policy"
+                )
+            resp = await model.infer(req)
             return encode_response(resp, None, shm_outputs, self.shm)
         except Exception as e:
             await self._fail(context, e)

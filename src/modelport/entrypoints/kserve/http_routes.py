@@ -21,12 +21,13 @@ from modelport.repository.manager import RepositoryManager
 from modelport.repository.model_config import config_to_json
 from modelport.repository.tensors import InferRequest
 
+# Triton's HttpCodeFromError: ALREADY_EXISTS (like UNKNOWN and CANCELLED) is a 400
 HTTP_STATUS = {
     Status.INVALID_ARG: 400,
     Status.NOT_FOUND: 404,
     Status.UNAVAILABLE: 503,
-    Status.UNSUPPORTED: 400,
-    Status.ALREADY_EXISTS: 409,
+    Status.UNSUPPORTED: 501,
+    Status.ALREADY_EXISTS: 400,
     Status.INTERNAL: 500,
 }
 EXTENSIONS = [
@@ -144,7 +145,12 @@ def build_router(
             request.headers.get(codec.HEADER_LENGTH),
             shm,
         )
-        resp = await manager.infer(parsed.request)
+        model = manager.get(model_name, parsed.request.model_version)
+        if model.decoupled:  # Triton's check and words, before the request is made
+            raise Unsupported(
+                "HTTP end point doesn't support models with decoupled transaction policy"
+            )
+        resp = await model.infer(parsed.request)
         payload, header_len = codec.encode_infer_response(resp, parsed, shm)
         if header_len is None:
             return Response(payload, media_type="application/json")
