@@ -191,3 +191,17 @@ def test_model_config_with_dummy_weights(tmp_path):
     assert rc == 0
     (run,) = _read(out)["runs"]
     assert run["output_tokens"] == sum(h.w1_workload(3, (3, 10), (2, 4), 300, 0)[1])
+
+
+def test_throughput_takes_vllms_fixed_input_and_output_lengths(tiny, tmp_path, capsys):
+    # `vllm bench throughput --input-len N --output-len M`: every request exactly N / M long
+    # (before, argparse read --input-len as an abbreviation of --input-len-range)
+    out = tmp_path / "t.jsonl"
+    rc = main(["bench", "throughput", "--model", str(tiny), "--num-prompts", "3",
+               "--input-len", "12", "--output-len", "4", "--output-json", str(out)])
+    assert rc == 0
+    res = _read(out)
+    assert res["workload"]["input_len_range"] == [12, 12]
+    assert res["workload"]["output_len_range"] == [4, 4]
+    run = res["runs"][0]
+    assert run["prompt_tokens"] == 36 and run["output_tokens"] == 12

@@ -169,8 +169,8 @@ def test_stop_string_truncates_text(llama) -> None:
 
 
 def test_bad_input_is_a_clear_error_and_engine_keeps_serving(llama, tmp_path) -> None:
-    with pytest.raises(ValueError, match="maximum context length is 512"):
-        llama.generate(prompt_token_ids=[[256] * 500], sampling_params=greedy(20), use_tqdm=False)
+    with pytest.raises(ValueError, match="is longer than the maximum model length of 512"):
+        llama.generate(prompt_token_ids=[[256] * 513], sampling_params=greedy(2), use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):

@@ -292,6 +292,58 @@ def test_chat_stream_continuous_usage(base) -> None:
     assert events[-1]["choices"] == []
 
 
+# ---------------------------------------------------------------- context length, logit_bias, logprobs
+
+
+def test_context_length_errors_in_vllms_words(base) -> None:
+    long_ids = [97] * (MAX_MODEL_LEN + 6)
+    for extra in ({"max_tokens": 2}, {}):
+        err = _error(_post(base, "/v1/completions", {"prompt": long_ids, **extra}))
+        assert err["message"] == (
+            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, your "
+            f"request has {MAX_MODEL_LEN + 6} input tokens. Please reduce the length of the "
+            "input messages.")
+        assert err["code"] == "context_length_exceeded"
+    err = _error(_post(base, "/v1/completions", {"prompt": [97] * 10, "max_tokens": 60}))
+    assert err["message"] == (
+        f"'max_tokens' or 'max_completion_tokens' is too large: 60. This model's maximum "
+        f"context length is {MAX_MODEL_LEN} tokens and your request has 10 input tokens "
+        f"(60 > {MAX_MODEL_LEN} - 10).")
+    assert err["param"] == "max_tokens"
+    messages = [{"role": "user", "content": "hi"}]
+    err = _error(_post(base, "/v1/chat/completions",
+                       {"messages": messages, "max_completion_tokens": 100}))
+    assert err["message"].startswith("'max_tokens' or 'max_completion_tokens' is too large: 100.")
+
+
+def test_logit_bias_is_served(base) -> None:
+    body = {"prompt": "hello", "max_tokens": 4, **GREEDY}
+    r = _ok(_post(base, "/v1/completions", {**body, "logit_bias": {"65": 100}}))
+    assert r["choices"][0]["text"] == "AAAA"
+    messages = [{"role": "user", "content": "hi"}]
+    r = _ok(_post(base, "/v1/chat/completions",
+                  {"messages": messages, "max_tokens": 3, **GREEDY, "logit_bias": {"66": 250}}))
+    assert r["choices"][0]["message"]["content"] == "BBB"  # clamped to 100, still decisive
+    err = _error(_post(base, "/v1/completions", {**body, "logit_bias": {"999999": 1}}))
+    assert "out-of-vocab" in err["message"]
+    err = _error(_post(base, "/v1/completions", {**body, "logit_bias": {"a": 1}}))
+    assert err["param"] == "logit_bias"
+
+
+def test_logprobs_above_max_logprobs_are_vllms_400(base) -> None:
+    err = _error(_post(base, "/v1/completions", {"prompt": "hello", "max_tokens": 1,
+                                                 "logprobs": 21}))  # fmt: skip
+    assert err["message"] == "Requested sample logprobs of 21, which is greater than max allowed: 20"
+    assert err["param"] == "logprobs"
+    err = _error(_post(base, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "logprobs": True,
+        "top_logprobs": 25}))  # fmt: skip
+    assert "greater than max allowed: 20" in err["message"]
+    assert err["param"] == "top_logprobs"
+    r = _ok(_post(base, "/v1/completions", {"prompt": "hello", "max_tokens": 1, "logprobs": 20}))
+    assert len(r["choices"][0]["logprobs"]["token_logprobs"]) == 1
+
+
 # ---------------------------------------------------------------- 404s, --version
 
 

@@ -21,7 +21,7 @@ from modelport.sampling_params import SamplingParams
         ({"max_tokens": 2**70}, "max_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -2}, "logprobs"),  # the upper bound is the engine's max_logprobs
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"seed": 2**64}, "seed"),
         ({"stop": [1, 2]}, "stop"),

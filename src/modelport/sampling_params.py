@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_N = 128  # completions per request (OpenAI's own limit)
@@ -28,6 +29,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # token id -> a value added to its logit before sampling (OpenAI clamps to [-100, 100])
+    logit_bias: dict[int, float] | None = None
     # keep only the last k prompt tokens (-1: the model's max length; None: keep all);
     # applied where the frontend builds the prompt ids, so the engine core never sees it
     truncate_prompt_tokens: int | None = None
@@ -68,10 +71,13 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
             )
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise bad("logprobs", "in [0, 20]")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            raise bad("prompt_logprobs", "in [0, 20]")
+        # the upper bound is the engine's max_logprobs (default 20), checked when it is added
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise bad("logprobs", "None or an integer >= 0")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0
+        ):
+            raise bad("prompt_logprobs", "None or an integer >= 0")
         if self.seed is not None and (
             not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63
         ):
@@ -99,6 +105,14 @@ class SamplingParams:
             if not all(isinstance(s, str) for s in self.stop):
                 raise bad("stop", "a string or a list of strings")
             self._stop_list = [s for s in self.stop if s]
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                _is_int(t) and 0 <= t < 2**31 and isinstance(v, (int, float))
+                and not isinstance(v, bool) and math.isfinite(v)
+                for t, v in self.logit_bias.items()
+            ):
+                raise bad("logit_bias", "a dict of token id (an integer >= 0) -> finite bias")
+            self.logit_bias = {t: float(v) for t, v in self.logit_bias.items()} or None
         if self.stop_token_ids is not None and not all(
             isinstance(t, int) and 0 <= t < 2**31 for t in self.stop_token_ids
         ):

@@ -26,6 +26,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output-len-range", type=int, nargs=2, default=(100, 1024), metavar=("LO", "HI")
     )
+    # `vllm bench throughput`'s names: every prompt / output of exactly this length
+    p.add_argument("--input-len", type=int, default=None,
+                   help="every prompt this long (same as --input-len-range N N)")
+    p.add_argument("--output-len", type=int, default=None,
+                   help="every output this long (same as --output-len-range N N)")
     p.add_argument(
         "--hf-mode",
         default="continuous",
@@ -250,7 +255,18 @@ def run_hf(
     }
 
 
+def _fixed_lengths(args: argparse.Namespace) -> None:
+    """--input-len / --output-len N as the ranges (N, N)."""
+    for fixed, rng in (("input_len", "input_len_range"), ("output_len", "output_len_range")):
+        n = getattr(args, fixed)
+        if n is not None:
+            if n < 1:
+                raise SystemExit(f"--{fixed.replace('_', '-')} must be >= 1, got {n}")
+            setattr(args, rng, (n, n))
+
+
 def run(args: argparse.Namespace) -> int:
+    _fixed_lengths(args)
     device = h.resolved_device(args)
     path = h.model_path(args)
     vocab = _vocab(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ class EngineConfig:
     # prepare step N+1 on the host while the device runs step N (see engine/core.py)
     async_scheduling: bool = False
     speculative_config: SpeculativeConfig | None = None
+    max_logprobs: int = 20
 
     @property
     def is_cuda(self) -> bool:
@@ -55,7 +57,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     block_size: int = 16
-    seed: int = 0
+    seed: int | None = 0  # None: a random seed
     quantization: str | None = None
     served_model_name: str | None = None
     device: str = "auto"
@@ -65,6 +67,10 @@ class EngineArgs:
     async_scheduling: bool | None = None
     # vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}
     speculative_config: dict[str, Any] | None = None
+    # most logprobs a request may ask for (sample or prompt), as vLLM's
+    max_logprobs: int = 20
+    # vLLM's flag; no model code is ever loaded from a checkpoint here, so it changes nothing
+    trust_remote_code: bool = False
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -106,6 +112,11 @@ class EngineArgs:
                        help='speculative decoding, e.g. \'{"method": "ngram", '
                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (n-gram '
                             "prompt lookup: drafts from the request's own text, no draft model)")
+        g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                       help="most logprobs (and prompt_logprobs) one request may ask for")
+        g.add_argument("--trust-remote-code", action="store_true", default=False,
+                       help="accepted for vLLM command lines; no effect (no model code is "
+                            "loaded from checkpoints: the architectures are built in)")
         return parser
 
     @classmethod
@@ -147,6 +158,11 @@ class EngineArgs:
         if spec is not None and spec.model is not None:
             _check_draft_model(spec, model_config, self.tensor_parallel_size,
                                self.max_model_len or model_config.max_position_embeddings)
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        seed = self.seed
+        if seed is None:  # as vLLM: no seed, a different run each time
+            seed = random.SystemRandom().randrange(2**31)
         dtype = resolve_dtype(self.dtype, model_config, torch.device(device))
         max_len = self.max_model_len or model_config.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > model_config.max_position_embeddings:
@@ -177,15 +193,16 @@ class EngineArgs:
             scheduler_config=sched,
             parallel_config=ParallelConfig(self.tensor_parallel_size),
             load_config=LoadConfig(load_format=self.load_format, quantization=self.quantization,
-                                   seed=self.seed),
+                                   seed=seed),
             device=device,
             dtype=str(dtype).removeprefix("torch."),
             enforce_eager=self.enforce_eager,
-            seed=self.seed,
+            seed=seed,
             served_model_name=self.served_model_name or src.name,
             async_scheduling=(device.startswith("cuda") and self.tensor_parallel_size == 1
                               if self.async_scheduling is None else self.async_scheduling),
             speculative_config=spec,
+            max_logprobs=self.max_logprobs,
         )
 
 

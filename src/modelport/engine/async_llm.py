@@ -136,7 +136,8 @@ class AsyncLLM:
         self.tokenizer = tokenizer
         self._loop = loop
         self.input_processor = InputProcessor(
-            tokenizer, engine_config.model_config, engine_config.scheduler_config
+            tokenizer, engine_config.model_config, engine_config.scheduler_config,
+            max_logprobs=engine_config.max_logprobs,
         )
         self.output_processor = OutputProcessor(tokenizer)
         self.max_waiting_requests = max_waiting_requests

@@ -166,8 +166,10 @@ class EngineCore:
             prefix_cache_queries=self.kv.queries,
             prefix_cache_hits=self.kv.hits,
             num_preemptions=self.scheduler.num_preemptions,
+            spec_num_drafts=self.scheduler.num_drafts,
             spec_num_draft_tokens=self.scheduler.num_draft_tokens,
             spec_num_accepted_tokens=self.scheduler.num_accepted_tokens,
+            spec_num_accepted_per_pos=list(self.scheduler.num_accepted_per_pos),
             num_kv_blocks=self.kv.num_blocks,
             block_size=self.kv.block_size,
         )

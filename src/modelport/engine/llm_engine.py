@@ -22,7 +22,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model_source)
         self.core = EngineCore(config)
         self.input_processor = InputProcessor(self.tokenizer, config.model_config,
-                                              config.scheduler_config)
+                                              config.scheduler_config,
+                                              max_logprobs=config.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod
@@ -51,7 +52,8 @@ class LLMEngine:
 
         ``prompt``: text, token ids, or a vLLM prompt dict (see frontend/prompts.py)."""
         text, ids = self.input_processor.prompt_inputs(prompt, params, add_special_tokens)
-        core_reqs = self.input_processor.process(request_id, ids, params, priority=priority)
+        core_reqs = self.input_processor.process(request_id, ids, params, priority=priority,
+                                                  cap_max_tokens=True)
         added = []
         try:
             for r in core_reqs:

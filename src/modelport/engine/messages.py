@@ -58,8 +58,10 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     prefix_cache_queries: int = 0  # tokens looked up (cumulative)
     prefix_cache_hits: int = 0  # tokens found (cumulative)
     num_preemptions: int = 0  # cumulative
-    spec_num_draft_tokens: int = 0  # speculative decoding: drafts proposed (cumulative)
+    spec_num_drafts: int = 0  # speculative decoding: steps that checked drafts (cumulative)
+    spec_num_draft_tokens: int = 0  # ... draft tokens proposed (cumulative)
     spec_num_accepted_tokens: int = 0  # ... and accepted (cumulative)
+    spec_num_accepted_per_pos: list[int] = msgspec.field(default_factory=list)  # ... by position
     num_kv_blocks: int = 0
     block_size: int = 0
 
@@ -68,7 +70,7 @@ _PARAM_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "stop",
     "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "logprobs",
-    "prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens",
+    "prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
 )
 
 

@@ -76,8 +76,12 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.speculative = speculative
-        self.num_draft_tokens = 0  # speculative decoding, cumulative: drafts proposed
+        self.num_drafts = 0  # speculative decoding, cumulative: steps that checked drafts
+        self.num_draft_tokens = 0  # ... draft tokens proposed
         self.num_accepted_tokens = 0  # ... and accepted by the model
+        # ... accepted at each draft position (vLLM's num_accepted_tokens_per_pos)
+        self.num_accepted_per_pos = [0] * (speculative.num_speculative_tokens
+                                           if speculative is not None else 0)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -323,8 +327,11 @@ class Scheduler:
         """Append a speculative step's tokens (accepted drafts + the model's next one) up to
         the first that stops the request; returns those appended."""
         accepted = len(tokens) - 1
+        self.num_drafts += 1
         self.num_draft_tokens += len(s.spec_token_ids)
         self.num_accepted_tokens += accepted
+        for pos in range(accepted):
+            self.num_accepted_per_pos[pos] += 1
         req.num_placeholders -= 1
         req.num_computed_tokens = s.start + 1 + accepted  # KV of rejected drafts is stale
         if req.first_token_time is None:

@@ -12,6 +12,7 @@ from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.llm_engine import LLMEngine
 from modelport.frontend.prompts import PromptInput, is_token_ids
 from modelport.frontend.tokenizer import Tokenizer
+from modelport.metrics import Metric, RequestCounts, snapshot
 from modelport.outputs import RequestOutput
 from modelport.sampling_params import SamplingParams
 
@@ -41,16 +42,29 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
         block_size: int = 16,
-        seed: int = 0,
+        seed: int | None = 0,
         quantization: str | None = None,
         device: str = "auto",
         kv_cache_dtype: str = "auto",
         async_scheduling: bool | None = None,
         speculative_config: dict[str, Any] | None = None,
+        max_logprobs: int = 20,
+        data_parallel_size: int = 1,
+        trust_remote_code: bool = False,
+        disable_log_stats: bool = True,
         **kwargs: Any,
     ) -> None:
+        """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
+        loaded from a checkpoint: the architectures are built in), and ``get_metrics()``
+        answers whatever ``disable_log_stats`` says."""
         if kwargs:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(kwargs))}")
+        if data_parallel_size != 1:
+            raise ValueError(
+                f"LLM(data_parallel_size={data_parallel_size}) is not supported (nor in vLLM's "
+                "single-process LLM): run one LLM per process, each on its own devices, and "
+                "split the prompts between them"
+            )
         args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
@@ -59,10 +73,22 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, seed=seed, quantization=quantization, device=device,
             kv_cache_dtype=kv_cache_dtype, async_scheduling=async_scheduling,
-            speculative_config=speculative_config,
+            speculative_config=speculative_config, max_logprobs=max_logprobs,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
+        self._request_counts = RequestCounts()
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters as vLLM's metric objects (Counter / Gauge / Vector) under
+        vLLM's names: ``vllm:num_requests_running``, ``vllm:prefix_cache_hits``,
+        ``vllm:generation_tokens``, and with speculative decoding
+        ``vllm:spec_decode_num_drafts`` / ``_num_draft_tokens`` / ``_num_accepted_tokens`` /
+        ``_num_accepted_tokens_per_pos``."""
+        engine = self.llm_engine
+        return snapshot(engine.core.get_stats(), self._request_counts,
+                        engine.config.served_model_name,
+                        speculative=engine.config.speculative_config is not None)
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer: it answers as the Hugging Face tokenizer does, as vLLM's
@@ -137,6 +163,9 @@ class LLM:
                 for out in engine.step():
                     if out.finished:
                         results[out.request_id] = out
+                        self._request_counts.observe(
+                            len(out.prompt_token_ids), [o.finish_reason for o in out.outputs],
+                            sum(len(o.token_ids) for o in out.outputs))
                         bar.update(1)
                 if not engine.has_unfinished_requests() and len(results) < len(ids):
                     missing = [r for r in ids if r not in results]
@@ -144,6 +173,36 @@ class LLM:
         finally:
             bar.close()
         return [results[r] for r in ids]
+
+
+    # -- vLLM's pooling and beam-search APIs: not served here, said clearly
+
+    def encode(self, *args: Any, **kwargs: Any) -> list:
+        raise ValueError(_POOLING_ONLY.format(api="LLM.encode()"))
+
+    def embed(self, *args: Any, **kwargs: Any) -> list:
+        raise ValueError(_POOLING_ONLY.format(api="LLM.embed()"))
+
+    def classify(self, *args: Any, **kwargs: Any) -> list:
+        raise ValueError(_POOLING_ONLY.format(api="LLM.classify()"))
+
+    def score(self, *args: Any, **kwargs: Any) -> list:
+        raise ValueError(_POOLING_ONLY.format(api="LLM.score()"))
+
+    def reward(self, *args: Any, **kwargs: Any) -> list:
+        raise ValueError(_POOLING_ONLY.format(api="LLM.reward()"))
+
+    def beam_search(self, *args: Any, **kwargs: Any) -> list:
+        raise NotImplementedError(
+            "LLM.beam_search() is not implemented: use generate() (greedy with temperature=0, "
+            "or n samples to pick from)"
+        )
+
+
+_POOLING_ONLY = (
+    "{api} is only supported for pooling (embedding / classification / scoring) models; "
+    "modelport serves generative models only: use LLM.generate() or LLM.chat()"
+)
 
 
 def _normalize_prompts(prompts, prompt_token_ids) -> list[PromptInput]:

@@ -24,15 +24,29 @@ from modelport.outputs import CompletionOutput, Logprob, RequestMetrics, Request
 from modelport.sampling_params import SamplingParams
 
 
+def max_tokens_too_large(max_tokens: int, max_model_len: int, n_prompt: int) -> str:
+    """vLLM's words for a prompt plus max_tokens past max_model_len (its servers' 400)."""
+    return (
+        f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+        f"maximum context length is {max_model_len} tokens and your request has {n_prompt} "
+        f"input tokens ({max_tokens} > {max_model_len} - {n_prompt})."
+    )
+
+
 def child_id(parent_id: str, index: int, n: int) -> str:
     return parent_id if n == 1 else f"{index}_{parent_id}"
 
 
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's max_logprobs default (and OpenAI's top_logprobs limit)
+
+
 class InputProcessor:
-    def __init__(self, tokenizer, model_config: ModelConfig, scheduler_config: SchedulerConfig) -> None:
+    def __init__(self, tokenizer, model_config: ModelConfig, scheduler_config: SchedulerConfig,
+                 max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> None:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.max_model_len = scheduler_config.max_model_len
+        self.max_logprobs = max_logprobs
 
     def tokenize(self, prompt: PromptInput, add_special_tokens: bool = True) -> list[int]:
         return self.prompt_inputs(prompt, None, add_special_tokens)[1]
@@ -70,8 +84,14 @@ class InputProcessor:
         params: SamplingParams,
         arrival_time: float | None = None,
         priority: int = 0,
+        cap_max_tokens: bool = False,
     ) -> list[EngineCoreRequest]:
-        """Validate and fan out into n engine requests (children share the prompt's KV blocks)."""
+        """Validate and fan out into n engine requests (children share the prompt's KV blocks).
+
+        A prompt that leaves no room for one new token is a ValueError. Where the prompt plus
+        max_tokens passes max_model_len, ``cap_max_tokens`` (the offline LLM, as vLLM's)
+        generates up to max_model_len and finishes with "length"; otherwise (the servers,
+        which answer 400 as vLLM's does) it is a ValueError."""
         n_prompt = len(prompt_token_ids)
         if n_prompt == 0:
             raise ValueError("prompt is empty: it must contain at least one token")
@@ -79,19 +99,34 @@ class InputProcessor:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_model_len - n_prompt
-            if max_tokens < 1:
-                raise ValueError(
-                    f"the prompt ({n_prompt} tokens) fills max_model_len ({self.max_model_len}); "
-                    "no room to generate"
-                )
-        if n_prompt + max_tokens > self.max_model_len:
+        for what, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
+            if k is not None and k > self.max_logprobs:
+                raise ValueError(f"Requested {what} logprobs of {k}, which is greater than max "
+                                 f"allowed: {self.max_logprobs}")
+        if params.logit_bias:
+            outside = sorted(t for t in params.logit_bias if t >= vocab)
+            if outside:
+                raise ValueError(f"token_id(s) {outside[:5]} in logit_bias contain out-of-vocab "
+                                 f"token ids. Vocabulary size: {vocab}")
+        limit = self.max_model_len
+        if n_prompt > limit:
             raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{n_prompt} tokens and max_tokens is {max_tokens} ({n_prompt + max_tokens} in total)"
+                f"The decoder prompt (length {n_prompt}) is longer than the maximum model length "
+                f"of {limit}. Make sure that `max_model_len` is no smaller than the number of "
+                "text tokens."
             )
+        if n_prompt == limit:
+            raise ValueError(
+                f"The decoder prompt (length {n_prompt}) plus the number of requested output "
+                f"tokens (at least 1) is longer than the maximum model length of {limit}. Make "
+                "sure that `max_model_len` is no smaller than the number of text tokens (prompt "
+                "+ requested output tokens)."
+            )
+        max_tokens = params.max_tokens
+        if max_tokens is None or (cap_max_tokens and n_prompt + max_tokens > limit):
+            max_tokens = limit - n_prompt
+        if n_prompt + max_tokens > limit:
+            raise ValueError(max_tokens_too_large(max_tokens, limit, n_prompt))
         base = params_to_dict(params)
         base["max_tokens"] = max_tokens
         base["n"] = 1

@@ -1,4 +1,4 @@
-"""Sampling on the logits' device: penalties, min_tokens, temperature, top-k/top-p/min-p, logprobs.
+"""Sampling on the logits' device: logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p, logprobs.
 
 Seeded requests draw from their own torch.Generator with the exponential-race trick
 (argmax(p / q), q ~ Exp(1)), so a seeded request's tokens do not depend on which other
@@ -23,6 +23,19 @@ class SamplingRow:
     output_token_ids: list[int]  # tokens generated so far (not including the one sampled now)
     eos_token_ids: tuple[int, ...]
     generator: torch.Generator | None
+
+
+def add_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
+    """Add a request's logit_bias to each row of its [N, V] logits (in place)."""
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    vals = torch.tensor(list(bias.values()), dtype=logits.dtype)
+    logits[:, to_device(ids, logits.device)] += to_device(vals, logits.device)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, r in enumerate(rows):
+        if r.params.logit_bias:
+            add_logit_bias(logits[i : i + 1], r.params.logit_bias)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -96,7 +109,9 @@ def apply_top_k_top_p_min_p(
 def compute_logprobs(
     logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
 ) -> list[TokenLogprobs]:
-    """For each row: the chosen token's logprob and rank, then the top-k."""
+    """For each row: the chosen token's logprob and rank, then the top-k (k at most the
+    vocabulary)."""
+    k = min(k, logprobs.shape[-1])
     chosen = logprobs.gather(1, token_ids.view(-1, 1))
     ranks = (logprobs > chosen).sum(dim=-1) + 1
     top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
@@ -164,6 +179,7 @@ class Sampler:
             if any(r.params.logprobs is not None for r in rows) else None
         raw_logprobs = logits.log_softmax(dim=-1) if max_lp is not None else None
 
+        apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)
         apply_min_tokens(logits, rows)
 

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from modelport.runner.sampler import apply_top_k_top_p_min_p, greedy_tokens, to_device
+from modelport.runner.sampler import (
+    add_logit_bias,
+    apply_top_k_top_p_min_p,
+    greedy_tokens,
+    to_device,
+)
 from modelport.sampling_params import SamplingParams
 
 
@@ -25,6 +30,9 @@ def verify(logits: torch.Tensor, draft: list[int], params: SamplingParams,
     rejected; the last row's if none is)."""
     d = len(draft)
     dev = logits.device
+    if params.logit_bias:  # every row is a position the request samples at
+        logits = logits.clone()
+        add_logit_bias(logits, params.logit_bias)
     draft_t = to_device(torch.tensor(draft, dtype=torch.long), dev)
     if params.greedy:
         alt = greedy_tokens(logits)

@@ -86,6 +86,18 @@ class ServerMetrics:
             labels,
             registry=r,
         )
+        self.spec_steps = Counter(
+            f"{prefix}:spec_decode_num_drafts",
+            "Speculative decoding: steps that checked draft tokens.",
+            labels,
+            registry=r,
+        )
+        self.spec_accepted_per_pos = Counter(
+            f"{prefix}:spec_decode_num_accepted_tokens_per_pos",
+            "Speculative decoding: draft tokens accepted, by position in the draft.",
+            [*labels, "position"],
+            registry=r,
+        )
         self.spec_drafts = Counter(
             f"{prefix}:spec_decode_num_draft_tokens",
             "Speculative decoding: draft tokens proposed.",
@@ -131,11 +143,17 @@ class ServerMetrics:
             (self.prefix_queries, s.prefix_cache_queries, self._last.prefix_cache_queries),
             (self.prefix_hits, s.prefix_cache_hits, self._last.prefix_cache_hits),
             (self.preemptions, s.num_preemptions, self._last.num_preemptions),
+            (self.spec_steps, s.spec_num_drafts, self._last.spec_num_drafts),
             (self.spec_drafts, s.spec_num_draft_tokens, self._last.spec_num_draft_tokens),
             (self.spec_accepted, s.spec_num_accepted_tokens, self._last.spec_num_accepted_tokens),
         ):
             if now > before:
                 counter.labels(m).inc(now - before)
+        before_pos = self._last.spec_num_accepted_per_pos
+        for pos, now in enumerate(s.spec_num_accepted_per_pos):
+            before = before_pos[pos] if pos < len(before_pos) else 0
+            if now > before:
+                self.spec_accepted_per_pos.labels(m, str(pos)).inc(now - before)
         if s.prefix_cache_queries:
             self.prefix_hit_rate.labels(m).set(s.prefix_cache_hits / s.prefix_cache_queries)
         self._last = s

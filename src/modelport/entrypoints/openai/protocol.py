@@ -89,6 +89,8 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # token id (as a string) -> bias added to its logit; clamped to [-100, 100] as OpenAI's
+    logit_bias: dict[str, float] | None = None
     # vLLM extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -102,7 +104,7 @@ class SamplingFields(OpenAIModel):
     response_format: ResponseFormat | None = None
     # keep only the last k prompt tokens (-1: the last max_model_len)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (engine)
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
@@ -119,11 +121,10 @@ class SamplingFields(OpenAIModel):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (engine)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
-    logit_bias: dict[str, float] | None = None
 
 
 class CompletionLogProbs(OpenAIModel):
@@ -213,11 +214,10 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (engine)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False
-    logit_bias: dict[str, float] | None = None
 
 
 class TopLogprob(OpenAIModel):

@@ -36,6 +36,7 @@ from modelport.entrypoints.openai.serving_common import (
     SSE_DONE,
     ClientGone,
     admit,
+    check_max_logprobs,
     check_model,
     check_prompt_ids,
     check_unsupported,
@@ -179,6 +180,7 @@ class ServingChat:
             raise OpenAIError(
                 "top_logprobs requires logprobs to be true", 400, param="top_logprobs"
             )
+        check_max_logprobs(engine, top_logprobs=k, prompt_logprobs=req.prompt_logprobs)
         params = make_sampling_params(req, max_tokens, k, req.prompt_logprobs)
         admit(engine, req.n)
         rid = req.request_id or random_id("chatcmpl")

@@ -24,6 +24,7 @@ from modelport.entrypoints.openai.protocol import (
     SamplingFields,
     UsageInfo,
 )
+from modelport.frontend.processor import max_tokens_too_large
 from modelport.outputs import Logprob, LogprobsDict, RequestOutput
 from modelport.sampling_params import SamplingParams
 
@@ -75,8 +76,6 @@ def check_unsupported(req: Any) -> None:
                 400,
                 param=name,
             )
-    if getattr(req, "logit_bias", None):
-        raise OpenAIError("logit_bias is not supported", 400, param="logit_bias")
     if getattr(req, "suffix", None):
         raise OpenAIError("suffix is not supported", 400, param="suffix")
     if getattr(req, "stream_options", None) is not None and not req.stream:
@@ -92,6 +91,20 @@ def check_unsupported(req: Any) -> None:
             400,
             param="prompt_logprobs",
         )
+
+
+def check_max_logprobs(engine: AsyncLLM, **requested: int | None) -> None:
+    """400 naming the field when a request asks for more logprobs than --max-logprobs allows
+    (vLLM's words; the engine checks the same)."""
+    limit = engine.input_processor.max_logprobs
+    for param, k in requested.items():
+        if k is not None and k > limit:
+            what = "prompt" if param == "prompt_logprobs" else "sample"
+            raise OpenAIError(
+                f"Requested {what} logprobs of {k}, which is greater than max allowed: {limit}",
+                400,
+                param=param,
+            )
 
 
 def truncate_prompt(engine: AsyncLLM, ids: list[int], keep: int | None) -> list[int]:
@@ -117,21 +130,19 @@ def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | Non
             f"token id {max(ids)} is out of range for a vocabulary of {vocab}", 400, param="prompt"
         )
     limit = engine.max_model_len
+    if len(ids) >= limit:  # vLLM's words (its 400s), so clients that parse them keep working
+        raise OpenAIError(
+            f"This model's maximum context length is {limit} tokens. However, your request has "
+            f"{len(ids)} input tokens. Please reduce the length of the input messages.",
+            400,
+            param="prompt",
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
-        if len(ids) >= limit:
-            raise OpenAIError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt "
-                f"has {len(ids)} tokens, which leaves no room for a completion.",
-                400,
-                param="prompt",
-                code="context_length_exceeded",
-            )
         return limit - len(ids)
     if len(ids) + max_tokens > limit:
         raise OpenAIError(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the prompt or max_tokens.",
+            max_tokens_too_large(max_tokens, limit, len(ids)),
             400,
             param="max_tokens",
             code="context_length_exceeded",
@@ -185,9 +196,25 @@ def make_sampling_params(
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            logit_bias=logit_bias(req),
         )
     except (ValueError, TypeError) as e:
         raise OpenAIError(str(e), 400) from None
+
+
+def logit_bias(req: SamplingFields) -> dict[int, float] | None:
+    """OpenAI's logit_bias (string token ids) as SamplingParams' (int ids, each in [-100, 100])."""
+    if not req.logit_bias:
+        return None
+    out = {}
+    for key, bias in req.logit_bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise OpenAIError(f"logit_bias keys must be token ids, got {key!r}", 400,
+                              param="logit_bias") from None
+        out[token] = min(100.0, max(-100.0, bias))
+    return out
 
 
 def admit(engine: AsyncLLM, n_requests: int) -> None:

@@ -28,6 +28,7 @@ from modelport.entrypoints.openai.serving_common import (
     SSE_DONE,
     ClientGone,
     admit,
+    check_max_logprobs,
     check_model,
     check_prompt_ids,
     check_unsupported,
@@ -78,6 +79,7 @@ class ServingCompletion:
         engine = self.engine
         model = check_model(engine, req.model)
         check_unsupported(req)
+        check_max_logprobs(engine, logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs)
         prompts = self._prompts(req)
         params_list = []
         echo_k = req.logprobs if (req.echo and req.logprobs is not None) else None

@@ -1,0 +1,138 @@
+"""The offline `LLM` where a vLLM user would notice a difference, on a tiny random Llama
+(max_model_len 64):
+
+- a prompt plus max_tokens past max_model_len generates up to max_model_len and finishes with
+  "length" (vLLM V1); a prompt that leaves no room is vLLM's "decoder prompt" ValueError;
+- SamplingParams.logit_bias (also under speculative decoding, where greedy output is unchanged);
+- max_logprobs bounds logprobs / prompt_logprobs with vLLM's message; seed=None is allowed;
+- data_parallel_size, the pooling APIs and beam_search are clear errors, not TypeErrors or
+  AttributeErrors; trust_remote_code / disable_log_stats are accepted;
+- get_metrics() reports vLLM's series, speculative decoding's acceptance counts included.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers.tiny_models import make_tiny_llama_dir
+from modelport import LLM, SamplingParams
+from modelport.metrics import Counter, Vector
+
+MAX_MODEL_LEN = 64
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+REPEATING = "abcabcabcabc abcabc abcabc"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("parity") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(str(model_dir), max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20)
+
+
+@pytest.fixture(scope="module")
+def spec_llm(model_dir):
+    return LLM(str(model_dir), max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20,
+               speculative_config=NGRAM)
+
+
+def _gen(llm: LLM, prompt, **kw):
+    return llm.generate(prompt, SamplingParams(**kw), use_tqdm=False)[0]
+
+
+def test_max_tokens_past_max_model_len_is_capped_as_vllm(llm) -> None:
+    out = _gen(llm, [256] * 10, max_tokens=500, temperature=0, ignore_eos=True)
+    assert len(out.outputs[0].token_ids) == MAX_MODEL_LEN - 10
+    assert out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match=r"The decoder prompt \(length 70\) is longer than the "
+                                         r"maximum model length of 64"):
+        _gen(llm, [256] * 70, max_tokens=2)
+    with pytest.raises(ValueError, match=r"\(length 64\) plus the number of requested output "
+                                         r"tokens \(at least 1\)"):
+        _gen(llm, [256] * 64, max_tokens=1)
+
+
+def test_logit_bias_moves_the_sampled_tokens(llm) -> None:
+    plain = _gen(llm, "hello", max_tokens=6, temperature=0, ignore_eos=True).outputs[0]
+    forced = _gen(llm, "hello", max_tokens=6, temperature=0, ignore_eos=True,
+                  logit_bias={65: 100.0}).outputs[0]
+    assert forced.token_ids == [65] * 6 and forced.text == "A" * 6
+    banned = _gen(llm, "hello", max_tokens=6, temperature=0, ignore_eos=True,
+                  logit_bias={plain.token_ids[0]: -100}).outputs[0]
+    assert banned.token_ids[0] != plain.token_ids[0]
+    sampled = _gen(llm, "hello", max_tokens=6, temperature=1.0, seed=3, ignore_eos=True,
+                   logit_bias={66: 100.0}).outputs[0]
+    assert sampled.token_ids == [66] * 6
+    with pytest.raises(ValueError, match=r"out-of-vocab token ids\. Vocabulary size: 259"):
+        _gen(llm, "hello", logit_bias={100_000: 1.0})
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={"x": 1.0})
+
+
+def test_logit_bias_under_speculative_decoding_keeps_greedy_output(llm, spec_llm) -> None:
+    kw = {"max_tokens": 24, "temperature": 0, "ignore_eos": True, "logit_bias": {98: 4.0}}
+    assert (_gen(spec_llm, REPEATING, **kw).outputs[0].token_ids
+            == _gen(llm, REPEATING, **kw).outputs[0].token_ids)
+
+
+def test_speculative_acceptance_metrics_as_vllm(llm, spec_llm) -> None:
+    greedy = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    assert (_gen(spec_llm, REPEATING, **greedy).outputs[0].token_ids
+            == _gen(llm, REPEATING, **greedy).outputs[0].token_ids)
+    got = {m.name: m for m in spec_llm.get_metrics()}
+    drafts = got["vllm:spec_decode_num_drafts"]
+    tokens = got["vllm:spec_decode_num_draft_tokens"]
+    accepted = got["vllm:spec_decode_num_accepted_tokens"]
+    per_pos = got["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert isinstance(drafts, Counter) and isinstance(per_pos, Vector)
+    assert drafts.value > 0 and tokens.value >= drafts.value >= per_pos.values[0]
+    assert len(per_pos.values) == NGRAM["num_speculative_tokens"]
+    assert sum(per_pos.values) == accepted.value > 0
+    assert per_pos.values == sorted(per_pos.values, reverse=True)
+    assert got["vllm:generation_tokens"].value >= 24
+    # without speculative decoding there are no spec series (as vLLM)
+    assert not [m for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode")]
+
+
+def test_max_logprobs_bounds_requests_with_vllms_message(llm, model_dir) -> None:
+    with pytest.raises(ValueError, match="Requested sample logprobs of 21, which is greater "
+                                         "than max allowed: 20"):
+        _gen(llm, "hello", logprobs=21, max_tokens=1)
+    with pytest.raises(ValueError, match="Requested prompt logprobs of 25"):
+        _gen(llm, "hello", prompt_logprobs=25, max_tokens=1)
+    wide = LLM(str(model_dir), max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20,
+               max_logprobs=30, seed=None, trust_remote_code=True, disable_log_stats=False)
+    out = _gen(wide, "hello", logprobs=25, max_tokens=2).outputs[0]
+    assert all(25 <= len(pos) <= 26 for pos in out.logprobs)
+
+
+def test_unsupported_vllm_apis_are_clear_errors(llm, model_dir) -> None:
+    with pytest.raises(ValueError, match="data_parallel_size=2"):
+        LLM(str(model_dir), data_parallel_size=2)
+    for api in ("encode", "embed", "classify", "reward"):
+        with pytest.raises(ValueError, match=rf"LLM\.{api}\(\) is only supported for pooling"):
+            getattr(llm, api)(["hello"])
+    with pytest.raises(ValueError, match=r"LLM\.score\(\) is only supported for pooling"):
+        llm.score("a", "b")
+    with pytest.raises(NotImplementedError, match="beam_search"):
+        llm.beam_search(["hello"], None)
+
+
+def test_server_metrics_count_drafts_and_acceptance_by_position() -> None:
+    from modelport.engine.messages import SchedulerStats
+    from modelport.entrypoints.openai.metrics import ServerMetrics
+
+    m = ServerMetrics("tiny", prefix="vllm")
+    m.observe_stats(SchedulerStats(spec_num_drafts=2, spec_num_draft_tokens=6,
+                                   spec_num_accepted_tokens=3, spec_num_accepted_per_pos=[2, 1, 0]))
+    m.observe_stats(SchedulerStats(spec_num_drafts=3, spec_num_draft_tokens=9,
+                                   spec_num_accepted_tokens=5, spec_num_accepted_per_pos=[3, 2, 0]))
+    text = m.render().decode()
+    assert 'vllm:spec_decode_num_drafts_total{model_name="tiny"} 3.0' in text
+    assert 'vllm:spec_decode_num_accepted_tokens_total{model_name="tiny"} 5.0' in text
+    for pos, value in ((0, 3.0), (1, 2.0)):
+        assert (f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="tiny",'
+                f'position="{pos}"}} {value}') in text
