@@ -30,6 +30,7 @@ _ORT_TYPES = {
     "tensor(float)": mc.TYPE_FP32,
     "tensor(double)": mc.TYPE_FP64,
     "tensor(string)": mc.TYPE_STRING,
+    "tensor(bfloat16)": mc.TYPE_BF16,
 }
 
 

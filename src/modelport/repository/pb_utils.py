@@ -5,6 +5,12 @@ process that name is this module. It is deliberately numpy-only (torch only for 
 so an instance process starts fast. Talking to the server (decoupled response senders,
 BLS requests) goes through a runtime object the instance process installs with
 `_install_runtime`; without one (plain unit tests of a model.py) those calls raise.
+
+TYPE_BF16 tensors, as in Triton, have no numpy form for the model: `as_numpy()` raises, and
+`to_dlpack()` / `Tensor.from_dlpack(name, ...)` (or `torch.from_dlpack(tensor)`, a Tensor
+being a DLPack producer) carry them as torch.bfloat16. Internally they are numpy arrays of
+`ml_dtypes.bfloat16` (see repository/tensors.py); `Tensor(name, ml_dtypes_bf16_array)` is
+accepted too.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import struct
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
@@ -56,7 +63,9 @@ _NUMPY = {
     "TYPE_FP32": np.float32,
     "TYPE_FP64": np.float64,
     "TYPE_STRING": np.object_,
+    "TYPE_BF16": ml_dtypes.bfloat16,  # numpy has none; ml_dtypes' is what tritonclient uses
 }
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 _runtime: Any = None  # set in an instance process: send_response(), bls()
 
@@ -75,7 +84,7 @@ def triton_string_to_numpy(triton_type: str) -> Any:
 
 
 # TRITONSERVER_DataType values, in _NUMPY's order: what Triton's pb_utils functions and
-# Tensor.triton_dtype() use (TYPE_BOOL is 1, ..., TYPE_STRING / BYTES is 13)
+# Tensor.triton_dtype() use (TYPE_BOOL is 1, ..., TYPE_STRING / BYTES is 13, TYPE_BF16 14)
 _TRITON_CODES = {name: code for code, name in enumerate(_NUMPY, start=1)}
 
 
@@ -176,6 +185,15 @@ class Tensor:
         return self._name
 
     def as_numpy(self) -> np.ndarray:
+        if self._array.dtype == _BF16:
+            raise TritonModelException(
+                f"tensor '{self._name}' is BF16, which has no numpy data type: use to_dlpack() "
+                "and Tensor.from_dlpack() (e.g. with torch) to read and write BF16 tensors"
+            )
+        return self._array
+
+    def _numpy(self) -> np.ndarray:
+        """The data whatever its type (BF16 as ml_dtypes.bfloat16): for the server side."""
         return self._array
 
     def shape(self) -> list[int]:
@@ -190,14 +208,26 @@ class Tensor:
     def to_dlpack(self) -> Any:
         import torch
 
-        return torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(self._array)))
+        from modelport.repository.tensors import to_torch
+
+        if self._array.dtype == np.object_:
+            raise TritonModelException("DLPack does not support BYTES (string) tensors")
+        return torch.utils.dlpack.to_dlpack(to_torch(self._array))
+
+    def __dlpack__(self, stream: Any = None) -> Any:
+        return self.to_dlpack()
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU: instance processes hold tensors in host memory
 
     @staticmethod
     def from_dlpack(name: str, capsule: Any) -> Tensor:
+        """A DLPack capsule, or an object with __dlpack__ (a torch tensor), as a Tensor."""
         import torch
 
-        t = torch.utils.dlpack.from_dlpack(capsule)
-        return Tensor(name, t.detach().cpu().numpy())
+        from modelport.repository.tensors import from_torch
+
+        return Tensor(name, from_torch(torch.utils.dlpack.from_dlpack(capsule)))
 
     def __repr__(self) -> str:
         return f"Tensor({self._name!r}, shape={self.shape()}, dtype={self._array.dtype})"

@@ -104,13 +104,18 @@ class BLSResult:
 # ---- conversions ------------------------------------------------------------------------------
 
 
+def _tensor_data(t: Any) -> np.ndarray:
+    """A pb_utils.Tensor's array, BF16 included (as_numpy() refuses BF16, as Triton's does)."""
+    return t._numpy() if isinstance(t, pb_utils.Tensor) else t.as_numpy()
+
+
 def resp_from_pb(r: Any) -> Resp:
     if r is None:
         return Resp()
     err = r.error()
     outputs = {}
     for t in r.output_tensors():
-        arr = t.as_numpy()
+        arr = _tensor_data(t)
         if not isinstance(arr, np.ndarray):
             arr = np.asarray(arr)
         outputs[t.name()] = arr
@@ -188,7 +193,7 @@ class _Runtime:
         self._waiting[call_id] = (event, box)
         req = Req(
             id=request.request_id(),
-            inputs={t.name(): t.as_numpy() for t in request.inputs()},
+            inputs={t.name(): _tensor_data(t) for t in request.inputs()},
             requested_outputs=request.requested_output_names(),
             parameters=__import__("json").loads(request.parameters()),
             model_name=request.model_name(),

@@ -2,6 +2,13 @@
 
 Tensors are numpy arrays everywhere inside the repository; BYTES/TYPE_STRING tensors are
 numpy object arrays of `bytes` (what Triton's python backend hands to model.py).
+
+BF16 (TYPE_BF16), which numpy has no dtype for, is carried as numpy arrays of
+`ml_dtypes.bfloat16`: the dtype tritonclient itself uses for BF16 (ml_dtypes is one of its
+requirements), 2 bytes an element, so raw wire bytes, concatenation for dynamic batching,
+slicing and pickling to python-backend processes all work as for any other dtype. Torch-based
+code crosses over with `to_torch` / `from_torch` (torch.from_numpy and .numpy() know no
+bfloat16; the bits are reinterpreted, never converted).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from modelport.repository.errors import InvalidArgument
@@ -29,17 +37,17 @@ _TABLE: list[tuple[str, str, Any]] = [
     ("TYPE_FP32", "FP32", np.float32),
     ("TYPE_FP64", "FP64", np.float64),
     ("TYPE_STRING", "BYTES", np.object_),
+    ("TYPE_BF16", "BF16", ml_dtypes.bfloat16),
 ]
+BF16 = np.dtype(ml_dtypes.bfloat16)
 CONFIG_TO_WIRE = {c: w for c, w, _ in _TABLE}
 WIRE_TO_CONFIG = {w: c for c, w, _ in _TABLE}
 WIRE_TO_NUMPY = {w: np.dtype(n) for _, w, n in _TABLE}
-WIRE_DTYPES = frozenset(WIRE_TO_NUMPY) | {"BF16"}
+WIRE_DTYPES = frozenset(WIRE_TO_NUMPY)
 
 
 def wire_of_config(type_name: str) -> str:
-    """TYPE_FP32 -> FP32 (TYPE_BF16 -> BF16, which numpy cannot hold)."""
-    if type_name == "TYPE_BF16":
-        return "BF16"
+    """TYPE_FP32 -> FP32, TYPE_STRING -> BYTES."""
     return CONFIG_TO_WIRE.get(type_name, type_name.removeprefix("TYPE_"))
 
 
@@ -58,6 +66,26 @@ def wire_of_numpy(dtype: np.dtype) -> str:
         if d == dtype:
             return w
     raise InvalidArgument(f"numpy dtype {dtype} has no Triton data type")
+
+
+def to_torch(arr: np.ndarray) -> Any:
+    """A numpy array as a torch tensor sharing its memory where it can (BF16 -> torch.bfloat16)."""
+    import torch
+
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype == BF16:
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def from_torch(t: Any) -> np.ndarray:
+    """A torch tensor (any device) as a numpy array (torch.bfloat16 -> ml_dtypes.bfloat16)."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(BF16)
+    return t.numpy()
 
 
 def as_bytes_array(arr: np.ndarray) -> np.ndarray:

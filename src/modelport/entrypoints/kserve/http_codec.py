@@ -4,7 +4,9 @@ Binary extension: the body is a JSON header of `Inference-Header-Content-Length`
 followed by raw tensors, in input order, for every input whose parameters carry
 `binary_data_size`. Responses do the same for outputs asked for with `binary_data: true`
 (or request parameter `binary_data_output`). BYTES elements are 4-byte little-endian
-length-prefixed in binary form and UTF-8 strings in JSON form.
+length-prefixed in binary form and UTF-8 strings in JSON form. BF16 travels only as binary
+data (or shared memory): as in Triton, BF16 JSON `data` in a request and a BF16 output asked
+for as JSON are 400s.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def decompress(body: bytes, encoding: str | None) -> bytes:
 
 def _json_tensor(name: str, wire: str, shape: list[int], data: Any) -> np.ndarray:
     count = int(np.prod(shape)) if shape else 1
+    if wire == "BF16":  # Triton's words (http_server.cc)
+        raise InvalidArgument(
+            "receiving BF16 data via JSON is not supported. Please use the binary data "
+            f"format for input {name}"
+        )
     if wire == "BYTES":
         flat = np.array(data, dtype=np.object_).reshape(-1)
         arr = np.empty(flat.shape, dtype=np.object_)
@@ -204,6 +211,11 @@ def parse_infer_request(
 
 
 def _json_data(t: InferTensor) -> list:
+    if t.datatype == "BF16":  # Triton's words (http_server.cc)
+        raise InvalidArgument(
+            "sending BF16 data via JSON is not supported. Please use the binary data format "
+            "for output"
+        )
     flat = t.data.reshape(-1)
     if t.datatype == "BYTES":
         out = []

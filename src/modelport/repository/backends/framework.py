@@ -67,9 +67,7 @@ class TensorBackend(Backend):
         groups: dict[tuple, list[BatchItem]] = {}
         for it in items:
             key = tuple(
-                sorted(
-                    (n, t.data.shape[1:], t.data.dtype.str) for n, t in it.request.inputs.items()
-                )
+                sorted((n, t.data.shape[1:], t.datatype) for n, t in it.request.inputs.items())
             )
             groups.setdefault(key, []).append(it)
         return list(groups.values())

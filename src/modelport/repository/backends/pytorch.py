@@ -3,6 +3,7 @@
 Inputs are passed positionally. As in Triton, names of the form `NAME__<i>` fix the
 position; otherwise the order of `input` in config.pbtxt does. Outputs map the same way:
 a single tensor is the first output, a tuple/list maps by position, a dict by name.
+TYPE_BF16 tensors reach the module as torch.bfloat16 and come back from it the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from modelport.repository.backends.base import BackendContext, InstanceSpec
 from modelport.repository.backends.framework import TensorBackend
 from modelport.repository.errors import ModelConfigError
+from modelport.repository.tensors import from_torch, to_torch
 
 _INDEXED = re.compile(r".*__(\d+)$")
 
@@ -62,11 +64,7 @@ class TorchScriptBackend(TensorBackend):
         import torch
 
         module, device = handle
-        args = [
-            torch.from_numpy(np.ascontiguousarray(inputs[n])).to(device)
-            for n in self._input_order
-            if n in inputs
-        ]
+        args = [to_torch(inputs[n]).to(device) for n in self._input_order if n in inputs]
         with torch.inference_mode():
             result = module(*args)
         if isinstance(result, torch.Tensor):
@@ -75,4 +73,4 @@ class TorchScriptBackend(TensorBackend):
             pairs = [(k, v) for k, v in result.items() if k in self._output_order]
         else:
             pairs = list(zip(self._output_order, result))
-        return {k: v.detach().cpu().numpy() for k, v in pairs}
+        return {k: from_torch(v) for k, v in pairs}
