@@ -179,6 +179,9 @@ class EnsembleModel:
             parameters=req.parameters,
             priority=req.priority,
             timeout_us=req.timeout_us,
+            sequence_id=req.sequence_id,
+            sequence_start=req.sequence_start,
+            sequence_end=req.sequence_end,
         )
         return await self._run_step(sub)
 

@@ -8,10 +8,12 @@ Readiness turns true only after every instance initialized and warm-up ran.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.backends.base import STREAM_END, Backend, BatchItem
@@ -25,6 +27,8 @@ from modelport.repository.errors import (
     Unsupported,
 )
 from modelport.repository.model_config import is_decoupled
+from modelport.repository.sequence import ControlInputs, is_sequence
+from modelport.repository.sequence import batcher_config as sequence_batcher_config
 from modelport.repository.stats import ModelStats
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
 from modelport.repository.warmup import warmup_requests
@@ -37,6 +41,14 @@ from modelport.serving.batcher import (
     RequestTimeoutError,
     TimeoutAction,
 )
+from modelport.serving.sequence_batcher import (
+    SeqEntry,
+    SequenceBatcher,
+    SequenceNotStartedError,
+)
+
+# the correlation id warm-up requests of a sequence model run under (START and END)
+WARMUP_SEQUENCE_ID = 2**64 - 1
 
 
 def _policy(p: mc.ModelQueuePolicy) -> QueuePolicy:
@@ -83,6 +95,12 @@ def _reshape(t: InferTensor, shape: list[int], batched: bool) -> InferTensor:
         ) from None
 
 
+def _zeros_like(t: InferTensor) -> InferTensor:
+    if t.data.dtype == object:
+        return InferTensor(t.name, t.datatype, np.full(t.data.shape, b"", dtype=object))
+    return InferTensor(t.name, t.datatype, np.zeros_like(t.data))
+
+
 class ModelVersion:
     """One ready-to-serve version of a non-ensemble model."""
 
@@ -94,6 +112,13 @@ class ModelVersion:
         self.decoupled = is_decoupled(config)
         self.stats = ModelStats(config.name, version)
         self.batcher = DynamicBatcher(batcher_config(config), self._execute, backend.num_instances)
+        self.sequencer: SequenceBatcher | None = None
+        self._controls: ControlInputs | None = None
+        if is_sequence(config):
+            self.sequencer = SequenceBatcher(
+                sequence_batcher_config(config), self._execute_sequence, backend.num_instances
+            )
+            self._controls = ControlInputs(config)
         self.ready = False
         self._inputs = {i.name: i for i in config.input}
         self._outputs = {o.name: o for o in config.output}
@@ -102,6 +127,8 @@ class ModelVersion:
     async def start(self) -> None:
         await self.backend.load()
         self.batcher.start()
+        if self.sequencer is not None:
+            self.sequencer.start()
         try:
             await self._warmup()
         except Exception:
@@ -111,11 +138,20 @@ class ModelVersion:
 
     async def stop(self) -> None:
         self.ready = False
+        if self.sequencer is not None:
+            await self.sequencer.stop()
         await self.batcher.stop()
         await self.backend.unload()
 
     async def _warmup(self) -> None:
         for label, req, count in warmup_requests(self.config, self.backend.ctx.model_dir):
+            if self.sequencer is not None:  # each warm-up request is a whole sequence
+                sid: int | str = WARMUP_SEQUENCE_ID
+                if self._controls is not None and self._controls.corrid_type == mc.TYPE_STRING:
+                    sid = "modelport-warmup"
+                req = dataclasses.replace(
+                    req, sequence_id=sid, sequence_start=True, sequence_end=True
+                )
             for _ in range(count):
                 try:
                     if self.decoupled:
@@ -133,6 +169,33 @@ class ModelVersion:
         results = await self.backend.execute(items)
         rows = sum(it.extra.get("rows", 1) for it in items)
         self.stats.record_execution(rows, time.perf_counter_ns() - start)
+        return results
+
+    async def _execute_sequence(self, instance: int, entries: list[SeqEntry]) -> list[Any]:
+        """One batch of the sequence batcher on `instance`, control inputs filled in; an
+        empty slot (direct strategy) runs a null request: zeros, READY false, CORRID 0."""
+        assert self._controls is not None
+        template = next(e.item for e in entries if e.item is not None).request
+        items: list[BatchItem] = []
+        for e in entries:
+            if e.item is None:
+                null = InferRequest(
+                    model_name=self.name,
+                    model_version=self.version,
+                    inputs={n: _zeros_like(t) for n, t in template.inputs.items()},
+                    requested_outputs=template.requested_outputs,
+                )
+                item = BatchItem(null, extra={"rows": 1, "null": True})
+            else:
+                item = e.item
+            req = item.request
+            item.request = dataclasses.replace(
+                req, inputs={**req.inputs, **self._controls.tensors(e)}
+            )
+            items.append(item)
+        start = time.perf_counter_ns()
+        results = await self.backend.run_batch(instance, items)
+        self.stats.record_execution(len(items), time.perf_counter_ns() - start)
         return results
 
     def _prepare(self, req: InferRequest) -> tuple[InferRequest, int]:
@@ -154,6 +217,9 @@ class ModelVersion:
             priority=req.priority,
             timeout_us=req.timeout_us,
             classification=req.classification,
+            sequence_id=req.sequence_id,
+            sequence_start=req.sequence_start,
+            sequence_end=req.sequence_end,
         )
         return prepared, rows
 
@@ -178,7 +244,34 @@ class ModelVersion:
             final=resp.final,
         )
 
+    async def _submit_sequence(self, item: BatchItem, rows: int) -> Any:
+        assert self.sequencer is not None and self._controls is not None
+        req = item.request
+        sid = req.sequence_id
+        if sid == 0 or sid == "":
+            raise InvalidArgument(
+                f"inference request to model '{self.name}' must specify a non-zero or "
+                "non-empty correlation ID"
+            )
+        if self.config.max_batch_size > 0 and rows > 1:
+            raise InvalidArgument(
+                f"inference request to model '{self.name}' must specify batch-size 1 due to "
+                "requirements of sequence batcher"
+            )
+        self._controls.check_corrid(self.name, sid)
+        try:
+            return await self.sequencer.submit(item, sid, req.sequence_start, req.sequence_end)
+        except SequenceNotStartedError:
+            raise InvalidArgument(
+                f"inference request for sequence {sid} to model '{self.name}' must specify "
+                "the START flag on the first request of the sequence"
+            ) from None
+        except BatcherStoppedError:
+            raise Unavailable(f"model '{self.name}' is being unloaded") from None
+
     async def _submit(self, item: BatchItem, rows: int) -> Any:
+        if self.sequencer is not None:
+            return await self._submit_sequence(item, rows)
         req = item.request
         timeout = req.timeout_us / 1e6 if req.timeout_us else None
         try:

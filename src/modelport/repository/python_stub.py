@@ -41,6 +41,8 @@ class Req:
     model_name: str = ""
     model_version: int = -1
     timeout_us: int = 0
+    correlation_id: int | str = 0  # sequence batching: the sequence id
+    flags: int = 0  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START | _END
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,8 @@ class _Runtime:
             model_name=request.model_name(),
             model_version=request.model_version(),
             timeout_us=request.timeout(),
+            correlation_id=request.correlation_id(),
+            flags=request.flags(),
         )
         self.send(BLSCall(call_id, req, decoupled))
         event.wait()
@@ -278,6 +282,8 @@ def _execute(model: Any, msg: Execute, decoupled: bool, name: str, runtime: _Run
             request_id=r.id,
             parameters=r.parameters,
             timeout=r.timeout_us,
+            correlation_id=r.correlation_id,
+            flags=r.flags,
         )
         req._sender = pb_utils.ResponseSender(key)
         if not decoupled:

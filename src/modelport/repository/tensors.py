@@ -177,6 +177,10 @@ class InferRequest:
     priority: int = 0
     timeout_us: int = 0
     classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
+    # sequence batching (Triton's correlation id and START / END flags); 0 / "": none
+    sequence_id: int | str = 0
+    sequence_start: bool = False
+    sequence_end: bool = False
 
 
 @dataclass
@@ -187,3 +191,30 @@ class InferResponse:
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     final: bool = True  # decoupled streams: the last response of a request
+
+
+SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def sequence_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """A request's sequence parameters (as tritonclient sends them over HTTP and gRPC) as
+    InferRequest fields: sequence_id a uint64 or a string, sequence_start / sequence_end."""
+    sid = params.get("sequence_id", 0)
+    if sid is None:
+        sid = 0
+    if isinstance(sid, bool) or not isinstance(sid, (int, str)):
+        raise InvalidArgument(
+            f"sequence_id must be an unsigned integer or a string, got {type(sid).__name__}"
+        )
+    if isinstance(sid, int) and not 0 <= sid < 2**64:
+        if -(2**63) <= sid < 0:  # an int64 parameter carrying a uint64
+            sid += 2**64
+        else:
+            raise InvalidArgument(f"sequence_id {sid} is out of the uint64 range")
+    flags = {}
+    for key in ("sequence_start", "sequence_end"):
+        v = params.get(key, False)
+        if not isinstance(v, bool):
+            raise InvalidArgument(f"'{key}' must be a boolean, got {v!r}")
+        flags[key] = v
+    return {"sequence_id": sid, **flags}

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.errors import ModelConfigError
+from modelport.repository.sequence import validate_sequence_batching
 
 _KIND = mc.ModelInstanceGroup
 
@@ -174,7 +175,7 @@ def validate_config(
             f"'{dir_name}'"
         )
     if cfg.HasField("sequence_batching"):
-        raise _err(cfg, "sequence_batching is not supported by modelport")
+        validate_sequence_batching(cfg)
     known = set(known_backends)
     if not cfg.backend:
         if cfg.platform:

@@ -15,12 +15,14 @@ from modelport.entrypoints.kserve.http_codec import shm_params
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.errors import InvalidArgument, Unsupported
 from modelport.repository.tensors import (
+    SEQUENCE_PARAMS,
     WIRE_DTYPES,
     InferRequest,
     InferResponse,
     InferTensor,
     from_raw,
     numpy_dtype,
+    sequence_fields,
     to_raw,
 )
 
@@ -122,11 +124,13 @@ def decode_request(
         parameters={
             k: v
             for k, v in params.items()
-            if k not in ("priority", "timeout", "triton_enable_empty_final_response")
+            if k
+            not in ("priority", "timeout", "triton_enable_empty_final_response", *SEQUENCE_PARAMS)
         },
         priority=int(params.get("priority", 0) or 0),
         timeout_us=int(params.get("timeout", 0) or 0),
         classification=classification,
+        **sequence_fields(params),
     ), shm_outputs
 
 

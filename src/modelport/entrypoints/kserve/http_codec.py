@@ -23,12 +23,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.errors import InvalidArgument, Unsupported
 from modelport.repository.tensors import (
+    SEQUENCE_PARAMS,
     WIRE_DTYPES,
     InferRequest,
     InferResponse,
     InferTensor,
     from_raw,
     numpy_dtype,
+    sequence_fields,
     to_raw,
     wire_of_config,
 )
@@ -199,11 +201,12 @@ def parse_infer_request(
         parameters={
             k: v
             for k, v in params.items()
-            if k not in ("binary_data_output", "priority", "timeout")
+            if k not in ("binary_data_output", "priority", "timeout", *SEQUENCE_PARAMS)
         },
         priority=int(params.get("priority", 0) or 0),
         timeout_us=int(params.get("timeout", 0) or 0),
         classification=classification,
+        **sequence_fields(params),
     )
     return HttpInfer(
         req, binary_outputs, bool(params.get("binary_data_output", False)), shm_outputs
@@ -323,7 +326,8 @@ def generate_parameters(cfg: mc.ModelConfig, doc: dict[str, Any]) -> dict[str, A
         if isinstance(value, (dict, list)) or value is None:
             raise InvalidArgument(
                 f"field '{key}' is not an input of model '{cfg.name}', and a parameter must be "
-                "a string, a number or a boolean")
+                "a string, a number or a boolean"
+            )
         extra[key] = value
     return {**extra, **params}
 

@@ -36,6 +36,13 @@ from modelport.repository.tensors import (
 )
 
 START_TIMEOUT_S = 120.0
+_FLAG_START = 1  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+_FLAG_END = 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+
+
+def _flags(req: InferRequest) -> int:
+    return (_FLAG_START if req.sequence_start else 0) | (_FLAG_END if req.sequence_end else 0)
+
 
 _CODES = {
     2: Status.NOT_FOUND,
@@ -155,7 +162,9 @@ class _Instance:
 
     def _on_stream(self, msg: stub.Stream) -> None:
         item = self._streams.get((msg.batch_id, msg.index))
-        if item is None or item.stream is None:
+        if item is None or item.stream is None:  # a null request of the sequence batcher
+            if msg.final:
+                self._streams.pop((msg.batch_id, msg.index), None)
             return
         cfg = self.backend.config
         if msg.response is not None:
@@ -185,6 +194,9 @@ class _Instance:
                 id=r.id,
                 parameters=r.parameters,
                 timeout_us=r.timeout_us,
+                sequence_id=r.correlation_id,
+                sequence_start=bool(r.flags & _FLAG_START),
+                sequence_end=bool(r.flags & _FLAG_END),
             )
             results = await bls(req)
             out = [stub.Resp({n: t.data for n, t in x.outputs.items()}) for x in results]
@@ -251,6 +263,8 @@ class _Instance:
                 requested_outputs=list(it.request.requested_outputs or []),
                 parameters=dict(it.request.parameters),
                 timeout_us=it.request.timeout_us,
+                correlation_id=it.request.sequence_id,
+                flags=_flags(it.request),
             )
             for it in items
         ]
