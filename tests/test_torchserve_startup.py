@@ -130,6 +130,57 @@ def test_models_settings_apply_to_every_startup_spec(tmp_path, load_models, cli,
     asyncio.run(main())
 
 
+def test_models_without_load_models_loads_nothing(tmp_path):
+    """TorchServe (ModelServer.initModelStore): with no load_models (nor --models) nothing is
+    loaded at startup; `models=` only configures the models that are loaded."""
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w")
+    models = _models_json({"marName": "echo.mar", **SETTINGS, "minWorkers": 0})
+    cfg = _config(
+        tmp_path,
+        f"model_store={store}\nmodels={models}\nmanagement_address=http://127.0.0.1:0\n",
+    )
+
+    async def main():
+        service, _ = await _started(_args(["--ts-config", str(cfg), "--disable-token-auth"]))
+        try:
+            assert service.plan.startup == ()
+            assert service.state.registry.names() == []
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+def test_archive_yaml_config_wins_over_models_entry(tmp_path):
+    """TorchServe (ModelManager.createModel, ModelServer.initModelStore): the archive's
+    model-config YAML wins over its `models=` entry (values > 0; workers where
+    0 < minWorkers <= maxWorkers); the entry fills what the YAML leaves out."""
+    yaml = tmp_path / "model-config.yaml"
+    yaml.write_text("batchSize: 3\nmaxBatchDelay: 20\nminWorkers: 1\nmaxWorkers: 2\n")
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w", config_file=yaml)
+    entry = {"marName": "echo.mar", **SETTINGS, "minWorkers": 0, "maxWorkers": 3}
+    cfg = _config(
+        tmp_path,
+        f"model_store={store}\nload_models=echo.mar\nmodels={_models_json(entry)}\n"
+        "management_address=http://127.0.0.1:0\n",
+    )
+
+    async def main():
+        service, _ = await _started(_args(["--ts-config", str(cfg), "--disable-token-auth"]))
+        try:
+            (mv,) = service.state.registry.versions("echo")
+            s = mv.settings
+            assert (s.batch_size, s.max_batch_delay_ms) == (3, 20)  # the YAML's
+            assert s.response_timeout_s == 20  # the entry's: the YAML has none
+            assert (s.min_workers, s.max_workers, mv.num_workers) == (1, 2, 1)  # the YAML's
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
 def test_entries_matched_by_marName_keep_their_names_and_versions(tmp_path):
     """Two versions of one model in two archives that both say "echo 1.0" in their manifests:
     each archive gets its own entry by marName, with that entry's version and settings."""

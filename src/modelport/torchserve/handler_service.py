@@ -173,7 +173,7 @@ class HandlerService:
         try:
             ret = self._entry(inputs, self.context)
         except PredictionException as e:
-            return BatchResult(None, e.error_code, e.message)
+            return BatchResult(None, e.error_code, e.message, handler_error=True)
         except MemoryError:
             return BatchResult(None, 507, "Out of resources")
         except Exception as e:

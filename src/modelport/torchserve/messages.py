@@ -43,3 +43,5 @@ class BatchResult:
     responses: list[ItemResponse] | None
     error_code: int = 0
     error_message: str = ""
+    # the handler's own PredictionException: its message goes to the client as is
+    handler_error: bool = False

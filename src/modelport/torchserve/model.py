@@ -233,13 +233,15 @@ class ModelVersion:
         finally:
             self._release(slot)
         if result.responses is None:
-            code = result.error_code or 500
-            err = TSError(
-                code,
-                "InternalServerException" if code >= 500 else "PredictionException",
-                f"Prediction failed for model {self.name} (version {self.version}): "
-                f"{result.error_message}",
-            )
+            # TorchServe's frontend (RestJob.sendError): the backend's code as the status (413
+            # read as 507), the body an InternalServerException whatever the code; a handler's
+            # PredictionException(message, error_code) gives its message as is
+            code = _http_status(result.error_code)
+            message = result.error_message
+            if not result.handler_error:
+                message = (f"Prediction failed for model {self.name} (version {self.version}): "
+                           f"{message}")
+            err = TSError(code, "InternalServerException", message)
             return [Outcome(err, started - t) for _, t in jobs]
         return [Outcome(r, started - t) for r, (_, t) in zip(result.responses, jobs)]
 
@@ -354,3 +356,11 @@ def _no_worker_message(name: str) -> str:
         f'Model "{name}" has no worker to serve inference request. '
         "Please use scale workers API to add workers."
     )
+
+
+def _http_status(code: object) -> int:
+    """A backend error code as TorchServe's frontend answers it: 413 becomes 507, and a code
+    that is no HTTP status (or none) is 500."""
+    if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 599:
+        return 500
+    return 507 if code == 413 else code

@@ -247,11 +247,23 @@ class ModelRegistry:
             raise bad_request(f"Invalid model name: {name!r}")
         version = version or manifest.model_version
         entry = config_entry(name, version) if config_entry else None
+        from_yaml = model_overrides(model_yaml)
+        # TorchServe (ModelManager.createModel, ModelServer.initModelStore): the archive's own
+        # YAML wins over its config.properties `models=` entry: batchSize, maxBatchDelay and
+        # responseTimeout where > 0, minWorkers/maxWorkers where 0 < minWorkers <= maxWorkers
+        # (at startup those also replace the default workers); explicit overrides win over both
+        yaml_wins = {k: v for k, v in from_yaml.items()
+                     if k in ("batch_size", "max_batch_delay_ms", "response_timeout_s") and v > 0}
+        y_min, y_max = from_yaml.get("min_workers", 0), from_yaml.get("max_workers", 0)
+        yaml_workers = 0 < y_min <= y_max and (loaded_at_startup or entry is not None)
+        if yaml_workers:
+            yaml_wins.update(min_workers=y_min, max_workers=y_max)
+            initial_workers = None
         if entry is not None:
-            overrides = {**entry.overrides, **overrides}
+            overrides = {**entry.overrides, **yaml_wins, **overrides}
             if "min_workers" in entry.overrides:
                 initial_workers = None  # the entry's minWorkers, not the startup default
-        fields = {**model_overrides(model_yaml), **overrides}
+        fields = {**from_yaml, **overrides}
         if initial_workers is not None:
             fields["min_workers"] = initial_workers
             fields["max_workers"] = max(initial_workers, fields.get("max_workers", 0))

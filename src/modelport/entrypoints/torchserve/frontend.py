@@ -145,8 +145,8 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
             startup.append((name, url))
         else:
             startup.append((None, spec))
-    if not specs:
-        startup = [(e.name, e.mar_name) for e in cfg.models]
+    # as TorchServe (ModelServer.initModelStore): only load_models (or --models) loads models
+    # at startup; `models=` alone configures the models that get loaded, and loads none
     workers = args.ts_workers or cfg.default_workers_per_model or 1
     return _Plan(management, inference, listen, cfg.metrics_address, tuple(startup), cfg, workers)
 
