@@ -4,13 +4,16 @@
 - a prompt plus max_tokens past max_model_len generates up to max_model_len and finishes with
   "length" (vLLM V1); a prompt that leaves no room is vLLM's "decoder prompt" ValueError;
 - SamplingParams.logit_bias (also under speculative decoding, where greedy output is unchanged);
-- max_logprobs bounds logprobs / prompt_logprobs with vLLM's message; seed=None is allowed;
+- max_logprobs bounds logprobs / prompt_logprobs with vLLM's message; -1 asks for the whole
+  vocabulary, allowed where max_logprobs is -1 (no cap); seed=None is allowed;
 - data_parallel_size, the pooling APIs and beam_search are clear errors, not TypeErrors or
   AttributeErrors; trust_remote_code / disable_log_stats are accepted;
 - get_metrics() reports vLLM's series, speculative decoding's acceptance counts included.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -107,6 +110,27 @@ def test_max_logprobs_bounds_requests_with_vllms_message(llm, model_dir) -> None
                max_logprobs=30, seed=None, trust_remote_code=True, disable_log_stats=False)
     out = _gen(wide, "hello", logprobs=25, max_tokens=2).outputs[0]
     assert all(25 <= len(pos) <= 26 for pos in out.logprobs)
+
+
+def test_minus_one_logprobs_are_the_whole_vocabulary(llm, model_dir) -> None:
+    n_vocab = llm.llm_engine.config.model_config.vocab_size
+    # the default max_logprobs (20) caps them, with vLLM's message naming the vocabulary's size
+    with pytest.raises(ValueError, match=f"Requested sample logprobs of {n_vocab}, which is "
+                                         "greater than max allowed: 20"):
+        _gen(llm, "hello", logprobs=-1, max_tokens=1)
+    with pytest.raises(ValueError, match=f"Requested prompt logprobs of {n_vocab}"):
+        _gen(llm, "hello", prompt_logprobs=-1, max_tokens=1)
+    with pytest.raises(ValueError, match="max_logprobs must be non-negative or -1, got -2"):
+        LLM(str(model_dir), max_logprobs=-2)
+    every = LLM(str(model_dir), max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20,
+                max_logprobs=-1)
+    out = _gen(every, "hello", logprobs=-1, prompt_logprobs=-1, max_tokens=2, temperature=0)
+    assert [len(pos) for pos in out.outputs[0].logprobs] == [n_vocab, n_vocab]
+    assert out.prompt_logprobs[0] is None
+    assert all(len(pos) == n_vocab for pos in out.prompt_logprobs[1:])
+    for pos in out.outputs[0].logprobs:
+        assert sorted(lp.rank for lp in pos.values()) == list(range(1, n_vocab + 1))
+        assert sum(math.exp(lp.logprob) for lp in pos.values()) == pytest.approx(1, abs=1e-3)
 
 
 def test_unsupported_vllm_apis_are_clear_errors(llm, model_dir) -> None:

@@ -204,8 +204,15 @@ def test_chat_prompt_logprobs_and_refusals(base) -> None:
     assert all(1 <= len(p) <= 2 for p in plp[1:])
     assert "prompt_logprobs" not in r["choices"][0]
     for path, req in (("/v1/chat/completions", body), ("/v1/completions", {"prompt": "x"})):
-        err = _error(_post(base, path, {**req, "prompt_logprobs": 1, "stream": True}))
-        assert err["param"] == "prompt_logprobs"
+        for k in (1, -1):  # vLLM: a count that returns something cannot stream, in its words
+            err = _error(_post(base, path, {**req, "prompt_logprobs": k, "stream": True}))
+            assert err["param"] == "prompt_logprobs"
+            assert err["message"] == "`prompt_logprobs` are not available when `stream=True`."
+        # prompt_logprobs 0 streams (vLLM accepts it), and no chunk carries prompt logprobs
+        events = _events(base, path, {**req, "prompt_logprobs": 0, "max_tokens": 1})
+        assert events and all("prompt_logprobs" not in e and
+                              all("prompt_logprobs" not in c for c in e["choices"])
+                              for e in events)
         err = _error(_post(base, path, {**req, "prompt_logprobs": 21}))
         assert err["param"] == "prompt_logprobs"
 
@@ -342,6 +349,48 @@ def test_logprobs_above_max_logprobs_are_vllms_400(base) -> None:
     assert err["param"] == "top_logprobs"
     r = _ok(_post(base, "/v1/completions", {"prompt": "hello", "max_tokens": 1, "logprobs": 20}))
     assert len(r["choices"][0]["logprobs"]["token_logprobs"]) == 1
+
+
+def test_minus_one_logprobs_need_max_logprobs_minus_one(base, model_dir) -> None:
+    """vLLM: -1 asks for the whole vocabulary; under the default --max-logprobs 20 that is
+    vLLM's 400 naming the vocabulary's size; under --max-logprobs -1 every token comes back."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **GREEDY}
+    err = _error(_post(base, "/v1/completions", {"prompt": "hello", "max_tokens": 1,
+                                                 "logprobs": -1}))  # fmt: skip
+    assert err["message"] == (f"Requested sample logprobs of {vocab}, which is greater than "
+                              "max allowed: 20")
+    assert err["param"] == "logprobs"
+    err = _error(_post(base, "/v1/chat/completions", {**chat, "logprobs": True,
+                                                      "top_logprobs": -1}))  # fmt: skip
+    assert err["param"] == "top_logprobs" and f"logprobs of {vocab}" in err["message"]
+    err = _error(_post(base, "/v1/chat/completions", {**chat, "top_logprobs": -1}))
+    assert err["param"] == "top_logprobs"  # as vLLM: top_logprobs needs logprobs true
+    err = _error(_post(base, "/v1/completions", {"prompt": "hello", "prompt_logprobs": -1}))
+    assert err["message"].startswith(f"Requested prompt logprobs of {vocab}")
+    for bad in ({"logprobs": -2}, {"prompt_logprobs": -2}):
+        assert _error(_post(base, "/v1/completions", {"prompt": "hello", **bad}))
+
+    log = model_dir.parent / "every.log"
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", "./tiny", "--max-model-len",
+            str(MAX_MODEL_LEN), "--kv-cache-memory", "8MiB", "--max-logprobs", "-1"]  # fmt: skip
+    proc, every = start_server(argv, log, timeout=180, cwd=model_dir.parent)
+    try:
+        r = _ok(_post(every, "/v1/chat/completions", {**chat, "logprobs": True,
+                                                      "top_logprobs": -1}))  # fmt: skip
+        content = r["choices"][0]["logprobs"]["content"]
+        assert [len(t["top_logprobs"]) for t in content] == [vocab, vocab]
+        r = _ok(_post(every, "/v1/completions", {"prompt": "hello", "max_tokens": 1,
+                                                 "logprobs": -1, "prompt_logprobs": -1,
+                                                 **GREEDY}))  # fmt: skip
+        choice = r["choices"][0]
+        # keyed by text, as OpenAI's shape is: tokens of one text (bytes >= 0x80) coincide
+        texts = {t["token"] for t in content[0]["top_logprobs"]}
+        assert set(choice["logprobs"]["top_logprobs"][0]) == texts
+        assert choice["prompt_logprobs"][0] is None
+        assert all(len(p) == vocab for p in choice["prompt_logprobs"][1:])
+    finally:
+        stop_server(proc)
 
 
 # ---------------------------------------------------------------- 404s, --version

@@ -86,6 +86,13 @@ def test_data_parallel_advice_when_one_gpu_holds_the_model(capsys):
     assert any("8 data-parallel replicas of TP=1" in r for r in d["recommendations"])
 
 
+def test_serve_command_runs_the_replicas(capsys):
+    d = _json(capsys, "--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--num-gpus", "4",
+              "--tensor-parallel-size", "2", "--max-model-len", "8192")  # fmt: skip
+    assert d["parallelism"]["data_parallel_replicas"] == 2
+    assert "--tensor-parallel-size 2 --data-parallel-size 2 " in d["serve_command"]
+
+
 def test_custom_gpu_from_explicit_figures(capsys):
     d = _json(capsys, "--model", "mistral-7b", "--gpu-memory-gib", "48",
               "--gpu-bandwidth-tbps", "0.864", "--gpu-tflops", "181",

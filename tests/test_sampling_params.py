@@ -22,7 +22,7 @@ from modelport.sampling_params import SamplingParams
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"logprobs": -2}, "logprobs"),  # the upper bound is the engine's max_logprobs
-        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"prompt_logprobs": -2}, "prompt_logprobs"),  # -1 is the whole vocabulary
         ({"seed": 2**64}, "seed"),
         ({"stop": [1, 2]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
@@ -106,8 +106,8 @@ def test_async_llm_generate_truncates_too() -> None:
     sent = []
     proc = _processor(64)
     cfg = SimpleNamespace(model_config=proc.model_config, served_model_name="m",
-                          scheduler_config=SimpleNamespace(max_model_len=64))
-    client = SimpleNamespace(ready=None, add_request=sent.append)
+                          scheduler_config=SimpleNamespace(max_model_len=64), max_logprobs=20)
+    client = SimpleNamespace(ready=None, add_requests=sent.extend)
 
     async def send():
         llm = AsyncLLM(cfg, None, client, asyncio.get_running_loop())
@@ -116,3 +116,23 @@ def test_async_llm_generate_truncates_too() -> None:
 
     stream = asyncio.run(send())
     assert stream.prompt_ids == sent[0].prompt_token_ids == [95, 96, 97, 98, 99]
+
+
+def test_minus_one_logprobs_are_the_whole_vocabulary_as_vllm() -> None:
+    from modelport.frontend.processor import check_max_logprobs
+
+    p = SamplingParams(logprobs=-1, prompt_logprobs=-1)
+    assert (p.logprobs, p.prompt_logprobs) == (-1, -1)
+    with pytest.raises(ValueError, match=r"^logprobs must be non-negative or -1, got -2\.$"):
+        SamplingParams(logprobs=-2)
+    # vLLM's processor: -1 counts as the vocabulary's size; max_logprobs=-1 is no cap
+    with pytest.raises(ValueError, match=r"^Requested sample logprobs of 100, which is greater "
+                                         r"than max allowed: 20$"):
+        check_max_logprobs(p, 20, 100)
+    with pytest.raises(ValueError, match="Requested prompt logprobs of 100"):
+        check_max_logprobs(SamplingParams(prompt_logprobs=-1), 99, 100)
+    check_max_logprobs(p, -1, 100)
+    check_max_logprobs(SamplingParams(logprobs=100, prompt_logprobs=0), -1, 100)
+    with pytest.raises(ValueError, match="greater than max allowed: 100"):
+        check_max_logprobs(SamplingParams(logprobs=101), -1, 100)
+    check_max_logprobs(SamplingParams(logprobs=0, prompt_logprobs=0), 0, 100)

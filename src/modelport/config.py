@@ -281,11 +281,30 @@ class SpeculativeConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Tensor parallelism splits one replica's layers over `tensor_parallel_size` devices;
+    data parallelism runs `data_parallel_size` replicas (engine cores), each with its own
+    devices and KV cache, behind one server (`modelport serve`). `data_parallel_rank`: which
+    replica a core's config describes."""
+
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(
+                f"data_parallel_rank must be in [0, {self.data_parallel_size}), "
+                f"got {self.data_parallel_rank}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Processes that share the host's devices (or CPU cores): every rank of every replica."""
+        return self.tensor_parallel_size * self.data_parallel_size
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,13 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     # token id -> a value added to its logit before sampling (OpenAI clamps to [-100, 100])
     logit_bias: dict[int, float] | None = None
+    # only these token ids may be sampled (vLLM's allowed_token_ids; out-of-vocab ids and an
+    # empty list are refused when the request is added)
+    allowed_token_ids: list[int] | None = None
+    # words never to generate: the frontend tokenizes each (as is and after a space) into
+    # _bad_words_token_ids; the last token of a sequence is banned when the tokens before it
+    # were just generated (vLLM's bad_words)
+    bad_words: list[str] | None = None
     # keep only the last k prompt tokens (-1: the model's max length; None: keep all);
     # applied where the frontend builds the prompt ids, so the engine core never sees it
     truncate_prompt_tokens: int | None = None
@@ -38,6 +45,9 @@ class SamplingParams:
     best_of: int | None = None
     # filled by the engine
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    # filled by the frontend's InputProcessor from bad_words (vLLM's name)
+    _bad_words_token_ids: list[list[int]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -71,13 +81,12 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
             )
-        # the upper bound is the engine's max_logprobs (default 20), checked when it is added
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise bad("logprobs", "None or an integer >= 0")
-        if self.prompt_logprobs is not None and (
-            not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0
-        ):
-            raise bad("prompt_logprobs", "None or an integer >= 0")
+        # -1: the whole vocabulary (vLLM); the upper bound is the engine's max_logprobs
+        # (default 20; -1 there allows -1 here), checked when the request is added
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _is_int(k) or (k < 0 and k != -1)):
+                raise ValueError(f"{name} must be non-negative or -1, got {k!r}.")
         if self.seed is not None and (
             not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63
         ):
@@ -113,6 +122,15 @@ class SamplingParams:
             ):
                 raise bad("logit_bias", "a dict of token id (an integer >= 0) -> finite bias")
             self.logit_bias = {t: float(v) for t, v in self.logit_bias.items()} or None
+        if self.allowed_token_ids is not None:
+            if not all(_is_int(t) and 0 <= t < 2**31
+                       for t in _iter_or_none(self.allowed_token_ids)):
+                raise bad("allowed_token_ids", "None or a list of token ids (integers >= 0)")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            if not all(isinstance(w, str) for w in _iter_or_none(self.bad_words)):
+                raise bad("bad_words", "None or a list of strings")
+            self.bad_words = list(self.bad_words)
         if self.stop_token_ids is not None and not all(
             isinstance(t, int) and 0 <= t < 2**31 for t in self.stop_token_ids
         ):
@@ -127,12 +145,32 @@ class SamplingParams:
         return self._stop_list
 
     @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """bad_words as token id sequences (set when the request is added; vLLM's name)."""
+        return self._bad_words_token_ids
+
+    @property
+    def has_multi_token_bad_words(self) -> bool:
+        """Whether banning a bad word depends on the tokens generated before it."""
+        return any(len(w) > 1 for w in self._bad_words_token_ids or ())
+
+    @property
     def needs_penalties(self) -> bool:
         return (
             self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+def num_logprobs(k: int, vocab: int) -> int:
+    """A logprobs / prompt_logprobs / max_logprobs count, -1 (the whole vocabulary) resolved."""
+    return vocab if k == -1 else k
+
+
+def _iter_or_none(value: object) -> list:
+    """value's items if it is a list or tuple, else [None] (which no item check accepts)."""
+    return list(value) if isinstance(value, (list, tuple)) else [None]
 
 
 def _is_int(value: object) -> bool:

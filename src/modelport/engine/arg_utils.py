@@ -53,6 +53,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    # replicas of the whole engine behind one server (`modelport serve` only)
+    data_parallel_size: int = 1
     load_format: str = "auto"
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -91,6 +93,11 @@ class EngineArgs:
                        default=d.enable_prefix_caching)
         g.add_argument("--enforce-eager", action="store_true", default=False)
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                       help="replicas of the engine (each on its own GPUs: cuda:0.., then the "
+                            "next tensor-parallel-size GPUs; on a CPU each gets its share of "
+                            "the cores) behind one server; a request goes to the replica with "
+                            "the fewest in flight")
         g.add_argument("--load-format", default=d.load_format,
                        choices=["auto", "safetensors", "gguf", "dummy"])
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
@@ -113,7 +120,8 @@ class EngineArgs:
                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (n-gram '
                             "prompt lookup: drafts from the request's own text, no draft model)")
         g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
-                       help="most logprobs (and prompt_logprobs) one request may ask for")
+                       help="most logprobs (and prompt_logprobs) one request may ask for; "
+                            "-1: no cap (requests may ask for -1, the whole vocabulary)")
         g.add_argument("--trust-remote-code", action="store_true", default=False,
                        help="accepted for vLLM command lines; no effect (no model code is "
                             "loaded from checkpoints: the architectures are built in)")
@@ -137,16 +145,20 @@ class EngineArgs:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
-        if self.tensor_parallel_size != 1:
-            tp = self.tensor_parallel_size
+        parallel = ParallelConfig(self.tensor_parallel_size, self.data_parallel_size)
+        tp = parallel.tensor_parallel_size
+        if tp != 1:
             for what, n in (("num_attention_heads", model_config.num_attention_heads),
                             ("num_key_value_heads", model_config.num_key_value_heads)):
                 if n % tp:
                     raise ValueError(f"tensor_parallel_size {tp} must divide {what} ({n})")
-            if device.startswith("cuda") and torch.cuda.device_count() < tp:
+        if device.startswith("cuda") and parallel.world_size > 1:
+            first = torch.device(device).index or 0
+            if torch.cuda.device_count() < first + parallel.world_size:
                 raise ValueError(
-                    f"tensor_parallel_size {tp} needs {tp} GPUs; "
-                    f"{torch.cuda.device_count()} visible"
+                    f"tensor_parallel_size {tp} x data_parallel_size "
+                    f"{parallel.data_parallel_size} needs {parallel.world_size} GPUs from "
+                    f"cuda:{first}; {torch.cuda.device_count()} visible"
                 )
         if self.quantization is not None or model_config.hf_config.get("quantization_config"):
             from modelport.quantization.loading import resolve_quantization
@@ -158,8 +170,8 @@ class EngineArgs:
         if spec is not None and spec.model is not None:
             _check_draft_model(spec, model_config, self.tensor_parallel_size,
                                self.max_model_len or model_config.max_position_embeddings)
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.max_logprobs < -1:  # -1: no cap (vLLM), requests may ask for -1 (all)
+            raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}")
         seed = self.seed
         if seed is None:  # as vLLM: no seed, a different run each time
             seed = random.SystemRandom().randrange(2**31)
@@ -191,7 +203,7 @@ class EngineArgs:
             model_config=model_config,
             cache_config=cache,
             scheduler_config=sched,
-            parallel_config=ParallelConfig(self.tensor_parallel_size),
+            parallel_config=parallel,
             load_config=LoadConfig(load_format=self.load_format, quantization=self.quantization,
                                    seed=seed),
             device=device,

@@ -24,8 +24,10 @@ from modelport.engine.core_client import (
     CoreReady,
     CoreRejected,
     CoreStepOutputs,
+    DPEngineCoreClient,
     EngineCoreClient,
     EngineDeadError,
+    make_core_client,
 )
 from modelport.engine.messages import SchedulerStats
 from modelport.outputs import CompletionOutput, RequestOutput
@@ -124,7 +126,7 @@ class AsyncLLM:
         self,
         engine_config: Any,
         tokenizer: Any,
-        client: EngineCoreClient | None,
+        client: EngineCoreClient | DPEngineCoreClient | None,
         loop: asyncio.AbstractEventLoop,
         *,
         max_waiting_requests: int | None = None,
@@ -149,7 +151,7 @@ class AsyncLLM:
         self.dead_reason: str | None = None
         # called (on the event loop) once the core died and its requests were failed
         self.on_dead: Callable[[str], None] | None = None
-        self.client: EngineCoreClient | None = client
+        self.client: EngineCoreClient | DPEngineCoreClient | None = client
         self.ready: CoreReady | None = client.ready if client is not None else None
 
     # ---------------------------------------------------------------- start / stop
@@ -179,7 +181,7 @@ class AsyncLLM:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(llm._on_core_message, msg)
 
-        client = await asyncio.to_thread(EngineCoreClient, core_config, on_message)
+        client = await asyncio.to_thread(make_core_client, core_config, on_message)
         llm.client = client
         llm.ready = client.ready
         return llm
@@ -263,8 +265,7 @@ class AsyncLLM:
         )  # fmt: skip
         self._streams[request_id] = stream
         self._num_inflight_seqs += len(core_reqs)
-        for r in core_reqs:
-            self.client.add_request(r)
+        self.client.add_requests(core_reqs)  # together: one replica holds all n samples
         return stream
 
     def abort_now(self, request_id: str) -> None:

@@ -15,6 +15,7 @@ waiting request instead of hanging them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing as mp
 import queue
@@ -32,6 +33,7 @@ from modelport.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
+    SchedulerStats,
 )
 
 logger = logging.getLogger("modelport.engine.core_client")
@@ -317,6 +319,11 @@ class EngineCoreClient:
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(AddRequest(request=request))
 
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        """One user request's engine requests (its n samples), in order."""
+        for r in requests:
+            self.add_request(r)
+
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
             self._send(AbortRequests(request_ids=list(request_ids)))
@@ -354,3 +361,190 @@ def _kill_process(proc: Any) -> None:
     if proc.is_alive():  # SIGKILL: the core ignores SIGTERM (prepare_child_process)
         proc.kill()
         proc.join(2)
+
+
+# ---------------------------------------------------------------- data parallelism
+
+
+def replica_config(engine_config: Any, rank: int) -> Any:
+    """The config of data-parallel replica `rank`: its own devices, from the first one given
+    on (replica r of tensor-parallel groups of t GPUs starts at GPU first + r * t)."""
+    par = dataclasses.replace(engine_config.parallel_config, data_parallel_rank=rank)
+    device = engine_config.device
+    if device.startswith("cuda"):
+        first = int(device.partition(":")[2] or 0)
+        device = f"cuda:{first + rank * par.tensor_parallel_size}"
+    return dataclasses.replace(engine_config, parallel_config=par, device=device)
+
+
+def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
+    """The replicas' latest stats as one engine's: counts add up, KV usage by blocks."""
+    blocks = sum(s.num_kv_blocks for s in stats)
+    per_pos = [sum(col) for col in zip(*(s.spec_num_accepted_per_pos for s in stats))]
+    return SchedulerStats(
+        num_running=sum(s.num_running for s in stats),
+        num_waiting=sum(s.num_waiting for s in stats),
+        kv_cache_usage=(sum(s.kv_cache_usage * s.num_kv_blocks for s in stats) / blocks
+                        if blocks else 0.0),
+        prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
+        prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
+        num_preemptions=sum(s.num_preemptions for s in stats),
+        spec_num_drafts=sum(s.spec_num_drafts for s in stats),
+        spec_num_draft_tokens=sum(s.spec_num_draft_tokens for s in stats),
+        spec_num_accepted_tokens=sum(s.spec_num_accepted_tokens for s in stats),
+        spec_num_accepted_per_pos=per_pos,
+        num_kv_blocks=blocks,
+        block_size=max(s.block_size for s in stats),
+    )
+
+
+class DPEngineCoreClient:
+    """`data_parallel_size` engine cores (replicas, each its own process, devices and KV
+    cache) behind EngineCoreClient's interface, so AsyncLLM serves them as one engine.
+
+    A user request (all its n samples, which share the prompt's KV blocks) goes to the
+    replica with the fewest sequences in flight; its aborts follow it there. Stats reach
+    `on_message` merged over the replicas (cumulative counters stay monotonic: they are
+    merged and passed on under one lock). The first replica to die ends the engine, as one
+    core's death does: its requests cannot move to another replica mid-stream.
+    """
+
+    def __init__(
+        self,
+        engine_config: Any,
+        on_message: Callable[[CoreStepOutputs | CoreRejected | EngineDeadError], None],
+        *,
+        startup_timeout: float = 600.0,
+    ) -> None:
+        size = engine_config.parallel_config.data_parallel_size
+        self._on_message = on_message
+        self._lock = threading.Lock()
+        self._owner: dict[str, int] = {}  # engine request id -> replica
+        self._inflight = [0] * size
+        self.num_added = [0] * size  # engine requests each replica was given (cumulative)
+        self._stats = [SchedulerStats() for _ in range(size)]
+        self._closing = False
+        self.dead: EngineDeadError | None = None
+        clients: list[EngineCoreClient | None] = [None] * size
+        errors: list[BaseException | None] = [None] * size
+
+        def start(rank: int) -> None:
+            try:
+                clients[rank] = EngineCoreClient(
+                    replica_config(engine_config, rank),
+                    lambda msg: self._from_core(rank, msg),
+                    startup_timeout=startup_timeout,
+                )
+            except BaseException as e:  # noqa: BLE001 - reported below, after the others
+                errors[rank] = e
+
+        threads = [threading.Thread(target=start, args=(r,), name=f"dp-start-{r}")
+                   for r in range(size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            self._closing = True
+            for c in clients:
+                if c is not None:
+                    c.shutdown()
+            rank, err = failed[0]
+            raise RuntimeError(f"data-parallel replica {rank} of {size}: {err}") from err
+        self.clients: list[EngineCoreClient] = [c for c in clients if c is not None]
+        readies = [c.ready for c in self.clients]
+        self.ready = CoreReady(
+            num_kv_blocks=sum(r.num_kv_blocks for r in readies),
+            block_size=readies[0].block_size,
+            device=", ".join(r.device for r in readies),
+            load_seconds=max(r.load_seconds for r in readies),
+        )
+
+    # -- from the replicas' reader threads
+
+    def _from_core(self, rank: int, msg: Any) -> None:
+        if isinstance(msg, EngineDeadError):
+            with self._lock:
+                if self._closing or self.dead is not None:
+                    return
+                self.dead = EngineDeadError(f"data-parallel replica {rank}: {msg}")
+            self._on_message(self.dead)
+            return
+        with self._lock:
+            if isinstance(msg, CoreStepOutputs):
+                for out in msg.outputs.outputs:
+                    if out.finished:
+                        self._release(out.request_id)
+                if msg.outputs.stats is not None:
+                    self._stats[rank] = msg.outputs.stats
+                    msg = CoreStepOutputs(outputs=EngineCoreOutputs(
+                        outputs=msg.outputs.outputs, stats=merge_stats(self._stats)))
+            elif isinstance(msg, CoreRejected):
+                self._release(msg.request_id)
+            self._on_message(msg)
+
+    def _release(self, request_id: str) -> None:
+        rank = self._owner.pop(request_id, None)
+        if rank is not None:
+            self._inflight[rank] -= 1
+
+    # -- API (EngineCoreClient's)
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        if self.dead is not None:
+            raise self.dead
+        with self._lock:  # fewest in flight; on a tie, the one given fewest so far
+            rank = min(range(len(self.clients)),
+                       key=lambda r: (self._inflight[r], self.num_added[r]))
+            for r in requests:
+                self._owner[r.request_id] = rank
+            self._inflight[rank] += len(requests)
+            self.num_added[rank] += len(requests)
+        self.clients[rank].add_requests(requests)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        by_rank: dict[int, list[str]] = {}
+        with self._lock:
+            for rid in request_ids:
+                rank = self._owner.get(rid)
+                if rank is not None:
+                    by_rank.setdefault(rank, []).append(rid)
+                    self._release(rid)
+        for rank, ids in by_rank.items():
+            self.clients[rank].abort_requests(ids)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead is None and all(c.is_alive for c in self.clients)
+
+    @property
+    def pid(self) -> int | None:
+        return self.clients[0].pid
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [c.pid for c in self.clients]
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._closing = True
+        threads = [threading.Thread(target=c.shutdown, args=(timeout,)) for c in self.clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def make_core_client(
+    engine_config: Any,
+    on_message: Callable[[CoreStepOutputs | CoreRejected | EngineDeadError], None],
+    **kw: Any,
+) -> EngineCoreClient | DPEngineCoreClient:
+    """One engine core, or one per data-parallel replica."""
+    if engine_config.parallel_config.data_parallel_size > 1:
+        return DPEngineCoreClient(engine_config, on_message, **kw)
+    return EngineCoreClient(engine_config, on_message, **kw)

@@ -18,6 +18,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from modelport.frontend.tokenizer import load_tokenizer
 
+        if config.parallel_config.data_parallel_size > 1:
+            raise ValueError(
+                f"data_parallel_size {config.parallel_config.data_parallel_size}: the offline "
+                "engine runs one replica in this process; data-parallel replicas are served "
+                "by `modelport serve --data-parallel-size N` (or run one LLM per process)"
+            )
         self.config = config
         self.tokenizer = load_tokenizer(config.model_source)
         self.core = EngineCore(config)

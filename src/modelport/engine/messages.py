@@ -71,12 +71,23 @@ _PARAM_FIELDS = (
     "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "stop",
     "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "logprobs",
     "prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
+    "allowed_token_ids",
 )
+# bad_words cross as the token id sequences the frontend made of them (the core has no text)
+BAD_WORDS_KEY = "bad_words_token_ids"
 
 
 def params_to_dict(p: SamplingParams) -> dict:
-    return {f: getattr(p, f) for f in _PARAM_FIELDS}
+    d = {f: getattr(p, f) for f in _PARAM_FIELDS}
+    if p.bad_words_token_ids:
+        d[BAD_WORDS_KEY] = p.bad_words_token_ids
+    return d
 
 
 def dict_to_params(d: dict) -> SamplingParams:
-    return SamplingParams(**d)
+    kw = dict(d)
+    bad_words = kw.pop(BAD_WORDS_KEY, None)
+    p = SamplingParams(**kw)
+    if bad_words:
+        p._bad_words_token_ids = [[int(t) for t in w] for w in bad_words]
+    return p

@@ -78,6 +78,12 @@ class Request:
     @property
     def needs_host_history(self) -> bool:
         """Whether sampling or outputs need every earlier token on the host (no overlap)."""
+        return self.no_speculation or self.sampling_params.has_multi_token_bad_words
+
+    @property
+    def no_speculation(self) -> bool:
+        """Whether sampling or outputs need what speculative steps do not give (spec_verify:
+        penalties, min_tokens, logprobs)."""
         p = self.sampling_params
         return (
             p.needs_penalties

@@ -252,7 +252,7 @@ class Scheduler:
         """Draft tokens for a decoding request (speculative decoding), within what it may
         still generate, max_model_len and the step's token budget."""
         spec = self.speculative
-        if spec is None or req.num_placeholders or req.needs_host_history:
+        if spec is None or req.num_placeholders or req.no_speculation:
             return []
         if spec.disable_by_batch_size is not None and len(self.running) > spec.disable_by_batch_size:
             return []

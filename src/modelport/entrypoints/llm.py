@@ -63,7 +63,8 @@ class LLM:
             raise ValueError(
                 f"LLM(data_parallel_size={data_parallel_size}) is not supported (nor in vLLM's "
                 "single-process LLM): run one LLM per process, each on its own devices, and "
-                "split the prompts between them"
+                "split the prompts between them, or serve the replicas behind one endpoint "
+                "with `modelport serve --data-parallel-size N`"
             )
         args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,

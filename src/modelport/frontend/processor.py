@@ -14,6 +14,7 @@ import msgspec
 
 from modelport.config import ModelConfig, SchedulerConfig
 from modelport.engine.messages import (
+    BAD_WORDS_KEY,
     EngineCoreOutput,
     EngineCoreRequest,
     TokenLogprobs,
@@ -21,7 +22,7 @@ from modelport.engine.messages import (
 )
 from modelport.frontend.prompts import PromptInput, parse_prompt
 from modelport.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from modelport.sampling_params import SamplingParams
+from modelport.sampling_params import SamplingParams, num_logprobs
 
 
 def max_tokens_too_large(max_tokens: int, max_model_len: int, n_prompt: int) -> str:
@@ -37,7 +38,42 @@ def child_id(parent_id: str, index: int, n: int) -> str:
     return parent_id if n == 1 else f"{index}_{parent_id}"
 
 
+def tokenize_bad_words(bad_words: list[str], tokenizer, vocab: int) -> list[list[int]]:
+    """vLLM's bad_words as token id sequences: each word (leading whitespace dropped) as it
+    tokenizes at the start of a text, and, where that differs, after a space (mid-text);
+    the spaced form counts only when it is as many tokens as the plain one and starts with
+    another token. ValueError for a word of no tokens or ids outside the vocabulary."""
+    if tokenizer is None:
+        raise ValueError("bad_words needs the model's tokenizer, and this engine has none")
+    out: list[list[int]] = []
+    for word in bad_words:
+        plain = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        if not plain:
+            raise ValueError(f"bad_words entries must tokenize to at least one token, "
+                             f"got {word!r}")
+        out.append(plain)
+        spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        if spaced and len(spaced) == len(plain) and spaced[0] != plain[0]:
+            out.append(spaced)
+    outside = sorted({t for w in out for t in w if not 0 <= t < vocab})
+    if outside:
+        raise ValueError(f"The model vocabulary size is {vocab}, but the following tokens were "
+                         f"specified as bad: {outside[:5]}. All token id values should be "
+                         f"integers satisfying: 0 <= token_id < {vocab}.")
+    return out
+
+
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's max_logprobs default (and OpenAI's top_logprobs limit)
+
+
+def check_max_logprobs(params: SamplingParams, max_logprobs: int, vocab: int) -> None:
+    """vLLM's rule: logprobs and prompt_logprobs (-1: the vocabulary's size) at most
+    max_logprobs (-1: no cap), with vLLM's message naming the resolved count."""
+    limit = num_logprobs(max_logprobs, vocab)
+    for what, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
+        if k and num_logprobs(k, vocab) > limit:
+            raise ValueError(f"Requested {what} logprobs of {num_logprobs(k, vocab)}, which is "
+                             f"greater than max allowed: {limit}")
 
 
 class InputProcessor:
@@ -99,15 +135,21 @@ class InputProcessor:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
-        for what, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
-            if k is not None and k > self.max_logprobs:
-                raise ValueError(f"Requested {what} logprobs of {k}, which is greater than max "
-                                 f"allowed: {self.max_logprobs}")
+        check_max_logprobs(params, self.max_logprobs, vocab)
         if params.logit_bias:
             outside = sorted(t for t in params.logit_bias if t >= vocab)
             if outside:
                 raise ValueError(f"token_id(s) {outside[:5]} in logit_bias contain out-of-vocab "
                                  f"token ids. Vocabulary size: {vocab}")
+        if params.allowed_token_ids is not None:
+            if not params.allowed_token_ids:
+                raise ValueError("allowed_token_ids is not None and empty!")
+            outside = sorted({t for t in params.allowed_token_ids if t >= vocab})
+            if outside:
+                raise ValueError(f"allowed_token_ids contains out-of-vocab token id! "
+                                 f"{outside[:5]} (vocabulary size: {vocab})")
+        bad_words = (tokenize_bad_words(params.bad_words, self.tokenizer, vocab)
+                     if params.bad_words else None)
         limit = self.max_model_len
         if n_prompt > limit:
             raise ValueError(
@@ -130,6 +172,8 @@ class InputProcessor:
         base = params_to_dict(params)
         base["max_tokens"] = max_tokens
         base["n"] = 1
+        if bad_words:
+            base[BAD_WORDS_KEY] = bad_words
         eos = list(self.tokenizer.eos_token_ids) if self.tokenizer is not None else list(
             self.model_config.eos_token_ids)
         t = time.monotonic() if arrival_time is None else arrival_time

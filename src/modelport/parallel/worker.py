@@ -20,9 +20,9 @@ def main(argv: list[str]) -> int:
     size = config.parallel_config.tensor_parallel_size
     device_type = "cuda" if config.device.startswith("cuda") else "cpu"
     if device_type == "cpu":
-        torch.set_num_threads(cpu_threads_per_rank(size))
-    else:
-        torch.cuda.set_device(rank)
+        torch.set_num_threads(cpu_threads_per_rank(config.parallel_config.world_size))
+    else:  # the group's devices start at the config's (a data-parallel replica's first GPU)
+        torch.cuda.set_device((torch.device(config.device).index or 0) + rank)
     init_process_group(device_type, rank, size, port)
     runner = ModelRunner(config, tp_rank=rank)
     runner.load_model()

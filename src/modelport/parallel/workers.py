@@ -66,6 +66,8 @@ class TPWorkers:
             for rank in range(1, self.size)
         ]
         self._finalizer = weakref.finalize(self, _stop, self.procs, self._config_path)
+        if device_type == "cuda":  # NCCL binds rank 0 to the current device: the group's first
+            torch.cuda.set_device(torch.device(config.device).index or 0)
         init_process_group(device_type, 0, self.size, port)
 
     def send(self, msg: Any) -> None:

@@ -230,7 +230,7 @@ def serve_note(plan: Plan) -> str | None:
 
 
 def serve_command(plan: Plan) -> str:
-    """The `modelport serve` line for a plan (one replica)."""
+    """The `modelport serve` line for a plan (its data-parallel replicas in one server)."""
     req, m = plan.request, plan.request.model
     if m.weightless:  # a config without weights: the hub id it names, or a placeholder
         model = m.hub_id or MODEL_PLACEHOLDER
@@ -243,6 +243,8 @@ def serve_command(plan: Plan) -> str:
         args += ["--dtype", plan.dtype]
     if plan.tp > 1:
         args += ["--tensor-parallel-size", str(plan.tp)]
+    if plan.replicas > 1:
+        args += ["--data-parallel-size", str(plan.replicas)]
     q = req.effective_quantization
     if q and q.startswith("gguf-") and req.keeps_quantized:
         if m.kind != "gguf" or req.quantization:  # not when the engine keeps it by default

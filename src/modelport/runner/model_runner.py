@@ -27,6 +27,7 @@ from modelport.runner.sampler import (
     to_device,
 )
 from modelport.runner.spec_verify import accepted_tokens, verify
+from modelport.sampling_params import num_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,14 @@ class ModelRunner:
         from modelport.loader import load_model
 
         t0 = time.perf_counter()
-        if self.tp_size > 1 and self.tp_rank == 0:
-            from modelport.parallel.workers import TPWorkers, cpu_threads_per_rank
+        world = self.config.parallel_config.world_size
+        if self.device.type == "cpu" and world > 1 and self.tp_rank == 0:
+            from modelport.parallel.workers import cpu_threads_per_rank
 
-            if self.device.type == "cpu":
-                torch.set_num_threads(cpu_threads_per_rank(self.tp_size))
+            torch.set_num_threads(cpu_threads_per_rank(world))
+        if self.tp_size > 1 and self.tp_rank == 0:
+            from modelport.parallel.workers import TPWorkers
+
             self.tp_workers = TPWorkers(self.config, self.device.type)
         torch.manual_seed(self.config.seed)
         shard = None
@@ -529,7 +533,7 @@ class ModelRunner:
                 req = s.request
                 rows_logits = logits[first : first + s.num_tokens]
                 results.append(verify(rows_logits, s.spec_token_ids, req.sampling_params,
-                                      self._generator(req)))
+                                      self._generator(req), req.output_token_ids))
                 pending.spec.append((req.request_id, s.spec_token_ids))
             pending.spec_host = self._to_host(torch.cat(results))
         if sample_reqs:
@@ -556,8 +560,8 @@ class ModelRunner:
             pending.done.record()
         for s, first, count in prompt_lp_reqs:
             req = s.request
-            k = req.sampling_params.prompt_logprobs or 0
             lp = logits[first : first + count].log_softmax(dim=-1)
+            k = num_logprobs(req.sampling_params.prompt_logprobs or 0, lp.shape[-1])
             targets = torch.tensor(
                 req.prompt_token_ids[s.start + 1 : s.start + 1 + count], device=dev
             )

@@ -1,4 +1,5 @@
-"""Sampling on the logits' device: logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p, logprobs.
+"""Sampling on the logits' device: allowed_token_ids, bad_words, logit_bias, penalties,
+min_tokens, temperature, top-k/top-p/min-p, logprobs.
 
 Seeded requests draw from their own torch.Generator with the exponential-race trick
 (argmax(p / q), q ~ Exp(1)), so a seeded request's tokens do not depend on which other
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from modelport.engine.messages import TokenLogprobs
-from modelport.sampling_params import SamplingParams
+from modelport.sampling_params import SamplingParams, num_logprobs
 
 
 @dataclass
@@ -30,6 +31,36 @@ def add_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
     ids = torch.tensor(list(bias), dtype=torch.long)
     vals = torch.tensor(list(bias.values()), dtype=logits.dtype)
     logits[:, to_device(ids, logits.device)] += to_device(vals, logits.device)
+
+
+def keep_only(logits: torch.Tensor, allowed: list[int]) -> None:
+    """Mask every token of each row of [N, V] logits but ``allowed`` to -inf (in place)."""
+    ids = to_device(torch.tensor(allowed, dtype=torch.long), logits.device)
+    vals = logits[:, ids]
+    logits.fill_(float("-inf"))
+    logits[:, ids] = vals
+
+
+def banned_bad_words(bad_words: list[list[int]], past: list[int]) -> list[int]:
+    """The tokens bad_words bans after the generated tokens ``past`` (vLLM's rule): a word's
+    last token when the tokens before it end ``past`` (a one-token word: always)."""
+    out = []
+    for word in bad_words:
+        k = len(word) - 1
+        if k == 0 or (k <= len(past) and past[-k:] == word[:-1]):
+            out.append(word[-1])
+    return out
+
+
+def apply_allowed_and_bad_words(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.allowed_token_ids:
+            keep_only(logits[i : i + 1], p.allowed_token_ids)
+        if p.bad_words_token_ids:
+            banned = banned_bad_words(p.bad_words_token_ids, r.output_token_ids)
+            if banned:
+                logits[i, to_device(torch.tensor(banned), logits.device)] = float("-inf")
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -175,10 +206,13 @@ class Sampler:
         Returns the token ids (a [N] tensor on the logits' device: reading it is the caller's
         sync) and logprobs per row (on the host; computing them syncs).
         """
-        max_lp = max((r.params.logprobs or 0) for r in rows if r.params.logprobs is not None) \
+        vocab = logits.shape[-1]
+        max_lp = max(num_logprobs(r.params.logprobs, vocab) for r in rows
+                     if r.params.logprobs is not None) \
             if any(r.params.logprobs is not None for r in rows) else None
         raw_logprobs = logits.log_softmax(dim=-1) if max_lp is not None else None
 
+        apply_allowed_and_bad_words(logits, rows)
         apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)
         apply_min_tokens(logits, rows)
@@ -223,7 +257,7 @@ class Sampler:
             idx = torch.tensor(want, device=logits.device)
             computed = compute_logprobs(raw_logprobs[idx], tokens[idx], max_lp or 0)
             for j, i in enumerate(want):
-                k = rows[i].params.logprobs or 0
+                k = num_logprobs(rows[i].params.logprobs, vocab)
                 c = computed[j]
                 lps[i] = TokenLogprobs(c.token_ids[: k + 1], c.logprobs[: k + 1], c.ranks[: k + 1])
         return tokens, lps

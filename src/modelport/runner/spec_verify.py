@@ -17,21 +17,41 @@ import torch
 from modelport.runner.sampler import (
     add_logit_bias,
     apply_top_k_top_p_min_p,
+    banned_bad_words,
     greedy_tokens,
+    keep_only,
     to_device,
 )
 from modelport.sampling_params import SamplingParams
 
 
 def verify(logits: torch.Tensor, draft: list[int], params: SamplingParams,
-           generator: torch.Generator | None) -> torch.Tensor:
+           generator: torch.Generator | None,
+           output_token_ids: list[int] | None = None) -> torch.Tensor:
     """logits [d + 1, V] float32 -> [2d + 1] int64 on the logits' device: d keep flags (1/0)
     for the drafts, then d + 1 alternative tokens (row i's token if draft i is the first
-    rejected; the last row's if none is)."""
+    rejected; the last row's if none is). output_token_ids: the request's tokens so far
+    (multi-token bad_words look at them, and at the drafts before each row)."""
     d = len(draft)
     dev = logits.device
-    if params.logit_bias:  # every row is a position the request samples at
+    # every row is a position the request samples at: each gets what the sampler applies
+    if params.allowed_token_ids or params.bad_words_token_ids or params.logit_bias:
         logits = logits.clone()
+    if params.allowed_token_ids:
+        keep_only(logits, params.allowed_token_ids)
+    if params.bad_words_token_ids:
+        m = max(len(w) for w in params.bad_words_token_ids) - 1  # tokens a word looks back
+        past = list(output_token_ids or ())[-m:] if m else []
+        ban_rows: list[int] = []
+        ban_cols: list[int] = []
+        for i in range(d + 1):  # row i follows the drafts before it
+            banned = banned_bad_words(params.bad_words_token_ids, past + draft[:i])
+            ban_rows += [i] * len(banned)
+            ban_cols += banned
+        if ban_cols:
+            logits[to_device(torch.tensor(ban_rows), dev),
+                   to_device(torch.tensor(ban_cols), dev)] = float("-inf")
+    if params.logit_bias:
         add_logit_bias(logits, params.logit_bias)
     draft_t = to_device(torch.tensor(draft, dtype=torch.long), dev)
     if params.greedy:

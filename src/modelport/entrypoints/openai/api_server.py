@@ -189,8 +189,12 @@ def _log_loaded(engine: AsyncLLM, args: argparse.Namespace) -> None:
         "loaded %s (%s, %.0fM params, %s) from %s on %s in %.1fs (engine core pid %s)",
         engine.served_model_names[0], mc.architecture, mc.num_params / 1e6, cfg.dtype, where,
         ready.device if ready else cfg.device, ready.load_seconds if ready else 0.0,
-        engine.client.pid if engine.client else None,
+        ", ".join(map(str, getattr(engine.client, "pids", [getattr(engine.client, "pid", None)]))),
     )  # fmt: skip
+    dp = cfg.parallel_config.data_parallel_size
+    if dp > 1:
+        logger.info("data parallel: %d replicas, each request to the one with the fewest in "
+                    "flight; the KV cache below is their sum", dp)
     if ready is not None:
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d, max_num_seqs %d",

@@ -98,13 +98,18 @@ class SamplingFields(OpenAIModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[NonNegInt] | None = None
+    # only these token ids may be sampled (ids are checked against the vocabulary later)
+    allowed_token_ids: list[int] | None = None
+    # words never to generate (tokenized by the engine's input processor)
+    bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     request_id: str | None = Field(None, max_length=256)
     response_format: ResponseFormat | None = None
     # keep only the last k prompt tokens (-1: the last max_model_len)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
-    prompt_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (engine)
+    # at most --max-logprobs (engine); -1: the whole vocabulary (needs --max-logprobs -1)
+    prompt_logprobs: int | None = Field(None, ge=-1)
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
@@ -121,7 +126,7 @@ class SamplingFields(OpenAIModel):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (engine)
+    logprobs: int | None = Field(None, ge=-1)  # as prompt_logprobs
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
@@ -214,7 +219,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (engine)
+    top_logprobs: int | None = Field(None, ge=-1)  # as prompt_logprobs
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False

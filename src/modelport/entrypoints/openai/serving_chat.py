@@ -181,7 +181,9 @@ class ServingChat:
                 "top_logprobs requires logprobs to be true", 400, param="top_logprobs"
             )
         check_max_logprobs(engine, top_logprobs=k, prompt_logprobs=req.prompt_logprobs)
-        params = make_sampling_params(req, max_tokens, k, req.prompt_logprobs)
+        # a stream never sends prompt_logprobs (only 0 gets this far): not computed
+        params = make_sampling_params(req, max_tokens, k,
+                                      None if req.stream else req.prompt_logprobs)
         admit(engine, req.n)
         rid = req.request_id or random_id("chatcmpl")
         stream = start_streams(engine, [(ids, params, rid, None)])[0]

@@ -26,7 +26,7 @@ from modelport.entrypoints.openai.protocol import (
 )
 from modelport.frontend.processor import max_tokens_too_large
 from modelport.outputs import Logprob, LogprobsDict, RequestOutput
-from modelport.sampling_params import SamplingParams
+from modelport.sampling_params import SamplingParams, num_logprobs
 
 T = TypeVar("T")
 
@@ -85,9 +85,13 @@ def check_unsupported(req: Any) -> None:
     best_of = getattr(req, "best_of", None)
     if best_of is not None and best_of != req.n:
         raise OpenAIError("best_of other than n is not supported", 400, param="best_of")
-    if req.stream and req.prompt_logprobs is not None:
+    # vLLM's rule and words: prompt_logprobs that would return something (> 0, or -1 for the
+    # whole vocabulary) cannot stream; 0 is accepted and, as in vLLM, no chunk carries it
+    if req.stream and req.prompt_logprobs is not None and (
+        req.prompt_logprobs > 0 or req.prompt_logprobs == -1
+    ):
         raise OpenAIError(
-            "prompt_logprobs is not available when stream is true",
+            "`prompt_logprobs` are not available when `stream=True`.",
             400,
             param="prompt_logprobs",
         )
@@ -95,13 +99,16 @@ def check_unsupported(req: Any) -> None:
 
 def check_max_logprobs(engine: AsyncLLM, **requested: int | None) -> None:
     """400 naming the field when a request asks for more logprobs than --max-logprobs allows
-    (vLLM's words; the engine checks the same)."""
-    limit = engine.input_processor.max_logprobs
+    (vLLM's words and rule: -1 counts as the vocabulary's size, and --max-logprobs -1 is no
+    cap; the engine checks the same)."""
+    vocab = engine.input_processor.model_config.vocab_size
+    limit = num_logprobs(engine.input_processor.max_logprobs, vocab)
     for param, k in requested.items():
-        if k is not None and k > limit:
+        if k and num_logprobs(k, vocab) > limit:
             what = "prompt" if param == "prompt_logprobs" else "sample"
             raise OpenAIError(
-                f"Requested {what} logprobs of {k}, which is greater than max allowed: {limit}",
+                f"Requested {what} logprobs of {num_logprobs(k, vocab)}, which is greater than "
+                f"max allowed: {limit}",
                 400,
                 param=param,
             )
@@ -197,9 +204,13 @@ def make_sampling_params(
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=logit_bias(req),
+            allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words,
         )
     except (ValueError, TypeError) as e:
-        raise OpenAIError(str(e), 400) from None
+        field = str(e).split(" ", 1)[0]  # SamplingParams' messages start with the field
+        raise OpenAIError(str(e), 400,
+                          param=field if field in type(req).model_fields else None) from None
 
 
 def logit_bias(req: SamplingFields) -> dict[int, float] | None:
@@ -281,12 +292,15 @@ def token_text(engine: AsyncLLM, token_id: int, lp: Logprob | None) -> str:
 
 
 def top_entries(engine: AsyncLLM, pos: LogprobsDict, k: int) -> list[tuple[int, str, float]]:
-    """The k most likely (token id, text, logprob) of one position, best first."""
+    """The k most likely (token id, text, logprob) of one position, best first (k = -1:
+    all of them, vLLM's whole-vocabulary logprobs)."""
     ranked = sorted(
         pos.items(),
         key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob),
     )
-    return [(tid, token_text(engine, tid, lp), lp.logprob) for tid, lp in ranked[:k]]
+    if k != -1:
+        ranked = ranked[:k]
+    return [(tid, token_text(engine, tid, lp), lp.logprob) for tid, lp in ranked]
 
 
 # JSON has no -inf: a token the model rules out entirely gets this logprob (vLLM does the same)
@@ -296,7 +310,8 @@ MIN_LOGPROB = -9999.0
 def prompt_logprobs_out(
     engine: AsyncLLM, ids: Sequence[int], positions: list[LogprobsDict | None] | None, k: int
 ) -> PromptLogprobs:
-    """vLLM's `prompt_logprobs`: per prompt token, that token and the k most likely ones.
+    """vLLM's `prompt_logprobs`: per prompt token, that token and the k most likely ones
+    (k = -1: every token of the vocabulary).
 
     The engine may have computed more candidates (echo asks for its own k): the extra ones
     are left out, so the answer depends only on this request's prompt_logprobs.
@@ -310,7 +325,7 @@ def prompt_logprobs_out(
             continue
         entry = {}
         for cand, lp in pos.items():
-            if cand == tid or (lp.rank is not None and lp.rank <= k):
+            if cand == tid or k == -1 or (lp.rank is not None and lp.rank <= k):
                 entry[cand] = PromptLogprob(
                     logprob=max(lp.logprob, MIN_LOGPROB),
                     rank=lp.rank,

@@ -83,8 +83,10 @@ class ServingCompletion:
         prompts = self._prompts(req)
         params_list = []
         echo_k = req.logprobs if (req.echo and req.logprobs is not None) else None
-        wanted = [k for k in (echo_k, req.prompt_logprobs) if k is not None]
-        prompt_k = max(wanted) if wanted else None
+        # a stream never sends prompt_logprobs (only 0 gets this far): not computed
+        asked = None if req.stream else req.prompt_logprobs
+        wanted = [k for k in (echo_k, asked) if k is not None]
+        prompt_k = (-1 if -1 in wanted else max(wanted)) if wanted else None  # -1: all
         for _, ids in prompts:
             max_tokens = check_prompt_ids(engine, ids, req.max_tokens)
             params_list.append(make_sampling_params(req, max_tokens, req.logprobs, prompt_k))
