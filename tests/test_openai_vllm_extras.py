@@ -1,7 +1,8 @@
 """vLLM's extra request fields, served or refused, never silently ignored: a tiny model served
 as `modelport serve --model ./tiny --max-model-len 64`.
 
-- guided decoding fields are 400s naming the field (there is no guided decoding);
+- vLLM's guided decoding fields constrain the output (xgrammar); the unsupported ones
+  (guided_whitespace_pattern, structural_tag) are 400s naming the field;
 - truncate_prompt_tokens keeps the last k prompt tokens before the length checks;
 - prompt_logprobs returns vLLM's per-prompt-token candidates, checked against transformers;
 - continue_final_message leaves the last assistant message open for the model to continue;
@@ -13,6 +14,7 @@ as `modelport serve --model ./tiny --max-model-len 64`.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -89,20 +91,35 @@ GUIDED = {
     "guided_regex": "[0-9]+",
     "guided_choice": ["yes", "no"],
     "guided_grammar": 'root ::= "a"',
-    "guided_decoding_backend": "xgrammar",
-    "guided_whitespace_pattern": " ",
     "structured_outputs": {"choice": ["yes", "no"]},
 }
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("field", sorted(GUIDED))
-def test_guided_decoding_fields_are_refused(base, path, field) -> None:
+def test_guided_decoding_fields_are_served(base, path, field) -> None:
+    pytest.importorskip("xgrammar")
     body = {"messages": CONTINUED[:1]} if "chat" in path else {"prompt": "hello"}
-    err = _error(_post(base, path, {**body, "max_tokens": 2, field: GUIDED[field]}))
-    assert err["param"] == field and err["type"] == "invalid_request_error"
-    assert f"{field} is not supported" in err["message"] and "guided decoding" in err["message"]
+    out = _ok(_post(base, path, {**body, "max_tokens": 5, field: GUIDED[field],
+                                 "guided_decoding_backend": "xgrammar"}))
+    text = out["choices"][0]["message"]["content"] if "chat" in path else out["choices"][0]["text"]
+    if field in ("guided_choice", "structured_outputs"):
+        assert text in ("yes", "no")
+    elif field == "guided_grammar":
+        assert text == "a"
+    elif field == "guided_regex":
+        assert re.fullmatch("[0-9]+", text), text
     # null is the same as leaving it out
+    _ok(_post(base, path, {**body, "max_tokens": 1, field: None}))
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("field", ["guided_whitespace_pattern", "structural_tag"])
+def test_unsupported_guided_fields_are_refused(base, path, field) -> None:
+    body = {"messages": CONTINUED[:1]} if "chat" in path else {"prompt": "hello"}
+    err = _error(_post(base, path, {**body, "max_tokens": 2, field: " "}))
+    assert err["param"] == field and err["type"] == "invalid_request_error"
+    assert f"{field} is not supported" in err["message"]
     _ok(_post(base, path, {**body, "max_tokens": 1, field: None}))
 
 

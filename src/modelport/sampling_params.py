@@ -2,10 +2,97 @@
 
 from __future__ import annotations
 
+import json as _json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_N = 128  # completions per request (OpenAI's own limit)
+
+# the constraint kinds of StructuredOutputsParams (exactly one is given)
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Structured outputs (guided decoding): the output is constrained to a JSON schema
+    (``json``, a dict or its JSON text), any JSON object (``json_object=True``), a regular
+    expression (``regex``), one of some strings (``choice``) or an EBNF grammar (``grammar``,
+    xgrammar's GBNF dialect, as vLLM's xgrammar backend). Exactly one of them is given (vLLM's
+    ``StructuredOutputsParams``; ``GuidedDecodingParams`` is its older name).
+
+    ``disable_any_whitespace``: JSON without free whitespace between tokens. vLLM's
+    ``whitespace_pattern`` and ``structural_tag`` are not supported (a ValueError)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False  # accepted for vLLM parity: there is no fallback here
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+    backend: str | None = None  # older vLLM's per-request backend: only xgrammar is here
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS
+                 if getattr(self, k) is not None and getattr(self, k) is not False]
+        if len(given) != 1:
+            raise ValueError(
+                "structured outputs need exactly one constraint of json, regex, choice, "
+                f"grammar or json_object; got {given or 'none'}"
+            )
+        if self.structural_tag is not None:
+            raise ValueError("structured_outputs.structural_tag is not supported")
+        if self.whitespace_pattern is not None:
+            raise ValueError("structured_outputs.whitespace_pattern is not supported (the "
+                             "xgrammar backend has none); use disable_any_whitespace")
+        if self.backend not in (None, "auto", "xgrammar") and not str(self.backend).startswith(
+                "xgrammar:"):
+            raise ValueError(f"structured outputs backend {self.backend!r} is not supported: "
+                             "only xgrammar is")
+        if self.json is not None:
+            if isinstance(self.json, (dict, bool)):
+                self.json = _json.dumps(self.json)
+            elif not isinstance(self.json, str):
+                raise ValueError("structured_outputs.json must be a JSON schema (a dict or its "
+                                 f"JSON text), got {type(self.json).__name__}")
+            else:
+                try:
+                    _json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError("structured_outputs.regex must be a string")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError("structured_outputs.grammar must be a string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) for c in self.choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+            self.choice = list(self.choice)
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError("structured_outputs.json_object must be a boolean")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS
+                    if getattr(self, k) is not None and getattr(self, k) is not False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the non-default fields) for the engine core."""
+        out: dict[str, Any] = {self.kind: getattr(self, self.kind)}
+        if self.disable_any_whitespace:
+            out["disable_any_whitespace"] = True
+        if self.disable_additional_properties:
+            out["disable_additional_properties"] = True
+        return out
+
+
+# vLLM's older name (SamplingParams(guided_decoding=GuidedDecodingParams(...)))
+GuidedDecodingParams = StructuredOutputsParams
 
 
 @dataclass
@@ -43,6 +130,10 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     # vLLM V1 has no best-of-n selection: accepted only where it asks for nothing (None or n)
     best_of: int | None = None
+    # structured outputs (vLLM's name; a StructuredOutputsParams or a dict of its fields)
+    structured_outputs: StructuredOutputsParams | dict | None = None
+    # vLLM's older name for structured_outputs
+    guided_decoding: StructuredOutputsParams | dict | None = None
     # filled by the engine
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     # filled by the frontend's InputProcessor from bad_words (vLLM's name)
@@ -52,6 +143,20 @@ class SamplingParams:
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding (its older name), "
+                                 "not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+        elif self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", "a StructuredOutputsParams, a dict or None")
 
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise bad("n", f"an integer in [1, {MAX_N}]")

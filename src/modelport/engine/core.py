@@ -17,6 +17,7 @@ from modelport.engine.messages import (
 )
 from modelport.engine.request import Request
 from modelport.engine.scheduler import Scheduler, SchedulerOutput
+from modelport.engine.structured_output import StructuredOutputManager
 
 if TYPE_CHECKING:
     from modelport.runner.model_runner import PendingStep
@@ -36,6 +37,8 @@ class EngineCore:
         bs = config.cache_config.block_size
         self.kv = KVCacheManager(num_blocks, bs, config.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, config.speculative_config)
+        # structured outputs: the tokenizer and xgrammar are loaded on the first such request
+        self._structured: StructuredOutputManager | None = None
         logger.info("KV cache: %d blocks x %d tokens = %d tokens", num_blocks, bs, num_blocks * bs)
         # prompt logprobs arrive chunk by chunk; gathered here until the prompt is done
         self._prompt_lps: dict[str, list[TokenLogprobs | None]] = {}
@@ -52,6 +55,16 @@ class EngineCore:
                       f"n-grams of {spec.prompt_lookup_min}-{spec.prompt_lookup_max} tokens")
             logger.info("speculative decoding: up to %d draft tokens from %s; async scheduling "
                         "off", spec.num_speculative_tokens, source)
+
+    def _structured_outputs(self) -> StructuredOutputManager:
+        if self._structured is None:
+            def load():  # noqa: ANN202 - a Tokenizer
+                from modelport.frontend.tokenizer import load_tokenizer
+
+                return load_tokenizer(self.config.model_source)
+
+            self._structured = StructuredOutputManager(load, self.config.model_config.vocab_size)
+        return self._structured
 
     @property
     def num_kv_blocks(self) -> int:
@@ -89,6 +102,8 @@ class EngineCore:
             arrival_time=r.arrival_time,
             priority=r.priority,
         )
+        if params.structured_outputs is not None:
+            req.grammar = self._structured_outputs().new_matcher(params.structured_outputs)
         self.scheduler.add_request(req)
         if params.prompt_logprobs is not None:
             self._prompt_lps[r.request_id] = [None]

@@ -75,12 +75,17 @@ _PARAM_FIELDS = (
 )
 # bad_words cross as the token id sequences the frontend made of them (the core has no text)
 BAD_WORDS_KEY = "bad_words_token_ids"
+# structured outputs cross as StructuredOutputsParams' plain fields (a JSON schema as its text);
+# the core compiles them with the model's tokenizer (engine/structured_output.py)
+STRUCTURED_KEY = "structured_outputs"
 
 
 def params_to_dict(p: SamplingParams) -> dict:
     d = {f: getattr(p, f) for f in _PARAM_FIELDS}
     if p.bad_words_token_ids:
         d[BAD_WORDS_KEY] = p.bad_words_token_ids
+    if p.structured_outputs is not None:
+        d[STRUCTURED_KEY] = p.structured_outputs.to_dict()
     return d
 
 

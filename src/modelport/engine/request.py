@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from modelport.sampling_params import SamplingParams
 
@@ -52,6 +53,9 @@ class Request:
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # structured outputs: the request's xgrammar GrammarMatcher (set by the engine core),
+    # advanced with each accepted token; its bitmask constrains sampling
+    grammar: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         assert len(self.prompt_token_ids) > 0, "empty prompt"
@@ -83,10 +87,11 @@ class Request:
     @property
     def no_speculation(self) -> bool:
         """Whether sampling or outputs need what speculative steps do not give (spec_verify:
-        penalties, min_tokens, logprobs)."""
+        penalties, min_tokens, logprobs; a grammar, which is advanced token by token)."""
         p = self.sampling_params
         return (
-            p.needs_penalties
+            p.structured_outputs is not None
+            or p.needs_penalties
             or p.min_tokens > 0
             or p.logprobs is not None
             or p.prompt_logprobs is not None

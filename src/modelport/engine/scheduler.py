@@ -318,6 +318,9 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             status = self._check_stop(req, token)
+            if req.grammar is not None and self._advance_grammar(req, token):
+                req.stop_reason = None if status is None else req.stop_reason
+                status = RequestStatus.FINISHED_STOPPED
             if status is not None:
                 self._finish(req, status)
             progressed.append((req, [token]))
@@ -346,6 +349,17 @@ class Scheduler:
                 return appended
         self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
         return appended
+
+    @staticmethod
+    def _advance_grammar(req: Request, token: int) -> bool:
+        """Feed a sampled token to the request's grammar matcher; True when the grammar is
+        done (it accepted a stop token) or cannot go on (a token it refuses: the sampler's
+        mask allows none, which happens only when every allowed token was masked again)."""
+        if req.grammar.is_terminated():
+            return True
+        if not req.grammar.accept_token(token):
+            return True
+        return req.grammar.is_terminated()
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.sampling_params

@@ -150,6 +150,10 @@ class InputProcessor:
                                  f"{outside[:5]} (vocabulary size: {vocab})")
         bad_words = (tokenize_bad_words(params.bad_words, self.tokenizer, vocab)
                      if params.bad_words else None)
+        if params.structured_outputs is not None:
+            from modelport.engine.structured_output import validate
+
+            validate(params.structured_outputs)  # a bad schema / regex / grammar: ValueError
         limit = self.max_model_len
         if n_prompt > limit:
             raise ValueError(

@@ -542,7 +542,7 @@ class ModelRunner:
                 req = s.request
                 rows.append(SamplingRow(req.request_id, req.sampling_params, req.prompt_token_ids,
                                         req.output_token_ids, req.eos_token_ids,
-                                        self._generator(req)))
+                                        self._generator(req), req.grammar))
             if len(sample_reqs) == logits.shape[0]:  # every row samples: no gather copy
                 to_sample = logits
             else:

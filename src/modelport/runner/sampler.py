@@ -1,4 +1,4 @@
-"""Sampling on the logits' device: allowed_token_ids, bad_words, logit_bias, penalties,
+"""Sampling on the logits' device: structured outputs' grammar masks, allowed_token_ids, bad_words, logit_bias, penalties,
 min_tokens, temperature, top-k/top-p/min-p, logprobs.
 
 Seeded requests draw from their own torch.Generator with the exponential-race trick
@@ -24,6 +24,8 @@ class SamplingRow:
     output_token_ids: list[int]  # tokens generated so far (not including the one sampled now)
     eos_token_ids: tuple[int, ...]
     generator: torch.Generator | None
+    # structured outputs: the request's xgrammar GrammarMatcher (None: unconstrained)
+    grammar: object | None = None
 
 
 def add_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
@@ -212,6 +214,11 @@ class Sampler:
             if any(r.params.logprobs is not None for r in rows) else None
         raw_logprobs = logits.log_softmax(dim=-1) if max_lp is not None else None
 
+        constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained:
+            from modelport.engine.structured_output import apply_grammar_bitmask
+
+            apply_grammar_bitmask(logits, constrained)
         apply_allowed_and_bad_words(logits, rows)
         apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)

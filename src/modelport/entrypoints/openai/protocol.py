@@ -52,7 +52,8 @@ class UsageInfo(OpenAIModel):
 
 
 class ResponseFormat(OpenAIModel):
-    """Parsed so the server can refuse the types it cannot honour (no guided decoding)."""
+    """OpenAI's response_format: text, json_object or json_schema ({"name", "schema", ...}),
+    the last two served as structured outputs."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
@@ -60,20 +61,6 @@ class ResponseFormat(OpenAIModel):
 
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
-
-# vLLM's guided decoding fields: parsed only so that the server can refuse them (400) rather
-# than answer with unconstrained text; any value other than null is refused.
-GUIDED_FIELDS = (
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "guided_decoding_backend",
-    "guided_whitespace_pattern",
-    "structured_outputs",
-    "structural_tag",
-)
-
 
 class SamplingFields(OpenAIModel):
     """Sampling fields shared by completions and chat (OpenAI names, then vLLM extras)."""
@@ -110,6 +97,9 @@ class SamplingFields(OpenAIModel):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # at most --max-logprobs (engine); -1: the whole vocabulary (needs --max-logprobs -1)
     prompt_logprobs: int | None = Field(None, ge=-1)
+    # structured outputs: vLLM's structured_outputs object ({"json" | "regex" | "choice" |
+    # "grammar" | "json_object": ...}) and its older guided_* fields (guided_decoding_backend:
+    # only "auto" / "xgrammar"; guided_whitespace_pattern and structural_tag are refused)
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
+from modelport.engine.structured_output import validate as validate_structured_outputs
 from modelport.entrypoints.openai.errors import OpenAIError, error_body, internal_error
 from modelport.entrypoints.openai.protocol import (
-    GUIDED_FIELDS,
     PromptLogprob,
     PromptLogprobs,
     SamplingFields,
@@ -26,7 +26,7 @@ from modelport.entrypoints.openai.protocol import (
 )
 from modelport.frontend.processor import max_tokens_too_large
 from modelport.outputs import Logprob, LogprobsDict, RequestOutput
-from modelport.sampling_params import SamplingParams, num_logprobs
+from modelport.sampling_params import SamplingParams, StructuredOutputsParams, num_logprobs
 
 T = TypeVar("T")
 
@@ -59,23 +59,13 @@ def check_model(engine: AsyncLLM, name: str | None) -> str:
 
 def check_unsupported(req: Any) -> None:
     """Fields this server does not implement, or combinations OpenAI refuses: say so (400)."""
-    fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt.type != "text":
+    if getattr(req, "structural_tag", None) is not None:
         raise OpenAIError(
-            f"response_format type '{fmt.type}' is not supported: this server has no guided "
-            'decoding, so it cannot constrain the output to JSON; send {"type": "text"} or '
-            "leave response_format out",
+            "structural_tag is not supported: structured outputs here take a JSON schema, "
+            "json_object, regex, choice or grammar; leave structural_tag out",
             400,
-            param="response_format",
+            param="structural_tag",
         )
-    for name in GUIDED_FIELDS:
-        if getattr(req, name, None) is not None:
-            raise OpenAIError(
-                f"{name} is not supported: this server has no guided decoding, so it cannot "
-                f"constrain the output; leave {name} out",
-                400,
-                param=name,
-            )
     if getattr(req, "suffix", None):
         raise OpenAIError("suffix is not supported", 400, param="suffix")
     if getattr(req, "stream_options", None) is not None and not req.stream:
@@ -180,9 +170,83 @@ def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
     )
 
 
+# vLLM's older per-field names (removed in vLLM 0.12, still accepted here) -> the
+# StructuredOutputsParams field each sets
+_GUIDED_ALIASES = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
+def structured_outputs_of(req: SamplingFields) -> StructuredOutputsParams | None:
+    """The request's output constraint, from response_format (json_object / json_schema),
+    structured_outputs (vLLM's dict) or vLLM's older guided_* fields; 400 naming the field
+    when it is invalid or when two of them ask for constraints."""
+    sources: list[tuple[str, dict[str, Any]]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        sources.append(("response_format", {"json_object": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = (fmt.json_schema or {}).get("schema")
+        if schema is None:
+            raise OpenAIError(
+                'response_format of type "json_schema" needs json_schema.schema (the JSON '
+                "schema the output must follow)",
+                400,
+                param="response_format",
+            )
+        sources.append(("response_format", {"json": schema}))
+    so = req.structured_outputs
+    if so is not None:
+        if not isinstance(so, dict):
+            raise OpenAIError("structured_outputs must be an object", 400,
+                              param="structured_outputs")
+        sources.append(("structured_outputs", dict(so)))
+    if req.guided_whitespace_pattern is not None:
+        raise OpenAIError("guided_whitespace_pattern is not supported (the xgrammar backend has "
+                          "none): leave it out", 400, param="guided_whitespace_pattern")
+    sources += [(name, {kind: getattr(req, name)}) for name, kind in _GUIDED_ALIASES.items()
+                if getattr(req, name) is not None]
+    backend = req.guided_decoding_backend
+    if backend is not None and backend not in ("auto", "xgrammar") and not str(
+            backend).startswith("xgrammar:"):
+        raise OpenAIError(f"guided_decoding_backend {backend!r} is not supported: structured "
+                          "outputs here use xgrammar", 400, param="guided_decoding_backend")
+    if not sources:
+        return None
+    if len(sources) > 1:
+        raise OpenAIError(
+            "only one kind of structured output may be asked for; got "
+            + ", ".join(n for n, _ in sources),
+            400,
+            param=sources[-1][0],
+        )
+    field, kwargs = sources[0]
+
+    def named(msg: str) -> str:  # the field as the client sent it
+        if field == "structured_outputs":
+            return msg
+        for kind in _KINDS:
+            msg = msg.replace(f"structured_outputs.{kind}", field)
+        return msg
+
+    try:
+        params = StructuredOutputsParams(**kwargs)
+        validate_structured_outputs(params)
+    except (ValueError, TypeError) as e:
+        raise OpenAIError(named(str(e)), 400, param=field) from None
+    return params
+
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
 def make_sampling_params(
     req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> SamplingParams:
+    structured = structured_outputs_of(req)  # its own 400s, naming the field sent
     try:
         return SamplingParams(
             n=req.n,
@@ -206,6 +270,7 @@ def make_sampling_params(
             logit_bias=logit_bias(req),
             allowed_token_ids=req.allowed_token_ids,
             bad_words=req.bad_words,
+            structured_outputs=structured,
         )
     except (ValueError, TypeError) as e:
         field = str(e).split(" ", 1)[0]  # SamplingParams' messages start with the field
