@@ -23,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.backends import create_backend
 from modelport.repository.backends.base import BackendContext
+from modelport.repository.custom_metrics import CustomMetrics
 from modelport.repository.ensemble import EnsembleModel, check_composing, ensemble_steps
 from modelport.repository.errors import (
     ModelConfigError,
@@ -114,6 +115,8 @@ class RepositoryManager:
         # models asked for at start-up that failed to load: name -> why
         self.startup_failures: dict[str, str] = {}
         self._poll_task: asyncio.Task | None = None
+        # python models' pb_utils.MetricFamily series, shown on the metrics endpoint
+        self.custom_metrics = CustomMetrics()
 
     # -- discovery --
 
@@ -277,7 +280,9 @@ class RepositoryManager:
                         new[v] = EnsembleModel(cfg, v, steps, self.infer)
                 else:
                     for v in versions:
-                        ctx = BackendContext(cfg, entry.path, v, bls=self._bls)
+                        ctx = BackendContext(
+                            cfg, entry.path, v, bls=self._bls, metrics=self.custom_metrics
+                        )
                         model = ModelVersion(cfg, v, create_backend(cfg.backend, ctx))
                         await model.start()
                         new[v] = model

@@ -26,6 +26,9 @@ __all__ = [
     "InferenceRequest",
     "InferenceResponse",
     "Logger",
+    "Metric",
+    "MetricFamily",
+    "MetricKind",
     "ModelConfig",
     "Tensor",
     "TritonError",
@@ -492,3 +495,171 @@ class ModelConfig:
 
     def add_model_warmup(self, model_warmup: dict[str, Any]) -> None:
         self._config.setdefault("model_warmup", []).append(dict(model_warmup))
+
+
+# ---- custom metrics ---------------------------------------------------------------------------
+
+
+class MetricKind(int):
+    """Triton's `pb_utils.MetricKind` (an enum there): COUNTER, GAUGE, HISTOGRAM."""
+
+    _names = ("COUNTER", "GAUGE", "HISTOGRAM")
+
+    def __repr__(self) -> str:
+        return f"<MetricKind.{self._names[int(self)]}: {int(self)}>"
+
+    @property
+    def name(self) -> str:
+        return self._names[int(self)]
+
+
+MetricKind.COUNTER = COUNTER = MetricKind(0)  # type: ignore[attr-defined]
+MetricKind.GAUGE = GAUGE = MetricKind(1)  # type: ignore[attr-defined]
+MetricKind.HISTOGRAM = HISTOGRAM = MetricKind(2)  # type: ignore[attr-defined]
+
+_KIND_WORD = {0: "COUNTER", 1: "GAUGE", 2: "HISTOGRAM"}
+_CLEARED = (
+    "Invalid metric operation as the corresponding 'MetricFamily' has been deleted. The "
+    "'MetricFamily' object should be deleted AFTER its corresponding 'Metric' objects have "
+    "been deleted."
+)
+
+
+def _metrics_runtime() -> Any:
+    if _runtime is None:
+        raise TritonModelException("custom metrics need a running modelport server")
+    return _runtime
+
+
+class Metric:
+    """One series of a MetricFamily (`family.Metric(labels=..., buckets=...)`).
+
+    increment / set / observe are queued to the server in order (several per pipe message);
+    value() asks the server, after everything queued before it, so it returns what the
+    metrics endpoint shows. The kind checks are made here, with Triton's messages, so a
+    misuse raises at the call as it does in Triton.
+    """
+
+    def __init__(self, family: MetricFamily, key: tuple, buckets: list[float] | None) -> None:
+        self._family_name = family._name
+        self._kind = family._kind
+        self._key = key
+        self._cleared = False
+        _metrics_runtime().metric_op(("metric_new", self._family_name, key, buckets))
+
+    def _check(self, what: str, op: str, value: Any = 0.0) -> float:
+        prefix = f"Failed to {what} metric value: "
+        if self._cleared:
+            raise TritonModelException(prefix + _CLEARED)
+        kind = _KIND_WORD[self._kind]
+        allowed = {"increment": (0, 1), "set": (1,), "observe": (2,), "value": (0, 1)}[op]
+        if self._kind not in allowed:
+            verb = {"increment": "Increment", "set": "Set", "observe": "Observe"}.get(op, "Value")
+            raise TritonModelException(
+                f"{prefix}TRITONSERVER_METRIC_KIND_{kind} does not support {verb}"
+            )
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{op}(): value must be a number, got {type(value).__name__}") from None
+        if op == "increment" and self._kind == 0 and v < 0.0:
+            raise TritonModelException(
+                prefix + "TRITONSERVER_METRIC_KIND_COUNTER can only be incremented "
+                "monotonically by non-negative values."
+            )
+        return v
+
+    def increment(self, value: float) -> None:
+        v = self._check("increment", "increment", value)
+        _metrics_runtime().metric_op(("increment", self._family_name, self._key, v))
+
+    def set(self, value: float) -> None:
+        v = self._check("set", "set", value)
+        _metrics_runtime().metric_op(("set", self._family_name, self._key, v))
+
+    def observe(self, value: float) -> None:
+        v = self._check("observe", "observe", value)
+        _metrics_runtime().metric_op(("observe", self._family_name, self._key, v))
+
+    def value(self) -> float:
+        self._check("get", "value")
+        try:
+            return float(_metrics_runtime().metric_call("value", self._family_name, self._key))
+        except TritonModelException as e:
+            raise TritonModelException(f"Failed to get metric value: {e}") from None
+
+    def _clear(self) -> None:
+        if not self._cleared:
+            self._cleared = True
+            rt = _runtime
+            if rt is not None:
+                rt.metric_op(("metric_delete", self._family_name, self._key, None))
+
+
+class MetricFamily:
+    """`pb_utils.MetricFamily(name, description, kind)`: a metric family on the server's
+    metrics endpoint (Triton's custom metrics API).
+
+    As in Triton the family holds its Metric objects: they stay until the family object is
+    deleted, which removes their series (a series shared with other holders stays until the
+    last one goes) and leaves its Metric objects unusable.
+    """
+
+    COUNTER = COUNTER
+    GAUGE = GAUGE
+    HISTOGRAM = HISTOGRAM
+
+    def __init__(self, name: str, description: str, kind: MetricKind) -> None:
+        self._metrics: list[Metric] = []
+        self._live = False
+        for arg, v in (("name", name), ("description", description), ("kind", kind)):
+            if v is None:
+                raise TypeError(f"MetricFamily(): '{arg}' must not be None")
+        if not isinstance(name, str) or not isinstance(description, str):
+            raise TypeError("MetricFamily(): name and description must be str")
+        if isinstance(kind, bool) or not isinstance(kind, int) or int(kind) not in _KIND_WORD:
+            raise TypeError(
+                "MetricFamily(): kind must be pb_utils.MetricFamily.COUNTER, GAUGE or HISTOGRAM"
+            )
+        self._name, self._description, self._kind = name, description, int(kind)
+        try:
+            _metrics_runtime().metric_call("family_new", name, description, self._kind)
+        except TritonModelException as e:
+            raise TritonModelException(f"Error when creating MetricFamily: {e}") from None
+        self._live = True
+
+    def Metric(
+        self, labels: dict[str, str] | None = None, buckets: list[float] | None = None
+    ) -> Metric:  # noqa: N802 - Triton's name
+        from modelport.repository import custom_metrics as cm
+
+        if labels is not None and not isinstance(labels, dict):
+            raise TritonModelException("Failed to create metric. Labels must be a dictionary.")
+        if buckets is not None:
+            if not isinstance(buckets, list):
+                raise TritonModelException("Failed to create metric. Buckets must be a list.")
+            if self._kind != HISTOGRAM:
+                raise TritonModelException("Failed to create metric. Unexpected buckets found.")
+        elif self._kind == HISTOGRAM:
+            raise TritonModelException("Failed to create metric. Missing required buckets.")
+        try:
+            key = cm.label_key(labels or {})
+            bounds = None if buckets is None else list(cm.check_buckets(buckets))
+        except cm.CustomMetricError as e:
+            raise TritonModelException(f"Error when creating Metric: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise TritonModelException(f"Error when creating Metric: {e}") from None
+        metric = Metric(self, key, bounds)
+        self._metrics.append(metric)
+        return metric
+
+    def __del__(self) -> None:
+        if not getattr(self, "_live", False):
+            return
+        self._live = False
+        try:
+            for m in self._metrics:
+                m._clear()
+            self._metrics.clear()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; the server releases anyway
+            pass

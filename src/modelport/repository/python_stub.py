@@ -14,6 +14,7 @@ Only numpy and pb_utils are imported here so the process starts quickly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import itertools
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from modelport.repository import pb_utils
+
+METRIC_FLUSH_S = 0.005  # longest a queued custom metric operation waits for a message
 
 # ---- messages ---------------------------------------------------------------------------------
 
@@ -103,6 +106,32 @@ class BLSResult:
     responses: list[Resp]
 
 
+@dataclass(frozen=True)
+class MetricOps:
+    """Custom metric operations, in the order the model made them (pb_utils.Metric):
+    (op, family, label key, arg) with op metric_new / increment / set / observe /
+    metric_delete. Several per message; no answer."""
+
+    ops: list[tuple]
+
+
+@dataclass(frozen=True)
+class MetricCall:
+    """A custom metric request that needs the server's answer: family_new
+    (name, description, kind) or value (family, label key)."""
+
+    call_id: int
+    op: str
+    args: tuple
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    call_id: int
+    value: float | None = None
+    error: str | None = None
+
+
 # ---- conversions ------------------------------------------------------------------------------
 
 
@@ -157,14 +186,65 @@ class _Runtime:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[threading.Event, list]] = {}
         self.collected: dict[tuple[int, int], _Collected] = {}
+        # custom metric operations not sent yet; an RLock because MetricFamily.__del__ may
+        # queue its deletes from a garbage collection inside send()
+        self._lock = threading.RLock()
+        self._metric_ops: list[tuple] = []
+        self._flush_timer: threading.Timer | None = None
 
     def send(self, msg: Any) -> None:
+        """Send a message, after the metric operations queued before it (order is kept)."""
         with self._lock:
+            self._flush_locked()
             self.conn.send(msg)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._metric_ops:
+            ops, self._metric_ops = self._metric_ops, []
+            self.conn.send(MetricOps(ops))
+
+    def metric_op(self, op: tuple) -> None:
+        """Queue a metric operation: it goes with the next message this process sends, or
+        at the latest a few milliseconds later (one pipe message for many increments)."""
+        with self._lock:
+            self._metric_ops.append(op)
+            if len(self._metric_ops) >= 4096:
+                self._flush_locked()
+            elif len(self._metric_ops) == 1:
+                timer = threading.Timer(METRIC_FLUSH_S, self._timed_flush)
+                timer.daemon = True
+                self._flush_timer = timer
+                timer.start()
+
+    def _timed_flush(self) -> None:
+        try:
+            self.flush()
+        except (OSError, EOFError, ValueError):
+            pass
+
+    def metric_call(self, op: str, *args: Any) -> Any:
+        """A metric request answered by the server (after every operation queued before)."""
+        call_id = next(self._ids)
+        event = threading.Event()
+        box: list = []
+        self._waiting[call_id] = (event, box)
+        try:
+            self.send(MetricCall(call_id, op, args))
+        except (OSError, EOFError, ValueError) as e:
+            self._waiting.pop(call_id, None)
+            raise pb_utils.TritonModelException(f"the server is gone: {e}") from None
+        event.wait()
+        result: MetricResult = box[0]
+        if result.error is not None:
+            raise pb_utils.TritonModelException(result.error)
+        return result.value
 
     def run(self, awaitable: Any) -> Any:
         """Run an `async def execute(...)` to its end on the process's one event loop.
@@ -208,10 +288,10 @@ class _Runtime:
         event.wait()
         return [resp_to_pb(r) for r in box[0]]
 
-    def resolve(self, msg: BLSResult) -> None:
+    def resolve(self, msg: BLSResult | MetricResult) -> None:
         event, box = self._waiting.pop(msg.call_id, (None, None))
         if event is not None:
-            box.append(msg.responses)
+            box.append(msg.responses if isinstance(msg, BLSResult) else msg)
             event.set()
 
 
@@ -234,14 +314,6 @@ def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupl
     sys.path.insert(0, version_dir)
     runtime = _Runtime(conn)
     pb_utils._install_runtime(runtime)
-    try:
-        model = _load_model(model_file)
-        init = getattr(model, "initialize", None)
-        if callable(init):
-            init(args)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        conn.send(InitFailed(f"{type(e).__name__}: {e}", traceback.format_exc()))
-        return
     work: queue.Queue = queue.Queue()
 
     def reader() -> None:
@@ -251,12 +323,21 @@ def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupl
             except (EOFError, OSError):
                 work.put(Shutdown())
                 return
-            if isinstance(msg, BLSResult):
+            if isinstance(msg, (BLSResult, MetricResult)):
                 runtime.resolve(msg)
             else:
                 work.put(msg)
 
+    # started before initialize(): answers (custom metric families, BLS) may be awaited there
     threading.Thread(target=reader, daemon=True).start()
+    try:
+        model = _load_model(model_file)
+        init = getattr(model, "initialize", None)
+        if callable(init):
+            init(args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        runtime.send(InitFailed(f"{type(e).__name__}: {e}", traceback.format_exc()))
+        return
     runtime.send(Ready(os.getpid()))
     while True:
         msg = work.get()
@@ -267,6 +348,8 @@ def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupl
                     fin()
                 except Exception:
                     traceback.print_exc()
+            with contextlib.suppress(Exception):
+                runtime.flush()
             return
         runtime.send(_execute(model, msg, decoupled, args.get("model_name", ""), runtime))
 

@@ -53,6 +53,7 @@ def render(manager: RepositoryManager) -> str:
         for model, version, stats, pending in rows:
             labels = f'model="{_escape(model)}",version="{_escape(version)}"'
             lines.append(f"{name}{{{labels}}} {get(stats, pending)}")
+    lines.extend(manager.custom_metrics.render())  # python models' pb_utils.MetricFamily
     return "\n".join(lines) + "\n"
 
 

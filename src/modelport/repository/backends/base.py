@@ -23,6 +23,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from modelport.repository.custom_metrics import CustomMetrics
 from modelport.repository.tensors import InferRequest, InferResponse
 
 STREAM_END = object()  # put on BatchItem.stream after a decoupled request's last response
@@ -37,6 +38,7 @@ class BackendContext:
     model_dir: Path
     version: int
     bls: BLSHandler | None = None
+    metrics: CustomMetrics | None = None  # the server's custom metrics (pb_utils.MetricFamily)
 
     @property
     def version_dir(self) -> Path:

@@ -9,13 +9,16 @@ later batches wait for it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
+import logging
 import threading
 import time
 from typing import Any
 
+from modelport.repository import custom_metrics as cm
 from modelport.repository import python_stub as stub
 from modelport.repository.backends.base import (
     STREAM_END,
@@ -34,6 +37,8 @@ from modelport.repository.tensors import (
     as_bytes_array,
     wire_of_numpy,
 )
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0
 _FLAG_START = 1  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
@@ -80,6 +85,10 @@ class _Instance:
         self._stopping = False
         self._restart: asyncio.Task | None = None
         self._bls_tasks: set[asyncio.Task] = set()
+        # custom metric series each process holds (process -> (family, labels) -> count):
+        # released when the process ends, as Triton's stub releases them at unload
+        self._metric_refs: dict[Any, collections.Counter] = {}
+        self._metrics_released: set[Any] = set()
 
     @property
     def name(self) -> str:
@@ -131,14 +140,18 @@ class _Instance:
             except (EOFError, OSError):
                 break
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._on_message, msg)
+                loop.call_soon_threadsafe(self._on_message, msg, proc)
         proc.join(5)
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._on_exit, proc)
 
-    def _on_message(self, msg: Any) -> None:
+    def _on_message(self, msg: Any, proc: Any = None) -> None:
         ready = self._ready
-        if isinstance(msg, stub.Ready):
+        if isinstance(msg, stub.MetricOps):
+            self._metric_ops(msg, proc)
+        elif isinstance(msg, stub.MetricCall):
+            self._metric_call(msg, proc)
+        elif isinstance(msg, stub.Ready):
             if ready is not None and not ready.done():
                 ready.set_result(msg.pid)
         elif isinstance(msg, stub.InitFailed):
@@ -159,6 +172,60 @@ class _Instance:
             task = asyncio.get_running_loop().create_task(self._bls(msg))
             self._bls_tasks.add(task)
             task.add_done_callback(self._bls_tasks.discard)
+
+    # -- custom metrics (pb_utils.MetricFamily) --
+
+    def _metric_ops(self, msg: stub.MetricOps, proc: Any) -> None:
+        registry = self.backend.ctx.metrics
+        if registry is None or proc in self._metrics_released:
+            return  # the process is gone and what it held was released
+        refs = self._metric_refs.setdefault(proc, collections.Counter())
+        for op, family, key, arg in msg.ops:
+            try:
+                if op == "metric_new":
+                    registry.metric_new(family, key, arg)
+                    refs[(family, key)] += 1
+                elif op == "metric_delete":
+                    if refs[(family, key)] > 0:
+                        refs[(family, key)] -= 1
+                        registry.metric_release(family, key)
+                else:
+                    registry.apply(op, family, key, arg)
+            except Exception:  # noqa: BLE001 - pb_utils checked it; never fail the reader
+                log.exception("model '%s': custom metric operation %s failed", self.name, op)
+
+    def _metric_call(self, msg: stub.MetricCall, proc: Any) -> None:
+        registry = self.backend.ctx.metrics
+        value, error = None, None
+        try:
+            if registry is None:
+                raise cm.CustomMetricError("custom metrics are not available in this server")
+            if msg.op == "family_new":
+                registry.family_new(*msg.args)
+            elif msg.op == "value":
+                value = registry.value(*msg.args)
+            else:
+                raise cm.CustomMetricError(f"unknown custom metric request '{msg.op}'")
+        except cm.CustomMetricError as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 - answered to the model
+            error = f"{type(e).__name__}: {e}"
+        if proc is not None and proc is not self.proc:
+            return
+        with contextlib.suppress(Exception):
+            self.conn.send(stub.MetricResult(msg.call_id, value, error))
+
+    def _release_metrics(self, proc: Any) -> None:
+        """Drop the series a process held (it ended: unload, crash or restart)."""
+        if proc is None or proc in self._metrics_released:
+            return
+        self._metrics_released.add(proc)
+        refs = self._metric_refs.pop(proc, None)
+        registry = self.backend.ctx.metrics
+        if refs and registry is not None:
+            for (family, key), n in refs.items():
+                if n > 0:
+                    registry.metric_release(family, key, n)
 
     def _on_stream(self, msg: stub.Stream) -> None:
         item = self._streams.get((msg.batch_id, msg.index))
@@ -209,6 +276,7 @@ class _Instance:
             self.conn.send(stub.BLSResult(msg.call_id, out))
 
     def _on_exit(self, proc: Any) -> None:
+        self._release_metrics(proc)
         if proc is not self.proc:
             return
         ready = self._ready
@@ -322,6 +390,7 @@ class _Instance:
             await asyncio.sleep(0.02)
         if proc.is_alive():
             proc.kill()
+        self._release_metrics(proc)
 
 
 class PythonBackend(Backend):
