@@ -315,3 +315,68 @@ def test_serve_with_explicit_port_keeps_it(tmp_path):
     assert listening == {port, *ports.values()}, log
     assert f"serving on http://127.0.0.1:{port}" in log
     assert f"inference API on http://127.0.0.1:{ports['inference']}" in log
+
+
+def _register_over_management(tmp_path: Path, props: str, query: str, *, yaml: str | None = None):
+    """Start with nothing loaded, `POST /models?url=echo.mar&...` and return the settings."""
+    store = tmp_path / "store"
+    config_file = None
+    if yaml is not None:
+        config_file = tmp_path / "model-config.yaml"
+        config_file.write_text(yaml)
+    ts_archives.echo_archive(store, tmp_path / "w", config_file=config_file)
+    cfg = _config(
+        tmp_path,
+        f"model_store={store}\n{props}management_address=http://127.0.0.1:0\n",
+    )
+
+    async def main():
+        service, _ = await _started(_args(["--ts-config", str(cfg), "--disable-token-auth"]))
+        try:
+            assert service.state.registry.names() == []  # models= alone loads nothing here
+            url = f"http://127.0.0.1:{service.management_port}/models?url=echo.mar&{query}"
+            async with httpx.AsyncClient(timeout=60) as c:
+                r = await c.post(url)
+            assert r.status_code == 200, r.text
+            (mv,) = service.state.registry.versions("echo")
+            return mv.settings, mv.num_workers, r.json()["status"]
+        finally:
+            await service.stop()
+
+    return asyncio.run(main())
+
+
+def test_management_registration_picks_up_the_models_entry(tmp_path):
+    """TorchServe's ModelManager.createModel reads the `models=` entry of the model's name and
+    version for a model registered over the management API: batch_size and max_batch_delay
+    left out of the query come from it; response_timeout comes from it even when the query
+    gives one. Its worker counts and defaultVersion apply at startup only."""
+    entry = {"marName": "echo.mar", **SETTINGS, "minWorkers": 2, "maxWorkers": 3}
+    props = f"models={_models_json(entry)}\n"
+    s, workers, _ = _register_over_management(tmp_path, props, "synchronous=true")
+    assert (s.batch_size, s.max_batch_delay_ms, s.response_timeout_s) == (4, 300, 20)
+    assert (s.min_workers, s.max_workers, workers) == (0, 0, 0)  # initial_workers, not the entry's
+
+
+def test_management_query_wins_for_batching_but_not_for_the_timeout(tmp_path):
+    entry = {"marName": "echo.mar", **SETTINGS}
+    props = f"models={_models_json(entry)}\n"
+    query = "batch_size=2&max_batch_delay=7&response_timeout=90&initial_workers=1&synchronous=true"
+    s, workers, _ = _register_over_management(tmp_path, props, query)
+    assert (s.batch_size, s.max_batch_delay_ms) == (2, 7)  # the query's
+    assert s.response_timeout_s == 20  # the entry's: TorchServe's query value is the fallback
+    assert (s.min_workers, workers) == (1, 1)
+
+
+def test_management_registration_yaml_over_entry_and_yaml_workers_over_initial(tmp_path):
+    """The archive's YAML (values > 0) wins over the `models=` entry; its minWorkers/maxWorkers
+    (0 < min <= max) win over initial_workers (TorchServe's ApiUtils.handleRegister)."""
+    entry = {"marName": "echo.mar", **SETTINGS}
+    props = f"models={_models_json(entry)}\n"
+    yaml = "batchSize: 3\nresponseTimeout: 45\nminWorkers: 1\nmaxWorkers: 2\n"
+    s, workers, status = _register_over_management(
+        tmp_path, props, "initial_workers=0&synchronous=true", yaml=yaml
+    )
+    assert (s.batch_size, s.max_batch_delay_ms, s.response_timeout_s) == (3, 300, 45)
+    assert (s.min_workers, s.max_workers, workers) == (1, 2, 1)
+    assert "registered with 1 initial workers" in status

@@ -179,9 +179,11 @@ class ModelRegistry:
         """Register one archive.
 
         `config_entry(name, version)` finds the config.properties `models=` entry of the model
-        once its manifest is read (TorchServe's lookup for the models it loads at startup):
-        the entry's settings apply where `overrides` leaves them unset, its minWorkers
-        replaces `initial_workers`, and its defaultVersion makes this version the default.
+        once its manifest is read (TorchServe's lookup by name and version). At startup the
+        entry's settings apply where `overrides` leaves them unset, its minWorkers replaces
+        `initial_workers` and its defaultVersion makes this version the default; over the
+        management API it fills batch size, batch delay and response timeout only, with
+        TorchServe's precedence (see `_management_fields`).
         """
         src = await asyncio.to_thread(self.resolve_url, url, trusted)
         dest = self.work_dir / uuid.uuid4().hex
@@ -202,7 +204,8 @@ class ModelRegistry:
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
-        make_default = make_default or bool(entry and entry.default)
+        # the entry's defaultVersion counts at startup only (TorchServe's registerAndUpdateModel)
+        make_default = make_default or bool(loaded_at_startup and entry and entry.default)
         name = mv.name
         async with self._lock:
             if mv.version in self._models.get(name, {}):
@@ -248,25 +251,10 @@ class ModelRegistry:
         version = version or manifest.model_version
         entry = config_entry(name, version) if config_entry else None
         from_yaml = model_overrides(model_yaml)
-        # TorchServe (ModelManager.createModel, ModelServer.initModelStore): the archive's own
-        # YAML wins over its config.properties `models=` entry: batchSize, maxBatchDelay and
-        # responseTimeout where > 0, minWorkers/maxWorkers where 0 < minWorkers <= maxWorkers
-        # (at startup those also replace the default workers); explicit overrides win over both
-        yaml_wins = {k: v for k, v in from_yaml.items()
-                     if k in ("batch_size", "max_batch_delay_ms", "response_timeout_s") and v > 0}
-        y_min, y_max = from_yaml.get("min_workers", 0), from_yaml.get("max_workers", 0)
-        yaml_workers = 0 < y_min <= y_max and (loaded_at_startup or entry is not None)
-        if yaml_workers:
-            yaml_wins.update(min_workers=y_min, max_workers=y_max)
-            initial_workers = None
-        if entry is not None:
-            overrides = {**entry.overrides, **yaml_wins, **overrides}
-            if "min_workers" in entry.overrides:
-                initial_workers = None  # the entry's minWorkers, not the startup default
-        fields = {**from_yaml, **overrides}
-        if initial_workers is not None:
-            fields["min_workers"] = initial_workers
-            fields["max_workers"] = max(initial_workers, fields.get("max_workers", 0))
+        if loaded_at_startup:
+            fields = self._startup_fields(from_yaml, entry, overrides, initial_workers)
+        else:
+            fields = _management_fields(from_yaml, entry, overrides, initial_workers)
         if fields.get("min_workers", self.default_settings.min_workers) > fields.get(
             "max_workers", self.default_settings.max_workers
         ):
@@ -289,6 +277,36 @@ class ModelRegistry:
             extra_sys_path=extra_path,
         )
         return mv, entry
+
+    @staticmethod
+    def _startup_fields(
+        from_yaml: dict[str, Any],
+        entry: ModelEntry | None,
+        overrides: dict[str, Any],
+        initial_workers: int | None,
+    ) -> dict[str, Any]:
+        """Settings of a model loaded at startup.
+
+        TorchServe (ModelManager.createModel, ModelServer.initModelStore): the archive's own
+        YAML wins over its config.properties `models=` entry: batchSize, maxBatchDelay and
+        responseTimeout where > 0, minWorkers/maxWorkers where 0 < minWorkers <= maxWorkers
+        (those also replace the default workers); explicit overrides win over both.
+        """
+        yaml_wins = {k: v for k, v in from_yaml.items()
+                     if k in ("batch_size", "max_batch_delay_ms", "response_timeout_s") and v > 0}
+        y_min, y_max = from_yaml.get("min_workers", 0), from_yaml.get("max_workers", 0)
+        if 0 < y_min <= y_max:
+            yaml_wins.update(min_workers=y_min, max_workers=y_max)
+            initial_workers = None
+        if entry is not None:
+            overrides = {**entry.overrides, **yaml_wins, **overrides}
+            if "min_workers" in entry.overrides:
+                initial_workers = None  # the entry's minWorkers, not the startup default
+        fields = {**from_yaml, **overrides}
+        if initial_workers is not None:
+            fields["min_workers"] = initial_workers
+            fields["max_workers"] = max(initial_workers, fields.get("max_workers", 0))
+        return fields
 
     async def _install_requirements(self, model_dir: Path, req: str | None) -> list[str]:
         if not req:
@@ -363,6 +381,45 @@ class ModelRegistry:
             return_exceptions=True,
         )
         shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _management_fields(
+    from_yaml: dict[str, Any],
+    entry: ModelEntry | None,
+    query: dict[str, Any],
+    initial_workers: int | None,
+) -> dict[str, Any]:
+    """Settings of a model registered over the management API (`POST /models?url=...`).
+
+    TorchServe's ModelManager.createModel: batch_size and max_batch_delay given in the query
+    win; left out, the archive's YAML (where > 0), then the config.properties `models=` entry
+    of the model's name and version, then the defaults. response_timeout: the YAML (> 0), then
+    the entry, then the query. Workers (ApiUtils.handleRegister): the YAML's
+    minWorkers/maxWorkers where 0 < minWorkers <= maxWorkers, else initial_workers for both
+    (None: the defaults); the entry's worker counts apply only at startup.
+    """
+    from_entry = entry.overrides if entry is not None else {}
+    fields: dict[str, Any] = {}
+    for key in ("batch_size", "max_batch_delay_ms"):
+        if key in query:
+            fields[key] = query[key]
+        elif from_yaml.get(key, 0) > 0:
+            fields[key] = from_yaml[key]
+        elif key in from_entry:
+            fields[key] = from_entry[key]
+    key = "response_timeout_s"
+    if from_yaml.get(key, 0) > 0:
+        fields[key] = from_yaml[key]
+    elif key in from_entry:
+        fields[key] = from_entry[key]
+    elif key in query:
+        fields[key] = query[key]
+    y_min, y_max = from_yaml.get("min_workers", 0), from_yaml.get("max_workers", 0)
+    if 0 < y_min <= y_max:
+        fields.update(min_workers=y_min, max_workers=y_max)
+    elif initial_workers is not None:  # None: the registry's default settings
+        fields.update(min_workers=initial_workers, max_workers=initial_workers)
+    return fields
 
 
 def _log_failure(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -11,6 +12,7 @@ from modelport.entrypoints.torchserve.metrics import TSMetrics
 from modelport.torchserve.auth import TokenAuth
 from modelport.torchserve.errors import TSError
 from modelport.torchserve.registry import ModelRegistry
+from modelport.torchserve.ts_config import ModelEntry
 
 
 @dataclass
@@ -19,6 +21,9 @@ class TSState:
     metrics: TSMetrics
     auth: TokenAuth | None  # None: token authorization disabled
     model_api: bool = True  # register / unregister over the management API
+    # config.properties `models=` entry by (name, version), for models registered over the
+    # management API (TorchServe's ModelManager.createModel consults it there too)
+    config_entry: Callable[[str, str], ModelEntry | None] | None = None
 
     def authorize(self, kind: str, request: Request) -> None:
         if self.auth is not None:

@@ -295,7 +295,11 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         auth = TokenAuth(key_file, cfg.token_expiration_min)
         logger.info("TorchServe token authorization on; keys in %s", key_file)
     state = TSState(
-        registry=registry, metrics=TSMetrics(), auth=auth, model_api=cfg.enable_model_api
+        registry=registry,
+        metrics=TSMetrics(),
+        auth=auth,
+        model_api=cfg.enable_model_api,
+        config_entry=cfg.entry_for_model,
     )
     app.include_router(make_inference_router(state))
     return TorchServeService(state, plan, getattr(args, "log_level", "info"))

@@ -152,9 +152,12 @@ def make_management_app(state: TSState) -> FastAPI:
             overrides=overrides,
             initial_workers=initial,
             synchronous=sync,
+            config_entry=state.config_entry,
         )
-        base = f'Model "{mv.name}" Version: {mv.version} registered with {initial} initial workers'
-        if initial == 0:
+        # the archive's YAML minWorkers/maxWorkers win over initial_workers (TorchServe)
+        workers = mv.settings.min_workers
+        base = f'Model "{mv.name}" Version: {mv.version} registered with {workers} initial workers'
+        if workers == 0:
             return status(f"{base}. Use scale workers API to add workers for the model.")
         if sync:
             return status(base)
