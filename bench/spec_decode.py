@@ -117,7 +117,8 @@ def main() -> None:
     from modelport import LLM
 
     configs = [("plain", None)] + [
-        (f"ngram k={k}", {"method": "ngram", "num_speculative_tokens": k}) for k in args.k]
+        (f"ngram k={k}", {"method": "ngram", "num_speculative_tokens": k,
+                            "prompt_lookup_max": 4, "prompt_lookup_min": 1}) for k in args.k]
     work = Path(tempfile.mkdtemp(prefix="specdraft-"))
     for layers in args.draft_layers:
         draft = str(truncated_draft(layers, work))

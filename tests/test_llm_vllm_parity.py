@@ -6,8 +6,8 @@
 - SamplingParams.logit_bias (also under speculative decoding, where greedy output is unchanged);
 - max_logprobs bounds logprobs / prompt_logprobs with vLLM's message; -1 asks for the whole
   vocabulary, allowed where max_logprobs is -1 (no cap); seed=None is allowed;
-- data_parallel_size, the pooling APIs and beam_search are clear errors, not TypeErrors or
-  AttributeErrors; trust_remote_code / disable_log_stats are accepted;
+- data_parallel_size, the pooling APIs and a beam_search without BeamSearchParams are clear
+  errors, not TypeErrors or AttributeErrors; trust_remote_code / disable_log_stats are accepted;
 - get_metrics() reports vLLM's series, speculative decoding's acceptance counts included.
 """
 
@@ -141,8 +141,8 @@ def test_unsupported_vllm_apis_are_clear_errors(llm, model_dir) -> None:
             getattr(llm, api)(["hello"])
     with pytest.raises(ValueError, match=r"LLM\.score\(\) is only supported for pooling"):
         llm.score("a", "b")
-    with pytest.raises(NotImplementedError, match="beam_search"):
-        llm.beam_search(["hello"], None)
+    with pytest.raises(ValueError, match=r"LLM\.beam_search\(\) takes a BeamSearchParams"):
+        llm.beam_search(["hello"], None)  # implemented: tests/test_beam_search.py
 
 
 def test_server_metrics_count_drafts_and_acceptance_by_position() -> None:

@@ -15,7 +15,7 @@ from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.ngram import propose
 from modelport.runner.spec_verify import accepted_tokens, verify
 
-SPEC = {"method": "ngram", "num_speculative_tokens": 3}
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
 # greedy decoding of this tiny random model falls into loops on these: drafts get accepted
 PROMPTS = ["abcabcabcabc", "the cat sat on the mat, the cat sat on the", "0101010101"]
 
@@ -30,10 +30,69 @@ def test_ngram_proposes_what_followed_the_latest_match() -> None:
     assert propose([1, 2, 3, 1], 0, 4, 1) == []
 
 
+def test_ngram_lookup_bounds_default_as_in_vllm() -> None:
+    """vLLM: neither bound -> both 5; one bound -> the other takes its value."""
+    def bounds(**kw):
+        c = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3, **kw})
+        return c.prompt_lookup_min, c.prompt_lookup_max
+
+    assert bounds() == (5, 5)
+    assert bounds(prompt_lookup_max=4) == (4, 4)
+    assert bounds(prompt_lookup_min=2) == (2, 2)
+    assert bounds(prompt_lookup_min=1, prompt_lookup_max=4) == (1, 4)
+    assert bounds(prompt_lookup_max=None, prompt_lookup_min=None) == (5, 5)  # JSON null
+    c = SpeculativeConfig(num_speculative_tokens=2)
+    assert (c.prompt_lookup_min, c.prompt_lookup_max) == (5, 5)
+    with pytest.raises(ValueError, match="prompt_lookup_max must be >= 1"):
+        SpeculativeConfig.from_dict({"num_speculative_tokens": 2, "prompt_lookup_max": 0})
+
+
+def test_vllm_speculative_keys_accepted_or_refused_by_name() -> None:
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    c = SpeculativeConfig.from_dict({
+        **ngram, "draft_tensor_parallel_size": 1, "quantization": "fp8", "max_model_len": 64,
+        "revision": "main", "disable_padded_drafter_batch": True, "enforce_eager": True,
+        "rejection_sample_method": "standard", "draft_sample_method": "greedy",
+        "suffix_decoding_max_tree_depth": 24, "disable_by_batch_size": 8,
+    })
+    assert (c.method, c.prompt_lookup_max, c.disable_by_batch_size) == ("ngram", 3, 8)
+    assert SpeculativeConfig.from_dict({"model": "[ngram]", "num_speculative_tokens": 2}).method \
+        == "ngram"
+    d = SpeculativeConfig.from_dict({"model": "some/draft", "num_speculative_tokens": 4,
+                                     "draft_tensor_parallel_size": 1, "revision": "main",
+                                     "quantization": None})
+    assert (d.method, d.draft_tensor_parallel_size) == ("draft_model", 1)
+    draft = {"model": "some/draft", "num_speculative_tokens": 4}
+    for bad, match in [
+        ({**draft, "draft_tensor_parallel_size": 2}, "draft_tensor_parallel_size must be 1"),
+        ({**draft, "quantization": "fp8"}, "quantization='fp8' is not supported"),
+        ({**ngram, "tensor_parallel_size": 1}, "draft_tensor_parallel_size"),
+        ({**ngram, "rejection_sample_method": "synthetic"}, "rejection_sample_method"),
+        ({**ngram, "use_heterogeneous_vocab": True}, "use_heterogeneous_vocab"),
+        ({**ngram, "draft_tensor_parallel_size": 0}, "draft_tensor_parallel_size must be >= 1"),
+        ({**ngram, "disable_padded_drafter_batch": "yes"}, "wrong type"),
+        ({**ngram, "draft_tensor_parallel_sizes": 1}, "unknown keys"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SpeculativeConfig.from_dict(bad)
+
+
+def test_draft_max_model_len_is_checked_against_the_lengths(tmp_path: Path) -> None:
+    tiny = make_tiny_llama_dir(tmp_path / "tiny")
+    kw = dict(model=str(tiny), max_model_len=64)
+    spec = {"model": str(tiny), "num_speculative_tokens": 2}
+    args = EngineArgs(**kw, speculative_config={**spec, "max_model_len": 64})
+    assert args.create_engine_config().speculative_config.max_model_len == 64
+    for value, match in [(32, "below max_model_len"), (10**6, "cannot be larger")]:
+        args = EngineArgs(**kw, speculative_config={**spec, "max_model_len": value})
+        with pytest.raises(ValueError, match=match):
+            args.create_engine_config()
+
+
 def test_speculative_config_from_vllm_dict_and_its_errors() -> None:
     c = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 5,
                                      "prompt_lookup_max": 3})
-    assert (c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min) == (5, 3, 1)
+    assert (c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min) == (5, 3, 3)
     for bad, match in [
         ({"method": "ngram", "model": "some/draft", "num_speculative_tokens": 4}, "takes no model"),
         ({"method": "draft_model", "num_speculative_tokens": 4}, "needs method"),
@@ -42,7 +101,8 @@ def test_speculative_config_from_vllm_dict_and_its_errors() -> None:
         ({"method": "ngram"}, "needs num_speculative_tokens"),
         ({"num_speculative_tokens": 0}, r"\[1, 16\]"),
         ({"num_speculative_tokens": "4"}, "must be an integer"),
-        ({"num_speculative_tokens": 4, "prompt_lookup_min": 5}, "prompt_lookup_min"),
+        ({"num_speculative_tokens": 4, "prompt_lookup_min": 5, "prompt_lookup_max": 4},
+         "prompt_lookup_min"),
         ({"num_speculative_tokens": 4, "typo": 1}, "unknown keys"),
         ({"num_speculative_tokens": 4, "disable_by_batch_size": 0}, "disable_by_batch_size"),
     ]:
@@ -204,7 +264,8 @@ def test_scheduler_drafts_rewinds_rejected_positions_and_yields_to_plain_decodin
 
     kv = KVCacheManager(4, 4, True)  # 16 slots
     s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=16),
-                  kv, SpeculativeConfig(num_speculative_tokens=3))
+                  kv, SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=4,
+                                        prompt_lookup_min=1))
     r = Request("a", [5, 6, 7, 5, 6], SamplingParams(max_tokens=7, temperature=0))
     s.add_request(r)
     out = s.schedule()

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from modelport.outputs import CompletionOutput, RequestOutput
 from modelport.sampling_params import (
+    BeamSearchParams,
     GuidedDecodingParams,
     SamplingParams,
     StructuredOutputsParams,
@@ -15,8 +16,8 @@ if TYPE_CHECKING:
     from modelport.entrypoints.llm import LLM
 
 __all__ = [
-    "LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutput",
-    "CompletionOutput",
+    "LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "GuidedDecodingParams",
+    "RequestOutput", "CompletionOutput",
 ]
 
 

@@ -223,19 +223,24 @@ class SpeculativeConfig:
 
     ``method="ngram"``: prompt lookup, no second model. A decoding request's last
     ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens are looked up earlier in its own
-    prompt and output, and the tokens that followed the latest match are the drafts.
+    prompt and output, and the tokens that followed the latest match are the drafts. As in
+    vLLM, a missing bound takes the other one's value, and with neither both are 5.
     ``method="draft_model"`` (``model=PATH``): a smaller model with the same vocabulary runs
     beside the target on the same KV block tables and proposes its greedy continuation.
     """
 
     num_speculative_tokens: int
     method: str = "ngram"
-    prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 1
+    prompt_lookup_max: int | None = None  # None: resolved as vLLM does (see __post_init__)
+    prompt_lookup_min: int | None = None
     model: str | None = None  # the draft model (method "draft_model")
     # no drafts while more requests than this are running (vLLM's disable_by_batch_size):
     # large batches are already bound by compute, where checking drafts costs more than it saves
     disable_by_batch_size: int | None = None
+    # vLLM: 1 or the target's tensor_parallel_size; a draft model here needs tp 1, so only 1
+    draft_tensor_parallel_size: int | None = None
+    # vLLM: the draft model's max_model_len (at most the target's and the draft's own)
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("ngram", "draft_model"):
@@ -249,34 +254,110 @@ class SpeculativeConfig:
                              f"{self.num_speculative_tokens}")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
-        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
-                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        for name in ("prompt_lookup_max", "prompt_lookup_min", "draft_tensor_parallel_size",
+                     "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"speculative_config.{name} must be >= 1, got {value}")
+        if self.method == "draft_model" and self.draft_tensor_parallel_size not in (None, 1):
+            # vLLM allows 1 or the target's tensor_parallel_size; a draft model needs tp 1 here
+            raise ValueError("speculative_config.draft_tensor_parallel_size must be 1: a draft "
+                             "model runs with tensor_parallel_size 1 here, got "
+                             f"{self.draft_tensor_parallel_size}")
+        # vLLM's defaults: neither bound given -> both 5; one given -> the other takes its value
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            lo = hi = 5
+        elif lo is None:
+            lo = hi
+        elif hi is None:
+            hi = lo
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+        if self.method == "ngram" and not 1 <= lo <= hi:
+            raise ValueError(f"need 1 <= prompt_lookup_min ({lo}) <= prompt_lookup_max ({hi})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
         """From vLLM's speculative_config dict: ``{"method": "ngram", "num_speculative_tokens":
         k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` or ``{"model": PATH,
-        "num_speculative_tokens": k}`` (method "draft_model" implied)."""
+        "num_speculative_tokens": k}`` (method "draft_model" implied).
+
+        Like vLLM's (a pydantic dataclass that forbids extra fields), unknown keys are errors.
+        vLLM's other keys are accepted where they change nothing here (their vLLM default, an
+        EAGLE/suffix/tensor-parallel-only knob, a draft-model setting under method "ngram"),
+        and refused, naming the key, where modelport cannot do what they ask."""
         if not isinstance(d, dict):
             raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                 "model", "disable_by_batch_size"}
-        unknown = sorted(set(d) - known)
+        own = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+               "model", "disable_by_batch_size", "draft_tensor_parallel_size", "max_model_len"}
+        unknown = sorted(set(d) - own - set(_VLLM_SPEC_DEFAULTS) - {"tensor_parallel_size"})
         if unknown:
-            raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+            raise ValueError(f"speculative_config: unknown keys {unknown}; known: "
+                             f"{sorted(own | set(_VLLM_SPEC_DEFAULTS))}")
+        if d.get("tensor_parallel_size") is not None:  # vLLM refuses it with the same hint
+            raise ValueError("speculative_config: 'tensor_parallel_size' is not a valid key; "
+                             "pass 'draft_tensor_parallel_size'")
         if "num_speculative_tokens" not in d:
             raise ValueError("speculative_config needs num_speculative_tokens")
-        kw = {k: d[k] for k in known if k in d}
+        kw = {k: d[k] for k in own if k in d and d[k] is not None}
         for k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                  "disable_by_batch_size"):
+                  "disable_by_batch_size", "draft_tensor_parallel_size", "max_model_len"):
             if k in kw and (isinstance(kw[k], bool) or not isinstance(kw[k], int)):
                 raise ValueError(f"speculative_config.{k} must be an integer, got {kw[k]!r}")
+        if kw.get("model") in ("ngram", "[ngram]"):  # vLLM's spelling of the n-gram method
+            del kw["model"]
+            kw.setdefault("method", "ngram")
         if "model" in kw:
             if not isinstance(kw["model"], str) or not kw["model"]:
                 raise ValueError("speculative_config.model must be a model path")
             kw.setdefault("method", "draft_model")
-        return cls(**kw)
+        method = kw.get("method", "ngram")
+        for k, default in _VLLM_SPEC_DEFAULTS.items():
+            if k not in d or d[k] == default:
+                continue
+            value = d[k]
+            if k in _VLLM_SPEC_NOOP:
+                expected = _VLLM_SPEC_NOOP[k]
+                if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                    raise ValueError(f"speculative_config.{k} has the wrong type: {value!r}")
+                continue  # changes nothing here
+            if k in _VLLM_SPEC_DRAFT_ONLY and method == "ngram":
+                continue  # vLLM applies it to a draft model only: n-grams ignore it
+            raise ValueError(f"speculative_config.{k}={value!r} is not supported here "
+                             f"(vLLM's default: {default!r})")
+        return cls(**kw)  # n-grams ignore draft_tensor_parallel_size, max_model_len (vLLM)
+
+
+# vLLM SpeculativeConfig fields (beside the ones SpeculativeConfig holds) and their defaults:
+# passing the default changes nothing
+_VLLM_SPEC_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": None, "quantization": None, "moe_backend": None,
+    "attention_backend": None, "kv_cache_dtype": None, "revision": None,
+    "code_revision": None, "index_share_for_mtp_iteration": None,
+    "disable_padded_drafter_batch": False, "disable_eagle_block_drop": False,
+    "use_local_argmax_reduction": False, "use_heterogeneous_vocab": False,
+    "parallel_drafting": False, "num_speculative_tokens_per_batch_size": None,
+    "suffix_decoding_max_tree_depth": 24, "suffix_decoding_max_cached_requests": 10000,
+    "suffix_decoding_max_spec_factor": 1.0, "suffix_decoding_min_token_prob": 0.1,
+    "draft_load_config": None, "rejection_sample_method": "standard",
+    "synthetic_acceptance_rates": None, "synthetic_acceptance_length": None,
+    "enable_adaptive_verification": False, "draft_sample_method": "greedy",
+    "dspark_draft_topk": None,
+}
+# any value changes nothing here: EAGLE-only, tensor-parallel-only or suffix-decoding-only knobs,
+# a CUDA-graph switch (speed only) and Hugging Face revisions (models are local paths here)
+_VLLM_SPEC_NOOP: dict[str, type | tuple[type, ...]] = {
+    "disable_padded_drafter_batch": bool, "disable_eagle_block_drop": bool,
+    "use_local_argmax_reduction": bool, "enforce_eager": bool, "revision": str,
+    "code_revision": str, "suffix_decoding_max_tree_depth": int,
+    "suffix_decoding_max_cached_requests": int, "suffix_decoding_max_spec_factor": (int, float),
+    "suffix_decoding_min_token_prob": (int, float),
+}
+# settings of the draft model: ignored by vLLM under method "ngram", unsupported with a draft
+_VLLM_SPEC_DRAFT_ONLY = {"quantization", "moe_backend", "attention_backend", "kv_cache_dtype",
+                         "draft_load_config", "parallel_drafting",
+                         "draft_sample_method"}
 
 
 @dataclass(frozen=True)

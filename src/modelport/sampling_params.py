@@ -280,3 +280,41 @@ def _iter_or_none(value: object) -> list:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class BeamSearchParams:
+    """What ``LLM.beam_search()`` searches for (vLLM's ``BeamSearchParams``).
+
+    ``beam_width`` beams are kept at each step; each is extended by ``max_tokens`` tokens at
+    most; a beam that generates an end-of-sequence token is finished unless ``ignore_eos``.
+    Beams are ranked by ``cum_logprob / len(tokens) ** length_penalty`` (tokens: the prompt
+    plus the generated ones, a final EOS not counted), so ``length_penalty`` > 1 favours
+    longer beams and < 1 shorter ones. ``temperature`` is that of each step's request (the
+    candidates are always the top ``2 * beam_width`` tokens by log-probability).
+    ``include_stop_str_in_output``: the final EOS token's text is kept in ``text``."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    # vLLM's newer field: constrained beam search is not supported here (only None)
+    structured_outputs: StructuredOutputsParams | dict | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.beam_width) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens < 2**31:
+            raise ValueError(f"max_tokens must be an integer in [1, 2^31), got {self.max_tokens!r}")
+        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
+                or not self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if (not isinstance(self.length_penalty, (int, float))
+                or isinstance(self.length_penalty, bool)
+                or not math.isfinite(self.length_penalty)):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.structured_outputs is not None:
+            raise ValueError("BeamSearchParams.structured_outputs is not supported: beam "
+                             "search here is unconstrained (use generate() for structured outputs)")

@@ -117,8 +117,9 @@ class EngineArgs:
                             "(default: on for one CUDA device)")
         g.add_argument("--speculative-config", type=parse_json_dict, default=None,
                        help='speculative decoding, e.g. \'{"method": "ngram", '
-                            '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (n-gram '
-                            "prompt lookup: drafts from the request's own text, no draft model)")
+                            '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}\' '
+                            "(n-gram prompt lookup: drafts from the request's own text, no draft "
+                            "model)")
         g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
                        help="most logprobs (and prompt_logprobs) one request may ask for; "
                             "-1: no cap (requests may ask for -1, the whole vocabulary)")
@@ -232,6 +233,15 @@ def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, ma
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from "
                          f"the target's ({target.vocab_size}): they must share one tokenizer")
+    if spec.max_model_len is not None:  # vLLM: at most the draft's and the target's length
+        if spec.max_model_len > min(draft.max_position_embeddings, max_len):
+            raise ValueError(f"speculative_config.max_model_len ({spec.max_model_len}) cannot be "
+                             f"larger than the draft's ({draft.max_position_embeddings}) or the "
+                             f"target's max_model_len ({max_len})")
+        if spec.max_model_len < max_len:
+            raise ValueError(f"speculative_config.max_model_len ({spec.max_model_len}) below "
+                             f"max_model_len ({max_len}) is not supported: the draft model "
+                             "proposes at every length here")
     if draft.max_position_embeddings < max_len:
         raise ValueError(f"the draft model reaches {draft.max_position_embeddings} positions, "
                          f"below max_model_len ({max_len})")

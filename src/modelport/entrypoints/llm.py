@@ -8,13 +8,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from modelport.beam_search import (
+    BeamSearchInstance,
+    BeamSearchOutput,
+    BeamSearchSequence,
+    create_sort_beams_key_function,
+)
 from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.llm_engine import LLMEngine
 from modelport.frontend.prompts import PromptInput, is_token_ids
 from modelport.frontend.tokenizer import Tokenizer
 from modelport.metrics import Metric, RequestCounts, snapshot
 from modelport.outputs import RequestOutput
-from modelport.sampling_params import SamplingParams
+from modelport.sampling_params import BeamSearchParams, SamplingParams
 
 Conversation = list[dict[str, Any]]
 
@@ -176,7 +182,7 @@ class LLM:
         return [results[r] for r in ids]
 
 
-    # -- vLLM's pooling and beam-search APIs: not served here, said clearly
+    # -- vLLM's pooling APIs: not served here, said clearly
 
     def encode(self, *args: Any, **kwargs: Any) -> list:
         raise ValueError(_POOLING_ONLY.format(api="LLM.encode()"))
@@ -193,11 +199,114 @@ class LLM:
     def reward(self, *args: Any, **kwargs: Any) -> list:
         raise ValueError(_POOLING_ONLY.format(api="LLM.reward()"))
 
-    def beam_search(self, *args: Any, **kwargs: Any) -> list:
-        raise NotImplementedError(
-            "LLM.beam_search() is not implemented: use generate() (greedy with temperature=0, "
-            "or n samples to pick from)"
-        )
+    # -- vLLM's beam search: an outer loop over one-token requests (as vLLM's LLM class)
+
+    def beam_search(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        params: BeamSearchParams,
+        lora_request: Any = None,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search: one ``BeamSearchOutput`` per prompt, in order, whose
+        ``sequences`` are its best ``params.beam_width`` beams, best first.
+
+        A prompt is a string, token ids, ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``
+        (vLLM's TextPrompt / TokensPrompt). Each step runs every live beam as a one-token
+        request asking for ``2 * beam_width`` logprobs (prefix caching makes the re-prefill
+        cheap), extends each beam by each candidate and keeps the ``beam_width`` best by
+        :func:`~modelport.beam_search.get_beam_search_score`. A beam that generates an
+        end-of-sequence token (the tokenizer's, or the model's own end ids) is finished
+        ("stop") unless ``ignore_eos``; the others end after ``max_tokens`` tokens or at
+        ``max_model_len`` ("length"). As in vLLM, ``tokens`` and ``text`` hold the prompt
+        followed by the output (``output_token_ids`` the output alone); ``text`` leaves the
+        final EOS out unless ``include_stop_str_in_output``. ``concurrency_limit`` searches
+        that many prompts at a time (None: all at once)."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(
+                "LLM.beam_search() takes a BeamSearchParams (from modelport or "
+                f"modelport.sampling_params), got {type(params).__name__}"
+            )
+        if lora_request is not None:
+            raise ValueError("LoRA adapters are not supported: give lora_request=None")
+        if concurrency_limit is not None and (
+                not isinstance(concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be None or an integer >= 1, "
+                             f"got {concurrency_limit!r}")
+        engine = self.llm_engine
+        proc = engine.input_processor
+        tok = engine.tokenizer
+        eos = frozenset(tok.eos_token_ids)
+        width = params.beam_width
+        sort_key = create_sort_beams_key_function(eos, params.length_penalty)
+        limit = proc.max_logprobs
+        if limit != -1 and 2 * width > limit:
+            raise ValueError(
+                f"beam_width {width} needs 2 * beam_width = {2 * width} logprobs per step, "
+                f"more than max_logprobs ({limit}): use beam_width <= {limit // 2} or "
+                f"LLM(max_logprobs={2 * width})"
+            )
+        # the top 2 * beam_width candidates of each beam (vLLM's and HF's choice)
+        step_params = SamplingParams(max_tokens=1, logprobs=2 * width,
+                                     temperature=params.temperature)
+
+        instances = []
+        for item in _normalize_prompts(prompts, None):
+            _, ids = proc.prompt_inputs(item, None, add_special_tokens=True)
+            instances.append(BeamSearchInstance(
+                [BeamSearchSequence(tokens=list(ids), num_prompt_tokens=len(ids))]))
+        per_batch = concurrency_limit or max(len(instances), 1)
+        for start in range(0, len(instances), per_batch):
+            batch = instances[start:start + per_batch]
+            steps = tqdm(range(params.max_tokens), desc="Beam search", unit="token",
+                         disable=not use_tqdm, dynamic_ncols=True)
+            for _ in steps:
+                live = []
+                for inst in batch:
+                    for beam in inst.beams:
+                        if (len(beam.tokens) >= proc.max_model_len
+                                and len(beam.tokens) > beam.num_prompt_tokens):
+                            beam.finish_reason = "length"  # no room for another token
+                            inst.completed.append(beam)
+                        else:
+                            live.append((inst, beam))
+                    inst.beams = []
+                if not live:
+                    break
+                outs = self._run([b.tokens for _, b in live], step_params, False,
+                                 add_special_tokens=False)
+                grown: dict[int, list[BeamSearchSequence]] = {id(i): [] for i in batch}
+                for (inst, beam), out in zip(live, outs):
+                    lps = out.outputs[0].logprobs
+                    if not lps:
+                        continue
+                    for token_id, lp in lps[0].items():
+                        new = BeamSearchSequence(
+                            tokens=[*beam.tokens, token_id], logprobs=[*beam.logprobs, lps[0]],
+                            cum_logprob=beam.cum_logprob + lp.logprob,
+                            num_prompt_tokens=beam.num_prompt_tokens)
+                        if token_id in eos and not params.ignore_eos:
+                            new.finish_reason = "stop"
+                            inst.completed.append(new)
+                        else:
+                            grown[id(inst)].append(new)
+                for inst in batch:
+                    inst.beams = sorted(grown[id(inst)], key=sort_key, reverse=True)[:width]
+            steps.close()
+
+        results = []
+        for inst in instances:
+            for beam in inst.beams:
+                beam.finish_reason = beam.finish_reason or "length"
+            best = sorted([*inst.completed, *inst.beams], key=sort_key, reverse=True)[:width]
+            for beam in best:
+                stopped = beam.finish_reason == "stop"
+                beam.text = tok.decode(beam.tokens[:-1] if stopped else beam.tokens)
+                if stopped and params.include_stop_str_in_output:
+                    beam.text += tok.decode(beam.tokens[-1:], skip_special_tokens=False)
+            results.append(BeamSearchOutput(sequences=best))
+        return results
 
 
 _POOLING_ONLY = (

@@ -90,6 +90,10 @@ class SamplingFields(OpenAIModel):
     # words never to generate (tokenized by the engine's input processor)
     bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
+    # vLLM's beam-search fields: only the offline LLM.beam_search() searches beams here, so
+    # use_beam_search=true is a 400 (not silently sampled); length_penalty goes with it
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     skip_special_tokens: bool = True
     request_id: str | None = Field(None, max_length=256)
     response_format: ResponseFormat | None = None

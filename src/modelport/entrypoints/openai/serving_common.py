@@ -72,6 +72,14 @@ def check_unsupported(req: Any) -> None:
         raise OpenAIError(
             "stream_options is only allowed when stream is true", 400, param="stream_options"
         )
+    if getattr(req, "use_beam_search", False):
+        raise OpenAIError(
+            "use_beam_search is not supported by this server: run beam search offline with "
+            "LLM.beam_search(prompts, BeamSearchParams(beam_width=..., max_tokens=...)), or "
+            "leave use_beam_search out (or false) to sample",
+            400,
+            param="use_beam_search",
+        )
     best_of = getattr(req, "best_of", None)
     if best_of is not None and best_of != req.n:
         raise OpenAIError("best_of other than n is not supported", 400, param="best_of")

@@ -1,0 +1,187 @@
+"""LLM.beam_search() as vLLM's: BeamSearchParams, BeamSearchOutput / BeamSearchSequence, the
+length-penalised score, EOS ending a beam, on tiny random Llamas (max_model_len 64).
+
+One model is as built; in the other the EOS row of lm_head is a scaled copy of the row of the
+first greedy token, so EOS is a likely candidate and beams end early."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from helpers.tiny_models import hf_reference_logits, make_tiny_llama_dir
+from modelport import LLM, BeamSearchParams, SamplingParams
+from modelport.beam_search import BeamSearchOutput, BeamSearchSequence, get_beam_search_score
+from modelport.sampling_params import BeamSearchParams as BeamSearchParamsFromModule
+
+EOS = 257
+PROMPT = "hello"
+PROMPT_IDS = list(PROMPT.encode())  # the byte-level tiny tokenizer: one id per byte
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("beam") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(str(model_dir), max_model_len=64, kv_cache_memory=8 << 20)
+
+
+@pytest.fixture(scope="module")
+def eos_dir(model_dir, tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("beam_eos") / "tiny"
+    shutil.copytree(model_dir, out)
+    first = int(hf_reference_logits(model_dir, PROMPT_IDS)[-1].argmax())
+    w = load_file(str(out / "model.safetensors"))
+    w["lm_head.weight"][EOS] = 1.5 * w["lm_head.weight"][first]
+    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def eos_llm(eos_dir):
+    return LLM(str(eos_dir), max_model_len=64, kv_cache_memory=8 << 20)
+
+
+def _score(seq: BeamSearchSequence, length_penalty: float) -> float:
+    n = len(seq.tokens) - (1 if seq.tokens[-1] == EOS else 0)
+    return seq.cum_logprob / n**length_penalty
+
+
+def _reference_cum_logprob(model_dir, tokens: list[int], n_prompt: int) -> float:
+    lp = hf_reference_logits(model_dir, tokens).log_softmax(-1)
+    return float(sum(lp[i - 1, tokens[i]] for i in range(n_prompt, len(tokens))))
+
+
+def test_params_exported_and_validated() -> None:
+    assert BeamSearchParams is BeamSearchParamsFromModule
+    p = BeamSearchParams(beam_width=2, max_tokens=4)
+    assert (p.ignore_eos, p.temperature, p.length_penalty, p.include_stop_str_in_output) == (
+        False, 0.0, 1.0, False)
+    with pytest.raises(ValueError, match="beam_width must be an integer >= 1, got 0"):
+        BeamSearchParams(beam_width=0, max_tokens=4)
+    with pytest.raises(ValueError, match="max_tokens"):
+        BeamSearchParams(beam_width=2, max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        BeamSearchParams(beam_width=2, max_tokens=4, temperature=-1)
+    with pytest.raises(ValueError, match="length_penalty"):
+        BeamSearchParams(beam_width=2, max_tokens=4, length_penalty=float("nan"))
+
+
+def test_bad_calls_are_clear_errors(llm) -> None:
+    with pytest.raises(ValueError, match="takes a BeamSearchParams"):
+        llm.beam_search([PROMPT], SamplingParams())
+    with pytest.raises(ValueError, match="LoRA"):
+        llm.beam_search([PROMPT], BeamSearchParams(beam_width=2, max_tokens=2), lora_request=1)
+    # 2 * beam_width candidates are asked for as logprobs: not past max_logprobs (20)
+    with pytest.raises(ValueError, match=r"2 \* beam_width = 22 logprobs .* max_logprobs \(20\)"):
+        llm.beam_search([PROMPT], BeamSearchParams(beam_width=11, max_tokens=2))
+    with pytest.raises(ValueError, match="maximum model length"):
+        llm.beam_search([[65] * 70], BeamSearchParams(beam_width=2, max_tokens=2))
+
+
+def test_beam_width_1_is_greedy(llm) -> None:
+    greedy = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                 logprobs=0), use_tqdm=False)[0].outputs[0]
+    out = llm.beam_search([PROMPT], BeamSearchParams(beam_width=1, max_tokens=10,
+                                                     ignore_eos=True))
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], BeamSearchOutput)
+    (seq,) = out[0].sequences
+    assert seq.tokens == PROMPT_IDS + greedy.token_ids  # vLLM: tokens hold the prompt too
+    assert seq.output_token_ids == greedy.token_ids
+    assert seq.cum_logprob == pytest.approx(greedy.cumulative_logprob, abs=1e-4)
+    assert seq.text == PROMPT + greedy.text
+    assert seq.finish_reason == "length" and len(seq.logprobs) == 10
+
+
+def test_beam_width_3_sorted_scored_and_beats_greedy(llm, model_dir) -> None:
+    n = 8
+    greedy = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                                                 logprobs=0), use_tqdm=False)[0].outputs[0]
+    (out,) = llm.beam_search([{"prompt": PROMPT}], BeamSearchParams(beam_width=3, max_tokens=n,
+                                                                    ignore_eos=True))
+    seqs = out.sequences
+    assert len(seqs) == 3 and len({tuple(s.tokens) for s in seqs}) == 3
+    scores = [_score(s, 1.0) for s in seqs]
+    assert scores == sorted(scores, reverse=True)
+    for s in seqs:
+        assert len(s.output_token_ids) == n and s.finish_reason == "length"
+        assert all(len(pos) >= 6 for pos in s.logprobs)  # the 2 * beam_width candidates
+        ref = _reference_cum_logprob(model_dir, s.tokens, len(PROMPT_IDS))
+        assert s.cum_logprob == pytest.approx(ref, abs=1e-3)
+    ref_greedy = _reference_cum_logprob(model_dir, PROMPT_IDS + greedy.token_ids, len(PROMPT_IDS))
+    assert seqs[0].cum_logprob >= ref_greedy - 1e-4
+    assert seqs[0].cum_logprob > ref_greedy  # this model's greedy path is not the best one
+    # TokensPrompt dicts, token lists, several prompts and concurrency_limit answer the same
+    outs = llm.beam_search([{"prompt_token_ids": PROMPT_IDS}, PROMPT_IDS, "hi"],
+                           BeamSearchParams(beam_width=3, max_tokens=n, ignore_eos=True),
+                           concurrency_limit=2)
+    assert [s.tokens for s in outs[0].sequences] == [s.tokens for s in seqs]
+    assert [s.tokens for s in outs[1].sequences] == [s.tokens for s in seqs]
+    assert outs[2].sequences[0].tokens[:2] == list(b"hi")
+
+
+def test_eos_ends_a_beam(eos_llm, eos_dir) -> None:
+    params = BeamSearchParams(beam_width=3, max_tokens=8)
+    (out,) = eos_llm.beam_search([PROMPT], params)
+    stopped = [s for s in out.sequences if s.finish_reason == "stop"]
+    assert stopped
+    for s in stopped:
+        assert s.tokens[-1] == EOS and EOS not in s.tokens[:-1]
+        assert len(s.output_token_ids) < 8
+        assert s.text == eos_llm.get_tokenizer().decode(s.tokens[:-1])  # EOS left out
+        ref = _reference_cum_logprob(eos_dir, s.tokens, len(PROMPT_IDS))
+        assert s.cum_logprob == pytest.approx(ref, abs=1e-3)
+    (kept,) = eos_llm.beam_search([PROMPT], BeamSearchParams(
+        beam_width=3, max_tokens=8, include_stop_str_in_output=True))
+    assert kept.sequences[0].finish_reason == "stop"
+    assert kept.sequences[0].text.endswith("<|eos|>")
+    (ignored,) = eos_llm.beam_search([PROMPT], BeamSearchParams(beam_width=3, max_tokens=8,
+                                                                ignore_eos=True))
+    assert all(s.finish_reason == "length" and len(s.output_token_ids) == 8
+               for s in ignored.sequences)
+
+
+def test_length_penalty_changes_the_ranking_per_vllm_formula(eos_llm) -> None:
+    best = {}
+    for lp in (0.0, 1.0, 10.0):
+        (out,) = eos_llm.beam_search([PROMPT], BeamSearchParams(beam_width=3, max_tokens=8,
+                                                                length_penalty=lp))
+        scores = [_score(s, lp) for s in out.sequences]
+        assert scores == sorted(scores, reverse=True)
+        best[lp] = out.sequences[0]
+    # a short EOS-ended beam wins on cumulative logprob (lp 0) and per token (lp 1)...
+    assert best[0.0].finish_reason == "stop" and best[1.0].finish_reason == "stop"
+    # ...and a strong length penalty exponent favours the long beams
+    assert best[10.0].finish_reason == "length" and len(best[10.0].output_token_ids) == 8
+
+
+def test_score_formula() -> None:
+    # cum / len ** length_penalty, len = prompt + output, a final EOS not counted
+    assert get_beam_search_score([1, 2, 3, 4], -8.0, EOS, 1.0) == pytest.approx(-2.0)
+    assert get_beam_search_score([1, 2, 3, EOS], -6.0, EOS, 1.0) == pytest.approx(-2.0)
+    assert get_beam_search_score([1, 2, 3, 4], -8.0, EOS, 2.0) == pytest.approx(-0.5)
+    assert get_beam_search_score([1, 2, 3, 4], -8.0, [EOS, 4], 0.0) == pytest.approx(-8.0)
+    assert torch.isfinite(torch.tensor(get_beam_search_score([EOS], -1.0, EOS)))
+
+
+def test_server_refuses_use_beam_search_with_a_clear_400() -> None:
+    from modelport.entrypoints.openai.errors import OpenAIError
+    from modelport.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+    from modelport.entrypoints.openai.serving_common import check_unsupported
+
+    reqs = [
+        CompletionRequest(prompt="hi", n=2, use_beam_search=True, length_penalty=0.5),
+        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], use_beam_search=True),
+    ]
+    for req in reqs:
+        with pytest.raises(OpenAIError, match="use_beam_search is not supported") as e:
+            check_unsupported(req)
+        assert e.value.status == 400 and e.value.param == "use_beam_search"
+    check_unsupported(CompletionRequest(prompt="hi", use_beam_search=False))
