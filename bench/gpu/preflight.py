@@ -56,6 +56,14 @@ class _NotOnTheGpuMachine:
                 name=name)
         return None
 sys.meta_path.insert(0, _NotOnTheGpuMachine())
+# a probe (`importlib.util.find_spec("x") is not None`, as transformers' and kernels' checks
+# do) answers None there, as it does where the package is absent, instead of raising
+import importlib.util as _util
+_find_spec = _util.find_spec
+def _probe(name, package=None):
+    full = _util.resolve_name(name, package) if name.startswith(".") else name
+    return None if full.partition(".")[0] in _HIDDEN else _find_spec(name, package)
+_util.find_spec = _probe
 '''
 
 
