@@ -6,8 +6,10 @@ first greedy token, so EOS is a likely candidate and beams end early."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import httpx
 import pytest
 import torch
 
@@ -171,17 +173,124 @@ def test_score_formula() -> None:
     assert torch.isfinite(torch.tensor(get_beam_search_score([EOS], -1.0, EOS)))
 
 
-def test_server_refuses_use_beam_search_with_a_clear_400() -> None:
-    from modelport.entrypoints.openai.errors import OpenAIError
-    from modelport.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-    from modelport.entrypoints.openai.serving_common import check_unsupported
+# ---------------------------------------------------------------- the server's use_beam_search
 
-    reqs = [
-        CompletionRequest(prompt="hi", n=2, use_beam_search=True, length_penalty=0.5),
-        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], use_beam_search=True),
-    ]
-    for req in reqs:
-        with pytest.raises(OpenAIError, match="use_beam_search is not supported") as e:
-            check_unsupported(req)
-        assert e.value.status == 400 and e.value.param == "use_beam_search"
-    check_unsupported(CompletionRequest(prompt="hi", use_beam_search=False))
+
+@pytest.fixture(scope="module")
+def base(model_dir, tmp_path_factory):
+    from helpers.server_proc import start_server, stop_server
+
+    log = tmp_path_factory.mktemp("beamsrv") / "server.log"
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", "./tiny",
+            "--max-model-len", "64", "--kv-cache-memory", "8MiB"]  # fmt: skip
+    proc, url = start_server(argv, log, timeout=180, cwd=model_dir.parent)
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+    assert "internal error" not in log.read_text(), log.read_text()[-4000:]
+
+
+def _post(base: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{base}{path}", json=body, timeout=120)
+
+
+def _ok(r: httpx.Response) -> dict:
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _token_strs(llm, ids: list[int]) -> list[str]:
+    tok = llm.get_tokenizer()
+    return [tok.decode([t], skip_special_tokens=False) for t in ids]
+
+
+def _expected(llm, prompt, n: int, max_tokens: int, **kw) -> list[BeamSearchSequence]:
+    out = llm.beam_search([prompt], BeamSearchParams(beam_width=n, max_tokens=max_tokens, **kw))
+    return out[0].sequences
+
+
+def test_server_completions_beam_search_equals_llm_beam_search(base, llm) -> None:
+    body = {"prompt": PROMPT, "n": 3, "use_beam_search": True, "temperature": 0,
+            "max_tokens": 6, "logprobs": 1}
+    resp = _ok(_post(base, "/v1/completions", body))
+    want = _expected(llm, PROMPT, 3, 6)
+    assert len(want) == 3
+    assert [c["index"] for c in resp["choices"]] == [0, 1, 2]
+    tok = llm.get_tokenizer()
+    for c, seq in zip(resp["choices"], want, strict=True):
+        assert c["logprobs"]["tokens"] == _token_strs(llm, seq.output_token_ids)
+        assert c["text"] == tok.decode(seq.output_token_ids)
+        assert c["finish_reason"] == seq.finish_reason
+    n_gen = sum(len(s.output_token_ids) for s in want)
+    assert resp["usage"] == {"prompt_tokens": len(PROMPT_IDS), "completion_tokens": n_gen,
+                             "total_tokens": len(PROMPT_IDS) + n_gen}
+    # two prompts: choices prompt_index * n + beam rank; a stream carries the same answer
+    two = _ok(_post(base, "/v1/completions", {**body, "prompt": [PROMPT, PROMPT]}))
+    assert [c["text"] for c in two["choices"]] == [c["text"] for c in resp["choices"]] * 2
+    events = []
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True},
+                      timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    texts = {i: "" for i in range(3)}
+    for ev in events:
+        for c in ev["choices"]:
+            texts[c["index"]] += c["text"]
+    assert [texts[i] for i in range(3)] == [c["text"] for c in resp["choices"]]
+
+
+def test_server_chat_beam_search_equals_llm_beam_search(base, llm) -> None:
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = _ok(_post(base, "/tokenize", {"messages": messages}))["tokens"]
+    body = {"messages": messages, "n": 3, "use_beam_search": True, "temperature": 0,
+            "max_tokens": 5, "logprobs": True, "length_penalty": 0.5}
+    resp = _ok(_post(base, "/v1/chat/completions", body))
+    want = _expected(llm, {"prompt_token_ids": ids}, 3, 5, length_penalty=0.5)
+    assert [c["index"] for c in resp["choices"]] == [0, 1, 2]
+    tok = llm.get_tokenizer()
+    for c, seq in zip(resp["choices"], want, strict=True):
+        assert [t["token"] for t in c["logprobs"]["content"]] == _token_strs(
+            llm, seq.output_token_ids)
+        assert c["message"]["content"] == tok.decode(seq.output_token_ids)
+    n_gen = sum(len(s.output_token_ids) for s in want)
+    assert resp["usage"]["prompt_tokens"] == len(ids)
+    assert resp["usage"]["completion_tokens"] == n_gen
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_server_beam_search_n1_is_greedy(base, path) -> None:
+    if path == "/v1/completions":
+        body: dict = {"prompt": PROMPT, "logprobs": 0}
+    else:
+        body = {"messages": [{"role": "user", "content": PROMPT}], "logprobs": True}
+    body |= {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    beam = _ok(_post(base, path, {**body, "use_beam_search": True}))["choices"]
+    greedy = _ok(_post(base, path, body))["choices"]
+    assert len(beam) == 1
+    if path == "/v1/completions":
+        assert beam[0]["logprobs"]["tokens"] == greedy[0]["logprobs"]["tokens"]
+        assert beam[0]["text"] == greedy[0]["text"]
+    else:
+        b, g = beam[0]["logprobs"]["content"], greedy[0]["logprobs"]["content"]
+        assert [t["token"] for t in b] == [t["token"] for t in g]
+        assert [t["logprob"] for t in b] == pytest.approx([t["logprob"] for t in g], abs=1e-4)
+        assert beam[0]["message"] == greedy[0]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"stop": ["x"]}, "stop"),
+    ({"top_p": 0.5}, "top_p"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"n": 11}, "n"),  # 2 * n logprobs per step > --max-logprobs (20)
+])
+def test_server_beam_search_refusals_are_400s_naming_the_field(base, path, extra, param) -> None:
+    body: dict = ({"prompt": PROMPT} if path == "/v1/completions"
+                  else {"messages": [{"role": "user", "content": PROMPT}]})
+    r = _post(base, path, {**body, "use_beam_search": True, "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert param in err["message"] and "beam" in err["message"]

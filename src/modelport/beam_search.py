@@ -1,7 +1,10 @@
 """Beam search's outputs and scoring, under vLLM's names (``vllm.beam_search``).
 
-``LLM.beam_search()`` (entrypoints/llm.py) runs the search; this module holds what it returns
-(``BeamSearchOutput`` of ``BeamSearchSequence``) and how beams are ranked.
+This module holds what a search returns (``BeamSearchOutput`` of ``BeamSearchSequence``), how
+beams are ranked, and the steps of the search itself (:class:`BeamSearcher`): which beams are
+still live, the one-token request each live beam makes, how their answers grow and prune
+the beams, and which beams win. ``LLM.beam_search()`` (entrypoints/llm.py) drives it with
+the offline engine; the OpenAI server's ``use_beam_search`` drives it with AsyncLLM.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelport.outputs import LogprobsDict
+from modelport.outputs import LogprobsDict, RequestOutput
+from modelport.sampling_params import SamplingParams
 
 
 @dataclass
@@ -86,3 +90,113 @@ def _eos_set(eos: int | Collection[int] | None) -> frozenset[int]:
     if isinstance(eos, int):
         return frozenset((eos,))
     return frozenset(eos)
+
+
+def beam_logprobs_error(beam_width: int, max_logprobs: int) -> str | None:
+    """Why ``beam_width`` cannot run under ``max_logprobs`` (each step asks for
+    ``2 * beam_width`` logprobs; -1: no cap), or None when it can."""
+    if max_logprobs != -1 and 2 * beam_width > max_logprobs:
+        return (f"beam_width {beam_width} needs 2 * beam_width = {2 * beam_width} logprobs per "
+                f"step, more than max_logprobs ({max_logprobs})")
+    return None
+
+
+class BeamSearcher:
+    """The search of one batch of prompts, one step at a time, whatever runs the requests:
+
+        searcher = BeamSearcher(prompt_ids_list, beam_width, eos, ...)
+        for _ in range(max_tokens):
+            live = searcher.live_beams()
+            if not live:
+                break
+            outs = <one request per live beam: (beam.tokens, searcher.step_params)>
+            searcher.advance(live, outs)
+        best = searcher.best()  # per prompt, best first
+
+    Each live beam asks for the top ``2 * beam_width`` candidates of its next token (vLLM's
+    and HF's choice); every beam grown from them is kept if among the ``beam_width`` best of
+    its prompt by :func:`get_beam_search_score`, and one that ends with an end-of-sequence
+    token is finished ("stop") unless ``ignore_eos``. A beam that reaches ``max_model_len``
+    is finished ("length"), as are the live beams at the end."""
+
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        beam_width: int,
+        eos_token_id: int | Collection[int] | None,
+        *,
+        length_penalty: float = 1.0,
+        ignore_eos: bool = False,
+        temperature: float = 0.0,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.width = beam_width
+        self.eos = _eos_set(eos_token_id)
+        self.ignore_eos = ignore_eos
+        self.max_model_len = max_model_len
+        self.sort_key = create_sort_beams_key_function(self.eos, length_penalty)
+        self.step_params = SamplingParams(max_tokens=1, logprobs=2 * beam_width,
+                                          temperature=temperature)
+        self.instances = [
+            BeamSearchInstance([BeamSearchSequence(tokens=list(ids), num_prompt_tokens=len(ids))])
+            for ids in prompts
+        ]
+
+    def live_beams(
+        self, instances: list[BeamSearchInstance] | None = None
+    ) -> list[tuple[BeamSearchInstance, BeamSearchSequence]]:
+        """The beams (of ``instances``, default all) that take another step, each with its
+        instance; those with no room left are finished."""
+        live = []
+        for inst in self.instances if instances is None else instances:
+            for beam in inst.beams:
+                if (self.max_model_len is not None and len(beam.tokens) >= self.max_model_len
+                        and len(beam.tokens) > beam.num_prompt_tokens):
+                    beam.finish_reason = "length"  # no room for another token
+                    inst.completed.append(beam)
+                else:
+                    live.append((inst, beam))
+            inst.beams = []
+        return live
+
+    def advance(
+        self,
+        live: list[tuple[BeamSearchInstance, BeamSearchSequence]],
+        outputs: list[RequestOutput],
+    ) -> None:
+        """Grow each live beam by each candidate of its one-token request's output (same
+        order as ``live``) and keep each prompt's ``beam_width`` best."""
+        grown: dict[int, tuple[BeamSearchInstance, list[BeamSearchSequence]]] = {
+            id(inst): (inst, []) for inst, _ in live}
+        for (inst, beam), out in zip(live, outputs, strict=True):
+            lps = out.outputs[0].logprobs
+            if not lps:
+                continue
+            for token_id, lp in lps[0].items():
+                new = BeamSearchSequence(
+                    tokens=[*beam.tokens, token_id], logprobs=[*beam.logprobs, lps[0]],
+                    cum_logprob=beam.cum_logprob + lp.logprob,
+                    num_prompt_tokens=beam.num_prompt_tokens)
+                if token_id in self.eos and not self.ignore_eos:
+                    new.finish_reason = "stop"
+                    inst.completed.append(new)
+                else:
+                    grown[id(inst)][1].append(new)
+        for inst, beams in grown.values():
+            inst.beams = sorted(beams, key=self.sort_key, reverse=True)[:self.width]
+
+    def best(self) -> list[list[BeamSearchSequence]]:
+        """Per prompt (in order), its ``beam_width`` best beams, finished or not, best first."""
+        results = []
+        for inst in self.instances:
+            for beam in inst.beams:
+                beam.finish_reason = beam.finish_reason or "length"
+            results.append(
+                sorted([*inst.completed, *inst.beams], key=self.sort_key, reverse=True)[:self.width])
+        return results
+
+    def text_tokens(self, beam: BeamSearchSequence, include_prompt: bool) -> list[int]:
+        """The ids whose text is the beam's text: a final end-of-sequence token is left out
+        (its text is the caller's to add for include_stop_str_in_output)."""
+        ids = beam.tokens if include_prompt else beam.output_token_ids
+        return ids[:-1] if beam.finish_reason == "stop" else ids

@@ -9,10 +9,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from modelport.beam_search import (
-    BeamSearchInstance,
+    BeamSearcher,
     BeamSearchOutput,
-    BeamSearchSequence,
-    create_sort_beams_key_function,
+    beam_logprobs_error,
 )
 from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.llm_engine import LLMEngine
@@ -237,73 +236,37 @@ class LLM:
         engine = self.llm_engine
         proc = engine.input_processor
         tok = engine.tokenizer
-        eos = frozenset(tok.eos_token_ids)
         width = params.beam_width
-        sort_key = create_sort_beams_key_function(eos, params.length_penalty)
-        limit = proc.max_logprobs
-        if limit != -1 and 2 * width > limit:
-            raise ValueError(
-                f"beam_width {width} needs 2 * beam_width = {2 * width} logprobs per step, "
-                f"more than max_logprobs ({limit}): use beam_width <= {limit // 2} or "
-                f"LLM(max_logprobs={2 * width})"
-            )
-        # the top 2 * beam_width candidates of each beam (vLLM's and HF's choice)
-        step_params = SamplingParams(max_tokens=1, logprobs=2 * width,
-                                     temperature=params.temperature)
-
-        instances = []
-        for item in _normalize_prompts(prompts, None):
-            _, ids = proc.prompt_inputs(item, None, add_special_tokens=True)
-            instances.append(BeamSearchInstance(
-                [BeamSearchSequence(tokens=list(ids), num_prompt_tokens=len(ids))]))
+        why = beam_logprobs_error(width, proc.max_logprobs)
+        if why is not None:
+            raise ValueError(f"{why}: use beam_width <= {proc.max_logprobs // 2} or "
+                             f"LLM(max_logprobs={2 * width})")
+        prompt_ids = [list(proc.prompt_inputs(item, None, add_special_tokens=True)[1])
+                      for item in _normalize_prompts(prompts, None)]
+        searcher = BeamSearcher(
+            prompt_ids, width, tok.eos_token_ids, length_penalty=params.length_penalty,
+            ignore_eos=params.ignore_eos, temperature=params.temperature,
+            max_model_len=proc.max_model_len)
+        instances = searcher.instances
         per_batch = concurrency_limit or max(len(instances), 1)
         for start in range(0, len(instances), per_batch):
             batch = instances[start:start + per_batch]
             steps = tqdm(range(params.max_tokens), desc="Beam search", unit="token",
                          disable=not use_tqdm, dynamic_ncols=True)
             for _ in steps:
-                live = []
-                for inst in batch:
-                    for beam in inst.beams:
-                        if (len(beam.tokens) >= proc.max_model_len
-                                and len(beam.tokens) > beam.num_prompt_tokens):
-                            beam.finish_reason = "length"  # no room for another token
-                            inst.completed.append(beam)
-                        else:
-                            live.append((inst, beam))
-                    inst.beams = []
+                live = searcher.live_beams(batch)
                 if not live:
                     break
-                outs = self._run([b.tokens for _, b in live], step_params, False,
+                outs = self._run([b.tokens for _, b in live], searcher.step_params, False,
                                  add_special_tokens=False)
-                grown: dict[int, list[BeamSearchSequence]] = {id(i): [] for i in batch}
-                for (inst, beam), out in zip(live, outs):
-                    lps = out.outputs[0].logprobs
-                    if not lps:
-                        continue
-                    for token_id, lp in lps[0].items():
-                        new = BeamSearchSequence(
-                            tokens=[*beam.tokens, token_id], logprobs=[*beam.logprobs, lps[0]],
-                            cum_logprob=beam.cum_logprob + lp.logprob,
-                            num_prompt_tokens=beam.num_prompt_tokens)
-                        if token_id in eos and not params.ignore_eos:
-                            new.finish_reason = "stop"
-                            inst.completed.append(new)
-                        else:
-                            grown[id(inst)].append(new)
-                for inst in batch:
-                    inst.beams = sorted(grown[id(inst)], key=sort_key, reverse=True)[:width]
+                searcher.advance(live, outs)
             steps.close()
 
         results = []
-        for inst in instances:
-            for beam in inst.beams:
-                beam.finish_reason = beam.finish_reason or "length"
-            best = sorted([*inst.completed, *inst.beams], key=sort_key, reverse=True)[:width]
+        for best in searcher.best():
             for beam in best:
-                stopped = beam.finish_reason == "stop"
-                beam.text = tok.decode(beam.tokens[:-1] if stopped else beam.tokens)
-                if stopped and params.include_stop_str_in_output:
+                beam.text = tok.decode(searcher.text_tokens(beam, include_prompt=True))
+                if beam.finish_reason == "stop" and params.include_stop_str_in_output:
                     beam.text += tok.decode(beam.tokens[-1:], skip_special_tokens=False)
             results.append(BeamSearchOutput(sequences=best))
         return results

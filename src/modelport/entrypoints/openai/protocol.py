@@ -90,8 +90,8 @@ class SamplingFields(OpenAIModel):
     # words never to generate (tokenized by the engine's input processor)
     bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
-    # vLLM's beam-search fields: only the offline LLM.beam_search() searches beams here, so
-    # use_beam_search=true is a 400 (not silently sampled); length_penalty goes with it
+    # vLLM's beam-search fields: use_beam_search searches n beams (serving_common's
+    # beam_search_params), ranked with length_penalty
     use_beam_search: bool = False
     length_penalty: float = 1.0
     skip_special_tokens: bool = True

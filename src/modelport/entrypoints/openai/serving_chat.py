@@ -34,8 +34,10 @@ from modelport.entrypoints.openai.protocol import (
 )
 from modelport.entrypoints.openai.serving_common import (
     SSE_DONE,
+    BeamSearchStream,
     ClientGone,
     admit,
+    beam_search_params,
     check_max_logprobs,
     check_model,
     check_prompt_ids,
@@ -182,11 +184,16 @@ class ServingChat:
             )
         check_max_logprobs(engine, top_logprobs=k, prompt_logprobs=req.prompt_logprobs)
         # a stream never sends prompt_logprobs (only 0 gets this far): not computed
-        params = make_sampling_params(req, max_tokens, k,
-                                      None if req.stream else req.prompt_logprobs)
-        admit(engine, req.n)
         rid = req.request_id or random_id("chatcmpl")
-        stream = start_streams(engine, [(ids, params, rid, None)])[0]
+        stream: Any
+        if req.use_beam_search:
+            stream = BeamSearchStream(engine, ids, beam_search_params(engine, req, max_tokens), rid)
+            admit(engine, req.n)
+        else:
+            params = make_sampling_params(req, max_tokens, k,
+                                          None if req.stream else req.prompt_logprobs)
+            admit(engine, req.n)
+            stream = start_streams(engine, [(ids, params, rid, None)])[0]
         if req.stream:
             return StreamingResponse(
                 self._stream(req, model, rid, stream, len(ids)), media_type="text/event-stream"

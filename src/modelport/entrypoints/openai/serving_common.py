@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from modelport.beam_search import BeamSearcher
 from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
 from modelport.engine.structured_output import validate as validate_structured_outputs
 from modelport.entrypoints.openai.errors import OpenAIError, error_body, internal_error
@@ -25,8 +26,13 @@ from modelport.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from modelport.frontend.processor import max_tokens_too_large
-from modelport.outputs import Logprob, LogprobsDict, RequestOutput
-from modelport.sampling_params import SamplingParams, StructuredOutputsParams, num_logprobs
+from modelport.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
+from modelport.sampling_params import (
+    BeamSearchParams,
+    SamplingParams,
+    StructuredOutputsParams,
+    num_logprobs,
+)
 
 T = TypeVar("T")
 
@@ -71,14 +77,6 @@ def check_unsupported(req: Any) -> None:
     if getattr(req, "stream_options", None) is not None and not req.stream:
         raise OpenAIError(
             "stream_options is only allowed when stream is true", 400, param="stream_options"
-        )
-    if getattr(req, "use_beam_search", False):
-        raise OpenAIError(
-            "use_beam_search is not supported by this server: run beam search offline with "
-            "LLM.beam_search(prompts, BeamSearchParams(beam_width=..., max_tokens=...)), or "
-            "leave use_beam_search out (or false) to sample",
-            400,
-            param="use_beam_search",
         )
     best_of = getattr(req, "best_of", None)
     if best_of is not None and best_of != req.n:
@@ -353,6 +351,125 @@ def engine_unavailable(engine: AsyncLLM) -> OpenAIError | None:
     if engine.dead_reason is not None:
         return OpenAIError(f"engine is not available: {engine.dead_reason}", 503, retry_after=5)
     return None
+
+
+# ---------------------------------------------------------------- beam search (vLLM's use_beam_search)
+
+# fields that shape sampling, which beam search (it ranks the model's own top candidates)
+# would silently ignore: refused when set (to a value other than their default)
+_NOT_WITH_BEAM_SEARCH: dict[str, Any] = {
+    "stop": lambda v: bool(v),
+    "stop_token_ids": lambda v: bool(v),
+    "min_tokens": lambda v: v > 0,
+    "logit_bias": lambda v: bool(v),
+    "bad_words": lambda v: bool(v),
+    "allowed_token_ids": lambda v: v is not None,
+    "top_p": lambda v: v is not None and v != 1.0,
+    "top_k": lambda v: v is not None and v not in (0, -1),
+    "min_p": lambda v: v is not None and v != 0.0,
+    "presence_penalty": lambda v: v != 0.0,
+    "frequency_penalty": lambda v: v != 0.0,
+    "repetition_penalty": lambda v: v is not None and v != 1.0,
+    "prompt_logprobs": lambda v: v is not None,
+    "response_format": lambda v: v is not None and v.type != "text",
+    "structured_outputs": lambda v: v is not None,
+    **{name: (lambda v: v is not None) for name in _GUIDED_ALIASES},
+}
+
+
+def beam_search_params(engine: AsyncLLM, req: SamplingFields, max_tokens: int) -> BeamSearchParams:
+    """vLLM's use_beam_search: beam width n, the request's temperature (default 1.0, as for
+    sampling), length_penalty, ignore_eos and include_stop_str_in_output; 400 naming the
+    field for one that beam search cannot honour, or for an n whose 2 * n logprobs per step
+    are more than --max-logprobs allows."""
+    for name, is_set in _NOT_WITH_BEAM_SEARCH.items():
+        if is_set(getattr(req, name, None)):
+            raise OpenAIError(
+                f"{name} is not supported with use_beam_search (beam search keeps the n most "
+                f"likely sequences and samples nothing): leave {name} out, or leave "
+                "use_beam_search out to sample",
+                400,
+                param=name,
+            )
+    limit = num_logprobs(engine.input_processor.max_logprobs, engine.vocab_size)
+    if 2 * req.n > limit:
+        raise OpenAIError(
+            f"use_beam_search with n={req.n} asks for 2 * n = {2 * req.n} logprobs per step, "
+            f"more than max allowed: {limit}; use n <= {limit // 2}, or start the server "
+            f"with --max-logprobs {2 * req.n}",
+            400,
+            param="n",
+        )
+    try:
+        return BeamSearchParams(
+            beam_width=req.n,
+            max_tokens=max_tokens,
+            ignore_eos=req.ignore_eos,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            length_penalty=req.length_penalty,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise OpenAIError(str(e), 400, param=field if field != "beam_width" else "n") from None
+
+
+async def run_beam_search(
+    engine: AsyncLLM, ids: list[int], params: BeamSearchParams, request_id: str,
+    prompt_text: str | None = None,
+) -> RequestOutput:
+    """The beam search of one prompt on AsyncLLM: every step sends each live beam as a
+    one-token request (ids ``<request_id>-beam<step>-<j>``, run concurrently) to the shared
+    BeamSearcher. The answer is one finished RequestOutput whose outputs are the best
+    ``beam_width`` beams, best first (index 0 best); their text is the generated part."""
+    tok = engine.tokenizer
+    searcher = BeamSearcher(
+        [ids], params.beam_width, tok.eos_token_ids, length_penalty=params.length_penalty,
+        ignore_eos=params.ignore_eos, temperature=params.temperature,
+        max_model_len=engine.max_model_len)
+    for step in range(params.max_tokens):
+        live = searcher.live_beams()
+        if not live:
+            break
+        streams = start_streams(engine, [
+            (beam.tokens, searcher.step_params, f"{request_id}-beam{step}-{j}", None)
+            for j, (_, beam) in enumerate(live)])
+        searcher.advance(live, await collect_final(streams))
+    outputs = []
+    for i, beam in enumerate(searcher.best()[0]):
+        text = tok.decode(searcher.text_tokens(beam, include_prompt=False))
+        if beam.finish_reason == "stop" and params.include_stop_str_in_output:
+            text += tok.decode(beam.tokens[-1:], skip_special_tokens=False)
+        outputs.append(CompletionOutput(
+            index=i, text=text, token_ids=beam.output_token_ids,
+            cumulative_logprob=beam.cum_logprob, logprobs=beam.logprobs,
+            finish_reason=beam.finish_reason, stop_reason=beam.stop_reason))
+    return RequestOutput(request_id=request_id, prompt=prompt_text, prompt_token_ids=list(ids),
+                         outputs=outputs, finished=True)
+
+
+class BeamSearchStream:
+    """A beam search as a request stream (what the serving classes iterate): one finished
+    output, when the search ends (as vLLM, a stream gets the whole answer in one chunk).
+    Cancelling the iteration cancels the search, which aborts its step requests."""
+
+    def __init__(self, engine: AsyncLLM, ids: list[int], params: BeamSearchParams,
+                 request_id: str, prompt_text: str | None = None) -> None:
+        self.request_id = request_id
+        self._run = (engine, list(ids), params, request_id, prompt_text)
+        self.done = False
+
+    def __aiter__(self) -> BeamSearchStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done:
+            raise StopAsyncIteration
+        self.done = True
+        return await run_beam_search(*self._run)
+
+    async def aclose(self) -> None:
+        self.done = True
 
 
 # ---------------------------------------------------------------- logprobs

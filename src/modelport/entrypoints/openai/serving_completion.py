@@ -26,8 +26,10 @@ from modelport.entrypoints.openai.protocol import (
 )
 from modelport.entrypoints.openai.serving_common import (
     SSE_DONE,
+    BeamSearchStream,
     ClientGone,
     admit,
+    beam_search_params,
     check_max_logprobs,
     check_model,
     check_prompt_ids,
@@ -89,16 +91,20 @@ class ServingCompletion:
         prompt_k = (-1 if -1 in wanted else max(wanted)) if wanted else None  # -1: all
         for _, ids in prompts:
             max_tokens = check_prompt_ids(engine, ids, req.max_tokens)
-            params_list.append(make_sampling_params(req, max_tokens, req.logprobs, prompt_k))
+            if req.use_beam_search:
+                params_list.append(beam_search_params(engine, req, max_tokens))
+            else:
+                params_list.append(make_sampling_params(req, max_tokens, req.logprobs, prompt_k))
         admit(engine, len(prompts) * req.n)
         base_id = req.request_id or random_id("cmpl")
-        streams = start_streams(
-            engine,
-            [
-                (ids, params, f"{base_id}-{i}", text)
-                for i, ((text, ids), params) in enumerate(zip(prompts, params_list, strict=True))
-            ],
-        )
+        requests = [
+            (ids, params, f"{base_id}-{i}", text)
+            for i, ((text, ids), params) in enumerate(zip(prompts, params_list, strict=True))
+        ]
+        if req.use_beam_search:  # each prompt searched on its own, concurrently
+            streams: list = [BeamSearchStream(engine, *r) for r in requests]
+        else:
+            streams = start_streams(engine, requests)
         if req.stream:
             gen = self._stream(req, model, base_id, prompts, streams)
             return StreamingResponse(gen, media_type="text/event-stream")
