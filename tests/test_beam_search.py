@@ -178,17 +178,13 @@ def test_score_formula() -> None:
 
 @pytest.fixture(scope="module")
 def base(model_dir, tmp_path_factory):
-    from helpers.server_proc import start_server, stop_server
+    from helpers.server_proc import serving
 
     log = tmp_path_factory.mktemp("beamsrv") / "server.log"
     argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", "./tiny",
             "--max-model-len", "64", "--kv-cache-memory", "8MiB"]  # fmt: skip
-    proc, url = start_server(argv, log, timeout=180, cwd=model_dir.parent)
-    try:
+    with serving(argv, log, timeout=180, cwd=model_dir.parent) as url:
         yield url
-    finally:
-        stop_server(proc)
-    assert "internal error" not in log.read_text(), log.read_text()[-4000:]
 
 
 def _post(base: str, path: str, body: dict) -> httpx.Response:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import torch
 
-from helpers.server_proc import start_server, stop_server
+from helpers.server_proc import serving, start_server, stop_server
 from helpers.tiny_models import hf_reference_logits, make_tiny_llama_dir
 
 MAX_MODEL_LEN = 64
@@ -45,12 +45,8 @@ def base(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("extrassrv") / "server.log"
     argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", "./tiny",
             "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "8MiB"]  # fmt: skip
-    proc, url = start_server(argv, log, timeout=180, cwd=model_dir.parent)
-    try:
+    with serving(argv, log, timeout=180, cwd=model_dir.parent) as url:
         yield url
-    finally:
-        stop_server(proc)
-    assert "internal error" not in log.read_text(), log.read_text()[-4000:]
 
 
 def _post(base: str, path: str, body: dict) -> httpx.Response:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from helpers.server_proc import start_server, stop_server
+from helpers.server_proc import serving
 from helpers.tiny_models import make_tiny_llama_dir
 from modelport import LLM, SamplingParams
 from modelport.engine.messages import dict_to_params, params_to_dict
@@ -199,12 +199,8 @@ def base(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("allowbadsrv") / "server.log"
     argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", "./tiny",
             "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "8MiB"]  # fmt: skip
-    proc, url = start_server(argv, log, timeout=180, cwd=model_dir.parent)
-    try:
+    with serving(argv, log, timeout=180, cwd=model_dir.parent) as url:
         yield url
-    finally:
-        stop_server(proc)
-    assert "internal error" not in log.read_text(), log.read_text()[-4000:]
 
 
 def test_server_completions_and_chat(base, llm) -> None:

@@ -13,7 +13,7 @@ import re
 import httpx
 import pytest
 
-from helpers.server_proc import start_server, stop_server
+from helpers.server_proc import serving
 from modelport import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from modelport.engine.messages import dict_to_params, params_to_dict
 
@@ -137,12 +137,8 @@ def test_an_invalid_constraint_is_a_value_error_when_added(llm, kw, said) -> Non
 def base(tmp_path_factory):
     log = tmp_path_factory.mktemp("sosrv") / "server.log"
     argv = ["-m", "modelport.entrypoints.cli", "serve", "--max-model-len", "256"]
-    proc, url = start_server(argv, log)
-    try:
+    with serving(argv, log) as url:
         yield url
-    finally:
-        stop_server(proc)
-    assert "internal error" not in log.read_text(), log.read_text()[-4000:]
 
 
 def _post(base: str, path: str, body: dict) -> httpx.Response:

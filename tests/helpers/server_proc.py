@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -62,3 +64,15 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], log: Path, **kw: Any) -> Iterator[str]:
+    """A server for a `with` block (a module fixture's body): its base URL, then stopped; a
+    log that reports an internal error fails the test module afterwards."""
+    proc, url = start_server(argv, log, **kw)
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+    assert "internal error" not in log.read_text(), log.read_text()[-4000:]
