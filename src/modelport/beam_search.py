@@ -195,8 +195,15 @@ class BeamSearcher:
                 sorted([*inst.completed, *inst.beams], key=self.sort_key, reverse=True)[:self.width])
         return results
 
-    def text_tokens(self, beam: BeamSearchSequence, include_prompt: bool) -> list[int]:
-        """The ids whose text is the beam's text: a final end-of-sequence token is left out
-        (its text is the caller's to add for include_stop_str_in_output)."""
+    @staticmethod
+    def text(beam: BeamSearchSequence, tokenizer: Any, include_prompt: bool,
+             include_stop_str_in_output: bool) -> str:
+        """The beam's text (the prompt's too if include_prompt): a final end-of-sequence
+        token's text only with include_stop_str_in_output."""
         ids = beam.tokens if include_prompt else beam.output_token_ids
-        return ids[:-1] if beam.finish_reason == "stop" else ids
+        if beam.finish_reason != "stop":
+            return tokenizer.decode(ids)
+        text = tokenizer.decode(ids[:-1])
+        if include_stop_str_in_output:
+            text += tokenizer.decode(ids[-1:], skip_special_tokens=False)
+        return text

@@ -265,9 +265,7 @@ class LLM:
         results = []
         for best in searcher.best():
             for beam in best:
-                beam.text = tok.decode(searcher.text_tokens(beam, include_prompt=True))
-                if beam.finish_reason == "stop" and params.include_stop_str_in_output:
-                    beam.text += tok.decode(beam.tokens[-1:], skip_special_tokens=False)
+                beam.text = searcher.text(beam, tok, True, params.include_stop_str_in_output)
             results.append(BeamSearchOutput(sequences=best))
         return results
 

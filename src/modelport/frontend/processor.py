@@ -66,14 +66,21 @@ def tokenize_bad_words(bad_words: list[str], tokenizer, vocab: int) -> list[list
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's max_logprobs default (and OpenAI's top_logprobs limit)
 
 
-def check_max_logprobs(params: SamplingParams, max_logprobs: int, vocab: int) -> None:
-    """vLLM's rule: logprobs and prompt_logprobs (-1: the vocabulary's size) at most
-    max_logprobs (-1: no cap), with vLLM's message naming the resolved count."""
+def logprobs_over_limit(what: str, k: int | None, max_logprobs: int, vocab: int) -> str | None:
+    """vLLM's rule for `what` ("sample" or "prompt") logprobs k (-1: the vocabulary's size):
+    at most max_logprobs (-1: no cap). Its message naming the resolved count, or None."""
     limit = num_logprobs(max_logprobs, vocab)
+    if k and num_logprobs(k, vocab) > limit:
+        return (f"Requested {what} logprobs of {num_logprobs(k, vocab)}, which is greater than "
+                f"max allowed: {limit}")
+    return None
+
+
+def check_max_logprobs(params: SamplingParams, max_logprobs: int, vocab: int) -> None:
     for what, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
-        if k and num_logprobs(k, vocab) > limit:
-            raise ValueError(f"Requested {what} logprobs of {num_logprobs(k, vocab)}, which is "
-                             f"greater than max allowed: {limit}")
+        why = logprobs_over_limit(what, k, max_logprobs, vocab)
+        if why is not None:
+            raise ValueError(why)
 
 
 class InputProcessor:

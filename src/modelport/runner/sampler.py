@@ -1,5 +1,5 @@
-"""Sampling on the logits' device: structured outputs' grammar masks, allowed_token_ids, bad_words, logit_bias, penalties,
-min_tokens, temperature, top-k/top-p/min-p, logprobs.
+"""Sampling on the logits' device: structured outputs' grammar masks, allowed_token_ids,
+bad_words, logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p, logprobs.
 
 Seeded requests draw from their own torch.Generator with the exponential-race trick
 (argmax(p / q), q ~ Exp(1)), so a seeded request's tokens do not depend on which other

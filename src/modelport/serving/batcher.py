@@ -57,6 +57,16 @@ __all__ = [
 ]
 
 
+
+def settle(future: asyncio.Future, result: Any) -> None:
+    """Answer a submit once: its result, or the exception that failed it."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
 class BatcherError(RuntimeError):
     """Base class of errors raised by `DynamicBatcher.submit`."""
 
@@ -372,12 +382,7 @@ class DynamicBatcher:
             if previous is not None:
                 await asyncio.shield(previous)
             for p, r in zip(batch, results):
-                if p.future.done():
-                    continue
-                if isinstance(r, BaseException):
-                    p.future.set_exception(r)
-                else:
-                    p.future.set_result(r)
+                settle(p.future, r)
         finally:
             if not release.done():
                 release.set_result(None)

@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelport.serving.batcher import BatcherStoppedError
+from modelport.serving.batcher import BatcherStoppedError, settle
 
 __all__ = [
     "SeqEntry",
@@ -322,12 +322,7 @@ class SequenceBatcher:
                 p, seq = t
                 seq.running -= 1
                 seq.last = now
-                if p.future.done():
-                    continue
-                if isinstance(r, BaseException):
-                    p.future.set_exception(r)
-                else:
-                    p.future.set_result(r)
+                settle(p.future, r)
 
     # -- idle sequences --
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from modelport.beam_search import BeamSearcher
+from modelport.beam_search import BeamSearcher, beam_logprobs_error
 from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
 from modelport.engine.structured_output import validate as validate_structured_outputs
 from modelport.entrypoints.openai.errors import OpenAIError, error_body, internal_error
@@ -25,13 +25,12 @@ from modelport.entrypoints.openai.protocol import (
     SamplingFields,
     UsageInfo,
 )
-from modelport.frontend.processor import max_tokens_too_large
+from modelport.frontend.processor import logprobs_over_limit, max_tokens_too_large
 from modelport.outputs import CompletionOutput, Logprob, LogprobsDict, RequestOutput
 from modelport.sampling_params import (
     BeamSearchParams,
     SamplingParams,
     StructuredOutputsParams,
-    num_logprobs,
 )
 
 T = TypeVar("T")
@@ -97,17 +96,12 @@ def check_max_logprobs(engine: AsyncLLM, **requested: int | None) -> None:
     """400 naming the field when a request asks for more logprobs than --max-logprobs allows
     (vLLM's words and rule: -1 counts as the vocabulary's size, and --max-logprobs -1 is no
     cap; the engine checks the same)."""
-    vocab = engine.input_processor.model_config.vocab_size
-    limit = num_logprobs(engine.input_processor.max_logprobs, vocab)
+    proc = engine.input_processor
     for param, k in requested.items():
-        if k and num_logprobs(k, vocab) > limit:
-            what = "prompt" if param == "prompt_logprobs" else "sample"
-            raise OpenAIError(
-                f"Requested {what} logprobs of {num_logprobs(k, vocab)}, which is greater than "
-                f"max allowed: {limit}",
-                400,
-                param=param,
-            )
+        what = "prompt" if param == "prompt_logprobs" else "sample"
+        why = logprobs_over_limit(what, k, proc.max_logprobs, proc.model_config.vocab_size)
+        if why is not None:
+            raise OpenAIError(why, 400, param=param)
 
 
 def truncate_prompt(engine: AsyncLLM, ids: list[int], keep: int | None) -> list[int]:
@@ -391,12 +385,12 @@ def beam_search_params(engine: AsyncLLM, req: SamplingFields, max_tokens: int) -
                 400,
                 param=name,
             )
-    limit = num_logprobs(engine.input_processor.max_logprobs, engine.vocab_size)
-    if 2 * req.n > limit:
+    limit = engine.input_processor.max_logprobs
+    why = beam_logprobs_error(req.n, limit)
+    if why is not None:  # the beam width is n here
         raise OpenAIError(
-            f"use_beam_search with n={req.n} asks for 2 * n = {2 * req.n} logprobs per step, "
-            f"more than max allowed: {limit}; use n <= {limit // 2}, or start the server "
-            f"with --max-logprobs {2 * req.n}",
+            f"use_beam_search with n={req.n}: {why}; use n <= {limit // 2}, or start the "
+            f"server with --max-logprobs {2 * req.n}",
             400,
             param="n",
         )
@@ -437,9 +431,7 @@ async def run_beam_search(
         searcher.advance(live, await collect_final(streams))
     outputs = []
     for i, beam in enumerate(searcher.best()[0]):
-        text = tok.decode(searcher.text_tokens(beam, include_prompt=False))
-        if beam.finish_reason == "stop" and params.include_stop_str_in_output:
-            text += tok.decode(beam.tokens[-1:], skip_special_tokens=False)
+        text = searcher.text(beam, tok, False, params.include_stop_str_in_output)
         outputs.append(CompletionOutput(
             index=i, text=text, token_ids=beam.output_token_ids,
             cumulative_logprob=beam.cum_logprob, logprobs=beam.logprobs,
