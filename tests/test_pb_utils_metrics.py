@@ -251,3 +251,62 @@ def test_metric_family_outside_a_server():
     assert pb_utils.MetricFamily.COUNTER == 0 and pb_utils.MetricFamily.HISTOGRAM == 2
     with pytest.raises(pb_utils.TritonModelException, match="running modelport server"):
         pb_utils.MetricFamily("x", "y", pb_utils.MetricFamily.GAUGE)
+
+
+CLASH = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        try:
+            pb_utils.MetricFamily("nv_inference_count", "mine", pb_utils.MetricFamily.GAUGE)
+            self.error = "no error"
+        except pb_utils.TritonModelException as e:
+            self.error = str(e)
+        # the same kind: the built-in family itself, as in Triton (no reserved names there)
+        self.fam = pb_utils.MetricFamily(
+            "nv_inference_count", "mine", pb_utils.MetricFamily.COUNTER
+        )
+        self.own = self.fam.Metric(labels={"model": "clash", "version": "1"})
+        self.other = self.fam.Metric(labels={"model": "elsewhere"})
+
+    def execute(self, requests):
+        self.own.increment(1000)
+        self.other.increment(5)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(
+            "E", np.array([self.error.encode()], dtype=np.object_))]) for _ in requests]
+"""
+
+
+def test_builtin_family_names_behave_as_in_triton(tmp_path):
+    from modelport.entrypoints.kserve import metrics as kmetrics
+    from modelport.repository import custom_metrics as cm
+
+    kinds = {"counter": cm.COUNTER, "gauge": cm.GAUGE}
+    assert {n: kinds[k] for n, k, _, _ in kmetrics._METRICS} == cm.BUILTIN_FAMILIES
+    (tmp_path / "clash" / "1").mkdir(parents=True)
+    (tmp_path / "clash" / "1" / "model.py").write_text(CLASH)
+    (tmp_path / "clash" / "config.pbtxt").write_text(
+        'backend: "python"\ninput [{ name: "X" data_type: TYPE_FP32 dims: [1] }]\n'
+        'output [{ name: "E" data_type: TYPE_STRING dims: [1] }]\n'
+        "instance_group [{ kind: KIND_CPU }]\n"
+    )
+    with EmbeddedServer([tmp_path], control_mode="explicit", load_models=["clash"]) as srv:
+        h = httpclient.InferenceServerClient(srv.http_url)
+        t = httpclient.InferInput("X", [1], "FP32")
+        t.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+        error = h.infer("clash", [t]).as_numpy("E")[0].decode()
+        assert error == (
+            "Error when creating MetricFamily: Family name already exists with different type"
+        )
+        lines = scrape(srv)
+    family = [ln for ln in lines if ln.startswith(("nv_inference_count", "# HELP nv_inference_count", "# TYPE nv_inference_count"))]  # noqa: E501
+    assert family == [
+        "# HELP nv_inference_count Number of inferences performed (does not include cached "
+        "requests)",
+        "# TYPE nv_inference_count counter",
+        'nv_inference_count{model="clash",version="1"} 1001',  # 1 inference + the model's 1000
+        'nv_inference_count{model="elsewhere"} 5',
+    ]

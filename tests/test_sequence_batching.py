@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from modelport.entrypoints.kserve.embedded import EmbeddedServer
@@ -546,3 +547,80 @@ def test_concurrent_sequences_batch_in_slots(server):
         results = list(pool.map(one, [501, 502, 503, 504]))
     for sid, sums in zip([501, 502, 503, 504], results):
         assert sums == [sid * (i + 1) for i in range(5)]
+
+
+def test_direct_minimum_slot_utilization():
+    """model_config.proto: direct's max_queue_delay_microseconds counts only with a non-zero
+    minimum_slot_utilization; then a batch goes once that share of the slots has a request."""
+
+    async def timed(b, *reqs):
+        t0 = time.monotonic()
+        await asyncio.gather(*(b.submit(*r) for r in reqs))
+        return time.monotonic() - t0
+
+    async def main():
+        batches, execute = _recorder()
+        cfg = SequenceBatcherConfig(slots_per_instance=4, max_queue_delay_s=0.4)
+        b = SequenceBatcher(cfg, execute)
+        b.start()
+        try:
+            assert await timed(b, ("a1", "A", True, False)) < 0.2  # delay ignored
+        finally:
+            await b.stop()
+
+        batches, execute = _recorder()
+        cfg = SequenceBatcherConfig(
+            slots_per_instance=4, max_queue_delay_s=0.4, minimum_slot_utilization=0.5
+        )
+        b = SequenceBatcher(cfg, execute)
+        b.start()
+        try:
+            assert await timed(b, ("a1", "A", True, False)) >= 0.35  # 1/4 ready: waits
+            # 2/4 slots with a request: at once, in one batch
+            assert await timed(b, ("a2", "A", False, False), ("b1", "B", True, False)) < 0.2
+            assert [e.item for e in batches[-1][1]] == ["a2", "b1"]
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("preserve", [False, True])
+def test_oldest_preserve_ordering(preserve):
+    async def main():
+        async def execute(instance, entries):
+            await asyncio.sleep(0.3 if entries[0].item == "slow" else 0.0)
+            return [e.item for e in entries]
+
+        cfg = SequenceBatcherConfig(
+            slots_per_instance=1, oldest=True, max_batch_size=1, preserve_ordering=preserve
+        )
+        b = SequenceBatcher(cfg, execute, num_instances=2)
+        b.start()
+        done: list[str] = []
+
+        async def one(item, corrid):
+            done.append(await b.submit(item, corrid, True, False))  # slots stay taken
+
+        try:
+            slow = asyncio.ensure_future(one("slow", 1))
+            await asyncio.sleep(0.05)
+            await asyncio.gather(slow, one("fast", 2))
+        finally:
+            await b.stop()
+        return done
+
+    assert asyncio.run(main()) == (["slow", "fast"] if preserve else ["fast", "slow"])
+
+
+def test_sequence_strategy_options_reach_the_batcher():
+    from modelport.repository.sequence import batcher_config
+
+    cfg = mc.ModelConfig(name="m", max_batch_size=4)
+    cfg.sequence_batching.direct.max_queue_delay_microseconds = 1000
+    cfg.sequence_batching.direct.minimum_slot_utilization = 0.5
+    assert batcher_config(cfg).minimum_slot_utilization == 0.5
+    cfg = mc.ModelConfig(name="m", max_batch_size=4)
+    cfg.sequence_batching.oldest.max_candidate_sequences = 2
+    cfg.sequence_batching.oldest.preserve_ordering = True
+    assert batcher_config(cfg).preserve_ordering

@@ -16,6 +16,15 @@ family, shared by every Metric (of any model or instance) that asked for those l
 reference-counted: it disappears when the last holder lets it go -- its MetricFamily object
 is deleted, or its instance process ends (model unload). Families themselves stay
 registered, as in Triton (its registry never removes one), so a reload finds them again.
+
+Names of the server's own families (nv_inference_*): Triton has no reserved-name check --
+custom and built-in families share one prometheus-cpp registry -- so it is the same rule: a
+custom family under a built-in name of another kind fails ("Family name already exists with
+different type"); one of the same kind *is* the built-in family. modelport does the same: the
+metrics endpoint shows such series inside the built-in family (one HELP / TYPE block, the
+built-in description), and a series with exactly the built-in labels (model, version) is
+added to the built-in number, as Triton's shared counter would be. What differs: value() of
+such a series returns only what the model added, where Triton's returns the shared total.
 """
 
 from __future__ import annotations
@@ -28,6 +37,20 @@ from dataclasses import dataclass, field
 
 COUNTER, GAUGE, HISTOGRAM = 0, 1, 2  # pb_utils.MetricFamily.COUNTER / GAUGE / HISTOGRAM
 KIND_NAMES = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "histogram"}
+
+# the families entrypoints/kserve/metrics.py writes (Triton's names), by kind
+BUILTIN_FAMILIES = {
+    "nv_inference_request_success": COUNTER,
+    "nv_inference_request_failure": COUNTER,
+    "nv_inference_count": COUNTER,
+    "nv_inference_exec_count": COUNTER,
+    "nv_inference_request_duration_us": COUNTER,
+    "nv_inference_queue_duration_us": COUNTER,
+    "nv_inference_compute_input_duration_us": COUNTER,
+    "nv_inference_compute_infer_duration_us": COUNTER,
+    "nv_inference_compute_output_duration_us": COUNTER,
+    "nv_inference_pending_request_count": GAUGE,
+}
 
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -98,6 +121,9 @@ class CustomMetrics:
         if kind not in KIND_NAMES:
             raise CustomMetricError("Unsupported kind passed to MetricFamily constructor.")
         check_metric_name(name)
+        builtin = BUILTIN_FAMILIES.get(name)
+        if builtin is not None and builtin != kind:
+            raise CustomMetricError("Family name already exists with different type")
         with self._lock:
             fam = self._families.get(name)
             if fam is None:
@@ -157,6 +183,8 @@ class CustomMetrics:
         out: list[str] = []
         with self._lock:
             for fam in self._families.values():
+                if fam.name in BUILTIN_FAMILIES:
+                    continue  # written inside the built-in family (`builtin_series`)
                 out.append(f"# HELP {fam.name} {_escape_help(fam.description)}")
                 out.append(f"# TYPE {fam.name} {KIND_NAMES[fam.kind]}")
                 for key, s in fam.series.items():
@@ -173,12 +201,23 @@ class CustomMetrics:
         return out
 
 
+    def builtin_series(self, name: str) -> dict[LabelKey, float]:
+        """The custom series of a built-in family (a COUNTER or GAUGE of the same name)."""
+        with self._lock:
+            fam = self._families.get(name)
+            return {} if fam is None else {k: s.value for k, s in fam.series.items()}
+
+
 def _escape_help(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _escape_value(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def series_line(name: str, key: LabelKey, value: float) -> str:
+    return f"{name}{_labels(key)} {fmt(value)}"
 
 
 def _labels(key: LabelKey, extra: tuple[str, str] | None = None) -> str:

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from modelport.repository.backends.base import BackendContext
 from modelport.repository.custom_metrics import CustomMetrics
 from modelport.repository.ensemble import EnsembleModel, check_composing, ensemble_steps
 from modelport.repository.errors import (
+    InvalidArgument,
     ModelConfigError,
     NotFound,
     ServingError,
@@ -47,6 +50,28 @@ UNLOADED = "unloaded"
 FOLDER_REMOVED = "model folder removed"
 # reasons of models taken out on purpose: strict readiness does not wait for them
 _DELIBERATELY_UNAVAILABLE = (UNLOADED, FOLDER_REMOVED)
+
+
+FILE_PREFIX = "file:"  # load parameters that carry model files (Triton's file override)
+
+
+def _version_of(text: str) -> int:
+    """A version given as a string (pb_utils.is_model_ready): "" is the server's choice."""
+    if not text:
+        return -1
+    try:
+        version = int(text)
+    except ValueError as e:
+        raise InvalidArgument(
+            f"failed to get model version from specified version string '{text}' (details: "
+            f"{e}), version should be an integral value > 0"
+        ) from None
+    if version < 0:
+        raise InvalidArgument(
+            f"failed to get model version from specified version string '{text}', version "
+            "should be an integral value > 0"
+        )
+    return version
 
 
 def gpu_count() -> int:
@@ -74,6 +99,8 @@ class ModelEntry:
     retired: set[int] = field(default_factory=set)
     signature: tuple = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # the temporary model directory of a load with override files (served versions' files)
+    override_dir: Path | None = None
 
 
 def _signature(path: Path) -> tuple:
@@ -229,12 +256,24 @@ class RepositoryManager:
                 "explicit)"
             )
 
-    async def request_load(self, name: str, config_json: str | None = None) -> None:
+    async def request_load(
+        self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
+    ) -> None:
+        """Load (or reload) a model; `files` ({"file:<path>": bytes}) form the model directory
+        to load from instead of the repository's, with `config_json` its config (Triton's
+        model file override)."""
         self._check_control()
         self.discover()
-        await self.load(name, config_json)
+        await self.load(name, config_json, files)
 
-    async def request_unload(self, name: str, unload_dependents: bool = False) -> None:
+    async def request_unload(
+        self,
+        name: str,
+        unload_dependents: bool = False,
+        stopped_serving: asyncio.Event | None = None,
+    ) -> None:
+        """Unload a model; `stopped_serving` is set once it no longer takes requests (its
+        instances may still be finishing)."""
         self._check_control()
         entry = self.entries.get(name)
         if entry is None:
@@ -244,17 +283,56 @@ class RepositoryManager:
                 if other.config is not None and other.config.platform == "ensemble":
                     if any(s.model_name == name for s in other.config.ensemble_scheduling.step):
                         await self._unload(other)
-        await self._unload(entry)
+        await self._unload(entry, stopped_serving)
+
+    async def _model_control(self, caller: str, op: str, args: dict[str, Any]) -> Any:
+        """A python model's pb_utils.load_model / unload_model / is_model_ready (Triton's
+        model loading API: the same server calls as the repository API's)."""
+        name = args.get("name", "")
+        if op == "ready":
+            return self.is_ready(name, _version_of(args.get("version", "")))
+        if op == "load":
+            self._check_control()
+            entry = self.entries.get(name)
+            if name == caller and entry is not None and entry.lock.locked():
+                raise Unavailable(
+                    f"failed to load '{name}': a model cannot load itself while it is being "
+                    "loaded or unloaded"
+                )
+            await self.request_load(name, args.get("config") or None, args.get("files") or None)
+            return None
+        if op == "unload":
+            # as Triton's: returns once the model stopped serving, without waiting for its
+            # instances to finish (a model may unload itself from execute())
+            stopped = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(
+                self.request_unload(name, bool(args.get("unload_dependents")), stopped)
+            )
+            waiter = asyncio.get_running_loop().create_task(stopped.wait())
+            try:
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if task.done():
+                task.result()
+            else:
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return None
+        raise InvalidArgument(f"unknown model control request '{op}'")
 
     # -- loading --
 
-    async def load(self, name: str, config_json: str | None = None) -> None:
+    async def load(
+        self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
+    ) -> None:
+        files = {k: v for k, v in (files or {}).items() if k.startswith(FILE_PREFIX)}
+        if files:
+            return await self._load_override(name, config_json, files)
         entry = self.entries.get(name)
-        if entry is None:
-            self.discover()
+        if entry is None or entry.path is None:
+            found = self.discover()
             entry = self.entries.get(name)
-        if entry is None or (entry.path is None and config_json is None):
-            if entry is not None and entry.path is None:
+            if entry is not None and name in found and found[name] is None:
                 entry.state, entry.reason = (
                     "UNAVAILABLE",
                     "model name appears in several repositories",
@@ -262,15 +340,52 @@ class RepositoryManager:
                 raise ModelConfigError(
                     f"failed to load '{name}': model name appears in several repositories"
                 )
+        if entry is None or entry.path is None:  # (a model once loaded from override files)
             raise NotFound(f"failed to load '{name}', no version is available")
+        await self._load_from(entry, entry.path, config_json)
+
+    async def _load_override(self, name: str, config_json: str | None, files: dict) -> None:
+        """Triton's model file override: the files, written to a temporary directory, are the
+        model directory; the config must come with them."""
+        if not config_json:
+            raise InvalidArgument("Load parameter 'config' must be specified for model file override")
+        tmp = Path(tempfile.mkdtemp(prefix="modelport-override-"))
+        model_dir = (tmp / name).resolve()
+        try:
+            model_dir.mkdir()
+            for key, content in files.items():
+                target = Path(os.path.normpath(model_dir / key[len(FILE_PREFIX) :]))
+                if target != model_dir and model_dir not in target.parents:
+                    raise InvalidArgument(
+                        f"Invalid file parameter '{key}' with normalized path '{target}' must "
+                        "stay within model directory."
+                    )
+                if target.parent.exists() and not target.parent.is_dir():
+                    raise InvalidArgument(
+                        f"Invalid file parameter '{key}', directory has been created as a file"
+                    )
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+            entry = self.entries.get(name)
+            if entry is None:  # a model not in any repository: it exists while loaded
+                entry = self.entries[name] = ModelEntry(name, None)
+            await self._load_from(entry, model_dir, config_json, override=tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    async def _load_from(
+        self, entry: ModelEntry, path: Path, config_json: str | None, override: Path | None = None
+    ) -> None:
+        name = entry.name
         async with entry.lock:
             entry.state, entry.reason = "LOADING", ""
             new: dict[int, Served] = {}
             try:
-                assert entry.path is not None
-                cfg = await resolve_config(entry.path, config_json, self.gpus)
-                entry.signature = _signature(entry.path)
-                versions = select_versions(cfg, entry.path)
+                cfg = await resolve_config(path, config_json, self.gpus)
+                if override is None:
+                    entry.signature = _signature(path)
+                versions = select_versions(cfg, path)
                 if cfg.backend == "ensemble":
                     steps = ensemble_steps(cfg)
                     await self._ensure_dependencies(cfg, steps)
@@ -281,7 +396,12 @@ class RepositoryManager:
                 else:
                     for v in versions:
                         ctx = BackendContext(
-                            cfg, entry.path, v, bls=self._bls, metrics=self.custom_metrics
+                            cfg,
+                            path,
+                            v,
+                            bls=self._bls,
+                            metrics=self.custom_metrics,
+                            model_control=self._model_control,
                         )
                         model = ModelVersion(cfg, v, create_backend(cfg.backend, ctx))
                         await model.start()
@@ -300,9 +420,12 @@ class RepositoryManager:
             old, entry.versions, entry.config = entry.versions, new, cfg
             entry.state, entry.reason = "READY", ""
             entry.retired = (entry.retired | set(old)) - set(new)
+            old_override, entry.override_dir = entry.override_dir, override
         for m in old.values():
             with contextlib.suppress(Exception):
                 await m.stop()
+        if old_override is not None:
+            shutil.rmtree(old_override, ignore_errors=True)
 
     async def _ensure_dependencies(self, cfg: mc.ModelConfig, steps: list) -> None:
         for name in dict.fromkeys(s.model_name for s in steps):
@@ -325,15 +448,20 @@ class RepositoryManager:
                     f"ensemble '{cfg.name}' depends on '{name}' which is not available{why}"
                 )
 
-    async def _unload(self, entry: ModelEntry) -> None:
+    async def _unload(self, entry: ModelEntry, stopped_serving: asyncio.Event | None = None) -> None:
         async with entry.lock:
             old, entry.versions = entry.versions, {}
             entry.state, entry.reason = "UNLOADING", ""
             entry.retired |= set(old)
+            if stopped_serving is not None:
+                stopped_serving.set()
             for m in old.values():
                 with contextlib.suppress(Exception):
                     await m.stop()
             entry.state, entry.reason = "UNAVAILABLE", UNLOADED
+            override, entry.override_dir = entry.override_dir, None
+        if override is not None:
+            shutil.rmtree(override, ignore_errors=True)
 
     # -- readiness --
 

@@ -41,10 +41,13 @@ __all__ = [
     "get_output_config_by_name",
     "get_output_tensor_by_name",
     "deserialize_bytes_tensor",
+    "is_model_ready",
+    "load_model",
     "numpy_to_triton_type",
     "serialize_byte_tensor",
     "triton_string_to_numpy",
     "triton_to_numpy_type",
+    "unload_model",
     "using_decoupled_model_transaction_policy",
 ]
 
@@ -363,6 +366,68 @@ class InferenceRequest:
         import asyncio
 
         return await asyncio.get_running_loop().run_in_executor(None, self.exec, decoupled)
+
+
+# ---- model loading API (Triton's python_backend "Model Loading API") --------------------------
+
+
+def _model_control(what: str, op: str, **args: Any) -> Any:
+    """Ask the server (explicit model control) to load / unload a model or for its readiness.
+
+    As in Triton, a refusal raises TritonModelException with the server's reason after
+    "Failed to load model: " / "Failed to unload model: " / "Failed to check model readiness: ".
+    """
+    if _runtime is None:
+        raise TritonModelException(f"{what}the model loading API needs a running modelport server")
+    return _runtime.model_control(what, op, args)
+
+
+def load_model(model_name: str, config: str = "", files: dict[str, bytes] | None = None) -> None:
+    """Load (or reload) `model_name` through the server, as the repository load API does.
+
+    `config`: a model config in JSON that replaces config.pbtxt. `files`: {"file:<path>":
+    bytes} forming the model directory to load from instead of the repository's (then
+    `config` must be given). Only in explicit model control mode; returns once loaded."""
+    what = "Failed to load model: "
+    if files is not None:
+        if not isinstance(files, dict):
+            raise TritonModelException(
+                f"{what}failed to load model '{model_name}', files should be a dictionary of "
+                "file paths and file contents"
+            )
+        checked = {}
+        for k, v in files.items():
+            if not isinstance(k, str):
+                raise TypeError(f"load_model(): file path {k!r} must be str")
+            if not isinstance(v, (bytes, bytearray, memoryview)):
+                raise TypeError(f"load_model(): content of '{k}' must be bytes")
+            checked[k] = bytes(v)
+        files = checked
+    _model_control(what, "load", name=str(model_name), config=config or "", files=files or {})
+
+
+def unload_model(model_name: str, unload_dependents: bool = False) -> None:
+    """Unload `model_name` (explicit model control mode). As in Triton this does not wait for
+    the model's instances to finish unloading: it returns once the model stopped serving."""
+    _model_control(
+        "Failed to unload model: ",
+        "unload",
+        name=str(model_name),
+        unload_dependents=bool(unload_dependents),
+    )
+
+
+def is_model_ready(model_name: str, model_version: str = "") -> bool:
+    """Whether `model_name` (the version the server would pick, or `model_version`, a string
+    as in Triton) is loaded and ready."""
+    return bool(
+        _model_control(
+            "Failed to check model readiness: ",
+            "ready",
+            name=str(model_name),
+            version=str(model_version),
+        )
+    )
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:

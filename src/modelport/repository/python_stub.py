@@ -132,6 +132,23 @@ class MetricResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ModelControl:
+    """pb_utils.load_model / unload_model / is_model_ready: op "load" (name, config, files),
+    "unload" (name, unload_dependents) or "ready" (name, version)."""
+
+    call_id: int
+    op: str
+    args: dict
+
+
+@dataclass(frozen=True)
+class ModelControlResult:
+    call_id: int
+    value: Any = None
+    error: str | None = None
+
+
 # ---- conversions ------------------------------------------------------------------------------
 
 
@@ -194,6 +211,7 @@ class _Runtime:
         self._lock = threading.RLock()
         self._metric_ops: list[tuple] = []
         self._flush_timer: threading.Timer | None = None
+        self.finalizing = False  # the model loading API is refused in finalize(), as in Triton
 
     def send(self, msg: Any) -> None:
         """Send a message, after the metric operations queued before it (order is kept)."""
@@ -246,6 +264,27 @@ class _Runtime:
             raise pb_utils.TritonModelException(result.error)
         return result.value
 
+    def model_control(self, what: str, op: str, args: dict) -> Any:
+        """A model loading API request, answered by the server once it is done."""
+        if self.finalizing:
+            raise pb_utils.TritonModelException(
+                f"{what}the model loading API is not supported in finalize()"
+            )
+        call_id = next(self._ids)
+        event = threading.Event()
+        box: list = []
+        self._waiting[call_id] = (event, box)
+        try:
+            self.send(ModelControl(call_id, op, args))
+        except (OSError, EOFError, ValueError) as e:
+            self._waiting.pop(call_id, None)
+            raise pb_utils.TritonModelException(f"{what}the server is gone: {e}") from None
+        event.wait()
+        result: ModelControlResult = box[0]
+        if result.error is not None:
+            raise pb_utils.TritonModelException(what + result.error)
+        return result.value
+
     def run(self, awaitable: Any) -> Any:
         """Run an `async def execute(...)` to its end on the process's one event loop.
 
@@ -288,7 +327,7 @@ class _Runtime:
         event.wait()
         return [resp_to_pb(r) for r in box[0]]
 
-    def resolve(self, msg: BLSResult | MetricResult) -> None:
+    def resolve(self, msg: BLSResult | MetricResult | ModelControlResult) -> None:
         event, box = self._waiting.pop(msg.call_id, (None, None))
         if event is not None:
             box.append(msg.responses if isinstance(msg, BLSResult) else msg)
@@ -323,7 +362,7 @@ def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupl
             except (EOFError, OSError):
                 work.put(Shutdown())
                 return
-            if isinstance(msg, (BLSResult, MetricResult)):
+            if isinstance(msg, (BLSResult, MetricResult, ModelControlResult)):
                 runtime.resolve(msg)
             else:
                 work.put(msg)
@@ -342,6 +381,7 @@ def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupl
     while True:
         msg = work.get()
         if isinstance(msg, Shutdown):
+            runtime.finalizing = True
             fin = getattr(model, "finalize", None)
             if callable(fin):
                 try:

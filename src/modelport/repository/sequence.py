@@ -6,7 +6,9 @@ the model on every request: START / END / READY (int32, fp32 or bool `*_false_tr
 and CORRID (the correlation id as TYPE_UINT64 / INT64 / UINT32 / INT32 / STRING). Each is
 shaped [1], plus the batch dimension ([1, 1]) when max_batch_size > 0, as in Triton.
 
-Supported: strategies `direct` (the default) and `oldest`, max_sequence_idle_microseconds,
+Supported: strategies `direct` (the default; max_queue_delay_microseconds with
+minimum_slot_utilization) and `oldest` (max_candidate_sequences, preferred_batch_size,
+max_queue_delay_microseconds, preserve_ordering), max_sequence_idle_microseconds,
 control_input. Refused at load: implicit state (`state`), `iterative_sequence`.
 """
 
@@ -132,11 +134,13 @@ def batcher_config(cfg: mc.ModelConfig) -> SequenceBatcherConfig:
             max_batch_size=max(cfg.max_batch_size, 1),
             max_queue_delay_s=o.max_queue_delay_microseconds / 1e6,
             preferred_batch_sizes=tuple(o.preferred_batch_size),
+            preserve_ordering=o.preserve_ordering,
         )
     return SequenceBatcherConfig(
         slots_per_instance=max(cfg.max_batch_size, 1),
         idle_timeout_s=idle_us / 1e6,
         max_queue_delay_s=sb.direct.max_queue_delay_microseconds / 1e6,
+        minimum_slot_utilization=sb.direct.minimum_slot_utilization,
     )
 
 

@@ -21,6 +21,13 @@ Strategies (Triton's names)::
     oldest: the batch is the oldest pending requests of up to `max_batch_size` sequences of
             the instance's slots (`max_candidate_sequences`), no null entries.
 
+Waiting for a fuller batch (model_config.proto's rules, as Triton's scheduler applies them):
+direct waits only when both `max_queue_delay_s` and `minimum_slot_utilization` are set: until
+slots-with-a-request / slots_per_instance reaches the utilization, or the oldest request has
+waited the delay. oldest waits up to `max_queue_delay_s` for `max_batch_size` (or a preferred
+batch size) requests. `preserve_ordering` (oldest): results are handed back in the order
+the requests arrived, across sequences and instances.
+
 Interface::
 
     batcher = SequenceBatcher(cfg, execute, num_instances)
@@ -65,6 +72,8 @@ class SequenceBatcherConfig:
     max_batch_size: int = 1  # oldest: the most requests in one batch
     max_queue_delay_s: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
+    minimum_slot_utilization: float = 0.0  # direct
+    preserve_ordering: bool = False  # oldest
 
     def __post_init__(self) -> None:
         if self.slots_per_instance < 1:
@@ -129,6 +138,8 @@ class SequenceBatcher:
         self._stopped = False
         self.batches_executed = 0
         self.released_idle = 0
+        # preserve_ordering: done when the last request submitted so far was answered
+        self._order_tail: asyncio.Future | None = None
 
     # -- public --
 
@@ -189,6 +200,40 @@ class SequenceBatcher:
             self._active.pop(corrid, None)
         if seq.instance >= 0:
             self._wake[seq.instance].set()
+        if self.config.preserve_ordering:
+            return await self._in_order(fut, seq, pending)
+        return await self._wait(fut, seq, pending)
+
+    async def _in_order(self, fut: asyncio.Future, seq: _Seq, pending: _Pending) -> Any:
+        """Answer after every request submitted before this one was answered."""
+        loop = asyncio.get_running_loop()
+        before, mine = self._order_tail, loop.create_future()
+        self._order_tail = mine
+
+        def release(_: Any = None) -> None:
+            if not mine.done():
+                mine.set_result(None)
+
+        try:
+            try:
+                result = await self._wait(fut, seq, pending)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                if before is not None and not before.done():
+                    await asyncio.shield(before)
+                raise
+            if before is not None and not before.done():
+                await asyncio.shield(before)
+            return result
+        finally:
+            if before is None or before.done():
+                release()
+            else:  # cancelled while waiting: the ones after still wait for `before`
+                before.add_done_callback(release)
+
+    async def _wait(self, fut: asyncio.Future, seq: _Seq, pending: _Pending) -> Any:
+        end = pending.end
         try:
             return await fut
         except asyncio.CancelledError:
@@ -250,7 +295,11 @@ class SequenceBatcher:
                 cfg.preferred_batch_sizes and len(heads) in cfg.preferred_batch_sizes
             )
         else:
-            full = len(heads) == sum(s is not None for s in self._slots[inst])
+            # Triton: max_queue_delay_microseconds is ignored unless minimum_slot_utilization
+            # is set; then a batch goes once that share of the instance's slots has a request
+            if not cfg.minimum_slot_utilization:
+                return None
+            full = len(heads) / cfg.slots_per_instance >= cfg.minimum_slot_utilization
         if full:
             return None
         wait = min(s.queue[0].enqueued for s in heads) + cfg.max_queue_delay_s - time.monotonic()

@@ -25,7 +25,7 @@ from modelport.entrypoints.kserve.grpc_codec import (
 from modelport.entrypoints.kserve.http_codec import tensor_metadata
 from modelport.entrypoints.kserve.http_routes import EXTENSIONS
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
-from modelport.repository.errors import ServingError, Status, Unsupported
+from modelport.repository.errors import InvalidArgument, ServingError, Status, Unsupported
 from modelport.repository.manager import RepositoryManager
 from modelport.repository.tensors import (
     InferResponse,
@@ -234,9 +234,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             config = None
             if "config" in request.parameters:
                 config = request.parameters["config"].string_param
-            if any(k.startswith("file:") for k in request.parameters):
-                raise Unsupported("loading models from files in the request is not supported")
-            await self.manager.request_load(request.model_name, config)
+            files = {}
+            for k, v in request.parameters.items():
+                if k.startswith("file:"):  # model file override
+                    if v.WhichOneof("parameter_choice") != "bytes_param":
+                        raise InvalidArgument(
+                            f"File parameter '{k}' must have bytes type for its value"
+                        )
+                    files[k] = v.bytes_param
+            await self.manager.request_load(request.model_name, config, files or None)
         except Exception as e:
             await self._fail(context, e)
         return pb.RepositoryModelLoadResponse()

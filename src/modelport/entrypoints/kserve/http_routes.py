@@ -6,6 +6,8 @@ raised it; only the routes under /v2 are registered here.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
 from collections.abc import Awaitable, Callable
@@ -227,9 +229,16 @@ def build_router(
         doc = await _json_body(request)
         params = doc.get("parameters") or {}
         config = params.get("config")
-        if any(k.startswith("file:") for k in params):
-            raise Unsupported("loading models from files in the request is not supported")
-        await manager.request_load(model_name, config)
+        files = {}
+        for k, v in params.items():
+            if k.startswith("file:"):  # model file override: base64 content, as tritonclient sends
+                try:
+                    files[k] = base64.b64decode(v, validate=True)
+                except (TypeError, ValueError, binascii.Error):
+                    raise InvalidArgument(
+                        f"File parameter '{k}' must have bytes type for its value"
+                    ) from None
+        await manager.request_load(model_name, config, files or None)
         return Response(status_code=200)
 
     @router.post("/v2/repository/models/{model_name}/unload")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from modelport.repository import custom_metrics as cm
 from modelport.repository.manager import RepositoryManager
 
 # name, type, help, getter(stats dict, pending) -> number
@@ -50,9 +51,16 @@ def render(manager: RepositoryManager) -> str:
     for name, kind, help_text, get in _METRICS:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
+        # a python model's MetricFamily of this name and kind is this family (as in Triton)
+        extra = manager.custom_metrics.builtin_series(name)
         for model, version, stats, pending in rows:
             labels = f'model="{_escape(model)}",version="{_escape(version)}"'
-            lines.append(f"{name}{{{labels}}} {get(stats, pending)}")
+            value = get(stats, pending)
+            added = extra.pop((("model", model), ("version", version)), None)
+            if added is not None:
+                value = cm.fmt(value + added)
+            lines.append(f"{name}{{{labels}}} {value}")
+        lines.extend(cm.series_line(name, key, v) for key, v in extra.items())
     lines.extend(manager.custom_metrics.render())  # python models' pb_utils.MetricFamily
     return "\n".join(lines) + "\n"
 

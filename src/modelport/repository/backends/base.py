@@ -30,6 +30,8 @@ STREAM_END = object()  # put on BatchItem.stream after a decoupled request's las
 
 # BLS: a python model calling another model through the server
 BLSHandler = Callable[[InferRequest], Awaitable[list[InferResponse]]]
+# pb_utils.load_model / unload_model / is_model_ready: (calling model, op, args) -> value
+ModelControlHandler = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class BackendContext:
     version: int
     bls: BLSHandler | None = None
     metrics: CustomMetrics | None = None  # the server's custom metrics (pb_utils.MetricFamily)
+    model_control: ModelControlHandler | None = None  # the server's model loading API
 
     @property
     def version_dir(self) -> Path:

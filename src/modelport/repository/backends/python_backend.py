@@ -172,6 +172,10 @@ class _Instance:
             task = asyncio.get_running_loop().create_task(self._bls(msg))
             self._bls_tasks.add(task)
             task.add_done_callback(self._bls_tasks.discard)
+        elif isinstance(msg, stub.ModelControl):
+            task = asyncio.get_running_loop().create_task(self._model_control(msg, proc))
+            self._bls_tasks.add(task)
+            task.add_done_callback(self._bls_tasks.discard)
 
     # -- custom metrics (pb_utils.MetricFamily) --
 
@@ -274,6 +278,23 @@ class _Instance:
             out = [stub.Resp(error=f"{type(e).__name__}: {e}", error_code=1)]
         with contextlib.suppress(Exception):
             self.conn.send(stub.BLSResult(msg.call_id, out))
+
+    async def _model_control(self, msg: stub.ModelControl, proc: Any) -> None:
+        """pb_utils.load_model / unload_model / is_model_ready, answered like a BLS call."""
+        handler = self.backend.ctx.model_control
+        value, error = None, None
+        try:
+            if handler is None:
+                raise Unavailable("the model loading API is not available in this server")
+            value = await handler(self.backend.config.name, msg.op, msg.args)
+        except ServingError as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 - answered to the model
+            error = f"{type(e).__name__}: {e}"
+        if proc is not None and proc is not self.proc:
+            return  # the asking process is gone (restarted)
+        with contextlib.suppress(Exception):
+            self.conn.send(stub.ModelControlResult(msg.call_id, value, error))
 
     def _on_exit(self, proc: Any) -> None:
         self._release_metrics(proc)
