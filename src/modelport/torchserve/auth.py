@@ -79,12 +79,24 @@ class TokenAuth:
             raise _auth_error()
 
     def regenerate(self, kind: str, authorization: str | None) -> str:
-        """The /token API: needs the API key; replaces one key and rewrites the key file."""
+        """The /token API: needs the API key; replaces one key and rewrites the key file.
+
+        As TorchServe's TokenAuthorizationHandler, every failure here (a wrong or missing API
+        key, a `type` other than management or inference) is the same InvalidKeyException,
+        worded "Authentication" where the other APIs say "Authorization".
+        """
         token = self._bearer(authorization)
-        if token is None or not secrets.compare_digest(token, self.api_key):
-            raise _auth_error()
-        if kind not in KINDS:
-            raise TSError(400, "BadRequestException", f"Unknown token type: {kind}")
+        if (
+            token is None
+            or not secrets.compare_digest(token, self.api_key)
+            or kind not in KINDS
+        ):
+            raise TSError(
+                400,
+                "InvalidKeyException",
+                "Token Authentication failed. "
+                "Token either incorrect, expired, or not provided correctly",
+            )
         self._new_key(kind)
         self._write()
         return self._keys[kind]

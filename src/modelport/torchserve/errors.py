@@ -28,6 +28,10 @@ def model_not_found(message: str) -> TSError:
     return TSError(404, "ModelNotFoundException", message)
 
 
+def version_not_found(message: str) -> TSError:
+    return TSError(404, "ModelVersionNotFoundException", message)
+
+
 def conflict(message: str) -> TSError:
     return TSError(409, "ConflictStatusException", message)
 

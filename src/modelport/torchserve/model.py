@@ -285,8 +285,15 @@ class ModelVersion:
         return outcome
 
     def describe(self) -> dict:
+        """TorchServe's DescribeModelResponse, in its field order.
+
+        The fields TorchServe 0.12 reports for features modelport has no notion of (parallel
+        and sequence settings, job tickets, venvs) echo the archive's model-config YAML, with
+        TorchServe's defaults where the YAML says nothing.
+        """
         s = self.settings
-        return {
+        y = self.model_yaml
+        doc: dict[str, Any] = {
             "modelName": self.name,
             "modelVersion": self.version,
             "modelUrl": self.url,
@@ -296,26 +303,60 @@ class ModelVersion:
             "batchSize": s.batch_size,
             "maxBatchDelay": s.max_batch_delay_ms,
             "responseTimeout": int(s.response_timeout_s),
-            "loadedAtStartup": self.loaded_at_startup,
-            "jobQueueStatus": {
-                "remainingCapacity": max(s.job_queue_size - self._batcher.queued, 0),
-                "pendingRequests": self._batcher.queued,
-            },
-            "workers": [
-                {
-                    "id": slot.id,
-                    "startTime": slot.start_time,
-                    "status": "READY" if slot.worker.alive else "UNLOADING",
-                    "memoryUsage": _rss(slot.worker.pid),
-                    "pid": slot.worker.pid,
-                    "gpu": slot.gpu_id is not None,
-                    "gpuId": slot.gpu_id,
-                    "gpuUsage": "N/A",
-                    "restarts": slot.worker.restarts,
-                }
-                for slot in self._slots
-            ],
+            "startupTimeout": _yaml_int(y, "startupTimeout", 120),
+            "maxRetryTimeoutInSec": _yaml_int(y, "maxRetryTimeoutInSec", 300),
+            "clientTimeoutInMills": _yaml_int(y, "clientTimeoutInMills", 0),
         }
+        level = _yaml_int(y, "parallelLevel", 0)
+        ptype = str(y.get("parallelType") or "").lower()
+        if level > 0 and ptype:
+            doc.update(parallelType=ptype, parallelLevel=level)
+        else:
+            doc.update(parallelType="", parallelLevel=0)
+        doc["deviceType"] = self._device_type()
+        if isinstance(y.get("deviceIds"), list):
+            doc["deviceIds"] = y["deviceIds"]
+        seq = _yaml_int(y, "sequenceMaxIdleMSec", 0) > 0
+        doc.update(
+            continuousBatching=bool(y.get("continuousBatching", False)),
+            useJobTicket=bool(y.get("useJobTicket", False)),
+            useVenv=bool(y.get("useVenv", False)),
+            stateful=bool(y.get("sequenceBatching", False)),
+            sequenceMaxIdleMSec=_yaml_int(y, "sequenceMaxIdleMSec", 0) if seq else 0,
+            sequenceTimeoutMSec=_yaml_int(y, "sequenceTimeoutMSec", 0),
+            maxNumSequence=_yaml_int(y, "maxNumSequence", 0) if seq else 0,
+            maxSequenceJobQueueSize=_yaml_int(y, "maxSequenceJobQueueSize", 0) if seq else 0,
+            loadedAtStartup=self.loaded_at_startup,
+        )
+        doc["workers"] = [
+            {
+                "id": slot.id,
+                "startTime": slot.start_time,
+                "status": "READY" if slot.worker.alive else "UNLOADING",
+                "memoryUsage": _rss(slot.worker.pid),
+                "pid": slot.worker.pid,
+                "gpu": slot.gpu_id is not None,
+                "gpuUsage": "N/A",
+                # modelport's own, beyond TorchServe's fields
+                "gpuId": slot.gpu_id,
+                "restarts": slot.worker.restarts,
+            }
+            for slot in self._slots
+        ]
+        doc["jobQueueStatus"] = {
+            "remainingCapacity": max(s.job_queue_size - self._batcher.queued, 0),
+            "pendingRequests": self._batcher.queued,
+        }
+        return doc
+
+    def _device_type(self) -> str:
+        """TorchServe's Model.deviceType: gpu when GPUs exist and the YAML does not ask for cpu."""
+        if any(slot.gpu_id is not None for slot in self._slots):
+            return "gpu"
+        if str(self.model_yaml.get("deviceType", "")).lower() == "cpu" or self._slots:
+            return "cpu"
+        # no workers to tell: ask torch only if a scale-up already did (importing it is slow)
+        return "gpu" if gpu_count.cache_info().currsize and gpu_count() > 0 else "cpu"
 
     def healthy(self) -> bool:
         return self.settings.min_workers == 0 or any(s.worker.alive for s in self._slots)
@@ -329,6 +370,13 @@ class ModelVersion:
         for t in list(self._retiring):
             with contextlib.suppress(BaseException):
                 await t
+
+
+def _yaml_int(doc: dict, key: str, default: int) -> int:
+    try:
+        return int(doc.get(key, default))
+    except (TypeError, ValueError):
+        return default
 
 
 def _rss(pid: int | None) -> int:

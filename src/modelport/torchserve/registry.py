@@ -23,7 +23,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from modelport.torchserve.archive import read_manifest, unpack
-from modelport.torchserve.errors import TSError, bad_request, conflict, model_not_found
+from modelport.torchserve.errors import (
+    TSError,
+    bad_request,
+    conflict,
+    model_not_found,
+    version_not_found,
+)
 from modelport.torchserve.model import ModelVersion
 from modelport.torchserve.ts_config import (
     ModelEntry,
@@ -67,7 +73,7 @@ class ModelRegistry:
         if version is None:
             return versions[self._defaults[name]]
         if version not in versions:
-            raise model_not_found(f"Model version: {version} does not exist for model: {name}")
+            raise version_not_found(f"Model version: {version} does not exist for model: {name}")
         return versions[version]
 
     def versions(self, name: str) -> list[ModelVersion]:
@@ -331,7 +337,12 @@ class ModelRegistry:
     # -- management --
 
     def set_default(self, name: str, version: str) -> None:
-        self.get(name, version)  # raises 404s
+        """TorchServe's set-default: 404 ModelNotFoundException / ModelVersionNotFoundException."""
+        versions = self._models.get(name)
+        if not versions:
+            raise model_not_found(f"Model not found: {name}")
+        if version not in versions:
+            raise version_not_found(f"Can't set default to: {version}")
         self._defaults[name] = version
 
     async def scale(
@@ -348,12 +359,13 @@ class ModelRegistry:
 
     async def unregister(self, name: str, version: str | None = None) -> ModelVersion:
         mv = self.get(name, version)
-        explicit_default = version is not None and self._defaults[name] == mv.version
-        if explicit_default and len(self._models[name]) > 1:
+        # TorchServe (ModelVersionedRefs.removeVersionModel): the default version goes last,
+        # whether it is named or implied by an unversioned DELETE /models/{name}
+        if self._defaults[name] == mv.version and len(self._models[name]) > 1:
             raise TSError(
                 403,
                 "InvalidModelVersionException",
-                f"Cannot remove default version {mv.version} for model {name}",
+                f"Cannot remove default version for model {name}",
             )
         await self._remove(name, mv.version)
         return mv

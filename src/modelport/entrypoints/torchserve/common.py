@@ -21,6 +21,9 @@ class TSState:
     metrics: TSMetrics
     auth: TokenAuth | None  # None: token authorization disabled
     model_api: bool = True  # register / unregister over the management API
+    # initial_workers when a registration leaves it out: config.properties
+    # default_workers_per_model, else 0 (TorchServe's getConfiguredDefaultWorkersPerModel)
+    default_workers: int = 0
     # config.properties `models=` entry by (name, version), for models registered over the
     # management API (TorchServe's ModelManager.createModel consults it there too)
     config_entry: Callable[[str, str], ModelEntry | None] | None = None

@@ -299,6 +299,7 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         metrics=TSMetrics(),
         auth=auth,
         model_api=cfg.enable_model_api,
+        default_workers=cfg.default_workers_per_model or 0,
         config_entry=cfg.entry_for_model,
     )
     app.include_router(make_inference_router(state))

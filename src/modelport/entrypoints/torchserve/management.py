@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelport.entrypoints.torchserve.common import TSState, error_response, status
 from modelport.entrypoints.torchserve.metrics import CONTENT_TYPE
-from modelport.torchserve.errors import TSError, bad_request
+from modelport.torchserve.errors import TSError, bad_request, service_unavailable
 from modelport.torchserve.messages import InputParam, RequestItem
 from modelport.torchserve.model import ModelVersion
 
@@ -45,6 +45,23 @@ class _Params:
         if minimum is not None and v < minimum:
             raise bad_request(f"Invalid parameter {name}: must be >= {minimum}, got {v}")
         return v
+
+    def lenient_int(self, name: str, default: int) -> int:
+        """TorchServe's NettyUtils.getIntParameter: a value that is no integer is the default."""
+        try:
+            return int(self.values.get(name, default))
+        except (TypeError, ValueError):
+            return default
+
+    def java_bool(self, name: str, default: bool) -> bool:
+        """Java's Boolean.parseBoolean, as TorchServe reads `synchronous`: only "true"
+        (any case) is true; anything else given, "1" and "yes" included, is false."""
+        raw = self.values.get(name)
+        if raw is None:
+            return default
+        if isinstance(raw, bool):  # a JSON body
+            return raw
+        return str(raw).strip().lower() == "true"
 
     def bool(self, name: str, default: bool) -> bool:
         raw = self.values.get(name)
@@ -108,23 +125,31 @@ def make_management_app(state: TSState) -> FastAPI:
 
     @app.get("/models")
     async def list_models(request: Request) -> JSONResponse:
+        # TorchServe (ApiUtils.getModelList): limit outside 0..100 is 100, a negative token
+        # is 0, a value that is no integer is the default; nextPageToken is there whenever
+        # the page reaches its limit, even when that is the last model
         p = await _params(request)
-        limit = p.int("limit", 100, minimum=1) or 100
-        start = p.int("next_page_token", 0, minimum=0) or 0
+        limit = p.lenient_int("limit", 100)
+        if not 0 <= limit <= 100:
+            limit = 100
+        start = max(p.lenient_int("next_page_token", 0), 0)
         names = reg.names()
         page = names[start : start + limit]
         doc: dict = {}
-        if start + limit < len(names):
+        if start + limit <= len(names):
             doc["nextPageToken"] = str(start + limit)
         doc["models"] = [{"modelName": n, "modelUrl": reg.get(n).url} for n in page]
         return JSONResponse(doc)
 
     def _model_api() -> None:
+        # TorchServe answers register/unregister with the model API off as any method it
+        # does not serve: 405 MethodNotAllowedException
         if not state.model_api:
+            logger.warning("register/unregister refused: enable_model_api=false")
             raise TSError(
                 405,
-                "ModelAPIDisabledException",
-                "Model API is disabled (enable_model_api=false in config.properties)",
+                "MethodNotAllowedException",
+                "Requested method is not allowed, please refer to API document.",
             )
 
     @app.post("/models")
@@ -143,8 +168,11 @@ def make_management_app(state: TSState) -> FastAPI:
             v = p.int(name, None, minimum=minimum)
             if v is not None:
                 overrides[field] = v
-        initial = p.int("initial_workers", 0, minimum=0)
-        sync = p.bool("synchronous", False)
+        # TorchServe's RegisterModelRequest: initial_workers defaults to config.properties
+        # default_workers_per_model (else 0) and synchronous to true (its docs say false;
+        # its code, which clients meet, says true)
+        initial = p.int("initial_workers", state.default_workers, minimum=0)
+        sync = p.java_bool("synchronous", True)
         mv = await reg.register(
             url,
             model_name=p.str("model_name"),
@@ -161,12 +189,15 @@ def make_management_app(state: TSState) -> FastAPI:
             return status(f"{base}. Use scale workers API to add workers for the model.")
         if sync:
             return status(base)
-        return status(f"{base}. Processing worker updates...", 202)
+        return status("Processing worker updates...", 202)
 
-    async def _describe(request: Request, mvs: list[ModelVersion]) -> JSONResponse:
+    async def _describe(
+        request: Request, mvs: list[ModelVersion], all_versions: bool = False
+    ) -> JSONResponse:
         p = await _params(request)
         out = [mv.describe() for mv in mvs]
-        if p.bool("customized", False):
+        # as TorchServe: `customized` asks the handler of one version, never for /all
+        if not all_versions and p.java_bool("customized", False):
             for doc, mv in zip(out, mvs):
                 doc["customizedMetadata"] = await _customized(mv)
         return JSONResponse(out)
@@ -177,28 +208,32 @@ def make_management_app(state: TSState) -> FastAPI:
 
     @app.get("/models/{model_name}/all")
     async def describe_all(request: Request, model_name: str) -> JSONResponse:
-        return await _describe(request, reg.versions(model_name))
+        return await _describe(request, reg.versions(model_name), all_versions=True)
 
     @app.get("/models/{model_name}/{version}")
     async def describe_version(request: Request, model_name: str, version: str) -> JSONResponse:
         return await _describe(request, [reg.get(model_name, version)])
 
     async def _scale(request: Request, model_name: str, version: str | None) -> JSONResponse:
+        """TorchServe's scale workers: min_worker defaults to 1, max_worker to min_worker, a
+        version comes from the path or `model_version`, synchronous defaults to false."""
         p = await _params(request)
-        mv = reg.get(model_name, version)
+        if version is None:
+            version = p.str("model_version") or None
         min_w = p.int("min_worker", 1, minimum=0)
-        max_w = p.int("max_worker", None, minimum=0)
-        if max_w is not None and min_w is not None and max_w < min_w:
-            raise bad_request(
-                f"Invalid worker params: max_worker ({max_w}) is less than min_worker ({min_w})"
-            )
         assert min_w is not None
+        max_w = p.int("max_worker", min_w, minimum=0)
+        assert max_w is not None
+        if max_w < min_w:
+            raise bad_request("max_worker cannot be less than min_worker.")
+        mv = reg.get(model_name, version)
         job = reg.scale(model_name, mv.version, min_w, max_w)
-        if p.bool("synchronous", False):
+        if p.java_bool("synchronous", False):
             await job
-            return status(
-                f"Workers scaled to {min_w} for model: {model_name}, version: {mv.version}"
-            )
+            msg = f"Workers scaled to {min_w} for model: {model_name}"
+            if version is not None:  # TorchServe names the version only when it was given
+                msg += f", version: {version}"
+            return status(msg)
         task = asyncio.get_running_loop().create_task(job)
         task.add_done_callback(_log_failure)
         return status("Processing worker updates...", 202)
@@ -228,15 +263,31 @@ def make_management_app(state: TSState) -> FastAPI:
     async def unregister_version(model_name: str, version: str) -> JSONResponse:
         _model_api()
         mv = await reg.unregister(model_name, version)
-        return status(f'Model "{mv.name}" version: {mv.version} unregistered')
+        return status(f'Model "{mv.name}" unregistered')  # TorchServe's words, version or not
 
-    @app.api_route("/token", methods=["GET", "POST"])
-    async def token(request: Request) -> JSONResponse:
+    @app.get("/v1/models/{model}")
+    async def kserve_v1_ready(model: str) -> JSONResponse:
+        """TorchServe's KServe v1 readiness on the management port: ready once it has a
+        worker (`/v1/models/{name}` and `/v1/models/{name}:predict` alike)."""
+        mv = reg.get(model.split(":")[0])
+        return JSONResponse({"name": mv.name, "ready": mv.num_workers > 0})
+
+    @app.api_route("/token", methods=["GET", "POST", "PUT", "DELETE"])
+    async def token(request: Request) -> Response:
+        """TorchServe's token API: the API key renews the management or inference key.
+
+        As there, the new key goes to the key file only and the answer is empty; with token
+        authorization off there is no such API (404).
+        """
         if state.auth is None:
-            raise bad_request("Token authorization is disabled")
+            raise TSError(
+                404,
+                "ResourceNotFoundException",
+                "Requested resource is not found, please refer to API document.",
+            )
         kind = request.query_params.get("type", "")
-        key = state.auth.regenerate(kind, request.headers.get("authorization"))
-        return JSONResponse({kind: {"key": key}})
+        state.auth.regenerate(kind, request.headers.get("authorization"))
+        return Response(b"", media_type="application/json")
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -257,16 +308,26 @@ def make_metrics_app(state: TSState) -> FastAPI:
 
 
 async def _customized(mv: ModelVersion) -> object:
-    """TorchServe's `?customized=true`: the handler's describe_handle() output."""
+    """TorchServe's `?customized=true`: the handler's describe_handle() output, which must be
+    a JSON object (anything else is `{}` there, with a warning in its log)."""
+    if mv.num_workers == 0:
+        raise service_unavailable(
+            f'Model "{mv.name}" has no worker to serve describe request. '
+            "Please use scale workers API to add workers."
+        )
     item = RequestItem(uuid.uuid4().hex, [InputParam("body", "", b"")], {"describe": "True"})
     outcome = await mv.run_alone(item)
     if isinstance(outcome.response, TSError):
         raise outcome.response
     body = outcome.response.body.decode("utf-8", "replace")
     try:
-        return json.loads(body)
+        doc = json.loads(body)
     except ValueError:
-        return body
+        doc = None
+    if not isinstance(doc, dict):
+        logger.warning("customized metadata of model %s is no JSON object", mv.name)
+        return {}
+    return doc
 
 
 def _log_failure(task: asyncio.Task) -> None:
