@@ -6,7 +6,7 @@
 - SamplingParams.logit_bias (also under speculative decoding, where greedy output is unchanged);
 - max_logprobs bounds logprobs / prompt_logprobs with vLLM's message; -1 asks for the whole
   vocabulary, allowed where max_logprobs is -1 (no cap); seed=None is allowed;
-- data_parallel_size, the pooling APIs and a beam_search without BeamSearchParams are clear
+- data_parallel_size, the pooling APIs on a generative model and a beam_search without BeamSearchParams are clear
   errors, not TypeErrors or AttributeErrors; trust_remote_code / disable_log_stats are accepted;
 - get_metrics() reports vLLM's series, speculative decoding's acceptance counts included.
 """
@@ -136,10 +136,16 @@ def test_minus_one_logprobs_are_the_whole_vocabulary(llm, model_dir) -> None:
 def test_unsupported_vllm_apis_are_clear_errors(llm, model_dir) -> None:
     with pytest.raises(ValueError, match="data_parallel_size=2"):
         LLM(str(model_dir), data_parallel_size=2)
-    for api in ("encode", "embed", "classify", "reward"):
-        with pytest.raises(ValueError, match=rf"LLM\.{api}\(\) is only supported for pooling"):
+    # vLLM's words: embeddings need runner="pooling" (tests/test_embeddings.py)
+    with pytest.raises(ValueError, match=r"LLM\.encode\(\) is only supported for pooling models"):
+        llm.encode(["hello"])
+    with pytest.raises(ValueError, match=r"Embedding API is not supported by this model\. Try "
+                                         r"converting the model using `--convert embed`"):
+        llm.embed(["hello"])
+    for api in ("classify", "reward"):
+        with pytest.raises(ValueError, match=rf"LLM\.{api}\(\) is only supported for classif"):
             getattr(llm, api)(["hello"])
-    with pytest.raises(ValueError, match=r"LLM\.score\(\) is only supported for pooling"):
+    with pytest.raises(ValueError, match=r"LLM\.score\(\) is only supported for classif"):
         llm.score("a", "b")
     with pytest.raises(ValueError, match=r"LLM\.beam_search\(\) takes a BeamSearchParams"):
         llm.beam_search(["hello"], None)  # implemented: tests/test_beam_search.py

@@ -7,7 +7,8 @@ as `modelport serve --model ./tiny --max-model-len 64`.
 - prompt_logprobs returns vLLM's per-prompt-token candidates, checked against transformers;
 - continue_final_message leaves the last assistant message open for the model to continue;
 - stream_options.continuous_usage_stats puts the running usage in every chunk;
-- vLLM's embedding / pooling / score / rerank paths and unknown paths are OpenAI-shaped 404s;
+- vLLM's score / rerank / classify paths and unknown paths are OpenAI-shaped 404s, and
+  /v1/embeddings and /pooling answer vLLM's 400 (a generative server);
 - `modelport --version` prints the version.
 """
 
@@ -410,13 +411,19 @@ def test_minus_one_logprobs_need_max_logprobs_minus_one(base, model_dir) -> None
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/embeddings", "/pooling", "/score", "/v1/score", "/rerank", "/v1/rerank",
-             "/classify"],
+    "path", ["/score", "/v1/score", "/rerank", "/v1/rerank", "/classify"],
 )  # fmt: skip
 def test_pooling_apis_are_openai_404s_that_say_why(base, path) -> None:
     err = _error(_post(base, path, {"input": "hello", "model": "tiny"}), 404)
-    assert path in err["message"] and "generative models only" in err["message"]
+    assert path in err["message"] and "no classify, score or rerank API" in err["message"]
     assert err["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("path,api", [("/v1/embeddings", "Embeddings"), ("/pooling", "Pooling")])
+def test_embeddings_on_a_generative_server_are_vllms_400(base, path, api) -> None:
+    """Served only with --runner pooling (tests/test_embeddings.py); here vLLM's words."""
+    err = _error(_post(base, path, {"input": "hello", "model": "tiny"}), 400)
+    assert err["message"] == f"The model does not support {api} API"
 
 
 def test_unknown_paths_are_openai_404s(base) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 
 import httpx
 import pytest
@@ -245,3 +247,259 @@ def test_grammar_requests_take_no_drafts_and_no_async_overlap(tmp_path) -> None:
             assert sched.num_drafts == before
         del engine
     assert texts["sync"] == texts["async"] == texts["spec"]
+
+
+# ---------------------------------------------------------------- compiling off the loop
+
+
+def _schema(tag: str) -> dict:
+    """SCHEMA under a title of its own: a spec no other test compiled (not cached)."""
+    return {**SCHEMA, "title": f"{tag}-{time.monotonic_ns()}"}
+
+
+def _gated_compile(monkeypatch, fail: str | None = None):
+    """Patch the manager's compile seam: each compile waits for the returned Event (so the
+    test decides when it ends, no timing), is recorded in ``calls``, and a spec whose text
+    holds ``fail`` fails as xgrammar's errors do."""
+    from modelport.engine.structured_output import StructuredOutputManager
+
+    gate = threading.Event()
+    calls: list[tuple] = []
+    compile_ = StructuredOutputManager._compile
+
+    def gated(self, key):
+        calls.append(key)
+        assert gate.wait(120), "the test never opened the gate"
+        if fail is not None and fail in str(key[1]):
+            raise ValueError(f"cannot compile structured_outputs.{key[0]}: {fail}")
+        return compile_(self, key)
+
+    monkeypatch.setattr(StructuredOutputManager, "_compile", gated)
+    return gate, calls
+
+
+def _step_until(engine, done, outputs: dict, limit: int = 2000) -> None:
+    for _ in range(limit):
+        if done():
+            return
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    raise AssertionError("engine did not get there")
+
+
+def _finished(outputs: dict, rid: str) -> bool:
+    return bool(outputs.get(rid)) and outputs[rid][-1].finished
+
+
+def test_a_compiling_grammar_does_not_hold_up_other_requests(llm, monkeypatch) -> None:
+    from modelport.engine.request import RequestStatus
+
+    gate, calls = _gated_compile(monkeypatch)
+    engine = llm.llm_engine
+    engine.add_request("slow", PERSON, _so(so=StructuredOutputsParams(json=_schema("slow")),
+                                           temperature=0, max_tokens=60))
+    engine.add_request("plain", "The capital of France is",
+                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    core = engine.core
+    assert core.num_compiling == 1
+    assert core.scheduler.requests["slow"].status is RequestStatus.WAITING_FOR_FSM
+    outputs: dict = {}
+    _step_until(engine, lambda: _finished(outputs, "plain"), outputs)
+    # the plain request ran to its end while the grammar was still compiling
+    assert len(outputs["plain"][-1].outputs[0].token_ids) == 6
+    assert "slow" not in outputs and core.num_compiling == 1 and len(calls) == 1
+    assert core.scheduler.requests["slow"].status is RequestStatus.WAITING_FOR_FSM
+    gate.set()
+    _step_until(engine, lambda: _finished(outputs, "slow"), outputs)
+    out = outputs["slow"][-1].outputs[0]
+    assert out.finish_reason == "stop", out.text
+    check_person(out.text)
+    assert not engine.has_unfinished_requests() and core.num_compiling == 0
+
+
+def test_a_grammar_that_fails_to_compile_fails_only_its_request(llm, monkeypatch) -> None:
+    gate, _ = _gated_compile(monkeypatch, fail="boom")
+    engine = llm.llm_engine
+    engine.add_request("bad", PERSON, _so(so=StructuredOutputsParams(json=_schema("boom")), n=2))
+    engine.add_request("plain", "The capital of France is",
+                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    gate.set()
+    outputs: dict = {}
+    errors = []
+    while engine.has_unfinished_requests():
+        try:
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).append(out)
+        except ValueError as e:
+            errors.append(str(e))
+    assert errors == ["cannot compile structured_outputs.json: boom"]  # once for both samples
+    assert "bad" not in outputs
+    assert len(outputs["plain"][-1].outputs[0].token_ids) == 6
+    core = engine.core
+    assert core.num_compiling == 0 and not core.scheduler.requests
+    assert not engine.output_processor.has_request("bad")
+    assert core._structured_outputs().num_inflight == 0
+    # offline: LLM.generate says why, and drops that call's other requests
+    with pytest.raises(ValueError, match="boom"):
+        llm.generate(["hi", PERSON], [SamplingParams(max_tokens=2),
+                                      _so(so=StructuredOutputsParams(json=_schema("boom")))],
+                     use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    assert llm.generate(["hi"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_identical_specs_compile_once(llm, monkeypatch) -> None:
+    gate, calls = _gated_compile(monkeypatch)
+    so = StructuredOutputsParams(json=_schema("same"))
+    engine = llm.llm_engine
+    # n=2 plus another request: three engine requests wait on one compile
+    engine.add_request("a", PERSON, _so(so=so, n=2, temperature=0.7, seed=1))
+    engine.add_request("b", PERSON, _so(so=StructuredOutputsParams(json=so.json), temperature=0))
+    assert engine.core.num_compiling == 3
+    gate.set()
+    outputs: dict = {}
+    _step_until(engine, lambda: not engine.has_unfinished_requests(), outputs)
+    assert len(calls) == 1
+    for rid in ("a", "b"):
+        for o in outputs[rid][-1].outputs:
+            assert o.finish_reason in ("stop", "length")
+    # later: served from the cache, ready at admission
+    out = llm.generate([PERSON], _so(so=so, temperature=0, max_tokens=60), use_tqdm=False)
+    check_person(out[0].outputs[0].text)
+    assert len(calls) == 1
+
+
+def test_abort_while_compiling(llm, monkeypatch) -> None:
+    gate, calls = _gated_compile(monkeypatch)
+    engine = llm.llm_engine
+    core = engine.core
+    mgr = core._structured_outputs()
+    engine.add_request("gone", PERSON, _so(so=StructuredOutputsParams(json=_schema("gone"))))
+    assert core.num_compiling == 1 and mgr.num_inflight == 1
+    fut = next(iter(core._compiling.values()))[1]
+    engine.abort_request(["gone"])
+    assert core.num_compiling == 0 and not core.scheduler.requests
+    assert not engine.has_unfinished_requests() and not engine.output_processor.has_request("gone")
+    assert engine.step() == []  # nothing left to run, nothing reported
+    gate.set()
+    if not fut.cancelled():  # it had started: it ends, and its grammar is cached, not leaked
+        fut.result(timeout=120)
+    assert mgr.num_inflight == 0
+    assert llm.generate(["hi"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_a_queued_compile_no_one_waits_for_is_cancelled(monkeypatch) -> None:
+    from modelport.engine.structured_output import StructuredOutputManager
+
+    gate = threading.Event()
+    monkeypatch.setattr(StructuredOutputManager, "_compile",
+                        lambda self, key: gate.wait(120) and ("compiled", key))
+    mgr = StructuredOutputManager(lambda: None, 100, max_workers=1)
+    try:
+        first = mgr.submit(StructuredOutputsParams(regex="a"))
+        queued = mgr.submit(StructuredOutputsParams(regex="b"))
+        assert mgr.submit(StructuredOutputsParams(regex="b")) is queued  # shared while in flight
+        assert mgr.num_inflight == 2 and mgr.num_compiles == 2
+        mgr.cancel(queued)
+        assert queued.cancelled() and mgr.num_inflight == 1
+        gate.set()
+        assert first.result(timeout=120)[0] == "compiled"
+        assert mgr.num_inflight == 0
+        again = mgr.submit(StructuredOutputsParams(regex="a"))  # cached: done at once
+        assert again.done() and again.result() is first.result() and mgr.num_compiles == 2
+    finally:
+        gate.set()
+        mgr.shutdown()
+
+
+# ---------------------------------------------------------------- min_tokens vs the grammar
+
+
+def _grammar_accepts_all(llm, so: StructuredOutputsParams, token_ids: list[int]) -> bool:
+    matcher = llm.llm_engine.core._structured_outputs().new_matcher(so)
+    return all(matcher.accept_token(t) for t in token_ids)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_gives_way_to_a_grammar_that_allows_only_eos(llm, temperature) -> None:
+    """min_tokens bans EOS, but once "yes" / "no" is out the grammar allows only EOS: the
+    grammar wins (vLLM's rule), the request stops there, and no token the grammar refuses is
+    ever emitted."""
+    so = StructuredOutputsParams(choice=["yes", "no"])
+    eos = llm.llm_engine.tokenizer.eos_token_ids
+    outs = llm.generate(["Is the sky blue? Answer:"],
+                        SamplingParams(structured_outputs=so, min_tokens=10, max_tokens=20,
+                                       temperature=temperature, seed=7, n=2), use_tqdm=False)
+    for o in outs[0].outputs:
+        assert o.text in ("yes", "no") and o.finish_reason == "stop", (o.text, o.token_ids)
+        assert o.token_ids[-1] in eos, o.token_ids  # ended by EOS, not by a refused token
+        assert _grammar_accepts_all(llm, so, o.token_ids), o.token_ids
+    # min_tokens still holds where the grammar leaves other tokens: a regex of digits
+    out = llm.generate(["Count: 1 2 3 4 5"], SamplingParams(
+        structured_outputs=StructuredOutputsParams(regex=r"[0-9 ]{1,30}"), min_tokens=6,
+        max_tokens=12, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 6, out.token_ids
+
+
+def test_a_token_the_grammar_refuses_is_never_emitted(llm) -> None:
+    """allowed_token_ids that leave the grammar nothing: the request stops, emitting nothing
+    outside the grammar."""
+    tok = llm.llm_engine.tokenizer
+    (only,) = tok.encode("zebra", add_special_tokens=False)[:1]
+    out = llm.generate(["Is the sky blue? Answer:"], SamplingParams(
+        structured_outputs=StructuredOutputsParams(choice=["yes", "no"]),
+        allowed_token_ids=[only], max_tokens=5, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [] and out.text == "" and out.finish_reason == "stop"
+
+
+def test_the_core_process_refuses_a_request_whose_grammar_failed_to_compile() -> None:
+    """Served, a compile failure reaches the frontend as CoreRejected (AsyncLLM raises it as
+    the request's ValueError, as for a request refused at admission)."""
+    import queue
+    from multiprocessing import Pipe
+
+    from modelport.engine import core_client as cc
+    from modelport.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+
+    class FakeCore:  # the EngineCore surface _busy_loop uses
+        def __init__(self) -> None:
+            self.waiting: list[str] = []
+            self.rejected: list[tuple[str, str]] = []
+
+        def add_request(self, r) -> None:
+            self.waiting.append(r.request_id)
+
+        def abort_requests(self, ids) -> list:
+            return []
+
+        def has_unfinished_requests(self) -> bool:
+            return bool(self.waiting)
+
+        def step(self) -> EngineCoreOutputs:  # the grammar failed: refused, no output
+            self.rejected += [(rid, "cannot compile structured_outputs.json: boom")
+                              for rid in self.waiting]
+            self.waiting = []
+            return EngineCoreOutputs(outputs=[])
+
+        def take_rejected(self) -> list[tuple[str, str]]:
+            out, self.rejected = self.rejected, []
+            return out
+
+        def get_stats(self) -> SchedulerStats:
+            return SchedulerStats()
+
+    ours, theirs = Pipe()
+    sent: queue.Queue = queue.Queue()
+    req = EngineCoreRequest(request_id="r1", prompt_token_ids=[1], sampling_params={},
+                            eos_token_ids=[], arrival_time=0.0)
+    ours.send_bytes(cc._to_core_encoder.encode(cc.AddRequest(request=req)))
+    loop = threading.Thread(target=cc._busy_loop, args=(FakeCore(), theirs, sent.put))
+    loop.start()
+    try:
+        msgs = [sent.get(timeout=60) for _ in range(2)]
+    finally:
+        ours.send_bytes(cc._to_core_encoder.encode(cc.Shutdown()))
+        loop.join(60)
+    assert isinstance(msgs[0], cc.CoreStepOutputs)
+    assert msgs[1] == cc.CoreRejected(request_id="r1", kind="invalid",
+                                      message="cannot compile structured_outputs.json: boom")

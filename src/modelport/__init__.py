@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from modelport.outputs import CompletionOutput, RequestOutput
+from modelport.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+)
+from modelport.pooling_params import PoolerConfig, PoolingParams
 from modelport.sampling_params import (
     BeamSearchParams,
     GuidedDecodingParams,
@@ -17,7 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "GuidedDecodingParams",
-    "RequestOutput", "CompletionOutput",
+    "RequestOutput", "CompletionOutput", "PoolingParams", "PoolerConfig", "PoolingOutput",
+    "PoolingRequestOutput", "EmbeddingOutput", "EmbeddingRequestOutput",
 ]
 
 

@@ -49,3 +49,50 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+
+
+# -- pooling (embedding) models: vLLM's PoolingRequestOutput / EmbeddingRequestOutput
+
+
+@dataclass
+class PoolingOutput:
+    data: object  # torch.Tensor: the pooled vector
+
+    def __repr__(self) -> str:
+        return f"PoolingOutput(data={self.data!r})"
+
+
+@dataclass
+class PoolingRequestOutput:
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    num_cached_tokens: int = 0
+    prompt: str | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    num_cached_tokens: int = 0
+    prompt: str | None = None
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> EmbeddingRequestOutput:
+        data = out.outputs.data
+        vec = data.tolist() if hasattr(data, "tolist") else list(data)
+        return cls(out.request_id, EmbeddingOutput(vec), out.prompt_token_ids, out.finished,
+                   out.num_cached_tokens, out.prompt)

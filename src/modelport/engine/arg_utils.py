@@ -36,6 +36,9 @@ class EngineConfig:
     async_scheduling: bool = False
     speculative_config: SpeculativeConfig | None = None
     max_logprobs: int = 20
+    # "generate", or "pooling": an embedding model (vLLM's --runner pooling / --convert embed)
+    runner_type: str = "generate"
+    pooler_config: Any = None  # modelport.pooling_params.PoolerConfig when pooling
 
     @property
     def is_cuda(self) -> bool:
@@ -73,6 +76,13 @@ class EngineArgs:
     max_logprobs: int = 20
     # vLLM's flag; no model code is ever loaded from a checkpoint here, so it changes nothing
     trust_remote_code: bool = False
+    # pooling (embedding) models, vLLM's names: runner auto | generate | pooling, convert
+    # auto | none | embed, the older task generate | embed, and the pooler's settings
+    runner: str = "auto"
+    convert: str = "auto"
+    task: str | None = None
+    pooler_config: dict[str, Any] | None = None
+    override_pooler_config: dict[str, Any] | None = None
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -126,6 +136,18 @@ class EngineArgs:
         g.add_argument("--trust-remote-code", action="store_true", default=False,
                        help="accepted for vLLM command lines; no effect (no model code is "
                             "loaded from checkpoints: the architectures are built in)")
+        g.add_argument("--runner", default=d.runner, choices=["auto", "generate", "pooling"],
+                       help="pooling: serve the model as an embedding model (/v1/embeddings; "
+                            "LAST-token pooling, L2-normalized)")
+        g.add_argument("--convert", default=d.convert, choices=["auto", "none", "embed"],
+                       help="embed: adapt the generative model into an embedding model")
+        g.add_argument("--task", default=None,
+                       help="vLLM's older flag: generate | embed (embed = --runner pooling)")
+        g.add_argument("--pooler-config", type=parse_json_dict, default=None,
+                       help='pooling settings, e.g. \'{"pooling_type": "MEAN", "normalize": '
+                            'true}\' (pooling_type LAST | MEAN | CLS)')
+        g.add_argument("--override-pooler-config", type=parse_json_dict, default=None,
+                       help="older name of --pooler-config")
         return parser
 
     @classmethod
@@ -173,6 +195,7 @@ class EngineArgs:
                                self.max_model_len or model_config.max_position_embeddings)
         if self.max_logprobs < -1:  # -1: no cap (vLLM), requests may ask for -1 (all)
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}")
+        runner_type, pooler, pooling_kw = self._resolve_pooling(model_config, spec)
         seed = self.seed
         if seed is None:  # as vLLM: no seed, a different run each time
             seed = random.SystemRandom().randrange(2**31)
@@ -190,7 +213,8 @@ class EngineArgs:
             block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            enable_prefix_caching=self.enable_prefix_caching,
+            enable_prefix_caching=pooling_kw.get("enable_prefix_caching",
+                                                 self.enable_prefix_caching),
             kv_cache_dtype=self.kv_cache_dtype,
         )
         sched = SchedulerConfig(
@@ -209,14 +233,53 @@ class EngineArgs:
                                    seed=seed),
             device=device,
             dtype=str(dtype).removeprefix("torch."),
-            enforce_eager=self.enforce_eager,
+            enforce_eager=pooling_kw.get("enforce_eager", self.enforce_eager),
             seed=seed,
             served_model_name=self.served_model_name or src.name,
-            async_scheduling=(device.startswith("cuda") and self.tensor_parallel_size == 1
-                              if self.async_scheduling is None else self.async_scheduling),
+            async_scheduling=pooling_kw.get(
+                "async_scheduling",
+                device.startswith("cuda") and self.tensor_parallel_size == 1
+                if self.async_scheduling is None else self.async_scheduling),
             speculative_config=spec,
             max_logprobs=self.max_logprobs,
+            runner_type=runner_type,
+            pooler_config=pooler,
         )
+
+    def _resolve_pooling(self, model_config: ModelConfig, spec: SpeculativeConfig | None
+                         ) -> tuple[str, Any, dict[str, Any]]:
+        """(runner type, PoolerConfig or None, engine settings a pooling runner forces).
+
+        A pooling runner runs eagerly and synchronously (no CUDA graphs, no async
+        scheduling: each request is one prefill whose pooled vector is read back at once),
+        and, as vLLM, without prefix caching unless it pools the LAST token (MEAN and CLS
+        need every prompt token's hidden state computed)."""
+        import logging
+
+        from modelport.pooling_params import PoolerConfig, resolve_runner
+
+        runner_type = resolve_runner(self.runner, self.convert, self.task,
+                                     model_config.architecture)
+        if self.pooler_config is not None and self.override_pooler_config is not None:
+            raise ValueError("give pooler_config or override_pooler_config (its older name), "
+                             "not both")
+        given = self.pooler_config if self.pooler_config is not None else \
+            self.override_pooler_config
+        if runner_type != "pooling":
+            if given is not None:
+                raise ValueError("pooler_config is only for pooling models: add "
+                                 "runner='pooling' (or convert='embed')")
+            return runner_type, None, {}
+        if spec is not None:
+            raise ValueError("speculative decoding is not supported for pooling models")
+        pooler = PoolerConfig.from_dict(given)
+        kw: dict[str, Any] = {"enforce_eager": True, "async_scheduling": False}
+        if pooler.pooling_type != "LAST" and self.enable_prefix_caching:
+            logging.getLogger(__name__).info(
+                "prefix caching off: %s pooling needs every prompt token computed",
+                pooler.pooling_type)
+            kw["enable_prefix_caching"] = False
+        return runner_type, pooler, kw
 
 
 def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, max_len: int) -> None:

@@ -147,6 +147,8 @@ class AsyncLLM:
         self.stat_logger: StatLogger = StatLogger()
         self.stats = SchedulerStats()
         self._streams: dict[str, RequestStream] = {}
+        # pooling (embedding) requests in flight: request id -> its future pooled vector
+        self._pooling: dict[str, asyncio.Future] = {}
         self._num_inflight_seqs = 0
         self.dead_reason: str | None = None
         # called (on the event loop) once the core died and its requests were failed
@@ -268,6 +270,76 @@ class AsyncLLM:
         self.client.add_requests(core_reqs)  # together: one replica holds all n samples
         return stream
 
+    @property
+    def runner_type(self) -> str:
+        return getattr(self.engine_config, "runner_type", "generate")
+
+    async def pool(self, prompt_token_ids: list[int], params: Any, request_id: str,
+                   *, priority: int = 0) -> tuple[list[float], int]:
+        """A pooling model's vector for one prompt: (pooled floats, cached prompt tokens).
+
+        Validates and sends at once (ValueError if invalid, before anything is awaited when
+        called through :meth:`submit_pooling`); cancelling the await aborts the request."""
+        fut = self.submit_pooling(prompt_token_ids, params, request_id, priority=priority)
+        return await self.wait_pooling(request_id, fut)
+
+    def submit_pooling(self, prompt_token_ids: list[int], params: Any, request_id: str,
+                       *, priority: int = 0) -> asyncio.Future:
+        from modelport.pooling_params import pooling_core_request
+
+        if self.dead_reason is not None or self.client is None:
+            raise EngineDeadError(self.dead_reason or "engine is not started")
+        if request_id in self._pooling or request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        cfg = self.engine_config
+        ids = list(prompt_token_ids)
+        if params.truncate_prompt_tokens is not None:
+            ids = self.input_processor.truncate(ids, params.truncate_prompt_tokens)
+        req = pooling_core_request(
+            request_id, ids, params, vocab_size=cfg.model_config.vocab_size,
+            max_model_len=cfg.scheduler_config.max_model_len, model_name=cfg.served_model_name,
+            hf_config=cfg.model_config.hf_config, pooler=cfg.pooler_config, priority=priority)
+        fut: asyncio.Future = self._loop.create_future()
+        self._pooling[request_id] = fut
+        self._num_inflight_seqs += 1
+        self.client.add_requests([req])
+        return fut
+
+    async def wait_pooling(self, request_id: str, fut: asyncio.Future) -> tuple[list[float], int]:
+        try:
+            return await fut
+        except BaseException:
+            self._abort_pooling(request_id)
+            raise
+
+    def _abort_pooling(self, request_id: str) -> None:
+        fut = self._pooling.pop(request_id, None)
+        if fut is None:
+            return
+        self._num_inflight_seqs -= 1
+        if self.client is not None and self.dead_reason is None:
+            self.client.abort_requests([request_id])
+
+    def _on_pooled(self, outputs: list) -> list:
+        """Resolve the pooling requests among a step's outputs; returns the others."""
+        rest = []
+        for o in outputs:
+            fut = self._pooling.get(o.request_id)
+            if fut is None:
+                rest.append(o)
+                continue
+            if not o.finished:
+                continue
+            del self._pooling[o.request_id]
+            self._num_inflight_seqs -= 1
+            if fut.done():
+                continue
+            if o.pooled is None:
+                fut.set_exception(ValueError(f"request {o.request_id} was aborted"))
+            else:
+                fut.set_result((o.pooled, o.num_cached_tokens))
+        return rest
+
     def abort_now(self, request_id: str) -> None:
         """Forget the request here and tell the core to free its blocks (next step at latest)."""
         stream = self._streams.pop(request_id, None)
@@ -304,6 +376,13 @@ class AsyncLLM:
             logger.exception("failed to process engine core outputs")
 
     def _on_rejected(self, msg: CoreRejected) -> None:
+        fut = self._pooling.pop(msg.request_id, None)
+        if fut is not None:
+            self._num_inflight_seqs -= 1
+            if not fut.done():
+                fut.set_exception(QueueFullError(msg.message) if msg.kind == "queue_full"
+                                  else ValueError(msg.message))
+            return
         for rid, stream in list(self._streams.items()):
             if msg.request_id in self.output_processor.child_ids(rid):
                 err: Exception = (
@@ -321,6 +400,10 @@ class AsyncLLM:
         for stream in self._streams.values():
             stream.queue.put_nowait(EngineDeadError(str(err)))
         self._streams.clear()
+        for fut in self._pooling.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(str(err)))
+        self._pooling.clear()
         self._num_inflight_seqs = 0
         if self.on_dead is not None:
             self.on_dead(self.dead_reason)
@@ -332,7 +415,12 @@ class AsyncLLM:
             self.stat_logger.observe_stats(outs.stats)
         if not outs.outputs:
             return
-        results, to_abort = self.output_processor.process_outputs(outs.outputs)
+        outputs = outs.outputs
+        if self._pooling:
+            outputs = self._on_pooled(outputs)
+            if not outputs:
+                return
+        results, to_abort = self.output_processor.process_outputs(outputs)
         if to_abort and self.client is not None:
             self.client.abort_requests(to_abort)
         now = time.monotonic()

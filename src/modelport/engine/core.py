@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import TYPE_CHECKING
 
 from modelport.engine.arg_utils import EngineConfig
@@ -15,7 +16,7 @@ from modelport.engine.messages import (
     TokenLogprobs,
     dict_to_params,
 )
-from modelport.engine.request import Request
+from modelport.engine.request import Request, RequestStatus
 from modelport.engine.scheduler import Scheduler, SchedulerOutput
 from modelport.engine.structured_output import StructuredOutputManager
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from modelport.runner.model_runner import PendingStep
 
 logger = logging.getLogger(__name__)
+
+# an idle step with only grammars compiling waits this long (at most) for one to finish
+_GRAMMAR_WAIT_S = 0.01
 
 
 class EngineCore:
@@ -39,6 +43,11 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler_config, self.kv, config.speculative_config)
         # structured outputs: the tokenizer and xgrammar are loaded on the first such request
         self._structured: StructuredOutputManager | None = None
+        # requests whose grammar is compiling in the manager's pool (WAITING_FOR_FSM)
+        self._compiling: dict[str, tuple[Request, Future]] = {}
+        # (request id, why): requests whose grammar failed to compile, for the caller to
+        # refuse as it refuses an invalid request at admission (take_rejected)
+        self._rejected: list[tuple[str, str]] = []
         logger.info("KV cache: %d blocks x %d tokens = %d tokens", num_blocks, bs, num_blocks * bs)
         # prompt logprobs arrive chunk by chunk; gathered here until the prompt is done
         self._prompt_lps: dict[str, list[TokenLogprobs | None]] = {}
@@ -48,6 +57,8 @@ class EngineCore:
         self.async_scheduling = (config.async_scheduling and self.runner.supports_async
                                  and spec is None)
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
+        # an embedding model (runner "pooling"): every request is prefill-only and pooled
+        self.pooling = config.runner_type == "pooling"
         if self.async_scheduling:
             logger.info("async scheduling: step N+1 is prepared while step N runs")
         if spec is not None:
@@ -76,10 +87,15 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop helper processes (tensor-parallel ranks); the core is unusable afterwards."""
+        if self._structured is not None:
+            self._structured.shutdown()
         self.runner.shutdown()
 
     def add_request(self, r: EngineCoreRequest) -> None:
         """Raises ValueError (invalid) or QueueFullError (back-pressure); the engine is unaffected."""
+        if self.pooling or r.pooling_params is not None:
+            self._add_pooling_request(r)
+            return
         params = dict_to_params(r.sampling_params)
         if params.max_tokens is None:
             params.max_tokens = self.config.scheduler_config.max_model_len - len(r.prompt_token_ids)
@@ -102,14 +118,99 @@ class EngineCore:
             arrival_time=r.arrival_time,
             priority=r.priority,
         )
+        compiling = None
         if params.structured_outputs is not None:
-            req.grammar = self._structured_outputs().new_matcher(params.structured_outputs)
-        self.scheduler.add_request(req)
+            # compiled off the loop: the request waits (WAITING_FOR_FSM), the others step on
+            fut = self._structured_outputs().submit(params.structured_outputs)
+            if fut.done():  # cached (or already failed: a ValueError now, as at admission)
+                req.grammar = StructuredOutputManager.matcher(fut.result())
+            else:
+                req.status = RequestStatus.WAITING_FOR_FSM
+                compiling = fut
+        try:
+            self.scheduler.add_request(req)
+        except Exception:
+            if compiling is not None and all(f is not compiling
+                                             for _, f in self._compiling.values()):
+                self._structured_outputs().cancel(compiling)
+            raise
+        if compiling is not None:
+            self._compiling[r.request_id] = (req, compiling)
         if params.prompt_logprobs is not None:
             self._prompt_lps[r.request_id] = [None]
 
+    def _add_pooling_request(self, r: EngineCoreRequest) -> None:
+        """A pooling request: its prompt runs once (max_tokens 0), then the pooler finishes it."""
+        from modelport.pooling_params import PoolingParams
+        from modelport.sampling_params import SamplingParams
+
+        if not self.pooling:
+            raise ValueError("this engine runs a generative model: pooling requests need "
+                             "runner='pooling'")
+        if r.pooling_params is None:
+            raise ValueError("this engine runs a pooling model: it takes pooling requests only")
+        vocab = self.config.model_config.vocab_size
+        if not r.prompt_token_ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in r.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        params = SamplingParams(max_tokens=1)
+        params.max_tokens = 0  # prefill only: nothing is generated
+        req = Request(request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids),
+                      sampling_params=params, arrival_time=r.arrival_time,
+                      priority=r.priority,
+                      pooling_params=PoolingParams.from_dict(r.pooling_params))
+        self.scheduler.add_request(req)
+
+    def poll_grammars(self) -> None:
+        """Move requests whose grammar compiled to WAITING (with their matcher); finish those
+        whose compile failed and keep why for take_rejected."""
+        if not self._compiling:
+            return
+        for rid, (req, fut) in list(self._compiling.items()):
+            if not fut.done():
+                continue
+            del self._compiling[rid]
+            try:
+                compiled = fut.result()
+                matcher = StructuredOutputManager.matcher(compiled)
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the core's
+                msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                logger.info("request %s: structured outputs: %s", rid, msg)
+                self.scheduler.fail_request(req)
+                self._prompt_lps.pop(rid, None)
+                self._rejected.append((rid, msg))
+                continue
+            req.grammar = matcher
+            req.status = RequestStatus.WAITING
+
+    def take_rejected(self) -> list[tuple[str, str]]:
+        """(request id, message) of requests finished because their grammar failed to
+        compile since the last call; they get no EngineCoreOutput."""
+        out, self._rejected = self._rejected, []
+        return out
+
+    @property
+    def has_rejected(self) -> bool:
+        return bool(self._rejected)
+
+    @property
+    def num_compiling(self) -> int:
+        return len(self._compiling)
+
+    def _drop_compiling(self, rid: str) -> None:
+        entry = self._compiling.pop(rid, None)
+        if entry is None or self._structured is None:
+            return
+        fut = entry[1]
+        if all(f is not fut for _, f in self._compiling.values()):
+            self._structured.cancel(fut)  # no one else waits for it: drop it if not started
+
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         outs = []
+        for rid in request_ids:
+            self._drop_compiling(rid)
         for req in self.scheduler.abort_requests(request_ids):
             self._prompt_lps.pop(req.request_id, None)
             outs.append(EngineCoreOutput(request_id=req.request_id, new_token_ids=[],
@@ -125,6 +226,7 @@ class EngineCore:
         waits for step N's tokens and returns their outputs: the host's bookkeeping for N
         runs while the device computes N+1."""
         outputs: list[EngineCoreOutput] = []
+        self.poll_grammars()
         if self._inflight is not None and self.scheduler.num_needing_history:
             # a request needs every earlier token on the host (penalties, logprobs): drain
             outputs += self._collect(*self._inflight)
@@ -139,6 +241,10 @@ class EngineCore:
                 self._inflight = (so, pending)
             else:
                 outputs += self._collect(so, pending)
+        elif self._inflight is None and self._compiling and not outputs:
+            # nothing to run but grammars compiling: wait a little for one instead of spinning
+            wait([f for _, f in self._compiling.values()], timeout=_GRAMMAR_WAIT_S,
+                 return_when=FIRST_COMPLETED)
         return EngineCoreOutputs(outputs=outputs, stats=self.get_stats())
 
     def _collect(self, so: SchedulerOutput, pending: PendingStep) -> list[EngineCoreOutput]:
@@ -146,7 +252,8 @@ class EngineCore:
         for rid in so.preempted_ids:  # recompute re-sends prompt logprobs from the start
             if rid in self._prompt_lps:
                 self._prompt_lps[rid] = [None]
-        progressed = self.scheduler.update(so, ro.sampled, ro.spec_tokens)
+        progressed = self.scheduler.update(so, ro.sampled, ro.spec_tokens,
+                                           (ro.pooled or {}) if self.pooling else None)
         outputs = []
         for req, new_tokens in progressed:
             rid = req.request_id
@@ -169,6 +276,7 @@ class EngineCore:
                     num_cached_tokens=max(0, req.num_cached_tokens),
                     first_scheduled_time=req.first_scheduled_time,
                     first_token_time=req.first_token_time,
+                    pooled=(ro.pooled or {}).get(rid) if self.pooling else None,
                 )
             )
         return outputs

@@ -194,6 +194,9 @@ def _busy_loop(core: Any, in_conn: Any, send: Callable[[FromCore], None]) -> Non
             out.outputs = aborted + out.outputs
             out.stats = core.get_stats()
             send(CoreStepOutputs(outputs=out))
+            # requests whose grammar failed to compile: refused as an invalid request is
+            for rid, why in core.take_rejected():
+                send(CoreRejected(request_id=rid, kind="invalid", message=why))
         elif handled:
             # e.g. an abort emptied the engine: publish it and the idle stats right away
             send(

@@ -11,6 +11,7 @@ from modelport.engine.core import EngineCore
 from modelport.frontend.processor import InputProcessor, OutputProcessor
 from modelport.frontend.prompts import PromptInput
 from modelport.outputs import RequestOutput
+from modelport.pooling_params import PoolingParams
 from modelport.sampling_params import SamplingParams
 
 
@@ -31,6 +32,8 @@ class LLMEngine:
                                               config.scheduler_config,
                                               max_logprobs=config.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # pooling requests in flight: request id -> (prompt text, prompt token ids)
+        self._pooling: dict[str, tuple[str | None, list[int]]] = {}
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -73,16 +76,70 @@ class LLMEngine:
             output_kind=output_kind, arrival_time=core_reqs[0].arrival_time,
         )
 
+    def add_pooling_request(self, request_id: str, prompt: PromptInput, params: PoolingParams,
+                            *, add_special_tokens: bool = True) -> None:
+        """Validate and queue one pooling (embedding) request; ValueError if invalid."""
+        from modelport.pooling_params import pooling_core_request
+
+        text, ids = self.input_processor.prompt_inputs(prompt, None, add_special_tokens)
+        if params.truncate_prompt_tokens is not None:
+            ids = self.input_processor.truncate(ids, params.truncate_prompt_tokens)
+        cfg = self.config
+        req = pooling_core_request(
+            request_id, ids, params, vocab_size=cfg.model_config.vocab_size,
+            max_model_len=cfg.scheduler_config.max_model_len,
+            model_name=cfg.served_model_name, hf_config=cfg.model_config.hf_config,
+            pooler=cfg.pooler_config)
+        self.core.add_request(req)
+        self._pooling[request_id] = (text, ids)
+
     def abort_request(self, request_ids: list[str]) -> None:
+        if self._pooling:
+            pooled = [r for r in request_ids if self._pooling.pop(r, None) is not None]
+            self.core.abort_requests(pooled)
         for rid in request_ids:
             self.core.abort_requests(self.output_processor.abort(rid))
 
     def step(self) -> list[RequestOutput]:
+        """One engine step. Raises ValueError (before stepping, so no output is lost) when a
+        request's grammar failed to compile in the core; that request is dropped, the others
+        go on at the next call."""
+        self.core.poll_grammars()
+        rejected = self.core.take_rejected()
+        if rejected:
+            parents = []
+            for rid, _ in rejected:
+                pid = self.output_processor.child_to_parent.get(rid)
+                if pid is not None and pid not in parents:
+                    parents.append(pid)
+            for pid in parents:  # its other samples too
+                self.core.abort_requests(self.output_processor.abort(pid))
+            raise ValueError(rejected[0][1])
         outs = self.core.step()
+        if self._pooling:
+            return self._pooling_outputs(outs.outputs)
         results, to_abort = self.output_processor.process_outputs(outs.outputs)
         if to_abort:
             self.core.abort_requests(to_abort)
         return results
 
+    def _pooling_outputs(self, outs: list) -> list:
+        import torch
+
+        from modelport.outputs import PoolingOutput, PoolingRequestOutput
+
+        results = []
+        for o in outs:
+            if not o.finished or o.request_id not in self._pooling:
+                continue
+            text, ids = self._pooling.pop(o.request_id)
+            if o.pooled is None:  # aborted
+                continue
+            results.append(PoolingRequestOutput(
+                o.request_id, PoolingOutput(torch.tensor(o.pooled, dtype=torch.float32)),
+                ids, True, o.num_cached_tokens, text))
+        return results
+
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        # a grammar failure not yet raised by step() counts: the caller must step to hear it
+        return self.core.has_unfinished_requests() or self.core.has_rejected

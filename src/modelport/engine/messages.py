@@ -19,6 +19,8 @@ class EngineCoreRequest(msgspec.Struct, kw_only=True):
     eos_token_ids: list[int]
     arrival_time: float
     priority: int = 0
+    # a pooling (embedding) request: PoolingParams.to_dict(); prefill only, no sampling
+    pooling_params: dict | None = None
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
@@ -40,6 +42,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True):
     # monotonic timestamps, for per-request metrics
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # a pooling request's pooled vector (float32 values), with its finish
+    pooled: list[float] | None = None
 
     @property
     def finished(self) -> bool:

@@ -12,6 +12,9 @@ from modelport.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    # structured outputs: waiting for its grammar to compile (vLLM's WAITING_FOR_FSM); the
+    # scheduler passes over it until the engine core sets it WAITING with its matcher
+    WAITING_FOR_FSM = "waiting_for_fsm"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -53,9 +56,11 @@ class Request:
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    # structured outputs: the request's xgrammar GrammarMatcher (set by the engine core),
-    # advanced with each accepted token; its bitmask constrains sampling
+    # structured outputs: the request's xgrammar GrammarMatcher (set by the engine core once
+    # its grammar compiled), advanced with each accepted token; its bitmask constrains sampling
     grammar: Any = field(default=None, repr=False)
+    # a pooling (embedding) request: its PoolingParams; prefill only, finished by the pooler
+    pooling_params: Any = None
 
     def __post_init__(self) -> None:
         assert len(self.prompt_token_ids) > 0, "empty prompt"

@@ -20,6 +20,7 @@ of rejected drafts are written again when those positions come round).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -29,6 +30,8 @@ from modelport.config import SchedulerConfig, SpeculativeConfig
 from modelport.engine import ngram
 from modelport.engine.kv_cache_manager import KVCacheManager
 from modelport.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,6 +129,12 @@ class Scheduler:
             aborted.append(req)
         return aborted
 
+    def fail_request(self, req: Request) -> None:
+        """Finish an unscheduled request that cannot run (its grammar failed to compile);
+        the engine core reports why."""
+        if not req.is_finished and self.requests.get(req.request_id) is req:
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+
     # -- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_ids=self._finished_ids)
@@ -175,6 +184,10 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting.popleft()
+            if req.status is RequestStatus.WAITING_FOR_FSM:
+                # its grammar is still compiling (off the loop): the others go on meanwhile
+                deferred.append(req)
+                continue
             if req.num_placeholders:
                 # preempted while a step of it was in flight: wait for that step's token
                 deferred.append(req)
@@ -291,11 +304,13 @@ class Scheduler:
     def update(
         self, out: SchedulerOutput, sampled: dict[str, int],
         spec_tokens: dict[str, list[int]] | None = None,
+        pooled: dict | None = None,
     ) -> list[tuple[Request, list[int]]]:
         """Advance requests by what ran; returns (request, new token ids) for those that moved.
 
         sampled: the new token of each sampling request; spec_tokens: for a request scheduled
-        with drafts, the accepted drafts followed by the model's next token.
+        with drafts, the accepted drafts followed by the model's next token; pooled: given
+        by a pooling runner, whose requests finish once their whole prompt ran (prefill only).
         Requests that finished have their status set and their blocks freed.
         """
         progressed: list[tuple[Request, list[int]]] = []
@@ -308,17 +323,33 @@ class Scheduler:
                 self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
                 progressed.append((req, []))
                 continue
+            if pooled is not None:  # a pooling engine: the prompt is done, so is the request
+                req.num_placeholders -= 1
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
+                progressed.append((req, []))
+                continue
             if s.spec_token_ids:
                 progressed.append((req, self._accept(req, s, (spec_tokens or {})[req.request_id], now)))
                 continue
             token = sampled[req.request_id]
             req.num_placeholders -= 1
+            if req.grammar is not None and not self._grammar_accepts(req, token):
+                # never emit a token outside the grammar: this happens only when other masks
+                # (allowed_token_ids, bad_words, logit_bias) left the grammar no token at all
+                logger.warning("request %s: sampled token %d is outside its grammar; finishing "
+                               "it without that token", req.request_id, token)
+                req.stop_reason = None
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
+                progressed.append((req, []))
+                continue
             req.append_output_token(token)
             self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if req.first_token_time is None:
                 req.first_token_time = now
             status = self._check_stop(req, token)
-            if req.grammar is not None and self._advance_grammar(req, token):
+            if req.grammar is not None and req.grammar.is_terminated():
+                # the grammar accepted a stop token: done, even under min_tokens (the sampler
+                # lets the grammar's stop through when it allows nothing else)
                 req.stop_reason = None if status is None else req.stop_reason
                 status = RequestStatus.FINISHED_STOPPED
             if status is not None:
@@ -351,15 +382,9 @@ class Scheduler:
         return appended
 
     @staticmethod
-    def _advance_grammar(req: Request, token: int) -> bool:
-        """Feed a sampled token to the request's grammar matcher; True when the grammar is
-        done (it accepted a stop token) or cannot go on (a token it refuses: the sampler's
-        mask allows none, which happens only when every allowed token was masked again)."""
-        if req.grammar.is_terminated():
-            return True
-        if not req.grammar.accept_token(token):
-            return True
-        return req.grammar.is_terminated()
+    def _grammar_accepts(req: Request, token: int) -> bool:
+        """Feed a sampled token to the request's grammar matcher; False if it refuses it."""
+        return not req.grammar.is_terminated() and req.grammar.accept_token(token)
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.sampling_params

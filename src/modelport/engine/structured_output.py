@@ -3,10 +3,13 @@
 The frontend checks a request's constraint without a tokenizer (``validate``: a bad schema,
 regex or grammar is a ValueError naming the field when the request is added); the engine core
 compiles it against the model's vocabulary (``StructuredOutputManager``, one per core, with the
-tokenizer loaded on first use and compiled grammars cached by spec) and gives each request
-(each of its n samples) its own ``GrammarMatcher``. The sampler masks each constrained row's
-logits with its matcher's token bitmask; the scheduler advances the matcher with each accepted
-token and finishes the request ("stop") once the grammar has terminated.
+tokenizer loaded on first use and compiled grammars cached by spec) in a small thread pool, off
+the engine loop: the request waits (WAITING_FOR_FSM) while the others step on, and a compile
+failure finishes only that request. Each request (each of its n samples) gets its own
+``GrammarMatcher``. The sampler masks each constrained row's logits with its matcher's token
+bitmask (min_tokens gives way when the grammar allows nothing but a stop token); the scheduler
+advances the matcher with each accepted token, never emits a token the grammar refuses, and
+finishes the request ("stop") once the grammar has terminated.
 
 xgrammar is imported only here and only when a request asks for structured output, so
 everything else runs where it is not installed.
@@ -17,8 +20,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
@@ -90,55 +95,135 @@ def validate(so: StructuredOutputsParams) -> None:
 
 
 class StructuredOutputManager:
-    """The engine core's grammar compiler: one TokenizerInfo (built on first use from the
-    model's tokenizer), compiled grammars cached by spec, a fresh matcher per request."""
+    """The engine core's grammar compiler, off the engine loop (as vLLM's): ``submit`` hands a
+    spec to a small thread pool (xgrammar's compiler releases the GIL) and returns a Future of
+    its CompiledGrammar, so a big schema never stalls the other requests' steps. One
+    TokenizerInfo (built on first use, in a worker, from the model's tokenizer); compiled
+    grammars cached by spec key (an LRU of ``_CACHE_SIZE``), and a spec being compiled is
+    compiled once however many requests ask for it meanwhile. ``matcher`` makes a request's
+    own GrammarMatcher from a compiled grammar.
 
-    def __init__(self, load_tokenizer: Callable[[], Any], vocab_size: int) -> None:
+    A failed compile sets its Future's exception to a ValueError naming the field; failures
+    are not cached (the next request with that spec tries again).
+    """
+
+    def __init__(self, load_tokenizer: Callable[[], Any], vocab_size: int,
+                 max_workers: int | None = None) -> None:
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
         self._compiler: Any = None
+        self._compiler_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _cache and _inflight (workers and the core)
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._inflight: dict[tuple, Future] = {}
+        # vLLM's sizing: half the cores, at most 8
+        self._max_workers = max_workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+        self._executor: ThreadPoolExecutor | None = None
+        self.num_compiles = 0  # compilations actually run (not served from the cache)
 
     def _get_compiler(self) -> Any:
-        if self._compiler is None:
-            xgr = xgrammar()
-            tok = self._load_tokenizer()
-            if tok is None:
-                raise ValueError("structured outputs need the model's tokenizer, and this "
-                                 "engine has none")
-            info = xgr.TokenizerInfo.from_huggingface(
-                tok.hf, vocab_size=max(self.vocab_size, len(tok.hf)),
-                stop_token_ids=list(tok.eos_token_ids) or None,
-            )
-            self._compiler = xgr.GrammarCompiler(
-                info, max_threads=max(1, min(8, os.cpu_count() or 1)), cache_enabled=False)
-        return self._compiler
+        with self._compiler_lock:
+            if self._compiler is None:
+                xgr = xgrammar()
+                tok = self._load_tokenizer()
+                if tok is None:
+                    raise ValueError("structured outputs need the model's tokenizer, and this "
+                                     "engine has none")
+                info = xgr.TokenizerInfo.from_huggingface(
+                    tok.hf, vocab_size=max(self.vocab_size, len(tok.hf)),
+                    stop_token_ids=list(tok.eos_token_ids) or None,
+                )
+                # our own cache keys by spec; xgrammar's would hold the same grammars twice
+                self._compiler = xgr.GrammarCompiler(
+                    info, max_threads=max(1, min(8, os.cpu_count() or 1)), cache_enabled=False)
+            return self._compiler
 
-    def compile(self, so: StructuredOutputsParams) -> Any:
-        key = spec_key(so)
-        compiled = self._cache.get(key)
-        if compiled is not None:
-            self._cache.move_to_end(key)
-            return compiled
+    def _compile(self, key: tuple) -> Any:
+        """Compile one spec key (runs in a worker thread). Tests patch this seam."""
         compiler = self._get_compiler()
         grammar = _grammar(key)  # a clear ValueError for a bad spec
         try:
-            compiled = compiler.compile_grammar(grammar)
+            return compiler.compile_grammar(grammar)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"cannot compile structured_outputs.{key[0]}: {_message(e)}") from None
-        self._cache[key] = compiled
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
+
+    def _run(self, key: tuple) -> Any:
+        try:
+            compiled = self._compile(key)
+        except ValueError:
+            with self._lock:
+                self._inflight.pop(key, None)
+            raise
+        except Exception as e:  # anything else is still this request's failure, not the core's
+            with self._lock:
+                self._inflight.pop(key, None)
+            raise ValueError(f"cannot compile structured_outputs.{key[0]}: "
+                             f"{type(e).__name__}: {e}") from e
+        with self._lock:
+            self._inflight.pop(key, None)
+            self._cache[key] = compiled
+            self._cache.move_to_end(key)
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
         return compiled
 
+    def submit(self, so: StructuredOutputsParams) -> Future:
+        """A Future of the spec's CompiledGrammar: done at once for a cached spec, shared with
+        the requests already waiting for the same spec, else compiled in the pool."""
+        key = spec_key(so)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                done: Future = Future()
+                done.set_result(compiled)
+                return done
+            fut = self._inflight.get(key)
+            if fut is None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        max_workers=self._max_workers, thread_name_prefix="grammar-compile")
+                self.num_compiles += 1
+                fut = self._executor.submit(self._run, key)
+                self._inflight[key] = fut
+            return fut
+
+    def cancel(self, fut: Future) -> None:
+        """Drop a compile no request waits for any more, if it has not started (a started one
+        runs to the end and its grammar is cached)."""
+        with self._lock:
+            if fut.cancel():
+                for key in [k for k, f in self._inflight.items() if f is fut]:
+                    del self._inflight[key]
+
+    def compile(self, so: StructuredOutputsParams) -> Any:
+        """Compile synchronously (through the pool and the cache); ValueError if it fails."""
+        return self.submit(so).result()
+
+    @staticmethod
+    def matcher(compiled: Any) -> Any:
+        return xgrammar().GrammarMatcher(compiled)
+
     def new_matcher(self, so: StructuredOutputsParams) -> Any:
-        return xgrammar().GrammarMatcher(self.compile(so))
+        return self.matcher(self.compile(so))
+
+    @property
+    def num_inflight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
 
-def apply_grammar_bitmask(logits: Any, rows: list[tuple[int, Any]]) -> None:
-    """Mask each (row, matcher)'s [N, V] logits row to the tokens its grammar allows next."""
+def apply_grammar_bitmask(logits: Any, rows: list[tuple[int, Any]]) -> Any:
+    """Mask each (row, matcher)'s [N, V] logits row to the tokens its grammar allows next.
+
+    Returns the host bitmask (int32, one row per entry of ``rows``, xgrammar's layout)."""
     if not rows:
-        return
+        return None
     import torch
 
     xgr = xgrammar()
@@ -148,7 +233,25 @@ def apply_grammar_bitmask(logits: Any, rows: list[tuple[int, Any]]) -> None:
         matcher.fill_next_token_bitmask(bitmask, j)
     # unpack the bits on the logits' device: one masked_fill, any device or dtype
     bits = bitmask.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(len(rows), -1)[:, :vocab]
+    allowed = unpack_bitmask(bits, vocab)
     idx = torch.tensor([i for i, _ in rows], dtype=torch.long, device=logits.device)
     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+    return bitmask
+
+
+def unpack_bitmask(bitmask: Any, vocab: int) -> Any:
+    """[N, ceil(V/32)] int32 bitmask -> [N, V] bool (True: allowed)."""
+    import torch
+
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
+
+
+def allows_only(bitmask_row: Any, token_ids: list[int], vocab: int) -> bool:
+    """Whether a host bitmask row allows no token outside ``token_ids`` (e.g. a terminated
+    grammar, which allows only its stop tokens)."""
+    allowed = unpack_bitmask(bitmask_row.reshape(1, -1), vocab)[0].clone()
+    ids = [t for t in token_ids if 0 <= t < vocab]
+    if ids:
+        allowed[ids] = False
+    return not bool(allowed.any())

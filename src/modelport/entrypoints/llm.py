@@ -18,7 +18,8 @@ from modelport.engine.llm_engine import LLMEngine
 from modelport.frontend.prompts import PromptInput, is_token_ids
 from modelport.frontend.tokenizer import Tokenizer
 from modelport.metrics import Metric, RequestCounts, snapshot
-from modelport.outputs import RequestOutput
+from modelport.outputs import EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput
+from modelport.pooling_params import PoolingParams
 from modelport.sampling_params import BeamSearchParams, SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -57,6 +58,11 @@ class LLM:
         data_parallel_size: int = 1,
         trust_remote_code: bool = False,
         disable_log_stats: bool = True,
+        runner: str = "auto",
+        convert: str = "auto",
+        task: str | None = None,
+        pooler_config: dict[str, Any] | None = None,
+        override_pooler_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
@@ -80,6 +86,8 @@ class LLM:
             block_size=block_size, seed=seed, quantization=quantization, device=device,
             kv_cache_dtype=kv_cache_dtype, async_scheduling=async_scheduling,
             speculative_config=speculative_config, max_logprobs=max_logprobs,
+            runner=runner, convert=convert, task=task, pooler_config=pooler_config,
+            override_pooler_config=override_pooler_config,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
@@ -115,6 +123,7 @@ class LLM:
         ``{"prompt_token_ids": ids}`` (vLLM's TextPrompt / TokensPrompt); give one, or a list
         of them in any mix.
         """
+        self._check_generative("LLM.generate()")
         items = _normalize_prompts(prompts, prompt_token_ids)
         return self._run(items, sampling_params, use_tqdm, add_special_tokens=True)
 
@@ -126,16 +135,26 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
+        """Each conversation through the model's chat template, then generated as vLLM's
+        LLM.chat. ``tools`` (OpenAI tool definitions) reach a tool-aware template; earlier
+        assistant tool calls' JSON-string arguments reach it as objects, as vLLM gives them."""
+        from modelport.entrypoints.openai.tool_parsers import history_for_template
+
+        self._check_generative("LLM.chat()")
         convs: Sequence[Conversation]
         if messages and isinstance(messages[0], dict):
             convs = [messages]  # type: ignore[list-item]
         else:
             convs = messages  # type: ignore[assignment]
         tok = self.llm_engine.tokenizer
+        kw = dict(chat_template_kwargs or {})
+        if tools is not None:
+            kw["tools"] = tools
         prompts = [
-            tok.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt,
-                                    **(chat_template_kwargs or {}))
+            tok.apply_chat_template(history_for_template(list(c)),
+                                    add_generation_prompt=add_generation_prompt, **kw)
             for c in convs
         ]
         return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
@@ -176,18 +195,108 @@ class LLM:
                 if not engine.has_unfinished_requests() and len(results) < len(ids):
                     missing = [r for r in ids if r not in results]
                     raise RuntimeError(f"engine went idle with requests unanswered: {missing}")
+        except BaseException:
+            # e.g. a grammar that failed to compile: drop this call's other requests too
+            engine.abort_request([r for r in ids if r not in results])
+            raise
         finally:
             bar.close()
         return [results[r] for r in ids]
 
 
-    # -- vLLM's pooling APIs: not served here, said clearly
+    # -- vLLM's pooling APIs: embeddings (runner="pooling"); no classification heads
 
-    def encode(self, *args: Any, **kwargs: Any) -> list:
-        raise ValueError(_POOLING_ONLY.format(api="LLM.encode()"))
+    @property
+    def runner_type(self) -> str:
+        return self.llm_engine.config.runner_type
 
-    def embed(self, *args: Any, **kwargs: Any) -> list:
-        raise ValueError(_POOLING_ONLY.format(api="LLM.embed()"))
+    def _check_generative(self, api: str) -> None:
+        if self.runner_type != "generate":
+            raise ValueError(
+                f"{api} is only supported for generative models. Try passing "
+                "`--runner generate` to use the model as a generative model."
+            )
+
+    def encode(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+        pooling_task: str | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """One ``PoolingRequestOutput`` per prompt, in order: ``.outputs.data`` is the pooled
+        vector (a float32 tensor). Needs ``LLM(..., runner="pooling")``."""
+        if self.runner_type != "pooling":
+            raise ValueError(
+                "LLM.encode() is only supported for pooling models. Try passing "
+                "`--runner pooling` to use the model as a pooling model."
+            )
+        from modelport.pooling_params import POOLING_TASKS
+
+        if pooling_task is not None and pooling_task not in POOLING_TASKS:
+            raise ValueError(f"pooling_task {pooling_task!r} is not supported by this model: "
+                             f"use one of {', '.join(POOLING_TASKS)}")
+        items = _normalize_prompts(prompts, None)
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        if isinstance(pooling_params, PoolingParams):
+            params = [pooling_params.clone() for _ in items]
+        else:
+            params = [p.clone() for p in pooling_params]
+            if len(params) != len(items):
+                raise ValueError(f"got {len(params)} PoolingParams for {len(items)} prompts; "
+                                 "pass one or one each")
+        for p in params:
+            if truncate_prompt_tokens is not None:
+                p.truncate_prompt_tokens = truncate_prompt_tokens
+            p.task = pooling_task or p.task or "embed"
+        engine = self.llm_engine
+        ids = []
+        try:
+            for item, p in zip(items, params):
+                rid = str(next(self._counter))
+                engine.add_pooling_request(rid, item, p)
+                ids.append(rid)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        results: dict[str, PoolingRequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests() or len(results) < len(ids):
+                for out in engine.step():
+                    results[out.request_id] = out
+                    bar.update(1)
+                if not engine.has_unfinished_requests() and len(results) < len(ids):
+                    missing = [r for r in ids if r not in results]
+                    raise RuntimeError(f"engine went idle with requests unanswered: {missing}")
+        except BaseException:
+            engine.abort_request([r for r in ids if r not in results])
+            raise
+        finally:
+            bar.close()
+        return [results[r] for r in ids]
+
+    def embed(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One ``EmbeddingRequestOutput`` per prompt, in order (``.outputs.embedding``: a
+        list of floats). Needs ``LLM(..., runner="pooling")`` (or ``convert="embed"``,
+        ``task="embed"``): LAST-token pooling, L2-normalized unless pooler_config says else."""
+        if self.runner_type != "pooling":
+            raise ValueError("Embedding API is not supported by this model. Try converting "
+                             "the model using `--convert embed`.")
+        outs = self.encode(prompts, pooling_params, truncate_prompt_tokens=truncate_prompt_tokens,
+                           use_tqdm=use_tqdm, pooling_task="embed")
+        return [EmbeddingRequestOutput.from_base(o) for o in outs]
 
     def classify(self, *args: Any, **kwargs: Any) -> list:
         raise ValueError(_POOLING_ONLY.format(api="LLM.classify()"))
@@ -222,6 +331,7 @@ class LLM:
         followed by the output (``output_token_ids`` the output alone); ``text`` leaves the
         final EOS out unless ``include_stop_str_in_output``. ``concurrency_limit`` searches
         that many prompts at a time (None: all at once)."""
+        self._check_generative("LLM.beam_search()")
         if not isinstance(params, BeamSearchParams):
             raise ValueError(
                 "LLM.beam_search() takes a BeamSearchParams (from modelport or "
@@ -271,8 +381,9 @@ class LLM:
 
 
 _POOLING_ONLY = (
-    "{api} is only supported for pooling (embedding / classification / scoring) models; "
-    "modelport serves generative models only: use LLM.generate() or LLM.chat()"
+    "{api} is only supported for classification / scoring / reward models, which modelport "
+    "does not serve: embeddings are (LLM(..., runner='pooling') and LLM.embed()), generation "
+    "is (LLM.generate() / LLM.chat())"
 )
 
 

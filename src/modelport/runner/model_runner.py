@@ -41,6 +41,8 @@ class RunnerOutput:
     spec_tokens: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+    # a pooling runner: request id -> pooled vector, for requests whose prompt ended
+    pooled: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -82,6 +84,12 @@ class ModelRunner:
         # a placeholder token of the next step (async scheduling) is read from here
         self._prev_tokens: torch.Tensor | None = None
         self._prev_rows: dict[str, int] = {}
+        # an embedding model (runner "pooling"): hidden states are pooled, never sampled
+        self.pooler = None
+        if config.runner_type == "pooling":
+            from modelport.runner.pooler import Pooler
+
+            self.pooler = Pooler(config.pooler_config)
 
     @property
     def supports_async(self) -> bool:
@@ -454,6 +462,8 @@ class ModelRunner:
         assert self.model is not None
         for rid in so.finished_ids:
             self.generators.pop(rid, None)
+        if self.pooler is not None:
+            self.pooler.drop(so.finished_ids)
         if so.is_empty:
             return None
         if self.draft_model is not None:
@@ -520,6 +530,9 @@ class ModelRunner:
             if self.tp_workers is not None:
                 self.tp_workers.send(("fwd", (input_ids, positions, slots, qsl, seq_lens, tables)))
             hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables, fill)
+        if self.pooler is not None:  # no LM head, no sampler: the pooled vectors are the output
+            out.pooled = self.pooler(so, hidden, qsl)
+            return PendingStep(out)
         pending = PendingStep(out)
         if not logit_rows:
             return pending

@@ -94,15 +94,26 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
-def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+def min_tokens_banned(r: SamplingRow, vocab: int) -> list[int]:
+    """The stop tokens min_tokens bans from row r now ([] once it has min_tokens)."""
+    p = r.params
+    if len(r.output_token_ids) >= p.min_tokens:
+        return []
+    banned = list(p.stop_token_ids or ())
+    if not p.ignore_eos:
+        banned += list(r.eos_token_ids)
+    return [t for t in banned if t < vocab]
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow],
+                     exempt: set[int] | frozenset[int] = frozenset()) -> None:
+    """Ban stop tokens from rows short of min_tokens, but rows in ``exempt`` (a grammar that
+    allows nothing but a stop token: the grammar wins, as vLLM's, so the request ends there
+    rather than sampling a token the grammar refuses)."""
     for i, r in enumerate(rows):
-        p = r.params
-        if len(r.output_token_ids) >= p.min_tokens:
+        if i in exempt:
             continue
-        banned = list(p.stop_token_ids or ())
-        if not p.ignore_eos:
-            banned += list(r.eos_token_ids)
-        banned = [t for t in banned if t < logits.shape[-1]]
+        banned = min_tokens_banned(r, logits.shape[-1])
         if banned:
             logits[i, banned] = float("-inf")
 
@@ -215,14 +226,19 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if max_lp is not None else None
 
         constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        exempt: set[int] = set()
         if constrained:
-            from modelport.engine.structured_output import apply_grammar_bitmask
+            from modelport.engine.structured_output import allows_only, apply_grammar_bitmask
 
-            apply_grammar_bitmask(logits, constrained)
+            bitmask = apply_grammar_bitmask(logits, constrained)  # on the host: no sync
+            for j, (i, _) in enumerate(constrained):
+                banned = min_tokens_banned(rows[i], vocab)
+                if banned and allows_only(bitmask[j], banned, vocab):
+                    exempt.add(i)  # min_tokens would leave the grammar no token
         apply_allowed_and_bad_words(logits, rows)
         apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)
-        apply_min_tokens(logits, rows)
+        apply_min_tokens(logits, rows, exempt)
 
         greedy = [r.params.greedy for r in rows]
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)

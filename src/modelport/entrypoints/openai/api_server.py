@@ -23,6 +23,7 @@ from modelport.engine.async_llm import AsyncLLM
 from modelport.entrypoints.openai.errors import install_error_handlers
 from modelport.entrypoints.openai.metrics import ServerMetrics
 from modelport.entrypoints.openai.routes import OPENAI_PATHS, POOLING_PATHS, ServerState, mount
+from modelport.entrypoints.openai.tools import ToolSettings
 
 logger = logging.getLogger("modelport.openai")
 
@@ -55,6 +56,22 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             default="modelport",
             help="namespace of the /metrics series: modelport:... (default), or vllm:... for "
             "dashboards built on vLLM's names (the same series)",
+        )
+    if "--enable-auto-tool-choice" not in parser._option_string_actions:
+        from modelport.entrypoints.openai.tool_parsers import PARSERS
+
+        g.add_argument(
+            "--enable-auto-tool-choice",
+            action="store_true",
+            help='serve tool_choice "auto" (the default when a request has tools): the model '
+            "decides whether to call tools, found in its text by --tool-call-parser",
+        )
+        g.add_argument(
+            "--tool-call-parser",
+            choices=sorted(PARSERS),
+            default=None,
+            help="how the model writes tool calls: hermes (<tool_call>{...}</tool_call>, "
+            "Hermes/Qwen) or llama3_json (JSON after <|python_tag|>, Llama 3.x)",
         )
     if "--max-waiting-requests" not in parser._option_string_actions:
         g.add_argument(
@@ -226,8 +243,15 @@ def attach(
             resolve_model(args.model)
         except ValueError as e:
             raise SystemExit(f"modelport serve: {e}") from None
+    try:
+        tool_settings = ToolSettings(
+            enable_auto_tools=bool(getattr(args, "enable_auto_tool_choice", False)),
+            tool_call_parser=getattr(args, "tool_call_parser", None),
+        )
+    except ValueError as e:  # vLLM refuses these at startup too
+        raise SystemExit(f"modelport serve: {e}") from None
     state = ServerState(version=_version(), api_key=getattr(args, "api_key", None),
-                        serve_own_engine=own_engine)
+                        serve_own_engine=own_engine, tool_settings=tool_settings)
     install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS)
     mount(app, state)
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)

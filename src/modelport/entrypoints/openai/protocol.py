@@ -172,10 +172,26 @@ class TextPart(OpenAIModel):
     text: str
 
 
+class FunctionCallIn(OpenAIModel):
+    name: str
+    # OpenAI sends a JSON string; a JSON object is taken too (some clients send one)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(OpenAIModel):
+    """A call in an earlier assistant message of the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
 
     def text(self) -> str:
         if self.content is None:
@@ -210,6 +226,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call per answer
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -233,9 +250,21 @@ class ChoiceLogprobs(OpenAIModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # vLLM sends [] when none
 
 
 class ChatChoice(OpenAIModel):
@@ -257,14 +286,29 @@ class ChatCompletionResponse(OpenAIModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
-class DeltaMessage(OpenAIModel):
-    role: str | None = None
-    content: str | None = None
-
+class _OmitNone(OpenAIModel):
     @model_serializer(mode="wrap")
     def _omit_none(self, handler: Any) -> dict[str, Any]:
-        # OpenAI names the role in the first chunk only and never sends "role": null
+        # deltas carry only what changed: OpenAI never sends "role": null or "id": null
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_OmitNone):
+    name: str | None = None  # in a call's first delta only
+    arguments: str | None = None
+
+
+class DeltaToolCall(_OmitNone):
+    index: int  # the call's position in the message; its deltas share it
+    id: str | None = None  # first delta only
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
+class DeltaMessage(_OmitNone):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(OpenAIModel):
@@ -305,6 +349,7 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # shown to a tool-aware chat template
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -32,15 +32,16 @@ from modelport.entrypoints.openai.protocol import (
 from modelport.entrypoints.openai.serving_chat import ServingChat, render_chat
 from modelport.entrypoints.openai.serving_common import check_model, engine_unavailable
 from modelport.entrypoints.openai.serving_completion import ServingCompletion
+from modelport.entrypoints.openai.serving_embedding import add_routes as add_embedding_routes
+from modelport.entrypoints.openai.tools import ToolSettings, template_tool
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)
 }
 
-# vLLM's APIs for embedding and pooling models: a 404 that says why, not an unknown path
+# vLLM's APIs for classification / scoring models: a 404 that says why, not an unknown path
+# (/v1/embeddings and /pooling are served_embedding.py's: a --runner pooling server's)
 POOLING_PATHS = (
-    "/v1/embeddings",
-    "/pooling",
     "/classify",
     "/score",
     "/v1/score",
@@ -58,6 +59,7 @@ class ServerState:
     metrics: ServerMetrics | None = None
     load_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tool_settings: ToolSettings = field(default_factory=ToolSettings)
 
     serve_own_engine: bool = True  # False: only engines that other frontends register
 
@@ -128,6 +130,12 @@ def _cards(engine: AsyncLLM) -> list[ModelCard]:
     ]
 
 
+def _check_generative(engine: AsyncLLM, what: str) -> None:
+    """vLLM's 400 for a generation API on a pooling (embedding) server."""
+    if engine.runner_type != "generate":
+        raise OpenAIError(f"The model does not support {what} API", 400)
+
+
 def build_routers() -> tuple[APIRouter, APIRouter]:
     """(routes behind --api-key, public probes)."""
     api = APIRouter(dependencies=[Depends(check_api_key)], responses=_ERRORS)
@@ -136,6 +144,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     @api.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         engine = _engine_for(request, body.model)
+        _check_generative(engine, "Completions")
         try:
             return await ServingCompletion(engine).create(body, request)
         except EngineDeadError as e:
@@ -144,8 +153,9 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     @api.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine = _engine_for(request, body.model)
+        _check_generative(engine, "Chat Completions")
         try:
-            return await ServingChat(engine).create(body, request)
+            return await ServingChat(engine, _state(request).tool_settings).create(body, request)
         except EngineDeadError as e:
             raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
 
@@ -171,10 +181,12 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         if body.messages is not None:
             if not body.messages:
                 raise OpenAIError("messages must not be empty", 400, param="messages")
+            tools = [template_tool(t) for t in body.tools] if body.tools else None
             ids = render_chat(
                 engine,
                 body.messages,
                 body.add_generation_prompt,
+                tools,
                 continue_final_message=body.continue_final_message,
             )
         else:
@@ -192,10 +204,13 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
             )
         return DetokenizeResponse(prompt=engine.decode(body.tokens))
 
+    add_embedding_routes(api, _engine_for)
+
     async def not_served(request: Request) -> Response:
         raise OpenAIError(
-            f"{request.url.path} is not served: this server serves generative models only "
-            "(completions, chat); it has no embeddings, pooling, score or rerank API",
+            f"{request.url.path} is not served: this server serves generative and embedding "
+            "models only (completions, chat, embeddings); it has no classify, score or "
+            "rerank API",
             404,
         )
 

@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from modelport.engine.async_llm import AsyncLLM, RequestStream
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -56,6 +55,13 @@ from modelport.entrypoints.openai.serving_common import (
     usage,
     usage_options,
 )
+from modelport.entrypoints.openai.tool_parsers import history_for_template
+from modelport.entrypoints.openai.tools import (
+    ToolChoiceOutput,
+    ToolPlan,
+    ToolSettings,
+    plan_tools,
+)
 from modelport.outputs import LogprobsDict, RequestOutput
 
 # Appended to the final message when it is to be continued: the rendered prompt is cut where
@@ -77,7 +83,7 @@ def render_chat(
     continue_final_message leaves the final (assistant) message open, so the model goes on
     writing it ("prefill") instead of starting a new turn.
     """
-    convo = [{"role": m.role, "content": m.text()} for m in messages]
+    convo = history_for_template([template_message(m) for m in messages])
     if continue_final_message:
         check_continue(messages, add_generation_prompt)
         convo[-1]["content"] += _CONTINUE_MARK
@@ -131,36 +137,23 @@ def _takes_tools(fn: Any) -> bool:
     return any(p.name == "tools" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def check_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
-    """The tools to show the chat template, or 400 where the client expects tool calls back.
-
-    There is no tool-call parser, so only tool_choice "none" can be honoured: the template
-    still sees the tools (a tool-aware model then knows them), and the answer is plain text.
-    """
-    choice = req.tool_choice
-    if choice is None:
-        choice = "auto" if req.tools else "none"
-        what = '"auto" (the default when tools are given)'
-    elif isinstance(choice, str):
-        what = f'"{choice}"'
-    else:
-        what = f'naming the function "{choice.function.name}"'
-    if choice != "none":
-        raise OpenAIError(
-            f"tool_choice {what} is not supported: this server has no tool-call parser, so it "
-            'cannot return tool calls; send tool_choice "none" (the tools still reach the chat '
-            "template) or leave tools out",
-            400,
-            param="tool_choice",
-        )
-    if not req.tools:
-        return None
-    return [t.model_dump(exclude_none=True) for t in req.tools]
+def template_message(m: ChatMessage) -> dict[str, Any]:
+    """One message as the chat template sees it (vLLM's fields: name, an assistant's
+    tool_calls, a tool message's tool_call_id)."""
+    d: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        d["name"] = m.name
+    if m.tool_calls:
+        d["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
 
 
 class ServingChat:
-    def __init__(self, engine: AsyncLLM) -> None:
+    def __init__(self, engine: AsyncLLM, tool_settings: ToolSettings | None = None) -> None:
         self.engine = engine
+        self.tool_settings = tool_settings or ToolSettings()
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         engine = self.engine
@@ -168,9 +161,16 @@ class ServingChat:
         check_unsupported(req)
         if req.echo:
             raise OpenAIError("echo is not supported for chat completions", 400, param="echo")
-        tools = check_tools(req)
+        plan = plan_tools(req, self.tool_settings)
+        if plan.constraint is not None and req.use_beam_search:
+            raise OpenAIError(
+                "use_beam_search cannot answer with a tool call (tool_choice naming a function "
+                'or "required" constrains sampling): leave use_beam_search out',
+                400, param="use_beam_search",
+            )
         ids = render_chat(
-            engine, req.messages, req.add_generation_prompt, tools, req.continue_final_message
+            engine, req.messages, req.add_generation_prompt, plan.template_tools,
+            req.continue_final_message,
         )
         ids = truncate_prompt(engine, ids, req.truncate_prompt_tokens)
         requested = req.max_completion_tokens or req.max_tokens
@@ -191,12 +191,14 @@ class ServingChat:
             admit(engine, req.n)
         else:
             params = make_sampling_params(req, max_tokens, k,
-                                          None if req.stream else req.prompt_logprobs)
+                                          None if req.stream else req.prompt_logprobs,
+                                          tool_constraint=plan.constraint)
             admit(engine, req.n)
             stream = start_streams(engine, [(ids, params, rid, None)])[0]
         if req.stream:
             return StreamingResponse(
-                self._stream(req, model, rid, stream, len(ids)), media_type="text/event-stream"
+                self._stream(req, model, rid, stream, len(ids), plan),
+                media_type="text/event-stream",
             )
         try:
             final = (await unless_disconnected(raw, collect_final([stream])))[0]
@@ -211,12 +213,13 @@ class ServingChat:
             logprobs = None
             if k is not None:
                 logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs, k))
+            message, finish_reason = ToolChoiceOutput(plan).message(o.text, o.finish_reason)
             choices.append(
                 ChatChoice(
                     index=o.index,
-                    message=AssistantMessage(content=o.text),
+                    message=message,
                     logprobs=logprobs,
-                    finish_reason=o.finish_reason,
+                    finish_reason=finish_reason,
                     stop_reason=o.stop_reason,
                 )
             )
@@ -263,8 +266,10 @@ class ServingChat:
         rid: str,
         stream: RequestStream,
         n_prompt: int,
+        plan: ToolPlan,
     ) -> AsyncIterator[str]:
         k = (req.top_logprobs or 0) if req.logprobs else None
+        tool_outputs = {i: ToolChoiceOutput(plan) for i in range(req.n)}
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         finished: set[int] = set()
@@ -298,6 +303,17 @@ class ServingChat:
                     sent_tokens[o.index] = len(o.token_ids)
                     if o.finish_reason is not None:
                         finished.add(o.index)
+                    finish_reason = o.finish_reason
+                    if plan.mode == "none":
+                        delta = DeltaMessage(content=text)
+                    else:  # text becomes content and tool-call deltas
+                        out_i = tool_outputs.setdefault(o.index, ToolChoiceOutput(plan))
+                        content, calls = out_i.feed(o.text, o.finish_reason is not None)
+                        delta = DeltaMessage(content=content, tool_calls=calls or None)
+                        if o.finish_reason is not None:
+                            finish_reason = out_i.finish_reason(o.finish_reason)
+                        elif content is None and not calls and k is None:
+                            continue  # nothing to send yet (a call is still being written)
                     if not text and o.finish_reason is None:
                         continue
                     logprobs = None
@@ -307,9 +323,9 @@ class ServingChat:
                     choices.append(
                         ChatStreamChoice(
                             index=o.index,
-                            delta=DeltaMessage(content=text),
+                            delta=delta,
                             logprobs=logprobs,
-                            finish_reason=o.finish_reason,
+                            finish_reason=finish_reason,
                             stop_reason=o.stop_reason,
                         )
                     )

@@ -244,9 +244,17 @@ _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 def make_sampling_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+    tool_constraint: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
+    """tool_constraint: the schema a tool_choice (a named function, "required") puts on the
+    output; the request may then ask for no other constraint (vLLM's rule and words)."""
     structured = structured_outputs_of(req)  # its own 400s, naming the field sent
+    if tool_constraint is not None:
+        if structured is not None:
+            raise OpenAIError("You can only either use guided decoding or tools, not both.",
+                              400, param="tool_choice")
+        structured = tool_constraint
     try:
         return SamplingParams(
             n=req.n,

@@ -1,0 +1,174 @@
+"""POST /v1/embeddings (OpenAI's shape, plus vLLM's chat-style ``messages``) and vLLM's
+/pooling, for a server started with ``--runner pooling`` (or ``--task embed`` /
+``--convert embed``). A generative server answers both with vLLM's 400."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from modelport.entrypoints.openai.errors import OpenAIError
+from modelport.entrypoints.openai.protocol import ChatMessage, OpenAIModel, random_id
+from modelport.entrypoints.openai.serving_common import admit, check_model, truncate_prompt
+from modelport.pooling_params import PoolingParams
+
+EmbeddingInput = str | list[int] | list[str] | list[list[int]]
+
+
+class EmbeddingRequest(OpenAIModel):
+    model: str | None = None
+    input: EmbeddingInput | None = None
+    # vLLM's chat-style embeddings request: messages through the chat template
+    messages: list[ChatMessage] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    # vLLM's extras
+    truncate_prompt_tokens: int | None = Field(default=None)
+    add_special_tokens: bool | None = None  # for input (default True); messages: the template's
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    normalize: bool | None = None
+    priority: int = 0
+    request_id: str | None = None
+
+
+class PoolingRequest(EmbeddingRequest):
+    pass
+
+
+def _prompts(engine: AsyncLLM, req: EmbeddingRequest) -> list[list[int]]:
+    if (req.input is None) == (req.messages is None):
+        raise OpenAIError("give exactly one of input or messages", 400, param="input")
+    if req.messages is not None:
+        from modelport.entrypoints.openai.serving_chat import render_chat
+
+        if not req.messages:
+            raise OpenAIError("messages must not be empty", 400, param="messages")
+        try:
+            ids = render_chat(engine, req.messages, req.add_generation_prompt,
+                              continue_final_message=req.continue_final_message)
+        except ValueError as e:
+            raise OpenAIError(str(e), 400, param="messages") from None
+        return [_fits(engine, truncate_prompt(engine, list(ids), req.truncate_prompt_tokens))]
+    inp = req.input
+    if isinstance(inp, str):
+        items: list = [inp]
+    elif inp and all(isinstance(t, int) for t in inp):
+        items = [inp]
+    else:
+        items = list(inp)
+    if not items:
+        raise OpenAIError("input must not be empty", 400, param="input")
+    special = True if req.add_special_tokens is None else req.add_special_tokens
+    out = []
+    for item in items:
+        ids = engine.encode(item, add_special_tokens=special) if isinstance(item, str) else list(item)
+        if not ids:
+            raise OpenAIError("input must not contain empty strings or token lists", 400,
+                              param="input")
+        out.append(_fits(engine, truncate_prompt(engine, ids, req.truncate_prompt_tokens)))
+    return out
+
+
+def _fits(engine: AsyncLLM, ids: list[int]) -> list[int]:
+    limit = engine.max_model_len
+    if len(ids) > limit:  # vLLM's words
+        raise OpenAIError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{len(ids)} tokens in the input for embedding generation. Please reduce the "
+            "length of the input.", 400, param="input")
+    return ids
+
+
+async def _pool_all(engine: AsyncLLM, req: EmbeddingRequest, prefix: str
+                    ) -> tuple[str, list[tuple[list[float], int]], list[list[int]]]:
+    """Send every prompt (all validated first: a bad one is a 400 before any runs) and wait
+    for all the pooled vectors. Returns (request id, [(vector, cached)], prompts)."""
+    prompts = _prompts(engine, req)
+    admit(engine, len(prompts))
+    base = req.request_id or random_id(prefix)
+    futs: list[tuple[str, asyncio.Future]] = []
+    try:
+        for i, ids in enumerate(prompts):
+            params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
+                                   task="embed")
+            rid = f"{base}-{i}"
+            futs.append((rid, engine.submit_pooling(ids, params, rid, priority=req.priority)))
+    except ValueError as e:
+        for rid, _ in futs:
+            engine._abort_pooling(rid)
+        param = "dimensions" if "dimensions" in str(e).lower() or "matryoshka" in str(e) \
+            else "input"
+        raise OpenAIError(str(e), 400, param=param) from None
+    except BaseException:
+        for rid, _ in futs:
+            engine._abort_pooling(rid)
+        raise
+    try:
+        results = await asyncio.gather(*(engine.wait_pooling(rid, f) for rid, f in futs))
+    except ValueError as e:
+        raise OpenAIError(str(e), 400) from None
+    except QueueFullError as e:
+        raise OpenAIError(str(e), 503, code="queue_full", retry_after=1) from None
+    finally:
+        for rid, _ in futs:  # any still in flight (one failed, or the client went away)
+            engine._abort_pooling(rid)
+    return base, results, prompts
+
+
+def _encode(vec: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":  # little-endian float32, as OpenAI's and vLLM's base64 embeddings
+        return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+    return vec
+
+
+def _usage(prompts: list[list[int]]) -> dict[str, Any]:
+    n = sum(len(p) for p in prompts)
+    return {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0,
+            "prompt_tokens_details": None}
+
+
+def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], AsyncLLM]) -> None:
+    """Mount /v1/embeddings and /pooling on the OpenAI router."""
+
+    def pooling_engine(request: Request, model: str | None, what: str) -> AsyncLLM:
+        engine = engine_for(request, model)
+        if engine.runner_type != "pooling":
+            raise OpenAIError(f"The model does not support {what} API", 400)
+        return engine
+
+    @api.post("/v1/embeddings", tags=["openai"])
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+        engine = pooling_engine(request, body.model, "Embeddings")
+        model = check_model(engine, body.model)
+        try:
+            rid, results, prompts = await _pool_all(engine, body, "embd")
+        except EngineDeadError as e:
+            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
+        data = [{"index": i, "object": "embedding",
+                 "embedding": _encode(vec, body.encoding_format)}
+                for i, (vec, _) in enumerate(results)]
+        return {"id": rid, "object": "list", "created": int(time.time()), "model": model,
+                "data": data, "usage": _usage(prompts)}
+
+    @api.post("/pooling", tags=["vllm"])
+    async def pooling(body: PoolingRequest, request: Request) -> dict:
+        engine = pooling_engine(request, body.model, "Pooling")
+        model = check_model(engine, body.model)
+        try:
+            rid, results, prompts = await _pool_all(engine, body, "pool")
+        except EngineDeadError as e:
+            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
+        data = [{"index": i, "object": "pooling", "data": _encode(vec, body.encoding_format)}
+                for i, (vec, _) in enumerate(results)]
+        return {"id": rid, "object": "list", "created": int(time.time()), "model": model,
+                "data": data, "usage": _usage(prompts)}

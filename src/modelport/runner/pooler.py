@@ -1,0 +1,68 @@
+"""The pooler of a pooling (embedding) runner: final-norm hidden states -> one vector each.
+
+A request's prompt may run in several chunks (chunked prefill): LAST takes the last prompt
+token's row of the final chunk; MEAN sums every chunk's rows (float32) and divides by the
+prompt length; CLS keeps the first token's row. The head then keeps the first ``dimensions``
+values (matryoshka) and L2-normalizes, in that order, as vLLM's embedding head does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from modelport.engine.scheduler import SchedulerOutput
+from modelport.pooling_params import PoolerConfig
+
+
+class Pooler:
+    def __init__(self, config: PoolerConfig) -> None:
+        self.pooling_type = config.pooling_type
+        # MEAN: running float32 sums; CLS: the first token's row (request id -> tensor)
+        self._partial: dict[str, torch.Tensor] = {}
+
+    def drop(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._partial.pop(rid, None)
+
+    def __call__(self, so: SchedulerOutput, hidden: torch.Tensor, qsl: list[int]
+                 ) -> dict[str, list[float]]:
+        """Pooled vectors of the requests whose prompt ends in this step."""
+        kind = self.pooling_type
+        done: list[tuple[str, torch.Tensor, object]] = []
+        for i, s in enumerate(so.scheduled):
+            rid = s.request_id
+            lo, hi = qsl[i], qsl[i + 1]
+            if kind == "MEAN":
+                part = hidden[lo:hi].float().sum(dim=0)
+                if s.start > 0 and rid in self._partial:
+                    part = part + self._partial[rid]
+                self._partial[rid] = part
+            elif kind == "CLS" and s.start == 0:
+                self._partial[rid] = hidden[lo].float()
+            if not s.sample:
+                continue
+            if kind == "LAST":
+                vec = hidden[hi - 1].float()
+            elif kind == "MEAN":
+                vec = self._partial.pop(rid) / s.request.num_prompt_tokens
+            else:
+                vec = self._partial.pop(rid)
+            done.append((rid, vec, s.request.pooling_params))
+        if not done:
+            return {}
+        out = {}
+        for rid, vec, p in done:
+            if p is not None and p.dimensions is not None:
+                vec = vec[: p.dimensions]
+            if p is None or p.normalize is not False:
+                vec = F.normalize(vec, p=2, dim=-1)
+            out[rid] = vec
+        # one device-to-host copy for the step
+        flat = torch.cat(list(out.values())).cpu().tolist()
+        result, off = {}, 0
+        for rid, vec in out.items():
+            n = vec.shape[0]
+            result[rid] = flat[off : off + n]
+            off += n
+        return result
