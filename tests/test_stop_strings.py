@@ -79,3 +79,26 @@ def test_streamed_deltas_honour_min_tokens() -> None:
     delivered, _ = run(TEXT, params, kind="delta")
     assert "".join(o.outputs[0].text for o in delivered) == " Paris. It is big"
     assert delivered[-1].outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("reason", [None, ord("!")])  # EOS, or a stop_token_ids entry
+def test_stop_token_id_is_in_token_ids_but_not_in_text(include, reason) -> None:
+    """vLLM: when the core stops on a stop token (EOS or a stop_token_ids entry, special or
+    not), its id is in token_ids and its text is left out unless include_stop_str_in_output."""
+    proc = OutputProcessor(tiny_tokenizer())  # token id == byte value: "!" is a plain token
+    params = SamplingParams(max_tokens=16, include_stop_str_in_output=include,
+                            stop_token_ids=[ord("!")])
+    proc.add_request("r", None, [256], params)
+    ids = list(b"Hi!")
+    results, _ = proc.process_outputs([EngineCoreOutput(
+        request_id="r", new_token_ids=ids, finish_reason="stop", stop_reason=reason)])
+    out = results[-1].outputs[0]
+    assert out.token_ids == ids
+    assert out.text == ("Hi!" if include else "Hi")
+    assert out.finish_reason == "stop" and out.stop_reason == reason
+
+
+def test_a_length_finish_keeps_its_last_token_text() -> None:
+    delivered, _ = run("Hi!", SamplingParams(max_tokens=3))
+    assert delivered[-1].outputs[0].text == "Hi!"

@@ -344,7 +344,13 @@ class OutputProcessor:
                 c.logprobs.append(self._decode_logprobs(tl))
                 c.cumulative_logprob = (c.cumulative_logprob or 0.0) + tl.logprobs[0]
         old_len = len(c.text)
-        c.detok.add(o.new_token_ids)
+        text_ids = o.new_token_ids
+        if (o.finish_reason == "stop" and text_ids and not isinstance(o.stop_reason, str)
+                and not p.include_stop_str_in_output):
+            # the core stopped on a stop token (EOS, stop_token_ids, a grammar's end): as in
+            # vLLM its id is in token_ids but its text is not, whether special or not
+            text_ids = text_ids[:-1]
+        c.detok.add(text_ids)
         if o.finish_reason is not None:
             c.detok.flush()  # an incomplete trailing character becomes U+FFFD, as in decode()
         full = c.detok.text
