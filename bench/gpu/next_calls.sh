@@ -3,7 +3,8 @@
 # fit the device tool's 600 s limit; every stage has its own timeout, so a slow stage leaves
 # the others' results under $OUT. From the repo root, carrying .whl, on the H200:
 #   bash bench/gpu/next_calls.sh 1   # W3 bf16 and AWQ; NF4 and GGUF Q8_0 decode (new defaults)
-#   bash bench/gpu/next_calls.sh 2   # W1 bf16 (profiled) and FP8 weights + KV, same process kind
+#   bash bench/gpu/next_calls.sh 2   # session 25's GPU tests (embeddings, grammar in graph
+#                                    # batches, the engine); W1 bf16 (profiled) and FP8 weights + KV
 #   bash bench/gpu/next_calls.sh 3   # W2 through the HTTP server
 # Session 24's H100 timings (stage lengths there): w3 18 s, AWQ w3 96 s (84 s of it packing
 # the dummy weights), one quant-decode format ~110 s, two W1 runs 73 s.
@@ -14,7 +15,8 @@ case ${1:-1} in
   1) run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
      run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
      run 330 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode ;;
-  2) run 200 bash bench/gpu/run_all.sh w1
+  2) run 150 bash bench/gpu/run_all.sh s25-tests
+     run 200 bash bench/gpu/run_all.sh w1
      run 200 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env ;;
   3) run 560 bash bench/gpu/run_all.sh w2 ;;
   *) echo "usage: $0 1|2|3" >&2; exit 2 ;;

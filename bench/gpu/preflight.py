@@ -33,8 +33,10 @@ IMAGE = Path(__file__).with_name("gpu_image_packages.txt")
 # what a device session carries in .whl/ (../shared/tools/device-wheels.sh NAME ...): the HTTP
 # stack for w2, msgspec (the engine's IPC) and gguf (GGUF files and dummy GGUF weights)
 WHEELS = ("fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types",
-          "typing-inspection", "uvicorn", "msgspec", "gguf", "opentelemetry-api", "sniffio")
-GPU_TESTS = ("test_gpu_attention.py", "test_gpu_engine.py", "test_gpu_gemv.py",
+          "typing-inspection", "uvicorn", "msgspec", "gguf", "opentelemetry-api", "sniffio",
+          "xgrammar", "apache-tvm-ffi")
+GPU_TESTS = ("test_gpu_attention.py", "test_gpu_engine.py", "test_gpu_features.py",
+             "test_gpu_gemv.py",
              "test_gpu_piecewise.py", "test_quant_fp8_gpu.py", "test_quant_gpu.py",
              "test_quant_tools_gpu.py", "test_spec_decode.py", "test_tensor_parallel_gpu.py",
              "test_triton_offline.py")
@@ -140,6 +142,9 @@ def checks(tmp: Path, port: int) -> dict[str, list[str]]:
                          "--batch-sizes", "1", "--input-len", "16", "--output-len", "3",
                          "--num-iters", "1", "--num-iters-warmup", "0"],
         "scripts": [py, "-c", imports, *scripts],
+        # s25-tests' structured outputs: xgrammar (carried) compiles a grammar there
+        "grammar": [py, "-c", "from modelport.engine.structured_output import *\n"
+                    "import xgrammar\nprint(xgrammar.Grammar.from_regex('[a-c]{4}'))"],
         "w2": [py, str(ROOT / "bench" / "gpu" / "w2_serve.py"), "--out", str(tmp / "w2"),
                "--model-config", str(cfg), "--rates", "inf", "--num-prompts", "6",
                "--input-len", "24", "--output-len", "4", "--port", str(port),

@@ -36,6 +36,7 @@
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
 # into .whl/, then carry ".whl" (this script installs them when the folder is there).
+# Structured outputs (s25-tests) need xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 there too.
 # Before a device session, `.venv/bin/python bench/gpu/preflight.py` runs every stage's entry
 # points here on the CPU with only the image's packages and .whl's importable.
 set -uo pipefail
@@ -134,6 +135,8 @@ for s in $stages; do
              done ;;
     s19-tests) $PY -m pytest -q -p no:cacheprovider tests/test_spec_decode.py -k "cuda or verify or sampling" \
                2>&1 | tee "$OUT/s19_tests.log" | tail -15 || rc=1 ;;
+    s25-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py tests/test_gpu_engine.py \
+               2>&1 | tee "$OUT/s25-tests.log" | tail -8 ;;
     s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \
                tests/test_tensor_parallel_gpu.py 2>&1 | tee "$OUT/s20_tests.log" | tail -15 || rc=1 ;;
     pw-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py 2>&1 \
