@@ -19,6 +19,7 @@ from modelport.repository.checks import check_request
 from modelport.repository.errors import ModelConfigError, ServingError
 from modelport.repository.stats import ModelStats
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
+from modelport.serving.response_cache import Miss, ModelCache, ResponseCache
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,16 @@ class EnsembleModel:
     decoupled = False
 
     def __init__(
-        self, config: mc.ModelConfig, version: int, steps: list[Step], run_step: StepRunner
+        self,
+        config: mc.ModelConfig,
+        version: int,
+        steps: list[Step],
+        run_step: StepRunner,
+        cache: ResponseCache | None = None,
     ) -> None:
+        """cache: the server's response cache; with `response_cache { enable: true }` in the
+        ensemble's config, whole ensemble responses are cached (Triton's top-level ensemble
+        caching; steps use the cache by their own configs)."""
         self.config = config
         self.name = config.name
         self.version = version
@@ -156,6 +165,12 @@ class EnsembleModel:
         self.stats = ModelStats(config.name, version)
         self.ready = True
         self._run_step = run_step
+        self.cache_enabled = cache is not None and config.response_cache.enable
+        self._cache = (
+            ModelCache(cache, self.name, version, self.stats)
+            if cache is not None and self.cache_enabled
+            else None
+        )
 
     async def start(self) -> None:
         self.ready = True
@@ -188,8 +203,14 @@ class EnsembleModel:
     async def infer(self, req: InferRequest) -> InferResponse:
         t0 = time.perf_counter_ns()
         self.stats.pending += 1
+        miss: Miss | None = None
         try:
             rows = check_request(self.config, req)
+            if self._cache is not None:
+                found = self._cache.lookup(req, t0)
+                if isinstance(found, InferResponse):
+                    return found
+                miss = found
             tensors: dict[str, InferTensor] = dict(req.inputs)
             waiting = list(self.steps)
             running: dict[asyncio.Task, Step] = {}
@@ -231,7 +252,10 @@ class EnsembleModel:
         elapsed = time.perf_counter_ns() - t0
         self.stats.record_success(rows, elapsed, 0, elapsed)
         self.stats.record_execution(rows, elapsed)
-        return InferResponse(self.name, self.version, outputs, id=req.id)
+        resp = InferResponse(self.name, self.version, outputs, id=req.id)
+        if miss is not None and self._cache is not None:
+            self._cache.store(miss, resp)
+        return resp
 
     async def stream(self, req: InferRequest) -> AsyncIterator[InferResponse]:
         yield await self.infer(req)

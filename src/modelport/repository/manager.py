@@ -41,6 +41,7 @@ from modelport.repository.model_config import read_config
 from modelport.repository.resolve import resolve_config
 from modelport.repository.tensors import InferRequest, InferResponse
 from modelport.repository.versions import select_versions
+from modelport.serving.response_cache import ResponseCache
 
 logger = logging.getLogger("modelport.repository")
 
@@ -124,8 +125,11 @@ class RepositoryManager:
         poll_secs: float = 15.0,
         gpus: int | None = None,
         strict_readiness: bool = True,
+        response_cache: ResponseCache | None = None,
     ) -> None:
-        """strict_readiness: Triton's --strict-readiness (see `server_ready`)."""
+        """strict_readiness: Triton's --strict-readiness (see `server_ready`);
+        response_cache: the server's cache (--cache-config), used by the models whose config
+        enables `response_cache`."""
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}")
         self.repositories = [Path(r) for r in repositories]
@@ -137,6 +141,7 @@ class RepositoryManager:
         self.poll_secs = poll_secs
         self.gpus = gpu_count() if gpus is None else gpus
         self.strict_readiness = strict_readiness
+        self.response_cache = response_cache
         self.entries: dict[str, ModelEntry] = {}
         self.ready = False  # started and not stopping; `server_ready` adds the model check
         # models asked for at start-up that failed to load: name -> why
@@ -386,13 +391,22 @@ class RepositoryManager:
                 if override is None:
                     entry.signature = _signature(path)
                 versions = select_versions(cfg, path)
+                if cfg.response_cache.enable and self.response_cache is None:
+                    # as Triton: the model loads and is served without a cache
+                    logger.info(
+                        "model '%s' enables response_cache but the server has no cache "
+                        "(--cache-config local,size=<bytes>): its responses are not cached",
+                        name,
+                    )
                 if cfg.backend == "ensemble":
                     steps = ensemble_steps(cfg)
                     await self._ensure_dependencies(cfg, steps)
                     configs = {s.model_name: self.entries[s.model_name].config for s in steps}
                     check_composing(cfg, steps, configs)  # type: ignore[arg-type]
                     for v in versions:
-                        new[v] = EnsembleModel(cfg, v, steps, self.infer)
+                        new[v] = EnsembleModel(
+                            cfg, v, steps, self.infer, cache=self.response_cache
+                        )
                 else:
                     for v in versions:
                         ctx = BackendContext(
@@ -403,7 +417,9 @@ class RepositoryManager:
                             metrics=self.custom_metrics,
                             model_control=self._model_control,
                         )
-                        model = ModelVersion(cfg, v, create_backend(cfg.backend, ctx))
+                        model = ModelVersion(
+                            cfg, v, create_backend(cfg.backend, ctx), cache=self.response_cache
+                        )
                         await model.start()
                         new[v] = model
             except Exception as e:

@@ -41,6 +41,7 @@ from modelport.serving.batcher import (
     RequestTimeoutError,
     TimeoutAction,
 )
+from modelport.serving.response_cache import Miss, ModelCache, ResponseCache
 from modelport.serving.sequence_batcher import (
     SeqEntry,
     SequenceBatcher,
@@ -104,7 +105,15 @@ def _zeros_like(t: InferTensor) -> InferTensor:
 class ModelVersion:
     """One ready-to-serve version of a non-ensemble model."""
 
-    def __init__(self, config: mc.ModelConfig, version: int, backend: Backend) -> None:
+    def __init__(
+        self,
+        config: mc.ModelConfig,
+        version: int,
+        backend: Backend,
+        cache: ResponseCache | None = None,
+    ) -> None:
+        """cache: the server's response cache (--cache-config), used when the config has
+        `response_cache { enable: true }`."""
         self.config = config
         self.name = config.name
         self.version = version
@@ -123,6 +132,14 @@ class ModelVersion:
         self._inputs = {i.name: i for i in config.input}
         self._outputs = {o.name: o for o in config.output}
         self._labels = load_labels(config, backend.ctx.model_dir)
+        # as Triton: cache metrics exist when both the server and the model enable the cache;
+        # only requests of the default / dynamic batch scheduler use it (not sequence models;
+        # decoupled models with the cache enabled fail validation)
+        self.cache_enabled = cache is not None and config.response_cache.enable
+        self._cache: ModelCache | None = None
+        if self.cache_enabled and self.sequencer is None and not self.decoupled:
+            assert cache is not None
+            self._cache = ModelCache(cache, self.name, version, self.stats)
 
     async def start(self) -> None:
         await self.backend.load()
@@ -295,8 +312,16 @@ class ModelVersion:
             )
         t0 = time.perf_counter_ns()
         self.stats.pending += 1
+        miss: Miss | None = None
         try:
             prepared, rows = self._prepare(req)
+            # before the batcher's queue, so that a hit never waits there (warm-up, which
+            # runs before the model is ready, bypasses the cache as Triton's does)
+            if self._cache is not None and self.ready:
+                found = self._cache.lookup(req, t0)
+                if isinstance(found, InferResponse):
+                    return found
+                miss = found
             item = BatchItem(prepared, extra={"rows": rows})
             result = await self._submit(item, rows)
             resp = self._finish(req, result)
@@ -315,6 +340,8 @@ class ModelVersion:
             queue_ns=(item.compute_start_ns - t0) if item.compute_start_ns else 0,
             infer_ns=item.compute_end_ns - item.compute_start_ns,
         )
+        if miss is not None and self._cache is not None:
+            self._cache.store(miss, resp)
         return resp
 
     async def stream(self, req: InferRequest) -> AsyncIterator[InferResponse]:

@@ -46,6 +46,8 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStat] = field(default_factory=dict)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     pending: int = 0  # requests received and not yet answered
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -58,6 +60,22 @@ class ModelStats:
             self.compute_input.add(0)
             self.compute_infer.add(infer_ns)
             self.compute_output.add(0)
+
+    def record_cache_hit(self, total_ns: int, queue_ns: int, hit_ns: int) -> None:
+        """A request answered from the response cache (Triton's UpdateSuccessCacheHit): a
+        success with its request and queue time and the lookup as cache_hit; no inference,
+        execution or compute counts (the model did not run)."""
+        with self._lock:
+            self.success.add(total_ns)
+            self.queue.add(queue_ns)
+            self.cache_hit.add(hit_ns)
+
+    def record_cache_miss(self, miss_ns: int) -> None:
+        """A successful request the cache did not have: lookup plus insertion time, which
+        Triton also adds to the request's duration (UpdateSuccessCacheMiss)."""
+        with self._lock:
+            self.success.ns += max(int(miss_ns), 0)
+            self.cache_miss.add(miss_ns)
 
     def record_failure(self, total_ns: int) -> None:
         with self._lock:
@@ -87,8 +105,8 @@ class ModelStats:
                     "compute_input": self.compute_input.as_dict(),
                     "compute_infer": self.compute_infer.as_dict(),
                     "compute_output": self.compute_output.as_dict(),
-                    "cache_hit": {"count": 0, "ns": 0},
-                    "cache_miss": {"count": 0, "ns": 0},
+                    "cache_hit": self.cache_hit.as_dict(),
+                    "cache_miss": self.cache_miss.as_dict(),
                 },
                 "batch_stats": [
                     {

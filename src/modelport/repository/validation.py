@@ -195,6 +195,13 @@ def validate_config(
             if is_ensemble
             else "'ensemble_scheduling' is only valid with platform 'ensemble'",
         )
+    if cfg.response_cache.enable and cfg.model_transaction_policy.decoupled:
+        # Triton's words (its response cache test greps for them)
+        raise _err(
+            cfg,
+            f"Response Cache does not currently support model '{cfg.name}' with 'decoupled' "
+            "transaction policy. Please disable the response cache.",
+        )
     _check_batching(cfg)
     _check_io(cfg, "input", cfg.input)
     _check_io(cfg, "output", cfg.output)

@@ -29,11 +29,15 @@ class EmbeddedServer:
         metrics_port: int = 0,
         exit_on_error: bool = True,
         strict_readiness: bool = True,
+        cache_config: Sequence[str] = (),
+        response_cache_byte_size: int = 0,
     ) -> None:
         """Ports 0 (the default) bind free ports; -1 turns gRPC or metrics off.
 
         exit_on_error / strict_readiness: as `modelport serve`'s flags (Triton's defaults);
-        with exit_on_error a model failing at start-up makes start() raise StartupFailed."""
+        with exit_on_error a model failing at start-up makes start() raise StartupFailed.
+        cache_config / response_cache_byte_size: --cache-config values ("local,size=N") and
+        the older --response-cache-byte-size."""
         self.args = argparse.Namespace(
             host=host,
             port=http_port,
@@ -45,6 +49,8 @@ class EmbeddedServer:
             repository_poll_secs=poll_secs,
             exit_on_error=exit_on_error,
             strict_readiness=strict_readiness,
+            triton_cache_config=list(cache_config),
+            response_cache_byte_size=response_cache_byte_size,
         )
         self.host = host
         self.http_port = 0

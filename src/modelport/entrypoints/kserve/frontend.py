@@ -21,6 +21,7 @@ from modelport.entrypoints.kserve.http_routes import mount
 from modelport.entrypoints.kserve.metrics import MetricsServer
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.manager import CONTROL_MODES, RepositoryManager
+from modelport.serving.response_cache import parse_cache_config
 
 logger = logging.getLogger("modelport.kserve")
 
@@ -99,6 +100,22 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "tried to load is READY (default true; false: ready once started)",
     )
     g.add_argument(
+        "--cache-config",
+        dest="triton_cache_config",
+        action="append",
+        default=[],
+        metavar="CACHE,KEY=VALUE",
+        help="Triton's response cache: 'local,size=<bytes>' is an LRU of that many bytes in "
+        "memory shared by all models; models opt in with response_cache { enable: true }",
+    )
+    g.add_argument(
+        "--response-cache-byte-size",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="deprecated (as in Triton): same as --cache-config local,size=BYTES",
+    )
+    g.add_argument(
         "--repository-poll-secs",
         type=float,
         default=15.0,
@@ -161,12 +178,22 @@ def _version() -> str:
 
 async def build(args: argparse.Namespace, app: FastAPI) -> Service:
     try:
+        cache = parse_cache_config(
+            getattr(args, "triton_cache_config", None) or [],
+            getattr(args, "response_cache_byte_size", 0) or 0,
+        )
+    except ValueError as e:
+        raise SystemExit(f"modelport serve: {e}") from None
+    if cache is not None:
+        logger.info("response cache: local, %d bytes", cache.size)
+    try:
         manager = RepositoryManager(
             args.model_repository,
             control_mode=args.model_control_mode,
             startup_models=args.load_model,
             poll_secs=args.repository_poll_secs,
             strict_readiness=args.strict_readiness,
+            response_cache=cache,
         )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"modelport serve: {e}") from None

@@ -38,6 +38,20 @@ _METRICS = [
      lambda s, p: p),
 ]  # fmt: skip
 
+# Triton's per-model response cache counters: only for models whose config enables the cache
+# while the server has one (name, help, getter(stats dict))
+_CACHE_METRICS = [
+    ("nv_cache_num_hits_per_model", "Number of cache hits per model",
+     lambda s: s["inference_stats"]["cache_hit"]["count"]),
+    ("nv_cache_num_misses_per_model", "Number of cache misses per model",
+     lambda s: s["inference_stats"]["cache_miss"]["count"]),
+    ("nv_cache_hit_duration_per_model", "Total cache hit duration per model, in microseconds",
+     lambda s: s["inference_stats"]["cache_hit"]["ns"] // 1000),
+    ("nv_cache_miss_duration_per_model",
+     "Total cache miss (insert+lookup) duration per model, in microseconds",
+     lambda s: s["inference_stats"]["cache_miss"]["ns"] // 1000),
+]  # fmt: skip
+
 
 def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -45,8 +59,12 @@ def _escape(v: str) -> str:
 
 def render(manager: RepositoryManager) -> str:
     rows = []
+    cached = []
     for model in manager.served():
-        rows.append((model.name, str(model.version), model.stats.as_dict(), model.stats.pending))
+        row = (model.name, str(model.version), model.stats.as_dict(), model.stats.pending)
+        rows.append(row)
+        if getattr(model, "cache_enabled", False):
+            cached.append(row)
     lines = []
     for name, kind, help_text, get in _METRICS:
         lines.append(f"# HELP {name} {help_text}")
@@ -61,6 +79,12 @@ def render(manager: RepositoryManager) -> str:
                 value = cm.fmt(value + added)
             lines.append(f"{name}{{{labels}}} {value}")
         lines.extend(cm.series_line(name, key, v) for key, v in extra.items())
+    for name, help_text, get in _CACHE_METRICS if cached else ():
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} counter")
+        for model, version, stats, _pending in cached:
+            labels = f'model="{_escape(model)}",version="{_escape(version)}"'
+            lines.append(f"{name}{{{labels}}} {get(stats)}")
     lines.extend(manager.custom_metrics.render())  # python models' pb_utils.MetricFamily
     return "\n".join(lines) + "\n"
 
