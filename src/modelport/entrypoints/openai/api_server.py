@@ -73,6 +73,17 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             help="how the model writes tool calls: hermes (<tool_call>{...}</tool_call>, "
             "Hermes/Qwen) or llama3_json (JSON after <|python_tag|>, Llama 3.x)",
         )
+    if "--reasoning-parser" not in parser._option_string_actions:
+        from modelport.entrypoints.openai.reasoning import REASONING_PARSERS
+
+        g.add_argument(
+            "--reasoning-parser",
+            choices=sorted(REASONING_PARSERS),
+            default=None,
+            help="return a reasoning model's thinking (<think>...</think>) as the chat "
+            "message's `reasoning`, apart from `content`: deepseek_r1 (DeepSeek-R1, QwQ) or "
+            "qwen3 (Qwen3; chat_template_kwargs {\"enable_thinking\": false} turns it off)",
+        )
     if "--max-waiting-requests" not in parser._option_string_actions:
         g.add_argument(
             "--max-waiting-requests",
@@ -250,8 +261,17 @@ def attach(
         )
     except ValueError as e:  # vLLM refuses these at startup too
         raise SystemExit(f"modelport serve: {e}") from None
+    reasoning_parser = getattr(args, "reasoning_parser", None)
+    if reasoning_parser is not None:
+        from modelport.entrypoints.openai.reasoning import get_reasoning_parser
+
+        try:
+            get_reasoning_parser(reasoning_parser)
+        except ValueError as e:
+            raise SystemExit(f"modelport serve: {e}") from None
     state = ServerState(version=_version(), api_key=getattr(args, "api_key", None),
-                        serve_own_engine=own_engine, tool_settings=tool_settings)
+                        serve_own_engine=own_engine, tool_settings=tool_settings,
+                        reasoning_parser=reasoning_parser)
     install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS)
     mount(app, state)
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)

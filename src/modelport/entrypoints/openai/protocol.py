@@ -234,6 +234,10 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False
+    # extra variables for the chat template (vLLM's; e.g. Qwen3's {"enable_thinking": false})
+    chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: false drops the reasoning (--reasoning-parser) from the answer
+    include_reasoning: bool = True
 
 
 class TopLogprob(OpenAIModel):
@@ -263,8 +267,18 @@ class ToolCall(OpenAIModel):
 
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
+    # the thinking, apart from content: only with --reasoning-parser (set, even to null, by
+    # the server then); absent otherwise, as vLLM ("not present" for other models)
+    reasoning: str | None = None
     content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)  # vLLM sends [] when none
+
+    @model_serializer(mode="wrap")
+    def _reasoning_when_set(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if "reasoning" not in self.model_fields_set:
+            out.pop("reasoning", None)
+        return out
 
 
 class ChatChoice(OpenAIModel):
@@ -307,6 +321,7 @@ class DeltaToolCall(_OmitNone):
 
 class DeltaMessage(_OmitNone):
     role: str | None = None
+    reasoning: str | None = None  # --reasoning-parser: the thinking's increment
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
@@ -353,6 +368,7 @@ class TokenizeRequest(OpenAIModel):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeResponse(OpenAIModel):

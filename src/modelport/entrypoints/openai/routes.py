@@ -60,6 +60,7 @@ class ServerState:
     load_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     tool_settings: ToolSettings = field(default_factory=ToolSettings)
+    reasoning_parser: str | None = None  # --reasoning-parser
 
     serve_own_engine: bool = True  # False: only engines that other frontends register
 
@@ -155,7 +156,9 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         engine = _engine_for(request, body.model)
         _check_generative(engine, "Chat Completions")
         try:
-            return await ServingChat(engine, _state(request).tool_settings).create(body, request)
+            state = _state(request)
+            return await ServingChat(engine, state.tool_settings,
+                                     state.reasoning_parser).create(body, request)
         except EngineDeadError as e:
             raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
 
@@ -188,6 +191,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
                 body.add_generation_prompt,
                 tools,
                 continue_final_message=body.continue_final_message,
+                chat_template_kwargs=body.chat_template_kwargs,
             )
         else:
             ids = engine.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from modelport.engine.async_llm import AsyncLLM, RequestStream
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.protocol import (
+    AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -30,6 +31,11 @@ from modelport.entrypoints.openai.protocol import (
     TopLogprob,
     dump,
     random_id,
+)
+from modelport.entrypoints.openai.reasoning import (
+    ReasoningPlan,
+    ReasoningStreamer,
+    get_reasoning_parser,
 )
 from modelport.entrypoints.openai.serving_common import (
     SSE_DONE,
@@ -70,25 +76,54 @@ from modelport.outputs import LogprobsDict, RequestOutput
 _CONTINUE_MARK = "MODELPORTCONTINUEHEREq7Zx"
 
 
+# chat_template_kwargs that would override what the server itself passes (or switch the
+# tokenizer to HF's own rendering): dropped
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "add_generation_prompt", "chat_template",
+    "tokenize", "return_dict", "padding", "truncation", "max_length", "return_tensors",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "continue_final_message",
+    "sanitize_control_tokens",
+})
+
+
 def render_chat(
     engine: AsyncLLM,
     messages: list[ChatMessage],
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
     continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Messages (and tools, for a tool-aware template) -> prompt token ids via the model's
     (sandboxed) chat template.
 
     continue_final_message leaves the final (assistant) message open, so the model goes on
-    writing it ("prefill") instead of starting a new turn.
+    writing it ("prefill") instead of starting a new turn. chat_template_kwargs become
+    template variables (vLLM's; e.g. enable_thinking).
     """
+    return render_chat_prompt(engine, messages, add_generation_prompt, tools,
+                              continue_final_message, chat_template_kwargs)[0]
+
+
+def render_chat_prompt(
+    engine: AsyncLLM,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[int], str | None]:
+    """render_chat's ids and the rendered prompt text (None when the template gave ids)."""
     convo = history_for_template([template_message(m) for m in messages])
     if continue_final_message:
         check_continue(messages, add_generation_prompt)
         convo[-1]["content"] += _CONTINUE_MARK
     apply = engine.tokenizer.apply_chat_template
-    kw: dict[str, Any] = {"add_generation_prompt": add_generation_prompt}
+    kw: dict[str, Any] = {
+        k: v for k, v in (chat_template_kwargs or {}).items()
+        if k not in _RESERVED_TEMPLATE_KWARGS
+    }
+    kw["add_generation_prompt"] = add_generation_prompt
     if tools and _takes_tools(apply):
         kw["tools"] = tools
     try:
@@ -107,8 +142,8 @@ def render_chat(
             )
         rendered = rendered[: rendered.rindex(_CONTINUE_MARK)]
     if isinstance(rendered, str):
-        return engine.encode(rendered, add_special_tokens=False)
-    return list(rendered)
+        return engine.encode(rendered, add_special_tokens=False), rendered
+    return list(rendered), None
 
 
 def check_continue(messages: list[ChatMessage], add_generation_prompt: bool) -> None:
@@ -151,9 +186,11 @@ def template_message(m: ChatMessage) -> dict[str, Any]:
 
 
 class ServingChat:
-    def __init__(self, engine: AsyncLLM, tool_settings: ToolSettings | None = None) -> None:
+    def __init__(self, engine: AsyncLLM, tool_settings: ToolSettings | None = None,
+                 reasoning_parser: str | None = None) -> None:
         self.engine = engine
         self.tool_settings = tool_settings or ToolSettings()
+        self.reasoning_parser = reasoning_parser  # --reasoning-parser
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         engine = self.engine
@@ -168,9 +205,9 @@ class ServingChat:
                 'or "required" constrains sampling): leave use_beam_search out',
                 400, param="use_beam_search",
             )
-        ids = render_chat(
+        ids, prompt_text = render_chat_prompt(
             engine, req.messages, req.add_generation_prompt, plan.template_tools,
-            req.continue_final_message,
+            req.continue_final_message, req.chat_template_kwargs,
         )
         ids = truncate_prompt(engine, ids, req.truncate_prompt_tokens)
         requested = req.max_completion_tokens or req.max_tokens
@@ -186,6 +223,7 @@ class ServingChat:
         # a stream never sends prompt_logprobs (only 0 gets this far): not computed
         rid = req.request_id or random_id("chatcmpl")
         stream: Any
+        constraint = None
         if req.use_beam_search:
             stream = BeamSearchStream(engine, ids, beam_search_params(engine, req, max_tokens), rid)
             admit(engine, req.n)
@@ -193,11 +231,18 @@ class ServingChat:
             params = make_sampling_params(req, max_tokens, k,
                                           None if req.stream else req.prompt_logprobs,
                                           tool_constraint=plan.constraint)
+            constraint = params.structured_outputs
             admit(engine, req.n)
             stream = start_streams(engine, [(ids, params, rid, None)])[0]
+        reasoning = None
+        if self.reasoning_parser is not None:
+            reasoning = ReasoningPlan.for_request(
+                get_reasoning_parser(self.reasoning_parser, req.chat_template_kwargs),
+                prompt_text, constraint, req.include_reasoning,
+            )
         if req.stream:
             return StreamingResponse(
-                self._stream(req, model, rid, stream, len(ids), plan),
+                self._stream(req, model, rid, stream, len(ids), plan, reasoning),
                 media_type="text/event-stream",
             )
         try:
@@ -211,9 +256,19 @@ class ServingChat:
         for o in sorted(final.outputs, key=lambda o: o.index):
             n_gen += len(o.token_ids)
             logprobs = None
-            if k is not None:
+            # vLLM: with include_reasoning false no logprobs either (they would show it)
+            if k is not None and (reasoning is None or reasoning.include):
                 logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs, k))
-            message, finish_reason = ToolChoiceOutput(plan).message(o.text, o.finish_reason)
+            if reasoning is None:
+                message, finish_reason = ToolChoiceOutput(plan).message(o.text, o.finish_reason)
+            else:  # the tool parser sees the content only (as vLLM's)
+                thought, content = reasoning.extract(o.text)
+                if content is None and plan.mode in ("none", "auto"):
+                    message, finish_reason = AssistantMessage(content=None), o.finish_reason
+                else:
+                    message, finish_reason = ToolChoiceOutput(plan).message(
+                        content or "", o.finish_reason)
+                message.reasoning = thought if reasoning.include else None
             choices.append(
                 ChatChoice(
                     index=o.index,
@@ -267,9 +322,14 @@ class ServingChat:
         stream: RequestStream,
         n_prompt: int,
         plan: ToolPlan,
+        reasoning: ReasoningPlan | None = None,
     ) -> AsyncIterator[str]:
         k = (req.top_logprobs or 0) if req.logprobs else None
+        if reasoning is not None and not reasoning.include:
+            k = None  # vLLM: no logprobs when the reasoning is hidden (they would show it)
         tool_outputs = {i: ToolChoiceOutput(plan) for i in range(req.n)}
+        thinking = {i: ReasoningStreamer(reasoning) for i in range(req.n)} if reasoning else {}
+        sent_content: dict[int, int] = {}
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         finished: set[int] = set()
@@ -304,15 +364,30 @@ class ServingChat:
                     if o.finish_reason is not None:
                         finished.add(o.index)
                     finish_reason = o.finish_reason
+                    final = o.finish_reason is not None
+                    thought: str | None = None
+                    answer = o.text  # what content and tool calls are read from
+                    if reasoning is not None:
+                        streamer = thinking.setdefault(o.index, ReasoningStreamer(reasoning))
+                        thought, answer = streamer.feed(o.text, final)
+                        thought = (thought or None) if reasoning.include else None
                     if plan.mode == "none":
-                        delta = DeltaMessage(content=text)
+                        if reasoning is None:
+                            delta = DeltaMessage(content=text)
+                        else:
+                            fresh = answer[sent_content.get(o.index, 0) :]
+                            sent_content[o.index] = len(answer)
+                            delta = DeltaMessage(reasoning=thought, content=fresh or None)
+                            if not fresh and thought is None and not final and k is None:
+                                continue  # held back: a think tag may be arriving
                     else:  # text becomes content and tool-call deltas
                         out_i = tool_outputs.setdefault(o.index, ToolChoiceOutput(plan))
-                        content, calls = out_i.feed(o.text, o.finish_reason is not None)
-                        delta = DeltaMessage(content=content, tool_calls=calls or None)
-                        if o.finish_reason is not None:
+                        content, calls = out_i.feed(answer, final)
+                        delta = DeltaMessage(reasoning=thought, content=content,
+                                             tool_calls=calls or None)
+                        if final:
                             finish_reason = out_i.finish_reason(o.finish_reason)
-                        elif content is None and not calls and k is None:
+                        elif content is None and not calls and thought is None and k is None:
                             continue  # nothing to send yet (a call is still being written)
                     if not text and o.finish_reason is None:
                         continue

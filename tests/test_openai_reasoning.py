@@ -1,0 +1,379 @@
+"""Reasoning outputs (`--reasoning-parser deepseek_r1|qwen3`), as vLLM serves them.
+
+- The parsers on crafted text: reasoning and content of a finished answer (missing start
+  tag, no end tag, thinking off, a prompt that already ended the thinking), and stream
+  increments, with the tags split over many small deltas, that reassemble to the
+  non-streaming answer.
+- Over HTTP on a tiny Llama built here, whose byte-level tokenizer writes every tag as 7 or 8
+  tokens, so a stream splits each tag over as many deltas: a choice constraint makes the
+  model write an exact `<think>...</think>` answer, so the split is checked end to end
+  (non-streaming, streaming, n > 1, include_reasoning false, with a hermes tool call after
+  the thinking); an unconstrained answer with no end tag is all reasoning; qwen3's
+  enable_thinking: false reaches the template and makes the answer content.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import pytest
+
+from helpers.server_proc import serving
+from helpers.tiny_models import make_tiny_llama_dir
+from modelport.entrypoints.openai.reasoning import (
+    REASONING_PARSERS,
+    ReasoningPlan,
+    ReasoningStreamer,
+    get_reasoning_parser,
+    grammar_writes_end,
+    prompt_ends_reasoning,
+)
+from modelport.sampling_params import StructuredOutputsParams
+
+# ---------------------------------------------------------------- parsers, on crafted text
+
+
+def _plan(name: str = "deepseek_r1", prompt: str | None = None, constraint=None,
+          **template_kw) -> ReasoningPlan:
+    return ReasoningPlan.for_request(get_reasoning_parser(name, template_kw), prompt,
+                                     constraint, True)
+
+
+def _stream(plan: ReasoningPlan, pieces: list[str]) -> tuple[str | None, str]:
+    """Feed the text piece by piece; (reasoning, content) sent, None when none was."""
+    s = ReasoningStreamer(plan)
+    text, reasoning, content_seen = "", None, ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        r, content = s.feed(text, i == len(pieces) - 1)
+        assert content.startswith(content_seen), "content only grows"
+        content_seen = content
+        if r:
+            reasoning = (reasoning or "") + r
+    return reasoning, content_seen
+
+
+def _chunks(text: str, rng: random.Random) -> list[str]:
+    out, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, 4)
+        out.append(text[i : i + n])
+        i += n
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(REASONING_PARSERS))
+@pytest.mark.parametrize(("text", "reasoning", "content"), [
+    ("<think>Two and two make four.</think>The answer is 4.",
+     "Two and two make four.", "The answer is 4."),
+    # the opening tag was in the prompt (DeepSeek-R1's template): only the end is generated
+    ("Two and two make four.</think>\n\nThe answer is 4.",
+     "Two and two make four.", "\n\nThe answer is 4."),
+    # no end tag: all of it is reasoning (the thinking was cut off)
+    ("<think>Let me think about", "Let me think about", None),
+    ("Let me think about", "Let me think about", None),
+    # nothing after the thinking: content is null
+    ("<think>done</think>", "done", None),
+    ("\n<think>x</think>y", "x", "y"),
+    ("</think>only content", "", "only content"),
+    # a second </think> is content
+    ("a</think>b</think>c", "a", "b</think>c"),
+])
+def test_non_streaming_split(name, text, reasoning, content) -> None:
+    assert _plan(name).extract(text) == (reasoning, content)
+
+
+TEXTS = [
+    "<think>Two and two make four.</think>The answer is 4.",
+    "Two and two.</think>\n\nThe answer is 4.",
+    "  <think>\nstill thinking, no end",
+    "no tags at all </thi",
+    "<thin",
+    "<think></think>",
+    "a < b and c </ d </think> e </think",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("how", ["bytes", "random", "whole"])
+def test_stream_increments_reassemble_to_the_non_streaming_answer(text, how) -> None:
+    plan = _plan()
+    pieces = {"bytes": list(text), "whole": [text],
+              "random": _chunks(text, random.Random(len(text)))}[how]
+    reasoning, content = _stream(plan, pieces)
+    want_reasoning, want_content = plan.extract(text)
+    assert (reasoning or "") == (want_reasoning or "")
+    assert content == (want_content or "")
+
+
+def test_a_tag_that_may_be_arriving_is_held_back() -> None:
+    s = ReasoningStreamer(_plan())
+    assert s.feed("<thi", False) == ("", "")
+    assert s.feed("<think>Hmm </thi", False) == ("Hmm ", "")
+    assert s.feed("<think>Hmm </think", False) == ("", "")
+    assert s.feed("<think>Hmm </think>O", False) == ("", "O")
+    assert s.feed("<think>Hmm </think>OK", True) == ("", "OK")
+    # a partial end tag that never completes is reasoning after all
+    s = ReasoningStreamer(_plan())
+    assert s.feed("abc </thi", False) == ("abc ", "")
+    assert s.feed("abc </thi", True) == ("</thi", "")
+
+
+def test_qwen3_enable_thinking_false_makes_it_all_content() -> None:
+    off = _plan("qwen3", enable_thinking=False)
+    assert off.extract("<think>x</think>y") == (None, "<think>x</think>y")
+    assert off.extract("plain answer") == (None, "plain answer")
+    assert _stream(off, list("plain answer")) == (None, "plain answer")
+    # deepseek_r1 has no such switch; qwen3 thinks by default
+    assert _plan("deepseek_r1", enable_thinking=False).extract("a</think>b") == ("a", "b")
+    assert _plan("qwen3").extract("a</think>b") == ("a", "b")
+    assert _plan("qwen3").extract("no end") == ("no end", None)
+
+
+def test_a_prompt_that_ended_the_thinking_leaves_content() -> None:
+    assert prompt_ends_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_ends_reasoning("<|im_start|>assistant\n<think>\n")
+    assert not prompt_ends_reasoning("<|im_start|>assistant\n")
+    assert not prompt_ends_reasoning(None)
+    plan = _plan(prompt="assistant\n<think>\n\n</think>\n\n")
+    assert plan.extract("The answer.") == (None, "The answer.")
+    assert _plan(prompt="assistant\n<think>\n").extract("hmm</think>ok") == ("hmm", "ok")
+
+
+def test_constrained_answers_are_content_unless_the_grammar_writes_the_end_tag() -> None:
+    json_so = StructuredOutputsParams(json={"type": "object"})
+    assert not grammar_writes_end(json_so)
+    assert _plan(constraint=json_so).extract('{"a": 1}') == (None, '{"a": 1}')
+    choice = StructuredOutputsParams(choice=["<think>x</think>y", "z"])
+    regex = StructuredOutputsParams(regex=r"<think>[a-z]+<\/think>[0-9]")
+    for so in (choice, regex):
+        assert grammar_writes_end(so)
+        assert _plan(constraint=so).extract("<think>x</think>y") == ("x", "y")
+    assert not grammar_writes_end(StructuredOutputsParams(choice=["yes", "no"]))
+
+
+def test_unknown_parser_is_named() -> None:
+    with pytest.raises(ValueError, match="deepseek_r1, qwen3"):
+        get_reasoning_parser("granite")
+
+
+# ---------------------------------------------------------------- over HTTP
+
+# Qwen3's switch: enable_thinking false closes an empty thinking block in the prompt
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+ASK = [{"role": "user", "content": "What is two and two?"}]
+THOUGHT, ANSWER = "Two and two make four.", "The answer is 4."
+FORCED = f"<think>{THOUGHT}</think>{ANSWER}"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def think_model(tmp_path_factory):
+    pytest.importorskip("xgrammar")
+    path = make_tiny_llama_dir(tmp_path_factory.mktemp("think") / "tiny")
+    (path / "chat_template.jinja").write_text(THINK_TEMPLATE)
+    return path
+
+
+def _server(model, tmp_path_factory, *flags: str):
+    log = tmp_path_factory.mktemp("reasoningsrv") / "server.log"
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", str(model),
+            "--max-model-len", "512", "--kv-cache-memory", "16MiB", *flags]
+    return serving(argv, log)
+
+
+@pytest.fixture(scope="module")
+def r1(think_model, tmp_path_factory):
+    with _server(think_model, tmp_path_factory, "--reasoning-parser", "deepseek_r1",
+                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def qwen3(think_model, tmp_path_factory):
+    # the api_server module's launch form
+    log = tmp_path_factory.mktemp("qwen3srv") / "server.log"
+    argv = ["-m", "modelport.entrypoints.openai.api_server", "--model", str(think_model),
+            "--max-model-len", "512", "--kv-cache-memory", "16MiB",
+            "--reasoning-parser", "qwen3"]
+    with serving(argv, log) as url:
+        yield url
+
+
+def _chat(base: str, body: dict) -> dict:
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": ASK, **body}, timeout=180)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _events(base: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{base}/v1/chat/completions",
+                      json={"messages": ASK, **body, "stream": True}, timeout=180) as r:
+        assert r.status_code == 200, r.read()
+        lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+def _reassemble(events: list[dict]) -> dict[int, dict]:
+    """Per choice: reasoning, content, calls, finish_reason, and how many deltas carried
+    reasoning."""
+    out: dict[int, dict] = {}
+    for ev in events:
+        assert "error" not in ev, ev
+        for ch in ev["choices"]:
+            c = out.setdefault(ch["index"], {"reasoning": None, "content": "", "calls": [],
+                                             "finish": None, "reasoning_deltas": 0})
+            delta = ch["delta"]
+            assert "reasoning_content" not in delta  # removed from vLLM: not sent
+            if "reasoning" in delta:
+                assert delta["reasoning"], "no empty reasoning deltas"
+                c["reasoning"] = (c["reasoning"] or "") + delta["reasoning"]
+                c["reasoning_deltas"] += 1
+            c["content"] += delta.get("content") or ""
+            c["calls"] += delta.get("tool_calls") or []
+            if ch["finish_reason"] is not None:
+                c["finish"] = ch["finish_reason"]
+    return out
+
+
+def test_forced_thinking_is_split_from_the_content(r1) -> None:
+    body = {"max_tokens": 120, "structured_outputs": {"choice": [FORCED]}}
+    choice = _chat(r1, body)["choices"][0]
+    assert choice["message"]["reasoning"] == THOUGHT
+    assert choice["message"]["content"] == ANSWER
+    assert "reasoning_content" not in choice["message"]
+    assert choice["finish_reason"] == "stop"
+
+    (got,) = _reassemble(_events(r1, body)).values()
+    assert (got["reasoning"], got["content"], got["finish"]) == (THOUGHT, ANSWER, "stop")
+    # one byte a token: the thinking came in many deltas, its tags split over several
+    assert got["reasoning_deltas"] > 5
+
+
+def test_n_choices_are_split_each(r1) -> None:
+    body = {"max_tokens": 120, "n": 3, "temperature": 1.0,
+            "structured_outputs": {"choice": [FORCED, f"{THOUGHT}</think>Four."]}}
+    choices = _chat(r1, body)["choices"]
+    assert len(choices) == 3
+    for c in choices:
+        assert c["message"]["reasoning"] == THOUGHT
+        assert c["message"]["content"] in (ANSWER, "Four.")
+    streamed = _reassemble(_events(r1, body))
+    assert sorted(streamed) == [0, 1, 2]
+    for c in streamed.values():
+        assert c["reasoning"] == THOUGHT and c["content"] in (ANSWER, "Four.")
+
+
+def test_missing_start_tag_still_splits(r1) -> None:
+    body = {"max_tokens": 120, "structured_outputs": {"regex": r"Hmm, four\.</think>Four\."}}
+    msg = _chat(r1, body)["choices"][0]["message"]
+    assert (msg["reasoning"], msg["content"]) == ("Hmm, four.", "Four.")
+    (got,) = _reassemble(_events(r1, body)).values()
+    assert (got["reasoning"], got["content"]) == ("Hmm, four.", "Four.")
+
+
+def test_include_reasoning_false_drops_it(r1) -> None:
+    body = {"max_tokens": 120, "structured_outputs": {"choice": [FORCED]},
+            "include_reasoning": False, "logprobs": True, "top_logprobs": 2}
+    choice = _chat(r1, body)["choices"][0]
+    assert choice["message"]["reasoning"] is None
+    assert choice["message"]["content"] == ANSWER
+    assert choice["logprobs"] is None  # vLLM: the tokens would show the reasoning
+    events = _events(r1, body)
+    (got,) = _reassemble(events).values()
+    assert got["reasoning"] is None and got["content"] == ANSWER
+    assert all(ch["logprobs"] is None for ev in events for ch in ev["choices"])
+
+
+def test_no_end_tag_is_all_reasoning_and_completions_are_unaffected(r1) -> None:
+    """An unconstrained answer of the random model (no </think> in it): all reasoning. The
+    same prompt on /v1/completions gives the raw text, with no reasoning field."""
+    ids = httpx.post(f"{r1}/tokenize", json={"messages": ASK}).json()["tokens"]
+    comp = httpx.post(f"{r1}/v1/completions", json={
+        "prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True}, timeout=180)
+    assert comp.status_code == 200, comp.text
+    raw = comp.json()["choices"][0]
+    assert "reasoning" not in raw
+    raw = raw["text"]
+    assert "</think>" not in raw and not raw.lstrip().startswith("<think>")
+    body = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    msg = _chat(r1, body)["choices"][0]["message"]
+    assert (msg["reasoning"], msg["content"]) == (raw, None)
+    (got,) = _reassemble(_events(r1, body)).values()
+    assert (got["reasoning"], got["content"]) == (raw, "")
+    assert httpx.get(f"{r1}/v1/models").json()["data"][0]["object"] == "model"
+
+
+def test_json_constrained_answer_is_content(r1) -> None:
+    body = {"max_tokens": 10, "structured_outputs": {"choice": ["yes", "no"]}}
+    msg = _chat(r1, body)["choices"][0]["message"]
+    assert msg["reasoning"] is None and msg["content"] in ("yes", "no")
+
+
+def test_tool_parser_sees_only_the_content(r1) -> None:
+    # the thinking mentions a call: it is reasoning, not a call
+    thought = 'I could write <tool_call>{"name": "get_weather"}</tool_call> now.'
+    body = {"max_tokens": 250, "tools": [WEATHER],
+            "structured_outputs": {"choice": [f"<think>{thought}</think>{CALL}"]}}
+    choice = _chat(r1, body)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["reasoning"] == thought
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+    (got,) = _reassemble(_events(r1, body)).values()
+    assert got["reasoning"] == thought and got["content"] == ""
+    assert got["finish"] == "tool_calls"
+    assert [c["function"]["name"] for c in got["calls"]] == ["get_weather"]
+
+
+def test_qwen3_enable_thinking_false_reaches_the_template(qwen3) -> None:
+    kw = {"chat_template_kwargs": {"enable_thinking": False}}
+    ids = httpx.post(f"{qwen3}/tokenize", json={"messages": ASK, **kw}).json()["tokens"]
+    prompt = httpx.post(f"{qwen3}/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert prompt.endswith("assistant\n<think>\n\n</think>\n\n")
+    comp = httpx.post(f"{qwen3}/v1/completions", json={
+        "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True}, timeout=180)
+    raw = comp.json()["choices"][0]["text"]
+    body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True, **kw}
+    msg = _chat(qwen3, body)["choices"][0]["message"]
+    assert (msg["reasoning"], msg["content"]) == (None, raw)
+    (got,) = _reassemble(_events(qwen3, body)).values()
+    assert (got["reasoning"], got["content"]) == (None, raw)
+
+
+def test_qwen3_thinks_by_default(qwen3) -> None:
+    body = {"max_tokens": 120, "structured_outputs": {"choice": [FORCED]}}
+    msg = _chat(qwen3, body)["choices"][0]["message"]
+    assert (msg["reasoning"], msg["content"]) == (THOUGHT, ANSWER)
+    (got,) = _reassemble(_events(qwen3, body)).values()
+    assert (got["reasoning"], got["content"]) == (THOUGHT, ANSWER)
+
+
+@pytest.mark.parametrize("form", ["serve", "api_server"])
+def test_reasoning_parser_flag_in_both_launch_forms(form) -> None:
+    from modelport.entrypoints.cli import build_parser
+    from modelport.entrypoints.openai.api_server import make_parser
+
+    def parse(*argv: str):
+        if form == "serve":
+            return build_parser().parse_args(["serve", *argv])
+        return make_parser().parse_args(list(argv))
+
+    assert parse("--reasoning-parser", "qwen3").reasoning_parser == "qwen3"
+    assert parse().reasoning_parser is None
+    with pytest.raises(SystemExit):
+        parse("--reasoning-parser", "granite")
