@@ -13,6 +13,7 @@ bfloat16; the bits are reinterpreted, never converted).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,9 +115,14 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
 
 
 def deserialize_bytes(buf: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
-    out = np.empty(count, dtype=np.object_)
+    count = math.prod(shape)
     view = memoryview(buf)
+    if count * 4 > len(view):  # every element has its 4-byte length: never allocate for more
+        raise InvalidArgument(
+            f"unexpected total byte size {len(view)} for a BYTES tensor of shape {list(shape)} "
+            f"({count} elements need at least {count * 4} bytes)"
+        )
+    out = np.empty(count, dtype=np.object_)
     off = 0
     for i in range(count):
         if off + 4 > len(view):
@@ -144,7 +150,7 @@ def from_raw(buf: bytes | memoryview, wire: str, shape: tuple[int, ...]) -> np.n
     if wire == "BYTES":
         return deserialize_bytes(buf, shape)
     dtype = numpy_dtype(wire)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if len(buf) != count * dtype.itemsize:
         raise InvalidArgument(
             f"unexpected total byte size {len(buf)} for input, expecting "

@@ -6,12 +6,14 @@ Tensors arrive either as `raw_input_contents` (what tritonclient sends) or in th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from modelport.entrypoints.kserve.http_codec import shm_params
+from modelport.entrypoints.kserve import http_codec
+from modelport.entrypoints.kserve.http_codec import int_param, request_scalars, shm_params
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.errors import InvalidArgument, Unsupported
 from modelport.repository.tensors import (
@@ -22,7 +24,6 @@ from modelport.repository.tensors import (
     InferTensor,
     from_raw,
     numpy_dtype,
-    sequence_fields,
     to_raw,
 )
 
@@ -50,10 +51,7 @@ def param_value(p: pb.InferParameter) -> Any:
 def parse_version(v: str) -> int:
     if not v:
         return -1
-    try:
-        return int(v)
-    except ValueError:
-        raise InvalidArgument(f"failed to parse model version '{v}'") from None
+    return http_codec.parse_version(v)
 
 
 def _shm(params: Any, what: str) -> tuple[str, int, int] | None:
@@ -79,7 +77,16 @@ def decode_request(
         shape = tuple(int(d) for d in t.shape)
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"invalid shape {list(shape)} for input '{t.name}'")
+        if t.name in inputs:
+            raise InvalidArgument(f"input '{t.name}' is given more than once")
+        has_contents = t.HasField("contents") and t.contents.ByteSize() > 0
         region = _shm(t.parameters, f"input '{t.name}'")
+        if (region is not None or raw) and has_contents:
+            # Triton's rule: one source of data per input
+            raise InvalidArgument(
+                f"contents field must not be specified for input '{t.name}' when using "
+                "raw_input_contents or shared memory"
+            )
         if region is not None:
             if shm is None:
                 raise Unsupported("shared memory is not available on this endpoint")
@@ -93,7 +100,7 @@ def decode_request(
                     f"{t.datatype} input '{t.name}' must be sent in raw_input_contents"
                 )
             values = list(getattr(t.contents, field))
-            count = int(np.prod(shape)) if shape else 1
+            count = math.prod(shape)
             if len(values) != count:
                 raise InvalidArgument(
                     f"unexpected number of elements {len(values)} for input '{t.name}', "
@@ -102,16 +109,29 @@ def decode_request(
             if t.datatype == "BYTES":
                 data = np.array(values, dtype=np.object_).reshape(shape)
             else:
-                data = np.array(values, dtype=numpy_dtype(t.datatype)).reshape(shape)
+                try:
+                    data = np.array(values, dtype=numpy_dtype(t.datatype)).reshape(shape)
+                except OverflowError:
+                    raise InvalidArgument(
+                        f"a value in the contents of input '{t.name}' is out of range for "
+                        f"{t.datatype}"
+                    ) from None
         inputs[t.name] = InferTensor(t.name, t.datatype, data)
     requested = [o.name for o in msg.outputs] or None
+    if requested is not None and len(set(requested)) != len(requested):
+        dup = next(n for n in requested if requested.count(n) > 1)
+        raise InvalidArgument(f"output '{dup}' is requested more than once")
     shm_outputs = {}
     for o in msg.outputs:
         region = _shm(o.parameters, f"output '{o.name}'")
         if region is not None:
             shm_outputs[o.name] = region
     classification = {
-        o.name: int(param_value(o.parameters["classification"]) or 0)
+        o.name: int_param(
+            param_value(o.parameters["classification"]),
+            f"classification count for output '{o.name}'",
+            1,
+        )
         for o in msg.outputs
         if "classification" in o.parameters
     }
@@ -127,10 +147,8 @@ def decode_request(
             if k
             not in ("priority", "timeout", "triton_enable_empty_final_response", *SEQUENCE_PARAMS)
         },
-        priority=int(params.get("priority", 0) or 0),
-        timeout_us=int(params.get("timeout", 0) or 0),
         classification=classification,
-        **sequence_fields(params),
+        **request_scalars(params),
     ), shm_outputs
 
 

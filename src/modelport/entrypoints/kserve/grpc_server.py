@@ -63,7 +63,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):  # noqa: N802
         try:
             ok = self.manager.is_ready(request.name, parse_version(request.version))
-        except ServingError as e:
+        except Exception as e:
             await self._fail(context, e)
         return pb.ModelReadyResponse(ready=ok)
 
@@ -77,7 +77,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self.manager.get(request.name, parse_version(request.version))
             cfg = model.config
             versions = sorted(self.manager.entries[request.name].versions)
-        except ServingError as e:
+        except Exception as e:
             await self._fail(context, e)
         return pb.ModelMetadataResponse(
             name=cfg.name,
@@ -96,14 +96,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):  # noqa: N802
         try:
             cfg = self.manager.config(request.name, parse_version(request.version))
-        except ServingError as e:
+        except Exception as e:
             await self._fail(context, e)
         return pb.ModelConfigResponse(config=cfg)
 
     async def ModelStatistics(self, request, context):  # noqa: N802
         try:
             stats = self.manager.stats(request.name, parse_version(request.version))
-        except ServingError as e:
+        except Exception as e:
             await self._fail(context, e)
         out = pb.ModelStatisticsResponse()
         json_format.ParseDict({"model_stats": stats}, out, ignore_unknown_fields=True)
@@ -197,7 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(self, request, context):  # noqa: N802
         try:
             rows = self.shm.status(request.name)
-        except ServingError as e:
+        except Exception as e:
             await self._fail(context, e)
         out = pb.SystemSharedMemoryStatusResponse()
         for r in rows:
@@ -207,16 +207,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryRegister(self, request, context):  # noqa: N802
         try:
             self.shm.register(request.name, request.key, request.offset, request.byte_size)
-        except ServingError as e:
+        except Exception as e:
             await self._fail(context, e)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request, context):  # noqa: N802
-        self.shm.unregister(request.name)
+        try:
+            self.shm.unregister(request.name)
+        except Exception as e:
+            await self._fail(context, e)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def RepositoryIndex(self, request, context):  # noqa: N802
-        rows = self.manager.index(ready_only=request.ready)
+        try:
+            rows = self.manager.index(ready_only=request.ready)
+        except Exception as e:
+            await self._fail(context, e)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -233,7 +239,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             config = None
             if "config" in request.parameters:
-                config = request.parameters["config"].string_param
+                p = request.parameters["config"]
+                if p.WhichOneof("parameter_choice") != "string_param":
+                    raise InvalidArgument("load parameter 'config' must be a string of JSON")
+                config = p.string_param
             files = {}
             for k, v in request.parameters.items():
                 if k.startswith("file:"):  # model file override
@@ -251,7 +260,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             deps = False
             if "unload_dependents" in request.parameters:
-                deps = request.parameters["unload_dependents"].bool_param
+                p = request.parameters["unload_dependents"]
+                if p.WhichOneof("parameter_choice") != "bool_param":
+                    raise InvalidArgument("parameter 'unload_dependents' must be a boolean")
+                deps = p.bool_param
             await self.manager.request_unload(request.model_name, deps)
         except Exception as e:
             await self._fail(context, e)

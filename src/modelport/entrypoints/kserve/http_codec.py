@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,30 +52,110 @@ def decompress(body: bytes, encoding: str | None) -> bytes:
     raise Unsupported(f"unsupported Content-Encoding '{encoding}'")
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """A client's value in an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def int_param(value: Any, what: str, minimum: int = 0) -> int:
+    """An integer request parameter (never a bool, float or string), at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgument(f"{what} must be an integer, got {_show(value)}")
+    if value < minimum:
+        raise InvalidArgument(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def bool_param(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be a boolean, got {_show(value)}")
+    return value
+
+
+def _json_leaves(data: Any) -> list[Any]:
+    """The elements of nested JSON arrays in row-major order (iterative: no recursion limit)."""
+    out: list[Any] = []
+    stack = [iter([data])]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out
+
+
+def _check_nesting(name: str, data: Any, shape: list[int]) -> None:
+    """'data' is flat, or nested exactly as `shape` (never ragged or of another depth)."""
+    if not isinstance(data, list) or not any(isinstance(x, list) for x in data):
+        return
+    level = [data]
+    for depth, dim in enumerate(shape):
+        nxt: list[Any] = []
+        for x in level:
+            if not isinstance(x, list) or len(x) != dim:
+                raise InvalidArgument(
+                    f"'data' of input '{name}' is nested unlike its shape {shape} (at depth "
+                    f"{depth}); send it flat or nested as the shape"
+                )
+            nxt.extend(x)
+        level = nxt
+    if any(isinstance(x, list) for x in level):
+        raise InvalidArgument(
+            f"'data' of input '{name}' is nested deeper than its shape {shape}; send it flat "
+            "or nested as the shape"
+        )
+
+
+def _json_numeric(name: str, wire: str, data: Any) -> np.ndarray:
+    """JSON numbers as a flat array of `wire`, by Triton's rules: numbers only (never strings
+    or null), booleans only for BOOL, integers only for integer types, each in range."""
+    leaves = _json_leaves(data)
+    if wire == "BOOL":
+        ok, what = {bool}, "booleans"
+    elif wire[0] in "IU":
+        ok, what = {int}, "integers"
+    else:
+        ok, what = {int, float}, "numbers"
+    if not set(map(type, leaves)) <= ok:
+        bad = next(x for x in leaves if type(x) not in ok)
+        raise InvalidArgument(f"'data' of {wire} input '{name}' must hold {what}, got {_show(bad)}")
+    try:
+        return np.array(leaves, dtype=numpy_dtype(wire))
+    except OverflowError:
+        raise InvalidArgument(
+            f"a value in 'data' of input '{name}' is out of range for {wire}"
+        ) from None
+
+
 def _json_tensor(name: str, wire: str, shape: list[int], data: Any) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if wire == "BF16":  # Triton's words (http_server.cc)
         raise InvalidArgument(
             "receiving BF16 data via JSON is not supported. Please use the binary data "
             f"format for input {name}"
         )
+    _check_nesting(name, data, shape)
     if wire == "BYTES":
-        flat = np.array(data, dtype=np.object_).reshape(-1)
-        arr = np.empty(flat.shape, dtype=np.object_)
+        flat = _json_leaves(data)
+        arr = np.empty(len(flat), dtype=np.object_)
         for i, x in enumerate(flat):
-            if isinstance(x, str):
+            if not isinstance(x, str):
+                raise InvalidArgument(
+                    f"'data' of BYTES input '{name}' must hold strings, got {_show(x)}"
+                )
+            try:
                 arr[i] = x.encode("utf-8")
-            elif isinstance(x, (bytes, bytearray)):
-                arr[i] = bytes(x)
-            else:
-                arr[i] = json.dumps(x).encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgument(
+                    f"'data' of input '{name}' holds a string that is not valid Unicode "
+                    "(a lone surrogate escape)"
+                ) from None
     else:
-        try:
-            arr = np.asarray(data, dtype=numpy_dtype(wire)).reshape(-1)
-        except (TypeError, ValueError) as e:
-            raise InvalidArgument(
-                f"unable to parse 'data' of input '{name}' as {wire}: {e}"
-            ) from None
+        arr = _json_numeric(name, wire, data)
     if arr.size != count:
         raise InvalidArgument(
             f"unexpected number of elements {arr.size} in 'data' of input '{name}', "
@@ -101,11 +182,32 @@ def shm_params(params: dict[str, Any], what: str) -> tuple[str, int, int] | None
         return None
     if "shared_memory_byte_size" not in params:
         raise InvalidArgument(f"{what}: 'shared_memory_byte_size' is required with a region")
+    region = params["shared_memory_region"]
+    if not isinstance(region, str):
+        raise InvalidArgument(f"{what}: 'shared_memory_region' must be a string")
     return (
-        str(params["shared_memory_region"]),
-        int(params.get("shared_memory_offset", 0)),
-        int(params["shared_memory_byte_size"]),
+        region,
+        int_param(params.get("shared_memory_offset", 0), f"{what}: 'shared_memory_offset'"),
+        int_param(params["shared_memory_byte_size"], f"{what}: 'shared_memory_byte_size'"),
     )
+
+
+def _params(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"'parameters' of {what} must be a JSON object")
+    return value
+
+
+def request_scalars(params: dict[str, Any]) -> dict[str, Any]:
+    """priority / timeout (uint64 parameters, 0: the model's default) and the sequence
+    fields of a request's parameters, checked, as InferRequest fields (HTTP and gRPC)."""
+    out = {}
+    for key, field_name in (("priority", "priority"), ("timeout", "timeout_us")):
+        value = params.get(key)
+        out[field_name] = 0 if value is None else int_param(value, f"parameter '{key}'")
+    return {**out, **sequence_fields(params)}
 
 
 def parse_infer_request(
@@ -125,12 +227,7 @@ def parse_infer_request(
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        doc = json.loads(head or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"failed to parse the request JSON buffer: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument("the request body must be a JSON object")
+    doc = parse_json(head or b"{}")
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidArgument("'parameters' must be a JSON object")
@@ -143,22 +240,26 @@ def parse_infer_request(
         if not isinstance(spec, dict) or "name" not in spec:
             raise InvalidArgument("every input must be an object with a 'name'")
         name = spec["name"]
+        if not isinstance(name, str):
+            raise InvalidArgument(f"the name of an input must be a string, got {_show(name)}")
         wire = spec.get("datatype")
         shape = spec.get("shape")
-        if wire not in WIRE_DTYPES:
-            raise InvalidArgument(f"invalid datatype '{wire}' for input '{name}'")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise InvalidArgument(f"invalid shape {shape!r} for input '{name}'")
+        if not isinstance(wire, str) or wire not in WIRE_DTYPES:
+            raise InvalidArgument(f"invalid datatype {_show(wire)} for input '{name}'")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise InvalidArgument(f"invalid shape {_show(shape)} for input '{name}'")
         if name in inputs:
             raise InvalidArgument(f"input '{name}' is given more than once")
-        iparams = spec.get("parameters") or {}
+        iparams = _params(spec.get("parameters"), f"input '{name}'")
         region = shm_params(iparams, f"input '{name}'")
         if region is not None:
             if shm is None:
                 raise Unsupported("shared memory is not available on this endpoint")
             data = from_raw(shm.read(region[0], region[1], region[2]), wire, tuple(shape))
         elif "binary_data_size" in iparams:
-            size = int(iparams["binary_data_size"])
+            size = int_param(iparams["binary_data_size"], f"'binary_data_size' of input '{name}'")
             if offset + size > len(binary):
                 raise InvalidArgument(
                     f"unexpected end of the binary data for input '{name}' "
@@ -180,37 +281,71 @@ def parse_infer_request(
     shm_outputs: dict[str, tuple[str, int, int]] = {}
     classification: dict[str, int] = {}
     if doc.get("outputs") is not None:
+        if not isinstance(doc["outputs"], list):
+            raise InvalidArgument("'outputs' must be an array")
         requested = []
         for spec in doc["outputs"]:
-            name = spec.get("name")
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise InvalidArgument("every output must be an object with a string 'name'")
+            name = spec["name"]
+            if name in requested:
+                raise InvalidArgument(f"output '{name}' is requested more than once")
             requested.append(name)
-            oparams = spec.get("parameters") or {}
-            if oparams.get("classification"):
-                classification[name] = int(oparams["classification"])
+            oparams = _params(spec.get("parameters"), f"output '{name}'")
+            if "classification" in oparams:
+                classification[name] = int_param(
+                    oparams["classification"], f"classification count for output '{name}'", 1
+                )
             region = shm_params(oparams, f"output '{name}'")
             if region is not None:
                 shm_outputs[name] = region
-            elif oparams.get("binary_data"):
+            elif bool_param(oparams.get("binary_data", False), f"'binary_data' of output '{name}'"):
                 binary_outputs.add(name)
+    rid = doc.get("id", "")
+    if not isinstance(rid, str):
+        raise InvalidArgument(f"request 'id' must be a string, got {_show(rid)}")
     req = InferRequest(
         model_name=model_name,
         model_version=model_version,
         inputs=inputs,
         requested_outputs=requested,
-        id=str(doc.get("id", "")),
+        id=rid,
         parameters={
             k: v
             for k, v in params.items()
             if k not in ("binary_data_output", "priority", "timeout", *SEQUENCE_PARAMS)
         },
-        priority=int(params.get("priority", 0) or 0),
-        timeout_us=int(params.get("timeout", 0) or 0),
         classification=classification,
-        **sequence_fields(params),
+        **request_scalars(params),
     )
-    return HttpInfer(
-        req, binary_outputs, bool(params.get("binary_data_output", False)), shm_outputs
-    )
+    all_binary = bool_param(params.get("binary_data_output", False), "'binary_data_output'")
+    return HttpInfer(req, binary_outputs, all_binary, shm_outputs)
+
+
+def parse_version(v: str) -> int:
+    """A model version from a URL or request ("" means the newest: the caller's job)."""
+    try:
+        version = int(v)
+    except ValueError:
+        raise InvalidArgument(f"failed to parse model version '{v}'") from None
+    if version < 0:
+        raise InvalidArgument(f"invalid model version '{v}': a version is an integer >= 0")
+    return version
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object, or a 400 saying why it is not."""
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"failed to parse the request JSON buffer: {e}") from None
+    except RecursionError:
+        raise InvalidArgument(
+            "failed to parse the request JSON buffer: nested too deeply"
+        ) from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    return doc
 
 
 def _json_data(t: InferTensor) -> list:

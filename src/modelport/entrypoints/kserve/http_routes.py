@@ -18,7 +18,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from modelport.entrypoints.kserve import http_codec as codec
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
-from modelport.repository.errors import InvalidArgument, ServingError, Status, Unsupported
+from modelport.repository.errors import (
+    InvalidArgument,
+    NotFound,
+    ServingError,
+    Status,
+    Unsupported,
+)
 from modelport.repository.manager import RepositoryManager
 from modelport.repository.model_config import config_to_json
 from modelport.repository.tensors import InferRequest
@@ -54,23 +60,23 @@ def error_response(e: Exception) -> JSONResponse:
 def _version(v: str | None) -> int:
     if v is None or v == "":
         return -1
-    try:
-        return int(v)
-    except ValueError:
-        raise InvalidArgument(f"failed to parse model version '{v}'") from None
+    return codec.parse_version(v)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
     body = await request.body()
     if not body:
         return {}
-    try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"failed to parse the request JSON buffer: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument("the request body must be a JSON object")
-    return doc
+    return codec.parse_json(body)
+
+
+def _params(doc: dict[str, Any]) -> dict[str, Any]:
+    params = doc.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidArgument("'parameters' must be a JSON object")
+    return params
 
 
 def build_router(
@@ -205,8 +211,9 @@ def build_router(
                     yield f"data: {json.dumps(codec.generate_output(first))}\n\n"
                 async for r in stream:
                     yield f"data: {json.dumps(codec.generate_output(r))}\n\n"
-            except ServingError as e:
-                yield f"data: {json.dumps({'error': str(e)})}\n\n"
+            except Exception as e:  # the stream has started: the error goes in it
+                err = str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"
+                yield f"data: {json.dumps({'error': err})}\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -221,14 +228,16 @@ def build_router(
     @guarded
     async def repository_index(request: Request) -> Response:
         doc = await _json_body(request)
-        return JSONResponse(manager.index(ready_only=bool(doc.get("ready", False))))
+        ready = codec.bool_param(doc.get("ready", False), "'ready'")
+        return JSONResponse(manager.index(ready_only=ready))
 
     @router.post("/v2/repository/models/{model_name}/load")
     @guarded
     async def repository_load(request: Request, model_name: str) -> Response:
-        doc = await _json_body(request)
-        params = doc.get("parameters") or {}
+        params = _params(await _json_body(request))
         config = params.get("config")
+        if config is not None and not isinstance(config, str):
+            raise InvalidArgument("load parameter 'config' must be a string of JSON")
         files = {}
         for k, v in params.items():
             if k.startswith("file:"):  # model file override: base64 content, as tritonclient sends
@@ -244,9 +253,9 @@ def build_router(
     @router.post("/v2/repository/models/{model_name}/unload")
     @guarded
     async def repository_unload(request: Request, model_name: str) -> Response:
-        doc = await _json_body(request)
-        params = doc.get("parameters") or {}
-        await manager.request_unload(model_name, bool(params.get("unload_dependents", False)))
+        params = _params(await _json_body(request))
+        deps = codec.bool_param(params.get("unload_dependents", False), "'unload_dependents'")
+        await manager.request_unload(model_name, deps)
         return Response(status_code=200)
 
     @router.get("/v2/systemsharedmemory/status")
@@ -259,9 +268,12 @@ def build_router(
     @guarded
     async def shm_register(request: Request, region: str) -> Response:
         doc = await _json_body(request)
-        shm.register(
-            region, str(doc.get("key", "")), int(doc.get("offset", 0)), int(doc.get("byte_size", 0))
-        )
+        key = doc.get("key", "")
+        if not isinstance(key, str):
+            raise InvalidArgument("shared memory 'key' must be a string")
+        offset = codec.int_param(doc.get("offset", 0), "shared memory 'offset'")
+        byte_size = codec.int_param(doc.get("byte_size", 0), "shared memory 'byte_size'")
+        shm.register(region, key, offset, byte_size)
         return Response(status_code=200)
 
     @router.post("/v2/systemsharedmemory/unregister")
@@ -277,6 +289,13 @@ def build_router(
     for prefix in ("/v2/cudasharedmemory", "/v2/trace", "/v2/logging"):
         router.api_route(prefix, methods=["GET", "POST"])(guarded(_unsupported))
         router.api_route(prefix + "/{rest:path}", methods=["GET", "POST"])(guarded(_unsupported))
+
+    async def _no_route(request: Request, rest: str = "") -> Response:
+        # last: any other /v2 path (or method) answers in KServe's shape, not FastAPI's
+        raise NotFound(f"{request.method} {request.url.path} is not a KServe v2 endpoint")
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    router.api_route("/v2/{rest:path}", methods=methods)(guarded(_no_route))
 
     return router
 

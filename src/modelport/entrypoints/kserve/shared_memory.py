@@ -48,7 +48,7 @@ class SharedMemoryRegistry:
                     f"shared memory region '{name}' already in manager", Status.ALREADY_EXISTS
                 )
             base = key[1:] if key.startswith("/") else key
-            if not base or "/" in base or base in (".", ".."):
+            if not base or "/" in base or "\0" in base or base in (".", ".."):
                 # shm_open's rule; also keeps a request from naming any other file
                 raise InvalidArgument(f"invalid shared memory key '{key}'")
             path = os.path.join(SHM_DIR, base)

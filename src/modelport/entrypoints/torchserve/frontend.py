@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from modelport.entrypoints.torchserve.common import TSState
-from modelport.entrypoints.torchserve.inference import make_inference_router
+from modelport.entrypoints.torchserve.inference import make_inference_app, make_inference_router
 from modelport.entrypoints.torchserve.management import make_management_app, make_metrics_app
 from modelport.entrypoints.torchserve.metrics import TSMetrics
 from modelport.torchserve.archive import MANIFEST_PATH
@@ -217,8 +217,7 @@ class TorchServeService:
             self.management_port,
         )
         if self.plan.inference is not None:
-            app = FastAPI(title="modelport TorchServe inference API")
-            app.include_router(make_inference_router(self.state))
+            app = make_inference_app(self.state)
             self.inference_port = await self._serve(app, *self.plan.inference)
             logger.info(
                 "TorchServe inference API on http://%s:%d",

@@ -19,11 +19,12 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelport.entrypoints.torchserve.common import TSState, error_response
-from modelport.torchserve.errors import TSError, bad_request
+from modelport.torchserve.errors import TSError, bad_request, internal
 from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
 from modelport.torchserve.model import ModelVersion
 
@@ -47,6 +48,8 @@ def _form_params(content_type: str, body: bytes) -> list[InputParam]:
         else:
             ct = "application/octet-stream" if part.get_filename() else "text/plain"
         params.append(InputParam(str(name), ct, payload))
+    if not params:
+        raise bad_request("multipart/form-data body has no named part")
     return params
 
 
@@ -132,6 +135,16 @@ async def respond(state: TSState, mv: ModelVersion, item: RequestItem) -> Respon
     )
 
 
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unexpected(e: Exception) -> Response:
+    """A bug, not the client's: still TorchServe's shape, and logged with its traceback."""
+    logger.error("inference request failed", exc_info=e)
+    return error_response(internal(f"{type(e).__name__}: {e}"))
+
+
 def _decode_prediction(r: ItemResponse) -> object:
     ct = (r.content_type or "").split(";")[0].strip().lower()
     if ct == "application/json":
@@ -163,6 +176,8 @@ def make_inference_router(state: TSState) -> APIRouter:
             return await respond(state, mv, item)
         except TSError as e:
             return error_response(e)
+        except Exception as e:
+            return _unexpected(e)
 
     @router.post("/explanations/{model_name}")
     async def explanations(request: Request, model_name: str) -> Response:
@@ -188,11 +203,13 @@ def make_inference_router(state: TSState) -> APIRouter:
             state.authorize("inference", request)
             mv = state.registry.get(model_name)
             try:
-                doc = json.loads(await request.body())
+                doc = json.loads(await request.body(), parse_constant=_reject_constant)
+                if not isinstance(doc, dict):
+                    raise TypeError("the body is no JSON object")
                 instances = doc["instances"]
                 if not isinstance(instances, list):
                     raise TypeError("instances must be a list")
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise bad_request(f'body must be {{"instances": [...]}}: {e}') from e
             headers = {k.lower(): v for k, v in request.headers.items()}
             items = []
@@ -207,5 +224,49 @@ def make_inference_router(state: TSState) -> APIRouter:
             return JSONResponse({"predictions": [_decode_prediction(r) for r in results]})
         except TSError as e:
             return error_response(e)
+        except Exception as e:
+            return _unexpected(e)
 
+    async def wrong_method(request: Request, rest: str = "") -> Response:
+        # registered last: a prediction path with a method it does not take answers in
+        # TorchServe's shape (405 MethodNotAllowedException), not FastAPI's
+        return error_response(
+            TSError(
+                405,
+                "MethodNotAllowedException",
+                "Requested method is not allowed, please refer to API document.",
+            )
+        )
+
+    for prefix in ("/predictions", "/explanations"):
+        router.api_route(
+            prefix + "/{rest:path}", methods=["GET", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+        )(wrong_method)
     return router
+
+
+def make_inference_app(state: TSState) -> FastAPI:
+    """The inference API on its own port (config inference_address / --inference-port): every
+    error there, unknown paths included, in TorchServe's shape."""
+    app = FastAPI(title="modelport TorchServe inference API")
+    app.include_router(make_inference_router(state))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 404:
+            err = TSError(
+                404,
+                "ResourceNotFoundException",
+                "Requested resource is not found, please refer to API document.",
+            )
+        elif e.status_code == 405:
+            err = TSError(
+                405,
+                "MethodNotAllowedException",
+                "Requested method is not allowed, please refer to API document.",
+            )
+        else:
+            err = TSError(e.status_code, "BadRequestException", str(e.detail))
+        return error_response(err)
+
+    return app

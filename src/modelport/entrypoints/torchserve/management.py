@@ -17,11 +17,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelport.entrypoints.torchserve.common import TSState, error_response, status
 from modelport.entrypoints.torchserve.metrics import CONTENT_TYPE
-from modelport.torchserve.errors import TSError, bad_request, service_unavailable
+from modelport.torchserve.errors import TSError, bad_request, internal, service_unavailable
 from modelport.torchserve.messages import InputParam, RequestItem
 from modelport.torchserve.model import ModelVersion
 
 logger = logging.getLogger("modelport.torchserve")
+
+# Worker processes one request may ask for (min_worker, max_worker, initial_workers). TorchServe
+# sets no bound, but each worker is an OS process: a typo such as min_worker=100000 must be a
+# 400, not a fork storm that takes the host down.
+MAX_WORKERS = 256
 
 
 class _Params:
@@ -32,18 +37,32 @@ class _Params:
 
     def str(self, name: str) -> str | None:
         v = self.values.get(name)
-        return None if v is None else str(v)
+        if v is None:
+            return None
+        if isinstance(v, (dict, list, bool)):  # a JSON body's value
+            raise bad_request(f"Invalid parameter {name}: {_show(v)} is not a string")
+        return str(v)
 
-    def int(self, name: str, default: int | None = None, minimum: int | None = None) -> int | None:
+    def int(
+        self,
+        name: str,
+        default: int | None = None,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int | None:
         raw = self.values.get(name)
         if raw is None or raw == "":
             return default
         try:
+            if isinstance(raw, (bool, float)):  # a JSON body's true / 1.5: no integer
+                raise TypeError
             v = int(raw)
         except (TypeError, ValueError):
-            raise bad_request(f"Invalid parameter {name}: {raw!r} is not an integer") from None
+            raise bad_request(f"Invalid parameter {name}: {_show(raw)} is not an integer") from None
         if minimum is not None and v < minimum:
             raise bad_request(f"Invalid parameter {name}: must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise bad_request(f"Invalid parameter {name}: must be <= {maximum}, got {v}")
         return v
 
     def lenient_int(self, name: str, default: int) -> int:
@@ -72,6 +91,11 @@ class _Params:
         if str(raw).lower() in ("false", "0"):
             return False
         raise bad_request(f"Invalid parameter {name}: {raw!r} is not a boolean")
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 async def _params(request: Request) -> _Params:
@@ -113,6 +137,12 @@ def make_management_app(state: TSState) -> FastAPI:
         else:
             err = TSError(e.status_code, "BadRequestException", str(e.detail))
         return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        # a bug, not the client's: still TorchServe's shape, and logged with its traceback
+        logger.exception("management request failed")
+        return error_response(internal(f"{type(e).__name__}: {e}"))
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -171,7 +201,7 @@ def make_management_app(state: TSState) -> FastAPI:
         # TorchServe's RegisterModelRequest: initial_workers defaults to config.properties
         # default_workers_per_model (else 0) and synchronous to true (its docs say false;
         # its code, which clients meet, says true)
-        initial = p.int("initial_workers", state.default_workers, minimum=0)
+        initial = p.int("initial_workers", state.default_workers, minimum=0, maximum=MAX_WORKERS)
         sync = p.java_bool("synchronous", True)
         mv = await reg.register(
             url,
@@ -220,9 +250,9 @@ def make_management_app(state: TSState) -> FastAPI:
         p = await _params(request)
         if version is None:
             version = p.str("model_version") or None
-        min_w = p.int("min_worker", 1, minimum=0)
+        min_w = p.int("min_worker", 1, minimum=0, maximum=MAX_WORKERS)
         assert min_w is not None
-        max_w = p.int("max_worker", min_w, minimum=0)
+        max_w = p.int("max_worker", min_w, minimum=0, maximum=MAX_WORKERS)
         assert max_w is not None
         if max_w < min_w:
             raise bad_request("max_worker cannot be less than min_worker.")
