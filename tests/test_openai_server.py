@@ -448,3 +448,27 @@ def test_a_model_that_is_not_there_ends_serve_before_it_listens(tmp_path, entry)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "modelport serve: model " in r.stderr and "nope' not found" in r.stderr
     assert "Uvicorn running" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lone_surrogate_text_is_a_400_naming_the_field(base, model) -> None:
+    # "\udcff" is valid JSON but not Unicode text: no tokenizer takes it (it was a 500)
+    cases = {
+        "/v1/chat/completions": ('{"model": "%s", "max_tokens": 2, "messages": '
+                                 '[{"role": "user", "content": "hi \\udcff"}]}', "messages.0.content"),
+        "/v1/completions": ('{"model": "%s", "max_tokens": 2, "prompt": ["ok", "\\ud800"]}',
+                            "prompt.1"),
+        "/tokenize": ('{"model": "%s", "prompt": "\\udfff"}', "prompt"),
+    }
+    for path, (raw, where) in cases.items():
+        r = httpx.post(base + path, content=(raw % model).encode(),
+                       headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 400, (path, r.text)
+        err = r.json()["error"]
+        assert where in err["message"] and "surrogate" in err["message"], err
+    # a surrogate pair (an emoji) is fine, and the server still answers
+    emoji = '{"model": "MODEL", "max_tokens": 2, "messages": [{"role": "user", "content": ' \
+        '"\\ud83d\\ude00"}]}'
+    ok = httpx.post(base + "/v1/chat/completions", timeout=120,
+                    content=emoji.replace("MODEL", model).encode(),
+                    headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text

@@ -8,11 +8,12 @@ length, vocabulary) happen in the serving layer, not here.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -21,6 +22,41 @@ def random_id(prefix: str) -> str:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Where a string of a request holds a lone surrogate (a JSON escape such as "\\udcff"
+    that pairs with nothing): such text is not Unicode, and no tokenizer takes it."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        found = _lone_surrogate(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+class TextRequest(OpenAIModel):
+    """A request whose text reaches the tokenizer: refuse text that is not valid Unicode
+    (a 400 naming the field) instead of failing inside the tokenizer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            raise ValueError(f"{where}: the text holds a lone UTF-16 surrogate (an unpaired "
+                             "\\ud800-\\udfff escape), which is not valid Unicode")
+        return data
 
 
 # ---------------------------------------------------------------- errors
@@ -62,7 +98,7 @@ class ResponseFormat(OpenAIModel):
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(TextRequest):
     """Sampling fields shared by completions and chat (OpenAI names, then vLLM extras)."""
 
     model: str | None = None
@@ -360,7 +396,7 @@ class ModelList(OpenAIModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(TextRequest):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None

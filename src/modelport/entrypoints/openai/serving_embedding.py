@@ -16,14 +16,14 @@ from pydantic import Field
 
 from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from modelport.entrypoints.openai.errors import OpenAIError
-from modelport.entrypoints.openai.protocol import ChatMessage, OpenAIModel, random_id
+from modelport.entrypoints.openai.protocol import ChatMessage, TextRequest, random_id
 from modelport.entrypoints.openai.serving_common import admit, check_model, truncate_prompt
 from modelport.pooling_params import PoolingParams
 
 EmbeddingInput = str | list[int] | list[str] | list[list[int]]
 
 
-class EmbeddingRequest(OpenAIModel):
+class EmbeddingRequest(TextRequest):
     model: str | None = None
     input: EmbeddingInput | None = None
     # vLLM's chat-style embeddings request: messages through the chat template
