@@ -15,14 +15,71 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 
 import torch
 
 
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(n)]
+
+
+def c1(eng, vocab: int, rid: str = "c1") -> tuple[float, float, list[int]]:
+    """One C1 stream through the engine's step loop: (TTFT ms, decode tok/s, token ids)."""
+    from modelport import SamplingParams
+
+    p = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    eng.add_request(rid, prompts(1, 64, vocab, 0)[0], p, output_kind="delta")
+    t_start = time.perf_counter()
+    t_first = None
+    ids: list[int] = []
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            ids += o.outputs[0].token_ids
+            if t_first is None and ids:
+                t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    return (round((t_first - t_start) * 1000, 1), round((len(ids) - 1) / (t_end - t_first), 1),
+            ids)
+
+
+def c1_ab(eng, vocab: int, rounds: int) -> dict:
+    """C1 with the CPU decode fast paths (layers/cpu_fast.py) off and on, interleaved in this
+    process (off, on, off, on, ...): the same-run ratio, and whether greedy tokens agree."""
+    from statistics import median
+
+    from modelport.layers import cpu_fast
+
+    saved = cpu_fast.ENABLED
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    tokens: dict[str, list[int]] = {}
+    try:
+        for i in range(rounds):
+            for mode in ("off", "on"):
+                cpu_fast.ENABLED = mode == "on"
+                _, tok_s, ids = c1(eng, vocab, f"c1-ab-{mode}-{i}")
+                runs[mode].append(tok_s)
+                if tokens.setdefault(mode, ids) != ids:
+                    raise AssertionError(f"C1 greedy tokens changed between {mode} runs")
+    finally:
+        cpu_fast.ENABLED = saved
+    off, on = median(runs["off"]), median(runs["on"])
+    return {"decode_tok_s_off": runs["off"], "decode_tok_s_on": runs["on"],
+            "median_off": off, "median_on": on, "speedup": round(on / off, 2),
+            "greedy_tokens_identical": tokens["off"] == tokens["on"]}
 
 
 def run_modelport(args, quantization: str | None = None) -> dict:
@@ -41,22 +98,16 @@ def run_modelport(args, quantization: str | None = None) -> dict:
     res = {"engine": name, "load_s": round(load_s, 2)}
 
     # C1: time to first token and decode rate from the engine's own step loop
-    p = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts(1, 64, vocab, 1), sampling_params=SamplingParams(
-        temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
-    eng.add_request("c1", prompts(1, 64, vocab, 0)[0], p, output_kind="delta")
-    t_start = time.perf_counter()
-    t_first = None
-    n_tokens = 0
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            n_tokens += len(o.outputs[0].token_ids)
-            if t_first is None and n_tokens:
-                t_first = time.perf_counter()
-    t_end = time.perf_counter()
-    res["c1_ttft_ms"] = round((t_first - t_start) * 1000, 1)
-    res["c1_decode_tok_s"] = round((n_tokens - 1) / (t_end - t_first), 1)
+        temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)  # warm-up
+    if args.ab:
+        res["c1_ab"] = c1_ab(eng, vocab, args.ab)
+    ttft_ms, tok_s, _ = c1(eng, vocab)
+    res["c1_ttft_ms"] = ttft_ms
+    res["c1_decode_tok_s"] = tok_s
 
+    if args.skip_c2:
+        return res
     # C2: 32 concurrent requests
     ps = prompts(32, 64, vocab, 2)
     sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
@@ -111,19 +162,29 @@ def main() -> None:
                     help="besides the default (Q4_1 kept on an AVX2 CPU), also quantization="
                     "'none' (fp32) and 'gguf' (kept, bf16 LM head)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--ab", type=int, default=0, metavar="N",
+                    help="also run C1 N times each with the CPU decode fast paths off and on, "
+                    "interleaved (MODELPORT_CPU_FAST_DECODE switches them for the rest)")
+    ap.add_argument("--skip-c2", action="store_true", help="C1 only")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    machine["fast_decode_env"] = os.environ.get("MODELPORT_CPU_FAST_DECODE", "1")
+    load_before = list(os.getloadavg())
     results = [run_modelport(args)]
     if args.quantized:
         results += [run_modelport(args, "none"), run_modelport(args, "gguf")]
     if args.peer == "hf":
         results.append(run_hf(args))
-    report = {"machine": machine, "results": results,
+    machine["loadavg_before_after"] = [load_before, list(os.getloadavg())]
+    report = {"command": " ".join(["python"] + sys.argv), "machine": machine, "results": results,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(report, indent=2))
     if args.json:

@@ -133,3 +133,32 @@ def test_mistral_uses_llama_and_refuses_sliding_window(tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="sliding_window=64"):
         load(path)
+
+
+@pytest.mark.parametrize("blocks", [[5, 2, 7, 0, 3], [2, 3, 4, 5, 6]], ids=["scattered", "consecutive"])
+def test_cpu_fast_decode_paths_are_bitwise_equal(tmp_path: Path, monkeypatch, blocks) -> None:
+    """layers/cpu_fast.py's paths (fused rms_norm, joint q/k rotary, batch-1 decode attention
+    reading consecutive blocks in place) give the same bits as the plain code."""
+    from modelport.layers import cpu_fast
+
+    model = load(make_tiny_llama_dir(tmp_path))
+    cfg, bs, t = model.config, 8, 30
+    table = torch.tensor([blocks], dtype=torch.int32)
+    logits = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(cpu_fast, "ENABLED", enabled)
+        kv = [torch.zeros(2, 8, bs, cfg.num_key_value_heads, cfg.head_dim)
+              for _ in range(cfg.num_hidden_layers)]
+        outs = []
+        for start, end in [(0, 20)] + [(p, p + 1) for p in range(20, t)]:
+            pos = torch.arange(start, end)
+            meta = build_single_sequence_metadata(end, bs)
+            meta.slot_mapping = table[0, pos // bs].long() * bs + pos % bs
+            meta.block_tables = table
+            meta.query_start_loc = torch.tensor([0, end - start], dtype=torch.int32)
+            meta.query_start_loc_cpu = [0, end - start]
+            meta.max_query_len = end - start
+            with torch.no_grad(), forward_context(ForwardContext(meta, kv)):
+                outs.append(model.compute_logits(model(torch.tensor(PROMPT[start:end]), pos)))
+        logits[enabled] = torch.cat(outs)
+    assert torch.equal(logits[False], logits[True])

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelport.layers import cpu_fast
+
 
 @dataclass
 class AttentionMetadata:
@@ -101,6 +103,11 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store new K/V rows ([T, kv_heads, head_dim]) into their cache slots."""
     _, nb, bs, h, d = kv_cache.shape
+    if not kv_cache.is_cuda and cpu_fast.ENABLED and k.dtype == kv_cache.dtype == v.dtype:
+        flat = kv_cache.view(2, nb * bs, h, d)  # same dtype: no casts, no byte views
+        flat[0].index_copy_(0, slots, k)
+        flat[1].index_copy_(0, slots, v)
+        return
     flat = _bytes(kv_cache.view(2, nb * bs, h, d))
     flat[0].index_copy_(0, slots, _bytes(to_cache_dtype(k, kv_cache.dtype)))
     flat[1].index_copy_(0, slots, _bytes(to_cache_dtype(v, kv_cache.dtype)))
@@ -113,6 +120,9 @@ def gather_kv(
     n_blocks = (seq_len + kv_cache.shape[2] - 1) // kv_cache.shape[2]
     ids = block_ids[:n_blocks]
     raw = _bytes(kv_cache)
+    if not kv_cache.is_cuda and cpu_fast.ENABLED:  # K and V blocks in one gather
+        kv = raw.index_select(1, ids).flatten(1, 2)[:, :seq_len].view(kv_cache.dtype)
+        return kv[0], kv[1]
     k = raw[0].index_select(0, ids).flatten(0, 1)[:seq_len].view(kv_cache.dtype)
     v = raw[1].index_select(0, ids).flatten(0, 1)[:seq_len].view(kv_cache.dtype)
     return k, v
@@ -132,6 +142,27 @@ def reference_paged_attention(
     """
     if meta.is_pure_decode and meta.num_reqs > 1:
         return _batched_decode_attention(q, kv_cache, meta, scale)
+    if meta.num_reqs == 1 and q.shape[0] == 1 and not q.is_cuda and cpu_fast.ENABLED:
+        # one decode token (CPU, batch 1): no output buffer, no mask, no per-request loop;
+        # when the request's blocks are consecutive (checked once per step) its K/V are read
+        # in place, a view with the layout the gather would have copied into
+        seq_len = meta.seq_lens_cpu[0]
+        n_blocks = (seq_len + kv_cache.shape[2] - 1) // kv_cache.shape[2]
+        first = meta.backend_state.get("cpu_first_block", ())
+        if first == ():
+            ids = meta.block_tables[0, :n_blocks].tolist()
+            first = ids[0] if ids == list(range(ids[0], ids[0] + n_blocks)) else None
+            meta.backend_state["cpu_first_block"] = first
+        if first is not None:
+            raw = _bytes(kv_cache)
+            kv = raw[:, first : first + n_blocks].flatten(1, 2)[:, :seq_len].view(kv_cache.dtype)
+            k, v = kv[0], kv[1]
+        else:
+            k, v = gather_kv(kv_cache, meta.block_tables[0], seq_len)
+        o = grouped_attention(q.transpose(0, 1).unsqueeze(0),
+                              k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+                              v.transpose(0, 1).unsqueeze(0).to(q.dtype), None, scale)
+        return o.squeeze(0).transpose(0, 1)
     out = torch.empty_like(q)
     qsl = meta.query_start_loc_cpu
     for i, seq_len in enumerate(meta.seq_lens_cpu):

@@ -105,6 +105,7 @@ class RotaryEmbedding(nn.Module):
             cache.to(device=device, dtype=torch.get_default_dtype()),
             persistent=False,
         )
+        self._last_cos_sin: tuple | None = None  # rotate_joint's cos/sin of the last positions
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
@@ -116,6 +117,26 @@ class RotaryEmbedding(nn.Module):
         if rest.shape[-1]:
             out = torch.cat((out, rest), dim=-1)
         return out.reshape(t, -1)
+
+    def rotate_joint(self, positions: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:
+        """forward() on q and k side by side ([T, (H + KH) * D], e.g. a slice of the fused
+        qkv output): one rotation instead of two, the same values (elementwise ops)."""
+        # every layer of a forward passes the same positions tensor: cos/sin once per forward
+        # (the model calls forget_positions() as a forward starts; the tensor is kept, so
+        # `is` cannot match a new one)
+        last = self._last_cos_sin
+        if last is not None and last[0] is positions and last[1] == qk.dtype:
+            cos, sin = last[2]
+        else:
+            cos_sin = self.cos_sin_cache.index_select(0, positions)
+            cos, sin = cos_sin.to(qk.dtype).unsqueeze(1).chunk(2, dim=-1)
+            self._last_cos_sin = (positions, qk.dtype, (cos, sin))
+        return self._rotate(qk, cos, sin)
+
+    def forget_positions(self) -> None:
+        """Drop rotate_joint's cos/sin of the previous forward (positions may change in place
+        between forwards)."""
+        self._last_cos_sin = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

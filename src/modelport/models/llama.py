@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from modelport.config import ModelConfig
+from modelport.layers import cpu_fast
 from modelport.layers.activation import SiluAndMul
 from modelport.layers.attention import Attention
 from modelport.layers.embedding import LMHead, VocabEmbedding
@@ -40,7 +41,15 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(h, d, kvh, layer_idx, scale=d**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        qkv = self.qkv_proj(x)
+        if not qkv.is_cuda and cpu_fast.ENABLED and self.attn._rope_fits is None:
+            # CPU: q and k rotated together in one pass over the qkv output (same values)
+            p = self.qkv_proj
+            qk_size = p.q_size + p.kv_size
+            q, k = self.rotary_emb.rotate_joint(positions, qkv[:, :qk_size]).split(
+                (p.q_size, p.kv_size), dim=-1)
+            return self.o_proj(self.attn.forward(q, k, qkv[:, qk_size:]))
+        q, k, v = self.qkv_proj.split(qkv)
         return self.o_proj(self.attn.forward_rope(positions, q, k, v, self.rotary_emb))
 
 
@@ -102,6 +111,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual = None
+        if not x.is_cuda and self.layers and hasattr(self.layers[0], "self_attn"):
+            self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
         # a fused decode layer (layers/fused_decode.py) hands on the residual stream as x

@@ -40,9 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelport.layers import cpu_fast
 from modelport.quantization.base import LinearMethod, TPShard, check_input_split
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
+try:  # the op's overload, called directly: no OpOverloadPacket dispatch in Python per call
+    _int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+except AttributeError:  # pragma: no cover - torch builds without it never pick CpuInt4Kernel
+    _int4_mm = None
 # rows up to which torch's int8 GEMM beats expanding the int8 weight to bf16 for a bf16
 # matmul (2-core AVX-512 box, SmolLM2's 1536x576 / 576x1536: int8 GEMM 2x faster than fp32
 # at 1-4 rows, even at 16, 2x slower from 128; the expansion 1.3-3x faster than fp32 above 32)
@@ -158,6 +163,9 @@ class CpuInt4Kernel(torch.nn.Module):
         self.register_buffer("perm", perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and self.perm is None and cpu_fast.ENABLED:  # the decoder's [T, K]
+            return _int4_mm(x.to(torch.bfloat16).contiguous(), self.packed, self.group_size,
+                            self.scale_zero).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.perm is not None:
