@@ -4,6 +4,7 @@ ones under CUDA graphs and async scheduling, which must leave the plain ones unc
 
 from __future__ import annotations
 
+import gc
 import re
 
 import pytest
@@ -35,8 +36,19 @@ def _llm(model_dir, device: str, **kw):
                max_num_batched_tokens=64, **kw)
 
 
+@pytest.fixture(autouse=True)
+def _free_cuda_memory():
+    # each test's engines hold a share of the GPU (gpu_memory_utilization): release it before
+    # the next test's engine sizes its KV cache from what is free
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def test_embeddings_on_cuda_match_the_cpu_vectors(model_dir):
-    gpu = _llm(model_dir, "cuda", runner="pooling").embed(PROMPTS)
+    llm = _llm(model_dir, "cuda", runner="pooling")
+    gpu = llm.embed(PROMPTS)
+    del llm
     cpu = _llm(model_dir, "cpu", runner="pooling").embed(PROMPTS)
     for g, c in zip(gpu, cpu, strict=True):
         a = torch.tensor(g.outputs.embedding)

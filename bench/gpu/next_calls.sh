@@ -19,5 +19,10 @@ case ${1:-1} in
      run 200 bash bench/gpu/run_all.sh w1
      run 200 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env ;;
   3) run 560 bash bench/gpu/run_all.sh w2 ;;
+  # session 25 on the H100: the GPU tests again, W3 bf16 + AWQ, GGUF Q8_0 decode
+  s25) run 120 bash bench/gpu/run_all.sh s25-tests
+       run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+       run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+       run 200 env QD_FORMATS="gguf-q8_0" bash bench/gpu/run_all.sh quant-decode ;;
   *) echo "usage: $0 1|2|3" >&2; exit 2 ;;
 esac
