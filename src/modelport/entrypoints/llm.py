@@ -172,37 +172,53 @@ class LLM:
                     f"got {len(params)} SamplingParams for {len(items)} prompts; pass one or one each"
                 )
         engine = self.llm_engine
-        ids = []
+
+        def add(rid: str, item: Any, p: SamplingParams) -> None:
+            engine.add_request(rid, item, p, add_special_tokens=add_special_tokens)
+
+        def observe(out: RequestOutput) -> None:
+            self._request_counts.observe(
+                len(out.prompt_token_ids), [o.finish_reason for o in out.outputs],
+                sum(len(o.token_ids) for o in out.outputs))
+
+        return self._drive(items, params, add, use_tqdm, observe)
+
+    def _drive(self, items: list, params: list, add: Any, use_tqdm: bool,
+               observe: Any = None) -> list:
+        """Submit each (item, params) pair through ``add(request_id, item, params)``, step
+        the engine until every one finished, and return their outputs in order; on any
+        error (e.g. a grammar that failed to compile) this call's other requests are
+        aborted before it propagates."""
+        engine = self.llm_engine
+        ids: list[str] = []
         try:
             for item, p in zip(items, params):
                 rid = str(next(self._counter))
-                engine.add_request(rid, item, p, add_special_tokens=add_special_tokens)
+                add(rid, item, p)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)
             raise
-        results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        results: dict[str, Any] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
         try:
             while engine.has_unfinished_requests() or len(results) < len(ids):
                 for out in engine.step():
                     if out.finished:
                         results[out.request_id] = out
-                        self._request_counts.observe(
-                            len(out.prompt_token_ids), [o.finish_reason for o in out.outputs],
-                            sum(len(o.token_ids) for o in out.outputs))
+                        if observe is not None:
+                            observe(out)
                         bar.update(1)
                 if not engine.has_unfinished_requests() and len(results) < len(ids):
                     missing = [r for r in ids if r not in results]
                     raise RuntimeError(f"engine went idle with requests unanswered: {missing}")
         except BaseException:
-            # e.g. a grammar that failed to compile: drop this call's other requests too
             engine.abort_request([r for r in ids if r not in results])
             raise
         finally:
             bar.close()
         return [results[r] for r in ids]
-
 
     # -- vLLM's pooling APIs: embeddings (runner="pooling"); no classification heads
 
@@ -252,33 +268,7 @@ class LLM:
             if truncate_prompt_tokens is not None:
                 p.truncate_prompt_tokens = truncate_prompt_tokens
             p.task = pooling_task or p.task or "embed"
-        engine = self.llm_engine
-        ids = []
-        try:
-            for item, p in zip(items, params):
-                rid = str(next(self._counter))
-                engine.add_pooling_request(rid, item, p)
-                ids.append(rid)
-        except Exception:
-            engine.abort_request(ids)
-            raise
-        results: dict[str, PoolingRequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
-                   dynamic_ncols=True)
-        try:
-            while engine.has_unfinished_requests() or len(results) < len(ids):
-                for out in engine.step():
-                    results[out.request_id] = out
-                    bar.update(1)
-                if not engine.has_unfinished_requests() and len(results) < len(ids):
-                    missing = [r for r in ids if r not in results]
-                    raise RuntimeError(f"engine went idle with requests unanswered: {missing}")
-        except BaseException:
-            engine.abort_request([r for r in ids if r not in results])
-            raise
-        finally:
-            bar.close()
-        return [results[r] for r in ids]
+        return self._drive(items, params, self.llm_engine.add_pooling_request, use_tqdm)
 
     def embed(
         self,

@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 
-
 def settle(future: asyncio.Future, result: Any) -> None:
     """Answer a submit once: its result, or the exception that failed it."""
     if future.done():

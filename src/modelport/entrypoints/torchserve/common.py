@@ -37,5 +37,19 @@ def error_response(e: TSError) -> JSONResponse:
     return JSONResponse(e.to_json(), status_code=e.code)
 
 
+def http_error_response(status_code: int, detail: object) -> JSONResponse:
+    """A routing error of the web framework (unknown path, wrong method, ...) in TorchServe's
+    shape and words."""
+    if status_code == 404:
+        err = TSError(404, "ResourceNotFoundException",
+                      "Requested resource is not found, please refer to API document.")
+    elif status_code == 405:
+        err = TSError(405, "MethodNotAllowedException",
+                      "Requested method is not allowed, please refer to API document.")
+    else:
+        err = TSError(status_code, "BadRequestException", str(detail))
+    return error_response(err)
+
+
 def status(message: str, code: int = 200) -> JSONResponse:
     return JSONResponse({"status": message}, status_code=code)

@@ -23,7 +23,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modelport.entrypoints.torchserve.common import TSState, error_response
+from modelport.entrypoints.torchserve.common import TSState, error_response, http_error_response
 from modelport.torchserve.errors import TSError, bad_request, internal
 from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
 from modelport.torchserve.model import ModelVersion
@@ -253,20 +253,6 @@ def make_inference_app(state: TSState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        if e.status_code == 404:
-            err = TSError(
-                404,
-                "ResourceNotFoundException",
-                "Requested resource is not found, please refer to API document.",
-            )
-        elif e.status_code == 405:
-            err = TSError(
-                405,
-                "MethodNotAllowedException",
-                "Requested method is not allowed, please refer to API document.",
-            )
-        else:
-            err = TSError(e.status_code, "BadRequestException", str(e.detail))
-        return error_response(err)
+        return http_error_response(e.status_code, e.detail)
 
     return app

@@ -15,7 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modelport.entrypoints.torchserve.common import TSState, error_response, status
+from modelport.entrypoints.torchserve.common import (
+    TSState,
+    error_response,
+    http_error_response,
+    status,
+)
 from modelport.entrypoints.torchserve.metrics import CONTENT_TYPE
 from modelport.torchserve.errors import TSError, bad_request, internal, service_unavailable
 from modelport.torchserve.messages import InputParam, RequestItem
@@ -122,21 +127,7 @@ def make_management_app(state: TSState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        if e.status_code == 404:
-            err = TSError(
-                404,
-                "ResourceNotFoundException",
-                "Requested resource is not found, please refer to API document.",
-            )
-        elif e.status_code == 405:
-            err = TSError(
-                405,
-                "MethodNotAllowedException",
-                "Requested method is not allowed, please refer to API document.",
-            )
-        else:
-            err = TSError(e.status_code, "BadRequestException", str(e.detail))
-        return error_response(err)
+        return http_error_response(e.status_code, e.detail)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
