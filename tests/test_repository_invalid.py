@@ -55,7 +55,7 @@ EXPECTED = {
     "priority_out_of_range": r"default priority level 5 must be in \[1, 2\]",
     "warmup_unknown_input": r"warmup 'w' sets unknown input 'NOPE'",
     "warmup_fails": r"warmup 'w' failed: .*ValueError: cannot run on zeros",
-    "sequence_batching": r"sequence_batching 'state' \(implicit state management\) is not supported",
+    "sequence_batching": r"state input name 'X' is also a model input",
     "no_backend": r"must specify 'backend' or 'platform'",
     "ensemble_self_reference": r"step 0 uses the ensemble itself",
     "filename_escape": r"default_model_filename '../../../elsewhere/model.py' must be a plain file name",

@@ -387,10 +387,6 @@ output [{ name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] }]
 @pytest.mark.parametrize(
     ("block", "words"),
     [
-        (
-            'state [{ input_name: "I" output_name: "O" data_type: TYPE_INT32 dims: [1] }]',
-            r"sequence_batching 'state' \(implicit state management\) is not supported",
-        ),
         ("iterative_sequence: true", r"'iterative_sequence' is not supported"),
         ("oldest { }", r"'oldest' needs 'max_candidate_sequences' >= 1"),
         (

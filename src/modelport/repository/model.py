@@ -27,7 +27,7 @@ from modelport.repository.errors import (
     Unsupported,
 )
 from modelport.repository.model_config import is_decoupled
-from modelport.repository.sequence import ControlInputs, is_sequence
+from modelport.repository.sequence import ControlInputs, ImplicitStates, is_sequence
 from modelport.repository.sequence import batcher_config as sequence_batcher_config
 from modelport.repository.stats import ModelStats
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
@@ -123,9 +123,15 @@ class ModelVersion:
         self.batcher = DynamicBatcher(batcher_config(config), self._execute, backend.num_instances)
         self.sequencer: SequenceBatcher | None = None
         self._controls: ControlInputs | None = None
+        self.states: ImplicitStates | None = None
         if is_sequence(config):
+            if config.sequence_batching.state:
+                self.states = ImplicitStates(config, backend.ctx.model_dir)
             self.sequencer = SequenceBatcher(
-                sequence_batcher_config(config), self._execute_sequence, backend.num_instances
+                sequence_batcher_config(config),
+                self._execute_sequence,
+                backend.num_instances,
+                on_release=self.states.drop if self.states is not None else None,
             )
             self._controls = ControlInputs(config)
         self.ready = False
@@ -157,6 +163,8 @@ class ModelVersion:
         self.ready = False
         if self.sequencer is not None:
             await self.sequencer.stop()
+        if self.states is not None:
+            self.states.clear()
         await self.batcher.stop()
         await self.backend.unload()
 
@@ -189,30 +197,60 @@ class ModelVersion:
         return results
 
     async def _execute_sequence(self, instance: int, entries: list[SeqEntry]) -> list[Any]:
-        """One batch of the sequence batcher on `instance`, control inputs filled in; an
-        empty slot (direct strategy) runs a null request: zeros, READY false, CORRID 0."""
+        """One batch of the sequence batcher on `instance`, control inputs (and implicit
+        state inputs) filled in; an empty slot (direct strategy) runs a null request:
+        zeros, READY false, CORRID 0."""
         assert self._controls is not None
-        template = next(e.item for e in entries if e.item is not None).request
+        states = self.states
+        extra: list[dict] = [{} for _ in entries]
+        if states is not None:  # continuing requests first: an END and a new START of one
+            for i, e in sorted(enumerate(entries), key=lambda x: x[1].start):  # id may share
+                if e.item is not None:  # a batch, and the START resets the stored state
+                    extra[i] = states.inputs(e)
+        first = next(i for i, e in enumerate(entries) if e.item is not None)
+        template = entries[first].item.request
         items: list[BatchItem] = []
-        for e in entries:
+        for e, ex in zip(entries, extra):
             if e.item is None:
                 null = InferRequest(
                     model_name=self.name,
                     model_version=self.version,
-                    inputs={n: _zeros_like(t) for n, t in template.inputs.items()},
+                    inputs={
+                        n: _zeros_like(t) for n, t in {**template.inputs, **extra[first]}.items()
+                    },
                     requested_outputs=template.requested_outputs,
                 )
                 item = BatchItem(null, extra={"rows": 1, "null": True})
             else:
                 item = e.item
             req = item.request
+            requested = req.requested_outputs
+            if states is not None and requested is not None:
+                requested = list(dict.fromkeys([*requested, *states.output_names]))
             item.request = dataclasses.replace(
-                req, inputs={**req.inputs, **self._controls.tensors(e)}
+                req,
+                inputs={**req.inputs, **ex, **self._controls.tensors(e)},
+                requested_outputs=requested,
             )
             items.append(item)
         start = time.perf_counter_ns()
         results = await self.backend.run_batch(instance, items)
         self.stats.record_execution(len(items), time.perf_counter_ns() - start)
+        if states is not None and len(results) == len(entries):
+            results = list(results)
+            updates = []
+            for i, e in enumerate(entries):
+                if e.item is None:
+                    continue
+                results[i], new = states.take_outputs(e, results[i])
+                updates.append((e, new))
+            # END drops first: a new START of the same id may share this batch
+            for e, _ in updates:
+                if e.end:
+                    states.drop(e.corrid)
+            for e, new in updates:
+                if not e.end and new is not None:
+                    states.store(e.corrid, new)
         return results
 
     def _prepare(self, req: InferRequest) -> tuple[InferRequest, int]:

@@ -122,12 +122,19 @@ Execute = Callable[[int, list[SeqEntry]], Awaitable[list[Any]]]
 
 class SequenceBatcher:
     def __init__(
-        self, config: SequenceBatcherConfig, execute: Execute, num_instances: int = 1
+        self,
+        config: SequenceBatcherConfig,
+        execute: Execute,
+        num_instances: int = 1,
+        on_release: Callable[[Hashable], None] | None = None,
     ) -> None:
+        """on_release(corrid): called when an active sequence is dropped without its END
+        request running (idle release, or its END request cancelled)."""
         if num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {num_instances}")
         self.config = config
         self._execute = execute
+        self._on_release = on_release
         self._slots: list[list[_Seq | None]] = [
             [None] * config.slots_per_instance for _ in range(num_instances)
         ]
@@ -241,6 +248,8 @@ class SequenceBatcher:
                 seq.queue.remove(pending)
                 if end and seq.instance >= 0 and not seq.queue and not seq.running:
                     self._free(seq)  # its END will never run: give the slot back
+                    if self._on_release is not None and self._active.get(seq.corrid) is None:
+                        self._on_release(seq.corrid)
             raise
 
     # -- slots --
@@ -388,6 +397,8 @@ class SequenceBatcher:
                     if idle >= timeout:
                         if self._active.get(seq.corrid) is seq:
                             del self._active[seq.corrid]
+                            if self._on_release is not None:
+                                self._on_release(seq.corrid)
                         self.released_idle += 1
                         self._free(seq)
                     else:

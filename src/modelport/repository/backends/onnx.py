@@ -22,7 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from modelport.repository.backends.base import BackendContext, InstanceSpec
 from modelport.repository.backends.framework import TensorBackend
 from modelport.repository.errors import ModelConfigError, ServingError
-from modelport.repository.tensors import BF16
+from modelport.repository.tensors import BF16, wire_of_config
 
 _ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
@@ -37,6 +37,12 @@ class OnnxRuntimeBackend(TensorBackend):
                 "not found"
             )
         self._outputs = [o.name for o in self.config.output]
+        # implicit state (sequence_batching.state): the state outputs are fetched as well
+        self._state_in = [s.input_name for s in self.config.sequence_batching.state]
+        for st in self.config.sequence_batching.state:
+            if st.output_name not in self._outputs:
+                self._outputs.append(st.output_name)
+                self._out_types[st.output_name] = wire_of_config(mc.DataType.Name(st.data_type))
         self._config_bf16 = any(
             io.data_type == mc.TYPE_BF16 for io in [*self.config.input, *self.config.output]
         )
@@ -70,7 +76,13 @@ class OnnxRuntimeBackend(TensorBackend):
                     f"model '{self.config.name}': unexpected inference input '{i.name}', "
                     f"allowed inputs are: {', '.join(sorted(graph_in))}"
                 )
-        for o in self.config.output:
+        for name in self._state_in:
+            if name not in graph_in:
+                raise ModelConfigError(
+                    f"model '{self.config.name}': unexpected state input '{name}', "
+                    f"allowed inputs are: {', '.join(sorted(graph_in))}"
+                )
+        for o in [*self.config.output, *self._state_outputs()]:
             if o.name not in graph_out:
                 raise ModelConfigError(
                     f"model '{self.config.name}': unexpected inference output '{o.name}', "
@@ -80,6 +92,14 @@ class OnnxRuntimeBackend(TensorBackend):
             "bfloat16" in t.type for t in [*session.get_inputs(), *session.get_outputs()]
         )
         return session, bf16
+
+    def _state_outputs(self) -> list[Any]:
+        listed = {o.name for o in self.config.output}
+        return [
+            mc.ModelOutput(name=st.output_name)
+            for st in self.config.sequence_batching.state
+            if st.output_name not in listed
+        ]
 
     def run(self, handle: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session, bf16 = handle
