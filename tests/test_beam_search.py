@@ -221,20 +221,54 @@ def test_server_completions_beam_search_equals_llm_beam_search(base, llm) -> Non
     n_gen = sum(len(s.output_token_ids) for s in want)
     assert resp["usage"] == {"prompt_tokens": len(PROMPT_IDS), "completion_tokens": n_gen,
                              "total_tokens": len(PROMPT_IDS) + n_gen}
-    # two prompts: choices prompt_index * n + beam rank; a stream carries the same answer
+    # two prompts: choices prompt_index * n + beam rank
     two = _ok(_post(base, "/v1/completions", {**body, "prompt": [PROMPT, PROMPT]}))
     assert [c["text"] for c in two["choices"]] == [c["text"] for c in resp["choices"]] * 2
-    events = []
+
+
+def test_server_completions_beam_search_stream_is_one_event_as_vllm(base) -> None:
+    # vLLM's serving_completion streams no beam search: stream true gets the whole
+    # CompletionResponse as the one SSE event, then [DONE]
+    body = {"prompt": PROMPT, "n": 3, "use_beam_search": True, "temperature": 0,
+            "max_tokens": 6, "logprobs": 1}
+    resp = _ok(_post(base, "/v1/completions", body))
     with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True},
+                      timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert len(lines) == 2 and lines[1] == "data: [DONE]"
+    event = json.loads(lines[0].removeprefix("data: "))
+    assert event["object"] == "text_completion"
+    assert event["choices"] == resp["choices"]
+    assert event["usage"] == resp["usage"]
+
+
+def test_server_chat_beam_search_stream_is_chunks_as_vllm(base) -> None:
+    # vLLM's serving_chat sends the beam search's single final output through its chunk
+    # stream: a role chunk per choice, then each beam's whole text with its finish_reason
+    body = {"messages": [{"role": "user", "content": PROMPT}], "n": 3,
+            "use_beam_search": True, "temperature": 0, "max_tokens": 5}
+    resp = _ok(_post(base, "/v1/chat/completions", body))
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True},
                       timeout=120) as r:
         assert r.status_code == 200, r.read()
         events = [json.loads(line[6:]) for line in r.iter_lines()
                   if line.startswith("data: ") and line != "data: [DONE]"]
+    assert all(ev["object"] == "chat.completion.chunk" for ev in events)
     texts = {i: "" for i in range(3)}
+    finish = {}
+    roles = {}
     for ev in events:
         for c in ev["choices"]:
-            texts[c["index"]] += c["text"]
-    assert [texts[i] for i in range(3)] == [c["text"] for c in resp["choices"]]
+            if "role" in c["delta"]:
+                roles[c["index"]] = c["delta"]["role"]
+            texts[c["index"]] += c["delta"].get("content") or ""
+            if c.get("finish_reason"):
+                finish[c["index"]] = c["finish_reason"]
+    assert roles == {0: "assistant", 1: "assistant", 2: "assistant"}
+    assert [texts[i] for i in range(3)] == [c["message"]["content"] for c in resp["choices"]]
+    assert [finish[i] for i in range(3)] == [c["finish_reason"] for c in resp["choices"]]
 
 
 def test_server_chat_beam_search_equals_llm_beam_search(base, llm) -> None:
@@ -275,18 +309,50 @@ def test_server_beam_search_n1_is_greedy(base, path) -> None:
         assert beam[0]["message"] == greedy[0]["message"]
 
 
+def _beam_body(path: str) -> dict:
+    return ({"prompt": PROMPT} if path == "/v1/completions"
+            else {"messages": [{"role": "user", "content": PROMPT}]})
+
+
+def _beam_choices(resp: dict) -> list:
+    return [(c.get("text"), c.get("message"), c["finish_reason"]) for c in resp["choices"]]
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-@pytest.mark.parametrize(("extra", "param"), [
-    ({"stop": ["x"]}, "stop"),
-    ({"top_p": 0.5}, "top_p"),
-    ({"prompt_logprobs": 1}, "prompt_logprobs"),
-    ({"n": 11}, "n"),  # 2 * n logprobs per step > --max-logprobs (20)
+@pytest.mark.parametrize("extra", [
+    {"stop": ["x"]}, {"top_p": 0.5}, {"top_k": 3}, {"min_p": 0.2},
+    {"presence_penalty": 1.5}, {"repetition_penalty": 1.3}, {"min_tokens": 2},
+    {"logit_bias": {"104": 100}}, {"prompt_logprobs": 1},
+    {"response_format": {"type": "json_object"}},
 ])
-def test_server_beam_search_refusals_are_400s_naming_the_field(base, path, extra, param) -> None:
-    body: dict = ({"prompt": PROMPT} if path == "/v1/completions"
-                  else {"messages": [{"role": "user", "content": PROMPT}]})
-    r = _post(base, path, {**body, "use_beam_search": True, "max_tokens": 2, **extra})
+def test_server_beam_search_ignores_sampling_fields_as_vllm(base, path, extra) -> None:
+    # vLLM's to_beam_search_params takes n, temperature, length_penalty, ignore_eos and
+    # include_stop_str_in_output and refuses nothing: every other field is ignored
+    body = {**_beam_body(path), "use_beam_search": True, "n": 2, "max_tokens": 4,
+            "temperature": 0}
+    plain = _ok(_post(base, path, body))
+    resp = _ok(_post(base, path, {**body, **extra}))
+    assert _beam_choices(resp) == _beam_choices(plain)
+    if "prompt_logprobs" in extra:  # a beam search has none: null, as vLLM's
+        assert all(c.get("prompt_logprobs") is None for c in resp["choices"])
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_server_beam_search_temperature_defaults_to_1_as_vllm(base, path) -> None:
+    # vLLM: request temperature, else the generation config's, else 1.0
+    logprobs = {"logprobs": 1} if path == "/v1/completions" else {"logprobs": True}
+    body = {**_beam_body(path), "use_beam_search": True, "n": 2, "max_tokens": 4, **logprobs}
+    unset = _ok(_post(base, path, body))
+    one = _ok(_post(base, path, {**body, "temperature": 1.0}))
+    assert unset["choices"] == one["choices"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_server_beam_search_n_past_max_logprobs_is_400(base, path) -> None:
+    # 2 * n logprobs per step > --max-logprobs (20): the engine's limit, named as n
+    r = _post(base, path, {**_beam_body(path), "use_beam_search": True, "max_tokens": 2,
+                           "n": 11})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == param
-    assert param in err["message"] and "beam" in err["message"]
+    assert err["param"] == "n"
+    assert "beam" in err["message"]

@@ -241,7 +241,12 @@ def _reassemble(events: list[dict]) -> dict[int, dict]:
                 c["reasoning"] = (c["reasoning"] or "") + delta["reasoning"]
                 c["reasoning_deltas"] += 1
             c["content"] += delta.get("content") or ""
-            c["calls"] += delta.get("tool_calls") or []
+            for tc in delta.get("tool_calls") or []:  # a call streams in pieces (by index)
+                if "id" in tc:
+                    c["calls"].append({"function": {"name": tc["function"]["name"],
+                                                    "arguments": ""}})
+                c["calls"][tc["index"]]["function"]["arguments"] += (
+                    tc["function"].get("arguments") or "")
             if ch["finish_reason"] is not None:
                 c["finish"] = ch["finish_reason"]
     return out

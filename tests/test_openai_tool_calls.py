@@ -21,6 +21,7 @@ import pytest
 from helpers.server_proc import serving
 from helpers.tiny_models import make_tiny_llama_dir
 from modelport.entrypoints.openai.tool_parsers import (
+    CallDelta,
     HermesToolParser,
     Llama3JsonToolParser,
     ParsedCall,
@@ -57,15 +58,33 @@ def check_weather_args(arguments: str) -> None:
 # ---------------------------------------------------------------- parsers, on crafted text
 
 
-def _stream(parser, text: str, step: int = 1) -> tuple[str, list[ParsedCall]]:
-    """Feed `text` in pieces of `step` characters; the content and calls sent."""
+def _stream_deltas(parser, text: str, step: int = 1) -> tuple[str, list]:
+    """Feed `text` in pieces of `step` characters; the content and the call deltas sent."""
     s = ToolCallStreamer(parser.scan)
-    content, calls = "", []
+    content, deltas = "", []
     for end in [*range(step, len(text), step), len(text)]:
         c, new = s.feed(text[:end], end == len(text))
         content += c
-        calls += new
-    return content, calls
+        deltas += new
+    return content, deltas
+
+
+def _calls_of(deltas: list) -> list[ParsedCall]:
+    """The calls the deltas reassemble to (a call's name in its first delta only)."""
+    names: dict[int, str] = {}
+    args: dict[int, str] = {}
+    for d in deltas:
+        if d.name is not None:
+            assert d.index not in names, "a call's name comes once"
+            names[d.index] = d.name
+        assert d.index in names, "a call's name comes before its arguments"
+        args[d.index] = args.get(d.index, "") + (d.arguments or "")
+    return [ParsedCall(names[i], args[i]) for i in sorted(names)]
+
+
+def _stream(parser, text: str, step: int = 1) -> tuple[str, list[ParsedCall]]:
+    content, deltas = _stream_deltas(parser, text, step)
+    return content, _calls_of(deltas)
 
 
 HERMES_TEXT = (
@@ -141,7 +160,58 @@ def test_hermes_stream_sends_content_before_a_call_completes() -> None:
     assert s.feed('Checking <tool_call>{"name": "f", "argu', False) == ("", [])
     content, calls = s.feed('Checking <tool_call>{"name": "f", "arguments": {}}</tool_call>',
                             False)
-    assert content == "" and calls == [ParsedCall("f", "{}")]
+    assert content == "" and calls == [CallDelta(0, "f", "{}")]  # complete at once: whole
+
+
+LONG_ARGS = {"query": "a \"quoted\" word, a tab\t, a newline\n, é, 😀 and \\ too",
+             "limit": 12, "ratio": -1.5e3, "flags": [True, False, None],
+             "nested": {"deep": ["x", {"y": 0.25}], "empty": {}, "none": []}}
+
+
+@pytest.mark.parametrize("parser", [HermesToolParser(), Llama3JsonToolParser()])
+@pytest.mark.parametrize("ascii_escapes", [False, True])
+def test_a_long_call_streams_its_name_then_argument_pieces(parser, ascii_escapes) -> None:
+    # the model's own spacing and escapes (\u00e9, \ud83d\ude00 surrogate pairs) differ
+    # from the re-serialized arguments: the pieces still concatenate to exactly those
+    raw = json.dumps(LONG_ARGS, ensure_ascii=ascii_escapes, separators=(",", ":"))
+    if parser.name == "hermes":
+        text = f'Let me search.<tool_call>\n{{"name": "search", "arguments": {raw}}}\n</tool_call>'
+    else:
+        text = f'Let me search.<|python_tag|>{{"name": "search", "parameters": {raw}}}'
+    want_content, want_calls = parser.parse(text)
+    assert json.loads(want_calls[0].arguments) == LONG_ARGS
+    for step in (1, 2, 5):
+        content, deltas = _stream_deltas(parser, text, step)
+        assert content == want_content
+        assert deltas[0].name == "search" and deltas[0].arguments is None  # name first
+        pieces = [d.arguments for d in deltas[1:]]
+        assert all(d.name is None for d in deltas[1:])
+        assert len(pieces) > 10 and all(pieces)  # the arguments come as they are written
+        assert "".join(pieces) == want_calls[0].arguments
+        # sent before the call was complete: every piece but the last few is out early
+        assert _calls_of(deltas) == want_calls
+
+
+@pytest.mark.parametrize("parser", [HermesToolParser(), Llama3JsonToolParser()])
+def test_pieces_are_settled_prefixes_token_by_token(parser) -> None:
+    # whatever the cut, what has been sent is a prefix of the final arguments
+    raw = '{"s": "\\u00e9\\ud83d\\ude00\\n\\"", "n": -12.50e1, "t": true, "z": null}'
+    text = ('<tool_call>{"name": "f", "arguments": ' + raw + "}</tool_call>"
+            if parser.name == "hermes" else '{"name": "f", "parameters": ' + raw + "}")
+    final = parser.parse(text)[1][0].arguments
+    s = ToolCallStreamer(parser.scan)
+    sent = ""
+    for end in range(1, len(text) + 1):
+        _, deltas = s.feed(text[:end], end == len(text))
+        sent += "".join(d.arguments or "" for d in deltas)
+        assert final.startswith(sent), (text[:end], sent)
+    assert sent == final == json.dumps(json.loads(raw), ensure_ascii=False)
+
+
+def test_a_call_with_its_name_after_the_arguments_is_sent_whole() -> None:
+    text = '<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call>'
+    _, deltas = _stream_deltas(HermesToolParser(), text)
+    assert deltas == [CallDelta(0, "f", '{"a": 1}')]
 
 
 def test_required_scan_takes_each_closed_call() -> None:
@@ -285,10 +355,21 @@ def test_auto_with_the_hermes_parser(base) -> None:
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "celsius"}
 
-    content, calls, finish = _reassemble(_events(base, body))
+    events = _events(base, body)
+    content, calls, finish = _reassemble(events)
     assert content == "Sure." and finish == "tool_calls"
     assert calls[0]["name"] == "get_weather"
-    assert json.loads(calls[0]["arguments"]) == {"city": "Paris", "unit": "celsius"}
+    assert calls[0]["arguments"] == call["function"]["arguments"]  # exactly the same string
+    # as vLLM: the name first (with id and type, no arguments), then argument pieces
+    tool_deltas = [tc for ev in events for ch in ev["choices"]
+                   for tc in ch["delta"].get("tool_calls") or []]
+    first, rest = tool_deltas[0], tool_deltas[1:]
+    assert first["id"].startswith("chatcmpl-tool-") and first["type"] == "function"
+    assert first["function"] == {"name": "get_weather"}
+    assert len(rest) > 1
+    assert all(set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
+               for tc in rest)
+    assert "".join(tc["function"]["arguments"] for tc in rest) == call["function"]["arguments"]
 
     # no call in the text: plain content, the engine's finish reason
     plain = _ok(_chat(base, {**body, "tool_choice": "auto",

@@ -279,7 +279,8 @@ class ServingChat:
                 )
             )
         prompt_logprobs = None
-        if req.prompt_logprobs is not None:
+        # a beam search computes no prompt logprobs: null, as in vLLM
+        if req.prompt_logprobs is not None and not req.use_beam_search:
             prompt_logprobs = prompt_logprobs_out(
                 engine, ids, final.prompt_logprobs, req.prompt_logprobs
             )

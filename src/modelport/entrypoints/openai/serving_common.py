@@ -357,42 +357,14 @@ def engine_unavailable(engine: AsyncLLM) -> OpenAIError | None:
 
 # ---------------------------------------------------------------- beam search (vLLM's use_beam_search)
 
-# fields that shape sampling, which beam search (it ranks the model's own top candidates)
-# would silently ignore: refused when set (to a value other than their default)
-_NOT_WITH_BEAM_SEARCH: dict[str, Any] = {
-    "stop": lambda v: bool(v),
-    "stop_token_ids": lambda v: bool(v),
-    "min_tokens": lambda v: v > 0,
-    "logit_bias": lambda v: bool(v),
-    "bad_words": lambda v: bool(v),
-    "allowed_token_ids": lambda v: v is not None,
-    "top_p": lambda v: v is not None and v != 1.0,
-    "top_k": lambda v: v is not None and v not in (0, -1),
-    "min_p": lambda v: v is not None and v != 0.0,
-    "presence_penalty": lambda v: v != 0.0,
-    "frequency_penalty": lambda v: v != 0.0,
-    "repetition_penalty": lambda v: v is not None and v != 1.0,
-    "prompt_logprobs": lambda v: v is not None,
-    "response_format": lambda v: v is not None and v.type != "text",
-    "structured_outputs": lambda v: v is not None,
-    **{name: (lambda v: v is not None) for name in _GUIDED_ALIASES},
-}
-
-
 def beam_search_params(engine: AsyncLLM, req: SamplingFields, max_tokens: int) -> BeamSearchParams:
-    """vLLM's use_beam_search: beam width n, the request's temperature (default 1.0, as for
-    sampling), length_penalty, ignore_eos and include_stop_str_in_output; 400 naming the
-    field for one that beam search cannot honour, or for an n whose 2 * n logprobs per step
-    are more than --max-logprobs allows."""
-    for name, is_set in _NOT_WITH_BEAM_SEARCH.items():
-        if is_set(getattr(req, name, None)):
-            raise OpenAIError(
-                f"{name} is not supported with use_beam_search (beam search keeps the n most "
-                f"likely sequences and samples nothing): leave {name} out, or leave "
-                "use_beam_search out to sample",
-                400,
-                param=name,
-            )
+    """vLLM's use_beam_search (its ``to_beam_search_params``): beam width n, the request's
+    temperature (default 1.0, vLLM's default when no generation config gives one),
+    length_penalty (default 1.0), ignore_eos and include_stop_str_in_output. As in vLLM no
+    other field is refused: the sampling fields beam search has no use for (stop, top_p,
+    top_k, min_p, penalties, logit_bias, guided / structured outputs, prompt_logprobs, ...)
+    are ignored. 400 for an n whose 2 * n logprobs per step are more than --max-logprobs
+    allows (the engine's limit)."""
     limit = engine.input_processor.max_logprobs
     why = beam_logprobs_error(req.n, limit)
     if why is not None:  # the beam width is n here
@@ -439,9 +411,15 @@ async def run_beam_search(
         searcher.advance(live, await collect_final(streams))
     outputs = []
     for i, beam in enumerate(searcher.best()[0]):
-        text = searcher.text(beam, tok, False, params.include_stop_str_in_output)
+        # vLLM (EngineClient / OpenAIServing.beam_search): a beam ended by EOS keeps that
+        # token in its token_ids only with include_stop_str_in_output, and its text never
+        # holds the EOS (the final decode drops a trailing EOS either way)
+        token_ids = beam.output_token_ids
+        if beam.finish_reason == "stop" and not params.include_stop_str_in_output:
+            token_ids = token_ids[:-1]
+        text = searcher.text(beam, tok, False, False)
         outputs.append(CompletionOutput(
-            index=i, text=text, token_ids=beam.output_token_ids,
+            index=i, text=text, token_ids=token_ids,
             cumulative_logprob=beam.cum_logprob, logprobs=beam.logprobs,
             finish_reason=beam.finish_reason, stop_reason=beam.stop_reason))
     return RequestOutput(request_id=request_id, prompt=prompt_text, prompt_token_ids=list(ids),
@@ -450,7 +428,7 @@ async def run_beam_search(
 
 class BeamSearchStream:
     """A beam search as a request stream (what the serving classes iterate): one finished
-    output, when the search ends (as vLLM, a stream gets the whole answer in one chunk).
+    output, when the search ends (vLLM's beam_search yields only the final RequestOutput).
     Cancelling the iteration cancels the search, which aborts its step requests."""
 
     def __init__(self, engine: AsyncLLM, ids: list[int], params: BeamSearchParams,

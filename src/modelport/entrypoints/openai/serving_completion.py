@@ -105,7 +105,9 @@ class ServingCompletion:
             streams: list = [BeamSearchStream(engine, *r) for r in requests]
         else:
             streams = start_streams(engine, requests)
-        if req.stream:
+        # vLLM streams no beam search: with stream true the whole response goes out as
+        # one SSE event (the CompletionResponse itself), then [DONE]
+        if req.stream and not req.use_beam_search:
             gen = self._stream(req, model, base_id, prompts, streams)
             return StreamingResponse(gen, media_type="text/event-stream")
         try:
@@ -124,6 +126,9 @@ class ServingCompletion:
         body = CompletionResponse(
             id=base_id, model=model, choices=choices, usage=usage(n_prompt, n_gen)
         )
+        if req.stream:  # beam search (see above)
+            return StreamingResponse(_one_event_stream(body.model_dump_json()),
+                                     media_type="text/event-stream")
         return JSONResponse(body.model_dump())
 
     # -- non-streaming pieces
@@ -148,7 +153,8 @@ class ServingCompletion:
                 offset = self._add_prompt_logprobs(logprobs, prompt[1], final, req.logprobs)
             self._add_logprobs(logprobs, o.token_ids, o.logprobs, req.logprobs, offset)
         prompt_logprobs = None
-        if req.prompt_logprobs is not None:
+        # a beam search computes no prompt logprobs: null, as in vLLM
+        if req.prompt_logprobs is not None and not req.use_beam_search:
             prompt_logprobs = prompt_logprobs_out(
                 self.engine, prompt[1], final.prompt_logprobs, req.prompt_logprobs
             )
@@ -279,3 +285,8 @@ class ServingCompletion:
         except Exception as e:  # an answer already started: report in-band, then end cleanly
             yield stream_error("/v1/completions (stream)", e)
         yield SSE_DONE
+
+
+async def _one_event_stream(response_json: str) -> AsyncIterator[str]:
+    yield f"data: {response_json}\n\n"
+    yield "data: [DONE]\n\n"

@@ -194,9 +194,9 @@ class ToolChoiceOutput:
         if plan.mode == "auto":
             assert plan.parser_name is not None
             self._parser = get_parser(plan.parser_name)
-            self._streamer = ToolCallStreamer(self._parser.scan)
+            self._streamer = ToolCallStreamer(self._parser.scan, None if plan.parallel else 1)
         elif plan.mode == "required":
-            self._streamer = ToolCallStreamer(scan_required)
+            self._streamer = ToolCallStreamer(scan_required, None if plan.parallel else 1)
         self._args_sent = 0  # named: characters of the arguments sent
         self._calls_sent = 0
 
@@ -236,15 +236,17 @@ class ToolChoiceOutput:
                 return None, []
             return None, [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=fresh))]
         assert self._streamer is not None
-        content, calls = self._streamer.feed(text, final)
+        content, pieces = self._streamer.feed(text, final)
         deltas = []
-        for c in calls:
-            if not plan.parallel and self._calls_sent >= 1:
-                break
-            deltas.append(DeltaToolCall(
-                index=self._calls_sent, id=new_call_id(), type="function",
-                function=DeltaFunctionCall(name=c.name, arguments=c.arguments)))
-            self._calls_sent += 1
+        for d in pieces:  # as vLLM: id, type and name in a call's first delta only
+            if d.name is not None:
+                deltas.append(DeltaToolCall(
+                    index=d.index, id=new_call_id(), type="function",
+                    function=DeltaFunctionCall(name=d.name, arguments=d.arguments)))
+            else:
+                deltas.append(DeltaToolCall(
+                    index=d.index, function=DeltaFunctionCall(arguments=d.arguments)))
+        self._calls_sent = self._streamer.calls_sent
         return (content or None), deltas
 
     def finish_reason(self, engine_reason: str | None) -> str | None:
