@@ -131,3 +131,19 @@ def test_served_names_default_to_the_model_string_and_its_folder_name(
         # the engine config's name is the first served name (None: the loader's name)
         first = expected[0] if argv else None
         assert engine_args_from(args).served_model_name == first
+
+
+@pytest.mark.parametrize("form", ["serve", "api_server"])
+def test_default_chat_template_kwargs_flag(form: str) -> None:
+    def parse(*argv: str) -> argparse.Namespace:
+        if form == "serve":
+            return build_parser().parse_args(["serve", *argv])
+        return make_parser().parse_args(list(argv))
+
+    flag = "--default-chat-template-kwargs"
+    assert parse(flag, '{"enable_thinking": false}').default_chat_template_kwargs == {
+        "enable_thinking": False}
+    assert parse().default_chat_template_kwargs is None
+    for bad in ("{enable_thinking: false}", "[1]", "true"):  # not JSON, not an object
+        with pytest.raises(SystemExit):
+            parse(flag, bad)

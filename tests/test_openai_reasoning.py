@@ -4,12 +4,15 @@
   tag, no end tag, thinking off, a prompt that already ended the thinking), and stream
   increments, with the tags split over many small deltas, that reassemble to the
   non-streaming answer.
-- Over HTTP on a tiny Llama built here, whose byte-level tokenizer writes every tag as 7 or 8
-  tokens, so a stream splits each tag over as many deltas: a choice constraint makes the
-  model write an exact `<think>...</think>` answer, so the split is checked end to end
-  (non-streaming, streaming, n > 1, include_reasoning false, with a hermes tool call after
-  the thinking); an unconstrained answer with no end tag is all reasoning; qwen3's
-  enable_thinking: false reaches the template and makes the answer content.
+- Over HTTP on a tiny Llama built here, with a byte-level tokenizer to which `<think>` and
+  `</think>` are added as single tokens (vLLM refuses to start a think-tag reasoning parser
+  on a tokenizer without them; so does this server, checked on the plain tiny tokenizer):
+  a choice constraint makes the model write an exact `<think>...</think>` answer (the tags
+  as one token each or byte by byte), so the split is checked end to end (non-streaming,
+  streaming, n > 1, include_reasoning false, with a hermes tool call after the thinking);
+  an unconstrained answer with no end tag is all reasoning; qwen3's enable_thinking: false
+  reaches the template and makes the answer content, also as the server's
+  --default-chat-template-kwargs; usage counts reasoning_tokens as vLLM does.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import httpx
 import pytest
 
 from helpers.server_proc import serving
-from helpers.tiny_models import make_tiny_llama_dir
+from helpers.tiny_models import TINY_VOCAB, make_tiny_llama_dir, tiny_tokenizer
 from modelport.entrypoints.openai.reasoning import (
     REASONING_PARSERS,
     ReasoningPlan,
@@ -29,6 +32,7 @@ from modelport.entrypoints.openai.reasoning import (
     get_reasoning_parser,
     grammar_writes_end,
     prompt_ends_reasoning,
+    think_token_ids,
 )
 from modelport.sampling_params import StructuredOutputsParams
 
@@ -159,6 +163,32 @@ def test_unknown_parser_is_named() -> None:
         get_reasoning_parser("granite")
 
 
+S, E = 1000, 1001  # the think tags' ids
+
+
+@pytest.mark.parametrize(("ids", "r1", "qwen3"), [
+    ([S, 1, 2, 3, E, 4, 5], 3, 3),
+    ([1, 2, E, 4], 2, 0),  # opening tag in the prompt: R1 counts up to the end tag
+    ([1, 2, 3], 0, 0),  # no end tag (thinking cut off, or none): vLLM counts none
+    ([S, 1, 2], 2, 2),
+    ([E, 1, S, 2, E, E, 3], 1, 1),  # a stray end tag does not count below zero
+    ([], 0, 0),
+])
+def test_reasoning_tokens_are_counted_as_vllm_does(ids, r1, qwen3) -> None:
+    assert get_reasoning_parser("deepseek_r1").count_reasoning_tokens(ids, S, E) == r1
+    assert get_reasoning_parser("qwen3").count_reasoning_tokens(ids, S, E) == qwen3
+
+
+def test_think_tags_must_be_single_tokens() -> None:
+    tok = tiny_tokenizer()  # byte level: "<think>" is 7 tokens
+    for name, cls in (("deepseek_r1", "DeepSeekR1"), ("qwen3", "Qwen3")):
+        with pytest.raises(RuntimeError, match=f"^{cls}ReasoningParser reasoning parser could "
+                           "not locate think start/end tokens in the tokenizer!$"):
+            think_token_ids(name, tok)
+    tok.hf.add_tokens(["<think>", "</think>"])
+    assert think_token_ids("qwen3", tok) == (TINY_VOCAB, TINY_VOCAB + 1)
+
+
 # ---------------------------------------------------------------- over HTTP
 
 # Qwen3's switch: enable_thinking false closes an empty thinking block in the prompt
@@ -177,10 +207,25 @@ WEATHER = {"type": "function", "function": {
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 
 
+THINK_IDS = {"<think>": TINY_VOCAB, "</think>": TINY_VOCAB + 1}
+# the tags' tokens over their bytes, so a constrained answer writes each tag as one token
+TAGS_AS_TOKENS = {"logit_bias": {str(i): 100 for i in THINK_IDS.values()}}
+
+
 @pytest.fixture(scope="module")
 def think_model(tmp_path_factory):
+    """The tiny Llama with the think tags added to its tokenizer as single (non-special)
+    tokens, as reasoning models have them (vLLM needs them)."""
     pytest.importorskip("xgrammar")
-    path = make_tiny_llama_dir(tmp_path_factory.mktemp("think") / "tiny")
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    path = make_tiny_llama_dir(tmp_path_factory.mktemp("think") / "tiny",
+                               vocab_size=TINY_VOCAB + len(THINK_IDS))
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_IDS])
+    assert tok.convert_tokens_to_ids(list(THINK_IDS)) == list(THINK_IDS.values())
+    tok.save_pretrained(path)
     (path / "chat_template.jinja").write_text(THINK_TEMPLATE)
     return path
 
@@ -382,3 +427,86 @@ def test_reasoning_parser_flag_in_both_launch_forms(form) -> None:
     assert parse().reasoning_parser is None
     with pytest.raises(SystemExit):
         parse("--reasoning-parser", "granite")
+
+
+# ---------------------------------------------------------------- usage, defaults, refusal
+
+
+def _final_usage(events: list[dict]) -> dict:
+    assert events[-1]["choices"] == []
+    return events[-1]["usage"]
+
+
+@pytest.mark.parametrize("server", ["r1", "qwen3"])
+def test_usage_counts_the_reasoning_tokens(server, request) -> None:
+    """vLLM with --reasoning-parser: usage.completion_tokens_details.reasoning_tokens, the
+    tokens of the thinking (by the tags' token ids): here one token a byte of THOUGHT."""
+    base = request.getfixturevalue(server)
+    body = {"max_tokens": 120, "structured_outputs": {"choice": [FORCED]}, **TAGS_AS_TOKENS}
+    resp = _chat(base, body)
+    assert resp["choices"][0]["message"]["reasoning"] == THOUGHT
+    u = resp["usage"]
+    assert u["completion_tokens_details"] == {"reasoning_tokens": len(THOUGHT.encode())}
+    # the two tags, a token a byte of the rest, and the end-of-sequence token
+    assert u["completion_tokens"] == 2 + len(THOUGHT.encode()) + len(ANSWER.encode()) + 1
+    events = _events(base, {**body, "stream_options": {"include_usage": True}})
+    assert _final_usage(events) == u
+    # n > 1: summed over the choices, as vLLM
+    both = _chat(base, {**body, "n": 2})["usage"]
+    assert both["completion_tokens_details"] == {"reasoning_tokens": 2 * len(THOUGHT.encode())}
+
+
+def test_r1_counts_up_to_the_end_tag_without_a_start_tag(r1) -> None:
+    body = {"max_tokens": 120, "structured_outputs": {"regex": r"Hmm, four\.</think>Four\."},
+            **TAGS_AS_TOKENS}
+    u = _chat(r1, body)["usage"]
+    assert u["completion_tokens_details"] == {"reasoning_tokens": len("Hmm, four.")}
+    events = _events(r1, {**body, "stream_options": {"include_usage": True}})
+    assert _final_usage(events) == u
+
+
+def test_an_answer_that_is_all_content_has_no_reasoning_tokens(r1, qwen3) -> None:
+    u = _chat(r1, {"max_tokens": 10, "structured_outputs": {"choice": ["yes", "no"]}})["usage"]
+    assert u["completion_tokens_details"] == {"reasoning_tokens": 0}
+    body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    assert _chat(qwen3, body)["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+
+@pytest.fixture(scope="module")
+def qwen3_no_thinking(think_model, tmp_path_factory):
+    with _server(think_model, tmp_path_factory, "--reasoning-parser", "qwen3",
+                 "--default-chat-template-kwargs", '{"enable_thinking": false}') as url:
+        yield url
+
+
+def _prompt(base: str, **body) -> str:
+    r = httpx.post(f"{base}/tokenize", json={"messages": ASK, **body})
+    assert r.status_code == 200, r.text
+    return httpx.post(f"{base}/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+
+
+def test_default_chat_template_kwargs_are_under_the_requests(qwen3_no_thinking) -> None:
+    base = qwen3_no_thinking
+    closed = "assistant\n<think>\n\n</think>\n\n"
+    assert _prompt(base).endswith(closed)  # the server's default reaches the template
+    # a request's own key wins; its other keys are added to the defaults
+    assert _prompt(base, chat_template_kwargs={"enable_thinking": True}).endswith("assistant\n")
+    assert _prompt(base, chat_template_kwargs={"other": 1}).endswith(closed)
+    # and the reasoning parser sees the merged kwargs: thinking off, all content
+    body = {"max_tokens": 120, "structured_outputs": {"choice": [FORCED]}}
+    msg = _chat(base, body)["choices"][0]["message"]
+    assert (msg["reasoning"], msg["content"]) == (None, FORCED)
+    body["chat_template_kwargs"] = {"enable_thinking": True}
+    msg = _chat(base, body)["choices"][0]["message"]
+    assert (msg["reasoning"], msg["content"]) == (THOUGHT, ANSWER)
+
+
+def test_a_tokenizer_without_think_tokens_is_refused_at_start(tmp_path_factory) -> None:
+    """vLLM: `DeepSeekR1ReasoningParser reasoning parser could not locate think start/end
+    tokens in the tokenizer!`, and the server does not start (exit status 1)."""
+    path = make_tiny_llama_dir(tmp_path_factory.mktemp("nothink") / "tiny")  # byte level
+    with pytest.raises(RuntimeError, match=r"server exited \(1\)(.|\n)*DeepSeekR1Reasoning"
+                       "Parser reasoning parser could not locate think start/end tokens"):
+        with _server(path, tmp_path_factory, "--reasoning-parser", "deepseek_r1"):
+            pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -84,6 +85,16 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             "message's `reasoning`, apart from `content`: deepseek_r1 (DeepSeek-R1, QwQ) or "
             "qwen3 (Qwen3; chat_template_kwargs {\"enable_thinking\": false} turns it off)",
         )
+    if "--default-chat-template-kwargs" not in parser._option_string_actions:
+        g.add_argument(
+            "--default-chat-template-kwargs",
+            type=_json_object,
+            default=None,
+            metavar="JSON",
+            help="chat template variables every chat request gets, under its own "
+            "chat_template_kwargs (a request's keys win), e.g. '{\"enable_thinking\": false}' "
+            "for Qwen3",
+        )
     if "--max-waiting-requests" not in parser._option_string_actions:
         g.add_argument(
             "--max-waiting-requests",
@@ -91,6 +102,16 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             default=None,
             help="bound on queued requests; past it requests get 503 with Retry-After",
         )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def engine_args_from(args: argparse.Namespace) -> Any:
@@ -156,15 +177,18 @@ class OpenAIService:
         try:
             engine = await AsyncLLM.from_engine_args(engine_args_from(self.args))
         except Exception as e:
-            self.state.load_error = f"{type(e).__name__}: {e}"
-            # a ValueError is a bad model or setting, told in its message (no traceback)
-            logger.error("failed to load the model: %s", self.state.load_error,
-                         exc_info=None if isinstance(e, ValueError) else e)
-            self.loaded.set()
-            if self.exit_on_failure:
-                self.load_failed = True  # the process exits with status 1 after a clean shutdown
-                self._stop_serving()
+            self._failed_to_load(e)
             return
+        reasoning_parser = getattr(self.args, "reasoning_parser", None)
+        if reasoning_parser is not None:
+            from modelport.entrypoints.openai.reasoning import think_token_ids
+
+            try:  # vLLM refuses to start when the think tags are not single tokens
+                think_token_ids(reasoning_parser, engine.tokenizer)
+            except RuntimeError as e:
+                await asyncio.to_thread(engine.shutdown)
+                self._failed_to_load(e, traceback=False)
+                return
         # the loader's name for the model is known only now, once --model is resolved
         engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
         metrics = ServerMetrics(engine.served_model_names[0],
@@ -175,6 +199,18 @@ class OpenAIService:
         engine.on_dead = self._engine_died
         self.loaded.set()
         _log_loaded(engine, self.args)
+
+    def _failed_to_load(self, e: Exception, traceback: bool | None = None) -> None:
+        self.state.load_error = f"{type(e).__name__}: {e}"
+        # a ValueError is a bad model or setting, told in its message (no traceback)
+        if traceback is None:
+            traceback = not isinstance(e, ValueError)
+        logger.error("failed to load the model: %s", self.state.load_error,
+                     exc_info=e if traceback else None)
+        self.loaded.set()
+        if self.exit_on_failure:
+            self.load_failed = True  # the process exits with status 1 after a clean shutdown
+            self._stop_serving()
 
     @property
     def failed(self) -> bool:
@@ -271,7 +307,9 @@ def attach(
             raise SystemExit(f"modelport serve: {e}") from None
     state = ServerState(version=_version(), api_key=getattr(args, "api_key", None),
                         serve_own_engine=own_engine, tool_settings=tool_settings,
-                        reasoning_parser=reasoning_parser)
+                        reasoning_parser=reasoning_parser,
+                        default_chat_template_kwargs=getattr(
+                            args, "default_chat_template_kwargs", None) or {})
     install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS)
     mount(app, state)
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)

@@ -81,10 +81,23 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
+class CompletionTokenUsageInfo(OpenAIModel):
+    reasoning_tokens: int = 0
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # vLLM: only with --reasoning-parser (reasoning_tokens); left out otherwise
+    completion_tokens_details: CompletionTokenUsageInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_no_details(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and out.get("completion_tokens_details") is None:
+            out.pop("completion_tokens_details", None)
+        return out
 
 
 class ResponseFormat(OpenAIModel):

@@ -25,6 +25,9 @@ answer is all content unless the grammar itself spells out `</think>` (see Reaso
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +54,33 @@ class ReasoningParser:
     def thinking_enabled(self) -> bool:
         return True
 
+    def count_reasoning_tokens(self, token_ids: Sequence[int], start_id: int,
+                               end_id: int) -> int:
+        """usage.completion_tokens_details.reasoning_tokens, by token ids as vLLM counts
+        (BaseThinkingReasoningParser): the tokens inside start/end tag spans, tags excluded;
+        a stray end tag does not count below zero."""
+        count = depth = 0
+        for t in token_ids:
+            if t == start_id:
+                depth += 1
+            elif t == end_id:
+                depth = max(depth - 1, 0)
+            elif depth:
+                count += 1
+        return count
+
 
 class DeepSeekR1ReasoningParser(ReasoningParser):
     name = "deepseek_r1"
+
+    def count_reasoning_tokens(self, token_ids: Sequence[int], start_id: int,
+                               end_id: int) -> int:
+        # vLLM's DeepSeekR1ReasoningParser: the opening tag is usually in the prompt, so
+        # without a generated one the tokens before the end tag count; no end tag: 0
+        if start_id in token_ids:
+            return super().count_reasoning_tokens(token_ids, start_id, end_id)
+        ids = list(token_ids)
+        return ids.index(end_id) if end_id in ids else 0
 
 
 class Qwen3ReasoningParser(ReasoningParser):
@@ -80,6 +107,34 @@ def get_reasoning_parser(
             f"unknown reasoning parser {name!r}; choose from {', '.join(sorted(REASONING_PARSERS))}"
         ) from None
     return cls(chat_template_kwargs)
+
+
+def think_token_ids(name: str, tokenizer: Any) -> tuple[int, int]:
+    """The ids of `<think>` and `</think>`, each one token of the tokenizer's vocabulary.
+
+    vLLM's think-tag parsers (BaseThinkingReasoningParser) look both up in the vocabulary
+    when they are made and refuse a tokenizer that lacks either, so the server does not
+    start; this server's parsers read text, but refuse the same tokenizers, with vLLM's
+    message. The ids also count usage's reasoning_tokens.
+    """
+    try:
+        return _THINK_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = tokenizer.get_vocab()  # the added tokens too
+    start, end = vocab.get(START), vocab.get(END)
+    if start is None or end is None:
+        cls = REASONING_PARSERS.get(name, ReasoningParser)
+        raise RuntimeError(
+            f"{cls.__name__} reasoning parser could not locate think start/end tokens in "
+            "the tokenizer!"
+        )
+    with contextlib.suppress(TypeError):  # a vocabulary is read once per tokenizer
+        _THINK_IDS[tokenizer] = (start, end)
+    return start, end
+
+
+_THINK_IDS: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def prompt_ends_reasoning(prompt: str | None) -> bool:

@@ -29,10 +29,19 @@ from modelport.entrypoints.openai.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
-from modelport.entrypoints.openai.serving_chat import ServingChat, render_chat
+from modelport.entrypoints.openai.serving_chat import (
+    ServingChat,
+    render_chat,
+    with_default_kwargs,
+)
 from modelport.entrypoints.openai.serving_common import check_model, engine_unavailable
 from modelport.entrypoints.openai.serving_completion import ServingCompletion
 from modelport.entrypoints.openai.serving_embedding import add_routes as add_embedding_routes
+from modelport.entrypoints.openai.serving_responses import (
+    ResponsesRequest,
+    ServingResponses,
+    not_found,
+)
 from modelport.entrypoints.openai.tools import ToolSettings, template_tool
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -61,6 +70,8 @@ class ServerState:
     extra: dict[str, Any] = field(default_factory=dict)
     tool_settings: ToolSettings = field(default_factory=ToolSettings)
     reasoning_parser: str | None = None  # --reasoning-parser
+    # --default-chat-template-kwargs: under each request's chat_template_kwargs
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     serve_own_engine: bool = True  # False: only engines that other frontends register
 
@@ -157,10 +168,31 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         _check_generative(engine, "Chat Completions")
         try:
             state = _state(request)
-            return await ServingChat(engine, state.tool_settings,
-                                     state.reasoning_parser).create(body, request)
+            return await ServingChat(engine, state.tool_settings, state.reasoning_parser,
+                                     state.default_chat_template_kwargs).create(body, request)
         except EngineDeadError as e:
             raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
+
+    @api.post("/v1/responses", tags=["openai"])
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        engine = _engine_for(request, body.model)
+        _check_generative(engine, "Responses")
+        try:
+            state = _state(request)
+            return await ServingResponses(
+                engine, state.tool_settings, state.reasoning_parser,
+                state.default_chat_template_kwargs).create(body, request)
+        except EngineDeadError as e:
+            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
+
+    # no response is stored (vLLM without VLLM_ENABLE_RESPONSES_API_STORE): its 404
+    @api.get("/v1/responses/{response_id}", tags=["openai"])
+    async def get_response(response_id: str) -> Response:
+        raise not_found(response_id)
+
+    @api.post("/v1/responses/{response_id}/cancel", tags=["openai"])
+    async def cancel_response(response_id: str) -> Response:
+        raise not_found(response_id)
 
     @api.get("/v1/models", tags=["openai"])
     async def models(request: Request) -> ModelList:
@@ -191,7 +223,8 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
                 body.add_generation_prompt,
                 tools,
                 continue_final_message=body.continue_final_message,
-                chat_template_kwargs=body.chat_template_kwargs,
+                chat_template_kwargs=with_default_kwargs(
+                    _state(request).default_chat_template_kwargs, body.chat_template_kwargs),
             )
         else:
             ids = engine.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)

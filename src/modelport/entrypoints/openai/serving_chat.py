@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -33,9 +33,11 @@ from modelport.entrypoints.openai.protocol import (
     random_id,
 )
 from modelport.entrypoints.openai.reasoning import (
+    ReasoningParser,
     ReasoningPlan,
     ReasoningStreamer,
     get_reasoning_parser,
+    think_token_ids,
 )
 from modelport.entrypoints.openai.serving_common import (
     SSE_DONE,
@@ -185,12 +187,24 @@ def template_message(m: ChatMessage) -> dict[str, Any]:
     return d
 
 
+def with_default_kwargs(
+    defaults: dict[str, Any] | None, request_kwargs: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """vLLM's --default-chat-template-kwargs: the server's defaults under the request's
+    chat_template_kwargs (a key the request gives wins; a shallow merge)."""
+    if not defaults:
+        return request_kwargs
+    return {**defaults, **(request_kwargs or {})}
+
+
 class ServingChat:
     def __init__(self, engine: AsyncLLM, tool_settings: ToolSettings | None = None,
-                 reasoning_parser: str | None = None) -> None:
+                 reasoning_parser: str | None = None,
+                 default_chat_template_kwargs: dict[str, Any] | None = None) -> None:
         self.engine = engine
         self.tool_settings = tool_settings or ToolSettings()
         self.reasoning_parser = reasoning_parser  # --reasoning-parser
+        self.default_chat_template_kwargs = default_chat_template_kwargs or {}
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         engine = self.engine
@@ -205,9 +219,11 @@ class ServingChat:
                 'or "required" constrains sampling): leave use_beam_search out',
                 400, param="use_beam_search",
             )
+        template_kwargs = with_default_kwargs(self.default_chat_template_kwargs,
+                                              req.chat_template_kwargs)
         ids, prompt_text = render_chat_prompt(
             engine, req.messages, req.add_generation_prompt, plan.template_tools,
-            req.continue_final_message, req.chat_template_kwargs,
+            req.continue_final_message, template_kwargs,
         )
         ids = truncate_prompt(engine, ids, req.truncate_prompt_tokens)
         requested = req.max_completion_tokens or req.max_tokens
@@ -235,14 +251,17 @@ class ServingChat:
             admit(engine, req.n)
             stream = start_streams(engine, [(ids, params, rid, None)])[0]
         reasoning = None
+        count_reasoning = None
         if self.reasoning_parser is not None:
+            parser = get_reasoning_parser(self.reasoning_parser, template_kwargs)
             reasoning = ReasoningPlan.for_request(
-                get_reasoning_parser(self.reasoning_parser, req.chat_template_kwargs),
-                prompt_text, constraint, req.include_reasoning,
+                parser, prompt_text, constraint, req.include_reasoning,
             )
+            count_reasoning = self._reasoning_counter(parser, reasoning)
         if req.stream:
             return StreamingResponse(
-                self._stream(req, model, rid, stream, len(ids), plan, reasoning),
+                self._stream(req, model, rid, stream, len(ids), plan, reasoning,
+                             count_reasoning),
                 media_type="text/event-stream",
             )
         try:
@@ -252,9 +271,11 @@ class ServingChat:
         except Exception as e:
             raise (known_error(e) or e) from None
         choices = []
-        n_gen = 0
+        n_gen = n_reasoning = 0
         for o in sorted(final.outputs, key=lambda o: o.index):
             n_gen += len(o.token_ids)
+            if count_reasoning is not None:
+                n_reasoning += count_reasoning(o.token_ids)
             logprobs = None
             # vLLM: with include_reasoning false no logprobs either (they would show it)
             if k is not None and (reasoning is None or reasoning.include):
@@ -288,10 +309,23 @@ class ServingChat:
             id=rid,
             model=model,
             choices=choices,
-            usage=usage(len(final.prompt_token_ids), n_gen),
+            usage=usage(len(final.prompt_token_ids), n_gen,
+                        None if count_reasoning is None else n_reasoning),
             prompt_logprobs=prompt_logprobs,
         )
         return JSONResponse(body.model_dump())
+
+    def _reasoning_counter(
+        self, parser: ReasoningParser, plan: ReasoningPlan
+    ) -> Callable[[list[int]], int]:
+        """usage.completion_tokens_details.reasoning_tokens of one choice's token ids, as
+        vLLM counts them (by the think tags' ids; see ReasoningParser.count_reasoning_tokens).
+        An answer that is all content (thinking off, ended in the prompt, constrained)
+        has none."""
+        if not plan.parse:
+            return lambda ids: 0
+        start, end = think_token_ids(parser.name, self.engine.tokenizer)
+        return lambda ids: parser.count_reasoning_tokens(ids, start, end)
 
     def _logprobs(
         self, token_ids: list[int], positions: list[LogprobsDict] | None, k: int
@@ -324,6 +358,7 @@ class ServingChat:
         n_prompt: int,
         plan: ToolPlan,
         reasoning: ReasoningPlan | None = None,
+        count_reasoning: Callable[[list[int]], int] | None = None,
     ) -> AsyncIterator[str]:
         k = (req.top_logprobs or 0) if req.logprobs else None
         if reasoning is not None and not reasoning.include:
@@ -334,6 +369,7 @@ class ServingChat:
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         finished: set[int] = set()
+        token_ids: dict[int, list[int]] = {}  # each choice's so far (reasoning_tokens)
         include_usage, continuous_usage = usage_options(req)
         last: RequestOutput | None = None
 
@@ -341,7 +377,10 @@ class ServingChat:
             body = ChatCompletionChunk(id=rid, model=model, choices=choices)
             if not continuous_usage:
                 return sse(dump(body, exclude={"usage"}))
-            body.usage = usage(n_prompt, sum(sent_tokens.values()))
+            r = None
+            if count_reasoning is not None:
+                r = sum(count_reasoning(ids) for ids in token_ids.values())
+            body.usage = usage(n_prompt, sum(sent_tokens.values()), r)
             return sse(dump(body))
 
         try:
@@ -362,6 +401,7 @@ class ServingChat:
                     new_ids = o.token_ids[start:]
                     sent_text[o.index] = len(o.text)
                     sent_tokens[o.index] = len(o.token_ids)
+                    token_ids[o.index] = o.token_ids
                     if o.finish_reason is not None:
                         finished.add(o.index)
                     finish_reason = o.finish_reason
@@ -409,8 +449,11 @@ class ServingChat:
                     yield chunk(choices)
             if include_usage and last is not None:
                 g = sum(len(o.token_ids) for o in last.outputs)
+                r = None  # vLLM: reasoning_tokens in the final usage with --reasoning-parser
+                if count_reasoning is not None:
+                    r = sum(count_reasoning(ids) for ids in token_ids.values())
                 body = ChatCompletionChunk(
-                    id=rid, model=model, choices=[], usage=usage(n_prompt, g)
+                    id=rid, model=model, choices=[], usage=usage(n_prompt, g, r)
                 )
                 yield sse(dump(body))
         except asyncio.CancelledError:

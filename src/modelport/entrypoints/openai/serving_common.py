@@ -20,6 +20,7 @@ from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from modelport.engine.structured_output import validate as validate_structured_outputs
 from modelport.entrypoints.openai.errors import OpenAIError, error_body, internal_error
 from modelport.entrypoints.openai.protocol import (
+    CompletionTokenUsageInfo,
     PromptLogprob,
     PromptLogprobs,
     SamplingFields,
@@ -162,11 +163,15 @@ def usage_options(req: SamplingFields) -> tuple[bool, bool]:
     return final, final and opts.continuous_usage_stats
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+def usage(prompt_tokens: int, completion_tokens: int,
+          reasoning_tokens: int | None = None) -> UsageInfo:
+    """reasoning_tokens: with --reasoning-parser (vLLM's completion_tokens_details)."""
     return UsageInfo(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        completion_tokens_details=None if reasoning_tokens is None
+        else CompletionTokenUsageInfo(reasoning_tokens=reasoning_tokens),
     )
 
 
