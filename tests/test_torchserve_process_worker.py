@@ -65,6 +65,9 @@ def test_concurrent_calls_are_serialized():
             assert await w.execute("calls") == 9
             grandchild = await w.execute("grandchild")
             assert isinstance(grandchild, int) and grandchild != w.pid
+            # the child's own SIGTERM immunity is not inherited: Pool.terminate() (at the end
+            # of `with Pool()`) ends its workers with SIGTERM and would otherwise wait forever
+            assert await w.execute("grandchild-sigterm") == 0
         finally:
             await w.stop()
 

@@ -85,12 +85,19 @@ def emit_partial(value: Any) -> None:
     conn.send(PartialMsg(seq, value))
 
 
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """SIGTERM in a worker child: nothing (its parent ends it); see child_main."""
+
+
 def child_main(conn: Any, factory: str, init_kwargs: dict, env: dict[str, str]) -> None:
     global _current_call
     # Ctrl-C (and a service manager's SIGTERM) reach the whole process group; the parent
-    # decides when a child stops, and ends it with a message or SIGKILL
+    # decides when a child stops, and ends it with a message or SIGKILL. SIGTERM gets a
+    # handler that does nothing rather than SIG_IGN: an ignored signal stays ignored across
+    # exec, so the processes a handler spawns (a multiprocessing Pool's workers, which
+    # Pool.terminate() ends with SIGTERM and then joins) would never end
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _ignore_signal)
     os.environ.update(env)
     try:
         target = _resolve(factory)(**init_kwargs)
