@@ -82,13 +82,10 @@ class EmbeddingOutput:
 
 
 @dataclass
-class EmbeddingRequestOutput:
-    request_id: str
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    """A PoolingRequestOutput whose outputs are an EmbeddingOutput (the vector as floats)."""
+
     outputs: EmbeddingOutput
-    prompt_token_ids: list[int]
-    finished: bool = True
-    num_cached_tokens: int = 0
-    prompt: str | None = None
 
     @classmethod
     def from_base(cls, out: PoolingRequestOutput) -> EmbeddingRequestOutput:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from modelport.engine import registry
-from modelport.engine.async_llm import AsyncLLM, EngineDeadError
+from modelport.engine.async_llm import AsyncLLM
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from modelport.entrypoints.openai.protocol import (
@@ -34,7 +34,11 @@ from modelport.entrypoints.openai.serving_chat import (
     render_chat,
     with_default_kwargs,
 )
-from modelport.entrypoints.openai.serving_common import check_model, engine_unavailable
+from modelport.entrypoints.openai.serving_common import (
+    check_model,
+    dead_engine_is_503,
+    engine_unavailable,
+)
 from modelport.entrypoints.openai.serving_completion import ServingCompletion
 from modelport.entrypoints.openai.serving_embedding import add_routes as add_embedding_routes
 from modelport.entrypoints.openai.serving_responses import (
@@ -157,33 +161,27 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         engine = _engine_for(request, body.model)
         _check_generative(engine, "Completions")
-        try:
+        with dead_engine_is_503():
             return await ServingCompletion(engine).create(body, request)
-        except EngineDeadError as e:
-            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
 
     @api.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine = _engine_for(request, body.model)
         _check_generative(engine, "Chat Completions")
-        try:
+        with dead_engine_is_503():
             state = _state(request)
             return await ServingChat(engine, state.tool_settings, state.reasoning_parser,
                                      state.default_chat_template_kwargs).create(body, request)
-        except EngineDeadError as e:
-            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
 
     @api.post("/v1/responses", tags=["openai"])
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         engine = _engine_for(request, body.model)
         _check_generative(engine, "Responses")
-        try:
+        with dead_engine_is_503():
             state = _state(request)
             return await ServingResponses(
                 engine, state.tool_settings, state.reasoning_parser,
                 state.default_chat_template_kwargs).create(body, request)
-        except EngineDeadError as e:
-            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
 
     # no response is stored (vLLM without VLLM_ENABLE_RESPONSES_API_STORE): its 404
     @api.get("/v1/responses/{response_id}", tags=["openai"])

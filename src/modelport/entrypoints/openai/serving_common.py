@@ -354,6 +354,16 @@ def stream_error(where: str, e: Exception) -> str:
     return sse_error(mapped.message, mapped.status)
 
 
+@contextlib.contextmanager
+def dead_engine_is_503() -> Any:
+    """Around a route's call into the engine: an engine that died before the answer began is
+    a 503 the client may retry (one that dies mid-stream is reported in-band)."""
+    try:
+        yield
+    except EngineDeadError as e:
+        raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
+
+
 def engine_unavailable(engine: AsyncLLM) -> OpenAIError | None:
     if engine.dead_reason is not None:
         return OpenAIError(f"engine is not available: {engine.dead_reason}", 503, retry_after=5)

@@ -14,10 +14,15 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from modelport.engine.async_llm import AsyncLLM, QueueFullError
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.protocol import ChatMessage, TextRequest, random_id
-from modelport.entrypoints.openai.serving_common import admit, check_model, truncate_prompt
+from modelport.entrypoints.openai.serving_common import (
+    admit,
+    check_model,
+    dead_engine_is_503,
+    truncate_prompt,
+)
 from modelport.pooling_params import PoolingParams
 
 EmbeddingInput = str | list[int] | list[str] | list[list[int]]
@@ -150,10 +155,8 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
         engine = pooling_engine(request, body.model, "Embeddings")
         model = check_model(engine, body.model)
-        try:
+        with dead_engine_is_503():
             rid, results, prompts = await _pool_all(engine, body, "embd")
-        except EngineDeadError as e:
-            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
         data = [{"index": i, "object": "embedding",
                  "embedding": _encode(vec, body.encoding_format)}
                 for i, (vec, _) in enumerate(results)]
@@ -164,10 +167,8 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
     async def pooling(body: PoolingRequest, request: Request) -> dict:
         engine = pooling_engine(request, body.model, "Pooling")
         model = check_model(engine, body.model)
-        try:
+        with dead_engine_is_503():
             rid, results, prompts = await _pool_all(engine, body, "pool")
-        except EngineDeadError as e:
-            raise OpenAIError(f"engine is not available: {e}", 503, retry_after=5) from None
         data = [{"index": i, "object": "pooling", "data": _encode(vec, body.encoding_format)}
                 for i, (vec, _) in enumerate(results)]
         return {"id": rid, "object": "list", "created": int(time.time()), "model": model,
