@@ -19,6 +19,7 @@ from modelport.repository.checks import check_request
 from modelport.repository.errors import ModelConfigError, ServingError
 from modelport.repository.stats import ModelStats
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
+from modelport.repository.trace import Trace, Tracer
 from modelport.serving.response_cache import Miss, ModelCache, ResponseCache
 
 
@@ -154,6 +155,7 @@ class EnsembleModel:
         steps: list[Step],
         run_step: StepRunner,
         cache: ResponseCache | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """cache: the server's response cache; with `response_cache { enable: true }` in the
         ensemble's config, whole ensemble responses are cached (Triton's top-level ensemble
@@ -165,6 +167,7 @@ class EnsembleModel:
         self.stats = ModelStats(config.name, version)
         self.ready = True
         self._run_step = run_step
+        self.tracer = tracer
         self.cache_enabled = cache is not None and config.response_cache.enable
         self._cache = (
             ModelCache(cache, self.name, version, self.stats)
@@ -179,7 +182,11 @@ class EnsembleModel:
         self.ready = False
 
     async def _step(
-        self, st: Step, req: InferRequest, tensors: dict[str, InferTensor]
+        self,
+        st: Step,
+        req: InferRequest,
+        tensors: dict[str, InferTensor],
+        trace: Trace | None = None,
     ) -> InferResponse:
         inputs = {}
         for k, name in st.input_map.items():
@@ -197,13 +204,26 @@ class EnsembleModel:
             sequence_id=req.sequence_id,
             sequence_start=req.sequence_start,
             sequence_end=req.sequence_end,
+            trace_parent=trace,  # the step's trace is a child of the ensemble's
         )
         return await self._run_step(sub)
 
     async def infer(self, req: InferRequest) -> InferResponse:
         t0 = time.perf_counter_ns()
+        trace: Trace | None = None
+        tracer = self.tracer
+        if tracer is not None and (tracer.active or req.trace_parent is not None):
+            trace = tracer.start(self.name, self.version, req.id, req.trace_parent)
+        if trace is not None:
+            # no queue: the steps queue at their models (their traces are children)
+            for name in ("REQUEST_START", "QUEUE_START", "COMPUTE_START"):
+                trace.stamp(name, t0)
+            if trace.tensors:
+                for name, t in req.inputs.items():
+                    trace.tensor("TENSOR_QUEUE_INPUT", name, t.datatype, t.data)
         self.stats.pending += 1
         miss: Miss | None = None
+        outputs: dict[str, InferTensor] = {}
         try:
             rows = check_request(self.config, req)
             if self._cache is not None:
@@ -220,7 +240,8 @@ class EnsembleModel:
                         s for s in waiting if all(t in tensors for t in s.input_map.values())
                     ]:
                         waiting.remove(st)
-                        running[asyncio.ensure_future(self._step(st, req, tensors))] = st
+                        step = self._step(st, req, tensors, trace)
+                        running[asyncio.ensure_future(step)] = st
                     if not running:
                         raise ServingError(f"ensemble '{self.name}' cannot make progress")
                     done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -249,6 +270,8 @@ class EnsembleModel:
             raise
         finally:
             self.stats.pending -= 1
+            if trace is not None:
+                self._trace_end(trace, req, outputs, time.perf_counter_ns())
         elapsed = time.perf_counter_ns() - t0
         self.stats.record_success(rows, elapsed, 0, elapsed)
         self.stats.record_execution(rows, elapsed)
@@ -256,6 +279,17 @@ class EnsembleModel:
         if miss is not None and self._cache is not None:
             self._cache.store(miss, resp)
         return resp
+
+    def _trace_end(
+        self, trace: Trace, req: InferRequest, outputs: dict[str, InferTensor], end: int
+    ) -> None:
+        if trace.tensors:
+            for name, t in outputs.items():
+                trace.tensor("TENSOR_BACKEND_OUTPUT", name, t.datatype, t.data)
+        trace.stamp("COMPUTE_END", end)
+        trace.stamp("REQUEST_END", end)
+        assert self.tracer is not None
+        self.tracer.finish(trace, req.trace_parent)
 
     async def stream(self, req: InferRequest) -> AsyncIterator[InferResponse]:
         yield await self.infer(req)

@@ -40,6 +40,7 @@ from modelport.repository.model import ModelVersion
 from modelport.repository.model_config import read_config
 from modelport.repository.resolve import resolve_config
 from modelport.repository.tensors import InferRequest, InferResponse
+from modelport.repository.trace import Tracer
 from modelport.repository.versions import select_versions
 from modelport.serving.response_cache import ResponseCache
 
@@ -126,10 +127,11 @@ class RepositoryManager:
         gpus: int | None = None,
         strict_readiness: bool = True,
         response_cache: ResponseCache | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """strict_readiness: Triton's --strict-readiness (see `server_ready`);
         response_cache: the server's cache (--cache-config), used by the models whose config
-        enables `response_cache`."""
+        enables `response_cache`; tracer: request tracing (--trace-config, /v2/trace)."""
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}")
         self.repositories = [Path(r) for r in repositories]
@@ -142,6 +144,7 @@ class RepositoryManager:
         self.gpus = gpu_count() if gpus is None else gpus
         self.strict_readiness = strict_readiness
         self.response_cache = response_cache
+        self.tracer = tracer if tracer is not None else Tracer()
         self.entries: dict[str, ModelEntry] = {}
         self.ready = False  # started and not stopping; `server_ready` adds the model check
         # models asked for at start-up that failed to load: name -> why
@@ -190,6 +193,7 @@ class RepositoryManager:
         await asyncio.gather(
             *(self._unload(e) for e in self.entries.values() if e.versions), return_exceptions=True
         )
+        self.tracer.close()
 
     async def load_many(self, names: Iterable[str]) -> dict[str, str]:
         """Load plain models in parallel, then ensembles once their steps are loaded.
@@ -405,7 +409,12 @@ class RepositoryManager:
                     check_composing(cfg, steps, configs)  # type: ignore[arg-type]
                     for v in versions:
                         new[v] = EnsembleModel(
-                            cfg, v, steps, self.infer, cache=self.response_cache
+                            cfg,
+                            v,
+                            steps,
+                            self.infer,
+                            cache=self.response_cache,
+                            tracer=self.tracer,
                         )
                 else:
                     for v in versions:
@@ -418,7 +427,11 @@ class RepositoryManager:
                             model_control=self._model_control,
                         )
                         model = ModelVersion(
-                            cfg, v, create_backend(cfg.backend, ctx), cache=self.response_cache
+                            cfg,
+                            v,
+                            create_backend(cfg.backend, ctx),
+                            cache=self.response_cache,
+                            tracer=self.tracer,
                         )
                         await model.start()
                         new[v] = model

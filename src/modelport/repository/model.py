@@ -31,6 +31,7 @@ from modelport.repository.sequence import ControlInputs, ImplicitStates, is_sequ
 from modelport.repository.sequence import batcher_config as sequence_batcher_config
 from modelport.repository.stats import ModelStats
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
+from modelport.repository.trace import Trace, Tracer
 from modelport.repository.warmup import warmup_requests
 from modelport.serving.batcher import (
     BatcherConfig,
@@ -111,10 +112,12 @@ class ModelVersion:
         version: int,
         backend: Backend,
         cache: ResponseCache | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """cache: the server's response cache (--cache-config), used when the config has
-        `response_cache { enable: true }`."""
+        `response_cache { enable: true }`; tracer: the server's request tracing."""
         self.config = config
+        self.tracer = tracer
         self.name = config.name
         self.version = version
         self.backend = backend
@@ -342,6 +345,48 @@ class ModelVersion:
         except ValueError as e:
             raise InvalidArgument(f"{e} for model '{self.name}'") from None
 
+    def _trace_start(self, req: InferRequest, t0: int) -> Trace | None:
+        tracer = self.tracer  # warm-up requests (before ready) are not traced, as in Triton
+        if tracer is None or not self.ready or (req.trace_parent is None and not tracer.active):
+            return None
+        trace = tracer.start(self.name, self.version, req.id, req.trace_parent)
+        if trace is not None:
+            trace.stamp("REQUEST_START", t0)
+        return trace
+
+    @staticmethod
+    def _trace_queued(trace: Trace, prepared: InferRequest) -> None:
+        trace.stamp("QUEUE_START", time.perf_counter_ns())
+        if trace.tensors:
+            for name, t in prepared.inputs.items():
+                trace.tensor("TENSOR_QUEUE_INPUT", name, t.datatype, t.data)
+
+    def _trace_end(
+        self,
+        trace: Trace,
+        req: InferRequest,
+        item: BatchItem | None,
+        outputs: dict[str, InferTensor] | None,
+        end: int,
+    ) -> None:
+        """The compute points are the batch's (the same the statistics record); the
+        backend's input copy and output copy are inside them, so COMPUTE_INPUT_END is
+        COMPUTE_START and COMPUTE_OUTPUT_START is COMPUTE_END, as compute_input and
+        compute_output are 0 in the statistics."""
+        if item is not None and item.compute_start_ns:
+            # a decoupled stream may end before its batch reports back: then at `end`
+            done = item.compute_end_ns if item.compute_end_ns >= item.compute_start_ns else end
+            trace.stamp("COMPUTE_START", item.compute_start_ns)
+            trace.stamp("COMPUTE_INPUT_END", item.compute_start_ns)
+            trace.stamp("COMPUTE_OUTPUT_START", done)
+            if outputs and trace.tensors:
+                for name, t in outputs.items():
+                    trace.tensor("TENSOR_BACKEND_OUTPUT", name, t.datatype, t.data)
+            trace.stamp("COMPUTE_END", done)
+        trace.stamp("REQUEST_END", end)
+        assert self.tracer is not None
+        self.tracer.finish(trace, req.trace_parent)
+
     async def infer(self, req: InferRequest) -> InferResponse:
         if self.decoupled:
             raise Unsupported(
@@ -349,8 +394,10 @@ class ModelVersion:
                 "(gRPC ModelStreamInfer or generate_stream)"
             )
         t0 = time.perf_counter_ns()
+        trace = self._trace_start(req, t0)
         self.stats.pending += 1
         miss: Miss | None = None
+        item: BatchItem | None = None
         try:
             prepared, rows = self._prepare(req)
             # before the batcher's queue, so that a hit never waits there (warm-up, which
@@ -358,20 +405,33 @@ class ModelVersion:
             if self._cache is not None and self.ready:
                 found = self._cache.lookup(req, t0)
                 if isinstance(found, InferResponse):
+                    if trace is not None:
+                        self._trace_end(trace, req, None, None, time.perf_counter_ns())
                     return found
                 miss = found
             item = BatchItem(prepared, extra={"rows": rows})
+            if trace is not None:
+                self._trace_queued(trace, prepared)
             result = await self._submit(item, rows)
             resp = self._finish(req, result)
         except ServingError:
-            self.stats.record_failure(time.perf_counter_ns() - t0)
+            failed = time.perf_counter_ns()
+            self.stats.record_failure(failed - t0)
+            if trace is not None:
+                self._trace_end(trace, req, item, None, failed)
             raise
         except Exception as e:
-            self.stats.record_failure(time.perf_counter_ns() - t0)
+            failed = time.perf_counter_ns()
+            self.stats.record_failure(failed - t0)
+            if trace is not None:
+                self._trace_end(trace, req, item, None, failed)
             raise ServingError(f"model '{self.name}': {type(e).__name__}: {e}") from e
         finally:
             self.stats.pending -= 1
         end = time.perf_counter_ns()
+        if trace is not None:  # the backend's outputs, before the requested-output filter
+            outputs = result.outputs if isinstance(result, InferResponse) else resp.outputs
+            self._trace_end(trace, req, item, outputs, end)
         self.stats.record_success(
             rows,
             end - t0,
@@ -388,12 +448,16 @@ class ModelVersion:
             yield await self.infer(req)
             return
         t0 = time.perf_counter_ns()
+        trace = self._trace_start(req, t0)
         self.stats.pending += 1
         ok = False
         item: BatchItem | None = None
+        sent: dict[str, InferTensor] = {}
         try:
             prepared, rows = self._prepare(req)
             item = BatchItem(prepared, stream=asyncio.Queue(), extra={"rows": rows})
+            if trace is not None:
+                self._trace_queued(trace, prepared)
             submit = asyncio.ensure_future(self._submit(item, rows))
             try:
                 while True:
@@ -409,7 +473,10 @@ class ModelVersion:
                         break
                     if isinstance(msg, BaseException):
                         raise msg
-                    yield self._finish(req, msg)
+                    out = self._finish(req, msg)
+                    if trace is not None and trace.tensors:
+                        sent.update(out.outputs)
+                    yield out
             finally:
                 if not submit.done():
                     submit.cancel()
@@ -426,6 +493,8 @@ class ModelVersion:
                 )
             else:
                 self.stats.record_failure(elapsed)
+            if trace is not None:
+                self._trace_end(trace, req, item, sent, t0 + elapsed)
 
 
 __all__ = ["ModelVersion", "batcher_config"]

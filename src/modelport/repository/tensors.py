@@ -187,6 +187,8 @@ class InferRequest:
     sequence_id: int | str = 0
     sequence_start: bool = False
     sequence_end: bool = False
+    # the repository.trace.Trace of the ensemble this request is a step of (its child trace)
+    trace_parent: Any = None
 
 
 @dataclass

@@ -10,8 +10,9 @@ import argparse
 import asyncio
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from modelport.entrypoints.kserve import frontend
 
@@ -31,13 +32,18 @@ class EmbeddedServer:
         strict_readiness: bool = True,
         cache_config: Sequence[str] = (),
         response_cache_byte_size: int = 0,
+        trace_config: Sequence[str] = (),
+        log_settings: Mapping[str, Any] | None = None,
     ) -> None:
         """Ports 0 (the default) bind free ports; -1 turns gRPC or metrics off.
 
         exit_on_error / strict_readiness: as `modelport serve`'s flags (Triton's defaults);
         with exit_on_error a model failing at start-up makes start() raise StartupFailed.
         cache_config / response_cache_byte_size: --cache-config values ("local,size=N") and
-        the older --response-cache-byte-size."""
+        the older --response-cache-byte-size.
+        trace_config: --trace-config values ("level=TIMESTAMPS", "triton,file=PATH", ...);
+        log_settings: the --log-* flags by name without the prefix (verbose, info, warning,
+        error, format, file); giving any takes the "modelport" loggers over until stop()."""
         self.args = argparse.Namespace(
             host=host,
             port=http_port,
@@ -51,6 +57,8 @@ class EmbeddedServer:
             strict_readiness=strict_readiness,
             triton_cache_config=list(cache_config),
             response_cache_byte_size=response_cache_byte_size,
+            trace_config=list(trace_config),
+            **{f"log_{k}": v for k, v in (log_settings or {}).items()},
         )
         self.host = host
         self.http_port = 0

@@ -18,9 +18,11 @@ from fastapi import FastAPI
 
 from modelport.entrypoints.kserve.grpc_server import GrpcServer
 from modelport.entrypoints.kserve.http_routes import mount
+from modelport.entrypoints.kserve.log_settings import FORMATS, LogConfig, LogControl
 from modelport.entrypoints.kserve.metrics import MetricsServer
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.manager import CONTROL_MODES, RepositoryManager
+from modelport.repository.trace import Tracer, parse_trace_config
 from modelport.serving.response_cache import parse_cache_config
 
 logger = logging.getLogger("modelport.kserve")
@@ -121,6 +123,76 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=15.0,
         help="with --model-control-mode poll: seconds between repository scans",
     )
+    add_trace_log_args(parser)
+
+
+def add_trace_log_args(parser: argparse.ArgumentParser) -> None:
+    """tritonserver's tracing and logging flags (Triton's trace and logging extensions)."""
+    g = parser.add_argument_group("Triton tracing and logging")
+    g.add_argument(
+        "--trace-config",
+        action="append",
+        default=[],
+        metavar="[triton,]SETTING=VALUE",
+        help="request tracing, as tritonserver: level=OFF|TIMESTAMPS|TENSORS (repeatable), "
+        "rate=N (trace 1 of N requests, default 1000), count=N (-1: no limit), "
+        "triton,file=PATH, triton,log-frequency=N (N traces per PATH.<index> file; 0: "
+        "all in PATH)",
+    )
+    # tritonserver's deprecated spellings, turned into --trace-config items
+    for flag, key in (
+        ("--trace-file", "file"),
+        ("--trace-level", "level"),
+        ("--trace-rate", "rate"),
+        ("--trace-count", "count"),
+        ("--trace-log-frequency", "log-frequency"),
+    ):
+        g.add_argument(
+            flag,
+            dest="trace_config",
+            action="append",
+            type=lambda v, key=key: f"{key}={v}",
+            metavar="VALUE",
+            help=f"deprecated: --trace-config {key}=VALUE",
+        )
+    g.add_argument(
+        "--log-verbose", type=int, default=None, metavar="LEVEL", help="verbose level (>0: debug)"
+    )
+    for name in ("info", "warning", "error"):
+        g.add_argument(
+            f"--log-{name}",
+            type=triton_bool,
+            nargs="?",
+            const=True,
+            default=None,
+            metavar="BOOL",
+            help=f"log {name} messages (default true)",
+        )
+    g.add_argument("--log-format", choices=FORMATS, default=None, help="log line layout")
+    g.add_argument("--log-file", default=None, metavar="PATH", help="log to PATH, not stderr")
+
+
+def trace_log_settings(args: argparse.Namespace) -> tuple[Tracer, LogControl]:
+    """The tracer and the log control the --trace-* / --log-* flags ask for (bad values end
+    `modelport serve` with a message). Logging is taken over only if a --log-* flag is given."""
+    try:
+        tracer = Tracer(parse_trace_config(getattr(args, "trace_config", None) or []))
+        given = {
+            k: getattr(args, f"log_{k}", None)
+            for k in ("verbose", "info", "warning", "error", "format", "file")
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        config = LogConfig(**given)
+    except ValueError as e:
+        raise SystemExit(f"modelport serve: {e}") from None
+    if given.get("file"):
+        try:
+            open(given["file"], "a").close()
+        except OSError as e:
+            raise SystemExit(f"modelport serve: --log-file: {e}") from None
+    if tracer.config.level and not tracer.config.file:
+        logger.warning("tracing is on but no trace file is set (--trace-config triton,file=PATH)")
+    return tracer, LogControl(config, engage=bool(given))
 
 
 def wants(args: argparse.Namespace) -> bool:
@@ -137,11 +209,17 @@ class Service:
         version: str,
         shm: SharedMemoryRegistry,
         exit_on_error: bool = True,
+        logs: LogControl | None = None,
     ) -> None:
         self.manager = manager
         self.shm = shm
         self.exit_on_error = exit_on_error
-        self.grpc = GrpcServer(manager, host, grpc_port, version, shm) if grpc_port >= 0 else None
+        self.logs = logs if logs is not None else LogControl()
+        self.grpc = (
+            GrpcServer(manager, host, grpc_port, version, shm, self.logs)
+            if grpc_port >= 0
+            else None
+        )
         self.metrics = MetricsServer(manager, host, metrics_port) if metrics_port >= 0 else None
 
     async def start(self) -> None:
@@ -165,6 +243,7 @@ class Service:
             await self.metrics.stop()
         await self.manager.stop()
         self.shm.close()
+        self.logs.release()
 
 
 def _version() -> str:
@@ -186,6 +265,7 @@ async def build(args: argparse.Namespace, app: FastAPI) -> Service:
         raise SystemExit(f"modelport serve: {e}") from None
     if cache is not None:
         logger.info("response cache: local, %d bytes", cache.size)
+    tracer, logs = trace_log_settings(args)
     try:
         manager = RepositoryManager(
             args.model_repository,
@@ -194,12 +274,21 @@ async def build(args: argparse.Namespace, app: FastAPI) -> Service:
             poll_secs=args.repository_poll_secs,
             strict_readiness=args.strict_readiness,
             response_cache=cache,
+            tracer=tracer,
         )
     except (FileNotFoundError, ValueError) as e:
+        logs.release()
         raise SystemExit(f"modelport serve: {e}") from None
     version = _version()
     shm = SharedMemoryRegistry()
-    mount(app, manager, shm, version)
+    mount(app, manager, shm, version, logs)
     return Service(
-        manager, args.host, args.grpc_port, args.metrics_port, version, shm, args.exit_on_error
+        manager,
+        args.host,
+        args.grpc_port,
+        args.metrics_port,
+        version,
+        shm,
+        args.exit_on_error,
+        logs,
     )

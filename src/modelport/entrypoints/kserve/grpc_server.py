@@ -23,13 +23,15 @@ from modelport.entrypoints.kserve.grpc_codec import (
     parse_version,
 )
 from modelport.entrypoints.kserve.http_codec import tensor_metadata
-from modelport.entrypoints.kserve.http_routes import EXTENSIONS
+from modelport.entrypoints.kserve.http_routes import EXTENSIONS, trace_model
+from modelport.entrypoints.kserve.log_settings import LogControl
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.errors import InvalidArgument, ServingError, Status, Unsupported
 from modelport.repository.manager import RepositoryManager
 from modelport.repository.tensors import (
     InferResponse,
 )
+from modelport.repository.trace import parse_update
 
 GRPC_STATUS = {
     Status.INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT,
@@ -43,11 +45,16 @@ GRPC_STATUS = {
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, manager: RepositoryManager, version: str, shm: SharedMemoryRegistry | None = None
+        self,
+        manager: RepositoryManager,
+        version: str,
+        shm: SharedMemoryRegistry | None = None,
+        logs: LogControl | None = None,
     ) -> None:
         self.manager = manager
         self.version = version
         self.shm = shm if shm is not None else SharedMemoryRegistry()
+        self.logs = logs if logs is not None else LogControl()
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
         if isinstance(e, ServingError):
@@ -194,6 +201,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for t in list(tasks):
                 t.cancel()
 
+    async def TraceSetting(self, request, context):  # noqa: N802
+        try:
+            model = trace_model(self.manager, request.model_name)
+            if request.settings:  # an empty value list clears the setting
+                raw = {k: list(v.value) or None for k, v in request.settings.items()}
+                self.manager.tracer.update(model, parse_update(raw))
+            current = self.manager.tracer.settings(model)
+        except Exception as e:
+            await self._fail(context, e)
+        out = pb.TraceSettingResponse()
+        for k, v in current.items():
+            out.settings[k].value.extend(v if isinstance(v, list) else [v])
+        return out
+
+    async def LogSettings(self, request, context):  # noqa: N802
+        try:
+            values = {}
+            for k, v in request.settings.items():
+                choice = v.WhichOneof("parameter_choice")
+                values[k] = getattr(v, choice) if choice else None
+            self.logs.update(values)
+            current = self.logs.settings()
+        except Exception as e:
+            await self._fail(context, e)
+        out = pb.LogSettingsResponse()
+        for k, v in current.items():
+            if isinstance(v, bool):
+                out.settings[k].bool_param = v
+            elif isinstance(v, int):
+                out.settings[k].uint32_param = v
+            else:
+                out.settings[k].string_param = v
+        return out
+
     async def SystemSharedMemoryStatus(self, request, context):  # noqa: N802
         try:
             rows = self.shm.status(request.name)
@@ -280,9 +321,11 @@ class GrpcServer:
         port: int,
         version: str,
         shm: SharedMemoryRegistry | None = None,
+        logs: LogControl | None = None,
     ) -> None:
         self.manager = manager
         self.shm = shm
+        self.logs = logs
         self.host = host
         self.requested_port = port
         self.version = version
@@ -293,7 +336,7 @@ class GrpcServer:
         opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         server = grpc.aio.server(options=opts)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.manager, self.version, self.shm), server
+            InferenceServicer(self.manager, self.version, self.shm, self.logs), server
         )
         self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
         if self.port == 0:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from modelport.entrypoints.kserve import http_codec as codec
+from modelport.entrypoints.kserve.log_settings import LogControl
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.errors import (
     InvalidArgument,
@@ -28,6 +29,7 @@ from modelport.repository.errors import (
 from modelport.repository.manager import RepositoryManager
 from modelport.repository.model_config import config_to_json
 from modelport.repository.tensors import InferRequest
+from modelport.repository.trace import parse_update
 
 # Triton's HttpCodeFromError: ALREADY_EXISTS (like UNKNOWN and CANCELLED) is a 400
 HTTP_STATUS = {
@@ -48,6 +50,8 @@ EXTENSIONS = [
     "system_shared_memory",
     "schedule_policy",
     "generate",
+    "trace",
+    "logging",
 ]
 
 
@@ -79,13 +83,39 @@ def _params(doc: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def trace_model(manager: RepositoryManager, model_name: str | None) -> str | None:
+    """The model of a trace setting request (None: global); Triton's error if not ready."""
+    if not model_name:
+        return None
+    if not manager.is_ready(model_name):
+        raise InvalidArgument(f"Request for unknown model : {model_name}")
+    return model_name
+
+
+def _trace_values(doc: dict[str, Any]) -> dict[str, list[str] | None]:
+    """HTTP trace settings: a string, an array of strings, or null (clear)."""
+    out: dict[str, list[str] | None] = {}
+    for k, v in doc.items():
+        if v is None:
+            out[k] = None
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            out[k] = v
+        elif isinstance(v, str | int) and not isinstance(v, bool):
+            out[k] = [str(v)]
+        else:
+            raise InvalidArgument(f"expect a string or an array of strings for '{k}'")
+    return out
+
+
 def build_router(
     manager: RepositoryManager,
     shm: SharedMemoryRegistry,
     server_name: str = "modelport",
     server_version: str = "0.0.0",
+    logs: LogControl | None = None,
 ) -> APIRouter:
     router = APIRouter()
+    log_control = logs if logs is not None else LogControl()
 
     def guarded(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
         @functools.wraps(fn)
@@ -283,10 +313,32 @@ def build_router(
         shm.unregister(region)
         return Response(status_code=200)
 
+    async def _trace_setting(request: Request, model_name: str | None = None) -> Response:
+        model = trace_model(manager, model_name)
+        if request.method == "POST":
+            doc = await _json_body(request)
+            if not isinstance(doc, dict):
+                raise InvalidArgument("trace settings must be a JSON object")
+            manager.tracer.update(model, parse_update(_trace_values(doc)))
+        return JSONResponse(manager.tracer.settings(model))
+
+    for path in ("/v2/trace/setting", "/v2/models/{model_name}/trace/setting"):
+        router.api_route(path, methods=["GET", "POST"])(guarded(_trace_setting))
+
+    @router.api_route("/v2/logging", methods=["GET", "POST"])
+    @guarded
+    async def logging_settings(request: Request) -> Response:
+        if request.method == "POST":
+            doc = await _json_body(request)
+            if not isinstance(doc, dict):
+                raise InvalidArgument("log settings must be a JSON object")
+            log_control.update(doc)
+        return JSONResponse(log_control.settings())
+
     async def _unsupported(request: Request, rest: str = "") -> Response:
         raise Unsupported(f"{request.url.path} is not supported by modelport")
 
-    for prefix in ("/v2/cudasharedmemory", "/v2/trace", "/v2/logging"):
+    for prefix in ("/v2/cudasharedmemory",):
         router.api_route(prefix, methods=["GET", "POST"])(guarded(_unsupported))
         router.api_route(prefix + "/{rest:path}", methods=["GET", "POST"])(guarded(_unsupported))
 
@@ -301,6 +353,10 @@ def build_router(
 
 
 def mount(
-    app: FastAPI, manager: RepositoryManager, shm: SharedMemoryRegistry, version: str
+    app: FastAPI,
+    manager: RepositoryManager,
+    shm: SharedMemoryRegistry,
+    version: str,
+    logs: LogControl | None = None,
 ) -> None:
-    app.include_router(build_router(manager, shm, server_version=version))
+    app.include_router(build_router(manager, shm, server_version=version, logs=logs))
