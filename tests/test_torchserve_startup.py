@@ -271,8 +271,12 @@ def _serve(tmp_path: Path, port: int | None) -> tuple[set[int], str, dict[str, i
     import psutil
 
     ports = {"inference": _free_port(), "management": _free_port(), "metrics": _free_port()}
+    # TorchServe's gRPC APIs are on too, at the config's ports (7070/7071 when it has none)
+    grpc_ports = {"grpc_inference": _free_port(), "grpc_management": _free_port()}
     cfg = _config(
-        tmp_path, "".join(f"{k}_address=http://127.0.0.1:{p}\n" for k, p in ports.items())
+        tmp_path,
+        "".join(f"{k}_address=http://127.0.0.1:{p}\n" for k, p in ports.items())
+        + "".join(f"{k}_port={p}\n" for k, p in grpc_ports.items()),
     )
     cmd = [sys.executable, "-m", "modelport", "serve", "--ts-config", str(cfg),
            "--disable-token-auth", *(["--port", str(port)] if port else [])]  # fmt: skip
@@ -290,6 +294,14 @@ def _serve(tmp_path: Path, port: int | None) -> tuple[set[int], str, dict[str, i
                     break
                 except httpx.HTTPError:
                     time.sleep(0.2)
+        for p in grpc_ports.values():
+            while True:
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", p)) == 0:
+                        break
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        ports.update(grpc_ports)
         listening = {
             c.laddr.port
             for c in psutil.Process(proc.pid).net_connections(kind="tcp")

@@ -89,6 +89,41 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class GrpcSettings:
+    """config.properties' gRPC keys; None where a key is not set (TorchServe's ConfigManager
+    then serves 127.0.0.1:7070 inference and 127.0.0.1:7071 management)."""
+
+    inference_address: str | None = None
+    management_address: str | None = None
+    inference_port: int | None = None
+    management_port: int | None = None
+    ssl: bool = False  # enable_grpc_ssl: certificate_file + private_key_file
+    certificate_file: str | None = None
+    private_key_file: str | None = None
+
+
+def _grpc_settings(props: dict[str, str]) -> GrpcSettings:
+    def port(key: str) -> int | None:
+        raw = props.get(key)
+        if not raw:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"config.properties {key}={raw!r} is not a port number") from None
+
+    return GrpcSettings(
+        inference_address=props.get("grpc_inference_address") or None,
+        management_address=props.get("grpc_management_address") or None,
+        inference_port=port("grpc_inference_port"),
+        management_port=port("grpc_management_port"),
+        ssl=_bool(props.get("enable_grpc_ssl"), False),
+        certificate_file=props.get("certificate_file") or None,
+        private_key_file=props.get("private_key_file") or None,
+    )
+
+
+@dataclass(frozen=True)
 class TSConfig:
     inference_address: tuple[str, int] | None = None
     management_address: tuple[str, int] | None = None
@@ -106,6 +141,7 @@ class TSConfig:
     # TorchServe >= 0.11 defaults this to false; modelport keeps the API on (it is bound to
     # 127.0.0.1 and token-protected by default) and honours an explicit false
     enable_model_api: bool = True
+    grpc: GrpcSettings = field(default_factory=GrpcSettings)
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,6 +189,13 @@ _KNOWN = {
     "token_expiration",
     "install_py_dep_per_model",
     "enable_model_api",
+    "grpc_inference_address",
+    "grpc_management_address",
+    "grpc_inference_port",
+    "grpc_management_port",
+    "enable_grpc_ssl",
+    "certificate_file",
+    "private_key_file",
 }
 
 
@@ -218,6 +261,7 @@ def load_ts_config(path: str | Path) -> TSConfig:
         token_expiration_min=float(expiration) if expiration else 60.0,
         install_py_dep_per_model=_bool(props.get("install_py_dep_per_model"), False),
         enable_model_api=_bool(props.get("enable_model_api"), True),
+        grpc=_grpc_settings(props),
         extra={k: v for k, v in props.items() if k not in _KNOWN},
     )
 

@@ -13,6 +13,7 @@ from modelport.torchserve.auth import TokenAuth
 from modelport.torchserve.errors import TSError
 from modelport.torchserve.registry import ModelRegistry
 from modelport.torchserve.ts_config import ModelEntry
+from modelport.torchserve.workflow import WorkflowRegistry
 
 
 @dataclass
@@ -27,6 +28,8 @@ class TSState:
     # config.properties `models=` entry by (name, version), for models registered over the
     # management API (TorchServe's ModelManager.createModel consults it there too)
     config_entry: Callable[[str, str], ModelEntry | None] | None = None
+    # TorchServe workflows (/workflows, /wfpredict); None: the API answers 404
+    workflows: WorkflowRegistry | None = None
 
     def authorize(self, kind: str, request: Request) -> None:
         if self.auth is not None:

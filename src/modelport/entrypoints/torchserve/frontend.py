@@ -24,9 +24,22 @@ import uvicorn
 from fastapi import FastAPI
 
 from modelport.entrypoints.torchserve.common import TSState
+from modelport.entrypoints.torchserve.grpc_api import (
+    GrpcPlan,
+    GrpcServers,
+    add_grpc_args,
+    grpc_plan,
+)
 from modelport.entrypoints.torchserve.inference import make_inference_app, make_inference_router
 from modelport.entrypoints.torchserve.management import make_management_app, make_metrics_app
 from modelport.entrypoints.torchserve.metrics import TSMetrics
+from modelport.entrypoints.torchserve.workflows import (
+    add_workflow_args,
+    make_workflow_registry,
+    start_workflows,
+    stop_workflows,
+    wants_workflows,
+)
 from modelport.torchserve.archive import MANIFEST_PATH
 from modelport.torchserve.auth import TokenAuth
 from modelport.torchserve.registry import ARCHIVE_SUFFIXES, ModelRegistry
@@ -97,6 +110,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="workers per model loaded at startup (default 1)",
     )
+    add_grpc_args(g)
+    add_workflow_args(g)
 
 
 def wants(args: argparse.Namespace) -> bool:
@@ -104,6 +119,7 @@ def wants(args: argparse.Namespace) -> bool:
         getattr(args, "model_store", None)
         or getattr(args, "models", None)
         or getattr(args, "ts_config", None)
+        or wants_workflows(args)
     )
 
 
@@ -118,6 +134,7 @@ class _Plan:
     startup: tuple[tuple[str | None, str], ...]  # (name or None, url)
     config: TSConfig
     workers: int
+    grpc: GrpcPlan | None = None  # TorchServe's gRPC APIs (on unless --disable-grpc)
 
 
 def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
@@ -148,7 +165,16 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
     # as TorchServe (ModelServer.initModelStore): only load_models (or --models) loads models
     # at startup; `models=` alone configures the models that get loaded, and loads none
     workers = args.ts_workers or cfg.default_workers_per_model or 1
-    return _Plan(management, inference, listen, cfg.metrics_address, tuple(startup), cfg, workers)
+    return _Plan(
+        management,
+        inference,
+        listen,
+        cfg.metrics_address,
+        tuple(startup),
+        cfg,
+        workers,
+        grpc_plan(args, cfg),
+    )
 
 
 def _pick(cli: int | None, default: int) -> int:
@@ -197,6 +223,7 @@ class TorchServeService:
         self.management_port: int | None = None
         self.inference_port: int | None = None
         self.metrics_port: int | None = None
+        self.grpc: GrpcServers | None = None
         self.listen = plan.listen  # read by cli_serve: where the shared app listens
 
     async def start(self) -> None:
@@ -208,6 +235,7 @@ class TorchServeService:
         if failed:
             await self.state.registry.stop()
             raise RuntimeError(f"loading TorchServe models failed: {failed[0]}") from failed[0]
+        await start_workflows(self.state)
         self.management_port = await self._serve(
             make_management_app(self.state), *self.plan.management
         )
@@ -229,6 +257,8 @@ class TorchServeService:
             logger.info(
                 "TorchServe metrics API on http://%s:%d", self.plan.metrics[0], self.metrics_port
             )
+        if self.plan.grpc is not None:
+            self.grpc = await GrpcServers.start(self.state, self.plan.grpc)
 
     async def _load(self, name: str | None, url: str) -> None:
         """Load one startup archive with its config.properties `models=` settings.
@@ -270,6 +300,9 @@ class TorchServeService:
         for _, task in self._servers:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(task, 10)
+        await stop_workflows(self.state)
+        if self.grpc is not None:
+            await self.grpc.stop()
         await self.state.registry.stop()
         if self.state.auth is not None:
             self.state.auth.remove_key_file()
@@ -301,5 +334,6 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         default_workers=cfg.default_workers_per_model or 0,
         config_entry=cfg.entry_for_model,
     )
+    state.workflows = make_workflow_registry(args, cfg, registry)
     app.include_router(make_inference_router(state))
     return TorchServeService(state, plan, getattr(args, "log_level", "info"))

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelport.entrypoints.torchserve.common import TSState, error_response, http_error_response
+from modelport.entrypoints.torchserve.workflows import make_workflow_inference_router
 from modelport.torchserve.errors import TSError, bad_request, internal
 from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
 from modelport.torchserve.model import ModelVersion
@@ -154,6 +155,7 @@ def _decode_prediction(r: ItemResponse) -> object:
 
 def make_inference_router(state: TSState) -> APIRouter:
     router = APIRouter()
+    router.include_router(make_workflow_inference_router(state))  # /wfpredict
 
     @router.get("/ping")
     async def ping() -> JSONResponse:

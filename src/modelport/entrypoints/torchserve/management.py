@@ -22,6 +22,7 @@ from modelport.entrypoints.torchserve.common import (
     status,
 )
 from modelport.entrypoints.torchserve.metrics import CONTENT_TYPE
+from modelport.entrypoints.torchserve.workflows import make_workflow_management_router
 from modelport.torchserve.errors import TSError, bad_request, internal, service_unavailable
 from modelport.torchserve.messages import InputParam, RequestItem
 from modelport.torchserve.model import ModelVersion
@@ -120,6 +121,7 @@ async def _params(request: Request) -> _Params:
 def make_management_app(state: TSState) -> FastAPI:
     app = FastAPI(title="modelport TorchServe management API")
     reg = state.registry
+    app.include_router(make_workflow_management_router(state))  # /workflows
 
     @app.exception_handler(TSError)
     async def _ts_error(_: Request, e: TSError) -> JSONResponse:
@@ -146,82 +148,21 @@ def make_management_app(state: TSState) -> FastAPI:
 
     @app.get("/models")
     async def list_models(request: Request) -> JSONResponse:
-        # TorchServe (ApiUtils.getModelList): limit outside 0..100 is 100, a negative token
-        # is 0, a value that is no integer is the default; nextPageToken is there whenever
-        # the page reaches its limit, even when that is the last model
-        p = await _params(request)
-        limit = p.lenient_int("limit", 100)
-        if not 0 <= limit <= 100:
-            limit = 100
-        start = max(p.lenient_int("next_page_token", 0), 0)
-        names = reg.names()
-        page = names[start : start + limit]
-        doc: dict = {}
-        if start + limit <= len(names):
-            doc["nextPageToken"] = str(start + limit)
-        doc["models"] = [{"modelName": n, "modelUrl": reg.get(n).url} for n in page]
-        return JSONResponse(doc)
-
-    def _model_api() -> None:
-        # TorchServe answers register/unregister with the model API off as any method it
-        # does not serve: 405 MethodNotAllowedException
-        if not state.model_api:
-            logger.warning("register/unregister refused: enable_model_api=false")
-            raise TSError(
-                405,
-                "MethodNotAllowedException",
-                "Requested method is not allowed, please refer to API document.",
-            )
+        return JSONResponse(list_models_doc(state, await _params(request)))
 
     @app.post("/models")
     async def register(request: Request) -> JSONResponse:
-        _model_api()
-        p = await _params(request)
-        url = p.str("url")
-        if not url:
-            raise bad_request("Parameter url is required.")
-        overrides = {}
-        for name, field, minimum in (
-            ("batch_size", "batch_size", 1),
-            ("max_batch_delay", "max_batch_delay_ms", 0),
-            ("response_timeout", "response_timeout_s", 1),
-        ):
-            v = p.int(name, None, minimum=minimum)
-            if v is not None:
-                overrides[field] = v
-        # TorchServe's RegisterModelRequest: initial_workers defaults to config.properties
-        # default_workers_per_model (else 0) and synchronous to true (its docs say false;
-        # its code, which clients meet, says true)
-        initial = p.int("initial_workers", state.default_workers, minimum=0, maximum=MAX_WORKERS)
-        sync = p.java_bool("synchronous", True)
-        mv = await reg.register(
-            url,
-            model_name=p.str("model_name"),
-            handler=p.str("handler"),
-            overrides=overrides,
-            initial_workers=initial,
-            synchronous=sync,
-            config_entry=state.config_entry,
-        )
-        # the archive's YAML minWorkers/maxWorkers win over initial_workers (TorchServe)
-        workers = mv.settings.min_workers
-        base = f'Model "{mv.name}" Version: {mv.version} registered with {workers} initial workers'
-        if workers == 0:
-            return status(f"{base}. Use scale workers API to add workers for the model.")
-        if sync:
-            return status(base)
-        return status("Processing worker updates...", 202)
+        check_model_api(state)
+        msg, code = await register_model(state, await _params(request))
+        return status(msg, code)
 
     async def _describe(
         request: Request, mvs: list[ModelVersion], all_versions: bool = False
     ) -> JSONResponse:
         p = await _params(request)
-        out = [mv.describe() for mv in mvs]
         # as TorchServe: `customized` asks the handler of one version, never for /all
-        if not all_versions and p.java_bool("customized", False):
-            for doc, mv in zip(out, mvs):
-                doc["customizedMetadata"] = await _customized(mv)
-        return JSONResponse(out)
+        customized = not all_versions and p.java_bool("customized", False)
+        return JSONResponse(await describe_docs(mvs, customized))
 
     @app.get("/models/{model_name}")
     async def describe(request: Request, model_name: str) -> JSONResponse:
@@ -238,26 +179,8 @@ def make_management_app(state: TSState) -> FastAPI:
     async def _scale(request: Request, model_name: str, version: str | None) -> JSONResponse:
         """TorchServe's scale workers: min_worker defaults to 1, max_worker to min_worker, a
         version comes from the path or `model_version`, synchronous defaults to false."""
-        p = await _params(request)
-        if version is None:
-            version = p.str("model_version") or None
-        min_w = p.int("min_worker", 1, minimum=0, maximum=MAX_WORKERS)
-        assert min_w is not None
-        max_w = p.int("max_worker", min_w, minimum=0, maximum=MAX_WORKERS)
-        assert max_w is not None
-        if max_w < min_w:
-            raise bad_request("max_worker cannot be less than min_worker.")
-        mv = reg.get(model_name, version)
-        job = reg.scale(model_name, mv.version, min_w, max_w)
-        if p.java_bool("synchronous", False):
-            await job
-            msg = f"Workers scaled to {min_w} for model: {model_name}"
-            if version is not None:  # TorchServe names the version only when it was given
-                msg += f", version: {version}"
-            return status(msg)
-        task = asyncio.get_running_loop().create_task(job)
-        task.add_done_callback(_log_failure)
-        return status("Processing worker updates...", 202)
+        msg, code = await scale_workers(state, model_name, version, await _params(request))
+        return status(msg, code)
 
     @app.put("/models/{model_name}")
     async def scale(request: Request, model_name: str) -> JSONResponse:
@@ -269,22 +192,15 @@ def make_management_app(state: TSState) -> FastAPI:
 
     @app.put("/models/{model_name}/{version}/set-default")
     async def set_default(model_name: str, version: str) -> JSONResponse:
-        reg.set_default(model_name, version)
-        return status(
-            f'Default version successfully updated for model "{model_name}" to "{version}"'
-        )
+        return status(set_default_version(state, model_name, version))
 
     @app.delete("/models/{model_name}")
     async def unregister(model_name: str) -> JSONResponse:
-        _model_api()
-        mv = await reg.unregister(model_name)
-        return status(f'Model "{mv.name}" unregistered')
+        return status(await unregister_model(state, model_name, None))
 
     @app.delete("/models/{model_name}/{version}")
     async def unregister_version(model_name: str, version: str) -> JSONResponse:
-        _model_api()
-        mv = await reg.unregister(model_name, version)
-        return status(f'Model "{mv.name}" unregistered')  # TorchServe's words, version or not
+        return status(await unregister_model(state, model_name, version))
 
     @app.get("/v1/models/{model}")
     async def kserve_v1_ready(model: str) -> JSONResponse:
@@ -326,6 +242,123 @@ def make_metrics_app(state: TSState) -> FastAPI:
         return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+# ---- the management operations, shared by this REST API and the gRPC one (grpc_api.py) ----
+
+
+def check_model_api(state: TSState) -> None:
+    # TorchServe answers register/unregister with the model API off as any method it
+    # does not serve: 405 MethodNotAllowedException
+    if not state.model_api:
+        logger.warning("register/unregister refused: enable_model_api=false")
+        raise TSError(
+            405,
+            "MethodNotAllowedException",
+            "Requested method is not allowed, please refer to API document.",
+        )
+
+
+def list_models_doc(state: TSState, p: _Params) -> dict:
+    """TorchServe's ApiUtils.getModelList: limit outside 0..100 is 100, a negative token is 0,
+    a value that is no integer is the default; nextPageToken is there whenever the page
+    reaches its limit, even when that is the last model."""
+    reg = state.registry
+    limit = p.lenient_int("limit", 100)
+    if not 0 <= limit <= 100:
+        limit = 100
+    start = max(p.lenient_int("next_page_token", 0), 0)
+    names = reg.names()
+    page = names[start : start + limit]
+    doc: dict = {}
+    if start + limit <= len(names):
+        doc["nextPageToken"] = str(start + limit)
+    doc["models"] = [{"modelName": n, "modelUrl": reg.get(n).url} for n in page]
+    return doc
+
+
+async def register_model(state: TSState, p: _Params) -> tuple[str, int]:
+    """Register one archive: (status message, HTTP status). The caller checks the model API."""
+    url = p.str("url")
+    if not url:
+        raise bad_request("Parameter url is required.")
+    overrides = {}
+    for name, field, minimum in (
+        ("batch_size", "batch_size", 1),
+        ("max_batch_delay", "max_batch_delay_ms", 0),
+        ("response_timeout", "response_timeout_s", 1),
+    ):
+        v = p.int(name, None, minimum=minimum)
+        if v is not None:
+            overrides[field] = v
+    # TorchServe's RegisterModelRequest: initial_workers defaults to config.properties
+    # default_workers_per_model (else 0) and synchronous to true (its docs say false;
+    # its code, which clients meet, says true)
+    initial = p.int("initial_workers", state.default_workers, minimum=0, maximum=MAX_WORKERS)
+    sync = p.java_bool("synchronous", True)
+    mv = await state.registry.register(
+        url,
+        model_name=p.str("model_name"),
+        handler=p.str("handler"),
+        overrides=overrides,
+        initial_workers=initial,
+        synchronous=sync,
+        config_entry=state.config_entry,
+    )
+    # the archive's YAML minWorkers/maxWorkers win over initial_workers (TorchServe)
+    workers = mv.settings.min_workers
+    base = f'Model "{mv.name}" Version: {mv.version} registered with {workers} initial workers'
+    if workers == 0:
+        return f"{base}. Use scale workers API to add workers for the model.", 200
+    if sync:
+        return base, 200
+    return "Processing worker updates...", 202
+
+
+async def describe_docs(mvs: list[ModelVersion], customized: bool) -> list[dict]:
+    out = [mv.describe() for mv in mvs]
+    if customized:
+        for doc, mv in zip(out, mvs):
+            doc["customizedMetadata"] = await _customized(mv)
+    return out
+
+
+async def scale_workers(
+    state: TSState, model_name: str, version: str | None, p: _Params
+) -> tuple[str, int]:
+    """TorchServe's scale workers: min_worker defaults to 1, max_worker to min_worker, a
+    version comes from the path or `model_version`, synchronous defaults to false."""
+    reg = state.registry
+    if version is None:
+        version = p.str("model_version") or None
+    min_w = p.int("min_worker", 1, minimum=0, maximum=MAX_WORKERS)
+    assert min_w is not None
+    max_w = p.int("max_worker", min_w, minimum=0, maximum=MAX_WORKERS)
+    assert max_w is not None
+    if max_w < min_w:
+        raise bad_request("max_worker cannot be less than min_worker.")
+    mv = reg.get(model_name, version)
+    job = reg.scale(model_name, mv.version, min_w, max_w)
+    if p.java_bool("synchronous", False):
+        await job
+        msg = f"Workers scaled to {min_w} for model: {model_name}"
+        if version is not None:  # TorchServe names the version only when it was given
+            msg += f", version: {version}"
+        return msg, 200
+    task = asyncio.get_running_loop().create_task(job)
+    task.add_done_callback(_log_failure)
+    return "Processing worker updates...", 202
+
+
+def set_default_version(state: TSState, model_name: str, version: str) -> str:
+    state.registry.set_default(model_name, version)
+    return f'Default version successfully updated for model "{model_name}" to "{version}"'
+
+
+async def unregister_model(state: TSState, model_name: str, version: str | None) -> str:
+    check_model_api(state)
+    mv = await state.registry.unregister(model_name, version)
+    return f'Model "{mv.name}" unregistered'  # TorchServe's words, version or not
 
 
 async def _customized(mv: ModelVersion) -> object:
