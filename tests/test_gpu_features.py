@@ -74,3 +74,26 @@ def test_grammar_request_in_a_graph_batch_leaves_the_others_unchanged(model_dir)
                             structured_outputs=StructuredOutputsParams(regex=REGEX))
     a, b = (llm.generate(["guided"], seeded)[0].outputs[0].text for _ in range(2))
     assert a == b and re.fullmatch(REGEX, a), a
+
+
+def test_kv_cache_memory_sizes_the_cuda_cache_as_vllms_kv_cache_memory_bytes(model_dir):
+    from modelport import LLM
+    from modelport.config import kv_cache_bytes_per_token
+
+    # the tiny model's KV: 3 layers x 1 KV head x 64 dims x 2 (K, V) x 2 bytes (bf16) a token
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512,
+              kv_cache_memory_bytes=4 << 20, block_size=16)
+    mc = llm.llm_engine.config.model_config
+    per_block = 16 * kv_cache_bytes_per_token(mc, 2)
+    assert llm.llm_engine.core.kv.num_blocks == (4 << 20) // per_block
+    assert len(llm.generate("hello", use_tqdm=False)[0].outputs[0].token_ids) > 0
+    # a second engine in the same process still fits: the first took 4 MiB, not 90 %
+    second = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512,
+                 kv_cache_memory=4 << 20)
+    assert second.llm_engine.core.kv.num_blocks == (4 << 20) // per_block
+    del llm, second
+    gc.collect()
+    total = torch.cuda.mem_get_info()[1]
+    with pytest.raises(ValueError, match="does not fit"):
+        LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512,
+            kv_cache_memory=2 * total)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -142,11 +143,13 @@ def test_unsupported_vllm_apis_are_clear_errors(llm, model_dir) -> None:
     with pytest.raises(ValueError, match=r"Embedding API is not supported by this model\. Try "
                                          r"converting the model using `--convert embed`"):
         llm.embed(["hello"])
-    for api in ("classify", "reward"):
-        with pytest.raises(ValueError, match=rf"LLM\.{api}\(\) is only supported for classif"):
-            getattr(llm, api)(["hello"])
-    with pytest.raises(ValueError, match=r"LLM\.score\(\) is only supported for classif"):
+    # classify / score need a pooling model (tests/test_classify_score.py): vLLM's words
+    with pytest.raises(ValueError, match=r"Classification API is not supported by this model"):
+        llm.classify(["hello"])
+    with pytest.raises(ValueError, match=r"Score API is not supported by this model"):
         llm.score("a", "b")
+    with pytest.raises(ValueError, match=r"LLM\.reward\(\) is only supported for reward"):
+        llm.reward(["hello"])
     with pytest.raises(ValueError, match=r"LLM\.beam_search\(\) takes a BeamSearchParams"):
         llm.beam_search(["hello"], None)  # implemented: tests/test_beam_search.py
 
@@ -166,3 +169,17 @@ def test_server_metrics_count_drafts_and_acceptance_by_position() -> None:
     for pos, value in ((0, 3.0), (1, 2.0)):
         assert (f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="tiny",'
                 f'position="{pos}"}} {value}') in text
+
+
+def test_kv_cache_memory_bytes_is_vllms_name_for_the_kv_budget(model_dir) -> None:
+    from modelport.config import kv_cache_bytes_per_token
+    from modelport.engine.arg_utils import EngineArgs
+
+    llm = LLM(str(model_dir), max_model_len=64, kv_cache_memory_bytes=2 << 20)
+    per_block = 16 * kv_cache_bytes_per_token(llm.llm_engine.config.model_config, 4)
+    assert llm.llm_engine.core.kv.num_blocks == (2 << 20) // per_block
+    with pytest.raises(TypeError, match="not both"):
+        LLM(str(model_dir), kv_cache_memory=1 << 20, kv_cache_memory_bytes=1 << 20)
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    assert parser.parse_args(["--kv-cache-memory-bytes", "3MiB"]).kv_cache_memory == 3 << 20
+    assert parser.parse_args(["--kv-cache-memory", "3MiB"]).kv_cache_memory == 3 << 20

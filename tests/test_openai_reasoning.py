@@ -8,7 +8,10 @@
   `</think>` are added as single tokens (vLLM refuses to start a think-tag reasoning parser
   on a tokenizer without them; so does this server, checked on the plain tiny tokenizer):
   a choice constraint makes the model write an exact `<think>...</think>` answer (the tags
-  as one token each or byte by byte), so the split is checked end to end (non-streaming,
+  as one token each or byte by byte; the servers run with vLLM's
+  `--structured-outputs-config '{"enable_in_reasoning": true}'`, so the grammar constrains
+  the thinking too: by default it starts after `</think>`, see
+  test_reasoning_structured.py), so the split is checked end to end (non-streaming,
   streaming, n > 1, include_reasoning false, with a hermes tool call after the thinking);
   an unconstrained answer with no end tag is all reasoning; qwen3's enable_thinking: false
   reaches the template and makes the answer content, also as the server's
@@ -30,19 +33,15 @@ from modelport.entrypoints.openai.reasoning import (
     ReasoningPlan,
     ReasoningStreamer,
     get_reasoning_parser,
-    grammar_writes_end,
     prompt_ends_reasoning,
     think_token_ids,
 )
-from modelport.sampling_params import StructuredOutputsParams
 
 # ---------------------------------------------------------------- parsers, on crafted text
 
 
-def _plan(name: str = "deepseek_r1", prompt: str | None = None, constraint=None,
-          **template_kw) -> ReasoningPlan:
-    return ReasoningPlan.for_request(get_reasoning_parser(name, template_kw), prompt,
-                                     constraint, True)
+def _plan(name: str = "deepseek_r1", prompt: str | None = None, **template_kw) -> ReasoningPlan:
+    return ReasoningPlan.for_request(get_reasoning_parser(name, template_kw), prompt, True)
 
 
 def _stream(plan: ReasoningPlan, pieces: list[str]) -> tuple[str | None, str]:
@@ -146,18 +145,6 @@ def test_a_prompt_that_ended_the_thinking_leaves_content() -> None:
     assert _plan(prompt="assistant\n<think>\n").extract("hmm</think>ok") == ("hmm", "ok")
 
 
-def test_constrained_answers_are_content_unless_the_grammar_writes_the_end_tag() -> None:
-    json_so = StructuredOutputsParams(json={"type": "object"})
-    assert not grammar_writes_end(json_so)
-    assert _plan(constraint=json_so).extract('{"a": 1}') == (None, '{"a": 1}')
-    choice = StructuredOutputsParams(choice=["<think>x</think>y", "z"])
-    regex = StructuredOutputsParams(regex=r"<think>[a-z]+<\/think>[0-9]")
-    for so in (choice, regex):
-        assert grammar_writes_end(so)
-        assert _plan(constraint=so).extract("<think>x</think>y") == ("x", "y")
-    assert not grammar_writes_end(StructuredOutputsParams(choice=["yes", "no"]))
-
-
 def test_unknown_parser_is_named() -> None:
     with pytest.raises(ValueError, match="deepseek_r1, qwen3"):
         get_reasoning_parser("granite")
@@ -210,6 +197,8 @@ CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool
 THINK_IDS = {"<think>": TINY_VOCAB, "</think>": TINY_VOCAB + 1}
 # the tags' tokens over their bytes, so a constrained answer writes each tag as one token
 TAGS_AS_TOKENS = {"logit_bias": {str(i): 100 for i in THINK_IDS.values()}}
+# the grammar constrains the thinking too, so a choice can write it (vLLM's setting)
+IN_REASONING = ("--structured-outputs-config", '{"enable_in_reasoning": true}')
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +229,8 @@ def _server(model, tmp_path_factory, *flags: str):
 @pytest.fixture(scope="module")
 def r1(think_model, tmp_path_factory):
     with _server(think_model, tmp_path_factory, "--reasoning-parser", "deepseek_r1",
-                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as url:
+                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                 *IN_REASONING) as url:
         yield url
 
 
@@ -250,7 +240,7 @@ def qwen3(think_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("qwen3srv") / "server.log"
     argv = ["-m", "modelport.entrypoints.openai.api_server", "--model", str(think_model),
             "--max-model-len", "512", "--kv-cache-memory", "16MiB",
-            "--reasoning-parser", "qwen3"]
+            "--reasoning-parser", "qwen3", *IN_REASONING]
     with serving(argv, log) as url:
         yield url
 
@@ -365,9 +355,15 @@ def test_no_end_tag_is_all_reasoning_and_completions_are_unaffected(r1) -> None:
     assert httpx.get(f"{r1}/v1/models").json()["data"][0]["object"] == "model"
 
 
-def test_json_constrained_answer_is_content(r1) -> None:
+def test_a_constrained_answer_is_split_as_any_other(r1, qwen3) -> None:
+    """As vLLM: the parser splits a constrained answer too (here the grammar, constraining
+    the thinking as well, wrote no </think>: all reasoning); with the thinking off in the
+    prompt it is all content."""
     body = {"max_tokens": 10, "structured_outputs": {"choice": ["yes", "no"]}}
     msg = _chat(r1, body)["choices"][0]["message"]
+    assert msg["reasoning"] in ("yes", "no") and msg["content"] is None
+    msg = _chat(qwen3, {**body, "chat_template_kwargs": {"enable_thinking": False}}
+                )["choices"][0]["message"]
     assert msg["reasoning"] is None and msg["content"] in ("yes", "no")
 
 
@@ -465,9 +461,7 @@ def test_r1_counts_up_to_the_end_tag_without_a_start_tag(r1) -> None:
     assert _final_usage(events) == u
 
 
-def test_an_answer_that_is_all_content_has_no_reasoning_tokens(r1, qwen3) -> None:
-    u = _chat(r1, {"max_tokens": 10, "structured_outputs": {"choice": ["yes", "no"]}})["usage"]
-    assert u["completion_tokens_details"] == {"reasoning_tokens": 0}
+def test_an_answer_that_is_all_content_has_no_reasoning_tokens(qwen3) -> None:
     body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True,
             "chat_template_kwargs": {"enable_thinking": False}}
     assert _chat(qwen3, body)["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
@@ -476,7 +470,8 @@ def test_an_answer_that_is_all_content_has_no_reasoning_tokens(r1, qwen3) -> Non
 @pytest.fixture(scope="module")
 def qwen3_no_thinking(think_model, tmp_path_factory):
     with _server(think_model, tmp_path_factory, "--reasoning-parser", "qwen3",
-                 "--default-chat-template-kwargs", '{"enable_thinking": false}') as url:
+                 "--default-chat-template-kwargs", '{"enable_thinking": false}',
+                 *IN_REASONING) as url:
         yield url
 
 

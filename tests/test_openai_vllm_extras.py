@@ -7,7 +7,7 @@ as `modelport serve --model ./tiny --max-model-len 64`.
 - prompt_logprobs returns vLLM's per-prompt-token candidates, checked against transformers;
 - continue_final_message leaves the last assistant message open for the model to continue;
 - stream_options.continuous_usage_stats puts the running usage in every chunk;
-- vLLM's score / rerank / classify paths and unknown paths are OpenAI-shaped 404s, and
+- vLLM's score / rerank / classify paths are vLLM's 400s, unknown paths OpenAI-shaped 404s, and
   /v1/embeddings and /pooling answer vLLM's 400 (a generative server);
 - `modelport --version` prints the version.
 """
@@ -411,12 +411,15 @@ def test_minus_one_logprobs_need_max_logprobs_minus_one(base, model_dir) -> None
 
 
 @pytest.mark.parametrize(
-    "path", ["/score", "/v1/score", "/rerank", "/v1/rerank", "/classify"],
+    "path,api", [("/score", "Score"), ("/v1/score", "Score"), ("/rerank", "Score"),
+                 ("/v1/rerank", "Score"), ("/v2/rerank", "Score"), ("/classify", "Classification")],
 )  # fmt: skip
-def test_pooling_apis_are_openai_404s_that_say_why(base, path) -> None:
-    err = _error(_post(base, path, {"input": "hello", "model": "tiny"}), 404)
-    assert path in err["message"] and "no classify, score or rerank API" in err["message"]
-    assert err["type"] == "not_found_error"
+def test_pooling_apis_on_a_generative_server_are_vllms_400(base, path, api) -> None:
+    """Served with --runner pooling (tests/test_classify_score.py); here vLLM's words."""
+    body = {"input": "hello", "model": "tiny", "text_1": "a", "text_2": "b", "query": "q",
+            "documents": ["d"]}
+    err = _error(_post(base, path, body), 400)
+    assert err["message"] == f"The model does not support {api} API"
 
 
 @pytest.mark.parametrize("path,api", [("/v1/embeddings", "Embeddings"), ("/pooling", "Pooling")])

@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from modelport.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
     CompletionOutput,
     EmbeddingOutput,
     EmbeddingRequestOutput,
     PoolingOutput,
     PoolingRequestOutput,
     RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
 )
 from modelport.pooling_params import PoolerConfig, PoolingParams
 from modelport.sampling_params import (
@@ -26,7 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "GuidedDecodingParams",
     "RequestOutput", "CompletionOutput", "PoolingParams", "PoolerConfig", "PoolingOutput",
-    "PoolingRequestOutput", "EmbeddingOutput", "EmbeddingRequestOutput",
+    "PoolingRequestOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "ClassificationOutput",
+    "ClassificationRequestOutput", "ScoringOutput", "ScoringRequestOutput",
 ]
 
 

@@ -172,7 +172,9 @@ class CacheConfig:
     """Paged KV cache: block size, how much memory it may take, prefix caching."""
 
     block_size: int = 16
-    # CPU: bytes given to the KV cache. None -> 1 GiB on CPU, derived on CUDA.
+    # bytes given to the KV cache. None -> 1 GiB on CPU; on CUDA derived from
+    # gpu_memory_utilization after a profiling forward (given: used as is, as vLLM's
+    # kv_cache_memory_bytes)
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True

@@ -93,3 +93,51 @@ class EmbeddingRequestOutput(PoolingRequestOutput):
         vec = data.tolist() if hasattr(data, "tolist") else list(data)
         return cls(out.request_id, EmbeddingOutput(vec), out.prompt_token_ids, out.finished,
                    out.num_cached_tokens, out.prompt)
+
+
+# -- classification / scoring models: vLLM's ClassificationRequestOutput, ScoringRequestOutput
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]  # softmax / sigmoid of the logits (the raw logits without activation)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput(PoolingRequestOutput):
+    """A PoolingRequestOutput whose outputs are a ClassificationOutput."""
+
+    outputs: ClassificationOutput
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> ClassificationRequestOutput:
+        data = out.outputs.data
+        probs = data.tolist() if hasattr(data, "tolist") else list(data)
+        return cls(out.request_id, ClassificationOutput(probs), out.prompt_token_ids,
+                   out.finished, out.num_cached_tokens, out.prompt)
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput(PoolingRequestOutput):
+    """A PoolingRequestOutput whose outputs are a ScoringOutput: a cross-encoder's score of
+    the pair, or the cosine similarity of the two embeddings."""
+
+    outputs: ScoringOutput
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> ScoringRequestOutput:
+        data = out.outputs.data
+        values = data.reshape(-1).tolist() if hasattr(data, "reshape") else [data]
+        if len(values) != 1:
+            raise ValueError("pooled_data should be a scalar score")
+        return cls(out.request_id, ScoringOutput(float(values[0])), out.prompt_token_ids,
+                   out.finished, out.num_cached_tokens, out.prompt)

@@ -1,9 +1,12 @@
-"""Pooling (embedding) models, vLLM's way: ``PoolingParams`` per request, ``PoolerConfig`` per
-engine, and the runner-kind resolution of ``runner`` / ``convert`` / ``task``.
+"""Pooling models, vLLM's way: ``PoolingParams`` per request, ``PoolerConfig`` per engine, and
+the runner-kind resolution of ``runner`` / ``convert`` / ``task``.
 
 A generative decoder (Llama, Qwen2) becomes an embedding model as vLLM's ``--convert embed``
 makes it: the prompt runs once (prefill only, no LM head, no sampler) and the final-norm
-hidden states are pooled, by default the LAST token's, L2-normalized. Pure Python: no torch.
+hidden states are pooled, by default the LAST token's, L2-normalized. A ``*ForSequenceClassification``
+checkpoint is a classification model: the pooled state goes through its ``score`` head, then
+softmax (sigmoid for one label), and with one label it is also a cross-encoder for scoring.
+Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -13,22 +16,30 @@ from typing import Any
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
-CONVERTS = ("auto", "none", "embed")
-# vLLM's older --task values: the ones that mean "generate" or "embed"
+CONVERTS = ("auto", "none", "embed", "classify")
+# vLLM's older --task values: the ones that mean "generate", "embed" or "classify"
 GENERATE_TASKS = ("auto", "generate")
 EMBED_TASKS = ("embed", "embedding")
-POOLING_TASKS = ("embed", "encode")  # LLM.encode(pooling_task=...) accepted here
+CLASSIFY_TASKS = ("classify", "score")
+# LLM.encode(pooling_task=...) accepted here; "encode" is the model's own pooling task
+POOLING_TASKS = ("embed", "encode", "classify", "score")
+SEQ_CLS_SUFFIX = "ForSequenceClassification"
 
 
 @dataclass
 class PoolerConfig:
     """How the engine pools (vLLM's ``pooler_config`` / ``override_pooler_config``):
-    ``pooling_type`` LAST | MEAN | CLS, ``normalize`` (L2, default on for embeddings) and
-    ``dimensions`` (the default matryoshka truncation of every request)."""
+    ``pooling_type`` LAST | MEAN | CLS, ``normalize`` (L2, default on for embeddings),
+    ``dimensions`` (the default matryoshka truncation of every request) and
+    ``use_activation`` (softmax / sigmoid on a classifier's logits, default on; vLLM's older
+    names ``activation`` and ``softmax`` are accepted). ``task`` is not the user's to set:
+    the engine fills it in, "embed" or "classify" (the model has a classification head)."""
 
     pooling_type: str = "LAST"
     normalize: bool = True
     dimensions: int | None = None
+    use_activation: bool = True
+    task: str = "embed"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | PoolerConfig | None) -> PoolerConfig:
@@ -41,10 +52,20 @@ class PoolerConfig:
         kw = dict(d)
         if "seq_pooling_type" in kw:  # vLLM's newer name for sequence pooling
             kw.setdefault("pooling_type", kw.pop("seq_pooling_type"))
-        unknown = sorted(set(kw) - {"pooling_type", "normalize", "dimensions"})
+        for old in ("activation", "softmax"):  # vLLM's older names of use_activation
+            if old in kw:
+                value = kw.pop(old)
+                if kw.get("use_activation") is None:
+                    kw["use_activation"] = value
+        unknown = sorted(set(kw) - {"pooling_type", "normalize", "dimensions", "use_activation"})
         if unknown:
             raise ValueError(f"pooler_config: unsupported field(s) {unknown}; supported: "
-                             "pooling_type, normalize, dimensions")
+                             "pooling_type, normalize, dimensions, use_activation")
+        if kw.get("use_activation") is None:
+            kw.pop("use_activation", None)
+        elif not isinstance(kw["use_activation"], bool):
+            raise ValueError(f"pooler_config.use_activation must be a bool, "
+                             f"got {kw['use_activation']!r}")
         pt = kw.get("pooling_type")
         if pt is None:
             kw.pop("pooling_type", None)
@@ -69,33 +90,65 @@ class PoolingParams:
     ``dimensions``: keep the first ``dimensions`` values (matryoshka representation; only
     for models whose config.json says ``is_matryoshka`` or lists ``matryoshka_dimensions``),
     before normalization. ``normalize``: L2-normalize (None: the engine's pooler_config).
-    ``truncate_prompt_tokens``: keep the prompt's last k tokens (-1: max_model_len).
-    ``task``: "embed" (set by LLM.embed / the server) or "encode"."""
+    ``use_activation``: a classifier's softmax / sigmoid (None: the pooler_config's; vLLM's
+    older ``activation`` / ``softmax`` are the same switch). ``truncate_prompt_tokens``: keep
+    the prompt's last k tokens (-1: max_model_len). ``task``: "embed", "classify", "score"
+    (set by LLM.embed / classify / score and the server) or "encode"."""
 
     dimensions: int | None = None
     normalize: bool | None = None
     truncate_prompt_tokens: int | None = None
     task: str | None = None
+    use_activation: bool | None = None
+    activation: bool | None = field(default=None, repr=False)
+    softmax: bool | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         d = self.dimensions
         if d is not None and (not isinstance(d, int) or isinstance(d, bool)):
             raise ValueError(f"dimensions must be an integer, got {d!r}")
-        if self.normalize is not None and not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
+        if self.use_activation is None:
+            self.use_activation = self.activation if self.activation is not None \
+                else self.softmax
+        for name in ("normalize", "use_activation"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"{name} must be a bool, got {v!r}")
         t = self.truncate_prompt_tokens
         if t is not None and (not isinstance(t, int) or isinstance(t, bool)):
             raise ValueError(f"truncate_prompt_tokens must be an integer, got {t!r}")
+        if self.task is not None and self.task not in POOLING_TASKS:
+            raise ValueError(f"task {self.task!r} is not a pooling task: use one of "
+                             f"{', '.join(POOLING_TASKS)}")
 
     def clone(self) -> PoolingParams:
         return PoolingParams(**{k: v for k, v in asdict(self).items()})
 
     def verify(self, model_name: str, hf_config: dict[str, Any],
                pooler: PoolerConfig | None = None) -> None:
-        """Fill defaults from the engine's pooler_config and check ``dimensions`` against
-        the model, with vLLM's rule and words (ValueError)."""
+        """Fill defaults from the engine's pooler_config and check the task against the
+        model and ``dimensions`` against the model, with vLLM's rules and words
+        (ValueError)."""
         pooler = pooler or PoolerConfig()
+        task = self.task or "encode"
+        if task == "encode":
+            self.task = task = pooler.task
+        if pooler.task == "classify":
+            if task == "embed":
+                raise ValueError(unsupported_task_message("embed"))
+            if task == "score" and num_labels(hf_config) != 1:
+                raise ValueError("Score API is only enabled for num_labels == 1.")
+            if self.dimensions is not None:
+                raise ValueError("dimensions is only for embedding models: this model "
+                                 "classifies")
+            if self.use_activation is None:
+                self.use_activation = pooler.use_activation
+            return
+        if task == "classify":
+            raise ValueError(unsupported_task_message("classify"))
+        if task == "score":  # an embedding model scores by cosine: the pairs are embedded
+            self.task = "embed"
         if self.dimensions is None:
             self.dimensions = pooler.dimensions
         if self.normalize is None:
@@ -121,37 +174,88 @@ class PoolingParams:
                              f"embedding size ({hidden})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dimensions": self.dimensions, "normalize": self.normalize}
+        return {"dimensions": self.dimensions, "normalize": self.normalize, "task": self.task,
+                "use_activation": self.use_activation}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PoolingParams:
-        return cls(dimensions=d.get("dimensions"), normalize=d.get("normalize"))
+        return cls(dimensions=d.get("dimensions"), normalize=d.get("normalize"),
+                   task=d.get("task"), use_activation=d.get("use_activation"))
+
+
+def unsupported_task_message(task: str) -> str:
+    """vLLM's words for a pooling task the served model does not do."""
+    if task == "classify":
+        return ("Classification API is not supported by this model. Try converting the model "
+                "using `--convert classify`.")
+    return ("Embedding API is not supported by this model. Try converting the model using "
+            "`--convert embed`.")
+
+
+def num_labels(hf_config: dict[str, Any]) -> int:
+    """A classification checkpoint's number of labels (HF: ``id2label``, else ``num_labels``;
+    HF's default is 2)."""
+    id2label = hf_config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    n = hf_config.get("num_labels")
+    return int(n) if isinstance(n, int) and n > 0 else 2
+
+
+def id2label(hf_config: dict[str, Any]) -> dict[int, str]:
+    """Label names by class index from config.json (its keys are strings there)."""
+    raw = hf_config.get("id2label")
+    if not isinstance(raw, dict):
+        return {}
+    return {int(k): str(v) for k, v in raw.items()}
 
 
 def resolve_runner(runner: str | None, convert: str | None, task: str | None,
                    architecture: str) -> str:
-    """``generate`` or ``pooling`` from vLLM's ``runner`` / ``convert`` and older ``task``."""
+    """``generate`` or ``pooling`` from vLLM's ``runner`` / ``convert`` and older ``task``.
+    A ``*ForSequenceClassification`` architecture is a pooling model whatever ``auto`` says."""
     runner = runner or "auto"
     convert = convert or "auto"
     if runner not in RUNNERS:
         raise ValueError(f"runner {runner!r} is not supported: use one of {', '.join(RUNNERS)}")
     if convert not in CONVERTS:
         raise ValueError(f"convert {convert!r} is not supported: use one of "
-                         f"{', '.join(CONVERTS)} (classification / reward heads are not served)")
-    if task is not None and task not in GENERATE_TASKS + EMBED_TASKS:
-        raise ValueError(f"task {task!r} is not supported: use 'generate' or 'embed' "
-                         "(classification, scoring and reward models are not served)")
-    wants_pool = convert == "embed" or task in EMBED_TASKS
+                         f"{', '.join(CONVERTS)} (reward heads are not served)")
+    if task is not None and task not in GENERATE_TASKS + EMBED_TASKS + CLASSIFY_TASKS:
+        raise ValueError(f"task {task!r} is not supported: use 'generate', 'embed', 'classify' "
+                         "or 'score' (reward models are not served)")
+    wants_pool = convert in ("embed", "classify") or task in EMBED_TASKS + CLASSIFY_TASKS
+    is_cls = architecture.endswith(SEQ_CLS_SUFFIX)
     if runner == "generate":
         if wants_pool:
-            raise ValueError(f"runner 'generate' conflicts with "
-                             f"{'convert' if convert == 'embed' else 'task'} 'embed'")
+            what = f"convert {convert!r}" if convert in ("embed", "classify") else f"task {task!r}"
+            raise ValueError(f"runner 'generate' conflicts with {what}")
+        if is_cls:
+            raise ValueError(f"{architecture} is a classification model: it cannot generate; "
+                             "serve it with runner='pooling'")
         return "generate"
-    if runner == "pooling" or wants_pool:
+    if runner == "pooling" or wants_pool or is_cls:
+        if is_cls:
+            return "pooling"
         if not architecture.endswith("ForCausalLM"):
             raise ValueError(f"{architecture} cannot be converted to an embedding model")
+        if convert == "classify" or task == "classify":  # task "score": by cosine
+            name = f"convert {convert!r}" if convert == "classify" else f"task {task!r}"
+            raise ValueError(
+                f"{name} is not supported for {architecture}: a causal LM checkpoint has no "
+                "classification head (score.weight); give a *ForSequenceClassification "
+                "checkpoint, or use convert='embed'")
         return "pooling"
-    return "generate"  # every built-in architecture is a *ForCausalLM
+    return "generate"  # every built-in *ForCausalLM generates unless told otherwise
+
+
+def resolve_pooling_task(convert: str | None, task: str | None, architecture: str) -> str:
+    """The pooling runner's task: "classify" for a model with a classification head
+    (unless convert='embed' / task='embed' asks for its backbone's embeddings), else
+    "embed"."""
+    if architecture.endswith(SEQ_CLS_SUFFIX) and convert != "embed" and task not in EMBED_TASKS:
+        return "classify"
+    return "embed"
 
 
 def pooling_core_request(request_id: str, prompt_token_ids: list[int], params: PoolingParams,

@@ -39,6 +39,10 @@ class EngineConfig:
     # "generate", or "pooling": an embedding model (vLLM's --runner pooling / --convert embed)
     runner_type: str = "generate"
     pooler_config: Any = None  # modelport.pooling_params.PoolerConfig when pooling
+    # structured outputs with a reasoning model (vLLM's --reasoning-parser): the grammar
+    # constrains only the answer after the reasoning, unless enable_in_reasoning
+    reasoning_parser: str | None = None
+    enable_in_reasoning: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -83,6 +87,12 @@ class EngineArgs:
     task: str | None = None
     pooler_config: dict[str, Any] | None = None
     override_pooler_config: dict[str, Any] | None = None
+    # vLLM's: the reasoning parser whose end of thinking starts a request's grammar (the
+    # OpenAI server's --reasoning-parser reaches the engine through this)
+    reasoning_parser: str | None = None
+    # vLLM's StructuredOutputsConfig as a dict: reasoning_parser, enable_in_reasoning (the
+    # grammar constrains the reasoning too), backend (auto | xgrammar)
+    structured_outputs_config: dict[str, Any] | None = None
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -97,8 +107,10 @@ class EngineArgs:
                        choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32"])
         g.add_argument("--max-model-len", type=int, default=None)
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-        g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
-                       help="bytes for the KV cache (e.g. 1073741824, 512MiB, 2GiB); CPU default 1 GiB")
+        g.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=_parse_bytes,
+                       default=None, dest="kv_cache_memory",
+                       help="bytes for the KV cache (e.g. 1073741824, 512MiB, 2GiB); CPU default "
+                            "1 GiB; on CUDA it replaces --gpu-memory-utilization's share")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d.enable_prefix_caching)
         g.add_argument("--enforce-eager", action="store_true", default=False)
@@ -138,16 +150,24 @@ class EngineArgs:
                             "loaded from checkpoints: the architectures are built in)")
         g.add_argument("--runner", default=d.runner, choices=["auto", "generate", "pooling"],
                        help="pooling: serve the model as an embedding model (/v1/embeddings; "
-                            "LAST-token pooling, L2-normalized)")
-        g.add_argument("--convert", default=d.convert, choices=["auto", "none", "embed"],
-                       help="embed: adapt the generative model into an embedding model")
+                            "LAST-token pooling, L2-normalized), or a *ForSequenceClassification "
+                            "checkpoint as a classifier (/classify, /score, /rerank)")
+        g.add_argument("--convert", default=d.convert,
+                       choices=["auto", "none", "embed", "classify"],
+                       help="embed: adapt the generative model into an embedding model; "
+                            "classify: a *ForSequenceClassification checkpoint's head")
         g.add_argument("--task", default=None,
-                       help="vLLM's older flag: generate | embed (embed = --runner pooling)")
+                       help="vLLM's older flag: generate | embed | classify | score "
+                            "(all but generate = --runner pooling)")
         g.add_argument("--pooler-config", type=parse_json_dict, default=None,
                        help='pooling settings, e.g. \'{"pooling_type": "MEAN", "normalize": '
                             'true}\' (pooling_type LAST | MEAN | CLS)')
         g.add_argument("--override-pooler-config", type=parse_json_dict, default=None,
                        help="older name of --pooler-config")
+        g.add_argument("--structured-outputs-config", type=parse_json_dict, default=None,
+                       help='structured outputs settings, e.g. \'{"enable_in_reasoning": '
+                            "true}' (with --reasoning-parser, constrain the thinking too; "
+                            "by default the grammar starts after </think>, as vLLM's)")
         return parser
 
     @classmethod
@@ -196,6 +216,7 @@ class EngineArgs:
         if self.max_logprobs < -1:  # -1: no cap (vLLM), requests may ask for -1 (all)
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}")
         runner_type, pooler, pooling_kw = self._resolve_pooling(model_config, spec)
+        reasoning_parser, in_reasoning = self._resolve_structured_outputs()
         seed = self.seed
         if seed is None:  # as vLLM: no seed, a different run each time
             seed = random.SystemRandom().randrange(2**31)
@@ -244,7 +265,36 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             runner_type=runner_type,
             pooler_config=pooler,
+            reasoning_parser=reasoning_parser,
+            enable_in_reasoning=in_reasoning,
         )
+
+    def _resolve_structured_outputs(self) -> tuple[str | None, bool]:
+        """(reasoning parser, enable_in_reasoning) from reasoning_parser and
+        structured_outputs_config (vLLM's keys; a parser given in both must agree)."""
+        from modelport.engine.structured_output import REASONING_TAGS
+
+        so = dict(self.structured_outputs_config or {})
+        unknown = set(so) - {"reasoning_parser", "enable_in_reasoning", "backend"}
+        if unknown:
+            raise ValueError(f"structured_outputs_config: unsupported keys "
+                             f"{', '.join(sorted(unknown))} (supported: backend, "
+                             "enable_in_reasoning, reasoning_parser)")
+        if so.get("backend") not in (None, "auto", "xgrammar"):
+            raise ValueError(f"structured_outputs_config.backend {so['backend']!r} is not "
+                             "supported: only xgrammar is")
+        parser = self.reasoning_parser or so.get("reasoning_parser") or None
+        if so.get("reasoning_parser") and parser != so["reasoning_parser"]:
+            raise ValueError(f"reasoning_parser {self.reasoning_parser!r} and "
+                             f"structured_outputs_config.reasoning_parser "
+                             f"{so['reasoning_parser']!r} differ")
+        if parser is not None and parser not in REASONING_TAGS:
+            raise ValueError(f"unknown reasoning parser {parser!r}; choose from "
+                             f"{', '.join(sorted(REASONING_TAGS))}")
+        in_reasoning = so.get("enable_in_reasoning", False)
+        if not isinstance(in_reasoning, bool):
+            raise ValueError("structured_outputs_config.enable_in_reasoning must be a boolean")
+        return parser, in_reasoning
 
     def _resolve_pooling(self, model_config: ModelConfig, spec: SpeculativeConfig | None
                          ) -> tuple[str, Any, dict[str, Any]]:
@@ -255,8 +305,9 @@ class EngineArgs:
         and, as vLLM, without prefix caching unless it pools the LAST token (MEAN and CLS
         need every prompt token's hidden state computed)."""
         import logging
+        from dataclasses import replace
 
-        from modelport.pooling_params import PoolerConfig, resolve_runner
+        from modelport.pooling_params import PoolerConfig, resolve_pooling_task, resolve_runner
 
         runner_type = resolve_runner(self.runner, self.convert, self.task,
                                      model_config.architecture)
@@ -272,7 +323,8 @@ class EngineArgs:
             return runner_type, None, {}
         if spec is not None:
             raise ValueError("speculative decoding is not supported for pooling models")
-        pooler = PoolerConfig.from_dict(given)
+        pooler = replace(PoolerConfig.from_dict(given), task=resolve_pooling_task(
+            self.convert, self.task, model_config.architecture))
         kw: dict[str, Any] = {"enforce_eager": True, "async_scheduling": False}
         if pooler.pooling_type != "LAST" and self.enable_prefix_caching:
             logging.getLogger(__name__).info(

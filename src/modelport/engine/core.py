@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modelport.engine.arg_utils import EngineConfig
 from modelport.engine.kv_cache_manager import KVCacheManager
@@ -18,7 +18,7 @@ from modelport.engine.messages import (
 )
 from modelport.engine.request import Request, RequestStatus
 from modelport.engine.scheduler import Scheduler, SchedulerOutput
-from modelport.engine.structured_output import StructuredOutputManager
+from modelport.engine.structured_output import ReasoningEnd, StructuredOutputManager
 
 if TYPE_CHECKING:
     from modelport.runner.model_runner import PendingStep
@@ -48,6 +48,15 @@ class EngineCore:
         # (request id, why): requests whose grammar failed to compile, for the caller to
         # refuse as it refuses an invalid request at admission (take_rejected)
         self._rejected: list[tuple[str, str]] = []
+        self._tokenizer: Any = None
+        # a reasoning parser: a request's grammar waits for the end of its reasoning (vLLM's);
+        # the think tags are looked up now, so a tokenizer without them fails at start
+        self._reasoning_end: ReasoningEnd | None = None
+        if config.reasoning_parser is not None and config.runner_type != "pooling":
+            end = ReasoningEnd.from_vocab(config.reasoning_parser,
+                                          self._load_tokenizer().get_vocab())
+            if not config.enable_in_reasoning:
+                self._reasoning_end = end
         logger.info("KV cache: %d blocks x %d tokens = %d tokens", num_blocks, bs, num_blocks * bs)
         # prompt logprobs arrive chunk by chunk; gathered here until the prompt is done
         self._prompt_lps: dict[str, list[TokenLogprobs | None]] = {}
@@ -67,14 +76,17 @@ class EngineCore:
             logger.info("speculative decoding: up to %d draft tokens from %s; async scheduling "
                         "off", spec.num_speculative_tokens, source)
 
+    def _load_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from modelport.frontend.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.model_source)
+        return self._tokenizer
+
     def _structured_outputs(self) -> StructuredOutputManager:
         if self._structured is None:
-            def load():  # noqa: ANN202 - a Tokenizer
-                from modelport.frontend.tokenizer import load_tokenizer
-
-                return load_tokenizer(self.config.model_source)
-
-            self._structured = StructuredOutputManager(load, self.config.model_config.vocab_size)
+            self._structured = StructuredOutputManager(self._load_tokenizer,
+                                                       self.config.model_config.vocab_size)
         return self._structured
 
     @property
@@ -120,6 +132,9 @@ class EngineCore:
         )
         compiling = None
         if params.structured_outputs is not None:
+            end = self._reasoning_end
+            if end is not None and not end.ended(req.prompt_token_ids):
+                req.reasoning = end  # no grammar until the reasoning ends
             # compiled off the loop: the request waits (WAITING_FOR_FSM), the others step on
             fut = self._structured_outputs().submit(params.structured_outputs)
             if fut.done():  # cached (or already failed: a ValueError now, as at admission)

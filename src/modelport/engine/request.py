@@ -59,6 +59,10 @@ class Request:
     # structured outputs: the request's xgrammar GrammarMatcher (set by the engine core once
     # its grammar compiled), advanced with each accepted token; its bitmask constrains sampling
     grammar: Any = field(default=None, repr=False)
+    # structured outputs with a reasoning parser: the ReasoningEnd to watch while the request
+    # is still reasoning (its grammar neither masks nor advances), None once the reasoning
+    # ended or when the grammar applies from the first token (see engine/structured_output.py)
+    reasoning: Any = field(default=None, repr=False)
     # a pooling (embedding) request: its PoolingParams; prefill only, finished by the pooler
     pooling_params: Any = None
 
@@ -101,6 +105,11 @@ class Request:
             or p.logprobs is not None
             or p.prompt_logprobs is not None
         )
+
+    @property
+    def active_grammar(self) -> Any:
+        """The matcher that constrains the next token: None while the request is reasoning."""
+        return self.grammar if self.reasoning is None else None
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

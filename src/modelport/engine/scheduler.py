@@ -333,7 +333,10 @@ class Scheduler:
                 continue
             token = sampled[req.request_id]
             req.num_placeholders -= 1
-            if req.grammar is not None and not self._grammar_accepts(req, token):
+            if req.reasoning is not None:
+                if token == req.reasoning.end_id:  # the reasoning ends: grammar from the next
+                    req.reasoning = None
+            elif req.grammar is not None and not self._grammar_accepts(req, token):
                 # never emit a token outside the grammar: this happens only when other masks
                 # (allowed_token_ids, bad_words, logit_bias) left the grammar no token at all
                 logger.warning("request %s: sampled token %d is outside its grammar; finishing "
@@ -347,7 +350,7 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             status = self._check_stop(req, token)
-            if req.grammar is not None and req.grammar.is_terminated():
+            if req.active_grammar is not None and req.grammar.is_terminated():
                 # the grammar accepted a stop token: done, even under min_tokens (the sampler
                 # lets the grammar's stop through when it allows nothing else)
                 req.stop_reason = None if status is None else req.stop_reason

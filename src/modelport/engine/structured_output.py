@@ -11,6 +11,14 @@ bitmask (min_tokens gives way when the grammar allows nothing but a stop token);
 advances the matcher with each accepted token, never emits a token the grammar refuses, and
 finishes the request ("stop") once the grammar has terminated.
 
+With a reasoning parser (vLLM's --reasoning-parser), a grammar constrains only the answer after
+the reasoning, as vLLM's: while a request is still reasoning its grammar neither masks nor
+advances; the token that ends the reasoning (``</think>``) is not fed to it, and the grammar
+constrains from the next token on. A prompt that already ended the reasoning (its last think
+tag is ``</think>``: Qwen3's template with enable_thinking false) leaves the grammar on from the
+first token. ``ReasoningEnd`` tells, by token ids, when the reasoning has ended;
+enable_in_reasoning (vLLM's structured_outputs_config) keeps the grammar on throughout.
+
 xgrammar is imported only here and only when a request asks for structured output, so
 everything else runs where it is not installed.
 """
@@ -22,8 +30,9 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -34,6 +43,45 @@ _CACHE_SIZE = 256  # compiled grammars kept per core
 _ERR_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
 _WHAT = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
          "json_object": "json_object"}
+
+
+# each reasoning parser's think tags (entrypoints/openai/reasoning.py reads the same tags in
+# text); each must be one token of the model's vocabulary, as vLLM's think-tag parsers need
+REASONING_TAGS: dict[str, tuple[str, str]] = {
+    "deepseek_r1": ("<think>", "</think>"),
+    "qwen3": ("<think>", "</think>"),
+}
+_PARSER_CLASSES = {"deepseek_r1": "DeepSeekR1", "qwen3": "Qwen3"}
+
+
+@dataclass(frozen=True)
+class ReasoningEnd:
+    """When a request's reasoning has ended, by token ids, as vLLM's think-tag parsers'
+    ``is_reasoning_end``: the last think tag in the ids is the end tag."""
+
+    start_id: int
+    end_id: int
+
+    def ended(self, token_ids: Sequence[int]) -> bool:
+        for t in reversed(token_ids):
+            if t == self.start_id:
+                return False
+            if t == self.end_id:
+                return True
+        return False
+
+    @classmethod
+    def from_vocab(cls, parser: str, vocab: dict[str, int]) -> ReasoningEnd:
+        """RuntimeError (vLLM's message) when a tag is not one token of the vocabulary."""
+        if parser not in REASONING_TAGS:
+            raise ValueError(f"unknown reasoning parser {parser!r}; choose from "
+                             f"{', '.join(sorted(REASONING_TAGS))}")
+        start, end = (vocab.get(t) for t in REASONING_TAGS[parser])
+        if start is None or end is None:
+            raise RuntimeError(
+                f"{_PARSER_CLASSES[parser]}ReasoningParser reasoning parser could not locate "
+                "think start/end tokens in the tokenizer!")
+        return cls(start, end)
 
 
 def xgrammar() -> Any:

@@ -18,7 +18,13 @@ from modelport.engine.llm_engine import LLMEngine
 from modelport.frontend.prompts import PromptInput, is_token_ids
 from modelport.frontend.tokenizer import Tokenizer
 from modelport.metrics import Metric, RequestCounts, snapshot
-from modelport.outputs import EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput
+from modelport.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringRequestOutput,
+)
 from modelport.pooling_params import PoolingParams
 from modelport.sampling_params import BeamSearchParams, SamplingParams
 
@@ -63,11 +69,17 @@ class LLM:
         task: str | None = None,
         pooler_config: dict[str, Any] | None = None,
         override_pooler_config: dict[str, Any] | None = None,
+        reasoning_parser: str | None = None,
+        structured_outputs_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
         loaded from a checkpoint: the architectures are built in), and ``get_metrics()``
         answers whatever ``disable_log_stats`` says."""
+        if "kv_cache_memory_bytes" in kwargs:  # vLLM's name
+            if kv_cache_memory is not None:
+                raise TypeError("give kv_cache_memory or kv_cache_memory_bytes, not both")
+            kv_cache_memory = kwargs.pop("kv_cache_memory_bytes")
         if kwargs:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(kwargs))}")
         if data_parallel_size != 1:
@@ -88,6 +100,8 @@ class LLM:
             speculative_config=speculative_config, max_logprobs=max_logprobs,
             runner=runner, convert=convert, task=task, pooler_config=pooler_config,
             override_pooler_config=override_pooler_config,
+            reasoning_parser=reasoning_parser,
+            structured_outputs_config=structured_outputs_config,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
@@ -220,7 +234,7 @@ class LLM:
             bar.close()
         return [results[r] for r in ids]
 
-    # -- vLLM's pooling APIs: embeddings (runner="pooling"); no classification heads
+    # -- vLLM's pooling APIs (runner="pooling"): embeddings, classification, scoring
 
     @property
     def runner_type(self) -> str:
@@ -267,7 +281,7 @@ class LLM:
         for p in params:
             if truncate_prompt_tokens is not None:
                 p.truncate_prompt_tokens = truncate_prompt_tokens
-            p.task = pooling_task or p.task or "embed"
+            p.task = pooling_task or p.task or "encode"
         return self._drive(items, params, self.llm_engine.add_pooling_request, use_tqdm)
 
     def embed(
@@ -288,11 +302,85 @@ class LLM:
                            use_tqdm=use_tqdm, pooling_task="embed")
         return [EmbeddingRequestOutput.from_base(o) for o in outs]
 
-    def classify(self, *args: Any, **kwargs: Any) -> list:
-        raise ValueError(_POOLING_ONLY.format(api="LLM.classify()"))
+    @property
+    def _pooling_task(self) -> str | None:
+        pooler = self.llm_engine.config.pooler_config
+        return pooler.task if pooler is not None else None
 
-    def score(self, *args: Any, **kwargs: Any) -> list:
-        raise ValueError(_POOLING_ONLY.format(api="LLM.score()"))
+    def classify(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ClassificationRequestOutput]:
+        """One ``ClassificationRequestOutput`` per prompt, in order (``.outputs.probs``: the
+        class probabilities, softmax, or sigmoid for one label; the raw logits with
+        ``PoolingParams(use_activation=False)``). Needs a ``*ForSequenceClassification``
+        checkpoint with ``runner="pooling"`` (or auto)."""
+        from modelport.pooling_params import unsupported_task_message
+
+        if self.runner_type != "pooling" or self._pooling_task != "classify":
+            raise ValueError(unsupported_task_message("classify"))
+        outs = self.encode(prompts, pooling_params, truncate_prompt_tokens=truncate_prompt_tokens,
+                           use_tqdm=use_tqdm, pooling_task="classify")
+        return [ClassificationRequestOutput.from_base(o) for o in outs]
+
+    def score(
+        self,
+        data_1: str | Sequence[str],
+        data_2: str | Sequence[str],
+        /,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+        pooling_params: PoolingParams | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's LLM.score: one ``ScoringRequestOutput`` per pair (``.outputs.score``).
+
+        Pairs follow vLLM's 1:1, 1:N and N:N rules. A cross-encoder (a classification model
+        with one label) scores the tokenizer's encoding of each pair (sigmoid of the logit;
+        ``use_activation=False``: the logit); an embedding model scores by the cosine
+        similarity of the two texts' embeddings."""
+        from modelport.pooling_params import num_labels
+        from modelport.scoring import pair_token_ids, score_pairs
+
+        if self.runner_type != "pooling":
+            raise ValueError("Score API is not supported by this model. Try converting the "
+                             "model using `--convert embed` or `--convert classify`.")
+        pairs = score_pairs(data_1, data_2)
+        base = pooling_params if pooling_params is not None else PoolingParams()
+        if not isinstance(base, PoolingParams):
+            raise ValueError("LLM.score() takes one PoolingParams (for every pair)")
+        if self._pooling_task == "classify":
+            if num_labels(self.llm_engine.config.model_config.hf_config) != 1:
+                raise ValueError("Score API is only enabled for num_labels == 1.")
+            tok = self.get_tokenizer()
+            items = [{"prompt_token_ids": pair_token_ids(tok, a, b)} for a, b in pairs]
+            outs = self.encode(items, base, truncate_prompt_tokens=truncate_prompt_tokens,
+                               use_tqdm=use_tqdm, pooling_task="score")
+            return [ScoringRequestOutput.from_base(o) for o in outs]
+        return self._embedding_score(pairs, base, truncate_prompt_tokens, use_tqdm)
+
+    def _embedding_score(self, pairs: list[tuple[str, str]], params: PoolingParams,
+                         truncate_prompt_tokens: int | None, use_tqdm: bool
+                         ) -> list[ScoringRequestOutput]:
+        from modelport.outputs import ScoringOutput
+        from modelport.scoring import cosine
+
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each text once
+        outs = self.encode(texts, params, truncate_prompt_tokens=truncate_prompt_tokens,
+                           use_tqdm=use_tqdm, pooling_task="embed")
+        by_text = dict(zip(texts, outs))
+        results = []
+        for a, b in pairs:
+            ea, eb = by_text[a], by_text[b]
+            results.append(ScoringRequestOutput(
+                f"{ea.request_id}_{eb.request_id}",
+                ScoringOutput(cosine(ea.outputs.data, eb.outputs.data)),
+                ea.prompt_token_ids + eb.prompt_token_ids))
+        return results
 
     def reward(self, *args: Any, **kwargs: Any) -> list:
         raise ValueError(_POOLING_ONLY.format(api="LLM.reward()"))
@@ -371,9 +459,9 @@ class LLM:
 
 
 _POOLING_ONLY = (
-    "{api} is only supported for classification / scoring / reward models, which modelport "
-    "does not serve: embeddings are (LLM(..., runner='pooling') and LLM.embed()), generation "
-    "is (LLM.generate() / LLM.chat())"
+    "{api} is only supported for reward models, which modelport does not serve: embeddings "
+    "(LLM.embed()), classification (LLM.classify()) and scoring (LLM.score()) are, with "
+    "LLM(..., runner='pooling'); generation is (LLM.generate() / LLM.chat())"
 )
 
 

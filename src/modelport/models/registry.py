@@ -14,6 +14,24 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("modelport.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("modelport.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("modelport.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("modelport.models.qwen3", "Qwen3ForCausalLM"),
+    # classification heads (runner "pooling"): see models/seq_cls.py
+    "LlamaForSequenceClassification": (
+        "modelport.models.seq_cls",
+        "LlamaForSequenceClassification",
+    ),
+    "MistralForSequenceClassification": (
+        "modelport.models.seq_cls",
+        "MistralForSequenceClassification",
+    ),
+    "Qwen2ForSequenceClassification": (
+        "modelport.models.seq_cls",
+        "Qwen2ForSequenceClassification",
+    ),
+    "Qwen3ForSequenceClassification": (
+        "modelport.models.seq_cls",
+        "Qwen3ForSequenceClassification",
+    ),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

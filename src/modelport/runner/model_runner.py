@@ -121,6 +121,8 @@ class ModelRunner:
             self.config.model_source, self.config.model_config, self.config.load_config,
             self.dtype, self.device, transform=shard,
         )
+        if self.pooler is not None:  # a classification model's head (models/seq_cls.py)
+            self.pooler.bind(self.model)
         if self.device.type == "cuda":
             from modelport.layers.fused_ops import fuse_small_ops
 
@@ -184,14 +186,30 @@ class ModelRunner:
         return n
 
     def _cuda_kv_budget(self) -> int:
-        """gpu_memory_utilization x total - (memory in use after a profiling forward at max batch)."""
+        """gpu_memory_utilization x total - (memory in use after a profiling forward at max batch),
+        or kv_cache_memory when given (vLLM's kv_cache_memory_bytes), checked against what is
+        free after the profiling forward."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self.profile_run()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        fixed = self.config.cache_config.kv_cache_memory
+        if fixed is not None:  # vLLM's kv_cache_memory_bytes: gpu_memory_utilization unused
+            # what the process can still get: free memory plus its allocator's idle cache
+            available = free + reserved - torch.cuda.memory_allocated(self.device)
+            if fixed > available:
+                raise ValueError(
+                    f"kv_cache_memory {fixed / 2**30:.2f} GiB does not fit: {available / 2**30:.2f} "
+                    f"GiB of the {total / 2**30:.1f} GiB device is free after the weights and a "
+                    "profiling forward; lower kv_cache_memory"
+                )
+            logger.info("CUDA memory: total %.2f GiB, KV cache %.2f GiB (kv_cache_memory)",
+                        total / 2**30, fixed / 2**30)
+            return fixed
+        used_by_others = total - free - reserved
         budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak - used_by_others
         logger.info(
             "CUDA memory: total %.2f GiB, peak during profiling %.2f GiB, KV budget %.2f GiB",
@@ -555,7 +573,7 @@ class ModelRunner:
                 req = s.request
                 rows.append(SamplingRow(req.request_id, req.sampling_params, req.prompt_token_ids,
                                         req.output_token_ids, req.eos_token_ids,
-                                        self._generator(req), req.grammar))
+                                        self._generator(req), req.active_grammar))
             if len(sample_reqs) == logits.shape[0]:  # every row samples: no gather copy
                 to_sample = logits
             else:

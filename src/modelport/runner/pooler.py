@@ -2,8 +2,11 @@
 
 A request's prompt may run in several chunks (chunked prefill): LAST takes the last prompt
 token's row of the final chunk; MEAN sums every chunk's rows (float32) and divides by the
-prompt length; CLS keeps the first token's row. The head then keeps the first ``dimensions``
-values (matryoshka) and L2-normalizes, in that order, as vLLM's embedding head does.
+prompt length; CLS keeps the first token's row. The embedding head then keeps the first
+``dimensions`` values (matryoshka) and L2-normalizes, in that order, as vLLM's embedding head
+does. A classification model's pooled rows go through its ``classify`` head (one matmul for
+the step's finished requests), then softmax, or sigmoid for one label or a multi-label
+``problem_type``, as vLLM's classifier pooler (``use_activation=False``: the raw logits).
 """
 
 from __future__ import annotations
@@ -18,8 +21,23 @@ from modelport.pooling_params import PoolerConfig
 class Pooler:
     def __init__(self, config: PoolerConfig) -> None:
         self.pooling_type = config.pooling_type
+        self.task = config.task
         # MEAN: running float32 sums; CLS: the first token's row (request id -> tensor)
         self._partial: dict[str, torch.Tensor] = {}
+        self._classify = None  # the model's classify(pooled [N, H]) -> logits [N, L]
+        self._sigmoid = False
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Take the loaded model's classification head (a "classify" pooler needs one)."""
+        if self.task != "classify":
+            return
+        head = getattr(model, "classify", None)
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no classification head")
+        self._classify = head
+        cfg = getattr(model, "config", None)
+        problem = (getattr(cfg, "hf_config", None) or {}).get("problem_type")
+        self._sigmoid = model.num_labels == 1 or problem == "multi_label_classification"
 
     def drop(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -51,6 +69,8 @@ class Pooler:
             done.append((rid, vec, s.request.pooling_params))
         if not done:
             return {}
+        if self._classify is not None:
+            return self._classified(done)
         out = {}
         for rid, vec, p in done:
             if p is not None and p.dimensions is not None:
@@ -66,3 +86,11 @@ class Pooler:
             result[rid] = flat[off : off + n]
             off += n
         return result
+
+    def _classified(self, done: list[tuple[str, torch.Tensor, object]]) -> dict[str, list[float]]:
+        logits = self._classify(torch.stack([vec for _, vec, _ in done]))
+        act = torch.sigmoid(logits) if self._sigmoid else torch.softmax(logits, dim=-1)
+        use = torch.tensor([p is None or p.use_activation is not False for _, _, p in done],
+                           device=logits.device)
+        rows = torch.where(use[:, None], act, logits).cpu().tolist()
+        return {rid: row for (rid, _, _), row in zip(done, rows)}

@@ -18,9 +18,11 @@ vLLM's rules, per parser:
 Either way, a prompt whose last think tag is `</think>` (reasoning already ended there)
 leaves the whole answer to content, as vLLM does.
 
-Structured outputs: vLLM lets the reasoning run unconstrained and starts the grammar after
-`</think>`; this server's engine enforces a grammar from the first token, so a constrained
-answer is all content unless the grammar itself spells out `</think>` (see ReasoningPlan).
+Structured outputs (and tool_choice naming a function or "required"), as vLLM's: the engine
+lets the reasoning run unconstrained and starts the grammar after `</think>` (or from the first
+token when the prompt ended the reasoning), so a constrained answer is split like any other
+(engine/structured_output.py; `--structured-outputs-config '{"enable_in_reasoning": true}'`
+constrains the thinking too).
 """
 
 from __future__ import annotations
@@ -145,29 +147,11 @@ def prompt_ends_reasoning(prompt: str | None) -> bool:
     return prompt.rfind(END) > prompt.rfind(START)
 
 
-def grammar_writes_end(so: Any) -> bool:
-    """Whether a structured-outputs constraint can itself write `</think>`: a choice, regex
-    or grammar that spells the tag out (JSON schemas and tool calls cannot)."""
-    if so is None:
-        return False
-    texts: list[str] = []
-    if getattr(so, "choice", None):
-        texts += [str(c) for c in so.choice]
-    for kind in ("regex", "grammar"):
-        if isinstance(getattr(so, kind, None), str):
-            texts.append(getattr(so, kind).replace("\\", ""))  # <\/think> in a regex
-    return any(END in t for t in texts)
-
-
 @dataclass(frozen=True)
 class ReasoningPlan:
     """How one request's answers are split.
 
-    parse: False when the answer is all content: thinking off, ended in the prompt, or a
-      constrained answer (structured outputs, a named or required tool) whose grammar cannot
-      write `</think>`. This server enforces a grammar from the first token (vLLM starts it
-      after the reasoning), so such an answer has no thinking in it; a choice, regex or
-      grammar that spells out the thinking block is split as usual.
+    parse: False when the answer is all content: thinking off, or ended in the prompt.
     include: the request's include_reasoning (false: the reasoning is dropped).
     """
 
@@ -175,12 +159,8 @@ class ReasoningPlan:
     include: bool = True
 
     @staticmethod
-    def for_request(
-        parser: ReasoningParser, prompt: str | None, constraint: Any, include: bool
-    ) -> ReasoningPlan:
+    def for_request(parser: ReasoningParser, prompt: str | None, include: bool) -> ReasoningPlan:
         parse = parser.thinking_enabled() and not prompt_ends_reasoning(prompt)
-        if constraint is not None and not grammar_writes_end(constraint):
-            parse = False
         return ReasoningPlan(parse=parse, include=include)
 
     def split(self, text: str, final: bool) -> tuple[str | None, str]:

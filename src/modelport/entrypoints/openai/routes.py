@@ -46,14 +46,15 @@ from modelport.entrypoints.openai.serving_responses import (
     ServingResponses,
     not_found,
 )
+from modelport.entrypoints.openai.serving_score import add_routes as add_score_routes
 from modelport.entrypoints.openai.tools import ToolSettings, template_tool
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)
 }
 
-# vLLM's APIs for classification / scoring models: a 404 that says why, not an unknown path
-# (/v1/embeddings and /pooling are served_embedding.py's: a --runner pooling server's)
+# vLLM's APIs for classification / scoring models (serving_score.py's: a --runner pooling
+# server's; /v1/embeddings and /pooling are serving_embedding.py's)
 POOLING_PATHS = (
     "/classify",
     "/score",
@@ -240,17 +241,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         return DetokenizeResponse(prompt=engine.decode(body.tokens))
 
     add_embedding_routes(api, _engine_for)
-
-    async def not_served(request: Request) -> Response:
-        raise OpenAIError(
-            f"{request.url.path} is not served: this server serves generative and embedding "
-            "models only (completions, chat, embeddings); it has no classify, score or "
-            "rerank API",
-            404,
-        )
-
-    for path in POOLING_PATHS:
-        public.add_api_route(path, not_served, methods=["GET", "POST"], include_in_schema=False)
+    add_score_routes(api, _engine_for)
 
     @public.get("/health", tags=["server"], responses={503: {"model": ErrorResponse}})
     async def health(request: Request) -> Response:

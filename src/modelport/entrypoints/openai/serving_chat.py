@@ -239,7 +239,6 @@ class ServingChat:
         # a stream never sends prompt_logprobs (only 0 gets this far): not computed
         rid = req.request_id or random_id("chatcmpl")
         stream: Any
-        constraint = None
         if req.use_beam_search:
             stream = BeamSearchStream(engine, ids, beam_search_params(engine, req, max_tokens), rid)
             admit(engine, req.n)
@@ -247,16 +246,13 @@ class ServingChat:
             params = make_sampling_params(req, max_tokens, k,
                                           None if req.stream else req.prompt_logprobs,
                                           tool_constraint=plan.constraint)
-            constraint = params.structured_outputs
             admit(engine, req.n)
             stream = start_streams(engine, [(ids, params, rid, None)])[0]
         reasoning = None
         count_reasoning = None
         if self.reasoning_parser is not None:
             parser = get_reasoning_parser(self.reasoning_parser, template_kwargs)
-            reasoning = ReasoningPlan.for_request(
-                parser, prompt_text, constraint, req.include_reasoning,
-            )
+            reasoning = ReasoningPlan.for_request(parser, prompt_text, req.include_reasoning)
             count_reasoning = self._reasoning_counter(parser, reasoning)
         if req.stream:
             return StreamingResponse(

@@ -1,6 +1,7 @@
 """POST /v1/embeddings (OpenAI's shape, plus vLLM's chat-style ``messages``) and vLLM's
 /pooling, for a server started with ``--runner pooling`` (or ``--task embed`` /
-``--convert embed``). A generative server answers both with vLLM's 400."""
+``--convert embed``). A generative or a classification server answers both with vLLM's 400
+(a classifier's APIs are serving_score.py's)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class PoolingRequest(EmbeddingRequest):
     pass
 
 
-def _prompts(engine: AsyncLLM, req: EmbeddingRequest) -> list[list[int]]:
+def _prompts(engine: AsyncLLM, req: EmbeddingRequest,
+             operation: str = "embedding generation") -> list[list[int]]:
     if (req.input is None) == (req.messages is None):
         raise OpenAIError("give exactly one of input or messages", 400, param="input")
     if req.messages is not None:
@@ -63,7 +65,8 @@ def _prompts(engine: AsyncLLM, req: EmbeddingRequest) -> list[list[int]]:
                               continue_final_message=req.continue_final_message)
         except ValueError as e:
             raise OpenAIError(str(e), 400, param="messages") from None
-        return [_fits(engine, truncate_prompt(engine, list(ids), req.truncate_prompt_tokens))]
+        return [_fits(engine, truncate_prompt(engine, list(ids), req.truncate_prompt_tokens),
+                      operation)]
     inp = req.input
     if isinstance(inp, str):
         items: list = [inp]
@@ -80,17 +83,19 @@ def _prompts(engine: AsyncLLM, req: EmbeddingRequest) -> list[list[int]]:
         if not ids:
             raise OpenAIError("input must not contain empty strings or token lists", 400,
                               param="input")
-        out.append(_fits(engine, truncate_prompt(engine, ids, req.truncate_prompt_tokens)))
+        out.append(_fits(engine, truncate_prompt(engine, ids, req.truncate_prompt_tokens),
+                         operation))
     return out
 
 
-def _fits(engine: AsyncLLM, ids: list[int]) -> list[int]:
+def _fits(engine: AsyncLLM, ids: list[int], operation: str = "embedding generation",
+          param: str = "input") -> list[int]:
     limit = engine.max_model_len
     if len(ids) > limit:  # vLLM's words
         raise OpenAIError(
             f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{len(ids)} tokens in the input for embedding generation. Please reduce the "
-            "length of the input.", 400, param="input")
+            f"{len(ids)} tokens in the input for {operation}. Please reduce the "
+            "length of the input.", 400, param=param)
     return ids
 
 
@@ -99,15 +104,27 @@ async def _pool_all(engine: AsyncLLM, req: EmbeddingRequest, prefix: str
     """Send every prompt (all validated first: a bad one is a 400 before any runs) and wait
     for all the pooled vectors. Returns (request id, [(vector, cached)], prompts)."""
     prompts = _prompts(engine, req)
-    admit(engine, len(prompts))
     base = req.request_id or random_id(prefix)
+
+    def params() -> PoolingParams:
+        return PoolingParams(dimensions=req.dimensions, normalize=req.normalize, task="embed")
+
+    results = await pool_prompts(engine, prompts, params, base, req.priority)
+    return base, results, prompts
+
+
+async def pool_prompts(engine: AsyncLLM, prompts: list[list[int]],
+                       params: Callable[[], PoolingParams], base: str, priority: int = 0
+                       ) -> list[tuple[list[float], int]]:
+    """Send every prompt as ``{base}-{i}`` with fresh ``params()`` and wait for all of them:
+    [(pooled floats, cached prompt tokens)] in order. An invalid one is a 400 and aborts
+    the others; a full queue is a 503."""
+    admit(engine, len(prompts))
     futs: list[tuple[str, asyncio.Future]] = []
     try:
         for i, ids in enumerate(prompts):
-            params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
-                                   task="embed")
             rid = f"{base}-{i}"
-            futs.append((rid, engine.submit_pooling(ids, params, rid, priority=req.priority)))
+            futs.append((rid, engine.submit_pooling(ids, params(), rid, priority=priority)))
     except ValueError as e:
         for rid, _ in futs:
             engine._abort_pooling(rid)
@@ -119,7 +136,7 @@ async def _pool_all(engine: AsyncLLM, req: EmbeddingRequest, prefix: str
             engine._abort_pooling(rid)
         raise
     try:
-        results = await asyncio.gather(*(engine.wait_pooling(rid, f) for rid, f in futs))
+        return list(await asyncio.gather(*(engine.wait_pooling(rid, f) for rid, f in futs)))
     except ValueError as e:
         raise OpenAIError(str(e), 400) from None
     except QueueFullError as e:
@@ -127,7 +144,14 @@ async def _pool_all(engine: AsyncLLM, req: EmbeddingRequest, prefix: str
     finally:
         for rid, _ in futs:  # any still in flight (one failed, or the client went away)
             engine._abort_pooling(rid)
-    return base, results, prompts
+
+
+def pooling_task(engine: AsyncLLM) -> str | None:
+    """What a pooling engine does: "embed" or "classify" (None: a generative engine)."""
+    if engine.runner_type != "pooling":
+        return None
+    pooler = getattr(engine.engine_config, "pooler_config", None)
+    return pooler.task if pooler is not None else "embed"
 
 
 def _encode(vec: list[float], fmt: str) -> list[float] | str:
@@ -147,7 +171,7 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
 
     def pooling_engine(request: Request, model: str | None, what: str) -> AsyncLLM:
         engine = engine_for(request, model)
-        if engine.runner_type != "pooling":
+        if pooling_task(engine) != "embed":  # generative, or a classifier
             raise OpenAIError(f"The model does not support {what} API", 400)
         return engine
 

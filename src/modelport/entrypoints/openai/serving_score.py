@@ -1,0 +1,251 @@
+"""vLLM's classification and scoring APIs, for a ``--runner pooling`` server:
+
+- POST /classify: a ``*ForSequenceClassification`` model's class probabilities per input;
+- POST /score and /v1/score: one score per (text_1, text_2) pair, 1:1, 1:N or N:N (also as
+  data_1 / data_2, queries / documents, queries / items);
+- POST /rerank, /v1/rerank, /v2/rerank: the Jina / Cohere shape, documents by relevance.
+
+Scores come from a cross-encoder (a classification model with one label: the pair is one
+prompt, see modelport/scoring.py) or, for an embedding model, the cosine similarity of the
+two embeddings. Other servers answer with vLLM's 400.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import Field, model_validator
+
+from modelport.engine.async_llm import AsyncLLM
+from modelport.entrypoints.openai.errors import OpenAIError
+from modelport.entrypoints.openai.protocol import ChatMessage, TextRequest, random_id
+from modelport.entrypoints.openai.serving_common import (
+    check_model,
+    dead_engine_is_503,
+    truncate_prompt,
+)
+from modelport.entrypoints.openai.serving_embedding import (
+    _fits,
+    _prompts,
+    _usage,
+    pool_prompts,
+    pooling_task,
+)
+from modelport.pooling_params import PoolingParams, id2label, num_labels
+from modelport.scoring import cosine, pair_token_ids, score_pairs
+
+ScoreInputs = str | list[str]
+
+
+class _ClassifyParams(TextRequest):
+    model: str | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    priority: int = 0
+    request_id: str | None = None
+    use_activation: bool | None = None
+    activation: bool | None = None  # vLLM's older names of use_activation
+    softmax: bool | None = None
+
+    def pooling_params(self, task: str) -> PoolingParams:
+        return PoolingParams(
+            task=task,
+            use_activation=self.use_activation,
+            activation=self.activation,
+            softmax=self.softmax,
+        )
+
+
+class ClassificationRequest(_ClassifyParams):
+    input: str | list[int] | list[str] | list[list[int]] | None = None
+    messages: list[ChatMessage] | None = None  # vLLM's chat-style classification
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+
+
+class ScoreRequest(_ClassifyParams):
+    """vLLM's four spellings of the two sides: text_1 / text_2, data_1 / data_2, queries /
+    documents, queries / items."""
+
+    text_1: ScoreInputs | None = None
+    text_2: ScoreInputs | None = None
+    data_1: ScoreInputs | None = None
+    data_2: ScoreInputs | None = None
+    queries: ScoreInputs | None = None
+    documents: ScoreInputs | None = None
+    items: ScoreInputs | None = None
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> ScoreRequest:
+        given = [
+            (a, b)
+            for a, b in (
+                ("text_1", "text_2"),
+                ("data_1", "data_2"),
+                ("queries", "documents"),
+                ("queries", "items"),
+            )
+            if getattr(self, a) is not None and getattr(self, b) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give the two sides once: text_1 and text_2 (or data_1 and "
+                "data_2, queries and documents, queries and items)"
+            )
+        return self
+
+    def sides(self) -> tuple[ScoreInputs, ScoreInputs]:
+        for a, b in (
+            ("text_1", "text_2"),
+            ("data_1", "data_2"),
+            ("queries", "documents"),
+            ("queries", "items"),
+        ):
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                return getattr(self, a), getattr(self, b)
+        raise AssertionError("validated")
+
+
+class RerankRequest(_ClassifyParams):
+    query: str
+    documents: list[str]
+    top_n: int = 0  # 0: every document
+
+
+async def _scores(
+    engine: AsyncLLM, req: _ClassifyParams, first: ScoreInputs, second: ScoreInputs, prefix: str
+) -> tuple[str, list[float], int]:
+    """(request id, one score per pair in order, prompt tokens used)."""
+    try:
+        pairs = score_pairs(first, second)
+    except ValueError as e:
+        raise OpenAIError(str(e), 400) from None
+    base = req.request_id or random_id(prefix)
+    keep = req.truncate_prompt_tokens
+    if pooling_task(engine) == "classify":
+        if num_labels(engine.engine_config.model_config.hf_config) != 1:
+            raise OpenAIError("Score API is only enabled for num_labels == 1.", 400)
+        prompts = [
+            _fits(
+                engine,
+                truncate_prompt(engine, pair_token_ids(engine.tokenizer, a, b), keep),
+                "score",
+            )
+            for a, b in pairs
+        ]
+        results = await pool_prompts(
+            engine, prompts, lambda: req.pooling_params("score"), base, req.priority
+        )
+        return base, [vec[0] for vec, _ in results], sum(len(p) for p in prompts)
+    texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each text embedded once
+    prompts = []
+    for t in texts:
+        ids = engine.encode(t)
+        if not ids:
+            raise OpenAIError("score inputs must not be empty strings", 400)
+        prompts.append(_fits(engine, truncate_prompt(engine, ids, keep), "score"))
+    results = await pool_prompts(
+        engine, prompts, lambda: PoolingParams(task="embed"), base, req.priority
+    )
+    vecs = dict(zip(texts, (vec for vec, _ in results)))
+    # usage: every prompt that ran, once (a 1:N query is embedded once), as vLLM counts
+    return base, [cosine(vecs[a], vecs[b]) for a, b in pairs], sum(len(p) for p in prompts)
+
+
+def _usage_n(n: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": n,
+        "total_tokens": n,
+        "completion_tokens": 0,
+        "prompt_tokens_details": None,
+    }
+
+
+def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], AsyncLLM]) -> None:
+    """Mount /classify, /score, /v1/score, /rerank, /v1/rerank and /v2/rerank."""
+
+    def engine_doing(
+        request: Request, model: str | None, what: str, tasks: tuple[str, ...]
+    ) -> AsyncLLM:
+        engine = engine_for(request, model)
+        if pooling_task(engine) not in tasks:
+            raise OpenAIError(f"The model does not support {what} API", 400)
+        return engine
+
+    @api.post("/classify", tags=["vllm"])
+    async def classify(body: ClassificationRequest, request: Request) -> dict:
+        engine = engine_doing(request, body.model, "Classification", ("classify",))
+        model = check_model(engine, body.model)
+        labels = id2label(engine.engine_config.model_config.hf_config)
+        with dead_engine_is_503():
+            prompts = _prompts(engine, body, "classification")  # type: ignore[arg-type]
+            rid = body.request_id or random_id("classify")
+            results = await pool_prompts(
+                engine, prompts, lambda: body.pooling_params("classify"), rid, body.priority
+            )
+        data = []
+        for i, (probs, _) in enumerate(results):
+            best = max(range(len(probs)), key=probs.__getitem__)
+            data.append(
+                {"index": i, "label": labels.get(best), "probs": probs, "num_classes": len(probs)}
+            )
+        return {
+            "id": rid,
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": _usage(prompts),
+        }
+
+    async def score(body: ScoreRequest, request: Request) -> dict:
+        engine = engine_doing(request, body.model, "Score", ("classify", "embed"))
+        model = check_model(engine, body.model)
+        first, second = body.sides()
+        with dead_engine_is_503():
+            rid, scores, n_tokens = await _scores(engine, body, first, second, "score")
+        data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+        return {
+            "id": rid,
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": _usage_n(n_tokens),
+        }
+
+    async def rerank(body: RerankRequest, request: Request) -> dict:
+        engine = engine_doing(request, body.model, "Score", ("classify", "embed"))
+        model = check_model(engine, body.model)
+        if not body.documents:
+            raise OpenAIError("documents must not be empty", 400, param="documents")
+        if body.top_n < 0:
+            raise OpenAIError(
+                f"top_n must be >= 0 (0: every document), got {body.top_n}", 400, param="top_n"
+            )
+        with dead_engine_is_503():
+            rid, scores, n_tokens = await _scores(
+                engine, body, body.query, body.documents, "rerank"
+            )
+        order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+        if body.top_n:
+            order = order[: body.top_n]
+        results = [
+            {"index": i, "document": {"text": body.documents[i]}, "relevance_score": scores[i]}
+            for i in order
+        ]
+        return {
+            "id": rid,
+            "model": model,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            "results": results,
+        }
+
+    for path in ("/score", "/v1/score"):
+        api.add_api_route(path, score, methods=["POST"], tags=["vllm"])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        api.add_api_route(path, rerank, methods=["POST"], tags=["vllm"])
