@@ -15,8 +15,8 @@ case ${1:-1} in
   1) run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
      run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
      run 330 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode ;;
-  2) run 150 bash bench/gpu/run_all.sh s25-tests
-     run 200 bash bench/gpu/run_all.sh w1
+  2) run 180 bash bench/gpu/run_all.sh s25-tests
+     run 190 bash bench/gpu/run_all.sh w1
      run 200 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env ;;
   3) run 560 bash bench/gpu/run_all.sh w2 ;;
   # session 25 on the H100: the GPU tests again, W3 bf16 + AWQ, GGUF Q8_0 decode
@@ -24,5 +24,9 @@ case ${1:-1} in
        run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
        run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
        run 200 env QD_FORMATS="gguf-q8_0" bash bench/gpu/run_all.sh quant-decode ;;
-  *) echo "usage: $0 1|2|3" >&2; exit 2 ;;
+  # session 26: GPU tests of its engine changes (structured outputs after the reasoning,
+  # kv_cache_memory on CUDA), then W2 at 16 req/s (never run on a GPU)
+  s26) run 200 bash bench/gpu/run_all.sh s26-tests
+       run 330 env W2_RATES=16 bash bench/gpu/run_all.sh w2 ;;
+  *) echo "usage: $0 1|2|3|s25|s26" >&2; exit 2 ;;
 esac

@@ -137,6 +137,8 @@ for s in $stages; do
                2>&1 | tee "$OUT/s19_tests.log" | tail -15 || rc=1 ;;
     s25-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py tests/test_gpu_engine.py \
                2>&1 | tee "$OUT/s25-tests.log" | tail -8 ;;
+    s26-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py \
+               tests/test_reasoning_structured.py 2>&1 | tee "$OUT/s26-tests.log" | tail -8 ;;
     s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \
                tests/test_tensor_parallel_gpu.py 2>&1 | tee "$OUT/s20_tests.log" | tail -15 || rc=1 ;;
     pw-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_piecewise.py 2>&1 \

@@ -5,10 +5,12 @@ execute() is the whole contract: SchedulerOutput in, RunnerOutput (token ids + l
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +58,23 @@ class PendingStep:
     # speculative requests (id, drafts) in order, and their verify() results end to end
     spec: list[tuple[str, list[int]]] = field(default_factory=list)
     spec_host: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The garbage collector off while CUDA graphs are captured: a collection that frees an
+    engine dropped earlier in this process (its graphs, its cuBLAS workspaces) would make
+    CUDA calls that are illegal while a stream captures, and invalidate the capture (a
+    second LLM built after `del llm` in one process failed so on the H100). Collected once
+    before, as vLLM does around its capture."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class ModelRunner:
@@ -256,7 +275,8 @@ class ModelRunner:
                 for _ in range(dc.num_hidden_layers)
             ]
         if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_size == 1:
-            self._capture_cuda_graphs()
+            with _no_gc():
+                self._capture_cuda_graphs()
 
     def _capture_cuda_graphs(self) -> None:
         """Capture decode steps for the batch ladder, when the CUDA kernels serve this model.
