@@ -3,9 +3,11 @@
 C1 single stream: 64-token prompt, 128 new tokens, greedy, ignore_eos -> TTFT and decode tok/s.
 C2 concurrency: 32 requests of ~64-token prompts, 64 new tokens each -> aggregate generated tok/s
 (prefill included). `--peer hf` runs HF transformers fp32 on the same weights in the same process,
-so the ratio is measured on one machine in one run.
+so the ratio is measured on one machine in one run. `--peer llama.cpp --llama-cpp-python PY` runs
+C1 through llama-cpp-python (BENCH.md's peer) on the same GGUF file, in the interpreter PY (a
+separate venv: it is not a modelport dependency), right after ours.
 
-    .venv/bin/python bench/cpu_default.py [--peer hf] [--json out.json]
+    .venv/bin/python bench/cpu_default.py [--peer hf|llama.cpp|both] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 
@@ -102,7 +105,8 @@ def run_modelport(args, quantization: str | None = None) -> dict:
         temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)  # warm-up
     if args.ab:
         res["c1_ab"] = c1_ab(eng, vocab, args.ab)
-    ttft_ms, tok_s, _ = c1(eng, vocab)
+    ttft_ms, tok_s, ids = c1(eng, vocab)
+    res["c1_token_ids"] = ids
     res["c1_ttft_ms"] = ttft_ms
     res["c1_decode_tok_s"] = tok_s
 
@@ -155,9 +159,52 @@ def run_hf(args) -> dict:
     return res
 
 
+# C1 through llama-cpp-python, run in the interpreter that has it: the same 64 prompt ids as
+# ours, greedy, 128 new tokens without stopping at EOS (Llama.generate does not stop by itself)
+_LLAMA_CPP_C1 = r"""
+import json, sys, time
+import llama_cpp
+path, threads, ids = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+t0 = time.perf_counter()
+llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                      n_batch=512, verbose=False)
+load_s = time.perf_counter() - t0
+def c1(n):
+    llm.reset()
+    t0 = time.perf_counter(); first = None; out = []
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(tok)
+        if first is None:
+            first = time.perf_counter()
+        if len(out) == n:
+            break
+    return first - t0, time.perf_counter() - first, out
+c1(48)  # warm-up
+ttft, rest, out = c1(128)
+print(json.dumps({"engine": f"llama-cpp-python {llama_cpp.__version__}, {threads} threads",
+                  "load_s": round(load_s, 2), "c1_ttft_ms": round(ttft * 1000, 1),
+                  "c1_decode_tok_s": round((len(out) - 1) / rest, 1), "c1_token_ids": out}))
+"""
+
+
+def run_llama_cpp(args) -> dict:
+    from modelport.loader import default_model_path
+
+    threads = args.threads or torch.get_num_threads()
+    vocab = 49152  # SmolLM2's; prompts() draws ids well inside it, as for our engine
+    ids = prompts(1, 64, vocab, 0)[0]
+    proc = subprocess.run([args.llama_cpp_python, "-c", _LLAMA_CPP_C1, str(default_model_path()),
+                           str(threads), json.dumps(ids)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-cpp-python failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peer", choices=["hf", "none"], default="none")
+    ap.add_argument("--peer", choices=["hf", "llama.cpp", "both", "none"], default="none")
+    ap.add_argument("--llama-cpp-python", default="python3", metavar="PY",
+                    help="the interpreter with llama-cpp-python installed (--peer llama.cpp)")
     ap.add_argument("--quantized", action="store_true",
                     help="besides the default (Q4_1 kept on an AVX2 CPU), also quantization="
                     "'none' (fp32) and 'gguf' (kept, bf16 LM head)")
@@ -181,8 +228,17 @@ def main() -> None:
     results = [run_modelport(args)]
     if args.quantized:
         results += [run_modelport(args, "none"), run_modelport(args, "gguf")]
-    if args.peer == "hf":
+    if args.peer in ("hf", "both"):
         results.append(run_hf(args))
+    if args.peer in ("llama.cpp", "both"):
+        results.append(run_llama_cpp(args))
+    ours = results[0].get("c1_token_ids") or []
+    for r in results[1:]:  # greedy agreement with the default engine (same prompt ids)
+        theirs = r.get("c1_token_ids") or []
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                    min(len(ours), len(theirs)))
+        if theirs:
+            r["c1_same_leading_tokens_as_default"] = same
     machine["loadavg_before_after"] = [load_before, list(os.getloadavg())]
     report = {"command": " ".join(["python"] + sys.argv), "machine": machine, "results": results,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
