@@ -43,6 +43,23 @@ logger = logging.getLogger("modelport.torchserve")
 ARCHIVE_SUFFIXES = (".mar", ".tar.gz", ".tgz", ".zip")
 
 
+def download_archive(url: str, target: Path, failure: str) -> Path:
+    """Stream `url` into `target` (a .mar or .war in its store); on an HTTP error nothing is
+    left behind and the error is TorchServe's DownloadArchiveException, `failure: <why>`."""
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, follow_redirects=False, timeout=60) as r:
+            r.raise_for_status()
+            with open(target, "wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+    except httpx.HTTPError as e:
+        target.unlink(missing_ok=True)
+        raise TSError(400, "DownloadArchiveException", f"{failure}: {e}") from e
+    return target
+
+
 class ModelRegistry:
     """Registered model versions. All methods run on the server's event loop."""
 
@@ -142,8 +159,6 @@ class ModelRegistry:
         return resolved
 
     def _download(self, url: str) -> Path:
-        import httpx
-
         if self.model_store is None:
             raise bad_request("Cannot download a model archive without a model store")
         name = Path(unquote(urlsplit(url).path)).name
@@ -152,18 +167,7 @@ class ModelRegistry:
         target = self.model_store / name
         if target.exists():
             raise conflict(f"Model file {name} already exists in model store")
-        try:
-            with httpx.stream("GET", url, follow_redirects=False, timeout=60) as r:
-                r.raise_for_status()
-                with open(target, "wb") as f:
-                    for chunk in r.iter_bytes():
-                        f.write(chunk)
-        except httpx.HTTPError as e:
-            target.unlink(missing_ok=True)
-            raise TSError(
-                400, "DownloadArchiveException", f"Failed to download archive from: {url}: {e}"
-            ) from e
-        return target
+        return download_archive(url, target, f"Failed to download archive from: {url}")
 
     # -- registration --
 

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 from modelport.torchserve.archive import MANIFEST_PATH, unpack
 from modelport.torchserve.errors import TSError, bad_request, conflict, internal
 from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
-from modelport.torchserve.registry import ModelRegistry
+from modelport.torchserve.registry import ModelRegistry, download_archive
 from modelport.torchserve.workflow_archive import (
     NAME_RE,
     NodeSpec,
@@ -130,8 +130,6 @@ class WorkflowRegistry:
         return resolved
 
     def _download(self, url: str) -> Path:
-        import httpx
-
         if self.store is None:
             raise bad_request("Cannot download a workflow archive without a workflow store")
         name = Path(unquote(urlsplit(url).path)).name
@@ -140,18 +138,7 @@ class WorkflowRegistry:
         target = self.store / name
         if target.exists():
             raise conflict(f"Workflow file {name} already exists in workflow store")
-        try:
-            with httpx.stream("GET", url, follow_redirects=False, timeout=60) as r:
-                r.raise_for_status()
-                with open(target, "wb") as f:
-                    for chunk in r.iter_bytes():
-                        f.write(chunk)
-        except httpx.HTTPError as e:
-            target.unlink(missing_ok=True)
-            raise TSError(
-                400, "DownloadArchiveException", f"Failed to download workflow archive: {e}"
-            ) from e
-        return target
+        return download_archive(url, target, "Failed to download workflow archive")
 
     @property
     def work_dir(self) -> Path:
