@@ -7,6 +7,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(autouse=True)
+def _torchserve_log_location(tmp_path_factory, monkeypatch):
+    """TorchServe's config snapshots go to $LOG_LOCATION/config and its metrics logs to
+    $METRICS_LOCATION (./logs without them): each test gets its own, so no test writes into
+    the repository or restores another's snapshot."""
+    logs = str(tmp_path_factory.mktemp("ts-logs"))
+    monkeypatch.setenv("LOG_LOCATION", logs)
+    monkeypatch.setenv("METRICS_LOCATION", logs)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -9,6 +9,7 @@ request. A handler error fails the batch, never the process.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import io
@@ -83,12 +84,12 @@ def load_entry_point(handler: str) -> tuple[Callable, Callable]:
     return pipeline, service.initialize
 
 
-def _metrics_cache(model_name: str) -> Any:
+def _metrics_cache(model_name: str, config_path: str | None = None) -> Any:
     import ts
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
     cache = MetricsCacheYamlImpl(
-        os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml")
+        config_path or os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml")
     )
     cache.initialize_cache()
     cache.model_name = model_name
@@ -122,8 +123,15 @@ class HandlerService:
         envelope: str | None = None,
         model_yaml_config: dict | None = None,
         extra_sys_path: list[str] | None = None,
+        metrics_config: str | None = None,
     ) -> None:
         from ts.context import Context
+
+        # the handler's metrics (ts.metrics logs them) go back to the server with each batch
+        self._metric_lines = _MetricLines()
+        metrics_logger = logging.getLogger("ts.metrics.caching_metric")
+        metrics_logger.addHandler(self._metric_lines)
+        metrics_logger.setLevel(logging.INFO)
 
         # TorchServe runs each worker with the model folder as cwd and on sys.path
         os.chdir(model_dir)
@@ -146,7 +154,7 @@ class HandlerService:
             gpu_id,
             _ts_version(),
             True,
-            _metrics_cache(model_name),
+            _metrics_cache(model_name, metrics_config),
             model_yaml_config or {},
         )
         self.context.cl_socket = StreamSocket()  # send_intermediate_predict_response target
@@ -154,6 +162,11 @@ class HandlerService:
         initialize(self.context)
 
     def execute(self, batch: list[RequestItem]) -> BatchResult:
+        result = self._run(batch)
+        lines = self._metric_lines.drain()
+        return dataclasses.replace(result, metrics=lines) if lines else result
+
+    def _run(self, batch: list[RequestItem]) -> BatchResult:
         from ts.context import RequestProcessor
         from ts.utils.util import PredictionException
 
@@ -208,6 +221,23 @@ class HandlerService:
                 ItemResponse(code, body, ct, {k: str(v) for k, v in headers.items()}, phrase)
             )
         return BatchResult(out)
+
+
+class _MetricLines(logging.Handler):
+    """Collects the `[METRICS]` lines ts.metrics.caching_metric logs in this worker."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "[METRICS]" in msg:
+            self.lines.append(msg)
+
+    def drain(self) -> tuple[str, ...]:
+        out, self.lines = tuple(self.lines), []
+        return out
 
 
 def _ts_version() -> str:

@@ -45,3 +45,5 @@ class BatchResult:
     error_message: str = ""
     # the handler's own PredictionException: its message goes to the client as is
     handler_error: bool = False
+    # `[METRICS]...` lines the handler's ts.metrics logged since the last batch
+    metrics: tuple[str, ...] = ()

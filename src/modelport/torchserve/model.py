@@ -101,6 +101,10 @@ class ModelVersion:
         self.batch_sizes_seen: list[int] = []  # for describe/debugging: recent batch sizes
         # request id -> consumer of that request's intermediate (streamed) responses
         self._streams: dict[str, Callable[[ItemResponse], None]] = {}
+        # TorchServe's metrics config (metrics.yaml) for the handler, and where the metric
+        # lines it logs go (set by the registry; None: the defaults / dropped)
+        self.metrics_config: str | None = None
+        self.metrics_sink: Callable[[tuple[str, ...]], None] | None = None
 
     # -- workers --
 
@@ -120,6 +124,7 @@ class ModelVersion:
                 "envelope": self.manifest.envelope,
                 "model_yaml_config": self.model_yaml,
                 "extra_sys_path": self.extra_sys_path,
+                **({"metrics_config": self.metrics_config} if self.metrics_config else {}),
             },
             name=f"{self.name}/{self.version}",
             call_timeout=self.settings.response_timeout_s,
@@ -232,6 +237,8 @@ class ModelVersion:
             return [Outcome(err, started - t) for _, t in jobs]
         finally:
             self._release(slot)
+        if result.metrics and self.metrics_sink is not None:
+            self.metrics_sink(result.metrics)
         if result.responses is None:
             # TorchServe's frontend (RestJob.sendError): the backend's code as the status (413
             # read as 507), the body an InternalServerException whatever the code; a handler's

@@ -80,6 +80,9 @@ class ModelRegistry:
         self._models: dict[str, dict[str, ModelVersion]] = {}
         self._defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()
+        # TorchServe metrics: the handlers' metrics.yaml and the sink of their metric lines
+        self.metrics_config: str | None = None
+        self.metrics_sink: Callable[[tuple[str, ...]], None] | None = None
 
     # -- lookup --
 
@@ -286,6 +289,7 @@ class ModelRegistry:
             loaded_at_startup=loaded_at_startup,
             extra_sys_path=extra_path,
         )
+        mv.metrics_config, mv.metrics_sink = self.metrics_config, self.metrics_sink
         return mv, entry
 
     @staticmethod

@@ -57,9 +57,34 @@ def parse_properties(text: str) -> dict[str, str]:
         logical += line
         m = re.match(r"\s*([^=:\s]+)\s*[=:]?\s*(.*)$", logical)
         if m:
-            out[m.group(1)] = m.group(2).strip()
+            # Java's escapes (`\:`, `\=`, `\n`, ...), as in the snapshots TorchServe writes
+            out[m.group(1)] = unescape_java(m.group(2).strip())
         logical = ""
     return out
+
+
+_JAVA_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def unescape_java(value: str) -> str:
+    """java.util.Properties.load's escapes: \\t \\n \\r \\f, \\uXXXX, and `\\x` is `x`."""
+    if "\\" not in value:
+        return value
+    out, i = [], 0
+    while i < len(value):
+        c = value[i]
+        if c != "\\" or i + 1 == len(value):
+            out.append(c)
+            i += 1
+            continue
+        nxt = value[i + 1]
+        if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", value[i + 2 : i + 6]):
+            out.append(chr(int(value[i + 2 : i + 6], 16)))
+            i += 6
+            continue
+        out.append(_JAVA_ESCAPES.get(nxt, nxt))
+        i += 2
+    return "".join(out)
 
 
 def _bool(v: str | None, default: bool) -> bool:

@@ -30,6 +30,12 @@ class TSState:
     config_entry: Callable[[str, str], ModelEntry | None] | None = None
     # TorchServe workflows (/workflows, /wfpredict); None: the API answers 404
     workflows: WorkflowRegistry | None = None
+    # called after each management change (TorchServe's config snapshot); None: nothing
+    on_change: Callable[[], object] | None = None
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def authorize(self, kind: str, request: Request) -> None:
         if self.auth is not None:

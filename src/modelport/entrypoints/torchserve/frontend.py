@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvicorn
@@ -32,7 +32,12 @@ from modelport.entrypoints.torchserve.grpc_api import (
 )
 from modelport.entrypoints.torchserve.inference import make_inference_app, make_inference_router
 from modelport.entrypoints.torchserve.management import make_management_app, make_metrics_app
-from modelport.entrypoints.torchserve.metrics import TSMetrics
+from modelport.entrypoints.torchserve.metrics_modes import metrics_for
+from modelport.entrypoints.torchserve.snapshots import (
+    add_snapshot_args,
+    config_path,
+    make_snapshot_manager,
+)
 from modelport.entrypoints.torchserve.workflows import (
     add_workflow_args,
     make_workflow_registry,
@@ -43,6 +48,7 @@ from modelport.entrypoints.torchserve.workflows import (
 from modelport.torchserve.archive import MANIFEST_PATH
 from modelport.torchserve.auth import TokenAuth
 from modelport.torchserve.registry import ARCHIVE_SUFFIXES, ModelRegistry
+from modelport.torchserve.snapshot import SnapshotManager
 from modelport.torchserve.ts_config import ModelSettings, TSConfig, load_ts_config
 
 logger = logging.getLogger("modelport.torchserve")
@@ -112,6 +118,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     add_grpc_args(g)
     add_workflow_args(g)
+    add_snapshot_args(g)
 
 
 def wants(args: argparse.Namespace) -> bool:
@@ -225,8 +232,15 @@ class TorchServeService:
         self.metrics_port: int | None = None
         self.grpc: GrpcServers | None = None
         self.listen = plan.listen  # read by cli_serve: where the shared app listens
+        self.snapshots: SnapshotManager | None = None  # TorchServe's config snapshots
 
     async def start(self) -> None:
+        if self.snapshots is not None:
+            try:
+                await self.snapshots.restore()
+            except BaseException:
+                await self.state.registry.stop()
+                raise
         # load startup models concurrently: each spends seconds importing in its workers
         results = await asyncio.gather(
             *(self._load(name, url) for name, url in self.plan.startup), return_exceptions=True
@@ -259,6 +273,8 @@ class TorchServeService:
             )
         if self.plan.grpc is not None:
             self.grpc = await GrpcServers.start(self.state, self.plan.grpc)
+        if self.snapshots is not None:
+            self.snapshots.save("startup")
 
     async def _load(self, name: str | None, url: str) -> None:
         """Load one startup archive with its config.properties `models=` settings.
@@ -303,13 +319,18 @@ class TorchServeService:
         await stop_workflows(self.state)
         if self.grpc is not None:
             await self.grpc.stop()
+        if self.snapshots is not None:
+            self.snapshots.save("shutdown")
         await self.state.registry.stop()
+        if hasattr(self.state.metrics, "close"):  # metrics_mode log's files
+            self.state.metrics.close()
         if self.state.auth is not None:
             self.state.auth.remove_key_file()
 
 
 async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
-    cfg = load_ts_config(args.ts_config) if getattr(args, "ts_config", None) else TSConfig()
+    path = config_path(args)  # --ts-config, else the last config snapshot
+    cfg = load_ts_config(path) if path else TSConfig()
     plan = _plan(args, cfg)
     store = args.model_store or cfg.model_store
     defaults = ModelSettings(
@@ -326,14 +347,24 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         key_file = Path(args.ts_key_file or os.path.join(os.getcwd(), "key_file.json"))
         auth = TokenAuth(key_file, cfg.token_expiration_min)
         logger.info("TorchServe token authorization on; keys in %s", key_file)
+    metrics = metrics_for(cfg)  # metrics_mode / metrics_config / model_metrics_auto_detect
+    metrics_yaml = cfg.extra.get("metrics_config")  # the workers run in their model folders
+    registry.metrics_config = str(Path(metrics_yaml).absolute()) if metrics_yaml else None
+    registry.metrics_sink = metrics.backend_metrics
     state = TSState(
         registry=registry,
-        metrics=TSMetrics(),
+        metrics=metrics,
         auth=auth,
         model_api=cfg.enable_model_api,
         default_workers=cfg.default_workers_per_model or 0,
         config_entry=cfg.entry_for_model,
     )
     state.workflows = make_workflow_registry(args, cfg, registry)
+    snapshots = make_snapshot_manager(args, path, cfg, registry, state.workflows)
+    if snapshots.restore_from is not None:  # model_snapshot replaces load_models / --models
+        plan = replace(plan, startup=())
+    state.on_change = snapshots.save
     app.include_router(make_inference_router(state))
-    return TorchServeService(state, plan, getattr(args, "log_level", "info"))
+    service = TorchServeService(state, plan, getattr(args, "log_level", "info"))
+    service.snapshots = snapshots
+    return service

@@ -168,6 +168,13 @@ def make_inference_router(state: TSState) -> APIRouter:
     async def predict(
         request: Request, model_name: str, version: str | None, explain: bool = False
     ) -> Response:
+        response = await _predict(request, model_name, version, explain)
+        state.metrics.request_status(response.status_code)  # Requests2XX/4XX/5XX
+        return response
+
+    async def _predict(
+        request: Request, model_name: str, version: str | None, explain: bool
+    ) -> Response:
         try:
             state.authorize("inference", request)
             mv = state.registry.get(model_name, version)

@@ -144,7 +144,9 @@ def make_management_app(state: TSState) -> FastAPI:
                 state.authorize("management", request)
             except TSError as e:
                 return error_response(e)
-        return await call_next(request)
+        response = await call_next(request)
+        state.metrics.request_status(response.status_code)  # Requests2XX/4XX/5XX
+        return response
 
     @app.get("/models")
     async def list_models(request: Request) -> JSONResponse:
@@ -305,6 +307,7 @@ async def register_model(state: TSState, p: _Params) -> tuple[str, int]:
         synchronous=sync,
         config_entry=state.config_entry,
     )
+    state.changed()
     # the archive's YAML minWorkers/maxWorkers win over initial_workers (TorchServe)
     workers = mv.settings.min_workers
     base = f'Model "{mv.name}" Version: {mv.version} registered with {workers} initial workers'
@@ -340,24 +343,30 @@ async def scale_workers(
     mv = reg.get(model_name, version)
     job = reg.scale(model_name, mv.version, min_w, max_w)
     if p.java_bool("synchronous", False):
-        await job
+        try:
+            await job
+        finally:
+            state.changed()
         msg = f"Workers scaled to {min_w} for model: {model_name}"
         if version is not None:  # TorchServe names the version only when it was given
             msg += f", version: {version}"
         return msg, 200
     task = asyncio.get_running_loop().create_task(job)
     task.add_done_callback(_log_failure)
+    task.add_done_callback(lambda _: state.changed())
     return "Processing worker updates...", 202
 
 
 def set_default_version(state: TSState, model_name: str, version: str) -> str:
     state.registry.set_default(model_name, version)
+    state.changed()
     return f'Default version successfully updated for model "{model_name}" to "{version}"'
 
 
 async def unregister_model(state: TSState, model_name: str, version: str | None) -> str:
     check_model_api(state)
     mv = await state.registry.unregister(model_name, version)
+    state.changed()
     return f'Model "{mv.name}" unregistered'  # TorchServe's words, version or not
 
 

@@ -40,6 +40,12 @@ class TSMetrics:
         self.inference_us[key] += latency_s * 1e6
         self.queue_us[key] += max(queue_s, 0.0) * 1e6
 
+    def request_status(self, code: int) -> None:
+        """An API response's status (Requests2XX/4XX/5XX); counted in metrics_modes only."""
+
+    def backend_metrics(self, lines: tuple[str, ...]) -> None:
+        """Metric lines a handler logged; kept in metrics_modes only."""
+
     def render(self) -> str:
         lines = []
         for name, doc, attr in _SERIES:
