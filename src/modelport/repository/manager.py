@@ -42,6 +42,7 @@ from modelport.repository.resolve import resolve_config
 from modelport.repository.tensors import InferRequest, InferResponse
 from modelport.repository.trace import Tracer
 from modelport.repository.versions import select_versions
+from modelport.serving.rate_limiter import RateLimiter
 from modelport.serving.response_cache import ResponseCache
 
 logger = logging.getLogger("modelport.repository")
@@ -128,10 +129,12 @@ class RepositoryManager:
         strict_readiness: bool = True,
         response_cache: ResponseCache | None = None,
         tracer: Tracer | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         """strict_readiness: Triton's --strict-readiness (see `server_ready`);
         response_cache: the server's cache (--cache-config), used by the models whose config
-        enables `response_cache`; tracer: request tracing (--trace-config, /v2/trace)."""
+        enables `response_cache`; tracer: request tracing (--trace-config, /v2/trace);
+        rate_limiter: --rate-limit execution_count (None: off, instance resources ignored)."""
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {CONTROL_MODES}")
         self.repositories = [Path(r) for r in repositories]
@@ -145,6 +148,7 @@ class RepositoryManager:
         self.strict_readiness = strict_readiness
         self.response_cache = response_cache
         self.tracer = tracer if tracer is not None else Tracer()
+        self.rate_limiter = rate_limiter
         self.entries: dict[str, ModelEntry] = {}
         self.ready = False  # started and not stopping; `server_ready` adds the model check
         # models asked for at start-up that failed to load: name -> why
@@ -432,6 +436,7 @@ class RepositoryManager:
                             create_backend(cfg.backend, ctx),
                             cache=self.response_cache,
                             tracer=self.tracer,
+                            rate_limiter=self.rate_limiter,
                         )
                         await model.start()
                         new[v] = model

@@ -27,6 +27,7 @@ from modelport.repository.errors import (
     Unsupported,
 )
 from modelport.repository.model_config import is_decoupled
+from modelport.repository.rate_limit import instance_limits
 from modelport.repository.sequence import ControlInputs, ImplicitStates, is_sequence
 from modelport.repository.sequence import batcher_config as sequence_batcher_config
 from modelport.repository.stats import ModelStats
@@ -42,6 +43,7 @@ from modelport.serving.batcher import (
     RequestTimeoutError,
     TimeoutAction,
 )
+from modelport.serving.rate_limiter import RateLimiter, RateLimitError
 from modelport.serving.response_cache import Miss, ModelCache, ResponseCache
 from modelport.serving.sequence_batcher import (
     SeqEntry,
@@ -113,10 +115,14 @@ class ModelVersion:
         backend: Backend,
         cache: ResponseCache | None = None,
         tracer: Tracer | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         """cache: the server's response cache (--cache-config), used when the config has
-        `response_cache { enable: true }`; tracer: the server's request tracing."""
+        `response_cache { enable: true }`; tracer: the server's request tracing;
+        rate_limiter: the server's (--rate-limit execution_count), None when off."""
         self.config = config
+        self.rate_limiter = rate_limiter
+        self._limiter_key = f"{config.name}:{version}:{id(self)}"
         self.tracer = tracer
         self.name = config.name
         self.version = version
@@ -150,8 +156,26 @@ class ModelVersion:
             assert cache is not None
             self._cache = ModelCache(cache, self.name, version, self.stats)
 
+    def _limit(self) -> None:
+        if self.rate_limiter is None:
+            return
+        try:
+            gates = self.rate_limiter.register(self._limiter_key, instance_limits(self.config))
+        except RateLimitError as e:
+            raise ModelConfigError(str(e)) from None
+        self.backend.limit(gates)
+
+    def _unlimit(self) -> None:
+        if self.rate_limiter is not None:
+            self.rate_limiter.unregister(self._limiter_key)
+
     async def start(self) -> None:
-        await self.backend.load()
+        self._limit()
+        try:
+            await self.backend.load()
+        except BaseException:
+            self._unlimit()
+            raise
         self.batcher.start()
         if self.sequencer is not None:
             self.sequencer.start()
@@ -170,6 +194,7 @@ class ModelVersion:
             self.states.clear()
         await self.batcher.stop()
         await self.backend.unload()
+        self._unlimit()
 
     async def _warmup(self) -> None:
         for label, req, count in warmup_requests(self.config, self.backend.ctx.model_dir):
@@ -195,6 +220,8 @@ class ModelVersion:
     async def _execute(self, items: list[BatchItem]) -> list[Any]:
         start = time.perf_counter_ns()
         results = await self.backend.execute(items)
+        # from the backend's compute start: a rate limiter's wait is queue time, not compute
+        start = max(start, items[0].compute_start_ns) if items else start
         rows = sum(it.extra.get("rows", 1) for it in items)
         self.stats.record_execution(rows, time.perf_counter_ns() - start)
         return results
@@ -237,7 +264,8 @@ class ModelVersion:
             )
             items.append(item)
         start = time.perf_counter_ns()
-        results = await self.backend.run_batch(instance, items)
+        results = await self.backend.run_limited(instance, items)
+        start = max(start, items[0].compute_start_ns)  # rate limiter wait: queue time
         self.stats.record_execution(len(items), time.perf_counter_ns() - start)
         if states is not None and len(results) == len(entries):
             results = list(results)
@@ -374,8 +402,10 @@ class ModelVersion:
         COMPUTE_START and COMPUTE_OUTPUT_START is COMPUTE_END, as compute_input and
         compute_output are 0 in the statistics."""
         if item is not None and item.compute_start_ns:
-            # a decoupled stream may end before its batch reports back: then at `end`
+            # a decoupled stream may end before its batch reports back: then at `end`; and
+            # the batch may report back between `end` and now: never after REQUEST_END
             done = item.compute_end_ns if item.compute_end_ns >= item.compute_start_ns else end
+            done = min(done, end)
             trace.stamp("COMPUTE_START", item.compute_start_ns)
             trace.stamp("COMPUTE_INPUT_END", item.compute_start_ns)
             trace.stamp("COMPUTE_OUTPUT_START", done)

@@ -34,6 +34,8 @@ class EmbeddedServer:
         response_cache_byte_size: int = 0,
         trace_config: Sequence[str] = (),
         log_settings: Mapping[str, Any] | None = None,
+        rate_limit: str = "off",
+        rate_limit_resources: Sequence[str] = (),
     ) -> None:
         """Ports 0 (the default) bind free ports; -1 turns gRPC or metrics off.
 
@@ -43,7 +45,8 @@ class EmbeddedServer:
         the older --response-cache-byte-size.
         trace_config: --trace-config values ("level=TIMESTAMPS", "triton,file=PATH", ...);
         log_settings: the --log-* flags by name without the prefix (verbose, info, warning,
-        error, format, file); giving any takes the "modelport" loggers over until stop()."""
+        error, format, file); giving any takes the "modelport" loggers over until stop().
+        rate_limit / rate_limit_resources: --rate-limit and its --rate-limit-resource values."""
         self.args = argparse.Namespace(
             host=host,
             port=http_port,
@@ -58,6 +61,8 @@ class EmbeddedServer:
             triton_cache_config=list(cache_config),
             response_cache_byte_size=response_cache_byte_size,
             trace_config=list(trace_config),
+            rate_limit=rate_limit,
+            rate_limit_resource=list(rate_limit_resources),
             **{f"log_{k}": v for k, v in (log_settings or {}).items()},
         )
         self.host = host

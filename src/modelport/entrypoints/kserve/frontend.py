@@ -23,6 +23,7 @@ from modelport.entrypoints.kserve.metrics import MetricsServer
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
 from modelport.repository.manager import CONTROL_MODES, RepositoryManager
 from modelport.repository.trace import Tracer, parse_trace_config
+from modelport.serving.rate_limiter import RateLimiter, parse_resource_option
 from modelport.serving.response_cache import parse_cache_config
 
 logger = logging.getLogger("modelport.kserve")
@@ -116,6 +117,22 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="BYTES",
         help="deprecated (as in Triton): same as --cache-config local,size=BYTES",
+    )
+    g.add_argument(
+        "--rate-limit",
+        choices=("off", "execution_count"),
+        default="off",
+        help="Triton's rate limiter: with execution_count a model instance runs a batch only "
+        "when the resources its instance_group's rate_limiter lists are free (priority "
+        "orders waiting instances); off (default) ignores them",
+    )
+    g.add_argument(
+        "--rate-limit-resource",
+        action="append",
+        default=[],
+        metavar="NAME:COUNT[:DEVICE]",
+        help="with --rate-limit execution_count: the count of a resource (no DEVICE: on every "
+        "device); by default a resource counts the most any loaded instance needs (repeatable)",
     )
     g.add_argument(
         "--repository-poll-secs",
@@ -255,6 +272,24 @@ def _version() -> str:
         return "0.0.0"
 
 
+def rate_limiter(args: argparse.Namespace) -> RateLimiter | None:
+    """--rate-limit / --rate-limit-resource; None when off (resources are then ignored)."""
+    mode = getattr(args, "rate_limit", None) or "off"
+    if mode not in ("off", "execution_count"):
+        raise SystemExit(
+            f"modelport serve: --rate-limit must be 'off' or 'execution_count', got {mode!r}"
+        )
+    try:
+        explicit = [parse_resource_option(a) for a in getattr(args, "rate_limit_resource", [])]
+    except ValueError as e:
+        raise SystemExit(f"modelport serve: {e}") from None
+    if mode == "off":
+        if explicit:
+            logger.warning("--rate-limit-resource has no effect with --rate-limit off")
+        return None
+    return RateLimiter(explicit)
+
+
 async def build(args: argparse.Namespace, app: FastAPI) -> Service:
     try:
         cache = parse_cache_config(
@@ -265,6 +300,7 @@ async def build(args: argparse.Namespace, app: FastAPI) -> Service:
         raise SystemExit(f"modelport serve: {e}") from None
     if cache is not None:
         logger.info("response cache: local, %d bytes", cache.size)
+    limiter = rate_limiter(args)
     tracer, logs = trace_log_settings(args)
     try:
         manager = RepositoryManager(
@@ -275,6 +311,7 @@ async def build(args: argparse.Namespace, app: FastAPI) -> Service:
             strict_readiness=args.strict_readiness,
             response_cache=cache,
             tracer=tracer,
+            rate_limiter=limiter,
         )
     except (FileNotFoundError, ValueError) as e:
         logs.release()

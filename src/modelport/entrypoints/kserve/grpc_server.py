@@ -25,7 +25,7 @@ from modelport.entrypoints.kserve.grpc_codec import (
 from modelport.entrypoints.kserve.http_codec import tensor_metadata
 from modelport.entrypoints.kserve.http_routes import EXTENSIONS, trace_model
 from modelport.entrypoints.kserve.log_settings import LogControl
-from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
+from modelport.entrypoints.kserve.shared_memory import CUDA, SharedMemoryRegistry
 from modelport.repository.errors import InvalidArgument, ServingError, Status, Unsupported
 from modelport.repository.manager import RepositoryManager
 from modelport.repository.tensors import (
@@ -258,6 +258,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as e:
             await self._fail(context, e)
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request, context):  # noqa: N802
+        try:
+            rows = self.shm.status(request.name, kind=CUDA)
+        except Exception as e:
+            await self._fail(context, e)
+        out = pb.CudaSharedMemoryStatusResponse()
+        for r in rows:
+            out.regions[r["name"]].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(**r))
+        return out
+
+    async def CudaSharedMemoryRegister(self, request, context):  # noqa: N802
+        try:
+            self.shm.register_cuda(
+                request.name, request.raw_handle, request.device_id, request.byte_size
+            )
+        except Exception as e:
+            await self._fail(context, e)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(self, request, context):  # noqa: N802
+        try:
+            self.shm.unregister(request.name, kind=CUDA)
+        except Exception as e:
+            await self._fail(context, e)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     async def RepositoryIndex(self, request, context):  # noqa: N802
         try:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from modelport.entrypoints.kserve import http_codec as codec
 from modelport.entrypoints.kserve.log_settings import LogControl
-from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
+from modelport.entrypoints.kserve.shared_memory import CUDA, SharedMemoryRegistry
 from modelport.repository.errors import (
     InvalidArgument,
     NotFound,
@@ -48,6 +48,7 @@ EXTENSIONS = [
     "model_configuration",
     "classification",
     "system_shared_memory",
+    "cuda_shared_memory",
     "schedule_policy",
     "generate",
     "trace",
@@ -313,6 +314,34 @@ def build_router(
         shm.unregister(region)
         return Response(status_code=200)
 
+    @router.get("/v2/cudasharedmemory/status")
+    @router.get("/v2/cudasharedmemory/region/{region}/status")
+    @guarded
+    async def cuda_shm_status(region: str = "") -> Response:
+        return JSONResponse(shm.status(region, kind=CUDA))
+
+    @router.post("/v2/cudasharedmemory/region/{region}/register")
+    @guarded
+    async def cuda_shm_register(request: Request, region: str) -> Response:
+        doc = await _json_body(request)
+        raw = doc.get("raw_handle")
+        b64 = raw.get("b64") if isinstance(raw, dict) else None
+        try:  # a bad handle fails in the registry, after Triton's no-GPU answer
+            handle = base64.b64decode(b64, validate=True) if isinstance(b64, str) else b""
+        except (binascii.Error, ValueError):
+            handle = b""
+        device_id = codec.int_param(doc.get("device_id", 0), "shared memory 'device_id'")
+        byte_size = codec.int_param(doc.get("byte_size", 0), "shared memory 'byte_size'")
+        shm.register_cuda(region, handle, device_id, byte_size)
+        return Response(status_code=200)
+
+    @router.post("/v2/cudasharedmemory/unregister")
+    @router.post("/v2/cudasharedmemory/region/{region}/unregister")
+    @guarded
+    async def cuda_shm_unregister(region: str = "") -> Response:
+        shm.unregister(region, kind=CUDA)
+        return Response(status_code=200)
+
     async def _trace_setting(request: Request, model_name: str | None = None) -> Response:
         model = trace_model(manager, model_name)
         if request.method == "POST":
@@ -334,13 +363,6 @@ def build_router(
                 raise InvalidArgument("log settings must be a JSON object")
             log_control.update(doc)
         return JSONResponse(log_control.settings())
-
-    async def _unsupported(request: Request, rest: str = "") -> Response:
-        raise Unsupported(f"{request.url.path} is not supported by modelport")
-
-    for prefix in ("/v2/cudasharedmemory",):
-        router.api_route(prefix, methods=["GET", "POST"])(guarded(_unsupported))
-        router.api_route(prefix + "/{rest:path}", methods=["GET", "POST"])(guarded(_unsupported))
 
     async def _no_route(request: Request, rest: str = "") -> Response:
         # last: any other /v2 path (or method) answers in KServe's shape, not FastAPI's

@@ -1,8 +1,11 @@
-"""Triton's system shared memory extension: tensors passed through POSIX shared memory.
+"""Triton's system and CUDA shared memory extensions: tensors passed through shared memory.
 
-A client on the same host creates a region (shm_open key such as "/input0"), registers it
-under a name, and then names that region instead of sending tensor bytes; outputs can be
-written into a region the same way. One registry serves HTTP and gRPC, as in Triton.
+A client on the same host creates a region (shm_open key such as "/input0", or device
+memory shared with cudaIpcGetMemHandle), registers it under a name, and then names that
+region instead of sending tensor bytes; outputs can be written into a region the same way.
+One registry serves HTTP and gRPC and both kinds, as in Triton (one name space: a name is
+either a system or a CUDA region); inputs and outputs use the same parameters
+(shared_memory_region / _offset / _byte_size) whatever the kind.
 """
 
 from __future__ import annotations
@@ -11,10 +14,19 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
+from modelport.entrypoints.kserve.cuda_ipc import (
+    IPC_HANDLE_SIZE,
+    CudaIpcBuffer,
+    CudaUnavailable,
+    cuda_available,
+)
 from modelport.repository.errors import InvalidArgument, NotFound, ServingError, Status
 
 SHM_DIR = "/dev/shm"
+SYSTEM = "system"
+CUDA = "cuda"
 
 
 @dataclass
@@ -23,9 +35,13 @@ class Region:
     key: str
     offset: int
     byte_size: int
-    buffer: mmap.mmap
+    buffer: Any  # mmap.mmap (system) or CudaIpcBuffer (cuda)
+    kind: str = SYSTEM
+    device_id: int = 0
 
     def status(self) -> dict:
+        if self.kind == CUDA:
+            return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
         return {
             "name": self.name,
             "key": self.key,
@@ -70,26 +86,63 @@ class SharedMemoryRegistry:
                 os.close(fd)
             self._regions[name] = Region(name, key, offset, byte_size, buffer)
 
-    def unregister(self, name: str = "") -> None:
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        """A region of device memory (`raw_handle`: a cudaIpcMemHandle_t's bytes)."""
+        if not cuda_available():  # Triton built without GPU support answers so
+            raise InvalidArgument(
+                f"failed to register CUDA shared memory region: '{name}', GPUs not supported"
+            )
+        if not name:
+            raise InvalidArgument("shared memory registration needs a region name")
+        with self._lock:
+            if name in self._regions:
+                raise ServingError(
+                    f"shared memory region '{name}' already in manager", Status.ALREADY_EXISTS
+                )
+            if len(raw_handle) != IPC_HANDLE_SIZE:
+                raise InvalidArgument(
+                    "'raw_handle' must be a valid base64 encode cudaIpcMemHandle_t"
+                )
+            if byte_size <= 0:
+                raise InvalidArgument(
+                    f"failed to register CUDA shared memory region '{name}': byte_size must "
+                    f"be positive, got {byte_size}"
+                )
+            try:
+                buffer = CudaIpcBuffer(raw_handle, device_id, byte_size)
+            except CudaUnavailable:
+                raise InvalidArgument(
+                    f"failed to register CUDA shared memory region: '{name}', GPUs not supported"
+                ) from None
+            except (ValueError, RuntimeError) as e:
+                raise InvalidArgument(
+                    f"failed to register CUDA shared memory region '{name}': {e}"
+                ) from None
+            self._regions[name] = Region(name, "", 0, byte_size, buffer, CUDA, device_id)
+
+    def unregister(self, name: str = "", kind: str = SYSTEM) -> None:
+        """Drop `name` (if it is a region of `kind`), or every region of `kind`."""
         with self._lock:
             names = [name] if name else list(self._regions)
             for n in names:
-                region = self._regions.pop(n, None)
-                if region is not None:
+                region = self._regions.get(n)
+                if region is not None and region.kind == kind:
+                    del self._regions[n]
                     region.buffer.close()
 
-    def status(self, name: str = "") -> list[dict]:
+    def status(self, name: str = "", kind: str = SYSTEM) -> list[dict]:
         with self._lock:
             if name:
-                if name not in self._regions:
-                    raise NotFound(f"Unable to find system shared memory region: '{name}'")
-                return [self._regions[name].status()]
-            return [r.status() for r in self._regions.values()]
+                region = self._regions.get(name)
+                if region is None or region.kind != kind:
+                    raise NotFound(f"Unable to find {kind} shared memory region: '{name}'")
+                return [region.status()]
+            return [r.status() for r in self._regions.values() if r.kind == kind]
 
     def _span(self, name: str, offset: int, size: int) -> tuple[Region, int]:
         region = self._regions.get(name)
         if region is None:
-            raise NotFound(f"Unable to find system shared memory region: '{name}'")
+            raise NotFound(f"Unable to find shared memory region: '{name}'")
         if offset < 0 or size < 0 or offset + size > region.byte_size:
             raise InvalidArgument(
                 f"shared memory region '{name}': {size} bytes at offset {offset} exceed its "
@@ -100,6 +153,8 @@ class SharedMemoryRegistry:
     def read(self, name: str, offset: int, size: int) -> bytes:
         with self._lock:
             region, start = self._span(name, offset, size)
+            if region.kind == CUDA:
+                return region.buffer.read(start, size)
             return bytes(region.buffer[start : start + size])
 
     def write(self, name: str, offset: int, size: int, data: bytes) -> None:
@@ -110,7 +165,11 @@ class SharedMemoryRegistry:
                     f"output needs {len(data)} bytes, shared memory region '{name}' was given "
                     f"{size}"
                 )
-            region.buffer[start : start + len(data)] = data
+            if region.kind == CUDA:
+                region.buffer.write(start, data)
+            else:
+                region.buffer[start : start + len(data)] = data
 
     def close(self) -> None:
-        self.unregister()
+        self.unregister(kind=SYSTEM)
+        self.unregister(kind=CUDA)

@@ -25,6 +25,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.custom_metrics import CustomMetrics
 from modelport.repository.tensors import InferRequest, InferResponse
+from modelport.serving.rate_limiter import Gate
 
 STREAM_END = object()  # put on BatchItem.stream after a decoupled request's last response
 
@@ -95,6 +96,7 @@ class Backend(ABC):
         self.config = ctx.config
         self.instances = expand_instances(ctx.config)
         self._idle: asyncio.Queue[int] = asyncio.Queue()
+        self._gates: list[Gate] | None = None  # rate limiter (--rate-limit execution_count)
 
     @property
     def num_instances(self) -> int:
@@ -115,11 +117,30 @@ class Backend(ABC):
         for i in range(self.num_instances):
             self._idle.put_nowait(i)
 
+    def limit(self, gates: list[Gate] | None) -> None:
+        """Gate instance i's batches on `gates[i]` (Triton's rate limiter); None: ungated."""
+        assert gates is None or len(gates) == len(self.instances)
+        self._gates = gates
+
+    async def run_limited(self, instance: int, items: list[BatchItem]) -> list[Any]:
+        """run_batch once the instance holds its rate-limiter resources (released after,
+        also on error). The wait happens before the backend stamps compute_start_ns, so it
+        counts as queue time in the statistics, as in Triton."""
+        gates = self._gates
+        if gates is None or instance >= len(gates):  # (a backend with its own slots: llm)
+            return await self.run_batch(instance, items)
+        gate = gates[instance]
+        await gate.acquire()
+        try:
+            return await self.run_batch(instance, items)
+        finally:
+            gate.release()
+
     async def execute(self, items: list[BatchItem]) -> list[Any]:
         """Pick an idle instance, run the batch there, give the instance back."""
         instance = await self._idle.get()
         try:
-            return await self.run_batch(instance, items)
+            return await self.run_limited(instance, items)
         finally:
             with contextlib.suppress(asyncio.QueueFull):
                 self._idle.put_nowait(instance)
