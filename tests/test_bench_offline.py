@@ -205,3 +205,15 @@ def test_throughput_takes_vllms_fixed_input_and_output_lengths(tiny, tmp_path, c
     assert res["workload"]["output_len_range"] == [4, 4]
     run = res["runs"][0]
     assert run["prompt_tokens"] == 36 and run["output_tokens"] == 12
+
+
+def test_lengths_past_the_models_context_are_refused_before_running(tiny):
+    """The default W1 / W3 lengths on a 512-position model: a clear error naming the flags,
+    not the engine's ValueError traceback from the middle of the run."""
+    with pytest.raises(SystemExit, match=r"1152 tokens exceeds the model's max_model_len 512"):
+        main(["bench", "latency", "--model", str(tiny)])
+    with pytest.raises(SystemExit, match=r"max_model_len is 512; lower --input-len"):
+        main(["bench", "throughput", "--model", str(tiny), "--num-prompts", "4"])
+    with pytest.raises(SystemExit, match=r"exceeds the model's max_model_len 64"):
+        main(["bench", "latency", "--model", str(tiny), "--max-model-len", "64",
+              "--input-len", "60", "--output-len", "8"])

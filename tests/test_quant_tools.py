@@ -345,3 +345,13 @@ def test_calibration_from_model(tiny: Path, tmp_path: Path, capsys: pytest.Captu
     assert cli_main(["quantize", "--method", "fp8", "--model", str(tiny), "--output",
                      str(tmp_path / "fp8"), "--calib-from-model"]) == 1
     assert "FP8 needs no calibration" in capsys.readouterr().err
+
+
+def test_calibration_from_model_fits_the_models_context(tiny: Path) -> None:
+    """--seq-len 512 (the default) on a model with 512 positions: the generator's context is
+    capped at the model's instead of asking for seq_len + 64 and failing."""
+    from modelport.quantization.tools.selfcalib import generate_calibration
+
+    limit = json.loads((tiny / "config.json").read_text())["max_position_embeddings"]
+    texts = generate_calibration(str(tiny), num_samples=1, seq_len=limit)
+    assert texts and all(texts)

@@ -49,7 +49,7 @@ def test_reasoning_ends_at_the_last_think_tag_as_vllm_decides() -> None:
     assert not end.ended([1, END, 2, START, 3])  # thinking again after an earlier block
     assert not end.ended([1, 2, 3])
     vocab = {"<think>": START, "</think>": END}
-    assert set(REASONING_TAGS) == {"deepseek_r1", "qwen3"}
+    assert set(REASONING_TAGS) == {"deepseek_r1", "qwen3", "mistral", "granite", "glm45"}
     assert ReasoningEnd.from_vocab("qwen3", vocab) == end
     with pytest.raises(
         RuntimeError,
@@ -70,8 +70,8 @@ def test_engine_args_take_vllms_reasoning_settings() -> None:
     assert resolve(
         structured_outputs_config={"reasoning_parser": "deepseek_r1", "enable_in_reasoning": True}
     ) == ("deepseek_r1", True)
-    with pytest.raises(ValueError, match="unknown reasoning parser 'granite'"):
-        resolve(reasoning_parser="granite")
+    with pytest.raises(ValueError, match="unknown reasoning parser 'nemotron'"):
+        resolve(reasoning_parser="nemotron")
     with pytest.raises(ValueError, match="differ"):
         resolve(
             reasoning_parser="qwen3", structured_outputs_config={"reasoning_parser": "deepseek_r1"}

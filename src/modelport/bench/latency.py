@@ -148,7 +148,14 @@ def run(args: argparse.Namespace) -> int:
 
     device = h.resolved_device(args)
     path = h.model_path(args)
-    vocab = load_model_config(resolve_model(path)).vocab_size
+    model_config = load_model_config(resolve_model(path))
+    vocab = model_config.vocab_size
+    limit = args.max_model_len or model_config.max_position_embeddings
+    if args.input_len + args.output_len > limit:  # refused here, not as the engine's traceback
+        raise SystemExit(
+            f"modelport bench latency: --input-len {args.input_len} + --output-len "
+            f"{args.output_len} = {args.input_len + args.output_len} tokens exceeds the "
+            f"model's max_model_len {limit}; lower --input-len / --output-len")
     result: dict[str, Any] = {
         "bench": "latency",
         "env": h.environment(device),

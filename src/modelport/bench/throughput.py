@@ -269,8 +269,18 @@ def run(args: argparse.Namespace) -> int:
     _fixed_lengths(args)
     device = h.resolved_device(args)
     path = h.model_path(args)
-    vocab = _vocab(path)
+    from modelport.loader import load_model_config, resolve_model
+
+    model_config = load_model_config(resolve_model(path))
+    vocab = model_config.vocab_size
     prompts, outs = _workload(args, vocab)
+    limit = args.max_model_len or model_config.max_position_embeddings
+    longest = max((len(p) + o for p, o in zip(prompts, outs)), default=0)
+    if longest > limit:  # refused here, not as the engine's traceback mid-run
+        raise SystemExit(
+            f"modelport bench throughput: a request of the workload needs {longest} tokens "
+            f"(prompt + output) but the model's max_model_len is {limit}; lower "
+            "--input-len / --output-len (or --input-len-range / --output-len-range)")
     result: dict[str, Any] = {
         "bench": "throughput",
         "env": h.environment(device),

@@ -43,6 +43,8 @@ class EngineConfig:
     # constrains only the answer after the reasoning, unless enable_in_reasoning
     reasoning_parser: str | None = None
     enable_in_reasoning: bool = False
+    # multi-LoRA (vLLM's --enable-lora): modelport.lora.config.LoRAConfig, None when off
+    lora_config: Any = None
 
     @property
     def is_cuda(self) -> bool:
@@ -93,6 +95,11 @@ class EngineArgs:
     # vLLM's StructuredOutputsConfig as a dict: reasoning_parser, enable_in_reasoning (the
     # grammar constrains the reasoning too), backend (auto | xgrammar)
     structured_outputs_config: dict[str, Any] | None = None
+    # vLLM's multi-LoRA serving: requests may name a PEFT adapter (LoRARequest)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -168,6 +175,14 @@ class EngineArgs:
                        help='structured outputs settings, e.g. \'{"enable_in_reasoning": '
                             "true}' (with --reasoning-parser, constrain the thinking too; "
                             "by default the grammar starts after </think>, as vLLM's)")
+        g.add_argument("--enable-lora", action="store_true", default=False,
+                       help="serve LoRA adapters (PEFT folders) beside the base model")
+        g.add_argument("--max-loras", type=int, default=d.max_loras,
+                       help="most adapters in one batch (default 1)")
+        g.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
+                       help="largest adapter rank served (default 16)")
+        g.add_argument("--max-cpu-loras", type=int, default=None,
+                       help="adapters kept loaded on the host (default: --max-loras)")
         return parser
 
     @classmethod
@@ -216,6 +231,7 @@ class EngineArgs:
         if self.max_logprobs < -1:  # -1: no cap (vLLM), requests may ask for -1 (all)
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}")
         runner_type, pooler, pooling_kw = self._resolve_pooling(model_config, spec)
+        lora = self._resolve_lora(runner_type)
         reasoning_parser, in_reasoning = self._resolve_structured_outputs()
         seed = self.seed
         if seed is None:  # as vLLM: no seed, a different run each time
@@ -267,7 +283,20 @@ class EngineArgs:
             pooler_config=pooler,
             reasoning_parser=reasoning_parser,
             enable_in_reasoning=in_reasoning,
+            lora_config=lora,
         )
+
+    def _resolve_lora(self, runner_type: str) -> Any:
+        if not self.enable_lora:
+            return None
+        from modelport.lora.config import LoRAConfig
+
+        if self.tensor_parallel_size != 1:
+            raise ValueError("enable_lora is not supported yet for tensor_parallel_size > 1")
+        if runner_type != "generate":
+            raise ValueError("enable_lora is not supported yet for pooling models")
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=self.max_cpu_loras)
 
     def _resolve_structured_outputs(self) -> tuple[str | None, bool]:
         """(reasoning parser, enable_in_reasoning) from reasoning_parser and

@@ -144,6 +144,9 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(tokenizer)
         self.max_waiting_requests = max_waiting_requests
         self.served_model_names = served_model_names or [engine_config.served_model_name]
+        # multi-LoRA (--enable-lora): adapter name -> its LoRARequest; a request whose
+        # 'model' is one of these names runs with that adapter (entrypoints/openai/lora.py)
+        self.lora_requests: dict[str, Any] = {}
         self.stat_logger: StatLogger = StatLogger()
         self.stats = SchedulerStats()
         self._streams: dict[str, RequestStream] = {}
@@ -248,8 +251,10 @@ class AsyncLLM:
         *,
         prompt_text: str | None = None,
         priority: int = 0,
+        lora_request: Any = None,
     ) -> RequestStream:
-        """Send the request now (ValueError if invalid); iterate the result for its outputs."""
+        """Send the request now (ValueError if invalid); iterate the result for its outputs.
+        ``lora_request`` (a modelport.lora LoRARequest) runs it with that adapter."""
         if self.dead_reason is not None or self.client is None:
             raise EngineDeadError(self.dead_reason or "engine is not started")
         if request_id in self._streams:
@@ -259,7 +264,8 @@ class AsyncLLM:
             ids = self.input_processor.truncate(ids, params.truncate_prompt_tokens)
         stream = RequestStream(self, request_id, ids, params)
         core_reqs = self.input_processor.process(
-            request_id, stream.prompt_ids, params, arrival_time=stream.arrival, priority=priority
+            request_id, stream.prompt_ids, params, arrival_time=stream.arrival, priority=priority,
+            lora_request=lora_request,
         )
         self.output_processor.add_request(
             request_id, prompt_text, stream.prompt_ids, params,

@@ -40,7 +40,9 @@ class EngineCore:
         self.runner.init_kv_cache(num_blocks)
         bs = config.cache_config.block_size
         self.kv = KVCacheManager(num_blocks, bs, config.cache_config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config, self.kv, config.speculative_config)
+        lora = config.lora_config
+        self.scheduler = Scheduler(config.scheduler_config, self.kv, config.speculative_config,
+                                   max_loras=lora.max_loras if lora is not None else None)
         # structured outputs: the tokenizer and xgrammar are loaded on the first such request
         self._structured: StructuredOutputManager | None = None
         # requests whose grammar is compiling in the manager's pool (WAITING_FOR_FSM)
@@ -106,8 +108,11 @@ class EngineCore:
     def add_request(self, r: EngineCoreRequest) -> None:
         """Raises ValueError (invalid) or QueueFullError (back-pressure); the engine is unaffected."""
         if self.pooling or r.pooling_params is not None:
+            if r.lora_request is not None:
+                raise ValueError("LoRA adapters are not supported for pooling requests")
             self._add_pooling_request(r)
             return
+        adapter = self._lora_adapter(r)
         params = dict_to_params(r.sampling_params)
         if params.max_tokens is None:
             params.max_tokens = self.config.scheduler_config.max_model_len - len(r.prompt_token_ids)
@@ -129,6 +134,8 @@ class EngineCore:
             eos_token_ids=tuple(r.eos_token_ids),
             arrival_time=r.arrival_time,
             priority=r.priority,
+            lora_request=r.lora_request,
+            lora_adapter=adapter,
         )
         compiling = None
         if params.structured_outputs is not None:
@@ -153,6 +160,17 @@ class EngineCore:
             self._compiling[r.request_id] = (req, compiling)
         if params.prompt_logprobs is not None:
             self._prompt_lps[r.request_id] = [None]
+
+    def _lora_adapter(self, r: EngineCoreRequest) -> Any:
+        """The request's loaded adapter (None: the base model); ValueError if the engine
+        serves no LoRA or the adapter cannot run (that request alone is refused)."""
+        if r.lora_request is None:
+            return None
+        if self.runner.lora is None:
+            raise ValueError(f"LoRA adapter {r.lora_request.lora_name!r} requested but LoRA "
+                             "is not enabled: start the engine with enable_lora=True "
+                             "(--enable-lora)")
+        return self.runner.lora.load(r.lora_request)
 
     def _add_pooling_request(self, r: EngineCoreRequest) -> None:
         """A pooling request: its prompt runs once (max_tokens 0), then the pooler finishes it."""

@@ -125,7 +125,9 @@ class KVCacheManager:
         bs = self.block_size
         n_full = req.num_tokens // bs
         if len(hashes) < n_full:
-            parent = self.req_last_digest.get(rid, b"")
+            parent = self.req_last_digest.get(rid)
+            if parent is None:
+                parent = req.cache_salt  # b"" for the base model, the adapter's otherwise
             for i in range(len(hashes), n_full):
                 h = hash_block(parent, req.all_token_ids[i * bs : (i + 1) * bs])
                 hashes.append(h)

@@ -10,6 +10,7 @@ from modelport.engine.arg_utils import EngineArgs, EngineConfig
 from modelport.engine.core import EngineCore
 from modelport.frontend.processor import InputProcessor, OutputProcessor
 from modelport.frontend.prompts import PromptInput
+from modelport.lora.request import LoRARequest
 from modelport.outputs import RequestOutput
 from modelport.pooling_params import PoolingParams
 from modelport.sampling_params import SamplingParams
@@ -56,13 +57,14 @@ class LLMEngine:
         output_kind: str = "final",
         priority: int = 0,
         add_special_tokens: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Validate and queue one request; raises ValueError and leaves the engine untouched.
 
         ``prompt``: text, token ids, or a vLLM prompt dict (see frontend/prompts.py)."""
         text, ids = self.input_processor.prompt_inputs(prompt, params, add_special_tokens)
         core_reqs = self.input_processor.process(request_id, ids, params, priority=priority,
-                                                  cap_max_tokens=True)
+                                                  cap_max_tokens=True, lora_request=lora_request)
         added = []
         try:
             for r in core_reqs:
@@ -139,6 +141,28 @@ class LLMEngine:
                 o.request_id, PoolingOutput(torch.tensor(o.pooled, dtype=torch.float32)),
                 ids, True, o.num_cached_tokens, text))
         return results
+
+    # -- vLLM's LoRA management (LLM(enable_lora=True)) -------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter ahead of its requests; ValueError if it cannot serve."""
+        self._lora_manager().load(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        manager = self._lora_manager()
+        keys = [k for k in manager.list_loras() if k[0] == lora_id]
+        for k in keys:
+            manager.remove(k)
+        return bool(keys)
+
+    def list_loras(self) -> set[int]:
+        return {k[0] for k in self._lora_manager().list_loras()}
+
+    def _lora_manager(self):  # noqa: ANN202 - modelport.lora.manager.LoRAManager
+        manager = self.core.runner.lora
+        if manager is None:
+            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True")
+        return manager
 
     def has_unfinished_requests(self) -> bool:
         # a grammar failure not yet raised by step() counts: the caller must step to hear it

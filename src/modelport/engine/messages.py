@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from modelport.lora.request import LoRARequest
 from modelport.sampling_params import SamplingParams
 
 
@@ -21,6 +22,8 @@ class EngineCoreRequest(msgspec.Struct, kw_only=True):
     priority: int = 0
     # a pooling (embedding) request: PoolingParams.to_dict(); prefill only, no sampling
     pooling_params: dict | None = None
+    # multi-LoRA: the adapter to run with (None: the base model)
+    lora_request: LoRARequest | None = None
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):

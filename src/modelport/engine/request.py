@@ -65,10 +65,19 @@ class Request:
     reasoning: Any = field(default=None, repr=False)
     # a pooling (embedding) request: its PoolingParams; prefill only, finished by the pooler
     pooling_params: Any = None
+    # multi-LoRA: the request's LoRARequest (modelport.lora) and its loaded adapter (set by
+    # the engine core at admission); None runs the base model
+    lora_request: Any = None
+    lora_adapter: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         assert len(self.prompt_token_ids) > 0, "empty prompt"
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
+
+    @property
+    def cache_salt(self) -> bytes:
+        """Seed of the request's prefix-cache hashes: KV is shared only under one adapter."""
+        return b"" if self.lora_request is None else self.lora_request.cache_salt()
 
     @property
     def num_prompt_tokens(self) -> int:

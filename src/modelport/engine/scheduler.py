@@ -75,8 +75,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None,
+                 max_loras: int | None = None) -> None:
         self.config = config
+        # multi-LoRA: adapters one step may run (None: LoRA off); see _lora_waits
+        self.max_loras = max_loras
         self.kv = kv
         self.speculative = speculative
         self.num_drafts = 0  # speculative decoding, cumulative: steps that checked drafts
@@ -176,6 +179,7 @@ class Scheduler:
 
         # admit waiting requests (not in a step that had to preempt: the cache is full)
         prefilling = self._prefilling_first_blocks()
+        loras = self._running_loras() if self.max_loras is not None else None
         deferred: list[Request] = []
         while (
             self.waiting
@@ -190,6 +194,9 @@ class Scheduler:
                 continue
             if req.num_placeholders:
                 # preempted while a step of it was in flight: wait for that step's token
+                deferred.append(req)
+                continue
+            if loras is not None and self._lora_waits(req, loras):
                 deferred.append(req)
                 continue
             first = self._first_block_hash(req)
@@ -225,6 +232,23 @@ class Scheduler:
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
+
+    def _running_loras(self) -> set:
+        return {r.lora_request.key for r in self.running if r.lora_request is not None}
+
+    def _lora_waits(self, req: Request, loras: set) -> bool:
+        """Whether req's adapter would be one more than max_loras in this step (vLLM's
+        rule): it waits, the base model's requests and other adapters' go on. Admitting it
+        adds its adapter to ``loras``."""
+        if req.lora_request is None:
+            return False
+        key = req.lora_request.key
+        if key in loras:
+            return False
+        if len(loras) >= self.max_loras:
+            return True
+        loras.add(key)
+        return False
 
     def _first_block_hash(self, req: Request):
         """Hash of req's first full block if it could be shared through the prefix cache."""

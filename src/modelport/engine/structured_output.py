@@ -46,12 +46,21 @@ _WHAT = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar":
 
 
 # each reasoning parser's think tags (entrypoints/openai/reasoning.py reads the same tags in
-# text); each must be one token of the model's vocabulary, as vLLM's think-tag parsers need
-REASONING_TAGS: dict[str, tuple[str, str]] = {
+# text); each must be one token of the model's vocabulary, as vLLM's think-tag parsers need.
+# None: the parser reads phrases (granite's "Here is my response:"), which token ids cannot
+# show, so its grammar constrains from the first token (vLLM's granite parser has no
+# token-level end of reasoning at all)
+REASONING_TAGS: dict[str, tuple[str, str] | None] = {
     "deepseek_r1": ("<think>", "</think>"),
     "qwen3": ("<think>", "</think>"),
+    "mistral": ("[THINK]", "[/THINK]"),
+    "granite": None,
+    # GLM-4.5's template writes <think></think> after every <|assistant|>: the reasoning has
+    # ended when a </think> follows the last <|assistant|> (vLLM's is_reasoning_end)
+    "glm45": ("<|assistant|>", "</think>"),
 }
-_PARSER_CLASSES = {"deepseek_r1": "DeepSeekR1", "qwen3": "Qwen3"}
+_PARSER_CLASSES = {"deepseek_r1": "DeepSeekR1", "qwen3": "Qwen3", "mistral": "Mistral",
+                   "granite": "Granite", "glm45": "Glm45"}
 
 
 @dataclass(frozen=True)
@@ -71,12 +80,16 @@ class ReasoningEnd:
         return False
 
     @classmethod
-    def from_vocab(cls, parser: str, vocab: dict[str, int]) -> ReasoningEnd:
-        """RuntimeError (vLLM's message) when a tag is not one token of the vocabulary."""
+    def from_vocab(cls, parser: str, vocab: dict[str, int]) -> ReasoningEnd | None:
+        """RuntimeError (vLLM's message) when a tag is not one token of the vocabulary;
+        None for a parser without tags (the grammar is not held back)."""
         if parser not in REASONING_TAGS:
             raise ValueError(f"unknown reasoning parser {parser!r}; choose from "
                              f"{', '.join(sorted(REASONING_TAGS))}")
-        start, end = (vocab.get(t) for t in REASONING_TAGS[parser])
+        tags = REASONING_TAGS[parser]
+        if tags is None:
+            return None
+        start, end = (vocab.get(t) for t in tags)
         if start is None or end is None:
             raise RuntimeError(
                 f"{_PARSER_CLASSES[parser]}ReasoningParser reasoning parser could not locate "

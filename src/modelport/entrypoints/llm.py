@@ -17,6 +17,7 @@ from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.llm_engine import LLMEngine
 from modelport.frontend.prompts import PromptInput, is_token_ids
 from modelport.frontend.tokenizer import Tokenizer
+from modelport.lora.request import LoRARequest
 from modelport.metrics import Metric, RequestCounts, snapshot
 from modelport.outputs import (
     ClassificationRequestOutput,
@@ -71,6 +72,10 @@ class LLM:
         override_pooler_config: dict[str, Any] | None = None,
         reasoning_parser: str | None = None,
         structured_outputs_config: dict[str, Any] | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
+        max_cpu_loras: int | None = None,
         **kwargs: Any,
     ) -> None:
         """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
@@ -102,6 +107,8 @@ class LLM:
             override_pooler_config=override_pooler_config,
             reasoning_parser=reasoning_parser,
             structured_outputs_config=structured_outputs_config,
+            enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
+            max_cpu_loras=max_cpu_loras,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
@@ -130,16 +137,19 @@ class LLM:
         *,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. Invalid input raises ValueError.
 
         A prompt is a string, a list of token ids, ``{"prompt": text}`` or
         ``{"prompt_token_ids": ids}`` (vLLM's TextPrompt / TokensPrompt); give one, or a list
-        of them in any mix.
+        of them in any mix. ``lora_request`` (with ``LLM(enable_lora=True)``): one adapter
+        for every prompt, or one (or None) per prompt.
         """
         self._check_generative("LLM.generate()")
         items = _normalize_prompts(prompts, prompt_token_ids)
-        return self._run(items, sampling_params, use_tqdm, add_special_tokens=True)
+        return self._run(items, sampling_params, use_tqdm, add_special_tokens=True,
+                         lora_request=lora_request)
 
     def chat(
         self,
@@ -150,6 +160,7 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Each conversation through the model's chat template, then generated as vLLM's
         LLM.chat. ``tools`` (OpenAI tool definitions) reach a tool-aware template; earlier
@@ -171,10 +182,11 @@ class LLM:
                                     add_generation_prompt=add_generation_prompt, **kw)
             for c in convs
         ]
-        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False)
+        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=False,
+                         lora_request=lora_request)
 
-    def _run(self, items: list, sampling_params, use_tqdm: bool, add_special_tokens: bool
-             ) -> list[RequestOutput]:
+    def _run(self, items: list, sampling_params, use_tqdm: bool, add_special_tokens: bool,
+             lora_request: Any = None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -186,9 +198,16 @@ class LLM:
                     f"got {len(params)} SamplingParams for {len(items)} prompts; pass one or one each"
                 )
         engine = self.llm_engine
+        loras = _per_prompt_loras(lora_request, len(items))
+        if any(lr is not None for lr in loras):  # paired with the prompts (zip in _drive)
+            params = list(zip(params, loras))
 
-        def add(rid: str, item: Any, p: SamplingParams) -> None:
-            engine.add_request(rid, item, p, add_special_tokens=add_special_tokens)
+        def add(rid: str, item: Any, p: Any) -> None:
+            lr = None
+            if isinstance(p, tuple):
+                p, lr = p
+            engine.add_request(rid, item, p, add_special_tokens=add_special_tokens,
+                               lora_request=lr)
 
         def observe(out: RequestOutput) -> None:
             self._request_counts.observe(
@@ -415,8 +434,8 @@ class LLM:
                 "LLM.beam_search() takes a BeamSearchParams (from modelport or "
                 f"modelport.sampling_params), got {type(params).__name__}"
             )
-        if lora_request is not None:
-            raise ValueError("LoRA adapters are not supported: give lora_request=None")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError("LLM.beam_search() takes one LoRARequest (for every prompt)")
         if concurrency_limit is not None and (
                 not isinstance(concurrency_limit, int) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be None or an integer >= 1, "
@@ -446,7 +465,7 @@ class LLM:
                 if not live:
                     break
                 outs = self._run([b.tokens for _, b in live], searcher.step_params, False,
-                                 add_special_tokens=False)
+                                 add_special_tokens=False, lora_request=lora_request)
                 searcher.advance(live, outs)
             steps.close()
 
@@ -463,6 +482,23 @@ _POOLING_ONLY = (
     "(LLM.embed()), classification (LLM.classify()) and scoring (LLM.score()) are, with "
     "LLM(..., runner='pooling'); generation is (LLM.generate() / LLM.chat())"
 )
+
+
+def _per_prompt_loras(lora_request: Any, n: int) -> list[LoRARequest | None]:
+    """vLLM's lora_request argument: None, one LoRARequest for all, or one per prompt."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    if isinstance(lora_request, (str, Mapping)) or not isinstance(lora_request, Iterable):
+        raise ValueError(f"lora_request must be a LoRARequest, None or a list of them, got "
+                         f"{type(lora_request).__name__}")
+    loras = list(lora_request)
+    if len(loras) != n:
+        raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts; pass one or one each")
+    for lr in loras:
+        if lr is not None and not isinstance(lr, LoRARequest):
+            raise ValueError(f"lora_request entries must be LoRARequest or None, got "
+                             f"{type(lr).__name__}")
+    return loras
 
 
 def _normalize_prompts(prompts, prompt_token_ids) -> list[PromptInput]:

@@ -21,6 +21,7 @@ from modelport.engine.messages import (
     params_to_dict,
 )
 from modelport.frontend.prompts import PromptInput, parse_prompt
+from modelport.lora.request import LoRARequest
 from modelport.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from modelport.sampling_params import SamplingParams, num_logprobs
 
@@ -128,6 +129,7 @@ class InputProcessor:
         arrival_time: float | None = None,
         priority: int = 0,
         cap_max_tokens: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> list[EngineCoreRequest]:
         """Validate and fan out into n engine requests (children share the prompt's KV blocks).
 
@@ -200,6 +202,7 @@ class InputProcessor:
                 eos_token_ids=eos,
                 arrival_time=t,
                 priority=priority,
+                lora_request=lora_request,
             ))
         return reqs
 

@@ -105,6 +105,7 @@ class ModelRunner:
         self._prev_rows: dict[str, int] = {}
         # an embedding model (runner "pooling"): hidden states are pooled, never sampled
         self.pooler = None
+        self.lora = None  # a LoRAManager with enable_lora (set once the model is loaded)
         if config.runner_type == "pooling":
             from modelport.runner.pooler import Pooler
 
@@ -151,12 +152,17 @@ class ModelRunner:
 
                 n = use_gemv_for_decode(self.model)
                 logger.info("Triton GEMV for single-row calls: %d linear modules", n)
-                if os.environ.get("MODELPORT_FUSED_DECODE", "0") == "1":
+                if (os.environ.get("MODELPORT_FUSED_DECODE", "0") == "1"
+                        and self.config.lora_config is None):  # fused layers skip LoRA
                     from modelport.layers.fused_decode import fuse_decode_layers
 
                     n = fuse_decode_layers(self.model)
                     logger.info("fused single-row decode layers (norm/SiLU/residual in the "
                                 "GEMVs): %d", n)
+        if self.config.lora_config is not None:
+            from modelport.lora.manager import LoRAManager
+
+            self.lora = LoRAManager(self.model, self.config.lora_config, self.device, self.dtype)
         spec = self.config.speculative_config
         if spec is not None and spec.model is not None:
             from modelport.config import LoadConfig
@@ -556,7 +562,15 @@ class ModelRunner:
         dev = self.device
         n_reqs = len(tables)
         fill = self._placeholder_fill(holes)
-        if (self.graphs is not None and len(input_ids) == n_reqs
+        # a step with LoRA requests runs eagerly (the graphs hold the base model only)
+        lora = self.lora.mapping(so.scheduled) if self.lora is not None else None
+        if lora is not None:
+            from modelport.lora.layers import lora_mapping
+
+            with lora_mapping(lora):
+                hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens,
+                                             tables, fill)
+        elif (self.graphs is not None and len(input_ids) == n_reqs
                 and n_reqs <= self.graphs.max_batch):
             hidden = self._replay_decode(input_ids, positions, slots, seq_lens, tables, fill)
         elif self.piecewise is not None and len(input_ids) <= self.piecewise.max_tokens:

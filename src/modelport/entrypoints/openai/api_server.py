@@ -72,7 +72,10 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             choices=sorted(PARSERS),
             default=None,
             help="how the model writes tool calls: hermes (<tool_call>{...}</tool_call>, "
-            "Hermes/Qwen) or llama3_json (JSON after <|python_tag|>, Llama 3.x)",
+            "Hermes/Qwen), llama3_json (JSON after <|python_tag|>, Llama 3.x), mistral "
+            "([TOOL_CALLS]), pythonic / llama4_pythonic ([f(a=1)], Llama 3.2/4), qwen3_coder "
+            "(<function=...> XML), deepseek_v3, granite (<|tool_call|>[...]), phi4_mini_json "
+            "(functools[...]) or internlm (<|action_start|><|plugin|>{...})",
         )
     if "--reasoning-parser" not in parser._option_string_actions:
         from modelport.entrypoints.openai.reasoning import REASONING_PARSERS
@@ -82,8 +85,10 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             choices=sorted(REASONING_PARSERS),
             default=None,
             help="return a reasoning model's thinking (<think>...</think>) as the chat "
-            "message's `reasoning`, apart from `content`: deepseek_r1 (DeepSeek-R1, QwQ) or "
-            "qwen3 (Qwen3; chat_template_kwargs {\"enable_thinking\": false} turns it off)",
+            "message's `reasoning`, apart from `content`: deepseek_r1 (DeepSeek-R1, QwQ), "
+            "qwen3 (Qwen3; chat_template_kwargs {\"enable_thinking\": false} turns it off), "
+            "mistral ([THINK]...[/THINK], Magistral), glm45 (GLM-4.5) or granite (\"Here is "
+            "my thought process:\" ... \"Here is my response:\", Granite 3.x)",
         )
     if "--default-chat-template-kwargs" not in parser._option_string_actions:
         g.add_argument(
@@ -94,6 +99,18 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             help="chat template variables every chat request gets, under its own "
             "chat_template_kwargs (a request's keys win), e.g. '{\"enable_thinking\": false}' "
             "for Qwen3",
+        )
+    if "--lora-modules" not in parser._option_string_actions:
+        from modelport.entrypoints.openai.lora import parse_lora_module
+
+        g.add_argument(
+            "--lora-modules",
+            nargs="+",
+            type=parse_lora_module,
+            default=None,
+            metavar="NAME=PATH",
+            help="LoRA adapters (PEFT folders) to serve under their names, with --enable-lora: "
+            "name=path or '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'",
         )
     if "--max-waiting-requests" not in parser._option_string_actions:
         g.add_argument(
@@ -191,6 +208,18 @@ class OpenAIService:
                 return
         # the loader's name for the model is known only now, once --model is resolved
         engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
+        lora_modules = getattr(self.args, "lora_modules", None) or []
+        if lora_modules:
+            from modelport.entrypoints.openai.lora import add_lora
+
+            try:  # vLLM refuses to start with an adapter it cannot load
+                for m in lora_modules:
+                    await asyncio.to_thread(add_lora, engine, m.name, m.path, m.base_model_name)
+            except ValueError as e:
+                await asyncio.to_thread(engine.shutdown)
+                self._failed_to_load(ValueError(f"--lora-modules {m.name}: {e}"),
+                                     traceback=False)
+                return
         metrics = ServerMetrics(engine.served_model_names[0],
                                 prefix=getattr(self.args, "metrics_prefix", "modelport"))
         engine.stat_logger = metrics

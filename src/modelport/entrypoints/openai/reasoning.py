@@ -17,6 +17,10 @@ vLLM's rules, per parser:
   all content (the template then closes the thinking block in the prompt).
 Either way, a prompt whose last think tag is `</think>` (reasoning already ended there)
 leaves the whole answer to content, as vLLM does.
+- mistral (Magistral): `[THINK]` ... `[/THINK]`; no generated `[THINK]`: all content.
+- glm45 (GLM-4.5): `<think>` ... `</think>`, both generated; no `<think>`: all content.
+- granite (Granite 3.x): the phrases "Here is my thought process:" / "Here is my response:"
+  (see GraniteReasoningParser for where vLLM's stream and non-streamed answer differ).
 
 Structured outputs (and tool_choice naming a function or "required"), as vLLM's: the engine
 lets the reasoning run unconstrained and starts the grammar after `</think>` (or from the first
@@ -28,9 +32,10 @@ constrains the thinking too).
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 START, END = "<think>", "</think>"
@@ -46,15 +51,49 @@ def _partial_at_end(text: str, marker: str) -> int:
 
 class ReasoningParser:
     """One model family's rules; `thinking_enabled` comes from the request's
-    chat_template_kwargs (qwen3's enable_thinking)."""
+    chat_template_kwargs (qwen3's enable_thinking). START/END are its tags, each one token
+    of the vocabulary (None: the parser reads phrases, not tokens)."""
 
     name = ""
+    START: str | None = START
+    END: str | None = END
 
     def __init__(self, chat_template_kwargs: dict[str, Any] | None = None) -> None:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
 
     def thinking_enabled(self) -> bool:
         return True
+
+    def prompt_ends(self, prompt: str | None) -> bool:
+        """The prompt already ended the reasoning: the answer is all content."""
+        return prompt_ends_reasoning(prompt)
+
+    def split(self, text: str, final: bool) -> tuple[str | None, str]:
+        """(reasoning, content) of the text so far; reasoning None when the text is not
+        (or not yet known to be) reasoning. Both only grow as the text grows; a tag that
+        may be arriving is held back until `final`. The think-tag rules (deepseek_r1,
+        qwen3): the opening tag may be in the prompt."""
+        stripped = text.lstrip()
+        if stripped.startswith(START):
+            body = stripped[len(START):]  # a generated opening tag is dropped
+        elif not final and START.startswith(stripped):
+            return None, ""  # blank so far, or "<think>" arriving: undecided
+        else:
+            body = text  # the opening tag was in the prompt
+        end = body.find(END)
+        if end >= 0:
+            return body[:end], body[end + len(END):]
+        if final:
+            return body, ""  # no end tag: all of it is reasoning (vLLM: truncated thinking)
+        return body[: len(body) - _partial_at_end(body, END)], ""
+
+    def extract(self, text: str) -> tuple[str | None, str | None]:
+        """vLLM's non-streaming (reasoning, content): content None when empty after
+        reasoning; reasoning None when there is none (then content is the text as is)."""
+        reasoning, content = self.split(text, final=True)
+        if reasoning is None:
+            return None, content
+        return reasoning, content or None
 
     def count_reasoning_tokens(self, token_ids: Sequence[int], start_id: int,
                                end_id: int) -> int:
@@ -93,9 +132,120 @@ class Qwen3ReasoningParser(ReasoningParser):
         return self.chat_template_kwargs.get("enable_thinking", True) is not False
 
 
+class MistralReasoningParser(ReasoningParser):
+    """Magistral / Mistral: `[THINK]` ... `[/THINK]`, each one token. As vLLM: without a
+    generated [THINK] the answer is all content (a stray [/THINK] is dropped); text before
+    [THINK] is content, and with no [/THINK] after it the rest is reasoning. The prompt
+    does not decide (Mistral's system prompts may themselves hold the tags)."""
+
+    name = "mistral"
+    START, END = "[THINK]", "[/THINK]"
+
+    def prompt_ends(self, prompt: str | None) -> bool:
+        return False
+
+    def split(self, text: str, final: bool) -> tuple[str | None, str]:
+        start, end = self.START, self.END
+        b = text.find(start)
+        if b < 0:
+            e = text.find(end)
+            content = text if e < 0 else text[:e] + text[e + len(end):]
+            if not final:
+                content = content[: len(content) - max(_partial_at_end(content, start),
+                                                        _partial_at_end(content, end))]
+            return None, content
+        before, body = text[:b], text[b + len(start):]
+        e = body.find(end)
+        if e >= 0:
+            return body[:e], before + body[e + len(end):]
+        if not final:
+            body = body[: len(body) - _partial_at_end(body, end)]
+        return body, before
+
+
+class GraniteReasoningParser(ReasoningParser):
+    """IBM Granite 3.x: plain phrases, not tokens: "Here is my thought process:" (or
+    "Here's ...") opens the thinking and "Here is my response:" (or "Here's ...") the
+    answer. As vLLM: a stream is reasoning only when it opens with the first phrase (else all
+    content), and a non-streamed answer is split only when it holds both phrases (else it
+    is all content, text before the first phrase dropped). The engine cannot see a phrase
+    in token ids, so structured outputs constrain from the first token (REASONING_TAGS)."""
+
+    name = "granite"
+    START = END = None
+    THINK = ("Here's my thought process:", "Here is my thought process:")
+    RESPONSE = ("Here's my response:", "Here is my response:")
+    _PATTERN = re.compile(r"(?:Here's|Here is) my thought process:(.*?)"
+                          r"(?:Here's|Here is) my response:(.*)", re.DOTALL)
+
+    def prompt_ends(self, prompt: str | None) -> bool:
+        return False
+
+    def count_reasoning_tokens(self, token_ids: Sequence[int], start_id: int,
+                               end_id: int) -> int:
+        return 0  # vLLM: parsers without think tokens count none
+
+    def split(self, text: str, final: bool) -> tuple[str | None, str]:
+        think = next((t for t in self.THINK if text.startswith(t)), None)
+        if think is None:
+            if not final and any(t.startswith(text) for t in self.THINK):
+                return None, ""  # the phrase may be arriving
+            return None, text
+        body = text[len(think):]
+        found = [(i, r) for r in self.RESPONSE if (i := body.find(r)) >= 0]
+        if found:
+            i, r = min(found)
+            return body[:i], body[i + len(r):]
+        if not final:
+            body = body[: len(body) - max(_partial_at_end(body, r) for r in self.RESPONSE)]
+        return body, ""
+
+    def extract(self, text: str) -> tuple[str | None, str | None]:
+        m = self._PATTERN.search(text)
+        if m is None:
+            return None, text
+        return m.group(1), m.group(2) or None
+
+
+class Glm45ReasoningParser(ReasoningParser):
+    """GLM-4.5 / 4.6: `<think>` ... `</think>`, the opening tag generated (the template
+    writes `<think></think>` into the prompt when thinking is off). As vLLM: a stream is
+    content until `<think>`, reasoning until `</think>`, then content; a non-streamed
+    answer is split only when it holds both tags (else all content), text before `<think>`
+    dropped. The engine ends the reasoning at a `</think>` after the last `<|assistant|>`
+    (REASONING_TAGS), so the tokenizer needs all three tokens, as vLLM's parser does."""
+
+    name = "glm45"
+
+    def prompt_ends(self, prompt: str | None) -> bool:
+        return False  # decided by the answer's own tags
+
+    def split(self, text: str, final: bool) -> tuple[str | None, str]:
+        b = text.find(START)
+        if b < 0:
+            return None, text if final else text[: len(text) - _partial_at_end(text, START)]
+        before, body = text[:b], text[b + len(START):]
+        e = body.find(END)
+        if e >= 0:
+            return body[:e], before + body[e + len(END):]
+        return (body if final else body[: len(body) - _partial_at_end(body, END)]), before
+
+    def extract(self, text: str) -> tuple[str | None, str | None]:
+        if START not in text or END not in text:
+            return None, text
+        body = text.partition(START)[2]
+        if END not in body:
+            return None, body
+        reasoning, _, content = body.partition(END)
+        return reasoning, content or None
+
+
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     DeepSeekR1ReasoningParser.name: DeepSeekR1ReasoningParser,
     Qwen3ReasoningParser.name: Qwen3ReasoningParser,
+    MistralReasoningParser.name: MistralReasoningParser,
+    GraniteReasoningParser.name: GraniteReasoningParser,
+    Glm45ReasoningParser.name: Glm45ReasoningParser,
 }
 
 
@@ -112,31 +262,38 @@ def get_reasoning_parser(
 
 
 def think_token_ids(name: str, tokenizer: Any) -> tuple[int, int]:
-    """The ids of `<think>` and `</think>`, each one token of the tokenizer's vocabulary.
+    """The ids of the parser's tags (`<think>` and `</think>`; mistral's `[THINK]` and
+    `[/THINK]`), each one token of the tokenizer's vocabulary; (-1, -1) for a parser that
+    reads phrases (granite), which any tokenizer serves.
 
     vLLM's think-tag parsers (BaseThinkingReasoningParser) look both up in the vocabulary
     when they are made and refuse a tokenizer that lacks either, so the server does not
     start; this server's parsers read text, but refuse the same tokenizers, with vLLM's
     message. The ids also count usage's reasoning_tokens.
     """
+    cls = REASONING_PARSERS.get(name, ReasoningParser)
+    if cls.START is None or cls.END is None:
+        return -1, -1
+    tags = (cls.START, cls.END)
     try:
-        return _THINK_IDS[tokenizer]
+        return _THINK_IDS[tokenizer][tags]
     except (KeyError, TypeError):
         pass
     vocab = tokenizer.get_vocab()  # the added tokens too
-    start, end = vocab.get(START), vocab.get(END)
+    start, end = vocab.get(tags[0]), vocab.get(tags[1])
     if start is None or end is None:
-        cls = REASONING_PARSERS.get(name, ReasoningParser)
+        who = "Mistral" if cls is MistralReasoningParser else cls.__name__
         raise RuntimeError(
-            f"{cls.__name__} reasoning parser could not locate think start/end tokens in "
+            f"{who} reasoning parser could not locate think start/end tokens in "
             "the tokenizer!"
         )
     with contextlib.suppress(TypeError):  # a vocabulary is read once per tokenizer
-        _THINK_IDS[tokenizer] = (start, end)
+        _THINK_IDS.setdefault(tokenizer, {})[tags] = (start, end)
     return start, end
 
 
-_THINK_IDS: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
+_THINK_IDS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], tuple[int, int]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def prompt_ends_reasoning(prompt: str | None) -> bool:
@@ -157,39 +314,29 @@ class ReasoningPlan:
 
     parse: bool = True
     include: bool = True
+    # the parser whose rules split the text (None: the think-tag rules)
+    parser: ReasoningParser | None = field(default=None, compare=False)
 
     @staticmethod
     def for_request(parser: ReasoningParser, prompt: str | None, include: bool) -> ReasoningPlan:
-        parse = parser.thinking_enabled() and not prompt_ends_reasoning(prompt)
-        return ReasoningPlan(parse=parse, include=include)
+        parse = parser.thinking_enabled() and not parser.prompt_ends(prompt)
+        return ReasoningPlan(parse=parse, include=include, parser=parser)
 
     def split(self, text: str, final: bool) -> tuple[str | None, str]:
-        """(reasoning, content) of the text so far; reasoning None when the text is not
-        (or not yet known to be) reasoning. Both only grow as the text grows; a tag that
-        may be arriving is held back until `final`."""
+        """The parser's split (ReasoningParser.split) of the text so far; all of it is
+        content when the plan does not parse."""
         if not self.parse:
             return None, text
-        stripped = text.lstrip()
-        if stripped.startswith(START):
-            body = stripped[len(START):]  # a generated opening tag is dropped
-        elif not final and START.startswith(stripped):
-            return None, ""  # blank so far, or "<think>" arriving: undecided
-        else:
-            body = text  # the opening tag was in the prompt
-        end = body.find(END)
-        if end >= 0:
-            return body[:end], body[end + len(END):]
-        if final:
-            return body, ""  # no end tag: all of it is reasoning (vLLM: truncated thinking)
-        return body[: len(body) - _partial_at_end(body, END)], ""
+        return (self.parser or _THINK_TAGS).split(text, final)
 
     def extract(self, text: str) -> tuple[str | None, str | None]:
-        """vLLM's non-streaming (reasoning, content): content None when empty after
-        reasoning; reasoning None when there is none (then content is the text as is)."""
-        reasoning, content = self.split(text, final=True)
-        if reasoning is None:
-            return None, content
-        return reasoning, content or None
+        """vLLM's non-streaming (reasoning, content) (ReasoningParser.extract)."""
+        if not self.parse:
+            return None, text
+        return (self.parser or _THINK_TAGS).extract(text)
+
+
+_THINK_TAGS = ReasoningParser()
 
 
 class ReasoningStreamer:

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from modelport.engine import registry
 from modelport.engine.async_llm import AsyncLLM
 from modelport.entrypoints.openai.errors import OpenAIError
+from modelport.entrypoints.openai.lora import add_routes as add_lora_routes
 from modelport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from modelport.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -140,11 +141,13 @@ async def check_api_key(request: Request) -> None:
 
 
 def _cards(engine: AsyncLLM) -> list[ModelCard]:
+    from modelport.entrypoints.openai.lora import lora_cards
+
     root = str(getattr(engine.engine_config.model_source, "name", engine.served_model_names[0]))
     return [
         ModelCard(id=name, root=root, max_model_len=engine.max_model_len)
         for name in engine.served_model_names
-    ]
+    ] + lora_cards(engine)
 
 
 def _check_generative(engine: AsyncLLM, what: str) -> None:
@@ -241,6 +244,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         return DetokenizeResponse(prompt=engine.decode(body.tokens))
 
     add_embedding_routes(api, _engine_for)
+    add_lora_routes(api, lambda request: _state(request).require_engine())
     add_score_routes(api, _engine_for)
 
     @public.get("/health", tags=["server"], responses={503: {"model": ErrorResponse}})

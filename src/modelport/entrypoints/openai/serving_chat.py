@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from modelport.engine.async_llm import AsyncLLM, RequestStream
 from modelport.entrypoints.openai.errors import OpenAIError
+from modelport.entrypoints.openai.lora import lora_for
 from modelport.entrypoints.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -240,14 +241,16 @@ class ServingChat:
         rid = req.request_id or random_id("chatcmpl")
         stream: Any
         if req.use_beam_search:
-            stream = BeamSearchStream(engine, ids, beam_search_params(engine, req, max_tokens), rid)
+            stream = BeamSearchStream(engine, ids, beam_search_params(engine, req, max_tokens), rid,
+                                      lora_request=lora_for(engine, model))
             admit(engine, req.n)
         else:
             params = make_sampling_params(req, max_tokens, k,
                                           None if req.stream else req.prompt_logprobs,
                                           tool_constraint=plan.constraint)
             admit(engine, req.n)
-            stream = start_streams(engine, [(ids, params, rid, None)])[0]
+            stream = start_streams(engine, [(ids, params, rid, None)],
+                                   lora_for(engine, model))[0]
         reasoning = None
         count_reasoning = None
         if self.reasoning_parser is not None:

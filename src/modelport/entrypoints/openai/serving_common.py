@@ -55,6 +55,8 @@ def check_model(engine: AsyncLLM, name: str | None) -> str:
     """The served name to answer with; 404 for a model this server does not serve."""
     if name is None or name == "" or name in engine.served_model_names:
         return engine.served_model_names[0]
+    if name in getattr(engine, "lora_requests", ()):  # a LoRA adapter (openai/lora.py)
+        return name
     raise OpenAIError(
         f"The model `{name}` does not exist. Served: {', '.join(engine.served_model_names)}",
         404,
@@ -315,13 +317,16 @@ def admit(engine: AsyncLLM, n_requests: int) -> None:
 
 
 def start_streams(
-    engine: AsyncLLM, requests: list[tuple[list[int], SamplingParams, str, str | None]]
+    engine: AsyncLLM, requests: list[tuple[list[int], SamplingParams, str, str | None]],
+    lora_request: Any = None,
 ) -> list[RequestStream]:
-    """Send every request (ids, params, request id, prompt text) or none of them."""
+    """Send every request (ids, params, request id, prompt text) or none of them; with a
+    LoRA adapter's request (the 'model' named one), all run with it."""
     streams: list[RequestStream] = []
     try:
         for ids, params, rid, text in requests:
-            streams.append(engine.generate(ids, params, rid, prompt_text=text))
+            streams.append(engine.generate(ids, params, rid, prompt_text=text,
+                                           lora_request=lora_request))
     except BaseException as e:
         for s in streams:
             engine.abort_now(s.request_id)
@@ -405,7 +410,7 @@ def beam_search_params(engine: AsyncLLM, req: SamplingFields, max_tokens: int) -
 
 async def run_beam_search(
     engine: AsyncLLM, ids: list[int], params: BeamSearchParams, request_id: str,
-    prompt_text: str | None = None,
+    prompt_text: str | None = None, lora_request: Any = None,
 ) -> RequestOutput:
     """The beam search of one prompt on AsyncLLM: every step sends each live beam as a
     one-token request (ids ``<request_id>-beam<step>-<j>``, run concurrently) to the shared
@@ -422,7 +427,7 @@ async def run_beam_search(
             break
         streams = start_streams(engine, [
             (beam.tokens, searcher.step_params, f"{request_id}-beam{step}-{j}", None)
-            for j, (_, beam) in enumerate(live)])
+            for j, (_, beam) in enumerate(live)], lora_request)
         searcher.advance(live, await collect_final(streams))
     outputs = []
     for i, beam in enumerate(searcher.best()[0]):
@@ -447,9 +452,10 @@ class BeamSearchStream:
     Cancelling the iteration cancels the search, which aborts its step requests."""
 
     def __init__(self, engine: AsyncLLM, ids: list[int], params: BeamSearchParams,
-                 request_id: str, prompt_text: str | None = None) -> None:
+                 request_id: str, prompt_text: str | None = None,
+                 lora_request: Any = None) -> None:
         self.request_id = request_id
-        self._run = (engine, list(ids), params, request_id, prompt_text)
+        self._run = (engine, list(ids), params, request_id, prompt_text, lora_request)
         self.done = False
 
     def __aiter__(self) -> BeamSearchStream:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from modelport.engine.async_llm import AsyncLLM, RequestStream
 from modelport.entrypoints.openai.errors import OpenAIError
+from modelport.entrypoints.openai.lora import lora_for
 from modelport.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -101,10 +102,11 @@ class ServingCompletion:
             (ids, params, f"{base_id}-{i}", text)
             for i, ((text, ids), params) in enumerate(zip(prompts, params_list, strict=True))
         ]
+        lora = lora_for(engine, model)  # None unless 'model' names a LoRA adapter
         if req.use_beam_search:  # each prompt searched on its own, concurrently
-            streams: list = [BeamSearchStream(engine, *r) for r in requests]
+            streams: list = [BeamSearchStream(engine, *r, lora_request=lora) for r in requests]
         else:
-            streams = start_streams(engine, requests)
+            streams = start_streams(engine, requests, lora)
         # vLLM streams no beam search: with stream true the whole response goes out as
         # one SSE event (the CompletionResponse itself), then [DONE]
         if req.stream and not req.use_beam_search:

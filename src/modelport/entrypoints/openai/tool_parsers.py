@@ -285,6 +285,18 @@ class ToolParser:
     """One model family's tool-call format."""
 
     name = ""
+    # the format's call marker is a special token: requests with tools keep special tokens
+    # in the text (vLLM's adjust_request for mistral and internlm)
+    KEEP_SPECIAL_TOKENS = False
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        # the request's tools as the chat template sees them ({"type", "function": {"name",
+        # "parameters", ...}}): parsers that convert values by the tool's schema read them
+        self.tools = tools
+
+    def call_id(self) -> str | None:
+        """A new call's id in this model's style; None: the server's usual one."""
+        return None
 
     def scan(self, text: str, final: bool) -> Scan:
         raise NotImplementedError
@@ -411,9 +423,9 @@ PARSERS: dict[str, type[ToolParser]] = {
 }
 
 
-def get_parser(name: str) -> ToolParser:
+def get_parser(name: str, tools: list[dict[str, Any]] | None = None) -> ToolParser:
     try:
-        return PARSERS[name]()
+        return PARSERS[name](tools)
     except KeyError:
         raise ValueError(
             f"unknown tool call parser {name!r}; choose from {', '.join(sorted(PARSERS))}"
@@ -536,3 +548,10 @@ def _with_object_arguments(call: Any) -> Any:
     if not isinstance(args, dict):
         return call
     return {**call, "function": {**fn, "arguments": args}}
+
+
+# the other formats (mistral, pythonic, qwen3_coder, deepseek_v3, granite, ...) add
+# themselves to PARSERS; imported last, as they build on the definitions above
+import modelport.entrypoints.openai.tool_parsers_more  # noqa: E402, F401, I001
+import modelport.entrypoints.openai.tool_parsers_pythonic  # noqa: E402, F401, I001
+import modelport.entrypoints.openai.tool_parsers_qwen3_coder  # noqa: E402, F401, I001

@@ -30,6 +30,7 @@ from modelport.entrypoints.openai.protocol import (
     random_id,
 )
 from modelport.entrypoints.openai.tool_parsers import (
+    PARSERS,
     ParsedCall,
     ToolCallStreamer,
     ToolParser,
@@ -94,6 +95,10 @@ def plan_tools(req: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan:
     if tools is None:
         raise OpenAIError("When using `tool_choice`, `tools` must be set.", 400,
                           param="tool_choice")
+    if settings.tool_call_parser and PARSERS[settings.tool_call_parser].KEEP_SPECIAL_TOKENS:
+        # vLLM's adjust_request (mistral, internlm): the call token is a special token,
+        # which the text must keep for the parser to find the calls
+        req.skip_special_tokens = False
     if choice == "required" and not tools:  # as OpenAI (and vLLM): nothing to require
         return ToolPlan("none", None)
     parallel = req.parallel_tool_calls is not False
@@ -174,8 +179,9 @@ def new_call_id() -> str:
     return random_id("chatcmpl-tool")
 
 
-def _call(c: ParsedCall) -> ToolCall:
-    return ToolCall(id=new_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+def _call(c: ParsedCall, call_id: str | None = None) -> ToolCall:
+    return ToolCall(id=call_id or new_call_id(),
+                    function=FunctionCall(name=c.name, arguments=c.arguments))
 
 
 class ToolChoiceOutput:
@@ -193,7 +199,7 @@ class ToolChoiceOutput:
         self._streamer: ToolCallStreamer | None = None
         if plan.mode == "auto":
             assert plan.parser_name is not None
-            self._parser = get_parser(plan.parser_name)
+            self._parser = get_parser(plan.parser_name, plan.template_tools)
             self._streamer = ToolCallStreamer(self._parser.scan, None if plan.parallel else 1)
         elif plan.mode == "required":
             self._streamer = ToolCallStreamer(scan_required, None if plan.parallel else 1)
@@ -217,7 +223,8 @@ class ToolChoiceOutput:
         calls = self._limit(calls)
         if not calls:
             return AssistantMessage(content=content), finish_reason
-        return AssistantMessage(content=content, tool_calls=[_call(c) for c in calls]), "tool_calls"
+        return AssistantMessage(content=content, tool_calls=[
+            _call(c, self._parser.call_id()) for c in calls]), "tool_calls"
 
     def feed(self, text: str, final: bool) -> tuple[str | None, list[DeltaToolCall]]:
         """(content delta or None, tool-call deltas) for the choice's text so far."""
@@ -240,8 +247,9 @@ class ToolChoiceOutput:
         deltas = []
         for d in pieces:  # as vLLM: id, type and name in a call's first delta only
             if d.name is not None:
+                call_id = self._parser.call_id() if self._parser is not None else None
                 deltas.append(DeltaToolCall(
-                    index=d.index, id=new_call_id(), type="function",
+                    index=d.index, id=call_id or new_call_id(), type="function",
                     function=DeltaFunctionCall(name=d.name, arguments=d.arguments)))
             else:
                 deltas.append(DeltaToolCall(

@@ -39,8 +39,12 @@ def generate_calibration(model: str, num_samples: int, seq_len: int, device: str
     """About ``num_samples`` x ``seq_len`` tokens of text sampled from ``model`` (an HF folder),
     as a list of texts (one per answer); ``progress``: a bar per round of requests."""
     from modelport import LLM, SamplingParams
+    from modelport.loader import load_model_config, resolve_model
 
-    llm = LLM(model=model, device=device, max_model_len=seq_len + 64, seed=seed,
+    # room for the prompt, within the model's context (a prompt plus max_tokens past it
+    # generates up to max_model_len offline, so a short-context model still writes its texts)
+    limit = load_model_config(resolve_model(model)).max_position_embeddings
+    llm = LLM(model=model, device=device, max_model_len=min(seq_len + 64, limit), seed=seed,
               max_num_seqs=min(64, num_samples))
     tok = llm.get_tokenizer()
     vocab = min(tok.vocab_size, llm.llm_engine.config.model_config.vocab_size)
