@@ -179,6 +179,13 @@ def test_a_body_that_is_not_json_is_a_400_that_says_so(base, raw, where) -> None
     assert err["param"] is None and err["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_missing_body_is_a_400_that_says_so(base, path) -> None:
+    err = _error(httpx.post(f"{base}{path}", headers={"content-type": "application/json"}))
+    assert err["message"] == "the request body is missing: send a JSON object"
+    assert err["param"] is None and err["type"] == "invalid_request_error"
+
+
 def test_metrics_prefix_vllm_gives_vllms_series_names(base) -> None:
     r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200

@@ -94,6 +94,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":  # FastAPI puts the character offset in loc
         return _json_message(first, getattr(exc, "body", None)), None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if not loc and first.get("type") == "missing":  # no body at all (or an empty one)
+        return "the request body is missing: send a JSON object", None
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     extra = f" (and {len(errs) - 1} more errors)" if len(errs) > 1 else ""
