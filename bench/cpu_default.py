@@ -59,28 +59,34 @@ def c1(eng, vocab: int, rid: str = "c1") -> tuple[float, float, list[int]]:
             ids)
 
 
-def c1_ab(eng, vocab: int, rounds: int) -> dict:
-    """C1 with the CPU decode fast paths (layers/cpu_fast.py) off and on, interleaved in this
-    process (off, on, off, on, ...): the same-run ratio, and whether greedy tokens agree."""
+AB_KNOBS = {"fast_decode": "ENABLED", "greedy_head": "GREEDY_INT8_HEAD"}
+
+
+def c1_ab(eng, vocab: int, rounds: int, knob: str = "fast_decode") -> dict:
+    """C1 with a CPU switch of layers/cpu_fast.py off and on, interleaved in this process
+    (off, on, off, on, ...): the same-run ratio, and whether greedy tokens agree. ``knob``:
+    fast_decode (the decode fast paths, ENABLED) or greedy_head (the exact int8-screened
+    greedy LM head, GREEDY_INT8_HEAD)."""
     from statistics import median
 
     from modelport.layers import cpu_fast
 
-    saved = cpu_fast.ENABLED
+    attr = AB_KNOBS[knob]
+    saved = getattr(cpu_fast, attr)
     runs: dict[str, list[float]] = {"off": [], "on": []}
     tokens: dict[str, list[int]] = {}
     try:
         for i in range(rounds):
             for mode in ("off", "on"):
-                cpu_fast.ENABLED = mode == "on"
+                setattr(cpu_fast, attr, mode == "on")
                 _, tok_s, ids = c1(eng, vocab, f"c1-ab-{mode}-{i}")
                 runs[mode].append(tok_s)
                 if tokens.setdefault(mode, ids) != ids:
                     raise AssertionError(f"C1 greedy tokens changed between {mode} runs")
     finally:
-        cpu_fast.ENABLED = saved
+        setattr(cpu_fast, attr, saved)
     off, on = median(runs["off"]), median(runs["on"])
-    return {"decode_tok_s_off": runs["off"], "decode_tok_s_on": runs["on"],
+    return {"knob": knob, "decode_tok_s_off": runs["off"], "decode_tok_s_on": runs["on"],
             "median_off": off, "median_on": on, "speedup": round(on / off, 2),
             "greedy_tokens_identical": tokens["off"] == tokens["on"]}
 
@@ -104,7 +110,7 @@ def run_modelport(args, quantization: str | None = None) -> dict:
     llm.generate(prompt_token_ids=prompts(1, 64, vocab, 1), sampling_params=SamplingParams(
         temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)  # warm-up
     if args.ab:
-        res["c1_ab"] = c1_ab(eng, vocab, args.ab)
+        res["c1_ab"] = c1_ab(eng, vocab, args.ab, args.ab_knob)
     ttft_ms, tok_s, ids = c1(eng, vocab)
     res["c1_token_ids"] = ids
     res["c1_ttft_ms"] = ttft_ms
@@ -212,6 +218,9 @@ def main() -> None:
     ap.add_argument("--ab", type=int, default=0, metavar="N",
                     help="also run C1 N times each with the CPU decode fast paths off and on, "
                     "interleaved (MODELPORT_CPU_FAST_DECODE switches them for the rest)")
+    ap.add_argument("--ab-knob", choices=["fast_decode", "greedy_head"], default="fast_decode",
+                    help="the switch --ab flips: the CPU decode fast paths, or the exact greedy "
+                    "int8-screened LM head (MODELPORT_CPU_GREEDY_INT8_HEAD)")
     ap.add_argument("--skip-c2", action="store_true", help="C1 only")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
@@ -224,6 +233,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     machine["fast_decode_env"] = os.environ.get("MODELPORT_CPU_FAST_DECODE", "1")
+    machine["greedy_int8_head_env"] = os.environ.get("MODELPORT_CPU_GREEDY_INT8_HEAD", "1")
     load_before = list(os.getloadavg())
     results = [run_modelport(args)]
     if args.quantized:

@@ -33,6 +33,8 @@ class LMHead(nn.Module):
     """
 
     exact_weight: torch.Tensor | None = None
+    # an int8 copy of exact_weight for greedy steps (layers/cpu_fast.py Int8GreedyHead)
+    int8_greedy: object | None = None
 
     def __init__(
         self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None
@@ -53,3 +55,21 @@ class LMHead(nn.Module):
             wide = torch.einsum("td,tkd->tk", hidden.to(exact.dtype), exact[top])
             logits.scatter_(1, top, wide.float())
         return logits
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The argmax of forward(hidden) for each row of a plain-greedy CPU step, without the
+        full-vocabulary bf16 matmul (see cpu_fast.Int8GreedyHead): the fp32 refine's argmax
+        over every token an int8 screen cannot rule out. None: use forward (no exact weight,
+        the switch off, or a row with too many candidates)."""
+        from modelport.layers import cpu_fast
+
+        exact = self.exact_weight
+        if (exact is None or not cpu_fast.GREEDY_INT8_HEAD or hidden.device.type != "cpu"
+                or not hidden.shape[0]):
+            return None
+        if self.int8_greedy is None:
+            self.int8_greedy = cpu_fast.Int8GreedyHead.calibrated(exact, hidden)
+        cands = self.int8_greedy.candidates(hidden)  # type: ignore[attr-defined]
+        if cands is None:
+            return None
+        return cpu_fast.greedy_from_candidates(hidden, exact, cands, REFINE_TOPK)

@@ -26,6 +26,7 @@ from modelport.runner.sampler import (
     SamplingRow,
     compute_logprobs,
     greedy_tokens,
+    plain_greedy,
     to_device,
 )
 from modelport.runner.spec_verify import accepted_tokens, verify
@@ -496,6 +497,22 @@ class ModelRunner:
                 off += width
         return out
 
+    def _greedy_head_tokens(self, hidden: torch.Tensor, sample_reqs: list) -> torch.Tensor | None:
+        """A CPU step whose every row is plain greedy (sampler.plain_greedy): the LM head's
+        exact greedy path (LMHead.greedy), the same tokens as the logits and the Sampler's
+        argmax; None where it does not apply."""
+        head_greedy = getattr(getattr(self.model, "lm_head", None), "greedy", None)
+        if head_greedy is None or getattr(self.model.lm_head, "exact_weight", None) is None:
+            return None
+        vocab = self.model.lm_head.exact_weight.shape[0]
+        for s, _ in sample_reqs:
+            req = s.request
+            row = SamplingRow(req.request_id, req.sampling_params, req.prompt_token_ids,
+                              req.output_token_ids, req.eos_token_ids, None, req.active_grammar)
+            if not plain_greedy(row, vocab):
+                return None
+        return head_greedy(hidden)
+
     @torch.inference_mode()
     def launch(self, so: SchedulerOutput) -> PendingStep | None:
         """Queue one step on the device; returns without waiting for it (None: nothing to run).
@@ -590,6 +607,15 @@ class ModelRunner:
             return pending
         if len(logit_rows) != hidden.shape[0]:  # rows are increasing: equal count = all rows
             hidden = hidden[self._to_dev(torch.tensor(logit_rows))]
+        if (dev.type == "cpu" and lora is None and not spec_reqs and not prompt_lp_reqs
+                and len(sample_reqs) == len(logit_rows)):
+            fast = self._greedy_head_tokens(hidden, sample_reqs)
+            if fast is not None:
+                self._prev_tokens = fast
+                pending.sample_ids = [s.request_id for s, _ in sample_reqs]
+                self._prev_rows = {rid: i for i, rid in enumerate(pending.sample_ids)}
+                pending.tokens_host = self._to_host(fast)
+                return pending
         logits = self.model.compute_logits(hidden).float()
 
         if spec_reqs:

@@ -105,6 +105,17 @@ def min_tokens_banned(r: SamplingRow, vocab: int) -> list[int]:
     return [t for t in banned if t < vocab]
 
 
+def plain_greedy(r: SamplingRow, vocab: int) -> bool:
+    """Whether the Sampler's token for row r is the argmax of the raw logits and nothing else
+    reads them: greedy, no logprobs / prompt logprobs, no grammar or structured output, no
+    allowed_token_ids, bad_words, logit_bias, penalties, nor a min_tokens ban now."""
+    p = r.params
+    return (p.greedy and p.logprobs is None and p.prompt_logprobs is None and r.grammar is None
+            and p.structured_outputs is None and not p.allowed_token_ids
+            and not p.bad_words_token_ids and not p.logit_bias and not p.needs_penalties
+            and not min_tokens_banned(r, vocab))
+
+
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow],
                      exempt: set[int] | frozenset[int] = frozenset()) -> None:
     """Ban stop tokens from rows short of min_tokens, but rows in ``exempt`` (a grammar that
