@@ -178,3 +178,32 @@ def test_serve_with_two_replicas(model_dir, offline, tmp_path):
     text = log.read_text()
     assert "data parallel: 2 replicas" in text, text[-3000:]
     assert "internal error" not in text
+
+
+def test_a_core_whose_owner_left_while_it_loaded_exits_quietly(model_dir, tmp_path):
+    # Ctrl-C during start-up: the owner is gone before the core reports ready; the core must
+    # end with status 0 and no traceback (it printed a BrokenPipeError traceback before)
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "orphan_core.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing as mp
+        from modelport.engine.arg_utils import EngineArgs
+        from modelport.engine.core_client import run_engine_core
+        if __name__ == "__main__":
+            cfg = EngineArgs(model={str(model_dir)!r}, kv_cache_memory={KV}).create_engine_config()
+            ctx = mp.get_context("spawn")
+            in_recv, in_send = ctx.Pipe(duplex=False)
+            out_recv, out_send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=run_engine_core, args=(cfg, in_recv, out_send))
+            p.start()
+            out_send.close()
+            out_recv.close()  # the owner's end of the core's output pipe: gone
+            p.join(120)
+            print("exitcode", p.exitcode)
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert "exitcode 0" in r.stdout, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr

@@ -150,18 +150,18 @@ def run_engine_core(engine_config: Any, in_conn: Any, out_conn: Any, log_level: 
         with contextlib.suppress(Exception):
             send(CoreFailed(message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()))
         return
-    send(
-        CoreReady(
-            num_kv_blocks=int(core.num_kv_blocks),
-            block_size=int(core.block_size),
-            device=_describe_device(engine_config),
-            load_seconds=time.monotonic() - t0,
-        )
-    )
     try:
+        send(
+            CoreReady(
+                num_kv_blocks=int(core.num_kv_blocks),
+                block_size=int(core.block_size),
+                device=_describe_device(engine_config),
+                load_seconds=time.monotonic() - t0,
+            )
+        )
         _busy_loop(core, in_conn, send)
     except (EOFError, OSError, BrokenPipeError):
-        return  # the parent went away: nothing left to serve
+        return  # the parent went away (also while the core was loading): nothing to serve
     except BaseException as e:
         with contextlib.suppress(Exception):
             send(CoreFailed(message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()))
