@@ -20,6 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.openai_http import error as _error
+from helpers.openai_http import ok as _ok
+from helpers.openai_http import post as _post
 from helpers.server_proc import serving
 from helpers.tiny_models import _byte_level_tokenizer, make_tiny_llama_dir, tiny_llama_config
 from modelport import LLM, PoolingParams
@@ -308,20 +311,7 @@ def embed_base(servers):
     return servers[1]
 
 
-def _post(base: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{base}{path}", json=body, timeout=60)
 
-
-def _ok(r: httpx.Response) -> dict:
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def _error(r: httpx.Response, status: int = 400) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
 
 
 def test_server_score_and_rerank_equal_the_offline_llm(base, cross_llm) -> None:

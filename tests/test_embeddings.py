@@ -16,11 +16,12 @@ import base64
 import json
 import struct
 
-import httpx
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.openai_http import error as _error
+from helpers.openai_http import post as _post
 from helpers.server_proc import serving
 from helpers.tiny_models import make_tiny_llama_dir, make_tiny_qwen2_dir
 from modelport import LLM, PoolingParams
@@ -203,15 +204,6 @@ def base(model_dir, tmp_path_factory):
         yield url
 
 
-def _post(base: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{base}{path}", json=body, timeout=60)
-
-
-def _error(r: httpx.Response, status: int = 400) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
 
 
 def test_server_embeddings_equal_the_offline_llm(base, llm) -> None:

@@ -14,6 +14,9 @@ import httpx
 import openai
 import pytest
 
+from helpers.openai_http import error as _error
+from helpers.openai_http import ok as _ok
+from helpers.openai_http import post as _post
 from helpers.server_proc import serving
 
 QUESTION = "Name three colors of the rainbow."
@@ -40,20 +43,7 @@ def base(tmp_path_factory):
         yield url
 
 
-def _post(base: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{base}{path}", json=body, timeout=180)
 
-
-def _ok(r: httpx.Response) -> dict:
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def _error(r: httpx.Response, status: int = 400) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
 
 
 def _text(resp: dict) -> str:

@@ -25,6 +25,9 @@ import httpx
 import pytest
 import torch
 
+from helpers.openai_http import error as _error
+from helpers.openai_http import ok as _ok
+from helpers.openai_http import post as _post
 from helpers.server_proc import serving, start_server, stop_server
 from helpers.tiny_models import hf_reference_logits, make_tiny_llama_dir
 
@@ -50,20 +53,7 @@ def base(model_dir, tmp_path_factory):
         yield url
 
 
-def _post(base: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{base}{path}", json=body, timeout=60)
 
-
-def _ok(r: httpx.Response) -> dict:
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def _error(r: httpx.Response, status: int = 400) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
 
 
 def _tokens(base: str, **body) -> list[int]:

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from helpers.openai_http import error as _error
 from helpers.server_proc import start_server, stop_server
 from helpers.tiny_models import CHAT_TEMPLATE, make_tiny_llama_dir
 
@@ -55,12 +56,6 @@ def base(model_dir, tmp_path_factory):
     finally:
         stop_server(proc)
 
-
-def _error(r: httpx.Response, status: int = 400) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
 
 
 def test_the_model_string_as_given_and_the_folder_name_are_both_served(base) -> None:
