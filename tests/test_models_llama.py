@@ -114,7 +114,7 @@ def test_registry_is_lazy_and_lists_supported() -> None:
         get_model_class("GPT2LMHeadModel")
 
 
-def test_mistral_uses_llama_and_refuses_sliding_window(tmp_path: Path) -> None:
+def test_mistral_uses_llama_and_its_sliding_window(tmp_path: Path) -> None:
     import json
 
     path = make_tiny_llama_dir(tmp_path, with_tokenizer=False)
@@ -129,9 +129,13 @@ def test_mistral_uses_llama_and_refuses_sliding_window(tmp_path: Path) -> None:
         atol=1e-4,
         rtol=1e-4,
     )
+    # a window is honoured on every layer (logits vs HF: tests/test_models_gemma.py)
     cfg["sliding_window"] = 64
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="sliding_window=64"):
+    assert [m.self_attn.attn.sliding_window for m in load(path).model.layers] == [64, 64]
+    cfg["sliding_window"] = 0
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding_window must be a positive integer"):
         load(path)
 
 

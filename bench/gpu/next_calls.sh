@@ -28,5 +28,13 @@ case ${1:-1} in
   # kv_cache_memory on CUDA), then W2 at 16 req/s (never run on a GPU)
   s26) run 200 bash bench/gpu/run_all.sh s26-tests
        run 330 env W2_RATES=16 bash bench/gpu/run_all.sh w2 ;;
-  *) echo "usage: $0 1|2|3|s25|s26" >&2; exit 2 ;;
+  # session 27: GPU tests of the new model families (MoE's Triton grouped GEMM, sliding
+  # windows and soft-caps in the Triton attention kernels, Gemma, Phi-3, Granite, OLMo 2,
+  # BERT); then, only where the card is an H200, W3 bf16 and AWQ (the targets' card)
+  s27) run 330 bash bench/gpu/run_all.sh s27-tests
+       if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+         run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+         run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+       fi ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27" >&2; exit 2 ;;
 esac

@@ -137,6 +137,10 @@ for s in $stages; do
                2>&1 | tee "$OUT/s19_tests.log" | tail -15 || rc=1 ;;
     s25-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py tests/test_gpu_engine.py \
                2>&1 | tee "$OUT/s25-tests.log" | tail -8 ;;
+    s27-tests) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_models_moe.py \
+               tests/test_models_gemma.py tests/test_attention_window_triton.py \
+               tests/test_models_more.py tests/test_phi3_rope_decode_triton.py \
+               tests/test_models_bert.py 2>&1 | tee "$OUT/s27-tests.log" | tail -25 ;;
     s26-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py \
                tests/test_reasoning_structured.py 2>&1 | tee "$OUT/s26-tests.log" | tail -8 ;;
     s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \

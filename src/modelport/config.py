@@ -75,6 +75,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"  # the checkpoint's own dtype
+    # the engine's max_model_len (EngineArgs sets it; None: max_position_embeddings), for
+    # models whose computation depends on it (LongRoPE picks its factors by it)
+    max_model_len: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +94,8 @@ class ModelConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model config: {name} must be > 0, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"model config: max_model_len must be > 0, got {self.max_model_len}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) must be a "
@@ -129,7 +134,8 @@ class ModelConfig:
             rope_theta=float(d.get("rope_theta", 10000.0)),
             rope_scaling=d.get("rope_scaling"),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Gemma's HF configs default to a tied head (its checkpoints store none)
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", archs[0].startswith("Gemma"))),
             attention_bias=bool(d.get("attention_bias", False))
             or archs[0] in ("Qwen2ForCausalLM",),
             bos_token_id=d.get("bos_token_id"),

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from modelport.models.encoder_config import ENCODER_EMBED_ARCHITECTURES
+
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify")
@@ -226,6 +228,14 @@ def resolve_runner(runner: str | None, convert: str | None, task: str | None,
                          "or 'score' (reward models are not served)")
     wants_pool = convert in ("embed", "classify") or task in EMBED_TASKS + CLASSIFY_TASKS
     is_cls = architecture.endswith(SEQ_CLS_SUFFIX)
+    if architecture in ENCODER_EMBED_ARCHITECTURES:  # BERT-family encoders: models/bert.py
+        if runner == "generate" or task in GENERATE_TASKS[1:]:
+            raise ValueError(f"{architecture} is an encoder (embedding) model: it cannot "
+                             "generate; serve it with runner='pooling'")
+        if convert == "classify" or task == "classify":
+            raise ValueError(f"{architecture} has no classification head: it embeds; give a "
+                             "*ForSequenceClassification checkpoint for classify / score")
+        return "pooling"
     if runner == "generate":
         if wants_pool:
             what = f"convert {convert!r}" if convert in ("embed", "classify") else f"task {task!r}"

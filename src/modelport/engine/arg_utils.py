@@ -198,6 +198,23 @@ class EngineArgs:
 
         src = resolve_model(self.model)
         model_config = load_model_config(src)
+        from modelport.models.moe_config import check_moe_options
+
+        # MoE models: unquantized, tp 1, no LoRA (a ValueError naming the option)
+        check_moe_options(model_config, tensor_parallel_size=self.tensor_parallel_size,
+                          quantization=self.quantization, enable_lora=self.enable_lora)
+        from modelport.models.encoder_config import encoder_settings
+
+        # a BERT-family encoder: its real length, its sentence-transformers pooling
+        encoder = encoder_settings(src.path if src.kind == "hf" else None,
+                                   model_config.hf_config)
+        if encoder is not None and self.tensor_parallel_size != 1:
+            raise ValueError(f"{model_config.architecture}: tensor_parallel_size > 1 is not "
+                             "supported for encoder models")
+        if encoder is not None and (self.quantization is not None
+                                    or model_config.hf_config.get("quantization_config")):
+            raise ValueError(f"{model_config.architecture}: quantization is not supported for "
+                             "encoder models (they run in the checkpoint's float dtype)")
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,6 +227,12 @@ class EngineArgs:
                             ("num_key_value_heads", model_config.num_key_value_heads)):
                 if n % tp:
                     raise ValueError(f"tensor_parallel_size {tp} must divide {what} ({n})")
+            from modelport.models.registry import get_model_class
+
+            refusal = getattr(get_model_class(model_config.architecture),
+                              "tensor_parallel_refusal", None)  # e.g. models/olmo2.py
+            if refusal:
+                raise ValueError(refusal)
         if device.startswith("cuda") and parallel.world_size > 1:
             first = torch.device(device).index or 0
             if torch.cuda.device_count() < first + parallel.world_size:
@@ -230,7 +253,7 @@ class EngineArgs:
                                self.max_model_len or model_config.max_position_embeddings)
         if self.max_logprobs < -1:  # -1: no cap (vLLM), requests may ask for -1 (all)
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}")
-        runner_type, pooler, pooling_kw = self._resolve_pooling(model_config, spec)
+        runner_type, pooler, pooling_kw = self._resolve_pooling(model_config, spec, encoder)
         lora = self._resolve_lora(runner_type)
         reasoning_parser, in_reasoning = self._resolve_structured_outputs()
         seed = self.seed
@@ -246,6 +269,19 @@ class EngineArgs:
         batched = self.max_num_batched_tokens or default_max_num_batched_tokens(
             device.startswith("cuda")
         )
+        if encoder is not None:  # one whole prompt per step: no chunks (vLLM does the same)
+            if self.max_model_len is not None and self.max_model_len > encoder.max_positions:
+                raise ValueError(f"max_model_len ({self.max_model_len}) is larger than the "
+                                 f"encoder's {encoder.max_positions} positions")
+            max_len = self.max_model_len or encoder.max_len
+            if self.max_num_batched_tokens is None:
+                batched = max(batched, max_len)
+            elif batched < max_len:
+                raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_model_len "
+                                 f"({max_len}) for an encoder model: it runs each prompt "
+                                 "whole (no chunked prefill)")
+        # the model sees the engine's length (LongRoPE picks its factors by it: longrope.py)
+        model_config = dataclasses.replace(model_config, max_model_len=max_len)
         cache = CacheConfig(
             block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory,
@@ -259,6 +295,7 @@ class EngineArgs:
             max_num_batched_tokens=batched,
             max_model_len=max_len,
             max_waiting_requests=self.max_waiting_requests,
+            enable_chunked_prefill=encoder is None,
         )
         return EngineConfig(
             model_source=src,
@@ -325,8 +362,8 @@ class EngineArgs:
             raise ValueError("structured_outputs_config.enable_in_reasoning must be a boolean")
         return parser, in_reasoning
 
-    def _resolve_pooling(self, model_config: ModelConfig, spec: SpeculativeConfig | None
-                         ) -> tuple[str, Any, dict[str, Any]]:
+    def _resolve_pooling(self, model_config: ModelConfig, spec: SpeculativeConfig | None,
+                         encoder: Any = None) -> tuple[str, Any, dict[str, Any]]:
         """(runner type, PoolerConfig or None, engine settings a pooling runner forces).
 
         A pooling runner runs eagerly and synchronously (no CUDA graphs, no async
@@ -352,10 +389,14 @@ class EngineArgs:
             return runner_type, None, {}
         if spec is not None:
             raise ValueError("speculative decoding is not supported for pooling models")
+        if encoder is not None:  # the checkpoint's pooling (sentence-transformers) by default
+            given = encoder.pooler_config(given)
         pooler = replace(PoolerConfig.from_dict(given), task=resolve_pooling_task(
             self.convert, self.task, model_config.architecture))
         kw: dict[str, Any] = {"enforce_eager": True, "async_scheduling": False}
-        if pooler.pooling_type != "LAST" and self.enable_prefix_caching:
+        if encoder is not None:  # each prompt runs whole, with no KV cache to share
+            kw["enable_prefix_caching"] = False
+        elif pooler.pooling_type != "LAST" and self.enable_prefix_caching:
             logging.getLogger(__name__).info(
                 "prefix caching off: %s pooling needs every prompt token computed",
                 pooler.pooling_type)

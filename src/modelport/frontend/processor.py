@@ -119,6 +119,12 @@ class InputProcessor:
                 f"truncate_prompt_tokens ({keep}) is greater than max_model_len "
                 f"({self.max_model_len}); give a smaller value, or -1 for max_model_len"
             )
+        from modelport.models.encoder_config import is_encoder
+
+        if is_encoder(self.model_config.architecture) and len(prompt_token_ids) > keep:
+            # an encoder reads [CLS] first: cut the end, keep the closing [SEP] / </s>
+            # (the tokenizer's own right-side truncation for one text; a pair loses its tail)
+            return list(prompt_token_ids[: keep - 1]) + list(prompt_token_ids[-1:])
         return list(prompt_token_ids[-keep:])
 
     def process(

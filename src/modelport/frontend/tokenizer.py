@@ -284,7 +284,18 @@ def _from_gguf(path: Path, cache_dir: Path | None = None) -> Any:
             str(path.parent), gguf_file=path.name, local_files_only=True
         )
     except Exception as e:  # transformers raises many types for a bad file
-        raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from None
+        if "is not supported yet" not in str(e):
+            raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from None
+        # an architecture transformers' GGUF config reader lacks (Gemma 1): the tokenizer
+        # alone is built from the file's tokenizer.ggml.* fields
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            hf = PreTrainedTokenizerFast.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True
+            )
+        except Exception as e2:
+            raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e2}") from None
     try:
         build_entry(cached, lambda tmp: hf.save_pretrained(str(tmp)))
     except OSError as e:  # read-only or full cache folder: works, only slower next time

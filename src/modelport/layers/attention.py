@@ -133,13 +133,19 @@ def reference_paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its cached context.
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
     Correct on any device: one batched SDPA call for a decode-only batch, otherwise one call
     per request (the fast kernels replace this on CUDA).
+    sliding_window: a query at position p sees keys at positions > p - sliding_window (HF's
+    rule); soft_cap: scores become soft_cap * tanh(scores / soft_cap) before the mask.
     """
+    if sliding_window is not None or soft_cap is not None:
+        return _windowed_attention(q, kv_cache, meta, scale, sliding_window, soft_cap)
     if meta.is_pure_decode and meta.num_reqs > 1:
         return _batched_decode_attention(q, kv_cache, meta, scale)
     if meta.num_reqs == 1 and q.shape[0] == 1 and not q.is_cuda and cpu_fast.ENABLED:
@@ -189,22 +195,60 @@ def reference_paged_attention(
 
 
 def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Attention with grouped KV heads as batched matmuls, without repeating K/V.
 
     q [B, H, n, D], k/v [B, KH, S, D], mask broadcastable to [B, KH, H/KH, n, S] (True = see).
     (Plain matmuls: on CPU, SDPA's GQA path is several times slower for short queries.)
+    soft_cap: scores -> soft_cap * tanh(scores / soft_cap) before masking (Gemma 2).
     """
     b, h, n, d = q.shape
     kh, s_len = k.shape[1], k.shape[2]
     g = h // kh
     scores = torch.matmul(q.reshape(b, kh, g * n, d), k.transpose(-1, -2)) * scale
+    if soft_cap is not None:
+        scores = torch.tanh(scores / soft_cap) * soft_cap
     scores = scores.view(b, kh, g, n, s_len)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1).view(b, kh, g * n, s_len)
     return torch.matmul(probs, v).view(b, h, n, d)
+
+
+def _windowed_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None, soft_cap: float | None,
+) -> torch.Tensor:
+    """reference_paged_attention with a sliding window and / or score soft-capping: one
+    call per request over the keys its first query can still see (older blocks are never
+    read, though they stay allocated)."""
+    out = torch.empty_like(q)
+    qsl = meta.query_start_loc_cpu
+    for i, seq_len in enumerate(meta.seq_lens_cpu):
+        s, e = qsl[i], qsl[i + 1]
+        if e == s:
+            continue
+        n = e - s
+        lo = max(0, seq_len - n - window + 1) if window is not None else 0
+        k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+        k, v = k[lo:], v[lo:]
+        qpos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
+        kpos = torch.arange(lo, seq_len, device=q.device).unsqueeze(0)
+        mask = kpos <= qpos  # [n, S - lo]
+        if window is not None:
+            mask = mask & (kpos > qpos - window)
+        o = grouped_attention(
+            q[s:e].transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            v.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            mask[None, None, None],
+            scale,
+            soft_cap,
+        )
+        out[s:e] = o.squeeze(0).transpose(0, 1)
+    return out
 
 
 def _batched_decode_attention(
@@ -235,7 +279,8 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, num_heads: int, head_dim: int, num_kv_heads: int, layer_idx: int, scale: float
+        self, num_heads: int, head_dim: int, num_kv_heads: int, layer_idx: int, scale: float,
+        sliding_window: int | None = None, logits_soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -243,6 +288,21 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.layer_idx = layer_idx
         self.scale = scale
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        if logits_soft_cap is not None and logits_soft_cap <= 0:
+            raise ValueError(f"logits_soft_cap must be > 0, got {logits_soft_cap}")
+        # a query at position p sees keys at positions > p - sliding_window (None: all);
+        # scores are capped to logits_soft_cap * tanh(score / logits_soft_cap) (None: not)
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
+        # what every backend call gets besides (q, cache, meta, scale): empty for plain
+        # layers, so backends pinned by tests with the four-argument signature still work
+        self.backend_kwargs: dict[str, Any] = {}
+        if sliding_window is not None:
+            self.backend_kwargs["sliding_window"] = int(sliding_window)
+        if logits_soft_cap is not None:
+            self.backend_kwargs["soft_cap"] = float(logits_soft_cap)
         # None: chosen at the first call (Triton kernels on CUDA where they apply, else the
         # reference). Tests may pin reference_paged_attention here.
         self.backend: Callable | None = None
@@ -267,6 +327,7 @@ class Attention(nn.Module):
                     rope=(k.view(t, self.num_kv_heads, self.head_dim),
                           v.view(t, self.num_kv_heads, self.head_dim), positions,
                           rotary.cos_sin_cache),
+                    **self.backend_kwargs,
                 )
                 return o.reshape(t, self.num_heads * self.head_dim)
         q, k = rotary(positions, q, k)
@@ -279,6 +340,15 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         meta = ctx.attn_metadata
+        if meta is None and self.backend_kwargs:  # dummy run of a windowed / capped layer
+            pos = torch.arange(t, device=q.device)
+            mask = pos[None, :] <= pos[:, None]
+            if self.sliding_window is not None:
+                mask = mask & (pos[None, :] > pos[:, None] - self.sliding_window)
+            o = grouped_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                  v.transpose(0, 1).unsqueeze(0), mask, self.scale,
+                                  self.logits_soft_cap)
+            return o.squeeze(0).transpose(0, 1).reshape(t, self.num_heads * self.head_dim)
         if meta is None:  # profiling / dummy run without a cache: plain causal attention
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
@@ -293,7 +363,7 @@ class Attention(nn.Module):
         if ctx.piecewise is not None:  # capturing: the graph ends here, attention runs eagerly
             o = ctx.piecewise.split(self, q, kv_cache)
         else:
-            o = self.backend(q, kv_cache, meta, self.scale)
+            o = self.backend(q, kv_cache, meta, self.scale, **self.backend_kwargs)
         return o.reshape(t, self.num_heads * self.head_dim)
 
 

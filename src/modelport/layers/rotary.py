@@ -41,6 +41,12 @@ def rope_settings(config: ModelConfig) -> RopeSettings:
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        # Phi-3 keeps its pretraining length at the top level, which wins (as in HF)
+        orig = (config.hf_config.get("original_max_position_embeddings")
+                or scaling.get("original_max_position_embeddings")
+                or config.max_position_embeddings)
+        scaling["original_max_position_embeddings"] = int(orig)
     return RopeSettings(theta, scaling, config.max_position_embeddings)
 
 

@@ -220,14 +220,25 @@ def _kv_upcast(x, CVT: tl.constexpr):
 # decode: one query per request, split-K over the paged context, GQA groups share KV loads
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _soft_cap(s, SOFTCAP: tl.constexpr):
+    """Scores s (log2 domain: score * log2(e)) capped as SOFTCAP * tanh(score / SOFTCAP),
+    with tanh(y) = 1 - 2 / (e^(2y) + 1) (exact limits +-1 where e^(2y) over/underflows);
+    with y = score / SOFTCAP, e^(2y) = 2^(2 s / SOFTCAP)."""
+    t = 1.0 - 2.0 / (tl.math.exp2(s * (2.0 / SOFTCAP)) + 1.0)
+    return t * (SOFTCAP * 1.4426950408889634)
+
+
+@triton.jit
 def _decode_tile(qk, qk_scale, k, v, n_mask, m_i, l_i, acc, q_dtype: tl.constexpr,
-                 K_CVT: tl.constexpr, V_CVT: tl.constexpr):
+                 K_CVT: tl.constexpr, V_CVT: tl.constexpr, SOFTCAP: tl.constexpr = None):
     """Online-softmax update of one [BLOCK_N] tile of cached K/V (masked rows: -inf)."""
     if K_CVT == 0:
         k = k.to(q_dtype)  # fp8 cache: exact upcast; 16-bit: a no-op
     else:
         k = _kv_upcast(k, K_CVT)
     s = tl.dot(qk, tl.trans(k)) * qk_scale
+    if SOFTCAP is not None:
+        s = _soft_cap(s, SOFTCAP)
     s = tl.where(n_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
@@ -292,6 +303,8 @@ def _decode_kernel(
     PDL: tl.constexpr = False,
     ORDERED: tl.constexpr = False,  # grid (KV heads, requests longest first via order_ptr)
     ROPE: tl.constexpr = False,  # q, k_new, v_new raw: rotate here and store the new K/V
+    WINDOW: tl.constexpr = None,  # an int: only the last WINDOW positions are attended
+    SOFTCAP: tl.constexpr = None,  # a float: scores capped to SOFTCAP * tanh(score / SOFTCAP)
 ):
     # Before the PDL wait: the step's metadata and the first tile of the context except its
     # newest token (no kernel of this forward writes those; the KV write before this kernel
@@ -311,8 +324,13 @@ def _decode_kernel(
     is_decode = q_len == 1
     seq_len = tl.where(is_decode, seq_len, 0)  # prefill rows belong to the other kernel
 
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    if WINDOW is not None:  # the splits share the window's positions [ctx_lo, seq_len)
+        ctx_lo = tl.maximum(seq_len - WINDOW, 0)
+        split_len = tl.cdiv(tl.cdiv(seq_len - ctx_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = ctx_lo + split * split_len
+    else:
+        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
 
     offs_g = tl.arange(0, G_PAD)
@@ -370,7 +388,7 @@ def _decode_kernel(
         else:
             qk_scale = sm_scale_log2 * _FP8_F16_UNSCALE
     m_i, l_i, acc = _decode_tile(qk, qk_scale, k0, v0, n_mask, m_i, l_i, acc, q.dtype, K_CVT,
-                                 V_CVT)
+                                 V_CVT, SOFTCAP)
     for start in range(lo + BLOCK_N, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
@@ -383,7 +401,7 @@ def _decode_kernel(
             other=0.0,
         )
         m_i, l_i, acc = _decode_tile(qk, qk_scale, k, v, n_mask, m_i, l_i, acc, q.dtype, K_CVT,
-                                     V_CVT)
+                                     V_CVT, SOFTCAP)
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     if V_CVT >= 2 and V_CVT <= 4:  # V was read as value * 2**-8
         o = acc / safe_l[:, None] * _FP8_F16_UNSCALE
@@ -465,6 +483,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr = False,
+    WINDOW: tl.constexpr = None,  # an int: query p sees keys > p - WINDOW only (sliding)
+    SOFTCAP: tl.constexpr = None,  # a float: scores capped to SOFTCAP * tanh(score / SOFTCAP)
 ):
     pdl.wait(PDL)
     item = tl.program_id(0)
@@ -494,7 +514,11 @@ def _prefill_kernel(
     table = block_tables_ptr + req.to(tl.int64) * stride_bt
     kv_head_off = (head // G) * D
     hi = tl.minimum(seq_len, ctx_before + q0 + BLOCK_M)  # causal: nothing past the last query
-    for start in range(0, hi, BLOCK_N):
+    if WINDOW is not None:  # nothing before the first query's window
+        lo = tl.maximum(ctx_before + q0 - WINDOW + 1, 0)
+    else:
+        lo = 0
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
         page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
@@ -502,7 +526,11 @@ def _prefill_kernel(
         k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         k = k.to(q.dtype)  # fp8 cache: exact upcast; 16-bit: a no-op
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        if SOFTCAP is not None:
+            s = _soft_cap(s, SOFTCAP)
         keep = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if WINDOW is not None:
+            keep = keep & (offs_n[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -821,14 +849,23 @@ def triton_paged_attention(
     scale: float,
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Drop-in replacement for reference_paged_attention on CUDA (q: [T, H, D]).
 
     rope=(k, v, positions, cos_sin) (a decode-only step, see rope_fits): q and k are not
     rotated yet and k / v not yet in the cache; the decode kernel rotates q and k and stores
     k and v at meta.slot_mapping itself (what the rotary and KV-write kernels would do).
-    out: a [T, H, D] buffer to write into (piecewise CUDA graphs) instead of a new tensor."""
+    out: a [T, H, D] buffer to write into (piecewise CUDA graphs) instead of a new tensor.
+    sliding_window / soft_cap: as reference_paged_attention's; constexprs of the kernels (one
+    compiled variant per value; None: the plain kernels, unchanged)."""
     t, h, d = q.shape
+    extra = {}
+    if sliding_window is not None:
+        extra["WINDOW"] = int(sliding_window)
+    if soft_cap is not None:
+        extra["SOFTCAP"] = float(soft_cap)
     _, nb, page, kvh, _ = kv_cache.shape
     g = h // kvh
     if out is None:
@@ -895,6 +932,7 @@ def triton_paged_attention(
             V_CVT=v_cvt,
             ORDERED=ordered,
             ROPE=rope is not None,
+            **extra,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
@@ -922,6 +960,7 @@ def triton_paged_attention(
             PAGE=page,
             BLOCK_M=PREFILL_BLOCK_M,
             BLOCK_N=64,
+            **extra,
             num_warps=4,
             num_stages=2,
             **pdl.kernel_kwargs(),

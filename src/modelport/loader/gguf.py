@@ -2,6 +2,8 @@
 
 Built on ``gguf.GGUFReader`` (memory-mapped) and ``gguf.quants.dequantize``. Weights come out
 in float32 with HF names, so the model classes load them exactly like a safetensors folder.
+Families beyond llama / qwen2 (Qwen3, Gemma 1/2/3, Phi-3, Mixtral, Qwen2/3-MoE): their
+metadata, names and the inverse of llama.cpp's per-family edits live in gguf_archs.py.
 
 llama.cpp's converter permutes the rows of attn_q / attn_k for the ``llama`` architecture:
 llama.cpp rotates adjacent pairs (2j, 2j+1) of each head while HF Llama rotates
@@ -12,6 +14,7 @@ llama.cpp rotates adjacent pairs (2j, 2j+1) of each head while HF Llama rotates
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +23,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelport.loader.gguf_archs import (
+    CONFIG_TENSORS,
+    GEMMA_ARCHS,
+    arch_config,
+    block_name,
+    expert_slices,
+    fix_tensor,
+    legacy_expert_name,
+    stacked_expert_name,
+)
+
+logger = logging.getLogger(__name__)
+
 # GGUF architecture -> (HF architecture, q/k rows permuted by the converter)
+# ("llama" with llama.expert_count > 0 is Mixtral; the other families: loader/gguf_archs.py)
 GGUF_ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "llama": ("LlamaForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
+    "qwen3": ("Qwen3ForCausalLM", False),
+    "gemma": ("GemmaForCausalLM", False),
+    "gemma2": ("Gemma2ForCausalLM", False),
+    "gemma3": ("Gemma3ForCausalLM", False),
+    "phi3": ("Phi3ForCausalLM", False),
+    "qwen2moe": ("Qwen2MoeForCausalLM", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", False),
 }
 
 _GLOBAL_NAMES = {
@@ -167,6 +191,9 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
             f"{', '.join(GGUF_ARCHITECTURES)}"
         )
     hf_arch, _ = GGUF_ARCHITECTURES[arch]
+    experts = _field(reader, f"{arch}.expert_count", 0)
+    if experts or arch.endswith("moe"):
+        _check_moe_available(path, arch, experts)
 
     def meta(key: str, default: Any = None) -> Any:
         value = _field(reader, f"{arch}.{key}", default)
@@ -174,16 +201,19 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
             raise ValueError(f"{path.name}: GGUF metadata is missing {arch}.{key}")
         return value
 
+    def opt(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
     tensor_names = {t.name for t in reader.tensors}
     tokens = _field(reader, "tokenizer.ggml.tokens")
     heads = int(meta("attention.head_count"))
     hidden = int(meta("embedding_length"))
-    scaling = _rope_scaling(reader, arch, path)
+    scaling = None if arch == "phi3" else _rope_scaling(reader, arch, path)  # phi3: LongRoPE
     eos = [
         _field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
     ]
     eos_ids = sorted({int(e) for e in eos if e is not None})
-    return {
+    config = {
         "architectures": [hf_arch],
         "model_type": arch,
         "vocab_size": len(tokens) if tokens else int(meta("vocab_size")),
@@ -203,22 +233,46 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
         "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
         "torch_dtype": _FILE_TYPE_DTYPE.get(int(_field(reader, "general.file_type", 0)), "float32"),
     }
+    config.update(arch_config(arch, reader, opt, config, path))
+    return config
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """HF name of a GGUF tensor name (ValueError for names we do not map).
+def _check_moe_available(path: Path, arch: str, experts: int) -> None:
+    """MoE GGUFs load through models/moe.py; without it, the old clear refusal."""
+    try:
+        import modelport.models.moe  # noqa: F401
+    except Exception as e:  # a missing or broken optional model file
+        raise ValueError(
+            f"{path.name}: mixture-of-experts GGUF files ({arch}.expert_count={experts}) are "
+            f"not supported here (the MoE models do not load: {e})"
+        ) from None
 
-    ``rope_freqs.weight`` keeps its name: it is no model weight (the config reads it and
-    ``iter_gguf_weights`` skips it), but callers listing every tensor must not fail on it.
+
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
+    """HF name of a GGUF tensor name of this GGUF architecture (ValueError for names we do
+    not map). A stacked expert tensor maps to its per-expert name with ``{e}`` in it.
+
+    ``rope_freqs.weight`` (and Phi-3's rope factors) keep their names: they are no model
+    weights (the config reads them and ``iter_gguf_weights`` skips them), but callers
+    listing every tensor must not fail on them.
     """
-    if gguf_name == ROPE_FREQS:
-        return ROPE_FREQS
+    if gguf_name == ROPE_FREQS or gguf_name in CONFIG_TENSORS:
+        return gguf_name
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m:
+        layer, stem, kind = m.groups()
+        experts = stacked_expert_name(arch, layer, stem, kind)
+        if experts is not None:
+            return experts
+        sub = block_name(arch, stem) or _BLOCK_NAMES.get(stem)
+        if sub is not None:
+            return f"model.layers.{layer}.{sub}.{kind}"
+    legacy = legacy_expert_name(arch, gguf_name)
+    if legacy is not None:
+        return legacy
     raise ValueError(f"GGUF tensor {gguf_name!r} has no HF equivalent in our name mapping")
 
 
@@ -234,16 +288,18 @@ def dequantized_numel(reader: Any) -> int:
 
 
 def iter_gguf_weights(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) for every tensor of the file, q/k rows restored."""
+    """(HF name, float32 tensor) for every tensor of the file, q/k rows restored, the
+    converter's edits undone (gguf_archs.fix_tensor) and stacked experts split per expert."""
     from gguf.quants import dequantize
 
     arch = hf_config["model_type"]
     permuted = GGUF_ARCHITECTURES[arch][1]
     heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
+    warned = False
     for t in reader.tensors:
-        if t.name == ROPE_FREQS:
+        if t.name == ROPE_FREQS or t.name in CONFIG_TENSORS:
             continue
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, arch)
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -253,7 +309,20 @@ def iter_gguf_weights(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[
         except Exception as e:
             raise ValueError(f"GGUF tensor {t.name!r} is corrupt or truncated ({e})") from None
         w = np.asarray(w, dtype=np.float32)
+        if ".experts." in name and int(t.tensor_type) not in (0, 1, 30) and not warned:
+            warned = True
+            logger.info("%s: MoE expert tensors (%s) dequantized at load to the model dtype "
+                        "(the MoE layer runs unquantized weights only)",
+                        hf_config["architectures"][0], t.tensor_type.name)
         m = _BLOCK_RE.match(t.name)
         if permuted and m and m.group(2) in heads and m.group(3) == "weight":
             w = unpermute_qk(w, heads[m.group(2)])
+        if m:
+            w = fix_tensor(arch, m.group(2), w)
+            if "{e}" in name:  # stacked experts: dequantized, handed on one expert at a time
+                for ename, ew in expert_slices(name, w):
+                    yield ename, torch.from_numpy(np.array(ew, dtype=np.float32, copy=True))
+                continue
+        elif arch in GEMMA_ARCHS and t.name == "output_norm.weight":
+            w = fix_tensor(arch, "output_norm", w)
         yield name, torch.from_numpy(np.array(w, dtype=np.float32, copy=True))

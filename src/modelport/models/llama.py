@@ -7,7 +7,7 @@ module serves prefill chunks and decode steps of many requests in one call.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ class LlamaAttention(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         rotary_emb: RotaryEmbedding,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         h, d = config.num_attention_heads, config.head_dim
@@ -38,7 +39,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVLinear(config.hidden_size, d, h, kvh, bias=qkv_bias)
         self.o_proj = Linear(h * d, config.hidden_size, bias=o_bias)
         self.rotary_emb = rotary_emb  # one instance shared by all layers
-        self.attn = Attention(h, d, kvh, layer_idx, scale=d**-0.5)
+        self.attn = Attention(h, d, kvh, layer_idx, scale=d**-0.5, sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -74,9 +75,11 @@ class LlamaDecoderLayer(nn.Module):
         o_bias: bool,
         mlp_bias: bool,
         rotary_emb: RotaryEmbedding,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias, rotary_emb)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias, rotary_emb,
+                                        sliding_window=sliding_window)
         self.mlp = LlamaMLP(config, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -96,14 +99,17 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, config: ModelConfig, qkv_bias: bool, o_bias: bool, mlp_bias: bool = False
+        self, config: ModelConfig, qkv_bias: bool, o_bias: bool, mlp_bias: bool = False,
+        layer_windows: Sequence[int | None] | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         # one cos/sin table for the whole model (Llama 3.1: 131072 positions x 128 dims)
         rotary = RotaryEmbedding(config.head_dim, rope_settings(config))
+        windows = layer_windows or [None] * config.num_hidden_layers  # per layer, see sliding.py
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias, o_bias, mlp_bias, rotary)
+            LlamaDecoderLayer(config, i, qkv_bias, o_bias, mlp_bias, rotary,
+                              sliding_window=windows[i])
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -162,20 +168,20 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral is Llama's architecture, except Mistral-7B-v0.1's sliding window.
+    """Mistral is Llama's architecture plus Mistral-7B-v0.1's sliding window (every layer,
+    as HF runs it; ``layer_types`` is ignored, as HF's Mistral ignores it)."""
 
-    We run full attention: identical up to ``sliding_window`` tokens of context, so a
-    windowed checkpoint is refused unless its window covers the whole position range.
-    """
+    def _build_model(self, config: ModelConfig) -> LlamaModel:
+        from modelport.models.sliding import mistral_windows
 
-    def __init__(self, config: ModelConfig) -> None:
-        window = config.hf_config.get("sliding_window")
-        if window and int(window) < config.max_position_embeddings:
-            raise ValueError(
-                f"Mistral with sliding_window={window} < max_position_embeddings="
-                f"{config.max_position_embeddings} is not supported (full attention only)"
-            )
-        super().__init__(config)
+        bias = config.attention_bias
+        return LlamaModel(
+            config,
+            qkv_bias=bias,
+            o_bias=bias,
+            mlp_bias=bool(config.hf_config.get("mlp_bias", False)),
+            layer_windows=mistral_windows(config),
+        )
 
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"

@@ -12,13 +12,15 @@ from modelport.layers.layernorm import RMSNorm
 from modelport.layers.rotary import RotaryEmbedding, rope_settings
 from modelport.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from modelport.models.llama import LlamaModel as _LlamaModel
+from modelport.models.sliding import qwen_windows
 
 
 class Qwen3Attention(LlamaAttention):
     def __init__(
-        self, config: ModelConfig, layer_idx: int, bias: bool, rotary_emb: RotaryEmbedding
+        self, config: ModelConfig, layer_idx: int, bias: bool, rotary_emb: RotaryEmbedding,
+        sliding_window: int | None = None,
     ) -> None:
-        super().__init__(config, layer_idx, bias, bias, rotary_emb)
+        super().__init__(config, layer_idx, bias, bias, rotary_emb, sliding_window=sliding_window)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
@@ -34,10 +36,12 @@ class Qwen3DecoderLayer(LlamaDecoderLayer):
     """Its own class, so the fused Llama decode layer (exact-class swap) leaves it alone."""
 
     def __init__(
-        self, config: ModelConfig, layer_idx: int, bias: bool, rotary_emb: RotaryEmbedding
+        self, config: ModelConfig, layer_idx: int, bias: bool, rotary_emb: RotaryEmbedding,
+        sliding_window: int | None = None,
     ) -> None:
         nn.Module.__init__(self)
-        self.self_attn = Qwen3Attention(config, layer_idx, bias, rotary_emb)
+        self.self_attn = Qwen3Attention(config, layer_idx, bias, rotary_emb,
+                                        sliding_window=sliding_window)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -48,8 +52,9 @@ class Qwen3Model(_LlamaModel):
         nn.Module.__init__(self)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(config.head_dim, rope_settings(config))
+        windows = qwen_windows(config)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, i, config.attention_bias, rotary)
+            Qwen3DecoderLayer(config, i, config.attention_bias, rotary, sliding_window=windows[i])
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -57,8 +62,4 @@ class Qwen3Model(_LlamaModel):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     def _build_model(self, config: ModelConfig) -> _LlamaModel:
-        if config.hf_config.get("use_sliding_window"):
-            raise ValueError(
-                "Qwen3 with use_sliding_window=true is not supported (full attention only)"
-            )
         return Qwen3Model(config)

@@ -15,6 +15,17 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("modelport.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("modelport.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("modelport.models.qwen3", "Qwen3ForCausalLM"),
+    # Gemma 1 / 2 / 3 (text): see models/gemma.py
+    "GemmaForCausalLM": ("modelport.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("modelport.models.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("modelport.models.gemma", "Gemma3ForCausalLM"),
+    # mixture of experts: see models/moe.py
+    "MixtralForCausalLM": ("modelport.models.moe", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("modelport.models.moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("modelport.models.moe", "Qwen3MoeForCausalLM"),
+    "Phi3ForCausalLM": ("modelport.models.phi3", "Phi3ForCausalLM"),
+    "GraniteForCausalLM": ("modelport.models.granite", "GraniteForCausalLM"),
+    "Olmo2ForCausalLM": ("modelport.models.olmo2", "Olmo2ForCausalLM"),
     # classification heads (runner "pooling"): see models/seq_cls.py
     "LlamaForSequenceClassification": (
         "modelport.models.seq_cls",
@@ -31,6 +42,19 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForSequenceClassification": (
         "modelport.models.seq_cls",
         "Qwen3ForSequenceClassification",
+    ),
+    # BERT-family encoders (runner "pooling"): see models/bert.py
+    "BertModel": ("modelport.models.bert", "BertModel"),
+    "RobertaModel": ("modelport.models.bert", "RobertaModel"),
+    "XLMRobertaModel": ("modelport.models.bert", "XLMRobertaModel"),
+    "BertForSequenceClassification": ("modelport.models.bert", "BertForSequenceClassification"),
+    "RobertaForSequenceClassification": (
+        "modelport.models.bert",
+        "RobertaForSequenceClassification",
+    ),
+    "XLMRobertaForSequenceClassification": (
+        "modelport.models.bert",
+        "XLMRobertaForSequenceClassification",
     ),
 }
 

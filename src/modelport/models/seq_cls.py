@@ -61,13 +61,7 @@ class LlamaForSequenceClassification(_SequenceClassification, LlamaForCausalLM):
 
 
 class MistralForSequenceClassification(_SequenceClassification, MistralForCausalLM):
-    def _check(self, config: ModelConfig) -> None:
-        window = config.hf_config.get("sliding_window")
-        if window and int(window) < config.max_position_embeddings:
-            raise ValueError(
-                f"Mistral with sliding_window={window} < max_position_embeddings="
-                f"{config.max_position_embeddings} is not supported (full attention only)"
-            )
+    pass  # its sliding window: MistralForCausalLM._build_model
 
 
 class Qwen2ForSequenceClassification(_SequenceClassification, Qwen2ForCausalLM):

@@ -9,17 +9,23 @@ from __future__ import annotations
 import math
 
 from modelport.config import ModelConfig
+from modelport.models.moe_config import moe_spec
 from modelport.planner.errors import PlanError
 
 
 def valid_tp_degrees(model: ModelConfig) -> list[int]:
-    """Every degree that divides both the attention heads and the KV heads."""
+    """Every degree that divides both the attention heads and the KV heads (MoE: 1 only)."""
+    if moe_spec(model) is not None:
+        return [1]
     g = math.gcd(model.num_attention_heads, model.num_key_value_heads)
     return [d for d in range(1, g + 1) if g % d == 0]
 
 
 def tp_refusal(model: ModelConfig, tp: int) -> str | None:
     """Why tp is not a valid degree for model, or None when it is."""
+    if tp > 1 and moe_spec(model) is not None:
+        return (f"{model.architecture} (mixture of experts) runs with tensor parallel degree 1 "
+                "only; use --tensor-parallel-size 1 (more GPUs then serve replicas)")
     bad = [
         f"{n} {what}"
         for what, n in (

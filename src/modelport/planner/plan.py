@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modelport.config import ModelConfig, auto_dtype, default_max_num_batched_tokens, dtype_bytes
+from modelport.models.moe_config import moe_spec
 from modelport.planner import gguf_mix
 from modelport.planner.errors import PlanError
 from modelport.planner.gguf_mix import LinearTensor, kept_bytes
@@ -224,6 +225,9 @@ def make_plan(req: PlanRequest) -> Plan:
     tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size)
     act = resolve_dtype(req.dtype, device, model.torch_dtype)
     quant = req.effective_quantization
+    if quant is not None and moe_spec(model) is not None:
+        raise PlanError("--quantization", f"{model.architecture} (mixture of experts) loads "
+                        f"unquantized only, not {quant}")
     # a GGUF type without mixing rules here (IQ*, Q2_K, ...) is measured from its file; the
     # estimate then only lends its TP proportions
     known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modelport.config import ModelConfig
+from modelport.models.moe_config import active_params
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def roofline(
     step_bytes = weights_per_gpu + batch * ctx * kv_bytes_per_token_per_gpu
     q_dim = model.num_attention_heads * model.head_dim
     attn_flops = 4 * ctx * q_dim * model.num_hidden_layers  # QK^T and PV per token
-    step_flops = batch * (2 * model.num_params + attn_flops) / tp
+    step_flops = batch * (2 * active_params(model) + attn_flops) / tp  # MoE: top-k experts
     mem_s, compute_s = step_bytes / bandwidth_bytes_s, step_flops / flops
     step = max(mem_s, compute_s)
     tps = batch / step

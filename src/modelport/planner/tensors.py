@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modelport.config import ModelConfig
+from modelport.models.moe_config import moe_spec
 
 # How a tensor is split across TP ranks.
 COLUMN = "column"  # output features split (q/k/v, gate/up; vocab for embedding and lm head)
@@ -56,10 +57,8 @@ def decoder_tensors(model: ModelConfig) -> list[TensorSpec]:
             TensorSpec(p + "attn_v.weight", "linear", (kv, h), KV, i),
             TensorSpec(p + "attn_output.weight", "linear", (h, q), ROW, i),
             TensorSpec(p + "ffn_norm.weight", "norm", (h,), REPLICATED, i),
-            TensorSpec(p + "ffn_gate.weight", "linear", (inter, h), COLUMN, i),
-            TensorSpec(p + "ffn_up.weight", "linear", (inter, h), COLUMN, i),
-            TensorSpec(p + "ffn_down.weight", "linear", (h, inter), ROW, i),
         ]
+        out += _ffn_tensors(model, i, inter)
         if model.attention_bias:
             out += [
                 TensorSpec(p + "attn_q.bias", "bias", (q,), COLUMN, i),
@@ -69,6 +68,28 @@ def decoder_tensors(model: ModelConfig) -> list[TensorSpec]:
     out.append(TensorSpec("output_norm.weight", "norm", (h,), REPLICATED))
     if not model.tie_word_embeddings:
         out.append(TensorSpec("output.weight", "output", (model.vocab_size, h), COLUMN))
+    return out
+
+
+def _ffn_tensors(model: ModelConfig, i: int, inter: int) -> list[TensorSpec]:
+    """Layer i's feed-forward weights: a SwiGLU MLP, or a mixture-of-experts layer's router,
+    every expert (one 2-D spec each, as the rest of the planner expects) and shared expert."""
+    h, p = model.hidden_size, f"blk.{i}."
+
+    def mlp(tag: str, size: int) -> list[TensorSpec]:
+        return [TensorSpec(p + f"ffn_gate{tag}.weight", "linear", (size, h), COLUMN, i),
+                TensorSpec(p + f"ffn_up{tag}.weight", "linear", (size, h), COLUMN, i),
+                TensorSpec(p + f"ffn_down{tag}.weight", "linear", (h, size), ROW, i)]
+
+    moe = moe_spec(model)
+    if moe is None or i not in moe.sparse_layers:
+        return mlp("", inter)
+    out = [TensorSpec(p + "ffn_gate_inp.weight", "linear", (moe.num_experts, h), REPLICATED, i)]
+    for e in range(moe.num_experts):
+        out += mlp(f"_exps.{e}", moe.expert_intermediate_size)
+    if moe.shared_intermediate_size:
+        out += mlp("_shexp", moe.shared_intermediate_size)
+        out.append(TensorSpec(p + "ffn_gate_inp_shexp.weight", "linear", (1, h), REPLICATED, i))
     return out
 
 

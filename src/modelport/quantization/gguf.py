@@ -40,7 +40,7 @@ class GGUFQuantConfig(QuantizationConfig):
     def shard_names(self, prefix: str, layer: nn.Module) -> dict[str | None, str]:
         """Checkpoint weight name of each shard of the layer at ``prefix``."""
         ranges = getattr(layer, "shard_ranges", None)
-        if not ranges:
+        if not ranges or f"{prefix}.weight" in self.tensor_types:  # Phi-3 stores qkv fused
             return {None: f"{prefix}.weight"}
         out: dict[str | None, str] = {}
         for fused, part, shard in self.stacked_params:
@@ -143,10 +143,11 @@ def concat_group_quants(parts: list[GroupQuant]) -> GroupQuant:
                       g, max(p.bits for p in parts))
 
 
-def gguf_quant_config(reader: Any, stacked_params: Sequence[tuple[str, str, str]]) -> GGUFQuantConfig:
+def gguf_quant_config(reader: Any, stacked_params: Sequence[tuple[str, str, str]],
+                      arch: str = "llama") -> GGUFQuantConfig:
     from modelport.loader.gguf import hf_tensor_name
 
-    types = {hf_tensor_name(t.name): int(t.tensor_type) for t in reader.tensors}
+    types = {hf_tensor_name(t.name, arch): int(t.tensor_type) for t in reader.tensors}
     return GGUFQuantConfig(types, tuple(stacked_params))
 
 
@@ -162,15 +163,16 @@ def iter_gguf_kept(
         unpermute_qk,
     )
 
-    permuted = GGUF_ARCHITECTURES[hf_config["model_type"]][1]
+    arch = hf_config["model_type"]
+    permuted = GGUF_ARCHITECTURES[arch][1]
     heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
 
     class _Subset:  # the float path for everything we do not keep quantized
-        tensors = [t for t in reader.tensors if hf_tensor_name(t.name) not in quantized]
+        tensors = [t for t in reader.tensors if hf_tensor_name(t.name, arch) not in quantized]
 
     yield from iter_gguf_weights(_Subset, hf_config)
     for t in reader.tensors:
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, arch)
         if name not in quantized:
             continue
         raw = np.asarray(t.data)

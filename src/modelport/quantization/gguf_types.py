@@ -32,7 +32,7 @@ GGML_CODES: dict[str, tuple[int, int]] = {
 }
 FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
-GGUF_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_(?:q|k|v|output)|ffn_(?:gate|up|down))\.weight$")
+GGUF_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_(?:q|k|v|qkv|output)|ffn_(?:gate|up|down))\.weight$")
 # GGUF tensors the engine runs as one matmul (qkv_proj, gate_up_proj)
 GGUF_FUSED = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "ffn_gate": "gate_up",
               "ffn_up": "gate_up"}

@@ -60,7 +60,8 @@ def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
         from modelport.loader.gguf import open_gguf_tensors
         from modelport.quantization.gguf import gguf_quant_config
 
-        return gguf_quant_config(open_gguf_tensors(src.path), stacked)
+        return gguf_quant_config(open_gguf_tensors(src.path), stacked,
+                                 model_config.hf_config.get("model_type", "llama"))
     if method == "awq":
         from modelport.quantization.awq import AWQConfig
 
@@ -128,6 +129,12 @@ def resolve_quantization(
         )
     if method is None and declared is None:
         if load_format == "dummy" or not auto_keep_gguf(src, device):
+            return None
+        from modelport.models.moe_config import MOE_ARCHITECTURES
+
+        if model_config.architecture in MOE_ARCHITECTURES:  # the MoE layer runs floats only
+            logger.info("%s: MoE GGUF file dequantized at load (quantized MoE models are not "
+                        "supported)", src.path.name)
             return None
         logger.info("%s: Q4 GGUF blocks kept quantized for the CPU int4 kernel "
                     "(quantization='none' loads them as floats)", src.path.name)

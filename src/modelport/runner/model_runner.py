@@ -170,7 +170,11 @@ class ModelRunner:
             from modelport.loader import load_model_config, resolve_model
 
             src = resolve_model(spec.model)
-            self.draft_config = load_model_config(src)
+            from dataclasses import replace
+
+            # the engine's length, as the target's (LongRoPE picks its factors by it)
+            self.draft_config = replace(load_model_config(src),
+                                        max_model_len=self.config.scheduler_config.max_model_len)
             self.draft_model = load_model(src, self.draft_config, LoadConfig(), self.dtype,
                                           self.device)
             logger.info("draft model for speculative decoding: %s (%d layers)", src.name,
@@ -265,6 +269,9 @@ class ModelRunner:
     def init_kv_cache(self, num_blocks: int) -> None:
         if self.tp_workers is not None:
             self.tp_workers.send(("kv", num_blocks))
+        if not getattr(self.model, "uses_kv_cache", True):  # an encoder (models/bert.py):
+            self.num_blocks = num_blocks  # the scheduler's blocks are bookkeeping only
+            return
         mc = self.config.model_config
         tp = self.config.parallel_config.tensor_parallel_size
         kv_heads = max(1, mc.num_key_value_heads // tp)

@@ -207,6 +207,6 @@ class PiecewiseGraphs:
             if i < len(pieces.ops):
                 attn, q, kv_cache = pieces.ops[i]
                 ta.triton_paged_attention(q[:n], kv_cache, meta, attn.scale,
-                                          out=self.attn_out[:n])
+                                          out=self.attn_out[:n], **attn.backend_kwargs)
         assert pieces.output is not None
         return pieces.output[:n]

@@ -1,0 +1,140 @@
+"""Fused mixture-of-experts layer: router -> softmax -> top-k -> SwiGLU experts -> weighted sum.
+
+Expert weights are stacked, one tensor per projection for all experts: ``w13`` [E, 2I, H]
+(rows [0, I) the gate projection, [I, 2I) the up projection, as a dense MLP's gate_up_proj)
+and ``w2`` [E, H, I] (down). Stacked, one kernel launch serves every expert on the GPU, and
+the checkpoint's per-expert tensors still load one by one through ``weight_loader`` with a
+shard id ``"<expert>.<gate|up|down>"``.
+
+On CPU (and as the reference) tokens are sorted by expert and each active expert runs one
+matmul over its tokens. On CUDA the Triton grouped GEMM in layers/triton_moe.py runs over
+expert-sorted, block-padded token lists; every shape there follows from the token count, so
+the step is safe inside CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelport.layers.linear import Linear, _check_shape
+
+
+class ExpertWeights(nn.Module):
+    """One stacked projection of all experts, [E, out, in]; shards "<e>.<name>" load rows."""
+
+    def __init__(self, num_experts: int, out_sizes: tuple[int, ...], names: tuple[str, ...],
+                 in_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, sum(out_sizes), in_size),
+                                   requires_grad=False)
+        rows: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in zip(names, out_sizes):
+            rows[name] = (offset, size)
+            offset += size
+        self._rows = rows
+        # every shard the declared loader must see before the parameter counts as loaded
+        self.shard_ranges = {f"{e}.{n}": rows[n] for e in range(num_experts) for n in names}
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | None = None) -> None:
+        if shard_id is None:  # an already-stacked checkpoint tensor
+            _check_shape("ExpertWeights", param, loaded)
+            param.data.copy_(loaded)
+            return
+        if shard_id not in self.shard_ranges:
+            raise ValueError(f"expert weights have no shard {shard_id!r} "
+                             f"({param.shape[0]} experts, parts {', '.join(self._rows)})")
+        expert, _ = shard_id.split(".", 1)
+        offset, size = self.shard_ranges[shard_id]
+        dst = param.data[int(expert)].narrow(0, offset, size)
+        _check_shape(f"expert shard {shard_id!r}", dst, loaded)
+        dst.copy_(loaded)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, expert ids [T, k] int64) as HF computes them: softmax in
+    float32 over all experts, top-k, then (renormalize) divided by the top-k sum."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]); one matmul pair per active expert."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    token = order // k
+    xs = x.index_select(0, token)
+    ys = torch.empty(t * k, x.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        gate, up = F.linear(xs[start:start + c], w13[e]).chunk(2, dim=-1)
+        ys[start:start + c] = F.linear(F.silu(gate) * up, w2[e]).float()
+        start += c
+    ys *= weights.reshape(-1)[order].float().unsqueeze(1)
+    per_assignment = torch.empty_like(ys)
+    per_assignment[order] = ys  # back to (token, j) order: the k terms of a token side by side
+    return per_assignment.view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+class FusedMoE(nn.Module):
+    """The routed experts of one layer. ``forward(x [T, H]) -> [T, H]``."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int,
+                 intermediate_size: int, renormalize: bool) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        i = intermediate_size
+        self.w13 = ExpertWeights(num_experts, (i, i), ("gate", "up"), hidden_size)
+        self.w2 = ExpertWeights(num_experts, (hidden_size,), ("down",), i)
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(router_logits, self.top_k, self.renormalize)
+        if x.is_cuda:
+            try:
+                from modelport.layers.triton_moe import fused_experts
+            except ImportError as e:
+                raise RuntimeError(f"MoE layers on CUDA need triton ({e})") from e
+            return fused_experts(x, self.w13.weight, self.w2.weight, weights, ids)
+        return moe_reference(x, self.w13.weight, self.w2.weight, weights, ids)
+
+    def extra_repr(self) -> str:
+        e, two_i, h = self.w13.weight.shape
+        return (f"experts={e}, top_k={self.top_k}, hidden={h}, intermediate={two_i // 2}, "
+                f"renormalize={self.renormalize}")
+
+
+class GateLinear(Linear):
+    """The router (E outputs) and the shared-expert gate (1 output): its own class so the
+    CUDA swaps of exact Linear classes (Triton GEMV for decode) leave these tiny outputs on
+    F.linear."""
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts (+ Qwen2-MoE's shared expert, scaled by a sigmoid gate)."""
+
+    def __init__(self, hidden_size: int, experts: FusedMoE,
+                 shared_expert: nn.Module | None = None) -> None:
+        super().__init__()
+        self.gate = GateLinear(hidden_size, experts.num_experts)
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (GateLinear(hidden_size, 1) if shared_expert is not None
+                                   else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, self.gate(x))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

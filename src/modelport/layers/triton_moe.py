@@ -1,0 +1,130 @@
+"""Grouped GEMM for mixture-of-experts on CUDA (Triton), safe inside CUDA-graph capture.
+
+A step's T tokens pick k experts each: M = T * k (token, expert) assignments. ``align``
+sorts the assignments by expert and pads each expert's run to a multiple of BLOCK_M, so a
+block of BLOCK_M sorted rows belongs to one expert; the kernel's program for block b reads
+that expert's weights once and multiplies them with the block's rows gathered from x.
+Two launches do the whole layer:
+
+1. gate/up (``GATED``): act[a] = silu(x[tok(a)] W_gate[e]^T) * (x[tok(a)] W_up[e]^T) for each
+   assignment a of expert e; the two halves of w13 are multiplied in the same program so the
+   [M, 2I] intermediate never exists;
+2. down: y[a] = weight[a] * act[a] W_down[e]^T, then y.view(T, k, H).sum(1).
+
+No shape depends on the routing: the padded length is bounded by cdiv(M, BLOCK_M) + min(E, M)
+blocks (each non-empty expert wastes less than one block), blocks past the real end carry
+expert -1 and return at once, padded rows hold the sentinel M and are masked. The sort,
+counts and offsets are plain torch ops without a host sync, so a CUDA graph can capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def moe_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+    N, K, num_rows,
+    stride_am, stride_we, stride_wn, stride_om,
+    TOP_K: tl.constexpr,  # a row r of the block reads a[r // TOP_K] (1: a is per assignment)
+    GATED: tl.constexpr,  # w holds [gate; up] (2N rows): out = silu(a W_g^T) * (a W_u^T)
+    MUL_WEIGHT: tl.constexpr,  # scale row r of the result by weight[r]
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" keeps float32 models exact
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:  # a block past the last expert's padded run
+        return
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = rows < num_rows
+    a_rows = (rows // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + (k0 + offs_k)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        w_off = offs_n[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None]
+        w = tl.load(w_base + w_off, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATED:
+            w_up = tl.load(w_base + N * stride_wn + w_off, mask=w_mask, other=0.0)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def block_m_for(num_rows: int, num_experts: int) -> int:
+    """Rows per block: 16 while experts see few rows each (decode), 64 once they see many."""
+    return 16 if num_rows <= 32 * num_experts else 64
+
+
+def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_rows [NB * block_m] int32, block_expert [NB] int32) for ids [T, k].
+
+    sorted_rows lists assignment indices (t * k + j) grouped by expert, each group padded
+    with the sentinel T * k to a multiple of block_m; block_expert[b] is the expert of block
+    b, -1 past the end. NB is the worst case over all routings, fixed by T, k and E.
+    """
+    m = ids.numel()
+    flat = ids.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    count_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat.index_select(0, order)
+    rank = torch.arange(m, device=ids.device) - count_start.index_select(0, expert_of)
+    dest = pad_start.index_select(0, expert_of) + rank
+    num_blocks = triton.cdiv(m, block_m) + min(num_experts, m)
+    sorted_rows = torch.full((num_blocks * block_m,), m, dtype=torch.int32, device=ids.device)
+    sorted_rows.scatter_(0, dest, order.to(torch.int32))
+    starts = torch.arange(num_blocks, device=ids.device) * block_m
+    block_expert = torch.searchsorted(pad_end, starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_rows, block_expert
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  weights: torch.Tensor, ids: torch.Tensor,
+                  block_n: int = 64, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """The routed experts' weighted sum for x [T, H] (w13 [E, 2I, H], w2 [E, H, I])."""
+    t, k = ids.shape
+    e, two_i, h = w13.shape
+    i = two_i // 2
+    m = t * k
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    bm = block_m_for(m, e)
+    sorted_rows, block_expert = align(ids, e, bm)
+    nb = block_expert.numel()
+    row_weights = weights.reshape(-1).float().contiguous()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: unused for 16-bit
+    act = torch.empty((m, i), dtype=x.dtype, device=x.device)
+    moe_gemm_kernel[(nb, triton.cdiv(i, block_n))](
+        x, w13, act, sorted_rows, block_expert, row_weights, i, h, m,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=k, GATED=True, MUL_WEIGHT=False, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    y = torch.empty((m, h), dtype=x.dtype, device=x.device)
+    moe_gemm_kernel[(nb, triton.cdiv(h, block_n))](
+        act, w2, y, sorted_rows, block_expert, row_weights, h, i, m,
+        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        TOP_K=1, GATED=False, MUL_WEIGHT=True, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return y.view(t, k, h).sum(dim=1)

@@ -1,0 +1,186 @@
+"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B), Qwen3-MoE.
+
+Each is a Llama-family decoder (Llama attention; Qwen3's q/k norms for Qwen3-MoE) whose MLP
+is, in its sparse layers, a router over stacked experts (layers/fused_moe.py). The HF
+checkpoints store one tensor per expert and projection; ``stacked_params`` maps each onto its
+slice of the stacked ``w13`` / ``w2`` weights, so the declared loader loads them as it loads
+q/k/v into qkv_proj. Quantized experts, tensor parallelism and LoRA are refused at load
+(models/moe_config.py says what is supported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import cast
+
+import torch
+from torch import nn
+
+from modelport.config import ModelConfig
+from modelport.layers.embedding import VocabEmbedding
+from modelport.layers.fused_moe import FusedMoE, SparseMoeBlock
+from modelport.layers.layernorm import RMSNorm
+from modelport.layers.linear import Linear
+from modelport.layers.rotary import RotaryEmbedding, rope_settings
+from modelport.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from modelport.models.moe_config import MoeSpec, check_moe_options, moe_spec
+from modelport.models.qwen3 import Qwen3Attention
+from modelport.models.weights import StackedParam
+
+
+class MoeDecoderLayer(nn.Module):
+    """Pre-norm attention + feed-forward; the feed-forward module's attribute name is the
+    checkpoint's (Mixtral: ``block_sparse_moe``, Qwen: ``mlp``)."""
+
+    def __init__(self, config: ModelConfig, attn: nn.Module, ffn_name: str, ffn: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = attn
+        self.ffn_name = ffn_name
+        setattr(self, ffn_name, ffn)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return getattr(self, self.ffn_name)(x), residual
+
+
+class MoeModel(nn.Module):
+    def __init__(self, config: ModelConfig, layers: list[MoeDecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if not x.is_cuda:
+            self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        return self.norm(x, residual)[0]
+
+
+def _expert_params(num_experts: int, gate: str, up: str, down: str) -> tuple[StackedParam, ...]:
+    # transformers 5's own stacked layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]) loads
+    # whole: shard None means the tensor is the parameter
+    whole = cast(str, None)
+    out: list[StackedParam] = [(".experts.w13.weight", ".experts.gate_up_proj", whole),
+                               (".experts.w2.weight", ".experts.down_proj", whole)]
+    for e in range(num_experts):
+        out += [(".experts.w13.", f".experts.{e}.{gate}.", f"{e}.gate"),
+                (".experts.w13.", f".experts.{e}.{up}.", f"{e}.up"),
+                (".experts.w2.", f".experts.{e}.{down}.", f"{e}.down")]
+    return tuple(out)
+
+
+class _MoeForCausalLM(LlamaForCausalLM):
+    """Shared by the three: builds layers from a MoeSpec, refuses what MoE does not support."""
+
+    expert_names = ("gate_proj", "up_proj", "down_proj")  # checkpoint names of w1 / w3 / w2
+
+    def __init__(self, config: ModelConfig) -> None:
+        check_moe_options(config)  # a quantized checkpoint (quantization_config)
+        self.spec = moe_spec(config)
+        assert self.spec is not None
+        super().__init__(config)
+        # per-expert entries first: "experts.3.gate_proj." must not match the dense ".gate_proj."
+        self.stacked_params = (_expert_params(self.spec.num_experts, *self.expert_names)
+                               + type(self).stacked_params)
+
+    def _experts(self, config: ModelConfig) -> FusedMoE:
+        s: MoeSpec = self.spec
+        return FusedMoE(s.num_experts, s.top_k, config.hidden_size, s.expert_intermediate_size,
+                        s.renormalize)
+
+    def _build_model(self, config: ModelConfig) -> MoeModel:
+        rotary = RotaryEmbedding(config.head_dim, rope_settings(config))
+        return MoeModel(config, [self._layer(config, i, rotary)
+                                 for i in range(config.num_hidden_layers)])
+
+    def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        quantized = [n for n, m in self.named_modules()
+                     if isinstance(m, Linear) and m.quant_method is not None]
+        if quantized:
+            raise ValueError(
+                f"{self.config.architecture}: quantized weights are not supported for MoE "
+                "models (supported for MoE: unquantized fp32/bf16/fp16 weights, "
+                f"tensor_parallel_size 1); quantized layers include {quantized[0]}")
+        return super().load_weights(weights)
+
+
+def _refuse_window(config: ModelConfig, name: str) -> None:
+    d = config.hf_config
+    window = d.get("sliding_window")
+    if name == "Mixtral":
+        windowed = bool(window) and int(window) < config.max_position_embeddings
+    else:
+        windowed = bool(d.get("use_sliding_window"))
+    if windowed:
+        raise ValueError(f"{name} with sliding_window={window} is not supported (full attention "
+                         "only: sliding_window null, or >= max_position_embeddings)")
+
+
+class MixtralForCausalLM(_MoeForCausalLM):
+    """Mixtral 8x7B / 8x22B: Llama attention, every layer sparse, top-k always renormalised."""
+
+    expert_names = ("w1", "w3", "w2")
+
+    def __init__(self, config: ModelConfig) -> None:
+        _refuse_window(config, "Mixtral")
+        super().__init__(config)
+
+    def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
+        bias = config.attention_bias
+        attn = LlamaAttention(config, i, bias, bias, rotary)
+        moe = SparseMoeBlock(config.hidden_size, self._experts(config))
+        return MoeDecoderLayer(config, attn, "block_sparse_moe", moe)
+
+
+class Qwen2MoeForCausalLM(_MoeForCausalLM):
+    """Qwen1.5-MoE / Qwen2-MoE: q/k/v bias, a shared expert behind a sigmoid gate, dense MLPs
+    in ``mlp_only_layers`` and off the ``decoder_sparse_step`` grid."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        _refuse_window(config, "Qwen2-MoE")
+        super().__init__(config)
+
+    def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
+        qkv_bias = bool(config.hf_config.get("qkv_bias", True))
+        attn = LlamaAttention(config, i, qkv_bias, False, rotary)
+        return MoeDecoderLayer(config, attn, "mlp", self._qwen_ffn(config, i))
+
+    def _qwen_ffn(self, config: ModelConfig, i: int) -> nn.Module:
+        s: MoeSpec = self.spec
+        if i not in s.sparse_layers:
+            return LlamaMLP(config)
+        shared = None
+        if s.shared_intermediate_size:
+            shared = LlamaMLP(dataclasses.replace(
+                config, intermediate_size=s.shared_intermediate_size))
+        return SparseMoeBlock(config.hidden_size, self._experts(config), shared)
+
+
+class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
+    """Qwen3-MoE (30B-A3B, 235B-A22B): Qwen3 attention (q/k RMSNorm), no shared expert."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        _refuse_window(config, "Qwen3-MoE")
+        _MoeForCausalLM.__init__(self, config)
+
+    def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
+        attn = Qwen3Attention(config, i, config.attention_bias, rotary)
+        return MoeDecoderLayer(config, attn, "mlp", self._qwen_ffn(config, i))

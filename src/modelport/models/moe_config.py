@@ -1,0 +1,118 @@
+"""Mixture-of-experts settings read from an HF config, torch-free.
+
+Shared by the MoE model files (what to build), the engine's argument check (which options an
+MoE model refuses) and the planner (how many expert weights a layer holds), so the three
+read the same keys the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from modelport.config import ModelConfig
+
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """The routed experts of one model (every sparse layer has the same shape)."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    # renormalise the top-k probabilities to sum to 1 (Mixtral always; Qwen: norm_topk_prob)
+    renormalize: bool
+    shared_intermediate_size: int  # Qwen2-MoE's always-on shared expert; 0 when absent
+    sparse_layers: frozenset[int]  # the other layers have a dense MLP of intermediate_size
+
+    def __post_init__(self) -> None:
+        if self.num_experts <= 0 or self.expert_intermediate_size <= 0:
+            raise ValueError(f"MoE config: num_experts ({self.num_experts}) and the expert "
+                             f"intermediate size ({self.expert_intermediate_size}) must be > 0")
+        if not 0 < self.top_k <= self.num_experts:
+            raise ValueError(f"MoE config: num_experts_per_tok ({self.top_k}) must be in "
+                             f"[1, num_experts={self.num_experts}]")
+
+
+def _num_experts(d: dict[str, Any]) -> int:
+    # Qwen checkpoints say num_experts; transformers 5 saves Qwen3-MoE's as num_local_experts
+    return int(d.get("num_experts") or d.get("num_local_experts") or 0)
+
+
+def moe_spec(config: ModelConfig) -> MoeSpec | None:
+    """The model's experts, or None for a dense architecture. ValueError for settings the
+    MoE models here do not implement (named, with what is supported)."""
+    arch, d = config.architecture, config.hf_config
+    if arch not in MOE_ARCHITECTURES:
+        return None
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{arch}: hidden_act={act!r} is not supported (supported: 'silu')")
+    layers = range(config.num_hidden_layers)
+    if arch == "MixtralForCausalLM":
+        return MoeSpec(
+            num_experts=int(d.get("num_local_experts", 8)),
+            top_k=int(d.get("num_experts_per_tok", 2)),
+            expert_intermediate_size=config.intermediate_size,
+            renormalize=True,
+            shared_intermediate_size=0,
+            sparse_layers=frozenset(layers),
+        )
+    n = _num_experts(d)
+    step = int(d.get("decoder_sparse_step", 1) or 1)
+    dense_only = {int(i) for i in d.get("mlp_only_layers") or ()}
+    sparse = frozenset(i for i in layers if n > 0 and i not in dense_only and (i + 1) % step == 0)
+    if not sparse:
+        raise ValueError(f"{arch}: no layer has experts (num_experts={n}, decoder_sparse_step="
+                         f"{step}, mlp_only_layers={sorted(dense_only)}); load it as a dense "
+                         "model instead")
+    shared = int(d.get("shared_expert_intermediate_size", 0) or 0)
+    return MoeSpec(
+        num_experts=n,
+        top_k=int(d.get("num_experts_per_tok", 2)),
+        expert_intermediate_size=int(d.get("moe_intermediate_size") or config.intermediate_size),
+        renormalize=bool(d.get("norm_topk_prob", False)),
+        shared_intermediate_size=shared if arch == "Qwen2MoeForCausalLM" else 0,
+        sparse_layers=sparse,
+    )
+
+
+def check_moe_options(
+    config: ModelConfig,
+    *,
+    tensor_parallel_size: int = 1,
+    quantization: str | None = None,
+    enable_lora: bool = False,
+) -> None:
+    """Refuse, before anything loads, the engine options the MoE models do not support."""
+    spec = moe_spec(config)
+    if spec is None:
+        return
+    arch = config.architecture
+    supported = "supported for MoE: unquantized fp32/bf16/fp16 weights, tensor_parallel_size 1"
+    declared = config.hf_config.get("quantization_config")
+    if quantization is not None or declared:
+        method = quantization or (declared or {}).get("quant_method", "quantized checkpoint")
+        raise ValueError(f"{arch}: quantization {method!r} is not supported for MoE models "
+                         f"({supported})")
+    if tensor_parallel_size != 1:
+        raise ValueError(f"{arch}: tensor_parallel_size={tensor_parallel_size} is not "
+                         f"supported for MoE models ({supported})")
+    if enable_lora:
+        raise ValueError(f"{arch}: enable_lora is not supported for MoE models")
+
+
+def active_params(config: ModelConfig) -> int:
+    """Parameters one token runs through (the planner's FLOPs): ``ModelConfig.num_params``
+    with each sparse layer's MLP replaced by its router, top-k experts and shared expert."""
+    spec = moe_spec(config)
+    if spec is None:
+        return config.num_params
+    h = config.hidden_size
+    moe = h * spec.num_experts + spec.top_k * 3 * h * spec.expert_intermediate_size
+    if spec.shared_intermediate_size:
+        moe += 3 * h * spec.shared_intermediate_size + h
+    dense = 3 * h * config.intermediate_size
+    return config.num_params + len(spec.sparse_layers) * (moe - dense)
