@@ -59,32 +59,36 @@ def c1(eng, vocab: int, rid: str = "c1") -> tuple[float, float, list[int]]:
             ids)
 
 
-AB_KNOBS = {"fast_decode": "ENABLED", "greedy_head": "GREEDY_INT8_HEAD"}
+AB_KNOBS = {"fast_decode": ("cpu_fast", "ENABLED"),
+            "greedy_head": ("cpu_fast", "GREEDY_INT8_HEAD"),
+            "cpu_kernels": ("cpu_kernels", "ENABLED")}
 
 
 def c1_ab(eng, vocab: int, rounds: int, knob: str = "fast_decode") -> dict:
-    """C1 with a CPU switch of layers/cpu_fast.py off and on, interleaved in this process
-    (off, on, off, on, ...): the same-run ratio, and whether greedy tokens agree. ``knob``:
-    fast_decode (the decode fast paths, ENABLED) or greedy_head (the exact int8-screened
-    greedy LM head, GREEDY_INT8_HEAD)."""
+    """C1 with a CPU switch off and on, interleaved in this process (off, on, off, on, ...):
+    the same-run ratio, and whether greedy tokens agree. ``knob``: fast_decode (the decode
+    fast paths, cpu_fast.ENABLED), greedy_head (the exact int8-screened greedy LM head,
+    cpu_fast.GREEDY_INT8_HEAD) or cpu_kernels (the decode step's small ops fused in C,
+    cpu_kernels.ENABLED; its greedy tokens may differ from the module path's after a
+    near-tie, as its sums round differently)."""
+    import importlib
     from statistics import median
 
-    from modelport.layers import cpu_fast
-
-    attr = AB_KNOBS[knob]
-    saved = getattr(cpu_fast, attr)
+    module, attr = AB_KNOBS[knob]
+    mod = importlib.import_module(f"modelport.layers.{module}")
+    saved = getattr(mod, attr)
     runs: dict[str, list[float]] = {"off": [], "on": []}
     tokens: dict[str, list[int]] = {}
     try:
         for i in range(rounds):
             for mode in ("off", "on"):
-                setattr(cpu_fast, attr, mode == "on")
+                setattr(mod, attr, mode == "on")
                 _, tok_s, ids = c1(eng, vocab, f"c1-ab-{mode}-{i}")
                 runs[mode].append(tok_s)
                 if tokens.setdefault(mode, ids) != ids:
                     raise AssertionError(f"C1 greedy tokens changed between {mode} runs")
     finally:
-        setattr(cpu_fast, attr, saved)
+        setattr(mod, attr, saved)
     off, on = median(runs["off"]), median(runs["on"])
     return {"knob": knob, "decode_tok_s_off": runs["off"], "decode_tok_s_on": runs["on"],
             "median_off": off, "median_on": on, "speedup": round(on / off, 2),
@@ -218,7 +222,7 @@ def main() -> None:
     ap.add_argument("--ab", type=int, default=0, metavar="N",
                     help="also run C1 N times each with the CPU decode fast paths off and on, "
                     "interleaved (MODELPORT_CPU_FAST_DECODE switches them for the rest)")
-    ap.add_argument("--ab-knob", choices=["fast_decode", "greedy_head"], default="fast_decode",
+    ap.add_argument("--ab-knob", choices=sorted(AB_KNOBS), default="fast_decode",
                     help="the switch --ab flips: the CPU decode fast paths, or the exact greedy "
                     "int8-screened LM head (MODELPORT_CPU_GREEDY_INT8_HEAD)")
     ap.add_argument("--skip-c2", action="store_true", help="C1 only")
@@ -234,6 +238,7 @@ def main() -> None:
     }
     machine["fast_decode_env"] = os.environ.get("MODELPORT_CPU_FAST_DECODE", "1")
     machine["greedy_int8_head_env"] = os.environ.get("MODELPORT_CPU_GREEDY_INT8_HEAD", "1")
+    machine["cpu_kernels_env"] = os.environ.get("MODELPORT_CPU_KERNELS", "1")
     load_before = list(os.getloadavg())
     results = [run_modelport(args)]
     if args.quantized:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from modelport.config import ModelConfig
-from modelport.layers import cpu_fast
+from modelport.layers import cpu_fast, cpu_kernels
 from modelport.layers.activation import SiluAndMul
 from modelport.layers.attention import Attention
 from modelport.layers.embedding import LMHead, VocabEmbedding
@@ -116,6 +116,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if not x.is_cuda:  # a CPU decode step of plain int4 layers: small ops fused in C
+            out = cpu_kernels.decode(self, x, positions)
+            if out is not None:
+                return out
         residual = None
         if not x.is_cuda and self.layers and hasattr(self.layers[0], "self_attn"):
             self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint

@@ -1,0 +1,303 @@
+"""CPU steps with the small ops fused in C (``csrc/cpu_decode.c``).
+
+On a CPU a decode step of a small model (the embedded SmolLM2-135M: 30 layers of width 576)
+is mostly dispatch: ~60 torch ops a layer for a few hundred floats each, against four
+weight-only int4 GEMMs that do the real work. For a Llama-family model whose linear layers
+all run torch's int4 CPU kernel (the default model kept in Q4), ``decode`` runs each layer of
+a step as the four int4 GEMMs with three C calls between them (residual add + RMSNorm; bias +
+rotary + K/V write + attention over the paged cache for decoding rows; SwiGLU), instead of the
+module tree. Prompt chunks' attention runs the module path's own code on the rotated q the C
+call leaves behind. Every CPU step of such a model takes this path, prompt chunks and mixed
+steps included, so a row's result does not depend on which other rows share its step (the C
+sums round differently from torch's, so the two paths must not be mixed for one request).
+
+The C file is compiled with the system C compiler on first use (well under a second) into
+the modelport cache, keyed by the source and this CPU; where no compiler works, or the model
+does not fit (another layer type, another kernel, an fp8 cache, a sliding window, LoRA),
+``decode`` returns None and the module path runs as before. ``MODELPORT_CPU_KERNELS=0``
+turns it off; so does ``MODELPORT_CPU_FAST_DECODE=0`` (cpu_fast.ENABLED), read at call time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+from modelport.layers import cpu_fast
+
+logger = logging.getLogger(__name__)
+
+ENABLED = os.environ.get("MODELPORT_CPU_KERNELS", "1") != "0"
+_SRC = Path(__file__).with_name("csrc") / "cpu_decode.c"
+_LIB_NAME = "libmodelport_cpu_decode.so"
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "mp_add_rmsnorm": (_I, _I, _P, _P, _P, _F, _P, _P),
+    "mp_decode_attention": (_I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _I, _P,
+                            _P, _P, _F, _P, _P, _P, _I),
+    "mp_silu_mul": (_I, _I, _P, _P),
+}
+
+
+def _cpu_id() -> str:
+    """This CPU's model and feature flags: a library built with -march=native is only
+    reused on a CPU that has the same."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read().split("\n\n", 1)[0]
+        keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(keep) or platform.processor()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc / gcc) on PATH")
+    base = [cc, "-O3", "-fPIC", "-shared", "-fopenmp-simd", "-ffp-contract=off", "-pthread", "-o",
+            str(out), str(_SRC), "-lm"]
+    errors = []
+    for extra in (["-march=native"], []):  # some compilers / CPUs lack -march=native
+        r = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True,
+                           timeout=120)
+        if r.returncode == 0:
+            return
+        errors.append(r.stderr.strip()[-400:])
+    raise RuntimeError(f"{cc} failed: {errors[-1]}")
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernels (built and cached on first call), or None where they cannot
+    be built here (logged once)."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        from modelport.loader.cache import default_cache_dir
+
+        try:
+            key = hashlib.sha256(_SRC.read_bytes() + _cpu_id().encode()).hexdigest()[:16]
+            folder = default_cache_dir() / "cpu_kernels" / key
+            path = folder / _LIB_NAME
+            if not path.exists():
+                from modelport.loader.cache import build_entry
+
+                build_entry(folder, lambda tmp: _compile(tmp / _LIB_NAME))
+            lib = ctypes.CDLL(str(path))
+            for name, args in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.argtypes = args
+                fn.restype = None
+            _lib = lib
+        except Exception as e:  # noqa: BLE001 - any failure means: use the module path
+            logger.info("CPU decode kernels unavailable (%s); using the torch path", e)
+            _lib = None
+        return _lib
+
+
+class _Layer:
+    """One decoder layer's weights as the C path reads them (pointers taken once)."""
+
+    def __init__(self, layer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.idx = attn.attn.layer_idx
+        self.keep = []  # the tensors whose pointers are held below
+        self.ln1, self.eps1 = self._f32(layer.input_layernorm.weight), layer.input_layernorm.eps
+        self.ln2 = self._f32(layer.post_attention_layernorm.weight)
+        self.eps2 = layer.post_attention_layernorm.eps
+        self.qkv = _int4(attn.qkv_proj)
+        self.o = _int4(attn.o_proj)
+        self.gate_up = _int4(mlp.gate_up_proj)
+        self.down = _int4(mlp.down_proj)
+        bias = attn.qkv_proj.bias
+        self.bias = self._f32(bias) if bias is not None else None
+
+    def _f32(self, t: torch.Tensor) -> int:
+        t = t.detach().float().contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+
+def _int4(linear) -> tuple:
+    k = linear.qkernel
+    return k.packed, k.group_size, k.scale_zero
+
+
+def _fits(model) -> str | None:
+    """Why this LlamaModel cannot take the C path (None: it can)."""
+    from modelport.layers.activation import SiluAndMul
+    from modelport.layers.attention import Attention
+    from modelport.layers.layernorm import RMSNorm
+    from modelport.layers.linear import Linear, MergedLinear, QKVLinear
+    from modelport.layers.rotary import RotaryEmbedding
+    from modelport.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+    from modelport.quantization.kernels import CpuInt4Kernel
+
+    if not model.layers or type(model.norm) is not RMSNorm:
+        return "no layers / another final norm"
+    rotary = model.layers[0].self_attn.rotary_emb
+    if type(rotary) is not RotaryEmbedding or rotary.cos_sin_cache.dtype != torch.float32:
+        return "another rotary embedding"
+    for layer in model.layers:
+        if (type(layer) is not LlamaDecoderLayer or type(layer.self_attn) is not LlamaAttention
+                or type(layer.mlp) is not LlamaMLP or type(layer.mlp.act) is not SiluAndMul):
+            return f"layer type {type(layer).__name__}"
+        a = layer.self_attn
+        if a.rotary_emb is not rotary or type(a.attn) is not Attention:
+            return "another attention"
+        if a.attn.backend_kwargs or a.attn.head_dim > 512 or a.attn.head_dim % 2:
+            return "attention options (window / soft cap / head size)"
+        if a.attn.num_heads % a.attn.num_kv_heads or a.attn.num_heads > 64 * a.attn.num_kv_heads:
+            return "heads not a multiple of kv heads (at most 64 a group)"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if type(norm) is not RMSNorm:
+                return "another norm"
+        for lin, cls in ((a.qkv_proj, QKVLinear), (a.o_proj, Linear),
+                         (layer.mlp.gate_up_proj, MergedLinear), (layer.mlp.down_proj, Linear)):
+            if type(lin) is not cls:  # a LoRA / GEMV subclass swapped in
+                return f"{type(lin).__name__} layer"
+            k = getattr(lin, "qkernel", None)
+            if type(k) is not CpuInt4Kernel or k.perm is not None:
+                return "a linear layer not on the int4 CPU kernel"
+            if lin.bias is not None and lin is not a.qkv_proj:
+                return "a bias outside qkv"
+    return None
+
+
+class DecodePlan:
+    """The C path for one LlamaModel (built at its first CPU step)."""
+
+    def __init__(self, model, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        first = model.layers[0].self_attn
+        self.nh, self.nkv = first.attn.num_heads, first.attn.num_kv_heads
+        self.hd, self.scale = first.attn.head_dim, float(first.attn.scale)
+        rotary = first.rotary_emb
+        self.rot_dim = rotary.rotary_dim
+        self.cos_sin = rotary.cos_sin_cache.contiguous()
+        self.hidden = model.norm.weight.shape[0]
+        self.inter = model.layers[0].mlp.down_proj.input_size
+        self.layers = [_Layer(layer) for layer in model.layers]
+        self.norm_w = model.norm.weight.detach().float().contiguous()
+        self.norm_eps = model.norm.eps
+        self.int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
+        meta = ctx.attn_metadata
+        rows, h = x.shape
+        caches = ctx.kv_caches
+        if any(c.dtype != torch.float32 or not c.is_contiguous() for c in caches):
+            return None
+        lib, mm, nh, nkv, hd = self.lib, self.int4_mm, self.nh, self.nkv, self.hd
+        qkv_n = (nh + 2 * nkv) * hd
+        # per token row: its request, how many positions it sees, whether C attends for it
+        # (the one new token of a decoding request) or the prompt-chunk loop below does
+        qsl = meta.query_start_loc_cpu
+        row_req = torch.empty(rows, dtype=torch.int32)
+        attend = torch.zeros(rows, dtype=torch.uint8)
+        chunks = []
+        for i, n in enumerate(meta.seq_lens_cpu):
+            s, e = qsl[i], qsl[i + 1]
+            row_req[s:e] = i
+            if e - s == 1:
+                attend[s] = 1
+            elif e > s:
+                chunks.append((i, s, e, n))
+        positions = positions.contiguous()
+        row_len = (positions + 1).to(torch.int32)
+        slots = meta.slot_mapping.to(torch.int64).contiguous()
+        tables = meta.block_tables.to(torch.int32).contiguous()
+        resid = x.float().contiguous().clone()
+        xb = torch.empty(rows, h, dtype=torch.bfloat16)
+        attn = torch.empty(rows, nh * hd, dtype=torch.bfloat16)
+        act = torch.empty(rows, self.inter, dtype=torch.bfloat16)
+        threads = max(1, min(torch.get_num_threads(), 16))
+        max_len = max(meta.seq_lens_cpu)
+        work = torch.empty(rows * qkv_n + threads * (nh // nkv + 1) * (max_len + hd),
+                           dtype=torch.float32)
+        rows_of = torch.empty(rows, dtype=torch.int32)
+        qf = work[: rows * qkv_n].view(rows, nh + 2 * nkv, hd)[:, :nh]  # rotated q (fp32)
+        out = torch.empty(rows, h, dtype=torch.float32)
+        rp, xbp, ap, actp, wp = (resid.data_ptr(), xb.data_ptr(), attn.data_ptr(),
+                                 act.data_ptr(), work.data_ptr())
+        cs, pp, sp, tp = (self.cos_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+                          tables.data_ptr())
+        rq, rl, at, ro = (row_req.data_ptr(), row_len.data_ptr(), attend.data_ptr(),
+                          rows_of.data_ptr())
+        width = tables.shape[1]
+        norm, attend_fn, silu = lib.mp_add_rmsnorm, lib.mp_decode_attention, lib.mp_silu_mul
+        delta = None
+        for L in self.layers:
+            cache = caches[L.idx]
+            _, nb, bs, _, _ = cache.shape
+            norm(rows, h, rp, delta.data_ptr() if delta is not None else None, L.ln1, L.eps1,
+                 xbp, None)
+            qkv = mm(xb, L.qkv[0], L.qkv[1], L.qkv[2])
+            attend_fn(rows, nh, nkv, hd, self.rot_dim, qkv.data_ptr(), L.bias, cs, pp,
+                      cache.data_ptr(), nb, bs, sp, tp, width, rq, rl, at, self.scale, ap, wp,
+                      ro, threads)
+            for i, s, e, n in chunks:  # prompt chunks: the module path's attention
+                attn[s:e] = _chunk_attention(qf[s:e], cache, tables[i], n, self.scale)
+            o = mm(attn, L.o[0], L.o[1], L.o[2])
+            norm(rows, h, rp, o.data_ptr(), L.ln2, L.eps2, xbp, None)
+            gu = mm(xb, L.gate_up[0], L.gate_up[1], L.gate_up[2])
+            silu(rows, self.inter, gu.data_ptr(), actp)
+            delta = mm(act, L.down[0], L.down[1], L.down[2])
+        norm(rows, h, rp, delta.data_ptr(), self.norm_w.data_ptr(), self.norm_eps, None,
+             out.data_ptr())
+        return out
+
+
+def _chunk_attention(q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, seq_len: int,
+                     scale: float) -> torch.Tensor:
+    """Causal attention of one request's chunk of n new queries ([n, H, D], the last n of its
+    seq_len positions) as the module path computes it (reference_paged_attention's loop);
+    bf16 [n, H * D]."""
+    from modelport.layers.attention import gather_kv, grouped_attention
+
+    n = q.shape[0]
+    k, v = gather_kv(cache, table, seq_len)
+    qpos = torch.arange(seq_len - n, seq_len).unsqueeze(1)
+    mask = (torch.arange(seq_len).unsqueeze(0) <= qpos)[None, None, None]
+    o = grouped_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                          v.transpose(0, 1).unsqueeze(0), mask, scale)
+    return o.squeeze(0).transpose(0, 1).reshape(n, -1).to(torch.bfloat16)
+
+
+def decode(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """The final normed hidden states of a CPU step through the C path, or None (the caller
+    runs its modules) where that path does not apply."""
+    if not (ENABLED and cpu_fast.ENABLED) or x.is_cuda or x.dim() != 2:
+        return None
+    from modelport.layers.attention import get_forward_context
+
+    ctx = get_forward_context()
+    meta = ctx.attn_metadata
+    if meta is None or ctx.piecewise:
+        return None
+    plan = model.__dict__.get("_cpu_decode_plan")
+    if plan is None:
+        lib = load_library()
+        why = "the C kernels could not be built" if lib is None else _fits(model)
+        plan = DecodePlan(model, lib) if why is None else False
+        if why is not None:
+            logger.debug("CPU decode kernels not used: %s", why)
+        model.__dict__["_cpu_decode_plan"] = plan
+    if plan is False:
+        return None
+    return plan.run(x, positions, ctx)
