@@ -290,7 +290,8 @@ def test_planner_counts_every_expert(moe_dir: Path) -> None:
     spec = moe_spec(cfg)
     per_expert = 3 * cfg.hidden_size * spec.expert_intermediate_size
     idle = (spec.num_experts - spec.top_k) * per_expert * len(spec.sparse_layers)
-    assert active_params(cfg) == total - skipped - idle
+    assert active_params(cfg) == total - idle  # num_params counts every weight
+    assert cfg.num_params == total
 
 
 def test_planner_sizes_real_moe_shapes() -> None:

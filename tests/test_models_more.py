@@ -424,7 +424,7 @@ def test_cuda_bf16_greedy_matches_hf(dirs: dict[str, Path], name: str,
     CUDA graphs) in bf16: the first tokens equal HF's bf16 generate, batched equals one at
     a time."""
     d = dirs[name]
-    llm = LLM(str(d), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.2,
+    llm = LLM(str(d), device="cuda", dtype="bfloat16", kv_cache_memory=1 << 30,
               max_num_batched_tokens=128, block_size=16, seed=0,
               **({"max_model_len": max_model_len} if max_model_len else {}))
     batched = [o.outputs[0].token_ids for o in
@@ -437,10 +437,10 @@ def test_cuda_bf16_greedy_matches_hf(dirs: dict[str, Path], name: str,
         want, gaps = _hf_greedy_cuda_bf16(d, p, 6)
         # compared up to HF's first near-tie: two bf16 implementations may break a tie of a
         # random tiny model's flat logits either way (a real error differs from the start)
-        n = next((i for i, gap in enumerate(gaps) if gap < 0.25), len(want))
+        n = next((i for i, gap in enumerate(gaps) if gap < 0.02), len(want))
         assert list(got[:n]) == want[:n], (name, p[:4], gaps)
         compared += n
-    assert compared >= 3, (name, "too few tokens before a near-tie to compare")
+    assert compared >= 2, (name, "too few tokens before a near-tie to compare")
 
 
 def test_phi3_su_is_longrope(dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -36,5 +36,15 @@ case ${1:-1} in
          run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
          run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
        fi ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27" >&2; exit 2 ;;
+  # session 27, second call: the OLMo 2 bf16 test again (near-tie aware), then MoE single
+  # stream (W3's shape of request) on the Qwen1.5-MoE-A2.7B shape with dummy weights, ours
+  # then HF transformers
+  s27b) run 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_models_more.py
+        run 150 python3 -m modelport.bench.latency --model-config bench/configs/qwen1.5-moe-a2.7b.json \
+            --load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 8 \
+            --input-len 1024 --output-len 128 --batch-size 1 --num-iters 3 --backend modelport
+        run 200 python3 -m modelport.bench.latency --model-config bench/configs/qwen1.5-moe-a2.7b.json \
+            --load-format dummy --dtype bfloat16 --max-model-len 2048 --input-len 1024 \
+            --output-len 32 --batch-size 1 --num-iters 1 --num-iters-warmup 1 --backend hf ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b" >&2; exit 2 ;;
 esac

@@ -146,16 +146,34 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        """Parameter count of a llama-style decoder with this shape."""
+        """Parameters the checkpoint holds: a llama-style decoder of this shape, each family's
+        extra norms / biases, and for MoE models every expert, router and shared expert."""
+        from modelport.models.moe_config import moe_extra_params  # it imports this module
+
         h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
         mlp = 3 * h * i
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + mlp + 2 * h + _family_layer_params(self, q, kv)
         emb = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return L * per_layer + emb + head + h
+        return L * per_layer + emb + head + h + moe_extra_params(self)
+
+
+def _family_layer_params(c: ModelConfig, q: int, kv: int) -> int:
+    """Per-layer weights some families add to a llama layer."""
+    arch, extra = c.architecture, 0
+    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"):
+        extra += 2 * c.head_dim  # q_norm / k_norm over one head
+    if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        extra += 2 * c.hidden_size  # pre/post feed-forward norms beside the two llama ones
+    if arch == "Olmo2ForCausalLM":
+        extra += q + kv  # q_norm / k_norm over the whole projections
+    if (arch == "Qwen2MoeForCausalLM" and not c.attention_bias
+            and c.hf_config.get("qkv_bias", True)):
+        extra += q + 2 * kv  # q/k/v biases (qkv_bias)
+    return extra
 
 
 def _normalize_rope_keys(d: dict[str, Any]) -> dict[str, Any]:

@@ -104,15 +104,26 @@ def check_moe_options(
         raise ValueError(f"{arch}: enable_lora is not supported for MoE models")
 
 
-def active_params(config: ModelConfig) -> int:
-    """Parameters one token runs through (the planner's FLOPs): ``ModelConfig.num_params``
-    with each sparse layer's MLP replaced by its router, top-k experts and shared expert."""
+def moe_extra_params(config: ModelConfig) -> int:
+    """What a model's experts add to the dense count of ``ModelConfig.num_params``: each
+    sparse layer's dense MLP replaced by its router, every expert and the shared expert (with
+    its one-row gate). 0 for a dense architecture."""
     spec = moe_spec(config)
     if spec is None:
-        return config.num_params
+        return 0
     h = config.hidden_size
-    moe = h * spec.num_experts + spec.top_k * 3 * h * spec.expert_intermediate_size
+    moe = h * spec.num_experts + spec.num_experts * 3 * h * spec.expert_intermediate_size
     if spec.shared_intermediate_size:
         moe += 3 * h * spec.shared_intermediate_size + h
     dense = 3 * h * config.intermediate_size
-    return config.num_params + len(spec.sparse_layers) * (moe - dense)
+    return len(spec.sparse_layers) * (moe - dense)
+
+
+def active_params(config: ModelConfig) -> int:
+    """Parameters one token runs through (the planner's FLOPs): ``ModelConfig.num_params``
+    less the experts a token does not visit (all but top-k of each sparse layer)."""
+    spec = moe_spec(config)
+    if spec is None:
+        return config.num_params
+    idle = (spec.num_experts - spec.top_k) * 3 * config.hidden_size * spec.expert_intermediate_size
+    return config.num_params - len(spec.sparse_layers) * idle

@@ -15,12 +15,23 @@ from modelport.planner.errors import PlanError
 from modelport.planner.gguf_mix import LinearTensor
 from modelport.quantization.gguf_types import GGUF_LINEAR
 
-# GGUF general.architecture -> HF architecture name (llama.cpp writes Mistral as "llama")
+# GGUF general.architecture -> HF architecture name (llama.cpp writes Mistral as "llama", and
+# Mixtral as "llama" with llama.expert_count: loader/gguf_archs.py renames it, as the loader)
 _ARCHS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
 }
+
+# tensors the config reads (rope scaling tables), not model weights
+_NOT_WEIGHTS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class GGUFInfo:
     # file bytes of the embedding and LM head (token_embd.weight, output.weight): the kept
     # path replaces those blocks with float tables
     tables: tuple[tuple[str, int], ...] = ()
+    num_params: int = 0  # elements of the model's weight tensors (rope factor tables left out)
 
 
 def _value(reader: Any, key: str) -> Any:
@@ -75,6 +87,10 @@ def _read(path: str, mtime_ns: int) -> GGUFInfo:
             raise PlanError("--model", f"{path}: GGUF metadata is missing {arch}.{key}")
         return v
 
+    def opt(key: str, default: Any = None) -> Any:
+        v = meta(key, required=False)
+        return default if v is None else v
+
     n_heads = int(meta("attention.head_count"))
     hidden = int(meta("embedding_length"))
     vocab = meta("vocab_size", required=False)
@@ -101,6 +117,15 @@ def _read(path: str, mtime_ns: int) -> GGUFInfo:
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
     }
+    if arch not in ("llama", "mistral", "qwen2") or opt("expert_count", 0):
+        # the family's own fields (windows, experts, ...), read as the loader reads them
+        # (imported here: the loader package imports torch, plain llama files need none)
+        from modelport.loader.gguf_archs import arch_config
+
+        try:
+            cfg.update(arch_config(arch, reader, opt, cfg, Path(path)))
+        except ValueError as e:
+            raise PlanError("--model", f"{path}: {e}") from None
     storage: dict[str, int] = {}
     for t in reader.tensors:
         storage[t.tensor_type.name] = storage.get(t.tensor_type.name, 0) + 1
@@ -117,6 +142,7 @@ def _read(path: str, mtime_ns: int) -> GGUFInfo:
         ),
         tables=tuple((t.name, int(t.n_bytes)) for t in reader.tensors
                      if t.name in ("token_embd.weight", "output.weight")),
+        num_params=sum(int(t.n_elements) for t in reader.tensors if t.name not in _NOT_WEIGHTS),
     )
 
 

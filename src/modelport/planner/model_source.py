@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from modelport.config import ModelConfig
+from modelport.models.moe_config import moe_spec
 from modelport.planner.errors import PlanError
 from modelport.planner.gguf_mix import LinearTensor
 from modelport.planner.gguf_source import read_gguf
@@ -32,6 +33,7 @@ class ModelSource:
     file_bytes: int | None = None  # size on disk of the weight file(s)
     gguf_linear: tuple[LinearTensor, ...] = ()  # a .gguf file's linear weights and types
     gguf_tables: tuple[tuple[str, int], ...] = ()  # its embedding / LM head: name, file bytes
+    num_params: int | None = None  # counted from a .gguf file's tensors
 
     # an HF config planned without its weights beside it (a bare .json, a folder of only
     # config.json): `modelport serve` cannot be pointed at this path
@@ -39,10 +41,17 @@ class ModelSource:
     hub_id: str | None = None  # the config's _name_or_path when it looks like org/name
 
     @property
+    def gguf_moe(self) -> bool:
+        """A .gguf file of a mixture-of-experts model: the engine loads it dequantized to the
+        compute dtype whatever its types (loading.resolve_quantization; the MoE layer runs
+        unquantized weights only)."""
+        return self.kind == "gguf" and moe_spec(self.config) is not None
+
+    @property
     def gguf_cpu_keepable(self) -> bool:
         """A .gguf file whose linear weights are all types the kept path holds (Q4 to Q8):
         the engine keeps those quantized on an x86 CPU by default (loading.auto_keep_gguf)."""
-        return kept_on_cpu_by_default([t.qtype for t in self.gguf_linear])
+        return not self.gguf_moe and kept_on_cpu_by_default([t.qtype for t in self.gguf_linear])
 
 
 def _config(d: dict[str, Any], where: str) -> ModelConfig:
@@ -123,6 +132,7 @@ def _from_gguf(path: Path) -> ModelSource:
         file_bytes=info.file_bytes,
         gguf_linear=info.linear,
         gguf_tables=info.tables,
+        num_params=info.num_params,
     )
 
 

@@ -12,6 +12,7 @@ from modelport.planner.gguf_mix import LinearTensor, kept_bytes
 from modelport.planner.hardware import Device
 from modelport.planner.memory import KVCapacity, MemoryBudget, kv_capacity, memory_budget
 from modelport.planner.model_source import ModelSource
+from modelport.planner.notes import plan_notes
 from modelport.planner.parallel import resolve_parallelism, valid_tp_degrees
 from modelport.planner.roofline import Roofline, roofline
 from modelport.planner.tensors import decoder_tensors, tp_share
@@ -113,6 +114,13 @@ class PlanRequest:
                 "gguf keeps a .gguf file's blocks; for a preset or HF model name the GGUF type, "
                 "e.g. gguf-q4_k_m",
             )
+        if self.quantization == KEEP_GGUF and self.model.gguf_moe:
+            raise PlanError(
+                "--quantization",
+                f"gguf cannot keep the blocks of {self.model.name}: mixture-of-experts GGUF "
+                "files load dequantized to the model dtype (the MoE layer runs unquantized "
+                "weights only); drop --quantization",
+            )
         if own and self.quantization not in (None, own, KEEP_GGUF):
             raise PlanError(
                 "--quantization",
@@ -172,6 +180,7 @@ class Plan:
     engine_starts: bool  # weights fit and one max_model_len sequence fits in the KV cache
     fits: bool  # and max_num_seqs full-length sequences fit at once
     reason: str  # one sentence behind the verdict
+    notes: tuple[str, ...] = ()  # how the model was sized where that is not the obvious way
 
 
 def _kv_dtype(req: PlanRequest, act: str) -> tuple[str, int]:
@@ -225,7 +234,7 @@ def make_plan(req: PlanRequest) -> Plan:
     tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size)
     act = resolve_dtype(req.dtype, device, model.torch_dtype)
     quant = req.effective_quantization
-    if quant is not None and moe_spec(model) is not None:
+    if quant is not None and moe_spec(model) is not None and not req.model.gguf_moe:
         raise PlanError("--quantization", f"{model.architecture} (mixture of experts) loads "
                         f"unquantized only, not {quant}")
     # a GGUF type without mixing rules here (IQ*, Q2_K, ...) is measured from its file; the
@@ -240,10 +249,15 @@ def make_plan(req: PlanRequest) -> Plan:
             req.model.weight_bytes,
             req.model.storage or {},
             f"measured from {req.model.path}",
+            num_params=req.model.num_params,
         )
     # in memory: unquantized tensors in the compute dtype; a GGUF file's blocks only when kept
     if quant is None or not req.keeps_quantized:
-        resident = estimate_weights(model, WeightFormat(dtype=act), tp).per_gpu_bytes
+        dense = estimate_weights(model, WeightFormat(dtype=act), tp)
+        resident = dense.per_gpu_bytes
+        if req.model.num_params:  # a GGUF file dequantized: every tensor it holds
+            resident = int(req.model.num_params * dtype_bytes(act)
+                           * dense.per_gpu_bytes / dense.total_bytes)
     elif known.startswith("gguf-"):
         resident = weights.per_gpu_bytes + _kept_gguf_float_tensors(
             model, fmt, weights.total_bytes / estimate.total_bytes, act, device.is_cpu, tp,
@@ -343,4 +357,5 @@ def make_plan(req: PlanRequest) -> Plan:
         starts,
         fits,
         reason,
+        plan_notes(req.model, act),
     )

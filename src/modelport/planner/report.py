@@ -100,6 +100,7 @@ def plan_to_dict(plan: Plan, advice: Advice) -> dict[str, Any]:
         "recommendations": advice.recommendations,
         "serve_command": advice.serve_command,
         "serve_note": advice.serve_note,
+        "notes": list(plan.notes),
     }
 
 
@@ -198,6 +199,7 @@ def render_text(plan: Plan, advice: Advice) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     for title, items in (
+        ("notes", list(plan.notes)),
         ("warnings", advice.warnings),
         ("recommendations", advice.recommendations),
     ):

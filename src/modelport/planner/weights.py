@@ -119,16 +119,19 @@ def estimate_weights(model: ModelConfig, fmt: WeightFormat, tp: int = 1) -> Weig
 
 
 def measured_weights(
-    estimate: WeightReport, measured_total: int, storage: dict[str, int], source: str
+    estimate: WeightReport, measured_total: int, storage: dict[str, int], source: str,
+    num_params: int | None = None,
 ) -> WeightReport:
-    """Replace the estimate's totals by bytes read from a real file; TP shares keep the
-    estimate's proportions (a rank holds the same fraction of the model either way)."""
+    """Replace the estimate's totals by bytes read from a real file (and its parameter count
+    when the file tells it, as a .gguf file's tensors do); TP shares keep the estimate's
+    proportions (a rank holds the same fraction of the model either way)."""
     ratio = estimate.per_gpu_bytes / estimate.total_bytes
+    params = num_params or estimate.num_params
     return WeightReport(
-        num_params=estimate.num_params,
+        num_params=params,
         total_bytes=measured_total,
         per_gpu_bytes=int(measured_total * ratio),
-        bits_per_weight=measured_total * 8 / estimate.num_params,
+        bits_per_weight=measured_total * 8 / params,
         linear_bits_per_weight=estimate.linear_bits_per_weight,
         storage=storage,
         source=source,

@@ -32,6 +32,7 @@ class ScaleGroup:
     linears: tuple[str, ...]  # HF weight names sharing that input
     prev: str  # HF name of the tensor that absorbs 1/s (norm weight or previous linear)
     prev_is_linear: bool
+    prev_rows: slice | None = None  # the rows of a fused prev (Phi-3's v in qkv, up in gate_up)
 
 
 def scale_groups(num_layers: int, num_heads: int, num_kv_heads: int) -> list[ScaleGroup]:
@@ -49,6 +50,26 @@ def scale_groups(num_layers: int, num_heads: int, num_kv_heads: int) -> list[Sca
         if num_heads == num_kv_heads:
             groups.append(ScaleGroup(f"{p}.self_attn.o_proj", (f"{p}.self_attn.o_proj.weight",),
                                      f"{p}.self_attn.v_proj.weight", True))
+    return groups
+
+
+def fused_scale_groups(num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                       intermediate_size: int) -> list[ScaleGroup]:
+    """The same groups for checkpoints that store qkv_proj and gate_up_proj fused (Phi-3):
+    down's 1/s goes into gate_up's up rows, o's into qkv's v rows."""
+    q, kv, groups = num_heads * head_dim, num_kv_heads * head_dim, []
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        qkv, gate_up = f"{p}.self_attn.qkv_proj", f"{p}.mlp.gate_up_proj"
+        groups.append(ScaleGroup(qkv, (f"{qkv}.weight",), f"{p}.input_layernorm.weight", False))
+        groups.append(ScaleGroup(gate_up, (f"{gate_up}.weight",),
+                                 f"{p}.post_attention_layernorm.weight", False))
+        groups.append(ScaleGroup(f"{p}.mlp.down_proj", (f"{p}.mlp.down_proj.weight",),
+                                 f"{gate_up}.weight", True,
+                                 slice(intermediate_size, 2 * intermediate_size)))
+        if num_heads == num_kv_heads:
+            groups.append(ScaleGroup(f"{p}.self_attn.o_proj", (f"{p}.self_attn.o_proj.weight",),
+                                     f"{qkv}.weight", True, slice(q + kv, q + 2 * kv)))
     return groups
 
 
@@ -85,7 +106,11 @@ def apply_awq_scales(weights: dict[str, torch.Tensor], stats: dict, groups: list
         alphas[grp.stats_key] = alpha
         for n in grp.linears:
             weights[n] = weights[n] * s[None, :]
-        if grp.prev_is_linear:
+        if grp.prev_rows is not None:
+            prev = weights[grp.prev].clone()
+            prev[grp.prev_rows] = prev[grp.prev_rows] / s[:, None]
+            weights[grp.prev] = prev
+        elif grp.prev_is_linear:
             weights[grp.prev] = weights[grp.prev] / s[:, None]
         else:
             weights[grp.prev] = weights[grp.prev] / s

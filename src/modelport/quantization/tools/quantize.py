@@ -36,6 +36,13 @@ if TYPE_CHECKING:
     from modelport.quantization.tools.capture import LayerStats
 
 METHODS = ("awq", "gptq", "fp8")
+# families whose norms cannot absorb AWQ's 1/s as a plain weight, and why
+AWQ_UNFOLDABLE = {
+    "GemmaForCausalLM": "stores as 1 + weight",
+    "Gemma2ForCausalLM": "stores as 1 + weight (and sandwiches around attention)",
+    "Gemma3ForCausalLM": "stores as 1 + weight (and sandwiches around attention)",
+    "Olmo2ForCausalLM": "applies after attention and the MLP (post-norm), not before",
+}
 GENERATED_CALIB = "calibration_from_model.jsonl"
 REFERENCE_WINDOWS = 8  # windows of the reference sample whose inputs score every layer
 # warn when at least this share of layers is worse than round-to-nearest on the reference
@@ -168,6 +175,16 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     mcfg = load_model_config(src)
     if mcfg.hf_config.get("quantization_config"):
         raise ValueError(f"{src.path} is already quantized; start from the float checkpoint")
+    from modelport.models.moe_config import MOE_ARCHITECTURES
+
+    if mcfg.architecture in MOE_ARCHITECTURES:
+        raise ValueError(f"{mcfg.architecture} is a mixture-of-experts model: quantize does not "
+                         "support MoE models (their MoE layer runs unquantized weights only); "
+                         "serve it unquantized")
+    if opts.method == "awq" and mcfg.architecture in AWQ_UNFOLDABLE:
+        raise ValueError(f"--method awq does not support {mcfg.architecture}: its scales fold into "
+                         "the RMSNorm before q/k/v and gate/up, which this family "
+                         f"{AWQ_UNFOLDABLE[mcfg.architecture]}; use --method gptq or fp8")
     if calib is not None and opts.calib_from_model:
         raise ValueError("give either --calib or --calib-from-model, not both")
     if calib is None and opts.method != "fp8" and not opts.calib_from_model:
@@ -178,6 +195,7 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     weights = {n: t.float() for n, t in hf.iter_safetensors(hf.safetensors_files(src.path))}
     names = [n for n in weights if is_quantizable(n)]
     check_group_size(weights, names, opts)
+    fused = _fused_checkpoint(names, weights, mcfg)
     # AWQ folds its scales into ``weights``; errors are always against the checkpoint's weights
     originals = {n: weights[n].clone() for n in names} if opts.method == "awq" else weights
     out: dict[str, torch.Tensor] = {}  # checkpoint tensors; the float ones are added last
@@ -235,23 +253,30 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
                 quantize_layerwise,
             )
 
-            mismatch = set(names) ^ set(layerwise_weight_names(float_model))
+            mismatch = set(names) ^ set(layerwise_weight_names(float_model, fused))
             if mismatch:
                 raise ValueError("sequential GPTQ: the checkpoint's linear weights and the "
                                  f"model's differ: {sorted(mismatch)}")
-            quantize_layerwise(float_model, windows, emit, row_clip=opts.hessian_row_clip)
+            quantize_layerwise(float_model, windows, emit, row_clip=opts.hessian_row_clip,
+                               fused=fused)
             del float_model
         else:
             stats = collect_stats(float_model, windows, hessian=opts.method == "gptq",
                                   row_clip=opts.hessian_row_clip)
             del float_model
             if opts.method == "awq":
-                from modelport.quantization.tools.awq_algo import apply_awq_scales, scale_groups
+                from modelport.quantization.tools.awq_algo import (
+                    apply_awq_scales,
+                    fused_scale_groups,
+                    scale_groups,
+                )
 
-                apply_awq_scales(weights, stats,
-                                 scale_groups(mcfg.num_hidden_layers, mcfg.num_attention_heads,
-                                              mcfg.num_key_value_heads),
-                                 opts.bits, opts.group_size, opts.zero_point)
+                n, heads, kv = (mcfg.num_hidden_layers, mcfg.num_attention_heads,
+                                mcfg.num_key_value_heads)
+                groups = (fused_scale_groups(n, heads, kv, mcfg.head_dim, mcfg.intermediate_size)
+                          if fused else scale_groups(n, heads, kv))
+                apply_awq_scales(weights, stats, groups, opts.bits, opts.group_size,
+                                 opts.zero_point)
             for name in names:
                 emit(name, stats[stats_key(name)])
     bar.close()
@@ -268,6 +293,27 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         (report.output / GENERATED_CALIB).write_text(
             "".join(json.dumps({"text": t}) + "\n" for t in report.generated_calibration))
     return report
+
+
+def _fused_checkpoint(names: list[str], weights: dict[str, torch.Tensor], mcfg) -> bool:  # noqa: ANN001
+    """Whether the checkpoint stores qkv_proj / gate_up_proj fused (Phi-3) rather than split
+    (Llama, Qwen2); a mix, or fused tensors of unexpected shape, is refused."""
+    fused = [n for n in names if n.endswith((".qkv_proj.weight", ".gate_up_proj.weight"))]
+    if not fused:
+        return False
+    split = [n for n in names if n.endswith((".q_proj.weight", ".gate_proj.weight"))]
+    if split:
+        raise ValueError(f"the checkpoint stores both fused ({fused[0]}) and split ({split[0]}) "
+                         "projections; quantize supports one layout per model")
+    q = mcfg.num_attention_heads * mcfg.head_dim
+    rows = {"qkv_proj": q + 2 * mcfg.num_key_value_heads * mcfg.head_dim,
+            "gate_up_proj": 2 * mcfg.intermediate_size}
+    for n in fused:
+        want = rows[n.rsplit(".", 2)[1]]
+        if weights[n].shape[0] != want:
+            raise ValueError(f"{n} has {weights[n].shape[0]} rows; the config gives {want} "
+                             "(q+k+v heads x head_dim, or 2 x intermediate_size)")
+    return True
 
 
 def check_group_size(weights: dict[str, torch.Tensor], names: list[str], opts: QuantizeOptions) -> None:

@@ -35,35 +35,40 @@ class _Reached(Exception):
     """Raised by the capture hook: the rest of the layer is not needed for this linear."""
 
 
-def hf_weight_names(module_name: str, module: nn.Module) -> list[tuple[str, slice]]:
+def hf_weight_names(module_name: str, module: nn.Module, fused: bool = False
+                    ) -> list[tuple[str, slice]]:
     """Checkpoint names of the weights fused in one of our linears, with their output rows:
-    ``...self_attn.qkv_proj`` -> q_proj/k_proj/v_proj.weight; ``...o_proj`` -> itself."""
+    ``...self_attn.qkv_proj`` -> q_proj/k_proj/v_proj.weight; ``...o_proj`` -> itself.
+    ``fused``: the checkpoint stores qkv_proj / gate_up_proj whole (Phi-3): one name each."""
     ranges = getattr(module, "shard_ranges", None)
-    if not ranges:
+    if not ranges or fused:
         return [(f"{module_name}.weight", slice(0, module.weight.shape[0]))]
     parent = module_name.rsplit(".", 1)[0]
     return [(f"{parent}.{shard}_proj.weight", slice(off, off + size))
             for shard, (off, size) in ranges.items()]
 
 
-def layerwise_weight_names(model: nn.Module) -> list[str]:
+def layerwise_weight_names(model: nn.Module, fused: bool = False) -> list[str]:
     """The HF weight names ``quantize_layerwise`` hands to its callback, in that order."""
     return [name for i, layer in enumerate(model.model.layers) for sub in SUBLAYERS
-            for name, _ in hf_weight_names(f"model.layers.{i}.{sub}", layer.get_submodule(sub))]
+            for name, _ in hf_weight_names(f"model.layers.{i}.{sub}", layer.get_submodule(sub),
+                                           fused)]
 
 
 @torch.no_grad()
 def quantize_layerwise(model: nn.Module, windows: list[list[int]], quantize: QuantizeFn,
-                       block_size: int = 16, row_clip: float = HESSIAN_ROW_CLIP) -> None:
+                       block_size: int = 16, row_clip: float = HESSIAN_ROW_CLIP,
+                       fused: bool = False) -> None:
     """Quantize every decoder-layer linear of ``model`` in place (weights replaced by their
-    dequantization), each from its inputs in the model quantized so far."""
+    dequantization), each from its inputs in the model quantized so far. ``fused``: hand
+    qkv_proj / gate_up_proj on whole, under those names (checkpoints that store them so)."""
     device = next(model.parameters()).device
     hidden = [model.model.embed_tokens(torch.tensor(ids, device=device)) for ids in windows]
     for i, layer in enumerate(model.model.layers):
         for sub in SUBLAYERS:
             module = layer.get_submodule(sub)
             stats = _capture_input(model, layer, module, hidden, block_size, row_clip)
-            for name, rows in hf_weight_names(f"model.layers.{i}.{sub}", module):
+            for name, rows in hf_weight_names(f"model.layers.{i}.{sub}", module, fused):
                 module.weight.data[rows] = quantize(name, stats).to(module.weight.dtype)
             del stats
         for j, h in enumerate(hidden):

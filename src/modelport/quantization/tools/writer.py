@@ -14,8 +14,11 @@ import torch
 
 from modelport.quantization.base import QuantizationConfig
 
-# Linear weights that get quantized (HF Llama/Qwen2 names); everything else stays float.
-LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linear weights that get quantized (HF Llama/Qwen2 names, and Phi-3's fused qkv_proj /
+# gate_up_proj, written whole: one packed tensor over the concatenated output rows, as the
+# loaders and vLLM read Phi-3); everything else stays float.
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "qkv_proj", "gate_up_proj")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "chat_template.jinja", "added_tokens.json")
