@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.tiny_models import load_cpu_fp32 as _load
 from helpers.tiny_models import make_tiny_llama_dir, run_one_sequence
-from modelport.config import LoadConfig
+from helpers.tiny_models import sequence_nll as _nll
 from modelport.entrypoints.cli import main as cli_main
-from modelport.loader import load_model, load_model_config, resolve_model
 from modelport.quantization.gptq import GPTQConfig
 from modelport.quantization.tools.awq_algo import search_scale
 from modelport.quantization.tools.calib import calibration_warnings, make_windows, read_texts
@@ -117,16 +117,6 @@ def test_calibration_loading_and_warnings(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama_dir(tmp_path_factory.mktemp("qt") / "hf", seed=11)
-
-
-def _load(path: Path) -> torch.nn.Module:
-    src = resolve_model(str(path))
-    return load_model(src, load_model_config(src), LoadConfig(), torch.float32, torch.device("cpu"))
-
-
-def _nll(path: Path, ids: list[int]) -> float:
-    logits = run_one_sequence(_load(path), ids)
-    return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

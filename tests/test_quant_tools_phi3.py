@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers.tiny_models import TINY_VOCAB, _save, run_one_sequence
+from helpers.tiny_models import load_cpu_fp32 as _load
+from helpers.tiny_models import sequence_nll as _nll
 from modelport import LLM, SamplingParams
-from modelport.config import LoadConfig
 from modelport.entrypoints.cli import main as cli_main
-from modelport.loader import load_model, load_model_config, resolve_model
 from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
 
 TEXT = Path(__file__).parent / "data" / "quant_eval.txt"
@@ -34,16 +34,6 @@ def phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      bos_token_id=256, eos_token_id=257, pad_token_id=258,
                      initializer_range=0.05)
     return _save(Phi3ForCausalLM(cfg).eval(), tmp_path_factory.mktemp("phi3") / "hf", True)
-
-
-def _load(path: Path) -> torch.nn.Module:
-    src = resolve_model(str(path))
-    return load_model(src, load_model_config(src), LoadConfig(), torch.float32, torch.device("cpu"))
-
-
-def _nll(path: Path, ids: list[int]) -> float:
-    logits = run_one_sequence(_load(path), ids)
-    return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

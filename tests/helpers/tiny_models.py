@@ -317,3 +317,18 @@ def load_cpu(path: Path, quantization: str | None = None, fmt: str = "auto") -> 
     src = resolve_model(str(path))
     return load_model(src, load_model_config(src), LoadConfig(load_format=fmt, quantization=quantization),
                       torch.float32, torch.device("cpu"))
+
+
+def load_cpu_fp32(path: Path) -> torch.nn.Module:
+    """The model of an HF folder (or file) as the engine builds it, fp32 on CPU."""
+    from modelport.config import LoadConfig
+    from modelport.loader import load_model, load_model_config, resolve_model
+
+    src = resolve_model(str(path))
+    return load_model(src, load_model_config(src), LoadConfig(), torch.float32, torch.device("cpu"))
+
+
+def sequence_nll(path: Path, ids: list[int]) -> float:
+    """Mean next-token negative log-likelihood of ids under the model at path (fp32, CPU)."""
+    logits = run_one_sequence(load_cpu_fp32(path), ids)
+    return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()

@@ -26,7 +26,7 @@ from modelport.layers.attention import Attention
 from modelport.layers.embedding import VocabEmbedding
 from modelport.layers.linear import Linear, QKVLinear
 from modelport.layers.rotary import RopeSettings, RotaryEmbedding, rope_settings
-from modelport.models.llama import LlamaForCausalLM, LlamaMLP
+from modelport.models.llama import LlamaForCausalLM, LlamaMLP, attention_block
 from modelport.models.sliding import layer_types, windows
 
 
@@ -171,13 +171,7 @@ class GemmaDecoderLayer(nn.Module):
             x = x + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x)))
             h = self.mlp(self.pre_feedforward_layernorm(x))
             return x + self.post_feedforward_layernorm(h), None
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = attention_block(self, positions, x, residual)
         return self.mlp(x), residual
 
 

@@ -87,14 +87,22 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = attention_block(self, positions, x, residual)
         return self.mlp(x), residual
+
+
+def attention_block(layer: nn.Module, positions: torch.Tensor, x: torch.Tensor,
+                    residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm decoder layer up to its feed-forward: input norm (adding the residual
+    stream, except in the first layer), attention, post-attention norm (adding it again).
+    Returns (the feed-forward's input, the residual stream)."""
+    if residual is None:
+        residual = x
+        x = layer.input_layernorm(x)
+    else:
+        x, residual = layer.input_layernorm(x, residual)
+    x = layer.self_attn(positions, x)
+    return layer.post_attention_layernorm(x, residual)
 
 
 class LlamaModel(nn.Module):
@@ -116,7 +124,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if not x.is_cuda:  # a CPU decode step of plain int4 layers: small ops fused in C
+        if not x.is_cuda:  # a CPU step of plain int4 layers: small ops fused in C
             out = cpu_kernels.decode(self, x, positions)
             if out is not None:
                 return out

@@ -23,7 +23,7 @@ from modelport.layers.fused_moe import FusedMoE, SparseMoeBlock
 from modelport.layers.layernorm import RMSNorm
 from modelport.layers.linear import Linear
 from modelport.layers.rotary import RotaryEmbedding, rope_settings
-from modelport.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from modelport.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, attention_block
 from modelport.models.moe_config import MoeSpec, check_moe_options, moe_spec
 from modelport.models.qwen3 import Qwen3Attention
 from modelport.models.weights import StackedParam
@@ -44,13 +44,7 @@ class MoeDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = attention_block(self, positions, x, residual)
         return getattr(self, self.ffn_name)(x), residual
 
 
