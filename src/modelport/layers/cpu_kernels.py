@@ -43,6 +43,14 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
+# Threads for mp_decode_attention. It can split its work over pthreads of its own (rows and,
+# within a row, context positions), but between torch's int4 GEMMs those threads share the
+# cores with torch's OpenMP workers, which spin for a while after each GEMM: end to end on the
+# 2-core box a split was slower than one thread for 1 stream x 1,800 tokens (22 vs 17 ms a
+# step) and for 8 streams x 900 (57 vs 52 ms of layers a step), though 1.5x faster in the
+# microbenchmark (bench/cpu_attention.py; bench/README.md, C1 decode attention).
+ATTENTION_THREADS = 1
+
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "mp_add_rmsnorm": (_I, _I, _P, _P, _P, _F, _P, _P),
@@ -226,9 +234,8 @@ class DecodePlan:
         xb = torch.empty(rows, h, dtype=torch.bfloat16)
         attn = torch.empty(rows, nh * hd, dtype=torch.bfloat16)
         act = torch.empty(rows, self.inter, dtype=torch.bfloat16)
-        threads = max(1, min(torch.get_num_threads(), 16))
-        max_len = max(meta.seq_lens_cpu)
-        work = torch.empty(rows * qkv_n + threads * (nh // nkv + 1) * (max_len + hd),
+        threads = ATTENTION_THREADS
+        work = torch.empty(attention_work_floats(rows, nh, nkv, hd, threads),
                            dtype=torch.float32)
         rows_of = torch.empty(rows, dtype=torch.int32)
         qf = work[: rows * qkv_n].view(rows, nh + 2 * nkv, hd)[:, :nh]  # rotated q (fp32)
@@ -261,6 +268,15 @@ class DecodePlan:
         norm(rows, h, rp, delta.data_ptr(), self.norm_w.data_ptr(), self.norm_eps, None,
              out.data_ptr())
         return out
+
+
+def attention_work_floats(rows: int, nh: int, nkv: int, hd: int, threads: int) -> int:
+    """Length of mp_decode_attention's float32 `work` buffer: each row's q | k | v, then one
+    partial-softmax slot (group maxima, sums and weighted V rows) per (row, KV head) and one
+    more per thread beyond the first (a thread's range of positions may start mid-item)."""
+    threads = max(1, min(threads, 16))
+    slot = -(-(nh // nkv) * (hd + 2) // 16) * 16  # whole cache lines
+    return rows * (nh + 2 * nkv) * hd + (rows * nkv + threads) * slot
 
 
 def _chunk_attention(q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, seq_len: int,

@@ -17,6 +17,20 @@
 #include <stdint.h>
 #include <string.h>
 
+/* When decode attention uses more than one thread (-D can override both, to measure): at
+ * least this many positions x query heads in the step, and this many (row, KV head) items a
+ * thread. Starting a thread costs ~35 us here, and one stream split over context positions
+ * on 2 threads was slower end to end at 1,800 and 3,900 tokens (bench/README.md, C1), though
+ * faster in isolation at 4,000; so single rows stay on one thread and wide batches split.
+ * (cpu_kernels.py passes n_threads = 1 for now: next to torch's spinning OpenMP workers even
+ * wide batches were slower split, see ATTENTION_THREADS there.) */
+#ifndef MIN_SPLIT_WORK
+#define MIN_SPLIT_WORK 16384
+#endif
+#ifndef MIN_SPLIT_ITEMS_PER_THREAD
+#define MIN_SPLIT_ITEMS_PER_THREAD 4
+#endif
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -63,49 +77,199 @@ void mp_add_rmsnorm(int rows, int h, float *resid, const uint16_t *delta, const 
     }
 }
 
-/* One decode row's attention for KV head g: the `group` (<= 64) query heads that share it
- * read each cached K and V row once. Two passes (scores, then the softmax-weighted sum of
- * V); p: scratch of group * (n + hd) floats (scores, then the fp32 output rows). */
-static void attend_kv_head(const float *q, int group, int hd, int g, const float *kv_cache,
-                           int64_t v_base, int64_t row_stride, int block_size,
-                           const int32_t *table, int n, float scale, uint16_t *out, float *p) {
-    const int64_t off = (int64_t)g * hd;
-    float m[64], sum[64];
-    for (int j = 0; j < group; j++) m[j] = -INFINITY;
-    for (int t = 0; t < n; t++) {
-        const float *k = kv_cache + ((int64_t)table[t / block_size] * block_size
-                                     + t % block_size) * row_stride + off;
-        for (int j = 0; j < group; j++) {
-            float s = dot(q + (int64_t)j * hd, k, hd) * scale;
-            p[(int64_t)j * n + t] = s;
-            if (s > m[j]) m[j] = s;
-        }
-    }
+/* exp(x) for x <= 0, in plain float arithmetic so that a loop of it vectorises (expf does
+ * not without -ffast-math): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is
+ * exact), e^r by its degree-7 Taylor polynomial (truncation error < 1e-8 relative), 2^n put
+ * in the exponent bits. Within 2 ulp of expf; 0 below -87 (where expf is denormal). */
+static inline float exp_nonpos(float x) {
+    const float lo = -87.0f, magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to int */
+    const float xc = x < lo ? lo : x;
+    const float n = (xc * 1.44269504f + magic) - magic;
+    const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } two_n = {((int32_t)n + 127) << 23};
+    return x < lo ? 0.0f : p * two_n.f;
+}
+
+#define CHUNK 32 /* positions scored, then weighted, per pass (within one cache block) */
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define MP_VEC8 1
+#endif
+#endif
+#ifdef MP_VEC8
+/* Eight lanes in the compiler's generic vector type (AVX registers where there are some,
+ * lowered to scalar code where not): eight keys' dot products accumulate lane-wise, and one
+ * transpose-and-add gives their eight sums at once, instead of eight horizontal sums. */
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* {sum(a0), ..., sum(a7)} */
+static inline v8f sums8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, v8f a7) {
+#define MP_HALVES(x, y) (__builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11) \
+                         + __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15))
+#define MP_PAIRS(x, y) (__builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) \
+                        + __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15))
+    const v8f b01 = MP_HALVES(a0, a1), b23 = MP_HALVES(a2, a3); /* 4 lanes of a0 | of a1 */
+    const v8f b45 = MP_HALVES(a4, a5), b67 = MP_HALVES(a6, a7);
+    const v8f c0 = MP_PAIRS(b01, b23), c1 = MP_PAIRS(b45, b67); /* a0 a0 a2 a2 a1 a1 a3 a3 */
+    const v8f d = __builtin_shufflevector(c0, c1, 0, 8, 2, 10, 4, 12, 6, 14)
+                  + __builtin_shufflevector(c0, c1, 1, 9, 3, 11, 5, 13, 7, 15);
+#undef MP_HALVES
+#undef MP_PAIRS
+    return __builtin_shufflevector(d, d, 0, 4, 2, 6, 1, 5, 3, 7); /* d: s0 s4 s2 s6 s1 ... */
+}
+#endif
+
+/* Attention of the `group` (<= 64) query heads that share one KV head over positions
+ * [t0, t1) of a request, as a partial result that mp_decode_attention merges with the other
+ * parts of the same (row, KV head): part = m[group] (the running max score), l[group] (the
+ * sum of exp(score - m)) and acc[group * hd] (the exp-weighted sum of V rows, unnormalised).
+ * One pass over the positions, a block's positions at a time (online softmax): the K rows of
+ * a chunk are scored eight (or four) at a time (independent dot products, so the loop over
+ * the head dimension vectorises and the horizontal sums are amortised), then exp'd and
+ * added into acc while they are still in L1, with acc in registers over the chunk; sums
+ * over positions go in position order, as the two-pass kernel before this one took them
+ * (results closer to the torch path's: see test_every_step_takes_the_c_path_...). While a
+ * chunk is worked on, the next one's K/V rows are prefetched. kh: the K cache at this head's
+ * offset; V is v_base floats further on. */
+static void attend_part(const float *q, int group, int hd, const float *kh, int64_t v_base,
+                        int64_t row_stride, int block_size, const int32_t *table, int t0,
+                        int t1, float scale, float *part) {
+    float *m = part, *l = part + group, *acc = part + 2 * group;
+    float s[64 * CHUNK];
     for (int j = 0; j < group; j++) {
-        float *pj = p + (int64_t)j * n, total = 0.0f;
-        for (int t = 0; t < n; t++) {
-            pj[t] = expf(pj[t] - m[j]);
-            total += pj[t];
-        }
-        sum[j] = total;
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
     }
-    float *o32 = p + (int64_t)group * n; /* group * hd floats */
-    for (int i = 0; i < group * hd; i++) o32[i] = 0.0f;
-    for (int t = 0; t < n; t++) {
-        const float *v = kv_cache + v_base + ((int64_t)table[t / block_size] * block_size
-                                              + t % block_size) * row_stride + off;
+    for (int i = 0; i < group * hd; i++) acc[i] = 0.0f;
+    for (int t = t0; t < t1;) {
+        const int in_block = t % block_size;
+        int n = block_size - in_block;
+        if (n > t1 - t) n = t1 - t;
+        if (n > CHUNK) n = CHUNK;
+        const float *k0 = kh + ((int64_t)table[t / block_size] * block_size + in_block)
+                                   * row_stride;
+        const float *v0 = k0 + v_base;
+        if (t + n < t1) { /* the next chunk's K and V rows: ask for them now (blocks are
+                           * scattered, so the hardware prefetcher cannot guess them) */
+            const int nb_in = (t + n) % block_size, nn = t1 - t - n < n ? t1 - t - n : n;
+            const float *kn = kh + ((int64_t)table[(t + n) / block_size] * block_size + nb_in)
+                                       * row_stride;
+            for (int u = 0; u < nn; u++)
+                for (int i = 0; i < hd; i += 16) {
+                    __builtin_prefetch(kn + u * row_stride + i);
+                    __builtin_prefetch(kn + v_base + u * row_stride + i);
+                }
+        }
         for (int j = 0; j < group; j++) {
-            const float w = p[(int64_t)j * n + t];
-            float *o = o32 + (int64_t)j * hd;
+            const float *qj = q + (int64_t)j * hd;
+            float *sj = s + j * CHUNK;
+            int u = 0;
+#ifdef MP_VEC8
+            if (hd % 8 == 0)
+                for (; u + 8 <= n; u += 8) {
+                    const float *kr = k0 + u * row_stride;
+                    const int64_t rs = row_stride;
+                    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0},
+                        a7 = {0};
+                    for (int i = 0; i < hd; i += 8) {
+                        const v8f qv = load8(qj + i);
+                        a0 += qv * load8(kr + i);
+                        a1 += qv * load8(kr + rs + i);
+                        a2 += qv * load8(kr + 2 * rs + i);
+                        a3 += qv * load8(kr + 3 * rs + i);
+                        a4 += qv * load8(kr + 4 * rs + i);
+                        a5 += qv * load8(kr + 5 * rs + i);
+                        a6 += qv * load8(kr + 6 * rs + i);
+                        a7 += qv * load8(kr + 7 * rs + i);
+                    }
+                    const v8f sv = sums8(a0, a1, a2, a3, a4, a5, a6, a7) * scale;
+                    memcpy(sj + u, &sv, sizeof sv);
+                }
+#endif
+            for (; u + 4 <= n; u += 4) {
+                const float *ka = k0 + u * row_stride, *kb = ka + row_stride;
+                const float *kc = kb + row_stride, *kd = kc + row_stride;
+                float a = 0.0f, b = 0.0f, c = 0.0f, d = 0.0f;
+#pragma omp simd reduction(+ : a, b, c, d)
+                for (int i = 0; i < hd; i++) {
+                    a += qj[i] * ka[i];
+                    b += qj[i] * kb[i];
+                    c += qj[i] * kc[i];
+                    d += qj[i] * kd[i];
+                }
+                sj[u] = a * scale;
+                sj[u + 1] = b * scale;
+                sj[u + 2] = c * scale;
+                sj[u + 3] = d * scale;
+            }
+            for (; u < n; u++) sj[u] = dot(qj, k0 + u * row_stride, hd) * scale;
+        }
+        for (int j = 0; j < group; j++) {
+            float *sj = s + j * CHUNK, *o = acc + (int64_t)j * hd;
+            float cm = m[j];
+#pragma omp simd reduction(max : cm)
+            for (int u = 0; u < n; u++) cm = sj[u] > cm ? sj[u] : cm;
+            if (cm > m[j]) { /* a new max: rescale what was summed so far */
+                const float alpha = exp_nonpos(m[j] - cm);
+                l[j] *= alpha;
+                for (int i = 0; i < hd; i++) o[i] *= alpha;
+                m[j] = cm;
+            }
+            float total = l[j];
 #pragma omp simd
-            for (int i = 0; i < hd; i++) o[i] += w * v[i];
+            for (int u = 0; u < n; u++) sj[u] = exp_nonpos(sj[u] - cm);
+            for (int u = 0; u < n; u++) total += sj[u]; /* in order, as torch-like sums go */
+            l[j] = total;
+            /* o += p[u] * v[u] for u in order (each element's sum as the two-pass kernel
+             * took it), with o held in registers over the chunk */
+            int i = 0;
+#ifdef MP_VEC8
+            for (; i + 32 <= hd; i += 32) {
+                v8f o0 = load8(o + i), o1 = load8(o + i + 8), o2 = load8(o + i + 16),
+                    o3 = load8(o + i + 24);
+                for (int u = 0; u < n; u++) {
+                    const float *v = v0 + u * row_stride + i;
+                    const float p = sj[u];
+                    o0 += p * load8(v);
+                    o1 += p * load8(v + 8);
+                    o2 += p * load8(v + 16);
+                    o3 += p * load8(v + 24);
+                }
+                memcpy(o + i, &o0, sizeof o0);
+                memcpy(o + i + 8, &o1, sizeof o1);
+                memcpy(o + i + 16, &o2, sizeof o2);
+                memcpy(o + i + 24, &o3, sizeof o3);
+            }
+#endif
+            for (int u = 0; u < n && i < hd; u++) {
+                const float *v = v0 + u * row_stride;
+                const float p = sj[u];
+#pragma omp simd
+                for (int d = i; d < hd; d++) o[d] += p * v[d];
+            }
         }
+        t += n;
     }
-    for (int j = 0; j < group; j++) {
-        const float inv = 1.0f / sum[j];
-        for (int i = 0; i < hd; i++)
-            out[(int64_t)j * hd + i] = f32_to_bf16(o32[(int64_t)j * hd + i] * inv);
-    }
+}
+
+/* floats of a part's slot, in whole cache lines: two threads' slots never share one */
+static int64_t part_floats(int group, int hd) {
+    return ((int64_t)group * (hd + 2) + 15) / 16 * 16;
 }
 
 typedef struct {
@@ -114,22 +278,38 @@ typedef struct {
     int64_t v_base, row_stride;
     const int32_t *block_tables, *row_req, *row_len;
     const int32_t *rows_of; /* the rows that attend here (single-token rows) */
+    int64_t items;          /* item k: row rows_of[k / nkv], KV head k % nkv */
     float scale;
-    uint16_t *out;
-    float *scratch;
-    int64_t begin, end; /* items i * nkv + g over rows_of */
+    float *parts; /* part slots of group * (hd + 2) floats: item k's part in job i is k + i */
+} attn_ctx;
+
+typedef struct {
+    const attn_ctx *c;
+    int index;
+    int64_t begin, end; /* a range of the items' positions laid end to end */
 } attn_job;
 
 static void *run_attn_job(void *arg) {
-    const attn_job *a = (const attn_job *)arg;
+    const attn_job *job = (const attn_job *)arg;
+    const attn_ctx *a = job->c;
     const int group = a->nh / a->nkv;
-    for (int64_t item = a->begin; item < a->end; item++) {
-        const int r = a->rows_of[item / a->nkv], g = (int)(item % a->nkv);
-        const float *q = a->f + (int64_t)r * a->qkv_n + (int64_t)g * group * a->hd;
-        uint16_t *o = a->out + ((int64_t)r * a->nh + (int64_t)g * group) * a->hd;
-        attend_kv_head(q, group, a->hd, g, a->kv_cache, a->v_base, a->row_stride,
-                       a->block_size, a->block_tables + (int64_t)a->row_req[r] * a->bt_width,
-                       a->row_len[r], a->scale, o, a->scratch);
+    const int64_t slot = part_floats(group, a->hd);
+    int64_t first = 0, k = 0;
+    for (; k < a->items; k++) { /* the item holding position `begin` */
+        const int len = a->row_len[a->rows_of[k / a->nkv]];
+        if (first + len > job->begin) break;
+        first += len;
+    }
+    for (; k < a->items && first < job->end; k++) {
+        const int r = a->rows_of[k / a->nkv], g = (int)(k % a->nkv), len = a->row_len[r];
+        const int64_t t0 = job->begin > first ? job->begin - first : 0;
+        const int64_t t1 = job->end - first < len ? job->end - first : len;
+        if (t0 < t1)
+            attend_part(a->f + (int64_t)r * a->qkv_n + (int64_t)g * group * a->hd, group,
+                        a->hd, a->kv_cache + (int64_t)g * a->hd, a->v_base, a->row_stride,
+                        a->block_size, a->block_tables + (int64_t)a->row_req[r] * a->bt_width,
+                        (int)t0, (int)t1, a->scale, a->parts + (k + job->index) * slot);
+        first += len;
     }
     return NULL;
 }
@@ -142,10 +322,16 @@ static void *run_attn_job(void *arg) {
  * of a decoding request): over the first row_len[r] positions of request row_req[r]'s
  * blocks. The other rows (prompt chunks) are left for the caller, whose attention reads the
  * rotated q at work[r * (nh + 2 * nkv) * hd] (float32) and the K/V written here.
- * The (row, KV head) items are split over up to n_threads threads (this one and pthreads
- * started for the call) when the step reads enough context to pay for starting them.
- * work: rows * (nh + 2 * nkv) * hd + n_threads * (group + 1) * (max row_len + hd) floats;
- * rows_of: scratch of rows int32. */
+ * With n_threads > 1 and enough work to pay for starting threads (MIN_SPLIT_*), the
+ * (row, KV head) items' positions, laid end to end, are cut into n_threads equal ranges, one
+ * a thread (this one and pthreads started for the call), so rows of mixed lengths split
+ * evenly; an item cut between two ranges is split over its context positions
+ * (flash-decoding style). Each range leaves a partial softmax per item it touches; they are
+ * merged here at the end.
+ * work: rows * (nh + 2 * nkv) * hd floats (each row's q | k | v), then a partial-result slot of
+ * group * (hd + 2) floats (rounded up to 16)
+ * per (row, KV head) and one more per thread beyond the first
+ * (cpu_kernels.attention_work_floats); rows_of: scratch of rows int32. */
 void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
                          const uint16_t *qkv, const float *bias, const float *cos_sin,
                          const int64_t *positions, float *kv_cache, int num_blocks,
@@ -159,7 +345,7 @@ void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
     const int64_t row_stride = (int64_t)nkv * hd;            /* one token of K (or V) */
     const int64_t v_base = (int64_t)num_blocks * block_size * row_stride;
     float *f = work;                                          /* q | k | v of each row */
-    int max_len = 0, n_attend = 0;
+    int n_attend = 0;
     int64_t context = 0;
     for (int r = 0; r < rows; r++) {
         float *x = f + (int64_t)r * qkv_n;
@@ -181,36 +367,23 @@ void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
         memcpy(kslot + v_base, x + (int64_t)(nh + nkv) * hd, sizeof(float) * row_stride);
         if (attend[r]) {
             rows_of[n_attend++] = r;
-            if (row_len[r] > max_len) max_len = row_len[r];
             context += row_len[r];
         }
     }
     if (n_attend == 0) return;
-    float *scratch = f + (int64_t)rows * qkv_n;
-    const int64_t per_thread = (int64_t)(group + 1) * (max_len + hd);
-    const int64_t items = (int64_t)n_attend * nkv;
+    const int64_t items = (int64_t)n_attend * nkv, total = context * nkv;
     int threads = n_threads < 1 ? 1 : (n_threads > 16 ? 16 : n_threads);
-    /* threads pay off for wide batches of context (measured: 32 rows x 300 tokens, 1.8x on
-     * 2 threads); a single row's few KV heads split unevenly and gained nothing */
-    if (context * nh < 16384 || items < 4 * threads) threads = 1;
+    if (context * nh < MIN_SPLIT_WORK || items < (int64_t)MIN_SPLIT_ITEMS_PER_THREAD * threads)
+        threads = 1;
+    const attn_ctx c = {nh, nkv, hd, block_size, bt_width, qkv_n, f, kv_cache, v_base,
+                        row_stride, block_tables, row_req, row_len, rows_of, items, scale,
+                        f + (int64_t)rows * qkv_n};
     attn_job jobs[16];
     pthread_t tids[16];
     int started[16] = {0};
-    /* split the items so each thread reads about the same amount of context */
-    int64_t done = 0, begin = 0;
     for (int i = 0; i < threads; i++) {
-        int64_t target = context * nkv * (i + 1) / threads, end = begin;
-        while (end < items && (done < target || end == begin)
-               && (i == threads - 1 || items - end > threads - 1 - i)) {
-            done += row_len[rows_of[end / nkv]];
-            end++;
-        }
-        if (i == threads - 1) end = items;
-        attn_job j = {nh, nkv, hd, block_size, bt_width, qkv_n, f, kv_cache, v_base,
-                      row_stride, block_tables, row_req, row_len, rows_of, scale, out,
-                      scratch + (int64_t)i * per_thread, begin, end};
+        attn_job j = {&c, i, total * i / threads, total * (i + 1) / threads};
         jobs[i] = j;
-        begin = end;
     }
     for (int i = 1; i < threads; i++)
         started[i] = pthread_create(&tids[i], NULL, run_attn_job, &jobs[i]) == 0;
@@ -220,6 +393,38 @@ void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
             pthread_join(tids[i], NULL);
         else
             run_attn_job(&jobs[i]); /* no thread: run it here */
+    }
+    /* merge each item's parts: rescale each to the overall max, add, normalise */
+    const int64_t slot = part_floats(group, hd);
+    float w[16][64], mmax[64];
+    const float *part_of[16];
+    int64_t first = 0;
+    for (int64_t k = 0; k < items; k++) {
+        const int r = rows_of[k / nkv], g = (int)(k % nkv), len = row_len[r];
+        int n_parts = 0;
+        for (int i = 0; i < threads; i++)
+            if (jobs[i].end > first && jobs[i].begin < first + len)
+                part_of[n_parts++] = c.parts + (k + i) * slot;
+        for (int j = 0; j < group; j++) {
+            mmax[j] = -INFINITY;
+            for (int p = 0; p < n_parts; p++)
+                if (part_of[p][j] > mmax[j]) mmax[j] = part_of[p][j];
+            float lsum = 0.0f;
+            for (int p = 0; p < n_parts; p++) {
+                w[p][j] = exp_nonpos(part_of[p][j] - mmax[j]);
+                lsum += w[p][j] * part_of[p][group + j];
+            }
+            for (int p = 0; p < n_parts; p++) w[p][j] /= lsum;
+        }
+        uint16_t *dst = out + ((int64_t)r * nh + (int64_t)g * group) * hd;
+        for (int j = 0; j < group; j++)
+            for (int d = 0; d < hd; d++) {
+                float o = 0.0f;
+                for (int p = 0; p < n_parts; p++)
+                    o += w[p][j] * part_of[p][2 * group + (int64_t)j * hd + d];
+                dst[(int64_t)j * hd + d] = f32_to_bf16(o);
+            }
+        first += len;
     }
 }
 
