@@ -313,6 +313,9 @@ def decode(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | No
         plan = DecodePlan(model, lib) if why is None else False
         if why is not None:
             logger.debug("CPU decode kernels not used: %s", why)
+        else:
+            logger.info("CPU steps: %d int4 layers with their small ops fused in C "
+                        "(MODELPORT_CPU_KERNELS=0 turns this off)", len(plan.layers))
         model.__dict__["_cpu_decode_plan"] = plan
     if plan is False:
         return None
