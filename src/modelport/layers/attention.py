@@ -173,25 +173,36 @@ def reference_paged_attention(
     qsl = meta.query_start_loc_cpu
     for i, seq_len in enumerate(meta.seq_lens_cpu):
         s, e = qsl[i], qsl[i + 1]
-        if e == s:
-            continue
-        k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
-        n = e - s
-        mask = None
-        if n > 1:
-            # query j sits at position seq_len - n + j and sees keys <= that position
-            qpos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
-            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= qpos  # [n, S]
-            mask = mask[None, None, None]
-        o = grouped_attention(
-            q[s:e].transpose(0, 1).unsqueeze(0),
-            k.transpose(0, 1).unsqueeze(0).to(q.dtype),
-            v.transpose(0, 1).unsqueeze(0).to(q.dtype),
-            mask,
-            scale,
-        )
-        out[s:e] = o.squeeze(0).transpose(0, 1)
+        if e > s:
+            out[s:e] = request_attention(q[s:e], kv_cache, meta.block_tables[i], seq_len, scale)
     return out
+
+
+def request_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
+    scale: float, window: int | None = None, soft_cap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of one request's n new queries ([n, heads, head_dim], the last n of
+    its seq_len positions) over its cached context; with a sliding window only the keys its
+    first query can still see are read (older blocks stay allocated)."""
+    n = q.shape[0]
+    lo = max(0, seq_len - n - window + 1) if window is not None else 0
+    k, v = gather_kv(kv_cache, block_ids, seq_len)
+    if lo:
+        k, v = k[lo:], v[lo:]
+    mask = None
+    if n > 1 or window is not None:
+        # query j sits at position seq_len - n + j and sees keys <= that position
+        qpos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
+        kpos = torch.arange(lo, seq_len, device=q.device).unsqueeze(0)
+        mask = kpos <= qpos  # [n, S - lo]
+        if window is not None:
+            mask = mask & (kpos > qpos - window)
+        mask = mask[None, None, None]
+    o = grouped_attention(q.transpose(0, 1).unsqueeze(0),
+                          k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+                          v.transpose(0, 1).unsqueeze(0).to(q.dtype), mask, scale, soft_cap)
+    return o.squeeze(0).transpose(0, 1)
 
 
 def grouped_attention(
@@ -222,32 +233,14 @@ def _windowed_attention(
     window: int | None, soft_cap: float | None,
 ) -> torch.Tensor:
     """reference_paged_attention with a sliding window and / or score soft-capping: one
-    call per request over the keys its first query can still see (older blocks are never
-    read, though they stay allocated)."""
+    call per request (request_attention)."""
     out = torch.empty_like(q)
     qsl = meta.query_start_loc_cpu
     for i, seq_len in enumerate(meta.seq_lens_cpu):
         s, e = qsl[i], qsl[i + 1]
-        if e == s:
-            continue
-        n = e - s
-        lo = max(0, seq_len - n - window + 1) if window is not None else 0
-        k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
-        k, v = k[lo:], v[lo:]
-        qpos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
-        kpos = torch.arange(lo, seq_len, device=q.device).unsqueeze(0)
-        mask = kpos <= qpos  # [n, S - lo]
-        if window is not None:
-            mask = mask & (kpos > qpos - window)
-        o = grouped_attention(
-            q[s:e].transpose(0, 1).unsqueeze(0),
-            k.transpose(0, 1).unsqueeze(0).to(q.dtype),
-            v.transpose(0, 1).unsqueeze(0).to(q.dtype),
-            mask[None, None, None],
-            scale,
-            soft_cap,
-        )
-        out[s:e] = o.squeeze(0).transpose(0, 1)
+        if e > s:
+            out[s:e] = request_attention(q[s:e], kv_cache, meta.block_tables[i], seq_len,
+                                         scale, window, soft_cap)
     return out
 
 

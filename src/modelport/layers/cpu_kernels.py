@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from modelport.layers import cpu_fast
+from modelport.layers.attention import get_forward_context, request_attention
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ class DecodePlan:
                           tables.data_ptr())
         rq, rl, at, ro = (row_req.data_ptr(), row_len.data_ptr(), attend.data_ptr(),
                           rows_of.data_ptr())
+
         width = tables.shape[1]
         norm, attend_fn, silu = lib.mp_add_rmsnorm, lib.mp_decode_attention, lib.mp_silu_mul
         delta = None
@@ -259,7 +261,8 @@ class DecodePlan:
                       cache.data_ptr(), nb, bs, sp, tp, width, rq, rl, at, self.scale, ap, wp,
                       ro, threads)
             for i, s, e, n in chunks:  # prompt chunks: the module path's attention
-                attn[s:e] = _chunk_attention(qf[s:e], cache, tables[i], n, self.scale)
+                attn[s:e] = request_attention(qf[s:e], cache, tables[i], n,
+                                              self.scale).reshape(e - s, -1)
             o = mm(attn, L.o[0], L.o[1], L.o[2])
             norm(rows, h, rp, o.data_ptr(), L.ln2, L.eps2, xbp, None)
             gu = mm(xb, L.gate_up[0], L.gate_up[1], L.gate_up[2])
@@ -279,29 +282,11 @@ def attention_work_floats(rows: int, nh: int, nkv: int, hd: int, threads: int) -
     return rows * (nh + 2 * nkv) * hd + (rows * nkv + threads) * slot
 
 
-def _chunk_attention(q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, seq_len: int,
-                     scale: float) -> torch.Tensor:
-    """Causal attention of one request's chunk of n new queries ([n, H, D], the last n of its
-    seq_len positions) as the module path computes it (reference_paged_attention's loop);
-    bf16 [n, H * D]."""
-    from modelport.layers.attention import gather_kv, grouped_attention
-
-    n = q.shape[0]
-    k, v = gather_kv(cache, table, seq_len)
-    qpos = torch.arange(seq_len - n, seq_len).unsqueeze(1)
-    mask = (torch.arange(seq_len).unsqueeze(0) <= qpos)[None, None, None]
-    o = grouped_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                          v.transpose(0, 1).unsqueeze(0), mask, scale)
-    return o.squeeze(0).transpose(0, 1).reshape(n, -1).to(torch.bfloat16)
-
-
 def decode(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
     """The final normed hidden states of a CPU step through the C path, or None (the caller
     runs its modules) where that path does not apply."""
     if not (ENABLED and cpu_fast.ENABLED) or x.is_cuda or x.dim() != 2:
         return None
-    from modelport.layers.attention import get_forward_context
-
     ctx = get_forward_context()
     meta = ctx.attn_metadata
     if meta is None or ctx.piecewise:

@@ -164,7 +164,12 @@ class LlamaForCausalLM(nn.Module):
             qkv_bias=bias,
             o_bias=bias,
             mlp_bias=bool(config.hf_config.get("mlp_bias", False)),
+            layer_windows=self._layer_windows(config),
         )
+
+    def _layer_windows(self, config: ModelConfig) -> list[int | None] | None:
+        """Each layer's sliding window (None: full attention everywhere)."""
+        return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -183,17 +188,10 @@ class MistralForCausalLM(LlamaForCausalLM):
     """Mistral is Llama's architecture plus Mistral-7B-v0.1's sliding window (every layer,
     as HF runs it; ``layer_types`` is ignored, as HF's Mistral ignores it)."""
 
-    def _build_model(self, config: ModelConfig) -> LlamaModel:
+    def _layer_windows(self, config: ModelConfig) -> list[int | None] | None:
         from modelport.models.sliding import mistral_windows
 
-        bias = config.attention_bias
-        return LlamaModel(
-            config,
-            qkv_bias=bias,
-            o_bias=bias,
-            mlp_bias=bool(config.hf_config.get("mlp_bias", False)),
-            layer_windows=mistral_windows(config),
-        )
+        return mistral_windows(config)
 
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
