@@ -9,7 +9,6 @@ greedy tokens, Q8_0 files the dequantized reference's within quantization error.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +165,9 @@ def _q8_0_round_trip(hf_dir: Path, out: Path) -> Path:
 
 def test_q8_0_gguf_matches_the_dequantized_reference(
     case: tuple[str, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    from modelport.layers.fused_moe import GateLinear
+    from modelport.layers.linear import Linear
     from modelport.quantization import loading as quant_loading
 
     arch, hf_dir, _ = case
@@ -176,25 +176,22 @@ def test_q8_0_gguf_matches_the_dequantized_reference(
     floats = run_one_sequence(load_cpu(path, "none"), PROMPT)  # every block dequantized
     torch.testing.assert_close(floats, ref, atol=1e-4, rtol=1e-4)
     assert (floats - _hf_logits(hf_dir, PROMPT)).abs().max() > 1e-4  # Q8_0 really rounded
-    if arch in MOE:  # experts run unquantized: the default load dequantizes them, and says so
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-        with caplog.at_level(logging.INFO):
-            model = load_cpu(path)
-        assert "dequantized at load" in caplog.text
-        assert not [m for m in model.modules() if hasattr(m, "qkernel")]
-        torch.testing.assert_close(run_one_sequence(model, PROMPT), floats, atol=1e-5, rtol=1e-5)
-        with pytest.raises(ValueError, match="quantized weights are not supported for MoE"):
-            load_cpu(path, "gguf")
-        return
     monkeypatch.setattr(quant_loading, "NARROW_CPU_LM_HEAD", False)
     model = load_cpu(path, "gguf")  # the linear layers stay in Q8_0 blocks (GroupQuant kernels)
     kept = [m for m in model.modules() if hasattr(m, "qkernel")]
-    assert len(kept) == 4 * model.config.num_hidden_layers  # qkv, o, gate_up, down
+    if arch in MOE:  # each expert's gate/up and down too; routers stay F32, as in the file
+        linear = [m for m in model.modules()
+                  if isinstance(m, Linear) and not isinstance(m, GateLinear)]
+        assert len(kept) == len(linear) > 4 * model.config.num_hidden_layers
+    else:
+        assert len(kept) == 4 * model.config.num_hidden_layers  # qkv, o, gate_up, down
     assert all(set(m.gguf_types) == {"Q8_0"} for m in kept)
-    # the int8 kernel: bf16 activations, each weight row requantized to 8 bits
     got = run_one_sequence(model, PROMPT)
-    assert (got - floats).abs().max().item() < 0.06 * floats.abs().max().item()
     assert (got.argmax(-1) == floats.argmax(-1)).float().mean() > 0.9
+    # the int8 kernel: bf16 activations, each weight row requantized to 8 bits (MoE routers,
+    # x 20 in these models, amplify that rounding: tests/test_moe_quantized.py checks them)
+    if arch not in MOE:
+        assert (got - floats).abs().max().item() < 0.06 * floats.abs().max().item()
 
 
 def test_gemma_norms_are_stored_plus_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

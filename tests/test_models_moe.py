@@ -202,10 +202,12 @@ def test_unsupported_options_are_refused_at_load(tmp_path: Path) -> None:
     spec = moe_spec(cfg)
     assert spec is not None and spec.sparse_layers == {1, 3} and spec.renormalize
     assert moe_spec(_config("mixtral")).renormalize  # Mixtral always renormalises
-    with pytest.raises(ValueError, match="quantization 'awq' is not supported for MoE"):
-        check_moe_options(cfg, quantization="awq")
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported for MoE"):
-        check_moe_options(cfg, tensor_parallel_size=2)
+    check_moe_options(cfg, quantization="awq")  # quantized experts: CPU, tp 1
+    with pytest.raises(ValueError, match="quantization 'awq' with tensor_parallel_size=2 is not"):
+        check_moe_options(cfg, quantization="awq", tensor_parallel_size=2)
+    check_moe_options(cfg, tensor_parallel_size=2)  # tests/test_moe_tensor_parallel.py
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide intermediate_size"):
+        check_moe_options(cfg, tensor_parallel_size=3)  # the dense layers' 128
     with pytest.raises(ValueError, match="enable_lora is not supported for MoE"):
         check_moe_options(cfg, enable_lora=True)
     with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
@@ -213,21 +215,17 @@ def test_unsupported_options_are_refused_at_load(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         moe_spec(_config("qwen2_moe", num_experts_per_tok=9))
     d = make_moe_dir(tmp_path / "m", "mixtral")
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported"):
-        LLM(str(d), tensor_parallel_size=2, kv_cache_memory=KV_MEM)
-    with pytest.raises(ValueError, match="quantization 'fp8' is not supported for MoE"):
-        LLM(str(d), quantization="fp8", kv_cache_memory=KV_MEM)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide num_attention_heads"):
+        LLM(str(d), tensor_parallel_size=3, kv_cache_memory=KV_MEM)  # 96 % 3 == 0, 4 heads
     with pytest.raises(ValueError, match="enable_lora is not supported for MoE"):
         LLM(str(d), enable_lora=True, kv_cache_memory=KV_MEM)
     src = resolve_model(str(d))  # the loader itself, under the engine's check
-    with pytest.raises(ValueError, match="quantized weights are not supported for MoE"):
-        load_model(src, load_model_config(src), LoadConfig(quantization="fp8"), torch.float32,
-                   torch.device("cpu"))
+    from modelport.quantization.loading import resolve_quantization
+
+    with pytest.raises(ValueError, match=r"quantized \(fp8\) MoE experts run on CPU only"):
+        resolve_quantization("fp8", src, load_model_config(src), "cuda")
     cfg_path = d / "config.json"
     raw = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**raw, "quantization_config": {"quant_method": "gptq"}}))
-    with pytest.raises(ValueError, match="quantization 'gptq' is not supported for MoE"):
-        load(d)
     cfg_path.write_text(json.dumps({**raw, "sliding_window": 16}))
     with pytest.raises(ValueError, match="Mixtral with sliding_window=16 is not supported"):
         load(d)
@@ -319,12 +317,12 @@ def test_planner_refuses_what_moe_refuses(moe_dir: Path, capsys: pytest.CaptureF
     assert main(base) == 0
     out = capsys.readouterr().out
     assert "--quantization" not in out.split("serve command")[0]  # no quantization advice
-    assert main([*base, "--num-gpus", "2"]) == 2
-    assert "tensor parallel degree 1 only" in capsys.readouterr().err
+    assert main([*base, "--num-gpus", "2"]) == 0  # experts split over 2 ranks
+    assert "--tensor-parallel-size 2" in capsys.readouterr().out
     assert main([*base, "--num-gpus", "2", "--tensor-parallel-size", "1"]) == 0  # 2 replicas
     capsys.readouterr()
     assert main([*base, "--quantization", "fp8"]) == 2
-    assert "(mixture of experts) loads unquantized only" in capsys.readouterr().err
+    assert "(mixture of experts): quantized (fp8) experts run on CPU only" in capsys.readouterr().err
 
 
 # -- the Triton kernel, in the interpreter and compiled for sm_90 -------------------------------

@@ -124,37 +124,38 @@ def test_new_gguf_architectures_are_planned_from_their_tensors(arch: str, files)
 
 
 @pytest.mark.parametrize("arch", MOE)
-def test_moe_gguf_counts_every_expert_and_loads_dequantized(arch: str, files) -> None:
+def test_moe_gguf_keeps_its_experts_on_cpu_and_dequantizes_on_a_gpu(arch: str, files) -> None:
     arch, real, _, path = files(arch)
     src = resolve_model(str(path))
     cpu = resolve_device("cpu", memory_gib=4)
-    plan = make_plan(PlanRequest(src, cpu, max_model_len=256, max_num_seqs=2))
-    # a Q8_0 file of a dense model is kept in blocks on CPU; an MoE one is not
-    assert src.gguf_moe and not src.gguf_cpu_keepable and not plan.request.keeps_quantized
-    assert plan.dtype == "float32"
-    held = _held_bytes(load_cpu(path, None))  # the engine's default load: dequantized
-    assert plan.resident_per_gpu == held == 4 * real
-    assert any("mixture-of-experts GGUF" in n and "dequantized to float32" in n
+    plan = make_plan(PlanRequest(src, cpu, max_model_len=256, max_num_seqs=2,
+                                 quantization="gguf"))
+    # a Q8_0 file keeps its blocks on CPU, experts included
+    assert src.gguf_moe and src.gguf_cpu_keepable and plan.request.keeps_quantized
+    assert plan.resident_per_gpu == _held_bytes(load_cpu(path, "gguf")) < 4 * real
+    assert not any("mixture-of-experts" in n for n in plan.notes)
+    gpu = resolve_device("h100")  # quantized experts run on CPU only: a GPU dequantizes
+    plan = make_plan(PlanRequest(src, gpu, max_model_len=256, max_num_seqs=2))
+    assert not plan.request.keeps_quantized and plan.resident_per_gpu == 2 * real
+    assert any("mixture-of-experts GGUF" in n and "dequantized to bfloat16" in n
                for n in plan.notes)
-    with pytest.raises(PlanError, match=r"--quantization: gguf cannot keep .*mixture-of-experts"):
-        make_plan(PlanRequest(src, cpu, max_model_len=256, quantization="gguf"))
+    with pytest.raises(PlanError, match=r"--quantization: gguf cannot keep .* on .*GPU"):
+        make_plan(PlanRequest(src, gpu, max_model_len=256, quantization="gguf"))
 
 
 @pytest.mark.parametrize("arch", list(HF_ARCH))
 def test_cpu_plan_holds_what_the_engine_loads(arch: str, files,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """On an x86 CPU a dense Q8_0 file keeps its blocks (the engine's default, as for llama)
-    and an MoE one is dequantized to fp32: either way the plan's resident bytes are what the
-    loader really holds, to the byte."""
+    """On an x86 CPU a Q8_0 file keeps its blocks (the engine's default, as for llama; MoE
+    experts too): the plan's resident bytes are what the loader really holds, to the byte."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     arch, real, _, path = files(arch)
     src = resolve_model(str(path))
     plan = make_plan(PlanRequest(src, resolve_device("cpu", memory_gib=4), max_model_len=256,
                                  max_num_seqs=2))
-    assert plan.request.keeps_quantized == (arch not in MOE)
-    assert plan.resident_per_gpu == _held_bytes(load_cpu(path, None))
-    assert (plan.resident_per_gpu < 4 * real) == (arch not in MOE)
-    assert any("mixture-of-experts" in n for n in plan.notes) == (arch in MOE)
+    assert plan.request.keeps_quantized
+    assert plan.resident_per_gpu == _held_bytes(load_cpu(path, None)) < 4 * real
+    assert not any("mixture-of-experts" in n for n in plan.notes)
 
 
 @pytest.mark.parametrize("arch,sliding", [("gemma2", 1), ("gemma3", 5)])
@@ -171,23 +172,22 @@ def test_sliding_window_layers_are_noted(arch: str, sliding: int, files) -> None
     assert plan.kv.bytes_per_token == 2 * n * 2 * 32 * 2
 
 
-def test_cli_plans_moe_gguf_and_says_it_loads_dequantized(files, capsys) -> None:
+def test_cli_plans_moe_gguf_kept_on_cpu_and_dequantized_on_a_gpu(files, capsys) -> None:
     _, real, _, path = files("qwen2_moe")
-    assert main(["plan", "--model", str(path), "--gpu", "cpu", "--memory", "4",
-                 "--max-model-len", "128", "--json"]) == 0
+    cpu = ["plan", "--model", str(path), "--gpu", "cpu", "--memory", "4", "--max-model-len", "128"]
+    assert main([*cpu, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["model"]["architecture"] == "Qwen2MoeForCausalLM"
     assert d["model"]["num_params"] == real
-    assert d["weights"]["resident_per_gpu_bytes"] == 4 * real
-    assert any("load dequantized to float32" in n for n in d["notes"])
-    assert main(["plan", "--model", str(path), "--gpu", "cpu", "--memory", "4",
-                 "--max-model-len", "128"]) == 0
+    assert d["weights"]["resident_per_gpu_bytes"] < 2 * real  # Q8_0 blocks: ~1 byte a weight
+    assert not any("mixture-of-experts" in n for n in d["notes"])
+    gpu = ["plan", "--model", str(path), "--gpu", "h100-80gb", "--max-model-len", "128"]
+    assert main(gpu) == 0
     text = capsys.readouterr().out
-    assert "notes:" in text and "every expert counted" in text
+    assert "notes:" in text and "every expert counted" in text and "dequantized" in text
     assert "--quantization gguf" not in text  # no advice the engine would refuse
-    assert main(["plan", "--model", str(path), "--gpu", "cpu", "--memory", "4",
-                 "--quantization", "gguf"]) != 0
-    assert "mixture-of-experts GGUF files load dequantized" in capsys.readouterr().err
+    assert main([*gpu, "--quantization", "gguf"]) != 0
+    assert "mixture-of-experts GGUF files keep their blocks on CPU only" in capsys.readouterr().err
 
 
 def test_unknown_gguf_architecture_is_refused_naming_the_supported(tmp_path: Path) -> None:

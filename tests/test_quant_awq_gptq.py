@@ -8,6 +8,7 @@ model must match a float model holding those reference weights.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,21 +58,23 @@ def ref_dequant_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
 
 # -- building checkpoints ------------------------------------------------------------------
 def quantize_folder(src: Path, out: Path, method: str, bits: int = 4, group: int = 32,
-                    sym: bool = False, act_order: bool = False, seed: int = 0) -> tuple[Path, Path]:
+                    sym: bool = False, act_order: bool = False, seed: int = 0,
+                    quantizable: Callable[[str], bool] = is_quantizable) -> tuple[Path, Path]:
     """RTN-quantize every linear weight into `method`'s layout; also write the reference
     float folder (weights = reference dequantization of what was written)."""
     tensors = load_file(str(src / "model.safetensors"))
     qt: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
-        if not is_quantizable(name):
+        if not quantizable(name):
             qt[name] = ref[name] = w
             continue
         prefix = name.removesuffix(".weight")
         k = w.shape[1]
-        # fused shards (q/k/v, gate/up) see the same input, hence the same act-order
+        # fused shards (q/k/v, gate/up; Mixtral's expert w1/w3) see the same input, hence
+        # the same act-order
         shared = prefix.replace("k_proj", "q_proj").replace("v_proj", "q_proj")
-        shared = shared.replace("up_proj", "gate_proj")
+        shared = shared.replace("up_proj", "gate_proj").replace(".w3", ".w1")
         gen = torch.Generator().manual_seed(seed + sum(map(ord, shared)))
         perm = torch.randperm(k, generator=gen) if act_order else torch.arange(k)
         codes_p, zeros, scales = rtn_quantize(w[:, perm], bits, group, sym)

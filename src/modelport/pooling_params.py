@@ -95,13 +95,17 @@ class PoolingParams:
     ``use_activation``: a classifier's softmax / sigmoid (None: the pooler_config's; vLLM's
     older ``activation`` / ``softmax`` are the same switch). ``truncate_prompt_tokens``: keep
     the prompt's last k tokens (-1: max_model_len). ``task``: "embed", "classify", "score"
-    (set by LLM.embed / classify / score and the server) or "encode"."""
+    (set by LLM.embed / classify / score and the server) or "encode".
+    ``token_type_start``: where a scored text pair's second segment starts (token type 1
+    from there on, the tokenizer's pair encoding; set by modelport/scoring.py, None: all
+    type 0); only BERT-style encoders read it (models/token_types.py)."""
 
     dimensions: int | None = None
     normalize: bool | None = None
     truncate_prompt_tokens: int | None = None
     task: str | None = None
     use_activation: bool | None = None
+    token_type_start: int | None = None
     activation: bool | None = field(default=None, repr=False)
     softmax: bool | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -120,6 +124,9 @@ class PoolingParams:
         t = self.truncate_prompt_tokens
         if t is not None and (not isinstance(t, int) or isinstance(t, bool)):
             raise ValueError(f"truncate_prompt_tokens must be an integer, got {t!r}")
+        ts = self.token_type_start
+        if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 1):
+            raise ValueError(f"token_type_start must be an integer >= 1, got {ts!r}")
         if self.task is not None and self.task not in POOLING_TASKS:
             raise ValueError(f"task {self.task!r} is not a pooling task: use one of "
                              f"{', '.join(POOLING_TASKS)}")
@@ -177,12 +184,14 @@ class PoolingParams:
 
     def to_dict(self) -> dict[str, Any]:
         return {"dimensions": self.dimensions, "normalize": self.normalize, "task": self.task,
-                "use_activation": self.use_activation}
+                "use_activation": self.use_activation,
+                "token_type_start": self.token_type_start}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PoolingParams:
         return cls(dimensions=d.get("dimensions"), normalize=d.get("normalize"),
-                   task=d.get("task"), use_activation=d.get("use_activation"))
+                   task=d.get("task"), use_activation=d.get("use_activation"),
+                   token_type_start=d.get("token_type_start"))
 
 
 def unsupported_task_message(task: str) -> str:
@@ -289,6 +298,9 @@ def pooling_core_request(request_id: str, prompt_token_ids: list[int], params: P
             f"The decoder prompt (length {n}) is longer than the maximum model length of "
             f"{max_model_len}. Make sure that `max_model_len` is no smaller than the number of "
             "text tokens.")
+    if params.token_type_start is not None and params.token_type_start >= n:
+        raise ValueError(f"token_type_start ({params.token_type_start}) must be inside the "
+                         f"prompt ({n} tokens)")
     params.verify(model_name, hf_config, pooler)
     return EngineCoreRequest(
         request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params={},

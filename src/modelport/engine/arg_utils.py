@@ -200,7 +200,8 @@ class EngineArgs:
         model_config = load_model_config(src)
         from modelport.models.moe_config import check_moe_options
 
-        # MoE models: unquantized, tp 1, no LoRA (a ValueError naming the option)
+        # MoE models: tp must divide the intermediate sizes, quantized only with tp 1, no
+        # LoRA (a ValueError naming the option)
         check_moe_options(model_config, tensor_parallel_size=self.tensor_parallel_size,
                           quantization=self.quantization, enable_lora=self.enable_lora)
         from modelport.models.encoder_config import encoder_settings

@@ -360,10 +360,12 @@ class LLM:
 
         Pairs follow vLLM's 1:1, 1:N and N:N rules. A cross-encoder (a classification model
         with one label) scores the tokenizer's encoding of each pair (sigmoid of the logit;
-        ``use_activation=False``: the logit); an embedding model scores by the cosine
+        ``use_activation=False``: the logit), its token types as the tokenizer gives them,
+        and ``truncate_prompt_tokens`` (-1: max_model_len) truncates each pair as
+        transformers does ('longest_first'); an embedding model scores by the cosine
         similarity of the two texts' embeddings."""
         from modelport.pooling_params import num_labels
-        from modelport.scoring import pair_token_ids, score_pairs
+        from modelport.scoring import pair_encoding, pair_truncation, score_pairs
 
         if self.runner_type != "pooling":
             raise ValueError("Score API is not supported by this model. Try converting the "
@@ -376,9 +378,19 @@ class LLM:
             if num_labels(self.llm_engine.config.model_config.hf_config) != 1:
                 raise ValueError("Score API is only enabled for num_labels == 1.")
             tok = self.get_tokenizer()
-            items = [{"prompt_token_ids": pair_token_ids(tok, a, b)} for a, b in pairs]
-            outs = self.encode(items, base, truncate_prompt_tokens=truncate_prompt_tokens,
-                               use_tqdm=use_tqdm, pooling_task="score")
+            # truncated as transformers truncates a pair; token types from the tokenizer
+            keep = truncate_prompt_tokens if truncate_prompt_tokens is not None \
+                else base.truncate_prompt_tokens
+            limit = pair_truncation(keep, self.llm_engine.config.scheduler_config.max_model_len)
+            items, params = [], []
+            for a, b in pairs:
+                ids, type_start = pair_encoding(tok, a, b, limit)
+                items.append({"prompt_token_ids": ids})
+                p = base.clone()
+                p.truncate_prompt_tokens = None
+                p.token_type_start = type_start
+                params.append(p)
+            outs = self.encode(items, params, use_tqdm=use_tqdm, pooling_task="score")
             return [ScoringRequestOutput.from_base(o) for o in outs]
         return self._embedding_score(pairs, base, truncate_prompt_tokens, use_tqdm)
 

@@ -123,7 +123,8 @@ class InputProcessor:
 
         if is_encoder(self.model_config.architecture) and len(prompt_token_ids) > keep:
             # an encoder reads [CLS] first: cut the end, keep the closing [SEP] / </s>
-            # (the tokenizer's own right-side truncation for one text; a pair loses its tail)
+            # (the tokenizer's own right-side truncation for one text; a scored pair is
+            # truncated when it is tokenized, modelport/scoring.py)
             return list(prompt_token_ids[: keep - 1]) + list(prompt_token_ids[-1:])
         return list(prompt_token_ids[-keep:])
 

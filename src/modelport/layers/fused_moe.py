@@ -10,15 +10,25 @@ On CPU (and as the reference) tokens are sorted by expert and each active expert
 matmul over its tokens. On CUDA the Triton grouped GEMM in layers/triton_moe.py runs over
 expert-sorted, block-padded token lists; every shape there follows from the token count, so
 the step is safe inside CUDA-graph capture.
+
+Quantized checkpoints (AWQ, GPTQ, GGUF kept in its blocks, ...) store each expert as its own
+linear layers; ``FusedMoE.unstack`` replaces the stacked weights by one ``ExpertMLP`` per
+expert (a gate/up ``MergedLinear`` and a down ``Linear``), so the quantization pass gives each
+of them the format's LinearMethod like any dense layer, and each active expert runs its two
+low-bit kernels over its tokens. That path runs on CPU only (its per-expert loop reads the
+token counts on the host, which a CUDA graph cannot).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelport.layers.linear import Linear, _check_shape
+from modelport.layers.activation import SiluAndMul
+from modelport.layers.linear import Linear, MergedLinear, _check_shape
 
 
 class ExpertWeights(nn.Module):
@@ -68,10 +78,23 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]); one matmul pair per active expert."""
+
+    def expert(e: int, xs: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(xs, w13[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2[e])
+
+    return grouped_experts(x, w13.shape[0], expert, weights, ids)
+
+
+def grouped_experts(x: torch.Tensor, num_experts: int,
+                    expert: Callable[[int, torch.Tensor], torch.Tensor],
+                    weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The routed sum with each active expert called once on all of its tokens:
+    ``expert(e, xs [n, H]) -> [n, H]``."""
     t, k = ids.shape
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
     token = order // k
     xs = x.index_select(0, token)
     ys = torch.empty(t * k, x.shape[1], dtype=torch.float32, device=x.device)
@@ -79,13 +102,26 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        gate, up = F.linear(xs[start:start + c], w13[e]).chunk(2, dim=-1)
-        ys[start:start + c] = F.linear(F.silu(gate) * up, w2[e]).float()
+        ys[start:start + c] = expert(e, xs[start:start + c]).float()
         start += c
     ys *= weights.reshape(-1)[order].float().unsqueeze(1)
     per_assignment = torch.empty_like(ys)
     per_assignment[order] = ys  # back to (token, j) order: the k terms of a token side by side
     return per_assignment.view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+class ExpertMLP(nn.Module):
+    """One expert as its own linear layers (what a quantization method can take over)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        i = intermediate_size
+        self.gate_up_proj = MergedLinear(hidden_size, (i, i), ("gate", "up"))
+        self.down_proj = Linear(i, hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class FusedMoE(nn.Module):
@@ -98,9 +134,26 @@ class FusedMoE(nn.Module):
         i = intermediate_size
         self.w13 = ExpertWeights(num_experts, (i, i), ("gate", "up"), hidden_size)
         self.w2 = ExpertWeights(num_experts, (hidden_size,), ("down",), i)
+        self.stacked = True  # False once unstack() split the experts into ExpertMLPs
+
+    def unstack(self) -> None:
+        """Replace the stacked weights by one ExpertMLP per expert, named "0", "1", ... (the
+        checkpoints' ``experts.<e>.<proj>``) for a quantization method to take over."""
+        if self.stacked is False:
+            return
+        e, two_i, h = self.w13.weight.shape
+        del self.w13, self.w2
+        for i in range(e):
+            self.add_module(str(i), ExpertMLP(h, two_i // 2))
+        self.stacked = False
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = route(router_logits, self.top_k, self.renormalize)
+        if not self.stacked:
+            if x.is_cuda:  # refused at load (models/moe.py); a clear error if reached anyway
+                raise RuntimeError("quantized MoE experts run on CPU only")
+            return grouped_experts(x, self.num_experts,
+                                   lambda e, xs: self.get_submodule(str(e))(xs), weights, ids)
         if x.is_cuda:
             try:
                 from modelport.layers.triton_moe import fused_experts
@@ -110,6 +163,8 @@ class FusedMoE(nn.Module):
         return moe_reference(x, self.w13.weight, self.w2.weight, weights, ids)
 
     def extra_repr(self) -> str:
+        if not self.stacked:
+            return f"experts={self.num_experts}, top_k={self.top_k}, per-expert layers"
         e, two_i, h = self.w13.weight.shape
         return (f"experts={e}, top_k={self.top_k}, hidden={h}, intermediate={two_i // 2}, "
                 f"renormalize={self.renormalize}")
@@ -118,7 +173,9 @@ class FusedMoE(nn.Module):
 class GateLinear(Linear):
     """The router (E outputs) and the shared-expert gate (1 output): its own class so the
     CUDA swaps of exact Linear classes (Triton GEMV for decode) leave these tiny outputs on
-    F.linear."""
+    F.linear, and quantization leaves them in floats (checkpoints keep routers unquantized)."""
+
+    keep_float = True
 
 
 class SparseMoeBlock(nn.Module):

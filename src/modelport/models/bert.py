@@ -7,9 +7,9 @@ step's tokens stay flat, [T, hidden]; attention is torch SDPA with a block-diago
 (each token sees only its own request), the same code on CPU and CUDA.
 
 Token types: a scored pair is ``[CLS] a [SEP] b [SEP]`` with types 0 for ``[CLS] a [SEP]``
-and 1 after. Only token ids reach the model, so the types are rebuilt here: every token
-after the first occurrence of the request's last token (its closing ``[SEP]``) is type 1.
-A single text therefore is all type 0 (unless it spells a literal ``[SEP]`` token inside).
+and 1 after, as the tokenizer's pair encoding says. Only token ids reach the model, so the
+pair's request carries where its second segment starts (models/token_types.py); every other
+request is all type 0, a literal ``[SEP]`` inside one text included (transformers' types).
 RoBERTa-style checkpoints have one token type, so there it is always 0.
 """
 
@@ -24,6 +24,7 @@ from torch import nn
 from modelport.config import ModelConfig
 from modelport.layers.attention import get_forward_context
 from modelport.models.encoder_config import position_offset
+from modelport.models.token_types import current_type_starts
 from modelport.models.weights import load_declared_weights
 from modelport.pooling_params import num_labels
 
@@ -171,25 +172,25 @@ class EncoderBackbone(nn.Module):
         self.pooler = _Pooler(config.hidden_size) if with_pooler else None
         self.typed = self.embeddings.token_type_embeddings.num_embeddings > 1
 
-    def _types(self, ids: torch.Tensor, qsl: list[int]) -> torch.Tensor:
-        if not self.typed:
-            return torch.zeros_like(ids)
-        lens = torch.tensor([b - a for a, b in zip(qsl, qsl[1:])], device=ids.device)
-        last = torch.tensor(qsl[1:], device=ids.device) - 1
-        closing = torch.repeat_interleave(ids[last], lens)  # each row's request's last id
-        is_sep = (ids == closing).long()
-        seen = is_sep.cumsum(0)
-        # seps strictly before this row within its request
-        start = torch.tensor(qsl[:-1], device=ids.device)
-        base = torch.repeat_interleave(seen[start] - is_sep[start], lens)
-        return ((seen - is_sep - base) > 0).long()
+    def _types(self, positions: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """Type 1 from each request's second-segment start on (its position restarts at 0:
+        the whole prompt is in this step), else 0."""
+        starts = current_type_starts()
+        if not self.typed or starts is None or all(s is None for s in starts):
+            return torch.zeros_like(positions)
+        if len(starts) != lens.shape[0]:
+            raise RuntimeError(f"{len(starts)} token type starts for {lens.shape[0]} requests")
+        never = 1 << 30  # past any position: all type 0
+        bounds = torch.tensor([never if s is None else s for s in starts],
+                              device=positions.device)
+        return (positions >= torch.repeat_interleave(bounds, lens)).long()
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         qsl = _segments(positions)
         lens = torch.tensor([b - a for a, b in zip(qsl, qsl[1:])], device=ids.device)
         seg = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), lens)
         mask = seg[:, None] == seg[None, :]  # block-diagonal: a request sees only itself
-        x = self.embeddings(ids, positions, self._types(ids, qsl))
+        x = self.embeddings(ids, positions, self._types(positions, lens))
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
@@ -218,6 +219,7 @@ class BertModel(EncoderBackbone):
     the pooling comes from sentence-transformers' config, models/encoder_config.py)."""
 
     uses_kv_cache = False
+    uses_token_types = True  # the runner passes each request's types (models/token_types.py)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config, with_pooler=False)
@@ -245,6 +247,7 @@ class BertForSequenceClassification(nn.Module):
     classifier. The runner pools the [CLS] row and calls :meth:`classify` on it."""
 
     uses_kv_cache = False
+    uses_token_types = True
     base = "bert"
 
     def __init__(self, config: ModelConfig) -> None:

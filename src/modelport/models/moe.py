@@ -4,14 +4,14 @@ Each is a Llama-family decoder (Llama attention; Qwen3's q/k norms for Qwen3-MoE
 is, in its sparse layers, a router over stacked experts (layers/fused_moe.py). The HF
 checkpoints store one tensor per expert and projection; ``stacked_params`` maps each onto its
 slice of the stacked ``w13`` / ``w2`` weights, so the declared loader loads them as it loads
-q/k/v into qkv_proj. Quantized experts, tensor parallelism and LoRA are refused at load
-(models/moe_config.py says what is supported).
+q/k/v into qkv_proj. Tensor parallelism splits each expert's intermediate channels over the
+ranks (parallel/moe_parallel.py); LoRA, and quantized experts with tensor_parallel_size > 1,
+are refused at load (models/moe_config.py says what is supported).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import cast
 
 import torch
@@ -21,12 +21,13 @@ from modelport.config import ModelConfig
 from modelport.layers.embedding import VocabEmbedding
 from modelport.layers.fused_moe import FusedMoE, SparseMoeBlock
 from modelport.layers.layernorm import RMSNorm
-from modelport.layers.linear import Linear
 from modelport.layers.rotary import RotaryEmbedding, rope_settings
 from modelport.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, attention_block
 from modelport.models.moe_config import MoeSpec, check_moe_options, moe_spec
 from modelport.models.qwen3 import Qwen3Attention
 from modelport.models.weights import StackedParam
+from modelport.parallel.moe_parallel import experts_for_rank, refuse_quantized_experts_at_build
+from modelport.quantization.base import QuantizationConfig
 
 
 class MoeDecoderLayer(nn.Module):
@@ -84,7 +85,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
     expert_names = ("gate_proj", "up_proj", "down_proj")  # checkpoint names of w1 / w3 / w2
 
     def __init__(self, config: ModelConfig) -> None:
-        check_moe_options(config)  # a quantized checkpoint (quantization_config)
+        check_moe_options(config)
         self.spec = moe_spec(config)
         assert self.spec is not None
         super().__init__(config)
@@ -94,8 +95,9 @@ class _MoeForCausalLM(LlamaForCausalLM):
 
     def _experts(self, config: ModelConfig) -> FusedMoE:
         s: MoeSpec = self.spec
-        return FusedMoE(s.num_experts, s.top_k, config.hidden_size, s.expert_intermediate_size,
-                        s.renormalize)
+        # a tensor-parallel rank's load builds (and loads) its slice only: parallel/moe_parallel
+        return experts_for_rank(s.num_experts, s.top_k, config.hidden_size,
+                                s.expert_intermediate_size, s.renormalize)
 
     def _build_model(self, config: ModelConfig) -> MoeModel:
         rotary = RotaryEmbedding(config.head_dim, rope_settings(config))
@@ -105,15 +107,22 @@ class _MoeForCausalLM(LlamaForCausalLM):
     def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
         raise NotImplementedError
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        quantized = [n for n, m in self.named_modules()
-                     if isinstance(m, Linear) and m.quant_method is not None]
-        if quantized:
-            raise ValueError(
-                f"{self.config.architecture}: quantized weights are not supported for MoE "
-                "models (supported for MoE: unquantized fp32/bf16/fp16 weights, "
-                f"tensor_parallel_size 1); quantized layers include {quantized[0]}")
-        return super().load_weights(weights)
+    def prepare_quantization(self, quant_config: QuantizationConfig) -> None:
+        """Quantized checkpoints store each expert's projections as linear layers of their
+        own: split the stacked experts into per-expert layers (FusedMoE.unstack) and load
+        the checkpoint's ``experts.<e>.<gate|up|down>`` names into them."""
+        refuse_quantized_experts_at_build(self.config.architecture, quant_config.name)
+        for m in self.modules():
+            if isinstance(m, FusedMoE):
+                m.unstack()
+        gate, up, down = self.expert_names
+        whole = cast(str, None)
+        renamed: tuple[StackedParam, ...] = ()
+        if gate != "gate_proj":  # Mixtral's w1 / w3 / w2
+            renamed = ((".gate_up_proj.", f".{gate}.", "gate"), (".gate_up_proj.", f".{up}.", "up"),
+                       (".down_proj.", f".{down}.", whole))
+        self.stacked_params = renamed + type(self).stacked_params
+        quant_config.use_stacked_params(self.stacked_params)
 
 
 def _refuse_window(config: ModelConfig, name: str) -> None:

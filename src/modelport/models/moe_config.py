@@ -91,17 +91,42 @@ def check_moe_options(
     if spec is None:
         return
     arch = config.architecture
-    supported = "supported for MoE: unquantized fp32/bf16/fp16 weights, tensor_parallel_size 1"
     declared = config.hf_config.get("quantization_config")
-    if quantization is not None or declared:
+    quantized = (quantization or "none").lower() != "none" or bool(declared)
+    if quantized and tensor_parallel_size != 1:
         method = quantization or (declared or {}).get("quant_method", "quantized checkpoint")
-        raise ValueError(f"{arch}: quantization {method!r} is not supported for MoE models "
-                         f"({supported})")
-    if tensor_parallel_size != 1:
-        raise ValueError(f"{arch}: tensor_parallel_size={tensor_parallel_size} is not "
-                         f"supported for MoE models ({supported})")
+        raise ValueError(f"{arch}: quantization {method!r} with tensor_parallel_size="
+                         f"{tensor_parallel_size} is not supported for MoE models (quantized "
+                         "experts run with tensor_parallel_size 1, on CPU)")
+    why = moe_tp_refusal(config, tensor_parallel_size)
+    if why:
+        raise ValueError(f"{arch}: {why}")
     if enable_lora:
         raise ValueError(f"{arch}: enable_lora is not supported for MoE models")
+
+
+def moe_tp_refusal(config: ModelConfig, tp: int) -> str | None:
+    """Why tensor parallel degree tp cannot split this MoE model's feed-forward layers, or
+    None (the attention heads are checked as for every model). Each rank keeps an equal
+    slice of every expert's intermediate channels, of the shared expert's and of the dense
+    MLPs' (parallel/moe_parallel.py), so tp must divide each of those sizes."""
+    spec = moe_spec(config)
+    if spec is None or tp == 1:
+        return None
+    d = config.hf_config
+    expert_key = ("intermediate_size" if config.architecture == "MixtralForCausalLM"
+                  or not d.get("moe_intermediate_size") else "moe_intermediate_size")
+    sizes = [(expert_key, spec.expert_intermediate_size, "every expert's")]
+    if spec.shared_intermediate_size:
+        sizes.append(("shared_expert_intermediate_size", spec.shared_intermediate_size,
+                      "the shared expert's"))
+    if len(spec.sparse_layers) < config.num_hidden_layers:
+        sizes.append(("intermediate_size", config.intermediate_size, "the dense MLP layers'"))
+    bad = [f"{key}={n} ({whose} intermediate size)" for key, n, whose in sizes if n % tp]
+    if not bad:
+        return None
+    return (f"tensor_parallel_size {tp} must divide {' and '.join(bad)}: each rank keeps an "
+            "equal slice of the intermediate channels")
 
 
 def moe_extra_params(config: ModelConfig) -> int:

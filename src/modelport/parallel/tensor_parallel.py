@@ -11,6 +11,9 @@ Quantized layers shard through their LinearMethod (``quant_method.shard`` with a
 format's canonical weight before packing it for the kernel. So a quantized model must be
 sharded between loading and repacking: ``load_model(..., transform=...)`` (what the runner
 does) calls ``shard_model`` at that point; plain models may also be sharded after loading.
+
+Mixture-of-experts blocks (router, stacked experts, shared expert) are split first, each as
+one unit with a single all-reduce: parallel/moe_parallel.py.
 """
 
 from __future__ import annotations
@@ -103,15 +106,21 @@ def _shard_row(m: Linear, rank: int, size: int) -> None:
 
 
 def shard_model(model: nn.Module, rank: int, size: int) -> None:
-    """Keep rank's slice of every parallel layer, in place. Requires heads % size == 0.
+    """Keep rank's slice of every parallel layer, in place. Requires heads % size == 0
+    (and, for mixture-of-experts blocks, intermediate sizes % size == 0: moe_parallel.py).
 
     Quantized layers only record their slice here (see the module docstring): call this
     before ``finish_loading``, e.g. through ``load_model(..., transform=...)``.
     """
     if size == 1:
         return
+    from modelport.parallel.moe_parallel import shard_moe_blocks
+
+    moe_blocks = shard_moe_blocks(model, rank, size)  # whole, with one all-reduce each
     replace: list[tuple[nn.Module, str, nn.Module]] = []
     for name, module in model.named_modules():
+        if moe_blocks and name.startswith(moe_blocks):
+            continue
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, QKVLinear):
             if module.num_heads % size or module.num_kv_heads % size:

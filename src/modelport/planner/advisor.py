@@ -79,7 +79,8 @@ def _warnings(plan: Plan) -> list[str]:
             f"{dev.name} has no fp8 tensor cores: fp8 weights save memory but run "
             "weight-only (no compute speed-up)"
         )
-    if q and q.startswith("gguf-") and not req.keeps_quantized and not req.model.gguf_moe:
+    if (q and q.startswith("gguf-") and not req.keeps_quantized
+            and not (req.model.gguf_moe and not req.device.is_cpu)):
         out.append(
             f"the engine dequantizes this GGUF to {plan.dtype} at load: "
             f"{plan.resident_per_gpu / GIB:.2f} GiB resident per device although its tensors "

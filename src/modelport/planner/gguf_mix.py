@@ -108,10 +108,11 @@ def kept_bytes(linear: Iterable[LinearTensor], on_cpu: bool) -> int:
     A Q4_K_M file's Q6_K attn_v thus takes its whole fused q/k/v to 1 byte per weight, and on
     CUDA to Q6_K's 16-wide groups. Types not kept (floats) count as stored.
     """
-    groups: dict[tuple[str, str], list[LinearTensor]] = {}
+    groups: dict[tuple[str, str, str], list[LinearTensor]] = {}
     for t in linear:
         m = GGUF_LINEAR.match(t.name)
-        key = (m.group(1), GGUF_FUSED.get(m.group(2), m.group(2))) if m else ("", t.name)
+        key = ((m.group(1), GGUF_FUSED.get(m.group(2), m.group(2)), m.group(3) or "") if m
+               else ("", t.name, ""))
         groups.setdefault(key, []).append(t)
     held = 0
     for parts in groups.values():

@@ -136,8 +136,9 @@ def _read(path: str, mtime_ns: int) -> GGUFInfo:
         file_type=_file_type_name(_value(reader, "general.file_type")),
         file_bytes=Path(path).stat().st_size,
         linear=tuple(
-            LinearTensor(t.name, t.tensor_type.name, int(t.shape[1]), int(t.shape[0]),
-                         int(t.n_bytes))
+            # rows: every output row (a stacked expert tensor's E x out; GGUF order: in first)
+            LinearTensor(t.name, t.tensor_type.name, int(t.n_elements) // int(t.shape[0]),
+                         int(t.shape[0]), int(t.n_bytes))
             for t in reader.tensors if GGUF_LINEAR.match(t.name)
         ),
         tables=tuple((t.name, int(t.n_bytes)) for t in reader.tensors

@@ -42,16 +42,16 @@ class ModelSource:
 
     @property
     def gguf_moe(self) -> bool:
-        """A .gguf file of a mixture-of-experts model: the engine loads it dequantized to the
-        compute dtype whatever its types (loading.resolve_quantization; the MoE layer runs
-        unquantized weights only)."""
+        """A .gguf file of a mixture-of-experts model: on a GPU the engine loads it
+        dequantized to the compute dtype whatever its types (quantized experts run on CPU
+        only: loading.resolve_quantization)."""
         return self.kind == "gguf" and moe_spec(self.config) is not None
 
     @property
     def gguf_cpu_keepable(self) -> bool:
         """A .gguf file whose linear weights are all types the kept path holds (Q4 to Q8):
         the engine keeps those quantized on an x86 CPU by default (loading.auto_keep_gguf)."""
-        return not self.gguf_moe and kept_on_cpu_by_default([t.qtype for t in self.gguf_linear])
+        return kept_on_cpu_by_default([t.qtype for t in self.gguf_linear])
 
 
 def _config(d: dict[str, Any], where: str) -> ModelConfig:

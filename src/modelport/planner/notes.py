@@ -1,6 +1,6 @@
 """Notes on how a plan sized a model where that is not the obvious way (shown under the table
 and in the JSON): sliding-window layers counted as full attention, MoE GGUF files that load
-dequantized."""
+dequantized (on a GPU)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def sliding_layers(model: ModelConfig) -> int:
     return model.num_hidden_layers
 
 
-def plan_notes(source: ModelSource, act_dtype: str) -> tuple[str, ...]:
+def plan_notes(source: ModelSource, act_dtype: str, kept: bool = False) -> tuple[str, ...]:
     model, out = source.config, []
     n = sliding_layers(model)
     if n:
@@ -36,10 +36,10 @@ def plan_notes(source: ModelSource, act_dtype: str) -> tuple[str, ...]:
             "as full attention (the engine allocates every layer's blocks for the whole "
             "sequence)"
         )
-    if source.gguf_moe:
+    if source.gguf_moe and not kept:
         out.append(
             f"mixture-of-experts GGUF: every expert counted; the file's "
             f"{source.quantization or 'quantized'} tensors load dequantized to {act_dtype} "
-            "(the MoE layer runs unquantized weights only), so memory holds the dense size"
+            "(quantized experts run on CPU only), so memory holds the dense size"
         )
     return tuple(out)

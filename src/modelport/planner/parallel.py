@@ -1,4 +1,5 @@
-"""Tensor-parallel degree checks: a rank must own whole attention heads and whole KV heads.
+"""Tensor-parallel degree checks: a rank must own whole attention heads and whole KV heads
+(and, in a mixture-of-experts model, an equal slice of each expert's intermediate channels).
 
 The engine (EngineArgs.create_engine_config) applies the same rule, so a degree the planner
 accepts is one the engine will accept.
@@ -9,23 +10,19 @@ from __future__ import annotations
 import math
 
 from modelport.config import ModelConfig
-from modelport.models.moe_config import moe_spec
+from modelport.models.moe_config import moe_tp_refusal
 from modelport.planner.errors import PlanError
 
 
 def valid_tp_degrees(model: ModelConfig) -> list[int]:
-    """Every degree that divides both the attention heads and the KV heads (MoE: 1 only)."""
-    if moe_spec(model) is not None:
-        return [1]
+    """Every degree that divides both the attention heads and the KV heads (MoE: and the
+    expert, shared-expert and dense intermediate sizes)."""
     g = math.gcd(model.num_attention_heads, model.num_key_value_heads)
-    return [d for d in range(1, g + 1) if g % d == 0]
+    return [d for d in range(1, g + 1) if g % d == 0 and moe_tp_refusal(model, d) is None]
 
 
 def tp_refusal(model: ModelConfig, tp: int) -> str | None:
     """Why tp is not a valid degree for model, or None when it is."""
-    if tp > 1 and moe_spec(model) is not None:
-        return (f"{model.architecture} (mixture of experts) runs with tensor parallel degree 1 "
-                "only; use --tensor-parallel-size 1 (more GPUs then serve replicas)")
     bad = [
         f"{n} {what}"
         for what, n in (
@@ -34,9 +31,12 @@ def tp_refusal(model: ModelConfig, tp: int) -> str | None:
         )
         if n % tp
     ]
-    if not bad:
+    moe = None if bad else moe_tp_refusal(model, tp)
+    if not bad and not moe:
         return None
     valid = ", ".join(map(str, valid_tp_degrees(model)))
+    if moe:
+        return f"{model.architecture} (mixture of experts): {moe}; valid degrees: {valid}"
     return (
         f"tensor parallel degree {tp} does not divide the model's {' and '.join(bad)} "
         f"(each rank must own whole heads); valid degrees: {valid}"

@@ -114,12 +114,12 @@ class PlanRequest:
                 "gguf keeps a .gguf file's blocks; for a preset or HF model name the GGUF type, "
                 "e.g. gguf-q4_k_m",
             )
-        if self.quantization == KEEP_GGUF and self.model.gguf_moe:
+        if self.quantization == KEEP_GGUF and self.model.gguf_moe and not self.device.is_cpu:
             raise PlanError(
                 "--quantization",
-                f"gguf cannot keep the blocks of {self.model.name}: mixture-of-experts GGUF "
-                "files load dequantized to the model dtype (the MoE layer runs unquantized "
-                "weights only); drop --quantization",
+                f"gguf cannot keep the blocks of {self.model.name} on {self.device.name}: "
+                "mixture-of-experts GGUF files keep their blocks on CPU only (on a GPU they "
+                "load dequantized to the model dtype); drop --quantization",
             )
         if own and self.quantization not in (None, own, KEEP_GGUF):
             raise PlanError(
@@ -234,9 +234,11 @@ def make_plan(req: PlanRequest) -> Plan:
     tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size)
     act = resolve_dtype(req.dtype, device, model.torch_dtype)
     quant = req.effective_quantization
-    if quant is not None and moe_spec(model) is not None and not req.model.gguf_moe:
-        raise PlanError("--quantization", f"{model.architecture} (mixture of experts) loads "
-                        f"unquantized only, not {quant}")
+    if (quant is not None and moe_spec(model) is not None and not device.is_cpu
+            and (req.quantization or not req.model.gguf_moe)):
+        raise PlanError("--quantization", f"{model.architecture} (mixture of experts): "
+                        f"quantized ({quant}) experts run on CPU only; on {device.name} it "
+                        "loads unquantized")
     # a GGUF type without mixing rules here (IQ*, Q2_K, ...) is measured from its file; the
     # estimate then only lends its TP proportions
     known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"
@@ -357,5 +359,5 @@ def make_plan(req: PlanRequest) -> Plan:
         starts,
         fits,
         reason,
-        plan_notes(req.model, act),
+        plan_notes(req.model, act, req.keeps_quantized),
     )

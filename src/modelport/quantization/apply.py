@@ -29,9 +29,14 @@ def quantize_linear_layers(
     """Give each linear layer its LinearMethod; returns how many layers were quantized."""
     from modelport.layers.linear import Linear
 
+    prepare = getattr(model, "prepare_quantization", None)
+    if prepare is not None:  # a model whose layout changes when quantized (MoE experts)
+        prepare(config)
     count = 0
     for prefix, layer in list(model.named_modules()):
         if not isinstance(layer, Linear) or getattr(layer, "quant_method", None) is not None:
+            continue
+        if getattr(layer, "keep_float", False):  # MoE routers: unquantized in checkpoints
             continue
         method = config.linear_method(prefix, layer)
         if method is None:

@@ -40,6 +40,10 @@ class QuantizationConfig(ABC):
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
         """The method for one linear layer (None keeps it unquantized)."""
 
+    def use_stacked_params(self, stacked_params: Sequence[Any]) -> None:  # noqa: B027
+        """The model's loading table, when its layout changed for quantization (a format
+        that looks up checkpoint names per layer reads it)."""
+
     def check_device(self, device: torch.device) -> None:  # noqa: B027 - optional hook
         """Raise ValueError naming an alternative when the format cannot run on ``device``."""
 

@@ -37,16 +37,35 @@ class GGUFQuantConfig(QuantizationConfig):
     name: str = field(default="gguf", init=False)
     kept: set[str] = field(default_factory=set, init=False)  # names loaded as raw blocks
 
+    def use_stacked_params(self, stacked_params: Sequence[Any]) -> None:
+        self.stacked_params = tuple(stacked_params)
+
     def shard_names(self, prefix: str, layer: nn.Module) -> dict[str | None, str]:
         """Checkpoint weight name of each shard of the layer at ``prefix``."""
         ranges = getattr(layer, "shard_ranges", None)
         if not ranges or f"{prefix}.weight" in self.tensor_types:  # Phi-3 stores qkv fused
-            return {None: f"{prefix}.weight"}
+            return {None: self._whole_name(prefix)}
         out: dict[str | None, str] = {}
         for fused, part, shard in self.stacked_params:
             if fused in f"{prefix}." and shard in ranges:
-                out[shard] = f"{prefix}.".replace(fused, part) + "weight"
+                name = f"{prefix}.".replace(fused, part) + "weight"
+                # the first entry whose name the file holds (Mixtral's experts.<e>.w1 before
+                # the dense table's gate_proj)
+                if shard not in out or (out[shard] not in self.tensor_types
+                                        and name in self.tensor_types):
+                    out[shard] = name
         return out
+
+    def _whole_name(self, prefix: str) -> str:
+        """An unfused layer's checkpoint name; a renamed one (Mixtral's experts.<e>.w2 ->
+        experts.<e>.down_proj) through the loading table's whole-tensor entries."""
+        name = f"{prefix}.weight"
+        if name not in self.tensor_types:
+            for fused, part, shard in self.stacked_params:
+                alt = f"{prefix}.".replace(fused, part) + "weight"
+                if shard is None and fused in f"{prefix}." and alt in self.tensor_types:
+                    return alt
+        return name
 
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
         names = self.shard_names(prefix, layer)
@@ -147,7 +166,13 @@ def gguf_quant_config(reader: Any, stacked_params: Sequence[tuple[str, str, str]
                       arch: str = "llama") -> GGUFQuantConfig:
     from modelport.loader.gguf import hf_tensor_name
 
-    types = {hf_tensor_name(t.name, arch): int(t.tensor_type) for t in reader.tensors}
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name, arch)
+        if "{e}" in name:  # stacked experts [E, out, in]: one entry per expert's name
+            types.update((name.format(e=e), int(t.tensor_type)) for e in range(len(t.data)))
+        else:
+            types[name] = int(t.tensor_type)
     return GGUFQuantConfig(types, tuple(stacked_params))
 
 
@@ -167,15 +192,25 @@ def iter_gguf_kept(
     permuted = GGUF_ARCHITECTURES[arch][1]
     heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
 
+    def kept(name: str) -> bool:  # stacked experts: kept together (one type for all)
+        return (name.format(e=0) if "{e}" in name else name) in quantized
+
     class _Subset:  # the float path for everything we do not keep quantized
-        tensors = [t for t in reader.tensors if hf_tensor_name(t.name, arch) not in quantized]
+        tensors = [t for t in reader.tensors if not kept(hf_tensor_name(t.name, arch))]
 
     yield from iter_gguf_weights(_Subset, hf_config)
     for t in reader.tensors:
         name = hf_tensor_name(t.name, arch)
-        if name not in quantized:
+        if not kept(name):
             continue
         raw = np.asarray(t.data)
+        if "{e}" in name:  # [E, out, row bytes]: each expert's rows are whole blocks
+            if raw.dtype != np.uint8 or raw.ndim != 3:
+                raise ValueError(f"GGUF tensor {t.name!r}: unexpected raw layout of stacked "
+                                 f"experts {raw.dtype} {raw.shape}")
+            for e in range(raw.shape[0]):
+                yield name.format(e=e), torch.from_numpy(np.array(raw[e], copy=True))
+            continue
         if raw.dtype != np.uint8 or raw.ndim != 2:
             raise ValueError(f"GGUF tensor {t.name!r}: unexpected raw layout {raw.dtype} {raw.shape}")
         m = _BLOCK_RE.match(t.name)

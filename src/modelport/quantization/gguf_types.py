@@ -32,10 +32,14 @@ GGML_CODES: dict[str, tuple[int, int]] = {
 }
 FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
-GGUF_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_(?:q|k|v|qkv|output)|ffn_(?:gate|up|down))\.weight$")
-# GGUF tensors the engine runs as one matmul (qkv_proj, gate_up_proj)
+# linear weights: attention, MLP, MoE experts (stacked ``_exps`` [E, out, in], or one tensor
+# per expert ``ffn_gate.<e>`` in early Mixtral files) and Qwen2-MoE's shared expert (``_shexp``)
+GGUF_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_(?:q|k|v|qkv|output)|ffn_(?:gate|up|down)"
+                         r"(?:_exps|_shexp)?)(\.\d+)?\.weight$")
+# GGUF tensors the engine runs as one matmul (qkv_proj, gate_up_proj; each expert's gate_up)
 GGUF_FUSED = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "ffn_gate": "gate_up",
-              "ffn_up": "gate_up"}
+              "ffn_up": "gate_up", "ffn_gate_exps": "gate_up_exps", "ffn_up_exps": "gate_up_exps",
+              "ffn_gate_shexp": "gate_up_shexp", "ffn_up_shexp": "gate_up_shexp"}
 
 
 def kept_on_cpu_by_default(linear_type_names: list[str]) -> bool:

@@ -130,12 +130,6 @@ def resolve_quantization(
     if method is None and declared is None:
         if load_format == "dummy" or not auto_keep_gguf(src, device):
             return None
-        from modelport.models.moe_config import MOE_ARCHITECTURES
-
-        if model_config.architecture in MOE_ARCHITECTURES:  # the MoE layer runs floats only
-            logger.info("%s: MoE GGUF file dequantized at load (quantized MoE models are not "
-                        "supported)", src.path.name)
-            return None
         logger.info("%s: Q4 GGUF blocks kept quantized for the CPU int4 kernel "
                     "(quantization='none' loads them as floats)", src.path.name)
         method = "gguf"
@@ -162,8 +156,15 @@ def resolve_quantization(
                 f"make one with `modelport quantize --method {method}` or use "
                 "--quantization fp8 to quantize at load time"
             )
+    from modelport.models.moe_config import MOE_ARCHITECTURES
     from modelport.models.registry import get_model_class
 
+    if model_config.architecture in MOE_ARCHITECTURES and torch.device(device).type != "cpu":
+        alt = ("--quantization none to load the GGUF file's experts dequantized"
+               if src.kind == "gguf" else "the unquantized checkpoint")
+        raise ValueError(
+            f"{model_config.architecture}: quantized ({method or declared}) MoE experts run on "
+            f"CPU only (--device cpu); on {torch.device(device).type.upper()} use {alt}")
     stacked = getattr(get_model_class(model_config.architecture), "stacked_params", ())
     config = _config_for(method or declared, src, model_config, online, stacked,  # type: ignore[arg-type]
                          dummy=load_format == "dummy")

@@ -21,6 +21,7 @@ from modelport.engine.arg_utils import EngineConfig
 from modelport.engine.messages import TokenLogprobs
 from modelport.engine.scheduler import SchedulerOutput
 from modelport.layers.attention import AttentionMetadata, ForwardContext, forward_context
+from modelport.models.token_types import step_token_types
 from modelport.runner.sampler import (
     Sampler,
     SamplingRow,
@@ -133,15 +134,20 @@ class ModelRunner:
             self.tp_workers = TPWorkers(self.config, self.device.type)
         torch.manual_seed(self.config.seed)
         shard = None
+        build: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.tp_size > 1:
+            from modelport.parallel.moe_parallel import experts_sharded_at_build
             from modelport.parallel.tensor_parallel import shard_model
 
             def shard(model: torch.nn.Module) -> None:  # between loading and kernel repacking
                 shard_model(model, self.tp_rank, self.tp_size)
-        self.model = load_model(
-            self.config.model_source, self.config.model_config, self.config.load_config,
-            self.dtype, self.device, transform=shard,
-        )
+            # MoE experts are built and loaded as this rank's slice (never whole on one rank)
+            build = experts_sharded_at_build(self.tp_rank, self.tp_size)
+        with build:
+            self.model = load_model(
+                self.config.model_source, self.config.model_config, self.config.load_config,
+                self.dtype, self.device, transform=shard,
+            )
         if self.pooler is not None:  # a classification model's head (models/seq_cls.py)
             self.pooler.bind(self.model)
         if self.device.type == "cuda":
@@ -605,7 +611,10 @@ class ModelRunner:
         else:
             if self.tp_workers is not None:
                 self.tp_workers.send(("fwd", (input_ids, positions, slots, qsl, seq_lens, tables)))
-            hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables, fill)
+            # an encoder's token types come from tokenization (models/token_types.py)
+            with step_token_types(self.model, so.scheduled):
+                hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables,
+                                             fill)
         if self.pooler is not None:  # no LM head, no sampler: the pooled vectors are the output
             out.pooled = self.pooler(so, hidden, qsl)
             return PendingStep(out)

@@ -39,7 +39,9 @@ class EmbeddingRequest(TextRequest):
     user: str | None = None
     # vLLM's extras
     truncate_prompt_tokens: int | None = Field(default=None)
-    add_special_tokens: bool | None = None  # for input (default True); messages: the template's
+    # for input (default True); for messages default False (the template's own specials)
+    add_special_tokens: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # messages: template variables
     add_generation_prompt: bool = False
     continue_final_message: bool = False
     normalize: bool | None = None
@@ -56,15 +58,21 @@ def _prompts(engine: AsyncLLM, req: EmbeddingRequest,
     if (req.input is None) == (req.messages is None):
         raise OpenAIError("give exactly one of input or messages", 400, param="input")
     if req.messages is not None:
-        from modelport.entrypoints.openai.serving_chat import render_chat
+        from modelport.entrypoints.openai.serving_chat import render_chat_prompt
 
         if not req.messages:
             raise OpenAIError("messages must not be empty", 400, param="messages")
         try:
-            ids = render_chat(engine, req.messages, req.add_generation_prompt,
-                              continue_final_message=req.continue_final_message)
+            ids, text = render_chat_prompt(engine, req.messages, req.add_generation_prompt,
+                                           continue_final_message=req.continue_final_message,
+                                           chat_template_kwargs=getattr(
+                                               req, "chat_template_kwargs", None))
         except ValueError as e:
             raise OpenAIError(str(e), 400, param="messages") from None
+        if req.add_special_tokens and text is not None:
+            # vLLM's add_special_tokens=True: the rendered text with the tokenizer's specials
+            # (an encoder's [CLS] ... [SEP], which a chat template seldom writes)
+            ids = engine.encode(text, add_special_tokens=True)
         return [_fits(engine, truncate_prompt(engine, list(ids), req.truncate_prompt_tokens),
                       operation)]
     inp = req.input

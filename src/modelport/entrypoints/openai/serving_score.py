@@ -3,7 +3,11 @@
 - POST /classify: a ``*ForSequenceClassification`` model's class probabilities per input;
 - POST /score and /v1/score: one score per (text_1, text_2) pair, 1:1, 1:N or N:N (also as
   data_1 / data_2, queries / documents, queries / items);
-- POST /rerank, /v1/rerank, /v2/rerank: the Jina / Cohere shape, documents by relevance.
+- POST /rerank, /v1/rerank, /v2/rerank: the Jina / Cohere shape, documents by relevance
+  (``top_n``, ``return_documents``; documents as strings or ``{"text": ...}`` objects).
+
+A cross-encoder's pair is tokenized as its tokenizer joins a pair, token types included, and
+``truncate_prompt_tokens`` truncates it as transformers does ('longest_first').
 
 Scores come from a cross-encoder (a classification model with one label: the pair is one
 prompt, see modelport/scoring.py) or, for an embedding model, the cosine similarity of the
@@ -21,7 +25,12 @@ from pydantic import Field, model_validator
 
 from modelport.engine.async_llm import AsyncLLM
 from modelport.entrypoints.openai.errors import OpenAIError
-from modelport.entrypoints.openai.protocol import ChatMessage, TextRequest, random_id
+from modelport.entrypoints.openai.protocol import (
+    ChatMessage,
+    OpenAIModel,
+    TextRequest,
+    random_id,
+)
 from modelport.entrypoints.openai.serving_common import (
     check_model,
     dead_engine_is_503,
@@ -35,7 +44,7 @@ from modelport.entrypoints.openai.serving_embedding import (
     pooling_task,
 )
 from modelport.pooling_params import PoolingParams, id2label, num_labels
-from modelport.scoring import cosine, pair_token_ids, score_pairs
+from modelport.scoring import cosine, pair_encoding, pair_truncation, score_pairs
 
 ScoreInputs = str | list[str]
 
@@ -110,10 +119,21 @@ class ScoreRequest(_ClassifyParams):
         raise AssertionError("validated")
 
 
+class RerankDocument(OpenAIModel):
+    """A document as Cohere's v1 and Jina's rerank APIs also accept it: ``{"text": ...}``."""
+
+    text: str
+
+
 class RerankRequest(_ClassifyParams):
     query: str
-    documents: list[str]
+    documents: list[str | RerankDocument]
     top_n: int = 0  # 0: every document
+    # Jina's switch (Cohere v1's too): vLLM always returns each document, so on by default
+    return_documents: bool = True
+
+    def document_texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
 async def _scores(
@@ -129,17 +149,15 @@ async def _scores(
     if pooling_task(engine) == "classify":
         if num_labels(engine.engine_config.model_config.hf_config) != 1:
             raise OpenAIError("Score API is only enabled for num_labels == 1.", 400)
-        prompts = [
-            _fits(
-                engine,
-                truncate_prompt(engine, pair_token_ids(engine.tokenizer, a, b), keep),
-                "score",
-            )
-            for a, b in pairs
-        ]
-        results = await pool_prompts(
-            engine, prompts, lambda: req.pooling_params("score"), base, req.priority
-        )
+        prompts, type_starts = _pair_prompts(engine, pairs, keep)
+        starts = iter(type_starts)  # pool_prompts asks for one params per prompt, in order
+
+        def params() -> PoolingParams:
+            p = req.pooling_params("score")
+            p.token_type_start = next(starts)
+            return p
+
+        results = await pool_prompts(engine, prompts, params, base, req.priority)
         return base, [vec[0] for vec, _ in results], sum(len(p) for p in prompts)
     texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each text embedded once
     prompts = []
@@ -154,6 +172,26 @@ async def _scores(
     vecs = dict(zip(texts, (vec for vec, _ in results)))
     # usage: every prompt that ran, once (a 1:N query is embedded once), as vLLM counts
     return base, [cosine(vecs[a], vecs[b]) for a, b in pairs], sum(len(p) for p in prompts)
+
+
+def _pair_prompts(engine: AsyncLLM, pairs: list[tuple[str, str]], keep: int | None
+                  ) -> tuple[list[list[int]], list[int | None]]:
+    """The cross-encoder's prompts (truncated as transformers truncates a pair, when asked)
+    and where each one's token type 1 starts."""
+    try:
+        limit = pair_truncation(keep, engine.max_model_len)
+    except ValueError as e:
+        raise OpenAIError(str(e), 400, param="truncate_prompt_tokens") from None
+    prompts, starts = [], []
+    for a, b in pairs:
+        try:
+            ids, start = pair_encoding(engine.tokenizer, a, b, limit)
+        except ValueError as e:
+            param = "truncate_prompt_tokens" if str(e).startswith("truncate") else None
+            raise OpenAIError(str(e), 400, param=param) from None
+        prompts.append(_fits(engine, ids, "score"))
+        starts.append(start)
+    return prompts, starts
 
 
 def _usage_n(n: int) -> dict[str, Any]:
@@ -227,17 +265,18 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
             raise OpenAIError(
                 f"top_n must be >= 0 (0: every document), got {body.top_n}", 400, param="top_n"
             )
+        texts = body.document_texts()
         with dead_engine_is_503():
-            rid, scores, n_tokens = await _scores(
-                engine, body, body.query, body.documents, "rerank"
-            )
+            rid, scores, n_tokens = await _scores(engine, body, body.query, texts, "rerank")
         order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
         if body.top_n:
             order = order[: body.top_n]
-        results = [
-            {"index": i, "document": {"text": body.documents[i]}, "relevance_score": scores[i]}
-            for i in order
-        ]
+        results = []
+        for i in order:
+            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if body.return_documents:
+                item["document"] = {"text": texts[i]}
+            results.append(item)
         return {
             "id": rid,
             "model": model,

@@ -1,0 +1,202 @@
+"""Tensor parallelism for the mixture-of-experts blocks of models/moe.py (Mixtral, Qwen2-MoE,
+Qwen3-MoE), applied by ``shard_model`` before it shards the dense layers.
+
+Every expert is split as a dense MLP is: rank r of n keeps rows [r*I/n, (r+1)*I/n) of both the
+gate half and the up half of the stacked ``w13`` (so each rank's w13 is again [gate | up],
+[E, 2I/n, H], the layout the CPU reference and the Triton kernel read) and the same columns of
+``w2`` ([E, H, I/n]). Each rank then runs all E experts on its slice for the tokens routed to
+them and holds a partial sum of the block's output. The router and Qwen2-MoE's shared-expert
+gate stay replicated (every rank routes identically, from identical hidden states).
+
+The shared expert is split like a dense MLP, but its down projection is not all-reduced on
+its own: its partial output is scaled by the replicated sigmoid gate (a per-token scalar, so
+the scaling commutes with the sum over ranks) and added to the experts' partial output, and
+the block all-reduces once.
+
+Experts are most of an MoE model's bytes (Mixtral-8x7B: 45 of 47B parameters), so a rank
+must not hold all of them even while loading: inside ``experts_sharded_at_build(rank, size)``
+(the runner's load of a tensor-parallel rank) models/moe.py builds each FusedMoE with this
+rank's slice only (``experts_for_rank``) and the slice's loaders cut every checkpoint tensor
+as it streams in. Attention, embeddings and the shared expert still load whole and are cut
+afterwards by ``shard_model``, as in the dense models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from modelport.layers.fused_moe import ExpertWeights, FusedMoE, SparseMoeBlock
+from modelport.layers.linear import Linear, MergedLinear
+from modelport.parallel.tensor_parallel import _shard_merged, _shard_row
+
+# (rank, size) while a tensor-parallel rank builds and loads its model; None otherwise
+_BUILD_SHARD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "moe_build_shard", default=None)
+
+
+@contextlib.contextmanager
+def experts_sharded_at_build(rank: int, size: int) -> Iterator[None]:
+    """MoE experts built (and loaded) inside hold only rank's slice of each expert."""
+    if _BUILD_SHARD.get() is not None:
+        raise RuntimeError("experts_sharded_at_build does not nest")
+    token = _BUILD_SHARD.set((rank, size))
+    try:
+        yield
+    finally:
+        _BUILD_SHARD.reset(token)
+
+
+def experts_for_rank(num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                     renormalize: bool) -> FusedMoE:
+    """A FusedMoE as the model declares it; inside ``experts_sharded_at_build`` one that
+    holds (and loads) only this rank's intermediate channels."""
+    shard = _BUILD_SHARD.get()
+    if shard is None or shard[1] == 1:
+        return FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize)
+    rank, size = shard
+    _check_divides("expert intermediate size", intermediate_size, size)
+    part = intermediate_size // size
+    moe = FusedMoE(num_experts, top_k, hidden_size, part, renormalize)
+    moe.tp_shard = (rank, size)  # shard_experts leaves it as it is
+    moe.w13.weight.weight_loader = partial(_load_w13_slice, moe.w13, rank, part)
+    moe.w2.weight.weight_loader = partial(_load_w2_slice, moe.w2, rank, part)
+    return moe
+
+
+def refuse_quantized_experts_at_build(arch: str, method: str) -> None:
+    """ValueError when a tensor-parallel rank's load would quantize the experts (a GGUF file
+    kept in its blocks, an AWQ / GPTQ / FP8 checkpoint): their per-expert layers are not
+    split over ranks. Called before any weight is read."""
+    shard = _BUILD_SHARD.get()
+    if shard is not None and shard[1] > 1:
+        raise ValueError(
+            f"{arch}: quantized MoE experts ({method or 'quantized'}) are not supported with "
+            f"tensor_parallel_size={shard[1]} (supported: unquantized fp32/bf16/fp16 experts "
+            "with tensor_parallel_size > 1; quantized experts with tensor_parallel_size 1, or "
+            "quantization='none' to load a GGUF file's experts dequantized)")
+
+
+def _load_w13_slice(w: ExpertWeights, rank: int, part: int, param: nn.Parameter,
+                    loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    """Rows [rank*part, (rank+1)*part) of a gate or up projection ([I, H], or stacked
+    [E, 2I, H] as [gate; up])."""
+    lo = rank * part
+    if shard_id is None:
+        inter = loaded.shape[1] // 2
+        loaded = torch.cat([loaded[:, lo:lo + part], loaded[:, inter + lo:inter + lo + part]], 1)
+    else:
+        loaded = loaded[lo:lo + part]
+    w.weight_loader(param, loaded, shard_id)
+
+
+def _load_w2_slice(w: ExpertWeights, rank: int, part: int, param: nn.Parameter,
+                   loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    """Input columns [rank*part, (rank+1)*part) of a down projection ([H, I] or [E, H, I])."""
+    w.weight_loader(param, loaded[..., rank * part:(rank + 1) * part], shard_id)
+
+
+class AllReduceMoeBlock(nn.Module):
+    """A sharded SparseMoeBlock: the ranks' partial outputs summed by one all-reduce."""
+
+    def __init__(self, block: SparseMoeBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        dist.all_reduce(y)
+        return y
+
+
+def _refuse_quantized(name: str, experts: FusedMoE) -> None:
+    """Only plain stacked float weights split by rows / columns here (not the per-expert
+    layers that FusedMoE.unstack makes for a quantization method)."""
+    for part in ("w13", "w2"):
+        w = getattr(experts, part, None)
+        weight = getattr(w, "weight", None)
+        if (type(w) is not ExpertWeights or not isinstance(weight, torch.Tensor)
+                or not weight.is_floating_point() or weight.dim() != 3
+                or getattr(w, "quant_method", None) is not None
+                or getattr(experts, "quant_method", None) is not None):
+            raise ValueError(
+                f"{name}: quantized MoE experts are not supported with tensor_parallel_size > 1 "
+                "(supported: unquantized fp32/bf16/fp16 experts; use tensor_parallel_size 1 "
+                "for a quantized MoE model)")
+
+
+def _check_divides(what: str, size: int, tp: int) -> None:
+    if size % tp:
+        raise ValueError(f"tensor_parallel_size {tp} must divide the {what} ({size}): each rank "
+                         "keeps an equal slice of it")
+
+
+def _keep_rows(w: ExpertWeights, idx: torch.Tensor, ranges: dict[str, tuple[int, int]]) -> None:
+    data = w.weight.data.index_select(1, idx.to(w.weight.device)).contiguous()
+    w.weight = nn.Parameter(data, requires_grad=False)
+    w.shard_ranges = {k: ranges[k.split(".", 1)[1]] for k in w.shard_ranges}
+    w._rows = ranges
+
+
+def _keep_columns(w: ExpertWeights, start: int, length: int) -> None:
+    data = w.weight.data[:, :, start:start + length].contiguous()
+    w.weight = nn.Parameter(data, requires_grad=False)
+
+
+def shard_experts(name: str, experts: FusedMoE, rank: int, size: int) -> None:
+    """Keep rank's slice of every expert's intermediate channels, in place (experts built
+    by ``experts_for_rank`` hold it already)."""
+    _refuse_quantized(name, experts)
+    built = getattr(experts, "tp_shard", None)
+    if built is not None:
+        if built != (rank, size):
+            raise RuntimeError(f"{name}: experts built for rank {built[0]} of {built[1]}, "
+                               f"sharded for rank {rank} of {size}")
+        return
+    e, two_i, h = experts.w13.weight.shape
+    inter = two_i // 2
+    _check_divides(f"expert intermediate size of {name}", inter, size)
+    part = inter // size
+    own = torch.arange(rank * part, (rank + 1) * part)
+    _keep_rows(experts.w13, torch.cat([own, own + inter]),
+               {"gate": (0, part), "up": (part, part)})
+    _keep_columns(experts.w2, rank * part, part)
+
+
+def _shard_shared_expert(name: str, mlp: nn.Module, rank: int, size: int) -> None:
+    """A dense SwiGLU MLP split column / row, without the row layer's all-reduce."""
+    gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
+    if not isinstance(gate_up, MergedLinear) or type(down) is not Linear:
+        raise ValueError(f"{name}: the shared expert ({type(mlp).__name__}) cannot be split "
+                         "for tensor parallelism (a gate_up_proj + down_proj MLP is expected)")
+    if gate_up.quant_method is not None or down.quant_method is not None:
+        raise ValueError(f"{name}: a quantized shared expert is not supported with "
+                         "tensor_parallel_size > 1 (supported: unquantized weights)")
+    _check_divides(f"shared expert intermediate size of {name}", down.input_size, size)
+    _shard_merged(gate_up, rank, size)
+    _shard_row(down, rank, size)
+    if down.bias is not None and rank != 0:
+        down.bias = None  # added once, by rank 0, before the block's all-reduce
+
+
+def shard_moe_blocks(model: nn.Module, rank: int, size: int) -> tuple[str, ...]:
+    """Shard every SparseMoeBlock of model and wrap it in an AllReduceMoeBlock, in place.
+
+    Returns the blocks' module names with a trailing dot: ``shard_model`` leaves the modules
+    under them alone (the shared expert's down projection must not all-reduce by itself).
+    """
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
+    for name, block in blocks:
+        shard_experts(name, block.experts, rank, size)
+        if block.shared_expert is not None:
+            _shard_shared_expert(f"{name}.shared_expert", block.shared_expert, rank, size)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, AllReduceMoeBlock(block))
+    return tuple(f"{n}." for n, _ in blocks)

@@ -1,0 +1,50 @@
+"""Tiny random MoE checkpoints (HF transformers, saved per expert) for the tensor-parallel
+tests: Mixtral (experts only) and Qwen2-MoE (q/k/v bias, a shared expert behind its sigmoid
+gate, layer 1 a dense MLP). Hidden 64, 4 heads / 2 KV heads, 8 experts, top-2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from helpers.tiny_models import TINY_VOCAB, _save
+from modelport.config import ModelConfig
+
+COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=257,
+              pad_token_id=258, initializer_range=0.05, num_experts_per_tok=2)
+ARCH_NAMES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+
+
+def tiny_moe_hf_config(arch: str, **kw: Any) -> Any:
+    import transformers as tf
+
+    if arch == "mixtral":
+        return tf.MixtralConfig(**{**COMMON, "num_hidden_layers": 2, "intermediate_size": 96,
+                                   "num_local_experts": 8, **kw})
+    return tf.Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 3, "intermediate_size": 128,
+                                "moe_intermediate_size": 48,
+                                "shared_expert_intermediate_size": 80, "num_experts": 8,
+                                "mlp_only_layers": [1], **kw})
+
+
+def tiny_moe_config(arch: str, **kw: Any) -> ModelConfig:
+    d = tiny_moe_hf_config(arch, **kw).to_dict()
+    d["architectures"] = [ARCH_NAMES[arch]]
+    return ModelConfig.from_hf_dict(d)
+
+
+def make_tiny_moe_dir(path: Path, arch: str, **kw: Any) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_moe_hf_config(arch, **kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".gate.weight", "shared_expert_gate.weight")):
+                p.mul_(20.0)  # decisive routing: no near-ties for rounding to flip
+            elif name.endswith("_proj.bias"):
+                p.normal_(0.0, 0.05)  # HF zero-initialises them: make rank 0's bias visible
+    return _save(model, Path(path), with_tokenizer=True)
