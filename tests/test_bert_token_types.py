@@ -34,7 +34,7 @@ def _close(a, b, tol=1e-5) -> None:
 
 def _hf(model, enc):
     with torch.no_grad():
-        return model(**{k: torch.tensor([v]) for k, v in enc.items()})
+        return model(**{k: torch.tensor([v]) for k, v in dict(enc).items()})
 
 
 def test_literal_sep_inside_one_text_is_type_0_embeddings(tmp_path) -> None:

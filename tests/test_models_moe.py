@@ -14,74 +14,32 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from helpers.tiny_models import (
     TINY_PROMPT,
-    TINY_VOCAB,
-    _save,
     hf_reference_logits,
     run_one_sequence,
 )
+from helpers.tiny_models import load_cpu_fp32 as load
+from helpers.tiny_moe import make_tiny_moe_dir as make_moe_dir
+from helpers.tiny_moe import tiny_moe_config as _config
 from modelport import LLM, SamplingParams
-from modelport.config import LoadConfig, ModelConfig
+from modelport.config import ModelConfig
 from modelport.layers.fused_moe import FusedMoE, moe_reference, route
-from modelport.loader import load_model, load_model_config, resolve_model
+from modelport.loader import load_model_config, resolve_model
 from modelport.models.moe_config import active_params, check_moe_options, moe_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 KV_MEM = 8 << 20
-COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=257,
-              pad_token_id=258, initializer_range=0.05, num_experts_per_tok=2)
-
-
-def _hf_config(arch: str, **kw: Any) -> Any:
-    import transformers as tf
-
-    if arch == "mixtral":
-        return tf.MixtralConfig(**{**COMMON, "num_hidden_layers": 2, "intermediate_size": 96,
-                                   "num_local_experts": 8, **kw})
-    if arch == "qwen2_moe":  # layer 1 dense (mlp_only_layers), a shared expert everywhere else
-        return tf.Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 3, "intermediate_size": 128,
-                                    "moe_intermediate_size": 48,
-                                    "shared_expert_intermediate_size": 80, "num_experts": 8,
-                                    "mlp_only_layers": [1], **kw})
-    # Qwen3-MoE: decoder_sparse_step 2 makes layers 1 and 3 sparse, 0 and 2 dense
-    return tf.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 4, "intermediate_size": 128,
-                                "moe_intermediate_size": 48, "num_experts": 8, "head_dim": 32,
-                                "decoder_sparse_step": 2, "norm_topk_prob": True, **kw})
-
-
-def make_moe_dir(path: Path, arch: str, seed: int = 0, **kw: Any) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_hf_config(arch, **kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith((".gate.weight", "shared_expert_gate.weight")):
-                p.mul_(20.0)  # decisive routing: no near-ties for float rounding to flip
-            elif name.endswith("_proj.bias"):
-                p.normal_(0.0, 0.05)  # HF zero-initialises them: make their loading visible
-    return _save(model, Path(path), with_tokenizer=True)
-
-
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def moe_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_moe_dir(tmp_path_factory.mktemp(request.param) / "m", request.param)
-
-
-def load(path: Path) -> torch.nn.Module:
-    src = resolve_model(str(path))
-    return load_model(src, load_model_config(src), LoadConfig(), torch.float32,
-                      torch.device("cpu"))
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -189,13 +147,6 @@ def test_missing_expert_tensor_is_reported(tmp_path: Path) -> None:
 
 
 # -- unsupported options ------------------------------------------------------------------------
-
-def _config(arch: str, **kw: Any) -> ModelConfig:
-    d = _hf_config(arch, **kw).to_dict()
-    d["architectures"] = [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                           "qwen3_moe": "Qwen3MoeForCausalLM"}[arch]]
-    return ModelConfig.from_hf_dict(d)
-
 
 def test_unsupported_options_are_refused_at_load(tmp_path: Path) -> None:
     cfg = _config("qwen3_moe")

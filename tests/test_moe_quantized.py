@@ -19,13 +19,13 @@ import torch
 from helpers.gguf_archs import write_gguf
 from helpers.tiny_models import TINY_PROMPT as PROMPT
 from helpers.tiny_models import load_cpu, run_one_sequence
+from helpers.tiny_moe import make_tiny_moe_dir as make_moe_dir
 from modelport import LLM, SamplingParams
 from modelport.layers.fused_moe import ExpertMLP, FusedMoE, GateLinear, moe_reference, route
 from modelport.layers.linear import Linear
 from modelport.quantization import kernels
 from modelport.quantization import loading as quant_loading
 from modelport.quantization.tools.writer import is_quantizable
-from test_models_moe import make_moe_dir
 from test_quant_awq_gptq import quantize_folder
 
 # intermediate sizes that whole groups of 32 / 64 divide (the int4 kernel's groups)

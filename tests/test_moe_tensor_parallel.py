@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.tiny_moe import ARCH_NAMES, make_tiny_moe_dir
+from helpers.tiny_models import load_cpu_fp32 as _load
+from helpers.tiny_moe import make_tiny_moe_dir
 from helpers.tiny_moe import tiny_moe_config as cfg
 from modelport import LLM, SamplingParams
 from modelport.config import LoadConfig
@@ -31,21 +32,16 @@ from modelport.parallel.moe_parallel import (
 )
 from modelport.parallel.tensor_parallel import AllReduceLinear, shard_model
 from modelport.planner.parallel import tp_refusal, valid_tp_degrees
+from test_models_moe import _PRELUDE
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[256, 10, 20, 30], [256] + list(range(40, 77)), [256, 99, 5, 200, 31]]
 KW = dict(kv_cache_memory=4 << 20, block_size=8, max_num_batched_tokens=16)
 
 
-@pytest.fixture(scope="module", params=tuple(ARCH_NAMES))
+@pytest.fixture(scope="module", params=("mixtral", "qwen2_moe"))  # one with a shared expert
 def moe_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_moe_dir(tmp_path_factory.mktemp(request.param) / "m", request.param)
-
-
-def _load(path: Path) -> torch.nn.Module:
-    src = resolve_model(str(path))
-    return load_model(src, load_model_config(src), LoadConfig(), torch.float32,
-                      torch.device("cpu"))
 
 
 def _moe_blocks(model: torch.nn.Module) -> list[tuple[int, SparseMoeBlock]]:
@@ -226,15 +222,9 @@ def test_quantized_moe_with_tp_is_refused() -> None:
         shard_experts("layers.0.mlp.experts", experts, 0, 2)
 
 
-_TRITON_RANKS = textwrap.dedent("""
+_TRITON_RANKS = _PRELUDE + textwrap.dedent("""
     import copy
     import torch
-    import triton.runtime.interpreter as ti
-    _patch = ti._patch_lang_tensor
-    def _fixed(tensor, scope):  # triton 3.6's interpreter: a 1-element array as an int
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _fixed
     from modelport.layers import triton_moe as tm
     from modelport.layers.fused_moe import FusedMoE, moe_reference, route
     from modelport.parallel.moe_parallel import shard_experts

@@ -26,6 +26,7 @@ from helpers.openai_http import error as _error
 from helpers.openai_http import ok as _ok
 from helpers.openai_http import post as _post
 from helpers.server_proc import serving
+from test_bert_token_types import _close, _hf
 from test_models_bert import _make, _tokenizer
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -33,17 +34,6 @@ QUERY = "what is the capital of france?"
 DOCS = ["paris is the capital of france", "bananas are yellow", "the sky",
         "berlin, germany [SEP] a city"]
 LONG = "a long document about many things, " * 6
-
-
-def _close(a, b, tol=1e-5) -> None:
-    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert (a - b).abs().max().item() < tol, (a - b).abs().max().item()
-
-
-def _hf(model, enc):
-    with torch.no_grad():
-        return model(**{k: torch.tensor([v]) for k, v in dict(enc).items()})
 
 
 @pytest.fixture(scope="module")

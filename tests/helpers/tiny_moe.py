@@ -1,6 +1,7 @@
-"""Tiny random MoE checkpoints (HF transformers, saved per expert) for the tensor-parallel
-tests: Mixtral (experts only) and Qwen2-MoE (q/k/v bias, a shared expert behind its sigmoid
-gate, layer 1 a dense MLP). Hidden 64, 4 heads / 2 KV heads, 8 experts, top-2."""
+"""Tiny random MoE checkpoints (HF transformers, saved per expert) for the MoE tests: Mixtral
+(experts only), Qwen2-MoE (q/k/v bias, a shared expert behind its sigmoid gate, layer 1 a
+dense MLP) and Qwen3-MoE (q/k norms; decoder_sparse_step 2: layers 1 and 3 sparse). Hidden 64,
+4 heads / 2 KV heads, 8 experts, top-2."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from modelport.config import ModelConfig
 COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=257,
               pad_token_id=258, initializer_range=0.05, num_experts_per_tok=2)
-ARCH_NAMES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+ARCH_NAMES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+              "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def tiny_moe_hf_config(arch: str, **kw: Any) -> Any:
@@ -24,10 +26,14 @@ def tiny_moe_hf_config(arch: str, **kw: Any) -> Any:
     if arch == "mixtral":
         return tf.MixtralConfig(**{**COMMON, "num_hidden_layers": 2, "intermediate_size": 96,
                                    "num_local_experts": 8, **kw})
-    return tf.Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 3, "intermediate_size": 128,
-                                "moe_intermediate_size": 48,
-                                "shared_expert_intermediate_size": 80, "num_experts": 8,
-                                "mlp_only_layers": [1], **kw})
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 3, "intermediate_size": 128,
+                                    "moe_intermediate_size": 48,
+                                    "shared_expert_intermediate_size": 80, "num_experts": 8,
+                                    "mlp_only_layers": [1], **kw})
+    return tf.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 4, "intermediate_size": 128,
+                                "moe_intermediate_size": 48, "num_experts": 8, "head_dim": 32,
+                                "decoder_sparse_step": 2, "norm_topk_prob": True, **kw})
 
 
 def tiny_moe_config(arch: str, **kw: Any) -> ModelConfig:
@@ -36,15 +42,15 @@ def tiny_moe_config(arch: str, **kw: Any) -> ModelConfig:
     return ModelConfig.from_hf_dict(d)
 
 
-def make_tiny_moe_dir(path: Path, arch: str, **kw: Any) -> Path:
+def make_tiny_moe_dir(path: Path, arch: str, seed: int = 0, **kw: Any) -> Path:
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_moe_hf_config(arch, **kw)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith((".gate.weight", "shared_expert_gate.weight")):
                 p.mul_(20.0)  # decisive routing: no near-ties for rounding to flip
             elif name.endswith("_proj.bias"):
-                p.normal_(0.0, 0.05)  # HF zero-initialises them: make rank 0's bias visible
+                p.normal_(0.0, 0.05)  # HF zero-initialises them: make their loading visible
     return _save(model, Path(path), with_tokenizer=True)
