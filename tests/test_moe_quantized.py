@@ -21,7 +21,14 @@ from helpers.tiny_models import TINY_PROMPT as PROMPT
 from helpers.tiny_models import load_cpu, run_one_sequence
 from helpers.tiny_moe import make_tiny_moe_dir as make_moe_dir
 from modelport import LLM, SamplingParams
-from modelport.layers.fused_moe import ExpertMLP, FusedMoE, GateLinear, moe_reference, route
+from modelport.layers.fused_moe import (
+    ExpertMLP,
+    FusedMoE,
+    GateLinear,
+    grouped_experts,
+    moe_reference,
+    route,
+)
 from modelport.layers.linear import Linear
 from modelport.quantization import kernels
 from modelport.quantization import loading as quant_loading
@@ -92,6 +99,22 @@ def test_unstacked_experts_compute_the_stacked_sum() -> None:
     torch.testing.assert_close(moe(x, logits), want, atol=1e-6, rtol=1e-6)
     weights, ids = route(logits, 2, True)
     torch.testing.assert_close(want, moe_reference(x, w13, w2, weights, ids))
+
+
+def test_one_token_takes_its_experts_in_turn_with_the_same_sums() -> None:
+    # single-stream decode skips the sort / gather; with a per-row expert (no GEMM whose
+    # rounding depends on the row count) a row's result is the same alone as in a batch
+    torch.manual_seed(1)
+    x = torch.randn(6, 16)
+    weights, ids = route(torch.randn(6, 8), 3, True)
+
+    def expert(e: int, xs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(xs * (e + 1)) + e
+
+    batch = grouped_experts(x, 8, expert, weights, ids)
+    for i in range(6):
+        one = grouped_experts(x[i:i + 1], 8, expert, weights[i:i + 1], ids[i:i + 1])
+        assert torch.equal(one, batch[i:i + 1])
 
 
 @pytest.mark.parametrize("qtype,kernel", [("Q4_0", kernels.CpuInt4Kernel),

@@ -92,6 +92,10 @@ def grouped_experts(x: torch.Tensor, num_experts: int,
     """The routed sum with each active expert called once on all of its tokens:
     ``expert(e, xs [n, H]) -> [n, H]``."""
     t, k = ids.shape
+    if t == 1:  # one token (single-stream decode): its k experts in turn, the same sums
+        ys = torch.cat([expert(e, x) for e in ids[0].tolist()]).float()
+        ys *= weights.reshape(-1, 1).float()
+        return ys.view(1, k, -1).sum(dim=1).to(x.dtype)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert
     counts = torch.bincount(flat, minlength=num_experts).tolist()

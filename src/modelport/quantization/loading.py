@@ -202,11 +202,14 @@ class QuantPlan:
             return rename_stream(stream), total
         if self.name != "gguf":
             return None
-        from modelport.loader.gguf import open_gguf_tensors
+        from modelport.loader.gguf import hf_tensor_name, open_gguf_tensors
         from modelport.quantization.gguf import iter_gguf_kept
 
         reader = open_gguf_tensors(self.src.path)
-        return iter_gguf_kept(reader, hf_config, self.config.kept), len(reader.tensors)  # type: ignore[attr-defined]
+        arch = hf_config["model_type"]  # stacked experts arrive one expert at a time
+        total = sum(len(t.data) if "{e}" in hf_tensor_name(t.name, arch) else 1
+                    for t in reader.tensors)
+        return iter_gguf_kept(reader, hf_config, self.config.kept), total  # type: ignore[attr-defined]
 
     def load(self, cls: type[nn.Module], config: ModelConfig, load_format: str, seed: int,
              dtype: torch.dtype, device: torch.device,
