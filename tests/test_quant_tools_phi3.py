@@ -136,7 +136,9 @@ def test_phi3_cli_quantize_and_llm_generate(phi3: Path, tmp_path: Path,
     assert len(got[0].outputs[0].token_ids) == 6
 
 
-def test_quantize_refuses_moe_models(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_quantize_takes_moe_models(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """MoE models quantize per expert (tests/test_quant_tools_moe.py); here the CLI on one."""
+    from safetensors import safe_open
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=1,
@@ -144,15 +146,13 @@ def test_quantize_refuses_moe_models(tmp_path: Path, capsys: pytest.CaptureFixtu
                         num_local_experts=4, num_experts_per_tok=2, bos_token_id=256,
                         eos_token_id=257, pad_token_id=258)
     moe = _save(MixtralForCausalLM(cfg).eval(), tmp_path / "moe", True)
-    for method in ("awq", "gptq", "fp8"):
-        with pytest.raises(ValueError, match="MixtralForCausalLM is a mixture-of-experts model: "
-                                             "quantize does not support MoE models"):
-            quantize_model(str(moe), tmp_path / method, TEXT, QuantizeOptions(method=method),
-                           progress=False)
-        assert not (tmp_path / method).exists()
     assert cli_main(["quantize", "--method", "fp8", "--model", str(moe), "--output",
-                     str(tmp_path / "cli")]) == 1
-    assert "mixture-of-experts" in capsys.readouterr().err
+                     str(tmp_path / "cli")]) == 0, capsys.readouterr().err
+    with safe_open(str(tmp_path / "cli" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_scale" in names
+    assert "model.layers.0.block_sparse_moe.gate.weight" in names
+    assert "model.layers.0.block_sparse_moe.gate.weight_scale" not in names
 
 
 def test_awq_refuses_families_whose_norms_cannot_take_its_scales(tmp_path: Path) -> None:

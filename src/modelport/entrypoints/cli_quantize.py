@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a sample of the text the model will serve: warns when the "
                         "calibration text looks unrelated to it, and scores every layer on its "
                         "inputs beside plain round-to-nearest (AWQ / GPTQ)")
+    p.add_argument("--min-expert-tokens", type=int, default=None,
+                   help="MoE: an expert routed fewer calibration tokens than this (default 32) "
+                        "is rounded to nearest instead of GPTQ (AWQ: its down projection keeps "
+                        "scale 1); the experts concerned are named in a warning")
     p.add_argument("--device", default="cpu", help="cpu | cuda (where calibration runs)")
     p.set_defaults(func=_run)
 
@@ -74,7 +79,9 @@ def _run(args: argparse.Namespace) -> int:
             sequential=args.sequential is not False, calib_from_model=args.calib_from_model,
             damp_percent=args.damp_percent if args.damp_percent is not None else 0.01,
             hessian_row_clip=(args.hessian_row_clip if args.hessian_row_clip is not None
-                              else HESSIAN_ROW_CLIP))
+                              else HESSIAN_ROW_CLIP),
+            **({} if args.min_expert_tokens is None
+               else {"min_expert_tokens": args.min_expert_tokens}))
         report = quantize_model(args.model, args.output, args.calib, opts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -85,7 +92,15 @@ def _run(args: argparse.Namespace) -> int:
         ref = report.reference_errors
         head = "  reference  (round-to-nearest)" if ref else ""
         print(f"{'layer':60s} rel. output error{head}")
+        experts = report.expert_errors()  # MoE: one line per layer and projection
         for name, err in report.layer_errors.items():
+            group = re.sub(r"\.experts\.\d+\.(\w+)\.weight$", r".experts.*.\1", name)
+            if group in experts:
+                agg = experts.pop(group)  # printed at its first expert, once
+                print(f"{group:60s} {agg['mean']:16.4f}  (mean of {agg['experts']} experts; "
+                      f"max {agg['max']:.4f})")
+            if group != name:
+                continue
             tail = f"  {ref[name][0]:9.4f}  ({ref[name][1]:.4f})" if name in ref else ""
             print(f"{name:60s} {err:16.4f}{tail}")
         worst = max(report.layer_errors.items(), key=lambda kv: kv[1])

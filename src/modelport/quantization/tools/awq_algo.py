@@ -33,6 +33,8 @@ class ScaleGroup:
     prev: str  # HF name of the tensor that absorbs 1/s (norm weight or previous linear)
     prev_is_linear: bool
     prev_rows: slice | None = None  # the rows of a fused prev (Phi-3's v in qkv, up in gate_up)
+    # float linears reading the same input (MoE routers): their columns x s keep their outputs
+    unquantized: tuple[str, ...] = ()
 
 
 def scale_groups(num_layers: int, num_heads: int, num_kv_heads: int) -> list[ScaleGroup]:
@@ -104,7 +106,7 @@ def apply_awq_scales(weights: dict[str, torch.Tensor], stats: dict, groups: list
         w = torch.cat([weights[n] for n in grp.linears])
         s, alpha = search_scale(w, st.x_sample, st.mean_abs, bits, group, zero_point)
         alphas[grp.stats_key] = alpha
-        for n in grp.linears:
+        for n in grp.linears + grp.unquantized:
             weights[n] = weights[n] * s[None, :]
         if grp.prev_rows is not None:
             prev = weights[grp.prev].clone()

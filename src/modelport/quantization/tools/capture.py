@@ -112,4 +112,8 @@ def collect_stats(model: nn.Module, windows: list[list[int]], block_size: int = 
     finally:
         for h in handles:
             h.remove()
+    if windows and stats and not any(st.rows for st in stats.values()):
+        raise RuntimeError(f"calibration saw no linear layer's input: {type(model).__name__}'s "
+                           "forward bypassed the modules' hooks (a fused CPU step; "
+                           "MODELPORT_CPU_KERNELS=0 turns it off)")
     return stats

@@ -17,6 +17,9 @@ round-to-nearest at the same bits and group size gives there. A method fitted to
 text unlike the reference can beat rounding on the calibration inputs and lose to it on the
 reference (GPTQ especially: it pushes each column's rounding error into directions the
 calibration inputs do not use); the tool warns when that happens on many layers.
+
+Mixture-of-experts models (per-expert calibration, RTN for experts calibration does not reach,
+AWQ scales folded into the routers too) are described in ``moe_quant.py``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class QuantizeOptions:
     # AWQ / GPTQ: calibrate on text the model samples itself (``selfcalib``), num_samples
     # answers of up to seq_len tokens, instead of a --calib file
     calib_from_model: bool = False
+    # MoE, GPTQ: an expert routed fewer calibration tokens than this is rounded to nearest
+    # (AWQ: its down projection keeps scale 1); see moe_quant.py
+    min_expert_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +96,8 @@ class QuantizeOptions:
             raise ValueError(f"--hessian-row-clip must be 0 (off) or >= 1, got {self.hessian_row_clip}")
         if self.calib_from_model and self.method == "fp8":
             raise ValueError("--calib-from-model: FP8 needs no calibration")
+        if self.min_expert_tokens < 1:
+            raise ValueError(f"--min-expert-tokens must be >= 1, got {self.min_expert_tokens}")
         if self.num_samples <= 0 or self.seq_len <= 1:
             raise ValueError("--num-samples must be > 0 and --seq-len > 1")
 
@@ -108,6 +116,15 @@ class QuantizeReport:
     # with a reference sample: HF weight name -> (this method's, round-to-nearest's) relative
     # output error on the reference sample's inputs
     reference_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # MoE: expert weight names rounded to nearest for lack of routed calibration tokens
+    # (GPTQ), or whose down projection kept AWQ scale 1, -> the tokens they got
+    few_token_experts: dict[str, int] = field(default_factory=dict)
+
+    def expert_errors(self) -> dict[str, dict[str, float]]:
+        """MoE: per layer and projection (``...experts.*.down_proj``), mean / max over experts."""
+        from modelport.quantization.tools.moe_quant import aggregate_expert_errors
+
+        return aggregate_expert_errors(self.layer_errors)
 
     def to_json(self) -> dict:
         out = {"options": self.options, "warnings": self.warnings,
@@ -117,6 +134,10 @@ class QuantizeReport:
             out["calibration_from_model"] = GENERATED_CALIB
         if self.clipped_rows:
             out["hessian_clipped_rows"] = self.clipped_rows
+        if self.expert_errors():
+            out["expert_relative_output_error"] = self.expert_errors()
+        if self.few_token_experts:
+            out["few_token_experts"] = self.few_token_experts
         if self.reference_errors:
             out["reference_relative_output_error"] = {
                 name: {"quantized": q, "round_to_nearest": r}
@@ -144,6 +165,8 @@ def reference_warning(report: QuantizeReport) -> str | None:
 def stats_key(hf_name: str) -> str:
     """HF weight name -> our fused module whose input it shares (q/k/v -> qkv_proj, ...)."""
     prefix = hf_name.removesuffix(".weight")
+    prefix = re.sub(r"(\.experts\.\d+)\.w[13]$", r"\1.gate_up_proj", prefix)  # Mixtral
+    prefix = re.sub(r"(\.experts\.\d+)\.w2$", r"\1.down_proj", prefix)
     prefix = re.sub(r"\.(q|k|v)_proj$", ".qkv_proj", prefix)
     return re.sub(r"\.(gate|up)_proj$", ".gate_up_proj", prefix)
 
@@ -176,11 +199,10 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     if mcfg.hf_config.get("quantization_config"):
         raise ValueError(f"{src.path} is already quantized; start from the float checkpoint")
     from modelport.models.moe_config import MOE_ARCHITECTURES
+    from modelport.quantization.tools import moe_quant
 
-    if mcfg.architecture in MOE_ARCHITECTURES:
-        raise ValueError(f"{mcfg.architecture} is a mixture-of-experts model: quantize does not "
-                         "support MoE models (their MoE layer runs unquantized weights only); "
-                         "serve it unquantized")
+    moe = mcfg.architecture in MOE_ARCHITECTURES
+    expert_names = moe_quant.expert_names(mcfg.architecture)
     if opts.method == "awq" and mcfg.architecture in AWQ_UNFOLDABLE:
         raise ValueError(f"--method awq does not support {mcfg.architecture}: its scales fold into "
                          "the RMSNorm before q/k/v and gate/up, which this family "
@@ -193,6 +215,8 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     report = QuantizeReport(Path(output), options={
         k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()})
     weights = {n: t.float() for n, t in hf.iter_safetensors(hf.safetensors_files(src.path))}
+    if moe:
+        moe_quant.split_stacked_experts(weights, expert_names)
     names = [n for n in weights if is_quantizable(n)]
     check_group_size(weights, names, opts)
     fused = _fused_checkpoint(names, weights, mcfg)
@@ -205,17 +229,21 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     def emit(name: str, st: LayerStats | None) -> torch.Tensor:
         """Quantize one weight into ``out``, report its error on its calibration inputs, and
         return its dequantization (what the sequential mode continues with)."""
-        w, w_hat, tensors = _quantize_one(name, weights[name], st, opts)
+        few = (moe and opts.method == "gptq" and st is not None and moe_quant.is_expert(name)
+               and st.rows < opts.min_expert_tokens)
+        if few:  # too few routed tokens for a Hessian: round to nearest
+            report.few_token_experts[name] = st.rows
+        w, w_hat, tensors = _quantize_one(name, weights[name], st, opts, rtn=few)
         prefix = name.removesuffix(".weight")
         out.update({f"{prefix}.{k}": v for k, v in tensors.items()})
-        if st is not None:
+        if st is not None and st.rows > 0:
             if opts.method == "awq":  # compare the effective weight with the original one
                 w_hat = w_hat * (originals[name] / w.where(w != 0, torch.ones_like(w))).where(
                     w != 0, torch.zeros_like(w))
             report.layer_errors[name] = _rel_error(st.x_sample, originals[name], w_hat)
             if st.clipped_rows:
                 report.clipped_rows[name] = st.clipped_rows
-        if ref_stats is not None:
+        if ref_stats is not None and ref_stats[stats_key(name)].rows > 0:
             x_ref = ref_stats[stats_key(name)].x_sample
             report.reference_errors[name] = (_rel_error(x_ref, originals[name], w_hat),
                                              _rel_error(x_ref, originals[name], _rtn(originals[name], opts)))
@@ -243,11 +271,20 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
                    for t in ids]
         report.warnings = calib_mod.calibration_warnings(windows, opts.num_samples, opts.seq_len, ref)
         report.calibration_tokens = sum(len(w) for w in windows)
-        float_model = load_model(src, mcfg, LoadConfig(), torch.float32, torch.device(opts.device))
+        float_model = (moe_quant.load_for_calibration(src, mcfg, opts.device) if moe else
+                       load_model(src, mcfg, LoadConfig(), torch.float32, torch.device(opts.device)))
         if ref is not None and opts.method != "fp8":  # before sequential GPTQ changes the model
             ref_stats = collect_stats(float_model, calib_mod.make_windows(
                 [ref], REFERENCE_WINDOWS, opts.seq_len), hessian=False)
-        if opts.method == "gptq" and opts.sequential:
+        if opts.method == "gptq" and opts.sequential and moe:
+            mismatch = set(names) ^ set(moe_quant.layerwise_weight_names(float_model, expert_names))
+            if mismatch:
+                raise ValueError("sequential GPTQ: the checkpoint's linear weights and the "
+                                 f"model's differ: {sorted(mismatch)}")
+            moe_quant.quantize_layerwise(float_model, windows, emit, expert_names,
+                                         row_clip=opts.hessian_row_clip)
+            del float_model
+        elif opts.method == "gptq" and opts.sequential:
             from modelport.quantization.tools.sequential import (
                 layerwise_weight_names,
                 quantize_layerwise,
@@ -275,11 +312,19 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
                                 mcfg.num_key_value_heads)
                 groups = (fused_scale_groups(n, heads, kv, mcfg.head_dim, mcfg.intermediate_size)
                           if fused else scale_groups(n, heads, kv))
+                if moe:
+                    groups, report.few_token_experts = moe_quant.awq_groups(
+                        weights, mcfg, stats, expert_names, opts.min_expert_tokens)
                 apply_awq_scales(weights, stats, groups, opts.bits, opts.group_size,
                                  opts.zero_point)
             for name in names:
                 emit(name, stats[stats_key(name)])
     bar.close()
+    few = moe_quant.few_tokens_warning(report.few_token_experts, opts.min_expert_tokens,
+                                       opts.method)
+    if few is not None:
+        calib_mod.logger.warning(few)
+        report.warnings.append(few)
     warning = reference_warning(report)
     if warning is not None:
         calib_mod.logger.warning(warning)
@@ -357,9 +402,10 @@ def _rtn(w: torch.Tensor, opts: QuantizeOptions) -> torch.Tensor:
                             torch.arange(k) // g)
 
 
-def _quantize_one(name: str, w: torch.Tensor, st: LayerStats | None, opts: QuantizeOptions
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(weight that was quantized, its dequantization, checkpoint tensors) for one linear."""
+def _quantize_one(name: str, w: torch.Tensor, st: LayerStats | None, opts: QuantizeOptions,
+                  rtn: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(weight that was quantized, its dequantization, checkpoint tensors) for one linear.
+    ``rtn``: GPTQ's layout, but plain rounding (an MoE expert without calibration tokens)."""
     from modelport.quantization.tools.rtn import dequantize_codes, rtn_quantize
 
     k = w.shape[1]
@@ -379,6 +425,11 @@ def _quantize_one(name: str, w: torch.Tensor, st: LayerStats | None, opts: Quant
     from modelport.quantization.gptq import pack_gptq
     from modelport.quantization.tools.gptq_algo import gptq_quantize
 
+    if rtn:
+        codes, zeros, scales = rtn_quantize(w, opts.bits, g, sym=not opts.zero_point)
+        g_idx = (torch.arange(k) // g).to(torch.int32)
+        return (w, dequantize_codes(codes, zeros, scales, g_idx.long()),
+                pack_gptq(codes, zeros, scales, opts.bits, g_idx=g_idx))
     if st is None or st.hessian is None:
         raise ValueError(f"{name}: GPTQ needs the Hessian of the layer's calibration inputs")
     codes, zeros, scales, g_idx = gptq_quantize(w, st.hessian, opts.bits, g,

@@ -7,6 +7,7 @@ The output folder is what the loaders here and other engines read: config.json w
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,10 +25,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "added_tokens.json")
 
 
+# Mixtral's experts: ``...block_sparse_moe.experts.<e>.w1|w3|w2.weight`` (gate, up, down)
+MIXTRAL_EXPERT = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
+
+
 def is_quantizable(name: str) -> bool:
-    """Whether a checkpoint tensor is a linear weight we quantize (lm_head and embeddings stay)."""
+    """Whether a checkpoint tensor is a linear weight we quantize (lm_head, embeddings and MoE
+    routers -- ``mlp.gate``, ``block_sparse_moe.gate``, ``shared_expert_gate`` -- stay)."""
     parts = name.rsplit(".", 2)
-    return len(parts) == 3 and parts[2] == "weight" and parts[1] in LINEAR_SUFFIXES
+    return (len(parts) == 3 and parts[2] == "weight" and parts[1] in LINEAR_SUFFIXES) or (
+        MIXTRAL_EXPERT.search(name) is not None)
 
 
 # quantization state that stays as it was computed (float32): FP8 scales, bitsandbytes'
