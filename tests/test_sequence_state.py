@@ -413,6 +413,8 @@ def test_state_config_accepted_and_other_backends_refused():
         ModelConfigError, match=r"State output name 'S_OUT' specified more than once"
     ):
         validate_config(cfg, "m", ["python"])
-    cfg = parse_config_text(BASE.format(backend="pytorch", state=OK))
-    with pytest.raises(ModelConfigError, match=r"python and onnxruntime backends only"):
-        validate_config(cfg, "m", ["pytorch"])
+    cfg = parse_config_text(BASE.format(backend="llm", state=OK))
+    with pytest.raises(
+        ModelConfigError, match=r"python, onnxruntime, pytorch backends only, not 'llm'"
+    ):
+        validate_config(cfg, "m", ["llm"])

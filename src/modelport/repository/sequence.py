@@ -9,7 +9,7 @@ shaped [1], plus the batch dimension ([1, 1]) when max_batch_size > 0, as in Tri
 Supported: strategies `direct` (the default; max_queue_delay_microseconds with
 minimum_slot_utilization) and `oldest` (max_candidate_sequences, preferred_batch_size,
 max_queue_delay_microseconds, preserve_ordering), max_sequence_idle_microseconds,
-control_input, and implicit state (`state`, python and onnxruntime backends; see
+control_input, and implicit state (`state`, python, onnxruntime and pytorch backends; see
 `ImplicitStates`). Refused at load: `iterative_sequence`.
 """
 
@@ -122,7 +122,7 @@ def validate_sequence_batching(cfg: mc.ModelConfig) -> None:
             raise _err(cfg, f"sequence batching control '{kind}' is not supported by modelport")
 
 
-STATE_BACKENDS = ("python", "onnxruntime")
+STATE_BACKENDS = ("python", "onnxruntime", "pytorch")
 
 
 def _validate_states(cfg: mc.ModelConfig) -> None:
@@ -132,7 +132,7 @@ def _validate_states(cfg: mc.ModelConfig) -> None:
         raise _err(
             cfg,
             f"sequence_batching 'state' (implicit state) is supported by modelport for the "
-            f"{' and '.join(STATE_BACKENDS)} backends only, not '{cfg.backend}'",
+            f"{', '.join(STATE_BACKENDS)} backends only, not '{cfg.backend}'",
         )
     inputs = {i.name for i in cfg.input}
     outputs = {o.name: o for o in cfg.output}

@@ -1,9 +1,20 @@
 """The `pytorch` backend: a TorchScript `model.pt` run with torch.jit.
 
-Inputs are passed positionally. As in Triton, names of the form `NAME__<i>` fix the
-position; otherwise the order of `input` in config.pbtxt does. Outputs map the same way:
-a single tensor is the first output, a tuple/list maps by position, a dict by name.
+Inputs are passed positionally, ordered by the pytorch backend's naming conventions: when
+every input name is an argument of the module's `forward`, by the forward's argument order;
+else, when every name has the form `NAME__<i>`, by <i>; otherwise by the order of `input`
+in config.pbtxt. Outputs map by `NAME__<i>` or config order: a single tensor is the first
+output, a tuple/list maps by position, a dict by name.
 TYPE_BF16 tensors reach the module as torch.bfloat16 and come back from it the same way.
+
+Implicit state (`sequence_batching.state`): each state `input_name` is one more input,
+placed after the config's inputs (or by forward argument name / `__<i>` index, as above);
+each state `output_name` not listed under `output` is one more output after the config's.
+TorchScript does not declare output types, so a state model is run once at load with zero
+inputs and its initial state, and a state output of another data type or shape than the
+state config is a load error (a null request of the sequence batcher feeds zeros as well).
+Sequence control inputs (START / END / READY / CORRID) are not passed to the module; a state
+model whose forward takes more arguments than its inputs plus states fails to load.
 """
 
 from __future__ import annotations
@@ -17,7 +28,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 from modelport.repository.backends.base import BackendContext, InstanceSpec
 from modelport.repository.backends.framework import TensorBackend
 from modelport.repository.errors import ModelConfigError
-from modelport.repository.tensors import from_torch, to_torch
+from modelport.repository.tensors import (
+    WIRE_TO_CONFIG,
+    from_torch,
+    numpy_dtype,
+    to_torch,
+    wire_of_config,
+    wire_of_numpy,
+)
 
 _INDEXED = re.compile(r".*__(\d+)$")
 
@@ -29,17 +47,38 @@ def _ordered(names: list[str]) -> list[str]:
     return names
 
 
+def _forward_args(module: Any) -> list[str] | None:
+    """The forward's tensor argument names (no `self`); None when they cannot be read."""
+    try:
+        args = list(module.forward.schema.arguments)
+    except Exception:
+        return None
+    if args and args[0].type.kind() == "ClassType":
+        args = args[1:]
+    return [a.name for a in args]
+
+
 class TorchScriptBackend(TensorBackend):
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
-        for io in [*self.config.input, *self.config.output]:
+        states = list(self.config.sequence_batching.state)
+        for io in [*self.config.input, *self.config.output, *states]:
             if io.data_type == mc.TYPE_STRING:
+                name = getattr(io, "name", "") or io.input_name
                 raise ModelConfigError(
                     f"model '{self.config.name}': the pytorch backend does not support "
-                    f"TYPE_STRING tensor '{io.name}'"
+                    f"TYPE_STRING tensor '{name}'"
                 )
-        self._input_order = _ordered([i.name for i in self.config.input])
-        self._output_order = _ordered([o.name for o in self.config.output])
+        listed = {o.name for o in self.config.output}
+        self._states = states
+        self._state_in = [st.input_name for st in states]
+        state_out = [st.output_name for st in states if st.output_name not in listed]
+        for st in states:
+            if st.output_name not in listed:
+                self._out_types[st.output_name] = wire_of_config(mc.DataType.Name(st.data_type))
+        self._input_names = [i.name for i in self.config.input] + self._state_in
+        self._input_order = _ordered(self._input_names)
+        self._output_order = _ordered([o.name for o in self.config.output] + state_out)
         self._path = ctx.model_file("model.pt")
         if not self._path.is_file():
             raise ModelConfigError(
@@ -58,13 +97,96 @@ class TorchScriptBackend(TensorBackend):
                 f"model '{self.config.name}': failed to load TorchScript {self._path}: {e}"
             ) from None
         module.eval()
-        return module, device
+        handle = (module, device, self._bind_inputs(_forward_args(module)))
+        if self._states:
+            self._probe_states(handle)
+        return handle
+
+    def _bind_inputs(self, fwd: list[str] | None) -> list[str]:
+        """The input names in the order the forward takes them (see the module doc)."""
+        names = self._input_names
+        if fwd is None:
+            return self._input_order
+        if all(n in fwd for n in names):
+            order = sorted(names, key=fwd.index)
+        else:
+            by_name = [i.name for i in self.config.input if i.name in fwd]
+            missing = [n for n in self._state_in if n not in fwd]
+            if self._states and by_name and missing:
+                raise ModelConfigError(
+                    f"model '{self.config.name}': state input '{missing[0]}' is not an "
+                    f"argument of the TorchScript forward (arguments: {', '.join(fwd)}); "
+                    "inputs named by forward argument need every sequence_batching state "
+                    "'input_name' to be a forward argument too"
+                )
+            order = self._input_order
+        if self._states and len(fwd) != len(names):
+            controls = self.config.sequence_batching.control_input
+            note = (
+                " (the config's inputs and sequence_batching states; modelport does not pass "
+                "sequence_batching control inputs to TorchScript models)"
+                if controls
+                else ""
+            )
+            raise ModelConfigError(
+                f"unable to load model '{self.config.name}', configuration expects "
+                f"{len(names)} inputs, model provides {len(fwd)}{note}"
+            )
+        return order
+
+    def _probe_states(self, handle: Any) -> None:
+        """Run the forward once on zeros + the initial state; check the state outputs."""
+        from modelport.repository.sequence import ImplicitStates
+
+        batched = self.config.max_batch_size > 0
+        inputs: dict[str, np.ndarray] = {}
+        for i in self.config.input:
+            dims = list(i.reshape.shape) if i.HasField("reshape") else list(i.dims)
+            shape = ([1] if batched else []) + [1 if d == -1 else int(d) for d in dims]
+            inputs[i.name] = np.zeros(
+                shape, numpy_dtype(wire_of_config(mc.DataType.Name(i.data_type)))
+            )
+        for spec in ImplicitStates(self.config, self.ctx.model_dir).specs:
+            inputs[spec.input_name] = spec.initial.copy()
+        try:
+            outputs = self.run(handle, inputs)
+        except Exception as e:
+            raise ModelConfigError(
+                f"model '{self.config.name}': the TorchScript forward failed on zero inputs "
+                "and the initial state at load (an implicit-state model must accept them: "
+                f"the sequence batcher's null requests are zeros): {type(e).__name__}: {e}"
+            ) from None
+        for st in self._states:
+            name = st.output_name
+            want = wire_of_config(mc.DataType.Name(st.data_type))
+            arr = outputs.get(name)
+            if arr is None:
+                raise ModelConfigError(
+                    f"model '{self.config.name}': the TorchScript forward returned no output "
+                    f"for state output '{name}' (sequence_batching state '{st.input_name}'; "
+                    f"outputs are taken in the order {', '.join(self._output_order)})"
+                )
+            have = wire_of_numpy(arr.dtype)
+            if have != want:
+                raise ModelConfigError(
+                    f"model '{self.config.name}': state output '{name}' of the TorchScript "
+                    f"model has data type {WIRE_TO_CONFIG.get(have, have)}, the "
+                    f"sequence_batching state declares {mc.DataType.Name(st.data_type)}"
+                )
+            got = list(arr.shape[1:] if batched else arr.shape)
+            dims = list(st.dims)
+            if len(got) != len(dims) or any(d != -1 and d != g for d, g in zip(dims, got)):
+                raise ModelConfigError(
+                    f"model '{self.config.name}': state output '{name}' of the TorchScript "
+                    f"model has shape {got}{' (without the batch dimension)' if batched else ''}"
+                    f", the sequence_batching state declares dims {dims}"
+                )
 
     def run(self, handle: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        module, device = handle
-        args = [to_torch(inputs[n]).to(device) for n in self._input_order if n in inputs]
+        module, device, order = handle
+        args = [to_torch(inputs[n]).to(device) for n in order if n in inputs]
         with torch.inference_mode():
             result = module(*args)
         if isinstance(result, torch.Tensor):
