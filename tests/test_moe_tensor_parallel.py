@@ -27,8 +27,8 @@ from modelport.loader import load_model, load_model_config, resolve_model
 from modelport.models.moe_config import check_moe_options
 from modelport.parallel.moe_parallel import (
     AllReduceMoeBlock,
-    experts_sharded_at_build,
     shard_experts,
+    sharded_at_build,
 )
 from modelport.parallel.tensor_parallel import AllReduceLinear, shard_model
 from modelport.planner.parallel import tp_refusal, valid_tp_degrees
@@ -125,7 +125,7 @@ def test_experts_load_as_the_rank_slice(moe_dir: Path, tmp_path: Path) -> None:
         want = dict(after.named_parameters())
         for d in dirs:
             src = resolve_model(str(d))
-            with experts_sharded_at_build(rank, 2):
+            with sharded_at_build(rank, 2):
                 got = load_model(src, load_model_config(src), LoadConfig(), torch.float32,
                                  torch.device("cpu"), transform=partial(shard_model, rank=rank,
                                                                         size=2))
@@ -135,8 +135,8 @@ def test_experts_load_as_the_rank_slice(moe_dir: Path, tmp_path: Path) -> None:
             assert params.keys() == want.keys()
             for name, p in params.items():
                 assert torch.equal(p, want[name]), (d.name, rank, name)
-    with experts_sharded_at_build(0, 2), pytest.raises(RuntimeError, match="does not nest"):
-        with experts_sharded_at_build(0, 2):
+    with sharded_at_build(0, 2), pytest.raises(RuntimeError, match="does not nest"):
+        with sharded_at_build(0, 2):
             pass
 
 
@@ -182,7 +182,7 @@ def test_tp_must_divide_the_intermediate_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"tensor_parallel_size 2 must divide the expert "
                                          r"intermediate size of model\.layers\.0\.mlp \(45\)"):
         shard_model(_load(d), 0, 2)
-    with experts_sharded_at_build(1, 2), pytest.raises(
+    with sharded_at_build(1, 2), pytest.raises(
             ValueError, match=r"must divide the expert intermediate size \(45\)"):
         _load(d)  # a rank's own load: refused as the experts are built
 

@@ -12,17 +12,24 @@ as plain single-device code.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# True while a tensor-parallel rank builds its model (parallel/tp_load.py): linear weights are
+# then created on the meta device and allocated later at the size of the rank's slice.
+PARAMS_ON_META: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "linear_params_on_meta", default=False)
+
 
 def _param(*shape: int) -> nn.Parameter:
     # Uninitialised on the current default device/dtype: loaders overwrite every value, and
     # skipping the init keeps building an 8B model on the GPU instant.
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+    device = "meta" if PARAMS_ON_META.get() else None
+    return nn.Parameter(torch.empty(*shape, device=device), requires_grad=False)
 
 
 def _check_shape(name: str, dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -185,8 +185,10 @@ def load_model(
     plan = resolve_quantization(load_config.quantization, src, config, device, fmt)
     if plan is not None:  # quantized checkpoint or --quantization: see quantization/loading.py
         return plan.load(cls, config, fmt, load_config.seed, dtype, device, transform)
-    with _build_defaults(dtype, device):
-        model = cls(config)
+    from modelport.parallel.tp_load import build_for_rank
+
+    with _build_defaults(dtype, device):  # a tensor-parallel rank: only its slices (tp_load)
+        model = build_for_rank(lambda: cls(config), device)
     expected = {name for name, _ in model.named_parameters()}
     if fmt == "dummy":
         from modelport.loader.dummy import init_dummy_weights

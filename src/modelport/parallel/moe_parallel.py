@@ -14,11 +14,11 @@ the scaling commutes with the sum over ranks) and added to the experts' partial 
 the block all-reduces once.
 
 Experts are most of an MoE model's bytes (Mixtral-8x7B: 45 of 47B parameters), so a rank
-must not hold all of them even while loading: inside ``experts_sharded_at_build(rank, size)``
+must not hold all of them even while loading: inside ``sharded_at_build(rank, size)``
 (the runner's load of a tensor-parallel rank) models/moe.py builds each FusedMoE with this
 rank's slice only (``experts_for_rank``) and the slice's loaders cut every checkpoint tensor
-as it streams in. Attention, embeddings and the shared expert still load whole and are cut
-afterwards by ``shard_model``, as in the dense models.
+as it streams in. Attention and the shared expert are built as the rank's slice too
+(parallel/tp_load.py); embeddings, norms and the router stay whole (replicated).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import nn
 
 from modelport.layers.fused_moe import ExpertWeights, FusedMoE, SparseMoeBlock
 from modelport.layers.linear import Linear, MergedLinear
-from modelport.parallel.tensor_parallel import _shard_merged, _shard_row
+from modelport.parallel.tensor_parallel import _shard_merged, _shard_row, _sliced
 
 # (rank, size) while a tensor-parallel rank builds and loads its model; None otherwise
 _BUILD_SHARD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
@@ -42,10 +42,11 @@ _BUILD_SHARD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.Conte
 
 
 @contextlib.contextmanager
-def experts_sharded_at_build(rank: int, size: int) -> Iterator[None]:
-    """MoE experts built (and loaded) inside hold only rank's slice of each expert."""
+def sharded_at_build(rank: int, size: int) -> Iterator[None]:
+    """Layers built (and loaded) inside hold only this rank's slice: MoE experts here, the
+    dense q/k/v, gate_up, o and down layers in parallel/tp_load.py."""
     if _BUILD_SHARD.get() is not None:
-        raise RuntimeError("experts_sharded_at_build does not nest")
+        raise RuntimeError("sharded_at_build does not nest")
     token = _BUILD_SHARD.set((rank, size))
     try:
         yield
@@ -55,7 +56,7 @@ def experts_sharded_at_build(rank: int, size: int) -> Iterator[None]:
 
 def experts_for_rank(num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                      renormalize: bool) -> FusedMoE:
-    """A FusedMoE as the model declares it; inside ``experts_sharded_at_build`` one that
+    """A FusedMoE as the model declares it; inside ``sharded_at_build`` one that
     holds (and loads) only this rank's intermediate channels."""
     shard = _BUILD_SHARD.get()
     if shard is None or shard[1] == 1:
@@ -178,7 +179,8 @@ def _shard_shared_expert(name: str, mlp: nn.Module, rank: int, size: int) -> Non
     if gate_up.quant_method is not None or down.quant_method is not None:
         raise ValueError(f"{name}: a quantized shared expert is not supported with "
                          "tensor_parallel_size > 1 (supported: unquantized weights)")
-    _check_divides(f"shared expert intermediate size of {name}", down.input_size, size)
+    if not _sliced(down, rank, size):  # else built as this rank's slice (tp_load.py)
+        _check_divides(f"shared expert intermediate size of {name}", down.input_size, size)
     _shard_merged(gate_up, rank, size)
     _shard_row(down, rank, size)
     if down.bias is not None and rank != 0:

@@ -14,6 +14,15 @@ does) calls ``shard_model`` at that point; plain models may also be sharded afte
 
 Mixture-of-experts blocks (router, stacked experts, shared expert) are split first, each as
 one unit with a single all-reduce: parallel/moe_parallel.py.
+
+A rank never holds a whole unquantized model: the runner builds it inside
+``sharded_at_build`` and ``load_model`` then gives every q/k/v, gate_up, o and down
+projection (shared experts included) only this rank's slice, computed by the functions
+below, with weight loaders that cut each checkpoint tensor as it streams in
+(parallel/tp_load.py). ``shard_model`` leaves those layers' weights alone (``tp_shard`` marks
+them) and only wraps the row-parallel ones. Limit: a quantized model (a LinearMethod on its
+layers, GGUF blocks kept included) still loads whole on every rank and is cut here before
+repacking, so it must fit one device.
 """
 
 from __future__ import annotations
@@ -56,6 +65,21 @@ def _rows(ranges: list[tuple[int, int]], rank: int, size: int) -> torch.Tensor:
     return torch.cat(idx)
 
 
+def _sliced(m: Linear, rank: int, size: int) -> bool:
+    """Whether m was built as rank's slice already (parallel/tp_load.py)."""
+    built = getattr(m, "tp_shard", None)
+    if built is not None and built != (rank, size):
+        raise RuntimeError(f"{type(m).__name__} built for rank {built[0]} of {built[1]}, "
+                           f"sharded for rank {rank} of {size}")
+    return built is not None
+
+
+def _cols(input_size: int, rank: int, size: int) -> tuple[int, int]:
+    """(start, length) of this rank's input columns of a row-parallel layer."""
+    part = input_size // size
+    return rank * part, part
+
+
 def _take_rows(m: Linear, idx: torch.Tensor, rank: int, size: int) -> None:
     if m.quant_method is not None:
         ranges = dict(getattr(m, "shard_ranges", None) or {}) or None
@@ -71,6 +95,8 @@ def _take_rows(m: Linear, idx: torch.Tensor, rank: int, size: int) -> None:
 
 
 def _shard_qkv(m: QKVLinear, rank: int, size: int) -> None:
+    if _sliced(m, rank, size):
+        return
     d = m.head_dim
     _take_rows(m, _rows(_head_ranges(m), rank, size), rank, size)
     m.num_heads //= size
@@ -85,6 +111,8 @@ def _head_ranges(m: QKVLinear) -> list[tuple[int, int]]:
 
 
 def _shard_merged(m: MergedLinear, rank: int, size: int) -> None:
+    if _sliced(m, rank, size):
+        return
     names = list(m.shard_ranges)
     ranges = [m.shard_ranges[n] for n in names]
     _take_rows(m, _rows(ranges, rank, size), rank, size)
@@ -95,14 +123,36 @@ def _shard_merged(m: MergedLinear, rank: int, size: int) -> None:
 
 
 def _shard_row(m: Linear, rank: int, size: int) -> None:
-    part = m.input_size // size
+    if _sliced(m, rank, size):
+        return
+    start, part = _cols(m.input_size, rank, size)
     if m.quant_method is not None:
-        idx = torch.arange(rank * part, (rank + 1) * part)
+        idx = torch.arange(start, start + part)
         m.quant_method.shard(m, TPShard(1, idx, int(m.input_size), int(m.output_size), rank, size))
     else:
-        w = m.weight.data[:, rank * part : (rank + 1) * part].clone()
+        w = m.weight.data[:, start : start + part].clone()
         m.weight = nn.Parameter(w, requires_grad=False)
     m.input_size = part
+
+
+def parallel_kind(name: str, module: nn.Module) -> str | None:
+    """How a module outside mixture-of-experts blocks is split: "column" (q/k/v, gate_up:
+    output rows), "row" (o, down: input columns) or None (replicated)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if isinstance(module, QKVLinear) or (isinstance(module, MergedLinear)
+                                         and leaf in COLUMN_PARALLEL):
+        return "column"
+    if isinstance(module, Linear) and leaf in ROW_PARALLEL:
+        return "row"
+    return None
+
+
+def check_heads(m: QKVLinear, size: int) -> None:
+    if m.num_heads % size or m.num_kv_heads % size:
+        raise ValueError(
+            f"tensor_parallel_size {size} must divide the attention heads "
+            f"({m.num_heads}) and KV heads ({m.num_kv_heads})"
+        )
 
 
 def shard_model(model: nn.Module, rank: int, size: int) -> None:
@@ -122,16 +172,14 @@ def shard_model(model: nn.Module, rank: int, size: int) -> None:
         if moe_blocks and name.startswith(moe_blocks):
             continue
         leaf = name.rsplit(".", 1)[-1]
+        kind = parallel_kind(name, module)
         if isinstance(module, QKVLinear):
-            if module.num_heads % size or module.num_kv_heads % size:
-                raise ValueError(
-                    f"tensor_parallel_size {size} must divide the attention heads "
-                    f"({module.num_heads}) and KV heads ({module.num_kv_heads})"
-                )
+            if not _sliced(module, rank, size):
+                check_heads(module, size)
             _shard_qkv(module, rank, size)
-        elif isinstance(module, MergedLinear) and leaf in COLUMN_PARALLEL:
+        elif kind == "column":
             _shard_merged(module, rank, size)
-        elif isinstance(module, Linear) and leaf in ROW_PARALLEL:
+        elif kind == "row":
             _shard_row(module, rank, size)
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             replace.append((parent, leaf, module))

@@ -136,13 +136,13 @@ class ModelRunner:
         shard = None
         build: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.tp_size > 1:
-            from modelport.parallel.moe_parallel import experts_sharded_at_build
+            from modelport.parallel.moe_parallel import sharded_at_build
             from modelport.parallel.tensor_parallel import shard_model
 
             def shard(model: torch.nn.Module) -> None:  # between loading and kernel repacking
                 shard_model(model, self.tp_rank, self.tp_size)
             # MoE experts are built and loaded as this rank's slice (never whole on one rank)
-            build = experts_sharded_at_build(self.tp_rank, self.tp_size)
+            build = sharded_at_build(self.tp_rank, self.tp_size)
         with build:
             self.model = load_model(
                 self.config.model_source, self.config.model_config, self.config.load_config,
