@@ -13,10 +13,10 @@ from modelport.config import ModelConfig
 from modelport.models.moe_config import moe_spec
 
 # How a tensor is split across TP ranks.
-COLUMN = "column"  # output features split (q/k/v, gate/up; vocab for embedding and lm head)
+COLUMN = "column"  # output features split (q/k/v, gate/up)
 ROW = "row"  # input features split (o_proj, down_proj)
 KV = "kv"  # k/v projections: split by KV head, replicated when tp exceeds the KV head count
-REPLICATED = "replicated"  # norms
+REPLICATED = "replicated"  # norms, the embedding and the LM head
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def decoder_tensors(model: ModelConfig) -> list[TensorSpec]:
     h, inter = model.hidden_size, model.intermediate_size
     q = model.num_attention_heads * model.head_dim
     kv = model.num_key_value_heads * model.head_dim
-    out = [TensorSpec("token_embd.weight", "embed", (model.vocab_size, h), COLUMN)]
+    # the embedding and the LM head stay whole on every rank (parallel/tensor_parallel.py)
+    out = [TensorSpec("token_embd.weight", "embed", (model.vocab_size, h), REPLICATED)]
     for i in range(model.num_hidden_layers):
         p = f"blk.{i}."
         out += [
@@ -67,7 +68,7 @@ def decoder_tensors(model: ModelConfig) -> list[TensorSpec]:
             ]
     out.append(TensorSpec("output_norm.weight", "norm", (h,), REPLICATED))
     if not model.tie_word_embeddings:
-        out.append(TensorSpec("output.weight", "output", (model.vocab_size, h), COLUMN))
+        out.append(TensorSpec("output.weight", "output", (model.vocab_size, h), REPLICATED))
     return out
 
 
