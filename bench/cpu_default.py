@@ -8,6 +8,10 @@ C1 through llama-cpp-python (BENCH.md's peer) on the same GGUF file, in the inte
 separate venv: it is not a modelport dependency), right after ours.
 
     .venv/bin/python bench/cpu_default.py [--peer hf|llama.cpp|both] [--json out.json]
+
+`--model F` runs another GGUF file or HF folder instead (e.g. a Q8_0 copy of the default model
+that bench/gguf_requant.py wrote), `--quantization Q` passes LLM(quantization=Q) (`none`: the
+weights dequantized to fp32).
 """
 
 from __future__ import annotations
@@ -99,15 +103,19 @@ def run_modelport(args, quantization: str | None = None) -> dict:
     from modelport import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(kv_cache_memory=256 << 20, max_model_len=2048, max_num_seqs=64,
+    if quantization is None:
+        quantization = args.quantization
+    llm = LLM(args.model, kv_cache_memory=256 << 20, max_model_len=2048, max_num_seqs=64,
               quantization=quantization)
     load_s = time.perf_counter() - t0
     eng = llm.llm_engine
     vocab = eng.config.model_config.vocab_size
-    kept = any(hasattr(m, "qkernel") for m in eng.core.runner.model.modules())
+    kernels = sorted({type(m.qkernel).__name__ for m in eng.core.runner.model.modules()
+                      if hasattr(m, "qkernel")})
     head = eng.core.runner.model.lm_head.weight.dtype
-    name = (f"modelport quantization={quantization!r}: "
-            + (f"Q4_1 kept, {str(head).removeprefix('torch.')} LM head" if kept else "fp32"))
+    kept = (f"{'/'.join(kernels)} kept" if args.model else "Q4_1 kept") if kernels else None
+    name = (f"modelport {args.model or 'default model'} quantization={quantization!r}: "
+            + (f"{kept}, {str(head).removeprefix('torch.')} LM head" if kept else "fp32"))
     res = {"engine": name, "load_s": round(load_s, 2)}
 
     # C1: time to first token and decode rate from the engine's own step loop
@@ -226,6 +234,10 @@ def main() -> None:
                     help="the switch --ab flips: the CPU decode fast paths, or the exact greedy "
                     "int8-screened LM head (MODELPORT_CPU_GREEDY_INT8_HEAD)")
     ap.add_argument("--skip-c2", action="store_true", help="C1 only")
+    ap.add_argument("--model", default=None,
+                    help="a GGUF file or HF folder instead of the embedded default model")
+    ap.add_argument("--quantization", default=None,
+                    help="LLM(quantization=...) for the first run, e.g. none (fp32 weights)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:

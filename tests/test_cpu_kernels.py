@@ -272,15 +272,17 @@ def test_every_step_takes_the_c_path_so_results_do_not_depend_on_the_batch(llm: 
 
 
 def test_models_that_do_not_fit_keep_the_module_path(tmp_path) -> None:
-    """An unquantized (fp32) model has no int4 kernels: its plan is refused, decode is None."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A sliding-window model (Mistral) is not for the C attention: its plan is refused,
+    decode is None. (Plain float models do take the C path: test_cpu_kernels_more.py.)"""
+    from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, sliding_window=8)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path)
     _byte_level_tokenizer().save_pretrained(tmp_path)
-    from modelport.models.llama import LlamaForCausalLM as Ours
+    from modelport.models.llama import MistralForCausalLM as Ours
 
     small = LLM(str(tmp_path), kv_cache_memory=8 << 20, max_model_len=128)
     out = small.generate(prompt_token_ids=[[1, 2, 3]], use_tqdm=False,
@@ -290,4 +292,4 @@ def test_models_that_do_not_fit_keep_the_module_path(tmp_path) -> None:
     model = small.llm_engine.core.runner.model
     assert isinstance(model, Ours)
     assert model.model.__dict__.get("_cpu_decode_plan") is False
-    assert cpu_kernels._fits(model.model) == "a linear layer not on the int4 CPU kernel"
+    assert cpu_kernels._fits(model.model) == "attention options (window / soft cap / head size)"

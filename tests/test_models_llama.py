@@ -142,9 +142,12 @@ def test_mistral_uses_llama_and_its_sliding_window(tmp_path: Path) -> None:
 @pytest.mark.parametrize("blocks", [[5, 2, 7, 0, 3], [2, 3, 4, 5, 6]], ids=["scattered", "consecutive"])
 def test_cpu_fast_decode_paths_are_bitwise_equal(tmp_path: Path, monkeypatch, blocks) -> None:
     """layers/cpu_fast.py's paths (fused rms_norm, joint q/k rotary, batch-1 decode attention
-    reading consecutive blocks in place) give the same bits as the plain code."""
-    from modelport.layers import cpu_fast
+    reading consecutive blocks in place) give the same bits as the plain code. (The module
+    tree's paths: the C step, which a float32 Llama takes too, is off here; it is checked
+    against the module path in test_cpu_kernels_more.py.)"""
+    from modelport.layers import cpu_fast, cpu_kernels
 
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     model = load(make_tiny_llama_dir(tmp_path))
     cfg, bs, t = model.config, 8, 30
     table = torch.tensor([blocks], dtype=torch.int32)

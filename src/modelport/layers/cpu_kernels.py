@@ -2,18 +2,23 @@
 
 On a CPU a decode step of a small model (the embedded SmolLM2-135M: 30 layers of width 576)
 is mostly dispatch: ~60 torch ops a layer for a few hundred floats each, against four
-weight-only int4 GEMMs that do the real work. For a Llama-family model whose linear layers
-all run torch's int4 CPU kernel (the default model kept in Q4), ``decode`` runs each layer of
-a step as the four int4 GEMMs with three C calls between them (residual add + RMSNorm; bias +
-rotary + K/V write + attention over the paged cache for decoding rows; SwiGLU), instead of the
-module tree. Prompt chunks' attention runs the module path's own code on the rotated q the C
-call leaves behind. Every CPU step of such a model takes this path, prompt chunks and mixed
+weight-only GEMMs that do the real work. For a Llama-family model whose linear layers run
+torch's int4 or int8 CPU kernels (the default model kept in Q4; Q8_0 / K-quant GGUF files),
+or are all plain float matmuls (float32 or bfloat16 checkpoints, ``quantization="none"``),
+``decode`` runs each layer of a step as its four matmuls, each the op its module would call
+(cpu_linear_ops.py), with three C calls between them (residual add + RMSNorm; bias + rotary +
+K/V write + attention over the paged cache for decoding rows; SwiGLU), instead of the
+module tree (Qwen3's per-head q / k RMSNorm goes into the attention call). The C calls read
+and write what the matmuls take and give: bf16 between quantized ones, float32 (or bf16)
+between float ones; the residual stream stays float32, the KV cache float32 or bf16. Prompt
+chunks' attention runs the module path's own code on the rotated q the C call leaves behind. Every CPU step of such a model takes this path, prompt chunks and mixed
 steps included, so a row's result does not depend on which other rows share its step (the C
 sums round differently from torch's, so the two paths must not be mixed for one request).
 
 The C file is compiled with the system C compiler on first use (well under a second) into
 the modelport cache, keyed by the source and this CPU; where no compiler works, or the model
-does not fit (another layer type, another kernel, an fp8 cache, a sliding window, LoRA),
+does not fit (another layer type, another kernel, float32 matmuls beside bf16 ones, an fp8
+KV cache, a sliding window, LoRA),
 ``decode`` returns None and the module path runs as before. ``MODELPORT_CPU_KERNELS=0``
 turns it off; so does ``MODELPORT_CPU_FAST_DECODE=0`` (cpu_fast.ENABLED), read at call time.
 """
@@ -34,6 +39,8 @@ import torch
 
 from modelport.layers import cpu_fast
 from modelport.layers.attention import get_forward_context, request_attention
+from modelport.layers.cpu_linear_ops import linear_op
+from modelport.quantization.kernels import CPU_INT8_MAX_M
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +60,17 @@ _tried = False
 ATTENTION_THREADS = 1
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 _SIGNATURES = {
     "mp_add_rmsnorm": (_I, _I, _P, _P, _P, _F, _P, _P),
     "mp_decode_attention": (_I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _I, _P,
                             _P, _P, _F, _P, _P, _P, _I),
     "mp_silu_mul": (_I, _I, _P, _P),
+    # the same with the matmuls' dtype as a flag (1: float32, 0: bf16)
+    "mp_add_rmsnorm_io": (_I, _I, _P, _P, _I, _P, _F, _P, _P),
+    "mp_decode_attention_io": (_I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _I, _P,
+                               _P, _P, _F, _P, _P, _P, _I, _I, _I, _P, _P, _F),
+    "mp_silu_mul_io": (_I, _I, _P, _P, _I),
 }
 
 
@@ -129,22 +142,22 @@ class _Layer:
         self.ln1, self.eps1 = self._f32(layer.input_layernorm.weight), layer.input_layernorm.eps
         self.ln2 = self._f32(layer.post_attention_layernorm.weight)
         self.eps2 = layer.post_attention_layernorm.eps
-        self.qkv = _int4(attn.qkv_proj)
-        self.o = _int4(attn.o_proj)
-        self.gate_up = _int4(mlp.gate_up_proj)
-        self.down = _int4(mlp.down_proj)
-        bias = attn.qkv_proj.bias
-        self.bias = self._f32(bias) if bias is not None else None
+        self.ops = [linear_op(lin, lin is attn.qkv_proj) for lin in
+                    (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        # (op, args) of each matmul: [0] for steps of up to CPU_INT8_MAX_M rows, [1] above
+        self.qkv, self.o, self.gate_up, self.down = ((op.small, op.large) for op in self.ops)
+        bias = self.ops[0].c_bias
+        self.keep.append(bias)
+        self.bias = bias.data_ptr() if bias is not None else None
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
+        self.qn = self._f32(qn.weight) if qn is not None else None
+        self.kn = self._f32(kn.weight) if kn is not None else None
+        self.qk_eps = qn.eps if qn is not None else 0.0
 
     def _f32(self, t: torch.Tensor) -> int:
         t = t.detach().float().contiguous()
         self.keep.append(t)
         return t.data_ptr()
-
-
-def _int4(linear) -> tuple:
-    k = linear.qkernel
-    return k.packed, k.group_size, k.scale_zero
 
 
 def _fits(model) -> str | None:
@@ -155,18 +168,29 @@ def _fits(model) -> str | None:
     from modelport.layers.linear import Linear, MergedLinear, QKVLinear
     from modelport.layers.rotary import RotaryEmbedding
     from modelport.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
-    from modelport.quantization.kernels import CpuInt4Kernel
+    from modelport.models.qwen3 import Qwen3Attention, Qwen3DecoderLayer
 
+    if _hooked(model.modules()):
+        return "forward hooks on its modules (e.g. calibration statistics), which C would skip"
     if not model.layers or type(model.norm) is not RMSNorm:
         return "no layers / another final norm"
     rotary = model.layers[0].self_attn.rotary_emb
-    if type(rotary) is not RotaryEmbedding or rotary.cos_sin_cache.dtype != torch.float32:
+    if (type(rotary) is not RotaryEmbedding
+            or rotary.cos_sin_cache.dtype not in (torch.float32, torch.bfloat16)):
         return "another rotary embedding"
+    dtypes = set()
     for layer in model.layers:
-        if (type(layer) is not LlamaDecoderLayer or type(layer.self_attn) is not LlamaAttention
-                or type(layer.mlp) is not LlamaMLP or type(layer.mlp.act) is not SiluAndMul):
+        kinds = ((LlamaDecoderLayer, LlamaAttention), (Qwen3DecoderLayer, Qwen3Attention))
+        if ((type(layer), type(layer.self_attn)) not in kinds or type(layer.mlp) is not LlamaMLP
+                or type(layer.mlp.act) is not SiluAndMul):
             return f"layer type {type(layer).__name__}"
         a = layer.self_attn
+        if type(a) is Qwen3Attention:  # q / k RMSNorm per head before rotary, in the C call
+            qn, kn = a.q_norm, a.k_norm
+            if (type(qn) is not RMSNorm or type(kn) is not RMSNorm or qn.eps != kn.eps
+                    or qn.weight.shape[0] != a.attn.head_dim
+                    or kn.weight.shape[0] != a.attn.head_dim):
+                return "q / k norms other than one RMSNorm of head_dim each (one eps)"
         if a.rotary_emb is not rotary or type(a.attn) is not Attention:
             return "another attention"
         if a.attn.backend_kwargs or a.attn.head_dim > 512 or a.attn.head_dim % 2:
@@ -180,12 +204,18 @@ def _fits(model) -> str | None:
                          (layer.mlp.gate_up_proj, MergedLinear), (layer.mlp.down_proj, Linear)):
             if type(lin) is not cls:  # a LoRA / GEMV subclass swapped in
                 return f"{type(lin).__name__} layer"
-            k = getattr(lin, "qkernel", None)
-            if type(k) is not CpuInt4Kernel or k.perm is not None:
-                return "a linear layer not on the int4 CPU kernel"
-            if lin.bias is not None and lin is not a.qkv_proj:
-                return "a bias outside qkv"
+            op = linear_op(lin, lin is a.qkv_proj)
+            if isinstance(op, str):
+                return op
+            dtypes.add(op.dtype)
+    if len(dtypes) > 1:  # the C calls between two matmuls write one dtype
+        return "float32 matmuls beside bf16 ones (int4 / int8 kernels or bf16 weights)"
     return None
+
+
+def _hooked(modules) -> bool:
+    """Whether any of these modules has forward hooks (the C path would not call them)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class DecodePlan:
@@ -193,26 +223,35 @@ class DecodePlan:
 
     def __init__(self, model, lib: ctypes.CDLL) -> None:
         self.lib = lib
+        # the hook tables of the modules whose forward C replaces (filled in place by
+        # register_forward_hook): a hook added after this plan was built sends the step back
+        # to the module path
+        self.hook_tables = [d for layer in model.layers for m in layer.modules()
+                            for d in (m._forward_hooks, m._forward_pre_hooks)]
         first = model.layers[0].self_attn
         self.nh, self.nkv = first.attn.num_heads, first.attn.num_kv_heads
         self.hd, self.scale = first.attn.head_dim, float(first.attn.scale)
         rotary = first.rotary_emb
         self.rot_dim = rotary.rotary_dim
-        self.cos_sin = rotary.cos_sin_cache.contiguous()
+        self.cos_sin = rotary.cos_sin_cache.float().contiguous()  # a bf16 model's: widened
         self.hidden = model.norm.weight.shape[0]
         self.inter = model.layers[0].mlp.down_proj.input_size
         self.layers = [_Layer(layer) for layer in model.layers]
         self.norm_w = model.norm.weight.detach().float().contiguous()
         self.norm_eps = model.norm.eps
-        self.int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+        self.dtype = self.layers[0].ops[0].dtype  # every matmul's input and output
+        self.io_f32 = int(self.dtype == torch.float32)
+        self.kinds = sorted({op.kind for L in self.layers for op in L.ops})
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
         meta = ctx.attn_metadata
         rows, h = x.shape
         caches = ctx.kv_caches
-        if any(c.dtype != torch.float32 or not c.is_contiguous() for c in caches):
+        if any(c.dtype not in _CACHE_DTYPES or not c.is_contiguous() for c in caches):
             return None
-        lib, mm, nh, nkv, hd = self.lib, self.int4_mm, self.nh, self.nkv, self.hd
+        lib, nh, nkv, hd, f32, dt = (self.lib, self.nh, self.nkv, self.hd, self.io_f32,
+                                     self.dtype)
+        big = int(rows > CPU_INT8_MAX_M)  # the int8 kernel's branch (CpuInt8Kernel.forward)
         qkv_n = (nh + 2 * nkv) * hd
         # per token row: its request, how many positions it sees, whether C attends for it
         # (the one new token of a decoding request) or the prompt-chunk loop below does
@@ -232,9 +271,9 @@ class DecodePlan:
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         tables = meta.block_tables.to(torch.int32).contiguous()
         resid = x.float().contiguous().clone()
-        xb = torch.empty(rows, h, dtype=torch.bfloat16)
-        attn = torch.empty(rows, nh * hd, dtype=torch.bfloat16)
-        act = torch.empty(rows, self.inter, dtype=torch.bfloat16)
+        xb = torch.empty(rows, h, dtype=dt)
+        attn = torch.empty(rows, nh * hd, dtype=dt)
+        act = torch.empty(rows, self.inter, dtype=dt)
         threads = ATTENTION_THREADS
         work = torch.empty(attention_work_floats(rows, nh, nkv, hd, threads),
                            dtype=torch.float32)
@@ -249,28 +288,35 @@ class DecodePlan:
                           rows_of.data_ptr())
 
         width = tables.shape[1]
-        norm, attend_fn, silu = lib.mp_add_rmsnorm, lib.mp_decode_attention, lib.mp_silu_mul
+        norm, attend_fn, silu = (lib.mp_add_rmsnorm_io, lib.mp_decode_attention_io,
+                                 lib.mp_silu_mul_io)
+        xb16, xb32 = (None, xbp) if f32 else (xbp, None)
         delta = None
         for L in self.layers:
             cache = caches[L.idx]
             _, nb, bs, _, _ = cache.shape
-            norm(rows, h, rp, delta.data_ptr() if delta is not None else None, L.ln1, L.eps1,
-                 xbp, None)
-            qkv = mm(xb, L.qkv[0], L.qkv[1], L.qkv[2])
+            norm(rows, h, rp, delta.data_ptr() if delta is not None else None, f32, L.ln1,
+                 L.eps1, xb16, xb32)
+            fn, args = L.qkv[big]
+            qkv = fn(xb, *args)
             attend_fn(rows, nh, nkv, hd, self.rot_dim, qkv.data_ptr(), L.bias, cs, pp,
                       cache.data_ptr(), nb, bs, sp, tp, width, rq, rl, at, self.scale, ap, wp,
-                      ro, threads)
+                      ro, threads, f32, int(cache.dtype == torch.bfloat16), L.qn, L.kn,
+                      L.qk_eps)
             for i, s, e, n in chunks:  # prompt chunks: the module path's attention
                 attn[s:e] = request_attention(qf[s:e], cache, tables[i], n,
                                               self.scale).reshape(e - s, -1)
-            o = mm(attn, L.o[0], L.o[1], L.o[2])
-            norm(rows, h, rp, o.data_ptr(), L.ln2, L.eps2, xbp, None)
-            gu = mm(xb, L.gate_up[0], L.gate_up[1], L.gate_up[2])
-            silu(rows, self.inter, gu.data_ptr(), actp)
-            delta = mm(act, L.down[0], L.down[1], L.down[2])
-        norm(rows, h, rp, delta.data_ptr(), self.norm_w.data_ptr(), self.norm_eps, None,
+            fn, args = L.o[big]
+            o = fn(attn, *args)
+            norm(rows, h, rp, o.data_ptr(), f32, L.ln2, L.eps2, xb16, xb32)
+            fn, args = L.gate_up[big]
+            gu = fn(xb, *args)
+            silu(rows, self.inter, gu.data_ptr(), actp, f32)
+            fn, args = L.down[big]
+            delta = fn(act, *args)
+        norm(rows, h, rp, delta.data_ptr(), f32, self.norm_w.data_ptr(), self.norm_eps, None,
              out.data_ptr())
-        return out
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def attention_work_floats(rows: int, nh: int, nkv: int, hd: int, threads: int) -> int:
@@ -295,13 +341,16 @@ def decode(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | No
     if plan is None:
         lib = load_library()
         why = "the C kernels could not be built" if lib is None else _fits(model)
+        if why is None and any(c.dtype not in _CACHE_DTYPES for c in ctx.kv_caches):
+            why = "a KV cache neither float32 nor bfloat16 (fp8)"
         plan = DecodePlan(model, lib) if why is None else False
         if why is not None:
             logger.debug("CPU decode kernels not used: %s", why)
         else:
-            logger.info("CPU steps: %d int4 layers with their small ops fused in C "
-                        "(MODELPORT_CPU_KERNELS=0 turns this off)", len(plan.layers))
+            logger.info("CPU steps: %d layers (%s matmuls) with their small ops fused in C "
+                        "(MODELPORT_CPU_KERNELS=0 turns this off)", len(plan.layers),
+                        "/".join(plan.kinds))
         model.__dict__["_cpu_decode_plan"] = plan
-    if plan is False:
+    if plan is False or any(plan.hook_tables):
         return None
     return plan.run(x, positions, ctx)

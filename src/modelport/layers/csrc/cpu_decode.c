@@ -53,14 +53,19 @@ static float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* resid[r] += delta[r] (bf16, when given); then out[r] = rmsnorm(resid[r]) * w, written as
- * bf16 (out_bf16) or float32 (out_f32): the input of the next matmul, or the final hidden. */
-void mp_add_rmsnorm(int rows, int h, float *resid, const uint16_t *delta, const float *w,
-                    float eps, uint16_t *out_bf16, float *out_f32) {
+/* resid[r] += delta[r] (when given: bf16, or float32 with delta_f32 set); then
+ * out[r] = rmsnorm(resid[r]) * w, written as bf16 (out_bf16) or float32 (out_f32): the input
+ * of the next matmul, or the final hidden. float32 deltas and outputs serve models whose
+ * linear layers are plain float32 matmuls (cpu_kernels.py). */
+void mp_add_rmsnorm_io(int rows, int h, float *resid, const void *delta, int delta_f32,
+                       const float *w, float eps, uint16_t *out_bf16, float *out_f32) {
     for (int r = 0; r < rows; r++) {
         float *x = resid + (int64_t)r * h;
-        if (delta) {
-            const uint16_t *d = delta + (int64_t)r * h;
+        if (delta && delta_f32) {
+            const float *d = (const float *)delta + (int64_t)r * h;
+            for (int i = 0; i < h; i++) x[i] = d[i] + x[i];
+        } else if (delta) {
+            const uint16_t *d = (const uint16_t *)delta + (int64_t)r * h;
             for (int i = 0; i < h; i++) x[i] = bf16_to_f32(d[i]) + x[i];
         }
         float ss = 0.0f;
@@ -75,6 +80,12 @@ void mp_add_rmsnorm(int rows, int h, float *resid, const uint16_t *delta, const 
             for (int i = 0; i < h; i++) o[i] = x[i] * inv * w[i];
         }
     }
+}
+
+/* mp_add_rmsnorm_io with a bf16 delta (the int4 / int8 GEMMs' output) */
+void mp_add_rmsnorm(int rows, int h, float *resid, const uint16_t *delta, const float *w,
+                    float eps, uint16_t *out_bf16, float *out_f32) {
+    mp_add_rmsnorm_io(rows, h, resid, delta, 0, w, eps, out_bf16, out_f32);
 }
 
 /* exp(x) for x <= 0, in plain float arithmetic so that a loop of it vectorises (expf does
@@ -146,11 +157,20 @@ static inline v8f sums8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, 
  * (results closer to the torch path's: see test_every_step_takes_the_c_path_...). While a
  * chunk is worked on, the next one's K/V rows are prefetched. kh: the K cache at this head's
  * offset; V is v_base floats further on. */
-static void attend_part(const float *q, int group, int hd, const float *kh, int64_t v_base,
-                        int64_t row_stride, int block_size, const int32_t *table, int t0,
-                        int t1, float scale, float *part) {
+static inline __attribute__((always_inline)) void attend_part(
+                        const float *q, int group, int hd, const float *kh,
+                        const uint16_t *kh16, int64_t v_base, int64_t row_stride,
+                        int block_size, const int32_t *table, int t0, int t1, float scale,
+                        float *part) {
     float *m = part, *l = part + group, *acc = part + 2 * group;
     float s[64 * CHUNK];
+    /* a bf16 cache (kh16 instead of kh): each chunk's K and V rows widened into `stage`
+     * first, then read as a float32 cache's would be; rs: floats from one position to the
+     * next in what the loops below read */
+    float stage[kh16 ? 2 * CHUNK * hd : 1];
+    const int64_t rs = kh16 ? hd : row_stride;
+    const char *bytes = kh16 ? (const char *)kh16 : (const char *)kh;
+    const int64_t esize = kh16 ? 2 : 4;
     for (int j = 0; j < group; j++) {
         m[j] = -INFINITY;
         l[j] = 0.0f;
@@ -161,18 +181,32 @@ static void attend_part(const float *q, int group, int hd, const float *kh, int6
         int n = block_size - in_block;
         if (n > t1 - t) n = t1 - t;
         if (n > CHUNK) n = CHUNK;
-        const float *k0 = kh + ((int64_t)table[t / block_size] * block_size + in_block)
-                                   * row_stride;
-        const float *v0 = k0 + v_base;
+        const int64_t at = ((int64_t)table[t / block_size] * block_size + in_block) * row_stride;
+        const float *k0, *v0;
+        if (kh16) {
+            for (int u = 0; u < n; u++) {
+                const uint16_t *ks = kh16 + at + u * row_stride, *vs = ks + v_base;
+                float *kd = stage + (int64_t)u * hd, *vd = stage + (int64_t)(CHUNK + u) * hd;
+                for (int i = 0; i < hd; i++) {
+                    kd[i] = bf16_to_f32(ks[i]);
+                    vd[i] = bf16_to_f32(vs[i]);
+                }
+            }
+            k0 = stage;
+            v0 = stage + (int64_t)CHUNK * hd;
+        } else {
+            k0 = kh + at;
+            v0 = k0 + v_base;
+        }
         if (t + n < t1) { /* the next chunk's K and V rows: ask for them now (blocks are
                            * scattered, so the hardware prefetcher cannot guess them) */
             const int nb_in = (t + n) % block_size, nn = t1 - t - n < n ? t1 - t - n : n;
-            const float *kn = kh + ((int64_t)table[(t + n) / block_size] * block_size + nb_in)
-                                       * row_stride;
+            const int64_t next = ((int64_t)table[(t + n) / block_size] * block_size + nb_in)
+                                 * row_stride;
             for (int u = 0; u < nn; u++)
                 for (int i = 0; i < hd; i += 16) {
-                    __builtin_prefetch(kn + u * row_stride + i);
-                    __builtin_prefetch(kn + v_base + u * row_stride + i);
+                    __builtin_prefetch(bytes + (next + u * row_stride + i) * esize);
+                    __builtin_prefetch(bytes + (next + v_base + u * row_stride + i) * esize);
                 }
         }
         for (int j = 0; j < group; j++) {
@@ -182,8 +216,7 @@ static void attend_part(const float *q, int group, int hd, const float *kh, int6
 #ifdef MP_VEC8
             if (hd % 8 == 0)
                 for (; u + 8 <= n; u += 8) {
-                    const float *kr = k0 + u * row_stride;
-                    const int64_t rs = row_stride;
+                    const float *kr = k0 + u * rs;
                     v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0},
                         a7 = {0};
                     for (int i = 0; i < hd; i += 8) {
@@ -202,8 +235,8 @@ static void attend_part(const float *q, int group, int hd, const float *kh, int6
                 }
 #endif
             for (; u + 4 <= n; u += 4) {
-                const float *ka = k0 + u * row_stride, *kb = ka + row_stride;
-                const float *kc = kb + row_stride, *kd = kc + row_stride;
+                const float *ka = k0 + u * rs, *kb = ka + rs;
+                const float *kc = kb + rs, *kd = kc + rs;
                 float a = 0.0f, b = 0.0f, c = 0.0f, d = 0.0f;
 #pragma omp simd reduction(+ : a, b, c, d)
                 for (int i = 0; i < hd; i++) {
@@ -217,7 +250,7 @@ static void attend_part(const float *q, int group, int hd, const float *kh, int6
                 sj[u + 2] = c * scale;
                 sj[u + 3] = d * scale;
             }
-            for (; u < n; u++) sj[u] = dot(qj, k0 + u * row_stride, hd) * scale;
+            for (; u < n; u++) sj[u] = dot(qj, k0 + u * rs, hd) * scale;
         }
         for (int j = 0; j < group; j++) {
             float *sj = s + j * CHUNK, *o = acc + (int64_t)j * hd;
@@ -243,7 +276,7 @@ static void attend_part(const float *q, int group, int hd, const float *kh, int6
                 v8f o0 = load8(o + i), o1 = load8(o + i + 8), o2 = load8(o + i + 16),
                     o3 = load8(o + i + 24);
                 for (int u = 0; u < n; u++) {
-                    const float *v = v0 + u * row_stride + i;
+                    const float *v = v0 + u * rs + i;
                     const float p = sj[u];
                     o0 += p * load8(v);
                     o1 += p * load8(v + 8);
@@ -257,7 +290,7 @@ static void attend_part(const float *q, int group, int hd, const float *kh, int6
             }
 #endif
             for (int u = 0; u < n && i < hd; u++) {
-                const float *v = v0 + u * row_stride;
+                const float *v = v0 + u * rs;
                 const float p = sj[u];
 #pragma omp simd
                 for (int d = i; d < hd; d++) o[d] += p * v[d];
@@ -267,6 +300,15 @@ static void attend_part(const float *q, int group, int hd, const float *kh, int6
     }
 }
 
+/* y = rmsnorm(y) * w over one head (Qwen3's q_norm / k_norm) */
+static void head_rmsnorm(float *y, int n, const float *w, float eps) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += y[i] * y[i];
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) y[i] = y[i] * inv * w[i];
+}
+
 /* floats of a part's slot, in whole cache lines: two threads' slots never share one */
 static int64_t part_floats(int group, int hd) {
     return ((int64_t)group * (hd + 2) + 15) / 16 * 16;
@@ -274,7 +316,8 @@ static int64_t part_floats(int group, int hd) {
 
 typedef struct {
     int nh, nkv, hd, block_size, bt_width, qkv_n;
-    const float *f, *kv_cache;
+    const float *f, *kv_cache; /* kv_cache: float32, or NULL with kv16: bf16 */
+    const uint16_t *kv16;
     int64_t v_base, row_stride;
     const int32_t *block_tables, *row_req, *row_len;
     const int32_t *rows_of; /* the rows that attend here (single-token rows) */
@@ -304,9 +347,16 @@ static void *run_attn_job(void *arg) {
         const int r = a->rows_of[k / a->nkv], g = (int)(k % a->nkv), len = a->row_len[r];
         const int64_t t0 = job->begin > first ? job->begin - first : 0;
         const int64_t t1 = job->end - first < len ? job->end - first : len;
-        if (t0 < t1)
+        /* two inlined copies: with kh16 a constant NULL, the float32 cache's loops are
+         * compiled as if the bf16 case did not exist */
+        if (t0 < t1 && a->kv16)
             attend_part(a->f + (int64_t)r * a->qkv_n + (int64_t)g * group * a->hd, group,
-                        a->hd, a->kv_cache + (int64_t)g * a->hd, a->v_base, a->row_stride,
+                        a->hd, NULL, a->kv16 + (int64_t)g * a->hd, a->v_base, a->row_stride,
+                        a->block_size, a->block_tables + (int64_t)a->row_req[r] * a->bt_width,
+                        (int)t0, (int)t1, a->scale, a->parts + (k + job->index) * slot);
+        else if (t0 < t1)
+            attend_part(a->f + (int64_t)r * a->qkv_n + (int64_t)g * group * a->hd, group,
+                        a->hd, a->kv_cache + (int64_t)g * a->hd, NULL, a->v_base, a->row_stride,
                         a->block_size, a->block_tables + (int64_t)a->row_req[r] * a->bt_width,
                         (int)t0, (int)t1, a->scale, a->parts + (k + job->index) * slot);
         first += len;
@@ -314,10 +364,12 @@ static void *run_attn_job(void *arg) {
     return NULL;
 }
 
-/* One attention block of a step's token rows, from the fused qkv matmul's bf16 output to
- * the o projection's bf16 input: bias, rotary (rotate-half on the first rot_dim dims of each
+/* One attention block of a step's token rows, from the fused qkv matmul's output to the o
+ * projection's input (both bf16, or both float32 with io_f32 set: a float32 model's plain
+ * matmuls), the cache float32 or (kv_bf16 set) bf16; with q_norm / k_norm (Qwen3) each q
+ * and k head is RMS-normed (weights of head_dim floats, qk_eps) after the bias: bias, rotary (rotate-half on the first rot_dim dims of each
  * q and k head, cos/sin from the model's [positions, rot_dim] table) and the K/V write into
- * the paged cache ([2, blocks, block_size, kv_heads, head_dim] float32) for every row; then
+ * the paged cache ([2, blocks, block_size, kv_heads, head_dim] float32 or bf16) for every row; then
  * causal attention, GQA by head groups, for the rows with attend[r] set (the one new token
  * of a decoding request): over the first row_len[r] positions of request row_req[r]'s
  * blocks. The other rows (prompt chunks) are left for the caller, whose attention reads the
@@ -332,13 +384,16 @@ static void *run_attn_job(void *arg) {
  * group * (hd + 2) floats (rounded up to 16)
  * per (row, KV head) and one more per thread beyond the first
  * (cpu_kernels.attention_work_floats); rows_of: scratch of rows int32. */
-void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
-                         const uint16_t *qkv, const float *bias, const float *cos_sin,
-                         const int64_t *positions, float *kv_cache, int num_blocks,
-                         int block_size, const int64_t *slots, const int32_t *block_tables,
-                         int bt_width, const int32_t *row_req, const int32_t *row_len,
-                         const uint8_t *attend, float scale, uint16_t *out, float *work,
-                         int32_t *rows_of, int n_threads) {
+void mp_decode_attention_io(int rows, int nh, int nkv, int hd, int rot_dim,
+                            const void *qkv, const float *bias, const float *cos_sin,
+                            const int64_t *positions, void *kv, int num_blocks,
+                            int block_size, const int64_t *slots, const int32_t *block_tables,
+                            int bt_width, const int32_t *row_req, const int32_t *row_len,
+                            const uint8_t *attend, float scale, void *out, float *work,
+                            int32_t *rows_of, int n_threads, int io_f32, int kv_bf16,
+                            const float *q_norm, const float *k_norm, float qk_eps) {
+    float *kv_cache = kv_bf16 ? NULL : (float *)kv;
+    uint16_t *kv16 = kv_bf16 ? (uint16_t *)kv : NULL;
     const int qkv_n = (nh + 2 * nkv) * hd;
     const int half = rot_dim / 2;
     const int group = nh / nkv;
@@ -349,10 +404,17 @@ void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
     int64_t context = 0;
     for (int r = 0; r < rows; r++) {
         float *x = f + (int64_t)r * qkv_n;
-        const uint16_t *src = qkv + (int64_t)r * qkv_n;
-        for (int i = 0; i < qkv_n; i++) x[i] = bf16_to_f32(src[i]);
+        if (io_f32) {
+            memcpy(x, (const float *)qkv + (int64_t)r * qkv_n, sizeof(float) * qkv_n);
+        } else {
+            const uint16_t *src = (const uint16_t *)qkv + (int64_t)r * qkv_n;
+            for (int i = 0; i < qkv_n; i++) x[i] = bf16_to_f32(src[i]);
+        }
         if (bias)
             for (int i = 0; i < qkv_n; i++) x[i] = x[i] + bias[i];
+        if (q_norm) /* Qwen3: every q and k head RMS-normed over head_dim, then rotated */
+            for (int head = 0; head < nh + nkv; head++)
+                head_rmsnorm(x + (int64_t)head * hd, hd, head < nh ? q_norm : k_norm, qk_eps);
         const float *cs = cos_sin + positions[r] * rot_dim;
         for (int head = 0; head < nh + nkv; head++) { /* q heads, then k heads */
             float *y = x + (int64_t)head * hd;
@@ -362,9 +424,18 @@ void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
                 y[i + half] = x2 * c + x1 * s;
             }
         }
-        float *kslot = kv_cache + slots[r] * row_stride;
-        memcpy(kslot, x + (int64_t)nh * hd, sizeof(float) * row_stride);
-        memcpy(kslot + v_base, x + (int64_t)(nh + nkv) * hd, sizeof(float) * row_stride);
+        if (kv16) {
+            uint16_t *kslot = kv16 + slots[r] * row_stride;
+            const float *kx = x + (int64_t)nh * hd, *vx = kx + row_stride;
+            for (int64_t i = 0; i < row_stride; i++) {
+                kslot[i] = f32_to_bf16(kx[i]);
+                kslot[v_base + i] = f32_to_bf16(vx[i]);
+            }
+        } else {
+            float *kslot = kv_cache + slots[r] * row_stride;
+            memcpy(kslot, x + (int64_t)nh * hd, sizeof(float) * row_stride);
+            memcpy(kslot + v_base, x + (int64_t)(nh + nkv) * hd, sizeof(float) * row_stride);
+        }
         if (attend[r]) {
             rows_of[n_attend++] = r;
             context += row_len[r];
@@ -375,7 +446,7 @@ void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
     int threads = n_threads < 1 ? 1 : (n_threads > 16 ? 16 : n_threads);
     if (context * nh < MIN_SPLIT_WORK || items < (int64_t)MIN_SPLIT_ITEMS_PER_THREAD * threads)
         threads = 1;
-    const attn_ctx c = {nh, nkv, hd, block_size, bt_width, qkv_n, f, kv_cache, v_base,
+    const attn_ctx c = {nh, nkv, hd, block_size, bt_width, qkv_n, f, kv_cache, kv16, v_base,
                         row_stride, block_tables, row_req, row_len, rows_of, items, scale,
                         f + (int64_t)rows * qkv_n};
     attn_job jobs[16];
@@ -416,26 +487,58 @@ void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
             }
             for (int p = 0; p < n_parts; p++) w[p][j] /= lsum;
         }
-        uint16_t *dst = out + ((int64_t)r * nh + (int64_t)g * group) * hd;
+        const int64_t at = ((int64_t)r * nh + (int64_t)g * group) * hd;
         for (int j = 0; j < group; j++)
             for (int d = 0; d < hd; d++) {
                 float o = 0.0f;
                 for (int p = 0; p < n_parts; p++)
                     o += w[p][j] * part_of[p][2 * group + (int64_t)j * hd + d];
-                dst[(int64_t)j * hd + d] = f32_to_bf16(o);
+                if (io_f32)
+                    ((float *)out)[at + (int64_t)j * hd + d] = o;
+                else
+                    ((uint16_t *)out)[at + (int64_t)j * hd + d] = f32_to_bf16(o);
             }
         first += len;
     }
 }
 
-/* SwiGLU between the gate/up and down matmuls: out = bf16(silu(gate) * up). */
-void mp_silu_mul(int rows, int inter, const uint16_t *gate_up, uint16_t *out) {
+/* mp_decode_attention_io with bf16 qkv and output (the int4 / int8 GEMMs' dtype) */
+void mp_decode_attention(int rows, int nh, int nkv, int hd, int rot_dim,
+                         const uint16_t *qkv, const float *bias, const float *cos_sin,
+                         const int64_t *positions, float *kv_cache, int num_blocks,
+                         int block_size, const int64_t *slots, const int32_t *block_tables,
+                         int bt_width, const int32_t *row_req, const int32_t *row_len,
+                         const uint8_t *attend, float scale, uint16_t *out, float *work,
+                         int32_t *rows_of, int n_threads) {
+    mp_decode_attention_io(rows, nh, nkv, hd, rot_dim, qkv, bias, cos_sin, positions, kv_cache,
+                           num_blocks, block_size, slots, block_tables, bt_width, row_req,
+                           row_len, attend, scale, out, work, rows_of, n_threads, 0, 0, NULL,
+                           NULL, 0.0f);
+}
+
+/* SwiGLU between the gate/up and down matmuls: out = silu(gate) * up, bf16 in and out, or
+ * float32 in and out with io_f32 set. */
+void mp_silu_mul_io(int rows, int inter, const void *gate_up, void *out, int io_f32) {
     for (int r = 0; r < rows; r++) {
-        const uint16_t *gu = gate_up + (int64_t)r * 2 * inter;
-        uint16_t *o = out + (int64_t)r * inter;
+        if (io_f32) {
+            const float *gu = (const float *)gate_up + (int64_t)r * 2 * inter;
+            float *o = (float *)out + (int64_t)r * inter;
+            for (int i = 0; i < inter; i++) {
+                float g = gu[i], u = gu[inter + i];
+                o[i] = g / (1.0f + expf(-g)) * u;
+            }
+            continue;
+        }
+        const uint16_t *gu = (const uint16_t *)gate_up + (int64_t)r * 2 * inter;
+        uint16_t *o = (uint16_t *)out + (int64_t)r * inter;
         for (int i = 0; i < inter; i++) {
             float g = bf16_to_f32(gu[i]), u = bf16_to_f32(gu[inter + i]);
             o[i] = f32_to_bf16(g / (1.0f + expf(-g)) * u);
         }
     }
+}
+
+/* mp_silu_mul_io in bf16 */
+void mp_silu_mul(int rows, int inter, const uint16_t *gate_up, uint16_t *out) {
+    mp_silu_mul_io(rows, inter, gate_up, out, 0);
 }
