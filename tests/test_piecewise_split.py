@@ -32,7 +32,12 @@ class _RunningRecorder:
         return self.out[: q.shape[0]]
 
 
-def test_split_after_the_kv_write_gives_the_plain_forward(tmp_path: Path) -> None:
+def test_split_after_the_kv_write_gives_the_plain_forward(tmp_path: Path, monkeypatch) -> None:
+    from modelport.layers import cpu_kernels
+
+    # the module tree split vs unsplit (a float32 Llama's CPU steps would otherwise take the
+    # C step, which the piecewise forward never does)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     src = resolve_model(str(make_tiny_llama_dir(tmp_path / "m")))
     cfg = load_model_config(src)
     model = load_model(src, cfg, LoadConfig(), torch.float32, torch.device("cpu"))

@@ -358,6 +358,8 @@ class _Instance:
             for it in items
         ]
         start = time.perf_counter_ns()
+        for it in items:  # now: a decoupled stream may end (and be traced) before ExecDone
+            it.compute_start_ns = start
         try:
             self.conn.send(stub.Execute(batch_id, reqs))
         except (OSError, EOFError) as e:
@@ -372,7 +374,7 @@ class _Instance:
             crashed = None
         end = time.perf_counter_ns()
         for it in items:
-            it.compute_start_ns, it.compute_end_ns = start, end
+            it.compute_end_ns = end
         cfg = self.backend.config
         if crashed is not None:
             return [crashed] * len(items)
