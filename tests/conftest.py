@@ -30,3 +30,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The CPU C kernels (layers/csrc/cpu_decode.c), built for this machine."""
+    from modelport.layers import cpu_kernels
+
+    built = cpu_kernels.load_library()
+    assert built is not None, "the C kernels must build on the test machines (cc is there)"
+    return built

@@ -24,13 +24,6 @@ from modelport.layers.rotary import RopeSettings, RotaryEmbedding
 
 
 @pytest.fixture(scope="module")
-def lib() -> ctypes.CDLL:
-    lib = cpu_kernels.load_library()
-    assert lib is not None, "the C kernels must build on the test machines (cc is there)"
-    return lib
-
-
-@pytest.fixture(scope="module")
 def always_split(tmp_path_factory) -> ctypes.CDLL:
     """The same C file built to use every thread it is given, even for one row (the default
     build keeps single rows on one thread), so the split of one row's context positions over

@@ -7,7 +7,6 @@ against the torch ops they replace."""
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ from modelport.layers.attention import (
 )
 from modelport.layers.rotary import RopeSettings, RotaryEmbedding
 from modelport.quantization.kernels import CPU_INT8_MAX_M, CpuInt4Kernel, CpuInt8Kernel
-
-
-@pytest.fixture(scope="module")
-def lib() -> ctypes.CDLL:
-    lib = cpu_kernels.load_library()
-    assert lib is not None, "the C kernels must build on the test machines (cc is there)"
-    return lib
 
 
 def test_add_rmsnorm_float32_delta(lib) -> None:

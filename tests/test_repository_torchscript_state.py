@@ -20,8 +20,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from modelport.entrypoints.kserve.embedded import EmbeddedServer
-
-PROTOCOLS = ["http", "grpc"]
+from test_sequence_state import PROTOCOLS, _client, interleave_two_sequences
 
 
 class Acc(torch.nn.Module):
@@ -151,12 +150,6 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def _client(server, protocol):
-    if protocol == "http":
-        return httpclient.InferenceServerClient(server.http_url)
-    return grpcclient.InferenceServerClient(server.grpc_url)
-
-
 def _infer(c, protocol, model, sid, x, start=False, end=False, name="INPUT", batched=True):
     m = httpclient if protocol == "http" else grpcclient
     shape = [1, 1] if batched else [1]
@@ -178,16 +171,7 @@ def _store(server, model):
 @pytest.mark.parametrize("model", ["ts_acc", "ts_oldest"])
 def test_interleaved_sequences_keep_their_own_state(server, protocol, model):
     c = _client(server, protocol)
-    a, b = (11, 12) if protocol == "http" else (21, 22)
-    got = [
-        _step(c, protocol, model, a, 1, start=True),
-        _step(c, protocol, model, b, 10, start=True),
-        _step(c, protocol, model, a, 2),
-        _step(c, protocol, model, b, 20),
-        _step(c, protocol, model, a, 3),
-        _step(c, protocol, model, b, 30, end=True),
-    ]
-    assert got == [1, 10, 3, 30, 6, 60]
+    a, b = interleave_two_sequences(_step, c, protocol, model)
     assert b not in _store(server, model)  # END freed b; a is still held
     assert a in _store(server, model)
     # START resets the state of an active sequence; END drops it

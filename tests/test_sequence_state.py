@@ -197,6 +197,23 @@ def _step(c, protocol, model, sid, x, start=False, end=False):
     return float(r.as_numpy("OUTPUT").reshape(-1)[0])
 
 
+def interleave_two_sequences(step, c, protocol: str, model: str) -> tuple[int, int]:
+    """Two accumulating sequences a and b, interleaved (b ends); their running sums must stay
+    apart. Returns (a, b): a still holds its state. ``step(c, protocol, model, sid, x,
+    start=, end=)`` sends one request and returns its OUTPUT."""
+    a, b = (11, 12) if protocol == "http" else (21, 22)
+    got = [
+        step(c, protocol, model, a, 1, start=True),
+        step(c, protocol, model, b, 10, start=True),
+        step(c, protocol, model, a, 2),
+        step(c, protocol, model, b, 20),
+        step(c, protocol, model, a, 3),
+        step(c, protocol, model, b, 30, end=True),
+    ]
+    assert got == [1, 10, 3, 30, 6, 60]
+    return a, b
+
+
 def _states(server, model):
     return server.manager.get(model).states
 
@@ -205,16 +222,7 @@ def _states(server, model):
 @pytest.mark.parametrize("model", ["st_acc", "st_oldest", "st_onnx"])
 def test_interleaved_sequences_keep_their_own_state(server, protocol, model):
     c = _client(server, protocol)
-    a, b = (11, 12) if protocol == "http" else (21, 22)
-    got = [
-        _step(c, protocol, model, a, 1, start=True),
-        _step(c, protocol, model, b, 10, start=True),
-        _step(c, protocol, model, a, 2),
-        _step(c, protocol, model, b, 20),
-        _step(c, protocol, model, a, 3),
-        _step(c, protocol, model, b, 30, end=True),
-    ]
-    assert got == [1, 10, 3, 30, 6, 60]
+    a, b = interleave_two_sequences(_step, c, protocol, model)
     # START resets the state of an active sequence; END drops it
     assert _step(c, protocol, model, a, 5, start=True) == 5
     assert _step(c, protocol, model, a, 1, end=True) == 6
