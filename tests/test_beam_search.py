@@ -25,7 +25,16 @@ PROMPT_IDS = list(PROMPT.encode())  # the byte-level tiny tokenizer: one id per 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_llama_dir(tmp_path_factory.mktemp("beam") / "tiny")
+    from safetensors.torch import load_file, save_file
+
+    out = make_tiny_llama_dir(tmp_path_factory.mktemp("beam") / "tiny")
+    # a random tiny model's next-token distribution is nearly flat (every logprob ~ -5.5), so
+    # beams tie to float rounding, which depends on how a step's rows were batched (a server's
+    # timing): a sharper head keeps the beams' order decided by the model, not by rounding
+    w = load_file(str(out / "model.safetensors"))
+    w["lm_head.weight"] = w["lm_head.weight"] * 4
+    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 @pytest.fixture(scope="module")
