@@ -26,9 +26,14 @@ $(TRITON_STAMP): $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/modelport serve $(ARGS)
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist), a test file to a worker so its
+# module fixtures (servers) start once; one OpenMP thread each, so the workers' torch ops do
+# not oversubscribe the cores (CI: 2). TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(TRITON_STAMP)
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -220,7 +220,9 @@ def test_logprobs_and_echo(base, model) -> None:
 
 
 def test_chat_stream_and_not(base, model) -> None:
-    messages = [{"role": "user", "content": "Say hello."}]
+    # a prompt whose first 6 greedy tokens lead their runner-up by >= 1.8 nats: the three
+    # requests are batched, and "Say hello." had a 0.005-nat near-tie that batching flipped
+    messages = [{"role": "user", "content": "What color is the sky on a clear day?"}]
 
     async def streamed(c):
         stream = await c.chat.completions.create(

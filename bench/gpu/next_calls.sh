@@ -46,5 +46,13 @@ case ${1:-1} in
         run 200 python3 -m modelport.bench.latency --model-config bench/configs/qwen1.5-moe-a2.7b.json \
             --load-format dummy --dtype bfloat16 --max-model-len 2048 --input-len 1024 \
             --output-len 32 --batch-size 1 --num-iters 1 --num-iters-warmup 1 --backend hf ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b" >&2; exit 2 ;;
+  # session 29: GPU tests never run (BERT token types, CUDA shared memory) and those of the
+  # files session 28 changed (MoE, the engine; TP skips on one GPU); then, on an H200, W3 bf16
+  # and AWQ
+  s29) run 300 bash bench/gpu/run_all.sh s29-tests
+       if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+         run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+         run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+       fi ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29" >&2; exit 2 ;;
 esac

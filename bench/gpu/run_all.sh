@@ -141,6 +141,9 @@ for s in $stages; do
                tests/test_models_gemma.py tests/test_attention_window_triton.py \
                tests/test_models_more.py tests/test_phi3_rope_decode_triton.py \
                tests/test_models_bert.py 2>&1 | tee "$OUT/s27-tests.log" | tail -25 ;;
+    s29-tests) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_bert_token_types.py \
+               tests/test_triton_cuda_shm.py tests/test_models_moe.py tests/test_gpu_engine.py \
+               tests/test_tensor_parallel_gpu.py 2>&1 | tee "$OUT/s29-tests.log" | tail -25 ;;
     s26-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py \
                tests/test_reasoning_structured.py 2>&1 | tee "$OUT/s26-tests.log" | tail -8 ;;
     s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \
