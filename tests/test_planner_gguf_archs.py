@@ -166,8 +166,8 @@ def test_sliding_window_layers_are_noted(arch: str, sliding: int, files) -> None
     n = hf_cfg.num_hidden_layers
     assert [x for x in plan.notes if "sliding window" in x] == [
         f"{sliding} of {n} layers attend through a 8-token sliding window; their KV cache is "
-        "sized as full attention (the engine allocates every layer's blocks for the whole "
-        "sequence)"]
+        "sized as full attention (with full-attention layers beside them, the engine keeps "
+        "every layer's blocks for the whole sequence)"]
     # still sized as full attention: every layer's K and V for every token
     assert plan.kv.bytes_per_token == 2 * n * 2 * 32 * 2
 

@@ -143,7 +143,7 @@ def server(tmp_path_factory):
         '5000000 control_input [{ name: "START" control [{ kind: CONTROL_SEQUENCE_START '
         "int32_false_true: [0, 1] }] }]",
     )
-    _model(repo, "bad_controls", Three(), controlled)
+    _model(repo, "bad_controls", StateFirst(), controlled)  # START is a 3rd argument
     _model(repo, "bad_outputs", StateFirst(), _cfg("bad_outputs", module_outputs=(OUT, BATCH)))
     srv = EmbeddedServer([repo], control_mode="explicit", load_models=GOOD).start()
     yield srv
@@ -294,9 +294,9 @@ def test_client_cannot_send_the_state_input(server):
         ),
         (
             "bad_controls",
-            r"configuration expects 2 inputs, model provides 3 \(the config's inputs and "
-            r"sequence_batching states; modelport does not pass sequence_batching control "
-            r"inputs to TorchScript models\)",
+            r"configuration expects 3 inputs, model provides 2: the TorchScript forward would "
+            r"be called with 'INPUT_STATE' \(state\), 'INPUT', 'START' \(control START\) "
+            r"\(forward arguments: INPUT_STATE, INPUT\)",
         ),
         (
             "bad_outputs",

@@ -39,7 +39,12 @@ class EngineCore:
         num_blocks = self.runner.determine_num_blocks()
         self.runner.init_kv_cache(num_blocks)
         bs = config.cache_config.block_size
-        self.kv = KVCacheManager(num_blocks, bs, config.cache_config.enable_prefix_caching)
+        window = self.runner.uniform_sliding_window()
+        self.kv = KVCacheManager(num_blocks, bs, config.cache_config.enable_prefix_caching,
+                                 sliding_window=window)
+        if window is not None:
+            logger.info("sliding window of %d tokens on every layer: blocks that leave it are "
+                        "given back while a request runs", window)
         lora = config.lora_config
         self.scheduler = Scheduler(config.scheduler_config, self.kv, config.speculative_config,
                                    max_loras=lora.max_loras if lora is not None else None)

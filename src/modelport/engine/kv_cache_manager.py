@@ -7,6 +7,14 @@ block lets go, the block keeps its contents and hash and joins the tail of the f
 evicted (its hash dropped) only when it reaches the head and is handed out again. A cache hit
 on a free block pulls it out of the middle of the queue: that is why the queue is a doubly
 linked list (O(1) removal, no Python allocation per operation).
+
+Sliding window (``sliding_window``: set only when every attention layer slides over the same
+window): a block whose positions all lie before the window of the next token to compute is
+no longer read, so it is given back while its request runs, as vLLM's sliding-window manager
+does. Its slot in the request's block list becomes None and its id stays in the block table
+(the attention kernels start at the window; a read of a reused block there is masked out),
+so positions keep mapping to table entries. A hashed block given back stays in the prefix
+cache until it is evicted, like any freed one.
 """
 
 from __future__ import annotations
@@ -88,16 +96,22 @@ class FreeBlockQueue:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockHash, KVBlock] = {}
-        self.req_blocks: dict[str, list[KVBlock]] = {}
+        # a request's blocks by position; None: given back after it left the sliding window
+        self.req_blocks: dict[str, list[KVBlock | None]] = {}
+        self.req_num_released: dict[str, int] = {}  # leading blocks given back (sliding window)
         self.req_block_ids: dict[str, list[int]] = {}  # kept beside req_blocks: no rebuild per step
         self.req_hashes: dict[str, list[BlockHash]] = {}
         self.req_last_digest: dict[str, bytes] = {}
@@ -166,6 +180,8 @@ class KVCacheManager:
         """
         blocks = self.req_blocks.get(req.request_id, [])
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        if self.sliding_window is not None and blocks:
+            self._release_out_of_window(req.request_id, blocks, num_computed)
         need_total = -(-(num_computed + num_new_tokens) // self.block_size)
         have = len(blocks) + len(computed_blocks)
         num_new_blocks = max(0, need_total - have)
@@ -192,6 +208,32 @@ class KVCacheManager:
             ids.append(b.block_id)
         return ids
 
+    def _release_out_of_window(self, rid: str, blocks: list[KVBlock | None],
+                               num_computed: int) -> None:
+        """Give back the leading blocks that no query from position num_computed on can see
+        (a query at p reads keys > p - window)."""
+        first_needed = num_computed - self.sliding_window + 1
+        end = min(max(0, first_needed) // self.block_size, len(blocks))
+        start = self.req_num_released.get(rid, 0)
+        if end <= start:
+            return
+        for i in range(start, end):
+            b = blocks[i]
+            blocks[i] = None
+            if b is not None:
+                self._unref(b)
+        self.req_num_released[rid] = end
+
+    def _unref(self, b: KVBlock) -> None:
+        b.ref_cnt -= 1
+        assert b.ref_cnt >= 0, f"block {b.block_id} ref count below zero"
+        if b.ref_cnt == 0:
+            # an unhashed block holds nothing reusable: hand it out before cached ones
+            if b.block_hash is None:
+                self.free_queue.appendleft(b)
+            else:
+                self.free_queue.append(b)
+
     def cache_full_blocks(self, req: Request, num_computed_tokens: int) -> None:
         """Publish req's blocks that are full of computed tokens for prefix reuse."""
         if not self.enable_prefix_caching:
@@ -209,7 +251,7 @@ class KVCacheManager:
         self.req_num_published[rid] = n_full
         for i in range(start, n_full):
             b = blocks[i]
-            if b.block_hash is not None:
+            if b is None or b.block_hash is not None:  # given back, or already published
                 continue
             h = hashes[i]
             if h in self.cached:  # same content already cached in another block: keep that one
@@ -224,15 +266,10 @@ class KVCacheManager:
         self.req_hashes.pop(req.request_id, None)
         self.req_last_digest.pop(req.request_id, None)
         self.req_num_published.pop(req.request_id, None)
+        self.req_num_released.pop(req.request_id, None)
         for b in reversed(blocks):
-            b.ref_cnt -= 1
-            assert b.ref_cnt >= 0, f"block {b.block_id} ref count below zero"
-            if b.ref_cnt == 0:
-                # an unhashed block holds nothing reusable: hand it out before cached ones
-                if b.block_hash is None:
-                    self.free_queue.appendleft(b)
-                else:
-                    self.free_queue.append(b)
+            if b is not None:
+                self._unref(b)
 
     def reset_prefix_cache(self) -> bool:
         if self.free_queue.num_free != self.num_blocks:
@@ -249,11 +286,16 @@ class KVCacheManager:
         used: dict[int, int] = {}
         for blocks in self.req_blocks.values():
             for b in blocks:
-                used[b.block_id] = used.get(b.block_id, 0) + 1
+                if b is not None:
+                    used[b.block_id] = used.get(b.block_id, 0) + 1
         for b in self.blocks:
             assert b.ref_cnt == used.get(b.block_id, 0), f"block {b.block_id} ref count mismatch"
             assert (b.ref_cnt == 0) == (b.block_id in set(free_ids)), f"block {b.block_id} free state"
         for h, b in self.cached.items():
             assert b.block_hash == h
         for rid, blocks in self.req_blocks.items():
-            assert self.req_block_ids[rid] == [b.block_id for b in blocks]
+            ids = self.req_block_ids[rid]
+            assert len(ids) == len(blocks)
+            assert all(b is None or b.block_id == i for b, i in zip(blocks, ids))
+            released = self.req_num_released.get(rid, 0)
+            assert all(b is None for b in blocks[:released])

@@ -29,17 +29,23 @@ def sliding_layers(model: ModelConfig) -> int:
 def plan_notes(source: ModelSource, act_dtype: str, kept: bool = False) -> tuple[str, ...]:
     model, out = source.config, []
     n = sliding_layers(model)
-    if n:
+    if n == model.num_hidden_layers:
+        out.append(
+            f"every layer attends through a {model.hf_config['sliding_window']}-token sliding "
+            "window; the KV cache is sized as full attention, and the engine gives back a "
+            "request's blocks as they leave the window while it runs"
+        )
+    elif n:
         out.append(
             f"{n} of {model.num_hidden_layers} layers attend through a "
             f"{model.hf_config['sliding_window']}-token sliding window; their KV cache is sized "
-            "as full attention (the engine allocates every layer's blocks for the whole "
-            "sequence)"
+            "as full attention (with full-attention layers beside them, the engine keeps every "
+            "layer's blocks for the whole sequence)"
         )
     if source.gguf_moe and not kept:
         out.append(
             f"mixture-of-experts GGUF: every expert counted; the file's "
             f"{source.quantization or 'quantized'} tensors load dequantized to {act_dtype} "
-            "(quantized experts run on CPU only), so memory holds the dense size"
+            "(GGUF experts stay in blocks on CPU only), so memory holds the dense size"
         )
     return tuple(out)

@@ -197,6 +197,20 @@ class ModelRunner:
         kd = self.config.cache_config.kv_cache_dtype
         return self.dtype if kd == "auto" else getattr(torch, {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}.get(kd, kd))
 
+    def uniform_sliding_window(self) -> int | None:
+        """The window when every attention layer of the model (and of a draft model: it reads
+        the same block tables) slides over the same number of positions, else None. Only then
+        may a request's blocks that left the window be given back while it runs."""
+        from modelport.layers.attention import Attention
+
+        models = [self.model, getattr(self, "draft_model", None)]
+        windows = {m.sliding_window for model in models if model is not None
+                   for m in model.modules() if isinstance(m, Attention)}
+        if len(windows) != 1:
+            return None
+        (window,) = windows
+        return window
+
     def determine_num_blocks(self) -> int:
         cc = self.config.cache_config
         mc = self.config.model_config

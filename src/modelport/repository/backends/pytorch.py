@@ -13,8 +13,22 @@ each state `output_name` not listed under `output` is one more output after the 
 TorchScript does not declare output types, so a state model is run once at load with zero
 inputs and its initial state, and a state output of another data type or shape than the
 state config is a load error (a null request of the sequence batcher feeds zeros as well).
-Sequence control inputs (START / END / READY / CORRID) are not passed to the module; a state
-model whose forward takes more arguments than its inputs plus states fails to load.
+
+Sequence control inputs (`sequence_batching.control_input`: START / END / READY / CORRID)
+are more forward inputs, as in Triton, with the values the sequence batcher fills in
+(modelport.repository.sequence.ControlInputs: shape [1], [B, 1] batched, one row per
+sequence; a null request in an empty slot has READY false and CORRID 0). Triton's pytorch
+backend places a control by the `<i>` of its required `NAME__<i>` name, wherever the
+config's inputs go; modelport also takes other names. Our rule: the config's inputs and
+states go as above; a control goes to the position of the forward argument of its name,
+else to <i> of a `NAME__<i>` name, else to the first free position, in config order (so by
+default after the config's inputs and then the states). Two names on one position are a
+load error. A sequence model's forward must take exactly the config's inputs, states and
+controls (Triton's count check); the load error lists what the forward would be given.
+An integer CORRID (TYPE_UINT64 / INT64 / UINT32 / INT32) is a tensor of that dtype
+(torch.uint64 for UINT64). A TYPE_STRING CORRID reaches the forward as a List[str] (one id
+per row, "" for a null request) -- TorchScript tensors cannot hold strings, so its forward
+argument must be declared List[str], else the model fails to load.
 """
 
 from __future__ import annotations
@@ -47,15 +61,15 @@ def _ordered(names: list[str]) -> list[str]:
     return names
 
 
-def _forward_args(module: Any) -> list[str] | None:
-    """The forward's tensor argument names (no `self`); None when they cannot be read."""
+def _forward_schema(module: Any) -> list[tuple[str, str]] | None:
+    """The forward's (argument name, type) pairs (no `self`); None when they cannot be read."""
     try:
         args = list(module.forward.schema.arguments)
     except Exception:
         return None
     if args and args[0].type.kind() == "ClassType":
         args = args[1:]
-    return [a.name for a in args]
+    return [(a.name, str(a.type)) for a in args]
 
 
 class TorchScriptBackend(TensorBackend):
@@ -78,6 +92,10 @@ class TorchScriptBackend(TensorBackend):
                 self._out_types[st.output_name] = wire_of_config(mc.DataType.Name(st.data_type))
         self._input_names = [i.name for i in self.config.input] + self._state_in
         self._input_order = _ordered(self._input_names)
+        self._sequence = self.config.HasField("sequence_batching")
+        self._controls = {
+            ci.name: ci.control[0] for ci in self.config.sequence_batching.control_input
+        }
         self._output_order = _ordered([o.name for o in self.config.output] + state_out)
         self._path = ctx.model_file("model.pt")
         if not self._path.is_file():
@@ -97,7 +115,10 @@ class TorchScriptBackend(TensorBackend):
                 f"model '{self.config.name}': failed to load TorchScript {self._path}: {e}"
             ) from None
         module.eval()
-        handle = (module, device, self._bind_inputs(_forward_args(module)))
+        schema = _forward_schema(module)
+        order = self._bind_inputs(None if schema is None else [n for n, _ in schema])
+        strings = self._string_controls(order, schema)
+        handle = (module, device, order, strings)
         if self._states:
             self._probe_states(handle)
         return handle
@@ -106,8 +127,8 @@ class TorchScriptBackend(TensorBackend):
         """The input names in the order the forward takes them (see the module doc)."""
         names = self._input_names
         if fwd is None:
-            return self._input_order
-        if all(n in fwd for n in names):
+            order = self._input_order
+        elif all(n in fwd for n in names):
             order = sorted(names, key=fwd.index)
         else:
             by_name = [i.name for i in self.config.input if i.name in fwd]
@@ -120,23 +141,76 @@ class TorchScriptBackend(TensorBackend):
                     "'input_name' to be a forward argument too"
                 )
             order = self._input_order
-        if self._states and len(fwd) != len(names):
-            controls = self.config.sequence_batching.control_input
-            note = (
-                " (the config's inputs and sequence_batching states; modelport does not pass "
-                "sequence_batching control inputs to TorchScript models)"
-                if controls
-                else ""
-            )
+        if self._controls:
+            order = self._place_controls(order, fwd)
+        if self._sequence and fwd is not None and len(fwd) != len(order):
             raise ModelConfigError(
                 f"unable to load model '{self.config.name}', configuration expects "
-                f"{len(names)} inputs, model provides {len(fwd)}{note}"
+                f"{len(order)} inputs, model provides {len(fwd)}: the TorchScript forward "
+                f"would be called with {', '.join(self._describe(n) for n in order)} "
+                f"(forward arguments: {', '.join(fwd) or 'none'})"
             )
         return order
 
+    def _place_controls(self, base: list[str], fwd: list[str] | None) -> list[str]:
+        """`base` (inputs and states, in forward order) with the control inputs placed."""
+        slots: dict[int, str] = dict(enumerate(base))
+        indexed = [_INDEXED.match(n) for n in base]
+        if fwd is not None and all(n in fwd for n in base):
+            slots = {fwd.index(n): n for n in base}
+        elif base and all(indexed):
+            slots = {int(m.group(1)): n for m, n in zip(indexed, base) if m}
+        rest = []
+        for name in self._controls:
+            m = _INDEXED.match(name)
+            if fwd is not None and name in fwd:
+                pos = fwd.index(name)
+            elif m:
+                pos = int(m.group(1))
+            else:
+                rest.append(name)
+                continue
+            if pos in slots:
+                raise ModelConfigError(
+                    f"model '{self.config.name}': sequence_batching control input '{name}' "
+                    f"would be forward argument {pos}, which is already given "
+                    f"{self._describe(slots[pos])}"
+                )
+            slots[pos] = name
+        free = (i for i in range(len(slots) + len(rest)) if i not in slots)
+        slots.update(zip(free, rest))
+        return [slots[i] for i in sorted(slots)]
+
+    def _describe(self, name: str) -> str:
+        if name in self._controls:
+            kind = mc.ModelSequenceBatching.Control.Kind.Name(self._controls[name].kind)
+            return f"'{name}' (control {kind.removeprefix('CONTROL_SEQUENCE_')})"
+        if name in self._state_in:
+            return f"'{name}' (state)"
+        return f"'{name}'"
+
+    def _string_controls(
+        self, order: list[str], schema: list[tuple[str, str]] | None
+    ) -> frozenset[str]:
+        """The TYPE_STRING CORRID controls, which go to the forward as List[str]."""
+        names = [n for n, c in self._controls.items() if c.data_type == mc.TYPE_STRING]
+        for name in names:
+            pos = order.index(name)
+            arg = schema[pos] if schema is not None and pos < len(schema) else None
+            if arg is None or arg[1] != "List[str]":
+                have = f"argument '{arg[0]}' is {arg[1]}" if arg else "argument is unknown"
+                raise ModelConfigError(
+                    f"model '{self.config.name}': the TYPE_STRING CONTROL_SEQUENCE_CORRID "
+                    f"input '{name}' cannot be a TorchScript tensor (tensors hold no "
+                    f"strings); its forward argument (position {pos}) must be declared "
+                    f"List[str], the {have}. Or use a TYPE_UINT64 / TYPE_INT64 CORRID"
+                )
+        return frozenset(names)
+
     def _probe_states(self, handle: Any) -> None:
         """Run the forward once on zeros + the initial state; check the state outputs."""
-        from modelport.repository.sequence import ImplicitStates
+        from modelport.repository.sequence import ControlInputs, ImplicitStates
+        from modelport.serving.sequence_batcher import SeqEntry
 
         batched = self.config.max_batch_size > 0
         inputs: dict[str, np.ndarray] = {}
@@ -148,6 +222,9 @@ class TorchScriptBackend(TensorBackend):
             )
         for spec in ImplicitStates(self.config, self.ctx.model_dir).specs:
             inputs[spec.input_name] = spec.initial.copy()
+        null = SeqEntry(item=None, slot=0, corrid=0)  # as the batcher's null request
+        for name, t in ControlInputs(self.config).tensors(null).items():
+            inputs[name] = t.data
         try:
             outputs = self.run(handle, inputs)
         except Exception as e:
@@ -185,8 +262,14 @@ class TorchScriptBackend(TensorBackend):
     def run(self, handle: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        module, device, order = handle
-        args = [to_torch(inputs[n]).to(device) for n in order if n in inputs]
+        module, device, order, strings = handle
+        args = [
+            [bytes(x).decode("utf-8", "replace") for x in inputs[n].reshape(-1)]
+            if n in strings
+            else to_torch(inputs[n]).to(device)
+            for n in order
+            if n in inputs
+        ]
         with torch.inference_mode():
             result = module(*args)
         if isinstance(result, torch.Tensor):
