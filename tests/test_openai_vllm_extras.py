@@ -2,7 +2,7 @@
 as `modelport serve --model ./tiny --max-model-len 64`.
 
 - vLLM's guided decoding fields constrain the output (xgrammar); the unsupported ones
-  (guided_whitespace_pattern, structural_tag) are 400s naming the field;
+  (guided_whitespace_pattern) are 400s naming the field;
 - truncate_prompt_tokens keeps the last k prompt tokens before the length checks;
 - prompt_logprobs returns vLLM's per-prompt-token candidates, checked against transformers;
 - continue_final_message leaves the last assistant message open for the model to continue;
@@ -101,7 +101,7 @@ def test_guided_decoding_fields_are_served(base, path, field) -> None:
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-@pytest.mark.parametrize("field", ["guided_whitespace_pattern", "structural_tag"])
+@pytest.mark.parametrize("field", ["guided_whitespace_pattern"])
 def test_unsupported_guided_fields_are_refused(base, path, field) -> None:
     body = {"messages": CONTINUED[:1]} if "chat" in path else {"prompt": "hello"}
     err = _error(_post(base, path, {**body, "max_tokens": 2, field: " "}))

@@ -1,7 +1,8 @@
 """Structured outputs (guided decoding) with xgrammar, as vLLM serves them: offline through
 SamplingParams(structured_outputs=StructuredOutputsParams(...)) (and the older
 guided_decoding=GuidedDecodingParams(...)), and over HTTP through response_format json_object /
-json_schema, structured_outputs and vLLM's older guided_* fields. The embedded default model
+json_schema / structural_tag, structured_outputs and vLLM's older guided_* fields and
+structural_tag. The embedded default model
 (a real BPE tokenizer) on CPU; generations stay short.
 """
 
@@ -57,7 +58,7 @@ def test_params_need_exactly_one_constraint_and_cross_to_the_core_as_plain_data(
         StructuredOutputsParams()
     with pytest.raises(ValueError, match="exactly one constraint"):
         StructuredOutputsParams(regex="a", choice=["a"])
-    with pytest.raises(ValueError, match="structural_tag is not supported"):
+    with pytest.raises(ValueError, match="structural_tag must be"):
         StructuredOutputsParams(structural_tag="{}")
     with pytest.raises(ValueError, match="not both"):
         SamplingParams(structured_outputs={"regex": "a"}, guided_decoding={"regex": "b"})
@@ -206,6 +207,84 @@ def test_http_invalid_constraints_are_400s_naming_the_field(base, extra, param) 
         assert err["param"] == param and err["type"] == "invalid_request_error", err
         if param in ("guided_json", "guided_regex") and len(extra) == 1:
             assert param in err["message"], err
+
+
+# ---------------------------------------------------------------- structural tags
+
+COLOR = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}},
+         "required": ["color"], "additionalProperties": False}
+# xgrammar's format (what vLLM passes on): exactly <answer>{json}</answer>
+ANSWER_TAG = {"type": "structural_tag", "format": {
+    "type": "tag", "begin": "<answer>", "content": {"type": "json_schema", "json_schema": COLOR},
+    "end": "</answer>"}}
+# the older shape: free text until a trigger, then begin + schema + end
+LEGACY_TAG = {"type": "structural_tag", "triggers": ["<function="], "structures": [
+    {"begin": "<function=paint>", "schema": COLOR, "end": "</function>"}]}
+
+
+def check_answer(text: str) -> None:
+    m = re.fullmatch(r"<answer>(.*)</answer>", text, re.S)
+    assert m, text
+    assert json.loads(m.group(1))["color"] in ("red", "blue"), text
+
+
+def test_structural_tag_format_constrains_the_output(llm) -> None:
+    for tag in (ANSWER_TAG, json.dumps(ANSWER_TAG)):  # a dict or its JSON text
+        so = StructuredOutputsParams(structural_tag=tag)
+        outs = llm.generate(["Pick a color:"] * 2, _so(so=so, max_tokens=40, temperature=1.0,
+                                                       seed=3), use_tqdm=False)  # fmt: skip
+        for o in outs:
+            check_answer(o.outputs[0].text)
+            assert o.outputs[0].finish_reason == "stop"
+
+
+def test_legacy_structural_tag_frees_text_until_a_trigger(llm) -> None:
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from modelport.engine.structured_output import _grammar, spec_key
+
+    so = StructuredOutputsParams(structural_tag=LEGACY_TAG)
+    g = _grammar(spec_key(so))
+    assert _is_grammar_accept_string(g, 'Sure. <function=paint>{"color": "red"}</function> ok')
+    assert _is_grammar_accept_string(g, "no call at all")
+    assert not _is_grammar_accept_string(g, '<function=paint>{"color": "green"}</function>')
+    assert not _is_grammar_accept_string(g, '<function=draw>{"color": "red"}</function>')
+    # the engine runs it: the trigger forces the tag, so a prompt ending in the trigger's
+    # start is continued by a valid call or by free text that never starts another
+    outs = llm.generate(["Call paint: <function="], _so(so=so, max_tokens=24, temperature=0),
+                        use_tqdm=False)  # fmt: skip
+    text = outs[0].outputs[0].text
+    assert _is_grammar_accept_string(g, text) or outs[0].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("tag", [
+    {"type": "structural_tag", "format": {"type": "no-such-format"}},
+    {"type": "structural_tag", "structures": [{"begin": "<a>"}], "triggers": ["<a"]},
+    {"structures": [], "triggers": "<a"},
+    [1, 2],
+    "not json",
+])
+def test_an_invalid_structural_tag_is_a_value_error(llm, tag) -> None:
+    with pytest.raises(ValueError, match="structural"):
+        so = StructuredOutputsParams(structural_tag=tag)
+        llm.generate(["hi"], _so(so=so, max_tokens=2), use_tqdm=False)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_http_structural_tag_response_format_and_fields(base, path) -> None:
+    body = ({"messages": [{"role": "user", "content": "Pick a color."}]} if "chat" in path
+            else {"prompt": "Pick a color:"})
+    for extra in ({"response_format": ANSWER_TAG},
+                  {"structured_outputs": {"structural_tag": json.dumps(ANSWER_TAG)}},
+                  {"structural_tag": json.dumps(ANSWER_TAG)}):  # vLLM's older field
+        r = _ok(_post(base, path, {**body, "max_tokens": 40, "temperature": 0, **extra}))
+        c = r["choices"][0]
+        check_answer(c["message"]["content"] if "chat" in path else c["text"])
+    r = _ok(_post(base, path, {**body, "max_tokens": 4, "response_format": LEGACY_TAG}))
+    assert r["choices"][0]["finish_reason"] in ("stop", "length")
+    bad = {"type": "structural_tag", "format": {"type": "tag", "begin": "<a>"}}
+    err = _error(_post(base, path, {**body, "max_tokens": 2, "response_format": bad}))
+    assert err["param"] == "response_format" and "structural tag" in err["message"], err
 
 
 # ---------------------------------------------------------------- scheduling

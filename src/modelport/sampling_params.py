@@ -13,6 +13,30 @@ MAX_N = 128  # completions per request (OpenAI's own limit)
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
+def _structural_tag_text(tag: Any) -> str:
+    """A structural tag as JSON text (a dict is dumped); a ValueError when it is no JSON
+    object or has neither xgrammar's ``format`` nor the older ``structures`` / ``triggers``."""
+    if isinstance(tag, dict):
+        obj, text = tag, _json.dumps(tag)
+    elif isinstance(tag, str):
+        try:
+            obj, text = _json.loads(tag), tag
+        except ValueError as e:
+            raise ValueError(f"structured_outputs.structural_tag is not valid JSON: {e}") from None
+    else:
+        raise ValueError("structured_outputs.structural_tag must be a JSON object (a dict or "
+                         f"its JSON text), got {type(tag).__name__}")
+    if not isinstance(obj, dict) or ("format" not in obj and "structures" not in obj):
+        raise ValueError(
+            'structured_outputs.structural_tag must be {"type": "structural_tag", "format": '
+            '{...}} or {"structures": [{"begin", "schema", "end"}, ...], "triggers": [...]}'
+        )
+    if "structures" in obj and not isinstance(obj.get("triggers"), list):
+        raise ValueError("structured_outputs.structural_tag with structures needs triggers, "
+                         "a list of strings")
+    return text
+
+
 @dataclass
 class StructuredOutputsParams:
     """Structured outputs (guided decoding): the output is constrained to a JSON schema
@@ -21,8 +45,14 @@ class StructuredOutputsParams:
     xgrammar's GBNF dialect, as vLLM's xgrammar backend). Exactly one of them is given (vLLM's
     ``StructuredOutputsParams``; ``GuidedDecodingParams`` is its older name).
 
+    ``structural_tag`` (a JSON text or a dict): xgrammar's structural tag, as vLLM passes it:
+    ``{"type": "structural_tag", "format": {...}}`` (xgrammar's format: tags, sequences,
+    triggered tags, ...) or the older ``{"structures": [{"begin", "schema", "end"}, ...],
+    "triggers": [...]}``: text is free until a trigger, then the tag's begin, its JSON
+    schema and its end.
+
     ``disable_any_whitespace``: JSON without free whitespace between tokens. vLLM's
-    ``whitespace_pattern`` and ``structural_tag`` are not supported (a ValueError)."""
+    ``whitespace_pattern`` is not supported (a ValueError)."""
 
     json: str | dict | None = None
     regex: str | None = None
@@ -33,7 +63,7 @@ class StructuredOutputsParams:
     disable_fallback: bool = False  # accepted for vLLM parity: there is no fallback here
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
-    structural_tag: str | None = None
+    structural_tag: str | dict | None = None
     backend: str | None = None  # older vLLM's per-request backend: only xgrammar is here
 
     def __post_init__(self) -> None:
@@ -42,10 +72,10 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise ValueError(
                 "structured outputs need exactly one constraint of json, regex, choice, "
-                f"grammar or json_object; got {given or 'none'}"
+                f"grammar, json_object or structural_tag; got {given or 'none'}"
             )
         if self.structural_tag is not None:
-            raise ValueError("structured_outputs.structural_tag is not supported")
+            self.structural_tag = _structural_tag_text(self.structural_tag)
         if self.whitespace_pattern is not None:
             raise ValueError("structured_outputs.whitespace_pattern is not supported (the "
                              "xgrammar backend has none); use disable_any_whitespace")

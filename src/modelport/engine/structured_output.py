@@ -42,7 +42,7 @@ _CACHE_SIZE = 256  # compiled grammars kept per core
 # xgrammar's C++ errors start with "[time] /path/file.cc:line: "
 _ERR_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
 _WHAT = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-         "json_object": "json_object"}
+         "json_object": "json_object", "structural_tag": "structural tag"}
 
 
 # each reasoning parser's think tags (entrypoints/openai/reasoning.py reads the same tags in
@@ -138,11 +138,31 @@ def _grammar(key: tuple) -> Any:
             return xgr.Grammar.from_regex(value)
         if kind == "choice":
             return xgr.Grammar.from_ebnf(choice_grammar(list(value)))
+        if kind == "structural_tag":
+            return _structural_tag_grammar(xgr, value)
         return xgr.Grammar.from_ebnf(value)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise ValueError(
             f"invalid {_WHAT[kind]} in structured_outputs.{kind}: {_message(e)}"
         ) from None
+
+
+def _structural_tag_grammar(xgr: Any, text: str) -> Any:
+    """xgrammar's structural tag (``{"type": "structural_tag", "format": ...}``), or the older
+    ``structures`` + ``triggers`` form that vLLM also takes: each structure is a begin
+    string, a JSON schema and an end string, and text is free until one of the triggers."""
+    tag = json.loads(text)
+    if "structures" not in tag:
+        return xgr.Grammar.from_structural_tag(text)
+    items = []
+    for s in tag["structures"]:
+        if not isinstance(s, dict) or not {"begin", "end"} <= s.keys():
+            raise ValueError("each of structures needs begin, schema and end")
+        schema = s.get("schema", {})
+        items.append(xgr.StructuralTagItem(
+            begin=s["begin"], end=s["end"],
+            schema=schema if isinstance(schema, str) else json.dumps(schema)))
+    return xgr.Grammar.from_structural_tag(items, list(tag["triggers"]))
 
 
 @lru_cache(maxsize=_CACHE_SIZE)

@@ -102,10 +102,14 @@ class UsageInfo(OpenAIModel):
 
 class ResponseFormat(OpenAIModel):
     """OpenAI's response_format: text, json_object or json_schema ({"name", "schema", ...}),
-    the last two served as structured outputs."""
+    and vLLM's structural_tag (xgrammar's ``format``, or the older ``structures`` +
+    ``triggers``); all but text are served as structured outputs."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: dict[str, Any] | None = None
+    format: dict[str, Any] | None = None
+    structures: list[Any] | None = None
+    triggers: list[str] | None = None
 
 
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -152,7 +156,7 @@ class SamplingFields(TextRequest):
     prompt_logprobs: int | None = Field(None, ge=-1)
     # structured outputs: vLLM's structured_outputs object ({"json" | "regex" | "choice" |
     # "grammar" | "json_object": ...}) and its older guided_* fields (guided_decoding_backend:
-    # only "auto" / "xgrammar"; guided_whitespace_pattern and structural_tag are refused)
+    # only "auto" / "xgrammar"; guided_whitespace_pattern is refused; structural_tag: JSON)
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None

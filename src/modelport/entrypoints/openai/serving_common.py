@@ -67,13 +67,6 @@ def check_model(engine: AsyncLLM, name: str | None) -> str:
 
 def check_unsupported(req: Any) -> None:
     """Fields this server does not implement, or combinations OpenAI refuses: say so (400)."""
-    if getattr(req, "structural_tag", None) is not None:
-        raise OpenAIError(
-            "structural_tag is not supported: structured outputs here take a JSON schema, "
-            "json_object, regex, choice or grammar; leave structural_tag out",
-            400,
-            param="structural_tag",
-        )
     if getattr(req, "suffix", None):
         raise OpenAIError("suffix is not supported", 400, param="suffix")
     if getattr(req, "stream_options", None) is not None and not req.stream:
@@ -184,6 +177,7 @@ _GUIDED_ALIASES = {
     "guided_regex": "regex",
     "guided_choice": "choice",
     "guided_grammar": "grammar",
+    "structural_tag": "structural_tag",  # a structural tag's JSON text (vLLM's older field)
 }
 
 
@@ -205,6 +199,10 @@ def structured_outputs_of(req: SamplingFields) -> StructuredOutputsParams | None
                 param="response_format",
             )
         sources.append(("response_format", {"json": schema}))
+    elif fmt is not None and fmt.type == "structural_tag":
+        # vLLM's two shapes: xgrammar's {"type", "format"}, or {"structures", "triggers"}
+        tag = fmt.model_dump(exclude_none=True, exclude={"json_schema"})
+        sources.append(("response_format", {"structural_tag": tag}))
     so = req.structured_outputs
     if so is not None:
         if not isinstance(so, dict):
