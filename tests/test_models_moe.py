@@ -173,8 +173,9 @@ def test_unsupported_options_are_refused_at_load(tmp_path: Path) -> None:
     src = resolve_model(str(d))  # the loader itself, under the engine's check
     from modelport.quantization.loading import resolve_quantization
 
-    with pytest.raises(ValueError, match=r"quantized \(fp8\) MoE experts run on CPU only"):
-        resolve_quantization("fp8", src, load_model_config(src), "cuda")
+    with pytest.raises(ValueError, match=r"\(bitsandbytes\) MoE experts are not supported on CUDA"):
+        resolve_quantization("bitsandbytes", src, load_model_config(src), "cuda",
+                             load_format="dummy")  # FP8 / AWQ / GPTQ: test_moe_quantized_cuda
     cfg_path = d / "config.json"
     raw = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**raw, "sliding_window": 16}))
@@ -267,13 +268,16 @@ def test_planner_refuses_what_moe_refuses(moe_dir: Path, capsys: pytest.CaptureF
     base = ["plan", "--model", str(moe_dir), "--gpu", "h100-80gb"]
     assert main(base) == 0
     out = capsys.readouterr().out
-    assert "--quantization" not in out.split("serve command")[0]  # no quantization advice
+    advice = out.split("serve command")[0]  # quantized MoE on CUDA: FP8 / AWQ / GPTQ only
+    assert "--quantization fp8" in advice and "--quantization gguf" not in advice
     assert main([*base, "--num-gpus", "2"]) == 0  # experts split over 2 ranks
     assert "--tensor-parallel-size 2" in capsys.readouterr().out
     assert main([*base, "--num-gpus", "2", "--tensor-parallel-size", "1"]) == 0  # 2 replicas
     capsys.readouterr()
-    assert main([*base, "--quantization", "fp8"]) == 2
-    assert "(mixture of experts): quantized (fp8) experts run on CPU only" in capsys.readouterr().err
+    assert main([*base, "--quantization", "fp8"]) == 0  # FP8 experts run on CUDA
+    capsys.readouterr()
+    assert main([*base, "--quantization", "gguf-q4_k_m"]) == 2
+    assert "quantized (gguf-q4_k_m) experts run on CPU only" in capsys.readouterr().err
 
 
 # -- the Triton kernel, in the interpreter and compiled for sm_90 -------------------------------

@@ -190,7 +190,9 @@ def test_quantized_moe_is_refused_where_it_cannot_run(moe: tuple[str, Path]) -> 
 
     arch, hf_dir = moe
     src = resolve_model(str(hf_dir))
-    with pytest.raises(ValueError, match=r"quantized \(fp8\) MoE experts run on CPU only"):
-        resolve_quantization("fp8", src, load_model_config(src), "cuda")
+    # FP8 / AWQ / GPTQ experts run on CUDA (tests/test_moe_quantized_cuda.py); NF4 does not
+    with pytest.raises(ValueError, match=r"\(bitsandbytes\) MoE experts are not supported on CUDA"):
+        resolve_quantization("bitsandbytes", src, load_model_config(src), "cuda",
+                             load_format="dummy")
     with pytest.raises(ValueError, match="with tensor_parallel_size=2 is not supported"):
         LLM(str(hf_dir), quantization="fp8", tensor_parallel_size=2, kv_cache_memory=8 << 20)

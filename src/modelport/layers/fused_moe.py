@@ -15,8 +15,12 @@ Quantized checkpoints (AWQ, GPTQ, GGUF kept in its blocks, ...) store each exper
 linear layers; ``FusedMoE.unstack`` replaces the stacked weights by one ``ExpertMLP`` per
 expert (a gate/up ``MergedLinear`` and a down ``Linear``), so the quantization pass gives each
 of them the format's LinearMethod like any dense layer, and each active expert runs its two
-low-bit kernels over its tokens. That path runs on CPU only (its per-expert loop reads the
-token counts on the host, which a CUDA graph cannot).
+low-bit kernels over its tokens. On CPU that per-expert loop is the path (it reads the token
+counts on the host). On CUDA, which needs the grouped GEMM inside CUDA graphs, FP8, AWQ and
+GPTQ experts still load per expert, then ``restack_experts`` (run by
+``quantization.apply.finish_loading``) stacks their canonical forms into ``QuantExperts``
+(layers/moe_quant.py) for the weight-only grouped kernels of layers/triton_moe_quant.py and
+frees the per-expert layers.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 
 from modelport.layers.activation import SiluAndMul
 from modelport.layers.linear import Linear, MergedLinear, _check_shape
+from modelport.layers.moe_quant import QuantExperts
 
 
 class ExpertWeights(nn.Module):
@@ -139,23 +144,55 @@ class FusedMoE(nn.Module):
         self.w13 = ExpertWeights(num_experts, (i, i), ("gate", "up"), hidden_size)
         self.w2 = ExpertWeights(num_experts, (hidden_size,), ("down",), i)
         self.stacked = True  # False once unstack() split the experts into ExpertMLPs
+        self.restack_pending = False  # unstack(restack=True): restack_experts after loading
+        self.quant_experts: QuantExperts | None = None  # the restacked quantized experts
 
-    def unstack(self) -> None:
+    def unstack(self, restack: bool = False) -> None:
         """Replace the stacked weights by one ExpertMLP per expert, named "0", "1", ... (the
-        checkpoints' ``experts.<e>.<proj>``) for a quantization method to take over."""
+        checkpoints' ``experts.<e>.<proj>``) for a quantization method to take over.
+        ``restack``: after loading, stack them again (``restack_experts``; CUDA)."""
         if self.stacked is False:
             return
         e, two_i, h = self.w13.weight.shape
         del self.w13, self.w2
         for i in range(e):
-            self.add_module(str(i), ExpertMLP(h, two_i // 2))
+            mlp = ExpertMLP(h, two_i // 2)
+            if restack:  # the LinearMethods keep their canonical form instead of a kernel
+                mlp.gate_up_proj.keep_for_stacking = True
+                mlp.down_proj.keep_for_stacking = True
+            self.add_module(str(i), mlp)
         self.stacked = False
+        self.restack_pending = restack
+
+    @torch.no_grad()
+    def restack_experts(self) -> None:
+        """After loading: finish each expert's layers, stack them into ``QuantExperts`` and
+        free the per-expert modules (one layer's experts at a time, bounding peak memory)."""
+        if not self.restack_pending:
+            return
+        layers = []
+        for i in range(self.num_experts):
+            mlp = self.get_submodule(str(i))
+            for lin in (mlp.gate_up_proj, mlp.down_proj):
+                if getattr(lin, "quant_method", None) is None:
+                    raise ValueError("quantized MoE experts on CUDA: an expert layer was left "
+                                     "unquantized (modules_to_not_convert?); use --device cpu")
+                lin.quant_method.process_weights_after_loading(lin)
+            layers.append((mlp.gate_up_proj, mlp.down_proj))
+        self.quant_experts = QuantExperts.from_layers(layers)
+        del layers
+        for i in range(self.num_experts):
+            delattr(self, str(i))
+        self.restack_pending = False
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = route(router_logits, self.top_k, self.renormalize)
+        if self.quant_experts is not None:  # restacked FP8 / AWQ / GPTQ experts
+            return self.quant_experts(x, weights, ids)
         if not self.stacked:
-            if x.is_cuda:  # refused at load (models/moe.py); a clear error if reached anyway
-                raise RuntimeError("quantized MoE experts run on CPU only")
+            if x.is_cuda:  # restacked on CUDA at load; a clear error if reached anyway
+                raise RuntimeError("per-expert quantized MoE layers run on CPU only (on CUDA "
+                                   "FP8 / AWQ / GPTQ experts are restacked at load)")
             return grouped_experts(x, self.num_experts,
                                    lambda e, xs: self.get_submodule(str(e))(xs), weights, ids)
         if x.is_cuda:
@@ -167,6 +204,8 @@ class FusedMoE(nn.Module):
         return moe_reference(x, self.w13.weight, self.w2.weight, weights, ids)
 
     def extra_repr(self) -> str:
+        if self.quant_experts is not None:
+            return f"experts={self.num_experts}, top_k={self.top_k}, restacked"
         if not self.stacked:
             return f"experts={self.num_experts}, top_k={self.top_k}, per-expert layers"
         e, two_i, h = self.w13.weight.shape

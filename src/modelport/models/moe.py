@@ -107,14 +107,17 @@ class _MoeForCausalLM(LlamaForCausalLM):
     def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
         raise NotImplementedError
 
-    def prepare_quantization(self, quant_config: QuantizationConfig) -> None:
+    def prepare_quantization(self, quant_config: QuantizationConfig,
+                             device: torch.device | None = None) -> None:
         """Quantized checkpoints store each expert's projections as linear layers of their
         own: split the stacked experts into per-expert layers (FusedMoE.unstack) and load
-        the checkpoint's ``experts.<e>.<gate|up|down>`` names into them."""
+        the checkpoint's ``experts.<e>.<gate|up|down>`` names into them. On CUDA they are
+        stacked again after loading for the grouped kernels (FusedMoE.restack_experts)."""
         refuse_quantized_experts_at_build(self.config.architecture, quant_config.name)
+        restack = device is not None and device.type == "cuda"
         for m in self.modules():
             if isinstance(m, FusedMoE):
-                m.unstack()
+                m.unstack(restack=restack)
         gate, up, down = self.expert_names
         whole = cast(str, None)
         renamed: tuple[StackedParam, ...] = ()

@@ -235,10 +235,11 @@ def make_plan(req: PlanRequest) -> Plan:
     act = resolve_dtype(req.dtype, device, model.torch_dtype)
     quant = req.effective_quantization
     if (quant is not None and moe_spec(model) is not None and not device.is_cpu
-            and (req.quantization or not req.model.gguf_moe)):
+            and (req.quantization or not req.model.gguf_moe)
+            and quant not in ("fp8", "awq", "gptq")):  # restacked for the grouped GEMM
         raise PlanError("--quantization", f"{model.architecture} (mixture of experts): "
-                        f"quantized ({quant}) experts run on CPU only; on {device.name} it "
-                        "loads unquantized")
+                        f"quantized ({quant}) experts run on CPU only (on {device.name}: "
+                        "fp8, awq or gptq experts); otherwise it loads unquantized")
     # a GGUF type without mixing rules here (IQ*, Q2_K, ...) is measured from its file; the
     # estimate then only lends its TP proportions
     known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"

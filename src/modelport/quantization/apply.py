@@ -31,7 +31,7 @@ def quantize_linear_layers(
 
     prepare = getattr(model, "prepare_quantization", None)
     if prepare is not None:  # a model whose layout changes when quantized (MoE experts)
-        prepare(config)
+        prepare(config, torch.device(device))
     count = 0
     for prefix, layer in list(model.named_modules()):
         if not isinstance(layer, Linear) or getattr(layer, "quant_method", None) is not None:
@@ -55,7 +55,15 @@ def quantize_linear_layers(
 
 @torch.no_grad()
 def finish_loading(model: nn.Module) -> None:
-    """Repack checkpoint tensors for the kernels (after every shard has been loaded)."""
+    """Repack checkpoint tensors for the kernels (after every shard has been loaded).
+
+    MoE layers whose quantized experts are restacked (CUDA) finish and stack them first
+    (``FusedMoE.restack_experts``); their per-expert layers are gone before the loop below.
+    """
+    for layer in list(model.modules()):
+        restack = getattr(layer, "restack_experts", None)
+        if restack is not None:
+            restack()
     for layer in model.modules():
         method = getattr(layer, "quant_method", None)
         if method is not None:

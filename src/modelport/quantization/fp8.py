@@ -158,7 +158,8 @@ class FP8LinearMethod(LinearMethod):
             layer.tp_shard = None
         for name in ("weight", "weight_scale", "input_scale"):
             layer._parameters.pop(name, None)
-        if q.device.type == "cpu" and os.environ.get("MODELPORT_FP8_CPU_INT8", "1") != "0":
+        if (q.device.type == "cpu" and os.environ.get("MODELPORT_FP8_CPU_INT8", "1") != "0"
+                and not getattr(layer, "keep_for_stacking", False)):  # MoE experts: E4M3 kept
             from modelport.quantization.kernels import CpuInt8Kernel
 
             layer.fp8_int8 = CpuInt8Kernel(q.float() * scale.float()[:, None])

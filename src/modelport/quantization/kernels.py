@@ -314,6 +314,9 @@ class GroupQuantMethod(LinearMethod):
             gq = shard_group_quant(gq, spec.dim, spec.index,
                                    f"{self.format_name} {type(layer).__name__}", spec.size)
             layer.tp_shard = None
+        if getattr(layer, "keep_for_stacking", False):  # MoE experts: FusedMoE.restack_experts
+            layer.group_quant = gq
+            return
         layer.qkernel = make_kernel(gq, layer.quant_device)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

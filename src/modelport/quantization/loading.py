@@ -159,17 +159,39 @@ def resolve_quantization(
     from modelport.models.moe_config import MOE_ARCHITECTURES
     from modelport.models.registry import get_model_class
 
-    if model_config.architecture in MOE_ARCHITECTURES and torch.device(device).type != "cpu":
-        alt = ("--quantization none to load the GGUF file's experts dequantized"
-               if src.kind == "gguf" else "the unquantized checkpoint")
-        raise ValueError(
-            f"{model_config.architecture}: quantized ({method or declared}) MoE experts run on "
-            f"CPU only (--device cpu); on {torch.device(device).type.upper()} use {alt}")
+    moe = model_config.architecture in MOE_ARCHITECTURES
+    if moe and torch.device(device).type != "cpu":
+        _check_moe_device(model_config.architecture, method or declared, src, device)
     stacked = getattr(get_model_class(model_config.architecture), "stacked_params", ())
     config = _config_for(method or declared, src, model_config, online, stacked,  # type: ignore[arg-type]
                          dummy=load_format == "dummy")
+    if moe and torch.device(device).type != "cpu" and getattr(config, "desc_act", False):
+        raise ValueError(
+            f"{model_config.architecture}: GPTQ act-order (desc_act=true) MoE experts run on "
+            "CPU only (--device cpu); on CUDA use a desc_act=false GPTQ, an AWQ or an FP8 "
+            "checkpoint, or --quantization fp8 on the unquantized checkpoint")
     config.check_device(torch.device(device))
     return QuantPlan(config, src, online, auto=requested is None and declared is None)
+
+
+MOE_CUDA_METHODS = ("fp8", "awq", "gptq")  # restacked for the grouped kernels on CUDA
+
+
+def _check_moe_device(arch: str, method: str | None, src: Any, device: torch.device | str) -> None:
+    """Quantized MoE experts off the CPU: FP8, AWQ and GPTQ run the grouped kernels on CUDA
+    (layers/moe_quant.py); the rest are refused, naming what works."""
+    dev = torch.device(device).type
+    if dev == "cuda" and method in MOE_CUDA_METHODS:
+        return
+    alt = ("--quantization none to load the GGUF file's experts dequantized"
+           if src.kind == "gguf" else
+           "an FP8, AWQ or GPTQ checkpoint, --quantization fp8 on the unquantized checkpoint, "
+           "or the unquantized checkpoint")
+    where = ("FP8, AWQ and GPTQ experts run on CUDA" if dev == "cuda"
+             else "quantized experts run on CPU, and FP8 / AWQ / GPTQ ones on CUDA")
+    raise ValueError(
+        f"{arch}: quantized ({method}) MoE experts are not supported on {dev.upper()} "
+        f"({where}); use --device cpu, or on {dev.upper()} {alt}")
 
 
 @dataclass

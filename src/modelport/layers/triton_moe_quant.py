@@ -1,0 +1,391 @@
+"""Weight-only quantized variants of the MoE grouped GEMM (layers/triton_moe.py) on CUDA.
+
+The routing, ``align`` and the two launches (gate/up with SiLU, then down with the routing
+weights) are those of the bf16 ``fused_experts``; only the weight tile differs. Each program
+loads its expert's quantized [BLOCK_K, BLOCK_N] tile, expands it in registers to the
+activation dtype and feeds the same ``tl.dot``, so the weights are read at their stored
+width and no dequantized copy ever exists:
+
+* FP8 (``moe_gemm_fp8_kernel``): E4M3 weights [E, N, K] with one fp32 scale per expert and
+  output channel [E, N]. E4M3 -> bf16/fp16 is exact, so the scale is applied once per output
+  column to the fp32 accumulator in the epilogue (gate and up halves with their own scales).
+* Integer groups (``moe_gemm_wint_kernel``, AWQ / GPTQ as ``GroupQuant``): codes packed
+  along K into int32 words [E, N, K * BITS / 32] (first code in the low bits, BITS 4 or 8),
+  and fp32 scales and zeros [E, N, K / GROUP]: w = code * scale + zero. A K tile never spans
+  two groups (GROUP % BLOCK_K == 0), so each tile reads one scale and zero per column.
+
+Both keep the bf16 path's properties: no host sync, every shape fixed by the token count,
+so the step is captured in CUDA graphs as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from modelport.layers.triton_moe import align, block_m_for
+
+# Launch configs: the largest K tile and fewest warps that compile for sm_90 without register
+# spills (tests/test_moe_quantized_cuda.py checks it); 64-deep tiles spill in the gated launch,
+# and the expanded integer codes need 8 warps. Not yet timed on a GPU.
+FP8_BLOCK_K, FP8_WARPS = 32, 4
+INT_BLOCK_K, INT_WARPS = 32, 8
+
+
+@triton.jit
+def moe_gemm_fp8_kernel(
+    a_ptr,
+    w_ptr,
+    s_ptr,
+    out_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    weight_ptr,
+    N,
+    K,
+    num_rows,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_om,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = rows < num_rows
+    a_rows = (rows // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + (k0 + offs_k)[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        w_off = offs_n[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None]
+        w = tl.load(w_base + w_off, mask=w_mask, other=0.0).to(a.dtype)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATED:
+            w_up = tl.load(w_base + N * stride_wn + w_off, mask=w_mask, other=0.0).to(a.dtype)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+    s_base = s_ptr + expert.to(tl.int64) * stride_se
+    acc = acc * tl.load(s_base + offs_n, mask=n_ok, other=0.0)[None, :]
+    if GATED:
+        acc_up = acc_up * tl.load(s_base + N + offs_n, mask=n_ok, other=0.0)[None, :]
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _int_tile(
+    base,
+    offs_n,
+    k,
+    s_base,
+    z_base,
+    g,
+    stride_wn,
+    stride_sn,
+    w_mask,
+    n_ok,
+    BITS: tl.constexpr,
+    dtype: tl.constexpr,
+):
+    # [BLOCK_K, BLOCK_N] of code * scale + zero for inputs k (one group g) and columns offs_n
+    per: tl.constexpr = 32 // BITS
+    words = tl.load(
+        base + offs_n[None, :].to(tl.int64) * stride_wn + (k // per)[:, None], mask=w_mask, other=0
+    )
+    codes = (words >> ((k % per) * BITS)[:, None]) & ((1 << BITS) - 1)
+    s = tl.load(s_base + offs_n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0)
+    z = tl.load(z_base + offs_n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0)
+    return (codes.to(tl.float32) * s[None, :] + z[None, :]).to(dtype)
+
+
+@triton.jit
+def moe_gemm_wint_kernel(
+    a_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    weight_ptr,
+    N,
+    K,
+    num_rows,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_om,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = rows < num_rows
+    a_rows = (rows // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    s_base = s_ptr + expert.to(tl.int64) * stride_se
+    z_base = z_ptr + expert.to(tl.int64) * stride_se
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < K
+        a = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + k[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        g = k0 // GROUP
+        w = _int_tile(
+            w_base, offs_n, k, s_base, z_base, g, stride_wn, stride_sn, w_mask, n_ok, BITS, a.dtype
+        )
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATED:
+            w_up = _int_tile(
+                w_base + N * stride_wn,
+                offs_n,
+                k,
+                s_base + N * stride_sn,
+                z_base + N * stride_sn,
+                g,
+                stride_wn,
+                stride_sn,
+                w_mask,
+                n_ok,
+                BITS,
+                a.dtype,
+            )
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _routing(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int
+) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    m = ids.numel()
+    bm = block_m_for(m, num_experts)
+    sorted_rows, block_expert = align(ids, num_experts, bm)
+    row_weights = weights.reshape(-1).float().contiguous()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: unused for 16-bit
+    return m, bm, sorted_rows, block_expert, row_weights, precision
+
+
+def fused_experts_fp8(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    block_n: int = 64,
+    block_k: int = FP8_BLOCK_K,
+    num_warps: int = FP8_WARPS,
+) -> torch.Tensor:
+    """fused_experts with E4M3 weights w13 [E, 2I, H], w2 [E, H, I] and fp32 per-channel
+    scales s13 [E, 2I], s2 [E, H]."""
+    t, k = ids.shape
+    e, two_i, h = w13.shape
+    i = two_i // 2
+    x = x.contiguous()
+    m, bm, sorted_rows, block_expert, row_weights, precision = _routing(x, weights, ids, e)
+    nb = block_expert.numel()
+    act = torch.empty((m, i), dtype=x.dtype, device=x.device)
+    moe_gemm_fp8_kernel[(nb, triton.cdiv(i, block_n))](
+        x,
+        w13,
+        s13,
+        act,
+        sorted_rows,
+        block_expert,
+        row_weights,
+        i,
+        h,
+        m,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        s13.stride(0),
+        act.stride(0),
+        TOP_K=k,
+        GATED=True,
+        MUL_WEIGHT=False,
+        PRECISION=precision,
+        BLOCK_M=bm,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    y = torch.empty((m, h), dtype=x.dtype, device=x.device)
+    moe_gemm_fp8_kernel[(nb, triton.cdiv(h, block_n))](
+        act,
+        w2,
+        s2,
+        y,
+        sorted_rows,
+        block_expert,
+        row_weights,
+        h,
+        i,
+        m,
+        act.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        s2.stride(0),
+        y.stride(0),
+        TOP_K=1,
+        GATED=False,
+        MUL_WEIGHT=True,
+        PRECISION=precision,
+        BLOCK_M=bm,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return y.view(t, k, h).sum(dim=1)
+
+
+def int_block_k(group: int, k: int, bits: int, block_k: int = INT_BLOCK_K) -> int:
+    """The K tile for a group size: the largest of block_k, 32, 16 that divides the group
+    (and K), holding whole words; ValueError if none does."""
+    per = 32 // bits
+    for bk in (block_k, 32, 16):
+        if group % bk == 0 and k % bk == 0 and bk % per == 0:
+            return bk
+    raise ValueError(f"quantized MoE experts on CUDA: group size {group} is not a multiple of 16")
+
+
+def fused_experts_wint(
+    x: torch.Tensor,
+    q13: torch.Tensor,
+    s13: torch.Tensor,
+    z13: torch.Tensor,
+    q2: torch.Tensor,
+    s2: torch.Tensor,
+    z2: torch.Tensor,
+    bits: int,
+    group13: int,
+    group2: int,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    block_n: int = 64,
+    block_k: int = INT_BLOCK_K,
+    num_warps: int = INT_WARPS,
+) -> torch.Tensor:
+    """fused_experts with packed integer codes q13 [E, 2I, H*bits/32], q2 [E, H, I*bits/32]
+    and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]."""
+    t, k = ids.shape
+    e, two_i, _ = q13.shape
+    i = two_i // 2
+    h = q2.shape[1]
+    x = x.contiguous()
+    m, bm, sorted_rows, block_expert, row_weights, precision = _routing(x, weights, ids, e)
+    nb = block_expert.numel()
+    act = torch.empty((m, i), dtype=x.dtype, device=x.device)
+    moe_gemm_wint_kernel[(nb, triton.cdiv(i, block_n))](
+        x,
+        q13,
+        s13,
+        z13,
+        act,
+        sorted_rows,
+        block_expert,
+        row_weights,
+        i,
+        h,
+        m,
+        x.stride(0),
+        q13.stride(0),
+        q13.stride(1),
+        s13.stride(0),
+        s13.stride(1),
+        act.stride(0),
+        TOP_K=k,
+        GATED=True,
+        MUL_WEIGHT=False,
+        PRECISION=precision,
+        BITS=bits,
+        GROUP=group13,
+        BLOCK_M=bm,
+        BLOCK_N=block_n,
+        BLOCK_K=int_block_k(group13, h, bits, block_k),
+        num_warps=num_warps,
+    )
+    y = torch.empty((m, h), dtype=x.dtype, device=x.device)
+    moe_gemm_wint_kernel[(nb, triton.cdiv(h, block_n))](
+        act,
+        q2,
+        s2,
+        z2,
+        y,
+        sorted_rows,
+        block_expert,
+        row_weights,
+        h,
+        i,
+        m,
+        act.stride(0),
+        q2.stride(0),
+        q2.stride(1),
+        s2.stride(0),
+        s2.stride(1),
+        y.stride(0),
+        TOP_K=1,
+        GATED=False,
+        MUL_WEIGHT=True,
+        PRECISION=precision,
+        BITS=bits,
+        GROUP=group2,
+        BLOCK_M=bm,
+        BLOCK_N=block_n,
+        BLOCK_K=int_block_k(group2, i, bits, block_k),
+        num_warps=num_warps,
+    )
+    return y.view(t, k, h).sum(dim=1)
