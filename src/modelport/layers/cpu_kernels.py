@@ -8,7 +8,9 @@ or are all plain float matmuls (float32 or bfloat16 checkpoints, ``quantization=
 ``decode`` runs each layer of a step as its four matmuls, each the op its module would call
 (cpu_linear_ops.py), with three C calls between them (residual add + RMSNorm; bias + rotary +
 K/V write + attention over the paged cache for decoding rows; SwiGLU), instead of the
-module tree (Qwen3's per-head q / k RMSNorm goes into the attention call). The C calls read
+module tree (Qwen3's per-head q / k RMSNorm goes into the attention call; an MoE layer of
+Mixtral / Qwen2-MoE / Qwen3-MoE runs its attention so and its sparse block from the router's
+and experts' ops, cpu_moe_step.py). The C calls read
 and write what the matmuls take and give: bf16 between quantized ones, float32 (or bf16)
 between float ones; the residual stream stays float32, the KV cache float32 or bf16. Prompt
 chunks' attention runs the module path's own code on the rotated q the C call leaves behind. Every CPU step of such a model takes this path, prompt chunks and mixed
@@ -71,6 +73,7 @@ _SIGNATURES = {
     "mp_decode_attention_io": (_I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _I, _P,
                                _P, _P, _F, _P, _P, _P, _I, _I, _I, _P, _P, _F),
     "mp_silu_mul_io": (_I, _I, _P, _P, _I),
+    "mp_moe_sum": (_I, _I, _P, _I, _P, _P),  # one token's MoE sum (cpu_moe_step.py)
 }
 
 
@@ -136,16 +139,25 @@ class _Layer:
     """One decoder layer's weights as the C path reads them (pointers taken once)."""
 
     def __init__(self, layer) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
+        from modelport.layers.cpu_moe_step import MoeFfn
+        from modelport.layers.fused_moe import SparseMoeBlock
+
+        attn, ffn = layer.self_attn, _ffn(layer)
         self.idx = attn.attn.layer_idx
         self.keep = []  # the tensors whose pointers are held below
         self.ln1, self.eps1 = self._f32(layer.input_layernorm.weight), layer.input_layernorm.eps
         self.ln2 = self._f32(layer.post_attention_layernorm.weight)
         self.eps2 = layer.post_attention_layernorm.eps
-        self.ops = [linear_op(lin, lin is attn.qkv_proj) for lin in
-                    (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        # an MoE layer's SparseMoeBlock (cpu_moe_step.py): its ops in self.moe, not self.ops
+        self.moe = MoeFfn.build(ffn) if isinstance(ffn, SparseMoeBlock) else None
+        assert not isinstance(self.moe, str), self.moe  # _fits checked it
+        lins = [attn.qkv_proj, attn.o_proj]
+        if self.moe is None:
+            lins += [ffn.gate_up_proj, ffn.down_proj]
+        self.ops = [linear_op(lin, lin is attn.qkv_proj) for lin in lins]
         # (op, args) of each matmul: [0] for steps of up to CPU_INT8_MAX_M rows, [1] above
-        self.qkv, self.o, self.gate_up, self.down = ((op.small, op.large) for op in self.ops)
+        pairs = [(op.small, op.large) for op in self.ops] + [None, None]
+        self.qkv, self.o, self.gate_up, self.down = pairs[:4]
         bias = self.ops[0].c_bias
         self.keep.append(bias)
         self.bias = bias.data_ptr() if bias is not None else None
@@ -164,10 +176,13 @@ def _fits(model) -> str | None:
     """Why this LlamaModel cannot take the C path (None: it can)."""
     from modelport.layers.activation import SiluAndMul
     from modelport.layers.attention import Attention
+    from modelport.layers.cpu_moe_step import MoeFfn
+    from modelport.layers.fused_moe import SparseMoeBlock
     from modelport.layers.layernorm import RMSNorm
     from modelport.layers.linear import Linear, MergedLinear, QKVLinear
     from modelport.layers.rotary import RotaryEmbedding
     from modelport.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+    from modelport.models.moe import MoeDecoderLayer
     from modelport.models.qwen3 import Qwen3Attention, Qwen3DecoderLayer
 
     if _hooked(model.modules()):
@@ -178,12 +193,24 @@ def _fits(model) -> str | None:
     if (type(rotary) is not RotaryEmbedding
             or rotary.cos_sin_cache.dtype not in (torch.float32, torch.bfloat16)):
         return "another rotary embedding"
-    dtypes = set()
+    dtypes, inters = set(), set()
     for layer in model.layers:
-        kinds = ((LlamaDecoderLayer, LlamaAttention), (Qwen3DecoderLayer, Qwen3Attention))
-        if ((type(layer), type(layer.self_attn)) not in kinds or type(layer.mlp) is not LlamaMLP
-                or type(layer.mlp.act) is not SiluAndMul):
+        kinds = ((LlamaDecoderLayer, LlamaAttention), (Qwen3DecoderLayer, Qwen3Attention),
+                 (MoeDecoderLayer, LlamaAttention), (MoeDecoderLayer, Qwen3Attention))
+        ffn = _ffn(layer)
+        if (type(layer), type(layer.self_attn)) not in kinds or not (
+                (type(ffn) is LlamaMLP and type(ffn.act) is SiluAndMul)
+                or (type(layer) is MoeDecoderLayer and type(ffn) is SparseMoeBlock)):
             return f"layer type {type(layer).__name__}"
+        lins = [(layer.self_attn.qkv_proj, QKVLinear), (layer.self_attn.o_proj, Linear)]
+        if type(ffn) is SparseMoeBlock:  # Mixtral / Qwen2-MoE / Qwen3-MoE (cpu_moe_step.py)
+            moe = MoeFfn.build(ffn)
+            if isinstance(moe, str):
+                return moe
+            dtypes.update(op.dtype for op in moe.ops)
+        else:
+            lins += [(ffn.gate_up_proj, MergedLinear), (ffn.down_proj, Linear)]
+            inters.add(ffn.down_proj.input_size)
         a = layer.self_attn
         if type(a) is Qwen3Attention:  # q / k RMSNorm per head before rotary, in the C call
             qn, kn = a.q_norm, a.k_norm
@@ -200,8 +227,7 @@ def _fits(model) -> str | None:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if type(norm) is not RMSNorm:
                 return "another norm"
-        for lin, cls in ((a.qkv_proj, QKVLinear), (a.o_proj, Linear),
-                         (layer.mlp.gate_up_proj, MergedLinear), (layer.mlp.down_proj, Linear)):
+        for lin, cls in lins:
             if type(lin) is not cls:  # a LoRA / GEMV subclass swapped in
                 return f"{type(lin).__name__} layer"
             op = linear_op(lin, lin is a.qkv_proj)
@@ -210,7 +236,14 @@ def _fits(model) -> str | None:
             dtypes.add(op.dtype)
     if len(dtypes) > 1:  # the C calls between two matmuls write one dtype
         return "float32 matmuls beside bf16 ones (int4 / int8 kernels or bf16 weights)"
+    if len(inters) > 1:  # one SwiGLU buffer for the dense feed-forwards
+        return "dense feed-forwards of more than one intermediate size"
     return None
+
+
+def _ffn(layer):
+    """A decoder layer's feed-forward module (Mixtral's is ``block_sparse_moe``)."""
+    return getattr(layer, getattr(layer, "ffn_name", "mlp"), None)
 
 
 def _hooked(modules) -> bool:
@@ -235,13 +268,17 @@ class DecodePlan:
         self.rot_dim = rotary.rotary_dim
         self.cos_sin = rotary.cos_sin_cache.float().contiguous()  # a bf16 model's: widened
         self.hidden = model.norm.weight.shape[0]
-        self.inter = model.layers[0].mlp.down_proj.input_size
         self.layers = [_Layer(layer) for layer in model.layers]
+        # the dense feed-forwards' one intermediate size (_fits); 0 where every layer is MoE
+        self.inter = max((_ffn(layer).down_proj.input_size for layer in model.layers
+                          if hasattr(_ffn(layer), "down_proj")), default=0)
         self.norm_w = model.norm.weight.detach().float().contiguous()
         self.norm_eps = model.norm.eps
         self.dtype = self.layers[0].ops[0].dtype  # every matmul's input and output
         self.io_f32 = int(self.dtype == torch.float32)
-        self.kinds = sorted({op.kind for L in self.layers for op in L.ops})
+        self.kinds = sorted({op.kind for L in self.layers
+                             for op in L.ops + (L.moe.ops if L.moe else [])})
+        self.moe = any(L.moe is not None for L in self.layers)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
         meta = ctx.attn_metadata
@@ -291,12 +328,15 @@ class DecodePlan:
         norm, attend_fn, silu = (lib.mp_add_rmsnorm_io, lib.mp_decode_attention_io,
                                  lib.mp_silu_mul_io)
         xb16, xb32 = (None, xbp) if f32 else (xbp, None)
-        delta = None
+        # an MoE layer's router reads its input in float32, beside the bf16 copy for the experts
+        xf = xb if f32 or not self.moe else torch.empty(rows, h, dtype=torch.float32)
+        delta = None  # the last feed-forward's output (an MoE block's: float32)
         for L in self.layers:
             cache = caches[L.idx]
             _, nb, bs, _, _ = cache.shape
-            norm(rows, h, rp, delta.data_ptr() if delta is not None else None, f32, L.ln1,
-                 L.eps1, xb16, xb32)
+            norm(rows, h, rp, delta.data_ptr() if delta is not None else None,
+                 int(delta is not None and delta.dtype == torch.float32), L.ln1, L.eps1, xb16,
+                 xb32)
             fn, args = L.qkv[big]
             qkv = fn(xb, *args)
             attend_fn(rows, nh, nkv, hd, self.rot_dim, qkv.data_ptr(), L.bias, cs, pp,
@@ -308,14 +348,18 @@ class DecodePlan:
                                               self.scale).reshape(e - s, -1)
             fn, args = L.o[big]
             o = fn(attn, *args)
+            if L.moe is not None:
+                norm(rows, h, rp, o.data_ptr(), f32, L.ln2, L.eps2, xb16, xf.data_ptr())
+                delta = L.moe(lib, xf, xb)
+                continue
             norm(rows, h, rp, o.data_ptr(), f32, L.ln2, L.eps2, xb16, xb32)
             fn, args = L.gate_up[big]
             gu = fn(xb, *args)
             silu(rows, self.inter, gu.data_ptr(), actp, f32)
             fn, args = L.down[big]
             delta = fn(act, *args)
-        norm(rows, h, rp, delta.data_ptr(), f32, self.norm_w.data_ptr(), self.norm_eps, None,
-             out.data_ptr())
+        norm(rows, h, rp, delta.data_ptr(), int(delta.dtype == torch.float32),
+             self.norm_w.data_ptr(), self.norm_eps, None, out.data_ptr())
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from modelport.config import ModelConfig
+from modelport.layers import cpu_kernels
 from modelport.layers.embedding import VocabEmbedding
 from modelport.layers.fused_moe import FusedMoE, SparseMoeBlock
 from modelport.layers.layernorm import RMSNorm
@@ -58,7 +59,10 @@ class MoeModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if not x.is_cuda:
+        if not x.is_cuda:  # a CPU step: the small ops in C, MoE blocks included (cpu_moe_step)
+            out = cpu_kernels.decode(self, x, positions)
+            if out is not None:
+                return out
             self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
         residual = None
         for layer in self.layers:

@@ -54,7 +54,7 @@ static float dot(const float *a, const float *b, int n) {
 }
 
 /* resid[r] += delta[r] (when given: bf16, or float32 with delta_f32 set); then
- * out[r] = rmsnorm(resid[r]) * w, written as bf16 (out_bf16) or float32 (out_f32): the input
+ * out[r] = rmsnorm(resid[r]) * w, written as bf16 (out_bf16), float32 (out_f32) or both: the input
  * of the next matmul, or the final hidden. float32 deltas and outputs serve models whose
  * linear layers are plain float32 matmuls (cpu_kernels.py). */
 void mp_add_rmsnorm_io(int rows, int h, float *resid, const void *delta, int delta_f32,
@@ -75,7 +75,8 @@ void mp_add_rmsnorm_io(int rows, int h, float *resid, const void *delta, int del
         if (out_bf16) {
             uint16_t *o = out_bf16 + (int64_t)r * h;
             for (int i = 0; i < h; i++) o[i] = f32_to_bf16(x[i] * inv * w[i]);
-        } else {
+        }
+        if (out_f32) { /* both where both are given (an MoE layer: fp32 router, bf16 experts) */
             float *o = out_f32 + (int64_t)r * h;
             for (int i = 0; i < h; i++) o[i] = x[i] * inv * w[i];
         }
@@ -541,4 +542,26 @@ void mp_silu_mul_io(int rows, int inter, const void *gate_up, void *out, int io_
 /* mp_silu_mul_io in bf16 */
 void mp_silu_mul(int rows, int inter, const uint16_t *gate_up, uint16_t *out) {
     mp_silu_mul_io(rows, inter, gate_up, out, 0);
+}
+
+/* One token's MoE sum (cpu_moe_step.py): out[i] = sum_j w[j] * ys[j][i], each product rounded
+ * to float32 and the k terms added in order j = 0, 1, ..., as grouped_experts sums them; ys[j]
+ * is the j-th selected expert's output row (bf16, or float32 with ys_f32 set). */
+void mp_moe_sum(int k, int h, const void *const *ys, int ys_f32, const float *w, float *out) {
+    for (int j = 0; j < k; j++) {
+        const float wj = w[j];
+        if (ys_f32) {
+            const float *y = (const float *)ys[j];
+            if (j == 0)
+                for (int i = 0; i < h; i++) out[i] = y[i] * wj;
+            else
+                for (int i = 0; i < h; i++) out[i] = out[i] + y[i] * wj;
+        } else {
+            const uint16_t *y = (const uint16_t *)ys[j];
+            if (j == 0)
+                for (int i = 0; i < h; i++) out[i] = bf16_to_f32(y[i]) * wj;
+            else
+                for (int i = 0; i < h; i++) out[i] = out[i] + bf16_to_f32(y[i]) * wj;
+        }
+    }
 }
