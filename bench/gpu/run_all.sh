@@ -144,6 +144,16 @@ for s in $stages; do
     s29-tests) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_bert_token_types.py \
                tests/test_triton_cuda_shm.py tests/test_models_moe.py tests/test_gpu_engine.py \
                tests/test_tensor_parallel_gpu.py 2>&1 | tee "$OUT/s29-tests.log" | tail -25 ;;
+    s29b-tests) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_moe_quantized_cuda.py \
+               tests/test_sliding_window_kv.py tests/test_models_moe.py 2>&1 \
+               | tee "$OUT/s29b-tests.log" | tail -25 ;;
+    moe-w3)  for q in ${MOE_QUANTS:-none fp8}; do
+               $PY -m modelport.bench.latency --model-config bench/configs/qwen1.5-moe-a2.7b.json \
+                 --load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 8 \
+                 --input-len 1024 --output-len 128 --batch-size 1 --num-iters 3 --backend modelport \
+                 --quantization "$q" --output-json "$OUT/moe-w3.jsonl" 2>"$OUT/moe-w3-$q.err" \
+                 || { rc=1; tail -20 "$OUT/moe-w3-$q.err"; }
+             done ;;
     s26-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py \
                tests/test_reasoning_structured.py 2>&1 | tee "$OUT/s26-tests.log" | tail -8 ;;
     s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \

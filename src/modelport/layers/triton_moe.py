@@ -25,6 +25,27 @@ import triton.language as tl
 
 
 @triton.jit
+def block_rows(sorted_ptr, pid_m, num_rows, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The assignment rows of block pid_m, which are real (< num_rows), and the x row each
+    reads (TOP_K: a row r reads x[r // TOP_K]; 1: the input is per assignment)."""
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    return rows, rows < num_rows, (rows // TOP_K).to(tl.int64)
+
+
+@triton.jit
+def store_rows(acc, acc_up, rows, row_ok, offs_n, n_ok, out_ptr, weight_ptr, stride_om,
+               GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr):
+    """The epilogue of every grouped GEMM: silu(gate) * up (GATED), times the row's routing
+    weight (MUL_WEIGHT), stored at the block's rows."""
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
     N, K, num_rows,
@@ -40,9 +61,7 @@ def moe_gemm_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:  # a block past the last expert's padded run
         return
-    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = rows < num_rows
-    a_rows = (rows // TOP_K).to(tl.int64)
+    rows, row_ok, a_rows = block_rows(sorted_ptr, pid_m, num_rows, TOP_K, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -60,12 +79,8 @@ def moe_gemm_kernel(
         if GATED:
             w_up = tl.load(w_base + N * stride_wn + w_off, mask=w_mask, other=0.0)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        acc = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    store_rows(acc, acc_up, rows, row_ok, offs_n, n_ok, out_ptr, weight_ptr, stride_om,
+               GATED, MUL_WEIGHT)
 
 
 def block_m_for(num_rows: int, num_experts: int) -> int:
@@ -101,6 +116,18 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
     return sorted_rows, block_expert
 
 
+def routing_plan(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int
+                 ) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """What every grouped GEMM launch of a step shares: (assignments M, BLOCK_M, sorted rows,
+    block experts, routing weights as float32 rows, tl.dot precision)."""
+    m = ids.numel()
+    bm = block_m_for(m, num_experts)
+    sorted_rows, block_expert = align(ids, num_experts, bm)
+    row_weights = weights.reshape(-1).float().contiguous()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: unused for 16-bit
+    return m, bm, sorted_rows, block_expert, row_weights, precision
+
+
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   weights: torch.Tensor, ids: torch.Tensor,
                   block_n: int = 64, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
@@ -108,13 +135,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     t, k = ids.shape
     e, two_i, h = w13.shape
     i = two_i // 2
-    m = t * k
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    bm = block_m_for(m, e)
-    sorted_rows, block_expert = align(ids, e, bm)
+    m, bm, sorted_rows, block_expert, row_weights, precision = routing_plan(x, weights, ids, e)
     nb = block_expert.numel()
-    row_weights = weights.reshape(-1).float().contiguous()
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: unused for 16-bit
     act = torch.empty((m, i), dtype=x.dtype, device=x.device)
     moe_gemm_kernel[(nb, triton.cdiv(i, block_n))](
         x, w13, act, sorted_rows, block_expert, row_weights, i, h, m,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from modelport.layers.triton_moe import align, block_m_for
+from modelport.layers.triton_moe import block_rows, routing_plan, store_rows
 
 # Launch configs: the largest K tile and fewest warps that compile for sm_90 without register
 # spills (tests/test_moe_quantized_cuda.py checks it); 64-deep tiles spill in the gated launch,
@@ -63,9 +63,7 @@ def moe_gemm_fp8_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = rows < num_rows
-    a_rows = (rows // TOP_K).to(tl.int64)
+    rows, row_ok, a_rows = block_rows(sorted_ptr, pid_m, num_rows, TOP_K, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -90,11 +88,8 @@ def moe_gemm_fp8_kernel(
     acc = acc * tl.load(s_base + offs_n, mask=n_ok, other=0.0)[None, :]
     if GATED:
         acc_up = acc_up * tl.load(s_base + N + offs_n, mask=n_ok, other=0.0)[None, :]
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        acc = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    store_rows(acc, acc_up, rows, row_ok, offs_n, n_ok, out_ptr, weight_ptr, stride_om,
+               GATED, MUL_WEIGHT)
 
 
 @triton.jit
@@ -157,9 +152,7 @@ def moe_gemm_wint_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = rows < num_rows
-    a_rows = (rows // TOP_K).to(tl.int64)
+    rows, row_ok, a_rows = block_rows(sorted_ptr, pid_m, num_rows, TOP_K, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -198,23 +191,8 @@ def moe_gemm_wint_kernel(
                 a.dtype,
             )
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        acc = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-def _routing(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int
-) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    m = ids.numel()
-    bm = block_m_for(m, num_experts)
-    sorted_rows, block_expert = align(ids, num_experts, bm)
-    row_weights = weights.reshape(-1).float().contiguous()
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: unused for 16-bit
-    return m, bm, sorted_rows, block_expert, row_weights, precision
+    store_rows(acc, acc_up, rows, row_ok, offs_n, n_ok, out_ptr, weight_ptr, stride_om,
+               GATED, MUL_WEIGHT)
 
 
 def fused_experts_fp8(
@@ -235,7 +213,7 @@ def fused_experts_fp8(
     e, two_i, h = w13.shape
     i = two_i // 2
     x = x.contiguous()
-    m, bm, sorted_rows, block_expert, row_weights, precision = _routing(x, weights, ids, e)
+    m, bm, sorted_rows, block_expert, row_weights, precision = routing_plan(x, weights, ids, e)
     nb = block_expert.numel()
     act = torch.empty((m, i), dtype=x.dtype, device=x.device)
     moe_gemm_fp8_kernel[(nb, triton.cdiv(i, block_n))](
@@ -326,7 +304,7 @@ def fused_experts_wint(
     i = two_i // 2
     h = q2.shape[1]
     x = x.contiguous()
-    m, bm, sorted_rows, block_expert, row_weights, precision = _routing(x, weights, ids, e)
+    m, bm, sorted_rows, block_expert, row_weights, precision = routing_plan(x, weights, ids, e)
     nb = block_expert.numel()
     act = torch.empty((m, i), dtype=x.dtype, device=x.device)
     moe_gemm_wint_kernel[(nb, triton.cdiv(i, block_n))](
