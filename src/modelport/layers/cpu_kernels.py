@@ -210,7 +210,6 @@ def _fits(model) -> str | None:
             dtypes.update(op.dtype for op in moe.ops)
         else:
             lins += [(ffn.gate_up_proj, MergedLinear), (ffn.down_proj, Linear)]
-            inters.add(ffn.down_proj.input_size)
         a = layer.self_attn
         if type(a) is Qwen3Attention:  # q / k RMSNorm per head before rotary, in the C call
             qn, kn = a.q_norm, a.k_norm
@@ -234,6 +233,8 @@ def _fits(model) -> str | None:
             if isinstance(op, str):
                 return op
             dtypes.add(op.dtype)
+        if type(ffn) is not SparseMoeBlock:  # read once the classes are known (TP wraps them)
+            inters.add(ffn.down_proj.input_size)
     if len(dtypes) > 1:  # the C calls between two matmuls write one dtype
         return "float32 matmuls beside bf16 ones (int4 / int8 kernels or bf16 weights)"
     if len(inters) > 1:  # one SwiGLU buffer for the dense feed-forwards
