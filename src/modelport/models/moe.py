@@ -18,12 +18,17 @@ import torch
 from torch import nn
 
 from modelport.config import ModelConfig
-from modelport.layers import cpu_kernels
 from modelport.layers.embedding import VocabEmbedding
 from modelport.layers.fused_moe import FusedMoE, SparseMoeBlock
 from modelport.layers.layernorm import RMSNorm
 from modelport.layers.rotary import RotaryEmbedding, rope_settings
-from modelport.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, attention_block
+from modelport.models.llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    attention_block,
+)
 from modelport.models.moe_config import MoeSpec, check_moe_options, moe_spec
 from modelport.models.qwen3 import Qwen3Attention
 from modelport.models.weights import StackedParam
@@ -50,24 +55,15 @@ class MoeDecoderLayer(nn.Module):
         return getattr(self, self.ffn_name)(x), residual
 
 
-class MoeModel(nn.Module):
+class MoeModel(LlamaModel):
+    """LlamaModel's forward (the CPU C step takes MoE blocks too: cpu_moe_step.py) over
+    layers built by the MoE model classes."""
+
     def __init__(self, config: ModelConfig, layers: list[MoeDecoderLayer]) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        if not x.is_cuda:  # a CPU step: the small ops in C, MoE blocks included (cpu_moe_step)
-            out = cpu_kernels.decode(self, x, positions)
-            if out is not None:
-                return out
-            self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual)
-        return self.norm(x, residual)[0]
 
 
 def _expert_params(num_experts: int, gate: str, up: str, down: str) -> tuple[StackedParam, ...]:
