@@ -188,18 +188,15 @@ def test_tp_must_divide_the_intermediate_sizes(tmp_path: Path) -> None:
 
 
 def test_gguf_moe_with_tp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Q4 GGUF MoE on CPU keeps its blocks by default: with tensor_parallel_size 2 that is
-    refused before any weight is read; quantization='none' loads the experts dequantized
-    and splits them like any float experts (the same tokens as one rank)."""
+    """A Q4 GGUF MoE on CPU keeps its blocks by default (its experts then split through the
+    quantized sharding: tests/test_moe_tensor_parallel_quant.py); quantization='none' loads
+    the experts dequantized and splits them like any float experts (one rank's tokens)."""
     from helpers.gguf_archs import write_gguf
 
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
     hf_dir = make_tiny_moe_dir(tmp_path / "hf", "qwen2_moe", moe_intermediate_size=64,
                                shared_expert_intermediate_size=64)
     path = str(write_gguf(hf_dir, tmp_path / "m-q4.gguf", "Q4_0"))
-    with pytest.raises(ValueError, match=r"quantized MoE experts \(gguf\) are not supported "
-                                         r"with tensor_parallel_size=2"):
-        LLM(path, tensor_parallel_size=2, **KW)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     want = LLM(path, quantization="none", **KW).generate(
         prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
@@ -211,14 +208,15 @@ def test_gguf_moe_with_tp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
-def test_quantized_moe_with_tp_is_refused() -> None:
-    with pytest.raises(ValueError, match="quantization 'awq' with tensor_parallel_size=2 is "
-                                         "not supported for MoE"):
-        check_moe_options(cfg("mixtral"), tensor_parallel_size=2, quantization="awq")
+def test_restacked_experts_are_refused_by_shard_experts() -> None:
+    check_moe_options(cfg("mixtral"), tensor_parallel_size=2, quantization="awq")  # accepted
     experts = FusedMoE(4, 2, 64, 32, True)
-    experts.unstack()  # the per-expert layers a quantization method takes over
-    with pytest.raises(ValueError, match="quantized MoE experts are not supported with "
-                                         "tensor_parallel_size > 1"):
+    experts.unstack()  # the per-expert layers a quantization method takes over: split too
+    shard_experts("layers.0.mlp.experts", experts, 0, 2)
+    assert experts.get_submodule("3").down_proj.input_size == 16
+    experts.quant_experts = torch.nn.Module()  # as after restack_experts (CUDA)
+    with pytest.raises(ValueError, match="shard quantized MoE experts before they are "
+                                         "restacked"):
         shard_experts("layers.0.mlp.experts", experts, 0, 2)
 
 

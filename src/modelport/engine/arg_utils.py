@@ -200,8 +200,8 @@ class EngineArgs:
         model_config = load_model_config(src)
         from modelport.models.moe_config import check_moe_options
 
-        # MoE models: tp must divide the intermediate sizes, quantized only with tp 1, no
-        # LoRA (a ValueError naming the option)
+        # MoE models: tp must divide the intermediate sizes, no LoRA (a ValueError naming
+        # the option); quantized ones: whole groups per rank, below
         check_moe_options(model_config, tensor_parallel_size=self.tensor_parallel_size,
                           quantization=self.quantization, enable_lora=self.enable_lora)
         from modelport.models.encoder_config import encoder_settings
@@ -246,7 +246,14 @@ class EngineArgs:
             from modelport.quantization.loading import resolve_quantization
 
             # fail here, before the engine starts, with the format's own message
-            resolve_quantization(self.quantization, src, model_config, device, self.load_format)
+            plan = resolve_quantization(self.quantization, src, model_config, device,
+                                        self.load_format)
+            if plan is not None and tp != 1:  # MoE experts: whole groups per rank
+                from modelport.models.moe_config import moe_quant_tp_refusal
+
+                why = moe_quant_tp_refusal(model_config, tp, _group_size(plan), plan.name)
+                if why:
+                    raise ValueError(f"{model_config.architecture}: {why}")
         spec = (SpeculativeConfig.from_dict(self.speculative_config)
                 if self.speculative_config is not None else None)
         if spec is not None and spec.model is not None:
@@ -460,3 +467,15 @@ def _parse_bytes(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"byte size must be > 0: {text!r}")
     return value
+
+
+def _group_size(plan: Any) -> int | None:
+    """The quantization group along K that a tensor-parallel rank's slice must respect, as
+    known before loading: AWQ / GPTQ from the checkpoint's config (-1: per channel); a GGUF
+    file kept in its blocks: 32 (Q4_0 / Q8_0 blocks, the K-quants' 32-wide sub-blocks)."""
+    if plan.name == "gguf":
+        return 32
+    if plan.name in ("awq", "gptq"):
+        g = int(getattr(plan.config, "group_size", -1))
+        return g if g > 0 else None
+    return None

@@ -5,8 +5,8 @@ is, in its sparse layers, a router over stacked experts (layers/fused_moe.py). T
 checkpoints store one tensor per expert and projection; ``stacked_params`` maps each onto its
 slice of the stacked ``w13`` / ``w2`` weights, so the declared loader loads them as it loads
 q/k/v into qkv_proj. Tensor parallelism splits each expert's intermediate channels over the
-ranks (parallel/moe_parallel.py); LoRA, and quantized experts with tensor_parallel_size > 1,
-are refused at load (models/moe_config.py says what is supported).
+ranks (parallel/moe_parallel.py), quantized experts included; LoRA is refused at load
+(models/moe_config.py says what is supported).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from modelport.models.llama import (
 from modelport.models.moe_config import MoeSpec, check_moe_options, moe_spec
 from modelport.models.qwen3 import Qwen3Attention
 from modelport.models.weights import StackedParam
-from modelport.parallel.moe_parallel import experts_for_rank, refuse_quantized_experts_at_build
+from modelport.parallel.moe_parallel import experts_for_rank, whole_experts_for_quantization
 from modelport.quantization.base import QuantizationConfig
 
 
@@ -112,11 +112,13 @@ class _MoeForCausalLM(LlamaForCausalLM):
         """Quantized checkpoints store each expert's projections as linear layers of their
         own: split the stacked experts into per-expert layers (FusedMoE.unstack) and load
         the checkpoint's ``experts.<e>.<gate|up|down>`` names into them. On CUDA they are
-        stacked again after loading for the grouped kernels (FusedMoE.restack_experts)."""
-        refuse_quantized_experts_at_build(self.config.architecture, quant_config.name)
+        stacked again after loading for the grouped kernels (FusedMoE.restack_experts).
+        A tensor-parallel rank loads these layers whole and cuts each before repacking (the
+        dense quantized layers' way: parallel/moe_parallel.py)."""
         restack = device is not None and device.type == "cuda"
         for m in self.modules():
             if isinstance(m, FusedMoE):
+                whole_experts_for_quantization(m)
                 m.unstack(restack=restack)
         gate, up, down = self.expert_names
         whole = cast(str, None)

@@ -83,7 +83,7 @@ def check_moe_options(
     config: ModelConfig,
     *,
     tensor_parallel_size: int = 1,
-    quantization: str | None = None,
+    quantization: str | None = None,  # any format: quantized experts split as float ones
     enable_lora: bool = False,
 ) -> None:
     """Refuse, before anything loads, the engine options the MoE models do not support."""
@@ -91,13 +91,6 @@ def check_moe_options(
     if spec is None:
         return
     arch = config.architecture
-    declared = config.hf_config.get("quantization_config")
-    quantized = (quantization or "none").lower() != "none" or bool(declared)
-    if quantized and tensor_parallel_size != 1:
-        method = quantization or (declared or {}).get("quant_method", "quantized checkpoint")
-        raise ValueError(f"{arch}: quantization {method!r} with tensor_parallel_size="
-                         f"{tensor_parallel_size} is not supported for MoE models (quantized "
-                         "experts run with tensor_parallel_size 1, on CPU)")
     why = moe_tp_refusal(config, tensor_parallel_size)
     if why:
         raise ValueError(f"{arch}: {why}")
@@ -127,6 +120,28 @@ def moe_tp_refusal(config: ModelConfig, tp: int) -> str | None:
         return None
     return (f"tensor_parallel_size {tp} must divide {' and '.join(bad)}: each rank keeps an "
             "equal slice of the intermediate channels")
+
+
+def moe_quant_tp_refusal(config: ModelConfig, tp: int, group_size: int | None,
+                         method: str) -> str | None:
+    """Why tp cannot split this MoE model's quantized intermediate channels, or None. A
+    rank's input columns of every down projection (experts, shared expert, dense MLPs) must
+    be whole quantization groups of ``group_size`` or lie inside one group, as for a dense
+    quantized model (quantization/base.check_input_split); None group_size: per channel."""
+    spec = moe_spec(config)
+    if spec is None or tp == 1 or not group_size:
+        return None
+    sizes = [spec.expert_intermediate_size, spec.shared_intermediate_size]
+    if len(spec.sparse_layers) < config.num_hidden_layers:
+        sizes.append(config.intermediate_size)
+    for n in sizes:
+        part = n // tp
+        if n and part % group_size and group_size % part:
+            return (f"tensor_parallel_size {tp} splits {n} input columns of a down "
+                    f"projection into {part} per rank, which is not a multiple of the "
+                    f"{method} group size {group_size}; use a tensor_parallel_size that gives "
+                    "each rank whole groups")
+    return None
 
 
 def moe_extra_params(config: ModelConfig) -> int:

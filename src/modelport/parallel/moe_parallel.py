@@ -19,6 +19,12 @@ must not hold all of them even while loading: inside ``sharded_at_build(rank, si
 rank's slice only (``experts_for_rank``) and the slice's loaders cut every checkpoint tensor
 as it streams in. Attention and the shared expert are built as the rank's slice too
 (parallel/tp_load.py); embeddings, norms and the router stay whole (replicated).
+
+Quantized experts (a GGUF file kept in its blocks, AWQ / GPTQ / FP8 checkpoints) are per-expert
+layers (``FusedMoE.unstack``) and load whole, as every quantized layer of a rank does (the
+model must fit one device): ``shard_experts`` records each expert's gate_up rows and down
+columns through its LinearMethod (``TPShard``), and the method cuts codes, group scales and
+zeros together before repacking, or, on CUDA, before ``restack_experts`` stacks the slices.
 """
 
 from __future__ import annotations
@@ -66,22 +72,28 @@ def experts_for_rank(num_experts: int, top_k: int, hidden_size: int, intermediat
     part = intermediate_size // size
     moe = FusedMoE(num_experts, top_k, hidden_size, part, renormalize)
     moe.tp_shard = (rank, size)  # shard_experts leaves it as it is
+    moe.tp_whole_intermediate = intermediate_size  # a quantized load takes it whole again
     moe.w13.weight.weight_loader = partial(_load_w13_slice, moe.w13, rank, part)
     moe.w2.weight.weight_loader = partial(_load_w2_slice, moe.w2, rank, part)
     return moe
 
 
-def refuse_quantized_experts_at_build(arch: str, method: str) -> None:
-    """ValueError when a tensor-parallel rank's load would quantize the experts (a GGUF file
-    kept in its blocks, an AWQ / GPTQ / FP8 checkpoint): their per-expert layers are not
-    split over ranks. Called before any weight is read."""
-    shard = _BUILD_SHARD.get()
-    if shard is not None and shard[1] > 1:
-        raise ValueError(
-            f"{arch}: quantized MoE experts ({method or 'quantized'}) are not supported with "
-            f"tensor_parallel_size={shard[1]} (supported: unquantized fp32/bf16/fp16 experts "
-            "with tensor_parallel_size > 1; quantized experts with tensor_parallel_size 1, or "
-            "quantization='none' to load a GGUF file's experts dequantized)")
+def whole_experts_for_quantization(experts: FusedMoE) -> None:
+    """Give experts built as a rank's slice (``experts_for_rank``) their whole size again,
+    before ``FusedMoE.unstack`` makes the per-expert layers of a quantized load (a GGUF file
+    kept in its blocks, an AWQ / GPTQ / FP8 checkpoint). Those load whole, as every quantized
+    linear layer of a tensor-parallel rank does, and ``shard_experts`` records each expert
+    layer's slice through its LinearMethod, cut before repacking. The stacked weights are
+    only placeholders here (on meta: ``unstack`` reads their shapes and drops them)."""
+    built = getattr(experts, "tp_shard", None)
+    if built is None:
+        return
+    whole = experts.tp_whole_intermediate
+    e, _, h = experts.w13.weight.shape
+    with torch.device("meta"):
+        experts.w13 = ExpertWeights(e, (whole, whole), ("gate", "up"), h)
+        experts.w2 = ExpertWeights(e, (h,), ("down",), whole)
+    del experts.tp_shard
 
 
 def _load_w13_slice(w: ExpertWeights, rank: int, part: int, param: nn.Parameter,
@@ -116,20 +128,21 @@ class AllReduceMoeBlock(nn.Module):
         return y
 
 
-def _refuse_quantized(name: str, experts: FusedMoE) -> None:
-    """Only plain stacked float weights split by rows / columns here (not the per-expert
-    layers that FusedMoE.unstack makes for a quantization method)."""
-    for part in ("w13", "w2"):
-        w = getattr(experts, part, None)
-        weight = getattr(w, "weight", None)
-        if (type(w) is not ExpertWeights or not isinstance(weight, torch.Tensor)
-                or not weight.is_floating_point() or weight.dim() != 3
-                or getattr(w, "quant_method", None) is not None
-                or getattr(experts, "quant_method", None) is not None):
-            raise ValueError(
-                f"{name}: quantized MoE experts are not supported with tensor_parallel_size > 1 "
-                "(supported: unquantized fp32/bf16/fp16 experts; use tensor_parallel_size 1 "
-                "for a quantized MoE model)")
+def _refuse_restacked(name: str, experts: FusedMoE) -> None:
+    """Stacked float weights split by rows / columns, per-expert (quantized) layers through
+    their LinearMethods; experts already restacked for CUDA (``QuantExperts``) are past the
+    point where a slice can be recorded."""
+    if experts.quant_experts is not None:
+        raise ValueError(f"{name}: shard quantized MoE experts before they are restacked "
+                         "(load_model(..., transform=...) shards between loading and repacking)")
+    if experts.stacked:
+        for part in ("w13", "w2"):
+            w = getattr(experts, part, None)
+            weight = getattr(w, "weight", None)
+            if (type(w) is not ExpertWeights or not isinstance(weight, torch.Tensor)
+                    or not weight.is_floating_point() or weight.dim() != 3):
+                raise ValueError(f"{name}: stacked experts of {type(weight).__name__} cannot be "
+                                 "split for tensor parallelism (float [E, out, in] expected)")
 
 
 def _check_divides(what: str, size: int, tp: int) -> None:
@@ -153,7 +166,10 @@ def _keep_columns(w: ExpertWeights, start: int, length: int) -> None:
 def shard_experts(name: str, experts: FusedMoE, rank: int, size: int) -> None:
     """Keep rank's slice of every expert's intermediate channels, in place (experts built
     by ``experts_for_rank`` hold it already)."""
-    _refuse_quantized(name, experts)
+    _refuse_restacked(name, experts)
+    if not experts.stacked:
+        _shard_expert_layers(name, experts, rank, size)
+        return
     built = getattr(experts, "tp_shard", None)
     if built is not None:
         if built != (rank, size):
@@ -170,15 +186,27 @@ def shard_experts(name: str, experts: FusedMoE, rank: int, size: int) -> None:
     _keep_columns(experts.w2, rank * part, part)
 
 
+def _shard_expert_layers(name: str, experts: FusedMoE, rank: int, size: int) -> None:
+    """Per-expert layers (``FusedMoE.unstack``; quantized): each expert's gate_up split by
+    rows (this rank's gate rows, then the same up rows) and its down by input columns, as a
+    dense MLP's, through the quantized-linear sharding (``TPShard``) of tensor_parallel.py; no
+    per-layer all-reduce (the block adds one). On CUDA ``restack_experts`` then stacks the
+    rank's slices, each cut from its canonical form as it finishes loading."""
+    for e in range(experts.num_experts):
+        mlp = experts.get_submodule(str(e))
+        if not _sliced(mlp.down_proj, rank, size):
+            _check_divides(f"expert intermediate size of {name}", int(mlp.down_proj.input_size),
+                           size)
+        _shard_merged(mlp.gate_up_proj, rank, size)
+        _shard_row(mlp.down_proj, rank, size)
+
+
 def _shard_shared_expert(name: str, mlp: nn.Module, rank: int, size: int) -> None:
     """A dense SwiGLU MLP split column / row, without the row layer's all-reduce."""
     gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
     if not isinstance(gate_up, MergedLinear) or type(down) is not Linear:
         raise ValueError(f"{name}: the shared expert ({type(mlp).__name__}) cannot be split "
                          "for tensor parallelism (a gate_up_proj + down_proj MLP is expected)")
-    if gate_up.quant_method is not None or down.quant_method is not None:
-        raise ValueError(f"{name}: a quantized shared expert is not supported with "
-                         "tensor_parallel_size > 1 (supported: unquantized weights)")
     if not _sliced(down, rank, size):  # else built as this rank's slice (tp_load.py)
         _check_divides(f"shared expert intermediate size of {name}", down.input_size, size)
     _shard_merged(gate_up, rank, size)
