@@ -57,7 +57,7 @@ case ${1:-1} in
   # session 29, second call: the GPU tests of quantized MoE on CUDA (restacked FP8 / AWQ
   # experts in the grouped kernels, graphs vs eager) and of the sliding-window block release;
   # then MoE single stream (Qwen1.5-MoE-A2.7B shape) bf16 and online FP8 in one process kind
-  s29b) run 240 bash bench/gpu/run_all.sh s29b-tests
-        run 330 bash bench/gpu/run_all.sh moe-w3 ;;
+  s29b) run 330 bash bench/gpu/run_all.sh s29b-tests
+        run 250 bash bench/gpu/run_all.sh moe-w3 ;;
   *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b" >&2; exit 2 ;;
 esac
