@@ -128,26 +128,38 @@ def routing_plan(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_
     return m, bm, sorted_rows, block_expert, row_weights, precision
 
 
+def grouped_mlp(kernel, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                num_experts: int, inter: int, hidden: int,
+                gate_up: tuple, down: tuple, block_n: int, num_warps: int) -> torch.Tensor:
+    """The two launches of every grouped GEMM kernel (bf16, FP8, integer codes): gate/up with
+    SiLU into [M, inter], then down times the routing weights into [M, hidden], summed over
+    each token's k experts. ``gate_up`` / ``down``: (the weight tensors the kernel reads
+    after its input, their strides, extra constexprs) of each launch, in the kernel's order."""
+    t, k = ids.shape
+    x = x.contiguous()
+    m, bm, sorted_rows, block_expert, row_weights, precision = routing_plan(
+        x, weights, ids, num_experts)
+    nb = block_expert.numel()
+    a = x
+    for (tensors, strides, extra), n, kk, gated in ((gate_up, inter, hidden, True),
+                                                   (down, hidden, inter, False)):
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        kernel[(nb, triton.cdiv(n, block_n))](
+            a, *tensors, out, sorted_rows, block_expert, row_weights, n, kk, m,
+            a.stride(0), *strides, out.stride(0),
+            TOP_K=k if gated else 1, GATED=gated, MUL_WEIGHT=not gated, PRECISION=precision,
+            BLOCK_M=bm, BLOCK_N=block_n, num_warps=num_warps, **extra)
+        a = out
+    return a.view(t, k, hidden).sum(dim=1)
+
+
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   weights: torch.Tensor, ids: torch.Tensor,
                   block_n: int = 64, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
     """The routed experts' weighted sum for x [T, H] (w13 [E, 2I, H], w2 [E, H, I])."""
-    t, k = ids.shape
     e, two_i, h = w13.shape
-    i = two_i // 2
-    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    m, bm, sorted_rows, block_expert, row_weights, precision = routing_plan(x, weights, ids, e)
-    nb = block_expert.numel()
-    act = torch.empty((m, i), dtype=x.dtype, device=x.device)
-    moe_gemm_kernel[(nb, triton.cdiv(i, block_n))](
-        x, w13, act, sorted_rows, block_expert, row_weights, i, h, m,
-        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOP_K=k, GATED=True, MUL_WEIGHT=False, PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
-    y = torch.empty((m, h), dtype=x.dtype, device=x.device)
-    moe_gemm_kernel[(nb, triton.cdiv(h, block_n))](
-        act, w2, y, sorted_rows, block_expert, row_weights, h, i, m,
-        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        TOP_K=1, GATED=False, MUL_WEIGHT=True, PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
-    return y.view(t, k, h).sum(dim=1)
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    tile = {"BLOCK_K": block_k}
+    return grouped_mlp(moe_gemm_kernel, x, weights, ids, e, two_i // 2, h,
+                       ((w13,), (w13.stride(0), w13.stride(1)), tile),
+                       ((w2,), (w2.stride(0), w2.stride(1)), tile), block_n, num_warps)

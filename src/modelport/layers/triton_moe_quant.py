@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from modelport.layers.triton_moe import block_rows, routing_plan, store_rows
+from modelport.layers.triton_moe import block_rows, grouped_mlp, store_rows
 
 # Launch configs: the largest K tile and fewest warps that compile for sm_90 without register
 # spills (tests/test_moe_quantized_cuda.py checks it); 64-deep tiles spill in the gated launch,
@@ -209,65 +209,14 @@ def fused_experts_fp8(
 ) -> torch.Tensor:
     """fused_experts with E4M3 weights w13 [E, 2I, H], w2 [E, H, I] and fp32 per-channel
     scales s13 [E, 2I], s2 [E, H]."""
-    t, k = ids.shape
     e, two_i, h = w13.shape
-    i = two_i // 2
-    x = x.contiguous()
-    m, bm, sorted_rows, block_expert, row_weights, precision = routing_plan(x, weights, ids, e)
-    nb = block_expert.numel()
-    act = torch.empty((m, i), dtype=x.dtype, device=x.device)
-    moe_gemm_fp8_kernel[(nb, triton.cdiv(i, block_n))](
-        x,
-        w13,
-        s13,
-        act,
-        sorted_rows,
-        block_expert,
-        row_weights,
-        i,
-        h,
-        m,
-        x.stride(0),
-        w13.stride(0),
-        w13.stride(1),
-        s13.stride(0),
-        act.stride(0),
-        TOP_K=k,
-        GATED=True,
-        MUL_WEIGHT=False,
-        PRECISION=precision,
-        BLOCK_M=bm,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
-    y = torch.empty((m, h), dtype=x.dtype, device=x.device)
-    moe_gemm_fp8_kernel[(nb, triton.cdiv(h, block_n))](
-        act,
-        w2,
-        s2,
-        y,
-        sorted_rows,
-        block_expert,
-        row_weights,
-        h,
-        i,
-        m,
-        act.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        s2.stride(0),
-        y.stride(0),
-        TOP_K=1,
-        GATED=False,
-        MUL_WEIGHT=True,
-        PRECISION=precision,
-        BLOCK_M=bm,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
-    return y.view(t, k, h).sum(dim=1)
+    tile = {"BLOCK_K": block_k}
+    return grouped_mlp(
+        moe_gemm_fp8_kernel, x, weights, ids, e, two_i // 2, h,
+        ((w13, s13), (w13.stride(0), w13.stride(1), s13.stride(0)), tile),
+        ((w2, s2), (w2.stride(0), w2.stride(1), s2.stride(0)), tile),
+        block_n, num_warps,
+    )  # fmt: skip
 
 
 def int_block_k(group: int, k: int, bits: int, block_k: int = INT_BLOCK_K) -> int:
@@ -299,71 +248,13 @@ def fused_experts_wint(
 ) -> torch.Tensor:
     """fused_experts with packed integer codes q13 [E, 2I, H*bits/32], q2 [E, H, I*bits/32]
     and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]."""
-    t, k = ids.shape
     e, two_i, _ = q13.shape
-    i = two_i // 2
-    h = q2.shape[1]
-    x = x.contiguous()
-    m, bm, sorted_rows, block_expert, row_weights, precision = routing_plan(x, weights, ids, e)
-    nb = block_expert.numel()
-    act = torch.empty((m, i), dtype=x.dtype, device=x.device)
-    moe_gemm_wint_kernel[(nb, triton.cdiv(i, block_n))](
-        x,
-        q13,
-        s13,
-        z13,
-        act,
-        sorted_rows,
-        block_expert,
-        row_weights,
-        i,
-        h,
-        m,
-        x.stride(0),
-        q13.stride(0),
-        q13.stride(1),
-        s13.stride(0),
-        s13.stride(1),
-        act.stride(0),
-        TOP_K=k,
-        GATED=True,
-        MUL_WEIGHT=False,
-        PRECISION=precision,
-        BITS=bits,
-        GROUP=group13,
-        BLOCK_M=bm,
-        BLOCK_N=block_n,
-        BLOCK_K=int_block_k(group13, h, bits, block_k),
-        num_warps=num_warps,
-    )
-    y = torch.empty((m, h), dtype=x.dtype, device=x.device)
-    moe_gemm_wint_kernel[(nb, triton.cdiv(h, block_n))](
-        act,
-        q2,
-        s2,
-        z2,
-        y,
-        sorted_rows,
-        block_expert,
-        row_weights,
-        h,
-        i,
-        m,
-        act.stride(0),
-        q2.stride(0),
-        q2.stride(1),
-        s2.stride(0),
-        s2.stride(1),
-        y.stride(0),
-        TOP_K=1,
-        GATED=False,
-        MUL_WEIGHT=True,
-        PRECISION=precision,
-        BITS=bits,
-        GROUP=group2,
-        BLOCK_M=bm,
-        BLOCK_N=block_n,
-        BLOCK_K=int_block_k(group2, i, bits, block_k),
-        num_warps=num_warps,
-    )
-    return y.view(t, k, h).sum(dim=1)
+    i, h = two_i // 2, q2.shape[1]
+    return grouped_mlp(
+        moe_gemm_wint_kernel, x, weights, ids, e, i, h,
+        ((q13, s13, z13), (q13.stride(0), q13.stride(1), s13.stride(0), s13.stride(1)),
+         {"BITS": bits, "GROUP": group13, "BLOCK_K": int_block_k(group13, h, bits, block_k)}),
+        ((q2, s2, z2), (q2.stride(0), q2.stride(1), s2.stride(0), s2.stride(1)),
+         {"BITS": bits, "GROUP": group2, "BLOCK_K": int_block_k(group2, i, bits, block_k)}),
+        block_n, num_warps,
+    )  # fmt: skip

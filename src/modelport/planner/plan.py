@@ -25,6 +25,7 @@ from modelport.planner.weights import (
     measured_weights,
     tensor_bytes,
 )
+from modelport.quantization.loading import MOE_CUDA_METHODS
 
 _CANON = {
     "bf16": "bfloat16",
@@ -236,7 +237,7 @@ def make_plan(req: PlanRequest) -> Plan:
     quant = req.effective_quantization
     if (quant is not None and moe_spec(model) is not None and not device.is_cpu
             and (req.quantization or not req.model.gguf_moe)
-            and quant not in ("fp8", "awq", "gptq")):  # restacked for the grouped GEMM
+            and quant not in MOE_CUDA_METHODS):  # restacked for the grouped GEMM
         raise PlanError("--quantization", f"{model.architecture} (mixture of experts): "
                         f"quantized ({quant}) experts run on CPU only (on {device.name}: "
                         "fp8, awq or gptq experts); otherwise it loads unquantized")
