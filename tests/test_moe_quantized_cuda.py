@@ -438,7 +438,7 @@ def _fp8_pair(hf_dir: Path, out: Path) -> tuple[Path, Path]:
     return src, ref
 
 
-def _greedy_tokens(path: Path, n: int, restacked: bool, **kw: object) -> list[list[int]]:
+def _greedy_runs(path: Path, n: int, restacked: bool, **kw: object) -> list:
     from modelport import LLM, SamplingParams
 
     llm = LLM(
@@ -453,14 +453,32 @@ def _greedy_tokens(path: Path, n: int, restacked: bool, **kw: object) -> list[li
     prompts = [PROMPT[:23], [5, 9, 200], PROMPT[30:41]]
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
-        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=5),
         use_tqdm=False,
     )
     moes = [m for m in llm.llm_engine.core.runner.model.modules() if isinstance(m, FusedMoE)]
     assert moes and all((m.quant_experts is not None) == restacked for m in moes)
     del llm
     torch.cuda.empty_cache()
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return [o.outputs[0] for o in outs]
+
+
+def _greedy_tokens(path: Path, n: int, restacked: bool, **kw: object) -> list[list[int]]:
+    return [list(o.token_ids) for o in _greedy_runs(path, n, restacked, **kw)]
+
+
+def assert_same_up_to_near_ties(got: list[list[int]], want: list, n: int, tie: float) -> None:
+    """The first n greedy tokens of each prompt equal the reference run's, except that from
+    the first position where the reference's top two are within ``tie`` nats (the tiny random
+    models have such near-ties, which any rounding difference may flip) the rest may differ;
+    the token picked there must be the reference's runner-up."""
+    for g, w in zip(got, want):
+        for i, (x, y) in enumerate(zip(g[:n], list(w.token_ids)[:n])):
+            if x == y:
+                continue
+            lp = w.logprobs[i]
+            assert x in lp and lp[y].logprob - lp[x].logprob < tie, (i, g, list(w.token_ids))
+            break
 
 
 @pytest.mark.gpu
@@ -481,11 +499,14 @@ def test_cuda_quantized_moe_matches_dequantized_weights_in_graphs_and_eager(
             if not (rdir / f.name).exists():
                 shutil.copy(f, rdir / f.name)
         kw = {}
-    want = _greedy_tokens(rdir, 6, False, enforce_eager=True)
+    want = _greedy_runs(rdir, 6, False, enforce_eager=True)
     eager = _greedy_tokens(qdir, 6, True, enforce_eager=True, **kw)
     graphs = _greedy_tokens(qdir, 6, True, enforce_eager=False, **kw)
     assert eager == graphs  # decode replayed from CUDA graphs (the quantized experts captured)
     # the first tokens agree with the dequantized weights' bf16 model (AWQ: weight-only
     # everywhere; FP8: the dense layers also quantize batched activations, so fewer tokens)
+    # up to near-ties: the first prompt's first token is one (0.006 nats in a CPU fp32 run of
+    # the Qwen2-MoE model; on an H200 the bf16 reference picked the runner-up)
     n = 3 if method == "awq" else 2
-    assert [t[:n] for t in eager] == [t[:n] for t in want]
+    assert_same_up_to_near_ties(eager, want, n, tie=0.02)
+    assert sum(e[:n] == list(w.token_ids)[:n] for e, w in zip(eager, want)) >= 2

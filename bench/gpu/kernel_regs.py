@@ -3,7 +3,7 @@ offline for sm_90 (no GPU needed: Triton's bundled ptxas and cuobjdump).
 
     pip install --target /tmp/tsite triton==3.6.0      # once (`make test` puts it in .venv)
     PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py decode [--kind 16bit fp8] [--config NAME ...]
-    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py w4     # W4 GEMV configs, W4/W8 GEMM
+    PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py w4     # W4 GEMV configs, W4/W8 GEMM, half2 GEMV vs shipped (per word)
     PYTHONPATH=/tmp/tsite:src python bench/gpu/kernel_regs.py nf4    # NF4 GEMVs (bytes, words), GEMM
 
 One JSON line a config: registers and stack (spill) bytes a thread, shared bytes a program,
@@ -58,8 +58,18 @@ def compile_sm90(fn, sig: dict[str, str], const: dict, divisible: tuple[str, ...
     regs, stack = int(m.group(1)), int(m.group(2))
     by_regs = SM_REGS // (-(-regs * 32 // 256) * 256 * num_warps)
     by_shared = SM_SHARED // (k.metadata.shared + 1024)
-    instr = sum(bool(re.match(r"\s+/\*[0-9a-f]{4}\*/", line)) for line in sass.splitlines())
+    addrs = [int(m.group(1), 16) for line in sass.splitlines()
+             if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/", line))]
+    instr = len(addrs)
+    # the longest loop: a branch back to a lower address (not to itself: the end's trap)
+    loop = 0
+    for line in sass.splitlines():
+        bm = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\S*\s+(?:`\()?0x([0-9a-f]+)", line)
+        if bm and int(bm.group(2), 16) < int(bm.group(1), 16):
+            lo, hi = int(bm.group(2), 16), int(bm.group(1), 16)
+            loop = max(loop, sum(lo <= x <= hi for x in addrs))
     return {"regs": regs, "stack": stack, "shared": k.metadata.shared, "sass_instr": instr,
+            "loop_instr": loop,
             "warps": num_warps, "maxnreg": maxnreg,
             "programs_per_sm": min(by_regs, by_shared, SM_WARPS // num_warps, SM_BLOCKS),
             "bound": "regs" if by_regs <= by_shared else "shared"}
@@ -98,6 +108,33 @@ def compile_w4_gemv(c, k: int) -> dict:  # noqa: ANN001 - a triton.Config of gem
     const = dict(K=k, GROUP=128, BITS=4, V=4, BLOCK_M=1, EVEN_N=True, PDL=True, **cfg)
     r = compile_sm90(tk.gemv_kernel, sig, const, tuple(list(sig)[:9]), c.num_warps, 1, c.maxnreg)
     return {"kernel": "w4_gemv", "K": k, **cfg, **r}
+
+
+def compile_w4_gemv_half2(block_n: int, num_warps: int, k: int, asm: bool = True) -> dict:
+    """The half2 W4 GEMV (triton_w4_half2, the one-row default), one row, K = k,
+    groups of 128, BLOCK_W = 128 * num_warps."""
+    from modelport.quantization import triton_w4_half2 as th
+
+    sig = dict(x_ptr="*bf16", w_ptr="*i32", sz_ptr="*i32", y_ptr="*bf16", N="i32")
+    const = dict(K=k, GROUP=128, BLOCK_N=block_n, BLOCK_W=128 * num_warps, EVEN_N=True,
+                 ASM=asm, PDL=True)
+    r = compile_sm90(th.gemv_half2_kernel, sig, const, tuple(sig), num_warps, 1)
+    return {"kernel": "w4_gemv_half2", "K": k, "BLOCK_N": block_n, "BLOCK_W": 128 * num_warps,
+            "ASM": asm, **r}
+
+
+def per_word(r: dict) -> dict:
+    """SASS instructions per packed word a thread handles. ``instr_per_word``: the whole
+    kernel's static count over the words one K step gives a thread (min(BLOCK_W, K / 8) *
+    BLOCK_N / threads); at K = 4,096 and BLOCK_W = 512 the K loop runs once, so this is one
+    step plus the prologue and the final reduction and store (what a program of the
+    K = 4,096 shapes executes). ``loop_per_word``: the K loop's body alone over the words of
+    a step (0 where no loop was compiled), the steady state of long K."""
+    threads = 32 * r["warps"]
+    step = r["BLOCK_W"] * r["BLOCK_N"] / threads
+    once = min(r["BLOCK_W"], r["K"] // 8) * r["BLOCK_N"] / threads
+    return {"instr_per_word": round(r["sass_instr"] / once, 2),
+            "loop_per_word": round(r["loop_instr"] / step, 2)}
 
 
 def compile_w_gemm(bits: int, group: int, block_k: int) -> dict:
@@ -169,6 +206,17 @@ def w4(args: argparse.Namespace) -> None:
     for bits in (4, 8):
         for block_k in (32, 128):
             print(json.dumps(compile_w_gemm(bits, 32, block_k)), flush=True)
+    # shipped vs half2 at the same tile (16 columns, 4 warps): instructions per packed word
+    from modelport.quantization import triton_w4_half2 as th
+
+    base = next(c for c in tk.gemv_configs if c.kwargs["BLOCK_N"] == 16 and c.num_warps == 4
+                and not c.kwargs["PREFETCH"] and not c.maxnreg)
+    for k in (4096, 14336):
+        r = compile_w4_gemv(base, k)
+        print(json.dumps({**r, **per_word({**r, **base.kwargs})}), flush=True)
+        for c in th.half2_configs:
+            r = compile_w4_gemv_half2(c.kwargs["BLOCK_N"], c.num_warps, k)
+            print(json.dumps({**r, **per_word(r)}), flush=True)
 
 
 def nf4(args: argparse.Namespace) -> None:

@@ -59,5 +59,11 @@ case ${1:-1} in
   # then MoE single stream (Qwen1.5-MoE-A2.7B shape) bf16 and online FP8 in one process kind
   s29b) run 330 bash bench/gpu/run_all.sh s29b-tests
         run 250 bash bench/gpu/run_all.sh moe-w3 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b" >&2; exit 2 ;;
+  # session 30 (H200), after W3 AWQ with the shipped and the half2 W4 GEMV (2.306 vs 2.251 ms)
+  # made half2 the default: its GPU tests, the AWQ MoE tests with the near-tie check, the
+  # GEMV / GGUF engine tests; then W3 bf16 and AWQ again
+  s30c) run 300 bash bench/gpu/run_all.sh s30-tests
+        run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+        run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c" >&2; exit 2 ;;
 esac

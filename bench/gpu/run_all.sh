@@ -5,7 +5,7 @@
 #   also w3-sync w1-sync (async scheduling off), w3-fp8kv w1-fp8kv (FP8 KV cache), w1-fp8
 #   (FP8 weights + KV), w3-awq w3-gptq w3-fp8 (quantized weights), w3-eager, quant-tests, quant-bench,
 #   quant-decode (decode tok/s at batch 1 and 64 per weight format, bench/quant_decode.py;
-#   QD_FORMATS="none awq ..." picks formats), w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1),
+#   QD_FORMATS="none awq ..." picks formats), w4-sweep (every W4 GEMV launch config on the 8B shapes; SWEEP_BATCHES, default 1; SWEEP_EXTRA="--half2": the half2 GEMV, the one-row default, too),
 #   host-prof (cProfile of FP8 W1 engine steps: bench/gpu/host_profile.py), prefill-prof (the
 #   same for W3's eager 1,024-token prefill step: its host launch time), launch-cost (host time
 #   per launch of each op of that step: bench/gpu/launch_cost.py), decode-ragged (decode
@@ -103,7 +103,7 @@ for s in $stages; do
                  --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" | qd_print \
                  || { rc=1; tail -20 "$OUT/qd.err"; }
              done ;;
-    w4-sweep) $PY bench/gpu/w4_gemv_sweep.py --batch ${SWEEP_BATCHES:-1} --out "$OUT/w4_gemv_sweep.jsonl" \
+    w4-sweep) $PY bench/gpu/w4_gemv_sweep.py --batch ${SWEEP_BATCHES:-1} ${SWEEP_EXTRA:-} --out "$OUT/w4_gemv_sweep.jsonl" \
                | grep '"best"' || rc=1 ;;
     host-prof) $PY bench/gpu/host_profile.py $COMMON --num-prompts 256 --kv-cache-dtype fp8 \
                --quantization fp8 --max-num-seqs 256 --max-num-batched-tokens ${W1_BUDGET:-2048} \
@@ -154,6 +154,10 @@ for s in $stages; do
                  --quantization "$q" --output-json "$OUT/moe-w3.jsonl" 2>"$OUT/moe-w3-$q.err" \
                  || { rc=1; tail -20 "$OUT/moe-w3-$q.err"; }
              done ;;
+    s30-tests) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_w4_gemv_half2.py \
+               tests/test_moe_quantized_cuda.py -k "half2 or awq" 2>&1 | tee "$OUT/s30-tests.log" | tail -25
+               $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py -k "gemv or gguf_kept" 2>&1 \
+               | tee "$OUT/s30-quant-tests.log" | tail -8 ;;
     s26-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py \
                tests/test_reasoning_structured.py 2>&1 | tee "$OUT/s26-tests.log" | tail -8 ;;
     s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \

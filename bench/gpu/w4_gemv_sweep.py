@@ -7,6 +7,10 @@ reference dequantization. Also times cuBLAS bf16 on the same shape and the autot
 the engine runs, for scale. One JSON object a line:
 
     PYTHONPATH=src python3 bench/gpu/w4_gemv_sweep.py [--batch 1 2 4] [--shapes qkv o] [--out FILE]
+
+--half2 (one row only) adds the half2 GEMV (triton_w4_half2, the one-row default):
+its autotuned launch ("w4-half2-autotuned") and each of half2_candidates() ("w4-half2");
+--half2-only skips the shipped kernel's candidates.
 """
 
 # ruff: noqa: B023 - each closure runs within its own loop iteration
@@ -42,6 +46,11 @@ def candidates() -> list[dict]:
     return out
 
 
+def half2_candidates() -> list[dict]:
+    return [{"BLOCK_N": bn, "num_warps": w, "BLOCK_W": 128 * w, "num_stages": 1}
+            for bn, w in itertools.product((4, 8, 16, 32), (1, 2, 4, 8))]
+
+
 def graph_time(fn, reps: int = 20) -> float:  # noqa: ANN001
     """Seconds per call of fn() (which launches its calls) replayed from a CUDA graph."""
     fn()
@@ -66,7 +75,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--half2", action="store_true", help="also the half2 GEMV (one row)")
+    ap.add_argument("--half2-only", action="store_true", help="the half2 GEMV, not the shipped")
     args = ap.parse_args()
+    args.half2 = args.half2 or args.half2_only
     from modelport.quantization import triton_gemm as tg
     from modelport.quantization import triton_kernels as tk
     from modelport.quantization.kernels import GroupQuant
@@ -80,6 +92,7 @@ def main() -> None:
             sink.write(line + "\n")
             sink.flush()
 
+    tg.GEMV_HALF2 = False  # "w4-autotuned" rows: the fp32 GEMV; half2_rows switches it on
     gen = torch.Generator().manual_seed(0)
     for name in args.shapes:
         n, k = SHAPES[name]
@@ -121,7 +134,9 @@ def main() -> None:
             kern.qweight, kern.sz = qws[0], szs[0]
             mags = (tg.MAG_2048, tg.MAG_128)
             results = []
-            for c in candidates():
+            if args.half2 and m == 1:
+                results += half2_rows(kern, x, ref, qws, szs, ys, nbytes, name, emit)
+            for c in ([] if args.half2_only else candidates()):
                 if not tk.gemv_fits(c["BLOCK_N"], c["BLOCK_W"], c["num_warps"], c["SPLIT"], m,
                                     k, 4):
                     continue
@@ -153,6 +168,54 @@ def main() -> None:
             best = sorted((r for r in results if r["ok"]), key=lambda r: r["us"])[:5]
             emit({"shape": name, "m": m, "best": [(r["config"], r["us"], r["GBps"]) for r in best],
                   "cublas_us": round(t_bf16 * 1e6, 2)})
+
+
+def half2_rows(kern, x, ref, qws, szs, ys, nbytes, name, emit) -> list[dict]:  # noqa: ANN001
+    """The half2 GEMV on one row: autotuned through TritonKernel.gemv, then every candidate."""
+    from modelport.quantization import triton_gemm as tg
+    from modelport.quantization import triton_w4_half2 as th
+
+    n, k = kern.n, kern.k
+    copies = len(qws)
+    tg.GEMV_HALF2 = True
+    try:
+        def tuned() -> None:
+            for q, z in zip(qws, szs):
+                kern.qweight, kern.sz = q, z
+                kern.gemv(x)
+
+        kern.gemv(x)  # autotune outside the graph
+        t = graph_time(tuned) / copies
+        err = ((kern.gemv(x).float() - ref).abs().max() / ref.abs().max()).item()
+        emit({"shape": name, "n": n, "k": k, "m": 1, "kernel": "w4-half2-autotuned",
+              "us": round(t * 1e6, 2), "GBps": round(nbytes / t / 1e9), "err": round(err, 5)})
+    finally:
+        tg.GEMV_HALF2 = False
+        kern.qweight, kern.sz = qws[0], szs[0]
+    rows = []
+    for c in half2_candidates():
+        meta = dict(c)
+        grid = (tg.triton_cdiv(n, c["BLOCK_N"]),)
+
+        def launch(q, z, y, meta=meta, grid=grid) -> None:  # noqa: ANN001
+            th.gemv_half2_kernel[grid](x, q, z, y, n, K=k, GROUP=128,
+                                       EVEN_N=n % meta["BLOCK_N"] == 0, ASM=True, **meta)
+
+        try:
+            launch(qws[0], szs[0], ys[0])
+            torch.cuda.synchronize()
+            err = ((ys[0].float() - ref).abs().max() / ref.abs().max()).item()
+            t = graph_time(lambda: [launch(q, z, y) for q, z, y in zip(qws, szs, ys)]) / copies
+            err2 = ((ys[0].float() - ref).abs().max() / ref.abs().max()).item()
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile
+            emit({"shape": name, "m": 1, "kernel": "w4-half2", "config": c, "error": repr(e)[:200]})
+            continue
+        row = {"shape": name, "n": n, "k": k, "m": 1, "kernel": "w4-half2", "config": c,
+               "us": round(t * 1e6, 2), "GBps": round(nbytes / t / 1e9),
+               "ok": err < 2e-2 and err2 < 2e-2, "err": round(err2, 5)}
+        rows.append(row)
+        emit(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -60,6 +60,17 @@ MAG_2_23 = 0x4B000000  # codes at bits 0..7 -> 2**23 + code (GEMM dequant)
 # ms a decode step with one group a step, 13.66 with 128 columns. MODELPORT_W_GEMM_WIDE_K=0
 # goes back to one group a step.
 GEMM_WIDE_K = 0 if os.environ.get("MODELPORT_W_GEMM_WIDE_K") == "0" else 128
+# One-row 4-bit GEMVs run triton_w4_half2 (packed f16x2 dequantization and products) where
+# chunks are 4 words (groups of 32 codes or more): on an H200, W3 AWQ ITL 2.251 ms against
+# 2.306 ms with the GEMV below (session 30; on an H100 2.561 vs 2.573 ms, session 29). Other
+# row counts, 5-8-bit weights and groups of 16 keep the GEMV below;
+# MODELPORT_W4_GEMV=default sends the one-row ones back to it too.
+GEMV_HALF2 = os.environ.get("MODELPORT_W4_GEMV", "half2") == "half2"
+
+
+def uses_half2(bits: int, v: int, m: int) -> bool:
+    """Whether a GEMV of m rows of bits-bit codes in chunks of v words runs the half2 kernel."""
+    return GEMV_HALF2 and bits == 4 and v == 4 and m == 1
 
 
 @functools.cache
@@ -170,6 +181,13 @@ class TritonKernel(torch.nn.Module):
         """x2 [m <= GEMV_MAX_M, K] contiguous (already permuted) -> y [m, N] in x2.dtype."""
         m = x2.shape[0]
         y = torch.empty((m, self.n), dtype=x2.dtype, device=x2.device)
+        if uses_half2(self.bits, self.v, m):
+            from modelport.quantization.triton_w4_half2 import gemv_half2
+
+            grid1 = lambda meta: (triton_cdiv(self.n, meta["BLOCK_N"]),)  # noqa: E731
+            gemv_half2[grid1](x2, self.qweight, self.sz, y, self.n, K=self.k, GROUP=self.group,
+                              ASM=True, **pdl.kernel_kwargs())
+            return y
         mags = (MAG_2048, MAG_128) if self.bits == 4 else (MAG_32768, 0)
         grid = lambda meta: (triton_cdiv(self.n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
         ws, cnt = gemv_workspace(x2.device, self.n)
