@@ -23,8 +23,11 @@ CONVERTS = ("auto", "none", "embed", "classify")
 GENERATE_TASKS = ("auto", "generate")
 EMBED_TASKS = ("embed", "embedding")
 CLASSIFY_TASKS = ("classify", "score")
+# per-token pooling tasks (vLLM's): one row per prompt token; served by BGE-M3's heads
+# (models/bge_m3.py): token_classify its sparse weights, token_embed its ColBERT vectors
+TOKEN_TASKS = ("token_embed", "token_classify")
 # LLM.encode(pooling_task=...) accepted here; "encode" is the model's own pooling task
-POOLING_TASKS = ("embed", "encode", "classify", "score")
+POOLING_TASKS = ("embed", "encode", "classify", "score", *TOKEN_TASKS)
 SEQ_CLS_SUFFIX = "ForSequenceClassification"
 
 
@@ -34,14 +37,17 @@ class PoolerConfig:
     ``pooling_type`` LAST | MEAN | CLS, ``normalize`` (L2, default on for embeddings),
     ``dimensions`` (the default matryoshka truncation of every request) and
     ``use_activation`` (softmax / sigmoid on a classifier's logits, default on; vLLM's older
-    names ``activation`` and ``softmax`` are accepted). ``task`` is not the user's to set:
-    the engine fills it in, "embed" or "classify" (the model has a classification head)."""
+    names ``activation`` and ``softmax`` are accepted). ``task`` and ``token_tasks`` are not
+    the user's to set: the engine fills them in, ``task`` "embed" or "classify" (the model
+    has a classification head), ``token_tasks`` the per-token tasks the model also serves
+    (BGE-M3's heads found beside the checkpoint: models/bge_m3_config.py)."""
 
     pooling_type: str = "LAST"
     normalize: bool = True
     dimensions: int | None = None
     use_activation: bool = True
     task: str = "embed"
+    token_tasks: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | PoolerConfig | None) -> PoolerConfig:
@@ -143,6 +149,9 @@ class PoolingParams:
         task = self.task or "encode"
         if task == "encode":
             self.task = task = pooler.task
+        if task in TOKEN_TASKS:
+            self._verify_token_task(task, pooler)
+            return
         if pooler.task == "classify":
             if task == "embed":
                 raise ValueError(unsupported_task_message("embed"))
@@ -182,6 +191,20 @@ class PoolingParams:
             raise ValueError(f"dimensions ({self.dimensions}) is larger than the model's "
                              f"embedding size ({hidden})")
 
+    def _verify_token_task(self, task: str, pooler: PoolerConfig) -> None:
+        if task not in pooler.token_tasks:
+            supported = [pooler.task, *pooler.token_tasks]
+            head = {"token_classify": "sparse_linear.pt", "token_embed": "colbert_linear.pt"}
+            raise ValueError(f"pooling task {task!r} is not supported by this model (supported: "
+                             f"{', '.join(supported)}); {task} needs a BGE-M3 checkpoint "
+                             f"with {head[task]} beside model.safetensors")
+        if self.dimensions is not None:
+            raise ValueError(f"dimensions is not supported for the {task} task")
+        if self.normalize is None:
+            self.normalize = pooler.normalize
+        if self.use_activation is None:
+            self.use_activation = True
+
     def to_dict(self) -> dict[str, Any]:
         return {"dimensions": self.dimensions, "normalize": self.normalize, "task": self.task,
                 "use_activation": self.use_activation,
@@ -192,6 +215,17 @@ class PoolingParams:
         return cls(dimensions=d.get("dimensions"), normalize=d.get("normalize"),
                    task=d.get("task"), use_activation=d.get("use_activation"),
                    token_type_start=d.get("token_type_start"))
+
+
+def unflatten(flat: list[float], shape: list[int] | None) -> list[float] | list[list[float]]:
+    """A pooled output as it crosses processes (flat floats) back in its shape: a token
+    task's rows [n, d] (``shape`` [n, d]); a sequence vector as it is (``shape`` None)."""
+    if shape is None:
+        return flat
+    n, d = shape
+    if n * d != len(flat):
+        raise ValueError(f"pooled output of {len(flat)} values does not fit shape {shape}")
+    return [flat[i * d : (i + 1) * d] for i in range(n)]
 
 
 def unsupported_task_message(task: str) -> str:

@@ -82,6 +82,8 @@ class EngineArgs:
     max_logprobs: int = 20
     # vLLM's flag; no model code is ever loaded from a checkpoint here, so it changes nothing
     trust_remote_code: bool = False
+    # vLLM's: config.json keys replaced, e.g. {"architectures": ["BgeM3EmbeddingModel"]}
+    hf_overrides: dict[str, Any] | None = None
     # pooling (embedding) models, vLLM's names: runner auto | generate | pooling, convert
     # auto | none | embed, the older task generate | embed, and the pooler's settings
     runner: str = "auto"
@@ -166,6 +168,9 @@ class EngineArgs:
         g.add_argument("--task", default=None,
                        help="vLLM's older flag: generate | embed | classify | score "
                             "(all but generate = --runner pooling)")
+        g.add_argument("--hf-overrides", type=parse_json_dict, default=None,
+                       help='config.json keys to replace, e.g. \'{"architectures": '
+                            '["BgeM3EmbeddingModel"]}\'')
         g.add_argument("--pooler-config", type=parse_json_dict, default=None,
                        help='pooling settings, e.g. \'{"pooling_type": "MEAN", "normalize": '
                             'true}\' (pooling_type LAST | MEAN | CLS)')
@@ -198,6 +203,11 @@ class EngineArgs:
 
         src = resolve_model(self.model)
         model_config = load_model_config(src)
+        from modelport.models.bge_m3_config import apply_hf_overrides, select_bge_m3, token_tasks
+
+        model_dir = src.path if src.kind == "hf" else None
+        model_config = select_bge_m3(apply_hf_overrides(model_config, self.hf_overrides),
+                                     model_dir)
         from modelport.models.moe_config import check_moe_options
 
         # MoE models: tp must divide the intermediate sizes, no LoRA (a ValueError naming
@@ -262,6 +272,9 @@ class EngineArgs:
         if self.max_logprobs < -1:  # -1: no cap (vLLM), requests may ask for -1 (all)
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}")
         runner_type, pooler, pooling_kw = self._resolve_pooling(model_config, spec, encoder)
+        if pooler is not None and model_config.architecture == "BgeM3EmbeddingModel" \
+                and self.load_format != "dummy":  # dummy weights: no head files are read
+            pooler = dataclasses.replace(pooler, token_tasks=token_tasks(model_dir))
         lora = self._resolve_lora(runner_type)
         reasoning_parser, in_reasoning = self._resolve_structured_outputs()
         seed = self.seed

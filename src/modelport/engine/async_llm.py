@@ -327,7 +327,10 @@ class AsyncLLM:
             self.client.abort_requests([request_id])
 
     def _on_pooled(self, outputs: list) -> list:
-        """Resolve the pooling requests among a step's outputs; returns the others."""
+        """Resolve the pooling requests among a step's outputs (a token task's rows as a
+        list of lists); returns the others."""
+        from modelport.pooling_params import unflatten
+
         rest = []
         for o in outputs:
             fut = self._pooling.get(o.request_id)
@@ -343,7 +346,7 @@ class AsyncLLM:
             if o.pooled is None:
                 fut.set_exception(ValueError(f"request {o.request_id} was aborted"))
             else:
-                fut.set_result((o.pooled, o.num_cached_tokens))
+                fut.set_result((unflatten(o.pooled, o.pooled_shape), o.num_cached_tokens))
         return rest
 
     def abort_now(self, request_id: str) -> None:

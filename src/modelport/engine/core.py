@@ -315,6 +315,7 @@ class EngineCore:
                     first_scheduled_time=req.first_scheduled_time,
                     first_token_time=req.first_token_time,
                     pooled=(ro.pooled or {}).get(rid) if self.pooling else None,
+                    pooled_shape=(ro.pooled_shapes or {}).get(rid) if self.pooling else None,
                 )
             )
         return outputs

@@ -137,9 +137,11 @@ class LLMEngine:
             text, ids = self._pooling.pop(o.request_id)
             if o.pooled is None:  # aborted
                 continue
+            data = torch.tensor(o.pooled, dtype=torch.float32)
+            if o.pooled_shape is not None:  # a per-token task: [n, d]
+                data = data.reshape(o.pooled_shape)
             results.append(PoolingRequestOutput(
-                o.request_id, PoolingOutput(torch.tensor(o.pooled, dtype=torch.float32)),
-                ids, True, o.num_cached_tokens, text))
+                o.request_id, PoolingOutput(data), ids, True, o.num_cached_tokens, text))
         return results
 
     # -- vLLM's LoRA management (LLM(enable_lora=True)) -------------------------------------

@@ -47,6 +47,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True):
     first_token_time: float | None = None
     # a pooling request's pooled vector (float32 values), with its finish
     pooled: list[float] | None = None
+    # a per-token pooling task's [n, d]: ``pooled`` holds its rows one after another
+    pooled_shape: list[int] | None = None
 
     @property
     def finished(self) -> bool:

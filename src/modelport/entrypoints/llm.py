@@ -64,6 +64,7 @@ class LLM:
         max_logprobs: int = 20,
         data_parallel_size: int = 1,
         trust_remote_code: bool = False,
+        hf_overrides: dict[str, Any] | None = None,
         disable_log_stats: bool = True,
         runner: str = "auto",
         convert: str = "auto",
@@ -104,6 +105,7 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype, async_scheduling=async_scheduling,
             speculative_config=speculative_config, max_logprobs=max_logprobs,
             runner=runner, convert=convert, task=task, pooler_config=pooler_config,
+            hf_overrides=hf_overrides,
             override_pooler_config=override_pooler_config,
             reasoning_parser=reasoning_parser,
             structured_outputs_config=structured_outputs_config,
@@ -276,7 +278,9 @@ class LLM:
         pooling_task: str | None = None,
     ) -> list[PoolingRequestOutput]:
         """One ``PoolingRequestOutput`` per prompt, in order: ``.outputs.data`` is the pooled
-        vector (a float32 tensor). Needs ``LLM(..., runner="pooling")``."""
+        vector (a float32 tensor), or for a per-token task (``pooling_task="token_classify"``
+        / ``"token_embed"``, BGE-M3's heads: models/bge_m3.py) its rows [n, d]. Needs
+        ``LLM(..., runner="pooling")``."""
         if self.runner_type != "pooling":
             raise ValueError(
                 "LLM.encode() is only supported for pooling models. Try passing "

@@ -198,6 +198,13 @@ def load_model(
             transform(model)
         return model.eval()
     weights, total = _weights_for(src)
+    secondary = getattr(cls, "secondary_weight_files", None)  # e.g. models/bge_m3.py
+    if secondary and src.kind == "hf":
+        import itertools
+
+        from modelport.loader.hf import iter_secondary_weights
+
+        weights = itertools.chain(weights, iter_secondary_weights(src.path, secondary))
     with torch.no_grad():
         loaded = model.load_weights(_progress(weights, total, f"Loading {src.name}"))
     missing = sorted(expected - loaded)

@@ -94,3 +94,23 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 except (SafetensorError, OSError, RuntimeError) as e:
                     raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from None
                 yield name, tensor
+
+
+def iter_secondary_weights(folder: Path, files: dict[str, str]
+                           ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Weights kept beside the safetensors as torch state dicts (BGE-M3's sparse_linear.pt):
+    ``{file name: name prefix}``; each present file's ``(prefix + key, tensor)``. Read with
+    ``weights_only=True``: a pickle that is more than tensors is refused, never run."""
+    for name, prefix in files.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure names the file
+            raise ValueError(f"cannot read {path} as a torch state dict: {e}") from None
+        if not isinstance(state, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise ValueError(f"{path} is not a state dict of tensors")
+        for key, tensor in state.items():
+            yield prefix + key, tensor

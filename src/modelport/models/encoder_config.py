@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ENCODER_EMBED_ARCHITECTURES = ("BertModel", "RobertaModel", "XLMRobertaModel")
+# BgeM3EmbeddingModel: XLM-R with BGE-M3's sparse / ColBERT heads (models/bge_m3.py)
+ENCODER_EMBED_ARCHITECTURES = ("BertModel", "RobertaModel", "XLMRobertaModel",
+                               "BgeM3EmbeddingModel")
 ENCODER_CLS_ARCHITECTURES = (
     "BertForSequenceClassification",
     "RobertaForSequenceClassification",
@@ -46,7 +48,8 @@ def position_offset(hf_config: dict[str, Any]) -> int:
     """RoBERTa / XLM-R number positions from ``pad_token_id + 1`` (fairseq's convention);
     BERT from 0."""
     if hf_config.get("model_type") in ("roberta", "xlm-roberta") or any(
-            "Roberta" in a for a in hf_config.get("architectures") or ()):
+            "Roberta" in a or a == "BgeM3EmbeddingModel"
+            for a in hf_config.get("architectures") or ()):
         return int(hf_config.get("pad_token_id", 1)) + 1
     return 0
 

@@ -47,6 +47,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "BertModel": ("modelport.models.bert", "BertModel"),
     "RobertaModel": ("modelport.models.bert", "RobertaModel"),
     "XLMRobertaModel": ("modelport.models.bert", "XLMRobertaModel"),
+    "BgeM3EmbeddingModel": ("modelport.models.bge_m3", "BgeM3EmbeddingModel"),
     "BertForSequenceClassification": ("modelport.models.bert", "BertForSequenceClassification"),
     "RobertaForSequenceClassification": (
         "modelport.models.bert",

@@ -47,6 +47,8 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     # a pooling runner: request id -> pooled vector, for requests whose prompt ended
     pooled: dict[str, list[float]] | None = None
+    # ... and the [n, d] shape of each per-token one (token_embed / token_classify)
+    pooled_shapes: dict[str, list[int]] | None = None
 
 
 @dataclass
@@ -148,7 +150,7 @@ class ModelRunner:
                 self.config.model_source, self.config.model_config, self.config.load_config,
                 self.dtype, self.device, transform=shard,
             )
-        if self.pooler is not None:  # a classification model's head (models/seq_cls.py)
+        if self.pooler is not None:  # a classifier's head (models/seq_cls.py), BGE-M3's
             self.pooler.bind(self.model)
         if self.device.type == "cuda":
             from modelport.layers.fused_ops import fuse_small_ops
@@ -630,7 +632,7 @@ class ModelRunner:
                 hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables,
                                              fill)
         if self.pooler is not None:  # no LM head, no sampler: the pooled vectors are the output
-            out.pooled = self.pooler(so, hidden, qsl)
+            out.pooled, out.pooled_shapes = self.pooler(so, hidden, qsl)
             return PendingStep(out)
         pending = PendingStep(out)
         if not logit_rows:

@@ -1,7 +1,11 @@
 """POST /v1/embeddings (OpenAI's shape, plus vLLM's chat-style ``messages``) and vLLM's
 /pooling, for a server started with ``--runner pooling`` (or ``--task embed`` /
 ``--convert embed``). A generative or a classification server answers both with vLLM's 400
-(a classifier's APIs are serving_score.py's)."""
+(a classifier's APIs are serving_score.py's).
+
+/pooling's ``task`` (vLLM's): "embed" (the default, one vector each), or a per-token task a
+BGE-M3 model serves: "token_classify" (sparse weights, ``data`` [n, 1]) or "token_embed"
+(ColBERT vectors, ``data`` [n, dim]); base64 packs the rows one after another."""
 
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ class EmbeddingRequest(TextRequest):
 
 
 class PoolingRequest(EmbeddingRequest):
-    pass
+    task: Literal["embed", "token_embed", "token_classify"] = "embed"
 
 
 def _prompts(engine: AsyncLLM, req: EmbeddingRequest,
@@ -114,8 +118,10 @@ async def _pool_all(engine: AsyncLLM, req: EmbeddingRequest, prefix: str
     prompts = _prompts(engine, req)
     base = req.request_id or random_id(prefix)
 
+    task = getattr(req, "task", "embed")
+
     def params() -> PoolingParams:
-        return PoolingParams(dimensions=req.dimensions, normalize=req.normalize, task="embed")
+        return PoolingParams(dimensions=req.dimensions, normalize=req.normalize, task=task)
 
     results = await pool_prompts(engine, prompts, params, base, req.priority)
     return base, results, prompts
@@ -136,8 +142,9 @@ async def pool_prompts(engine: AsyncLLM, prompts: list[list[int]],
     except ValueError as e:
         for rid, _ in futs:
             engine._abort_pooling(rid)
-        param = "dimensions" if "dimensions" in str(e).lower() or "matryoshka" in str(e) \
-            else "input"
+        msg = str(e)
+        param = "task" if "pooling task" in msg else \
+            "dimensions" if "dimensions" in msg.lower() or "matryoshka" in msg else "input"
         raise OpenAIError(str(e), 400, param=param) from None
     except BaseException:
         for rid, _ in futs:
@@ -162,9 +169,11 @@ def pooling_task(engine: AsyncLLM) -> str | None:
     return pooler.task if pooler is not None else "embed"
 
 
-def _encode(vec: list[float], fmt: str) -> list[float] | str:
+def _encode(vec: list[float] | list[list[float]], fmt: str
+            ) -> list[float] | list[list[float]] | str:
     if fmt == "base64":  # little-endian float32, as OpenAI's and vLLM's base64 embeddings
-        return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+        flat = [x for row in vec for x in row] if vec and isinstance(vec[0], list) else vec
+        return base64.b64encode(struct.pack(f"<{len(flat)}f", *flat)).decode("ascii")
     return vec
 
 
