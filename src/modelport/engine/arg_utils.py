@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -485,9 +486,20 @@ def _parse_bytes(text: str) -> int:
 def _group_size(plan: Any) -> int | None:
     """The quantization group along K that a tensor-parallel rank's slice must respect, as
     known before loading: AWQ / GPTQ from the checkpoint's config (-1: per channel); a GGUF
-    file kept in its blocks: 32 (Q4_0 / Q8_0 blocks, the K-quants' 32-wide sub-blocks)."""
+    file kept in its blocks: the widest unpacked group among its down projections' types.
+    That is the group (one scale and zero) each type unpacks to, 32 columns (Q4_0 / Q8_0
+    blocks, Q4_K / Q5_K sub-blocks) or 16 (Q6_K), not the 256-wide K-quant super-block: a
+    rank keeps the blocks its columns overlap and trims them once unpacked."""
     if plan.name == "gguf":
-        return 32
+        from modelport.quantization.gguf import group_width
+        from modelport.quantization.gguf_types import GGML_TYPES
+
+        types = getattr(plan.config, "tensor_types", None)
+        if types is None:  # dummy weights: one type for every layer
+            return group_width(plan.config.type_id)
+        down = {t for name, t in types.items()
+                if t in GGML_TYPES and re.search(r"\.(down_proj|w2)\.weight$", name)}
+        return max(map(group_width, down), default=None)
     if plan.name in ("awq", "gptq"):
         g = int(getattr(plan.config, "group_size", -1))
         return g if g > 0 else None

@@ -113,8 +113,8 @@ class _MoeForCausalLM(LlamaForCausalLM):
         own: split the stacked experts into per-expert layers (FusedMoE.unstack) and load
         the checkpoint's ``experts.<e>.<gate|up|down>`` names into them. On CUDA they are
         stacked again after loading for the grouped kernels (FusedMoE.restack_experts).
-        A tensor-parallel rank loads these layers whole and cuts each before repacking (the
-        dense quantized layers' way: parallel/moe_parallel.py)."""
+        A tensor-parallel rank builds and loads each as its slice (the dense quantized layers'
+        way: parallel/tp_quant_load.py)."""
         restack = device is not None and device.type == "cuda"
         for m in self.modules():
             if isinstance(m, FusedMoE):

@@ -21,10 +21,11 @@ as it streams in. Attention and the shared expert are built as the rank's slice 
 (parallel/tp_load.py); embeddings, norms and the router stay whole (replicated).
 
 Quantized experts (a GGUF file kept in its blocks, AWQ / GPTQ / FP8 checkpoints) are per-expert
-layers (``FusedMoE.unstack``) and load whole, as every quantized layer of a rank does (the
-model must fit one device): ``shard_experts`` records each expert's gate_up rows and down
-columns through its LinearMethod (``TPShard``), and the method cuts codes, group scales and
-zeros together before repacking, or, on CUDA, before ``restack_experts`` stacks the slices.
+layers (``FusedMoE.unstack``), built as this rank's slice like the dense quantized layers
+(parallel/tp_quant_load.py): each expert's gate_up rows and down columns, codes, group scales
+and zeros cut as each checkpoint tensor streams in. An expert layer its format cannot cut at
+load loads whole and ``shard_experts`` records its slice through its LinearMethod
+(``TPShard``), cut before repacking, or, on CUDA, before ``restack_experts`` stacks them.
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ def experts_for_rank(num_experts: int, top_k: int, hidden_size: int, intermediat
 def whole_experts_for_quantization(experts: FusedMoE) -> None:
     """Give experts built as a rank's slice (``experts_for_rank``) their whole size again,
     before ``FusedMoE.unstack`` makes the per-expert layers of a quantized load (a GGUF file
-    kept in its blocks, an AWQ / GPTQ / FP8 checkpoint). Those load whole, as every quantized
-    linear layer of a tensor-parallel rank does, and ``shard_experts`` records each expert
-    layer's slice through its LinearMethod, cut before repacking. The stacked weights are
-    only placeholders here (on meta: ``unstack`` reads their shapes and drops them)."""
+    kept in its blocks, an AWQ / GPTQ / FP8 checkpoint): the per-expert layers start whole
+    and parallel/tp_quant_load.py builds each as the rank's slice of it (the dense quantized
+    layers' way). The stacked weights are only placeholders here (on meta: ``unstack`` reads
+    their shapes and drops them)."""
     built = getattr(experts, "tp_shard", None)
     if built is None:
         return

@@ -20,9 +20,10 @@ A rank never holds a whole unquantized model: the runner builds it inside
 projection (shared experts included) only this rank's slice, computed by the functions
 below, with weight loaders that cut each checkpoint tensor as it streams in
 (parallel/tp_load.py). ``shard_model`` leaves those layers' weights alone (``tp_shard`` marks
-them) and only wraps the row-parallel ones. Limit: a quantized model (a LinearMethod on its
-layers, GGUF blocks kept included) still loads whole on every rank and is cut here before
-repacking, so it must fit one device.
+them) and only wraps the row-parallel ones. Quantized layers are built as the rank's slice
+too, their loaders cutting each packed checkpoint tensor (parallel/tp_quant_load.py); the
+few a format cannot cut at load (NF4, a row slice inside one quantization group) load whole
+and are cut here, through ``quant_method.shard``, before repacking.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ load's transform) then leaves their weights alone and only wraps the row-paralle
 and cutting. Dummy weights (load_format="dummy") fill the slice-sized parameters directly
 (random values, identical replicated weights on every rank, not the slices of a TP=1 model).
 
-Quantized models do not come here (``load_model`` hands them to their quantization plan,
-which loads whole and cuts before repacking): they must fit one device per rank.
+Quantized models do not come here (``load_model`` hands them to their quantization plan): their
+layers are built as the rank's slice by parallel/tp_quant_load.py, reusing ``_slice`` and
+``_materialize`` from here.
 """
 
 from __future__ import annotations

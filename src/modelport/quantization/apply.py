@@ -9,10 +9,15 @@ method's ``process_weights_after_loading`` once all shards arrived. ``split`` /
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from modelport.quantization.base import QuantizationConfig
+
+if TYPE_CHECKING:
+    from modelport.parallel.tp_quant_load import RankSlices
 
 
 def output_sizes(layer: nn.Module) -> list[int]:
@@ -24,14 +29,18 @@ def output_sizes(layer: nn.Module) -> list[int]:
 
 def quantize_linear_layers(
     model: nn.Module, config: QuantizationConfig, params_dtype: torch.dtype,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", rank_slices: RankSlices | None = None,
 ) -> int:
-    """Give each linear layer its LinearMethod; returns how many layers were quantized."""
+    """Give each linear layer its LinearMethod; returns how many layers were quantized.
+    ``rank_slices``: a tensor-parallel rank's layers built as its slice
+    (parallel/tp_quant_load.py)."""
     from modelport.layers.linear import Linear
 
     prepare = getattr(model, "prepare_quantization", None)
     if prepare is not None:  # a model whose layout changes when quantized (MoE experts)
         prepare(config, torch.device(device))
+    if rank_slices is not None:
+        rank_slices.mark(model)
     count = 0
     for prefix, layer in list(model.named_modules()):
         if not isinstance(layer, Linear) or getattr(layer, "quant_method", None) is not None:
@@ -41,15 +50,20 @@ def quantize_linear_layers(
         method = config.linear_method(prefix, layer)
         if method is None:
             continue
+        cuts = rank_slices.prepare(layer, method) if rank_slices is not None else None
         del layer._parameters["weight"]
         layer.quant_method = method
         layer.quant_device = torch.device(device)
         with torch.device(device):
             method.create_weights(layer, int(layer.input_size), output_sizes(layer),
                                   params_dtype)
+        if cuts is not None:
+            rank_slices.wrap(layer, cuts)  # type: ignore[union-attr]
         count += 1
     if count == 0:
         raise ValueError(f"{config.name}: no linear layer of the model could be quantized")
+    if rank_slices is not None:
+        rank_slices.report()
     return count
 
 

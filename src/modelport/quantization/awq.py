@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelport.quantization.base import LinearMethod, QuantizationConfig, new_param
+from modelport.quantization.base import (
+    Cut,
+    LinearMethod,
+    QuantizationConfig,
+    TPShard,
+    input_cut,
+    new_param,
+    output_cut,
+    outputs_aligned,
+)
 from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
 from modelport.quantization.packing import pack_along, unpack_along
 
@@ -103,6 +112,23 @@ class AWQLinearMethod(GroupQuantMethod):
                   output_dim=1, pack_factor=8)
         new_param(layer, "scales", torch.zeros(input_size // g, n, dtype=params_dtype),
                   output_dim=1)
+
+    def slice_cuts(self, layer: nn.Module, spec: TPShard) -> dict[str, Cut] | None:
+        """Output rows: whole packed words of 8 outputs (qweight, qzeros) and the scales'
+        columns; input columns: qweight's rows and the rows of their groups. A slice inside one
+        group (fewer columns than group_size) loads whole."""
+        self.check_split(layer, spec)
+        g = self.config.group_size
+        if spec.dim == 0:
+            if not outputs_aligned(spec, 8):
+                return None
+            return {"qweight": output_cut(spec, 1, 8), "qzeros": output_cut(spec, 1, 8),
+                    "scales": output_cut(spec, 1)}
+        start, part, k = spec.start, spec.length, spec.input_size
+        if part % g:
+            return None
+        groups = input_cut(start // g, part // g, k // g, 0)
+        return {"qweight": input_cut(start, part, k, 0), "qzeros": groups, "scales": groups}
 
     def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
         gq = awq_to_group_quant(layer.qweight.data, layer.qzeros.data, layer.scales.data,

@@ -13,7 +13,10 @@ is a transformation of the built module (gpt-fast style) that gives each linear 
 * ``shard`` keeps one tensor-parallel rank's slice of the layer (``TPShard``: output rows for
   column-parallel layers, a contiguous range of input columns for row-parallel ones). It is
   called after loading and before ``process_weights_after_loading``, so a method may record
-  the slice and cut its canonical form before building the kernel's packed layout.
+  the slice and cut its canonical form before building the kernel's packed layout;
+* ``slice_cuts`` (optional) lets a tensor-parallel rank build the layer as its slice instead:
+  how each whole checkpoint tensor is cut to the rank's part as it streams in
+  (parallel/tp_quant_load.py), so the rank never holds the whole layer.
 
 Parameters packed along the output dimension carry ``output_dim`` and ``pack_factor``
 attributes, so one generic shard loader (here) narrows fused q/k/v or gate/up slices for
@@ -23,7 +26,7 @@ every format; the same metadata is what a tensor-parallel split of a packed weig
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +94,57 @@ def check_input_split(input_size: int, part: int, tp_size: int, group_size: int,
         )
 
 
+# A whole checkpoint tensor (of a shard, or None: the whole, possibly fused, layer) -> the part
+# a tensor-parallel rank keeps (a view where possible; the weight loader copies it)
+Cut = Callable[[torch.Tensor, "str | None"], torch.Tensor]
+
+
+def output_runs(spec: TPShard, shard_id: str | None) -> list[tuple[int, int]]:
+    """(start, length) of the rank's output rows in a checkpoint tensor of shard ``shard_id``
+    (None: of the whole layer, fused shards one after another): the rows ``spec.index`` keeps."""
+    ranges = spec.shard_ranges
+    if shard_id is not None:
+        if not ranges or shard_id not in ranges:
+            raise ValueError(f"tensor-parallel layer has no shard {shard_id!r}")
+        part = ranges[shard_id][1] // spec.size
+        return [(spec.rank * part, part)]
+    if not ranges:
+        part = spec.output_size // spec.size
+        return [(spec.rank * part, part)]
+    return [(off + spec.rank * (n // spec.size), n // spec.size) for off, n in ranges.values()]
+
+
+def outputs_aligned(spec: TPShard, pack: int) -> bool:
+    """Whether every run of the rank's output rows starts and ends on a packed word."""
+    ids: list[str | None] = [*(spec.shard_ranges or {}), None]
+    return all(start % pack == 0 and n % pack == 0
+               for sid in ids for start, n in output_runs(spec, sid))
+
+
+def output_cut(spec: TPShard, dim: int, pack: int = 1) -> Cut:
+    """Cut: the rank's output rows along ``dim`` of a tensor packing ``pack`` outputs per
+    element there (check ``outputs_aligned`` first)."""
+    def cut(t: torch.Tensor, shard_id: str | None) -> torch.Tensor:
+        runs = output_runs(spec, shard_id)
+        total = spec.shard_ranges[shard_id][1] if shard_id is not None else spec.output_size
+        if t.shape[dim] * pack != total:
+            raise ValueError(f"tensor-parallel cut: checkpoint tensor {tuple(t.shape)} holds "
+                             f"{t.shape[dim] * pack} outputs along dim {dim}, expected {total}")
+        parts = [t.narrow(dim, start // pack, n // pack) for start, n in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    return cut
+
+
+def input_cut(start: int, length: int, total: int, dim: int) -> Cut:
+    """Cut: elements [start, start + length) of ``dim`` (of ``total``) of a tensor."""
+    def cut(t: torch.Tensor, shard_id: str | None) -> torch.Tensor:
+        if t.shape[dim] != total:
+            raise ValueError(f"tensor-parallel cut: checkpoint tensor {tuple(t.shape)} has "
+                             f"{t.shape[dim]} along dim {dim}, expected {total}")
+        return t.narrow(dim, start, length)
+    return cut
+
+
 class LinearMethod(ABC):
     """create_weights -> weight_loader (per shard) -> process_weights_after_loading -> apply."""
 
@@ -119,6 +173,14 @@ class LinearMethod(ABC):
             f"tensor parallelism is not supported with {type(self).__name__.removesuffix('LinearMethod')} "
             "weights yet; use tensor_parallel_size=1, or an AWQ, GPTQ, FP8, GGUF or NF4 checkpoint"
         )
+
+    def slice_cuts(self, layer: nn.Module, spec: TPShard) -> dict[str, Cut] | None:
+        """Build the layer as ``spec``'s slice (parallel/tp_quant_load.py): per parameter name,
+        how a whole checkpoint tensor becomes the rank's part as it streams in. Called on the
+        whole layer before ``create_weights``, which then gets the slice's sizes (the method
+        may keep what its layout needs beyond them). None: the layer loads whole and ``shard``
+        cuts it before repacking. Raises where ``shard`` would refuse the slice."""
+        return None
 
 
 def new_param(

@@ -44,10 +44,13 @@ from torch import nn
 
 from modelport.quantization import triton_fp8
 from modelport.quantization.base import (
+    Cut,
     LinearMethod,
     QuantizationConfig,
     TPShard,
+    input_cut,
     new_param,
+    output_cut,
     shard_slice,
 )
 
@@ -82,9 +85,18 @@ def fp8_supported(capability: tuple[int, int]) -> bool:
     return tuple(capability) >= MIN_CAPABILITY
 
 
-def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (fp8 weight [N, K], float32 scale [N]) with w ~= q * scale[:, None]."""
-    scale = (w.float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+def fp8_channel_scale(w: torch.Tensor) -> torch.Tensor:
+    """float32 [N]: the per-output-channel scale of w [N, K] that ``quantize_fp8_per_channel``
+    uses."""
+    return (w.float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+
+
+def quantize_fp8_per_channel(w: torch.Tensor, scale: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (fp8 weight [N, K], float32 scale [N]) with w ~= q * scale[:, None];
+    ``scale``: the one of the whole rows when w holds some of their columns."""
+    if scale is None:
+        scale = fp8_channel_scale(w)
     q = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
@@ -130,10 +142,12 @@ class FP8Config(QuantizationConfig):
 class FP8LinearMethod(LinearMethod):
     def __init__(self, config: FP8Config) -> None:
         self.config = config
+        self.params_dtype = torch.float32
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:
         n = sum(output_sizes)
+        self.params_dtype = params_dtype
         if self.config.online:
             new_param(layer, "weight", torch.empty(n, input_size, dtype=params_dtype), output_dim=0)
             return
@@ -146,16 +160,17 @@ class FP8LinearMethod(LinearMethod):
                       loader=lambda p, t, shard_id=None: None)  # dynamic scales are used
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if self.config.online:
-            q, scale = quantize_fp8_per_channel(layer.weight.data)
+        if self.config.online:  # a row slice brings its whole rows' scales (slice_cuts)
+            q, scale = quantize_fp8_per_channel(layer.weight.data,
+                                                layer.__dict__.pop("fp8_row_scale", None))
         else:
             q, scale = layer.weight.data, layer.weight_scale.data
             if (scale < 0).any():
                 raise ValueError("FP8 checkpoint: some output channels received no weight_scale")
-        spec: TPShard | None = getattr(layer, "tp_shard", None)
+        spec: TPShard | None = getattr(layer, "tp_cut", None)
         if spec is not None:
             q, scale = _shard_fp8(q, scale, spec)
-            layer.tp_shard = None
+            layer.tp_cut = None
         for name in ("weight", "weight_scale", "input_scale"):
             layer._parameters.pop(name, None)
         if (q.device.type == "cpu" and os.environ.get("MODELPORT_FP8_CPU_INT8", "1") != "0"
@@ -174,7 +189,30 @@ class FP8LinearMethod(LinearMethod):
             q, scale = _shard_fp8(layer.fp8_weight, layer.fp8_scale, spec)
             layer.fp8_weight, layer.fp8_scale = q.contiguous(), scale.contiguous()
             return
-        layer.tp_shard = spec
+        layer.tp_cut = spec
+
+    def slice_cuts(self, layer: nn.Module, spec: TPShard) -> dict[str, Cut] | None:
+        """Output rows: the weight's rows and their per-channel scales (a per-tensor scale as
+        is); input columns: the weight's columns. Online, a row slice keeps the scales of the
+        whole rows (computed as each tensor streams in), so its codes are the whole's."""
+        if spec.dim == 0:
+            rows = output_cut(spec, 0)
+
+            def scale(t: torch.Tensor, shard_id: str | None) -> torch.Tensor:
+                return t if t.numel() == 1 else rows(t.reshape(-1), shard_id)
+
+            return {"weight": rows} if self.config.online else {"weight": rows,
+                                                                "weight_scale": scale}
+        columns = input_cut(spec.start, spec.length, spec.input_size, 1)
+        if not self.config.online:
+            return {"weight": columns}
+
+        def online(t: torch.Tensor, shard_id: str | None) -> torch.Tensor:
+            # on the layer's device, as the whole weight's scales are computed there
+            layer.fp8_row_scale = fp8_channel_scale(t.to(layer.quant_device, self.params_dtype))
+            return columns(t, shard_id)
+
+        return {"weight": online}
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:

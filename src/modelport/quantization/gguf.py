@@ -8,6 +8,11 @@ embedding (and a tied LM head) still come through the float path.
 A fused layer (q/k/v, gate/up) may mix types (Q4_K_M files store attn_v as Q6_K): shards
 are unpacked separately and concatenated; groups of 32 are split to 16 when a Q6_K shard
 needs it, so one kernel still runs the fused matmul.
+
+A tensor-parallel rank built as its slice keeps its rows of each shard's blocks, or, for a
+row-parallel layer, the blocks that overlap its input columns (whole 256-wide super-blocks of
+a K-quant), trimmed to its columns once unpacked. So what constrains a row-parallel cut is the
+unpacked group width (``group_width``: 16 for Q6_K, 32 for the others), not the block width.
 """
 
 from __future__ import annotations
@@ -21,11 +26,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelport.quantization.base import LinearMethod, QuantizationConfig, shard_slice
+from modelport.quantization.base import (
+    Cut,
+    LinearMethod,
+    QuantizationConfig,
+    TPShard,
+    check_input_split,
+    output_cut,
+    shard_slice,
+)
 from modelport.quantization.gguf_formats import row_bytes, type_name
 from modelport.quantization.gguf_formats import unpack as unpack_ggml
-from modelport.quantization.gguf_types import FLOAT_TYPES, GGML_TYPES
-from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
+from modelport.quantization.gguf_types import FLOAT_TYPES, GGML_CODES, GGML_TYPES
+from modelport.quantization.kernels import GroupQuant, GroupQuantMethod, shard_group_quant
 
 
 @dataclass
@@ -106,6 +119,12 @@ class GGUFDummyConfig(QuantizationConfig):
         return GGUFLinearMethod({None: self.type_id}, self)  # a fused layer: one tensor
 
 
+def group_width(type_id: int) -> int:
+    """Input columns per scale of the GroupQuant a GGML type unpacks to: the finest cut of a
+    row-parallel slice (a K-quant's sub-block, not its 256-wide super-block)."""
+    return GGML_CODES[GGML_TYPES[type_id][0]][1]
+
+
 class GGUFLinearMethod(GroupQuantMethod):
     format_name = "GGUF"
 
@@ -113,6 +132,31 @@ class GGUFLinearMethod(GroupQuantMethod):
                  config: QuantizationConfig | None = None) -> None:
         self.shard_types = shard_types
         self.config = config  # the dummy config (what the dummy packer reads)
+        # a tensor-parallel rank's row slice (slice_cuts): (offset of its columns in the kept
+        # blocks, its columns, the kept blocks' columns)
+        self.cols: tuple[int, int, int] | None = None
+
+    def slice_cuts(self, layer: nn.Module, spec: TPShard) -> dict[str, Cut] | None:
+        """Output rows: rows of each shard's raw blocks. Input columns: the blocks overlapping
+        them (a row-parallel layer is one tensor, one type); refused where they are not whole
+        groups of the unpacked type (nor inside one)."""
+        if spec.dim == 0:
+            return {"weight": output_cut(spec, 0)}
+        (t,) = self.shard_types.values()
+        _, block, nbytes = GGML_TYPES[t]
+        start, part, k = spec.start, spec.length, spec.input_size
+        check_input_split(k, part, spec.size, group_width(t), f"GGUF {type(layer).__name__}")
+        b0, b1 = start // block, -(-(start + part) // block)
+        self.cols = (start - b0 * block, part, (b1 - b0) * block)
+        whole = row_bytes(t, k)
+
+        def blocks(raw: torch.Tensor, shard_id: str | None) -> torch.Tensor:
+            if raw.ndim != 2 or raw.shape[1] != whole:
+                raise ValueError(f"GGUF {type_name(t)} tensor has {tuple(raw.shape)}, expected "
+                                 f"rows of {whole} bytes (corrupt file or name mapping bug)")
+            return raw[:, b0 * nbytes : b1 * nbytes]
+
+        return {"weight": blocks}
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:
@@ -129,7 +173,7 @@ class GGUFLinearMethod(GroupQuantMethod):
         sl = shard_slice(layer, shard_id)
         rows = sl[1] if sl else int(layer.output_size)
         t = self.shard_types[shard_id]
-        want = (rows, row_bytes(t, int(layer.input_size)))
+        want = (rows, row_bytes(t, self.cols[2] if self.cols else int(layer.input_size)))
         if raw.dtype != torch.uint8 or tuple(raw.shape) != want:
             raise ValueError(
                 f"GGUF {type_name(t)} tensor has {raw.dtype} {tuple(raw.shape)}, expected raw "
@@ -138,8 +182,13 @@ class GGUFLinearMethod(GroupQuantMethod):
         layer.gguf_raw[shard_id] = raw
 
     def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
-        parts = [unpack_ggml(layer.gguf_raw[s], t, input_size) for s, t in self.shard_types.items()]
+        k = self.cols[2] if self.cols else input_size
+        parts = [unpack_ggml(layer.gguf_raw[s], t, k) for s, t in self.shard_types.items()]
         gq = concat_group_quants(parts)
+        if self.cols is not None and self.cols[1] != k:  # trim the kept blocks to the slice
+            offset, part, _ = self.cols
+            gq = shard_group_quant(gq, 1, torch.arange(offset, offset + part),
+                                   f"GGUF {type(layer).__name__}")
         del layer._parameters["weight"]
         del layer.gguf_raw
         layer.gguf_types = tuple(type_name(t) for t in self.shard_types.values())

@@ -18,8 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelport.quantization.base import LinearMethod, QuantizationConfig, new_param
-from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
+from modelport.quantization.base import (
+    Cut,
+    LinearMethod,
+    QuantizationConfig,
+    TPShard,
+    input_cut,
+    new_param,
+    output_cut,
+    outputs_aligned,
+)
+from modelport.quantization.kernels import GroupQuant, GroupQuantMethod, keep_used_groups
 from modelport.quantization.packing import pack_along, unpack_along
 
 SUPPORTED_BITS = (4, 8)
@@ -76,6 +85,9 @@ class GPTQLinearMethod(GroupQuantMethod):
 
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
+        # a tensor-parallel rank's act-order row slice: every group's qzeros / scales (its
+        # columns may reference any group), the whole weight's group count
+        self.all_groups: int | None = None
 
     def group_size_for(self, input_size: int) -> int | None:
         return self.group_size(input_size)
@@ -94,7 +106,7 @@ class GPTQLinearMethod(GroupQuantMethod):
             )
         if any(s % per for s in output_sizes):
             raise ValueError(f"GPTQ: output sizes {list(output_sizes)} must be multiples of {per}")
-        groups = input_size // g
+        groups = self.all_groups or input_size // g
         new_param(layer, "qweight", torch.zeros(input_size // per, n, dtype=torch.int32),
                   output_dim=1)
         new_param(layer, "qzeros", torch.zeros(groups, n // per, dtype=torch.int32),
@@ -103,10 +115,48 @@ class GPTQLinearMethod(GroupQuantMethod):
         new_param(layer, "g_idx", torch.full((input_size,), -1, dtype=torch.int32),
                   loader=lambda p, t, shard_id=None: _load_g_idx(p, t))
 
+    def slice_cuts(self, layer: nn.Module, spec: TPShard) -> dict[str, Cut] | None:
+        """Output rows: qweight's and the scales' columns, qzeros' packed words; g_idx whole.
+        Input columns: qweight's packed rows and their g_idx; in order (desc_act false) the
+        rows of their groups, act-order every group's (a rank's columns reference groups all
+        over; ``to_group_quant`` keeps those used). A slice inside one group of an explicit
+        group_size, or of act-order, loads whole (its groups are renumbered from the whole)."""
+        self.check_split(layer, spec)
+        per = 32 // self.config.bits
+        if spec.dim == 0:
+            if not outputs_aligned(spec, per):
+                return None
+            return {"qweight": output_cut(spec, 1), "qzeros": output_cut(spec, 1, per),
+                    "scales": output_cut(spec, 1), "g_idx": lambda t, shard_id: t}
+        start, part, k = spec.start, spec.length, spec.input_size
+        g = self.group_size(k)
+        if start % per or part % per:
+            return None
+        cuts: dict[str, Cut] = {"qweight": input_cut(start // per, part // per, k // per, 0)}
+        if self.config.desc_act:
+            if part % g:
+                return None
+            self.all_groups = k // g
+            cuts["g_idx"] = input_cut(start, part, k, 0)
+            return cuts
+        if part % g and self.config.group_size != -1:
+            return None
+        first, count = (0, 1) if self.config.group_size == -1 else (start // g, part // g)
+        cuts["qzeros"] = cuts["scales"] = input_cut(first, count, k // g, 0)
+        cuts["g_idx"] = lambda t, shard_id: _local_g_idx(t, start, part, g)
+        return cuts
+
     def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
-        gq = gptq_to_group_quant(layer.qweight.data, layer.qzeros.data, layer.scales.data,
-                                 layer.g_idx.data, self.config.bits, self.group_size(input_size),
-                                 self.config.checkpoint_format)
+        if self.all_groups:  # an act-order row slice (slice_cuts)
+            gq = gptq_to_group_quant(layer.qweight.data, layer.qzeros.data, layer.scales.data,
+                                     layer.g_idx.data, self.config.bits,
+                                     self.group_size(input_size), self.config.checkpoint_format,
+                                     in_order=False)
+            gq = keep_used_groups(gq)
+        else:
+            gq = gptq_to_group_quant(layer.qweight.data, layer.qzeros.data, layer.scales.data,
+                                     layer.g_idx.data, self.config.bits,
+                                     self.group_size(input_size), self.config.checkpoint_format)
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             del layer._parameters[name]
         return gq
@@ -122,9 +172,22 @@ def _load_g_idx(param: nn.Parameter, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+def _local_g_idx(g_idx: torch.Tensor, start: int, part: int, group_size: int) -> torch.Tensor:
+    """An in-order checkpoint's g_idx for input columns [start, start + part), its groups
+    numbered from the slice's first."""
+    sl = g_idx[start : start + part].long()
+    want = torch.arange(start, start + part, device=sl.device) // group_size
+    if g_idx.numel() < start + part or not torch.equal(sl, want):
+        raise ValueError("GPTQ: g_idx is not in input order, but quantization_config.desc_act "
+                         "is false; set desc_act true for this act-order checkpoint")
+    return (sl - start // group_size).to(g_idx.dtype)
+
+
 def gptq_to_group_quant(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                         g_idx: torch.Tensor, bits: int, group_size: int,
-                        checkpoint_format: str = "gptq") -> GroupQuant:
+                        checkpoint_format: str = "gptq", in_order: bool = True) -> GroupQuant:
+    """``in_order`` False: keep g_idx even where it is in order (a rank's act-order slice,
+    whose scales are every group's)."""
     codes = unpack_along(qweight, bits, dim=0).t().contiguous()  # [N, K]
     z = unpack_along(qzeros, bits, dim=1).t().float()  # [N, G]
     if checkpoint_format == "gptq":
@@ -134,7 +197,7 @@ def gptq_to_group_quant(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     g = g_idx.long()
     if g.numel() != k or g.min() < 0 or g.max() >= s.shape[1]:
         raise ValueError(f"GPTQ: g_idx must give each of {k} inputs a group in [0, {s.shape[1]})")
-    trivial = torch.equal(g, torch.arange(k, device=g.device) // group_size)
+    trivial = in_order and torch.equal(g, torch.arange(k, device=g.device) // group_size)
     return GroupQuant(codes, s, -z * s, group_size, bits, None if trivial else g)
 
 

@@ -24,8 +24,10 @@ Kernels, chosen by ``make_kernel``:
 Act-order (GPTQ ``desc_act``) is handled by permuting the weight's input columns once so
 groups are contiguous, and gathering the activation columns with the same permutation.
 
-Tensor parallelism cuts the canonical ``GroupQuant`` (``shard_group_quant``) before the
-kernel packs it, so every format shards through the same code (``GroupQuantMethod.shard``).
+Tensor parallelism: a rank built as its slice (parallel/tp_quant_load.py) loads only its part
+of each checkpoint tensor (the formats' ``slice_cuts``); a layer loaded whole is cut in its
+canonical ``GroupQuant`` (``shard_group_quant``) before the kernel packs it. Both give the
+same GroupQuant.
 A row-parallel slice of an act-order weight usually holds parts of groups (a group's columns
 are scattered over K); such a slice keeps its g_idx and runs on ``CpuInt8Kernel`` on CPU,
 ``DequantKernel`` on CUDA.
@@ -264,14 +266,22 @@ def shard_group_quant(gq: GroupQuant, dim: int, index: torch.Tensor, what: str =
         g = k0 // gs  # the slice lies inside one group: that group, at the slice's width
         return GroupQuant(codes, gq.scales[:, g : g + 1].contiguous(),
                           gq.zeros[:, g : g + 1].contiguous(), part, gq.bits)
-    g_sl = gq.g_idx[k0 : k0 + part].long()
+    return keep_used_groups(GroupQuant(codes, gq.scales, gq.zeros, gs, gq.bits,
+                                       gq.g_idx[k0 : k0 + part]))
+
+
+def keep_used_groups(gq: GroupQuant) -> GroupQuant:
+    """An act-order slice of input columns (``g_idx``: their groups, numbered over the whole
+    weight; scales / zeros: every group's) keeping only the groups it references, renumbered."""
+    g_sl = gq.g_idx.long()
     used = torch.unique(g_sl)  # sorted
     local = torch.searchsorted(used, g_sl)
     scales = gq.scales[:, used].contiguous()
     zeros = gq.zeros[:, used].contiguous()
+    part, gs = gq.shape[1], gq.group_size
     if part % gs == 0 and torch.equal(local, torch.arange(part, device=local.device) // gs):
-        return GroupQuant(codes, scales, zeros, gs, gq.bits)
-    return GroupQuant(codes, scales, zeros, gs, gq.bits, local)
+        return GroupQuant(gq.codes, scales, zeros, gs, gq.bits)
+    return GroupQuant(gq.codes, scales, zeros, gs, gq.bits, local)
 
 
 class GroupQuantMethod(LinearMethod):
@@ -298,22 +308,26 @@ class GroupQuantMethod(LinearMethod):
                 f"{self.format_name}: shard a quantized layer before its kernel is built "
                 "(load_model(..., transform=...) shards between loading and repacking)"
             )
-        if getattr(layer, "tp_shard", None) is not None:
+        if getattr(layer, "tp_cut", None) is not None:
             raise ValueError(f"{self.format_name}: layer is already sharded")
+        self.check_split(layer, spec)
+        layer.tp_cut = spec
+
+    def check_split(self, layer: nn.Module, spec: TPShard) -> None:
+        """Refuse a row-parallel slice that is not whole groups (nor inside one group)."""
         if spec.dim == 1:
             g = self.group_size_for(spec.input_size)
             if g is not None:
                 check_input_split(spec.input_size, spec.length, spec.size, g,
                                   f"{self.format_name} {type(layer).__name__}")
-        layer.tp_shard = spec
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        spec: TPShard | None = getattr(layer, "tp_shard", None)
+        spec: TPShard | None = getattr(layer, "tp_cut", None)
         gq = self.to_group_quant(layer, spec.input_size if spec else int(layer.input_size))
         if spec is not None:
             gq = shard_group_quant(gq, spec.dim, spec.index,
                                    f"{self.format_name} {type(layer).__name__}", spec.size)
-            layer.tp_shard = None
+            layer.tp_cut = None
         if getattr(layer, "keep_for_stacking", False):  # MoE experts: FusedMoE.restack_experts
             layer.group_quant = gq
             return

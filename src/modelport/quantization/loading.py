@@ -208,11 +208,13 @@ class QuantPlan:
     def name(self) -> str:
         return self.config.name
 
-    def prepare_model(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        """Swap every linear layer's weights for the format's parameters (before loading)."""
+    def prepare_model(self, model: nn.Module, dtype: torch.dtype, device: torch.device,
+                      rank_slices: Any = None) -> None:
+        """Swap every linear layer's weights for the format's parameters (before loading);
+        ``rank_slices``: a tensor-parallel rank's (parallel/tp_quant_load.RankSlices)."""
         from modelport.quantization.apply import quantize_linear_layers
 
-        quantize_linear_layers(model, self.config, dtype, device)
+        quantize_linear_layers(model, self.config, dtype, device, rank_slices)
 
     def weights(self, hf_config: dict[str, Any]) -> tuple[Iterator[tuple[str, torch.Tensor]], int] | None:
         """A special weight stream, or None to use the loader's ordinary one."""
@@ -239,14 +241,32 @@ class QuantPlan:
         """Build, transform, fill and repack; a failure leaves nothing half-loaded behind.
 
         ``transform`` (tensor-parallel sharding) runs after the weights are filled and before
-        the repack, so each LinearMethod cuts its canonical weight before packing it.
+        the repack. Inside ``sharded_at_build`` the parallel layers are built as the rank's
+        slice and cut as the checkpoint streams in (parallel/tp_quant_load.py); a layer its
+        method cannot cut there loads whole and the transform cuts it before repacking.
         """
         from modelport import loader
+        from modelport.layers.linear import PARAMS_ON_META
+        from modelport.parallel.moe_parallel import _BUILD_SHARD
+        from modelport.parallel.tp_load import _materialize
+        from modelport.parallel.tp_quant_load import RankSlices
         from modelport.quantization.apply import finish_loading
 
-        with loader._build_defaults(dtype, device):
-            model = cls(config)
-        self.prepare_model(model, dtype, device)
+        shard = _BUILD_SHARD.get()
+        rank_slices = None
+        if shard is not None and shard[1] > 1 and load_format != "dummy":
+            rank_slices = RankSlices(*shard)
+        # a rank's linear weights start on meta: only what its slices need is allocated
+        token = PARAMS_ON_META.set(True) if rank_slices is not None else None
+        try:
+            with loader._build_defaults(dtype, device):
+                model = cls(config)
+            self.prepare_model(model, dtype, device, rank_slices)
+        finally:
+            if token is not None:
+                PARAMS_ON_META.reset(token)
+        if rank_slices is not None:
+            _materialize(model, device)  # the LM head, unquantized layers: whole, as allocated
         expected = {name for name, _ in model.named_parameters()}
         if load_format == "dummy":
             from modelport.quantization.dummy import init_dummy_quantized

@@ -104,10 +104,10 @@ class NF4LinearMethod(LinearMethod):
         the checkpoint's quant_state, so a bad input split is reported then)."""
         if hasattr(layer, "nf4_codes"):
             raise ValueError("NF4: shard a layer before process_weights_after_loading")
-        layer.tp_shard = spec
+        layer.tp_cut = spec
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        spec: TPShard | None = getattr(layer, "tp_shard", None)
+        spec: TPShard | None = getattr(layer, "tp_cut", None)
         k = spec.input_size if spec else int(layer.input_size)
         n_all = spec.output_size if spec else int(layer.output_size)
         ranges = (spec.shard_ranges if spec else None) or getattr(layer, "shard_ranges", None) or {}
@@ -130,7 +130,7 @@ class NF4LinearMethod(LinearMethod):
         block = 64 if absmax.shape[1] * 64 == k else k // absmax.shape[1]
         if spec is not None:
             codes_t, absmax, block = _shard_nf4(codes_t, absmax, block, spec)
-            layer.tp_shard = None
+            layer.tp_cut = None
         dev = torch.device(layer.quant_device)
         if _triton_fits(dev, codes_t.shape[1], block):  # kept at 4 bits: Triton kernels
             from modelport.quantization.triton_nf4 import pack_rows
