@@ -232,18 +232,22 @@ class _Conn:
         self.sent.append(msg)
 
 
-def test_operations_are_batched_in_order():
+def test_operations_are_batched_in_order(monkeypatch: pytest.MonkeyPatch):
     conn = _Conn()
     rt = stub._Runtime(conn)
+    flush_s = stub.METRIC_FLUSH_S
+    # the timer must not fire inside the loop (on a loaded box 100 calls can take > 5 ms)
+    monkeypatch.setattr(stub, "METRIC_FLUSH_S", 60.0)
     for i in range(100):
         rt.metric_op(("increment", "f", (), float(i)))
     rt.send(stub.Ready(1))
     assert len(conn.sent) == 2 and isinstance(conn.sent[1], stub.Ready)
     assert [op[3] for op in conn.sent[0].ops] == [float(i) for i in range(100)]
+    monkeypatch.setattr(stub, "METRIC_FLUSH_S", flush_s)
     rt.metric_op(("set", "f", (), 1.0))
     import time
 
-    time.sleep(stub.METRIC_FLUSH_S * 20)  # queued alone: sent shortly after anyway
+    time.sleep(flush_s * 20)  # queued alone: sent shortly after anyway
     assert isinstance(conn.sent[-1], stub.MetricOps) and conn.sent[-1].ops[0][0] == "set"
 
 
