@@ -12,7 +12,8 @@ leading BOS and closing EOS, token_embed rows without the BOS.
   texts of different lengths and mixed tasks equals the reference, lexical_weights() equals
   FlagEmbedding's dict;
 - errors: a task whose head is missing (hf_overrides on a folder without .pt files, a folder
-  with only the sparse head, a plain XLM-R), dimensions with a token task, a bad head file;
+  with only the sparse head; a plain XLM-R's token_embed is its hidden states, its
+  token_classify refused), dimensions with a token task, a bad head file;
 - the server's /pooling: token_classify / token_embed / embed (float and base64) equal the
   same reference; a missing head is a 400 in OpenAI's error shape.
 """
@@ -145,14 +146,19 @@ def test_missing_heads_are_named_errors(tmp_path) -> None:
     for task, head in (("token_classify", "sparse_linear.pt"),
                        ("token_embed", "colbert_linear.pt")):
         with pytest.raises(ValueError, match=f"pooling task '{task}' is not supported by this "
-                                             f"model \\(supported: embed\\); {task} needs a "
-                                             f"BGE-M3 checkpoint with {head}"):
+                                             f"model \\(supported: embed\\); {task} needs .*, "
+                                             f"or a BGE-M3 checkpoint with {head}"):
             llm.encode("hello", pooling_task=task, use_tqdm=False)
     del llm
-    plain = LLM(str(bare), **SMALL)  # no .pt files, no override: a plain XLM-R encoder
+    # no .pt files, no override: a plain XLM-R encoder, whose token_embed is its hidden
+    # states (tests/test_token_pooling.py); token_classify needs a classifier
+    plain = LLM(str(bare), **SMALL)
     assert plain.llm_engine.config.model_config.architecture == "XLMRobertaModel"
-    with pytest.raises(ValueError, match="'token_embed' is not supported"):
-        plain.encode("hello", pooling_task="token_embed", use_tqdm=False)
+    assert plain.encode("hello", pooling_task="token_embed",
+                        use_tqdm=False)[0].outputs.data.shape[1] == 64
+    with pytest.raises(ValueError, match="'token_classify' is not supported.*needs a "
+                                         "classification model"):
+        plain.encode("hello", pooling_task="token_classify", use_tqdm=False)
     del plain
     # only the sparse head: token_classify works, token_embed is refused
     _heads(bare, colbert=False)

@@ -1,8 +1,9 @@
 """A tensor-parallel rank builds its quantized layers as its slice and cuts each checkpoint
 tensor as it streams in (parallel/tp_quant_load.py): AWQ, GPTQ (4/8-bit, sym/asym,
-act-order), FP8 (per-tensor / per-channel scales, online) and kept GGUF (Q4_0, Q8_0, and
-K-quants whose 256-wide super-blocks a rank's columns cut through), dense layers and MoE
-experts. Each rank ends with the same packed tensors as loading whole and cutting before
+act-order), FP8 (per-tensor / per-channel scales, online), kept GGUF (Q4_0, Q8_0, and
+K-quants whose 256-wide super-blocks a rank's columns cut through) and bitsandbytes NF4
+(with and without double quant, a row-parallel slice inside one block, nested blocks a
+rank's absmax starts inside), dense layers and MoE experts. Each rank ends with the same packed tensors as loading whole and cutting before
 repacking (the old path, still taken where a format cannot cut at load), while holding about
 half of every quantized layer."""
 
@@ -31,6 +32,7 @@ from modelport.quantization import loading as quant_loading
 from modelport.quantization.fp8 import FP8Config
 from modelport.quantization.gguf_formats import pack as pack_ggml
 from modelport.quantization.gguf_types import GGML_TYPES
+from modelport.quantization.nf4 import NF4Config, nf4_encode
 from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
 from test_moe_tensor_parallel_quant import REQUESTED as MOE_REQUESTED
 from test_moe_tensor_parallel_quant import _checkpoint as moe_checkpoint
@@ -48,6 +50,11 @@ DENSE = {
     "gguf-q4_0": "Q4_0",
     "gguf-q8_0": "Q8_0",
     "gguf-k": "Q4_K",  # hidden 768: o_proj's 384 columns per rank end inside a super-block
+    # hidden 256: (blocksize, double quant, nested blocksize); 256: o_proj's 128 columns per
+    # rank lie inside one block; nested 100: a rank's absmax codes start inside a nested block
+    "nf4": (64, False, 256),
+    "nf4-dq": (64, True, 256),
+    "nf4-dq-256": (256, True, 100),
 }
 REQUESTED = {"fp8-online": "fp8", "gguf-q4_0": "gguf", "gguf-q8_0": "gguf", "gguf-k": "gguf"}
 MOE = [("mixtral", "gguf-q4_0"), ("qwen2_moe", "awq"), ("qwen2_moe", "gptq-act-order"),
@@ -113,6 +120,9 @@ def _dense(root: Path, case: str) -> Path:
         with _k_quant_writer():
             return make_tiny_llama_gguf(hf, root / "k.gguf", "Q4_K",
                                         overrides={"ffn_down.weight": "Q6_K"})
+    if case.startswith("nf4"):  # wider: double quant's code books (1 KiB) stay whole
+        hf = make_tiny_llama_dir(root / "hf256", seed=3, hidden_size=256, intermediate_size=512)
+        return _nf4_checkpoint(hf, root / case, *DENSE[case])
     hf = make_tiny_llama_dir(root / "hf", seed=3)  # hidden 64, intermediate 128, 4/2 heads
     how = DENSE[case]
     out = root / case
@@ -127,6 +137,17 @@ def _dense(root: Path, case: str) -> Path:
     return make_tiny_llama_gguf(hf, out / f"tiny-{how}.gguf", how)
 
 
+def _nf4_checkpoint(hf: Path, out: Path, block: int, double_quant: bool, nested: int
+                    ) -> Path:
+    qt: dict[str, torch.Tensor] = {}
+    for name, w in load_file(str(hf / "model.safetensors")).items():
+        pieces = nf4_encode(w, block, double_quant, nested) if is_quantizable(name) \
+            else {"": w}
+        qt.update({f"{name}{'.' + k if k else ''}": v for k, v in pieces.items()})
+    return write_checkpoint(hf, out, qt, NF4Config(double_quant=double_quant),
+                            float_dtype=torch.float32)
+
+
 def _held_bytes(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     """Per quantized layer, the bytes of each checkpoint tensor it holds once loaded."""
     out: dict[str, dict[str, int]] = {}
@@ -135,6 +156,8 @@ def _held_bytes(model: torch.nn.Module) -> dict[str, dict[str, int]]:
             continue
         tensors = dict(m.named_parameters(recurse=False))
         tensors.update({f"raw.{k}": v for k, v in getattr(m, "gguf_raw", {}).items()})
+        for shard, parts in getattr(m, "nf4_parts", {}).items():  # NF4 keeps them per shard
+            tensors.update({f"nf4.{shard}.{k}": v for k, v in parts.items()})
         out[name] = {k: t.numel() * t.element_size() for k, t in tensors.items() if t.numel()}
     return out
 
@@ -196,7 +219,10 @@ def _check_rank(path: Path, quantization: str | None, min_layers: int) -> None:
 
 
 @pytest.mark.parametrize("case", list(DENSE))
-def test_dense_rank_slices_equal_whole_then_cut(root: Path, case: str) -> None:
+def test_dense_rank_slices_equal_whole_then_cut(root: Path, case: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.startswith("nf4"):  # NF4's own codes and absmax as buffers, compared bit for bit
+        monkeypatch.setenv("MODELPORT_NF4_CPU_INT8", "0")
     # 2 layers x (qkv, gate_up, o, down), all cut as they load
     _check_rank(_dense(root, case), REQUESTED.get(case), min_layers=8)
 

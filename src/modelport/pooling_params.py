@@ -23,8 +23,10 @@ CONVERTS = ("auto", "none", "embed", "classify")
 GENERATE_TASKS = ("auto", "generate")
 EMBED_TASKS = ("embed", "embedding")
 CLASSIFY_TASKS = ("classify", "score")
-# per-token pooling tasks (vLLM's): one row per prompt token; served by BGE-M3's heads
-# (models/bge_m3.py): token_classify its sparse weights, token_embed its ColBERT vectors
+# per-token pooling tasks (vLLM's): one row per prompt token. An embedding model's
+# token_embed is each token's final hidden state, a classifier's token_classify its head on
+# each token (runner/pooler.py); BGE-M3's heads (models/bge_m3.py) give its sparse weights
+# (token_classify) and ColBERT vectors (token_embed) instead
 TOKEN_TASKS = ("token_embed", "token_classify")
 # LLM.encode(pooling_task=...) accepted here; "encode" is the model's own pooling task
 POOLING_TASKS = ("embed", "encode", "classify", "score", *TOKEN_TASKS)
@@ -40,7 +42,8 @@ class PoolerConfig:
     names ``activation`` and ``softmax`` are accepted). ``task`` and ``token_tasks`` are not
     the user's to set: the engine fills them in, ``task`` "embed" or "classify" (the model
     has a classification head), ``token_tasks`` the per-token tasks the model also serves
-    (BGE-M3's heads found beside the checkpoint: models/bge_m3_config.py)."""
+    (:func:`default_token_tasks`; for BGE-M3 the heads found beside the checkpoint:
+    models/bge_m3_config.py)."""
 
     pooling_type: str = "LAST"
     normalize: bool = True
@@ -194,16 +197,18 @@ class PoolingParams:
     def _verify_token_task(self, task: str, pooler: PoolerConfig) -> None:
         if task not in pooler.token_tasks:
             supported = [pooler.task, *pooler.token_tasks]
+            need = {"token_classify": "a classification model (*ForSequenceClassification)",
+                    "token_embed": "an embedding model (or convert='embed')"}
             head = {"token_classify": "sparse_linear.pt", "token_embed": "colbert_linear.pt"}
             raise ValueError(f"pooling task {task!r} is not supported by this model (supported: "
-                             f"{', '.join(supported)}); {task} needs a BGE-M3 checkpoint "
-                             f"with {head[task]} beside model.safetensors")
+                             f"{', '.join(supported)}); {task} needs {need[task]}, or a BGE-M3 "
+                             f"checkpoint with {head[task]} beside model.safetensors")
         if self.dimensions is not None:
             raise ValueError(f"dimensions is not supported for the {task} task")
         if self.normalize is None:
             self.normalize = pooler.normalize
         if self.use_activation is None:
-            self.use_activation = True
+            self.use_activation = pooler.use_activation
 
     def to_dict(self) -> dict[str, Any]:
         return {"dimensions": self.dimensions, "normalize": self.normalize, "task": self.task,
@@ -300,6 +305,13 @@ def resolve_runner(runner: str | None, convert: str | None, task: str | None,
                 "checkpoint, or use convert='embed'")
         return "pooling"
     return "generate"  # every built-in *ForCausalLM generates unless told otherwise
+
+
+def default_token_tasks(task: str) -> tuple[str, ...]:
+    """The per-token task a pooling model serves besides its own, as vLLM's poolers: an
+    embedding model's ``token_embed`` (every token's final hidden state), a classifier's
+    ``token_classify`` (its head on every token). BGE-M3 replaces these by its heads."""
+    return ("token_classify",) if task == "classify" else ("token_embed",)
 
 
 def resolve_pooling_task(convert: str | None, task: str | None, architecture: str) -> str:

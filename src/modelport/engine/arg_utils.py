@@ -273,9 +273,10 @@ class EngineArgs:
         if self.max_logprobs < -1:  # -1: no cap (vLLM), requests may ask for -1 (all)
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}")
         runner_type, pooler, pooling_kw = self._resolve_pooling(model_config, spec, encoder)
-        if pooler is not None and model_config.architecture == "BgeM3EmbeddingModel" \
-                and self.load_format != "dummy":  # dummy weights: no head files are read
-            pooler = dataclasses.replace(pooler, token_tasks=token_tasks(model_dir))
+        if pooler is not None and model_config.architecture == "BgeM3EmbeddingModel":
+            # its heads replace the plain per-token tasks (dummy weights: no head files read)
+            pooler = dataclasses.replace(pooler, token_tasks=token_tasks(model_dir)
+                                         if self.load_format != "dummy" else ())
         lora = self._resolve_lora(runner_type)
         reasoning_parser, in_reasoning = self._resolve_structured_outputs()
         seed = self.seed
@@ -395,7 +396,12 @@ class EngineArgs:
         import logging
         from dataclasses import replace
 
-        from modelport.pooling_params import PoolerConfig, resolve_pooling_task, resolve_runner
+        from modelport.pooling_params import (
+            PoolerConfig,
+            default_token_tasks,
+            resolve_pooling_task,
+            resolve_runner,
+        )
 
         runner_type = resolve_runner(self.runner, self.convert, self.task,
                                      model_config.architecture)
@@ -413,8 +419,9 @@ class EngineArgs:
             raise ValueError("speculative decoding is not supported for pooling models")
         if encoder is not None:  # the checkpoint's pooling (sentence-transformers) by default
             given = encoder.pooler_config(given)
-        pooler = replace(PoolerConfig.from_dict(given), task=resolve_pooling_task(
-            self.convert, self.task, model_config.architecture))
+        task = resolve_pooling_task(self.convert, self.task, model_config.architecture)
+        pooler = replace(PoolerConfig.from_dict(given), task=task,
+                         token_tasks=default_token_tasks(task))
         kw: dict[str, Any] = {"enforce_eager": True, "async_scheduling": False}
         if encoder is not None:  # each prompt runs whole, with no KV cache to share
             kw["enable_prefix_caching"] = False

@@ -155,7 +155,7 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of req in whole blocks, leaving at least one token to compute."""
-        if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or req.computes_whole_prompt:
             return [], 0
         hashes = self._block_hashes(req)
         max_blocks = (req.num_tokens - 1) // self.block_size

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelport.pooling_params import TOKEN_TASKS
 from modelport.sampling_params import SamplingParams
 
 
@@ -78,6 +79,14 @@ class Request:
     def cache_salt(self) -> bytes:
         """Seed of the request's prefix-cache hashes: KV is shared only under one adapter."""
         return b"" if self.lora_request is None else self.lora_request.cache_salt()
+
+    @property
+    def computes_whole_prompt(self) -> bool:
+        """Whether every prompt token must be computed, none read from the prefix cache:
+        prompt logprobs, and a per-token pooling task (each token's hidden state is its
+        output)."""
+        task = getattr(self.pooling_params, "task", None)
+        return self.sampling_params.prompt_logprobs is not None or task in TOKEN_TASKS
 
     @property
     def num_prompt_tokens(self) -> int:

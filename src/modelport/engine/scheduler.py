@@ -256,7 +256,7 @@ class Scheduler:
             not self.kv.enable_prefix_caching
             or req.num_computed_tokens > 0
             or req.num_tokens <= self.kv.block_size
-            or req.sampling_params.prompt_logprobs is not None
+            or req.computes_whole_prompt
         ):
             return None
         return self.kv.first_block_hash(req)

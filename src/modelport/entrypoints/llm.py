@@ -278,8 +278,9 @@ class LLM:
         pooling_task: str | None = None,
     ) -> list[PoolingRequestOutput]:
         """One ``PoolingRequestOutput`` per prompt, in order: ``.outputs.data`` is the pooled
-        vector (a float32 tensor), or for a per-token task (``pooling_task="token_classify"``
-        / ``"token_embed"``, BGE-M3's heads: models/bge_m3.py) its rows [n, d]. Needs
+        vector (a float32 tensor), or for a per-token task (``pooling_task="token_embed"``
+        on an embedding model, ``"token_classify"`` on a classifier; BGE-M3's heads:
+        models/bge_m3.py) its rows [n, d]. Needs
         ``LLM(..., runner="pooling")``."""
         if self.runner_type != "pooling":
             raise ValueError(

@@ -268,6 +268,12 @@ class BertForSequenceClassification(nn.Module):
         x = pooled.to(self.classifier.weight.dtype)
         return self.classifier(self.bert.pooler(x)).float()
 
+    def classify_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [n, num_labels] of every token's row (token_classify): the linear
+        classifier on each hidden state, as vLLM's; BERT's pooler (dense + tanh) is only for
+        the [CLS] row."""
+        return self.classifier(rows.to(self.classifier.weight.dtype)).float()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classify(hidden)
 
@@ -295,6 +301,10 @@ class RobertaForSequenceClassification(BertForSequenceClassification):
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(pooled.to(self.classifier.dense.weight.dtype)).float()
+
+    def classify_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """The whole head (dense + tanh + out_proj) on each token's row, as vLLM's."""
+        return self.classify(rows)
 
 
 class XLMRobertaForSequenceClassification(RobertaForSequenceClassification):

@@ -3,7 +3,8 @@
 The checkpoint is the decoder (``model.*``) plus ``score.weight`` [num_labels, hidden], no
 bias, no LM head. ``forward`` returns the final-norm hidden states like the causal LMs; the
 pooling runner pools them (LAST token by default, as HF reads the last non-pad token) and
-applies :meth:`classify`, so the head runs on one row per request, never per token.
+applies :meth:`classify`, so the head runs on one row per request; the per-token task
+``token_classify`` runs it on every prompt token's row (:meth:`classify_tokens`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class _SequenceClassification:
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, num_labels] of pooled hidden states [N, hidden]."""
         return self.score(pooled.to(self.score.weight.dtype)).float()
+
+    def classify_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """The head on every token's row [n, hidden] (token_classify): [n, num_labels]."""
+        return self.classify(rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The class logits (what the runner's memory profile asks of any model)."""

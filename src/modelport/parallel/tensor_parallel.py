@@ -22,7 +22,7 @@ below, with weight loaders that cut each checkpoint tensor as it streams in
 (parallel/tp_load.py). ``shard_model`` leaves those layers' weights alone (``tp_shard`` marks
 them) and only wraps the row-parallel ones. Quantized layers are built as the rank's slice
 too, their loaders cutting each packed checkpoint tensor (parallel/tp_quant_load.py); the
-few a format cannot cut at load (NF4, a row slice inside one quantization group) load whole
+few a format cannot cut at load (an AWQ / GPTQ row slice inside one quantization group) load whole
 and are cut here, through ``quant_method.shard``, before repacking.
 """
 

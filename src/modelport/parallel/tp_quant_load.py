@@ -18,9 +18,10 @@ them:
 
 So a rank holds its part of every quantized layer plus the one checkpoint tensor being read,
 and the repacked result is the same, bit for bit, as loading the layer whole and cutting its
-canonical form (tests/test_tp_quant_sharded_load.py). A method that cannot cut a layer as it
-streams (NF4; an AWQ / GPTQ row slice inside one quantization group; act-order GPTQ likewise;
-output slices that split a packed word) returns None: that layer loads whole on every rank and
+canonical form (tests/test_tp_quant_sharded_load.py). NF4 cuts its flat bytes and block absmax
+(quantization/nf4.py). A method that cannot cut a layer as it streams (an AWQ / GPTQ row slice
+inside one quantization group; act-order GPTQ likewise; output slices that split a packed word;
+an NF4 column split of half a byte) returns None: that layer loads whole on every rank and
 is cut before repacking, as before; the load logs how many layers took that path.
 """
 

@@ -15,6 +15,13 @@ Per linear ``X`` the checkpoint stores (bitsandbytes' Params4bit layout):
 Dotted sub-names cannot be parameters, so the plan renames them in the weight stream
 (``X.weight.absmax`` -> ``X.nf4_absmax``) and each shard is kept apart until loading ends;
 absmax is then expanded to float32 once (it is 1/64 of the weight count).
+
+Tensor parallelism (``slice_cuts``): the flat layout is row-major and a row holds K/2 bytes
+and K / blocksize whole blocks (K is a multiple of the blocksize), so a rank's output rows
+are runs of bytes and of absmax values, and its input columns are the same columns of every
+row (and the blocks they overlap). Both are cut as the tensors stream in; double quant's
+nested absmax, the code books and the quant_state are tiny and stay whole (an absmax code's
+nested block comes from its position in the whole layer, known when unpacking).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,10 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelport.quantization.base import (
+    Cut,
     LinearMethod,
     QuantizationConfig,
     TPShard,
     check_input_split,
+    output_runs,
 )
 from modelport.quantization.kernels import CpuInt8Kernel
 
@@ -106,28 +116,43 @@ class NF4LinearMethod(LinearMethod):
             raise ValueError("NF4: shard a layer before process_weights_after_loading")
         layer.tp_cut = spec
 
+    def slice_cuts(self, layer: nn.Module, spec: TPShard) -> dict[str, Cut] | None:
+        """The packed weight's bytes and the absmax values (or double quant's codes) of the
+        rank's rows, or of its columns in every row; the rest loads whole (module docstring).
+        A column slice inside one block keeps that block's absmax; one that splits blocks
+        otherwise is refused as ``shard`` refuses it (the blocksize is known once the absmax
+        streams in). An odd column split (half a byte) loads whole."""
+        if spec.dim == 1 and (spec.start % 2 or spec.length % 2):
+            return None
+        layer.nf4_slice = spec
+        return {"weight": partial(_cut_weight, spec), "nf4_absmax": partial(_cut_absmax, spec)}
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         spec: TPShard | None = getattr(layer, "tp_cut", None)
-        k = spec.input_size if spec else int(layer.input_size)
-        n_all = spec.output_size if spec else int(layer.output_size)
-        ranges = (spec.shard_ranges if spec else None) or getattr(layer, "shard_ranges", None) or {}
+        sliced: TPShard | None = layer.__dict__.pop("nf4_slice", None)  # cut as it loaded
+        whole = spec or sliced
+        k = whole.input_size if whole else int(layer.input_size)
+        n_all = whole.output_size if whole else int(layer.output_size)
+        ranges = (whole.shard_ranges if whole else None) or getattr(layer, "shard_ranges",
+                                                                     None) or {}
         codes, scales = [], []
         shards = list(ranges or {None: 0})
-        if set(layer.nf4_parts) == {None}:  # one fused tensor (dummy weights)
+        if set(layer.nf4_parts) == {None}:  # one fused tensor (dummy weights, Phi-3's qkv)
             shards = [None]
         for shard in shards:
             parts = layer.nf4_parts.get(shard)
             if parts is None:
                 raise ValueError(f"NF4: shard {shard!r} of {type(layer).__name__} was not loaded")
             n = ranges[shard][1] if shard is not None else n_all
-            c, s = nf4_unpack(parts, n, k)
+            keep = _kept(sliced, shard) if sliced is not None else None
+            c, s = nf4_unpack(parts, n, k, keep)
             codes.append(c)
             scales.append(s)
         for piece in self.pieces:
             del layer._parameters[piece]
         del layer.nf4_parts
         codes_t, absmax = torch.cat(codes), torch.cat(scales)
-        block = 64 if absmax.shape[1] * 64 == k else k // absmax.shape[1]
+        block = codes_t.shape[1] // absmax.shape[1]  # a slice inside one block: its width
         if spec is not None:
             codes_t, absmax, block = _shard_nf4(codes_t, absmax, block, spec)
             layer.tp_cut = None
@@ -200,6 +225,53 @@ def _shard_nf4(codes: torch.Tensor, absmax: torch.Tensor, block: int,
     return codes, absmax[:, g : g + 1], part
 
 
+# a rank's part of one shard's [n, k]: (row runs (start, length), first column, columns)
+Kept = tuple[list[tuple[int, int]], int, int]
+
+
+def _kept(spec: TPShard, shard_id: str | None) -> Kept:
+    """The rows and columns of shard ``shard_id`` (None: the whole layer) a rank keeps."""
+    if spec.dim == 0:
+        return output_runs(spec, shard_id), 0, spec.input_size
+    n = spec.shard_ranges[shard_id][1] if shard_id is not None else spec.output_size
+    return [(0, n)], spec.start, spec.length
+
+
+def _shard_rows(spec: TPShard, shard_id: str | None) -> int:
+    if shard_id is None:
+        return spec.output_size
+    if not spec.shard_ranges or shard_id not in spec.shard_ranges:
+        raise ValueError(f"NF4: tensor-parallel layer has no shard {shard_id!r}")
+    return spec.shard_ranges[shard_id][1]
+
+
+def _cut_weight(spec: TPShard, t: torch.Tensor, shard_id: str | None) -> torch.Tensor:
+    """The packed bytes of the rank's part of a shard's [n, k] (two codes a byte, row-major),
+    as a copy (the loader keeps what it is given)."""
+    n, k = _shard_rows(spec, shard_id), spec.input_size
+    if t.numel() * 2 != n * k:
+        raise ValueError(f"NF4: packed weight has {t.numel()} bytes, expected {n * k // 2}")
+    runs, c0, p = _kept(spec, shard_id)
+    rows = t.reshape(n, k // 2)
+    return torch.cat([rows[s : s + m, c0 // 2 : (c0 + p) // 2] for s, m in runs]).reshape(-1, 1)
+
+
+def _cut_absmax(spec: TPShard, t: torch.Tensor, shard_id: str | None) -> torch.Tensor:
+    """The absmax values (or double quant's codes) of the blocks the rank's part overlaps."""
+    n, k = _shard_rows(spec, shard_id), spec.input_size
+    flat = t.reshape(-1)
+    block = n * k // max(flat.numel(), 1)
+    if block * flat.numel() != n * k or k % block:
+        raise ValueError(f"NF4: absmax has {flat.numel()} values, which is no whole number of "
+                         f"blocks per row of the {[n, k]} weight")
+    runs, c0, p = _kept(spec, shard_id)
+    if spec.dim == 1:
+        check_input_split(spec.input_size, p, spec.size, block, "NF4 (bitsandbytes) blocks")
+    g0, g1 = c0 // block, (c0 + p - 1) // block + 1
+    per_row = flat.view(n, k // block)
+    return torch.cat([per_row[s : s + m, g0:g1] for s, m in runs]).reshape(-1)
+
+
 def _state(parts: dict[str, torch.Tensor]) -> dict[str, Any]:
     raw = parts.get("nf4_state")
     if raw is None:
@@ -210,31 +282,40 @@ def _state(parts: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise ValueError(f"NF4: corrupt quant_state ({e})") from None
 
 
-def nf4_unpack(parts: dict[str, torch.Tensor], n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One shard's pieces -> (codes uint8 [n, k], absmax float32 [n, k // blocksize])."""
+def nf4_unpack(parts: dict[str, torch.Tensor], n: int, k: int, keep: Kept | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shard's pieces -> (codes uint8 [n, k], absmax float32 [n, k // blocksize]).
+    ``keep``: the pieces hold only these rows and columns of the shard's [n, k] (a rank's
+    slice cut as it loaded: ``slice_cuts``); the result is that part, [rows, columns] codes
+    and the absmax of the blocks the columns overlap."""
     st = _state(parts)
     block = int(st.get("blocksize", 64))
     if list(st.get("shape", [n, k])) != [n, k]:
         raise ValueError(f"NF4: quant_state shape {st.get('shape')} but the layer is {[n, k]}")
     if k % block:
         raise ValueError(f"NF4: input size {k} is not a multiple of the blocksize {block}")
+    runs, c0, p = keep or ([(0, n)], 0, k)
+    m = sum(r for _, r in runs)
+    g0, g1 = c0 // block, (c0 + p - 1) // block + 1
     packed = parts["weight"].reshape(-1)
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k:
-        raise ValueError(f"NF4: packed weight has {packed.numel()} bytes, expected {n * k // 2}")
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(n, k)
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != m * p:
+        raise ValueError(f"NF4: packed weight has {packed.numel()} bytes, expected {m * p // 2}")
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(m, p)
     absmax = parts["nf4_absmax"].reshape(-1)
+    if absmax.numel() != m * (g1 - g0):
+        raise ValueError(f"NF4: absmax has {absmax.numel()} values, expected {m * (g1 - g0)}")
     if absmax.dtype == torch.uint8:  # double quantization
         nested_map = parts["nf4_nested_quant_map"].float()
         nested_absmax = parts["nf4_nested_absmax"].float().reshape(-1)
         nb = int(st.get("nested_blocksize", 256))
-        idx = torch.arange(absmax.numel()) // nb
-        absmax = nested_map[absmax.long()] * nested_absmax[idx] + float(st.get("nested_offset", 0.0))
-    if absmax.numel() != n * k // block:
-        raise ValueError(f"NF4: absmax has {absmax.numel()} values, expected {n * k // block}")
+        # each code's position in the whole shard's absmax picks its nested block
+        pos = torch.cat([(torch.arange(s, s + r)[:, None] * (k // block)
+                          + torch.arange(g0, g1)).reshape(-1) for s, r in runs])
+        absmax = nested_map[absmax.long()] * nested_absmax[pos // nb] + float(st.get("nested_offset", 0.0))
     qmap = parts.get("nf4_quant_map")
     if qmap is not None and not torch.allclose(qmap.float().cpu(), torch.tensor(NF4_CODE), atol=1e-6):
         raise ValueError("NF4: quant_map is not the NF4 code book (FP4 checkpoints are not supported)")
-    return codes, absmax.float().reshape(n, k // block)
+    return codes, absmax.float().reshape(m, g1 - g0)
 
 
 def nf4_encode(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,

@@ -3,9 +3,11 @@
 ``--convert embed``). A generative or a classification server answers both with vLLM's 400
 (a classifier's APIs are serving_score.py's).
 
-/pooling's ``task`` (vLLM's): "embed" (the default, one vector each), or a per-token task a
-BGE-M3 model serves: "token_classify" (sparse weights, ``data`` [n, 1]) or "token_embed"
-(ColBERT vectors, ``data`` [n, dim]); base64 packs the rows one after another."""
+/pooling's ``task`` (vLLM's): "embed" (the default, one vector each), or a per-token task,
+``data`` one row per prompt token: "token_embed" (an embedding model's final hidden states;
+BGE-M3's ColBERT vectors [n, dim]) or "token_classify" (a classifier's class probabilities
+per token, also on a classification server; BGE-M3's sparse weights [n, 1]); base64 packs
+the rows one after another."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from modelport.entrypoints.openai.serving_common import (
     dead_engine_is_503,
     truncate_prompt,
 )
-from modelport.pooling_params import PoolingParams
+from modelport.pooling_params import TOKEN_TASKS, PoolingParams
 
 EmbeddingInput = str | list[int] | list[str] | list[list[int]]
 
@@ -186,9 +188,12 @@ def _usage(prompts: list[list[int]]) -> dict[str, Any]:
 def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], AsyncLLM]) -> None:
     """Mount /v1/embeddings and /pooling on the OpenAI router."""
 
-    def pooling_engine(request: Request, model: str | None, what: str) -> AsyncLLM:
+    def pooling_engine(request: Request, model: str | None, what: str,
+                       task: str = "embed") -> AsyncLLM:
         engine = engine_for(request, model)
-        if pooling_task(engine) != "embed":  # generative, or a classifier
+        served = pooling_task(engine)
+        # generative, or a classifier asked for embeddings (its per-token task is served)
+        if served is None or (served != "embed" and task not in TOKEN_TASKS):
             raise OpenAIError(f"The model does not support {what} API", 400)
         return engine
 
@@ -206,7 +211,7 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
 
     @api.post("/pooling", tags=["vllm"])
     async def pooling(body: PoolingRequest, request: Request) -> dict:
-        engine = pooling_engine(request, body.model, "Pooling")
+        engine = pooling_engine(request, body.model, "Pooling", body.task)
         model = check_model(engine, body.model)
         with dead_engine_is_503():
             rid, results, prompts = await _pool_all(engine, body, "pool")
