@@ -57,6 +57,8 @@ EXPECTED = {
     "warmup_fails": r"warmup 'w' failed: .*ValueError: cannot run on zeros",
     "sequence_batching": r"state input name 'X' is also a model input",
     "no_backend": r"must specify 'backend' or 'platform'",
+    "tensorrt_plan": r"platform 'tensorrt_plan' \(a TensorRT engine\) is not served here: export "
+                     r"the model to ONNX \(platform 'onnxruntime_onnx', model.onnx\) or TorchScript",
     "ensemble_self_reference": r"step 0 uses the ensemble itself",
     "filename_escape": r"default_model_filename '../../../elsewhere/model.py' must be a plain file name",
     "autocomplete_conflict": r"auto_complete_config failed: ValueError: configuration specified max_batch_size 8",

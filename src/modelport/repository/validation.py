@@ -19,6 +19,15 @@ from modelport.repository.sequence import validate_sequence_batching
 _KIND = mc.ModelInstanceGroup
 
 
+# Triton platforms of frameworks this server has no runtime for (the message names the ways in)
+OTHER_FRAMEWORKS = {
+    "tensorrt_plan": "a TensorRT engine",
+    "tensorflow_graphdef": "a TensorFlow GraphDef",
+    "tensorflow_savedmodel": "a TensorFlow SavedModel",
+    "openvino": "an OpenVINO model",
+}
+
+
 def _err(cfg: mc.ModelConfig, message: str) -> ModelConfigError:
     return ModelConfigError(f"model '{cfg.name}': {message}")
 
@@ -178,6 +187,11 @@ def validate_config(
         validate_sequence_batching(cfg)
     known = set(known_backends)
     if not cfg.backend:
+        if cfg.platform in OTHER_FRAMEWORKS:
+            raise _err(cfg, f"platform '{cfg.platform}' ({OTHER_FRAMEWORKS[cfg.platform]}) is not "
+                            "served here: export the model to ONNX (platform "
+                            "'onnxruntime_onnx', model.onnx) or TorchScript ('pytorch_libtorch', "
+                            "model.pt), or wrap it in a python backend (model.py)")
         if cfg.platform:
             raise _err(cfg, f"unknown platform '{cfg.platform}'")
         raise _err(
