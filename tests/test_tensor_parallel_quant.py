@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.tiny_models import make_tiny_llama_dir, make_tiny_llama_gguf
+from helpers.tiny_models import assert_same_greedy, make_tiny_llama_dir, make_tiny_llama_gguf
 from modelport import LLM, SamplingParams
 from modelport.config import LoadConfig
 from modelport.loader import load_model, load_model_config, resolve_model
@@ -140,11 +140,7 @@ def test_quantized_tp2_greedy_equals_tp1(checkpoints: dict[str, Path], case: str
         assert llm.llm_engine.num_kv_blocks == 2 * one.llm_engine.num_kv_blocks
     finally:
         llm.llm_engine.core.shutdown()
-    for g, w in zip(got, want):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        lp_g = [d[t].logprob for d, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
-        lp_w = [d[t].logprob for d, t in zip(w.outputs[0].logprobs, w.outputs[0].token_ids)]
-        torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_w), atol=5e-2, rtol=0)
+    assert_same_greedy(got, want)
 
 
 def test_group_split_mismatch_is_a_clear_error(tmp_path: Path) -> None:

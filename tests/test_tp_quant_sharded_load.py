@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.tiny_models import make_tiny_llama_dir, make_tiny_llama_gguf
+from helpers.tiny_models import assert_same_greedy, make_tiny_llama_dir, make_tiny_llama_gguf
 from modelport import LLM, SamplingParams
 from modelport.config import LoadConfig
 from modelport.loader import load_model, load_model_config, resolve_model
@@ -282,11 +282,7 @@ def test_k_quant_tp2_greedy_equals_tp1(root: Path, monkeypatch: pytest.MonkeyPat
         assert qkv.tp_shard == (0, 2) and qkv.gguf_types == ("Q4_K",) * 3
     finally:
         llm.llm_engine.core.shutdown()
-    for g, w in zip(got, want):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        lp_g = [d[t].logprob for d, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
-        lp_w = [d[t].logprob for d, t in zip(w.outputs[0].logprobs, w.outputs[0].token_ids)]
-        torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_w), atol=5e-2, rtol=0)
+    assert_same_greedy(got, want)
 
 
 def test_gguf_tp_check_uses_the_unpacked_group_of_the_down_projections() -> None:

@@ -332,3 +332,13 @@ def sequence_nll(path: Path, ids: list[int]) -> float:
     """Mean next-token negative log-likelihood of ids under the model at path (fp32, CPU)."""
     logits = run_one_sequence(load_cpu_fp32(path), ids)
     return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
+
+
+def assert_same_greedy(got: Any, want: Any, atol: float = 5e-2) -> None:
+    """Two runs' RequestOutputs (in prompt order, sampled with logprobs): the same greedy
+    tokens, and each chosen token's logprob within ``atol``."""
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        lp_g = [d[t].logprob for d, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
+        lp_w = [d[t].logprob for d, t in zip(w.outputs[0].logprobs, w.outputs[0].token_ids)]
+        torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_w), atol=atol, rtol=0)
