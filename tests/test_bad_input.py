@@ -9,6 +9,7 @@ module's last checks send a normal request again.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -87,6 +88,9 @@ HTTP_INFER_CASES = {
     ),
     "UINT8 negative": (_with(datatype="UINT8", data=[-1, 1, 2]), "out of range for UINT8"),
     "float for INT32": (_with(datatype="INT32", data=[1.5, 1, 2]), "must hold integers"),
+    # was cast to inf with a RuntimeWarning and answered 200 with inf / -inf outputs
+    "FP32 overflow": (_with(data=[1e300, 1, 2]), "out of range for FP32"),
+    "FP32 overflow by a big integer": (_with(data=[10**400, 1, 2]), "out of range for FP32"),
     "input parameters a string": (_with(parameters="x"), "must be a JSON object"),
     "binary_data_size a string": (
         _with(parameters={"binary_data_size": "x"}),
@@ -173,6 +177,12 @@ def test_kserve_http_body_and_url(kserve):
     base = f"http://{kserve.http_url}"
     deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     _kserve_error(httpx.post(f"{base}/v2/models/torch_linear/infer", content=deep), 400, "JSON")
+    # NaN and Infinity are no JSON (Triton's parser refuses them): they were read as numbers
+    for word in ("NaN", "Infinity", "-Infinity"):
+        body = b'{"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [1, 3], '
+        body += b'"data": [1, 2, ' + word.encode() + b"]}]}"
+        r = httpx.post(f"{base}/v2/models/torch_linear/infer", content=body)
+        _kserve_error(r, 400, "failed to parse the request JSON buffer", "is not valid JSON")
     r = httpx.post(f"{base}/v2/models/torch_linear/versions/-5/infer", json=GOOD)
     _kserve_error(r, 400, "invalid model version '-5'")
     # paths and methods KServe does not serve: still {"error": ...}
@@ -344,8 +354,11 @@ def torchserve(tmp_path_factory):
         "--disable-token-auth",
     ]  # fmt: skip
     log = root / "server.log"
+    # the server runs in `root`: a relative PYTHONPATH (src) would import another checkout
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=root)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=root, env=env)
     urls = {
         "shared": f"http://127.0.0.1:{port}",
         "inference": f"http://127.0.0.1:{iport}",
@@ -397,6 +410,43 @@ def test_torchserve_inference_bad_requests(torchserve, where):
 def test_torchserve_inference_port_unknown_path(torchserve):
     r = httpx.get(f"{torchserve['inference']}/no/such/path")
     _ts_error(r, 404, "ResourceNotFoundException")
+
+
+@pytest.mark.parametrize(
+    "method,path", [("GET", "/no/such/path"), ("GET", "/metrics"), ("POST", "/v1/completions")]
+)
+def test_torchserve_shared_port_unknown_path(torchserve, method, path):
+    """`modelport serve --port` with TorchServe alone: an unknown path was FastAPI's
+    {"detail": "Not Found"}; it is TorchServe's 404, as on the inference port."""
+    r = httpx.request(method, f"{torchserve['shared']}{path}")
+    _ts_error(r, 404, "ResourceNotFoundException")
+
+
+def test_torchserve_routing_errors_beside_another_frontend():
+    """On an app shared with other frontends, TorchServe answers routing errors only under its
+    own paths and leaves the others to the handler installed before it."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+
+    from modelport.entrypoints.torchserve.common import (
+        INFERENCE_PREFIXES,
+        install_http_error_handler,
+    )
+
+    app = FastAPI()
+
+    async def other(_, exc):
+        return JSONResponse({"error": "other frontend"}, status_code=exc.status_code)
+
+    app.add_exception_handler(HTTPException, other)
+    install_http_error_handler(app, INFERENCE_PREFIXES)
+    client = TestClient(app)
+    _ts_error(client.post("/predictions"), 404, "ResourceNotFoundException")
+    _ts_error(client.get("/ping/x"), 404, "ResourceNotFoundException")
+    r = client.get("/v2/nope")
+    assert (r.status_code, r.json()) == (404, {"error": "other frontend"})
 
 
 @pytest.mark.parametrize(

@@ -168,7 +168,10 @@ def test_bad_sampling_value_is_400(setup, model, endpoint) -> None:
          "max_tokens must be an integer, got 2.5"),
         ({"text_input": "Hi", "parameters": {"ignore_eos": "sure"}},
          "ignore_eos must be a boolean, got 'sure'"),
-        ({"text_input": "Hi", "parameters": {"stop": 7}}, "'int' object is not iterable"),
+        ({"text_input": "Hi", "parameters": {"stop": 7}},
+         "stop must be a string or a list of strings, got 7"),
+        ({"text_input": "Hi", "parameters": {"stop": {"a": 1}}},
+         "stop must be a string or a list of strings, got {'a': 1}"),
     ]  # fmt: skip
     for body, message in cases:
         r = httpx.post(url, json=body)

@@ -25,6 +25,8 @@ from modelport.sampling_params import SamplingParams
         ({"prompt_logprobs": -2}, "prompt_logprobs"),  # -1 is the whole vocabulary
         ({"seed": 2**64}, "seed"),
         ({"stop": [1, 2]}, "stop"),
+        ({"stop": 7}, "stop must be a string or a list of strings"),  # was a TypeError
+        ({"stop": {"a": 1}}, "stop must be"),  # its keys were taken as stop strings
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": [2**70]}, "stop_token_ids"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),

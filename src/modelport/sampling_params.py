@@ -246,7 +246,9 @@ class SamplingParams:
         elif isinstance(self.stop, str):
             self._stop_list = [self.stop] if self.stop else []
         else:
-            if not all(isinstance(s, str) for s in self.stop):
+            if not isinstance(self.stop, (list, tuple)) or not all(
+                isinstance(s, str) for s in self.stop
+            ):  # a number was "'int' object is not iterable"
                 raise bad("stop", "a string or a list of strings")
             self._stop_list = [s for s in self.stop if s]
         if self.logit_bias is not None:

@@ -124,11 +124,17 @@ def _json_numeric(name: str, wire: str, data: Any) -> np.ndarray:
         bad = next(x for x in leaves if type(x) not in ok)
         raise InvalidArgument(f"'data' of {wire} input '{name}' must hold {what}, got {_show(bad)}")
     try:
-        return np.array(leaves, dtype=numpy_dtype(wire))
+        with np.errstate(over="ignore"):
+            arr = np.array(leaves, dtype=numpy_dtype(wire))
     except OverflowError:
+        arr = None
+    # JSON has no NaN or Infinity (parse_json refuses them): an infinite element is a finite
+    # number too large for FP16 / FP32, which the cast made inf
+    if arr is None or (wire[0] == "F" and not np.isfinite(arr).all()):
         raise InvalidArgument(
             f"a value in 'data' of input '{name}' is out of range for {wire}"
-        ) from None
+        )
+    return arr
 
 
 def _json_tensor(name: str, wire: str, shape: list[int], data: Any) -> np.ndarray:
@@ -333,11 +339,17 @@ def parse_version(v: str) -> int:
     return version
 
 
+def _no_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity, which Python's json reads but JSON (and Triton's
+    parser) does not have."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """A request body that must be a JSON object, or a 400 saying why it is not."""
     try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        doc = json.loads(body, parse_constant=_no_constant)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
         raise InvalidArgument(f"failed to parse the request JSON buffer: {e}") from None
     except RecursionError:
         raise InvalidArgument(

@@ -177,6 +177,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    prompt_embeds: Any = None  # vLLM's (--enable-prompt-embeds): not served, a 400
 
 
 class CompletionLogProbs(OpenAIModel):
@@ -289,6 +290,7 @@ class ChatCompletionRequest(SamplingFields):
     echo: bool = False
     # extra variables for the chat template (vLLM's; e.g. Qwen3's {"enable_thinking": false})
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's, only with --trust-request-chat-template: a 400
     # vLLM's: false drops the reasoning (--reasoning-parser) from the answer
     include_reasoning: bool = True
 
@@ -423,6 +425,7 @@ class TokenizeRequest(TextRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # refused, as on chat
 
 
 class TokenizeResponse(OpenAIModel):

@@ -37,6 +37,7 @@ from modelport.entrypoints.openai.serving_chat import (
 )
 from modelport.entrypoints.openai.serving_common import (
     check_model,
+    check_request_chat_template,
     dead_engine_is_503,
     engine_unavailable,
 )
@@ -216,6 +217,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError("give exactly one of prompt or messages", 400, param="prompt")
         if body.messages is not None:
+            check_request_chat_template(body)
             if not body.messages:
                 raise OpenAIError("messages must not be empty", 400, param="messages")
             tools = [template_tool(t) for t in body.tools] if body.tools else None

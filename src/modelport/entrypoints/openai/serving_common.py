@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -69,6 +70,12 @@ def check_unsupported(req: Any) -> None:
     """Fields this server does not implement, or combinations OpenAI refuses: say so (400)."""
     if getattr(req, "suffix", None):
         raise OpenAIError("suffix is not supported", 400, param="suffix")
+    check_request_chat_template(req)
+    if getattr(req, "prompt_embeds", None) is not None:
+        # vLLM serves them only with --enable-prompt-embeds; ignoring them would answer
+        # a different prompt than the one sent
+        raise OpenAIError("prompt_embeds is not supported: send prompt (text or token ids)",
+                          400, param="prompt_embeds")
     if getattr(req, "stream_options", None) is not None and not req.stream:
         raise OpenAIError(
             "stream_options is only allowed when stream is true", 400, param="stream_options"
@@ -85,6 +92,20 @@ def check_unsupported(req: Any) -> None:
             "`prompt_logprobs` are not available when `stream=True`.",
             400,
             param="prompt_logprobs",
+        )
+
+
+def check_request_chat_template(req: Any) -> None:
+    """A chat template sent with the request is refused (vLLM's default, without
+    --trust-request-chat-template): the server renders with the model's own template only,
+    and silently using that one instead would answer a different prompt than asked."""
+    if getattr(req, "chat_template", None) is not None:
+        raise OpenAIError(
+            "Chat template is passed with request, but this server does not take request "
+            "chat templates (vLLM's --trust-request-chat-template). Refused request with "
+            "untrusted chat template; the model's own template is used when none is sent.",
+            400,
+            param="chat_template",
         )
 
 
@@ -302,6 +323,9 @@ def logit_bias(req: SamplingFields) -> dict[int, float] | None:
         except ValueError:
             raise OpenAIError(f"logit_bias keys must be token ids, got {key!r}", 400,
                               param="logit_bias") from None
+        if not math.isfinite(bias):  # NaN would pass the clamp below as -100
+            raise OpenAIError(f"logit_bias values must be finite numbers, got {bias} for "
+                              f"token {key}", 400, param="logit_bias")
         out[token] = min(100.0, max(-100.0, bias))
     return out
 

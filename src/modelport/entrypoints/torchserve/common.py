@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelport.entrypoints.torchserve.metrics import TSMetrics
 from modelport.torchserve.auth import TokenAuth
@@ -58,6 +60,27 @@ def http_error_response(status_code: int, detail: object) -> JSONResponse:
     else:
         err = TSError(status_code, "BadRequestException", str(detail))
     return error_response(err)
+
+
+# the paths TorchServe's inference routes own on an app it shares with other frontends
+INFERENCE_PREFIXES = ("/predictions", "/explanations", "/ping", "/wfpredict")
+
+
+def install_http_error_handler(app: FastAPI, prefixes: tuple[str, ...] = ("/",)) -> None:
+    """Routing errors (unknown path, wrong method) under `prefixes` in TorchServe's shape.
+
+    On the shared `modelport serve` app the handler installed before (another frontend's, or
+    FastAPI's default) still answers every other path; served alone, pass ("/",).
+    """
+    prev = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
+
+    async def _http_error(request: Request, exc: Exception) -> Response:
+        if not request.url.path.startswith(prefixes):
+            return await prev(request, exc)
+        assert isinstance(exc, StarletteHTTPException)
+        return http_error_response(exc.status_code, exc.detail)
+
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
 def status(message: str, code: int = 200) -> JSONResponse:

@@ -23,7 +23,11 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from modelport.entrypoints.torchserve.common import TSState
+from modelport.entrypoints.torchserve.common import (
+    INFERENCE_PREFIXES,
+    TSState,
+    install_http_error_handler,
+)
 from modelport.entrypoints.torchserve.grpc_api import (
     GrpcPlan,
     GrpcServers,
@@ -365,6 +369,8 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         plan = replace(plan, startup=())
     state.on_change = snapshots.save
     app.include_router(make_inference_router(state))
+    alone = tuple(getattr(args, "serve_frontends", ())) == (__name__,)
+    install_http_error_handler(app, ("/",) if alone else INFERENCE_PREFIXES)
     service = TorchServeService(state, plan, getattr(args, "log_level", "info"))
     service.snapshots = snapshots
     return service
