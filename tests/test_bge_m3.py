@@ -126,8 +126,9 @@ def test_offline_outputs_equal_flagembedding_definitions(m3, caplog) -> None:
         h = ref(input_ids=ids).last_hidden_state[0]
         _close(raw.outputs.data, heads["sparse"](h[1:-1]))
         _close(unnorm.outputs.data, heads["colbert"](h[1:]))
-    # errors: dimensions has no meaning for a token task; a prompt without its BOS / EOS
-    with pytest.raises(ValueError, match="dimensions is not supported for the token_embed"):
+    # errors: dimensions needs a matryoshka model (BGE-M3 is not); a prompt without its
+    # BOS / EOS
+    with pytest.raises(ValueError, match="does not support matryoshka representation"):
         llm.encode(TEXTS[0], PoolingParams(dimensions=8), pooling_task="token_embed",
                    use_tqdm=False)
     bare = llm.encode({"prompt_token_ids": want[0]["ids"][1:-1]},
@@ -217,7 +218,7 @@ def test_server_pooling_tasks_equal_reference(server, m3) -> None:
             _close(d.get("data", d.get("embedding")), w["dense"])
     err = _error(_post(server, "/pooling", {"input": "x", "task": "token_embed",
                                             "dimensions": 8}))
-    assert "dimensions is not supported" in err["message"] and err["param"] == "dimensions"
+    assert "does not support matryoshka" in err["message"] and err["param"] == "dimensions"
 
 
 def test_server_missing_head_is_a_400(tmp_path_factory) -> None:

@@ -98,9 +98,9 @@ class PoolerConfig:
 class PoolingParams:
     """API parameters of a pooling request (vLLM's ``PoolingParams``).
 
-    ``dimensions``: keep the first ``dimensions`` values (matryoshka representation; only
-    for models whose config.json says ``is_matryoshka`` or lists ``matryoshka_dimensions``),
-    before normalization. ``normalize``: L2-normalize (None: the engine's pooler_config).
+    ``dimensions``: keep the first ``dimensions`` values (of the vector, or of each
+    ``token_embed`` row; matryoshka representation: only for models whose config.json says
+    ``is_matryoshka`` or lists ``matryoshka_dimensions``), before normalization. ``normalize``: L2-normalize (None: the engine's pooler_config).
     ``use_activation``: a classifier's softmax / sigmoid (None: the pooler_config's; vLLM's
     older ``activation`` / ``softmax`` are the same switch). ``truncate_prompt_tokens``: keep
     the prompt's last k tokens (-1: max_model_len). ``task``: "embed", "classify", "score"
@@ -153,7 +153,7 @@ class PoolingParams:
         if task == "encode":
             self.task = task = pooler.task
         if task in TOKEN_TASKS:
-            self._verify_token_task(task, pooler)
+            self._verify_token_task(task, pooler, model_name, hf_config)
             return
         if pooler.task == "classify":
             if task == "embed":
@@ -168,12 +168,20 @@ class PoolingParams:
             return
         if task == "classify":
             raise ValueError(unsupported_task_message("classify"))
+        if task == "embed" and self.use_activation is not None:  # as vLLM: not embed's
+            raise ValueError("use_activation is only for classification tasks (classify, "
+                             "token_classify), not for the embed task")
         if task == "score":  # an embedding model scores by cosine: the pairs are embedded
             self.task = "embed"
         if self.dimensions is None:
             self.dimensions = pooler.dimensions
         if self.normalize is None:
             self.normalize = pooler.normalize
+        self._verify_dimensions(model_name, hf_config)
+
+    def _verify_dimensions(self, model_name: str, hf_config: dict[str, Any]) -> None:
+        """``dimensions`` against the model: matryoshka only, one of its listed sizes, at
+        most its hidden size (vLLM's rules and words)."""
         if self.dimensions is None:
             return
         mds = hf_config.get("matryoshka_dimensions")
@@ -194,7 +202,8 @@ class PoolingParams:
             raise ValueError(f"dimensions ({self.dimensions}) is larger than the model's "
                              f"embedding size ({hidden})")
 
-    def _verify_token_task(self, task: str, pooler: PoolerConfig) -> None:
+    def _verify_token_task(self, task: str, pooler: PoolerConfig, model_name: str,
+                           hf_config: dict[str, Any]) -> None:
         if task not in pooler.token_tasks:
             supported = [pooler.task, *pooler.token_tasks]
             need = {"token_classify": "a classification model (*ForSequenceClassification)",
@@ -203,12 +212,21 @@ class PoolingParams:
             raise ValueError(f"pooling task {task!r} is not supported by this model (supported: "
                              f"{', '.join(supported)}); {task} needs {need[task]}, or a BGE-M3 "
                              f"checkpoint with {head[task]} beside model.safetensors")
-        if self.dimensions is not None:
-            raise ValueError(f"dimensions is not supported for the {task} task")
+        if task == "token_classify":
+            if self.dimensions is not None:
+                raise ValueError("dimensions is only for embedding tasks (embed, "
+                                 "token_embed), not for the token_classify task")
+            if self.use_activation is None:
+                self.use_activation = pooler.use_activation
+        else:  # token_embed: each row truncated (matryoshka), then normalized
+            if self.use_activation is not None:
+                raise ValueError("use_activation is only for classification tasks "
+                                 "(classify, token_classify), not for the token_embed task")
+            if self.dimensions is None:
+                self.dimensions = pooler.dimensions
+            self._verify_dimensions(model_name, hf_config)
         if self.normalize is None:
             self.normalize = pooler.normalize
-        if self.use_activation is None:
-            self.use_activation = pooler.use_activation
 
     def to_dict(self) -> dict[str, Any]:
         return {"dimensions": self.dimensions, "normalize": self.normalize, "task": self.task,

@@ -160,13 +160,15 @@ class LLM:
         *,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Each conversation through the model's chat template, then generated as vLLM's
-        LLM.chat. ``tools`` (OpenAI tool definitions) reach a tool-aware template; earlier
-        assistant tool calls' JSON-string arguments reach it as objects, as vLLM gives them."""
+        """Each conversation through the model's chat template (or ``chat_template``, the
+        Jinja text to use instead), then generated as vLLM's LLM.chat. ``tools`` (OpenAI
+        tool definitions) reach a tool-aware template; earlier assistant tool calls'
+        JSON-string arguments reach it as objects, as vLLM gives them."""
         from modelport.entrypoints.openai.tool_parsers import history_for_template
 
         self._check_generative("LLM.chat()")
@@ -179,6 +181,8 @@ class LLM:
         kw = dict(chat_template_kwargs or {})
         if tools is not None:
             kw["tools"] = tools
+        if chat_template is not None:
+            kw["chat_template"] = chat_template
         prompts = [
             tok.apply_chat_template(history_for_template(list(c)),
                                     add_generation_prompt=add_generation_prompt, **kw)

@@ -55,6 +55,17 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def compile_chat_template(template: str) -> None:
+    """Check that ``template`` compiles (ValueError naming Jinja's error and line), as a
+    server does with its --chat-template at startup."""
+    try:
+        _compile(template)
+    except jinja2.TemplateError as e:
+        line = getattr(e, "lineno", None)
+        where = f" (line {line})" if line else ""
+        raise ValueError(f"chat template error{where}: {e}") from None
+
+
 def flatten_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI-style content lists made only of text parts become one string.
 

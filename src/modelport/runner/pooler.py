@@ -9,8 +9,8 @@ the step's finished requests), then softmax, or sigmoid for one label or a multi
 ``problem_type``, as vLLM's classifier pooler (``use_activation=False``: the raw logits).
 
 Per-token tasks give one row per prompt token, as vLLM's token poolers: ``token_embed`` an
-embedding model's final hidden state of each token (L2-normalized each unless
-``normalize=False``), ``token_classify`` a classifier's head on each token's row
+embedding model's final hidden state of each token (its first ``dimensions`` values with a
+matryoshka ``dimensions``, then L2-normalized each unless ``normalize=False``), ``token_classify`` a classifier's head on each token's row
 (``classify_tokens``), then the same softmax / sigmoid as its sequence output. A model with
 its own per-token heads (BGE-M3: models/bge_m3.py, ``token_tasks``) maps the rows itself. A
 decoder's prompt may come in chunks: the rows are kept (float32) until its last chunk; such
@@ -148,12 +148,18 @@ class Pooler:
         if p.task not in self._token_tasks:
             raise ValueError(f"pooling task {p.task!r} is not supported by this model")
         ids = s.request.prompt_token_ids
-        if self._own_heads:
-            if p.task == "token_classify":
-                return self._model.token_classify(hidden, ids, p.use_activation is not False)
-            return self._model.token_embed(hidden, ids, p.normalize is not False)
+        if self._own_heads and p.task == "token_classify":
+            return self._model.token_classify(hidden, ids, p.use_activation is not False)
         if p.task == "token_embed":
-            rows = hidden.float()
+            if self._own_heads:
+                rows = self._model.token_embed(hidden, ids, p.dimensions is None
+                                               and p.normalize is not False)
+                if p.dimensions is None:
+                    return rows
+            else:
+                rows = hidden.float()
+            if p.dimensions is not None:  # matryoshka: each row's first values
+                rows = rows[:, : p.dimensions]
             return F.normalize(rows, p=2, dim=-1) if p.normalize is not False else rows
         logits = self._classify_tokens(hidden)
         if p.use_activation is False:

@@ -100,6 +100,21 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             "chat_template_kwargs (a request's keys win), e.g. '{\"enable_thinking\": false}' "
             "for Qwen3",
         )
+    if "--chat-template" not in parser._option_string_actions:
+        g.add_argument(
+            "--chat-template",
+            default=None,
+            metavar="FILE_OR_TEMPLATE",
+            help="the chat template to render chat, /tokenize and Responses requests with, in "
+            "place of the model's: a file's path, or the Jinja template itself",
+        )
+        g.add_argument(
+            "--trust-request-chat-template",
+            action="store_true",
+            help="render a request's own chat_template (chat completions, /tokenize and "
+            "/v1/embeddings messages) instead of refusing it with a 400; the template is the "
+            "caller's code (run sandboxed), so only for trusted clients",
+        )
     if "--lora-modules" not in parser._option_string_actions:
         from modelport.entrypoints.openai.lora import parse_lora_module
 
@@ -206,6 +221,8 @@ class OpenAIService:
                 await asyncio.to_thread(engine.shutdown)
                 self._failed_to_load(e, traceback=False)
                 return
+        if self.state.chat_template is not None:  # --chat-template: in place of the model's
+            engine.tokenizer.chat_template = self.state.chat_template
         # the loader's name for the model is known only now, once --model is resolved
         engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
         lora_modules = getattr(self.args, "lora_modules", None) or []
@@ -334,11 +351,22 @@ def attach(
             get_reasoning_parser(reasoning_parser)
         except ValueError as e:
             raise SystemExit(f"modelport serve: {e}") from None
+    chat_template = getattr(args, "chat_template", None)
+    if chat_template is not None:
+        from modelport.entrypoints.openai.chat_template import load_chat_template
+
+        try:  # a missing file or a template that does not compile ends serve at once
+            chat_template = load_chat_template(chat_template)
+        except ValueError as e:
+            raise SystemExit(f"modelport serve: {e}") from None
     state = ServerState(version=_version(), api_key=getattr(args, "api_key", None),
                         serve_own_engine=own_engine, tool_settings=tool_settings,
                         reasoning_parser=reasoning_parser,
                         default_chat_template_kwargs=getattr(
-                            args, "default_chat_template_kwargs", None) or {})
+                            args, "default_chat_template_kwargs", None) or {},
+                        trust_request_chat_template=bool(
+                            getattr(args, "trust_request_chat_template", False)),
+                        chat_template=chat_template)
     install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS)
     mount(app, state)
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)

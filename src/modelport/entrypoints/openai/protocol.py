@@ -290,7 +290,9 @@ class ChatCompletionRequest(SamplingFields):
     echo: bool = False
     # extra variables for the chat template (vLLM's; e.g. Qwen3's {"enable_thinking": false})
     chat_template_kwargs: dict[str, Any] | None = None
-    chat_template: str | None = None  # vLLM's, only with --trust-request-chat-template: a 400
+    # vLLM's: rendered in place of the model's template with --trust-request-chat-template
+    # (entrypoints/openai/chat_template.py), else a 400
+    chat_template: str | None = None
     # vLLM's: false drops the reasoning (--reasoning-parser) from the answer
     include_reasoning: bool = True
 
@@ -425,7 +427,7 @@ class TokenizeRequest(TextRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    chat_template: str | None = None  # refused, as on chat
+    chat_template: str | None = None  # as on chat
 
 
 class TokenizeResponse(OpenAIModel):

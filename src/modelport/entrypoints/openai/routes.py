@@ -15,6 +15,7 @@ from fastapi.responses import Response
 
 from modelport.engine import registry
 from modelport.engine.async_llm import AsyncLLM
+from modelport.entrypoints.openai.chat_template import request_chat_template
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.lora import add_routes as add_lora_routes
 from modelport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -37,7 +38,6 @@ from modelport.entrypoints.openai.serving_chat import (
 )
 from modelport.entrypoints.openai.serving_common import (
     check_model,
-    check_request_chat_template,
     dead_engine_is_503,
     engine_unavailable,
 )
@@ -79,6 +79,9 @@ class ServerState:
     reasoning_parser: str | None = None  # --reasoning-parser
     # --default-chat-template-kwargs: under each request's chat_template_kwargs
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # --trust-request-chat-template: render with a request's chat_template (else a 400)
+    trust_request_chat_template: bool = False
+    chat_template: str | None = None  # --chat-template's text: the served model's template
 
     serve_own_engine: bool = True  # False: only engines that other frontends register
 
@@ -176,7 +179,8 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         with dead_engine_is_503():
             state = _state(request)
             return await ServingChat(engine, state.tool_settings, state.reasoning_parser,
-                                     state.default_chat_template_kwargs).create(body, request)
+                                     state.default_chat_template_kwargs,
+                                     state.trust_request_chat_template).create(body, request)
 
     @api.post("/v1/responses", tags=["openai"])
     async def responses(body: ResponsesRequest, request: Request) -> Response:
@@ -217,7 +221,8 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError("give exactly one of prompt or messages", 400, param="prompt")
         if body.messages is not None:
-            check_request_chat_template(body)
+            chat_template = request_chat_template(
+                body, _state(request).trust_request_chat_template)
             if not body.messages:
                 raise OpenAIError("messages must not be empty", 400, param="messages")
             tools = [template_tool(t) for t in body.tools] if body.tools else None
@@ -229,6 +234,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
                 continue_final_message=body.continue_final_message,
                 chat_template_kwargs=with_default_kwargs(
                     _state(request).default_chat_template_kwargs, body.chat_template_kwargs),
+                chat_template=chat_template,
             )
         else:
             ids = engine.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
@@ -245,7 +251,8 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
             )
         return DetokenizeResponse(prompt=engine.decode(body.tokens))
 
-    add_embedding_routes(api, _engine_for)
+    add_embedding_routes(api, _engine_for,
+                         lambda request: _state(request).trust_request_chat_template)
     add_lora_routes(api, lambda request: _state(request).require_engine())
     add_score_routes(api, _engine_for)
 

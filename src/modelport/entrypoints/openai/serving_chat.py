@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from modelport.engine.async_llm import AsyncLLM, RequestStream
+from modelport.entrypoints.openai.chat_template import request_chat_template
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.lora import lora_for
 from modelport.entrypoints.openai.protocol import (
@@ -96,16 +97,18 @@ def render_chat(
     tools: list[dict[str, Any]] | None = None,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> list[int]:
     """Messages (and tools, for a tool-aware template) -> prompt token ids via the model's
     (sandboxed) chat template.
 
     continue_final_message leaves the final (assistant) message open, so the model goes on
     writing it ("prefill") instead of starting a new turn. chat_template_kwargs become
-    template variables (vLLM's; e.g. enable_thinking).
+    template variables (vLLM's; e.g. enable_thinking). chat_template (a request's, with
+    --trust-request-chat-template) replaces the model's template.
     """
     return render_chat_prompt(engine, messages, add_generation_prompt, tools,
-                              continue_final_message, chat_template_kwargs)[0]
+                              continue_final_message, chat_template_kwargs, chat_template)[0]
 
 
 def render_chat_prompt(
@@ -115,6 +118,7 @@ def render_chat_prompt(
     tools: list[dict[str, Any]] | None = None,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> tuple[list[int], str | None]:
     """render_chat's ids and the rendered prompt text (None when the template gave ids)."""
     convo = history_for_template([template_message(m) for m in messages])
@@ -129,9 +133,15 @@ def render_chat_prompt(
     kw["add_generation_prompt"] = add_generation_prompt
     if tools and _takes_tools(apply):
         kw["tools"] = tools
+    if chat_template is not None:
+        kw["chat_template"] = chat_template
     try:
         rendered = apply(convo, **kw)
     except Exception as e:  # jinja2 SecurityError/TemplateError, missing template, ...
+        if chat_template is not None:  # the request's own template failed
+            raise OpenAIError(
+                f"chat_template: the request's chat template failed to render: "
+                f"{type(e).__name__}: {e}", 400, param="chat_template") from None
         raise OpenAIError(
             f"could not apply the chat template: {type(e).__name__}: {e}", 400, param="messages"
         ) from None
@@ -201,16 +211,19 @@ def with_default_kwargs(
 class ServingChat:
     def __init__(self, engine: AsyncLLM, tool_settings: ToolSettings | None = None,
                  reasoning_parser: str | None = None,
-                 default_chat_template_kwargs: dict[str, Any] | None = None) -> None:
+                 default_chat_template_kwargs: dict[str, Any] | None = None,
+                 trust_request_chat_template: bool = False) -> None:
         self.engine = engine
         self.tool_settings = tool_settings or ToolSettings()
         self.reasoning_parser = reasoning_parser  # --reasoning-parser
         self.default_chat_template_kwargs = default_chat_template_kwargs or {}
+        self.trust_request_chat_template = trust_request_chat_template
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         engine = self.engine
         model = check_model(engine, req.model)
         check_unsupported(req)
+        chat_template = request_chat_template(req, self.trust_request_chat_template)
         if req.echo:
             raise OpenAIError("echo is not supported for chat completions", 400, param="echo")
         plan = plan_tools(req, self.tool_settings)
@@ -224,7 +237,7 @@ class ServingChat:
                                               req.chat_template_kwargs)
         ids, prompt_text = render_chat_prompt(
             engine, req.messages, req.add_generation_prompt, plan.template_tools,
-            req.continue_final_message, template_kwargs,
+            req.continue_final_message, template_kwargs, chat_template,
         )
         ids = truncate_prompt(engine, ids, req.truncate_prompt_tokens)
         requested = req.max_completion_tokens or req.max_tokens

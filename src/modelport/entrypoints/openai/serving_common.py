@@ -70,7 +70,6 @@ def check_unsupported(req: Any) -> None:
     """Fields this server does not implement, or combinations OpenAI refuses: say so (400)."""
     if getattr(req, "suffix", None):
         raise OpenAIError("suffix is not supported", 400, param="suffix")
-    check_request_chat_template(req)
     if getattr(req, "prompt_embeds", None) is not None:
         # vLLM serves them only with --enable-prompt-embeds; ignoring them would answer
         # a different prompt than the one sent
@@ -92,20 +91,6 @@ def check_unsupported(req: Any) -> None:
             "`prompt_logprobs` are not available when `stream=True`.",
             400,
             param="prompt_logprobs",
-        )
-
-
-def check_request_chat_template(req: Any) -> None:
-    """A chat template sent with the request is refused (vLLM's default, without
-    --trust-request-chat-template): the server renders with the model's own template only,
-    and silently using that one instead would answer a different prompt than asked."""
-    if getattr(req, "chat_template", None) is not None:
-        raise OpenAIError(
-            "Chat template is passed with request, but this server does not take request "
-            "chat templates (vLLM's --trust-request-chat-template). Refused request with "
-            "untrusted chat template; the model's own template is used when none is sent.",
-            400,
-            param="chat_template",
         )
 
 

@@ -7,7 +7,8 @@
 ``data`` one row per prompt token: "token_embed" (an embedding model's final hidden states;
 BGE-M3's ColBERT vectors [n, dim]) or "token_classify" (a classifier's class probabilities
 per token, also on a classification server; BGE-M3's sparse weights [n, 1]); base64 packs
-the rows one after another."""
+the rows one after another. ``dimensions`` (a matryoshka model) truncates each token_embed
+row before it is normalized; ``use_activation: false`` gives token_classify's raw logits."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from modelport.engine.async_llm import AsyncLLM, QueueFullError
+from modelport.entrypoints.openai.chat_template import request_chat_template
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.protocol import ChatMessage, TextRequest, random_id
 from modelport.entrypoints.openai.serving_common import (
@@ -48,6 +50,7 @@ class EmbeddingRequest(TextRequest):
     # for input (default True); for messages default False (the template's own specials)
     add_special_tokens: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # messages: template variables
+    chat_template: str | None = None  # messages: as chat's (--trust-request-chat-template)
     add_generation_prompt: bool = False
     continue_final_message: bool = False
     normalize: bool | None = None
@@ -57,22 +60,26 @@ class EmbeddingRequest(TextRequest):
 
 class PoolingRequest(EmbeddingRequest):
     task: Literal["embed", "token_embed", "token_classify"] = "embed"
+    # token_classify: false gives the head's raw logits (no softmax / sigmoid), as vLLM's
+    use_activation: bool | None = None
 
 
-def _prompts(engine: AsyncLLM, req: EmbeddingRequest,
-             operation: str = "embedding generation") -> list[list[int]]:
+def _prompts(engine: AsyncLLM, req: EmbeddingRequest, operation: str = "embedding generation",
+             trust_chat_template: bool = False) -> list[list[int]]:
     if (req.input is None) == (req.messages is None):
         raise OpenAIError("give exactly one of input or messages", 400, param="input")
     if req.messages is not None:
         from modelport.entrypoints.openai.serving_chat import render_chat_prompt
 
+        chat_template = request_chat_template(req, trust_chat_template)
         if not req.messages:
             raise OpenAIError("messages must not be empty", 400, param="messages")
         try:
             ids, text = render_chat_prompt(engine, req.messages, req.add_generation_prompt,
                                            continue_final_message=req.continue_final_message,
                                            chat_template_kwargs=getattr(
-                                               req, "chat_template_kwargs", None))
+                                               req, "chat_template_kwargs", None),
+                                           chat_template=chat_template)
         except ValueError as e:
             raise OpenAIError(str(e), 400, param="messages") from None
         if req.add_special_tokens and text is not None:
@@ -113,17 +120,19 @@ def _fits(engine: AsyncLLM, ids: list[int], operation: str = "embedding generati
     return ids
 
 
-async def _pool_all(engine: AsyncLLM, req: EmbeddingRequest, prefix: str
+async def _pool_all(engine: AsyncLLM, req: EmbeddingRequest, prefix: str,
+                    trust_chat_template: bool = False
                     ) -> tuple[str, list[tuple[list[float], int]], list[list[int]]]:
     """Send every prompt (all validated first: a bad one is a 400 before any runs) and wait
     for all the pooled vectors. Returns (request id, [(vector, cached)], prompts)."""
-    prompts = _prompts(engine, req)
+    prompts = _prompts(engine, req, trust_chat_template=trust_chat_template)
     base = req.request_id or random_id(prefix)
 
     task = getattr(req, "task", "embed")
 
     def params() -> PoolingParams:
-        return PoolingParams(dimensions=req.dimensions, normalize=req.normalize, task=task)
+        return PoolingParams(dimensions=req.dimensions, normalize=req.normalize, task=task,
+                             use_activation=getattr(req, "use_activation", None))
 
     results = await pool_prompts(engine, prompts, params, base, req.priority)
     return base, results, prompts
@@ -146,6 +155,7 @@ async def pool_prompts(engine: AsyncLLM, prompts: list[list[int]],
             engine._abort_pooling(rid)
         msg = str(e)
         param = "task" if "pooling task" in msg else \
+            "use_activation" if "use_activation" in msg else \
             "dimensions" if "dimensions" in msg.lower() or "matryoshka" in msg else "input"
         raise OpenAIError(str(e), 400, param=param) from None
     except BaseException:
@@ -185,8 +195,11 @@ def _usage(prompts: list[list[int]]) -> dict[str, Any]:
             "prompt_tokens_details": None}
 
 
-def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], AsyncLLM]) -> None:
-    """Mount /v1/embeddings and /pooling on the OpenAI router."""
+def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], AsyncLLM],
+               trusts_chat_template: Callable[[Request], bool] = lambda request: False
+               ) -> None:
+    """Mount /v1/embeddings and /pooling on the OpenAI router (``trusts_chat_template``:
+    whether the server takes a request's chat_template)."""
 
     def pooling_engine(request: Request, model: str | None, what: str,
                        task: str = "embed") -> AsyncLLM:
@@ -202,7 +215,8 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
         engine = pooling_engine(request, body.model, "Embeddings")
         model = check_model(engine, body.model)
         with dead_engine_is_503():
-            rid, results, prompts = await _pool_all(engine, body, "embd")
+            rid, results, prompts = await _pool_all(engine, body, "embd",
+                                                    trusts_chat_template(request))
         data = [{"index": i, "object": "embedding",
                  "embedding": _encode(vec, body.encoding_format)}
                 for i, (vec, _) in enumerate(results)]
@@ -214,7 +228,8 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
         engine = pooling_engine(request, body.model, "Pooling", body.task)
         model = check_model(engine, body.model)
         with dead_engine_is_503():
-            rid, results, prompts = await _pool_all(engine, body, "pool")
+            rid, results, prompts = await _pool_all(engine, body, "pool",
+                                                    trusts_chat_template(request))
         data = [{"index": i, "object": "pooling", "data": _encode(vec, body.encoding_format)}
                 for i, (vec, _) in enumerate(results)]
         return {"id": rid, "object": "list", "created": int(time.time()), "model": model,

@@ -277,6 +277,8 @@ class ServingResponses:
     def __init__(self, engine: AsyncLLM, tool_settings: ToolSettings | None = None,
                  reasoning_parser: str | None = None,
                  default_chat_template_kwargs: dict[str, Any] | None = None) -> None:
+        # a Responses request has no chat_template (vLLM's has none either): the model's,
+        # or the server's --chat-template, renders it
         self.chat = ServingChat(engine, tool_settings, reasoning_parser,
                                 default_chat_template_kwargs)
 
