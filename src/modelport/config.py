@@ -253,13 +253,15 @@ class SpeculativeConfig:
     vLLM, a missing bound takes the other one's value, and with neither both are 5.
     ``method="draft_model"`` (``model=PATH``): a smaller model with the same vocabulary runs
     beside the target on the same KV block tables and proposes its greedy continuation.
+    ``method="eagle"`` (``model=PATH``): an EAGLE-1 head (runner/eagle.py) for a Llama target:
+    a decoder layer fed the target's own hidden states, on the same block tables.
     """
 
     num_speculative_tokens: int
     method: str = "ngram"
     prompt_lookup_max: int | None = None  # None: resolved as vLLM does (see __post_init__)
     prompt_lookup_min: int | None = None
-    model: str | None = None  # the draft model (method "draft_model")
+    model: str | None = None  # the draft model or EAGLE head (methods "draft_model", "eagle")
     # no drafts while more requests than this are running (vLLM's disable_by_batch_size):
     # large batches are already bound by compute, where checking drafts costs more than it saves
     disable_by_batch_size: int | None = None
@@ -269,12 +271,13 @@ class SpeculativeConfig:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("ngram", "draft_model"):
+        if self.method not in ("ngram", "draft_model", "eagle"):
             raise ValueError(f"speculative method {self.method!r} is not supported; supported: "
-                             "ngram, draft_model")
-        if (self.method == "draft_model") != (self.model is not None):
-            raise ValueError("speculative_config: a draft model needs method 'draft_model' and "
-                             "'model'; method 'ngram' takes no model")
+                             "ngram, draft_model, eagle")
+        if (self.method != "ngram") != (self.model is not None):
+            raise ValueError("speculative_config: a draft model or EAGLE head needs method "
+                             "'draft_model' or 'eagle' and 'model' (a path); method 'ngram' "
+                             "takes no model")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be in [1, 16], got "
                              f"{self.num_speculative_tokens}")
@@ -285,7 +288,7 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"speculative_config.{name} must be >= 1, got {value}")
-        if self.method == "draft_model" and self.draft_tensor_parallel_size not in (None, 1):
+        if self.method != "ngram" and self.draft_tensor_parallel_size not in (None, 1):
             # vLLM allows 1 or the target's tensor_parallel_size; a draft model needs tp 1 here
             raise ValueError("speculative_config.draft_tensor_parallel_size must be 1: a draft "
                              "model runs with tensor_parallel_size 1 here, got "
@@ -307,7 +310,8 @@ class SpeculativeConfig:
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
         """From vLLM's speculative_config dict: ``{"method": "ngram", "num_speculative_tokens":
         k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` or ``{"model": PATH,
-        "num_speculative_tokens": k}`` (method "draft_model" implied).
+        "num_speculative_tokens": k}`` (method "draft_model" implied) or ``{"method": "eagle",
+        "model": PATH, "num_speculative_tokens": k}``.
 
         Like vLLM's (a pydantic dataclass that forbids extra fields), unknown keys are errors.
         vLLM's other keys are accepted where they change nothing here (their vLLM default, an

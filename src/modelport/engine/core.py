@@ -78,7 +78,8 @@ class EngineCore:
         if self.async_scheduling:
             logger.info("async scheduling: step N+1 is prepared while step N runs")
         if spec is not None:
-            source = (f"draft model {spec.model}" if spec.model is not None else
+            source = (f"{'EAGLE head' if spec.method == 'eagle' else 'draft model'} {spec.model}"
+                      if spec.model is not None else
                       f"n-grams of {spec.prompt_lookup_min}-{spec.prompt_lookup_max} tokens")
             logger.info("speculative decoding: up to %d draft tokens from %s; async scheduling "
                         "off", spec.num_speculative_tokens, source)

@@ -98,6 +98,7 @@ class ModelRunner:
         self.draft_model: torch.nn.Module | None = None
         self.draft_config = None  # its ModelConfig
         self.draft_kv_caches: list[torch.Tensor] = []
+        self.eagle = None  # an EagleProposer when the draft is an EAGLE head (runner/eagle.py)
         self.num_blocks = 0
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
@@ -180,11 +181,22 @@ class ModelRunner:
             src = resolve_model(spec.model)
             from dataclasses import replace
 
-            # the engine's length, as the target's (LongRoPE picks its factors by it)
-            self.draft_config = replace(load_model_config(src),
-                                        max_model_len=self.config.scheduler_config.max_model_len)
-            self.draft_model = load_model(src, self.draft_config, LoadConfig(), self.dtype,
-                                          self.device)
+            max_len = self.config.scheduler_config.max_model_len
+            if spec.method == "eagle":
+                from modelport.models.eagle_llama import load_eagle_head
+                from modelport.runner.eagle import EagleProposer
+
+                if src.kind != "hf":
+                    raise ValueError(f"an EAGLE head must be an HF folder, got {src.path}")
+                self.draft_model = load_eagle_head(src.path, self.model, max_len, self.dtype,
+                                                   self.device)
+                self.draft_config = self.draft_model.config
+                self.eagle = EagleProposer(self)
+            else:
+                # the engine's length, as the target's (LongRoPE picks its factors by it)
+                self.draft_config = replace(load_model_config(src), max_model_len=max_len)
+                self.draft_model = load_model(src, self.draft_config, LoadConfig(), self.dtype,
+                                              self.device)
             logger.info("draft model for speculative decoding: %s (%d layers)", src.name,
                         self.draft_config.num_hidden_layers)
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -425,13 +437,17 @@ class ModelRunner:
 
     def _draft_forward(self, ids: list[int] | torch.Tensor, positions: list[int],
                        slots: list[int], qsl: list[int], seq_lens: list[int],
-                       tables: list[list[int]]) -> torch.Tensor:
+                       tables: list[list[int]], hidden: torch.Tensor | None = None,
+                       ) -> torch.Tensor:
+        """The draft model's forward on its own KV cache; an EAGLE head also takes each row's
+        hidden state (``hidden``)."""
         assert self.draft_model is not None
         meta = self._step_meta(slots, qsl, seq_lens, tables)
         ids_t = ids if isinstance(ids, torch.Tensor) else self._to_dev(torch.tensor(ids, dtype=torch.long))
         pos_t = self._to_dev(torch.tensor(positions, dtype=torch.long))
+        extra = () if hidden is None else (hidden,)
         with forward_context(ForwardContext(meta, self.draft_kv_caches)):
-            return self.draft_model(ids_t, pos_t)
+            return self.draft_model(ids_t, pos_t, *extra)
 
     def _draft_step(self, so: SchedulerOutput) -> None:
         """The draft model's share of a step: one pass over the step's known tokens (so its
@@ -554,9 +570,13 @@ class ModelRunner:
             self.generators.pop(rid, None)
         if self.pooler is not None:
             self.pooler.drop(so.finished_ids)
+        if self.eagle is not None:
+            self.eagle.drop(so.finished_ids + so.preempted_ids)
         if so.is_empty:
             return None
-        if self.draft_model is not None:
+        if self.eagle is not None:
+            self.eagle.propose(so)
+        elif self.draft_model is not None:
             self._draft_step(so)
         out = RunnerOutput()
         bs = self.block_size
@@ -631,6 +651,8 @@ class ModelRunner:
             with step_token_types(self.model, so.scheduled):
                 hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables,
                                              fill)
+        if self.eagle is not None:  # the next step's head reads the target's hidden states
+            self.eagle.keep(so, hidden, qsl)
         if self.pooler is not None:  # no LM head, no sampler: the pooled vectors are the output
             out.pooled, out.pooled_shapes = self.pooler(so, hidden, qsl)
             return PendingStep(out)
