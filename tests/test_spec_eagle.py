@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.tiny_models import make_tiny_llama_dir, make_tiny_qwen2_dir
+from helpers.tiny_models import make_tiny_llama_dir
 from modelport import LLM, SamplingParams
 from modelport.engine.arg_utils import EngineArgs
 
@@ -230,13 +230,23 @@ def test_a_head_that_copies_the_target_gets_its_drafts_accepted(tmp_path: Path) 
     assert rnd.spec_num_accepted_tokens < 0.5 * rnd.spec_num_draft_tokens
 
 
+def _gemma(path: Path) -> Path:
+    """A tiny Gemma: its embedding is scaled by sqrt(hidden_size), unlike the heads' targets."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    cfg = GemmaConfig(vocab_size=259, hidden_size=64, num_hidden_layers=8, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                      max_position_embeddings=512)
+    GemmaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def test_eagle_errors(target: Path, tmp_path: Path) -> None:
     good = make_eagle_head(tmp_path / "good", target, seed=1)
     spec = {"method": "eagle", "model": str(good), "num_speculative_tokens": 2}
-    qwen = make_tiny_qwen2_dir(tmp_path / "qwen")
     narrow = make_eagle_head(tmp_path / "narrow", target, seed=1, hidden_size=32)
     for kw, match in [
-        (dict(model=str(qwen)), "needs a Llama-family target"),
+        (dict(model=str(_gemma(tmp_path / "gemma"))), "needs a Llama-family target"),
         (dict(model=str(target), speculative_config={**spec, "model": str(narrow)}),
          r"hidden_size \(32\) differs from the target's \(64\)"),
         (dict(model=str(target), tensor_parallel_size=2), "EAGLE head needs tensor_parallel_size 1"),

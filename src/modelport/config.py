@@ -253,15 +253,16 @@ class SpeculativeConfig:
     vLLM, a missing bound takes the other one's value, and with neither both are 5.
     ``method="draft_model"`` (``model=PATH``): a smaller model with the same vocabulary runs
     beside the target on the same KV block tables and proposes its greedy continuation.
-    ``method="eagle"`` (``model=PATH``): an EAGLE-1 head (runner/eagle.py) for a Llama target:
-    a decoder layer fed the target's own hidden states, on the same block tables.
+    ``method="eagle"`` / ``"eagle3"`` (``model=PATH``): an EAGLE-1 / EAGLE-3 head
+    (runner/eagle.py) for a Llama-family target: a decoder layer fed the target's own hidden
+    states (EAGLE-3: three of its layers' streams), on the same block tables.
     """
 
     num_speculative_tokens: int
     method: str = "ngram"
     prompt_lookup_max: int | None = None  # None: resolved as vLLM does (see __post_init__)
     prompt_lookup_min: int | None = None
-    model: str | None = None  # the draft model or EAGLE head (methods "draft_model", "eagle")
+    model: str | None = None  # the draft model or EAGLE head ("draft_model", "eagle", "eagle3")
     # no drafts while more requests than this are running (vLLM's disable_by_batch_size):
     # large batches are already bound by compute, where checking drafts costs more than it saves
     disable_by_batch_size: int | None = None
@@ -271,13 +272,13 @@ class SpeculativeConfig:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("ngram", "draft_model", "eagle"):
+        if self.method not in ("ngram", "draft_model", "eagle", "eagle3"):
             raise ValueError(f"speculative method {self.method!r} is not supported; supported: "
-                             "ngram, draft_model, eagle")
+                             "ngram, draft_model, eagle, eagle3")
         if (self.method != "ngram") != (self.model is not None):
             raise ValueError("speculative_config: a draft model or EAGLE head needs method "
-                             "'draft_model' or 'eagle' and 'model' (a path); method 'ngram' "
-                             "takes no model")
+                             "'draft_model', 'eagle' or 'eagle3' and 'model' (a path); method "
+                             "'ngram' takes no model")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be in [1, 16], got "
                              f"{self.num_speculative_tokens}")
@@ -310,8 +311,8 @@ class SpeculativeConfig:
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
         """From vLLM's speculative_config dict: ``{"method": "ngram", "num_speculative_tokens":
         k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` or ``{"model": PATH,
-        "num_speculative_tokens": k}`` (method "draft_model" implied) or ``{"method": "eagle",
-        "model": PATH, "num_speculative_tokens": k}``.
+        "num_speculative_tokens": k}`` (method "draft_model" implied) or ``{"method": "eagle"
+        (or "eagle3"), "model": PATH, "num_speculative_tokens": k}``.
 
         Like vLLM's (a pydantic dataclass that forbids extra fields), unknown keys are errors.
         vLLM's other keys are accepted where they change nothing here (their vLLM default, an

@@ -435,10 +435,10 @@ class EngineArgs:
 
 def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, max_len: int) -> None:
     """A draft model (or EAGLE head) must speak the target's vocabulary and reach
-    max_model_len; an EAGLE head must also fit a Llama target of its width."""
+    max_model_len; an EAGLE(-3) head must also fit a Llama-family target of its width."""
     from modelport.loader import load_model_config, resolve_model
 
-    what = "an EAGLE head" if spec.method == "eagle" else "a draft model"
+    what = "an EAGLE head" if spec.method in ("eagle", "eagle3") else "a draft model"
     if tp != 1:
         raise ValueError(f"speculative decoding with {what} needs tensor_parallel_size 1 "
                          "(n-gram speculation works with any)")
@@ -447,13 +447,17 @@ def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, ma
         draft = load_model_config(src)
     except (OSError, ValueError) as e:
         raise ValueError(f"speculative_config.model {spec.model!r}: {e}") from None
-    if spec.method == "eagle":
+    if spec.method in ("eagle", "eagle3"):
         from modelport.models.eagle_llama import check_eagle_head
 
         if src.kind != "hf":
             raise ValueError(f"an EAGLE head must be an HF-style folder (config.json and "
                              f"weights), got {src.path}")
         check_eagle_head(draft, target)
+        if spec.method == "eagle3":
+            from modelport.models.eagle3_llama import check_eagle3_head
+
+            check_eagle3_head(draft, target)
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from "
                          f"the target's ({target.vocab_size}): they must share one tokenizer")

@@ -78,7 +78,7 @@ class EngineCore:
         if self.async_scheduling:
             logger.info("async scheduling: step N+1 is prepared while step N runs")
         if spec is not None:
-            source = (f"{'EAGLE head' if spec.method == 'eagle' else 'draft model'} {spec.model}"
+            source = (f"{'draft model' if spec.method == 'draft_model' else 'EAGLE head'} {spec.model}"
                       if spec.model is not None else
                       f"n-grams of {spec.prompt_lookup_min}-{spec.prompt_lookup_max} tokens")
             logger.info("speculative decoding: up to %d draft tokens from %s; async scheduling "

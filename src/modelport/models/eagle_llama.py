@@ -1,5 +1,6 @@
-"""EAGLE-1 draft head for Llama targets (the checkpoint layout vLLM's EagleLlamaForCausalLM
-loads, e.g. yuhuili/EAGLE-LLaMA3-Instruct-8B).
+"""EAGLE-1 draft head for Llama-family targets (the checkpoint layout vLLM's
+EagleLlamaForCausalLM loads, e.g. yuhuili/EAGLE-LLaMA3-Instruct-8B), and the loading shared
+with the EAGLE-3 head (models/eagle3_llama.py).
 
 The head is one (or a few) Llama decoder layer(s). Its input for a position is
 ``fc(concat(embed(token), h))``, where ``h`` is the target's final hidden state (after the
@@ -7,6 +8,10 @@ final norm) one position earlier, or, while drafting, the head's own previous ou
 first layer has no input norm (the fc output enters it directly) and there is no final norm:
 the output goes straight into the target's LM head. The embedding table is the target's; a
 checkpoint's own ``embed_tokens`` copy is skipped, as vLLM skips it.
+
+Both heads answer the proposer (runner/eagle.py) the same way: ``target_features`` (the
+head's input from a target forward), ``forward`` (its output, fed back while drafting),
+``compute_logits`` and ``target_ids`` (a draft id as a target id).
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ from modelport.layers.rotary import RotaryEmbedding, rope_settings
 from modelport.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from modelport.models.weights import load_declared_weights
 
-# targets whose module layout (model.embed_tokens, lm_head, hidden after model.norm) the head fits
-EAGLE_TARGETS = ("LlamaForCausalLM", "MistralForCausalLM")
+# targets built on LlamaModel (plain embedding lookup, residual stream, model.norm, lm_head),
+# whose hidden states and embedding the heads read as vLLM's Llama / Qwen2 / Qwen3 give them
+EAGLE_TARGETS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 class EagleLlamaHead(nn.Module):
-    """The draft layers; ``bind()`` hands them the target's embedding table."""
+    """The draft layers; ``bind()`` hands them the target's embedding table and LM head."""
 
     def __init__(self, config: ModelConfig, fc_bias: bool) -> None:
         super().__init__()
@@ -45,16 +51,27 @@ class EagleLlamaHead(nn.Module):
         )
         # EAGLE-1: the first layer reads the fc output without an input norm
         self.layers[0].input_layernorm = nn.Identity()
-        self._embed: tuple[nn.Module, ...] = ()  # the target's (a tuple: not a submodule)
+        self._target: tuple[LlamaForCausalLM, ...] = ()  # a tuple: not a submodule
 
-    def bind(self, embed_tokens: nn.Module) -> None:
-        self._embed = (embed_tokens,)
+    def bind(self, target: LlamaForCausalLM) -> None:
+        self._target = (target,)
+
+    def target_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's final hidden states, copied (a CUDA graph's output buffer is
+        overwritten by its next replay)."""
+        return hidden.clone()
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._target[0].compute_logits(hidden)
+
+    def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 hidden: torch.Tensor) -> torch.Tensor:
         """One row per position: the token at that position's next index and the hidden state
         that predicted it. Returns the head's hidden states (the next rows' ``hidden``)."""
-        (embed,) = self._embed
+        embed = self._target[0].model.embed_tokens
         x = self.fc(torch.cat((embed(input_ids), hidden.to(self.fc.weight.dtype)), dim=-1))
         if not x.is_cuda:
             self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
@@ -81,7 +98,8 @@ def _read_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def check_eagle_head(head: ModelConfig, target: ModelConfig) -> None:
-    """The head must fit a Llama target of the same width and vocabulary."""
+    """The head (EAGLE-1 or EAGLE-3) must fit a Llama-family target of its width and
+    vocabulary."""
     if target.architecture not in EAGLE_TARGETS:
         raise ValueError(f"EAGLE speculative decoding needs a Llama-family target "
                          f"({', '.join(EAGLE_TARGETS)}), got {target.architecture}")
@@ -94,8 +112,9 @@ def check_eagle_head(head: ModelConfig, target: ModelConfig) -> None:
 
 
 def load_eagle_head(folder: Path, target: nn.Module, max_model_len: int, dtype: torch.dtype,
-                    device: torch.device) -> EagleLlamaHead:
-    """Build the head from an HF-style folder and bind it to the loaded target."""
+                    device: torch.device, method: str = "eagle") -> nn.Module:
+    """Build the head (``method`` "eagle" or "eagle3") from an HF-style folder and bind it to
+    the loaded target."""
     from modelport.loader import _build_defaults
     from modelport.loader.hf import read_hf_config
 
@@ -105,9 +124,14 @@ def load_eagle_head(folder: Path, target: nn.Module, max_model_len: int, dtype: 
     config = replace(read_hf_config(folder), max_model_len=max_model_len)
     check_eagle_head(config, target.config)
     weights = dict(_read_weights(folder))
-    weights.pop("embed_tokens.weight", None)  # the target's table is used
     with _build_defaults(dtype, device):
-        head = EagleLlamaHead(config, fc_bias="fc.bias" in weights)
+        if method == "eagle3":
+            from modelport.models.eagle3_llama import build_eagle3_head
+
+            head = build_eagle3_head(config, target.config, weights)
+        else:
+            weights.pop("embed_tokens.weight", None)  # the target's table is used
+            head = EagleLlamaHead(config, fc_bias="fc.bias" in weights)
     with torch.no_grad():
         loaded = load_declared_weights(head, weights.items(), LlamaForCausalLM.stacked_params,
                                        LlamaForCausalLM.skip_weights)
@@ -115,5 +139,5 @@ def load_eagle_head(folder: Path, target: nn.Module, max_model_len: int, dtype: 
     if missing:
         raise ValueError(f"EAGLE head {folder}: checkpoint is missing weights for "
                          f"{', '.join(missing[:5])}")
-    head.bind(target.model.embed_tokens)
+    head.bind(target)
     return head.eval()

@@ -106,6 +106,10 @@ def attention_block(layer: nn.Module, positions: torch.Tensor, x: torch.Tensor,
 
 
 class LlamaModel(nn.Module):
+    # EAGLE-3 (models/eagle3_llama.py): the residual streams entering these layers (sorted),
+    # concatenated, are left in ``aux_hidden`` by each forward; () keeps nothing
+    aux_layers: tuple[int, ...] = ()
+
     def __init__(
         self, config: ModelConfig, qkv_bias: bool, o_bias: bool, mlp_bias: bool = False,
         layer_windows: Sequence[int | None] | None = None,
@@ -124,6 +128,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.aux_layers:
+            return self._forward_keeping_aux(x, positions)
         if not x.is_cuda:  # a CPU step of plain int4 layers: small ops fused in C
             out = cpu_kernels.decode(self, x, positions)
             if out is not None:
@@ -134,6 +140,21 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
         # a fused decode layer (layers/fused_decode.py) hands on the residual stream as x
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
+
+    def _forward_keeping_aux(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``forward`` through the modules (no fused C path, which skips the per-layer
+        streams), keeping the stream entering each of ``aux_layers``: id j is HF's
+        ``hidden_states[j]``, the output of layer j - 1 (0: the embeddings)."""
+        if not x.is_cuda:
+            self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
+        kept = []
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                kept.append(x if residual is None else x + residual)
+            x, residual = layer(positions, x, residual)
+        self.aux_hidden = torch.cat(kept, dim=-1)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 

@@ -1,8 +1,11 @@
-"""EAGLE-1 proposals: the head (models/eagle_llama.py) beside the target on the same KV
-block tables, in the draft model's KV cache slots (ModelRunner.draft_kv_caches).
+"""EAGLE proposals: the head (EAGLE-1: models/eagle_llama.py, EAGLE-3: models/eagle3_llama.py)
+beside the target on the same KV block tables, in the draft model's KV cache slots
+(ModelRunner.draft_kv_caches). The heads differ only in what they read of the target's
+forward (``target_features``) and in how their output becomes a token; this file is the same
+for both.
 
 Alignment (as vLLM's EAGLE proposer): the head's row at position p reads the token at p + 1
-and the target's hidden state at p, and its output predicts the token at p + 2. So the head
+and the target's features at p, and its output predicts the token at p + 2. So the head
 lags the target by one position, and needs the target's hidden states from the step before:
 ``keep()`` holds each request's rows of a step's target forward, and the next step's
 ``propose()`` first runs the head over the positions whose tokens turned out right (from
@@ -27,7 +30,8 @@ if TYPE_CHECKING:
 class EagleProposer:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        # request id -> (first position, the target's hidden states of the step before)
+        self.head = runner.draft_model
+        # request id -> (first position, the head's input from the target's step before)
         self.kept: dict[str, tuple[int, torch.Tensor]] = {}
 
     def drop(self, request_ids: list[str]) -> None:
@@ -35,9 +39,8 @@ class EagleProposer:
             self.kept.pop(rid, None)
 
     def keep(self, so: SchedulerOutput, hidden: torch.Tensor, qsl: list[int]) -> None:
-        """Hold each request's rows of the target's forward (cloned: a CUDA graph's output
-        buffer is overwritten by its next replay)."""
-        hidden = hidden.clone()
+        """Hold each request's rows of the head's input from the target's forward."""
+        hidden = self.head.target_features(hidden)
         for i, s in enumerate(so.scheduled):
             self.kept[s.request_id] = (s.start, hidden[qsl[i] : qsl[i + 1]])
 
@@ -79,9 +82,13 @@ class EagleProposer:
                                hidden=torch.cat(features))
         if not drafting:
             return
-        logits_of = r.model.compute_logits
+        head = self.head
+
+        def tokens_of(h: torch.Tensor) -> torch.Tensor:  # greedy, as target token ids
+            return head.target_ids(greedy_tokens(head.compute_logits(h).float()))
+
         h = out[r._to_dev(torch.tensor([row for _, row in drafting]))]
-        latest = greedy_tokens(logits_of(h).float())
+        latest = tokens_of(h)
         proposed = [latest]  # proposed[j][i]: draft j of request i
         longest = max(len(s.spec_token_ids) for s, _ in drafting)
         for j in range(1, longest):  # draft j sits at s.start + j - 1 (one behind the target)
@@ -94,7 +101,7 @@ class EagleProposer:
                 list(range(len(active) + 1)), [p + 1 for p in span], [s.block_ids for s in scheds],
                 hidden=h[at])
             latest, h = latest.clone(), h.clone()
-            latest[at] = greedy_tokens(logits_of(out).float())
+            latest[at] = tokens_of(out)
             h[at] = out
             proposed.append(latest)
         table = torch.stack(proposed).tolist()  # the step's one wait for the head

@@ -98,7 +98,7 @@ class ModelRunner:
         self.draft_model: torch.nn.Module | None = None
         self.draft_config = None  # its ModelConfig
         self.draft_kv_caches: list[torch.Tensor] = []
-        self.eagle = None  # an EagleProposer when the draft is an EAGLE head (runner/eagle.py)
+        self.eagle = None  # an EagleProposer when the draft is an EAGLE(-3) head (runner/eagle.py)
         self.num_blocks = 0
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
@@ -182,14 +182,14 @@ class ModelRunner:
             from dataclasses import replace
 
             max_len = self.config.scheduler_config.max_model_len
-            if spec.method == "eagle":
+            if spec.method in ("eagle", "eagle3"):
                 from modelport.models.eagle_llama import load_eagle_head
                 from modelport.runner.eagle import EagleProposer
 
                 if src.kind != "hf":
                     raise ValueError(f"an EAGLE head must be an HF folder, got {src.path}")
                 self.draft_model = load_eagle_head(src.path, self.model, max_len, self.dtype,
-                                                   self.device)
+                                                   self.device, spec.method)
                 self.draft_config = self.draft_model.config
                 self.eagle = EagleProposer(self)
             else:
@@ -335,6 +335,10 @@ class ModelRunner:
         from modelport.layers import triton_attention as ta
         from modelport.runner.cuda_graphs import DecodeGraphs
 
+        if self.eagle is not None and self.config.speculative_config.method == "eagle3":
+            logger.info("CUDA graphs off: an EAGLE-3 head reads the target's per-layer streams, "
+                        "which the graphs do not keep")
+            return
         mc = self.config.model_config
         probe = torch.empty(1, mc.num_attention_heads, mc.head_dim, dtype=self.dtype,
                             device=self.device)
