@@ -254,4 +254,8 @@ def test_server_errors_are_openai_400s_and_it_keeps_serving(base) -> None:
         err = _error(_post(base, path, {"model": "tiny", "prompt": "hi",
                                         "messages": [{"role": "user", "content": "hi"}]}))
         assert err["message"] == f"The model does not support {api} API"
+    r = _post(base, "/v1/messages", {"model": "tiny", "max_tokens": 4,
+                                     "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json() == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "The model does not support Messages API"}}
     assert _post(base, "/v1/embeddings", {"input": "still here"}).status_code == 200

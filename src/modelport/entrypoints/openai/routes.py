@@ -15,6 +15,7 @@ from fastapi.responses import Response
 
 from modelport.engine import registry
 from modelport.engine.async_llm import AsyncLLM
+from modelport.entrypoints.anthropic.routes import add_routes as add_anthropic_routes
 from modelport.entrypoints.openai.chat_template import request_chat_template
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.lora import add_routes as add_lora_routes
@@ -160,6 +161,16 @@ def _check_generative(engine: AsyncLLM, what: str) -> None:
         raise OpenAIError(f"The model does not support {what} API", 400)
 
 
+def chat_for(request: Request, model: str | None, what: str = "Messages") -> ServingChat:
+    """The chat server of the engine serving `model`, with this server's chat settings (the
+    Anthropic Messages API is served through it too)."""
+    engine = _engine_for(request, model)
+    _check_generative(engine, what)
+    state = _state(request)
+    return ServingChat(engine, state.tool_settings, state.reasoning_parser,
+                       state.default_chat_template_kwargs, state.trust_request_chat_template)
+
+
 def build_routers() -> tuple[APIRouter, APIRouter]:
     """(routes behind --api-key, public probes)."""
     api = APIRouter(dependencies=[Depends(check_api_key)], responses=_ERRORS)
@@ -174,13 +185,9 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
 
     @api.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        engine = _engine_for(request, body.model)
-        _check_generative(engine, "Chat Completions")
+        chat = chat_for(request, body.model, "Chat Completions")
         with dead_engine_is_503():
-            state = _state(request)
-            return await ServingChat(engine, state.tool_settings, state.reasoning_parser,
-                                     state.default_chat_template_kwargs,
-                                     state.trust_request_chat_template).create(body, request)
+            return await chat.create(body, request)
 
     @api.post("/v1/responses", tags=["openai"])
     async def responses(body: ResponsesRequest, request: Request) -> Response:
@@ -287,3 +294,4 @@ def mount(app: FastAPI, state: ServerState) -> None:
     api, public = build_routers()
     app.include_router(api)
     app.include_router(public)
+    add_anthropic_routes(app, chat_for, check_api_key)
