@@ -158,6 +158,10 @@ for s in $stages; do
                tests/test_moe_quantized_cuda.py -k "half2 or awq" 2>&1 | tee "$OUT/s30-tests.log" | tail -25
                $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py -k "gemv or gguf_kept" 2>&1 \
                | tee "$OUT/s30-quant-tests.log" | tail -8 ;;
+    s31-tests) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_spec_eagle.py \
+               tests/test_spec_eagle3.py tests/test_spec_decode.py 2>&1 | tee "$OUT/s31-tests.log" | tail -15
+               $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py -k "every_config or graph or gguf_kept" \
+               2>&1 | tee "$OUT/s31-quant-tests.log" | tail -8 ;;
     s26-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py \
                tests/test_reasoning_structured.py 2>&1 | tee "$OUT/s26-tests.log" | tail -8 ;;
     s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \
