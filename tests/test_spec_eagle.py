@@ -19,6 +19,19 @@ from modelport.engine.arg_utils import EngineArgs
 PROMPTS = ["the cat sat on the mat", "0101010101", "EAGLE heads read features", "zz"]
 
 
+def write_head(path: Path, cfg: dict, weights: dict[str, torch.Tensor], fmt: str) -> Path:
+    """A head checkpoint folder: config.json and the weights as safetensors or .bin."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    if fmt == "bin":
+        torch.save(weights, path / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+    return path
+
+
 def make_eagle_head(path: Path, target: Path, *, seed: int, num_layers: int = 1,
                     hidden_size: int | None = None, fmt: str = "safetensors",
                     fc_bias: bool = True, weights: dict[str, torch.Tensor] | None = None) -> Path:
@@ -53,15 +66,7 @@ def make_eagle_head(path: Path, target: Path, *, seed: int, num_layers: int = 1,
             })
             if i:  # EAGLE-1: the first layer has no input norm
                 weights[p + "input_layernorm.weight"] = 1 + rnd(h)
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(cfg))
-    if fmt == "bin":
-        torch.save(weights, path / "pytorch_model.bin")
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
-    return path
+    return write_head(path, cfg, weights, fmt)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +74,8 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama_dir(tmp_path_factory.mktemp("eagle") / "target", seed=3)
 
 
-def _llm(model: Path, head: Path | None, k: int = 3, **kw) -> LLM:
-    spec = None if head is None else {"method": "eagle", "model": str(head),
+def _llm(model: Path, head: Path | None, k: int = 3, method: str = "eagle", **kw) -> LLM:
+    spec = None if head is None else {"method": method, "model": str(head),
                                       "num_speculative_tokens": k}
     return LLM(model=str(model), device="cpu", max_model_len=256, kv_cache_memory=8 << 20,
                speculative_config=spec, **kw)
@@ -83,6 +88,21 @@ def _tokens(llm: LLM, params: list[SamplingParams]) -> list[list[int]]:
 GREEDY = [SamplingParams(max_tokens=24, temperature=0), SamplingParams(max_tokens=7, temperature=0),
           SamplingParams(max_tokens=24, temperature=0, logprobs=1),
           SamplingParams(max_tokens=16, temperature=0)]
+
+
+def record_proposals(llm: LLM) -> list[tuple[list[int], list[int]]]:
+    """From now on, each (context up to the draft start, drafts) the EAGLE proposer fills in."""
+    eagle = llm.llm_engine.core.runner.eagle
+    seen: list[tuple[list[int], list[int]]] = []
+    propose = eagle.propose
+
+    def recording(so) -> None:  # noqa: ANN001 - a SchedulerOutput
+        propose(so)
+        seen.extend((s.request.all_token_ids[: s.start + 1], list(s.spec_token_ids))
+                    for s in so.scheduled if s.spec_token_ids)
+
+    eagle.propose = recording
+    return seen
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -154,16 +174,7 @@ def test_drafts_equal_a_reference_eagle_forward(target: Path, tmp_path: Path) ->
     head = make_eagle_head(tmp_path / "head", target, seed=4, num_layers=2)
     # prompts in chunks of 16 tokens: the head catches up over each chunk the step after
     llm = _llm(target, head, 3, enable_prefix_caching=False, max_num_batched_tokens=16)
-    eagle = llm.llm_engine.core.runner.eagle
-    seen: list[tuple[list[int], list[int]]] = []
-    propose = eagle.propose
-
-    def recording(so) -> None:  # noqa: ANN001 - a SchedulerOutput
-        propose(so)
-        seen.extend((s.request.all_token_ids[: s.start + 1], list(s.spec_token_ids))
-                    for s in so.scheduled if s.spec_token_ids)
-
-    eagle.propose = recording
+    seen = record_proposals(llm)
     _tokens(llm, GREEDY)
     assert len(seen) >= 10 and any(len(d) == 3 for _, d in seen)
     ref = LlamaForCausalLM.from_pretrained(target, torch_dtype=torch.float32).eval()

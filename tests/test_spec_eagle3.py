@@ -16,7 +16,18 @@ import torch
 from helpers.tiny_models import TINY_VOCAB, make_tiny_llama_dir, make_tiny_qwen2_dir
 from modelport import LLM, SamplingParams
 from modelport.engine.arg_utils import EngineArgs
-from test_spec_eagle import GREEDY, PROMPTS, _gemma, _rms, _rope, make_eagle_head
+from test_spec_eagle import (
+    GREEDY,
+    PROMPTS,
+    _gemma,
+    _rms,
+    _rope,
+    _tokens,
+    make_eagle_head,
+    record_proposals,
+    write_head,
+)
+from test_spec_eagle import _llm as eagle_llm
 
 
 def draft_ids(seed: int, size: int) -> torch.Tensor:
@@ -75,15 +86,7 @@ def make_eagle3_head(path: Path, target: Path, *, seed: int, num_layers: int = 1
         t2d = torch.zeros(cfg["vocab_size"], dtype=torch.bool)
         t2d[draft] = True
         weights["t2d"] = t2d
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(cfg))
-    if fmt == "bin":
-        torch.save(weights, path / "pytorch_model.bin")
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
-    return path
+    return write_head(path, cfg, weights, fmt)
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +97,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _llm(model: Path, head: Path | None, k: int = 3, **kw) -> LLM:
-    spec = None if head is None else {"method": "eagle3", "model": str(head),
-                                      "num_speculative_tokens": k}
-    return LLM(model=str(model), device="cpu", max_model_len=256, kv_cache_memory=8 << 20,
-               speculative_config=spec, **kw)
-
-
-def _tokens(llm: LLM, params: list[SamplingParams]) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    return eagle_llm(model, head, k, method="eagle3", **kw)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -172,16 +168,7 @@ def test_drafts_equal_a_reference_eagle3_forward(target: Path, tmp_path: Path) -
     draft = draft_ids(1, 150)
     head = make_eagle3_head(tmp_path / "head", target, seed=4, num_layers=2, draft=draft)
     llm = _llm(target, head, 3, enable_prefix_caching=False, max_num_batched_tokens=16)
-    eagle = llm.llm_engine.core.runner.eagle
-    seen: list[tuple[list[int], list[int]]] = []
-    propose = eagle.propose
-
-    def recording(so) -> None:  # noqa: ANN001 - a SchedulerOutput
-        propose(so)
-        seen.extend((s.request.all_token_ids[: s.start + 1], list(s.spec_token_ids))
-                    for s in so.scheduled if s.spec_token_ids)
-
-    eagle.propose = recording
+    seen = record_proposals(llm)
     _tokens(llm, GREEDY)
     assert len(seen) >= 10 and any(len(d) == 3 for _, d in seen)
     ref = LlamaForCausalLM.from_pretrained(target, torch_dtype=torch.float32).eval()
