@@ -40,11 +40,15 @@ def _hf_config(family: str) -> Any:
             num_experts=4, mlp_only_layers=[1], **moe),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64,
                                                num_experts=6, head_dim=16, **moe),
+        # q/k norms over the whole projections
+        "olmoe": lambda: tf.OlmoeConfig(intermediate_size=48, num_experts=4, **moe),
+        "granitemoe": lambda: tf.GraniteMoeConfig(intermediate_size=48, num_local_experts=4,
+                                                  **moe),
     }[family]()
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2",
-            "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+            "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -168,7 +168,7 @@ def _family_layer_params(c: ModelConfig, q: int, kv: int) -> int:
         extra += 2 * c.head_dim  # q_norm / k_norm over one head
     if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         extra += 2 * c.hidden_size  # pre/post feed-forward norms beside the two llama ones
-    if arch == "Olmo2ForCausalLM":
+    if arch in ("Olmo2ForCausalLM", "OlmoeForCausalLM"):
         extra += q + kv  # q_norm / k_norm over the whole projections
     if (arch == "Qwen2MoeForCausalLM" and not c.attention_bias
             and c.hf_config.get("qkv_bias", True)):

@@ -1,7 +1,8 @@
 """Tiny random MoE checkpoints (HF transformers, saved per expert) for the MoE tests: Mixtral
 (experts only), Qwen2-MoE (q/k/v bias, a shared expert behind its sigmoid gate, layer 1 a
-dense MLP) and Qwen3-MoE (q/k norms; decoder_sparse_step 2: layers 1 and 3 sparse). Hidden 64,
-4 heads / 2 KV heads, 8 experts, top-2."""
+dense MLP), Qwen3-MoE (q/k norms; decoder_sparse_step 2: layers 1 and 3 sparse), OLMoE (q/k
+norms over the whole projections) and GraniteMoE (Granite's multipliers; experts saved
+stacked). Hidden 64, 4 heads / 2 KV heads, 8 experts, top-2."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_attention_heads=4, num_
               max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=257,
               pad_token_id=258, initializer_range=0.05, num_experts_per_tok=2)
 ARCH_NAMES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-              "qwen3_moe": "Qwen3MoeForCausalLM"}
+              "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+              "granitemoe": "GraniteMoeForCausalLM"}
 
 
 def tiny_moe_hf_config(arch: str, **kw: Any) -> Any:
@@ -31,6 +33,14 @@ def tiny_moe_hf_config(arch: str, **kw: Any) -> Any:
                                     "moe_intermediate_size": 48,
                                     "shared_expert_intermediate_size": 80, "num_experts": 8,
                                     "mlp_only_layers": [1], **kw})
+    if arch == "olmoe":  # q/k norms over the whole projections, norm_topk_prob off
+        return tf.OlmoeConfig(**{**COMMON, "num_hidden_layers": 2, "intermediate_size": 48,
+                                 "num_experts": 8, "tie_word_embeddings": False, **kw})
+    if arch == "granitemoe":  # Granite's multipliers, experts stacked in the checkpoint
+        return tf.GraniteMoeConfig(**{**COMMON, "num_hidden_layers": 2, "intermediate_size": 48,
+                                      "num_local_experts": 8, "embedding_multiplier": 6.0,
+                                      "residual_multiplier": 0.3, "attention_multiplier": 0.05,
+                                      "logits_scaling": 4.0, "tie_word_embeddings": True, **kw})
     return tf.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 4, "intermediate_size": 128,
                                 "moe_intermediate_size": 48, "num_experts": 8, "head_dim": 32,
                                 "decoder_sparse_step": 2, "norm_topk_prob": True, **kw})
@@ -49,8 +59,10 @@ def make_tiny_moe_dir(path: Path, arch: str, seed: int = 0, **kw: Any) -> Path:
     model = AutoModelForCausalLM.from_config(tiny_moe_hf_config(arch, **kw)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith((".gate.weight", "shared_expert_gate.weight")):
+            if name.endswith((".gate.weight", "shared_expert_gate.weight", ".router.weight")):
                 p.mul_(20.0)  # decisive routing: no near-ties for rounding to flip
             elif name.endswith("_proj.bias"):
                 p.normal_(0.0, 0.05)  # HF zero-initialises them: make their loading visible
+            elif arch == "olmoe" and name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.normal_(1.0, 0.3)  # HF initialises them to ones: make their loading visible
     return _save(model, Path(path), with_tokenizer=True)

@@ -22,7 +22,7 @@ from modelport.models.llama import LlamaModel as _LlamaModel
 from modelport.models.phi3 import check_silu
 
 
-def _multiplier(config: ModelConfig, name: str) -> float:
+def multiplier(config: ModelConfig, name: str) -> float:
     value = float(config.hf_config.get(name, 1.0))
     if name == "logits_scaling" and value == 0.0:
         raise ValueError("Granite logits_scaling must not be 0 (the logits are divided by it)")
@@ -34,11 +34,11 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
         nn.Module.__init__(self)
         bias = config.attention_bias
         self.self_attn = LlamaAttention(config, layer_idx, bias, bias, rotary_emb)
-        self.self_attn.attn.scale = _multiplier(config, "attention_multiplier")
+        self.self_attn.attn.scale = multiplier(config, "attention_multiplier")
         self.mlp = LlamaMLP(config, bool(config.hf_config.get("mlp_bias", False)))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.residual_multiplier = _multiplier(config, "residual_multiplier")
+        self.residual_multiplier = multiplier(config, "residual_multiplier")
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -58,7 +58,7 @@ class GraniteModel(_LlamaModel):
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.embedding_multiplier = _multiplier(config, "embedding_multiplier")
+        self.embedding_multiplier = multiplier(config, "embedding_multiplier")
         rotary = RotaryEmbedding(config.head_dim, rope_settings(config))
         self.layers = nn.ModuleList(
             GraniteDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers)
@@ -80,7 +80,7 @@ class ScaledLMHead(LMHead):
 
     def __init__(self, config: ModelConfig, tied_to: VocabEmbedding | None) -> None:
         super().__init__(config.vocab_size, config.hidden_size, tied_to=tied_to)
-        self.logits_scaling = _multiplier(config, "logits_scaling")
+        self.logits_scaling = multiplier(config, "logits_scaling")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.exact_weight is not None:  # a narrowed head refined in fp32 (see LMHead)

@@ -1,6 +1,8 @@
-"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B), Qwen3-MoE.
+"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B), Qwen3-MoE,
+OLMoE and GraniteMoE.
 
-Each is a Llama-family decoder (Llama attention; Qwen3's q/k norms for Qwen3-MoE) whose MLP
+Each is a Llama-family decoder (Llama attention; Qwen3's q/k norms for Qwen3-MoE, OLMo 2's
+whole-projection q/k norms for OLMoE, Granite's multipliers for GraniteMoE) whose MLP
 is, in its sparse layers, a router over stacked experts (layers/fused_moe.py). The HF
 checkpoints store one tensor per expert and projection; ``stacked_params`` maps each onto its
 slice of the stacked ``w13`` / ``w2`` weights, so the declared loader loads them as it loads
@@ -22,6 +24,8 @@ from modelport.layers.embedding import VocabEmbedding
 from modelport.layers.fused_moe import FusedMoE, SparseMoeBlock
 from modelport.layers.layernorm import RMSNorm
 from modelport.layers.rotary import RotaryEmbedding, rope_settings
+from modelport.models.granite import GraniteModel, ScaledLMHead
+from modelport.models.granite import multiplier as granite_multiplier
 from modelport.models.llama import (
     LlamaAttention,
     LlamaForCausalLM,
@@ -30,6 +34,7 @@ from modelport.models.llama import (
     attention_block,
 )
 from modelport.models.moe_config import MoeSpec, check_moe_options, moe_spec
+from modelport.models.olmo2 import Olmo2Attention
 from modelport.models.qwen3 import Qwen3Attention
 from modelport.models.weights import StackedParam
 from modelport.parallel.moe_parallel import experts_for_rank, whole_experts_for_quantization
@@ -80,7 +85,7 @@ def _expert_params(num_experts: int, gate: str, up: str, down: str) -> tuple[Sta
 
 
 class _MoeForCausalLM(LlamaForCausalLM):
-    """Shared by the three: builds layers from a MoeSpec, refuses what MoE does not support."""
+    """Shared by the MoE models: builds layers from a MoeSpec, refuses what MoE does not support."""
 
     expert_names = ("gate_proj", "up_proj", "down_proj")  # checkpoint names of w1 / w3 / w2
 
@@ -192,3 +197,104 @@ class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
     def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
         attn = Qwen3Attention(config, i, config.attention_bias, rotary)
         return MoeDecoderLayer(config, attn, "mlp", self._qwen_ffn(config, i))
+
+
+class OlmoeAttention(Olmo2Attention):
+    """OLMo 2's attention (q_norm / k_norm over the whole q and k projections, before the
+    rotary) with OLMoE's RMSNorm, which casts to the input dtype before the weight (Llama's
+    order; OLMo 2 multiplies in float32)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__(config, layer_idx, config.attention_bias, rotary)
+        self.q_norm = RMSNorm(self.qkv_proj.q_size, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.qkv_proj.kv_size, config.rms_norm_eps)
+
+
+class OlmoeForCausalLM(_MoeForCausalLM):
+    """AllenAI OLMoE (OLMoE-1B-7B): pre-norm Llama layers, q/k RMSNorm over all heads, every
+    layer sparse (softmax, top-k, renormalised when norm_topk_prob)."""
+
+    # checked before the engine starts (engine/arg_utils.py)
+    tensor_parallel_refusal = (
+        "OLMoE (OlmoeForCausalLM) does not support tensor_parallel_size > 1: its q_norm / "
+        "k_norm span all attention heads; use tensor_parallel_size=1"
+    )
+
+    def __init__(self, config: ModelConfig) -> None:
+        clip = config.hf_config.get("clip_qkv")
+        if clip is not None:
+            raise ValueError(f"OLMoE with clip_qkv={clip} is not supported (clip_qkv null only)")
+        super().__init__(config)
+
+    def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
+        moe = SparseMoeBlock(config.hidden_size, self._experts(config))
+        return MoeDecoderLayer(config, OlmoeAttention(config, i, rotary), "mlp", moe)
+
+
+class GraniteMoeDecoderLayer(MoeDecoderLayer):
+    """Granite's layer (each sublayer's output times residual_multiplier before its residual
+    add) with the experts as ``block_sparse_moe``."""
+
+    def __init__(self, config: ModelConfig, attn: LlamaAttention, moe: SparseMoeBlock) -> None:
+        super().__init__(config, attn, "block_sparse_moe", moe)
+        self.residual_multiplier = granite_multiplier(config, "residual_multiplier")
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x) * self.residual_multiplier
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.block_sparse_moe(x) * self.residual_multiplier, residual
+
+
+class GraniteMoeModel(GraniteModel):
+    """GraniteModel's forward (embedding_multiplier) over GraniteMoE layers."""
+
+    def __init__(self, config: ModelConfig, layers: list[GraniteMoeDecoderLayer]) -> None:
+        nn.Module.__init__(self)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embedding_multiplier = granite_multiplier(config, "embedding_multiplier")
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GraniteMoeForCausalLM(_MoeForCausalLM):
+    """IBM Granite 3.0 MoE (granite-3.0-1b-a400m, 3b-a800m): Granite's four multipliers
+    (models/granite.py) around Mixtral-like layers. The checkpoints store the experts stacked
+    (``input_linear`` [E, 2I, H], gate rows first; ``output_linear`` [E, H, I]) and load whole;
+    the router takes the top-k logits and a softmax over them, which is the softmax over all
+    experts renormalised over the top k."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        whole = cast(str, None)
+        moe = ".block_sparse_moe."
+        self.stacked_params = ((f"{moe}experts.w13.weight", f"{moe}input_linear.weight", whole),
+                               (f"{moe}experts.w2.weight", f"{moe}output_linear.weight", whole),
+                               (f"{moe}gate.weight", f"{moe}router.layer.weight", whole),
+                               (f"{moe}gate.weight", f"{moe}router.weight", whole),
+                               *self.stacked_params)
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = ScaledLMHead(config, tied)
+
+    def _build_model(self, config: ModelConfig) -> MoeModel:
+        rotary = RotaryEmbedding(config.head_dim, rope_settings(config))
+        return cast(MoeModel, GraniteMoeModel(config, [self._layer(config, i, rotary)
+                                                      for i in range(config.num_hidden_layers)]))
+
+    def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
+        bias = config.attention_bias
+        attn = LlamaAttention(config, i, bias, bias, rotary)
+        attn.attn.scale = granite_multiplier(config, "attention_multiplier")
+        moe = SparseMoeBlock(config.hidden_size, self._experts(config))
+        return GraniteMoeDecoderLayer(config, attn, moe)
+
+    def prepare_quantization(self, quant_config: QuantizationConfig,
+                             device: torch.device | None = None) -> None:
+        raise ValueError("GraniteMoE (GraniteMoeForCausalLM): quantized checkpoints are not "
+                         "supported (float checkpoints only)")

@@ -12,7 +12,8 @@ from typing import Any
 
 from modelport.config import ModelConfig
 
-MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                     "OlmoeForCausalLM", "GraniteMoeForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class MoeSpec:
     num_experts: int
     top_k: int
     expert_intermediate_size: int
-    # renormalise the top-k probabilities to sum to 1 (Mixtral always; Qwen: norm_topk_prob)
+    # renormalise the top-k probabilities to sum to 1 (Mixtral always; Qwen / OLMoE:
+    # norm_topk_prob; GraniteMoE's softmax over the top-k logits is the same thing)
     renormalize: bool
     shared_intermediate_size: int  # Qwen2-MoE's always-on shared expert; 0 when absent
     sparse_layers: frozenset[int]  # the other layers have a dense MLP of intermediate_size
@@ -51,7 +53,7 @@ def moe_spec(config: ModelConfig) -> MoeSpec | None:
     if act != "silu":
         raise ValueError(f"{arch}: hidden_act={act!r} is not supported (supported: 'silu')")
     layers = range(config.num_hidden_layers)
-    if arch == "MixtralForCausalLM":
+    if arch in ("MixtralForCausalLM", "GraniteMoeForCausalLM"):
         return MoeSpec(
             num_experts=int(d.get("num_local_experts", 8)),
             top_k=int(d.get("num_experts_per_tok", 2)),
@@ -107,7 +109,8 @@ def moe_tp_refusal(config: ModelConfig, tp: int) -> str | None:
     if spec is None or tp == 1:
         return None
     d = config.hf_config
-    expert_key = ("intermediate_size" if config.architecture == "MixtralForCausalLM"
+    expert_key = ("intermediate_size" if config.architecture in ("MixtralForCausalLM",
+                                                                 "GraniteMoeForCausalLM")
                   or not d.get("moe_intermediate_size") else "moe_intermediate_size")
     sizes = [(expert_key, spec.expert_intermediate_size, "every expert's")]
     if spec.shared_intermediate_size:

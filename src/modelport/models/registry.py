@@ -23,6 +23,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("modelport.models.moe", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("modelport.models.moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("modelport.models.moe", "Qwen3MoeForCausalLM"),
+    "OlmoeForCausalLM": ("modelport.models.moe", "OlmoeForCausalLM"),
+    "GraniteMoeForCausalLM": ("modelport.models.moe", "GraniteMoeForCausalLM"),
     "Phi3ForCausalLM": ("modelport.models.phi3", "Phi3ForCausalLM"),
     "GraniteForCausalLM": ("modelport.models.granite", "GraniteForCausalLM"),
     "Olmo2ForCausalLM": ("modelport.models.olmo2", "Olmo2ForCausalLM"),
