@@ -17,8 +17,9 @@ from helpers.tiny_models import TINY_PROMPT, hf_reference_logits, run_one_sequen
 from helpers.tiny_models import load_cpu_fp32 as load
 from helpers.tiny_moe import make_tiny_moe_dir as make_moe_dir
 from helpers.tiny_moe import tiny_moe_config
-from modelport import LLM, SamplingParams
+from modelport import LLM
 from modelport.models.moe_config import moe_spec
+from test_models_moe import greedy, hf_greedy
 
 KV_MEM = 8 << 20
 ARCHS = ("olmoe", "granitemoe")
@@ -28,24 +29,6 @@ PROMPTS = [TINY_PROMPT[:23], [5, 9, 200], TINY_PROMPT[30:41]]
 @pytest.fixture(scope="module", params=ARCHS)
 def moe_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_moe_dir(tmp_path_factory.mktemp(request.param) / "m", request.param)
-
-
-def hf_greedy(model_dir: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 local_files_only=True).eval()
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, pad_token_id=258)
-            out.append(ids[0, len(p):].tolist())
-    return out
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
 def test_logits_match_hf(moe_dir: Path) -> None:

@@ -43,15 +43,24 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x) * self.residual_multiplier
-        x, residual = self.post_attention_layernorm(x, residual)
-        # the next norm adds residual: residual + mlp * multiplier, as HF
-        return self.mlp(x) * self.residual_multiplier, residual
+        return scaled_residual_forward(self, self.mlp, positions, x, residual)
+
+
+def scaled_residual_forward(
+    layer: nn.Module, ffn: nn.Module, positions: torch.Tensor, x: torch.Tensor,
+    residual: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Granite layer's step (GraniteMoE's too, ``ffn`` its experts): each sublayer's output
+    times ``layer.residual_multiplier`` before its residual add."""
+    if residual is None:
+        residual = x
+        x = layer.input_layernorm(x)
+    else:
+        x, residual = layer.input_layernorm(x, residual)
+    x = layer.self_attn(positions, x) * layer.residual_multiplier
+    x, residual = layer.post_attention_layernorm(x, residual)
+    # the next norm adds residual: residual + ffn * multiplier, as HF
+    return ffn(x) * layer.residual_multiplier, residual
 
 
 class GraniteModel(_LlamaModel):

@@ -24,7 +24,7 @@ from modelport.layers.embedding import VocabEmbedding
 from modelport.layers.fused_moe import FusedMoE, SparseMoeBlock
 from modelport.layers.layernorm import RMSNorm
 from modelport.layers.rotary import RotaryEmbedding, rope_settings
-from modelport.models.granite import GraniteModel, ScaledLMHead
+from modelport.models.granite import GraniteModel, ScaledLMHead, scaled_residual_forward
 from modelport.models.granite import multiplier as granite_multiplier
 from modelport.models.llama import (
     LlamaAttention,
@@ -242,14 +242,7 @@ class GraniteMoeDecoderLayer(MoeDecoderLayer):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x) * self.residual_multiplier
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.block_sparse_moe(x) * self.residual_multiplier, residual
+        return scaled_residual_forward(self, self.block_sparse_moe, positions, x, residual)
 
 
 class GraniteMoeModel(GraniteModel):
