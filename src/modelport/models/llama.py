@@ -128,33 +128,23 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if self.aux_layers:
-            return self._forward_keeping_aux(x, positions)
-        if not x.is_cuda:  # a CPU step of plain int4 layers: small ops fused in C
+        # a CPU step of plain int4 layers: small ops fused in C (it keeps no per-layer
+        # streams, so not while an EAGLE-3 head reads them)
+        if not x.is_cuda and not self.aux_layers:
             out = cpu_kernels.decode(self, x, positions)
             if out is not None:
                 return out
         residual = None
         if not x.is_cuda and self.layers and hasattr(self.layers[0], "self_attn"):
             self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual)
-        # a fused decode layer (layers/fused_decode.py) hands on the residual stream as x
-        return self.norm(x) if residual is None else self.norm(x, residual)[0]
-
-    def _forward_keeping_aux(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``forward`` through the modules (no fused C path, which skips the per-layer
-        streams), keeping the stream entering each of ``aux_layers``: id j is HF's
-        ``hidden_states[j]``, the output of layer j - 1 (0: the embeddings)."""
-        if not x.is_cuda:
-            self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
-        kept = []
-        residual = None
+        kept = []  # aux_layers' streams: id j is HF's hidden_states[j], layer j's input
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:
                 kept.append(x if residual is None else x + residual)
             x, residual = layer(positions, x, residual)
-        self.aux_hidden = torch.cat(kept, dim=-1)
+        if kept:
+            self.aux_hidden = torch.cat(kept, dim=-1)
+        # a fused decode layer (layers/fused_decode.py) hands on the residual stream as x
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
