@@ -65,5 +65,19 @@ case ${1:-1} in
   s30c) run 300 bash bench/gpu/run_all.sh s30-tests
         run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
         run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c" >&2; exit 2 ;;
+  # session 31: the GPU tests never run (EAGLE / EAGLE-3 on CUDA, OLMoE / GraniteMoE against
+  # HF and graphs vs eager, the GEMV / kept-GGUF engine tests cut in session 30), then MoE
+  # single stream bf16 and online FP8
+  s31) run 360 bash bench/gpu/run_all.sh s31-tests
+       run 220 bash bench/gpu/run_all.sh moe-w3 ;;
+  # session 31, second call: W1 bf16 profiled (with the running rows and cached tokens of the
+  # profiled steps), then FP8 weights + KV with the activation codes from the norm / SiLU
+  # kernels off, on, off (a tree with branch wip/s29-half2-fp8-act's fp8_act_quant applied;
+  # on main the knob does nothing), then that branch's GPU tests
+  s31b) run 150 bash bench/gpu/run_all.sh w1
+        run 260 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" \
+          W1_ENVS="MODELPORT_FP8_FUSED_ACT_QUANT=0 MODELPORT_FP8_FUSED_ACT_QUANT=1 MODELPORT_FP8_FUSED_ACT_QUANT=0 MODELPORT_FP8_FUSED_ACT_QUANT=1" \
+          bash bench/gpu/run_all.sh w1-env
+        [ -f tests/test_fp8_fused_act_quant.py ] && run 150 env PYTEST_FILES=tests/test_fp8_fused_act_quant.py bash bench/gpu/run_all.sh gpu-files ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b" >&2; exit 2 ;;
 esac

@@ -39,7 +39,8 @@ GPU_TESTS = ("test_gpu_attention.py", "test_gpu_engine.py", "test_gpu_features.p
              "test_gpu_gemv.py",
              "test_gpu_piecewise.py", "test_quant_fp8_gpu.py", "test_quant_gpu.py",
              "test_quant_tools_gpu.py", "test_spec_decode.py", "test_tensor_parallel_gpu.py",
-             "test_triton_offline.py")
+             "test_triton_offline.py", "test_spec_eagle.py", "test_spec_eagle3.py",
+             "test_models_moe_more.py", "test_moe_quantized_cuda.py", "test_w4_gemv_half2.py")
 # a Llama small enough for the CPU, with group-128 / block-64 friendly widths
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
         "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,

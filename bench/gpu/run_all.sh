@@ -32,6 +32,7 @@
 #   fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn msgspec gguf
 #   opentelemetry-api sniffio: fastapi 0.165 imports the first, the GPU image lacks both; without
 #   tritonclient `serve` leaves the KServe frontend out and says so)
+# gpu-files runs the `gpu`-marked tests of the files PYTEST_FILES names.
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -159,9 +160,12 @@ for s in $stages; do
                $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py -k "gemv or gguf_kept" 2>&1 \
                | tee "$OUT/s30-quant-tests.log" | tail -8 ;;
     s31-tests) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_spec_eagle.py \
-               tests/test_spec_eagle3.py tests/test_spec_decode.py 2>&1 | tee "$OUT/s31-tests.log" | tail -15
+               tests/test_spec_eagle3.py tests/test_spec_decode.py tests/test_models_moe_more.py 2>&1 \
+               | tee "$OUT/s31-tests.log" | tail -15
                $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py -k "every_config or graph or gguf_kept" \
                2>&1 | tee "$OUT/s31-quant-tests.log" | tail -8 ;;
+    gpu-files) $PY -m pytest -q -p no:cacheprovider -m gpu ${PYTEST_FILES:?PYTEST_FILES names the test files} \
+               2>&1 | tee "$OUT/gpu-files.log" | tail -15 ;;
     s26-tests) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_features.py \
                tests/test_reasoning_structured.py 2>&1 | tee "$OUT/s26-tests.log" | tail -8 ;;
     s20-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_tools_gpu.py \

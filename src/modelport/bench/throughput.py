@@ -161,7 +161,11 @@ def _profile_pass(core: Any, args: argparse.Namespace, prompts: list[list[int]],
         if ready():
             h.sync(device)
             prof, t0 = window(), time.perf_counter()
+            rows = ctx = 0
             for _ in range(args.profile_steps):
+                running = core.scheduler.running
+                rows += len(running)
+                ctx += sum(r.num_computed_tokens for r in running)
                 for o in core.step().outputs:
                     got += len(o.new_token_ids)
                 steps += 1
@@ -169,6 +173,10 @@ def _profile_pass(core: Any, args: argparse.Namespace, prompts: list[list[int]],
             wall = time.perf_counter() - t0
             prof.__exit__(None, None, None)
             summary[name] = h.profile_summary(prof, args.profile_steps, wall)
+            # what each step's attention had to read: the running rows and their cached tokens
+            summary[name]["running_per_step"] = round(rows / args.profile_steps, 1)
+            summary[name]["cached_tokens_per_step"] = round(ctx / args.profile_steps)
+            summary[name]["kv_bytes_per_token"] = _kv_bytes_per_token(core)
             todo.pop(0)
             continue
         for o in core.step().outputs:
@@ -178,6 +186,13 @@ def _profile_pass(core: Any, args: argparse.Namespace, prompts: list[list[int]],
     while core.has_unfinished_requests():
         core.step()
     return summary
+
+
+def _kv_bytes_per_token(core: Any) -> int:
+    """Bytes of K and V one token holds over all layers in the engine's KV cache."""
+    mc = core.config.model_config
+    elt = 1 if core.config.cache_config.kv_cache_dtype.startswith("fp8") else 2
+    return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elt
 
 
 def _hf_continuous(model: Any, prompts: list[list[int]], outs: list[int]) -> int:
