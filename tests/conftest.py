@@ -1,3 +1,4 @@
+import gc
 import sys
 from pathlib import Path
 
@@ -30,6 +31,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _free_cuda_after_gpu_tests(request):
+    """A GPU test's engines (reference cycles keep them until a collection) would otherwise
+    hold their weights and KV cache while the next test's engine sizes its own."""
+    yield
+    if "gpu" in request.keywords:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="module")

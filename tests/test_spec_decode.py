@@ -299,7 +299,7 @@ def test_greedy_outputs_equal_plain_decoding_on_cuda(tiny: Path, dtype: str) -> 
     forward takes the prefill kernel, which rounds differently: the first 8 tokens must equal
     (as the bf16 engine test asks of HF), and the self-draft must keep most of its drafts."""
     kw = dict(model=str(tiny), device="cuda", dtype=dtype, max_model_len=256,
-              gpu_memory_utilization=0.2)
+              kv_cache_memory=64 << 20)  # a fixed share: not what earlier engines left free
     p = SamplingParams(max_tokens=30, temperature=0)
     plain = [o.outputs[0].token_ids for o in LLM(**kw).generate(PROMPTS, p, use_tqdm=False)]
     for config in (SPEC, {"model": str(tiny), "num_speculative_tokens": 3}):

@@ -289,7 +289,7 @@ def test_eagle_on_cuda(target: Path, tmp_path: Path, dtype: str) -> None:
     equals plain decoding's; bfloat16 (Triton kernels, graphs): the first 8, as the n-gram and
     draft-model CUDA test asks."""
     kw = dict(model=str(target), device="cuda", dtype=dtype, max_model_len=256,
-              gpu_memory_utilization=0.2)
+              kv_cache_memory=64 << 20)  # a fixed share: not what earlier engines left free
     p = SamplingParams(max_tokens=30, temperature=0)
     plain = [o.outputs[0].token_ids for o in LLM(**kw).generate(PROMPTS, p, use_tqdm=False)]
     head = make_eagle_head(tmp_path / "head", target, seed=1)

@@ -70,14 +70,18 @@ case ${1:-1} in
   # single stream bf16 and online FP8
   s31) run 360 bash bench/gpu/run_all.sh s31-tests
        run 220 bash bench/gpu/run_all.sh moe-w3 ;;
-  # session 31, second call: W1 bf16 profiled (with the running rows and cached tokens of the
-  # profiled steps), then FP8 weights + KV with the activation codes from the norm / SiLU
-  # kernels off, on, off (a tree with branch wip/s29-half2-fp8-act's fp8_act_quant applied;
-  # on main the knob does nothing), then that branch's GPU tests
-  s31b) run 150 bash bench/gpu/run_all.sh w1
-        run 260 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" \
-          W1_ENVS="MODELPORT_FP8_FUSED_ACT_QUANT=0 MODELPORT_FP8_FUSED_ACT_QUANT=1 MODELPORT_FP8_FUSED_ACT_QUANT=0 MODELPORT_FP8_FUSED_ACT_QUANT=1" \
-          bash bench/gpu/run_all.sh w1-env
-        [ -f tests/test_fp8_fused_act_quant.py ] && run 150 env PYTEST_FILES=tests/test_fp8_fused_act_quant.py bash bench/gpu/run_all.sh gpu-files ;;
+  # session 31, second call: the spec-decoding CUDA tests again (session 31's first call:
+  # EAGLE fp32 passed, the rest ran out of memory beside earlier tests' engines), MoE single
+  # stream online FP8 (it ran out of memory allocating the KV cache), W1 bf16 profiled (with
+  # the running rows and cached tokens of the profiled steps), then FP8 weights + KV with the
+  # activation codes from the norm / SiLU kernels off and on (a tree with branch
+  # wip/s29-half2-fp8-act's fp8_act_quant applied; on main the knob does nothing)
+  s31b) run 150 env PYTEST_FILES="tests/test_spec_eagle.py tests/test_spec_eagle3.py tests/test_spec_decode.py" \
+          bash bench/gpu/run_all.sh gpu-files
+        run 100 env MOE_QUANTS=fp8 bash bench/gpu/run_all.sh moe-w3
+        run 130 bash bench/gpu/run_all.sh w1
+        run 170 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" \
+          W1_ENVS="MODELPORT_FP8_FUSED_ACT_QUANT=0 MODELPORT_FP8_FUSED_ACT_QUANT=1" \
+          bash bench/gpu/run_all.sh w1-env ;;
   *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b" >&2; exit 2 ;;
 esac

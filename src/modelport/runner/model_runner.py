@@ -310,6 +310,11 @@ class ModelRunner:
         tp = self.config.parallel_config.tensor_parallel_size
         kv_heads = max(1, mc.num_key_value_heads // tp)
         shape = (2, num_blocks, self.block_size, kv_heads, mc.head_dim)
+        if self.device.type == "cuda":
+            # the allocator's idle cache (the profiling forward's activations, an online
+            # quantization's bf16 copies) goes back to the device first: split into small
+            # segments it cannot hold one layer's cache, which the budget counted as free
+            torch.cuda.empty_cache()
         self.kv_caches = [
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(mc.num_hidden_layers)
