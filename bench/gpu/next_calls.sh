@@ -83,5 +83,12 @@ case ${1:-1} in
         run 170 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" \
           W1_ENVS="MODELPORT_FP8_FUSED_ACT_QUANT=0 MODELPORT_FP8_FUSED_ACT_QUANT=1" \
           bash bench/gpu/run_all.sh w1-env ;;
+  # session 31, third call: FP8 W1 with the activation codes from the norm / SiLU kernels
+  # on, then off (startup ~90 s each: online quantization and autotuning); MoE online FP8
+  # with the KV budget that leaves out part-used allocator segments
+  s31c) run 300 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" \
+          W1_ENVS="MODELPORT_FP8_FUSED_ACT_QUANT=1 MODELPORT_FP8_FUSED_ACT_QUANT=0" \
+          bash bench/gpu/run_all.sh w1-env
+        run 150 env MOE_QUANTS=fp8 bash bench/gpu/run_all.sh moe-w3 ;;
   *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b" >&2; exit 2 ;;
 esac

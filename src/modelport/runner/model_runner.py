@@ -258,12 +258,18 @@ class ModelRunner:
         self.profile_run()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        # what the allocator keeps after giving its idle segments back: free blocks inside
+        # segments that still hold live tensors (an online quantization's or restacking's
+        # leftovers) cannot hold a layer's cache, so they are not counted as free
+        torch.cuda.empty_cache()
+        stuck = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         reserved = torch.cuda.memory_reserved(self.device)
         fixed = self.config.cache_config.kv_cache_memory
         if fixed is not None:  # vLLM's kv_cache_memory_bytes: gpu_memory_utilization unused
-            # what the process can still get: free memory plus its allocator's idle cache
-            available = free + reserved - torch.cuda.memory_allocated(self.device)
+            # what the process can still get for the cache's large blocks (the idle segments
+            # went back above; the free blocks of part-used ones are too small)
+            available = free
             if fixed > available:
                 raise ValueError(
                     f"kv_cache_memory {fixed / 2**30:.2f} GiB does not fit: {available / 2**30:.2f} "
@@ -274,10 +280,12 @@ class ModelRunner:
                         total / 2**30, fixed / 2**30)
             return fixed
         used_by_others = total - free - reserved
-        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak - used_by_others
+        budget = (int(total * self.config.cache_config.gpu_memory_utilization) - peak
+                  - used_by_others - stuck)
         logger.info(
-            "CUDA memory: total %.2f GiB, peak during profiling %.2f GiB, KV budget %.2f GiB",
-            total / 2**30, peak / 2**30, budget / 2**30,
+            "CUDA memory: total %.2f GiB, peak during profiling %.2f GiB, held in part-used "
+            "segments %.2f GiB, KV budget %.2f GiB",
+            total / 2**30, peak / 2**30, stuck / 2**30, budget / 2**30,
         )
         if budget <= 0:
             raise ValueError(
