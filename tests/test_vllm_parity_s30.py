@@ -216,7 +216,7 @@ def test_server_pooling_use_activation_gives_the_heads_logits(tmp_path_factory) 
     path, ref = _make_seq_cls(tmp_path_factory.mktemp("s30cls") / "cls", 3)
     argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", str(path),
             "--served-model-name", "tiny", "--max-model-len", "256",
-            "--kv-cache-memory", "8MiB"]
+            "--kv-cache-memory", "8MiB", "--trust-request-chat-template"]
     text = "classify every token here"
     ids = AutoTokenizer.from_pretrained(path, local_files_only=True).encode(text)
     with torch.no_grad():
@@ -232,3 +232,15 @@ def test_server_pooling_use_activation_gives_the_heads_logits(tmp_path_factory) 
         err = _error(_post(url, "/pooling", {"input": text, "task": "token_classify",
                                              "dimensions": 16}))
         assert err["param"] == "dimensions" and "token_classify" in err["message"]
+        # /classify's messages through the request's template (the model has none)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        rendered = tok.apply_chat_template(MSGS, chat_template=REQ_TEMPLATE, tokenize=False)
+        ids = tok.encode(rendered, add_special_tokens=False)
+        with torch.no_grad():
+            last = ref.model(torch.tensor([ids])).last_hidden_state[0, -1].float() \
+                @ ref.score.weight.float().T
+        r = _ok(_post(url, "/classify", {"messages": MSGS, "chat_template": REQ_TEMPLATE}))
+        assert r["usage"]["prompt_tokens"] == len(ids)
+        _close(r["data"][0]["probs"], torch.softmax(last, dim=-1))
+        err = _error(_post(url, "/classify", {"messages": MSGS, "chat_template": "{{ 1 / 0 }}"}))
+        assert err["param"] == "chat_template" and "division by zero" in err["message"]

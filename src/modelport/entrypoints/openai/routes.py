@@ -261,7 +261,8 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     add_embedding_routes(api, _engine_for,
                          lambda request: _state(request).trust_request_chat_template)
     add_lora_routes(api, lambda request: _state(request).require_engine())
-    add_score_routes(api, _engine_for)
+    add_score_routes(api, _engine_for,
+                     lambda request: _state(request).trust_request_chat_template)
 
     @public.get("/health", tags=["server"], responses={503: {"model": ErrorResponse}})
     async def health(request: Request) -> Response:

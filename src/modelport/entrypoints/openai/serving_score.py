@@ -74,6 +74,8 @@ class ClassificationRequest(_ClassifyParams):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = False
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # messages: template variables
+    chat_template: str | None = None  # messages: as chat's (--trust-request-chat-template)
 
 
 class ScoreRequest(_ClassifyParams):
@@ -203,8 +205,11 @@ def _usage_n(n: int) -> dict[str, Any]:
     }
 
 
-def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], AsyncLLM]) -> None:
-    """Mount /classify, /score, /v1/score, /rerank, /v1/rerank and /v2/rerank."""
+def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], AsyncLLM],
+               trusts_chat_template: Callable[[Request], bool] = lambda request: False
+               ) -> None:
+    """Mount /classify, /score, /v1/score, /rerank, /v1/rerank and /v2/rerank
+    (``trusts_chat_template``: whether /classify's messages may bring their chat_template)."""
 
     def engine_doing(
         request: Request, model: str | None, what: str, tasks: tuple[str, ...]
@@ -220,7 +225,8 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
         model = check_model(engine, body.model)
         labels = id2label(engine.engine_config.model_config.hf_config)
         with dead_engine_is_503():
-            prompts = _prompts(engine, body, "classification")  # type: ignore[arg-type]
+            prompts = _prompts(engine, body, "classification",  # type: ignore[arg-type]
+                               trust_chat_template=trusts_chat_template(request))
             rid = body.request_id or random_id("classify")
             results = await pool_prompts(
                 engine, prompts, lambda: body.pooling_params("classify"), rid, body.priority
