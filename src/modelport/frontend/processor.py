@@ -6,7 +6,6 @@ detokenizing and stop-string matching never stall the engine's model steps.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +21,13 @@ from modelport.engine.messages import (
 )
 from modelport.frontend.prompts import PromptInput, parse_prompt
 from modelport.lora.request import LoRARequest
-from modelport.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from modelport.outputs import (
+    CompletionOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+    shallow_copy,
+)
 from modelport.sampling_params import SamplingParams, num_logprobs
 
 
@@ -419,7 +424,7 @@ class OutputProcessor:
         return RequestOutput(
             request_id=ps.request_id, prompt=ps.prompt, prompt_token_ids=ps.prompt_token_ids,
             outputs=outs, finished=finished, prompt_logprobs=ps.prompt_logprobs,
-            num_cached_tokens=ps.num_cached_tokens, metrics=dataclasses.replace(ps.metrics),
+            num_cached_tokens=ps.num_cached_tokens, metrics=shallow_copy(ps.metrics),
         )
 
     def abort(self, request_id: str) -> list[str]:

@@ -416,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(run_server(args))
+    from modelport.entrypoints.cli_serve import run_event_loop
+
+    return run_event_loop(run_server(args))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ a request arrived over HTTP, which is what a client experiences.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -131,14 +133,25 @@ class ServerMetrics:
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
         self._last = SchedulerStats()
+        # metric -> its child for this model: labels() costs several microseconds a call,
+        # and the per-token observations below run for every streamed token
+        self._children: dict[Any, Any] = {}
+
+    def _of(self, metric: Any) -> Any:
+        """metric.labels(model), made on first use (as labels() makes it) and kept."""
+        child = self._children.get(metric)
+        if child is None:
+            child = self._children[metric] = metric.labels(self._model)
+        return child
 
     # -- engine stats (once per step)
 
     def observe_stats(self, s: SchedulerStats) -> None:
         m = self._model
-        self.running.labels(m).set(s.num_running)
-        self.waiting.labels(m).set(s.num_waiting)
-        self.kv_usage.labels(m).set(s.kv_cache_usage)
+        of = self._of
+        of(self.running).set(s.num_running)
+        of(self.waiting).set(s.num_waiting)
+        of(self.kv_usage).set(s.kv_cache_usage)
         for counter, now, before in (
             (self.prefix_queries, s.prefix_cache_queries, self._last.prefix_cache_queries),
             (self.prefix_hits, s.prefix_cache_hits, self._last.prefix_cache_hits),
@@ -148,7 +161,7 @@ class ServerMetrics:
             (self.spec_accepted, s.spec_num_accepted_tokens, self._last.spec_num_accepted_tokens),
         ):
             if now > before:
-                counter.labels(m).inc(now - before)
+                of(counter).inc(now - before)
         before_pos = self._last.spec_num_accepted_per_pos
         for pos, now in enumerate(s.spec_num_accepted_per_pos):
             before = before_pos[pos] if pos < len(before_pos) else 0
@@ -161,30 +174,31 @@ class ServerMetrics:
     # -- per request (server clock)
 
     def observe_first_token(self, ttft: float, queue_time: float | None) -> None:
-        self.ttft.labels(self._model).observe(ttft)
+        self._of(self.ttft).observe(ttft)
         if queue_time is not None and queue_time >= 0:
-            self.queue.labels(self._model).observe(queue_time)
+            self._of(self.queue).observe(queue_time)
 
     def observe_tokens(self, n_new: int, gap: float | None) -> None:
         """n_new tokens arrived together, `gap` seconds after the previous ones."""
-        self.generation_tokens.labels(self._model).inc(n_new)
+        self._of(self.generation_tokens).inc(n_new)
         if gap is not None and n_new > 0:
             per = gap / n_new
+            itl = self._of(self.itl)
             for _ in range(n_new):
-                self.itl.labels(self._model).observe(per)
+                itl.observe(per)
 
     def observe_finished(
         self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int
     ) -> None:
-        m = self._model
-        self.success.labels(m, finish_reason).inc()
-        self.e2e.labels(m).observe(e2e)
-        self.prompt_tokens.labels(m).inc(prompt_tokens)
-        self.prompt_len.labels(m).observe(prompt_tokens)
-        self.gen_len.labels(m).observe(generation_tokens)
+        of = self._of
+        self.success.labels(self._model, finish_reason).inc()
+        of(self.e2e).observe(e2e)
+        of(self.prompt_tokens).inc(prompt_tokens)
+        of(self.prompt_len).observe(prompt_tokens)
+        of(self.gen_len).observe(generation_tokens)
 
     def observe_rejected(self) -> None:
-        self.rejected.labels(self._model).inc()
+        self._of(self.rejected).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,9 +8,12 @@ length, vocabulary) happen in the serving layer, not here.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 import uuid
+from json.encoder import encode_basestring  # type: ignore[attr-defined]  # the C one
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -39,6 +42,8 @@ def _lone_surrogate(value: Any, path: str) -> str | None:
     else:
         return None
     for k, v in items:
+        if not isinstance(v, (str, dict, list)):
+            continue  # numbers, bools, null: no text (a prompt of token ids is a long list)
         found = _lone_surrogate(v, f"{path}.{k}" if path else str(k))
         if found is not None:
             return found
@@ -452,3 +457,54 @@ class VersionResponse(OpenAIModel):
 def dump(model: BaseModel, **kw: Any) -> str:
     """Compact JSON for SSE chunks (None fields kept: OpenAI sends finish_reason: null)."""
     return model.model_dump_json(**kw)
+
+
+# ---------------------------------------------------------------- streamed chunks, fast
+
+# MODELPORT_SSE_FASTPATH=0: every streamed chunk is built as the pydantic models above and
+# dumped (the reference the fast path is tested against)
+SSE_FASTPATH = os.environ.get("MODELPORT_SSE_FASTPATH", "1") != "0"
+
+
+def _scalar(v: Any) -> str:
+    """A JSON scalar (null, a string, an int) as pydantic writes it."""
+    if v is None:
+        return "null"
+    if type(v) is str:
+        return encode_basestring(v)
+    if type(v) is int:
+        return str(v)
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+
+
+class ChunkJSON:
+    """One stream's chunks as the JSON pydantic dumps of ChatCompletionChunk (usage left out)
+    or CompletionResponse (usage and prompt_logprobs left out) are, byte for byte, without
+    building the models: a streamed token costs a dozen model validations and a
+    serialization otherwise. `created` is read for each chunk, as the models' default is."""
+
+    def __init__(self, obj: str, request_id: str, model: str) -> None:
+        self._head = f'{{"id":{_scalar(request_id)},"object":"{obj}","created":'
+        self._model = f',"model":{_scalar(model)},"choices":['
+        self._tail = "]}" if obj == "chat.completion.chunk" else '],"system_fingerprint":null}'
+
+    def chunk(self, choices: list[str]) -> str:
+        return self._head + str(int(time.time())) + self._model + ",".join(choices) + self._tail
+
+
+def chat_choice_json(index: int, content: str, logprobs: BaseModel | None,
+                     finish_reason: str | None, stop_reason: int | str | None,
+                     role: str | None = None) -> str:
+    """A ChatStreamChoice whose delta is content (and role), as pydantic dumps it."""
+    delta = f'{{"role":{_scalar(role)},"content":' if role is not None else '{"content":'
+    lp = "null" if logprobs is None else logprobs.model_dump_json()
+    return (f'{{"index":{index},"delta":{delta}{encode_basestring(content)}}},"logprobs":{lp},'
+            f'"finish_reason":{_scalar(finish_reason)},"stop_reason":{_scalar(stop_reason)}}}')
+
+
+def completion_choice_json(index: int, text: str, logprobs: BaseModel | None,
+                           finish_reason: str | None, stop_reason: int | str | None) -> str:
+    """A streamed CompletionChoice (prompt_logprobs left out), as pydantic dumps it."""
+    lp = "null" if logprobs is None else logprobs.model_dump_json()
+    return (f'{{"index":{index},"text":{encode_basestring(text)},"logprobs":{lp},'
+            f'"finish_reason":{_scalar(finish_reason)},"stop_reason":{_scalar(stop_reason)}}}')

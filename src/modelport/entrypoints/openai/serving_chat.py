@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from modelport.engine.async_llm import AsyncLLM, RequestStream
+from modelport.entrypoints.openai import protocol
 from modelport.entrypoints.openai.chat_template import request_chat_template
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.lora import lora_for
@@ -28,9 +29,11 @@ from modelport.entrypoints.openai.protocol import (
     ChatMessage,
     ChatStreamChoice,
     ChoiceLogprobs,
+    ChunkJSON,
     DeltaMessage,
     TokenLogprob,
     TopLogprob,
+    chat_choice_json,
     dump,
     random_id,
 )
@@ -384,8 +387,14 @@ class ServingChat:
         token_ids: dict[int, list[int]] = {}  # each choice's so far (reasoning_tokens)
         include_usage, continuous_usage = usage_options(req)
         last: RequestOutput | None = None
+        # plain content deltas: their chunks are written as JSON text (protocol.ChunkJSON)
+        fast = (protocol.SSE_FASTPATH and plan.mode == "none" and reasoning is None
+                and not continuous_usage)
+        writer = ChunkJSON("chat.completion.chunk", rid, model)
 
-        def chunk(choices: list[ChatStreamChoice]) -> str:
+        def chunk(choices: list[Any]) -> str:
+            if fast:
+                return sse(writer.chunk(choices))
             body = ChatCompletionChunk(id=rid, model=model, choices=choices)
             if not continuous_usage:
                 return sse(dump(body, exclude={"usage"}))
@@ -398,6 +407,7 @@ class ServingChat:
         try:
             yield chunk(
                 [
+                    chat_choice_json(i, "", None, None, None, role="assistant") if fast else
                     ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                     for i in range(req.n)
                 ]
@@ -424,7 +434,9 @@ class ServingChat:
                         streamer = thinking.setdefault(o.index, ReasoningStreamer(reasoning))
                         thought, answer = streamer.feed(o.text, final)
                         thought = (thought or None) if reasoning.include else None
-                    if plan.mode == "none":
+                    if fast:
+                        pass  # the delta is the text: written below
+                    elif plan.mode == "none":
                         if reasoning is None:
                             delta = DeltaMessage(content=text)
                         else:
@@ -448,6 +460,10 @@ class ServingChat:
                     if k is not None and new_ids:
                         lps = o.logprobs[start:] if o.logprobs is not None else None
                         logprobs = ChoiceLogprobs(content=self._logprobs(new_ids, lps, k))
+                    if fast:
+                        choices.append(chat_choice_json(o.index, text, logprobs, finish_reason,
+                                                        o.stop_reason))
+                        continue
                     choices.append(
                         ChatStreamChoice(
                             index=o.index,

@@ -15,13 +15,16 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from modelport.engine.async_llm import AsyncLLM, RequestStream
+from modelport.entrypoints.openai import protocol
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.lora import lora_for
 from modelport.entrypoints.openai.protocol import (
+    ChunkJSON,
     CompletionChoice,
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
+    completion_choice_json,
     dump,
     random_id,
 )
@@ -232,6 +235,9 @@ class ServingCompletion:
         include_usage, continuous_usage = usage_options(req)
         # every prompt counts once (not once per choice), from the first chunk on
         n_prompt = sum(len(ids) for _, ids in prompts)
+        # chunks written as JSON text (protocol.ChunkJSON) unless every one carries usage
+        fast = protocol.SSE_FASTPATH and not continuous_usage
+        writer = ChunkJSON("text_completion", base_id, model)
         try:
             async for i, out in merge_streams(streams):
                 choices = []
@@ -261,6 +267,10 @@ class ServingCompletion:
                         finished.add(idx)
                     if not text and o.finish_reason is None and not new_ids:
                         continue
+                    if fast:
+                        choices.append(completion_choice_json(idx, text, logprobs,
+                                                              o.finish_reason, o.stop_reason))
+                        continue
                     choices.append(
                         CompletionChoice(
                             index=idx,
@@ -270,7 +280,9 @@ class ServingCompletion:
                             stop_reason=o.stop_reason,
                         )
                     )
-                if choices:
+                if choices and fast:
+                    yield sse(writer.chunk(choices))
+                elif choices:
                     chunk = CompletionResponse(id=base_id, model=model, choices=choices)
                     exclude: dict = {"choices": {"__all__": {"prompt_logprobs"}}}
                     if continuous_usage:
