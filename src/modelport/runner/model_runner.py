@@ -319,9 +319,9 @@ class ModelRunner:
         kv_heads = max(1, mc.num_key_value_heads // tp)
         shape = (2, num_blocks, self.block_size, kv_heads, mc.head_dim)
         if self.device.type == "cuda":
-            # the allocator's idle cache (the profiling forward's activations, an online
-            # quantization's bf16 copies) goes back to the device first: split into small
-            # segments it cannot hold one layer's cache, which the budget counted as free
+            # the allocator's idle cache goes back to the device first. Rank 0's budget
+            # (_cuda_kv_budget) already did this; a tensor-parallel worker did not, and its
+            # profiling forward's activations would otherwise stay reserved beside its cache
             torch.cuda.empty_cache()
         self.kv_caches = [
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
