@@ -90,5 +90,15 @@ case ${1:-1} in
           W1_ENVS="MODELPORT_FP8_FUSED_ACT_QUANT=1 MODELPORT_FP8_FUSED_ACT_QUANT=0" \
           bash bench/gpu/run_all.sh w1-env
         run 150 env MOE_QUANTS=fp8 bash bench/gpu/run_all.sh moe-w3 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b" >&2; exit 2 ;;
+  # session 32, MoE: the few-token path (route_topk + the two expert GEMVs) on CUDA: its GPU
+  # tests and the MoE models' / quantized MoE engine tests, then MoE single stream (profiled)
+  # with the grouped GEMM for every batch (MODELPORT_MOE_GEMV_MAX=0) and with the new path,
+  # bf16 (s32b) and online FP8 (s32c), one process after the other
+  s32b) run 200 env PYTEST_FILES="tests/test_moe_few_tokens.py tests/test_models_moe.py tests/test_moe_quantized_cuda.py" \
+          bash bench/gpu/run_all.sh gpu-files
+        run 80 env MODELPORT_MOE_GEMV_MAX=0 MOE_QUANTS=none MOE_EXTRA=--profile bash bench/gpu/run_all.sh moe-w3
+        run 90 env MOE_QUANTS=none MOE_EXTRA=--profile bash bench/gpu/run_all.sh moe-w3 ;;
+  s32c) run 140 env MODELPORT_MOE_GEMV_MAX=0 MOE_QUANTS=fp8 MOE_EXTRA=--profile bash bench/gpu/run_all.sh moe-w3
+        run 160 env MOE_QUANTS=fp8 MOE_EXTRA=--profile bash bench/gpu/run_all.sh moe-w3 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c" >&2; exit 2 ;;
 esac

@@ -32,7 +32,9 @@
 #   fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn msgspec gguf
 #   opentelemetry-api sniffio: fastapi 0.165 imports the first, the GPU image lacks both; without
 #   tritonclient `serve` leaves the KServe frontend out and says so)
-# gpu-files runs the `gpu`-marked tests of the files PYTEST_FILES names.
+# gpu-files runs the `gpu`-marked tests of the files PYTEST_FILES names. moe-w3: MoE single
+# stream (Qwen1.5-MoE-A2.7B's shape) per MOE_QUANTS (default "none fp8"); MOE_EXTRA: more
+# latency arguments (e.g. "--profile", "--batch-size 8").
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -152,7 +154,7 @@ for s in $stages; do
                $PY -m modelport.bench.latency --model-config bench/configs/qwen1.5-moe-a2.7b.json \
                  --load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 8 \
                  --input-len 1024 --output-len 128 --batch-size 1 --num-iters 3 --backend modelport \
-                 --quantization "$q" --output-json "$OUT/moe-w3.jsonl" 2>"$OUT/moe-w3-$q.err" \
+                 --quantization "$q" ${MOE_EXTRA:-} --output-json "$OUT/moe-w3.jsonl" 2>"$OUT/moe-w3-$q.err" \
                  || { rc=1; tail -20 "$OUT/moe-w3-$q.err"; }
              done ;;
     s30-tests) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_w4_gemv_half2.py \

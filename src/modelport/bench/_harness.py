@@ -284,9 +284,10 @@ def profile_summary(prof: Any, steps: int, wall_s: float) -> dict[str, Any]:
     if cur_e is not None:
         busy += cur_e - cur_s
     wall_us = wall_s * 1e6
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
     return {
         "steps": steps,
+        "kernels_per_step": round(len(spans) / steps, 1),
         "wall_ms_per_step": round(wall_us / 1e3 / steps, 3),
         "gpu_busy_ms_per_step": round(busy / 1e3 / steps, 3),
         "gpu_idle_fraction": round(1 - busy / wall_us, 3) if wall_us else None,

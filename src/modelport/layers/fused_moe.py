@@ -186,7 +186,12 @@ class FusedMoE(nn.Module):
         self.restack_pending = False
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(router_logits, self.top_k, self.renormalize)
+        if x.is_cuda and self._few_tokens(x.shape[0]):  # decode: one launch for the routing
+            from modelport.layers.triton_moe import route_topk
+
+            weights, ids = route_topk(router_logits, self.top_k, self.renormalize)
+        else:
+            weights, ids = route(router_logits, self.top_k, self.renormalize)
         if self.quant_experts is not None:  # restacked FP8 / AWQ / GPTQ experts
             return self.quant_experts(x, weights, ids)
         if not self.stacked:
@@ -202,6 +207,19 @@ class FusedMoE(nn.Module):
                 raise RuntimeError(f"MoE layers on CUDA need triton ({e})") from e
             return fused_experts(x, self.w13.weight, self.w2.weight, weights, ids)
         return moe_reference(x, self.w13.weight, self.w2.weight, weights, ids)
+
+    def _few_tokens(self, tokens: int) -> bool:
+        """Whether the Triton few-token path (triton_moe.small_batch_experts) serves this
+        call: bf16/fp16 stacked experts or restacked FP8 ones, few enough assignments."""
+        if self.quant_experts is not None and self.quant_experts.kind != "fp8":
+            return False
+        if not self.stacked and self.quant_experts is None:
+            return False
+        try:
+            from modelport.layers.triton_moe import moe_gemv_applies
+        except ImportError:
+            return False
+        return moe_gemv_applies(tokens, self.top_k)
 
     def extra_repr(self) -> str:
         if self.quant_experts is not None:

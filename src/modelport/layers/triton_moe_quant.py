@@ -24,7 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from modelport.layers.triton_moe import block_rows, grouped_mlp, store_rows
+from modelport.layers.triton_moe import (
+    block_rows,
+    grouped_mlp,
+    moe_gemv_applies,
+    small_batch_experts,
+    store_rows,
+)
 
 # Launch configs: the largest K tile and fewest warps that compile for sm_90 without register
 # spills (tests/test_moe_quantized_cuda.py checks it); 64-deep tiles spill in the gated launch,
@@ -210,6 +216,8 @@ def fused_experts_fp8(
     """fused_experts with E4M3 weights w13 [E, 2I, H], w2 [E, H, I] and fp32 per-channel
     scales s13 [E, 2I], s2 [E, H]."""
     e, two_i, h = w13.shape
+    if moe_gemv_applies(*ids.shape):
+        return small_batch_experts(x, w13, w2, weights, ids, s13, s2)
     tile = {"BLOCK_K": block_k}
     return grouped_mlp(
         moe_gemm_fp8_kernel, x, weights, ids, e, two_i // 2, h,

@@ -1,0 +1,192 @@
+"""The few-token MoE path on CUDA (layers/triton_moe.py: ``route_topk`` and
+``small_batch_experts``): routing equal to ``fused_moe.route``, the experts equal to the torch
+reference for bf16/fp16 and FP8 weights, in the Triton interpreter on CPU and on the GPU
+(CUDA graphs, a whole model against the grouped-GEMM path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.tiny_models import TINY_PROMPT
+from helpers.tiny_moe import make_tiny_moe_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_PRELUDE = textwrap.dedent("""
+    import triton.runtime.interpreter as ti
+    _patch = ti._patch_lang_tensor
+    def _fixed(tensor, scope):  # triton 3.6's interpreter: a 1-element array as an int
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    ti._patch_lang_tensor = _fixed
+""")
+
+_SCRIPT = textwrap.dedent("""
+    import torch
+    from modelport.layers import triton_moe as tm
+    from modelport.layers.fused_moe import moe_reference, route
+    from modelport.quantization.fp8 import quantize_fp8_per_channel
+
+    g = torch.Generator().manual_seed(0)
+    # (tokens, experts, top_k, hidden, intermediate, renormalize): Qwen1.5-MoE's 60 experts
+    # top-4, a non-power-of-two expert count, ragged K and N against the blocks
+    for t, e, k, h, i, renorm in ((1, 60, 4, 64, 48, False), (3, 8, 2, 96, 40, True),
+                                  (8, 5, 4, 70, 33, True)):
+        logits = torch.randn(t, e, generator=g) * 3
+        w_ref, ids_ref = route(logits, k, renorm)
+        w, ids = tm.route_topk(logits, k, renorm)
+        assert ids.dtype == torch.int32 and torch.equal(ids.long(), ids_ref), (ids, ids_ref)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+        print("ok route", t, e, k)
+        x = torch.randn(t, h, generator=g).half()
+        w13 = (torch.randn(e, 2 * i, h, generator=g) * 0.1).half()
+        w2 = (torch.randn(e, h, i, generator=g) * 0.1).half()
+        ref = moe_reference(x.float(), w13.float(), w2.float(), w, ids.long())
+        for cfg in ((8, 32, 4), (16, 64, 4), (4, 128, 4)):
+            y = tm.small_batch_experts(x, w13, w2, w, ids, config=cfg)
+            err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+            assert y.dtype == x.dtype and y.shape == (t, h) and err < 2e-3, (cfg, err)
+            print("ok experts", t, cfg, f"{err:.1e}")
+        # FP8 codes with a float32 scale per row, against their dequantized weights
+        q13, s13 = zip(*(quantize_fp8_per_channel(w13[j].float()) for j in range(e)))
+        q2, s2 = zip(*(quantize_fp8_per_channel(w2[j].float()) for j in range(e)))
+        q13, s13, q2, s2 = (torch.stack(a) for a in (q13, s13, q2, s2))
+        d13, d2 = q13.float() * s13[..., None], q2.float() * s2[..., None]
+        ref = moe_reference(x.float(), d13, d2, w, ids.long())
+        y = tm.small_batch_experts(x, q13, q2, w, ids, s13, s2, config=(8, 32, 4))
+        err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 2e-3, err
+        print("ok fp8", t, f"{err:.1e}")
+""")
+
+
+def test_few_token_moe_kernels_match_the_reference_in_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    p = subprocess.run([sys.executable, "-c", _PRELUDE + _SCRIPT], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert out.count("ok route") == 3 and out.count("ok experts") == 9, out
+    assert out.count("ok fp8") == 3, out
+
+
+def test_the_threshold_counts_assignments(monkeypatch) -> None:
+    pytest.importorskip("triton")
+    from modelport.layers import triton_moe as tm
+
+    monkeypatch.setattr(tm, "MOE_GEMV_MAX", 32)
+    assert tm.moe_gemv_applies(1, 4) and tm.moe_gemv_applies(8, 4)
+    assert not tm.moe_gemv_applies(9, 4) and not tm.moe_gemv_applies(0, 4)
+    monkeypatch.setattr(tm, "MOE_GEMV_MAX", 0)  # MODELPORT_MOE_GEMV_MAX=0: off
+    assert not tm.moe_gemv_applies(1, 1)
+
+
+# -- CUDA ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_cuda_few_token_experts_on_the_qwen_moe_shape_and_in_a_graph(fp8: bool) -> None:
+    from modelport.layers import triton_moe as tm
+    from modelport.layers.fused_moe import moe_reference, route
+    from modelport.quantization.fp8 import quantize_fp8_per_channel
+
+    g = torch.Generator().manual_seed(0)
+    e, k, h, i = 60, 4, 2048, 1408
+    w13 = (torch.randn(e, 2 * i, h, generator=g) * 0.02).bfloat16().cuda()
+    w2 = (torch.randn(e, h, i, generator=g) * 0.02).bfloat16().cuda()
+    scales: tuple = ()
+    if fp8:
+        q13, s13 = zip(*(quantize_fp8_per_channel(w13[j]) for j in range(e)))
+        q2, s2 = zip(*(quantize_fp8_per_channel(w2[j]) for j in range(e)))
+        q13, s13, q2, s2 = (torch.stack(a) for a in (q13, s13, q2, s2))
+        w13, w2 = q13, q2
+        scales = (s13, s2)
+        d13, d2 = q13.float() * s13[..., None], q2.float() * s2[..., None]
+    else:
+        d13, d2 = w13.float(), w2.float()
+    for t in (1, 8):
+        x = torch.randn(t, h, generator=g).bfloat16().cuda()
+        logits = (torch.randn(t, e, generator=g) * 3).cuda()
+        w, ids = tm.route_topk(logits, k, False)
+        w_ref, ids_ref = route(logits, k, False)
+        assert torch.equal(ids.long(), ids_ref)
+        ref = moe_reference(x.float(), d13, d2, w_ref, ids_ref)
+        y = tm.small_batch_experts(x, w13, w2, w, ids, *scales)  # autotunes, eagerly
+        assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+        graph = torch.cuda.CUDAGraph()  # captured, replayed with another routing
+        with torch.cuda.graph(graph):
+            rw, rids = tm.route_topk(logits, k, False)
+            out = tm.small_batch_experts(x, w13, w2, rw, rids, *scales)
+        logits.copy_((torch.randn(t, e, generator=g) * 3).cuda())
+        graph.replay()
+        w_ref, ids_ref = route(logits, k, False)
+        ref = moe_reference(x.float(), d13, d2, w_ref, ids_ref)
+        assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_model_with_few_token_experts_equals_the_grouped_gemm(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """A Qwen2-MoE (shared expert) in bf16 with CUDA graphs: decode through route_topk and the
+    GEMVs against MODELPORT_MOE_GEMV_MAX=0 (the grouped GEMM for every batch)."""
+    from modelport import LLM, SamplingParams
+    from modelport.layers import triton_moe as tm
+
+    d = make_tiny_moe_dir(tmp_path / "m", "qwen2_moe")
+    prompts = [TINY_PROMPT[:23], [5, 9, 200], TINY_PROMPT[30:41]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    runs = {}
+    for limit in (32, 0):
+        monkeypatch.setattr(tm, "MOE_GEMV_MAX", limit)
+        llm = LLM(str(d), device="cuda", dtype="bfloat16", kv_cache_memory=64 << 20,
+                  max_model_len=512)
+        assert llm.llm_engine.core.runner.graphs is not None
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        runs[limit] = [o.outputs[0] for o in outs]
+        del llm
+        torch.cuda.empty_cache()
+    for a, b in zip(runs[32], runs[0]):
+        assert a.token_ids[:4] == b.token_ids[:4]
+        for da, db in zip(a.logprobs[:4], b.logprobs[:4]):
+            for tok, lp in da.items():
+                if tok in db:
+                    assert abs(lp.logprob - db[tok].logprob) < 0.05
+
+
+def test_few_token_kernels_compile_for_sm90_without_spills() -> None:
+    pytest.importorskip("triton.backends.nvidia")
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    import kernel_regs
+
+    from modelport.layers import triton_moe as tm
+
+    strides = dict.fromkeys(("stride_we", "stride_wn", "stride_se"), "i32")
+    for wt, scaled in (("bf16", False), ("fp8e4nv", True)):
+        for bn, bk, warps in tm.MOE_GEMV_CONFIGS:
+            const = dict(TOP_K=4, HAS_SCALE=scaled, BLOCK_N=bn, BLOCK_K=bk)
+            sig = dict(x_ptr="*bf16", w_ptr=f"*{wt}", s_ptr="*fp32", ids_ptr="*i32",
+                       act_ptr="*bf16", INTER="i32", HIDDEN="i32", stride_xm="i32",
+                       stride_am="i32", **strides)
+            r = kernel_regs.compile_sm90(tm.moe_gemv_gate_up_kernel, sig, const,
+                                         ("x_ptr", "w_ptr", "HIDDEN", "stride_xm"), warps, 2)
+            assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 50, r
+            sig = dict(act_ptr="*bf16", w_ptr=f"*{wt}", s_ptr="*fp32", ids_ptr="*i32",
+                       rw_ptr="*fp32", y_ptr="*bf16", HIDDEN="i32", INTER="i32",
+                       stride_am="i32", stride_ym="i32", **strides)
+            r = kernel_regs.compile_sm90(tm.moe_gemv_down_kernel, sig, const,
+                                         ("act_ptr", "w_ptr", "stride_am"), warps, 2)
+            assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 50, r
+    sig = dict(logits_ptr="*bf16", weights_ptr="*fp32", ids_ptr="*i32", E="i32",
+               stride_l="i32")
+    r = kernel_regs.compile_sm90(tm.route_topk_kernel, sig,
+                                 dict(TOP_K=4, KP=4, BLOCK_E=64, RENORM=True), (), 1, 1)
+    assert 0 < r["regs"] <= 255 and r["stack"] == 0, r
