@@ -190,3 +190,26 @@ def test_few_token_kernels_compile_for_sm90_without_spills() -> None:
     r = kernel_regs.compile_sm90(tm.route_topk_kernel, sig,
                                  dict(TOP_K=4, KP=4, BLOCK_E=64, RENORM=True), (), 1, 1)
     assert 0 < r["regs"] <= 255 and r["stack"] == 0, r
+
+
+@pytest.mark.gpu
+def test_cuda_router_and_shared_gate_take_the_gemv_at_one_row(monkeypatch) -> None:
+    from modelport.layers.fused_moe import GateLinear
+    from modelport.layers.triton_gemv import use_gemv_for_decode
+
+    router = GateLinear(512, 60).to("cuda", torch.bfloat16)
+    gate = GateLinear(512, 1).to("cuda", torch.bfloat16)
+    for lin in (router, gate):
+        lin.weight.data.normal_(0, 0.05)
+    one = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    few = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    before = [(lin(one), lin(few)) for lin in (router, gate)]
+    monkeypatch.setenv("MODELPORT_GEMV_GATES", "0")
+    assert use_gemv_for_decode(torch.nn.Sequential(router, gate)) == 0
+    monkeypatch.setenv("MODELPORT_GEMV_GATES", "1")
+    assert use_gemv_for_decode(torch.nn.Sequential(router, gate)) == 2
+    for lin, (b1, b3) in zip((router, gate), before):
+        assert type(lin).__name__ == "GemvGateLinear" and isinstance(lin, GateLinear)
+        got = lin(one).float()
+        assert ((got - b1.float()).norm() / b1.float().norm()).item() < 1e-2
+        assert torch.equal(lin(few), b3)  # more rows: cuBLAS as before

@@ -100,5 +100,17 @@ case ${1:-1} in
         run 90 env MOE_QUANTS=none MOE_EXTRA=--profile bash bench/gpu/run_all.sh moe-w3 ;;
   s32c) run 140 env MODELPORT_MOE_GEMV_MAX=0 MOE_QUANTS=fp8 MOE_EXTRA=--profile bash bench/gpu/run_all.sh moe-w3
         run 160 env MOE_QUANTS=fp8 MOE_EXTRA=--profile bash bench/gpu/run_all.sh moe-w3 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c" >&2; exit 2 ;;
+  # session 32, fourth call: the router / shared-expert gate on the Triton GEMV at one row
+  # (MODELPORT_GEMV_GATES=0 then 1), and where the few-token threshold sits: MoE decode at
+  # batch 8 (32 assignments) grouped vs GEMVs, batch 16 (64) grouped vs GEMVs (MAX=64)
+  s32d) run 150 env PYTEST_FILES="tests/test_moe_few_tokens.py tests/test_gpu_gemv.py" bash bench/gpu/run_all.sh gpu-files
+        for v in MODELPORT_GEMV_GATES=0 MODELPORT_GEMV_GATES=1; do
+          run 60 env $v MOE_QUANTS=none MOE_EXTRA=--profile bash bench/gpu/run_all.sh moe-w3
+        done
+        for v in "8 MODELPORT_MOE_GEMV_MAX=0" "8 MODELPORT_MOE_GEMV_MAX=32" "16 MODELPORT_MOE_GEMV_MAX=32" \
+                 "16 MODELPORT_MOE_GEMV_MAX=64"; do
+          set -- $v
+          run 50 env $2 MOE_QUANTS=none MOE_EXTRA="--batch-size $1" bash bench/gpu/run_all.sh moe-w3
+        done ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d" >&2; exit 2 ;;
 esac

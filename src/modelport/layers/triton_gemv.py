@@ -22,6 +22,7 @@ the opt-in fused decode layer (layers/fused_decode.py), measured slower, off by 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -274,13 +275,23 @@ def gemv(
 
 def use_gemv_for_decode(model: torch.nn.Module) -> int:
     """Route small-batch calls of the model's plain linear layers through gemv(); returns
-    how many modules now do. Quantized or other linear variants are left as they are."""
+    how many modules now do. Quantized or other linear variants are left as they are.
+
+    MoE routers and shared-expert gates (``GateLinear``, 1 to a few hundred outputs) too:
+    cuBLAS took ~9 us a layer for each at one row (a GEMM tile for the router, a dot kernel
+    plus a reduction for the 1-output gate; Qwen1.5-MoE-A2.7B's shape on an H100,
+    bench/results/2026-12-06-h100-s32-moe-w3-bf16-gemv-ab.jsonl). MODELPORT_GEMV_GATES=0
+    leaves them on cuBLAS."""
+    from modelport.layers.fused_moe import GateLinear
     from modelport.layers.linear import Linear, MergedLinear, QKVLinear
 
+    classes: tuple[type, ...] = (Linear, MergedLinear, QKVLinear)
+    if os.environ.get("MODELPORT_GEMV_GATES", "1") != "0":
+        classes += (GateLinear,)
     n = 0
     for mod in model.modules():
         cls = type(mod)
-        if cls in (Linear, MergedLinear, QKVLinear) and getattr(mod, "weight", None) is not None:
+        if cls in classes and getattr(mod, "weight", None) is not None:
             mod.__class__ = _gemv_class(cls)
             n += 1
     return n
