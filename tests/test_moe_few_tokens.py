@@ -64,6 +64,31 @@ _SCRIPT = textwrap.dedent("""
         err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
         assert err < 2e-3, err
         print("ok fp8", t, f"{err:.1e}")
+
+    # integer codes (AWQ / GPTQ restacked): code * scale + zero per group, 4 and 8 bits
+    from modelport.layers import triton_moe_quant as tq
+    from modelport.layers.moe_quant import QuantExperts
+    from modelport.quantization.kernels import GroupQuant
+
+    def gq(n, kk, group, bits):
+        return GroupQuant(torch.randint(0, 1 << bits, (n, kk), generator=g, dtype=torch.uint8),
+                          torch.rand(n, kk // group, generator=g) * 0.02 + 0.001,
+                          -torch.rand(n, kk // group, generator=g) * 0.05 * (1 << bits) / 16,
+                          group, bits)
+
+    for t, e, k, h, i, bits, group in ((1, 6, 4, 256, 128, 4, 128), (3, 5, 2, 128, 96, 8, 32),
+                                       (8, 4, 4, 64, 32, 4, 32)):
+        qe = QuantExperts.from_group_quant(
+            [(gq(2 * i, h, group, bits), gq(h, i, group, bits)) for _ in range(e)])
+        w, ids = tm.route_topk(torch.randn(t, e, generator=g) * 3, k, True)
+        x = torch.randn(t, h, generator=g).half()
+        d13, d2 = qe.dequantize()
+        ref = moe_reference(x.float(), d13.half().float(), d2.half().float(), w, ids.long())
+        y = tq.small_batch_experts_int(x, qe.q13, qe.s13, qe.z13, qe.q2, qe.s2, qe.z2, bits,
+                                       qe.group13, qe.group2, w, ids)
+        err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+        assert y.shape == (t, h) and err < 2e-3, (t, bits, group, err)
+        print("ok int", t, bits, group, f"{err:.1e}")
 """)
 
 
@@ -75,7 +100,7 @@ def test_few_token_moe_kernels_match_the_reference_in_the_interpreter() -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
     assert out.count("ok route") == 3 and out.count("ok experts") == 9, out
-    assert out.count("ok fp8") == 3, out
+    assert out.count("ok fp8") == 3 and out.count("ok int") == 3, out
 
 
 def test_the_threshold_counts_assignments(monkeypatch) -> None:
@@ -83,8 +108,12 @@ def test_the_threshold_counts_assignments(monkeypatch) -> None:
     from modelport.layers import triton_moe as tm
 
     monkeypatch.setattr(tm, "MOE_GEMV_MAX", 32)
+    monkeypatch.setattr(tm, "MOE_GEMV_INT", False)
     assert tm.moe_gemv_applies(1, 4) and tm.moe_gemv_applies(8, 4)
     assert not tm.moe_gemv_applies(9, 4) and not tm.moe_gemv_applies(0, 4)
+    assert not tm.moe_gemv_applies(1, 4, integer=True)  # integer codes: opt-in
+    monkeypatch.setattr(tm, "MOE_GEMV_INT", True)
+    assert tm.moe_gemv_applies(1, 4, integer=True)
     monkeypatch.setattr(tm, "MOE_GEMV_MAX", 0)  # MODELPORT_MOE_GEMV_MAX=0: off
     assert not tm.moe_gemv_applies(1, 1)
 
@@ -130,6 +159,45 @@ def test_cuda_few_token_experts_on_the_qwen_moe_shape_and_in_a_graph(fp8: bool) 
         graph.replay()
         w_ref, ids_ref = route(logits, k, False)
         ref = moe_reference(x.float(), d13, d2, w_ref, ids_ref)
+        assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_few_token_integer_experts_and_in_a_graph(monkeypatch) -> None:
+    from modelport.layers import triton_moe as tm
+    from modelport.layers import triton_moe_quant as tq
+    from modelport.layers.fused_moe import moe_reference
+    from modelport.layers.moe_quant import QuantExperts
+    from modelport.quantization.kernels import GroupQuant
+
+    monkeypatch.setattr(tm, "MOE_GEMV_INT", True)  # opt-in until measured on a GPU
+    g = torch.Generator().manual_seed(0)
+    e, k, h, i, group = 16, 4, 2048, 1408, 128
+
+    def gq(n, kk):
+        return GroupQuant(torch.randint(0, 16, (n, kk), generator=g, dtype=torch.uint8),
+                          torch.rand(n, kk // group, generator=g) * 0.002 + 0.0005,
+                          -torch.rand(n, kk // group, generator=g) * 0.01, group, 4)
+
+    qe = QuantExperts.from_group_quant([(gq(2 * i, h), gq(h, i)) for _ in range(e)])
+    d13, d2 = (d.cuda() for d in qe.dequantize())
+    qe = qe.cuda()
+    q = (qe.q13, qe.s13, qe.z13, qe.q2, qe.s2, qe.z2, 4, group, group)
+    for t in (1, 8):
+        x = torch.randn(t, h, generator=g).bfloat16().cuda()
+        logits = (torch.randn(t, e, generator=g) * 3).cuda()
+        w, ids = tm.route_topk(logits, k, True)
+        ref = moe_reference(x.float(), d13, d2, w, ids.long())
+        y = tq.small_batch_experts_int(x, *q, w, ids)
+        assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            rw, rids = tm.route_topk(logits, k, True)
+            out = tq.fused_experts_wint(x, *q, rw, rids)  # the few-token path it dispatches to
+        logits.copy_((torch.randn(t, e, generator=g) * 3).cuda())
+        graph.replay()
+        w, ids = tm.route_topk(logits, k, True)
+        ref = moe_reference(x.float(), d13, d2, w, ids.long())
         assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
 
@@ -185,6 +253,24 @@ def test_few_token_kernels_compile_for_sm90_without_spills() -> None:
             r = kernel_regs.compile_sm90(tm.moe_gemv_down_kernel, sig, const,
                                          ("act_ptr", "w_ptr", "stride_am"), warps, 2)
             assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 50, r
+    from modelport.layers import triton_moe_quant as tq
+
+    strides = dict.fromkeys(("stride_qe", "stride_qn", "stride_se", "stride_sn"), "i32")
+    for bits in (4, 8):
+        const = dict(TOP_K=4, BITS=bits, GROUP=128, BLOCK_N=tq.INT_GEMV_BLOCK_N,
+                     BLOCK_K=tq.INT_GEMV_BLOCK_K)
+        common = dict(q_ptr="*i32", s_ptr="*fp32", z_ptr="*fp32", ids_ptr="*i32",
+                      HIDDEN="i32", INTER="i32", stride_am="i32", **strides)
+        r = kernel_regs.compile_sm90(
+            tq.moe_gemv_int_gate_up_kernel,
+            dict(x_ptr="*bf16", act_ptr="*bf16", stride_xm="i32", **common), const,
+            ("x_ptr", "q_ptr", "HIDDEN", "stride_xm"), tq.INT_GEMV_WARPS, 2)
+        assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 50, r
+        r = kernel_regs.compile_sm90(
+            tq.moe_gemv_int_down_kernel,
+            dict(act_ptr="*bf16", rw_ptr="*fp32", y_ptr="*bf16", stride_ym="i32", **common),
+            const, ("act_ptr", "q_ptr", "stride_am"), tq.INT_GEMV_WARPS, 2)
+        assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 50, r
     sig = dict(logits_ptr="*bf16", weights_ptr="*fp32", ids_ptr="*i32", E="i32",
                stride_l="i32")
     r = kernel_regs.compile_sm90(tm.route_topk_kernel, sig,

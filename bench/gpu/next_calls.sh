@@ -112,5 +112,14 @@ case ${1:-1} in
           set -- $v
           run 50 env $2 MOE_QUANTS=none MOE_EXTRA="--batch-size $1" bash bench/gpu/run_all.sh moe-w3
         done ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d" >&2; exit 2 ;;
+  # prepared in session 32 after its device time ran out, not yet run: the few-token GEMVs
+  # for 4-bit integer experts (AWQ / GPTQ, opt-in MODELPORT_MOE_GEMV_INT=1): their GPU test,
+  # then one MoE layer's routed experts at 1 and 8 tokens, grouped vs GEMVs, for bf16, FP8
+  # and int4 (bench/gpu/moe_layer_bench.py)
+  s32e) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 90 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_moe_few_tokens.py -k integer
+        run 130 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py \
+          --json "${OUT:-bench/results}/moe_layer.jsonl" ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e" >&2; exit 2 ;;
 esac

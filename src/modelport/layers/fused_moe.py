@@ -209,17 +209,17 @@ class FusedMoE(nn.Module):
         return moe_reference(x, self.w13.weight, self.w2.weight, weights, ids)
 
     def _few_tokens(self, tokens: int) -> bool:
-        """Whether the Triton few-token path (triton_moe.small_batch_experts) serves this
-        call: bf16/fp16 stacked experts or restacked FP8 ones, few enough assignments."""
-        if self.quant_experts is not None and self.quant_experts.kind != "fp8":
-            return False
+        """Whether the Triton few-token path (triton_moe.small_batch_experts and its FP8 /
+        integer-code counterparts) serves this call: stacked float experts or restacked
+        quantized ones, few enough (token, expert) assignments."""
         if not self.stacked and self.quant_experts is None:
             return False
         try:
             from modelport.layers.triton_moe import moe_gemv_applies
         except ImportError:
             return False
-        return moe_gemv_applies(tokens, self.top_k)
+        integer = self.quant_experts is not None and self.quant_experts.kind != "fp8"
+        return moe_gemv_applies(tokens, self.top_k, integer)
 
     def extra_repr(self) -> str:
         if self.quant_experts is not None:

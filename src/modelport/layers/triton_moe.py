@@ -183,12 +183,18 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 # every assignment, then down, weighted and summed over each token's k experts in the same
 # program. Expert weights are read once per assignment (when two tokens share an expert the
 # second read mostly hits L2), which is what a few tokens over many experts read anyway.
-# MODELPORT_MOE_GEMV_MAX=0 turns it off.
+# MODELPORT_MOE_GEMV_MAX=0 turns it off. 4-bit / 8-bit integer experts (AWQ, GPTQ) have the
+# same two GEMVs (triton_moe_quant.small_batch_experts_int), checked in the Triton interpreter
+# and compiled for sm_90, but not yet run on a GPU: opt-in (MODELPORT_MOE_GEMV_INT=1) until
+# measured.
 MOE_GEMV_MAX = int(os.environ.get("MODELPORT_MOE_GEMV_MAX", "32"))
+MOE_GEMV_INT = os.environ.get("MODELPORT_MOE_GEMV_INT", "0") == "1"
 
 
-def moe_gemv_applies(tokens: int, top_k: int) -> bool:
-    return 0 < tokens * top_k <= MOE_GEMV_MAX
+def moe_gemv_applies(tokens: int, top_k: int, integer: bool = False) -> bool:
+    """Whether ``tokens`` x ``top_k`` assignments take the few-token path (``integer``: for
+    experts in integer codes, which also need MODELPORT_MOE_GEMV_INT=1)."""
+    return 0 < tokens * top_k <= MOE_GEMV_MAX and (MOE_GEMV_INT or not integer)
 
 
 @triton.jit

@@ -256,6 +256,9 @@ def fused_experts_wint(
 ) -> torch.Tensor:
     """fused_experts with packed integer codes q13 [E, 2I, H*bits/32], q2 [E, H, I*bits/32]
     and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]."""
+    if moe_gemv_applies(*ids.shape, integer=True):
+        return small_batch_experts_int(x, q13, s13, z13, q2, s2, z2, bits, group13, group2,
+                                       weights, ids)
     e, two_i, _ = q13.shape
     i, h = two_i // 2, q2.shape[1]
     return grouped_mlp(
@@ -266,3 +269,119 @@ def fused_experts_wint(
          {"BITS": bits, "GROUP": group2, "BLOCK_K": int_block_k(group2, i, bits, block_k)}),
         block_n, num_warps,
     )  # fmt: skip
+
+
+# -- few tokens: integer codes (AWQ / GPTQ) in two GEMV launches ----------------------------------
+# The counterparts of triton_moe's few-token GEMVs for packed codes: w = code * scale + zero
+# per group, so a K step inside one group adds scale * sum(code * x) + zero * sum(x) to each
+# output row (BLOCK_K divides the group: ``int_block_k``).
+
+
+@triton.jit
+def _int_dot(q_rows, s_rows, z_rows, kk, k_ok, n_ok, xv, g, BITS: tl.constexpr):
+    """sum over this K step of (code * scale + zero) * x for each row: [BLOCK_N] float32."""
+    per: tl.constexpr = 32 // BITS
+    words = tl.load(q_rows + (kk // per)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+    codes = ((words >> ((kk % per) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+    s = tl.load(s_rows + g, mask=n_ok, other=0.0)
+    z = tl.load(z_rows + g, mask=n_ok, other=0.0)
+    return s * tl.sum(codes * xv[None, :], 1) + z * tl.sum(xv, 0)
+
+
+@triton.jit
+def moe_gemv_int_gate_up_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, INTER, HIDDEN,
+    stride_xm, stride_qe, stride_qn, stride_se, stride_sn, stride_am,
+    TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """act[a] = silu(x Wg[e]^T) * (x Wu[e]^T) for assignment a (token a // TOP_K, expert
+    ids[a]) with W = code * scale + zero: q [E, 2I, H*BITS/32], s / z [E, 2I, H/GROUP]."""
+    a = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < INTER
+    e = tl.load(ids_ptr + a).to(tl.int64)
+    x_row = x_ptr + (a // TOP_K).to(tl.int64) * stride_xm
+    rows = offs_n.to(tl.int64)
+    q_g = q_ptr + e * stride_qe + rows[:, None] * stride_qn
+    q_u = q_g + INTER * stride_qn
+    s_g = s_ptr + e * stride_se + rows * stride_sn
+    z_g = z_ptr + e * stride_se + rows * stride_sn
+    s_u = s_g + INTER * stride_sn
+    z_u = z_g + INTER * stride_sn
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < HIDDEN
+        xv = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
+        g = k0 // GROUP
+        acc_g += _int_dot(q_g, s_g, z_g, kk, k_ok, n_ok, xv, g, BITS)
+        acc_u += _int_dot(q_u, s_u, z_u, kk, k_ok, n_ok, xv, g, BITS)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(act_ptr + a * stride_am + offs_n, h.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def moe_gemv_int_down_kernel(
+    act_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, rw_ptr, y_ptr, HIDDEN, INTER,
+    stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_ym,
+    TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[t] = sum_j rw[t, j] * act[t * TOP_K + j] W2[ids[t, j]]^T (integer codes as above)."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < HIDDEN
+    rows = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        a = t * TOP_K + j
+        e = tl.load(ids_ptr + a).to(tl.int64)
+        a_row = act_ptr + a.to(tl.int64) * stride_am
+        q_rows = q_ptr + e * stride_qe + rows[:, None] * stride_qn
+        s_rows = s_ptr + e * stride_se + rows * stride_sn
+        z_rows = z_ptr + e * stride_se + rows * stride_sn
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, INTER, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < INTER
+            av = tl.load(a_row + kk, mask=k_ok, other=0.0).to(tl.float32)
+            acc += _int_dot(q_rows, s_rows, z_rows, kk, k_ok, n_ok, av, k0 // GROUP, BITS)
+        out += tl.load(rw_ptr + a) * acc
+    tl.store(y_ptr + t * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+INT_GEMV_BLOCK_N, INT_GEMV_BLOCK_K, INT_GEMV_WARPS = 8, 128, 4
+
+
+def small_batch_experts_int(
+    x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, z13: torch.Tensor,
+    q2: torch.Tensor, s2: torch.Tensor, z2: torch.Tensor, bits: int, group13: int,
+    group2: int, weights: torch.Tensor, ids: torch.Tensor, block_n: int = INT_GEMV_BLOCK_N,
+    block_k: int = INT_GEMV_BLOCK_K, num_warps: int = INT_GEMV_WARPS,
+) -> torch.Tensor:
+    """``fused_experts_wint`` for a few tokens: the two GEMV launches (see above)."""
+    t, k = ids.shape
+    e, two_i, _ = q13.shape
+    inter, h = two_i // 2, q2.shape[1]
+    x = x.contiguous()
+    ids = ids.contiguous()
+    rw = weights.reshape(-1).float().contiguous()
+    act = torch.empty((t * k, inter), dtype=x.dtype, device=x.device)
+    y = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    bk13 = int_block_k(group13, h, bits, block_k)
+    bk2 = int_block_k(group2, inter, bits, block_k)
+    moe_gemv_int_gate_up_kernel[(t * k, triton.cdiv(inter, block_n))](
+        x, q13, s13, z13, ids, act, inter, h, x.stride(0), q13.stride(0), q13.stride(1),
+        s13.stride(0), s13.stride(1), act.stride(0), TOP_K=k, BITS=bits, GROUP=group13,
+        BLOCK_N=block_n, BLOCK_K=bk13, num_warps=num_warps,
+    )  # fmt: skip
+    moe_gemv_int_down_kernel[(t, triton.cdiv(h, block_n))](
+        act, q2, s2, z2, ids, rw, y, h, inter, act.stride(0), q2.stride(0), q2.stride(1),
+        s2.stride(0), s2.stride(1), y.stride(0), TOP_K=k, BITS=bits, GROUP=group2,
+        BLOCK_N=block_n, BLOCK_K=bk2, num_warps=num_warps,
+    )  # fmt: skip
+    return y
