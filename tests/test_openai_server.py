@@ -474,3 +474,24 @@ def test_lone_surrogate_text_is_a_400_naming_the_field(base, model) -> None:
                     content=emoji.replace("MODEL", model).encode(),
                     headers={"content-type": "application/json"})
     assert ok.status_code == 200, ok.text
+
+
+def test_long_prompt_encoded_off_the_loop_counts_as_the_tokenizer_does(base, model) -> None:
+    """A prompt long enough for the tokenizer thread (AsyncLLM.encode_async), over the
+    context limit: refused with the exact token count /tokenize gives (on the loop)."""
+    text = "A long day of testing, one line after another. " * 200  # ~9,600 characters
+    msgs = [{"role": "user", "content": text}]
+    for path, body, tok in (
+        ("/v1/completions", {"prompt": text}, {"prompt": text}),
+        ("/v1/chat/completions", {"messages": msgs}, {"messages": msgs}),
+    ):
+        count = httpx.post(f"{base}/tokenize", json={"model": model, **tok},
+                           timeout=60).json()["count"]
+        assert count > MAX_MODEL_LEN
+        r = httpx.post(f"{base}{path}", json={"model": model, "max_tokens": 1, **body},
+                       timeout=60)
+        assert r.status_code == 400, r.text
+        assert f"your request has {count} input tokens" in r.json()["error"]["message"]
+    ok = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": PROMPT,
+                                                     "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200  # and the server goes on serving

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from modelport.engine.core_client import (
@@ -34,6 +37,14 @@ from modelport.outputs import CompletionOutput, RequestOutput, shallow_copy
 from modelport.sampling_params import SamplingParams
 
 logger = logging.getLogger("modelport.engine.async_llm")
+
+# text prompts of this many characters and more are encoded off the event loop
+# (AsyncLLM.encode_async); shorter ones cost less than the thread hop
+ENCODE_OFFLOAD_CHARS = 8192
+
+
+def _encode_ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 __all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestStream"]
 
@@ -158,6 +169,8 @@ class AsyncLLM:
         self.on_dead: Callable[[str], None] | None = None
         self.client: EngineCoreClient | DPEngineCoreClient | None = client
         self.ready: CoreReady | None = client.ready if client is not None else None
+        # encode_async's tokenizer thread and copy (None: not made yet; False: unavailable)
+        self._encoder: tuple[ThreadPoolExecutor, Any] | bool | None = None
 
     # ---------------------------------------------------------------- start / stop
 
@@ -189,11 +202,14 @@ class AsyncLLM:
         client = await asyncio.to_thread(make_core_client, core_config, on_message)
         llm.client = client
         llm.ready = client.ready
+        await asyncio.to_thread(llm._offload_encoder)  # the copy now, not at a request
         return llm
 
     def shutdown(self) -> None:
         if self.client is not None:
             self.client.shutdown()
+        if self._encoder:
+            self._encoder[0].shutdown(wait=False)
 
     # ---------------------------------------------------------------- facts
 
@@ -219,6 +235,36 @@ class AsyncLLM:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def encode_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``encode``, off the event loop for long texts (ENCODE_OFFLOAD_CHARS and up): on the
+        tokenizer thread, with that thread's own copy of the tokenizer. A 40,000-token prompt
+        takes ~55 ms to encode on a 2-core box; on the loop that stalls every other stream's
+        tokens for as long."""
+        if len(text) < ENCODE_OFFLOAD_CHARS:
+            return self.encode(text, add_special_tokens)
+        enc = self._offload_encoder()
+        if enc is None:
+            return self.encode(text, add_special_tokens)
+        pool, tok = enc
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(_encode_ids, tok, text, add_special_tokens))
+
+    def _offload_encoder(self) -> tuple[ThreadPoolExecutor, Any] | None:
+        """(the one-thread pool, its tokenizer copy), made on first use; None when the
+        tokenizer cannot be copied (then encoding stays on the loop). HF fast tokenizers are
+        not safe to use from two threads at once (encode may reconfigure the Rust object's
+        padding and truncation), and the loop keeps decoding with the original."""
+        if self._encoder is None:
+            try:
+                tok = copy.deepcopy(getattr(self.tokenizer, "hf", self.tokenizer))
+            except Exception as e:  # an exotic tokenizer object: encode on the loop
+                logger.info("prompts are encoded on the event loop (tokenizer copy: %s)", e)
+                self._encoder = False
+                return None
+            pool = ThreadPoolExecutor(1, thread_name_prefix="modelport-tokenizer")
+            self._encoder = (pool, tok)
+        return self._encoder or None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

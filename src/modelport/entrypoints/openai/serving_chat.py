@@ -124,6 +124,41 @@ def render_chat_prompt(
     chat_template: str | None = None,
 ) -> tuple[list[int], str | None]:
     """render_chat's ids and the rendered prompt text (None when the template gave ids)."""
+    rendered = render_chat_text(engine, messages, add_generation_prompt, tools,
+                                continue_final_message, chat_template_kwargs, chat_template)
+    if isinstance(rendered, str):
+        return engine.encode(rendered, add_special_tokens=False), rendered
+    return rendered, None
+
+
+async def render_chat_prompt_async(
+    engine: AsyncLLM,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> tuple[list[int], str | None]:
+    """render_chat_prompt with a long rendered prompt encoded off the event loop
+    (``AsyncLLM.encode_async``)."""
+    rendered = render_chat_text(engine, messages, add_generation_prompt, tools,
+                                continue_final_message, chat_template_kwargs, chat_template)
+    if isinstance(rendered, str):
+        return await engine.encode_async(rendered, add_special_tokens=False), rendered
+    return rendered, None
+
+
+def render_chat_text(
+    engine: AsyncLLM,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> str | list[int]:
+    """The chat template's prompt text (or the ids a template returned directly)."""
     convo = history_for_template([template_message(m) for m in messages])
     if continue_final_message:
         check_continue(messages, add_generation_prompt)
@@ -157,9 +192,7 @@ def render_chat_prompt(
                 param="messages",
             )
         rendered = rendered[: rendered.rindex(_CONTINUE_MARK)]
-    if isinstance(rendered, str):
-        return engine.encode(rendered, add_special_tokens=False), rendered
-    return list(rendered), None
+    return rendered if isinstance(rendered, str) else list(rendered)
 
 
 def check_continue(messages: list[ChatMessage], add_generation_prompt: bool) -> None:
@@ -238,7 +271,7 @@ class ServingChat:
             )
         template_kwargs = with_default_kwargs(self.default_chat_template_kwargs,
                                               req.chat_template_kwargs)
-        ids, prompt_text = render_chat_prompt(
+        ids, prompt_text = await render_chat_prompt_async(
             engine, req.messages, req.add_generation_prompt, plan.template_tools,
             req.continue_final_message, template_kwargs, chat_template,
         )

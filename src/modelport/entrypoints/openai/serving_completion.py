@@ -60,7 +60,7 @@ class ServingCompletion:
     def __init__(self, engine: AsyncLLM) -> None:
         self.engine = engine
 
-    def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    async def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
         p = req.prompt
         if isinstance(p, str):
             texts: list = [p]
@@ -73,7 +73,7 @@ class ServingCompletion:
         out: list[tuple[str | None, list[int]]] = []
         for item in texts:
             if isinstance(item, str):
-                text, ids = item, self.engine.encode(item)
+                text, ids = item, await self.engine.encode_async(item)
             else:
                 text, ids = None, list(item)
             kept = truncate_prompt(self.engine, ids, req.truncate_prompt_tokens)
@@ -86,7 +86,7 @@ class ServingCompletion:
         model = check_model(engine, req.model)
         check_unsupported(req)
         check_max_logprobs(engine, logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs)
-        prompts = self._prompts(req)
+        prompts = await self._prompts(req)
         params_list = []
         echo_k = req.logprobs if (req.echo and req.logprobs is not None) else None
         # a stream never sends prompt_logprobs (only 0 gets this far): not computed
