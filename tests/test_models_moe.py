@@ -26,6 +26,7 @@ from helpers.tiny_models import (
 from helpers.tiny_models import load_cpu_fp32 as load
 from helpers.tiny_moe import make_tiny_moe_dir as make_moe_dir
 from helpers.tiny_moe import tiny_moe_config as _config
+from helpers.triton_interp import PRELUDE as _PRELUDE
 from modelport import LLM, SamplingParams
 from modelport.config import ModelConfig
 from modelport.layers.fused_moe import FusedMoE, moe_reference, route
@@ -282,14 +283,6 @@ def test_planner_refuses_what_moe_refuses(moe_dir: Path, capsys: pytest.CaptureF
 
 # -- the Triton kernel, in the interpreter and compiled for sm_90 -------------------------------
 
-_PRELUDE = textwrap.dedent("""
-    import triton.runtime.interpreter as ti
-    _patch = ti._patch_lang_tensor
-    def _fixed(tensor, scope):  # triton 3.6's interpreter: a 1-element array as an int
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _fixed
-""")
 
 _KERNEL = textwrap.dedent("""
     import torch

@@ -16,17 +16,10 @@ import torch
 
 from helpers.tiny_models import TINY_PROMPT
 from helpers.tiny_moe import make_tiny_moe_dir
+from helpers.triton_interp import PRELUDE as _PRELUDE
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_PRELUDE = textwrap.dedent("""
-    import triton.runtime.interpreter as ti
-    _patch = ti._patch_lang_tensor
-    def _fixed(tensor, scope):  # triton 3.6's interpreter: a 1-element array as an int
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _fixed
-""")
 
 _SCRIPT = textwrap.dedent("""
     import torch

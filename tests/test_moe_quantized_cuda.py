@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from helpers.tiny_models import TINY_PROMPT as PROMPT
 from helpers.tiny_models import load_cpu, run_one_sequence
 from helpers.tiny_moe import make_tiny_moe_dir as make_moe_dir
+from helpers.triton_interp import PRELUDE as _PRELUDE
 from modelport.layers.fused_moe import ExpertMLP, FusedMoE, moe_reference, route
 from modelport.layers.moe_quant import QuantExperts
 from modelport.quantization import kernels
@@ -254,14 +255,6 @@ def test_cuda_plan_takes_fp8_awq_gptq_and_refuses_the_rest(
 
 # -- the kernels: Triton interpreter and sm_90 ---------------------------------------------------
 
-_PRELUDE = textwrap.dedent("""
-    import triton.runtime.interpreter as ti
-    _patch = ti._patch_lang_tensor
-    def _fixed(tensor, scope):  # triton 3.6's interpreter: a 1-element array as an int
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _fixed
-""")
 
 _KERNELS = textwrap.dedent("""
     import torch

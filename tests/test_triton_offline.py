@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.triton_interp import PRELUDE
+
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
@@ -163,14 +165,7 @@ def test_nf4_kernels_match_the_reference_in_the_triton_interpreter() -> None:
 # (a loop start: the decode kernel's context split, the W4/W8 GEMM's K slice) into a
 # 1-element array that int() rejects (3.9 fixed it the same way, `.squeeze()`), and defines
 # close(), the results' check.
-_PRELUDE = textwrap.dedent("""
-    import triton.runtime.interpreter as ti
-    _patch = ti._patch_lang_tensor
-    def _fixed(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _fixed
-
+_PRELUDE = PRELUDE + textwrap.dedent("""
     def close(y, ref, what):
         # max error relative to the reference's largest value: within fp16 rounding
         err = (y.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()

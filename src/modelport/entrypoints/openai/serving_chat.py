@@ -114,36 +114,20 @@ def render_chat(
                               continue_final_message, chat_template_kwargs, chat_template)[0]
 
 
-def render_chat_prompt(
-    engine: AsyncLLM,
-    messages: list[ChatMessage],
-    add_generation_prompt: bool = True,
-    tools: list[dict[str, Any]] | None = None,
-    continue_final_message: bool = False,
-    chat_template_kwargs: dict[str, Any] | None = None,
-    chat_template: str | None = None,
-) -> tuple[list[int], str | None]:
-    """render_chat's ids and the rendered prompt text (None when the template gave ids)."""
-    rendered = render_chat_text(engine, messages, add_generation_prompt, tools,
-                                continue_final_message, chat_template_kwargs, chat_template)
+def render_chat_prompt(engine: AsyncLLM, *args: Any, **kw: Any) -> tuple[list[int], str | None]:
+    """render_chat's ids and the rendered prompt text (None when the template gave ids);
+    the arguments are ``render_chat_text``'s."""
+    rendered = render_chat_text(engine, *args, **kw)
     if isinstance(rendered, str):
         return engine.encode(rendered, add_special_tokens=False), rendered
     return rendered, None
 
 
-async def render_chat_prompt_async(
-    engine: AsyncLLM,
-    messages: list[ChatMessage],
-    add_generation_prompt: bool = True,
-    tools: list[dict[str, Any]] | None = None,
-    continue_final_message: bool = False,
-    chat_template_kwargs: dict[str, Any] | None = None,
-    chat_template: str | None = None,
-) -> tuple[list[int], str | None]:
+async def render_chat_prompt_async(engine: AsyncLLM, *args: Any, **kw: Any
+                                   ) -> tuple[list[int], str | None]:
     """render_chat_prompt with a long rendered prompt encoded off the event loop
     (``AsyncLLM.encode_async``)."""
-    rendered = render_chat_text(engine, messages, add_generation_prompt, tools,
-                                continue_final_message, chat_template_kwargs, chat_template)
+    rendered = render_chat_text(engine, *args, **kw)
     if isinstance(rendered, str):
         return await engine.encode_async(rendered, add_special_tokens=False), rendered
     return rendered, None
