@@ -12,7 +12,12 @@ with another choice of scale and scores it:
 shipped: as the kernel does; bf16: the scale rounded up to a bf16 first and the codes
 rounded with that scale (the matmul then multiplies by the scale the codes were made for);
 mse: per row, the bf16 scale of clip ratio 1.0, 0.98 ... 0.5 of max|w| with the smallest
-squared error; exact: the file dequantized to fp32 (`quantization="none"`).
+squared error; exact: the file dequantized to fp32 (`quantization="none"`); blocks: Q8_0 on
+its block-scale kernel (CpuQ8Kernel, session 31, opt-in: MODELPORT_Q8_CPU=blocks). With
+--chunk 16 every prompt chunk is at most 16 rows, so the small-batch kernels score the text
+(the C kernel for blocks; torch's int8 GEMM for the row scales); without it, 512-token
+windows run the large-batch branch (the weight expanded to bf16; MODELPORT_Q8_LARGE=f32
+expands blocks' weight to float32 instead).
 Prints the mean relative weight error over the kept layers and one perplexity a text.
 """
 
@@ -56,10 +61,17 @@ def row_scales(w: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("how", choices=["shipped", "bf16", "mse", "exact"])
+    ap.add_argument("how", choices=["shipped", "bf16", "mse", "exact", "blocks"])
     ap.add_argument("texts", nargs="+")
     ap.add_argument("--model", required=True)
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="max_num_batched_tokens: prompt chunks of at most this many tokens "
+                         "(16: every Q8_0 matmul on the small-batch kernels)")
     args = ap.parse_args()
+    import os
+
+    # Q8_0 on its block-scale kernel (CpuQ8Kernel, opt-in) or the row one
+    os.environ["MODELPORT_Q8_CPU"] = "blocks" if args.how == "blocks" else "rows"
     from modelport.quantization import kernels
 
     errors: list[float] = []
@@ -78,8 +90,9 @@ def main() -> int:
     from modelport import LLM
     from modelport.quantization.tools.perplexity import perplexity
 
+    extra = {"max_num_batched_tokens": args.chunk} if args.chunk else {}
     llm = LLM(model=args.model, quantization="none" if args.how == "exact" else "gguf",
-              max_model_len=2048)
+              max_model_len=2048, **extra)
     if errors:
         print(f"{args.how}: mean relative weight error {statistics.mean(errors):.5f} over "
               f"{len(errors)} layers")

@@ -14,7 +14,11 @@ Both engines are built once in one process and measured alternately --repeat tim
 box may be shared: other load only slows a run down, so the best and the median are kept).
 
     .venv/bin/python bench/quant_cpu_decode.py [--repeat 5] [--batch] [--json out.json]
-        [--model FILE.gguf]
+        [--model FILE.gguf] [--q8-ab]
+
+--q8-ab (with a Q8_0 --model): engines "gguf" on the per-row requantized int8 kernel
+(MODELPORT_Q8_CPU=rows, the default before session 32) and "gguf" on the Q8_0 block-scale kernel
+(quantization/kernels.CpuQ8Kernel).
 """
 
 from __future__ import annotations
@@ -101,17 +105,32 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--model", default=None,
                     help="another GGUF file (e.g. a Q8_0 copy from bench/gguf_requant.py)")
+    ap.add_argument("--q8-ab", action="store_true",
+                    help="engines: gguf with MODELPORT_Q8_CPU=rows, gguf with =blocks")
     args = ap.parse_args()
     from modelport import SamplingParams
 
     variants = {}
     names = {"none": "none (fp32)", None: "default (auto)", "gguf": "gguf (explicit)"}
-    for q in ("none", None, "gguf"):
+    builds = [(q, names[q], None) for q in ("none", None, "gguf")]
+    if args.q8_ab:  # Q8_0 on CPU: per-row requantized int8 (before) against its block scales
+        builds = [("gguf", "gguf, Q8_0 rows (MODELPORT_Q8_CPU=rows)", "rows"),
+                  ("gguf", "gguf, Q8_0 blocks (MODELPORT_Q8_CPU=blocks)", "blocks")]
+    for q, name, q8 in builds:
         t0 = time.perf_counter()
-        llm = make_llm(q, args.model)
+        before = os.environ.get("MODELPORT_Q8_CPU")
+        if q8 is not None:  # read when the kernels are built, i.e. by make_llm
+            os.environ["MODELPORT_Q8_CPU"] = q8
+        try:
+            llm = make_llm(q, args.model)
+        finally:
+            if before is None:
+                os.environ.pop("MODELPORT_Q8_CPU", None)
+            else:
+                os.environ["MODELPORT_Q8_CPU"] = before
         warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         llm.generate(prompt_token_ids=[[1000] * 64], sampling_params=warm, use_tqdm=False)
-        variants[names[q]] = {"llm": llm, "load_s": round(time.perf_counter() - t0, 1),
+        variants[name] = {"llm": llm, "load_s": round(time.perf_counter() - t0, 1),
                                         "single": [], "batch": []}
     for _ in range(args.repeat):  # alternate, so load from other processes hits both alike
         for v in variants.values():
@@ -132,7 +151,9 @@ def main() -> None:
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                       f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
            "results": rows,
-           "single_stream_speedup_best_vs_fp32": {
+           # with --q8-ab: against the first engine, the row path
+           ("single_stream_speedup_best_vs_rows" if args.q8_ab
+            else "single_stream_speedup_best_vs_fp32"): {
                r["quantization"]: round(r["single_decode_tok_s_best"]
                                         / rows[0]["single_decode_tok_s_best"], 2)
                for r in rows[1:]}}

@@ -3,7 +3,8 @@
 On a CPU a decode step of a small model (the embedded SmolLM2-135M: 30 layers of width 576)
 is mostly dispatch: ~60 torch ops a layer for a few hundred floats each, against four
 weight-only GEMMs that do the real work. For a Llama-family model whose linear layers run
-torch's int4 or int8 CPU kernels (the default model kept in Q4; Q8_0 / K-quant GGUF files),
+torch's int4 or int8 CPU kernels (the default model kept in Q4; K-quant GGUF files) or the
+Q8_0 block-scale kernel (quantization/kernels.CpuQ8Kernel, also in csrc/cpu_decode.c),
 or are all plain float matmuls (float32 or bfloat16 checkpoints, ``quantization="none"``),
 ``decode`` runs each layer of a step as its four matmuls, each the op its module would call
 (cpu_linear_ops.py), with three C calls between them (residual add + RMSNorm; bias + rotary +
@@ -74,7 +75,23 @@ _SIGNATURES = {
                                _P, _P, _F, _P, _P, _P, _I, _I, _I, _P, _P, _F),
     "mp_silu_mul_io": (_I, _I, _P, _P, _I),
     "mp_moe_sum": (_I, _I, _P, _I, _P, _P),  # one token's MoE sum (cpu_moe_step.py)
+    # GGUF Q8_0 matmul on the file's block scales (quantization/kernels.CpuQ8Kernel)
+    "mp_q8_matmul": (_I, _I, _I, _P, _I, _P, _P, _P, _I, _I, _I),
+    "mp_q8_expand_bf16": (_I, _I, _P, _P, _P, _I, _I),
+    # the same with x quantized per block to int8 (int8 x int8 dot products), and that
+    # quantization alone (tests); mp_q8_i8_isa (returns int, so not listed) names the path
+    "mp_q8_matmul_i8": (_I, _I, _I, _P, _I, _P, _P, _P, _I, _I, _I),
+    "mp_q8_quantize_x": (_I, _I, _P, _I, _P, _P),
+    "mp_q8_i8_pack": (_I, _I, _P, _P),  # returns int (_RETURNS)
+    "mp_q8_i8_isa": (),
+    "mp_q8_uses_openmp": (),  # returns int: rows split over torch's OpenMP team
+    "mp_q8_expand_bf16_packed": (_I, _I, _P, _P, _P, _I, _I),
 }
+
+
+# the functions that return a value (the others return nothing)
+_RETURNS = {"mp_q8_i8_pack": ctypes.c_int, "mp_q8_i8_isa": ctypes.c_int,
+            "mp_q8_uses_openmp": ctypes.c_int}
 
 
 def _cpu_id() -> str:
@@ -96,7 +113,11 @@ def _compile(out: Path) -> None:
     base = [cc, "-O3", "-fPIC", "-shared", "-fopenmp-simd", "-ffp-contract=off", "-pthread", "-o",
             str(out), str(_SRC), "-lm"]
     errors = []
-    for extra in (["-march=native"], []):  # some compilers / CPUs lack -march=native
+    # -fopenmp: the Q8_0 matmuls split their rows over torch's OpenMP team (libgomp.so.1 is
+    # torch's copy once torch is loaded) instead of a pool of their own, whose worker shared a
+    # core with torch's spinning ones on a small box (csrc/cpu_decode.c, mp_q8_matmul); some
+    # compilers / CPUs lack -march=native or OpenMP
+    for extra in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
         r = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True,
                            timeout=120)
         if r.returncode == 0:
@@ -127,7 +148,7 @@ def load_library() -> ctypes.CDLL | None:
             for name, args in _SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.argtypes = args
-                fn.restype = None
+                fn.restype = _RETURNS.get(name)
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the module path
             logger.info("CPU decode kernels unavailable (%s); using the torch path", e)
@@ -232,7 +253,8 @@ def _fits(model) -> str | None:
             op = linear_op(lin, lin is a.qkv_proj)
             if isinstance(op, str):
                 return op
-            dtypes.add(op.dtype)
+            if not op.any_dtype:  # a Q8_0 matmul takes either dtype
+                dtypes.add(op.dtype)
         if type(ffn) is not SparseMoeBlock:  # read once the classes are known (TP wraps them)
             inters.add(ffn.down_proj.input_size)
     if len(dtypes) > 1:  # the C calls between two matmuls write one dtype
@@ -275,7 +297,10 @@ class DecodePlan:
                           if hasattr(_ffn(layer), "down_proj")), default=0)
         self.norm_w = model.norm.weight.detach().float().contiguous()
         self.norm_eps = model.norm.eps
-        self.dtype = self.layers[0].ops[0].dtype  # every matmul's input and output
+        # every matmul's input and output (float32 where all of them take either: Q8_0)
+        self.dtype = next((op.dtype for L in self.layers
+                           for op in L.ops + (L.moe.ops if L.moe else []) if not op.any_dtype),
+                          torch.float32)
         self.io_f32 = int(self.dtype == torch.float32)
         self.kinds = sorted({op.kind for L in self.layers
                              for op in L.ops + (L.moe.ops if L.moe else [])})
@@ -289,7 +314,8 @@ class DecodePlan:
             return None
         lib, nh, nkv, hd, f32, dt = (self.lib, self.nh, self.nkv, self.hd, self.io_f32,
                                      self.dtype)
-        big = int(rows > CPU_INT8_MAX_M)  # the int8 kernel's branch (CpuInt8Kernel.forward)
+        big = int(rows > CPU_INT8_MAX_M)  # the int8 kernel's branch (CpuInt8Kernel.forward;
+        # a Q8_0 op's two are the same call, which picks its own)
         qkv_n = (nh + 2 * nkv) * hd
         # per token row: its request, how many positions it sees, whether C attends for it
         # (the one new token of a decoding request) or the prompt-chunk loop below does

@@ -5,6 +5,10 @@ runs for a 2-D input, so the C path's matmuls give the module path's results.
 * ``CpuInt8Kernel`` (GGUF Q5/Q6/Q8 and the other formats requantized per row): torch's int8
   GEMM up to ``CPU_INT8_MAX_M`` rows, above that the int8 weight expanded to bf16 for a bf16
   matmul, exactly as ``CpuInt8Kernel.forward`` chooses; bf16 in and out.
+* ``CpuQ8Kernel`` (GGUF Q8_0 with its block scales): its C matmul up to ``CPU_Q8_MAX_M`` rows,
+  the exact weight expanded above, as ``CpuQ8Kernel.matmul`` chooses; float32 or bf16 in, the
+  same out (``any_dtype``: the C step picks the dtype of the model's other matmuls, float32
+  where all are Q8_0).
 * A plain float layer (``quant_method is None``, weight float32 or bfloat16): ``F.linear``
   with its bias, in and out in the weight's dtype, as ``Linear.forward`` runs it.
 
@@ -36,14 +40,25 @@ class LinearOp:
     small: _Call
     large: _Call
     dtype: torch.dtype  # of its input and of its output
-    kind: str  # "int4", "int8" or "float"
+    kind: str  # "int4", "int8", "q8_0" or "float"
     c_bias: torch.Tensor | None  # float32, for the C code to add after the matmul (qkv only)
+    any_dtype: bool = False  # takes float32 or bf16 and gives the same (dtype: float32)
+
+
+def _q8_matmul(x: torch.Tensor, kernel) -> torch.Tensor:
+    """CpuQ8Kernel.matmul on the C step's [M, K] float32 or bf16 buffer."""
+    return kernel.matmul(x)
 
 
 def linear_op(lin, bias_in_c: bool) -> LinearOp | str:
     """The op for ``lin``, or why the C step cannot call it. ``bias_in_c``: the layer is the
     fused qkv projection, whose quantized bias the C attention call adds."""
-    from modelport.quantization.kernels import CpuInt4Kernel, CpuInt8Kernel, GroupQuantMethod
+    from modelport.quantization.kernels import (
+        CpuInt4Kernel,
+        CpuInt8Kernel,
+        CpuQ8Kernel,
+        GroupQuantMethod,
+    )
 
     if lin.quant_method is None:
         w = lin.weight
@@ -52,13 +67,16 @@ def linear_op(lin, bias_in_c: bool) -> LinearOp | str:
         call = (F.linear, (w, lin.bias))
         return LinearOp(call, call, w.dtype, "float", None)
     k = getattr(lin, "qkernel", None)
-    if not isinstance(lin.quant_method, GroupQuantMethod) or type(k) not in (CpuInt4Kernel,
-                                                                             CpuInt8Kernel):
-        return "a linear layer on neither the int4 nor the int8 CPU kernel"
+    if not isinstance(lin.quant_method, GroupQuantMethod) or type(k) not in (
+            CpuInt4Kernel, CpuInt8Kernel, CpuQ8Kernel):
+        return "a linear layer on none of the int4, int8 or Q8_0 CPU kernels"
     bias = lin.bias
     if bias is not None and not bias_in_c:
         return "a bias on a quantized projection other than qkv"
     c_bias = bias.detach().float().contiguous() if bias is not None else None
+    if type(k) is CpuQ8Kernel:
+        call = (_q8_matmul, (k,))
+        return LinearOp(call, call, torch.float32, "q8_0", c_bias, any_dtype=True)
     if type(k) is CpuInt4Kernel:
         if k.perm is not None:
             return "an act-order (permuted) int4 layer"

@@ -10,7 +10,14 @@ Kernels, chosen by ``make_kernel``:
 
 * ``CpuInt4Kernel``: torch's weight-only int4 CPU GEMM (``_weight_int4pack_mm_for_cpu``) with
   bf16 activations (the fp32 entry of that op is ~20x slower; bf16 is its fast path).
-* ``CpuInt8Kernel``: every other weight on CPU (GGUF Q5/Q6/Q8, GPTQ W8, 4-bit codes the int4
+* ``CpuQ8Kernel``: GGUF Q8_0 on CPU (and any GroupQuant of the same shape: 8-bit codes,
+  zero -128 x scale, fp16 scales per 32 inputs), its block scales kept: a C kernel
+  (layers/csrc/cpu_decode.c) on the exact weights up to ``CPU_Q8_MAX_M`` rows, the weight
+  expanded to bf16 above. Opt-in, ``MODELPORT_Q8_CPU=blocks``: on SmolLM2 Q8_0 1.19x faster
+  single stream than CpuInt8Kernel at +0.34 % perplexity against +0.77 % (bench/README.md,
+  session 32); by default Q8_0 stays on CpuInt8Kernel until the planner's byte counts and the
+  MoE C step take this kernel.
+* ``CpuInt8Kernel``: every other weight on CPU (GGUF Q5/Q6/K-quants, GPTQ W8, 4-bit codes the int4
   kernel does not take: act-order groups, groups of 16; NF4 and FP8 use it too), requantized
   per output row to the symmetric int8 that torch's weight-only int8 CPU GEMM
   (``_weight_int8pack_mm``) takes, bf16 activations; batches above ``CPU_INT8_MAX_M`` rows
@@ -35,6 +42,7 @@ are scattered over K); such a slice keeps its g_idx and runs on ``CpuInt8Kernel`
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 from dataclasses import dataclass
 
@@ -210,6 +218,130 @@ class CpuInt8Kernel(torch.nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
+# how long (us) the Q8_0 kernel's pool workers spin for the next call before sleeping (the
+# pthread pool: a library built without OpenMP, or a forked child; else torch's OpenMP team)
+Q8_SPIN_US = int(os.environ.get("MODELPORT_Q8_SPIN_US", "100"))
+# rows up to which CpuQ8Kernel runs its C kernel; above, the weight is expanded per call
+# (CpuQ8Kernel.matmul). With x quantized per block (the default, int8 dot products) the C
+# kernel runs up to CPU_Q8I_MAX_M rows.
+CPU_Q8_MAX_M = CPU_INT8_MAX_M
+CPU_Q8I_MAX_M = int(os.environ.get("MODELPORT_Q8I_MAX_M", "32"))
+
+
+def q8_0_codes(gq: GroupQuant) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 codes [N, K], fp16 block scales [N, K / 32]) where gq is GGUF Q8_0 as unpacked
+    (gguf_formats.unpack: codes q + 128, scale d, zero -128 d, blocks of 32, d an fp16
+    value), else None."""
+    n, k = gq.shape
+    if gq.g_idx is not None or gq.group_size != 32 or gq.bits != 8 or k % 32:
+        return None
+    d = gq.scales.float()
+    d16 = d.to(torch.float16)
+    if not torch.equal(d16.float(), d) or not torch.equal(gq.zeros.float(), -128 * d):
+        return None
+    return (gq.codes.to(torch.int16) - 128).to(torch.int8).contiguous(), d16.contiguous()
+
+
+class CpuQ8Kernel(torch.nn.Module):
+    """GGUF Q8_0 on CPU with the file's scale per block of 32 (no requantization).
+
+    ``act_i8`` (the default, ``MODELPORT_Q8_CPU=blocks``): up to ``CPU_Q8I_MAX_M`` rows
+    ``mp_q8_matmul_i8`` in layers/csrc/cpu_decode.c: each row of x quantized per block of 32
+    to int8 (one float32 scale a block: max|x| / 127, round half to even), then int8 x int8
+    dot products a block (AVX-512 VNNI / AVX2 / scalar, chosen when the C file is compiled
+    for this CPU), each scaled by weight scale x activation scale and summed in float32; the
+    weights stay exact, x is rounded to 8 bits per block (perplexity +0.34 % against the
+    exact weights on SmolLM2 Q8_0, the row requantization +0.76 %; bench/README.md, session
+    32). ``MODELPORT_Q8_CPU=blocks_f32``: up to ``CPU_Q8_MAX_M`` rows ``mp_q8_matmul``
+    instead (each block's weights formed in float32 as code * scale, which is exact, times
+    float32 activations): the exactly dequantized weight's results up to float32 summation
+    order (a bf16 input, as the C step gives between bf16 matmuls, is widened exactly; a
+    bf16 output is rounded once), but slower. Both split output rows over torch's own OpenMP
+    team (a second pool beside it cost ~15-30 % single stream on 2 cores; csrc/cpu_decode.c),
+    or a small resident thread pool where the library has no OpenMP. Above (prompt chunks,
+    wide batches), as CpuInt8Kernel: the weight expanded per call to bf16 (each exact weight
+    rounded once, ``mp_q8_expand_bf16``) for a bf16 matmul of bf16 activations;
+    ``MODELPORT_Q8_LARGE=f32`` (read when the kernel is built) expands it to float32
+    instead, exact but ~2x slower there on the 2-core box.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, act_i8: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("qweight", codes)  # int8 [N, K]
+        self.register_buffer("scales", scales)  # fp16 [N, K / 32]
+        self.out_features, self.in_features = codes.shape
+        self.large_f32 = os.environ.get("MODELPORT_Q8_LARGE", "bf16") == "f32"
+        self.act_i8 = act_i8
+        self.max_m = CPU_Q8I_MAX_M if act_i8 else CPU_Q8_MAX_M
+        self.packed = False  # qweight in mp_q8_i8_pack's order (the VNNI build's)
+        if act_i8:
+            packed = torch.empty_like(codes)
+            self.packed = bool(_q8_lib().mp_q8_i8_pack(*codes.shape, codes.data_ptr(),
+                                                       packed.data_ptr()))
+            self.qweight = packed
+
+    def expanded(self) -> torch.Tensor:
+        """The exact float32 weight [N, K]."""
+        n, k = self.qweight.shape
+        q = self.qweight
+        if self.packed:  # groups of 512: [8 steps, 16 blocks, 4 codes] -> [16, 8, 4]
+            g = k // 512
+            head = q[:, :512 * g].view(n, g, 8, 16, 4).transpose(2, 3).reshape(n, 512 * g)
+            q = torch.cat([head, q[:, 512 * g:]], dim=1)
+        return (q.view(n, k // 32, 32).float()
+                * self.scales.float()[:, :, None]).view(n, k)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """[M, K] float32 or bf16 (contiguous) -> [M, N] of the same dtype."""
+        m = x2.shape[0]
+        if m > self.max_m:
+            if self.large_f32:
+                return F.linear(x2.float(), self.expanded()).to(x2.dtype)
+            w = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
+            lib = _q8_lib()
+            expand = lib.mp_q8_expand_bf16_packed if self.packed else lib.mp_q8_expand_bf16
+            expand(self.out_features, self.in_features, self.qweight.data_ptr(),
+                   self.scales.data_ptr(), w.data_ptr(), torch.get_num_threads(), Q8_SPIN_US)
+            return F.linear(x2.to(torch.bfloat16), w).to(x2.dtype)
+        f32 = int(x2.dtype == torch.float32)
+        y = torch.empty(m, self.out_features, dtype=x2.dtype)
+        lib = _q8_lib()
+        fn = lib.mp_q8_matmul_i8 if self.act_i8 else lib.mp_q8_matmul
+        fn(m, self.out_features, self.in_features, x2.data_ptr(), f32, self.qweight.data_ptr(),
+           self.scales.data_ptr(), y.data_ptr(), f32, torch.get_num_threads(), Q8_SPIN_US)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype not in (torch.float32, torch.bfloat16):
+            x2 = x2.float()
+        y = self.matmul(x2.contiguous())
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def cpu_q8_kernel(gq: GroupQuant) -> CpuQ8Kernel | None:
+    """CpuQ8Kernel for a GGUF Q8_0 weight with MODELPORT_Q8_CPU=blocks (int8 dot products
+    on x quantized per block) or =blocks_f32 (float32 x), or None (not set / =rows, another
+    format, or the C library cannot be built here: CpuInt8Kernel then)."""
+    # opt-in, read when the kernel is built; session 32 on the 2-core box, one process,
+    # engines alternating: 90.8 vs 76.3 tok/s single stream, 266.9 vs 244.7 at batch 32
+    how = os.environ.get("MODELPORT_Q8_CPU", "rows")
+    if how not in ("blocks", "blocks_f32"):
+        return None
+    parts = q8_0_codes(gq)
+    if parts is None:
+        return None
+    return CpuQ8Kernel(*parts, act_i8=how == "blocks") if _q8_lib() is not None else None
+
+
+def _q8_lib():  # noqa: ANN202 - ctypes.CDLL | None
+    """The C library (layers/cpu_kernels.py builds and caches it; None without a compiler)."""
+    from modelport.layers.cpu_kernels import load_library
+
+    return load_library()
+
+
 def cpu_int8_fits(gq: GroupQuant) -> bool:
     return gq.bits <= 8
 
@@ -226,6 +358,9 @@ def make_kernel(gq: GroupQuant, device: torch.device, *, allow_fast: bool = True
     if allow_fast and device.type == "cpu":
         if gq.uniform_groups() and cpu_int4_fits(gq):
             return CpuInt4Kernel(gq)
+        q8 = cpu_q8_kernel(gq)  # GGUF Q8_0: its block scales kept
+        if q8 is not None:
+            return q8
         if cpu_int8_fits(gq):  # any groups (act-order, 16-wide): requantized per row
             return CpuInt8Kernel(gq.dequantize(torch.float32))
     allow_fast = allow_fast and gq.uniform_groups()

@@ -565,3 +565,672 @@ void mp_moe_sum(int k, int h, const void *const *ys, int ys_f32, const float *w,
         }
     }
 }
+
+/* ---- GGUF Q8_0 matmul with the file's per-block scales (quantization/kernels.CpuQ8Kernel) ----
+ *
+ * y[m, n] = sum_k w[n, k] * x[m, k] with w[n, k] = q[n, k] * d[n, k / 32]: q int8 [N, K],
+ * d fp16 [N, K / 32] (the Q8_0 block scales), x float32 or bf16 [M, K], y float32 or bf16
+ * [M, N]. Each block's weights are formed in float32 as q * d, which is exact (8 bits times
+ * an 11-bit mantissa), so the result is the exactly dequantized weight's matmul up to float32
+ * accumulation order. Output rows n are split over this thread and others: built with
+ * -fopenmp (cpu_kernels.py tries that first), the threads of the OpenMP team torch's own ops
+ * run on (the library is loaded after torch, so libgomp.so.1 is torch's copy); else, or in a
+ * child forked after that team ran (whose threads the child lacks: a GOMP call there never
+ * returns), a small pool of resident workers (starting a pthread per call costs ~35 us, more
+ * than a 1-row projection here), each spinning spin_us microseconds for the next call before
+ * sleeping on a condition variable. One team matters on a small box: beside torch's team,
+ * whose workers spin for milliseconds after each of its parallel ops (the LM head), a second
+ * pool's worker had to share a core with a spinning one, and on 2 cores the decode step
+ * after the head took 10.7-14.5 ms instead of 6.4 ms (bench/README.md, session 32). */
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <sched.h>
+#include <stdatomic.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <stdlib.h>
+#include <time.h>
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+    if (e == 0) { /* zero / subnormal: m * 2^-24 */
+        float f = (float)m * 5.9604644775390625e-08f;
+        return (h & 0x8000u) ? -f : f;
+    }
+    u = e == 31 ? (s | 0x7f800000u | (m << 13)) : (s | ((e + 112) << 23) | (m << 13));
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+/* rows of x a pass over one weight row takes (two accumulators each) */
+#if defined(__AVX512F__)
+#define Q8_MT 8
+#else
+#define Q8_MT 4
+#endif
+
+typedef struct {
+    int M, N, K, y_f32, expand; /* expand: write w itself ([N, K] bf16 at y), no matmul */
+    const float *x;
+    const int8_t *q;
+    const uint16_t *d;
+    void *y;
+    /* mp_q8_matmul_i8 (x quantized per block, see there; x unused): xq int8 [M, kp], xd
+     * float32 [M, kp / 32] (kp: K rounded up to 64, the padding zero); with AVX-512 VNNI also
+     * per 4 codes -128 x their sum (xc int32 [M, kp / 4]) and each code's block scale per 4
+     * codes (xl float32 [M, kp / 4]) */
+    const int8_t *xq;
+    const float *xd;
+    const int32_t *xc;
+    const float *xl;
+    int kp;
+    /* VNNI, groups of 16 blocks (K / 512 of them, the rest of K is the tail): x's codes in
+     * the packed order (mp_q8_i8_pack; xi int8 [M, G * 512]) and -128 x each block's code sum
+     * (xg int32 [M, G * 16]); packed: q is in that order too (also for expand) */
+    const int8_t *xi;
+    const int32_t *xg;
+    int packed;
+} q8_job;
+
+/* rows r0..r0+mt-1 (mt <= Q8_MT) of x against output row n: out[r]. Inlined with a constant
+ * mt (q8_dot_rows) so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void q8_dot_impl(const q8_job *j, int n, int r0,
+                                                              const int mt, float *out) {
+    const int K = j->K, nb = K / 32;
+    const int8_t *q = j->q + (int64_t)n * K;
+    const uint16_t *d = j->d + (int64_t)n * nb;
+    const float *x0 = j->x + (int64_t)r0 * K;
+#if defined(__AVX512F__)
+    float sc[nb + 16]; /* the row's block scales as float32, converted 16 at a time */
+    for (int b = 0; b < nb; b += 16) {
+        if (nb - b >= 16)
+            _mm512_storeu_ps(sc + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b))));
+        else
+            for (int i = b; i < nb; i++) sc[i] = f16_to_f32(d[i]);
+    }
+    __m512 a0[Q8_MT], a1[Q8_MT];
+    for (int r = 0; r < Q8_MT; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const __m512 s = _mm512_set1_ps(sc[b]);
+        const __m512i qi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b)));
+        const __m512i qj =
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b + 16)));
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(qi), s);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(qj), s);
+        for (int r = 0; r < mt; r++) {
+            const float *xr = x0 + (int64_t)r * K + 32 * b;
+            a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a0[r]);
+            a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a1[r]);
+        }
+    }
+    for (int r = 0; r < mt; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0[Q8_MT], a1[Q8_MT];
+    for (int r = 0; r < Q8_MT; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const __m256 s = _mm256_set1_ps(f16_to_f32(d[b]));
+        for (int h = 0; h < 32; h += 16) {
+            const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                _mm_loadl_epi64((const __m128i *)(q + 32 * b + h)))), s);
+            const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                _mm_loadl_epi64((const __m128i *)(q + 32 * b + h + 8)))), s);
+            for (int r = 0; r < mt; r++) {
+                const float *xr = x0 + (int64_t)r * K + 32 * b + h;
+                a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[r]);
+                a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[r]);
+            }
+        }
+    }
+    for (int r = 0; r < mt; r++) {
+        __m256 v = _mm256_add_ps(a0[r], a1[r]);
+        __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+        t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));
+        out[r] = _mm_cvtss_f32(t);
+    }
+#else
+    for (int r = 0; r < mt; r++) {
+        const float *xr = x0 + (int64_t)r * K;
+        float acc[8] = {0};
+        for (int b = 0; b < nb; b++) {
+            const float s = f16_to_f32(d[b]);
+            for (int k = 0; k < 32; k++) acc[k & 7] += ((float)q[32 * b + k] * s) * xr[32 * b + k];
+        }
+        out[r] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+#endif
+}
+
+static void q8_dot_rows(const q8_job *j, int n, int r0, int mt, float *out) {
+    switch (mt) {
+#define Q8_CASE(c) case c: q8_dot_impl(j, n, r0, c, out); break;
+        Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4)
+#if Q8_MT > 4
+        Q8_CASE(5) Q8_CASE(6) Q8_CASE(7) Q8_CASE(8)
+#endif
+#undef Q8_CASE
+        default: break;
+    }
+}
+
+/* w[n, :] = q * d rounded once to bf16 (the exact weight's nearest bf16) */
+static void q8_expand_rows(const q8_job *j, int n0, int n1) {
+    const int K = j->K, nb = K / 32;
+    for (int n = n0; n < n1; n++) {
+        const int8_t *q = j->q + (int64_t)n * K;
+        const uint16_t *d = j->d + (int64_t)n * nb;
+        uint16_t *w = (uint16_t *)j->y + (int64_t)n * K;
+        int8_t row[j->packed ? K : 1];
+        if (j->packed) { /* groups of 16 blocks in the packed order (mp_q8_i8_pack) */
+            for (int g = 0; g < K / 512; g++)
+                for (int i = 0; i < 16; i++)
+                    for (int t = 0; t < 8; t++)
+                        memcpy(row + 512 * g + 32 * i + 4 * t, q + 512 * g + 64 * t + 4 * i, 4);
+            memcpy(row + K / 512 * 512, q + K / 512 * 512, (size_t)(K % 512));
+            q = row;
+        }
+        for (int b = 0; b < nb; b++) {
+            const float s = f16_to_f32(d[b]);
+#pragma omp simd
+            for (int k = 0; k < 32; k++) w[32 * b + k] = f32_to_bf16((float)q[32 * b + k] * s);
+        }
+    }
+}
+
+static void q8i_run(const q8_job *j, int n0, int n1);
+
+static void q8_run(const q8_job *j, int n0, int n1) {
+    if (j->expand) {
+        q8_expand_rows(j, n0, n1);
+        return;
+    }
+    if (j->xq) {
+        q8i_run(j, n0, n1);
+        return;
+    }
+    float out[Q8_MT];
+    for (int n = n0; n < n1; n++)
+        for (int r0 = 0; r0 < j->M; r0 += Q8_MT) {
+            const int mt = j->M - r0 < Q8_MT ? j->M - r0 : Q8_MT;
+            q8_dot_rows(j, n, r0, mt, out);
+            for (int r = 0; r < mt; r++) {
+                const int64_t at = (int64_t)(r0 + r) * j->N + n;
+                if (j->y_f32)
+                    ((float *)j->y)[at] = out[r];
+                else
+                    ((uint16_t *)j->y)[at] = f32_to_bf16(out[r]);
+            }
+        }
+}
+
+#define Q8_MAX_THREADS 16
+static pthread_mutex_t q8_call_mu = PTHREAD_MUTEX_INITIALIZER; /* one call at a time */
+static pthread_mutex_t q8_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t q8_cv = PTHREAD_COND_INITIALIZER;
+static int q8_workers;                 /* started so far */
+static atomic_uint q8_gen;             /* bumped per posted call */
+static atomic_int q8_pending;          /* workers' parts not yet done */
+static q8_job q8_cur;
+static int q8_parts, q8_spin_us;
+
+static double q8_now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e6 + t.tv_nsec * 1e-3;
+}
+
+static inline void q8_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* A forked child has none of the parent's workers: start its own on its first call. */
+static int q8_forked; /* this process is a fork's child: the pthread pool, not OpenMP */
+
+static void q8_after_fork_child(void) {
+    q8_forked = 1;
+    pthread_mutex_init(&q8_call_mu, NULL);
+    pthread_mutex_init(&q8_mu, NULL);
+    pthread_cond_init(&q8_cv, NULL);
+    q8_workers = 0;
+    atomic_store(&q8_pending, 0);
+}
+
+typedef struct {
+    int me;        /* its part (the calling thread does part 0) */
+    unsigned seen; /* the call count when it was started: it waits for the next one */
+} q8_start;
+
+static void *q8_worker(void *arg) {
+    const q8_start st = *(const q8_start *)arg;
+    free(arg);
+    const int me = st.me;
+    unsigned seen = st.seen;
+    for (;;) {
+        unsigned g = atomic_load_explicit(&q8_gen, memory_order_acquire);
+        if (g == seen) {
+            const double until = q8_now_us() + q8_spin_us;
+            int n = 0;
+            while ((g = atomic_load_explicit(&q8_gen, memory_order_acquire)) == seen) {
+                q8_pause();
+                if (++n % 256 == 0 && q8_now_us() > until) break;
+            }
+            if (g == seen) {
+                pthread_mutex_lock(&q8_mu);
+                while ((g = atomic_load_explicit(&q8_gen, memory_order_acquire)) == seen)
+                    pthread_cond_wait(&q8_cv, &q8_mu);
+                pthread_mutex_unlock(&q8_mu);
+            }
+        }
+        seen = g;
+        /* every worker acknowledges every call (so none can lag into the next one) */
+        if (me < q8_parts) {
+            const q8_job *j = &q8_cur;
+            q8_run(j, (int)((int64_t)j->N * me / q8_parts),
+                   (int)((int64_t)j->N * (me + 1) / q8_parts));
+        }
+        atomic_fetch_sub_explicit(&q8_pending, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+/* x: [M, K] float32 (x_f32) or bf16; y: [M, N] float32 (y_f32) or bf16. K a multiple of 32.
+ * n_threads: this thread and up to n_threads - 1 pool workers (fewer for small calls). */
+static void q8_go(q8_job j, int n_threads, int spin_us);
+static void q8_after_fork_child(void);
+/* at load, so that a child forked before this library's first call knows it is one */
+__attribute__((constructor)) static void q8_register_atfork(void) {
+    pthread_atfork(NULL, NULL, q8_after_fork_child);
+}
+
+/* The weight itself as bf16 [N, K] (w: the output), for a bf16 matmul of many rows. */
+void mp_q8_expand_bf16(int N, int K, const int8_t *q, const uint16_t *d, uint16_t *w,
+                       int n_threads, int spin_us) {
+    q8_job j = {0, N, K, 0, 1, NULL, q, d, w};
+    q8_go(j, n_threads, spin_us);
+}
+
+void mp_q8_matmul(int M, int N, int K, const void *x, int x_f32, const int8_t *q,
+                  const uint16_t *d, void *y, int y_f32, int n_threads, int spin_us) {
+    float *xf = NULL;
+    if (!x_f32) {
+        xf = (float *)malloc(sizeof(float) * (size_t)M * K);
+        if (!xf) return;
+        for (int64_t i = 0; i < (int64_t)M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    }
+    q8_job j = {M, N, K, y_f32, 0, xf ? xf : (const float *)x, q, d, y};
+    q8_go(j, n_threads, spin_us);
+    free(xf);
+}
+
+static void q8_go(q8_job j, int n_threads, int spin_us) {
+    const int N = j.N, K = j.K;
+    int parts = n_threads < 1 ? 1 : (n_threads > Q8_MAX_THREADS ? Q8_MAX_THREADS : n_threads);
+    if ((int64_t)N * K < 65536 || N < 8 * parts) parts = 1; /* too small to pay for a hand-off */
+#ifdef _OPENMP
+    if (parts > 1 && !q8_forked) { /* torch's team (it may give fewer threads than asked) */
+#pragma omp parallel num_threads(parts)
+        {
+            const int me = omp_get_thread_num(), all = omp_get_num_threads();
+            q8_run(&j, (int)((int64_t)N * me / all), (int)((int64_t)N * (me + 1) / all));
+        }
+        return;
+    }
+#endif
+    if (parts > 1) {
+        pthread_mutex_lock(&q8_call_mu);
+        while (q8_workers < parts - 1) { /* start the pool's workers on first need */
+            pthread_t t;
+            q8_start *st = (q8_start *)malloc(sizeof *st);
+            if (!st) break;
+            st->me = q8_workers + 1;
+            st->seen = atomic_load(&q8_gen);
+            if (pthread_create(&t, NULL, q8_worker, st) != 0) {
+                free(st);
+                break;
+            }
+            pthread_detach(t);
+            q8_workers++;
+        }
+        if (parts > q8_workers + 1) parts = q8_workers + 1;
+        q8_cur = j;
+        q8_parts = parts;
+        q8_spin_us = spin_us;
+        atomic_store_explicit(&q8_pending, q8_workers, memory_order_release);
+        pthread_mutex_lock(&q8_mu);
+        atomic_fetch_add_explicit(&q8_gen, 1, memory_order_acq_rel);
+        pthread_cond_broadcast(&q8_cv);
+        pthread_mutex_unlock(&q8_mu);
+        q8_run(&j, 0, (int)((int64_t)N / parts));
+        /* the workers' parts: spin, then give the core away now and then (a worker that
+         * slept may be waiting for one on a busy machine) */
+        for (int i = 0; atomic_load_explicit(&q8_pending, memory_order_acquire) > 0; i++) {
+            q8_pause();
+            if (i > 4096 && i % 64 == 0) sched_yield();
+        }
+        pthread_mutex_unlock(&q8_call_mu);
+    } else {
+        q8_run(&j, 0, N);
+    }
+}
+
+/* ---- The same with x quantized per block: int8 x int8 dot products (CpuQ8Kernel) ----
+ *
+ * Each row of x is quantized per block of 32 (the weight's blocks) to int8 with one float32
+ * scale: xd = max|x| / 127, code = round-half-even(x * (1 / xd)) in [-127, 127] (0 where the
+ * block is all zero); then y[m, n] = sum_blocks (sum_32 q * code) * (d * xd), the block's
+ * integer dot product exact, the scaling and the sum over blocks in float32. So the weights
+ * stay exact (the file's block scales) and the only error beyond float32 rounding is x's
+ * rounding to 8 bits per block, at most xd / 2 an element. The x codes are made once a call
+ * and each weight block serves every row. AVX-512 VNNI: vpdpbusd takes unsigned bytes times
+ * signed, so the weight code is offset to q + 128 (unsigned) against signed x codes, and the
+ * accumulator starts at -128 x the codes' sum per 4 (xc), which makes the integer sum exact;
+ * AVX2: |q| (unsigned, <= 128) times x's code with q's sign (vpsignb), pairs summed in int16
+ * (at most 2 x 128 x 127, no saturation), then in int32; else scalar. */
+
+/* rows of x a chunk keeps hot while every weight row of the part passes over it */
+#define Q8I_MC 64
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define Q8I_VNNI 1
+#else
+#define Q8I_VNNI 0
+#endif
+
+static void q8i_quantize(int M, int K, const void *x, int x_f32, int kp, int8_t *xq, float *xd,
+                         int32_t *xc, float *xl, int8_t *xi, int32_t *xg) {
+    const int nb = K / 32, nbp = kp / 32, G = K / 512;
+    for (int m = 0; m < M; m++) {
+        int8_t *qr = xq + (int64_t)m * kp;
+        float *dr = xd + (int64_t)m * nbp;
+        int b = 0;
+#if Q8I_VNNI
+        /* the same arithmetic 16 lanes at a time (vcvtps2dq rounds half to even) */
+        for (; b < nb; b++) {
+            const int64_t at = (int64_t)m * K + 32 * b;
+            __m512 v0, v1;
+            if (x_f32) {
+                v0 = _mm512_loadu_ps((const float *)x + at);
+                v1 = _mm512_loadu_ps((const float *)x + at + 16);
+            } else {
+                const uint16_t *h = (const uint16_t *)x + at;
+                v0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)h)), 16));
+                v1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + 16))), 16));
+            }
+            const float amax = _mm512_reduce_max_ps(
+                _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            const __m512 vi = _mm512_set1_ps(id);
+            const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+            const __m512i c0 = _mm512_min_epi32(hi, _mm512_max_epi32(lo,
+                _mm512_cvtps_epi32(_mm512_mul_ps(v0, vi))));
+            const __m512i c1 = _mm512_min_epi32(hi, _mm512_max_epi32(lo,
+                _mm512_cvtps_epi32(_mm512_mul_ps(v1, vi))));
+            const __m256i c = _mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm512_cvtepi32_epi8(c0)), _mm512_cvtepi32_epi8(c1), 1);
+            _mm256_storeu_si256((__m256i *)(qr + 32 * b), c);
+            dr[b] = d;
+            if (xc) { /* per 4 codes: -128 x their sum, and their block's scale */
+                const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
+                                                      _mm256_set1_epi8((char)0x80), c);
+                _mm256_storeu_si256((__m256i *)(xc + (int64_t)m * (kp / 4) + 8 * b),
+                                    _mm256_sub_epi32(_mm256_setzero_si256(), s));
+                _mm256_storeu_ps(xl + (int64_t)m * (kp / 4) + 8 * b, _mm256_set1_ps(d));
+                if (b < 16 * G) { /* the packed copy: 4 codes at a time */
+                    int32_t four[8], sum = 0;
+                    _mm256_storeu_si256((__m256i *)four, c);
+                    int8_t *g = xi + (int64_t)m * G * 512 + 512 * (b / 16) + 4 * (b % 16);
+                    for (int t = 0; t < 8; t++) memcpy(g + 64 * t, four + t, 4);
+                    _mm256_storeu_si256((__m256i *)four, s);
+                    for (int t = 0; t < 8; t++) sum += four[t];
+                    xg[(int64_t)m * G * 16 + b] = -sum;
+                }
+            }
+        }
+#endif
+        for (; b < nb; b++) {
+            float v[32], amax = 0.0f;
+            const int64_t at = (int64_t)m * K + 32 * b;
+            if (x_f32)
+                memcpy(v, (const float *)x + at, sizeof v);
+            else
+                for (int k = 0; k < 32; k++) v[k] = bf16_to_f32(((const uint16_t *)x)[at + k]);
+            for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(v[k]));
+            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            for (int k = 0; k < 32; k++) {
+                float c = nearbyintf(v[k] * id); /* round half to even, as torch.round */
+                c = c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c);
+                qr[32 * b + k] = (int8_t)c;
+            }
+            dr[b] = d;
+        }
+        for (int b = nb; b < nbp; b++) {
+            memset(qr + 32 * b, 0, 32);
+            dr[b] = 0.0f;
+        }
+        if (xc) /* per 4 codes: -128 x their sum, and their block's scale (what is left) */
+            for (int i = Q8I_VNNI ? nb * 8 : 0; i < kp / 4; i++) {
+                const int8_t *c = qr + 4 * i;
+                xc[(int64_t)m * (kp / 4) + i] = -128 * (c[0] + c[1] + c[2] + c[3]);
+                xl[(int64_t)m * (kp / 4) + i] = dr[i / 8];
+            }
+    }
+}
+
+/* rows r0..r0+mt-1 of the quantized x against weight row n: out[r] */
+static inline __attribute__((always_inline)) void q8i_dot_impl(const q8_job *j, int n, int r0,
+                                                               const int mt, float *out) {
+    const int K = j->K, nb = K / 32, kp = j->kp;
+    const int8_t *q = j->q + (int64_t)n * K;
+    const uint16_t *d = j->d + (int64_t)n * nb;
+    const int8_t *xq = j->xq + (int64_t)r0 * kp;
+#if Q8I_VNNI
+    const int nbp = kp / 32;
+    float sc[nbp + 16]; /* the row's block scales as float32, zero past nb */
+    for (int b = 0; b < nbp; b += 16) {
+        if (nb - b >= 16)
+            _mm512_storeu_ps(sc + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b))));
+        else
+            for (int i = b; i < b + 16; i++) sc[i] = i < nb ? f16_to_f32(d[i]) : 0.0f;
+    }
+    const int32_t *xc = j->xc + (int64_t)r0 * (kp / 4);
+    const float *xl = j->xl + (int64_t)r0 * (kp / 4);
+    const __m512i off = _mm512_set1_epi8((char)0x80);
+    /* lanes 0-7: a pair's first block's scale, 8-15 its second's */
+    const __m512i two = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[Q8_MT];
+    for (int r = 0; r < Q8_MT; r++) acc[r] = _mm512_setzero_ps();
+    /* groups of 16 blocks (packed: step t holds codes 4t..4t+3 of each block, so lane i of
+     * the int32 sum is block i's whole dot product after 8 steps) */
+    const int G = K / 512;
+    const int8_t *xi = j->xi + (int64_t)r0 * G * 512;
+    const int32_t *xg = j->xg + (int64_t)r0 * G * 16;
+    const float *xd = j->xd + (int64_t)r0 * nbp;
+    for (int g = 0; g < G; g++) {
+        __m512i wu[8];
+        for (int t = 0; t < 8; t++)
+            wu[t] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + 512 * g + 64 * t)),
+                                     off);
+        const __m512 ws = _mm512_loadu_ps(sc + 16 * g);
+        for (int r = 0; r < mt; r++) {
+            const int8_t *xr = xi + (int64_t)r * G * 512 + 512 * g;
+            __m512i dot = _mm512_loadu_si512((const void *)(xg + (int64_t)r * G * 16 + 16 * g));
+            for (int t = 0; t < 8; t++)
+                dot = _mm512_dpbusd_epi32(dot, wu[t], _mm512_loadu_si512((const void *)(xr + 64 * t)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                     _mm512_mul_ps(ws, _mm512_loadu_ps(xd + (int64_t)r * nbp + 16 * g)),
+                                     acc[r]);
+        }
+    }
+    for (int b = 16 * G; b < nbp; b += 2) { /* the tail: two blocks a step */
+        const __m512i w = b + 1 < nb ? _mm512_loadu_si512((const void *)(q + 32 * b))
+                                     : _mm512_maskz_loadu_epi8(0xffffffffull, q + 32 * b);
+        const __m512i wu = _mm512_xor_si512(w, off); /* q + 128 as unsigned */
+        const __m512 ws = _mm512_permutexvar_ps(
+            two, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(sc + b)))));
+        for (int r = 0; r < mt; r++) {
+            const int64_t at = (int64_t)r * (kp / 4) + 8 * b;
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)(xc + at)),
+                                                    wu,
+                                                    _mm512_loadu_si512((const void *)(xq + (int64_t)r * kp + 32 * b)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                     _mm512_mul_ps(ws, _mm512_loadu_ps(xl + at)), acc[r]);
+        }
+    }
+    for (int r = 0; r < mt; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    const float *xd = j->xd + (int64_t)r0 * (kp / 32);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[Q8_MT];
+    for (int r = 0; r < Q8_MT; r++) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
+        const __m256i aw = _mm256_abs_epi8(w); /* -128 gives 0x80: 128 as unsigned */
+        const float s = f16_to_f32(d[b]);
+        for (int r = 0; r < mt; r++) {
+            const __m256i sx = _mm256_sign_epi8(
+                _mm256_loadu_si256((const __m256i *)(xq + (int64_t)r * kp + 32 * b)), w);
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                     _mm256_set1_ps(s * xd[(int64_t)r * (kp / 32) + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < mt; r++) {
+        __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+        t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));
+        out[r] = _mm_cvtss_f32(t);
+    }
+#else
+    const float *xd = j->xd + (int64_t)r0 * (kp / 32);
+    for (int r = 0; r < mt; r++) {
+        const int8_t *xr = xq + (int64_t)r * kp;
+        float acc = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            int32_t s = 0;
+            for (int k = 0; k < 32; k++) s += (int32_t)q[32 * b + k] * xr[32 * b + k];
+            acc += (float)s * (f16_to_f32(d[b]) * xd[(int64_t)r * (kp / 32) + b]);
+        }
+        out[r] = acc;
+    }
+#endif
+}
+
+static void q8i_dot_rows(const q8_job *j, int n, int r0, int mt, float *out) {
+    switch (mt) {
+#define Q8_CASE(c) case c: q8i_dot_impl(j, n, r0, c, out); break;
+        Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4)
+#if Q8_MT > 4
+        Q8_CASE(5) Q8_CASE(6) Q8_CASE(7) Q8_CASE(8)
+#endif
+#undef Q8_CASE
+        default: break;
+    }
+}
+
+static void q8i_run(const q8_job *j, int n0, int n1) {
+    float out[Q8_MT];
+    for (int m0 = 0; m0 < j->M; m0 += Q8I_MC) {
+        const int m1 = j->M - m0 < Q8I_MC ? j->M : m0 + Q8I_MC;
+        for (int n = n0; n < n1; n++)
+            for (int r0 = m0; r0 < m1; r0 += Q8_MT) {
+                const int mt = m1 - r0 < Q8_MT ? m1 - r0 : Q8_MT;
+                q8i_dot_rows(j, n, r0, mt, out);
+                for (int r = 0; r < mt; r++) {
+                    const int64_t at = (int64_t)(r0 + r) * j->N + n;
+                    if (j->y_f32)
+                        ((float *)j->y)[at] = out[r];
+                    else
+                        ((uint16_t *)j->y)[at] = f32_to_bf16(out[r]);
+                }
+            }
+    }
+}
+
+/* As mp_q8_matmul, with x quantized per block to int8 (above). */
+void mp_q8_matmul_i8(int M, int N, int K, const void *x, int x_f32, const int8_t *q,
+                     const uint16_t *d, void *y, int y_f32, int n_threads, int spin_us) {
+    const int kp = (K + 63) / 64 * 64, G = K / 512;
+    const size_t codes = (size_t)M * kp, grouped = (size_t)M * G * 512;
+    /* xq, xd, and with VNNI xc, xl, xi, xg; 64-byte aligned parts */
+    const size_t a0 = (codes + 63) & ~(size_t)63, a1 = (codes / 8 + 63) & ~(size_t)63;
+    char *buf = (char *)malloc(a0 + a1 + (Q8I_VNNI ? 2 * a0 + grouped + grouped / 8 : 0) + 64);
+    if (!buf) return;
+    char *at = (char *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    int8_t *xq = (int8_t *)at, *xi = NULL;
+    float *xd = (float *)(at + a0), *xl = NULL;
+    int32_t *xc = NULL, *xg = NULL;
+    if (Q8I_VNNI) {
+        xc = (int32_t *)(at + a0 + a1);
+        xl = (float *)(at + 2 * a0 + a1);
+        xi = (int8_t *)(at + 3 * a0 + a1);
+        xg = (int32_t *)(at + 3 * a0 + a1 + grouped);
+    }
+    q8i_quantize(M, K, x, x_f32, kp, xq, xd, xc, xl, xi, xg);
+    q8_job j = {M, N, K, y_f32, 0, NULL, q, d, y, xq, xd, xc, xl, kp, xi, xg, Q8I_VNNI};
+    q8_go(j, n_threads, spin_us);
+    free(buf);
+}
+
+/* The codes and scales mp_q8_matmul_i8 gives x (xq int8 [M, kp], xd float32 [M, kp / 32]),
+ * for tests. */
+void mp_q8_quantize_x(int M, int K, const void *x, int x_f32, int8_t *xq, float *xd) {
+    q8i_quantize(M, K, x, x_f32, (K + 63) / 64 * 64, xq, xd, NULL, NULL, NULL, NULL);
+}
+
+/* The weight codes [N, K] in the order mp_q8_matmul_i8 reads them (out): with VNNI each
+ * group of 16 blocks (512 codes) as 8 steps of 4 codes of each block (step t: codes
+ * 4t..4t+3 of block 0, then of block 1 ...), the rest of K as it is; else unchanged.
+ * Returns 1 where the order changed (mp_q8_expand_bf16_packed then reads it). */
+int mp_q8_i8_pack(int N, int K, const int8_t *q, int8_t *out) {
+    const int G = Q8I_VNNI ? K / 512 : 0;
+    for (int n = 0; n < N; n++) {
+        const int8_t *src = q + (int64_t)n * K;
+        int8_t *dst = out + (int64_t)n * K;
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < 16; i++)
+                for (int t = 0; t < 8; t++)
+                    memcpy(dst + 512 * g + 64 * t + 4 * i, src + 512 * g + 32 * i + 4 * t, 4);
+        memcpy(dst + 512 * G, src + 512 * G, (size_t)(K - 512 * G));
+    }
+    return Q8I_VNNI;
+}
+
+/* mp_q8_expand_bf16 of a weight in mp_q8_i8_pack's order */
+void mp_q8_expand_bf16_packed(int N, int K, const int8_t *q, const uint16_t *d, uint16_t *w,
+                              int n_threads, int spin_us) {
+    q8_job j = {0, N, K, 0, 1, NULL, q, d, w};
+    j.packed = Q8I_VNNI;
+    q8_go(j, n_threads, spin_us);
+}
+
+/* Which int8 dot product this build runs: 2 AVX-512 VNNI, 1 AVX2, 0 scalar (for tests). */
+int mp_q8_i8_isa(void) {
+#if Q8I_VNNI
+    return 2;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 where the Q8_0 matmuls split rows over the OpenMP team (built with -fopenmp, not a
+ * forked child), 0 where over the pthread pool (for tests). */
+int mp_q8_uses_openmp(void) {
+#ifdef _OPENMP
+    return !q8_forked;
+#else
+    return 0;
+#endif
+}
