@@ -15,8 +15,9 @@ Kernels, chosen by ``make_kernel``:
   (layers/csrc/cpu_decode.c) on the exact weights up to ``CPU_Q8_MAX_M`` rows, the weight
   expanded to bf16 above. Opt-in, ``MODELPORT_Q8_CPU=blocks``: on SmolLM2 Q8_0 1.19x faster
   single stream than CpuInt8Kernel at +0.34 % perplexity against +0.77 % (bench/README.md,
-  session 32); by default Q8_0 stays on CpuInt8Kernel until the planner's byte counts and the
-  MoE C step take this kernel.
+  session 32); by default Q8_0 stays on CpuInt8Kernel (branch wip/s32-q8-default has the
+  switch: in a bf16 C step that mixes Q8_0 with int4 / int8 layers the Q8_0 layers would get
+  bf16-rounded inputs, not the module path's float32).
 * ``CpuInt8Kernel``: every other weight on CPU (GGUF Q5/Q6/K-quants, GPTQ W8, 4-bit codes the int4
   kernel does not take: act-order groups, groups of 16; NF4 and FP8 use it too), requantized
   per output row to the symmetric int8 that torch's weight-only int8 CPU GEMM
