@@ -232,6 +232,22 @@ def test_server_embeddings_equal_the_offline_llm(base, llm) -> None:
     _close(pooled["data"], want[3], 1e-5)
 
 
+def test_server_batch_encoded_off_the_loop_equals_the_offline_llm(base, llm) -> None:
+    """Many inputs, ~10,000 characters together: encoded on the tokenizer thread in one hop
+    (AsyncLLM.encode_many_async), the same vectors and token counts as offline."""
+    texts = [f"{PROMPTS[i % len(PROMPTS)]} Item {i}, with some more words to make it longer."
+             for i in range(160)]
+    assert sum(map(len, texts)) >= 8192
+    want = [o.outputs.embedding for o in llm.embed(texts, use_tqdm=False)]
+    r = _post(base, "/v1/embeddings", {"model": "tiny", "input": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for d, w in zip(body["data"], want, strict=True):
+        _close(d["embedding"], w, 1e-5)
+    n = sum(len(llm.get_tokenizer().encode(t)) for t in texts)
+    assert body["usage"]["prompt_tokens"] == n
+
+
 def test_server_chat_style_input(base, llm) -> None:
     msgs = [{"role": "user", "content": "hi there"}]
     text = llm.get_tokenizer().apply_chat_template(msgs, add_generation_prompt=False)

@@ -93,3 +93,25 @@ def test_a_tokenizer_that_cannot_be_copied_encodes_on_the_loop() -> None:
     llm = _llm(Uncopyable())
     out = asyncio.run(llm.encode_async("y" * async_llm.ENCODE_OFFLOAD_CHARS))
     assert out == [async_llm.ENCODE_OFFLOAD_CHARS] and llm._encoder is False
+
+
+def test_many_short_texts_go_to_the_tokenizer_thread_in_one_hop() -> None:
+    tok = tiny_tokenizer()
+    llm = _llm(tok)
+    texts = ["an embedding input, short alone " * 4] * 80  # ~10,000 characters together
+    few = texts[:3]
+
+    async def run() -> tuple[list[list[int]], list[list[int]]]:
+        a = await llm.encode_many_async(few)
+        assert llm._encoder is None  # together below the bound: on the loop
+        pool, copy = llm._offload_encoder()
+        spy = _Spy(copy)
+        llm._encoder = (pool, spy)
+        b = await llm.encode_many_async(texts, add_special_tokens=False)
+        assert set(spy.threads) == {"modelport-tokenizer_0"} and len(spy.threads) == 80
+        return a, b
+
+    a, b = asyncio.run(run())
+    assert a == [tok.encode(t) for t in few]
+    assert b == [tok.encode(t, add_special_tokens=False) for t in texts]
+    llm.shutdown()

@@ -64,28 +64,31 @@ class PoolingRequest(EmbeddingRequest):
     use_activation: bool | None = None
 
 
-def _prompts(engine: AsyncLLM, req: EmbeddingRequest, operation: str = "embedding generation",
-             trust_chat_template: bool = False) -> list[list[int]]:
+async def _prompts(engine: AsyncLLM, req: EmbeddingRequest,
+                   operation: str = "embedding generation",
+                   trust_chat_template: bool = False) -> list[list[int]]:
+    """Each input's token ids (long texts, or many together, encoded off the event loop:
+    ``AsyncLLM.encode_many_async``)."""
     if (req.input is None) == (req.messages is None):
         raise OpenAIError("give exactly one of input or messages", 400, param="input")
     if req.messages is not None:
-        from modelport.entrypoints.openai.serving_chat import render_chat_prompt
+        from modelport.entrypoints.openai.serving_chat import render_chat_prompt_async
 
         chat_template = request_chat_template(req, trust_chat_template)
         if not req.messages:
             raise OpenAIError("messages must not be empty", 400, param="messages")
         try:
-            ids, text = render_chat_prompt(engine, req.messages, req.add_generation_prompt,
-                                           continue_final_message=req.continue_final_message,
-                                           chat_template_kwargs=getattr(
-                                               req, "chat_template_kwargs", None),
-                                           chat_template=chat_template)
+            ids, text = await render_chat_prompt_async(
+                engine, req.messages, req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                chat_template_kwargs=getattr(req, "chat_template_kwargs", None),
+                chat_template=chat_template)
         except ValueError as e:
             raise OpenAIError(str(e), 400, param="messages") from None
         if req.add_special_tokens and text is not None:
             # vLLM's add_special_tokens=True: the rendered text with the tokenizer's specials
             # (an encoder's [CLS] ... [SEP], which a chat template seldom writes)
-            ids = engine.encode(text, add_special_tokens=True)
+            ids = await engine.encode_async(text, add_special_tokens=True)
         return [_fits(engine, truncate_prompt(engine, list(ids), req.truncate_prompt_tokens),
                       operation)]
     inp = req.input
@@ -98,9 +101,11 @@ def _prompts(engine: AsyncLLM, req: EmbeddingRequest, operation: str = "embeddin
     if not items:
         raise OpenAIError("input must not be empty", 400, param="input")
     special = True if req.add_special_tokens is None else req.add_special_tokens
+    encoded = iter(await engine.encode_many_async([t for t in items if isinstance(t, str)],
+                                                  add_special_tokens=special))
     out = []
     for item in items:
-        ids = engine.encode(item, add_special_tokens=special) if isinstance(item, str) else list(item)
+        ids = next(encoded) if isinstance(item, str) else list(item)
         if not ids:
             raise OpenAIError("input must not contain empty strings or token lists", 400,
                               param="input")
@@ -125,7 +130,7 @@ async def _pool_all(engine: AsyncLLM, req: EmbeddingRequest, prefix: str,
                     ) -> tuple[str, list[tuple[list[float], int]], list[list[int]]]:
     """Send every prompt (all validated first: a bad one is a 400 before any runs) and wait
     for all the pooled vectors. Returns (request id, [(vector, cached)], prompts)."""
-    prompts = _prompts(engine, req, trust_chat_template=trust_chat_template)
+    prompts = await _prompts(engine, req, trust_chat_template=trust_chat_template)
     base = req.request_id or random_id(prefix)
 
     task = getattr(req, "task", "embed")

@@ -163,8 +163,7 @@ async def _scores(
         return base, [vec[0] for vec, _ in results], sum(len(p) for p in prompts)
     texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each text embedded once
     prompts = []
-    for t in texts:
-        ids = engine.encode(t)
+    for ids in await engine.encode_many_async(texts):
         if not ids:
             raise OpenAIError("score inputs must not be empty strings", 400)
         prompts.append(_fits(engine, truncate_prompt(engine, ids, keep), "score"))
@@ -225,8 +224,8 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
         model = check_model(engine, body.model)
         labels = id2label(engine.engine_config.model_config.hf_config)
         with dead_engine_is_503():
-            prompts = _prompts(engine, body, "classification",  # type: ignore[arg-type]
-                               trust_chat_template=trusts_chat_template(request))
+            prompts = await _prompts(engine, body, "classification",  # type: ignore[arg-type]
+                                     trust_chat_template=trusts_chat_template(request))
             rid = body.request_id or random_id("classify")
             results = await pool_prompts(
                 engine, prompts, lambda: body.pooling_params("classify"), rid, body.priority
