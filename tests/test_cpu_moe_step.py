@@ -1,7 +1,8 @@
 """MoE decoder layers on the CPU C step (layers/cpu_moe_step.py): Mixtral-, Qwen2-MoE- (a shared
 expert behind its sigmoid gate, a dense layer) and Qwen3-MoE-shaped tiny models, kept GGUF
-(Q4_0: int4 experts; Q8_0: int8) and float32, take the C step and match the module path step
-by step on the same KV state, prompt chunks, a batch of four and one stream alone."""
+(Q4_0: int4 experts; Q8_0: the Q8_0 block kernel, or int8 with MODELPORT_Q8_CPU=rows) and
+float32, take the C step and match the module path step by step on the same KV state, prompt
+chunks, a batch of four and one stream alone."""
 
 from __future__ import annotations
 
@@ -116,13 +117,16 @@ def _check_plan(llm: LLM, arch: str, kinds: list[str]) -> cpu_kernels.DecodePlan
     return plan
 
 
-# (source, op kinds, max step error). Measured: Q4_0 / Q8_0 mostly <= 1e-7 (the same bf16
-# matmul inputs on both paths), a few steps 2e-5 - 1.2e-3 (a C norm or SwiGLU rounds one bf16
-# value the other way and the sharp routers, logits x 20, pass it on); fp32 <= 4.5e-7 (C's
-# SwiGLU and norms sum in another order than torch's)
+# (source, op kinds, max step error); "q8_0_rows" runs with MODELPORT_Q8_CPU=rows (Q8_0
+# requantized per row: CpuInt8Kernel). Measured: Q4_0 / Q8_0 rows mostly <= 1e-7 (the same
+# bf16 matmul inputs on both paths), a few steps 2e-5 - 1.2e-3 (a C norm or SwiGLU rounds one
+# bf16 value the other way and the sharp routers, logits x 20, pass it on); fp32 <= 4.5e-7
+# (C's SwiGLU and norms sum in another order than torch's); Q8_0 (float32 in and out of the
+# block kernel on both paths) as fp32
 CASES = {
     "q4_0": ("Q4_0", ["int4"], 5e-3),
-    "q8_0": ("Q8_0", ["int8"], 5e-3),
+    "q8_0": ("Q8_0", ["q8_0"], 5e-3),
+    "q8_0_rows": ("Q8_0", ["int8"], 5e-3),
     "fp32": (None, ["float"], 1e-5),
 }
 
@@ -133,6 +137,8 @@ def test_moe_models_take_the_c_step_and_match_the_module_path(
 ) -> None:
     arch, hf_dir = moe_dir
     qtype, kinds, tol = CASES[case]
+    if case.endswith("_rows"):
+        monkeypatch.setenv("MODELPORT_Q8_CPU", "rows")
     src = hf_dir if qtype is None else write_gguf(hf_dir, tmp_path / f"{arch}.gguf", qtype)
     llm = _llm(src)
     errors, rows, module_tokens = _both_paths(llm, monkeypatch, PROMPTS)
@@ -147,12 +153,14 @@ def test_moe_models_take_the_c_step_and_match_the_module_path(
         assert _greedy(llm, True, PROMPTS) == _greedy(llm, False, PROMPTS) == module_tokens
 
 
-def test_moe_block_ops_equal_the_modules(moe_dir: tuple[str, Path], tmp_path: Path) -> None:
-    """One MoE block run from its plan ops (router, route, experts, shared expert; Q4_0)
-    against the block's module forward on the same input, for one row (the C sum) and for
-    several (grouped_experts)."""
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_moe_block_ops_equal_the_modules(moe_dir: tuple[str, Path], tmp_path: Path,
+                                         qtype: str) -> None:
+    """One MoE block run from its plan ops (router, route, experts, shared expert; Q4_0 on the
+    int4 kernel, Q8_0 on the block kernel) against the block's module forward on the same
+    input, for one row (the C sum) and for several (grouped_experts)."""
     arch, hf_dir = moe_dir
-    llm = _llm(write_gguf(hf_dir, tmp_path / f"{arch}.gguf", "Q4_0"))
+    llm = _llm(write_gguf(hf_dir, tmp_path / f"{arch}.gguf", qtype))
     _greedy(llm, True, PROMPTS[:1])
     model = _model(llm)
     plan = model.__dict__["_cpu_decode_plan"]
@@ -164,6 +172,9 @@ def test_moe_block_ops_equal_the_modules(moe_dir: tuple[str, Path], tmp_path: Pa
         got = plan.layers[i].moe(plan.lib, xf, xf.bfloat16())
         want = block(xf)
         assert got.dtype == torch.float32
+        if qtype == "Q8_0":  # experts that take either dtype read float32 x, as their modules
+            assert plan.layers[i].moe.dtype == torch.float32
+            assert torch.equal(got, plan.layers[i].moe(plan.lib, xf, xf))
         # the same matmuls and sums; only C's SwiGLU may round a bf16 value the other way
         # (measured: equal bit for bit here)
         assert (got == want).float().mean() > 0.99

@@ -35,7 +35,8 @@ from modelport.quantization.kernels import (
 
 @pytest.fixture(autouse=True)
 def _blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the exact float32-x kernel (opt-in); the int8-x one (=blocks) has its own tests below
+    # the exact float32-x kernel (=blocks_f32); the int8-x one (=blocks, the default) has its
+    # own tests below
     monkeypatch.setenv("MODELPORT_Q8_CPU", "blocks_f32")
 
 
@@ -394,10 +395,19 @@ def test_q8_matmuls_split_rows_over_torchs_openmp_team(lib) -> None:
         torch.set_num_threads(before_threads)
 
 
-def test_q8_0_block_kernel_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_q8_0_block_kernel_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, MODELPORT_Q8_CPU means =blocks (the int8-x block kernel); =rows goes back to
+    the row requantization, as does an unknown value; the planner reads the same switch."""
+    from modelport.quantization.gguf_types import cpu_q8_mode
+
     gq = _q8_group_quant(64, 256, seed=3)
     monkeypatch.delenv("MODELPORT_Q8_CPU", raising=False)
-    assert type(make_kernel(gq, torch.device("cpu"))) is CpuInt8Kernel
+    k = make_kernel(gq, torch.device("cpu"))
+    assert type(k) is CpuQ8Kernel and k.act_i8 and cpu_q8_mode() == "blocks"
     monkeypatch.setenv("MODELPORT_Q8_CPU", "blocks")
     k = make_kernel(gq, torch.device("cpu"))
     assert type(k) is CpuQ8Kernel and k.act_i8
+    for how in ("rows", "no-such-kernel"):
+        monkeypatch.setenv("MODELPORT_Q8_CPU", how)
+        assert type(make_kernel(gq, torch.device("cpu"))) is CpuInt8Kernel
+        assert cpu_q8_mode() is None

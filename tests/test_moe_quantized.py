@@ -58,6 +58,7 @@ def _reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every quantized layer on DequantKernel: codes * scale + zero in fp32, then F.linear."""
     monkeypatch.setattr(kernels, "cpu_int4_fits", lambda gq: False)
     monkeypatch.setattr(kernels, "cpu_int8_fits", lambda gq: False)
+    monkeypatch.setenv("MODELPORT_Q8_CPU", "rows")  # Q8_0 off its block kernel too
 
 
 def _expert_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -117,13 +118,16 @@ def test_one_token_takes_its_experts_in_turn_with_the_same_sums() -> None:
         assert torch.equal(one, batch[i:i + 1])
 
 
-@pytest.mark.parametrize("qtype,kernel", [("Q4_0", kernels.CpuInt4Kernel),
-                                          ("Q8_0", kernels.CpuInt8Kernel)])
+@pytest.mark.parametrize("qtype,q8_cpu,kernel", [("Q4_0", None, kernels.CpuInt4Kernel),
+                                                 ("Q8_0", None, kernels.CpuQ8Kernel),
+                                                 ("Q8_0", "rows", kernels.CpuInt8Kernel)])
 def test_gguf_experts_stay_in_their_blocks(
     moe: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str,
-    kernel: type, caplog: pytest.LogCaptureFixture,
+    q8_cpu: str | None, kernel: type, caplog: pytest.LogCaptureFixture,
 ) -> None:
     arch, hf_dir = moe
+    if q8_cpu is not None:  # Q8_0 requantized per row (CpuInt8Kernel), as before the default
+        monkeypatch.setenv("MODELPORT_Q8_CPU", q8_cpu)
     path = write_gguf(hf_dir, tmp_path / f"{arch}-{qtype}.gguf", qtype)
     floats = run_one_sequence(load_cpu(path, "none"), PROMPT)  # every block dequantized
     # the default on an AVX2 / AVX-512 CPU keeps the file's blocks, experts included
@@ -134,7 +138,7 @@ def test_gguf_experts_stay_in_their_blocks(
     _check_layout(model, kernel)
     assert {t for e in _expert_layers(model) for t in e.gate_up_proj.gguf_types} == {qtype}
     got = run_one_sequence(model, PROMPT)
-    # int4 / int8 GEMMs with bf16 activations; the routers (logits x 20 in these models)
+    # int4 / int8 GEMMs with bf16 activations (Q8_0's block kernel: x in int8 per block); the routers (logits x 20 in these models)
     # turn small differences into other expert weights, so compare tokens
     assert _agreement(got, floats) >= 0.9
     _reference_kernels(monkeypatch)

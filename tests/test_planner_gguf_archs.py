@@ -143,12 +143,19 @@ def test_moe_gguf_keeps_its_experts_on_cpu_and_dequantizes_on_a_gpu(arch: str, f
         make_plan(PlanRequest(src, gpu, max_model_len=256, quantization="gguf"))
 
 
+@pytest.mark.parametrize("q8_cpu", [None, "rows"])
 @pytest.mark.parametrize("arch", list(HF_ARCH))
-def test_cpu_plan_holds_what_the_engine_loads(arch: str, files,
+def test_cpu_plan_holds_what_the_engine_loads(arch: str, q8_cpu: str | None, files,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """On an x86 CPU a Q8_0 file keeps its blocks (the engine's default, as for llama; MoE
-    experts too): the plan's resident bytes are what the loader really holds, to the byte."""
+    experts too): the plan's resident bytes are what the loader really holds, to the byte,
+    with the Q8_0 block kernel (the default: int8 codes + fp16 scale per 32) and with
+    MODELPORT_Q8_CPU=rows (int8 requantized per row + a bf16 scale per row)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    if q8_cpu is not None:
+        monkeypatch.setenv("MODELPORT_Q8_CPU", q8_cpu)
+    else:
+        monkeypatch.delenv("MODELPORT_Q8_CPU", raising=False)
     arch, real, _, path = files(arch)
     src = resolve_model(str(path))
     plan = make_plan(PlanRequest(src, resolve_device("cpu", memory_gib=4), max_model_len=256,

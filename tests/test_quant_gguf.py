@@ -22,7 +22,7 @@ from modelport.config import LoadConfig
 from modelport.loader import load_model, load_model_config, resolve_model
 from modelport.quantization.gguf_formats import unpack
 from modelport.quantization.gguf_types import GGML_CODES, GGML_TYPES
-from modelport.quantization.kernels import CpuInt4Kernel, CpuInt8Kernel, make_kernel
+from modelport.quantization.kernels import CpuInt4Kernel, CpuInt8Kernel, CpuQ8Kernel, make_kernel
 
 # where each format keeps its float16 scale fields (byte offsets inside a block)
 _F16_FIELDS = {"Q4_0": (0,), "Q8_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2),
@@ -40,7 +40,8 @@ def _random_blocks(name: str, per_block: int, nbytes: int, n: int, k: int) -> np
 
 
 @pytest.mark.parametrize("type_id", sorted(GGML_TYPES), ids=[v[0] for _, v in sorted(GGML_TYPES.items())])
-def test_unpack_matches_gguf_reference_dequantize(type_id: int) -> None:
+def test_unpack_matches_gguf_reference_dequantize(type_id: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     name, per_block, nbytes = GGML_TYPES[type_id]
     n, k = 16, 512
     raw = _random_blocks(name, per_block, nbytes, n, k)
@@ -50,14 +51,22 @@ def test_unpack_matches_gguf_reference_dequantize(type_id: int) -> None:
     # the torch-free table the planner sizes kernels by: random codes fill exactly those bits
     assert (gq.bits, gq.group_size) == GGML_CODES[name]
     assert int(gq.codes.max()) == 2**gq.bits - 1 and gq.scales.shape[1] == k // gq.group_size
-    # and the kernel that will run it agrees with the reference on activations
+    # and the kernel that will run it agrees with the reference on activations: Q8_0 on its
+    # block scales by default, on the row requantization with MODELPORT_Q8_CPU=rows
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(type_id))
-    kern = make_kernel(gq, torch.device("cpu"))
-    assert isinstance(kern, CpuInt4Kernel if gq.bits <= 4 else CpuInt8Kernel)
     y_ref = x @ torch.from_numpy(ref).t()
-    # bf16 activations in both; int8 adds a per-row requantization of the weight
-    tol = 2e-2 * y_ref.abs().max().item()
-    torch.testing.assert_close(kern(x), y_ref, atol=tol, rtol=0)
+    expect = [CpuInt4Kernel if gq.bits <= 4 else CpuInt8Kernel]
+    if name == "Q8_0":
+        expect = [CpuQ8Kernel, CpuInt8Kernel]
+    for i, cls in enumerate(expect):
+        if i:
+            monkeypatch.setenv("MODELPORT_Q8_CPU", "rows")
+        kern = make_kernel(gq, torch.device("cpu"))
+        assert type(kern) is cls
+        # bf16 activations in the int4 / int8 kernels (int8 adds a per-row requantization of
+        # the weight), x quantized per block of 32 to int8 in the Q8_0 block kernel
+        tol = 2e-2 * y_ref.abs().max().item()
+        torch.testing.assert_close(kern(x), y_ref, atol=tol, rtol=0)
 
 
 def test_truncated_row_is_a_clear_error() -> None:
@@ -87,12 +96,16 @@ def _linear_kernels(model: torch.nn.Module) -> list[type]:
     return [type(m.qkernel) for m in model.modules() if hasattr(m, "qkernel")]
 
 
-@pytest.mark.parametrize("qtype,kernel", [("Q4_1", CpuInt4Kernel), ("Q4_0", CpuInt4Kernel),
-                                          ("Q8_0", CpuInt8Kernel), ("Q5_1", CpuInt8Kernel)])
+@pytest.mark.parametrize("qtype,q8_cpu,kernel", [
+    ("Q4_1", None, CpuInt4Kernel), ("Q4_0", None, CpuInt4Kernel), ("Q8_0", None, CpuQ8Kernel),
+    ("Q8_0", "rows", CpuInt8Kernel), ("Q5_1", None, CpuInt8Kernel)])
 def test_kept_quantized_matches_dequantized_path(
-    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, kernel: type
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str,
+    q8_cpu: str | None, kernel: type
 ) -> None:
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    if q8_cpu is not None:  # Q8_0 on the row requantization (CpuInt8Kernel), as before
+        monkeypatch.setenv("MODELPORT_Q8_CPU", q8_cpu)
     # the linear layers alone: the bf16 LM head of the kept path has its own test below
     monkeypatch.setattr(quant_loading, "NARROW_CPU_LM_HEAD", False)
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
@@ -202,7 +215,8 @@ def test_kept_path_reads_a_cached_tensor_table_instead_of_reparsing(
 
 @pytest.mark.parametrize("qtype,cpu,kernels", [
     ("Q4_1", "AVX512", {CpuInt4Kernel}), ("Q4_0", "AVX2", {CpuInt4Kernel}),  # torch's int4 GEMM
-    ("Q8_0", "AVX512", {CpuInt8Kernel}), ("Q5_1", "AVX2", {CpuInt8Kernel}),  # its int8 GEMM
+    ("Q8_0", "AVX512", {CpuQ8Kernel}),  # its blocks in the C block-scale kernel
+    ("Q5_1", "AVX2", {CpuInt8Kernel}),  # torch's int8 GEMM
     ("Q4_1", "DEFAULT", set()),  # no AVX2 (e.g. an ARM laptop): floats, as before
     ("F32", "AVX512", set()),
 ])
@@ -222,17 +236,21 @@ def test_gguf_without_quantization_keeps_its_blocks_on_an_avx2_cpu(
         _assert_int4_close(run_one_sequence(model, PROMPT), run_one_sequence(floats, PROMPT))
 
 
-def test_gguf_with_mixed_types_is_kept_by_default_in_both_cpu_kernels(
+def test_gguf_with_mixed_types_is_kept_by_default_in_every_cpu_kernel(
     tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Q4_1 (int4) with a Q8_0 ffn_down (the Q8_0 block kernel) and a Q5_1 attn_v (its fused
+    q/k/v in torch's int8 GEMM) is kept by default."""
     monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-mixed-down.gguf", "Q4_1",
-                                {"ffn_down.weight": "Q8_0"})
+                                {"ffn_down.weight": "Q8_0", "attn_v.weight": "Q5_1"})
     model = _load(path, None)
     down = model.model.layers[0].mlp.down_proj
-    assert down.gguf_types == ("Q8_0",) and isinstance(down.qkernel, CpuInt8Kernel)
-    assert set(_linear_kernels(model)) == {CpuInt4Kernel, CpuInt8Kernel}
+    assert down.gguf_types == ("Q8_0",) and isinstance(down.qkernel, CpuQ8Kernel)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.qkernel, CpuInt8Kernel)
+    assert set(_linear_kernels(model)) == {CpuInt4Kernel, CpuInt8Kernel, CpuQ8Kernel}
     _assert_int4_close(run_one_sequence(model, PROMPT), run_one_sequence(_load(path, "none"), PROMPT))
     # a float linear weight anywhere: the float path
     path = make_tiny_llama_gguf(tiny_hf, tmp_path / "tiny-f16-down.gguf", "Q4_1",

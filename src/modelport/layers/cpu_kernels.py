@@ -42,7 +42,7 @@ import torch
 
 from modelport.layers import cpu_fast
 from modelport.layers.attention import get_forward_context, request_attention
-from modelport.layers.cpu_linear_ops import linear_op
+from modelport.layers.cpu_linear_ops import linear_op, q8_matmul_f32
 from modelport.quantization.kernels import CPU_INT8_MAX_M
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,14 @@ class _Layer:
         self.kn = self._f32(kn.weight) if kn is not None else None
         self.qk_eps = qn.eps if qn is not None else 0.0
 
+    def float32_outputs(self) -> None:
+        """In a bf16 plan: a Q8_0 o / down projection (any_dtype) writes float32, as its module
+        does on the model's float32 activations; the C norm after it reads either dtype."""
+        for i, name in ((1, "o"), (3, "down")):
+            if i < len(self.ops) and self.ops[i].any_dtype:
+                call = (q8_matmul_f32, self.ops[i].small[1])
+                setattr(self, name, (call, call))
+
     def _f32(self, t: torch.Tensor) -> int:
         t = t.detach().float().contiguous()
         self.keep.append(t)
@@ -228,7 +236,7 @@ def _fits(model) -> str | None:
             moe = MoeFfn.build(ffn)
             if isinstance(moe, str):
                 return moe
-            dtypes.update(op.dtype for op in moe.ops)
+            dtypes.update(op.dtype for op in moe.ops if not op.any_dtype)  # as below
         else:
             lins += [(ffn.gate_up_proj, MergedLinear), (ffn.down_proj, Linear)]
         a = layer.self_attn
@@ -302,6 +310,9 @@ class DecodePlan:
                            for op in L.ops + (L.moe.ops if L.moe else []) if not op.any_dtype),
                           torch.float32)
         self.io_f32 = int(self.dtype == torch.float32)
+        if not self.io_f32:  # Q8_0 o / down projections beside bf16 matmuls: float32 out
+            for L in self.layers:
+                L.float32_outputs()
         self.kinds = sorted({op.kind for L in self.layers
                              for op in L.ops + (L.moe.ops if L.moe else [])})
         self.moe = any(L.moe is not None for L in self.layers)
@@ -375,11 +386,12 @@ class DecodePlan:
                                               self.scale).reshape(e - s, -1)
             fn, args = L.o[big]
             o = fn(attn, *args)
+            o_f32 = int(o.dtype == torch.float32)  # a Q8_0 o in a bf16 step: float32
             if L.moe is not None:
-                norm(rows, h, rp, o.data_ptr(), f32, L.ln2, L.eps2, xb16, xf.data_ptr())
+                norm(rows, h, rp, o.data_ptr(), o_f32, L.ln2, L.eps2, xb16, xf.data_ptr())
                 delta = L.moe(lib, xf, xb)
                 continue
-            norm(rows, h, rp, o.data_ptr(), f32, L.ln2, L.eps2, xb16, xb32)
+            norm(rows, h, rp, o.data_ptr(), o_f32, L.ln2, L.eps2, xb16, xb32)
             fn, args = L.gate_up[big]
             gu = fn(xb, *args)
             silu(rows, self.inter, gu.data_ptr(), actp, f32)

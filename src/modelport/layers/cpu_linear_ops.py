@@ -50,6 +50,13 @@ def _q8_matmul(x: torch.Tensor, kernel) -> torch.Tensor:
     return kernel.matmul(x)
 
 
+def q8_matmul_f32(x: torch.Tensor, kernel) -> torch.Tensor:
+    """The same with a float32 output whatever x's dtype: a bf16 step's o / down projection
+    on Q8_0, whose output the next C norm reads in either dtype, stays float32 as on the
+    module path (CpuQ8Kernel.forward on the model's float32 activations)."""
+    return kernel.matmul(x, torch.float32)
+
+
 def linear_op(lin, bias_in_c: bool) -> LinearOp | str:
     """The op for ``lin``, or why the C step cannot call it. ``bias_in_c``: the layer is the
     fused qkv projection, whose quantized bias the C attention call adds."""

@@ -4,16 +4,18 @@ The C step runs an MoE decoder layer's attention as a dense layer's; its ``Spars
 then runs from the ops taken here once, without the module tree: the router's fp32 matmul on
 the fp32 normed hidden (the C norm writes it beside the bf16 copy the quantized experts read),
 ``route()`` (softmax, top-k, renormalize), each selected expert as its gate/up op, the C
-SwiGLU and its down op (cpu_linear_ops.py: the op its module would call, int4 / int8 kernel or
-F.linear), the weighted sum as ``grouped_experts`` forms it (one token: its k experts in turn,
+SwiGLU and its down op (cpu_linear_ops.py: the op its module would call, int4 / int8 / Q8_0
+kernel or F.linear), the weighted sum as ``grouped_experts`` forms it (one token: its k experts in turn,
 the sum in C in torch's order, ``mp_moe_sum``; more tokens: ``grouped_experts`` itself, grouped
 by expert, each group's ops picked by its row count as CpuInt8Kernel picks), and Qwen2-MoE's
 shared expert behind its sigmoid gate. The block's
 output stays float32, as the module path's, and the next C norm adds it to the residual.
 
 A block fits when its router (and shared-expert gate) are float32 ``GateLinear`` layers and
-every expert's projections have an op of the plan's one dtype; otherwise (a bf16 model, whose
-router runs in bf16 on the module path; an fp8 / act-order expert) the model keeps its modules.
+every expert's projections have an op of the plan's one dtype or one that takes either
+(``any_dtype``: GGUF Q8_0 on CpuQ8Kernel); otherwise (a bf16 model, whose router runs in bf16
+on the module path; an fp8 / act-order expert) the model keeps its modules. A block whose ops
+all take either dtype reads the float32 normed hidden, as its experts do on the module path.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class MoeFfn:
         sg = block.shared_expert_gate
         self.shared_gate = (sg.weight, sg.bias) if shared is not None else None
         self.ops = [op for pair in experts + ([shared] if shared else []) for op in pair]
-        self.dtype = self.ops[0].dtype
+        # the experts' input dtype: that of their int4 / int8 / float ops (the plan's one
+        # dtype, _fits), float32 where every op takes either (Q8_0)
+        self.dtype = next((op.dtype for op in self.ops if not op.any_dtype), torch.float32)
 
     @classmethod
     def build(cls, block) -> MoeFfn | str:
@@ -138,10 +142,12 @@ class MoeFfn:
 
     def __call__(self, lib: ctypes.CDLL, xf: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
         """The block's float32 output for the normed hidden ``xf`` (float32) and ``xd`` (the
-        same in the ops' dtype: ``xf`` itself for float32 ops)."""
+        same in the plan's dtype: ``xf`` itself in a float32 plan)."""
         logits = F.linear(xf, self.router_w, self.router_b)
         weights, ids = route(logits, self.top_k, self.renormalize)
         dt = self.dtype
+        if dt == torch.float32:  # float32 or Q8_0 experts in a bf16 plan: the float32 copy
+            xd = xf
 
         rows, h = xf.shape
         if rows == 1 and h % 64 == 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from modelport.planner.tensors import TensorSpec
-from modelport.quantization.gguf_types import GGML_CODES, GGUF_FUSED, GGUF_LINEAR
+from modelport.quantization.gguf_types import GGML_CODES, GGUF_FUSED, GGUF_LINEAR, cpu_q8_mode
 
 # group sizes torch's int4 CPU GEMM takes (quantization/kernels.CPU_INT4_GROUPS)
 CPU_INT4_GROUPS = (32, 64, 128, 256)
@@ -102,8 +102,10 @@ def kept_bytes(linear: Iterable[LinearTensor], on_cpu: bool) -> int:
     The engine fuses q/k/v and gate/up into one matmul each (quantization/gguf.py), with the
     most bits and the finest group of its parts, and then picks the kernel
     (quantization/kernels.make_kernel). On CPU: codes of at most 4 bits in groups of 32 run
-    torch's int4 GEMM (half a byte per weight + a bf16 scale and zero per group); up to 8
-    bits its int8 GEMM (one byte per weight + a bf16 scale per row). On CUDA the Triton
+    torch's int4 GEMM (half a byte per weight + a bf16 scale and zero per group); a matmul
+    all of whose parts are Q8_0 the block-scale kernel (CpuQ8Kernel: one byte per weight + the
+    file's fp16 scale per 32; with MODELPORT_Q8_CPU=rows as the next); other codes up to 8
+    bits torch's int8 GEMM (one byte per weight + a bf16 scale per row). On CUDA the Triton
     kernels (quantization/triton_gemm): 4- or 8-bit codes + an fp16 scale and zero per group.
     A Q4_K_M file's Q6_K attn_v thus takes its whole fused q/k/v to 1 byte per weight, and on
     CUDA to Q6_K's 16-wide groups. Types not kept (floats) count as stored.
@@ -115,6 +117,7 @@ def kept_bytes(linear: Iterable[LinearTensor], on_cpu: bool) -> int:
                else ("", t.name, ""))
         groups.setdefault(key, []).append(t)
     held = 0
+    q8_blocks = on_cpu and cpu_q8_mode() is not None
     for parts in groups.values():
         codes = [GGML_CODES.get(p.qtype) for p in parts]
         if any(c is None for c in codes):
@@ -127,6 +130,8 @@ def kept_bytes(linear: Iterable[LinearTensor], on_cpu: bool) -> int:
             held += rows * cols * (4 if bits <= 4 else 8) // 8 + cols // group * rows * 4
         elif bits <= 4 and group in CPU_INT4_GROUPS and cols % group == 0 and rows % 8 == 0:
             held += rows * cols // 2 + cols // group * rows * 4
+        elif q8_blocks and all(p.qtype == "Q8_0" for p in parts):
+            held += rows * cols + cols // 32 * rows * 2
         else:
             held += rows * cols + rows * 2
     return held

@@ -8,6 +8,7 @@ these two numbers.
 
 from __future__ import annotations
 
+import os
 import re
 
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -40,6 +41,16 @@ GGUF_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_(?:q|k|v|qkv|output)|ffn_(?:gate|u
 GGUF_FUSED = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "ffn_gate": "gate_up",
               "ffn_up": "gate_up", "ffn_gate_exps": "gate_up_exps", "ffn_up_exps": "gate_up_exps",
               "ffn_gate_shexp": "gate_up_shexp", "ffn_up_shexp": "gate_up_shexp"}
+
+
+def cpu_q8_mode() -> str | None:
+    """How a GGUF Q8_0 weight runs on CPU, read from ``MODELPORT_Q8_CPU`` when a kernel is
+    built (quantization/kernels.cpu_q8_kernel) or a plan counts its bytes (planner/gguf_mix):
+    "blocks" (the default: CpuQ8Kernel, the file's codes and fp16 block scales, x quantized
+    per block), "blocks_f32" (the same on float32 x), or None (``rows``, or any other value:
+    CpuInt8Kernel, the weight requantized per output row)."""
+    how = os.environ.get("MODELPORT_Q8_CPU", "blocks")
+    return how if how in ("blocks", "blocks_f32") else None
 
 
 def kept_on_cpu_by_default(linear_type_names: list[str]) -> bool:

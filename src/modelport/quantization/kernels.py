@@ -13,12 +13,12 @@ Kernels, chosen by ``make_kernel``:
 * ``CpuQ8Kernel``: GGUF Q8_0 on CPU (and any GroupQuant of the same shape: 8-bit codes,
   zero -128 x scale, fp16 scales per 32 inputs), its block scales kept: a C kernel
   (layers/csrc/cpu_decode.c) on the exact weights up to ``CPU_Q8_MAX_M`` rows, the weight
-  expanded to bf16 above. Opt-in, ``MODELPORT_Q8_CPU=blocks``: on SmolLM2 Q8_0 1.19x faster
-  single stream than CpuInt8Kernel at +0.34 % perplexity against +0.77 % (bench/README.md,
-  session 32); by default Q8_0 stays on CpuInt8Kernel (branch wip/s32-q8-default has the
-  switch: in a bf16 C step that mixes Q8_0 with int4 / int8 layers the Q8_0 layers would get
-  bf16-rounded inputs, not the module path's float32).
-* ``CpuInt8Kernel``: every other weight on CPU (GGUF Q5/Q6/K-quants, GPTQ W8, 4-bit codes the int4
+  expanded to bf16 above. The default for Q8_0 (``MODELPORT_Q8_CPU=blocks``): on SmolLM2 Q8_0
+  1.19x faster single stream than CpuInt8Kernel at +0.34 % perplexity against +0.77 %
+  (bench/README.md, session 32); ``MODELPORT_Q8_CPU=rows`` puts Q8_0 back on CpuInt8Kernel
+  (as does a box where the C library cannot be built).
+* ``CpuInt8Kernel``: every other weight on CPU (GGUF Q5/Q6/K-quants and a Q8_0 part fused with
+  one of those, GPTQ W8, 4-bit codes the int4
   kernel does not take: act-order groups, groups of 16; NF4 and FP8 use it too), requantized
   per output row to the symmetric int8 that torch's weight-only int8 CPU GEMM
   (``_weight_int8pack_mm``) takes, bf16 activations; batches above ``CPU_INT8_MAX_M`` rows
@@ -53,6 +53,7 @@ from torch import nn
 
 from modelport.layers import cpu_fast
 from modelport.quantization.base import LinearMethod, TPShard, check_input_split
+from modelport.quantization.gguf_types import cpu_q8_mode
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
 try:  # the op's overload, called directly: no OpOverloadPacket dispatch in Python per call
@@ -292,24 +293,26 @@ class CpuQ8Kernel(torch.nn.Module):
         return (q.view(n, k // 32, 32).float()
                 * self.scales.float()[:, :, None]).view(n, k)
 
-    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """[M, K] float32 or bf16 (contiguous) -> [M, N] of the same dtype."""
+    def matmul(self, x2: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[M, K] float32 or bf16 (contiguous) -> [M, N] of ``out_dtype`` (float32 or bf16;
+        default: x2's)."""
         m = x2.shape[0]
+        out_dtype = out_dtype or x2.dtype
         if m > self.max_m:
             if self.large_f32:
-                return F.linear(x2.float(), self.expanded()).to(x2.dtype)
+                return F.linear(x2.float(), self.expanded()).to(out_dtype)
             w = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
             lib = _q8_lib()
             expand = lib.mp_q8_expand_bf16_packed if self.packed else lib.mp_q8_expand_bf16
             expand(self.out_features, self.in_features, self.qweight.data_ptr(),
                    self.scales.data_ptr(), w.data_ptr(), torch.get_num_threads(), Q8_SPIN_US)
-            return F.linear(x2.to(torch.bfloat16), w).to(x2.dtype)
-        f32 = int(x2.dtype == torch.float32)
-        y = torch.empty(m, self.out_features, dtype=x2.dtype)
+            return F.linear(x2.to(torch.bfloat16), w).to(out_dtype)
+        y = torch.empty(m, self.out_features, dtype=out_dtype)
         lib = _q8_lib()
         fn = lib.mp_q8_matmul_i8 if self.act_i8 else lib.mp_q8_matmul
-        fn(m, self.out_features, self.in_features, x2.data_ptr(), f32, self.qweight.data_ptr(),
-           self.scales.data_ptr(), y.data_ptr(), f32, torch.get_num_threads(), Q8_SPIN_US)
+        fn(m, self.out_features, self.in_features, x2.data_ptr(), int(x2.dtype == torch.float32),
+           self.qweight.data_ptr(), self.scales.data_ptr(), y.data_ptr(),
+           int(out_dtype == torch.float32), torch.get_num_threads(), Q8_SPIN_US)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,13 +325,14 @@ class CpuQ8Kernel(torch.nn.Module):
 
 
 def cpu_q8_kernel(gq: GroupQuant) -> CpuQ8Kernel | None:
-    """CpuQ8Kernel for a GGUF Q8_0 weight with MODELPORT_Q8_CPU=blocks (int8 dot products
-    on x quantized per block) or =blocks_f32 (float32 x), or None (not set / =rows, another
-    format, or the C library cannot be built here: CpuInt8Kernel then)."""
-    # opt-in, read when the kernel is built; session 32 on the 2-core box, one process,
-    # engines alternating: 90.8 vs 76.3 tok/s single stream, 266.9 vs 244.7 at batch 32
-    how = os.environ.get("MODELPORT_Q8_CPU", "rows")
-    if how not in ("blocks", "blocks_f32"):
+    """CpuQ8Kernel for a GGUF Q8_0 weight: by default (MODELPORT_Q8_CPU unset or =blocks)
+    int8 dot products on x quantized per block, with =blocks_f32 on float32 x; or None
+    (=rows, another format, or the C library cannot be built here: CpuInt8Kernel then)."""
+    # read when the kernel is built (gguf_types.cpu_q8_mode, which the planner's byte counts
+    # read too); session 32 on the 2-core box, one process, engines alternating: 90.8 vs
+    # 76.3 tok/s single stream, 266.9 vs 244.7 at batch 32 against =rows
+    how = cpu_q8_mode()
+    if how is None:
         return None
     parts = q8_0_codes(gq)
     if parts is None:
