@@ -42,7 +42,7 @@ import torch
 
 from modelport.layers import cpu_fast
 from modelport.layers.attention import get_forward_context, request_attention
-from modelport.layers.cpu_linear_ops import linear_op, q8_matmul_f32
+from modelport.layers.cpu_linear_ops import linear_op, ops_dtype, q8_matmul_f32
 from modelport.quantization.kernels import CPU_INT8_MAX_M
 
 logger = logging.getLogger(__name__)
@@ -306,9 +306,8 @@ class DecodePlan:
         self.norm_w = model.norm.weight.detach().float().contiguous()
         self.norm_eps = model.norm.eps
         # every matmul's input and output (float32 where all of them take either: Q8_0)
-        self.dtype = next((op.dtype for L in self.layers
-                           for op in L.ops + (L.moe.ops if L.moe else []) if not op.any_dtype),
-                          torch.float32)
+        self.dtype = ops_dtype(op for L in self.layers
+                               for op in L.ops + (L.moe.ops if L.moe else []))
         self.io_f32 = int(self.dtype == torch.float32)
         if not self.io_f32:  # Q8_0 o / down projections beside bf16 matmuls: float32 out
             for L in self.layers:

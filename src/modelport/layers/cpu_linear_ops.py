@@ -45,6 +45,12 @@ class LinearOp:
     any_dtype: bool = False  # takes float32 or bf16 and gives the same (dtype: float32)
 
 
+def ops_dtype(ops) -> torch.dtype:  # noqa: ANN001 - an iterable of LinearOp
+    """The one input / output dtype of these ops' C buffers: that of their int4 / int8 /
+    float ops, float32 where every op takes either (Q8_0)."""
+    return next((op.dtype for op in ops if not op.any_dtype), torch.float32)
+
+
 def _q8_matmul(x: torch.Tensor, kernel) -> torch.Tensor:
     """CpuQ8Kernel.matmul on the C step's [M, K] float32 or bf16 buffer."""
     return kernel.matmul(x)

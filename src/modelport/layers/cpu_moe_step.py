@@ -25,7 +25,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from modelport.layers.cpu_linear_ops import LinearOp, linear_op
+from modelport.layers.cpu_linear_ops import LinearOp, linear_op, ops_dtype
 from modelport.layers.fused_moe import grouped_experts, route
 from modelport.quantization.kernels import CPU_INT8_MAX_M
 
@@ -73,9 +73,7 @@ class MoeFfn:
         sg = block.shared_expert_gate
         self.shared_gate = (sg.weight, sg.bias) if shared is not None else None
         self.ops = [op for pair in experts + ([shared] if shared else []) for op in pair]
-        # the experts' input dtype: that of their int4 / int8 / float ops (the plan's one
-        # dtype, _fits), float32 where every op takes either (Q8_0)
-        self.dtype = next((op.dtype for op in self.ops if not op.any_dtype), torch.float32)
+        self.dtype = ops_dtype(self.ops)  # the experts' input dtype (the plan's one, _fits)
 
     @classmethod
     def build(cls, block) -> MoeFfn | str:

@@ -746,6 +746,17 @@ static void q8_expand_rows(const q8_job *j, int n0, int n1) {
 
 static void q8i_run(const q8_job *j, int n0, int n1);
 
+/* y[r0 .. r0 + mt, n] = out, in y's dtype */
+static inline void q8_store(const q8_job *j, int n, int r0, int mt, const float *out) {
+    for (int r = 0; r < mt; r++) {
+        const int64_t at = (int64_t)(r0 + r) * j->N + n;
+        if (j->y_f32)
+            ((float *)j->y)[at] = out[r];
+        else
+            ((uint16_t *)j->y)[at] = f32_to_bf16(out[r]);
+    }
+}
+
 static void q8_run(const q8_job *j, int n0, int n1) {
     if (j->expand) {
         q8_expand_rows(j, n0, n1);
@@ -760,13 +771,7 @@ static void q8_run(const q8_job *j, int n0, int n1) {
         for (int r0 = 0; r0 < j->M; r0 += Q8_MT) {
             const int mt = j->M - r0 < Q8_MT ? j->M - r0 : Q8_MT;
             q8_dot_rows(j, n, r0, mt, out);
-            for (int r = 0; r < mt; r++) {
-                const int64_t at = (int64_t)(r0 + r) * j->N + n;
-                if (j->y_f32)
-                    ((float *)j->y)[at] = out[r];
-                else
-                    ((uint16_t *)j->y)[at] = f32_to_bf16(out[r]);
-            }
+            q8_store(j, n, r0, mt, out);
         }
 }
 
@@ -1146,13 +1151,7 @@ static void q8i_run(const q8_job *j, int n0, int n1) {
             for (int r0 = m0; r0 < m1; r0 += Q8_MT) {
                 const int mt = m1 - r0 < Q8_MT ? m1 - r0 : Q8_MT;
                 q8i_dot_rows(j, n, r0, mt, out);
-                for (int r = 0; r < mt; r++) {
-                    const int64_t at = (int64_t)(r0 + r) * j->N + n;
-                    if (j->y_f32)
-                        ((float *)j->y)[at] = out[r];
-                    else
-                        ((uint16_t *)j->y)[at] = f32_to_bf16(out[r]);
-                }
+                q8_store(j, n, r0, mt, out);
             }
     }
 }
