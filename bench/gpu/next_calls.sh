@@ -121,5 +121,16 @@ case ${1:-1} in
           tests/test_moe_few_tokens.py -k integer
         run 130 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py \
           --json "${OUT:-bench/results}/moe_layer.jsonl" ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e" >&2; exit 2 ;;
+  # session 33: s32e's integer-code MoE GEMVs (test + one-layer bench); then on an H200 W3
+  # bf16 and AWQ (the targets' card), elsewhere MoE single stream with AWQ experts, the
+  # integer GEMVs (MODELPORT_MOE_GEMV_INT=1) then the grouped GEMM (=0)
+  s33) bash "$0" s32e
+       if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+         run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+         run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+       else
+         run 200 env MODELPORT_MOE_GEMV_INT=1 MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
+         run 160 env MODELPORT_MOE_GEMV_INT=0 MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
+       fi ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33" >&2; exit 2 ;;
 esac
