@@ -104,9 +104,9 @@ def test_the_threshold_counts_assignments(monkeypatch) -> None:
     monkeypatch.setattr(tm, "MOE_GEMV_INT", False)
     assert tm.moe_gemv_applies(1, 4) and tm.moe_gemv_applies(8, 4)
     assert not tm.moe_gemv_applies(9, 4) and not tm.moe_gemv_applies(0, 4)
-    assert not tm.moe_gemv_applies(1, 4, integer=True)  # integer codes: opt-in
+    assert not tm.moe_gemv_applies(1, 4, integer=True)  # MODELPORT_MOE_GEMV_INT=0
     monkeypatch.setattr(tm, "MOE_GEMV_INT", True)
-    assert tm.moe_gemv_applies(1, 4, integer=True)
+    assert tm.moe_gemv_applies(1, 4, integer=True) and not tm.moe_gemv_applies(9, 4, True)
     monkeypatch.setattr(tm, "MOE_GEMV_MAX", 0)  # MODELPORT_MOE_GEMV_MAX=0: off
     assert not tm.moe_gemv_applies(1, 1)
 
@@ -163,7 +163,7 @@ def test_cuda_few_token_integer_experts_and_in_a_graph(monkeypatch) -> None:
     from modelport.layers.moe_quant import QuantExperts
     from modelport.quantization.kernels import GroupQuant
 
-    monkeypatch.setattr(tm, "MOE_GEMV_INT", True)  # opt-in until measured on a GPU
+    monkeypatch.setattr(tm, "MOE_GEMV_INT", True)  # the default (MODELPORT_MOE_GEMV_INT=1)
     g = torch.Generator().manual_seed(0)
     e, k, h, i, group = 16, 4, 2048, 1408, 128
 

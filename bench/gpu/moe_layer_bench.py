@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
-    tm.MOE_GEMV_INT = True  # the integer GEMVs are opt-in in the engine until measured
+    tm.MOE_GEMV_INT = True  # whatever MODELPORT_MOE_GEMV_INT says
     out = open(a.json, "a") if a.json else None  # noqa: SIM115
     for kind in a.kinds:
         ws = weights(kind, g)

@@ -184,16 +184,17 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 # program. Expert weights are read once per assignment (when two tokens share an expert the
 # second read mostly hits L2), which is what a few tokens over many experts read anyway.
 # MODELPORT_MOE_GEMV_MAX=0 turns it off. 4-bit / 8-bit integer experts (AWQ, GPTQ) have the
-# same two GEMVs (triton_moe_quant.small_batch_experts_int), checked in the Triton interpreter
-# and compiled for sm_90, but not yet run on a GPU: opt-in (MODELPORT_MOE_GEMV_INT=1) until
-# measured.
+# same two GEMVs (triton_moe_quant.small_batch_experts_int): one H100, Qwen1.5-MoE-A2.7B's
+# shape with AWQ experts, single stream ITL 17.54 ms with the grouped GEMM vs 3.70 ms
+# (bench/results/2026-12-06-h100-s33-moe-w3-awq-gemv-int-ab.jsonl); MODELPORT_MOE_GEMV_INT=0
+# keeps the grouped GEMM for them.
 MOE_GEMV_MAX = int(os.environ.get("MODELPORT_MOE_GEMV_MAX", "32"))
-MOE_GEMV_INT = os.environ.get("MODELPORT_MOE_GEMV_INT", "0") == "1"
+MOE_GEMV_INT = os.environ.get("MODELPORT_MOE_GEMV_INT", "1") == "1"
 
 
 def moe_gemv_applies(tokens: int, top_k: int, integer: bool = False) -> bool:
     """Whether ``tokens`` x ``top_k`` assignments take the few-token path (``integer``: for
-    experts in integer codes, which also need MODELPORT_MOE_GEMV_INT=1)."""
+    experts in integer codes, unless MODELPORT_MOE_GEMV_INT=0)."""
     return 0 < tokens * top_k <= MOE_GEMV_MAX and (MOE_GEMV_INT or not integer)
 
 
