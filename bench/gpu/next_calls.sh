@@ -132,5 +132,20 @@ case ${1:-1} in
          run 200 env MODELPORT_MOE_GEMV_INT=1 MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
          run 160 env MODELPORT_MOE_GEMV_INT=0 MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
        fi ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33" >&2; exit 2 ;;
+  # session 33, second call: the integer-code MoE GEMVs rewritten (words loaded once, codes
+  # made floats by a LOP3): their GPU tests, one MoE layer int4 / bf16, MoE AWQ single stream
+  # with them, then (OLD_MOE_QUANT=FILE: the previous triton_moe_quant.py) with the old ones
+  s33b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 120 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_moe_few_tokens.py -k "integer or graph"
+        run 120 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --kinds int4 bf16 \
+          --json "${OUT:-bench/results}/moe_layer.jsonl"
+        run 150 env MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
+        if [ -f "${OLD_MOE_QUANT:-}" ]; then
+          rm -rf /tmp/old && mkdir -p /tmp/old && cp -r src /tmp/old/
+          cp "$OLD_MOE_QUANT" /tmp/old/src/modelport/layers/triton_moe_quant.py
+          run 150 env SRC_DIR=/tmp/old/src MODELPORT_AB_TREE=old MOE_QUANTS=awq \
+            bash bench/gpu/run_all.sh moe-w3
+        fi ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b" >&2; exit 2 ;;
 esac

@@ -35,6 +35,7 @@
 # gpu-files runs the `gpu`-marked tests of the files PYTEST_FILES names. moe-w3: MoE single
 # stream (Qwen1.5-MoE-A2.7B's shape) per MOE_QUANTS (default "none fp8"); MOE_EXTRA: more
 # latency arguments (e.g. "--profile", "--batch-size 8").
+# SRC_DIR=DIR imports modelport from DIR instead of src/ (an A/B against another tree).
 # W1_BUDGET=N sets the W1 stages' --max-num-batched-tokens (default 2048).
 # Results (one JSON object a line) go to $OUT (the device tool's folder) or bench/results/.
 # Pure-python deps missing there travel as wheels: ../shared/tools/device-wheels.sh msgspec gguf
@@ -49,9 +50,9 @@ mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:src
+  export PYTHONPATH=/tmp/site:${SRC_DIR:-src}
 else
-  export PYTHONPATH=src
+  export PYTHONPATH=${SRC_DIR:-src}
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=python3

@@ -50,13 +50,16 @@ def encode(config: object, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def init_dummy_quantized(model: nn.Module, seed: int) -> None:
-    gen_cpu = torch.Generator().manual_seed(seed)
+    # one generator per device, the float weights drawn where they are packed: drawing a
+    # 14B-parameter MoE's experts on the host took ~1 minute of an H100 benchmark's start
+    gens: dict[torch.device, torch.Generator] = {}
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
             n = sum(s for _, s in getattr(module, "shard_ranges", {}).values()) or module.output_size
-            dev = module.quant_device
-            w = (torch.randn(n, module.input_size, generator=gen_cpu) * DUMMY_STD).to(dev)
+            dev = torch.device(module.quant_device)
+            gen = gens.get(dev) or gens.setdefault(dev, torch.Generator(dev).manual_seed(seed))
+            w = torch.randn(n, module.input_size, generator=gen, device=dev) * DUMMY_STD
             # packed on the layer's device; NF4's pieces are then handed over on the CPU, as
             # a checkpoint's are (its unpacking runs there and moves the result to dev)
             dest = "cpu" if getattr(method.config, "name", "") == "bitsandbytes" else dev
