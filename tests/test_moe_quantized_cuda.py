@@ -401,8 +401,9 @@ def test_quantized_moe_kernels_compile_for_sm90_without_spills() -> None:
                 stride_sn="i32",
             )
             const = dict(flags, BITS=bits, GROUP=128, BLOCK_K=tq.INT_BLOCK_K)
+            # the first integer kernel (A/B runs); moe_gemm_wint_kernel: test_moe_wint_grouped
             r = kernel_regs.compile_sm90(
-                tq.moe_gemm_wint_kernel, sig, const, divisible, tq.INT_WARPS, 2
+                tq.moe_gemm_wint_gather_kernel, sig, const, divisible, tq.INT_WARPS, 2
             )
             assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 100, r
 

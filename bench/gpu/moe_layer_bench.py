@@ -5,6 +5,13 @@ FP8 and 4-bit integer codes (group 128), LAYERS layers of distinct weights in on
 
 Run on the device: PYTHONPATH=src python3 bench/gpu/moe_layer_bench.py [--tokens 1 8]
     [--json FILE]
+
+--grouped: the grouped GEMM alone at prefill sizes (--tokens 256 1024), bf16 against the
+4-bit integer kernel in each launch config of triton_moe_quant.INT_GEMM_CONFIGS (--configs
+names a subset) and the first, gather kernel (``gather``), each also checked against the
+gather kernel's output on the first layer (max error / max |y|):
+
+    PYTHONPATH=src python3 bench/gpu/moe_layer_bench.py --grouped --tokens 256 1024
 """
 
 from __future__ import annotations
@@ -60,26 +67,73 @@ def layer(kind: str, x: torch.Tensor, logits: torch.Tensor, w: tuple) -> torch.T
     return tq.fused_experts_wint(x, *w[:3], *w[3:], 4, GROUP, GROUP, rw, ids)
 
 
+def int4_grouped(x: torch.Tensor, logits: torch.Tensor, w: tuple, launch: dict) -> torch.Tensor:
+    rw, ids = route(logits, K, False)
+    return tq.fused_experts_wint(x, *w[:3], *w[3:], 4, GROUP, GROUP, rw, ids, **launch)
+
+
+def grouped(a: argparse.Namespace, out) -> None:  # noqa: ANN001
+    """bf16 vs 4-bit integer codes through the grouped GEMM (no few-token path)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tm.MOE_GEMV_MAX = 0
+    variants: dict[str, dict] = {}
+    for name in a.configs or list(tq.INT_GEMM_CONFIGS):
+        bn, bk, warps, stages = tq.INT_GEMM_CONFIGS[name]
+        variants[name] = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+    variants["gather"] = dict(gather=True)
+    ws_bf16 = weights("bf16", g)
+    ws_int = weights("int4", g)
+    for t in a.tokens:
+        x = torch.randn(t, H, device="cuda").bfloat16()
+        logits = torch.randn(t, E, device="cuda")
+        ms, _ = time_graph(lambda xx, wl, lg=logits: [layer("bf16", xx, lg, w) for w in wl], x,
+                           ws_bf16, reps=a.reps)
+        base = ms * 1000 / LAYERS
+        ref = int4_grouped(x, logits, ws_int[0], variants["gather"]).float()
+        for name, launch in variants.items():
+            ms, _ = time_graph(
+                lambda xx, wl, lc=launch, lg=logits: [int4_grouped(xx, lg, w, lc) for w in wl],
+                x, ws_int, reps=a.reps)
+            us = ms * 1000 / LAYERS
+            y = int4_grouped(x, logits, ws_int[0], launch).float()
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            rec = {"bench": "moe_layer_grouped", "device": torch.cuda.get_device_name(),
+                   "tokens": t, "variant": f"int4 {name}", "launch": launch,
+                   "us": round(us, 2), "bf16_us": round(base, 2),
+                   "vs_bf16": round(us / base, 3), "err_vs_gather": float(f"{err:.2e}")}
+            print(json.dumps(rec), flush=True)
+            if out:
+                out.write(json.dumps(rec) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--kinds", nargs="+", default=["bf16", "fp8", "int4"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--grouped", action="store_true",
+                    help="the grouped GEMM only: bf16 vs the integer kernel's configs")
+    ap.add_argument("--configs", nargs="+", default=None, choices=list(tq.INT_GEMM_CONFIGS),
+                    help="with --grouped: these INT_GEMM_CONFIGS (default all)")
+    ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
+    out = open(a.json, "a") if a.json else None  # noqa: SIM115
+    if a.grouped:
+        grouped(a, out)
+        return
     g = torch.Generator(device="cuda").manual_seed(0)
     tm.MOE_GEMV_INT = True  # whatever MODELPORT_MOE_GEMV_INT says
-    out = open(a.json, "a") if a.json else None  # noqa: SIM115
     for kind in a.kinds:
         ws = weights(kind, g)
         for t in a.tokens:
             x = torch.randn(t, H, device="cuda").bfloat16()
             logits = torch.randn(t, E, device="cuda")
             res = {}
-            for name, limit in (("grouped", 0), ("gemv", 32)):
+            for name, limit in (("grouped", 0), ("gemv", max(32, t * K))):  # gemv at any t
                 tm.MOE_GEMV_MAX = limit
                 ms, _ = time_graph(lambda xx, wl, kd=kind, lg=logits: [layer(kd, xx, lg, w) for w in wl],
                                    x, ws,
-                                   reps=20)
+                                   reps=a.reps)
                 res[name] = ms * 1000 / LAYERS
             rec = {"bench": "moe_layer", "device": torch.cuda.get_device_name(), "kind": kind,
                    "tokens": t, "grouped_us": round(res["grouped"], 2),

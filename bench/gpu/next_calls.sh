@@ -147,5 +147,39 @@ case ${1:-1} in
           run 150 env SRC_DIR=/tmp/old/src MODELPORT_AB_TREE=old MOE_QUANTS=awq \
             bash bench/gpu/run_all.sh moe-w3
         fi ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b" >&2; exit 2 ;;
+  # session 33, third call: the grouped integer-code kernel rewritten for prefill (words once,
+  # magic codes, one FMA a code, tl.join to natural order): the quantized MoE GPU tests (AWQ
+  # in graphs and eager), its launch configs against bf16 at 256 / 1,024 tokens, then MoE AWQ
+  # single stream with the fastest config at 1,024 tokens, and (OLD_MOE_QUANT=FILE) the
+  # session's starting triton_moe_quant.py (grouped + GEMVs) in the same call
+  s33c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 130 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_moe_quantized_cuda.py -k awq
+        run 120 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --grouped \
+          --tokens 256 1024 --json "${OUT:-bench/results}/moe_layer_grouped.jsonl"
+        best=$(python3 -c "
+import json, sys
+rs = [json.loads(l) for l in open(sys.argv[1])]
+rs = [r for r in rs if r['tokens'] == 1024 and r['variant'] != 'int4 gather']
+print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k128w4')
+" "${OUT:-bench/results}/moe_layer_grouped.jsonl" 2>/dev/null || echo n64k128w4)
+        echo "### fastest grouped config at 1,024 tokens: $best"
+        run 150 env MODELPORT_MOE_WINT_CONFIG=$best MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
+        if [ -f "${OLD_MOE_QUANT:-}" ]; then
+          rm -rf /tmp/old && mkdir -p /tmp/old && cp -r src /tmp/old/
+          cp "$OLD_MOE_QUANT" /tmp/old/src/modelport/layers/triton_moe_quant.py
+          run 120 env SRC_DIR=/tmp/old/src MODELPORT_AB_TREE=old MOE_QUANTS=awq \
+            bash bench/gpu/run_all.sh moe-w3
+        fi ;;
+  # session 33, fourth call: the GPU tests of the new grouped integer kernel (Qwen shape, every
+  # config and the gather kernel, 4 and 8 bits), the AWQ / GPTQ MoE engine tests and the
+  # few-token integer test; then where the integer GEMVs stop paying: one layer at 8, 16
+  # and 32 tokens, GEMVs vs the new grouped kernel
+  s33d) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 240 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_moe_wint_grouped.py tests/test_moe_few_tokens.py tests/test_moe_quantized_cuda.py \
+          -k "integer or awq or gptq" 2>&1 | tee "${OUT:-bench/results}/s33d-tests.log" | tail -15
+        run 90 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --kinds int4 bf16 \
+          --tokens 8 16 32 --json "${OUT:-bench/results}/moe_layer.jsonl" ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d" >&2; exit 2 ;;
 esac

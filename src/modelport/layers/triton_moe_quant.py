@@ -11,8 +11,16 @@ width and no dequantized copy ever exists:
   column to the fp32 accumulator in the epilogue (gate and up halves with their own scales).
 * Integer groups (``moe_gemm_wint_kernel``, AWQ / GPTQ as ``GroupQuant``): codes packed
   along K into int32 words [E, N, K * BITS / 32] (first code in the low bits, BITS 4 or 8),
-  and fp32 scales and zeros [E, N, K / GROUP]: w = code * scale + zero. A K tile never spans
-  two groups (GROUP % BLOCK_K == 0), so each tile reads one scale and zero per column.
+  and fp32 scales and zeros [E, N, K / GROUP]: w = code * scale + zero. Each K step loads
+  its [BLOCK_N, BLOCK_K * BITS / 32] words once (contiguous along K, as stored), expands
+  every word to its 32 / BITS codes with one shift vector (the codes' natural order, so the
+  activation tile is the plain contiguous one), turns codes into floats without a
+  conversion instruction (``triton_kernels.magic``: the code OR-ed into a float's mantissa
+  gives the exact C + code) and applies scale and zero in one fp32 FMA (the zero shifted by
+  C * scale) before the tile meets ``tl.dot`` in the activation dtype. A step spans one group or part of one (GROUP % BLOCK_K == 0: one scale
+  and zero per column) or several whole groups (BLOCK_K % GROUP == 0: [BLOCK_N, groups]).
+  The first version (``moe_gemm_wint_gather_kernel``: one word load per code, conversions,
+  32-deep steps) stays reachable for A/B runs (``fused_experts_wint(..., gather=True)``).
 
 Both keep the bf16 path's properties: no host sync, every shape fixed by the token count,
 so the step is captured in CUDA graphs as it is.
@@ -38,10 +46,29 @@ from modelport.quantization.triton_gemm import MAG_128, MAG_2048, MAG_32768
 from modelport.quantization.triton_kernels import magic
 
 # Launch configs: the largest K tile and fewest warps that compile for sm_90 without register
-# spills (tests/test_moe_quantized_cuda.py checks it); 64-deep tiles spill in the gated launch,
-# and the expanded integer codes need 8 warps. Not yet timed on a GPU.
+# spills (tests/test_moe_quantized_cuda.py checks it); 64-deep tiles spill in the gated launch.
+# Not yet timed on a GPU.
 FP8_BLOCK_K, FP8_WARPS = 32, 4
+# The gather kernel (moe_gemm_wint_gather_kernel, A/B only): the expanded codes need 8 warps.
 INT_BLOCK_K, INT_WARPS = 32, 8
+# moe_gemm_wint_kernel: (BLOCK_N, BLOCK_K, warps, stages) launch configs, none spilling on
+# sm_90 (tests/test_moe_wint_grouped.py). One H100, the routed experts of one Qwen1.5-MoE
+# layer, 4-bit group 128 (bench/gpu/moe_layer_bench.py --grouped,
+# bench/results/2026-12-06-h100-s33-moe-layer-grouped.jsonl), us at 256 / 1,024 tokens:
+# n64k128w4 427 / 568, n64k64w4 465 / 553, n128k64w8 490 / 676, n64k128w8 501 / 633 (bf16
+# 508 / 560; the first, gather kernel 8,669 / 9,643). Prefill's 1,024 tokens pick n64k64w4;
+# MODELPORT_MOE_WINT_CONFIG=NAME launches another.
+INT_GEMM_CONFIGS = {
+    "n64k128w4": (64, 128, 4, 3),
+    "n64k64w4": (64, 64, 4, 3),
+    "n128k64w8": (128, 64, 8, 3),
+    "n64k128w8": (64, 128, 8, 3),
+}
+_wint_config = os.environ.get("MODELPORT_MOE_WINT_CONFIG", "n64k64w4")
+if _wint_config not in INT_GEMM_CONFIGS:
+    raise ValueError(f"MODELPORT_MOE_WINT_CONFIG={_wint_config!r}: expected one of "
+                     f"{', '.join(INT_GEMM_CONFIGS)}")
+INT_GEMM_CONFIG = INT_GEMM_CONFIGS[_wint_config]
 
 
 @triton.jit
@@ -130,7 +157,7 @@ def _int_tile(
 
 
 @triton.jit
-def moe_gemm_wint_kernel(
+def moe_gemm_wint_gather_kernel(
     a_ptr,
     w_ptr,
     s_ptr,
@@ -206,6 +233,143 @@ def moe_gemm_wint_kernel(
                GATED, MUL_WEIGHT)
 
 
+@triton.jit
+def _affine(f, s, z, C: tl.constexpr, EXACT: tl.constexpr):
+    # code * scale + zero from f = C + code: one FFMA with the zero shifted by C * scale
+    # (rounded once a group: |C * scale| * 2**-24, far below a 16-bit weight's rounding);
+    # EXACT (float32 activations) subtracts C first, as a float32 weight needs
+    if EXACT:
+        return (f - C) * s + z
+    else:
+        return f * s + (z - C * s)
+
+
+@triton.jit
+def _int_codes_tile(
+    base,
+    offs_n,
+    n_ok,
+    k0,
+    s_base,
+    z_base,
+    stride_wn,
+    stride_sn,
+    mag_a,
+    mag_b,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    dtype: tl.constexpr,
+):
+    # [BLOCK_K, BLOCK_N] of code * scale + zero for inputs k0 .. k0 + BLOCK_K, columns offs_n
+    PER: tl.constexpr = 32 // BITS
+    KW: tl.constexpr = BLOCK_K // PER
+    GPS: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1  # groups a step
+    WPG: tl.constexpr = KW // GPS  # words a group (of this step)
+    # each word once, contiguous along K; code j of word w is input k0 + w * PER + j
+    words = tl.load(
+        base + offs_n[:, None] * stride_wn + (k0 // PER + tl.arange(0, KW))[None, :],
+        mask=n_ok[:, None],
+        other=0,
+    )
+    words = tl.reshape(words.to(tl.uint32, bitcast=True), (BLOCK_N, GPS, WPG))
+    if GPS == 1:
+        s = tl.load(s_base + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
+        z = tl.load(z_base + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
+    else:
+        sz_off = offs_n[:, None] * stride_sn + (k0 // GROUP + tl.arange(0, GPS))[None, :]
+        s = tl.load(s_base + sz_off, mask=n_ok[:, None], other=0.0)
+        z = tl.load(z_base + sz_off, mask=n_ok[:, None], other=0.0)
+    s = s[:, :, None]
+    z = z[:, :, None]
+    # magic(): code j as the exact float C + code (one LOP3, a shift per pair of codes)
+    EXACT: tl.constexpr = dtype == tl.float32
+    if BITS == 4:  # C = 128 for even codes, 2048 for odd ones
+        c0 = _affine(magic(words, 0, BITS, mag_a, mag_b), s, z, 128.0, EXACT)
+        c1 = _affine(magic(words, 1, BITS, mag_a, mag_b), s, z, 2048.0, EXACT)
+        c2 = _affine(magic(words, 2, BITS, mag_a, mag_b), s, z, 128.0, EXACT)
+        c3 = _affine(magic(words, 3, BITS, mag_a, mag_b), s, z, 2048.0, EXACT)
+        c4 = _affine(magic(words, 4, BITS, mag_a, mag_b), s, z, 128.0, EXACT)
+        c5 = _affine(magic(words, 5, BITS, mag_a, mag_b), s, z, 2048.0, EXACT)
+        c6 = _affine(magic(words, 6, BITS, mag_a, mag_b), s, z, 128.0, EXACT)
+        c7 = _affine(magic(words, 7, BITS, mag_a, mag_b), s, z, 2048.0, EXACT)
+        # code j = 4 * j2 + 2 * j1 + j0 to index j: tl.join adds a minor dimension of 2
+        # (held in registers), so the last join is j0's
+        w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)),
+                    tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    else:  # bytes: C = 32768
+        c0 = _affine(magic(words, 0, BITS, mag_a, mag_b), s, z, 32768.0, EXACT)
+        c1 = _affine(magic(words, 1, BITS, mag_a, mag_b), s, z, 32768.0, EXACT)
+        c2 = _affine(magic(words, 2, BITS, mag_a, mag_b), s, z, 32768.0, EXACT)
+        c3 = _affine(magic(words, 3, BITS, mag_a, mag_b), s, z, 32768.0, EXACT)
+        w = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    return tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype))
+
+
+@triton.jit
+def moe_gemm_wint_kernel(
+    a_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    weight_ptr,
+    N,
+    K,
+    num_rows,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    mag_a,  # magic()'s exponents, arguments so that the compiler keeps the bit tricks
+    mag_b,
+    stride_om,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # K % BLOCK_K == 0, BLOCK_K holds whole words and whole groups or part of one
+    # (int_gemm_block_k): no mask along K
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows, row_ok, a_rows = block_rows(sorted_ptr, pid_m, num_rows, TOP_K, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    s_base = s_ptr + expert.to(tl.int64) * stride_se
+    z_base = z_ptr + expert.to(tl.int64) * stride_se
+    a_base = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_base + k0, mask=row_ok[:, None], other=0.0)
+        w = _int_codes_tile(w_base, offs_n, n_ok, k0, s_base, z_base, stride_wn, stride_sn,
+                            mag_a, mag_b, BITS, GROUP, BLOCK_N, BLOCK_K, a.dtype)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATED:
+            w_up = _int_codes_tile(w_base + N * stride_wn, offs_n, n_ok, k0,
+                                   s_base + N * stride_sn, z_base + N * stride_sn, stride_wn,
+                                   stride_sn, mag_a, mag_b, BITS, GROUP, BLOCK_N, BLOCK_K,
+                                   a.dtype)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+    store_rows(acc, acc_up, rows, row_ok, offs_n, n_ok, out_ptr, weight_ptr, stride_om,
+               GATED, MUL_WEIGHT)
+
+
 def fused_experts_fp8(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -242,6 +406,21 @@ def int_block_k(group: int, k: int, bits: int, block_k: int = INT_BLOCK_K) -> in
     raise ValueError(f"quantized MoE experts on CUDA: group size {group} is not a multiple of 16")
 
 
+def int_gemm_block_k(group: int, k: int, bits: int, block_k: int) -> int:
+    """``moe_gemm_wint_kernel``'s K step: the largest power of two up to block_k (at least 16)
+    that divides K, holds whole words and either lies inside one group or holds whole
+    groups; ValueError if none does."""
+    per = 32 // bits
+    bk = block_k
+    while bk >= 16:
+        whole_groups = bk % group == 0 and group % per == 0
+        if k % bk == 0 and bk % per == 0 and (group % bk == 0 or whole_groups):
+            return bk
+        bk //= 2
+    raise ValueError(f"quantized MoE experts on CUDA: no K step for group size {group} and "
+                     f"K = {k} (K must be a multiple of 16)")
+
+
 def fused_experts_wint(
     x: torch.Tensor,
     q13: torch.Tensor,
@@ -255,24 +434,41 @@ def fused_experts_wint(
     group2: int,
     weights: torch.Tensor,
     ids: torch.Tensor,
-    block_n: int = 64,
-    block_k: int = INT_BLOCK_K,
-    num_warps: int = INT_WARPS,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    gather: bool = False,
 ) -> torch.Tensor:
     """fused_experts with packed integer codes q13 [E, 2I, H*bits/32], q2 [E, H, I*bits/32]
-    and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]."""
+    and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]. The launch
+    config defaults to INT_GEMM_CONFIG; ``gather``: the first kernel (A/B runs)."""
     if moe_gemv_applies(*ids.shape, integer=True):
         return small_batch_experts_int(x, q13, s13, z13, q2, s2, z2, bits, group13, group2,
                                        weights, ids)
     e, two_i, _ = q13.shape
     i, h = two_i // 2, q2.shape[1]
+    if gather:
+        bn, bk = block_n or 64, block_k or INT_BLOCK_K
+        return grouped_mlp(
+            moe_gemm_wint_gather_kernel, x, weights, ids, e, i, h,
+            ((q13, s13, z13), (q13.stride(0), q13.stride(1), s13.stride(0), s13.stride(1)),
+             {"BITS": bits, "GROUP": group13, "BLOCK_K": int_block_k(group13, h, bits, bk)}),
+            ((q2, s2, z2), (q2.stride(0), q2.stride(1), s2.stride(0), s2.stride(1)),
+             {"BITS": bits, "GROUP": group2, "BLOCK_K": int_block_k(group2, i, bits, bk)}),
+            bn, num_warps or INT_WARPS,
+        )  # fmt: skip
+    bn, bk, warps, stages = INT_GEMM_CONFIG
+    bn, bk = block_n or bn, block_k or bk
+    meta = {"BITS": bits, "num_stages": num_stages or stages}
+    mags = (MAG_2048, MAG_128) if bits == 4 else (MAG_32768, 0)
     return grouped_mlp(
         moe_gemm_wint_kernel, x, weights, ids, e, i, h,
-        ((q13, s13, z13), (q13.stride(0), q13.stride(1), s13.stride(0), s13.stride(1)),
-         {"BITS": bits, "GROUP": group13, "BLOCK_K": int_block_k(group13, h, bits, block_k)}),
-        ((q2, s2, z2), (q2.stride(0), q2.stride(1), s2.stride(0), s2.stride(1)),
-         {"BITS": bits, "GROUP": group2, "BLOCK_K": int_block_k(group2, i, bits, block_k)}),
-        block_n, num_warps,
+        ((q13, s13, z13), (q13.stride(0), q13.stride(1), s13.stride(0), s13.stride(1), *mags),
+         {**meta, "GROUP": group13, "BLOCK_K": int_gemm_block_k(group13, h, bits, bk)}),
+        ((q2, s2, z2), (q2.stride(0), q2.stride(1), s2.stride(0), s2.stride(1), *mags),
+         {**meta, "GROUP": group2, "BLOCK_K": int_gemm_block_k(group2, i, bits, bk)}),
+        bn, num_warps or warps,
     )  # fmt: skip
 
 
@@ -302,8 +498,13 @@ def _int_words_dot(q_rows, s_rows, z_rows, x_row, w0, KW, NG, n_ok, mag_a, mag_b
     words = tl.load(q_rows + offs_w[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
     words = words.to(tl.uint32, bitcast=True)  # logical shifts: a rotate is one SHF
     xk = x_row + offs_w * PER
+    # float32 activations (EXACT) take C off every code first (exact), as float32 results
+    # need; for 16-bit ones the per-word correction below rounds far below their precision
+    EXACT: tl.constexpr = x_row.dtype.element_ty == tl.float32
     for j in tl.static_range(PER):
         f = magic(words, j, BITS, mag_a, mag_b)
+        if EXACT:
+            f -= 32768.0 if BITS == 8 else (2048.0 if j % 2 == 1 else 128.0)
         x = tl.load(xk + j, mask=w_ok, other=0.0).to(tl.float32)
         if j == 0:  # C = 32768 (bytes) or 128 (nibble 0)
             p = f * x[None, :]
@@ -319,7 +520,9 @@ def _int_words_dot(q_rows, s_rows, z_rows, x_row, w0, KW, NG, n_ok, mag_a, mag_b
         else:  # C = 128 (even nibbles)
             p += f * x[None, :]
             xb += x
-    if BITS == 4:
+    if EXACT:
+        pw = p
+    elif BITS == 4:
         pw = p - (xa * 2048.0 + xb * 128.0)[None, :]
     else:
         pw = p - (xa * 32768.0)[None, :]
