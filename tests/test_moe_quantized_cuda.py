@@ -380,16 +380,17 @@ def test_quantized_moe_kernels_compile_for_sm90_without_spills() -> None:
             BLOCK_N=64,
         )
         sig = dict(a_ptr="*bf16", w_ptr="*fp8e4nv", s_ptr="*fp32", out_ptr="*bf16", **common)
-        r = kernel_regs.compile_sm90(
-            tq.moe_gemm_fp8_kernel,
-            sig,
-            dict(flags, BLOCK_K=tq.FP8_BLOCK_K),
-            divisible,
-            tq.FP8_WARPS,
-            2,
-        )
-        assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 100, r
-        assert r["programs_per_sm"] >= 1, r
+        for bn, bk, warps, stages in tq.FP8_GEMM_CONFIGS.values():
+            r = kernel_regs.compile_sm90(
+                tq.moe_gemm_fp8_kernel,
+                sig,
+                dict(flags, BLOCK_N=bn, BLOCK_K=bk),
+                (*divisible, "stride_we", "stride_wn"),
+                warps,
+                stages,
+            )
+            assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 100, (bk, r)
+            assert r["programs_per_sm"] >= 1, r
         for bits in (4, 8):
             sig = dict(
                 a_ptr="*bf16",

@@ -7,11 +7,12 @@ Run on the device: PYTHONPATH=src python3 bench/gpu/moe_layer_bench.py [--tokens
     [--json FILE]
 
 --grouped: the grouped GEMM alone at prefill sizes (--tokens 256 1024), bf16 against the
-4-bit integer kernel in each launch config of triton_moe_quant.INT_GEMM_CONFIGS (--configs
-names a subset) and the first, gather kernel (``gather``), each also checked against the
-gather kernel's output on the first layer (max error / max |y|):
+FP8 and 4-bit integer kernels in each launch config of triton_moe_quant.FP8_GEMM_CONFIGS /
+INT_GEMM_CONFIGS (--configs names a subset; int4 also the first, gather kernel), each also
+checked on the first layer against a reference launch (int4: gather; FP8: the default
+config; max error / max |y|):
 
-    PYTHONPATH=src python3 bench/gpu/moe_layer_bench.py --grouped --tokens 256 1024
+    PYTHONPATH=src python3 bench/gpu/moe_layer_bench.py --grouped --kinds fp8 int4 --tokens 256 1024
 """
 
 from __future__ import annotations
@@ -67,43 +68,54 @@ def layer(kind: str, x: torch.Tensor, logits: torch.Tensor, w: tuple) -> torch.T
     return tq.fused_experts_wint(x, *w[:3], *w[3:], 4, GROUP, GROUP, rw, ids)
 
 
-def int4_grouped(x: torch.Tensor, logits: torch.Tensor, w: tuple, launch: dict) -> torch.Tensor:
+def quant_grouped(kind: str, x: torch.Tensor, logits: torch.Tensor, w: tuple,
+                  launch: dict) -> torch.Tensor:
     rw, ids = route(logits, K, False)
+    if kind == "fp8":
+        return tq.fused_experts_fp8(x, w[0], w[1], w[2], w[3], rw, ids, **launch)
     return tq.fused_experts_wint(x, *w[:3], *w[3:], 4, GROUP, GROUP, rw, ids, **launch)
 
 
 def grouped(a: argparse.Namespace, out) -> None:  # noqa: ANN001
-    """bf16 vs 4-bit integer codes through the grouped GEMM (no few-token path)."""
+    """bf16 vs FP8 / 4-bit integer codes through the grouped GEMM (no few-token path), each
+    launch config of the kind's table; int4 also the first (gather) kernel, the reference of
+    its err column (FP8: the default config)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     tm.MOE_GEMV_MAX = 0
-    variants: dict[str, dict] = {}
-    for name in a.configs or list(tq.INT_GEMM_CONFIGS):
-        bn, bk, warps, stages = tq.INT_GEMM_CONFIGS[name]
-        variants[name] = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-    variants["gather"] = dict(gather=True)
     ws_bf16 = weights("bf16", g)
-    ws_int = weights("int4", g)
-    for t in a.tokens:
-        x = torch.randn(t, H, device="cuda").bfloat16()
-        logits = torch.randn(t, E, device="cuda")
-        ms, _ = time_graph(lambda xx, wl, lg=logits: [layer("bf16", xx, lg, w) for w in wl], x,
-                           ws_bf16, reps=a.reps)
-        base = ms * 1000 / LAYERS
-        ref = int4_grouped(x, logits, ws_int[0], variants["gather"]).float()
-        for name, launch in variants.items():
-            ms, _ = time_graph(
-                lambda xx, wl, lc=launch, lg=logits: [int4_grouped(xx, lg, w, lc) for w in wl],
-                x, ws_int, reps=a.reps)
-            us = ms * 1000 / LAYERS
-            y = int4_grouped(x, logits, ws_int[0], launch).float()
-            err = ((y - ref).abs().max() / ref.abs().max()).item()
-            rec = {"bench": "moe_layer_grouped", "device": torch.cuda.get_device_name(),
-                   "tokens": t, "variant": f"int4 {name}", "launch": launch,
-                   "us": round(us, 2), "bf16_us": round(base, 2),
-                   "vs_bf16": round(us / base, 3), "err_vs_gather": float(f"{err:.2e}")}
-            print(json.dumps(rec), flush=True)
-            if out:
-                out.write(json.dumps(rec) + "\n")
+    for kind in [k for k in a.kinds if k != "bf16"]:
+        table = tq.FP8_GEMM_CONFIGS if kind == "fp8" else tq.INT_GEMM_CONFIGS
+        variants: dict[str, dict] = {}
+        for name in a.configs or list(table):
+            if name in table:
+                bn, bk, warps, stages = table[name]
+                variants[name] = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+        ref_launch = dict(gather=True) if kind == "int4" else {}
+        if kind == "int4":
+            variants["gather"] = ref_launch
+        ws = weights(kind, g)
+        for t in a.tokens:
+            x = torch.randn(t, H, device="cuda").bfloat16()
+            logits = torch.randn(t, E, device="cuda")
+            ms, _ = time_graph(lambda xx, wl, lg=logits: [layer("bf16", xx, lg, w) for w in wl],
+                               x, ws_bf16, reps=a.reps)
+            base = ms * 1000 / LAYERS
+            ref = quant_grouped(kind, x, logits, ws[0], ref_launch).float()
+            for name, launch in variants.items():
+                ms, _ = time_graph(
+                    lambda xx, wl, lc=launch, lg=logits, kd=kind:
+                        [quant_grouped(kd, xx, lg, w, lc) for w in wl],
+                    x, ws, reps=a.reps)
+                us = ms * 1000 / LAYERS
+                y = quant_grouped(kind, x, logits, ws[0], launch).float()
+                err = ((y - ref).abs().max() / ref.abs().max()).item()
+                rec = {"bench": "moe_layer_grouped", "device": torch.cuda.get_device_name(),
+                       "tokens": t, "variant": f"{kind} {name}", "launch": launch,
+                       "us": round(us, 2), "bf16_us": round(base, 2),
+                       "vs_bf16": round(us / base, 3), "err_vs_ref": float(f"{err:.2e}")}
+                print(json.dumps(rec), flush=True)
+                if out:
+                    out.write(json.dumps(rec) + "\n")
 
 
 def main() -> None:
@@ -112,9 +124,10 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["bf16", "fp8", "int4"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--grouped", action="store_true",
-                    help="the grouped GEMM only: bf16 vs the integer kernel's configs")
-    ap.add_argument("--configs", nargs="+", default=None, choices=list(tq.INT_GEMM_CONFIGS),
-                    help="with --grouped: these INT_GEMM_CONFIGS (default all)")
+                    help="the grouped GEMM only: bf16 vs each --kinds' launch configs")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    choices=sorted({*tq.INT_GEMM_CONFIGS, *tq.FP8_GEMM_CONFIGS}),
+                    help="with --grouped: these configs of INT_ / FP8_GEMM_CONFIGS (default all)")
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
     out = open(a.json, "a") if a.json else None  # noqa: SIM115

@@ -156,7 +156,7 @@ case ${1:-1} in
         run 130 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_moe_quantized_cuda.py -k awq
         run 120 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --grouped \
-          --tokens 256 1024 --json "${OUT:-bench/results}/moe_layer_grouped.jsonl"
+          --kinds int4 --tokens 256 1024 --json "${OUT:-bench/results}/moe_layer_grouped.jsonl"
         best=$(python3 -c "
 import json, sys
 rs = [json.loads(l) for l in open(sys.argv[1])]
@@ -181,5 +181,21 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k128w4
           -k "integer or awq or gptq" 2>&1 | tee "${OUT:-bench/results}/s33d-tests.log" | tail -15
         run 90 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --kinds int4 bf16 \
           --tokens 8 16 32 --json "${OUT:-bench/results}/moe_layer.jsonl" ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d" >&2; exit 2 ;;
+  # session 33, fifth call: the FP8 grouped MoE kernel's launch configs (prefill; it ran
+  # 32-deep K steps, never timed) against bf16 at 256 / 1,024 tokens, then MoE single stream
+  # with online FP8, the fastest config at 1,024 tokens against the default n64k32w4
+  s33e) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 100 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --grouped \
+          --kinds fp8 --tokens 256 1024 --json "${OUT:-bench/results}/moe_layer_grouped_fp8.jsonl"
+        best=$(python3 -c "
+import json, sys
+rs = [json.loads(l) for l in open(sys.argv[1])]
+rs = [r for r in rs if r['tokens'] == 1024]
+print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4')
+" "${OUT:-bench/results}/moe_layer_grouped_fp8.jsonl" 2>/dev/null || echo n64k32w4)
+        echo "### fastest FP8 grouped config at 1,024 tokens: $best"
+        for c in $best n64k32w4; do
+          run 130 env MODELPORT_MOE_FP8_CONFIG=$c MOE_QUANTS=fp8 bash bench/gpu/run_all.sh moe-w3
+        done ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e" >&2; exit 2 ;;
 esac

@@ -45,10 +45,21 @@ from modelport.layers.triton_moe import (
 from modelport.quantization.triton_gemm import MAG_128, MAG_2048, MAG_32768
 from modelport.quantization.triton_kernels import magic
 
-# Launch configs: the largest K tile and fewest warps that compile for sm_90 without register
-# spills (tests/test_moe_quantized_cuda.py checks it); 64-deep tiles spill in the gated launch.
-# Not yet timed on a GPU.
-FP8_BLOCK_K, FP8_WARPS = 32, 4
+# moe_gemm_fp8_kernel's (BLOCK_N, BLOCK_K, warps, stages) launch configs, none spilling on
+# sm_90 (tests/test_moe_quantized_cuda.py). One H100, one Qwen1.5-MoE layer's routed experts
+# (bench/gpu/moe_layer_bench.py --grouped --kinds fp8,
+# bench/results/2026-12-06-h100-s33-moe-layer-grouped-fp8.jsonl), us at 256 / 1,024 tokens:
+# n64k32w4 (the first) 431.5 / 621.1, n64k64w4 414.5 / 527.3, n64k128w4 376.0 / 628.8,
+# n128k64w8 405.8 / 575.0, n64k128w8 381.0 / 654.6 (bf16 488.3 / 548.2). Prefill's 1,024
+# tokens pick n64k64w4 (MoE single stream TTFT 18.9 vs 20.0 ms with n64k32w4);
+# MODELPORT_MOE_FP8_CONFIG=NAME launches another.
+FP8_GEMM_CONFIGS = {
+    "n64k32w4": (64, 32, 4, 3),
+    "n64k64w4": (64, 64, 4, 3),
+    "n64k128w4": (64, 128, 4, 3),
+    "n128k64w8": (128, 64, 8, 3),
+    "n64k128w8": (64, 128, 8, 3),
+}
 # The gather kernel (moe_gemm_wint_gather_kernel, A/B only): the expanded codes need 8 warps.
 INT_BLOCK_K, INT_WARPS = 32, 8
 # moe_gemm_wint_kernel: (BLOCK_N, BLOCK_K, warps, stages) launch configs, none spilling on
@@ -64,11 +75,17 @@ INT_GEMM_CONFIGS = {
     "n128k64w8": (128, 64, 8, 3),
     "n64k128w8": (64, 128, 8, 3),
 }
-_wint_config = os.environ.get("MODELPORT_MOE_WINT_CONFIG", "n64k64w4")
-if _wint_config not in INT_GEMM_CONFIGS:
-    raise ValueError(f"MODELPORT_MOE_WINT_CONFIG={_wint_config!r}: expected one of "
-                     f"{', '.join(INT_GEMM_CONFIGS)}")
-INT_GEMM_CONFIG = INT_GEMM_CONFIGS[_wint_config]
+
+
+def _launch_config(knob: str, configs: dict, default: str) -> tuple[int, int, int, int]:
+    name = os.environ.get(knob, default)
+    if name not in configs:
+        raise ValueError(f"{knob}={name!r}: expected one of {', '.join(configs)}")
+    return configs[name]
+
+
+INT_GEMM_CONFIG = _launch_config("MODELPORT_MOE_WINT_CONFIG", INT_GEMM_CONFIGS, "n64k64w4")
+FP8_GEMM_CONFIG = _launch_config("MODELPORT_MOE_FP8_CONFIG", FP8_GEMM_CONFIGS, "n64k64w4")
 
 
 @triton.jit
@@ -378,21 +395,23 @@ def fused_experts_fp8(
     s2: torch.Tensor,
     weights: torch.Tensor,
     ids: torch.Tensor,
-    block_n: int = 64,
-    block_k: int = FP8_BLOCK_K,
-    num_warps: int = FP8_WARPS,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """fused_experts with E4M3 weights w13 [E, 2I, H], w2 [E, H, I] and fp32 per-channel
-    scales s13 [E, 2I], s2 [E, H]."""
+    scales s13 [E, 2I], s2 [E, H]. The launch config defaults to FP8_GEMM_CONFIG."""
     e, two_i, h = w13.shape
     if moe_gemv_applies(*ids.shape):
         return small_batch_experts(x, w13, w2, weights, ids, s13, s2)
-    tile = {"BLOCK_K": block_k}
+    bn, bk, warps, stages = FP8_GEMM_CONFIG
+    tile = {"BLOCK_K": block_k or bk, "num_stages": num_stages or stages}
     return grouped_mlp(
         moe_gemm_fp8_kernel, x, weights, ids, e, two_i // 2, h,
         ((w13, s13), (w13.stride(0), w13.stride(1), s13.stride(0)), tile),
         ((w2, s2), (w2.stride(0), w2.stride(1), s2.stride(0)), tile),
-        block_n, num_warps,
+        block_n or bn, num_warps or warps,
     )  # fmt: skip
 
 
