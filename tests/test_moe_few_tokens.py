@@ -87,6 +87,27 @@ _SCRIPT = textwrap.dedent("""
             err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
             assert y.shape == (t, h) and err < 2e-3, (t, bits, g13, cfg, err)
             print("ok int", t, bits, g13, cfg, f"{err:.1e}")
+
+    # GPTQ act-order experts: the gate/up GEMV gathers x through perm13 (QuantExperts)
+    for t, bits in ((1, 4), (3, 8)):
+        e, k, h, i, group = 4, 2, 128, 64, 32
+        parts = []
+        for _ in range(e):
+            pair = (gq(2 * i, h, group, bits), gq(h, i, group, bits))
+            for p, kk in zip(pair, (h, i)):
+                p.g_idx = torch.randperm(kk, generator=g) % (kk // group)
+            parts.append(pair)
+        qe = QuantExperts.from_group_quant(parts)
+        w13 = torch.stack([p[0].dequantize() for p in parts])
+        w2 = torch.stack([p[1].dequantize() for p in parts])
+        w, ids = tm.route_topk(torch.randn(t, e, generator=g) * 3, k, True)
+        x = torch.randn(t, h, generator=g).half()
+        ref = moe_reference(x.float(), w13.half().float(), w2.half().float(), w, ids.long())
+        y = tq.small_batch_experts_int(x, qe.q13, qe.s13, qe.z13, qe.q2, qe.s2, qe.z2, bits,
+                                       qe.group13, qe.group2, w, ids, perm13=qe.perm13)
+        err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 2e-3, ("act-order", t, bits, err)
+        print("ok act-order int", t, bits, f"{err:.1e}")
 """)
 
 
@@ -98,7 +119,8 @@ def test_few_token_moe_kernels_match_the_reference_in_the_interpreter() -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
     assert out.count("ok route") == 3 and out.count("ok experts") == 9, out
-    assert out.count("ok fp8") == 3 and out.count("ok int") == 6, out
+    assert out.count("ok fp8") == 3 and out.count("ok int ") == 6, out
+    assert out.count("ok act-order int") == 2, out
 
 
 def test_the_threshold_counts_assignments(monkeypatch) -> None:
@@ -260,11 +282,14 @@ def test_few_token_kernels_compile_for_sm90_without_spills() -> None:
             common = dict(q_ptr="*i32", s_ptr="*fp32", z_ptr="*fp32", ids_ptr="*i32",
                           HIDDEN="i32", INTER="i32", stride_am="i32", mag_a="i32",
                           mag_b="i32", **strides)
-            r = kernel_regs.compile_sm90(
-                tq.moe_gemv_int_gate_up_kernel,
-                dict(x_ptr="*bf16", act_ptr="*bf16", stride_xm="i32", **common), const,
-                ("x_ptr", "q_ptr", "HIDDEN", "stride_xm"), warps, 2)
-            assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 50, (bits, bk, r)
+            for perm in (False, True):  # GPTQ act-order: x gathered through perm
+                r = kernel_regs.compile_sm90(
+                    tq.moe_gemv_int_gate_up_kernel,
+                    dict(x_ptr="*bf16", act_ptr="*bf16", stride_xm="i32", perm_ptr="*i32",
+                         **common), dict(const, HAS_PERM=perm),
+                    ("x_ptr", "q_ptr", "HIDDEN", "stride_xm"), warps, 2)
+                assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 50, (
+                    bits, bk, perm, r)
             r = kernel_regs.compile_sm90(
                 tq.moe_gemv_int_down_kernel,
                 dict(act_ptr="*bf16", rw_ptr="*fp32", y_ptr="*bf16", stride_ym="i32", **common),

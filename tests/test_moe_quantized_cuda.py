@@ -151,21 +151,40 @@ def test_awq_gptq_experts_restack_to_their_dequantized_weights(method: str, bits
     torch.testing.assert_close(got2, torch.stack(want2), atol=1e-6, rtol=1e-6)
 
 
-def test_act_order_gptq_experts_are_refused_when_restacked() -> None:
+def test_act_order_gptq_experts_restack_sorted_with_their_permutation() -> None:
+    """GPTQ desc_act experts: stored with contiguous groups (down's columns and gate/up's
+    rows in one sorted order, gate/up's columns with perm13); the experts' output equals the
+    checkpoint's dequantized weights'."""
+    from modelport.layers.fused_moe import moe_reference, route
+
     g = torch.Generator().manual_seed(3)
+    e, h, i, group = 3, 64, 64, 32  # two groups in each input
     moe = _restacking_moe(
-        GPTQConfig(bits=4, group_size=32, desc_act=True),
-        torch.zeros(1, 64, 64),
-        torch.zeros(1, 64, 32),
+        GPTQConfig(bits=4, group_size=group, desc_act=True),
+        torch.zeros(e, 2 * i, h),
+        torch.zeros(e, h, i),
     )
-    mlp = moe.get_submodule("0")
-    for layer, n, k in ((mlp.gate_up_proj, 64, 64), (mlp.down_proj, 64, 32)):
-        codes, zeros, scales = _random_codes(g, n, k, 32, 4)
-        g_idx = torch.randperm(k, generator=g) % (k // 32)  # columns of a group scattered
-        for name, t in pack_gptq(codes, zeros, scales, 4, g_idx=g_idx).items():
-            getattr(layer, name).data.copy_(t)
-    with pytest.raises(ValueError, match="act-order .* not supported; use a desc_act=false"):
-        finish_loading(moe)
+    want13, want2 = [], []
+    for ex in range(e):
+        mlp = moe.get_submodule(str(ex))
+        for layer, n, k, want in ((mlp.gate_up_proj, 2 * i, h, want13),
+                                  (mlp.down_proj, h, i, want2)):
+            codes, zeros, scales = _random_codes(g, n, k, group, 4)
+            g_idx = torch.randperm(k, generator=g) % (k // group)  # groups scattered over K
+            for name, t in pack_gptq(codes, zeros, scales, 4, g_idx=g_idx).items():
+                getattr(layer, name).data.copy_(t)
+            want.append((codes.float() - zeros[:, g_idx]) * scales[:, g_idx])
+    finish_loading(moe)
+    qe = moe.quant_experts
+    assert qe.perm13.shape == (e, h) and qe.perm13.dtype == torch.int32
+    assert not torch.equal(qe.perm13[0].long(), torch.arange(h))
+    got13, got2 = qe.dequantize()
+    assert not torch.equal(got2, torch.stack(want2))  # down's columns are stored sorted
+    x = torch.randn(5, h, generator=g)
+    w, ids = route(torch.randn(5, e, generator=g), 2, True)
+    torch.testing.assert_close(moe_reference(x, got13, got2, w, ids),
+                               moe_reference(x, torch.stack(want13), torch.stack(want2), w, ids),
+                               atol=1e-5, rtol=1e-5)
 
 
 def _force_restack(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,12 +250,7 @@ def test_cuda_plan_takes_fp8_awq_gptq_and_refuses_the_rest(
     act, _ = quantize_folder(
         hf_dir, tmp_path / "o", "gptq", 4, 32, act_order=True, quantizable=_quantizable
     )
-    with pytest.raises(
-        ValueError,
-        match=r"act-order \(desc_act=true\) MoE experts run on CPU "
-        r"only .* use a desc_act=false GPTQ, an AWQ or an FP8",
-    ):
-        plan(act, None)
+    assert plan(act, None).name == "gptq" and plan(act, None).config.desc_act
     with pytest.raises(
         ValueError,
         match=r"\(bitsandbytes\) MoE experts are not supported on "
@@ -281,7 +295,7 @@ _KERNELS = textwrap.dedent("""
              (70, 3, 1, 64, 32, 64, torch.half, 4, 0)]
     orig_block_m = tm.block_m_for
     for t, e, k, h, i, bm, dt, bits, group in cases:
-        tq.block_m_for = orig_block_m if bm is None else (lambda m, n, bm=bm: bm)
+        tm.block_m_for = orig_block_m if bm is None else (lambda m, n, bm=bm: bm)
         x = torch.randn(t, h, generator=g).to(dt)
         logits = torch.randn(t, e, generator=g) * 3
         logits[:, 0] = -1e4
@@ -312,11 +326,12 @@ _MODEL = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     from helpers.tiny_models import TINY_PROMPT, load_cpu, run_one_sequence
 
-    tq.block_m_for = orig_block_m
+    tm.block_m_for = orig_block_m
     unstack = FusedMoE.unstack
     FusedMoE.unstack = lambda self, restack=False: unstack(self, True)  # as on CUDA
     reference = QuantExperts.forward
-    for path, method in ((sys.argv[1], None), (sys.argv[2], "fp8")):
+    for path, method, label in ((sys.argv[1], None, "awq"), (sys.argv[2], "fp8", "fp8"),
+                                (sys.argv[4], None, "gptq act-order")):
         model = load_cpu(Path(path), method)
         assert all(m.quant_experts is not None for m in model.modules()
                    if isinstance(m, FusedMoE))
@@ -325,7 +340,7 @@ _MODEL = textwrap.dedent("""
         got = run_one_sequence(model, TINY_PROMPT[:12])
         QuantExperts.forward = reference
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-        print("ok model", method or "awq")
+        print("ok model", label)
 """)
 
 
@@ -334,11 +349,13 @@ def test_quantized_moe_kernels_match_reference_in_interpreter(tmp_path: Path) ->
     # checkpoint and with online FP8 whose restacked experts run the CUDA path
     pytest.importorskip("triton")
     hf_dir = make_moe_dir(tmp_path / "hf", "qwen2_moe", **SIZES["qwen2_moe"])
-    awq, _ = quantize_folder(hf_dir, tmp_path, "awq", 4, 32, quantizable=_quantizable)
+    awq, _ = quantize_folder(hf_dir, tmp_path / "awq", "awq", 4, 32, quantizable=_quantizable)
+    act, _ = quantize_folder(hf_dir, tmp_path / "act", "gptq", 4, 32, act_order=True,
+                             quantizable=_quantizable)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
     script = _PRELUDE + _KERNELS + _MODEL
     p = subprocess.run(
-        [sys.executable, "-c", script, str(awq), str(hf_dir), str(ROOT / "tests")],
+        [sys.executable, "-c", script, str(awq), str(hf_dir), str(ROOT / "tests"), str(act)],
         env=env,
         capture_output=True,
         text=True,
@@ -347,6 +364,7 @@ def test_quantized_moe_kernels_match_reference_in_interpreter(tmp_path: Path) ->
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("ok fp8") == 4 and p.stdout.count("ok int") == 4, p.stdout
     assert "ok model awq" in p.stdout and "ok model fp8" in p.stdout, p.stdout
+    assert "ok model gptq act-order" in p.stdout, p.stdout
 
 
 def test_quantized_moe_kernels_compile_for_sm90_without_spills() -> None:
@@ -478,7 +496,7 @@ def assert_same_up_to_near_ties(got: list[list[int]], want: list, n: int, tie: f
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", tuple(SIZES))
-@pytest.mark.parametrize("method", ["fp8", "awq"])
+@pytest.mark.parametrize("method", ["fp8", "awq", "gptq-act-order"])
 def test_cuda_quantized_moe_matches_dequantized_weights_in_graphs_and_eager(
     tmp_path: Path,
     arch: str,
@@ -489,7 +507,9 @@ def test_cuda_quantized_moe_matches_dequantized_weights_in_graphs_and_eager(
         qdir, rdir = _fp8_pair(hf_dir, tmp_path)
         kw: dict[str, object] = {"quantization": "fp8"}
     else:
-        qdir, rdir = quantize_folder(hf_dir, tmp_path, "awq", 4, 32, quantizable=_quantizable)
+        qdir, rdir = quantize_folder(hf_dir, tmp_path, method.split("-")[0], 4, 32,
+                                     act_order=method == "gptq-act-order",
+                                     quantizable=_quantizable)
         for f in hf_dir.iterdir():  # the tokenizer files the reference folder lacks
             if not (rdir / f.name).exists():
                 shutil.copy(f, rdir / f.name)
@@ -502,6 +522,6 @@ def test_cuda_quantized_moe_matches_dequantized_weights_in_graphs_and_eager(
     # everywhere; FP8: the dense layers also quantize batched activations, so fewer tokens)
     # up to near-ties: the first prompt's first token is one (0.006 nats in a CPU fp32 run of
     # the Qwen2-MoE model; on an H200 the bf16 reference picked the runner-up)
-    n = 3 if method == "awq" else 2
+    n = 2 if method == "fp8" else 3
     assert_same_up_to_near_ties(eager, want, n, tie=0.02)
     assert sum(e[:n] == list(w.token_ids)[:n] for e, w in zip(eager, want)) >= 2

@@ -64,6 +64,28 @@ _SCRIPT = textwrap.dedent("""
             assert y.dtype == dt and y.shape == (t, h) and err < tol, (name, t, bits, err)
             print("ok", name, t, bits, g13, g2, bm, f"{err:.1e}")
     tm.block_m_for = orig_block_m
+
+    # GPTQ act-order experts (each its own g_idx for both projections): restacked with sorted
+    # groups, down's order carried into gate/up's rows, the hidden columns gathered by perm13;
+    # against each expert's own dequantized weights in checkpoint order
+    for t, e, k, h, i, bits, group in ((7, 4, 2, 128, 64, 4, 32), (12, 3, 2, 64, 64, 8, 32)):
+        def gq_act(n, kk):
+            base = gq(n, kk, group, bits)
+            base.g_idx = torch.randperm(kk, generator=g) % (kk // group)
+            return base
+        parts = [(gq_act(2 * i, h), gq_act(h, i)) for _ in range(e)]
+        qe = QuantExperts.from_group_quant(parts)
+        assert qe.perm13.shape == (e, h) and qe.perm13.dtype == torch.int32
+        w13 = torch.stack([p[0].dequantize() for p in parts])
+        w2 = torch.stack([p[1].dequantize() for p in parts])
+        w, ids = route(torch.randn(t, e, generator=g) * 3, k, True)
+        x = torch.randn(t, h, generator=g).half()
+        ref = moe_reference(x.float(), w13.half().float(), w2.half().float(), w, ids)
+        q = (qe.q13, qe.s13, qe.z13, qe.q2, qe.s2, qe.z2, bits, qe.group13, qe.group2)
+        y = tq.fused_experts_wint(x, *q, w, ids, block_n=32, block_k=32, perm13=qe.perm13)
+        err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 2e-3, ("act-order", t, bits, err)
+        print("ok act-order", t, bits, f"{err:.1e}")
 """)
 
 
@@ -74,6 +96,7 @@ def test_grouped_integer_kernel_matches_the_reference_in_the_interpreter() -> No
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("ok new") == 4 and p.stdout.count("ok gather") == 4, p.stdout
+    assert p.stdout.count("ok act-order") == 2, p.stdout
 
 
 def test_the_k_step_holds_whole_words_and_whole_groups_or_part_of_one() -> None:
@@ -100,19 +123,22 @@ def test_grouped_integer_kernel_configs_compile_for_sm90_without_spills() -> Non
 
     ints = ("N", "K", "num_rows", "stride_am", "stride_we", "stride_wn", "stride_se",
             "stride_sn", "mag_a", "mag_b", "stride_om")
-    sig = dict(a_ptr="*bf16", w_ptr="*i32", s_ptr="*fp32", z_ptr="*fp32", out_ptr="*bf16",
+    sig = dict(a_ptr="*bf16", w_ptr="*i32", s_ptr="*fp32", z_ptr="*fp32", perm_ptr="*i32",
+               out_ptr="*bf16",
                sorted_ptr="*i32", block_expert_ptr="*i32", weight_ptr="*fp32",
                **dict.fromkeys(ints, "i32"))
     divisible = ("a_ptr", "w_ptr", "out_ptr", "K", "stride_am", "stride_we", "stride_wn")
     default = next(n for n, c in tq.INT_GEMM_CONFIGS.items() if c == tq.INT_GEMM_CONFIG)
     for name, (bn, bk, warps, stages) in tq.INT_GEMM_CONFIGS.items():
         # every config at AWQ's 4 bits, group 128; the default also at 8 bits and group 32
-        kinds = ((4, 128), (8, 128), (4, 32)) if name == default else ((4, 128),)
-        for bits, group in kinds:
+        # (the default also with act-order's gathered activations in the gated launch)
+        kinds = ((4, 128, False), (8, 128, False), (4, 32, False), (4, 128, True)) \
+            if name == default else ((4, 128, False),)
+        for bits, group, perm in kinds:
             for gated, bm in ((True, 16), (True, 64), (False, 16), (False, 64)):
                 const = dict(TOP_K=4 if gated else 1, GATED=gated, MUL_WEIGHT=not gated,
                              PRECISION="tf32", BITS=bits, GROUP=group, BLOCK_M=bm,
-                             BLOCK_N=bn, BLOCK_K=bk)
+                             BLOCK_N=bn, BLOCK_K=bk, HAS_PERM=perm and gated)
                 r = kernel_regs.compile_sm90(tq.moe_gemm_wint_kernel, sig, const, divisible,
                                              warps, stages)
                 where = (name, bits, group, gated, bm, r)

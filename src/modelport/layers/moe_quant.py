@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from modelport.quantization.kernels import GroupQuant
 from modelport.quantization.packing import pack_along, unpack_along
 
 FP8 = torch.float8_e4m3fn
@@ -75,25 +76,52 @@ class QuantExperts(nn.Module):
 
     @classmethod
     def from_group_quant(cls, parts: Sequence[tuple]) -> QuantExperts:  # (GroupQuant, GroupQuant)
-        """parts[e] = (gate/up GroupQuant [2I, H], down GroupQuant [H, I]), same layout each."""
+        """parts[e] = (gate/up GroupQuant [2I, H], down GroupQuant [H, I]), same layout each.
+
+        GPTQ act-order experts (a ``g_idx``) are stored with contiguous groups: down's input
+        columns sorted by group, and gate/up's output rows in that same order so that the
+        activation between them comes out sorted (no cost at run time); gate/up's own input
+        columns sorted too, with ``perm13`` (int32 [E, H]) naming the hidden column each
+        multiplies, which the kernels gather.
+        """
         bits = 4 if max(gq.bits for p in parts for gq in p) <= 4 else 8
+        act_order = any(gq.g_idx is not None for p in parts for gq in p)
+        perms13 = []
+        if act_order:
+            sorted_parts = []
+            for gq13, gq2 in parts:
+                try:
+                    gq2, p2 = gq2.contiguous_groups()
+                    gq13, p13 = gq13.contiguous_groups()
+                except ValueError as err:  # e.g. a tensor-parallel slice holding part groups
+                    raise ValueError(
+                        "quantized MoE experts on CUDA: GPTQ act-order (desc_act) experts need "
+                        f"every group whole ({err}); use tensor_parallel_size=1, a "
+                        "desc_act=false GPTQ or an AWQ checkpoint, or --device cpu") from err
+                if p2 is not None:  # gate rows, then up rows, in down's sorted column order
+                    inter = gq2.shape[1]
+                    rows = torch.cat([p2, p2 + inter])
+                    gq13 = GroupQuant(gq13.codes[rows], gq13.scales[rows], gq13.zeros[rows],
+                                      gq13.group_size, gq13.bits)
+                hidden = gq13.shape[1]
+                perms13.append(torch.arange(hidden, device=gq13.codes.device)
+                               if p13 is None else p13)
+                sorted_parts.append((gq13, gq2))
+            parts = sorted_parts
         tensors: dict[str, torch.Tensor] = {}
         groups = []
         for j, name in ((0, "13"), (1, "2")):
             gqs = [p[j] for p in parts]
             group = gqs[0].group_size
             for gq in gqs:
-                if gq.g_idx is not None:
-                    raise ValueError(
-                        "quantized MoE experts on CUDA: GPTQ act-order (desc_act) experts are "
-                        "not supported; use a desc_act=false checkpoint, AWQ, or --device cpu"
-                    )
                 if gq.group_size != group or gq.shape != gqs[0].shape:
                     raise ValueError("quantized MoE experts differ in shape or group size")
             tensors["q" + name] = _stack([pack_along(gq.codes, bits, dim=1) for gq in gqs])
             tensors["s" + name] = _stack([gq.scales.float() for gq in gqs])
             tensors["z" + name] = _stack([gq.zeros.float() for gq in gqs])
             groups.append(group)
+        if act_order:
+            tensors["perm13"] = _stack([p.to(torch.int32) for p in perms13])
         return cls("int", tensors, bits, groups[0], groups[1])
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +135,11 @@ class QuantExperts(nn.Module):
         ):
             codes = unpack_along(q, self.bits, dim=2).float()
             out.append(codes * s.repeat_interleave(g, dim=2) + z.repeat_interleave(g, dim=2))
+        perm = getattr(self, "perm13", None)
+        if perm is not None:  # act-order: gate/up's columns back in hidden order
+            w13 = torch.empty_like(out[0])
+            w13.scatter_(2, perm.long()[:, None, :].expand_as(out[0]), out[0])
+            out[0] = w13
         return out[0], out[1]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -129,7 +162,8 @@ class QuantExperts(nn.Module):
             )
         q = (self.q13, self.s13, self.z13, self.q2, self.s2, self.z2)
         return tq.fused_experts_wint(
-            x, *q, self.bits, self.group13, self.group2, weights, ids, **launch
+            x, *q, self.bits, self.group13, self.group2, weights, ids,
+            perm13=getattr(self, "perm13", None), **launch
         )
 
     def extra_repr(self) -> str:

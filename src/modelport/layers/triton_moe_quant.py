@@ -330,6 +330,7 @@ def moe_gemm_wint_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
+    perm_ptr,
     out_ptr,
     sorted_ptr,
     block_expert_ptr,
@@ -354,9 +355,11 @@ def moe_gemm_wint_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    HAS_PERM: tl.constexpr = False,
 ):
     # K % BLOCK_K == 0, BLOCK_K holds whole words and whole groups or part of one
-    # (int_gemm_block_k): no mask along K
+    # (int_gemm_block_k): no mask along K. HAS_PERM (GPTQ act-order): the expert's weight
+    # columns are sorted by group; perm_ptr [E, K] int32 names the activation column of each
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -370,10 +373,16 @@ def moe_gemm_wint_kernel(
     s_base = s_ptr + expert.to(tl.int64) * stride_se
     z_base = z_ptr + expert.to(tl.int64) * stride_se
     a_base = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    p_base = perm_ptr + expert.to(tl.int64) * K + offs_k
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_base + k0, mask=row_ok[:, None], other=0.0)
+        if HAS_PERM:
+            cols = tl.load(p_base + k0)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + cols[None, :],
+                        mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_base + k0, mask=row_ok[:, None], other=0.0)
         w = _int_codes_tile(w_base, offs_n, n_ok, k0, s_base, z_base, stride_wn, stride_sn,
                             mag_a, mag_b, BITS, GROUP, BLOCK_N, BLOCK_K, a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -458,15 +467,19 @@ def fused_experts_wint(
     num_warps: int | None = None,
     num_stages: int | None = None,
     gather: bool = False,
+    perm13: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fused_experts with packed integer codes q13 [E, 2I, H*bits/32], q2 [E, H, I*bits/32]
     and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]. The launch
-    config defaults to INT_GEMM_CONFIG; ``gather``: the first kernel (A/B runs)."""
+    config defaults to INT_GEMM_CONFIG; ``gather``: the first kernel (A/B runs). ``perm13``
+    (int32 [E, H], GPTQ act-order): q13's column c of expert e multiplies x[:, perm13[e, c]]."""
     if moe_gemv_applies(*ids.shape, integer=True):
         return small_batch_experts_int(x, q13, s13, z13, q2, s2, z2, bits, group13, group2,
-                                       weights, ids)
+                                       weights, ids, perm13=perm13)
     e, two_i, _ = q13.shape
     i, h = two_i // 2, q2.shape[1]
+    if gather and perm13 is not None:
+        raise ValueError("the gather kernel does not take act-order experts (perm13)")
     if gather:
         bn, bk = block_n or 64, block_k or INT_BLOCK_K
         return grouped_mlp(
@@ -483,9 +496,11 @@ def fused_experts_wint(
     mags = (MAG_2048, MAG_128) if bits == 4 else (MAG_32768, 0)
     return grouped_mlp(
         moe_gemm_wint_kernel, x, weights, ids, e, i, h,
-        ((q13, s13, z13), (q13.stride(0), q13.stride(1), s13.stride(0), s13.stride(1), *mags),
-         {**meta, "GROUP": group13, "BLOCK_K": int_gemm_block_k(group13, h, bits, bk)}),
-        ((q2, s2, z2), (q2.stride(0), q2.stride(1), s2.stride(0), s2.stride(1), *mags),
+        ((q13, s13, z13, q13 if perm13 is None else perm13),
+         (q13.stride(0), q13.stride(1), s13.stride(0), s13.stride(1), *mags),
+         {**meta, "GROUP": group13, "BLOCK_K": int_gemm_block_k(group13, h, bits, bk),
+          "HAS_PERM": perm13 is not None}),
+        ((q2, s2, z2, q2), (q2.stride(0), q2.stride(1), s2.stride(0), s2.stride(1), *mags),
          {**meta, "GROUP": group2, "BLOCK_K": int_gemm_block_k(group2, i, bits, bk)}),
         bn, num_warps or warps,
     )  # fmt: skip
@@ -504,12 +519,13 @@ def fused_experts_wint(
 
 
 @triton.jit
-def _int_words_dot(q_rows, s_rows, z_rows, x_row, w0, KW, NG, n_ok, mag_a, mag_b,
+def _int_words_dot(q_rows, s_rows, z_rows, x_row, p_row, w0, KW, NG, n_ok, mag_a, mag_b,
                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr):
     """sum over the K step of words [w0, w0 + BLOCK_K / PER) of (code * scale + zero) * x for
     each of the BLOCK_N rows (q_rows [BLOCK_N, 1] word pointers, s_rows / z_rows [BLOCK_N]
-    group pointers, x_row the activation row): [BLOCK_N] float32."""
+    group pointers, x_row the activation row; HAS_PERM: input k is x[p_row[k]], GPTQ
+    act-order): [BLOCK_N] float32."""
     PER: tl.constexpr = 32 // BITS
     WK: tl.constexpr = BLOCK_K // PER
     offs_w = w0 + tl.arange(0, WK)
@@ -524,7 +540,11 @@ def _int_words_dot(q_rows, s_rows, z_rows, x_row, w0, KW, NG, n_ok, mag_a, mag_b
         f = magic(words, j, BITS, mag_a, mag_b)
         if EXACT:
             f -= 32768.0 if BITS == 8 else (2048.0 if j % 2 == 1 else 128.0)
-        x = tl.load(xk + j, mask=w_ok, other=0.0).to(tl.float32)
+        if HAS_PERM:
+            col = tl.load(p_row + offs_w * PER + j, mask=w_ok, other=0)
+            x = tl.load(x_row + col, mask=w_ok, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(xk + j, mask=w_ok, other=0.0).to(tl.float32)
         if j == 0:  # C = 32768 (bytes) or 128 (nibble 0)
             p = f * x[None, :]
             if BITS == 8:
@@ -563,13 +583,14 @@ def _int_words_dot(q_rows, s_rows, z_rows, x_row, w0, KW, NG, n_ok, mag_a, mag_b
 
 @triton.jit
 def moe_gemv_int_gate_up_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, INTER, HIDDEN,
+    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, ids_ptr, act_ptr, INTER, HIDDEN,
     stride_xm, stride_qe, stride_qn, stride_se, stride_sn, stride_am, mag_a, mag_b,
     TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr = False,
 ):
     """act[a] = silu(x Wg[e]^T) * (x Wu[e]^T) for assignment a (token a // TOP_K, expert
-    ids[a]) with W = code * scale + zero: q [E, 2I, H*BITS/32], s / z [E, 2I, H/GROUP]."""
+    ids[a]) with W = code * scale + zero: q [E, 2I, H*BITS/32], s / z [E, 2I, H/GROUP]
+    (HAS_PERM: W's column c multiplies x[perm[e, c]], perm int32 [E, H])."""
     PER: tl.constexpr = 32 // BITS
     a = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -587,11 +608,12 @@ def moe_gemv_int_gate_up_kernel(
     ng = tl.cdiv(HIDDEN, GROUP)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    p_row = perm_ptr + e * HIDDEN
     for w0 in range(0, kw, BLOCK_K // PER):
-        acc_g += _int_words_dot(q_g, s_g, z_g, x_row, w0, kw, ng, n_ok, mag_a, mag_b, BITS,
-                                GROUP, BLOCK_N, BLOCK_K)
-        acc_u += _int_words_dot(q_u, s_u, z_u, x_row, w0, kw, ng, n_ok, mag_a, mag_b, BITS,
-                                GROUP, BLOCK_N, BLOCK_K)
+        acc_g += _int_words_dot(q_g, s_g, z_g, x_row, p_row, w0, kw, ng, n_ok, mag_a, mag_b,
+                                BITS, GROUP, BLOCK_N, BLOCK_K, HAS_PERM)
+        acc_u += _int_words_dot(q_u, s_u, z_u, x_row, p_row, w0, kw, ng, n_ok, mag_a, mag_b,
+                                BITS, GROUP, BLOCK_N, BLOCK_K, HAS_PERM)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(act_ptr + a * stride_am + offs_n, h.to(act_ptr.dtype.element_ty), mask=n_ok)
 
@@ -621,8 +643,8 @@ def moe_gemv_int_down_kernel(
         z_rows = z_ptr + e * stride_se + rows * stride_sn
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for w0 in range(0, kw, BLOCK_K // PER):
-            acc += _int_words_dot(q_rows, s_rows, z_rows, a_row, w0, kw, ng, n_ok, mag_a,
-                                  mag_b, BITS, GROUP, BLOCK_N, BLOCK_K)
+            acc += _int_words_dot(q_rows, s_rows, z_rows, a_row, a_row, w0, kw, ng, n_ok, mag_a,
+                                  mag_b, BITS, GROUP, BLOCK_N, BLOCK_K, False)
         out += tl.load(rw_ptr + a) * acc
     tl.store(y_ptr + t * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -663,10 +685,11 @@ def small_batch_experts_int(
     x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, z13: torch.Tensor,
     q2: torch.Tensor, s2: torch.Tensor, z2: torch.Tensor, bits: int, group13: int,
     group2: int, weights: torch.Tensor, ids: torch.Tensor,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, int, int] | None = None, perm13: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fused_experts_wint`` for a few tokens: the two GEMV launches (see above).
-    ``config`` (BLOCK_N, BLOCK_K, warps): that launch config instead of the autotuned one."""
+    ``config`` (BLOCK_N, BLOCK_K, warps): that launch config instead of the autotuned one;
+    ``perm13``: as in ``fused_experts_wint``."""
     t, k = ids.shape
     e, two_i, _ = q13.shape
     inter, h = two_i // 2, q2.shape[1]
@@ -676,11 +699,12 @@ def small_batch_experts_int(
     act = torch.empty((t * k, inter), dtype=x.dtype, device=x.device)
     y = torch.empty((t, h), dtype=x.dtype, device=x.device)
     mags = (MAG_2048, MAG_128) if bits == 4 else (MAG_32768, 0)
-    gu_args = (x, q13, s13, z13, ids, act, inter, h, x.stride(0), q13.stride(0), q13.stride(1),
-               s13.stride(0), s13.stride(1), act.stride(0), *mags)
+    gu_args = (x, q13, s13, z13, q13 if perm13 is None else perm13, ids, act, inter, h,
+               x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0), s13.stride(1),
+               act.stride(0), *mags)
     dn_args = (act, q2, s2, z2, ids, rw, y, h, inter, act.stride(0), q2.stride(0), q2.stride(1),
                s2.stride(0), s2.stride(1), y.stride(0), *mags)
-    gu_meta = {"TOP_K": k, "BITS": bits, "GROUP": group13}
+    gu_meta = {"TOP_K": k, "BITS": bits, "GROUP": group13, "HAS_PERM": perm13 is not None}
     dn_meta = {"TOP_K": k, "BITS": bits, "GROUP": group2}
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
         config = (8, 256, 4)  # nothing to time in the interpreter (CPU tests)

@@ -165,11 +165,6 @@ def resolve_quantization(
     stacked = getattr(get_model_class(model_config.architecture), "stacked_params", ())
     config = _config_for(method or declared, src, model_config, online, stacked,  # type: ignore[arg-type]
                          dummy=load_format == "dummy")
-    if moe and torch.device(device).type != "cpu" and getattr(config, "desc_act", False):
-        raise ValueError(
-            f"{model_config.architecture}: GPTQ act-order (desc_act=true) MoE experts run on "
-            "CPU only (--device cpu); on CUDA use a desc_act=false GPTQ, an AWQ or an FP8 "
-            "checkpoint, or --quantization fp8 on the unquantized checkpoint")
     config.check_device(torch.device(device))
     return QuantPlan(config, src, online, auto=requested is None and declared is None)
 
