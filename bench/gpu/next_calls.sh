@@ -197,5 +197,11 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
         for c in $best n64k32w4; do
           run 130 env MODELPORT_MOE_FP8_CONFIG=$c MOE_QUANTS=fp8 bash bench/gpu/run_all.sh moe-w3
         done ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e" >&2; exit 2 ;;
+  # prepared in session 33 after its device time ran out, not yet run: GPTQ act-order MoE
+  # experts on CUDA (perm13 gathers in the grouped kernel and the few-token GEMV): the
+  # engine test against the dequantized checkpoint in graphs and eager, and the kernels'
+  # GPU tests again
+  s34) run 300 env PYTEST_FILES="tests/test_moe_quantized_cuda.py tests/test_moe_wint_grouped.py tests/test_moe_few_tokens.py" \
+         bash bench/gpu/run_all.sh gpu-files ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34" >&2; exit 2 ;;
 esac
