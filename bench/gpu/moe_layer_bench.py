@@ -8,9 +8,8 @@ Run on the device: PYTHONPATH=src python3 bench/gpu/moe_layer_bench.py [--tokens
 
 --grouped: the grouped GEMM alone at prefill sizes (--tokens 256 1024), bf16 against the
 FP8 and 4-bit integer kernels in each launch config of triton_moe_quant.FP8_GEMM_CONFIGS /
-INT_GEMM_CONFIGS (--configs names a subset; int4 also the first, gather kernel), each also
-checked on the first layer against a reference launch (int4: gather; FP8: the default
-config; max error / max |y|):
+INT_GEMM_CONFIGS (--configs names a subset), each also checked on the first layer against
+the default config's output (max error / max |y|):
 
     PYTHONPATH=src python3 bench/gpu/moe_layer_bench.py --grouped --kinds fp8 int4 --tokens 256 1024
 """
@@ -78,8 +77,7 @@ def quant_grouped(kind: str, x: torch.Tensor, logits: torch.Tensor, w: tuple,
 
 def grouped(a: argparse.Namespace, out) -> None:  # noqa: ANN001
     """bf16 vs FP8 / 4-bit integer codes through the grouped GEMM (no few-token path), each
-    launch config of the kind's table; int4 also the first (gather) kernel, the reference of
-    its err column (FP8: the default config)."""
+    launch config of the kind's table (err: against the default config's output)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     tm.MOE_GEMV_MAX = 0
     ws_bf16 = weights("bf16", g)
@@ -90,9 +88,7 @@ def grouped(a: argparse.Namespace, out) -> None:  # noqa: ANN001
             if name in table:
                 bn, bk, warps, stages = table[name]
                 variants[name] = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-        ref_launch = dict(gather=True) if kind == "int4" else {}
-        if kind == "int4":
-            variants["gather"] = ref_launch
+        ref_launch: dict = {}
         ws = weights(kind, g)
         for t in a.tokens:
             x = torch.randn(t, H, device="cuda").bfloat16()

@@ -19,8 +19,8 @@ width and no dequantized copy ever exists:
   gives the exact C + code) and applies scale and zero in one fp32 FMA (the zero shifted by
   C * scale) before the tile meets ``tl.dot`` in the activation dtype. A step spans one group or part of one (GROUP % BLOCK_K == 0: one scale
   and zero per column) or several whole groups (BLOCK_K % GROUP == 0: [BLOCK_N, groups]).
-  The first version (``moe_gemm_wint_gather_kernel``: one word load per code, conversions,
-  32-deep steps) stays reachable for A/B runs (``fused_experts_wint(..., gather=True)``).
+  The first version (one word load per code, an int -> float conversion per code, 32-deep
+  steps on 8 warps) ran 17x slower than bf16 (session 33, bench/README.md).
 
 Both keep the bf16 path's properties: no host sync, every shape fixed by the token count,
 so the step is captured in CUDA graphs as it is.
@@ -60,15 +60,13 @@ FP8_GEMM_CONFIGS = {
     "n128k64w8": (128, 64, 8, 3),
     "n64k128w8": (64, 128, 8, 3),
 }
-# The gather kernel (moe_gemm_wint_gather_kernel, A/B only): the expanded codes need 8 warps.
-INT_BLOCK_K, INT_WARPS = 32, 8
 # moe_gemm_wint_kernel: (BLOCK_N, BLOCK_K, warps, stages) launch configs, none spilling on
 # sm_90 (tests/test_moe_wint_grouped.py). One H100, the routed experts of one Qwen1.5-MoE
 # layer, 4-bit group 128 (bench/gpu/moe_layer_bench.py --grouped,
 # bench/results/2026-12-06-h100-s33-moe-layer-grouped.jsonl), us at 256 / 1,024 tokens:
 # n64k128w4 427 / 568, n64k64w4 465 / 553, n128k64w8 490 / 676, n64k128w8 501 / 633 (bf16
-# 508 / 560; the first, gather kernel 8,669 / 9,643). Prefill's 1,024 tokens pick n64k64w4;
-# MODELPORT_MOE_WINT_CONFIG=NAME launches another.
+# 508 / 560; the first kernel, which loaded each word once per code, 8,669 / 9,643).
+# Prefill's 1,024 tokens pick n64k64w4; MODELPORT_MOE_WINT_CONFIG=NAME launches another.
 INT_GEMM_CONFIGS = {
     "n64k128w4": (64, 128, 4, 3),
     "n64k64w4": (64, 64, 4, 3),
@@ -143,109 +141,6 @@ def moe_gemm_fp8_kernel(
     acc = acc * tl.load(s_base + offs_n, mask=n_ok, other=0.0)[None, :]
     if GATED:
         acc_up = acc_up * tl.load(s_base + N + offs_n, mask=n_ok, other=0.0)[None, :]
-    store_rows(acc, acc_up, rows, row_ok, offs_n, n_ok, out_ptr, weight_ptr, stride_om,
-               GATED, MUL_WEIGHT)
-
-
-@triton.jit
-def _int_tile(
-    base,
-    offs_n,
-    k,
-    s_base,
-    z_base,
-    g,
-    stride_wn,
-    stride_sn,
-    w_mask,
-    n_ok,
-    BITS: tl.constexpr,
-    dtype: tl.constexpr,
-):
-    # [BLOCK_K, BLOCK_N] of code * scale + zero for inputs k (one group g) and columns offs_n
-    per: tl.constexpr = 32 // BITS
-    words = tl.load(
-        base + offs_n[None, :].to(tl.int64) * stride_wn + (k // per)[:, None], mask=w_mask, other=0
-    )
-    codes = (words >> ((k % per) * BITS)[:, None]) & ((1 << BITS) - 1)
-    s = tl.load(s_base + offs_n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0)
-    z = tl.load(z_base + offs_n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0)
-    return (codes.to(tl.float32) * s[None, :] + z[None, :]).to(dtype)
-
-
-@triton.jit
-def moe_gemm_wint_gather_kernel(
-    a_ptr,
-    w_ptr,
-    s_ptr,
-    z_ptr,
-    out_ptr,
-    sorted_ptr,
-    block_expert_ptr,
-    weight_ptr,
-    N,
-    K,
-    num_rows,
-    stride_am,
-    stride_we,
-    stride_wn,
-    stride_se,
-    stride_sn,
-    stride_om,
-    TOP_K: tl.constexpr,
-    GATED: tl.constexpr,
-    MUL_WEIGHT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    rows, row_ok, a_rows = block_rows(sorted_ptr, pid_m, num_rows, TOP_K, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
-    s_base = s_ptr + expert.to(tl.int64) * stride_se
-    z_base = z_ptr + expert.to(tl.int64) * stride_se
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        k_ok = k < K
-        a = tl.load(
-            a_ptr + a_rows[:, None] * stride_am + k[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w_mask = k_ok[:, None] & n_ok[None, :]
-        g = k0 // GROUP
-        w = _int_tile(
-            w_base, offs_n, k, s_base, z_base, g, stride_wn, stride_sn, w_mask, n_ok, BITS, a.dtype
-        )
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if GATED:
-            w_up = _int_tile(
-                w_base + N * stride_wn,
-                offs_n,
-                k,
-                s_base + N * stride_sn,
-                z_base + N * stride_sn,
-                g,
-                stride_wn,
-                stride_sn,
-                w_mask,
-                n_ok,
-                BITS,
-                a.dtype,
-            )
-            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
     store_rows(acc, acc_up, rows, row_ok, offs_n, n_ok, out_ptr, weight_ptr, stride_om,
                GATED, MUL_WEIGHT)
 
@@ -424,16 +319,6 @@ def fused_experts_fp8(
     )  # fmt: skip
 
 
-def int_block_k(group: int, k: int, bits: int, block_k: int = INT_BLOCK_K) -> int:
-    """The K tile for a group size: the largest of block_k, 32, 16 that divides the group
-    (and K), holding whole words; ValueError if none does."""
-    per = 32 // bits
-    for bk in (block_k, 32, 16):
-        if group % bk == 0 and k % bk == 0 and bk % per == 0:
-            return bk
-    raise ValueError(f"quantized MoE experts on CUDA: group size {group} is not a multiple of 16")
-
-
 def int_gemm_block_k(group: int, k: int, bits: int, block_k: int) -> int:
     """``moe_gemm_wint_kernel``'s K step: the largest power of two up to block_k (at least 16)
     that divides K, holds whole words and either lies inside one group or holds whole
@@ -466,30 +351,17 @@ def fused_experts_wint(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    gather: bool = False,
     perm13: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fused_experts with packed integer codes q13 [E, 2I, H*bits/32], q2 [E, H, I*bits/32]
     and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]. The launch
-    config defaults to INT_GEMM_CONFIG; ``gather``: the first kernel (A/B runs). ``perm13``
+    config defaults to INT_GEMM_CONFIG. ``perm13``
     (int32 [E, H], GPTQ act-order): q13's column c of expert e multiplies x[:, perm13[e, c]]."""
     if moe_gemv_applies(*ids.shape, integer=True):
         return small_batch_experts_int(x, q13, s13, z13, q2, s2, z2, bits, group13, group2,
                                        weights, ids, perm13=perm13)
     e, two_i, _ = q13.shape
     i, h = two_i // 2, q2.shape[1]
-    if gather and perm13 is not None:
-        raise ValueError("the gather kernel does not take act-order experts (perm13)")
-    if gather:
-        bn, bk = block_n or 64, block_k or INT_BLOCK_K
-        return grouped_mlp(
-            moe_gemm_wint_gather_kernel, x, weights, ids, e, i, h,
-            ((q13, s13, z13), (q13.stride(0), q13.stride(1), s13.stride(0), s13.stride(1)),
-             {"BITS": bits, "GROUP": group13, "BLOCK_K": int_block_k(group13, h, bits, bk)}),
-            ((q2, s2, z2), (q2.stride(0), q2.stride(1), s2.stride(0), s2.stride(1)),
-             {"BITS": bits, "GROUP": group2, "BLOCK_K": int_block_k(group2, i, bits, bk)}),
-            bn, num_warps or INT_WARPS,
-        )  # fmt: skip
     bn, bk, warps, stages = INT_GEMM_CONFIG
     bn, bk = block_n or bn, block_k or bk
     meta = {"BITS": bits, "num_stages": num_stages or stages}
