@@ -369,8 +369,9 @@ def torchserve(tmp_path_factory):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(log.read_text()[-4000:])
-        try:
-            if httpx.get(f"{urls['management']}/models", timeout=2).status_code == 200:
+        try:  # the listeners start one after the other: wait for the shared port too
+            if (httpx.get(f"{urls['management']}/models", timeout=2).status_code == 200
+                    and httpx.get(f"{urls['shared']}/ping", timeout=2).status_code == 200):
                 break
         except httpx.HTTPError:
             pass

@@ -120,8 +120,10 @@ def server(tmp_path_factory, remote_http):
     while time.monotonic() < deadline:
         if s.proc.poll() is not None:
             raise RuntimeError((root / "server.log").read_text()[-4000:])
-        try:
-            if httpx.get(f"http://127.0.0.1:{s.mport}/models", timeout=2).status_code in (200, 400):
+        try:  # the three listeners start side by side: wait for each of them
+            if (httpx.get(f"http://127.0.0.1:{s.mport}/models", timeout=2).status_code in (200, 400)
+                    and httpx.get(f"http://127.0.0.1:{s.port}/ping", timeout=2).status_code == 200
+                    and httpx.get(f"http://127.0.0.1:{s.iport}/ping", timeout=2).status_code == 200):
                 break
         except httpx.HTTPError:
             pass

@@ -179,11 +179,13 @@ def server(tmp_path_factory):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("server did not start:\n" + (root / "server.log").read_text())
-        try:
-            if httpx.get(f"http://127.0.0.1:{s.mport}/workflows", timeout=2).status_code == 200:
+        try:  # the listeners start one after the other: wait for the shared port too
+            if (httpx.get(f"http://127.0.0.1:{s.mport}/workflows", timeout=2).status_code == 200
+                    and httpx.get(f"http://127.0.0.1:{s.port}/ping", timeout=2).status_code == 200):
                 break
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     yield s
     proc.send_signal(signal.SIGINT)
     try:

@@ -12,13 +12,15 @@ width and no dequantized copy ever exists:
 * Integer groups (``moe_gemm_wint_kernel``, AWQ / GPTQ as ``GroupQuant``): codes packed
   along K into int32 words [E, N, K * BITS / 32] (first code in the low bits, BITS 4 or 8),
   and fp32 scales and zeros [E, N, K / GROUP]: w = code * scale + zero. Each K step loads
-  its [BLOCK_N, BLOCK_K * BITS / 32] words once (contiguous along K, as stored), expands
-  every word to its 32 / BITS codes with one shift vector (the codes' natural order, so the
-  activation tile is the plain contiguous one), turns codes into floats without a
-  conversion instruction (``triton_kernels.magic``: the code OR-ed into a float's mantissa
-  gives the exact C + code) and applies scale and zero in one fp32 FMA (the zero shifted by
-  C * scale) before the tile meets ``tl.dot`` in the activation dtype. A step spans one group or part of one (GROUP % BLOCK_K == 0: one scale
-  and zero per column) or several whole groups (BLOCK_K % GROUP == 0: [BLOCK_N, groups]).
+  its [BLOCK_N, BLOCK_K * BITS / 32] words once (contiguous along K, as stored), turns code
+  j of every word into a float without a conversion instruction (``triton_kernels.magic``:
+  the code OR-ed into a float's mantissa gives the exact C + code), applies scale and zero
+  in one fp32 FMA (the zero shifted by C * scale) and puts the codes back in their natural
+  k order with ``tl.join`` (so the activation tile is the plain contiguous one) before the
+  tile meets ``tl.dot`` in the activation dtype. A step lies inside one group (GROUP %
+  BLOCK_K == 0: one scale and zero per column) or holds whole groups (BLOCK_K % GROUP == 0:
+  [BLOCK_N, groups]). GPTQ act-order experts (``perm13``) gather the gate/up activation
+  columns through a per-expert permutation.
   The first version (one word load per code, an int -> float conversion per code, 32-deep
   steps on 8 warps) ran 17x slower than bf16 (session 33, bench/README.md).
 
@@ -254,7 +256,8 @@ def moe_gemm_wint_kernel(
 ):
     # K % BLOCK_K == 0, BLOCK_K holds whole words and whole groups or part of one
     # (int_gemm_block_k): no mask along K. HAS_PERM (GPTQ act-order): the expert's weight
-    # columns are sorted by group; perm_ptr [E, K] int32 names the activation column of each
+    # columns are sorted by group; perm_ptr [E, K] int32 names the activation column that
+    # each weight column multiplies
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -355,8 +358,8 @@ def fused_experts_wint(
 ) -> torch.Tensor:
     """fused_experts with packed integer codes q13 [E, 2I, H*bits/32], q2 [E, H, I*bits/32]
     and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]. The launch
-    config defaults to INT_GEMM_CONFIG. ``perm13``
-    (int32 [E, H], GPTQ act-order): q13's column c of expert e multiplies x[:, perm13[e, c]]."""
+    config defaults to INT_GEMM_CONFIG. ``perm13`` (int32 [E, H], GPTQ act-order): q13's
+    column c of expert e multiplies x[:, perm13[e, c]]."""
     if moe_gemv_applies(*ids.shape, integer=True):
         return small_batch_experts_int(x, q13, s13, z13, q2, s2, z2, bits, group13, group2,
                                        weights, ids, perm13=perm13)
