@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -17,6 +19,51 @@ def shallow_copy(obj: T) -> T:
     new = object.__new__(type(obj))
     new.__dict__.update(obj.__dict__)
     return new
+
+
+class Prefix(Sequence):
+    """The first ``n`` items of a list that only grows: a streamed request's cumulative token
+    ids (or logprobs) at one step, without copying them. Copying a 2,000-token list for every
+    streamed token made a long answer's per-token server cost grow with its length. The list
+    is never changed before n, so the view never changes. It slices to lists and compares
+    equal to a list or tuple with the same items; ``list(view)`` makes a copy."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list, n: int) -> None:
+        self._items, self._n = items, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            if i.step is not None and i.step < 0:  # indices() gives a stop of -1 here
+                return list(self)[i]
+            return self._items[slice(*i.indices(self._n))]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError("Prefix index out of range")
+        return self._items[j]
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(self._items, self._n)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, tuple, Prefix)):
+            return NotImplemented
+        return len(other) == self._n and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which do not hash
+
+    def __add__(self, other: Sequence) -> list:
+        return [*self, *other]
+
+    def __radd__(self, other: Sequence) -> list:
+        return [*other, *self]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 @dataclass
@@ -37,6 +84,8 @@ class RequestMetrics:
 
 @dataclass
 class CompletionOutput:
+    # token_ids / logprobs: lists; in the outputs AsyncLLM streams before a sequence
+    # finishes, a ``Prefix`` view (slices, len, iteration and == as a list's)
     index: int
     text: str
     token_ids: list[int]

@@ -33,7 +33,7 @@ from modelport.engine.core_client import (
     make_core_client,
 )
 from modelport.engine.messages import SchedulerStats
-from modelport.outputs import CompletionOutput, RequestOutput, shallow_copy
+from modelport.outputs import CompletionOutput, Prefix, RequestOutput, shallow_copy
 from modelport.sampling_params import SamplingParams
 
 logger = logging.getLogger("modelport.engine.async_llm")
@@ -508,7 +508,9 @@ class AsyncLLM:
             c.text += d.text
             c.token_ids.extend(d.token_ids)
             if d.logprobs is not None:
-                c.logprobs = (c.logprobs or []) + list(d.logprobs)
+                if c.logprobs is None:
+                    c.logprobs = []
+                c.logprobs.extend(d.logprobs)
             c.cumulative_logprob = d.cumulative_logprob
             if d.finish_reason is not None and c.finish_reason is None:
                 c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
@@ -516,13 +518,18 @@ class AsyncLLM:
                 log.observe_finished(
                     d.finish_reason, now - stream.arrival, len(stream.prompt_ids), len(c.token_ids)
                 )
+        # a running child's lists only grow (extend above): its outputs get Prefix views of
+        # them, O(1) a step; a finished child's, real lists
         outputs = [
             CompletionOutput(
                 index=c.index,
                 text=c.text,
-                token_ids=list(c.token_ids),
+                token_ids=(list(c.token_ids) if c.finish_reason is not None
+                           else Prefix(c.token_ids, len(c.token_ids))),
                 cumulative_logprob=c.cumulative_logprob,
-                logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                logprobs=None if c.logprobs is None else (
+                    list(c.logprobs) if c.finish_reason is not None
+                    else Prefix(c.logprobs, len(c.logprobs))),
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
             )
