@@ -11,6 +11,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 run() { local t=$1; shift; echo "### $* (timeout ${t}s)"; timeout "$t" "$@"; echo "### rc=$?"; }
+# MoE AWQ single stream with OLD_MOE_QUANT (a triton_moe_quant.py) in a copy of src/, if set
+old_tree_moe_awq() {
+  [ -f "${OLD_MOE_QUANT:-}" ] || return 0
+  rm -rf /tmp/old && mkdir -p /tmp/old && cp -r src /tmp/old/
+  cp "$OLD_MOE_QUANT" /tmp/old/src/modelport/layers/triton_moe_quant.py
+  run "$1" env SRC_DIR=/tmp/old/src MODELPORT_AB_TREE=old MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
+}
 case ${1:-1} in
   1) run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
      run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
@@ -141,12 +148,7 @@ case ${1:-1} in
         run 120 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --kinds int4 bf16 \
           --json "${OUT:-bench/results}/moe_layer.jsonl"
         run 150 env MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
-        if [ -f "${OLD_MOE_QUANT:-}" ]; then
-          rm -rf /tmp/old && mkdir -p /tmp/old && cp -r src /tmp/old/
-          cp "$OLD_MOE_QUANT" /tmp/old/src/modelport/layers/triton_moe_quant.py
-          run 150 env SRC_DIR=/tmp/old/src MODELPORT_AB_TREE=old MOE_QUANTS=awq \
-            bash bench/gpu/run_all.sh moe-w3
-        fi ;;
+        old_tree_moe_awq 150 ;;
   # session 33, third call: the grouped integer-code kernel rewritten for prefill (words once,
   # magic codes, one FMA a code, tl.join to natural order): the quantized MoE GPU tests (AWQ
   # in graphs and eager), its launch configs against bf16 at 256 / 1,024 tokens, then MoE AWQ
@@ -165,12 +167,7 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k128w4
 " "${OUT:-bench/results}/moe_layer_grouped.jsonl" 2>/dev/null || echo n64k128w4)
         echo "### fastest grouped config at 1,024 tokens: $best"
         run 150 env MODELPORT_MOE_WINT_CONFIG=$best MOE_QUANTS=awq bash bench/gpu/run_all.sh moe-w3
-        if [ -f "${OLD_MOE_QUANT:-}" ]; then
-          rm -rf /tmp/old && mkdir -p /tmp/old && cp -r src /tmp/old/
-          cp "$OLD_MOE_QUANT" /tmp/old/src/modelport/layers/triton_moe_quant.py
-          run 120 env SRC_DIR=/tmp/old/src MODELPORT_AB_TREE=old MOE_QUANTS=awq \
-            bash bench/gpu/run_all.sh moe-w3
-        fi ;;
+        old_tree_moe_awq 120 ;;
   # session 33, fourth call: the GPU tests of the new grouped integer kernel (Qwen shape, every
   # config and the gather kernel, 4 and 8 bits), the AWQ / GPTQ MoE engine tests and the
   # few-token integer test; then where the integer GEMVs stop paying: one layer at 8, 16

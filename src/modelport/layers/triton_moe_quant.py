@@ -537,12 +537,17 @@ def int_gemv_block_k(group: int, bits: int, block_k: int) -> bool:
     return block_k % (32 // bits) == 0 and (block_k % group == 0 or group % block_k == 0)
 
 
+def _int_gemv_step(group: int, bits: int, block_k: int) -> int:
+    """block_k where it suits the group, else the largest of 128 .. 8 that does."""
+    return next(b for b in (block_k, 128, 64, 32, 16, 8) if int_gemv_block_k(group, bits, b))
+
+
 def _int_gemv_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202
     bits, group = kwargs["BITS"], kwargs["GROUP"]
     keep = [c for c in configs if int_gemv_block_k(group, bits, c.kwargs["BLOCK_K"])]
     if keep:
         return keep
-    bk = next(b for b in (128, 64, 32, 16, 8) if int_gemv_block_k(group, bits, b))
+    bk = _int_gemv_step(group, bits, 128)
     return [triton.Config({"BLOCK_N": 8, "BLOCK_K": bk}, num_warps=4, num_stages=2)]
 
 
@@ -593,6 +598,6 @@ def small_batch_experts_int(
             (moe_gemv_int_gate_up_kernel, gu_args, gu_meta, (t * k, triton.cdiv(inter, bn))),
             (moe_gemv_int_down_kernel, dn_args, dn_meta, (t, triton.cdiv(h, bn)))):
         # the config's K step, or a fallback where it does not suit the group (see above)
-        bk_ = next(b for b in (bk, 128, 64, 32, 16, 8) if int_gemv_block_k(meta["GROUP"], bits, b))
-        kernel[grid](*args, **meta, BLOCK_N=bn, BLOCK_K=bk_, num_warps=w)
+        kernel[grid](*args, **meta, BLOCK_N=bn, BLOCK_K=_int_gemv_step(meta["GROUP"], bits, bk),
+                     num_warps=w)
     return y
