@@ -217,6 +217,7 @@ def test_cancelled_waiter_does_not_block_or_leak():
 
 MODEL_PY = """
 import json
+import os
 import time
 
 import numpy as np
@@ -228,6 +229,14 @@ class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"])["parameters"]
         self.sleep_s = float(params["sleep_s"]["string_value"])
+        self.gate = params.get("gate", {}).get("string_value")  # a file the test creates
+
+    def _wait_for_gate(self):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if os.path.exists(self.gate):
+            os.remove(self.gate)
 
     def execute(self, requests):
         start = time.time()
@@ -235,12 +244,14 @@ class TritonPythonModel:
         if any(float(x[0]) < 0 for x in xs):
             raise pb_utils.TritonModelException("asked to fail")
         time.sleep(self.sleep_s)
+        if self.gate:
+            self._wait_for_gate()
         span = np.array([start, time.time()], dtype=np.float64)
         return [pb_utils.InferenceResponse([pb_utils.Tensor("T", span)]) for _ in xs]
 """
 
 
-def _model(repo, name, sleep_s, resource="", priority=0, extra=""):
+def _model(repo, name, sleep_s, resource="", priority=0, extra="", gate=None):
     d = repo / name
     (d / "1").mkdir(parents=True)
     (d / "1" / "model.py").write_text(MODEL_PY)
@@ -250,7 +261,8 @@ def _model(repo, name, sleep_s, resource="", priority=0, extra=""):
         'input [{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }]\n'
         'output [{ name: "T" data_type: TYPE_FP64 dims: [ 2 ] }]\n'
         f'parameters {{ key: "sleep_s" value: {{ string_value: "{sleep_s}" }} }}\n'
-        f"instance_group [{{ count: 1 kind: KIND_CPU {limiter} }}]\n{extra}"
+        + (f'parameters {{ key: "gate" value: {{ string_value: "{gate}" }} }}\n' if gate else "")
+        +         f"instance_group [{{ count: 1 kind: KIND_CPU {limiter} }}]\n{extra}"
     )
 
 
@@ -262,7 +274,8 @@ def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("ratelimit") / "models"
     _model(repo, "a", 0.15, R1, priority=1)
     _model(repo, "b", 0.15, R1, priority=3)
-    _model(repo, "h", 0.5, R1, priority=1)  # holds R a long while
+    # "h" holds R until the test creates its gate file
+    _model(repo, "h", 0.0, R1, priority=1, gate=repo.parent / "h.gate")
     _model(repo, "seq", 0.15, R1, extra="sequence_batching { }\n")  # the sequence batcher
     _model(repo, "conflict", 0.01, 'name: "R" global: true count: 1')
     _model(repo, "greedy", 0.01, 'name: "R" count: 5')
@@ -325,7 +338,7 @@ def _until(cond, timeout=10.0):
         time.sleep(0.005)
 
 
-def test_priority_orders_waiting_instances_and_wait_is_queue_time(server):
+def test_priority_orders_waiting_instances_and_wait_is_queue_time(server, repo):
     # equal execution counts: "a" (priority 1) outranks "b" (priority 3) when both wait
     for m in ("a", "b"):
         if _executions(server, m) == 0:
@@ -343,6 +356,9 @@ def test_priority_orders_waiting_instances_and_wait_is_queue_time(server):
         waiting_b = pool.submit(infer, server, "b")  # b waits first ...
         _until(lambda: rl.waiting == 1)
         waiting_a = pool.submit(infer, server, "a")  # ... a arrives later
+        _until(lambda: rl.waiting == 2)
+        time.sleep(0.35)  # b and a wait behind h
+        (repo.parent / "h.gate").touch()
         h, b, a = held.result(), waiting_b.result(), waiting_a.result()
     assert h[1] <= a[0] + 0.002 and a[1] <= b[0] + 0.002, (h, a, b)
     # b's wait for the resource (behind h, then a) is queue time, not compute time
