@@ -262,7 +262,7 @@ def _model(repo, name, sleep_s, resource="", priority=0, extra="", gate=None):
         'output [{ name: "T" data_type: TYPE_FP64 dims: [ 2 ] }]\n'
         f'parameters {{ key: "sleep_s" value: {{ string_value: "{sleep_s}" }} }}\n'
         + (f'parameters {{ key: "gate" value: {{ string_value: "{gate}" }} }}\n' if gate else "")
-        +         f"instance_group [{{ count: 1 kind: KIND_CPU {limiter} }}]\n{extra}"
+        + f"instance_group [{{ count: 1 kind: KIND_CPU {limiter} }}]\n{extra}"
     )
 
 
