@@ -17,7 +17,7 @@ FLAGS = [
     "--served-model-name", "llama", "alias", "--api-key", "k", "--max-num-seqs", "4",
     "--max-num-batched-tokens", "64", "--enforce-eager", "--load-format", "dummy",
     "--kv-cache-memory", "1GiB", "--dtype", "float32", "--max-waiting-requests", "9",
-    "--seed", "5", "--block-size", "32",
+    "--seed", "5", "--block-size", "32", "--pipeline-parallel-size", "1",
 ]  # fmt: skip
 
 
@@ -36,6 +36,26 @@ def test_same_vllm_flags_in_both_launch_forms(form: str) -> None:
     assert ea.enforce_eager and ea.enable_prefix_caching and ea.load_format == "dummy"
     assert ea.kv_cache_memory == 1 << 30 and ea.dtype == "float32"
     assert ea.max_waiting_requests == 9 and ea.seed == 5 and ea.block_size == 32
+    assert ea.pipeline_parallel_size == 1
+
+
+def test_pipeline_parallelism_is_refused_naming_the_alternatives() -> None:
+    """vLLM's --pipeline-parallel-size / -pp parses (1 runs as usual); more than 1 is a clear
+    error, raised before any model is read, naming tensor and data parallelism."""
+    from modelport.engine.arg_utils import EngineArgs
+
+    args = build_parser().parse_args(["serve", "-pp", "2", "--model", "/nowhere"])
+    ea = engine_args_from(args)
+    assert ea.pipeline_parallel_size == 2
+    with pytest.raises(ValueError, match="pipeline parallelism is not implemented") as e:
+        ea.create_engine_config()
+    assert "--tensor-parallel-size" in str(e.value) and "--data-parallel-size" in str(e.value)
+    with pytest.raises(ValueError, match="pipeline_parallel_size 4"):
+        EngineArgs(model="/nowhere", pipeline_parallel_size=4).create_engine_config()
+    from modelport import LLM
+
+    with pytest.raises(ValueError, match="pipeline_parallel_size 2"):
+        LLM("/nowhere", pipeline_parallel_size=2)
 
 
 def test_wants_default_model_unless_another_frontend_is_asked_for() -> None:

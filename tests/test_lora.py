@@ -267,6 +267,46 @@ def test_one_adapter_per_step_completes_both(world, references) -> None:
     assert len(chat[0].outputs[0].token_ids) == 8
 
 
+def test_tensor_parallel_lora_equals_merged_references(world, references, tmp_path) -> None:
+    """tensor_parallel_size=2 (gloo on CPU): rank 0 admits adapters and picks slots and rows,
+    and sends its slot changes with each LoRA step; every rank adds its part of each pair
+    (B's rows of its q/k/v and gate/up outputs, A's columns of its o/down inputs, summed by
+    the layer's all-reduce). A mixed batch, a third adapter evicting one of the two slots,
+    and an unloaded adapter loaded again all equal the merged single-rank references."""
+    from modelport import LLM
+
+    c = make_adapter(tmp_path / "c", rank=4, alpha=8, seed=7, targets=("gate_proj", "o_proj"))
+    ref_c = _greedy(LLM(str(merge(world["base"], tmp_path / "merged_c", c)), **LLM_KW), PROMPTS)
+    llm = LLM(
+        str(world["base"]),
+        enable_lora=True,
+        max_loras=2,
+        max_lora_rank=8,
+        tensor_parallel_size=2,
+        **LLM_KW,
+    )
+    try:
+        la, lb = LoRARequest("sql", 1, str(world["a"])), LoRARequest("chat", 2, str(world["b"]))
+        lc = LoRARequest("c", 3, str(tmp_path / "c"))
+        prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+        outs = _run_together(llm, prompts, [la, lb, None, lb, la])
+        assert_same(outs[0], references["merged_a"][0])
+        assert_same(outs[1], references["merged_b"][0])
+        assert_same(outs[2], references["base"][0])
+        assert_same(outs[3], references["merged_b"][1])
+        assert_same(outs[4], references["merged_a"][1])
+        # c takes the least recently used slot (a's) on every rank
+        assert_same(_greedy(llm, [PROMPTS[1]], lora_request=lc)[0], ref_c[1])
+        assert ref_c[1].outputs[0].token_ids != references["base"][1].outputs[0].token_ids
+        engine = llm.llm_engine
+        assert engine.remove_lora(3)  # c's slot is cleared; c is read and placed again
+        outs = _greedy(llm, [PROMPTS[0], PROMPTS[1]], lora_request=[lc, la])
+        assert_same(outs[0], ref_c[0])
+        assert_same(outs[1], references["merged_a"][1])
+    finally:
+        llm.llm_engine.core.shutdown()
+
+
 def test_bad_adapters_fail_only_their_request(world, references, lora_llm, tmp_path) -> None:
     engine = lora_llm.llm_engine
     good = LoRARequest("sql", 1, str(world["a"]))

@@ -63,6 +63,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    # vLLM's flag: 1 (the default) is accepted, more is refused with the alternatives
+    pipeline_parallel_size: int = 1
     # replicas of the whole engine behind one server (`modelport serve` only)
     data_parallel_size: int = 1
     load_format: str = "auto"
@@ -125,6 +127,10 @@ class EngineArgs:
                        default=d.enable_prefix_caching)
         g.add_argument("--enforce-eager", action="store_true", default=False)
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                       help="1 only: pipeline parallelism is not implemented (split a model "
+                            "with --tensor-parallel-size, replicate it with "
+                            "--data-parallel-size)")
         g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                        help="replicas of the engine (each on its own GPUs: cuda:0.., then the "
                             "next tensor-parallel-size GPUs; on a CPU each gets its share of "
@@ -199,6 +205,14 @@ class EngineArgs:
     # -- resolution ----------------------------------------------------------------------
     def create_engine_config(self) -> EngineConfig:
         import torch
+
+        if self.pipeline_parallel_size != 1:  # before the model is read: nothing else matters
+            raise ValueError(
+                f"pipeline_parallel_size {self.pipeline_parallel_size}: pipeline parallelism "
+                "is not implemented in modelport; split the model's layers over GPUs with "
+                "tensor_parallel_size (--tensor-parallel-size) instead, and run replicas with "
+                "--data-parallel-size"
+            )
 
         from modelport.loader import load_model_config, resolve_dtype, resolve_model
 
@@ -351,8 +365,6 @@ class EngineArgs:
             return None
         from modelport.lora.config import LoRAConfig
 
-        if self.tensor_parallel_size != 1:
-            raise ValueError("enable_lora is not supported yet for tensor_parallel_size > 1")
         if runner_type != "generate":
             raise ValueError("enable_lora is not supported yet for pooling models")
         return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,

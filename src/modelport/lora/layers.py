@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +27,8 @@ class LoRAMapping:
     None for every row)."""
 
     groups: list[tuple[int, torch.Tensor | None]]
+    # the same as host lists (what rank 0 sends to the other tensor-parallel ranks)
+    spec: list[tuple[int, list[int] | None]] = field(default_factory=list)
 
 
 _ACTIVE: LoRAMapping | None = None

@@ -6,6 +6,12 @@ a re-read mid-run. A step's adapters are put into device slots before its forwar
 whose adapter the step does not use is reused least recently used first. Slot tensors are
 replaced, never written in place, so a step still running on the device keeps reading the
 weights it was launched with.
+
+Under tensor parallelism rank 0's manager decides everything (admission, slots, the step's
+rows); each placement and clearing is also recorded (``take_placements``) and sent with the
+step to the other ranks, whose managers ``follow`` it. Adapters are read for the whole
+model; every rank keeps its own part of each pair when placing it
+(parallel/tensor_parallel.lora_slice).
 """
 
 from __future__ import annotations
@@ -22,13 +28,19 @@ from modelport.lora.config import LoRAConfig
 from modelport.lora.layers import LoRAMapping, add_lora_layers
 from modelport.lora.peft import LoRAAdapter, load_adapter
 from modelport.lora.request import LoRARequest
+from modelport.parallel.tensor_parallel import lora_slice
 
 logger = logging.getLogger(__name__)
 
 
 class LoRAManager:
     def __init__(
-        self, model: nn.Module, config: LoRAConfig, device: torch.device, dtype: torch.dtype
+        self,
+        model: nn.Module,
+        config: LoRAConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        record_placements: bool = False,
     ) -> None:
         self.model = model
         self.config = config
@@ -38,6 +50,8 @@ class LoRAManager:
         self._loaded: OrderedDict[tuple, LoRAAdapter] = OrderedDict()
         self._slots: list[tuple | None] = [None] * config.max_loras
         self._slot_order: list[int] = list(range(config.max_loras))  # least recent first
+        # (slot, the adapter's whole weights, or None: cleared) since take_placements
+        self._placements: list[tuple[int, dict | None]] | None = [] if record_placements else None
         logger.info(
             "LoRA: %d projections take adapters (max_loras %d, max_lora_rank %d)",
             len(self.modules),
@@ -90,16 +104,39 @@ class LoRAManager:
                 f"{len(rows)} adapters in one step, above max_loras "
                 f"{len(self._slots)} (the scheduler should have held one back)"
             )
-        groups = []
-        for key, r in rows.items():
-            slot = self._place(key, adapters[key], set(rows))
-            idx = (
+        spec = [
+            (self._place(key, adapters[key], set(rows)), None if len(r) == start else r)
+            for key, r in rows.items()
+        ]
+        return self._mapping(spec)
+
+    def _mapping(self, spec: list[tuple[int, list[int] | None]]) -> LoRAMapping:
+        groups = [
+            (
+                slot,
                 None
-                if len(r) == start
-                else torch.tensor(r, dtype=torch.long).to(self.device, non_blocking=True)
+                if r is None
+                else torch.tensor(r, dtype=torch.long).to(self.device, non_blocking=True),
             )
-            groups.append((slot, idx))
-        return LoRAMapping(groups)
+            for slot, r in spec
+        ]
+        return LoRAMapping(groups, spec)
+
+    def take_placements(self) -> list[tuple[int, dict | None]]:
+        """Rank 0: the slots placed or cleared since the last call, for the other ranks."""
+        assert self._placements is not None, "placements are recorded under tensor parallelism"
+        out, self._placements = self._placements, []
+        return out
+
+    def follow(
+        self, placements: list[tuple[int, dict | None]], spec: list[tuple[int, list[int] | None]]
+    ) -> LoRAMapping:
+        """Another rank: take rank 0's slot changes, then its step's rows."""
+        for slot, weights in placements:
+            self._clear(slot)
+            if weights is not None:
+                self._fill(slot, weights)
+        return self._mapping(spec)
 
     def _place(self, key: tuple, adapter: LoRAAdapter, in_step: set[tuple]) -> int:
         if key in self._slots:
@@ -107,17 +144,23 @@ class LoRAManager:
         else:
             slot = next(s for s in self._slot_order if self._slots[s] not in in_step)
             self._clear(slot)
-            for name, (a, b) in adapter.weights.items():
-                self.modules[name].lora_slots[slot] = (
-                    a.to(self.device, self.dtype),
-                    b.to(self.device, self.dtype),
-                )
+            self._fill(slot, adapter.weights)
             self._slots[slot] = key
+            if self._placements is not None:
+                self._placements.append((slot, adapter.weights))
         self._slot_order.remove(slot)
         self._slot_order.append(slot)
         return slot
 
+    def _fill(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for name, (a, b) in weights.items():
+            mod = self.modules[name]
+            a, b = lora_slice(mod, a, b)  # this rank's part (tensor parallel), else a, b
+            mod.lora_slots[slot] = (a.to(self.device, self.dtype), b.to(self.device, self.dtype))
+
     def _clear(self, slot: int) -> None:
+        if self._slots[slot] is not None and self._placements is not None:
+            self._placements.append((slot, None))
         self._slots[slot] = None
         for mod in self.modules.values():
             mod.lora_slots.pop(slot, None)

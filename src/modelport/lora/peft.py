@@ -118,6 +118,7 @@ def _resolve(
 ) -> dict[str, tuple[int, list[tuple[int, int, torch.Tensor, torch.Tensor]]]]:
     """Fused module -> (its output size, [(slice offset, slice size, A, B)]), checked."""
     from modelport.layers.linear import Linear
+    from modelport.parallel.tensor_parallel import full_shape
 
     stacked = getattr(type(model), "stacked_params", ())
     modules = dict(model.named_modules())
@@ -135,29 +136,35 @@ def _resolve(
                 break
         target = target[:-1]
         mod = modules.get(target)
+        inner = getattr(mod, "inner", None)  # a row-parallel slice's wrapper (tensor parallel)
+        if isinstance(inner, Linear):
+            target, mod = f"{target}.inner", inner
         if not isinstance(mod, Linear) or ".layers." not in f".{target}":
             raise ValueError(
                 f"LoRA adapter {name!r}: target module {module!r} is not a linear "
                 f"projection of {type(model).__name__}'s decoder layers "
                 "(q/k/v/o and gate/up/down projections are supported)"
             )
+        # under tensor parallelism the adapter is for the whole layer: each rank takes its
+        # part when the adapter is placed (parallel/tensor_parallel.lora_slice)
+        out_size, in_size, ranges = full_shape(mod)
         if shard is None:
-            offset, size = 0, mod.output_size
+            offset, size = 0, out_size
         else:
-            offset, size = mod.shard_ranges[shard]
+            offset, size = ranges[shard]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"LoRA adapter {name!r}: module {module!r} has lora_A "
                 f"{tuple(a.shape)} and lora_B {tuple(b.shape)}, not [r, in] and "
                 "[out, r]"
             )
-        if a.shape[1] != mod.input_size or b.shape[0] != size:
+        if a.shape[1] != in_size or b.shape[0] != size:
             raise ValueError(
                 f"LoRA adapter {name!r}: module {module!r} has shape "
                 f"[{b.shape[0]}, {a.shape[1]}] but the model's is [{size}, "
-                f"{mod.input_size}]: the adapter is for another model"
+                f"{in_size}]: the adapter is for another model"
             )
-        out.setdefault(target, (mod.output_size, []))[1].append((offset, size, a, b))
+        out.setdefault(target, (out_size, []))[1].append((offset, size, a, b))
     return out
 
 

@@ -96,6 +96,7 @@ def _take_rows(m: Linear, idx: torch.Tensor, rank: int, size: int) -> None:
 
 
 def _shard_qkv(m: QKVLinear, rank: int, size: int) -> None:
+    m.tp_split = ("column", rank, size)
     if _sliced(m, rank, size):
         return
     d = m.head_dim
@@ -112,6 +113,7 @@ def _head_ranges(m: QKVLinear) -> list[tuple[int, int]]:
 
 
 def _shard_merged(m: MergedLinear, rank: int, size: int) -> None:
+    m.tp_split = ("column", rank, size)
     if _sliced(m, rank, size):
         return
     names = list(m.shard_ranges)
@@ -124,6 +126,7 @@ def _shard_merged(m: MergedLinear, rank: int, size: int) -> None:
 
 
 def _shard_row(m: Linear, rank: int, size: int) -> None:
+    m.tp_split = ("row", rank, size)
     if _sliced(m, rank, size):
         return
     start, part = _cols(m.input_size, rank, size)
@@ -134,6 +137,38 @@ def _shard_row(m: Linear, rank: int, size: int) -> None:
         w = m.weight.data[:, start : start + part].clone()
         m.weight = nn.Parameter(w, requires_grad=False)
     m.input_size = part
+
+
+def full_shape(m: Linear) -> tuple[int, int, dict[str, tuple[int, int]] | None]:
+    """(output size, input size, shard ranges) of the whole layer that m is this rank's
+    slice of (m itself when it is not split): what a LoRA adapter for the model is shaped
+    by. Column slices hold 1/size of every shard range, row slices 1/size of the input."""
+    ranges = dict(getattr(m, "shard_ranges", None) or {}) or None
+    kind, _, size = getattr(m, "tp_split", (None, 0, 1))
+    if kind == "column":
+        ranges = {k: (o * size, n * size) for k, (o, n) in (ranges or {}).items()} or None
+        return m.output_size * size, m.input_size, ranges
+    if kind == "row":
+        return m.output_size, m.input_size * size, ranges
+    return m.output_size, m.input_size, ranges
+
+
+def lora_slice(m: Linear, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of a LoRA pair (A [r, in], B [out, r]) for the whole layer.
+
+    Column slices keep B's rows of this rank's outputs (``x @ A.T`` is whole on every
+    rank). Row slices keep A's columns of this rank's inputs: each rank adds
+    ``(x_rank @ A_rank.T) @ B.T`` to its partial product, and the all-reduce after the
+    layer sums them to ``(x @ A.T) @ B.T``."""
+    kind, rank, size = getattr(m, "tp_split", (None, 0, 1))
+    if kind == "column":
+        out, _, ranges = full_shape(m)
+        spans = list(ranges.values()) if ranges else [(0, out)]
+        return a, b.index_select(0, _rows(spans, rank, size))
+    if kind == "row":
+        start, part = _cols(a.shape[1], rank, size)
+        return a[:, start : start + part], b
+    return a, b
 
 
 def parallel_kind(name: str, module: nn.Module) -> str | None:

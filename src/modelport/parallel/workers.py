@@ -109,6 +109,12 @@ def worker_loop(runner: Any) -> None:
             kind, args = msg
             if kind == "fwd":
                 runner._eager_forward(*args)
+            elif kind == "lora_fwd":  # a step with LoRA requests (lora/manager.py)
+                from modelport.lora.layers import lora_mapping
+
+                placements, spec, fwd = args
+                with lora_mapping(runner.lora.follow(placements, spec)):
+                    runner._eager_forward(*fwd)
             elif kind == "kv":
                 runner.init_kv_cache(args)
             elif kind == "profile":

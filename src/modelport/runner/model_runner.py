@@ -172,7 +172,8 @@ class ModelRunner:
         if self.config.lora_config is not None:
             from modelport.lora.manager import LoRAManager
 
-            self.lora = LoRAManager(self.model, self.config.lora_config, self.device, self.dtype)
+            self.lora = LoRAManager(self.model, self.config.lora_config, self.device, self.dtype,
+                                    record_placements=self.tp_workers is not None)
         spec = self.config.speculative_config
         if spec is not None and spec.model is not None:
             from modelport.config import LoadConfig
@@ -650,6 +651,10 @@ class ModelRunner:
         if lora is not None:
             from modelport.lora.layers import lora_mapping
 
+            if self.tp_workers is not None:  # the other ranks follow rank 0's slots and rows
+                self.tp_workers.send(("lora_fwd", (
+                    self.lora.take_placements(), lora.spec,
+                    (input_ids, positions, slots, qsl, seq_lens, tables))))
             with lora_mapping(lora):
                 hidden = self._eager_forward(input_ids, positions, slots, qsl, seq_lens,
                                              tables, fill)
