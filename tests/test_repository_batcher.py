@@ -21,16 +21,30 @@ def run(coro):
     return asyncio.run(coro)
 
 
-class Recorder:
-    """An execute() that records batch shapes and echoes items (or fails on 'boom')."""
+async def until(cond, timeout: float = 10.0) -> None:
+    """Yield to the loop until cond() holds (the state a test needs, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.001)
 
-    def __init__(self, delay: float = 0.01) -> None:
+
+class Recorder:
+    """An execute() that records batch shapes and echoes items (or fails on 'boom').
+
+    With `hold` (an asyncio.Event) every batch also waits for the test to set it, so a
+    test decides when the instance frees up instead of racing a fixed execution time."""
+
+    def __init__(self, delay: float = 0.01, hold: asyncio.Event | None = None) -> None:
         self.batches: list[list] = []
         self.delay = delay
+        self.hold = hold
 
     async def __call__(self, items):
         self.batches.append(list(items))
         await asyncio.sleep(self.delay)
+        if self.hold is not None:
+            await self.hold.wait()
         return [ValueError(f"bad {i}") if i == "boom" else i * 10 for i in items]
 
 
@@ -67,7 +81,7 @@ def test_rows_count_toward_max_batch_size():
 def test_lone_request_waits_about_max_queue_delay():
     async def main():
         rec = Recorder(delay=0)
-        b = DynamicBatcher(BatcherConfig(max_batch_size=8, max_queue_delay_s=0.1), rec)
+        b = DynamicBatcher(BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3), rec)
         b.start()
         t0 = time.monotonic()
         await b.submit(1)
@@ -76,7 +90,8 @@ def test_lone_request_waits_about_max_queue_delay():
         return took
 
     took = run(main())
-    assert 0.09 <= took < 0.3
+    # it waits the delay for company, then goes alone (the bound leaves room for a loaded box)
+    assert 0.29 <= took < 0.9
 
 
 def test_preferred_batch_size_dispatches_without_waiting_for_delay():
@@ -92,7 +107,7 @@ def test_preferred_batch_size_dispatches_without_waiting_for_delay():
         return took, rec
 
     took, rec = run(main())
-    assert took < 1.0
+    assert took < 2.5  # far below the 5 s delay
     assert [len(x) for x in rec.batches] == [4]
 
 
@@ -138,14 +153,18 @@ def test_queue_full_rejects():
 
 def test_timeout_reject_and_delay():
     async def main():
-        rec = Recorder(delay=0.2)
+        # 0 holds the only instance until the test lets it go, well after 1's 0.05 s timeout
+        rec = Recorder(delay=0, hold=asyncio.Event())
         reject = BatcherConfig(max_batch_size=1, default_policy=QueuePolicy(timeout_s=0.05))
         b = DynamicBatcher(reject, rec)
         b.start()
         first = asyncio.create_task(b.submit(0))
-        await asyncio.sleep(0.01)
+        await until(lambda: len(rec.batches) == 1)  # 0 is executing
+        second = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.15)  # at least 3x 1's timeout in the queue
+        rec.hold.set()
         with pytest.raises(RequestTimeoutError):
-            await b.submit(1)
+            await second
         assert await first == 0
         await b.stop()
 
@@ -153,12 +172,16 @@ def test_timeout_reject_and_delay():
             max_batch_size=1,
             default_policy=QueuePolicy(timeout_s=0.05, timeout_action=TimeoutAction.DELAY),
         )
+        rec = Recorder(delay=0, hold=asyncio.Event())
         b = DynamicBatcher(delay, rec)
         b.start()
         first = asyncio.create_task(b.submit(0))
-        await asyncio.sleep(0.01)
-        assert await b.submit(1) == 10  # delayed, not rejected
-        await first
+        await until(lambda: len(rec.batches) == 1)
+        second = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.15)
+        rec.hold.set()
+        assert await second == 10  # delayed, not rejected
+        assert await first == 0
         await b.stop()
 
     run(main())
@@ -166,15 +189,17 @@ def test_timeout_reject_and_delay():
 
 def test_priorities_run_high_first():
     async def main():
-        rec = Recorder(delay=0.05)
+        rec = Recorder(delay=0, hold=asyncio.Event())
         cfg = BatcherConfig(max_batch_size=1, priority_levels=2, default_priority=2)
         b = DynamicBatcher(cfg, rec)
         b.start()
         blocker = asyncio.create_task(b.submit("x"))
-        await asyncio.sleep(0.01)
+        await until(lambda: len(rec.batches) == 1)  # x holds the instance
         low = asyncio.create_task(b.submit("low", priority=2))
-        await asyncio.sleep(0.001)
+        await until(lambda: b.queued == 1)
         high = asyncio.create_task(b.submit("high", priority=1))
+        await until(lambda: b.queued == 2)  # low queued first, high later
+        rec.hold.set()
         await asyncio.gather(blocker, low, high)
         await b.stop()
         return [x[0] for x in rec.batches]
@@ -185,9 +210,13 @@ def test_priorities_run_high_first():
 def test_preserve_ordering_across_instances():
     async def main():
         finished: list[int] = []
+        one_ran = asyncio.Event()
 
         async def execute(items):
-            await asyncio.sleep(0.1 if items[0] == 0 else 0.0)
+            if items[0] == 0:
+                await one_ran.wait()  # 0 finishes only after 1 finished on the other instance
+            else:
+                one_ran.set()
             return items
 
         cfg = BatcherConfig(max_batch_size=1, preserve_ordering=True)
@@ -209,15 +238,18 @@ def test_preserve_ordering_across_instances():
 
 def test_no_batching_runs_items_alone_and_concurrently_per_instance():
     async def main():
-        rec = Recorder(delay=0.05)
+        # every execute waits until all four are executing: this only completes if the four
+        # instances run at once (one at a time would block the first one forever)
+        all_in = asyncio.Event()
+        rec = Recorder(delay=0, hold=all_in)
         b = DynamicBatcher(BatcherConfig(max_batch_size=0), rec, num_instances=4)
         b.start()
-        t0 = time.monotonic()
-        await asyncio.gather(*(b.submit(i, batch_size=5) for i in range(4)))
-        took = time.monotonic() - t0
+        submits = asyncio.gather(*(b.submit(i, batch_size=5) for i in range(4)))
+        await until(lambda: len(rec.batches) == 4)  # four instances ran at once
+        all_in.set()
+        await asyncio.wait_for(submits, 10)
         await b.stop()
-        return rec, took
+        return rec
 
-    rec, took = run(main())
+    rec = run(main())
     assert [len(x) for x in rec.batches] == [1, 1, 1, 1]
-    assert took < 0.15  # four instances ran at once

@@ -27,7 +27,18 @@ import ts_archives  # noqa: E402
 
 MODEL_HANDLER = """
 import json
+import os
 import time
+
+
+def _meet(folder, kind):
+    # mark this node running, then wait (at most 20 s) until both fan branches are running
+    open(os.path.join(folder, kind), "w").close()
+    deadline = time.monotonic() + 20
+    while not all(os.path.exists(os.path.join(folder, k)) for k in ("add10", "times2")):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{kind} ran alone: the other branch never started")
+        time.sleep(0.005)
 
 
 def handle(data, context):
@@ -42,6 +53,8 @@ def handle(data, context):
         if v.get("fail") == kind:
             raise ValueError(f"{kind} was asked to fail")
         time.sleep(v.get("sleep", 0))
+        if v.get("meet"):
+            _meet(v["meet"], kind)
         x = v["x"] + 10 if kind == "add10" else v["x"] * 2
         out.append({**v, "x": x, "path": v.get("path", []) + [kind]})
     return out
@@ -180,8 +193,10 @@ def server(tmp_path_factory):
             proc.kill()
             raise RuntimeError("server did not start:\n" + (root / "server.log").read_text())
         try:  # the listeners start one after the other: wait for the shared port too
-            if (httpx.get(f"http://127.0.0.1:{s.mport}/workflows", timeout=2).status_code == 200
-                    and httpx.get(f"http://127.0.0.1:{s.port}/ping", timeout=2).status_code == 200):
+            if (
+                httpx.get(f"http://127.0.0.1:{s.mport}/workflows", timeout=2).status_code == 200
+                and httpx.get(f"http://127.0.0.1:{s.port}/ping", timeout=2).status_code == 200
+            ):
                 break
         except httpx.HTTPError:
             pass
@@ -232,7 +247,7 @@ def test_startup_workflow_runs_sequential_dag(server):
     assert {"seq__pre", "seq__add10", "seq__post"} <= set(models)
 
 
-def test_register_describe_list_and_fan_in(server):
+def test_register_describe_list_and_fan_in(server, tmp_path):
     r = server.mgmt("POST", "/workflows?url=fan.war")
     assert r.status_code == 200, r.text
     assert r.json() == {"status": "Workflow fan has been registered and scaled successfully."}
@@ -267,11 +282,11 @@ def test_register_describe_list_and_fan_in(server):
     assert r.status_code == 200, r.text
     assert r.json() == {"sum": 16, "keys": ["add10", "times2"]}
 
-    # the two branches run concurrently: two 1 s nodes take about 1 s, not 2
-    start = time.monotonic()
-    r = server.wfpredict("fan", {"x": 1, "sleep": 1.0})
+    # the two branches run concurrently: each waits until the other one runs too (one after
+    # the other, the first would give up after 20 s and fail the request)
+    r = server.wfpredict("fan", {"x": 1, "meet": str(tmp_path)})
     assert r.status_code == 200, r.text
-    assert time.monotonic() - start < 1.8
+    assert r.json() == {"sum": 16, "keys": ["add10", "times2"]}
 
     # a failing node fails the request: 500 in TorchServe's shape, with the node's message
     r = server.wfpredict("fan", {"x": 1, "fail": "times2"})

@@ -230,6 +230,7 @@ class TritonPythonModel:
         params = json.loads(args["model_config"])["parameters"]
         self.sleep_s = float(params["sleep_s"]["string_value"])
         self.gate = params.get("gate", {}).get("string_value")  # a file the test creates
+        self.started = params.get("started", {}).get("string_value")  # a file this creates
 
     def _wait_for_gate(self):
         deadline = time.monotonic() + 30
@@ -240,6 +241,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         start = time.time()
+        if self.started:
+            open(self.started, "a").close()
         xs = [pb_utils.get_input_tensor_by_name(r, "X").as_numpy() for r in requests]
         if any(float(x[0]) < 0 for x in xs):
             raise pb_utils.TritonModelException("asked to fail")
@@ -251,7 +254,7 @@ class TritonPythonModel:
 """
 
 
-def _model(repo, name, sleep_s, resource="", priority=0, extra="", gate=None):
+def _model(repo, name, sleep_s, resource="", priority=0, extra="", gate=None, started=None):
     d = repo / name
     (d / "1").mkdir(parents=True)
     (d / "1" / "model.py").write_text(MODEL_PY)
@@ -262,6 +265,11 @@ def _model(repo, name, sleep_s, resource="", priority=0, extra="", gate=None):
         'output [{ name: "T" data_type: TYPE_FP64 dims: [ 2 ] }]\n'
         f'parameters {{ key: "sleep_s" value: {{ string_value: "{sleep_s}" }} }}\n'
         + (f'parameters {{ key: "gate" value: {{ string_value: "{gate}" }} }}\n' if gate else "")
+        + (
+            f'parameters {{ key: "started" value: {{ string_value: "{started}" }} }}\n'
+            if started
+            else ""
+        )
         + f"instance_group [{{ count: 1 kind: KIND_CPU {limiter} }}]\n{extra}"
     )
 
@@ -277,6 +285,11 @@ def repo(tmp_path_factory):
     # "h" holds R until the test creates its gate file
     _model(repo, "h", 0.0, R1, priority=1, gate=repo.parent / "h.gate")
     _model(repo, "seq", 0.15, R1, extra="sequence_batching { }\n")  # the sequence batcher
+    # "oa" and "ob" need the one R; each says when it started and runs until its gate opens
+    for m in ("oa", "ob"):
+        _model(
+            repo, m, 0.0, R1, gate=repo.parent / f"{m}.gate", started=repo.parent / f"{m}.started"
+        )
     _model(repo, "conflict", 0.01, 'name: "R" global: true count: 1')
     _model(repo, "greedy", 0.01, 'name: "R" count: 5')
     return repo
@@ -357,15 +370,16 @@ def test_priority_orders_waiting_instances_and_wait_is_queue_time(server, repo):
         _until(lambda: rl.waiting == 1)
         waiting_a = pool.submit(infer, server, "a")  # ... a arrives later
         _until(lambda: rl.waiting == 2)
-        time.sleep(0.35)  # b and a wait behind h
+        time.sleep(1.0)  # b and a wait behind h
         (repo.parent / "h.gate").touch()
         h, b, a = held.result(), waiting_b.result(), waiting_a.result()
     assert h[1] <= a[0] + 0.002 and a[1] <= b[0] + 0.002, (h, a, b)
-    # b's wait for the resource (behind h, then a) is queue time, not compute time
+    # b's wait for the resource (behind h, then a) is queue time, not compute time: b computes
+    # 0.15 s; were the >= 1 s wait counted as compute it would be over 1.15 s
     queued = (_stat(server, "b", "inference_stats", "queue", "ns") - queue0) / 1e9
     computed = (_stat(server, "b", "inference_stats", "compute_infer", "ns") - infer0) / 1e9
-    assert queued >= 0.35, queued
-    assert computed < 0.3, computed
+    assert queued >= 1.0, queued
+    assert computed < 0.8, computed
 
 
 def test_resources_are_released_when_the_execution_fails(server):
@@ -378,7 +392,7 @@ def test_resources_are_released_when_the_execution_fails(server):
     assert server.manager.rate_limiter.allocated() == {}
     t0 = time.monotonic()
     start, _ = infer(server, "b")
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 10.0  # 0.15 s of work; a leaked R would block it (30 s)
 
 
 def test_load_errors_in_tritons_words(server):
@@ -404,12 +418,17 @@ def test_rate_limit_off_ignores_resources(repo):
     with EmbeddedServer(
         [repo],
         control_mode="explicit",
-        load_models=["a", "b", "conflict"],  # conflict loads: resources are not looked at
+        load_models=["oa", "ob", "conflict"],  # conflict loads: resources are not looked at
         grpc_port=-1,
         metrics_port=-1,
     ) as srv:
         assert srv.manager.rate_limiter is None
         with ThreadPoolExecutor(2) as pool:
-            a, b = pool.map(lambda m: infer(srv, m), ["a", "b"])
+            runs = [pool.submit(infer, srv, m) for m in ("oa", "ob")]
+            # both executions start while neither can finish: the one R did not serialize them
+            _until(lambda: all((repo.parent / f"{m}.started").exists() for m in ("oa", "ob")))
+            for m in ("oa", "ob"):
+                (repo.parent / f"{m}.gate").touch()
+            a, b = (r.result() for r in runs)
         assert max(a[0], b[0]) < min(a[1], b[1]), (a, b)  # they ran at the same time
         infer(srv, "conflict")
