@@ -74,6 +74,8 @@ def test_embedded_server_start_raises_naming_the_failed_model(repo):
         EmbeddedServer([repo]).start()
     assert list(info.value.failures) == ["gpu_model"]
     assert NO_GPU in info.value.failures["gpu_model"]
+    # On a CPU-only box the error names the kind that works there.
+    assert "kind: KIND_CPU, or KIND_AUTO, runs it on the CPU" in info.value.failures["gpu_model"]
     assert info.value.code.startswith("modelport serve: 1 model failed to load at start-up")
 
 

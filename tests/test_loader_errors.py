@@ -38,6 +38,20 @@ def test_unknown_path(tmp_path: Path) -> None:
         resolve_model("some-org/not-in-the-cache")
 
 
+def test_default_model_by_its_served_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model SmolLM2-135M-Instruct` (the name the server answers to) is the embedded
+    default; another unknown name says how to get the default. A folder of that name wins."""
+    monkeypatch.chdir(tmp_path)
+    src = resolve_model("SmolLM2-135M-Instruct")
+    assert src == resolve_model(None)
+    assert src.kind == "gguf" and src.name == "SmolLM2-135M-Instruct"
+    with pytest.raises(ValueError, match=r"leave the model out .* for the embedded default"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        resolve_model("SmolLM2-135M-Instruct")
+
+
 def test_folder_without_config(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no config.json"):
         resolve_model(str(tmp_path))

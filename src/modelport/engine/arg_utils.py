@@ -70,6 +70,8 @@ class EngineArgs:
     load_format: str = "auto"
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    # vLLM's flag: None / True chunk long prompts (the default); False runs each prompt whole
+    enable_chunked_prefill: bool | None = None
     block_size: int = 16
     seed: int | None = 0  # None: a random seed
     quantization: str | None = None
@@ -140,6 +142,11 @@ class EngineArgs:
                        choices=["auto", "safetensors", "gguf", "dummy"])
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
         g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="chunk long prompts over steps (default: on); "
+                            "--no-enable-chunked-prefill runs each prompt whole, the step "
+                            "budget at least --max-model-len")
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--seed", type=int, default=d.seed)
         g.add_argument("--quantization", "-q", default=None,
@@ -317,6 +324,9 @@ class EngineArgs:
                 raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_model_len "
                                  f"({max_len}) for an encoder model: it runs each prompt "
                                  "whole (no chunked prefill)")
+        chunked = encoder is None and self.enable_chunked_prefill is not False
+        if not chunked and self.max_num_batched_tokens is None:  # vLLM's default then
+            batched = max(batched, max_len)
         # the model sees the engine's length (LongRoPE picks its factors by it: longrope.py)
         model_config = dataclasses.replace(model_config, max_model_len=max_len)
         cache = CacheConfig(
@@ -332,7 +342,7 @@ class EngineArgs:
             max_num_batched_tokens=batched,
             max_model_len=max_len,
             max_waiting_requests=self.max_waiting_requests,
-            enable_chunked_prefill=encoder is None,
+            enable_chunked_prefill=chunked,
         )
         return EngineConfig(
             model_source=src,

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from modelport.loader.default_model import default_model_path
 
+# The embedded default's served name: `--model SmolLM2-135M-Instruct` (what clients send as
+# "model") names it too, unless a folder or file of that name is here.
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -25,11 +29,11 @@ class ModelSource:
             raise ValueError(f"ModelSource.kind must be 'hf' or 'gguf', got {self.kind!r}")
 
 
-def _not_found(model: str, why: str = "") -> ValueError:
+def _not_found(model: str, why: str = "", hint: str = "") -> ValueError:
     return ValueError(
         f"model {model!r} not found{why}: expected a local folder with config.json, a .gguf "
         "file, or the id of a model already in the local Hugging Face cache (nothing is "
-        "downloaded)"
+        f"downloaded){hint}"
     )
 
 
@@ -56,7 +60,7 @@ def resolve_model(model: str | None) -> ModelSource:
     """None -> the embedded default GGUF; else a folder, a .gguf file or a cached repo id."""
     if model is None:
         path = default_model_path()
-        return ModelSource("gguf", path, "SmolLM2-135M-Instruct")
+        return ModelSource("gguf", path, DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -69,4 +73,10 @@ def resolve_model(model: str | None) -> ModelSource:
     cached = _from_hf_cache(model)
     if cached is not None:
         return ModelSource("hf", cached, model)
-    raise _not_found(model)
+    if model == DEFAULT_MODEL_NAME:
+        return resolve_model(None)
+    raise _not_found(
+        model,
+        hint=f"; leave the model out (`LLM()`, `modelport serve` without --model) or name it "
+        f"{DEFAULT_MODEL_NAME!r} for the embedded default",
+    )

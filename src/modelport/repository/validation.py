@@ -119,7 +119,8 @@ def _check_instances(cfg: mc.ModelConfig, gpu_count: int) -> None:
             if gpu_count == 0:
                 raise _err(
                     cfg,
-                    f"instance group '{group.name}' has kind KIND_GPU but no GPU is available",
+                    f"instance group '{group.name}' has kind KIND_GPU but no GPU is available "
+                    "(kind: KIND_CPU, or KIND_AUTO, runs it on the CPU)",
                 )
             for g in group.gpus:
                 if not 0 <= g < gpu_count:
