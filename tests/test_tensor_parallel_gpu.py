@@ -77,3 +77,37 @@ def test_moe_tp2_on_nccl_equals_one_gpu(tmp_path, arch: str) -> None:
         assert all(len(o.outputs[0].token_ids) == 16 for o in out)
     finally:
         bf16.llm_engine.core.shutdown()
+
+
+def test_lora_tp2_on_nccl_equals_one_gpu(tmp_path) -> None:
+    """LoRA adapters under tensor parallelism on NCCL: rank 0 sends its slot changes with
+    each LoRA step and every rank adds its part of each pair; a batch mixing two adapters
+    and the base model gives one GPU's tokens (float32), and an evicted slot refilled with
+    another adapter too."""
+    from helpers.lora_adapters import make_adapter
+    from modelport.lora.request import LoRARequest
+
+    base = make_tiny_llama_dir(tmp_path / "base")
+    a = LoRARequest("a", 1, str(tmp_path / "a"))
+    b = LoRARequest("b", 2, str(tmp_path / "b"))
+    make_adapter(tmp_path / "a", rank=8, alpha=16, seed=1)
+    make_adapter(tmp_path / "b", rank=4, alpha=8, seed=2, targets=("q_proj", "down_proj"))
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", kv_cache_memory=32 << 20, block_size=16,
+              max_num_batched_tokens=64, enable_lora=True, max_loras=1, max_lora_rank=8)
+    loras = [a, None, b]
+
+    def run(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(
+            prompt_token_ids=PROMPTS, sampling_params=greedy, lora_request=loras,
+            use_tqdm=False)]
+
+    one = LLM(str(base), **kw)
+    want = run(one)
+    del one
+    llm = LLM(str(base), tensor_parallel_size=2, **kw)
+    try:
+        assert run(llm) == want  # max_loras=1: a, then b in the same slot
+        assert run(llm) == want  # and a back in it
+    finally:
+        llm.llm_engine.core.shutdown()
