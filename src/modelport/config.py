@@ -203,8 +203,13 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
+    # vLLM's num_gpu_blocks_override: the number of blocks, whatever the budget gives
+    num_gpu_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override <= 0:
+            raise ValueError("num_gpu_blocks_override must be > 0, got "
+                             f"{self.num_gpu_blocks_override}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

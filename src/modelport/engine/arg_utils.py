@@ -107,6 +107,8 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # vLLM's: this many KV cache blocks, in place of what the memory budget gives
+    num_gpu_blocks_override: int | None = None
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -119,7 +121,9 @@ class EngineArgs:
         g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
         g.add_argument("--dtype", default=d.dtype,
                        choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32"])
-        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--max-model-len", type=parse_human_int, default=None,
+                       help="context length in tokens; as vLLM's also 1k / 25.6k (powers of "
+                            "1000) or 1K / 32K (powers of 1024)")
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
         g.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=_parse_bytes,
                        default=None, dest="kv_cache_memory",
@@ -141,7 +145,7 @@ class EngineArgs:
         g.add_argument("--load-format", default=d.load_format,
                        choices=["auto", "safetensors", "gguf", "dummy"])
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-        g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--max-num-batched-tokens", type=parse_human_int, default=None)
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                        default=None,
                        help="chunk long prompts over steps (default: on); "
@@ -336,6 +340,7 @@ class EngineArgs:
             enable_prefix_caching=pooling_kw.get("enable_prefix_caching",
                                                  self.enable_prefix_caching),
             kv_cache_dtype=self.kv_cache_dtype,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
         )
         sched = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
@@ -508,6 +513,24 @@ def parse_json_dict(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
+
+
+_HUMAN = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_human_int(text: str) -> int:
+    """An argparse type: a token count as vLLM takes it, 2048, 1k, 25.6k (k / m / g: powers
+    of 1000) or 32K (K / M / G: powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 8192, 8k, 25.6k, 32K)")
+    num, unit = m.groups()
+    if "." in num and unit not in ("k", "m", "g"):  # as vLLM: no 1.5K, no 1.5
+        raise argparse.ArgumentTypeError(f"not a whole count: {text!r} (decimals only with "
+                                         "k / m / g)")
+    from decimal import Decimal
+
+    return int(Decimal(num) * _HUMAN[unit])
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,

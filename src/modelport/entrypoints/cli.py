@@ -19,7 +19,10 @@ _SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from modelport.entrypoints.vllm_compat import ConfigFileParser
+
+    # serve's `--config FILE` (vLLM's YAML of flags); subparsers are of the same class
+    parser = ConfigFileParser(
         prog="modelport", description="Deploy LLMs and other models behind standard APIs."
     )
     parser.add_argument("--version", action="version", version=_version())

@@ -100,14 +100,17 @@ async def serve_async(args: argparse.Namespace) -> int:
         raise SystemExit("nothing to serve: give --model, --model-repository or --model-store")
     services: list[Any] = []
     stop_all = stopper(services)
-    app = FastAPI(title="modelport", version=_version(), lifespan=stop_at_shutdown(stop_all))
+    from modelport.entrypoints.vllm_compat import fastapi_kwargs, uvicorn_kwargs
+
+    app = FastAPI(title="modelport", version=_version(), lifespan=stop_at_shutdown(stop_all),
+                  **fastapi_kwargs(args))
     args.serve_frontends = tuple(m.__name__ for m in chosen)
     services += [await m.build(args, app) for m in chosen]
     host, port = args.host, args.port
     for s in services:
         if getattr(s, "listen", None) is not None:
             host, port = s.listen
-    config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level)
+    config = uvicorn.Config(app, host=host, port=port, **uvicorn_kwargs(args))
     server = uvicorn.Server(config)
     for s in services:
         if hasattr(s, "http_server"):

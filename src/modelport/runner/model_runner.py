@@ -241,6 +241,10 @@ class ModelRunner:
             per_token = (kv_cache_bytes_per_token(mc, kv_bytes)
                          + kv_cache_bytes_per_token(self.draft_config, kv_bytes))
             n = int(budget) // (self.block_size * per_token)
+        if cc.num_gpu_blocks_override is not None:  # vLLM's: the budget is not the limit
+            logger.info("KV cache: %d blocks (--num-gpu-blocks-override; the budget gives %d)",
+                        cc.num_gpu_blocks_override, n)
+            n = cc.num_gpu_blocks_override
         need = -(-self.config.scheduler_config.max_model_len // self.block_size)
         if n < need:
             raise ValueError(

@@ -134,6 +134,9 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             default=None,
             help="bound on queued requests; past it requests get 503 with Retry-After",
         )
+    from modelport.entrypoints.vllm_compat import add_vllm_compat_args
+
+    add_vllm_compat_args(parser)  # the other vLLM serve flags: served, accepted or refused
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -240,6 +243,10 @@ class OpenAIService:
         metrics = ServerMetrics(engine.served_model_names[0],
                                 prefix=getattr(self.args, "metrics_prefix", "modelport"))
         engine.stat_logger = metrics
+        # vLLM's --return-tokens-as-token-ids / --enable-force-include-usage (serving_common)
+        engine.return_tokens_as_token_ids = bool(
+            getattr(self.args, "return_tokens_as_token_ids", False))
+        engine.force_include_usage = bool(getattr(self.args, "enable_force_include_usage", False))
         self.state.metrics = metrics
         self.state.engine = engine
         engine.on_dead = self._engine_died
@@ -329,6 +336,9 @@ def attach(
     repository's `llm` models) without loading one of this server's own. all_paths: no other
     frontend shares `app`, so every error (an unknown path's 404 too) is OpenAI-shaped.
     """
+    from modelport.entrypoints import vllm_compat
+
+    vllm_compat.check(args)  # a vLLM flag asking for what is not served ends serve here
     if own_engine and getattr(args, "model", None):
         from modelport.loader.source import resolve_model
 
@@ -369,17 +379,19 @@ def attach(
                         chat_template=chat_template)
     install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS)
     mount(app, state)
+    vllm_compat.configure_app(app, args)  # CORS, --middleware, request ids, /load, logs
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)
 
 
 def build_app(args: argparse.Namespace) -> tuple[FastAPI, OpenAIService, Any]:
     """The app, its service and the stop that the app's shutdown (or a failure) runs once."""
     from modelport.entrypoints.cli_serve import stop_at_shutdown, stopper
+    from modelport.entrypoints.vllm_compat import fastapi_kwargs
 
     services: list[OpenAIService] = []
     stop_all = stopper(services)
     app = FastAPI(title="modelport OpenAI-compatible server", version=_version(),
-                  lifespan=stop_at_shutdown(stop_all))
+                  lifespan=stop_at_shutdown(stop_all), **fastapi_kwargs(args))
     services.append(attach(app, args, exit_on_failure=True, all_paths=True))
     return app, services[0], stop_all
 
@@ -387,8 +399,10 @@ def build_app(args: argparse.Namespace) -> tuple[FastAPI, OpenAIService, Any]:
 async def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from modelport.entrypoints.vllm_compat import uvicorn_kwargs
+
     app, service, stop_all = build_app(args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(app, host=args.host, port=args.port, **uvicorn_kwargs(args))
     server = uvicorn.Server(config)
     service.http_server = server
     await service.start()
@@ -401,8 +415,9 @@ async def run_server(args: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from modelport.entrypoints.cli_serve import add_common_args
+    from modelport.entrypoints.vllm_compat import ConfigFileParser
 
-    parser = argparse.ArgumentParser(
+    parser = ConfigFileParser(
         prog="python -m modelport.entrypoints.openai.api_server",
         description="OpenAI-compatible server for one LLM",
     )

@@ -402,7 +402,8 @@ class ServingChat:
         sent_tokens: dict[int, int] = {}
         finished: set[int] = set()
         token_ids: dict[int, list[int]] = {}  # each choice's so far (reasoning_tokens)
-        include_usage, continuous_usage = usage_options(req)
+        include_usage, continuous_usage = usage_options(
+            req, getattr(self.engine, "force_include_usage", False))
         last: RequestOutput | None = None
         # plain content deltas: their chunks are written as JSON text (protocol.ChunkJSON)
         fast = (protocol.SSE_FASTPATH and plan.mode == "none" and reasoning is None

@@ -149,19 +149,20 @@ def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | Non
     return max_tokens
 
 
-def usage_options(req: SamplingFields) -> tuple[bool, bool]:
+def usage_options(req: SamplingFields, force: bool = False) -> tuple[bool, bool]:
     """(send a usage chunk at the end, put the running usage in every chunk) for a stream.
 
     continuous_usage_stats implies include_usage unless that is sent as false: vLLM's
-    include_usage defaults to true, and its continuous usage needs it.
+    include_usage defaults to true, and its continuous usage needs it. force: the server's
+    --enable-force-include-usage, a final usage chunk whatever the request says.
     """
     opts = req.stream_options
     if opts is None:
-        return False, False
+        return force, False
     final = opts.include_usage
     if "include_usage" not in opts.model_fields_set:
         final = opts.continuous_usage_stats
-    return final, final and opts.continuous_usage_stats
+    return final or force, final and opts.continuous_usage_stats
 
 
 def usage(prompt_tokens: int, completion_tokens: int,
@@ -482,6 +483,8 @@ class BeamSearchStream:
 
 
 def token_text(engine: AsyncLLM, token_id: int, lp: Logprob | None) -> str:
+    if getattr(engine, "return_tokens_as_token_ids", False):  # vLLM's flag of that name
+        return f"token_id:{token_id}"
     if lp is not None and lp.decoded_token is not None:
         return lp.decoded_token
     return engine.decode_token(token_id)

@@ -232,7 +232,8 @@ class ServingCompletion:
         offsets: dict[int, int] = {}
         finished: set[int] = set()
         gen_tokens: dict[int, int] = {}
-        include_usage, continuous_usage = usage_options(req)
+        include_usage, continuous_usage = usage_options(
+            req, getattr(self.engine, "force_include_usage", False))
         # every prompt counts once (not once per choice), from the first chunk on
         n_prompt = sum(len(ids) for _, ids in prompts)
         # chunks written as JSON text (protocol.ChunkJSON) unless every one carries usage

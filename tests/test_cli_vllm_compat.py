@@ -1,0 +1,294 @@
+"""vLLM `serve` flags carried over from launch scripts (entrypoints/vllm_compat.py): each parses
+in both launch forms, the served ones do what vLLM's do, the others are accepted where
+modelport already behaves so, or refused at start-up, never at vLLM's default value."""
+
+from __future__ import annotations
+
+import argparse
+import types
+
+import pytest
+from starlette.testclient import TestClient
+
+from modelport.entrypoints import vllm_compat
+from modelport.entrypoints.cli import build_parser
+from modelport.entrypoints.openai.api_server import build_app, engine_args_from, make_parser
+
+# every flag, with a value vLLM takes (the refused ones at a value that is refused later)
+FLAGS: list[list[str]] = [
+    ["--download-dir", "/tmp/hf"], ["--tokenizer-mode", "auto"], ["--swap-space", "4"],
+    ["--disable-log-requests"], ["--enable-log-requests"], ["--enable-chunked-prefill"],
+    ["--no-enable-chunked-prefill"], ["--response-role", "assistant"],
+    ["--uvicorn-log-level", "warning"], ["--disable-log-stats"],
+    ["--distributed-executor-backend", "mp"], ["--max-seq-len-to-capture", "8192"],
+    ["--cpu-offload-gb", "0"], ["--revision", "main"], ["--code-revision", "main"],
+    ["--tokenizer-revision", "main"], ["--allowed-origins", '["*"]'],
+    ["--allowed-methods", '["GET", "POST"]'], ["--allowed-headers", '["*"]'],
+    ["--allow-credentials"], ["--root-path", "/api"], ["--ssl-keyfile", "k.pem"],
+    ["--ssl-certfile", "c.pem"], ["--max-log-len", "100"], ["--scheduling-policy", "fcfs"],
+    ["--generation-config", "auto"], ["--override-generation-config", '{"temperature": 0.5}'],
+    ["--compilation-config", '{"level": 3}'], ["-O", "3"], ["-O3"], ["--cuda-graph-sizes", "512"],
+    ["--num-gpu-blocks-override", "100"], ["--limit-mm-per-prompt", '{"image": 2}'],
+    ["--enable-sleep-mode"], ["--disable-custom-all-reduce"],
+    ["--disable-frontend-multiprocessing"], ["--enable-request-id-headers"],
+    ["--return-tokens-as-token-ids"], ["--enable-prompt-tokens-details"],
+    ["--enable-force-include-usage"], ["--max-num-partial-prefills", "1"],
+    ["--guided-decoding-backend", "xgrammar"], ["--lora-dtype", "auto"],
+    ["--long-lora-scaling-factors", "4.0"], ["--fully-sharded-loras"],
+    ["--enable-expert-parallel"], ["--chat-template-content-format", "string"],
+    ["--max-parallel-loading-workers", "2"], ["--prefix-caching-hash-algo", "sha256"],
+    ["--disable-sliding-window"], ["--logits-processors", "my.Proc"],
+    ["--otlp-traces-endpoint", "http://otel:4317"], ["--middleware", "m.f"],
+    ["--headless"], ["--data-parallel-address", "10.0.0.1"],
+    ["--data-parallel-rpc-port", "13345"], ["--data-parallel-size-local", "1"],
+    ["--api-server-count", "1"], ["--log-config-file", "log.json"], ["--model-impl", "auto"],
+    ["--kv-transfer-config", '{"kv_connector": "X"}'], ["--mm-processor-kwargs", "{}"],
+    ["--disable-mm-preprocessor-cache"], ["--enable-server-load-tracking"],
+    ["--disable-fastapi-docs"], ["--tool-server", "demo"], ["--max-model-len", "1k"],
+]  # fmt: skip
+
+
+def parse(form: str, *argv: str) -> argparse.Namespace:
+    if form == "serve":
+        return build_parser().parse_args(["serve", *argv])
+    return make_parser().parse_args(list(argv))
+
+
+FORMS = ["serve", "api_server"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: " ".join(f))
+def test_every_vllm_flag_parses(form: str, flag: list[str]) -> None:
+    parse(form, "--model", "/m", *flag)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_defaults_and_default_values_are_not_refused(form: str) -> None:
+    vllm_compat.check(parse(form))
+    at_default = [
+        "--tokenizer-mode", "auto", "--swap-space", "4", "--cpu-offload-gb", "0",
+        "--scheduling-policy", "fcfs", "--generation-config", "auto", "-O", "3",
+        "--max-num-partial-prefills", "1", "--api-server-count", "1", "--model-impl", "auto",
+        "--lora-dtype", "auto", "--response-role", "assistant", "--enable-chunked-prefill",
+        "--chat-template-content-format", "auto", "--prefix-caching-hash-algo", "sha256",
+        "--distributed-executor-backend", "mp", "--guided-decoding-backend", "auto",
+        "--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1",
+        "--compilation-config", "{}", "--kv-transfer-config", "{}", "--revision", "main",
+        "--mm-processor-kwargs", "{}", "--cuda-graph-sizes", "512",
+    ]  # fmt: skip
+    vllm_compat.check(parse(form, *at_default))
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--cpu-offload-gb", "4"], "--quantization"),
+        (["--headless"], "one `modelport serve` per host"),
+        (["--data-parallel-address", "10.0.0.1"], "multi-node"),
+        (["-dp", "2", "--data-parallel-size-local", "1"], "--data-parallel-size alone"),
+        (["--api-server-count", "4"], "one API server"),
+        (["--kv-transfer-config", '{"kv_connector": "X"}'], "KV transfer"),
+        (["--enable-sleep-mode"], "sleep mode"),
+        (["--tokenizer-mode", "mistral"], "--tokenizer-mode auto"),
+        (["--model-impl", "transformers"], "built-in"),
+        (["--scheduling-policy", "priority"], "first come, first served"),
+        (["--max-num-partial-prefills", "4"], "default 1"),
+        (["--cuda-graph-sizes", "1", "2", "4"], "--enforce-eager"),
+        (["--cuda-graph-sizes", "64"], "--max-num-seqs"),
+        (["-O0"], "--enforce-eager"),
+        (["--compilation-config", '{"cudagraph_capture_sizes": [1]}'], "--enforce-eager"),
+        (["--disable-sliding-window"], "--max-model-len"),
+        (["--distributed-executor-backend", "ray"], "mp"),
+        (["--enable-expert-parallel"], "--tensor-parallel-size"),
+        (["--otlp-traces-endpoint", "http://x"], "/metrics"),
+        (["--logits-processors", "a.B"], "logit_bias"),
+        (["--lora-dtype", "float16"], "auto"),
+        (["--long-lora-scaling-factors", "4"], "long-context"),
+        (["--mm-processor-kwargs", '{"num_crops": 4}'], "multimodal"),
+        (["--guided-decoding-backend", "outlines"], "xgrammar"),
+        (["--chat-template-content-format", "openai"], "one string"),
+        (["--response-role", "bot"], "assistant"),
+        (["--enable-prompt-tokens-details"], "prompt_tokens_details"),
+        (["--tool-server", "demo"], "tool server"),
+        (["--generation-config", "/models/gen"], "--generation-config vllm"),
+        (["--override-generation-config", '{"temperature": 0.5}'], "request"),
+        (["--revision", "v2"], "--model"),
+        (["--tokenizer-revision", "v2"], "--tokenizer"),
+    ],
+)
+def test_refused_values_say_what_to_use_instead(argv: list[str], says: str) -> None:
+    for form in FORMS:
+        with pytest.raises(SystemExit) as e:
+            vllm_compat.check(parse(form, *argv))
+        msg = str(e.value.code)
+        flag = {"-dp": "--data-parallel-size-local", "-O0": "--compilation-config"}.get(
+            argv[0], argv[0])
+        assert msg.startswith(f"modelport serve: {flag}")
+        assert "is not supported" in msg and says in msg, msg
+
+
+def test_refusal_ends_the_server_build_before_any_route() -> None:
+    with pytest.raises(SystemExit, match="--enable-sleep-mode is not supported"):
+        build_app(parse("api_server", "--enable-sleep-mode"))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("2048", 2048), ("1k", 1000), ("1K", 1024), ("25.6k", 25600), ("32K", 32768),
+     ("1m", 10**6), ("1M", 1 << 20), ("2g", 2 * 10**9), ("1G", 1 << 30), ("0.5k", 500)],
+)
+def test_max_model_len_human_readable(text: str, value: int) -> None:
+    for form in FORMS:
+        assert parse(form, "--max-model-len", text).max_model_len == value
+    assert parse("serve", "--max-num-batched-tokens", text).max_num_batched_tokens == value
+
+
+@pytest.mark.parametrize("bad", ["1.5K", "1.5", "lots", "1kk", "-1k"])
+def test_max_model_len_bad_values(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        parse("serve", "--max-model-len", bad)
+
+
+def test_config_file_merges_and_the_command_line_wins(tmp_path) -> None:  # noqa: ANN001
+    f = tmp_path / "serve.yaml"
+    f.write_text(
+        "model: /models/llama\n"
+        "max-model-len: 4k\n"
+        "max_num_seqs: 8\n"
+        "enforce-eager: true\n"
+        "enable-prefix-caching: false\n"
+        "served-model-name: [a, b]\n"
+        'speculative-config: {"method": "ngram", "num_speculative_tokens": 2}\n'
+        "port: 9000\n"
+    )
+    for form in FORMS:
+        # a command-line flag wins over the file's, before or after --config
+        args = parse(form, "--max-num-seqs", "16", "--config", str(f), "--port", "9100")
+        assert args.model == "/models/llama" and args.max_model_len == 4000
+        assert args.max_num_seqs == 16 and args.port == 9100
+        assert args.enforce_eager and args.enable_prefix_caching is False
+        assert args.served_model_name == ["a", "b"]
+        assert args.speculative_config == {"method": "ngram", "num_speculative_tokens": 2}
+        assert engine_args_from(args).max_model_len == 4000
+        assert parse(form, f"--config={f}").max_num_seqs == 8
+
+
+def test_config_file_errors(tmp_path, capsys) -> None:  # noqa: ANN001
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("no-such-flag: 1\n")
+    for argv in (["--config", str(tmp_path / "missing.yaml")], ["--config", str(bad)],
+                 ["--config", str(unknown)]):
+        with pytest.raises(SystemExit) as e:
+            parse("serve", *argv)
+        assert e.value.code == 2
+    assert "no-such-flag" in capsys.readouterr().err
+
+
+def _client(*argv: str) -> TestClient:
+    app, _, _ = build_app(parse("api_server", *argv))
+    return TestClient(app)  # no `with`: the engine is not loaded
+
+
+def test_cors_as_vllm_by_default_and_as_configured() -> None:
+    pre = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"}
+    r = _client().options("/v1/models", headers=pre)  # vLLM's default: every origin
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in r.headers
+    no = _client("--no-cors").options("/v1/models", headers=pre)
+    assert "access-control-allow-origin" not in no.headers
+    r = _client("--allowed-origins", '["*"]').options("/v1/models", headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    c = _client("--allowed-origins", '["http://ui.example"]', "--allowed-methods", '["GET"]',
+                "--allow-credentials")
+    r = c.options("/v1/models", headers={**pre, "Access-Control-Request-Method": "GET"})
+    assert r.headers["access-control-allow-origin"] == "http://ui.example"
+    assert r.headers["access-control-allow-credentials"] == "true"
+    assert c.options("/v1/models", headers=pre).status_code == 400  # POST not allowed
+    other = {**pre, "Origin": "http://evil.example"}
+    assert "access-control-allow-origin" not in c.options("/v1/models", headers=other).headers
+    with pytest.raises(SystemExit):
+        parse("serve", "--allowed-origins", "*")  # vLLM takes a JSON list
+
+
+def test_fastapi_docs_and_root_path() -> None:
+    assert _client().get("/docs").status_code == 200
+    c = _client("--disable-fastapi-docs")
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert c.get(path).status_code == 404
+    args = parse("serve", "--root-path", "/api")
+    assert vllm_compat.uvicorn_kwargs(args) == {"log_level": "info", "root_path": "/api"}
+
+
+def test_request_id_headers_and_load_tracking() -> None:
+    assert "x-request-id" not in _client().get("/health").headers
+    c = _client("--enable-request-id-headers", "--enable-server-load-tracking")
+    assert len(c.get("/health").headers["x-request-id"]) == 32
+    assert c.get("/health", headers={"X-Request-Id": "abc"}).headers["x-request-id"] == "abc"
+    c.get("/v1/models")  # 503 while loading; counted and done
+    assert c.get("/load").json() == {"server_load": 0}
+    assert _client().get("/load").status_code == 404
+
+
+async def tag_response(request, call_next):  # noqa: ANN001, ANN201 - a --middleware function
+    response = await call_next(request)
+    response.headers["x-tagged"] = "1"
+    return response
+
+
+def test_middleware_flag() -> None:
+    assert _client("--middleware", f"{__name__}.tag_response").get("/health").headers[
+        "x-tagged"] == "1"
+    with pytest.raises(SystemExit, match="--middleware"):
+        _client("--middleware", "no_such_module.f")
+    with pytest.raises(SystemExit, match="not a middleware"):
+        _client("--middleware", f"{__name__}.FLAGS")
+
+
+def test_log_requests(caplog: pytest.LogCaptureFixture) -> None:
+    c = _client("--enable-log-requests", "--max-log-len", "12")
+    with caplog.at_level("INFO", logger="modelport.requests"):
+        c.post("/v1/completions", json={"model": "m", "prompt": "hello world"})
+    assert any(r.getMessage() == 'POST /v1/completions: {"model":"m"' for r in caplog.records)
+
+
+def test_uvicorn_settings() -> None:
+    args = parse("serve", "--log-level", "debug")
+    assert vllm_compat.uvicorn_kwargs(args) == {"log_level": "debug"}
+    args = parse("api_server", "--uvicorn-log-level", "warning", "--ssl-keyfile", "k.pem",
+                 "--ssl-certfile", "c.pem", "--log-config-file", "log.json")
+    assert vllm_compat.uvicorn_kwargs(args) == {
+        "log_level": "warning", "ssl_keyfile": "k.pem", "ssl_certfile": "c.pem",
+        "log_config": "log.json"}
+
+
+def test_engine_flags_reach_the_engine_config() -> None:
+    args = parse("serve", "--no-enable-chunked-prefill", "--num-gpu-blocks-override", "77",
+                 "--max-model-len", "1K", "--load-format", "dummy", "--device", "cpu")
+    ea = engine_args_from(args)
+    assert ea.enable_chunked_prefill is False and ea.num_gpu_blocks_override == 77
+    cfg = ea.create_engine_config()
+    assert cfg.cache_config.num_gpu_blocks_override == 77
+    sc = cfg.scheduler_config
+    assert not sc.enable_chunked_prefill and sc.max_num_batched_tokens >= 1024
+    cfg = engine_args_from(parse("serve", "--device", "cpu")).create_engine_config()
+    assert cfg.scheduler_config.enable_chunked_prefill
+    assert cfg.cache_config.num_gpu_blocks_override is None
+
+
+def test_response_flags() -> None:
+    from modelport.entrypoints.openai.protocol import CompletionRequest
+    from modelport.entrypoints.openai.serving_common import token_text, usage_options
+
+    engine = types.SimpleNamespace(decode_token=lambda t: "hi", return_tokens_as_token_ids=True)
+    assert token_text(engine, 42, None) == "token_id:42"  # type: ignore[arg-type]
+    engine.return_tokens_as_token_ids = False
+    assert token_text(engine, 42, None) == "hi"  # type: ignore[arg-type]
+    req = CompletionRequest(model="m", prompt="x", stream=True)
+    assert usage_options(req) == (False, False)
+    assert usage_options(req, force=True) == (True, False)
+    req = CompletionRequest(model="m", prompt="x", stream=True,
+                            stream_options={"include_usage": False})
+    assert usage_options(req, force=True) == (True, False)
