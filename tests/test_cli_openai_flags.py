@@ -106,10 +106,10 @@ def test_a_frontend_whose_package_is_missing_is_left_out_and_named(
     assert "'tritonclient'" in args.unrecognized_hint
     # its own flags are unknown now: the error says why instead of a bare "unrecognized"
     with pytest.raises(SystemExit) as e:
-        cli.main(["serve", "--model-repository", "/repo"])
+        cli.main(["serve", "--model-repository", "/repo"])  # (/repo: serve's MODEL)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments: --model-repository /repo" in err
+    assert "unrecognized arguments: --model-repository" in err
     assert "kserve frontend off" in err and "tritonclient" in err
 
 
@@ -167,3 +167,23 @@ def test_default_chat_template_kwargs_flag(form: str) -> None:
     for bad in ("{enable_thinking: false}", "[1]", "true"):  # not JSON, not an object
         with pytest.raises(SystemExit):
             parse(flag, bad)
+
+
+def test_serve_takes_the_model_as_vllm_serve_does() -> None:
+    """`modelport serve MODEL ...` as `vllm serve MODEL ...`: the same as --model."""
+    from modelport.entrypoints.cli_serve import take_model_tag
+
+    args = build_parser().parse_args(["serve", "/models/llama", "--max-model-len", "8k"])
+    take_model_tag(args)
+    ea = engine_args_from(args)
+    assert ea.model == "/models/llama" and ea.max_model_len == 8000
+    assert frontend.wants(args)
+    same = build_parser().parse_args(["serve", "/m", "--model", "/m"])
+    take_model_tag(same)
+    assert same.model == "/m"
+    both = build_parser().parse_args(["serve", "/a", "--model", "/b"])
+    with pytest.raises(SystemExit, match="given twice"):
+        take_model_tag(both)
+    plain = build_parser().parse_args(["serve"])
+    take_model_tag(plain)
+    assert plain.model is None  # the embedded default, as before

@@ -79,6 +79,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models over HTTP (OpenAI, KServe v2, TorchServe)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model to serve, as in `vllm serve MODEL` (the same as --model)")
     add_common_args(p)
     for mod in _available_frontends():
         mod.add_serve_args(p)
@@ -87,11 +89,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve, unrecognized_hint=note)
 
 
+def take_model_tag(args: argparse.Namespace) -> None:
+    """`modelport serve MODEL` (vLLM's positional form) is `--model MODEL`."""
+    tag = getattr(args, "model_tag", None)
+    if tag is None:
+        return
+    given = getattr(args, "model", None)
+    if given is not None and given != tag:
+        raise SystemExit(f"modelport serve: the model is given twice, {tag!r} and --model "
+                         f"{given!r}: give one")
+    args.model = tag
+
+
 async def serve_async(args: argparse.Namespace) -> int:
     """Serve until shut down; 1 when a frontend's model failed to load and stopped the server."""
     import uvicorn
     from fastapi import FastAPI
 
+    take_model_tag(args)
     mods = _available_frontends()
     if UNAVAILABLE:
         logger.warning("%s", _unavailable_note())
