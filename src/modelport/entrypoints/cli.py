@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # a subcommand may know why (serve: a frontend whose package is missing)
         hint = getattr(args, "unrecognized_hint", "")
         parser.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({hint})" if hint else ""))
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # serve --start relaunches it
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

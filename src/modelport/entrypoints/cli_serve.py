@@ -20,6 +20,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from modelport.entrypoints.torchserve import start_stop
+
 logger = logging.getLogger("modelport.serve")
 
 FRONTENDS = (
@@ -134,7 +136,13 @@ async def serve_async(args: argparse.Namespace) -> int:
         for s in services:
             await s.start()
         logger.info("serving on http://%s:%d", host, port)
-        await server.serve()
+        announce = start_stop.announce_when_started(server, host, port)  # for --start
+        ready = asyncio.get_running_loop().create_task(announce) if announce else None
+        try:
+            await server.serve()
+        finally:
+            if ready is not None:
+                ready.cancel()
     finally:
         await stop_all()
     return 1 if any(getattr(s, "failed", False) for s in services) else 0
@@ -179,10 +187,18 @@ def _version() -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Serve in this process; TorchServe's `--start` launches the server in the background
+    and `--stop` stops it (see torchserve/start_stop.py)."""
+    start_stop.refuse_unsupported(args)
+    if getattr(args, "ts_stop", False):
+        return start_stop.stop(args)
+    if getattr(args, "ts_start", False) and not getattr(args, "ts_foreground", False):
+        return start_stop.start_background(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return run_event_loop(serve_async(args))
+    with start_stop.owned_pid_file(args):  # --start --foreground, or the server --start ran
+        return run_event_loop(serve_async(args))
 
 
 def run_event_loop(main: Awaitable[int]) -> int:

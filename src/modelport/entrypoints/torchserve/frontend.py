@@ -23,6 +23,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from modelport.entrypoints.torchserve import start_stop
 from modelport.entrypoints.torchserve.common import (
     INFERENCE_PREFIXES,
     TSState,
@@ -120,9 +121,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="workers per model loaded at startup (default 1)",
     )
+    g.add_argument(
+        "--enable-model-api",
+        dest="ts_enable_model_api",
+        action="store_true",
+        help="allow register/unregister over the management API even where config.properties "
+        "says enable_model_api=false (here they are allowed by default; TorchServe 0.12 "
+        "needs this flag)",
+    )
     add_grpc_args(g)
     add_workflow_args(g)
     add_snapshot_args(g)
+    start_stop.add_args(g)
 
 
 def wants(args: argparse.Namespace) -> bool:
@@ -359,7 +369,7 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         registry=registry,
         metrics=metrics,
         auth=auth,
-        model_api=cfg.enable_model_api,
+        model_api=cfg.enable_model_api or bool(getattr(args, "ts_enable_model_api", False)),
         default_workers=cfg.default_workers_per_model or 0,
         config_entry=cfg.entry_for_model,
     )

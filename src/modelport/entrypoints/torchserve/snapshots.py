@@ -69,6 +69,8 @@ def make_snapshot_manager(
         props["model_store"] = store
     if getattr(args, "models", None):
         props["load_models"] = ",".join(args.models)
+    if getattr(args, "ts_enable_model_api", False):
+        props["enable_model_api"] = "true"
     if path:
         props["tsConfigFile"] = path
     manager = SnapshotManager(
