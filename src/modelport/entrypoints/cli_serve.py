@@ -135,11 +135,14 @@ async def serve_async(args: argparse.Namespace) -> int:
     try:
         for s in services:
             await s.start()
-        logger.info("serving on http://%s:%d", host, port)
-        announce = start_stop.announce_when_started(server, host, port)  # for --start
+        http = all(getattr(s, "http", True) for s in services)  # --allow-http false: none
+        if http:
+            logger.info("serving on http://%s:%d", host, port)
+        # for --start: the URL it pings (none without HTTP: --start then waits it out)
+        announce = start_stop.announce_when_started(server, host, port) if http else None
         ready = asyncio.get_running_loop().create_task(announce) if announce else None
         try:
-            await server.serve()
+            await server.serve(sockets=None if http else [])
         finally:
             if ready is not None:
                 ready.cancel()

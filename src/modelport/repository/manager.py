@@ -130,8 +130,14 @@ class RepositoryManager:
         response_cache: ResponseCache | None = None,
         tracer: Tracer | None = None,
         rate_limiter: RateLimiter | None = None,
+        auto_complete: bool = True,
+        config_name: str = "",
+        load_threads: int | None = None,
     ) -> None:
-        """strict_readiness: Triton's --strict-readiness (see `server_ready`);
+        """auto_complete: False is Triton's --disable-auto-complete-config; config_name:
+        --model-config-name (configs/<name>.pbtxt where a model has it); load_threads:
+        --model-load-thread-count (None: every model at once);
+        strict_readiness: Triton's --strict-readiness (see `server_ready`);
         response_cache: the server's cache (--cache-config), used by the models whose config
         enables `response_cache`; tracer: request tracing (--trace-config, /v2/trace);
         rate_limiter: --rate-limit execution_count (None: off, instance resources ignored)."""
@@ -149,6 +155,9 @@ class RepositoryManager:
         self.response_cache = response_cache
         self.tracer = tracer if tracer is not None else Tracer()
         self.rate_limiter = rate_limiter
+        self.auto_complete = auto_complete
+        self.config_name = config_name
+        self._load_slots = asyncio.Semaphore(load_threads) if load_threads else None
         self.entries: dict[str, ModelEntry] = {}
         self.ready = False  # started and not stopping; `server_ready` adds the model check
         # models asked for at start-up that failed to load: name -> why
@@ -209,12 +218,12 @@ class RepositoryManager:
             cfg = None
             if entry is not None and entry.path is not None:
                 with contextlib.suppress(ServingError):
-                    cfg = read_config(entry.path)
+                    cfg = read_config(entry.path, self.config_name)
             if cfg is not None and cfg.platform == "ensemble":
                 ensembles[name] = {s.model_name for s in cfg.ensemble_scheduling.step}
             else:
                 plain.append(name)
-        errors = await asyncio.gather(*(self._load_logged(n) for n in plain))
+        errors = await asyncio.gather(*(self._load_slot(n) for n in plain))
         failed = {n: e for n, e in zip(plain, errors, strict=True) if e is not None}
         while ensembles:  # nested ensembles: load those whose steps are settled first
             ready = [n for n, deps in ensembles.items() if not deps & set(ensembles)]
@@ -224,6 +233,13 @@ class RepositoryManager:
                 if error is not None:
                     failed[name] = error
         return failed
+
+    async def _load_slot(self, name: str) -> str | None:
+        """`_load_logged` within --model-load-thread-count."""
+        if self._load_slots is None:
+            return await self._load_logged(name)
+        async with self._load_slots:
+            return await self._load_logged(name)
 
     async def _load_logged(self, name: str) -> str | None:
         """Load one model; None when it loaded, else why not (logged here)."""
@@ -395,7 +411,9 @@ class RepositoryManager:
             entry.state, entry.reason = "LOADING", ""
             new: dict[int, Served] = {}
             try:
-                cfg = await resolve_config(path, config_json, self.gpus)
+                cfg = await resolve_config(
+                    path, config_json, self.gpus, self.auto_complete, self.config_name
+                )
                 if override is None:
                     entry.signature = _signature(path)
                 versions = select_versions(cfg, path)

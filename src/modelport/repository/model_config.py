@@ -39,9 +39,20 @@ def parse_config_text(text: str, where: str = "config.pbtxt") -> mc.ModelConfig:
     return cfg
 
 
-def read_config(model_dir: Path) -> mc.ModelConfig:
-    """Parse `<model_dir>/config.pbtxt` (missing file: an empty config to autocomplete)."""
-    path = model_dir / "config.pbtxt"
+def config_path(model_dir: Path, config_name: str = "") -> Path:
+    """`<model_dir>/configs/<config_name>.pbtxt` where it exists (Triton's
+    --model-config-name), else `<model_dir>/config.pbtxt`."""
+    if config_name:
+        custom = model_dir / "configs" / f"{config_name}.pbtxt"
+        if custom.is_file():
+            return custom
+    return model_dir / "config.pbtxt"
+
+
+def read_config(model_dir: Path, config_name: str = "") -> mc.ModelConfig:
+    """Parse the model's config file (see `config_path`; missing: an empty config to
+    autocomplete)."""
+    path = config_path(model_dir, config_name)
     if not path.is_file():
         return mc.ModelConfig()
     try:

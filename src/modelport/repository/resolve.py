@@ -26,10 +26,18 @@ def _versions(cfg: mc.ModelConfig, path: Path) -> list[int]:
         return []  # the caller's own version check reports it
 
 
-async def resolve_config(path: Path, config_json: str | None, gpus: int) -> mc.ModelConfig:
-    raw = config_from_json(config_json) if config_json else read_config(path)
+async def resolve_config(
+    path: Path,
+    config_json: str | None,
+    gpus: int,
+    auto_complete: bool = True,
+    config_name: str = "",
+) -> mc.ModelConfig:
+    """auto_complete False (--disable-auto-complete-config): the backend completes nothing
+    (Triton's defaults are still filled); config_name: --model-config-name."""
+    raw = config_from_json(config_json) if config_json else read_config(path, config_name)
     cfg = autocomplete(raw, path, gpus)
-    versions = _versions(cfg, path)
+    versions = _versions(cfg, path) if auto_complete else []
     if versions and cfg.backend == "onnxruntime" and not (cfg.input and cfg.output):
         cfg = autocomplete_onnx(cfg, path, versions)
     if versions and cfg.backend == "python":

@@ -36,6 +36,7 @@ class EmbeddedServer:
         log_settings: Mapping[str, Any] | None = None,
         rate_limit: str = "off",
         rate_limit_resources: Sequence[str] = (),
+        triton_flags: Mapping[str, Any] | None = None,
     ) -> None:
         """Ports 0 (the default) bind free ports; -1 turns gRPC or metrics off.
 
@@ -46,7 +47,9 @@ class EmbeddedServer:
         trace_config: --trace-config values ("level=TIMESTAMPS", "triton,file=PATH", ...);
         log_settings: the --log-* flags by name without the prefix (verbose, info, warning,
         error, format, file); giving any takes the "modelport" loggers over until stop().
-        rate_limit / rate_limit_resources: --rate-limit and its --rate-limit-resource values."""
+        rate_limit / rate_limit_resources: --rate-limit and its --rate-limit-resource values.
+        triton_flags: tritonserver's other flags by dest (kserve/triton_flags.py), e.g.
+        {"id": "triton", "allow_grpc": False, "http_address": "127.0.0.2"}."""
         self.args = argparse.Namespace(
             host=host,
             port=http_port,
@@ -64,6 +67,7 @@ class EmbeddedServer:
             rate_limit=rate_limit,
             rate_limit_resource=list(rate_limit_resources),
             **{f"log_{k}": v for k, v in (log_settings or {}).items()},
+            **dict(triton_flags or {}),
         )
         self.host = host
         self.http_port = 0
@@ -118,11 +122,14 @@ class EmbeddedServer:
         self.service = await frontend.build(self.args, app)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.service.listen is not None:  # --http-address
+            self.host = self.service.listen[0]
         sock.bind((self.host, self.args.port))
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off")
         server = uvicorn.Server(config)
         self._uvicorn = server
+        self.service.http_server = server
         try:
             await self.service.start()
             serve = asyncio.ensure_future(server.serve(sockets=[sock]))

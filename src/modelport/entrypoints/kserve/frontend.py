@@ -12,34 +12,24 @@ reports ready only while every model it tried to load is READY.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 from fastapi import FastAPI
 
+from modelport.entrypoints.kserve import triton_flags
 from modelport.entrypoints.kserve.grpc_server import GrpcServer
 from modelport.entrypoints.kserve.http_routes import mount
 from modelport.entrypoints.kserve.log_settings import FORMATS, LogConfig, LogControl
 from modelport.entrypoints.kserve.metrics import MetricsServer
 from modelport.entrypoints.kserve.shared_memory import SharedMemoryRegistry
+from modelport.entrypoints.kserve.triton_flags import triton_bool
 from modelport.repository.manager import CONTROL_MODES, RepositoryManager
 from modelport.repository.trace import Tracer, parse_trace_config
 from modelport.serving.rate_limiter import RateLimiter, parse_resource_option
 from modelport.serving.response_cache import parse_cache_config
 
 logger = logging.getLogger("modelport.kserve")
-
-_TRUE = ("true", "on", "yes", "1")
-_FALSE = ("false", "off", "no", "0")
-
-
-def triton_bool(value: str) -> bool:
-    """Triton's boolean option values: `--exit-on-error=false`, `--strict-readiness 0`, ..."""
-    v = value.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, on/off, 1/0), got {value!r}")
 
 
 class StartupFailed(SystemExit):
@@ -141,6 +131,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="with --model-control-mode poll: seconds between repository scans",
     )
     add_trace_log_args(parser)
+    triton_flags.add_args(parser)
 
 
 def add_trace_log_args(parser: argparse.ArgumentParser) -> None:
@@ -227,19 +218,51 @@ class Service:
         shm: SharedMemoryRegistry,
         exit_on_error: bool = True,
         logs: LogControl | None = None,
+        grpc_host: str | None = None,
+        metrics_host: str | None = None,
+        server_name: str = "modelport",
+        grpc_options: list[tuple[str, int]] | None = None,
+        counter_latencies: bool = True,
+        exit_timeout_secs: int | None = None,
+        http: bool = True,
+        listen: tuple[str, int] | None = None,
     ) -> None:
+        """grpc_host / metrics_host: where those ports bind (default `host`); server_name:
+        --id; exit_timeout_secs: the wait for in-flight requests at shutdown (None: HTTP
+        waits for them, gRPC 1 s); http False: no HTTP port (--allow-http false); listen:
+        where the shared HTTP app binds instead of --host/--port (--http-address)."""
         self.manager = manager
         self.shm = shm
         self.exit_on_error = exit_on_error
         self.logs = logs if logs is not None else LogControl()
+        self.exit_timeout_secs = exit_timeout_secs
+        self.http = http
+        self.listen = listen
+        self.http_server = None  # set by `modelport serve`: uvicorn's server
         self.grpc = (
-            GrpcServer(manager, host, grpc_port, version, shm, self.logs)
+            GrpcServer(
+                manager,
+                grpc_host or host,
+                grpc_port,
+                version,
+                shm,
+                self.logs,
+                server_name=server_name,
+                options=grpc_options,
+                grace=1.0 if exit_timeout_secs is None else float(exit_timeout_secs),
+            )
             if grpc_port >= 0
             else None
         )
-        self.metrics = MetricsServer(manager, host, metrics_port) if metrics_port >= 0 else None
+        self.metrics = (
+            MetricsServer(manager, metrics_host or host, metrics_port, counter_latencies)
+            if metrics_port >= 0
+            else None
+        )
 
     async def start(self) -> None:
+        if self.exit_timeout_secs is not None and self.http_server is not None:
+            self.http_server.config.timeout_graceful_shutdown = self.exit_timeout_secs
         await self.manager.start()
         for row in self.manager.index():
             if row.get("state") and row["state"] != "READY":
@@ -291,6 +314,8 @@ def rate_limiter(args: argparse.Namespace) -> RateLimiter | None:
 
 
 async def build(args: argparse.Namespace, app: FastAPI) -> Service:
+    triton_flags.check(args)
+    flag = functools.partial(getattr, args)  # tritonserver's flags: None when not given
     try:
         cache = parse_cache_config(
             getattr(args, "triton_cache_config", None) or [],
@@ -312,20 +337,34 @@ async def build(args: argparse.Namespace, app: FastAPI) -> Service:
             response_cache=cache,
             tracer=tracer,
             rate_limiter=limiter,
+            auto_complete=triton_flags.auto_complete(args),
+            config_name=flag("model_config_name", None) or "",
+            load_threads=flag("model_load_thread_count", None),
         )
     except (FileNotFoundError, ValueError) as e:
         logs.release()
         raise SystemExit(f"modelport serve: {e}") from None
     version = _version()
     shm = SharedMemoryRegistry()
-    mount(app, manager, shm, version, logs)
+    server_name = flag("id", None) or "modelport"
+    mount(app, manager, shm, version, logs, server_name=server_name)
+    http_address = flag("http_address", None)
+    metrics_config = triton_flags.metrics_config(flag("metrics_config", None) or [])
     return Service(
         manager,
         args.host,
-        args.grpc_port,
-        args.metrics_port,
+        -1 if flag("allow_grpc", None) is False else args.grpc_port,
+        -1 if flag("allow_metrics", None) is False else args.metrics_port,
         version,
         shm,
         args.exit_on_error,
         logs,
+        grpc_host=flag("grpc_address", None),
+        metrics_host=flag("metrics_address", None) or http_address,
+        server_name=server_name,
+        grpc_options=triton_flags.grpc_options(args),
+        counter_latencies=metrics_config.get("counter_latencies", "true") == "true",
+        exit_timeout_secs=flag("exit_timeout_secs", None),
+        http=flag("allow_http", None) is not False,
+        listen=(http_address, args.port) if http_address else None,
     )

@@ -50,9 +50,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version: str,
         shm: SharedMemoryRegistry | None = None,
         logs: LogControl | None = None,
+        server_name: str = "modelport",
     ) -> None:
         self.manager = manager
         self.version = version
+        self.server_name = server_name
         self.shm = shm if shm is not None else SharedMemoryRegistry()
         self.logs = logs if logs is not None else LogControl()
 
@@ -76,7 +78,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(
-            name="modelport", version=self.version, extensions=EXTENSIONS
+            name=self.server_name, version=self.version, extensions=EXTENSIONS
         )
 
     async def ModelMetadata(self, request, context):  # noqa: N802
@@ -348,10 +350,18 @@ class GrpcServer:
         version: str,
         shm: SharedMemoryRegistry | None = None,
         logs: LogControl | None = None,
+        server_name: str = "modelport",
+        options: list[tuple[str, int]] | None = None,
+        grace: float = 1.0,
     ) -> None:
+        """options: extra grpc server channel arguments (keepalive, SO_REUSEPORT); grace:
+        seconds stop() lets in-flight RPCs finish."""
         self.manager = manager
         self.shm = shm
         self.logs = logs
+        self.server_name = server_name
+        self.options = list(options or [])
+        self.grace = grace
         self.host = host
         self.requested_port = port
         self.version = version
@@ -360,11 +370,15 @@ class GrpcServer:
 
     async def start(self) -> None:
         opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-        server = grpc.aio.server(options=opts)
+        server = grpc.aio.server(options=opts + self.options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.manager, self.version, self.shm, self.logs), server
+            InferenceServicer(self.manager, self.version, self.shm, self.logs, self.server_name),
+            server,
         )
-        self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        try:
+            self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        except RuntimeError:  # grpcio >= 1.50 raises where older ones returned 0
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot bind gRPC on {self.host}:{self.requested_port}")
         await server.start()
@@ -373,7 +387,7 @@ class GrpcServer:
     async def stop(self) -> None:
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await self._server.stop(grace=1.0)
+                await self._server.stop(grace=self.grace)
             self._server = None
 
 

@@ -380,5 +380,8 @@ def mount(
     shm: SharedMemoryRegistry,
     version: str,
     logs: LogControl | None = None,
+    server_name: str = "modelport",
 ) -> None:
-    app.include_router(build_router(manager, shm, server_version=version, logs=logs))
+    app.include_router(
+        build_router(manager, shm, server_name=server_name, server_version=version, logs=logs)
+    )

@@ -57,7 +57,9 @@ def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(manager: RepositoryManager) -> str:
+def render(manager: RepositoryManager, counter_latencies: bool = True) -> str:
+    """counter_latencies False (--metrics-config counter_latencies=false): without the
+    cumulative *_duration_us counters."""
     rows = []
     cached = []
     for model in manager.served():
@@ -67,6 +69,8 @@ def render(manager: RepositoryManager) -> str:
             cached.append(row)
     lines = []
     for name, kind, help_text, get in _METRICS:
+        if not counter_latencies and name.endswith("_duration_us"):
+            continue
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
         # a python model's MetricFamily of this name and kind is this family (as in Triton)
@@ -92,8 +96,11 @@ def render(manager: RepositoryManager) -> str:
 class MetricsServer:
     """A minimal HTTP/1.1 server answering GET /metrics (anything else: 404)."""
 
-    def __init__(self, manager: RepositoryManager, host: str, port: int) -> None:
+    def __init__(
+        self, manager: RepositoryManager, host: str, port: int, counter_latencies: bool = True
+    ) -> None:
         self.manager = manager
+        self.counter_latencies = counter_latencies
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -109,7 +116,7 @@ class MetricsServer:
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) > 1 else ""
             if len(parts) > 1 and parts[0] == "GET" and path == "/metrics":
-                body = render(self.manager).encode()
+                body = render(self.manager, self.counter_latencies).encode()
                 status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
             else:
                 body, status, ctype = b"not found\n", "404 Not Found", "text/plain"
