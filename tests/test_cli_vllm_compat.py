@@ -92,7 +92,6 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["--enable-sleep-mode"], "sleep mode"),
         (["--tokenizer-mode", "mistral"], "--tokenizer-mode auto"),
         (["--model-impl", "transformers"], "built-in"),
-        (["--scheduling-policy", "priority"], "first come, first served"),
         (["--max-num-partial-prefills", "4"], "default 1"),
         (["--cuda-graph-sizes", "1", "2", "4"], "--enforce-eager"),
         (["--cuda-graph-sizes", "64"], "--max-num-seqs"),

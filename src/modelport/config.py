@@ -227,15 +227,28 @@ DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits: per-step token budget and concurrent sequences."""
+    """Continuous batching limits: per-step token budget and concurrent sequences.
+
+    ``policy`` is vLLM's scheduling_policy: "fcfs" (first come, first served; a request's
+    priority must be 0) or "priority" (waiting requests are admitted by (priority, arrival
+    time), lower values first, and a running request short of KV blocks preempts the running
+    request with the largest (priority, arrival time); see engine/scheduler.py)."""
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None
+    policy: str = "fcfs"
+
+    def verify_priority(self, priority: int) -> None:
+        """vLLM's check: a nonzero priority needs the priority policy (ValueError: 400)."""
+        if priority != 0 and self.policy != "priority":
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
 
     def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -79,6 +79,8 @@ class EngineArgs:
     device: str = "auto"
     kv_cache_dtype: str = "auto"
     max_waiting_requests: int | None = None
+    # vLLM's: "fcfs" (priority must be 0) or "priority" (lower priority value first)
+    scheduling_policy: str = "fcfs"
     # None: on for a single CUDA device, where the host work overlaps the GPU's
     async_scheduling: bool | None = None
     # vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}
@@ -161,6 +163,13 @@ class EngineArgs:
         g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
         g.add_argument("--max-waiting-requests", type=int, default=None,
                        help="bound on queued requests; past it requests get 503")
+        g.add_argument("--scheduling-policy", default=d.scheduling_policy,
+                       choices=["fcfs", "priority"],
+                       help="fcfs (default): first come, first served, a request's priority "
+                            "must be 0; priority: waiting requests are admitted by (priority, "
+                            "arrival), lower values first, and a running request short of KV "
+                            "blocks preempts the running one with the largest (priority, "
+                            "arrival), which is recomputed later")
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="prepare step N+1 while the device runs step N "
                             "(default: on for one CUDA device)")
@@ -348,6 +357,7 @@ class EngineArgs:
             max_model_len=max_len,
             max_waiting_requests=self.max_waiting_requests,
             enable_chunked_prefill=chunked,
+            policy=self.scheduling_policy,
         )
         return EngineConfig(
             model_source=src,

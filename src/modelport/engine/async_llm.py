@@ -350,6 +350,8 @@ class AsyncLLM:
         if request_id in self._pooling or request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         cfg = self.engine_config
+        if priority:
+            cfg.scheduler_config.verify_priority(priority)
         ids = list(prompt_token_ids)
         if params.truncate_prompt_tokens is not None:
             ids = self.input_processor.truncate(ids, params.truncate_prompt_tokens)

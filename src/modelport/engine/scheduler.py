@@ -16,10 +16,20 @@ scheduled with draft tokens after its last token: 1 + d positions and KV slots. 
 hears how many drafts the model accepted, appends them and the model's own next token, and
 winds num_computed_tokens back to the positions whose KV holds accepted tokens (the slots
 of rejected drafts are written again when those positions come round).
+
+Scheduling policy (vLLM's scheduling_policy, SchedulerConfig.policy): with "fcfs" the
+waiting queue is a deque (first come, first served; preempted requests go to its front) and
+the victim of a preemption is the newest running request. With "priority" the waiting queue
+is a heap by (priority, arrival time, request id), lower first, and the victim is the running
+request with the largest (priority, arrival time): possibly one already scheduled earlier in
+this step, whose tokens and budget are then taken back. As in vLLM V1, only running requests
+preempt (a waiting request short of blocks waits); a running request that preempts itself
+leaves the requests after it in the running list (of higher priority) to be scheduled.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import deque
@@ -88,7 +98,9 @@ class Scheduler:
         # ... accepted at each draft position (vLLM's num_accepted_tokens_per_pos)
         self.num_accepted_per_pos = [0] * (speculative.num_speculative_tokens
                                            if speculative is not None else 0)
-        self.waiting: deque[Request] = deque()
+        self.priority = config.policy == "priority"
+        self.waiting: deque[Request] | PriorityWaitingQueue = (
+            PriorityWaitingQueue() if self.priority else deque())
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
@@ -100,6 +112,8 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
+        if req.priority and not self.priority:
+            self.config.verify_priority(req.priority)
         total = req.num_prompt_tokens + req.max_tokens
         if total > self.config.max_model_len:
             raise ValueError(
@@ -163,13 +177,19 @@ class Scheduler:
                     n -= len(draft)
                     draft = []
                     continue
-                victim = self.running.pop()  # newest running request
+                if self.priority:
+                    victim, i, given_back = self._pop_priority_victim(i, out)
+                    budget += given_back
+                else:
+                    victim = self.running.pop()  # newest running request
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
                 if victim is req:
                     break
             if block_ids is None:
-                break  # req itself was preempted; everything after it too
+                # req itself was preempted; with fcfs it was the last running request, with
+                # priority the ones after it (now from index i) go on
+                continue
             if draft:
                 out.scheduled.append(self._scheduled_spec(req, draft, block_ids))
             else:
@@ -232,6 +252,24 @@ class Scheduler:
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
+
+    def _pop_priority_victim(self, i: int, out: SchedulerOutput) -> tuple[Request, int, int]:
+        """Remove from the running list the request of largest (priority, arrival time);
+        returns it, the index of the running request being scheduled after the removal, and
+        the tokens given back if the victim was already scheduled in this step."""
+        j, victim = max(enumerate(self.running), key=lambda e: _queue_key(e[1]))
+        del self.running[j]
+        given_back = 0
+        if j < i:
+            i -= 1
+            for k, s in enumerate(out.scheduled):
+                if s.request is victim:  # scheduled earlier in this step: take it back
+                    del out.scheduled[k]
+                    given_back = s.num_tokens
+                    if s.sample:
+                        victim.num_placeholders -= 1
+                    break
+        return victim, i, given_back
 
     def _running_loras(self) -> set:
         return {r.lora_request.key for r in self.running if r.lora_request is not None}
@@ -452,6 +490,53 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+
+def _queue_key(req: Request) -> tuple[int, float, str]:
+    return (req.priority, req.arrival_time, req.request_id)
+
+
+class PriorityWaitingQueue:
+    """The waiting queue of the priority policy: a heap by (priority, arrival time, request
+    id), with the deque methods the scheduler calls. A request put back at the "front"
+    (preempted, or not admitted in this step) takes its place by its key like any other."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, str, Request]] = []
+
+    def append(self, req: Request) -> None:
+        heapq.heappush(self._heap, (*_queue_key(req), req))
+
+    appendleft = append
+
+    def extendleft(self, reqs: Iterable[Request]) -> None:
+        for r in reqs:
+            self.append(r)
+
+    def popleft(self) -> Request:
+        if not self._heap:
+            raise IndexError("pop from an empty queue")
+        return heapq.heappop(self._heap)[-1]
+
+    def remove(self, req: Request) -> None:
+        for k, e in enumerate(self._heap):
+            if e[-1] is req:
+                last = self._heap.pop()
+                if k < len(self._heap):
+                    self._heap[k] = last
+                    heapq.heapify(self._heap)
+                return
+        raise ValueError("request not in the waiting queue")
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self):
+        """In admission order."""
+        return (e[-1] for e in sorted(self._heap, key=lambda e: e[:3]))
+
+    def __getitem__(self, k: int) -> Request:
+        return list(self)[k]
 
 
 class QueueFullError(RuntimeError):

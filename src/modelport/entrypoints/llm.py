@@ -79,6 +79,7 @@ class LLM:
         max_loras: int = 1,
         max_lora_rank: int = 16,
         max_cpu_loras: int | None = None,
+        scheduling_policy: str = "fcfs",
         **kwargs: Any,
     ) -> None:
         """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
@@ -114,7 +115,7 @@ class LLM:
             reasoning_parser=reasoning_parser,
             structured_outputs_config=structured_outputs_config,
             enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
-            max_cpu_loras=max_cpu_loras,
+            max_cpu_loras=max_cpu_loras, scheduling_policy=scheduling_policy,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
@@ -144,18 +145,23 @@ class LLM:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. Invalid input raises ValueError.
 
         A prompt is a string, a list of token ids, ``{"prompt": text}`` or
         ``{"prompt_token_ids": ids}`` (vLLM's TextPrompt / TokensPrompt); give one, or a list
         of them in any mix. ``lora_request`` (with ``LLM(enable_lora=True)``): one adapter
-        for every prompt, or one (or None) per prompt.
+        for every prompt, or one (or None) per prompt. ``priority``: one int per prompt,
+        lower first (needs ``LLM(scheduling_policy="priority")`` unless all are 0).
         """
         self._check_generative("LLM.generate()")
         items = _normalize_prompts(prompts, prompt_token_ids)
+        if priority is not None and len(priority) != len(items):
+            raise ValueError(f"got {len(priority)} priorities for {len(items)} prompts; pass "
+                             "one each")
         return self._run(items, sampling_params, use_tqdm, add_special_tokens=True,
-                         lora_request=lora_request)
+                         lora_request=lora_request, priority=priority)
 
     def chat(
         self,
@@ -196,7 +202,8 @@ class LLM:
                          lora_request=lora_request)
 
     def _run(self, items: list, sampling_params, use_tqdm: bool, add_special_tokens: bool,
-             lora_request: Any = None) -> list[RequestOutput]:
+             lora_request: Any = None, priority: Sequence[int] | None = None
+             ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -212,12 +219,14 @@ class LLM:
         if any(lr is not None for lr in loras):  # paired with the prompts (zip in _drive)
             params = list(zip(params, loras))
 
+        prios = iter(priority) if priority is not None else None  # add() runs in prompt order
+
         def add(rid: str, item: Any, p: Any) -> None:
             lr = None
             if isinstance(p, tuple):
                 p, lr = p
             engine.add_request(rid, item, p, add_special_tokens=add_special_tokens,
-                               lora_request=lr)
+                               lora_request=lr, priority=next(prios) if prios else 0)
 
         def observe(out: RequestOutput) -> None:
             self._request_counts.observe(

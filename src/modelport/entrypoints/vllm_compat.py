@@ -235,8 +235,6 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help="0 only: weights are not offloaded to the host (refused otherwise)")
     a("--num-gpu-blocks-override", type=int, default=None,
       help="the number of KV cache blocks, in place of the one the memory budget gives")
-    a("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
-      help="fcfs: " + _SAME + "schedules first come, first served; priority refused")
     a("--max-num-partial-prefills", type=int, default=1,
       help="1 only (vLLM's default; refused otherwise)")
     a("--max-long-partial-prefills", type=int, default=1,
@@ -368,8 +366,6 @@ REFUSALS: tuple[Refusal, ...] = (
             "tokenizer (tokenizer.json or the GGUF vocabulary); use --tokenizer-mode auto"),
     Refusal("--model-impl", _is("auto", "vllm"), "only modelport's built-in model "
             "implementations run; use --model-impl auto"),
-    Refusal("--scheduling-policy", _is("fcfs"), "requests are scheduled first come, first "
-            "served; use --scheduling-policy fcfs"),
     Refusal("--max-num-partial-prefills", _is(1), "vLLM V1's default 1 is the one served"),
     Refusal("--max-long-partial-prefills", _is(1), "vLLM V1's default 1 is the one served"),
     Refusal("--cuda-graph-sizes", _graph_sizes_ok, "the decode CUDA graphs cover every batch "

@@ -95,6 +95,7 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.max_model_len = scheduler_config.max_model_len
+        self.scheduler_config = scheduler_config
         self.max_logprobs = max_logprobs
 
     def tokenize(self, prompt: PromptInput, add_special_tokens: bool = True) -> list[int]:
@@ -149,6 +150,8 @@ class InputProcessor:
         max_tokens passes max_model_len, ``cap_max_tokens`` (the offline LLM, as vLLM's)
         generates up to max_model_len and finishes with "length"; otherwise (the servers,
         which answer 400 as vLLM's does) it is a ValueError."""
+        if priority:
+            self.scheduler_config.verify_priority(priority)
         n_prompt = len(prompt_token_ids)
         if n_prompt == 0:
             raise ValueError("prompt is empty: it must contain at least one token")

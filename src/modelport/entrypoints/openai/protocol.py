@@ -154,6 +154,8 @@ class SamplingFields(TextRequest):
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
     request_id: str | None = Field(None, max_length=256)
+    # vLLM's: lower is served earlier under --scheduling-policy priority; else it must be 0
+    priority: int = 0
     response_format: ResponseFormat | None = None
     # keep only the last k prompt tokens (-1: the last max_model_len)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)

@@ -52,6 +52,7 @@ from modelport.entrypoints.openai.serving_common import (
     beam_search_params,
     check_max_logprobs,
     check_model,
+    check_priority,
     check_prompt_ids,
     check_unsupported,
     collect_final,
@@ -273,9 +274,11 @@ class ServingChat:
         # a stream never sends prompt_logprobs (only 0 gets this far): not computed
         rid = req.request_id or random_id("chatcmpl")
         stream: Any
+        check_priority(engine, req.priority)
         if req.use_beam_search:
             stream = BeamSearchStream(engine, ids, beam_search_params(engine, req, max_tokens), rid,
-                                      lora_request=lora_for(engine, model))
+                                      lora_request=lora_for(engine, model),
+                                      priority=req.priority)
             admit(engine, req.n)
         else:
             params = make_sampling_params(req, max_tokens, k,
@@ -283,7 +286,7 @@ class ServingChat:
                                           tool_constraint=plan.constraint)
             admit(engine, req.n)
             stream = start_streams(engine, [(ids, params, rid, None)],
-                                   lora_for(engine, model))[0]
+                                   lora_for(engine, model), req.priority)[0]
         reasoning = None
         count_reasoning = None
         if self.reasoning_parser is not None:

@@ -324,9 +324,18 @@ def admit(engine: AsyncLLM, n_requests: int) -> None:
         raise OpenAIError(str(e), 503, code="queue_full", retry_after=1) from None
 
 
+def check_priority(engine: AsyncLLM, priority: int) -> None:
+    """vLLM's 400 for a nonzero priority when the server schedules first come, first served."""
+    if priority:
+        try:
+            engine.engine_config.scheduler_config.verify_priority(priority)
+        except ValueError as e:
+            raise OpenAIError(str(e), 400, param="priority") from None
+
+
 def start_streams(
     engine: AsyncLLM, requests: list[tuple[list[int], SamplingParams, str, str | None]],
-    lora_request: Any = None,
+    lora_request: Any = None, priority: int = 0,
 ) -> list[RequestStream]:
     """Send every request (ids, params, request id, prompt text) or none of them; with a
     LoRA adapter's request (the 'model' named one), all run with it."""
@@ -334,7 +343,7 @@ def start_streams(
     try:
         for ids, params, rid, text in requests:
             streams.append(engine.generate(ids, params, rid, prompt_text=text,
-                                           lora_request=lora_request))
+                                           lora_request=lora_request, priority=priority))
     except BaseException as e:
         for s in streams:
             engine.abort_now(s.request_id)
@@ -418,7 +427,7 @@ def beam_search_params(engine: AsyncLLM, req: SamplingFields, max_tokens: int) -
 
 async def run_beam_search(
     engine: AsyncLLM, ids: list[int], params: BeamSearchParams, request_id: str,
-    prompt_text: str | None = None, lora_request: Any = None,
+    prompt_text: str | None = None, lora_request: Any = None, priority: int = 0,
 ) -> RequestOutput:
     """The beam search of one prompt on AsyncLLM: every step sends each live beam as a
     one-token request (ids ``<request_id>-beam<step>-<j>``, run concurrently) to the shared
@@ -435,7 +444,7 @@ async def run_beam_search(
             break
         streams = start_streams(engine, [
             (beam.tokens, searcher.step_params, f"{request_id}-beam{step}-{j}", None)
-            for j, (_, beam) in enumerate(live)], lora_request)
+            for j, (_, beam) in enumerate(live)], lora_request, priority)
         searcher.advance(live, await collect_final(streams))
     outputs = []
     for i, beam in enumerate(searcher.best()[0]):
@@ -461,9 +470,9 @@ class BeamSearchStream:
 
     def __init__(self, engine: AsyncLLM, ids: list[int], params: BeamSearchParams,
                  request_id: str, prompt_text: str | None = None,
-                 lora_request: Any = None) -> None:
+                 lora_request: Any = None, priority: int = 0) -> None:
         self.request_id = request_id
-        self._run = (engine, list(ids), params, request_id, prompt_text, lora_request)
+        self._run = (engine, list(ids), params, request_id, prompt_text, lora_request, priority)
         self.done = False
 
     def __aiter__(self) -> BeamSearchStream:

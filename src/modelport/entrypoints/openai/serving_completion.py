@@ -36,6 +36,7 @@ from modelport.entrypoints.openai.serving_common import (
     beam_search_params,
     check_max_logprobs,
     check_model,
+    check_priority,
     check_prompt_ids,
     check_unsupported,
     collect_final,
@@ -99,6 +100,7 @@ class ServingCompletion:
                 params_list.append(beam_search_params(engine, req, max_tokens))
             else:
                 params_list.append(make_sampling_params(req, max_tokens, req.logprobs, prompt_k))
+        check_priority(engine, req.priority)
         admit(engine, len(prompts) * req.n)
         base_id = req.request_id or random_id("cmpl")
         requests = [
@@ -107,9 +109,10 @@ class ServingCompletion:
         ]
         lora = lora_for(engine, model)  # None unless 'model' names a LoRA adapter
         if req.use_beam_search:  # each prompt searched on its own, concurrently
-            streams: list = [BeamSearchStream(engine, *r, lora_request=lora) for r in requests]
+            streams: list = [BeamSearchStream(engine, *r, lora_request=lora,
+                                              priority=req.priority) for r in requests]
         else:
-            streams = start_streams(engine, requests, lora)
+            streams = start_streams(engine, requests, lora, req.priority)
         # vLLM streams no beam search: with stream true the whole response goes out as
         # one SSE event (the CompletionResponse itself), then [DONE]
         if req.stream and not req.use_beam_search:
