@@ -107,11 +107,7 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["--mm-processor-kwargs", '{"num_crops": 4}'], "multimodal"),
         (["--guided-decoding-backend", "outlines"], "xgrammar"),
         (["--chat-template-content-format", "openai"], "one string"),
-        (["--response-role", "bot"], "assistant"),
-        (["--enable-prompt-tokens-details"], "prompt_tokens_details"),
         (["--tool-server", "demo"], "tool server"),
-        (["--generation-config", "/models/gen"], "--generation-config vllm"),
-        (["--override-generation-config", '{"temperature": 0.5}'], "request"),
         (["--revision", "v2"], "--model"),
         (["--tokenizer-revision", "v2"], "--tokenizer"),
     ],
@@ -125,6 +121,23 @@ def test_refused_values_say_what_to_use_instead(argv: list[str], says: str) -> N
             argv[0], argv[0])
         assert msg.startswith(f"modelport serve: {flag}")
         assert "is not supported" in msg and says in msg, msg
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_generation_config_response_role_and_prompt_tokens_details_are_served(form: str) -> None:
+    """Once refused, now served (tests/test_generation_config.py runs them): the generation
+    config flags are engine flags, defined once, and reach EngineArgs."""
+    args = parse(form, "--model", "/m", "--generation-config", "/models/gen",
+                 "--override-generation-config", '{"temperature": 0.5}',
+                 "--response-role", "bot", "--enable-prompt-tokens-details")
+    vllm_compat.check(args)
+    ea = engine_args_from(args)
+    assert ea.generation_config == "/models/gen"
+    assert ea.override_generation_config == {"temperature": 0.5}
+    assert args.response_role == "bot" and args.enable_prompt_tokens_details
+    assert engine_args_from(parse(form, "--model", "/m")).generation_config == "auto"
+    assert "--generation-config" not in {r.flag for r in vllm_compat.REFUSALS}
+    assert "--response-role" not in {r.flag for r in vllm_compat.REFUSALS}
 
 
 def test_refusal_ends_the_server_build_before_any_route() -> None:

@@ -46,6 +46,9 @@ class EngineConfig:
     enable_in_reasoning: bool = False
     # multi-LoRA (vLLM's --enable-lora): modelport.lora.config.LoRAConfig, None when off
     lora_config: Any = None
+    # sampling defaults from the generation config (vLLM's get_diff_sampling_param:
+    # temperature, top_p, top_k, min_p, repetition_penalty, max_tokens); {} when none
+    default_sampling_params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def is_cuda(self) -> bool:
@@ -91,6 +94,10 @@ class EngineArgs:
     trust_remote_code: bool = False
     # vLLM's: config.json keys replaced, e.g. {"architectures": ["BgeM3EmbeddingModel"]}
     hf_overrides: dict[str, Any] | None = None
+    # vLLM's: sampling defaults from "auto" (the model folder's generation_config.json),
+    # "vllm" (none) or a folder's; override_generation_config is merged over them
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None
     # pooling (embedding) models, vLLM's names: runner auto | generate | pooling, convert
     # auto | none | embed, the older task generate | embed, and the pooler's settings
     runner: str = "auto"
@@ -198,6 +205,17 @@ class EngineArgs:
         g.add_argument("--hf-overrides", type=parse_json_dict, default=None,
                        help='config.json keys to replace, e.g. \'{"architectures": '
                             '["BgeM3EmbeddingModel"]}\'')
+        g.add_argument("--generation-config", default=d.generation_config,
+                       metavar="auto|vllm|FOLDER",
+                       help="sampling defaults for what a request leaves out: auto (default) "
+                            "takes temperature, top_p, top_k, min_p, repetition_penalty and "
+                            "max_new_tokens (the default max_tokens) from the model folder's "
+                            "generation_config.json; vllm: none (temperature 1, ...); a folder: "
+                            "its generation_config.json")
+        g.add_argument("--override-generation-config", type=parse_json_dict, default=None,
+                       metavar="JSON",
+                       help='sampling defaults merged over the generation config\'s, e.g. '
+                            '\'{"temperature": 0.5}\'')
         g.add_argument("--pooler-config", type=parse_json_dict, default=None,
                        help='pooling settings, e.g. \'{"pooling_type": "MEAN", "normalize": '
                             'true}\' (pooling_type LAST | MEAN | CLS)')
@@ -312,6 +330,12 @@ class EngineArgs:
             pooler = dataclasses.replace(pooler, token_tasks=token_tasks(model_dir)
                                          if self.load_format != "dummy" else ())
         lora = self._resolve_lora(runner_type)
+        sampling_defaults: dict[str, Any] = {}
+        if runner_type == "generate":
+            from modelport.engine.generation_config import default_sampling_params
+
+            sampling_defaults = default_sampling_params(src, self.generation_config,
+                                                        self.override_generation_config)
         reasoning_parser, in_reasoning = self._resolve_structured_outputs()
         seed = self.seed
         if seed is None:  # as vLLM: no seed, a different run each time
@@ -383,6 +407,7 @@ class EngineArgs:
             reasoning_parser=reasoning_parser,
             enable_in_reasoning=in_reasoning,
             lora_config=lora,
+            default_sampling_params=sampling_defaults,
         )
 
     def _resolve_lora(self, runner_type: str) -> Any:

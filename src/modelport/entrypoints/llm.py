@@ -80,11 +80,17 @@ class LLM:
         max_lora_rank: int = 16,
         max_cpu_loras: int | None = None,
         scheduling_policy: str = "fcfs",
+        generation_config: str = "auto",
+        override_generation_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
         loaded from a checkpoint: the architectures are built in), and ``get_metrics()``
-        answers whatever ``disable_log_stats`` says."""
+        answers whatever ``disable_log_stats`` says. ``generation_config`` ("auto": the
+        model folder's generation_config.json; "vllm": none; or a folder) and
+        ``override_generation_config`` give the defaults of
+        :meth:`get_default_sampling_params`, which ``generate`` / ``chat`` use when given no
+        SamplingParams."""
         if "kv_cache_memory_bytes" in kwargs:  # vLLM's name
             if kv_cache_memory is not None:
                 raise TypeError("give kv_cache_memory or kv_cache_memory_bytes, not both")
@@ -116,6 +122,8 @@ class LLM:
             structured_outputs_config=structured_outputs_config,
             enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
             max_cpu_loras=max_cpu_loras, scheduling_policy=scheduling_policy,
+            generation_config=generation_config,
+            override_generation_config=override_generation_config,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
@@ -131,6 +139,12 @@ class LLM:
         return snapshot(engine.core.get_stats(), self._request_counts,
                         engine.config.served_model_name,
                         speculative=engine.config.speculative_config is not None)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: a new SamplingParams whose fields are the generation config's sampling
+        defaults (temperature, top_p, top_k, min_p, repetition_penalty; max_new_tokens as
+        max_tokens) where it gives them, SamplingParams' own defaults elsewhere."""
+        return SamplingParams(**self.llm_engine.config.default_sampling_params)
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer: it answers as the Hugging Face tokenizer does, as vLLM's
@@ -204,8 +218,8 @@ class LLM:
     def _run(self, items: list, sampling_params, use_tqdm: bool, add_special_tokens: bool,
              lora_request: Any = None, priority: Sequence[int] | None = None
              ) -> list[RequestOutput]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
+        if sampling_params is None:  # vLLM: the generation config's defaults
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(items)
         else:

@@ -187,26 +187,22 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help=_SAME + "logs no periodic engine statistics (they are at /metrics)")
     # OpenAI responses
     a("--response-role", default="assistant",
-      help="role of the generated chat message; only assistant (the default) is served")
+      help="role of the generated chat message when add_generation_prompt is true (else, as "
+           "vLLM's, the last message's role)")
     a("--return-tokens-as-token-ids", action="store_true", default=False,
       help="logprobs name tokens as 'token_id:N' instead of their text")
     a("--enable-force-include-usage", action="store_true", default=False,
       help="every stream ends with a usage chunk, as if stream_options.include_usage")
     a("--enable-prompt-tokens-details", action="store_true", default=False,
-      help="not served: usage.prompt_tokens_details is not reported (refused)")
+      help="usage.prompt_tokens_details.cached_tokens in completions and chat answers: the "
+           "prompt tokens found in the prefix cache (left out when none)")
     a("--chat-template-content-format", default="auto",
       choices=["auto", "string", "openai"],
       help="auto / string: " + _SAME + "renders a message's text parts as one string; "
            "openai (parts as a list) is refused")
     a("--tool-server", default=None,
       help="not served: the Responses API has no built-in tools here (refused)")
-    a("--generation-config", default="auto",
-      help="auto (vLLM's default) / vllm: accepted; modelport's defaults are its own, as "
-           "vLLM's 'vllm' (generation_config.json gives only the EOS ids; its sampling "
-           "defaults are not applied); a folder is refused")
-    a("--override-generation-config", type=json_dict, default=None, metavar="JSON",
-      help="refused: sampling defaults from a generation config are not applied here (send "
-           "them in the request)")
+    # --generation-config / --override-generation-config are engine flags (EngineArgs)
     a("--logits-processors", nargs="+", default=None,
       help="refused: no custom logits processor classes")
     # model loading
@@ -343,10 +339,6 @@ def _dp_local_ok(v: Any, a: argparse.Namespace) -> bool:
     return v is None or v == getattr(a, "data_parallel_size", 1)
 
 
-def _generation_config_ok(v: Any, _a: argparse.Namespace) -> bool:
-    return v in ("auto", "vllm")
-
-
 REFUSALS: tuple[Refusal, ...] = (
     Refusal("--cpu-offload-gb", _is(0, 0.0), "weights are not offloaded to host memory here; "
             "use a quantized checkpoint (--quantization) or more GPUs (--tensor-parallel-size)"),
@@ -392,15 +384,8 @@ REFUSALS: tuple[Refusal, ...] = (
             "run on xgrammar; use --guided-decoding-backend xgrammar"),
     Refusal("--chat-template-content-format", _is("auto", "string"), "message content is "
             "rendered as one string of its text parts; use auto"),
-    Refusal("--response-role", _is("assistant"), "the generated message's role is assistant"),
-    Refusal("--enable-prompt-tokens-details", _falsy, "usage.prompt_tokens_details is not "
-            "reported yet; the cached-token count is in the Responses API's usage"),
     Refusal("--tool-server", _is(None), "the Responses API has no built-in tool server; give "
             "the tools in the request"),
-    Refusal("--generation-config", _generation_config_ok, "sampling defaults are not read "
-            "from a generation config; send them in the request (--generation-config vllm)"),
-    Refusal("--override-generation-config", _is(None, {}), "sampling defaults are not read "
-            "from a generation config; send them in the request"),
     Refusal("--revision", _is(None, "main"), "the HF cache snapshot refs/main names is served; "
             "give the snapshot's folder as --model"),
     Refusal("--tokenizer-revision", _is(None, "main"), "give the tokenizer's folder as "

@@ -247,6 +247,10 @@ class OpenAIService:
         engine.return_tokens_as_token_ids = bool(
             getattr(self.args, "return_tokens_as_token_ids", False))
         engine.force_include_usage = bool(getattr(self.args, "enable_force_include_usage", False))
+        # vLLM's --response-role / --enable-prompt-tokens-details (serving_chat, serving_common)
+        engine.response_role = getattr(self.args, "response_role", None) or "assistant"
+        engine.enable_prompt_tokens_details = bool(
+            getattr(self.args, "enable_prompt_tokens_details", False))
         self.state.metrics = metrics
         self.state.engine = engine
         engine.on_dead = self._engine_died

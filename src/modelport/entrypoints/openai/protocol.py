@@ -90,18 +90,26 @@ class CompletionTokenUsageInfo(OpenAIModel):
     reasoning_tokens: int = 0
 
 
+class PromptTokenUsageInfo(OpenAIModel):
+    cached_tokens: int = 0
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     # vLLM: only with --reasoning-parser (reasoning_tokens); left out otherwise
     completion_tokens_details: CompletionTokenUsageInfo | None = None
+    # vLLM: only with --enable-prompt-tokens-details and a prefix-cache hit; left out otherwise
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
 
     @model_serializer(mode="wrap")
     def _leave_out_no_details(self, handler: Any) -> Any:
         out = handler(self)
-        if isinstance(out, dict) and out.get("completion_tokens_details") is None:
-            out.pop("completion_tokens_details", None)
+        if isinstance(out, dict):
+            for key in ("completion_tokens_details", "prompt_tokens_details"):
+                if out.get(key) is None:
+                    out.pop(key, None)
         return out
 
 
@@ -330,7 +338,9 @@ class ToolCall(OpenAIModel):
 
 
 class AssistantMessage(OpenAIModel):
-    role: Literal["assistant"] = "assistant"
+    # --response-role (vLLM's): assistant unless the server names another; with
+    # add_generation_prompt false, the role of the request's last message
+    role: str = "assistant"
     # the thinking, apart from content: only with --reasoning-parser (set, even to null, by
     # the server then); absent otherwise, as vLLM ("not present" for other models)
     reasoning: str | None = None

@@ -50,6 +50,7 @@ from modelport.entrypoints.openai.serving_common import (
     ClientGone,
     admit,
     beam_search_params,
+    cached_tokens,
     check_max_logprobs,
     check_model,
     check_priority,
@@ -59,6 +60,7 @@ from modelport.entrypoints.openai.serving_common import (
     known_error,
     make_sampling_params,
     prompt_logprobs_out,
+    sampling_defaults,
     sse,
     start_streams,
     stream_error,
@@ -283,7 +285,8 @@ class ServingChat:
         else:
             params = make_sampling_params(req, max_tokens, k,
                                           None if req.stream else req.prompt_logprobs,
-                                          tool_constraint=plan.constraint)
+                                          tool_constraint=plan.constraint,
+                                          defaults=sampling_defaults(engine))
             admit(engine, req.n)
             stream = start_streams(engine, [(ids, params, rid, None)],
                                    lora_for(engine, model), req.priority)[0]
@@ -307,6 +310,7 @@ class ServingChat:
             raise (known_error(e) or e) from None
         choices = []
         n_gen = n_reasoning = 0
+        role = self.response_role(req)
         for o in sorted(final.outputs, key=lambda o: o.index):
             n_gen += len(o.token_ids)
             if count_reasoning is not None:
@@ -325,6 +329,7 @@ class ServingChat:
                     message, finish_reason = ToolChoiceOutput(plan).message(
                         content or "", o.finish_reason)
                 message.reasoning = thought if reasoning.include else None
+            message.role = role
             choices.append(
                 ChatChoice(
                     index=o.index,
@@ -345,10 +350,18 @@ class ServingChat:
             model=model,
             choices=choices,
             usage=usage(len(final.prompt_token_ids), n_gen,
-                        None if count_reasoning is None else n_reasoning),
+                        None if count_reasoning is None else n_reasoning,
+                        cached_tokens(engine, [final])),
             prompt_logprobs=prompt_logprobs,
         )
         return JSONResponse(body.model_dump())
+
+    def response_role(self, req: ChatCompletionRequest) -> str:
+        """vLLM's: --response-role when the prompt ends in a generation prompt, else the
+        role of the message being written (the request's last)."""
+        if req.add_generation_prompt:
+            return getattr(self.engine, "response_role", None) or "assistant"
+        return req.messages[-1].role
 
     def _reasoning_counter(
         self, parser: ReasoningParser, plan: ReasoningPlan
@@ -425,11 +438,12 @@ class ServingChat:
             body.usage = usage(n_prompt, sum(sent_tokens.values()), r)
             return sse(dump(body))
 
+        role = self.response_role(req)
         try:
             yield chunk(
                 [
-                    chat_choice_json(i, "", None, None, None, role="assistant") if fast else
-                    ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                    chat_choice_json(i, "", None, None, None, role=role) if fast else
+                    ChatStreamChoice(index=i, delta=DeltaMessage(role=role, content=""))
                     for i in range(req.n)
                 ]
             )
@@ -502,7 +516,8 @@ class ServingChat:
                 if count_reasoning is not None:
                     r = sum(count_reasoning(ids) for ids in token_ids.values())
                 body = ChatCompletionChunk(
-                    id=rid, model=model, choices=[], usage=usage(n_prompt, g, r)
+                    id=rid, model=model, choices=[],
+                    usage=usage(n_prompt, g, r, cached_tokens(self.engine, [last])),
                 )
                 yield sse(dump(body))
         except asyncio.CancelledError:

@@ -24,6 +24,7 @@ from modelport.entrypoints.openai.protocol import (
     CompletionTokenUsageInfo,
     PromptLogprob,
     PromptLogprobs,
+    PromptTokenUsageInfo,
     SamplingFields,
     UsageInfo,
 )
@@ -119,8 +120,18 @@ def truncate_prompt(engine: AsyncLLM, ids: list[int], keep: int | None) -> list[
         raise OpenAIError(str(e), 400, param="truncate_prompt_tokens") from None
 
 
+def sampling_defaults(engine: AsyncLLM) -> dict[str, Any]:
+    """The generation config's sampling defaults (--generation-config, vLLM's
+    default_sampling_params): SamplingParams field names -> values; {} when none."""
+    cfg = getattr(engine, "engine_config", None)
+    return getattr(cfg, "default_sampling_params", None) or {}
+
+
 def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | None) -> int:
-    """Validate one tokenized prompt; returns the max_tokens to use (default: what fits)."""
+    """Validate one tokenized prompt; returns the max_tokens to use (default: what fits).
+
+    As vLLM's get_max_tokens, the generation config's max_tokens (max_new_tokens) bounds
+    the answer: the request's max_tokens or, left out, what fits, whichever is smaller."""
     if not ids:
         raise OpenAIError("prompt is empty (no tokens)", 400, param="prompt")
     vocab = engine.vocab_size
@@ -137,8 +148,9 @@ def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | Non
             param="prompt",
             code="context_length_exceeded",
         )
+    cap = sampling_defaults(engine).get("max_tokens")
     if max_tokens is None:
-        return limit - len(ids)
+        return min(limit - len(ids), cap or limit)
     if len(ids) + max_tokens > limit:
         raise OpenAIError(
             max_tokens_too_large(max_tokens, limit, len(ids)),
@@ -146,7 +158,7 @@ def check_prompt_ids(engine: AsyncLLM, ids: Sequence[int], max_tokens: int | Non
             param="max_tokens",
             code="context_length_exceeded",
         )
-    return max_tokens
+    return min(max_tokens, cap or max_tokens)
 
 
 def usage_options(req: SamplingFields, force: bool = False) -> tuple[bool, bool]:
@@ -166,15 +178,27 @@ def usage_options(req: SamplingFields, force: bool = False) -> tuple[bool, bool]
 
 
 def usage(prompt_tokens: int, completion_tokens: int,
-          reasoning_tokens: int | None = None) -> UsageInfo:
-    """reasoning_tokens: with --reasoning-parser (vLLM's completion_tokens_details)."""
+          reasoning_tokens: int | None = None, cached_tokens: int | None = None) -> UsageInfo:
+    """reasoning_tokens: with --reasoning-parser (vLLM's completion_tokens_details);
+    cached_tokens: with --enable-prompt-tokens-details (prompt_tokens_details), left out
+    when 0 as vLLM does (see cached_tokens below)."""
     return UsageInfo(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         completion_tokens_details=None if reasoning_tokens is None
         else CompletionTokenUsageInfo(reasoning_tokens=reasoning_tokens),
+        prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=cached_tokens)
+        if cached_tokens else None,
     )
+
+
+def cached_tokens(engine: AsyncLLM, outputs: Sequence[RequestOutput | None]) -> int | None:
+    """usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache held,
+    summed over the prompts' outputs; None unless --enable-prompt-tokens-details."""
+    if not getattr(engine, "enable_prompt_tokens_details", False):
+        return None
+    return sum(getattr(o, "num_cached_tokens", 0) or 0 for o in outputs if o is not None)
 
 
 # vLLM's older per-field names (removed in vLLM 0.12, still accepted here) -> the
@@ -258,9 +282,12 @@ _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 def make_sampling_params(
     req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
     tool_constraint: StructuredOutputsParams | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> SamplingParams:
     """tool_constraint: the schema a tool_choice (a named function, "required") puts on the
-    output; the request may then ask for no other constraint (vLLM's rule and words)."""
+    output; the request may then ask for no other constraint (vLLM's rule and words).
+    defaults: the generation config's (``sampling_defaults``), for the sampling fields the
+    request leaves out (null or absent, as vLLM's), before the neutral ones."""
     structured = structured_outputs_of(req)  # its own 400s, naming the field sent
     if tool_constraint is not None:
         if structured is not None:
@@ -270,14 +297,15 @@ def make_sampling_params(
     try:
         return SamplingParams(
             n=req.n,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k is None else req.top_k,
-            min_p=0.0 if req.min_p is None else req.min_p,
+            temperature=_given(req.temperature, defaults, "temperature", 1.0),
+            top_p=_given(req.top_p, defaults, "top_p", 1.0),
+            top_k=_given(req.top_k, defaults, "top_k", 0),
+            min_p=_given(req.min_p, defaults, "min_p", 0.0),
             seed=None if req.seed is None else int(req.seed) % (2**63),
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=_given(req.repetition_penalty, defaults, "repetition_penalty",
+                                      1.0),
             max_tokens=max_tokens,
             min_tokens=req.min_tokens,
             stop=req.stop,
@@ -296,6 +324,13 @@ def make_sampling_params(
         field = str(e).split(" ", 1)[0]  # SamplingParams' messages start with the field
         raise OpenAIError(str(e), 400,
                           param=field if field in type(req).model_fields else None) from None
+
+
+def _given(value: Any, defaults: dict[str, Any] | None, name: str, neutral: Any) -> Any:
+    """The request's value, else the generation config's default, else the neutral one."""
+    if value is not None:
+        return value
+    return (defaults or {}).get(name, neutral)
 
 
 def logit_bias(req: SamplingFields) -> dict[int, float] | None:
@@ -396,7 +431,7 @@ def engine_unavailable(engine: AsyncLLM) -> OpenAIError | None:
 
 def beam_search_params(engine: AsyncLLM, req: SamplingFields, max_tokens: int) -> BeamSearchParams:
     """vLLM's use_beam_search (its ``to_beam_search_params``): beam width n, the request's
-    temperature (default 1.0, vLLM's default when no generation config gives one),
+    temperature (default: the generation config's, else 1.0, as vLLM's),
     length_penalty (default 1.0), ignore_eos and include_stop_str_in_output. As in vLLM no
     other field is refused: the sampling fields beam search has no use for (stop, top_p,
     top_k, min_p, penalties, logit_bias, guided / structured outputs, prompt_logprobs, ...)
@@ -416,7 +451,7 @@ def beam_search_params(engine: AsyncLLM, req: SamplingFields, max_tokens: int) -
             beam_width=req.n,
             max_tokens=max_tokens,
             ignore_eos=req.ignore_eos,
-            temperature=1.0 if req.temperature is None else req.temperature,
+            temperature=_given(req.temperature, sampling_defaults(engine), "temperature", 1.0),
             length_penalty=req.length_penalty,
             include_stop_str_in_output=req.include_stop_str_in_output,
         )

@@ -34,6 +34,7 @@ from modelport.entrypoints.openai.serving_common import (
     ClientGone,
     admit,
     beam_search_params,
+    cached_tokens,
     check_max_logprobs,
     check_model,
     check_priority,
@@ -44,6 +45,7 @@ from modelport.entrypoints.openai.serving_common import (
     make_sampling_params,
     merge_streams,
     prompt_logprobs_out,
+    sampling_defaults,
     sse,
     start_streams,
     stream_error,
@@ -94,12 +96,14 @@ class ServingCompletion:
         asked = None if req.stream else req.prompt_logprobs
         wanted = [k for k in (echo_k, asked) if k is not None]
         prompt_k = (-1 if -1 in wanted else max(wanted)) if wanted else None  # -1: all
+        defaults = sampling_defaults(engine)
         for _, ids in prompts:
             max_tokens = check_prompt_ids(engine, ids, req.max_tokens)
             if req.use_beam_search:
                 params_list.append(beam_search_params(engine, req, max_tokens))
             else:
-                params_list.append(make_sampling_params(req, max_tokens, req.logprobs, prompt_k))
+                params_list.append(make_sampling_params(req, max_tokens, req.logprobs, prompt_k,
+                                                        defaults=defaults))
         check_priority(engine, req.priority)
         admit(engine, len(prompts) * req.n)
         base_id = req.request_id or random_id("cmpl")
@@ -132,7 +136,8 @@ class ServingCompletion:
                 n_gen += len(o.token_ids)
                 choices.append(self._choice(req, i * req.n + o.index, prompts[i], final, o))
         body = CompletionResponse(
-            id=base_id, model=model, choices=choices, usage=usage(n_prompt, n_gen)
+            id=base_id, model=model, choices=choices,
+            usage=usage(n_prompt, n_gen, cached_tokens=cached_tokens(engine, finals)),
         )
         if req.stream:  # beam search (see above)
             return StreamingResponse(_one_event_stream(body.model_dump_json()),
@@ -235,6 +240,7 @@ class ServingCompletion:
         offsets: dict[int, int] = {}
         finished: set[int] = set()
         gen_tokens: dict[int, int] = {}
+        last: dict[int, RequestOutput] = {}  # each prompt's latest output (its cached tokens)
         include_usage, continuous_usage = usage_options(
             req, getattr(self.engine, "force_include_usage", False))
         # every prompt counts once (not once per choice), from the first chunk on
@@ -244,6 +250,7 @@ class ServingCompletion:
         writer = ChunkJSON("text_completion", base_id, model)
         try:
             async for i, out in merge_streams(streams):
+                last[i] = out
                 choices = []
                 for o in out.outputs:
                     idx = i * n + o.index
@@ -295,7 +302,8 @@ class ServingCompletion:
                         exclude["usage"] = True
                     yield sse(dump(chunk, exclude=exclude))
             if include_usage:
-                final = usage(n_prompt, sum(gen_tokens.values()))
+                final = usage(n_prompt, sum(gen_tokens.values()),
+                              cached_tokens=cached_tokens(self.engine, list(last.values())))
                 chunk = CompletionResponse(id=base_id, model=model, choices=[], usage=final)
                 yield sse(dump(chunk, exclude={"choices": {"__all__": {"prompt_logprobs"}}}))
         except asyncio.CancelledError:
