@@ -96,15 +96,19 @@ def _run_together(llm, prompts, loras) -> list:
     return [done[f"m{i}"] for i in range(len(prompts))]
 
 
-def test_mixed_batch_equals_merged_references(world, references, lora_llm) -> None:
+def _mixed_batch(llm, world, references) -> None:
+    """Both adapters and the base model in one batch, each equal to its merged reference."""
     la, lb = LoRARequest("sql", 1, str(world["a"])), LoRARequest("chat", 2, str(world["b"]))
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
-    outs = _run_together(lora_llm, prompts, [la, lb, None, lb, la])
-    assert_same(outs[0], references["merged_a"][0])
-    assert_same(outs[1], references["merged_b"][0])
-    assert_same(outs[2], references["base"][0])
-    assert_same(outs[3], references["merged_b"][1])
-    assert_same(outs[4], references["merged_a"][1])
+    outs = _run_together(llm, prompts, [la, lb, None, lb, la])
+    for out, (ref, i) in zip(
+        outs, [("merged_a", 0), ("merged_b", 0), ("base", 0), ("merged_b", 1), ("merged_a", 1)]
+    ):
+        assert_same(out, references[ref][i])
+
+
+def test_mixed_batch_equals_merged_references(world, references, lora_llm) -> None:
+    _mixed_batch(lora_llm, world, references)
     # the adapters do change the model (else this test would prove nothing)
     assert (
         references["merged_a"][0].outputs[0].token_ids != references["base"][0].outputs[0].token_ids
@@ -210,15 +214,9 @@ def test_tensor_parallel_lora_equals_merged_references(world, references, tmp_pa
         **LLM_KW,
     )
     try:
-        la, lb = LoRARequest("sql", 1, str(world["a"])), LoRARequest("chat", 2, str(world["b"]))
+        _mixed_batch(llm, world, references)
+        la = LoRARequest("sql", 1, str(world["a"]))
         lc = LoRARequest("c", 3, str(tmp_path / "c"))
-        prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
-        outs = _run_together(llm, prompts, [la, lb, None, lb, la])
-        assert_same(outs[0], references["merged_a"][0])
-        assert_same(outs[1], references["merged_b"][0])
-        assert_same(outs[2], references["base"][0])
-        assert_same(outs[3], references["merged_b"][1])
-        assert_same(outs[4], references["merged_a"][1])
         # c takes the least recently used slot (a's) on every rank
         assert_same(_greedy(llm, [PROMPTS[1]], lora_request=lc)[0], ref_c[1])
         assert ref_c[1].outputs[0].token_ids != references["base"][1].outputs[0].token_ids

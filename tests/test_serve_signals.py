@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from helpers.server_proc import free_port
+from helpers.server_proc import descendants, free_port
 from helpers.tiny_models import make_tiny_llama_dir
 
 PYTHON_MODEL = """
@@ -46,24 +46,6 @@ def repository(tmp_path_factory):
     return repo
 
 
-def _children(pid: int) -> set[int]:
-    """Every descendant of pid (from /proc)."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.add(k)
-            todo.append(k)
-    return out
-
-
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])
 @pytest.mark.parametrize("frontend", ["openai", "kserve"])
 def test_a_signal_to_the_whole_group_is_an_orderly_stop(model_dir, repository, tmp_path, frontend,
@@ -90,7 +72,7 @@ def test_a_signal_to_the_whole_group_is_an_orderly_stop(model_dir, repository, t
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        children = _children(proc.pid)  # engine core, or the model's stub
+        children = descendants(proc.pid)  # engine core, or the model's stub
         assert children
         os.killpg(proc.pid, sig)  # as Ctrl-C in a terminal, or systemd's stop
         assert proc.wait(30) == code

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.server_proc import free_port
+from helpers.server_proc import descendants, free_port
 from modelport.entrypoints.cli import build_parser
 from modelport.entrypoints.torchserve import start_stop
 
@@ -85,6 +85,25 @@ def _gone(pid: int, timeout: float = 10) -> bool:
     return not start_stop._alive(pid)
 
 
+def test_start_waits_for_the_openai_model_to_load(env):
+    """The OpenAI server binds before its model loads (/health 503 meanwhile): --start
+    returns only once it is ready, so the first request is answered, not a 503."""
+    port = free_port()
+    r = env.modelport("--start", "--port", str(port), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "max_tokens": 4,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
+    c = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+    assert c.status_code == 200, c.text
+    assert c.json()["usage"]["completion_tokens"] == 4
+    r = env.modelport("--stop")
+    assert r.returncode == 0 and "has stopped" in r.stdout, r.stdout + r.stderr
+
+
 def test_start_serves_in_the_background_and_stop_ends_it(env):
     t0 = time.monotonic()
     r = env.modelport("--start", *env.args)
@@ -101,7 +120,7 @@ def test_start_serves_in_the_background_and_stop_ends_it(env):
     mgmt = f"http://127.0.0.1:{env.ports['management']}/models"
     assert httpx.get(mgmt).json()["models"][0]["modelName"] == "echo"
     assert "serving on" in log.read_text()
-    workers = _descendants(pid)
+    workers = descendants(pid)
     assert workers  # the model's worker process
 
     again = env.modelport("--start", *env.args)  # one server at a time, as TorchServe
@@ -224,20 +243,3 @@ def test_enable_model_api_overrides_the_config(tmp_path):
         args = _parse(["--ts-config", str(cfg), "--disable-token-auth", "--ncs", *extra])
         service = asyncio.run(frontend.build(args, FastAPI()))
         assert service.state.model_api is allowed
-
-
-def _descendants(pid: int) -> set[int]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.add(k)
-            todo.append(k)
-    return out

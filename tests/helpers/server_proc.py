@@ -76,3 +76,21 @@ def serving(argv: list[str], log: Path, **kw: Any) -> Iterator[str]:
     finally:
         stop_server(proc)
     assert "internal error" not in log.read_text(), log.read_text()[-4000:]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every descendant of pid (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.add(k)
+            todo.append(k)
+    return out

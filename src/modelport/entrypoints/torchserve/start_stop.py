@@ -3,8 +3,9 @@
 `--start` launches `modelport serve` (the same arguments, less --start) as a process of its own
 session, its output appended to $LOG_LOCATION/modelport_serve.log (./logs/ by default, where
 TorchServe writes its logs), notes its pid in a pid file and returns once the server listens
-and answers /ping, or reports the log's tail when it dies during start-up. A second --start
-refuses while that one runs. `--start --foreground` serves in this process (the pid file is
+and says it is ready (/ping, /health or /v2/health/ready answers 200: its models are loaded),
+or reports the log's tail when it dies during start-up. A second --start refuses while that
+one runs. `--start --foreground` serves in this process (the pid file is
 still written, so --stop from another terminal stops it). `--stop` sends SIGTERM to the pid
 of the pid file and waits for the orderly shutdown. Without --start / --stop, `modelport
 serve` serves in the foreground and writes no pid file.
@@ -44,7 +45,8 @@ def add_args(g: argparse._ArgumentGroup) -> None:
         dest="ts_start",
         action="store_true",
         help="start the server in the background (as `torchserve --start`): returns once it "
-        "answers /ping; its output goes to $LOG_LOCATION/modelport_serve.log (./logs/)",
+        "says it is ready (its models loaded); its output goes to "
+        "$LOG_LOCATION/modelport_serve.log (./logs/)",
     )
     mode.add_argument(
         "--stop",
@@ -245,14 +247,28 @@ def _tail(log: Path, offset: int, lines: int = 40) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _answers(url: str) -> bool:
+# where each frontend says it is ready: TorchServe's /ping, the OpenAI server's /health
+# (503 while its model loads), KServe's /v2/health/ready
+READY_PATHS = ("/ping", "/health", "/v2/health/ready")
+
+
+def _status(url: str) -> int | None:
+    """The HTTP status of GET url; None when nothing answers."""
     try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=5):
-            return True
-    except urllib.error.HTTPError:
-        return True  # an answer, if not a 200 (e.g. an unhealthy model): the server is up
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _answers(url: str) -> bool:
+    """Whether the server is up and done loading: a 200 on any frontend's ready path, or
+    TorchServe's /ping answering otherwise than 404 / 503 (an unhealthy model's 500: the
+    server is up, as TorchServe's --start would say)."""
+    statuses = [_status(url + p) for p in READY_PATHS]
+    return 200 in statuses or statuses[0] not in (None, 404, 503)
 
 
 def start_background(args: argparse.Namespace) -> int:
