@@ -403,6 +403,13 @@ class AsyncLLM:
                 fut.set_result((unflatten(o.pooled, o.pooled_shape), o.num_cached_tokens))
         return rest
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        """The engine core (every data-parallel replica) forgets an adapter the server no
+        longer serves: its loaded copy and device slot. Requests already sent keep theirs."""
+        if self.client is not None and self.dead_reason is None:
+            with contextlib.suppress(EngineDeadError):  # a dead core has nothing to free
+                self.client.remove_lora(lora_int_id)
+
     def abort_now(self, request_id: str) -> None:
         """Forget the request here and tell the core to free its blocks (next step at latest)."""
         stream = self._streams.pop(request_id, None)

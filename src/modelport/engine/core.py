@@ -167,6 +167,18 @@ class EngineCore:
         if params.prompt_logprobs is not None:
             self._prompt_lps[r.request_id] = [None]
 
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget the adapters of id ``lora_id`` (their loaded copy and device slot; running
+        requests keep theirs); False if none was loaded."""
+        manager = self.runner.lora
+        if manager is None:
+            return False
+        keys = [k for k in manager.list_loras() if k[0] == lora_id]
+        keys += [k for k in manager.slotted() if k[0] == lora_id and k not in keys]
+        for k in keys:
+            manager.remove(k)
+        return bool(keys)
+
     def _lora_adapter(self, r: EngineCoreRequest) -> Any:
         """The request's loaded adapter (None: the base model); ValueError if the engine
         serves no LoRA or the adapter cannot run (that request alone is refused)."""

@@ -50,11 +50,17 @@ class AbortRequests(msgspec.Struct, tag="abort"):
     request_ids: list[str]
 
 
+class RemoveLoRA(msgspec.Struct, tag="remove_lora"):
+    """The server unloaded an adapter: the core forgets its loaded copy and device slot."""
+
+    lora_int_id: int
+
+
 class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-ToCore = AddRequest | AbortRequests | Shutdown
+ToCore = AddRequest | AbortRequests | RemoveLoRA | Shutdown
 
 
 # ---------------------------------------------------------------- messages from the core
@@ -187,6 +193,8 @@ def _busy_loop(core: Any, in_conn: Any, send: Callable[[FromCore], None]) -> Non
                     send(CoreRejected(request_id=msg.request.request_id, kind=kind, message=str(e)))
             elif isinstance(msg, AbortRequests):
                 aborted.extend(core.abort_requests(msg.request_ids) or [])
+            elif isinstance(msg, RemoveLoRA):
+                core.remove_lora(msg.lora_int_id)
             else:
                 return
         if core.has_unfinished_requests():
@@ -331,6 +339,10 @@ class EngineCoreClient:
         if request_ids:
             self._send(AbortRequests(request_ids=list(request_ids)))
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Make the core forget an adapter (requests already sent keep theirs)."""
+        self._send(RemoveLoRA(lora_int_id=lora_int_id))
+
     def _send(self, msg: ToCore) -> None:
         if self.dead is not None:
             raise self.dead
@@ -406,7 +418,8 @@ class DPEngineCoreClient:
     cache) behind EngineCoreClient's interface, so AsyncLLM serves them as one engine.
 
     A user request (all its n samples, which share the prompt's KV blocks) goes to the
-    replica with the fewest sequences in flight; its aborts follow it there. Stats reach
+    replica with the fewest sequences in flight; its aborts follow it there; an adapter's
+    removal (the server's /v1/unload_lora_adapter) goes to every replica. Stats reach
     `on_message` merged over the replicas (cumulative counters stay monotonic: they are
     merged and passed on under one lock). The first replica to die ends the engine, as one
     core's death does: its requests cannot move to another replica mid-stream.
@@ -519,6 +532,13 @@ class DPEngineCoreClient:
                     self._release(rid)
         for rank, ids in by_rank.items():
             self.clients[rank].abort_requests(ids)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Every replica forgets the adapter: a request for it may have reached any of them."""
+        if self.dead is not None:
+            raise self.dead
+        for c in self.clients:
+            c.remove_lora(lora_int_id)
 
     @property
     def is_alive(self) -> bool:

@@ -151,11 +151,8 @@ class LLMEngine:
         return True
 
     def remove_lora(self, lora_id: int) -> bool:
-        manager = self._lora_manager()
-        keys = [k for k in manager.list_loras() if k[0] == lora_id]
-        for k in keys:
-            manager.remove(k)
-        return bool(keys)
+        self._lora_manager()  # LoRA enabled, else ValueError
+        return self.core.remove_lora(lora_id)
 
     def list_loras(self) -> set[int]:
         return {k[0] for k in self._lora_manager().list_loras()}

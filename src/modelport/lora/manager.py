@@ -68,6 +68,8 @@ class LoRAManager:
                 req.lora_name, req.lora_path, self.model, self.config.max_lora_rank
             )
             self._loaded[key] = adapter
+            logger.info("LoRA adapter %r (id %d) read from %s", req.lora_name,
+                        req.lora_int_id, req.lora_path)
             while len(self._loaded) > self.config.num_cpu_loras:
                 self._loaded.popitem(last=False)
         self._loaded.move_to_end(key)
@@ -76,9 +78,14 @@ class LoRAManager:
     def list_loras(self) -> list[tuple]:
         return list(self._loaded)
 
+    def slotted(self) -> list[tuple]:
+        """The adapters in device slots (one evicted from the host LRU may still be here)."""
+        return [k for k in self._slots if k is not None]
+
     def remove(self, key: tuple) -> None:
         """Forget a loaded adapter (its running requests keep their copy)."""
-        self._loaded.pop(key, None)
+        if self._loaded.pop(key, None) is not None or key in self._slots:
+            logger.info("LoRA adapter %r (id %d) removed", key[1], key[0])
         for slot, held in enumerate(self._slots):
             if held == key:
                 self._clear(slot)

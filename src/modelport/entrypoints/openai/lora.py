@@ -5,7 +5,11 @@ An adapter is served under its name: a request whose ``model`` is that name runs
 and /v1/models lists it with ``parent`` the base model and ``root`` its folder. Adapters are
 checked here, before they are listed, against the model's layout built on the meta device
 (no weights), so a bad folder is the load request's 400 rather than every later request's;
-the engine core reads the weights when a request first uses them. The runtime routes exist
+the engine core reads the weights when a request first uses them. Under data parallelism
+the adapters live here, in the one frontend: each request carries its adapter to whichever
+replica takes it, which reads it on first use, so a name loaded at runtime serves on every
+replica, and an unloaded one on none; unloading also makes every replica (and, under tensor
+parallelism, every rank) free its copy and device slot. The runtime routes exist
 only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or MODELPORT_ALLOW_RUNTIME_LORA_UPDATING),
 as in vLLM: otherwise they are unknown paths (404).
 """
@@ -93,6 +97,14 @@ def _checker(engine: Any) -> _Checker:
     return checker
 
 
+def _loading(engine: Any) -> set[str]:
+    """Names whose runtime load is being checked (off the event loop) right now."""
+    names = getattr(engine, "_lora_loading", None)
+    if names is None:
+        names = engine._lora_loading = set()
+    return names
+
+
 def _base_name(engine: Any) -> str:
     return engine.served_model_names[0]
 
@@ -141,8 +153,9 @@ def add_routes(api: APIRouter, engine_of: Any) -> None:
         engine = engine_of(request)
         if not body.lora_name or not body.lora_path:
             raise OpenAIError("Both 'lora_name' and 'lora_path' must be provided.", 400)
-        if body.lora_name in engine.lora_requests:
+        if body.lora_name in engine.lora_requests or body.lora_name in _loading(engine):
             raise OpenAIError(f"The lora adapter '{body.lora_name}' has already been loaded.", 400)
+        _loading(engine).add(body.lora_name)  # a second load of the name meanwhile: the 400
         try:
             await asyncio.to_thread(add_lora, engine, body.lora_name, body.lora_path)
         except ValueError as e:
@@ -150,6 +163,8 @@ def add_routes(api: APIRouter, engine_of: Any) -> None:
             raise OpenAIError(
                 f"Failed to load LoRA adapter '{body.lora_name}': {e}", status
             ) from None
+        finally:
+            _loading(engine).discard(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @api.post("/v1/unload_lora_adapter", tags=["lora"])
@@ -164,5 +179,8 @@ def add_routes(api: APIRouter, engine_of: Any) -> None:
             raise OpenAIError(
                 f"The lora adapter '{body.lora_name or body.lora_int_id}' cannot be found.", 404
             )
-        del engine.lora_requests[name]
+        req = engine.lora_requests.pop(name)
+        remove = getattr(engine, "remove_lora", None)
+        if remove is not None:
+            remove(req.lora_int_id)  # every replica frees its copy and device slot
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
