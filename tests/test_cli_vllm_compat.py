@@ -38,6 +38,8 @@ FLAGS: list[list[str]] = [
     ["--enable-expert-parallel"], ["--chat-template-content-format", "string"],
     ["--max-parallel-loading-workers", "2"], ["--prefix-caching-hash-algo", "sha256"],
     ["--disable-sliding-window"], ["--logits-processors", "my.Proc"],
+    ["--max-long-partial-prefills", "2"], ["--long-prefill-token-threshold", "512"],
+    ["--chat-template-content-format", "openai"],
     ["--otlp-traces-endpoint", "http://otel:4317"], ["--middleware", "m.f"],
     ["--headless"], ["--data-parallel-address", "10.0.0.1"],
     ["--data-parallel-rpc-port", "13345"], ["--data-parallel-size-local", "1"],
@@ -92,12 +94,10 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["--enable-sleep-mode"], "sleep mode"),
         (["--tokenizer-mode", "mistral"], "--tokenizer-mode auto"),
         (["--model-impl", "transformers"], "built-in"),
-        (["--max-num-partial-prefills", "4"], "default 1"),
         (["--cuda-graph-sizes", "1", "2", "4"], "--enforce-eager"),
         (["--cuda-graph-sizes", "64"], "--max-num-seqs"),
         (["-O0"], "--enforce-eager"),
         (["--compilation-config", '{"cudagraph_capture_sizes": [1]}'], "--enforce-eager"),
-        (["--disable-sliding-window"], "--max-model-len"),
         (["--distributed-executor-backend", "ray"], "mp"),
         (["--enable-expert-parallel"], "--tensor-parallel-size"),
         (["--otlp-traces-endpoint", "http://x"], "/metrics"),
@@ -106,7 +106,6 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["--long-lora-scaling-factors", "4"], "long-context"),
         (["--mm-processor-kwargs", '{"num_crops": 4}'], "multimodal"),
         (["--guided-decoding-backend", "outlines"], "xgrammar"),
-        (["--chat-template-content-format", "openai"], "one string"),
         (["--tool-server", "demo"], "tool server"),
         (["--revision", "v2"], "--model"),
         (["--tokenizer-revision", "v2"], "--tokenizer"),
@@ -138,6 +137,26 @@ def test_generation_config_response_role_and_prompt_tokens_details_are_served(fo
     assert engine_args_from(parse(form, "--model", "/m")).generation_config == "auto"
     assert "--generation-config" not in {r.flag for r in vllm_compat.REFUSALS}
     assert "--response-role" not in {r.flag for r in vllm_compat.REFUSALS}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_sliding_window_partial_prefills_and_content_format_are_served(form: str) -> None:
+    """Once refused, now served (tests/test_vllm_compat_served.py runs them): engine flags
+    defined once, reaching EngineArgs; the content format is the server's."""
+    args = parse(form, "--model", "/m", "--disable-sliding-window",
+                 "--max-num-partial-prefills", "4", "--max-long-partial-prefills", "2",
+                 "--long-prefill-token-threshold", "256",
+                 "--chat-template-content-format", "openai")
+    vllm_compat.check(args)
+    ea = engine_args_from(args)
+    assert ea.disable_sliding_window and ea.max_num_partial_prefills == 4
+    assert ea.max_long_partial_prefills == 2 and ea.long_prefill_token_threshold == 256
+    assert args.chat_template_content_format == "openai"
+    d = engine_args_from(parse(form, "--model", "/m"))
+    assert not d.disable_sliding_window and d.long_prefill_token_threshold == 0
+    served = {"--disable-sliding-window", "--max-num-partial-prefills",
+              "--max-long-partial-prefills", "--chat-template-content-format"}
+    assert not served & {r.flag for r in vllm_compat.REFUSALS}
 
 
 def test_refusal_ends_the_server_build_before_any_route() -> None:

@@ -240,6 +240,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None
     policy: str = "fcfs"
+    # vLLM V1's: at most this many new tokens for one request in a step (0: no cap), so a
+    # long prompt leaves part of each step's budget to the requests after it
+    long_prefill_token_threshold: int = 0
 
     def verify_priority(self, priority: int) -> None:
         """vLLM's check: a nonzero priority needs the priority policy (ValueError: 400)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from modelport.config import (
     SpeculativeConfig,
     default_max_num_batched_tokens,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,15 @@ class EngineArgs:
     max_cpu_loras: int | None = None
     # vLLM's: this many KV cache blocks, in place of what the memory budget gives
     num_gpu_blocks_override: int | None = None
+    # vLLM's: every layer attends to the whole sequence; max_model_len is capped to the
+    # model's sliding window (so the output is the windowed model's)
+    disable_sliding_window: bool = False
+    # vLLM V1's chunked-prefill knobs: a request gets at most long_prefill_token_threshold
+    # new tokens a step (0: no cap; with max_num_partial_prefills > 1 it defaults to 4 % of
+    # max_model_len), so that several prompts prefill side by side in one step's budget
+    max_num_partial_prefills: int = 1
+    max_long_partial_prefills: int = 1
+    long_prefill_token_threshold: int = 0
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -233,6 +245,24 @@ class EngineArgs:
                        help="largest adapter rank served (default 16)")
         g.add_argument("--max-cpu-loras", type=int, default=None,
                        help="adapters kept loaded on the host (default: --max-loras)")
+        g.add_argument("--disable-sliding-window", action="store_true", default=False,
+                       help="turn sliding-window attention off on every layer and cap "
+                            "--max-model-len to the model's (smallest) window, as vLLM does; "
+                            "within that length the output is the windowed model's")
+        g.add_argument("--max-num-partial-prefills", type=int,
+                       default=d.max_num_partial_prefills,
+                       help="as vLLM V1: above 1, --long-prefill-token-threshold defaults to "
+                            "4%% of --max-model-len, so a long prompt takes at most that many "
+                            "tokens a step and others prefill beside it")
+        g.add_argument("--max-long-partial-prefills", type=int,
+                       default=d.max_long_partial_prefills,
+                       help="at most --max-num-partial-prefills; checked and otherwise unused, "
+                            "as by vLLM V1's scheduler")
+        g.add_argument("--long-prefill-token-threshold", type=int,
+                       default=d.long_prefill_token_threshold,
+                       help="most new tokens a request gets in one step (0: no cap); a longer "
+                            "prompt prefills in chunks of this size, leaving the rest of the "
+                            "step's budget to other requests")
         return parser
 
     @classmethod
@@ -361,6 +391,8 @@ class EngineArgs:
                 raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_model_len "
                                  f"({max_len}) for an encoder model: it runs each prompt "
                                  "whole (no chunked prefill)")
+        if self.disable_sliding_window:
+            model_config, max_len = self._without_sliding_window(model_config, max_len)
         chunked = encoder is None and self.enable_chunked_prefill is not False
         if not chunked and self.max_num_batched_tokens is None:  # vLLM's default then
             batched = max(batched, max_len)
@@ -382,6 +414,7 @@ class EngineArgs:
             max_waiting_requests=self.max_waiting_requests,
             enable_chunked_prefill=chunked,
             policy=self.scheduling_policy,
+            long_prefill_token_threshold=self._long_prefill_token_threshold(max_len),
         )
         return EngineConfig(
             model_source=src,
@@ -419,6 +452,45 @@ class EngineArgs:
             raise ValueError("enable_lora is not supported yet for pooling models")
         return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                           max_cpu_loras=self.max_cpu_loras)
+
+    def _long_prefill_token_threshold(self, max_len: int) -> int:
+        """vLLM's checks of the partial-prefill flags, and the per-step cap they give (V1's
+        scheduler uses only the threshold; more partial prefills default it to 4 % of
+        max_model_len)."""
+        if self.max_num_partial_prefills < 1:
+            raise ValueError("max_num_partial_prefills must be >= 1, got "
+                             f"{self.max_num_partial_prefills}")
+        if not 1 <= self.max_long_partial_prefills <= self.max_num_partial_prefills:
+            raise ValueError(f"max_long_partial_prefills ({self.max_long_partial_prefills}) "
+                             "must be >= 1 and at most max_num_partial_prefills "
+                             f"({self.max_num_partial_prefills})")
+        threshold = self.long_prefill_token_threshold
+        if threshold < 0 or threshold > max_len:
+            raise ValueError(f"long_prefill_token_threshold ({threshold}) must be >= 0 and "
+                             f"at most max_model_len ({max_len})")
+        if self.max_num_partial_prefills > 1 and threshold == 0:
+            threshold = int(max_len * 0.04)
+        return threshold
+
+    def _without_sliding_window(self, model_config: ModelConfig,
+                                max_len: int) -> tuple[ModelConfig, int]:
+        """vLLM's disable_sliding_window: no layer slides, and max_model_len is at most the
+        window (a given larger one is an error), within which full attention sees what the
+        window did."""
+        from modelport.models.sliding import model_window, without_sliding_window
+
+        window = model_window(model_config)
+        if window is not None:
+            if self.max_model_len is not None and self.max_model_len > window:
+                raise ValueError(
+                    f"max_model_len ({self.max_model_len}) is larger than the model's sliding "
+                    f"window ({window}): with disable_sliding_window the context is at most "
+                    "the window; lower max_model_len or keep the window")
+            if max_len > window:
+                logger.info("disable_sliding_window: max_model_len capped to the %d-token "
+                            "sliding window (was %d)", window, max_len)
+                max_len = window
+        return without_sliding_window(model_config), max_len
 
     def _resolve_structured_outputs(self) -> tuple[str | None, bool]:
         """(reasoning parser, enable_in_reasoning) from reasoning_parser and

@@ -99,6 +99,10 @@ class Scheduler:
         self.num_accepted_per_pos = [0] * (speculative.num_speculative_tokens
                                            if speculative is not None else 0)
         self.priority = config.policy == "priority"
+        # most new tokens one request gets in a step (long_prefill_token_threshold; only
+        # when prompts may be chunked)
+        cap = config.long_prefill_token_threshold
+        self._cap = cap if cap > 0 and config.enable_chunked_prefill else 1 << 62
         self.waiting: deque[Request] | PriorityWaitingQueue = (
             PriorityWaitingQueue() if self.priority else deque())
         self.running: list[Request] = []
@@ -166,7 +170,7 @@ class Scheduler:
             if owed <= 0 or (req.num_placeholders and self._will_stop_by_length(req)):
                 i += 1  # nothing owed, or the in-flight token is its last one
                 continue
-            n = min(owed, budget)
+            n = min(owed, budget, self._cap)
             draft = self._draft(req, budget) if owed == 1 else []
             n += len(draft)
             while True:
@@ -232,7 +236,7 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and n > budget:
                 self.waiting.appendleft(req)
                 break
-            n = min(n, budget)
+            n = min(n, budget, self._cap)
             block_ids = self.kv.allocate_slots(req, n, computed_blocks)
             if block_ids is None:
                 self.waiting.appendleft(req)

@@ -82,6 +82,10 @@ class LLM:
         scheduling_policy: str = "fcfs",
         generation_config: str = "auto",
         override_generation_config: dict[str, Any] | None = None,
+        disable_sliding_window: bool = False,
+        max_num_partial_prefills: int = 1,
+        max_long_partial_prefills: int = 1,
+        long_prefill_token_threshold: int = 0,
         **kwargs: Any,
     ) -> None:
         """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
@@ -124,6 +128,10 @@ class LLM:
             max_cpu_loras=max_cpu_loras, scheduling_policy=scheduling_policy,
             generation_config=generation_config,
             override_generation_config=override_generation_config,
+            disable_sliding_window=disable_sliding_window,
+            max_num_partial_prefills=max_num_partial_prefills,
+            max_long_partial_prefills=max_long_partial_prefills,
+            long_prefill_token_threshold=long_prefill_token_threshold,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
@@ -188,11 +196,16 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        chat_template_content_format: str = "auto",
     ) -> list[RequestOutput]:
         """Each conversation through the model's chat template (or ``chat_template``, the
         Jinja text to use instead), then generated as vLLM's LLM.chat. ``tools`` (OpenAI
         tool definitions) reach a tool-aware template; earlier assistant tool calls'
-        JSON-string arguments reach it as objects, as vLLM gives them."""
+        JSON-string arguments reach it as objects, as vLLM gives them.
+        ``chat_template_content_format`` (vLLM's): a message's content reaches the template
+        as one string ("string"), as a list of ``{"type": "text", "text": ...}`` parts
+        ("openai"), or as the template reads it ("auto": parts for a template that loops
+        over ``message['content']``)."""
         from modelport.entrypoints.openai.tool_parsers import history_for_template
 
         self._check_generative("LLM.chat()")
@@ -207,6 +220,7 @@ class LLM:
             kw["tools"] = tools
         if chat_template is not None:
             kw["chat_template"] = chat_template
+        kw["chat_template_content_format"] = chat_template_content_format
         prompts = [
             tok.apply_chat_template(history_for_template(list(c)),
                                     add_generation_prompt=add_generation_prompt, **kw)

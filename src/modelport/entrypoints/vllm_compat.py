@@ -198,8 +198,9 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
            "prompt tokens found in the prefix cache (left out when none)")
     a("--chat-template-content-format", default="auto",
       choices=["auto", "string", "openai"],
-      help="auto / string: " + _SAME + "renders a message's text parts as one string; "
-           "openai (parts as a list) is refused")
+      help="how a message's content reaches the chat template: string (its text as one "
+           "string), openai (a list of {\"type\": \"text\", \"text\": ...} parts), auto "
+           "(default: openai for a template that loops over message['content'], else string)")
     a("--tool-server", default=None,
       help="not served: the Responses API has no built-in tools here (refused)")
     # --generation-config / --override-generation-config are engine flags (EngineArgs)
@@ -231,10 +232,6 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help="0 only: weights are not offloaded to the host (refused otherwise)")
     a("--num-gpu-blocks-override", type=int, default=None,
       help="the number of KV cache blocks, in place of the one the memory budget gives")
-    a("--max-num-partial-prefills", type=int, default=1,
-      help="1 only (vLLM's default; refused otherwise)")
-    a("--max-long-partial-prefills", type=int, default=1,
-      help="1 only (vLLM's default; refused otherwise)")
     a("--max-seq-len-to-capture", type=int, default=None,
       help=_SAME + "replays its decode CUDA graphs at every length up to max_model_len; "
            "accepted and unused")
@@ -246,8 +243,6 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       metavar="LEVEL_OR_JSON",
       help="3 or {} (vLLM's default) accepted: " + _SAME + "captures CUDA graphs "
            "(--enforce-eager: none); other levels and keys are refused")
-    a("--disable-sliding-window", action="store_true", default=False,
-      help="refused: sliding-window models keep their window (lower --max-model-len instead)")
     a("--prefix-caching-hash-algo", default="sha256",
       choices=["builtin", "sha256", "sha256_cbor", "sha256_cbor_64bit", "xxhash", "xxhash_cbor"],
       help=_SAME + "keys cached blocks by their exact tokens (a sha256 digest of the "
@@ -358,16 +353,12 @@ REFUSALS: tuple[Refusal, ...] = (
             "tokenizer (tokenizer.json or the GGUF vocabulary); use --tokenizer-mode auto"),
     Refusal("--model-impl", _is("auto", "vllm"), "only modelport's built-in model "
             "implementations run; use --model-impl auto"),
-    Refusal("--max-num-partial-prefills", _is(1), "vLLM V1's default 1 is the one served"),
-    Refusal("--max-long-partial-prefills", _is(1), "vLLM V1's default 1 is the one served"),
     Refusal("--cuda-graph-sizes", _graph_sizes_ok, "the decode CUDA graphs cover every batch "
             "size up to min(--max-num-seqs, --max-num-batched-tokens) on a fixed ladder; bound "
             "it with --max-num-seqs, or --enforce-eager for none"),
     Refusal("--compilation-config", _compilation_ok, "modelport captures CUDA graphs (vLLM's "
             "level 3 effect) and takes no compilation settings; use --enforce-eager to run "
             "without CUDA graphs"),
-    Refusal("--disable-sliding-window", _falsy, "sliding-window attention is always kept; "
-            "lower --max-model-len to bound the context"),
     Refusal("--distributed-executor-backend", _is(None, "mp", "uni"), "the engine and its "
             "tensor-parallel workers are local processes; use --distributed-executor-backend mp"),
     Refusal("--enable-expert-parallel", _falsy, "MoE experts are sharded by "
@@ -382,8 +373,6 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("--mm-processor-kwargs", _is(None, {}), "no multimodal models are served here"),
     Refusal("--guided-decoding-backend", _is(None, "auto", "xgrammar"), "structured outputs "
             "run on xgrammar; use --guided-decoding-backend xgrammar"),
-    Refusal("--chat-template-content-format", _is("auto", "string"), "message content is "
-            "rendered as one string of its text parts; use auto"),
     Refusal("--tool-server", _is(None), "the Responses API has no built-in tool server; give "
             "the tools in the request"),
     Refusal("--revision", _is(None, "main"), "the HF cache snapshot refs/main names is served; "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from modelport.loader.cache import build_entry, entry_dir
@@ -83,6 +84,69 @@ def flatten_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# vLLM's chat_template_content_format: how a message's content reaches the template
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
+def _is_content(node: Any) -> bool:
+    """``x['content']`` or ``x.content`` (through filters, e.g. ``x['content'] | list``)."""
+    while isinstance(node, jinja2.nodes.Filter) and node.node is not None:
+        node = node.node
+    if isinstance(node, jinja2.nodes.Getitem):
+        return isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "content"
+    return isinstance(node, jinja2.nodes.Getattr) and node.attr == "content"
+
+
+@functools.lru_cache(maxsize=32)
+def detect_content_format(template: str) -> str:
+    """vLLM's "auto": "openai" when the template loops over a message's content (``{% for
+    part in message['content'] %}``, also through a variable set from it), else "string"."""
+    try:
+        ast = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateError:
+        return "string"
+    aliases = {
+        t.name
+        for node in ast.find_all(jinja2.nodes.Assign)
+        if _is_content(node.node)
+        for t in [node.target]
+        if isinstance(t, jinja2.nodes.Name)
+    }
+    for loop in ast.find_all(jinja2.nodes.For):
+        it = loop.iter
+        while isinstance(it, jinja2.nodes.Filter) and it.node is not None:
+            it = it.node
+        if _is_content(it) or (isinstance(it, jinja2.nodes.Name) and it.name in aliases):
+            return "openai"
+    return "string"
+
+
+def content_as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The "openai" content format: every message's content a list of parts, a string
+    becoming ``[{"type": "text", "text": ...}]`` and no content an empty list."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and "content" in m and not isinstance(m["content"], list):
+            c = m["content"]
+            m = {**m, "content": [] if c is None else [{"type": "text", "text": str(c)}]}
+        out.append(m)
+    return out
+
+
+def with_content_format(messages: list[dict[str, Any]], content_format: str,
+                        template: str) -> list[dict[str, Any]]:
+    """``messages`` as the template gets them: "string" (text parts joined into one string),
+    "openai" (lists of parts) or "auto" (which the template reads: detect_content_format)."""
+    if content_format not in CONTENT_FORMATS:
+        raise ValueError(f"chat_template_content_format must be one of {CONTENT_FORMATS}, "
+                         f"got {content_format!r}")
+    if content_format == "auto":
+        content_format = detect_content_format(template)
+    if content_format == "openai":
+        return content_as_parts(messages)
+    return flatten_content(messages)
+
+
 def render_chat_template(
     template: str,
     messages: list[dict[str, Any]],
@@ -90,12 +154,14 @@ def render_chat_template(
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
     special_tokens: dict[str, str | None] | None = None,
+    content_format: str = "string",
     **kwargs: Any,
 ) -> str:
-    """Render ``messages`` with ``template``; template errors become ValueError."""
+    """Render ``messages`` with ``template``; template errors become ValueError.
+    ``content_format``: see with_content_format."""
     try:
         return _compile(template).render(
-            messages=flatten_content(messages),
+            messages=with_content_format(messages, content_format, template),
             add_generation_prompt=add_generation_prompt,
             tools=tools,
             **(special_tokens or {}),
@@ -122,7 +188,8 @@ _HF_CHAT_OPTIONS = frozenset(
     }
 )
 # attributes this class sets itself; any other attribute write goes to the HF tokenizer
-_OWN_ATTRS = frozenset({"hf", "eos_token_ids", "vocab_size", "chat_template", "_rust"})
+_OWN_ATTRS = frozenset({"hf", "eos_token_ids", "vocab_size", "chat_template",
+                        "chat_template_content_format", "_rust"})
 
 
 class Tokenizer:
@@ -155,6 +222,9 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*eos, *extra_eos_token_ids]))
         self.vocab_size: int = len(hf)
         self.chat_template: str | dict | None = getattr(hf, "chat_template", None)
+        # vLLM's --chat-template-content-format: "auto" (the template's own), "string" or
+        # "openai"; apply_chat_template's chat_template_content_format overrides it
+        self.chat_template_content_format = "auto"
         # a fast tokenizer's Rust object decodes ~5x faster than the Python wrapper around
         # it (which adds only argument conversion when clean-up is off): detokenization runs
         # twice per generated token
@@ -237,21 +307,28 @@ class Tokenizer:
         tools: list[dict[str, Any]] | None = None,
         *,
         chat_template: str | None = None,
+        chat_template_content_format: str | None = None,
         **kw: Any,
     ) -> Any:
         """Render the model's chat template (or ``chat_template``: a name or the template
         text) in a sandboxed Jinja environment; other keywords become template variables.
+        ``chat_template_content_format`` (vLLM's; default: this tokenizer's
+        ``chat_template_content_format``, "auto"): a message's content reaches the template as
+        one string ("string"), as a list of ``{"type": "text", "text": ...}`` parts
+        ("openai"), or as the template reads it ("auto": a template that loops over
+        ``message['content']`` gets parts).
 
         Given one of HF's own options (``tokenize=True``, ``continue_final_message``,
         ``return_dict``, ...), HF's apply_chat_template answers, with the same template.
         """
         template = self._template(tools, chat_template)
+        content_format = chat_template_content_format or self.chat_template_content_format
         hf_options = {k: kw.pop(k) for k in _HF_CHAT_OPTIONS & kw.keys()}
         tokenize = hf_options.pop("tokenize", False)
         if tokenize or hf_options:
             convo = messages
             if messages and isinstance(messages[0], dict):
-                convo = flatten_content(messages)
+                convo = with_content_format(messages, content_format, template)
             return self.hf.apply_chat_template(
                 convo, tools=tools, chat_template=template, tokenize=tokenize,
                 add_generation_prompt=add_generation_prompt, **hf_options, **kw,
@@ -266,6 +343,7 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             tools=tools,
             special_tokens=special,
+            content_format=content_format,
             **kw,
         )
 

@@ -59,3 +59,29 @@ def qwen_windows(config: ModelConfig) -> list[int | None]:
         return [None] * config.num_hidden_layers
     first = int(hf.get("max_window_layers", 28))
     return windows(config, layer_types(config, lambda i: i >= first))
+
+
+def model_window(config: ModelConfig) -> int | None:
+    """The sliding window some layer of the model attends through (None: every layer sees
+    the whole sequence), by vLLM's rule: ``sliding_window`` unless ``use_sliding_window`` is
+    false, or ``layer_types`` names no sliding layer. HF configs give one window for all the
+    sliding layers, so this is also the smallest."""
+    hf = config.hf_config
+    if "use_sliding_window" in hf and not hf.get("use_sliding_window"):
+        return None
+    types = hf.get("layer_types")
+    if isinstance(types, list) and SLIDING not in types:
+        return None
+    return _window(config)
+
+
+def without_sliding_window(config: ModelConfig) -> ModelConfig:
+    """The config with the window turned off on every layer (vLLM's disable_sliding_window:
+    ``sliding_window`` null, and ``use_sliding_window`` false where the config has it); every
+    model reads its windows from these keys (this module, models/moe.py)."""
+    from dataclasses import replace
+
+    hf = {**config.hf_config, "sliding_window": None}
+    if "use_sliding_window" in hf:
+        hf["use_sliding_window"] = False
+    return replace(config, hf_config=hf)

@@ -226,6 +226,9 @@ class OpenAIService:
                 return
         if self.state.chat_template is not None:  # --chat-template: in place of the model's
             engine.tokenizer.chat_template = self.state.chat_template
+        # --chat-template-content-format: how message content reaches the template
+        engine.tokenizer.chat_template_content_format = getattr(
+            self.args, "chat_template_content_format", None) or "auto"
         # the loader's name for the model is known only now, once --model is resolved
         engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
         lora_modules = getattr(self.args, "lora_modules", None) or []

@@ -146,10 +146,21 @@ def render_chat_text(
     chat_template: str | None = None,
 ) -> str | list[int]:
     """The chat template's prompt text (or the ids a template returned directly)."""
-    convo = history_for_template([template_message(m) for m in messages])
+    parts = _content_as_parts(engine.tokenizer, tools, chat_template)
+    convo = history_for_template([template_message(m, parts) for m in messages])
     if continue_final_message:
         check_continue(messages, add_generation_prompt)
-        convo[-1]["content"] += _CONTINUE_MARK
+        last = convo[-1]
+        if isinstance(last["content"], list):  # after the final text part
+            texts = [i for i, p in enumerate(last["content"]) if p.get("type") == "text"]
+            if texts:
+                i = texts[-1]
+                part = last["content"][i]
+                last["content"][i] = {**part, "text": part["text"] + _CONTINUE_MARK}
+            else:
+                last["content"].append({"type": "text", "text": _CONTINUE_MARK})
+        else:
+            last["content"] = (last["content"] or "") + _CONTINUE_MARK
     apply = engine.tokenizer.apply_chat_template
     kw: dict[str, Any] = {
         k: v for k, v in (chat_template_kwargs or {}).items()
@@ -208,10 +219,33 @@ def _takes_tools(fn: Any) -> bool:
     return any(p.name == "tools" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def template_message(m: ChatMessage) -> dict[str, Any]:
+def _content_as_parts(tok: Any, tools: Any, chat_template: str | None) -> bool:
+    """Whether the template gets a message's content as a list of text parts (vLLM's
+    --chat-template-content-format openai, or auto with a template that loops over it)."""
+    fmt = getattr(tok, "chat_template_content_format", "string")
+    if fmt == "auto":
+        from modelport.frontend.tokenizer import detect_content_format
+
+        try:
+            template = tok._template(tools, chat_template)
+        except (AttributeError, ValueError):  # no template: apply_chat_template says so
+            return False
+        fmt = detect_content_format(template) if isinstance(template, str) else "string"
+    return fmt == "openai"
+
+
+def template_message(m: ChatMessage, parts: bool = False) -> dict[str, Any]:
     """One message as the chat template sees it (vLLM's fields: name, an assistant's
-    tool_calls, a tool message's tool_call_id)."""
-    d: dict[str, Any] = {"role": m.role, "content": m.text()}
+    tool_calls, a tool message's tool_call_id); ``parts``: the content as a list of
+    ``{"type": "text", "text": ...}`` parts (a string one part, none an empty list), else
+    one string."""
+    content: Any = m.text()
+    if parts:
+        if isinstance(m.content, list):
+            content = [{"type": "text", "text": p.text} for p in m.content]
+        else:
+            content = [] if m.content is None else [{"type": "text", "text": m.content}]
+    d: dict[str, Any] = {"role": m.role, "content": content}
     if m.name is not None:
         d["name"] = m.name
     if m.tool_calls:
