@@ -9,9 +9,13 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers.tiny_models import _byte_level_tokenizer, make_tiny_llama_dir
+from helpers.tiny_models import (
+    _byte_level_tokenizer,
+    greedy_token_ids,
+    make_tiny_llama_dir,
+    make_tiny_mistral_dir,
+)
 from modelport import LLM, SamplingParams
 from modelport.config import ModelConfig, SchedulerConfig
 from modelport.engine.arg_utils import EngineArgs
@@ -108,24 +112,10 @@ WINDOW = 12
 
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = MistralConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                        max_position_embeddings=256, sliding_window=WINDOW, bos_token_id=256,
-                        eos_token_id=257, pad_token_id=258, initializer_range=0.08,
-                        rms_norm_eps=1e-5)  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("mistral") / "m"
-    MistralForCausalLM(cfg).eval().save_pretrained(path)
-    _byte_level_tokenizer().save_pretrained(path)
-    return path
+    return make_tiny_mistral_dir(tmp_path_factory.mktemp("mistral") / "m", WINDOW)
 
 
-def _greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:
-    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+_greedy = greedy_token_ids
 
 
 def test_disable_sliding_window_caps_the_length_and_attends_fully(mistral: Path, caplog) -> None:

@@ -114,6 +114,32 @@ def make_tiny_llama_dir(
     return _save(model, Path(path), with_tokenizer)
 
 
+def make_tiny_mistral_dir(path: Path, window: int) -> Path:
+    """A random tiny Mistral (2 layers, hidden 64, 4 heads / 2 KV heads) whose attention
+    slides over ``window`` tokens, with the byte-level tokenizer."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                        max_position_embeddings=256, sliding_window=window, bos_token_id=256,
+                        eos_token_id=257, pad_token_id=258, initializer_range=0.08,
+                        rms_norm_eps=1e-5)  # fmt: skip
+    torch.manual_seed(0)
+    path = Path(path)
+    MistralForCausalLM(cfg).eval().save_pretrained(path)
+    _byte_level_tokenizer().save_pretrained(path)
+    return path
+
+
+def greedy_token_ids(llm: Any, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Each prompt's first n greedy tokens (ignoring EOS) through an LLM."""
+    from modelport import SamplingParams
+
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def make_tiny_qwen2_dir(
     path: Path, *, seed: int = 0, with_tokenizer: bool = True, tie_word_embeddings: bool = False
 ) -> Path:
