@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 
 from modelport.entrypoints import vllm_compat
 from modelport.entrypoints.cli import build_parser
+from modelport.entrypoints.cli_serve import take_model_tag
 from modelport.entrypoints.openai.api_server import build_app, engine_args_from, make_parser
 
 # every flag, with a value vLLM takes (the refused ones at a value that is refused later)
@@ -77,7 +78,7 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         "--distributed-executor-backend", "mp", "--guided-decoding-backend", "auto",
         "--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1",
         "--compilation-config", "{}", "--kv-transfer-config", "{}", "--revision", "main",
-        "--mm-processor-kwargs", "{}", "--cuda-graph-sizes", "512",
+        "--mm-processor-kwargs", "{}", "--cuda-graph-sizes", "512", "-pp", "1",
     ]  # fmt: skip
     vllm_compat.check(parse(form, *at_default))
 
@@ -86,6 +87,8 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
     ("argv", "says"),
     [
         (["--cpu-offload-gb", "4"], "--quantization"),
+        (["-pp", "2"], "--tensor-parallel-size"),
+        (["--pipeline-parallel-size", "4"], "--data-parallel-size"),
         (["--headless"], "one `modelport serve` per host"),
         (["--data-parallel-address", "10.0.0.1"], "multi-node"),
         (["-dp", "2", "--data-parallel-size-local", "1"], "--data-parallel-size alone"),
@@ -116,8 +119,8 @@ def test_refused_values_say_what_to_use_instead(argv: list[str], says: str) -> N
         with pytest.raises(SystemExit) as e:
             vllm_compat.check(parse(form, *argv))
         msg = str(e.value.code)
-        flag = {"-dp": "--data-parallel-size-local", "-O0": "--compilation-config"}.get(
-            argv[0], argv[0])
+        flag = {"-dp": "--data-parallel-size-local", "-O0": "--compilation-config",
+                "-pp": "--pipeline-parallel-size"}.get(argv[0], argv[0])
         assert msg.startswith(f"modelport serve: {flag}")
         assert "is not supported" in msg and says in msg, msg
 
@@ -203,6 +206,21 @@ def test_config_file_merges_and_the_command_line_wins(tmp_path) -> None:  # noqa
         assert args.speculative_config == {"method": "ngram", "num_speculative_tokens": 2}
         assert engine_args_from(args).max_model_len == 4000
         assert parse(form, f"--config={f}").max_num_seqs == 8
+
+
+def test_config_file_keeps_the_command_lines_model(tmp_path) -> None:  # noqa: ANN001
+    """`serve MODEL --config f`: a list last in the file does not swallow MODEL, and the
+    command line's model (positional or --model) wins over the file's `model:`."""
+    f = tmp_path / "serve.yaml"
+    f.write_text("model: /models/file\nport: 9000\nserved-model-name: [a, b]\n")
+    args = parse("serve", "/models/cli", "--config", str(f))
+    take_model_tag(args)
+    assert args.model == "/models/cli" and args.served_model_name == ["a", "b"]
+    assert args.port == 9000
+    for form in FORMS:
+        args = parse(form, "--config", str(f), "--model", "/models/cli")
+        assert args.model == "/models/cli" and args.served_model_name == ["a", "b"]
+        assert parse(form, "--config", str(f)).model == "/models/file"
 
 
 def test_config_file_errors(tmp_path, capsys) -> None:  # noqa: ANN001

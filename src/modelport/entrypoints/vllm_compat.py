@@ -61,12 +61,21 @@ def expand_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list
         i += 1
     if path is None:
         return argv
-    return config_file_argv(parser, path) + rest
+    # as vLLM: a leading positional (`serve MODEL --config f`) stays first, so that a list in
+    # the file (served-model-name: [a, b]) cannot swallow it, and the command line's model
+    # wins over the file's
+    lead = rest[:1] if rest and not rest[0].startswith("-") else []
+    cli_model = lead or any(a == "--model" or a.startswith("--model=") for a in rest)
+    skip = ("--model",) if cli_model else ()
+    return lead + config_file_argv(parser, path, skip) + rest[len(lead):]
 
 
-def config_file_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
+def config_file_argv(
+    parser: argparse.ArgumentParser, path: str, skip: tuple[str, ...] = ()
+) -> list[str]:
     """The YAML file's keys as command-line flags (true: the bare flag; false: --no-FLAG for a
-    --FLAG/--no-FLAG pair, else left out; a list: its items; a mapping: JSON)."""
+    --FLAG/--no-FLAG pair, else left out; a list: its items; a mapping: JSON); the flags in
+    `skip` (given on the command line) are left out."""
     import yaml
 
     try:
@@ -85,6 +94,8 @@ def config_file_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
         flag = "--" + str(key).lstrip("-").replace("_", "-")
         if flag == "--config":
             parser.error(f"--config {path}: a config file cannot name another")
+        if flag in skip:
+            continue
         action = parser._option_string_actions.get(flag)
         if isinstance(value, bool):
             if value:
@@ -335,6 +346,10 @@ def _dp_local_ok(v: Any, a: argparse.Namespace) -> bool:
 
 
 REFUSALS: tuple[Refusal, ...] = (
+    # also refused by EngineArgs, but only once the server listens: say it before that
+    Refusal("--pipeline-parallel-size", _is(1), "pipeline parallelism is not implemented; "
+            "split the model with --tensor-parallel-size, replicate it with "
+            "--data-parallel-size"),
     Refusal("--cpu-offload-gb", _is(0, 0.0), "weights are not offloaded to host memory here; "
             "use a quantized checkpoint (--quantization) or more GPUs (--tensor-parallel-size)"),
     Refusal("--headless", _falsy, "multi-node serving is not supported; run one "
