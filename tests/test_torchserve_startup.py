@@ -254,9 +254,12 @@ def test_plan_listens_on_config_inference_address(tmp_path):
     # --inference-port is an extra server, besides --port, as before
     plan = frontend._plan(_args(["--ts-config", "c", "--inference-port", "7080"]), cfg)
     assert plan.listen is None and plan.inference == ("127.0.0.1", 7080)
-    # no inference_address in the config: --port's default
+    # no inference_address in the config: TorchServe's default, 8080 (alone, no --port)
     plan = frontend._plan(_args(["--ts-config", "c"]), load_ts_config(_config(tmp_path, "")))
-    assert plan.listen is None and plan.inference is None
+    assert plan.listen == ("127.0.0.1", 8080) and plan.inference is None
+    plan = frontend._plan(_args(["--ts-config", "c"], alone=False), load_ts_config(
+        _config(tmp_path, "")))
+    assert plan.listen is None and plan.inference is None  # beside other frontends: --port
 
 
 def _free_port() -> int:

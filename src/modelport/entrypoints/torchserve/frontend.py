@@ -163,14 +163,15 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
     management = (args.ts_management_host or mhost, _pick(args.ts_management_port, mport))
     inference = listen = None
     # the shared app is ours alone (cli_serve names the frontends it chose) and --port was
-    # not typed: config.properties' inference_address replaces it, as in TorchServe
+    # not typed: config.properties' inference_address replaces it (else TorchServe's default
+    # 127.0.0.1:8080), so TorchServe clients find it where TorchServe listens
     alone = tuple(getattr(args, "serve_frontends", ())) == (__name__,)
     port_given = getattr(args, "port_given", True)
     if args.ts_inference_port is not None:
         host = cfg.inference_address[0] if cfg.inference_address else args.host
         inference = (host, args.ts_inference_port)
-    elif cfg.inference_address and alone and not port_given:
-        listen = cfg.inference_address
+    elif alone and not port_given:  # TorchServe's inference address: the config's, or 8080
+        listen = cfg.inference_address or (args.host, 8080)
     elif cfg.inference_address and cfg.inference_address[1] != args.port:
         inference = cfg.inference_address  # config.properties' own inference port
     specs = list(args.models or cfg.load_models)
