@@ -341,3 +341,26 @@ def test_response_flags() -> None:
     req = CompletionRequest(model="m", prompt="x", stream=True,
                             stream_options={"include_usage": False})
     assert usage_options(req, force=True) == (True, False)
+
+
+def test_num_gpu_blocks_override_sizes_the_kv_cache(tmp_path) -> None:
+    """The engine holds exactly the blocks asked for, whatever the memory budget gives, and
+    serves within them."""
+    from helpers.tiny_models import make_tiny_llama_dir
+    from modelport import SamplingParams
+    from modelport.engine.arg_utils import EngineArgs
+    from modelport.engine.llm_engine import LLMEngine
+
+    d = make_tiny_llama_dir(tmp_path / "m")
+    kw = dict(model=str(d), device="cpu", max_model_len=64, block_size=4,
+              kv_cache_memory=4 << 20)
+    budget = LLMEngine.from_engine_args(EngineArgs(**kw)).num_kv_blocks
+    engine = LLMEngine.from_engine_args(EngineArgs(**kw, num_gpu_blocks_override=24))
+    assert engine.num_kv_blocks == 24 != budget
+    engine.add_request("r", [256, 10, 20, 30], SamplingParams(max_tokens=5, ignore_eos=True))
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished]
+    assert len(done[0].outputs[0].token_ids) == 5
+    with pytest.raises(ValueError, match="cannot hold one max_model_len request"):
+        LLMEngine.from_engine_args(EngineArgs(**kw, num_gpu_blocks_override=8))  # 16 needed

@@ -173,8 +173,7 @@ class EngineCore:
         manager = self.runner.lora
         if manager is None:
             return False
-        keys = [k for k in manager.list_loras() if k[0] == lora_id]
-        keys += [k for k in manager.slotted() if k[0] == lora_id and k not in keys]
+        keys = {k for k in [*manager.list_loras(), *manager.slotted()] if k[0] == lora_id}
         for k in keys:
             manager.remove(k)
         return bool(keys)

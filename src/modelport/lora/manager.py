@@ -89,6 +89,8 @@ class LoRAManager:
         for slot, held in enumerate(self._slots):
             if held == key:
                 self._clear(slot)
+                if self._placements is not None:  # the other ranks clear it too
+                    self._placements.append((slot, None))
 
     def mapping(self, scheduled: Sequence[Any]) -> LoRAMapping | None:
         """The step's adapter rows (None: no LoRA request in it), with every adapter of the
@@ -138,7 +140,8 @@ class LoRAManager:
     def follow(
         self, placements: list[tuple[int, dict | None]], spec: list[tuple[int, list[int] | None]]
     ) -> LoRAMapping:
-        """Another rank: take rank 0's slot changes, then its step's rows."""
+        """Another rank: take rank 0's slot changes (a placement replaces what the slot
+        held), then its step's rows."""
         for slot, weights in placements:
             self._clear(slot)
             if weights is not None:
@@ -166,8 +169,6 @@ class LoRAManager:
             mod.lora_slots[slot] = (a.to(self.device, self.dtype), b.to(self.device, self.dtype))
 
     def _clear(self, slot: int) -> None:
-        if self._slots[slot] is not None and self._placements is not None:
-            self._placements.append((slot, None))
         self._slots[slot] = None
         for mod in self.modules.values():
             mod.lora_slots.pop(slot, None)

@@ -85,12 +85,6 @@ BACKEND_CONFIG: dict[tuple[str, str], Callable[[str], str | None]] = {
         "set max_batch_size in the model's config.pbtxt instead"
     ),
 }
-BACKEND_CONFIG_NOTES = {
-    "shm-default-byte-size": _SHM,
-    "shm-growth-byte-size": _SHM,
-    "shm-message-queue-size": _SHM,
-    "shm-region-prefix-name": _SHM,
-}
 
 
 def backend_config_problem(item: str) -> str | None:
