@@ -102,7 +102,6 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["-O0"], "--enforce-eager"),
         (["--compilation-config", '{"cudagraph_capture_sizes": [1]}'], "--enforce-eager"),
         (["--distributed-executor-backend", "ray"], "mp"),
-        (["--enable-expert-parallel"], "--tensor-parallel-size"),
         (["--otlp-traces-endpoint", "http://x"], "/metrics"),
         (["--logits-processors", "a.B"], "logit_bias"),
         (["--lora-dtype", "float16"], "auto"),

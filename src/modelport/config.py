@@ -417,11 +417,14 @@ class ParallelConfig:
     """Tensor parallelism splits one replica's layers over `tensor_parallel_size` devices;
     data parallelism runs `data_parallel_size` replicas (engine cores), each with its own
     devices and KV cache, behind one server (`modelport serve`). `data_parallel_rank`: which
-    replica a core's config describes."""
+    replica a core's config describes. `enable_expert_parallel`: the tensor-parallel ranks
+    split a mixture-of-experts model's experts between them, whole, instead of slicing every
+    expert (parallel/moe_parallel.py)."""
 
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

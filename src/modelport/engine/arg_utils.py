@@ -73,6 +73,8 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     # replicas of the whole engine behind one server (`modelport serve` only)
     data_parallel_size: int = 1
+    # MoE models under tensor parallelism: each rank keeps a share of the experts, whole
+    enable_expert_parallel: bool = False
     load_format: str = "auto"
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -154,6 +156,10 @@ class EngineArgs:
                        default=d.enable_prefix_caching)
         g.add_argument("--enforce-eager", action="store_true", default=False)
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        g.add_argument("--enable-expert-parallel", "-ep", action="store_true", default=False,
+                       help="MoE models: the tensor-parallel ranks share out the experts, "
+                            "whole (tensor-parallel-size must divide their number), instead "
+                            "of each rank holding a slice of every expert")
         g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                        help="1 only: pipeline parallelism is not implemented (split a model "
                             "with --tensor-parallel-size, replicate it with "
@@ -295,8 +301,17 @@ class EngineArgs:
 
         # MoE models: tp must divide the intermediate sizes, no LoRA (a ValueError naming
         # the option); quantized ones: whole groups per rank, below
+        if self.enable_expert_parallel and self.data_parallel_size > 1:
+            raise ValueError(
+                "enable_expert_parallel with data_parallel_size > 1: modelport's data-parallel "
+                "replicas are independent engines and do not exchange tokens between MoE "
+                "layers; shard the experts over one replica's GPUs with tensor_parallel_size "
+                "and enable_expert_parallel, or replicate with data_parallel_size alone")
         check_moe_options(model_config, tensor_parallel_size=self.tensor_parallel_size,
-                          quantization=self.quantization, enable_lora=self.enable_lora)
+                          quantization=self.quantization, enable_lora=self.enable_lora,
+                          expert_parallel=self.enable_expert_parallel,
+                          quantized=bool(model_config.hf_config.get("quantization_config"))
+                          or src.kind == "gguf")
         from modelport.models.encoder_config import encoder_settings
 
         # a BERT-family encoder: its real length, its sentence-transformers pooling
@@ -314,7 +329,8 @@ class EngineArgs:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
-        parallel = ParallelConfig(self.tensor_parallel_size, self.data_parallel_size)
+        parallel = ParallelConfig(self.tensor_parallel_size, self.data_parallel_size,
+                                  enable_expert_parallel=self.enable_expert_parallel)
         tp = parallel.tensor_parallel_size
         if tp != 1:
             for what, n in (("num_attention_heads", model_config.num_attention_heads),

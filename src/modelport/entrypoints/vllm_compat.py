@@ -268,8 +268,6 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     a("--disable-frontend-multiprocessing", action="store_true", default=False,
       help=_SAME + "runs the engine core in its own process, as vLLM V1 always does; "
            "accepted and unused")
-    a("--enable-expert-parallel", action="store_true", default=False,
-      help="refused: MoE experts are sharded by tensor parallelism")
     a("--data-parallel-size-local", "-dpl", type=int, default=None,
       help="equal to --data-parallel-size only: all replicas on this host")
     a("--data-parallel-address", "-dpa", default=None,
@@ -376,8 +374,6 @@ REFUSALS: tuple[Refusal, ...] = (
             "without CUDA graphs"),
     Refusal("--distributed-executor-backend", _is(None, "mp", "uni"), "the engine and its "
             "tensor-parallel workers are local processes; use --distributed-executor-backend mp"),
-    Refusal("--enable-expert-parallel", _falsy, "MoE experts are sharded by "
-            "--tensor-parallel-size"),
     Refusal("--otlp-traces-endpoint", _is(None), "OpenTelemetry tracing is not supported; "
             "scrape /metrics"),
     Refusal("--logits-processors", _is(None, []), "custom logits processors are not "

@@ -88,6 +88,8 @@ class MoeFfn:
             moe, "restack_pending", False
         ):
             return "restacked quantized experts (the CUDA grouped kernels' layout)"
+        if getattr(moe, "expert_offset", None) is not None:
+            return "a rank's share of the experts (expert parallelism)"
         for lin in (block.gate, block.shared_expert_gate):
             why = _gate(lin) if lin is not None else None
             if isinstance(why, str):

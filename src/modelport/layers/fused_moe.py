@@ -81,24 +81,34 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]); one matmul pair per active expert."""
+                  weights: torch.Tensor, ids: torch.Tensor, elsewhere: bool = False
+                  ) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]); one matmul pair per active expert
+    (``elsewhere``: ids == E marks assignments to experts another rank holds)."""
 
     def expert(e: int, xs: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(xs, w13[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w2[e])
 
-    return grouped_experts(x, w13.shape[0], expert, weights, ids)
+    return grouped_experts(x, w13.shape[0], expert, weights, ids, elsewhere)
 
 
 def grouped_experts(x: torch.Tensor, num_experts: int,
                     expert: Callable[[int, torch.Tensor], torch.Tensor],
-                    weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+                    weights: torch.Tensor, ids: torch.Tensor,
+                    elsewhere: bool = False) -> torch.Tensor:
     """The routed sum with each active expert called once on all of its tokens:
-    ``expert(e, xs [n, H]) -> [n, H]``."""
+    ``expert(e, xs [n, H]) -> [n, H]``. ``elsewhere`` (expert parallelism): id
+    ``num_experts`` marks an assignment to an expert another rank holds; it adds zero here."""
     t, k = ids.shape
+
+    def run(e: int, xs: torch.Tensor) -> torch.Tensor:
+        if e == num_experts and elsewhere:
+            return xs.new_zeros(xs.shape[0], x.shape[1])
+        return expert(e, xs)
+
     if t == 1:  # one token (single-stream decode): its k experts in turn, the same sums
-        ys = torch.cat([expert(e, x) for e in ids[0].tolist()]).float()
+        ys = torch.cat([run(e, x) for e in ids[0].tolist()]).float()
         ys *= weights.reshape(-1, 1).float()
         return ys.view(1, k, -1).sum(dim=1).to(x.dtype)
     flat = ids.reshape(-1)
@@ -111,7 +121,7 @@ def grouped_experts(x: torch.Tensor, num_experts: int,
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        ys[start:start + c] = expert(e, xs[start:start + c]).float()
+        ys[start:start + c] = run(e, xs[start:start + c]).float()
         start += c
     ys *= weights.reshape(-1)[order].float().unsqueeze(1)
     per_assignment = torch.empty_like(ys)
@@ -146,6 +156,28 @@ class FusedMoE(nn.Module):
         self.stacked = True  # False once unstack() split the experts into ExpertMLPs
         self.restack_pending = False  # unstack(restack=True): restack_experts after loading
         self.quant_experts: QuantExperts | None = None  # the restacked quantized experts
+        # expert parallelism (parallel/moe_parallel.py): this layer holds experts
+        # [expert_offset, expert_offset + num_experts) of the router's global_experts
+        self.expert_offset: int | None = None
+        self.global_experts = num_experts
+
+    def set_expert_range(self, first: int, total: int) -> None:
+        """Hold experts [first, first + num_experts) of the router's ``total`` (expert
+        parallelism); assignments to the others add nothing here."""
+        if not 0 <= first <= total - self.num_experts:
+            raise ValueError(f"experts [{first}, {first + self.num_experts}) are not within "
+                             f"the router's {total}")
+        self.expert_offset, self.global_experts = first, total
+
+    def _own_assignments(self, weights: torch.Tensor, ids: torch.Tensor, elsewhere: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global expert ids -> this rank's local ids; another rank's experts get id
+        ``elsewhere`` and weight 0 (the block's all-reduce adds their terms from there)."""
+        assert self.expert_offset is not None
+        local = ids - self.expert_offset
+        own = (local >= 0) & (local < self.num_experts)
+        return (torch.where(own, weights, torch.zeros_like(weights)),
+                torch.where(own, local, torch.full_like(local, elsewhere)))
 
     def unstack(self, restack: bool = False) -> None:
         """Replace the stacked weights by one ExpertMLP per expert, named "0", "1", ... (the
@@ -192,6 +224,13 @@ class FusedMoE(nn.Module):
             weights, ids = route_topk(router_logits, self.top_k, self.renormalize)
         else:
             weights, ids = route(router_logits, self.top_k, self.renormalize)
+        elsewhere = False
+        if self.expert_offset is not None:
+            # on CUDA another rank's assignments run this rank's expert 0 at weight 0 (the
+            # kernels read every id); on CPU they are skipped
+            weights, ids = self._own_assignments(weights, ids, 0 if x.is_cuda else
+                                                 self.num_experts)
+            elsewhere = not x.is_cuda
         if self.quant_experts is not None:  # restacked FP8 / AWQ / GPTQ experts
             return self.quant_experts(x, weights, ids)
         if not self.stacked:
@@ -199,14 +238,15 @@ class FusedMoE(nn.Module):
                 raise RuntimeError("per-expert quantized MoE layers run on CPU only (on CUDA "
                                    "FP8 / AWQ / GPTQ experts are restacked at load)")
             return grouped_experts(x, self.num_experts,
-                                   lambda e, xs: self.get_submodule(str(e))(xs), weights, ids)
+                                   lambda e, xs: self.get_submodule(str(e))(xs), weights, ids,
+                                   elsewhere)
         if x.is_cuda:
             try:
                 from modelport.layers.triton_moe import fused_experts
             except ImportError as e:
                 raise RuntimeError(f"MoE layers on CUDA need triton ({e})") from e
             return fused_experts(x, self.w13.weight, self.w2.weight, weights, ids)
-        return moe_reference(x, self.w13.weight, self.w2.weight, weights, ids)
+        return moe_reference(x, self.w13.weight, self.w2.weight, weights, ids, elsewhere)
 
     def _few_tokens(self, tokens: int) -> bool:
         """Whether the Triton few-token path (triton_moe.small_batch_experts and its FP8 /
@@ -227,8 +267,10 @@ class FusedMoE(nn.Module):
         if not self.stacked:
             return f"experts={self.num_experts}, top_k={self.top_k}, per-expert layers"
         e, two_i, h = self.w13.weight.shape
+        held = (f", holds [{self.expert_offset}, {self.expert_offset + e}) of "
+                f"{self.global_experts}" if self.expert_offset is not None else "")
         return (f"experts={e}, top_k={self.top_k}, hidden={h}, intermediate={two_i // 2}, "
-                f"renormalize={self.renormalize}")
+                f"renormalize={self.renormalize}{held}")
 
 
 class GateLinear(Linear):
@@ -245,7 +287,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, experts: FusedMoE,
                  shared_expert: nn.Module | None = None) -> None:
         super().__init__()
-        self.gate = GateLinear(hidden_size, experts.num_experts)
+        self.gate = GateLinear(hidden_size, experts.global_experts)
         self.experts = experts
         self.shared_expert = shared_expert
         self.shared_expert_gate = (GateLinear(hidden_size, 1) if shared_expert is not None

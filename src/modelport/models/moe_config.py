@@ -87,32 +87,46 @@ def check_moe_options(
     tensor_parallel_size: int = 1,
     quantization: str | None = None,  # any format: quantized experts split as float ones
     enable_lora: bool = False,
+    expert_parallel: bool = False,
+    quantized: bool = False,
 ) -> None:
     """Refuse, before anything loads, the engine options the MoE models do not support."""
     spec = moe_spec(config)
     if spec is None:
         return
     arch = config.architecture
-    why = moe_tp_refusal(config, tensor_parallel_size)
+    why = moe_tp_refusal(config, tensor_parallel_size, expert_parallel)
     if why:
         raise ValueError(f"{arch}: {why}")
+    if expert_parallel and tensor_parallel_size > 1 and (quantized or quantization):
+        from modelport.parallel.moe_parallel import EP_QUANT_REFUSAL
+
+        raise ValueError(f"{arch}: {EP_QUANT_REFUSAL}")
     if enable_lora:
         raise ValueError(f"{arch}: enable_lora is not supported for MoE models")
 
 
-def moe_tp_refusal(config: ModelConfig, tp: int) -> str | None:
+def moe_tp_refusal(config: ModelConfig, tp: int, expert_parallel: bool = False) -> str | None:
     """Why tensor parallel degree tp cannot split this MoE model's feed-forward layers, or
     None (the attention heads are checked as for every model). Each rank keeps an equal
     slice of every expert's intermediate channels, of the shared expert's and of the dense
-    MLPs' (parallel/moe_parallel.py), so tp must divide each of those sizes."""
+    MLPs' (parallel/moe_parallel.py), so tp must divide each of those sizes; with
+    ``expert_parallel`` a rank keeps whole experts, so tp must divide their number instead
+    of their intermediate size."""
     spec = moe_spec(config)
     if spec is None or tp == 1:
         return None
     d = config.hf_config
-    expert_key = ("intermediate_size" if config.architecture in ("MixtralForCausalLM",
-                                                                 "GraniteMoeForCausalLM")
-                  or not d.get("moe_intermediate_size") else "moe_intermediate_size")
-    sizes = [(expert_key, spec.expert_intermediate_size, "every expert's")]
+    if expert_parallel:
+        if spec.num_experts % tp:
+            return (f"expert parallelism: tensor_parallel_size {tp} must divide the number of "
+                    f"experts ({spec.num_experts}): each rank keeps an equal share of them")
+        sizes = []
+    else:
+        expert_key = ("intermediate_size" if config.architecture in ("MixtralForCausalLM",
+                                                                     "GraniteMoeForCausalLM")
+                      or not d.get("moe_intermediate_size") else "moe_intermediate_size")
+        sizes = [(expert_key, spec.expert_intermediate_size, "every expert's")]
     if spec.shared_intermediate_size:
         sizes.append(("shared_expert_intermediate_size", spec.shared_intermediate_size,
                       "the shared expert's"))

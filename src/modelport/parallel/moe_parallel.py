@@ -20,6 +20,15 @@ rank's slice only (``experts_for_rank``) and the slice's loaders cut every check
 as it streams in. Attention and the shared expert are built as the rank's slice too
 (parallel/tp_load.py); embeddings, norms and the router stay whole (replicated).
 
+Expert parallelism (``enable_expert_parallel``, vLLM's ``--enable-expert-parallel``) splits the
+experts instead: rank r of n keeps experts [r*E/n, (r+1)*E/n) whole (``FusedMoE.expert_offset``),
+so n must divide E rather than the expert intermediate size. Every rank still routes every
+token over all E experts (the replicated router); assignments to another rank's experts
+weigh nothing here, and the block's one all-reduce sums each token's k terms from the ranks
+that hold them. Attention, the dense MLPs and the shared expert stay split as above. Each
+expert's weights are read by one rank only, where tensor parallelism has every rank read a
+slice of every active expert: fewer, larger matrix products a rank.
+
 Quantized experts (a GGUF file kept in its blocks, AWQ / GPTQ / FP8 checkpoints) are per-expert
 layers (``FusedMoE.unstack``), built as this rank's slice like the dense quantized layers
 (parallel/tp_quant_load.py): each expert's gate_up rows and down columns, codes, group scales
@@ -46,18 +55,28 @@ from modelport.parallel.tensor_parallel import _shard_merged, _shard_row, _slice
 # (rank, size) while a tensor-parallel rank builds and loads its model; None otherwise
 _BUILD_SHARD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "moe_build_shard", default=None)
+# whether that rank keeps whole experts (expert parallelism) instead of slices of all
+_BUILD_EXPERT_PARALLEL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "moe_build_expert_parallel", default=False)
+
+EP_QUANT_REFUSAL = ("enable_expert_parallel (--enable-expert-parallel) does not take quantized "
+                    "MoE experts (AWQ / GPTQ / FP8 / GGUF) yet; leave it off: tensor "
+                    "parallelism alone splits every quantized expert over the ranks")
 
 
 @contextlib.contextmanager
-def sharded_at_build(rank: int, size: int) -> Iterator[None]:
-    """Layers built (and loaded) inside hold only this rank's slice: MoE experts here, the
-    dense q/k/v, gate_up, o and down layers in parallel/tp_load.py."""
+def sharded_at_build(rank: int, size: int, expert_parallel: bool = False) -> Iterator[None]:
+    """Layers built (and loaded) inside hold only this rank's slice: MoE experts here (whole
+    experts, a 1/size share of them, with ``expert_parallel``), the dense q/k/v, gate_up, o
+    and down layers in parallel/tp_load.py."""
     if _BUILD_SHARD.get() is not None:
         raise RuntimeError("sharded_at_build does not nest")
     token = _BUILD_SHARD.set((rank, size))
+    ep_token = _BUILD_EXPERT_PARALLEL.set(expert_parallel)
     try:
         yield
     finally:
+        _BUILD_EXPERT_PARALLEL.reset(ep_token)
         _BUILD_SHARD.reset(token)
 
 
@@ -69,6 +88,15 @@ def experts_for_rank(num_experts: int, top_k: int, hidden_size: int, intermediat
     if shard is None or shard[1] == 1:
         return FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize)
     rank, size = shard
+    if _BUILD_EXPERT_PARALLEL.get():
+        _check_experts_divide(num_experts, size)
+        local = num_experts // size
+        moe = FusedMoE(local, top_k, hidden_size, intermediate_size, renormalize)
+        moe.ep_shard = (rank, size)
+        moe.set_expert_range(rank * local, num_experts)
+        moe.w13.weight.weight_loader = partial(_load_own_experts, moe.w13, rank * local, local)
+        moe.w2.weight.weight_loader = partial(_load_own_experts, moe.w2, rank * local, local)
+        return moe
     _check_divides("expert intermediate size", intermediate_size, size)
     part = intermediate_size // size
     moe = FusedMoE(num_experts, top_k, hidden_size, part, renormalize)
@@ -86,6 +114,8 @@ def whole_experts_for_quantization(experts: FusedMoE) -> None:
     and parallel/tp_quant_load.py builds each as the rank's slice of it (the dense quantized
     layers' way). The stacked weights are only placeholders here (on meta: ``unstack`` reads
     their shapes and drops them)."""
+    if getattr(experts, "ep_shard", None) is not None:
+        raise ValueError(EP_QUANT_REFUSAL)
     built = getattr(experts, "tp_shard", None)
     if built is None:
         return
@@ -108,6 +138,20 @@ def _load_w13_slice(w: ExpertWeights, rank: int, part: int, param: nn.Parameter,
     else:
         loaded = loaded[lo:lo + part]
     w.weight_loader(param, loaded, shard_id)
+
+
+def _load_own_experts(w: ExpertWeights, first: int, count: int, param: nn.Parameter,
+                      loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    """Experts [first, first + count) of a checkpoint: a stacked [E, ...] tensor's rows, or
+    one expert's projection ("<e>.<part>") renumbered to its local index; other ranks'
+    experts are skipped."""
+    if shard_id is None:
+        w.weight_loader(param, loaded[first:first + count], None)
+        return
+    expert, part = shard_id.split(".", 1)
+    local = int(expert) - first
+    if 0 <= local < count:
+        w.weight_loader(param, loaded, f"{local}.{part}")
 
 
 def _load_w2_slice(w: ExpertWeights, rank: int, part: int, param: nn.Parameter,
@@ -146,6 +190,12 @@ def _refuse_restacked(name: str, experts: FusedMoE) -> None:
                                  "split for tensor parallelism (float [E, out, in] expected)")
 
 
+def _check_experts_divide(num_experts: int, tp: int) -> None:
+    if num_experts % tp:
+        raise ValueError(f"expert parallelism: tensor_parallel_size {tp} must divide the number "
+                         f"of experts ({num_experts}): each rank keeps an equal share of them")
+
+
 def _check_divides(what: str, size: int, tp: int) -> None:
     if size % tp:
         raise ValueError(f"tensor_parallel_size {tp} must divide the {what} ({size}): each rank "
@@ -164,10 +214,17 @@ def _keep_columns(w: ExpertWeights, start: int, length: int) -> None:
     w.weight = nn.Parameter(data, requires_grad=False)
 
 
-def shard_experts(name: str, experts: FusedMoE, rank: int, size: int) -> None:
-    """Keep rank's slice of every expert's intermediate channels, in place (experts built
-    by ``experts_for_rank`` hold it already)."""
+def shard_experts(name: str, experts: FusedMoE, rank: int, size: int,
+                  expert_parallel: bool = False) -> None:
+    """Keep rank's slice of every expert's intermediate channels (``expert_parallel``: rank's
+    share of the experts, whole), in place (experts built by ``experts_for_rank`` hold it
+    already)."""
     _refuse_restacked(name, experts)
+    if expert_parallel:
+        _keep_own_experts(name, experts, rank, size)
+        return
+    if getattr(experts, "ep_shard", None) is not None:
+        raise RuntimeError(f"{name}: experts built for expert parallelism, sharded without it")
     if not experts.stacked:
         _shard_expert_layers(name, experts, rank, size)
         return
@@ -185,6 +242,32 @@ def shard_experts(name: str, experts: FusedMoE, rank: int, size: int) -> None:
     _keep_rows(experts.w13, torch.cat([own, own + inter]),
                {"gate": (0, part), "up": (part, part)})
     _keep_columns(experts.w2, rank * part, part)
+
+
+def _keep_own_experts(name: str, experts: FusedMoE, rank: int, size: int) -> None:
+    built = getattr(experts, "ep_shard", None)
+    if built is not None:
+        if built != (rank, size):
+            raise RuntimeError(f"{name}: experts built for rank {built[0]} of {built[1]}, "
+                               f"sharded for rank {rank} of {size}")
+        return
+    if getattr(experts, "tp_shard", None) is not None:
+        raise RuntimeError(f"{name}: experts built as tensor-parallel slices, sharded for "
+                           "expert parallelism")
+    if not experts.stacked:
+        raise ValueError(f"{name}: {EP_QUANT_REFUSAL}")
+    total = experts.num_experts
+    _check_experts_divide(total, size)
+    local = total // size
+    first = rank * local
+    for w in (experts.w13, experts.w2):
+        data = w.weight.data[first:first + local].contiguous()
+        w.weight = nn.Parameter(data, requires_grad=False)
+        w.shard_ranges = {k: v for k, v in w.shard_ranges.items()
+                          if int(k.split(".", 1)[0]) < local}
+    experts.num_experts = local
+    experts.ep_shard = (rank, size)
+    experts.set_expert_range(first, total)
 
 
 def _shard_expert_layers(name: str, experts: FusedMoE, rank: int, size: int) -> None:
@@ -216,15 +299,17 @@ def _shard_shared_expert(name: str, mlp: nn.Module, rank: int, size: int) -> Non
         down.bias = None  # added once, by rank 0, before the block's all-reduce
 
 
-def shard_moe_blocks(model: nn.Module, rank: int, size: int) -> tuple[str, ...]:
-    """Shard every SparseMoeBlock of model and wrap it in an AllReduceMoeBlock, in place.
+def shard_moe_blocks(model: nn.Module, rank: int, size: int,
+                     expert_parallel: bool = False) -> tuple[str, ...]:
+    """Shard every SparseMoeBlock of model and wrap it in an AllReduceMoeBlock, in place
+    (``expert_parallel``: each rank keeps whole experts, a 1/size share of them).
 
     Returns the blocks' module names with a trailing dot: ``shard_model`` leaves the modules
     under them alone (the shared expert's down projection must not all-reduce by itself).
     """
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
     for name, block in blocks:
-        shard_experts(name, block.experts, rank, size)
+        shard_experts(name, block.experts, rank, size, expert_parallel)
         if block.shared_expert is not None:
             _shard_shared_expert(f"{name}.shared_expert", block.shared_expert, rank, size)
         parent_name, _, leaf = name.rpartition(".")

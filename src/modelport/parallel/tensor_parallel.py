@@ -191,7 +191,7 @@ def check_heads(m: QKVLinear, size: int) -> None:
         )
 
 
-def shard_model(model: nn.Module, rank: int, size: int) -> None:
+def shard_model(model: nn.Module, rank: int, size: int, expert_parallel: bool = False) -> None:
     """Keep rank's slice of every parallel layer, in place. Requires heads % size == 0
     (and, for mixture-of-experts blocks, intermediate sizes % size == 0: moe_parallel.py).
 
@@ -202,7 +202,8 @@ def shard_model(model: nn.Module, rank: int, size: int) -> None:
         return
     from modelport.parallel.moe_parallel import shard_moe_blocks
 
-    moe_blocks = shard_moe_blocks(model, rank, size)  # whole, with one all-reduce each
+    # whole, with one all-reduce each; expert_parallel: a share of whole experts a rank
+    moe_blocks = shard_moe_blocks(model, rank, size, expert_parallel)
     replace: list[tuple[nn.Module, str, nn.Module]] = []
     for name, module in model.named_modules():
         if moe_blocks and name.startswith(moe_blocks):

@@ -142,10 +142,13 @@ class ModelRunner:
             from modelport.parallel.moe_parallel import sharded_at_build
             from modelport.parallel.tensor_parallel import shard_model
 
+            ep = self.config.parallel_config.enable_expert_parallel
+
             def shard(model: torch.nn.Module) -> None:  # between loading and kernel repacking
-                shard_model(model, self.tp_rank, self.tp_size)
-            # MoE experts are built and loaded as this rank's slice (never whole on one rank)
-            build = sharded_at_build(self.tp_rank, self.tp_size)
+                shard_model(model, self.tp_rank, self.tp_size, ep)
+            # MoE experts are built and loaded as this rank's slice (never whole on one rank);
+            # with expert parallelism as this rank's share of whole experts
+            build = sharded_at_build(self.tp_rank, self.tp_size, ep)
         with build:
             self.model = load_model(
                 self.config.model_source, self.config.model_config, self.config.load_config,
