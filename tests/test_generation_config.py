@@ -271,3 +271,90 @@ def test_server_prompt_tokens_details_on_a_prefix_cache_hit(client) -> None:
             "stream_options": {"include_usage": True}}) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert json.loads(events[-2])["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+
+
+# ---------------------------------------------------------------- every other frontend
+
+
+def test_with_sampling_defaults_fills_left_out_fields_and_caps_max_tokens() -> None:
+    from modelport.engine.generation_config import with_sampling_defaults
+
+    defaults = {"temperature": 0.0, "top_k": 5, "max_tokens": 6}
+    assert with_sampling_defaults({"temperature": None, "top_p": 0.9}, defaults) == {
+        "temperature": 0.0, "top_k": 5, "top_p": 0.9, "max_tokens": 6}
+    assert with_sampling_defaults({"temperature": 0.7, "max_tokens": 20}, defaults) == {
+        "temperature": 0.7, "top_k": 5, "max_tokens": 6}  # a larger max_tokens is capped
+    assert with_sampling_defaults({"max_tokens": 3}, defaults)["max_tokens"] == 3
+    assert with_sampling_defaults({"max_tokens": -4}, defaults)["max_tokens"] == -4  # a 400
+    assert with_sampling_defaults({"top_k": None, "max_tokens": 9}, None) == {"max_tokens": 9}
+
+
+LLM_CONFIG = """
+name: "tuned"
+backend: "llm"
+max_batch_size: 0
+input [ {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }} ]
+output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }} ]
+parameters {{ key: "model" value: {{ string_value: "{model}" }} }}
+parameters {{ key: "kv_cache_memory" value: {{ string_value: "8388608" }} }}
+parameters {{ key: "max_model_len" value: {{ string_value: "128" }} }}
+parameters {{ key: "override_generation_config"
+              value: {{ string_value: "{{\\"max_new_tokens\\": 4}}" }} }}
+"""
+
+
+def test_kserve_llm_model_takes_the_generation_config_defaults(model_dir, tmp_path) -> None:
+    """The Triton / KServe `llm` backend: fields a request leaves out take the model's
+    generation_config.json (greedy, top_k 5, repetition_penalty 1.3) and the
+    override_generation_config parameter (max_new_tokens 4: the default length and a cap)."""
+    import httpx
+
+    from modelport.entrypoints.kserve.embedded import EmbeddedServer
+
+    (tmp_path / "tuned" / "1").mkdir(parents=True)
+    (tmp_path / "tuned" / "config.pbtxt").write_text(LLM_CONFIG.format(model=model_dir))
+    srv = EmbeddedServer([tmp_path]).start()
+    try:
+        url = f"http://{srv.http_url}/v2/models/tuned/generate"
+
+        def gen(**params) -> str:
+            r = httpx.post(url, json={"text_input": "The tiny model says",
+                                      "parameters": {"ignore_eos": True, **params}})
+            assert r.status_code == 200, r.text
+            return r.json()["text_output"]
+
+        left_out = gen()
+        explicit = gen(temperature=0, top_k=5, repetition_penalty=1.3, max_tokens=4)
+        assert left_out == explicit
+        assert gen(max_tokens=20) == explicit  # capped at max_new_tokens
+        assert explicit.startswith(gen(max_tokens=2))
+        backend = srv.manager.get("tuned").backend
+        assert backend.llm.engine_config.default_sampling_params == {
+            "temperature": 0.0, "top_k": 5, "repetition_penalty": 1.3, "max_tokens": 4}
+    finally:
+        srv.stop()
+
+
+def _cli_generate(capsys, *argv: str) -> str:
+    from modelport.entrypoints.cli import main
+
+    assert main(["generate", "--prompt", "The tiny model says", "--ignore-eos",
+                 "--max-model-len", "128", "--kv-cache-memory", "8MiB", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_generate_takes_the_generation_config_defaults(model_dir, capsys) -> None:
+    """`modelport generate`: flags left out take the generation config's values (top_k 5,
+    repetition_penalty 1.3; max_new_tokens 6 caps --max-tokens' 64), flags typed win."""
+    left_out = _cli_generate(capsys, "--model", str(model_dir))
+    explicit = _cli_generate(capsys, "--model", str(model_dir), "--generation-config", "vllm",
+                             "--top-k", "5", "--repetition-penalty", "1.3", "--max-tokens", "6")
+    assert left_out == explicit
+    # without the generation config: the command's own 64 tokens, plain greedy
+    neutral = _cli_generate(capsys, "--model", str(model_dir), "--generation-config", "vllm")
+    assert len(neutral) > len(left_out)
+    # a typed flag wins over the generation config's
+    typed = _cli_generate(capsys, "--model", str(model_dir), "--top-k", "0",
+                          "--repetition-penalty", "1.0", "--max-tokens", "6")
+    assert typed == _cli_generate(capsys, "--model", str(model_dir), "--generation-config",
+                                  "vllm", "--max-tokens", "6")

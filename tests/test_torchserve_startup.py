@@ -268,6 +268,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_plan_metrics_on_config_metrics_address_else_8082(tmp_path):
+    empty = load_ts_config(_config(tmp_path, ""))
+    # TorchServe alone: its default metrics_address, http://127.0.0.1:8082, --port or not
+    for argv in (["--ts-config", "c"], ["--ts-config", "c", "--port", "9000"]):
+        plan = frontend._plan(_args(argv), empty)
+        assert plan.metrics == ("127.0.0.1", 8082) and plan.metrics_default
+    # beside other frontends: only a configured metrics_address, as before
+    assert frontend._plan(_args(["--ts-config", "c"], alone=False), empty).metrics is None
+    cfg = load_ts_config(_config(tmp_path, "metrics_address=http://0.0.0.0:7072\n"))
+    for alone in (True, False):
+        plan = frontend._plan(_args(["--ts-config", "c"], alone=alone), cfg)
+        assert plan.metrics == ("0.0.0.0", 7072) and not plan.metrics_default
+
+
+def test_metrics_api_on_the_default_address(tmp_path, monkeypatch, caplog):
+    """No metrics_address: GET /metrics answers on TorchServe's default address (8082 there;
+    a free port here, so the test cannot collide), in Prometheus text with TorchServe's
+    names. A busy default port is skipped with a warning; the rest still serves."""
+    port = _free_port()
+    monkeypatch.setattr(frontend, "DEFAULT_METRICS_ADDRESS", ("127.0.0.1", port))
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w")
+    cfg = _config(tmp_path, f"model_store={store}\nload_models=echo.mar\n"
+                            "management_address=http://127.0.0.1:0\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bare = _config(empty, "management_address=http://127.0.0.1:0\n")
+    args = ["--disable-token-auth", "--disable-grpc"]
+
+    async def main():
+        service, app = await _started(_args(["--ts-config", str(cfg), *args]))
+        try:
+            assert service.metrics_port == port
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://ts") as c:
+                r = await c.post("/predictions/echo", content=b"hi")
+                assert r.status_code == 200, r.text
+            async with httpx.AsyncClient() as c:
+                r = await c.get(f"http://127.0.0.1:{port}/metrics")
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+            assert "# TYPE ts_inference_requests_total counter" in r.text
+            line = next(s for s in r.text.splitlines()
+                        if s.startswith('ts_inference_requests_total{model_name="echo"'))
+            assert float(line.rsplit(" ", 1)[1]) == 1
+            assert 'ts_queue_latency_microseconds{model_name="echo"' in r.text
+            # the default port is busy now: a second server starts without a metrics API
+            with caplog.at_level("WARNING", logger="modelport.torchserve"):
+                second, _ = await _started(_args(["--ts-config", str(bare), *args]))
+            try:
+                assert second.metrics_port is None and second.management_port
+                assert f"metrics API not started: cannot bind TorchServe API to 127.0.0.1:{port}" \
+                    in caplog.text
+            finally:
+                await second.stop()
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
 def _serve(tmp_path: Path, port: int | None) -> tuple[set[int], str, dict[str, int]]:
     """Run `modelport serve --ts-config ...` (no models) until every port it should have is
     up; return the ports it listens on, its log, and the config's ports."""

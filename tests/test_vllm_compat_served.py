@@ -145,6 +145,41 @@ def test_disable_sliding_window_caps_the_length_and_attends_fully(mistral: Path,
         LLM(str(mistral), disable_sliding_window=True, max_model_len=64, **kw)
 
 
+def test_disable_sliding_window_turns_the_draft_models_window_off_too(
+        mistral: Path, tmp_path: Path, caplog) -> None:
+    """A speculative draft model follows --disable-sliding-window as the target does (vLLM
+    gives its draft config the target's setting): no layer of it slides, and its window caps
+    max_model_len too (a draft proposes at every length here)."""
+    from modelport.layers.attention import Attention
+
+    draft = make_tiny_mistral_dir(tmp_path / "draft", 8)
+    kw = dict(block_size=4, kv_cache_memory=1 << 20, dtype="float32")
+    spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2}
+
+    def draft_windows(llm: LLM) -> set:
+        model = llm.llm_engine.core.runner.draft_model
+        return {m.sliding_window for m in model.modules() if isinstance(m, Attention)}
+
+    kept = LLM(str(mistral), speculative_config=spec, **kw)
+    assert draft_windows(kept) == {8}  # without the flag: the draft's own window
+    del kept
+    with caplog.at_level("INFO", logger="modelport.engine.arg_utils"):
+        off = LLM(str(mistral), disable_sliding_window=True, speculative_config=spec, **kw)
+    assert "capped to the draft model's 8-token sliding window (was 12)" in caplog.text
+    assert off.llm_engine.config.scheduler_config.max_model_len == 8
+    assert off.llm_engine.core.runner.draft_config.hf_config["sliding_window"] is None
+    assert draft_windows(off) == {None}
+    prompts = [[(5 * i + 3 * j) % 250 for j in range(4)] for i in range(3)]
+    got = _greedy(off, prompts, 4)
+    del off
+    plain = LLM(str(mistral), disable_sliding_window=True, max_model_len=8, **kw)
+    assert _greedy(plain, prompts, 4) == got  # speculation keeps the greedy output
+    del plain
+    with pytest.raises(ValueError, match="larger than the draft model's sliding window"):
+        LLM(str(mistral), disable_sliding_window=True, max_model_len=10,
+            speculative_config=spec, **kw)
+
+
 def test_which_configs_have_a_window_to_disable() -> None:
     from modelport.models.sliding import model_window, without_sliding_window
 

@@ -52,6 +52,9 @@ class EngineConfig:
     # sampling defaults from the generation config (vLLM's get_diff_sampling_param:
     # temperature, top_p, top_k, min_p, repetition_penalty, max_tokens); {} when none
     default_sampling_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # vLLM's disable_sliding_window: model_config has no window already; the runner turns a
+    # draft model's off as well
+    disable_sliding_window: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -365,9 +368,6 @@ class EngineArgs:
                     raise ValueError(f"{model_config.architecture}: {why}")
         spec = (SpeculativeConfig.from_dict(self.speculative_config)
                 if self.speculative_config is not None else None)
-        if spec is not None and spec.model is not None:
-            _check_draft_model(spec, model_config, self.tensor_parallel_size,
-                               self.max_model_len or model_config.max_position_embeddings)
         if self.max_logprobs < -1:  # -1: no cap (vLLM), requests may ask for -1 (all)
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}")
         runner_type, pooler, pooling_kw = self._resolve_pooling(model_config, spec, encoder)
@@ -408,7 +408,9 @@ class EngineArgs:
                                  f"({max_len}) for an encoder model: it runs each prompt "
                                  "whole (no chunked prefill)")
         if self.disable_sliding_window:
-            model_config, max_len = self._without_sliding_window(model_config, max_len)
+            model_config, max_len = self._without_sliding_window(model_config, max_len, spec)
+        if spec is not None and spec.model is not None:  # at the length the engine will have
+            _check_draft_model(spec, model_config, self.tensor_parallel_size, max_len)
         chunked = encoder is None and self.enable_chunked_prefill is not False
         if not chunked and self.max_num_batched_tokens is None:  # vLLM's default then
             batched = max(batched, max_len)
@@ -457,6 +459,7 @@ class EngineArgs:
             enable_in_reasoning=in_reasoning,
             lora_config=lora,
             default_sampling_params=sampling_defaults,
+            disable_sliding_window=self.disable_sliding_window,
         )
 
     def _resolve_lora(self, runner_type: str) -> Any:
@@ -488,23 +491,30 @@ class EngineArgs:
             threshold = int(max_len * 0.04)
         return threshold
 
-    def _without_sliding_window(self, model_config: ModelConfig,
-                                max_len: int) -> tuple[ModelConfig, int]:
+    def _without_sliding_window(self, model_config: ModelConfig, max_len: int,
+                                spec: SpeculativeConfig | None) -> tuple[ModelConfig, int]:
         """vLLM's disable_sliding_window: no layer slides, and max_model_len is at most the
         window (a given larger one is an error), within which full attention sees what the
-        window did."""
+        window did. A draft model follows the same setting (vLLM gives its draft config the
+        target's disable_sliding_window; the runner turns its window off): its window caps
+        max_model_len too, as the draft proposes at every length here."""
         from modelport.models.sliding import model_window, without_sliding_window
 
-        window = model_window(model_config)
-        if window is not None:
+        windows = [("the model's", "the", model_window(model_config))]
+        if spec is not None and spec.method == "draft_model":
+            windows.append(("the draft model's", "the draft model's",
+                            model_window(_draft_source(spec)[1])))
+        for whose, to, window in windows:
+            if window is None:
+                continue
             if self.max_model_len is not None and self.max_model_len > window:
                 raise ValueError(
-                    f"max_model_len ({self.max_model_len}) is larger than the model's sliding "
+                    f"max_model_len ({self.max_model_len}) is larger than {whose} sliding "
                     f"window ({window}): with disable_sliding_window the context is at most "
                     "the window; lower max_model_len or keep the window")
             if max_len > window:
-                logger.info("disable_sliding_window: max_model_len capped to the %d-token "
-                            "sliding window (was %d)", window, max_len)
+                logger.info("disable_sliding_window: max_model_len capped to %s %d-token "
+                            "sliding window (was %d)", to, window, max_len)
                 max_len = window
         return without_sliding_window(model_config), max_len
 
@@ -583,20 +593,25 @@ class EngineArgs:
         return runner_type, pooler, kw
 
 
+def _draft_source(spec: SpeculativeConfig) -> tuple[Any, ModelConfig]:
+    """The draft model's (or EAGLE head's) source and config, its errors as the config's."""
+    from modelport.loader import load_model_config, resolve_model
+
+    try:
+        src = resolve_model(spec.model)
+        return src, load_model_config(src)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"speculative_config.model {spec.model!r}: {e}") from None
+
+
 def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, max_len: int) -> None:
     """A draft model (or EAGLE head) must speak the target's vocabulary and reach
     max_model_len; an EAGLE(-3) head must also fit a Llama-family target of its width."""
-    from modelport.loader import load_model_config, resolve_model
-
     what = "an EAGLE head" if spec.method in ("eagle", "eagle3") else "a draft model"
     if tp != 1:
         raise ValueError(f"speculative decoding with {what} needs tensor_parallel_size 1 "
                          "(n-gram speculation works with any)")
-    try:
-        src = resolve_model(spec.model)
-        draft = load_model_config(src)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"speculative_config.model {spec.model!r}: {e}") from None
+    src, draft = _draft_source(spec)
     if spec.method in ("eagle", "eagle3"):
         from modelport.models.eagle_llama import check_eagle_head
 

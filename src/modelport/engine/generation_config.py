@@ -9,8 +9,10 @@ Of the file's keys only the sampling ones count: temperature, top_p, top_k, min_
 repetition_penalty, and max_new_tokens (a request's default max_tokens, and as vLLM's a cap
 on the server's max_tokens). HF's do_sample is ignored, as vLLM ignores it: a file with
 ``{"do_sample": false, "temperature": 0.6}`` gives temperature 0.6. These defaults apply to
-the fields a request leaves out (the OpenAI server) and to ``LLM.generate`` / ``LLM.chat``
-without SamplingParams (``LLM.get_default_sampling_params()``). A GGUF file has no
+the fields a request leaves out, on every path that builds SamplingParams from a request
+(``with_sampling_defaults``: the OpenAI server, the KServe / Triton ``llm`` backend,
+``modelport generate``), and to ``LLM.generate`` / ``LLM.chat`` without SamplingParams
+(``LLM.get_default_sampling_params()``). A GGUF file has no
 generation config: nothing changes for it, nor for a file of bos / eos ids only.
 """
 
@@ -87,6 +89,20 @@ def default_sampling_params(model_source: Any, generation_config: str = "auto",
             "intended, relaunch with --generation-config vllm (LLM(generation_config='vllm')).",
             where, found)
     return found
+
+
+def with_sampling_defaults(given: dict[str, Any],
+                           defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """SamplingParams keywords for a request: the fields it sends (``given``; None is "not
+    sent", as in vLLM), the generation config's defaults for those it leaves out, and the
+    defaults' max_tokens as a cap on a larger max_tokens sent (vLLM's get_max_tokens). The
+    one merge every frontend uses, so they cannot drift apart."""
+    defaults = defaults or {}
+    out = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+    cap, sent = defaults.get("max_tokens"), given.get("max_tokens")
+    if cap is not None and isinstance(sent, int) and not isinstance(sent, bool):
+        out["max_tokens"] = min(sent, cap)
+    return out
 
 
 def _where(model_source: Any, generation_config: str | None) -> str:

@@ -199,6 +199,10 @@ class ModelRunner:
             else:
                 # the engine's length, as the target's (LongRoPE picks its factors by it)
                 self.draft_config = replace(load_model_config(src), max_model_len=max_len)
+                if getattr(self.config, "disable_sliding_window", False):  # as the target's
+                    from modelport.models.sliding import without_sliding_window
+
+                    self.draft_config = without_sliding_window(self.draft_config)
                 self.draft_model = load_model(src, self.draft_config, LoadConfig(), self.dtype,
                                               self.device)
             logger.info("draft model for speculative decoding: %s (%d layers)", src.name,

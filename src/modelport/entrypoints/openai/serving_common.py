@@ -18,6 +18,7 @@ from fastapi import Request
 
 from modelport.beam_search import BeamSearcher, beam_logprobs_error
 from modelport.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
+from modelport.engine.generation_config import with_sampling_defaults
 from modelport.engine.structured_output import validate as validate_structured_outputs
 from modelport.entrypoints.openai.errors import OpenAIError, error_body, internal_error
 from modelport.entrypoints.openai.protocol import (
@@ -294,19 +295,18 @@ def make_sampling_params(
             raise OpenAIError("You can only either use guided decoding or tools, not both.",
                               400, param="tool_choice")
         structured = tool_constraint
+    # max_tokens was bounded by the generation config's in check_prompt_ids already
+    sampling = with_sampling_defaults(
+        {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+         "min_p": req.min_p, "repetition_penalty": req.repetition_penalty,
+         "max_tokens": max_tokens}, defaults)
     try:
         return SamplingParams(
             n=req.n,
-            temperature=_given(req.temperature, defaults, "temperature", 1.0),
-            top_p=_given(req.top_p, defaults, "top_p", 1.0),
-            top_k=_given(req.top_k, defaults, "top_k", 0),
-            min_p=_given(req.min_p, defaults, "min_p", 0.0),
+            **sampling,
             seed=None if req.seed is None else int(req.seed) % (2**63),
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=_given(req.repetition_penalty, defaults, "repetition_penalty",
-                                      1.0),
-            max_tokens=max_tokens,
             min_tokens=req.min_tokens,
             stop=req.stop,
             stop_token_ids=req.stop_token_ids,
@@ -324,13 +324,6 @@ def make_sampling_params(
         field = str(e).split(" ", 1)[0]  # SamplingParams' messages start with the field
         raise OpenAIError(str(e), 400,
                           param=field if field in type(req).model_fields else None) from None
-
-
-def _given(value: Any, defaults: dict[str, Any] | None, name: str, neutral: Any) -> Any:
-    """The request's value, else the generation config's default, else the neutral one."""
-    if value is not None:
-        return value
-    return (defaults or {}).get(name, neutral)
 
 
 def logit_bias(req: SamplingFields) -> dict[int, float] | None:
@@ -451,7 +444,8 @@ def beam_search_params(engine: AsyncLLM, req: SamplingFields, max_tokens: int) -
             beam_width=req.n,
             max_tokens=max_tokens,
             ignore_eos=req.ignore_eos,
-            temperature=_given(req.temperature, sampling_defaults(engine), "temperature", 1.0),
+            temperature=with_sampling_defaults({"temperature": req.temperature},
+                                               sampling_defaults(engine)).get("temperature", 1.0),
             length_penalty=req.length_penalty,
             include_stop_str_in_output=req.include_stop_str_in_output,
         )

@@ -58,6 +58,9 @@ from modelport.torchserve.ts_config import ModelSettings, TSConfig, load_ts_conf
 
 logger = logging.getLogger("modelport.torchserve")
 
+# TorchServe's default metrics_address (http://127.0.0.1:8082)
+DEFAULT_METRICS_ADDRESS = ("127.0.0.1", 8082)
+
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("TorchServe (.mar archives)")
@@ -151,11 +154,15 @@ class _Plan:
     management: tuple[str, int]
     inference: tuple[str, int] | None  # an extra inference-only server, besides --port
     listen: tuple[str, int] | None  # where the shared app listens instead of --host/--port
-    metrics: tuple[str, int] | None  # a metrics-only server (config metrics_address)
+    # a metrics-only server: config metrics_address, else (TorchServe alone) its default
+    metrics: tuple[str, int] | None
     startup: tuple[tuple[str | None, str], ...]  # (name or None, url)
     config: TSConfig
     workers: int
     grpc: GrpcPlan | None = None  # TorchServe's gRPC APIs (on unless --disable-grpc)
+    # metrics is TorchServe's default 127.0.0.1:8082, not configured: a busy port is skipped
+    # with a warning (as the gRPC defaults), where a configured one must bind
+    metrics_default: bool = False
 
 
 def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
@@ -174,6 +181,10 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
         listen = cfg.inference_address or (args.host, 8080)
     elif cfg.inference_address and cfg.inference_address[1] != args.port:
         inference = cfg.inference_address  # config.properties' own inference port
+    # TorchServe's metrics API: config.properties' metrics_address, else (alone, as the
+    # inference address) TorchServe's default 127.0.0.1:8082
+    metrics_default = alone and cfg.metrics_address is None
+    metrics = DEFAULT_METRICS_ADDRESS if metrics_default else cfg.metrics_address
     specs = list(args.models or cfg.load_models)
     startup: list[tuple[str | None, str]] = []
     for spec in specs:
@@ -191,11 +202,12 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
         management,
         inference,
         listen,
-        cfg.metrics_address,
+        metrics,
         tuple(startup),
         cfg,
         workers,
         grpc_plan(args, cfg),
+        metrics_default,
     )
 
 
@@ -282,10 +294,7 @@ class TorchServeService:
                 self.inference_port,
             )
         if self.plan.metrics is not None:
-            self.metrics_port = await self._serve(make_metrics_app(self.state), *self.plan.metrics)
-            logger.info(
-                "TorchServe metrics API on http://%s:%d", self.plan.metrics[0], self.metrics_port
-            )
+            await self._serve_metrics()
         if self.plan.grpc is not None:
             self.grpc = await GrpcServers.start(self.state, self.plan.grpc)
         if self.snapshots is not None:
@@ -311,6 +320,18 @@ class TorchServeService:
             config_entry=(lambda *_: by_mar) if by_mar else cfg.entry_for_model,
         )
         logger.info("loaded TorchServe model %s version %s", mv.name, mv.version)
+
+    async def _serve_metrics(self) -> None:
+        host, port = self.plan.metrics
+        try:
+            self.metrics_port = await self._serve(make_metrics_app(self.state), host, port)
+        except OSError as e:
+            if not self.plan.metrics_default:
+                raise
+            logger.warning("TorchServe metrics API not started: %s (set metrics_address in "
+                           "config.properties)", e)
+            return
+        logger.info("TorchServe metrics API on http://%s:%d", host, self.metrics_port)
 
     async def _serve(self, app: FastAPI, host: str, port: int) -> int:
         sock = _bind(host, port)

@@ -12,7 +12,9 @@ config.pbtxt:
     # other keys: EngineArgs names (max_model_len, kv_cache_memory, dtype, max_num_seqs, ...)
 
 Sampling settings come from the optional input tensors, or from the request's `parameters`
-(Triton's generate extension puts them there). A decoupled model sends the text in pieces,
+(Triton's generate extension puts them there); those a request leaves out take the model's
+generation_config.json defaults (the `generation_config` / `override_generation_config`
+parameters, as vLLM's flags; engine/generation_config.py), as on /v1. A decoupled model sends the text in pieces,
 each a delta, with the last response marked final.
 
 A request the engine refuses (bad sampling value, prompt too long) fails with
@@ -22,6 +24,7 @@ else that goes wrong is an internal error of that request only.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 from typing import Any
@@ -48,7 +51,7 @@ _SAMPLING_KEYS = {
 
 
 def _engine_args(ctx: BackendContext) -> Any:
-    from modelport.engine.arg_utils import EngineArgs
+    from modelport.engine.arg_utils import EngineArgs, parse_json_dict
 
     fields = {f.name: f for f in dataclasses.fields(EngineArgs)}
     kw: dict[str, Any] = {}
@@ -62,6 +65,8 @@ def _engine_args(ctx: BackendContext) -> Any:
         try:
             if isinstance(default, bool):
                 kw[key] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif key == "override_generation_config":  # a JSON object, as vLLM's flag
+                kw[key] = parse_json_dict(raw)
             elif isinstance(default, int) or key in (
                 "max_model_len",
                 "kv_cache_memory",
@@ -72,7 +77,7 @@ def _engine_args(ctx: BackendContext) -> Any:
                 kw[key] = float(raw)
             else:
                 kw[key] = raw
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
             raise ModelConfigError(
                 f"model '{ctx.config.name}': llm parameter '{key}' has invalid value {raw!r}"
             ) from None
@@ -156,6 +161,7 @@ class LLMBackend(Backend):
         return await self.execute(items)
 
     def _params(self, req: InferRequest) -> Any:
+        from modelport.engine.generation_config import with_sampling_defaults
         from modelport.sampling_params import SamplingParams
 
         kw: dict[str, Any] = {}
@@ -173,7 +179,8 @@ class LLMBackend(Backend):
         stop = req.parameters.get("stop")
         if stop is not None:
             kw["stop"] = stop
-        return SamplingParams(**kw)
+        return SamplingParams(**with_sampling_defaults(
+            kw, self.llm.engine_config.default_sampling_params))
 
     async def _one(self, item: BatchItem) -> Any:
         req = item.request
