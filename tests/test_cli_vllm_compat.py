@@ -94,7 +94,6 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["-dp", "2", "--data-parallel-size-local", "1"], "--data-parallel-size alone"),
         (["--api-server-count", "4"], "one API server"),
         (["--kv-transfer-config", '{"kv_connector": "X"}'], "KV transfer"),
-        (["--enable-sleep-mode"], "sleep mode"),
         (["--tokenizer-mode", "mistral"], "--tokenizer-mode auto"),
         (["--model-impl", "transformers"], "built-in"),
         (["--cuda-graph-sizes", "1", "2", "4"], "--enforce-eager"),
@@ -103,7 +102,6 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["--compilation-config", '{"cudagraph_capture_sizes": [1]}'], "--enforce-eager"),
         (["--distributed-executor-backend", "ray"], "mp"),
         (["--otlp-traces-endpoint", "http://x"], "/metrics"),
-        (["--logits-processors", "a.B"], "logit_bias"),
         (["--lora-dtype", "float16"], "auto"),
         (["--long-lora-scaling-factors", "4"], "long-context"),
         (["--mm-processor-kwargs", '{"num_crops": 4}'], "multimodal"),
@@ -162,8 +160,15 @@ def test_sliding_window_partial_prefills_and_content_format_are_served(form: str
 
 
 def test_refusal_ends_the_server_build_before_any_route() -> None:
-    with pytest.raises(SystemExit, match="--enable-sleep-mode is not supported"):
-        build_app(parse("api_server", "--enable-sleep-mode"))
+    with pytest.raises(SystemExit, match="--headless is not supported"):
+        build_app(parse("api_server", "--headless"))
+
+
+def test_enable_sleep_mode_is_served() -> None:
+    assert "--enable-sleep-mode" not in {r.flag for r in vllm_compat.REFUSALS}
+    assert engine_args_from(parse("api_server", "--model", "/m", "--enable-sleep-mode")
+                            ).enable_sleep_mode
+    assert not engine_args_from(parse("api_server", "--model", "/m")).enable_sleep_mode
 
 
 @pytest.mark.parametrize(

@@ -324,3 +324,38 @@ def test_pdl_launches_equal_plain_launches(model_dir, monkeypatch):
     pdl.enabled.cache_clear()
     assert [len(t) for t, _ in runs["1"]] == [5, 14, 9, 12]
     assert runs["1"] == runs["0"]
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_frees_memory_and_graphs_replay_after_wake_up(model_dir, level):
+    """Sleep mode with CUDA graphs on: the weights and KV cache come back at new addresses, so
+    the graphs captured at start must not replay (they would read freed memory): they are
+    dropped at sleep and captured again at wake-up, and the output is bit for bit the same."""
+    params = _greedy(N_NEW, logprobs=2)
+    llm = _llm(model_dir, enable_sleep_mode=True)
+    runner = _runner(llm)
+    before = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
+    assert runner.graphs is not None
+    old_graphs = runner.graphs
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv = sum(t.numel() * t.element_size() for t in runner.kv_caches)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_reserved()
+    llm.sleep(level=level)
+    assert runner.graphs is None and runner.piecewise is None and not runner.kv_caches
+    assert all(p.untyped_storage().nbytes() == 0 for p in runner.model.parameters())
+    # what the device gave back (nvidia-smi sees it): the cache, the weights and the graphs
+    assert held - torch.cuda.memory_reserved() >= 0.9 * (weights + kv)
+    llm.wake_up(tags=["weights"])
+    assert runner.graphs is None  # no capture until the KV cache is back too
+    llm.wake_up(tags=["kv_cache"])
+    assert runner.graphs is not None and runner.graphs is not old_graphs
+    after = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
+    _assert_same_bits(before, after, N_NEW)
+    # and once more: a second cycle captures again
+    llm.sleep(level=level)
+    llm.wake_up()
+    again = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
+    _assert_same_bits(before, again, N_NEW)
+    del llm
+    torch.cuda.empty_cache()

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from modelport.logits_processor import (
+    AdapterLogitsProcessor,
+    BatchUpdate,
+    LogitsProcessor,
+    MoveDirectionality,
+)
 from modelport.outputs import (
     ClassificationOutput,
     ClassificationRequestOutput,
@@ -32,6 +38,7 @@ __all__ = [
     "RequestOutput", "CompletionOutput", "PoolingParams", "PoolerConfig", "PoolingOutput",
     "PoolingRequestOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "ClassificationOutput",
     "ClassificationRequestOutput", "ScoringOutput", "ScoringRequestOutput",
+    "LogitsProcessor", "AdapterLogitsProcessor", "BatchUpdate", "MoveDirectionality",
 ]
 
 

@@ -164,6 +164,9 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict | None = None
     # vLLM's older name for structured_outputs
     guided_decoding: StructuredOutputsParams | dict | None = None
+    # vLLM's: arguments for custom logits processors (modelport/logits_processor.py), plain
+    # data (they cross to the engine core); the OpenAI field vllm_xargs fills it
+    extra_args: dict[str, Any] | None = None
     # filled by the engine
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     # filled by the frontend's InputProcessor from bad_words (vLLM's name)
@@ -268,6 +271,8 @@ class SamplingParams:
             if not all(isinstance(w, str) for w in _iter_or_none(self.bad_words)):
                 raise bad("bad_words", "None or a list of strings")
             self.bad_words = list(self.bad_words)
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise bad("extra_args", "None or a dict")
         if self.stop_token_ids is not None and not all(
             isinstance(t, int) and 0 <= t < 2**31 for t in self.stop_token_ids
         ):

@@ -55,6 +55,11 @@ class EngineConfig:
     # vLLM's disable_sliding_window: model_config has no window already; the runner turns a
     # draft model's off as well
     disable_sliding_window: bool = False
+    # vLLM's sleep mode: sleep(level) gives the KV cache (and the weights) back between
+    # generation phases, wake_up restores them (runner/sleep.py)
+    enable_sleep_mode: bool = False
+    # custom logits processor classes (modelport/logits_processor.py), built by the runner
+    logits_processors: tuple[type, ...] = ()
 
     @property
     def is_cuda(self) -> bool:
@@ -121,6 +126,8 @@ class EngineArgs:
     structured_outputs_config: dict[str, Any] | None = None
     # vLLM's multi-LoRA serving: requests may name a PEFT adapter (LoRARequest)
     enable_lora: bool = False
+    # vLLM's: LLM.sleep / wake_up (and the server's /sleep, /wake_up, /is_sleeping)
+    enable_sleep_mode: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
@@ -135,6 +142,9 @@ class EngineArgs:
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     long_prefill_token_threshold: int = 0
+    # vLLM's: custom logits processors, as classes or fully-qualified names
+    # ("pkg.mod:Class" / "pkg.mod.Class"); see modelport/logits_processor.py
+    logits_processors: list[str | type] | None = None
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -383,6 +393,7 @@ class EngineArgs:
             sampling_defaults = default_sampling_params(src, self.generation_config,
                                                         self.override_generation_config)
         reasoning_parser, in_reasoning = self._resolve_structured_outputs()
+        logits_processors = self._resolve_logits_processors(runner_type, spec)
         seed = self.seed
         if seed is None:  # as vLLM: no seed, a different run each time
             seed = random.SystemRandom().randrange(2**31)
@@ -449,7 +460,10 @@ class EngineArgs:
             served_model_name=self.served_model_name or src.name,
             async_scheduling=pooling_kw.get(
                 "async_scheduling",
+                # custom logits processors read each request's output ids: with async
+                # scheduling those would lag the step in flight by one token
                 device.startswith("cuda") and self.tensor_parallel_size == 1
+                and not logits_processors
                 if self.async_scheduling is None else self.async_scheduling),
             speculative_config=spec,
             max_logprobs=self.max_logprobs,
@@ -460,7 +474,29 @@ class EngineArgs:
             lora_config=lora,
             default_sampling_params=sampling_defaults,
             disable_sliding_window=self.disable_sliding_window,
+            enable_sleep_mode=self.enable_sleep_mode,
+            logits_processors=logits_processors,
         )
+
+    def _resolve_logits_processors(self, runner_type: str, spec: Any) -> tuple[type, ...]:
+        """The processor classes (a ValueError for an unknown name or a non-processor), at
+        start-up, refused where they cannot run (vLLM refuses the same two)."""
+        if not self.logits_processors:
+            return ()
+        from modelport.logits_processor import load_logits_processors
+
+        classes = load_logits_processors(self.logits_processors)
+        if runner_type != "generate":
+            raise ValueError("custom logits processors (logits_processors) are not supported "
+                             "for pooling models: they sample nothing")
+        if spec is not None:
+            raise ValueError("custom logits processors (logits_processors) are not supported "
+                             "with speculative decoding: drafts are verified against the "
+                             "model's own logits; drop speculative_config to use them")
+        if self.async_scheduling:
+            logger.warning("async scheduling with custom logits processors: a request's "
+                           "output_tok_ids may lack the token of the step still running")
+        return classes
 
     def _resolve_lora(self, runner_type: str) -> Any:
         if not self.enable_lora:

@@ -26,6 +26,7 @@ from typing import Any
 from modelport.engine.core_client import (
     CoreReady,
     CoreRejected,
+    CoreSleepState,
     CoreStepOutputs,
     DPEngineCoreClient,
     EngineCoreClient,
@@ -151,6 +152,7 @@ class AsyncLLM:
         self.input_processor = InputProcessor(
             tokenizer, engine_config.model_config, engine_config.scheduler_config,
             max_logprobs=engine_config.max_logprobs,
+            logits_processors=getattr(engine_config, "logits_processors", ()),
         )
         self.output_processor = OutputProcessor(tokenizer)
         self.max_waiting_requests = max_waiting_requests
@@ -171,6 +173,10 @@ class AsyncLLM:
         self.ready: CoreReady | None = client.ready if client is not None else None
         # encode_async's tokenizer thread and copy (None: not made yet; False: unavailable)
         self._encoder: tuple[ThreadPoolExecutor, Any] | bool | None = None
+        # sleep mode: the core's state as of its latest answer, and the sleep / wake_up calls
+        # waiting for theirs (the core answers in order)
+        self._sleeping = False
+        self._sleep_waiters: list[asyncio.Future] = []
 
     # ---------------------------------------------------------------- start / stop
 
@@ -410,6 +416,53 @@ class AsyncLLM:
             with contextlib.suppress(EngineDeadError):  # a dead core has nothing to free
                 self.client.remove_lora(lora_int_id)
 
+    # ---------------------------------------------------------------- sleep mode (vLLM's)
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (prefix cache reset) and offload (1) or drop (2) the weights on
+        every replica and rank. Requests already in the engine finish first; requests sent
+        from then until wake_up wait in the core and run after it."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        await self._sleep_call(lambda c: c.sleep(level))
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore "weights" and/or "kv_cache" (None: both); level 2 reloads the weights from
+        the checkpoint. Held requests run once both are back."""
+        from modelport.engine.core import WAKE_UP_TAGS
+
+        bad = [t for t in tags or () if t not in WAKE_UP_TAGS]
+        if bad:
+            raise ValueError(f"wake_up tags must be among {list(WAKE_UP_TAGS)}, got {bad}")
+        await self._sleep_call(lambda c: c.wake_up(tags))
+
+    async def is_sleeping(self) -> bool:
+        return self._sleeping
+
+    async def _sleep_call(self, send: Callable[[Any], None]) -> None:
+        if not self.engine_config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: start the engine with --enable-sleep-mode "
+                             "(enable_sleep_mode=True)")
+        if self.dead_reason is not None or self.client is None:
+            raise EngineDeadError(self.dead_reason or "engine is not started")
+        fut = self._loop.create_future()
+        self._sleep_waiters.append(fut)
+        try:
+            send(self.client)
+        except BaseException:
+            self._sleep_waiters.remove(fut)
+            raise
+        state: CoreSleepState = await fut
+        if state.error is not None:
+            raise ValueError(state.error)
+
+    def _on_sleep_state(self, msg: CoreSleepState) -> None:
+        self._sleeping = msg.is_sleeping
+        if self._sleep_waiters:
+            fut = self._sleep_waiters.pop(0)
+            if not fut.done():
+                fut.set_result(msg)
+
     def abort_now(self, request_id: str) -> None:
         """Forget the request here and tell the core to free its blocks (next step at latest)."""
         stream = self._streams.pop(request_id, None)
@@ -440,6 +493,8 @@ class AsyncLLM:
                 self._on_outputs(msg)
             elif isinstance(msg, CoreRejected):
                 self._on_rejected(msg)
+            elif isinstance(msg, CoreSleepState):
+                self._on_sleep_state(msg)
             elif isinstance(msg, EngineDeadError):
                 self._on_dead(msg)
         except Exception:
@@ -474,6 +529,10 @@ class AsyncLLM:
             if not fut.done():
                 fut.set_exception(EngineDeadError(str(err)))
         self._pooling.clear()
+        for fut in self._sleep_waiters:
+            if not fut.done():
+                fut.set_exception(EngineDeadError(str(err)))
+        self._sleep_waiters.clear()
         self._num_inflight_seqs = 0
         if self.on_dead is not None:
             self.on_dead(self.dead_reason)

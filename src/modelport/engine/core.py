@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# what wake_up(tags=...) may restore, as vLLM names it
+WAKE_UP_TAGS = ("weights", "kv_cache")
+
 # an idle step with only grammars compiling waits this long (at most) for one to finish
 _GRAMMAR_WAIT_S = 0.01
 
@@ -166,6 +169,38 @@ class EngineCore:
             self._compiling[r.request_id] = (req, compiling)
         if params.prompt_logprobs is not None:
             self._prompt_lps[r.request_id] = [None]
+
+    # -- sleep mode (vLLM's): the KV cache and weights are given back between phases -----
+    @property
+    def is_sleeping(self) -> bool:
+        return self.runner.is_sleeping
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (the prefix cache is reset with it) and offload (level 1) or drop
+        (level 2) the weights. ValueError without enable_sleep_mode, for a level other than
+        1 and 2, or while requests are unfinished (the caller drains or holds them first)."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: create the engine with enable_sleep_mode=True "
+                             "(--enable-sleep-mode)")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.has_unfinished_requests():
+            raise ValueError("cannot sleep while requests are unfinished: let them finish or "
+                             "abort them first")
+        reset = self.kv.reset_prefix_cache()
+        assert reset, "no request holds a block, so the prefix cache must reset"
+        self.runner.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what sleep freed: tags "weights" and/or "kv_cache" (None: both). A level-2
+        sleep's weights are built again from the checkpoint (or the dummy load format)."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: create the engine with enable_sleep_mode=True "
+                             "(--enable-sleep-mode)")
+        bad = [t for t in tags or () if t not in WAKE_UP_TAGS]
+        if bad:
+            raise ValueError(f"wake_up tags must be among {list(WAKE_UP_TAGS)}, got {bad}")
+        self.runner.wake_up(tags)
 
     def remove_lora(self, lora_id: int) -> bool:
         """Forget the adapters of id ``lora_id`` (their loaded copy and device slot; running

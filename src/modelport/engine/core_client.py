@@ -56,11 +56,24 @@ class RemoveLoRA(msgspec.Struct, tag="remove_lora"):
     lora_int_id: int
 
 
+class Sleep(msgspec.Struct, tag="sleep"):
+    """Sleep mode: once the requests in the core have finished, free the KV cache and
+    offload (level 1) or drop (level 2) the weights; requests that arrive meanwhile wait."""
+
+    level: int
+
+
+class WakeUp(msgspec.Struct, tag="wake_up"):
+    """Restore what Sleep freed ("weights", "kv_cache"; None: both)."""
+
+    tags: list[str] | None = None
+
+
 class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-ToCore = AddRequest | AbortRequests | RemoveLoRA | Shutdown
+ToCore = AddRequest | AbortRequests | RemoveLoRA | Sleep | WakeUp | Shutdown
 
 
 # ---------------------------------------------------------------- messages from the core
@@ -94,7 +107,14 @@ class CoreRejected(msgspec.Struct, tag="rejected"):
     message: str
 
 
-FromCore = CoreReady | CoreStepOutputs | CoreFailed | CoreRejected
+class CoreSleepState(msgspec.Struct, tag="sleep_state"):
+    """The answer to one Sleep or WakeUp, in their order, once it took effect (or failed)."""
+
+    is_sleeping: bool
+    error: str | None = None
+
+
+FromCore = CoreReady | CoreStepOutputs | CoreFailed | CoreRejected | CoreSleepState
 
 _to_core_encoder = msgspec.msgpack.Encoder()
 _to_core_decoder = msgspec.msgpack.Decoder(ToCore)
@@ -178,7 +198,36 @@ def run_engine_core(engine_config: Any, in_conn: Any, out_conn: Any, log_level: 
 
 def _busy_loop(core: Any, in_conn: Any, send: Callable[[FromCore], None]) -> None:
     aborted: list[EngineCoreOutput] = []
+    # sleep mode: a Sleep waits here until the core's requests have finished; requests that
+    # arrive from then until the core is fully awake are held, then added in their order
+    sleep_pending: Sleep | None = None
+    sleep_asks = 0  # Sleep messages that the pending sleep answers (each gets one answer)
+    held: list[EngineCoreRequest] = []
+
+    def add(request: EngineCoreRequest) -> None:
+        try:
+            core.add_request(request)
+        except Exception as e:  # one bad request must not take the core down
+            kind = "queue_full" if type(e).__name__ == "QueueFullError" else "invalid"
+            send(CoreRejected(request_id=request.request_id, kind=kind, message=str(e)))
+
+    def sleep_state(error: str | None = None) -> CoreSleepState:
+        return CoreSleepState(is_sleeping=bool(core.is_sleeping), error=error)
+
     while True:
+        if sleep_pending is not None and not core.has_unfinished_requests():
+            error = None
+            try:
+                core.sleep(sleep_pending.level)
+            except ValueError as e:
+                error = str(e)
+            for _ in range(sleep_asks):
+                send(sleep_state(error))
+            sleep_pending, sleep_asks = None, 0
+            if not core.is_sleeping:  # it failed: the held requests run now
+                for r in held:
+                    add(r)
+                held = []
         idle = not core.has_unfinished_requests()
         handled = False
         # Block only when idle; otherwise take what is queued and go on stepping.
@@ -186,15 +235,39 @@ def _busy_loop(core: Any, in_conn: Any, send: Callable[[FromCore], None]) -> Non
             msg = _to_core_decoder.decode(in_conn.recv_bytes())
             handled = True
             if isinstance(msg, AddRequest):
-                try:
-                    core.add_request(msg.request)
-                except Exception as e:  # one bad request must not take the core down
-                    kind = "queue_full" if type(e).__name__ == "QueueFullError" else "invalid"
-                    send(CoreRejected(request_id=msg.request.request_id, kind=kind, message=str(e)))
+                if sleep_pending is not None or core.is_sleeping:
+                    held.append(msg.request)
+                else:
+                    add(msg.request)
             elif isinstance(msg, AbortRequests):
+                ids = set(msg.request_ids)
+                aborted.extend(EngineCoreOutput(request_id=r.request_id, new_token_ids=[],
+                                                finish_reason="abort")
+                               for r in held if r.request_id in ids)
+                held = [r for r in held if r.request_id not in ids]
                 aborted.extend(core.abort_requests(msg.request_ids) or [])
             elif isinstance(msg, RemoveLoRA):
                 core.remove_lora(msg.lora_int_id)
+            elif isinstance(msg, Sleep):
+                if sleep_pending is not None:  # one sleep, at the deeper level
+                    msg = Sleep(level=max(msg.level, sleep_pending.level))
+                sleep_pending = msg
+                sleep_asks += 1
+                break  # sleep as soon as the core is idle, before the next poll blocks
+            elif isinstance(msg, WakeUp):
+                if sleep_pending is not None:  # the sleep never happens: it is answered
+                    for _ in range(sleep_asks):
+                        send(sleep_state())
+                    sleep_pending, sleep_asks = None, 0
+                try:
+                    core.wake_up(msg.tags)
+                    send(sleep_state())
+                except ValueError as e:
+                    send(sleep_state(str(e)))
+                if not core.is_sleeping:
+                    for r in held:
+                        add(r)
+                    held = []
             else:
                 return
         if core.has_unfinished_requests():
@@ -313,7 +386,7 @@ class EngineCoreClient:
                 reason = f"bad message from engine core: {e}"
                 self._kill()
                 break
-            if isinstance(msg, (CoreStepOutputs, CoreRejected)):
+            if isinstance(msg, (CoreStepOutputs, CoreRejected, CoreSleepState)):
                 self._on_message(msg)
             elif isinstance(msg, CoreFailed):
                 reason = f"engine core failed: {msg.message}"
@@ -342,6 +415,14 @@ class EngineCoreClient:
     def remove_lora(self, lora_int_id: int) -> None:
         """Make the core forget an adapter (requests already sent keep theirs)."""
         self._send(RemoveLoRA(lora_int_id=lora_int_id))
+
+    def sleep(self, level: int) -> None:
+        """Answered by one CoreSleepState (to on_message) once the core sleeps."""
+        self._send(Sleep(level=level))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Answered by one CoreSleepState (to on_message) once the core woke."""
+        self._send(WakeUp(tags=list(tags) if tags is not None else None))
 
     def _send(self, msg: ToCore) -> None:
         if self.dead is not None:
@@ -439,6 +520,10 @@ class DPEngineCoreClient:
         self._inflight = [0] * size
         self.num_added = [0] * size  # engine requests each replica was given (cumulative)
         self._stats = [SchedulerStats() for _ in range(size)]
+        # sleep mode: every replica answers each Sleep / WakeUp in order; the k-th answers
+        # of all replicas make the one answer passed on
+        self._sleep_answered = [0] * size
+        self._sleep_answers: dict[int, list[tuple[int, CoreSleepState]]] = {}
         self._closing = False
         self.dead: EngineDeadError | None = None
         clients: list[EngineCoreClient | None] = [None] * size
@@ -488,7 +573,19 @@ class DPEngineCoreClient:
             self._on_message(self.dead)
             return
         with self._lock:
-            if isinstance(msg, CoreStepOutputs):
+            if isinstance(msg, CoreSleepState):
+                k = self._sleep_answered[rank]
+                self._sleep_answered[rank] += 1
+                answers = self._sleep_answers.setdefault(k, [])
+                answers.append((rank, msg))
+                if len(answers) < len(self._sleep_answered):
+                    return
+                del self._sleep_answers[k]
+                errors = [f"data-parallel replica {r}: {a.error}" for r, a in sorted(answers)
+                          if a.error]
+                msg = CoreSleepState(is_sleeping=any(a.is_sleeping for _, a in answers),
+                                     error="; ".join(errors) or None)
+            elif isinstance(msg, CoreStepOutputs):
                 for out in msg.outputs.outputs:
                     if out.finished:
                         self._release(out.request_id)
@@ -539,6 +636,19 @@ class DPEngineCoreClient:
             raise self.dead
         for c in self.clients:
             c.remove_lora(lora_int_id)
+
+    def sleep(self, level: int) -> None:
+        """Every replica sleeps; one CoreSleepState answers once all of them have."""
+        if self.dead is not None:
+            raise self.dead
+        for c in self.clients:
+            c.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if self.dead is not None:
+            raise self.dead
+        for c in self.clients:
+            c.wake_up(tags)
 
     @property
     def is_alive(self) -> bool:

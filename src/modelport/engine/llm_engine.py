@@ -31,7 +31,8 @@ class LLMEngine:
         self.core = EngineCore(config)
         self.input_processor = InputProcessor(self.tokenizer, config.model_config,
                                               config.scheduler_config,
-                                              max_logprobs=config.max_logprobs)
+                                              max_logprobs=config.max_logprobs,
+                                              logits_processors=config.logits_processors)
         self.output_processor = OutputProcessor(self.tokenizer)
         # pooling requests in flight: request id -> (prompt text, prompt token ids)
         self._pooling: dict[str, tuple[str | None, list[int]]] = {}
@@ -62,6 +63,7 @@ class LLMEngine:
         """Validate and queue one request; raises ValueError and leaves the engine untouched.
 
         ``prompt``: text, token ids, or a vLLM prompt dict (see frontend/prompts.py)."""
+        self._check_awake()
         text, ids = self.input_processor.prompt_inputs(prompt, params, add_special_tokens)
         core_reqs = self.input_processor.process(request_id, ids, params, priority=priority,
                                                   cap_max_tokens=True, lora_request=lora_request)
@@ -83,6 +85,7 @@ class LLMEngine:
         """Validate and queue one pooling (embedding) request; ValueError if invalid."""
         from modelport.pooling_params import pooling_core_request
 
+        self._check_awake()
         text, ids = self.input_processor.prompt_inputs(prompt, None, add_special_tokens)
         if params.truncate_prompt_tokens is not None:
             ids = self.input_processor.truncate(ids, params.truncate_prompt_tokens)
@@ -143,6 +146,23 @@ class LLMEngine:
             results.append(PoolingRequestOutput(
                 o.request_id, PoolingOutput(data), ids, True, o.num_cached_tokens, text))
         return results
+
+    # -- vLLM's sleep mode (LLM(enable_sleep_mode=True)) -----------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Level 1: weights to host memory, KV cache freed; level 2: both freed (wake_up
+        reloads the weights from the checkpoint). The prefix cache is reset."""
+        self.core.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.core.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.core.is_sleeping
+
+    def _check_awake(self) -> None:
+        if self.core.is_sleeping:
+            raise RuntimeError("the engine is asleep (sleep mode): call wake_up() before "
+                               "adding requests")
 
     # -- vLLM's LoRA management (LLM(enable_lora=True)) -------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:

@@ -80,7 +80,7 @@ _PARAM_FIELDS = (
     "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "stop",
     "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "logprobs",
     "prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
-    "allowed_token_ids",
+    "allowed_token_ids", "extra_args",
 )
 # bad_words cross as the token id sequences the frontend made of them (the core has no text)
 BAD_WORDS_KEY = "bad_words_token_ids"

@@ -87,6 +87,8 @@ class LLM:
         max_num_partial_prefills: int = 1,
         max_long_partial_prefills: int = 1,
         long_prefill_token_threshold: int = 0,
+        enable_sleep_mode: bool = False,
+        logits_processors: list[str | type] | None = None,
         **kwargs: Any,
     ) -> None:
         """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
@@ -95,7 +97,9 @@ class LLM:
         model folder's generation_config.json; "vllm": none; or a folder) and
         ``override_generation_config`` give the defaults of
         :meth:`get_default_sampling_params`, which ``generate`` / ``chat`` use when given no
-        SamplingParams."""
+        SamplingParams. ``logits_processors``: custom logits processor classes or their
+        fully-qualified names (modelport/logits_processor.py); a request's arguments for them
+        go in ``SamplingParams.extra_args``."""
         if "kv_cache_memory_bytes" in kwargs:  # vLLM's name
             if kv_cache_memory is not None:
                 raise TypeError("give kv_cache_memory or kv_cache_memory_bytes, not both")
@@ -133,10 +137,28 @@ class LLM:
             max_num_partial_prefills=max_num_partial_prefills,
             max_long_partial_prefills=max_long_partial_prefills,
             long_prefill_token_threshold=long_prefill_token_threshold,
+            enable_sleep_mode=enable_sleep_mode,
+            logits_processors=logits_processors,
         )
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
         self._request_counts = RequestCounts()
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (``LLM(enable_sleep_mode=True)``): level 1 moves the weights to
+        host memory and frees the KV cache; level 2 frees both. The prefix cache is reset.
+        Unlike vLLM, ``wake_up`` after level 2 loads the weights again from the model's
+        checkpoint (or the dummy load format), so generation works at once; weights updated
+        in place before a level-2 sleep are lost (use level 1 to keep them)."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what ``sleep`` freed: ``tags`` among "weights" and "kv_cache" (None: both),
+        so the weights can come back (and be updated) before the KV cache is allocated."""
+        self.llm_engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.llm_engine.is_sleeping()
 
     def get_metrics(self) -> list[Metric]:
         """The engine's counters as vLLM's metric objects (Counter / Gauge / Vector) under

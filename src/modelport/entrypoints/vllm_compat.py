@@ -216,7 +216,9 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help="not served: the Responses API has no built-in tools here (refused)")
     # --generation-config / --override-generation-config are engine flags (EngineArgs)
     a("--logits-processors", nargs="+", default=None,
-      help="refused: no custom logits processor classes")
+      help="custom logits processor classes by fully-qualified name (pkg.mod:Class or "
+           "pkg.mod.Class; see modelport.logits_processor); a request passes them arguments "
+           "in vllm_xargs")
     # model loading
     a("--download-dir", default=None,
       help=_SAME + "reads local folders, .gguf files and the HF cache and downloads nothing; "
@@ -282,7 +284,9 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     a("--kv-transfer-config", type=json_dict, default=None, metavar="JSON",
       help="refused: no disaggregated prefill / KV transfer")
     a("--enable-sleep-mode", action="store_true", default=False,
-      help="refused: no sleep mode (/sleep, /wake_up)")
+      help="sleep mode: POST /sleep?level=1|2 frees the KV cache (level 1 also moves the "
+      "weights to host memory, level 2 drops them), POST /wake_up restores them (level 2 "
+      "reloads the checkpoint), GET /is_sleeping")
     a("--otlp-traces-endpoint", default=None,
       help="refused: no OpenTelemetry tracing (metrics are at /metrics)")
     # LoRA, multimodal, structured outputs
@@ -360,8 +364,6 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("--api-server-count", _is(1), "one API server process serves all requests here"),
     Refusal("--kv-transfer-config", _is(None, {}), "disaggregated prefill (KV transfer) is not "
             "supported"),
-    Refusal("--enable-sleep-mode", _falsy, "sleep mode is not supported; stop the server to "
-            "free the GPU"),
     Refusal("--tokenizer-mode", _is("auto", "hf"), "modelport uses the model's fast "
             "tokenizer (tokenizer.json or the GGUF vocabulary); use --tokenizer-mode auto"),
     Refusal("--model-impl", _is("auto", "vllm"), "only modelport's built-in model "
@@ -376,8 +378,6 @@ REFUSALS: tuple[Refusal, ...] = (
             "tensor-parallel workers are local processes; use --distributed-executor-backend mp"),
     Refusal("--otlp-traces-endpoint", _is(None), "OpenTelemetry tracing is not supported; "
             "scrape /metrics"),
-    Refusal("--logits-processors", _is(None, []), "custom logits processors are not "
-            "supported; use the request's logit_bias, bad_words or structured outputs"),
     Refusal("--lora-dtype", _is("auto"), "adapters run in the model's dtype; use "
             "--lora-dtype auto"),
     Refusal("--long-lora-scaling-factors", _is(None, []), "long-context LoRA is not supported"),
@@ -409,6 +409,13 @@ def check(args: argparse.Namespace) -> None:
             shown = json.dumps(value) if isinstance(value, (dict, list)) else value
             shown = "" if value is True else f" {shown}"
             raise SystemExit(f"modelport serve: {r.flag}{shown} is not supported: {r.instead}")
+    if getattr(args, "logits_processors", None):  # an unknown name fails before listening
+        from modelport.logits_processor import load_logits_processors
+
+        try:
+            load_logits_processors(args.logits_processors)
+        except ValueError as e:
+            raise SystemExit(f"modelport serve: --logits-processors: {e}") from None
     if getattr(args, "max_parallel_loading_workers", None) is not None:
         logger.warning("--max-parallel-loading-workers is ignored (as vLLM V1 does)")
 

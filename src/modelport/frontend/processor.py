@@ -91,8 +91,11 @@ def check_max_logprobs(params: SamplingParams, max_logprobs: int, vocab: int) ->
 
 class InputProcessor:
     def __init__(self, tokenizer, model_config: ModelConfig, scheduler_config: SchedulerConfig,
-                 max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> None:
+                 max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+                 logits_processors: tuple[type, ...] = ()) -> None:
         self.tokenizer = tokenizer
+        # the engine's custom logits processor classes: their validate_params vet requests
+        self.logits_processors = logits_processors
         self.model_config = model_config
         self.max_model_len = scheduler_config.max_model_len
         self.scheduler_config = scheduler_config
@@ -160,6 +163,10 @@ class InputProcessor:
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
         check_max_logprobs(params, self.max_logprobs, vocab)
+        if self.logits_processors:
+            from modelport.logits_processor import validate_request
+
+            validate_request(self.logits_processors, params)  # a refused argument: ValueError
         if params.logit_bias:
             outside = sorted(t for t in params.logit_bias if t >= vocab)
             if outside:

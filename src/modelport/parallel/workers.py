@@ -119,5 +119,9 @@ def worker_loop(runner: Any) -> None:
                 runner.init_kv_cache(args)
             elif kind == "profile":
                 runner.profile_run()
+            elif kind == "sleep":  # sleep mode: rank 0 sleeps and wakes with every rank
+                runner.sleep(args)
+            elif kind == "wake":
+                runner.wake_up(args)
             else:
                 raise RuntimeError(f"unknown tensor-parallel message {kind!r}")

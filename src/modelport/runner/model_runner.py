@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from modelport.runner.sampler import (
 )
 from modelport.runner.spec_verify import accepted_tokens, verify
 from modelport.sampling_params import num_logprobs
+
+if TYPE_CHECKING:
+    from modelport.runner.logits_processors import LogitsProcessors
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ class ModelRunner:
         self.draft_kv_caches: list[torch.Tensor] = []
         self.eagle = None  # an EagleProposer when the draft is an EAGLE(-3) head (runner/eagle.py)
         self.num_blocks = 0
-        self.sampler = Sampler()
+        self.sampler = Sampler(self._logits_processors())
         self.generators: dict[str, torch.Generator] = {}
         self.graphs = None  # DecodeGraphs on CUDA unless enforce_eager (see cuda_graphs.py)
         self.piecewise = None  # PiecewiseGraphs for prefill / mixed steps (CUDA, tp 1)
@@ -111,10 +115,24 @@ class ModelRunner:
         # an embedding model (runner "pooling"): hidden states are pooled, never sampled
         self.pooler = None
         self.lora = None  # a LoRAManager with enable_lora (set once the model is loaded)
+        # sleep mode (runner/sleep.py): the storages the loader built, the weights while
+        # asleep (None: awake) and whether the KV cache is given back
+        self._built_storages: dict[str, torch.UntypedStorage] = {}
+        self._sleeping_weights = None
+        self._kv_asleep = False
         if config.runner_type == "pooling":
             from modelport.runner.pooler import Pooler
 
             self.pooler = Pooler(config.pooler_config)
+
+    def _logits_processors(self) -> LogitsProcessors | None:
+        """The custom logits processors, built where sampling runs (rank 0)."""
+        classes = getattr(self.config, "logits_processors", ())
+        if not classes or self.tp_rank != 0 or self.config.runner_type != "generate":
+            return None
+        from modelport.runner.logits_processors import LogitsProcessors
+
+        return LogitsProcessors(classes, self.config, self.device)
 
     @property
     def supports_async(self) -> bool:
@@ -135,43 +153,11 @@ class ModelRunner:
             from modelport.parallel.workers import TPWorkers
 
             self.tp_workers = TPWorkers(self.config, self.device.type)
-        torch.manual_seed(self.config.seed)
-        shard = None
-        build: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if self.tp_size > 1:
-            from modelport.parallel.moe_parallel import sharded_at_build
-            from modelport.parallel.tensor_parallel import shard_model
+        self.model = self._build_model()
+        if self.config.enable_sleep_mode:  # what a level-2 wake-up builds again and refills
+            from modelport.runner.sleep import module_storages
 
-            ep = self.config.parallel_config.enable_expert_parallel
-
-            def shard(model: torch.nn.Module) -> None:  # between loading and kernel repacking
-                shard_model(model, self.tp_rank, self.tp_size, ep)
-            # MoE experts are built and loaded as this rank's slice (never whole on one rank);
-            # with expert parallelism as this rank's share of whole experts
-            build = sharded_at_build(self.tp_rank, self.tp_size, ep)
-        with build:
-            self.model = load_model(
-                self.config.model_source, self.config.model_config, self.config.load_config,
-                self.dtype, self.device, transform=shard,
-            )
-        if self.pooler is not None:  # a classifier's head (models/seq_cls.py), BGE-M3's
-            self.pooler.bind(self.model)
-        if self.device.type == "cuda":
-            from modelport.layers.fused_ops import fuse_small_ops
-
-            logger.info("fused small ops on CUDA: %d modules", fuse_small_ops(self.model))
-            if os.environ.get("MODELPORT_TRITON_GEMV", "1") != "0":
-                from modelport.layers.triton_gemv import use_gemv_for_decode
-
-                n = use_gemv_for_decode(self.model)
-                logger.info("Triton GEMV for single-row calls: %d linear modules", n)
-                if (os.environ.get("MODELPORT_FUSED_DECODE", "0") == "1"
-                        and self.config.lora_config is None):  # fused layers skip LoRA
-                    from modelport.layers.fused_decode import fuse_decode_layers
-
-                    n = fuse_decode_layers(self.model)
-                    logger.info("fused single-row decode layers (norm/SiLU/residual in the "
-                                "GEMVs): %d", n)
+            self._built_storages = module_storages([self.model], self.device)
         if self.config.lora_config is not None:
             from modelport.lora.manager import LoRAManager
 
@@ -213,6 +199,50 @@ class ModelRunner:
             self.config.model_source.name, self.config.model_config.architecture, self.device,
             self.config.dtype, n_bytes / 2**20, time.perf_counter() - t0,
         )
+
+    def _build_model(self, bind: bool = True) -> torch.nn.Module:
+        """Load this rank's model and apply the device's kernel passes (again at a level-2
+        wake-up, with bind=False: the pooler keeps the heads it took at start)."""
+        from modelport.loader import load_model
+
+        torch.manual_seed(self.config.seed)  # the dummy load format's weights, every build
+        shard = None
+        build: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if self.tp_size > 1:
+            from modelport.parallel.moe_parallel import sharded_at_build
+            from modelport.parallel.tensor_parallel import shard_model
+
+            ep = self.config.parallel_config.enable_expert_parallel
+
+            def shard(model: torch.nn.Module) -> None:  # between loading and kernel repacking
+                shard_model(model, self.tp_rank, self.tp_size, ep)
+            # MoE experts are built and loaded as this rank's slice (never whole on one rank);
+            # with expert parallelism as this rank's share of whole experts
+            build = sharded_at_build(self.tp_rank, self.tp_size, ep)
+        with build:
+            model = load_model(
+                self.config.model_source, self.config.model_config, self.config.load_config,
+                self.dtype, self.device, transform=shard,
+            )
+        if self.pooler is not None and bind:  # a classifier's head (seq_cls.py), BGE-M3's
+            self.pooler.bind(model)
+        if self.device.type == "cuda":
+            from modelport.layers.fused_ops import fuse_small_ops
+
+            logger.info("fused small ops on CUDA: %d modules", fuse_small_ops(model))
+            if os.environ.get("MODELPORT_TRITON_GEMV", "1") != "0":
+                from modelport.layers.triton_gemv import use_gemv_for_decode
+
+                n = use_gemv_for_decode(model)
+                logger.info("Triton GEMV for single-row calls: %d linear modules", n)
+                if (os.environ.get("MODELPORT_FUSED_DECODE", "0") == "1"
+                        and self.config.lora_config is None):  # fused layers skip LoRA
+                    from modelport.layers.fused_decode import fuse_decode_layers
+
+                    n = fuse_decode_layers(model)
+                    logger.info("fused single-row decode layers (norm/SiLU/residual in the "
+                                "GEMVs): %d", n)
+        return model
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -323,9 +353,15 @@ class ModelRunner:
     def init_kv_cache(self, num_blocks: int) -> None:
         if self.tp_workers is not None:
             self.tp_workers.send(("kv", num_blocks))
+        self.num_blocks = num_blocks
+        if self._alloc_kv_cache():
+            self._capture_if_wanted()
+
+    def _alloc_kv_cache(self) -> bool:
+        """Allocate self.num_blocks blocks per layer; False for a model without a KV cache."""
         if not getattr(self.model, "uses_kv_cache", True):  # an encoder (models/bert.py):
-            self.num_blocks = num_blocks  # the scheduler's blocks are bookkeeping only
-            return
+            return False  # the scheduler's blocks are bookkeeping only
+        num_blocks = self.num_blocks
         mc = self.config.model_config
         tp = self.config.parallel_config.tensor_parallel_size
         kv_heads = max(1, mc.num_key_value_heads // tp)
@@ -339,7 +375,6 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(mc.num_hidden_layers)
         ]
-        self.num_blocks = num_blocks
         if self.draft_config is not None:
             dc = self.draft_config
             self.draft_kv_caches = [
@@ -347,9 +382,78 @@ class ModelRunner:
                             dtype=self.kv_dtype, device=self.device)
                 for _ in range(dc.num_hidden_layers)
             ]
+        return True
+
+    def _capture_if_wanted(self) -> None:
         if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_size == 1:
             with _no_gc():
                 self._capture_cuda_graphs()
+
+    # -- sleep mode (vLLM's LLM.sleep / wake_up) ----------------------------------------
+    @property
+    def is_sleeping(self) -> bool:
+        return self._kv_asleep or self._sleeping_weights is not None
+
+    def sleep(self, level: int) -> None:
+        """Give the KV cache back and offload (level 1) or drop (level 2) the weights, on
+        every tensor-parallel rank. The CUDA graphs go too: they hold the addresses of
+        weights and cache, which come back elsewhere (captured again at wake-up)."""
+        from modelport.runner.sleep import SleepingWeights, forget_derived, module_storages
+
+        if self.tp_workers is not None:
+            self.tp_workers.send(("sleep", level))
+        self.graphs = None
+        self.piecewise = None
+        self._prev_tokens = None
+        self._prev_rows = {}
+        self.kv_caches = []
+        self.draft_kv_caches = []
+        self._kv_asleep = True
+        forget_derived([self.model, self.draft_model])
+        if self._sleeping_weights is None:
+            current = module_storages([self.model, self.draft_model], self.device)
+            self._sleeping_weights = SleepingWeights(current, self._built_storages,
+                                                     self.device, level)
+            freed = self._sleeping_weights.nbytes_freed / 2**20
+            where = ("dropped" if level == 2 else "moved to host memory"
+                     if self.device.type != "cpu" else "left in host memory")
+            logger.info("sleep level %d: KV cache freed, %.1f MiB of weights %s", level, freed,
+                        where)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore the weights and/or the KV cache (vLLM's tags "weights", "kv_cache"; None:
+        both); once both are back, the CUDA graphs are captured again."""
+        tags = list(tags or ("weights", "kv_cache"))
+        if self.tp_workers is not None:
+            self.tp_workers.send(("wake", tags))
+        woke = False
+        if "weights" in tags and self._sleeping_weights is not None:
+            def rebuild() -> dict[str, torch.UntypedStorage]:
+                from modelport.runner.sleep import module_storages
+
+                devices = []  # the generators' states as they were: seeding is the build's
+                if self.device.type == "cuda":
+                    index = self.device.index
+                    devices = [torch.cuda.current_device() if index is None else index]
+                with torch.random.fork_rng(devices=devices):
+                    fresh = self._build_model(bind=False)
+                return module_storages([fresh], self.device)
+
+            self._sleeping_weights.restore(rebuild)
+            self._sleeping_weights = None
+            woke = True
+        if "kv_cache" in tags and self._kv_asleep:
+            self._alloc_kv_cache()
+            self._kv_asleep = False
+            woke = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if woke and not self.is_sleeping and self.kv_caches:
+            self._capture_if_wanted()
 
     def _capture_cuda_graphs(self) -> None:
         """Capture decode steps for the batch ladder, when the CUDA kernels serve this model.
@@ -576,6 +680,9 @@ class ModelRunner:
         exact greedy path (LMHead.greedy), the same tokens as the logits and the Sampler's
         argmax; None where it does not apply."""
         head_greedy = getattr(getattr(self.model, "lm_head", None), "greedy", None)
+        lps = self.sampler.logits_processors
+        if lps is not None and lps.changes_argmax:
+            return None
         if head_greedy is None or getattr(self.model.lm_head, "exact_weight", None) is None:
             return None
         vocab = self.model.lm_head.exact_weight.shape[0]

@@ -1,5 +1,6 @@
 """Sampling on the logits' device: structured outputs' grammar masks, allowed_token_ids,
-bad_words, logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p, logprobs.
+bad_words, logit_bias, penalties, min_tokens, custom logits processors (runner/
+logits_processors.py), temperature, top-k/top-p/min-p, logprobs.
 
 Seeded requests draw from their own torch.Generator with the exponential-race trick
 (argmax(p / q), q ~ Exp(1)), so a seeded request's tokens do not depend on which other
@@ -9,6 +10,7 @@ requests share its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -222,6 +224,10 @@ def _index(rows: list[int], dev: torch.device) -> torch.Tensor:
 
 
 class Sampler:
+    def __init__(self, logits_processors: Any = None) -> None:
+        # the engine's custom logits processors (runner/logits_processors.LogitsProcessors)
+        self.logits_processors = logits_processors
+
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]
     ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
@@ -250,8 +256,10 @@ class Sampler:
         apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)
         apply_min_tokens(logits, rows, exempt)
-
         greedy = [r.params.greedy for r in rows]
+        if self.logits_processors is not None:
+            logits = self.logits_processors(logits, rows, all(greedy))
+
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if all(greedy):
             tokens = greedy_tokens(logits)

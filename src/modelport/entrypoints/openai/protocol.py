@@ -180,6 +180,9 @@ class SamplingFields(TextRequest):
     guided_whitespace_pattern: Any = None
     structured_outputs: Any = None
     structural_tag: Any = None
+    # vLLM's: arguments for the server's custom logits processors (--logits-processors), as
+    # SamplingParams.extra_args
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
 
 
 # ---------------------------------------------------------------- completions

@@ -50,6 +50,8 @@ from modelport.entrypoints.openai.serving_responses import (
     not_found,
 )
 from modelport.entrypoints.openai.serving_score import add_routes as add_score_routes
+from modelport.entrypoints.openai.sleep import SLEEP_PATHS
+from modelport.entrypoints.openai.sleep import add_routes as add_sleep_routes
 from modelport.entrypoints.openai.tools import ToolSettings, template_tool
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -261,6 +263,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     add_embedding_routes(api, _engine_for,
                          lambda request: _state(request).trust_request_chat_template)
     add_lora_routes(api, lambda request: _state(request).require_engine())
+    add_sleep_routes(api, lambda request: _state(request).require_engine())
     add_score_routes(api, _engine_for,
                      lambda request: _state(request).trust_request_chat_template)
 
@@ -287,7 +290,8 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     return api, public
 
 
-OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/health", "/version", "/metrics")
+OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/health", "/version", "/metrics",
+                *SLEEP_PATHS)
 
 
 def mount(app: FastAPI, state: ServerState) -> None:

@@ -319,6 +319,7 @@ def make_sampling_params(
             allowed_token_ids=req.allowed_token_ids,
             bad_words=req.bad_words,
             structured_outputs=structured,
+            extra_args=dict(req.vllm_xargs) if req.vllm_xargs else None,
         )
     except (ValueError, TypeError) as e:
         field = str(e).split(" ", 1)[0]  # SamplingParams' messages start with the field
