@@ -200,5 +200,24 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
   # GPU tests again
   s34) run 300 env PYTEST_FILES="tests/test_moe_quantized_cuda.py tests/test_moe_wint_grouped.py tests/test_moe_few_tokens.py" \
          bash bench/gpu/run_all.sh gpu-files ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34" >&2; exit 2 ;;
+  # session 35: on an H200 W3 bf16 and AWQ (the targets' card); then the GPU tests of what
+  # sessions 33-35 wrote without a GPU: GPTQ act-order MoE experts (s34), expert parallelism's
+  # shares on CUDA, sleep mode (graphs replay after wake-up), custom logits processors on
+  # CUDA (the CPU test file, run where the device is cuda); s35b: W1 bf16 (profiled) and FP8
+  s35) if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+         run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+         run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+       fi
+       [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+       run 100 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+         tests/test_gpu_engine.py tests/test_expert_parallel.py -k "sleep or shares" \
+         2>&1 | tee "${OUT:-bench/results}/s35-tests.log" | tail -15
+       run 60 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider \
+         tests/test_logits_processors.py 2>&1 | tee "${OUT:-bench/results}/s35-lp-tests.log" | tail -15
+       run 300 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+         tests/test_moe_quantized_cuda.py tests/test_moe_wint_grouped.py tests/test_moe_few_tokens.py \
+         2>&1 | tee "${OUT:-bench/results}/s35-moe-tests.log" | tail -15 ;;
+  s35b) run 190 bash bench/gpu/run_all.sh w1
+        run 200 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b" >&2; exit 2 ;;
 esac
