@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from starlette.testclient import TestClient
 
 from helpers.logits_processors import CountUp, Recorder, TargetToken
@@ -214,3 +215,26 @@ def test_server_vllm_xargs_and_the_400(model_dir) -> None:
             "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
             "ignore_eos": True, "vllm_xargs": {"target_token": 66}})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_target_token_on_cuda(model_dir) -> None:
+    """On CUDA (decode in CUDA graphs, the sampler outside them, async scheduling off by
+    default with processors): the asked-for requests get their token, the others the
+    plain engine's greedy tokens."""
+    cuda = {**SMALL, "device": "cuda"}
+    lengths = [6, 3, 8, 2, 5]
+    base = LLM(str(model_dir), max_num_seqs=3, **cuda)
+    want = _gen(base, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                       for n in lengths])
+    del base
+    llm = LLM(str(model_dir), logits_processors=["helpers.logits_processors:TargetToken"],
+              max_num_seqs=3, **cuda)
+    assert llm.llm_engine.config.async_scheduling is False
+    targets = {0: 77, 2: 3, 4: 200}
+    got = _gen(llm, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                                    extra_args={"target_token": targets[i]} if i in targets
+                                    else None) for i, n in enumerate(lengths)])
+    for i, toks in enumerate(got):
+        assert toks == ([targets[i]] * lengths[i] if i in targets else want[i]), (i, toks)

@@ -210,10 +210,9 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
        fi
        [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
        run 100 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
-         tests/test_gpu_engine.py tests/test_expert_parallel.py -k "sleep or shares" \
+         tests/test_gpu_engine.py tests/test_expert_parallel.py tests/test_logits_processors.py \
+         -k "sleep or shares or cuda" \
          2>&1 | tee "${OUT:-bench/results}/s35-tests.log" | tail -15
-       run 60 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider \
-         tests/test_logits_processors.py 2>&1 | tee "${OUT:-bench/results}/s35-lp-tests.log" | tail -15
        run 300 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
          tests/test_moe_quantized_cuda.py tests/test_moe_wint_grouped.py tests/test_moe_few_tokens.py \
          2>&1 | tee "${OUT:-bench/results}/s35-moe-tests.log" | tail -15 ;;
