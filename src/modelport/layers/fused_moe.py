@@ -224,13 +224,9 @@ class FusedMoE(nn.Module):
             weights, ids = route_topk(router_logits, self.top_k, self.renormalize)
         else:
             weights, ids = route(router_logits, self.top_k, self.renormalize)
-        elsewhere = False
-        if self.expert_offset is not None:
-            # on CUDA another rank's assignments run this rank's expert 0 at weight 0 (the
-            # kernels read every id); on CPU they are skipped
-            weights, ids = self._own_assignments(weights, ids, 0 if x.is_cuda else
-                                                 self.num_experts)
-            elsewhere = not x.is_cuda
+        elsewhere = self.expert_offset is not None
+        if elsewhere:  # another rank's assignments: id num_experts, weight 0, skipped
+            weights, ids = self._own_assignments(weights, ids, self.num_experts)
         if self.quant_experts is not None:  # restacked FP8 / AWQ / GPTQ experts
             return self.quant_experts(x, weights, ids)
         if not self.stacked:
@@ -245,7 +241,8 @@ class FusedMoE(nn.Module):
                 from modelport.layers.triton_moe import fused_experts
             except ImportError as e:
                 raise RuntimeError(f"MoE layers on CUDA need triton ({e})") from e
-            return fused_experts(x, self.w13.weight, self.w2.weight, weights, ids)
+            return fused_experts(x, self.w13.weight, self.w2.weight, weights, ids,
+                                 elsewhere=elsewhere)
         return moe_reference(x, self.w13.weight, self.w2.weight, weights, ids, elsewhere)
 
     def _few_tokens(self, tokens: int) -> bool:

@@ -133,20 +133,27 @@ def routing_plan(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_
 
 def grouped_mlp(kernel, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 num_experts: int, inter: int, hidden: int,
-                gate_up: tuple, down: tuple, block_n: int, num_warps: int) -> torch.Tensor:
+                gate_up: tuple, down: tuple, block_n: int, num_warps: int,
+                elsewhere: bool = False) -> torch.Tensor:
     """The two launches of every grouped GEMM kernel (bf16, FP8, integer codes): gate/up with
     SiLU into [M, inter], then down times the routing weights into [M, hidden], summed over
     each token's k experts. ``gate_up`` / ``down``: (the weight tensors the kernel reads
-    after its input, their strides, extra constexprs) of each launch, in the kernel's order."""
+    after its input, their strides, extra constexprs) of each launch, in the kernel's order.
+    ``elsewhere`` (expert parallelism): id ``num_experts`` marks an assignment to another
+    rank's expert; its blocks are skipped and its rows add zero."""
     t, k = ids.shape
     x = x.contiguous()
     m, bm, sorted_rows, block_expert, row_weights, precision = routing_plan(
-        x, weights, ids, num_experts)
+        x, weights, ids, num_experts + elsewhere)
+    if elsewhere:  # the kernels skip a block whose expert is -1
+        block_expert = torch.where(block_expert == num_experts, -1, block_expert)
     nb = block_expert.numel()
     a = x
     for (tensors, strides, extra), n, kk, gated in ((gate_up, inter, hidden, True),
                                                    (down, hidden, inter, False)):
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        # rows of skipped blocks are never written: zeros where they reach the sum
+        new = torch.zeros if elsewhere and not gated else torch.empty
+        out = new((m, n), dtype=x.dtype, device=x.device)
         kernel[(nb, triton.cdiv(n, block_n))](
             a, *tensors, out, sorted_rows, block_expert, row_weights, n, kk, m,
             a.stride(0), *strides, out.stride(0),
@@ -158,16 +165,23 @@ def grouped_mlp(kernel, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tenso
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   weights: torch.Tensor, ids: torch.Tensor,
-                  block_n: int = 64, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """The routed experts' weighted sum for x [T, H] (w13 [E, 2I, H], w2 [E, H, I])."""
+                  block_n: int = 64, block_k: int = 64, num_warps: int = 4,
+                  elsewhere: bool = False) -> torch.Tensor:
+    """The routed experts' weighted sum for x [T, H] (w13 [E, 2I, H], w2 [E, H, I]).
+    ``elsewhere`` (expert parallelism): id E marks an assignment to another rank's expert,
+    at weight 0; the grouped GEMM skips it, the few-token GEMVs run expert 0 for it (each
+    reads every id; a weight of 0 adds nothing)."""
     e, two_i, h = w13.shape
     w13, w2 = w13.contiguous(), w2.contiguous()
     if moe_gemv_applies(*ids.shape):
+        if elsewhere:
+            ids = torch.where(ids == e, 0, ids)
         return small_batch_experts(x, w13, w2, weights, ids)
     tile = {"BLOCK_K": block_k}
     return grouped_mlp(moe_gemm_kernel, x, weights, ids, e, two_i // 2, h,
                        ((w13,), (w13.stride(0), w13.stride(1)), tile),
-                       ((w2,), (w2.stride(0), w2.stride(1)), tile), block_n, num_warps)
+                       ((w2,), (w2.stride(0), w2.stride(1)), tile), block_n, num_warps,
+                       elsewhere)
 
 
 # ----------------------------------------------------------------------------------------
