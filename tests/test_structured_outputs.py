@@ -543,6 +543,8 @@ def test_the_core_process_refuses_a_request_whose_grammar_failed_to_compile() ->
     from modelport.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 
     class FakeCore:  # the EngineCore surface _busy_loop uses
+        is_sleeping = False
+
         def __init__(self) -> None:
             self.waiting: list[str] = []
             self.rejected: list[tuple[str, str]] = []
