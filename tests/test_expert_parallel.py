@@ -29,7 +29,13 @@ from modelport.models.moe_config import check_moe_options
 from modelport.parallel.moe_parallel import shard_experts, sharded_at_build
 from modelport.parallel.tensor_parallel import shard_model
 from test_models_moe import _PRELUDE
-from test_moe_tensor_parallel import KW, PROMPTS, _moe_blocks, _stacked_copy
+from test_moe_tensor_parallel import (
+    KW,
+    PROMPTS,
+    _moe_blocks,
+    _stacked_copy,
+    assert_same_tokens_and_logprobs,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,14 +119,7 @@ def test_ep2_greedy_and_logprobs_equal_tp1(moe_dir: Path) -> None:
         got = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
     finally:
         llm.llm_engine.core.shutdown()
-    tokens = [list(o.outputs[0].token_ids) for o in got]
-    assert tokens == [list(o.outputs[0].token_ids) for o in want]
-    assert len({tuple(t) for t in tokens}) > 1
-    for g, w in zip(got, want):
-        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
-            assert lg.keys() == lw.keys()
-            for tok in lw:
-                assert abs(lg[tok].logprob - lw[tok].logprob) < 1e-4
+    assert_same_tokens_and_logprobs(got, want)
 
 
 def test_refusals(tmp_path: Path) -> None:

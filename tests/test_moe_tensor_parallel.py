@@ -149,6 +149,11 @@ def test_tp2_greedy_and_logprobs_equal_tp1(moe_dir: Path) -> None:
         got = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params, use_tqdm=False)
     finally:
         llm.llm_engine.core.shutdown()
+    assert_same_tokens_and_logprobs(got, want)
+
+
+def assert_same_tokens_and_logprobs(got: list, want: list) -> None:
+    """Greedy tokens equal, top logprobs within 1e-4 (tests/test_expert_parallel.py too)."""
     tokens = [list(o.outputs[0].token_ids) for o in got]
     assert tokens == [list(o.outputs[0].token_ids) for o in want]
     assert len({tuple(t) for t in tokens}) > 1  # the prompts lead to different tokens

@@ -228,11 +228,7 @@ def shard_experts(name: str, experts: FusedMoE, rank: int, size: int,
     if not experts.stacked:
         _shard_expert_layers(name, experts, rank, size)
         return
-    built = getattr(experts, "tp_shard", None)
-    if built is not None:
-        if built != (rank, size):
-            raise RuntimeError(f"{name}: experts built for rank {built[0]} of {built[1]}, "
-                               f"sharded for rank {rank} of {size}")
+    if _built_for(name, experts, "tp_shard", rank, size):
         return
     e, two_i, h = experts.w13.weight.shape
     inter = two_i // 2
@@ -244,12 +240,18 @@ def shard_experts(name: str, experts: FusedMoE, rank: int, size: int,
     _keep_columns(experts.w2, rank * part, part)
 
 
+def _built_for(name: str, experts: FusedMoE, attr: str, rank: int, size: int) -> bool:
+    """Whether ``experts_for_rank`` built them as this rank's part already (``attr``:
+    "tp_shard" for slices, "ep_shard" for a share); another rank's part is an error."""
+    built = getattr(experts, attr, None)
+    if built is not None and built != (rank, size):
+        raise RuntimeError(f"{name}: experts built for rank {built[0]} of {built[1]}, "
+                           f"sharded for rank {rank} of {size}")
+    return built is not None
+
+
 def _keep_own_experts(name: str, experts: FusedMoE, rank: int, size: int) -> None:
-    built = getattr(experts, "ep_shard", None)
-    if built is not None:
-        if built != (rank, size):
-            raise RuntimeError(f"{name}: experts built for rank {built[0]} of {built[1]}, "
-                               f"sharded for rank {rank} of {size}")
+    if _built_for(name, experts, "ep_shard", rank, size):
         return
     if getattr(experts, "tp_shard", None) is not None:
         raise RuntimeError(f"{name}: experts built as tensor-parallel slices, sharded for "
