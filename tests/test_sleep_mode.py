@@ -80,6 +80,23 @@ def test_level_2_drops_weights_and_wakes_by_tags(llm) -> None:
         llm.wake_up(tags=["activations"])
 
 
+def test_level_2_while_asleep_at_level_1_drops_the_weights(llm) -> None:
+    """A deeper sleep while asleep: level 1 (on a CPU device the weights stay) then level 2
+    frees the loader's weights; wake-up builds them again, the same bits."""
+    core = llm.llm_engine.core
+    want = _greedy(llm)
+    weight = core.runner.model.lm_head.weight
+    n = weight.untyped_storage().nbytes()
+    llm.sleep(level=1)
+    assert weight.untyped_storage().nbytes() == n
+    llm.sleep(level=1)  # again at the same level: nothing changes
+    assert weight.untyped_storage().nbytes() == n
+    llm.sleep(level=2)
+    assert weight.untyped_storage().nbytes() == 0 and llm.is_sleeping()
+    llm.wake_up()
+    assert weight.untyped_storage().nbytes() == n and _greedy(llm) == want
+
+
 def test_level_2_with_dummy_weights_loads_the_same_ones(model_dir) -> None:
     from modelport import LLM
 

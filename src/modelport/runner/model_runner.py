@@ -410,7 +410,11 @@ class ModelRunner:
         self.draft_kv_caches = []
         self._kv_asleep = True
         forget_derived([self.model, self.draft_model])
-        if self._sleeping_weights is None:
+        if self._sleeping_weights is not None:  # asleep already: level 2 drops more
+            if level == 2 and self._sleeping_weights.level == 1:
+                self._sleeping_weights.deepen()
+                logger.info("sleep level 2 (was 1): the weights' host copies dropped")
+        else:
             current = module_storages([self.model, self.draft_model], self.device)
             self._sleeping_weights = SleepingWeights(current, self._built_storages,
                                                      self.device, level)

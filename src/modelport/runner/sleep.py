@@ -82,19 +82,20 @@ class SleepingWeights:
                  built: dict[str, torch.UntypedStorage], device: torch.device,
                  level: int) -> None:
         on_cpu = device.type == "cpu"
-        built_ptrs = {s.data_ptr() for s in built.values()}
-        # (storage, bytes, host copy); storages of the loader's weights dropped at level 2
-        self.offloaded: list[tuple[torch.UntypedStorage, int, torch.Tensor]] = []
+        built_keys = {s.data_ptr(): key for key, s in built.items()}
+        self.level = level
+        self.built = built
+        # (storage, bytes, host copy, its name among the loader's storages or None);
+        # storages of the loader's weights dropped at level 2
+        self.offloaded: list[tuple[torch.UntypedStorage, int, torch.Tensor, str | None]] = []
         self.dropped: dict[str, tuple[torch.UntypedStorage, int]] = {}
         if level == 2:
-            for key, s in built.items():
-                n = s.nbytes()
-                if n and _free(s):
-                    self.dropped[key] = (s, n)
+            self._drop_built()
         if on_cpu:  # level 1 on the host: the weights already are where they would go
             return
         for s in current.values():
-            if s.data_ptr() in built_ptrs and level == 2:
+            key = built_keys.get(s.data_ptr())
+            if key is not None and level == 2:
                 continue
             n = s.nbytes()
             if n == 0:
@@ -102,17 +103,38 @@ class SleepingWeights:
             host = torch.empty(n, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
             host.copy_(_as_bytes(s))
             if _free(s):
-                self.offloaded.append((s, n, host))
+                self.offloaded.append((s, n, host, key))
+
+    def _drop_built(self) -> None:
+        for key, s in self.built.items():
+            n = s.nbytes()
+            if key not in self.dropped and n and _free(s):
+                self.dropped[key] = (s, n)
+
+    def deepen(self) -> None:
+        """A level-2 sleep while asleep at level 1: the host copies of the loader's weights
+        go too (wake-up builds them again); other tensors' copies stay."""
+        if self.level == 2:
+            return
+        self.level = 2
+        kept = []
+        for s, n, host, key in self.offloaded:
+            if key is None:
+                kept.append((s, n, host, key))
+            else:
+                self.dropped[key] = (s, n)
+        self.offloaded = kept
+        self._drop_built()  # on a CPU device level 1 left them in place
 
     @property
     def nbytes_freed(self) -> int:
-        return (sum(n for _, n, _ in self.offloaded)
+        return (sum(n for _, n, _, _ in self.offloaded)
                 + sum(n for _, n in self.dropped.values()))
 
     def restore(self, rebuild: Callable[[], dict[str, torch.UntypedStorage]]) -> None:
         """Grow every storage back and fill it: from its host copy, or (level 2) from a
         fresh build's storage of the same name. ``rebuild`` is only called at level 2."""
-        for s, n, host in self.offloaded:
+        for s, n, host, _ in self.offloaded:
             s.resize_(n)
             _as_bytes(s).copy_(host)
         self.offloaded = []
