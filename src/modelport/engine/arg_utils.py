@@ -322,9 +322,7 @@ class EngineArgs:
                 "and enable_expert_parallel, or replicate with data_parallel_size alone")
         check_moe_options(model_config, tensor_parallel_size=self.tensor_parallel_size,
                           quantization=self.quantization, enable_lora=self.enable_lora,
-                          expert_parallel=self.enable_expert_parallel,
-                          quantized=bool(model_config.hf_config.get("quantization_config"))
-                          or src.kind == "gguf")
+                          expert_parallel=self.enable_expert_parallel)
         from modelport.models.encoder_config import encoder_settings
 
         # a BERT-family encoder: its real length, its sentence-transformers pooling
@@ -373,7 +371,8 @@ class EngineArgs:
             if plan is not None and tp != 1:  # MoE experts: whole groups per rank
                 from modelport.models.moe_config import moe_quant_tp_refusal
 
-                why = moe_quant_tp_refusal(model_config, tp, _group_size(plan), plan.name)
+                why = moe_quant_tp_refusal(model_config, tp, _group_size(plan), plan.name,
+                                           self.enable_expert_parallel)
                 if why:
                     raise ValueError(f"{model_config.architecture}: {why}")
         spec = (SpeculativeConfig.from_dict(self.speculative_config)

@@ -181,20 +181,29 @@ class FusedMoE(nn.Module):
 
     def unstack(self, restack: bool = False) -> None:
         """Replace the stacked weights by one ExpertMLP per expert, named "0", "1", ... (the
-        checkpoints' ``experts.<e>.<proj>``) for a quantization method to take over.
-        ``restack``: after loading, stack them again (``restack_experts``; CUDA)."""
+        checkpoints' ``experts.<e>.<proj>``) for a quantization method to take over; a
+        rank's share of the experts (expert parallelism) by their global ids,
+        "<expert_offset>", ... (``expert``). ``restack``: after loading, stack them again
+        (``restack_experts``; CUDA)."""
         if self.stacked is False:
             return
         e, two_i, h = self.w13.weight.shape
         del self.w13, self.w2
+        first = self.expert_offset or 0
         for i in range(e):
             mlp = ExpertMLP(h, two_i // 2)
             if restack:  # the LinearMethods keep their canonical form instead of a kernel
                 mlp.gate_up_proj.keep_for_stacking = True
                 mlp.down_proj.keep_for_stacking = True
-            self.add_module(str(i), mlp)
+            self.add_module(str(first + i), mlp)
         self.stacked = False
         self.restack_pending = restack
+
+    def expert(self, e: int) -> nn.Module:
+        """Per-expert layers (``unstack``) of local expert e, the one routing's local id e
+        picks: named by its global id (the checkpoint's), ``expert_offset + e`` under expert
+        parallelism."""
+        return self.get_submodule(str(e + (self.expert_offset or 0)))
 
     @torch.no_grad()
     def restack_experts(self) -> None:
@@ -204,7 +213,7 @@ class FusedMoE(nn.Module):
             return
         layers = []
         for i in range(self.num_experts):
-            mlp = self.get_submodule(str(i))
+            mlp = self.expert(i)
             for lin in (mlp.gate_up_proj, mlp.down_proj):
                 if getattr(lin, "quant_method", None) is None:
                     raise ValueError("quantized MoE experts on CUDA: an expert layer was left "
@@ -213,8 +222,9 @@ class FusedMoE(nn.Module):
             layers.append((mlp.gate_up_proj, mlp.down_proj))
         self.quant_experts = QuantExperts.from_layers(layers)
         del layers
+        first = self.expert_offset or 0
         for i in range(self.num_experts):
-            delattr(self, str(i))
+            delattr(self, str(first + i))
         self.restack_pending = False
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -228,14 +238,13 @@ class FusedMoE(nn.Module):
         if elsewhere:  # another rank's assignments: id num_experts, weight 0, skipped
             weights, ids = self._own_assignments(weights, ids, self.num_experts)
         if self.quant_experts is not None:  # restacked FP8 / AWQ / GPTQ experts
-            return self.quant_experts(x, weights, ids)
+            return self.quant_experts(x, weights, ids, elsewhere)
         if not self.stacked:
             if x.is_cuda:  # restacked on CUDA at load; a clear error if reached anyway
                 raise RuntimeError("per-expert quantized MoE layers run on CPU only (on CUDA "
                                    "FP8 / AWQ / GPTQ experts are restacked at load)")
-            return grouped_experts(x, self.num_experts,
-                                   lambda e, xs: self.get_submodule(str(e))(xs), weights, ids,
-                                   elsewhere)
+            return grouped_experts(x, self.num_experts, lambda e, xs: self.expert(e)(xs),
+                                   weights, ids, elsewhere)
         if x.is_cuda:
             try:
                 from modelport.layers.triton_moe import fused_experts
@@ -259,13 +268,13 @@ class FusedMoE(nn.Module):
         return moe_gemv_applies(tokens, self.top_k, integer)
 
     def extra_repr(self) -> str:
-        if self.quant_experts is not None:
-            return f"experts={self.num_experts}, top_k={self.top_k}, restacked"
-        if not self.stacked:
-            return f"experts={self.num_experts}, top_k={self.top_k}, per-expert layers"
-        e, two_i, h = self.w13.weight.shape
-        held = (f", holds [{self.expert_offset}, {self.expert_offset + e}) of "
+        held = (f", holds [{self.expert_offset}, {self.expert_offset + self.num_experts}) of "
                 f"{self.global_experts}" if self.expert_offset is not None else "")
+        if self.quant_experts is not None:
+            return f"experts={self.num_experts}, top_k={self.top_k}, restacked{held}"
+        if not self.stacked:
+            return f"experts={self.num_experts}, top_k={self.top_k}, per-expert layers{held}"
+        e, two_i, h = self.w13.weight.shape
         return (f"experts={e}, top_k={self.top_k}, hidden={h}, intermediate={two_i // 2}, "
                 f"renormalize={self.renormalize}{held}")
 

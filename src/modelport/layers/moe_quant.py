@@ -96,8 +96,9 @@ class QuantExperts(nn.Module):
                 except ValueError as err:  # e.g. a tensor-parallel slice holding part groups
                     raise ValueError(
                         "quantized MoE experts on CUDA: GPTQ act-order (desc_act) experts need "
-                        f"every group whole ({err}); use tensor_parallel_size=1, a "
-                        "desc_act=false GPTQ or an AWQ checkpoint, or --device cpu") from err
+                        f"every group whole ({err}); use tensor_parallel_size=1 or "
+                        "--enable-expert-parallel (whole experts a rank), a desc_act=false "
+                        "GPTQ or an AWQ checkpoint, or --device cpu") from err
                 if p2 is not None:  # gate rows, then up rows, in down's sorted column order
                     inter = gq2.shape[1]
                     rows = torch.cat([p2, p2 + inter])
@@ -142,28 +143,33 @@ class QuantExperts(nn.Module):
             out[0] = w13
         return out[0], out[1]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                elsewhere: bool = False) -> torch.Tensor:
+        """``elsewhere`` (expert parallelism): id E marks an assignment to an expert another
+        rank holds, at weight 0 (``FusedMoE._own_assignments``); it adds nothing here."""
         if x.is_cuda:
-            return self.grouped_gemm(x, weights, ids)
+            return self.grouped_gemm(x, weights, ids, elsewhere)
         from modelport.layers.fused_moe import moe_reference
 
         w13, w2 = self.dequantize()
-        return moe_reference(x, w13.to(x.dtype), w2.to(x.dtype), weights, ids)
+        return moe_reference(x, w13.to(x.dtype), w2.to(x.dtype), weights, ids, elsewhere)
 
     def grouped_gemm(
-        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, **launch: int
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+        elsewhere: bool = False, **launch: int
     ) -> torch.Tensor:
         """The Triton path (CUDA; the tests run it in the Triton interpreter on CPU)."""
         from modelport.layers import triton_moe_quant as tq
 
         if self.kind == "fp8":
             return tq.fused_experts_fp8(
-                x, self.w13, self.s13, self.w2, self.s2, weights, ids, **launch
+                x, self.w13, self.s13, self.w2, self.s2, weights, ids, elsewhere=elsewhere,
+                **launch
             )
         q = (self.q13, self.s13, self.z13, self.q2, self.s2, self.z2)
         return tq.fused_experts_wint(
             x, *q, self.bits, self.group13, self.group2, weights, ids,
-            perm13=getattr(self, "perm13", None), **launch
+            perm13=getattr(self, "perm13", None), elsewhere=elsewhere, **launch
         )
 
     def extra_repr(self) -> str:

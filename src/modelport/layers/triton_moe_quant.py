@@ -306,11 +306,15 @@ def fused_experts_fp8(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    elsewhere: bool = False,
 ) -> torch.Tensor:
     """fused_experts with E4M3 weights w13 [E, 2I, H], w2 [E, H, I] and fp32 per-channel
-    scales s13 [E, 2I], s2 [E, H]. The launch config defaults to FP8_GEMM_CONFIG."""
+    scales s13 [E, 2I], s2 [E, H]. The launch config defaults to FP8_GEMM_CONFIG.
+    ``elsewhere``: as in triton_moe.fused_experts (id E: another rank's expert, weight 0)."""
     e, two_i, h = w13.shape
     if moe_gemv_applies(*ids.shape):
+        if elsewhere:  # the GEMVs read every id: expert 0 at weight 0 adds nothing
+            ids = torch.where(ids == e, 0, ids)
         return small_batch_experts(x, w13, w2, weights, ids, s13, s2)
     bn, bk, warps, stages = FP8_GEMM_CONFIG
     tile = {"BLOCK_K": block_k or bk, "num_stages": num_stages or stages}
@@ -318,7 +322,7 @@ def fused_experts_fp8(
         moe_gemm_fp8_kernel, x, weights, ids, e, two_i // 2, h,
         ((w13, s13), (w13.stride(0), w13.stride(1), s13.stride(0)), tile),
         ((w2, s2), (w2.stride(0), w2.stride(1), s2.stride(0)), tile),
-        block_n or bn, num_warps or warps,
+        block_n or bn, num_warps or warps, elsewhere,
     )  # fmt: skip
 
 
@@ -355,15 +359,19 @@ def fused_experts_wint(
     num_warps: int | None = None,
     num_stages: int | None = None,
     perm13: torch.Tensor | None = None,
+    elsewhere: bool = False,
 ) -> torch.Tensor:
     """fused_experts with packed integer codes q13 [E, 2I, H*bits/32], q2 [E, H, I*bits/32]
     and fp32 scales / zeros s13, z13 [E, 2I, H/group13], s2, z2 [E, H, I/group2]. The launch
     config defaults to INT_GEMM_CONFIG. ``perm13`` (int32 [E, H], GPTQ act-order): q13's
-    column c of expert e multiplies x[:, perm13[e, c]]."""
+    column c of expert e multiplies x[:, perm13[e, c]]. ``elsewhere``: as in
+    triton_moe.fused_experts (id E: another rank's expert, weight 0)."""
+    e, two_i, _ = q13.shape
     if moe_gemv_applies(*ids.shape, integer=True):
+        if elsewhere:  # the GEMVs read every id: expert 0 at weight 0 adds nothing
+            ids = torch.where(ids == e, 0, ids)
         return small_batch_experts_int(x, q13, s13, z13, q2, s2, z2, bits, group13, group2,
                                        weights, ids, perm13=perm13)
-    e, two_i, _ = q13.shape
     i, h = two_i // 2, q2.shape[1]
     bn, bk, warps, stages = INT_GEMM_CONFIG
     bn, bk = block_n or bn, block_k or bk
@@ -377,7 +385,7 @@ def fused_experts_wint(
           "HAS_PERM": perm13 is not None}),
         ((q2, s2, z2, q2), (q2.stride(0), q2.stride(1), s2.stride(0), s2.stride(1), *mags),
          {**meta, "GROUP": group2, "BLOCK_K": int_gemm_block_k(group2, i, bits, bk)}),
-        bn, num_warps or warps,
+        bn, num_warps or warps, elsewhere,
     )  # fmt: skip
 
 

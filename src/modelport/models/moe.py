@@ -7,13 +7,15 @@ is, in its sparse layers, a router over stacked experts (layers/fused_moe.py). T
 checkpoints store one tensor per expert and projection; ``stacked_params`` maps each onto its
 slice of the stacked ``w13`` / ``w2`` weights, so the declared loader loads them as it loads
 q/k/v into qkv_proj. Tensor parallelism splits each expert's intermediate channels over the
-ranks (parallel/moe_parallel.py), quantized experts included; LoRA is refused at load
-(models/moe_config.py says what is supported).
+ranks (parallel/moe_parallel.py), quantized experts included (expert parallelism: a share
+of whole experts a rank instead); LoRA is refused at load (models/moe_config.py says what
+is supported).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import cast
 
 import torch
@@ -37,7 +39,11 @@ from modelport.models.moe_config import MoeSpec, check_moe_options, moe_spec
 from modelport.models.olmo2 import Olmo2Attention
 from modelport.models.qwen3 import Qwen3Attention
 from modelport.models.weights import StackedParam
-from modelport.parallel.moe_parallel import experts_for_rank, whole_experts_for_quantization
+from modelport.parallel.moe_parallel import (
+    experts_for_rank,
+    own_expert_weights,
+    whole_experts_for_quantization,
+)
 from modelport.quantization.base import QuantizationConfig
 
 
@@ -109,6 +115,10 @@ class _MoeForCausalLM(LlamaForCausalLM):
         return MoeModel(config, [self._layer(config, i, rotary)
                                  for i in range(config.num_hidden_layers)])
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # expert parallelism: the other ranks' experts' tensors are skipped, never loaded
+        return super().load_weights(own_expert_weights(self, weights))
+
     def _layer(self, config: ModelConfig, i: int, rotary: RotaryEmbedding) -> MoeDecoderLayer:
         raise NotImplementedError
 
@@ -119,7 +129,8 @@ class _MoeForCausalLM(LlamaForCausalLM):
         the checkpoint's ``experts.<e>.<gate|up|down>`` names into them. On CUDA they are
         stacked again after loading for the grouped kernels (FusedMoE.restack_experts).
         A tensor-parallel rank builds and loads each as its slice (the dense quantized layers'
-        way: parallel/tp_quant_load.py)."""
+        way: parallel/tp_quant_load.py); with expert parallelism, layers for its share of the
+        experts only, whole, named by their global ids (parallel/moe_parallel.py)."""
         restack = device is not None and device.type == "cuda"
         for m in self.modules():
             if isinstance(m, FusedMoE):

@@ -85,10 +85,10 @@ def check_moe_options(
     config: ModelConfig,
     *,
     tensor_parallel_size: int = 1,
-    quantization: str | None = None,  # any format: quantized experts split as float ones
+    # any format: quantized experts split (or, expert_parallel, share out) as float ones
+    quantization: str | None = None,
     enable_lora: bool = False,
     expert_parallel: bool = False,
-    quantized: bool = False,
 ) -> None:
     """Refuse, before anything loads, the engine options the MoE models do not support."""
     spec = moe_spec(config)
@@ -98,10 +98,6 @@ def check_moe_options(
     why = moe_tp_refusal(config, tensor_parallel_size, expert_parallel)
     if why:
         raise ValueError(f"{arch}: {why}")
-    if expert_parallel and tensor_parallel_size > 1 and (quantized or quantization):
-        from modelport.parallel.moe_parallel import EP_QUANT_REFUSAL
-
-        raise ValueError(f"{arch}: {EP_QUANT_REFUSAL}")
     if enable_lora:
         raise ValueError(f"{arch}: enable_lora is not supported for MoE models")
 
@@ -140,15 +136,18 @@ def moe_tp_refusal(config: ModelConfig, tp: int, expert_parallel: bool = False) 
 
 
 def moe_quant_tp_refusal(config: ModelConfig, tp: int, group_size: int | None,
-                         method: str) -> str | None:
+                         method: str, expert_parallel: bool = False) -> str | None:
     """Why tp cannot split this MoE model's quantized intermediate channels, or None. A
     rank's input columns of every down projection (experts, shared expert, dense MLPs) must
     be whole quantization groups of ``group_size`` or lie inside one group, as for a dense
-    quantized model (quantization/base.check_input_split); None group_size: per channel."""
+    quantized model (quantization/base.check_input_split); None group_size: per channel.
+    ``expert_parallel``: the routed experts stay whole (a rank holds a share of them), so
+    only the shared expert and the dense MLPs are split."""
     spec = moe_spec(config)
     if spec is None or tp == 1 or not group_size:
         return None
-    sizes = [spec.expert_intermediate_size, spec.shared_intermediate_size]
+    sizes = [0 if expert_parallel else spec.expert_intermediate_size,
+             spec.shared_intermediate_size]
     if len(spec.sparse_layers) < config.num_hidden_layers:
         sizes.append(config.intermediate_size)
     for n in sizes:

@@ -35,13 +35,21 @@ layers (``FusedMoE.unstack``), built as this rank's slice like the dense quantiz
 and zeros cut as each checkpoint tensor streams in. An expert layer its format cannot cut at
 load loads whole and ``shard_experts`` records its slice through its LinearMethod
 (``TPShard``), cut before repacking, or, on CUDA, before ``restack_experts`` stacks them.
+With expert parallelism nothing of an expert is cut: a rank builds per-expert layers for its
+share only, named by their global ids (the checkpoint's ``experts.<e>``, so every format's
+per-layer lookups and loaders apply unchanged), and ``own_expert_weights`` drops the
+checkpoint tensors of the other ranks' experts from the weight stream before they reach a
+layer. ``FusedMoE.expert`` maps routing's local ids to those layers (on CPU), and on CUDA
+``restack_experts`` stacks the rank's experts in local order, act-order GPTQ included (each
+expert's groups are whole).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from functools import partial
 
 import torch
@@ -59,9 +67,8 @@ _BUILD_SHARD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.Conte
 _BUILD_EXPERT_PARALLEL: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "moe_build_expert_parallel", default=False)
 
-EP_QUANT_REFUSAL = ("enable_expert_parallel (--enable-expert-parallel) does not take quantized "
-                    "MoE experts (AWQ / GPTQ / FP8 / GGUF) yet; leave it off: tensor "
-                    "parallelism alone splits every quantized expert over the ranks")
+# a checkpoint tensor of one routed expert: (the FusedMoE's module name, the expert's id)
+_EXPERT_TENSOR = re.compile(r"^(.+\.experts)\.(\d+)\.")
 
 
 @contextlib.contextmanager
@@ -113,9 +120,8 @@ def whole_experts_for_quantization(experts: FusedMoE) -> None:
     kept in its blocks, an AWQ / GPTQ / FP8 checkpoint): the per-expert layers start whole
     and parallel/tp_quant_load.py builds each as the rank's slice of it (the dense quantized
     layers' way). The stacked weights are only placeholders here (on meta: ``unstack`` reads
-    their shapes and drops them)."""
-    if getattr(experts, "ep_shard", None) is not None:
-        raise ValueError(EP_QUANT_REFUSAL)
+    their shapes and drops them). A rank's share of whole experts (expert parallelism) stays
+    as built: ``unstack`` makes layers for those experts only."""
     built = getattr(experts, "tp_shard", None)
     if built is None:
         return
@@ -152,6 +158,27 @@ def _load_own_experts(w: ExpertWeights, first: int, count: int, param: nn.Parame
     local = int(expert) - first
     if 0 <= local < count:
         w.weight_loader(param, loaded, f"{local}.{part}")
+
+
+def own_expert_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint stream without the per-expert tensors (``...experts.<e>.<proj>...``)
+    of experts another rank holds (expert parallelism), for per-expert (quantized) layers:
+    they never reach a layer here. Other tensors, and every one for a model without such a
+    share, pass unchanged (stacked float experts skip them in ``_load_own_experts``, where
+    the shard ids of the checkpoint's numbering are counted)."""
+    shares = {name: (m.expert_offset, m.expert_offset + m.num_experts)
+              for name, m in model.named_modules()
+              if isinstance(m, FusedMoE) and m.expert_offset is not None and not m.stacked}
+    if not shares:
+        yield from weights
+        return
+    for name, tensor in weights:
+        m = _EXPERT_TENSOR.match(name)
+        share = shares.get(m.group(1)) if m is not None else None
+        if m is not None and share is not None and not share[0] <= int(m.group(2)) < share[1]:
+            continue
+        yield name, tensor
 
 
 def _load_w2_slice(w: ExpertWeights, rank: int, part: int, param: nn.Parameter,
@@ -256,17 +283,20 @@ def _keep_own_experts(name: str, experts: FusedMoE, rank: int, size: int) -> Non
     if getattr(experts, "tp_shard", None) is not None:
         raise RuntimeError(f"{name}: experts built as tensor-parallel slices, sharded for "
                            "expert parallelism")
-    if not experts.stacked:
-        raise ValueError(f"{name}: {EP_QUANT_REFUSAL}")
     total = experts.num_experts
     _check_experts_divide(total, size)
     local = total // size
     first = rank * local
-    for w in (experts.w13, experts.w2):
-        data = w.weight.data[first:first + local].contiguous()
-        w.weight = nn.Parameter(data, requires_grad=False)
-        w.shard_ranges = {k: v for k, v in w.shard_ranges.items()
-                          if int(k.split(".", 1)[0]) < local}
+    if not experts.stacked:  # per-expert (quantized) layers, named by global id: keep ours
+        for e in range(total):
+            if not first <= e < first + local:
+                delattr(experts, str(e))
+    else:
+        for w in (experts.w13, experts.w2):
+            data = w.weight.data[first:first + local].contiguous()
+            w.weight = nn.Parameter(data, requires_grad=False)
+            w.shard_ranges = {k: v for k, v in w.shard_ranges.items()
+                              if int(k.split(".", 1)[0]) < local}
     experts.num_experts = local
     experts.ep_shard = (rank, size)
     experts.set_expert_range(first, total)
@@ -279,7 +309,7 @@ def _shard_expert_layers(name: str, experts: FusedMoE, rank: int, size: int) -> 
     per-layer all-reduce (the block adds one). On CUDA ``restack_experts`` then stacks the
     rank's slices, each cut from its canonical form as it finishes loading."""
     for e in range(experts.num_experts):
-        mlp = experts.get_submodule(str(e))
+        mlp = experts.expert(e)
         if not _sliced(mlp.down_proj, rank, size):
             _check_divides(f"expert intermediate size of {name}", int(mlp.down_proj.input_size),
                            size)

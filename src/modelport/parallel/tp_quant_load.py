@@ -54,9 +54,10 @@ class RankSlices:
         """Find the parallel layers (after ``prepare_quantization`` unstacked the experts)."""
         self.kinds = {id(m): kind for kind, m in _parallel_layers(model, self.size)}
         for moe in model.modules():
-            if isinstance(moe, FusedMoE) and not moe.stacked:
+            # a rank's share of whole experts (expert parallelism) is not cut: loads whole
+            if isinstance(moe, FusedMoE) and not moe.stacked and moe.expert_offset is None:
                 for e in range(moe.num_experts):
-                    mlp = moe.get_submodule(str(e))
+                    mlp = moe.expert(e)
                     self.kinds[id(mlp.gate_up_proj)] = "column"
                     self.kinds[id(mlp.down_proj)] = "row"
 

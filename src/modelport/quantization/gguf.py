@@ -241,24 +241,29 @@ def iter_gguf_kept(
     permuted = GGUF_ARCHITECTURES[arch][1]
     heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
 
-    def kept(name: str) -> bool:  # stacked experts: kept together (one type for all)
-        return (name.format(e=0) if "{e}" in name else name) in quantized
+    def kept(t: Any) -> bool:
+        name = hf_tensor_name(t.name, arch)
+        if "{e}" in name:  # stacked experts: kept together (one type for all), by the experts
+            # this model holds (under expert parallelism a rank's share of them)
+            return any(name.format(e=e) in quantized for e in range(len(t.data)))
+        return name in quantized
 
     class _Subset:  # the float path for everything we do not keep quantized
-        tensors = [t for t in reader.tensors if not kept(hf_tensor_name(t.name, arch))]
+        tensors = [t for t in reader.tensors if not kept(t)]
 
     yield from iter_gguf_weights(_Subset, hf_config)
     for t in reader.tensors:
-        name = hf_tensor_name(t.name, arch)
-        if not kept(name):
+        if not kept(t):
             continue
+        name = hf_tensor_name(t.name, arch)
         raw = np.asarray(t.data)
         if "{e}" in name:  # [E, out, row bytes]: each expert's rows are whole blocks
             if raw.dtype != np.uint8 or raw.ndim != 3:
                 raise ValueError(f"GGUF tensor {t.name!r}: unexpected raw layout of stacked "
                                  f"experts {raw.dtype} {raw.shape}")
             for e in range(raw.shape[0]):
-                yield name.format(e=e), torch.from_numpy(np.array(raw[e], copy=True))
+                if name.format(e=e) in quantized:  # another rank's expert: never read
+                    yield name.format(e=e), torch.from_numpy(np.array(raw[e], copy=True))
             continue
         if raw.dtype != np.uint8 or raw.ndim != 2:
             raise ValueError(f"GGUF tensor {t.name!r}: unexpected raw layout {raw.dtype} {raw.shape}")
