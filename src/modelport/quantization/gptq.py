@@ -166,7 +166,7 @@ def _load_g_idx(param: nn.Parameter, loaded: torch.Tensor) -> None:
     """Every shard of a fused layer carries the same g_idx (same input): check, keep one."""
     if tuple(loaded.shape) != tuple(param.shape):
         raise ValueError(f"g_idx has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
-    loaded = loaded.to(param.dtype)
+    loaded = loaded.to(param.device, param.dtype)  # a CPU read into a CUDA model's param
     if (param.data >= 0).all() and not torch.equal(param.data, loaded):
         raise ValueError("fused GPTQ shards (q/k/v or gate/up) disagree on g_idx")
     param.data.copy_(loaded)
