@@ -216,7 +216,15 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
        run 300 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
          tests/test_moe_quantized_cuda.py tests/test_moe_wint_grouped.py tests/test_moe_few_tokens.py \
          2>&1 | tee "${OUT:-bench/results}/s35-moe-tests.log" | tail -15 ;;
+  # session 35's H100 call failed 4 tests, fixed after it (38b980e): the sleep-mode tests
+  # (the test held the old graphs, so the KV cache stayed) and the GPTQ act-order MoE engine
+  # tests (g_idx compared across devices at load)
+  s35c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 110 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_gpu_engine.py -k sleep 2>&1 | tee "${OUT:-bench/results}/s35c-sleep-tests.log" | tail -8
+        run 160 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_moe_quantized_cuda.py -k act-order 2>&1 | tee "${OUT:-bench/results}/s35c-act-order-tests.log" | tail -8 ;;
   s35b) run 190 bash bench/gpu/run_all.sh w1
         run 200 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b" >&2; exit 2 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c" >&2; exit 2 ;;
 esac
