@@ -74,6 +74,26 @@ def test_batch_update_keeps_rows_in_place_when_it_can() -> None:
 
 
 # ---------------------------------------------------------------- offline
+def test_argmax_invariant_processors_see_temperature_scaled_logits(model_dir) -> None:
+    """As vLLM's sampler: an argmax-invariant processor runs after temperature, only in
+    steps that sample (none for an all-greedy step)."""
+    from helpers.logits_processors import ScaledProbe
+
+    llm = LLM(str(model_dir), logits_processors=[ScaledProbe], **SMALL)
+    prompt = [{"prompt_token_ids": PROMPTS[0]}]
+    firsts = []
+    for temperature in (1.0, 0.5):
+        ScaledProbe.seen = []
+        llm.generate(prompt, SamplingParams(temperature=temperature, seed=0, max_tokens=1),
+                     use_tqdm=False)
+        assert len(ScaledProbe.seen) == 1
+        firsts.append(ScaledProbe.seen[0])
+    torch.testing.assert_close(firsts[1], firsts[0] * 2)  # the same logits over T = 0.5
+    ScaledProbe.seen = []
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert ScaledProbe.seen == []
+
+
 def test_target_token_only_for_the_requests_that_ask(llm, model_dir) -> None:
     base = LLM(str(model_dir), max_num_seqs=3, **SMALL)
     lengths = [6, 3, 8, 2, 5]  # finishing at different steps, 3 running at a time

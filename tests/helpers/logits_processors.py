@@ -110,3 +110,22 @@ class CountUp(AdapterLogitsProcessor):
 class NotAProcessor:
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
+
+
+class ScaledProbe(LogitsProcessor):
+    """Argmax-invariant: keeps each apply's logits (class-level), to show where it runs."""
+
+    seen: list[torch.Tensor] = []
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        pass
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        ScaledProbe.seen.append(logits.detach().clone())
+        return logits

@@ -74,18 +74,20 @@ class LogitsProcessors:
         # whether a greedy row's token may differ from the argmax of its (other) logits
         self.changes_argmax = any(not p.is_argmax_invariant() for p in self.processors)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[Any], all_greedy: bool
-                 ) -> torch.Tensor:
-        """Tell the processors this step's batch (rows: SamplingRows in logits order), then
-        run them on the logits; argmax-invariant ones are skipped when every row is greedy."""
+    def update(self, rows: Sequence[Any]) -> None:
+        """Tell every processor this step's batch (rows: SamplingRows in logits order)."""
         new = [r.request_id for r in rows]
         update = batch_update(self.order, new, lambda j: (
             rows[j].params, rows[j].prompt_token_ids, rows[j].output_token_ids))
         self.order = new
         for p in self.processors:
             p.update_state(update)
+
+    def apply(self, logits: torch.Tensor, argmax_invariant: bool) -> torch.Tensor:
+        """Run the processors of one kind, as vLLM's sampler does: those that may change the
+        argmax on the logits before greedy picks (every row), the argmax-invariant ones on
+        the temperature-scaled logits of a step that samples, before top-k / top-p."""
         for p in self.processors:
-            if all_greedy and p.is_argmax_invariant():
-                continue
-            logits = p.apply(logits)
+            if p.is_argmax_invariant() == argmax_invariant:
+                logits = p.apply(logits)
         return logits

@@ -257,8 +257,10 @@ class Sampler:
         apply_penalties(logits, rows)
         apply_min_tokens(logits, rows, exempt)
         greedy = [r.params.greedy for r in rows]
-        if self.logits_processors is not None:
-            logits = self.logits_processors(logits, rows, all(greedy))
+        lps = self.logits_processors
+        if lps is not None:
+            lps.update(rows)
+            logits = lps.apply(logits, argmax_invariant=False)
 
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if all(greedy):
@@ -271,6 +273,8 @@ class Sampler:
                   r.params.min_p] for g, r in zip(greedy, rows)], dtype=torch.float32)
             params = to_device(params, dev)
             scaled = logits / params[:, 0:1].to(logits.dtype)
+            if lps is not None:  # greedy rows take their token from the logits above
+                scaled = lps.apply(scaled, argmax_invariant=True)
             scaled = apply_top_k_top_p_min_p(
                 scaled, params[:, 1].long(), params[:, 2].to(logits.dtype),
                 params[:, 3].to(logits.dtype),
