@@ -232,9 +232,17 @@ def test_server_vllm_xargs_and_the_400(model_dir) -> None:
         assert lp["tokens"] == [lp["tokens"][0]] * 3
         assert r2.json()["choices"][0]["logprobs"]["tokens"] != lp["tokens"]
         r = c.post("/v1/chat/completions", json={
-            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
             "ignore_eos": True, "vllm_xargs": {"target_token": 66}})
         assert r.status_code == 200, r.text
+        forced = r.json()["choices"][0]["message"]["content"]
+        assert forced and len(set(forced)) == 1  # one token, three times
+        # the Responses API takes vllm_xargs too: the same forced answer
+        r = c.post("/v1/responses", json={"model": "tiny", "input": "hi",
+                                          "max_output_tokens": 3, "vllm_xargs": {
+                                              "target_token": 66}})
+        assert r.status_code == 200, r.text
+        assert r.json()["output"][0]["content"][0]["text"] == forced
 
 
 @pytest.mark.gpu

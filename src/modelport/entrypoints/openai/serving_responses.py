@@ -65,6 +65,8 @@ class ResponsesRequest(TextRequest):
     reasoning: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     service_tier: str | None = None
+    # vLLM's: arguments for the server's custom logits processors (SamplingParams.extra_args)
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
 
 
 def not_found(response_id: str) -> OpenAIError:
@@ -215,6 +217,7 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
             tools=_tools(req),
             tool_choice=_tool_choice(req),
             parallel_tool_calls=req.parallel_tool_calls,
+            vllm_xargs=req.vllm_xargs,
         )
     except ValidationError as e:
         err = e.errors()[0]
