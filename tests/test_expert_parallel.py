@@ -485,3 +485,30 @@ def test_restacked_quantized_rank_shares_sum_to_the_whole_on_cuda() -> None:
             total = sum(m(x, logits).float() for m in shares)
             err = (total - ref).abs().max().item() / ref.abs().max().item()
             assert err < 2e-2, (make.__name__, t, err)
+
+
+def test_planner_takes_expert_parallelism(tmp_path: Path, capsys) -> None:
+    """`modelport plan --enable-expert-parallel`: the degrees the engine accepts with experts
+    shared out (the number of experts must divide, not their width), the flag in the serve
+    command it prints, and no data-parallel replicas beside it."""
+    import json
+
+    from modelport.entrypoints.cli import main
+    from modelport.planner.parallel import tp_refusal, valid_tp_degrees
+
+    wide = cfg("mixtral", intermediate_size=99)
+    assert valid_tp_degrees(wide) == [1]
+    assert valid_tp_degrees(wide, expert_parallel=True) == [1, 2]
+    assert tp_refusal(wide, 2, expert_parallel=True) is None
+    assert "number of experts (3)" in tp_refusal(cfg("mixtral", num_local_experts=3), 2, True)
+    d = make_tiny_moe_dir(tmp_path / "m", "mixtral", intermediate_size=99)
+    base = ["plan", "--model", str(d), "--gpu", "h100-80gb", "--num-gpus", "2",
+            "--max-model-len", "256", "--max-num-seqs", "4"]
+    assert main([*base, "--json"]) == 2  # sliced experts: 99 channels do not split in two
+    assert "intermediate_size=99" in capsys.readouterr().err
+    assert main([*base, "--enable-expert-parallel", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["parallelism"]["valid_tensor_parallel_sizes"] == [1, 2]
+    assert "--tensor-parallel-size 2 --enable-expert-parallel" in out["serve_command"]
+    assert main([*base, "-tp", "1", "-ep", "--json"]) == 2
+    assert "--enable-expert-parallel" in capsys.readouterr().err

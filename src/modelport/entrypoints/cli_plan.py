@@ -85,6 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="default: --num-gpus (one replica); fewer gives data-parallel replicas",
     )
     p.add_argument(
+        "--enable-expert-parallel",
+        "-ep",
+        action="store_true",
+        help="MoE models: the tensor-parallel ranks share out whole experts (as `serve`'s flag)",
+    )
+    p.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -156,6 +162,7 @@ def build_request(args: argparse.Namespace) -> PlanRequest:
         kv_cache_memory=kv_mem,
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_expert_parallel=args.enable_expert_parallel,
     )
 
 

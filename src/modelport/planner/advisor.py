@@ -244,6 +244,8 @@ def serve_command(plan: Plan) -> str:
         args += ["--dtype", plan.dtype]
     if plan.tp > 1:
         args += ["--tensor-parallel-size", str(plan.tp)]
+        if req.enable_expert_parallel:
+            args += ["--enable-expert-parallel"]
     if plan.replicas > 1:
         args += ["--data-parallel-size", str(plan.replicas)]
     q = req.effective_quantization

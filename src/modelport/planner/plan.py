@@ -76,6 +76,7 @@ class PlanRequest:
     kv_cache_memory: int | None = None  # CPU KV budget in bytes
     block_size: int = 16
     max_num_batched_tokens: int | None = None
+    enable_expert_parallel: bool = False  # MoE: the TP ranks share out whole experts
 
     def __post_init__(self) -> None:
         for flag, v in (
@@ -140,7 +141,8 @@ class PlanRequest:
                 "CPU plans cover one process on one host (its ranks would share the same RAM); "
                 "plan one replica and multiply",
             )
-        resolve_parallelism(self.model.config, self.num_gpus, self.tensor_parallel_size)
+        resolve_parallelism(self.model.config, self.num_gpus, self.tensor_parallel_size,
+                            self.enable_expert_parallel)
 
     @property
     def effective_quantization(self) -> str | None:
@@ -232,7 +234,8 @@ def _estimated_gguf_linear(model: ModelConfig, fmt: WeightFormat) -> list[Linear
 
 def make_plan(req: PlanRequest) -> Plan:
     model, device = req.model.config, req.device
-    tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size)
+    tp, replicas = resolve_parallelism(model, req.num_gpus, req.tensor_parallel_size,
+                                       req.enable_expert_parallel)
     act = resolve_dtype(req.dtype, device, model.torch_dtype)
     quant = req.effective_quantization
     if (quant is not None and moe_spec(model) is not None and not device.is_cpu
@@ -356,7 +359,7 @@ def make_plan(req: PlanRequest) -> Plan:
         budget,
         kv,
         rl,
-        valid_tp_degrees(model),
+        valid_tp_degrees(model, req.enable_expert_parallel),
         weights_fit,
         starts,
         fits,
