@@ -71,3 +71,28 @@ def test_mixed_prefill_chunks_prefix_hits_and_decode():
 
 def test_batched_decode_ragged_lengths():
     check([1, 1, 1, 1, 1], [1, 4, 5, 16, 33])
+
+
+def test_dummy_attention_runs_in_bounded_query_chunks(monkeypatch):
+    # the cache-less forward the runner profiles peak memory with: causal GQA attention in
+    # query chunks whose scores stay under DUMMY_SCORES elements, equal to one dense pass
+    from modelport.layers import attention as attn_mod
+
+    t, h, kh, d = 37, 4, 2, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(t, n * d, generator=g) for n in (h, kh, kh))
+    seen = []
+    real = attn_mod.grouped_attention
+
+    def spy(qc, kc, vc, mask, scale, cap=None):
+        seen.append(qc.shape[1] * qc.shape[2] * kc.shape[2])  # heads x rows x keys
+        return real(qc, kc, vc, mask, scale, cap)
+
+    monkeypatch.setattr(attn_mod, "grouped_attention", spy)
+    monkeypatch.setattr(attn_mod, "DUMMY_SCORES", h * t * 5)  # 5 query rows a chunk
+    layer = attn_mod.Attention(h, d, kh, 0, 0.3)
+    with attn_mod.forward_context(attn_mod.ForwardContext(None, [])):
+        got = layer(q, k, v).view(t, h, d)
+    want = dense_attention(q.view(t, h, d), k.view(t, kh, d), v.view(t, kh, d), 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(seen) == -(-t // 5) and max(seen) <= h * t * 5

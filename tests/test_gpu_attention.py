@@ -497,3 +497,31 @@ def test_fp8_default_decode_keeps_pad_rows_zero_and_splits_by_bucket():
     plan = meta.backend_state["triton"]
     cfg = ta.decode_config(3, FP8)
     assert plan.decode_cfg == cfg and plan.splits == ta.decode_splits(3, 8, cfg.programs)
+
+
+def test_profiling_forward_attention_memory_stays_linear_in_tokens():
+    # the runner sizes the KV cache from the peak of a cache-less forward at the token
+    # budget; its attention must not hold [heads, t, t] scores (17 GiB here in bf16) that no
+    # real step makes, or a large --max-num-batched-tokens silently shrinks the cache
+    from modelport.layers.attention import Attention, ForwardContext, forward_context
+
+    t, h, kh, d = 16384, 32, 8, 128
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(t, n * d, generator=g, device=DEV, dtype=torch.bfloat16)
+               for n in (h, kh, kh))
+    layer = Attention(h, d, kh, 0, d**-0.5)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with forward_context(ForwardContext(None, [])):
+        out = layer(q, k, v)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 1 << 30
+    # its first rows against a dense causal reference
+    n = 64
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:n].view(n, h, d).transpose(0, 1).float(),
+        k[:n].view(n, kh, d).transpose(0, 1).float().repeat_interleave(h // kh, 0),
+        v[:n].view(n, kh, d).transpose(0, 1).float().repeat_interleave(h // kh, 0),
+        is_causal=True, scale=d**-0.5).transpose(0, 1).reshape(n, h * d)
+    torch.testing.assert_close(out[:n].float(), ref, atol=2e-2, rtol=2e-2)

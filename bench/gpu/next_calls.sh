@@ -226,5 +226,24 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
           tests/test_moe_quantized_cuda.py -k act-order 2>&1 | tee "${OUT:-bench/results}/s35c-act-order-tests.log" | tail -8 ;;
   s35b) run 190 bash bench/gpu/run_all.sh w1
         run 200 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c" >&2; exit 2 ;;
+  # session 36: the targets' figures on whichever card comes (H200 for the targets; an H100
+  # gives ratios only): W3 bf16 and AWQ, W1 bf16 (profiled) and FP8 weights + KV at the
+  # 2,048-token budget, then W1 bf16 at 8,192 (vLLM's offline LLM defaults to 16,384 on
+  # such cards; the third round's 8,192 A/B was on older code)
+  s36) run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+       run 150 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+       run 150 bash bench/gpu/run_all.sh w1
+       run 140 env W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env
+       run 90 env W1_BUDGET=8192 bash bench/gpu/run_all.sh w1-env ;;
+  # session 36, second call: the profiling forward's attention in query chunks (its [heads,
+  # t, t] scores had cost 9,109 KV blocks at an 8,192-token budget on the H100): its GPU test,
+  # then W1 bf16 at budgets 2,048 / 8,192 / 16,384 and FP8 weights + KV at 2,048 / 16,384
+  s36b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 60 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_gpu_attention.py -k profiling 2>&1 | tail -3
+        for b in 2048 8192 16384; do run 80 env W1_BUDGET=$b bash bench/gpu/run_all.sh w1-env; done
+        for b in 2048 16384; do
+          run 100 env W1_BUDGET=$b W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env
+        done ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b" >&2; exit 2 ;;
 esac
