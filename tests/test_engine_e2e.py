@@ -124,10 +124,15 @@ def test_n_greater_than_one(llama) -> None:
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
 
 
-def test_logprobs_and_prompt_logprobs_match_hf(llama, llama_dir) -> None:
+@pytest.mark.parametrize("lm_head_rows", [None, 3])  # 3: a step's prompt rows in pieces
+def test_logprobs_and_prompt_logprobs_match_hf(llama, llama_dir, lm_head_rows, monkeypatch) -> None:
     from helpers.tiny_models import hf_reference_logits
+    from modelport.runner import model_runner
 
+    if lm_head_rows is not None:
+        monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_ROWS", lm_head_rows)
     prompt = PROMPTS[2]
+    assert len(prompt) > 2 * 3
     p = greedy(3, logprobs=2, prompt_logprobs=1)
     out = llama.generate(prompt_token_ids=[prompt], sampling_params=p, use_tqdm=False)[0]
     ref = hf_reference_logits(llama_dir, prompt + out.outputs[0].token_ids).log_softmax(-1)

@@ -20,7 +20,7 @@ import torch
 from modelport.config import DEFAULT_CPU_KV_CACHE_MEMORY, num_kv_blocks
 from modelport.engine.arg_utils import EngineConfig
 from modelport.engine.messages import TokenLogprobs
-from modelport.engine.scheduler import SchedulerOutput
+from modelport.engine.scheduler import ScheduledRequest, SchedulerOutput
 from modelport.layers.attention import AttentionMetadata, ForwardContext, forward_context
 from modelport.models.token_types import step_token_types
 from modelport.runner.sampler import (
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from modelport.runner.logits_processors import LogitsProcessors
 
 logger = logging.getLogger(__name__)
+
+# rows of prompt logprobs whose logits exist at once (ModelRunner._prompt_logprobs)
+PROMPT_LOGPROB_ROWS = 256
 
 Fill = Callable[[torch.Tensor], None]  # patches a step's device input ids in place
 
@@ -756,9 +759,8 @@ class ModelRunner:
             seq_lens.append(start + n)
             tables.append(blk)
             if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
-                n_pl = min(n, req.num_prompt_tokens - 1 - start)
-                prompt_lp_reqs.append((s, len(logit_rows), n_pl))
-                logit_rows.extend(range(base, base + n_pl))
+                # rows of the hidden states (their logits come in chunks, _prompt_logprobs)
+                prompt_lp_reqs.append((s, base, min(n, req.num_prompt_tokens - 1 - start)))
             if s.spec_token_ids:
                 spec_reqs.append((s, len(logit_rows)))
                 logit_rows.extend(range(base, base + n))
@@ -802,7 +804,9 @@ class ModelRunner:
             return PendingStep(out)
         pending = PendingStep(out)
         if not logit_rows:
+            self._prompt_logprobs(hidden, prompt_lp_reqs, out)
             return pending
+        all_hidden = hidden
         if len(logit_rows) != hidden.shape[0]:  # rows are increasing: equal count = all rows
             hidden = hidden[self._to_dev(torch.tensor(logit_rows))]
         if (dev.type == "cpu" and lora is None and not spec_reqs and not prompt_lp_reqs
@@ -847,12 +851,23 @@ class ModelRunner:
         if dev.type == "cuda" and (sample_reqs or spec_reqs):
             pending.done = torch.cuda.Event()
             pending.done.record()
-        for s, first, count in prompt_lp_reqs:
-            req = s.request
-            lp = logits[first : first + count].log_softmax(dim=-1)
-            k = num_logprobs(req.sampling_params.prompt_logprobs or 0, lp.shape[-1])
-            targets = torch.tensor(
-                req.prompt_token_ids[s.start + 1 : s.start + 1 + count], device=dev
-            )
-            out.prompt_logprobs[s.request_id] = list(compute_logprobs(lp, targets, k))
+        self._prompt_logprobs(all_hidden, prompt_lp_reqs, out)
         return pending
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, reqs: list[tuple[ScheduledRequest, int, int]],
+                         out: RunnerOutput) -> None:
+        """Each (scheduled request, first hidden row, rows) its prompt tokens' logprobs, the
+        LM head run on PROMPT_LOGPROB_ROWS rows at a time: a whole chunk's float32 logits at
+        once (16,384 x 128,256 x 4 bytes = 8 GiB, twice with the log-softmax) would not fit
+        beside a KV cache sized by a profiling forward that never made them."""
+        for s, first, count in reqs:
+            req = s.request
+            targets = req.prompt_token_ids[s.start + 1 : s.start + 1 + count]
+            got: list[TokenLogprobs] = []
+            for c0 in range(0, count, PROMPT_LOGPROB_ROWS):
+                c1 = min(count, c0 + PROMPT_LOGPROB_ROWS)
+                lp = self.model.compute_logits(hidden[first + c0 : first + c1]).float()
+                k = num_logprobs(req.sampling_params.prompt_logprobs or 0, lp.shape[-1])
+                got += compute_logprobs(lp.log_softmax(dim=-1),
+                                        torch.tensor(targets[c0:c1], device=lp.device), k)
+            out.prompt_logprobs[s.request_id] = got
