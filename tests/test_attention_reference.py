@@ -75,7 +75,7 @@ def test_batched_decode_ragged_lengths():
 
 def test_dummy_attention_runs_in_bounded_query_chunks(monkeypatch):
     # the cache-less forward the runner profiles peak memory with: causal GQA attention in
-    # query chunks whose scores stay under DUMMY_SCORES elements, equal to one dense pass
+    # query chunks whose scores stay under DUMMY_ATTENTION_SCORES elements, equal to one dense pass
     from modelport.layers import attention as attn_mod
 
     t, h, kh, d = 37, 4, 2, 16
@@ -89,7 +89,7 @@ def test_dummy_attention_runs_in_bounded_query_chunks(monkeypatch):
         return real(qc, kc, vc, mask, scale, cap)
 
     monkeypatch.setattr(attn_mod, "grouped_attention", spy)
-    monkeypatch.setattr(attn_mod, "DUMMY_SCORES", h * t * 5)  # 5 query rows a chunk
+    monkeypatch.setattr(attn_mod, "DUMMY_ATTENTION_SCORES", h * t * 5)  # 5 query rows a chunk
     layer = attn_mod.Attention(h, d, kh, 0, 0.3)
     with attn_mod.forward_context(attn_mod.ForwardContext(None, [])):
         got = layer(q, k, v).view(t, h, d)

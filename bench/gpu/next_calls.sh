@@ -241,9 +241,16 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
   s36b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
         run 60 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_gpu_attention.py -k profiling 2>&1 | tail -3
-        for b in 2048 8192 16384; do run 80 env W1_BUDGET=$b bash bench/gpu/run_all.sh w1-env; done
-        for b in 2048 16384; do
-          run 100 env W1_BUDGET=$b W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env
+        env PYTHONPATH=/tmp/site:src python3 -c "
+import torch
+from modelport.engine.gpu_info import total_memory_and_name
+from modelport.config import default_max_num_batched_tokens, is_large_gpu
+g = total_memory_and_name('cuda'); print('NVML', g, 'CUDA initialized', torch.cuda.is_initialized())
+print('default budget offline / server', *(default_max_num_batched_tokens(True, offline=o, large_gpu=bool(g) and is_large_gpu(*g)) for o in (True, False)))"
+        for v in "2048 bf16" "16384 bf16" "2048 fp8" "16384 fp8" "8192 bf16"; do
+          set -- $v
+          extra=""; [ "$2" = fp8 ] && extra="--quantization fp8 --kv-cache-dtype fp8"
+          run 100 env W1_BUDGET=$1 W1_EXTRA="$extra" bash bench/gpu/run_all.sh w1-env
         done ;;
   *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b" >&2; exit 2 ;;
 esac

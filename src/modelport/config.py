@@ -49,9 +49,29 @@ def auto_dtype(on_cuda: bool, checkpoint_dtype: str) -> str:
     return "bfloat16" if ckpt == "float32" else ckpt
 
 
-def default_max_num_batched_tokens(on_cuda: bool) -> int:
-    """Per-step token budget when none is given (engine and planner alike)."""
-    return 2048 if on_cuda else 512
+# score elements one query chunk of the cache-less attention of the runner's profiling
+# forward may hold (layers/attention.py Attention._dummy_attention; the planner's estimate)
+DUMMY_ATTENTION_SCORES = 2**26
+
+# GPUs from which vLLM's larger default token budgets apply (its rule: this much memory,
+# and not an A100, where a large budget measured slower)
+LARGE_GPU_BYTES = 70 * 2**30
+
+
+def is_large_gpu(memory_bytes: int, name: str) -> bool:
+    return memory_bytes >= LARGE_GPU_BYTES and "a100" not in name.lower()
+
+
+def default_max_num_batched_tokens(on_cuda: bool, *, offline: bool = False,
+                                   large_gpu: bool = False) -> int:
+    """Per-step token budget when none is given (engine and planner alike), vLLM's table:
+    512 on a CPU; on a large GPU (is_large_gpu: H100, H200, ...) 16,384 for offline use
+    (``LLM``, the benchmarks) and 8,192 served; on other GPUs 8,192 offline, 2,048 served."""
+    if not on_cuda:
+        return 512
+    if large_gpu:
+        return 16384 if offline else 8192
+    return 8192 if offline else 2048
 
 
 @dataclass(frozen=True)

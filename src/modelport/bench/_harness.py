@@ -121,6 +121,7 @@ def build_engine(args: argparse.Namespace, path: str | None) -> Any:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        usage_context="offline",
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory,
         block_size=args.block_size,

@@ -18,7 +18,9 @@ from modelport.config import (
     SchedulerConfig,
     SpeculativeConfig,
     default_max_num_batched_tokens,
+    is_large_gpu,
 )
+from modelport.engine.gpu_info import total_memory_and_name
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ class EngineArgs:
     load_format: str = "auto"
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    # vLLM's usage context, which picks the default token budget (config's table): "offline"
+    # (LLM(...), the benchmarks) or "server"
+    usage_context: str = "server"
     # vLLM's flag: None / True chunk long prompts (the default); False runs each prompt whole
     enable_chunked_prefill: bool | None = None
     block_size: int = 16
@@ -185,7 +190,10 @@ class EngineArgs:
         g.add_argument("--load-format", default=d.load_format,
                        choices=["auto", "safetensors", "gguf", "dummy"])
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-        g.add_argument("--max-num-batched-tokens", type=parse_human_int, default=None)
+        g.add_argument("--max-num-batched-tokens", type=parse_human_int, default=None,
+                       help="tokens a step may run (default, as vLLM: 8192 served and 16384 "
+                            "offline on GPUs of 70 GiB or more other than the A100, 2048 "
+                            "served and 8192 offline on other GPUs, 512 on a CPU)")
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                        default=None,
                        help="chunk long prompts over steps (default: on); "
@@ -403,9 +411,15 @@ class EngineArgs:
                 f"max_model_len ({self.max_model_len}) is larger than the model's "
                 f"max_position_embeddings ({model_config.max_position_embeddings})"
             )
-        batched = self.max_num_batched_tokens or default_max_num_batched_tokens(
-            device.startswith("cuda")
-        )
+        if self.usage_context not in ("offline", "server"):
+            raise ValueError(f"usage_context must be 'offline' or 'server', got {self.usage_context!r}")
+        batched = self.max_num_batched_tokens
+        if batched is None:
+            on_cuda = device.startswith("cuda")
+            gpu = total_memory_and_name(device) if on_cuda else None
+            batched = default_max_num_batched_tokens(
+                on_cuda, offline=self.usage_context == "offline",
+                large_gpu=gpu is not None and is_large_gpu(*gpu))
         if encoder is not None:  # one whole prompt per step: no chunks (vLLM does the same)
             if self.max_model_len is not None and self.max_model_len > encoder.max_positions:
                 raise ValueError(f"max_model_len ({self.max_model_len}) is larger than the "

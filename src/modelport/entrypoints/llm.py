@@ -120,6 +120,7 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
             enable_expert_parallel=enable_expert_parallel, load_format=load_format,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            usage_context="offline",
             enable_chunked_prefill=enable_chunked_prefill,
             block_size=block_size, seed=seed, quantization=quantization, device=device,
             kv_cache_dtype=kv_cache_dtype, async_scheduling=async_scheduling,

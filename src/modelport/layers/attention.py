@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelport.config import DUMMY_ATTENTION_SCORES
 from modelport.layers import cpu_fast
 
 
@@ -204,10 +205,6 @@ def request_attention(
     return o.squeeze(0).transpose(0, 1)
 
 
-# score elements a query chunk of the cache-less dummy attention may hold (Attention._dummy_attention)
-DUMMY_SCORES = 2**26
-
-
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     soft_cap: float | None = None,
@@ -331,14 +328,14 @@ class Attention(nn.Module):
 
     def _dummy_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of t tokens as one sequence (window and soft-cap included), in
-        query chunks whose scores stay near DUMMY_SCORES elements: the runner's profiling
+        query chunks whose scores stay near DUMMY_ATTENTION_SCORES elements: the runner's profiling
         forward measures the step's peak memory here, and the paged kernels of a real step
         never hold a [heads, t, t] score tensor (at a 16,384-token budget one is 32 GiB in
         float32, all of it taken from the KV cache)."""
         t = q.shape[0]
         qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         pos = torch.arange(t, device=q.device)
-        rows = max(1, DUMMY_SCORES // (self.num_heads * t))
+        rows = max(1, DUMMY_ATTENTION_SCORES // (self.num_heads * t))
         out = torch.empty_like(q)
         for c0 in range(0, t, rows):
             c1 = min(t, c0 + rows)

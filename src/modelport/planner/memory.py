@@ -9,7 +9,8 @@ that forward, so it models it on what the runner does:
                the compute dtype (1 GiB for Llama-3.1-8B's 131072 positions).
   activations  max_num_batched_tokens x (2 x hidden + 3 x intermediate / tp) x act_bytes
                (residual stream, gate/up projections and their product at the MLP peak)
-               + heads / tp x tokens^2 x 8 for the fp32 scores and probabilities of the causal
+               + min(heads / tp x tokens^2, DUMMY_ATTENTION_SCORES) x 3 x act_bytes: the
+               scores, masked scores and probabilities of one query chunk of the causal
                attention the profile forward runs without a KV cache
                + min(max_num_seqs, tokens) x vocab x (act_bytes + 4) for the logits and their
                fp32 upcast in the sampler.
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 from modelport.config import (
     DEFAULT_CPU_KV_CACHE_MEMORY,
+    DUMMY_ATTENTION_SCORES,
     ModelConfig,
     kv_cache_bytes_per_token,
     num_kv_blocks,
@@ -52,7 +54,8 @@ def activation_peak_bytes(
     t = max_num_batched_tokens
     h, inter = model.hidden_size, model.intermediate_size
     per_token = (2 * h + 3 * inter // tp) * act_bytes
-    attention = model.num_attention_heads // tp * t * t * 8
+    # scores, their masked copy and the softmax of one query chunk (its rows bounded)
+    attention = min(model.num_attention_heads // tp * t * t, DUMMY_ATTENTION_SCORES) * 3 * act_bytes
     logits = min(max_num_seqs, t) * model.vocab_size * (act_bytes + 4)
     return t * per_token + attention + logits
 

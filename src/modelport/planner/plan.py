@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelport.config import ModelConfig, auto_dtype, default_max_num_batched_tokens, dtype_bytes
+from modelport.config import (
+    ModelConfig,
+    auto_dtype,
+    default_max_num_batched_tokens,
+    dtype_bytes,
+    is_large_gpu,
+)
 from modelport.models.moe_config import moe_spec
 from modelport.planner import gguf_mix
 from modelport.planner.errors import PlanError
@@ -54,8 +60,9 @@ def resolve_dtype(dtype: str, device: Device, checkpoint_dtype: str) -> str:
 
 
 def engine_max_num_batched_tokens(device: Device) -> int:
-    """EngineArgs' default per-step token budget for this device."""
-    return default_max_num_batched_tokens(not device.is_cpu)
+    """`modelport serve`'s default per-step token budget on this device (EngineArgs')."""
+    return default_max_num_batched_tokens(
+        not device.is_cpu, large_gpu=not device.is_cpu and is_large_gpu(device.memory_bytes, device.name))
 
 
 @dataclass(frozen=True)

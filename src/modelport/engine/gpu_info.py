@@ -1,0 +1,54 @@
+"""What the front end learns about a GPU without creating a CUDA context: the engine core, a
+spawned process, owns the device, and a context here would hold ~0.5 GiB of it. NVML
+(nvidia-ml-py) answers from the driver; in a process whose CUDA is already up (the offline
+``LLM`` runs its engine in-process) torch answers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def total_memory_and_name(device: str) -> tuple[int, str] | None:
+    """(total bytes, name) of the CUDA device ``device`` names, or None when neither NVML nor
+    an initialized CUDA can say."""
+    index = torch.device(device).index or 0
+    if torch.cuda.is_initialized():
+        props = torch.cuda.get_device_properties(index)
+        return int(props.total_memory), str(props.name)
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        handle = _handle(pynvml, index)
+        if handle is None:
+            return None
+        name = pynvml.nvmlDeviceGetName(handle)
+        total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        return int(total), name.decode() if isinstance(name, bytes) else str(name)
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _handle(pynvml: Any, index: int) -> Any:
+    """NVML's handle for CUDA's device ``index``: CUDA_VISIBLE_DEVICES renumbers devices
+    (indices or GPU-/MIG- UUIDs); NVML counts the physical ones."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if index >= len(entries):
+        return None
+    entry = entries[index]
+    if entry.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+    return pynvml.nvmlDeviceGetHandleByUUID(entry)
