@@ -64,3 +64,33 @@ def test_no_room_left_is_a_clear_error(cuda_memory):
     cuda_memory["stuck"] = 60
     with pytest.raises(ValueError, match="no memory left for the KV cache"):
         ModelRunner._cuda_kv_budget(_runner())
+
+
+def test_profiling_forward_runs_the_sampler_at_its_widest(tmp_path, monkeypatch):
+    # the peak the KV budget subtracts includes sampling max_num_seqs rows with top-k, top-p
+    # and logprobs (sorts and copies of [rows, vocab]), as vLLM's profile run does; through a
+    # plain Sampler, so custom logits processors never see the dummy rows
+    from helpers.tiny_models import load_cpu, make_tiny_llama_dir
+    from modelport.runner import model_runner
+
+    model = load_cpu(make_tiny_llama_dir(tmp_path / "m"))
+    seen = []
+
+    class Spy(model_runner.Sampler):
+        def __call__(self, logits, rows):
+            seen.append((tuple(logits.shape), logits.dtype, self.logits_processors, rows))
+            tokens, lps = super().__call__(logits, rows)
+            seen.append((tokens, lps))
+            return tokens, lps
+
+    monkeypatch.setattr(model_runner, "Sampler", Spy)
+    sched = SimpleNamespace(max_num_batched_tokens=24, max_model_len=16, max_num_seqs=5)
+    runner = SimpleNamespace(model=model, tp_workers=None, device=torch.device("cpu"),
+                             config=SimpleNamespace(scheduler_config=sched))
+    ModelRunner.profile_run(runner)
+    (shape, dtype, processors, rows), (tokens, lps) = seen
+    assert shape == (5, model.config.vocab_size) and dtype == torch.float32 and processors is None
+    assert len(rows) == 5 and all(r.params.top_k == model_runner.PROFILE_TOP_K and
+                                  r.params.top_p < 1 and not r.params.greedy for r in rows)
+    assert tokens.shape == (5,) and all(len(lp.token_ids) >= model_runner.PROFILE_LOGPROBS
+                                        for lp in lps)

@@ -32,13 +32,15 @@ from modelport.runner.sampler import (
     to_device,
 )
 from modelport.runner.spec_verify import accepted_tokens, verify
-from modelport.sampling_params import num_logprobs
+from modelport.sampling_params import SamplingParams, num_logprobs
 
 if TYPE_CHECKING:
     from modelport.runner.logits_processors import LogitsProcessors
 
 logger = logging.getLogger(__name__)
 
+# the profiling forward's sampler settings (ModelRunner.profile_run)
+PROFILE_TOP_K, PROFILE_LOGPROBS = 50, 20
 # rows of prompt logprobs whose logits exist at once (ModelRunner._prompt_logprobs)
 PROMPT_LOGPROB_ROWS = 256
 
@@ -350,8 +352,17 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device) % self.config.scheduler_config.max_model_len
         with forward_context(ForwardContext(None, [])):
             hidden = self.model(ids, pos)
-        logits = self.model.compute_logits(hidden[-self.config.scheduler_config.max_num_seqs:])
-        del hidden, logits
+        rows = min(n, self.config.scheduler_config.max_num_seqs)
+        logits = self.model.compute_logits(hidden[-rows:]).float()
+        del hidden
+        # the sampler at its widest, as a real step may ask: random sampling with top-k,
+        # top-p and logprobs on every row (the sort, softmax and noise copies of [rows,
+        # vocab]). A plain Sampler: the custom logits processors keep their batch state
+        params = SamplingParams(temperature=1.0, top_k=PROFILE_TOP_K, top_p=0.9,
+                                logprobs=PROFILE_LOGPROBS)
+        Sampler()(logits, [SamplingRow(f"profile-{i}", params, [0], [], (), None)
+                           for i in range(rows)])
+        del logits
 
     def init_kv_cache(self, num_blocks: int) -> None:
         if self.tp_workers is not None:
