@@ -3,6 +3,7 @@ and GPU size, learned through NVML without a CUDA context in the front end."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 
@@ -111,13 +112,16 @@ def tiny(tmp_path_factory):
     ("offline", H100, 16384), ("server", H100, 8192), ("offline", L4, 8192),
     ("server", L4, 2048), ("server", None, 2048),
 ])
-def test_engine_args_pick_the_budget_on_cuda(tiny, monkeypatch, context, gpu, want):
+def test_engine_args_pick_the_budget_on_cuda(tiny, monkeypatch, caplog, context, gpu, want):
     # a CUDA device as the front end sees it (no GPU here: availability and NVML faked)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_info, "total_memory_and_name", lambda device: gpu)
     monkeypatch.setattr("modelport.engine.arg_utils.total_memory_and_name", lambda device: gpu)
-    cfg = EngineArgs(model=str(tiny), device="cuda", usage_context=context).create_engine_config()
+    with caplog.at_level(logging.INFO, logger="modelport.engine.arg_utils"):
+        cfg = EngineArgs(model=str(tiny), device="cuda", usage_context=context).create_engine_config()
     assert cfg.scheduler_config.max_num_batched_tokens == want
+    where = f"{gpu[1]}, {gpu[0] / 2**30:.1f} GiB" if gpu else "an unknown GPU"
+    assert f"max_num_batched_tokens {want} (the {context} default on {where})" in caplog.text
     given = EngineArgs(model=str(tiny), device="cuda", usage_context=context,
                        max_num_batched_tokens=1024).create_engine_config()
     assert given.scheduler_config.max_num_batched_tokens == 1024

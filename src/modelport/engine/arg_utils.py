@@ -420,6 +420,10 @@ class EngineArgs:
             batched = default_max_num_batched_tokens(
                 on_cuda, offline=self.usage_context == "offline",
                 large_gpu=gpu is not None and is_large_gpu(*gpu))
+            if on_cuda:
+                logger.info("max_num_batched_tokens %d (the %s default on %s)", batched,
+                            self.usage_context,
+                            f"{gpu[1]}, {gpu[0] / 2**30:.1f} GiB" if gpu else "an unknown GPU")
         if encoder is not None:  # one whole prompt per step: no chunks (vLLM does the same)
             if self.max_model_len is not None and self.max_model_len > encoder.max_positions:
                 raise ValueError(f"max_model_len ({self.max_model_len}) is larger than the "
