@@ -60,7 +60,18 @@ def test_json_has_the_figures_and_a_serve_command_that_really_fits(capsys):
         "--kv-cache-dtype", flags.get("--kv-cache-dtype", "auto"),
     )  # fmt: skip
     assert again["verdict"]["fits"] is True
-    assert int(flags["--max-num-seqs"]) == again["kv_cache"]["full_length_sequences"]
+    seqs = int(flags["--max-num-seqs"])
+    assert again["kv_cache"]["full_length_sequences"] >= seqs
+    # and no more: one sequence more does not fit
+    more = _json(
+        capsys,
+        "--model", "llama-3.1-8b", "--gpu", "h100-80gb",
+        "--dtype", flags["--dtype"],
+        "--max-model-len", flags["--max-model-len"],
+        "--max-num-seqs", str(seqs + 1),
+        "--kv-cache-dtype", flags.get("--kv-cache-dtype", "auto"),
+    )  # fmt: skip
+    assert more["verdict"]["fits"] is False
 
 
 def test_tp_3_is_refused_for_llama_8b(capsys):

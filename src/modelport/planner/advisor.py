@@ -211,6 +211,12 @@ def _fitting_plan(plan: Plan) -> Plan | None:
             p = _replan(p.request, kv_cache_memory=-(-want // (1 << 20)) * (1 << 20)) or p
     if not p.fits and p.engine_starts:
         p = _replan(p.request, max_num_seqs=max(1, p.kv.full_length_seqs)) or p
+        # fewer sequences leave the sampler's rows some memory back: take what then fits
+        while p.fits and p.kv.full_length_seqs > p.request.max_num_seqs:
+            more = _replan(p.request, max_num_seqs=p.request.max_num_seqs + 1)
+            if more is None or not more.fits:
+                break
+            p = more
     if not p.fits and p.weights_fit and p.kv.tokens >= p.kv.block_size:
         p = _replan(p.request, max_num_seqs=1, max_model_len=p.kv.tokens) or p
     return p if p.fits else None

@@ -12,8 +12,9 @@ that forward, so it models it on what the runner does:
                + min(heads / tp x tokens^2, DUMMY_ATTENTION_SCORES) x 3 x act_bytes: the
                scores, masked scores and probabilities of one query chunk of the causal
                attention the profile forward runs without a KV cache
-               + min(max_num_seqs, tokens) x vocab x (act_bytes + 4) for the logits and their
-               fp32 upcast in the sampler.
+               + min(max_num_seqs, tokens) x vocab x (act_bytes + SAMPLER_BYTES) for the
+               logits and the sampler the profile runs at its widest (top-k / top-p sort
+               values and int64 order, masks, softmax and cumulative sums, logprobs).
   non-torch    0.65 GiB: CUDA context, cuBLAS workspace and loaded kernels; +0.5 GiB of NCCL
                buffers when tp > 1.
 CUDA graphs are captured after the KV cache is sized, inside the (1 - utilization) headroom,
@@ -39,6 +40,10 @@ from modelport.config import (
 from modelport.planner.hardware import GIB, Device
 
 NON_TORCH_BYTES = int(0.65 * GIB)
+# bytes a logit the profiling forward's sampler holds at its peak (runner/sampler.py, top-k /
+# top-p with logprobs): float32 logits, log-softmax, scaled and sorted copies, the int64
+# order, two bool masks, the masked copy, its softmax and cumulative sums
+SAMPLER_BYTES = 42
 NCCL_BYTES = GIB // 2
 
 
@@ -56,7 +61,7 @@ def activation_peak_bytes(
     per_token = (2 * h + 3 * inter // tp) * act_bytes
     # scores, their masked copy and the softmax of one query chunk (its rows bounded)
     attention = min(model.num_attention_heads // tp * t * t, DUMMY_ATTENTION_SCORES) * 3 * act_bytes
-    logits = min(max_num_seqs, t) * model.vocab_size * (act_bytes + 4)
+    logits = min(max_num_seqs, t) * model.vocab_size * (act_bytes + SAMPLER_BYTES)
     return t * per_token + attention + logits
 
 
