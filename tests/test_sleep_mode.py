@@ -240,3 +240,25 @@ def test_routes_without_the_flag_refuse() -> None:
               client.get("/is_sleeping")):
         assert r.status_code == 400, r.text
         assert "--enable-sleep-mode" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "gguf-q8_0", "gguf-q4_0"])
+def test_quantized_weights_sleep_and_wake_the_same_bits(model_dir, tmp_path, fmt) -> None:
+    # weights the loader turns into kernel layouts (online FP8 on the CPU's int8 rows, GGUF
+    # blocks kept for the C / int4 kernels): level 2 drops them and wake-up rebuilds them
+    # from the checkpoint; level 1 keeps them. Same tokens and logprobs each time.
+    from helpers.tiny_models import make_tiny_llama_gguf
+    from modelport import LLM
+
+    if fmt == "fp8":
+        llm = LLM(str(model_dir), enable_sleep_mode=True, quantization="fp8", **LLM_KW)
+    else:
+        qtype = fmt.split("-")[1].upper()
+        path = make_tiny_llama_gguf(model_dir, tmp_path / f"m-{qtype}.gguf", qtype=qtype)
+        llm = LLM(str(path), enable_sleep_mode=True, quantization="gguf", **LLM_KW)
+    want = _greedy(llm)
+    for level in (2, 1, 2):
+        llm.sleep(level=level)
+        assert llm.is_sleeping()
+        llm.wake_up()
+        assert _greedy(llm) == want, f"after a level-{level} sleep"
