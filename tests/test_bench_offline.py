@@ -81,6 +81,7 @@ def test_throughput_side_by_side_with_hf(tiny, tmp_path, capsys):
     assert ours["backend"] == "modelport" and hf["backend"] == "hf-static"
     assert ours["output_tokens"] == hf["output_tokens"] == sum(outs)
     assert ours["output_tok_s"] > 0 and ours["seconds"] > 0
+    assert ours["max_num_batched_tokens"] == (r["args"]["max_num_batched_tokens"] or 512)
     assert r["ratio_output_tok_s"] == round(ours["output_tok_s"] / hf["output_tok_s"], 2)
     assert r["env"]["device"] == "cpu" and r["env"]["torch"]
     assert r["args"]["num_prompts"] == 5 and r["args"]["backend"] == "both"
@@ -120,6 +121,7 @@ def test_latency_reports_ttft_and_itl(tiny, tmp_path):
     }
     assert len(run["ttft_ms_all"]) == 2 and len(run["itl_ms_all"]) == 2
     assert run["ttft_ms"] > 0 and run["itl_ms"] > 0
+    assert run["max_num_batched_tokens"] == 512  # no flag: the engine's CPU default, recorded
     # the first step() returns no later than the first token is back
     assert len(run["first_step_ms_all"]) == 2
     assert all(0 < f <= t for f, t in zip(run["first_step_ms_all"], run["ttft_ms_all"]))

@@ -124,6 +124,8 @@ def run_modelport(
                          "steps": steps - admitted_steps},
         "startup_s": round(startup, 1),
         "kv_blocks": core.num_kv_blocks,
+        # the step budget the engine ran with (the flag, else its default for this GPU)
+        "max_num_batched_tokens": core.config.scheduler_config.max_num_batched_tokens,
         "enforce_eager": args.enforce_eager,
         "async_scheduling": core.async_scheduling,
         "kv_cache_dtype": args.kv_cache_dtype,
