@@ -87,9 +87,35 @@ def test_rank_shares_sum_to_the_whole_block(moe_dir: Path) -> None:
             assert not torch.allclose(y1, ref(x), atol=1e-3)
 
 
-def test_experts_load_as_the_rank_share(moe_dir: Path, tmp_path: Path) -> None:
-    """A rank's own load builds its share of the experts and skips the other rank's tensors:
-    per-expert and (Qwen) stacked checkpoints give a whole load's weights sharded after."""
+def test_experts_load_as_the_rank_share(moe_dir: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's own load builds its share of the experts and never reads the other rank's
+    tensors: per-expert and (Qwen) stacked checkpoints give a whole load's weights sharded
+    after."""
+    from modelport.loader import hf
+
+    read: list[str] = []
+    real_open = hf._open
+
+    class Spy:  # safetensors' file handle, recording the tensors read
+        def __init__(self, path: Path) -> None:
+            self.f = real_open(path)
+
+        def __enter__(self) -> Spy:
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return self.f.keys()
+
+        def get_tensor(self, name: str) -> torch.Tensor:
+            read.append(name)
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(hf, "_open", Spy)
     dirs = [moe_dir]
     if "qwen" in str(moe_dir):
         dirs.append(_stacked_copy(moe_dir, tmp_path / "stacked"))
@@ -99,11 +125,16 @@ def test_experts_load_as_the_rank_share(moe_dir: Path, tmp_path: Path) -> None:
         want = dict(after.named_parameters())
         for d in dirs:
             src = resolve_model(str(d))
+            read.clear()
             with sharded_at_build(rank, 2, expert_parallel=True):
                 got = load_model(src, load_model_config(src), LoadConfig(), torch.float32,
                                  torch.device("cpu"),
                                  transform=partial(shard_model, rank=rank, size=2,
                                                    expert_parallel=True))
+            ids = {int(n.split(".experts.")[1].split(".")[0]) for n in read
+                   if ".experts." in n and n.split(".experts.")[1][0].isdigit()}
+            if d == moe_dir:  # per-expert tensors: only this rank's experts [4r, 4r + 4) read
+                assert ids == set(range(rank * 4, rank * 4 + 4)), (rank, sorted(ids))
             experts = [m for m in got.modules() if isinstance(m, FusedMoE)]
             assert experts and all(m.ep_shard == (rank, 2) and m.num_experts == 4
                                    for m in experts)

@@ -128,13 +128,15 @@ def _write_gguf_cache(path: Path, target: Path) -> Path:
     return build_entry(target, build)
 
 
-def _weights_for(src: ModelSource) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
-    """The (HF name, tensor) stream of a source and its length (for the progress bar)."""
+def _weights_for(src: ModelSource, skip: Callable[[str], bool] | None = None
+                 ) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
+    """The (HF name, tensor) stream of a source and its length (for the progress bar);
+    an HF folder's tensors that ``skip`` names are not read."""
     from modelport.loader import hf
 
     if src.kind == "hf":
         files = hf.safetensors_files(src.path)
-        return hf.iter_safetensors(files), hf.count_tensors(files)
+        return hf.iter_safetensors(files, skip), hf.count_tensors(files, skip)
     from modelport.loader.gguf import dequantized_numel, iter_gguf_weights, open_gguf
 
     cached = gguf_cache_folder(src.path)
@@ -197,7 +199,10 @@ def load_model(
         if transform is not None:
             transform(model)
         return model.eval()
-    weights, total = _weights_for(src)
+    from modelport.parallel.moe_parallel import other_ranks_experts
+
+    # expert parallelism: another rank's experts are not even read
+    weights, total = _weights_for(src, other_ranks_experts(model))
     secondary = getattr(cls, "secondary_weight_files", None)  # e.g. models/bge_m3.py
     if secondary and src.kind == "hf":
         import itertools

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,21 +74,25 @@ def _open(path: Path) -> Any:
         raise ValueError(f"cannot read weights file {path}: corrupt or truncated ({e})") from None
 
 
-def count_tensors(files: list[Path]) -> int:
+def count_tensors(files: list[Path], skip: Callable[[str], bool] | None = None) -> int:
     total = 0
     for path in files:
         with _open(path) as f:
-            total += len(f.keys())
+            total += sum(1 for name in f.keys() if skip is None or not skip(name))
     return total
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors one at a time (memory-mapped), so peak host memory stays ~one tensor."""
+def iter_safetensors(files: list[Path], skip: Callable[[str], bool] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors one at a time (memory-mapped), so peak host memory stays ~one tensor; those
+    ``skip`` names (another expert-parallel rank's experts) are never read."""
     from safetensors import SafetensorError
 
     for path in files:
         with _open(path) as f:
             for name in f.keys():
+                if skip is not None and skip(name):
+                    continue
                 try:
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError, RuntimeError) as e:

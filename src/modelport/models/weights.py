@@ -21,6 +21,9 @@ StackedParam = tuple[str, str, str]
 
 
 def _shard_names(module: nn.Module) -> set[str]:
+    expected = getattr(module, "expected_shards", None)  # e.g. a rank's share of experts
+    if expected is not None:
+        return set(expected)
     ranges = getattr(module, "shard_ranges", None)
     return set(ranges) if ranges else set()
 

@@ -37,9 +37,9 @@ load loads whole and ``shard_experts`` records its slice through its LinearMetho
 (``TPShard``), cut before repacking, or, on CUDA, before ``restack_experts`` stacks them.
 With expert parallelism nothing of an expert is cut: a rank builds per-expert layers for its
 share only, named by their global ids (the checkpoint's ``experts.<e>``, so every format's
-per-layer lookups and loaders apply unchanged), and ``own_expert_weights`` drops the
-checkpoint tensors of the other ranks' experts from the weight stream before they reach a
-layer. ``FusedMoE.expert`` maps routing's local ids to those layers (on CPU), and on CUDA
+per-layer lookups and loaders apply unchanged). The other ranks' experts' checkpoint
+tensors are never read from an HF folder (``other_ranks_experts``, the safetensors reader's
+skip); ``own_expert_weights`` drops them from other streams (GGUF) before they reach a layer. ``FusedMoE.expert`` maps routing's local ids to those layers (on CPU), and on CUDA
 ``restack_experts`` stacks the rank's experts in local order, act-order GPTQ included (each
 expert's groups are whole).
 """
@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 import torch
@@ -101,8 +101,12 @@ def experts_for_rank(num_experts: int, top_k: int, hidden_size: int, intermediat
         moe = FusedMoE(local, top_k, hidden_size, intermediate_size, renormalize)
         moe.ep_shard = (rank, size)
         moe.set_expert_range(rank * local, num_experts)
-        moe.w13.weight.weight_loader = partial(_load_own_experts, moe.w13, rank * local, local)
-        moe.w2.weight.weight_loader = partial(_load_own_experts, moe.w2, rank * local, local)
+        for w in (moe.w13, moe.w2):
+            w.weight.weight_loader = partial(_load_own_experts, w, rank * local, local)
+            # the checkpoint's shard ids of this rank's experts (global numbering): the
+            # declared loader counts the parameter loaded once these arrived
+            w.expected_shards = {f"{int(e) + rank * local}.{part}"
+                                 for e, part in (k.split(".", 1) for k in w.shard_ranges)}
         return moe
     _check_divides("expert intermediate size", intermediate_size, size)
     part = intermediate_size // size
@@ -160,25 +164,36 @@ def _load_own_experts(w: ExpertWeights, first: int, count: int, param: nn.Parame
         w.weight_loader(param, loaded, f"{local}.{part}")
 
 
-def own_expert_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]
-                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint stream without the per-expert tensors (``...experts.<e>.<proj>...``)
-    of experts another rank holds (expert parallelism), for per-expert (quantized) layers:
-    they never reach a layer here. Other tensors, and every one for a model without such a
-    share, pass unchanged (stacked float experts skip them in ``_load_own_experts``, where
-    the shard ids of the checkpoint's numbering are counted)."""
+def other_ranks_experts(model: nn.Module) -> Callable[[str], bool] | None:
+    """For a model built for expert parallelism, a test that a checkpoint tensor belongs to
+    another rank's expert (``<layer>.experts.<e>.<proj>...`` with e outside this rank's
+    share), so the weight stream can pass it by unread; None without such a share."""
     shares = {name: (m.expert_offset, m.expert_offset + m.num_experts)
               for name, m in model.named_modules()
-              if isinstance(m, FusedMoE) and m.expert_offset is not None and not m.stacked}
+              if isinstance(m, FusedMoE) and m.expert_offset is not None}
     if not shares:
+        return None
+
+    def other(name: str) -> bool:
+        m = _EXPERT_TENSOR.match(name)
+        share = shares.get(m.group(1)) if m is not None else None
+        return share is not None and not share[0] <= int(m.group(2)) < share[1]
+
+    return other
+
+
+def own_expert_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint stream without the per-expert tensors of experts another rank holds
+    (expert parallelism; ``other_ranks_experts``). The safetensors reader already skips
+    them unread for float checkpoints; quantized loads and GGUF streams drop them here."""
+    other = other_ranks_experts(model)
+    if other is None:
         yield from weights
         return
     for name, tensor in weights:
-        m = _EXPERT_TENSOR.match(name)
-        share = shares.get(m.group(1)) if m is not None else None
-        if m is not None and share is not None and not share[0] <= int(m.group(2)) < share[1]:
-            continue
-        yield name, tensor
+        if not other(name):
+            yield name, tensor
 
 
 def _load_w2_slice(w: ExpertWeights, rank: int, part: int, param: nn.Parameter,

@@ -271,7 +271,11 @@ class QuantPlan:
                 transform(model)
             finish_loading(model)
             return model.eval()
-        stream = self.weights(config.hf_config) or loader._weights_for(self.src)
+        from modelport.parallel.moe_parallel import other_ranks_experts
+
+        # expert parallelism: another rank's experts are not even read (HF checkpoints)
+        stream = (self.weights(config.hf_config)
+                  or loader._weights_for(self.src, other_ranks_experts(model)))
         weights, total = stream
         with torch.no_grad():
             loaded = model.load_weights(
