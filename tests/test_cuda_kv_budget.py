@@ -94,3 +94,7 @@ def test_profiling_forward_runs_the_sampler_at_its_widest(tmp_path, monkeypatch)
                                   r.params.top_p < 1 and not r.params.greedy for r in rows)
     assert tokens.shape == (5,) and all(len(lp.token_ids) >= model_runner.PROFILE_LOGPROBS
                                         for lp in lps)
+    seen.clear()
+    runner.pooler = object()  # a pooling model's runner: no sampler in its profile
+    ModelRunner.profile_run(runner)
+    assert seen == []
