@@ -39,7 +39,8 @@ With expert parallelism nothing of an expert is cut: a rank builds per-expert la
 share only, named by their global ids (the checkpoint's ``experts.<e>``, so every format's
 per-layer lookups and loaders apply unchanged). The other ranks' experts' checkpoint
 tensors are never read from an HF folder (``other_ranks_experts``, the safetensors reader's
-skip); ``own_expert_weights`` drops them from other streams (GGUF) before they reach a layer. ``FusedMoE.expert`` maps routing's local ids to those layers (on CPU), and on CUDA
+skip); ``own_expert_weights`` drops them from other streams (GGUF) before they reach a
+layer. ``FusedMoE.expert`` maps routing's local ids to those layers (on CPU), and on CUDA
 ``restack_experts`` stacks the rank's experts in local order, act-order GPTQ included (each
 expert's groups are whole).
 """
