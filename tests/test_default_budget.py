@@ -115,7 +115,6 @@ def tiny(tmp_path_factory):
 def test_engine_args_pick_the_budget_on_cuda(tiny, monkeypatch, caplog, context, gpu, want):
     # a CUDA device as the front end sees it (no GPU here: availability and NVML faked)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gpu_info, "total_memory_and_name", lambda device: gpu)
     monkeypatch.setattr("modelport.engine.arg_utils.total_memory_and_name", lambda device: gpu)
     with caplog.at_level(logging.INFO, logger="modelport.engine.arg_utils"):
         cfg = EngineArgs(model=str(tiny), device="cuda", usage_context=context).create_engine_config()

@@ -22,7 +22,7 @@ import torch
 import test_moe_tensor_parallel_quant as tpq
 from helpers.tiny_models import assert_same_greedy
 from helpers.tiny_models import load_cpu_fp32 as _load
-from helpers.tiny_moe import make_tiny_moe_dir
+from helpers.tiny_moe import make_tiny_moe_dir, random_quant_experts
 from helpers.tiny_moe import tiny_moe_config as cfg
 from modelport import LLM, SamplingParams
 from modelport.config import LoadConfig
@@ -397,25 +397,13 @@ def test_triton_experts_on_rank_shares_sum_to_the_whole_in_interpreter() -> None
 
 _TRITON_QUANT_SHARES = _PRELUDE + textwrap.dedent("""
     import torch
+    from helpers.tiny_moe import random_quant_experts
     from modelport.layers.fused_moe import FusedMoE, moe_reference, route
     from modelport.layers.moe_quant import QuantExperts
-    from modelport.quantization.fp8 import quantize_fp8_per_channel
-    from modelport.quantization.kernels import GroupQuant
 
     g = torch.Generator().manual_seed(0)
     e, k, h, i = 8, 2, 64, 64
-
-    def gq(n, kk):
-        return GroupQuant(torch.randint(0, 16, (n, kk), generator=g, dtype=torch.uint8),
-                          torch.rand(n, kk // 32, generator=g) * 0.02 + 0.001,
-                          -torch.rand(n, kk // 32, generator=g) * 0.05, 32, 4)
-
-    fp8 = []
-    for _ in range(e):
-        a = quantize_fp8_per_channel(torch.randn(2 * i, h, generator=g) * 0.1)
-        b = quantize_fp8_per_channel(torch.randn(h, i, generator=g) * 0.1)
-        fp8.append((a[0], a[1], b[0], b[1]))
-    ints = [(gq(2 * i, h), gq(h, i)) for _ in range(e)]
+    fp8, ints = random_quant_experts(g, e, h, i, 32, 0.1, 0.02, 0.05)
     # 6 assignments take the few-token GEMVs, 40 the grouped GEMM
     for t in (3, 20):
         x = torch.randn(t, h, generator=g).half()
@@ -443,7 +431,8 @@ def test_restacked_quantized_rank_shares_sum_to_the_whole_in_interpreter() -> No
     grouped GEMM) on each rank's share, another rank's assignments given the phantom id:
     the ranks' outputs add up to the unsharded reference (Triton interpreter)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
     p = subprocess.run([sys.executable, "-c", _TRITON_QUANT_SHARES], env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -481,23 +470,10 @@ def test_restacked_quantized_rank_shares_sum_to_the_whole_on_cuda() -> None:
     int32 ids, the few-token GEMVs and the grouped GEMM, bf16): each rank's share, summed,
     equals the unsharded layer."""
     from modelport.layers.moe_quant import QuantExperts
-    from modelport.quantization.fp8 import quantize_fp8_per_channel
-    from modelport.quantization.kernels import GroupQuant
 
     g = torch.Generator().manual_seed(0)
     e, h, i = 8, 256, 512
-
-    def gq(n: int, k: int) -> GroupQuant:
-        return GroupQuant(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
-                          torch.rand(n, k // 128, generator=g) * 0.004 + 0.001,
-                          -torch.rand(n, k // 128, generator=g) * 0.02, 128, 4)
-
-    fp8 = []
-    for _ in range(e):
-        a = quantize_fp8_per_channel(torch.randn(2 * i, h, generator=g) * 0.05)
-        b = quantize_fp8_per_channel(torch.randn(h, i, generator=g) * 0.05)
-        fp8.append((a[0], a[1], b[0], b[1]))
-    ints = [(gq(2 * i, h), gq(h, i)) for _ in range(e)]
+    fp8, ints = random_quant_experts(g, e, h, i, 128, 0.05, 0.004, 0.02)
 
     def layer(make, parts, first: int | None) -> FusedMoE:  # noqa: ANN001
         moe = FusedMoE(len(parts), 2, h, i, True)

@@ -66,3 +66,25 @@ def make_tiny_moe_dir(path: Path, arch: str, seed: int = 0, **kw: Any) -> Path:
             elif arch == "olmoe" and name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.normal_(1.0, 0.3)  # HF initialises them to ones: make their loading visible
     return _save(model, Path(path), with_tokenizer=True)
+
+
+def random_quant_experts(g: torch.Generator, e: int, h: int, i: int, group: int,
+                         fp8_std: float, scale_span: float, zero_span: float
+                         ) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[Any, Any]]]:
+    """e experts' random weights, drawn from g: per-channel FP8 (w13 [2i, h] and w2 [h, i]
+    codes and scales, normal weights of std fp8_std) and 4-bit GroupQuant codes in groups
+    of ``group`` (scales in [0.001, 0.001 + scale_span), zeros in (-zero_span, 0])."""
+    from modelport.quantization.fp8 import quantize_fp8_per_channel
+    from modelport.quantization.kernels import GroupQuant
+
+    def gq(n: int, k: int) -> GroupQuant:
+        return GroupQuant(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                          torch.rand(n, k // group, generator=g) * scale_span + 0.001,
+                          -torch.rand(n, k // group, generator=g) * zero_span, group, 4)
+
+    fp8 = []
+    for _ in range(e):
+        a = quantize_fp8_per_channel(torch.randn(2 * i, h, generator=g) * fp8_std)
+        b = quantize_fp8_per_channel(torch.randn(h, i, generator=g) * fp8_std)
+        fp8.append((a[0], a[1], b[0], b[1]))
+    return fp8, [(gq(2 * i, h), gq(h, i)) for _ in range(e)]
