@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from helpers.server_proc import free_port as _free_port
 from modelport.entrypoints.kserve.embedded import EmbeddedServer
 from modelport.repository.manager import RepositoryManager
 from modelport.repository.tensors import InferRequest, InferTensor
@@ -135,12 +135,6 @@ def test_poll_mode_picks_up_new_changed_and_removed_models(tmp_path):
             await manager.stop()
 
     asyncio.run(main())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_modelport_serve_end_to_end(tmp_path):

@@ -29,14 +29,10 @@ from modelport.torchserve.ts_config import TSConfig, load_ts_config
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "torchserve"))
 import ts_archives  # noqa: E402
 
+from helpers.server_proc import free_port as _free_port
+
 HERE = Path(__file__).parent / "fixtures" / "torchserve"
 AUTH_FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

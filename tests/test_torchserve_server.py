@@ -11,7 +11,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,13 +24,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "torchserve"))
 import ts_archives  # noqa: E402
 
+from helpers.server_proc import free_port as _free_port
+
 HERE = Path(__file__).parent / "fixtures" / "torchserve"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

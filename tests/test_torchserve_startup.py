@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from helpers.server_proc import free_port as _free_port
 from helpers.server_proc import stop_server
 from modelport.entrypoints.cli_serve import add_common_args
 from modelport.entrypoints.torchserve import frontend
@@ -260,12 +261,6 @@ def test_plan_listens_on_config_inference_address(tmp_path):
     plan = frontend._plan(_args(["--ts-config", "c"], alone=False), load_ts_config(
         _config(tmp_path, "")))
     assert plan.listen is None and plan.inference is None  # beside other frontends: --port
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_plan_metrics_on_config_metrics_address_else_8082(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers.server_proc import free_port as _free_port
 from modelport.entrypoints.cli import main as cli_main
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "torchserve"))
@@ -134,12 +134,6 @@ BAD_SPECS = {
     "nourl": "models:\n  add10: {batch-size: 2}\ndag:\n  pre: [add10]\n",
     "ghost": "models:\n  ghost: {url: ghost.mar}\ndag:\n  pre: [ghost]\n",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _war(src: Path, out: Path, name: str, spec: str, *extra: str) -> Path:

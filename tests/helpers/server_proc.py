@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,10 +16,30 @@ from typing import Any
 import httpx
 
 
+def _ephemeral_low() -> int:
+    try:  # Linux: "32768 60999"
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.Random(os.getpid() ^ time.time_ns())
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, taken below the kernel's ephemeral range: a port bind(0) gives is
+    free only until another test's outgoing connection (or another server's bind(0)) takes
+    it as its own local port, which happened between this check and a server's bind."""
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = _PORTS.randrange(min(20000, low - 1000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low}")
 
 
 def start_server(
