@@ -52,6 +52,9 @@ def auto_dtype(on_cuda: bool, checkpoint_dtype: str) -> str:
 # score elements one query chunk of the cache-less attention of the runner's profiling
 # forward may hold (layers/attention.py Attention._dummy_attention; the planner's estimate)
 DUMMY_ATTENTION_SCORES = 2**26
+# rows the sampler filters and draws at once (runner/sampler.py): its sort / softmax copies
+# of [rows, vocab] stay this wide however many rows a step samples; the planner counts it
+SAMPLER_ROWS = 256
 
 # GPUs from which vLLM's larger default token budgets apply (its rule: this much memory,
 # and not an A100, where a large budget measured slower)

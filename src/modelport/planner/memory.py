@@ -12,9 +12,11 @@ that forward, so it models it on what the runner does:
                + min(heads / tp x tokens^2, DUMMY_ATTENTION_SCORES) x 3 x act_bytes: the
                scores, masked scores and probabilities of one query chunk of the causal
                attention the profile forward runs without a KV cache
-               + min(max_num_seqs, tokens) x vocab x (act_bytes + SAMPLER_BYTES) for the
-               logits and the sampler the profile runs at its widest (top-k / top-p sort
-               values and int64 order, masks, softmax and cumulative sums, logprobs).
+               + rows x vocab x (act_bytes + SAMPLER_ROW_BYTES) + min(rows, SAMPLER_ROWS)
+               x vocab x SAMPLER_SLICE_BYTES, rows = min(max_num_seqs, tokens): the logits
+               and the sampler the profile runs at its widest (float32 logits, log-softmax
+               and scaled copies of every row; top-k / top-p sort values and int64 order,
+               masks, softmax and cumulative sums of one slice of rows).
   non-torch    0.65 GiB: CUDA context, cuBLAS workspace and loaded kernels; +0.5 GiB of NCCL
                buffers when tp > 1.
 CUDA graphs are captured after the KV cache is sized, inside the (1 - utilization) headroom,
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from modelport.config import (
     DEFAULT_CPU_KV_CACHE_MEMORY,
     DUMMY_ATTENTION_SCORES,
+    SAMPLER_ROWS,
     ModelConfig,
     kv_cache_bytes_per_token,
     num_kv_blocks,
@@ -41,9 +44,12 @@ from modelport.planner.hardware import GIB, Device
 
 NON_TORCH_BYTES = int(0.65 * GIB)
 # bytes a logit the profiling forward's sampler holds at its peak (runner/sampler.py, top-k /
-# top-p with logprobs): float32 logits, log-softmax, scaled and sorted copies, the int64
-# order, two bool masks, the masked copy, its softmax and cumulative sums
-SAMPLER_BYTES = 42
+# top-p with logprobs), read off its code: for every row the float32 logits, their
+# log-softmax and the temperature-scaled copy; for the slice of at most SAMPLER_ROWS rows
+# being filtered the sorted copy, the int64 order, the bool mask, softmax, cumulative sums,
+# the masked and scattered copies (42 in all while one slice held every row)
+SAMPLER_ROW_BYTES = 12
+SAMPLER_SLICE_BYTES = 30
 NCCL_BYTES = GIB // 2
 
 
@@ -61,7 +67,9 @@ def activation_peak_bytes(
     per_token = (2 * h + 3 * inter // tp) * act_bytes
     # scores, their masked copy and the softmax of one query chunk (its rows bounded)
     attention = min(model.num_attention_heads // tp * t * t, DUMMY_ATTENTION_SCORES) * 3 * act_bytes
-    logits = min(max_num_seqs, t) * model.vocab_size * (act_bytes + SAMPLER_BYTES)
+    rows = min(max_num_seqs, t)
+    logits = (rows * (act_bytes + SAMPLER_ROW_BYTES)
+              + min(rows, SAMPLER_ROWS) * SAMPLER_SLICE_BYTES) * model.vocab_size
     return t * per_token + attention + logits
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from modelport import config
 from modelport.engine.messages import TokenLogprobs
 from modelport.sampling_params import SamplingParams, num_logprobs
 
@@ -223,6 +224,52 @@ def _index(rows: list[int], dev: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(rows, dtype=torch.long), dev)
 
 
+# SAMPLER_ROWS (config): rows whose top-k / top-p / min-p filtering and random draw run at
+# once. That work holds ~30 bytes a logit (sorted copy and its int64 order, masks, softmax,
+# cumulative sums, the exponential draws); in slices it stays ~1 GiB for a 128k vocabulary
+# however many rows a step samples, and the profiling forward, which samples its widest
+# batch, sizes the KV cache after it.
+
+def _draw(scaled: torch.Tensor, params: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Filtered random draw for rows [N, vocab] of temperature-scaled logits (params: [N, 4]
+    temperature, top_k, top_p, min_p on the logits' device): argmax(p / q), q ~ Exp(1), with
+    a seeded row's q from its own generator."""
+    dev = scaled.device
+    scaled = apply_top_k_top_p_min_p(
+        scaled, params[:, 1].long(), params[:, 2].to(scaled.dtype), params[:, 3].to(scaled.dtype),
+        need_sort=any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows),
+        need_min_p=any(r.params.min_p > 0 for r in rows),
+    )
+    probs = scaled.softmax(dim=-1)
+    q = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    if len(unseeded) == len(rows):
+        q.exponential_()
+    elif unseeded:
+        q[_index(unseeded, dev)] = torch.empty(
+            len(unseeded), probs.shape[1], device=dev).exponential_()
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            q[i].exponential_(generator=r.generator)
+    return (probs / q).argmax(dim=-1)
+
+
+def _draw_in_chunks(scaled: torch.Tensor, params: torch.Tensor,
+                    rows: list[SamplingRow]) -> torch.Tensor:
+    """_draw over slices of config.SAMPLER_ROWS rows (one slice: no copy). Seeded rows draw
+    the same numbers either way; unseeded rows draw from the global generator slice by
+    slice."""
+    n = len(rows)
+    step = config.SAMPLER_ROWS
+    if n <= step:
+        return _draw(scaled, params, rows)
+    tokens = torch.empty(n, dtype=torch.long, device=scaled.device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        tokens[s:e] = _draw(scaled[s:e], params[s:e], rows[s:e])
+    return tokens
+
+
 class Sampler:
     def __init__(self, logits_processors: Any = None) -> None:
         # the engine's custom logits processors (runner/logits_processors.LogitsProcessors)
@@ -275,24 +322,8 @@ class Sampler:
             scaled = logits / params[:, 0:1].to(logits.dtype)
             if lps is not None:  # greedy rows take their token from the logits above
                 scaled = lps.apply(scaled, argmax_invariant=True)
-            scaled = apply_top_k_top_p_min_p(
-                scaled, params[:, 1].long(), params[:, 2].to(logits.dtype),
-                params[:, 3].to(logits.dtype),
-                need_sort=any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows),
-                need_min_p=any(r.params.min_p > 0 for r in rows),
-            )
-            probs = scaled.softmax(dim=-1)
-            q = torch.empty_like(probs)
-            unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-            if len(unseeded) == len(rows):
-                q.exponential_()
-            elif unseeded:
-                q[_index(unseeded, dev)] = torch.empty(
-                    len(unseeded), probs.shape[1], device=dev).exponential_()
-            for i, r in enumerate(rows):
-                if r.generator is not None:
-                    q[i].exponential_(generator=r.generator)
-            tokens = (probs / q).argmax(dim=-1)
+            tokens = _draw_in_chunks(scaled, params, rows)
+            del scaled
             if any(greedy):
                 g_idx = _index([i for i, g in enumerate(greedy) if g], dev)
                 tokens[g_idx] = greedy_tokens(logits[g_idx])
@@ -300,8 +331,11 @@ class Sampler:
         lps: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
             want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-            idx = torch.tensor(want, device=logits.device)
-            computed = compute_logprobs(raw_logprobs[idx], tokens[idx], max_lp or 0)
+            computed: list[TokenLogprobs] = []
+            step = config.SAMPLER_ROWS
+            for s in range(0, len(want), step):  # bounded copies of the rows
+                idx = torch.tensor(want[s:s + step], device=logits.device)
+                computed += compute_logprobs(raw_logprobs[idx], tokens[idx], max_lp or 0)
             for j, i in enumerate(want):
                 k = num_logprobs(rows[i].params.logprobs, vocab)
                 c = computed[j]
