@@ -185,6 +185,27 @@ def test_longest_first_decode_batches_replay_equal_eager(model_dir):
     _assert_same_bits(runs[True], runs[False], 6)
 
 
+def test_decode_batches_past_the_graph_limit_run_eagerly(model_dir):
+    # --cuda-graph-sizes 16: graphs up to 16 rows; the 32-row decode batches run eagerly
+    # (the same bits as an eager engine), the 8-row ones replay
+    prompts = [[256] + [(5 * i + 3 * j) % 250 for j in range(4 + 9 * i % 70)]
+               for i in range(32)]
+    params = _greedy(5, logprobs=1)
+    runs = {}
+    for eager in (True, False):
+        llm = _llm(model_dir, enforce_eager=eager, max_num_batched_tokens=4096,
+                   cuda_graph_sizes=[16])
+        if not eager:
+            graphs = _runner(llm).graphs
+            assert graphs.max_batch == 16 and max(graphs.graphs) == 16
+        runs[eager] = llm.generate(prompt_token_ids=prompts, sampling_params=params,
+                                   use_tqdm=False) + \
+            llm.generate(prompt_token_ids=prompts[:8], sampling_params=params, use_tqdm=False)
+        del llm
+        torch.cuda.empty_cache()
+    _assert_same_bits(runs[True], runs[False], 5)
+
+
 def test_rope_in_decode_equals_separate_rotary_and_kv_write(model_dir, monkeypatch):
     from modelport.layers import triton_attention as ta
 

@@ -237,3 +237,24 @@ def test_repository_llm_is_served_on_v1_too(setup, tmp_path) -> None:
             client.completions.create(model="nope", prompt="x", max_tokens=2)
     finally:
         stop_server(proc)
+
+
+def test_max_num_seqs_parameter_sizes_the_queue(tmp_path) -> None:
+    """The backend hands the engine as many requests as it runs at once: max_num_seqs from
+    the config's parameters, else the engine's default for the device (256 on a CPU)."""
+    from types import SimpleNamespace
+
+    from modelport.repository.backends.llm import LLMBackend
+    from modelport.repository.errors import ModelConfigError
+
+    def backend(params: dict[str, str]) -> LLMBackend:
+        io = SimpleNamespace(name="text_input"), SimpleNamespace(name="text_output")
+        values = {k: SimpleNamespace(string_value=v) for k, v in params.items()}
+        config = SimpleNamespace(name="m", input=[io[0]], output=[io[1]], instance_group=[],
+                                 parameters=values)
+        return LLMBackend(SimpleNamespace(config=config, version_dir=tmp_path))
+
+    assert backend({"model": "/x", "device": "cpu"}).num_instances == 256
+    assert backend({"model": "/x", "max_num_seqs": "12"}).num_instances == 12
+    with pytest.raises(ModelConfigError, match="max_num_seqs' has invalid value 'many'"):
+        backend({"model": "/x", "max_num_seqs": "many"})

@@ -204,8 +204,10 @@ for s in $stages; do
              $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --tensor-parallel-size 2 \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3-tp2.jsonl" 2>"$OUT/w3-tp2.err" || { rc=1; tail -20 "$OUT/w3-tp2.err"; } ;;
-    w2)      $PY bench/gpu/w2_serve.py --out "$OUT" --rates ${W2_RATES:-inf 16} \
-               -- --dtype bfloat16 --max-num-seqs 256 ${W2_EXTRA:-} || { rc=1; tail -30 "$OUT/w2-server.log"; } ;;
+    w2)      W2_SEQS=${W2_SEQS-256}  # W2_SEQS= (empty): the server's default max_num_seqs
+             $PY bench/gpu/w2_serve.py --out "$OUT" --rates ${W2_RATES:-inf 16} \
+               -- --dtype bfloat16 ${W2_SEQS:+--max-num-seqs $W2_SEQS} ${W2_EXTRA:-} \
+               || { rc=1; tail -30 "$OUT/w2-server.log"; } ;;
     w3-eager) $PY -m modelport.bench.latency $COMMON --max-num-seqs 8 --enforce-eager \
                --batch-size 1 --input-len 1024 --output-len 128 --num-iters 3 \
                --output-json "$OUT/w3.jsonl" 2>"$OUT/w3e.err" || { rc=1; tail -20 "$OUT/w3e.err"; } ;;

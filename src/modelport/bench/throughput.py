@@ -124,8 +124,9 @@ def run_modelport(
                          "steps": steps - admitted_steps},
         "startup_s": round(startup, 1),
         "kv_blocks": core.num_kv_blocks,
-        # the step budget the engine ran with (the flag, else its default for this GPU)
+        # the step budgets the engine ran with (the flags, else their defaults for this GPU)
         "max_num_batched_tokens": core.config.scheduler_config.max_num_batched_tokens,
+        "max_num_seqs": core.config.scheduler_config.max_num_seqs,
         "enforce_eager": args.enforce_eager,
         "async_scheduling": core.async_scheduling,
         "kv_cache_dtype": args.kv_cache_dtype,

@@ -53,7 +53,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
         load_format: str = "auto",
-        max_num_seqs: int = 256,
+        max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         enable_chunked_prefill: bool | None = None,
         block_size: int = 16,
@@ -89,6 +89,7 @@ class LLM:
         long_prefill_token_threshold: int = 0,
         enable_sleep_mode: bool = False,
         logits_processors: list[str | type] | None = None,
+        cuda_graph_sizes: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
         """vLLM's arguments. ``trust_remote_code`` changes nothing (no model code is ever
@@ -138,6 +139,7 @@ class LLM:
             max_num_partial_prefills=max_num_partial_prefills,
             max_long_partial_prefills=max_long_partial_prefills,
             long_prefill_token_threshold=long_prefill_token_threshold,
+            cuda_graph_sizes=cuda_graph_sizes,
             enable_sleep_mode=enable_sleep_mode,
             logits_processors=logits_processors,
         )

@@ -249,9 +249,9 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help=_SAME + "replays its decode CUDA graphs at every length up to max_model_len; "
            "accepted and unused")
     a("--cuda-graph-sizes", type=int, nargs="+", default=None,
-      help="one size at least min(--max-num-seqs, --max-num-batched-tokens): " + _SAME +
-           "captures every decode batch size up to that (1, 2, 4, 8, 16, 32, ...); other "
-           "ladders are refused (--max-num-seqs bounds it, --enforce-eager turns it off)")
+      help="one size N (default 512): decode batches up to N (and --max-num-seqs) replay "
+           "CUDA graphs, captured at 1, 2, 4, 8, 16, 32, ... up to N; wider ones run eagerly. "
+           "A ladder of several sizes is refused (--enforce-eager: no graphs)")
     a("--compilation-config", "-O", type=_opt_level, default=None, dest="compilation_config",
       metavar="LEVEL_OR_JSON",
       help="3 or {} (vLLM's default) accepted: " + _SAME + "captures CUDA graphs "
@@ -326,14 +326,8 @@ def _is(*values: Any) -> Callable[[Any, argparse.Namespace], bool]:
     return lambda v, _a: v in values
 
 
-def _graph_sizes_ok(v: Any, a: argparse.Namespace) -> bool:
-    if v is None:
-        return True
-    from modelport.config import default_max_num_batched_tokens
-
-    seqs = getattr(a, "max_num_seqs", 256)
-    batched = getattr(a, "max_num_batched_tokens", None) or default_max_num_batched_tokens(True)
-    return len(v) == 1 and v[0] >= min(seqs, batched)
+def _graph_sizes_ok(v: Any, _a: argparse.Namespace) -> bool:
+    return v is None or (len(v) == 1 and v[0] >= 1)
 
 
 def _compilation_ok(v: Any, _a: argparse.Namespace) -> bool:
@@ -368,9 +362,9 @@ REFUSALS: tuple[Refusal, ...] = (
             "tokenizer (tokenizer.json or the GGUF vocabulary); use --tokenizer-mode auto"),
     Refusal("--model-impl", _is("auto", "vllm"), "only modelport's built-in model "
             "implementations run; use --model-impl auto"),
-    Refusal("--cuda-graph-sizes", _graph_sizes_ok, "the decode CUDA graphs cover every batch "
-            "size up to min(--max-num-seqs, --max-num-batched-tokens) on a fixed ladder; bound "
-            "it with --max-num-seqs, or --enforce-eager for none"),
+    Refusal("--cuda-graph-sizes", _graph_sizes_ok, "the decode CUDA graphs use a fixed ladder "
+            "(1, 2, 4, 8, 16, 32, ...): give one size, the largest batch to capture, or "
+            "--enforce-eager for none"),
     Refusal("--compilation-config", _compilation_ok, "modelport captures CUDA graphs (vLLM's "
             "level 3 effect) and takes no compilation settings; use --enforce-eager to run "
             "without CUDA graphs"),

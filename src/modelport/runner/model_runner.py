@@ -496,7 +496,8 @@ class ModelRunner:
             return
         sc = self.config.scheduler_config
         graphs = DecodeGraphs(
-            self.model, self.kv_caches, min(sc.max_num_seqs, sc.max_num_batched_tokens),
+            self.model, self.kv_caches,
+            min(sc.max_num_seqs, sc.max_num_batched_tokens, self.config.max_graph_batch),
             -(-sc.max_model_len // self.block_size), self.block_size, self.device,
         )
         graphs.capture()
