@@ -252,23 +252,27 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
           extra=""; [ "$2" = fp8 ] && extra="--quantization fp8 --kv-cache-dtype fp8"
           run 100 env W1_BUDGET=$1 W1_EXTRA="$extra" bash bench/gpu/run_all.sh w1-env
         done ;;
-  # session 37: the planner against the engine's KV blocks on CUDA (not run since session
-  # 36's profiling changes; a 16,384-token budget added) and the decode-graph limit test;
-  # then on an H200 W3 bf16 and AWQ and W1 bf16 and FP8 weights + KV at the new offline
-  # default budget (16,384); on an H100 W2 at rate inf with --max-num-seqs 256, then at the
-  # server's new default (1,024 on such a card)
+  # session 37: on an H200 W3 bf16, W1 bf16 and FP8 weights + KV at the new offline default
+  # budget (16,384), W3 AWQ; on an H100 W2 at rate inf with --max-num-seqs 256, then at the
+  # server's new default (1,024 on such a card); on either the planner against the engine's
+  # KV blocks on CUDA (not run since session 36's profiling changes; a 16,384-token budget
+  # added) and the decode-graph limit test (last on the H200, first on an H100)
   s37) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-       run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
-         tests/test_planner_gpu.py tests/test_gpu_engine.py -k "planner or graph_limit" \
-         2>&1 | tee "${OUT:-bench/results}/s37-tests.log" | tail -8
+       s37_tests() {
+         run 150 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+           tests/test_planner_gpu.py tests/test_gpu_engine.py -k "planner or graph_limit" \
+           2>&1 | tee "${OUT:-bench/results}/s37-tests.log" | tail -8
+       }
        if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
          run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
-         run 150 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
          run 90 env W1_BUDGET=16384 bash bench/gpu/run_all.sh w1-env
          run 100 env W1_BUDGET=16384 W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" bash bench/gpu/run_all.sh w1-env
+         run 150 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+         s37_tests
        else
-         run 190 env W2_RATES=inf W2_SEQS=256 bash bench/gpu/run_all.sh w2
-         run 190 env W2_RATES=inf W2_SEQS= bash bench/gpu/run_all.sh w2
+         s37_tests
+         run 150 env W2_RATES=inf W2_SEQS=256 bash bench/gpu/run_all.sh w2
+         run 150 env W2_RATES=inf W2_SEQS= bash bench/gpu/run_all.sh w2
          grep -h "max_num_seqs\|KV cache\|graphs" "${OUT:-bench/results}"/w2-server.log | head -5
        fi ;;
   *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37" >&2; exit 2 ;;
