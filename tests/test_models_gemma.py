@@ -133,6 +133,20 @@ def test_logits_match_hf_and_the_window_matters(kind_dir) -> None:
         torch.testing.assert_close(full[:WINDOW], ref[:WINDOW], atol=1e-4, rtol=1e-4)
 
 
+def test_the_planner_counts_the_models_rotary_tables(kind_dir) -> None:
+    """planner.memory.buffer_bytes: one cos/sin table shared by the layers (two in Gemma 3,
+    whose sliding layers have their own base frequency), as the models build them."""
+    from modelport.planner.memory import buffer_bytes
+
+    _, path = kind_dir
+    model = _ours(path)
+    tables = {b.data_ptr(): b for name, b in model.named_buffers(remove_duplicate=False)
+              if name.endswith("cos_sin_cache")}
+    held = sum(b.numel() * b.element_size() for b in tables.values())
+    size = next(iter(tables.values())).element_size()
+    assert held == buffer_bytes(load_model_config(resolve_model(str(path))), size)
+
+
 def test_llm_greedy_matches_hf_generate(kind_dir) -> None:
     # 16-token prefill chunks over 4-token blocks: the 22-token prompt is prefilled in two
     # chunks, the second seeing the first through the cache and the window

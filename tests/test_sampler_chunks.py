@@ -77,18 +77,34 @@ def test_unseeded_rows_keep_their_own_filters_across_slices(monkeypatch):
 
 
 def test_planner_counts_the_sliced_work_once():
-    """Past SAMPLER_ROWS rows, a wider max_num_seqs adds only the per-row logits bytes to the
-    planner's activation peak (the sliced sort / softmax work stays one slice wide)."""
+    """Past SAMPLER_ROWS rows (where the sampler is the peak), a wider max_num_seqs adds only
+    the per-row logits bytes to the planner's activation peak (the sliced sort / softmax work
+    stays one slice wide)."""
     from modelport.config import SAMPLER_ROWS, ModelConfig
     from modelport.planner.memory import SAMPLER_ROW_BYTES, activation_peak_bytes
     from modelport.planner.presets import find_model_preset
 
     model = ModelConfig.from_hf_dict(dict(find_model_preset("llama-3.1-8b")[1],
                                           model_type="llama"))
-    peak = {n: activation_peak_bytes(model, 2, 1, 16384, n) for n in (SAMPLER_ROWS // 2,
+    peak = {n: activation_peak_bytes(model, 2, 1, 2048, n) for n in (SAMPLER_ROWS // 2,
                                                                       SAMPLER_ROWS, 1024)}
     per_row = model.vocab_size * (2 + SAMPLER_ROW_BYTES)
     assert peak[1024] - peak[SAMPLER_ROWS] == (1024 - SAMPLER_ROWS) * per_row
     # below one slice every row also brings its share of the sliced work
     half = SAMPLER_ROWS // 2
     assert peak[SAMPLER_ROWS] - peak[half] > half * per_row
+
+
+def test_planner_peak_is_the_larger_of_forward_and_sampler():
+    """The runner samples after it drops the forward's activations: the planner's peak is
+    the larger of the two phases, so a wide token budget hides a small sampler entirely."""
+    from modelport.config import ModelConfig
+    from modelport.planner.memory import activation_peak_bytes
+    from modelport.planner.presets import find_model_preset
+
+    model = ModelConfig.from_hf_dict(dict(find_model_preset("llama-3.1-8b")[1],
+                                          model_type="llama"))
+    wide = activation_peak_bytes(model, 2, 1, 16384, 64)
+    assert activation_peak_bytes(model, 2, 1, 16384, 256) == wide  # the forward is larger
+    assert activation_peak_bytes(model, 2, 1, 2048, 1024) > activation_peak_bytes(
+        model, 2, 1, 2048, 64)  # at 2,048 tokens the sampler of 1,024 rows is the peak

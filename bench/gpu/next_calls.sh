@@ -275,5 +275,16 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
          run 150 env W2_RATES=inf W2_SEQS= bash bench/gpu/run_all.sh w2
          grep -h "max_num_seqs\|KV cache\|graphs" "${OUT:-bench/results}"/w2-server.log | head -5
        fi ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37" >&2; exit 2 ;;
+  # session 37, second call: where the engine's memory goes before the KV cache is sized, next
+  # to the planner's model (the first call's planner test: the planner 0.7-2.0 % below the
+  # engine's blocks)
+  s37b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 240 env PYTHONPATH=/tmp/site:src python3 bench/gpu/planner_probe.py \
+          --out "${OUT:-bench/results}/planner_probe.jsonl" ;;
+  # session 37, third call: the planner test again after its fix (one rotary table for the
+  # model, the larger of the forward's and the sampler's peaks rather than their sum)
+  s37c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 150 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_planner_gpu.py 2>&1 | tee "${OUT:-bench/results}/s37c-planner-tests.log" | tail -8 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c" >&2; exit 2 ;;
 esac

@@ -5,25 +5,31 @@ CUDA: gpu_memory_utilization x device memory, minus the peak the profiling forwa
 (weights + buffers + activations) and memory outside torch's allocator. The planner cannot run
 that forward, so it models it on what the runner does:
 
-  buffers      rotary cos/sin tables: one per layer of max_position_embeddings x head_dim in
-               the compute dtype (1 GiB for Llama-3.1-8B's 131072 positions).
-  activations  max_num_batched_tokens x (2 x hidden + 3 x intermediate / tp) x act_bytes
-               (residual stream, gate/up projections and their product at the MLP peak)
-               + min(heads / tp x tokens^2, DUMMY_ATTENTION_SCORES) x 3 x act_bytes: the
+  buffers      the rotary cos/sin table of max_position_embeddings x head_dim in the compute
+               dtype, one for the whole model (every layer shares it; Gemma 3's sliding
+               layers have a second): 32 MiB for Llama-3.1-8B's 131072 positions.
+  activations  the larger of the forward's peak and the sampler's, which run one after the
+               other (the runner drops the forward's activations before it samples):
+               forward: max_num_batched_tokens x (2 x hidden + 3 x intermediate / tp) x
+               act_bytes (residual stream, gate/up projections and their product at the MLP
+               peak) + min(heads / tp x tokens^2, DUMMY_ATTENTION_SCORES) x 3 x act_bytes: the
                scores, masked scores and probabilities of one query chunk of the causal
-               attention the profile forward runs without a KV cache
-               + rows x vocab x (act_bytes + SAMPLER_ROW_BYTES) + min(rows, SAMPLER_ROWS)
-               x vocab x SAMPLER_SLICE_BYTES, rows = min(max_num_seqs, tokens): the logits
-               and the sampler the profile runs at its widest (float32 logits, log-softmax
-               and scaled copies of every row; top-k / top-p sort values and int64 order,
-               masks, softmax and cumulative sums of one slice of rows).
+               attention the profile forward runs without a KV cache;
+               sampler: rows x vocab x (act_bytes + SAMPLER_ROW_BYTES) + min(rows,
+               SAMPLER_ROWS) x vocab x SAMPLER_SLICE_BYTES, rows = min(max_num_seqs, tokens):
+               the logits and the sampler the profile runs at its widest (float32 logits,
+               log-softmax and scaled copies of every row; top-k / top-p sort values and int64
+               order, masks, softmax and cumulative sums of one slice of rows).
   non-torch    0.65 GiB: CUDA context, cuBLAS workspace and loaded kernels; +0.5 GiB of NCCL
                buffers when tp > 1.
 CUDA graphs are captured after the KV cache is sized, inside the (1 - utilization) headroom,
 so they take nothing from the budget. Checked on an H200 against the engine itself (dummy bf16
 weights, tests/test_planner_gpu.py): planned KV blocks were 0.05% (Llama-3.1-8B, 8192 x 256,
 0.9), 0.21% (4096 x 64, 0.8), 0.08% (Qwen2.5-7B), 0.63% (Mistral-7B, 4096-token steps) and
-0.08% (16384 x 32, 1024-token steps) above what the engine allocated.
+0.08% (16384 x 32, 1024-token steps) above what the engine allocated (session 21). Session 37
+found the planner 1.4 / 1.3 / 2.0 % below the engine (8192 x 256 and 4096 x 64 at 2,048-token
+steps, 8192 x 256 at 16,384): it still counted a rotary table per layer, which the models
+had come to share, and added the forward's and the sampler's peaks.
 
 The KV arithmetic itself is modelport.config's, shared with the engine, never re-derived.
 """
@@ -54,8 +60,10 @@ NCCL_BYTES = GIB // 2
 
 
 def buffer_bytes(model: ModelConfig, act_bytes: int) -> int:
-    """Non-parameter tensors the model holds: the per-layer rotary tables."""
-    return model.num_hidden_layers * model.max_position_embeddings * model.head_dim * act_bytes
+    """Non-parameter tensors the model holds: its rotary table (models/*.py build one and
+    share it across layers; Gemma 3 builds two, the sliding layers' base frequency apart)."""
+    tables = 2 if model.architecture == "Gemma3ForCausalLM" else 1
+    return tables * model.max_position_embeddings * model.head_dim * act_bytes
 
 
 def activation_peak_bytes(
@@ -68,9 +76,9 @@ def activation_peak_bytes(
     # scores, their masked copy and the softmax of one query chunk (its rows bounded)
     attention = min(model.num_attention_heads // tp * t * t, DUMMY_ATTENTION_SCORES) * 3 * act_bytes
     rows = min(max_num_seqs, t)
-    logits = (rows * (act_bytes + SAMPLER_ROW_BYTES)
-              + min(rows, SAMPLER_ROWS) * SAMPLER_SLICE_BYTES) * model.vocab_size
-    return t * per_token + attention + logits
+    sampler = (rows * (act_bytes + SAMPLER_ROW_BYTES)
+               + min(rows, SAMPLER_ROWS) * SAMPLER_SLICE_BYTES) * model.vocab_size
+    return max(t * per_token + attention, sampler)
 
 
 @dataclass(frozen=True)
