@@ -65,12 +65,6 @@ def is_large_gpu(memory_bytes: int, name: str) -> bool:
     return memory_bytes >= LARGE_GPU_BYTES and "a100" not in name.lower()
 
 
-def default_max_num_seqs(on_cuda: bool, *, large_gpu: bool = False) -> int:
-    """Concurrent sequences when none is given, vLLM's table: 1,024 on a large GPU
-    (is_large_gpu), offline and served alike; 256 elsewhere."""
-    return 1024 if on_cuda and large_gpu else 256
-
-
 # The largest decode batch replayed from a CUDA graph when --cuda-graph-sizes does not say
 # (vLLM's default capture limit): wider decode steps run eagerly, where launch overhead is
 # a small part of the step.

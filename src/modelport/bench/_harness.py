@@ -39,9 +39,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="default, as the engine's: 1024 on GPUs of 70 GiB or more other than "
-                        "the A100, 256 elsewhere")
+    p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes (CPU default 1 GiB)")

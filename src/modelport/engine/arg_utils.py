@@ -19,7 +19,6 @@ from modelport.config import (
     SchedulerConfig,
     SpeculativeConfig,
     default_max_num_batched_tokens,
-    default_max_num_seqs,
     is_large_gpu,
 )
 from modelport.engine.gpu_info import total_memory_and_name
@@ -91,9 +90,9 @@ class EngineArgs:
     # MoE models under tensor parallelism: each rank keeps a share of the experts, whole
     enable_expert_parallel: bool = False
     load_format: str = "auto"
-    # None: vLLM's default (config.default_max_num_seqs): 1,024 on a GPU of 70 GiB or more
-    # other than an A100, 256 elsewhere
-    max_num_seqs: int | None = None
+    # 256 on every device: vLLM's 1,024 on GPUs of 70 GiB or more measured slower here (W2 on
+    # an H200: 3,402 vs 3,770 output tok/s, TPOT 140 vs 57 ms; bench/README.md, session 37)
+    max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     # vLLM's cuda_graph_sizes: one value, the largest decode batch captured in a CUDA graph
     # (None: 512); a ladder of its own is refused (the graphs use a fixed one)
@@ -199,9 +198,9 @@ class EngineArgs:
                             "the fewest in flight")
         g.add_argument("--load-format", default=d.load_format,
                        choices=["auto", "safetensors", "gguf", "dummy"])
-        g.add_argument("--max-num-seqs", type=int, default=None,
-                       help="sequences a step may run (default, as vLLM: 1024 on GPUs of 70 "
-                            "GiB or more other than the A100, 256 elsewhere)")
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                       help="sequences a step may run (default 256 on every device; vLLM's "
+                            "1024 on large GPUs measured slower here)")
         g.add_argument("--max-num-batched-tokens", type=parse_human_int, default=None,
                        help="tokens a step may run (default, as vLLM: 8192 served and 16384 "
                             "offline on GPUs of 70 GiB or more other than the A100, 2048 "
@@ -310,37 +309,6 @@ class EngineArgs:
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     # -- resolution ----------------------------------------------------------------------
-    def resolved_max_num_seqs(self) -> int:
-        """max_num_seqs as the engine will run it (the default for the device it would pick
-        where none is given), without making a CUDA context."""
-        import torch
-
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return self._default_budgets(device, log=False)[1]
-
-    def _default_budgets(self, device: str, log: bool = True) -> tuple[int, int]:
-        """max_num_batched_tokens and max_num_seqs, those not given from vLLM's tables for
-        the device (config.default_max_num_batched_tokens / default_max_num_seqs); the GPU's
-        memory and name come from NVML, so no CUDA context is made here."""
-        batched, seqs = self.max_num_batched_tokens, self.max_num_seqs
-        if batched is not None and seqs is not None:
-            return batched, seqs
-        on_cuda = device.startswith("cuda")
-        gpu = total_memory_and_name(device) if on_cuda else None
-        large = gpu is not None and is_large_gpu(*gpu)
-        if batched is None:
-            batched = default_max_num_batched_tokens(
-                on_cuda, offline=self.usage_context == "offline", large_gpu=large)
-        if seqs is None:
-            seqs = default_max_num_seqs(on_cuda, large_gpu=large)
-        if on_cuda and log:
-            logger.info("max_num_batched_tokens %d, max_num_seqs %d (the %s defaults on %s, "
-                        "where not given)", batched, seqs, self.usage_context,
-                        f"{gpu[1]}, {gpu[0] / 2**30:.1f} GiB" if gpu else "an unknown GPU")
-        return batched, seqs
-
     def _max_graph_batch(self) -> int:
         sizes = self.cuda_graph_sizes
         if sizes is None:
@@ -467,7 +435,17 @@ class EngineArgs:
             )
         if self.usage_context not in ("offline", "server"):
             raise ValueError(f"usage_context must be 'offline' or 'server', got {self.usage_context!r}")
-        batched, seqs = self._default_budgets(device)
+        batched = self.max_num_batched_tokens
+        if batched is None:
+            on_cuda = device.startswith("cuda")
+            gpu = total_memory_and_name(device) if on_cuda else None
+            batched = default_max_num_batched_tokens(
+                on_cuda, offline=self.usage_context == "offline",
+                large_gpu=gpu is not None and is_large_gpu(*gpu))
+            if on_cuda:
+                logger.info("max_num_batched_tokens %d (the %s default on %s)", batched,
+                            self.usage_context,
+                            f"{gpu[1]}, {gpu[0] / 2**30:.1f} GiB" if gpu else "an unknown GPU")
         max_graph_batch = self._max_graph_batch()
         if encoder is not None:  # one whole prompt per step: no chunks (vLLM does the same)
             if self.max_model_len is not None and self.max_model_len > encoder.max_positions:
@@ -499,7 +477,7 @@ class EngineArgs:
             num_gpu_blocks_override=self.num_gpu_blocks_override,
         )
         sched = SchedulerConfig(
-            max_num_seqs=seqs,
+            max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=batched,
             max_model_len=max_len,
             max_waiting_requests=self.max_waiting_requests,

@@ -53,7 +53,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
         load_format: str = "auto",
-        max_num_seqs: int | None = None,
+        max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
         enable_chunked_prefill: bool | None = None,
         block_size: int = 16,

@@ -71,7 +71,6 @@ def _engine_args(ctx: BackendContext) -> Any:
                 "max_model_len",
                 "kv_cache_memory",
                 "max_num_batched_tokens",
-                "max_num_seqs",
             ):
                 kw[key] = int(raw)
             elif isinstance(default, float):
@@ -130,7 +129,7 @@ class LLMBackend(Backend):
     @property
     def num_instances(self) -> int:
         # the engine batches internally: let the queue hand it as many requests as it runs
-        return max(1, self.args.resolved_max_num_seqs())
+        return max(1, self.args.max_num_seqs)
 
     async def load(self) -> None:
         from modelport.engine import registry
