@@ -330,6 +330,10 @@ def test_engine_flags_reach_the_engine_config() -> None:
     cfg = engine_args_from(parse("serve", "--device", "cpu")).create_engine_config()
     assert cfg.scheduler_config.enable_chunked_prefill
     assert cfg.cache_config.num_gpu_blocks_override is None
+    assert cfg.max_graph_batch == 512  # vLLM's capture limit
+    cfg = engine_args_from(parse("serve", "--device", "cpu", "--cuda-graph-sizes", "64")
+                           ).create_engine_config()
+    assert cfg.max_graph_batch == 64  # decode batches past 64 rows run eagerly
 
 
 def test_response_flags() -> None:

@@ -229,7 +229,6 @@ def _index(rows: list[int], dev: torch.device) -> torch.Tensor:
 # cumulative sums, the exponential draws); in slices it stays ~1 GiB for a 128k vocabulary
 # however many rows a step samples, and the profiling forward, which samples its widest
 # batch, sizes the KV cache after it.
-
 def _draw(scaled: torch.Tensor, params: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Filtered random draw for rows [N, vocab] of temperature-scaled logits (params: [N, 4]
     temperature, top_k, top_p, min_p on the logits' device): argmax(p / q), q ~ Exp(1), with
