@@ -241,7 +241,7 @@ def test_repository_llm_is_served_on_v1_too(setup, tmp_path) -> None:
 
 def test_max_num_seqs_parameter_sizes_the_queue(tmp_path) -> None:
     """The backend hands the engine as many requests as it runs at once: max_num_seqs from
-    the config's parameters, else the engine's default for the device (256 on a CPU)."""
+    the config's parameters, else the engine's default (256)."""
     from types import SimpleNamespace
 
     from modelport.repository.backends.llm import LLMBackend

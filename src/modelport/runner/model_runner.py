@@ -352,18 +352,18 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device) % self.config.scheduler_config.max_model_len
         with forward_context(ForwardContext(None, [])):
             hidden = self.model(ids, pos)
+        if getattr(self, "pooler", None) is not None:  # a pooling model: no LM head, no sampler
+            return
         rows = min(n, self.config.scheduler_config.max_num_seqs)
         logits = self.model.compute_logits(hidden[-rows:]).float()
         del hidden
-        if getattr(self, "pooler", None) is None:  # a pooling model never samples
-            # the sampler at its widest, as a real step may ask: random sampling with top-k,
-            # top-p and logprobs on every row (the sort, softmax and noise copies of [rows,
-            # vocab]). A plain Sampler: the custom logits processors keep their batch state
-            params = SamplingParams(temperature=1.0, top_k=PROFILE_TOP_K, top_p=0.9,
-                                    logprobs=PROFILE_LOGPROBS)
-            Sampler()(logits, [SamplingRow(f"profile-{i}", params, [0], [], (), None)
-                               for i in range(rows)])
-        del logits
+        # the sampler at its widest, as a real step may ask: random sampling with top-k, top-p
+        # and logprobs on every row (the sort, softmax and noise copies of [rows, vocab]). A
+        # plain Sampler: the custom logits processors keep their batch state
+        params = SamplingParams(temperature=1.0, top_k=PROFILE_TOP_K, top_p=0.9,
+                                logprobs=PROFILE_LOGPROBS)
+        Sampler()(logits, [SamplingRow(f"profile-{i}", params, [0], [], (), None)
+                           for i in range(rows)])
 
     def init_kv_cache(self, num_blocks: int) -> None:
         if self.tp_workers is not None:
