@@ -47,6 +47,57 @@ def test_triton_gemm_matches_reference(bits: int, group: int, act_order: bool, w
             torch.testing.assert_close(got, ref, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("group", [64, 128, 256])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_triton_codes_gemm_matches_reference(group: int, act_order: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The raw-code GEMM (MODELPORT_W4_GEMM=codes) through forward() for 5..255 rows, every
+    launch config that fits the group, bf16 and fp16, its two variants (group sums computed
+    before the launch; one dot on adjacent pairs): against x @ the reference dequantization.
+    The codes are exact, so the error is the fp32 sums' and the output's rounding."""
+    from modelport.quantization import triton_gemm as tg
+    from modelport.quantization import triton_kernels as tk
+
+    monkeypatch.setattr(tg, "W4_GEMM", "codes")
+    n, k = 328, 1024
+    gq = _random_gq(n, k, 4, group, act_order, seed=group)
+    # the kernel stores scale and zero as fp16 (see pack_scales): the reference rounds alike
+    ref_w = GroupQuant(gq.codes, gq.scales.half().float(), gq.zeros.half().float(), group, 4,
+                       gq.g_idx).dequantize().cuda()
+    kern = tg.TritonKernel(gq, torch.device("cuda"))
+    kern.gemm_affine = None  # must not be reached
+    fitting = [c for c in tk.codes_configs if group % c.kwargs["BLOCK_K"] == 0]
+    gen = torch.Generator().manual_seed(group)
+    for i, cfg in enumerate(fitting):
+        monkeypatch.setattr(tk.gemm_codes, "configs", [cfg])
+        tk.gemm_codes.cache.clear()
+        m = (5, 16, 37, 64, 130, 255)[i % 6]
+        dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
+        x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+        ref = x.float() @ ref_w.t()
+        tol = 8e-3 * ref.abs().max().item()
+        got = kern(x)
+        assert got.dtype == dtype and got.shape == (m, n)
+        torch.testing.assert_close(got.float(), ref, atol=tol, rtol=0, msg=f"{cfg} m={m}")
+        xp = (x[:, kern.perm] if kern.perm is not None else x).contiguous()
+        for xsum, join in ((True, False), (False, True)):
+            torch.testing.assert_close(kern.gemm_codes(xp, xsum=xsum, join=join).float(), ref,
+                                       atol=tol, rtol=0, msg=f"{cfg} m={m} {xsum} {join}")
+
+
+def test_triton_codes_gemm_serves_only_4bit_groups_of_64_and_more(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelport.quantization import triton_gemm as tg
+
+    monkeypatch.setattr(tg, "W4_GEMM", "codes")
+    assert tg.uses_codes(4, 128, torch.bfloat16) and tg.uses_codes(4, 64, torch.float16)
+    assert not tg.uses_codes(4, 32, torch.bfloat16)  # GGUF blocks: the affine GEMM
+    assert not tg.uses_codes(8, 128, torch.bfloat16)
+    assert not tg.uses_codes(4, 128, torch.float32)
+    monkeypatch.setattr(tg, "W4_GEMM", "affine")
+    assert not tg.uses_codes(4, 128, torch.bfloat16)
+
+
 @pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("group", [16, 64, 128])
 @pytest.mark.parametrize("act_order", [False, True])

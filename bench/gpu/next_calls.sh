@@ -286,5 +286,22 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   s37c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
         run 150 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_planner_gpu.py 2>&1 | tee "${OUT:-bench/results}/s37c-planner-tests.log" | tail -8 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c" >&2; exit 2 ;;
+  # session 38: the 4-bit GEMM on raw codes (5..255 rows): its GPU tests, then the linear
+  # layers of an 8B decode step per row count: bf16 (cuBLAS), the affine GEMM (each weight
+  # dequantized before tl.dot, the default), the codes GEMM and its two variants, the
+  # expand-to-bf16 path
+  s38) run 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py -k codes \
+         2>&1 | tee "${OUT:-bench/results}/s38-codes-tests.log" | tail -8
+       run 420 env QUANT_FORMATS="bf16 awq-w4-gemm awq-w4-codes awq-w4-codes-xsum awq-w4-codes-join awq-w4-dequant" \
+         QUANT_BATCHES="8 16 32 64 128 256" bash bench/gpu/run_all.sh quant-bench ;;
+  # session 38, second call: AWQ decode at batch 1 and 64 with the affine and the codes GEMM,
+  # one process after the other; then the engine's GPU tests whole and the embeddings on CUDA
+  # (the pooling model's profile no longer runs the LM head)
+  s38b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        run 300 env QD_FORMATS=awq QD_ENVS="MODELPORT_W4_GEMM=affine MODELPORT_W4_GEMM=codes${S38_CODES_EXTRA:-}" \
+          bash bench/gpu/run_all.sh qd-env
+        run 280 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_gpu_engine.py tests/test_gpu_features.py -k "not tensor_parallel" \
+          2>&1 | tee "${OUT:-bench/results}/s38b-tests.log" | tail -8 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b" >&2; exit 2 ;;
 esac

@@ -66,6 +66,26 @@ GEMM_WIDE_K = 0 if os.environ.get("MODELPORT_W_GEMM_WIDE_K") == "0" else 128
 # row counts, 5-8-bit weights and groups of 16 keep the GEMV below;
 # MODELPORT_W4_GEMV=default sends the one-row ones back to it too.
 GEMV_HALF2 = os.environ.get("MODELPORT_W4_GEMV", "half2") == "half2"
+# 4-bit weights in groups of CODES_MIN_GROUP or more under bf16 / fp16 activations: the
+# 5..DEQUANT_MIN_M-row GEMM multiplies the raw codes on the tensor cores and applies each
+# group's scale and zero to the partial products (triton_kernels.gemm_codes);
+# MODELPORT_W4_GEMM=affine keeps the GEMM that dequantizes every weight before tl.dot.
+W4_GEMM = os.environ.get("MODELPORT_W4_GEMM", "affine")
+CODES_MIN_GROUP = 64
+# variants measured against each other (bench/quant_gpu_linear.py): the activations' group
+# sums computed by torch before the launch instead of inside every program, and the low /
+# high halves of each pair fed to one dot as adjacent K values instead of two dots
+CODES_XSUM = os.environ.get("MODELPORT_W4_CODES_XSUM") == "1"
+CODES_JOIN = os.environ.get("MODELPORT_W4_CODES_JOIN") == "1"
+# bit patterns of two 16-bit floats C with an empty low mantissa: a nibble OR-ed into each
+# half gives C + code exactly (bf16: C = 128; fp16: C = 1024)
+CODES_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
+
+
+def uses_codes(bits: int, group: int, dtype: torch.dtype) -> bool:
+    """Whether the 5..DEQUANT_MIN_M-row GEMM of this weight runs on raw codes (gemm_codes)."""
+    return (W4_GEMM == "codes" and bits == 4 and group >= CODES_MIN_GROUP
+            and dtype in CODES_MAGIC)
 
 
 def uses_half2(bits: int, v: int, m: int) -> bool:
@@ -128,7 +148,8 @@ def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
 def _kernels():  # noqa: ANN202 - imported lazily so importing this module never needs triton
     from modelport.quantization import triton_kernels
 
-    return triton_kernels.gemv, triton_kernels.gemm, triton_kernels.dequant
+    return (triton_kernels.gemv, triton_kernels.gemm, triton_kernels.dequant,
+            triton_kernels.gemm_codes)
 
 
 GEMV_MAX_SPLIT = 8  # bounds on the GEMV configs (triton_kernels.gemv_fits enforces them)
@@ -207,6 +228,37 @@ class TritonKernel(torch.nn.Module):
         return w
 
     def gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        if uses_codes(self.bits, self.group, x2.dtype):
+            return self.gemm_codes(x2)
+        return self.gemm_affine(x2)
+
+    def gemm_codes(self, x2: torch.Tensor, xsum: bool = CODES_XSUM,
+                   join: bool = CODES_JOIN) -> torch.Tensor:
+        """x2 [m, K] (bf16 / fp16, contiguous, already permuted) -> y [m, N]: tl.dot on the
+        raw codes, scale and zero applied per group to the fp32 partial products."""
+        m = x2.shape[0]
+        y = torch.zeros((m, self.n), dtype=torch.float32, device=x2.device)
+        bucket = 1 << max(0, (m - 1).bit_length())
+        magic2, c = CODES_MAGIC[x2.dtype]
+        grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(self.n, meta["BLOCK_N"]),  # noqa: E731
+                             meta["SPLIT_K"])
+        xs = y  # a placeholder pointer unless the group sums are computed here
+        if xsum:
+            xs = x2.view(m, self.k // 64, 64).sum(-1, dtype=torch.float32)
+        args = (x2, self.qweight, self.sz, y, xs, m, self.n, self.k, bucket, x2.stride(0),
+                self.qweight.stride(0), self.sz.stride(0), y.stride(0), xs.stride(0), magic2, c)
+        gemm = _kernels()[3]
+        meta = {"GROUP": self.group, "V": self.v, "JOIN": join, "XSUM": xsum}
+        gemm[grid](*args, **meta)
+        key = ("codes", bucket, self.n, self.k, self.group, x2.dtype, xsum, join)
+        if key not in _TUNED:  # the first call autotuned: its sums may hold the trial runs
+            _TUNED.add(key)
+            y.zero_()
+            gemm[grid](*args, **meta)
+        return y.to(x2.dtype)
+
+    def gemm_affine(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [m, K] -> y [m, N]: each weight dequantized (code * scale + zero) before tl.dot."""
         m = x2.shape[0]
         # fp32 accumulator: split-K programs add their partial sums into it atomically
         y = torch.zeros((m, self.n), dtype=torch.float32, device=x2.device)

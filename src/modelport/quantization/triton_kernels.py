@@ -353,3 +353,100 @@ def dequant(w_ptr, sz_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
     out = out_ptr + rn[:, None].to(tl.int64) * K + (k0 + tl.arange(0, BLOCK_K))[None, :]
     pdl.wait(PDL)
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=nmask[:, None])
+
+
+# The 4-bit GEMM on raw codes (``gemm_codes``): 5..DEQUANT_MIN_M rows, groups of 64 or
+# more, bf16 / fp16 activations. tl.dot multiplies the activations by C + code, made exact
+# in the activation dtype by one LOP3 per pair of codes (C = 128 in bf16, 1024 in fp16);
+# the group's scale and zero are applied to the fp32 partial products afterwards:
+#   sum_k x_k (code_k s + z) = s * sum_k x_k (C + code_k) + (z - C s) * sum_k x_k
+# so no weight is multiplied before the tensor cores, and the codes are exact (the old GEMM
+# rounds each dequantized weight to the activation dtype).
+codes_configs = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w,
+                  num_stages=st)
+    for bm, bn, bk, sk, w, st in (
+        (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3), (16, 128, 128, 2, 4, 4),
+        (16, 256, 128, 2, 8, 3), (16, 64, 64, 8, 4, 4), (16, 128, 128, 1, 4, 4),
+        (32, 128, 128, 2, 4, 3), (32, 64, 128, 4, 4, 3), (32, 128, 128, 1, 4, 3),
+        (32, 256, 128, 1, 8, 3),
+        (64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (64, 64, 128, 2, 4, 4),
+        (64, 128, 64, 2, 4, 4), (64, 256, 64, 1, 8, 3),
+        (128, 64, 128, 1, 4, 3), (128, 64, 64, 1, 4, 3))
+]
+
+
+def codes_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202
+    """Row tiles no taller than the bucket needs (and at least 16), K steps inside a group."""
+    m, group = named_args["M_BUCKET"], kwargs["GROUP"]
+    bm_max = max(16, m)
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= bm_max
+            and group % c.kwargs["BLOCK_K"] == 0
+            and (c.kwargs["BLOCK_M"] * 2 > bm_max or c.kwargs["BLOCK_M"] == 128)]
+    return keep or [c for c in configs if group % c.kwargs["BLOCK_K"] == 0][:1]
+
+
+@triton.autotune(configs=codes_configs, key=["M_BUCKET", "N", "K", "GROUP", "XSUM", "JOIN"],
+                 prune_configs_by={"early_config_prune": codes_prune}, reset_to_zero=["y_ptr"],
+                 cache_results=True)
+@triton.jit
+def gemm_codes(x_ptr, w_ptr, sz_ptr, y_ptr, xs_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn,
+               stride_sn, stride_ym, stride_xs, magic2, C,
+               GROUP: tl.constexpr, V: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+               JOIN: tl.constexpr = False, XSUM: tl.constexpr = False):
+    # 4-bit codes, chunk-interleaved (triton_gemm.pack_weight): code j of word v of a chunk
+    # of V words is input j * V + v of the chunk. ((word >> 4i) & 0x000F000F) | magic2 holds
+    # codes i and i + 4 of the word as two values C + code: the low halves of all words and
+    # i = 0..3 are the first half of each chunk's inputs, in order, the high halves the
+    # second half; the activations are loaded in those two orders to match.
+    BKW: tl.constexpr = BLOCK_K // 8
+    NCH: tl.constexpr = BKW // V
+    HALF: tl.constexpr = 4 * V
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    i = tl.arange(0, BLOCK_K // 2)
+    k_lo = (i // HALF) * (2 * HALF) + i % HALF  # input of the low half's i-th value
+    rw = tl.arange(0, BKW)
+    shifts = tl.arange(0, 4) * 4
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    w_rows = w_ptr + rn[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        xa = tl.load(x_rows + (k0 + k_lo)[None, :], mask=mmask[:, None], other=0.0)
+        xb = tl.load(x_rows + (k0 + HALF + k_lo)[None, :], mask=mmask[:, None], other=0.0)
+        words = tl.load(w_rows + (k0 // 8 + rw)[None, :], mask=nmask[:, None], other=0)
+        words = tl.reshape(words.to(tl.uint32, bitcast=True), (BLOCK_N, NCH, 1, V))
+        pairs = ((words >> shifts[None, None, :, None]) & 0x000F000F) | magic2
+        pairs = tl.reshape(pairs, (BLOCK_N, BLOCK_K // 2))
+        wa = (pairs & 0xFFFF).to(tl.uint16).to(xa.dtype, bitcast=True)
+        wb = (pairs >> 16).to(tl.uint16).to(xa.dtype, bitcast=True)
+        if JOIN:  # one K=BLOCK_K dot on (low, high) pairs: each pair stays one register
+            x2 = tl.reshape(tl.join(xa, xb), (BLOCK_M, BLOCK_K))
+            w2 = tl.reshape(tl.join(wa, wb), (BLOCK_N, BLOCK_K))
+            part = tl.dot(x2, tl.trans(w2))
+        else:
+            part = tl.dot(xa, tl.trans(wa))
+            part = tl.dot(xb, tl.trans(wb), part)
+        if XSUM:  # the activations' sums over each 64 inputs, computed before the launch
+            xs_j = k0 // 64 + tl.arange(0, BLOCK_K // 64)
+            xsum = tl.sum(tl.load(xs_ptr + rm[:, None] * stride_xs + xs_j[None, :],
+                                  mask=mmask[:, None], other=0.0), 1)
+        else:
+            xsum = tl.sum(xa.to(tl.float32), 1) + tl.sum(xb.to(tl.float32), 1)
+        sz = tl.load(sz_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0)
+        s = sz.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        acc += part * s[None, :]
+        acc += xsum[:, None] * (z - C * s)[None, :]
+    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    msk = mmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=msk)
+    else:
+        tl.atomic_add(out, acc, mask=msk, sem="relaxed")
