@@ -124,17 +124,24 @@ def main() -> None:
             ms = time_step(ops, m)
             rows.append({"format": fmt, "batch": m, "linear_ms_per_step": round(ms, 3),
                          "tok_s_linear_only": round(m * 1000 / ms, 1)})
+            print(json.dumps(rows[-1]), flush=True)  # a run cut short still shows its rows
         del ops
         torch.cuda.empty_cache()
+        write(args.json, rows)
+    print(json.dumps(write(args.json, rows), indent=2))
+
+
+def write(path: str | None, rows: list[dict]) -> dict:
+    """The rows so far with each one's ratio to bf16 at its batch; to path too if given."""
     base = {r["batch"]: r["linear_ms_per_step"] for r in rows if r["format"] == "bf16"}
     for r in rows:
         if r["batch"] in base:
             r["vs_bf16_latency"] = round(r["linear_ms_per_step"] / base[r["batch"]], 3)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(out, f, indent=2)
+    return out
 
 
 if __name__ == "__main__":

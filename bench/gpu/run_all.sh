@@ -101,7 +101,7 @@ for s in $stages; do
     quant-tests) $PY -m pytest -q -p no:cacheprovider tests/test_quant_gpu.py tests/test_quant_fp8_gpu.py \
                2>&1 | tee "$OUT/quant_tests.log" | tail -25 || rc=1 ;;
     quant-bench) $PY bench/quant_gpu_linear.py --batch ${QUANT_BATCHES:-1 4 16 64 256 2048} ${QUANT_FORMATS:+--formats $QUANT_FORMATS} \
-               --json "$OUT/quant_linear.json" 2>&1 | tail -40 || rc=1 ;;
+               --json "$OUT/quant_linear.json" 2>&1 | grep -v '^ ' | grep -vx '[{}]' || rc=1 ;;
     quant-decode) for f in ${QD_FORMATS:-none awq gptq fp8 bitsandbytes gguf-q4_k gguf-q8_0}; do  # a process each
                $PY bench/quant_decode.py $COMMON --max-num-seqs 64 --formats $f \
                  --output-json "$OUT/quant_decode.jsonl" 2>"$OUT/qd.err" | qd_print \
