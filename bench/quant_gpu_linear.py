@@ -10,7 +10,8 @@ LM head are not included: this isolates what the weight format changes.
 dequant-GEMM kernel below ``DEQUANT_MIN_M``, expand-to-bf16 + cuBLAS from there);
 ``awq-w4-gemm`` (each weight dequantized before tl.dot), ``awq-w4-codes`` (tl.dot on the raw
 codes, scales applied to the partial products; ``-xsum``: the activations' group sums
-computed before the launch; ``-join``: one dot on adjacent pairs) and ``awq-w4-dequant``
+computed before the launch; ``-join``: one dot on adjacent pairs; ``-pair``: the same with x
+copied into pair order before the launch) and ``awq-w4-dequant``
 force one path at every batch.
 
 FP8 rows: ``fp8`` is what the engine runs (Triton W8A16 up to ``fp8.W8A16_MAX_M`` rows, fused
@@ -63,7 +64,8 @@ def build(fmt: str) -> list:
             elif fmt.endswith("-gemm"):  # the dequant-GEMM kernel at every batch
                 ops.append(lambda x, kern=kern: kern.gemm_affine(x))
             elif "-codes" in fmt:  # the raw-code GEMM at every batch (variants: -xsum, -join)
-                ops.append(lambda x, kern=kern, xs="-xsum" in fmt, j="-join" in fmt:
+                j = 2 if "-pair" in fmt else int("-join" in fmt)
+                ops.append(lambda x, kern=kern, xs="-xsum" in fmt, j=j:
                            kern.gemm_codes(x, xsum=xs, join=j))
             else:
                 ops.append(kern)

@@ -51,7 +51,8 @@ _SCRIPT = textwrap.dedent("""
         w = GroupQuant(codes, s.half().float(), z.half().float(), group, 4, gidx).dequantize()
         ref = x.float() @ w.t()
         xp = (x[:, kern.perm] if kern.perm is not None else x).contiguous()
-        outs = [kern(x), kern.gemm_codes(xp, xsum=True), kern.gemm_codes(xp, join=True)]
+        outs = [kern(x), kern.gemm_codes(xp, xsum=True), kern.gemm_codes(xp, join=1),
+                kern.gemm_codes(xp, xsum=True, join=2)]
         for y in outs:
             err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
             assert y.dtype == torch.half and y.shape == (m, n) and err < 2e-3, (n, k, m, err)

@@ -74,9 +74,10 @@ W4_GEMM = os.environ.get("MODELPORT_W4_GEMM", "affine")
 CODES_MIN_GROUP = 64
 # variants measured against each other (bench/quant_gpu_linear.py): the activations' group
 # sums computed by torch before the launch instead of inside every program, and the low /
-# high halves of each pair fed to one dot as adjacent K values instead of two dots
+# high halves of each pair fed to one dot as adjacent K values instead of two dots (1: x
+# joined in registers, 2: x copied into that order before the launch)
 CODES_XSUM = os.environ.get("MODELPORT_W4_CODES_XSUM") == "1"
-CODES_JOIN = os.environ.get("MODELPORT_W4_CODES_JOIN") == "1"
+CODES_JOIN = int(os.environ.get("MODELPORT_W4_CODES_JOIN", "0"))
 # bit patterns of two 16-bit floats C with an empty low mantissa: a nibble OR-ed into each
 # half gives C + code exactly (bf16: C = 128; fp16: C = 1024)
 CODES_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
@@ -233,19 +234,25 @@ class TritonKernel(torch.nn.Module):
         return self.gemm_affine(x2)
 
     def gemm_codes(self, x2: torch.Tensor, xsum: bool = CODES_XSUM,
-                   join: bool = CODES_JOIN) -> torch.Tensor:
+                   join: int = CODES_JOIN) -> torch.Tensor:
         """x2 [m, K] (bf16 / fp16, contiguous, already permuted) -> y [m, N]: tl.dot on the
-        raw codes, scale and zero applied per group to the fp32 partial products."""
+        raw codes, scale and zero applied per group to the fp32 partial products. join: 0
+        two dots a K step (low and high halves of the pairs), 1 one dot on the pairs joined
+        in registers, 2 the same with x copied into pair order before the launch."""
         m = x2.shape[0]
         y = torch.zeros((m, self.n), dtype=torch.float32, device=x2.device)
         bucket = 1 << max(0, (m - 1).bit_length())
         magic2, c = CODES_MAGIC[x2.dtype]
+        x_in = x2
+        if join == 2:  # chunk of 8V inputs: (h, i) -> (i, h), h the pair half, i < 4V
+            x_in = x2.view(m, self.k // (8 * self.v), 2, 4 * self.v).transpose(2, 3)
+            x_in = x_in.reshape(m, self.k)
         grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(self.n, meta["BLOCK_N"]),  # noqa: E731
                              meta["SPLIT_K"])
         xs = y  # a placeholder pointer unless the group sums are computed here
         if xsum:
             xs = x2.view(m, self.k // 64, 64).sum(-1, dtype=torch.float32)
-        args = (x2, self.qweight, self.sz, y, xs, m, self.n, self.k, bucket, x2.stride(0),
+        args = (x_in, self.qweight, self.sz, y, xs, m, self.n, self.k, bucket, x_in.stride(0),
                 self.qweight.stride(0), self.sz.stride(0), y.stride(0), xs.stride(0), magic2, c)
         gemm = _kernels()[3]
         meta = {"GROUP": self.group, "V": self.v, "JOIN": join, "XSUM": xsum}
