@@ -287,14 +287,14 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
         run 150 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_planner_gpu.py 2>&1 | tee "${OUT:-bench/results}/s37c-planner-tests.log" | tail -8 ;;
   # session 38: the 4-bit GEMM on raw codes (5..255 rows): its GPU tests, then the linear
-  # layers of an 8B decode step per row count: bf16 (cuBLAS), the affine GEMM (each weight
-  # dequantized before tl.dot, the default), the codes GEMM with the group sums computed
-  # before the launch, two dots a step or one on x copied into pair order (and the engine's
-  # path: the GEMV up to 4 rows)
-  s38) run 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py -k codes \
+  # layers of an 8B decode step per row count: bf16 (cuBLAS), the engine's path (the GEMV up
+  # to 4 rows, the affine GEMM - each weight dequantized before tl.dot - to 255, expanded to
+  # bf16 + cuBLAS from 256), the codes GEMM with the group sums computed before the launch,
+  # two dots a step or one on x copied into pair order
+  s38) run 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py -k codes \
          2>&1 | tee "${OUT:-bench/results}/s38-codes-tests.log" | tail -8
-       run 330 env QUANT_FORMATS="${S38_FORMATS:-bf16 awq-w4 awq-w4-gemm awq-w4-codes-xsum awq-w4-codes-xsum-pair}" \
-         QUANT_BATCHES="${S38_BATCHES:-4 16 32 64 128 256}" bash bench/gpu/run_all.sh quant-bench ;;
+       run 250 env QUANT_FORMATS="${S38_FORMATS:-bf16 awq-w4 awq-w4-codes-xsum awq-w4-codes-xsum-pair}" \
+         QUANT_BATCHES="${S38_BATCHES:-4 16 64 128 256}" bash bench/gpu/run_all.sh quant-bench ;;
   # session 38, second call: AWQ decode at batch 1 and 64 with the affine and the codes GEMM,
   # one process after the other; then the engine's GPU tests whole and the embeddings on CUDA
   # (the pooling model's profile no longer runs the LM head)
