@@ -291,10 +291,10 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # to 4 rows, the affine GEMM - each weight dequantized before tl.dot - to 255, expanded to
   # bf16 + cuBLAS from 256), the codes GEMM with the group sums computed before the launch,
   # two dots a step or one on x copied into pair order
-  s38) run 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py -k codes \
+  s38) run 70 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py -k "codes and 128" \
          2>&1 | tee "${OUT:-bench/results}/s38-codes-tests.log" | tail -8
-       run 250 env QUANT_FORMATS="${S38_FORMATS:-bf16 awq-w4 awq-w4-codes-xsum awq-w4-codes-xsum-pair}" \
-         QUANT_BATCHES="${S38_BATCHES:-4 16 64 128 256}" bash bench/gpu/run_all.sh quant-bench ;;
+       run 220 env QUANT_FORMATS="${S38_FORMATS:-bf16 awq-w4 awq-w4-codes-xsum-pair awq-w4-codes-xsum}" \
+         QUANT_BATCHES="${S38_BATCHES:-16 64 128 256}" bash bench/gpu/run_all.sh quant-bench ;;
   # session 38, second call: AWQ decode at batch 1 and 64 with the affine and the codes GEMM,
   # one process after the other; then the engine's GPU tests whole and the embeddings on CUDA
   # (the pooling model's profile no longer runs the LM head)
