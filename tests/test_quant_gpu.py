@@ -86,19 +86,6 @@ def test_triton_codes_gemm_matches_reference(group: int, act_order: bool,
                                        atol=tol, rtol=0, msg=f"{cfg} m={m} {xsum} {join}")
 
 
-def test_triton_codes_gemm_serves_only_4bit_groups_of_64_and_more(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelport.quantization import triton_gemm as tg
-
-    monkeypatch.setattr(tg, "W4_GEMM", "codes")
-    assert tg.uses_codes(4, 128, torch.bfloat16) and tg.uses_codes(4, 64, torch.float16)
-    assert not tg.uses_codes(4, 32, torch.bfloat16)  # GGUF blocks: the affine GEMM
-    assert not tg.uses_codes(8, 128, torch.bfloat16)
-    assert not tg.uses_codes(4, 128, torch.float32)
-    monkeypatch.setattr(tg, "W4_GEMM", "affine")
-    assert not tg.uses_codes(4, 128, torch.bfloat16)
-
-
 @pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("group", [16, 64, 128])
 @pytest.mark.parametrize("act_order", [False, True])

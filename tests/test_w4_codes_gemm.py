@@ -1,8 +1,8 @@
 """The 4-bit GEMM on raw codes (triton_kernels.gemm_codes, MODELPORT_W4_GEMM=codes): in the
 Triton interpreter against x @ the reference dequantization (fp16: the interpreter's tl.dot
-gets bfloat16 wrong), through TritonKernel.forward for 5..255 rows; groups of 64, 128 and 256
-(K steps of 64 and 128 inside a group), GPTQ act-order, both variants; and every launch
-config compiled for sm_90 without register spills."""
+gets bfloat16 wrong), through TritonKernel.forward for 5..100 rows; groups of 64, 128 and 256
+(K steps of 64 and 128 inside a group), GPTQ act-order, every variant; every launch config
+compiled for sm_90 without register spills; and which weights it serves."""
 
 from __future__ import annotations
 
@@ -87,3 +87,20 @@ def test_codes_gemm_configs_compile_for_sm90_without_spills() -> None:
                                      cfg.num_stages)
         assert 0 < r["regs"] <= 255 and r["stack"] == 0, (cfg, r)
         assert r["programs_per_sm"] >= 1, (cfg, r)
+
+
+def test_codes_gemm_serves_only_4bit_groups_of_multiples_of_64(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from modelport.quantization import triton_gemm as tg
+
+    monkeypatch.setattr(tg, "W4_GEMM", "codes")
+    assert tg.uses_codes(4, 128, torch.bfloat16) and tg.uses_codes(4, 64, torch.float16)
+    assert not tg.uses_codes(4, 32, torch.bfloat16)  # GGUF blocks: the affine GEMM
+    assert not tg.uses_codes(4, 96, torch.bfloat16)  # no K step of 64 or 128 inside a group
+    assert tg.uses_codes(4, 4096, torch.bfloat16)  # GPTQ's group -1 (the whole row)
+    assert not tg.uses_codes(8, 128, torch.bfloat16)
+    assert not tg.uses_codes(4, 128, torch.float32)
+    monkeypatch.setattr(tg, "W4_GEMM", "affine")
+    assert not tg.uses_codes(4, 128, torch.bfloat16)

@@ -66,10 +66,12 @@ GEMM_WIDE_K = 0 if os.environ.get("MODELPORT_W_GEMM_WIDE_K") == "0" else 128
 # row counts, 5-8-bit weights and groups of 16 keep the GEMV below;
 # MODELPORT_W4_GEMV=default sends the one-row ones back to it too.
 GEMV_HALF2 = os.environ.get("MODELPORT_W4_GEMV", "half2") == "half2"
-# 4-bit weights in groups of CODES_MIN_GROUP or more under bf16 / fp16 activations: the
+# 4-bit weights in groups of a multiple of CODES_MIN_GROUP (the kernel's K steps, 64 or 128
+# inputs, lie inside one group) under bf16 / fp16 activations: the
 # 5..DEQUANT_MIN_M-row GEMM multiplies the raw codes on the tensor cores and applies each
-# group's scale and zero to the partial products (triton_kernels.gemm_codes);
-# MODELPORT_W4_GEMM=affine keeps the GEMM that dequantizes every weight before tl.dot.
+# group's scale and zero to the partial products (triton_kernels.gemm_codes). Opt-in
+# (MODELPORT_W4_GEMM=codes) until it is timed on a GPU; the default, affine, dequantizes
+# every weight before tl.dot.
 W4_GEMM = os.environ.get("MODELPORT_W4_GEMM", "affine")
 CODES_MIN_GROUP = 64
 # variants measured against each other (bench/quant_gpu_linear.py): the activations' group
@@ -85,7 +87,7 @@ CODES_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 
 
 def uses_codes(bits: int, group: int, dtype: torch.dtype) -> bool:
     """Whether the 5..DEQUANT_MIN_M-row GEMM of this weight runs on raw codes (gemm_codes)."""
-    return (W4_GEMM == "codes" and bits == 4 and group >= CODES_MIN_GROUP
+    return (W4_GEMM == "codes" and bits == 4 and group % CODES_MIN_GROUP == 0
             and dtype in CODES_MAGIC)
 
 
