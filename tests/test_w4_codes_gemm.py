@@ -87,6 +87,11 @@ def test_codes_gemm_configs_compile_for_sm90_without_spills() -> None:
                                      cfg.num_stages)
         assert 0 < r["regs"] <= 255 and r["stack"] == 0, (cfg, r)
         assert r["programs_per_sm"] >= 1, (cfg, r)
+    prep = dict(x_ptr="*bf16", xp_ptr="*bf16", xs_ptr="*fp32",
+                **dict.fromkeys(("stride_xm", "stride_pm", "stride_sm"), "i32"))
+    r = kernel_regs.compile_sm90(tk.codes_prep, prep, dict(HALF=16, PAIR=True),
+                                 ("x_ptr", "xp_ptr"), 4, 1)
+    assert 0 < r["regs"] <= 255 and r["stack"] == 0, r
 
 
 def test_codes_gemm_serves_only_4bit_groups_of_multiples_of_64(

@@ -75,7 +75,7 @@ GEMV_HALF2 = os.environ.get("MODELPORT_W4_GEMV", "half2") == "half2"
 W4_GEMM = os.environ.get("MODELPORT_W4_GEMM", "affine")
 CODES_MIN_GROUP = 64
 # variants measured against each other (bench/quant_gpu_linear.py): the activations' group
-# sums computed by torch before the launch instead of inside every program, and the low /
+# sums computed before the launch (codes_prep) instead of inside every program, and the low /
 # high halves of each pair fed to one dot as adjacent K values instead of two dots (1: x
 # joined in registers, 2: x copied into that order before the launch)
 CODES_XSUM = os.environ.get("MODELPORT_W4_CODES_XSUM") == "1"
@@ -152,7 +152,7 @@ def _kernels():  # noqa: ANN202 - imported lazily so importing this module never
     from modelport.quantization import triton_kernels
 
     return (triton_kernels.gemv, triton_kernels.gemm, triton_kernels.dequant,
-            triton_kernels.gemm_codes)
+            triton_kernels.gemm_codes, triton_kernels.codes_prep)
 
 
 GEMV_MAX_SPLIT = 8  # bounds on the GEMV configs (triton_kernels.gemv_fits enforces them)
@@ -240,20 +240,23 @@ class TritonKernel(torch.nn.Module):
         """x2 [m, K] (bf16 / fp16, contiguous, already permuted) -> y [m, N]: tl.dot on the
         raw codes, scale and zero applied per group to the fp32 partial products. join: 0
         two dots a K step (low and high halves of the pairs), 1 one dot on the pairs joined
-        in registers, 2 the same with x copied into pair order before the launch."""
+        in registers, 2 the same with x copied into pair order before the launch (by the
+        launch that computes the sums: join 2 implies xsum)."""
         m = x2.shape[0]
+        xsum = xsum or join == 2  # the copy's launch computes the sums as well
         y = torch.zeros((m, self.n), dtype=torch.float32, device=x2.device)
         bucket = 1 << max(0, (m - 1).bit_length())
         magic2, c = CODES_MAGIC[x2.dtype]
         x_in = x2
-        if join == 2:  # chunk of 8V inputs: (h, i) -> (i, h), h the pair half, i < 4V
-            x_in = x2.view(m, self.k // (8 * self.v), 2, 4 * self.v).transpose(2, 3)
-            x_in = x_in.reshape(m, self.k)
+        xs = y  # a placeholder pointer unless the sums are computed before the launch
+        if xsum:  # one launch: the sums over each 64 inputs (and x in pair order)
+            xs = torch.empty((m, self.k // 64), dtype=torch.float32, device=x2.device)
+            if join == 2:
+                x_in = torch.empty_like(x2)
+            _kernels()[4][(m, self.k // 64)](x2, x_in, xs, x2.stride(0), x_in.stride(0),
+                                             xs.stride(0), HALF=4 * self.v, PAIR=join == 2)
         grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(self.n, meta["BLOCK_N"]),  # noqa: E731
                              meta["SPLIT_K"])
-        xs = y  # a placeholder pointer unless the group sums are computed here
-        if xsum:
-            xs = x2.view(m, self.k // 64, 64).sum(-1, dtype=torch.float32)
         args = (x_in, self.qweight, self.sz, y, xs, m, self.n, self.k, bucket, x_in.stride(0),
                 self.qweight.stride(0), self.sz.stride(0), y.stride(0), xs.stride(0), magic2, c)
         gemm = _kernels()[3]

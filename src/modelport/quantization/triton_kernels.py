@@ -455,3 +455,21 @@ def gemm_codes(x_ptr, w_ptr, sz_ptr, y_ptr, xs_ptr, M, N, K, M_BUCKET, stride_xm
         tl.store(out, acc, mask=msk)
     else:
         tl.atomic_add(out, acc, mask=msk, sem="relaxed")
+
+
+@triton.jit
+def codes_prep(x_ptr, xp_ptr, xs_ptr, stride_xm, stride_pm, stride_sm,
+               HALF: tl.constexpr, PAIR: tl.constexpr):
+    """gemm_codes' inputs in one launch, a program per row and 64 inputs: the 64 inputs' sum
+    (fp32) into xs_ptr and, with PAIR, the inputs in pair order (within each chunk of
+    2 * HALF, input h * HALF + i at position 2 i + h) into xp_ptr."""
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs = blk * 64 + tl.arange(0, 64)
+    x = tl.load(x_ptr + row * stride_xm + offs)
+    tl.store(xs_ptr + row * stride_sm + blk, tl.sum(x.to(tl.float32), 0))
+    if PAIR:
+        p = tl.arange(0, 64)
+        src = (p // (2 * HALF)) * (2 * HALF) + (p % 2) * HALF + (p % (2 * HALF)) // 2
+        tl.store(xp_ptr + row * stride_pm + blk * 64 + p,
+                 tl.load(x_ptr + row * stride_xm + blk * 64 + src))
