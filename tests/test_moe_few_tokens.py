@@ -5,8 +5,6 @@ reference for bf16/fp16 and FP8 weights, in the Triton interpreter on CPU and on
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,7 +14,7 @@ import torch
 
 from helpers.tiny_models import TINY_PROMPT
 from helpers.tiny_moe import make_tiny_moe_dir
-from helpers.triton_interp import PRELUDE as _PRELUDE
+from helpers.triton_interp import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,11 +111,7 @@ _SCRIPT = textwrap.dedent("""
 
 def test_few_token_moe_kernels_match_the_reference_in_the_interpreter() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    p = subprocess.run([sys.executable, "-c", _PRELUDE + _SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = p.stdout
+    out = run_interpreted(_SCRIPT)
     assert out.count("ok route") == 3 and out.count("ok experts") == 9, out
     assert out.count("ok fp8") == 3 and out.count("ok int ") == 6, out
     assert out.count("ok act-order int") == 2, out

@@ -6,15 +6,13 @@ INT_GEMM_CONFIGS compiled for sm_90 without register spills."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from helpers.triton_interp import PRELUDE as _PRELUDE
+from helpers.triton_interp import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,12 +88,9 @@ _SCRIPT = textwrap.dedent("""
 
 def test_grouped_integer_kernel_matches_the_reference_in_the_interpreter() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    p = subprocess.run([sys.executable, "-c", _PRELUDE + _SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("ok grouped") == 4, p.stdout
-    assert p.stdout.count("ok act-order") == 2, p.stdout
+    out = run_interpreted(_SCRIPT)
+    assert out.count("ok grouped") == 4, out
+    assert out.count("ok act-order") == 2, out
 
 
 def test_the_k_step_holds_whole_words_and_whole_groups_or_part_of_one() -> None:

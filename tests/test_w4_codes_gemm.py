@@ -6,15 +6,13 @@ compiled for sm_90 without register spills; and which weights it serves."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from helpers.triton_interp import PRELUDE as _PRELUDE
+from helpers.triton_interp import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,11 +60,8 @@ _SCRIPT = textwrap.dedent("""
 
 def test_codes_gemm_matches_the_reference_in_the_interpreter() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    p = subprocess.run([sys.executable, "-c", _PRELUDE + _SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("ok codes") == 6, p.stdout
+    out = run_interpreted(_SCRIPT)
+    assert out.count("ok codes") == 6, out
 
 
 def test_codes_gemm_configs_compile_for_sm90_without_spills() -> None:
