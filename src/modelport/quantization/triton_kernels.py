@@ -355,8 +355,8 @@ def dequant(w_ptr, sz_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=nmask[:, None])
 
 
-# The 4-bit GEMM on raw codes (``gemm_codes``): 5..DEQUANT_MIN_M rows, groups of 64 or
-# more, bf16 / fp16 activations. tl.dot multiplies the activations by C + code, made exact
+# The 4-bit GEMM on raw codes (``gemm_codes``): 5..DEQUANT_MIN_M rows, groups of a multiple
+# of 64, bf16 / fp16 activations. tl.dot multiplies the activations by C + code, made exact
 # in the activation dtype by one LOP3 per pair of codes (C = 128 in bf16, 1024 in fp16);
 # the group's scale and zero are applied to the fp32 partial products afterwards:
 #   sum_k x_k (code_k s + z) = s * sum_k x_k (C + code_k) + (z - C s) * sum_k x_k
