@@ -9,10 +9,9 @@ LM head are not included: this isolates what the weight format changes.
 4-bit rows: ``awq-w4`` is what the engine runs (GEMV up to ``GEMV_MAX_M`` rows, the
 dequant-GEMM kernel below ``DEQUANT_MIN_M``, expand-to-bf16 + cuBLAS from there);
 ``awq-w4-gemm`` (each weight dequantized before tl.dot), ``awq-w4-codes`` (tl.dot on the raw
-codes, scales applied to the partial products; ``-xsum``: the activations' group sums
-computed before the launch; ``-join``: one dot on adjacent pairs; ``-pair``: the same with x
-copied into pair order before the launch) and ``awq-w4-dequant``
-force one path at every batch.
+codes, scales applied to the partial products, the activations' sums inside every program;
+``-xsum``: those sums computed by a launch before the GEMM; ``-pair``: one dot a K step on x
+copied into pair order by that launch) and ``awq-w4-dequant`` force one path at every batch.
 
 FP8 rows: ``fp8`` is what the engine runs (Triton W8A16 up to ``fp8.W8A16_MAX_M`` rows, fused
 per-token quantization + the Triton FP8 GEMM up to ``fp8.TRITON_W8A8_MAX_M``, the same
@@ -63,10 +62,9 @@ def build(fmt: str) -> list:
                 ops.append(lambda x, kern=kern: F.linear(x, kern.dequantize(x.dtype)))
             elif fmt.endswith("-gemm"):  # the dequant-GEMM kernel at every batch
                 ops.append(lambda x, kern=kern: kern.gemm_affine(x))
-            elif "-codes" in fmt:  # the raw-code GEMM at every batch (variants: -xsum, -join)
-                j = 2 if "-pair" in fmt else int("-join" in fmt)
-                ops.append(lambda x, kern=kern, xs="-xsum" in fmt, j=j:
-                           kern.gemm_codes(x, xsum=xs, join=j))
+            elif "-codes" in fmt:  # the raw-code GEMM at every batch (variants below)
+                ops.append(lambda x, kern=kern, xs="-xsum" in fmt, pair="-pair" in fmt:
+                           kern.gemm_codes(x, xsum=xs, pair=pair))
             else:
                 ops.append(kern)
         elif fmt.startswith("fp8"):

@@ -52,9 +52,9 @@ def test_triton_gemm_matches_reference(bits: int, group: int, act_order: bool, w
 def test_triton_codes_gemm_matches_reference(group: int, act_order: bool,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The raw-code GEMM (MODELPORT_W4_GEMM=codes) through forward() for 5..255 rows, every
-    launch config that fits the group, bf16 and fp16, its variants (group sums computed
-    before the launch; one dot on adjacent pairs, x joined in registers or copied into pair
-    order): against x @ the reference dequantization.
+    launch config that fits the group, bf16 and fp16, its variants (the activations' sums
+    inside the GEMM; one dot a K step on x copied into pair order): against x @ the
+    reference dequantization.
     The codes are exact, so the error is the fp32 sums' and the output's rounding."""
     from modelport.quantization import triton_gemm as tg
     from modelport.quantization import triton_kernels as tk
@@ -81,9 +81,9 @@ def test_triton_codes_gemm_matches_reference(group: int, act_order: bool,
         assert got.dtype == dtype and got.shape == (m, n)
         torch.testing.assert_close(got.float(), ref, atol=tol, rtol=0, msg=f"{cfg} m={m}")
         xp = (x[:, kern.perm] if kern.perm is not None else x).contiguous()
-        for xsum, join in ((True, 0), (False, 1), (True, 2)):
-            torch.testing.assert_close(kern.gemm_codes(xp, xsum=xsum, join=join).float(), ref,
-                                       atol=tol, rtol=0, msg=f"{cfg} m={m} {xsum} {join}")
+        for xsum, pair in ((False, False), (True, True)):
+            torch.testing.assert_close(kern.gemm_codes(xp, xsum=xsum, pair=pair).float(), ref,
+                                       atol=tol, rtol=0, msg=f"{cfg} m={m} {xsum} {pair}")
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])

@@ -49,8 +49,7 @@ _SCRIPT = textwrap.dedent("""
         w = GroupQuant(codes, s.half().float(), z.half().float(), group, 4, gidx).dequantize()
         ref = x.float() @ w.t()
         xp = (x[:, kern.perm] if kern.perm is not None else x).contiguous()
-        outs = [kern(x), kern.gemm_codes(xp, xsum=True), kern.gemm_codes(xp, join=1),
-                kern.gemm_codes(xp, xsum=True, join=2)]
+        outs = [kern(x), kern.gemm_codes(xp, xsum=False), kern.gemm_codes(xp, pair=True)]
         for y in outs:
             err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
             assert y.dtype == torch.half and y.shape == (m, n) and err < 2e-3, (n, k, m, err)
@@ -76,11 +75,16 @@ def test_codes_gemm_configs_compile_for_sm90_without_spills() -> None:
     sig = dict(x_ptr="*bf16", w_ptr="*i32", sz_ptr="*i32", y_ptr="*fp32", xs_ptr="*fp32",
                C="fp32", **dict.fromkeys(ints, "i32"))
     divisible = ("x_ptr", "w_ptr", "y_ptr", "K", "stride_xm", "stride_wn", "stride_ym")
-    for cfg in tk.codes_configs:
-        const = dict(GROUP=128, V=4, **cfg.kwargs)
+    # every config with the default variant (sums before the launch); the other two with
+    # the 64 x 128 tile
+    runs = [(cfg, True, False) for cfg in tk.codes_configs]
+    wide = next(c for c in tk.codes_configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 128))
+    runs += [(wide, False, False), (wide, True, True)]
+    for cfg, xsum, pair in runs:
+        const = dict(GROUP=128, V=4, XSUM=xsum, PAIR=pair, **cfg.kwargs)
         r = kernel_regs.compile_sm90(tk.gemm_codes.fn, sig, const, divisible, cfg.num_warps,
                                      cfg.num_stages)
-        assert 0 < r["regs"] <= 255 and r["stack"] == 0, (cfg, r)
+        assert 0 < r["regs"] <= 255 and r["stack"] == 0, (cfg, xsum, pair, r)
         assert r["programs_per_sm"] >= 1, (cfg, r)
     prep = dict(x_ptr="*bf16", xp_ptr="*bf16", xs_ptr="*fp32",
                 **dict.fromkeys(("stride_xm", "stride_pm", "stride_sm"), "i32"))

@@ -293,7 +293,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # two dots a step or one on x copied into pair order
   s38) run 70 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py -k "codes and 128" \
          2>&1 | tee "${OUT:-bench/results}/s38-codes-tests.log" | tail -8
-       run 220 env QUANT_FORMATS="${S38_FORMATS:-bf16 awq-w4 awq-w4-codes-xsum-pair awq-w4-codes-xsum}" \
+       run 220 env QUANT_FORMATS="${S38_FORMATS:-bf16 awq-w4 awq-w4-codes-pair awq-w4-codes-xsum}" \
          QUANT_BATCHES="${S38_BATCHES:-16 64 128 256}" bash bench/gpu/run_all.sh quant-bench ;;
   # session 38, second call: AWQ decode at batch 1 and 64 with the affine and the codes GEMM,
   # one process after the other; then the engine's GPU tests whole and the embeddings on CUDA

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modelport.engine.arg_utils import parse_json_dict
+from modelport.engine.arg_utils import EngineArgs, parse_json_dict
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=EngineArgs.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes (CPU default 1 GiB)")
@@ -111,7 +111,6 @@ def w1_workload(
 
 def build_engine(args: argparse.Namespace, path: str | None) -> Any:
     """The engine core itself (token ids in, token ids out): no tokenizer, no HTTP."""
-    from modelport.engine.arg_utils import EngineArgs
     from modelport.engine.core import EngineCore
 
     ea = EngineArgs(

@@ -74,12 +74,13 @@ GEMV_HALF2 = os.environ.get("MODELPORT_W4_GEMV", "half2") == "half2"
 # every weight before tl.dot.
 W4_GEMM = os.environ.get("MODELPORT_W4_GEMM", "affine")
 CODES_MIN_GROUP = 64
-# variants measured against each other (bench/quant_gpu_linear.py): the activations' group
-# sums computed before the launch (codes_prep) instead of inside every program, and the low /
-# high halves of each pair fed to one dot as adjacent K values instead of two dots (1: x
-# joined in registers, 2: x copied into that order before the launch)
-CODES_XSUM = os.environ.get("MODELPORT_W4_CODES_XSUM") == "1"
-CODES_JOIN = int(os.environ.get("MODELPORT_W4_CODES_JOIN", "0"))
+# its variants, to be timed against each other (bench/quant_gpu_linear.py): the activations'
+# sums over each 64 inputs computed by one small launch before the GEMM (codes_prep; the
+# fewest instructions in the GEMM's loop offline) or inside every program
+# (MODELPORT_W4_CODES_XSUM=0); and MODELPORT_W4_CODES_PAIR=1: one dot a K step on the (low,
+# high) halves of each pair as adjacent inputs, x copied into that order by the same launch
+CODES_XSUM = os.environ.get("MODELPORT_W4_CODES_XSUM", "1") == "1"
+CODES_PAIR = os.environ.get("MODELPORT_W4_CODES_PAIR") == "1"
 # bit patterns of two 16-bit floats C with an empty low mantissa: a nibble OR-ed into each
 # half gives C + code exactly (bf16: C = 128; fp16: C = 1024)
 CODES_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
@@ -236,14 +237,13 @@ class TritonKernel(torch.nn.Module):
         return self.gemm_affine(x2)
 
     def gemm_codes(self, x2: torch.Tensor, xsum: bool = CODES_XSUM,
-                   join: int = CODES_JOIN) -> torch.Tensor:
+                   pair: bool = CODES_PAIR) -> torch.Tensor:
         """x2 [m, K] (bf16 / fp16, contiguous, already permuted) -> y [m, N]: tl.dot on the
-        raw codes, scale and zero applied per group to the fp32 partial products. join: 0
-        two dots a K step (low and high halves of the pairs), 1 one dot on the pairs joined
-        in registers, 2 the same with x copied into pair order before the launch (by the
-        launch that computes the sums: join 2 implies xsum)."""
+        raw codes, scale and zero applied per group to the fp32 partial products. pair: one
+        dot a K step on x copied into pair order (else two, on the pairs' low and high
+        halves); the launch that copies it computes the sums too, so pair implies xsum."""
         m = x2.shape[0]
-        xsum = xsum or join == 2  # the copy's launch computes the sums as well
+        xsum = xsum or pair
         y = torch.zeros((m, self.n), dtype=torch.float32, device=x2.device)
         bucket = 1 << max(0, (m - 1).bit_length())
         magic2, c = CODES_MAGIC[x2.dtype]
@@ -251,18 +251,18 @@ class TritonKernel(torch.nn.Module):
         xs = y  # a placeholder pointer unless the sums are computed before the launch
         if xsum:  # one launch: the sums over each 64 inputs (and x in pair order)
             xs = torch.empty((m, self.k // 64), dtype=torch.float32, device=x2.device)
-            if join == 2:
+            if pair:
                 x_in = torch.empty_like(x2)
             _kernels()[4][(m, self.k // 64)](x2, x_in, xs, x2.stride(0), x_in.stride(0),
-                                             xs.stride(0), HALF=4 * self.v, PAIR=join == 2)
+                                             xs.stride(0), HALF=4 * self.v, PAIR=pair)
         grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(self.n, meta["BLOCK_N"]),  # noqa: E731
                              meta["SPLIT_K"])
         args = (x_in, self.qweight, self.sz, y, xs, m, self.n, self.k, bucket, x_in.stride(0),
                 self.qweight.stride(0), self.sz.stride(0), y.stride(0), xs.stride(0), magic2, c)
         gemm = _kernels()[3]
-        meta = {"GROUP": self.group, "V": self.v, "JOIN": join, "XSUM": xsum}
+        meta = {"GROUP": self.group, "V": self.v, "PAIR": pair, "XSUM": xsum}
         gemm[grid](*args, **meta)
-        key = ("codes", bucket, self.n, self.k, self.group, x2.dtype, xsum, join)
+        key = ("codes", bucket, self.n, self.k, self.group, x2.dtype, xsum, pair)
         if key not in _TUNED:  # the first call autotuned: its sums may hold the trial runs
             _TUNED.add(key)
             y.zero_()

@@ -386,7 +386,7 @@ def codes_prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202
     return keep or [c for c in configs if group % c.kwargs["BLOCK_K"] == 0][:1]
 
 
-@triton.autotune(configs=codes_configs, key=["M_BUCKET", "N", "K", "GROUP", "XSUM", "JOIN"],
+@triton.autotune(configs=codes_configs, key=["M_BUCKET", "N", "K", "GROUP", "XSUM", "PAIR"],
                  prune_configs_by={"early_config_prune": codes_prune}, reset_to_zero=["y_ptr"],
                  cache_results=True)
 @triton.jit
@@ -394,7 +394,7 @@ def gemm_codes(x_ptr, w_ptr, sz_ptr, y_ptr, xs_ptr, M, N, K, M_BUCKET, stride_xm
                stride_sn, stride_ym, stride_xs, magic2, C,
                GROUP: tl.constexpr, V: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-               JOIN: tl.constexpr = 0, XSUM: tl.constexpr = False):
+               PAIR: tl.constexpr = False, XSUM: tl.constexpr = False):
     # 4-bit codes, chunk-interleaved (triton_gemm.pack_weight): code j of word v of a chunk
     # of V words is input j * V + v of the chunk. ((word >> 4i) & 0x000F000F) | magic2 holds
     # codes i and i + 4 of the word as two values C + code: the low halves of all words and
@@ -426,13 +426,10 @@ def gemm_codes(x_ptr, w_ptr, sz_ptr, y_ptr, xs_ptr, M, N, K, M_BUCKET, stride_xm
         pairs = tl.reshape(pairs, (BLOCK_N, BLOCK_K // 2))
         wa = (pairs & 0xFFFF).to(tl.uint16).to(xa.dtype, bitcast=True)
         wb = (pairs >> 16).to(tl.uint16).to(xa.dtype, bitcast=True)
-        if JOIN == 2:  # x already in pair order in memory (x_ptr: the permuted copy)
+        if PAIR:  # x already in pair order in memory (x_ptr: codes_prep's copy): one dot on
+            # the (low, high) pairs, each pair kept in one register
             x2 = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=mmask[:, None],
                          other=0.0)
-            w2 = tl.reshape(tl.join(wa, wb), (BLOCK_N, BLOCK_K))
-            part = tl.dot(x2, tl.trans(w2))
-        elif JOIN:  # one K=BLOCK_K dot on (low, high) pairs: each pair stays one register
-            x2 = tl.reshape(tl.join(xa, xb), (BLOCK_M, BLOCK_K))
             w2 = tl.reshape(tl.join(wa, wb), (BLOCK_N, BLOCK_K))
             part = tl.dot(x2, tl.trans(w2))
         else:
