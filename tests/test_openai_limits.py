@@ -82,7 +82,7 @@ def test_api_key_enforced(base) -> None:
 def test_full_waiting_queue_gives_503_with_retry_after(base) -> None:
     url, _ = base
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "smol", "prompt": "Count:", "max_tokens": 12, "ignore_eos": True}
+    body = {"model": "smol", "prompt": "Count:", "max_tokens": 24, "ignore_eos": True}
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(headers=headers, timeout=120) as c:
@@ -92,14 +92,14 @@ def test_full_waiting_queue_gives_503_with_retry_after(base) -> None:
 
     responses = asyncio.run(main())
     statuses = sorted(r.status_code for r in responses)
-    assert 503 in statuses and 200 in statuses, statuses
-    assert set(statuses) <= {200, 503}
+    # one running and one waiting; the other three are refused
+    assert statuses == [200, 200, 503, 503, 503], statuses
     for r in responses:
         if r.status_code == 503:
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["type"] == "service_unavailable_error"
         else:
-            assert r.json()["usage"]["completion_tokens"] == 12
+            assert r.json()["usage"]["completion_tokens"] == 24
     rejected = httpx.get(f"{url}/metrics").text
     assert 'modelport:request_rejected_total{model_name="smol"}' in rejected
     # after the burst the server takes requests again
@@ -168,3 +168,43 @@ def test_queue_admits_any_request_while_empty() -> None:
     assert queue_has_room(waiting=1, num_seqs=1, limit=2)
     assert not queue_has_room(waiting=1, num_seqs=1, limit=1)  # busy: retry later helps
     assert not queue_has_room(waiting=1, num_seqs=2, limit=2)
+
+
+def test_admission_counts_free_sequence_slots_as_not_waiting() -> None:
+    """A burst on an idle server fills the free slots first: with 2 slots and a queue of 2,
+    4 requests sent before any engine step are all admitted and the 5th is refused."""
+    from types import SimpleNamespace
+
+    from modelport.engine.async_llm import AsyncLLM, QueueFullError
+    from modelport.engine.messages import SchedulerStats
+
+    rejected: list[int] = []
+    fake = SimpleNamespace(
+        dead_reason=None, max_waiting_requests=2, max_num_seqs=2, _num_inflight_seqs=0,
+        stats=SchedulerStats(),
+        engine_config=SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=1)),
+        stat_logger=SimpleNamespace(observe_rejected=lambda: rejected.append(1)),
+    )  # fmt: skip
+
+    def admit(n: int = 1) -> bool:
+        try:
+            AsyncLLM.check_admission(fake, n)
+        except QueueFullError:
+            return False
+        fake._num_inflight_seqs += n
+        return True
+
+    assert [admit() for _ in range(5)] == [True, True, True, True, False]
+    assert len(rejected) == 1
+    # two replicas: twice the slots
+    fake._num_inflight_seqs = 0
+    fake.engine_config.parallel_config.data_parallel_size = 2
+    assert [admit() for _ in range(7)] == [True] * 6 + [False]
+    # the last step left requests waiting (KV memory full): only what runs is not waiting
+    fake.engine_config.parallel_config.data_parallel_size = 1
+    fake.stats = SchedulerStats(num_running=1, num_waiting=1)
+    fake._num_inflight_seqs = 2
+    assert admit() and not admit()
+    # a request of n=3 on an idle server: 2 start, 1 waits
+    fake.stats, fake._num_inflight_seqs = SchedulerStats(), 0
+    assert admit(3) and admit(1) and not admit(1)

@@ -293,8 +293,14 @@ class AsyncLLM:
         limit = self.max_waiting_requests
         if limit is None:
             return
-        waiting = max(0, self._num_inflight_seqs - self.stats.num_running)
-        if not queue_has_room(waiting, num_seqs, limit):
+        # Sequences sent but not running wait, except those the next step can still start:
+        # free sequence slots, unless the last step left some waiting (KV memory is full).
+        stats = self.stats
+        slots = self.max_num_seqs * self.engine_config.parallel_config.data_parallel_size
+        capacity = stats.num_running if stats.num_waiting else max(stats.num_running, slots)
+        waiting = max(0, self._num_inflight_seqs - capacity)
+        starting = max(0, capacity - self._num_inflight_seqs)
+        if num_seqs > starting and not queue_has_room(waiting, num_seqs - starting, limit):
             self.stat_logger.observe_rejected()
             raise QueueFullError(
                 f"the server is busy: {waiting} requests are waiting "
