@@ -425,6 +425,49 @@ def test_grpc_typed_contents_and_stream_errors(server):
         ]
 
 
+def test_grpc_stream_answers_in_request_order_and_names_failed_requests(server):
+    """Triton writes a non-decoupled model's stream responses in the order the requests came,
+    though a later one finishes first, and an error carries its request's id."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    def sleepy(seconds: float, rid: str):
+        req = service_pb2.ModelInferRequest(model_name="sleepy", id=rid)
+        req.inputs.add(name="SECONDS", datatype="FP32", shape=[1])
+        req.raw_input_contents.append(np.array([seconds], np.float32).tobytes())
+        return req
+
+    requests = [
+        sleepy(0.6, "slow"), sleepy(0.0, "fast"),
+        service_pb2.ModelInferRequest(model_name="nope", id="unknown"),
+        sleepy(0.3, "middle"), sleepy(0.0, "last"),
+    ]  # fmt: skip
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        replies = list(stub.ModelStreamInfer(iter(requests)))
+    assert [r.infer_response.id for r in replies] == ["slow", "fast", "unknown", "middle", "last"]
+    assert [bool(r.error_message) for r in replies] == [False, False, True, False, False]
+    assert "unknown model: 'nope'" in replies[2].error_message
+    slept = [np.frombuffer(r.infer_response.raw_output_contents[0], np.float32)[0]
+             for r in replies if not r.error_message]  # fmt: skip
+    np.testing.assert_allclose(slept, [0.6, 0.0, 0.3, 0.0])
+
+    # tritonclient's stream: the callbacks come in request order too
+    seen: list[str] = []
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    g.start_stream(callback=lambda result, error: seen.append(
+        f"error: {error.message()}" if error else result.get_response().id))
+    try:
+        for rid, seconds in (("a", 0.4), ("b", 0.0)):
+            inp = grpcclient.InferInput("SECONDS", [1], "FP32")
+            inp.set_data_from_numpy(np.array([seconds], np.float32))
+            g.async_stream_infer("sleepy", [inp], request_id=rid)
+        g.async_stream_infer("missing_model", [inp], request_id="c")
+    finally:
+        g.stop_stream()
+    assert seen == ["a", "b", "error: Request for unknown model: 'missing_model' is not found"]
+
+
 def test_seed_ensemble_under_concurrency_keeps_answers_apart(server):
     words = [f"request number {i} " + "x" * (i % 5) for i in range(24)]
 

@@ -132,25 +132,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await self._fail(context, e)
 
     async def ModelStreamInfer(self, request_iterator, context):  # noqa: N802
+        """Triton's stream: a non-decoupled model's response (or error) is written in the
+        order its request arrived; a decoupled model's responses as they come. An error
+        carries the failed request's id."""
         out: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         done_reading = object()
+        loop = asyncio.get_running_loop()
 
-        async def one(msg: pb.ModelInferRequest) -> None:
+        async def one(msg: pb.ModelInferRequest, before: asyncio.Future | None,
+                      turn: asyncio.Future) -> None:  # fmt: skip
+            async def in_order(item: pb.ModelStreamInferResponse) -> None:
+                if before is not None:
+                    await before
+                await out.put(item)
+                if not turn.done():
+                    turn.set_result(None)
+
             empty_final = False
             p = msg.parameters.get("triton_enable_empty_final_response")
             if p is not None:
                 empty_final = bool(param_value(p))
             try:
-                req, _ = decode_request(msg, self.shm)
+                req, shm_outputs = decode_request(msg, self.shm)
                 model = self.manager.get(req.model_name, req.model_version)
                 if not model.decoupled:
-                    await out.put(
+                    resp = await model.infer(req)
+                    await in_order(
                         pb.ModelStreamInferResponse(
-                            infer_response=encode_response(await model.infer(req))
+                            infer_response=encode_response(resp, None, shm_outputs, self.shm)
                         )
                     )
                     return
+                turn.set_result(None)  # a decoupled model's responses hold back no one
                 previous: InferResponse | None = None
                 async for r in model.stream(req):
                     if previous is not None:
@@ -176,12 +190,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     await out.put(pb.ModelStreamInferResponse(infer_response=final))
             except Exception as e:
                 msg_text = str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"
-                await out.put(pb.ModelStreamInferResponse(error_message=msg_text))
+                failed = pb.ModelStreamInferResponse(
+                    error_message=msg_text, infer_response=pb.ModelInferResponse(id=msg.id)
+                )
+                if turn.done():
+                    await out.put(failed)
+                else:
+                    await in_order(failed)
+            finally:
+                if not turn.done():  # cancelled: release the requests behind this one
+                    turn.set_result(None)
 
         async def reader() -> None:
+            before: asyncio.Future | None = None
             try:
                 async for msg in request_iterator:
-                    task = asyncio.ensure_future(one(msg))
+                    turn = loop.create_future()
+                    task = asyncio.ensure_future(one(msg, before, turn))
+                    before = turn
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             finally:
