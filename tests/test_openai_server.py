@@ -287,6 +287,9 @@ def test_errors_have_openai_shape_and_server_keeps_serving(base, client, model) 
     )
     _assert_error(httpx.post(url, json={"prompt": [10**9]}), 400)
     _assert_error(httpx.post(url, json={"prompt": "x", "stop": 5}), 400)
+    for stop in ("", ["done", ""]):  # vLLM refuses an empty stop string (it matches at once)
+        err = _assert_error(httpx.post(url, json={"prompt": "x", "stop": stop}), 400)
+        assert err["message"] == "stop cannot contain an empty string."
     err = _assert_error(
         httpx.post(url, json={"prompt": "x", "stream_options": {"include_usage": True}}), 400
     )

@@ -27,6 +27,8 @@ from modelport.sampling_params import SamplingParams
         ({"stop": [1, 2]}, "stop"),
         ({"stop": 7}, "stop must be a string or a list of strings"),  # was a TypeError
         ({"stop": {"a": 1}}, "stop must be"),  # its keys were taken as stop strings
+        ({"stop": ""}, "stop cannot contain an empty string"),  # was dropped silently
+        ({"stop": ["x", ""]}, "stop cannot contain an empty string"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": [2**70]}, "stop_token_ids"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),

@@ -246,14 +246,15 @@ class SamplingParams:
                 )
         if self.stop is None:
             self._stop_list = []
-        elif isinstance(self.stop, str):
-            self._stop_list = [self.stop] if self.stop else []
         else:
-            if not isinstance(self.stop, (list, tuple)) or not all(
-                isinstance(s, str) for s in self.stop
+            stops = [self.stop] if isinstance(self.stop, str) else self.stop
+            if not isinstance(stops, (list, tuple)) or not all(
+                isinstance(s, str) for s in stops
             ):  # a number was "'int' object is not iterable"
                 raise bad("stop", "a string or a list of strings")
-            self._stop_list = [s for s in self.stop if s]
+            if not all(stops):  # it would match at once, everywhere (vLLM's words)
+                raise ValueError("stop cannot contain an empty string.")
+            self._stop_list = list(stops)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or not all(
                 _is_int(t) and 0 <= t < 2**31 and isinstance(v, (int, float))
