@@ -597,6 +597,16 @@ def test_system_shared_memory(server, protocol):
         got1 = shm.get_contents_as_numpy(out, np.float32, [4], offset=16)
         np.testing.assert_allclose(got0, a + b)
         np.testing.assert_allclose(got1, a - b)
+        if protocol == "grpc":  # a stream writes the outputs into the region too
+            shm.set_shared_memory_region(out, [np.zeros(8, np.float32)])
+            results: list = []
+            c.start_stream(callback=lambda result, error: results.append(error or result))
+            try:
+                c.async_stream_infer("add_sub", inputs, outputs=outputs)
+            finally:
+                c.stop_stream()
+            assert len(results) == 1 and results[0].get_output("OUTPUT0") is not None
+            np.testing.assert_allclose(shm.get_contents_as_numpy(out, np.float32, [4]), a + b)
         with pytest.raises(InferenceServerException, match="already in manager"):
             c.register_system_shared_memory(f"{tag}_in", f"/{tag}_in", 32)
         with pytest.raises(InferenceServerException, match="invalid shared memory key"):
