@@ -111,6 +111,32 @@ def test_preferred_batch_size_dispatches_without_waiting_for_delay():
     assert [len(x) for x in rec.batches] == [4]
 
 
+def test_any_preferred_size_formed_goes_at_once_the_rest_waits_the_delay():
+    """Triton: preferred [8, 16, 32] with 8, 16 or 10 queued sends 8, 16, then 8 at once; the
+    two left over go when their delay ends, since no preferred size can form from them."""
+
+    async def main():
+        rec = Recorder(delay=0)
+        cfg = BatcherConfig(
+            max_batch_size=64, preferred_batch_sizes=(8, 16, 32), max_queue_delay_s=0.6
+        )
+        b = DynamicBatcher(cfg, rec)
+        b.start()
+        took = []
+        for n in (8, 16, 10):
+            t0 = time.monotonic()
+            # queued in one go: the batcher sees them together
+            await asyncio.gather(*(b.submit(i) for i in range(n)))
+            took.append(time.monotonic() - t0)
+        await b.stop()
+        return took, rec
+
+    took, rec = run(main())
+    assert [len(x) for x in rec.batches] == [8, 16, 8, 2]
+    assert took[0] < 0.4 and took[1] < 0.4  # not the 0.6 s delay
+    assert took[2] >= 0.59  # the last two waited for company
+
+
 def test_error_of_one_item_does_not_fail_others():
     async def main():
         rec = Recorder()

@@ -21,8 +21,10 @@ Interface (stable; other frontends build on it)::
   batch never exceeds `max_batch_size`. `max_batch_size == 0` means "no batching": every
   item runs alone, whatever its size.
 - A batch is sent as soon as it is full (max_batch_size rows, or the largest preferred
-  batch size), else when its oldest item has waited `max_queue_delay_s`. With a delay of
-  zero, whatever is queued when an instance frees up goes out at once.
+  batch size) or, short of that, as soon as its first items make any preferred batch size
+  (the largest one formed goes; Triton's rule); else when its oldest item has waited
+  `max_queue_delay_s`, whatever is pending. With a delay of zero, whatever is queued when an
+  instance frees up goes out at once.
 - Priorities: level 1 is the highest, `priority_levels` the lowest; 0 or None means
   `default_priority`. With `priority_levels == 0` there is a single level.
 - Each level has a `QueuePolicy`: `max_queue_size` (0 = unbounded) rejects new items with
@@ -306,22 +308,32 @@ class DynamicBatcher:
         out.extend(p for p in self._delayed if not p.future.done())
         return out
 
-    def _candidate(self, ordered: list[_Pending]) -> tuple[list[_Pending], int, bool]:
-        """Items of the next batch, their row count, and whether the batch is full."""
+    def _candidate(self, ordered: list[_Pending]) -> tuple[list[_Pending], bool, int]:
+        """Items of the next batch, whether it is full, and how many of its first items make
+        the largest preferred batch size it passed (0: none).
+
+        Triton's rule: the batch grows up to the largest preferred size (max_batch_size
+        without one) and goes at once when it gets there; short of it, a preferred size
+        already formed goes at once too, else everything pending waits the queue delay.
+        """
         cfg = self.config
         if not cfg.max_batch_size:
-            return ordered[:1], ordered[0].batch_size, True
-        target = max(cfg.preferred_batch_sizes) if cfg.preferred_batch_sizes else 0
+            return ordered[:1], True, 0
+        preferred = set(cfg.preferred_batch_sizes)
+        target = max(preferred) if preferred else cfg.max_batch_size
         batch: list[_Pending] = []
         rows = 0
+        cut = 0
         for p in ordered:
             if rows + p.batch_size > cfg.max_batch_size:
-                return batch, rows, True  # the next item would not fit: nothing to wait for
+                return batch, True, cut  # the next item would not fit: nothing to wait for
             batch.append(p)
             rows += p.batch_size
-            if rows == cfg.max_batch_size or (target and rows >= target):
-                return batch, rows, True
-        return batch, rows, False
+            if rows in preferred:
+                cut = len(batch)
+            if rows >= target:
+                return batch, True, cut
+        return batch, False, cut
 
     async def _run(self) -> None:
         cfg = self.config
@@ -336,11 +348,14 @@ class DynamicBatcher:
                 if not ordered:
                     await self._sleep(None if nearest is None else nearest - now)
                     continue
-                candidate, _, full = self._candidate(ordered)
+                candidate, full, cut = self._candidate(ordered)
                 oldest = min(p.enqueued for p in candidate)
                 due = oldest + cfg.max_queue_delay_s
                 if full or due <= now or not cfg.max_batch_size:
                     batch = candidate
+                    break
+                if cut:  # a preferred size formed: it goes now, the rest keeps waiting
+                    batch = candidate[:cut]
                     break
                 wait = due - now if nearest is None else min(due, nearest) - now
                 await self._sleep(wait)
