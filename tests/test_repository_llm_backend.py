@@ -215,21 +215,23 @@ def test_engine_failure_stays_500(setup, monkeypatch, model, endpoint) -> None:
 
 
 def test_repository_llm_is_served_on_v1_too(setup, tmp_path) -> None:
-    """`modelport serve --model-repository` answers OpenAI requests for its llm models."""
+    """`modelport serve --model-repository` answers OpenAI requests for its llm models. Two of
+    them load at once in a fresh process (transformers' first import raced in two threads)."""
     import openai
 
     srv, ref = setup
     repo = tmp_path / "models"
-    (repo / "tiny_llm" / "1").mkdir(parents=True)
-    cfg = Path(srv.args.model_repository[0]) / "tiny_llm" / "config.pbtxt"
-    (repo / "tiny_llm" / "config.pbtxt").write_text(cfg.read_text())
+    for name in ("tiny_llm", "tiny_llm_stream"):
+        (repo / name / "1").mkdir(parents=True)
+        cfg = Path(srv.args.model_repository[0]) / name / "config.pbtxt"
+        (repo / name / "config.pbtxt").write_text(cfg.read_text())
     argv = ["-m", "modelport.entrypoints.cli", "serve", "--model-repository", str(repo),
             "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
     proc, base = start_server(argv, tmp_path / "serve.log", timeout=120,
                               ready_path="/v2/models/tiny_llm/ready")
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="x")
-        assert [m.id for m in client.models.list().data] == ["tiny_llm"]
+        assert sorted(m.id for m in client.models.list().data) == ["tiny_llm", "tiny_llm_stream"]
         out = client.completions.create(model="tiny_llm", prompt="hello", max_tokens=6,
                                         temperature=0, extra_body={"ignore_eos": True})
         assert out.choices[0].text == expected(ref, "hello", 6)

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +125,12 @@ class RequestStream:
                 pass
 
 
+# Held while an engine resolves its config, loads its tokenizer and starts its core: several
+# engines of one process (a model repository's llm models, the OpenAI model beside them) start
+# one after another.
+_STARTING = threading.Lock()
+
+
 def queue_has_room(waiting: int, num_seqs: int, limit: int) -> bool:
     """Whether a request of `num_seqs` sequences (n, times prompts) may join `waiting` ones.
 
@@ -186,8 +193,13 @@ class AsyncLLM:
         from modelport.frontend.tokenizer import load_tokenizer
 
         loop = asyncio.get_running_loop()
-        config = await asyncio.to_thread(engine_args.create_engine_config)
-        tokenizer = await asyncio.to_thread(load_tokenizer, config.model_source)
+
+        def prepare() -> tuple[Any, Any]:
+            with _STARTING:  # transformers' lazy imports race in two threads at once
+                config = engine_args.create_engine_config()
+                return config, load_tokenizer(config.model_source)
+
+        config, tokenizer = await asyncio.to_thread(prepare)
         # The bound is enforced here (see module doc), so the core gets none.
         sched = dataclasses.replace(config.scheduler_config, max_waiting_requests=None)
         core_config = dataclasses.replace(config, scheduler_config=sched)
@@ -205,7 +217,11 @@ class AsyncLLM:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(llm._on_core_message, msg)
 
-        client = await asyncio.to_thread(make_core_client, core_config, on_message)
+        def start_core() -> Any:
+            with _STARTING:  # one engine sizes its KV cache from free memory at a time
+                return make_core_client(core_config, on_message)
+
+        client = await asyncio.to_thread(start_core)
         llm.client = client
         llm.ready = client.ready
         await asyncio.to_thread(llm._offload_encoder)  # the copy now, not at a request
