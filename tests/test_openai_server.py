@@ -163,6 +163,30 @@ def test_n2_and_token_id_prompts(base, model) -> None:
     assert r3.choices[0].text == r4.choices[0].text
 
 
+def test_streamed_n2_sends_one_choice_a_chunk(base, model) -> None:
+    """vLLM and OpenAI stream n > 1 as one choice per chunk (a client reading
+    chunk.choices[0] must see every choice), and the texts equal the seeded answer."""
+    seeded = {"model": model, "n": 2, "max_tokens": 5, "temperature": 1.0, "seed": 7,
+              "ignore_eos": True}  # fmt: skip
+    for path, body in (
+        ("/v1/completions", {**seeded, "prompt": PROMPT}),
+        ("/v1/chat/completions", {**seeded, "messages": [{"role": "user", "content": "Hi"}]}),
+    ):
+        whole = httpx.post(f"{base}{path}", json=body, timeout=120).json()["choices"]
+        texts = {0: "", 1: ""}
+        with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True},
+                          timeout=120) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:])["choices"]
+                assert len(choices) == 1, line
+                c = choices[0]
+                texts[c["index"]] += c["text"] if "text" in c else c["delta"].get("content") or ""
+        expect = {c["index"]: c.get("text", (c.get("message") or {}).get("content")) for c in whole}
+        assert texts == expect
+
+
 def test_stop_string_cuts_text_stream_and_not(base, client, model) -> None:
     free = (
         client.completions.create(

@@ -474,13 +474,11 @@ class ServingChat:
 
         role = self.response_role(req)
         try:
-            yield chunk(
-                [
+            for i in range(req.n):  # one choice a chunk, as vLLM and OpenAI stream n > 1
+                yield chunk([
                     chat_choice_json(i, "", None, None, None, role=role) if fast else
                     ChatStreamChoice(index=i, delta=DeltaMessage(role=role, content=""))
-                    for i in range(req.n)
-                ]
-            )
+                ])
             async for out in stream:
                 last = out
                 choices = []
@@ -542,8 +540,8 @@ class ServingChat:
                             stop_reason=o.stop_reason,
                         )
                     )
-                if choices:
-                    yield chunk(choices)
+                for choice in choices:
+                    yield chunk([choice])
             if include_usage and last is not None:
                 g = sum(len(o.token_ids) for o in last.outputs)
                 r = None  # vLLM: reasoning_tokens in the final usage with --reasoning-parser

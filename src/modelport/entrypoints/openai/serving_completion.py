@@ -291,10 +291,11 @@ class ServingCompletion:
                             stop_reason=o.stop_reason,
                         )
                     )
-                if choices and fast:
-                    yield sse(writer.chunk(choices))
-                elif choices:
-                    chunk = CompletionResponse(id=base_id, model=model, choices=choices)
+                for choice in choices:  # one choice a chunk, as vLLM and OpenAI stream n > 1
+                    if fast:
+                        yield sse(writer.chunk([choice]))
+                        continue
+                    chunk = CompletionResponse(id=base_id, model=model, choices=[choice])
                     exclude: dict = {"choices": {"__all__": {"prompt_logprobs"}}}
                     if continuous_usage:
                         chunk.usage = usage(n_prompt, sum(gen_tokens.values()))
