@@ -164,6 +164,9 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(tokenizer)
         self.max_waiting_requests = max_waiting_requests
         self.served_model_names = served_model_names or [engine_config.served_model_name]
+        # the names /v1/models lists (None: all of served_model_names); the others are
+        # accepted aliases
+        self.listed_model_names: list[str] | None = None
         # multi-LoRA (--enable-lora): adapter name -> its LoRARequest; a request whose
         # 'model' is one of these names runs with that adapter (entrypoints/openai/lora.py)
         self.lora_requests: dict[str, Any] = {}

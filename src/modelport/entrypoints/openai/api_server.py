@@ -171,7 +171,8 @@ def served_names(args: argparse.Namespace, source_name: str) -> list[str]:
     --served-model-name: exactly those. Otherwise vLLM's default, the --model string as the
     user typed it ("./tiny"), then `source_name`, the loader's name for the model (folder
     basename or file stem: "tiny"), which modelport served alone before; clients of either
-    server keep working. Without --model (the embedded default) only `source_name`.
+    server keep working, while /v1/models lists the first alone, as vLLM does. Without
+    --model (the embedded default) only `source_name`.
     """
     given = _served_names(args)
     if given:
@@ -231,6 +232,8 @@ class OpenAIService:
             self.args, "chat_template_content_format", None) or "auto"
         # the loader's name for the model is known only now, once --model is resolved
         engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
+        if not _served_names(self.args):  # vLLM lists the --model string alone
+            engine.listed_model_names = engine.served_model_names[:1]
         lora_modules = getattr(self.args, "lora_modules", None) or []
         if lora_modules:
             from modelport.entrypoints.openai.lora import add_lora

@@ -124,10 +124,12 @@ def _served_names(state: ServerState) -> list[str]:
     return names + [n for e in registry.engines() for n in e.served_model_names]
 
 
-def _all_cards(state: ServerState) -> list[ModelCard]:
-    cards = _cards(state.require_engine()) if state.serve_own_engine else []
-    for engine in registry.engines():
-        cards.extend(_cards(engine))
+def _all_cards(state: ServerState, aliases: bool = False) -> list[ModelCard]:
+    """The cards /v1/models lists; with `aliases`, also those of names served unlisted."""
+    engines = [state.require_engine()] if state.serve_own_engine else []
+    cards = []
+    for engine in [*engines, *registry.engines()]:
+        cards.extend(_cards(engine, aliases))
     return cards
 
 
@@ -147,13 +149,14 @@ async def check_api_key(request: Request) -> None:
         )
 
 
-def _cards(engine: AsyncLLM) -> list[ModelCard]:
+def _cards(engine: AsyncLLM, aliases: bool = False) -> list[ModelCard]:
     from modelport.entrypoints.openai.lora import lora_cards
 
     root = str(getattr(engine.engine_config.model_source, "name", engine.served_model_names[0]))
+    listed = getattr(engine, "listed_model_names", None)
+    names = engine.served_model_names if aliases or not listed else listed
     return [
-        ModelCard(id=name, root=root, max_model_len=engine.max_model_len)
-        for name in engine.served_model_names
+        ModelCard(id=name, root=root, max_model_len=engine.max_model_len) for name in names
     ] + lora_cards(engine)
 
 
@@ -216,7 +219,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
 
     @api.get("/v1/models/{model_id:path}", tags=["openai"])
     async def model_card(model_id: str, request: Request) -> ModelCard:
-        for card in _all_cards(_state(request)):
+        for card in _all_cards(_state(request), aliases=True):
             if card.id == model_id:
                 return card
         raise OpenAIError(
