@@ -336,7 +336,9 @@ def test_logit_bias_is_served(base) -> None:
                   {"messages": messages, "max_tokens": 3, **GREEDY, "logit_bias": {"66": 250}}))
     assert r["choices"][0]["message"]["content"] == "BBB"  # clamped to 100, still decisive
     err = _error(_post(base, "/v1/completions", {**body, "logit_bias": {"999999": 1}}))
-    assert "out-of-vocab" in err["message"]
+    assert "out-of-vocab" in err["message"] and err["param"] == "logit_bias"
+    err = _error(_post(base, "/v1/completions", {**body, "allowed_token_ids": [999999]}))
+    assert "out-of-vocab" in err["message"] and err["param"] == "allowed_token_ids"
     err = _error(_post(base, "/v1/completions", {**body, "logit_bias": {"a": 1}}))
     assert err["param"] == "logit_bias"
 
