@@ -183,3 +183,36 @@ def test_kv_cache_memory_bytes_is_vllms_name_for_the_kv_budget(model_dir) -> Non
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     assert parser.parse_args(["--kv-cache-memory-bytes", "3MiB"]).kv_cache_memory == 3 << 20
     assert parser.parse_args(["--kv-cache-memory", "3MiB"]).kv_cache_memory == 3 << 20
+
+
+def test_request_metrics_are_all_set_when_finished(llm) -> None:
+    """vLLM's RequestMetrics: arrival <= first scheduled <= first token <= last token <=
+    finished, each set on the final output (finished_time was left None)."""
+    m = _gen(llm, "hello", max_tokens=4, temperature=0, ignore_eos=True).metrics
+    stamps = [m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
+              m.finished_time]
+    assert all(t is not None for t in stamps), m
+    assert stamps == sorted(stamps)
+
+
+def test_chat_continues_the_final_message_and_refuses_non_text_parts(llm) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "abc"}]
+    out = llm.chat(conv, greedy, add_generation_prompt=False, continue_final_message=True,
+                   use_tqdm=False)[0]  # fmt: skip
+    closed = llm.chat(conv, greedy, add_generation_prompt=False, use_tqdm=False)[0]
+    assert out.prompt.endswith("abc")  # left open for the model to go on writing
+    assert closed.prompt.startswith(out.prompt) and len(closed.prompt) > len(out.prompt)
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(conv, greedy, continue_final_message=True, use_tqdm=False)
+    with pytest.raises(ValueError, match="final message to be the assistant's"):
+        llm.chat(conv[:1], greedy, add_generation_prompt=False, continue_final_message=True,
+                 use_tqdm=False)  # fmt: skip
+    image = [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
+    with pytest.raises(ValueError, match="content part of type 'image_url'"):
+        llm.chat(image, greedy, use_tqdm=False)
+    text_parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert llm.chat(text_parts, greedy, use_tqdm=False)[0].prompt == llm.chat(
+        [{"role": "user", "content": "hi"}], greedy, use_tqdm=False)[0].prompt

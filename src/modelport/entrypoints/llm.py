@@ -223,6 +223,7 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         chat_template_content_format: str = "auto",
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Each conversation through the model's chat template (or ``chat_template``, the
         Jinja text to use instead), then generated as vLLM's LLM.chat. ``tools`` (OpenAI
@@ -231,7 +232,9 @@ class LLM:
         ``chat_template_content_format`` (vLLM's): a message's content reaches the template
         as one string ("string"), as a list of ``{"type": "text", "text": ...}`` parts
         ("openai"), or as the template reads it ("auto": parts for a template that loops
-        over ``message['content']``)."""
+        over ``message['content']``). ``continue_final_message`` (with
+        ``add_generation_prompt=False``) leaves the final assistant message open for the
+        model to go on writing."""
         from modelport.entrypoints.openai.tool_parsers import history_for_template
 
         self._check_generative("LLM.chat()")
@@ -240,8 +243,19 @@ class LLM:
             convs = [messages]  # type: ignore[list-item]
         else:
             convs = messages  # type: ignore[assignment]
+        for conv in convs:
+            _check_text_only(conv)
+            if continue_final_message:
+                if add_generation_prompt:
+                    raise ValueError("continue_final_message and add_generation_prompt cannot "
+                                     "both be true: pass add_generation_prompt=False")
+                if not conv or conv[-1].get("role") != "assistant":
+                    raise ValueError("continue_final_message needs the final message to be the "
+                                     "assistant's (the text to continue)")
         tok = self.llm_engine.tokenizer
         kw = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            kw["continue_final_message"] = True
         if tools is not None:
             kw["tools"] = tools
         if chat_template is not None:
@@ -603,3 +617,19 @@ def _normalize_prompts(prompts, prompt_token_ids) -> list[PromptInput]:
     if prompts and is_token_ids(prompts):
         return [prompts]  # a single token-id prompt
     return prompts
+
+
+def _check_text_only(conversation: Conversation) -> None:
+    """ValueError for a content part other than text (an image, audio, ...): the models
+    modelport serves read text only, and the part would reach the prompt as Python text."""
+    for i, m in enumerate(conversation):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(
+                    f"message {i} has a content part of type {kind!r}: this model reads text "
+                    "only (content parts must be {'type': 'text', 'text': ...})"
+                )

@@ -333,11 +333,12 @@ class OutputProcessor:
             finished = ps.num_finished == len(ps.children)
             if ps.output_kind == "final" and not finished:
                 continue
+            if finished:  # before the output copies the metrics
+                ps.metrics.finished_time = now
             ro = self._make_output(ps, kids, finished)
             if ro is not None:
                 results[pid] = ro
             if finished:
-                ps.metrics.finished_time = now
                 for cid in ps.children:
                     self.child_to_parent.pop(cid, None)
                 del self.parents[pid]
