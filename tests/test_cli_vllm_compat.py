@@ -49,6 +49,8 @@ FLAGS: list[list[str]] = [
     ["--kv-transfer-config", '{"kv_connector": "X"}'], ["--mm-processor-kwargs", "{}"],
     ["--disable-mm-preprocessor-cache"], ["--enable-server-load-tracking"],
     ["--disable-fastapi-docs"], ["--tool-server", "demo"], ["--max-model-len", "1k"],
+    ["--disable-uvicorn-access-log"], ["-O0"], ["--compilation-config.level", "0"],
+    ["--structured-outputs-config.backend", "xgrammar"], ["--enable-log-outputs"],
 ]  # fmt: skip
 
 
@@ -99,7 +101,8 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["--model-impl", "transformers"], "built-in"),
         (["--cuda-graph-sizes", "1", "2", "4"], "--enforce-eager"),
         (["--cuda-graph-sizes", "0"], "one size"),
-        (["-O0"], "--enforce-eager"),
+        (["-O", "2", "--compilation-config.use_inductor", "false"], "-O 0"),
+        (["--enable-log-outputs"], "--enable-log-requests"),
         (["--compilation-config", '{"cudagraph_capture_sizes": [1]}'], "--enforce-eager"),
         (["--distributed-executor-backend", "ray"], "mp"),
         (["--otlp-traces-endpoint", "http://x"], "/metrics"),
@@ -117,7 +120,7 @@ def test_refused_values_say_what_to_use_instead(argv: list[str], says: str) -> N
         with pytest.raises(SystemExit) as e:
             vllm_compat.check(parse(form, *argv))
         msg = str(e.value.code)
-        flag = {"-dp": "--data-parallel-size-local", "-O0": "--compilation-config",
+        flag = {"-dp": "--data-parallel-size-local", "-O": "--compilation-config",
                 "-pp": "--pipeline-parallel-size"}.get(argv[0], argv[0])
         assert msg.startswith(f"modelport serve: {flag}")
         assert "is not supported" in msg and says in msg, msg
@@ -308,7 +311,30 @@ def test_log_requests(caplog: pytest.LogCaptureFixture) -> None:
     assert any(r.getMessage() == 'POST /v1/completions: {"model":"m"' for r in caplog.records)
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_optimization_level_zero_runs_eager_and_dotted_json_flags(form: str) -> None:
+    """vLLM's -O0 (no compilation, no CUDA graphs) is --enforce-eager; the dotted form of a
+    JSON flag sets one key of it, merged with the flag's own JSON."""
+    for eager in (["-O0"], ["-O", "0"], ["--compilation-config", '{"level": 0}'],
+                  ["-O.level", "0"], ["--compilation-config.cudagraph_mode=NONE"]):
+        args = parse(form, *eager)
+        vllm_compat.check(args)
+        assert args.enforce_eager is True, eager
+    for graphs in (["-O3"], ["-O", "1"], ["--compilation-config.cudagraph_mode", "FULL"], []):
+        args = parse(form, *graphs)
+        vllm_compat.check(args)
+        assert args.enforce_eager is False, graphs
+    args = parse(form, "--structured-outputs-config", '{"reasoning_parser": "x"}',
+                 "--structured-outputs-config.backend", "xgrammar")
+    assert args.structured_outputs_config == {"reasoning_parser": "x", "backend": "xgrammar"}
+    args = parse(form, "--override-generation-config.temperature=0.5",
+                 "--override-generation-config.top_p", "0.9")
+    assert args.override_generation_config == {"temperature": 0.5, "top_p": 0.9}
+
+
 def test_uvicorn_settings() -> None:
+    args = parse("serve", "--disable-uvicorn-access-log")
+    assert vllm_compat.uvicorn_kwargs(args)["access_log"] is False
     args = parse("serve", "--log-level", "debug")
     assert vllm_compat.uvicorn_kwargs(args) == {"log_level": "debug"}
     args = parse("api_server", "--uvicorn-log-level", "warning", "--ssl-keyfile", "k.pem",

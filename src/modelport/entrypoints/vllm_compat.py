@@ -35,7 +35,58 @@ class ConfigFileParser(argparse.ArgumentParser):
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
         if args is not None and "--config" in self._option_string_actions:
             args = expand_config_file(self, list(args))
+        if args is not None:
+            args = expand_dotted(self, list(args))
         return super().parse_known_args(args, namespace)
+
+
+def expand_dotted(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """vLLM's dotted form of a JSON flag: `--compilation-config.level 0` or
+    `--structured-outputs-config.backend=xgrammar` set one key (nested: `.a.b`) of that
+    flag's object; the keys given this way join the flag's own JSON, if also given."""
+    merged: dict[str, dict[str, Any]] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest += argv[i:]
+            break
+        name, dot, key = a.partition(".")
+        if not (a.startswith("-") and dot and key and name in parser._option_string_actions):
+            rest.append(a)
+            i += 1
+            continue
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        else:
+            parser.error(f"argument {a}: expected one argument")
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = value
+        node = merged.setdefault(name, {})
+        *path, last = key.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = parsed
+    if not merged:
+        return argv
+    for name, keys in merged.items():  # the flag's own JSON, if given, then these keys
+        for j in range(len(rest) - 1, -1, -1):
+            if rest[j] == name and j + 1 < len(rest):
+                own = rest.pop(j + 1)
+                rest.pop(j)
+                try:
+                    keys = {**json.loads(own), **keys}
+                except (ValueError, TypeError):
+                    parser.error(f"argument {name}: not a JSON object: {own!r}")
+                break
+        rest += [name, json.dumps(keys)]
+    return rest
 
 
 def expand_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -194,6 +245,10 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
            "the modelport.requests logger")
     a("--max-log-len", type=int, default=None,
       help="with --enable-log-requests: log at most this many characters of a body")
+    a("--disable-uvicorn-access-log", action="store_true", default=False,
+      help="no access log line per HTTP request (uvicorn's)")
+    a("--enable-log-outputs", action="store_true", default=False,
+      help="refused: responses are not logged (--enable-log-requests logs request bodies)")
     a("--disable-log-stats", action="store_true", default=False,
       help=_SAME + "logs no periodic engine statistics (they are at /metrics)")
     # OpenAI responses
@@ -254,8 +309,10 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
            "A ladder of several sizes is refused (--enforce-eager: no graphs)")
     a("--compilation-config", "-O", type=_opt_level, default=None, dest="compilation_config",
       metavar="LEVEL_OR_JSON",
-      help="3 or {} (vLLM's default) accepted: " + _SAME + "captures CUDA graphs "
-           "(--enforce-eager: none); other levels and keys are refused")
+      help="vLLM's levels 1-3 and {} accepted: " + _SAME + "captures CUDA graphs; 0 (or "
+           "cudagraph_mode NONE) runs without them, as --enforce-eager; other keys are "
+           "refused. The dotted form (-O.level 0, --compilation-config.cudagraph_mode NONE) "
+           "works for every JSON flag")
     a("--prefix-caching-hash-algo", default="sha256",
       choices=["builtin", "sha256", "sha256_cbor", "sha256_cbor_64bit", "xxhash", "xxhash_cbor"],
       help=_SAME + "keys cached blocks by their exact tokens (a sha256 digest of the "
@@ -330,11 +387,26 @@ def _graph_sizes_ok(v: Any, _a: argparse.Namespace) -> bool:
     return v is None or (len(v) == 1 and v[0] >= 1)
 
 
+_COMPILE_MODES = (0, 1, 2, 3, "NONE", "STOCK_TORCH_COMPILE", "DYNAMO_TRACE_ONCE", "VLLM_COMPILE")
+_GRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+
+
 def _compilation_ok(v: Any, _a: argparse.Namespace) -> bool:
-    if v is None or v == 3 or v == {}:
+    """Levels / modes 0-3 and cudagraph_mode: 0 (or NONE) runs without CUDA graphs, as
+    --enforce-eager; any other asks for what modelport does by default."""
+    if v is None or v in (0, 1, 2, 3) or v == {}:
         return True
-    return isinstance(v, dict) and set(v) <= {"level", "mode"} and v.get("level", 3) == 3 \
-        and v.get("mode", 3) in (3, "VLLM_COMPILE")
+    return isinstance(v, dict) and set(v) <= {"level", "mode", "cudagraph_mode"} \
+        and v.get("level", 3) in _COMPILE_MODES and v.get("mode", 3) in _COMPILE_MODES \
+        and v.get("cudagraph_mode", "FULL") in _GRAPH_MODES
+
+
+def compilation_means_eager(v: Any) -> bool:
+    """-O 0 / level or mode 0 / cudagraph_mode NONE: no CUDA graphs (vLLM's -O0)."""
+    if isinstance(v, dict):
+        return (v.get("level") in (0, "NONE") or v.get("mode") in (0, "NONE")
+                or v.get("cudagraph_mode") == "NONE")
+    return v == 0
 
 
 def _dp_local_ok(v: Any, a: argparse.Namespace) -> bool:
@@ -366,8 +438,10 @@ REFUSALS: tuple[Refusal, ...] = (
             "(1, 2, 4, 8, 16, 32, ...): give one size, the largest batch to capture, or "
             "--enforce-eager for none"),
     Refusal("--compilation-config", _compilation_ok, "modelport captures CUDA graphs (vLLM's "
-            "level 3 effect) and takes no compilation settings; use --enforce-eager to run "
-            "without CUDA graphs"),
+            "level 3 effect) and takes no other compilation settings; -O 0 (or --enforce-eager) "
+            "runs without CUDA graphs"),
+    Refusal("--enable-log-outputs", _falsy, "responses are not logged; --enable-log-requests "
+            "logs each request's body"),
     Refusal("--distributed-executor-backend", _is(None, "mp", "uni"), "the engine and its "
             "tensor-parallel workers are local processes; use --distributed-executor-backend mp"),
     Refusal("--otlp-traces-endpoint", _is(None), "OpenTelemetry tracing is not supported; "
@@ -403,6 +477,8 @@ def check(args: argparse.Namespace) -> None:
             shown = json.dumps(value) if isinstance(value, (dict, list)) else value
             shown = "" if value is True else f" {shown}"
             raise SystemExit(f"modelport serve: {r.flag}{shown} is not supported: {r.instead}")
+    if compilation_means_eager(getattr(args, "compilation_config", None)):
+        args.enforce_eager = True  # vLLM's -O0: no compilation, no CUDA graphs
     if getattr(args, "logits_processors", None):  # an unknown name fails before listening
         from modelport.logits_processor import load_logits_processors
 
@@ -429,6 +505,8 @@ def uvicorn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kw[name] = getattr(args, name)
     if getattr(args, "log_config_file", None):
         kw["log_config"] = args.log_config_file
+    if getattr(args, "disable_uvicorn_access_log", False):
+        kw["access_log"] = False
     return kw
 
 
