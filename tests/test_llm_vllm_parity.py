@@ -216,3 +216,34 @@ def test_chat_continues_the_final_message_and_refuses_non_text_parts(llm) -> Non
     text_parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     assert llm.chat(text_parts, greedy, use_tqdm=False)[0].prompt == llm.chat(
         [{"role": "user", "content": "hi"}], greedy, use_tqdm=False)[0].prompt
+
+
+def test_vllm_helpers_reset_prefix_cache_inputs_and_params(llm) -> None:
+    """LLM.reset_prefix_cache (a repeated prompt no longer hits), llm_engine.get_tokenizer /
+    model_config, modelport.inputs' TokensPrompt / TextPrompt, SamplingParams.clone /
+    from_optional."""
+    from modelport.inputs import TextPrompt, TokensPrompt
+
+    greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    prompt = TokensPrompt(prompt_token_ids=[60 + i for i in range(40)])
+
+    def hits() -> float:
+        return next(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+
+    llm.generate(prompt, greedy, use_tqdm=False)
+    before = hits()
+    llm.generate(prompt, greedy, use_tqdm=False)
+    assert hits() > before  # the second run found the prompt's blocks cached
+    assert llm.reset_prefix_cache() is True
+    before = hits()
+    llm.generate(prompt, greedy, use_tqdm=False)
+    assert hits() == before  # nothing cached any more
+    text = llm.generate(TextPrompt(prompt="hello"), greedy, use_tqdm=False)[0]
+    assert text.prompt == "hello"
+    assert llm.llm_engine.get_tokenizer() is llm.get_tokenizer()
+    assert llm.llm_engine.model_config.vocab_size == llm.get_tokenizer().vocab_size
+    p = SamplingParams(stop=["x"], temperature=0.5)
+    q = p.clone()
+    q.stop.append("y")
+    assert p.stop == ["x"] and q.stop == ["x", "y"] and q.temperature == 0.5
+    assert SamplingParams.from_optional(temperature=None, top_p=0.5) == SamplingParams(top_p=0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json as _json
 import math
 from dataclasses import dataclass, field
@@ -278,6 +279,15 @@ class SamplingParams:
             isinstance(t, int) and 0 <= t < 2**31 for t in self.stop_token_ids
         ):
             raise bad("stop_token_ids", "a list of token ids (integers in [0, 2^31))")
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's), e.g. to change a field per request."""
+        return copy.deepcopy(self)
+
+    @classmethod
+    def from_optional(cls, **kw: Any) -> SamplingParams:
+        """vLLM's: the fields given as None take their defaults."""
+        return cls(**{k: v for k, v in kw.items() if v is not None})
 
     @property
     def greedy(self) -> bool:

@@ -6,6 +6,8 @@ the server runs the same two halves in separate processes (engine/core_client.py
 
 from __future__ import annotations
 
+from typing import Any
+
 from modelport.engine.arg_utils import EngineArgs, EngineConfig
 from modelport.engine.core import EngineCore
 from modelport.frontend.processor import InputProcessor, OutputProcessor
@@ -40,6 +42,17 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args.create_engine_config())
+
+    @property
+    def model_config(self) -> Any:
+        return self.config.model_config
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; False (nothing reset) while requests run."""
+        return self.core.kv.reset_prefix_cache()
 
     @property
     def num_kv_blocks(self) -> int:

@@ -180,6 +180,11 @@ class LLM:
         max_tokens) where it gives them, SamplingParams' own defaults elsewhere."""
         return SamplingParams(**self.llm_engine.config.default_sampling_params)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: drop the prefix cache (e.g. between benchmark runs, so the next run does
+        not find its prompts cached); False if it could not (requests still hold blocks)."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer: it answers as the Hugging Face tokenizer does, as vLLM's
         (see frontend/tokenizer.py for the members whose defaults are the engine's)."""
