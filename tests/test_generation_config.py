@@ -358,3 +358,23 @@ def test_cli_generate_takes_the_generation_config_defaults(model_dir, capsys) ->
                           "--repetition-penalty", "1.0", "--max-tokens", "6")
     assert typed == _cli_generate(capsys, "--model", str(model_dir), "--generation-config",
                                   "vllm", "--max-tokens", "6")
+
+
+def test_other_end_ids_of_the_generation_config_name_themselves_as_stop_reason(
+        tmp_path_factory) -> None:  # fmt: skip
+    """vLLM: generation_config.json's eos ids other than the tokenizer's own eos stop as
+    stop_token_ids do, so stop_reason is the id; the tokenizer's eos leaves it None."""
+    from modelport import LLM
+
+    d = make_tiny_llama_dir(tmp_path_factory.mktemp("gen") / "two_eos")
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, 70]}))
+    llm = LLM(str(d), **SMALL)
+    assert llm.get_tokenizer().hf.eos_token_id == 257
+
+    def end(token: int) -> tuple[str | None, int | str | None, list[int]]:
+        p = SamplingParams(temperature=0, max_tokens=5, logit_bias={token: 100})
+        o = llm.generate({"prompt_token_ids": [65, 66, 67]}, p, use_tqdm=False)[0].outputs[0]
+        return o.finish_reason, o.stop_reason, list(o.token_ids)
+
+    assert end(70) == ("stop", 70, [70])
+    assert end(257) == ("stop", None, [257])

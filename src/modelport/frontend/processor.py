@@ -263,6 +263,10 @@ class _ParentState:
 class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        # vLLM: the end ids other than the tokenizer's own eos (generation_config.json's,
+        # config.json's) stop as stop_token_ids do, so stop_reason names the id
+        primary = getattr(getattr(tokenizer, "hf", None), "eos_token_id", None)
+        self._other_eos = frozenset(getattr(tokenizer, "eos_token_ids", ())) - {primary}
         self.parents: dict[str, _ParentState] = {}
         self.child_to_parent: dict[str, str] = {}
 
@@ -404,6 +408,9 @@ class OutputProcessor:
         if o.finish_reason is not None:
             c.finish_reason = o.finish_reason
             c.stop_reason = o.stop_reason
+            if (o.finish_reason == "stop" and o.stop_reason is None and o.new_token_ids
+                    and o.new_token_ids[-1] in self._other_eos):
+                c.stop_reason = o.new_token_ids[-1]
             ps.num_finished += 1
 
     def _make_output(self, ps: _ParentState, kids: list[_ChildState], finished: bool) -> RequestOutput | None:
