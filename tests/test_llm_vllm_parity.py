@@ -247,3 +247,16 @@ def test_vllm_helpers_reset_prefix_cache_inputs_and_params(llm) -> None:
     q.stop.append("y")
     assert p.stop == ["x"] and q.stop == ["x", "y"] and q.temperature == 0.5
     assert SamplingParams.from_optional(temperature=None, top_p=0.5) == SamplingParams(top_p=0.5)
+
+
+def test_detokenize_false_gives_token_ids_only(llm) -> None:
+    """vLLM's SamplingParams(detokenize=False): the same tokens, no text, logprobs without
+    decoded tokens; stop strings need the text, so they are refused with it."""
+    kw = {"temperature": 0, "max_tokens": 6, "ignore_eos": True, "logprobs": 1}
+    text = _gen(llm, "hello", **kw).outputs[0]
+    ids = _gen(llm, "hello", detokenize=False, **kw).outputs[0]
+    assert ids.token_ids == text.token_ids and text.text and ids.text == ""
+    assert [list(d) for d in ids.logprobs] == [list(d) for d in text.logprobs]
+    assert all(lp.decoded_token is None for d in ids.logprobs for lp in d.values())
+    with pytest.raises(ValueError, match="stop strings are only supported when detokenize"):
+        SamplingParams(detokenize=False, stop=["x"])

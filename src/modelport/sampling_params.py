@@ -146,6 +146,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, the text stays empty (no stop strings)
     spaces_between_special_tokens: bool = True
     # token id -> a value added to its logit before sampling (OpenAI clamps to [-100, 100])
     logit_bias: dict[int, float] | None = None
@@ -256,6 +257,9 @@ class SamplingParams:
             if not all(stops):  # it would match at once, everywhere (vLLM's words)
                 raise ValueError("stop cannot contain an empty string.")
             self._stop_list = list(stops)
+        if self._stop_list and not self.detokenize:
+            raise ValueError("stop strings are only supported when detokenize is True. "
+                             "Set detokenize=True to use stop.")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or not all(
                 _is_int(t) and 0 <= t < 2**31 and isinstance(v, (int, float))

@@ -63,3 +63,15 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += delta
         return delta
+
+
+class NoDetokenizer:
+    """SamplingParams(detokenize=False): the text stays empty (vLLM's); token ids only."""
+
+    text = ""
+
+    def add(self, new_token_ids: list[int]) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""

@@ -274,12 +274,14 @@ class OutputProcessor:
         self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
         params: SamplingParams, output_kind: str = "final", arrival_time: float | None = None,
     ) -> None:
-        from modelport.frontend.detokenizer import IncrementalDetokenizer
+        from modelport.frontend.detokenizer import IncrementalDetokenizer, NoDetokenizer
 
         children = {}
         for i in range(params.n):
             cid = child_id(request_id, i, params.n)
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                            params.skip_special_tokens)
+                     if params.detokenize else NoDetokenizer())
             children[cid] = _ChildState(
                 index=i, detok=detok,
                 logprobs=[] if params.logprobs is not None else None,
@@ -298,11 +300,13 @@ class OutputProcessor:
         ps = self.parents.get(request_id)
         return list(ps.children) if ps else []
 
-    def _decode_logprobs(self, tl: TokenLogprobs) -> dict[int, Logprob]:
+    def _decode_logprobs(self, tl: TokenLogprobs, detokenize: bool = True) -> dict[int, Logprob]:
         d: dict[int, Logprob] = {}
         for tid, lp, rank in zip(tl.token_ids, tl.logprobs, tl.ranks):
             if tid not in d:
-                d[tid] = Logprob(lp, rank, self.tokenizer.decode([tid], skip_special_tokens=False))
+                text = self.tokenizer.decode([tid], skip_special_tokens=False) if detokenize \
+                    else None  # vLLM's decoded_token with detokenize=False
+                d[tid] = Logprob(lp, rank, text)
         return d
 
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
@@ -328,8 +332,9 @@ class OutputProcessor:
                     m.first_token_time = now
                 m.last_token_time = now
             if o.prompt_logprobs is not None and ps.prompt_logprobs is None:
-                ps.prompt_logprobs = [None if t is None else self._decode_logprobs(t)
-                                      for t in o.prompt_logprobs]
+                ps.prompt_logprobs = [
+                    None if t is None else self._decode_logprobs(t, ps.params.detokenize)
+                    for t in o.prompt_logprobs]
             self._update_child(ps, c, o, to_abort)
             changed.setdefault(pid, []).append(c)
         for pid, kids in changed.items():
@@ -371,7 +376,7 @@ class OutputProcessor:
         c.token_ids.extend(o.new_token_ids)
         if o.new_logprobs and c.logprobs is not None:
             for tl in o.new_logprobs:
-                c.logprobs.append(self._decode_logprobs(tl))
+                c.logprobs.append(self._decode_logprobs(tl, p.detokenize))
                 c.cumulative_logprob = (c.cumulative_logprob or 0.0) + tl.logprobs[0]
         old_len = len(c.text)
         text_ids = o.new_token_ids
