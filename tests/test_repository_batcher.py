@@ -279,3 +279,48 @@ def test_no_batching_runs_items_alone_and_concurrently_per_instance():
 
     rec = run(main())
     assert [len(x) for x in rec.batches] == [1, 1, 1, 1]
+
+
+def test_items_of_different_keys_never_share_a_batch():
+    """batch_key (Triton: variable-size inputs of different shapes): the batch so far goes as
+    soon as the next item's key differs, without waiting the delay."""
+
+    async def main():
+        rec = Recorder(delay=0)
+        cfg = BatcherConfig(max_batch_size=8, max_queue_delay_s=1, batch_key=lambda i: i % 2)
+        b = DynamicBatcher(cfg, rec)
+        b.start()
+        t0 = time.monotonic()
+        out = await asyncio.gather(*(b.submit(i) for i in (1, 3, 2, 4, 6, 5)), b.submit(7))
+        took = time.monotonic() - t0
+        await b.stop()
+        return out, rec, took
+
+    out, rec, took = run(main())
+    assert out == [10, 30, 20, 40, 60, 50, 70]
+    # every batch holds one key; those cut by a different key went at once, the last waited
+    assert rec.batches == [[1, 3], [2, 4, 6], [5, 7]]
+    assert took >= 0.95
+
+
+def test_repository_batch_key_is_the_shapes_of_inputs_not_ragged():
+    from types import SimpleNamespace
+
+    import numpy as np
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from modelport.repository.model import batcher_config
+
+    cfg = mc.ModelConfig(name="m", max_batch_size=8)
+    cfg.input.add(name="X", data_type=mc.TYPE_FP32, dims=[-1])
+    cfg.input.add(name="R", data_type=mc.TYPE_FP32, dims=[-1], allow_ragged_batch=True)
+    cfg.dynamic_batching.SetInParent()
+    key = batcher_config(cfg).batch_key
+
+    def item(x: int, r: int):
+        tensors = {"X": np.zeros((1, x)), "R": np.zeros((1, r))}
+        inputs = {n: SimpleNamespace(data=a) for n, a in tensors.items()}
+        return SimpleNamespace(request=SimpleNamespace(inputs=inputs))
+
+    assert key(item(3, 1)) == key(item(3, 7))  # R is ragged: its length does not matter
+    assert key(item(3, 1)) != key(item(4, 1))

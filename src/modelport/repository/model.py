@@ -75,7 +75,16 @@ def batcher_config(cfg: mc.ModelConfig) -> BatcherConfig:
     if not cfg.HasField("dynamic_batching"):
         return BatcherConfig(max_batch_size=0)
     db = cfg.dynamic_batching
+    ragged = {i.name for i in cfg.input if i.allow_ragged_batch}
+
+    def shapes(item: BatchItem) -> tuple:
+        # Triton batches requests whose inputs agree in shape past the batch dimension,
+        # except the inputs that allow_ragged_batch
+        return tuple(sorted((n, t.data.shape[1:]) for n, t in item.request.inputs.items()
+                            if n not in ragged))
+
     return BatcherConfig(
+        batch_key=shapes,
         max_batch_size=cfg.max_batch_size,
         preferred_batch_sizes=tuple(db.preferred_batch_size),
         max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,

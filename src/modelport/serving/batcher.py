@@ -31,6 +31,8 @@ Interface (stable; other frontends build on it)::
   `QueueFullError`; `timeout_s` bounds time in queue, after which the item is rejected with
   `RequestTimeoutError` (REJECT) or moved behind everything not yet timed out (DELAY).
   A per-request `timeout_s` replaces the policy's only if `allow_timeout_override`.
+- `batch_key`: items whose keys differ never share a batch; the batch formed so far goes as
+  soon as the next item's key differs (Triton's rule for inputs of different shapes).
 - `preserve_ordering`: results are released in the order batches were formed, even when
   a later batch finishes first on another instance.
 """
@@ -115,6 +117,9 @@ class BatcherConfig:
     default_priority: int = 0
     default_policy: QueuePolicy = field(default_factory=QueuePolicy)
     priority_policies: Mapping[int, QueuePolicy] = field(default_factory=dict)
+    # items whose keys differ never share a batch (Triton: requests whose variable-size
+    # inputs differ in shape); the batch so far goes when the next item's key differs
+    batch_key: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -324,9 +329,13 @@ class DynamicBatcher:
         batch: list[_Pending] = []
         rows = 0
         cut = 0
+        key = cfg.batch_key
+        first = key(ordered[0].item) if key is not None else None
         for p in ordered:
             if rows + p.batch_size > cfg.max_batch_size:
                 return batch, True, cut  # the next item would not fit: nothing to wait for
+            if key is not None and batch and key(p.item) != first:
+                return batch, True, cut  # the next item cannot join this batch
             batch.append(p)
             rows += p.batch_size
             if rows in preferred:
