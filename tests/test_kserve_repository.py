@@ -93,6 +93,40 @@ def test_load_with_config_override(explicit_server):
     assert h.is_model_ready("add_sub")  # a failed reload keeps the old version serving
 
 
+def test_ensembles_follow_their_steps_on_unload(tmp_path):
+    """Triton's dependency tracking: unloading a step unloads the ensembles that call it (they
+    would say ready while every request fails); unload_dependents on an ensemble also unloads
+    the models it was loaded with, except one another loaded ensemble still calls."""
+    from modelport.repository import testing
+
+    parts = ("llama_tokenizer", "llama_model", "llama_detokenizer")
+    repo = python_repo(tmp_path, "nested_ensemble", "llama_ensemble", "bytes_echo", *parts)
+    testing.build_seed_model(repo / "llama_model" / "1" / "model.pt")
+    srv = EmbeddedServer([repo], control_mode="explicit").start()
+    try:
+        c = httpclient.InferenceServerClient(srv.http_url)
+        everything = ("nested_ensemble", "llama_ensemble", "bytes_echo", *parts)
+        c.load_model("nested_ensemble")  # loads its steps, and theirs
+        assert all(c.is_model_ready(m) for m in everything)
+        c.unload_model("llama_model")
+        ready = {m for m in everything if c.is_model_ready(m)}
+        assert ready == {"bytes_echo", "llama_tokenizer", "llama_detokenizer"}
+        index = {r["name"]: r for r in c.get_model_repository_index()}
+        assert index["nested_ensemble"]["state"] == "UNAVAILABLE"
+
+        c.load_model("nested_ensemble")
+        c.unload_model("llama_ensemble", unload_dependents=True)
+        # its own steps go; nested_ensemble, which called it, goes with it
+        assert {m for m in everything if c.is_model_ready(m)} == {"bytes_echo"}
+
+        c.load_model("nested_ensemble")
+        c.load_model("llama_ensemble")
+        c.unload_model("nested_ensemble", unload_dependents=True)
+        assert not any(c.is_model_ready(m) for m in everything)
+    finally:
+        srv.stop()
+
+
 def test_poll_mode_picks_up_new_changed_and_removed_models(tmp_path):
     repo = python_repo(tmp_path, "add_sub")
 

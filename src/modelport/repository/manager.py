@@ -265,6 +265,7 @@ class RepositoryManager:
                 if entry.versions:
                     await self._unload(entry)
                 entry.state, entry.reason = "UNAVAILABLE", FOLDER_REMOVED
+                await self._unload_broken_ensembles()
         changed = [
             n
             for n, p in found.items()
@@ -307,12 +308,37 @@ class RepositoryManager:
         entry = self.entries.get(name)
         if entry is None:
             raise unknown_model(name)
-        if unload_dependents:
-            for other in self.entries.values():
-                if other.config is not None and other.config.platform == "ensemble":
-                    if any(s.model_name == name for s in other.config.ensemble_scheduling.step):
-                        await self._unload(other)
+        steps = _steps(entry.config) if entry.versions else set()
         await self._unload(entry, stopped_serving)
+        if unload_dependents:  # Triton: also the models it was loaded with (an ensemble's)
+            while steps:
+                users = {s for e in self.entries.values() if e.versions for s in _steps(e.config)}
+                done = [self.entries[s] for s in steps - users
+                        if s in self.entries and self.entries[s].versions]
+                steps = set().union(*(_steps(e.config) for e in done)) if done else set()
+                for e in done:
+                    await self._unload(e)
+        await self._unload_broken_ensembles()
+
+    async def _unload_broken_ensembles(self) -> None:
+        """Unload each loaded ensemble a step of which is no longer loaded (Triton's dependency
+        tracking): it would say ready while every request fails."""
+        while True:
+            broken = [
+                (e, step) for e in self.entries.values() if e.versions
+                for step in sorted(_steps(e.config))
+                if step not in self.entries or not self.entries[step].versions
+            ]
+            if not broken:
+                return
+            seen = set()
+            for e, step in broken:
+                if id(e) in seen:
+                    continue
+                seen.add(id(e))
+                logger.info("unloading ensemble '%s': its step '%s' is no longer loaded",
+                            e.config.name if e.config else "?", step)
+                await self._unload(e)
 
     async def _model_control(self, caller: str, op: str, args: dict[str, Any]) -> Any:
         """A python model's pb_utils.load_model / unload_model / is_model_ready (Triton's
@@ -632,3 +658,10 @@ class RepositoryManager:
 
 
 __all__ = ["RepositoryManager", "Unavailable", "gpu_count"]
+
+
+def _steps(cfg: mc.ModelConfig | None) -> set[str]:
+    """The models an ensemble's steps call (none for another model)."""
+    if cfg is None or cfg.platform != "ensemble":
+        return set()
+    return {step.model_name for step in cfg.ensemble_scheduling.step}
