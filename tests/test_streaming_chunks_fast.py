@@ -129,14 +129,16 @@ def test_chat_chunks_equal_the_pydantic_ones(extra: dict, stop_int: bool) -> Non
     assert fast == slow  # the SSE text, byte for byte
     events = [json.loads(e[6:]) for e in fast[:-1]]
     assert fast[-1] == "data: [DONE]\n\n"
-    assert events[0]["choices"] == [
-        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-         "finish_reason": None, "stop_reason": None} for i in range(2)]
+    # one choice a chunk (vLLM's and OpenAI's shape for n > 1), the role chunks first
+    assert [e["choices"] for e in events[:2]] == [
+        [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+          "finish_reason": None, "stop_reason": None}] for i in range(2)]
+    assert all(len(e["choices"]) == 1 for e in events if not e.get("usage"))
     assert all(e["id"] == 'chatcmpl-"x"' and e["object"] == "chat.completion.chunk"
                and e["created"] == 1_700_000_000 and e["model"] == "tiny-model" for e in events)
     texts = {0: "", 1: ""}
     finish = {}
-    for e in events[1:]:
+    for e in events[2:]:
         for c in e["choices"]:
             texts[c["index"]] += c["delta"]["content"]
             if c["finish_reason"] is not None:
@@ -179,6 +181,7 @@ def test_completion_chunks_equal_the_pydantic_ones(extra: dict, stop_int: bool) 
     texts = {0: "", 1: ""}
     for e in events:
         assert e["object"] == "text_completion" and e["system_fingerprint"] is None
+        assert len(e["choices"]) == (0 if e.get("usage") else 1)  # one choice a chunk
         for c in e["choices"]:
             texts[c["index"]] += c["text"]
             assert set(c) == {"index", "text", "logprobs", "finish_reason", "stop_reason"}
