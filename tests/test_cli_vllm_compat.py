@@ -319,11 +319,11 @@ def test_optimization_level_zero_runs_eager_and_dotted_json_flags(form: str) -> 
                   ["-O.level", "0"], ["--compilation-config.cudagraph_mode=NONE"]):
         args = parse(form, *eager)
         vllm_compat.check(args)
-        assert args.enforce_eager is True, eager
+        assert engine_args_from(args).enforce_eager is True, eager
     for graphs in (["-O3"], ["-O", "1"], ["--compilation-config.cudagraph_mode", "FULL"], []):
         args = parse(form, *graphs)
         vllm_compat.check(args)
-        assert args.enforce_eager is False, graphs
+        assert engine_args_from(args).enforce_eager is False, graphs
     args = parse(form, "--structured-outputs-config", '{"reasoning_parser": "x"}',
                  "--structured-outputs-config.backend", "xgrammar")
     assert args.structured_outputs_config == {"reasoning_parser": "x", "backend": "xgrammar"}

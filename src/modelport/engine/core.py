@@ -187,9 +187,13 @@ class EngineCore:
         if self.has_unfinished_requests():
             raise ValueError("cannot sleep while requests are unfinished: let them finish or "
                              "abort them first")
-        reset = self.kv.reset_prefix_cache()
+        reset = self.reset_prefix_cache()
         assert reset, "no request holds a block, so the prefix cache must reset"
         self.runner.sleep(level)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; False (nothing reset) while requests hold blocks."""
+        return self.kv.reset_prefix_cache()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Restore what sleep freed: tags "weights" and/or "kv_cache" (None: both). A level-2

@@ -51,8 +51,7 @@ class LLMEngine:
         return self.tokenizer
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix block; False (nothing reset) while requests run."""
-        return self.core.kv.reset_prefix_cache()
+        return self.core.reset_prefix_cache()
 
     @property
     def num_kv_blocks(self) -> int:

@@ -82,11 +82,20 @@ def logprobs_over_limit(what: str, k: int | None, max_logprobs: int, vocab: int)
     return None
 
 
+class InvalidField(ValueError):
+    """A request field refused for this model (its vocabulary, the logprobs limit); `param`
+    names the field, for the OpenAI error's `param`."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def check_max_logprobs(params: SamplingParams, max_logprobs: int, vocab: int) -> None:
     for what, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
         why = logprobs_over_limit(what, k, max_logprobs, vocab)
         if why is not None:
-            raise ValueError(why)
+            raise InvalidField("logprobs" if what == "sample" else "prompt_logprobs", why)
 
 
 class InputProcessor:
@@ -157,11 +166,11 @@ class InputProcessor:
             self.scheduler_config.verify_priority(priority)
         n_prompt = len(prompt_token_ids)
         if n_prompt == 0:
-            raise ValueError("prompt is empty: it must contain at least one token")
+            raise InvalidField("prompt", "prompt is empty: it must contain at least one token")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+            raise InvalidField("prompt", f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
         check_max_logprobs(params, self.max_logprobs, vocab)
         if self.logits_processors:
             from modelport.logits_processor import validate_request
@@ -170,15 +179,15 @@ class InputProcessor:
         if params.logit_bias:
             outside = sorted(t for t in params.logit_bias if t >= vocab)
             if outside:
-                raise ValueError(f"token_id(s) {outside[:5]} in logit_bias contain out-of-vocab "
-                                 f"token ids. Vocabulary size: {vocab}")
+                raise InvalidField("logit_bias", f"token_id(s) {outside[:5]} in logit_bias "
+                                   f"contain out-of-vocab token ids. Vocabulary size: {vocab}")
         if params.allowed_token_ids is not None:
             if not params.allowed_token_ids:
-                raise ValueError("allowed_token_ids is not None and empty!")
+                raise InvalidField("allowed_token_ids", "allowed_token_ids is not None and empty!")
             outside = sorted({t for t in params.allowed_token_ids if t >= vocab})
             if outside:
-                raise ValueError(f"allowed_token_ids contains out-of-vocab token id! "
-                                 f"{outside[:5]} (vocabulary size: {vocab})")
+                raise InvalidField("allowed_token_ids", f"allowed_token_ids contains "
+                                   f"out-of-vocab token id! {outside[:5]} (vocabulary size: {vocab})")
         bad_words = (tokenize_bad_words(params.bad_words, self.tokenizer, vocab)
                      if params.bad_words else None)
         if params.structured_outputs is not None:

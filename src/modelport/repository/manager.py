@@ -313,32 +313,29 @@ class RepositoryManager:
         if unload_dependents:  # Triton: also the models it was loaded with (an ensemble's)
             while steps:
                 users = {s for e in self.entries.values() if e.versions for s in _steps(e.config)}
-                done = [self.entries[s] for s in steps - users
-                        if s in self.entries and self.entries[s].versions]
+                done = [self.entries[s] for s in steps - users if self._loaded(s)]
                 steps = set().union(*(_steps(e.config) for e in done)) if done else set()
                 for e in done:
                     await self._unload(e)
         await self._unload_broken_ensembles()
 
+    def _loaded(self, name: str) -> bool:
+        return name in self.entries and bool(self.entries[name].versions)
+
     async def _unload_broken_ensembles(self) -> None:
         """Unload each loaded ensemble a step of which is no longer loaded (Triton's dependency
         tracking): it would say ready while every request fails."""
-        while True:
-            broken = [
-                (e, step) for e in self.entries.values() if e.versions
-                for step in sorted(_steps(e.config))
-                if step not in self.entries or not self.entries[step].versions
-            ]
-            if not broken:
+        while True:  # again after each unload: an ensemble may call the one just unloaded
+            for name, e in list(self.entries.items()):
+                missing = sorted(s for s in _steps(e.config) if not self._loaded(s)) \
+                    if e.versions else []
+                if missing:
+                    logger.info("unloading ensemble '%s': its step '%s' is no longer loaded",
+                                name, missing[0])
+                    await self._unload(e)
+                    break
+            else:
                 return
-            seen = set()
-            for e, step in broken:
-                if id(e) in seen:
-                    continue
-                seen.add(id(e))
-                logger.info("unloading ensemble '%s': its step '%s' is no longer loaded",
-                            e.config.name if e.config else "?", step)
-                await self._unload(e)
 
     async def _model_control(self, caller: str, op: str, args: dict[str, Any]) -> Any:
         """A python model's pb_utils.load_model / unload_model / is_model_ready (Triton's

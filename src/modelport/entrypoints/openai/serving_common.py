@@ -391,17 +391,9 @@ def known_error(e: BaseException) -> OpenAIError | None:
         return OpenAIError(f"engine failed: {e}", 500, code="engine_dead")
     if isinstance(e, QueueFullError):
         return OpenAIError(str(e), 503, code="queue_full", retry_after=1)
-    if isinstance(e, ValueError):
-        text = str(e)
-        param = next((f for f in _CHECKED_AT_ADMISSION if f in text), None)
-        return OpenAIError(text, 400, param=param)
+    if isinstance(e, ValueError):  # the input processor's InvalidField names its field
+        return OpenAIError(str(e), 400, param=getattr(e, "param", None))
     return None
-
-
-# request fields the engine checks against the model when a request is added (vocabulary,
-# logprobs limit): the one a ValueError names is the error's `param`
-_CHECKED_AT_ADMISSION = ("logit_bias", "allowed_token_ids", "bad_words", "stop_token_ids",
-                         "prompt_logprobs", "logprobs", "prompt")
 
 
 def stream_error(where: str, e: Exception) -> str:
