@@ -6,6 +6,7 @@ All input errors come back as one line naming the flag, exit code 2, no tracebac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -63,8 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plan",
         help="size memory, KV cache and parallelism before a deploy",
         description="Predict weight memory, KV-cache capacity, valid parallelism and a roofline "
-        "for a model on given hardware, and print a `modelport serve` command "
-        "that fits.",
+        "for a model on given hardware (default: this machine's first GPU, else its CPU), "
+        "and print a `modelport serve` command that fits.",
     )
     p.add_argument(
         "--model",
@@ -74,9 +75,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--gpu",
         help="preset: h100-80gb, h200, a100-80gb, a100-40gb, l4, a10g, "
-        "rtx-4090, cpu (with --memory)",
+        "rtx-4090, cpu (with --memory); default: this machine, its first visible GPU "
+        "(torch.cuda), else its CPU and RAM",
     )
-    p.add_argument("--num-gpus", type=int, default=1)
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="default: 1; without --gpu on a machine with GPUs, the fewest of its GPUs the "
+        "model needs (--tensor-parallel-size when given)",
+    )
     p.add_argument(
         "--tensor-parallel-size",
         "-tp",
@@ -109,7 +117,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=128, help="awq/gptq group size")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--interconnect", default=None, help="nvlink or pcie (default: the preset's)")
-    p.add_argument("--memory", type=float, default=None, help="host RAM in GiB for --gpu cpu")
+    p.add_argument(
+        "--memory",
+        type=float,
+        default=None,
+        help="host RAM in GiB for --gpu cpu (without --gpu on a machine without CUDA: "
+        "default this machine's RAM)",
+    )
     p.add_argument("--gpu-memory-gib", type=float, default=None)
     p.add_argument("--gpu-bandwidth-tbps", type=float, default=None)
     p.add_argument("--gpu-tflops", type=float, default=None)
@@ -147,10 +161,16 @@ def build_request(args: argparse.Namespace) -> PlanRequest:
                 "--kv-cache-memory",
                 "sets the CPU KV budget; on a GPU the budget comes from --gpu-memory-utilization",
             )
-    return PlanRequest(
+    # no --num-gpus: one GPU, or on this machine's GPUs -tp of them, else as many as needed
+    on_local_gpus = device.source == "this machine" and not device.is_cpu
+    num_gpus = args.num_gpus
+    if num_gpus is None:
+        tp = args.tensor_parallel_size
+        num_gpus = max(1, tp) if on_local_gpus and tp is not None else 1
+    request = PlanRequest(
         model=model,
         device=device,
-        num_gpus=args.num_gpus,
+        num_gpus=num_gpus,
         tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
@@ -164,6 +184,28 @@ def build_request(args: argparse.Namespace) -> PlanRequest:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_expert_parallel=args.enable_expert_parallel,
     )
+    if on_local_gpus and args.num_gpus is None and args.tensor_parallel_size is None:
+        return _fewest_gpus(request)
+    return request
+
+
+def _fewest_gpus(request: PlanRequest) -> PlanRequest:
+    """This machine's GPUs without --num-gpus: the fewest of them (a valid tensor-parallel
+    degree) on which the engine starts; one when none of them does."""
+    from modelport.planner.parallel import valid_tp_degrees
+    from modelport.planner.plan import make_plan
+
+    config = request.model.config
+    for degree in valid_tp_degrees(config, request.enable_expert_parallel):
+        if degree > request.device.visible:
+            break
+        candidate = dataclasses.replace(request, num_gpus=degree)
+        try:
+            if make_plan(candidate).engine_starts:
+                return candidate
+        except PlanError:
+            break  # reported by the plan of the request itself
+    return request
 
 
 def _list_presets() -> str:

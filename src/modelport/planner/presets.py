@@ -62,6 +62,24 @@ def find_gpu_preset(name: str) -> dict[str, Any] | None:
     return None if found is None else dict(found[1])
 
 
+def match_gpu_preset(device_name: str) -> str | None:
+    """The GPU preset a device name as the driver reports it names (``NVIDIA H100 80GB HBM3``
+    -> h100-80gb, ``NVIDIA A100-SXM4-40GB`` -> a100-40gb), or None. An alias must match whole
+    words of the name (``NVIDIA L40S`` is no L4); the longest match wins. Never the CPU."""
+    words = re.findall(r"[a-z0-9]+", device_name.lower())
+    index = _index("gpus.json")
+    spans = sorted(
+        ("".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)),
+        key=len,
+        reverse=True,
+    )
+    for span in spans:
+        canonical = index.get(span)
+        if canonical is not None and _load("gpus.json")[canonical].get("interconnect") != "none":
+            return canonical
+    return None
+
+
 def model_preset_names() -> list[str]:
     return sorted(_load("models.json"))
 
@@ -74,7 +92,9 @@ def require_gpu_preset(name: str) -> dict[str, Any]:
     entry = find_gpu_preset(name)
     if entry is None:
         raise PlanError(
-            "--gpu", f"unknown GPU preset {name!r} (known: {', '.join(gpu_preset_names())})"
+            "--gpu",
+            f"unknown GPU preset {name!r} (known: {', '.join(gpu_preset_names())}); "
+            "leave --gpu out to plan for this machine",
         )
     return entry
 

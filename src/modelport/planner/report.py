@@ -34,6 +34,8 @@ def plan_to_dict(plan: Plan, advice: Advice) -> dict[str, Any]:
             "flops": dev.flops,
             "fp8": dev.fp8,
             "interconnect": dev.interconnect,
+            "source": dev.source,  # "preset", "custom" or "this machine" (no --gpu)
+            "detected": dev.detected,  # this machine: what was found, in words
         },
         "settings": {
             "dtype": plan.dtype,
@@ -130,7 +132,8 @@ def render_text(plan: Plan, advice: Advice) -> str:
         (
             "device",
             f"{req.num_gpus} x {dev.name} ({_gib(dev.memory_bytes)}, "
-            f"{dev.bandwidth_bytes_s / 1e12:g} TB/s, {dev.interconnect})",
+            + (f"{dev.bandwidth_bytes_s / 1e12:g} TB/s" if dev.bandwidth_bytes_s else "bandwidth ?")
+            + f", {dev.interconnect})",
         ),
         (
             "parallelism",
@@ -197,7 +200,8 @@ def render_text(plan: Plan, advice: Advice) -> str:
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     rows.append(("verdict", f"{verdict}: {plan.reason}"))
     width = max(len(k) for k, _ in rows)
-    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines = [f"device: {dev.detected}, as no --gpu was given\n"] if dev.detected else []
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     for title, items in (
         ("notes", list(plan.notes)),
         ("warnings", advice.warnings),
