@@ -602,11 +602,10 @@ class RepositoryManager:
         async for r in model.stream(req):
             yield r
 
-    async def _bls(self, req: InferRequest) -> list[InferResponse]:
-        model = self.get(req.model_name, req.model_version)
-        if model.decoupled:
-            return [r async for r in model.stream(req)]
-        return [await model.infer(req)]
+    async def _bls(self, req: InferRequest) -> AsyncIterator[InferResponse]:
+        """A BLS call's responses as they come: one, or a decoupled model's stream."""
+        async for r in self.get(req.model_name, req.model_version).stream(req):
+            yield r
 
     # -- repository API --
 

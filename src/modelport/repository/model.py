@@ -451,7 +451,11 @@ class ModelVersion:
             item = BatchItem(prepared, extra={"rows": rows})
             if trace is not None:
                 self._trace_queued(trace, prepared)
-            result = await self._submit(item, rows)
+            try:
+                result = await self._submit(item, rows)
+            except asyncio.CancelledError:  # the client went away: request.is_cancelled()
+                item.cancel()
+                raise
             resp = self._finish(req, result)
         except ServingError:
             failed = time.perf_counter_ns()
@@ -516,6 +520,9 @@ class ModelVersion:
                     if trace is not None and trace.tensors:
                         sent.update(out.outputs)
                     yield out
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                item.cancel()
+                raise
             finally:
                 if not submit.done():
                     submit.cancel()

@@ -283,7 +283,9 @@ class ResponseSender:
             self._closed = True
 
     def is_cancelled(self) -> bool:
-        return False
+        """Whether the client went away (a cancelled gRPC call, a closed stream): a model
+        may stop sending then; its final flag is still expected."""
+        return _runtime is not None and _runtime.is_cancelled(self._key)
 
 
 class InferenceRequest:
@@ -315,6 +317,7 @@ class InferenceRequest:
         self._parameters = dict(parameters or {})
         self._timeout = timeout
         self._sender: ResponseSender | None = None
+        self._key: Any = None  # (batch id, index) of a request handed to execute()
 
     # -- as seen inside execute() --
     def inputs(self) -> list[Tensor]:
@@ -350,7 +353,9 @@ class InferenceRequest:
         return self._sender
 
     def is_cancelled(self) -> bool:
-        return False
+        """Whether the client went away while execute() runs (a cancelled gRPC call, a
+        closed stream); always False for a BLS request the model built."""
+        return _runtime is not None and _runtime.is_cancelled(self._key)
 
     # -- BLS --
     def exec(self, decoupled: bool = False) -> Any:
@@ -359,7 +364,7 @@ class InferenceRequest:
             raise TritonModelException("BLS requests need a running modelport server")
         responses = _runtime.bls(self, decoupled)
         if decoupled:
-            return iter(responses)
+            return responses  # an iterator: each response as it comes, then an empty final one
         return responses[0] if responses else InferenceResponse(error=TritonError("no response"))
 
     async def async_exec(self, decoupled: bool = False) -> Any:

@@ -46,6 +46,7 @@ class Req:
     timeout_us: int = 0
     correlation_id: int | str = 0  # sequence batching: the sequence id
     flags: int = 0  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START | _END
+    cancelled: bool = False  # the client went away before the batch was sent
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,14 @@ class Stream:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """The client of request `index` of batch `batch_id` went away (parent -> child)."""
+
+    batch_id: int
+    index: int
+
+
+@dataclass(frozen=True)
 class BLSCall:
     call_id: int
     request: Req
@@ -102,8 +111,12 @@ class BLSCall:
 
 @dataclass(frozen=True)
 class BLSResult:
+    """Responses of a BLS call: all of them, or (a decoupled call) the next ones as they
+    come, until one with `final`."""
+
     call_id: int
     responses: list[Resp]
+    final: bool = True
 
 
 @dataclass(frozen=True)
@@ -205,7 +218,13 @@ class _Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[threading.Event, list]] = {}
+        self._streams: dict[int, queue.Queue] = {}  # decoupled BLS calls being answered
         self.collected: dict[tuple[int, int], _Collected] = {}
+        # requests being executed or streamed (keys: (batch id, index)), and those of them
+        # whose client went away (request.is_cancelled(), response_sender.is_cancelled())
+        self._live: set[tuple[int, int]] = set()
+        self._cancelled: set[tuple[int, int]] = set()
+        self._keys_lock = threading.Lock()
         # custom metric operations not sent yet; an RLock because MetricFamily.__del__ may
         # queue its deletes from a garbage collection inside send()
         self._lock = threading.RLock()
@@ -295,6 +314,26 @@ class _Runtime:
             asyncio.set_event_loop(self._loop)
         return self._loop.run_until_complete(awaitable)
 
+    # -- cancellation --
+
+    def started(self, keys: list[tuple[int, int]], cancelled: list[bool]) -> None:
+        with self._keys_lock:
+            self._live.update(keys)
+            self._cancelled.update(k for k, c in zip(keys, cancelled) if c)
+
+    def ended(self, keys: Any) -> None:
+        with self._keys_lock:
+            self._live.difference_update(keys)
+            self._cancelled.difference_update(keys)
+
+    def cancel(self, key: tuple[int, int]) -> None:
+        with self._keys_lock:
+            if key in self._live:  # else it already ended: nothing to tell
+                self._cancelled.add(key)
+
+    def is_cancelled(self, key: tuple[int, int] | None) -> bool:
+        return key is not None and key in self._cancelled
+
     def send_response(self, key: tuple[int, int], response: Any, final: bool) -> None:
         box = self.collected.get(key)
         if box is not None:  # a non-decoupled model answering through its sender
@@ -306,12 +345,20 @@ class _Runtime:
         self.send(
             Stream(key[0], key[1], None if response is None else resp_from_pb(response), final)
         )
+        if final:
+            self.ended([key])
 
-    def bls(self, request: Any, decoupled: bool) -> list[Any]:
+    def bls(self, request: Any, decoupled: bool) -> Any:
+        """A BLS request's response(s): a list, or for `decoupled` an iterator that yields
+        each response as the server passes it on, then an empty final one, as Triton's."""
         call_id = next(self._ids)
         event = threading.Event()
         box: list = []
-        self._waiting[call_id] = (event, box)
+        if decoupled:
+            parts: queue.Queue = queue.Queue()
+            self._streams[call_id] = parts
+        else:
+            self._waiting[call_id] = (event, box)
         req = Req(
             id=request.request_id(),
             inputs={t.name(): _tensor_data(t) for t in request.inputs()},
@@ -324,14 +371,33 @@ class _Runtime:
             flags=request.flags(),
         )
         self.send(BLSCall(call_id, req, decoupled))
+        if decoupled:
+            return _bls_stream(parts)
         event.wait()
         return [resp_to_pb(r) for r in box[0]]
 
     def resolve(self, msg: BLSResult | MetricResult | ModelControlResult) -> None:
+        if isinstance(msg, BLSResult) and msg.call_id in self._streams:
+            parts = self._streams[msg.call_id]
+            if msg.final:
+                del self._streams[msg.call_id]
+            parts.put(msg)
+            return
         event, box = self._waiting.pop(msg.call_id, (None, None))
         if event is not None:
             box.append(msg.responses if isinstance(msg, BLSResult) else msg)
             event.set()
+
+
+def _bls_stream(parts: queue.Queue) -> Any:
+    while True:
+        msg: BLSResult = parts.get()
+        for r in msg.responses:
+            yield resp_to_pb(r)
+        if msg.final:
+            if not any(r.error is not None for r in msg.responses):
+                yield pb_utils.InferenceResponse([])  # the final flag alone, as in Triton
+            return
 
 
 def _load_model(model_file: str) -> Any:
@@ -364,6 +430,8 @@ def child_main(conn: Any, model_file: str, version_dir: str, args: dict, decoupl
                 return
             if isinstance(msg, (BLSResult, MetricResult, ModelControlResult)):
                 runtime.resolve(msg)
+            elif isinstance(msg, Cancel):  # now: the main thread may be inside execute()
+                runtime.cancel((msg.batch_id, msg.index))
             else:
                 work.put(msg)
 
@@ -409,15 +477,19 @@ def _execute(model: Any, msg: Execute, decoupled: bool, name: str, runtime: _Run
             flags=r.flags,
         )
         req._sender = pb_utils.ResponseSender(key)
+        req._key = key
         if not decoupled:
             runtime.collected[key] = _Collected()
         requests.append(req)
+    runtime.started(keys, [r.cancelled for r in msg.requests])
     try:
         try:
             responses = model.execute(requests)
             if inspect.isawaitable(responses):  # `async def execute`
                 responses = runtime.run(responses)
         except BaseException as e:  # noqa: BLE001 - fails this batch only
+            if decoupled:  # the parent ends these streams with the error
+                runtime.ended(keys)
             return ExecDone(msg.batch_id, None, f"{type(e).__name__}: {e}")
         if decoupled:
             return ExecDone(msg.batch_id, None)
@@ -445,6 +517,8 @@ def _execute(model: Any, msg: Execute, decoupled: bool, name: str, runtime: _Run
     finally:
         for k in keys:
             runtime.collected.pop(k, None)
+        if not decoupled:  # a decoupled request ends with its final response
+            runtime.ended(keys)
 
 
 def _from_senders(batch_id: int, boxes: list[_Collected]) -> ExecDone:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,9 @@ from modelport.serving.rate_limiter import Gate
 
 STREAM_END = object()  # put on BatchItem.stream after a decoupled request's last response
 
-# BLS: a python model calling another model through the server
-BLSHandler = Callable[[InferRequest], Awaitable[list[InferResponse]]]
+# BLS: a python model calling another model through the server; the callee's responses as
+# they come (one for a model that is not decoupled)
+BLSHandler = Callable[[InferRequest], AsyncIterator[InferResponse]]
 # pb_utils.load_model / unload_model / is_model_ready: (calling model, op, args) -> value
 ModelControlHandler = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
 
@@ -65,6 +66,17 @@ class BatchItem:
     compute_start_ns: int = 0
     compute_end_ns: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # the client went away (gRPC cancel, a closed stream): Triton's request.is_cancelled().
+    # A backend that can tell its running code sets on_cancel when the item starts
+    cancelled: bool = False
+    on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
 
 @dataclass(frozen=True)

@@ -269,8 +269,13 @@ class _Instance:
                 sequence_start=bool(r.flags & _FLAG_START),
                 sequence_end=bool(r.flags & _FLAG_END),
             )
-            results = await bls(req)
-            out = [stub.Resp({n: t.data for n, t in x.outputs.items()}) for x in results]
+            out = []
+            async for x in bls(req):
+                resp = stub.Resp({n: t.data for n, t in x.outputs.items()}, parameters=x.parameters)
+                if msg.decoupled:  # each response as it comes
+                    self.conn.send(stub.BLSResult(msg.call_id, [resp], final=False))
+                else:
+                    out.append(resp)
         except ServingError as e:
             code = {v: k for k, v in _CODES.items()}.get(e.status, 1)
             out = [stub.Resp(error=str(e), error_code=code)]
@@ -345,6 +350,9 @@ class _Instance:
         if decoupled:
             for i, it in enumerate(items):
                 self._streams[(batch_id, i)] = it
+        conn = self.conn
+        for i, it in enumerate(items):
+            it.on_cancel = self._canceller(conn, batch_id, i)
         reqs = [
             stub.Req(
                 id=it.request.id,
@@ -354,6 +362,7 @@ class _Instance:
                 timeout_us=it.request.timeout_us,
                 correlation_id=it.request.sequence_id,
                 flags=_flags(it.request),
+                cancelled=it.cancelled,
             )
             for it in items
         ]
@@ -396,6 +405,14 @@ class _Instance:
             _to_response(cfg.name, self.backend.ctx.version, it.request.id, r)
             for it, r in zip(items, done.responses)
         ]
+
+    @staticmethod
+    def _canceller(conn: Any, batch_id: int, index: int) -> Any:
+        def cancel() -> None:  # to the process that runs it (a replaced one is gone)
+            with contextlib.suppress(Exception):
+                conn.send(stub.Cancel(batch_id, index))
+
+        return cancel
 
     async def stop(self) -> None:
         self._stopping = True
