@@ -260,3 +260,36 @@ def test_detokenize_false_gives_token_ids_only(llm) -> None:
     assert all(lp.decoded_token is None for d in ids.logprobs for lp in d.values())
     with pytest.raises(ValueError, match="stop strings are only supported when detokenize"):
         SamplingParams(detokenize=False, stop=["x"])
+
+
+def test_output_kind_shapes_what_engine_steps_return(llm) -> None:
+    from modelport.sampling_params import RequestOutputKind as Kind
+
+    engine = llm.llm_engine
+    base = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    final = _gen(llm, "the sky", **base)
+    full_ids = list(final.outputs[0].token_ids)
+    seen: dict[str, list] = {}
+    for kind in Kind:
+        engine.add_request(kind.name, "the sky", SamplingParams(**base, output_kind=kind))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out)
+    cumulative, delta, only = seen["CUMULATIVE"], seen["DELTA"], seen["FINAL_ONLY"]
+    # CUMULATIVE (vLLM's default): every step the text so far, growing to the whole
+    assert len(cumulative) > 1 and cumulative[-1].finished
+    lengths = [len(o.outputs[0].token_ids) for o in cumulative]
+    assert lengths == sorted(lengths) and list(cumulative[-1].outputs[0].token_ids) == full_ids
+    assert cumulative[-1].outputs[0].text == final.outputs[0].text
+    # DELTA: only what is new; the pieces add up to the whole
+    assert len(delta) > 1
+    assert [t for o in delta for t in o.outputs[0].token_ids] == full_ids
+    assert "".join(o.outputs[0].text for o in delta) == final.outputs[0].text
+    # FINAL_ONLY: one output, when finished
+    assert len(only) == 1 and only[0].finished and list(only[0].outputs[0].token_ids) == full_ids
+    # LLM.generate returns finished outputs whatever the params ask (as vLLM's)
+    out = _gen(llm, "the sky", **base, output_kind=Kind.DELTA)
+    assert out.finished and list(out.outputs[0].token_ids) == full_ids
+    assert SamplingParams(output_kind=1).output_kind is Kind.DELTA
+    with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
+        SamplingParams(output_kind=7)

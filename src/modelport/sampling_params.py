@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 import json as _json
 import math
 from dataclasses import dataclass, field
@@ -126,6 +127,20 @@ class StructuredOutputsParams:
 GuidedDecodingParams = StructuredOutputsParams
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What each output of a request holds while it runs (vLLM's): all text so far, only
+    what is new since the last output, or nothing until it finishes. ``LLM.generate`` always
+    returns finished outputs; ``LLMEngine.step()`` follows the request's choice."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+    @property
+    def processor_kind(self) -> str:  # the output processor's name for it
+        return ("cumulative", "delta", "final")[self.value]
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -169,6 +184,7 @@ class SamplingParams:
     # vLLM's: arguments for custom logits processors (modelport/logits_processor.py), plain
     # data (they cross to the engine core); the OpenAI field vllm_xargs fills it
     extra_args: dict[str, Any] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # filled by the engine
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     # filled by the frontend's InputProcessor from bad_words (vLLM's name)
@@ -279,6 +295,10 @@ class SamplingParams:
             self.bad_words = list(self.bad_words)
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise bad("extra_args", "None or a dict")
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise bad("output_kind", "a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)") from None
         if self.stop_token_ids is not None and not all(
             isinstance(t, int) and 0 <= t < 2**31 for t in self.stop_token_ids
         ):

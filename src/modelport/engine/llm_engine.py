@@ -67,15 +67,19 @@ class LLMEngine:
         prompt: PromptInput,
         params: SamplingParams,
         *,
-        output_kind: str = "final",
+        output_kind: str | None = None,
         priority: int = 0,
         add_special_tokens: bool = True,
         lora_request: LoRARequest | None = None,
     ) -> None:
         """Validate and queue one request; raises ValueError and leaves the engine untouched.
 
-        ``prompt``: text, token ids, or a vLLM prompt dict (see frontend/prompts.py)."""
+        ``prompt``: text, token ids, or a vLLM prompt dict (see frontend/prompts.py).
+        ``output_kind`` ("cumulative" | "delta" | "final"): what step() returns for it while
+        it runs; by default the one ``params.output_kind`` names (vLLM's CUMULATIVE)."""
         self._check_awake()
+        if output_kind is None:
+            output_kind = params.output_kind.processor_kind
         text, ids = self.input_processor.prompt_inputs(prompt, params, add_special_tokens)
         core_reqs = self.input_processor.process(request_id, ids, params, priority=priority,
                                                   cap_max_tokens=True, lora_request=lora_request)

@@ -299,7 +299,8 @@ class LLM:
             if isinstance(p, tuple):
                 p, lr = p
             engine.add_request(rid, item, p, add_special_tokens=add_special_tokens,
-                               lora_request=lr, priority=next(prios) if prios else 0)
+                               lora_request=lr, priority=next(prios) if prios else 0,
+                               output_kind="final")  # whatever p.output_kind says, as vLLM
 
         def observe(out: RequestOutput) -> None:
             self._request_counts.observe(
