@@ -293,3 +293,9 @@ def test_output_kind_shapes_what_engine_steps_return(llm) -> None:
     assert SamplingParams(output_kind=1).output_kind is Kind.DELTA
     with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
         SamplingParams(output_kind=7)
+
+
+def test_per_request_logits_processors_are_refused_as_vllm_v1() -> None:
+    with pytest.raises(ValueError, match="per-request logits_processors are not supported"):
+        SamplingParams(logits_processors=[lambda ids, logits: logits])
+    assert SamplingParams(logits_processors=[]).logits_processors == []

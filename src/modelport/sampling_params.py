@@ -185,6 +185,9 @@ class SamplingParams:
     # data (they cross to the engine core); the OpenAI field vllm_xargs fills it
     extra_args: dict[str, Any] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # vLLM V0's per-request callables: refused, as vLLM V1 refuses them (the engine takes
+    # logits processor classes; an AdapterLogitsProcessor wraps per-request callables)
+    logits_processors: list[Any] | None = None
     # filled by the engine
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     # filled by the frontend's InputProcessor from bad_words (vLLM's name)
@@ -295,6 +298,12 @@ class SamplingParams:
             self.bad_words = list(self.bad_words)
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise bad("extra_args", "None or a dict")
+        if self.logits_processors:
+            raise ValueError(
+                "per-request logits_processors are not supported (nor in vLLM V1): pass logits "
+                "processor classes to the engine (LLM(logits_processors=[...]), modelport."
+                "logits_processor) and their per-request arguments in extra_args"
+            )
         try:
             self.output_kind = RequestOutputKind(self.output_kind)
         except ValueError:
