@@ -26,7 +26,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from modelport.repository.backends import create_backend
 from modelport.repository.backends.base import BackendContext
 from modelport.repository.custom_metrics import CustomMetrics
-from modelport.repository.ensemble import EnsembleModel, check_composing, ensemble_steps
+from modelport.repository.ensemble import (
+    EnsembleModel,
+    Step,
+    check_composing,
+    check_decoupled_joins,
+    ensemble_steps,
+)
 from modelport.repository.errors import (
     InvalidArgument,
     ModelConfigError,
@@ -452,6 +458,8 @@ class RepositoryManager:
                     await self._ensure_dependencies(cfg, steps)
                     configs = {s.model_name: self.entries[s.model_name].config for s in steps}
                     check_composing(cfg, steps, configs)  # type: ignore[arg-type]
+                    decoupled = {s.index for s in steps if self._serves_decoupled(s)}
+                    check_decoupled_joins(cfg, steps, decoupled)
                     for v in versions:
                         new[v] = EnsembleModel(
                             cfg,
@@ -460,6 +468,8 @@ class RepositoryManager:
                             self.infer,
                             cache=self.response_cache,
                             tracer=self.tracer,
+                            stream_step=self.stream,
+                            decoupled_steps=decoupled,
                         )
                 else:
                     for v in versions:
@@ -522,6 +532,15 @@ class RepositoryManager:
                 raise ModelConfigError(
                     f"ensemble '{cfg.name}' depends on '{name}' which is not available{why}"
                 )
+
+    def _serves_decoupled(self, step: Step) -> bool:
+        """Whether a step's model answers in a stream: a decoupled model, or an ensemble that
+        is decoupled through one of its own steps (its config does not say so)."""
+        try:
+            return self.get(step.model_name, step.model_version).decoupled
+        except ServingError:  # a version not served: the request will say so
+            entry = self.entries[step.model_name]
+            return any(m.decoupled for m in entry.versions.values())
 
     async def _unload(self, entry: ModelEntry, stopped_serving: asyncio.Event | None = None) -> None:
         async with entry.lock:

@@ -153,6 +153,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             p = msg.parameters.get("triton_enable_empty_final_response")
             if p is not None:
                 empty_final = bool(param_value(p))
+            # a decoupled model's last response, held back to carry the final flag
+            previous: InferResponse | None = None
             try:
                 req, shm_outputs = decode_request(msg, self.shm)
                 model = self.manager.get(req.model_name, req.model_version)
@@ -165,7 +167,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     )
                     return
                 turn.set_result(None)  # a decoupled model's responses hold back no one
-                previous: InferResponse | None = None
                 async for r in model.stream(req):
                     if previous is not None:
                         await out.put(
@@ -175,9 +176,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         )
                     previous = r
                 if previous is not None:
+                    last, previous = previous, None
                     await out.put(
                         pb.ModelStreamInferResponse(
-                            infer_response=encode_response(previous, not empty_final)
+                            infer_response=encode_response(last, not empty_final)
                         )
                     )
                 if empty_final:
@@ -189,6 +191,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     final.parameters["triton_final_response"].bool_param = True
                     await out.put(pb.ModelStreamInferResponse(infer_response=final))
             except Exception as e:
+                if previous is not None:  # sent before the stream failed: it goes out first
+                    await out.put(
+                        pb.ModelStreamInferResponse(infer_response=encode_response(previous, False))
+                    )
                 msg_text = str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"
                 failed = pb.ModelStreamInferResponse(
                     error_message=msg_text, infer_response=pb.ModelInferResponse(id=msg.id)
