@@ -114,7 +114,16 @@ CASES = {
     "empty prompt": (COMP, _comp(prompt=""), 400, "prompt", "prompt is empty"),
     "empty prompt list": (COMP, _comp(prompt=[]), 400, "prompt", "empty list"),
     "prompt token out of vocab": (COMP, _comp(prompt=[10**9]), 400, "prompt", "out of range"),
-    "prompt token negative": (COMP, _comp(prompt=[-1]), 400, "prompt", ""),
+    # a prompt that fits none of str | [str] | [int] | [[int]]: the member it came closest to
+    "prompt token negative": (
+        COMP, _comp(prompt=[-1]), 400, "prompt", "prompt.0: Input should be greater than or equal to 0",
+    ),
+    "one prompt of several empty": (
+        COMP, _comp(prompt=[[1, 2], []]), 400, "prompt", "prompt.1: List should have at least 1 item",
+    ),
+    "prompt ids with a string": (
+        COMP, _comp(prompt=[1, "a"]), 400, "prompt", "prompt.1: Input should be a valid integer",
+    ),
     "prompt a number": (COMP, _comp(prompt=5), 400, "prompt", "valid string"),
     "one prompt of several out of vocab": (
         COMP, _comp(prompt=[[1, 2], [10**9]]), 400, "prompt", "out of range",
@@ -158,8 +167,9 @@ def test_bad_request_is_an_openai_error(base, case) -> None:
     else:
         r = post(base, path, body, timeout=60)
     err = error(r, status)
-    # pydantic's errors name the field's path (messages.0.content.str): its first part
+    # pydantic's errors name the field's path (messages.0.content): its first part
     assert (err["param"] or "").split(".")[0] == (param or ""), err
+    assert not any(c in (err["param"] or "") for c in "[]"), err  # no union member names
     assert words in err["message"], err
     assert "Traceback" not in err["message"] and "internal" not in err["message"], err
 

@@ -86,6 +86,35 @@ def error_response(
     )
 
 
+def _is_union_branch(part: Any) -> bool:
+    """pydantic names the member of a union it tried in `loc`: 'str', 'list[int]',
+    'function-after[...]' ... (not a field name or an index)."""
+    return isinstance(part, str) and (
+        "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none")
+    )
+
+
+def _closest_union_member(errs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to tell for one field. A value that fits no member of a union fails once
+    per member; tell the member it came closest to: one that failed a constraint rather
+    than the type, then the fewest errors, then the furthest index (prompt=[[1, 2], []]:
+    "prompt.1: List should have at least 1 item", not "should be a valid string")."""
+    members: dict[Any, list[dict[str, Any]]] = {}
+    for e in errs:
+        member = next((p for p in e.get("loc", ()) if _is_union_branch(p)), None)
+        members.setdefault(member, []).append(e)
+
+    def closeness(group: list[dict[str, Any]]) -> tuple:
+        constrained = any(
+            not str(e.get("type", "")).endswith(("_type", "_parsing")) for e in group
+        )
+        furthest = max((p for e in group for p in e.get("loc", ()) if isinstance(p, int)),
+                       default=-1)  # fmt: skip
+        return constrained, -len(group), furthest
+
+    return max(members.values(), key=closeness)[0]
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
@@ -93,12 +122,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errs[0]
     if first.get("type") == "json_invalid":  # FastAPI puts the character offset in loc
         return _json_message(first, getattr(exc, "body", None)), None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = tuple(first.get("loc", ())[:2])
+    first = _closest_union_member([e for e in errs if tuple(e.get("loc", ())[:2]) == field])
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_branch(p)]
     if not loc and first.get("type") == "missing":  # no body at all (or an empty one)
         return "the request body is missing: send a JSON object", None
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
-    extra = f" (and {len(errs) - 1} more errors)" if len(errs) > 1 else ""
+    others = len({tuple(e.get("loc", ())[:2]) for e in errs} - {field})
+    extra = f" (and {others} more errors)" if others else ""
     return (f"{param}: {msg}{extra}" if param else f"{msg}{extra}"), param
 
 
