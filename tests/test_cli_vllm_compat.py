@@ -102,7 +102,6 @@ def test_defaults_and_default_values_are_not_refused(form: str) -> None:
         (["--cuda-graph-sizes", "1", "2", "4"], "--enforce-eager"),
         (["--cuda-graph-sizes", "0"], "one size"),
         (["-O", "2", "--compilation-config.use_inductor", "false"], "-O 0"),
-        (["--enable-log-outputs"], "--enable-log-requests"),
         (["--compilation-config", '{"cudagraph_capture_sizes": [1]}'], "--enforce-eager"),
         (["--distributed-executor-backend", "ray"], "mp"),
         (["--otlp-traces-endpoint", "http://x"], "/metrics"),
@@ -309,6 +308,35 @@ def test_log_requests(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO", logger="modelport.requests"):
         c.post("/v1/completions", json={"model": "m", "prompt": "hello world"})
     assert any(r.getMessage() == 'POST /v1/completions: {"model":"m"' for r in caplog.records)
+    assert not any("response" in r.getMessage() for r in caplog.records)
+
+
+def test_log_outputs(caplog: pytest.LogCaptureFixture) -> None:
+    """--enable-log-outputs logs what was answered: a JSON body, or each event of a stream."""
+    import json
+
+    from starlette.responses import StreamingResponse
+
+    c = _client("--enable-log-requests", "--enable-log-outputs")
+
+    async def events():  # noqa: ANN202
+        for piece in ("Hel", "lo"):
+            yield f"data: {json.dumps({'text': piece})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    c.app.add_api_route("/v1/test-stream", lambda: StreamingResponse(
+        events(), media_type="text/event-stream"), methods=["POST"])
+    with caplog.at_level("INFO", logger="modelport.requests"):
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "hello world"})
+        c.post("/v1/test-stream", json={})
+    said = [rec.getMessage() for rec in caplog.records]
+    assert 'POST /v1/completions: {"model":"m","prompt":"hello world"}' in said
+    assert f"POST /v1/completions response {r.status_code}: {r.text}" in said  # 503: loading
+    assert [m for m in said if m.startswith("POST /v1/test-stream response")] == [
+        'POST /v1/test-stream response 200 (stream): data: {"text": "Hel"}',
+        'POST /v1/test-stream response 200 (stream): data: {"text": "lo"}',
+        "POST /v1/test-stream response 200 (stream): data: [DONE]",
+    ]
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -244,11 +244,13 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help="log each /v1 request's JSON body (prompt and sampling parameters) at INFO on "
            "the modelport.requests logger")
     a("--max-log-len", type=int, default=None,
-      help="with --enable-log-requests: log at most this many characters of a body")
+      help="with --enable-log-requests / --enable-log-outputs: log at most this many "
+           "characters of a body")
     a("--disable-uvicorn-access-log", action="store_true", default=False,
       help="no access log line per HTTP request (uvicorn's)")
     a("--enable-log-outputs", action="store_true", default=False,
-      help="refused: responses are not logged (--enable-log-requests logs request bodies)")
+      help="log each /v1 response body, and each event of a stream, on the "
+           "modelport.requests logger (cut to --max-log-len)")
     a("--disable-log-stats", action="store_true", default=False,
       help=_SAME + "logs no periodic engine statistics (they are at /metrics)")
     # OpenAI responses
@@ -440,8 +442,6 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("--compilation-config", _compilation_ok, "modelport captures CUDA graphs (vLLM's "
             "level 3 effect) and takes no other compilation settings; -O 0 (or --enforce-eager) "
             "runs without CUDA graphs"),
-    Refusal("--enable-log-outputs", _falsy, "responses are not logged; --enable-log-requests "
-            "logs each request's body"),
     Refusal("--distributed-executor-backend", _is(None, "mp", "uni"), "the engine and its "
             "tensor-parallel workers are local processes; use --distributed-executor-backend mp"),
     Refusal("--otlp-traces-endpoint", _is(None), "OpenTelemetry tracing is not supported; "
@@ -526,8 +526,11 @@ def configure_app(app: Any, args: argparse.Namespace) -> None:
         )
     if getattr(args, "enable_request_id_headers", False):
         app.add_middleware(RequestIdHeader)
-    if getattr(args, "enable_log_requests", False):
-        app.add_middleware(LogRequests, max_len=getattr(args, "max_log_len", None))
+    requests, outputs = (bool(getattr(args, k, False))
+                         for k in ("enable_log_requests", "enable_log_outputs"))
+    if requests or outputs:
+        app.add_middleware(LogRequests, max_len=getattr(args, "max_log_len", None),
+                           requests=requests, outputs=outputs)
     if getattr(args, "enable_server_load_tracking", False):
         app.state.server_load = 0
         app.add_middleware(LoadTracking)
@@ -595,26 +598,54 @@ class LoadTracking:
 
 
 class LogRequests:
-    """--enable-log-requests: each /v1 request's body, cut to --max-log-len characters."""
+    """--enable-log-requests: each /v1 request's body; --enable-log-outputs: each response's
+    body, or each event of a stream as it is sent (vLLM logs streamed deltas too). Each cut
+    to --max-log-len characters."""
 
-    def __init__(self, app: Any, max_len: int | None = None) -> None:
+    def __init__(self, app: Any, max_len: int | None = None, requests: bool = True,
+                 outputs: bool = False) -> None:
         self.app = app
         self.max_len = max_len
+        self.requests = requests
+        self.outputs = outputs
+
+    def _log(self, what: str, body: bytes) -> None:
+        text = body.decode("utf-8", "replace").strip()
+        if self.max_len is not None:
+            text = text[: self.max_len]
+        request_logger.info("%s: %s", what, text)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
+        where = f"{scope['method']} {scope['path']}"
         chunks: list[bytes] = []
+        sent: list[bytes] = []
+        response = {"status": 0, "stream": False}
 
         async def receive_and_log() -> Any:
             message = await receive()
             if message["type"] == "http.request":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
-                    text = b"".join(chunks).decode("utf-8", "replace")
-                    if self.max_len is not None:
-                        text = text[: self.max_len]
-                    request_logger.info("%s %s: %s", scope["method"], scope["path"], text)
+                    self._log(where, b"".join(chunks))
             return message
 
-        await self.app(scope, receive_and_log, send)
+        async def send_and_log(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+                kind = dict(message.get("headers") or ()).get(b"content-type", b"")
+                response["stream"] = kind.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if response["stream"]:
+                    if body.strip():
+                        self._log(f"{where} response {response['status']} (stream)", body)
+                else:
+                    sent.append(body)
+                    if not message.get("more_body", False):
+                        self._log(f"{where} response {response['status']}", b"".join(sent))
+            await send(message)
+
+        await self.app(scope, receive_and_log if self.requests else receive,
+                       send_and_log if self.outputs else send)
