@@ -334,3 +334,17 @@ def test_unknown_gpu_preset_is_one_clear_line(capsys, monkeypatch):
     assert err.startswith("modelport plan: error: --gpu: unknown GPU preset 'tpu-v5' (known: ")
     assert "h100-80gb" in err and "cpu" in err
     assert "leave --gpu out to plan for this machine" in err
+
+
+def test_closed_stdout_ends_quietly() -> None:
+    """`modelport plan ... | head -1`: the reader leaves early; no BrokenPipeError traceback,
+    and the shell's SIGPIPE status."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "modelport", "plan", "--model", "llama-3.1-8b", "--gpu",
+         "h100-80gb"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    p.stdout.close()  # before it writes: its first write finds no reader
+    err = p.stderr.read().decode()
+    assert p.wait() == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
