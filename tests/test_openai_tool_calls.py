@@ -219,6 +219,21 @@ def test_required_scan_takes_each_closed_call() -> None:
     assert scan_required(text, False).calls == [ParsedCall("get_time", '{"tz": "UTC"}')]
 
 
+def test_a_step_with_a_name_and_arguments_is_split_one_entry_per_call_a_chunk() -> None:
+    from modelport.entrypoints.openai.serving_chat import one_entry_per_call
+    from modelport.entrypoints.openai.tools import ToolChoiceOutput, ToolPlan
+
+    out = ToolChoiceOutput(ToolPlan("auto", [WEATHER], parser_name="hermes"))
+    content, calls = out.feed('Sure.<tool_call>{"name": "get_weather", "arguments": {"ci',
+                              False)
+    assert content == "Sure." and [c.index for c in calls] == [0, 0]  # one step, two pieces
+    first, *more = one_entry_per_call(calls)
+    assert [c.function.name for c in first] == ["get_weather"] and first[0].id
+    assert [[c.index for c in m] for m in more] == [[0]]
+    assert more[0][0].function.name is None and more[0][0].function.arguments == '{"ci'
+    assert one_entry_per_call([]) == [[]]
+
+
 def test_history_arguments_reach_the_template_as_objects() -> None:
     msgs = [{"role": "assistant", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}]
@@ -366,6 +381,13 @@ def test_auto_with_the_hermes_parser(base) -> None:
     first, rest = tool_deltas[0], tool_deltas[1:]
     assert first["id"].startswith("chatcmpl-tool-") and first["type"] == "function"
     assert first["function"] == {"name": "get_weather"}
+    # one entry per call in a chunk (as vLLM and OpenAI): the name came in one step with
+    # the arguments' first piece, as two entries of index 0 in one chunk, and a client
+    # reading delta.tool_calls[0] lost that piece
+    for ev in events:
+        for ch in ev["choices"]:
+            indexes = [tc["index"] for tc in ch["delta"].get("tool_calls") or []]
+            assert len(indexes) == len(set(indexes)), ch["delta"]
     assert len(rest) > 1
     assert all(set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
                for tc in rest)

@@ -31,6 +31,7 @@ from modelport.entrypoints.openai.protocol import (
     ChoiceLogprobs,
     ChunkJSON,
     DeltaMessage,
+    DeltaToolCall,
     TokenLogprob,
     TopLogprob,
     chat_choice_json,
@@ -265,6 +266,19 @@ def with_default_kwargs(
     return {**defaults, **(request_kwargs or {})}
 
 
+def one_entry_per_call(calls: list[DeltaToolCall]) -> list[list[DeltaToolCall]]:
+    """A step's tool-call deltas split into successive chunks' worth, each holding at most
+    one entry per call: as vLLM and OpenAI stream them, so that a client reading
+    ``delta.tool_calls[0]`` misses nothing (a call's name and its first arguments may come
+    in one step; the name goes first, alone, as vLLM sends it). Always one list at least."""
+    groups: list[list[DeltaToolCall]] = [[]]
+    for c in calls:
+        if any(d.index == c.index for d in groups[-1]):
+            groups.append([])
+        groups[-1].append(c)
+    return groups
+
+
 class ServingChat:
     def __init__(self, engine: AsyncLLM, tool_settings: ToolSettings | None = None,
                  reasoning_parser: str | None = None,
@@ -497,6 +511,7 @@ class ServingChat:
                     final = o.finish_reason is not None
                     thought: str | None = None
                     answer = o.text  # what content and tool calls are read from
+                    more: list[list[DeltaToolCall]] = []  # further deltas, a chunk each
                     if reasoning is not None:
                         streamer = thinking.setdefault(o.index, ReasoningStreamer(reasoning))
                         thought, answer = streamer.feed(o.text, final)
@@ -515,6 +530,7 @@ class ServingChat:
                     else:  # text becomes content and tool-call deltas
                         out_i = tool_outputs.setdefault(o.index, ToolChoiceOutput(plan))
                         content, calls = out_i.feed(answer, final)
+                        calls, *more = one_entry_per_call(calls)
                         delta = DeltaMessage(reasoning=thought, content=content,
                                              tool_calls=calls or None)
                         if final:
@@ -531,15 +547,18 @@ class ServingChat:
                         choices.append(chat_choice_json(o.index, text, logprobs, finish_reason,
                                                         o.stop_reason))
                         continue
-                    choices.append(
-                        ChatStreamChoice(
-                            index=o.index,
-                            delta=delta,
-                            logprobs=logprobs,
-                            finish_reason=finish_reason,
-                            stop_reason=o.stop_reason,
+                    deltas = [delta, *(DeltaMessage(tool_calls=m) for m in more)]
+                    for j, d in enumerate(deltas):  # the finish reason on the last
+                        last_one = j == len(deltas) - 1
+                        choices.append(
+                            ChatStreamChoice(
+                                index=o.index,
+                                delta=d,
+                                logprobs=logprobs if j == 0 else None,
+                                finish_reason=finish_reason if last_one else None,
+                                stop_reason=o.stop_reason if last_one else None,
+                            )
                         )
-                    )
                 for choice in choices:
                     yield chunk([choice])
             if include_usage and last is not None:
