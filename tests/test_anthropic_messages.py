@@ -232,6 +232,16 @@ def test_a_final_assistant_message_is_continued(base, model) -> None:
     ({"max_tokens": 5, "messages": QUESTION, "temperature": 1.5}, "temperature"),
     ({"max_tokens": 5, "messages": QUESTION, "tools": [{**WEATHER, "type": "web_search_1"}]},
      "server tools"),
+    # as the SDK sends a server tool (no input_schema): was "tools.0.input_schema: Field
+    # required", as if it were a client tool missing its schema
+    ({"max_tokens": 5, "messages": QUESTION, "tools": [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]},
+     "tools of type 'web_search_20250305' (Anthropic's server tools) are not supported"),
+    ({"max_tokens": 5, "messages": QUESTION, "tools": [{"name": "f"}]},
+     "tools.0.input_schema: Field required"),
+    ({"max_tokens": 5, "messages": QUESTION, "output_config": {"format": {
+        "type": "json_schema", "schema": {"type": "objectx"}}}},
+     "output_config.format.schema"),
     ({"max_tokens": 5, "messages": QUESTION, "tools": [WEATHER],
       "tool_choice": {"type": "tool", "name": "nope"}}, "no function named 'nope'"),
     ({"max_tokens": 5, "messages": [{"role": "assistant", "content": [
@@ -242,6 +252,21 @@ def test_bad_requests_are_anthropic_400s(base, model, body, said) -> None:
     message = _error(_post(base, "/v1/messages", {"model": model, **body}), 400,
                      "invalid_request_error")
     assert said in message, message
+
+
+def test_output_config_format_constrains_the_answer(base, model) -> None:
+    # Anthropic's structured outputs (vLLM serves them too): was ignored, a free-text answer
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+              "required": ["city"], "additionalProperties": False}
+    body = {"model": model, "max_tokens": 40, "temperature": 0, "messages": QUESTION,
+            "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    msg = _message(base, body)
+    assert msg["stop_reason"] == "end_turn"
+    answer = json.loads(_text(msg))
+    assert set(answer) == {"city"} and isinstance(answer["city"], str)
+    events = _events(base, body)
+    assert "".join(d["delta"]["text"] for n, d in events
+                   if n == "content_block_delta") == _text(msg)
 
 
 def test_not_found_auth_and_bad_json(base, model) -> None:
@@ -331,3 +356,40 @@ def test_event_writer_blocks_and_an_in_band_error() -> None:
     assert [g["type"] for g in got] == ["message_start", "ping", "content_block_start",
                                         "content_block_delta", "content_block_stop", "error"]
     assert got[-1]["error"] == {"type": "api_error", "message": "engine died"}
+
+
+def test_event_writer_ends_a_call_before_the_text_after_it() -> None:
+    """One step may finish a call's arguments and write text after the call (several tokens
+    a step: speculative decoding, text held back for a stop sequence): the arguments go to
+    the tool_use block before it stops; they came after its content_block_stop."""
+    from modelport.entrypoints.anthropic.serving import _EventWriter
+
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    w = _EventWriter("msg_1", None)
+    chunks = [
+        {"model": "m", "usage": usage, "choices": [{"delta": {"role": "assistant",
+                                                              "content": ""}}]},
+        {"model": "m", "choices": [{"delta": {"content": "Sure.", "tool_calls": [
+            {"index": 0, "id": "c0", "type": "function", "function": {"name": "f"}}]}}]},
+        {"model": "m", "choices": [{"delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": '{"a": '}}]}}]},
+        {"model": "m", "choices": [{"delta": {"content": " Done.", "tool_calls": [
+            {"index": 0, "function": {"arguments": "1}"}}]}, "finish_reason": "tool_calls"}]},
+    ]
+    got = _parse([e for c in chunks for e in w.feed(c)] + w.finish())
+    stopped: set[int] = set()
+    for g in got:  # no block gets a delta once it has stopped
+        if g["type"] == "content_block_stop":
+            stopped.add(g["index"])
+        elif g["type"] == "content_block_delta":
+            assert g["index"] not in stopped, got
+    assert [(g["type"], g.get("index")) for g in got] == [
+        ("message_start", None), ("ping", None),
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_delta", 1),
+        ("content_block_stop", 1),
+        ("content_block_start", 2), ("content_block_delta", 2), ("content_block_stop", 2),
+        ("message_delta", None), ("message_stop", None)]
+    assert "".join(g["delta"]["partial_json"] for g in got
+                   if g["type"] == "content_block_delta" and g["index"] == 1) == '{"a": 1}'
+    assert got[10]["delta"] == {"type": "text_delta", "text": " Done."}

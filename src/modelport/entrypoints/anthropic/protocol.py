@@ -73,7 +73,7 @@ class Tool(OpenAIModel):
 
     name: str = Field(min_length=1)
     description: str | None = None
-    input_schema: dict[str, Any]
+    input_schema: dict[str, Any] | None = None  # a client tool's: required (serving.py)
     type: str | None = None
 
 
@@ -89,6 +89,19 @@ class Thinking(OpenAIModel):
 
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(None, ge=0)
+
+
+class OutputFormat(OpenAIModel):
+    """Anthropic's structured outputs: the answer is JSON following `schema`."""
+
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(OpenAIModel):
+    format: OutputFormat | None = None
+    # taken, no effect: there is no reasoning-effort setting here
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
 
 
 class CountTokensRequest(TextRequest):
@@ -108,4 +121,5 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = Field(None, ge=0)
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    output_config: OutputConfig | None = None
     service_tier: str | None = None  # taken, no effect: there is one tier here

@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from modelport.engine.structured_output import validate as validate_structured_outputs
 from modelport.entrypoints.anthropic.protocol import (
     CountTokensRequest,
     MessagesRequest,
@@ -32,6 +33,7 @@ from modelport.entrypoints.openai.protocol import (
     FunctionCallIn,
     FunctionDefinition,
     NamedToolChoice,
+    ResponseFormat,
     TextPart,
     ToolCallIn,
 )
@@ -41,6 +43,7 @@ from modelport.entrypoints.openai.serving_chat import (
     with_default_kwargs,
 )
 from modelport.entrypoints.openai.tools import template_tool
+from modelport.sampling_params import StructuredOutputsParams
 
 # (request, model) -> the ServingChat of the engine serving that model
 ChatFactory = Callable[[Request, str | None], ServingChat]
@@ -160,6 +163,8 @@ def _tools(req: CountTokensRequest) -> list[ChatTool] | None:
             raise OpenAIError(f"tools[{i}]: tools of type {t.type!r} (Anthropic's server "
                               "tools) are not supported; only client tools (name, "
                               "description, input_schema)", 400)
+        if t.input_schema is None:
+            raise OpenAIError(f"tools.{i}.input_schema: Field required", 400)
         out.append(ChatTool(function=FunctionDefinition(
             name=t.name, description=t.description, parameters=t.input_schema)))
     return out
@@ -174,6 +179,21 @@ def _tool_choice(req: CountTokensRequest) -> Any:
             raise OpenAIError('tool_choice: type "tool" needs the name of the tool', 400)
         return NamedToolChoice(function={"name": tc.name})
     return {"auto": "auto", "any": "required", "none": "none"}[tc.type]
+
+
+def _response_format(req: MessagesRequest) -> ResponseFormat | None:
+    """output_config.format (structured outputs) as chat's json_schema response_format;
+    an unusable schema is a 400 naming output_config.format.schema."""
+    fmt = req.output_config.format if req.output_config is not None else None
+    if fmt is None:
+        return None
+    try:
+        validate_structured_outputs(StructuredOutputsParams(json=fmt.json_schema))
+    except (ValueError, TypeError) as e:
+        msg = str(e).replace("structured_outputs.json", "output_config.format.schema")
+        raise OpenAIError(msg, 400) from None
+    return ResponseFormat(type="json_schema",
+                          json_schema={"name": "output", "schema": fmt.json_schema})
 
 
 def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
@@ -202,6 +222,7 @@ def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
             add_generation_prompt=not prefill,
             continue_final_message=prefill,
             include_reasoning=req.thinking is None or req.thinking.type != "disabled",
+            response_format=_response_format(req),
         )
     except ValidationError as e:
         raise OpenAIError(validation_message(e), 400) from None
@@ -344,13 +365,20 @@ class _EventWriter:
                 self.finish_reason = choice["finish_reason"]
                 self.matched = choice.get("stop_reason")
             delta = choice.get("delta") or {}
+            calls = delta.get("tool_calls") or []
+            # a step may end a call and write text after it: the call's last arguments go
+            # to its block before that block stops (then the text, then any new calls)
+            going_on = [c for c in calls if c.get("index") in self.calls]
             if delta.get("reasoning"):
                 events += self._delta("thinking", {"type": "thinking_delta",
                                                    "thinking": delta["reasoning"]})
+            for call in going_on:
+                events += self._call(call)
             if delta.get("content"):
                 events += self._delta("text", {"type": "text_delta", "text": delta["content"]})
-            for call in delta.get("tool_calls") or []:
-                events += self._call(call)
+            for call in calls:
+                if not any(call is c for c in going_on):
+                    events += self._call(call)
         return events
 
     def _start(self, kind: str, block: dict[str, Any]) -> list[str]:
