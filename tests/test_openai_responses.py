@@ -304,3 +304,47 @@ def test_stream_translation_of_reasoning_and_calls() -> None:
     assert final["usage"]["output_tokens_details"] == {"reasoning_tokens": 4}
     assert [e["type"] for e in events].count("response.output_item.done") == 3
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_stream_ends_a_call_before_the_text_after_it() -> None:
+    """One step may finish a call's arguments and write text after the call (several tokens
+    a step): the arguments go to the function_call item before it is done. They came after
+    its response.function_call_arguments.done, which carried them cut short."""
+    import asyncio
+
+    from modelport.entrypoints.openai.serving_responses import ResponsesRequest, ServingResponses
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return "data: " + json.dumps({"choices": [{"index": 0, "delta": delta,
+                                                   "finish_reason": finish}]}) + "\n\n"
+
+    chunks = [chunk({"role": "assistant", "content": ""}),
+              chunk({"content": "Calling.", "tool_calls": [
+                  {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a": '}}]}),
+              chunk({"content": " Done.", "tool_calls": [
+                  {"index": 0, "function": {"arguments": "1}"}}]}, "tool_calls"),
+              "data: [DONE]\n\n"]
+
+    async def source():
+        for c in chunks:
+            yield c
+
+    async def run() -> list[dict]:
+        serving = ServingResponses(None)  # type: ignore[arg-type]
+        req = ResponsesRequest(input="hi", stream=True)
+        return [json.loads(e.split("\n")[1][6:])
+                async for e in serving._stream(req, "resp_x", 0, "m", source())]
+
+    events = asyncio.run(run())
+    done: set[int] = set()
+    for e in events:  # no item gets a delta once it is done
+        if e["type"] == "response.output_item.done":
+            done.add(e["output_index"])
+        elif e["type"].endswith(".delta"):
+            assert e["output_index"] not in done, events
+    (args_done,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert args_done["arguments"] == '{"a": 1}'
+    final = events[-1]["response"]
+    assert [o["type"] for o in final["output"]] == ["message", "function_call", "message"]
+    assert final["output"][2]["content"][0]["text"] == " Done."

@@ -469,6 +469,11 @@ class ServingResponses:
             events.append(event("response.reasoning_text.delta", item_id=cur["id"],
                                 output_index=output.index(cur), content_index=0,
                                 delta=thought))
+        deltas = delta.get("tool_calls") or []
+        # a step may end a call and write text after it: the call's last arguments go to
+        # its item before that item is done (then the text, then any new calls)
+        going_on = [d for d in deltas if d.get("index") in calls]
+        events += ServingResponses._feed_calls(going_on, event, open_item, calls, output)
         content = delta.get("content")
         if content:
             cur = current()
@@ -479,7 +484,14 @@ class ServingResponses:
             events.append(event("response.output_text.delta", item_id=cur["id"],
                                 output_index=output.index(cur), content_index=0,
                                 delta=content, logprobs=[]))
-        for d in delta.get("tool_calls") or []:
+        fresh = [d for d in deltas if not any(d is g for g in going_on)]
+        return events + ServingResponses._feed_calls(fresh, event, open_item, calls, output)
+
+    @staticmethod
+    def _feed_calls(deltas: list[dict[str, Any]], event: Any, open_item: Any,
+                    calls: dict[int, dict], output: list[dict]) -> list[str]:
+        events: list[str] = []
+        for d in deltas:
             fn = d.get("function") or {}
             if d["index"] not in calls:
                 item = _call_item(d.get("id") or _id("call"), fn.get("name", ""), "",
