@@ -107,3 +107,81 @@ def test_prediction_exception_over_http_is_torchserves_answer(tmp_path):
             await reg.stop()
 
     asyncio.run(main())
+
+
+PROBE = """
+import json
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    return [
+        json.dumps({
+            "types": {k: type(v).__name__ for k, v in row.items()},
+            "x_token": context.get_request_header(i, "X-Token"),
+            "content_type": context.get_request_header(i, "Content-Type"),
+        })
+        for i, row in enumerate(data)
+    ]
+"""
+
+
+def _probe(tmp_path, requests: list[dict]) -> list[dict]:
+    """Send each of `requests` (httpx.post keyword arguments) to a handler reporting what it
+    got, over the inference API in-process; return its answers."""
+    import asyncio
+    from pathlib import Path
+
+    import httpx
+    from fastapi import FastAPI
+
+    from modelport.entrypoints.torchserve.common import TSState
+    from modelport.entrypoints.torchserve.inference import make_inference_router
+    from modelport.entrypoints.torchserve.metrics import TSMetrics
+    from modelport.torchserve.registry import ModelRegistry
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "torchserve"))
+    import ts_archives
+
+    handler = tmp_path / "probe_handler.py"
+    handler.write_text(PROBE)
+    ts_archives.archive(tmp_path / "store", "probe", handler)
+
+    async def main() -> list[dict]:
+        reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
+        app = FastAPI()
+        app.include_router(make_inference_router(TSState(reg, TSMetrics(), None)))
+        try:
+            await reg.register("probe.mar", initial_workers=1)
+            transport = httpx.ASGITransport(app=app)
+            out = []
+            async with httpx.AsyncClient(transport=transport, base_url="http://ts") as c:
+                for kw in requests:
+                    r = await c.post(kw.pop("url", "/predictions/probe"), **kw)
+                    assert r.status_code == 200, r.text
+                    out.append(r.json())
+            return out
+        finally:
+            await reg.stop()
+
+    return asyncio.run(main())
+
+
+def test_form_fields_and_query_parameters_reach_the_handler_as_bytes(tmp_path):
+    """TorchServe's frontend (NettyUtils.getFormData) sends form fields and query parameters
+    with no content type, so its backend decodes none of them: a handler that calls
+    .decode() on them must keep working. Uploaded files keep their part's content type."""
+    multipart, urlencoded, json_body = _probe(tmp_path, [
+        {"url": "/predictions/probe?mode=fast",
+         "files": {"file": ("x.bin", b"\x00\x01"), "doc": ("d.json", b"{}", "application/json"),
+                   "typed": (None, b'{"a": 1}', "application/json")},
+         "data": {"data": "hello"}},
+        {"data": {"data": "hello"}},
+        {"json": {"a": 1}},
+    ])  # fmt: skip
+    assert multipart["types"] == {"data": "bytearray", "file": "bytearray", "doc": "dict",
+                                  "typed": "bytearray", "mode": "bytearray"}  # fmt: skip
+    assert urlencoded["types"] == {"data": "bytearray"}
+    assert json_body["types"] == {"body": "dict"}  # a JSON body is still decoded
+

@@ -3,7 +3,8 @@
 Requests are turned into the inputs TorchServe's frontend gives a handler: a raw body is one
 input named "body"; multipart and urlencoded form fields and query parameters are inputs
 under their own names. Each input keeps its content type so the worker decodes it the way
-TorchServe's backend does (JSON -> object, text -> str, anything else -> bytes).
+TorchServe's backend does (JSON -> object, text -> str, anything else -> bytes); form fields
+and query parameters have none (bytes), uploaded files their part's (else octet-stream).
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ def _form_params(content_type: str, body: bytes) -> list[InputParam]:
         if not name:
             continue
         payload = part.get_payload(decode=True) or b""
-        if part.get("content-type"):
+        if part.get_filename() is None:
+            # a form field (Netty's Attribute, whatever its Content-Type): TorchServe passes
+            # it with no content type, so the handler gets bytes
+            ct = ""
+        elif part.get("content-type"):
             ct = part.get_content_type()
         else:
-            ct = "application/octet-stream" if part.get_filename() else "text/plain"
+            ct = "application/octet-stream"
         params.append(InputParam(str(name), ct, payload))
     if not params:
         raise bad_request("multipart/form-data body has no named part")
@@ -66,11 +71,13 @@ async def request_item(request: Request) -> RequestItem:
         # the text into an empty form field named after it, which no handler expects
         params = [InputParam("body", "text/plain", body)]
     elif base == "application/x-www-form-urlencoded":
+        # form fields and query parameters reach the handler as bytes: TorchServe's frontend
+        # sends them with no content type, so its backend decodes none of them
         pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
-        params = [InputParam(k, "text/plain", v.encode()) for k, v in pairs]
+        params = [InputParam(k, "", v.encode()) for k, v in pairs]
     else:
         params = [InputParam("body", ct, body)]
-    params += [InputParam(k, "text/plain", v.encode()) for k, v in request.query_params.items()]
+    params += [InputParam(k, "", v.encode()) for k, v in request.query_params.items()]
     headers = {k.lower(): v for k, v in request.headers.items()}
     return RequestItem(uuid.uuid4().hex, params, headers)
 
