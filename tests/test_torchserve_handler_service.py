@@ -185,3 +185,11 @@ def test_form_fields_and_query_parameters_reach_the_handler_as_bytes(tmp_path):
     assert urlencoded["types"] == {"data": "bytearray"}
     assert json_body["types"] == {"body": "dict"}  # a JSON body is still decoded
 
+
+def test_request_headers_are_found_whatever_the_case_asked_for(tmp_path):
+    """TorchServe passes each header as the client wrote its name, so handlers ask for
+    `X-Token` or `Content-Type`; the ASGI server lowercases names, which must not hide them."""
+    (answer,) = _probe(tmp_path, [
+        {"content": b"x", "headers": {"X-Token": "abc", "Content-Type": "text/plain"}},
+    ])  # fmt: skip
+    assert answer["x_token"] == "abc" and answer["content_type"] == "text/plain"

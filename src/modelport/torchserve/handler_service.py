@@ -173,9 +173,7 @@ class HandlerService:
         inputs, processors = [], []
         for item in batch:
             inputs.append({p.name: _decode(p) for p in item.params})
-            headers: dict[str, Any] = {
-                p.name: {"content-type": p.content_type} for p in item.params
-            }
+            headers = _RequestHeaders({p.name: {"content-type": p.content_type} for p in item.params})
             headers.update(item.headers)
             processors.append(RequestProcessor(headers))
         ids = {i: item.request_id for i, item in enumerate(batch)}
@@ -221,6 +219,31 @@ class HandlerService:
                 ItemResponse(code, body, ct, {k: str(v) for k, v in headers.items()}, phrase)
             )
         return BatchResult(out)
+
+
+class _RequestHeaders(dict):
+    """A request's headers as `context.get_request_header` reads them, found whatever the case
+    of the name asked for.
+
+    TorchServe's frontend hands the backend each header as the client wrote its name, so a
+    handler asks for `X-Token` or `Content-Type`; HTTP servers here get names lowercased
+    (ASGI), so an exact lookup would miss. Keys are kept as they are.
+    """
+
+    def _key(self, key: object) -> object:
+        if dict.__contains__(self, key) or not isinstance(key, str):
+            return key
+        low = key.lower()
+        return next((k for k in self if isinstance(k, str) and k.lower() == low), key)
+
+    def __getitem__(self, key: object) -> Any:
+        return dict.__getitem__(self, self._key(key))
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, self._key(key))
+
+    def get(self, key: object, default: Any = None) -> Any:
+        return dict.get(self, self._key(key), default)
 
 
 class _MetricLines(logging.Handler):
