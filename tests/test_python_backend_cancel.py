@@ -12,6 +12,7 @@ import queue
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -327,3 +328,18 @@ def test_decoupled_bls_reads_each_response_as_it_is_sent(env):
     # each response was acknowledged before the next was sent: the caller read it at once
     assert r.as_numpy("ACKED").tolist() == [1, 1, 1, 1]
     assert r.as_numpy("EMPTY").tolist() == [1]  # then the final flag, as an empty response
+
+
+def test_closed_generate_stream_is_cancelled(env):
+    srv, reports = env
+    url = f"http://{srv.http_url}/v2/models/ticker/generate_stream"
+    events = []
+    with httpx.stream("POST", url, json={"id": "tick-http", "START": 0}, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 2:
+                break  # and close the connection
+    report = wait_report(reports / "tick-http.txt")
+    assert report.startswith("cancelled after "), report
