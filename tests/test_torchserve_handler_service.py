@@ -127,9 +127,9 @@ def handle(data, context):
 """
 
 
-def _probe(tmp_path, requests: list[dict]) -> list[dict]:
-    """Send each of `requests` (httpx.post keyword arguments) to a handler reporting what it
-    got, over the inference API in-process; return its answers."""
+def _answers(tmp_path, source: str, requests: list[dict], **register) -> list:
+    """Serve a handler (its source) as model "m" over the inference API in-process, send it
+    each of `requests` (httpx.post keyword arguments) and return the httpx responses."""
     import asyncio
     from pathlib import Path
 
@@ -145,27 +145,31 @@ def _probe(tmp_path, requests: list[dict]) -> list[dict]:
     import ts_archives
 
     handler = tmp_path / "probe_handler.py"
-    handler.write_text(PROBE)
-    ts_archives.archive(tmp_path / "store", "probe", handler)
+    handler.write_text(source)
+    ts_archives.archive(tmp_path / "store", "m", handler)
 
-    async def main() -> list[dict]:
+    async def main() -> list:
         reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
         app = FastAPI()
         app.include_router(make_inference_router(TSState(reg, TSMetrics(), None)))
         try:
-            await reg.register("probe.mar", initial_workers=1)
+            await reg.register("m.mar", initial_workers=1, **register)
             transport = httpx.ASGITransport(app=app)
-            out = []
             async with httpx.AsyncClient(transport=transport, base_url="http://ts") as c:
-                for kw in requests:
-                    r = await c.post(kw.pop("url", "/predictions/probe"), **kw)
-                    assert r.status_code == 200, r.text
-                    out.append(r.json())
-            return out
+                return [await c.post(kw.pop("url", "/predictions/m"), **kw) for kw in requests]
         finally:
             await reg.stop()
 
     return asyncio.run(main())
+
+
+def _probe(tmp_path, requests: list[dict]) -> list[dict]:
+    """What a handler reporting its inputs' types and two headers answers to `requests`."""
+    out = []
+    for r in _answers(tmp_path, PROBE, requests):
+        assert r.status_code == 200, r.text
+        out.append(r.json())
+    return out
 
 
 def test_form_fields_and_query_parameters_reach_the_handler_as_bytes(tmp_path):
@@ -173,7 +177,7 @@ def test_form_fields_and_query_parameters_reach_the_handler_as_bytes(tmp_path):
     with no content type, so its backend decodes none of them: a handler that calls
     .decode() on them must keep working. Uploaded files keep their part's content type."""
     multipart, urlencoded, json_body = _probe(tmp_path, [
-        {"url": "/predictions/probe?mode=fast",
+        {"url": "/predictions/m?mode=fast",
          "files": {"file": ("x.bin", b"\x00\x01"), "doc": ("d.json", b"{}", "application/json"),
                    "typed": (None, b'{"a": 1}', "application/json")},
          "data": {"data": "hello"}},
@@ -193,3 +197,44 @@ def test_request_headers_are_found_whatever_the_case_asked_for(tmp_path):
         {"content": b"x", "headers": {"X-Token": "abc", "Content-Type": "text/plain"}},
     ])  # fmt: skip
     assert answer["x_token"] == "abc" and answer["content_type"] == "text/plain"
+
+
+STALLING = """
+import os
+import signal
+import time
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    what = data[0]["body"]
+    if what == "stall":
+        time.sleep(30)
+    if what == "oom-killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what == "exit":
+        os._exit(3)
+    return [what for _ in data]
+"""
+
+
+def test_worker_timeout_and_death_answer_as_torchserve(tmp_path):
+    """TorchServe's WorkerThread: a worker that does not answer within responseTimeout is
+    restarted and its request gets 500 InternalServerException ("Worker died."), not a 408;
+    a worker killed by SIGKILL (exit value 137: the OOM killer) gets 507."""
+    sent = ["stall", "fine", "oom-killed", "fine", "exit", "fine"]
+    answers = _answers(
+        tmp_path,
+        STALLING,
+        [{"content": s, "headers": {"Content-Type": "text/plain"}} for s in sent],
+        overrides={"response_timeout_s": 2},
+    )
+    got = [(r.status_code, r.json().get("type") if r.status_code != 200 else r.text)
+           for r in answers]  # fmt: skip
+    assert got == [
+        (500, "InternalServerException"), (200, "fine"),
+        (507, "InternalServerException"), (200, "fine"),
+        (500, "InternalServerException"), (200, "fine"),
+    ], [r.text for r in answers]  # fmt: skip
+    assert answers[0].json()["message"].startswith("Worker died.")

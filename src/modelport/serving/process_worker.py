@@ -87,7 +87,12 @@ class WorkerCallError(WorkerError):
 
 
 class WorkerDiedError(WorkerError):
-    """The child process exited while a call was in flight."""
+    """The child process exited while a call was in flight (`exit_code`: its exit code, as
+    multiprocessing gives it, negative for a signal; None when unknown)."""
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class WorkerInitError(WorkerError):
@@ -300,7 +305,8 @@ class ProcessWorker:
                 fut.set_exception(
                     WorkerDiedError(
                         f"worker {self.name} (pid {inc.proc.pid}) died with exit code {code} "
-                        "while running this batch; it is being restarted"
+                        "while running this batch; it is being restarted",
+                        exit_code=code,
                     )
                 )
         inc.pending.clear()

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -227,10 +228,16 @@ class ModelVersion:
                 [item for item, _ in jobs], on_partial=self._route_partial
             )
         except WorkerTimeoutError as e:
-            err = TSError(408, "RequestTimeoutException", f"Model {self.name}: {e}")
+            # TorchServe (WorkerThread): a worker that does not answer within responseTimeout
+            # is taken for dead and restarted; its batch gets 500 "Worker died."
+            err = internal(f"Worker died. Model {self.name}: {e}")
             return [Outcome(err, started - t) for _, t in jobs]
         except WorkerDiedError as e:
-            err = internal(f"Worker died while running a batch of model {self.name}: {e}")
+            # a worker killed by SIGKILL (the OOM killer, mostly) is 507, as TorchServe reads
+            # its exit value 137
+            code = 507 if e.exit_code == -signal.SIGKILL else 500
+            message = f"Worker died while running a batch of model {self.name}: {e}"
+            err = TSError(code, "InternalServerException", message)
             return [Outcome(err, started - t) for _, t in jobs]
         except WorkerError as e:
             err = internal(f"Model {self.name} worker error: {e}")
