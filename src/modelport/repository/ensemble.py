@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.checks import check_request
-from modelport.repository.errors import ModelConfigError, ServingError, Unsupported
+from modelport.repository.errors import ModelConfigError, ServingError, needs_streaming
 from modelport.repository.stats import ModelStats
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
 from modelport.repository.trace import Trace, Tracer
@@ -390,10 +390,7 @@ class EnsembleModel:
 
     async def infer(self, req: InferRequest) -> InferResponse:
         if self.decoupled:
-            raise Unsupported(
-                f"model '{self.name}' uses the decoupled transaction policy: use streaming "
-                "(gRPC ModelStreamInfer or generate_stream)"
-            )
+            raise needs_streaming(self.name)
         t0 = time.perf_counter_ns()
         trace = self._trace_start(req, t0)
         self.stats.pending += 1

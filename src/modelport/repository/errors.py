@@ -68,3 +68,11 @@ def not_ready(name: str, version: int | None = None) -> Unavailable:
     return Unavailable(
         f"Request for unknown model: '{name}' version {version} is not at ready state"
     )
+
+
+def needs_streaming(name: str) -> Unsupported:
+    """A unary infer on a decoupled model (or an ensemble decoupled through a step)."""
+    return Unsupported(
+        f"model '{name}' uses the decoupled transaction policy: use streaming "
+        "(gRPC ModelStreamInfer or generate_stream)"
+    )

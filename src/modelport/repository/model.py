@@ -24,7 +24,7 @@ from modelport.repository.errors import (
     ModelConfigError,
     ServingError,
     Unavailable,
-    Unsupported,
+    needs_streaming,
 )
 from modelport.repository.model_config import is_decoupled
 from modelport.repository.rate_limit import instance_limits
@@ -428,10 +428,7 @@ class ModelVersion:
 
     async def infer(self, req: InferRequest) -> InferResponse:
         if self.decoupled:
-            raise Unsupported(
-                f"model '{self.name}' uses the decoupled transaction policy: use streaming "
-                "(gRPC ModelStreamInfer or generate_stream)"
-            )
+            raise needs_streaming(self.name)
         t0 = time.perf_counter_ns()
         trace = self._trace_start(req, t0)
         self.stats.pending += 1
