@@ -82,9 +82,9 @@ def _setup(tmp_path: Path, props: str) -> argparse.Namespace:
     return args
 
 
-def _run(args: argparse.Namespace, predictions: int = 2) -> str:
-    """Start, predict `predictions` times (and once for a model that is not there), return
-    the management port's /metrics."""
+def _run(args: argparse.Namespace, predictions: int = 2, versioned: int = 0) -> str:
+    """Start, predict `predictions` times, `versioned` times naming version 1.0 (and once for
+    a model that is not there), return the management port's /metrics."""
 
     async def main() -> str:
         app = FastAPI()
@@ -95,6 +95,9 @@ def _run(args: argparse.Namespace, predictions: int = 2) -> str:
             async with httpx.AsyncClient(transport=transport, base_url="http://ts") as c:
                 for _ in range(predictions):
                     r = await c.post("/predictions/m", content=b"x")
+                    assert r.status_code == 200, r.text
+                for _ in range(versioned):
+                    r = await c.post("/predictions/m/1.0", content=b"x")
                     assert r.status_code == 200, r.text
                 assert (await c.post("/predictions/nope", content=b"x")).status_code == 404
             base = f"http://127.0.0.1:{service.management_port}"
@@ -121,18 +124,20 @@ def test_prometheus_mode_serves_what_metrics_yaml_declares(tmp_path):
     args = _setup(
         tmp_path, f"metrics_mode=prometheus\nmetrics_config={tmp_path / 'metrics.yaml'}\n"
     )
-    text = _run(args)
+    text = _run(args, versioned=1)
     samples = _samples(text)
-    # frontend metrics: only the declared ones, with the declared dimensions as labels
-    assert samples['ts_inference_requests_total{model_name="m",model_version="1.0"}'] == 2.0
-    assert samples['Requests2XX{Level="Host"}'] == 2.0
+    # frontend metrics: only the declared ones, with the declared dimensions as labels; as
+    # TorchServe's RestJob, a request that names no version counts under "default"
+    assert samples['ts_inference_requests_total{model_name="m",model_version="default"}'] == 2.0
+    assert samples['ts_inference_requests_total{model_name="m",model_version="1.0"}'] == 1.0
+    assert samples['Requests2XX{Level="Host"}'] == 3.0
     assert "ts_inference_latency_microseconds" not in text and "Requests4XX" not in text
     assert "# TYPE ts_inference_requests_total counter" in text
     # the handler's metrics, with its dimensions (and Hostname)
-    assert samples['InferenceCount{Color="blue",ModelName="m",Level="Model"}'] == 4.0
-    assert re.search(r'InferenceCount\{[^}]*Hostname="[^"]+"\} 4\.0', text)
-    assert samples['SizeHist_count{Color="blue",ModelName="m",Level="Model"}'] == 2.0
-    assert samples['SizeHist_bucket{Color="blue",ModelName="m",Level="Model",le="0.5"}'] == 2.0
+    assert samples['InferenceCount{Color="blue",ModelName="m",Level="Model"}'] == 6.0
+    assert re.search(r'InferenceCount\{[^}]*Hostname="[^"]+"\} 6\.0', text)
+    assert samples['SizeHist_count{Color="blue",ModelName="m",Level="Model"}'] == 3.0
+    assert samples['SizeHist_bucket{Color="blue",ModelName="m",Level="Model",le="0.5"}'] == 3.0
     assert samples['SizeHist_bucket{Color="blue",ModelName="m",Level="Model",le="0.25"}'] == 0
     assert "# TYPE SizeHist histogram" in text
     assert "Undeclared" not in text and "PredictionTime" not in text
@@ -157,7 +162,7 @@ def test_log_mode_writes_the_metrics_logs(tmp_path, monkeypatch):
     stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3} - "
     assert any(
         re.match(stamp + r"ts_inference_requests_total\.Count:1\.0\|#model_name:m,"
-                 r"model_version:1\.0\|#hostname:[^,]+,timestamp:\d+$", line)
+                 r"model_version:default\|#hostname:[^,]+,timestamp:\d+$", line)
         for line in ts_log
     ), ts_log  # fmt: skip
     assert any(re.match(stamp + r"Requests2XX\.Count:1\.0\|#Level:Host\|", ln) for ln in ts_log)
@@ -173,11 +178,12 @@ def test_log_mode_writes_the_metrics_logs(tmp_path, monkeypatch):
 
 def test_legacy_mode_keeps_the_three_inference_series(tmp_path):
     args = _setup(tmp_path, f"metrics_mode=legacy\nmetrics_config={tmp_path / 'metrics.yaml'}\n")
-    samples = _samples(_run(args, predictions=1))
+    samples = _samples(_run(args, predictions=1, versioned=1))
     assert set(samples) == {
-        f'{n}{{model_name="m",model_version="1.0"}}'
+        f'{n}{{model_name="m",model_version="{v}"}}'
         for n in ("ts_inference_requests_total", "ts_inference_latency_microseconds",
                   "ts_queue_latency_microseconds")
+        for v in ("default", "1.0")
     }  # fmt: skip
 
 

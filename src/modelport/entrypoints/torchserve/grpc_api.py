@@ -328,13 +328,19 @@ class InferenceService(_Service):
 
     async def predictions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         mv = self._model(request)
-        r = await run_one(self.state, mv, self._item(request))
+        r = await run_one(self.state, mv, self._item(request),
+                          requested_version=request.model_version or None)  # fmt: skip
         return protos.PredictionResponse(prediction=r.body)
 
-    async def _responses(self, mv: ModelVersion, item: RequestItem) -> AsyncIterator[ItemResponse]:
+    async def _responses(
+        self, mv: ModelVersion, item: RequestItem, requested_version: str | None
+    ) -> AsyncIterator[ItemResponse]:
         """The handler's intermediate responses as they come, then its final one."""
         partials: asyncio.Queue[ItemResponse] = asyncio.Queue()
-        final = asyncio.ensure_future(run_one(self.state, mv, item, on_partial=partials.put_nowait))
+        final = asyncio.ensure_future(
+            run_one(self.state, mv, item, on_partial=partials.put_nowait,
+                    requested_version=requested_version)
+        )  # fmt: skip
         nxt: asyncio.Future | None = None
         try:
             while True:
@@ -358,7 +364,7 @@ class InferenceService(_Service):
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         mv = self._model(request)
-        async for r in self._responses(mv, self._item(request)):
+        async for r in self._responses(mv, self._item(request), request.model_version or None):
             yield protos.PredictionResponse(prediction=r.body)
 
     async def stream_predictions2(
@@ -375,7 +381,8 @@ class InferenceService(_Service):
             headers["ts_request_sequence_id"] = seq
             try:
                 mv = self._model(request)
-                async for r in self._responses(mv, self._item(request, headers)):
+                item = self._item(request, headers)
+                async for r in self._responses(mv, item, request.model_version or None):
                     yield protos.PredictionResponse(prediction=r.body, sequenceId=seq)
             except _Fail as f:
                 yield _status_response(f.code, f.message, f.reason, seq)

@@ -95,23 +95,37 @@ async def run_one(
     item: RequestItem,
     alone: bool = False,
     on_partial: Callable[[ItemResponse], None] | None = None,
+    requested_version: str | None = None,
 ) -> ItemResponse:
+    """Run one request; `requested_version` is the version the client named, if any."""
     start = time.monotonic()
     outcome = await (mv.run_alone(item) if alone else mv.predict(item, on_partial))
-    state.metrics.observe(mv.name, mv.version, time.monotonic() - start, outcome.queue_latency_s)
+    # TorchServe (RestJob) labels the inference metrics with the version the request named,
+    # "default" when it named none (the default version served it)
+    state.metrics.observe(
+        mv.name,
+        requested_version or "default",
+        time.monotonic() - start,
+        outcome.queue_latency_s,
+    )
     if isinstance(outcome.response, TSError):
         raise outcome.response
     return outcome.response
 
 
-async def respond(state: TSState, mv: ModelVersion, item: RequestItem) -> Response:
+async def respond(
+    state: TSState, mv: ModelVersion, item: RequestItem, requested_version: str | None = None
+) -> Response:
     """One response, or a chunked stream when the handler sends intermediate responses.
 
     The choice is made by the handler at run time (send_intermediate_predict_response), so
     the response waits for whichever comes first: an intermediate response or the final one.
     """
     partials: asyncio.Queue[ItemResponse] = asyncio.Queue()
-    final = asyncio.ensure_future(run_one(state, mv, item, on_partial=partials.put_nowait))
+    final = asyncio.ensure_future(
+        run_one(state, mv, item, on_partial=partials.put_nowait,
+                requested_version=requested_version)
+    )  # fmt: skip
     first = asyncio.ensure_future(partials.get())
     await asyncio.wait({final, first}, return_when=asyncio.FIRST_COMPLETED)
     if not first.done():
@@ -188,8 +202,9 @@ def make_inference_router(state: TSState) -> APIRouter:
             item = await request_item(request)
             if explain:  # BaseHandler switches to explain_handle on this header
                 item = replace(item, headers={**item.headers, "explain": "True"})
-                return _to_response(await run_one(state, mv, item, alone=True), item.request_id)
-            return await respond(state, mv, item)
+                answer = await run_one(state, mv, item, alone=True, requested_version=version)
+                return _to_response(answer, item.request_id)
+            return await respond(state, mv, item, version)
         except TSError as e:
             return error_response(e)
         except Exception as e:
