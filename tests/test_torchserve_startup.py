@@ -215,6 +215,43 @@ def test_entries_matched_by_marName_keep_their_names_and_versions(tmp_path):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("first", ["echo.mar", "echo_v2.mar"])
+def test_first_startup_version_listed_is_the_default(tmp_path, monkeypatch, first):
+    """TorchServe loads startup archives one after the other, so the first version of a model
+    it loads is its default. Here they load side by side: the first listed stays the default
+    even when it is the slower to load."""
+    from modelport.torchserve import registry
+
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w1")
+    ts_archives.echo_archive(tmp_path / "v2", tmp_path / "w2", version="2.0")
+    (tmp_path / "v2" / "echo.mar").rename(store / "echo_v2.mar")
+    unpack = registry.unpack
+
+    def slow_unpack(src, dest):  # noqa: ANN001, ANN202
+        if Path(src).name == first:
+            time.sleep(1.0)
+        return unpack(src, dest)
+
+    monkeypatch.setattr(registry, "unpack", slow_unpack)
+    entries = {v: {"marName": mar, "minWorkers": 0, "maxWorkers": 1}
+               for v, mar in (("1.0", "echo.mar"), ("2.0", "echo_v2.mar"))}  # fmt: skip
+    cfg = _config(tmp_path, f"model_store={store}\nmodels={json.dumps({'echo': entries})}\n"
+                            "management_address=http://127.0.0.1:0\n")  # fmt: skip
+    listed = [first, *({"echo.mar", "echo_v2.mar"} - {first})]
+    args = _args(["--ts-config", str(cfg), "--disable-token-auth", "--disable-grpc", "--ncs",
+                  "--models", *listed])  # fmt: skip
+
+    async def main():
+        service, _ = await _started(args)
+        try:
+            assert service.state.registry.get("echo").url == first
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
 def test_archive_entry_lookup(tmp_path):
     models = {
         "a": {"1.0": {"marName": "a.mar"}, "2.0": {"marName": "v2/a.mar"}},

@@ -52,6 +52,7 @@ from modelport.entrypoints.torchserve.workflows import (
 )
 from modelport.torchserve.archive import MANIFEST_PATH
 from modelport.torchserve.auth import TokenAuth
+from modelport.torchserve.model import ModelVersion
 from modelport.torchserve.registry import ARCHIVE_SUFFIXES, ModelRegistry
 from modelport.torchserve.snapshot import SnapshotManager
 from modelport.torchserve.ts_config import ModelSettings, TSConfig, load_ts_config
@@ -276,6 +277,7 @@ class TorchServeService:
         if failed:
             await self.state.registry.stop()
             raise RuntimeError(f"loading TorchServe models failed: {failed[0]}") from failed[0]
+        self._startup_defaults(results)
         await start_workflows(self.state)
         self.management_port = await self._serve(
             make_management_app(self.state), *self.plan.management
@@ -300,7 +302,19 @@ class TorchServeService:
         if self.snapshots is not None:
             self.snapshots.save("startup")
 
-    async def _load(self, name: str | None, url: str) -> None:
+    def _startup_defaults(self, loaded: list) -> None:
+        """Each model's default version as TorchServe's one-after-the-other startup leaves it:
+        the first version loaded, unless a later one's `models=` entry says defaultVersion
+        (the last such wins). The archives load concurrently here, so whichever finished
+        first would otherwise be the default."""
+        chosen: dict[str, str] = {}
+        for mv, marked in loaded:
+            if marked or mv.name not in chosen:
+                chosen[mv.name] = mv.version
+        for name, version in chosen.items():
+            self.state.registry.set_default(name, version)
+
+    async def _load(self, name: str | None, url: str) -> tuple[ModelVersion, bool]:
         """Load one startup archive with its config.properties `models=` settings.
 
         The entry is the one whose marName is this archive (`load_models=echo.mar`, `all`,
@@ -320,6 +334,8 @@ class TorchServeService:
             config_entry=(lambda *_: by_mar) if by_mar else cfg.entry_for_model,
         )
         logger.info("loaded TorchServe model %s version %s", mv.name, mv.version)
+        entry = by_mar or cfg.entry_for_model(mv.name, mv.version)
+        return mv, bool(entry and entry.default)
 
     async def _serve_metrics(self) -> None:
         host, port = self.plan.metrics
