@@ -144,6 +144,53 @@ def test_model_yaml_settings_and_tgz_served_in_process(tmp_path):
     asyncio.run(main())
 
 
+GPU_ID_HANDLER = """
+def handle(data, context):
+    if data is None:
+        return None
+    return [str(context.system_properties.get("gpu_id")) for _ in data]
+"""
+
+
+@pytest.mark.parametrize(
+    "yaml, expected",
+    [
+        ("", [0, 1, 2]),  # spread over the visible GPUs
+        ("deviceType: cpu\n", [None, None, None]),  # a CPU model stays off the GPUs
+        ("deviceType: gpu\ndeviceIds: [2, 3]\n", [2, 3, 2]),  # only the listed GPUs
+        ("deviceIds: [1, 9]\n", [0, 1, 2]),  # an id out of range voids the list
+    ],
+)
+def test_model_yaml_device_type_and_ids_place_the_workers(tmp_path, monkeypatch, yaml, expected):
+    """TorchServe (Model, WorkLoadManager): `deviceType: cpu` in the model-config YAML gives
+    the workers no gpu_id, `deviceIds` limits them to those GPUs. GPUs are faked (the gpu_id
+    only reaches the handler's context, which says what it got)."""
+    import functools
+
+    from modelport.torchserve import model as ts_model
+    from modelport.torchserve.messages import InputParam, RequestItem
+
+    monkeypatch.setattr(ts_model, "gpu_count", functools.cache(lambda: 4))
+    handler = tmp_path / "gpu_id_handler.py"
+    handler.write_text(GPU_ID_HANDLER)
+    cfg = tmp_path / "model-config.yaml"
+    cfg.write_text(yaml + "minWorkers: 3\nmaxWorkers: 3\n")
+    ts_archives.archive(tmp_path / "store", "dev", handler, config_file=cfg)
+
+    async def main():
+        reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
+        try:
+            mv = await reg.register("dev.mar")
+            assert [w["gpuId"] for w in mv.describe()["workers"]] == expected
+            assert mv.describe()["deviceType"] == ("cpu" if expected[0] is None else "gpu")
+            out = await mv.predict(RequestItem("r", [InputParam("body", "", b"x")]))
+            assert out.response.body.decode() in {str(g) for g in expected}
+        finally:
+            await reg.stop()
+
+    asyncio.run(main())
+
+
 def _serve_args(argv: list[str]):
     import argparse
 

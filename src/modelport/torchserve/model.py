@@ -165,15 +165,30 @@ class ModelVersion:
             self._swap_batcher(max(len(self._slots), 1))
 
     def _gpu_ids(self, count: int, n_gpu: int) -> list[int | None]:
-        """Spread workers over visible GPUs, as TorchServe assigns gpu_id to workers."""
-        if n_gpu == 0:
+        """Spread workers over visible GPUs, as TorchServe assigns gpu_id to workers: none
+        for a model-config YAML that says `deviceType: cpu`, and only its `deviceIds` when it
+        lists valid ones (TorchServe's Model / WorkLoadManager)."""
+        if n_gpu == 0 or str(self.model_yaml.get("deviceType", "")).lower() == "cpu":
             return [None] * count
+        devices = self._device_ids(n_gpu) or list(range(n_gpu))
         used = [s.gpu_id for s in self._slots]
         out: list[int | None] = []
         for _ in range(count):
-            gpu = min(range(n_gpu), key=lambda g: (used + out).count(g))
+            gpu = min(devices, key=lambda g: (used + out).count(g))
             out.append(gpu)
         return out
+
+    def _device_ids(self, n_gpu: int) -> list[int]:
+        """The YAML's deviceIds; as TorchServe, one out of range voids the whole list."""
+        ids = self.model_yaml.get("deviceIds")
+        if not isinstance(ids, list) or not ids:
+            return []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_gpu
+                   for i in ids):  # fmt: skip
+            logger.warning("model %s: invalid deviceIds %s for %d GPUs; ignored",
+                           self.name, ids, n_gpu)  # fmt: skip
+            return []
+        return ids
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
