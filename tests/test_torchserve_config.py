@@ -191,6 +191,45 @@ def test_model_yaml_device_type_and_ids_place_the_workers(tmp_path, monkeypatch,
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("number_of_gpu, expected", [(0, [None] * 3), (2, [0, 1, 0])])
+def test_number_of_gpu_limits_the_gpus_workers_use(tmp_path, monkeypatch, number_of_gpu,
+                                                    expected):  # fmt: skip
+    """config.properties number_of_gpu: TorchServe uses min(number_of_gpu, the GPUs there
+    are), so number_of_gpu=0 serves on CPU only. 4 GPUs are faked."""
+    import functools
+
+    from fastapi import FastAPI
+
+    from modelport.torchserve import model as ts_model
+
+    monkeypatch.setattr(ts_model, "gpu_count", functools.cache(lambda: 4))
+    handler = tmp_path / "gpu_id_handler.py"
+    handler.write_text(GPU_ID_HANDLER)
+    yaml = tmp_path / "model-config.yaml"
+    yaml.write_text("minWorkers: 3\nmaxWorkers: 3\n")
+    store = tmp_path / "store"
+    ts_archives.archive(store, "dev", handler, config_file=yaml)
+    props = tmp_path / "config.properties"
+    props.write_text(f"model_store={store}\nload_models=dev.mar\nnumber_of_gpu={number_of_gpu}\n"
+                     "management_address=http://127.0.0.1:0\n"
+                     "metrics_address=http://127.0.0.1:0\n")  # fmt: skip
+    assert load_ts_config(props).number_of_gpu == number_of_gpu
+    frontend, args = _serve_args(["--ts-config", str(props), "--disable-token-auth",
+                                  "--disable-grpc", "--ncs"])  # fmt: skip
+    args.serve_frontends = (frontend.__name__,)
+
+    async def main():
+        service = await frontend.build(args, FastAPI())
+        await service.start()
+        try:
+            desc = service.state.registry.get("dev").describe()
+            assert [w["gpuId"] for w in desc["workers"]] == expected
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
 def _serve_args(argv: list[str]):
     import argparse
 

@@ -106,6 +106,8 @@ class ModelVersion:
         # lines it logs go (set by the registry; None: the defaults / dropped)
         self.metrics_config: str | None = None
         self.metrics_sink: Callable[[tuple[str, ...]], None] | None = None
+        # config.properties number_of_gpu: the most GPUs workers may use (None: all there are)
+        self.max_gpus: int | None = None
 
     # -- workers --
 
@@ -135,7 +137,7 @@ class ModelVersion:
         """Start or stop worker processes until `n` run; raises if a new one fails to load."""
         async with self._scale_lock:
             if n > len(self._slots):
-                n_gpu = await asyncio.to_thread(gpu_count)  # first call imports torch
+                n_gpu = await asyncio.to_thread(self._visible_gpus)  # first call imports torch
                 new = [
                     _Slot(self._new_worker(gpu), str(next(_worker_ids)), gpu_id=gpu)
                     for gpu in self._gpu_ids(n - len(self._slots), n_gpu)
@@ -177,6 +179,11 @@ class ModelVersion:
             gpu = min(devices, key=lambda g: (used + out).count(g))
             out.append(gpu)
         return out
+
+    def _visible_gpus(self) -> int:
+        """The GPUs workers may use: TorchServe's number_of_gpu, min(configured, there)."""
+        n = gpu_count()
+        return n if self.max_gpus is None else min(n, self.max_gpus)
 
     def _device_ids(self, n_gpu: int) -> list[int]:
         """The YAML's deviceIds; as TorchServe, one out of range voids the whole list."""
@@ -385,7 +392,7 @@ class ModelVersion:
         if str(self.model_yaml.get("deviceType", "")).lower() == "cpu" or self._slots:
             return "cpu"
         # no workers to tell: ask torch only if a scale-up already did (importing it is slow)
-        return "gpu" if gpu_count.cache_info().currsize and gpu_count() > 0 else "cpu"
+        return "gpu" if gpu_count.cache_info().currsize and self._visible_gpus() > 0 else "cpu"
 
     def healthy(self) -> bool:
         return self.settings.min_workers == 0 or any(s.worker.alive for s in self._slots)

@@ -83,6 +83,8 @@ class ModelRegistry:
         # TorchServe metrics: the handlers' metrics.yaml and the sink of their metric lines
         self.metrics_config: str | None = None
         self.metrics_sink: Callable[[tuple[str, ...]], None] | None = None
+        # config.properties number_of_gpu (None: every GPU there is)
+        self.max_gpus: int | None = None
 
     # -- lookup --
 
@@ -290,6 +292,7 @@ class ModelRegistry:
             extra_sys_path=extra_path,
         )
         mv.metrics_config, mv.metrics_sink = self.metrics_config, self.metrics_sink
+        mv.max_gpus = self.max_gpus
         return mv, entry
 
     @staticmethod

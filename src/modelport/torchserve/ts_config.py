@@ -166,6 +166,8 @@ class TSConfig:
     # TorchServe >= 0.11 defaults this to false; modelport keeps the API on (it is bound to
     # 127.0.0.1 and token-protected by default) and honours an explicit false
     enable_model_api: bool = True
+    # the most GPUs the workers may use (TorchServe: min(this, the GPUs there are)); None: all
+    number_of_gpu: int | None = None
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -214,6 +216,7 @@ _KNOWN = {
     "token_expiration",
     "install_py_dep_per_model",
     "enable_model_api",
+    "number_of_gpu",
     "grpc_inference_address",
     "grpc_management_address",
     "grpc_inference_port",
@@ -267,6 +270,7 @@ def load_ts_config(path: str | Path) -> TSConfig:
     allowed = props.get("allowed_urls")
     expiration = props.get("token_expiration") or props.get("token_expiration_min")
     workers = props.get("default_workers_per_model")
+    n_gpu = props.get("number_of_gpu")
     return TSConfig(
         inference_address=_host_port(props.get("inference_address")),
         management_address=_host_port(props.get("management_address")),
@@ -286,6 +290,7 @@ def load_ts_config(path: str | Path) -> TSConfig:
         token_expiration_min=float(expiration) if expiration else 60.0,
         install_py_dep_per_model=_bool(props.get("install_py_dep_per_model"), False),
         enable_model_api=_bool(props.get("enable_model_api"), True),
+        number_of_gpu=max(int(n_gpu), 0) if n_gpu else None,
         grpc=_grpc_settings(props),
         extra={k: v for k, v in props.items() if k not in _KNOWN},
     )
