@@ -112,7 +112,9 @@ def test_url_resolution_rules(tmp_path):
 def test_model_yaml_settings_and_tgz_served_in_process(tmp_path):
     """The archive's model-config YAML sets batch size and workers; a tgz archive serves."""
     cfg = tmp_path / "model-config.yaml"
-    cfg.write_text("batchSize: 3\nmaxBatchDelay: 20\nminWorkers: 1\nmaxWorkers: 2\n")
+    cfg.write_text(
+        "batchSize: 3\nmaxBatchDelay: 20\nminWorkers: 1\nmaxWorkers: 2\njobQueueSize: 7\n"
+    )
     src = ts_archives.echo_archive(
         tmp_path / "store", tmp_path / "w", name="yecho", config_file=cfg, archive_format="tgz"
     )
@@ -125,6 +127,7 @@ def test_model_yaml_settings_and_tgz_served_in_process(tmp_path):
             mv = await reg.register(src.name)
             assert (mv.settings.batch_size, mv.settings.max_batch_delay_ms) == (3, 20)
             assert (mv.settings.min_workers, mv.settings.max_workers, mv.num_workers) == (1, 2, 1)
+            assert mv.settings.job_queue_size == 7  # TorchServe: the YAML's, where > 0
             items = [
                 RequestItem(str(i), [InputParam("data", "text/plain", b"v")]) for i in range(3)
             ]

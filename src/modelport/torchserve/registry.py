@@ -305,12 +305,12 @@ class ModelRegistry:
         """Settings of a model loaded at startup.
 
         TorchServe (ModelManager.createModel, ModelServer.initModelStore): the archive's own
-        YAML wins over its config.properties `models=` entry: batchSize, maxBatchDelay and
-        responseTimeout where > 0, minWorkers/maxWorkers where 0 < minWorkers <= maxWorkers
-        (those also replace the default workers); explicit overrides win over both.
+        YAML wins over its config.properties `models=` entry: batchSize, maxBatchDelay,
+        responseTimeout and jobQueueSize where > 0, minWorkers/maxWorkers where 0 < minWorkers
+        <= maxWorkers (those also replace the default workers); explicit overrides win over both.
         """
-        yaml_wins = {k: v for k, v in from_yaml.items()
-                     if k in ("batch_size", "max_batch_delay_ms", "response_timeout_s") and v > 0}
+        yaml_wins = {k: v for k, v in from_yaml.items() if v > 0 and k in (
+            "batch_size", "max_batch_delay_ms", "response_timeout_s", "job_queue_size")}
         y_min, y_max = from_yaml.get("min_workers", 0), from_yaml.get("max_workers", 0)
         if 0 < y_min <= y_max:
             yaml_wins.update(min_workers=y_min, max_workers=y_max)
@@ -437,6 +437,8 @@ def _management_fields(
         fields[key] = from_entry[key]
     elif key in query:
         fields[key] = query[key]
+    if from_yaml.get("job_queue_size", 0) > 0:  # else config.properties' job_queue_size
+        fields["job_queue_size"] = from_yaml["job_queue_size"]
     y_min, y_max = from_yaml.get("min_workers", 0), from_yaml.get("max_workers", 0)
     if 0 < y_min <= y_max:
         fields.update(min_workers=y_min, max_workers=y_max)

@@ -257,6 +257,7 @@ def model_overrides(spec: dict[str, Any]) -> dict[str, Any]:
         "minWorkers": "min_workers",
         "maxWorkers": "max_workers",
         "responseTimeout": "response_timeout_s",
+        "jobQueueSize": "job_queue_size",
     }
     return {
         keys[k]: (float(v) if k == "responseTimeout" else int(v))
