@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,11 @@ def test_calibration_loading_and_warnings(tmp_path: Path) -> None:
     bad.write_text('{"content": "x"}\n')
     with pytest.raises(ValueError, match='"text" field'):
         read_texts(bad)
+    # a folder is a clear error (was IsADirectoryError), and the reference sample is named so
+    with pytest.raises(ValueError, match="cannot read calibration file .*: Is a directory"):
+        read_texts(tmp_path)
+    with pytest.raises(ValueError, match="--reference-text file not found"):
+        read_texts(tmp_path / "nope.txt", "--reference-text file")
     prose = list(TEXT.read_bytes())
     windows = make_windows([prose], num_samples=8, seq_len=256)
     assert len(windows) == 8 and all(len(w) == 256 for w in windows)
@@ -259,14 +266,18 @@ def test_reference_sample_scores_every_layer_against_round_to_nearest(
         QuantizeOptions(method="gptq", damp_percent=0)
 
 
-def test_cli_quantize_and_its_errors(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_quantize_and_its_errors(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # as in a shell, where logging is not configured: each warning is printed once (the
+    # logger's last-resort stderr output printed them a second time, inside the progress bar)
+    monkeypatch.setattr(logging.getLogger("modelport.quantization.tools"), "propagate", False)
     out = tmp_path / "cli-gptq"
     rc = cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output", str(out),
                    "--calib", str(TEXT), "--num-samples", "2", "--seq-len", "64",
                    "--group-size", "32", "--bits", "8", "--no-sequential"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
-    assert "small calibration set" in printed.err and "worst:" in printed.out
+    assert printed.err.count("small calibration set") == 1 and "worst:" in printed.out
     assert json.loads((out / "quantization_report.json").read_text())["layer_relative_output_error"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["true_sequential"] is False
@@ -292,6 +303,78 @@ def test_cli_quantize_and_its_errors(tiny: Path, tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err
     assert "--group-size 128 does not divide the input size" in err
     assert "(input size 64); use --group-size 64" in err and not (tmp_path / "g").exists()
+    # another method's option is refused, not silently dropped (FP8 wrote 8-bit weights for
+    # --bits 4 and recorded bits 4 in its report; AWQ ignored --desc-act)
+    for method, extra, msg in (
+            ("awq", ["--calib", str(TEXT), "--desc-act"], "--desc-act applies to --method gptq only"),
+            ("fp8", ["--bits", "4"], "--bits applies to --method awq / gptq only"),
+            ("fp8", ["--group-size", "32"], "--group-size applies to --method awq / gptq only"),
+            ("fp8", ["--no-zero-point"], "--zero-point / --no-zero-point applies to"),
+            ("fp8", ["--reference-text", str(TEXT)], "--reference-text applies to --method awq")):
+        assert cli_main(["quantize", "--method", method, "--model", str(tiny), "--output",
+                         str(tmp_path / "o"), *extra]) == 1
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert cli_main(["quantize", "--method", "fp8", "--model", str(tiny), "--output",
+                     str(tmp_path / "f")]) == 0
+    assert json.loads((tmp_path / "f" / "quantization_report.json").read_text())["options"]["bits"] == 8
+    # AWQ has no -1 group size (the layout and its loaders need groups): refused up front,
+    # not after calibrating; the group-size hint no longer suggests it for AWQ
+    with pytest.raises(ValueError, match="AWQ: --group-size -1 is not supported"):
+        QuantizeOptions(method="awq", group_size=-1)
+    capsys.readouterr()
+    assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",
+                     str(tmp_path / "d"), "--calib", str(TEXT), "--device", "nodevice"]) == 1
+    assert "--device must be cpu or cuda, got 'nodevice'" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",
+                     str(tmp_path / "d"), "--calib", str(TEXT), "--device", "cuda"]) == 1
+    assert "--device cuda: CUDA is not available here" in capsys.readouterr().err
+    assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",
+                     str(tmp_path / "d"), "--calib", str(tmp_path)]) == 1
+    assert "cannot read calibration file" in capsys.readouterr().err
+
+
+def test_quantize_output_folder_checks(tiny: Path, tmp_path: Path) -> None:
+    """The output folder is checked before any work: the model's own folder (the float
+    checkpoint was overwritten, then shutil.SameFileError), a file (FileExistsError), or a
+    folder holding a sharded checkpoint whose index the loader would follow instead of the
+    written model.safetensors (the output failed to load) are refused; a folder a previous
+    run wrote is fine."""
+    model = shutil.copytree(tiny, tmp_path / "model")
+    before = (model / "model.safetensors").read_bytes()
+    opts = QuantizeOptions(method="fp8", bits=8)
+    with pytest.raises(ValueError, match="is the model's own folder"):
+        quantize_model(str(model), model, None, opts, progress=False)
+    assert (model / "model.safetensors").read_bytes() == before
+    assert "quantization_config" not in json.loads((model / "config.json").read_text())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; name a folder"):
+        quantize_model(str(tiny), tmp_path / "file", None, opts, progress=False)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "model-00001-of-00002.safetensors").write_bytes(before)
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds another checkpoint's weights \("
+                                         r"model-00001-of-00002.safetensors, model.safetensors"):
+        quantize_model(str(tiny), sharded, None, opts, progress=False)
+    assert not (sharded / "model.safetensors").exists()
+    again = tmp_path / "again"
+    for _ in range(2):
+        assert quantize_model(str(tiny), again, None, opts, progress=False).output == again
+
+
+def test_calibration_windows_fit_the_models_context(tiny: Path, tmp_path: Path) -> None:
+    """--seq-len past max_position_embeddings (512 here) was an IndexError in the rotary
+    table mid-calibration; the windows are cut to the context, with a warning."""
+    long_text = tmp_path / "long.txt"
+    long_text.write_text(TEXT.read_text() * 2)
+    opts = QuantizeOptions(method="gptq", bits=8, group_size=32, num_samples=2, seq_len=1024,
+                           sequential=False)
+    report = quantize_model(str(tiny), tmp_path / "q", long_text, opts, progress=False)
+    assert any("--seq-len 1024 is longer than the model's context (512 positions)" in w
+               for w in report.warnings)
+    assert report.calibration_tokens == 2 * 512 and len(report.layer_errors) == 14
 
 
 def test_calibration_from_model(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="float HF folder (config.json + safetensors)")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--calib", type=Path, default=None,
-                   help="calibration text: .txt or .jsonl with a \"text\" field (not for fp8)")
+                   help="calibration text: .txt or .jsonl with a \"text\" field (fp8 needs "
+                        "none; given, it only measures each layer's error)")
     p.add_argument("--calib-from-model", action="store_true",
                    help="AWQ / GPTQ without a calibration file: the model writes --num-samples "
                         "texts of up to --seq-len tokens itself (saved in the output as "
@@ -25,8 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "as a sample of your traffic")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="-1: one group per channel")
+    p.add_argument("--bits", type=int, default=None,
+                   help="AWQ: 4; GPTQ: 4 (default) or 8; FP8 is 8-bit")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="AWQ / GPTQ, default 128; GPTQ also -1: one group per output channel")
     p.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize layer by layer, each linear fitted to its inputs in the "
@@ -61,6 +65,22 @@ def _run(args: argparse.Namespace) -> int:
     from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
 
     zero_point = args.zero_point if args.zero_point is not None else args.method == "awq"
+    # an option of another method is refused, not silently ignored
+    if args.desc_act and args.method != "gptq":
+        print("error: --desc-act applies to --method gptq only", file=sys.stderr)
+        return 1
+    if args.method == "fp8":
+        fixed = "FP8 weights are 8-bit E4M3 with one scale per output channel"
+        given = [(flag, why) for flag, why, on in (
+            ("--bits", fixed, args.bits not in (None, 8)),
+            ("--group-size", fixed, args.group_size is not None),
+            ("--zero-point / --no-zero-point", fixed, args.zero_point is not None),
+            ("--reference-text", "FP8 fits no calibration text", args.reference_text is not None),
+        ) if on]
+        if given:
+            print(f"error: {given[0][0]} applies to --method awq / gptq only ({given[0][1]})",
+                  file=sys.stderr)
+            return 1
     if args.damp_percent is not None and args.method != "gptq":
         print("error: --damp-percent applies to --method gptq only", file=sys.stderr)
         return 1
@@ -73,7 +93,9 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     try:
         opts = QuantizeOptions(
-            method=args.method, bits=args.bits, group_size=args.group_size,
+            method=args.method,
+            bits=args.bits if args.bits is not None else 8 if args.method == "fp8" else 4,
+            group_size=args.group_size if args.group_size is not None else 128,
             desc_act=args.desc_act, zero_point=zero_point, num_samples=args.num_samples,
             seq_len=args.seq_len, reference_text=args.reference_text, device=args.device,
             sequential=args.sequential is not False, calib_from_model=args.calib_from_model,
@@ -82,6 +104,9 @@ def _run(args: argparse.Namespace) -> int:
                               else HESSIAN_ROW_CLIP),
             **({} if args.min_expert_tokens is None
                else {"min_expert_tokens": args.min_expert_tokens}))
+        tools_log = logging.getLogger("modelport.quantization.tools")
+        if not tools_log.hasHandlers():  # not logging's last resort too: printed below, once
+            tools_log.addHandler(logging.NullHandler())
         report = quantize_model(args.model, args.output, args.calib, opts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,15 +22,18 @@ MIN_TOKENS = 8192  # AutoAWQ's default is 128 x 512 = 65k tokens
 JS_WARN = 0.35  # bits; same-language prose sits well under it, code vs prose well over
 
 
-def read_texts(path: Path) -> list[str]:
-    """.jsonl: the "text" field of each line; anything else: the file as UTF-8 text."""
+def read_texts(path: Path, what: str = "calibration file") -> list[str]:
+    """.jsonl: the "text" field of each line; anything else: the file as UTF-8 text.
+    ``what`` names the file in errors (the --reference-text sample is read here too)."""
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"calibration file not found: {path}") from None
+        raise ValueError(f"{what} not found: {path}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"calibration file {path} is not UTF-8 text ({e})") from None
+        raise ValueError(f"{what} {path} is not UTF-8 text ({e})") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
     if path.suffix == ".jsonl":
         texts = []
         for i, line in enumerate(raw.splitlines(), 1):
@@ -47,7 +50,7 @@ def read_texts(path: Path) -> list[str]:
         texts = [raw]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise ValueError(f"calibration file {path} holds no text")
+        raise ValueError(f"{what} {path} holds no text")
     return texts
 
 

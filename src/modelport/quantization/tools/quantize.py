@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from modelport.quantization.tools.capture import HESSIAN_ROW_CLIP
-from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
+from modelport.quantization.tools.writer import check_output, is_quantizable, write_checkpoint
 
 if TYPE_CHECKING:
     from modelport.quantization.tools.capture import LayerStats
@@ -90,6 +90,12 @@ class QuantizeOptions:
             raise ValueError(f"GPTQ: unsupported bit width {self.bits}; supported: 4, 8")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
             raise ValueError(f"--group-size must be -1 or a positive multiple of 8, got {self.group_size}")
+        if self.method == "awq" and self.group_size == -1:
+            # AutoAWQ's GEMM layout as vLLM and this loader read it keeps one scale and zero
+            # per group of inputs; a -1 config is refused there
+            raise ValueError("AWQ: --group-size -1 is not supported (the AutoAWQ GEMM layout "
+                             "needs groups along the input: use 128, 64 or 32, or --method "
+                             "gptq for one group per row)")
         if not 0 < self.damp_percent <= 10:
             raise ValueError(f"--damp-percent must be in (0, 10], got {self.damp_percent}")
         if self.hessian_row_clip != 0 and self.hessian_row_clip < 1:
@@ -212,8 +218,23 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     if calib is None and opts.method != "fp8" and not opts.calib_from_model:
         raise ValueError(f"--calib (or --calib-from-model) is required for {opts.method} (FP8 "
                          "needs no calibration)")
+    # the output, the device and the text files are checked before the weights load
+    check_output(src.path, Path(output))
+    if not moe:  # an MoE model refuses any device but the CPU (moe_quant.load_for_calibration)
+        _check_device(opts.device)
+    texts: list[str] | None = calib_mod.read_texts(calib) if calib is not None else None
+    ref_texts = (calib_mod.read_texts(opts.reference_text, "--reference-text file")
+                 if opts.reference_text is not None else None)
+    # calibration windows fit the model's positions (its rotary table ends there)
+    seq_len = min(opts.seq_len, mcfg.max_position_embeddings)
     report = QuantizeReport(Path(output), options={
         k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()})
+    if seq_len < opts.seq_len and (texts is not None or opts.calib_from_model):
+        short = (f"--seq-len {opts.seq_len} is longer than the model's context "
+                 f"({mcfg.max_position_embeddings} positions): calibration windows hold "
+                 f"{seq_len} tokens")
+        calib_mod.logger.warning(short)
+        report.warnings.append(short)
     weights = {n: t.float() for n, t in hf.iter_safetensors(hf.safetensors_files(src.path))}
     if moe:
         moe_quant.split_stacked_experts(weights, expert_names)
@@ -223,8 +244,6 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     # AWQ folds its scales into ``weights``; errors are always against the checkpoint's weights
     originals = {n: weights[n].clone() for n in names} if opts.method == "awq" else weights
     out: dict[str, torch.Tensor] = {}  # checkpoint tensors; the float ones are added last
-    bar = tqdm(total=len(names), desc=f"Quantizing ({opts.method})", unit="layer",
-               disable=not progress)
 
     def emit(name: str, st: LayerStats | None) -> torch.Tensor:
         """Quantize one weight into ``out``, report its error on its calibration inputs, and
@@ -251,31 +270,30 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         return w_hat
 
     ref_stats: dict[str, LayerStats] | None = None
-    texts: list[str] | None = None
-    if calib is not None:
-        texts = calib_mod.read_texts(calib)
-    elif opts.calib_from_model:
+    if texts is None and opts.calib_from_model:
         from modelport.quantization.tools.selfcalib import generate_calibration
 
-        texts = generate_calibration(str(src.path), opts.num_samples, opts.seq_len, opts.device,
+        texts = generate_calibration(str(src.path), opts.num_samples, seq_len, opts.device,
                                      progress=progress)
         report.generated_calibration = texts
+    # after the model has written its calibration text (that has bars of its own)
+    bar = tqdm(total=len(names), desc=f"Quantizing ({opts.method})", unit="layer",
+               disable=not progress)
     if texts is None:
         for name in names:
             emit(name, None)
     else:
-        windows = calib_mod.make_windows(_tokenize(src.path, texts), opts.num_samples, opts.seq_len)
+        windows = calib_mod.make_windows(_tokenize(src.path, texts), opts.num_samples, seq_len)
         ref = None
-        if opts.reference_text is not None:
-            ref = [t for ids in _tokenize(src.path, calib_mod.read_texts(opts.reference_text))
-                   for t in ids]
-        report.warnings = calib_mod.calibration_warnings(windows, opts.num_samples, opts.seq_len, ref)
+        if ref_texts is not None:
+            ref = [t for ids in _tokenize(src.path, ref_texts) for t in ids]
+        report.warnings += calib_mod.calibration_warnings(windows, opts.num_samples, seq_len, ref)
         report.calibration_tokens = sum(len(w) for w in windows)
         float_model = (moe_quant.load_for_calibration(src, mcfg, opts.device) if moe else
                        load_model(src, mcfg, LoadConfig(), torch.float32, torch.device(opts.device)))
         if ref is not None and opts.method != "fp8":  # before sequential GPTQ changes the model
             ref_stats = collect_stats(float_model, calib_mod.make_windows(
-                [ref], REFERENCE_WINDOWS, opts.seq_len), hessian=False)
+                [ref], REFERENCE_WINDOWS, seq_len), hessian=False)
         if opts.method == "gptq" and opts.sequential and moe:
             mismatch = set(names) ^ set(moe_quant.layerwise_weight_names(float_model, expert_names))
             if mismatch:
@@ -340,6 +358,18 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     return report
 
 
+def _check_device(device: str) -> None:
+    """--device names cpu or an available CUDA device (not a torch assertion mid-run)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+
+
 def _fused_checkpoint(names: list[str], weights: dict[str, torch.Tensor], mcfg) -> bool:  # noqa: ANN001
     """Whether the checkpoint stores qkv_proj / gate_up_proj fused (Phi-3) rather than split
     (Llama, Qwen2); a mix, or fused tensors of unexpected shape, is refused."""
@@ -370,7 +400,11 @@ def check_group_size(weights: dict[str, torch.Tensor], names: list[str], opts: Q
     if not bad:
         return
     fits = [c for c in (128, 64, 32) if c < g and all(weights[n].shape[1] % c == 0 for n in names)]
-    hint = f"--group-size {fits[0]}" if fits else "--group-size -1 (one group per row)"
+    if fits:
+        hint = f"--group-size {fits[0]}"
+    else:  # AWQ takes no -1 (QuantizeOptions)
+        hint = ("--group-size -1 (one group per row)" if opts.method != "awq"
+                else "--method gptq --group-size -1 (one group per row)")
     raise ValueError(
         f"--group-size {g} does not divide the input size of {len(bad)} layer(s), e.g. {bad[0]} "
         f"(input size {weights[bad[0]].shape[1]}); use {hint}")

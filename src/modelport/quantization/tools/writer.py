@@ -43,6 +43,27 @@ KEEP_FP32_SUFFIXES = ("weight_scale", "input_scale", ".absmax", ".quant_map", ".
                       ".nested_quant_map")
 
 
+def check_output(src_dir: Path, out_dir: Path) -> None:
+    """Before any work: refuse an output that would destroy the source checkpoint, that is not
+    a folder, or whose other weight files would be loaded instead of (or beside) the written
+    model.safetensors (a sharded checkpoint's index and shards; the loader reads those)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--output {out_dir} is a file; name a folder")
+    if out_dir.is_dir() and out_dir.resolve() == Path(src_dir).resolve():
+        raise ValueError(f"--output {out_dir} is the model's own folder: writing there would "
+                         "replace the float checkpoint; name another folder")
+    if out_dir.is_dir():
+        stale = sorted(p.name for p in out_dir.iterdir()
+                       if p.name == "model.safetensors.index.json"
+                       or (p.suffix == ".safetensors" and p.name != "model.safetensors"))
+        if stale:
+            raise ValueError(f"--output {out_dir} already holds another checkpoint's weights "
+                             f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}), which "
+                             "loaders would read instead of the quantized model.safetensors; "
+                             "name an empty folder or remove them")
+
+
 def write_checkpoint(
     src_dir: Path,
     out_dir: Path,
