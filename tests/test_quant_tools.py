@@ -111,6 +111,16 @@ def test_calibration_loading_and_warnings(tmp_path: Path) -> None:
         read_texts(tmp_path)
     with pytest.raises(ValueError, match="--reference-text file not found"):
         read_texts(tmp_path / "nope.txt", "--reference-text file")
+    # a byte order mark (Windows editors) is not part of the text, and .json documents work
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "delta"}\n')
+    assert read_texts(bom) == ["delta"]
+    doc = tmp_path / "c.json"
+    doc.write_text('[{"text": "one"}, "two", {"text": "  "}]')
+    assert read_texts(doc) == ["one", "two"]
+    doc.write_text('{"text": "one"}')
+    with pytest.raises(ValueError, match="array of strings or of objects"):
+        read_texts(doc)
     prose = list(TEXT.read_bytes())
     windows = make_windows([prose], num_samples=8, seq_len=256)
     assert len(windows) == 8 and all(len(w) == 256 for w in windows)

@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="float HF folder (config.json + safetensors)")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--calib", type=Path, default=None,
-                   help="calibration text: .txt or .jsonl with a \"text\" field (fp8 needs "
+                   help="calibration text: .txt, .jsonl with a \"text\" field a line, or .json (an "
+                        "array of strings or {\"text\": ...} objects) (fp8 needs "
                         "none; given, it only measures each layer's error)")
     p.add_argument("--calib-from-model", action="store_true",
                    help="AWQ / GPTQ without a calibration file: the model writes --num-samples "

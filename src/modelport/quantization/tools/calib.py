@@ -1,4 +1,4 @@
-"""Calibration text: loading (.txt / .jsonl), sampling into token windows, and the warnings.
+"""Calibration text: loading (.txt / .jsonl / .json), sampling into token windows, and the warnings.
 
 The known failure of AWQ/GPTQ is calibrating on too little text, or on text unlike what the
 model will serve (the quantized model then fits the wrong activations). So the tool warns when
@@ -23,11 +23,13 @@ JS_WARN = 0.35  # bits; same-language prose sits well under it, code vs prose we
 
 
 def read_texts(path: Path, what: str = "calibration file") -> list[str]:
-    """.jsonl: the "text" field of each line; anything else: the file as UTF-8 text.
-    ``what`` names the file in errors (the --reference-text sample is read here too)."""
+    """.jsonl: the "text" field of each line; .json: an array of strings or of objects with
+    a "text" field (a dataset exported as one JSON document); anything else: the file as
+    UTF-8 text (a byte order mark is dropped). ``what`` names the file in errors (the
+    --reference-text sample is read here too)."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ValueError(f"{what} not found: {path}") from None
     except UnicodeDecodeError as e:
@@ -46,6 +48,21 @@ def read_texts(path: Path, what: str = "calibration file") -> list[str]:
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise ValueError(f'{path}:{i}: each line needs a string "text" field')
             texts.append(obj["text"])
+    elif path.suffix == ".json":
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        items = doc if isinstance(doc, list) else None
+        if items is None or not all(
+            isinstance(x, str) or (isinstance(x, dict) and isinstance(x.get("text"), str))
+            for x in items
+        ):
+            raise ValueError(
+                f'{path}: a .json {what} must be an array of strings or of objects with a '
+                'string "text" field (or use .jsonl, one {"text": ...} a line, or .txt)'
+            )
+        texts = [x if isinstance(x, str) else x["text"] for x in items]
     else:
         texts = [raw]
     texts = [t for t in texts if t.strip()]
