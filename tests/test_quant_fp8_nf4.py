@@ -102,6 +102,160 @@ def test_fp8_online_from_float(tiny: Path, tmp_path: Path, monkeypatch: pytest.M
     assert (got - original).abs().max().item() < 0.1 * original.abs().max().item()
 
 
+ATTN = r"re:model\.layers\.\d+\.self_attn\.[qkvo]_proj$"
+# the FP8 part of a compressed-tensors config.json, as llm-compressor's FP8 schemes describe it
+CT_WEIGHTS = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+CT_DYNAMIC = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+              "dynamic": True}
+CT_STATIC = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+             "dynamic": False}
+
+
+def _ct_config(groups: dict, ignore: list[str], fmt: str = "float-quantized") -> dict:
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None,
+            "sparsity_config": {}, "global_compression_ratio": None}
+
+
+def _write_folder(tiny: Path, out: Path, tensors: dict, qc: dict | None) -> Path:
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    cfg = json.loads((tiny / "config.json").read_text())
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_compressed_tensors_fp8_checkpoint(tiny: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An llm-compressor-style FP8 checkpoint built here from the format's description: the
+    attention projections in one group (channel strategy, scales [out, 1] in bf16, dynamic
+    per-token activations), the other linear layers in a "Linear" group (tensor strategy,
+    scale [1], static per-tensor input_scale), some layers ignored (kept in bf16) by exact
+    name and by "re:" regex. Logits match an independent dequantization of the file and stay
+    within FP8's error of the float model."""
+    ignored = {"model.layers.1.mlp.down_proj", "model.layers.0.mlp.gate_proj",
+               "model.layers.0.mlp.up_proj"}
+    qc = _ct_config({"group_0": {"targets": [ATTN],
+                                 "weights": {**CT_WEIGHTS, "strategy": "channel"},
+                                 "input_activations": CT_DYNAMIC},
+                     "group_1": {"targets": ["Linear"],
+                                 "weights": {**CT_WEIGHTS, "strategy": "tensor"},
+                                 "input_activations": CT_STATIC}},
+                    ["lm_head", "model.layers.1.mlp.down_proj", r"re:.*layers\.0\.mlp\.(gate|up)_proj$"])
+    qt, ref = {}, {}
+    for name, w in load_file(str(tiny / "model.safetensors")).items():
+        module = name.removesuffix(".weight")
+        if not is_quantizable(name) or module in ignored:
+            qt[name] = w.to(torch.bfloat16) if module in ignored else w
+            ref[name] = qt[name].float()
+            continue
+        if ".self_attn." in name:  # channel: amax of each row / 448, stored as bf16 [out, 1]
+            scale = (w.abs().amax(dim=1, keepdim=True) / 448.0).to(torch.bfloat16)
+        else:  # tensor: one value, shape [1]
+            scale = (w.abs().max() / 448.0).reshape(1)
+            qt[f"{module}.input_scale"] = torch.tensor([0.02])
+        q = (w / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
+        qt[name], qt[f"{module}.weight_scale"] = q, scale
+        ref[name] = q.float() * scale.float()  # independent dequantization, broadcast by shape
+    qdir = _write_folder(tiny, tmp_path / "ct", qt, qc)
+    rdir = _write_folder(tiny, tmp_path / "ref", ref, None)
+    monkeypatch.setenv("MODELPORT_FP8_CPU_INT8", "0")  # the FP8 bytes kept, exact
+    model = _load(qdir)
+    layers = model.model.layers
+    assert layers[0].self_attn.qkv_proj.fp8_weight.dtype == torch.float8_e4m3fn
+    assert layers[1].mlp.gate_up_proj.fp8_weight.dtype == torch.float8_e4m3fn
+    for layer in (layers[0].mlp.gate_up_proj, layers[1].mlp.down_proj):  # ignored: float
+        assert layer.quant_method is None and layer.weight.dtype == torch.float32
+    assert layers[0].mlp.down_proj.quant_method is not None
+    want = run_one_sequence(_load(rdir), PROMPT)
+    torch.testing.assert_close(run_one_sequence(model, PROMPT), want, atol=1e-4, rtol=1e-4)
+    original = run_one_sequence(_load(tiny), PROMPT)
+    assert (want - original).abs().max().item() < 0.1 * original.abs().max().item()
+    monkeypatch.delenv("MODELPORT_FP8_CPU_INT8")
+    _assert_cpu_int8_default(qdir, want, "fp8")
+    assert _load(qdir, "fp8") is not None  # quantization="fp8" names the detected method
+    with pytest.raises(ValueError, match=r"is a fp8 checkpoint but quantization='awq'"):
+        _load(qdir, "awq")
+    from modelport.planner.model_source import _hf_quantization
+
+    assert _hf_quantization({"quantization_config": qc}) == "fp8"
+
+
+def test_compressed_tensors_fused_layer_quantized_alike(tiny: Path, tmp_path: Path) -> None:
+    """q/k/v load into one fused layer: ignoring only q_proj (the rest FP8) is refused."""
+    qc = _ct_config({"group_0": {"targets": ["Linear"],
+                                 "weights": {**CT_WEIGHTS, "strategy": "channel"},
+                                 "input_activations": CT_DYNAMIC}},
+                    ["lm_head", "model.layers.0.self_attn.q_proj"])
+    out = _write_folder(tiny, tmp_path / "ct", load_file(str(tiny / "model.safetensors")), qc)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.qkv_proj is one fused "
+                       r"layer.*q_proj \(float\), .*k_proj \(dynamic\)"):
+        _load(out)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128,
+                  "symmetric": True, "dynamic": False}, "input_activations": None,
+      "format": "pack-quantized"},
+     r"'pack-quantized' format.*type='int', num_bits=4, strategy='group'.*AWQ or GPTQ"),
+    ({"weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True,
+                  "dynamic": False}, "input_activations": {**CT_DYNAMIC, "type": "int"},
+      "format": "int-quantized"}, r"'int-quantized' format"),
+    ({"weights": {**CT_WEIGHTS, "strategy": "block", "block_structure": [128, 128]}},
+     r"FP8 weights with the 'block' strategy"),
+    ({"weights": {**CT_WEIGHTS, "strategy": "group", "group_size": 32}},
+     r"FP8 weights with the 'group' strategy"),
+    ({"sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
+     r"sparsity \('sparse-24-bitmask'"),
+    ({"kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor"}},
+     r"quantized KV cache.*--kv-cache-dtype fp8"),
+])
+def test_compressed_tensors_other_schemes_refused(tiny: Path, tmp_path: Path, change: dict,
+                                                  match: str) -> None:
+    """Every compressed-tensors scheme but FP8 weights is refused up front, naming the part
+    and what to use instead; the refusal comes before any weight is read (a folder without
+    weights gives the same error)."""
+    group = {"targets": ["Linear"], "weights": {**CT_WEIGHTS, "strategy": "channel"},
+             "input_activations": CT_DYNAMIC}
+    top = {k: change[k] for k in ("sparsity_config", "kv_cache_scheme") if k in change}
+    fmt = change.get("format", "float-quantized")
+    group.update({k: v for k, v in change.items() if k in ("weights", "input_activations")})
+    qc = {**_ct_config({"group_0": group}, ["lm_head"], fmt), **top}
+    out = _write_folder(tiny, tmp_path / "ct", load_file(str(tiny / "model.safetensors")), qc)
+    with pytest.raises(ValueError, match=r"compressed-tensors checkpoint: .*" + match) as err:
+        _load(out)
+    assert "not supported" in str(err.value) and str(out) in str(err.value)
+    (out / "model.safetensors").unlink()  # refused from config.json alone
+    with pytest.raises(ValueError, match=match):
+        _load(out)
+    from modelport.planner.model_source import _hf_quantization
+
+    assert _hf_quantization({"quantization_config": qc}) is None
+
+
+def test_fp8_per_channel_checkpoint_of_earlier_versions(tiny: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `modelport quantize --method fp8` wrote before it wrote compressed-tensors:
+    quant_method "fp8", one float32 scale per output channel of shape [out]; still loaded."""
+    def per_channel(w: torch.Tensor):  # noqa: ANN202
+        scale = w.abs().amax(dim=1) / 448.0
+        q = (w / scale[:, None]).to(torch.float8_e4m3fn)
+        return {"": q, "_scale": scale}, q.float() * scale[:, None]
+
+    qdir, rdir = _write_variant(tiny, tmp_path, per_channel, FP8Config())
+    t = {k.replace(".weight._scale", ".weight_scale"): v
+         for k, v in load_file(str(qdir / "model.safetensors")).items()}
+    save_file(t, str(qdir / "model.safetensors"))
+    assert json.loads((qdir / "config.json").read_text())["quantization_config"] == {
+        "quant_method": "fp8", "activation_scheme": "dynamic"}
+    assert t["model.layers.0.mlp.down_proj.weight_scale"].shape == (64,)
+    monkeypatch.setenv("MODELPORT_FP8_CPU_INT8", "0")
+    got = run_one_sequence(_load(qdir), PROMPT)
+    torch.testing.assert_close(got, run_one_sequence(_load(rdir), PROMPT), atol=1e-4, rtol=1e-4)
+
+
 def test_fp8_device_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fp8_supported((9, 0)) and fp8_supported((8, 9)) and not fp8_supported((8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))

@@ -195,7 +195,10 @@ def test_quantize_then_load_round_trip(tiny: Path, tmp_path: Path, method: str, 
                            sequential=sequential)
     report = quantize_model(str(tiny), tmp_path / "q", TEXT, opts, progress=False)
     cfg = json.loads((report.output / "config.json").read_text())
-    assert cfg["quantization_config"]["quant_method"] == method
+    if method == "fp8":  # compressed-tensors, llm-compressor's FP8_DYNAMIC scheme
+        _check_compressed_tensors_fp8(cfg["quantization_config"], report.output)
+    else:
+        assert cfg["quantization_config"]["quant_method"] == method
     if method == "gptq":
         assert cfg["quantization_config"]["true_sequential"] is sequential
         assert GPTQConfig.from_hf(cfg["quantization_config"]).true_sequential is sequential
@@ -210,6 +213,31 @@ def test_quantize_then_load_round_trip(tiny: Path, tmp_path: Path, method: str, 
     bound = {("gptq", 8): 0.02, ("fp8", 8): 0.1, ("gptq", 4): 0.12, ("awq", 4): 0.3}
     logits_float, logits_q = (run_one_sequence(_load(p), ids[:128]) for p in (tiny, report.output))
     assert _rel(logits_q, logits_float) < bound[method, bits]
+
+
+def _check_compressed_tensors_fp8(qc: dict, out: Path) -> None:
+    """The fields vLLM's and transformers' compressed-tensors readers take for FP8 W8A8 with
+    channel weight scales and dynamic per-token activations; scales [out, 1] in the file."""
+    from safetensors.torch import load_file
+
+    assert qc == {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "quantization_status": "compressed", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
+                        "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True,
+                                  "strategy": "token", "dynamic": True},
+            "output_activations": None}}}
+    saved = load_file(str(out / "model.safetensors"))
+    scales = {n: t for n, t in saved.items() if n.endswith(".weight_scale")}
+    assert len(scales) == 2 * 7 and not any("input_scale" in n for n in saved)
+    for name, scale in scales.items():
+        weight = saved[name.removesuffix("_scale")]
+        assert weight.dtype == torch.float8_e4m3fn
+        assert scale.dtype == torch.float32 and tuple(scale.shape) == (weight.shape[0], 1), name
+    assert "lm_head.weight_scale" not in saved
 
 
 def test_awq_checkpoint_folds_its_scales_into_the_norms(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ LAYOUT = {
                             "scales": (k // 32, n)},
     "gptq": lambda k, n, p: {"qweight": (k // p, n), "qzeros": (k // 32, n // p),
                              "scales": (k // 32, n), "g_idx": (k,)},
-    "fp8": lambda k, n, p: {"weight": (n, k), "weight_scale": (n,)},
+    "fp8": lambda k, n, p: {"weight": (n, k), "weight_scale": (n, 1)},  # compressed-tensors
 }
 
 
@@ -69,7 +69,8 @@ def test_phi3_quantize_then_load_round_trip(phi3: Path, tmp_path: Path, method: 
                            sequential=sequential)
     report = quantize_model(str(phi3), tmp_path / "q", TEXT, opts, progress=False)
     assert json.loads((report.output / "config.json").read_text())[
-        "quantization_config"]["quant_method"] == method
+        "quantization_config"]["quant_method"] == ("compressed-tensors" if method == "fp8"
+                                                   else method)
     # the fused projections are quantized whole, under their own names
     assert sorted(report.layer_errors) == sorted(
         f"model.layers.{i}.{m}.weight" for i in range(2)
@@ -153,6 +154,8 @@ def test_quantize_takes_moe_models(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_scale" in names
     assert "model.layers.0.block_sparse_moe.gate.weight" in names
     assert "model.layers.0.block_sparse_moe.gate.weight_scale" not in names
+    qc = json.loads((tmp_path / "cli" / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head", "model.layers.0.block_sparse_moe.gate"]  # the router
 
 
 def test_awq_refuses_families_whose_norms_cannot_take_its_scales(tmp_path: Path) -> None:

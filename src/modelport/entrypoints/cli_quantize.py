@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "quantize", help="write an AWQ / GPTQ / FP8 checkpoint from a float HF folder",
         description="Quantize a float HF checkpoint into the public AWQ (AutoAWQ GEMM), GPTQ "
-                    "(AutoGPTQ) or FP8 layout; per-layer errors are printed and saved.")
+                    "(AutoGPTQ) or FP8 (compressed-tensors, FP8_DYNAMIC) layout; per-layer "
+                    "errors are printed and saved.")
     p.add_argument("--method", required=True, choices=["awq", "gptq", "fp8"])
     p.add_argument("--model", required=True, help="float HF folder (config.json + safetensors)")
     p.add_argument("--output", required=True, type=Path)

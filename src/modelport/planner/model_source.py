@@ -18,6 +18,7 @@ from modelport.planner.errors import PlanError
 from modelport.planner.gguf_mix import LinearTensor
 from modelport.planner.gguf_source import read_gguf
 from modelport.planner.presets import find_model_preset, model_preset_names
+from modelport.quantization.compressed_tensors import parse_fp8
 from modelport.quantization.gguf_types import kept_on_cpu_by_default
 
 
@@ -66,8 +67,12 @@ def _hf_quantization(d: dict[str, Any]) -> str | None:
     method = str(qc.get("quant_method", "")).lower()
     if method in ("awq", "gptq", "fp8"):
         return method
-    if method == "compressed-tensors":
-        return "fp8" if "float" in json.dumps(qc).lower() else None
+    if method == "compressed-tensors":  # FP8 weights are what the loader reads of this format
+        try:
+            parse_fp8(qc)
+        except ValueError:
+            return None
+        return "fp8"
     return None
 
 

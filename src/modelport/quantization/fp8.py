@@ -4,7 +4,10 @@ Checkpoint layout per linear layer: ``weight`` float8_e4m3fn [N, K], ``weight_sc
 (a scalar per tensor, or one per output channel), optionally ``input_scale`` (static
 activation scheme; we always compute dynamic per-token scales, which is at least as exact).
 A fused q/k/v or gate/up layer keeps one scale per output channel, so shards with different
-per-tensor scales fuse without requantizing.
+per-tensor scales fuse without requantizing. The same tensors come in two config.json forms:
+quant_method "fp8" (vLLM's; every linear layer) and compressed-tensors (llm-compressor's
+FP8_DYNAMIC / FP8 schemes, ``CompressedTensorsFP8Config``: per-module ``targets`` /
+``ignore``), which is what ``modelport quantize --method fp8`` writes.
 
 Run, on GPUs with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell), from
 the one stored weight (E4M3 [N, K] row-major, fp32 scale per channel), by the number of rows M
@@ -52,6 +55,12 @@ from modelport.quantization.base import (
     new_param,
     output_cut,
     shard_slice,
+)
+from modelport.quantization.compressed_tensors import (
+    CompressedTensorsFP8,
+    checkpoint_names,
+    fp8_dynamic_dict,
+    parse_fp8,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,6 +146,49 @@ class FP8Config(QuantizationConfig):
 
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
         return FP8LinearMethod(self)
+
+
+@dataclass
+class CompressedTensorsFP8Config(FP8Config):
+    """An FP8 checkpoint in the compressed-tensors layout (compressed_tensors.py): the same
+    tensors as quant_method "fp8" (``weight`` E4M3, ``weight_scale`` per channel [out, 1] or per
+    tensor, ``input_scale`` for static activations), but quantized per module: ``ignore`` and
+    each group's ``targets`` say which layers, matched on the checkpoint's module names (a
+    fused qkv_proj / gate_up_proj layer through the model's loading table). The writer's form
+    (``scheme`` None) is the FP8_DYNAMIC scheme with ``ignore`` as given."""
+
+    scheme: CompressedTensorsFP8 | None = None
+    ignore: tuple[str, ...] = ("lm_head",)
+    stacked: tuple[Any, ...] = ()
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any], stacked: Sequence[Any] = ()) -> CompressedTensorsFP8Config:
+        scheme = parse_fp8(qc)
+        return cls(online=False, scheme=scheme, ignore=scheme.ignore, stacked=tuple(stacked))
+
+    def hf_dict(self) -> dict[str, Any]:
+        return fp8_dynamic_dict(self.ignore)
+
+    def use_stacked_params(self, stacked_params: Sequence[Any]) -> None:
+        self.stacked = tuple(stacked_params)
+
+    def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
+        if self.scheme is None:
+            return FP8LinearMethod(self)
+        names = checkpoint_names(prefix, self.stacked)
+        kinds = {n: (None if (g := self.scheme.group_for(n)) is None else g.static_input)
+                 for n in names}
+        if len(set(kinds.values())) > 1:
+            shown = ", ".join(f"{n} ({'float' if k is None else 'static' if k else 'dynamic'})"
+                              for n, k in kinds.items())
+            raise ValueError(
+                f"compressed-tensors checkpoint: {prefix} is one fused layer here, but the "
+                f"checkpoint quantizes its parts differently: {shown}; quantize (or ignore) "
+                "all of them alike, or load the unquantized checkpoint with --quantization fp8")
+        static = kinds[names[0]]
+        if static is None:
+            return None  # ignored (or in no group): its float weight is in the file
+        return FP8LinearMethod(FP8Config(activation_scheme="static" if static else "dynamic"))
 
 
 class FP8LinearMethod(LinearMethod):

@@ -19,6 +19,7 @@ from torch import nn
 
 from modelport.config import ModelConfig
 from modelport.quantization.base import QuantizationConfig
+from modelport.quantization.compressed_tensors import is_compressed_tensors, parse_fp8
 from modelport.quantization.gguf_types import GGUF_LINEAR, kept_on_cpu_by_default
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,15 @@ _ALIASES = {"nf4": "bitsandbytes", "bnb": "bitsandbytes", "awq_marlin": "awq",
 
 
 def checkpoint_method(model_config: ModelConfig) -> str | None:
-    """The method a checkpoint's config.json declares (None: not a quantized checkpoint)."""
+    """The method a checkpoint's config.json declares (None: not a quantized checkpoint).
+    A compressed-tensors checkpoint of FP8 weights is "fp8"; any other compressed-tensors
+    scheme raises ValueError naming what is not supported."""
     qc = model_config.hf_config.get("quantization_config")
     if not isinstance(qc, dict):
         return None
+    if is_compressed_tensors(qc):
+        parse_fp8(qc)
+        return "fp8"
     method = str(qc.get("quant_method", "")).lower()
     return _ALIASES.get(method, method) or None
 
@@ -71,9 +77,13 @@ def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
 
         return GPTQConfig.from_hf(qc)
     if method == "fp8":
-        from modelport.quantization.fp8 import FP8Config
+        from modelport.quantization.fp8 import CompressedTensorsFP8Config, FP8Config
 
-        return FP8Config(online=True) if online else FP8Config.from_hf(qc)
+        if online:
+            return FP8Config(online=True)
+        if is_compressed_tensors(qc):
+            return CompressedTensorsFP8Config.from_hf(qc, stacked)
+        return FP8Config.from_hf(qc)
     from modelport.quantization.nf4 import NF4Config
 
     return NF4Config.from_hf(qc)
@@ -113,7 +123,10 @@ def resolve_quantization(
     quantized HF checkpoint). With load_format="dummy" any method may be requested for a float
     config (benchmarks: random weights packed in that format, default bits / group size).
     """
-    declared = checkpoint_method(model_config)
+    try:
+        declared = checkpoint_method(model_config)
+    except ValueError as e:  # an unsupported compressed-tensors scheme: before anything is built
+        raise ValueError(f"{src.path}: {e}") from None
     if requested is not None and requested.lower() == "none":
         if declared is not None:
             raise ValueError(

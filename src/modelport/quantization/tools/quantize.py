@@ -349,7 +349,7 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
         report.warnings.append(warning)
     # after AWQ has folded its inverse scales into the norms and the other float tensors
     out.update({n: w for n, w in weights.items() if not is_quantizable(n)})
-    write_checkpoint(src.path, report.output, out, _hf_config(opts),
+    write_checkpoint(src.path, report.output, out, _hf_config(opts, out),
                      float_dtype=torch.float16 if opts.method != "fp8" else torch.bfloat16)
     (report.output / "quantization_report.json").write_text(json.dumps(report.to_json(), indent=2))
     if report.generated_calibration:
@@ -410,7 +410,21 @@ def check_group_size(weights: dict[str, torch.Tensor], names: list[str], opts: Q
         f"(input size {weights[bad[0]].shape[1]}); use {hint}")
 
 
-def _hf_config(opts: QuantizeOptions):  # noqa: ANN202 - one of three config classes
+def fp8_ignore(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The linear modules an FP8 checkpoint leaves in float, for compressed-tensors' ``ignore``
+    (its ``targets: ["Linear"]`` names every linear layer): the LM head (whether stored or tied
+    to the embedding) and the MoE routers (``mlp.gate``, ``block_sparse_moe.gate``,
+    ``shared_expert_gate``), the linear layers ``is_quantizable`` leaves out."""
+    routers = sorted({n.removesuffix(".weight") for n, t in tensors.items()
+                      if n.endswith(".weight") and t.dim() == 2
+                      and n.removesuffix(".weight").rsplit(".", 1)[-1].endswith("gate")
+                      and not is_quantizable(n)})
+    return ["lm_head", *routers]
+
+
+def _hf_config(opts: QuantizeOptions, tensors: dict[str, torch.Tensor] | None = None):  # noqa: ANN202
+    """The config written: AWQ / GPTQ's, or for FP8 compressed-tensors' FP8_DYNAMIC layout
+    (``tensors``, the checkpoint's, give its ``ignore`` list)."""
     if opts.method == "awq":
         from modelport.quantization.awq import AWQConfig
 
@@ -421,9 +435,9 @@ def _hf_config(opts: QuantizeOptions):  # noqa: ANN202 - one of three config cla
         return GPTQConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act,
                           sym=not opts.zero_point, true_sequential=opts.sequential,
                           damp_percent=opts.damp_percent)
-    from modelport.quantization.fp8 import FP8Config
+    from modelport.quantization.fp8 import CompressedTensorsFP8Config
 
-    return FP8Config()
+    return CompressedTensorsFP8Config(ignore=tuple(fp8_ignore(tensors or {})))
 
 
 def _rtn(w: torch.Tensor, opts: QuantizeOptions) -> torch.Tensor:
@@ -447,8 +461,8 @@ def _quantize_one(name: str, w: torch.Tensor, st: LayerStats | None, opts: Quant
     if opts.method == "fp8":
         from modelport.quantization.fp8 import quantize_fp8_per_channel
 
-        q, scale = quantize_fp8_per_channel(w)
-        return w, q.float() * scale[:, None], {"weight": q, "weight_scale": scale}
+        q, scale = quantize_fp8_per_channel(w)  # compressed-tensors' channel scales: [out, 1]
+        return w, q.float() * scale[:, None], {"weight": q, "weight_scale": scale[:, None]}
     if k % g:
         raise ValueError(f"{name}: input size {k} is not a multiple of --group-size {g}")
     if opts.method == "awq":

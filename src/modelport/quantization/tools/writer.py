@@ -1,4 +1,4 @@
-"""Checkpoint writers in the public layouts (AutoAWQ GEMM, AutoGPTQ, FP8), HF folder shape.
+"""Checkpoint writers in the public layouts (AutoAWQ GEMM, AutoGPTQ, compressed-tensors FP8).
 
 The output folder is what the loaders here and other engines read: config.json with a
 ``quantization_config``, one model.safetensors, and the source's tokenizer files copied.
