@@ -273,11 +273,16 @@ class TorchServeService:
         results = await asyncio.gather(
             *(self._load(name, url) for name, url in self.plan.startup), return_exceptions=True
         )
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            await self.state.registry.stop()
-            raise RuntimeError(f"loading TorchServe models failed: {failed[0]}") from failed[0]
-        self._startup_defaults(results)
+        loaded = []
+        for (_, url), r in zip(self.plan.startup, results):
+            if isinstance(r, Exception):  # TorchServe's initModelStore: warn, serve the rest
+                logger.warning("Failed to load model: %s: %s", url, r)
+            elif isinstance(r, BaseException):  # cancelled, interrupted
+                await self.state.registry.stop()
+                raise r
+            else:
+                loaded.append(r)
+        self._startup_defaults(loaded)
         await start_workflows(self.state)
         self.management_port = await self._serve(
             make_management_app(self.state), *self.plan.management
