@@ -29,7 +29,7 @@ from modelport.parallel.moe_parallel import sharded_at_build
 from modelport.parallel.tensor_parallel import shard_model
 from modelport.quantization import apply as quant_apply
 from modelport.quantization import loading as quant_loading
-from modelport.quantization.fp8 import FP8Config
+from modelport.quantization.fp8 import CompressedTensorsFP8Config, FP8Config
 from modelport.quantization.gguf_formats import pack as pack_ggml
 from modelport.quantization.gguf_types import GGML_TYPES
 from modelport.quantization.nf4 import NF4Config, nf4_encode
@@ -46,6 +46,7 @@ DENSE = {
     "gptq-act-order": ("gptq", 4, False, True),
     "fp8-tensor": "fp8-tensor",
     "fp8-channel": "fp8-channel",
+    "fp8-ct-channel": "fp8-ct-channel",  # compressed-tensors: scales [out, 1]
     "fp8-online": "fp8-online",
     "gguf-q4_0": "Q4_0",
     "gguf-q8_0": "Q8_0",
@@ -71,7 +72,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tp-sliced")
 
 
-def _fp8_checkpoint(hf: Path, out: Path, per_channel: bool) -> Path:
+def _fp8_checkpoint(hf: Path, out: Path, per_channel: bool, ct: bool = False) -> Path:
     qt: dict[str, torch.Tensor] = {}
     for name, w in load_file(str(hf / "model.safetensors")).items():
         if not is_quantizable(name):
@@ -80,8 +81,10 @@ def _fp8_checkpoint(hf: Path, out: Path, per_channel: bool) -> Path:
         scale = (w.abs().amax(1, keepdim=True) if per_channel else w.abs().max()) / 448.0
         qt[name] = (w / scale).to(torch.float8_e4m3fn)
         qt[name.removesuffix(".weight") + ".weight_scale"] = (
-            scale.reshape(-1) if per_channel else scale.reshape(())).float()
-    return write_checkpoint(hf, out, qt, FP8Config(), float_dtype=torch.float32)
+            scale.reshape(-1, 1) if ct else scale.reshape(-1) if per_channel
+            else scale.reshape(())).float()
+    config = CompressedTensorsFP8Config() if ct else FP8Config()
+    return write_checkpoint(hf, out, qt, config, float_dtype=torch.float32)
 
 
 @contextmanager
@@ -133,7 +136,8 @@ def _dense(root: Path, case: str) -> Path:
     if how == "fp8-online":
         return hf
     if how.startswith("fp8"):
-        return _fp8_checkpoint(hf, out / "fp8", per_channel=how == "fp8-channel")
+        return _fp8_checkpoint(hf, out / "fp8", per_channel=how.endswith("channel"),
+                               ct=how == "fp8-ct-channel")
     return make_tiny_llama_gguf(hf, out / f"tiny-{how}.gguf", how)
 
 
