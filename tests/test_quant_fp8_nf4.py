@@ -183,6 +183,55 @@ def test_compressed_tensors_fp8_checkpoint(tiny: Path, tmp_path: Path,
     assert _hf_quantization({"quantization_config": qc}) == "fp8"
 
 
+def test_compressed_tensors_library_reads_and_writes_the_layout(tiny: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the compressed-tensors package is installed (not a dependency: skipped without
+    it; 0.20.0 checked): a checkpoint it compresses (FP8_DYNAMIC, one layer ignored by regex)
+    loads here with that layer float, and transformers reads what `quantize --method fp8`
+    writes, both within FP8's error of the float model."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from transformers import AutoModelForCausalLM
+
+    from modelport.quantization.tools.quantize import QuantizeOptions, quantize_model
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    apply_quantization_config(hf, QuantizationConfig(
+        config_groups={"group_0": preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])},
+        ignore=["lm_head", r"re:.*layers\.1\.mlp\.down_proj$"]))
+    with torch.no_grad():
+        for m in hf.modules():
+            if hasattr(m, "weight_scale"):  # what llm-compressor's observer computes
+                m.weight_scale.copy_(m.weight.abs().amax(dim=1, keepdim=True) / 448.0)
+    compressor = ModelCompressor.from_pretrained_model(hf, quantization_format="float-quantized")
+    compressor.compress_model(hf)
+    hf.save_pretrained(str(tmp_path / "lib"))
+    compressor.update_config(str(tmp_path / "lib"))
+    monkeypatch.setenv("MODELPORT_FP8_CPU_INT8", "0")
+    model = _load(tmp_path / "lib")
+    assert model.model.layers[1].mlp.down_proj.quant_method is None
+    assert model.model.layers[0].mlp.down_proj.fp8_weight.dtype == torch.float8_e4m3fn
+    original = run_one_sequence(_load(tiny), PROMPT)
+    got = run_one_sequence(model, PROMPT)
+    assert ((got - original).norm() / original.norm()).item() < 0.1  # measured 0.059
+
+    out = quantize_model(str(tiny), tmp_path / "ours", None, QuantizeOptions(method="fp8"),
+                         progress=False).output
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert theirs.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        logits = theirs(torch.tensor([PROMPT])).logits[0]
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[0]
+    assert ((logits - want).norm() / want.norm()).item() < 0.15  # measured 0.069
+
+
 def test_compressed_tensors_fused_layer_quantized_alike(tiny: Path, tmp_path: Path) -> None:
     """q/k/v load into one fused layer: ignoring only q_proj (the rest FP8) is refused."""
     qc = _ct_config({"group_0": {"targets": ["Linear"],
