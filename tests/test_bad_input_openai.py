@@ -89,6 +89,10 @@ CASES = {
     ),
     "tools a string": (CHAT, _chat(tools="x"), 400, "tools", "valid list"),
     "tool without function": (CHAT, _chat(tools=[{"type": "function"}]), 400, "tools", "function"),
+    "tool_choice object without its function": (
+        CHAT, _chat(tool_choice={"type": "function"}), 400, "tool_choice",
+        "tool_choice.function: Field required",
+    ),
     "tool_choice unknown word": (
         CHAT, _chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="x"),
         400, "tool_choice", "'auto'",

@@ -88,9 +88,12 @@ def error_response(
 
 def _is_union_branch(part: Any) -> bool:
     """pydantic names the member of a union it tried in `loc`: 'str', 'list[int]',
-    'function-after[...]' ... (not a field name or an index)."""
+    "literal['auto']", a model's class name ('NamedToolChoice') ... (the API's own field
+    names are lower case)."""
     return isinstance(part, str) and (
-        "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none")
+        "[" in part
+        or part in ("str", "int", "float", "bool", "dict", "list", "none")
+        or (part[:1].isupper() and part.isidentifier())
     )
 
 
@@ -105,8 +108,9 @@ def _closest_union_member(errs: list[dict[str, Any]]) -> dict[str, Any]:
         members.setdefault(member, []).append(e)
 
     def closeness(group: list[dict[str, Any]]) -> tuple:
-        constrained = any(
-            not str(e.get("type", "")).endswith(("_type", "_parsing")) for e in group
+        constrained = any(  # the value had this member's type and broke a rule of it
+            not str(e.get("type", "")).endswith(("_type", "_parsing", "literal_error"))
+            for e in group
         )
         furthest = max((p for e in group for p in e.get("loc", ()) if isinstance(p, int)),
                        default=-1)  # fmt: skip
