@@ -424,14 +424,7 @@ class EnsembleModel:
                         except ServingError as e:
                             # Triton names the ensemble in a step's error, keeping its code
                             raise ServingError(f"in ensemble '{self.name}', {e}", e.status) from e
-                        for k, name in st.output_map.items():
-                            if k not in resp.outputs:
-                                raise ServingError(
-                                    f"in ensemble '{self.name}', step {st.index} model "
-                                    f"'{st.model_name}' returned no output '{k}'"
-                                )
-                            t = resp.outputs[k]
-                            tensors[name] = InferTensor(name, t.datatype, t.data)
+                        tensors.update(self._step_outputs(st, resp))
             finally:
                 for task in running:
                     task.cancel()
@@ -581,6 +574,13 @@ class EnsembleModel:
         if run.decoupled and not any(k in resp.outputs for k in st.output_map):
             return []  # e.g. a response that only carries the final flag: nothing to run
         found = []
+        for name, t in self._step_outputs(st, resp).items():
+            found += flow.add(name, tag, t)
+        return found
+
+    def _step_outputs(self, st: Step, resp: InferResponse) -> dict[str, InferTensor]:
+        """A step's outputs under their ensemble tensor names (an error if one is missing)."""
+        out = {}
         for k, name in st.output_map.items():
             if k not in resp.outputs:
                 raise ServingError(
@@ -588,5 +588,5 @@ class EnsembleModel:
                     f"'{st.model_name}' returned no output '{k}'"
                 )
             t = resp.outputs[k]
-            found += flow.add(name, tag, InferTensor(name, t.datatype, t.data))
-        return found
+            out[name] = InferTensor(name, t.datatype, t.data)
+        return out
