@@ -291,7 +291,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # to 4 rows, the affine GEMM - each weight dequantized before tl.dot - to 255, expanded to
   # bf16 + cuBLAS from 256), the codes GEMM with the group sums computed before the launch,
   # two dots a step or one on x copied into pair order
-  s38) run 70 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py -k "codes and 128" \
+  s38) run 70 env PYTHONPATH=src python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py -k "codes and 128" \
          2>&1 | tee "${OUT:-bench/results}/s38-codes-tests.log" | tail -8
        run 220 env QUANT_FORMATS="${S38_FORMATS:-bf16 awq-w4 awq-w4-codes-pair awq-w4-codes-xsum}" \
          QUANT_BATCHES="${S38_BATCHES:-16 64 128 256}" bash bench/gpu/run_all.sh quant-bench ;;
