@@ -315,3 +315,58 @@ def test_requirements_file_installed_only_when_allowed(tmp_path):
             await allowed.stop()
 
     asyncio.run(main())
+
+
+UPPER_HANDLER = """
+def handle(data, context):
+    if data is None:
+        return None
+    return [str(x).upper() for x in data]
+"""
+
+
+@pytest.mark.parametrize("envelope", ["kserve", None])
+def test_service_envelope_wraps_every_handler(tmp_path, envelope):
+    """config.properties service_envelope=kserve: the handler gets the request's "instances"
+    and the answer is {"predictions": [...]}, as TorchServe's KServe envelope does."""
+    from fastapi import FastAPI
+
+    from modelport.torchserve.messages import InputParam, RequestItem
+
+    handler = tmp_path / "upper_handler.py"
+    handler.write_text(UPPER_HANDLER)
+    store = tmp_path / "store"
+    ts_archives.archive(store, "upper", handler)
+    props = tmp_path / "config.properties"
+    props.write_text(f"model_store={store}\nload_models=upper.mar\n"
+                     + (f"service_envelope={envelope}\n" if envelope else "")
+                     + "management_address=http://127.0.0.1:0\n"
+                     "metrics_address=http://127.0.0.1:0\n")  # fmt: skip
+    assert load_ts_config(props).service_envelope == envelope
+    frontend, args = _serve_args(["--ts-config", str(props), "--disable-token-auth",
+                                  "--disable-grpc", "--ncs"])  # fmt: skip
+    args.serve_frontends = (frontend.__name__,)
+    body = json.dumps({"instances": ["a", "b"]}).encode()
+
+    async def main():
+        service = await frontend.build(args, FastAPI())
+        await service.start()
+        try:
+            mv = service.state.registry.get("upper")
+            out = await mv.predict(RequestItem("r", [InputParam("body", "application/json", body)]))
+            return bytes(out.response.body).decode()
+        finally:
+            await service.stop()
+
+    got = asyncio.run(main())
+    if envelope:
+        assert json.loads(got) == {"predictions": ["A", "B"]}
+    else:  # no envelope: the handler gets TorchServe's request rows, the JSON body in one
+        assert got == str({"body": {"instances": ["a", "b"]}}).upper()
+
+
+def test_unknown_service_envelope_is_refused(tmp_path):
+    props = tmp_path / "config.properties"
+    props.write_text("service_envelope=soap\n")
+    with pytest.raises(ValueError, match="kserve, kservev2"):
+        load_ts_config(props)

@@ -108,6 +108,7 @@ class ModelVersion:
         self.metrics_sink: Callable[[tuple[str, ...]], None] | None = None
         # config.properties number_of_gpu: the most GPUs workers may use (None: all there are)
         self.max_gpus: int | None = None
+        self.service_envelope: str | None = None  # config.properties': wins over the manifest's
 
     # -- workers --
 
@@ -124,7 +125,7 @@ class ModelVersion:
                 "handler": self.handler,
                 "batch_size": self.settings.batch_size,
                 "gpu_id": gpu_id,
-                "envelope": self.manifest.envelope,
+                "envelope": self.service_envelope or self.manifest.envelope,
                 "model_yaml_config": self.model_yaml,
                 "extra_sys_path": self.extra_sys_path,
                 **({"metrics_config": self.metrics_config} if self.metrics_config else {}),

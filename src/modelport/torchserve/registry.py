@@ -85,6 +85,8 @@ class ModelRegistry:
         self.metrics_sink: Callable[[tuple[str, ...]], None] | None = None
         # config.properties number_of_gpu (None: every GPU there is)
         self.max_gpus: int | None = None
+        # config.properties service_envelope (None: each archive's own, if any)
+        self.service_envelope: str | None = None
 
     # -- lookup --
 
@@ -293,6 +295,7 @@ class ModelRegistry:
         )
         mv.metrics_config, mv.metrics_sink = self.metrics_config, self.metrics_sink
         mv.max_gpus = self.max_gpus
+        mv.service_envelope = self.service_envelope
         return mv, entry
 
     @staticmethod

@@ -168,6 +168,10 @@ class TSConfig:
     enable_model_api: bool = True
     # the most GPUs the workers may use (TorchServe: min(this, the GPUs there are)); None: all
     number_of_gpu: int | None = None
+    # service_envelope: the request envelope every model's handler runs in (TorchServe's
+    # ts.torch_handler.request_envelope: json, body, kserve, kservev2); it replaces the
+    # archive's own, as TorchServe's ModelManager sets it on every manifest
+    service_envelope: str | None = None
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -217,6 +221,7 @@ _KNOWN = {
     "install_py_dep_per_model",
     "enable_model_api",
     "number_of_gpu",
+    "service_envelope",
     "grpc_inference_address",
     "grpc_management_address",
     "grpc_inference_port",
@@ -292,9 +297,23 @@ def load_ts_config(path: str | Path) -> TSConfig:
         install_py_dep_per_model=_bool(props.get("install_py_dep_per_model"), False),
         enable_model_api=_bool(props.get("enable_model_api"), True),
         number_of_gpu=max(int(n_gpu), 0) if n_gpu else None,
+        service_envelope=_envelope(props.get("service_envelope")),
         grpc=_grpc_settings(props),
         extra={k: v for k, v in props.items() if k not in _KNOWN},
     )
+
+
+ENVELOPES = ("json", "body", "kserve", "kservev2")  # ts.torch_handler.request_envelope
+
+
+def _envelope(value: str | None) -> str | None:
+    if not value:
+        return None
+    if value not in ENVELOPES:
+        raise ValueError(
+            f"service_envelope={value!r}: TorchServe's envelopes are {', '.join(ENVELOPES)}"
+        )
+    return value
 
 
 def read_model_yaml(path: Path) -> dict[str, Any]:

@@ -400,6 +400,7 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         install_py_dep_per_model=cfg.install_py_dep_per_model,
     )
     registry.max_gpus = cfg.number_of_gpu
+    registry.service_envelope = cfg.service_envelope
     auth = None
     if not (args.ts_disable_token_auth or cfg.disable_token_authorization):
         key_file = Path(args.ts_key_file or os.path.join(os.getcwd(), "key_file.json"))
