@@ -203,6 +203,11 @@ def test_inference_port_and_kserve_v1(server):
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
     assert len(preds) == 2 and all(set(p) == {"label", "scores", "device"} for p in preds)
+    # SageMaker's paths, as TorchServe serves them
+    for path in ("/invocations?model_name=echo", "/models/echo/invoke"):
+        r = server.infer(path, content=b"sm")
+        assert r.status_code == 200 and r.json()["echo"] == "sm", (path, r.text)
+    _ts_error(server.infer("/invocations", content=b"sm"), 404, "ModelNotFoundException")
 
 
 def test_token_auth(server):

@@ -151,6 +151,9 @@ def test_failed_start_reports_and_leaves_no_pid_file(env, tmp_path):
         assert p.status_code == 200 and p.json()["echo"] == "hi", p.text
         mgmt = f"http://127.0.0.1:{env.ports['management']}/models"
         assert [m["modelName"] for m in httpx.get(mgmt).json()["models"]] == ["echo"]
+        # SageMaker's /invocations without ?model_name=: the only model there is
+        p = httpx.post(f"{env.url}/invocations", content=b"sm", timeout=30)
+        assert p.status_code == 200 and p.json()["echo"] == "sm", p.text
         log = (env.cwd / "logs" / "modelport_serve.log").read_text()
         assert "Failed to load model: missing.mar" in log, log[-2000:]
     finally:

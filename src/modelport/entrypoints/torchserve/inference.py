@@ -228,6 +228,19 @@ def make_inference_router(state: TSState) -> APIRouter:
     async def predictions_version(request: Request, model_name: str, version: str) -> Response:
         return await predict(request, model_name, version)
 
+    # SageMaker's paths, as TorchServe serves them: the model named by ?model_name= (or in
+    # the path), else the only model there is
+    @router.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        name = request.query_params.get("model_name") or ""
+        if not name and len(state.registry.names()) == 1:
+            (name,) = state.registry.names()
+        return await predict(request, name or "null", None)
+
+    @router.post("/models/{model_name}/invoke")
+    async def invoke(request: Request, model_name: str) -> Response:
+        return await predict(request, model_name, None)
+
     @router.post("/v1/models/{model_name}:predict")
     async def kserve_v1_predict(request: Request, model_name: str) -> Response:
         try:
