@@ -406,6 +406,46 @@ def test_server_runtime_load_and_unload(server, world, references, tmp_path) -> 
     assert _complete(server, "sql").status_code == 200  # the others are untouched
 
 
+def _lora_info_series(url: str) -> dict[tuple[str, str], float]:
+    """vLLM's lora_requests_info series: (waiting, running) -> value, each with max_lora 2."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{url}/metrics").text
+    pat = re.compile(r"^modelport:lora_requests_info\{([^}]*)\} (\S+)$", re.M)
+    series = {}
+    for labels, value in pat.findall(text):
+        d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        assert set(d) == {"max_lora", "waiting_lora_adapters", "running_lora_adapters"}, d
+        assert d["max_lora"] == "2", d
+        series[d["waiting_lora_adapters"], d["running_lora_adapters"]] = float(value)
+    return series
+
+
+def test_server_metrics_lora_requests_info(server) -> None:
+    import time
+
+    from modelport.engine.core_client import merge_stats
+    from modelport.engine.messages import SchedulerStats
+
+    assert ("", "") in _lora_info_series(server)  # there from the start, as an idle step
+    before = time.time()
+    assert _complete(server, "sql").status_code == 200
+    series = _lora_info_series(server)
+    # a step ran the sql request: its series, stamped with that step's time
+    assert ("", "sql") in series and series["", "sql"] >= before - 1, series
+    # the label sets seen earlier stay (as in vLLM); the newest is the idle one
+    assert max(series, key=series.get) == ("", ""), series
+    # data parallelism: the replicas' adapters, once each
+    merged = merge_stats([
+        SchedulerStats(running_lora_adapters=["sql"], waiting_lora_adapters=["chat"]),
+        SchedulerStats(running_lora_adapters=["chat", "sql"]),
+    ])
+    assert merged.running_lora_adapters == ["sql", "chat"]
+    assert merged.waiting_lora_adapters == ["chat"]
+
+
 def test_server_runtime_updates_need_the_env_flag(world, tmp_path_factory) -> None:
     import httpx
 

@@ -385,4 +385,13 @@ class EngineCore:
             spec_num_accepted_per_pos=list(self.scheduler.num_accepted_per_pos),
             num_kv_blocks=self.kv.num_blocks,
             block_size=self.kv.block_size,
+            running_lora_adapters=self._lora_names(self.scheduler.running),
+            waiting_lora_adapters=self._lora_names(self.scheduler.waiting),
         )
+
+    def _lora_names(self, reqs: Any) -> list[str]:
+        """The adapters' names among reqs, once each, in order (none without LoRA)."""
+        if self.scheduler.max_loras is None:
+            return []
+        return list(dict.fromkeys(
+            r.lora_request.lora_name for r in reqs if r.lora_request is not None))

@@ -491,6 +491,10 @@ def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
         spec_num_accepted_per_pos=per_pos,
         num_kv_blocks=blocks,
         block_size=max(s.block_size for s in stats),
+        running_lora_adapters=list(dict.fromkeys(
+            n for s in stats for n in s.running_lora_adapters)),
+        waiting_lora_adapters=list(dict.fromkeys(
+            n for s in stats for n in s.waiting_lora_adapters)),
     )
 
 

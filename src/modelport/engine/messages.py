@@ -73,6 +73,10 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     spec_num_accepted_per_pos: list[int] = msgspec.field(default_factory=list)  # ... by position
     num_kv_blocks: int = 0
     block_size: int = 0
+    # multi-LoRA: names of the adapters of the running / waiting requests (vLLM's
+    # vllm:lora_requests_info labels); empty without --enable-lora
+    running_lora_adapters: list[str] = msgspec.field(default_factory=list)
+    waiting_lora_adapters: list[str] = msgspec.field(default_factory=list)
 
 
 _PARAM_FIELDS = (

@@ -246,8 +246,10 @@ class OpenAIService:
                 self._failed_to_load(ValueError(f"--lora-modules {m.name}: {e}"),
                                      traceback=False)
                 return
+        lora_config = getattr(engine.engine_config, "lora_config", None)
         metrics = ServerMetrics(engine.served_model_names[0],
-                                prefix=getattr(self.args, "metrics_prefix", "modelport"))
+                                prefix=getattr(self.args, "metrics_prefix", "modelport"),
+                                max_loras=lora_config.max_loras if lora_config else None)
         engine.stat_logger = metrics
         # vLLM's --return-tokens-as-token-ids / --enable-force-include-usage (serving_common)
         engine.return_tokens_as_token_ids = bool(

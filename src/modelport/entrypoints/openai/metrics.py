@@ -30,9 +30,10 @@ class ServerMetrics:
     """All series of one served model; methods are cheap enough to call per token batch."""
 
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
-                 prefix: str = "modelport") -> None:
+                 prefix: str = "modelport", max_loras: int | None = None) -> None:
         """prefix: the series' namespace; "vllm" gives vLLM's names (`vllm:num_requests_running`
-        ...) for dashboards built on them (`--metrics-prefix vllm`)."""
+        ...) for dashboards built on them (`--metrics-prefix vllm`). max_loras: the server's
+        --max-loras when it runs with --enable-lora (None: no LoRA series)."""
         if prefix not in METRIC_PREFIXES:
             raise ValueError(f"metrics prefix must be one of {METRIC_PREFIXES}, got {prefix!r}")
         self.registry = registry or CollectorRegistry()
@@ -132,6 +133,20 @@ class ServerMetrics:
         )
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
+        # vLLM's LoRA gauge (what LoRA-aware routers such as the Gateway API inference
+        # extension read): one series per (max_lora, waiting, running) label set, the
+        # adapters' names comma-joined, its value the time of the step that saw them; no
+        # model_name label, as in vLLM
+        self.lora_info: Gauge | None = None
+        self._max_lora = str(max_loras)
+        if max_loras is not None:
+            self.lora_info = Gauge(
+                f"{prefix}:lora_requests_info",
+                "Running stats on lora requests.",
+                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                registry=r,
+            )
+            self.lora_info.labels(self._max_lora, "", "").set_to_current_time()
         self._last = SchedulerStats()
         # metric -> its child for this model: labels() costs several microseconds a call,
         # and the per-token observations below run for every streamed token
@@ -169,6 +184,12 @@ class ServerMetrics:
                 self.spec_accepted_per_pos.labels(m, str(pos)).inc(now - before)
         if s.prefix_cache_queries:
             self.prefix_hit_rate.labels(m).set(s.prefix_cache_hits / s.prefix_cache_queries)
+        if self.lora_info is not None:
+            self.lora_info.labels(
+                self._max_lora,
+                ",".join(s.waiting_lora_adapters),
+                ",".join(s.running_lora_adapters),
+            ).set_to_current_time()
         self._last = s
 
     # -- per request (server clock)
