@@ -339,6 +339,8 @@ def server(world, tmp_path_factory):
         "--lora-modules",
         f"sql={world['a']}",
         chat,
+        # a base_model_name that is not served: vLLM ignores it (parent: the base model)
+        json.dumps({"name": "sql2", "path": str(world["a"]), "base_model_name": "other"}),
     )
     try:
         yield url
@@ -366,6 +368,7 @@ def test_server_serves_adapters_as_models(server, world, references) -> None:
     assert cards["sql"]["parent"] == "tiny" and cards["sql"]["root"] == str(world["a"])
     assert cards["chat"]["parent"] == "tiny" and cards["chat"]["root"] == str(world["b"])
     assert cards["tiny"]["parent"] is None
+    assert cards["sql2"]["parent"] == "tiny" and cards["sql2"]["root"] == str(world["a"])
     for model, ref in (("sql", "merged_a"), ("chat", "merged_b"), ("tiny", "base")):
         r = _complete(server, model)
         assert r.status_code == 200, r.text
@@ -396,6 +399,9 @@ def test_server_runtime_load_and_unload(server, world, references, tmp_path) -> 
     assert r.status_code == 400 and "max_lora_rank" in r.json()["error"]["message"]
     r = post("/v1/load_lora_adapter", {"lora_name": "gone", "lora_path": str(tmp_path / "x")})
     assert r.status_code == 404, r.text
+    # a folder without adapter_config.json: vLLM's 404 ("No adapter found"), as no folder
+    r = post("/v1/load_lora_adapter", {"lora_name": "gone", "lora_path": str(world["base"])})
+    assert r.status_code == 404 and "adapter_config.json" in r.json()["error"]["message"]
     r = post("/v1/load_lora_adapter", {"lora_name": "x"})
     assert r.status_code == 400 and "must be provided" in r.json()["error"]["message"]
     r = post("/v1/unload_lora_adapter", {"lora_name": "rt"})

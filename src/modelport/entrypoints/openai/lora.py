@@ -115,6 +115,8 @@ def add_lora(engine: Any, name: str, path: str, base_model_name: str | None = No
         raise ValueError("LoRA adapters need a server started with --enable-lora")
     if name in engine.served_model_names:
         raise ValueError(f"the LoRA adapter name {name!r} is the base model's name")
+    if base_model_name not in engine.served_model_names:
+        base_model_name = None  # as vLLM: a name not served is ignored (parent: the base)
     req = LoRARequest(name, next(_ids), path, base_model_name)
     _checker(engine).check(req)
     engine.lora_requests[name] = req
@@ -159,7 +161,9 @@ def add_routes(api: APIRouter, engine_of: Any) -> None:
         try:
             await asyncio.to_thread(add_lora, engine, body.lora_name, body.lora_path)
         except ValueError as e:
-            status = 404 if "no such folder" in str(e) else 400
+            # vLLM's 404 ("No adapter found") is for a path with no adapter config to read
+            # (no such folder, or one without adapter_config.json); other failures are 400s
+            status = 404 if "no such folder" in str(e) or "has no adapter_config" in str(e) else 400
             raise OpenAIError(
                 f"Failed to load LoRA adapter '{body.lora_name}': {e}", status
             ) from None
