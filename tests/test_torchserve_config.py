@@ -370,3 +370,36 @@ def test_unknown_service_envelope_is_refused(tmp_path):
     props.write_text("service_envelope=soap\n")
     with pytest.raises(ValueError, match="kserve, kservev2"):
         load_ts_config(props)
+
+
+def test_max_request_size_refuses_larger_bodies(tmp_path):
+    """config.properties max_request_size (TorchServe's default 6553500 bytes): a larger body
+    gets a 413 in TorchServe's error shape, whether it declares its length or streams."""
+    from fastapi.testclient import TestClient
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from modelport.entrypoints.torchserve.common import error_response
+    from modelport.entrypoints.torchserve.frontend import max_request_size
+    from modelport.entrypoints.torchserve.inference import request_item
+
+    props = tmp_path / "config.properties"
+    props.write_text("max_request_size=10\n")
+    assert max_request_size(load_ts_config(props)) == 10
+    props.write_text("job_queue_size=5\n")
+    assert max_request_size(load_ts_config(props)) == 6553500
+
+    async def p(request):  # noqa: ANN001, ANN202
+        try:
+            item = await request_item(request, 10)
+        except TSError as e:
+            return error_response(e)
+        return JSONResponse({"bytes": len(item.params[0].value)})
+
+    c = TestClient(Starlette(routes=[Route("/p", p, methods=["POST"])]))
+    assert c.post("/p", content=b"a" * 10).json() == {"bytes": 10}
+    big = c.post("/p", content=b"a" * 11)
+    assert big.status_code == 413 and big.json()["type"] == "RequestEntityTooLarge", big.text
+    streamed = c.post("/p", content=iter([b"a" * 6, b"a" * 6]))  # chunked: no length given
+    assert streamed.status_code == 413 and "max_request_size 10" in streamed.json()["message"]

@@ -34,6 +34,9 @@ class TSState:
     workflows: WorkflowRegistry | None = None
     # called after each management change (TorchServe's config snapshot); None: nothing
     on_change: Callable[[], object] | None = None
+    # config.properties max_request_size: the largest request body, in bytes (TorchServe's
+    # default 6553500); a larger one is refused before it is read whole
+    max_request_size: int = 6553500
 
     def changed(self) -> None:
         if self.on_change is not None:

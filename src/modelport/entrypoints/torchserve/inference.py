@@ -59,10 +59,29 @@ def _form_params(content_type: str, body: bytes) -> list[InputParam]:
     return params
 
 
-async def request_item(request: Request) -> RequestItem:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes ``limit`` bytes (TorchServe's
+    max_request_size) rather than held in memory whole."""
+    def too_large(size: str) -> TSError:
+        return TSError(413, "RequestEntityTooLarge",
+                       f"request body of {size} bytes exceeds max_request_size {limit}")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise too_large(f"more than {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def request_item(request: Request, max_size: int = 6553500) -> RequestItem:
     """Build the handler's view of one HTTP request."""
     ct = request.headers.get("content-type", "")
-    body = await request.body()
+    body = await read_body(request, max_size)
     base = ct.split(";")[0].strip().lower()
     if base == "multipart/form-data":
         params = _form_params(ct, body)
@@ -199,7 +218,7 @@ def make_inference_router(state: TSState) -> APIRouter:
         try:
             state.authorize("inference", request)
             mv = state.registry.get(model_name, version)
-            item = await request_item(request)
+            item = await request_item(request, state.max_request_size)
             if explain:  # BaseHandler switches to explain_handle on this header
                 item = replace(item, headers={**item.headers, "explain": "True"})
                 answer = await run_one(state, mv, item, alone=True, requested_version=version)
@@ -247,7 +266,8 @@ def make_inference_router(state: TSState) -> APIRouter:
             state.authorize("inference", request)
             mv = state.registry.get(model_name)
             try:
-                doc = json.loads(await request.body(), parse_constant=_reject_constant)
+                body = await read_body(request, state.max_request_size)
+                doc = json.loads(body, parse_constant=_reject_constant)
                 if not isinstance(doc, dict):
                     raise TypeError("the body is no JSON object")
                 instances = doc["instances"]

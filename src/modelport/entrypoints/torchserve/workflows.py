@@ -113,7 +113,7 @@ def make_workflow_inference_router(state: TSState) -> APIRouter:
             state.authorize("inference", request)
             wfs = _workflows(state)
             wfs.get(workflow_name)  # 404 before reading the body
-            item = await request_item(request)
+            item = await request_item(request, state.max_request_size)
             r = await wfs.predict(workflow_name, item)
             return Response(r.body, status_code=r.status, media_type=r.content_type)
         except TSError as e:
