@@ -198,3 +198,32 @@ def test_metrics_prefix_is_checked() -> None:
 
     with pytest.raises(ValueError, match="metrics prefix must be one of"):
         ServerMetrics("m", prefix="tgi")
+
+
+def test_metrics_series_exist_before_the_first_request() -> None:
+    """vLLM makes its series at start-up: a fresh server scrapes as zeros, not "no data"."""
+    from modelport.engine.messages import SchedulerStats
+    from modelport.entrypoints.openai.metrics import ServerMetrics
+
+    text = ServerMetrics("m", prefix="vllm").render().decode()
+    for line in ('vllm:num_requests_running{model_name="m"} 0.0',
+                 'vllm:num_requests_waiting{model_name="m"} 0.0',
+                 'vllm:kv_cache_usage_perc{model_name="m"} 0.0',
+                 'vllm:prompt_tokens_total{model_name="m"} 0.0',
+                 'vllm:generation_tokens_total{model_name="m"} 0.0',
+                 'vllm:num_preemptions_total{model_name="m"} 0.0',
+                 'vllm:prefix_cache_queries_total{model_name="m"} 0.0',
+                 'vllm:prefix_cache_hits_total{model_name="m"} 0.0',
+                 'vllm:time_to_first_token_seconds_count{model_name="m"} 0.0',
+                 'vllm:inter_token_latency_seconds_count{model_name="m"} 0.0',
+                 'vllm:e2e_request_latency_seconds_count{model_name="m"} 0.0',
+                 'vllm:request_queue_time_seconds_count{model_name="m"} 0.0'):
+        assert line in text, line
+    assert not any(ln.startswith("vllm:spec_decode") for ln in text.splitlines())
+    assert "lora_requests_info" not in text  # only with --enable-lora
+    m = ServerMetrics("m", prefix="vllm", max_loras=3)
+    m.observe_stats(SchedulerStats(running_lora_adapters=["a", "b"], waiting_lora_adapters=["c"]))
+    text = m.render().decode()
+    assert 'vllm:lora_requests_info{max_lora="3",running_lora_adapters="",' in text
+    assert ('vllm:lora_requests_info{max_lora="3",running_lora_adapters="a,b",'
+            'waiting_lora_adapters="c"}') in text

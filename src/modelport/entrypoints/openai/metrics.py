@@ -151,6 +151,14 @@ class ServerMetrics:
         # metric -> its child for this model: labels() costs several microseconds a call,
         # and the per-token observations below run for every streamed token
         self._children: dict[Any, Any] = {}
+        # vLLM makes its per-model series when it starts, so a fresh server already shows
+        # num_requests_waiting 0, prompt_tokens_total 0, empty histograms ... (an autoscaler's
+        # or a dashboard's query gets 0, not "no data"); speculative decoding's stay unmade
+        for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_len,
+                       self.gen_len, self.running, self.waiting, self.kv_usage,
+                       self.prefix_queries, self.prefix_hits, self.preemptions,
+                       self.prompt_tokens, self.generation_tokens):
+            self._of(metric)
 
     def _of(self, metric: Any) -> Any:
         """metric.labels(model), made on first use (as labels() makes it) and kept."""
