@@ -13,6 +13,8 @@ a waiting queue of one.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -193,6 +195,34 @@ def test_metrics_prefix_vllm_gives_vllms_series_names(base) -> None:
     assert "modelport:" not in text
 
 
+def test_metrics_request_time_per_output_token(base) -> None:
+    """vLLM's per-request TPOT histogram (the vllm:time_per_output_token_seconds of old):
+    (last token - first token) / (tokens - 1) of each finished request, 0 for one token."""
+    import re
+
+    def tpot() -> tuple[float, float]:
+        text = httpx.get(f"{base}/metrics").text
+        got = {}
+        for part in ("count", "sum"):
+            m = re.search(rf'^vllm:request_time_per_output_token_seconds_{part}'
+                          rf'{{model_name="./tiny"}} (\S+)$', text, re.M)
+            assert m, part
+            got[part] = float(m[1])
+        return got["count"], got["sum"]
+
+    count, total = tpot()
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+    count1, total1 = tpot()
+    assert (count1, total1) == (count + 1, total)  # one token: observed as 0
+    start = time.monotonic()
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 6, "ignore_eos": True}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+    elapsed = time.monotonic() - start
+    count2, total2 = tpot()
+    assert count2 == count1 + 1 and 0 < total2 - total1 <= elapsed / 5
+
+
 def test_metrics_prefix_is_checked() -> None:
     from modelport.entrypoints.openai.metrics import ServerMetrics
 
@@ -217,7 +247,8 @@ def test_metrics_series_exist_before_the_first_request() -> None:
                  'vllm:time_to_first_token_seconds_count{model_name="m"} 0.0',
                  'vllm:inter_token_latency_seconds_count{model_name="m"} 0.0',
                  'vllm:e2e_request_latency_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_queue_time_seconds_count{model_name="m"} 0.0'):
+                 'vllm:request_queue_time_seconds_count{model_name="m"} 0.0',
+                 'vllm:request_time_per_output_token_seconds_count{model_name="m"} 0.0'):
         assert line in text, line
     assert not any(ln.startswith("vllm:spec_decode") for ln in text.splitlines())
     assert "lora_requests_info" not in text  # only with --enable-lora

@@ -62,7 +62,8 @@ class StatLogger:
     def observe_first_token(self, ttft: float, queue_time: float | None) -> None: ...
     def observe_tokens(self, n_new: int, gap: float | None) -> None: ...
     def observe_finished(
-        self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int
+        self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int,
+        decode_time: float = 0.0,
     ) -> None: ...
     def observe_rejected(self) -> None: ...
 
@@ -76,7 +77,14 @@ class _Child:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    first_token_time: float | None = None
     last_token_time: float | None = None
+
+    def decode_time(self) -> float:
+        """Seconds from its first token to its latest (vLLM's decode_time)."""
+        if self.first_token_time is None or self.last_token_time is None:
+            return 0.0
+        return self.last_token_time - self.first_token_time
 
 
 class RequestStream:
@@ -502,7 +510,7 @@ class AsyncLLM:
         for c in stream.children.values():
             if c.finish_reason is None:
                 self.stat_logger.observe_finished(
-                    "abort", e2e, len(stream.prompt_ids), len(c.token_ids)
+                    "abort", e2e, len(stream.prompt_ids), len(c.token_ids), c.decode_time()
                 )
         if self.client is not None and self.dead_reason is None and child_ids:
             self.client.abort_requests(child_ids)
@@ -595,6 +603,8 @@ class AsyncLLM:
                     if m is not None and m.first_scheduled_time is not None:
                         queue_time = m.first_scheduled_time - stream.arrival
                     log.observe_first_token(now - stream.arrival, queue_time)
+                if c.last_token_time is None:
+                    c.first_token_time = now
                 gap = None if c.last_token_time is None else now - c.last_token_time
                 log.observe_tokens(len(d.token_ids), gap)
                 c.last_token_time = now
@@ -609,7 +619,8 @@ class AsyncLLM:
                 c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
                 self._num_inflight_seqs -= 1
                 log.observe_finished(
-                    d.finish_reason, now - stream.arrival, len(stream.prompt_ids), len(c.token_ids)
+                    d.finish_reason, now - stream.arrival, len(stream.prompt_ids),
+                    len(c.token_ids), c.decode_time(),
                 )
         # a running child's lists only grow (extend above): its outputs get Prefix views of
         # them, O(1) a step; a finished child's, real lists

@@ -20,6 +20,10 @@ _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
 )  # fmt: skip
+_TPOT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -46,6 +50,13 @@ class ServerMetrics:
         self.ttft = hist(f"{prefix}:time_to_first_token_seconds", "Time to first token.")
         self.itl = hist(f"{prefix}:inter_token_latency_seconds", "Time between output tokens.")
         self.e2e = hist(f"{prefix}:e2e_request_latency_seconds", "End-to-end request latency.")
+        # vLLM's per-request TPOT: (last token - first token) / (generated tokens - 1), 0 for
+        # a request of one token (time_per_output_token_seconds until vLLM 0.11)
+        self.tpot = hist(
+            f"{prefix}:request_time_per_output_token_seconds",
+            "Time per output token, averaged over each request.",
+            _TPOT_BUCKETS,
+        )
         self.queue = hist(f"{prefix}:request_queue_time_seconds", "Time waiting to be scheduled.")
         self.prompt_len = hist(
             f"{prefix}:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
@@ -154,7 +165,7 @@ class ServerMetrics:
         # vLLM makes its per-model series when it starts, so a fresh server already shows
         # num_requests_waiting 0, prompt_tokens_total 0, empty histograms ... (an autoscaler's
         # or a dashboard's query gets 0, not "no data"); speculative decoding's stay unmade
-        for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_len,
+        for metric in (self.ttft, self.itl, self.e2e, self.tpot, self.queue, self.prompt_len,
                        self.gen_len, self.running, self.waiting, self.kv_usage,
                        self.prefix_queries, self.prefix_hits, self.preemptions,
                        self.prompt_tokens, self.generation_tokens):
@@ -217,11 +228,15 @@ class ServerMetrics:
                 itl.observe(per)
 
     def observe_finished(
-        self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int
+        self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int,
+        decode_time: float = 0.0,
     ) -> None:
+        """decode_time: seconds from the request's first output token to its last."""
         of = self._of
         self.success.labels(self._model, finish_reason).inc()
         of(self.e2e).observe(e2e)
+        of(self.tpot).observe(
+            decode_time / (generation_tokens - 1) if generation_tokens > 1 else 0.0)
         of(self.prompt_tokens).inc(prompt_tokens)
         of(self.prompt_len).observe(prompt_tokens)
         of(self.gen_len).observe(generation_tokens)
