@@ -367,7 +367,7 @@ def test_server_serves_adapters_as_models(server, world, references) -> None:
     cards = {c["id"]: c for c in httpx.get(f"{server}/v1/models").json()["data"]}
     assert cards["sql"]["parent"] == "tiny" and cards["sql"]["root"] == str(world["a"])
     assert cards["chat"]["parent"] == "tiny" and cards["chat"]["root"] == str(world["b"])
-    assert cards["tiny"]["parent"] is None
+    assert cards["tiny"]["parent"] is None and cards["tiny"]["root"] == str(world["base"])
     assert cards["sql2"]["parent"] == "tiny" and cards["sql2"]["root"] == str(world["a"])
     for model, ref in (("sql", "merged_a"), ("chat", "merged_b"), ("tiny", "base")):
         r = _complete(server, model)

@@ -64,6 +64,8 @@ def test_the_model_string_as_given_and_the_folder_name_are_both_served(base) -> 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
     # listed once, as vLLM lists it; the folder name is an accepted alias
     assert [m.id for m in client.models.list().data] == ["./tiny"]
+    # vLLM's root is the --model string as given (not the folder's name)
+    assert httpx.get(f"{base}/v1/models").json()["data"][0]["root"] == "./tiny"
     for name in ("./tiny", "tiny"):
         r = client.completions.create(model=name, prompt="hello", max_tokens=2)
         assert r.model == "./tiny"  # like vLLM: the first served name, the --model string

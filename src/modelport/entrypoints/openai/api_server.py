@@ -234,6 +234,9 @@ class OpenAIService:
         engine.served_model_names = served_names(self.args, engine.engine_config.model_source.name)
         if not _served_names(self.args):  # vLLM lists the --model string alone
             engine.listed_model_names = engine.served_model_names[:1]
+        # /v1/models' "root": vLLM's is the --model string as given (with or without
+        # --served-model-name)
+        engine.model_root = getattr(self.args, "model", None) or None
         lora_modules = getattr(self.args, "lora_modules", None) or []
         if lora_modules:
             from modelport.entrypoints.openai.lora import add_lora

@@ -152,7 +152,8 @@ async def check_api_key(request: Request) -> None:
 def _cards(engine: AsyncLLM, aliases: bool = False) -> list[ModelCard]:
     from modelport.entrypoints.openai.lora import lora_cards
 
-    root = str(getattr(engine.engine_config.model_source, "name", engine.served_model_names[0]))
+    root = getattr(engine, "model_root", None) or str(
+        getattr(engine.engine_config.model_source, "name", engine.served_model_names[0]))
     listed = getattr(engine, "listed_model_names", None)
     names = engine.served_model_names if aliases or not listed else listed
     return [
