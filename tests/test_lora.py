@@ -395,6 +395,20 @@ def test_server_runtime_load_and_unload(server, world, references, tmp_path) -> 
     assert "rt" in {c["id"] for c in httpx.get(f"{server}/v1/models").json()["data"]}
     r = post("/v1/load_lora_adapter", {"lora_name": "rt", "lora_path": str(world["a"])})
     assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
+    # vLLM's load_inplace: the loaded name takes another folder's weights
+    body = {"lora_name": "rt", "lora_path": str(world["b"]), "load_inplace": True}
+    r = post("/v1/load_lora_adapter", body)
+    assert r.status_code == 200 and "added successfully" in r.text, r.text
+    r = _complete(server, "rt")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == references["merged_b"][0].outputs[0].text
+    cards = {c["id"]: c for c in httpx.get(f"{server}/v1/models").json()["data"]}
+    assert cards["rt"]["root"] == str(world["b"]) and cards["rt"]["parent"] == "tiny"
+    body = {"lora_name": "rt", "lora_path": str(world["big"]), "load_inplace": True}
+    r = post("/v1/load_lora_adapter", body)  # a bad folder: refused, the adapter kept
+    assert r.status_code == 400 and "max_lora_rank" in r.json()["error"]["message"]
+    r = _complete(server, "rt")
+    assert r.json()["choices"][0]["text"] == references["merged_b"][0].outputs[0].text
     r = post("/v1/load_lora_adapter", {"lora_name": "big", "lora_path": str(world["big"])})
     assert r.status_code == 400 and "max_lora_rank" in r.json()["error"]["message"]
     r = post("/v1/load_lora_adapter", {"lora_name": "gone", "lora_path": str(tmp_path / "x")})

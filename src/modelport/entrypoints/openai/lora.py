@@ -138,6 +138,8 @@ def lora_cards(engine: Any) -> list[ModelCard]:
 class LoadLoRAAdapterRequest(BaseModel):
     lora_name: str = ""
     lora_path: str = ""
+    # vLLM's in-place reload (RL loops): a loaded name takes the new folder's weights
+    load_inplace: bool = False
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
@@ -155,11 +157,14 @@ def add_routes(api: APIRouter, engine_of: Any) -> None:
         engine = engine_of(request)
         if not body.lora_name or not body.lora_path:
             raise OpenAIError("Both 'lora_name' and 'lora_path' must be provided.", 400)
-        if body.lora_name in engine.lora_requests or body.lora_name in _loading(engine):
+        old = engine.lora_requests.get(body.lora_name)
+        if (old is not None and not body.load_inplace) or body.lora_name in _loading(engine):
             raise OpenAIError(f"The lora adapter '{body.lora_name}' has already been loaded.", 400)
         _loading(engine).add(body.lora_name)  # a second load of the name meanwhile: the 400
         try:
-            await asyncio.to_thread(add_lora, engine, body.lora_name, body.lora_path)
+            await asyncio.to_thread(
+                add_lora, engine, body.lora_name, body.lora_path,
+                old.base_model_name if old is not None else None)
         except ValueError as e:
             # vLLM's 404 ("No adapter found") is for a path with no adapter config to read
             # (no such folder, or one without adapter_config.json); other failures are 400s
@@ -169,6 +174,13 @@ def add_routes(api: APIRouter, engine_of: Any) -> None:
             ) from None
         finally:
             _loading(engine).discard(body.lora_name)
+        if old is not None:
+            # load_inplace: later requests run the new weights (a new id, so no KV cached
+            # under the old ones is reused); running ones finish on the old, which every
+            # replica then frees
+            remove = getattr(engine, "remove_lora", None)
+            if remove is not None:
+                remove(old.lora_int_id)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @api.post("/v1/unload_lora_adapter", tags=["lora"])
