@@ -225,6 +225,33 @@ def test_metrics_request_time_per_output_token(base) -> None:
     assert count2 == count1 + 1 and 0 < total2 - total1 <= elapsed / 5
 
 
+def test_metrics_request_phase_times(base) -> None:
+    """vLLM's request_prefill / decode / inference_time_seconds of each finished request."""
+    import re
+
+    def sums() -> dict[str, tuple[float, float]]:
+        text = httpx.get(f"{base}/metrics").text
+        got = {}
+        for phase in ("prefill", "decode", "inference"):
+            stem = f"vllm:request_{phase}_time_seconds"
+            vals = [float(re.search(rf'^{stem}_{part}{{model_name="./tiny"}} (\S+)$', text,
+                                    re.M)[1]) for part in ("count", "sum")]
+            got[phase] = (vals[0], vals[1])
+        return got
+
+    before = sums()
+    start = time.monotonic()
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 6, "ignore_eos": True}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+    elapsed = time.monotonic() - start
+    after = sums()
+    delta = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
+    assert all(n == 1 for n, _ in delta.values()), delta
+    assert 0 < delta["prefill"][1] and 0 < delta["decode"][1], delta
+    assert delta["inference"][1] == pytest.approx(delta["prefill"][1] + delta["decode"][1])
+    assert delta["inference"][1] <= elapsed
+
+
 def test_metrics_prefix_is_checked() -> None:
     from modelport.entrypoints.openai.metrics import ServerMetrics
 
@@ -250,7 +277,10 @@ def test_metrics_series_exist_before_the_first_request() -> None:
                  'vllm:inter_token_latency_seconds_count{model_name="m"} 0.0',
                  'vllm:e2e_request_latency_seconds_count{model_name="m"} 0.0',
                  'vllm:request_queue_time_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_time_per_output_token_seconds_count{model_name="m"} 0.0'):
+                 'vllm:request_time_per_output_token_seconds_count{model_name="m"} 0.0',
+                 'vllm:request_prefill_time_seconds_count{model_name="m"} 0.0',
+                 'vllm:request_decode_time_seconds_count{model_name="m"} 0.0',
+                 'vllm:request_inference_time_seconds_count{model_name="m"} 0.0'):
         assert line in text, line
     assert not any(ln.startswith("vllm:spec_decode") for ln in text.splitlines())
     assert "lora_requests_info" not in text  # only with --enable-lora

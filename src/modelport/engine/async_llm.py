@@ -63,7 +63,7 @@ class StatLogger:
     def observe_tokens(self, n_new: int, gap: float | None) -> None: ...
     def observe_finished(
         self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int,
-        decode_time: float = 0.0,
+        decode_time: float = 0.0, prefill_time: float | None = None,
     ) -> None: ...
     def observe_rejected(self) -> None: ...
 
@@ -101,6 +101,7 @@ class RequestStream:
         self.children = {i: _Child(i) for i in range(params.n)}
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
+        self.prefill_time: float | None = None  # first scheduled -> first token (seconds)
         self.done = False
 
     def __aiter__(self) -> RequestStream:
@@ -510,7 +511,8 @@ class AsyncLLM:
         for c in stream.children.values():
             if c.finish_reason is None:
                 self.stat_logger.observe_finished(
-                    "abort", e2e, len(stream.prompt_ids), len(c.token_ids), c.decode_time()
+                    "abort", e2e, len(stream.prompt_ids), len(c.token_ids), c.decode_time(),
+                    stream.prefill_time,
                 )
         if self.client is not None and self.dead_reason is None and child_ids:
             self.client.abort_requests(child_ids)
@@ -602,6 +604,7 @@ class AsyncLLM:
                     queue_time = None
                     if m is not None and m.first_scheduled_time is not None:
                         queue_time = m.first_scheduled_time - stream.arrival
+                        stream.prefill_time = max(0.0, now - m.first_scheduled_time)
                     log.observe_first_token(now - stream.arrival, queue_time)
                 if c.last_token_time is None:
                     c.first_token_time = now
@@ -620,7 +623,7 @@ class AsyncLLM:
                 self._num_inflight_seqs -= 1
                 log.observe_finished(
                     d.finish_reason, now - stream.arrival, len(stream.prompt_ids),
-                    len(c.token_ids), c.decode_time(),
+                    len(c.token_ids), c.decode_time(), stream.prefill_time,
                 )
         # a running child's lists only grow (extend above): its outputs get Prefix views of
         # them, O(1) a step; a finished child's, real lists

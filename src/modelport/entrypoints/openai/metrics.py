@@ -58,6 +58,16 @@ class ServerMetrics:
             _TPOT_BUCKETS,
         )
         self.queue = hist(f"{prefix}:request_queue_time_seconds", "Time waiting to be scheduled.")
+        # vLLM's phases of a finished request: prefill (first scheduled -> first token),
+        # decode (first token -> last), inference (both)
+        self.prefill_time = hist(
+            f"{prefix}:request_prefill_time_seconds", "Time in the prefill phase per request.")
+        self.decode_time = hist(
+            f"{prefix}:request_decode_time_seconds", "Time in the decode phase per request.")
+        self.inference_time = hist(
+            f"{prefix}:request_inference_time_seconds",
+            "Time running (prefill + decode) per request.",
+        )
         self.prompt_len = hist(
             f"{prefix}:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
         )
@@ -165,7 +175,8 @@ class ServerMetrics:
         # vLLM makes its per-model series when it starts, so a fresh server already shows
         # num_requests_waiting 0, prompt_tokens_total 0, empty histograms ... (an autoscaler's
         # or a dashboard's query gets 0, not "no data"); speculative decoding's stay unmade
-        for metric in (self.ttft, self.itl, self.e2e, self.tpot, self.queue, self.prompt_len,
+        for metric in (self.ttft, self.itl, self.e2e, self.tpot, self.queue,
+                       self.prefill_time, self.decode_time, self.inference_time, self.prompt_len,
                        self.gen_len, self.running, self.waiting, self.kv_usage,
                        self.prefix_queries, self.prefix_hits, self.preemptions,
                        self.prompt_tokens, self.generation_tokens):
@@ -229,12 +240,17 @@ class ServerMetrics:
 
     def observe_finished(
         self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int,
-        decode_time: float = 0.0,
+        decode_time: float = 0.0, prefill_time: float | None = None,
     ) -> None:
-        """decode_time: seconds from the request's first output token to its last."""
+        """decode_time: seconds from the request's first output token to its last;
+        prefill_time: from its first scheduling to its first token (None: not known)."""
         of = self._of
         self.success.labels(self._model, finish_reason).inc()
         of(self.e2e).observe(e2e)
+        of(self.decode_time).observe(decode_time)
+        if prefill_time is not None:
+            of(self.prefill_time).observe(prefill_time)
+            of(self.inference_time).observe(prefill_time + decode_time)
         of(self.tpot).observe(
             decode_time / (generation_tokens - 1) if generation_tokens > 1 else 0.0)
         of(self.prompt_tokens).inc(prompt_tokens)
