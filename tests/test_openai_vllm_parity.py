@@ -280,7 +280,9 @@ def test_metrics_series_exist_before_the_first_request() -> None:
                  'vllm:request_time_per_output_token_seconds_count{model_name="m"} 0.0',
                  'vllm:request_prefill_time_seconds_count{model_name="m"} 0.0',
                  'vllm:request_decode_time_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_inference_time_seconds_count{model_name="m"} 0.0'):
+                 'vllm:request_inference_time_seconds_count{model_name="m"} 0.0',
+                 'vllm:request_params_n_count{model_name="m"} 0.0',
+                 'vllm:request_max_num_generation_tokens_count{model_name="m"} 0.0'):
         assert line in text, line
     assert not any(ln.startswith("vllm:spec_decode") for ln in text.splitlines())
     assert "lora_requests_info" not in text  # only with --enable-lora
@@ -290,3 +292,32 @@ def test_metrics_series_exist_before_the_first_request() -> None:
     assert 'vllm:lora_requests_info{max_lora="3",running_lora_adapters="",' in text
     assert ('vllm:lora_requests_info{max_lora="3",running_lora_adapters="a,b",'
             'waiting_lora_adapters="c"}') in text
+
+
+def test_metrics_request_params_and_cache_config_info(base) -> None:
+    """vLLM's request_params_n / request_params_max_tokens / request_max_num_generation_tokens
+    of each finished request, and cache_config_info (the KV cache's settings as labels)."""
+    import re
+
+    def hist(stem: str) -> tuple[float, float]:
+        text = httpx.get(f"{base}/metrics").text
+        vals = [float(re.search(rf'^vllm:{stem}_{part}{{model_name="./tiny"}} (\S+)$', text,
+                                re.M)[1]) for part in ("count", "sum")]
+        return vals[0], vals[1]
+
+    before = {s: hist(s) for s in ("request_params_n", "request_params_max_tokens",
+                                   "request_max_num_generation_tokens")}
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "n": 2, "ignore_eos": True}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+    after = {s: hist(s) for s in before}
+    assert after["request_params_n"] == (before["request_params_n"][0] + 1,
+                                         before["request_params_n"][1] + 2)
+    assert after["request_params_max_tokens"] == (before["request_params_max_tokens"][0] + 1,
+                                                  before["request_params_max_tokens"][1] + 5)
+    count, total = after["request_max_num_generation_tokens"]
+    assert (count, total) == (before["request_max_num_generation_tokens"][0] + 1,
+                              before["request_max_num_generation_tokens"][1] + 5)
+    text = httpx.get(f"{base}/metrics").text
+    (info,) = [ln for ln in text.splitlines() if ln.startswith("vllm:cache_config_info{")]
+    assert 'block_size="' in info and 'enable_prefix_caching="' in info and info.endswith(" 1.0")
+    assert re.search(r'num_gpu_blocks="\d+"', info), info

@@ -66,6 +66,7 @@ class StatLogger:
         decode_time: float = 0.0, prefill_time: float | None = None,
     ) -> None: ...
     def observe_rejected(self) -> None: ...
+    def observe_request(self, n: int, max_tokens: int | None, max_generated: int) -> None: ...
 
 
 @dataclasses.dataclass
@@ -514,6 +515,9 @@ class AsyncLLM:
                     "abort", e2e, len(stream.prompt_ids), len(c.token_ids), c.decode_time(),
                     stream.prefill_time,
                 )
+        self.stat_logger.observe_request(
+            stream.params.n, stream.params.max_tokens,
+            max(len(c.token_ids) for c in stream.children.values()))
         if self.client is not None and self.dead_reason is None and child_ids:
             self.client.abort_requests(child_ids)
 
@@ -646,4 +650,6 @@ class AsyncLLM:
         cumulative.outputs = outputs
         if delta.finished:
             self._streams.pop(stream.request_id, None)
+            log.observe_request(stream.params.n, stream.params.max_tokens,
+                                max(len(c.token_ids) for c in stream.children.values()))
         stream.queue.put_nowait(cumulative)

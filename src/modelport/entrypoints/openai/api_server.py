@@ -250,9 +250,20 @@ class OpenAIService:
                                      traceback=False)
                 return
         lora_config = getattr(engine.engine_config, "lora_config", None)
-        metrics = ServerMetrics(engine.served_model_names[0],
-                                prefix=getattr(self.args, "metrics_prefix", "modelport"),
-                                max_loras=lora_config.max_loras if lora_config else None)
+        cache = engine.engine_config.cache_config
+        metrics = ServerMetrics(
+            engine.served_model_names[0],
+            prefix=getattr(self.args, "metrics_prefix", "modelport"),
+            max_loras=lora_config.max_loras if lora_config else None,
+            max_model_len=engine.max_model_len,
+            cache_info={
+                "block_size": cache.block_size,
+                "cache_dtype": cache.kv_cache_dtype,
+                "enable_prefix_caching": cache.enable_prefix_caching,
+                "gpu_memory_utilization": cache.gpu_memory_utilization,
+                "num_gpu_blocks": engine.ready.num_kv_blocks if engine.ready else "",
+            },
+        )
         engine.stat_logger = metrics
         # vLLM's --return-tokens-as-token-ids / --enable-force-include-usage (serving_common)
         engine.return_tokens_as_token_ids = bool(

@@ -25,6 +25,18 @@ _TPOT_BUCKETS = (
     10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+_N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def _buckets_125(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50 ... up to `limit` (vLLM's buckets for per-request token counts)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 METRIC_PREFIXES = ("modelport", "vllm")
@@ -34,10 +46,13 @@ class ServerMetrics:
     """All series of one served model; methods are cheap enough to call per token batch."""
 
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
-                 prefix: str = "modelport", max_loras: int | None = None) -> None:
+                 prefix: str = "modelport", max_loras: int | None = None,
+                 max_model_len: int = 20000, cache_info: dict[str, Any] | None = None) -> None:
         """prefix: the series' namespace; "vllm" gives vLLM's names (`vllm:num_requests_running`
         ...) for dashboards built on them (`--metrics-prefix vllm`). max_loras: the server's
-        --max-loras when it runs with --enable-lora (None: no LoRA series)."""
+        --max-loras when it runs with --enable-lora (None: no LoRA series). max_model_len:
+        the top of the max_tokens / generated-tokens buckets. cache_info: the KV cache's
+        settings, published as vLLM's cache_config_info labels."""
         if prefix not in METRIC_PREFIXES:
             raise ValueError(f"metrics prefix must be one of {METRIC_PREFIXES}, got {prefix!r}")
         self.registry = registry or CollectorRegistry()
@@ -74,6 +89,19 @@ class ServerMetrics:
         self.gen_len = hist(
             f"{prefix}:request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS
         )
+        # vLLM's per-request parameters, once a request (all its n sequences) is done
+        self.params_n = hist(f"{prefix}:request_params_n", "The n parameter of each request.",
+                             _N_BUCKETS)
+        self.params_max_tokens = hist(
+            f"{prefix}:request_params_max_tokens", "The max_tokens parameter of each request.",
+            _buckets_125(max_model_len))
+        self.max_generated = hist(
+            f"{prefix}:request_max_num_generation_tokens",
+            "The most tokens one sequence of each request generated.", _buckets_125(max_model_len))
+        if cache_info:  # vLLM's info series: the settings as labels, value 1, no model_name
+            info = Gauge(f"{prefix}:cache_config_info", "Information of the KV cache config.",
+                         sorted(cache_info), registry=r)
+            info.labels(**{k: str(v) for k, v in cache_info.items()}).set(1)
         self.running = Gauge(
             f"{prefix}:num_requests_running", "Requests running.", labels, registry=r
         )
@@ -177,7 +205,8 @@ class ServerMetrics:
         # or a dashboard's query gets 0, not "no data"); speculative decoding's stay unmade
         for metric in (self.ttft, self.itl, self.e2e, self.tpot, self.queue,
                        self.prefill_time, self.decode_time, self.inference_time, self.prompt_len,
-                       self.gen_len, self.running, self.waiting, self.kv_usage,
+                       self.gen_len, self.params_n, self.params_max_tokens, self.max_generated,
+                       self.running, self.waiting, self.kv_usage,
                        self.prefix_queries, self.prefix_hits, self.preemptions,
                        self.prompt_tokens, self.generation_tokens):
             self._of(metric)
@@ -259,6 +288,14 @@ class ServerMetrics:
 
     def observe_rejected(self) -> None:
         self._of(self.rejected).inc()
+
+    def observe_request(self, n: int, max_tokens: int | None, max_generated: int) -> None:
+        """A request is done (finished or aborted): its n, its max_tokens (when it set one)
+        and the most tokens one of its sequences generated."""
+        self._of(self.params_n).observe(n)
+        if max_tokens is not None:
+            self._of(self.params_max_tokens).observe(max_tokens)
+        self._of(self.max_generated).observe(max_generated)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
