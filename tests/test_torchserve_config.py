@@ -381,14 +381,13 @@ def test_max_request_size_refuses_larger_bodies(tmp_path):
     from starlette.routing import Route
 
     from modelport.entrypoints.torchserve.common import error_response
-    from modelport.entrypoints.torchserve.frontend import max_request_size
     from modelport.entrypoints.torchserve.inference import request_item
 
     props = tmp_path / "config.properties"
     props.write_text("max_request_size=10\n")
-    assert max_request_size(load_ts_config(props)) == 10
+    assert load_ts_config(props).max_request_size == 10
     props.write_text("job_queue_size=5\n")
-    assert max_request_size(load_ts_config(props)) == 6553500
+    assert load_ts_config(props).max_request_size == 6553500
 
     async def p(request):  # noqa: ANN001, ANN202
         try:

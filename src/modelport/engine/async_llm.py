@@ -515,9 +515,7 @@ class AsyncLLM:
                     "abort", e2e, len(stream.prompt_ids), len(c.token_ids), c.decode_time(),
                     stream.prefill_time,
                 )
-        self.stat_logger.observe_request(
-            stream.params.n, stream.params.max_tokens,
-            max(len(c.token_ids) for c in stream.children.values()))
+        self._observe_done(stream)
         if self.client is not None and self.dead_reason is None and child_ids:
             self.client.abort_requests(child_ids)
 
@@ -597,6 +595,11 @@ class AsyncLLM:
             if stream is not None:
                 self._deliver(stream, ro, now)
 
+    def _observe_done(self, stream: RequestStream) -> None:
+        """A request is done (finished or aborted): its parameters, for the metrics."""
+        longest = max(len(c.token_ids) for c in stream.children.values())
+        self.stat_logger.observe_request(stream.params.n, stream.params.max_tokens, longest)
+
     def _deliver(self, stream: RequestStream, delta: RequestOutput, now: float) -> None:
         log = self.stat_logger
         for d in delta.outputs:
@@ -650,6 +653,5 @@ class AsyncLLM:
         cumulative.outputs = outputs
         if delta.finished:
             self._streams.pop(stream.request_id, None)
-            log.observe_request(stream.params.n, stream.params.max_tokens,
-                                max(len(c.token_ids) for c in stream.children.values()))
+            self._observe_done(stream)
         stream.queue.put_nowait(cumulative)

@@ -15,6 +15,7 @@ from modelport.beam_search import (
 )
 from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.llm_engine import LLMEngine
+from modelport.frontend.processor import check_continue_final
 from modelport.frontend.prompts import PromptInput, is_token_ids
 from modelport.frontend.tokenizer import Tokenizer
 from modelport.lora.request import LoRARequest
@@ -250,13 +251,9 @@ class LLM:
             convs = messages  # type: ignore[assignment]
         for conv in convs:
             _check_text_only(conv)
-            if continue_final_message:
-                if add_generation_prompt:
-                    raise ValueError("continue_final_message and add_generation_prompt cannot "
-                                     "both be true: pass add_generation_prompt=False")
-                if not conv or conv[-1].get("role") != "assistant":
-                    raise ValueError("continue_final_message needs the final message to be the "
-                                     "assistant's (the text to continue)")
+            if continue_final_message:  # a ValueError, as vLLM's
+                check_continue_final(conv[-1].get("role") if conv else None,
+                                     add_generation_prompt)
         tok = self.llm_engine.tokenizer
         kw = dict(chat_template_kwargs or {})
         if continue_final_message:

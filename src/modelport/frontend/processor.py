@@ -91,6 +91,23 @@ class InvalidField(ValueError):
         self.param = param
 
 
+def check_continue_final(last_role: str | None, add_generation_prompt: bool) -> None:
+    """What continuing a chat's final message needs (vLLM's rules), for LLM.chat and the
+    server alike: no generation prompt after it, and an assistant message to continue."""
+    if add_generation_prompt:
+        raise InvalidField(
+            "continue_final_message",
+            "continue_final_message and add_generation_prompt cannot both be true: set "
+            "add_generation_prompt to false to continue the final message",
+        )
+    if last_role != "assistant":
+        raise InvalidField(
+            "messages",
+            "continue_final_message needs the final message to be the assistant's (the text "
+            f"to continue); it is {last_role!r}",
+        )
+
+
 def check_max_logprobs(params: SamplingParams, max_logprobs: int, vocab: int) -> None:
     for what, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
         why = logprobs_over_limit(what, k, max_logprobs, vocab)

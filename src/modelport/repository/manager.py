@@ -477,7 +477,7 @@ class RepositoryManager:
                             cfg,
                             path,
                             v,
-                            bls=self._bls,
+                            bls=self.stream,  # a BLS call's responses as they come
                             metrics=self.custom_metrics,
                             model_control=self._model_control,
                         )
@@ -619,11 +619,6 @@ class RepositoryManager:
     async def stream(self, req: InferRequest) -> AsyncIterator[InferResponse]:
         model = self.get(req.model_name, req.model_version)
         async for r in model.stream(req):
-            yield r
-
-    async def _bls(self, req: InferRequest) -> AsyncIterator[InferResponse]:
-        """A BLS call's responses as they come: one, or a decoupled model's stream."""
-        async for r in self.get(req.model_name, req.model_version).stream(req):
             yield r
 
     # -- repository API --

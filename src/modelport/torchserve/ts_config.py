@@ -64,6 +64,7 @@ def parse_properties(text: str) -> dict[str, str]:
 
 
 _JAVA_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+DEFAULT_MAX_SIZE = 6553500  # TorchServe's max_request_size / max_response_size, bytes
 
 
 def unescape_java(value: str) -> str:
@@ -172,6 +173,10 @@ class TSConfig:
     # ts.torch_handler.request_envelope: json, body, kserve, kservev2); it replaces the
     # archive's own, as TorchServe's ModelManager sets it on every manifest
     service_envelope: str | None = None
+    # max_request_size / max_response_size in bytes (TorchServe's defaults): HTTP bodies are
+    # bounded by the first, gRPC messages by the larger
+    max_request_size: int = DEFAULT_MAX_SIZE
+    max_response_size: int = DEFAULT_MAX_SIZE
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -222,6 +227,8 @@ _KNOWN = {
     "enable_model_api",
     "number_of_gpu",
     "service_envelope",
+    "max_request_size",
+    "max_response_size",
     "grpc_inference_address",
     "grpc_management_address",
     "grpc_inference_port",
@@ -298,12 +305,20 @@ def load_ts_config(path: str | Path) -> TSConfig:
         enable_model_api=_bool(props.get("enable_model_api"), True),
         number_of_gpu=max(int(n_gpu), 0) if n_gpu else None,
         service_envelope=_envelope(props.get("service_envelope")),
+        max_request_size=_size(props.get("max_request_size")),
+        max_response_size=_size(props.get("max_response_size")),
         grpc=_grpc_settings(props),
         extra={k: v for k, v in props.items() if k not in _KNOWN},
     )
 
 
 ENVELOPES = ("json", "body", "kserve", "kservev2")  # ts.torch_handler.request_envelope
+
+
+def _size(value: str | None) -> int:
+    """A byte count from config.properties; not a positive integer: TorchServe's default."""
+    value = (value or "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_SIZE
 
 
 def _envelope(value: str | None) -> str | None:

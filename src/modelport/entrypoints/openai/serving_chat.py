@@ -195,21 +195,13 @@ def render_chat_text(
 
 
 def check_continue(messages: list[ChatMessage], add_generation_prompt: bool) -> None:
-    """What continuing the final message needs (vLLM's rules)."""
-    if add_generation_prompt:
-        raise OpenAIError(
-            "continue_final_message and add_generation_prompt cannot both be true: send "
-            "add_generation_prompt: false to continue the final message",
-            400,
-            param="continue_final_message",
-        )
-    if messages[-1].role != "assistant":
-        raise OpenAIError(
-            "continue_final_message needs the final message to be the assistant's (the text "
-            f"to continue); it is {messages[-1].role!r}",
-            400,
-            param="messages",
-        )
+    """What continuing the final message needs (frontend/processor.py's rules), as a 400."""
+    from modelport.frontend.processor import InvalidField, check_continue_final
+
+    try:
+        check_continue_final(messages[-1].role if messages else None, add_generation_prompt)
+    except InvalidField as e:
+        raise OpenAIError(str(e), 400, param=e.param) from None
 
 
 def _takes_tools(fn: Any) -> bool:

@@ -14,7 +14,7 @@ from modelport.entrypoints.torchserve.metrics import TSMetrics
 from modelport.torchserve.auth import TokenAuth
 from modelport.torchserve.errors import TSError
 from modelport.torchserve.registry import ModelRegistry
-from modelport.torchserve.ts_config import ModelEntry
+from modelport.torchserve.ts_config import DEFAULT_MAX_SIZE, ModelEntry
 from modelport.torchserve.workflow import WorkflowRegistry
 
 
@@ -34,9 +34,9 @@ class TSState:
     workflows: WorkflowRegistry | None = None
     # called after each management change (TorchServe's config snapshot); None: nothing
     on_change: Callable[[], object] | None = None
-    # config.properties max_request_size: the largest request body, in bytes (TorchServe's
-    # default 6553500); a larger one is refused before it is read whole
-    max_request_size: int = 6553500
+    # config.properties max_request_size: the largest request body, in bytes; a larger one
+    # is refused before it is read whole
+    max_request_size: int = DEFAULT_MAX_SIZE
 
     def changed(self) -> None:
         if self.on_change is not None:

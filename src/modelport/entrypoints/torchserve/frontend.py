@@ -30,7 +30,6 @@ from modelport.entrypoints.torchserve.common import (
     install_http_error_handler,
 )
 from modelport.entrypoints.torchserve.grpc_api import (
-    DEFAULT_MAX_MESSAGE,
     GrpcPlan,
     GrpcServers,
     add_grpc_args,
@@ -211,12 +210,6 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
         grpc_plan(args, cfg),
         metrics_default,
     )
-
-
-def max_request_size(cfg: TSConfig) -> int:
-    """config.properties max_request_size in bytes (TorchServe's default 6553500)."""
-    value = str(cfg.extra.get("max_request_size") or "")
-    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_MESSAGE
 
 
 def _pick(cli: int | None, default: int) -> int:
@@ -424,7 +417,7 @@ async def build(args: argparse.Namespace, app: FastAPI) -> TorchServeService:
         model_api=cfg.enable_model_api or bool(getattr(args, "ts_enable_model_api", False)),
         default_workers=cfg.default_workers_per_model or 0,
         config_entry=cfg.entry_for_model,
-        max_request_size=max_request_size(cfg),
+        max_request_size=cfg.max_request_size,
     )
     state.workflows = make_workflow_registry(args, cfg, registry)
     snapshots = make_snapshot_manager(args, path, cfg, registry, state.workflows)

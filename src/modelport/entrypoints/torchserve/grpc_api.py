@@ -48,13 +48,12 @@ from modelport.torchserve import protos
 from modelport.torchserve.errors import TSError
 from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
 from modelport.torchserve.model import ModelVersion
-from modelport.torchserve.ts_config import TSConfig
+from modelport.torchserve.ts_config import DEFAULT_MAX_SIZE, TSConfig
 
 logger = logging.getLogger("modelport.torchserve")
 
 DEFAULT_INFERENCE_PORT = 7070
 DEFAULT_MANAGEMENT_PORT = 7071
-DEFAULT_MAX_MESSAGE = 6553500  # TorchServe's max_request_size / max_response_size
 AUTH_FAILED = (
     "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 )
@@ -148,7 +147,7 @@ class GrpcPlan:
     management: GrpcEndpoint
     certificate_file: str | None = None  # both set: TLS (enable_grpc_ssl=true)
     private_key_file: str | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE
+    max_message_bytes: int = DEFAULT_MAX_SIZE
 
 
 def add_grpc_args(g: argparse._ArgumentGroup) -> None:
@@ -195,8 +194,7 @@ def grpc_plan(args: argparse.Namespace, cfg: TSConfig) -> GrpcPlan | None:
                 "self-signed certificate for gRPC)"
             )
         cert, key = s.certificate_file, s.private_key_file
-    sizes = [cfg.extra.get(k) for k in ("max_request_size", "max_response_size")]
-    max_bytes = max([DEFAULT_MAX_MESSAGE] + [int(v) for v in sizes if v and v.isdigit()])
+    max_bytes = max(DEFAULT_MAX_SIZE, cfg.max_request_size, cfg.max_response_size)
     return GrpcPlan(
         inference=endpoint(s.inference_address, getattr(args, "ts_grpc_inference_port", None),
                            s.inference_port, DEFAULT_INFERENCE_PORT),

@@ -78,7 +78,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def request_item(request: Request, max_size: int = 6553500) -> RequestItem:
+async def request_item(request: Request, max_size: int) -> RequestItem:
     """Build the handler's view of one HTTP request."""
     ct = request.headers.get("content-type", "")
     body = await read_body(request, max_size)
