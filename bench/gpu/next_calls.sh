@@ -304,5 +304,9 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
         run 280 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_gpu_engine.py tests/test_gpu_features.py -k "not tensor_parallel" \
           2>&1 | tee "${OUT:-bench/results}/s38b-tests.log" | tail -8 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b" >&2; exit 2 ;;
+  # session 41 (H200): the plan's items 1 and 2: W2 at Poisson 16 req/s through the server, then
+  # NF4 and GGUF Q8_0 decode at batch 1 and 64 with session 24's defaults
+  s41) run 210 env W2_RATES=16 bash bench/gpu/run_all.sh w2
+       run 340 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41" >&2; exit 2 ;;
 esac
