@@ -445,6 +445,30 @@ def test_bench_serve_reports_throughput_and_latencies(base, model) -> None:
     assert result["request_throughput"] > 0 and result["output_throughput"] > 0
     assert 0 < result["median_ttft_ms"] <= result["p99_ttft_ms"]
     assert result["mean_tpot_ms"] > 0 and result["mean_itl_ms"] > 0
+    assert result["num_warmups"] == 1 and "requests" not in result
+
+
+def test_bench_serve_detailed_requests_and_warmups(base, model) -> None:
+    cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "bench", "serve", "--url", base,
+           "--num-prompts", "3", "--input-len", "6", "--output-len", "2", "--num-warmups", "0",
+           "--save-detailed"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout)
+    assert result["num_warmups"] == 0 and result["completed"] == 3
+    req = result["requests"]
+    assert req["ok"] == [True] * 3 and req["output_tokens"] == [2, 2, 2]
+    assert all(0 < t <= lat for t, lat in zip(req["ttft_ms"], req["latency_ms"], strict=True))
+    assert req["sent_s"] == sorted(req["sent_s"])
+
+
+def test_bench_serve_stops_when_the_warmup_fails(base, model) -> None:
+    # a prompt longer than the server's max_model_len: the warm-up's 400 ends the run at once
+    cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "bench", "serve", "--url", base,
+           "--num-prompts", "50", "--input-len", "100000", "--output-len", "2"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "1 of 1 warm-up requests failed: HTTP 400" in r.stderr
 
 
 def test_chat_stream_chunks_name_the_role_once(base, model) -> None:

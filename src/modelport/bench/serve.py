@@ -4,6 +4,12 @@ Random prompts of exactly --input-len token ids (sent as token-id prompts, so th
 exact whatever the tokenizer), --output-len tokens each with ignore_eos, Poisson arrivals at
 --request-rate (inf: all at once), at most --max-concurrency in flight. Every request
 streams, so TTFT, TPOT and ITL are what a client sees. Prints one JSON object.
+
+Before the timed run, --num-warmups requests of the same shape (default 1) go to the server
+and are not counted, as vLLM's initial test run: the first request's one-off costs (kernel
+compilation for new shapes, allocator growth) stay out of the figures, and a server that
+rejects the workload is reported at once instead of 1,000 times. --save-detailed adds each
+request's send time, TTFT, latency and output length to the JSON.
 """
 
 from __future__ import annotations
@@ -41,6 +47,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     p.add_argument("--output-json", default=None, help="also write the result here")
+    p.add_argument(
+        "--num-warmups",
+        type=int,
+        default=1,
+        help="uncounted requests of the workload's shape sent (together) before the timed run",
+    )
+    p.add_argument(
+        "--save-detailed",
+        action="store_true",
+        help="add per-request send offsets, TTFTs, latencies and output lengths to the JSON",
+    )
 
 
 @dataclass
@@ -51,6 +68,7 @@ class RequestResult:
     output_tokens: int = 0
     ttft: float = 0.0
     latency: float = 0.0
+    sent: float = 0.0  # seconds after the timed run's start
     itl: list[float] = field(default_factory=list)
 
 
@@ -115,35 +133,54 @@ async def _model_name(client: Any, base: str, given: str | None) -> str:
     return r.json()["data"][0]["id"]
 
 
+class WarmupFailed(RuntimeError):
+    """A warm-up request failed: the timed run would fail the same way."""
+
+
+def _body(model: str, ids: list[int], output_len: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "prompt": ids,
+        "max_tokens": output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
     base = args.url.rstrip("/")
+    url = f"{base}/v1/completions"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     prompts = random_prompts(args.num_prompts, args.input_len, *args.token_range, args.seed)
     rng = random.Random(args.seed + 1)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=args.timeout) as client:
         model = await _model_name(client, base, args.model)
+        # warm-up prompts come from another seed: the timed prompts stay cold for prefix caching
+        warm = random_prompts(args.num_warmups, args.input_len, *args.token_range, args.seed - 1)
+        done = await asyncio.gather(
+            *(_one(client, url, _body(model, ids, args.output_len), args.timeout) for ids in warm)
+        )
+        failed = [r.error for r in done if not r.ok]
+        if failed:
+            raise WarmupFailed(f"{len(failed)} of {len(warm)} warm-up requests failed: {failed[0]}")
         sem = asyncio.Semaphore(args.max_concurrency or len(prompts) or 1)
 
-        async def limited(body: dict) -> RequestResult:
+        async def limited(body: dict, sent: float) -> RequestResult:
             async with sem:
-                return await _one(client, f"{base}/v1/completions", body, args.timeout)
+                res = await _one(client, url, body, args.timeout)
+            res.sent = sent
+            return res
 
         tasks = []
         start = time.perf_counter()
         for ids in prompts:
-            body = {
-                "model": model,
-                "prompt": ids,
-                "max_tokens": args.output_len,
-                "ignore_eos": True,
-                "temperature": 0.0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            tasks.append(asyncio.create_task(limited(body)))
+            body = _body(model, ids, args.output_len)
+            tasks.append(asyncio.create_task(limited(body, time.perf_counter() - start)))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -169,6 +206,7 @@ def report(
         "max_concurrency": args.max_concurrency,
         "input_len": args.input_len,
         "output_len": args.output_len,
+        "num_warmups": args.num_warmups,
         "duration_s": duration,
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
@@ -183,11 +221,26 @@ def report(
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         result["errors"] = errors[:5]
+    if args.save_detailed:  # in the order the requests were sent; failed ones too (ok: false)
+        result["requests"] = {
+            "ok": [r.ok for r in results],
+            "sent_s": [round(r.sent, 6) for r in results],
+            "ttft_ms": [round(r.ttft * 1e3, 3) for r in results],
+            "latency_ms": [round(r.latency * 1e3, 3) for r in results],
+            "output_tokens": [r.output_tokens for r in results],
+        }
     return result
 
 
 def run(args: argparse.Namespace) -> int:
-    result = asyncio.run(run_async(args))
+    if args.num_warmups < 0:
+        print("error: --num-warmups must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(run_async(args))
+    except WarmupFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     text = json.dumps(result, indent=2)
     print(text)
     if args.output_json:
