@@ -456,6 +456,21 @@ def test_calibration_from_model(tiny: Path, tmp_path: Path, capsys: pytest.Captu
     assert cli_main(["quantize", "--method", "fp8", "--model", str(tiny), "--output",
                      str(tmp_path / "fp8"), "--calib-from-model"]) == 1
     assert "FP8 needs no calibration" in capsys.readouterr().err
+    # the same folder again without --calib-from-model: the earlier run's texts do not stay
+    # beside a checkpoint they did not calibrate
+    assert cli_main(["quantize", "--method", "fp8", "--model", str(tiny), "--output",
+                     str(out)]) == 0
+    assert not (out / "calibration_from_model.jsonl").exists()
+    assert "calibration_from_model" not in json.loads(
+        (out / "quantization_report.json").read_text())
+    # --min-expert-tokens: for MoE experts' calibration only
+    assert cli_main(["quantize", "--method", "gptq", "--model", str(tiny), "--output",
+                     str(tmp_path / "dense"), "--calib", str(TEXT), "--min-expert-tokens", "8"]) == 1
+    assert "--min-expert-tokens applies to MoE models only; LlamaForCausalLM" in (
+        capsys.readouterr().err)
+    assert cli_main(["quantize", "--method", "fp8", "--model", str(tiny), "--output",
+                     str(tmp_path / "dense"), "--min-expert-tokens", "8"]) == 1
+    assert "--min-expert-tokens applies to --method awq / gptq only" in capsys.readouterr().err
 
 
 def test_calibration_from_model_fits_the_models_context(tiny: Path) -> None:

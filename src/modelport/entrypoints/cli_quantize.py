@@ -78,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
             ("--group-size", fixed, args.group_size is not None),
             ("--zero-point / --no-zero-point", fixed, args.zero_point is not None),
             ("--reference-text", "FP8 fits no calibration text", args.reference_text is not None),
+            ("--min-expert-tokens", "FP8 fits no calibration text",
+             args.min_expert_tokens is not None),
         ) if on]
         if given:
             print(f"error: {given[0][0]} applies to --method awq / gptq only ({given[0][1]})",

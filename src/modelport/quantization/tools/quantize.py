@@ -209,6 +209,9 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
 
     moe = mcfg.architecture in MOE_ARCHITECTURES
     expert_names = moe_quant.expert_names(mcfg.architecture)
+    if not moe and opts.min_expert_tokens != moe_quant.MIN_EXPERT_TOKENS:
+        raise ValueError(f"--min-expert-tokens applies to MoE models only; {mcfg.architecture} "
+                         "has no experts")
     if opts.method == "awq" and mcfg.architecture in AWQ_UNFOLDABLE:
         raise ValueError(f"--method awq does not support {mcfg.architecture}: its scales fold into "
                          "the RMSNorm before q/k/v and gate/up, which this family "
@@ -352,9 +355,12 @@ def quantize_model(model: str, output: Path, calib: Path | None, opts: QuantizeO
     write_checkpoint(src.path, report.output, out, _hf_config(opts, out),
                      float_dtype=torch.float16 if opts.method != "fp8" else torch.bfloat16)
     (report.output / "quantization_report.json").write_text(json.dumps(report.to_json(), indent=2))
+    generated = report.output / GENERATED_CALIB
     if report.generated_calibration:
-        (report.output / GENERATED_CALIB).write_text(
+        generated.write_text(
             "".join(json.dumps({"text": t}) + "\n" for t in report.generated_calibration))
+    elif generated.is_file():  # an earlier run's texts would pass for this checkpoint's
+        generated.unlink()
     return report
 
 
