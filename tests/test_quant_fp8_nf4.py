@@ -245,10 +245,10 @@ def test_compressed_tensors_fused_layer_quantized_alike(tiny: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128,
+    ({"weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
                   "symmetric": True, "dynamic": False}, "input_activations": None,
-      "format": "pack-quantized"},
-     r"'pack-quantized' format.*type='int', num_bits=4, strategy='group'.*AWQ or GPTQ"),
+      "format": "nvfp4-pack-quantized"},
+     r"'nvfp4-pack-quantized' format.*type='float', num_bits=4.*AWQ or GPTQ"),
     ({"weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True,
                   "dynamic": False}, "input_activations": {**CT_DYNAMIC, "type": "int"},
       "format": "int-quantized"}, r"'int-quantized' format"),
@@ -263,8 +263,9 @@ def test_compressed_tensors_fused_layer_quantized_alike(tiny: Path, tmp_path: Pa
 ])
 def test_compressed_tensors_other_schemes_refused(tiny: Path, tmp_path: Path, change: dict,
                                                   match: str) -> None:
-    """Every compressed-tensors scheme but FP8 weights is refused up front, naming the part
-    and what to use instead; the refusal comes before any weight is read (a folder without
+    """Every compressed-tensors scheme but FP8 and integer weight-only ones
+    (test_compressed_tensors_int.py) is refused up front, naming the part and what to use
+    instead; the refusal comes before any weight is read (a folder without
     weights gives the same error)."""
     group = {"targets": ["Linear"], "weights": {**CT_WEIGHTS, "strategy": "channel"},
              "input_activations": CT_DYNAMIC}

@@ -213,9 +213,10 @@ class EngineArgs:
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--seed", type=int, default=d.seed)
         g.add_argument("--quantization", "-q", default=None,
-                       help="awq | gptq | fp8 | bitsandbytes | gguf | none (default: what the "
-                       "checkpoint declares; a Q4 GGUF file stays quantized on an AVX2 CPU; "
-                       "none loads a GGUF file as floats)")
+                       help="awq | gptq | fp8 | bitsandbytes | gguf | compressed-tensors | none "
+                       "(default: what the checkpoint declares; compressed-tensors: the "
+                       "checkpoint's own compressed-tensors config; a Q4 GGUF file stays "
+                       "quantized on an AVX2 CPU; none loads a GGUF file as floats)")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
         g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
         g.add_argument("--max-waiting-requests", type=int, default=None,
@@ -766,8 +767,9 @@ def _parse_bytes(text: str) -> int:
 
 def _group_size(plan: Any) -> int | None:
     """The quantization group along K that a tensor-parallel rank's slice must respect, as
-    known before loading: AWQ / GPTQ from the checkpoint's config (-1: per channel); a GGUF
-    file kept in its blocks: the widest unpacked group among its down projections' types.
+    known before loading: AWQ / GPTQ / compressed-tensors integer weights from the
+    checkpoint's config (-1: per channel); a GGUF file kept in its blocks: the widest
+    unpacked group among its down projections' types.
     That is the group (one scale and zero) each type unpacks to, 32 columns (Q4_0 / Q8_0
     blocks, Q4_K / Q5_K sub-blocks) or 16 (Q6_K), not the 256-wide K-quant super-block: a
     rank keeps the blocks its columns overlap and trims them once unpacked."""
@@ -781,7 +783,7 @@ def _group_size(plan: Any) -> int | None:
         down = {t for name, t in types.items()
                 if t in GGML_TYPES and re.search(r"\.(down_proj|w2)\.weight$", name)}
         return max(map(group_width, down), default=None)
-    if plan.name in ("awq", "gptq"):
+    if plan.name in ("awq", "gptq", "compressed-tensors"):
         g = int(getattr(plan.config, "group_size", -1))
         return g if g > 0 else None
     return None

@@ -112,9 +112,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quantization",
         "-q",
         default=None,
-        help="awq, gptq, fp8, gguf-q4_k_m, gguf-q4_0, gguf-q8_0, ...",
+        help="awq, gptq, fp8, w4a16, w8a16, gguf-q4_k_m, gguf-q4_0, gguf-q8_0, ...",
     )
-    p.add_argument("--group-size", type=int, default=128, help="awq/gptq group size")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="awq/gptq/w4a16/w8a16 group size (a compressed-tensors checkpoint's "
+                   "own is read from its config)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--interconnect", default=None, help="nvlink or pcie (default: the preset's)")
     p.add_argument(

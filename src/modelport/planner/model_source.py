@@ -18,7 +18,7 @@ from modelport.planner.errors import PlanError
 from modelport.planner.gguf_mix import LinearTensor
 from modelport.planner.gguf_source import read_gguf
 from modelport.planner.presets import find_model_preset, model_preset_names
-from modelport.quantization.compressed_tensors import parse_fp8
+from modelport.quantization.compressed_tensors import parse
 from modelport.quantization.gguf_types import kept_on_cpu_by_default
 
 
@@ -28,7 +28,10 @@ class ModelSource:
     kind: str  # "preset" | "hf" | "gguf"
     config: ModelConfig
     path: Path | None = None
-    quantization: str | None = None  # what the checkpoint already is (awq, gptq, fp8, gguf-..)
+    quantization: str | None = None  # what the checkpoint already is (awq, gptq, fp8, w4a16, gguf-..)
+    # its quantization group along the input features, where config.json says it (-1: one
+    # per output channel); None: --group-size decides
+    group_size: int | None = None
     weight_bytes: int | None = None  # measured from the files, when there are files
     storage: dict[str, int] | None = None  # measured storage label -> tensor count
     file_bytes: int | None = None  # size on disk of the weight file(s)
@@ -63,17 +66,29 @@ def _config(d: dict[str, Any], where: str) -> ModelConfig:
 
 
 def _hf_quantization(d: dict[str, Any]) -> str | None:
+    return _hf_quantization_group(d)[0]
+
+
+def _hf_quantization_group(d: dict[str, Any]) -> tuple[str | None, int | None]:
+    """(storage format, group size) of an HF checkpoint's quantization_config. A
+    compressed-tensors one is "fp8" (FP8 groups only) or "w4a16" / "w8a16" (integer
+    weight-only groups, by their widest bits and finest group); one the loader refuses is
+    None (planned as its float model)."""
     qc = d.get("quantization_config") or {}
     method = str(qc.get("quant_method", "")).lower()
     if method in ("awq", "gptq", "fp8"):
-        return method
-    if method == "compressed-tensors":  # FP8 weights are what the loader reads of this format
-        try:
-            parse_fp8(qc)
-        except ValueError:
-            return None
-        return "fp8"
-    return None
+        return method, None
+    if method != "compressed-tensors":
+        return None, None
+    try:
+        ints = parse(qc).int_groups
+    except ValueError:
+        return None, None
+    if not ints:
+        return "fp8", None
+    bits = max(g.weights.bits for g in ints)
+    groups = [g.weights.group_size for g in ints if g.weights.group_size]
+    return f"w{bits}a16", min(groups) if groups else -1
 
 
 def _safetensors_bytes(folder: Path) -> tuple[int, dict[str, int], int] | None:
@@ -108,13 +123,15 @@ def _from_hf(path: Path) -> ModelSource:
     if not isinstance(d, dict):
         raise PlanError("--model", f"{cfg_path}: config.json must be a JSON object")
     measured = _safetensors_bytes(cfg_path.parent)
+    quant, group = _hf_quantization_group(d)
     hub = d.get("_name_or_path")
     return ModelSource(
         name=str(path),
         kind="hf",
         config=_config(d, str(cfg_path)),
         path=cfg_path.parent,
-        quantization=_hf_quantization(d),
+        quantization=quant,
+        group_size=group,
         weight_bytes=measured[0] if measured else None,
         storage=measured[1] if measured else None,
         file_bytes=measured[2] if measured else None,

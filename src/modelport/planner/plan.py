@@ -255,7 +255,10 @@ def make_plan(req: PlanRequest) -> Plan:
     # estimate then only lends its TP proportions
     known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"
     stored_dtype = CHECKPOINT_DENSE_DTYPE.get(known or "", act)
-    fmt = WeightFormat(dtype=stored_dtype, quantization=known, group_size=req.group_size)
+    # the checkpoint's own group where its config says it (compressed-tensors)
+    group = req.model.group_size if req.model.group_size and known == req.model.quantization \
+        else req.group_size
+    fmt = WeightFormat(dtype=stored_dtype, quantization=known, group_size=group)
     weights = estimate = estimate_weights(model, fmt, tp)
     if req.model.weight_bytes is not None and quant is not None:
         weights = measured_weights(
@@ -282,7 +285,7 @@ def make_plan(req: PlanRequest) -> Plan:
         delta = kept_bytes(linear, device.is_cpu) - sum(t.n_bytes for t in linear)
         resident += delta // tp
     else:
-        in_memory = WeightFormat(dtype=act, quantization=known, group_size=req.group_size)
+        in_memory = WeightFormat(dtype=act, quantization=known, group_size=group)
         resident = estimate_weights(model, in_memory, tp).per_gpu_bytes
     max_len = req.max_model_len or model.max_position_embeddings
     batched = req.max_num_batched_tokens or engine_max_num_batched_tokens(device)

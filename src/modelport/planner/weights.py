@@ -4,6 +4,9 @@ Quantized formats are counted by what they really store, not by a nominal bit wi
   awq   4-bit weights packed in int32 + per-group fp16 scales + per-group packed 4-bit zeros
   gptq  the same plus an int32 g_idx per input feature (act-order checkpoints carry it)
   fp8   one byte per weight + a per-output-channel fp32 scale
+  w4a16 / w8a16  compressed-tensors integer weight-only (pack-quantized): 4 or 8 bits a
+        weight packed in int32 + a bf16 scale per group (group_size -1: per output channel)
+        + the [out, in] shape; symmetric, so no zeros (an asymmetric file is measured)
   gguf-<type>  llama.cpp's per-tensor mix (see gguf_mix) with its block scales
 Embeddings, lm head and norms are not quantized: they take WeightFormat.dtype, which is 16-bit
 in the checkpoints (fp16 for awq/gptq, bf16 for fp8, as `modelport quantize` and the public
@@ -19,8 +22,11 @@ from modelport.planner import gguf_mix
 from modelport.planner.tensors import TensorSpec, decoder_tensors, tp_share
 
 # dtype of the unquantized tensors inside a checkpoint of each method
-CHECKPOINT_DENSE_DTYPE = {"awq": "float16", "gptq": "float16", "fp8": "bfloat16"}
-QUANTIZATIONS = ("awq", "gptq", "fp8", *(f"gguf-{ft}" for ft in gguf_mix.FILE_TYPES))
+CHECKPOINT_DENSE_DTYPE = {"awq": "float16", "gptq": "float16", "fp8": "bfloat16",
+                          "w4a16": "bfloat16", "w8a16": "bfloat16"}
+INT_WEIGHT_ONLY = {"w4a16": 4, "w8a16": 8}  # compressed-tensors' pack-quantized, by bits
+QUANTIZATIONS = ("awq", "gptq", "fp8", *INT_WEIGHT_ONLY,
+                 *(f"gguf-{ft}" for ft in gguf_mix.FILE_TYPES))
 _PACK = 8  # 4-bit values per int32
 
 
@@ -30,13 +36,16 @@ class WeightFormat:
 
     dtype: str = "bf16"  # dtype of unquantized tensors and of activations
     quantization: str | None = None  # None or one of QUANTIZATIONS
-    group_size: int = 128  # awq / gptq quantization group along the input features
+    # awq / gptq / w4a16 / w8a16 quantization group along the input features (-1 for
+    # w4a16 / w8a16: one scale per output channel)
+    group_size: int = 128
 
     def __post_init__(self) -> None:
         dtype_bytes(self.dtype)  # raises on an unknown dtype
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}")
-        if self.group_size <= 0:
+        if self.group_size <= 0 and not (self.group_size == -1
+                                         and self.quantization in INT_WEIGHT_ONLY):
             raise ValueError(f"group_size must be > 0, got {self.group_size}")
 
     @property
@@ -56,6 +65,14 @@ def _int4_bytes(t: TensorSpec, group: int, with_g_idx: bool) -> int:
     return qweight + qzeros + scales + g_idx
 
 
+def _packed_int_bytes(t: TensorSpec, group: int, bits: int) -> int:
+    """compressed-tensors pack-quantized: weight_packed int32 [out, ceil(in * bits / 32)],
+    weight_scale bf16 [out, groups], weight_shape int64 [2]."""
+    out_f, in_f = t.shape
+    groups = 1 if group == -1 else -(-in_f // group)
+    return out_f * -(-in_f * bits // 32) * 4 + out_f * groups * 2 + 16
+
+
 def tensor_bytes(t: TensorSpec, fmt: WeightFormat, model: ModelConfig) -> tuple[int, str]:
     """(bytes, storage label) of one tensor in format fmt."""
     dense = dtype_bytes(fmt.dtype)
@@ -67,6 +84,10 @@ def tensor_bytes(t: TensorSpec, fmt: WeightFormat, model: ModelConfig) -> tuple[
         return t.numel * dense, fmt.dtype
     if fmt.quantization == "fp8":
         return t.numel + 4 * t.shape[0], "fp8"
+    bits = INT_WEIGHT_ONLY.get(fmt.quantization)
+    if bits is not None:
+        how = "channel" if fmt.group_size == -1 else f"g{fmt.group_size}"
+        return _packed_int_bytes(t, fmt.group_size, bits), f"int{bits}-{how}"
     label = f"int4-g{fmt.group_size}"
     return _int4_bytes(t, fmt.group_size, fmt.quantization == "gptq"), label
 

@@ -19,27 +19,27 @@ from torch import nn
 
 from modelport.config import ModelConfig
 from modelport.quantization.base import QuantizationConfig
-from modelport.quantization.compressed_tensors import is_compressed_tensors, parse_fp8
+from modelport.quantization.compressed_tensors import QUANT_METHOD, is_compressed_tensors, parse
 from modelport.quantization.gguf_types import GGUF_LINEAR, kept_on_cpu_by_default
 
 logger = logging.getLogger(__name__)
 
 # user-facing names (--quantization) -> what they load
-SUPPORTED_METHODS = ("awq", "gptq", "fp8", "bitsandbytes", "gguf")
+SUPPORTED_METHODS = ("awq", "gptq", "fp8", "bitsandbytes", "gguf", QUANT_METHOD)
 _ALIASES = {"nf4": "bitsandbytes", "bnb": "bitsandbytes", "awq_marlin": "awq",
-            "gptq_marlin": "gptq"}
+            "gptq_marlin": "gptq", "compressed_tensors": QUANT_METHOD}
 
 
 def checkpoint_method(model_config: ModelConfig) -> str | None:
     """The method a checkpoint's config.json declares (None: not a quantized checkpoint).
-    A compressed-tensors checkpoint of FP8 weights is "fp8"; any other compressed-tensors
-    scheme raises ValueError naming what is not supported."""
+    A compressed-tensors checkpoint of FP8 weights only is "fp8" (fp8.py's path), one with
+    integer weight-only groups "compressed-tensors" (compressed_tensors_int.py); any other
+    compressed-tensors scheme raises ValueError naming what is not supported."""
     qc = model_config.hf_config.get("quantization_config")
     if not isinstance(qc, dict):
         return None
     if is_compressed_tensors(qc):
-        parse_fp8(qc)
-        return "fp8"
+        return QUANT_METHOD if parse(qc).int_groups else "fp8"
     method = str(qc.get("quant_method", "")).lower()
     return _ALIASES.get(method, method) or None
 
@@ -68,6 +68,10 @@ def _config_for(method: str, src: Any, model_config: ModelConfig, online: bool,
 
         return gguf_quant_config(open_gguf_tensors(src.path), stacked,
                                  model_config.hf_config.get("model_type", "llama"))
+    if method == QUANT_METHOD:
+        from modelport.quantization.compressed_tensors_int import CompressedTensorsConfig
+
+        return CompressedTensorsConfig.from_hf(qc, stacked)
     if method == "awq":
         from modelport.quantization.awq import AWQConfig
 
@@ -135,6 +139,15 @@ def resolve_quantization(
             )
         return None
     method = _normalize(requested)
+    if method == QUANT_METHOD:  # "the checkpoint's own compressed-tensors config"
+        if not is_compressed_tensors(model_config.hf_config.get("quantization_config")):
+            raise ValueError(
+                f"{src.path} has no compressed-tensors quantization_config: "
+                f"quantization={requested!r} loads a compressed-tensors checkpoint as its "
+                "config.json describes it; drop --quantization"
+                + (f" (it is a {declared} checkpoint)" if declared else "")
+            )
+        method = declared
     if declared is not None and declared not in SUPPORTED_METHODS:
         raise ValueError(
             f"{src.path}: quantization_config.quant_method {declared!r} is not supported; "
