@@ -282,7 +282,8 @@ def test_metrics_series_exist_before_the_first_request() -> None:
                  'vllm:request_decode_time_seconds_count{model_name="m"} 0.0',
                  'vllm:request_inference_time_seconds_count{model_name="m"} 0.0',
                  'vllm:request_params_n_count{model_name="m"} 0.0',
-                 'vllm:request_max_num_generation_tokens_count{model_name="m"} 0.0'):
+                 'vllm:request_max_num_generation_tokens_count{model_name="m"} 0.0',
+                 'vllm:iteration_tokens_total_count{model_name="m"} 0.0'):
         assert line in text, line
     assert not any(ln.startswith("vllm:spec_decode") for ln in text.splitlines())
     assert "lora_requests_info" not in text  # only with --enable-lora
@@ -292,6 +293,30 @@ def test_metrics_series_exist_before_the_first_request() -> None:
     assert 'vllm:lora_requests_info{max_lora="3",running_lora_adapters="",' in text
     assert ('vllm:lora_requests_info{max_lora="3",running_lora_adapters="a,b",'
             'waiting_lora_adapters="c"}') in text
+
+
+def test_metrics_iteration_tokens_per_engine_step(base) -> None:
+    """vLLM's iteration_tokens_total: one observation per engine step, of the tokens it ran
+    (here: the prompt's prefill step, then one decode token a step)."""
+    import re
+
+    def series() -> dict[str, float]:
+        text = httpx.get(f"{base}/metrics").text
+        return {m[1]: float(m[2]) for m in re.finditer(
+            r'^vllm:iteration_tokens_total_(count|sum|bucket\{le="1\.0"),?[^}]*\} (\S+)$',
+            text, re.M)}
+
+    before = series()
+    body = {"model": "tiny", "prompt": "one two three four", "max_tokens": 6, "ignore_eos": True}
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    prompt = r.json()["usage"]["prompt_tokens"]
+    after = series()
+    one = 'bucket{le="1.0"'
+    # 1 prefill step + 5 one-token decode steps (the prefill gives the first token)
+    assert after["count"] - before["count"] == 6
+    assert after["sum"] - before["sum"] == prompt + 5
+    assert after[one] - before[one] == 5
 
 
 def test_metrics_request_params_and_cache_config_info(base) -> None:

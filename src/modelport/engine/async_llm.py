@@ -59,6 +59,7 @@ class StatLogger:
     """What AsyncLLM reports; the OpenAI server plugs its Prometheus metrics in here."""
 
     def observe_stats(self, stats: SchedulerStats) -> None: ...
+    def observe_step_tokens(self, num_tokens: int) -> None: ...
     def observe_first_token(self, ttft: float, queue_time: float | None) -> None: ...
     def observe_tokens(self, n_new: int, gap: float | None) -> None: ...
     def observe_finished(
@@ -579,6 +580,8 @@ class AsyncLLM:
         if outs.stats is not None:
             self.stats = outs.stats
             self.stat_logger.observe_stats(outs.stats)
+        if outs.num_step_tokens:
+            self.stat_logger.observe_step_tokens(outs.num_step_tokens)
         if not outs.outputs:
             return
         outputs = outs.outputs

@@ -322,6 +322,7 @@ class EngineCore:
             self._inflight = None
         so = self.scheduler.schedule()
         pending = self.runner.launch(so)  # None for an empty step
+        step_tokens = so.num_batched_tokens if pending is not None else 0
         if self._inflight is not None:
             outputs += self._collect(*self._inflight)
             self._inflight = None
@@ -334,7 +335,8 @@ class EngineCore:
             # nothing to run but grammars compiling: wait a little for one instead of spinning
             wait([f for _, f in self._compiling.values()], timeout=_GRAMMAR_WAIT_S,
                  return_when=FIRST_COMPLETED)
-        return EngineCoreOutputs(outputs=outputs, stats=self.get_stats())
+        return EngineCoreOutputs(outputs=outputs, stats=self.get_stats(),
+                                 num_step_tokens=step_tokens)
 
     def _collect(self, so: SchedulerOutput, pending: PendingStep) -> list[EngineCoreOutput]:
         ro = self.runner.collect(pending)

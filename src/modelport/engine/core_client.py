@@ -596,7 +596,8 @@ class DPEngineCoreClient:
                 if msg.outputs.stats is not None:
                     self._stats[rank] = msg.outputs.stats
                     msg = CoreStepOutputs(outputs=EngineCoreOutputs(
-                        outputs=msg.outputs.outputs, stats=merge_stats(self._stats)))
+                        outputs=msg.outputs.outputs, stats=merge_stats(self._stats),
+                        num_step_tokens=msg.outputs.num_step_tokens))
             elif isinstance(msg, CoreRejected):
                 self._release(msg.request_id)
             self._on_message(msg)

@@ -58,6 +58,9 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True):
 class EngineCoreOutputs(msgspec.Struct, kw_only=True):
     outputs: list[EngineCoreOutput]
     stats: SchedulerStats | None = None
+    # tokens of the step launched in this step() call (vLLM's iteration_tokens_total); 0 when
+    # none ran. With async scheduling the outputs are the previous step's; each step counts once
+    num_step_tokens: int = 0
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):

@@ -26,6 +26,8 @@ _TPOT_BUCKETS = (
 )  # fmt: skip
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 _N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM's buckets for the tokens of one engine step
+_STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 def _buckets_125(limit: int) -> tuple[int, ...]:
@@ -98,6 +100,9 @@ class ServerMetrics:
         self.max_generated = hist(
             f"{prefix}:request_max_num_generation_tokens",
             "The most tokens one sequence of each request generated.", _buckets_125(max_model_len))
+        self.step_tokens = hist(f"{prefix}:iteration_tokens_total",
+                                "Histogram of number of tokens per engine_step.",
+                                _STEP_TOKEN_BUCKETS)
         if cache_info:  # vLLM's info series: the settings as labels, value 1, no model_name
             info = Gauge(f"{prefix}:cache_config_info", "Information of the KV cache config.",
                          sorted(cache_info), registry=r)
@@ -206,6 +211,7 @@ class ServerMetrics:
         for metric in (self.ttft, self.itl, self.e2e, self.tpot, self.queue,
                        self.prefill_time, self.decode_time, self.inference_time, self.prompt_len,
                        self.gen_len, self.params_n, self.params_max_tokens, self.max_generated,
+                       self.step_tokens,
                        self.running, self.waiting, self.kv_usage,
                        self.prefix_queries, self.prefix_hits, self.preemptions,
                        self.prompt_tokens, self.generation_tokens):
@@ -250,6 +256,10 @@ class ServerMetrics:
                 ",".join(s.running_lora_adapters),
             ).set_to_current_time()
         self._last = s
+
+    def observe_step_tokens(self, num_tokens: int) -> None:
+        """One engine step ran num_tokens tokens (prompt chunks and decodes together)."""
+        self._of(self.step_tokens).observe(num_tokens)
 
     # -- per request (server clock)
 
