@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from helpers.tiny_models import TINY_PROMPT as PROMPT
 from helpers.tiny_models import load_cpu, make_tiny_llama_dir, run_one_sequence
 from modelport.quantization import kernels
-from modelport.quantization.awq import AWQConfig, pack_awq
+from modelport.quantization.awq import AWQConfig, pack_awq, pack_awq_gemv
 from modelport.quantization.gptq import GPTQConfig, pack_gptq
 from modelport.quantization.tools.rtn import rtn_quantize
 from modelport.quantization.tools.writer import is_quantizable, write_checkpoint
@@ -41,6 +41,22 @@ def ref_dequant_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     q, z, s = unpack(_u32(qweight)), unpack(_u32(qzeros)), scales.float().numpy()
     rows = np.arange(q.shape[0]) // group
     return ((q - z[rows]) * s[rows]).T.astype(np.float32)
+
+
+def ref_dequant_awq_gemv(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                         group: int) -> np.ndarray:
+    """AutoAWQ's GEMV layout: rows are outputs, nibble i of word c is input 8c + i; zeros
+    packed the same way and scales both padded past the K / group real groups."""
+    def unpack(words: np.ndarray) -> np.ndarray:
+        out = np.zeros((words.shape[0], words.shape[1] * 8), dtype=np.int64)
+        for i in range(8):
+            out[:, i::8] = (words >> (4 * i)) & 15
+        return out
+    q = unpack(_u32(qweight))  # [N, K]
+    groups = q.shape[1] // group
+    z, s = unpack(_u32(qzeros))[:, :groups], scales.float().numpy()[:, :groups]
+    cols = np.arange(q.shape[1]) // group
+    return ((q - z[:, cols]) * s[:, cols]).astype(np.float32)
 
 
 def ref_dequant_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -85,6 +101,10 @@ def quantize_folder(src: Path, out: Path, method: str, bits: int = 4, group: int
         if method == "awq":
             packed = pack_awq(codes, zeros, scales)
             deq = ref_dequant_awq(packed["qweight"], packed["qzeros"], packed["scales"], group)
+        elif method == "awq-gemv":
+            packed = pack_awq_gemv(codes, zeros, scales, group)
+            deq = ref_dequant_awq_gemv(packed["qweight"], packed["qzeros"], packed["scales"],
+                                       group)
         else:
             packed = pack_gptq(codes, zeros, scales, bits, g_idx=g_idx)
             deq = ref_dequant_gptq(packed["qweight"], packed["qzeros"], packed["scales"],
@@ -92,6 +112,7 @@ def quantize_folder(src: Path, out: Path, method: str, bits: int = 4, group: int
         qt.update({f"{prefix}.{k2}": v for k2, v in packed.items()})
         ref[name] = torch.from_numpy(deq)
     cfg = (AWQConfig(bits=bits, group_size=group) if method == "awq"
+           else AWQConfig(bits=bits, group_size=group, version="gemv") if method == "awq-gemv"
            else GPTQConfig(bits=bits, group_size=group, desc_act=act_order, sym=sym))
     qdir = write_checkpoint(src, out / method, qt, cfg, float_dtype=torch.float32)
     rdir = out / f"{method}-ref"
@@ -111,6 +132,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 CASES = [
     ("awq", 4, 32, False, False),
+    ("awq-gemv", 4, 32, False, False),  # AutoAWQ's "version": "gemv" (zeros / scales padded)
+    ("awq-gemv", 4, 64, False, False),
     ("gptq", 4, 32, True, False),
     ("gptq", 4, 64, False, True),
     ("gptq", 8, 32, True, True),
@@ -123,7 +146,9 @@ def test_loader_matches_reference_dequantization(
     method: str, bits: int, group: int, sym: bool, act_order: bool,
 ) -> None:
     qdir, rdir = quantize_folder(tiny, tmp_path, method, bits, group, sym, act_order)
-    assert json.loads((qdir / "config.json").read_text())["quantization_config"]["quant_method"] == method
+    qc = json.loads((qdir / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == method.removesuffix("-gemv")
+    assert qc.get("version", "gemm") == ("gemv" if method == "awq-gemv" else "gemm")
     ref = run_one_sequence(_load(rdir), PROMPT)
     # the format itself (reference dequant kernel): exact up to float rounding
     monkeypatch.setattr(kernels, "cpu_int4_fits", lambda gq: False)
@@ -183,11 +208,18 @@ def test_bad_checkpoints_give_clear_errors(tiny: Path, tmp_path: Path) -> None:
         _load(qdir)
 
 
-def test_awq_gemv_layout_is_refused(tiny: Path, tmp_path: Path) -> None:
+def test_awq_layouts_other_than_gemm_and_gemv_are_refused(tiny: Path, tmp_path: Path) -> None:
     qdir, _ = quantize_folder(tiny, tmp_path, "awq")
-    _set_qc(qdir, version="gemv")
-    with pytest.raises(ValueError, match="only the GEMM layout"):
+    _set_qc(qdir, version="exllama")
+    with pytest.raises(ValueError, match="AWQ version 'exllama' is not supported.*gemm, gemv"):
         _load(qdir)
+    _set_qc(qdir, version="gemv")  # a GEMM checkpoint labelled GEMV: its shapes do not fit
+    with pytest.raises(ValueError, match="shape mismatch for qweight"):
+        _load(qdir)
+    gdir, _ = quantize_folder(tiny, tmp_path / "g", "awq-gemv")
+    _set_qc(gdir, group_size=16)
+    with pytest.raises(ValueError, match="group_size 16 is not one AutoAWQ writes"):
+        _load(gdir)
 
 
 def test_pack_gptq_without_g_idx_takes_contiguous_groups() -> None:

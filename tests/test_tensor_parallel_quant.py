@@ -28,6 +28,7 @@ CASES = {  # name -> (method, act_order)
     "gptq": ("gptq", False),
     "gptq-act-order": ("gptq", True),
     "awq": ("awq", False),
+    "awq-gemv": ("awq-gemv", False),  # loaded whole on each rank, then cut (no slice_cuts)
     "fp8": ("fp8", False),
     "gguf-q4_0": ("gguf", False),
     "gguf-q8_0": ("gguf", False),  # kept by default on an x86 CPU (int8 kernel)

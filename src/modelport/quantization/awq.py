@@ -6,6 +6,15 @@ Layout, per linear layer with K inputs, N outputs, group size g (4-bit, zero poi
   qzeros  int32 [K/g, N/8] the zero points, packed the same way
   scales  fp16  [K/g, N]
   w[n, k] = (q[k, n] - z[k // g, n]) * s[k // g, n]
+
+AutoAWQ's "GEMV" version (``"version": "gemv"``, its single-request kernels) stores the same
+codes, zeros and scales transposed and in natural order:
+  qweight int32 [N, K/8]   nibble i of word c holds input 8c + i of output row n
+  qzeros  int32 [N, W]     the G = K/g zero points of a row packed the same way, zero-padded
+                           to W words: W = ceil(G / 8) rounded up to a multiple of 2 (g = 64)
+                           or 4 (g = 32)
+  scales  fp16  [N, 8 W]   the first G columns are the groups' scales, the rest padding
+Both load into the same GroupQuant (``AWQGEMVLinearMethod``), so the same kernels run them.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
 from modelport.quantization.packing import pack_along, unpack_along
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i <- column offset AWQ_ORDER[i]
+AWQ_VERSIONS = ("gemm", "gemv")
 
 
 def pack_awq_int32(codes: torch.Tensor) -> torch.Tensor:
@@ -56,6 +66,7 @@ class AWQConfig(QuantizationConfig):
     group_size: int = 128
     zero_point: bool = True
     modules_to_not_convert: tuple[str, ...] = ()
+    version: str = "gemm"  # AutoAWQ's layout: "gemm", or "gemv" (transposed, module docstring)
     name: str = field(default="awq", init=False)
 
     def __post_init__(self) -> None:
@@ -67,24 +78,27 @@ class AWQConfig(QuantizationConfig):
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> AWQConfig:
         version = str(qc.get("version", "gemm")).lower()
-        if version != "gemm":
-            raise ValueError(f"AWQ version {version!r} is not supported (only the GEMM layout)")
+        if version not in AWQ_VERSIONS:
+            raise ValueError(f"AWQ version {version!r} is not supported (AutoAWQ's layouts "
+                             f"{', '.join(AWQ_VERSIONS)} load; exllama / marlin / ipex ones do "
+                             "not: re-save the model with version 'gemm')")
         return cls(
             bits=int(qc.get("bits", qc.get("w_bit", 4))),
             group_size=int(qc.get("group_size", qc.get("q_group_size", 128))),
             zero_point=bool(qc.get("zero_point", True)),
             modules_to_not_convert=tuple(qc.get("modules_to_not_convert") or ()),
+            version=version,
         )
 
     def hf_dict(self) -> dict[str, Any]:
         return {"quant_method": "awq", "bits": self.bits, "group_size": self.group_size,
-                "zero_point": self.zero_point, "version": "gemm",
+                "zero_point": self.zero_point, "version": self.version,
                 "modules_to_not_convert": list(self.modules_to_not_convert) or None}
 
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
         if any(m in prefix for m in self.modules_to_not_convert):
             return None
-        return AWQLinearMethod(self)
+        return AWQGEMVLinearMethod(self) if self.version == "gemv" else AWQLinearMethod(self)
 
 
 class AWQLinearMethod(GroupQuantMethod):
@@ -138,6 +152,52 @@ class AWQLinearMethod(GroupQuantMethod):
         return gq
 
 
+def gemv_zeros_width(input_size: int, group_size: int) -> int:
+    """Words of qzeros per row in AutoAWQ's GEMV layout (scales: 8 columns a word)."""
+    step = 1 if group_size >= 128 else {64: 2, 32: 4}.get(group_size)
+    if step is None:
+        raise ValueError(f"AWQ GEMV layout: group_size {group_size} is not one AutoAWQ writes "
+                         "(32, 64 or 128 and up)")
+    words = -(-(input_size // group_size) // 8)
+    return -(-words // step) * step
+
+
+class AWQGEMVLinearMethod(AWQLinearMethod):
+    """AutoAWQ's GEMV layout (module docstring): the same GroupQuant as GEMM once loaded.
+    Rows are outputs, so a fused layer's shards load as row ranges; tensor parallelism loads
+    the layer whole and cuts the GroupQuant (no slice_cuts)."""
+
+    format_name = "AWQ (GEMV layout)"
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:
+        g, n = self.config.group_size, sum(output_sizes)
+        if input_size % g:
+            raise ValueError(
+                f"AWQ: input size {input_size} is not a multiple of group_size {g} "
+                "(mismatched group size in quantization_config?)"
+            )
+        if input_size % 8:
+            raise ValueError(f"AWQ GEMV layout: input size {input_size} must be a multiple of 8")
+        width = gemv_zeros_width(input_size, g)
+        new_param(layer, "qweight", torch.zeros(n, input_size // 8, dtype=torch.int32),
+                  output_dim=0)
+        new_param(layer, "qzeros", torch.zeros(n, width, dtype=torch.int32), output_dim=0)
+        new_param(layer, "scales", torch.zeros(n, width * 8, dtype=params_dtype), output_dim=0)
+
+    def slice_cuts(self, layer: nn.Module, spec: TPShard) -> dict[str, Cut] | None:
+        return None
+
+    def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
+        groups = input_size // self.config.group_size
+        codes = unpack_along(layer.qweight.data, 4, dim=1)  # [N, K]
+        z = unpack_along(layer.qzeros.data, 4, dim=1)[:, :groups].float()
+        s = layer.scales.data[:, :groups].float()
+        for name in ("qweight", "qzeros", "scales"):
+            del layer._parameters[name]
+        return GroupQuant(codes, s.contiguous(), (-z * s).contiguous(), self.config.group_size, 4)
+
+
 def awq_to_group_quant(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                        group_size: int) -> GroupQuant:
     codes = unpack_awq_int32(qweight).t().contiguous()  # [N, K]
@@ -153,3 +213,16 @@ def pack_awq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> 
         "qzeros": pack_awq_int32(zeros.t().contiguous().to(torch.uint8)),
         "scales": scales.t().contiguous().to(torch.float16),
     }
+
+
+def pack_awq_gemv(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                  group_size: int) -> dict[str, torch.Tensor]:
+    """AutoAWQ GEMV-layout tensors from codes [N, K], integer zeros [N, G], scales [N, G]."""
+    n, k = codes.shape
+    width = gemv_zeros_width(k, group_size)
+    z = torch.zeros(n, width * 8, dtype=torch.uint8)
+    z[:, : zeros.shape[1]] = zeros.to(torch.uint8)
+    s = torch.zeros(n, width * 8, dtype=torch.float16)
+    s[:, : scales.shape[1]] = scales.to(torch.float16)
+    return {"qweight": pack_along(codes, 4, dim=1), "qzeros": pack_along(z, 4, dim=1),
+            "scales": s}

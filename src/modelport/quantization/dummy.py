@@ -16,13 +16,21 @@ from modelport.loader.dummy import DUMMY_STD
 
 def encode(config: object, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """Checkpoint tensors of one linear layer's float weight w [N, K] in config's format."""
+    from modelport.quantization.compressed_tensors import IntWeights
     from modelport.quantization.tools.rtn import rtn_quantize
 
+    if isinstance(config, IntWeights):  # compressed-tensors integer weights
+        from modelport.quantization.compressed_tensors_int import pack_int_weight
+
+        return pack_int_weight(w, config)
     name = getattr(config, "name", "")
     if name == "awq":
-        from modelport.quantization.awq import pack_awq
+        from modelport.quantization.awq import pack_awq, pack_awq_gemv
 
-        return pack_awq(*rtn_quantize(w, config.bits, config.group_size, sym=False))
+        codes, zeros, scales = rtn_quantize(w, config.bits, config.group_size, sym=False)
+        if getattr(config, "version", "gemm") == "gemv":
+            return pack_awq_gemv(codes, zeros, scales, config.group_size)
+        return pack_awq(codes, zeros, scales)
     if name == "gptq":
         from modelport.quantization.gptq import pack_gptq
 
