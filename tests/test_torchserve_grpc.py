@@ -461,7 +461,7 @@ def test_grpc_ssl_with_certificate_and_key_files(tmp_path):
         f"grpc_inference_port={iport}\ngrpc_management_port={mport}\n"
     )
     plan = grpc_plan(_args(), load_ts_config(cfg))
-    state = SimpleNamespace(auth=None, registry=SimpleNamespace(all_versions=lambda: []))
+    state = SimpleNamespace(auth=None, registry=SimpleNamespace(default_versions=lambda: []))
 
     async def main() -> None:
         servers = await GrpcServers.start(state, plan)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ def scaled(monkeypatch) -> list[tuple[str, int]]:
     """Replace worker start/stop with a record of (model, count)."""
     calls: list[tuple[str, int]] = []
 
-    async def scale(self: ModelVersion, n: int) -> None:
+    async def scale(self: ModelVersion, n: int, most: int | None = None) -> None:
         calls.append((f"{self.name}/{self.version}", n))
 
     monkeypatch.setattr(ModelVersion, "scale", scale)

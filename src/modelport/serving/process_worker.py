@@ -163,6 +163,10 @@ class ProcessWorker:
         self.call_timeout = call_timeout
         self.restart = restart
         self.restarts = 0
+        # when (time.monotonic()) the child stopped serving without being asked to (it died
+        # or a restart failed to initialize); None while it serves. For health checks that
+        # forgive a worker some time to come back (TorchServe's maxRetryTimeoutInSec)
+        self.down_since: float | None = None
         self._ctx = mp.get_context("spawn")
         self._inc: _Incarnation | None = None
         self._lock = asyncio.Lock()
@@ -255,6 +259,7 @@ class ProcessWorker:
         if isinstance(msg, ReadyMsg):
             if not inc.ready.done():
                 inc.ready.set_result(msg.pid)
+                self.down_since = None
         elif isinstance(msg, InitFailedMsg):
             if not inc.ready.done():
                 inc.ready.set_exception(
@@ -286,6 +291,8 @@ class ProcessWorker:
 
     def _on_exit(self, inc: _Incarnation) -> None:
         inc.dead = True
+        if self._inc is inc and not self._stopping and self.down_since is None:
+            self.down_since = time.monotonic()
         code = inc.proc.exitcode
         if not inc.ready.done():
             inc.ready.set_exception(

@@ -99,6 +99,9 @@ class ModelVersion:
         self._batcher_instances = 0  # 0: not started yet
         self._retiring: set[asyncio.Task] = set()
         self._scale_lock = asyncio.Lock()
+        # workers being started; from the start, those register() starts next, so that a
+        # model registered asynchronously is not reported lost before they had a chance
+        self._starting = settings.min_workers
         self.batch_sizes_seen: list[int] = []  # for describe/debugging: recent batch sizes
         # request id -> consumer of that request's intermediate (streamed) responses
         self._streams: dict[str, Callable[[ItemResponse], None]] = {}
@@ -134,38 +137,52 @@ class ModelVersion:
             call_timeout=self.settings.response_timeout_s,
         )
 
-    async def scale(self, n: int) -> None:
-        """Start or stop worker processes until `n` run; raises if a new one fails to load."""
+    async def scale(self, n: int, most: int | None = None) -> None:
+        """Start or stop worker processes until `n` run; raises if a new one fails to load.
+
+        With `most`, `n` is the least: the workers running are kept where they are within
+        [n, most], as TorchServe's WorkLoadManager.modelChanged starts workers up to
+        minWorkers and stops those past maxWorkers.
+        """
         async with self._scale_lock:
-            if n > len(self._slots):
-                n_gpu = await asyncio.to_thread(self._visible_gpus)  # first call imports torch
-                new = [
-                    _Slot(self._new_worker(gpu), str(next(_worker_ids)), gpu_id=gpu)
-                    for gpu in self._gpu_ids(n - len(self._slots), n_gpu)
-                ]
-                results = await asyncio.gather(
-                    *(s.worker.start() for s in new), return_exceptions=True
+            if most is not None:
+                n = min(max(len(self._slots), n), most)
+            self._starting = max(n - len(self._slots), 0)
+            try:
+                await self._scale_locked(n)
+            finally:
+                self._starting = 0
+
+    async def _scale_locked(self, n: int) -> None:
+        if n > len(self._slots):
+            n_gpu = await asyncio.to_thread(self._visible_gpus)  # first call imports torch
+            new = [
+                _Slot(self._new_worker(gpu), str(next(_worker_ids)), gpu_id=gpu)
+                for gpu in self._gpu_ids(n - len(self._slots), n_gpu)
+            ]
+            results = await asyncio.gather(
+                *(s.worker.start() for s in new), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                await asyncio.gather(*(s.worker.stop() for s in new), return_exceptions=True)
+                logger.error("workers of %s/%s failed: %s", self.name, self.version, failed[0])
+                first_line = (str(failed[0]).splitlines() or [""])[0]
+                raise internal(
+                    f"Failed to start workers for model {self.name} version {self.version}: "
+                    f"{first_line}"
                 )
-                failed = [r for r in results if isinstance(r, BaseException)]
-                if failed:
-                    await asyncio.gather(*(s.worker.stop() for s in new), return_exceptions=True)
-                    logger.error("workers of %s/%s failed: %s", self.name, self.version, failed[0])
-                    first_line = (str(failed[0]).splitlines() or [""])[0]
-                    raise internal(
-                        f"Failed to start workers for model {self.name} version {self.version}: "
-                        f"{first_line}"
-                    )
-                self._slots.extend(new)
-                self._idle.extend(new)
-            while len(self._slots) > n:
-                slot = self._slots.pop()
-                slot.retired = True
-                if slot in self._idle:
-                    self._idle.remove(slot)
-                    self._spawn(slot.worker.stop())
-                # a busy slot is stopped when its batch returns (see _execute)
-            self._idle_event.set()
-            self._swap_batcher(max(len(self._slots), 1))
+            self._slots.extend(new)
+            self._idle.extend(new)
+        while len(self._slots) > n:
+            slot = self._slots.pop()
+            slot.retired = True
+            if slot in self._idle:
+                self._idle.remove(slot)
+                self._spawn(slot.worker.stop())
+            # a busy slot is stopped when its batch returns (see _execute)
+        self._idle_event.set()
+        self._swap_batcher(max(len(self._slots), 1))
 
     def _gpu_ids(self, count: int, n_gpu: int) -> list[int | None]:
         """Spread workers over visible GPUs, as TorchServe assigns gpu_id to workers: none
@@ -395,8 +412,23 @@ class ModelVersion:
         # no workers to tell: ask torch only if a scale-up already did (importing it is slow)
         return "gpu" if gpu_count.cache_info().currsize and self._visible_gpus() > 0 else "cpu"
 
+    def healthy_workers(self) -> int:
+        """Workers that serve, are starting, or are down for less than the YAML's
+        maxRetryTimeoutInSec (default 300): TorchServe's WorkerThread.isHealthy, which gives a
+        worker that long to come back before /ping counts it lost."""
+        window = _yaml_int(self.model_yaml, "maxRetryTimeoutInSec", 300)
+        now = time.monotonic()
+        recovering = sum(
+            1 for s in self._slots
+            if not s.worker.alive
+            and (s.worker.down_since is None or now - s.worker.down_since < window)
+        )  # fmt: skip
+        alive = sum(1 for s in self._slots if s.worker.alive)
+        return alive + recovering + self._starting
+
     def healthy(self) -> bool:
-        return self.settings.min_workers == 0 or any(s.worker.alive for s in self._slots)
+        """TorchServe's ApiUtils.isModelHealthy for one version: at least minWorkers healthy."""
+        return self.healthy_workers() >= self.settings.min_workers
 
     async def stop(self) -> None:
         slots, self._slots = self._slots, []

@@ -111,6 +111,9 @@ class ModelRegistry:
     def all_versions(self) -> list[ModelVersion]:
         return [v for name in self.names() for v in self._models[name].values()]
 
+    def default_versions(self) -> list[ModelVersion]:
+        return [self._models[name][self._defaults[name]] for name in self.names()]
+
     # -- url resolution --
 
     def _allowed(self, url: str) -> bool:
@@ -368,7 +371,7 @@ class ModelRegistry:
             mv.settings = replace(mv.settings, min_workers=min_worker, max_workers=max_worker)
         except ValueError as e:
             raise bad_request(f"Invalid worker params: {e}") from e
-        await mv.scale(min_worker)
+        await mv.scale(min_worker, max_worker)
         return mv
 
     async def unregister(self, name: str, version: str | None = None) -> ModelVersion:

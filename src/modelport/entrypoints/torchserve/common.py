@@ -66,7 +66,9 @@ def http_error_response(status_code: int, detail: object) -> JSONResponse:
 
 
 # the paths TorchServe's inference routes own on an app it shares with other frontends
-INFERENCE_PREFIXES = ("/predictions", "/explanations", "/ping", "/wfpredict")
+INFERENCE_PREFIXES = ("/predictions", "/explanations", "/ping", "/wfpredict", "/api-description")
+# for the routes TorchServe answers whatever the method (/ping, /api-description)
+ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
 def install_http_error_handler(app: FastAPI, prefixes: tuple[str, ...] = ("/",)) -> None:
@@ -84,6 +86,17 @@ def install_http_error_handler(app: FastAPI, prefixes: tuple[str, ...] = ("/",))
         return http_error_response(exc.status_code, exc.detail)
 
     app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+def health(state: TSState) -> tuple[str, int]:
+    """TorchServe 0.12's ping (ApiUtils.isModelHealthy): "Unhealthy" with 500 as soon as the
+    default version of one model has fewer healthy workers than its minWorkers, else
+    "Healthy" with 200 (no models included). Other versions do not count, and TorchServe
+    0.12 has no "Partial Healthy" (its 0.7 ping said that, with 200, for a model short of
+    workers)."""
+    if all(mv.healthy() for mv in state.registry.default_versions()):
+        return "Healthy", 200
+    return "Unhealthy", 500
 
 
 def status(message: str, code: int = 200) -> JSONResponse:

@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from modelport.entrypoints.torchserve.common import TSState
+from modelport.entrypoints.torchserve.common import TSState, health
 from modelport.entrypoints.torchserve.inference import run_one
 from modelport.entrypoints.torchserve.management import (
     _Params,
@@ -303,8 +303,7 @@ class InferenceService(_Service):
         return _Fail(grpc_status(e.code), e.message, _INTERNAL_SERVER_EXCEPTION)
 
     async def ping(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        healthy = all(mv.healthy() for mv in self.state.registry.all_versions())
-        doc = {"status": "Healthy" if healthy else "Unhealthy"}  # the RPC itself is OK either way
+        doc = {"status": health(self.state)[0]}  # the RPC itself is OK either way
         return protos.TorchServeHealthResponse(health=json.dumps(doc, indent=2))
 
     def _model(self, request: Any) -> ModelVersion:

@@ -24,7 +24,15 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modelport.entrypoints.torchserve.common import TSState, error_response, http_error_response
+from modelport.entrypoints.torchserve.api_description import describe_model, describe_routes
+from modelport.entrypoints.torchserve.common import (
+    ANY_METHOD,
+    TSState,
+    error_response,
+    health,
+    http_error_response,
+    status,
+)
 from modelport.entrypoints.torchserve.workflows import make_workflow_inference_router
 from modelport.torchserve.errors import TSError, bad_request, internal
 from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
@@ -197,13 +205,16 @@ def make_inference_router(state: TSState) -> APIRouter:
     router = APIRouter()
     router.include_router(make_workflow_inference_router(state))  # /wfpredict
 
-    @router.get("/ping")
+    # TorchServe's API description; no token needed, as there
+    @router.api_route("/api-description", methods=ANY_METHOD)
+    @router.api_route("/", methods=["OPTIONS"])
+    async def api_description() -> JSONResponse:
+        skip = () if state.workflows is not None else ("/wfpredict",)
+        return JSONResponse(describe_routes(router.routes, "TorchServe inference API", skip))
+
+    @router.api_route("/ping", methods=ANY_METHOD)  # TorchServe's takes any method
     async def ping() -> JSONResponse:
-        models = state.registry.all_versions()
-        healthy = all(mv.healthy() for mv in models)
-        return JSONResponse(
-            {"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 500
-        )
+        return status(*health(state))
 
     async def predict(
         request: Request, model_name: str, version: str | None, explain: bool = False
@@ -291,6 +302,20 @@ def make_inference_router(state: TSState) -> APIRouter:
         except Exception as e:
             return _unexpected(e)
 
+    async def model_api(request: Request, model_name: str, version: str | None = None) -> Response:
+        """TorchServe's `OPTIONS /predictions/{model}`: the API of that model."""
+        try:
+            state.authorize("inference", request)
+            return JSONResponse(describe_model(state.registry.get(model_name, version), version))
+        except TSError as e:
+            return error_response(e)
+
+    for prefix in ("/predictions", "/explanations"):
+        for path in ("/{model_name}", "/{model_name}/{version}"):
+            router.api_route(prefix + path, methods=["OPTIONS"], include_in_schema=False)(
+                model_api
+            )
+
     async def wrong_method(request: Request, rest: str = "") -> Response:
         # registered last: a prediction path with a method it does not take answers in
         # TorchServe's shape (405 MethodNotAllowedException), not FastAPI's
@@ -304,7 +329,8 @@ def make_inference_router(state: TSState) -> APIRouter:
 
     for prefix in ("/predictions", "/explanations"):
         router.api_route(
-            prefix + "/{rest:path}", methods=["GET", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+            prefix + "/{rest:path}", methods=["GET", "DELETE", "PATCH", "HEAD", "OPTIONS"],
+            include_in_schema=False,
         )(wrong_method)
     return router
 

@@ -15,7 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modelport.entrypoints.torchserve.api_description import describe_routes
 from modelport.entrypoints.torchserve.common import (
+    ANY_METHOD,
     TSState,
     error_response,
     http_error_response,
@@ -139,7 +141,7 @@ def make_management_app(state: TSState) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):  # noqa: ANN001, ANN202
-        if request.url.path != "/token":
+        if request.url.path not in ("/token", "/", "/api-description"):
             try:
                 state.authorize("management", request)
             except TSError as e:
@@ -147,6 +149,14 @@ def make_management_app(state: TSState) -> FastAPI:
         response = await call_next(request)
         state.metrics.request_status(response.status_code)  # Requests2XX/4XX/5XX
         return response
+
+    @app.api_route("/api-description", methods=ANY_METHOD)
+    @app.api_route("/", methods=["OPTIONS"])
+    async def api_description() -> JSONResponse:
+        """TorchServe's API description of this port (no token needed, as there)."""
+        skip = [p for p, off in (("/token", state.auth is None),
+                                 ("/workflows", state.workflows is None)) if off]  # fmt: skip
+        return JSONResponse(describe_routes(app.routes, "TorchServe management API", skip))
 
     @app.get("/models")
     async def list_models(request: Request) -> JSONResponse:
@@ -238,6 +248,15 @@ def make_management_app(state: TSState) -> FastAPI:
 def make_metrics_app(state: TSState) -> FastAPI:
     """TorchServe's metrics API (its own port, 8082 there), for config `metrics_address`."""
     app = FastAPI(title="modelport TorchServe metrics API")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return http_error_response(e.status_code, e.detail)
+
+    @app.api_route("/api-description", methods=ANY_METHOD)
+    @app.api_route("/", methods=["OPTIONS"])
+    async def api_description() -> JSONResponse:
+        return JSONResponse(describe_routes(app.routes, "TorchServe metrics API"))
 
     @app.get("/metrics")
     async def metrics() -> Response:

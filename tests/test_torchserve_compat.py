@@ -1,0 +1,245 @@
+"""TorchServe 0.12 behaviours that clients and configs rely on, as the real TorchServe 0.12.0
+answered them (run side by side while writing these): the API description (`OPTIONS /`),
+/ping's health rule, how many workers start, and a handler's custom reason phrase.
+
+In-process (ASGI) where no socket is needed; the reason phrase needs a real HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelport.entrypoints.torchserve.common import TSState
+from modelport.entrypoints.torchserve.inference import make_inference_app
+from modelport.entrypoints.torchserve.management import make_management_app, make_metrics_app
+from modelport.entrypoints.torchserve.metrics import TSMetrics
+from modelport.torchserve.auth import TokenAuth
+from modelport.torchserve.errors import TSError
+from modelport.torchserve.model import ModelVersion, _Slot
+from modelport.torchserve.registry import ModelRegistry
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "torchserve"))
+import ts_archives  # noqa: E402
+
+HERE = Path(__file__).parent / "fixtures" / "torchserve"
+
+
+def _client(app) -> httpx.AsyncClient:  # noqa: ANN001
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ts")
+
+
+# ---- the API description ------------------------------------------------------------------------
+
+
+def test_options_root_describes_each_ports_own_endpoints(tmp_path):
+    """`OPTIONS /` (and `/api-description`, any method) answer an OpenAPI 3.0.1 document of
+    that port's endpoints, without a token; GET / is 405, as TorchServe answers it."""
+    ts_archives.echo_archive(tmp_path / "store", tmp_path / "w", name="apidoc")
+
+    async def main():
+        reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
+        state = TSState(reg, TSMetrics(), TokenAuth(tmp_path / "key_file.json"))
+        docs = {}
+        try:
+            for port, app in (("management", make_management_app(state)),
+                              ("inference", make_inference_app(state)),
+                              ("metrics", make_metrics_app(state))):  # fmt: skip
+                async with _client(app) as c:
+                    r = await c.options("/")
+                    assert r.status_code == 200, (port, r.text)
+                    assert r.headers["content-type"] == "application/json"
+                    docs[port] = doc = r.json()
+                    for method in ("GET", "POST"):  # the deprecated path, whatever the method
+                        again = await c.request(method, "/api-description")
+                        assert again.status_code == 200 and again.json() == doc
+                    r = await c.get("/")
+                    assert r.status_code == 405 and r.json()["type"] == "MethodNotAllowedException"
+        finally:
+            await reg.stop()
+        return docs
+
+    docs = asyncio.run(main())
+    for doc in docs.values():
+        assert doc["openapi"] == "3.0.1" and set(doc) == {"openapi", "info", "paths"}
+        assert doc["paths"]["/"]["options"]["operationId"] == "apiDescription"
+        assert doc["paths"]["/api-description"]["get"]["deprecated"] is True
+
+    def ops(port: str) -> dict[tuple[str, str], str]:
+        return {(m.upper(), p): op["operationId"]
+                for p, methods in docs[port]["paths"].items() for m, op in methods.items()}  # fmt: skip
+
+    inference = ops("inference")
+    assert inference[("GET", "/ping")] == "ping"
+    assert inference[("POST", "/predictions/{model_name}")] == "predictions"
+    assert inference[("POST", "/predictions/{model_name}/{version}")] == "version_predictions"
+    assert ("POST", "/v1/models/{model_name}:predict") in inference
+    # the catch-alls that refuse other methods are no endpoints; no workflows, no /wfpredict
+    assert not any("{rest" in p or p.startswith("/wfpredict") for _, p in inference)
+    assert ("GET", "/models") not in inference
+    management = ops("management")
+    assert management[("GET", "/models")] == "listModels"
+    assert management[("POST", "/models")] == "registerModel"
+    assert management[("PUT", "/models/{model_name}")] == "setAutoScale"
+    assert management[("DELETE", "/models/{model_name}/{version}")] == "version_unregisterModel"
+    assert management[("PUT", "/models/{model_name}/{version}/set-default")] == "setDefault"
+    assert ("POST", "/token") in management  # token authorization is on
+    assert not any(p.startswith("/workflows") for _, p in management)
+    assert ("GET", "/ping") not in management
+    assert set(ops("metrics")) == {("OPTIONS", "/"), ("GET", "/api-description"),
+                                   ("GET", "/metrics")}  # fmt: skip
+    register = docs["management"]["paths"]["/models"]["post"]
+    url = next(p for p in register["parameters"] if p["name"] == "url")
+    assert url == {**url, "in": "query", "required": True}
+    assert {"200", "202", "400", "404", "409", "500"} <= set(register["responses"])
+    error = register["responses"]["404"]["content"]["application/json"]["schema"]
+    assert error["required"] == ["code", "type", "message"]
+
+
+def test_options_on_a_models_predictions_describes_that_model(tmp_path):
+    """`OPTIONS /predictions/{model}[/{version}]` is that model's API (TorchServe's
+    OpenApiUtils.getModelApi), behind the inference token; an unknown model or version is
+    TorchServe's 404."""
+    ts_archives.echo_archive(tmp_path / "store", tmp_path / "w", name="apidoc")
+    key_file = tmp_path / "key_file.json"
+
+    async def main():
+        reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
+        state = TSState(reg, TSMetrics(), TokenAuth(key_file))
+        await reg.register("apidoc.mar", initial_workers=0)
+        token = {"Authorization": f"Bearer {json.loads(key_file.read_text())['inference']['key']}"}
+        try:
+            async with _client(make_inference_app(state)) as c:
+                r = await c.options("/predictions/apidoc")
+                assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+                r = await c.options("/predictions/apidoc", headers=token)
+                assert r.status_code == 200, r.text
+                doc = r.json()
+                assert doc["openapi"] == "3.0.1" and doc["info"]["title"] == "RESTful API for: apidoc"
+                assert doc["paths"]["/predictions/apidoc"]["post"]["operationId"] == "apidoc"
+                r = await c.options("/predictions/apidoc/1.0", headers=token)
+                assert "/predictions/apidoc/1.0" in r.json()["paths"]
+                r = await c.options("/predictions/ghost", headers=token)
+                assert (r.status_code, r.json()["type"]) == (404, "ModelNotFoundException")
+                r = await c.options("/predictions/apidoc/9.9", headers=token)
+                assert (r.status_code, r.json()["type"]) == (404, "ModelVersionNotFoundException")
+                r = await c.get("/predictions/apidoc")  # other methods are still refused
+                assert r.status_code == 405
+        finally:
+            await reg.stop()
+
+    asyncio.run(main())
+
+
+# ---- /ping --------------------------------------------------------------------------------------
+
+
+def test_ping_is_unhealthy_when_a_default_version_lacks_workers(tmp_path):
+    """TorchServe 0.12 (ApiUtils.isModelHealthy): 200 Healthy, or 500 Unhealthy as soon as the
+    default version of a model has fewer healthy workers than its minWorkers; versions that
+    are not the default do not count, nor do models scaled to 0 workers. 0.12 has no
+    "Partial Healthy"."""
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w", name="pingecho")
+    # version 2.0 of the same model, whose handler cannot load its weights
+    ts_archives.archive(store / "v2", "pingecho", HERE / "bad_init_handler.py", version="2.0")
+    (store / "v2" / "pingecho.mar").rename(store / "pingecho_v2.mar")
+    ts_archives.archive(store, "broken", HERE / "bad_init_handler.py")
+
+    async def main():
+        reg = ModelRegistry(store, work_dir=tmp_path / "work")
+        state = TSState(reg, TSMetrics(), None)
+        try:
+            async with _client(make_inference_app(state)) as c:
+                assert (await c.get("/ping")).json() == {"status": "Healthy"}  # no models
+                await reg.register("pingecho.mar", initial_workers=1)
+                await reg.register("pingecho_v2.mar", initial_workers=1, synchronous=False)
+                await _settled(reg.get("pingecho", "2.0"))
+                r = await c.get("/ping")  # 2.0 has no worker, but 1.0 is the default
+                assert (r.status_code, r.json()) == (200, {"status": "Healthy"})
+                reg.set_default("pingecho", "2.0")
+                r = await c.get("/ping")
+                assert (r.status_code, r.json()) == (500, {"status": "Unhealthy"})
+                assert (await c.options("/ping")).status_code == 500  # any method, as there
+                reg.set_default("pingecho", "1.0")
+                await reg.register("broken.mar", initial_workers=0)  # no worker wanted
+                assert (await c.get("/ping")).status_code == 200
+                with pytest.raises(TSError, match="weights.bin is missing"):
+                    await reg.scale("broken", None, 1, 1)
+                r = await c.get("/ping")
+                assert (r.status_code, r.json()) == (500, {"status": "Unhealthy"})
+        finally:
+            await reg.stop()
+
+    asyncio.run(main())
+
+
+async def _settled(mv: ModelVersion, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while mv._starting and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+class _Worker:
+    """Stands in for a ProcessWorker: alive, or down since a given time."""
+
+    def __init__(self, alive: bool, down_since: float | None = None) -> None:
+        self.alive, self.down_since = alive, down_since
+
+
+def test_a_down_worker_counts_as_healthy_for_max_retry_timeout(tmp_path):
+    """TorchServe's WorkerThread.isHealthy: a worker that died is given maxRetryTimeoutInSec
+    (model-config YAML, default 300) to come back before it counts as lost."""
+    ts_archives.echo_archive(tmp_path / "store", tmp_path / "w", name="retry")
+
+    async def main():
+        reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
+        mv = await reg.register("retry.mar", initial_workers=0)
+        try:
+            mv.settings = mv.settings.__class__(min_workers=2, max_workers=2)
+            now = time.monotonic()
+            mv._slots = [_Slot(_Worker(True), "1"), _Slot(_Worker(False, now - 10), "2")]
+            assert (mv.healthy_workers(), mv.healthy()) == (2, True)
+            mv.model_yaml = {"maxRetryTimeoutInSec": 5}
+            assert (mv.healthy_workers(), mv.healthy()) == (1, False)
+            mv._slots[1].worker.down_since = None  # restarting, not yet noted as down
+            assert mv.healthy()
+            mv._slots = []
+        finally:
+            await reg.stop()
+
+    asyncio.run(main())
+
+
+def test_scaling_keeps_the_running_workers_within_min_and_max(tmp_path):
+    """TorchServe's WorkLoadManager.modelChanged starts workers up to minWorkers and stops
+    those past maxWorkers: PUT min_worker=1&max_worker=3 on a model with 2 workers keeps 2
+    (TorchServe 0.12 answered so), where it used to scale down to min_worker."""
+    ts_archives.echo_archive(tmp_path / "store", tmp_path / "w", name="scaled")
+
+    async def main():
+        reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
+        state = TSState(reg, TSMetrics(), None)
+        try:
+            await reg.register("scaled.mar", initial_workers=2)
+            async with _client(make_management_app(state)) as c:
+
+                async def scale(query: str) -> tuple[int, int, int]:
+                    r = await c.put(f"/models/scaled?{query}&synchronous=true")
+                    assert r.status_code == 200, r.text
+                    (d,) = (await c.get("/models/scaled")).json()
+                    return d["minWorkers"], d["maxWorkers"], len(d["workers"])
+
+                assert await scale("min_worker=1&max_worker=3") == (1, 3, 2)
+                assert await scale("min_worker=1&max_worker=1") == (1, 1, 1)
+                assert await scale("min_worker=0") == (0, 0, 0)
+        finally:
+            await reg.stop()
+
+    asyncio.run(main())
