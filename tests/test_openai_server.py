@@ -433,42 +433,96 @@ def test_metrics_exposed(base) -> None:
     assert metric(base, "modelport:time_to_first_token_seconds_count") > 0
 
 
+def _bench(base: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "bench", "serve", "--base-url", base,
+           *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
 def test_bench_serve_reports_throughput_and_latencies(base, model) -> None:
-    cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "bench", "serve", "--url", base,
-           "--num-prompts", "4", "--input-len", "8", "--output-len", "3", "--request-rate", "50",
-           "--max-concurrency", "4"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    r = _bench(base, "--num-prompts", "4", "--input-len", "8", "--output-len", "3",
+               "--request-rate", "50", "--max-concurrency", "4", "--ignore-eos")
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(r.stdout)
     assert result["model"] == model and result["completed"] == 4 and result["failed"] == 0
     assert result["total_input_tokens"] == 32 and result["total_output_tokens"] == 12
     assert result["request_throughput"] > 0 and result["output_throughput"] > 0
     assert 0 < result["median_ttft_ms"] <= result["p99_ttft_ms"]
-    assert result["mean_tpot_ms"] > 0 and result["mean_itl_ms"] > 0
-    assert result["num_warmups"] == 1 and "requests" not in result
+    assert result["mean_tpot_ms"] > 0 and result["mean_itl_ms"] > 0 and result["std_e2el_ms"] >= 0
+    assert result["num_warmups"] == 1 and "ttfts" not in result
 
 
-def test_bench_serve_detailed_requests_and_warmups(base, model) -> None:
-    cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "bench", "serve", "--url", base,
-           "--num-prompts", "3", "--input-len", "6", "--output-len", "2", "--num-warmups", "0",
-           "--save-detailed"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+def test_bench_serve_takes_vllm_bench_serve_flags(base, model, tmp_path) -> None:
+    """A `vllm bench serve` command line: random dataset flags, percentiles, goodput, metadata,
+    --save-result into --result-dir / --result-filename, --save-detailed's per-request lists."""
+    host, port = base.removeprefix("http://").split(":")
+    r = _bench("", "--host", host, "--port", port, "--backend", "vllm",
+               "--endpoint", "/v1/completions", "--dataset-name", "random",
+               "--random-input-len", "6", "--random-output-len", "2", "--random-range-ratio", "0.5",
+               "--random-prefix-len", "3", "--num-prompts", "3", "--num-warmups", "0",
+               "--ignore-eos", "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,90",
+               "--goodput", "ttft:100000", "e2el:0.001", "--metadata", "run=a", "x=1",
+               "--save-result", "--save-detailed", "--result-dir", str(tmp_path / "res"),
+               "--result-filename", "out.json", "--disable-tqdm")
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(r.stdout)
-    assert result["num_warmups"] == 0 and result["completed"] == 3
-    req = result["requests"]
-    assert req["ok"] == [True] * 3 and req["output_tokens"] == [2, 2, 2]
-    assert all(0 < t <= lat for t, lat in zip(req["ttft_ms"], req["latency_ms"], strict=True))
-    assert req["sent_s"] == sorted(req["sent_s"])
+    assert json.loads((tmp_path / "res" / "out.json").read_text()) == result
+    assert result["completed"] == 3 and result["backend"] == "vllm" and result["run"] == "a"
+    assert {"p50_ttft_ms", "p90_ttft_ms", "p50_e2el_ms", "std_ttft_ms"} <= set(result)
+    assert not any(k.endswith("_itl_ms") or k.endswith("_tpot_ms") for k in result)
+    # every request meets a huge TTFT limit, none a 1-microsecond end-to-end one
+    assert result["request_goodput"] == 0.0
+    # prompts: 3 shared prefix tokens + 3..9 of their own; outputs 1..3 (exact: ignore_eos)
+    assert all(6 <= n <= 12 for n in result["input_lens"]), result["input_lens"]
+    assert all(1 <= n <= 3 for n in result["output_lens"])
+    assert result["output_lens"] == [len(i) + 1 for i in result["itls"]]
+    assert all(0 < t for t in result["ttfts"]) and result["errors"] == ["", "", ""]
+    assert result["start_times"] == sorted(result["start_times"])
+    assert all(isinstance(t, str) for t in result["generated_texts"])
+
+
+def test_bench_serve_chat_backend_and_sharegpt(base, model, tmp_path) -> None:
+    # random token ids become text through the server's /detokenize for the chat endpoint
+    r = _bench(base, "--backend", "openai-chat", "--num-prompts", "2", "--input-len", "5",
+               "--output-len", "2", "--ignore-eos", "--num-warmups", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout)
+    assert result["completed"] == 2 and result["total_output_tokens"] == 4
+    assert result["mean_ttft_ms"] > 0
+    # vLLM's ShareGPT JSON: the first turn is the prompt, the second's length the output's
+    data = [{"conversations": [{"from": "human", "value": "Tell me about the sea and its tides."},
+                               {"from": "gpt", "value": "The sea rises and falls twice a day."}]},
+            {"conversations": [{"from": "human", "value": "hi"}]},  # one turn: skipped
+            {"conversations": [{"from": "human", "value": "Name three colours of the sky."},
+                               {"from": "gpt", "value": "Blue, grey and orange at dusk."}]}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    r = _bench(base, "--dataset-name", "sharegpt", "--dataset-path", str(path),
+               "--num-prompts", "3", "--num-warmups", "0", "--ignore-eos", "--save-detailed")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout)
+    assert result["completed"] == 3  # two conversations, oversampled to three prompts
+    counts = {httpx.post(f"{base}/tokenize", json={"prompt": t["conversations"][1]["value"],
+                                                    "add_special_tokens": False}).json()["count"]
+              for t in (data[0], data[2])}
+    assert set(result["output_lens"]) == counts
+    r = _bench(base, "--dataset-name", "sharegpt", "--num-prompts", "1")
+    assert r.returncode == 1 and "needs --dataset-path" in r.stderr
 
 
 def test_bench_serve_stops_when_the_warmup_fails(base, model) -> None:
     # a prompt longer than the server's max_model_len: the warm-up's 400 ends the run at once
-    cmd = [sys.executable, "-m", "modelport.entrypoints.cli", "bench", "serve", "--url", base,
-           "--num-prompts", "50", "--input-len", "100000", "--output-len", "2"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    r = _bench(base, "--num-prompts", "50", "--input-len", "100000", "--output-len", "2")
     assert r.returncode == 1 and r.stdout == ""
     assert "1 of 1 warm-up requests failed: HTTP 400" in r.stderr
+    for bad, why in ((["--percentile-metrics", "ttft,foo"], "unknown foo"),
+                     (["--metric-percentiles", "0"], "must lie in (0, 100]"),
+                     (["--goodput", "itl:5"], "expected ttft:MS"),
+                     (["--burstiness", "0"], "--burstiness must be > 0")):
+        r = _bench(base, *bad)
+        assert r.returncode == 1 and why in r.stderr, r.stderr
+    r = _bench("http://127.0.0.1:9", "--ready-check-timeout-sec", "1")
+    assert r.returncode == 1 and "was not ready within 1 s" in r.stderr
 
 
 def test_chat_stream_chunks_name_the_role_once(base, model) -> None:

@@ -121,7 +121,7 @@ def main() -> int:
                 "--input-len", str(args.input_len), "--output-len", str(args.output_len),
                 "--request-rate", rate, "--token-range", str(min(1000, vocab // 4)),
                 str(min(vocab, 100000)),
-                "--timeout", "1800", "--save-detailed"])
+                "--timeout", "1800", "--save-detailed", "--ignore-eos"])
             result = asyncio.run(serve_bench.run_async(bench_args))
             result.update(device_info())
             result["workload"] = "W2"
