@@ -11,7 +11,7 @@ for dp in 1 2; do
   pid=$!
   for _ in $(seq 120); do curl -sf http://127.0.0.1:$port/health >/dev/null && break; sleep 1; done
   .venv/bin/modelport bench serve --url http://127.0.0.1:$port --num-prompts 32 --input-len 64 \
-    --output-len 64 --output-json "$out/dp$dp.json" > /dev/null
+    --output-len 64 --ignore-eos --output-json "$out/dp$dp.json" > /dev/null
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('dp', sys.argv[2], round(d['output_throughput'], 1), 'output tok/s', round(d['duration_s'], 2), 's, mean TPOT', round(d['mean_tpot_ms']), 'ms,', d['completed'], 'completed,', d['failed'], 'failed')" "$out/dp$dp.json" $dp
   kill -INT $pid; wait $pid
 done
