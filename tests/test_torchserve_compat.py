@@ -243,3 +243,65 @@ def test_scaling_keeps_the_running_workers_within_min_and_max(tmp_path):
             await reg.stop()
 
     asyncio.run(main())
+
+
+# ---- a handler's reason phrase ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["httptools", "h11"])
+def test_reason_phrase_goes_on_the_status_line(impl):
+    """TorchServe writes a handler's `set_response_status(code, phrase)` phrase on the status
+    line (`HTTP/1.1 418 I am a teapot`, the handler's body as it is); the internal header that
+    carries it here never reaches the client, whatever middleware is in between."""
+    pytest.importorskip(impl)
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+
+    from modelport.entrypoints.torchserve.reason_phrase import (
+        REASON_HEADER,
+        http_protocol,
+        reason_header,
+    )
+
+    app = FastAPI()
+
+    @app.middleware("http")  # a BaseHTTPMiddleware rebuilds the response it passes on
+    async def passthrough(request: Request, call_next):  # noqa: ANN202
+        return await call_next(request)
+
+    @app.get("/status/{code}")
+    async def answer(code: int, phrase: str | None = None) -> Response:
+        return Response(b"body", status_code=code, headers=reason_header(phrase))
+
+    async def main():
+        import socket
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", http=http_protocol(impl))
+        server = uvicorn.Server(config)
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        try:
+            async with httpx.AsyncClient(base_url=base) as c:  # one kept-alive connection
+                for code, phrase, expected in (
+                    (418, "I am a teapot", "I am a teapot"),
+                    (200, None, "OK"),  # none set: the standard one, on the same connection
+                    (200, "Fine Thanks", "Fine Thanks"),
+                    (404, "", ""),  # set_response_status(404): TorchServe sends it empty
+                    (500, "bad\r\nX-Injected: 1", "Internal Server Error"),
+                    (500, "caf\u00e9", "Internal Server Error"),  # TorchServe: not ASCII, a 500
+                ):
+                    params = {} if phrase is None else {"phrase": phrase}
+                    r = await c.get(f"/status/{code}", params=params)
+                    assert (r.status_code, r.reason_phrase) == (code, expected), phrase
+                    assert r.content == b"body"
+                    assert REASON_HEADER not in r.headers and "x-injected" not in r.headers
+        finally:
+            server.should_exit = True
+            await task
+
+    asyncio.run(main())

@@ -369,6 +369,18 @@ def test_handler_exception_fails_only_that_batch(server, echo1):
     assert r.status_code == 201 and r.json()["echo"] == "status:201"
 
 
+def test_handler_reason_phrase_on_the_status_line(server, echo1):
+    # the echo handler's set_response_status(code, "custom"), as TorchServe writes it: on the
+    # shared port (`modelport serve`'s server) and on the inference-only one
+    for port in (server.port, server.iport):
+        url = f"http://127.0.0.1:{port}{echo1}"
+        r = httpx.post(url, content=b"status:418", headers=server.headers("inference"))
+        assert (r.status_code, r.reason_phrase) == (418, "custom"), port
+        assert r.json()["echo"] == "status:418"
+        r = httpx.post(url, content=b"plain", headers=server.headers("inference"))
+        assert (r.status_code, r.reason_phrase) == (200, "OK")
+
+
 def test_worker_crash_is_restarted(server, echo1):
     pid = server.infer(echo1, content=b"who").json()["pid"]
     body = _ts_error(server.infer(echo1, content=b"die"), 500)

@@ -127,7 +127,11 @@ async def serve_async(args: argparse.Namespace) -> int:
     for s in services:
         if getattr(s, "listen", None) is not None:
             host, port = s.listen
-    config = uvicorn.Config(app, host=host, port=port, **uvicorn_kwargs(args))
+    kw = uvicorn_kwargs(args)
+    for s in services:  # a frontend's own HTTP protocol (TorchServe's reason phrases)
+        if getattr(s, "http_protocol", None) is not None:
+            kw["http"] = s.http_protocol
+    config = uvicorn.Config(app, host=host, port=port, **kw)
     server = uvicorn.Server(config)
     for s in services:
         if hasattr(s, "http_server"):

@@ -214,7 +214,7 @@ class HandlerService:
             headers.pop("ts_stream_next", None)  # left over from intermediate responses
             ct = headers.pop("content-type", None) or default_ct
             code = processors[i].get_response_status_code() or 200
-            phrase = processors[i].get_response_status_phrase() or ""
+            phrase = processors[i].get_response_status_phrase()
             out.append(
                 ItemResponse(code, body, ct, {k: str(v) for k, v in headers.items()}, phrase)
             )

@@ -33,7 +33,9 @@ class ItemResponse:
     body: bytes
     content_type: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    phrase: str = ""
+    # the reason phrase the handler set with its status (None: it set none, so the standard
+    # one for the status goes on the status line; "" is an empty one, as TorchServe sends)
+    phrase: str | None = None
 
 
 @dataclass(frozen=True)

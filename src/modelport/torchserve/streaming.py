@@ -61,7 +61,8 @@ def decode_predict_response(frame: bytes) -> dict[str, ItemResponse]:
             key = r.bytes().decode()
             headers[key] = r.bytes().decode()
         body = r.bytes()
-        out[req_id] = ItemResponse(status or code, body, content_type, headers, phrase)
+        # the backend sends "" for no phrase: that is the standard one here
+        out[req_id] = ItemResponse(status or code, body, content_type, headers, phrase or None)
 
 
 class StreamSocket:

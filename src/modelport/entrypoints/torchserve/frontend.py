@@ -38,6 +38,7 @@ from modelport.entrypoints.torchserve.grpc_api import (
 from modelport.entrypoints.torchserve.inference import make_inference_app, make_inference_router
 from modelport.entrypoints.torchserve.management import make_management_app, make_metrics_app
 from modelport.entrypoints.torchserve.metrics_modes import metrics_for
+from modelport.entrypoints.torchserve.reason_phrase import http_protocol
 from modelport.entrypoints.torchserve.snapshots import (
     add_snapshot_args,
     config_path,
@@ -261,6 +262,9 @@ class TorchServeService:
         self.grpc: GrpcServers | None = None
         self.listen = plan.listen  # read by cli_serve: where the shared app listens
         self.snapshots: SnapshotManager | None = None  # TorchServe's config snapshots
+        # uvicorn's HTTP protocol for every server with inference routes, the shared one
+        # included (cli_serve reads it): it puts a handler's reason phrase on the status line
+        self.http_protocol = http_protocol()
 
     async def start(self) -> None:
         if self.snapshots is not None:
@@ -356,7 +360,9 @@ class TorchServeService:
 
     async def _serve(self, app: FastAPI, host: str, port: int) -> int:
         sock = _bind(host, port)
-        config = uvicorn.Config(app, log_level=self.log_level, lifespan="off")
+        config = uvicorn.Config(
+            app, log_level=self.log_level, lifespan="off", http=self.http_protocol
+        )
         server = _QuietServer(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         self._servers.append((server, task))

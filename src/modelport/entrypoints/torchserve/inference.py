@@ -33,6 +33,7 @@ from modelport.entrypoints.torchserve.common import (
     http_error_response,
     status,
 )
+from modelport.entrypoints.torchserve.reason_phrase import reason_header
 from modelport.entrypoints.torchserve.workflows import make_workflow_inference_router
 from modelport.torchserve.errors import TSError, bad_request, internal
 from modelport.torchserve.messages import InputParam, ItemResponse, RequestItem
@@ -110,7 +111,7 @@ async def request_item(request: Request, max_size: int) -> RequestItem:
 
 
 def _to_response(r: ItemResponse, request_id: str) -> Response:
-    headers = {"x-request-id": request_id, **r.headers}
+    headers = {"x-request-id": request_id, **r.headers, **reason_header(r.phrase)}
     return Response(
         content=r.body, status_code=r.status, media_type=r.content_type, headers=headers
     )
@@ -179,6 +180,7 @@ async def respond(
     head = first.result()
     headers = {k: v for k, v in head.headers.items() if k != "ts_stream_next"}
     headers["x-request-id"] = item.request_id
+    headers.update(reason_header(head.phrase))
     return StreamingResponse(
         chunks(), status_code=head.status, media_type=head.content_type, headers=headers
     )
