@@ -384,3 +384,97 @@ def test_planner_sizes_the_checkpoint(tiny: Path, tmp_path: Path) -> None:
     plan8 = make_plan(PlanRequest(src8, resolve_device("l4"), max_num_seqs=4))
     assert plan8.weights.total_bytes == src8.weight_bytes
     assert plan.resident_per_gpu < plan8.resident_per_gpu < dense.resident_per_gpu
+
+
+def test_moe_experts_and_dummy_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Qwen3-MoE W4A16 checkpoint (experts quantized per expert, the router ignored): each
+    expert becomes its own integer layer, the logits are the reference dequantization's. And
+    load_format="dummy" packs random weights in a config's own layout (benchmarks)."""
+    from helpers.tiny_moe import make_tiny_moe_dir
+
+    moe = make_tiny_moe_dir(tmp_path / "hf", "qwen3_moe", moe_intermediate_size=64)
+    qc = ct_config({"group_0": group(int_args(4, "group", 32, sym=False))},
+                   ["lm_head", r"re:.*mlp\.gate$"])
+    qdir, rdir = write_int_checkpoint(moe, tmp_path, qc, lambda m: (4, 32, False, False))
+    got = run_one_sequence(load_exact(qdir, monkeypatch), PROMPT)
+    torch.testing.assert_close(got, run_one_sequence(load_cpu(rdir), PROMPT), atol=1e-4, rtol=1e-4)
+    assert rel_err(run_one_sequence(load_cpu(qdir), PROMPT), got) < 0.02
+    for args in (int_args(4, "group", 32, sym=False, actorder="group"), int_args(8, "channel")):
+        qc = ct_config({"group_0": group(args)}, ["lm_head"])
+        out = write_folder(moe, tmp_path / f"dummy{args['num_bits']}", {}, qc)
+        model = load_cpu(out, fmt="dummy")
+        assert model.model.layers[0].self_attn.qkv_proj.quant_method is not None
+        assert torch.isfinite(run_one_sequence(model, PROMPT[:8])).all()
+
+
+def _cuda_greedy(path: Path, **kw: object) -> tuple[list, object]:
+    """First greedy tokens (with top-5 logprobs) of three prompts on CUDA in bf16, CUDA graphs
+    on, and the loaded model."""
+    from modelport import LLM, SamplingParams
+
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3,
+              max_model_len=256, **kw)
+    prompts = [PROMPT[:23], [5, 9, 200], PROMPT[30:41]]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5),
+                        use_tqdm=False)
+    model = llm.llm_engine.core.runner.model
+    return [o.outputs[0] for o in outs], model
+
+
+def _same_up_to_near_ties(got: list, want: list, tie: float = 0.02) -> None:
+    """Greedy tokens equal to the reference's, except from a position where the reference's
+    top two are within ``tie`` nats (tiny random models have such near-ties), where the
+    token picked must be the reference's runner-up."""
+    for g, w in zip(got, want, strict=True):
+        for i, (x, y) in enumerate(zip(g.token_ids, w.token_ids)):
+            if x != y:
+                lp = w.logprobs[i]
+                assert x in lp and lp[y].logprob - lp[x].logprob < tie, (i, g, w)
+                break
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how", ["w4-group-sym", "w4-group-asym-actorder", "w8-channel-asym"])
+def test_cuda_dense(tiny: Path, tmp_path: Path, how: str) -> None:
+    """On CUDA the converted weights run the integer kernels (Triton where the groups are
+    uniform): the same greedy tokens as their reference dequantization in bf16."""
+    import torch
+
+    bits = 8 if how.startswith("w8") else 4
+    grp = None if "channel" in how else 32
+    sym, actorder = "asym" not in how, "actorder" in how
+    args = int_args(bits, "channel" if grp is None else "group", grp, sym,
+                    "group" if actorder else None)
+    qc = ct_config({"group_0": group(args)}, ["lm_head"])
+    qdir, rdir = write_int_checkpoint(tiny, tmp_path, qc, lambda m: (bits, grp, sym, actorder))
+    for f in tiny.iterdir():
+        if not (rdir / f.name).exists():
+            shutil.copy(f, rdir / f.name)
+    got, model = _cuda_greedy(qdir)
+    kernel = model.model.layers[0].mlp.down_proj.qkernel
+    assert next(kernel.buffers()).device.type == "cuda", type(kernel)
+    want, _ = _cuda_greedy(rdir)
+    _same_up_to_near_ties(got, want)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_cuda_moe_experts_restacked(tmp_path: Path) -> None:
+    """A Qwen3-MoE W4A16 checkpoint on CUDA: the experts restacked for the grouped kernels
+    (CUDA graphs), the same greedy tokens as the reference dequantization."""
+    from helpers.tiny_moe import make_tiny_moe_dir
+    from modelport.layers.fused_moe import FusedMoE
+
+    moe = make_tiny_moe_dir(tmp_path / "hf", "qwen3_moe", moe_intermediate_size=64)
+    qc = ct_config({"group_0": group(int_args(4, "group", 32, sym=False))},
+                   ["lm_head", r"re:.*mlp\.gate$"])
+    qdir, rdir = write_int_checkpoint(moe, tmp_path, qc, lambda m: (4, 32, False, False))
+    for f in moe.iterdir():
+        if not (rdir / f.name).exists():
+            shutil.copy(f, rdir / f.name)
+    got, model = _cuda_greedy(qdir)
+    moes = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert moes and all(m.quant_experts is not None for m in moes)
+    want, _ = _cuda_greedy(rdir)
+    _same_up_to_near_ties(got, want)

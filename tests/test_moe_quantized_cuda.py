@@ -254,7 +254,7 @@ def test_cuda_plan_takes_fp8_awq_gptq_and_refuses_the_rest(
     with pytest.raises(
         ValueError,
         match=r"\(bitsandbytes\) MoE experts are not supported on "
-        r"CUDA \(FP8, AWQ and GPTQ experts run on CUDA\)",
+        r"CUDA \(FP8, AWQ, GPTQ and compressed-tensors experts run on CUDA\)",
     ):
         plan(hf_dir, "bitsandbytes", load_format="dummy")
     gguf = write_gguf(hf_dir, tmp_path / "m.gguf", "Q8_0")

@@ -16,8 +16,8 @@ linear layers; ``FusedMoE.unstack`` replaces the stacked weights by one ``Expert
 expert (a gate/up ``MergedLinear`` and a down ``Linear``), so the quantization pass gives each
 of them the format's LinearMethod like any dense layer, and each active expert runs its two
 low-bit kernels over its tokens. On CPU that per-expert loop is the path (it reads the token
-counts on the host). On CUDA, which needs the grouped GEMM inside CUDA graphs, FP8, AWQ and
-GPTQ experts still load per expert, then ``restack_experts`` (run by
+counts on the host). On CUDA, which needs the grouped GEMM inside CUDA graphs, FP8, AWQ,
+GPTQ and compressed-tensors experts still load per expert, then ``restack_experts`` (run by
 ``quantization.apply.finish_loading``) stacks their canonical forms into ``QuantExperts``
 (layers/moe_quant.py) for the weight-only grouped kernels of layers/triton_moe_quant.py and
 frees the per-expert layers.

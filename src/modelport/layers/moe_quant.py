@@ -62,7 +62,7 @@ class QuantExperts(nn.Module):
         method = type(getattr(first, "quant_method", None)).__name__
         raise ValueError(
             f"quantized MoE experts on CUDA: {method} experts cannot be stacked "
-            "(supported: FP8, AWQ, GPTQ)"
+            "(supported: FP8, AWQ, GPTQ, compressed-tensors integer weights)"
         )
 
     @classmethod

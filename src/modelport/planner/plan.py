@@ -24,6 +24,7 @@ from modelport.planner.roofline import Roofline, roofline
 from modelport.planner.tensors import decoder_tensors, tp_share
 from modelport.planner.weights import (
     CHECKPOINT_DENSE_DTYPE,
+    INT_WEIGHT_ONLY,
     QUANTIZATIONS,
     WeightFormat,
     WeightReport,
@@ -245,12 +246,14 @@ def make_plan(req: PlanRequest) -> Plan:
                                        req.enable_expert_parallel)
     act = resolve_dtype(req.dtype, device, model.torch_dtype)
     quant = req.effective_quantization
+    # experts restacked for the grouped GEMM on a GPU: these formats' only
     if (quant is not None and moe_spec(model) is not None and not device.is_cpu
             and (req.quantization or not req.model.gguf_moe)
-            and quant not in MOE_CUDA_METHODS):  # restacked for the grouped GEMM
+            and quant not in (*MOE_CUDA_METHODS, *INT_WEIGHT_ONLY)):
         raise PlanError("--quantization", f"{model.architecture} (mixture of experts): "
                         f"quantized ({quant}) experts run on CPU only (on {device.name}: "
-                        "fp8, awq or gptq experts); otherwise it loads unquantized")
+                        "fp8, awq, gptq, w4a16 or w8a16 experts); otherwise it loads "
+                        "unquantized")
     # a GGUF type without mixing rules here (IQ*, Q2_K, ...) is measured from its file; the
     # estimate then only lends its TP proportions
     known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"

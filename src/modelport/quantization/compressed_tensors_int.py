@@ -38,7 +38,7 @@ from modelport.quantization.compressed_tensors import (
     parse,
 )
 from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
-from modelport.quantization.packing import unpack_along
+from modelport.quantization.packing import pack_along, unpack_along
 
 
 @dataclass
@@ -161,8 +161,12 @@ class CompressedTensorsIntMethod(GroupQuantMethod):
             where = f" (shard {shard_id!r})" if shard_id else ""
             raise ValueError(f"weight_shape{where}: checkpoint says {list(got)}, the layer is "
                              f"{list(want)} [out, in]")
-        ids = list(getattr(layer, "shard_ranges", None) or {})
-        param.data[ids.index(shard_id) if shard_id in ids else 0] = torch.tensor(want)
+        ranges = getattr(layer, "shard_ranges", None) or {}
+        if shard_id is None:  # the whole (possibly fused) layer at once
+            sizes = [n for _, n in ranges.values()] or [rows]
+            param.data.copy_(torch.tensor([[n, want[1]] for n in sizes]))
+        else:
+            param.data[list(ranges).index(shard_id)] = torch.tensor(want)
 
     def _load_zero(self, layer: nn.Module, param: nn.Parameter, t: torch.Tensor,
                    shard_id: str | None) -> None:
@@ -224,3 +228,20 @@ def _load_g_idx(param: nn.Parameter, loaded: torch.Tensor) -> None:
                          "have different weight_g_idx (act-order); the kernels need one order "
                          "per layer")
     param.data.copy_(loaded)
+
+
+def pack_int_weight(w: torch.Tensor, args: IntWeights) -> dict[str, torch.Tensor]:
+    """A float weight [N, K] in ``args``' pack-quantized tensors, rounded to nearest (what
+    load_format="dummy" loads; a checkpoint's own come from llm-compressor)."""
+    from modelport.quantization.tools.rtn import rtn_quantize
+
+    n, k = w.shape
+    group = args.group_size if args.strategy == "group" else -1
+    codes, zeros, scales = rtn_quantize(w, args.bits, group or -1, sym=args.symmetric)
+    out = {"weight_packed": pack_along(codes, args.bits, dim=1), "weight_scale": scales,
+           "weight_shape": torch.tensor([n, k])}
+    if not args.symmetric:
+        out["weight_zero_point"] = pack_along(zeros, args.bits, dim=0)
+    if args.actorder:
+        out["weight_g_idx"] = (torch.arange(k, device=w.device) // (group or k)).to(torch.int32)
+    return out

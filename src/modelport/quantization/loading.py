@@ -195,21 +195,25 @@ def resolve_quantization(
     return QuantPlan(config, src, online, auto=requested is None and declared is None)
 
 
-MOE_CUDA_METHODS = ("fp8", "awq", "gptq")  # restacked for the grouped kernels on CUDA
+# restacked for the grouped kernels on CUDA (compressed-tensors: integer weight-only experts,
+# a GroupQuant each like AWQ / GPTQ, or FP8 ones)
+MOE_CUDA_METHODS = ("fp8", "awq", "gptq", QUANT_METHOD)
 
 
 def _check_moe_device(arch: str, method: str | None, src: Any, device: torch.device | str) -> None:
-    """Quantized MoE experts off the CPU: FP8, AWQ and GPTQ run the grouped kernels on CUDA
-    (layers/moe_quant.py); the rest are refused, naming what works."""
+    """Quantized MoE experts off the CPU: FP8, AWQ, GPTQ and compressed-tensors (FP8 or
+    integer weight-only) run the grouped kernels on CUDA (layers/moe_quant.py); the rest are
+    refused, naming what works."""
     dev = torch.device(device).type
     if dev == "cuda" and method in MOE_CUDA_METHODS:
         return
     alt = ("--quantization none to load the GGUF file's experts dequantized"
            if src.kind == "gguf" else
-           "an FP8, AWQ or GPTQ checkpoint, --quantization fp8 on the unquantized checkpoint, "
-           "or the unquantized checkpoint")
-    where = ("FP8, AWQ and GPTQ experts run on CUDA" if dev == "cuda"
-             else "quantized experts run on CPU, and FP8 / AWQ / GPTQ ones on CUDA")
+           "an FP8, AWQ, GPTQ or compressed-tensors W4A16 / W8A16 checkpoint, --quantization "
+           "fp8 on the unquantized checkpoint, or the unquantized checkpoint")
+    where = ("FP8, AWQ, GPTQ and compressed-tensors experts run on CUDA" if dev == "cuda"
+             else "quantized experts run on CPU, and FP8 / AWQ / GPTQ / compressed-tensors "
+             "ones on CUDA")
     raise ValueError(
         f"{arch}: quantized ({method}) MoE experts are not supported on {dev.upper()} "
         f"({where}); use --device cpu, or on {dev.upper()} {alt}")
