@@ -23,10 +23,16 @@ import torch
 from torch import nn
 
 from modelport.quantization.base import (
+    Cut,
     LinearMethod,
     QuantizationConfig,
+    TPShard,
+    input_cut,
     load_shard,
     new_param,
+    output_cut,
+    output_runs,
+    outputs_aligned,
     shard_slice,
 )
 from modelport.quantization.compressed_tensors import (
@@ -37,7 +43,7 @@ from modelport.quantization.compressed_tensors import (
     checkpoint_names,
     parse,
 )
-from modelport.quantization.kernels import GroupQuant, GroupQuantMethod
+from modelport.quantization.kernels import GroupQuant, GroupQuantMethod, keep_used_groups
 from modelport.quantization.packing import pack_along, unpack_along
 
 
@@ -108,6 +114,9 @@ class CompressedTensorsIntMethod(GroupQuantMethod):
     def __init__(self, args: IntWeights) -> None:
         self.args = args
         self.config = args  # what dummy.encode reads
+        # a tensor-parallel rank's act-order row slice: every group's scales / zero points
+        # (its columns may reference any group), the whole weight's group count
+        self.all_groups: int | None = None
 
     def group_size_for(self, input_size: int) -> int | None:
         return self.args.group_size if self.args.strategy == "group" else None
@@ -120,7 +129,7 @@ class CompressedTensorsIntMethod(GroupQuantMethod):
                        params_dtype: torch.dtype) -> None:
         a, n = self.args, sum(output_sizes)
         words = -(-input_size // a.pack_factor)
-        groups = self._groups(input_size)
+        groups = self.all_groups or self._groups(input_size)
         new_param(layer, "weight_packed", torch.zeros(n, words, dtype=torch.int32), output_dim=0)
         # float32 holds a bf16 / fp16 / fp32 checkpoint scale exactly
         new_param(layer, "weight_scale", torch.zeros(n, groups, dtype=torch.float32),
@@ -129,7 +138,7 @@ class CompressedTensorsIntMethod(GroupQuantMethod):
         new_param(layer, "weight_shape", torch.full((shards, 2), -1, dtype=torch.int64),
                   loader=lambda p, t, shard_id=None: self._load_shape(layer, p, t, shard_id))
         if not a.symmetric:  # unpacked here: a shard's rows need not fill whole words
-            new_param(layer, "weight_zero_point", torch.zeros(n, groups, dtype=torch.int32),
+            new_param(layer, "weight_zero_point", torch.zeros(n, groups, dtype=torch.uint8),
                       output_dim=0,
                       loader=lambda p, t, shard_id=None: self._load_zero(layer, p, t, shard_id))
         if a.actorder:
@@ -175,20 +184,59 @@ class CompressedTensorsIntMethod(GroupQuantMethod):
         a = self.args
         rows = self._rows(layer, shard_id)[1]
         if t.dtype == torch.int32:
-            codes = unpack_along(t, a.bits, dim=0).to(torch.int32)
+            codes = unpack_along(t, a.bits, dim=0)  # uint8
             if codes.shape[0] < rows or codes.shape[0] - rows >= a.pack_factor:
                 raise ValueError(
                     f"weight_zero_point: checkpoint has {tuple(t.shape)} packed words, which "
                     f"do not hold {rows} output rows of {a.bits}-bit zero points")
             codes = codes[:rows]
         elif t.dtype == torch.int8:
-            codes = t.to(torch.int32) + a.offset
+            codes = (t.to(torch.int32) + a.offset).to(torch.uint8)
         else:
             raise ValueError(f"weight_zero_point: checkpoint has {t.dtype}, expected int32 "
                              "(packed) or int8")
         if a.strategy == "tensor" and codes.numel() == 1:
             codes = codes.reshape(1, 1).expand(rows, 1)
         load_shard(layer, "weight_zero_point", param, codes, shard_id)
+
+    def slice_cuts(self, layer: nn.Module, spec: TPShard) -> dict[str, Cut] | None:
+        """Output rows: weight_packed's and the scales' rows, the zero points' packed words
+        (asymmetric: where the rank's rows fill whole words); g_idx whole. Input columns:
+        weight_packed's words and, per group, the scales and zero points of the rank's groups
+        (channel: the one column, whole); act-order: the rank's g_idx with every group's
+        scales. weight_shape becomes the slice's. Loaded whole instead (cut before repacking):
+        one tensor-wide scale, a slice inside one group, inputs not filling whole words."""
+        self.check_split(layer, spec)
+        a, per, k = self.args, self.args.pack_factor, spec.input_size
+        if a.strategy == "tensor" or k % per:
+            return None
+        cuts: dict[str, Cut] = {"weight_shape": _shape_cut(spec)}
+        if spec.dim == 0:
+            if not a.symmetric and not outputs_aligned(spec, per):
+                return None
+            cuts["weight_packed"] = cuts["weight_scale"] = output_cut(spec, 0)
+            if not a.symmetric:
+                cuts["weight_zero_point"] = output_cut(spec, 0, per)
+            if a.actorder:
+                cuts["weight_g_idx"] = lambda t, shard_id: t
+            return cuts
+        start, part = spec.start, spec.length
+        if start % per or part % per:
+            return None
+        cuts["weight_packed"] = input_cut(start // per, part // per, k // per, 1)
+        if a.strategy == "channel":  # one scale (and zero) a row: whole
+            return cuts
+        g = int(a.group_size or k)
+        if part % g or k % g:
+            return None
+        if a.actorder:
+            self.all_groups = k // g
+            cuts["weight_g_idx"] = input_cut(start, part, k, 0)
+            return cuts
+        cuts["weight_scale"] = input_cut(start // g, part // g, k // g, 1)
+        if not a.symmetric:
+            cuts["weight_zero_point"] = input_cut(start // g, part // g, k // g, 1)
+        return cuts
 
     def to_group_quant(self, layer: nn.Module, input_size: int) -> GroupQuant:
         a = self.args
@@ -207,14 +255,32 @@ class CompressedTensorsIntMethod(GroupQuantMethod):
             if g_idx.min() < 0 or g_idx.max() >= scales.shape[1]:
                 raise ValueError(f"compressed-tensors: weight_g_idx must give each of "
                                  f"{input_size} inputs a group in [0, {scales.shape[1]})")
-            if torch.equal(g_idx, torch.arange(input_size, device=g_idx.device) // group):
+            in_order = torch.equal(g_idx, torch.arange(input_size, device=g_idx.device) // group)
+            if in_order and not self.all_groups:  # (a rank's act-order slice: renumbered below)
                 g_idx = None
         elif input_size % group:  # a last, narrower group: explicit group of each input
             g_idx = torch.arange(input_size, device=codes.device) // group
         for name in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
                      "weight_g_idx"):
             layer._parameters.pop(name, None)
-        return GroupQuant(codes.contiguous(), scales, zeros, group, a.bits, g_idx)
+        gq = GroupQuant(codes.contiguous(), scales, zeros, group, a.bits, g_idx)
+        return keep_used_groups(gq) if self.all_groups else gq
+
+
+def _shape_cut(spec: TPShard) -> Cut:
+    """weight_shape of the whole shard (checked) -> the rank's slice of it."""
+    def cut(t: torch.Tensor, shard_id: str | None) -> torch.Tensor:
+        rows, cols = (int(v) for v in t.reshape(-1).tolist())
+        whole = spec.shard_ranges[shard_id][1] if shard_id is not None and spec.shard_ranges \
+            else spec.output_size
+        if (rows, cols) != (whole, spec.input_size):
+            where = f" (shard {shard_id!r})" if shard_id else ""
+            raise ValueError(f"weight_shape{where}: checkpoint says {[rows, cols]}, the layer "
+                             f"is {[whole, spec.input_size]} [out, in]")
+        if spec.dim == 0:
+            return torch.tensor([sum(n for _, n in output_runs(spec, shard_id)), cols])
+        return torch.tensor([rows, spec.length])
+    return cut
 
 
 def _load_g_idx(param: nn.Parameter, loaded: torch.Tensor) -> None:
