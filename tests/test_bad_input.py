@@ -351,7 +351,7 @@ def torchserve(tmp_path_factory):
         sys.executable, "-m", "modelport", "serve", "--port", str(port),
         "--log-level", "warning", "--model-store", str(store), "--models", "echo=echo.mar",
         "--management-port", str(mport), "--inference-port", str(iport),
-        "--disable-token-auth",
+        "--disable-token-auth", "--ts-workers", "1",
     ]  # fmt: skip
     log = root / "server.log"
     # the server runs in `root`: a relative PYTHONPATH (src) would import another checkout

@@ -305,3 +305,70 @@ def test_reason_phrase_goes_on_the_status_line(impl):
             await task
 
     asyncio.run(main())
+
+
+# ---- workers at startup -------------------------------------------------------------------------
+
+
+def test_default_workers_are_one_per_gpu_else_one_per_cpu(monkeypatch):
+    """TorchServe's ConfigManager.getDefaultWorkers where default_workers_per_model is unset:
+    the GPUs (number_of_gpu caps them), else the CPUs."""
+    from modelport.entrypoints.torchserve import frontend
+    from modelport.torchserve import model as ts_model
+
+    monkeypatch.setattr(frontend, "_cpu_count", lambda: 6)
+    monkeypatch.setattr(ts_model, "gpu_count", lambda: 0)
+    assert frontend.default_workers(None) == 6
+    monkeypatch.setattr(ts_model, "gpu_count", lambda: 2)
+    assert (frontend.default_workers(None), frontend.default_workers(1)) == (2, 1)
+    assert frontend.default_workers(0) == 6  # number_of_gpu=0: CPU workers
+
+
+def test_startup_workers_follow_default_entry_and_archive_yaml(tmp_path, monkeypatch):
+    """What TorchServe 0.12 started for the same config on a 2-CPU machine: the default
+    workers for a model nothing configures; a `models=` entry's minWorkers with maxWorkers
+    the default where it is left out; the archive YAML's minWorkers/maxWorkers over both.
+    The describe API shows the workers that run."""
+    import argparse
+
+    from fastapi import FastAPI
+
+    from modelport.entrypoints.cli_serve import add_common_args
+    from modelport.entrypoints.torchserve import frontend
+    from modelport.torchserve import model as ts_model
+
+    monkeypatch.setattr(frontend, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(ts_model, "gpu_count", lambda: 0)
+    store = tmp_path / "store"
+    ts_archives.echo_archive(store, tmp_path / "w1", name="wdefault")
+    ts_archives.echo_archive(store, tmp_path / "w2", name="wentry")
+    yaml = tmp_path / "model-config.yaml"
+    yaml.write_text("minWorkers: 1\nmaxWorkers: 3\n")
+    ts_archives.echo_archive(store, tmp_path / "w3", name="wyaml", config_file=yaml)
+    entries = {"wentry": {"1.0": {"marName": "wentry.mar", "minWorkers": 1}},
+               "wyaml": {"1.0": {"marName": "wyaml.mar", "minWorkers": 2, "maxWorkers": 2}}}
+    cfg = tmp_path / "config.properties"
+    cfg.write_text(f"model_store={store}\nload_models=wdefault.mar,wentry.mar,wyaml.mar\n"
+                   f"models={json.dumps(entries)}\n")  # fmt: skip
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    frontend.add_serve_args(parser)
+    args = parser.parse_args(["--ts-config", str(cfg), "--disable-token-auth", "--disable-grpc",
+                              "--ncs", "--management-port", "0"])  # fmt: skip
+    args.serve_frontends = (frontend.__name__,)
+
+    async def main():
+        service = await frontend.build(args, FastAPI())
+        await service.start()
+        try:
+            async with _client(make_management_app(service.state)) as c:
+                got = {}
+                for name in ("wdefault", "wentry", "wyaml"):
+                    (d,) = (await c.get(f"/models/{name}")).json()
+                    pids = {w["pid"] for w in d["workers"] if w["status"] == "READY"}
+                    got[name] = (d["minWorkers"], d["maxWorkers"], len(pids))
+            assert got == {"wdefault": (2, 2, 2), "wentry": (1, 2, 1), "wyaml": (1, 3, 1)}
+        finally:
+            await service.stop()
+
+    asyncio.run(main())

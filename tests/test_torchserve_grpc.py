@@ -79,6 +79,7 @@ def server(tmp_path_factory):
         "--model-store", str(store), "--models", "echo=echo.mar", "stream=stream.mar",
         "--ts-config", str(cfg), "--management-port", str(s.mport),
         "--ts-key-file", str(s.key_file),
+        "--ts-workers", "1",  # not one per CPU, TorchServe's default
     ]  # fmt: skip
     log = open(root / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)

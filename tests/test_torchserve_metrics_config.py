@@ -76,7 +76,7 @@ def _setup(tmp_path: Path, props: str) -> argparse.Namespace:
     frontend.add_serve_args(parser)
     args = parser.parse_args(
         ["--ts-config", str(cfg), "--disable-token-auth", "--disable-grpc", "--ncs",
-         "--management-port", "0"]
+         "--management-port", "0", "--ts-workers", "1"]
     )  # fmt: skip
     args.serve_frontends = (frontend.__name__,)
     return args

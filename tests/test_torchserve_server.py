@@ -108,6 +108,7 @@ def server(tmp_path_factory, remote_http):
         "--ts-config", str(cfg),
         "--management-port", str(s.mport), "--inference-port", str(s.iport),
         "--ts-key-file", str(s.key_file),
+        "--ts-workers", "1",  # not one per CPU, TorchServe's default
     ]  # fmt: skip
     log = open(root / "server.log", "wb")  # noqa: SIM115
     s.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)

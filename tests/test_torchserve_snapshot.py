@@ -47,7 +47,8 @@ def _args(*argv: str) -> argparse.Namespace:
     add_common_args(parser)
     frontend.add_serve_args(parser)
     args = parser.parse_args(
-        ["--disable-token-auth", "--disable-grpc", "--management-port", "0", *argv]
+        ["--disable-token-auth", "--disable-grpc", "--management-port", "0", "--ts-workers", "1",
+         *argv]
     )
     args.serve_frontends = (frontend.__name__,)
     return args

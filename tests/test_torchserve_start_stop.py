@@ -48,6 +48,7 @@ class _Env:
             "--model-store", str(store), "--models", "echo=echo.mar", "--ncs",
             "--disable-token-auth", "--disable-grpc", "--port", str(self.ports["port"]),
             "--management-port", str(self.ports["management"]),
+            "--ts-workers", "1",  # not one per CPU, TorchServe's default
         ]  # fmt: skip
         self.url = f"http://127.0.0.1:{self.ports['port']}"
 

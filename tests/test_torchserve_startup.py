@@ -28,11 +28,13 @@ import ts_archives  # noqa: E402
 SETTINGS = {"batchSize": 4, "maxBatchDelay": 300, "responseTimeout": 20}
 
 
-def _args(argv: list[str], *, alone: bool = True) -> argparse.Namespace:
+def _args(argv: list[str], *, alone: bool = True, workers: bool = True) -> argparse.Namespace:
+    """`workers`: one worker per startup model unless its entry says otherwise (not one per
+    CPU, TorchServe's default)."""
     parser = argparse.ArgumentParser()
     add_common_args(parser)
     frontend.add_serve_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args([*argv, *(["--ts-workers", "1"] if workers else [])])
     if alone:  # as cli_serve sets it when TorchServe is the only frontend chosen
         args.serve_frontends = (frontend.__name__,)
     return args

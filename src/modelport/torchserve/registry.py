@@ -313,23 +313,20 @@ class ModelRegistry:
         TorchServe (ModelManager.createModel, ModelServer.initModelStore): the archive's own
         YAML wins over its config.properties `models=` entry: batchSize, maxBatchDelay,
         responseTimeout and jobQueueSize where > 0, minWorkers/maxWorkers where 0 < minWorkers
-        <= maxWorkers (those also replace the default workers); explicit overrides win over both.
+        <= maxWorkers; explicit overrides win over both. Workers the YAML does not set are the
+        entry's minWorkers and maxWorkers, each `initial_workers` (the startup default) where
+        the entry leaves it out (None: the registry's defaults, as a snapshot restores).
         """
         yaml_wins = {k: v for k, v in from_yaml.items() if v > 0 and k in (
             "batch_size", "max_batch_delay_ms", "response_timeout_s", "job_queue_size")}
         y_min, y_max = from_yaml.get("min_workers", 0), from_yaml.get("max_workers", 0)
         if 0 < y_min <= y_max:
             yaml_wins.update(min_workers=y_min, max_workers=y_max)
-            initial_workers = None
-        if entry is not None:
-            overrides = {**entry.overrides, **yaml_wins, **overrides}
-            if "min_workers" in entry.overrides:
-                initial_workers = None  # the entry's minWorkers, not the startup default
-        fields = {**from_yaml, **overrides}
+        from_entry = dict(entry.overrides) if entry is not None else {}
         if initial_workers is not None:
-            fields["min_workers"] = initial_workers
-            fields["max_workers"] = max(initial_workers, fields.get("max_workers", 0))
-        return fields
+            from_entry.setdefault("min_workers", initial_workers)
+            from_entry.setdefault("max_workers", initial_workers)
+        return {**from_yaml, **from_entry, **yaml_wins, **overrides}
 
     async def _install_requirements(self, model_dir: Path, req: str | None) -> list[str]:
         if not req:

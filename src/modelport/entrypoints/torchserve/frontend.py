@@ -51,6 +51,7 @@ from modelport.entrypoints.torchserve.workflows import (
     stop_workflows,
     wants_workflows,
 )
+from modelport.torchserve import model as ts_model
 from modelport.torchserve.archive import MANIFEST_PATH
 from modelport.torchserve.auth import TokenAuth
 from modelport.torchserve.model import ModelVersion
@@ -124,7 +125,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         dest="ts_workers",
         type=int,
         default=None,
-        help="workers per model loaded at startup (default 1)",
+        help="workers per model loaded at startup (default: config.properties "
+        "default_workers_per_model, else one per GPU, else one per CPU, as TorchServe)",
     )
     g.add_argument(
         "--enable-model-api",
@@ -160,7 +162,7 @@ class _Plan:
     metrics: tuple[str, int] | None
     startup: tuple[tuple[str | None, str], ...]  # (name or None, url)
     config: TSConfig
-    workers: int
+    workers: int | None  # per startup model; None: TorchServe's default (default_workers)
     grpc: GrpcPlan | None = None  # TorchServe's gRPC APIs (on unless --disable-grpc)
     # metrics is TorchServe's default 127.0.0.1:8082, not configured: a busy port is skipped
     # with a warning (as the gRPC defaults), where a configured one must bind
@@ -199,7 +201,7 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
             startup.append((None, spec))
     # as TorchServe (ModelServer.initModelStore): only load_models (or --models) loads models
     # at startup; `models=` alone configures the models that get loaded, and loads none
-    workers = args.ts_workers or cfg.default_workers_per_model or 1
+    workers = args.ts_workers or cfg.default_workers_per_model or None
     return _Plan(
         management,
         inference,
@@ -211,6 +213,23 @@ def _plan(args: argparse.Namespace, cfg: TSConfig) -> _Plan:
         grpc_plan(args, cfg),
         metrics_default,
     )
+
+
+def default_workers(number_of_gpu: int | None) -> int:
+    """TorchServe's ConfigManager.getDefaultWorkers, where default_workers_per_model is not
+    set: one worker per GPU the workers may use (config number_of_gpu caps the GPUs there
+    are), else one per CPU this process may run on."""
+    gpus = ts_model.gpu_count()
+    if number_of_gpu is not None:
+        gpus = min(gpus, number_of_gpu)
+    return gpus or _cpu_count()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1  # what Java's availableProcessors counts
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _pick(cli: int | None, default: int) -> int:
@@ -273,9 +292,15 @@ class TorchServeService:
             except BaseException:
                 await self.state.registry.stop()
                 raise
+        workers = self.plan.workers
+        if workers is None and self.plan.startup:  # the GPU count imports torch: only if needed
+            workers = await asyncio.to_thread(default_workers, self.plan.config.number_of_gpu)
+            logger.info("default_workers_per_model not set: %d workers per startup model "
+                        "(one per GPU, else one per CPU, as TorchServe)", workers)  # fmt: skip
         # load startup models concurrently: each spends seconds importing in its workers
         results = await asyncio.gather(
-            *(self._load(name, url) for name, url in self.plan.startup), return_exceptions=True
+            *(self._load(name, url, workers or 1) for name, url in self.plan.startup),
+            return_exceptions=True,
         )
         loaded = []
         for (_, url), r in zip(self.plan.startup, results):
@@ -323,7 +348,7 @@ class TorchServeService:
         for name, version in chosen.items():
             self.state.registry.set_default(name, version)
 
-    async def _load(self, name: str | None, url: str) -> tuple[ModelVersion, bool]:
+    async def _load(self, name: str | None, url: str, workers: int) -> tuple[ModelVersion, bool]:
         """Load one startup archive with its config.properties `models=` settings.
 
         The entry is the one whose marName is this archive (`load_models=echo.mar`, `all`,
@@ -336,7 +361,7 @@ class TorchServeService:
             url,
             model_name=by_mar.name if by_mar else name,
             version=by_mar.version if by_mar else None,
-            initial_workers=self.plan.workers,
+            initial_workers=workers,
             synchronous=True,
             loaded_at_startup=True,
             trusted=True,
