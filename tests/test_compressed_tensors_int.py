@@ -255,11 +255,11 @@ def test_quantization_names(tiny: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("change,match", [
     ({"input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                             "dynamic": True}, "format": "int-quantized"},
-     r"activation quantization with integer weights \(W8A8.*'int-quantized' format.*W4A16, "
-     r"W8A16"),
+     r"activation quantization with integer weights \(W8A8: int 8-bit activations in the "
+     r"'int-quantized' format.* is not supported .*W4A16 / W8A16"),
     ({"sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
      r"sparsity \('sparse-24-bitmask'"),
-    ({"weights": int_args(3, "group", 32)}, r"3-bit integer weights.*4 and 8 bits"),
+    ({"weights": int_args(3, "group", 32)}, r"3-bit integer weights.*4- or 8-bit weights"),
     ({"weights": {**int_args(4, "block"), "block_structure": [32, 32]}},
      r"integer weights with the 'block' strategy"),
     ({"weights": {**int_args(4, "group", 32), "dynamic": True}}, r"dynamic weight quantization"),

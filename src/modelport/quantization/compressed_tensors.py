@@ -183,16 +183,14 @@ def _check_int_weights(name: str, w: dict[str, Any], fmt: str | None) -> IntWeig
     bits = int(w.get("num_bits", 8))
     strategy = _strategy(w)
     if bits not in INT_BITS:
-        raise _unsupported(f"group {name!r}: {bits}-bit integer weights ({_args_text(w)}); "
-                           "4 and 8 bits are read", ALT_INT)
+        raise _unsupported(f"group {name!r}: {bits}-bit integer weights ({_args_text(w)})",
+                           ALT_INT)
     if fmt is not None and fmt not in INT_FORMATS:
         raise _unsupported(f"group {name!r}: integer weights in the {fmt!r} format "
-                           f"({_args_text(w)}); they are read in the 'pack-quantized' format",
-                           ALT_INT)
+                           f"({_args_text(w)})", ALT_INT)
     if strategy not in ("group", "channel", "tensor"):
         raise _unsupported(f"group {name!r}: integer weights with the {strategy!r} strategy "
-                           f"({_args_text(w)}); group, channel and tensor scales are read",
-                           ALT_INT)
+                           f"({_args_text(w)})", ALT_INT)
     if w.get("dynamic") not in (None, False):
         raise _unsupported(f"group {name!r}: dynamic weight quantization", ALT_INT)
     group = None
@@ -250,9 +248,8 @@ def _parse_group(name: str, g: Any, fmt: Any) -> FP8Group | IntGroup:
             abits = a.get("num_bits", 8) if isinstance(a, dict) else "?"
             raise _unsupported(
                 f"group {name!r}: activation quantization with integer weights "
-                f"(W{bits}A{abits}, {what} {abits}-bit activations"
-                + (f" in the {gfmt!r} format" if gfmt else "") + "; weights: "
-                f"{_args_text(w)}); only weight-only integer schemes (W4A16, W8A16) are read",
+                f"(W{bits}A{abits}: {what} {abits}-bit activations"
+                + (f" in the {gfmt!r} format" if gfmt else "") + f"; weights {_args_text(w)})",
                 ALT_INT)
         return IntGroup(_targets(g.get("targets")), _check_int_weights(name, w, gfmt))
     if gfmt is not None and gfmt not in FP8_FORMATS:
