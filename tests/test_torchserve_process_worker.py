@@ -37,10 +37,13 @@ def test_execute_error_restart_and_timeout():
             assert await w.execute("calls") == 3
             pid = await w.execute("pid")
             # a dying child fails only the call in flight, and is restarted
+            assert w.down_since is None
             with pytest.raises(WorkerDiedError, match="exit code 3"):
                 await w.execute("die")
+            # noted down from its death until the new child is ready (health checks)
+            assert w.down_since is not None and not w.alive
             assert await w.execute([5]) == [15]
-            assert w.restarts == 1
+            assert w.restarts == 1 and w.down_since is None
             assert await w.execute("pid") != pid
             assert await w.execute("calls") == 3  # a fresh object
             # a call past the timeout kills and restarts the child
