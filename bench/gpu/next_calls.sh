@@ -308,5 +308,12 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # NF4 and GGUF Q8_0 decode at batch 1 and 64 with session 24's defaults
   s41) run 210 env W2_RATES=16 bash bench/gpu/run_all.sh w2
        run 340 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41" >&2; exit 2 ;;
+  # session 41, second call: W2 at 16 req/s again, now with the warm-up request and each
+  # request's send time and TTFT (where the first run's 3.4 s p99 TTFT sits); W3 bf16 first
+  # where the card is an H200
+  s41b) if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+          run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+        fi
+        run 230 env W2_RATES=16 bash bench/gpu/run_all.sh w2 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b" >&2; exit 2 ;;
 esac
