@@ -382,3 +382,37 @@ def test_sleep_frees_memory_and_graphs_replay_after_wake_up(model_dir, level):
     _assert_same_bits(before, again, N_NEW)
     del llm
     torch.cuda.empty_cache()
+
+
+def _compiled_variants(fn) -> int:
+    """Compiled variants of a Triton JIT function in this process (triton 3.x keeps them per
+    device in ``device_caches``: (kernel cache, ...))."""
+    caches = getattr(fn, "device_caches", None)
+    assert caches is not None, "this Triton keeps no device_caches; update the test"
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+def test_start_up_compiles_the_mixed_step_attention_variants(model_dir, monkeypatch):
+    """After start-up's warm-up, mixed prefill + decode steps of every decode batch bucket
+    compile no new decode-attention variant (each used to compile in front of the running
+    requests), and what they generate is what an engine without the warm-up generates."""
+    from modelport.layers import triton_attention as ta
+
+    params = _greedy(4)
+    # 40 requests arriving in waves: mixed steps with 1..40 running requests
+    prompts = [[256] + [(7 * i + j) % 250 for j in range(3 + (i * 5) % 40)] for i in range(40)]
+    llm = _llm(model_dir, max_num_batched_tokens=64, max_num_seqs=48)
+    before = _compiled_variants(ta._decode_kernel)
+    outs = [llm.generate(prompt_token_ids=prompts[:k], sampling_params=params, use_tqdm=False)
+            for k in (1, 3, 9, 17, 40)]
+    assert _compiled_variants(ta._decode_kernel) == before
+    del llm
+    torch.cuda.empty_cache()
+    monkeypatch.setenv("MODELPORT_WARMUP_STEPS", "0")
+    llm = _llm(model_dir, max_num_batched_tokens=64, max_num_seqs=48)
+    plain = [llm.generate(prompt_token_ids=prompts[:k], sampling_params=params, use_tqdm=False)
+             for k in (1, 3, 9, 17, 40)]
+    del llm
+    torch.cuda.empty_cache()
+    for a, b in zip(outs, plain, strict=True):
+        assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]

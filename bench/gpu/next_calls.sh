@@ -315,5 +315,17 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
           run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
         fi
         run 230 env W2_RATES=16 bash bench/gpu/run_all.sh w2 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b" >&2; exit 2 ;;
+  # session 41, third call: the start-up warm-up of mixed prefill / decode steps (one per
+  # decode batch bucket), W2 at 16 req/s without it, then with it (one machine), then its GPU
+  # test and the engine's graph / HF equality tests
+  s41c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        o=${OUT:-bench/results}
+        run 170 env MODELPORT_WARMUP_STEPS=0 W2_RATES=16 bash bench/gpu/run_all.sh w2
+        cp "$o/w2-server.log" "$o/w2-server-warmup-off.log"
+        run 190 env W2_RATES=16 bash bench/gpu/run_all.sh w2
+        grep -h "warmed up\|captured" "$o"/w2-server*.log
+        run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_gpu_engine.py -k "mixed_step or single_stream_greedy or cuda_graph_replay" \
+          2>&1 | tee "$o/s41c-tests.log" | tail -8 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c" >&2; exit 2 ;;
 esac

@@ -90,6 +90,24 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
+def mixed_warmup_batches(max_batch: int, block_size: int, prefill_tokens: int = 16,
+                         ) -> list[tuple[list[int], list[int], list[int], list[int], list[list[int]]]]:
+    """(input ids, positions, query start locations, seq lens, block tables) of one mixed
+    step per decode batch bucket up to max_batch: bucket - 1 decode rows (two tokens of
+    context) and one prefill row of prefill_tokens, every row on block 0."""
+    from modelport.layers.triton_attention import batch_bucket
+
+    out = []
+    for b in sorted({batch_bucket(n) for n in range(1, max_batch + 1)}):
+        ids = [0] * (b - 1) + [0] * prefill_tokens
+        positions = [1] * (b - 1) + list(range(prefill_tokens))
+        qsl = list(range(b)) + [b - 1 + prefill_tokens]
+        seq_lens = [2] * (b - 1) + [prefill_tokens]
+        tables = [[0] * -(-max(2, prefill_tokens) // block_size)] * b
+        out.append((ids, positions, qsl, seq_lens, tables))
+    return out
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp_rank: int = 0) -> None:
         self.config = config
@@ -511,6 +529,30 @@ class ModelRunner:
             )
             if pw.capture():
                 self.piecewise = pw
+        if os.environ.get("MODELPORT_WARMUP_STEPS", "1") != "0":
+            self._warm_mixed_steps()
+
+    def _warm_mixed_steps(self) -> None:
+        """Run, at start-up, one mixed prefill + decode step per decode batch bucket, so the
+        kernel variants such a step picks by its request count (the decode attention's launch
+        config and context splits go by the bucket) are compiled before the first request
+        instead of in front of it: under load the first step of each new bucket otherwise
+        stalls every running request for the compilation (seconds of TTFT in the first
+        seconds of a served Poisson load). Every KV write goes to slot -1 (skipped)."""
+        assert self.graphs is not None
+        t0 = time.perf_counter()
+        batches = mixed_warmup_batches(self.graphs.max_batch, self.block_size)
+        for input_ids, positions, qsl, seq_lens, tables in batches:
+            slots = [-1] * len(input_ids)
+            if self.piecewise is not None and len(input_ids) <= self.piecewise.max_tokens:
+                meta = self._step_meta(self.piecewise.slot_view(len(input_ids)), qsl,
+                                       seq_lens, tables)
+                self.piecewise.replay(meta, input_ids, positions, slots)
+            else:
+                self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables)
+        torch.cuda.synchronize(self.device)
+        logger.info("warmed up mixed prefill / decode steps for %d batch sizes in %.1f s",
+                    len(batches), time.perf_counter() - t0)
 
     def shutdown(self) -> None:
         if self.tp_workers is not None:
