@@ -327,5 +327,14 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
         run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_gpu_engine.py -k "mixed_step or single_stream_greedy or cuda_graph_replay" \
           2>&1 | tee "$o/s41c-tests.log" | tail -8 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c" >&2; exit 2 ;;
+  # session 41, fourth call: the same A/B, each server with an empty Triton cache (the third
+  # call's second run found the first run's compiled kernels on disk)
+  s41d) o=${OUT:-bench/results}
+        for w in 0 1; do
+          run 200 env TRITON_CACHE_DIR="$(mktemp -d)" MODELPORT_WARMUP_STEPS=$w W2_RATES=16 \
+            bash bench/gpu/run_all.sh w2
+          cp "$o/w2-server.log" "$o/w2-server-cold-warmup-$w.log"
+        done
+        grep -h "warmed up\|captured\|ready" "$o"/w2-server-cold*.log ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d" >&2; exit 2 ;;
 esac
