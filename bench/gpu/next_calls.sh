@@ -336,5 +336,9 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
           cp "$o/w2-server.log" "$o/w2-server-cold-warmup-$w.log"
         done
         grep -h "warmed up\|captured\|ready" "$o"/w2-server-cold*.log ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d" >&2; exit 2 ;;
+  # session 41, fifth call: the warm-up with the eager step sizes too, empty Triton cache
+  s41e) o=${OUT:-bench/results}
+        run 200 env TRITON_CACHE_DIR="$(mktemp -d)" W2_RATES=16 bash bench/gpu/run_all.sh w2
+        grep -h "warmed up\|captured\|ready" "$o"/w2-server.log ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e" >&2; exit 2 ;;
 esac

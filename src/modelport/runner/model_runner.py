@@ -550,9 +550,22 @@ class ModelRunner:
                 self.piecewise.replay(meta, input_ids, positions, slots)
             else:
                 self._eager_forward(input_ids, positions, slots, qsl, seq_lens, tables)
+        # steps past the largest piecewise graph run eagerly, their kernels taking the token
+        # count as an argument (Triton specializes on its divisibility by 16): one of each
+        sc = self.config.scheduler_config
+        top = self.piecewise.max_tokens if self.piecewise is not None else 0
+        eager = [n for n in (top + 16, top + 17) if top and n <= sc.max_num_batched_tokens]
+        for n in eager:
+            rows = [min(sc.max_model_len, n - i) for i in range(0, n, sc.max_model_len)]
+            qsl = [0]
+            for r in rows:
+                qsl.append(qsl[-1] + r)
+            positions = [p for r in rows for p in range(r)]
+            tables = [[0] * -(-r // self.block_size) for r in rows]
+            self._eager_forward([0] * n, positions, [-1] * n, qsl, rows, tables)
         torch.cuda.synchronize(self.device)
-        logger.info("warmed up mixed prefill / decode steps for %d batch sizes in %.1f s",
-                    len(batches), time.perf_counter() - t0)
+        logger.info("warmed up mixed prefill / decode steps for %d batch sizes and %d eager "
+                    "step sizes in %.1f s", len(batches), len(eager), time.perf_counter() - t0)
 
     def shutdown(self) -> None:
         if self.tp_workers is not None:
