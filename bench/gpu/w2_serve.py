@@ -123,6 +123,10 @@ def main() -> int:
                 str(min(vocab, 100000)),
                 "--timeout", "1800", "--save-detailed", "--ignore-eos"])
             result = asyncio.run(serve_bench.run_async(bench_args))
+            # per request: send time, TTFT, lengths, error (where the TTFT tail sits); the
+            # ITL lists and texts (~4 MB a run) stay out, their summary is above
+            result.pop("itls", None)
+            result.pop("generated_texts", None)
             result.update(device_info())
             result["workload"] = "W2"
             result["server_command"] = " ".join(server_cmd[1:])
