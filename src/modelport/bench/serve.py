@@ -35,6 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from modelport.argtypes import parse_json_dict
+
 METRICS = ("ttft", "tpot", "itl", "e2el")
 BACKENDS = {"openai": "/v1/completions", "vllm": "/v1/completions",
             "openai-chat": "/v1/chat/completions"}
@@ -45,16 +47,6 @@ def _key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -114,7 +106,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     samp.add_argument("--top-p", type=float, default=None)
     samp.add_argument("--top-k", type=int, default=None)
     samp.add_argument("--min-p", type=float, default=None)
-    samp.add_argument("--extra-body", type=_json_object, default=None,
+    samp.add_argument("--extra-body", type=parse_json_dict, default=None,
                       help="a JSON object merged into every request's body")
 
     out = p.add_argument_group("result")

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from modelport.argtypes import parse_json_dict  # noqa: F401 - where the CLIs import it
 from modelport.config import (
     DEFAULT_MAX_GRAPH_BATCH,
     CacheConfig,
@@ -718,17 +719,6 @@ def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, ma
                          f"below max_model_len ({max_len})")
 
 
-def parse_json_dict(text: str) -> dict[str, Any]:
-    """An argparse type: a JSON object on the command line."""
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 _HUMAN = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "K": 1024, "M": 1024**2, "G": 1024**3}

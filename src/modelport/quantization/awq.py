@@ -110,14 +110,17 @@ class AWQLinearMethod(GroupQuantMethod):
     def group_size_for(self, input_size: int) -> int | None:
         return self.config.group_size
 
+    def check_groups(self, input_size: int) -> None:
+        if input_size % self.config.group_size:
+            raise ValueError(
+                f"AWQ: input size {input_size} is not a multiple of group_size "
+                f"{self.config.group_size} (mismatched group size in quantization_config?)"
+            )
+
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:
         g, n = self.config.group_size, sum(output_sizes)
-        if input_size % g:
-            raise ValueError(
-                f"AWQ: input size {input_size} is not a multiple of group_size {g} "
-                "(mismatched group size in quantization_config?)"
-            )
+        self.check_groups(input_size)
         if any(s % 8 for s in output_sizes):
             raise ValueError(f"AWQ: output sizes {list(output_sizes)} must be multiples of 8")
         new_param(layer, "qweight", torch.zeros(input_size, n // 8, dtype=torch.int32),
@@ -172,11 +175,7 @@ class AWQGEMVLinearMethod(AWQLinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:
         g, n = self.config.group_size, sum(output_sizes)
-        if input_size % g:
-            raise ValueError(
-                f"AWQ: input size {input_size} is not a multiple of group_size {g} "
-                "(mismatched group size in quantization_config?)"
-            )
+        self.check_groups(input_size)
         if input_size % 8:
             raise ValueError(f"AWQ GEMV layout: input size {input_size} must be a multiple of 8")
         width = gemv_zeros_width(input_size, g)
