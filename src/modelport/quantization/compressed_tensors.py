@@ -312,6 +312,16 @@ def checkpoint_names(prefix: str, stacked: Sequence[Sequence[Any]]) -> list[str]
     return list(names.values()) or [prefix]
 
 
+def fused_parts_differ(prefix: str, kinds: dict[str, str], alt: str = "") -> ValueError:
+    """The error for a fused layer (q/k/v, gate/up) whose checkpoint parts are quantized
+    differently; kinds: part name -> how it is stored."""
+    shown = ", ".join(f"{n} ({k})" for n, k in kinds.items())
+    return ValueError(
+        f"compressed-tensors checkpoint: {prefix} is one fused layer here, but the checkpoint "
+        f"quantizes its parts differently: {shown}; quantize (or ignore) all of them alike, or "
+        f"load the unquantized checkpoint{alt}")
+
+
 def fp8_dynamic_dict(ignore: Sequence[str]) -> dict[str, Any]:
     """``quantization_config`` of an FP8 W8A8 checkpoint: every linear layer but ``ignore``
     with E4M3 weights and one float scale per output channel ([out, 1]), activations quantized

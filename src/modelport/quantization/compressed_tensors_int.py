@@ -41,6 +41,7 @@ from modelport.quantization.compressed_tensors import (
     IntGroup,
     IntWeights,
     checkpoint_names,
+    fused_parts_differ,
     parse,
 )
 from modelport.quantization.kernels import GroupQuant, GroupQuantMethod, keep_used_groups
@@ -81,11 +82,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         groups = {n: self.scheme.group_for(n) for n in names}
         kinds = {n: _kind(g) for n, g in groups.items()}
         if len(set(kinds.values())) > 1:
-            shown = ", ".join(f"{n} ({k})" for n, k in kinds.items())
-            raise ValueError(
-                f"compressed-tensors checkpoint: {prefix} is one fused layer here, but the "
-                f"checkpoint quantizes its parts differently: {shown}; quantize (or ignore) "
-                "all of them alike, or load the unquantized checkpoint")
+            raise fused_parts_differ(prefix, kinds)
         group = groups[names[0]]
         if group is None:
             return None  # ignored (or in no group): its float weight is in the file

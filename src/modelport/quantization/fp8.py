@@ -60,6 +60,7 @@ from modelport.quantization.compressed_tensors import (
     CompressedTensorsFP8,
     checkpoint_names,
     fp8_dynamic_dict,
+    fused_parts_differ,
     parse_fp8,
 )
 
@@ -179,12 +180,9 @@ class CompressedTensorsFP8Config(FP8Config):
         kinds = {n: (None if (g := self.scheme.group_for(n)) is None else g.static_input)
                  for n in names}
         if len(set(kinds.values())) > 1:
-            shown = ", ".join(f"{n} ({'float' if k is None else 'static' if k else 'dynamic'})"
-                              for n, k in kinds.items())
-            raise ValueError(
-                f"compressed-tensors checkpoint: {prefix} is one fused layer here, but the "
-                f"checkpoint quantizes its parts differently: {shown}; quantize (or ignore) "
-                "all of them alike, or load the unquantized checkpoint with --quantization fp8")
+            raise fused_parts_differ(prefix, {
+                n: "float" if k is None else "static" if k else "dynamic"
+                for n, k in kinds.items()}, " with --quantization fp8")
         static = kinds[names[0]]
         if static is None:
             return None  # ignored (or in no group): its float weight is in the file
