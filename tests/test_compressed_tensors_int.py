@@ -561,3 +561,15 @@ def test_tensor_parallel_rank_built_as_its_slice(tiny: Path, tmp_path: Path, how
         assert len(sliced) == 8
         for n in sliced:
             assert held[n]["weight_packed"] * 2 == held_old[n]["weight_packed"]
+
+
+def test_fused_layer_parts_quantized_differently_refused(tiny: Path, tmp_path: Path) -> None:
+    """gate/up load into one fused layer: an integer gate beside a float (ignored) up is
+    refused, naming both parts."""
+    qc = ct_config({"group_0": group(int_args(4, "group", 32))},
+                   ["lm_head", "model.layers.0.mlp.up_proj"])
+    qdir, _ = write_int_checkpoint(
+        tiny, tmp_path, qc, lambda m: None if m == "model.layers.0.mlp.up_proj" else (4, 32, True, False))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_up_proj is one fused "
+                       r"layer.*gate_proj \(.+\), .*up_proj \(float\)"):
+        load_cpu(qdir)
