@@ -91,19 +91,23 @@ def _no_gc() -> Iterator[None]:
 
 
 def mixed_warmup_batches(max_batch: int, block_size: int, prefill_tokens: int = 16,
+                         max_tokens: int | None = None,
                          ) -> list[tuple[list[int], list[int], list[int], list[int], list[list[int]]]]:
     """(input ids, positions, query start locations, seq lens, block tables) of one mixed
     step per decode batch bucket up to max_batch: bucket - 1 decode rows (two tokens of
-    context) and one prefill row of prefill_tokens, every row on block 0."""
+    context) and one prefill row of prefill_tokens (fewer where the step would pass
+    max_tokens, at least 2), every row on block 0."""
     from modelport.layers.triton_attention import batch_bucket
 
     out = []
     for b in sorted({batch_bucket(n) for n in range(1, max_batch + 1)}):
-        ids = [0] * (b - 1) + [0] * prefill_tokens
-        positions = [1] * (b - 1) + list(range(prefill_tokens))
-        qsl = list(range(b)) + [b - 1 + prefill_tokens]
-        seq_lens = [2] * (b - 1) + [prefill_tokens]
-        tables = [[0] * -(-max(2, prefill_tokens) // block_size)] * b
+        p = prefill_tokens if max_tokens is None else min(prefill_tokens, max_tokens - b + 1)
+        ids = [0] * (b - 1) + [0] * max(2, p)
+        p = max(2, p)
+        positions = [1] * (b - 1) + list(range(p))
+        qsl = list(range(b)) + [b - 1 + p]
+        seq_lens = [2] * (b - 1) + [p]
+        tables = [[0] * -(-p // block_size)] * b
         out.append((ids, positions, qsl, seq_lens, tables))
     return out
 
@@ -541,7 +545,9 @@ class ModelRunner:
         seconds of a served Poisson load). Every KV write goes to slot -1 (skipped)."""
         assert self.graphs is not None
         t0 = time.perf_counter()
-        batches = mixed_warmup_batches(self.graphs.max_batch, self.block_size)
+        batches = mixed_warmup_batches(
+            self.graphs.max_batch, self.block_size,
+            max_tokens=self.config.scheduler_config.max_num_batched_tokens)
         for input_ids, positions, qsl, seq_lens, tables in batches:
             slots = [-1] * len(input_ids)
             if self.piecewise is not None and len(input_ids) <= self.piecewise.max_tokens:
