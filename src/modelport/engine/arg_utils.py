@@ -761,8 +761,8 @@ def _group_size(plan: Any) -> int | None:
     checkpoint's config (-1: per channel); a GGUF file kept in its blocks: the widest
     unpacked group among its down projections' types.
     That is the group (one scale and zero) each type unpacks to, 32 columns (Q4_0 / Q8_0
-    blocks, Q4_K / Q5_K sub-blocks) or 16 (Q6_K), not the 256-wide K-quant super-block: a
-    rank keeps the blocks its columns overlap and trims them once unpacked."""
+    blocks, Q4_K / Q5_K sub-blocks) or 16 (Q2_K, Q3_K, Q6_K), not the 256-wide K-quant
+    super-block: a rank keeps the blocks its columns overlap and trims them once unpacked."""
     if plan.name == "gguf":
         from modelport.quantization.gguf import group_width
         from modelport.quantization.gguf_types import GGML_TYPES

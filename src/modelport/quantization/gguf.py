@@ -5,14 +5,16 @@ GGML blocks until ``process_weights_after_loading`` converts them to a GroupQuan
 kernel (int4 GEMM for the 4-bit types on CPU, dequant-GEMM elsewhere). Norms and the
 embedding (and a tied LM head) still come through the float path.
 
-A fused layer (q/k/v, gate/up) may mix types (Q4_K_M files store attn_v as Q6_K): shards
-are unpacked separately and concatenated; groups of 32 are split to 16 when a Q6_K shard
-needs it, so one kernel still runs the fused matmul.
+A fused layer (q/k/v, gate/up) may mix types (Q4_K_M files store attn_v as Q6_K, Q3_K_M
+files as Q4_K / Q5_K beside Q3_K q/k): shards are unpacked separately and concatenated;
+groups of 32 are split to 16 when a Q2_K / Q3_K / Q6_K shard needs it, so one kernel still
+runs the fused matmul.
 
 A tensor-parallel rank built as its slice keeps its rows of each shard's blocks, or, for a
 row-parallel layer, the blocks that overlap its input columns (whole 256-wide super-blocks of
 a K-quant), trimmed to its columns once unpacked. So what constrains a row-parallel cut is the
-unpacked group width (``group_width``: 16 for Q6_K, 32 for the others), not the block width.
+unpacked group width (``group_width``: 16 for Q2_K / Q3_K / Q6_K, 32 for the others), not the
+block width.
 """
 
 from __future__ import annotations

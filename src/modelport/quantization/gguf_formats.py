@@ -16,6 +16,13 @@ Layouts (little-endian; "d", "m", "dmin" are float16):
   Q5_K 256 w / 176 B: as Q4_K plus 32 B high bits (bit 2c / 2c+1 for chunk c)
   Q6_K 256 w / 210 B: 128 B low nibbles, 64 B 2-bit highs, 16 int8 scales, d;
        w = d sc (q - 32), 16 weights per scale
+  Q2_K 256 w / 84 B: 16 B of (4-bit scale sc | 4-bit min m << 4), one a sub-block of 16; 64 B
+       of 2-bit q (byte 32h + l, bits 2s..2s+1 -> w[128h + 32s + l]); d, dmin;
+                                                                           w = d sc q - dmin m
+  Q3_K 256 w / 110 B: 32 B high bits (bit j of byte l -> w[32j + l]), 64 B of 2-bit low parts
+       (as Q2_K's), 12 B of 6-bit scales (low nibbles: bytes 0-7, low then high halves; top 2
+       bits: bytes 8-11, bits 2s..2s+1 of byte 8+i -> sub-block 4s+i), d;
+       w = d (sc - 32) (low - 4 (1 - high)), 16 weights per scale (a set high bit means no -4)
 """
 
 from __future__ import annotations
@@ -67,6 +74,14 @@ def _bits(qh: torch.Tensor, n: int) -> torch.Tensor:
     return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(*qh.shape[:-1], n)
 
 
+def _crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 64] bytes of 2-bit values (Q2_K / Q3_K) -> [..., 256]: in each half of 32 bytes,
+    bits 2s..2s+1 of byte l hold element 32s + l."""
+    qs = qs.reshape(*qs.shape[:-1], 2, 1, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qs.device)[:, None]
+    return ((qs >> shifts) & 3).reshape(*qs.shape[:-3], 256)
+
+
 def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., 12] packed 6-bit scales/mins of a K-quant super-block -> two [..., 8]."""
     s = s.to(torch.int32)
@@ -116,6 +131,21 @@ def unpack(raw: torch.Tensor, type_id: int, k: int) -> GroupQuant:
             codes = codes | (hb << 4)
         codes = codes.reshape(n, -1, 256)
         scale, zero = d * sc, -dmin * mn
+    elif name in ("Q2_K", "Q3_K"):
+        low = _crumbs(b[..., 16:80] if name == "Q2_K" else b[..., 32:96])
+        if name == "Q2_K":
+            sc, mn = (b[..., 0:16] & 0xF).float(), (b[..., 0:16] >> 4).float()
+            d, dmin = _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
+            codes, scale, zero = low, d * sc, -(dmin * mn)
+        else:  # code = low + 4 high = q + 4 for the signed q in -4..3
+            shifts = torch.arange(8, dtype=torch.uint8, device=b.device)[:, None]
+            high = ((b[..., 0:32].unsqueeze(-2) >> shifts) & 1).reshape(n, -1, 256)
+            codes = low | (high << 2)
+            packed = b[..., 96:108]  # 16 6-bit scales
+            lo = torch.cat([packed[..., 0:8] & 0xF, packed[..., 0:8] >> 4], -1)
+            hi = torch.cat([(packed[..., 8:12] >> sh) & 3 for sh in (0, 2, 4, 6)], -1)
+            scale = _f16(b[..., 108:110])[..., None] * ((lo | (hi << 4)).float() - 32)
+            zero = -4 * scale
     else:  # Q6_K
         ql = b[..., 0:128].reshape(n, -1, 2, 64)
         qh = b[..., 128:192].reshape(n, -1, 2, 32)
@@ -138,7 +168,7 @@ def unpack(raw: torch.Tensor, type_id: int, k: int) -> GroupQuant:
 
 
 # -- packing (dummy weights for benchmarks: load_format="dummy", quantization="gguf") -------
-PACK_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
+PACK_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q2_K": 10, "Q3_K": 11}
 
 
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +177,9 @@ def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack(w: torch.Tensor, type_id: int) -> torch.Tensor:
-    """Float w [N, K] -> raw GGML bytes [N, row_bytes] in type Q4_0, Q8_0 or Q4_K (round to
-    nearest; ggml's own quantizers search scales a little further, the layout is the same).
-    Runs on w's device."""
+    """Float w [N, K] -> raw GGML bytes [N, row_bytes] in type Q4_0, Q8_0, Q4_K, Q2_K or Q3_K
+    (round to nearest; ggml's own quantizers search scales a little further, the layout is
+    the same). Runs on w's device."""
     name, per_block, nbytes = _spec(type_id)
     if name not in PACK_TYPES:
         raise ValueError(f"no packer for {name} (packable: {', '.join(PACK_TYPES)})")
@@ -167,6 +197,8 @@ def pack(w: torch.Tensor, type_id: int) -> torch.Tensor:
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         q = torch.round(x * inv[..., None] + 8).clamp(0, 15).to(torch.uint8)
         out = torch.cat([_f16_bytes(d), q[..., :16] | (q[..., 16:] << 4)], -1)
+    elif name in ("Q2_K", "Q3_K"):
+        out = _pack_q2_q3(x.reshape(n, -1, 16, 16), name)
     else:  # Q4_K: 8 sub-blocks of 32, 6-bit scale and min each, against fp16 d and dmin
         sub = x.reshape(n, -1, 8, 32)
         lo = sub.amin(-1).clamp(max=0)
@@ -188,3 +220,50 @@ def pack(w: torch.Tensor, type_id: int) -> torch.Tensor:
         out = torch.cat([_f16_bytes(d), _f16_bytes(dmin), packed, qs], -1)
     assert out.shape[-1] == nbytes
     return out.reshape(n, -1).contiguous()
+
+
+def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b, 0 where b is 0 (an all-zero block or sub-block)."""
+    return torch.where(b == 0, torch.zeros_like(a), a / torch.where(b == 0, 1, b))
+
+
+def _pack_crumbs(q: torch.Tensor) -> torch.Tensor:
+    """[..., 256] 2-bit values -> [..., 64] bytes (the inverse of _crumbs)."""
+    q = q.reshape(*q.shape[:-1], 2, 4, 32)
+    out = q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
+    return out.reshape(*q.shape[:-3], 64)
+
+
+def _pack_q2_q3(sub: torch.Tensor, name: str) -> torch.Tensor:
+    """[n, blocks, 16, 16] float sub-blocks -> [n, blocks, 84 | 110] Q2_K / Q3_K bytes."""
+    if name == "Q2_K":  # w = d sc q - dmin m: 4-bit sc and m per sub-block, q in 0..3
+        lo = sub.amin(-1).clamp(max=0)
+        scale = (sub.amax(-1) - lo) / 3
+        d = (scale.amax(-1) / 15).to(torch.float16).float()
+        dmin = ((-lo).amax(-1) / 15).to(torch.float16).float()
+        sc = torch.round(_div(scale, d[..., None])).clamp(0, 15)
+        mn = torch.round(_div(-lo, dmin[..., None])).clamp(0, 15)
+        step = (d[..., None] * sc)[..., None]
+        q = torch.round(_div(sub + (dmin[..., None] * mn)[..., None], step)).clamp(0, 3)
+        q = q.to(torch.uint8).flatten(-2)
+        scales = sc.to(torch.uint8) | (mn.to(torch.uint8) << 4)
+        return torch.cat([scales, _pack_crumbs(q), _f16_bytes(d), _f16_bytes(dmin)], -1)
+    # Q3_K: w = d l q, l a signed 6-bit scale per sub-block, q in -4..3 (the largest |w| of a
+    # sub-block maps to -4, the largest sub-block scale to l = -32)
+    idx = sub.abs().argmax(-1, keepdim=True)
+    sub_scale = sub.gather(-1, idx).squeeze(-1) / -4
+    idx = sub_scale.abs().argmax(-1, keepdim=True)
+    d = (sub_scale.gather(-1, idx).squeeze(-1) / -32).to(torch.float16).float()
+    lvl = torch.round(_div(sub_scale, d[..., None])).clamp(-32, 31)
+    q = torch.round(_div(sub, (d[..., None] * lvl)[..., None])).clamp(-4, 3)
+    code = (q + 4).to(torch.uint8).flatten(-2)  # low 2 bits + a high bit
+    high = (code >> 2).reshape(*code.shape[:-1], 8, 32)
+    hmask = high[..., 0, :]
+    for j in range(1, 8):
+        hmask = hmask | (high[..., j, :] << j)
+    s6 = (lvl + 32).to(torch.uint8)
+    top = (s6 >> 4).reshape(*s6.shape[:-1], 4, 4)  # [.., s, i]: bits 2s of byte 8 + i
+    scales = torch.cat([(s6[..., :8] & 0xF) | ((s6[..., 8:] & 0xF) << 4),
+                        top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4)
+                        | (top[..., 3, :] << 6)], -1)
+    return torch.cat([hmask, _pack_crumbs(code & 3), scales, _f16_bytes(d)], -1)

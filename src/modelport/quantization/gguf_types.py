@@ -17,6 +17,8 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     6: ("Q5_0", 32, 22),
     7: ("Q5_1", 32, 24),
     8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
     12: ("Q4_K", 256, 144),
     13: ("Q5_K", 256, 176),
     14: ("Q6_K", 256, 210),
@@ -27,6 +29,10 @@ GGML_CODES: dict[str, tuple[int, int]] = {
     "Q5_0": (5, 32),
     "Q5_1": (5, 32),
     "Q8_0": (8, 32),
+    # Q2_K / Q3_K / Q6_K: one scale per 16 weights (Q2_K's per-16 min folded into its zero,
+    # Q3_K's signed values into codes + 4 and zero -4 x scale)
+    "Q2_K": (2, 16),
+    "Q3_K": (3, 16),
     "Q4_K": (4, 32),  # the 6-bit sub-block scales and mins folded into one scale/zero per 32
     "Q5_K": (5, 32),
     "Q6_K": (6, 16),
@@ -55,8 +61,9 @@ def cpu_q8_mode() -> str | None:
 
 def kept_on_cpu_by_default(linear_type_names: list[str]) -> bool:
     """Whether a GGUF file with linear weights of these GGML types keeps its blocks on an x86
-    CPU without being asked: all of them types the kept path holds (4-bit codes run torch's
-    int4 GEMM, 5 to 8 bits its int8 one). The engine (loading.auto_keep_gguf) and the planner
-    both ask this."""
+    CPU without being asked: all of them types the kept path holds (4-bit codes in groups of
+    32 run torch's int4 GEMM; 5 to 8 bits, and Q2_K / Q3_K's 16-wide groups, which that GEMM
+    does not take, its int8 one: 1 byte a weight instead of fp32's 4). The engine
+    (loading.auto_keep_gguf) and the planner both ask this."""
     kept = {name for name, _, _ in GGML_TYPES.values()}
     return bool(linear_type_names) and all(n in kept for n in linear_type_names)

@@ -1,10 +1,10 @@
 """Low-bit matmul kernels behind one canonical weight description.
 
-Every integer format we load (AWQ, GPTQ, GGUF Q4/Q5/Q6/Q8, K-quants) is converted at load
-time into the same ``GroupQuant``: unsigned integer codes [N, K], and per group of inputs an
-additive affine map ``w = code * scale + zero``. Keeping one description means one kernel
-per device serves every format, and every format is tested against the same reference
-(``GroupQuant.dequantize``).
+Every integer format we load (AWQ, GPTQ, GGUF Q4/Q5/Q8 and the K-quants Q2_K-Q6_K) is
+converted at load time into the same ``GroupQuant``: unsigned integer codes [N, K], and per
+group of inputs an additive affine map ``w = code * scale + zero``. Keeping one description
+means one kernel per device serves every format, and every format is tested against the same
+reference (``GroupQuant.dequantize``).
 
 Kernels, chosen by ``make_kernel``:
 
@@ -18,8 +18,8 @@ Kernels, chosen by ``make_kernel``:
   (bench/README.md, session 32); ``MODELPORT_Q8_CPU=rows`` puts Q8_0 back on CpuInt8Kernel
   (as does a box where the C library cannot be built).
 * ``CpuInt8Kernel``: every other weight on CPU (GGUF Q5/Q6/K-quants and a Q8_0 part fused with
-  one of those, GPTQ W8, 4-bit codes the int4
-  kernel does not take: act-order groups, groups of 16; NF4 and FP8 use it too), requantized
+  one of those, GPTQ W8, codes of up to 4 bits the int4 kernel does not take: act-order
+  groups, groups of 16 as GGUF Q2_K / Q3_K unpack to; NF4 and FP8 use it too), requantized
   per output row to the symmetric int8 that torch's weight-only int8 CPU GEMM
   (``_weight_int8pack_mm``) takes, bf16 activations; batches above ``CPU_INT8_MAX_M`` rows
   expand the int8 weight to bf16 per call for a bf16 matmul instead (faster there).

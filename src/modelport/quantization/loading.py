@@ -97,13 +97,15 @@ def auto_keep_gguf(src: Any, device: torch.device | str) -> bool:
     """Whether a GGUF file loaded without ``quantization=`` keeps its blocks quantized.
 
     Yes on an x86 CPU with AVX2/AVX-512 when every linear weight is a type the kept path
-    holds (Q4_0/Q4_1/Q4_K run torch's int4 GEMM; Q5_0/Q5_1/Q5_K/Q6_K/Q8_0, and a fused layer
-    with one of them, its int8 GEMM on rows requantized to 8 bits), as llama.cpp runs a file
-    at its own size. On the 2-core box (bench/README.md): the embedded Q4_1 model decodes 2.5x
-    faster single stream than dequantized to fp32, with the same greedy tokens; a Q8_0 copy
-    1.35x faster at +0.7 % perplexity, a Q4_1 + Q8_0 mix 1.47x at +0.7 %; an 8B Q4_K_M file
-    holds ~7.5 GiB instead of ~30 GiB of fp32. Otherwise (float GGUF files, other types,
-    CPUs without AVX2, a GPU, where the bf16 path is the fast one) the file is dequantized.
+    holds (Q4_0/Q4_1/Q4_K run torch's int4 GEMM; Q2_K/Q3_K (16-wide groups, which that GEMM
+    does not take), Q5_0/Q5_1/Q5_K/Q6_K/Q8_0, and a fused layer with one of them, its int8
+    GEMM on rows requantized to 8 bits), as llama.cpp runs a file at its own size (or, for
+    Q2_K / Q3_K, at 1 byte a weight). On the 2-core box (bench/README.md): the embedded Q4_1
+    model decodes 2.5x faster single stream than dequantized to fp32, with the same greedy
+    tokens; a Q8_0 copy 1.35x faster at +0.7 % perplexity, a Q4_1 + Q8_0 mix 1.47x at
+    +0.7 %; an 8B Q4_K_M file holds ~7.5 GiB instead of ~30 GiB of fp32. Otherwise (float
+    GGUF files, other types, CPUs without AVX2, a GPU, where the bf16 path is the fast one)
+    the file is dequantized.
     ``quantization="gguf"`` / ``"none"`` choose explicitly.
     """
     if src.kind != "gguf" or torch.device(device).type != "cpu":
