@@ -363,6 +363,40 @@ def test_planner_counts_the_kernels_bytes_of_a_q2_k_q3_k_file(
     assert kept_bytes(src.gguf_linear, on_cpu=False) == sum(_held_bytes(k) for k in triton)
 
 
+# published sizes (GB) of Meta-Llama-3.1-8B-Instruct GGUF files made by llama.cpp's quantizer,
+# and the tensor mix llama.cpp reports when it loads each
+_LLAMA_8B = {
+    "q2_k": (3.18, {"F32": 65, "Q2_K": 129, "Q3_K": 64, "Q4_K": 32, "Q6_K": 1}),
+    "q3_k_s": (3.66, {"F32": 65, "Q3_K": 225, "Q6_K": 1}),
+    "q3_k_m": (4.02, {"F32": 65, "Q3_K": 129, "Q4_K": 92, "Q5_K": 4, "Q6_K": 1}),
+    "q3_k_l": (4.32, {"F32": 65, "Q3_K": 129, "Q5_K": 96, "Q6_K": 1}),
+}
+
+
+@pytest.mark.parametrize("file_type", list(_LLAMA_8B))
+def test_low_bit_mix_estimate_matches_published_llama_8b_files(file_type: str) -> None:
+    from modelport.config import ModelConfig
+    from modelport.planner.presets import find_model_preset
+    from modelport.planner.weights import WeightFormat, estimate_weights
+
+    cfg = ModelConfig.from_hf_dict(find_model_preset("llama-3.1-8b")[1])
+    w = estimate_weights(cfg, WeightFormat("bf16", f"gguf-{file_type}"))
+    size, storage = _LLAMA_8B[file_type]
+    assert w.total_bytes / (size * 1e9) == pytest.approx(1.0, abs=0.01)
+    assert w.storage == storage
+
+
+def test_low_bit_mix_rows_not_of_256_fall_back_to_iq4_nl() -> None:
+    from modelport.planner.gguf_mix import tensor_type
+    from modelport.planner.tensors import COLUMN, TensorSpec
+
+    t = TensorSpec("blk.3.attn_q.weight", "linear", (576, 576), COLUMN, 3)  # SmolLM2's width
+    assert tensor_type(t, "q3_k_m", 30, True).name == "IQ4_NL"
+    t = TensorSpec("blk.3.attn_v.weight", "linear", (192, 1024), COLUMN, 3)
+    assert tensor_type(t, "q2_k", 30, True, n_gqa=3).name == "Q3_K"
+    assert tensor_type(t, "q2_k", 30, True, n_gqa=4).name == "Q4_K"
+
+
 # -- CUDA (GPU machine: -m gpu) ------------------------------------------------------------
 def _random_gq(type_id: int, n: int, k: int, seed: int) -> GroupQuant:
     name, per_block, nbytes = GGML_TYPES[type_id]

@@ -38,10 +38,17 @@ FILE_TYPES: dict[str, tuple[GGMLQuantizationType, GGMLQuantizationType | None]] 
     "q5_k_m": (Q.Q5_K, Q.Q6_K),
     "q4_k_s": (Q.Q4_K, Q.Q5_K),
     "q4_k_m": (Q.Q4_K, Q.Q6_K),
+    # the 2- and 3-bit mixes: their richer tensors follow _low_bit_mix, not one richer type
+    "q3_k_l": (Q.Q3_K, None),
+    "q3_k_m": (Q.Q3_K, None),
+    "q3_k_s": (Q.Q3_K, None),
+    "q2_k": (Q.Q2_K, None),
 }
 
-# K-quant type -> type llama.cpp uses instead when a row is not a multiple of 256
-_K_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+# K-quant type -> type llama.cpp uses instead when a row is not a multiple of 256 (IQ4_NL for
+# Q2_K / Q3_K: a type the kept path does not hold, so such a file loads as floats)
+_K_FALLBACK = {Q.Q2_K: Q.IQ4_NL, Q.Q3_K: Q.IQ4_NL, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
+               Q.Q6_K: Q.Q8_0}
 _FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 
@@ -50,10 +57,30 @@ def _use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
+def _low_bit_mix(name: str, layer: int, file_type: str, n_layers: int,
+                 n_gqa: int) -> GGMLQuantizationType | None:
+    """The richer type llama.cpp's Q2_K / Q3_K_M / Q3_K_L mixes give tensor ``name`` of a dense
+    decoder (llama_tensor_get_type; Q3_K_S has none), or None for the file's base type."""
+    if "attn_v" in name:
+        if file_type == "q2_k":
+            return Q.Q4_K if n_gqa >= 4 else Q.Q3_K
+        if file_type == "q3_k_m":
+            return Q.Q5_K if layer < 2 else Q.Q4_K
+        return Q.Q5_K if file_type == "q3_k_l" else None
+    if "ffn_down" in name:
+        if file_type == "q3_k_m":
+            return Q.Q5_K if layer < n_layers // 16 else Q.Q4_K
+        return {"q2_k": Q.Q3_K, "q3_k_l": Q.Q5_K}.get(file_type)
+    if "attn_output" in name:
+        return {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}.get(file_type)
+    return None
+
+
 def tensor_type(
-    t: TensorSpec, file_type: str, n_layers: int, tied_embeddings: bool
+    t: TensorSpec, file_type: str, n_layers: int, tied_embeddings: bool, n_gqa: int = 1
 ) -> GGMLQuantizationType:
-    """The GGML type of tensor t in a GGUF file of file_type (a tied embedding is the output)."""
+    """The GGML type of tensor t in a GGUF file of file_type (a tied embedding is the output);
+    ``n_gqa``: query heads per KV head (Q2_K's attn_v depends on it)."""
     base, rich = FILE_TYPES[file_type]
     if len(t.shape) == 1:
         return Q.F32
@@ -63,6 +90,8 @@ def tensor_type(
     is_output = t.kind == "output" or (t.kind == "embed" and tied_embeddings)
     if is_output and base != Q.Q8_0:
         chosen = Q.Q6_K
+    elif t.layer is not None and file_type in ("q2_k", "q3_k_m", "q3_k_l"):
+        chosen = _low_bit_mix(t.name, t.layer, file_type, n_layers, n_gqa) or base
     elif t.layer is not None and rich is not None:
         if file_type in ("q4_k_m", "q5_k_m") and ("attn_v" in t.name or "ffn_down" in t.name):
             if _use_more_bits(t.layer, n_layers):
@@ -96,7 +125,7 @@ class LinearTensor:
 
 
 def kept_bytes(linear: Iterable[LinearTensor], on_cpu: bool) -> int:
-    """Bytes the engine holds for these weights kept quantized (on CPU by default for Q4-Q8
+    """Bytes the engine holds for these weights kept quantized (on CPU by default for Q2_K-Q8
     files, or with --quantization gguf).
 
     The engine fuses q/k/v and gate/up into one matmul each (quantization/gguf.py), with the
@@ -108,7 +137,10 @@ def kept_bytes(linear: Iterable[LinearTensor], on_cpu: bool) -> int:
     bits torch's int8 GEMM (one byte per weight + a bf16 scale per row). On CUDA the Triton
     kernels (quantization/triton_gemm): 4- or 8-bit codes + an fp16 scale and zero per group.
     A Q4_K_M file's Q6_K attn_v thus takes its whole fused q/k/v to 1 byte per weight, and on
-    CUDA to Q6_K's 16-wide groups. Types not kept (floats) count as stored.
+    CUDA to Q6_K's 16-wide groups. Q2_K / Q3_K (groups of 16, which the int4 GEMM does not
+    take) hold 1 byte a weight on CPU and 4-bit codes + a scale and zero per 16 on CUDA (6 bits
+    a weight, against their blocks' 2.6 / 3.4). Types not kept (floats, IQ types) count as
+    stored.
     """
     groups: dict[tuple[str, str, str], list[LinearTensor]] = {}
     for t in linear:

@@ -234,7 +234,8 @@ def _estimated_gguf_linear(model: ModelConfig, fmt: WeightFormat) -> list[Linear
     for t in decoder_tensors(model):
         if t.kind == "linear":
             q = gguf_mix.tensor_type(t, fmt.gguf_file_type, model.num_hidden_layers,
-                                     model.tie_word_embeddings)
+                                     model.tie_word_embeddings,
+                                     model.num_attention_heads // model.num_key_value_heads)
             out.append(LinearTensor(t.name, q.name, t.shape[0], t.shape[1],
                                     gguf_mix.type_bytes(t.numel, q)))
     return out
@@ -254,7 +255,7 @@ def make_plan(req: PlanRequest) -> Plan:
                         f"quantized ({quant}) experts run on CPU only (on {device.name}: "
                         "fp8, awq, gptq, w4a16 or w8a16 experts); otherwise it loads "
                         "unquantized")
-    # a GGUF type without mixing rules here (IQ*, Q2_K, ...) is measured from its file; the
+    # a GGUF type without mixing rules here (IQ*, Q2_K_S, ...) is measured from its file; the
     # estimate then only lends its TP proportions
     known = quant if quant is None or quant in QUANTIZATIONS else "gguf-q4_k_m"
     stored_dtype = CHECKPOINT_DENSE_DTYPE.get(known or "", act)

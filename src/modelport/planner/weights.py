@@ -78,7 +78,8 @@ def tensor_bytes(t: TensorSpec, fmt: WeightFormat, model: ModelConfig) -> tuple[
     dense = dtype_bytes(fmt.dtype)
     ft = fmt.gguf_file_type
     if ft is not None:
-        qtype = gguf_mix.tensor_type(t, ft, model.num_hidden_layers, model.tie_word_embeddings)
+        qtype = gguf_mix.tensor_type(t, ft, model.num_hidden_layers, model.tie_word_embeddings,
+                                     model.num_attention_heads // model.num_key_value_heads)
         return gguf_mix.type_bytes(t.numel, qtype), qtype.name
     if t.kind != "linear" or fmt.quantization is None:
         return t.numel * dense, fmt.dtype
