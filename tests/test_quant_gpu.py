@@ -348,7 +348,7 @@ def test_nf4_engine_on_triton_kernels_matches_reference_path(nf4_model_dir, monk
             assert abs(da[tok].logprob - db[tok].logprob) < 0.05
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q4_K", "Q2_K", "Q3_K"])
 def test_gguf_pack_on_cuda_matches_cpu(name: str) -> None:
     """Dummy GGUF weights are packed on the layer's device (the 8B benchmark packs on the GPU)."""
     from modelport.quantization.gguf_formats import PACK_TYPES, pack
