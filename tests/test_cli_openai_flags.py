@@ -27,7 +27,7 @@ def test_same_vllm_flags_in_both_launch_forms(form: str) -> None:
         args = build_parser().parse_args(["serve", *FLAGS])
     else:
         args = make_parser().parse_args(FLAGS)
-    assert args.port == 8001 and args.api_key == "k"
+    assert args.port == 8001 and args.api_key == ["k"]
     assert args.served_model_name == ["llama", "alias"]
     ea = engine_args_from(args)
     assert ea.model == "/models/llama" and ea.served_model_name == "llama"

@@ -220,6 +220,33 @@ def _normalize_rope_keys(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def merge_rope_overrides(hf: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """config.json with vLLM's hf_overrides (or --rope-scaling / --rope-theta) applied. In a
+    transformers >= 5 config the rope settings live in ``rope_parameters``, which wins over
+    top-level ``rope_scaling`` / ``rope_theta``: overrides of those go into it, or they would
+    be ignored."""
+    merged = {**hf, **overrides}
+    params = hf.get("rope_parameters")
+    given = {"rope_scaling", "rope_theta"} & set(overrides)
+    if not given or not isinstance(params, dict) or "rope_parameters" in overrides:
+        return merged
+    if any(isinstance(v, dict) for v in params.values()):  # one per attention layer type
+        raise ValueError("this model's config.json has rope_parameters per layer type: give "
+                         "them whole (hf_overrides {\"rope_parameters\": {...}}) instead of "
+                         f"{' / '.join(sorted(given))}")
+    new = dict(params)
+    if "rope_scaling" in overrides:
+        scaling = dict(overrides["rope_scaling"] or {})
+        if "type" in scaling and "rope_type" not in scaling:  # vLLM's older spelling
+            scaling["rope_type"] = scaling.pop("type")
+        new = {"rope_theta": params.get("rope_theta", hf.get("rope_theta", 10000.0)),
+               "rope_type": "default", **scaling}
+    if "rope_theta" in overrides:
+        new["rope_theta"] = overrides["rope_theta"]
+    merged["rope_parameters"] = new
+    return merged
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache: block size, how much memory it may take, prefix caching."""

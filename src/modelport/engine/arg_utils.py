@@ -51,6 +51,9 @@ class EngineConfig:
     # constrains only the answer after the reasoning, unless enable_in_reasoning
     reasoning_parser: str | None = None
     enable_in_reasoning: bool = False
+    # vLLM's structured_outputs_config.disable_any_whitespace: every request's JSON
+    # constraint allows no free whitespace (a request may also ask for it alone)
+    disable_any_whitespace: bool = False
     # multi-LoRA (vLLM's --enable-lora): modelport.lora.config.LoRAConfig, None when off
     lora_config: Any = None
     # sampling defaults from the generation config (vLLM's get_diff_sampling_param:
@@ -182,9 +185,10 @@ class EngineArgs:
                             "1 GiB; on CUDA it replaces --gpu-memory-utilization's share")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d.enable_prefix_caching)
-        g.add_argument("--enforce-eager", action="store_true", default=False)
+        g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False)
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-        g.add_argument("--enable-expert-parallel", "-ep", action="store_true", default=False,
+        g.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction,
+                       default=False,
                        help="MoE models: the tensor-parallel ranks share out the experts, "
                             "whole (tensor-parallel-size must divide their number), instead "
                             "of each rank holding a slice of every expert")
@@ -240,7 +244,8 @@ class EngineArgs:
         g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
                        help="most logprobs (and prompt_logprobs) one request may ask for; "
                             "-1: no cap (requests may ask for -1, the whole vocabulary)")
-        g.add_argument("--trust-remote-code", action="store_true", default=False,
+        g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction,
+                       default=False,
                        help="accepted for vLLM command lines; no effect (no model code is "
                             "loaded from checkpoints: the architectures are built in)")
         g.add_argument("--runner", default=d.runner, choices=["auto", "generate", "pooling"],
@@ -277,7 +282,7 @@ class EngineArgs:
                        help='structured outputs settings, e.g. \'{"enable_in_reasoning": '
                             "true}' (with --reasoning-parser, constrain the thinking too; "
                             "by default the grammar starts after </think>, as vLLM's)")
-        g.add_argument("--enable-lora", action="store_true", default=False,
+        g.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=False,
                        help="serve LoRA adapters (PEFT folders) beside the base model")
         g.add_argument("--max-loras", type=int, default=d.max_loras,
                        help="most adapters in one batch (default 1)")
@@ -285,7 +290,8 @@ class EngineArgs:
                        help="largest adapter rank served (default 16)")
         g.add_argument("--max-cpu-loras", type=int, default=None,
                        help="adapters kept loaded on the host (default: --max-loras)")
-        g.add_argument("--disable-sliding-window", action="store_true", default=False,
+        g.add_argument("--disable-sliding-window", action=argparse.BooleanOptionalAction,
+                       default=False,
                        help="turn sliding-window attention off on every layer and cap "
                             "--max-model-len to the model's (smallest) window, as vLLM does; "
                             "within that length the output is the windowed model's")
@@ -342,6 +348,8 @@ class EngineArgs:
         model_dir = src.path if src.kind == "hf" else None
         model_config = select_bge_m3(apply_hf_overrides(model_config, self.hf_overrides),
                                      model_dir)
+        if {"rope_scaling", "rope_theta", "rope_parameters"} & set(self.hf_overrides or {}):
+            _check_rope_override(model_config)
         from modelport.models.moe_config import check_moe_options
 
         # MoE models: tp must divide the intermediate sizes, no LoRA (a ValueError naming
@@ -514,6 +522,8 @@ class EngineArgs:
             pooler_config=pooler,
             reasoning_parser=reasoning_parser,
             enable_in_reasoning=in_reasoning,
+            disable_any_whitespace=bool((self.structured_outputs_config or {}).get(
+                "disable_any_whitespace", False)),
             lora_config=lora,
             default_sampling_params=sampling_defaults,
             disable_sliding_window=self.disable_sliding_window,
@@ -603,11 +613,17 @@ class EngineArgs:
         from modelport.engine.structured_output import REASONING_TAGS
 
         so = dict(self.structured_outputs_config or {})
-        unknown = set(so) - {"reasoning_parser", "enable_in_reasoning", "backend"}
+        known = {"reasoning_parser", "enable_in_reasoning", "backend", "disable_any_whitespace",
+                 # xgrammar alone, no fallback; vLLM applies the other to guidance only
+                 "disable_fallback", "disable_additional_properties"}
+        unknown = set(so) - known
         if unknown:
             raise ValueError(f"structured_outputs_config: unsupported keys "
-                             f"{', '.join(sorted(unknown))} (supported: backend, "
-                             "enable_in_reasoning, reasoning_parser)")
+                             f"{', '.join(sorted(unknown))} (supported: "
+                             f"{', '.join(sorted(known))})")
+        for key in known - {"reasoning_parser", "backend"}:
+            if not isinstance(so.get(key, False), bool):
+                raise ValueError(f"structured_outputs_config.{key} must be a boolean")
         if so.get("backend") not in (None, "auto", "xgrammar"):
             raise ValueError(f"structured_outputs_config.backend {so['backend']!r} is not "
                              "supported: only xgrammar is")
@@ -619,10 +635,7 @@ class EngineArgs:
         if parser is not None and parser not in REASONING_TAGS:
             raise ValueError(f"unknown reasoning parser {parser!r}; choose from "
                              f"{', '.join(sorted(REASONING_TAGS))}")
-        in_reasoning = so.get("enable_in_reasoning", False)
-        if not isinstance(in_reasoning, bool):
-            raise ValueError("structured_outputs_config.enable_in_reasoning must be a boolean")
-        return parser, in_reasoning
+        return parser, so.get("enable_in_reasoning", False)
 
     def _resolve_pooling(self, model_config: ModelConfig, spec: SpeculativeConfig | None,
                          encoder: Any = None) -> tuple[str, Any, dict[str, Any]]:
@@ -670,6 +683,20 @@ class EngineArgs:
                 pooler.pooling_type)
             kw["enable_prefix_caching"] = False
         return runner_type, pooler, kw
+
+
+def _check_rope_override(model_config: ModelConfig) -> None:
+    """A rope scaling type given through hf_overrides (or vLLM's --rope-scaling) that the
+    model code cannot build fails here, naming it, rather than when the engine builds it."""
+    from modelport.layers.rotary import ROPE_TYPES, rope_settings
+
+    scaling = rope_settings(model_config).scaling
+    kind = scaling["rope_type"] if scaling else "default"
+    phi3_long = model_config.architecture == "Phi3ForCausalLM" and kind in ("longrope", "su")
+    if kind not in ROPE_TYPES and not phi3_long:
+        raise ValueError(f"rope scaling type {kind!r} (hf_overrides / --rope-scaling) is not "
+                         f"supported; supported: {', '.join(ROPE_TYPES)} (and Phi-3's "
+                         "longrope)")
 
 
 def _draft_source(spec: SpeculativeConfig) -> tuple[Any, ModelConfig]:

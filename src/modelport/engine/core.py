@@ -96,8 +96,9 @@ class EngineCore:
 
     def _structured_outputs(self) -> StructuredOutputManager:
         if self._structured is None:
-            self._structured = StructuredOutputManager(self._load_tokenizer,
-                                                       self.config.model_config.vocab_size)
+            self._structured = StructuredOutputManager(
+                self._load_tokenizer, self.config.model_config.vocab_size,
+                disable_any_whitespace=self.config.disable_any_whitespace)
         return self._structured
 
     @property

@@ -118,11 +118,12 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
-def spec_key(so: StructuredOutputsParams) -> tuple:
+def spec_key(so: StructuredOutputsParams, no_whitespace: bool = False) -> tuple:
+    """The cache key of a spec; ``no_whitespace``: the engine's disable_any_whitespace."""
     value = getattr(so, so.kind)
     if isinstance(value, list):
         value = tuple(value)
-    return (so.kind, value, bool(so.disable_any_whitespace))
+    return (so.kind, value, bool(so.disable_any_whitespace or no_whitespace))
 
 
 def _grammar(key: tuple) -> Any:
@@ -189,9 +190,10 @@ class StructuredOutputManager:
     """
 
     def __init__(self, load_tokenizer: Callable[[], Any], vocab_size: int,
-                 max_workers: int | None = None) -> None:
+                 max_workers: int | None = None, disable_any_whitespace: bool = False) -> None:
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
+        self.disable_any_whitespace = disable_any_whitespace  # for every request's JSON
         self._compiler: Any = None
         self._compiler_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _cache and _inflight (workers and the core)
@@ -251,7 +253,7 @@ class StructuredOutputManager:
     def submit(self, so: StructuredOutputsParams) -> Future:
         """A Future of the spec's CompiledGrammar: done at once for a cached spec, shared with
         the requests already waiting for the same spec, else compiled in the pool."""
-        key = spec_key(so)
+        key = spec_key(so, self.disable_any_whitespace)
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:

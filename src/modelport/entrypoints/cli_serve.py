@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -95,6 +96,14 @@ def take_model_tag(args: argparse.Namespace) -> None:
     """`modelport serve MODEL` (vLLM's positional form) is `--model MODEL`."""
     tag = getattr(args, "model_tag", None)
     if tag is None:
+        # `serve --api-key KEY MODEL`: --api-key takes every word after it (vLLM's nargs), so
+        # MODEL became a second key and the default model would be served; say so instead
+        keys = getattr(args, "api_key", None) or []
+        paths = [k for k in keys[1:] if os.path.exists(k)]
+        if getattr(args, "model", None) is None and paths:
+            raise SystemExit(f"modelport serve: --api-key took the path {paths[0]!r} as a key; "
+                             "give the model first (`modelport serve MODEL --api-key KEY`) or "
+                             "as --model")
         return
     given = getattr(args, "model", None)
     if given is not None and given != tag:
@@ -141,7 +150,8 @@ async def serve_async(args: argparse.Namespace) -> int:
             await s.start()
         http = all(getattr(s, "http", True) for s in services)  # --allow-http false: none
         if http:
-            logger.info("serving on http://%s:%d", host, port)
+            logger.info("serving on %s", f"unix:{kw['uds']}" if kw.get("uds")
+                        else f"http://{host}:{port}")
         # for --start: the URL it pings (none without HTTP: --start then waits it out)
         announce = start_stop.announce_when_started(server, host, port) if http else None
         ready = asyncio.get_running_loop().create_task(announce) if announce else None

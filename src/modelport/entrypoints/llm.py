@@ -15,6 +15,7 @@ from modelport.beam_search import (
 )
 from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.llm_engine import LLMEngine
+from modelport.entrypoints.vllm_engine_flags import llm_kwargs
 from modelport.frontend.processor import check_continue_final
 from modelport.frontend.prompts import PromptInput, is_token_ids
 from modelport.frontend.tokenizer import Tokenizer
@@ -101,13 +102,26 @@ class LLM:
         :meth:`get_default_sampling_params`, which ``generate`` / ``chat`` use when given no
         SamplingParams. ``logits_processors``: custom logits processor classes or their
         fully-qualified names (modelport/logits_processor.py); a request's arguments for them
-        go in ``SamplingParams.extra_args``."""
+        go in ``SamplingParams.extra_args``. vLLM's other engine arguments are taken as its
+        `serve` flags are (entrypoints/vllm_engine_flags.py): ``compilation_config=0`` runs
+        eagerly, ``rope_scaling`` / ``rope_theta`` join ``hf_overrides``, one that asks for
+        what modelport does not do (``cpu_offload_gb=4``) is a ValueError naming it, and a
+        name vLLM does not take either is a TypeError."""
         if "kv_cache_memory_bytes" in kwargs:  # vLLM's name
             if kv_cache_memory is not None:
                 raise TypeError("give kv_cache_memory or kv_cache_memory_bytes, not both")
             kv_cache_memory = kwargs.pop("kv_cache_memory_bytes")
-        if kwargs:
-            raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(kwargs))}")
+        served = kwargs.pop("served_model_name", None)  # vLLM's: a name or names
+        if isinstance(served, (list, tuple)):
+            served = served[0] if served else None
+        # vLLM's other engine arguments: applied, accepted, or refused naming the argument
+        # (a ValueError); a name vLLM does not take either is a TypeError, as in vLLM
+        extra = llm_kwargs(kwargs, own={
+            "enforce_eager": enforce_eager, "cuda_graph_sizes": cuda_graph_sizes,
+            "hf_overrides": hf_overrides, "structured_outputs_config": structured_outputs_config,
+            "reasoning_parser": reasoning_parser, "data_parallel_size": data_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+        }) if kwargs else {}
         if data_parallel_size != 1:
             raise ValueError(
                 f"LLM(data_parallel_size={data_parallel_size}) is not supported (nor in vLLM's "
@@ -143,7 +157,10 @@ class LLM:
             cuda_graph_sizes=cuda_graph_sizes,
             enable_sleep_mode=enable_sleep_mode,
             logits_processors=logits_processors,
+            served_model_name=served,
         )
+        for k, v in extra.items():  # vLLM's arguments mapped onto EngineArgs' fields
+            setattr(args, k, v)
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = itertools.count()
         self._request_counts = RequestCounts()

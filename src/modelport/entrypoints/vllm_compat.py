@@ -17,9 +17,18 @@ import argparse
 import json
 import logging
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+from modelport.entrypoints.vllm_engine_flags import (
+    ENGINE_REFUSALS,
+    Refusal,
+    _falsy,
+    _is,
+    add_engine_compat_args,
+    first_refusal,
+    json_list,
+)
+from modelport.entrypoints.vllm_engine_flags import apply as apply_engine_flags
 
 logger = logging.getLogger("modelport.serve")
 request_logger = logging.getLogger("modelport.requests")
@@ -166,32 +175,9 @@ def config_file_argv(
     return argv
 
 
-# -- argument types ------------------------------------------------------------------------
-def json_list(text: str) -> list[Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a JSON list, e.g. '[\"*\"]', got {text!r}")
-    return value
-
-
-def json_dict(text: str) -> dict[str, Any]:
-    from modelport.engine.arg_utils import parse_json_dict
-
-    return parse_json_dict(text)
-
-
-def _opt_level(text: str) -> Any:
-    """-O / --compilation-config: a level (0-3) or a JSON object."""
-    if text.strip().lstrip("-").isdigit():
-        return int(text)
-    return json_dict(text)
-
-
 # -- the flags -----------------------------------------------------------------------------
 _SAME = "accepted: modelport already "  # help text of an accepted no-op
+_BOOL = argparse.BooleanOptionalAction  # vLLM's bool flags all have a --no- form
 
 
 def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
@@ -225,30 +211,30 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help="CORS: allowed methods (JSON list; default [\"*\"])")
     a("--allowed-headers", type=json_list, default=None, metavar="JSON",
       help="CORS: allowed headers (JSON list; default [\"*\"])")
-    a("--allow-credentials", action="store_true", default=False, help="CORS: allow credentials")
+    a("--allow-credentials", action=_BOOL, default=False, help="CORS: allow credentials")
     a("--no-cors", action="store_true", default=False,
       help="send no CORS headers (modelport's own; vLLM always sends them)")
-    a("--disable-fastapi-docs", action="store_true", default=False,
+    a("--disable-fastapi-docs", action=_BOOL, default=False,
       help="no /docs, /redoc or /openapi.json")
     a("--middleware", action="append", default=[], metavar="MODULE.NAME",
       help="ASGI middleware to add (repeatable): a class is added with app.add_middleware, "
            "a function with @app.middleware('http')")
-    a("--enable-request-id-headers", action="store_true", default=False,
+    a("--enable-request-id-headers", action=_BOOL, default=False,
       help="answer with an X-Request-Id header (the request's own, or a new one)")
-    a("--enable-server-load-tracking", action="store_true", default=False,
+    a("--enable-server-load-tracking", action=_BOOL, default=False,
       help="count the requests in flight under /v1 and serve the count at GET /load "
            '({"server_load": N})')
-    a("--disable-log-requests", action="store_true", default=False,
+    a("--disable-log-requests", action=_BOOL, default=False,
       help=_SAME + "does not log requests unless --enable-log-requests")
-    a("--enable-log-requests", action="store_true", default=False,
+    a("--enable-log-requests", action=_BOOL, default=False,
       help="log each /v1 request's JSON body (prompt and sampling parameters) at INFO on "
            "the modelport.requests logger")
     a("--max-log-len", type=int, default=None,
       help="with --enable-log-requests / --enable-log-outputs: log at most this many "
            "characters of a body")
-    a("--disable-uvicorn-access-log", action="store_true", default=False,
+    a("--disable-uvicorn-access-log", action=_BOOL, default=False,
       help="no access log line per HTTP request (uvicorn's)")
-    a("--enable-log-outputs", action="store_true", default=False,
+    a("--enable-log-outputs", action=_BOOL, default=False,
       help="log each /v1 response body, and each event of a stream, on the "
            "modelport.requests logger (cut to --max-log-len)")
     a("--disable-log-stats", action="store_true", default=False,
@@ -257,11 +243,11 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     a("--response-role", default="assistant",
       help="role of the generated chat message when add_generation_prompt is true (else, as "
            "vLLM's, the last message's role)")
-    a("--return-tokens-as-token-ids", action="store_true", default=False,
+    a("--return-tokens-as-token-ids", action=_BOOL, default=False,
       help="logprobs name tokens as 'token_id:N' instead of their text")
-    a("--enable-force-include-usage", action="store_true", default=False,
+    a("--enable-force-include-usage", action=_BOOL, default=False,
       help="every stream ends with a usage chunk, as if stream_options.include_usage")
-    a("--enable-prompt-tokens-details", action="store_true", default=False,
+    a("--enable-prompt-tokens-details", action=_BOOL, default=False,
       help="usage.prompt_tokens_details.cached_tokens in completions and chat answers: the "
            "prompt tokens found in the prefix cache (left out when none)")
     a("--chat-template-content-format", default="auto",
@@ -276,209 +262,84 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help="custom logits processor classes by fully-qualified name (pkg.mod:Class or "
            "pkg.mod.Class; see modelport.logits_processor); a request passes them arguments "
            "in vllm_xargs")
-    # model loading
-    a("--download-dir", default=None,
-      help=_SAME + "reads local folders, .gguf files and the HF cache and downloads nothing; "
-           "accepted and unused")
-    a("--revision", default=None,
-      help="main (or none): " + _SAME + "serves the cached snapshot refs/main names; others "
-           "refused")
-    a("--code-revision", default=None,
-      help=_SAME + "loads no model code from checkpoints; accepted and unused")
-    a("--tokenizer-revision", default=None,
-      help="main (or none): the tokenizer of --tokenizer / the model's folder; others refused")
-    a("--tokenizer-mode", default="auto", choices=["auto", "hf", "slow", "mistral", "custom"],
-      help="auto / hf: " + _SAME + "uses the model's (fast) tokenizer; others refused")
-    a("--model-impl", default="auto", choices=["auto", "vllm", "transformers", "terratorch"],
-      help="auto / vllm: " + _SAME + "runs its built-in implementations; others refused")
-    a("--max-parallel-loading-workers", type=int, default=None,
-      help="accepted and ignored, as vLLM V1 does (warned at start-up)")
-    a("--hf-config-path", default=None, help="refused: config.json is read from the model")
-    # memory and scheduling
-    a("--swap-space", type=float, default=4,
-      help=_SAME + "recomputes preempted requests (as vLLM V1) and swaps nothing to the "
-           "host; accepted and unused")
-    a("--cpu-offload-gb", type=float, default=0,
-      help="0 only: weights are not offloaded to the host (refused otherwise)")
-    a("--num-gpu-blocks-override", type=int, default=None,
-      help="the number of KV cache blocks, in place of the one the memory budget gives")
-    a("--max-seq-len-to-capture", type=int, default=None,
-      help=_SAME + "replays its decode CUDA graphs at every length up to max_model_len; "
-           "accepted and unused")
-    a("--cuda-graph-sizes", type=int, nargs="+", default=None,
-      help="one size N (default 512): decode batches up to N (and --max-num-seqs) replay "
-           "CUDA graphs, captured at 1, 2, 4, 8, 16, 32, ... up to N; wider ones run eagerly. "
-           "A ladder of several sizes is refused (--enforce-eager: no graphs)")
-    a("--compilation-config", "-O", type=_opt_level, default=None, dest="compilation_config",
-      metavar="LEVEL_OR_JSON",
-      help="vLLM's levels 1-3 and {} accepted: " + _SAME + "captures CUDA graphs; 0 (or "
-           "cudagraph_mode NONE) runs without them, as --enforce-eager; other keys are "
-           "refused. The dotted form (-O.level 0, --compilation-config.cudagraph_mode NONE) "
-           "works for every JSON flag")
-    a("--prefix-caching-hash-algo", default="sha256",
-      choices=["builtin", "sha256", "sha256_cbor", "sha256_cbor_64bit", "xxhash", "xxhash_cbor"],
-      help=_SAME + "keys cached blocks by their exact tokens (a sha256 digest of the "
-           "parent and the block's ids, checked token by token); any value is accepted")
-    # parallelism and processes
-    a("--distributed-executor-backend", default=None,
-      choices=["mp", "uni", "ray", "external_launcher"],
-      help="mp / uni: " + _SAME + "runs the engine and its tensor-parallel workers as local "
-           "processes; ray and external_launcher refused")
-    a("--disable-custom-all-reduce", action="store_true", default=False,
-      help=_SAME + "all-reduces with NCCL (torch.distributed); accepted and unused")
-    a("--disable-frontend-multiprocessing", action="store_true", default=False,
+    a("--uds", default=None, metavar="PATH",
+      help="listen on this Unix domain socket instead of --host / --port (uvicorn's uds)")
+    a("--ssl-cert-reqs", type=int, default=0,
+      help="whether a client certificate is required (the ssl module's CERT_NONE 0, "
+           "CERT_OPTIONAL 1, CERT_REQUIRED 2; uvicorn's ssl_cert_reqs)")
+    a("--enable-ssl-refresh", action=_BOOL, default=False,
+      help="refused: the certificate files are read at start-up (restart to renew them)")
+    a("--h11-max-incomplete-event-size", type=int, default=None,
+      help="largest incomplete HTTP event (headers) in bytes (uvicorn's h11 setting; "
+           "default 4 MiB as vLLM's)")
+    a("--h11-max-header-count", type=int, default=256,
+      help="256 (vLLM's default) only: uvicorn sets no header count limit of its own; "
+           "refused otherwise")
+    a("--log-error-stack", action=_BOOL, default=False,
+      help="log each error response (4xx too) with its stack trace on modelport.openai")
+    a("--enable-log-deltas", action=_BOOL, default=True,
+      help=_SAME + "logs each streamed event with --enable-log-outputs; accepted")
+    a("--exclude-tools-when-tool-choice-none", action=_BOOL, default=False,
+      help='with tool_choice "none", the chat template gets no tools (else it gets them, '
+           "as OpenAI's and vLLM's defaults)")
+    a("--tool-parser-plugin", default="",
+      help="refused unless empty: vLLM's plugin API is not loaded here; --tool-call-parser "
+           "names the built-in parsers")
+    a("--enable-tokenizer-info-endpoint", action=_BOOL, default=False,
+      help="refused: no /get_tokenizer_info endpoint")
+    a("--tokens-only", action=_BOOL, default=False,
+      help="refused: the OpenAI endpoints are always served")
+    a("--grpc", action="store_true", default=False,
+      help="refused: vLLM's gRPC server (KServe v2 gRPC is --allow-grpc's, for repositories)")
+    a("--shutdown-timeout", type=float, default=0,
+      help="seconds open responses get to finish at shutdown (uvicorn's graceful timeout); "
+           "0 (vLLM's default, which aborts them): modelport lets them finish")
+    a("--disable-frontend-multiprocessing", action=_BOOL, default=False,
       help=_SAME + "runs the engine core in its own process, as vLLM V1 always does; "
-           "accepted and unused")
-    a("--data-parallel-size-local", "-dpl", type=int, default=None,
-      help="equal to --data-parallel-size only: all replicas on this host")
-    a("--data-parallel-address", "-dpa", default=None,
-      help="this host only (127.0.0.1 / localhost): no multi-node data parallelism")
-    a("--data-parallel-rpc-port", "-dpp", type=int, default=None,
-      help=_SAME + "reaches its local replicas through pipes and opens no RPC port; "
            "accepted and unused")
     a("--api-server-count", "-asc", type=int, default=1,
       help="1 only: one API server process (refused otherwise)")
     a("--headless", action="store_true", default=False,
       help="refused: no multi-node serving (engines without an API server)")
-    a("--kv-transfer-config", type=json_dict, default=None, metavar="JSON",
-      help="refused: no disaggregated prefill / KV transfer")
-    a("--enable-sleep-mode", action="store_true", default=False,
-      help="sleep mode: POST /sleep?level=1|2 frees the KV cache (level 1 also moves the "
-      "weights to host memory, level 2 drops them), POST /wake_up restores them (level 2 "
-      "reloads the checkpoint), GET /is_sleeping")
-    a("--otlp-traces-endpoint", default=None,
-      help="refused: no OpenTelemetry tracing (metrics are at /metrics)")
-    # LoRA, multimodal, structured outputs
-    a("--lora-dtype", default="auto",
-      help="auto: " + _SAME + "runs adapters in the model's dtype; others refused")
-    a("--long-lora-scaling-factors", type=float, nargs="+", default=None,
-      help="refused: no long-context LoRA")
-    a("--fully-sharded-loras", action="store_true", default=False,
-      help="accepted and unused: under --tensor-parallel-size each rank keeps its part of "
-           "every adapter (B's rows of its q/k/v and gate/up outputs, A's columns of its "
-           "o/down inputs) and the whole other factor; the results are the same")
-    a("--limit-mm-per-prompt", type=json_dict, default=None, metavar="JSON",
-      help=_SAME + "serves text-only models: a prompt holds no images, audio or video, "
-           "within any limit; accepted and unused")
-    a("--mm-processor-kwargs", type=json_dict, default=None, metavar="JSON",
-      help="refused unless empty: no multimodal processors here")
-    a("--disable-mm-preprocessor-cache", action="store_true", default=False,
-      help=_SAME + "has no multimodal preprocessor (nothing to cache); accepted and unused")
-    a("--guided-decoding-backend", default=None,
-      help="auto / xgrammar: " + _SAME + "runs structured outputs on xgrammar; others "
-           "refused (also --structured-outputs-config backend)")
+    add_engine_compat_args(parser)
 
 
 # -- refusals as data ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Refusal:
-    flag: str
-    ok: Callable[[Any, argparse.Namespace], bool]  # (value, args) -> served as asked
-    instead: str  # what to use instead / why
-
-
-def _falsy(v: Any, _a: argparse.Namespace) -> bool:
-    return not v
-
-
-def _is(*values: Any) -> Callable[[Any, argparse.Namespace], bool]:
-    return lambda v, _a: v in values
-
-
-def _graph_sizes_ok(v: Any, _a: argparse.Namespace) -> bool:
-    return v is None or (len(v) == 1 and v[0] >= 1)
-
-
-_COMPILE_MODES = (0, 1, 2, 3, "NONE", "STOCK_TORCH_COMPILE", "DYNAMO_TRACE_ONCE", "VLLM_COMPILE")
-_GRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
-
-
-def _compilation_ok(v: Any, _a: argparse.Namespace) -> bool:
-    """Levels / modes 0-3 and cudagraph_mode: 0 (or NONE) runs without CUDA graphs, as
-    --enforce-eager; any other asks for what modelport does by default."""
-    if v is None or v in (0, 1, 2, 3) or v == {}:
-        return True
-    return isinstance(v, dict) and set(v) <= {"level", "mode", "cudagraph_mode"} \
-        and v.get("level", 3) in _COMPILE_MODES and v.get("mode", 3) in _COMPILE_MODES \
-        and v.get("cudagraph_mode", "FULL") in _GRAPH_MODES
-
-
-def compilation_means_eager(v: Any) -> bool:
-    """-O 0 / level or mode 0 / cudagraph_mode NONE: no CUDA graphs (vLLM's -O0)."""
-    if isinstance(v, dict):
-        return (v.get("level") in (0, "NONE") or v.get("mode") in (0, "NONE")
-                or v.get("cudagraph_mode") == "NONE")
-    return v == 0
-
-
-def _dp_local_ok(v: Any, a: argparse.Namespace) -> bool:
-    return v is None or v == getattr(a, "data_parallel_size", 1)
-
-
-REFUSALS: tuple[Refusal, ...] = (
-    # also refused by EngineArgs, but only once the server listens: say it before that
-    Refusal("--pipeline-parallel-size", _is(1), "pipeline parallelism is not implemented; "
-            "split the model with --tensor-parallel-size, replicate it with "
-            "--data-parallel-size"),
-    Refusal("--cpu-offload-gb", _is(0, 0.0), "weights are not offloaded to host memory here; "
-            "use a quantized checkpoint (--quantization) or more GPUs (--tensor-parallel-size)"),
+_FRONTEND_REFUSALS: tuple[Refusal, ...] = (
     Refusal("--headless", _falsy, "multi-node serving is not supported; run one "
             "`modelport serve` per host behind a load balancer"),
-    Refusal("--data-parallel-address", _is(None, "127.0.0.1", "localhost"),
-            "multi-node data parallelism is not supported; --data-parallel-size runs the "
-            "replicas on this host"),
-    Refusal("--data-parallel-size-local", _dp_local_ok, "all data-parallel replicas run on "
-            "this host: give --data-parallel-size alone"),
-    Refusal("--api-server-count", _is(1), "one API server process serves all requests here"),
-    Refusal("--kv-transfer-config", _is(None, {}), "disaggregated prefill (KV transfer) is not "
-            "supported"),
-    Refusal("--tokenizer-mode", _is("auto", "hf"), "modelport uses the model's fast "
-            "tokenizer (tokenizer.json or the GGUF vocabulary); use --tokenizer-mode auto"),
-    Refusal("--model-impl", _is("auto", "vllm"), "only modelport's built-in model "
-            "implementations run; use --model-impl auto"),
-    Refusal("--cuda-graph-sizes", _graph_sizes_ok, "the decode CUDA graphs use a fixed ladder "
-            "(1, 2, 4, 8, 16, 32, ...): give one size, the largest batch to capture, or "
-            "--enforce-eager for none"),
-    Refusal("--compilation-config", _compilation_ok, "modelport captures CUDA graphs (vLLM's "
-            "level 3 effect) and takes no other compilation settings; -O 0 (or --enforce-eager) "
-            "runs without CUDA graphs"),
-    Refusal("--distributed-executor-backend", _is(None, "mp", "uni"), "the engine and its "
-            "tensor-parallel workers are local processes; use --distributed-executor-backend mp"),
-    Refusal("--otlp-traces-endpoint", _is(None), "OpenTelemetry tracing is not supported; "
-            "scrape /metrics"),
-    Refusal("--lora-dtype", _is("auto"), "adapters run in the model's dtype; use "
-            "--lora-dtype auto"),
-    Refusal("--long-lora-scaling-factors", _is(None, []), "long-context LoRA is not supported"),
-    Refusal("--mm-processor-kwargs", _is(None, {}), "no multimodal models are served here"),
-    Refusal("--guided-decoding-backend", _is(None, "auto", "xgrammar"), "structured outputs "
-            "run on xgrammar; use --guided-decoding-backend xgrammar"),
+    Refusal("--api-server-count", _is(1, None), "one API server process serves all requests "
+            "here"),
     Refusal("--tool-server", _is(None), "the Responses API has no built-in tool server; give "
             "the tools in the request"),
-    Refusal("--revision", _is(None, "main"), "the HF cache snapshot refs/main names is served; "
-            "give the snapshot's folder as --model"),
-    Refusal("--tokenizer-revision", _is(None, "main"), "give the tokenizer's folder as "
-            "--tokenizer"),
-    Refusal("--hf-config-path", _is(None), "config.json is read from the model's folder"),
+    Refusal("--tool-parser-plugin", _is("", None), "vLLM's tool parser plugins are not "
+            "loaded here; --tool-call-parser names the built-in parsers"),
+    Refusal("--enable-ssl-refresh", _falsy, "the certificate files are read once at "
+            "start-up; restart the server to renew them"),
+    Refusal("--h11-max-header-count", _is(256, None), "uvicorn sets no header count limit; "
+            "bound the header size with --h11-max-incomplete-event-size"),
+    Refusal("--enable-tokenizer-info-endpoint", _falsy, "there is no /get_tokenizer_info "
+            "endpoint; /tokenize and /detokenize are served"),
+    Refusal("--tokens-only", _falsy, "the OpenAI endpoints are always served"),
+    Refusal("--grpc", _falsy, "vLLM's gRPC server is not served; the OpenAI API is HTTP "
+            "(KServe v2 gRPC serves model repositories)"),
 )
-
-
-def _dest(flag: str) -> str:
-    return flag[2:].replace("-", "_")
+REFUSALS: tuple[Refusal, ...] = ENGINE_REFUSALS + _FRONTEND_REFUSALS
 
 
 def check(args: argparse.Namespace) -> None:
-    """Refuse, at start-up, a vLLM flag whose value asks for what modelport does not do."""
-    for r in REFUSALS:
-        dest = _dest(r.flag)
-        if not hasattr(args, dest):
-            continue
-        value = getattr(args, dest)
-        if not r.ok(value, args):
-            shown = json.dumps(value) if isinstance(value, (dict, list)) else value
-            shown = "" if value is True else f" {shown}"
-            raise SystemExit(f"modelport serve: {r.flag}{shown} is not supported: {r.instead}")
-    if compilation_means_eager(getattr(args, "compilation_config", None)):
-        args.enforce_eager = True  # vLLM's -O0: no compilation, no CUDA graphs
+    """Refuse, at start-up, a vLLM flag whose value asks for what modelport does not do;
+    map the implemented engine flags onto EngineArgs' fields (vllm_engine_flags.apply)."""
+    hit = first_refusal(args, REFUSALS)
+    if hit is not None:
+        r, value = hit
+        shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+        shown = "" if value is True else f" {shown}"
+        raise SystemExit(f"modelport serve: {r.flag}{shown} is not supported: {r.why(args)}")
+    try:
+        apply_engine_flags(args)
+    except ValueError as e:
+        raise SystemExit(f"modelport serve: {e}") from None
     if getattr(args, "logits_processors", None):  # an unknown name fails before listening
         from modelport.logits_processor import load_logits_processors
 
@@ -486,8 +347,6 @@ def check(args: argparse.Namespace) -> None:
             load_logits_processors(args.logits_processors)
         except ValueError as e:
             raise SystemExit(f"modelport serve: --logits-processors: {e}") from None
-    if getattr(args, "max_parallel_loading_workers", None) is not None:
-        logger.warning("--max-parallel-loading-workers is ignored (as vLLM V1 does)")
 
 
 # -- the app and uvicorn -------------------------------------------------------------------
@@ -507,6 +366,14 @@ def uvicorn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["log_config"] = args.log_config_file
     if getattr(args, "disable_uvicorn_access_log", False):
         kw["access_log"] = False
+    if getattr(args, "uds", None):  # vLLM's --uds: the socket instead of --host / --port
+        kw["uds"] = args.uds
+    if getattr(args, "ssl_cert_reqs", 0):
+        kw["ssl_cert_reqs"] = args.ssl_cert_reqs
+    if getattr(args, "h11_max_incomplete_event_size", None) is not None:
+        kw["h11_max_incomplete_event_size"] = args.h11_max_incomplete_event_size
+    if getattr(args, "shutdown_timeout", 0):  # else open responses finish, however long
+        kw["timeout_graceful_shutdown"] = args.shutdown_timeout
     return kw
 
 

@@ -17,6 +17,9 @@ from torch import nn
 
 from modelport.config import ModelConfig
 
+# the rope scaling types compute_inv_freq builds (LongRoPE: layers/longrope.py)
+ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+
 
 @dataclass(frozen=True)
 class RopeSettings:
@@ -90,7 +93,7 @@ def compute_inv_freq(rotary_dim: int, settings: RopeSettings) -> torch.Tensor:
             )
         return inv_freq / factors
     raise ValueError(
-        f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, freq_factors"
+        f"unsupported rope scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}"
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from modelport.config import ModelConfig
+from modelport.config import ModelConfig, merge_rope_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def apply_hf_overrides(model_config: ModelConfig, overrides: dict[str, Any] | No
         raise ValueError(f"hf_overrides['architectures'] must be a non-empty list of names, "
                          f"got {archs!r}")
     try:
-        return ModelConfig.from_hf_dict({**model_config.hf_config, **overrides})
+        return ModelConfig.from_hf_dict(merge_rope_overrides(model_config.hf_config, overrides))
     except (TypeError, KeyError) as e:
         raise ValueError(f"hf_overrides: invalid model config ({e})") from None
 

@@ -47,8 +47,10 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
     if "--api-key" not in parser._option_string_actions:
         g.add_argument(
             "--api-key",
+            nargs="+",
             default=None,
-            help="require this key (Authorization: Bearer KEY) on /v1, /tokenize, /detokenize",
+            help="require one of these keys (Authorization: Bearer KEY) on /v1, /tokenize, "
+            "/detokenize (default, as vLLM's: the VLLM_API_KEY environment variable, if set)",
         )
     if "--metrics-prefix" not in parser._option_string_actions:
         g.add_argument(
@@ -345,7 +347,9 @@ def _log_loaded(engine: AsyncLLM, args: argparse.Namespace) -> None:
             engine.max_model_len, engine.max_num_seqs,
         )  # fmt: skip
     host = getattr(args, "host", "127.0.0.1")
-    logger.info("OpenAI API ready at http://%s:%d/v1", host, getattr(args, "port", 8000))
+    where = (f"unix:{args.uds} (/v1)" if getattr(args, "uds", None)
+             else f"http://{host}:{getattr(args, 'port', 8000)}/v1")
+    logger.info("OpenAI API ready at %s", where)
 
 
 def attach(
@@ -376,6 +380,8 @@ def attach(
         tool_settings = ToolSettings(
             enable_auto_tools=bool(getattr(args, "enable_auto_tool_choice", False)),
             tool_call_parser=getattr(args, "tool_call_parser", None),
+            exclude_tools_when_none=bool(
+                getattr(args, "exclude_tools_when_tool_choice_none", False)),
         )
     except ValueError as e:  # vLLM refuses these at startup too
         raise SystemExit(f"modelport serve: {e}") from None
@@ -395,7 +401,9 @@ def attach(
             chat_template = load_chat_template(chat_template)
         except ValueError as e:
             raise SystemExit(f"modelport serve: {e}") from None
-    state = ServerState(version=_version(), api_key=getattr(args, "api_key", None),
+    # as vLLM: --api-key (one or more keys), else the VLLM_API_KEY environment variable
+    api_keys = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY") or None
+    state = ServerState(version=_version(), api_key=api_keys,
                         serve_own_engine=own_engine, tool_settings=tool_settings,
                         reasoning_parser=reasoning_parser,
                         default_chat_template_kwargs=getattr(
@@ -403,7 +411,8 @@ def attach(
                         trust_request_chat_template=bool(
                             getattr(args, "trust_request_chat_template", False)),
                         chat_template=chat_template)
-    install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS)
+    install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS,
+                           log_stack=bool(getattr(args, "log_error_stack", False)))
     mount(app, state)
     vllm_compat.configure_app(app, args)  # CORS, --middleware, request ids, /load, logs
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)

@@ -153,12 +153,14 @@ def _json_message(err: dict[str, Any], body: Any) -> str:
     return f"the request body is not valid JSON: {why}: {where}"
 
 
-def install_error_handlers(app: FastAPI, prefixes: tuple[str, ...] = ("/v1/",)) -> None:
+def install_error_handlers(app: FastAPI, prefixes: tuple[str, ...] = ("/v1/",),
+                           log_stack: bool = False) -> None:
     """Make the OpenAI routes (paths under `prefixes`) answer every error in OpenAI's JSON.
 
     On the shared `modelport serve` app other frontends own other paths: for those, the
     handler that was installed before (or FastAPI's default) still answers. A server that
     is only this frontend passes ("/",): then an unknown path is OpenAI's 404 too.
+    log_stack (vLLM's --log-error-stack): each error answer is logged with its traceback.
     """
     from fastapi.exception_handlers import (
         http_exception_handler,
@@ -174,8 +176,11 @@ def install_error_handlers(app: FastAPI, prefixes: tuple[str, ...] = ("/v1/",)) 
     prev_http = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
     prev_internal = app.exception_handlers.get(Exception)
 
-    async def _openai_error(_: Request, exc: Exception) -> JSONResponse:
+    async def _openai_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OpenAIError)
+        if log_stack:
+            logger.error("error %d in %s: %s", exc.status, request.url.path, exc.message,
+                         exc_info=exc)
         return exc.response()
 
     async def _validation_error(request: Request, exc: Exception) -> Any:

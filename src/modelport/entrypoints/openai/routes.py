@@ -73,7 +73,7 @@ POOLING_PATHS = (
 @dataclass
 class ServerState:
     version: str
-    api_key: str | None = None
+    api_key: str | list[str] | None = None  # --api-key: one key, or any of several
     engine: AsyncLLM | None = None
     metrics: ServerMetrics | None = None
     load_error: str | None = None
@@ -135,13 +135,17 @@ def _all_cards(state: ServerState, aliases: bool = False) -> list[ModelCard]:
 
 async def check_api_key(request: Request) -> None:
     """401 unless the request carries the --api-key (Authorization: Bearer, or api-key header)."""
-    key = _state(request).api_key
-    if key is None:
+    keys = _state(request).api_key
+    if not keys:
         return
+    if isinstance(keys, str):
+        keys = [keys]
     given = request.headers.get("authorization", "")
     token = given[7:].strip() if given.lower().startswith("bearer ") else ""
     token = token or request.headers.get("api-key", "") or request.headers.get("x-api-key", "")
-    if not token or not hmac.compare_digest(token.encode(), key.encode()):
+    # every key compared, so the time does not tell which one (or how many) matched
+    matched = [hmac.compare_digest(token.encode(), k.encode()) for k in keys]
+    if not token or not any(matched):
         raise OpenAIError(
             "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
             401,

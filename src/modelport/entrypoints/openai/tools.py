@@ -5,7 +5,8 @@
   `{"name", "parameters"}` objects of the given tools, so the answer is always a valid call.
 - "auto": the model decides; a tool-call parser (--tool-call-parser, enabled by
   --enable-auto-tool-choice) finds the calls in its text.
-- "none" (or no tools): plain text; the tools still reach the chat template.
+- "none" (or no tools): plain text; the tools still reach the chat template (not with
+  --exclude-tools-when-tool-choice-none, as vLLM's).
 
 `plan_tools` checks a request once (400s in vLLM's words) and says which of these applies;
 `ToolChoiceOutput` turns each choice's text into the message (or stream deltas) to return.
@@ -54,6 +55,9 @@ class ToolSettings:
 
     enable_auto_tools: bool = False
     tool_call_parser: str | None = None
+    # --exclude-tools-when-tool-choice-none: tool_choice "none" hides the tools from the
+    # chat template (by default it still sees them, as vLLM's and OpenAI's)
+    exclude_tools_when_none: bool = False
 
     def __post_init__(self) -> None:
         if self.tool_call_parser is not None:
@@ -91,7 +95,8 @@ def plan_tools(req: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan:
     if choice is None:  # vLLM's default: "auto" when tools are given
         choice = "auto" if tools else "none"
     if choice == "none":
-        return ToolPlan("none", shown)
+        hide = settings.exclude_tools_when_none and req.tool_choice == "none"
+        return ToolPlan("none", None if hide else shown)
     if tools is None:
         raise OpenAIError("When using `tool_choice`, `tools` must be set.", 400,
                           param="tool_choice")
