@@ -87,6 +87,9 @@ REAL: list[tuple[str, dict, dict]] = [
     ("m -O.cudagraph_mode=FULL_DECODE_ONLY -O.max_cudagraph_capture_size=64",
      {"cuda_graph_sizes": [64], "enforce_eager": False}, {}),
     ("m --cudagraph-capture-sizes 128", {"cuda_graph_sizes": [128]}, {}),
+    ("unsloth/llama-3-8b-bnb-4bit --quantization bitsandbytes --load-format bitsandbytes",
+     {"quantization": "bitsandbytes", "load_format": "auto"}, {}),
+    ("m --load-format bitsandbytes", {"quantization": "bitsandbytes", "load_format": "auto"}, {}),
     ("m -O0 --max-seq-len-to-capture 8192", {"enforce_eager": True}, {}),
     ("m --no-enable-prefix-caching --no-enforce-eager --no-trust-remote-code "
      "--no-enable-chunked-prefill --no-async-scheduling --no-enable-lora",
@@ -164,6 +167,9 @@ def test_real_vllm_command_lines(line: str, engine: dict, other: dict) -> None:
         (["--kv-events-config", '{"enable_kv_cache_events": true}'], "/metrics"),
         (["--worker-use-ray"], "local processes"),
         (["--grpc"], "HTTP"),
+        (["--load-format", "pt"], "convert .bin / .pt weights to safetensors"),
+        (["--load-format", "bitsandbytes", "--quantization", "awq"], "--quantization bitsandbytes"),
+        (["--kv-cache-dtype", "fp8_e5m2"], "e4m3"),
     ],
 )
 def test_refused_values_say_what_to_use_instead(argv: list[str], says: str) -> None:
@@ -392,6 +398,8 @@ def test_llm_takes_vllms_engine_arguments(model_dir: Path) -> None:
         ({"worker_extension_cls": "rl.Ext"}, ValueError, "collective_rpc"),
         ({"enable_reasoning": True}, ValueError, "reasoning_parser NAME"),
         ({"data_parallel_size_local": 2}, ValueError, "data_parallel_size alone"),
+        ({"load_format": "npcache"}, ValueError, "LLM(load_format='npcache') is not supported"),
+        ({"kv_cache_dtype": "fp8_inc"}, ValueError, "kv_cache_dtype fp8"),
     ],
 )
 def test_llm_refuses_before_loading(kwargs: dict, error: type, says: str) -> None:
@@ -407,10 +415,37 @@ def test_llm_kwargs_follow_the_serve_table() -> None:
     vllm_engine_flags.add_engine_compat_args(parser)
     defaults = parser.parse_args([])
     assert vllm_engine_flags.first_refusal(defaults, vllm_engine_flags.ENGINE_REFUSALS) is None
-    dests = set(vars(defaults)) | {"pipeline_parallel_size"}  # LLM's own parameter
+    # EngineArgs' own flags (LLM's own parameters) that the table checks too
+    dests = set(vars(defaults)) | {"pipeline_parallel_size", "load_format", "kv_cache_dtype"}
     assert {r.dest for r in vllm_engine_flags.ENGINE_REFUSALS} <= dests
     assert vllm_engine_flags.llm_kwargs({"compilation_config": 0}, {"enforce_eager": False}) \
         == {"enforce_eager": True}
     assert vllm_engine_flags.llm_kwargs(
         {"max_cudagraph_capture_size": 64}, {"cuda_graph_sizes": None}) == \
         {"cuda_graph_sizes": [64]}
+
+
+def test_a_vllm_yaml_config_file(tmp_path: Path) -> None:
+    """vLLM's `--config` example, plus the list and bool forms launch files use."""
+    f = tmp_path / "serve.yaml"
+    f.write_text(
+        "model: meta-llama/Llama-3.1-8B-Instruct\n"
+        'host: "127.0.0.1"\n'
+        "port: 6379\n"
+        'uvicorn-log-level: "info"\n'
+        "api-key: [k1, k2]\n"
+        "trust-remote-code: false\n"
+        "enable-prefix-caching: false\n"
+        "enforce-eager: true\n"
+        "enable-reasoning: true\n"
+        "reasoning-parser: deepseek_r1\n"
+        "rope-scaling: {rope_type: linear, factor: 2.0}\n"
+        "max-cudagraph-capture-size: 64\n"
+    )
+    args = serve(f"--config {f} --port 8001")
+    ea = engine_args_from(args)
+    assert ea.model == "meta-llama/Llama-3.1-8B-Instruct" and args.port == 8001
+    assert args.api_key == ["k1", "k2"] and args.uvicorn_log_level == "info"
+    assert not ea.trust_remote_code and not ea.enable_prefix_caching and ea.enforce_eager
+    assert ea.reasoning_parser == "deepseek_r1" and ea.cuda_graph_sizes == [64]
+    assert ea.hf_overrides == {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}

@@ -202,7 +202,10 @@ class EngineArgs:
                             "the cores) behind one server; a request goes to the replica with "
                             "the fewest in flight")
         g.add_argument("--load-format", default=d.load_format,
-                       choices=["auto", "safetensors", "gguf", "dummy"])
+                       metavar="{auto,safetensors,gguf,dummy}",
+                       help="how the weights are read (dummy: random, for benchmarks); "
+                            "vLLM's bitsandbytes is --quantization bitsandbytes, its other "
+                            "formats (pt, npcache, tensorizer, ...) are refused")
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                        help="sequences a step may run (default 256 on every device; vLLM's "
                             "1024 on large GPUs measured slower here)")
@@ -223,7 +226,9 @@ class EngineArgs:
                        "checkpoint's own compressed-tensors config; a Q4 GGUF file stays "
                        "quantized on an AVX2 CPU; none loads a GGUF file as floats)")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
+                       help="auto (the model's dtype) | fp8 (= fp8_e4m3, scale 1.0) | "
+                            "bfloat16 | float16 | float32")
         g.add_argument("--max-waiting-requests", type=int, default=None,
                        help="bound on queued requests; past it requests get 503")
         g.add_argument("--scheduling-policy", default=d.scheduling_policy,

@@ -120,8 +120,9 @@ class LLM:
             "enforce_eager": enforce_eager, "cuda_graph_sizes": cuda_graph_sizes,
             "hf_overrides": hf_overrides, "structured_outputs_config": structured_outputs_config,
             "reasoning_parser": reasoning_parser, "data_parallel_size": data_parallel_size,
-            "pipeline_parallel_size": pipeline_parallel_size,
-        }) if kwargs else {}
+            "load_format": load_format,
+            "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
+        })
         if data_parallel_size != 1:
             raise ValueError(
                 f"LLM(data_parallel_size={data_parallel_size}) is not supported (nor in vLLM's "

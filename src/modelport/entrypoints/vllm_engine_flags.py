@@ -412,7 +412,25 @@ def _speculative_config_for(a: argparse.Namespace) -> str:
             f"--speculative-config '{json.dumps(spec)}'")
 
 
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16", "float32")
+
+
+def _load_format_ok(v: Any, a: argparse.Namespace) -> bool:
+    """vLLM's bitsandbytes load format is its bitsandbytes quantization's; other formats
+    (pt, npcache, tensorizer, runai_streamer, sharded_state, mistral, ...) are not read."""
+    if v == "bitsandbytes":
+        return getattr(a, "quantization", None) in (None, "bitsandbytes", "bnb", "nf4")
+    return v is None or v in LOAD_FORMATS
+
+
 ENGINE_REFUSALS: tuple[Refusal, ...] = (
+    Refusal("--load-format", _load_format_ok, "modelport reads safetensors folders and .gguf "
+            "files (--load-format auto | safetensors | gguf | dummy); convert .bin / .pt "
+            "weights to safetensors; bitsandbytes goes with --quantization bitsandbytes"),
+    Refusal("--kv-cache-dtype", lambda v, _a: v is None or v in KV_CACHE_DTYPES,
+            "the fp8 KV cache is e4m3 (--kv-cache-dtype fp8); or auto, bfloat16, float16, "
+            "float32"),
     # also refused by EngineArgs, but only once the server listens: say it before that
     Refusal("--pipeline-parallel-size", _is(1), "pipeline parallelism is not implemented; "
             "split the model with --tensor-parallel-size, replicate it with "
@@ -550,6 +568,9 @@ def apply(args: argparse.Namespace) -> None:
     """Map the implemented vLLM flags onto EngineArgs' fields in `args` (after the refusals
     were checked): -O 0 is enforce_eager, the rope flags are hf_overrides keys, the capture
     sizes are cuda_graph_sizes, the --guided-decoding-* flags structured_outputs_config keys."""
+    if getattr(args, "load_format", None) == "bitsandbytes":  # vLLM 0.6-0.9 asked for both
+        args.load_format = "auto"
+        args.quantization = getattr(args, "quantization", None) or "bitsandbytes"
     comp = getattr(args, "compilation_config", None)
     if compilation_means_eager(comp):
         args.enforce_eager = True  # vLLM's -O0: no compilation, no CUDA graphs
@@ -590,8 +611,8 @@ def apply(args: argparse.Namespace) -> None:
 
 
 # -- LLM(**kwargs) -------------------------------------------------------------------------
-_LLM_FIELDS = ("enforce_eager", "cuda_graph_sizes", "hf_overrides",
-               "structured_outputs_config")  # EngineArgs' fields apply() may set
+_LLM_FIELDS = ("enforce_eager", "cuda_graph_sizes", "hf_overrides", "load_format",
+               "quantization", "structured_outputs_config")  # EngineArgs' fields apply() sets
 
 
 def _as_kwarg(text: str) -> str:
