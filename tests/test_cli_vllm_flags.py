@@ -170,6 +170,8 @@ def test_real_vllm_command_lines(line: str, engine: dict, other: dict) -> None:
         (["--load-format", "pt"], "convert .bin / .pt weights to safetensors"),
         (["--load-format", "bitsandbytes", "--quantization", "awq"], "--quantization bitsandbytes"),
         (["--kv-cache-dtype", "fp8_e5m2"], "e4m3"),
+        (["--spec-decoding-acceptance-method", "typical_acceptance_sampler"], "rejection"),
+        (["--prompt-adapters", "a=/p"], "--enable-lora"),
     ],
 )
 def test_refused_values_say_what_to_use_instead(argv: list[str], says: str) -> None:
@@ -207,7 +209,9 @@ def test_every_flag_at_vllms_default_is_accepted() -> None:
         "--use-tqdm-on-load --pt-load-map-location cpu --model-loader-extra-config '{}' "
         "--code-revision main --tokenizer-revision main --multi-step-stream-outputs "
         "--scheduler-delay-factor 0 --tokenizer-pool-size 0 --tokenizer-pool-type ray "
-        "--no-enable-prompt-adapter --gdn-prefill-backend triton --kv-offloading-backend native "
+        "--no-enable-prompt-adapter --spec-decoding-acceptance-method rejection_sampler "
+        "--no-enable-auto-tool-choice --no-trust-request-chat-template "
+        "--gdn-prefill-backend triton --kv-offloading-backend native "
         "--disable-frontend-multiprocessing --api-server-count 1 --enable-log-deltas "
         "--no-enable-ssl-refresh --h11-max-header-count 256 --h11-max-incomplete-event-size "
         "4194304 --no-enable-tokenizer-info-endpoint --no-tokens-only --shutdown-timeout 0 "

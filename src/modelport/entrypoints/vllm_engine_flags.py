@@ -323,7 +323,13 @@ def add_engine_compat_args(parser: argparse.ArgumentParser) -> None:
     for flag in ("--num-speculative-tokens", "--ngram-prompt-lookup-max",
                  "--ngram-prompt-lookup-min", "--speculative-max-model-len"):
         a(flag, type=int, default=None, help="refused: see --speculative-model")
+    a("--spec-decoding-acceptance-method", default=None,
+      choices=["rejection_sampler", "typical_acceptance_sampler"],
+      help="rejection_sampler: " + _SAME + "verifies drafts by rejection sampling (greedy: "
+           "exact match); typical_acceptance_sampler refused")
     a("--enable-prompt-adapter", action=_BOOL, default=False,
+      help="refused: prompt adapters were removed in vLLM V1")
+    a("--prompt-adapters", nargs="+", default=None,
       help="refused: prompt adapters were removed in vLLM V1")
     a("--qlora-adapter-name-or-path", default=None,
       help="refused: load a merged checkpoint, or serve the adapter with --enable-lora")
@@ -536,8 +542,13 @@ ENGINE_REFUSALS: tuple[Refusal, ...] = (
             "(no Ray tokenizer pool)"),
     *(Refusal("--" + dest.replace("_", "-"), _is(None), _speculative_config_for)
       for dest in _SPEC_FLAGS),
+    Refusal("--spec-decoding-acceptance-method", _is(None, "rejection_sampler"), "drafts "
+            "are verified by rejection sampling; use --spec-decoding-acceptance-method "
+            "rejection_sampler"),
     Refusal("--enable-prompt-adapter", _falsy, "prompt adapters were removed in vLLM V1; "
             "serve LoRA adapters with --enable-lora"),
+    Refusal("--prompt-adapters", _is(None, []), "prompt adapters were removed in vLLM V1; "
+            "serve LoRA adapters with --enable-lora --lora-modules"),
     Refusal("--qlora-adapter-name-or-path", _is(None), "load a merged checkpoint, or serve "
             "the adapter with --enable-lora --lora-modules"),
     Refusal("--worker-use-ray", _falsy, "no Ray here: the engine and its workers are local "

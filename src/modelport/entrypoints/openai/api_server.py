@@ -65,7 +65,8 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
 
         g.add_argument(
             "--enable-auto-tool-choice",
-            action="store_true",
+            action=argparse.BooleanOptionalAction,
+            default=False,
             help='serve tool_choice "auto" (the default when a request has tools): the model '
             "decides whether to call tools, found in its text by --tool-call-parser",
         )
@@ -112,7 +113,8 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
         )
         g.add_argument(
             "--trust-request-chat-template",
-            action="store_true",
+            action=argparse.BooleanOptionalAction,
+            default=False,
             help="render a request's own chat_template (chat completions, /tokenize and "
             "/v1/embeddings messages) instead of refusing it with a 400; the template is the "
             "caller's code (run sandboxed), so only for trusted clients",
