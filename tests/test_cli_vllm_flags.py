@@ -377,7 +377,7 @@ def test_llm_takes_vllms_engine_arguments(model_dir: Path) -> None:
               swap_space=4, cpu_offload_gb=0, compilation_config=0, tokenizer_mode="auto",
               served_model_name=["tiny-served"], disable_custom_all_reduce=True,
               num_gpu_blocks_override=20, rope_theta=20000.0, download_dir="/tmp",
-              distributed_executor_backend="mp", max_seq_len_to_capture=8192,
+              distributed_executor_backend="mp", max_context_len_to_capture=8192,
               max_parallel_loading_workers=None, enable_prompt_embeds=False, revision="main",
               logprobs_mode="raw_logprobs", limit_mm_per_prompt={"image": 0},
               guided_decoding_disable_any_whitespace=True)

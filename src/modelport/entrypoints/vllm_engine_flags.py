@@ -641,6 +641,9 @@ def llm_kwargs(given: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
     add_engine_compat_args(parser)
     ns = parser.parse_args([])
     dests = {a.dest for a in parser._actions}
+    if "max_context_len_to_capture" in given:  # vLLM V0's older name
+        given = {**given, "max_seq_len_to_capture": given["max_context_len_to_capture"]}
+        del given["max_context_len_to_capture"]
     unknown = sorted(set(given) - dests)
     if unknown:
         raise TypeError(f"LLM() got unexpected keyword arguments: {', '.join(unknown)}")
