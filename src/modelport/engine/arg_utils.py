@@ -286,7 +286,11 @@ class EngineArgs:
         g.add_argument("--structured-outputs-config", type=parse_json_dict, default=None,
                        help='structured outputs settings, e.g. \'{"enable_in_reasoning": '
                             "true}' (with --reasoning-parser, constrain the thinking too; "
-                            "by default the grammar starts after </think>, as vLLM's)")
+                            "by default the grammar starts after </think>, as vLLM's); keys: "
+                            "backend (auto / xgrammar), reasoning_parser, enable_in_reasoning, "
+                            "disable_any_whitespace (JSON without free whitespace), and "
+                            "disable_fallback / disable_additional_properties (accepted: "
+                            "xgrammar alone, no fallback)")
         g.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=False,
                        help="serve LoRA adapters (PEFT folders) beside the base model")
         g.add_argument("--max-loras", type=int, default=d.max_loras,
