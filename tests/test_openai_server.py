@@ -498,10 +498,12 @@ def test_bench_serve_chat_backend_and_sharegpt(base, model, tmp_path) -> None:
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(data))
     r = _bench(base, "--dataset-name", "sharegpt", "--dataset-path", str(path),
-               "--num-prompts", "3", "--num-warmups", "0", "--ignore-eos", "--save-detailed")
+               "--num-prompts", "4", "--num-warmups", "0", "--ignore-eos", "--save-detailed")
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(r.stdout)
-    assert result["completed"] == 3  # two conversations, oversampled to three prompts
+    assert result["completed"] == 4  # two conversations, oversampled to four prompts: a b a b
+    lens = result["output_lens"]
+    assert lens[:2] == lens[2:] and result["input_lens"][:2] == result["input_lens"][2:]
     counts = {httpx.post(f"{base}/tokenize", json={"prompt": t["conversations"][1]["value"],
                                                     "add_special_tokens": False}).json()["count"]
               for t in (data[0], data[2])}

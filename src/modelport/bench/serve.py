@@ -249,8 +249,9 @@ async def sharegpt_dataset(args: argparse.Namespace, tokens: Tokens, n: int,
         out.append(Prompt(None, prompt, o_len))
     if not out:
         raise BenchError(f"--dataset-path {args.dataset_path}: no conversation fits")
-    while len(out) < n:  # oversample, as vLLM does
-        out.append(out[len(out) % max(1, len(out))])
+    base = len(out)
+    while len(out) < n:  # oversample, as vLLM does: the kept conversations again, in order
+        out.append(out[len(out) % base])
     return out
 
 
