@@ -18,10 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from helpers.tiny_models import TINY_PROMPT as PROMPT
-from helpers.tiny_models import greedy_token_ids, load_cpu, make_tiny_llama_dir, run_one_sequence
+from helpers.tiny_models import (
+    greedy_token_ids,
+    load_cpu,
+    make_tiny_llama_dir,
+    run_one_sequence,
+    write_checkpoint_folder,
+)
 from modelport.quantization.kernels import CpuInt4Kernel, CpuInt8Kernel
 from modelport.quantization.tools.writer import is_quantizable
 
@@ -94,19 +100,6 @@ def group(args: dict, targets: list[str] | None = None) -> dict:
             "output_activations": None, "format": None}
 
 
-def write_folder(tiny: Path, out: Path, tensors: dict, qc: dict | None) -> Path:
-    out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
-    cfg = json.loads((tiny / "config.json").read_text())
-    if qc is not None:
-        cfg["quantization_config"] = qc
-    (out / "config.json").write_text(json.dumps(cfg))
-    for f in tiny.iterdir():  # the tokenizer's files
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return out
-
-
 def write_int_checkpoint(tiny: Path, out: Path, qc: dict, scheme, seed: int = 0  # noqa: ANN001
                          ) -> tuple[Path, Path]:
     """(pack-quantized folder, float folder of its reference dequantization). ``scheme(module)``
@@ -138,7 +131,7 @@ def write_int_checkpoint(tiny: Path, out: Path, qc: dict, scheme, seed: int = 0 
         if g_idx is not None:
             qt[f"{module}.weight_g_idx"] = g_idx.to(torch.int32)
         ref[name] = r["ref"]
-    return write_folder(tiny, out / "q", qt, qc), write_folder(tiny, out / "ref", ref, None)
+    return write_checkpoint_folder(tiny, out / "q", qt, qc), write_checkpoint_folder(tiny, out / "ref", ref, None)
 
 
 def load_exact(path: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
@@ -275,7 +268,7 @@ def test_unsupported_schemes_refused_before_loading(tiny: Path, tmp_path: Path, 
     qc = ct_config({"group_0": g}, ["lm_head"], change.get("format", "pack-quantized"))
     if "sparsity_config" in change:
         qc["sparsity_config"] = change["sparsity_config"]
-    out = write_folder(tiny, tmp_path / "ct", {}, qc)  # no weights: refused before reading any
+    out = write_checkpoint_folder(tiny, tmp_path / "ct", {}, qc)  # no weights: refused before reading any
     with pytest.raises(ValueError, match=r"compressed-tensors checkpoint: .*" + match) as err:
         load_cpu(out)
     msg = str(err.value)
@@ -293,7 +286,7 @@ def test_missing_or_truncated_tensors(tiny: Path, tmp_path: Path) -> None:
     def variant(name: str, edit, qc: dict = cfg) -> Path:  # noqa: ANN001
         t = dict(tensors)
         edit(t)
-        return write_folder(tiny, tmp_path / name, t, qc)
+        return write_checkpoint_folder(tiny, tmp_path / name, t, qc)
 
     k = "model.layers.0.self_attn.k_proj"
     bad = variant("noscale", lambda t: t.pop(f"{k}.weight_scale"))
@@ -340,7 +333,7 @@ def test_fp8_targets_by_class_name_and_mixed_groups(tiny: Path, tmp_path: Path) 
     only_fp8 = ct_config({"group_0": {"targets": ["LlamaLinear"], "weights": fp8,
                                       "input_activations": dyn}},
                          ["lm_head", r"re:.*mlp\..*"], "float-quantized")
-    fp8_dir = write_folder(tiny, tmp_path / "fp8", {k: v for k, v in qt.items()
+    fp8_dir = write_checkpoint_folder(tiny, tmp_path / "fp8", {k: v for k, v in qt.items()
                                                     if ".mlp." not in k or "weight_" not in k}
                            | {k: v for k, v in ref.items() if ".mlp." in k}, only_fp8)
     for name in (None, "compressed-tensors"):  # the alias names an FP8 checkpoint's own too
@@ -351,8 +344,8 @@ def test_fp8_targets_by_class_name_and_mixed_groups(tiny: Path, tmp_path: Path) 
                                    "input_activations": dyn, "format": "float-quantized"},
                        "group_1": {**group(int_args(8, "channel")), "format": "pack-quantized"}},
                       ["lm_head"], "mixed-precision")
-    qdir = write_folder(tiny, tmp_path / "mixed", qt, mixed)
-    rdir = write_folder(tiny, tmp_path / "ref", ref, None)
+    qdir = write_checkpoint_folder(tiny, tmp_path / "mixed", qt, mixed)
+    rdir = write_checkpoint_folder(tiny, tmp_path / "ref", ref, None)
     model = load_cpu(qdir)
     assert hasattr(model.model.layers[0].mlp.gate_up_proj, "qkernel")
     got = run_one_sequence(model, PROMPT)
@@ -402,7 +395,7 @@ def test_moe_experts_and_dummy_weights(tmp_path: Path, monkeypatch: pytest.Monke
     assert rel_err(run_one_sequence(load_cpu(qdir), PROMPT), got) < 0.02
     for args in (int_args(4, "group", 32, sym=False, actorder="group"), int_args(8, "channel")):
         qc = ct_config({"group_0": group(args)}, ["lm_head"])
-        out = write_folder(moe, tmp_path / f"dummy{args['num_bits']}", {}, qc)
+        out = write_checkpoint_folder(moe, tmp_path / f"dummy{args['num_bits']}", {}, qc)
         model = load_cpu(out, fmt="dummy")
         assert model.model.layers[0].self_attn.qkv_proj.quant_method is not None
         assert torch.isfinite(run_one_sequence(model, PROMPT[:8])).all()

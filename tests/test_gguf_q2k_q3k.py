@@ -37,6 +37,7 @@ from modelport.quantization.kernels import (
     GroupQuant,
     make_kernel,
 )
+from test_planner_files import _held_bytes
 
 Q2_K, Q3_K, Q4_K = 10, 11, 12
 
@@ -318,15 +319,6 @@ def test_kept_by_default_with_q2_k_q3_k_types() -> None:
 
 
 # -- the planner ---------------------------------------------------------------------------
-def _held_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the weights a loaded model holds (the rotary cos/sin table is no weight)."""
-    seen, held = set(), 0
-    buffers = [b for n, b in module.named_buffers() if "cos_sin_cache" not in n]
-    for t in [*module.parameters(), *buffers]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            held += t.numel() * t.element_size()
-    return held
 
 
 @pytest.mark.parametrize("mix", ["Q3_K_M", "Q2_K_mix"])

@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.tiny_models import TINY_PROMPT as PROMPT
-from helpers.tiny_models import load_cpu, make_tiny_llama_dir, run_one_sequence
+from helpers.tiny_models import (
+    load_cpu,
+    make_tiny_llama_dir,
+    run_one_sequence,
+    write_checkpoint_folder,
+)
 from modelport.quantization.fp8 import FP8Config, fp8_supported
 from modelport.quantization.kernels import CpuInt8Kernel
 from modelport.quantization.nf4 import NF4_CODE, NF4Config, nf4_encode
@@ -117,16 +122,6 @@ def _ct_config(groups: dict, ignore: list[str], fmt: str = "float-quantized") ->
             "sparsity_config": {}, "global_compression_ratio": None}
 
 
-def _write_folder(tiny: Path, out: Path, tensors: dict, qc: dict | None) -> Path:
-    out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
-    cfg = json.loads((tiny / "config.json").read_text())
-    if qc is not None:
-        cfg["quantization_config"] = qc
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
-
-
 def test_compressed_tensors_fp8_checkpoint(tiny: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """An llm-compressor-style FP8 checkpoint built here from the format's description: the
@@ -159,8 +154,8 @@ def test_compressed_tensors_fp8_checkpoint(tiny: Path, tmp_path: Path,
         q = (w / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
         qt[name], qt[f"{module}.weight_scale"] = q, scale
         ref[name] = q.float() * scale.float()  # independent dequantization, broadcast by shape
-    qdir = _write_folder(tiny, tmp_path / "ct", qt, qc)
-    rdir = _write_folder(tiny, tmp_path / "ref", ref, None)
+    qdir = write_checkpoint_folder(tiny, tmp_path / "ct", qt, qc)
+    rdir = write_checkpoint_folder(tiny, tmp_path / "ref", ref, None)
     monkeypatch.setenv("MODELPORT_FP8_CPU_INT8", "0")  # the FP8 bytes kept, exact
     model = _load(qdir)
     layers = model.model.layers
@@ -238,7 +233,7 @@ def test_compressed_tensors_fused_layer_quantized_alike(tiny: Path, tmp_path: Pa
                                  "weights": {**CT_WEIGHTS, "strategy": "channel"},
                                  "input_activations": CT_DYNAMIC}},
                     ["lm_head", "model.layers.0.self_attn.q_proj"])
-    out = _write_folder(tiny, tmp_path / "ct", load_file(str(tiny / "model.safetensors")), qc)
+    out = write_checkpoint_folder(tiny, tmp_path / "ct", load_file(str(tiny / "model.safetensors")), qc)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.qkv_proj is one fused "
                        r"layer.*q_proj \(float\), .*k_proj \(dynamic\)"):
         _load(out)
@@ -273,7 +268,7 @@ def test_compressed_tensors_other_schemes_refused(tiny: Path, tmp_path: Path, ch
     fmt = change.get("format", "float-quantized")
     group.update({k: v for k, v in change.items() if k in ("weights", "input_activations")})
     qc = {**_ct_config({"group_0": group}, ["lm_head"], fmt), **top}
-    out = _write_folder(tiny, tmp_path / "ct", load_file(str(tiny / "model.safetensors")), qc)
+    out = write_checkpoint_folder(tiny, tmp_path / "ct", load_file(str(tiny / "model.safetensors")), qc)
     with pytest.raises(ValueError, match=r"compressed-tensors checkpoint: .*" + match) as err:
         _load(out)
     assert "not supported" in str(err.value) and str(out) in str(err.value)

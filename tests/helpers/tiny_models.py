@@ -368,3 +368,23 @@ def assert_same_greedy(got: Any, want: Any, atol: float = 5e-2) -> None:
         lp_g = [d[t].logprob for d, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
         lp_w = [d[t].logprob for d, t in zip(w.outputs[0].logprobs, w.outputs[0].token_ids)]
         torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_w), atol=atol, rtol=0)
+
+
+def write_checkpoint_folder(tiny: Path, out: Path, tensors: dict, qc: dict | None) -> Path:
+    """An HF folder at out: tensors as model.safetensors, tiny's config.json with
+    quantization_config qc (None: none), and tiny's tokenizer files."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    cfg = json.loads((tiny / "config.json").read_text())
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in tiny.iterdir():  # the tokenizer's files
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out

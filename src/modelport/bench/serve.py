@@ -461,7 +461,7 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(gaps[i])
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    return report(args, model, results, duration, prompts)
+    return report(args, model, results, duration)
 
 
 def _summary(values: list[float], name: str, percentiles: list[float]) -> dict[str, float]:
@@ -483,8 +483,8 @@ def _tpot(r: RequestResult) -> float:
     return (r.latency - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 and r.ttft else 0.0
 
 
-def report(args: argparse.Namespace, model: str, results: list[RequestResult], duration: float,
-           prompts: list[Prompt] | None = None) -> dict[str, Any]:
+def report(args: argparse.Namespace, model: str, results: list[RequestResult],
+           duration: float) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)

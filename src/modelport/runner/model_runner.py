@@ -102,8 +102,8 @@ def mixed_warmup_batches(max_batch: int, block_size: int, prefill_tokens: int = 
     out = []
     for b in sorted({batch_bucket(n) for n in range(1, max_batch + 1)}):
         p = prefill_tokens if max_tokens is None else min(prefill_tokens, max_tokens - b + 1)
-        ids = [0] * (b - 1) + [0] * max(2, p)
         p = max(2, p)
+        ids = [0] * (b - 1 + p)
         positions = [1] * (b - 1) + list(range(p))
         qsl = list(range(b)) + [b - 1 + p]
         seq_lens = [2] * (b - 1) + [p]
