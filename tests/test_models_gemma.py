@@ -198,8 +198,9 @@ def test_configs_without_layer_types_match_hf(tmp_path: Path, kind, legacy, wind
     ("gemma2", {"hidden_activation": "relu"}, "hidden_activation='relu' is not supported"),
     ("gemma2", {"attn_logit_softcapping": -1}, "attn_logit_softcapping must be"),
     ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
-    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}},
-     "unsupported rope scaling type 'yarn'"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "proportional",
+                                                        "factor": 2.0}}},
+     "unsupported rope scaling type 'proportional'"),
     ("mistral", {"sliding_window": 0}, "sliding_window must be a positive integer"),
 ])
 def test_bad_config_is_a_clear_error_at_load(tmp_path: Path, kind, change, match) -> None:

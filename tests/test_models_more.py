@@ -370,8 +370,9 @@ def _write_variant(dirs: dict[str, Path], tmp_path: Path, name: str, **changes: 
     ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                   "partial_rotary_factor": 0.1}},
      "partial_rotary_factor=0.1 is not supported"),
-    ("phi3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
-     "unsupported rope scaling type 'dynamic'"),
+    ("phi3", {"rope_parameters": {"rope_type": "proportional", "factor": 2.0,
+                                  "rope_theta": 1e4}},
+     "unsupported rope scaling type 'proportional'"),
     # Phi-3's old name for longrope (HF reads it so), here without its factors
     ("phi3", {"rope_parameters": {"rope_type": "su", "rope_theta": 1e4}},
      r"rope_scaling.short_factor must be a list of 8 numbers .* got None"),

@@ -446,12 +446,7 @@ class EngineArgs:
         if seed is None:  # as vLLM: no seed, a different run each time
             seed = random.SystemRandom().randrange(2**31)
         dtype = resolve_dtype(self.dtype, model_config, torch.device(device))
-        max_len = self.max_model_len or model_config.max_position_embeddings
-        if self.max_model_len is not None and self.max_model_len > model_config.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len ({self.max_model_len}) is larger than the model's "
-                f"max_position_embeddings ({model_config.max_position_embeddings})"
-            )
+        max_len = _max_model_len(model_config, self.max_model_len)
         if self.usage_context not in ("offline", "server"):
             raise ValueError(f"usage_context must be 'offline' or 'server', got {self.usage_context!r}")
         batched = self.max_num_batched_tokens
@@ -692,6 +687,26 @@ class EngineArgs:
                 pooler.pooling_type)
             kw["enable_prefix_caching"] = False
         return runner_type, pooler, kw
+
+
+def _max_model_len(model_config: ModelConfig, given: int | None) -> int:
+    """max_model_len as given or the model's default, within what its rotary reaches
+    (max_position_embeddings; yarn / dynamic rope scaling reach further: layers/rotary.py).
+    A yarn / dynamic config that cannot be built fails here, naming the bad key."""
+    from modelport.layers.rotary import default_max_model_len, max_model_len_limit
+
+    limit = max_model_len_limit(model_config)
+    if given is None:
+        return default_max_model_len(model_config)
+    if given > limit:
+        max_pos = model_config.max_position_embeddings
+        if limit == max_pos:
+            raise ValueError(f"max_model_len ({given}) is larger than the model's "
+                             f"max_position_embeddings ({max_pos})")
+        raise ValueError(f"max_model_len ({given}) is larger than the {limit} positions the "
+                         "model's rope scaling reaches (max_position_embeddings "
+                         f"{max_pos})")
+    return given
 
 
 def _check_rope_override(model_config: ModelConfig) -> None:

@@ -18,6 +18,7 @@ larger max_model_len, for sequences longer than the original length (long factor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -100,5 +101,5 @@ def longrope_settings(config: ModelConfig) -> RopeSettings:
         orig = (config.hf_config.get("original_max_position_embeddings")
                 or s.get("original_max_position_embeddings") or settings.max_position)
         s = {**s, "rope_type": "longrope", "original_max_position_embeddings": int(orig)}
-        settings = RopeSettings(settings.theta, s, settings.max_position)
+        settings = dataclasses.replace(settings, scaling=s)
     return settings

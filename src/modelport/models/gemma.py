@@ -110,7 +110,7 @@ def _gemma3_ropes(config: ModelConfig) -> tuple[RopeSettings, RopeSettings]:
         theta = float(p.pop("rope_theta", default_theta))
         kind = p.get("rope_type", p.get("type", "default"))
         return RopeSettings(theta, None if kind == "default" else {**p, "rope_type": kind},
-                            max_pos)
+                            max_pos, config.max_model_len)
 
     return settings(full, 1_000_000.0), settings(local, 10_000.0)
 

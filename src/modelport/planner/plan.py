@@ -11,6 +11,7 @@ from modelport.config import (
     dtype_bytes,
     is_large_gpu,
 )
+from modelport.layers.rotary import default_max_model_len, max_model_len_limit
 from modelport.models.moe_config import moe_spec
 from modelport.planner import gguf_mix
 from modelport.planner.errors import PlanError
@@ -60,6 +61,15 @@ def resolve_dtype(dtype: str, device: Device, checkpoint_dtype: str) -> str:
     return auto_dtype(not device.is_cpu, checkpoint_dtype)
 
 
+def _max_len_limit(config: ModelConfig) -> int:
+    """The engine's limit on max_model_len (yarn / dynamic rope scaling reach past
+    max_position_embeddings: layers/rotary.py)."""
+    try:
+        return max_model_len_limit(config)
+    except ValueError as e:  # a yarn / dynamic config the engine would refuse
+        raise PlanError("--model", f"the model's rope scaling: {e}") from None
+
+
 def engine_max_num_batched_tokens(device: Device) -> int:
     """`modelport serve`'s default per-step token budget on this device (EngineArgs')."""
     return default_max_num_batched_tokens(
@@ -74,7 +84,7 @@ class PlanRequest:
     device: Device
     num_gpus: int = 1
     tensor_parallel_size: int | None = None  # None: all GPUs in one replica
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the engine's default (max_position_embeddings)
     max_num_seqs: int = 256
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
@@ -136,12 +146,15 @@ class PlanRequest:
                 "--quantization",
                 f"{self.model.name} is already {own}; it cannot be planned as {self.quantization}",
             )
-        limit = self.model.config.max_position_embeddings
+        limit = _max_len_limit(self.model.config)
         if self.max_model_len is not None and self.max_model_len > limit:
+            max_pos = self.model.config.max_position_embeddings
             raise PlanError(
                 "--max-model-len",
                 f"{self.max_model_len} is larger than the model's "
-                f"max_position_embeddings ({limit})",
+                f"max_position_embeddings ({limit})" if limit == max_pos else
+                f"{self.max_model_len} is larger than the {limit} positions the model's rope "
+                f"scaling reaches (max_position_embeddings {max_pos})",
             )
         if self.device.is_cpu and (self.num_gpus > 1 or (self.tensor_parallel_size or 1) > 1):
             raise PlanError(
@@ -291,7 +304,7 @@ def make_plan(req: PlanRequest) -> Plan:
     else:
         in_memory = WeightFormat(dtype=act, quantization=known, group_size=group)
         resident = estimate_weights(model, in_memory, tp).per_gpu_bytes
-    max_len = req.max_model_len or model.max_position_embeddings
+    max_len = req.max_model_len or default_max_model_len(model)  # as the engine's default
     batched = req.max_num_batched_tokens or engine_max_num_batched_tokens(device)
     budget = memory_budget(
         device,
