@@ -129,8 +129,9 @@ def test_options_on_a_models_predictions_describes_that_model(tmp_path):
                 assert (r.status_code, r.json()["type"]) == (404, "ModelNotFoundException")
                 r = await c.options("/predictions/apidoc/9.9", headers=token)
                 assert (r.status_code, r.json()["type"]) == (404, "ModelVersionNotFoundException")
-                r = await c.get("/predictions/apidoc")  # other methods are still refused
-                assert r.status_code == 405
+                # other methods predict, as TorchServe's handlePredictions does for any method
+                r = await c.get("/predictions/apidoc")
+                assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
         finally:
             await reg.stop()
 

@@ -156,7 +156,10 @@ def _answers(tmp_path, source: str, requests: list[dict], **register) -> list:
             await reg.register("m.mar", initial_workers=1, **register)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://ts") as c:
-                return [await c.post(kw.pop("url", "/predictions/m"), **kw) for kw in requests]
+                return [
+                    await c.request(kw.pop("method", "POST"), kw.pop("url", "/predictions/m"), **kw)
+                    for kw in requests
+                ]
         finally:
             await reg.stop()
 
@@ -175,19 +178,58 @@ def _probe(tmp_path, requests: list[dict]) -> list[dict]:
 def test_form_fields_and_query_parameters_reach_the_handler_as_bytes(tmp_path):
     """TorchServe's frontend (NettyUtils.getFormData) sends form fields and query parameters
     with no content type, so its backend decodes none of them: a handler that calls
-    .decode() on them must keep working. Uploaded files keep their part's content type."""
-    multipart, urlencoded, json_body = _probe(tmp_path, [
+    .decode() on them must keep working. Uploaded files keep their part's content type.
+    Query parameters are inputs only on the SageMaker paths: TorchServe 0.12's
+    handlePredictions parses the request without its query (checked against torchserve 0.12)."""
+    multipart, urlencoded, json_body, invocations = _probe(tmp_path, [
         {"url": "/predictions/m?mode=fast",
          "files": {"file": ("x.bin", b"\x00\x01"), "doc": ("d.json", b"{}", "application/json"),
                    "typed": (None, b'{"a": 1}', "application/json")},
          "data": {"data": "hello"}},
-        {"data": {"data": "hello"}},
-        {"json": {"a": 1}},
+        {"url": "/predictions/m?mode=fast", "data": {"data": "hello"}},
+        {"url": "/predictions/m?mode=fast", "json": {"a": 1}},
+        {"url": "/invocations?model_name=m&mode=fast", "json": {"a": 1}},
     ])  # fmt: skip
     assert multipart["types"] == {"data": "bytearray", "file": "bytearray", "doc": "dict",
-                                  "typed": "bytearray", "mode": "bytearray"}  # fmt: skip
+                                  "typed": "bytearray"}  # fmt: skip
     assert urlencoded["types"] == {"data": "bytearray"}
     assert json_body["types"] == {"body": "dict"}  # a JSON body is still decoded
+    assert invocations["types"] == {"body": "dict", "model_name": "bytearray",
+                                    "mode": "bytearray"}  # fmt: skip
+
+
+URL_PATH_PROBE = """
+import json
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    return [json.dumps({"url_path": context.get_request_header(i, "url_path"),
+                        "explain": context.get_request_header(i, "explain")})
+            for i in range(len(data))]
+"""
+
+
+def test_predictions_take_any_method_and_pass_url_path_and_explain(tmp_path):
+    """As TorchServe 0.12 (run against it): /predictions and /explanations run the handler
+    whatever the method (OPTIONS aside), segments past the version reach it as the url_path
+    header ("" without them), and the explain header is "False" / "True"."""
+    rs = _answers(tmp_path, URL_PATH_PROBE, [
+        {"method": "GET"},
+        {"method": "DELETE", "url": "/predictions/m/1.0"},
+        {"url": "/predictions/m/1.0/extra/path", "content": b"x"},
+        {"method": "PUT", "url": "/explanations/m"},
+        {"url": "/invocations"},
+    ])  # fmt: skip
+    assert [r.status_code for r in rs] == [200] * 5, [r.text for r in rs]
+    assert [r.json() for r in rs] == [
+        {"url_path": "", "explain": "False"},
+        {"url_path": "", "explain": "False"},
+        {"url_path": "extra/path", "explain": "False"},
+        {"url_path": "", "explain": "True"},
+        {"url_path": None, "explain": None},  # the SageMaker path adds neither
+    ]
 
 
 def test_request_headers_are_found_whatever_the_case_asked_for(tmp_path):

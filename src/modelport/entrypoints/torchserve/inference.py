@@ -1,8 +1,8 @@
 """TorchServe's inference API: /ping, /predictions/{model}[/{version}], KServe v1 predict.
 
 Requests are turned into the inputs TorchServe's frontend gives a handler: a raw body is one
-input named "body"; multipart and urlencoded form fields and query parameters are inputs
-under their own names. Each input keeps its content type so the worker decodes it the way
+input named "body"; multipart and urlencoded form fields (and, on the SageMaker paths only,
+query parameters) are inputs under their own names. Each input keeps its content type so the worker decodes it the way
 TorchServe's backend does (JSON -> object, text -> str, anything else -> bytes); form fields
 and query parameters have none (bytes), uploaded files their part's (else octet-stream).
 """
@@ -87,8 +87,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def request_item(request: Request, max_size: int) -> RequestItem:
-    """Build the handler's view of one HTTP request."""
+async def request_item(
+    request: Request, max_size: int, query_params: bool = False
+) -> RequestItem:
+    """Build the handler's view of one HTTP request. TorchServe makes query parameters inputs
+    only on /invocations and /models/{m}/invoke (its parseRequest gets no decoder for
+    /predictions, /explanations or /wfpredict), so only those pass `query_params`."""
     ct = request.headers.get("content-type", "")
     body = await read_body(request, max_size)
     base = ct.split(";")[0].strip().lower()
@@ -105,7 +109,8 @@ async def request_item(request: Request, max_size: int) -> RequestItem:
         params = [InputParam(k, "", v.encode()) for k, v in pairs]
     else:
         params = [InputParam("body", ct, body)]
-    params += [InputParam(k, "", v.encode()) for k, v in request.query_params.items()]
+    if query_params:
+        params += [InputParam(k, "", v.encode()) for k, v in request.query_params.multi_items()]
     headers = {k.lower(): v for k, v in request.headers.items()}
     return RequestItem(uuid.uuid4().hex, params, headers)
 
@@ -219,21 +224,27 @@ def make_inference_router(state: TSState) -> APIRouter:
         return status(*health(state))
 
     async def predict(
-        request: Request, model_name: str, version: str | None, explain: bool = False
+        request: Request, model_name: str, version: str | None, explain: bool = False,
+        url_path: str | None = None,
     ) -> Response:
-        response = await _predict(request, model_name, version, explain)
+        response = await _predict(request, model_name, version, explain, url_path)
         state.metrics.request_status(response.status_code)  # Requests2XX/4XX/5XX
         return response
 
     async def _predict(
-        request: Request, model_name: str, version: str | None, explain: bool
+        request: Request, model_name: str, version: str | None, explain: bool,
+        url_path: str | None,
     ) -> Response:
         try:
             state.authorize("inference", request)
             mv = state.registry.get(model_name, version)
-            item = await request_item(request, state.max_request_size)
+            # /predictions and /explanations (url_path given) take no query parameters and
+            # carry TorchServe's url_path / explain headers; the SageMaker paths the reverse
+            item = await request_item(request, state.max_request_size, url_path is None)
+            if url_path is not None:
+                extra = {"url_path": url_path, "explain": "True" if explain else "False"}
+                item = replace(item, headers={**item.headers, **extra})
             if explain:  # BaseHandler switches to explain_handle on this header
-                item = replace(item, headers={**item.headers, "explain": "True"})
                 answer = await run_one(state, mv, item, alone=True, requested_version=version)
                 return _to_response(answer, item.request_id)
             return await respond(state, mv, item, version)
@@ -242,23 +253,31 @@ def make_inference_router(state: TSState) -> APIRouter:
         except Exception as e:
             return _unexpected(e)
 
-    @router.post("/explanations/{model_name}")
-    async def explanations(request: Request, model_name: str) -> Response:
-        return await predict(request, model_name, None, explain=True)
+    # TorchServe runs /predictions and /explanations for any method but OPTIONS (which
+    # describes the model), and passes path segments past the version as the url_path header
+    predict_methods = [m for m in ANY_METHOD if m != "OPTIONS"] + ["HEAD"]
+    for prefix, explain in (("/predictions", False), ("/explanations", True)):
 
-    @router.post("/explanations/{model_name}/{version}")
-    async def explanations_version(request: Request, model_name: str, version: str) -> Response:
-        return await predict(request, model_name, version, explain=True)
+        async def by_name(request: Request, model_name: str, explain: bool = explain) -> Response:
+            return await predict(request, model_name, None, explain, "")
 
-    @router.post("/predictions/{model_name}")
-    @router.put("/predictions/{model_name}")
-    async def predictions(request: Request, model_name: str) -> Response:
-        return await predict(request, model_name, None)
+        async def by_version(
+            request: Request, model_name: str, version: str, explain: bool = explain
+        ) -> Response:
+            return await predict(request, model_name, version, explain, "")
 
-    @router.post("/predictions/{model_name}/{version}")
-    @router.put("/predictions/{model_name}/{version}")
-    async def predictions_version(request: Request, model_name: str, version: str) -> Response:
-        return await predict(request, model_name, version)
+        async def with_path(
+            request: Request, model_name: str, version: str, url_path: str,
+            explain: bool = explain,
+        ) -> Response:
+            return await predict(request, model_name, version, explain, url_path)
+
+        router.api_route(prefix + "/{model_name}", methods=predict_methods)(by_name)
+        router.api_route(prefix + "/{model_name}/{version}", methods=predict_methods)(by_version)
+        router.api_route(
+            prefix + "/{model_name}/{version}/{url_path:path}", methods=predict_methods,
+            include_in_schema=False,
+        )(with_path)
 
     # SageMaker's paths, as TorchServe serves them: the model named by ?model_name= (or in
     # the path), else the only model there is
@@ -313,27 +332,11 @@ def make_inference_router(state: TSState) -> APIRouter:
             return error_response(e)
 
     for prefix in ("/predictions", "/explanations"):
-        for path in ("/{model_name}", "/{model_name}/{version}"):
+        for path in ("/{model_name}", "/{model_name}/{version}",
+                     "/{model_name}/{version}/{url_path:path}"):
             router.api_route(prefix + path, methods=["OPTIONS"], include_in_schema=False)(
                 model_api
             )
-
-    async def wrong_method(request: Request, rest: str = "") -> Response:
-        # registered last: a prediction path with a method it does not take answers in
-        # TorchServe's shape (405 MethodNotAllowedException), not FastAPI's
-        return error_response(
-            TSError(
-                405,
-                "MethodNotAllowedException",
-                "Requested method is not allowed, please refer to API document.",
-            )
-        )
-
-    for prefix in ("/predictions", "/explanations"):
-        router.api_route(
-            prefix + "/{rest:path}", methods=["GET", "DELETE", "PATCH", "HEAD", "OPTIONS"],
-            include_in_schema=False,
-        )(wrong_method)
     return router
 
 
