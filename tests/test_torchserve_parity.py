@@ -159,7 +159,7 @@ def test_unregister_and_set_default(tmp_path, scaled):
         r = await c.put("/models/m0/3.0/set-default")
         assert r.status_code == 404
         assert r.json()["type"] == "ModelVersionNotFoundException"
-        assert r.json()["message"] == "Can't set default to: 3.0"
+        assert r.json()["message"] == "Model version 3.0 does not exist for model m0"
         r = await c.put("/models/ghost/1.0/set-default")
         assert (r.status_code, r.json()["type"]) == (404, "ModelNotFoundException")
         assert r.json()["message"] == "Model not found: ghost"

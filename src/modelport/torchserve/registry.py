@@ -356,7 +356,8 @@ class ModelRegistry:
         if not versions:
             raise model_not_found(f"Model not found: {name}")
         if version not in versions:
-            raise version_not_found(f"Can't set default to: {version}")
+            # TorchServe 0.12's ModelVersionedRefs.setDefaultVersion words (checked against it)
+            raise version_not_found(f"Model version {version} does not exist for model {name}")
         self._defaults[name] = version
 
     async def scale(
