@@ -260,3 +260,23 @@ def test_max_num_seqs_parameter_sizes_the_queue(tmp_path) -> None:
     assert backend({"model": "/x", "max_num_seqs": "12"}).num_instances == 12
     with pytest.raises(ModelConfigError, match="max_num_seqs' has invalid value 'many'"):
         backend({"model": "/x", "max_num_seqs": "many"})
+
+
+def test_model_parameter_relative_to_the_version_folder_else_as_given(tmp_path) -> None:
+    """`parameters { key: "model" ... }`: a relative path that exists under the version folder
+    is that folder; any other name is kept as --model takes it, so "SmolLM2-135M-Instruct"
+    is the embedded default and "org/name" an id in the local HF cache (it was resolved
+    under the version folder and the model failed to load)."""
+    from types import SimpleNamespace
+
+    from modelport.repository.backends.llm import _engine_args
+
+    def model(value: str) -> str:
+        config = SimpleNamespace(name="m", parameters={"model": SimpleNamespace(string_value=value)})
+        return _engine_args(SimpleNamespace(config=config, version_dir=tmp_path)).model
+
+    (tmp_path / "weights").mkdir()
+    assert model("weights") == str((tmp_path / "weights").resolve())
+    assert model("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert model("org/name") == "org/name"
+    assert model("/abs/path") == "/abs/path"

@@ -82,7 +82,11 @@ def _engine_args(ctx: BackendContext) -> Any:
                 f"model '{ctx.config.name}': llm parameter '{key}' has invalid value {raw!r}"
             ) from None
     if "model" in kw and not kw["model"].startswith("/"):
-        kw["model"] = str((ctx.version_dir / kw["model"]).resolve())
+        # a path relative to the version folder where one is there; else the name as given,
+        # as --model takes it (the embedded default's name, an id in the local HF cache)
+        local = ctx.version_dir / kw["model"]
+        if local.exists():
+            kw["model"] = str(local.resolve())
     return EngineArgs(**kw)
 
 
