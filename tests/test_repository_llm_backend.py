@@ -95,6 +95,20 @@ def test_generate_stream_deltas_concatenate(setup) -> None:
     assert "".join(e["text_output"] for e in events) == expected(ref, "abc", 8)
 
 
+def test_stream_false_on_a_decoupled_model_is_one_response(setup) -> None:
+    """vLLM's Triton backend example, `generate` with "stream": false on a decoupled model:
+    one final response holding the whole text (it sent one per token, which generate refuses)."""
+    srv, ref = setup
+    body = {"text_input": "abc", "parameters": {"stream": False, "max_tokens": 8,
+                                                "temperature": 0, "ignore_eos": True}}
+    r = httpx.post(f"http://{srv.http_url}/v2/models/tiny_llm_stream/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["text_output"] == expected(ref, "abc", 8)
+    body["parameters"]["stream"] = "maybe"
+    r = httpx.post(f"http://{srv.http_url}/v2/models/tiny_llm_stream/generate", json=body)
+    assert r.status_code == 400 and "stream must be a boolean" in r.json()["error"]
+
+
 def _text_and_max_tokens(client, text: bytes, max_tokens: int) -> tuple:  # noqa: ANN001
     """tritonclient (http or grpc) inputs: the prompt and a max_tokens tensor."""
     t = client.InferInput("text_input", [1], "BYTES")

@@ -6,7 +6,8 @@ config.pbtxt:
     model_transaction_policy { decoupled: true }   # stream tokens (generate_stream,
                                                    # ModelStreamInfer); false: one response
     input [ { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] } ]   # + optional
-        # max_tokens (INT32), temperature / top_p (FP32), top_k / seed (INT32), ignore_eos (BOOL)
+        # max_tokens (INT32), temperature / top_p (FP32), top_k / seed (INT32), ignore_eos (BOOL),
+        # stream (BOOL; false: a decoupled model sends one whole response, as vLLM's backend)
     output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]
     parameters { key: "model" value: { string_value: "/path/to/hf-folder-or.gguf" } }
     # other keys: EngineArgs names (max_model_len, kv_cache_memory, dtype, max_num_seqs, ...)
@@ -195,6 +196,16 @@ class LLMBackend(Backend):
             value = raw[0]
             text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
             params = self._params(req)
+            # vLLM's Triton backend's "stream" (a BOOL input or a parameter): false on a
+            # decoupled model sends the whole text as one final response, so /generate works
+            if "stream" in req.inputs:
+                streaming = np.asarray(req.inputs["stream"].data).reshape(-1)[0].item()
+            else:
+                streaming = req.parameters.get("stream", True)
+            try:
+                streaming = _cast(streaming, bool)
+            except (TypeError, ValueError):
+                raise ValueError(f"stream must be a boolean, got {streaming!r}") from None
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             return self._fail(item, self._invalid(e))
         try:
@@ -212,7 +223,7 @@ class LLMBackend(Backend):
         try:
             async for out in stream:
                 last = out
-                if item.stream is not None:
+                if item.stream is not None and streaming:
                     full = out.outputs[0].text
                     if len(full) > sent or out.finished:
                         item.stream.put_nowait(self._response(req, full[sent:], out.finished))
@@ -220,10 +231,13 @@ class LLMBackend(Backend):
         except Exception as e:  # engine died / aborted: fail this request only
             msg = f"model '{self.config.name}': generation failed: {type(e).__name__}: {e}"
             return self._fail(item, ServingError(msg))
+        whole = self._response(req, last.outputs[0].text if last else "", True)
         if item.stream is not None:
+            if not streaming:
+                item.stream.put_nowait(whole)
             item.stream.put_nowait(STREAM_END)
             return None
-        return self._response(req, last.outputs[0].text if last else "", True)
+        return whole
 
     def _invalid(self, e: Exception) -> InvalidArgument:
         return InvalidArgument(f"model '{self.config.name}': {e}")
