@@ -161,3 +161,65 @@ def test_unwritable_cache_still_loads(
     )
     tok = load_tokenizer(resolve_model(str(path)))
     assert tok.encode("ok") == [111, 107]
+
+
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    _YARN,
+    {**_YARN, "beta_fast": 16.0, "beta_slow": 2.0},
+], ids=["linear", "yarn", "yarn-betas"])
+def test_rope_scaling_metadata_gguf(scaling: dict, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp writes linear and YaRN scaling as rope.scaling.* keys (type, factor, original
+    context length, betas): the model rotates as HF's does, past the original length."""
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    hf_dir = make_tiny_llama_dir(tmp_path / "hf", seed=5, rope_scaling=scaling)
+    model = _load(make_tiny_llama_gguf(hf_dir, tmp_path / "m.gguf", "F32"))
+    assert model.config.rope_scaling["rope_type"] == scaling["rope_type"]
+    assert len(PROMPT) > 2 * 32  # well past yarn's original length
+    torch.testing.assert_close(run_one_sequence(model, PROMPT), hf_reference_logits(hf_dir, PROMPT),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_yarn_attn_factor_gguf_scales_the_magnitude(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's yarn_attn_factor multiplies yarn's 0.1 ln(factor) + 1 magnitude: the same
+    logits as HF's config with that product as attention_factor."""
+    import math
+
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    plain = make_tiny_llama_dir(tmp_path / "plain", seed=5, rope_scaling=_YARN)
+    path = make_tiny_llama_gguf(plain, tmp_path / "m.gguf", "F32",
+                                rope_keys={"yarn_attn_factor": 1.5})
+    model = _load(path)
+    expected = 1.5 * (0.1 * math.log(4.0) + 1.0)
+    assert model.config.rope_scaling["attention_factor"] == pytest.approx(expected, rel=1e-6)
+    hf_dir = make_tiny_llama_dir(tmp_path / "hf", seed=5,
+                                 rope_scaling={**_YARN, "attention_factor": expected})
+    torch.testing.assert_close(run_one_sequence(model, PROMPT), hf_reference_logits(hf_dir, PROMPT),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keys,named", [
+    ({"yarn_log_multiplier": 0.1}, "yarn_log_multiplier"),
+    ({"yarn_ext_factor": 0.5}, "yarn_ext_factor"),
+    ({"attn_factor": 2.0}, "attn_factor"),
+])
+def test_yarn_gguf_keys_without_an_hf_equivalent_are_refused(
+    keys: dict, named: str, tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    hf_dir = make_tiny_llama_dir(tmp_path / "hf", seed=5, rope_scaling=_YARN)
+    path = make_tiny_llama_gguf(hf_dir, tmp_path / "m.gguf", "F32", rope_keys=keys)
+    with pytest.raises(ValueError, match=f"m.gguf: GGUF yarn rope scaling with {named}"):
+        load_model_config(resolve_model(str(path)))
+
+
+def test_unknown_gguf_rope_scaling_is_named(tiny_hf: Path, tmp_path: Path) -> None:
+    path = make_tiny_llama_gguf(tiny_hf, tmp_path / "m.gguf", "F32",
+                                rope_keys={"type": "longrope", "factor": 2.0})
+    with pytest.raises(ValueError, match="unsupported GGUF rope scaling 'longrope'"):
+        load_model_config(resolve_model(str(path)))

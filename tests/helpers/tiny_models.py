@@ -269,11 +269,14 @@ def _llama3_rope_divisors(cfg: dict[str, Any]) -> Any:
 
 
 def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32",
-                         overrides: dict[str, str] | None = None) -> Path:
+                         overrides: dict[str, str] | None = None,
+                         rope_keys: dict[str, float | str] | None = None) -> Path:
     """Convert a tiny HF Llama or Qwen2 folder to a llama.cpp-style GGUF (F32 or a GGML type).
 
     ``overrides``: GGUF tensor-name suffix -> GGML type for those tensors, e.g.
-    ``{"attn_v.weight": "Q8_0"}`` for a Q4_K_M-style mix of types.
+    ``{"attn_v.weight": "Q8_0"}`` for a Q4_K_M-style mix of types. ``rope_keys``: more
+    ``{arch}.rope.scaling.*`` metadata (strings, else float32), e.g.
+    ``{"yarn_attn_factor": 1.5}``.
 
     Written independently of our loader: metadata keys, tensor names and the q/k
     permutation (llama only) follow llama.cpp's converter, with a byte-level gpt2 tokenizer.
@@ -302,6 +305,16 @@ def make_tiny_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32",
     w.add_rope_freq_base(rope["rope_theta"])
     if rope.get("rope_type") == "llama3":  # llama.cpp writes per-frequency divisors instead
         w.add_tensor("rope_freqs.weight", _llama3_rope_divisors(cfg))
+    elif rope.get("rope_type") in ("linear", "yarn"):  # as llama.cpp's converter writes them
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
+        w.add_rope_scaling_factor(rope["factor"])
+        if rope["rope_type"] == "yarn":
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            if "beta_fast" in rope:
+                w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+                w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    for k, v in (rope_keys or {}).items():  # extra rope.scaling.* keys
+        (w.add_string if isinstance(v, str) else w.add_float32)(f"{arch}.rope.scaling.{k}", v)
     w.add_file_type(0 if qtype == "F32" else 7)
     byte_chars = _byte_to_char()
     tokens = [byte_chars[b] for b in range(256)] + list(SPECIAL_TOKENS)

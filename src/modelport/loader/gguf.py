@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,9 +178,51 @@ def _rope_scaling(reader: Any, arch: str, path: Path) -> dict[str, Any] | None:
     kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
-    if kind != "linear":
-        raise ValueError(f"{path.name}: unsupported GGUF rope scaling {kind!r}")
-    return {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+
+    def key(name: str) -> Any:
+        return _field(reader, f"{arch}.rope.scaling.{name}")
+
+    factor = key("factor")
+    if factor is None:
+        raise ValueError(f"{path.name}: GGUF {kind} rope scaling without {arch}.rope.scaling.factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    if kind == "yarn":
+        return _yarn_scaling(key, _f32(factor), path)
+    raise ValueError(f"{path.name}: unsupported GGUF rope scaling {kind!r} (supported: linear, "
+                     "yarn, and Llama 3.1's rope_freqs tensor)")
+
+
+def _yarn_scaling(key: Any, factor: float, path: Path) -> dict[str, Any]:
+    """llama.cpp's YaRN keys as the HF rope dict layers/rotary.py builds.
+
+    llama.cpp's converter writes the factor and the original context length, and the betas
+    where the checkpoint gives them. Its ``yarn_attn_factor`` multiplies the usual
+    0.1 ln(factor) + 1 magnitude scale (ggml's rope), so it becomes HF's explicit
+    ``attention_factor``. DeepSeek-style ``yarn_log_multiplier`` and an extrapolation mix
+    other than llama.cpp's default have no HF equivalent and are refused.
+    """
+    out: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
+    orig = key("original_context_length")
+    if orig:
+        out["original_max_position_embeddings"] = int(orig)
+    for gguf_name, hf_name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        value = key(gguf_name)
+        if value is not None:
+            out[hf_name] = _f32(value)
+    refused = [name for name, default in (("yarn_log_multiplier", 0.0), ("attn_factor", 1.0))
+               if key(name) not in (None, default)]
+    ext = key("yarn_ext_factor")
+    if ext not in (None, -1.0, 1.0):
+        refused.append("yarn_ext_factor")
+    if refused:
+        raise ValueError(f"{path.name}: GGUF yarn rope scaling with {', '.join(refused)} is not "
+                         "supported (only the factor, original context length, betas and "
+                         "yarn_attn_factor)")
+    attn = key("yarn_attn_factor")
+    if attn not in (None, 1.0):
+        out["attention_factor"] = _f32(attn) * (0.1 * math.log(factor) + 1.0)
+    return out
 
 
 def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
