@@ -32,6 +32,8 @@ from modelport.layers.rotary import (
     ROPE_TYPES,
     RotaryEmbedding,
     compute_inv_freq,
+    default_max_model_len,
+    max_model_len_limit,
     rope_attention_factor,
     rope_settings,
 )
@@ -227,6 +229,37 @@ def test_yarn_engine_matches_hf_past_the_original_length(tmp_path: Path, family:
     with pytest.raises(ValueError, match=r"max_model_len \(129\) is larger than the 128 "
                                          "positions the model's rope scaling reaches"):
         LLM(str(d), max_model_len=129, **KW)
+
+
+def test_linear_engine_reaches_max_position_times_factor(tmp_path: Path) -> None:
+    # linear scaling rotates each position alike at any length: max_model_len defaults to
+    # and may reach max_position_embeddings x factor (vLLM's default and limit)
+    d = _make("llama", tmp_path / "m", {"rope_type": "linear", "factor": 2.0})
+    llm = LLM(str(d), **KW)
+    assert llm.llm_engine.config.scheduler_config.max_model_len == ORIG * 2
+    assert len(PROMPT) > ORIG
+    out = _run(llm, PROMPT, 3)
+    assert out.outputs[0].token_ids == _hf_greedy(d, PROMPT, 3)
+    _assert_logprobs(out, hf_reference_logits(d, PROMPT + out.outputs[0].token_ids)
+                     .log_softmax(-1))
+    with pytest.raises(ValueError, match=r"max_model_len \(65\) is larger than the 64 "
+                                         "positions the model's rope scaling reaches"):
+        LLM(str(d), max_model_len=65, **KW)
+
+
+def test_gemma3_linear_scaling_keeps_max_position_embeddings() -> None:
+    # an older-style Gemma 3 config: its 131,072 positions already count the linear factor 8
+    # (vLLM skips the factor for Gemma 3 too); a Llama with the same rope dict reaches 8x
+    d = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+         "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+         "intermediate_size": 128, "max_position_embeddings": 131072,
+         "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_theta": 1e6}
+    gemma = ModelConfig.from_hf_dict(d)
+    llama = ModelConfig.from_hf_dict({**d, "architectures": ["LlamaForCausalLM"],
+                                      "model_type": "llama"})
+    assert max_model_len_limit(gemma) == default_max_model_len(gemma) == 131072
+    assert max_model_len_limit(llama) == default_max_model_len(llama) == 8 * 131072
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

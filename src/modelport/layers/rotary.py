@@ -170,10 +170,20 @@ def dynamic_factor(s: dict[str, Any]) -> float:
     return factor
 
 
+def linear_factor(s: dict[str, Any]) -> float:
+    """A linear scaling's factor, checked."""
+    factor = s.get("factor")
+    if factor is None:
+        raise ValueError("rope linear scaling needs 'factor'")
+    if _number(factor, "rope linear factor") <= 0:
+        raise ValueError(f"rope linear factor must be > 0, got {factor!r}")
+    return float(factor)
+
+
 def max_model_len_limit(config: ModelConfig) -> int:
     """The longest max_model_len the model's rotary serves: max_position_embeddings, or as
     vLLM allows, original_max_position_embeddings * factor for yarn and
-    max_position_embeddings * factor for dynamic when longer. Raises ValueError for a
+    max_position_embeddings * factor for dynamic and linear when longer. Raises ValueError for a
     yarn / dynamic config that cannot be built."""
     max_pos = config.max_position_embeddings
     s = _own_scaling(config)
@@ -184,25 +194,30 @@ def max_model_len_limit(config: ModelConfig) -> int:
         return max(max_pos, int(p.original * p.factor))
     if s["rope_type"] == "dynamic":
         return max(max_pos, int(max_pos * dynamic_factor(s)))
+    if s["rope_type"] == "linear":
+        return max(max_pos, int(max_pos * linear_factor(s)))
     return max_pos
 
 
 def default_max_model_len(config: ModelConfig) -> int:
-    """max_model_len when none is given: max_position_embeddings; for yarn, whose rotation
-    does not depend on it, the longer length it reaches (vLLM's default too). Dynamic NTK
-    stays at max_position_embeddings, where it matches HF exactly (module docstring)."""
+    """max_model_len when none is given: max_position_embeddings; for yarn and linear, whose
+    rotations do not depend on it, the longer length they reach (vLLM's default too). Dynamic
+    NTK stays at max_position_embeddings, where it matches HF exactly (module docstring)."""
     s = _own_scaling(config)
-    if s is not None and s["rope_type"] == "yarn":
+    if s is not None and s["rope_type"] in ("yarn", "linear"):
         return max_model_len_limit(config)
     return config.max_position_embeddings
 
 
 def _own_scaling(config: ModelConfig) -> dict[str, Any] | None:
     """rope_settings' scaling, None where it is not ours to extend: Phi-3's "su" / "yarn"
-    mean LongRoPE (layers/longrope.py), which keeps max_position_embeddings."""
+    mean LongRoPE (layers/longrope.py), which keeps max_position_embeddings; Gemma 3's
+    max_position_embeddings already counts its scaling (its global layers' linear factor 8
+    reaches 128k), as vLLM also assumes."""
     s = rope_settings(config).scaling
-    if s is None or (config.architecture == "Phi3ForCausalLM"
-                     and s["rope_type"] in ("su", "yarn", "longrope")):
+    if s is None or config.architecture.startswith("Gemma3") or (
+            config.architecture == "Phi3ForCausalLM"
+            and s["rope_type"] in ("su", "yarn", "longrope")):
         return None
     return s
 
@@ -284,7 +299,7 @@ def compute_inv_freq(rotary_dim: int, settings: RopeSettings) -> torch.Tensor:
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, s)
     if kind == "linear":
-        return inv_freq / float(s["factor"])
+        return inv_freq / linear_factor(s)
     if kind == "freq_factors":  # explicit per-frequency divisors (Llama 3.1 GGUF files)
         factors = torch.tensor(s["factors"], dtype=torch.float32, device="cpu")
         if factors.shape != inv_freq.shape:
