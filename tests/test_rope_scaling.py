@@ -418,6 +418,13 @@ def test_planner_takes_yarn_and_dynamic(yarn_dir: Path, tmp_path: Path) -> None:
                                      max_model_len=128)).max_model_len == 128
         with pytest.raises(PlanError, match="--max-model-len: 129 is larger than the 128"):
             PlanRequest(src, cpu, max_model_len=129)
+    # the rotary table covers the engine's length past max_position_embeddings: as held
+    llm = LLM(str(yarn_dir), **KW)
+    model = llm.llm_engine.core.runner.model
+    held = {b.data_ptr(): b.numel() * b.element_size() for name, b in model.named_buffers(
+        remove_duplicate=False) if name.endswith("cos_sin_cache")}
+    plan = make_plan(PlanRequest(planner_resolve(str(yarn_dir)), cpu, kv_cache_memory=8 << 20))
+    assert sum(held.values()) == plan.budget.buffer_bytes == 128 * HD * 4
 
 
 # ---------------------------------------------------------------------------------------

@@ -59,11 +59,13 @@ SAMPLER_SLICE_BYTES = 30
 NCCL_BYTES = GIB // 2
 
 
-def buffer_bytes(model: ModelConfig, act_bytes: int) -> int:
+def buffer_bytes(model: ModelConfig, act_bytes: int, max_model_len: int = 0) -> int:
     """Non-parameter tensors the model holds: its rotary table (models/*.py build one and
-    share it across layers; Gemma 3 builds two, the sliding layers' base frequency apart)."""
+    share it across layers; Gemma 3 builds two, the sliding layers' base frequency apart),
+    of max_position_embeddings rows, or max_model_len where rope scaling reaches further."""
     tables = 2 if model.architecture == "Gemma3ForCausalLM" else 1
-    return tables * model.max_position_embeddings * model.head_dim * act_bytes
+    positions = max(model.max_position_embeddings, max_model_len)
+    return tables * positions * model.head_dim * act_bytes
 
 
 def activation_peak_bytes(
@@ -117,9 +119,10 @@ def memory_budget(
     max_num_batched_tokens: int,
     max_num_seqs: int,
     kv_cache_memory: int | None,
+    max_model_len: int = 0,
 ) -> MemoryBudget:
     act = activation_peak_bytes(model, act_bytes, tp, max_num_batched_tokens, max_num_seqs)
-    buffers = buffer_bytes(model, act_bytes)
+    buffers = buffer_bytes(model, act_bytes, max_model_len)
     if device.is_cpu:
         kv = kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
         mem = device.memory_bytes

@@ -316,6 +316,7 @@ def make_plan(req: PlanRequest) -> Plan:
         max_num_batched_tokens=batched,
         max_num_seqs=req.max_num_seqs,
         kv_cache_memory=req.kv_cache_memory,
+        max_model_len=max_len,
     )
     kv_name, kv_bytes = _kv_dtype(req, act)
     kv = kv_capacity(
