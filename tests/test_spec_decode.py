@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
@@ -348,3 +349,37 @@ def test_draft_model_errors(tiny: Path, tmp_path: Path) -> None:
             speculative_config={"model": str(tiny), "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="speculative_config.model"):
         _llm(tiny, {"model": str(tmp_path / "missing"), "num_speculative_tokens": 2})
+
+
+def test_draft_model_reach_follows_rope_scaling(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A yarn target defaults to original x factor positions: a draft that reaches fewer
+    lowers that default (logged); a given longer max_model_len is refused naming the draft's
+    reach; a draft with the same yarn scaling reaches the whole length and speculates."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    target = make_tiny_llama_dir(tmp_path / "t", seed=3, rope_scaling=yarn,
+                                 max_position_embeddings=32)
+    short = make_tiny_llama_dir(tmp_path / "short", seed=5, num_layers=1,
+                                max_position_embeddings=64)
+    scaled = make_tiny_llama_dir(tmp_path / "scaled", seed=5, num_layers=1, rope_scaling=yarn,
+                                 max_position_embeddings=32)
+    kw = dict(model=str(target), device="cpu")
+    assert EngineArgs(**kw).create_engine_config().scheduler_config.max_model_len == 128
+    with caplog.at_level(logging.INFO, logger="modelport.engine.arg_utils"):
+        cfg = EngineArgs(**kw, speculative_config={"model": str(short),
+                                                   "num_speculative_tokens": 2}
+                         ).create_engine_config()
+    assert cfg.scheduler_config.max_model_len == 64
+    assert "max_model_len defaults to 64, the positions the draft model reaches" in caplog.text
+    with pytest.raises(ValueError, match=r"the draft model reaches 64 positions, below "
+                                         r"max_model_len \(128\)"):
+        EngineArgs(**kw, max_model_len=128, speculative_config={
+            "model": str(short), "num_speculative_tokens": 2}).create_engine_config()
+    prompt = [256] + [(7 * i + 3) % 256 for i in range(59)]  # past the original 32
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    llm_kw = dict(model=str(target), device="cpu", kv_cache_memory=8 << 20)
+    plain = LLM(**llm_kw).generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    llm = LLM(**llm_kw, speculative_config={"model": str(scaled), "num_speculative_tokens": 2})
+    assert llm.llm_engine.config.scheduler_config.max_model_len == 128
+    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert llm.llm_engine.core.get_stats().spec_num_draft_tokens > 0

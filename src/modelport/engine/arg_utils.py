@@ -475,6 +475,8 @@ class EngineArgs:
         if self.disable_sliding_window:
             model_config, max_len = self._without_sliding_window(model_config, max_len, spec)
         if spec is not None and spec.model is not None:  # at the length the engine will have
+            if self.max_model_len is None:
+                max_len = _default_len_within_draft(spec, max_len)
             _check_draft_model(spec, model_config, self.tensor_parallel_size, max_len)
         chunked = encoder is None and self.enable_chunked_prefill is not False
         if not chunked and self.max_num_batched_tokens is None:  # vLLM's default then
@@ -756,18 +758,41 @@ def _check_draft_model(spec: SpeculativeConfig, target: ModelConfig, tp: int, ma
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from "
                          f"the target's ({target.vocab_size}): they must share one tokenizer")
+    reach = _draft_reach(spec, draft)
     if spec.max_model_len is not None:  # vLLM: at most the draft's and the target's length
-        if spec.max_model_len > min(draft.max_position_embeddings, max_len):
+        if spec.max_model_len > min(reach, max_len):
             raise ValueError(f"speculative_config.max_model_len ({spec.max_model_len}) cannot be "
-                             f"larger than the draft's ({draft.max_position_embeddings}) or the "
+                             f"larger than the draft's ({reach}) or the "
                              f"target's max_model_len ({max_len})")
         if spec.max_model_len < max_len:
             raise ValueError(f"speculative_config.max_model_len ({spec.max_model_len}) below "
                              f"max_model_len ({max_len}) is not supported: the draft model "
                              "proposes at every length here")
-    if draft.max_position_embeddings < max_len:
-        raise ValueError(f"the draft model reaches {draft.max_position_embeddings} positions, "
+    if reach < max_len:
+        raise ValueError(f"the draft model reaches {reach} positions, "
                          f"below max_model_len ({max_len})")
+
+
+def _draft_reach(spec: SpeculativeConfig, draft: ModelConfig) -> int:
+    """The positions a draft model (or EAGLE head) serves: its max_position_embeddings, or
+    further where its rope scaling reaches (layers/rotary.py)."""
+    from modelport.layers.rotary import max_model_len_limit
+
+    try:
+        return max_model_len_limit(draft)
+    except ValueError as e:
+        raise ValueError(f"speculative_config.model {spec.model!r}: {e}") from None
+
+
+def _default_len_within_draft(spec: SpeculativeConfig, max_len: int) -> int:
+    """A defaulted max_model_len (e.g. a yarn target's original x factor) the draft cannot
+    reach is lowered to the draft's reach, logged; a given one stays and is checked."""
+    reach = _draft_reach(spec, _draft_source(spec)[1])
+    if reach >= max_len:
+        return max_len
+    logger.info("max_model_len defaults to %d, the positions the draft model reaches (the "
+                "target reaches %d; --max-model-len up to the draft's reach)", reach, max_len)
+    return reach
 
 
 
