@@ -1,5 +1,6 @@
-"""Phi-3's LongRoPE table in the Triton decode kernel's built-in rotary (decode-only steps),
-without a GPU: the kernel in the Triton interpreter against rotary + the reference backend,
+"""Phi-3's LongRoPE table (and a YaRN table, whose attention factor scales it too and whose
+positions run past max_position_embeddings) in the Triton decode kernel's built-in rotary
+(decode-only steps), without a GPU: the kernel in the Triton interpreter against rotary + the reference backend,
 with the long factors and the attention factor baked into the table, and with a sliding
 window (Phi-3-mini-4k). The model-level checks: tests/test_models_more.py."""
 
@@ -54,3 +55,35 @@ def test_longrope_table_in_the_decode_kernels_rotary_in_interpreter() -> None:
     from test_triton_offline import _interpret
 
     assert _interpret(_SCRIPT).count("ok longrope decode rope") == 3
+
+
+_YARN_SCRIPT = _SCRIPT.split("scaling = {")[0] + """
+from modelport.layers.rotary import RotaryEmbedding
+
+def fresh(meta):
+    return AttentionMetadata(**{**meta.__dict__, "backend_state": {}})
+
+scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+rotary = RotaryEmbedding(32, RopeSettings(10000.0, scaling, 32, 128)).to(torch.float16)
+assert rotary.cos_sin_cache.shape[0] == 128
+q, k, v, cache, meta = tga._batch([(37, 1), (16, 1), (100, 1), (0, 1)], 4, 2, 32, 16,
+                                  seed=3, dtype=torch.float16)
+pos = (meta.seq_lens.long() - 1).clamp(min=0)
+fused_cache = cache.clone()
+out = ta.triton_paged_attention(q.clone(), fused_cache, fresh(meta), scale,
+                                rope=(k.clone(), v.clone(), pos, rotary.cos_sin_cache))
+q2, k2 = (t.view(like.shape) for t, like in zip(rotary(pos, q, k), (q, k)))
+write_kv(cache, k2, v, meta.slot_mapping)
+assert (fused_cache.float() - cache.float()).abs().max().item() < 2e-3
+ref = reference_paged_attention(q2.float(), cache.float(), fresh(meta), scale)
+rel = tga._rel(out, ref)
+assert rel < 2e-3, rel
+print("ok yarn decode rope", f"{rel:.1e}")
+"""
+
+
+def test_yarn_table_in_the_decode_kernels_rotary_in_interpreter() -> None:
+    pytest.importorskip("triton.backends.nvidia")
+    from test_triton_offline import _interpret
+
+    assert "ok yarn decode rope" in _interpret(_YARN_SCRIPT)
