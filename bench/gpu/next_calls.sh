@@ -340,5 +340,17 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   s41e) o=${OUT:-bench/results}
         run 200 env TRITON_CACHE_DIR="$(mktemp -d)" W2_RATES=16 bash bench/gpu/run_all.sh w2
         grep -h "warmed up\|captured\|ready" "$o"/w2-server.log ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e" >&2; exit 2 ;;
+  # session 42: session 41's GPU tests never run (GGUF Q2_K / Q3_K on the Triton W4 kernels;
+  # the mixed-step warm-up's last changes), then, only on an H200, W3 bf16 + AWQ and W1 bf16
+  s42) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+       o=${OUT:-bench/results}
+       run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+         tests/test_gguf_q2k_q3k.py tests/test_gpu_engine.py -k "q2_k or q3_k or mixed_step" \
+         2>&1 | tee "$o/s42-tests.log" | tail -8
+       if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+         run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+         run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+         run 150 env W1_BUDGET=16384 bash bench/gpu/run_all.sh w1
+       fi ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42" >&2; exit 2 ;;
 esac
