@@ -243,6 +243,21 @@ def test_logprobs_and_echo(base, model) -> None:
     assert e.choices[0].text.startswith(PROMPT) and len(e.choices[0].text) > len(PROMPT)
 
 
+def test_echo_logprobs_list_each_prompt_token_among_its_top(client, model) -> None:
+    """vLLM's echo with logprobs=k: every prompt token but the first has its own logprob in
+    top_logprobs beside the k best (k + 1 entries, as for generated tokens); it was left out."""
+    r = client.completions.create(
+        model=model, prompt="Hello world of", max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    n_prompt = r.usage.prompt_tokens
+    assert n_prompt >= 3
+    for tok, chosen, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:],
+                                strict=True):  # fmt: skip
+        assert top[tok] == pytest.approx(chosen) and 1 <= len(top) <= 2
+
+
 def test_chat_stream_and_not(base, model) -> None:
     # a prompt whose first 6 greedy tokens lead their runner-up by >= 1.8 nats: the three
     # requests are batched, and "Say hello." had a 0.005-nat near-tie that batching flipped

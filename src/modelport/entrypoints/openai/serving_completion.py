@@ -198,7 +198,10 @@ class ServingCompletion:
                 lp.top_logprobs.append(None)
             else:
                 lp.token_logprobs.append(pos[tid].logprob)
-                lp.top_logprobs.append({t: v for _, t, v in top_entries(self.engine, pos, k)})
+                top = {t: v for _, t, v in top_entries(self.engine, pos, k)}
+                # the prompt token itself too, as for generated ones (vLLM: the top k + 1)
+                top.setdefault(tok, pos[tid].logprob)
+                lp.top_logprobs.append(top)
         return offset
 
     def _add_logprobs(
