@@ -126,6 +126,12 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def _shared_rotary(self) -> RotaryEmbedding | None:
+        """The rotary embedding the layers share (None: none of them rotates)."""
+        if self.layers and hasattr(self.layers[0], "self_attn"):
+            return self.layers[0].self_attn.rotary_emb
+        return None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         # a CPU step of plain int4 layers: small ops fused in C (it keeps no per-layer
@@ -135,8 +141,10 @@ class LlamaModel(nn.Module):
             if out is not None:
                 return out
         residual = None
-        if not x.is_cuda and self.layers and hasattr(self.layers[0], "self_attn"):
-            self.layers[0].self_attn.rotary_emb.forget_positions()  # see rotate_joint
+        if not x.is_cuda:
+            rotary = self._shared_rotary()
+            if rotary is not None:
+                rotary.forget_positions()  # see rotate_joint
         kept = []  # aux_layers' streams: id j is HF's hidden_states[j], layer j's input
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:

@@ -13,6 +13,7 @@ from torch import nn
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("modelport.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("modelport.models.llama", "MistralForCausalLM"),
+    "SmolLM3ForCausalLM": ("modelport.models.smollm3", "SmolLM3ForCausalLM"),
     "Qwen2ForCausalLM": ("modelport.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("modelport.models.qwen3", "Qwen3ForCausalLM"),
     # Gemma 1 / 2 / 3 (text): see models/gemma.py
