@@ -11,6 +11,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.backends import backend_names
+from modelport.repository.backends.vllm import autocomplete_vllm
 from modelport.repository.errors import ServingError
 from modelport.repository.model_config import autocomplete, config_from_json, read_config
 from modelport.repository.onnx_autocomplete import autocomplete_onnx
@@ -40,6 +41,8 @@ async def resolve_config(
     versions = _versions(cfg, path) if auto_complete else []
     if versions and cfg.backend == "onnxruntime" and not (cfg.input and cfg.output):
         cfg = autocomplete_onnx(cfg, path, versions)
+    if auto_complete and cfg.backend == "vllm":  # as Triton's vLLM backend completes it
+        cfg = autocomplete(autocomplete_vllm(cfg), path, gpus)
     if versions and cfg.backend == "python":
         cfg = autocomplete(await python_auto_complete(cfg, path, max(versions)), path, gpus)
     validate_config(cfg, path.name, backend_names(), gpus)

@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str | BackendFactory] = {
     "pytorch": "modelport.repository.backends.pytorch:TorchScriptBackend",
     "onnxruntime": "modelport.repository.backends.onnx:OnnxRuntimeBackend",
     "llm": "modelport.repository.backends.llm:LLMBackend",
+    "vllm": "modelport.repository.backends.vllm:VLLMBackend",  # Triton's vLLM backend's repos
 }
 # handled by the repository itself (ensemble scheduling), listed so configs validate
 BUILTIN_SCHEDULERS = ("ensemble",)

@@ -127,9 +127,13 @@ class LLMBackend(Backend):
                 f"model '{ctx.config.name}': the llm backend needs a TYPE_STRING output "
                 "'text_output'"
             )
-        self.args = _engine_args(ctx)
         self.llm: Any = None
         self._ids = itertools.count()
+        self._configure(ctx)
+
+    def _configure(self, ctx: BackendContext) -> None:
+        """The engine's arguments: the config's parameters (EngineArgs names)."""
+        self.args = _engine_args(ctx)
 
     @property
     def num_instances(self) -> int:

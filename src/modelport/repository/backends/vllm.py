@@ -1,0 +1,337 @@
+"""The `vllm` backend: a model repository written for Triton's vLLM backend, served as is.
+
+Such a repository holds, per model, a config.pbtxt that may name nothing but the backend
+
+    backend: "vllm"
+    instance_group [ { count: 1, kind: KIND_MODEL } ]
+
+and ``<version>/model.json``: vLLM's engine arguments (``{"model": "/models/llama",
+"gpu_memory_utilization": 0.9, "enforce_eager": true, ...}``), taken as ``LLM(**kwargs)``
+takes them (entrypoints/vllm_engine_flags.py). As in Triton's vLLM backend:
+
+* the config is completed with the backend's inputs (``text_input``; optional ``stream``,
+  ``sampling_parameters``, ``exclude_input_in_output``, ``image``, ``return_*``) and outputs
+  (``text_output``, ``finish_reason``, ``cumulative_logprob``, ``logprobs``,
+  ``num_input_tokens``, ``num_output_tokens``) it leaves out, is decoupled, and has
+  max_batch_size 0;
+* sampling settings are vLLM's SamplingParams fields, from the ``sampling_parameters``
+  input (a JSON string) or else the request's parameters; string values are converted to
+  the field's type ("0.7" -> 0.7), nulls dropped; ``lora_name`` picks an adapter of
+  ``multi_lora.json`` (name -> folder) when model.json has ``enable_lora``; unset fields
+  keep vLLM's defaults (16 tokens at temperature 1), not generation_config.json's;
+* ``stream`` (default false): true sends each new piece of text as it comes, false one
+  response at the end;
+* ``exclude_input_in_output`` (default false without streaming): the whole response's
+  text starts with the prompt unless it is true; streaming with it false is refused;
+* each ``return_*`` input set true adds that output to every response: the finish reason
+  ("None" until the last), the cumulative logprob, the new tokens' logprobs as JSON
+  (``[{token_id: {"logprob", "rank", "decoded_token"}}]``, "null" without ``logprobs``),
+  the prompt's token count, and the number of tokens new in this response.
+
+Images and ``embedding_request`` are refused (no multimodal or pooling model behind this
+backend); a bad setting fails the request alone with InvalidArgument (HTTP 400 /
+INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import typing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from modelport.repository.backends.base import STREAM_END, BackendContext, BatchItem
+from modelport.repository.backends.llm import LLMBackend
+from modelport.repository.errors import InvalidArgument, ModelConfigError, ServingError
+from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
+
+logger = logging.getLogger(__name__)
+
+ENGINE_ARGS_FILE = "model.json"
+LORA_FILE = "multi_lora.json"
+
+_S, _B, _F, _U = mc.TYPE_STRING, mc.TYPE_BOOL, mc.TYPE_FP32, mc.TYPE_UINT32
+# (name, type, dims, optional) as Triton's vLLM backend declares them
+INPUTS = [("text_input", _S, [1], False), ("image", _S, [-1], True), ("stream", _B, [1], True),
+          ("sampling_parameters", _S, [1], True), ("exclude_input_in_output", _B, [1], True),
+          ("return_finish_reason", _B, [1], True), ("return_cumulative_logprob", _B, [1], True),
+          ("return_logprobs", _B, [1], True), ("return_num_input_tokens", _B, [1], True),
+          ("return_num_output_tokens", _B, [1], True),
+          ("embedding_request", _S, [1], True)]
+OUTPUTS = [("text_output", _S, [-1]), ("finish_reason", _S, [-1]),
+           ("cumulative_logprob", _F, [-1]), ("logprobs", _S, [-1]),
+           ("num_input_tokens", _U, [1]), ("num_output_tokens", _U, [-1])]
+EXTRA_OUTPUTS = ("finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
+                 "num_output_tokens")
+# config.pbtxt parameters Triton's vLLM backend reads for itself, not engine arguments
+BACKEND_PARAMETERS = ("REPORT_CUSTOM_METRICS", "ENABLE_VLLM_HEALTH_CHECK", "GPU_DEVICE_IDS")
+# model.json keys about vLLM's own logging: nothing to set here
+_LOGGING_KEYS = ("disable_log_requests", "enable_log_requests", "disable_log_stats")
+
+
+def autocomplete_vllm(cfg: mc.ModelConfig) -> mc.ModelConfig:
+    """What Triton's vLLM backend adds to a config: the inputs and outputs it leaves out,
+    decoupled transactions, no Triton batching (the engine batches)."""
+    out = mc.ModelConfig()
+    out.CopyFrom(cfg)
+    have = {i.name for i in out.input}
+    for name, dtype, dims, optional in INPUTS:
+        if name not in have:
+            out.input.add(name=name, data_type=dtype, dims=dims, optional=optional)
+    have = {o.name for o in out.output}
+    for name, dtype, dims in OUTPUTS:
+        if name not in have:
+            out.output.add(name=name, data_type=dtype, dims=dims)
+    out.model_transaction_policy.decoupled = True
+    out.max_batch_size = 0
+    return out
+
+
+def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str]]:
+    """EngineArgs from ``<version>/model.json`` (vLLM's names), and the LoRA adapters of
+    multi_lora.json when it enables LoRA."""
+    from modelport.engine.arg_utils import EngineArgs
+    from modelport.entrypoints.vllm_engine_flags import llm_kwargs
+
+    name, path = ctx.config.name, ctx.version_dir / ENGINE_ARGS_FILE
+    if not path.is_file():
+        raise ModelConfigError(f"model '{name}': '{ENGINE_ARGS_FILE}' containing vllm engine "
+                               f"args must be provided in '{ctx.version_dir}'")
+    try:
+        given = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelConfigError(f"model '{name}': {path}: {e}") from None
+    if not isinstance(given, dict) or not isinstance(given.get("model"), str):
+        raise ModelConfigError(f"model '{name}': {path} must be a JSON object with a 'model'")
+    for key in [*_LOGGING_KEYS, "served_model_name"]:
+        given.pop(key, None)
+    if "kv_cache_memory_bytes" in given:  # vLLM's name
+        given["kv_cache_memory"] = given.pop("kv_cache_memory_bytes")
+    own = {f.name for f in dataclasses.fields(EngineArgs)} - {"usage_context"}
+    kw = {k: v for k, v in given.items() if k in own}
+    lora = str(kw.get("enable_lora", False)).lower() == "true"  # a bool or a string there
+    kw["enable_lora"] = lora
+    try:
+        extra = llm_kwargs({k: v for k, v in given.items() if k not in own}, own=kw)
+        args = EngineArgs(**kw, usage_context="server")
+    except (TypeError, ValueError) as e:
+        raise ModelConfigError(f"model '{name}': {path}: {e}") from None
+    for k, v in extra.items():
+        setattr(args, k, v)
+    local = ctx.version_dir / args.model
+    if not Path(args.model).is_absolute() and local.exists():
+        args.model = str(local.resolve())
+    adapters: dict[str, str] = {}
+    if lora:
+        lora_path = ctx.version_dir / LORA_FILE
+        try:
+            adapters = json.loads(lora_path.read_text())
+        except FileNotFoundError:
+            raise ModelConfigError(f"model '{name}': enable_lora is set but {lora_path} is "
+                                   "missing") from None
+        except ValueError as e:
+            raise ModelConfigError(f"model '{name}': {lora_path}: {e}") from None
+        if not isinstance(adapters, dict) or not all(
+                isinstance(v, str) for v in adapters.values()):
+            raise ModelConfigError(f"model '{name}': {lora_path} must map adapter names to "
+                                   "folders")
+    return args, adapters
+
+
+def _field_types() -> dict[str, Any]:
+    from modelport.sampling_params import SamplingParams
+
+    hints = typing.get_type_hints(SamplingParams)
+    return {f.name: hints[f.name] for f in dataclasses.fields(SamplingParams) if f.init}
+
+
+def _convert(key: str, value: Any, hint: Any) -> Any:
+    """A JSON value as the SamplingParams field's scalar type, as the vLLM backend converts
+    them (strings included: "0.7", "16", "true"); other values are passed as they are."""
+    scalars = [t for t in typing.get_args(hint) or (hint,) if t in (int, float, bool, str)]
+    if len(scalars) != 1 or isinstance(value, (list, dict)):
+        return value
+    kind = scalars[0]
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if isinstance(value, (bool, int)):
+            return bool(value)
+        raise ValueError(f"{key} must be a boolean, got {value!r}")
+    try:
+        if kind is int and isinstance(value, str):
+            return int(float(value)) if float(value).is_integer() else int(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be {'an integer' if kind is int else 'a ' + kind.__name__}"
+                         f", got {value!r}") from None
+
+
+class VLLMBackend(LLMBackend):
+    def _configure(self, ctx: BackendContext) -> None:
+        """The engine's arguments from model.json; the config's parameters are the
+        backend's own switches only."""
+        if not ctx.config.model_transaction_policy.decoupled:
+            raise ModelConfigError(f"model '{ctx.config.name}': the vllm backend must be "
+                                   "configured to use decoupled model transaction policy")
+        for key in ctx.config.parameters:
+            if key not in BACKEND_PARAMETERS:
+                raise ModelConfigError(
+                    f"model '{ctx.config.name}': unknown vllm backend parameter '{key}' (engine "
+                    f"arguments go in {ENGINE_ARGS_FILE}; known: {', '.join(BACKEND_PARAMETERS)})")
+        self.args, self.adapters = _engine_args(ctx)
+        self._fields = _field_types()
+
+    # -- one request ------------------------------------------------------------------------
+    def _flag(self, req: InferRequest, name: str) -> bool | None:
+        if name not in req.inputs:
+            return None
+        return bool(np.asarray(req.inputs[name].data).reshape(-1)[0])
+
+    def _sampling(self, req: InferRequest) -> tuple[Any, Any]:
+        """(SamplingParams, LoRARequest or None) from sampling_parameters or parameters."""
+        from modelport.sampling_params import SamplingParams
+
+        if "sampling_parameters" in req.inputs:
+            raw = np.asarray(req.inputs["sampling_parameters"].data).reshape(-1)[0]
+            raw = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            try:
+                given = json.loads(raw)
+            except ValueError as e:
+                raise ValueError(f"sampling_parameters is not valid JSON: {e}") from None
+            if not isinstance(given, dict):
+                raise ValueError("sampling_parameters must be a JSON object")
+        else:
+            given = dict(req.parameters)
+        given = {k: v for k, v in given.items() if v is not None}
+        lora_name = given.pop("lora_name", None)
+        for key in ("guided_decoding", "structured_outputs"):
+            if isinstance(given.get(key), str):  # the backend takes these as JSON text too
+                try:
+                    given[key] = json.loads(given[key])
+                except ValueError as e:
+                    raise ValueError(f"{key} is not valid JSON: {e}") from None
+        if isinstance(given.get("guided_decoding"), dict):
+            given["guided_decoding"] = {k: v for k, v in given["guided_decoding"].items()
+                                        if k != "backend"}
+        unknown = sorted(set(given) - set(self._fields))
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        kw = {k: _convert(k, v, self._fields[k]) for k, v in given.items()}
+        params = SamplingParams(**kw)
+        return params, self._lora(lora_name)
+
+    def _lora(self, name: Any) -> Any:
+        if name is None:
+            return None
+        if not self.adapters:
+            raise ValueError("LoRA feature is not enabled.")
+        if name not in self.adapters:
+            raise ValueError(f"LoRA {name} is not supported, we currently support "
+                             f"{list(self.adapters)}")
+        from modelport.lora.request import LoRARequest
+
+        path = Path(self.adapters[name])
+        if not path.is_absolute():
+            path = self.ctx.version_dir / path
+        return LoRARequest(str(name), list(self.adapters).index(name) + 1, str(path))
+
+    async def _one(self, item: BatchItem) -> Any:
+        req = item.request
+        try:  # everything here reads the client's request
+            for refused, what in (("image", "images"), ("embedding_request", "embedding requests")):
+                if refused in req.inputs:
+                    raise ValueError(f"{what} are not supported by this model")
+            raw = np.asarray(req.inputs["text_input"].data).reshape(-1)
+            if raw.size != 1:
+                raise ValueError(f"text_input must hold one string, got {raw.size}")
+            text = raw[0].decode("utf-8") if isinstance(raw[0], bytes) else str(raw[0])
+            streaming = bool(self._flag(req, "stream"))
+            exclude = self._flag(req, "exclude_input_in_output")
+            prepend = not exclude if exclude is not None else not streaming
+            if prepend and streaming:
+                raise ValueError("When streaming, `exclude_input_in_output` = False is not "
+                                 "allowed.")
+            extra = {o for o in EXTRA_OUTPUTS if self._flag(req, f"return_{o}")}
+            params, lora = self._sampling(req)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            return self._fail(item, self._invalid(e))
+        try:
+            ids = self.llm.encode(text)
+            rid = f"triton-{req.id or ''}-{next(self._ids)}"
+            stream = self.llm.generate(ids, params, rid, prompt_text=text, lora_request=lora)
+        except ValueError as e:  # the engine refused it (e.g. longer than max_model_len)
+            return self._fail(item, self._invalid(e))
+        except Exception as e:  # engine dead, a bug: not the client's fault
+            return self._fail(
+                item, ServingError(f"model '{self.config.name}': {type(e).__name__}: {e}"))
+        seen = {"text": 0, "tokens": 0, "logprobs": 0}
+        last = None
+        try:
+            async for out in stream:
+                last = out
+                if streaming and item.stream is not None:
+                    item.stream.put_nowait(self._reply(req, out, extra, seen, ""))
+        except Exception as e:  # engine died / aborted: fail this request only
+            msg = f"model '{self.config.name}': generation failed: {type(e).__name__}: {e}"
+            return self._fail(item, ServingError(msg))
+        if streaming:
+            if item.stream is not None:
+                item.stream.put_nowait(STREAM_END)
+                return None
+            return self._reply(req, last, extra, {"text": 0, "tokens": 0, "logprobs": 0}, "")
+        whole = self._reply(req, last, extra, {"text": 0, "tokens": 0, "logprobs": 0},
+                            text if prepend else "")
+        if item.stream is not None:
+            item.stream.put_nowait(whole)
+            item.stream.put_nowait(STREAM_END)
+            return None
+        return whole
+
+    def _reply(self, req: InferRequest, out: Any, extra: set[str], seen: dict[str, int],
+               prefix: str) -> InferResponse:
+        """One response: the text (and tokens, logprobs) new since ``seen``, which it moves on."""
+        c = out.outputs[0]
+        tensors = {"text_output": _strings("text_output", prefix + c.text[seen["text"]:])}
+        if "finish_reason" in extra:
+            tensors["finish_reason"] = _strings("finish_reason", str(c.finish_reason))
+        if "cumulative_logprob" in extra:
+            tensors["cumulative_logprob"] = InferTensor(
+                "cumulative_logprob", "FP32", np.asarray(
+                    [np.nan if c.cumulative_logprob is None else c.cumulative_logprob],
+                    dtype=np.float32))
+        if "logprobs" in extra:
+            if c.logprobs is None:
+                doc = "null"
+            else:
+                doc = json.dumps([{str(tok): {"logprob": lp.logprob, "rank": lp.rank,
+                                              "decoded_token": lp.decoded_token}
+                                   for tok, lp in d.items()}
+                                  for d in list(c.logprobs)[seen["logprobs"]:]])
+                seen["logprobs"] = len(c.logprobs)
+            tensors["logprobs"] = _strings("logprobs", doc)
+        if "num_input_tokens" in extra:
+            tensors["num_input_tokens"] = InferTensor(
+                "num_input_tokens", "UINT32", np.asarray([len(out.prompt_token_ids)],
+                                                         dtype=np.uint32))
+        if "num_output_tokens" in extra:
+            tensors["num_output_tokens"] = InferTensor(
+                "num_output_tokens", "UINT32", np.asarray([len(c.token_ids) - seen["tokens"]],
+                                                          dtype=np.uint32))
+        seen["text"], seen["tokens"] = len(c.text), len(c.token_ids)
+        return InferResponse(self.config.name, req.model_version, tensors, id=req.id,
+                             final=out.finished)
+
+    def _invalid(self, e: Exception) -> InvalidArgument:
+        return InvalidArgument(f"model '{self.config.name}': {e}")
+
+
+def _strings(name: str, text: str) -> InferTensor:
+    arr = np.empty((1,), dtype=np.object_)
+    arr[0] = text.encode("utf-8")
+    return InferTensor(name, "BYTES", arr)
