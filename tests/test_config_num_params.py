@@ -33,6 +33,9 @@ def _hf_config(family: str) -> Any:
         "granite": lambda: tf.GraniteConfig(**dense),
         "olmo2": lambda: tf.Olmo2Config(**dense),
         "mistral": lambda: tf.MistralConfig(**dense),
+        "smollm3": lambda: tf.SmolLM3Config(**dense),
+        "starcoder2": lambda: tf.Starcoder2Config(**dense),  # biases, LayerNorms, no gate
+        "starcoder2_nobias": lambda: tf.Starcoder2Config(use_bias=False, **dense),
         "mixtral": lambda: tf.MixtralConfig(intermediate_size=64, num_local_experts=4, **moe),
         # layer 1 dense, a shared expert (and its gate) on layer 0, q/k/v biases
         "qwen2_moe": lambda: tf.Qwen2MoeConfig(
@@ -48,7 +51,8 @@ def _hf_config(family: str) -> Any:
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2",
-            "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+            "mistral", "smollm3", "starcoder2", "starcoder2_nobias", "mixtral", "qwen2_moe",
+            "qwen3_moe", "olmoe", "granitemoe")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

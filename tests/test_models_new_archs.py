@@ -1,5 +1,5 @@
-"""SmolLM3 (NoPE layers) against HF transformers on tiny random models: fp32 logits of a
-few-dozen-token prompt, greedy tokens through ``LLM`` (chunked prefill, batched and one at a
+"""SmolLM3 (NoPE layers) and StarCoder2 (LayerNorm, biases, GeLU MLP) against HF transformers
+on tiny random models: fp32 logits of a few-dozen-token prompt, greedy tokens through ``LLM`` (chunked prefill, batched and one at a
 time), the planner on the folder, and bf16 greedy on CUDA."""
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ def _configs() -> dict[str, Any]:
         "smollm3_sliding": tf.SmolLM3Config(**BASE, num_hidden_layers=4,
                                             no_rope_layer_interval=2, use_sliding_window=True,
                                             sliding_window=WINDOW, rms_norm_eps=1e-5),
+        # StarCoder2-3B style: biases everywhere, tied head, GeLU(tanh) MLP
+        "starcoder2": tf.Starcoder2Config(**BASE, num_hidden_layers=3, norm_epsilon=1e-5,
+                                          use_bias=True, tie_word_embeddings=True),
+        # a window on every layer, no biases, an untied head
+        "starcoder2_sliding": tf.Starcoder2Config(**BASE, num_hidden_layers=2,
+                                                  sliding_window=WINDOW, use_bias=False,
+                                                  tie_word_embeddings=False),
     }
 
 
@@ -44,6 +51,8 @@ def _configs() -> dict[str, Any]:
 LAYERS = {
     "smollm3": [(False, None), (True, None), (True, None), (False, None)],
     "smollm3_sliding": [(True, None), (False, WINDOW), (True, None), (False, WINDOW)],
+    "starcoder2": [(True, None)] * 3,
+    "starcoder2_sliding": [(True, WINDOW)] * 2,
 }
 
 
@@ -224,3 +233,19 @@ def test_cuda_bf16_greedy_matches_hf(dirs: dict[str, Path], kind: str) -> None:
         assert list(got[:n]) == want[:n], (kind, p[:4], gaps)
         compared += n
     assert compared >= 2, (kind, "too few tokens before a near-tie to compare")
+
+
+def test_starcoder2_tp2_greedy_equals_tp1(dirs: dict[str, Path]) -> None:
+    """Tensor parallelism splits c_fc by rows (its bias too) and c_proj by columns (its
+    bias added once): the same greedy tokens as one rank."""
+    d = dirs["starcoder2"]
+    kw = dict(kv_cache_memory=4 << 20, block_size=8, max_num_batched_tokens=64, seed=0)
+    sp = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True)
+    want = LLM(str(d), **kw).generate(prompt_token_ids=PROMPTS, sampling_params=sp,
+                                      use_tqdm=False)
+    llm = LLM(str(d), tensor_parallel_size=2, **kw)
+    try:
+        got = llm.generate(prompt_token_ids=PROMPTS, sampling_params=sp, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    finally:
+        llm.llm_engine.core.shutdown()

@@ -159,14 +159,16 @@ class ModelConfig:
             num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
             intermediate_size=int(d.get("intermediate_size", 4 * int(d["hidden_size"]))),
             head_dim=int(d.get("head_dim") or 0),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(d.get("rms_norm_eps", d.get("norm_epsilon", 1e-6))),
             rope_theta=float(d.get("rope_theta", 10000.0)),
             rope_scaling=d.get("rope_scaling"),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            # Gemma's HF configs default to a tied head (its checkpoints store none)
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", archs[0].startswith("Gemma"))),
+            # Gemma's and StarCoder2's HF configs default to a tied head
+            tie_word_embeddings=bool(d.get("tie_word_embeddings",
+                                           archs[0].startswith(("Gemma", "Starcoder2")))),
             attention_bias=bool(d.get("attention_bias", False))
-            or archs[0] in ("Qwen2ForCausalLM",),
+            or archs[0] in ("Qwen2ForCausalLM",)
+            or (archs[0] in _USE_BIAS and bool(d.get("use_bias", True))),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
@@ -183,11 +185,17 @@ class ModelConfig:
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
-        mlp = 3 * h * i
+        mlp = 2 * h * i if self.architecture in _USE_BIAS else 3 * h * i  # no gate
         per_layer = attn + mlp + 2 * h + _family_layer_params(self, q, kv)
         emb = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return L * per_layer + emb + head + h + moe_extra_params(self)
+        final_norm = 2 * h if self.architecture in _USE_BIAS else h  # LayerNorm: + bias
+        return L * per_layer + emb + head + final_norm + moe_extra_params(self)
+
+
+# StarCoder2: one ``use_bias`` for every linear layer (q/k/v, o, c_fc, c_proj), LayerNorms
+# with a bias, a two-matrix GeLU MLP
+_USE_BIAS = ("Starcoder2ForCausalLM",)
 
 
 def _family_layer_params(c: ModelConfig, q: int, kv: int) -> int:
@@ -199,6 +207,10 @@ def _family_layer_params(c: ModelConfig, q: int, kv: int) -> int:
         extra += 2 * c.hidden_size  # pre/post feed-forward norms beside the two llama ones
     if arch in ("Olmo2ForCausalLM", "OlmoeForCausalLM"):
         extra += q + kv  # q_norm / k_norm over the whole projections
+    if arch in _USE_BIAS:
+        extra += 2 * c.hidden_size  # the two LayerNorms' biases
+        if c.attention_bias:  # use_bias: o_proj, c_fc and c_proj too
+            extra += 2 * c.hidden_size + c.intermediate_size
     if (arch == "Qwen2MoeForCausalLM" and not c.attention_bias
             and c.hf_config.get("qkv_bias", True)):
         extra += q + 2 * kv  # q/k/v biases (qkv_bias)

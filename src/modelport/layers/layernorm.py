@@ -1,4 +1,5 @@
-"""RMSNorm, computed in float32 like HF Llama so low-precision runs keep the same statistics."""
+"""RMSNorm, computed in float32 like HF Llama so low-precision runs keep the same statistics;
+LayerNorm with a bias (StarCoder2) with the same residual-add call."""
 
 from __future__ import annotations
 
@@ -30,6 +31,30 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (StarCoder2), as torch's (statistics in float32 for
+    16-bit inputs, like HF's nn.LayerNorm), with RMSNorm's call: ``forward(x, residual)``
+    returns ``(norm(x + residual), x + residual)``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias,
+                                              self.eps)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

@@ -29,6 +29,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Phi3ForCausalLM": ("modelport.models.phi3", "Phi3ForCausalLM"),
     "GraniteForCausalLM": ("modelport.models.granite", "GraniteForCausalLM"),
     "Olmo2ForCausalLM": ("modelport.models.olmo2", "Olmo2ForCausalLM"),
+    "Starcoder2ForCausalLM": ("modelport.models.starcoder2", "Starcoder2ForCausalLM"),
     # classification heads (runner "pooling"): see models/seq_cls.py
     "LlamaForSequenceClassification": (
         "modelport.models.seq_cls",

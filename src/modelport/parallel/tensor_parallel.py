@@ -36,8 +36,9 @@ from modelport.layers.attention import Attention
 from modelport.layers.linear import Linear, MergedLinear, QKVLinear
 from modelport.quantization.base import TPShard
 
-COLUMN_PARALLEL = ("gate_up_proj",)  # plus every QKVLinear
-ROW_PARALLEL = ("o_proj", "down_proj")
+# plus every QKVLinear; c_fc / c_proj: StarCoder2's GeLU MLP (models/starcoder2.py)
+COLUMN_PARALLEL = ("gate_up_proj", "c_fc")
+ROW_PARALLEL = ("o_proj", "down_proj", "c_proj")
 
 
 class AllReduceLinear(nn.Module):

@@ -49,6 +49,7 @@ def decoder_tensors(model: ModelConfig) -> list[TensorSpec]:
     kv = model.num_key_value_heads * model.head_dim
     # the embedding and the LM head stay whole on every rank (parallel/tensor_parallel.py)
     out = [TensorSpec("token_embd.weight", "embed", (model.vocab_size, h), REPLICATED)]
+    starcoder2 = model.architecture == "Starcoder2ForCausalLM"
     for i in range(model.num_hidden_layers):
         p = f"blk.{i}."
         out += [
@@ -66,7 +67,16 @@ def decoder_tensors(model: ModelConfig) -> list[TensorSpec]:
                 TensorSpec(p + "attn_k.bias", "bias", (kv,), KV, i),
                 TensorSpec(p + "attn_v.bias", "bias", (kv,), KV, i),
             ]
+        if starcoder2:  # LayerNorm biases; use_bias: o, c_fc and c_proj biases too
+            out += [TensorSpec(p + "attn_norm.bias", "bias", (h,), REPLICATED, i),
+                    TensorSpec(p + "ffn_norm.bias", "bias", (h,), REPLICATED, i)]
+            if model.attention_bias:
+                out += [TensorSpec(p + "attn_output.bias", "bias", (h,), REPLICATED, i),
+                        TensorSpec(p + "ffn_up.bias", "bias", (inter,), COLUMN, i),
+                        TensorSpec(p + "ffn_down.bias", "bias", (h,), REPLICATED, i)]
     out.append(TensorSpec("output_norm.weight", "norm", (h,), REPLICATED))
+    if starcoder2:
+        out.append(TensorSpec("output_norm.bias", "bias", (h,), REPLICATED))
     if not model.tie_word_embeddings:
         out.append(TensorSpec("output.weight", "output", (model.vocab_size, h), REPLICATED))
     return out
@@ -83,6 +93,8 @@ def _ffn_tensors(model: ModelConfig, i: int, inter: int) -> list[TensorSpec]:
                 TensorSpec(p + f"ffn_down{tag}.weight", "linear", (h, size), ROW, i)]
 
     moe = moe_spec(model)
+    if model.architecture == "Starcoder2ForCausalLM":  # c_fc, c_proj: no gate
+        return mlp("", inter)[1:]
     if moe is None or i not in moe.sparse_layers:
         return mlp("", inter)
     out = [TensorSpec(p + "ffn_gate_inp.weight", "linear", (moe.num_experts, h), REPLICATED, i)]
