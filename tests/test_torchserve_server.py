@@ -364,6 +364,8 @@ def test_handler_exception_fails_only_that_batch(server, echo1):
     # failed"; ours says which model failed and why after those words
     body = _ts_error(bad.result(), 503, "InternalServerException")
     assert body["message"].startswith("Prediction failed")
+    assert len(bad.result().headers["x-request-id"]) == 32  # the failed job's id, as TorchServe
+    assert "x-request-id" not in server.infer("/predictions/nope", content=b"x").headers
     assert "echo1" in body["message"] and "handler was asked to raise" in body["message"]
     assert good.result().status_code == 200 and good.result().json()["echo"] == "fine"
     r = server.infer(echo1, content=b"status:201")

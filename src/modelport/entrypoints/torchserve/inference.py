@@ -235,6 +235,7 @@ def make_inference_router(state: TSState) -> APIRouter:
         request: Request, model_name: str, version: str | None, explain: bool,
         url_path: str | None,
     ) -> Response:
+        item = None
         try:
             state.authorize("inference", request)
             mv = state.registry.get(model_name, version)
@@ -249,7 +250,10 @@ def make_inference_router(state: TSState) -> APIRouter:
                 return _to_response(answer, item.request_id)
             return await respond(state, mv, item, version)
         except TSError as e:
-            return error_response(e)
+            resp = error_response(e)
+            if item is not None:  # as TorchServe, a job's failure names the job
+                resp.headers["x-request-id"] = item.request_id
+            return resp
         except Exception as e:
             return _unexpected(e)
 
