@@ -452,3 +452,22 @@ def test_bad_yarn_or_dynamic_config_is_a_clear_error_at_load(
         rope_parameters={"rope_theta": 10000.0, **rope}))
     with pytest.raises(ValueError, match=match):
         LLM(str(d), **KW)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", [YARN, {"rope_type": "linear", "factor": 2.0}],
+                         ids=["yarn", "linear"])
+def test_cuda_bf16_greedy_past_the_original_length_matches_hf(tmp_path: Path,
+                                                              scaling: dict) -> None:
+    """On CUDA (the Triton decode kernel's rotary reads the scaled table, CUDA graphs) in
+    bf16, past max_position_embeddings: the first tokens equal HF's bf16 generate."""
+    from test_models_more import _hf_greedy_cuda_bf16
+
+    d = _make("llama", tmp_path / "m", scaling)
+    llm = LLM(str(d), device="cuda", dtype="bfloat16", kv_cache_memory=1 << 30, block_size=16,
+              seed=0)
+    got = _run(llm, PROMPT, 8).outputs[0].token_ids
+    want, gaps = _hf_greedy_cuda_bf16(d, PROMPT, 8)
+    n = next((i for i, gap in enumerate(gaps) if gap < 0.02), len(want))  # up to a near-tie
+    assert list(got[:n]) == want[:n], gaps
+    assert n >= 2, ("too few tokens before a near-tie to compare", gaps)
