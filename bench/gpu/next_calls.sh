@@ -352,5 +352,16 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
          run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
          run 150 env W1_BUDGET=16384 bash bench/gpu/run_all.sh w1
        fi ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42" >&2; exit 2 ;;
+  # session 42, second call: the GPU tests of this session's changes (rope scaling past
+  # max_position_embeddings, the new architectures), then the engine's and the model
+  # families' GPU tests as time allows
+  s42b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        o=${OUT:-bench/results}
+        new=$(ls tests/test_rope_scaling.py tests/test_models_new_archs.py 2>/dev/null)
+        run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          -rfE $new 2>&1 | tee "$o/s42b-tests.log" | tail -12
+        run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          -rfE tests/test_gpu_engine.py tests/test_models_more.py tests/test_spec_decode.py \
+          2>&1 | tee "$o/s42b-engine-tests.log" | tail -12 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b" >&2; exit 2 ;;
 esac
