@@ -1,6 +1,8 @@
-"""SmolLM3 (NoPE layers) and StarCoder2 (LayerNorm, biases, GeLU MLP) against HF transformers
-on tiny random models: fp32 logits of a few-dozen-token prompt, greedy tokens through ``LLM`` (chunked prefill, batched and one at a
-time), the planner on the folder, and bf16 greedy on CUDA."""
+"""SmolLM3 (NoPE layers), StarCoder2 (LayerNorm, biases, GeLU MLP) and Gemma 3 multimodal
+checkpoints served text-only (Gemma3ForConditionalGeneration) against HF transformers on
+tiny random models: fp32 logits of a few-dozen-token prompt, greedy tokens through ``LLM``
+(chunked prefill, batched and one at a time), the planner on the folder, and bf16 greedy on
+CUDA."""
 
 from __future__ import annotations
 
@@ -44,6 +46,22 @@ def _configs() -> dict[str, Any]:
         "starcoder2_sliding": tf.Starcoder2Config(**BASE, num_hidden_layers=2,
                                                   sliding_window=WINDOW, use_bias=False,
                                                   tie_word_embeddings=False),
+        # Gemma 3 4B-27B's checkpoint layout: the text decoder nested in text_config, beside a
+        # (tiny) SigLIP vision tower and projector that are never read
+        "gemma3_mm": tf.Gemma3Config(
+            text_config=dict(
+                BASE, num_hidden_layers=4, head_dim=16, sliding_window=WINDOW,
+                sliding_window_pattern=2, query_pre_attn_scalar=12, rms_norm_eps=1e-6,
+                # null as in the released configs (HF's multimodal class never applies it;
+                # vLLM's, and ours, apply it as the text model does)
+                final_logit_softcapping=None,
+                rope_parameters={
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, image_size=28, patch_size=14),
+            mm_tokens_per_image=4, image_token_index=300, boi_token_index=301,
+            eoi_token_index=302),
     }
 
 
@@ -53,6 +71,7 @@ LAYERS = {
     "smollm3_sliding": [(True, None), (False, WINDOW), (True, None), (False, WINDOW)],
     "starcoder2": [(True, None)] * 3,
     "starcoder2_sliding": [(True, WINDOW)] * 2,
+    "gemma3_mm": [(True, WINDOW), (True, None), (True, WINDOW), (True, None)],
 }
 
 
@@ -185,8 +204,18 @@ def test_planner_reads_the_folder(dirs: dict[str, Path], kind: str,
     plan = json.loads(capsys.readouterr().out)
     model = _ours(dirs[kind])
     params = sum(p.numel() for p in model.parameters())
-    assert plan["model"]["num_params"] == params == model.config.num_params
-    assert plan["weights"]["resident_per_gpu_bytes"] == 4 * params  # fp32 on a CPU
+    assert params == model.config.num_params
+    # the planner's tensor list is Llama's: Gemma 3's per-head q/k norms and its norms
+    # around the MLP are left out (4 vectors a layer: < 0.01 % of a real model)
+    cfg = model.config
+    omitted = (2 * cfg.num_hidden_layers * (cfg.head_dim + cfg.hidden_size)
+               if kind.startswith("gemma3") else 0)
+    assert plan["model"]["num_params"] == params - omitted
+    assert plan["weights"]["resident_per_gpu_bytes"] == 4 * (params - omitted)  # fp32, CPU
+    # the bytes measured from the file: the loaded tensors only (no vision tower)
+    from modelport.planner.model_source import resolve_model as planner_resolve
+
+    assert planner_resolve(str(dirs[kind])).weight_bytes == 4 * params
     cfg = model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
     assert plan["kv_cache"]["bytes_per_token"] == per_token
@@ -249,3 +278,156 @@ def test_starcoder2_tp2_greedy_equals_tp1(dirs: dict[str, Path]) -> None:
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     finally:
         llm.llm_engine.core.shutdown()
+
+
+# ---------------------------------------------------------------------------------------
+# Gemma 3 multimodal checkpoints, text-only
+# ---------------------------------------------------------------------------------------
+def test_gemma3_mm_loads_the_transformers_4_52_layout(dirs: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """Checkpoints saved by transformers 4.52+ name the decoder ``model.language_model.*``
+    (the vision tower ``model.vision_tower.*``) and may store ``lm_head.weight``: the same
+    logits."""
+    from safetensors.torch import load_file, save_file
+
+    src = dirs["gemma3_mm"]
+    d = tmp_path / "g3"
+    d.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    renamed = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        for old, new in (("language_model.model.", "model.language_model."),
+                         ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        renamed[name] = t
+    renamed["lm_head.weight"] = renamed["model.language_model.embed_tokens.weight"].clone()
+    assert any(n.startswith("model.vision_tower.") for n in renamed)
+    save_file(renamed, str(d / "model.safetensors"), metadata={"format": "pt"})
+    ours = run_one_sequence(_ours(d), PROMPT, block_size=4)
+    torch.testing.assert_close(ours, run_one_sequence(_ours(src), PROMPT, block_size=4),
+                               atol=0, rtol=0)
+
+
+def _gemma3_4b_it_config() -> dict[str, Any]:
+    """gemma-3-4b-it's config.json as released: a few keys in text_config, the rest HF's
+    Gemma3TextConfig defaults."""
+    return {
+        "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+        "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+        "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                        "model_type": "gemma3_text", "num_hidden_layers": 34,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                          "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+    }
+
+
+def test_gemma3_4b_it_config_reads_as_hf_reads_it(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """The nested text_config with HF's defaults filled in: the shape, windows, rope and
+    parameter count HF's Gemma3Config gives, and `modelport plan` on the bare config."""
+    import transformers as tf
+
+    from modelport.config import ModelConfig
+    from modelport.entrypoints.cli import main
+    from modelport.models.gemma import _gemma3_ropes
+    from modelport.models.sliding import layer_types, windows
+
+    d = _gemma3_4b_it_config()
+    hf = tf.Gemma3Config(**d).text_config
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.architecture == "Gemma3ForConditionalGeneration"
+    for ours, theirs in [("vocab_size",) * 2, ("hidden_size",) * 2, ("intermediate_size",) * 2,
+                         ("num_hidden_layers",) * 2, ("num_attention_heads",) * 2,
+                         ("num_key_value_heads",) * 2, ("head_dim",) * 2,
+                         ("max_position_embeddings",) * 2, ("rms_norm_eps",) * 2,
+                         ("tie_word_embeddings",) * 2]:
+        assert getattr(cfg, ours) == getattr(hf, theirs), ours
+    assert cfg.eos_token_ids == (1, 106) and cfg.torch_dtype == "bfloat16"
+    assert cfg.hf_config["query_pre_attn_scalar"] == hf.query_pre_attn_scalar == 256
+    sliding = layer_types(cfg, lambda i: (i + 1) % 6 != 0)
+    assert sliding == [t == "sliding_attention" for t in hf.layer_types]
+    assert set(windows(cfg, sliding)) == {1024, None}
+    glob, loc = _gemma3_ropes(cfg)
+    assert (glob.theta, glob.scaling["rope_type"], glob.scaling["factor"]) == (1e6, "linear", 8)
+    assert (loc.theta, loc.scaling) == (1e4, None)
+    with torch.device("meta"):
+        text_params = sum(p.numel() for p in tf.Gemma3ForCausalLM(hf).parameters())
+    assert cfg.num_params == text_params  # the vision tower is not counted
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    capsys.readouterr()
+    assert main(["plan", "--model", str(tmp_path), "--gpu", "h100", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"]["architecture"] == "Gemma3ForConditionalGeneration"
+    assert (plan["model"]["num_hidden_layers"], plan["model"]["head_dim"]) == (34, 256)
+    per_token = 2 * 34 * 4 * 256 * 2  # bf16 K and V of every layer
+    assert plan["kv_cache"]["bytes_per_token"] == per_token
+    assert plan["model"]["num_params"] == pytest.approx(text_params, rel=1e-4)
+
+
+def test_gemma3_mm_vision_tensors_are_not_read(dirs: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelport.loader import hf as hf_loader
+
+    read: list[str] = []
+    real = hf_loader.iter_safetensors
+
+    def spy(files, skip=None):  # noqa: ANN001, ANN202
+        for name, t in real(files, skip):
+            read.append(name)
+            yield name, t
+
+    monkeypatch.setattr(hf_loader, "iter_safetensors", spy)
+    _ours(dirs["gemma3_mm"])
+    assert read and all(n.startswith("language_model.") for n in read)
+
+
+def test_gemma3_mm_server_refuses_images_with_a_400(dirs: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """An image part in a chat request is a 400 in OpenAI's error shape naming images (not
+    a 500, not a schema complaint about 'text'); text chats are served."""
+    import httpx
+
+    from helpers.server_proc import start_server, stop_server
+
+    argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", str(dirs["gemma3_mm"]),
+            "--served-model-name", "g3", "--max-model-len", "128", "--kv-cache-memory", "8MiB"]
+    proc, url = start_server(argv, tmp_path / "server.log", timeout=180)
+    try:
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        body = {"model": "g3", "max_tokens": 4, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert set(err) >= {"message", "type", "param", "code"}
+        assert err["type"] == "invalid_request_error"
+        assert "images are not supported for this model" in err["message"]
+        assert "'image_url'" in err["message"] and err["param"].startswith("messages.0.content")
+        body["messages"][0]["content"] = [{"type": "input_audio", "input_audio": {}}]
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "audio input is not supported for this model" in r.json()["error"]["message"]
+        body["messages"][0]["content"] = [{"type": "text", "text": "hello"}]
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        stop_server(proc)
+
+
+def test_gemma3_mm_llm_chat_refuses_images(dirs: dict[str, Path]) -> None:
+    llm = LLM(str(dirs["gemma3_mm"]), kv_cache_memory=4 << 20, max_model_len=128)
+    image = [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
+    with pytest.raises(ValueError, match="content part of type 'image_url'"):
+        llm.chat(image, SamplingParams(max_tokens=2), use_tqdm=False)

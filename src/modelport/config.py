@@ -133,8 +133,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a parsed HF config.json (missing required keys raise ValueError)."""
-        d = _normalize_rope_keys(d)
+        """Build from a parsed HF config.json (missing required keys raise ValueError). A
+        multimodal checkpoint's nested ``text_config`` is read as the model's config."""
+        d = _normalize_rope_keys(flatten_text_config(d))
         archs = d.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry")
@@ -198,12 +199,54 @@ class ModelConfig:
 _USE_BIAS = ("Starcoder2ForCausalLM",)
 
 
+# Gemma 3's text decoder: text-only checkpoints, and multimodal ones served text-only
+GEMMA3_ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+
+# multimodal architectures served text-only -> HF's defaults for the keys their config.json
+# may leave out of ``text_config`` (transformers' Gemma3TextConfig: the released gemma-3-4b /
+# 12b / 27b configs give only a few keys there)
+TEXT_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Gemma3ForConditionalGeneration": {
+        "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "pad_token_id": 0,
+        "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "attention_bias": False,
+        "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    },
+}
+
+
+# checkpoint tensor prefixes of the parts a text-only server never reads (the vision tower
+# and projector: models/gemma.py skips them, the planner does not count them)
+UNREAD_PREFIXES: dict[str, tuple[str, ...]] = {
+    "Gemma3ForConditionalGeneration": ("vision_tower.", "multi_modal_projector.",
+                                       "model.vision_tower.", "model.multi_modal_projector."),
+}
+
+
+def flatten_text_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal config.json (``text_config`` nested, no top-level ``hidden_size``) as its
+    text model's config: HF's defaults for the architecture, then the top-level keys (dtype,
+    eos / bos ids, quantization_config, ...), then ``text_config``'s, which win; the
+    architecture stays the top-level one. Other configs are returned as they are."""
+    text = d.get("text_config")
+    if not isinstance(text, dict) or "hidden_size" in d:
+        return d
+    archs = d.get("architectures") or []
+    defaults = TEXT_CONFIG_DEFAULTS.get(archs[0] if archs else "", {})
+    top = {k: v for k, v in d.items() if k != "text_config"}
+    return {**defaults, **top, **text, "architectures": archs}
+
+
 def _family_layer_params(c: ModelConfig, q: int, kv: int) -> int:
     """Per-layer weights some families add to a llama layer."""
     arch, extra = c.architecture, 0
-    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"):
+    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", *GEMMA3_ARCHITECTURES):
         extra += 2 * c.head_dim  # q_norm / k_norm over one head
-    if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+    if arch in ("Gemma2ForCausalLM", *GEMMA3_ARCHITECTURES):
         extra += 2 * c.hidden_size  # pre/post feed-forward norms beside the two llama ones
     if arch in ("Olmo2ForCausalLM", "OlmoeForCausalLM"):
         extra += q + kv  # q_norm / k_norm over the whole projections

@@ -160,6 +160,16 @@ def _weights_for(src: ModelSource, skip: Callable[[str], bool] | None = None
     return hf.iter_safetensors(files), hf.count_tensors(files)
 
 
+def _unread(model: nn.Module, skip: Callable[[str], bool] | None
+            ) -> Callable[[str], bool] | None:
+    """``skip`` plus the checkpoint prefixes the model never runs (``unread_prefixes``, e.g.
+    a multimodal checkpoint's vision tower served text-only): those tensors are not read."""
+    prefixes = tuple(getattr(model, "unread_prefixes", ()))
+    if not prefixes:
+        return skip
+    return lambda name: name.startswith(prefixes) or (skip is not None and skip(name))
+
+
 def load_model(
     src: ModelSource,
     config: ModelConfig,
@@ -202,7 +212,7 @@ def load_model(
     from modelport.parallel.moe_parallel import other_ranks_experts
 
     # expert parallelism: another rank's experts are not even read
-    weights, total = _weights_for(src, other_ranks_experts(model))
+    weights, total = _weights_for(src, _unread(model, other_ranks_experts(model)))
     secondary = getattr(cls, "secondary_weight_files", None)  # e.g. models/bge_m3.py
     if secondary and src.kind == "hf":
         import itertools

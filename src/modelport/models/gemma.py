@@ -15,13 +15,14 @@ like HF's Gemma 3 it applies no attention soft-cap.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelport.config import ModelConfig
+from modelport.config import UNREAD_PREFIXES, ModelConfig
 from modelport.layers.attention import Attention
 from modelport.layers.embedding import VocabEmbedding
 from modelport.layers.linear import Linear, QKVLinear
@@ -251,3 +252,36 @@ class Gemma3ForCausalLM(GemmaForCausalLM):
     """The text-only Gemma 3 (``model_type: gemma3_text``, e.g. gemma-3-1b / 270m)."""
 
     version = 3
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """Gemma 3 4B / 12B / 27B checkpoints (``model_type: gemma3``) served text-only: the
+    language model is Gemma 3's text decoder (config.json's ``text_config``, flattened by
+    ModelConfig.from_hf_dict with HF's Gemma3TextConfig defaults). Its tensors are named
+    ``language_model.model.*`` (the released checkpoints) or ``model.language_model.*``
+    (transformers >= 4.52 saves); the vision tower and the multimodal projector are never
+    read. Requests with images are refused (OpenAI server: 400; LLM.chat: ValueError).
+    ``final_logit_softcapping`` (null in the released configs) applies as in the text model,
+    as vLLM applies it; transformers' multimodal class leaves it out."""
+
+    # checkpoint prefixes of the parts a text-only server does not run
+    unread_prefixes: tuple[str, ...] = UNREAD_PREFIXES["Gemma3ForConditionalGeneration"]
+    _renames: tuple[tuple[str, str], ...] = (
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(self._text_weights(weights))
+
+    def _text_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            if name.startswith(self.unread_prefixes):
+                continue
+            for old, new in self._renames:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+            yield name, tensor

@@ -20,6 +20,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GemmaForCausalLM": ("modelport.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("modelport.models.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("modelport.models.gemma", "Gemma3ForCausalLM"),
+    # Gemma 3 4B / 12B / 27B (multimodal checkpoints) served text-only
+    "Gemma3ForConditionalGeneration": ("modelport.models.gemma", "Gemma3ForConditionalGeneration"),
     # mixture of experts: see models/moe.py
     "MixtralForCausalLM": ("modelport.models.moe", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("modelport.models.moe", "Qwen2MoeForCausalLM"),

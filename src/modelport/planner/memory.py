@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from modelport.config import (
     DEFAULT_CPU_KV_CACHE_MEMORY,
     DUMMY_ATTENTION_SCORES,
+    GEMMA3_ARCHITECTURES,
     SAMPLER_ROWS,
     ModelConfig,
     kv_cache_bytes_per_token,
@@ -63,7 +64,7 @@ def buffer_bytes(model: ModelConfig, act_bytes: int, max_model_len: int = 0) -> 
     """Non-parameter tensors the model holds: its rotary table (models/*.py build one and
     share it across layers; Gemma 3 builds two, the sliding layers' base frequency apart),
     of max_position_embeddings rows, or max_model_len where rope scaling reaches further."""
-    tables = 2 if model.architecture == "Gemma3ForCausalLM" else 1
+    tables = 2 if model.architecture in GEMMA3_ARCHITECTURES else 1
     positions = max(model.max_position_embeddings, max_model_len)
     return tables * positions * model.head_dim * act_bytes
 

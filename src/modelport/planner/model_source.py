@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelport.config import ModelConfig
+from modelport.config import UNREAD_PREFIXES, ModelConfig
 from modelport.models.moe_config import moe_spec
 from modelport.planner.errors import PlanError
 from modelport.planner.gguf_mix import LinearTensor
@@ -91,8 +91,10 @@ def _hf_quantization_group(d: dict[str, Any]) -> tuple[str | None, int | None]:
     return f"w{bits}a16", min(groups) if groups else -1
 
 
-def _safetensors_bytes(folder: Path) -> tuple[int, dict[str, int], int] | None:
-    """(tensor bytes, dtype -> count, file bytes) from the safetensors headers only."""
+def _safetensors_bytes(folder: Path, unread: tuple[str, ...] = ()
+                       ) -> tuple[int, dict[str, int], int] | None:
+    """(tensor bytes, dtype -> count, file bytes) from the safetensors headers only; tensors
+    named with an ``unread`` prefix (a vision tower served text-only) are not counted."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
@@ -103,7 +105,7 @@ def _safetensors_bytes(folder: Path) -> tuple[int, dict[str, int], int] | None:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         for name, meta in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or name.startswith(unread):
                 continue
             start, end = meta["data_offsets"]
             data += end - start
@@ -122,13 +124,15 @@ def _from_hf(path: Path) -> ModelSource:
         raise PlanError("--model", f"{cfg_path}: not a readable config.json ({e})") from None
     if not isinstance(d, dict):
         raise PlanError("--model", f"{cfg_path}: config.json must be a JSON object")
-    measured = _safetensors_bytes(cfg_path.parent)
+    config = _config(d, str(cfg_path))
+    measured = _safetensors_bytes(cfg_path.parent,
+                                  UNREAD_PREFIXES.get(config.architecture, ()))
     quant, group = _hf_quantization_group(d)
     hub = d.get("_name_or_path")
     return ModelSource(
         name=str(path),
         kind="hf",
-        config=_config(d, str(cfg_path)),
+        config=config,
         path=cfg_path.parent,
         quantization=quant,
         group_size=group,

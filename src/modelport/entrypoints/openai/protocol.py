@@ -16,7 +16,15 @@ import uuid
 from json.encoder import encode_basestring  # type: ignore[attr-defined]  # the C one
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 def random_id(prefix: str) -> str:
@@ -258,12 +266,40 @@ class ToolCallIn(OpenAIModel):
     function: FunctionCallIn
 
 
+# content part types of OpenAI's (and vLLM's) chat API that carry no text -> what they are
+_IMAGES, _AUDIO, _VIDEO = "images are", "audio input is", "video input is"
+_NON_TEXT_PARTS = {"image_url": _IMAGES, "input_image": _IMAGES, "image": _IMAGES,
+                   "image_pil": _IMAGES, "image_embeds": "image embeddings are",
+                   "input_audio": _AUDIO, "audio_url": _AUDIO, "audio": _AUDIO,
+                   "video_url": _VIDEO, "video": _VIDEO, "file": "files are"}
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call this answers
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        """An image (audio, video, file) part is a 400 that says so, not a schema error about
+        the 'text' type: the models served here read text only (a multimodal checkpoint such
+        as Gemma 3 4B-27B is served text-only)."""
+        if not isinstance(value, list):
+            return value
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                what = _NON_TEXT_PARTS.get(kind)
+                why = (f"{what} not supported for this model" if what else
+                       f"content parts of type {kind!r} are not supported")
+                raise PydanticCustomError(
+                    "unsupported_content_part",
+                    f"content part {i} has type {kind!r}: {why} (it is served text-only; "
+                    "send content as a string or parts of type 'text')")
+        return value
 
     def text(self) -> str:
         if self.content is None:

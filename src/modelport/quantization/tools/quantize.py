@@ -44,6 +44,7 @@ AWQ_UNFOLDABLE = {
     "GemmaForCausalLM": "stores as 1 + weight",
     "Gemma2ForCausalLM": "stores as 1 + weight (and sandwiches around attention)",
     "Gemma3ForCausalLM": "stores as 1 + weight (and sandwiches around attention)",
+    "Gemma3ForConditionalGeneration": "stores as 1 + weight (and sandwiches around attention)",
     "Olmo2ForCausalLM": "applies after attention and the MLP (post-norm), not before",
 }
 GENERATED_CALIB = "calibration_from_model.jsonl"
