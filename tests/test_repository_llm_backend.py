@@ -176,10 +176,10 @@ def test_bad_sampling_value_is_400(setup, model, endpoint) -> None:
         ({"text_input": "Hi", "max_tokens": -4}, BAD_MAX_TOKENS),  # the input tensor
         ({"text_input": "Hi", "parameters": {"max_tokens": -4}}, BAD_MAX_TOKENS),
         ({"text_input": "Hi", "parameters": {"temperature": -1}}, "temperature must be >= 0, got -1.0"),
-        ({"text_input": "Hi", "parameters": {"max_tokens": "many"}},
-         "max_tokens must be an integer, got 'many'"),
-        ({"text_input": "Hi", "parameters": {"max_tokens": 2.5}},
-         "max_tokens must be an integer, got 2.5"),
+        ({"text_input": "Hi", "parameters": {"top_k": "many"}},
+         "top_k must be an integer, got 'many'"),
+        ({"text_input": "Hi", "parameters": {"top_k": 2.5}},
+         "top_k must be an integer, got 2.5"),
         ({"text_input": "Hi", "parameters": {"ignore_eos": "sure"}},
          "ignore_eos must be a boolean, got 'sure'"),
         ({"text_input": "Hi", "parameters": {"stop": 7}},
@@ -191,6 +191,13 @@ def test_bad_sampling_value_is_400(setup, model, endpoint) -> None:
         r = httpx.post(url, json=body)
         assert r.status_code == 400, (body, r.status_code, r.text)
         assert r.json() == {"error": f"model '{model}': {message}"}, body
+    # a parameter named like an input is that input (Triton's generate): its JSON value is
+    # checked as the input's datatype
+    for bad in ("many", 2.5):
+        r = httpx.post(url, json={"text_input": "Hi", "parameters": {"max_tokens": bad}})
+        assert r.status_code == 400
+        assert r.json() == {"error": "'data' of INT32 input 'max_tokens' must hold integers, "
+                                     f"got {bad!r}"}
     ok = {"text_input": "Hi", "parameters": {"max_tokens": 2, "ignore_eos": "true"}}
     assert httpx.post(url, json=ok).status_code == 200
 

@@ -209,3 +209,20 @@ def test_lora_name_picks_an_adapter_of_multi_lora_json(setup) -> None:
     r = httpx.post(url(srv, "generate", "vllm_lora"), json=body)
     assert r.status_code == 400
     assert "LoRA chat is not supported, we currently support ['sql', 'other']" in r.text
+
+
+def test_inputs_given_inside_parameters_as_triton_maps_them(setup) -> None:
+    """The request of Triton's vLLM tutorials: stream, exclude_input_in_output and return_*
+    inside "parameters" are the model's inputs there (Triton's generate maps a parameter
+    named like an input to that input), the rest sampling parameters."""
+    srv, ref = setup
+    r = httpx.post(url(srv, "generate"), json={"text_input": "hello", "parameters": {
+        "stream": False, "temperature": 0, "max_tokens": 6, "ignore_eos": True,
+        "exclude_input_in_output": True, "return_num_output_tokens": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["text_output"] == greedy(ref, "hello", 6)
+    assert r.json()["num_output_tokens"] == 6
+    r = httpx.post(url(srv, "generate"), json={"text_input": "hello", "stream": False,
+                                               "parameters": {"stream": False}})
+    assert r.status_code == 400
+    assert "input 'stream' is given both as a field and in 'parameters'" in r.text

@@ -442,13 +442,20 @@ def model_metadata(cfg: mc.ModelConfig, versions: list[int]) -> dict[str, Any]:
 
 
 def generate_inputs(cfg: mc.ModelConfig, doc: dict[str, Any]) -> dict[str, InferTensor]:
-    """Triton's generate extension: top-level JSON fields named like inputs become tensors."""
+    """Triton's generate extension: JSON fields named like inputs become tensors, top-level
+    ones and those inside "parameters" alike (Triton maps both levels the same way, so
+    `"parameters": {"stream": false}` fills a model's `stream` input)."""
+    params = doc.get("parameters")
+    nested = params if isinstance(params, dict) else {}
     inputs = {}
     for io in cfg.input:
-        if io.name not in doc:
+        if io.name in doc and io.name in nested:
+            raise InvalidArgument(f"input '{io.name}' is given both as a field and in "
+                                  "'parameters'")
+        if io.name not in doc and io.name not in nested:
             continue
         wire = wire_of_config(mc.DataType.Name(io.data_type))
-        value = doc[io.name]
+        value = doc[io.name] if io.name in doc else nested[io.name]
         flat = value if isinstance(value, list) else [value]
         dims = [len(flat) if d == -1 else d for d in io.dims]
         if int(np.prod(dims)) != len(flat):
@@ -476,7 +483,7 @@ def generate_parameters(cfg: mc.ModelConfig, doc: dict[str, Any]) -> dict[str, A
                 "a string, a number or a boolean"
             )
         extra[key] = value
-    return {**extra, **params}
+    return {**extra, **{k: v for k, v in params.items() if k not in inputs}}
 
 
 def generate_output(resp: InferResponse) -> dict[str, Any]:
