@@ -24,6 +24,7 @@ def _hf_config(family: str) -> Any:
     moe = dict(COMMON, num_experts_per_tok=2)
     return {
         "llama": lambda: tf.LlamaConfig(**dense),
+        "llama_bias": lambda: tf.LlamaConfig(attention_bias=True, **dense),  # o_proj's too
         "qwen2": lambda: tf.Qwen2Config(**dense),
         "qwen3": lambda: tf.Qwen3Config(head_dim=16, **dense),
         "gemma": lambda: tf.GemmaConfig(head_dim=16, **dense),
@@ -34,6 +35,7 @@ def _hf_config(family: str) -> Any:
         "olmo2": lambda: tf.Olmo2Config(**dense),
         "mistral": lambda: tf.MistralConfig(**dense),
         "smollm3": lambda: tf.SmolLM3Config(**dense),
+        "smollm3_bias": lambda: tf.SmolLM3Config(attention_bias=True, **dense),
         "starcoder2": lambda: tf.Starcoder2Config(**dense),  # biases, LayerNorms, no gate
         "starcoder2_nobias": lambda: tf.Starcoder2Config(use_bias=False, **dense),
         "mixtral": lambda: tf.MixtralConfig(intermediate_size=64, num_local_experts=4, **moe),
@@ -50,8 +52,8 @@ def _hf_config(family: str) -> Any:
     }[family]()
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2",
-            "mistral", "smollm3", "starcoder2", "starcoder2_nobias", "mixtral", "qwen2_moe",
+FAMILIES = ("llama", "llama_bias", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2",
+            "mistral", "smollm3", "smollm3_bias", "starcoder2", "starcoder2_nobias", "mixtral", "qwen2_moe",
             "qwen3_moe", "olmoe", "granitemoe")
 
 

@@ -1,5 +1,5 @@
-"""GGUF files of Qwen3, Gemma 1/2/3, Phi-3 and the MoE families (Mixtral, Qwen2-MoE,
-Qwen3-MoE) reproduce the HF checkpoint they were converted from.
+"""GGUF files of Qwen3, Gemma 1/2/3, Phi-3, SmolLM3, StarCoder2 and the MoE families (Mixtral,
+Qwen2-MoE, Qwen3-MoE) reproduce the HF checkpoint they were converted from.
 
 Each tiny random HF model (hidden 64, 2-6 layers, the byte tokenizer's 259 ids) is written
 as a llama.cpp-style GGUF (helpers/gguf_archs.py); F32 files must give HF's logits and
@@ -26,18 +26,27 @@ COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_attention_heads=4, num_
               pad_token_id=258, initializer_range=0.1)
 WINDOW = 6
 PROMPT = TINY_PROMPT[:40]  # > the window, > Phi-3's original length (its long factors)
-ARCHS = ("qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+ARCHS = ("qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
+         "smollm3", "starcoder2")
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 HF_ARCH = {"qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
            "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
-           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+           "smollm3": "SmolLM3ForCausalLM", "starcoder2": "Starcoder2ForCausalLM"}
 
 
-def _hf_config(arch: str) -> Any:
+def _hf_config(arch: str, **extra: Any) -> Any:
     import transformers as tf
 
     dense = dict(COMMON, intermediate_size=128)
+    if arch == "smollm3":  # layer 3 is NoPE; q/k/v/o biases (permuted with q/k); untied head
+        return tf.SmolLM3Config(num_hidden_layers=4, attention_bias=True,
+                                tie_word_embeddings=False, **dense)
+    if arch == "starcoder2":  # LayerNorm eps as norm_epsilon; biases everywhere; tied head
+        dense.pop("rms_norm_eps")
+        return tf.Starcoder2Config(num_hidden_layers=2, norm_epsilon=1e-5, use_bias=True,
+                                   **{"sliding_window": None, **extra}, **dense)
     if arch == "qwen3":
         return tf.Qwen3Config(num_hidden_layers=2, head_dim=16, **dense)
     if arch == "gemma":
@@ -68,18 +77,19 @@ def _hf_config(arch: str) -> Any:
                              head_dim=16, norm_topk_prob=True, **moe)
 
 
-def _make_hf(path: Path, arch: str) -> Path:
+def _make_hf(path: Path, arch: str, **extra: Any) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(2)
-    model = AutoModelForCausalLM.from_config(_hf_config(arch), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(_hf_config(arch, **extra),
+                                             attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # away from the 0 / 1 init: a missed norm (or +1) shows
                 p.add_(torch.randn_like(p) * 0.3)
             elif name.endswith((".gate.weight", "shared_expert_gate.weight")):
                 p.mul_(20.0)  # decisive routing: no near-ties for rounding to flip
-            elif name.endswith("_proj.bias"):
+            elif name.endswith(("_proj.bias", "c_fc.bias")):
                 p.normal_(0.0, 0.05)
     return _save(model.eval(), path, with_tokenizer=True)
 
@@ -248,3 +258,64 @@ def test_unsupported_gguf_architecture_names_the_supported_ones(tmp_path: Path) 
                                          r"llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, "
                                          r"qwen2moe, qwen3moe"):
         load_model_config(resolve_model(str(path)))
+
+
+def test_smollm3_gguf_nope_layers_and_permuted_biases(tmp_path: Path) -> None:
+    """No key stores SmolLM3's NoPE layers (llama.cpp: every 4th); the converter permutes the
+    q/k biases with the weights, and loading them unpermuted would change the logits."""
+    from gguf import GGUFReader
+
+    import modelport.loader.gguf as loader_gguf
+
+    hf_dir = _make_hf(tmp_path / "hf", "smollm3")
+    path = write_gguf(hf_dir, tmp_path / "s.gguf")
+    cfg = load_model_config(resolve_model(str(path)))
+    assert cfg.hf_config["no_rope_layers"] == [1, 1, 1, 0] == json.loads(
+        (hf_dir / "config.json").read_text())["no_rope_layers"]
+    assert cfg.attention_bias and not cfg.tie_word_embeddings
+    bias = _hf_model(hf_dir).model.layers[0].self_attn.q_proj.bias.detach().numpy()
+    stored = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.0.attn_q.bias")
+    assert not np.allclose(np.asarray(stored.data), bias)  # really permuted in the file
+    real = loader_gguf.unpermute_qk
+    with pytest.MonkeyPatch.context() as mp:  # biases left as stored: wrong
+        mp.setattr(loader_gguf, "unpermute_qk",
+                   lambda w, n: w if w.ndim == 1 else real(w, n))
+        logits = run_one_sequence(load_cpu(path, "none"), PROMPT)
+    assert (logits - _hf_logits(hf_dir, PROMPT)).abs().max() > 1e-3
+
+
+def test_starcoder2_gguf_sliding_window_only_where_the_file_has_one(tmp_path: Path) -> None:
+    """llama.cpp's converter writes no window for StarCoder2 (llama.cpp runs none); a file
+    that carries starcoder2.attention.sliding_window gets HF's windowed attention."""
+    hf_dir = _make_hf(tmp_path / "hf", "starcoder2", sliding_window=WINDOW)
+    plain = load_model_config(resolve_model(str(write_gguf(hf_dir, tmp_path / "a.gguf"))))
+    assert plain.hf_config["sliding_window"] is None
+    assert plain.hf_config["use_bias"] and plain.hf_config["norm_epsilon"] == 1e-5
+    path = write_gguf(hf_dir, tmp_path / "w.gguf",
+                      extra_uint32={"attention.sliding_window": WINDOW})
+    assert load_model_config(resolve_model(str(path))).hf_config["sliding_window"] == WINDOW
+    logits = run_one_sequence(load_cpu(path, "none"), PROMPT)  # 40 tokens > the window
+    torch.testing.assert_close(logits, _hf_logits(hf_dir, PROMPT), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch,key,value,match", [
+    ("smollm3", "expert_count", 4, r"smollm3\.expert_count describes a smollm3 variant"),
+    ("smollm3", "no_rope_layer_interval", 3,
+     r"smollm3\.no_rope_layer_interval describes a smollm3 variant this loader does not know"),
+    ("starcoder2", "rope.dimension_count", 8,  # partial rotary
+     r"starcoder2\.rope\.dimension_count=8 differs from the head size 16"),
+    ("starcoder2", "attention.sliding_window_pattern", 2,
+     r"starcoder2\.attention\.sliding_window_pattern describes a starcoder2 variant"),
+])
+def test_unknown_smollm3_starcoder2_variant_key_is_refused(
+    tmp_path: Path, arch: str, key: str, value: int, match: str,
+) -> None:
+    from modelport.planner.errors import PlanError
+    from modelport.planner.model_source import resolve_model as plan_model
+
+    hf_dir = _make_hf(tmp_path / "hf", arch)
+    path = write_gguf(hf_dir, tmp_path / "v.gguf", extra_uint32={key: value})
+    with pytest.raises(ValueError, match=match):
+        load_model_config(resolve_model(str(path)))
+    with pytest.raises(PlanError, match=match):
+        plan_model(str(path))

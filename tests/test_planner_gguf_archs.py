@@ -1,5 +1,5 @@
-"""`modelport plan` on GGUF files of Qwen3, Gemma 1/2/3, Phi-3 and the MoE families (Mixtral,
-Qwen2-MoE, Qwen3-MoE): parameters and bytes from the file's tensors, KV cache from its
+"""`modelport plan` on GGUF files of Qwen3, Gemma 1/2/3, Phi-3, SmolLM3, StarCoder2 and the MoE
+families (Mixtral, Qwen2-MoE, Qwen3-MoE): parameters and bytes from the file's tensors, KV cache from its
 head_dim / KV heads, sliding-window layers noted, MoE files planned dequantized as they load.
 
 Each tiny random HF model is written as a llama.cpp-style Q8_0 GGUF (helpers/gguf_archs.py)
@@ -32,7 +32,8 @@ COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_attention_heads=4, num_
 HF_ARCH = {"qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
            "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
-           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+           "smollm3": "SmolLM3ForCausalLM", "starcoder2": "Starcoder2ForCausalLM"}
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
@@ -50,6 +51,11 @@ def _hf_config(arch: str) -> Any:
             head_dim=32, sliding_window=8, query_pre_attn_scalar=32,
             **{**dense, "num_hidden_layers": 6}),  # five windowed layers, one global
         "phi3": lambda: tf.Phi3Config(**dense),
+        "smollm3": lambda: tf.SmolLM3Config(attention_bias=True, tie_word_embeddings=False,
+                                            **{**dense, "num_hidden_layers": 4}),
+        "starcoder2": lambda: tf.Starcoder2Config(
+            norm_epsilon=1e-5, use_bias=True,
+            **{k: v for k, v in dense.items() if k != "rms_norm_eps"}),
         "mixtral": lambda: tf.MixtralConfig(intermediate_size=64, num_local_experts=4,
                                             head_dim=32, **moe),
         "qwen2_moe": lambda: tf.Qwen2MoeConfig(
@@ -208,3 +214,15 @@ def test_unknown_gguf_architecture_is_refused_naming_the_supported(tmp_path: Pat
     w.close()
     with pytest.raises(PlanError, match=r"'mamba' is not supported .*gemma3.*phi3.*qwen3moe"):
         resolve_model(str(tmp_path / "x.gguf"))
+
+
+@pytest.mark.parametrize("arch", ["smollm3", "starcoder2"])
+def test_cli_plans_smollm3_and_starcoder2_gguf(arch: str, files, capsys) -> None:
+    _, real, _, path = files(arch)
+    argv = ["plan", "--model", str(path), "--gpu", "cpu", "--memory", "4",
+            "--max-model-len", "128", "--json"]
+    assert main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"]["architecture"] == HF_ARCH[arch]
+    assert d["model"]["num_params"] == real
+    assert d["weights"]["resident_per_gpu_bytes"] < 4 * real  # Q8_0 blocks kept, not fp32

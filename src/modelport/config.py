@@ -197,6 +197,8 @@ class ModelConfig:
 # StarCoder2: one ``use_bias`` for every linear layer (q/k/v, o, c_fc, c_proj), LayerNorms
 # with a bias, a two-matrix GeLU MLP
 _USE_BIAS = ("Starcoder2ForCausalLM",)
+# HF's ``attention_bias`` puts a bias on o_proj too in these (Qwen2's q/k/v biases only)
+O_PROJ_BIAS = ("LlamaForCausalLM", "SmolLM3ForCausalLM")
 
 
 # Gemma 3's text decoder: text-only checkpoints, and multimodal ones served text-only
@@ -250,6 +252,8 @@ def _family_layer_params(c: ModelConfig, q: int, kv: int) -> int:
         extra += 2 * c.hidden_size  # pre/post feed-forward norms beside the two llama ones
     if arch in ("Olmo2ForCausalLM", "OlmoeForCausalLM"):
         extra += q + kv  # q_norm / k_norm over the whole projections
+    if arch in O_PROJ_BIAS and c.attention_bias:
+        extra += c.hidden_size  # o_proj's bias
     if arch in _USE_BIAS:
         extra += 2 * c.hidden_size  # the two LayerNorms' biases
         if c.attention_bias:  # use_bias: o_proj, c_fc and c_proj too

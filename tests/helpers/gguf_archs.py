@@ -4,7 +4,10 @@ Written from llama.cpp's converter conventions (convert_hf_to_gguf.py / gguf-py'
 names), independently of our loader: Gemma norms stored as 1 + weight, Phi-3's fused
 ``attn_qkv`` / ``ffn_up``, MoE experts stacked into ``ffn_{gate,up,down}_exps`` [E, out, in],
 Qwen2-MoE's shared expert (its gate 1-D), Mixtral as "llama" with ``expert_count`` and q/k
-rows permuted. The tokenizer is the tiny byte-level one of helpers.tiny_models.
+rows permuted, SmolLM3 converted as Llama (q/k weights and biases permuted, no NoPE key:
+llama.cpp hard-codes every 4th layer), StarCoder2's ``c_fc`` / ``c_proj`` as ``ffn_up`` /
+``ffn_down`` with its LayerNorm epsilon as ``attention.layer_norm_epsilon`` and no sliding
+window. The tokenizer is the tiny byte-level one of helpers.tiny_models.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from helpers.tiny_models import CHAT_TEMPLATE, SPECIAL_TOKENS, _byte_to_char, ll
 
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
              "gemma3_text": "gemma3", "phi3": "phi3", "mixtral": "llama",
-             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "smollm3": "smollm3",
+             "starcoder2": "starcoder2"}
+PERMUTED = ("llama", "smollm3")  # llama.cpp's LlamaModel (and subclasses) permute q/k
 _SUB = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -34,6 +39,8 @@ _SUB = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.c_fc": "ffn_up",  # StarCoder2
+    "mlp.c_proj": "ffn_down",
     "mlp.gate_up_proj": "ffn_up",  # Phi-3: llama.cpp keeps the fused tensor as ffn_up
     "mlp.gate": "ffn_gate_inp",
     "block_sparse_moe.gate": "ffn_gate_inp",
@@ -67,7 +74,8 @@ def _gguf_tensors(cfg: dict[str, Any], arch: str, tensors: dict[str, np.ndarray]
         if gemma and name.endswith("norm.weight"):
             t = t + np.float32(1.0)  # llama.cpp stores Gemma's (1 + weight)
         top = {"model.embed_tokens.weight": "token_embd.weight",
-               "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+               "model.norm.weight": "output_norm.weight", "model.norm.bias": "output_norm.bias",
+               "lm_head.weight": "output.weight"}
         if name in top:
             out[top[name]] = t
             continue
@@ -81,9 +89,9 @@ def _gguf_tensors(cfg: dict[str, Any], arch: str, tensors: dict[str, np.ndarray]
             stem = "post_attention_norm" if arch in ("gemma2", "gemma3") else "ffn_norm"
         else:
             stem = _SUB[sub]
-        if arch == "llama" and sub == "self_attn.q_proj" and kind == "weight":
+        if arch in PERMUTED and sub == "self_attn.q_proj":  # weight and bias alike
             t = llama_cpp_permute(t, heads)
-        elif arch == "llama" and sub == "self_attn.k_proj" and kind == "weight":
+        elif arch in PERMUTED and sub == "self_attn.k_proj":
             t = llama_cpp_permute(t, kv_heads)
         if stem == "ffn_gate_inp_shexp":
             t = t.reshape(-1)  # llama.cpp's shape: [n_embd]
@@ -108,7 +116,13 @@ def _metadata(w: Any, cfg: dict[str, Any], arch: str, sizes: bool) -> None:
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if a == "starcoder2":  # LayerNorm: TextModel writes norm_epsilon as layer_norm_epsilon
+        w.add_layer_norm_eps(cfg["norm_epsilon"])
+    else:
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if a == "smollm3":  # LlamaModel's extra keys
+        w.add_vocab_size(cfg["vocab_size"])
+        w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(_rope_theta(cfg))
     if cfg.get("sliding_window") and a in ("gemma2", "gemma3"):
         w.add_sliding_window(cfg["sliding_window"])
@@ -140,13 +154,14 @@ def _metadata(w: Any, cfg: dict[str, Any], arch: str, sizes: bool) -> None:
 
 
 def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", *, legacy_experts: bool = False,
-               expert_sizes: bool = True) -> Path:
+               expert_sizes: bool = True, extra_uint32: dict[str, int] | None = None) -> Path:
     """Convert a tiny HF folder of any family above to a llama.cpp-style GGUF file.
 
     ``qtype``: "F32", or a GGML type for every matrix (routers and 1-D tensors stay F32, as
     llama.cpp keeps ``ffn_gate_inp`` in F32). ``legacy_experts``: Mixtral's experts as one
     tensor each (early conversions). ``expert_sizes=False`` leaves out the Qwen MoE expert
     feed-forward lengths (older files), so the reader must take them from tensor shapes.
+    ``extra_uint32``: more ``{arch}.<key>`` metadata (a variant's keys).
     """
     import gguf
     from safetensors.numpy import load_file
@@ -159,6 +174,8 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", *, legacy_experts: b
     w = gguf.GGUFWriter(str(out), arch=arch)
     w.add_name(f"tiny-{cfg['model_type']}")
     _metadata(w, cfg, arch, expert_sizes)
+    for key, value in (extra_uint32 or {}).items():
+        w.add_uint32(f"{arch}.{key}", value)
     if arch == "phi3" and rope.get("rope_type", rope.get("type")) in ("longrope", "su"):
         w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
         w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))

@@ -2,13 +2,15 @@
 
 Built on ``gguf.GGUFReader`` (memory-mapped) and ``gguf.quants.dequantize``. Weights come out
 in float32 with HF names, so the model classes load them exactly like a safetensors folder.
-Families beyond llama / qwen2 (Qwen3, Gemma 1/2/3, Phi-3, Mixtral, Qwen2/3-MoE): their
-metadata, names and the inverse of llama.cpp's per-family edits live in gguf_archs.py.
+Families beyond llama / qwen2 (Qwen3, Gemma 1/2/3, Phi-3, Mixtral, Qwen2/3-MoE, SmolLM3,
+StarCoder2): their metadata, names and the inverse of llama.cpp's per-family edits live in
+gguf_archs.py.
 
-llama.cpp's converter permutes the rows of attn_q / attn_k for the ``llama`` architecture:
-llama.cpp rotates adjacent pairs (2j, 2j+1) of each head while HF Llama rotates
-(j, j + d/2), so the converter reorders each head's rows from [half0 | half1] to interleaved
-(row h*d + 2j + s holds HF row h*d + s*d/2 + j). ``unpermute_qk`` applies the inverse.
+llama.cpp's converter permutes the rows of attn_q / attn_k (weights and biases) for the
+``llama`` architecture and SmolLM3 (converted as Llama): llama.cpp rotates adjacent pairs
+(2j, 2j+1) of each head while HF Llama rotates (j, j + d/2), so the converter reorders each
+head's rows from [half0 | half1] to interleaved (row h*d + 2j + s holds HF row
+h*d + s*d/2 + j). ``unpermute_qk`` applies the inverse.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "phi3": ("Phi3ForCausalLM", False),
     "qwen2moe": ("Qwen2MoeForCausalLM", False),
     "qwen3moe": ("Qwen3MoeForCausalLM", False),
+    "smollm3": ("SmolLM3ForCausalLM", True),  # converted as Llama
+    "starcoder2": ("Starcoder2ForCausalLM", False),
 }
 
 _GLOBAL_NAMES = {
@@ -358,7 +362,7 @@ def iter_gguf_weights(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[
                         "(the MoE layer runs unquantized weights only)",
                         hf_config["architectures"][0], t.tensor_type.name)
         m = _BLOCK_RE.match(t.name)
-        if permuted and m and m.group(2) in heads and m.group(3) == "weight":
+        if permuted and m and m.group(2) in heads:  # the converter permutes biases too
             w = unpermute_qk(w, heads[m.group(2)])
         if m:
             w = fix_tensor(arch, m.group(2), w)

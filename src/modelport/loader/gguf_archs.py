@@ -14,7 +14,16 @@ What the converter changes, and what we undo here:
   3-D tensors ``ffn_{gate,up,down}_exps`` [E, out, in]; we hand them on per expert under HF's
   per-expert names. Qwen2-MoE's shared-expert gate may be stored 1-D ([H]); HF's is [1, H].
 - Mixtral's q/k rows are permuted like llama's (undone by gguf.unpermute_qk); Gemma, Qwen3,
-  Phi-3 and the Qwen MoEs use NEOX rope in llama.cpp and are stored unpermuted.
+  Phi-3, StarCoder2 and the Qwen MoEs use NEOX rope in llama.cpp and are stored unpermuted.
+- SmolLM3 (``smollm3``): converted as Llama (q/k weights and biases permuted). Which layers
+  are NoPE is stored nowhere: llama.cpp hard-codes every 4th layer (``n_no_rope_layer_step``
+  = 4, HF's default ``no_rope_layer_interval``), and so do we.
+- StarCoder2 (``starcoder2``): ``ffn_up`` / ``ffn_down`` are HF's ``c_fc`` / ``c_proj``; the
+  LayerNorms keep their biases; the epsilon is ``attention.layer_norm_epsilon``. The
+  converter writes no sliding window (llama.cpp runs none): one is honoured only where a file
+  carries ``attention.sliding_window``.
+- For these two, a ``{arch}.*`` metadata key outside what we read (an expert count, a
+  different norm, ...) marks a variant we would load wrongly: it is refused by name.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ BLOCK_OVERRIDES: dict[str, dict[str, str]] = {
     "gemma2": {"ffn_norm": "pre_feedforward_layernorm"},
     "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
     "phi3": {"ffn_up": "mlp.gate_up_proj"},  # gate rows then up rows, as HF's gate_up_proj
+    "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
 }
 # GGUF block tensor stems shared by several families (beyond llama's own)
 EXTRA_BLOCK_NAMES: dict[str, str] = {
@@ -207,9 +217,73 @@ def _moe_config(arch: str, reader: Any, meta: Meta, base: dict[str, Any],
     return out
 
 
+# {arch}.* keys the loader reads for the families checked strictly (_check_keys); anything
+# else under the architecture's name is a variant we do not know
+_COMMON_KEYS = frozenset({
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length",
+    "attention.value_length", "rope.freq_base", "rope.dimension_count",
+    # rope scaling: read (and any unsupported value refused) by loader.gguf._rope_scaling
+    "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
+    "rope.scaling.finetuned", "rope.scaling.attn_factor", "rope.scaling.yarn_log_multiplier",
+    "rope.scaling.yarn_ext_factor", "rope.scaling.yarn_attn_factor",
+    "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+})
+STRICT_KEYS: dict[str, frozenset[str]] = {
+    "smollm3": _COMMON_KEYS | {"attention.layer_norm_rms_epsilon"},
+    "starcoder2": _COMMON_KEYS | {"attention.layer_norm_epsilon", "attention.sliding_window"},
+}
+NO_ROPE_LAYER_STEP = 4  # SmolLM3's NoPE layers: llama.cpp's hard-coded n_no_rope_layer_step
+
+
+def _check_keys(arch: str, reader: Any, meta: Meta, base: dict[str, Any], path: Path) -> None:
+    """Refuse a file of a strictly checked family that carries a key we do not read, or a
+    head shape our model cannot run (partial rotary, a value size other than the key size)."""
+    prefix = f"{arch}."
+    unknown = sorted(k for k in reader.fields if k.startswith(prefix)
+                     and k[len(prefix):] not in STRICT_KEYS[arch])
+    if unknown:
+        raise ValueError(
+            f"{path.name}: GGUF metadata {', '.join(unknown)} describes a {arch} variant this "
+            f"loader does not know (it reads only: {', '.join(sorted(STRICT_KEYS[arch]))})")
+    head_dim = base["head_dim"]
+    for key in ("rope.dimension_count", "attention.value_length"):
+        value = meta(key, None)
+        if value is not None and int(value) != head_dim:
+            raise ValueError(f"{path.name}: GGUF metadata {arch}.{key}={int(value)} differs "
+                             f"from the head size {head_dim}: a {arch} variant this loader "
+                             "does not support")
+
+
+def _smollm3_config(names: set[str], base: dict[str, Any]) -> dict[str, Any]:
+    n = base["num_hidden_layers"]
+    rope = [int((i + 1) % NO_ROPE_LAYER_STEP != 0) for i in range(n)]  # 1: the layer rotates
+    return {"hidden_act": "silu", "no_rope_layer_interval": NO_ROPE_LAYER_STEP,
+            "no_rope_layers": rope, "use_sliding_window": False, "sliding_window": None,
+            "mlp_bias": "blk.0.ffn_up.bias" in names}
+
+
+def _starcoder2_config(names: set[str], meta: Meta, path: Path) -> dict[str, Any]:
+    eps = meta("attention.layer_norm_epsilon", None)
+    if eps is None:
+        raise ValueError(f"{path.name}: GGUF metadata is missing "
+                         "starcoder2.attention.layer_norm_epsilon")
+    bias = "blk.0.attn_q.bias" in names
+    window = meta("attention.sliding_window", 0)
+    return {"hidden_act": "gelu_pytorch_tanh", "use_bias": bias, "attention_bias": bias,
+            "norm_epsilon": _float_or_none(eps), "rms_norm_eps": _float_or_none(eps),
+            "sliding_window": int(window) if window else None}
+
+
 def arch_config(arch: str, reader: Any, meta: Meta, base: dict[str, Any],
                 path: Path) -> dict[str, Any]:
     """HF config fields of this GGUF architecture beyond the llama-style base dict."""
+    if arch in STRICT_KEYS:
+        _check_keys(arch, reader, meta, base, path)
+        names = {t.name for t in reader.tensors}
+        if arch == "smollm3":
+            return _smollm3_config(names, base)
+        return _starcoder2_config(names, meta, path)
     if arch in GEMMA_ARCHS:
         return _gemma_config(arch, meta, base)
     if arch == "phi3":

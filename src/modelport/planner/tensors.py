@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelport.config import ModelConfig
+from modelport.config import O_PROJ_BIAS, ModelConfig
 from modelport.models.moe_config import moe_spec
 
 # How a tensor is split across TP ranks.
@@ -67,6 +67,8 @@ def decoder_tensors(model: ModelConfig) -> list[TensorSpec]:
                 TensorSpec(p + "attn_k.bias", "bias", (kv,), KV, i),
                 TensorSpec(p + "attn_v.bias", "bias", (kv,), KV, i),
             ]
+            if model.architecture in O_PROJ_BIAS:
+                out.append(TensorSpec(p + "attn_output.bias", "bias", (h,), REPLICATED, i))
         if starcoder2:  # LayerNorm biases; use_bias: o, c_fc and c_proj biases too
             out += [TensorSpec(p + "attn_norm.bias", "bias", (h,), REPLICATED, i),
                     TensorSpec(p + "ffn_norm.bias", "bias", (h,), REPLICATED, i)]
