@@ -395,3 +395,26 @@ def test_embedding_server_reranks_by_cosine_and_refuses_classify(embed_base, emb
     assert s["usage"]["prompt_tokens"] == s["usage"]["total_tokens"] == n
     err = _error(_post(embed_base, "/classify", {"input": "hi"}))
     assert err["message"] == "The model does not support Classification API"
+
+
+def test_sagemaker_invocations_pick_the_pooling_api(base, embed_base) -> None:
+    """vLLM's /invocations on pooling servers: the body's fields pick embeddings, classify,
+    score or rerank among the APIs the model serves; the answer is that API's."""
+    def same(base_url: str, path: str, body: dict) -> dict:
+        got = _ok(_post(base_url, "/invocations", body))
+        want = _ok(_post(base_url, path, body))
+        for doc in (got, want):
+            doc.pop("id", None)
+            doc.pop("created", None)
+        assert got == want, path
+        return got
+
+    assert same(embed_base, "/v1/embeddings",
+                {"model": "tiny-embed", "input": ["a b", "c"]})["object"] == "list"
+    same(base, "/score", {"model": "tiny-rerank", "text_1": QUERY, "text_2": DOCS})
+    same(base, "/rerank", {"model": "tiny-rerank", "query": QUERY, "documents": DOCS})
+    same(base, "/classify", {"model": "tiny-rerank", "input": ["a b", "c"]})
+    r = _post(embed_base, "/invocations", {"model": "tiny-embed", "prompt": "x"})
+    assert r.status_code == 400
+    assert "Expected one of: EmbeddingRequest, ScoreRequest, RerankRequest, PoolingRequest" in (
+        r.json()["error"]["message"])

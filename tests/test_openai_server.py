@@ -617,3 +617,39 @@ def test_long_prompt_encoded_off_the_loop_counts_as_the_tokenizer_does(base, mod
     ok = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": PROMPT,
                                                      "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200  # and the server goes on serving
+
+
+def test_sagemaker_ping_and_invocations(base, model) -> None:
+    """vLLM's SageMaker paths: /ping answers as /health (GET and POST); /invocations runs
+    the API the body is (chat, completions; streaming too), else a 400 naming the APIs."""
+    assert httpx.get(f"{base}/ping").status_code == 200
+    assert httpx.post(f"{base}/ping").status_code == 200
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 5, "temperature": 0}
+    want = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=120).json()
+    got = httpx.post(f"{base}/invocations", json=chat, timeout=120)
+    assert got.status_code == 200, got.text
+    assert got.json()["object"] == "chat.completion"
+    assert got.json()["choices"][0]["message"] == want["choices"][0]["message"]
+    comp = {"model": model, "prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+    got = httpx.post(f"{base}/invocations", json=comp, timeout=120).json()
+    assert got["object"] == "text_completion"
+    want = httpx.post(f"{base}/v1/completions", json=comp, timeout=120).json()
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    events = sse_events(base, "/invocations", {**chat, "stream": True})
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                   for e in events[:-1] if json.loads(e)["choices"])
+    assert text == want_chat_text(base, chat)
+    r = httpx.post(f"{base}/invocations", json={"input": "embed me"}, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (
+        "Cannot find suitable handler for request. Expected one of: ChatCompletionRequest, "
+        "CompletionRequest")
+    r = httpx.post(f"{base}/invocations", content=b"{nope", timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def want_chat_text(base: str, chat: dict) -> str:
+    r = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=120)
+    return r.json()["choices"][0]["message"]["content"]

@@ -24,6 +24,7 @@ from modelport.engine.async_llm import AsyncLLM
 from modelport.entrypoints.openai.errors import install_error_handlers
 from modelport.entrypoints.openai.metrics import ServerMetrics
 from modelport.entrypoints.openai.routes import OPENAI_PATHS, POOLING_PATHS, ServerState, mount
+from modelport.entrypoints.openai.sagemaker import SAGEMAKER_PATHS
 from modelport.entrypoints.openai.tools import ToolSettings
 
 logger = logging.getLogger("modelport.openai")
@@ -413,9 +414,13 @@ def attach(
                         trust_request_chat_template=bool(
                             getattr(args, "trust_request_chat_template", False)),
                         chat_template=chat_template)
-    install_error_handlers(app, ("/",) if all_paths else OPENAI_PATHS + POOLING_PATHS,
+    # vLLM's SageMaker paths, unless TorchServe's own /ping and /invocations share the app
+    sagemaker = ("modelport.entrypoints.torchserve.frontend"
+                 not in getattr(args, "serve_frontends", ()))
+    paths = OPENAI_PATHS + POOLING_PATHS + (SAGEMAKER_PATHS if sagemaker else ())
+    install_error_handlers(app, ("/",) if all_paths else paths,
                            log_stack=bool(getattr(args, "log_error_stack", False)))
-    mount(app, state)
+    mount(app, state, sagemaker)
     vllm_compat.configure_app(app, args)  # CORS, --middleware, request ids, /load, logs
     return OpenAIService(args, state, exit_on_failure=exit_on_failure)
 

@@ -32,6 +32,7 @@ from modelport.entrypoints.openai.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from modelport.entrypoints.openai.sagemaker import add_routes as add_sagemaker_routes
 from modelport.entrypoints.openai.serving_chat import (
     ServingChat,
     render_chat,
@@ -181,8 +182,9 @@ def chat_for(request: Request, model: str | None, what: str = "Messages") -> Ser
                        state.default_chat_template_kwargs, state.trust_request_chat_template)
 
 
-def build_routers() -> tuple[APIRouter, APIRouter]:
-    """(routes behind --api-key, public probes)."""
+def build_routers(sagemaker: bool = False) -> tuple[APIRouter, APIRouter]:
+    """(routes behind --api-key, public probes); ``sagemaker``: also vLLM's /ping and
+    /invocations (sagemaker.py)."""
     api = APIRouter(dependencies=[Depends(check_api_key)], responses=_ERRORS)
     public = APIRouter()
 
@@ -286,6 +288,9 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
             return e.response()
         return Response(status_code=200)
 
+    if sagemaker:
+        add_sagemaker_routes(api, public, _engine_for, health)
+
     @public.get("/version", tags=["server"])
     async def version(request: Request) -> VersionResponse:
         return VersionResponse(version=_state(request).version)
@@ -302,9 +307,9 @@ OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/health", "/version", "/met
                 *SLEEP_PATHS)
 
 
-def mount(app: FastAPI, state: ServerState) -> None:
+def mount(app: FastAPI, state: ServerState, sagemaker: bool = False) -> None:
     app.state.openai = state
-    api, public = build_routers()
+    api, public = build_routers(sagemaker)
     app.include_router(api)
     app.include_router(public)
     add_anthropic_routes(app, chat_for, check_api_key)
