@@ -9,7 +9,23 @@ from torch import nn
 from modelport.layers import cpu_fast
 
 
-class RMSNorm(nn.Module):
+class ResidualNorm(nn.Module):
+    """A norm (``_norm``) with an optional fused residual add: ``forward(x, residual)``
+    returns ``(norm(x + residual), x + residual)``."""
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+class RMSNorm(ResidualNorm):
     """RMS normalisation with an optional fused residual add.
 
     ``forward(x, residual)`` returns ``(norm(x + residual), x + residual)``: decoder layers
@@ -32,16 +48,9 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(ResidualNorm):
     """LayerNorm with weight and bias (StarCoder2), as torch's (statistics in float32 for
     16-bit inputs, like HF's nn.LayerNorm), with RMSNorm's call: ``forward(x, residual)``
     returns ``(norm(x + residual), x + residual)``."""
@@ -56,10 +65,3 @@ class LayerNorm(nn.Module):
         return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias,
                                               self.eps)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x

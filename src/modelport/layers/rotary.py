@@ -161,23 +161,22 @@ def yarn_params(s: dict[str, Any], max_position: int) -> YarnParams:
                       bool(s.get("truncate", True)))
 
 
-def dynamic_factor(s: dict[str, Any]) -> float:
+def _factor(s: dict[str, Any], kind: str, long_name: str = "") -> float:
+    """A scaling's ``factor``, checked (a number > 0); ``kind`` names the scaling."""
     factor = s.get("factor")
     if factor is None:
-        raise ValueError("rope dynamic (NTK) scaling needs 'factor'")
-    if _number(factor, "rope dynamic factor") <= 0:
-        raise ValueError(f"rope dynamic factor must be > 0, got {factor!r}")
+        raise ValueError(f"rope {long_name or kind} scaling needs 'factor'")
+    if _number(factor, f"rope {kind} factor") <= 0:
+        raise ValueError(f"rope {kind} factor must be > 0, got {factor!r}")
     return factor
 
 
+def dynamic_factor(s: dict[str, Any]) -> float:
+    return _factor(s, "dynamic", "dynamic (NTK)")
+
+
 def linear_factor(s: dict[str, Any]) -> float:
-    """A linear scaling's factor, checked."""
-    factor = s.get("factor")
-    if factor is None:
-        raise ValueError("rope linear scaling needs 'factor'")
-    if _number(factor, "rope linear factor") <= 0:
-        raise ValueError(f"rope linear factor must be > 0, got {factor!r}")
-    return float(factor)
+    return float(_factor(s, "linear"))
 
 
 def max_model_len_limit(config: ModelConfig) -> int:

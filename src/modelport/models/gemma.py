@@ -25,13 +25,14 @@ from torch import nn
 from modelport.config import UNREAD_PREFIXES, ModelConfig
 from modelport.layers.attention import Attention
 from modelport.layers.embedding import VocabEmbedding
+from modelport.layers.layernorm import ResidualNorm
 from modelport.layers.linear import Linear, QKVLinear
 from modelport.layers.rotary import RopeSettings, RotaryEmbedding, rope_settings
 from modelport.models.llama import LlamaForCausalLM, LlamaMLP, attention_block
 from modelport.models.sliding import layer_types, windows
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(ResidualNorm):
     """x / rms(x) * (1 + weight), all in float32 and cast once at the end (HF Gemma's
     rounding; Llama's RMSNorm casts before the weight). Same call as layers' RMSNorm:
     ``forward(x, residual)`` returns ``(norm(x + residual), x + residual)``."""
@@ -46,13 +47,6 @@ class GemmaRMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
 
 
 class GeluAndMul(nn.Module):
