@@ -261,7 +261,8 @@ def _yarn_inv_freq(rotary_dim: int, theta: float, p: YarnParams) -> torch.Tensor
     low, high = max(low, 0), min(high, rotary_dim - 1)
     if low == high:
         high += 0.001  # no zero width
-    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    dims = torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu")
+    ramp = ((dims - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: the original frequency, 0: the interpolated one
     return interpolated * (1 - keep) + extrapolated * keep
 
@@ -278,7 +279,7 @@ def _dynamic_inv_freq(rotary_dim: int, settings: RopeSettings) -> torch.Tensor:
     orig = settings.max_position
     length: int | torch.Tensor = orig
     if (settings.max_model_len or 0) > orig:
-        length = torch.tensor(settings.max_model_len, dtype=torch.int64)
+        length = torch.tensor(settings.max_model_len, dtype=torch.int64, device="cpu")
     base = settings.theta * (
         (factor * length / orig) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
     return 1.0 / (base ** _exponents(rotary_dim))
