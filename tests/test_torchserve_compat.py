@@ -22,7 +22,7 @@ from modelport.entrypoints.torchserve.management import make_management_app, mak
 from modelport.entrypoints.torchserve.metrics import TSMetrics
 from modelport.torchserve.auth import TokenAuth
 from modelport.torchserve.errors import TSError
-from modelport.torchserve.model import ModelVersion, _Slot
+from modelport.torchserve.model import _Slot
 from modelport.torchserve.registry import ModelRegistry
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "torchserve"))
@@ -145,13 +145,17 @@ def test_ping_is_unhealthy_when_a_default_version_lacks_workers(tmp_path):
     """TorchServe 0.12 (ApiUtils.isModelHealthy): 200 Healthy, or 500 Unhealthy as soon as the
     default version of a model has fewer healthy workers than its minWorkers; versions that
     are not the default do not count, nor do models scaled to 0 workers. 0.12 has no
-    "Partial Healthy"."""
+    "Partial Healthy". A worker that cannot start is retried and counts as healthy for its
+    model's maxRetryTimeoutInSec (1 s here), as TorchServe 0.12 answered."""
     store = tmp_path / "store"
+    retry1 = tmp_path / "retry1.yaml"
+    retry1.write_text("maxRetryTimeoutInSec: 1\n")
     ts_archives.echo_archive(store, tmp_path / "w", name="pingecho")
     # version 2.0 of the same model, whose handler cannot load its weights
-    ts_archives.archive(store / "v2", "pingecho", HERE / "bad_init_handler.py", version="2.0")
+    ts_archives.archive(store / "v2", "pingecho", HERE / "bad_init_handler.py", version="2.0",
+                        config_file=retry1)  # fmt: skip
     (store / "v2" / "pingecho.mar").rename(store / "pingecho_v2.mar")
-    ts_archives.archive(store, "broken", HERE / "bad_init_handler.py")
+    ts_archives.archive(store, "broken", HERE / "bad_init_handler.py", config_file=retry1)
 
     async def main():
         reg = ModelRegistry(store, work_dir=tmp_path / "work")
@@ -161,37 +165,39 @@ def test_ping_is_unhealthy_when_a_default_version_lacks_workers(tmp_path):
                 assert (await c.get("/ping")).json() == {"status": "Healthy"}  # no models
                 await reg.register("pingecho.mar", initial_workers=1)
                 await reg.register("pingecho_v2.mar", initial_workers=1, synchronous=False)
-                await _settled(reg.get("pingecho", "2.0"))
-                r = await c.get("/ping")  # 2.0 has no worker, but 1.0 is the default
-                assert (r.status_code, r.json()) == (200, {"status": "Healthy"})
                 reg.set_default("pingecho", "2.0")
+                r = await c.get("/ping")  # 2.0's worker is starting, then retried
+                assert (r.status_code, r.json()) == (200, {"status": "Healthy"})
+                await _ping_until(c, 500, within=10)  # its retries ran out
                 r = await c.get("/ping")
                 assert (r.status_code, r.json()) == (500, {"status": "Unhealthy"})
                 assert (await c.options("/ping")).status_code == 500  # any method, as there
-                reg.set_default("pingecho", "1.0")
+                reg.set_default("pingecho", "1.0")  # 2.0 has no worker, but is no default
+                assert (await c.get("/ping")).status_code == 200
                 await reg.register("broken.mar", initial_workers=0)  # no worker wanted
                 assert (await c.get("/ping")).status_code == 200
                 with pytest.raises(TSError, match="weights.bin is missing"):
                     await reg.scale("broken", None, 1, 1)
-                r = await c.get("/ping")
-                assert (r.status_code, r.json()) == (500, {"status": "Unhealthy"})
+                assert (await c.get("/ping")).status_code == 200  # being retried
+                await _ping_until(c, 500, within=10)
         finally:
             await reg.stop()
 
     asyncio.run(main())
 
 
-async def _settled(mv: ModelVersion, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while mv._starting and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+async def _ping_until(c: httpx.AsyncClient, code: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while (await c.get("/ping")).status_code != code:
+        assert time.monotonic() < deadline, f"/ping did not turn {code}"
+        await asyncio.sleep(0.1)
 
 
 class _Worker:
-    """Stands in for a ProcessWorker: alive, or down since a given time."""
+    """Stands in for a ProcessWorker."""
 
-    def __init__(self, alive: bool, down_since: float | None = None) -> None:
-        self.alive, self.down_since = alive, down_since
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
 
 
 def test_a_down_worker_counts_as_healthy_for_max_retry_timeout(tmp_path):
@@ -205,13 +211,184 @@ def test_a_down_worker_counts_as_healthy_for_max_retry_timeout(tmp_path):
         try:
             mv.settings = mv.settings.__class__(min_workers=2, max_workers=2)
             now = time.monotonic()
-            mv._slots = [_Slot(_Worker(True), "1"), _Slot(_Worker(False, now - 10), "2")]
+            mv._slots = [_Slot(_Worker(True), "1"), _Slot(_Worker(False), "2", down_since=now - 10)]
             assert (mv.healthy_workers(), mv.healthy()) == (2, True)
             mv.model_yaml = {"maxRetryTimeoutInSec": 5}
             assert (mv.healthy_workers(), mv.healthy()) == (1, False)
-            mv._slots[1].worker.down_since = None  # restarting, not yet noted as down
+            mv._slots[1].down_since = None  # starting, not yet noted as down
             assert mv.healthy()
             mv._slots = []
+        finally:
+            await reg.stop()
+
+    asyncio.run(main())
+
+
+def _retry_yaml(tmp_path: Path, seconds: int) -> Path:
+    path = tmp_path / f"retry{seconds}.yaml"
+    path.write_text(f"maxRetryTimeoutInSec: {seconds}\n")
+    return path
+
+
+async def _workers(c: httpx.AsyncClient, name: str, within: float = 10) -> list[dict]:
+    """The model's workers, once it has some (an asynchronous registration adds them soon
+    after it answered)."""
+    deadline = time.monotonic() + within
+    while True:
+        r = await c.get(f"/models/{name}")
+        assert r.status_code == 200, r.text
+        if r.json()[0]["workers"] or time.monotonic() > deadline:
+            return r.json()[0]["workers"]
+        await asyncio.sleep(0.02)
+
+
+def test_a_worker_that_cannot_start_is_retried_for_max_retry_timeout(tmp_path):
+    """TorchServe 0.12, measured with a handler whose initialize always raises (and
+    maxRetryTimeoutInSec 20): a synchronous registration answers 500 InternalServerException
+    "Failed to start workers for model M version: V" at the first failure and is undone; an
+    asynchronous one answers 202 and its worker is started again after 1, 1, 2, 3, 5, ...
+    seconds, listed as UNLOADING (same id, its latest pid), /ping Healthy until it has been
+    down for maxRetryTimeoutInSec, then Unhealthy and no more retries. A model loaded at
+    startup stays registered the same way. Other models serve throughout. (A prediction
+    waiting for such a worker hangs in TorchServe; here it gets 503 once the retries ran
+    out.)"""
+    store = tmp_path / "store"
+    ts_archives.archive(store, "broken", HERE / "bad_init_handler.py",
+                        config_file=_retry_yaml(tmp_path, 2))  # fmt: skip
+    ts_archives.echo_archive(store, tmp_path / "w", name="fine")
+
+    async def main():
+        reg = ModelRegistry(store, work_dir=tmp_path / "work")
+        state = TSState(reg, TSMetrics(), None)
+        try:
+            async with _client(make_management_app(state)) as m, \
+                    _client(make_inference_app(state)) as i:  # fmt: skip
+                await reg.register("fine.mar", initial_workers=1)
+                r = await m.post("/models?url=broken.mar&initial_workers=1&synchronous=true")
+                assert r.status_code == 500, r.text
+                assert r.json()["type"] == "InternalServerException"
+                assert r.json()["message"].startswith(
+                    "Failed to start workers for model broken version: 1.0"
+                )
+                assert "weights.bin is missing" in r.json()["message"]
+                assert (await m.get("/models/broken")).status_code == 404  # undone
+
+                started = time.monotonic()
+                r = await m.post("/models?url=broken.mar&initial_workers=1&synchronous=false")
+                assert (r.status_code, r.json()) == (202, {"status": "Processing worker updates..."})
+                waiting = asyncio.ensure_future(i.post("/predictions/broken", content=b"x"))
+                pids, ids = set(), set()
+                while time.monotonic() - started < 1.9:  # within maxRetryTimeoutInSec
+                    (w,) = await _workers(m, "broken")
+                    assert w["status"] == "UNLOADING"
+                    pids.add(w["pid"])
+                    ids.add(w["id"])
+                    assert (await i.get("/ping")).status_code == 200
+                    ok = await i.post("/predictions/fine", content=b"still serving")
+                    assert ok.status_code == 200 and ok.json()["echo"] == "still serving"
+                    await asyncio.sleep(0.2)
+                deadline = time.monotonic() + 10
+                while (await i.get("/ping")).status_code == 200:  # until its retries ran out
+                    assert time.monotonic() < deadline
+                    (w,) = await _workers(m, "broken")
+                    pids.add(w["pid"])
+                    await asyncio.sleep(0.1)
+                assert len(ids) == 1 and len(pids - {-1}) >= 2  # one worker, started again
+                r = await waiting  # no worker left for it
+                assert r.status_code == 503 and r.json()["type"] == "ServiceUnavailableException"
+                (w,) = await _workers(m, "broken")
+                assert w["status"] == "UNLOADING" and w["restarts"] >= 1
+                restarts = w["restarts"]
+                await asyncio.sleep(1.2)  # given up: no more retries
+                assert (await _workers(m, "broken"))[0]["restarts"] == restarts
+                r = await i.post("/predictions/broken", content=b"x")
+                assert r.status_code == 503
+                assert (await i.post("/predictions/fine", content=b"y")).status_code == 200
+                assert (await m.delete("/models/broken")).status_code == 200
+
+                # loaded at startup: kept, its worker retried
+                mv = await reg.register("broken.mar", initial_workers=1, loaded_at_startup=True)
+                assert reg.get("broken") is mv and mv.healthy()
+        finally:
+            await reg.stop()
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_fails_once_comes_up_when_retried(tmp_path):
+    """TorchServe 0.12, measured with a handler whose initialize raises the first time only:
+    registered asynchronously, the worker is started again 1 s after the failure and serves;
+    a prediction sent meanwhile waits for it (200), the worker turns READY with the same id
+    and startTime. Registered synchronously, the first failure is the answer (500) and the
+    model is undone."""
+    store = tmp_path / "store"
+    ts_archives.archive(store, "flaky", HERE / "fail_once_handler.py")
+
+    async def main():
+        reg = ModelRegistry(store, work_dir=tmp_path / "work")
+        state = TSState(reg, TSMetrics(), None)
+        try:
+            async with _client(make_management_app(state)) as m, \
+                    _client(make_inference_app(state)) as i:  # fmt: skip
+                r = await m.post("/models?url=flaky.mar&initial_workers=1&synchronous=true")
+                assert r.status_code == 500 and "first start fails" in r.json()["message"]
+                assert (await m.get("/models/flaky")).status_code == 404
+
+                started = time.monotonic()
+                r = await m.post("/models?url=flaky.mar&initial_workers=1&synchronous=false")
+                assert r.status_code == 202
+                # sent before its worker was even added: waits for it, then for the retry
+                sent = asyncio.ensure_future(i.post("/predictions/flaky", content=b"x"))
+                (before,) = await _workers(m, "flaky")
+                r = await sent
+                took = time.monotonic() - started
+                assert r.status_code == 200, r.text
+                assert 1.0 <= took < 10, took  # BACK_OFF[1]: 1 s
+                (w,) = await _workers(m, "flaky")
+                assert w["status"] == "READY" and w["pid"] == int(r.text)
+                assert (w["id"], w["startTime"]) == (before["id"], before["startTime"])
+                assert w["restarts"] == 1
+                assert (await i.get("/ping")).status_code == 200
+        finally:
+            await reg.stop()
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_dies_is_restarted_after_a_backoff(tmp_path):
+    """TorchServe 0.12, measured with a handler that calls os._exit for one input: that
+    request gets 500 InternalServerException "Worker died."; the worker is UNLOADING, then
+    started again after 1 s (BACK_OFF[1]) and READY with a new pid; a request queued behind
+    the dead one waits and is served by the new process; /ping stays Healthy."""
+    ts_archives.echo_archive(tmp_path / "store", tmp_path / "w", name="dies")
+
+    async def main():
+        reg = ModelRegistry(tmp_path / "store", work_dir=tmp_path / "work")
+        state = TSState(reg, TSMetrics(), None)
+        try:
+            await reg.register("dies.mar", initial_workers=1)
+            async with _client(make_management_app(state)) as m, \
+                    _client(make_inference_app(state)) as i:  # fmt: skip
+                first = (await i.post("/predictions/dies", content=b"who")).json()["pid"]
+                (before,) = await _workers(m, "dies")
+                died = asyncio.ensure_future(i.post("/predictions/dies", content=b"die"))
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                queued = asyncio.ensure_future(i.post("/predictions/dies", content=b"after"))
+                r = await died
+                assert r.status_code == 500 and r.json()["type"] == "InternalServerException"
+                assert r.json()["message"].startswith("Worker died.")
+                (w,) = await _workers(m, "dies")
+                assert w["status"] == "UNLOADING"
+                assert (await i.get("/ping")).status_code == 200
+                r = await queued
+                assert r.status_code == 200 and r.json()["echo"] == "after"
+                assert r.json()["pid"] != first
+                assert time.monotonic() - started >= 0.7  # waited for the 1 s backoff
+                (w,) = await _workers(m, "dies")
+                assert w["status"] == "READY" and w["pid"] == r.json()["pid"]
+                assert (w["id"], w["startTime"]) == (before["id"], before["startTime"])
+                assert w["restarts"] == 1
         finally:
             await reg.stop()
 

@@ -23,6 +23,8 @@ Interface (stable; other backends build on it)::
   `WorkerDiedError` and a new child is started in the background; `restarts` counts them.
 - If `call_timeout` passes, the child is killed, the call raises `WorkerTimeoutError` and the
   child is restarted.
+- With `restart=False` nothing restarts the child by itself; `on_death` (if given) is called
+  when a started child dies unasked, so that its owner restarts it (`start()`) when it likes.
 - If the factory raises, `start()` (or the next `execute`) raises `WorkerInitError`.
 - Streaming: while `execute` runs in the child, user code may call `emit_partial(value)`
   (this module, or worker_child) any number of times; each value reaches the parent, in order and before
@@ -154,6 +156,7 @@ class ProcessWorker:
         start_timeout: float = 300.0,
         call_timeout: float | None = None,
         restart: bool = True,
+        on_death: Callable[[], None] | None = None,
     ) -> None:
         self.factory = factory
         self.init_kwargs = dict(init_kwargs or {})
@@ -162,6 +165,10 @@ class ProcessWorker:
         self.start_timeout = start_timeout
         self.call_timeout = call_timeout
         self.restart = restart
+        # called on the event loop when a child that had started dies without being asked
+        # to (after its in-flight call failed); for owners that restart it themselves
+        # (restart=False), with their own policy
+        self.on_death = on_death
         self.restarts = 0
         # when (time.monotonic()) the child stopped serving without being asked to (it died
         # or a restart failed to initialize); None while it serves. For health checks that
@@ -321,6 +328,11 @@ class ProcessWorker:
         with contextlib.suppress(Exception):
             inc.conn.close()
         was_ready = inc.ready.done() and inc.ready.exception() is None
+        if self._inc is inc and was_ready and not self._stopping and self.on_death is not None:
+            try:
+                self.on_death()
+            except Exception:  # an owner's bug must not keep the worker from restarting
+                logger.exception("on_death callback of worker %s failed", self.name)
         if self._inc is inc and was_ready and self.restart and not self._stopping:
             self.restarts += 1
             self._restart_task = asyncio.get_running_loop().create_task(self._restart())

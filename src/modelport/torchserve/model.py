@@ -3,6 +3,11 @@
 Requests go through the shared DynamicBatcher (batch_size / max_batch_delay), and each batch
 runs on whichever worker process is idle. Workers can be added and removed while serving
 (the scale API): the batcher is rebuilt for the new worker count and the old one drains.
+
+A worker that fails to start or dies is started again, as TorchServe's WorkerThread retries
+one: after 1, 1, 2, 3, 5, 8, ... seconds (its BACK_OFF), for as long as it has been down for
+less than the model-config YAML's maxRetryTimeoutInSec (default 300) when it fails again.
+Requests wait for it meanwhile; once every worker has given up they get 503.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ logger = logging.getLogger("modelport.torchserve")
 
 HANDLER_FACTORY = "modelport.torchserve.handler_service:HandlerService"
 _worker_ids = itertools.count(9000)
+# TorchServe's WorkerThread.BACK_OFF (seconds): a worker's n-th retry in a row waits BACK_OFF[n]
+BACK_OFF = (0, 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
 
 
 @dataclass(eq=False)
@@ -55,6 +62,19 @@ class _Slot:
     )
     retired: bool = False
     gpu_id: int | None = None
+    ready: bool = False  # started and in the pool (idle or running a batch)
+    busy: bool = False  # running a batch
+    # when it stopped serving (its start failed or it died), until it serves again:
+    # TorchServe's recoveryStartTS
+    down_since: float | None = None
+    gave_up: bool = False  # down for maxRetryTimeoutInSec: no more retries
+    restarts: int = 0  # starts after the first
+    died: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None  # _keep_running
+
+
+class WorkersFailedError(TSError):
+    """Workers being added failed to start (they are retried in the background)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,7 @@ class ModelVersion:
         self._batcher_instances = 0  # 0: not started yet
         self._retiring: set[asyncio.Task] = set()
         self._scale_lock = asyncio.Lock()
+        self._stopped = False
         # workers being started; from the start, those register() starts next, so that a
         # model registered asynchronously is not reported lost before they had a chance
         self._starting = settings.min_workers
@@ -135,6 +156,7 @@ class ModelVersion:
             },
             name=f"{self.name}/{self.version}",
             call_timeout=self.settings.response_timeout_s,
+            restart=False,  # _keep_running restarts it, with TorchServe's backoff
         )
 
     async def scale(self, n: int, most: int | None = None) -> None:
@@ -154,35 +176,128 @@ class ModelVersion:
                 self._starting = 0
 
     async def _scale_locked(self, n: int) -> None:
+        failed: list[BaseException] = []
         if n > len(self._slots):
             n_gpu = await asyncio.to_thread(self._visible_gpus)  # first call imports torch
             new = [
                 _Slot(self._new_worker(gpu), str(next(_worker_ids)), gpu_id=gpu)
                 for gpu in self._gpu_ids(n - len(self._slots), n_gpu)
             ]
-            results = await asyncio.gather(
-                *(s.worker.start() for s in new), return_exceptions=True
-            )
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                await asyncio.gather(*(s.worker.stop() for s in new), return_exceptions=True)
-                logger.error("workers of %s/%s failed: %s", self.name, self.version, failed[0])
-                first_line = (str(failed[0]).splitlines() or [""])[0]
-                raise internal(
-                    f"Failed to start workers for model {self.name} version {self.version}: "
-                    f"{first_line}"
-                )
+            loop = asyncio.get_running_loop()
+            firsts = []
+            for slot in new:
+                slot.worker.on_death = functools.partial(self._on_death, slot)
+                first = loop.create_future()
+                first.add_done_callback(_retrieved)
+                slot.task = loop.create_task(self._keep_running(slot, first))
+                firsts.append(first)
             self._slots.extend(new)
-            self._idle.extend(new)
+            self._starting = 0  # the slots count for themselves now
+            self._swap_batcher(max(len(self._slots), 1))
+            # TorchServe answers as soon as each new worker loaded or failed once; one that
+            # failed keeps being retried (the registry removes a model whose synchronous
+            # registration failed, which stops them)
+            results = await asyncio.gather(*firsts, return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
         while len(self._slots) > n:
-            slot = self._slots.pop()
-            slot.retired = True
-            if slot in self._idle:
-                self._idle.remove(slot)
-                self._spawn(slot.worker.stop())
-            # a busy slot is stopped when its batch returns (see _execute)
+            self._retire(self._slots.pop())
         self._idle_event.set()
         self._swap_batcher(max(len(self._slots), 1))
+        if failed:
+            logger.error("workers of %s/%s failed: %s", self.name, self.version, failed[0])
+            first_line = (str(failed[0]).splitlines() or [""])[0]
+            # TorchServe's words (ApiUtils.updateModelWorkers), then why
+            raise WorkersFailedError(
+                500,
+                "InternalServerException",
+                f"Failed to start workers for model {self.name} version: {self.version} "
+                f"({first_line})",
+            )
+
+    def _retire(self, slot: _Slot) -> None:
+        """Stop a slot scaled away: now, unless it runs a batch (then when that returns)."""
+        slot.retired = True
+        slot.died.set()  # wakes _keep_running, which sees `retired` and ends
+        if slot in self._idle:
+            self._idle.remove(slot)
+        if not slot.busy:
+            self._spawn(self._stop_slot(slot))
+
+    async def _stop_slot(self, slot: _Slot) -> None:
+        if slot.task is not None and slot.task is not asyncio.current_task():
+            slot.task.cancel()
+            with contextlib.suppress(BaseException):
+                await slot.task
+        await slot.worker.stop()
+
+    def _on_death(self, slot: _Slot) -> None:
+        """The worker's child died unasked (its in-flight batch, if any, already failed)."""
+        slot.ready = False
+        if slot in self._idle:
+            self._idle.remove(slot)
+        slot.died.set()
+
+    async def _keep_running(self, slot: _Slot, first: asyncio.Future) -> None:
+        """Start the slot's worker, and start it again whenever it fails to start or dies,
+        as TorchServe's WorkerThread.retry: after BACK_OFF[1], BACK_OFF[2], ... seconds in a
+        row (reset once it loads), until it has been down for maxRetryTimeoutInSec."""
+        try:
+            await self._run_slot(slot, first)
+        finally:
+            if not first.done():  # stopped before it ever served: whoever waits is told
+                first.set_exception(internal(f"worker {slot.id} was stopped"))
+
+    async def _run_slot(self, slot: _Slot, first: asyncio.Future) -> None:
+        backoff = 0
+        while not slot.retired:
+            slot.died.clear()
+            try:
+                await slot.worker.start()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not first.done():
+                    first.set_exception(e)
+                # the traceback once, then its first line each retry
+                why = str(e) if backoff == 0 else (str(e).splitlines() or [""])[0]
+                logger.warning("worker %s of %s/%s failed to start: %s",
+                               slot.id, self.name, self.version, why)  # fmt: skip
+            else:
+                if slot.retired:
+                    break
+                if slot.worker.alive:  # else it died already (on_death has set `died`)
+                    if slot.down_since is not None:
+                        logger.info("worker %s of %s/%s recovered",
+                                    slot.id, self.name, self.version)  # fmt: skip
+                    slot.down_since, backoff = None, 0
+                    slot.ready = True
+                    self._idle.append(slot)
+                    self._idle_event.set()
+                    if not first.done():
+                        first.set_result(None)
+                await slot.died.wait()
+                if slot.retired:
+                    break
+                logger.warning("worker %s of %s/%s died", slot.id, self.name, self.version)
+            now = time.monotonic()
+            if slot.down_since is None:
+                slot.down_since = now
+            window = self.max_retry_timeout_s()
+            if now - slot.down_since >= window:
+                slot.gave_up = True
+                self._idle_event.set()  # requests waiting for a worker may have none left
+                logger.error("worker %s of %s/%s gave up: down for more than "
+                             "maxRetryTimeoutInSec (%ds)", slot.id, self.name, self.version,
+                             window)  # fmt: skip
+                return
+            backoff = min(backoff + 1, len(BACK_OFF) - 1)
+            logger.info("retry worker %s of %s/%s in %d seconds",
+                        slot.id, self.name, self.version, BACK_OFF[backoff])  # fmt: skip
+            await asyncio.sleep(BACK_OFF[backoff])
+            slot.restarts += 1
+
+    def max_retry_timeout_s(self) -> int:
+        return _yaml_int(self.model_yaml, "maxRetryTimeoutInSec", 300)
 
     def _gpu_ids(self, count: int, n_gpu: int) -> list[int | None]:
         """Spread workers over visible GPUs, as TorchServe assigns gpu_id to workers: none
@@ -235,6 +350,11 @@ class ModelVersion:
         self._batcher = self._new_batcher(instances)
         self._batcher.start()
         self._batcher_instances = instances
+        if not was_started and old.queued:
+            # requests that came while the first workers were being added wait in the
+            # batcher made before there were any: run it until they are served
+            old.start()
+            was_started = True
         if was_started:
             self._spawn(self._drain(old))
 
@@ -244,17 +364,28 @@ class ModelVersion:
             await asyncio.sleep(0.02)
         await batcher.stop()
 
+    def _serviceable(self) -> bool:
+        """Some worker serves or may yet (starting, or retried within maxRetryTimeoutInSec)."""
+        if self._stopped:
+            return False
+        return self._starting > 0 or any(not s.gave_up for s in self._slots)
+
     async def _acquire(self) -> _Slot:
         while not self._idle:
-            if not self._slots:
+            if not self._serviceable():
                 raise service_unavailable(_no_worker_message(self.name))
             self._idle_event.clear()
             await self._idle_event.wait()
-        return self._idle.popleft()
+        slot = self._idle.popleft()
+        slot.busy = True
+        return slot
 
     def _release(self, slot: _Slot) -> None:
+        slot.busy = False
         if slot.retired:
-            self._spawn(slot.worker.stop())
+            self._spawn(self._stop_slot(slot))
+            return
+        if not slot.ready:  # it died running the batch: _keep_running restarts it
             return
         self._idle.append(slot)
         self._idle_event.set()
@@ -276,7 +407,8 @@ class ModelVersion:
             # a worker killed by SIGKILL (the OOM killer, mostly) is 507, as TorchServe reads
             # its exit value 137
             code = 507 if e.exit_code == -signal.SIGKILL else 500
-            message = f"Worker died while running a batch of model {self.name}: {e}"
+            # TorchServe's words first ("Worker died."), then which model and why
+            message = f"Worker died. Model {self.name}: {e}"
             err = TSError(code, "InternalServerException", message)
             return [Outcome(err, started - t) for _, t in jobs]
         except WorkerError as e:
@@ -311,7 +443,7 @@ class ModelVersion:
         self, item: RequestItem, on_partial: Callable[[ItemResponse], None] | None = None
     ) -> Outcome:
         """Queue one request; `on_partial` gets its intermediate responses, if any."""
-        if not self._slots:
+        if not self._serviceable():
             raise service_unavailable(_no_worker_message(self.name))
         if on_partial is not None:
             self._streams[item.request_id] = on_partial
@@ -333,7 +465,7 @@ class ModelVersion:
         batch (TorchServe's `explain` and `describe`): batched with ordinary predictions they
         would switch the whole batch's mode.
         """
-        if not self._slots:
+        if not self._serviceable():
             raise service_unavailable(_no_worker_message(self.name))
         (outcome,) = await self._execute([(item, time.monotonic())])
         return outcome
@@ -358,7 +490,7 @@ class ModelVersion:
             "maxBatchDelay": s.max_batch_delay_ms,
             "responseTimeout": int(s.response_timeout_s),
             "startupTimeout": _yaml_int(y, "startupTimeout", 120),
-            "maxRetryTimeoutInSec": _yaml_int(y, "maxRetryTimeoutInSec", 300),
+            "maxRetryTimeoutInSec": self.max_retry_timeout_s(),
             "clientTimeoutInMills": _yaml_int(y, "clientTimeoutInMills", 0),
         }
         level = _yaml_int(y, "parallelLevel", 0)
@@ -382,18 +514,21 @@ class ModelVersion:
             maxSequenceJobQueueSize=_yaml_int(y, "maxSequenceJobQueueSize", 0) if seq else 0,
             loadedAtStartup=self.loaded_at_startup,
         )
+        # TorchServe 0.12 (ApiUtils.getModelDescription): READY when the worker has loaded
+        # the model, else UNLOADING (starting, down, being retried, given up); the pid of its
+        # latest process, -1 before it has one; startTime is the worker's, not its process's
         doc["workers"] = [
             {
                 "id": slot.id,
                 "startTime": slot.start_time,
-                "status": "READY" if slot.worker.alive else "UNLOADING",
-                "memoryUsage": _rss(slot.worker.pid),
-                "pid": slot.worker.pid,
+                "status": "READY" if slot.ready and slot.worker.alive else "UNLOADING",
+                "memoryUsage": _rss(slot.worker.pid) if slot.worker.alive else 0,
+                "pid": slot.worker.pid or -1,
                 "gpu": slot.gpu_id is not None,
                 "gpuUsage": "N/A",
                 # modelport's own, beyond TorchServe's fields
                 "gpuId": slot.gpu_id,
-                "restarts": slot.worker.restarts,
+                "restarts": slot.restarts,
             }
             for slot in self._slots
         ]
@@ -416,29 +551,37 @@ class ModelVersion:
         """Workers that serve, are starting, or are down for less than the YAML's
         maxRetryTimeoutInSec (default 300): TorchServe's WorkerThread.isHealthy, which gives a
         worker that long to come back before /ping counts it lost."""
-        window = _yaml_int(self.model_yaml, "maxRetryTimeoutInSec", 300)
+        window = self.max_retry_timeout_s()
         now = time.monotonic()
-        recovering = sum(
+        healthy = sum(
             1 for s in self._slots
-            if not s.worker.alive
-            and (s.worker.down_since is None or now - s.worker.down_since < window)
+            if s.down_since is None or (not s.gave_up and now - s.down_since < window)
         )  # fmt: skip
-        alive = sum(1 for s in self._slots if s.worker.alive)
-        return alive + recovering + self._starting
+        return healthy + self._starting
 
     def healthy(self) -> bool:
         """TorchServe's ApiUtils.isModelHealthy for one version: at least minWorkers healthy."""
         return self.healthy_workers() >= self.settings.min_workers
 
     async def stop(self) -> None:
+        self._stopped = True
         slots, self._slots = self._slots, []
+        for slot in slots:
+            slot.retired = True
+            slot.died.set()
         self._idle.clear()
         self._idle_event.set()
         await self._batcher.stop()
-        await asyncio.gather(*(s.worker.stop() for s in slots), return_exceptions=True)
+        await asyncio.gather(*(self._stop_slot(s) for s in slots), return_exceptions=True)
         for t in list(self._retiring):
             with contextlib.suppress(BaseException):
                 await t
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    """Marks a future's exception as seen: a worker's first start may fail unawaited."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _yaml_int(doc: dict, key: str, default: int) -> int:

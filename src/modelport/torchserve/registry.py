@@ -30,7 +30,7 @@ from modelport.torchserve.errors import (
     model_not_found,
     version_not_found,
 )
-from modelport.torchserve.model import ModelVersion
+from modelport.torchserve.model import ModelVersion, WorkersFailedError
 from modelport.torchserve.ts_config import (
     ModelEntry,
     ModelSettings,
@@ -238,6 +238,15 @@ class ModelRegistry:
         if synchronous:
             try:
                 await task
+            except WorkersFailedError as e:
+                # TorchServe: a registration over the API that cannot start its workers is
+                # undone (ApiUtils' onError unregisters it); a model loaded at startup stays,
+                # its workers retried for maxRetryTimeoutInSec (ModelServer.initModelStore)
+                if not loaded_at_startup:
+                    await self._remove(name, mv.version)
+                    raise
+                logger.warning("model %s version %s: %s; retrying its workers",
+                               name, mv.version, e)  # fmt: skip
             except BaseException:
                 await self._remove(name, mv.version)
                 raise
