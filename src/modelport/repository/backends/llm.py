@@ -212,16 +212,9 @@ class LLMBackend(Backend):
                 raise ValueError(f"stream must be a boolean, got {streaming!r}") from None
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             return self._fail(item, self._invalid(e))
-        try:
-            ids = self.llm.encode(text)
-            rid = f"triton-{req.id or ''}-{next(self._ids)}"
-            stream = self.llm.generate(ids, params, rid, prompt_text=text)
-        except ValueError as e:  # the engine refused it (e.g. longer than max_model_len)
-            return self._fail(item, self._invalid(e))
-        except Exception as e:  # engine dead, a bug: not the client's fault
-            return self._fail(
-                item, ServingError(f"model '{self.config.name}': {type(e).__name__}: {e}")
-            )
+        stream = self._submit(item, text, params)
+        if not hasattr(stream, "__aiter__"):  # refused: the failure already answered
+            return stream
         sent = 0
         last = None
         try:
@@ -243,6 +236,20 @@ class LLMBackend(Backend):
             return None
         return whole
 
+    def _submit(self, item: BatchItem, text: str, params: Any, lora: Any = None) -> Any:
+        """The engine's output stream for the request, or (when the engine refuses it or
+        cannot take it) what ``_fail`` answered."""
+        try:
+            ids = self.llm.encode(text)
+            rid = f"triton-{item.request.id or ''}-{next(self._ids)}"
+            return self.llm.generate(ids, params, rid, prompt_text=text, lora_request=lora)
+        except ValueError as e:  # the engine refused it (e.g. longer than max_model_len)
+            return self._fail(item, self._invalid(e))
+        except Exception as e:  # engine dead, a bug: not the client's fault
+            return self._fail(
+                item, ServingError(f"model '{self.config.name}': {type(e).__name__}: {e}")
+            )
+
     def _invalid(self, e: Exception) -> InvalidArgument:
         return InvalidArgument(f"model '{self.config.name}': {e}")
 
@@ -254,12 +261,13 @@ class LLMBackend(Backend):
         return err
 
     def _response(self, req: InferRequest, text: str, final: bool) -> InferResponse:
-        arr = np.empty((1,), dtype=np.object_)
-        arr[0] = text.encode("utf-8")
-        return InferResponse(
-            self.config.name,
-            req.model_version,
-            {"text_output": InferTensor("text_output", "BYTES", arr)},
-            id=req.id,
-            final=final,
-        )
+        return InferResponse(self.config.name, req.model_version,
+                             {"text_output": string_tensor("text_output", text)},
+                             id=req.id, final=final)
+
+
+def string_tensor(name: str, text: str) -> InferTensor:
+    """A BYTES tensor of one UTF-8 string."""
+    arr = np.empty((1,), dtype=np.object_)
+    arr[0] = text.encode("utf-8")
+    return InferTensor(name, "BYTES", arr)

@@ -46,8 +46,8 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.backends.base import STREAM_END, BackendContext, BatchItem
-from modelport.repository.backends.llm import LLMBackend
-from modelport.repository.errors import InvalidArgument, ModelConfigError, ServingError
+from modelport.repository.backends.llm import _KIND, LLMBackend, _cast, string_tensor
+from modelport.repository.errors import ModelConfigError, ServingError
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
 
 logger = logging.getLogger(__name__)
@@ -151,25 +151,26 @@ def _field_types() -> dict[str, Any]:
 
 
 def _convert(key: str, value: Any, hint: Any) -> Any:
-    """A JSON value as the SamplingParams field's scalar type, as the vLLM backend converts
-    them (strings included: "0.7", "16", "true"); other values are passed as they are."""
+    """A JSON value as the SamplingParams field's scalar type, strings included ("0.7",
+    "16", "true"), as the vLLM backend converts them (the llm backend's checks); other values
+    are passed as they are."""
     scalars = [t for t in typing.get_args(hint) or (hint,) if t in (int, float, bool, str)]
     if len(scalars) != 1 or isinstance(value, (list, dict)):
         return value
-    kind = scalars[0]
-    if kind is bool:
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        if isinstance(value, (bool, int)):
-            return bool(value)
-        raise ValueError(f"{key} must be a boolean, got {value!r}")
+    if scalars[0] is str:
+        return str(value)
+    if scalars[0] is bool and type(value) is int:  # vLLM's bool(1)
+        return bool(value)
+    given = value
+    if scalars[0] is int and isinstance(value, str):  # "16" and "16.0" alike
+        try:
+            given = float(value)
+        except ValueError:
+            pass
     try:
-        if kind is int and isinstance(value, str):
-            return int(float(value)) if float(value).is_integer() else int(value)
-        return kind(value)
+        return _cast(given, scalars[0])
     except (TypeError, ValueError):
-        raise ValueError(f"{key} must be {'an integer' if kind is int else 'a ' + kind.__name__}"
-                         f", got {value!r}") from None
+        raise ValueError(f"{key} must be {_KIND[scalars[0]]}, got {value!r}") from None
 
 
 class VLLMBackend(LLMBackend):
@@ -261,15 +262,9 @@ class VLLMBackend(LLMBackend):
             params, lora = self._sampling(req)
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             return self._fail(item, self._invalid(e))
-        try:
-            ids = self.llm.encode(text)
-            rid = f"triton-{req.id or ''}-{next(self._ids)}"
-            stream = self.llm.generate(ids, params, rid, prompt_text=text, lora_request=lora)
-        except ValueError as e:  # the engine refused it (e.g. longer than max_model_len)
-            return self._fail(item, self._invalid(e))
-        except Exception as e:  # engine dead, a bug: not the client's fault
-            return self._fail(
-                item, ServingError(f"model '{self.config.name}': {type(e).__name__}: {e}"))
+        stream = self._submit(item, text, params, lora)
+        if not hasattr(stream, "__aiter__"):  # refused: the failure already answered
+            return stream
         seen = {"text": 0, "tokens": 0, "logprobs": 0}
         last = None
         try:
@@ -297,9 +292,9 @@ class VLLMBackend(LLMBackend):
                prefix: str) -> InferResponse:
         """One response: the text (and tokens, logprobs) new since ``seen``, which it moves on."""
         c = out.outputs[0]
-        tensors = {"text_output": _strings("text_output", prefix + c.text[seen["text"]:])}
+        tensors = {"text_output": string_tensor("text_output", prefix + c.text[seen["text"]:])}
         if "finish_reason" in extra:
-            tensors["finish_reason"] = _strings("finish_reason", str(c.finish_reason))
+            tensors["finish_reason"] = string_tensor("finish_reason", str(c.finish_reason))
         if "cumulative_logprob" in extra:
             tensors["cumulative_logprob"] = InferTensor(
                 "cumulative_logprob", "FP32", np.asarray(
@@ -314,7 +309,7 @@ class VLLMBackend(LLMBackend):
                                    for tok, lp in d.items()}
                                   for d in list(c.logprobs)[seen["logprobs"]:]])
                 seen["logprobs"] = len(c.logprobs)
-            tensors["logprobs"] = _strings("logprobs", doc)
+            tensors["logprobs"] = string_tensor("logprobs", doc)
         if "num_input_tokens" in extra:
             tensors["num_input_tokens"] = InferTensor(
                 "num_input_tokens", "UINT32", np.asarray([len(out.prompt_token_ids)],
@@ -327,11 +322,3 @@ class VLLMBackend(LLMBackend):
         return InferResponse(self.config.name, req.model_version, tensors, id=req.id,
                              final=out.finished)
 
-    def _invalid(self, e: Exception) -> InvalidArgument:
-        return InvalidArgument(f"model '{self.config.name}': {e}")
-
-
-def _strings(name: str, text: str) -> InferTensor:
-    arr = np.empty((1,), dtype=np.object_)
-    arr[0] = text.encode("utf-8")
-    return InferTensor(name, "BYTES", arr)
