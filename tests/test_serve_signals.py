@@ -61,7 +61,11 @@ def test_a_signal_to_the_whole_group_is_an_orderly_stop(model_dir, repository, t
                 "--metrics-port", str(free_port())]
         ready = "/v2/health/ready"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        # as from a terminal: SIGINT at its default even where this run's shell started it
+        # ignored (a background job of a non-interactive shell), or Python never installs
+        # its Ctrl-C handler in the server and a caught SIGINT ends it with 0
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while True:
