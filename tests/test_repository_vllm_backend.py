@@ -178,6 +178,10 @@ def test_request_errors_are_400_and_others_serve(setup) -> None:
         r = httpx.post(url(srv, "generate"), json={"text_input": "Hi", **extra})
         assert r.status_code == 400, (extra, r.text)
         assert message in r.json()["error"], (extra, r.text)
+    # one the engine refuses (longer than max_model_len 256): its message, 400
+    r = httpx.post(url(srv, "generate"), json={"text_input": "Hi " * 300, "parameters": {}})
+    assert r.status_code == 400, r.text
+    assert "model 'vllm_model'" in r.json()["error"] and "256" in r.json()["error"], r.text
     r = httpx.post(url(srv, "generate"), json={"text_input": "Hi", "parameters": {"max_tokens": 2}})
     assert r.status_code == 200
 

@@ -212,9 +212,9 @@ class LLMBackend(Backend):
                 raise ValueError(f"stream must be a boolean, got {streaming!r}") from None
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             return self._fail(item, self._invalid(e))
-        stream = self._submit(item, text, params)
-        if not hasattr(stream, "__aiter__"):  # refused: the failure already answered
-            return stream
+        stream, refused = self._submit(item, text, params)
+        if stream is None:  # the failure is already answered
+            return refused
         sent = 0
         last = None
         try:
@@ -236,17 +236,18 @@ class LLMBackend(Backend):
             return None
         return whole
 
-    def _submit(self, item: BatchItem, text: str, params: Any, lora: Any = None) -> Any:
-        """The engine's output stream for the request, or (when the engine refuses it or
-        cannot take it) what ``_fail`` answered."""
+    def _submit(self, item: BatchItem, text: str, params: Any,
+                lora: Any = None) -> tuple[Any, Any]:
+        """(the engine's output stream for the request, None), or, when the engine refuses
+        it or cannot take it, (None, what ``_fail`` answered)."""
         try:
             ids = self.llm.encode(text)
             rid = f"triton-{item.request.id or ''}-{next(self._ids)}"
-            return self.llm.generate(ids, params, rid, prompt_text=text, lora_request=lora)
+            return self.llm.generate(ids, params, rid, prompt_text=text, lora_request=lora), None
         except ValueError as e:  # the engine refused it (e.g. longer than max_model_len)
-            return self._fail(item, self._invalid(e))
+            return None, self._fail(item, self._invalid(e))
         except Exception as e:  # engine dead, a bug: not the client's fault
-            return self._fail(
+            return None, self._fail(
                 item, ServingError(f"model '{self.config.name}': {type(e).__name__}: {e}")
             )
 

@@ -262,9 +262,9 @@ class VLLMBackend(LLMBackend):
             params, lora = self._sampling(req)
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             return self._fail(item, self._invalid(e))
-        stream = self._submit(item, text, params, lora)
-        if not hasattr(stream, "__aiter__"):  # refused: the failure already answered
-            return stream
+        stream, refused = self._submit(item, text, params, lora)
+        if stream is None:  # the failure is already answered
+            return refused
         seen = {"text": 0, "tokens": 0, "logprobs": 0}
         last = None
         try:
