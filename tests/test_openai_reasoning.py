@@ -145,7 +145,8 @@ def test_a_prompt_that_ended_the_thinking_leaves_content() -> None:
 
 
 def test_unknown_parser_is_named() -> None:
-    with pytest.raises(ValueError, match="deepseek_r1, glm45, granite, mistral, qwen3"):
+    with pytest.raises(ValueError, match="deepseek_r1, deepseek_v3, glm45, granite, "
+                       "hunyuan_a13b, mistral, qwen3, seed_oss"):
         get_reasoning_parser("nemotron")
 
 

@@ -49,7 +49,8 @@ def test_reasoning_ends_at_the_last_think_tag_as_vllm_decides() -> None:
     assert not end.ended([1, END, 2, START, 3])  # thinking again after an earlier block
     assert not end.ended([1, 2, 3])
     vocab = {"<think>": START, "</think>": END}
-    assert set(REASONING_TAGS) == {"deepseek_r1", "qwen3", "mistral", "granite", "glm45"}
+    assert set(REASONING_TAGS) == {"deepseek_r1", "qwen3", "mistral", "granite", "glm45",
+                                   "deepseek_v3", "seed_oss", "hunyuan_a13b"}
     assert ReasoningEnd.from_vocab("qwen3", vocab) == end
     with pytest.raises(
         RuntimeError,

@@ -58,9 +58,14 @@ REASONING_TAGS: dict[str, tuple[str, str] | None] = {
     # GLM-4.5's template writes <think></think> after every <|assistant|>: the reasoning has
     # ended when a </think> follows the last <|assistant|> (vLLM's is_reasoning_end)
     "glm45": ("<|assistant|>", "</think>"),
+    "deepseek_v3": ("<think>", "</think>"),
+    "seed_oss": ("<seed:think>", "</seed:think>"),
+    # Hunyuan-A13B's tags are several tokens each: as granite, constrained from the start
+    "hunyuan_a13b": None,
 }
 _PARSER_CLASSES = {"deepseek_r1": "DeepSeekR1", "qwen3": "Qwen3", "mistral": "Mistral",
-                   "granite": "Granite", "glm45": "Glm45"}
+                   "granite": "Granite", "glm45": "Glm45", "deepseek_v3": "DeepSeekV3",
+                   "seed_oss": "SeedOSS", "hunyuan_a13b": "HunyuanA13B"}
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,11 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             help="how the model writes tool calls: hermes (<tool_call>{...}</tool_call>, "
             "Hermes/Qwen), llama3_json (JSON after <|python_tag|>, Llama 3.x), mistral "
             "([TOOL_CALLS]), pythonic / llama4_pythonic ([f(a=1)], Llama 3.2/4), qwen3_coder "
-            "(<function=...> XML), deepseek_v3, granite (<|tool_call|>[...]), phi4_mini_json "
-            "(functools[...]) or internlm (<|action_start|><|plugin|>{...})",
+            "/ qwen3_xml (<function=...> XML), deepseek_v3, deepseek_v31, granite "
+            "(<|tool_call|>[...]), phi4_mini_json (functools[...]), internlm "
+            "(<|action_start|><|plugin|>{...}), glm45 (<arg_key>/<arg_value>, GLM-4.5/4.6), "
+            "kimi_k2 (<|tool_calls_section_begin|>), xlam (a JSON list of calls), seed_oss "
+            "(<seed:tool_call>) or llama4_json (llama3_json's)",
         )
     if "--reasoning-parser" not in parser._option_string_actions:
         from modelport.entrypoints.openai.reasoning import REASONING_PARSERS
@@ -91,8 +94,11 @@ def add_openai_args(parser: argparse.ArgumentParser) -> None:
             help="return a reasoning model's thinking (<think>...</think>) as the chat "
             "message's `reasoning`, apart from `content`: deepseek_r1 (DeepSeek-R1, QwQ), "
             "qwen3 (Qwen3; chat_template_kwargs {\"enable_thinking\": false} turns it off), "
-            "mistral ([THINK]...[/THINK], Magistral), glm45 (GLM-4.5) or granite (\"Here is "
-            "my thought process:\" ... \"Here is my response:\", Granite 3.x)",
+            "mistral ([THINK]...[/THINK], Magistral), glm45 (GLM-4.5), granite (\"Here is "
+            "my thought process:\" ... \"Here is my response:\", Granite 3.x), deepseek_v3 "
+            "(DeepSeek-V3.1; chat_template_kwargs {\"thinking\": true} turns it on), seed_oss "
+            "(<seed:think>...</seed:think>) or hunyuan_a13b (<think>...</think> then "
+            "<answer>...</answer>)",
         )
     if "--default-chat-template-kwargs" not in parser._option_string_actions:
         g.add_argument(

@@ -21,6 +21,11 @@ leaves the whole answer to content, as vLLM does.
 - glm45 (GLM-4.5): `<think>` ... `</think>`, both generated; no `<think>`: all content.
 - granite (Granite 3.x): the phrases "Here is my thought process:" / "Here is my response:"
   (see GraniteReasoningParser for where vLLM's stream and non-streamed answer differ).
+- deepseek_v3 (DeepSeek-V3.1/3.2): deepseek_r1's rules when chat_template_kwargs has
+  `thinking: true`; otherwise all content.
+- seed_oss (Seed-OSS): deepseek_r1's rules with `<seed:think>` ... `</seed:think>`.
+- hunyuan_a13b (Hunyuan-A13B): `<think>` ... `</think>` then `<answer>` ... `</answer>`,
+  the content being the answer's body.
 
 Structured outputs (and tool_choice naming a function or "required"), as vLLM's: the engine
 lets the reasoning run unconstrained and starts the grammar after `</think>` (or from the first
@@ -72,20 +77,21 @@ class ReasoningParser:
         """(reasoning, content) of the text so far; reasoning None when the text is not
         (or not yet known to be) reasoning. Both only grow as the text grows; a tag that
         may be arriving is held back until `final`. The think-tag rules (deepseek_r1,
-        qwen3): the opening tag may be in the prompt."""
+        qwen3, and seed_oss's own tags): the opening tag may be in the prompt."""
+        start, end_tag = self.START or START, self.END or END
         stripped = text.lstrip()
-        if stripped.startswith(START):
-            body = stripped[len(START):]  # a generated opening tag is dropped
-        elif not final and START.startswith(stripped):
+        if stripped.startswith(start):
+            body = stripped[len(start):]  # a generated opening tag is dropped
+        elif not final and start.startswith(stripped):
             return None, ""  # blank so far, or "<think>" arriving: undecided
         else:
             body = text  # the opening tag was in the prompt
-        end = body.find(END)
+        end = body.find(end_tag)
         if end >= 0:
-            return body[:end], body[end + len(END):]
+            return body[:end], body[end + len(end_tag):]
         if final:
             return body, ""  # no end tag: all of it is reasoning (vLLM: truncated thinking)
-        return body[: len(body) - _partial_at_end(body, END)], ""
+        return body[: len(body) - _partial_at_end(body, end_tag)], ""
 
     def extract(self, text: str) -> tuple[str | None, str | None]:
         """vLLM's non-streaming (reasoning, content): content None when empty after
@@ -240,12 +246,98 @@ class Glm45ReasoningParser(ReasoningParser):
         return reasoning, content or None
 
 
+class DeepSeekV3ReasoningParser(DeepSeekR1ReasoningParser):
+    """DeepSeek-V3.1 / V3.2 (hybrid thinking): as vLLM, the answer is reasoning only when the
+    request turns thinking on (chat_template_kwargs `{"thinking": true}`, which the template
+    reads; `enable_thinking` is taken too), then split as deepseek_r1's; otherwise it is all
+    content."""
+
+    name = "deepseek_v3"
+
+    def thinking_enabled(self) -> bool:
+        kw = self.chat_template_kwargs
+        return bool(kw.get("thinking", kw.get("enable_thinking", False)))
+
+
+class SeedOssReasoningParser(ReasoningParser):
+    """ByteDance Seed-OSS: `<seed:think>` ... `</seed:think>`, each one token, with
+    deepseek_r1's rules (the opening tag may be in the prompt; without the end tag all of the
+    text is reasoning; a prompt whose last tag is the end tag leaves the answer to content)."""
+
+    name = "seed_oss"
+    START, END = "<seed:think>", "</seed:think>"
+
+    def prompt_ends(self, prompt: str | None) -> bool:
+        return bool(prompt) and prompt.rfind(self.END) > prompt.rfind(self.START)
+
+
+def _inner(body: str, close: str, final: bool) -> tuple[str, int]:
+    """The text of an element whose body starts at `body` and ends at `close`, less one
+    newline after the opening tag and one before `close` (Hunyuan writes each tag on its own
+    line), and where the text after `close` starts (-1 while it is open; what may be `close`
+    or the newline before it arriving is held back until `final`)."""
+    skip = 1 if body.startswith("\n") else 0
+    body = body[skip:]
+    e = body.find(close)
+    if e >= 0:
+        inner = body[:e]
+        return (inner[:-1] if inner.endswith("\n") else inner), skip + e + len(close)
+    if final:
+        return body, -1
+    held = max(_partial_at_end(body, "\n" + close), _partial_at_end(body, close))
+    return body[: len(body) - held], -1
+
+
+class HunyuanA13BReasoningParser(ReasoningParser):
+    """Tencent Hunyuan-A13B: `<think>` reasoning `</think>`, then the answer in `<answer>`
+    ... `</answer>`, each tag on its own line; the content is the answer's body (text after
+    `</answer>` dropped). Without `<think>` (fast thinking: the template closed it in the
+    prompt) the answer is all content, its `<answer>` tags dropped; a text with neither tag
+    is content as is; no `</think>`: all of it is reasoning. The tags are several tokens
+    each in Hunyuan's vocabulary, so the parser reads text only, as granite's: the engine
+    cannot see the end of the reasoning, and structured outputs constrain from the first
+    token (REASONING_TAGS)."""
+
+    name = "hunyuan_a13b"
+    START = END = None
+    THINK, THINK_END, ANSWER, ANSWER_END = "<think>", "</think>", "<answer>", "</answer>"
+
+    def prompt_ends(self, prompt: str | None) -> bool:
+        return False  # decided by the answer's own tags
+
+    def count_reasoning_tokens(self, token_ids: Sequence[int], start_id: int,
+                               end_id: int) -> int:
+        return 0  # no single-token tags to count by, as granite
+
+    def split(self, text: str, final: bool) -> tuple[str | None, str]:
+        stripped = text.lstrip()
+        if stripped.startswith(self.THINK):
+            reasoning, after = _inner(stripped[len(self.THINK):], self.THINK_END, final)
+            if after < 0:
+                return reasoning, ""
+            return reasoning, self._answer(stripped[len(self.THINK):][after:], final)
+        if not final and (self.THINK.startswith(stripped) or self.ANSWER.startswith(stripped)):
+            return None, ""  # a tag may be arriving
+        return None, self._answer(text, final)
+
+    def _answer(self, text: str, final: bool) -> str:
+        stripped = text.lstrip()
+        if stripped.startswith(self.ANSWER):
+            return _inner(stripped[len(self.ANSWER):], self.ANSWER_END, final)[0]
+        if not final and self.ANSWER.startswith(stripped):
+            return ""
+        return text
+
+
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     DeepSeekR1ReasoningParser.name: DeepSeekR1ReasoningParser,
     Qwen3ReasoningParser.name: Qwen3ReasoningParser,
     MistralReasoningParser.name: MistralReasoningParser,
     GraniteReasoningParser.name: GraniteReasoningParser,
     Glm45ReasoningParser.name: Glm45ReasoningParser,
+    DeepSeekV3ReasoningParser.name: DeepSeekV3ReasoningParser,
+    SeedOssReasoningParser.name: SeedOssReasoningParser,
+    HunyuanA13BReasoningParser.name: HunyuanA13BReasoningParser,
 }
 
 

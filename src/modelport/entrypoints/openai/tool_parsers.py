@@ -63,6 +63,9 @@ class ParsedCall:
     name: str
     arguments: str  # a JSON object, as a string (OpenAI's function.arguments)
     start: int = field(default=-1, compare=False)  # where the call starts in the text
+    # the call's id when the format writes one (kimi_k2's functions.NAME:IDX); None: the
+    # parser's call_id()
+    id: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class PartialCall:
     start: int
     name: str
     arguments: str
+    id: str | None = None  # as ParsedCall.id
 
 
 @dataclass
@@ -462,6 +466,7 @@ class CallDelta:
     index: int
     name: str | None = None
     arguments: str | None = None
+    id: str | None = None  # with the name: the id the model wrote for the call, if any
 
 
 class ToolCallStreamer:
@@ -508,13 +513,13 @@ class ToolCallStreamer:
                 self._open = None
             elif self._room():
                 self._open = None  # one that stopped being a call is left as it was
-                deltas.append(CallDelta(self.calls_sent, c.name, c.arguments))
+                deltas.append(CallDelta(self.calls_sent, c.name, c.arguments, c.id))
                 self.calls_sent += 1
         self._calls_done = len(s.calls)
         p = s.partial
         if p is not None and (self._open is None or self._open[0] != p.start) and self._room():
             self._open, self._args_sent = (p.start, self.calls_sent), ""
-            deltas.append(CallDelta(self.calls_sent, p.name))
+            deltas.append(CallDelta(self.calls_sent, p.name, id=p.id))
             self.calls_sent += 1
         if p is not None and self._open is not None and self._open[0] == p.start:
             if p.arguments.startswith(self._args_sent) and len(p.arguments) > len(self._args_sent):
@@ -555,3 +560,4 @@ def _with_object_arguments(call: Any) -> Any:
 import modelport.entrypoints.openai.tool_parsers_more  # noqa: E402, F401, I001
 import modelport.entrypoints.openai.tool_parsers_pythonic  # noqa: E402, F401, I001
 import modelport.entrypoints.openai.tool_parsers_qwen3_coder  # noqa: E402, F401, I001
+import modelport.entrypoints.openai.tool_parsers_extra  # noqa: E402, F401, I001

@@ -229,7 +229,7 @@ class ToolChoiceOutput:
         if not calls:
             return AssistantMessage(content=content), finish_reason
         return AssistantMessage(content=content, tool_calls=[
-            _call(c, self._parser.call_id()) for c in calls]), "tool_calls"
+            _call(c, c.id or self._parser.call_id()) for c in calls]), "tool_calls"
 
     def feed(self, text: str, final: bool) -> tuple[str | None, list[DeltaToolCall]]:
         """(content delta or None, tool-call deltas) for the choice's text so far."""
@@ -252,7 +252,7 @@ class ToolChoiceOutput:
         deltas = []
         for d in pieces:  # as vLLM: id, type and name in a call's first delta only
             if d.name is not None:
-                call_id = self._parser.call_id() if self._parser is not None else None
+                call_id = d.id or (self._parser.call_id() if self._parser is not None else None)
                 deltas.append(DeltaToolCall(
                     index=d.index, id=call_id or new_call_id(), type="function",
                     function=DeltaFunctionCall(name=d.name, arguments=d.arguments)))
