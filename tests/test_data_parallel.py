@@ -4,7 +4,8 @@ each its own process and KV cache) behind one server.
 - requests spread over the replicas (fewest in flight first), each answered once, with the
   tokens one replica alone gives; the n samples of a request stay on one replica;
 - aborts follow a request to its replica, which frees it and keeps serving;
-- stats are the replicas' merged (KV blocks add up);
+- stats are the replicas' merged (KV blocks add up); /metrics has each replica's series under
+  its own `engine` label, each request's counts under the replica that ran it;
 - one replica's death ends the engine with an error naming it;
 - the offline engine refuses data_parallel_size > 1, pointing at `serve`.
 """
@@ -12,6 +13,7 @@ each its own process and KV cache) behind one server.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -157,12 +159,36 @@ def test_replica_configs_and_bad_sizes(model_dir):
         LLM(str(model_dir), data_parallel_size=2, kv_cache_memory=KV)
 
 
+def _engine_series(url: str) -> dict[str, dict[str, float]]:
+    """/metrics' per-engine samples: name (with "/finished_reason" for request_success)
+    -> {engine: value}."""
+    import re
+
+    out: dict[str, dict[str, float]] = {}
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for m in re.finditer(r'^(modelport:\w+)\{engine="(\d+)"(?:,finished_reason="(\w+)")?'
+                         r',model_name="[^"]*"\} (\S+)$', text, re.M):
+        name = m[1] if m[3] is None else f"{m[1]}/{m[3]}"
+        out.setdefault(name, {})[m[2]] = float(m[4])
+    return out
+
+
 def test_serve_with_two_replicas(model_dir, offline, tmp_path):
     log = tmp_path / "server.log"
     argv = ["-m", "modelport.entrypoints.cli", "serve", "--model", str(model_dir),
             "--data-parallel-size", "2", "--kv-cache-memory", KV_FLAG, "--max-model-len", "64"]
     proc, url = start_server(argv, log, timeout=180)
     try:
+        # vLLM's engine label: both replicas' series exist (at 0) from the start
+        fresh = _engine_series(url)
+        for name in ("modelport:num_requests_running", "modelport:prompt_tokens_total",
+                     "modelport:generation_tokens_total", "modelport:kv_cache_usage_perc",
+                     "modelport:time_to_first_token_seconds_count",
+                     "modelport:iteration_tokens_total_count"):
+            assert fresh[name] == {"0": 0.0, "1": 0.0}, (name, fresh.get(name))
+        for reason in ("stop", "length", "abort"):
+            assert fresh[f"modelport:request_success_total/{reason}"] == {"0": 0.0, "1": 0.0}
+
         async def main():
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
                 rs = await asyncio.gather(*(c.post("/v1/completions", json={
@@ -173,6 +199,23 @@ def test_serve_with_two_replicas(model_dir, offline, tmp_path):
         bodies = asyncio.run(main())
         assert [b["choices"][0]["text"] for b in bodies] == [o.text for o in offline]
         assert all(b["usage"]["completion_tokens"] == 8 for b in bodies)
+        # each replica's counters hold its own requests: they add up to the whole, both
+        # replicas served some, and each request's counts landed on one replica
+        after = _engine_series(url)
+        prompt = after["modelport:prompt_tokens_total"]
+        gen = after["modelport:generation_tokens_total"]
+        done = after["modelport:request_success_total/length"]
+        assert sum(prompt.values()) == sum(b["usage"]["prompt_tokens"] for b in bodies)
+        assert sum(gen.values()) == 8 * len(PROMPTS)
+        assert sum(done.values()) == len(PROMPTS) and min(done.values()) >= 1, done
+        for e in ("0", "1"):  # whole requests: 8 tokens each, prompt tokens of some subset
+            assert gen[e] == 8 * done[e], (gen, done)
+            assert after["modelport:e2e_request_latency_seconds_count"][e] == done[e]
+            assert after["modelport:request_prompt_tokens_sum"][e] == prompt[e]
+            assert after["modelport:iteration_tokens_total_count"][e] > 0
+        lens = sorted(b["usage"]["prompt_tokens"] for b in bodies)
+        assert any(sum(c) == prompt["0"] for c in itertools.combinations(lens, int(done["0"]))), (
+            prompt, lens)
     finally:
         stop_server(proc)
     text = log.read_text()

@@ -164,11 +164,11 @@ def test_server_metrics_count_drafts_and_acceptance_by_position() -> None:
     m.observe_stats(SchedulerStats(spec_num_drafts=3, spec_num_draft_tokens=9,
                                    spec_num_accepted_tokens=5, spec_num_accepted_per_pos=[3, 2, 0]))
     text = m.render().decode()
-    assert 'vllm:spec_decode_num_drafts_total{model_name="tiny"} 3.0' in text
-    assert 'vllm:spec_decode_num_accepted_tokens_total{model_name="tiny"} 5.0' in text
+    assert 'vllm:spec_decode_num_drafts_total{engine="0",model_name="tiny"} 3.0' in text
+    assert 'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="tiny"} 5.0' in text
     for pos, value in ((0, 3.0), (1, 2.0)):
-        assert (f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="tiny",'
-                f'position="{pos}"}} {value}') in text
+        assert (f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",'
+                f'model_name="tiny",position="{pos}"}} {value}') in text
 
 
 def test_kv_cache_memory_bytes_is_vllms_name_for_the_kv_budget(model_dir) -> None:

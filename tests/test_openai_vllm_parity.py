@@ -207,7 +207,7 @@ def test_metrics_request_time_per_output_token(base) -> None:
         got = {}
         for part in ("count", "sum"):
             m = re.search(rf'^vllm:request_time_per_output_token_seconds_{part}'
-                          rf'{{model_name="./tiny"}} (\S+)$', text, re.M)
+                          rf'{{engine="0",model_name="./tiny"}} (\S+)$', text, re.M)
             assert m, part
             got[part] = float(m[1])
         return got["count"], got["sum"]
@@ -234,8 +234,8 @@ def test_metrics_request_phase_times(base) -> None:
         got = {}
         for phase in ("prefill", "decode", "inference"):
             stem = f"vllm:request_{phase}_time_seconds"
-            vals = [float(re.search(rf'^{stem}_{part}{{model_name="./tiny"}} (\S+)$', text,
-                                    re.M)[1]) for part in ("count", "sum")]
+            vals = [float(re.search(rf'^{stem}_{part}{{engine="0",model_name="./tiny"}} (\S+)$',
+                                    text, re.M)[1]) for part in ("count", "sum")]
             got[phase] = (vals[0], vals[1])
         return got
 
@@ -265,25 +265,25 @@ def test_metrics_series_exist_before_the_first_request() -> None:
     from modelport.entrypoints.openai.metrics import ServerMetrics
 
     text = ServerMetrics("m", prefix="vllm").render().decode()
-    for line in ('vllm:num_requests_running{model_name="m"} 0.0',
-                 'vllm:num_requests_waiting{model_name="m"} 0.0',
-                 'vllm:kv_cache_usage_perc{model_name="m"} 0.0',
-                 'vllm:prompt_tokens_total{model_name="m"} 0.0',
-                 'vllm:generation_tokens_total{model_name="m"} 0.0',
-                 'vllm:num_preemptions_total{model_name="m"} 0.0',
-                 'vllm:prefix_cache_queries_total{model_name="m"} 0.0',
-                 'vllm:prefix_cache_hits_total{model_name="m"} 0.0',
-                 'vllm:time_to_first_token_seconds_count{model_name="m"} 0.0',
-                 'vllm:inter_token_latency_seconds_count{model_name="m"} 0.0',
-                 'vllm:e2e_request_latency_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_queue_time_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_time_per_output_token_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_prefill_time_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_decode_time_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_inference_time_seconds_count{model_name="m"} 0.0',
-                 'vllm:request_params_n_count{model_name="m"} 0.0',
-                 'vllm:request_max_num_generation_tokens_count{model_name="m"} 0.0',
-                 'vllm:iteration_tokens_total_count{model_name="m"} 0.0'):
+    for line in ('vllm:num_requests_running{engine="0",model_name="m"} 0.0',
+                 'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0',
+                 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.0',
+                 'vllm:prompt_tokens_total{engine="0",model_name="m"} 0.0',
+                 'vllm:generation_tokens_total{engine="0",model_name="m"} 0.0',
+                 'vllm:num_preemptions_total{engine="0",model_name="m"} 0.0',
+                 'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 0.0',
+                 'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 0.0',
+                 'vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 0.0',
+                 'vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 0.0',
+                 'vllm:e2e_request_latency_seconds_count{engine="0",model_name="m"} 0.0',
+                 'vllm:request_queue_time_seconds_count{engine="0",model_name="m"} 0.0',
+                 'vllm:request_time_per_output_token_seconds_count{engine="0",model_name="m"} 0.0',
+                 'vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 0.0',
+                 'vllm:request_decode_time_seconds_count{engine="0",model_name="m"} 0.0',
+                 'vllm:request_inference_time_seconds_count{engine="0",model_name="m"} 0.0',
+                 'vllm:request_params_n_count{engine="0",model_name="m"} 0.0',
+                 'vllm:request_max_num_generation_tokens_count{engine="0",model_name="m"} 0.0',
+                 'vllm:iteration_tokens_total_count{engine="0",model_name="m"} 0.0'):
         assert line in text, line
     assert not any(ln.startswith("vllm:spec_decode") for ln in text.splitlines())
     assert "lora_requests_info" not in text  # only with --enable-lora
@@ -295,6 +295,87 @@ def test_metrics_series_exist_before_the_first_request() -> None:
             'waiting_lora_adapters="c"}') in text
 
 
+def test_metrics_series_carry_vllms_engine_label(base) -> None:
+    """vLLM v1 labels every per-engine series `model_name` and `engine` (the engine core's
+    index: "0" for one engine), request_success's also `finished_reason`; the info series
+    (cache_config_info) and the server-wide request_rejected are not per engine."""
+    import re
+
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+    text = httpx.get(f"{base}/metrics").text
+    samples = re.findall(r"^(vllm:\w+)\{([^}]*)\} \S+$", text, re.M)
+    assert len({name for name, _ in samples}) > 40, samples
+    for name, labels in samples:
+        if name.startswith(("vllm:cache_config_info", "vllm:request_rejected")):
+            assert "engine=" not in labels, (name, labels)
+        else:
+            # the exposition sorts the labels: engine, (finished_reason, le, ...) model_name
+            assert labels.startswith('engine="0",') and 'model_name="./tiny"' in labels, (
+                name, labels)
+    assert re.search(r'^vllm:request_success_total\{engine="0",finished_reason="length",'
+                     r'model_name="\./tiny"\} [1-9]', text, re.M)
+
+
+def test_metrics_per_engine_series_of_data_parallel_replicas() -> None:
+    """--data-parallel-size 2: both engines' series exist from the start; each engine's
+    counters grow from its own stats, each request's series land under the engine given;
+    lora_requests_info shows the whole server's adapters (the merged stats)."""
+    from modelport.engine.messages import SchedulerStats
+    from modelport.entrypoints.openai.metrics import ServerMetrics
+
+    m = ServerMetrics("m", prefix="vllm", num_engines=2, max_loras=2)
+    text = m.render().decode()
+    for e in ("0", "1"):
+        for line in (f'vllm:num_requests_running{{engine="{e}",model_name="m"}} 0.0',
+                     f'vllm:prompt_tokens_total{{engine="{e}",model_name="m"}} 0.0',
+                     f'vllm:generation_tokens_total{{engine="{e}",model_name="m"}} 0.0',
+                     f'vllm:e2e_request_latency_seconds_count{{engine="{e}",model_name="m"}} 0.0',
+                     f'vllm:request_success_total{{engine="{e}",finished_reason="stop",'
+                     f'model_name="m"}} 0.0'):
+            assert line in text, line
+    merged = SchedulerStats(running_lora_adapters=["a", "b"])
+    m.observe_stats(SchedulerStats(num_running=2, prefix_cache_queries=10, prefix_cache_hits=4,
+                                   running_lora_adapters=["a"]), 0, merged)
+    m.observe_stats(SchedulerStats(num_running=1, prefix_cache_queries=6, num_preemptions=1,
+                                   running_lora_adapters=["b"]), 1, merged)
+    m.observe_stats(SchedulerStats(num_running=1, prefix_cache_queries=16, prefix_cache_hits=4,
+                                   running_lora_adapters=["a"]), 0, merged)
+    m.observe_step_tokens(7, engine=1)
+    m.observe_first_token(0.1, 0.01, engine=1)
+    m.observe_tokens(3, None, engine=1)
+    m.observe_finished("length", 0.5, 5, 3, 0.2, 0.1, engine=1)
+    m.observe_request(1, 3, 3, engine=1)
+    text = m.render().decode()
+    for line in ('vllm:num_requests_running{engine="0",model_name="m"} 1.0',
+                 'vllm:num_requests_running{engine="1",model_name="m"} 1.0',
+                 'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 16.0',
+                 'vllm:prefix_cache_queries_total{engine="1",model_name="m"} 6.0',
+                 'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 4.0',
+                 'vllm:num_preemptions_total{engine="0",model_name="m"} 0.0',
+                 'vllm:num_preemptions_total{engine="1",model_name="m"} 1.0',
+                 'vllm:prefix_cache_hit_rate{engine="0",model_name="m"} 0.25',
+                 'vllm:iteration_tokens_total_count{engine="0",model_name="m"} 0.0',
+                 'vllm:iteration_tokens_total_count{engine="1",model_name="m"} 1.0',
+                 'vllm:prompt_tokens_total{engine="0",model_name="m"} 0.0',
+                 'vllm:prompt_tokens_total{engine="1",model_name="m"} 5.0',
+                 'vllm:generation_tokens_total{engine="0",model_name="m"} 0.0',
+                 'vllm:generation_tokens_total{engine="1",model_name="m"} 3.0',
+                 'vllm:time_to_first_token_seconds_count{engine="1",model_name="m"} 1.0',
+                 'vllm:request_params_n_count{engine="1",model_name="m"} 1.0',
+                 'vllm:request_params_n_count{engine="0",model_name="m"} 0.0',
+                 'vllm:request_success_total{engine="1",finished_reason="length",'
+                 'model_name="m"} 1.0',
+                 'vllm:request_success_total{engine="0",finished_reason="length",'
+                 'model_name="m"} 0.0',
+                 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",'
+                 'waiting_lora_adapters=""}'):
+        assert line in text, line
+    assert 'running_lora_adapters="a",' not in text  # not one replica's view
+    with pytest.raises(ValueError, match="num_engines must be >= 1"):
+        ServerMetrics("m", num_engines=0)
+
+
 def test_metrics_iteration_tokens_per_engine_step(base) -> None:
     """vLLM's iteration_tokens_total: one observation per engine step, of the tokens it ran
     (here: the prompt's prefill step, then one decode token a step)."""
@@ -302,9 +383,9 @@ def test_metrics_iteration_tokens_per_engine_step(base) -> None:
 
     def series() -> dict[str, float]:
         text = httpx.get(f"{base}/metrics").text
-        return {m[1]: float(m[2]) for m in re.finditer(
-            r'^vllm:iteration_tokens_total_(count|sum|bucket\{le="1\.0"),?[^}]*\} (\S+)$',
-            text, re.M)}
+        return {m[1] + (m[2] or ""): float(m[3]) for m in re.finditer(
+            r'^vllm:iteration_tokens_total_(count|sum|bucket)\{engine="0",(le="1\.0",)?'
+            r'model_name="[^"]*"\} (\S+)$', text, re.M)}
 
     before = series()
     body = {"model": "tiny", "prompt": "one two three four", "max_tokens": 6, "ignore_eos": True}
@@ -312,7 +393,7 @@ def test_metrics_iteration_tokens_per_engine_step(base) -> None:
     assert r.status_code == 200, r.text
     prompt = r.json()["usage"]["prompt_tokens"]
     after = series()
-    one = 'bucket{le="1.0"'
+    one = 'bucketle="1.0",'
     # 1 prefill step + 5 one-token decode steps (the prefill gives the first token)
     assert after["count"] - before["count"] == 6
     assert after["sum"] - before["sum"] == prompt + 5
@@ -326,8 +407,9 @@ def test_metrics_request_params_and_cache_config_info(base) -> None:
 
     def hist(stem: str) -> tuple[float, float]:
         text = httpx.get(f"{base}/metrics").text
-        vals = [float(re.search(rf'^vllm:{stem}_{part}{{model_name="./tiny"}} (\S+)$', text,
-                                re.M)[1]) for part in ("count", "sum")]
+        vals = [float(re.search(
+            rf'^vllm:{stem}_{part}{{engine="0",model_name="./tiny"}} (\S+)$', text, re.M)[1])
+            for part in ("count", "sum")]
         return vals[0], vals[1]
 
     before = {s: hist(s) for s in ("request_params_n", "request_params_max_tokens",

@@ -56,18 +56,24 @@ class QueueFullError(RuntimeError):
 
 
 class StatLogger:
-    """What AsyncLLM reports; the OpenAI server plugs its Prometheus metrics in here."""
+    """What AsyncLLM reports; the OpenAI server plugs its Prometheus metrics in here.
 
-    def observe_stats(self, stats: SchedulerStats) -> None: ...
-    def observe_step_tokens(self, num_tokens: int) -> None: ...
-    def observe_first_token(self, ttft: float, queue_time: float | None) -> None: ...
-    def observe_tokens(self, n_new: int, gap: float | None) -> None: ...
+    `engine`: the index of the engine core (data-parallel replica) the stats or the request
+    belong to, 0 with one engine."""
+
+    def observe_stats(self, stats: SchedulerStats, engine: int = 0,
+                      server_stats: SchedulerStats | None = None) -> None: ...
+    def observe_step_tokens(self, num_tokens: int, engine: int = 0) -> None: ...
+    def observe_first_token(self, ttft: float, queue_time: float | None,
+                            engine: int = 0) -> None: ...
+    def observe_tokens(self, n_new: int, gap: float | None, engine: int = 0) -> None: ...
     def observe_finished(
         self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int,
-        decode_time: float = 0.0, prefill_time: float | None = None,
+        decode_time: float = 0.0, prefill_time: float | None = None, engine: int = 0,
     ) -> None: ...
     def observe_rejected(self) -> None: ...
-    def observe_request(self, n: int, max_tokens: int | None, max_generated: int) -> None: ...
+    def observe_request(self, n: int, max_tokens: int | None, max_generated: int,
+                        engine: int = 0) -> None: ...
 
 
 @dataclasses.dataclass
@@ -104,6 +110,7 @@ class RequestStream:
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.prefill_time: float | None = None  # first scheduled -> first token (seconds)
+        self.engine = 0  # the engine core (data-parallel replica) that runs it
         self.done = False
 
     def __aiter__(self) -> RequestStream:
@@ -367,7 +374,8 @@ class AsyncLLM:
         )  # fmt: skip
         self._streams[request_id] = stream
         self._num_inflight_seqs += len(core_reqs)
-        self.client.add_requests(core_reqs)  # together: one replica holds all n samples
+        # together: one replica holds all n samples; its index labels the request's metrics
+        stream.engine = self.client.add_requests(core_reqs) or 0
         return stream
 
     @property
@@ -514,7 +522,7 @@ class AsyncLLM:
             if c.finish_reason is None:
                 self.stat_logger.observe_finished(
                     "abort", e2e, len(stream.prompt_ids), len(c.token_ids), c.decode_time(),
-                    stream.prefill_time,
+                    stream.prefill_time, engine=stream.engine,
                 )
         self._observe_done(stream)
         if self.client is not None and self.dead_reason is None and child_ids:
@@ -578,10 +586,12 @@ class AsyncLLM:
     def _on_outputs(self, msg: CoreStepOutputs) -> None:
         outs = msg.outputs
         if outs.stats is not None:
-            self.stats = outs.stats
-            self.stat_logger.observe_stats(outs.stats)
+            # the whole engine's (all replicas merged, under data parallelism) for admission;
+            # the metrics also get the sending replica's own
+            self.stats = outs.stats if outs.merged_stats is None else outs.merged_stats
+            self.stat_logger.observe_stats(outs.stats, outs.engine_index, self.stats)
         if outs.num_step_tokens:
-            self.stat_logger.observe_step_tokens(outs.num_step_tokens)
+            self.stat_logger.observe_step_tokens(outs.num_step_tokens, outs.engine_index)
         if not outs.outputs:
             return
         outputs = outs.outputs
@@ -601,7 +611,8 @@ class AsyncLLM:
     def _observe_done(self, stream: RequestStream) -> None:
         """A request is done (finished or aborted): its parameters, for the metrics."""
         longest = max(len(c.token_ids) for c in stream.children.values())
-        self.stat_logger.observe_request(stream.params.n, stream.params.max_tokens, longest)
+        self.stat_logger.observe_request(stream.params.n, stream.params.max_tokens, longest,
+                                         stream.engine)
 
     def _deliver(self, stream: RequestStream, delta: RequestOutput, now: float) -> None:
         log = self.stat_logger
@@ -615,11 +626,11 @@ class AsyncLLM:
                     if m is not None and m.first_scheduled_time is not None:
                         queue_time = m.first_scheduled_time - stream.arrival
                         stream.prefill_time = max(0.0, now - m.first_scheduled_time)
-                    log.observe_first_token(now - stream.arrival, queue_time)
+                    log.observe_first_token(now - stream.arrival, queue_time, stream.engine)
                 if c.last_token_time is None:
                     c.first_token_time = now
                 gap = None if c.last_token_time is None else now - c.last_token_time
-                log.observe_tokens(len(d.token_ids), gap)
+                log.observe_tokens(len(d.token_ids), gap, stream.engine)
                 c.last_token_time = now
             c.text += d.text
             c.token_ids.extend(d.token_ids)
@@ -633,7 +644,7 @@ class AsyncLLM:
                 self._num_inflight_seqs -= 1
                 log.observe_finished(
                     d.finish_reason, now - stream.arrival, len(stream.prompt_ids),
-                    len(c.token_ids), c.decode_time(), stream.prefill_time,
+                    len(c.token_ids), c.decode_time(), stream.prefill_time, stream.engine,
                 )
         # a running child's lists only grow (extend above): its outputs get Prefix views of
         # them, O(1) a step; a finished child's, real lists

@@ -403,10 +403,12 @@ class EngineCoreClient:
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(AddRequest(request=request))
 
-    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
-        """One user request's engine requests (its n samples), in order."""
+    def add_requests(self, requests: list[EngineCoreRequest]) -> int:
+        """One user request's engine requests (its n samples), in order; returns the index
+        of the engine that took them (always 0: one engine)."""
         for r in requests:
             self.add_request(r)
+        return 0
 
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
@@ -504,10 +506,13 @@ class DPEngineCoreClient:
 
     A user request (all its n samples, which share the prompt's KV blocks) goes to the
     replica with the fewest sequences in flight; its aborts follow it there; an adapter's
-    removal (the server's /v1/unload_lora_adapter) goes to every replica. Stats reach
-    `on_message` merged over the replicas (cumulative counters stay monotonic: they are
-    merged and passed on under one lock). The first replica to die ends the engine, as one
-    core's death does: its requests cannot move to another replica mid-stream.
+    removal (the server's /v1/unload_lora_adapter) goes to every replica. Each step's outputs
+    reach `on_message` as the replica sent them, marked with its index (`engine_index`, the
+    metrics' `engine` label) and, where they carry stats, with every replica's latest stats
+    merged beside them (`merged_stats`: admission control's view of the whole engine;
+    cumulative counters stay monotonic: they are merged and passed on under one lock). The
+    first replica to die ends the engine, as one core's death does: its requests cannot move
+    to another replica mid-stream.
     """
 
     def __init__(
@@ -593,11 +598,13 @@ class DPEngineCoreClient:
                 for out in msg.outputs.outputs:
                     if out.finished:
                         self._release(out.request_id)
-                if msg.outputs.stats is not None:
-                    self._stats[rank] = msg.outputs.stats
-                    msg = CoreStepOutputs(outputs=EngineCoreOutputs(
-                        outputs=msg.outputs.outputs, stats=merge_stats(self._stats),
-                        num_step_tokens=msg.outputs.num_step_tokens))
+                # the replica's own step (its stats, outputs and step tokens: the metrics'
+                # engine label), with the merged stats of all of them beside
+                outs = msg.outputs
+                outs.engine_index = rank
+                if outs.stats is not None:
+                    self._stats[rank] = outs.stats
+                    outs.merged_stats = merge_stats(self._stats)
             elif isinstance(msg, CoreRejected):
                 self._release(msg.request_id)
             self._on_message(msg)
@@ -612,7 +619,8 @@ class DPEngineCoreClient:
     def add_request(self, request: EngineCoreRequest) -> None:
         self.add_requests([request])
 
-    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+    def add_requests(self, requests: list[EngineCoreRequest]) -> int:
+        """All of them to one replica; returns its index."""
         if self.dead is not None:
             raise self.dead
         with self._lock:  # fewest in flight; on a tie, the one given fewest so far
@@ -623,6 +631,7 @@ class DPEngineCoreClient:
             self._inflight[rank] += len(requests)
             self.num_added[rank] += len(requests)
         self.clients[rank].add_requests(requests)
+        return rank
 
     def abort_requests(self, request_ids: list[str]) -> None:
         by_rank: dict[int, list[str]] = {}

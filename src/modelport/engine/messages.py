@@ -61,6 +61,11 @@ class EngineCoreOutputs(msgspec.Struct, kw_only=True):
     # tokens of the step launched in this step() call (vLLM's iteration_tokens_total); 0 when
     # none ran. With async scheduling the outputs are the previous step's; each step counts once
     num_step_tokens: int = 0
+    # data parallelism (set by DPEngineCoreClient, defaults for one engine): the replica whose
+    # step this is (vLLM's engine_index: `stats`, `outputs` and `num_step_tokens` are its own),
+    # and every replica's latest stats merged into one engine's (with `stats` present)
+    engine_index: int = 0
+    merged_stats: SchedulerStats | None = None
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):

@@ -274,6 +274,8 @@ class OpenAIService:
                 "gpu_memory_utilization": cache.gpu_memory_utilization,
                 "num_gpu_blocks": engine.ready.num_kv_blocks if engine.ready else "",
             },
+            # one engine label per data-parallel replica ("0" .. "N-1")
+            num_engines=engine.engine_config.parallel_config.data_parallel_size,
         )
         engine.stat_logger = metrics
         # vLLM's --return-tokens-as-token-ids / --enable-force-include-usage (serving_common)

@@ -5,6 +5,10 @@ Each server owns its own CollectorRegistry so two apps in one process (tests, or
 frontends) never collide on names. Engine-side gauges come from the SchedulerStats the core
 attaches to every step; latencies are measured here, in the server process, from the moment
 a request arrived over HTTP, which is what a client experiences.
+
+As vLLM v1's, the per-engine series are labelled `model_name` and `engine`: the engine core's
+index ("0"; with --data-parallel-size N, "0".."N-1", each replica's gauges and counters from
+its own stats, and each request's series under the replica that ran it).
 """
 
 from __future__ import annotations
@@ -49,17 +53,22 @@ class ServerMetrics:
 
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
                  prefix: str = "modelport", max_loras: int | None = None,
-                 max_model_len: int = 20000, cache_info: dict[str, Any] | None = None) -> None:
+                 max_model_len: int = 20000, cache_info: dict[str, Any] | None = None,
+                 num_engines: int = 1) -> None:
         """prefix: the series' namespace; "vllm" gives vLLM's names (`vllm:num_requests_running`
         ...) for dashboards built on them (`--metrics-prefix vllm`). max_loras: the server's
         --max-loras when it runs with --enable-lora (None: no LoRA series). max_model_len:
         the top of the max_tokens / generated-tokens buckets. cache_info: the KV cache's
-        settings, published as vLLM's cache_config_info labels."""
+        settings, published as vLLM's cache_config_info labels. num_engines: the engine cores
+        (data-parallel replicas) whose series are made at start-up, engine "0" up."""
         if prefix not in METRIC_PREFIXES:
             raise ValueError(f"metrics prefix must be one of {METRIC_PREFIXES}, got {prefix!r}")
+        if num_engines < 1:
+            raise ValueError(f"num_engines must be >= 1, got {num_engines}")
         self.registry = registry or CollectorRegistry()
-        r, labels = self.registry, ["model_name"]
+        r, labels = self.registry, ["model_name", "engine"]
         self._model = model_name
+        self._engines = [str(i) for i in range(num_engines)]
 
         def hist(name: str, doc: str, buckets: tuple = _LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, labels, registry=r, buckets=buckets)
@@ -176,17 +185,19 @@ class ServerMetrics:
         self.success = Counter(
             f"{prefix}:request_success",
             "Finished requests by finish reason.",
-            ["model_name", "finished_reason"],
+            [*labels, "finished_reason"],
             registry=r,
         )
+        # the whole server's: a request refused at admission never reached an engine
         self.rejected = Counter(
             f"{prefix}:request_rejected",
             "Requests refused because the waiting queue was full.",
-            labels,
+            ["model_name"],
             registry=r,
         )
-        for reason in ("stop", "length", "abort"):
-            self.success.labels(model_name, reason)
+        for engine in self._engines:
+            for reason in ("stop", "length", "abort"):
+                self.success.labels(model_name, engine, reason)
         # vLLM's LoRA gauge (what LoRA-aware routers such as the Gateway API inference
         # extension read): one series per (max_lora, waiting, running) label set, the
         # adapters' names comma-joined, its value the time of the step that saw them; no
@@ -201,90 +212,108 @@ class ServerMetrics:
                 registry=r,
             )
             self.lora_info.labels(self._max_lora, "", "").set_to_current_time()
-        self._last = SchedulerStats()
-        # metric -> its child for this model: labels() costs several microseconds a call,
-        # and the per-token observations below run for every streamed token
-        self._children: dict[Any, Any] = {}
-        # vLLM makes its per-model series when it starts, so a fresh server already shows
-        # num_requests_waiting 0, prompt_tokens_total 0, empty histograms ... (an autoscaler's
-        # or a dashboard's query gets 0, not "no data"); speculative decoding's stay unmade
-        for metric in (self.ttft, self.itl, self.e2e, self.tpot, self.queue,
-                       self.prefill_time, self.decode_time, self.inference_time, self.prompt_len,
-                       self.gen_len, self.params_n, self.params_max_tokens, self.max_generated,
-                       self.step_tokens,
-                       self.running, self.waiting, self.kv_usage,
-                       self.prefix_queries, self.prefix_hits, self.preemptions,
-                       self.prompt_tokens, self.generation_tokens):
-            self._of(metric)
+        # each engine's latest stats: its cumulative counters grow by the difference
+        self._last = [SchedulerStats() for _ in self._engines]
+        # per engine, metric -> its child for (model, engine): labels() costs several
+        # microseconds a call, and the per-token observations below run for every streamed token
+        self._children: list[dict[Any, Any]] = [{} for _ in self._engines]
+        # vLLM makes its per-engine series when it starts, so a fresh server already shows
+        # num_requests_waiting 0, prompt_tokens_total 0, empty histograms ... for every engine
+        # (an autoscaler's or a dashboard's query gets 0, not "no data"); speculative
+        # decoding's stay unmade
+        for engine in range(num_engines):
+            for metric in (self.ttft, self.itl, self.e2e, self.tpot, self.queue,
+                           self.prefill_time, self.decode_time, self.inference_time,
+                           self.prompt_len, self.gen_len, self.params_n, self.params_max_tokens,
+                           self.max_generated, self.step_tokens,
+                           self.running, self.waiting, self.kv_usage,
+                           self.prefix_queries, self.prefix_hits, self.preemptions,
+                           self.prompt_tokens, self.generation_tokens):
+                self._of(metric, engine)
 
-    def _of(self, metric: Any) -> Any:
-        """metric.labels(model), made on first use (as labels() makes it) and kept."""
-        child = self._children.get(metric)
+    def _of(self, metric: Any, engine: int = 0) -> Any:
+        """metric.labels(model, engine), made on first use (as labels() makes it) and kept."""
+        children = self._children[engine]
+        child = children.get(metric)
         if child is None:
-            child = self._children[metric] = metric.labels(self._model)
+            child = children[metric] = metric.labels(self._model, self._engines[engine])
         return child
 
     # -- engine stats (once per step)
 
-    def observe_stats(self, s: SchedulerStats) -> None:
-        m = self._model
-        of = self._of
+    def observe_stats(self, s: SchedulerStats, engine: int = 0,
+                      server_stats: SchedulerStats | None = None) -> None:
+        """s: engine `engine`'s latest stats; server_stats: the whole server's (all the
+        data-parallel replicas' merged; None: s is), for the series that are not per engine
+        (lora_requests_info)."""
+        m, e = self._model, self._engines[engine]
+        last = self._last[engine]
+
+        def of(metric: Any) -> Any:
+            return self._of(metric, engine)
+
         of(self.running).set(s.num_running)
         of(self.waiting).set(s.num_waiting)
         of(self.kv_usage).set(s.kv_cache_usage)
         for counter, now, before in (
-            (self.prefix_queries, s.prefix_cache_queries, self._last.prefix_cache_queries),
-            (self.prefix_hits, s.prefix_cache_hits, self._last.prefix_cache_hits),
-            (self.preemptions, s.num_preemptions, self._last.num_preemptions),
-            (self.spec_steps, s.spec_num_drafts, self._last.spec_num_drafts),
-            (self.spec_drafts, s.spec_num_draft_tokens, self._last.spec_num_draft_tokens),
-            (self.spec_accepted, s.spec_num_accepted_tokens, self._last.spec_num_accepted_tokens),
+            (self.prefix_queries, s.prefix_cache_queries, last.prefix_cache_queries),
+            (self.prefix_hits, s.prefix_cache_hits, last.prefix_cache_hits),
+            (self.preemptions, s.num_preemptions, last.num_preemptions),
+            (self.spec_steps, s.spec_num_drafts, last.spec_num_drafts),
+            (self.spec_drafts, s.spec_num_draft_tokens, last.spec_num_draft_tokens),
+            (self.spec_accepted, s.spec_num_accepted_tokens, last.spec_num_accepted_tokens),
         ):
             if now > before:
                 of(counter).inc(now - before)
-        before_pos = self._last.spec_num_accepted_per_pos
+        before_pos = last.spec_num_accepted_per_pos
         for pos, now in enumerate(s.spec_num_accepted_per_pos):
             before = before_pos[pos] if pos < len(before_pos) else 0
             if now > before:
-                self.spec_accepted_per_pos.labels(m, str(pos)).inc(now - before)
+                self.spec_accepted_per_pos.labels(m, e, str(pos)).inc(now - before)
         if s.prefix_cache_queries:
-            self.prefix_hit_rate.labels(m).set(s.prefix_cache_hits / s.prefix_cache_queries)
+            of(self.prefix_hit_rate).set(s.prefix_cache_hits / s.prefix_cache_queries)
         if self.lora_info is not None:
+            whole = s if server_stats is None else server_stats
             self.lora_info.labels(
                 self._max_lora,
-                ",".join(s.waiting_lora_adapters),
-                ",".join(s.running_lora_adapters),
+                ",".join(whole.waiting_lora_adapters),
+                ",".join(whole.running_lora_adapters),
             ).set_to_current_time()
-        self._last = s
+        self._last[engine] = s
 
-    def observe_step_tokens(self, num_tokens: int) -> None:
-        """One engine step ran num_tokens tokens (prompt chunks and decodes together)."""
-        self._of(self.step_tokens).observe(num_tokens)
+    def observe_step_tokens(self, num_tokens: int, engine: int = 0) -> None:
+        """One step of engine `engine` ran num_tokens tokens (prompt chunks and decodes
+        together)."""
+        self._of(self.step_tokens, engine).observe(num_tokens)
 
-    # -- per request (server clock)
+    # -- per request (server clock), under the engine that ran it
 
-    def observe_first_token(self, ttft: float, queue_time: float | None) -> None:
-        self._of(self.ttft).observe(ttft)
+    def observe_first_token(self, ttft: float, queue_time: float | None,
+                            engine: int = 0) -> None:
+        self._of(self.ttft, engine).observe(ttft)
         if queue_time is not None and queue_time >= 0:
-            self._of(self.queue).observe(queue_time)
+            self._of(self.queue, engine).observe(queue_time)
 
-    def observe_tokens(self, n_new: int, gap: float | None) -> None:
+    def observe_tokens(self, n_new: int, gap: float | None, engine: int = 0) -> None:
         """n_new tokens arrived together, `gap` seconds after the previous ones."""
-        self._of(self.generation_tokens).inc(n_new)
+        self._of(self.generation_tokens, engine).inc(n_new)
         if gap is not None and n_new > 0:
             per = gap / n_new
-            itl = self._of(self.itl)
+            itl = self._of(self.itl, engine)
             for _ in range(n_new):
                 itl.observe(per)
 
     def observe_finished(
         self, finish_reason: str, e2e: float, prompt_tokens: int, generation_tokens: int,
-        decode_time: float = 0.0, prefill_time: float | None = None,
+        decode_time: float = 0.0, prefill_time: float | None = None, engine: int = 0,
     ) -> None:
         """decode_time: seconds from the request's first output token to its last;
         prefill_time: from its first scheduling to its first token (None: not known)."""
-        of = self._of
-        self.success.labels(self._model, finish_reason).inc()
+
+        def of(metric: Any) -> Any:
+            return self._of(metric, engine)
+
+        self.success.labels(self._model, self._engines[engine], finish_reason).inc()
         of(self.e2e).observe(e2e)
         of(self.decode_time).observe(decode_time)
         if prefill_time is not None:
@@ -297,15 +326,16 @@ class ServerMetrics:
         of(self.gen_len).observe(generation_tokens)
 
     def observe_rejected(self) -> None:
-        self._of(self.rejected).inc()
+        self.rejected.labels(self._model).inc()
 
-    def observe_request(self, n: int, max_tokens: int | None, max_generated: int) -> None:
+    def observe_request(self, n: int, max_tokens: int | None, max_generated: int,
+                        engine: int = 0) -> None:
         """A request is done (finished or aborted): its n, its max_tokens (when it set one)
         and the most tokens one of its sequences generated."""
-        self._of(self.params_n).observe(n)
+        self._of(self.params_n, engine).observe(n)
         if max_tokens is not None:
-            self._of(self.params_max_tokens).observe(max_tokens)
-        self._of(self.max_generated).observe(max_generated)
+            self._of(self.params_max_tokens, engine).observe(max_tokens)
+        self._of(self.max_generated, engine).observe(max_generated)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
