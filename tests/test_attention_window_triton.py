@@ -90,7 +90,7 @@ def test_triton_window_softcap_kernels_compile_for_sm90() -> None:
                      BLOCK_N=cfg.block_n, K_CVT=cfg.k_cvt, V_CVT=cfg.v_cvt, PDL=True,
                      ORDERED=True, ROPE=rope, WINDOW=4096, SOFTCAP=50.0)
         r = kernel_regs.compile_sm90(ta._decode_kernel, sig, const, divisible, cfg.num_warps,
-                                     cfg.num_stages)
+                                     cfg.num_stages, loops=False)
         assert 0 < r["regs"] <= 255 and r["programs_per_sm"] >= 1, r
     psig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16", "items_ptr": "*i32",
             "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32",
@@ -100,7 +100,8 @@ def test_triton_window_softcap_kernels_compile_for_sm90() -> None:
     for window, cap, d in ((4096, None, 128), (None, 50.0, 128), (512, 30.0, 256)):
         const = dict(G=2, D=d, PAGE=16, BLOCK_M=ta.PREFILL_BLOCK_M, BLOCK_N=64, PDL=True,
                      WINDOW=window, SOFTCAP=cap)  # head_dim 256: Gemma's
-        r = kernel_regs.compile_sm90(ta._prefill_kernel, psig, const, tuple(psig), 4, 2)
+        r = kernel_regs.compile_sm90(ta._prefill_kernel, psig, const, tuple(psig), 4, 2,
+                                     loops=False)
         assert 0 < r["regs"] <= 255, r
 
 

@@ -406,6 +406,7 @@ def test_quantized_moe_kernels_compile_for_sm90_without_spills() -> None:
                 (*divisible, "stride_we", "stride_wn"),
                 warps,
                 stages,
+                loops=False,
             )
             assert 0 < r["regs"] <= 255 and r["stack"] == 0 and r["sass_instr"] > 100, (bk, r)
             assert r["programs_per_sm"] >= 1, r

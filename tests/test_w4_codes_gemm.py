@@ -83,13 +83,13 @@ def test_codes_gemm_configs_compile_for_sm90_without_spills() -> None:
     for cfg, xsum, pair in runs:
         const = dict(GROUP=128, V=4, XSUM=xsum, PAIR=pair, **cfg.kwargs)
         r = kernel_regs.compile_sm90(tk.gemm_codes.fn, sig, const, divisible, cfg.num_warps,
-                                     cfg.num_stages)
+                                     cfg.num_stages, loops=False)
         assert 0 < r["regs"] <= 255 and r["stack"] == 0, (cfg, xsum, pair, r)
         assert r["programs_per_sm"] >= 1, (cfg, r)
     prep = dict(x_ptr="*bf16", xp_ptr="*bf16", xs_ptr="*fp32",
                 **dict.fromkeys(("stride_xm", "stride_pm", "stride_sm"), "i32"))
     r = kernel_regs.compile_sm90(tk.codes_prep, prep, dict(HALF=16, PAIR=True),
-                                 ("x_ptr", "xp_ptr"), 4, 1)
+                                 ("x_ptr", "xp_ptr"), 4, 1, loops=False)
     assert 0 < r["regs"] <= 255 and r["stack"] == 0, r
 
 
