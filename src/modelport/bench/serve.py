@@ -18,7 +18,8 @@ stay out of the figures, and a server that rejects the workload is reported at o
 Prints one JSON object (mean / median / std and --metric-percentiles of each of
 --percentile-metrics, in ms; request_goodput with --goodput); --save-result also writes it to
 --result-dir / --result-filename, --save-detailed adds each request's lengths, TTFT, ITLs,
-generated text, error and send time.
+generated text, error and send time. --profile runs the server's torch profiler over the
+timed run (the server started with VLLM_TORCH_PROFILER_DIR; engine/torch_profiler.py).
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     out.add_argument("--output-json", default=None, help="also write the result here")
     out.add_argument("--disable-tqdm", action="store_true",
                      help="accepted for vllm bench serve's scripts (modelport draws no bar)")
+    out.add_argument("--profile", action="store_true",
+                     help="run the server's torch profiler over the timed run (POST "
+                          "/start_profile after the warm-ups, /stop_profile at the end); the "
+                          "server must start with VLLM_TORCH_PROFILER_DIR (or "
+                          "MODELPORT_TORCH_PROFILER_DIR) set, its traces go there")
 
 
 @dataclass
@@ -407,6 +413,19 @@ def _slos(args: argparse.Namespace) -> dict[str, float]:
     return slos
 
 
+async def _profile(client: Any, base: str, action: str) -> None:
+    """POST /start_profile or /stop_profile; BenchError with the reason when refused."""
+    try:
+        r = await client.post(f"{base}/{action}_profile", timeout=None)
+    except Exception as e:
+        raise BenchError(f"--profile: POST /{action}_profile failed: {e}") from None
+    if r.status_code == 404:
+        raise BenchError("--profile: the server has no /start_profile: start it with "
+                         "VLLM_TORCH_PROFILER_DIR (or MODELPORT_TORCH_PROFILER_DIR) set")
+    if r.status_code != 200:
+        raise BenchError(f"--profile: POST /{action}_profile: HTTP {r.status_code}: {r.text}")
+
+
 async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
@@ -442,6 +461,8 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
         failed = [r.error for r in done if not r.ok]
         if failed:
             raise BenchError(f"{len(failed)} of {len(warm)} warm-up requests failed: {failed[0]}")
+        if args.profile:  # the timed run only (vLLM's: after its initial test run)
+            await _profile(client, base, "start")
         sem = asyncio.Semaphore(args.max_concurrency or len(prompts) or 1)
 
         async def limited(i: int, body: dict, sent: float) -> RequestResult:
@@ -461,6 +482,8 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(gaps[i])
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        if args.profile:
+            await _profile(client, base, "stop")
     return report(args, model, results, duration)
 
 

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from modelport.engine.core_client import (
+    CoreProfiled,
     CoreReady,
     CoreRejected,
     CoreSleepState,
@@ -205,6 +206,8 @@ class AsyncLLM:
         # waiting for theirs (the core answers in order)
         self._sleeping = False
         self._sleep_waiters: list[asyncio.Future] = []
+        # the torch profiler's start / stop calls waiting for the core's answer, in order
+        self._profile_waiters: list[asyncio.Future] = []
 
     # ---------------------------------------------------------------- start / stop
 
@@ -507,6 +510,34 @@ class AsyncLLM:
             if not fut.done():
                 fut.set_result(msg)
 
+    # ---------------------------------------------------------------- torch profiler (vLLM's)
+
+    async def start_profile(self) -> None:
+        """Start vLLM's torch profiler in every process that runs the model (each replica's
+        core, each tensor-parallel rank); TorchProfilerError when it is off (no
+        MODELPORT_TORCH_PROFILER_DIR / VLLM_TORCH_PROFILER_DIR) or already running."""
+        await self._profile_call("start")
+
+    async def stop_profile(self) -> None:
+        """Stop it; returns once every process has written its trace into the directory."""
+        await self._profile_call("stop")
+
+    async def _profile_call(self, action: str) -> None:
+        from modelport.engine.torch_profiler import TorchProfilerError
+
+        if self.dead_reason is not None or self.client is None:
+            raise EngineDeadError(self.dead_reason or "engine is not started")
+        fut = self._loop.create_future()
+        self._profile_waiters.append(fut)
+        try:
+            self.client.profile(action)
+        except BaseException:
+            self._profile_waiters.remove(fut)
+            raise
+        answer: CoreProfiled = await fut
+        if answer.error is not None:
+            raise TorchProfilerError(answer.error)
+
     def abort_now(self, request_id: str) -> None:
         """Forget the request here and tell the core to free its blocks (next step at latest)."""
         stream = self._streams.pop(request_id, None)
@@ -541,6 +572,11 @@ class AsyncLLM:
                 self._on_rejected(msg)
             elif isinstance(msg, CoreSleepState):
                 self._on_sleep_state(msg)
+            elif isinstance(msg, CoreProfiled):
+                if self._profile_waiters:
+                    fut = self._profile_waiters.pop(0)
+                    if not fut.done():
+                        fut.set_result(msg)
             elif isinstance(msg, EngineDeadError):
                 self._on_dead(msg)
         except Exception:
@@ -575,10 +611,11 @@ class AsyncLLM:
             if not fut.done():
                 fut.set_exception(EngineDeadError(str(err)))
         self._pooling.clear()
-        for fut in self._sleep_waiters:
+        for fut in self._sleep_waiters + self._profile_waiters:
             if not fut.done():
                 fut.set_exception(EngineDeadError(str(err)))
         self._sleep_waiters.clear()
+        self._profile_waiters.clear()
         self._num_inflight_seqs = 0
         if self.on_dead is not None:
             self.on_dead(self.dead_reason)

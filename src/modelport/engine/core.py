@@ -19,6 +19,7 @@ from modelport.engine.messages import (
 from modelport.engine.request import Request, RequestStatus
 from modelport.engine.scheduler import Scheduler, SchedulerOutput
 from modelport.engine.structured_output import ReasoningEnd, StructuredOutputManager
+from modelport.engine.torch_profiler import TorchProfiler, TorchProfilerError, not_enabled_message
 
 if TYPE_CHECKING:
     from modelport.runner.model_runner import PendingStep
@@ -38,6 +39,8 @@ class EngineCore:
 
         self.config = config
         self.runner = ModelRunner(config)
+        # vLLM's VLLM_TORCH_PROFILER_DIR (engine/torch_profiler.py): None when it is unset
+        self.torch_profiler = TorchProfiler.from_env(config)
         self.runner.load_model()
         num_blocks = self.runner.determine_num_blocks()
         self.runner.init_kv_cache(num_blocks)
@@ -111,6 +114,11 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop helper processes (tensor-parallel ranks); the core is unusable afterwards."""
+        if self.torch_profiler is not None and self.torch_profiler.running:
+            try:  # a profile still running: its trace is written (the ranks write theirs)
+                self.torch_profiler.stop()
+            except Exception:
+                logger.exception("writing the torch profiler's trace at shutdown failed")
         if self._structured is not None:
             self._structured.shutdown()
         self.runner.shutdown()
@@ -206,6 +214,39 @@ class EngineCore:
         if bad:
             raise ValueError(f"wake_up tags must be among {list(WAKE_UP_TAGS)}, got {bad}")
         self.runner.wake_up(tags)
+
+    # -- vLLM's torch profiler (VLLM_TORCH_PROFILER_DIR): a trace per process ------------
+    def _profiler(self) -> TorchProfiler:
+        if self.torch_profiler is None:
+            raise TorchProfilerError(not_enabled_message())
+        return self.torch_profiler
+
+    def start_profile(self) -> None:
+        """Start recording on this process and every tensor-parallel rank;
+        TorchProfilerError when the profiler is off or already running."""
+        prof = self._profiler()
+        if prof.running:
+            raise TorchProfilerError("the torch profiler is already running: call "
+                                     "stop_profile first")
+        workers = self.runner.tp_workers
+        if workers is not None:
+            workers.send(("torch_profile", "start"))
+        prof.start()
+
+    def stop_profile(self) -> None:
+        """Stop recording; returns once every process (each rank) has written its trace."""
+        prof = self._profiler()
+        if not prof.running:
+            raise TorchProfilerError("the torch profiler is not running: call start_profile "
+                                     "first")
+        workers = self.runner.tp_workers
+        if workers is not None:
+            workers.send(("torch_profile", "stop"))
+        try:
+            prof.stop()
+        finally:
+            if workers is not None:
+                workers.barrier()  # the ranks have written their traces too
 
     def remove_lora(self, lora_id: int) -> bool:
         """Forget the adapters of id ``lora_id`` (their loaded copy and device slot; running

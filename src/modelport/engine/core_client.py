@@ -69,11 +69,18 @@ class WakeUp(msgspec.Struct, tag="wake_up"):
     tags: list[str] | None = None
 
 
+class Profile(msgspec.Struct, tag="profile"):
+    """vLLM's torch profiler (engine/torch_profiler.py): "start" or "stop" recording in the
+    core and its tensor-parallel ranks; answered at once (between steps) by CoreProfiled."""
+
+    action: str
+
+
 class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-ToCore = AddRequest | AbortRequests | RemoveLoRA | Sleep | WakeUp | Shutdown
+ToCore = AddRequest | AbortRequests | RemoveLoRA | Sleep | WakeUp | Profile | Shutdown
 
 
 # ---------------------------------------------------------------- messages from the core
@@ -114,7 +121,15 @@ class CoreSleepState(msgspec.Struct, tag="sleep_state"):
     error: str | None = None
 
 
-FromCore = CoreReady | CoreStepOutputs | CoreFailed | CoreRejected | CoreSleepState
+class CoreProfiled(msgspec.Struct, tag="profiled"):
+    """The answer to one Profile, in their order: None, or why it could not (profiler off,
+    already running, not running)."""
+
+    error: str | None = None
+
+
+FromCore = (CoreReady | CoreStepOutputs | CoreFailed | CoreRejected | CoreSleepState
+            | CoreProfiled)
 
 _to_core_encoder = msgspec.msgpack.Encoder()
 _to_core_decoder = msgspec.msgpack.Decoder(ToCore)
@@ -248,6 +263,8 @@ def _busy_loop(core: Any, in_conn: Any, send: Callable[[FromCore], None]) -> Non
                 aborted.extend(core.abort_requests(msg.request_ids) or [])
             elif isinstance(msg, RemoveLoRA):
                 core.remove_lora(msg.lora_int_id)
+            elif isinstance(msg, Profile):
+                send(_profile(core, msg.action))
             elif isinstance(msg, Sleep):
                 if sleep_pending is not None:  # one sleep, at the deeper level
                     msg = Sleep(level=max(msg.level, sleep_pending.level))
@@ -284,6 +301,22 @@ def _busy_loop(core: Any, in_conn: Any, send: Callable[[FromCore], None]) -> Non
                 CoreStepOutputs(outputs=EngineCoreOutputs(outputs=aborted, stats=core.get_stats()))
             )
         aborted = []
+
+
+def _profile(core: Any, action: str) -> CoreProfiled:
+    from modelport.engine.torch_profiler import TorchProfilerError
+
+    try:
+        if action == "start":
+            core.start_profile()
+        else:
+            core.stop_profile()
+    except TorchProfilerError as e:  # the caller's mistake: the core serves on
+        return CoreProfiled(error=str(e))
+    except Exception as e:  # e.g. the trace could not be written: the core serves on
+        logger.exception("torch profiler %s failed", action)
+        return CoreProfiled(error=f"torch profiler {action} failed: {type(e).__name__}: {e}")
+    return CoreProfiled()
 
 
 # ---------------------------------------------------------------- the client
@@ -386,7 +419,7 @@ class EngineCoreClient:
                 reason = f"bad message from engine core: {e}"
                 self._kill()
                 break
-            if isinstance(msg, (CoreStepOutputs, CoreRejected, CoreSleepState)):
+            if isinstance(msg, (CoreStepOutputs, CoreRejected, CoreSleepState, CoreProfiled)):
                 self._on_message(msg)
             elif isinstance(msg, CoreFailed):
                 reason = f"engine core failed: {msg.message}"
@@ -425,6 +458,10 @@ class EngineCoreClient:
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Answered by one CoreSleepState (to on_message) once the core woke."""
         self._send(WakeUp(tags=list(tags) if tags is not None else None))
+
+    def profile(self, action: str) -> None:
+        """"start" / "stop" the torch profiler; answered by one CoreProfiled (to on_message)."""
+        self._send(Profile(action=action))
 
     def _send(self, msg: ToCore) -> None:
         if self.dead is not None:
@@ -533,6 +570,9 @@ class DPEngineCoreClient:
         # of all replicas make the one answer passed on
         self._sleep_answered = [0] * size
         self._sleep_answers: dict[int, list[tuple[int, CoreSleepState]]] = {}
+        # the torch profiler: the same, for each Profile's answers (CoreProfiled)
+        self._profile_answered = [0] * size
+        self._profile_answers: dict[int, list[tuple[int, CoreProfiled]]] = {}
         self._closing = False
         self.dead: EngineDeadError | None = None
         clients: list[EngineCoreClient | None] = [None] * size
@@ -594,6 +634,16 @@ class DPEngineCoreClient:
                           if a.error]
                 msg = CoreSleepState(is_sleeping=any(a.is_sleeping for _, a in answers),
                                      error="; ".join(errors) or None)
+            elif isinstance(msg, CoreProfiled):
+                k = self._profile_answered[rank]
+                self._profile_answered[rank] += 1
+                got = self._profile_answers.setdefault(k, [])
+                got.append((rank, msg))
+                if len(got) < len(self._profile_answered):
+                    return
+                del self._profile_answers[k]
+                errors = sorted({a.error for _, a in got if a.error})  # the same from each
+                msg = CoreProfiled(error="; ".join(errors) or None)
             elif isinstance(msg, CoreStepOutputs):
                 for out in msg.outputs.outputs:
                     if out.finished:
@@ -663,6 +713,14 @@ class DPEngineCoreClient:
             raise self.dead
         for c in self.clients:
             c.wake_up(tags)
+
+    def profile(self, action: str) -> None:
+        """Every replica starts / stops its profiler (its own traces); one CoreProfiled
+        answers once all of them have."""
+        if self.dead is not None:
+            raise self.dead
+        for c in self.clients:
+            c.profile(action)
 
     @property
     def is_alive(self) -> bool:

@@ -180,6 +180,13 @@ class LLMEngine:
             raise RuntimeError("the engine is asleep (sleep mode): call wake_up() before "
                                "adding requests")
 
+    # -- vLLM's torch profiler (VLLM_TORCH_PROFILER_DIR; engine/torch_profiler.py) ----------
+    def start_profile(self) -> None:
+        self.core.start_profile()
+
+    def stop_profile(self) -> None:
+        self.core.stop_profile()
+
     # -- vLLM's LoRA management (LLM(enable_lora=True)) -------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load an adapter ahead of its requests; ValueError if it cannot serve."""

@@ -182,6 +182,20 @@ class LLM:
     def is_sleeping(self) -> bool:
         return self.llm_engine.is_sleeping()
 
+    def start_profile(self) -> None:
+        """vLLM's torch profiler: with MODELPORT_TORCH_PROFILER_DIR (or vLLM's
+        VLLM_TORCH_PROFILER_DIR) set before the LLM is made, record what runs from now until
+        ``stop_profile``, which writes a gzipped Chrome trace (``*.pt.trace.json.gz``, one per
+        process running the model: each tensor-parallel rank) into that directory.
+        TorchProfilerError (a RuntimeError) when the variable was not set or a profile is
+        already running."""
+        self.llm_engine.start_profile()
+
+    def stop_profile(self) -> None:
+        """Stop the profile ``start_profile`` began and write its traces; TorchProfilerError
+        when none is running."""
+        self.llm_engine.stop_profile()
+
     def get_metrics(self) -> list[Metric]:
         """The engine's counters as vLLM's metric objects (Counter / Gauge / Vector) under
         vLLM's names: ``vllm:num_requests_running``, ``vllm:prefix_cache_hits``,

@@ -76,6 +76,10 @@ class TPWorkers:
                 raise RuntimeError(f"tensor-parallel worker pid {p.pid} exited with {p.returncode}")
         broadcast(msg)
 
+    def barrier(self) -> None:
+        """Wait for every rank (after a message they answer with a barrier of their own)."""
+        dist.barrier()
+
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):
             broadcast(None)  # the ranks leave their loop and exit by themselves
@@ -99,12 +103,45 @@ def _stop(procs: list[subprocess.Popen], path: str) -> None:
             dist.destroy_process_group()
 
 
+# this rank's torch profiler (vLLM's VLLM_TORCH_PROFILER_DIR, engine/torch_profiler.py):
+# made on rank 0's first "torch_profile" message
+_profiler: Any = None
+
+
+def _torch_profile(runner: Any, action: str) -> None:
+    """This rank's side of EngineCore.start_profile / stop_profile ("start" / "stop", or
+    "exit": rank 0 left mid-profile): its own trace file. A failure is logged, not raised:
+    rank 0 reports its own, and this rank serves on."""
+    import logging
+
+    from modelport.engine.torch_profiler import TorchProfiler
+
+    global _profiler
+    log = logging.getLogger(__name__)
+    rank = dist.get_rank()
+    try:
+        if _profiler is None and action != "exit":
+            _profiler = TorchProfiler.from_env(runner.config, tp_rank=rank)
+            if _profiler is None:
+                log.warning("tensor-parallel rank %d: no torch profiler directory in this "
+                            "process's environment; no trace from this rank", rank)
+        if _profiler is not None and action == "start":
+            _profiler.start()
+        elif _profiler is not None and _profiler.running:
+            _profiler.stop()
+    except Exception:
+        log.exception("tensor-parallel rank %d: torch profiler %s failed", rank, action)
+    if action == "stop":
+        dist.barrier()  # rank 0 waits here until every rank's trace is written
+
+
 def worker_loop(runner: Any) -> None:
     """Serve rank 0's messages until it sends None (or its connection drops)."""
     with torch.inference_mode():
         while True:
             msg = broadcast(None)
             if msg is None:
+                _torch_profile(runner, "exit")
                 return
             kind, args = msg
             if kind == "fwd":
@@ -123,5 +160,7 @@ def worker_loop(runner: Any) -> None:
                 runner.sleep(args)
             elif kind == "wake":
                 runner.wake_up(args)
+            elif kind == "torch_profile":  # "start" / "stop": this rank's own trace
+                _torch_profile(runner, args)
             else:
                 raise RuntimeError(f"unknown tensor-parallel message {kind!r}")

@@ -20,6 +20,8 @@ from modelport.entrypoints.openai.chat_template import request_chat_template
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.lora import add_routes as add_lora_routes
 from modelport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from modelport.entrypoints.openai.profiler import PROFILE_PATHS
+from modelport.entrypoints.openai.profiler import add_routes as add_profiler_routes
 from modelport.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -274,6 +276,8 @@ def build_routers(sagemaker: bool = False) -> tuple[APIRouter, APIRouter]:
                          lambda request: _state(request).trust_request_chat_template)
     add_lora_routes(api, lambda request: _state(request).require_engine())
     add_sleep_routes(api, lambda request: _state(request).require_engine())
+    # vLLM's /start_profile, /stop_profile: mounted only with VLLM_TORCH_PROFILER_DIR set
+    add_profiler_routes(api, lambda request: _state(request).require_engine())
     add_score_routes(api, _engine_for,
                      lambda request: _state(request).trust_request_chat_template)
 
@@ -304,7 +308,7 @@ def build_routers(sagemaker: bool = False) -> tuple[APIRouter, APIRouter]:
 
 
 OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/health", "/version", "/metrics",
-                *SLEEP_PATHS)
+                *SLEEP_PATHS, *PROFILE_PATHS)
 
 
 def mount(app: FastAPI, state: ServerState, sagemaker: bool = False) -> None:
