@@ -207,3 +207,26 @@ def test_server_start_complete_stop_every_replica(model_dir, tmp_path, monkeypat
     finally:
         stop_server(proc)
     assert "internal error" not in log.read_text()
+
+
+@pytest.mark.gpu
+def test_cuda_trace_holds_the_kernels_of_the_steps(model_dir, tmp_path, monkeypatch) -> None:
+    """On CUDA (graphs and the Triton kernels): the trace records GPU kernels as well as the
+    host's ops, and the engine generates the same tokens with the profiler on."""
+    from modelport import LLM, SamplingParams
+
+    monkeypatch.setenv("MODELPORT_TORCH_PROFILER_DIR", str(tmp_path / "prof"))
+    monkeypatch.setenv("VLLM_TORCH_PROFILER_WITH_STACK", "0")
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", kv_cache_memory=64 << 20,
+              max_model_len=128, block_size=16)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)]
+    llm.start_profile()
+    profiled = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)]
+    llm.stop_profile()
+    assert profiled == plain
+    (events,) = traces(tmp_path / "prof").values()
+    assert any(e.get("cat") == "kernel" for e in events), {e.get("cat") for e in events}
+    assert any(e.get("cat") == "cpu_op" for e in events)

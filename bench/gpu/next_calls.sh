@@ -363,5 +363,14 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
         run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           -rfE tests/test_gpu_engine.py tests/test_models_more.py tests/test_spec_decode.py \
           2>&1 | tee "$o/s42b-engine-tests.log" | tail -12 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b" >&2; exit 2 ;;
+  s43) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        o=${OUT:-bench/results}
+        # session 42's GPU tests (s42b) with session 43's torch-profiler trace on CUDA
+        run 240 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          -rfE tests/test_rope_scaling.py tests/test_models_new_archs.py \
+          tests/test_torch_profiler.py 2>&1 | tee "$o/s43-tests.log" | tail -12
+        run 300 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
+          -rfE tests/test_gpu_engine.py tests/test_models_more.py tests/test_spec_decode.py \
+          2>&1 | tee "$o/s43-engine-tests.log" | tail -12 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43" >&2; exit 2 ;;
 esac
