@@ -159,7 +159,6 @@ def test_real_vllm_command_lines(line: str, engine: dict, other: dict) -> None:
         (["--worker-extension-cls", "rl.WorkerExt"], "collective_rpc"),
         (["--tool-parser-plugin", "my_parser.py"], "--tool-call-parser"),
         (["--enable-ssl-refresh"], "restart"),
-        (["--enable-tokenizer-info-endpoint"], "/tokenize"),
         (["--h11-max-header-count", "512"], "--h11-max-incomplete-event-size"),
         (["--preemption-mode", "swap"], "recompute"),
         (["--config-format", "mistral"], "--config-format auto"),

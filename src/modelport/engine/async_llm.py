@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from modelport.engine.core_client import (
+    CorePrefixCacheReset,
     CoreProfiled,
     CoreReady,
     CoreRejected,
@@ -208,6 +209,8 @@ class AsyncLLM:
         self._sleep_waiters: list[asyncio.Future] = []
         # the torch profiler's start / stop calls waiting for the core's answer, in order
         self._profile_waiters: list[asyncio.Future] = []
+        # reset_prefix_cache calls waiting for the core's answer, in order
+        self._reset_waiters: list[asyncio.Future] = []
 
     # ---------------------------------------------------------------- start / stop
 
@@ -538,6 +541,23 @@ class AsyncLLM:
         if answer.error is not None:
             raise TorchProfilerError(answer.error)
 
+    # ---------------------------------------------------------------- prefix cache (vLLM's)
+
+    async def reset_prefix_cache(self) -> CorePrefixCacheReset:
+        """Forget every cached prefix block on every data-parallel replica. As vLLM's
+        (reset_running_requests=False), a replica whose blocks are held by requests in flight
+        resets nothing: the answer's `reset` is False and `failed_replicas` names them."""
+        if self.dead_reason is not None or self.client is None:
+            raise EngineDeadError(self.dead_reason or "engine is not started")
+        fut = self._loop.create_future()
+        self._reset_waiters.append(fut)
+        try:
+            self.client.reset_prefix_cache()
+        except BaseException:
+            self._reset_waiters.remove(fut)
+            raise
+        return await fut
+
     def abort_now(self, request_id: str) -> None:
         """Forget the request here and tell the core to free its blocks (next step at latest)."""
         stream = self._streams.pop(request_id, None)
@@ -577,6 +597,11 @@ class AsyncLLM:
                     fut = self._profile_waiters.pop(0)
                     if not fut.done():
                         fut.set_result(msg)
+            elif isinstance(msg, CorePrefixCacheReset):
+                if self._reset_waiters:
+                    fut = self._reset_waiters.pop(0)
+                    if not fut.done():
+                        fut.set_result(msg)
             elif isinstance(msg, EngineDeadError):
                 self._on_dead(msg)
         except Exception:
@@ -611,11 +636,12 @@ class AsyncLLM:
             if not fut.done():
                 fut.set_exception(EngineDeadError(str(err)))
         self._pooling.clear()
-        for fut in self._sleep_waiters + self._profile_waiters:
+        for fut in self._sleep_waiters + self._profile_waiters + self._reset_waiters:
             if not fut.done():
                 fut.set_exception(EngineDeadError(str(err)))
         self._sleep_waiters.clear()
         self._profile_waiters.clear()
+        self._reset_waiters.clear()
         self._num_inflight_seqs = 0
         if self.on_dead is not None:
             self.on_dead(self.dead_reason)

@@ -76,11 +76,17 @@ class Profile(msgspec.Struct, tag="profile"):
     action: str
 
 
+class ResetPrefixCache(msgspec.Struct, tag="reset_prefix_cache"):
+    """Forget every cached prefix block (vLLM's reset_prefix_cache); answered at once
+    (between steps) by CorePrefixCacheReset."""
+
+
 class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-ToCore = AddRequest | AbortRequests | RemoveLoRA | Sleep | WakeUp | Profile | Shutdown
+ToCore = (AddRequest | AbortRequests | RemoveLoRA | Sleep | WakeUp | Profile | ResetPrefixCache
+          | Shutdown)
 
 
 # ---------------------------------------------------------------- messages from the core
@@ -128,8 +134,17 @@ class CoreProfiled(msgspec.Struct, tag="profiled"):
     error: str | None = None
 
 
+class CorePrefixCacheReset(msgspec.Struct, tag="prefix_cache_reset"):
+    """The answer to one ResetPrefixCache, in their order: whether the cache was reset
+    (False: running requests hold blocks, so nothing was reset, as in vLLM);
+    `failed_replicas`: the data-parallel replicas that could not reset (the DP client's)."""
+
+    reset: bool
+    failed_replicas: list[int] = msgspec.field(default_factory=list)
+
+
 FromCore = (CoreReady | CoreStepOutputs | CoreFailed | CoreRejected | CoreSleepState
-            | CoreProfiled)
+            | CoreProfiled | CorePrefixCacheReset)
 
 _to_core_encoder = msgspec.msgpack.Encoder()
 _to_core_decoder = msgspec.msgpack.Decoder(ToCore)
@@ -265,6 +280,8 @@ def _busy_loop(core: Any, in_conn: Any, send: Callable[[FromCore], None]) -> Non
                 core.remove_lora(msg.lora_int_id)
             elif isinstance(msg, Profile):
                 send(_profile(core, msg.action))
+            elif isinstance(msg, ResetPrefixCache):
+                send(CorePrefixCacheReset(reset=bool(core.reset_prefix_cache())))
             elif isinstance(msg, Sleep):
                 if sleep_pending is not None:  # one sleep, at the deeper level
                     msg = Sleep(level=max(msg.level, sleep_pending.level))
@@ -419,7 +436,8 @@ class EngineCoreClient:
                 reason = f"bad message from engine core: {e}"
                 self._kill()
                 break
-            if isinstance(msg, (CoreStepOutputs, CoreRejected, CoreSleepState, CoreProfiled)):
+            if isinstance(msg, (CoreStepOutputs, CoreRejected, CoreSleepState, CoreProfiled,
+                                CorePrefixCacheReset)):
                 self._on_message(msg)
             elif isinstance(msg, CoreFailed):
                 reason = f"engine core failed: {msg.message}"
@@ -462,6 +480,10 @@ class EngineCoreClient:
     def profile(self, action: str) -> None:
         """"start" / "stop" the torch profiler; answered by one CoreProfiled (to on_message)."""
         self._send(Profile(action=action))
+
+    def reset_prefix_cache(self) -> None:
+        """Answered by one CorePrefixCacheReset (to on_message)."""
+        self._send(ResetPrefixCache())
 
     def _send(self, msg: ToCore) -> None:
         if self.dead is not None:
@@ -573,6 +595,9 @@ class DPEngineCoreClient:
         # the torch profiler: the same, for each Profile's answers (CoreProfiled)
         self._profile_answered = [0] * size
         self._profile_answers: dict[int, list[tuple[int, CoreProfiled]]] = {}
+        # and for each ResetPrefixCache's (CorePrefixCacheReset)
+        self._reset_answered = [0] * size
+        self._reset_answers: dict[int, list[tuple[int, CorePrefixCacheReset]]] = {}
         self._closing = False
         self.dead: EngineDeadError | None = None
         clients: list[EngineCoreClient | None] = [None] * size
@@ -644,6 +669,16 @@ class DPEngineCoreClient:
                 del self._profile_answers[k]
                 errors = sorted({a.error for _, a in got if a.error})  # the same from each
                 msg = CoreProfiled(error="; ".join(errors) or None)
+            elif isinstance(msg, CorePrefixCacheReset):
+                k = self._reset_answered[rank]
+                self._reset_answered[rank] += 1
+                resets = self._reset_answers.setdefault(k, [])
+                resets.append((rank, msg))
+                if len(resets) < len(self._reset_answered):
+                    return
+                del self._reset_answers[k]
+                failed = sorted(r for r, a in resets if not a.reset)
+                msg = CorePrefixCacheReset(reset=not failed, failed_replicas=failed)
             elif isinstance(msg, CoreStepOutputs):
                 for out in msg.outputs.outputs:
                     if out.finished:
@@ -721,6 +756,14 @@ class DPEngineCoreClient:
             raise self.dead
         for c in self.clients:
             c.profile(action)
+
+    def reset_prefix_cache(self) -> None:
+        """Every replica resets its own prefix cache; one CorePrefixCacheReset answers once
+        all of them have (reset only if every one did; the others in failed_replicas)."""
+        if self.dead is not None:
+            raise self.dead
+        for c in self.clients:
+            c.reset_prefix_cache()
 
     @property
     def is_alive(self) -> bool:

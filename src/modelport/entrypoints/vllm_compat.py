@@ -286,7 +286,8 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
       help="refused unless empty: vLLM's plugin API is not loaded here; --tool-call-parser "
            "names the built-in parsers")
     a("--enable-tokenizer-info-endpoint", action=_BOOL, default=False,
-      help="refused: no /get_tokenizer_info endpoint")
+      help="serve GET /tokenizer_info (alias /get_tokenizer_info): the tokenizer's "
+           "configuration, chat template included (off: 404)")
     a("--tokens-only", action=_BOOL, default=False,
       help="refused: the OpenAI endpoints are always served")
     a("--grpc", action="store_true", default=False,
@@ -318,8 +319,6 @@ _FRONTEND_REFUSALS: tuple[Refusal, ...] = (
             "start-up; restart the server to renew them"),
     Refusal("--h11-max-header-count", _is(256, None), "uvicorn sets no header count limit; "
             "bound the header size with --h11-max-incomplete-event-size"),
-    Refusal("--enable-tokenizer-info-endpoint", _falsy, "there is no /get_tokenizer_info "
-            "endpoint; /tokenize and /detokenize are served"),
     Refusal("--tokens-only", _falsy, "the OpenAI endpoints are always served"),
     Refusal("--grpc", _falsy, "vLLM's gRPC server is not served; the OpenAI API is HTTP "
             "(KServe v2 gRPC serves model repositories)"),

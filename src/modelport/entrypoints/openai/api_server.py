@@ -421,7 +421,9 @@ def attach(
                             args, "default_chat_template_kwargs", None) or {},
                         trust_request_chat_template=bool(
                             getattr(args, "trust_request_chat_template", False)),
-                        chat_template=chat_template)
+                        chat_template=chat_template,
+                        enable_tokenizer_info_endpoint=bool(
+                            getattr(args, "enable_tokenizer_info_endpoint", False)))
     # vLLM's SageMaker paths, unless TorchServe's own /ping and /invocations share the app
     sagemaker = ("modelport.entrypoints.torchserve.frontend"
                  not in getattr(args, "serve_frontends", ()))

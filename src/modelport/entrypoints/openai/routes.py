@@ -17,6 +17,8 @@ from modelport.engine import registry
 from modelport.engine.async_llm import AsyncLLM
 from modelport.entrypoints.anthropic.routes import add_routes as add_anthropic_routes
 from modelport.entrypoints.openai.chat_template import request_chat_template
+from modelport.entrypoints.openai.dev import DEV_PATHS
+from modelport.entrypoints.openai.dev import add_routes as add_dev_routes
 from modelport.entrypoints.openai.errors import OpenAIError
 from modelport.entrypoints.openai.lora import add_routes as add_lora_routes
 from modelport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -55,6 +57,8 @@ from modelport.entrypoints.openai.serving_responses import (
 from modelport.entrypoints.openai.serving_score import add_routes as add_score_routes
 from modelport.entrypoints.openai.sleep import SLEEP_PATHS
 from modelport.entrypoints.openai.sleep import add_routes as add_sleep_routes
+from modelport.entrypoints.openai.tokenizer_info import TOKENIZER_INFO_PATHS
+from modelport.entrypoints.openai.tokenizer_info import add_routes as add_tokenizer_info_routes
 from modelport.entrypoints.openai.tools import ToolSettings, template_tool
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -88,6 +92,8 @@ class ServerState:
     # --trust-request-chat-template: render with a request's chat_template (else a 400)
     trust_request_chat_template: bool = False
     chat_template: str | None = None  # --chat-template's text: the served model's template
+    # --enable-tokenizer-info-endpoint: GET /tokenizer_info (else 404, as vLLM's)
+    enable_tokenizer_info_endpoint: bool = False
 
     serve_own_engine: bool = True  # False: only engines that other frontends register
 
@@ -184,9 +190,10 @@ def chat_for(request: Request, model: str | None, what: str = "Messages") -> Ser
                        state.default_chat_template_kwargs, state.trust_request_chat_template)
 
 
-def build_routers(sagemaker: bool = False) -> tuple[APIRouter, APIRouter]:
+def build_routers(sagemaker: bool = False, tokenizer_info: bool = False
+                  ) -> tuple[APIRouter, APIRouter]:
     """(routes behind --api-key, public probes); ``sagemaker``: also vLLM's /ping and
-    /invocations (sagemaker.py)."""
+    /invocations (sagemaker.py); ``tokenizer_info``: vLLM's GET /tokenizer_info."""
     api = APIRouter(dependencies=[Depends(check_api_key)], responses=_ERRORS)
     public = APIRouter()
 
@@ -278,6 +285,12 @@ def build_routers(sagemaker: bool = False) -> tuple[APIRouter, APIRouter]:
     add_sleep_routes(api, lambda request: _state(request).require_engine())
     # vLLM's /start_profile, /stop_profile: mounted only with VLLM_TORCH_PROFILER_DIR set
     add_profiler_routes(api, lambda request: _state(request).require_engine())
+    # vLLM's dev-mode routes (/reset_prefix_cache, /server_info, ...): mounted only with
+    # VLLM_SERVER_DEV_MODE=1 (or MODELPORT_SERVER_DEV_MODE=1)
+    add_dev_routes(api, lambda request: _state(request).require_engine(),
+                   lambda request: _state(request).version)
+    if tokenizer_info:
+        add_tokenizer_info_routes(api, lambda request: _state(request).require_engine())
     add_score_routes(api, _engine_for,
                      lambda request: _state(request).trust_request_chat_template)
 
@@ -308,12 +321,12 @@ def build_routers(sagemaker: bool = False) -> tuple[APIRouter, APIRouter]:
 
 
 OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/health", "/version", "/metrics",
-                *SLEEP_PATHS, *PROFILE_PATHS)
+                *SLEEP_PATHS, *PROFILE_PATHS, *DEV_PATHS, *TOKENIZER_INFO_PATHS)
 
 
 def mount(app: FastAPI, state: ServerState, sagemaker: bool = False) -> None:
     app.state.openai = state
-    api, public = build_routers(sagemaker)
+    api, public = build_routers(sagemaker, state.enable_tokenizer_info_endpoint)
     app.include_router(api)
     app.include_router(public)
     add_anthropic_routes(app, chat_for, check_api_key)
