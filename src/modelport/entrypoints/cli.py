@@ -14,6 +14,7 @@ _SUBCOMMANDS = {
     "bench": "modelport.entrypoints.cli_bench",
     "quantize": "modelport.entrypoints.cli_quantize",
     "eval": "modelport.entrypoints.cli_eval",
+    "run-batch": "modelport.entrypoints.openai.run_batch",
     "workflow-archive": "modelport.entrypoints.cli_workflow_archive",
 }
 
