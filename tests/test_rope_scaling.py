@@ -456,8 +456,8 @@ def test_bad_yarn_or_dynamic_config_is_a_clear_error_at_load(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scaling", [YARN, {"rope_type": "linear", "factor": 2.0}],
-                         ids=["yarn", "linear"])
+@pytest.mark.parametrize("scaling", [YARN, {"rope_type": "linear", "factor": 4.0}],
+                         ids=["yarn", "linear"])  # factor 4: reach 128 > the 60 + 8 tokens
 def test_cuda_bf16_greedy_past_the_original_length_matches_hf(tmp_path: Path,
                                                               scaling: dict) -> None:
     """On CUDA (the Triton decode kernel's rotary reads the scaled table, CUDA graphs) in
