@@ -493,25 +493,35 @@ class AsyncLLM:
         if not self.engine_config.enable_sleep_mode:
             raise ValueError("sleep mode is off: start the engine with --enable-sleep-mode "
                              "(enable_sleep_mode=True)")
-        if self.dead_reason is not None or self.client is None:
-            raise EngineDeadError(self.dead_reason or "engine is not started")
-        fut = self._loop.create_future()
-        self._sleep_waiters.append(fut)
-        try:
-            send(self.client)
-        except BaseException:
-            self._sleep_waiters.remove(fut)
-            raise
-        state: CoreSleepState = await fut
+        state: CoreSleepState = await self._control_call(self._sleep_waiters, send)
         if state.error is not None:
             raise ValueError(state.error)
 
-    def _on_sleep_state(self, msg: CoreSleepState) -> None:
-        self._sleeping = msg.is_sleeping
-        if self._sleep_waiters:
-            fut = self._sleep_waiters.pop(0)
+    async def _control_call(self, waiters: list[asyncio.Future],
+                            send: Callable[[Any], None]) -> Any:
+        """Send a control call to the core(s) and wait for its answer, which
+        `_answer(waiters, ...)` hands over in the order the calls were sent."""
+        if self.dead_reason is not None or self.client is None:
+            raise EngineDeadError(self.dead_reason or "engine is not started")
+        fut = self._loop.create_future()
+        waiters.append(fut)
+        try:
+            send(self.client)
+        except BaseException:
+            waiters.remove(fut)
+            raise
+        return await fut
+
+    @staticmethod
+    def _answer(waiters: list[asyncio.Future], msg: Any) -> None:
+        if waiters:
+            fut = waiters.pop(0)
             if not fut.done():
                 fut.set_result(msg)
+
+    def _on_sleep_state(self, msg: CoreSleepState) -> None:
+        self._sleeping = msg.is_sleeping
+        self._answer(self._sleep_waiters, msg)
 
     # ---------------------------------------------------------------- torch profiler (vLLM's)
 
@@ -528,16 +538,8 @@ class AsyncLLM:
     async def _profile_call(self, action: str) -> None:
         from modelport.engine.torch_profiler import TorchProfilerError
 
-        if self.dead_reason is not None or self.client is None:
-            raise EngineDeadError(self.dead_reason or "engine is not started")
-        fut = self._loop.create_future()
-        self._profile_waiters.append(fut)
-        try:
-            self.client.profile(action)
-        except BaseException:
-            self._profile_waiters.remove(fut)
-            raise
-        answer: CoreProfiled = await fut
+        answer: CoreProfiled = await self._control_call(self._profile_waiters,
+                                                        lambda c: c.profile(action))
         if answer.error is not None:
             raise TorchProfilerError(answer.error)
 
@@ -547,16 +549,7 @@ class AsyncLLM:
         """Forget every cached prefix block on every data-parallel replica. As vLLM's
         (reset_running_requests=False), a replica whose blocks are held by requests in flight
         resets nothing: the answer's `reset` is False and `failed_replicas` names them."""
-        if self.dead_reason is not None or self.client is None:
-            raise EngineDeadError(self.dead_reason or "engine is not started")
-        fut = self._loop.create_future()
-        self._reset_waiters.append(fut)
-        try:
-            self.client.reset_prefix_cache()
-        except BaseException:
-            self._reset_waiters.remove(fut)
-            raise
-        return await fut
+        return await self._control_call(self._reset_waiters, lambda c: c.reset_prefix_cache())
 
     def abort_now(self, request_id: str) -> None:
         """Forget the request here and tell the core to free its blocks (next step at latest)."""
@@ -593,15 +586,9 @@ class AsyncLLM:
             elif isinstance(msg, CoreSleepState):
                 self._on_sleep_state(msg)
             elif isinstance(msg, CoreProfiled):
-                if self._profile_waiters:
-                    fut = self._profile_waiters.pop(0)
-                    if not fut.done():
-                        fut.set_result(msg)
+                self._answer(self._profile_waiters, msg)
             elif isinstance(msg, CorePrefixCacheReset):
-                if self._reset_waiters:
-                    fut = self._reset_waiters.pop(0)
-                    if not fut.done():
-                        fut.set_result(msg)
+                self._answer(self._reset_waiters, msg)
             elif isinstance(msg, EngineDeadError):
                 self._on_dead(msg)
         except Exception:

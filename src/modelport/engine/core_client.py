@@ -588,16 +588,11 @@ class DPEngineCoreClient:
         self._inflight = [0] * size
         self.num_added = [0] * size  # engine requests each replica was given (cumulative)
         self._stats = [SchedulerStats() for _ in range(size)]
-        # sleep mode: every replica answers each Sleep / WakeUp in order; the k-th answers
-        # of all replicas make the one answer passed on
-        self._sleep_answered = [0] * size
-        self._sleep_answers: dict[int, list[tuple[int, CoreSleepState]]] = {}
-        # the torch profiler: the same, for each Profile's answers (CoreProfiled)
-        self._profile_answered = [0] * size
-        self._profile_answers: dict[int, list[tuple[int, CoreProfiled]]] = {}
-        # and for each ResetPrefixCache's (CorePrefixCacheReset)
-        self._reset_answered = [0] * size
-        self._reset_answers: dict[int, list[tuple[int, CorePrefixCacheReset]]] = {}
+        # control calls sent to every replica (sleep mode's Sleep / WakeUp, the torch
+        # profiler's Profile, ResetPrefixCache): each replica answers them in order, and the
+        # k-th answers of all replicas make the one answer passed on (see _gather)
+        self._answered: dict[type, list[int]] = {}  # answer type -> answers from each replica
+        self._answers: dict[tuple[type, int], list[tuple[int, Any]]] = {}  # (type, k) -> got
         self._closing = False
         self.dead: EngineDeadError | None = None
         clients: list[EngineCoreClient | None] = [None] * size
@@ -648,35 +643,22 @@ class DPEngineCoreClient:
             return
         with self._lock:
             if isinstance(msg, CoreSleepState):
-                k = self._sleep_answered[rank]
-                self._sleep_answered[rank] += 1
-                answers = self._sleep_answers.setdefault(k, [])
-                answers.append((rank, msg))
-                if len(answers) < len(self._sleep_answered):
+                answers = self._gather(rank, msg)
+                if answers is None:
                     return
-                del self._sleep_answers[k]
-                errors = [f"data-parallel replica {r}: {a.error}" for r, a in sorted(answers)
-                          if a.error]
+                errors = [f"data-parallel replica {r}: {a.error}" for r, a in answers if a.error]
                 msg = CoreSleepState(is_sleeping=any(a.is_sleeping for _, a in answers),
                                      error="; ".join(errors) or None)
             elif isinstance(msg, CoreProfiled):
-                k = self._profile_answered[rank]
-                self._profile_answered[rank] += 1
-                got = self._profile_answers.setdefault(k, [])
-                got.append((rank, msg))
-                if len(got) < len(self._profile_answered):
+                got = self._gather(rank, msg)
+                if got is None:
                     return
-                del self._profile_answers[k]
                 errors = sorted({a.error for _, a in got if a.error})  # the same from each
                 msg = CoreProfiled(error="; ".join(errors) or None)
             elif isinstance(msg, CorePrefixCacheReset):
-                k = self._reset_answered[rank]
-                self._reset_answered[rank] += 1
-                resets = self._reset_answers.setdefault(k, [])
-                resets.append((rank, msg))
-                if len(resets) < len(self._reset_answered):
+                resets = self._gather(rank, msg)
+                if resets is None:
                     return
-                del self._reset_answers[k]
                 failed = sorted(r for r, a in resets if not a.reset)
                 msg = CorePrefixCacheReset(reset=not failed, failed_replicas=failed)
             elif isinstance(msg, CoreStepOutputs):
@@ -693,6 +675,19 @@ class DPEngineCoreClient:
             elif isinstance(msg, CoreRejected):
                 self._release(msg.request_id)
             self._on_message(msg)
+
+    def _gather(self, rank: int, answer: Any) -> list[tuple[int, Any]] | None:
+        """A replica's answer to a control call sent to all of them (under the lock): None
+        until every replica has answered that call, then all the answers, by replica."""
+        counts = self._answered.setdefault(type(answer), [0] * len(self._stats))
+        k = counts[rank]
+        counts[rank] += 1
+        got = self._answers.setdefault((type(answer), k), [])
+        got.append((rank, answer))
+        if len(got) < len(counts):
+            return None
+        del self._answers[(type(answer), k)]
+        return sorted(got, key=lambda ra: ra[0])
 
     def _release(self, request_id: str) -> None:
         rank = self._owner.pop(request_id, None)
