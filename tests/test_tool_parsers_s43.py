@@ -30,6 +30,8 @@ from modelport.entrypoints.openai.reasoning import (
 )
 from modelport.entrypoints.openai.tool_parsers import PARSERS, ToolCallStreamer, get_parser
 from modelport.entrypoints.openai.tools import ToolChoiceOutput, ToolSettings, plan_tools
+from test_tool_parsers_more import _calls
+from test_tool_parsers_more import _stream as _stream_fragments
 
 WEATHER = {
     "type": "function",
@@ -62,8 +64,7 @@ NEW_REASONING_PARSERS = ("deepseek_v3", "seed_oss", "hunyuan_a13b")
 
 
 def _parse(name: str, text: str, tools: list | None = TOOLS) -> tuple[str | None, list]:
-    content, calls = get_parser(name, tools).parse(text)
-    return content, [(c.name, c.arguments) for c in calls]
+    return _calls(name, text, tools)
 
 
 def _cuts(text: str, rng: random.Random) -> list[int]:
@@ -76,19 +77,10 @@ def _cuts(text: str, rng: random.Random) -> list[int]:
 
 
 def _stream(name: str, text: str, cuts, tools: list | None = TOOLS) -> tuple[str, list]:
-    streamer = ToolCallStreamer(get_parser(name, tools).scan)
-    content, names, args = "", {}, {}
-    for end in sorted({c for c in cuts if 0 < c < len(text)}) + [len(text)]:
-        piece, deltas = streamer.feed(text[:end], end == len(text))
-        content += piece
-        for d in deltas:
-            if d.name is not None:
-                assert d.index not in names, "a call's name comes once"
-                names[d.index] = d.name
-            assert d.index in names, "a call's name comes before its arguments"
-            if d.arguments:
-                args[d.index] = args.get(d.index, "") + d.arguments
-    return content, [(names[i], args.get(i, "")) for i in sorted(names)]
+    """The content and calls a stream cut at `cuts` reassembles to (test_tool_parsers_more's
+    streamer loop)."""
+    content, calls, _ = _stream_fragments(name, text, sorted(set(cuts)), tools)
+    return content, calls
 
 
 def _check(name: str, text: str, tools: list | None = TOOLS, splits: int = 40):
