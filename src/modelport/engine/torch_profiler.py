@@ -18,9 +18,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from modelport.envs import env_flag, env_value
 
-DIR_VARS = ("MODELPORT_TORCH_PROFILER_DIR", "VLLM_TORCH_PROFILER_DIR")
+logger = logging.getLogger(__name__)
 
 
 class TorchProfilerError(RuntimeError):
@@ -28,25 +28,9 @@ class TorchProfilerError(RuntimeError):
     not started); the engine is unaffected."""
 
 
-def _env(name: str) -> str | None:
-    """MODELPORT_<name>, else VLLM_<name> (None: neither set, or set empty)."""
-    for prefix in ("MODELPORT_", "VLLM_"):
-        value = os.environ.get(prefix + name)
-        if value is not None and value.strip():
-            return value.strip()
-    return None
-
-
-def _flag(name: str, default: bool) -> bool:
-    value = _env(name)
-    if value is None:
-        return default
-    return value.lower() not in ("0", "false", "no", "off")
-
-
 def profiler_dir() -> str | None:
     """The directory the traces go to (absolute), or None: the profiler is off."""
-    value = _env("TORCH_PROFILER_DIR")
+    value = env_value("TORCH_PROFILER_DIR")
     return os.path.abspath(os.path.expanduser(value)) if value is not None else None
 
 
@@ -69,10 +53,10 @@ class ProfilerSettings:
         if path is None:
             return None
         return cls(dir=path,
-                   record_shapes=_flag("TORCH_PROFILER_RECORD_SHAPES", False),
-                   with_stack=_flag("TORCH_PROFILER_WITH_STACK", True),
-                   with_memory=_flag("TORCH_PROFILER_WITH_MEMORY", False),
-                   with_flops=_flag("TORCH_PROFILER_WITH_FLOPS", False))
+                   record_shapes=env_flag("TORCH_PROFILER_RECORD_SHAPES", False),
+                   with_stack=env_flag("TORCH_PROFILER_WITH_STACK", True),
+                   with_memory=env_flag("TORCH_PROFILER_WITH_MEMORY", False),
+                   with_flops=env_flag("TORCH_PROFILER_WITH_FLOPS", False))
 
 
 def worker_name(config: Any, tp_rank: int = 0) -> str:

@@ -20,7 +20,6 @@ VllmConfig, which modelport does not have; the keys here are modelport's.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -29,39 +28,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from modelport.entrypoints.openai.errors import OpenAIError
-from modelport.entrypoints.openai.serving_common import dead_engine_is_503
+from modelport.entrypoints.openai.serving_common import dead_engine_is_503, jsonable
+from modelport.envs import env_flag
 
 logger = logging.getLogger("modelport.openai")
 
-DEV_MODE_VARS = ("MODELPORT_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")
 DEV_PATHS = ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache", "/server_info")
 _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def dev_mode() -> bool:
-    """MODELPORT_SERVER_DEV_MODE, else VLLM_SERVER_DEV_MODE: 1 / true / yes / on."""
-    for var in DEV_MODE_VARS:
-        value = os.environ.get(var, "").strip()
-        if value:
-            return value.lower() in ("1", "true", "yes", "on")
-    return False
-
-
-def _jsonable(value: Any) -> Any:
-    """A config as JSON: dataclasses by their shown fields (a model's raw HF config.json is
-    not shown), paths and other objects as text."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name))
-                for f in dataclasses.fields(value) if f.repr}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)  # a path, a torch dtype, ...
+    """MODELPORT_SERVER_DEV_MODE, else VLLM_SERVER_DEV_MODE, set on (not 0 / false / no /
+    off)."""
+    return env_flag("SERVER_DEV_MODE", False)
 
 
 def _env() -> dict[str, str]:
@@ -90,7 +69,7 @@ def server_info(engine: Any, version: str) -> dict[str, Any]:
             "num_tokens": ready.num_kv_blocks * ready.block_size,
             "devices": ready.device,
         },
-        "engine_config": _jsonable(cfg),
+        "engine_config": jsonable(cfg),
         "env": _env(),
     }
 

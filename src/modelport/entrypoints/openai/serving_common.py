@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -40,6 +41,26 @@ from modelport.sampling_params import (
 T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def jsonable(value: Any) -> Any:
+    """A value as JSON (the dev and tokenizer-info routes): dataclasses by their shown fields
+    (a model's raw HF config.json is not shown), a tokenizers AddedToken as its text (as
+    vLLM's), a class by its qualified name, paths, dtypes and other objects as text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name))
+                for f in dataclasses.fields(value) if f.repr}
+    if hasattr(value, "content") and not isinstance(value, (str, bytes, dict, type)):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def sse(payload: str) -> str:

@@ -18,20 +18,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from modelport.entrypoints.openai.errors import OpenAIError
+from modelport.entrypoints.openai.serving_common import jsonable
 
 TOKENIZER_INFO_PATHS = ("/tokenizer_info", "/get_tokenizer_info")
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "content") and not isinstance(value, (str, bytes, dict)):
-        return value.content  # tokenizers' AddedToken: its text, as vLLM's
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
 
 
 def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
@@ -40,11 +29,11 @@ def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
     config = dict(getattr(hf, "init_kwargs", None) or {})
     config.pop("vocab_file", None)
     config.pop("merges_file", None)
-    info = _jsonable(config)
+    info = jsonable(config)
     info["tokenizer_class"] = type(hf).__name__
     template = getattr(tokenizer, "chat_template", None)
     if template:  # the served one: --chat-template replaces the tokenizer's
-        info["chat_template"] = _jsonable(template)
+        info["chat_template"] = jsonable(template)
     return info
 
 
