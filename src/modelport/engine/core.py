@@ -225,9 +225,7 @@ class EngineCore:
         """Start recording on this process and every tensor-parallel rank;
         TorchProfilerError when the profiler is off or already running."""
         prof = self._profiler()
-        if prof.running:
-            raise TorchProfilerError("the torch profiler is already running: call "
-                                     "stop_profile first")
+        prof.require(running=False)  # before the ranks are told
         workers = self.runner.tp_workers
         if workers is not None:
             workers.send(("torch_profile", "start"))
@@ -236,9 +234,7 @@ class EngineCore:
     def stop_profile(self) -> None:
         """Stop recording; returns once every process (each rank) has written its trace."""
         prof = self._profiler()
-        if not prof.running:
-            raise TorchProfilerError("the torch profiler is not running: call start_profile "
-                                     "first")
+        prof.require(running=True)
         workers = self.runner.tp_workers
         if workers is not None:
             workers.send(("torch_profile", "stop"))

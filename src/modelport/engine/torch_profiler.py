@@ -93,13 +93,20 @@ class TorchProfiler:
     def running(self) -> bool:
         return self._prof is not None
 
+    def require(self, running: bool) -> None:
+        """TorchProfilerError unless the profiler is running (running=True) or not."""
+        if running and self._prof is None:
+            raise TorchProfilerError("the torch profiler is not running: call start_profile "
+                                     "first")
+        if not running and self._prof is not None:
+            raise TorchProfilerError("the torch profiler is already running: call "
+                                     "stop_profile first")
+
     def start(self) -> None:
         import torch
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
-        if self._prof is not None:
-            raise TorchProfilerError("the torch profiler is already running: call "
-                                     "stop_profile first")
+        self.require(running=False)
         os.makedirs(self.settings.dir, exist_ok=True)
         activities = [ProfilerActivity.CPU]
         if self.device_type == "cuda" and torch.cuda.is_available():
@@ -116,9 +123,7 @@ class TorchProfiler:
 
     def stop(self) -> None:
         """Stop and write the trace (the export may take a while for a long profile)."""
-        if self._prof is None:
-            raise TorchProfilerError("the torch profiler is not running: call start_profile "
-                                     "first")
+        self.require(running=True)
         prof, self._prof = self._prof, None
         import torch
 

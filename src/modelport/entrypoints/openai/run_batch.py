@@ -100,18 +100,19 @@ def _uid() -> str:
 
 
 def success_output(custom_id: Any, status: int, body: Any) -> dict[str, Any]:
-    return {"id": f"vllm-{_uid()}", "custom_id": custom_id,
-            "response": {"status_code": status, "request_id": f"vllm-batch-{_uid()}",
-                         "body": body},
-            "error": None}
+    return _output(custom_id, status, body, None)
 
 
 def error_output(custom_id: Any, error: Any, status: int = 400) -> dict[str, Any]:
     """vLLM's shape for a failed request: the status in "response" (no body), the error
     (the endpoint's {"error": {...}}, or a message) as "error"."""
+    return _output(custom_id, status, None, error)
+
+
+def _output(custom_id: Any, status: int, body: Any, error: Any) -> dict[str, Any]:
     return {"id": f"vllm-{_uid()}", "custom_id": custom_id,
             "response": {"status_code": status, "request_id": f"vllm-batch-{_uid()}",
-                         "body": None},
+                         "body": body},
             "error": error}
 
 
@@ -126,8 +127,7 @@ def parse_line(line: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]
                                         "url and body")
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str):
-        return None, error_output(custom_id if custom_id is not None else None,
-                                  "custom_id: a string is required")
+        return None, error_output(custom_id, "custom_id: a string is required")
     for key in ("method", "url"):
         if not isinstance(obj.get(key), str):
             return None, error_output(custom_id, f"{key}: a string is required")
