@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -88,6 +90,17 @@ def _no_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV cache tensor. On the CPU it lies in an anonymous mapping: the kernel
+    hands its pages out already zero as they are first touched, where torch.zeros would write
+    the whole default 1 GiB budget at start-up (seconds, and all of it resident at once)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
+    return raw[:nbytes].view(dtype).view(shape)
 
 
 def mixed_warmup_batches(max_batch: int, block_size: int, prefill_tokens: int = 16,
@@ -408,17 +421,13 @@ class ModelRunner:
             # (_cuda_kv_budget) already did this; a tensor-parallel worker did not, and its
             # profiling forward's activations would otherwise stay reserved beside its cache
             torch.cuda.empty_cache()
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-            for _ in range(mc.num_hidden_layers)
-        ]
+        self.kv_caches = [zeroed_cache(shape, self.kv_dtype, self.device)
+                          for _ in range(mc.num_hidden_layers)]
         if self.draft_config is not None:
             dc = self.draft_config
-            self.draft_kv_caches = [
-                torch.zeros((2, num_blocks, self.block_size, dc.num_key_value_heads, dc.head_dim),
-                            dtype=self.kv_dtype, device=self.device)
-                for _ in range(dc.num_hidden_layers)
-            ]
+            draft_shape = (2, num_blocks, self.block_size, dc.num_key_value_heads, dc.head_dim)
+            self.draft_kv_caches = [zeroed_cache(draft_shape, self.kv_dtype, self.device)
+                                    for _ in range(dc.num_hidden_layers)]
         return True
 
     def _capture_if_wanted(self) -> None:
