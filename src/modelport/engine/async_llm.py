@@ -145,10 +145,12 @@ class RequestStream:
                 pass
 
 
-# Held while an engine resolves its config, loads its tokenizer and starts its core: several
-# engines of one process (a model repository's llm models, the OpenAI model beside them) start
-# one after another.
-_STARTING = threading.Lock()
+# Several engines of one process (a model repository's llm models, the OpenAI model beside
+# them) start one after another: one resolves its config or loads its tokenizer at a time
+# (transformers' lazy imports race in two threads at once), and one core at a time sizes its
+# KV cache from free memory. An engine's own tokenizer loads while its core starts.
+_PREPARING = threading.Lock()
+_SIZING = threading.Lock()
 
 
 def queue_has_room(waiting: int, num_seqs: int, limit: int) -> bool:
@@ -216,41 +218,67 @@ class AsyncLLM:
 
     @classmethod
     async def from_engine_args(cls, engine_args: Any, **kw: Any) -> AsyncLLM:
-        """Resolve the config, load the tokenizer, start the core process (in worker threads)."""
+        """Resolve the config, then start the core process while the tokenizer loads (worker
+        threads)."""
         from modelport.frontend.tokenizer import load_tokenizer
 
         loop = asyncio.get_running_loop()
 
-        def prepare() -> tuple[Any, Any]:
-            with _STARTING:  # transformers' lazy imports race in two threads at once
-                config = engine_args.create_engine_config()
-                return config, load_tokenizer(config.model_source)
+        def prepare() -> Any:
+            with _PREPARING:
+                return engine_args.create_engine_config()
 
-        config, tokenizer = await asyncio.to_thread(prepare)
+        config = await asyncio.to_thread(prepare)
         # The bound is enforced here (see module doc), so the core gets none.
         sched = dataclasses.replace(config.scheduler_config, max_waiting_requests=None)
         core_config = dataclasses.replace(config, scheduler_config=sched)
+        # the core's messages reach the engine once it exists (an early one, its death while
+        # the tokenizer still loads, waits in `early`); both lists change on the loop only
+        made: list[AsyncLLM] = []
+        early: list[Any] = []
+
+        def deliver(msg: Any) -> None:
+            if made:
+                made[0]._on_core_message(msg)
+            else:
+                early.append(msg)
+
+        def on_message(msg: Any) -> None:
+            # the core's last message (its exit) can come after the server's loop closed
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver, msg)
+
+        def start_core() -> Any:
+            with _SIZING:
+                return make_core_client(core_config, on_message)
+
+        def tokenizer() -> Any:
+            with _PREPARING:
+                return load_tokenizer(config.model_source)
+
+        # the core process imports and loads its weights while this one loads the tokenizer
+        core = asyncio.ensure_future(asyncio.to_thread(start_core))
+        try:
+            tok = await asyncio.to_thread(tokenizer)
+        except BaseException:  # the started core goes too
+            with contextlib.suppress(BaseException):
+                started = await core
+                await asyncio.to_thread(started.shutdown)
+            raise
+        client = await core
         llm = cls(
             config,
-            tokenizer,
+            tok,
             None,
             loop,
             max_waiting_requests=config.scheduler_config.max_waiting_requests,
             **kw,
         )
-
-        def on_message(msg: Any) -> None:
-            # the core's last message (its exit) can come after the server's loop closed
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(llm._on_core_message, msg)
-
-        def start_core() -> Any:
-            with _STARTING:  # one engine sizes its KV cache from free memory at a time
-                return make_core_client(core_config, on_message)
-
-        client = await asyncio.to_thread(start_core)
         llm.client = client
         llm.ready = client.ready
+        made.append(llm)
+        for msg in early:
+            llm._on_core_message(msg)
         await asyncio.to_thread(llm._offload_encoder)  # the copy now, not at a request
         return llm
 
