@@ -28,6 +28,11 @@ takes them (entrypoints/vllm_engine_flags.py). As in Triton's vLLM backend:
   (``[{token_id: {"logprob", "rank", "decoded_token"}}]``, "null" without ``logprobs``),
   the prompt's token count, and the number of tokens new in this response.
 
+With ``parameters { key: "REPORT_CUSTOM_METRICS" value: { string_value: "true" } }`` in
+config.pbtxt (and ``disable_log_stats`` not true in model.json), the engine's ``vllm:``
+series are on the metrics endpoint with labels model and version (vllm_metrics.py); any
+other value means off, as the backend's own check is ``value.lower() == "true"``.
+
 Images and ``embedding_request`` are refused (no multimodal or pooling model behind this
 backend); a bad setting fails the request alone with InvalidArgument (HTTP 400 /
 INVALID_ARGUMENT).
@@ -92,9 +97,10 @@ def autocomplete_vllm(cfg: mc.ModelConfig) -> mc.ModelConfig:
     return out
 
 
-def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str]]:
-    """EngineArgs from ``<version>/model.json`` (vLLM's names), and the LoRA adapters of
-    multi_lora.json when it enables LoRA."""
+def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str], bool]:
+    """EngineArgs from ``<version>/model.json`` (vLLM's names), the LoRA adapters of
+    multi_lora.json when it enables LoRA, and whether model.json sets disable_log_stats
+    (which turns REPORT_CUSTOM_METRICS off, as the engine then collects no stats)."""
     from modelport.engine.arg_utils import EngineArgs
     from modelport.entrypoints.vllm_engine_flags import llm_kwargs
 
@@ -108,6 +114,8 @@ def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str]]:
         raise ModelConfigError(f"model '{name}': {path}: {e}") from None
     if not isinstance(given, dict) or not isinstance(given.get("model"), str):
         raise ModelConfigError(f"model '{name}': {path} must be a JSON object with a 'model'")
+    no_stats = given.get("disable_log_stats", False)
+    no_stats = no_stats.strip().lower() == "true" if isinstance(no_stats, str) else bool(no_stats)
     for key in [*_LOGGING_KEYS, "served_model_name"]:
         given.pop(key, None)
     if "kv_cache_memory_bytes" in given:  # vLLM's name
@@ -140,7 +148,20 @@ def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str]]:
                 isinstance(v, str) for v in adapters.values()):
             raise ModelConfigError(f"model '{name}': {lora_path} must map adapter names to "
                                    "folders")
-    return args, adapters
+    return args, adapters, no_stats
+
+
+def _report_metrics(ctx: BackendContext) -> bool:
+    """REPORT_CUSTOM_METRICS as Triton's vLLM backend reads it: on for "true" in any case,
+    off for anything else (a warning here for what is neither true nor false)."""
+    param = ctx.config.parameters.get("REPORT_CUSTOM_METRICS")
+    if param is None:
+        return False
+    value = param.string_value.lower()  # no strip(): " true" is off there too
+    if value not in ("true", "false"):
+        logger.warning("model '%s': REPORT_CUSTOM_METRICS is %r, not \"true\" or \"false\": "
+                       "the vLLM metrics are not reported", ctx.config.name, param.string_value)
+    return value == "true"
 
 
 def _field_types() -> dict[str, Any]:
@@ -185,8 +206,36 @@ class VLLMBackend(LLMBackend):
                 raise ModelConfigError(
                     f"model '{ctx.config.name}': unknown vllm backend parameter '{key}' (engine "
                     f"arguments go in {ENGINE_ARGS_FILE}; known: {', '.join(BACKEND_PARAMETERS)})")
-        self.args, self.adapters = _engine_args(ctx)
+        self.args, self.adapters, no_stats = _engine_args(ctx)
         self._fields = _field_types()
+        self._report_metrics = _report_metrics(ctx) and not no_stats
+        self._metrics: Any = None
+
+    async def load(self) -> None:
+        await super().load()
+        if not self._report_metrics:
+            return
+        if self.ctx.metrics is None:  # no metrics in this server (Triton: "not supported")
+            logger.info("model '%s': metrics not supported, REPORT_CUSTOM_METRICS ignored",
+                        self.config.name)
+            return
+        from modelport.repository.backends.vllm_metrics import TritonVllmMetrics
+        from modelport.repository.custom_metrics import CustomMetricError
+
+        try:
+            self._metrics = TritonVllmMetrics(self.ctx.metrics, self.config.name,
+                                              self.ctx.version, self.llm.max_model_len)
+        except CustomMetricError as e:
+            await super().unload()
+            raise ModelConfigError(f"model '{self.config.name}': REPORT_CUSTOM_METRICS: "
+                                   f"{e}") from None
+        self.llm.stat_logger = self._metrics
+
+    async def unload(self) -> None:
+        await super().unload()
+        if self._metrics is not None:
+            self._metrics.release()
+            self._metrics = None
 
     # -- one request ------------------------------------------------------------------------
     def _flag(self, req: InferRequest, name: str) -> bool | None:
