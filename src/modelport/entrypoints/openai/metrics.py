@@ -20,21 +20,21 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from modelport.engine.messages import SchedulerStats
 
-_LATENCY_BUCKETS = (
+LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
 )  # fmt: skip
-_TPOT_BUCKETS = (
+TPOT_BUCKETS = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
     10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
-_N_BUCKETS = (1, 2, 5, 10, 20)
+N_BUCKETS = (1, 2, 5, 10, 20)
 # vLLM's buckets for the tokens of one engine step
 _STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-def _buckets_125(limit: int) -> tuple[int, ...]:
+def buckets_125(limit: int) -> tuple[int, ...]:
     """1, 2, 5, 10, 20, 50 ... up to `limit` (vLLM's buckets for per-request token counts)."""
     out, scale = [], 1
     while True:
@@ -70,7 +70,7 @@ class ServerMetrics:
         self._model = model_name
         self._engines = [str(i) for i in range(num_engines)]
 
-        def hist(name: str, doc: str, buckets: tuple = _LATENCY_BUCKETS) -> Histogram:
+        def hist(name: str, doc: str, buckets: tuple = LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, labels, registry=r, buckets=buckets)
 
         self.ttft = hist(f"{prefix}:time_to_first_token_seconds", "Time to first token.")
@@ -81,7 +81,7 @@ class ServerMetrics:
         self.tpot = hist(
             f"{prefix}:request_time_per_output_token_seconds",
             "Time per output token, averaged over each request.",
-            _TPOT_BUCKETS,
+            TPOT_BUCKETS,
         )
         self.queue = hist(f"{prefix}:request_queue_time_seconds", "Time waiting to be scheduled.")
         # vLLM's phases of a finished request: prefill (first scheduled -> first token),
@@ -102,13 +102,13 @@ class ServerMetrics:
         )
         # vLLM's per-request parameters, once a request (all its n sequences) is done
         self.params_n = hist(f"{prefix}:request_params_n", "The n parameter of each request.",
-                             _N_BUCKETS)
+                             N_BUCKETS)
         self.params_max_tokens = hist(
             f"{prefix}:request_params_max_tokens", "The max_tokens parameter of each request.",
-            _buckets_125(max_model_len))
+            buckets_125(max_model_len))
         self.max_generated = hist(
             f"{prefix}:request_max_num_generation_tokens",
-            "The most tokens one sequence of each request generated.", _buckets_125(max_model_len))
+            "The most tokens one sequence of each request generated.", buckets_125(max_model_len))
         self.step_tokens = hist(f"{prefix}:iteration_tokens_total",
                                 "Histogram of number of tokens per engine_step.",
                                 _STEP_TOKEN_BUCKETS)
