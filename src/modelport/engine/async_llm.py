@@ -260,12 +260,12 @@ class AsyncLLM:
         core = asyncio.ensure_future(asyncio.to_thread(start_core))
         try:
             tok = await asyncio.to_thread(tokenizer)
-        except BaseException:  # the started core goes too
+            client = await core
+        except BaseException:  # a core that did start goes too
             with contextlib.suppress(BaseException):
                 started = await core
                 await asyncio.to_thread(started.shutdown)
             raise
-        client = await core
         llm = cls(
             config,
             tok,
