@@ -18,7 +18,22 @@ def _torchserve_log_location(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("METRICS_LOCATION", logs)
 
 
+# The files that take longest on a CPU (`pytest --durations=0`, summed per file, session 44),
+# run first: pytest-xdist hands whole files (--dist loadfile) to workers in collection order,
+# so a long file met last would keep one worker busy while the other idles.
+SLOW_FILES = (
+    "test_moe_tensor_parallel_quant.py", "test_torchserve_start_stop.py",
+    "test_openai_reasoning.py", "test_openai_server.py", "test_tensor_parallel_quant.py",
+    "test_openai_vllm_extras.py", "test_openai_tool_calls.py", "test_structured_outputs.py",
+    "test_expert_parallel.py", "test_moe_quantized_cuda.py", "test_torchserve_server.py",
+    "test_moe_few_tokens.py", "test_vllm_parity_s30.py", "test_triton_offline.py",
+    "test_w4_codes_gemm.py", "test_w4_gemv_half2.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable
     try:
         import torch
 
