@@ -340,6 +340,25 @@ class CacheConfig:
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
 
 
+def cpu_kv_cache_space() -> int | None:
+    """vLLM's VLLM_CPU_KVCACHE_SPACE (or MODELPORT_CPU_KVCACHE_SPACE): the KV cache of an
+    engine on the CPU, in GiB, when kv_cache_memory is not given; None when unset or 0 (the
+    default budget then, DEFAULT_CPU_KV_CACHE_MEMORY)."""
+    from modelport.envs import env_value
+
+    value = env_value("CPU_KVCACHE_SPACE")
+    if value is None:
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0 or gib == float("inf"):
+        raise ValueError(f"CPU_KVCACHE_SPACE={value!r}: give the CPU KV cache's size in GiB, "
+                         "a number >= 0 (0: the default, 1 GiB)")
+    return int(gib * 2**30) or None
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits: per-step token budget and concurrent sequences.

@@ -19,6 +19,7 @@ from modelport.config import (
     ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    cpu_kv_cache_space,
     default_max_num_batched_tokens,
     is_large_gpu,
 )
@@ -483,9 +484,12 @@ class EngineArgs:
             batched = max(batched, max_len)
         # the model sees the engine's length (LongRoPE picks its factors by it: longrope.py)
         model_config = dataclasses.replace(model_config, max_model_len=max_len)
+        kv_memory = self.kv_cache_memory
+        if kv_memory is None and device == "cpu":  # vLLM's VLLM_CPU_KVCACHE_SPACE (GiB)
+            kv_memory = cpu_kv_cache_space()
         cache = CacheConfig(
             block_size=self.block_size,
-            kv_cache_memory=self.kv_cache_memory,
+            kv_cache_memory=kv_memory,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=pooling_kw.get("enable_prefix_caching",
                                                  self.enable_prefix_caching),
