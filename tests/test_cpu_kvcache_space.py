@@ -56,3 +56,20 @@ def test_the_engine_gets_as_many_blocks_as_that_budget_gives(model_dir, monkeypa
     blocks = [llm.llm_engine.num_kv_blocks for llm in (by_env, by_arg, default)]
     assert blocks[0] == blocks[1] and blocks[2] > blocks[0]
     assert blocks[2] == blocks[0] * (DEFAULT_CPU_KV_CACHE_MEMORY >> 20)
+
+
+def test_the_cpu_plan_counts_the_same_budget(model_dir, monkeypatch, capsys) -> None:
+    import json
+
+    from modelport.entrypoints.cli import main
+
+    def plan_blocks() -> int:
+        capsys.readouterr()
+        assert main(["plan", "--model", str(model_dir), "--gpu", "cpu", "--memory", "8",
+                     "--max-model-len", "64", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["kv_cache"]["num_blocks"]
+
+    default = plan_blocks()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", str(1 / 1024))
+    engine = LLM(str(model_dir), device="cpu", max_model_len=64).llm_engine.num_kv_blocks
+    assert plan_blocks() == engine and default == engine * (DEFAULT_CPU_KV_CACHE_MEMORY >> 20)

@@ -44,6 +44,7 @@ from modelport.config import (
     GEMMA3_ARCHITECTURES,
     SAMPLER_ROWS,
     ModelConfig,
+    cpu_kv_cache_space,
     kv_cache_bytes_per_token,
     num_kv_blocks,
 )
@@ -125,7 +126,8 @@ def memory_budget(
     act = activation_peak_bytes(model, act_bytes, tp, max_num_batched_tokens, max_num_seqs)
     buffers = buffer_bytes(model, act_bytes, max_model_len)
     if device.is_cpu:
-        kv = kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
+        # as the engine sizes it (EngineArgs: VLLM_CPU_KVCACHE_SPACE without kv_cache_memory)
+        kv = kv_cache_memory or cpu_kv_cache_space() or DEFAULT_CPU_KV_CACHE_MEMORY
         mem = device.memory_bytes
         return MemoryBudget(mem, mem, weights_per_gpu, buffers, act, 0, kv, True)
     usable = int(device.memory_bytes * gpu_memory_utilization)
