@@ -43,7 +43,7 @@ def test_the_variable_sizes_the_cpu_cache_in_gib(model_dir, monkeypatch) -> None
 @pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
 def test_a_value_that_is_no_size_is_refused(model_dir, monkeypatch, value) -> None:
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", value)
-    with pytest.raises(ValueError, match=r"CPU_KVCACHE_SPACE=.*in GiB"):
+    with pytest.raises(ValueError, match=rf"VLLM_CPU_KVCACHE_SPACE is '{value}'.*in GiB"):
         _kv(model_dir)
 
 

@@ -354,8 +354,8 @@ def cpu_kv_cache_space() -> int | None:
     except ValueError:
         gib = -1.0
     if not gib >= 0 or gib == float("inf"):
-        raise ValueError(f"CPU_KVCACHE_SPACE={value!r}: give the CPU KV cache's size in GiB, "
-                         "a number >= 0 (0: the default, 1 GiB)")
+        raise ValueError(f"MODELPORT_/VLLM_CPU_KVCACHE_SPACE is {value!r}: give the CPU KV "
+                         "cache's size in GiB, a number >= 0 (0: the default, 1 GiB)")
     return int(gib * 2**30) or None
 
 
