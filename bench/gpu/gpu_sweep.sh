@@ -4,7 +4,9 @@
 #   bash bench/gpu/gpu_sweep.sh a    # the kernel-heavy files (quant, attention, GEMV)
 #   bash bench/gpu/gpu_sweep.sh b    # every other file with gpu-marked tests (b1 + b2: halves)
 # JOBS=N runs each file on N pytest-xdist workers (Triton compiles in parallel; .whl carries
-# pytest-xdist and execnet). Each file's pytest summary goes to $OUT/sweep-<group>.log (bench/results without $OUT).
+# pytest-xdist and execnet); only for `a`: engine tests size their KV cache from free memory,
+# so two at once on one GPU starve each other. Each file's pytest summary goes to
+# $OUT/sweep-<group>.log (bench/results without $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 o=${OUT:-bench/results}
