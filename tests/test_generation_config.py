@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from helpers.openai_http import in_process
 from helpers.tiny_models import make_tiny_llama_dir
 from modelport.engine.arg_utils import EngineArgs
 from modelport.engine.generation_config import default_sampling_params
@@ -186,17 +187,10 @@ def test_prompt_tokens_details_only_when_asked_and_cached() -> None:
 
 @pytest.fixture(scope="module")
 def client(model_dir):
-    from modelport.entrypoints.openai.api_server import build_app, make_parser
-
-    args = make_parser().parse_args([
+    with in_process([
         "--model", str(model_dir), "--served-model-name", "tiny", "--max-model-len", "128",
         "--kv-cache-memory", "8MiB", "--override-generation-config", '{"top_k": 3}',
-        "--response-role", "bot", "--enable-prompt-tokens-details"])
-    app, service, _ = build_app(args)
-    with TestClient(app) as c:
-        c.portal.call(service.start)
-        c.portal.call(service.loaded.wait)
-        assert service.state.engine is not None, service.state.load_error
+        "--response-role", "bot", "--enable-prompt-tokens-details"]) as c:
         yield c
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from starlette.testclient import TestClient
 
 from helpers.logits_processors import CountUp, Recorder, TargetToken
+from helpers.openai_http import in_process
 from helpers.tiny_models import make_tiny_llama_dir
 from modelport import LLM, MoveDirectionality, SamplingParams
 from modelport.engine.arg_utils import EngineArgs
@@ -207,17 +207,10 @@ def test_cli_flag_reaches_the_engine(model_dir) -> None:
 
 # ---------------------------------------------------------------- the OpenAI server
 def test_server_vllm_xargs_and_the_400(model_dir) -> None:
-    from modelport.entrypoints.openai.api_server import build_app, make_parser
-
-    args = make_parser().parse_args([
+    with in_process([
         "--model", str(model_dir), "--served-model-name", "tiny", "--max-model-len", "128",
         "--kv-cache-memory", "8MiB", "--logits-processors",
-        "helpers.logits_processors:TargetToken"])
-    app, service, _ = build_app(args)
-    with TestClient(app) as c:
-        c.portal.call(service.start)
-        c.portal.call(service.loaded.wait)
-        assert service.state.engine is not None, service.state.load_error
+        "helpers.logits_processors:TargetToken"]) as c:
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 3, "ignore_eos": True,
                 "temperature": 0, "logprobs": 0}
         r = c.post("/v1/completions", json={**body, "vllm_xargs": {"target_token": "x"}})

@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
+from helpers.openai_http import in_process
 from helpers.tiny_models import CHAT_TEMPLATE, make_tiny_llama_dir
 
 DEV_ROUTES = [("POST", "/reset_prefix_cache"), ("POST", "/reset_mm_cache"),
@@ -88,22 +89,15 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(model_dir):
-    from modelport.entrypoints.openai.api_server import build_app, make_parser
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_SERVER_DEV_MODE", "1")
         mp.delenv("MODELPORT_SERVER_DEV_MODE", raising=False)
-        args = make_parser().parse_args([
+        with in_process([
             "--model", str(model_dir), "--served-model-name", "tiny", "--max-model-len", "128",
             "--kv-cache-memory", "2MiB", "--block-size", "4", "--enforce-eager",
             "--data-parallel-size", "2", "--enable-prompt-tokens-details",
-            "--enable-tokenizer-info-endpoint"])
-        app, service, _ = build_app(args)
-    with TestClient(app) as c:
-        c.portal.call(service.start)
-        c.portal.call(service.loaded.wait)
-        assert service.state.engine is not None, service.state.load_error
-        yield c
+            "--enable-tokenizer-info-endpoint"]) as c:
+            yield c
 
 
 def test_tokenizer_info_is_the_tokenizers_config(client, model_dir) -> None:

@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import httpx
+
+
+@contextlib.contextmanager
+def in_process(argv: list[str]) -> Iterator[Any]:
+    """The OpenAI server of these `serve` flags in this process (build_app and starlette's
+    TestClient, no port or uvicorn), its engine loaded: the client."""
+    from starlette.testclient import TestClient
+
+    from modelport.entrypoints.openai.api_server import build_app, make_parser
+
+    app, service, _ = build_app(make_parser().parse_args(argv))
+    with TestClient(app) as c:
+        c.portal.call(service.start)
+        c.portal.call(service.loaded.wait)
+        assert service.state.engine is not None, service.state.load_error
+        yield c
 
 
 def post(base: str, path: str, body: dict, timeout: float = 180) -> httpx.Response:
