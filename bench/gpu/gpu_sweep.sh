@@ -3,6 +3,7 @@
 # the others' results), on the device machine from the repo root, carrying .whl:
 #   bash bench/gpu/gpu_sweep.sh a    # the kernel-heavy files (quant, attention, GEMV)
 #   bash bench/gpu/gpu_sweep.sh b    # every other file with gpu-marked tests (b1 + b2: halves)
+#   bash bench/gpu/gpu_sweep.sh files tests/x.py tests/y.py   # these files only
 # JOBS=N runs each file on N pytest-xdist workers (Triton compiles in parallel; .whl carries
 # pytest-xdist and execnet); only for `a`: engine tests size their KV cache from free memory,
 # so two at once on one GPU starve each other. Each file's pytest summary goes to
@@ -20,7 +21,8 @@ case ${1:-a} in
        b1) files=$(echo "$files" | head -n $(( (n + 1) / 2 ))) ;;
        b2) files=$(echo "$files" | tail -n +$(( (n + 1) / 2 + 1 ))) ;;
      esac ;;
-  *) echo "usage: $0 a|b|b1|b2" >&2; exit 2 ;;
+  files) shift; files="$*"; set -- files ;;
+  *) echo "usage: $0 a|b|b1|b2|files FILE..." >&2; exit 2 ;;
 esac
 log="$o/sweep-$1.log"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$log"

@@ -282,11 +282,6 @@ class ModelRunner:
                     n = fuse_decode_layers(model)
                     logger.info("fused single-row decode layers (norm/SiLU/residual in the "
                                 "GEMVs): %d", n)
-            if os.environ.get("MODELPORT_L2_PREFETCH"):
-                from modelport.layers.l2_prefetch import use_l2_prefetch
-
-                logger.info("L2 weight prefetch on a side stream (%s): %d decoder layers",
-                            os.environ["MODELPORT_L2_PREFETCH"], use_l2_prefetch(model))
         return model
 
     @property
