@@ -144,16 +144,17 @@ def _ctx(tmp_path, params: dict[str, str], engine: dict | None = None):
     return SimpleNamespace(config=cfg, version_dir=tmp_path / "1")
 
 
+@pytest.mark.parametrize("key", ["REPORT_CUSTOM_METRICS", "ENABLE_VLLM_HEALTH_CHECK"])
 @pytest.mark.parametrize("value,on", [("true", True), ("TRUE", True), (" true", False),
                                       ("false", False), ("yes", False), ("1", False),
                                       ("on", False), ("", False)])
-def test_only_true_turns_it_on_as_in_triton(tmp_path, caplog, value, on) -> None:
+def test_only_true_turns_it_on_as_in_triton(tmp_path, caplog, key, value, on) -> None:
     """Triton's backend compares the lower-cased value with "true": "yes" / "1" / "on" are
     off there, so they are off here, with a warning (Triton says nothing)."""
-    assert vllm_backend._report_metrics(_ctx(tmp_path, {"REPORT_CUSTOM_METRICS": value})) is on
-    warned = "REPORT_CUSTOM_METRICS" in caplog.text
+    assert vllm_backend._switch(_ctx(tmp_path, {key: value}), key, "off") is on
+    warned = key in caplog.text
     assert warned == (value.lower() not in ("true", "false"))
-    assert vllm_backend._report_metrics(_ctx(tmp_path, {})) is False
+    assert vllm_backend._switch(_ctx(tmp_path, {}), key, "off") is False
 
 
 @pytest.mark.parametrize("given,off", [(True, True), ("true", True), (False, False),

@@ -32,6 +32,11 @@ With ``parameters { key: "REPORT_CUSTOM_METRICS" value: { string_value: "true" }
 config.pbtxt (and ``disable_log_stats`` not true in model.json), the engine's ``vllm:``
 series are on the metrics endpoint with labels model and version (vllm_metrics.py); any
 other value means off, as the backend's own check is ``value.lower() == "true"``.
+``ENABLE_VLLM_HEALTH_CHECK`` (same rule) checks the engine before each batch of requests:
+once its core has died, the requests are answered UNAVAILABLE ("Model is unavailable due to
+unhealthy vLLM engine", HTTP 503) and the model is unloaded, so it is no longer ready and
+later requests get "has no available versions". Without it, a dead engine fails each request
+with an internal error and the model stays loaded.
 
 Images and ``embedding_request`` are refused (no multimodal or pooling model behind this
 backend); a bad setting fails the request alone with InvalidArgument (HTTP 400 /
@@ -40,6 +45,7 @@ INVALID_ARGUMENT).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -52,7 +58,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from modelport.repository.backends.base import STREAM_END, BackendContext, BatchItem
 from modelport.repository.backends.llm import _KIND, LLMBackend, _cast, string_tensor
-from modelport.repository.errors import ModelConfigError, ServingError
+from modelport.repository.errors import ModelConfigError, ServingError, Unavailable
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,8 @@ EXTRA_OUTPUTS = ("finish_reason", "cumulative_logprob", "logprobs", "num_input_t
                  "num_output_tokens")
 # config.pbtxt parameters Triton's vLLM backend reads for itself, not engine arguments
 BACKEND_PARAMETERS = ("REPORT_CUSTOM_METRICS", "ENABLE_VLLM_HEALTH_CHECK", "GPU_DEVICE_IDS")
+# what every request gets once ENABLE_VLLM_HEALTH_CHECK found the engine dead (UNAVAILABLE)
+UNHEALTHY = "Model is unavailable due to unhealthy vLLM engine"
 # model.json keys about vLLM's own logging: nothing to set here
 _LOGGING_KEYS = ("disable_log_requests", "enable_log_requests", "disable_log_stats")
 
@@ -151,16 +159,16 @@ def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str], bool]:
     return args, adapters, no_stats
 
 
-def _report_metrics(ctx: BackendContext) -> bool:
-    """REPORT_CUSTOM_METRICS as Triton's vLLM backend reads it: on for "true" in any case,
-    off for anything else (a warning here for what is neither true nor false)."""
-    param = ctx.config.parameters.get("REPORT_CUSTOM_METRICS")
+def _switch(ctx: BackendContext, key: str, what: str) -> bool:
+    """A switch of the config's parameters as Triton's vLLM backend reads it: on for "true"
+    in any case, off for anything else (a warning here for what is neither true nor false)."""
+    param = ctx.config.parameters.get(key)
     if param is None:
         return False
     value = param.string_value.lower()  # no strip(): " true" is off there too
     if value not in ("true", "false"):
-        logger.warning("model '%s': REPORT_CUSTOM_METRICS is %r, not \"true\" or \"false\": "
-                       "the vLLM metrics are not reported", ctx.config.name, param.string_value)
+        logger.warning("model '%s': %s is %r, not \"true\" or \"false\": %s",
+                       ctx.config.name, key, param.string_value, what)
     return value == "true"
 
 
@@ -208,7 +216,12 @@ class VLLMBackend(LLMBackend):
                     f"arguments go in {ENGINE_ARGS_FILE}; known: {', '.join(BACKEND_PARAMETERS)})")
         self.args, self.adapters, no_stats = _engine_args(ctx)
         self._fields = _field_types()
-        self._report_metrics = _report_metrics(ctx) and not no_stats
+        self._report_metrics = _switch(ctx, "REPORT_CUSTOM_METRICS",
+                                       "the vLLM metrics are not reported") and not no_stats
+        self._health_check = _switch(ctx, "ENABLE_VLLM_HEALTH_CHECK",
+                                     "the engine's health is not checked")
+        self._healthy = True
+        self._unloading: Any = None
         self._metrics: Any = None
 
     async def load(self) -> None:
@@ -236,6 +249,32 @@ class VLLMBackend(LLMBackend):
         if self._metrics is not None:
             self._metrics.release()
             self._metrics = None
+
+    # -- ENABLE_VLLM_HEALTH_CHECK -----------------------------------------------------------
+    async def execute(self, items: list[BatchItem]) -> list[Any]:
+        if self._health_check and not self._check_health():
+            err = Unavailable(UNHEALTHY)
+            return [self._fail(item, err) for item in items]
+        return await super().execute(items)
+
+    def _check_health(self) -> bool:
+        """Whether the engine still runs; the first time it does not, the model's unload is
+        started (it does not wait here: the model may not be unloaded by its own request)."""
+        if self._healthy and self.llm.dead_reason is not None:
+            self._healthy = False
+            logger.error("model '%s': the vLLM engine is not healthy and the model will be "
+                         "unloaded: %s", self.config.name, self.llm.dead_reason)
+            if self.ctx.model_control is not None:
+                self._unloading = asyncio.get_running_loop().create_task(
+                    self.ctx.model_control(self.config.name, "unload",
+                                           {"name": self.config.name}))
+                self._unloading.add_done_callback(self._unloaded)
+        return self._healthy
+
+    def _unloaded(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("model '%s': unloading it after the engine failed: %s",
+                         self.config.name, task.exception())
 
     # -- one request ------------------------------------------------------------------------
     def _flag(self, req: InferRequest, name: str) -> bool | None:
