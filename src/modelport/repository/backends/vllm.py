@@ -34,9 +34,11 @@ series are on the metrics endpoint with labels model and version (vllm_metrics.p
 other value means off, as the backend's own check is ``value.lower() == "true"``.
 ``ENABLE_VLLM_HEALTH_CHECK`` (same rule) checks the engine before each batch of requests:
 once its core has died, the requests are answered UNAVAILABLE ("Model is unavailable due to
-unhealthy vLLM engine", HTTP 503) and the model is unloaded, so it is no longer ready and
-later requests get "has no available versions". Without it, a dead engine fails each request
-with an internal error and the model stays loaded.
+unhealthy vLLM engine", HTTP 503) and, in explicit model control mode (as Triton's docs ask),
+the model is unloaded, so it is no longer ready and later requests get "has no available
+versions"; other modes refuse the unload (logged) and the model keeps answering UNAVAILABLE.
+Without it, a dead engine fails each request with an internal error and the model stays
+loaded.
 
 Images and ``embedding_request`` are refused (no multimodal or pooling model behind this
 backend); a bad setting fails the request alone with InvalidArgument (HTTP 400 /
