@@ -71,6 +71,8 @@ class EngineConfig:
     # decode batches up to this size (and max_num_seqs, max_num_batched_tokens) replay CUDA
     # graphs; wider ones run eagerly
     max_graph_batch: int = DEFAULT_MAX_GRAPH_BATCH
+    # set in the core process before it touches CUDA (EngineArgs.cuda_visible_devices)
+    cuda_visible_devices: str | None = None
 
     @property
     def is_cuda(self) -> bool:
@@ -164,6 +166,10 @@ class EngineArgs:
     # vLLM's: custom logits processors, as classes or fully-qualified names
     # ("pkg.mod:Class" / "pkg.mod.Class"); see modelport/logits_processor.py
     logits_processors: list[str | type] | None = None
+    # the engine core's (and its tensor-parallel ranks') CUDA_VISIBLE_DEVICES, e.g. "2,5":
+    # Triton's vllm backend's GPU_DEVICE_IDS pins a model's engine to those GPUs; None keeps
+    # the server's
+    cuda_visible_devices: str | None = None
 
     # -- command line --------------------------------------------------------------------
     @staticmethod
@@ -539,6 +545,7 @@ class EngineArgs:
             disable_sliding_window=self.disable_sliding_window,
             enable_sleep_mode=self.enable_sleep_mode,
             logits_processors=logits_processors,
+            cuda_visible_devices=self.cuda_visible_devices,
         )
 
     def _resolve_logits_processors(self, runner_type: str, spec: Any) -> tuple[type, ...]:

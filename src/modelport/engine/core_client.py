@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import queue
 import signal
 import threading
@@ -191,6 +192,8 @@ def prepare_child_process() -> None:
 def run_engine_core(engine_config: Any, in_conn: Any, out_conn: Any, log_level: int = 20) -> None:
     """Entry point of the core process: load, report ready, then the busy loop until shutdown."""
     prepare_child_process()
+    if engine_config.cuda_visible_devices is not None:  # before CUDA starts; ranks inherit it
+        os.environ["CUDA_VISIBLE_DEVICES"] = engine_config.cuda_visible_devices
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s"
     )

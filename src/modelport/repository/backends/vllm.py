@@ -38,7 +38,8 @@ unhealthy vLLM engine", HTTP 503) and, in explicit model control mode (as Triton
 the model is unloaded, so it is no longer ready and later requests get "has no available
 versions"; other modes refuse the unload (logged) and the model keeps answering UNAVAILABLE.
 Without it, a dead engine fails each request with an internal error and the model stays
-loaded.
+loaded. ``GPU_DEVICE_IDS`` ("0,2") runs a KIND_MODEL model's engine (and its tensor-parallel
+ranks) on those GPUs only, as its CUDA_VISIBLE_DEVICES; checked as that backend checks it.
 
 Images and ``embedding_request`` are refused (no multimodal or pooling model behind this
 backend); a bad setting fails the request alone with InvalidArgument (HTTP 400 /
@@ -130,7 +131,8 @@ def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str], bool]:
         given.pop(key, None)
     if "kv_cache_memory_bytes" in given:  # vLLM's name
         given["kv_cache_memory"] = given.pop("kv_cache_memory_bytes")
-    own = {f.name for f in dataclasses.fields(EngineArgs)} - {"usage_context"}
+    own = {f.name for f in dataclasses.fields(EngineArgs)} - {"usage_context",
+                                                              "cuda_visible_devices"}
     kw = {k: v for k, v in given.items() if k in own}
     lora = str(kw.get("enable_lora", False)).lower() == "true"  # a bool or a string there
     kw["enable_lora"] = lora
@@ -159,6 +161,41 @@ def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str], bool]:
             raise ModelConfigError(f"model '{name}': {lora_path} must map adapter names to "
                                    "folders")
     return args, adapters, no_stats
+
+
+def _gpu_device_ids(ctx: BackendContext, args: Any) -> str | None:
+    """GPU_DEVICE_IDS ("0,2"): the GPUs a KIND_MODEL model's engine runs on, checked as
+    Triton's vLLM backend checks them (integers, none negative or twice, as many as the
+    tensor-parallel ranks when there are several); None when not given."""
+    param = ctx.config.parameters.get("GPU_DEVICE_IDS")
+    text = "" if param is None else param.string_value
+    if not text:
+        return None
+    name = ctx.config.name
+    kinds = {g.kind for g in ctx.config.instance_group}
+    if kinds and kinds != {mc.ModelInstanceGroup.KIND_MODEL}:
+        logger.warning("model '%s': GPU_DEVICE_IDS is read for KIND_MODEL instances only; "
+                       "ignored", name)
+        return None
+    try:
+        ids = [int(x.strip()) for x in text.split(",")]
+    except ValueError:
+        raise ModelConfigError(
+            f"model '{name}': invalid value for GPU_DEVICE_IDS: '{text}'; expected a "
+            "comma-separated list of integer GPU IDs (e.g. '0,1,2')") from None
+    if any(i < 0 for i in ids):
+        raise ModelConfigError(f"model '{name}': GPU_DEVICE_IDS contains invalid GPU ID(s): "
+                               f"{[i for i in ids if i < 0]}; GPU IDs must be non-negative")
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise ModelConfigError(f"model '{name}': GPU_DEVICE_IDS contains duplicate GPU "
+                               f"ID(s): {twice}; each GPU ID must be unique")
+    world = args.tensor_parallel_size
+    if world > 1 and len(ids) != world:
+        raise ModelConfigError(
+            f"model '{name}': GPU_DEVICE_IDS names {len(ids)} GPU(s) but "
+            f"tensor_parallel_size is {world}; give one GPU ID per rank")
+    return ",".join(map(str, ids))
 
 
 def _switch(ctx: BackendContext, key: str, what: str) -> bool:
@@ -217,6 +254,7 @@ class VLLMBackend(LLMBackend):
                     f"model '{ctx.config.name}': unknown vllm backend parameter '{key}' (engine "
                     f"arguments go in {ENGINE_ARGS_FILE}; known: {', '.join(BACKEND_PARAMETERS)})")
         self.args, self.adapters, no_stats = _engine_args(ctx)
+        self.args.cuda_visible_devices = _gpu_device_ids(ctx, self.args)
         self._fields = _field_types()
         self._report_metrics = _switch(ctx, "REPORT_CUSTOM_METRICS",
                                        "the vLLM metrics are not reported") and not no_stats
