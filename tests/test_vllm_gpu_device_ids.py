@@ -87,7 +87,8 @@ def test_bad_values_are_load_errors(srv) -> None:
         "not_ints": "invalid value for GPU_DEVICE_IDS: '0,a'",
         "negative": "GPU_DEVICE_IDS contains invalid GPU ID(s): [-2]",
         "twice": "GPU_DEVICE_IDS contains duplicate GPU ID(s): [1]",
-        "too_few": "GPU_DEVICE_IDS names 1 GPU(s) but tensor_parallel_size is 2",
+        "too_few": "GPU_DEVICE_IDS names 1 GPU(s) but tensor_parallel_size 2 x "
+                   "data_parallel_size 1 ranks need 2",
         "in_json": "cuda_visible_devices",  # not an engine argument of model.json
     }
     for name, reason in reasons.items():
@@ -99,12 +100,17 @@ def test_other_instance_kinds_ignore_it_with_a_warning(caplog) -> None:
     cfg = mc.ModelConfig(name="m", backend="vllm")
     cfg.parameters["GPU_DEVICE_IDS"].string_value = "1"
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
-    args = SimpleNamespace(tensor_parallel_size=1)
+    args = SimpleNamespace(tensor_parallel_size=1, data_parallel_size=1)
     with caplog.at_level(logging.WARNING):
         assert vllm_backend._gpu_device_ids(SimpleNamespace(config=cfg), args) is None
     assert "KIND_MODEL instances only" in caplog.text
     cfg.instance_group[0].kind = mc.ModelInstanceGroup.KIND_MODEL
     assert vllm_backend._gpu_device_ids(SimpleNamespace(config=cfg), args) == "1"
+    args.data_parallel_size = 2  # replica 1 runs on the second GPU named
+    with pytest.raises(ModelConfigError, match="data_parallel_size 2 ranks need 2"):
+        vllm_backend._gpu_device_ids(SimpleNamespace(config=cfg), args)
+    cfg.parameters["GPU_DEVICE_IDS"].string_value = "4,0"
+    assert vllm_backend._gpu_device_ids(SimpleNamespace(config=cfg), args) == "4,0"
     cfg.parameters["GPU_DEVICE_IDS"].string_value = "x"
     with pytest.raises(ModelConfigError, match="comma-separated list of integer GPU IDs"):
         vllm_backend._gpu_device_ids(SimpleNamespace(config=cfg), args)

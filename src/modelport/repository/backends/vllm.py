@@ -166,7 +166,8 @@ def _engine_args(ctx: BackendContext) -> tuple[Any, dict[str, str], bool]:
 def _gpu_device_ids(ctx: BackendContext, args: Any) -> str | None:
     """GPU_DEVICE_IDS ("0,2"): the GPUs a KIND_MODEL model's engine runs on, checked as
     Triton's vLLM backend checks them (integers, none negative or twice, as many as the
-    tensor-parallel ranks when there are several); None when not given."""
+    ranks when there are several: tensor-parallel ranks of every data-parallel replica, which
+    takes the next tensor_parallel_size of them); None when not given."""
     param = ctx.config.parameters.get("GPU_DEVICE_IDS")
     text = "" if param is None else param.string_value
     if not text:
@@ -190,11 +191,12 @@ def _gpu_device_ids(ctx: BackendContext, args: Any) -> str | None:
     if twice:
         raise ModelConfigError(f"model '{name}': GPU_DEVICE_IDS contains duplicate GPU "
                                f"ID(s): {twice}; each GPU ID must be unique")
-    world = args.tensor_parallel_size
-    if world > 1 and len(ids) != world:
+    tp, dp = args.tensor_parallel_size, args.data_parallel_size
+    if tp * dp > 1 and len(ids) != tp * dp:
         raise ModelConfigError(
             f"model '{name}': GPU_DEVICE_IDS names {len(ids)} GPU(s) but "
-            f"tensor_parallel_size is {world}; give one GPU ID per rank")
+            f"tensor_parallel_size {tp} x data_parallel_size {dp} ranks need {tp * dp}; "
+            "give one GPU ID per rank")
     return ",".join(map(str, ids))
 
 
