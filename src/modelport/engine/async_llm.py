@@ -416,6 +416,14 @@ class AsyncLLM:
     def runner_type(self) -> str:
         return getattr(self.engine_config, "runner_type", "generate")
 
+    @property
+    def pooling_task(self) -> str | None:
+        """What a pooling engine does: "embed" or "classify" (None: a generative engine)."""
+        if self.runner_type != "pooling":
+            return None
+        pooler = getattr(self.engine_config, "pooler_config", None)
+        return pooler.task if pooler is not None else "embed"
+
     async def pool(self, prompt_token_ids: list[int], params: Any, request_id: str,
                    *, priority: int = 0) -> tuple[list[float], int]:
         """A pooling model's vector for one prompt: (pooled floats, cached prompt tokens).

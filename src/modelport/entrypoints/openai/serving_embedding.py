@@ -180,10 +180,7 @@ async def pool_prompts(engine: AsyncLLM, prompts: list[list[int]],
 
 def pooling_task(engine: AsyncLLM) -> str | None:
     """What a pooling engine does: "embed" or "classify" (None: a generative engine)."""
-    if engine.runner_type != "pooling":
-        return None
-    pooler = getattr(engine.engine_config, "pooler_config", None)
-    return pooler.task if pooler is not None else "embed"
+    return engine.pooling_task
 
 
 def _encode(vec: list[float] | list[list[float]], fmt: str

@@ -41,9 +41,16 @@ Without it, a dead engine fails each request with an internal error and the mode
 loaded. ``GPU_DEVICE_IDS`` ("0,2") runs a KIND_MODEL model's engine (and its tensor-parallel
 ranks) on those GPUs only, as its CUDA_VISIBLE_DEVICES; checked as that backend checks it.
 
-Images and ``embedding_request`` are refused (no multimodal or pooling model behind this
-backend); a bad setting fails the request alone with InvalidArgument (HTTP 400 /
-INVALID_ARGUMENT).
+An embedding model (model.json ``"runner": "pooling"``, or ``"task": "embed"``) takes the
+backend's ``embedding_request`` input, a JSON object ``{"input": "text" | [token ids],
+"pooling_params": {"dimensions": [n]}}`` (``text_input`` is still required, and ignored):
+one response whose ``text_output`` is the vector as a JSON list of floats
+(``num_input_tokens`` / ``num_output_tokens``, 0, on request). As in that backend, a
+generative model refuses ``embedding_request`` ("Model m does not support 'embed'
+request") and an embedding model refuses requests without it ('generate').
+
+Images are refused (no multimodal model behind this backend); a bad setting fails the
+request alone with InvalidArgument (HTTP 400 / INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -372,12 +379,22 @@ class VLLMBackend(LLMBackend):
             path = self.ctx.version_dir / path
         return LoRARequest(str(name), list(self.adapters).index(name) + 1, str(path))
 
+    def _task(self, req: InferRequest) -> str:
+        """The request's task, "embed" with an embedding_request input, else "generate";
+        ValueError (Triton's words) when the engine does not do it."""
+        task = "embed" if "embedding_request" in req.inputs else "generate"
+        served = self.llm.pooling_task or "generate"
+        if task != served:
+            raise ValueError(f"Model {self.config.name} does not support '{task}' request")
+        return task
+
     async def _one(self, item: BatchItem) -> Any:
         req = item.request
         try:  # everything here reads the client's request
-            for refused, what in (("image", "images"), ("embedding_request", "embedding requests")):
-                if refused in req.inputs:
-                    raise ValueError(f"{what} are not supported by this model")
+            if "image" in req.inputs:
+                raise ValueError("images are not supported by this model")
+            if self._task(req) == "embed":
+                return await self._embed(item)
             raw = np.asarray(req.inputs["text_input"].data).reshape(-1)
             if raw.size != 1:
                 raise ValueError(f"text_input must hold one string, got {raw.size}")
@@ -417,6 +434,73 @@ class VLLMBackend(LLMBackend):
             item.stream.put_nowait(STREAM_END)
             return None
         return whole
+
+    # -- embedding_request ------------------------------------------------------------------
+    def _embedding_request(self, req: InferRequest) -> tuple[list[int], Any]:
+        """(prompt token ids, PoolingParams) from the embedding_request JSON."""
+        from modelport.pooling_params import PoolingParams
+
+        raw = np.asarray(req.inputs["embedding_request"].data).reshape(-1)
+        if raw.size != 1:
+            raise ValueError(f"embedding_request must hold one string, got {raw.size}")
+        doc = raw[0].decode("utf-8") if isinstance(raw[0], bytes) else str(raw[0])
+        try:
+            body = json.loads(doc)
+        except ValueError as e:
+            raise ValueError(f"embedding_request is not valid JSON: {e}") from None
+        if not isinstance(body, dict) or "input" not in body:
+            raise ValueError("embedding_request must be a JSON object with an 'input'")
+        given = body["input"]
+        if isinstance(given, str):
+            ids = self.llm.encode(given)
+        elif (isinstance(given, list) and given
+              and all(isinstance(t, int) and not isinstance(t, bool) for t in given)):
+            ids = list(given)
+        else:
+            raise ValueError("embedding_request 'input' must be a string or a non-empty list "
+                             f"of token ids, got {given!r:.80}")
+        pooling = body.get("pooling_params") or {}
+        if not isinstance(pooling, dict):
+            raise ValueError("embedding_request 'pooling_params' must be a JSON object")
+        dims = pooling.get("dimensions")
+        if isinstance(dims, list):  # the backend reads dimensions[0]
+            if not dims:
+                raise ValueError("embedding_request 'dimensions' is an empty list")
+            dims = dims[0]
+        return ids, PoolingParams(dimensions=dims, task="embed")
+
+    async def _embed(self, item: BatchItem) -> Any:
+        """One embedding_request: one final response, its vector as JSON in text_output."""
+        req = item.request
+        ids, params = self._embedding_request(req)  # ValueError: the caller's 400
+        extra = {o for o in ("num_input_tokens", "num_output_tokens")
+                 if self._flag(req, f"return_{o}")}
+        rid = f"triton-{req.id or ''}-{next(self._ids)}"
+        try:
+            fut = self.llm.submit_pooling(ids, params, rid)
+        except ValueError as e:  # the engine refused it (too long, bad dimensions)
+            return self._fail(item, self._invalid(e))
+        except Exception as e:  # engine dead, a bug: not the client's fault
+            return self._fail(item, ServingError(
+                f"model '{self.config.name}': {type(e).__name__}: {e}"))
+        try:
+            vec, _ = await self.llm.wait_pooling(rid, fut)
+        except ValueError as e:
+            return self._fail(item, self._invalid(e))
+        except Exception as e:  # engine died / aborted: fail this request only
+            return self._fail(item, ServingError(
+                f"model '{self.config.name}': embedding failed: {type(e).__name__}: {e}"))
+        tensors = {"text_output": string_tensor("text_output", json.dumps(vec))}
+        counts = {"num_input_tokens": len(ids), "num_output_tokens": 0}
+        for name in sorted(extra):
+            tensors[name] = InferTensor(name, "UINT32", np.asarray([counts[name]], np.uint32))
+        reply = InferResponse(self.config.name, req.model_version, tensors, id=req.id,
+                              final=True)
+        if item.stream is not None:
+            item.stream.put_nowait(reply)
+            item.stream.put_nowait(STREAM_END)
+            return None
+        return reply
 
     def _reply(self, req: InferRequest, out: Any, extra: set[str], seen: dict[str, int],
                prefix: str) -> InferResponse:
