@@ -372,5 +372,19 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
         run 300 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           -rfE tests/test_gpu_engine.py tests/test_models_more.py tests/test_spec_decode.py \
           2>&1 | tee "$o/s43-engine-tests.log" | tail -12 ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43" >&2; exit 2 ;;
+  # session 46: on an H200, the plan's item 2 (NF4 and GGUF Q8_0 decode at batch 1 and 64);
+  # on any card, the plan's item 5 (GPU test files not run since their last changes)
+  s46) if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+         run 340 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode
+       else
+         run 570 env FILE_TIMEOUT=150 bash bench/gpu/gpu_sweep.sh files tests/test_sampler_argmax.py \
+           tests/test_w4_gemv_half2.py tests/test_gpu_piecewise.py tests/test_logits_processors.py \
+           tests/test_models_bert.py tests/test_models_gemma.py tests/test_sliding_window_kv.py \
+           tests/test_triton_cuda_shm.py tests/test_repository_gpu.py tests/test_torchserve_gpu.py \
+           tests/test_lora.py tests/test_quant_tools_gpu.py
+       fi ;;
+  s46b) run 570 env FILE_TIMEOUT=150 bash bench/gpu/gpu_sweep.sh files tests/test_models_moe.py \
+          tests/test_models_moe_more.py tests/test_moe_few_tokens.py tests/test_moe_quantized_cuda.py \
+          tests/test_quant_fp8_gpu.py tests/test_spec_eagle.py tests/test_spec_eagle3.py ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43|s46|s46b" >&2; exit 2 ;;
 esac
