@@ -386,5 +386,18 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   s46b) run 570 env FILE_TIMEOUT=150 bash bench/gpu/gpu_sweep.sh files tests/test_models_moe.py \
           tests/test_models_moe_more.py tests/test_moe_few_tokens.py tests/test_moe_quantized_cuda.py \
           tests/test_quant_fp8_gpu.py tests/test_spec_eagle.py tests/test_spec_eagle3.py ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43|s46|s46b" >&2; exit 2 ;;
+  # session 46, later calls: on an H200, W3 bf16 on current main and the plan's item 2; on any
+  # card, the three files that lacked tritonclient / torch-model-archiver in s46, then s46b's
+  s46c) three="tests/test_triton_cuda_shm.py tests/test_repository_gpu.py tests/test_torchserve_gpu.py"
+        if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+          run 70 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+          run 330 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode
+          run 150 env FILE_TIMEOUT=60 bash bench/gpu/gpu_sweep.sh files $three
+        else
+          run 570 env FILE_TIMEOUT=120 bash bench/gpu/gpu_sweep.sh files $three \
+            tests/test_quant_fp8_gpu.py tests/test_spec_eagle.py tests/test_spec_eagle3.py \
+            tests/test_moe_few_tokens.py tests/test_models_moe.py tests/test_models_moe_more.py \
+            tests/test_moe_quantized_cuda.py
+        fi ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43|s46|s46b|s46c" >&2; exit 2 ;;
 esac
