@@ -413,6 +413,11 @@ class AsyncLLM:
         return stream
 
     @property
+    def num_inflight_seqs(self) -> int:
+        """Sequences sent to the core and not finished (samples of n > 1 count each)."""
+        return self._num_inflight_seqs
+
+    @property
     def runner_type(self) -> str:
         return getattr(self.engine_config, "runner_type", "generate")
 

@@ -127,29 +127,41 @@ class LLMBackend(Backend):
                 f"model '{ctx.config.name}': the llm backend needs a TYPE_STRING output "
                 "'text_output'"
             )
-        self.llm: Any = None
+        self.llm: Any = None  # the first engine: the one /v1 reaches
+        self.engines: list[Any] = []
         self._ids = itertools.count()
+        self._turns = itertools.count()
         self._configure(ctx)
 
     def _configure(self, ctx: BackendContext) -> None:
         """The engine's arguments: the config's parameters (EngineArgs names)."""
         self.args = _engine_args(ctx)
 
+    def _engine_args_each(self) -> list[Any]:
+        """EngineArgs of each engine to start (one here: the engine batches internally)."""
+        return [self.args]
+
     @property
     def num_instances(self) -> int:
-        # the engine batches internally: let the queue hand it as many requests as it runs
-        return max(1, self.args.max_num_seqs)
+        # the engines batch internally: let the queue hand them as many requests as they run
+        return max(1, self.args.max_num_seqs) * len(self._engine_args_each())
 
     async def load(self) -> None:
         from modelport.engine import registry
         from modelport.engine.async_llm import AsyncLLM
 
         try:
-            self.llm = await AsyncLLM.from_engine_args(
-                self.args, served_model_names=[self.config.name]
-            )
-        except ValueError as e:
-            raise ModelConfigError(f"model '{self.config.name}': {e}") from None
+            for args in self._engine_args_each():
+                self.engines.append(await AsyncLLM.from_engine_args(
+                    args, served_model_names=[self.config.name]))
+        except BaseException as e:
+            for llm in self.engines:
+                llm.shutdown()
+            self.engines = []
+            if isinstance(e, ValueError):
+                raise ModelConfigError(f"model '{self.config.name}': {e}") from None
+            raise
+        self.llm = self.engines[0]
         registry.register(self.config.name, self.llm)  # reachable through /v1 as well
         self._mark_ready()
 
@@ -158,8 +170,19 @@ class LLMBackend(Backend):
 
         if self.llm is not None:
             registry.unregister(self.config.name, self.llm)
-            self.llm.shutdown()
-            self.llm = None
+        for llm in self.engines:
+            llm.shutdown()
+        self.engines = []
+        self.llm = None
+
+    def _pick(self) -> Any:
+        """The engine for the next request: the one with the fewest sequences in flight,
+        ties taken in turn."""
+        if len(self.engines) == 1:
+            return self.engines[0]
+        start = next(self._turns) % len(self.engines)
+        return min(self.engines[start:] + self.engines[:start],
+                   key=lambda llm: llm.num_inflight_seqs)
 
     async def execute(self, items: list[BatchItem]) -> list[Any]:
         import asyncio
@@ -241,9 +264,10 @@ class LLMBackend(Backend):
         """(the engine's output stream for the request, None), or, when the engine refuses
         it or cannot take it, (None, what ``_fail`` answered)."""
         try:
-            ids = self.llm.encode(text)
+            llm = self._pick()
+            ids = llm.encode(text)
             rid = f"triton-{item.request.id or ''}-{next(self._ids)}"
-            return self.llm.generate(ids, params, rid, prompt_text=text, lora_request=lora), None
+            return llm.generate(ids, params, rid, prompt_text=text, lora_request=lora), None
         except ValueError as e:  # the engine refused it (e.g. longer than max_model_len)
             return None, self._fail(item, self._invalid(e))
         except Exception as e:  # engine dead, a bug: not the client's fault

@@ -40,6 +40,10 @@ versions"; other modes refuse the unload (logged) and the model keeps answering 
 Without it, a dead engine fails each request with an internal error and the model stays
 loaded. ``GPU_DEVICE_IDS`` ("0,2") runs a KIND_MODEL model's engine (and its tensor-parallel
 ranks) on those GPUs only, as its CUDA_VISIBLE_DEVICES; checked as that backend checks it.
+As there, each instance of the instance_group runs an engine of its own (requests go to the
+one with the fewest in flight), and a ``KIND_GPU`` instance's engine sees only the GPU the
+group places it on (``gpus: [0, 1]``: two engines, one a GPU); KIND_GPU refuses engines that
+span several GPUs (tensor, pipeline or data parallel), asking for KIND_MODEL.
 
 An embedding model (model.json ``"runner": "pooling"``, or ``"task": "embed"``) takes the
 backend's ``embedding_request`` input, a JSON object ``{"input": "text" | [token ids],
@@ -56,6 +60,7 @@ request alone with InvalidArgument (HTTP 400 / INVALID_ARGUMENT).
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import logging
@@ -66,7 +71,12 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from modelport.repository.backends.base import STREAM_END, BackendContext, BatchItem
+from modelport.repository.backends.base import (
+    STREAM_END,
+    BackendContext,
+    BatchItem,
+    expand_instances,
+)
 from modelport.repository.backends.llm import _KIND, LLMBackend, _cast, string_tensor
 from modelport.repository.errors import ModelConfigError, ServingError, Unavailable
 from modelport.repository.tensors import InferRequest, InferResponse, InferTensor
@@ -207,6 +217,29 @@ def _gpu_device_ids(ctx: BackendContext, args: Any) -> str | None:
     return ",".join(map(str, ids))
 
 
+def _instance_args(ctx: BackendContext, args: Any) -> list[Any]:
+    """EngineArgs of each model instance: as in Triton's vLLM backend, every instance of the
+    instance_group runs its own engine, and a KIND_GPU instance's engine sees only the GPU
+    Triton placed it on (its CUDA_VISIBLE_DEVICES); KIND_GPU is for single-GPU engines."""
+    each = []
+    for spec in expand_instances(ctx.config):
+        one = copy.copy(args)  # the attributes model.json set beyond the fields too
+        if spec.kind == "GPU":
+            world = args.tensor_parallel_size * args.pipeline_parallel_size \
+                * args.data_parallel_size
+            if world > 1:
+                raise ModelConfigError(
+                    f"model '{ctx.config.name}': KIND_GPU is currently for single-GPU models, "
+                    "please specify KIND_MODEL in the model's config.pbtxt for multi-GPU "
+                    f"models (tensor_parallel_size x pipeline_parallel_size x "
+                    f"data_parallel_size is {world})")
+            one.cuda_visible_devices = str(spec.device_id)
+            logger.info("model '%s': KIND_GPU instance %s runs its engine on GPU %d",
+                        ctx.config.name, spec.name, spec.device_id)
+        each.append(one)
+    return each
+
+
 def _switch(ctx: BackendContext, key: str, what: str) -> bool:
     """A switch of the config's parameters as Triton's vLLM backend reads it: on for "true"
     in any case, off for anything else (a warning here for what is neither true nor false)."""
@@ -264,6 +297,7 @@ class VLLMBackend(LLMBackend):
                     f"arguments go in {ENGINE_ARGS_FILE}; known: {', '.join(BACKEND_PARAMETERS)})")
         self.args, self.adapters, no_stats = _engine_args(ctx)
         self.args.cuda_visible_devices = _gpu_device_ids(ctx, self.args)
+        self._each = _instance_args(ctx, self.args)
         self._fields = _field_types()
         self._report_metrics = _switch(ctx, "REPORT_CUSTOM_METRICS",
                                        "the vLLM metrics are not reported") and not no_stats
@@ -272,6 +306,9 @@ class VLLMBackend(LLMBackend):
         self._healthy = True
         self._unloading: Any = None
         self._metrics: Any = None
+
+    def _engine_args_each(self) -> list[Any]:
+        return self._each
 
     async def load(self) -> None:
         await super().load()
@@ -291,7 +328,8 @@ class VLLMBackend(LLMBackend):
             await super().unload()
             raise ModelConfigError(f"model '{self.config.name}': REPORT_CUSTOM_METRICS: "
                                    f"{e}") from None
-        self.llm.stat_logger = self._metrics
+        for llm in self.engines:  # one set of series for the model's instances
+            llm.stat_logger = self._metrics
 
     async def unload(self) -> None:
         await super().unload()
@@ -309,10 +347,11 @@ class VLLMBackend(LLMBackend):
     def _check_health(self) -> bool:
         """Whether the engine still runs; the first time it does not, the model's unload is
         started (it does not wait here: the model may not be unloaded by its own request)."""
-        if self._healthy and self.llm.dead_reason is not None:
+        dead = [llm.dead_reason for llm in self.engines if llm.dead_reason is not None]
+        if self._healthy and dead:
             self._healthy = False
             logger.error("model '%s': the vLLM engine is not healthy and the model will be "
-                         "unloaded: %s", self.config.name, self.llm.dead_reason)
+                         "unloaded: %s", self.config.name, dead[0])
             if self.ctx.model_control is not None:
                 self._unloading = asyncio.get_running_loop().create_task(
                     self.ctx.model_control(self.config.name, "unload",
@@ -436,7 +475,7 @@ class VLLMBackend(LLMBackend):
         return whole
 
     # -- embedding_request ------------------------------------------------------------------
-    def _embedding_request(self, req: InferRequest) -> tuple[list[int], Any]:
+    def _embedding_request(self, req: InferRequest, llm: Any) -> tuple[list[int], Any]:
         """(prompt token ids, PoolingParams) from the embedding_request JSON."""
         from modelport.pooling_params import PoolingParams
 
@@ -452,7 +491,7 @@ class VLLMBackend(LLMBackend):
             raise ValueError("embedding_request must be a JSON object with an 'input'")
         given = body["input"]
         if isinstance(given, str):
-            ids = self.llm.encode(given)
+            ids = llm.encode(given)
         elif (isinstance(given, list) and given
               and all(isinstance(t, int) and not isinstance(t, bool) for t in given)):
             ids = list(given)
@@ -472,19 +511,20 @@ class VLLMBackend(LLMBackend):
     async def _embed(self, item: BatchItem) -> Any:
         """One embedding_request: one final response, its vector as JSON in text_output."""
         req = item.request
-        ids, params = self._embedding_request(req)  # ValueError: the caller's 400
+        llm = self._pick()
+        ids, params = self._embedding_request(req, llm)  # ValueError: the caller's 400
         extra = {o for o in ("num_input_tokens", "num_output_tokens")
                  if self._flag(req, f"return_{o}")}
         rid = f"triton-{req.id or ''}-{next(self._ids)}"
         try:
-            fut = self.llm.submit_pooling(ids, params, rid)
+            fut = llm.submit_pooling(ids, params, rid)
         except ValueError as e:  # the engine refused it (too long, bad dimensions)
             return self._fail(item, self._invalid(e))
         except Exception as e:  # engine dead, a bug: not the client's fault
             return self._fail(item, ServingError(
                 f"model '{self.config.name}': {type(e).__name__}: {e}"))
         try:
-            vec, _ = await self.llm.wait_pooling(rid, fut)
+            vec, _ = await llm.wait_pooling(rid, fut)
         except ValueError as e:
             return self._fail(item, self._invalid(e))
         except Exception as e:  # engine died / aborted: fail this request only
