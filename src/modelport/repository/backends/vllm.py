@@ -43,7 +43,8 @@ ranks) on those GPUs only, as its CUDA_VISIBLE_DEVICES; checked as that backend 
 As there, each instance of the instance_group runs an engine of its own (requests go to the
 one with the fewest in flight), and a ``KIND_GPU`` instance's engine sees only the GPU the
 group places it on (``gpus: [0, 1]``: two engines, one a GPU); KIND_GPU refuses engines that
-span several GPUs (tensor, pipeline or data parallel), asking for KIND_MODEL.
+span several GPUs (tensor, pipeline or data parallel), asking for KIND_MODEL. The model's
+OpenAI-compatible routes (/v1) reach the first instance's engine.
 
 An embedding model (model.json ``"runner": "pooling"``, or ``"task": "embed"``) takes the
 backend's ``embedding_request`` input, a JSON object ``{"input": "text" | [token ids],
