@@ -178,7 +178,9 @@ class LLMBackend(Backend):
     def _pick(self) -> Any:
         """The engine for the next request: the one with the fewest sequences in flight,
         ties taken in turn."""
-        if len(self.engines) == 1:
+        if len(self.engines) <= 1:
+            if not self.engines:
+                raise RuntimeError(f"model '{self.config.name}' is not loaded")
             return self.engines[0]
         start = next(self._turns) % len(self.engines)
         return min(self.engines[start:] + self.engines[:start],
