@@ -281,11 +281,16 @@ class LLMBackend(Backend):
         return InvalidArgument(f"model '{self.config.name}': {e}")
 
     def _fail(self, item: BatchItem, err: Exception) -> Any:
+        return self._finish(item, err)
+
+    def _finish(self, item: BatchItem, answer: Any) -> Any:
+        """The request's last answer (a response or an error): put on its stream, which it
+        ends, or returned for a one-response request."""
         if item.stream is not None:
-            item.stream.put_nowait(err)
+            item.stream.put_nowait(answer)
             item.stream.put_nowait(STREAM_END)
             return None
-        return err
+        return answer
 
     def _response(self, req: InferRequest, text: str, final: bool) -> InferResponse:
         return InferResponse(self.config.name, req.model_version,

@@ -469,11 +469,7 @@ class VLLMBackend(LLMBackend):
             return self._reply(req, last, extra, {"text": 0, "tokens": 0, "logprobs": 0}, "")
         whole = self._reply(req, last, extra, {"text": 0, "tokens": 0, "logprobs": 0},
                             text if prepend else "")
-        if item.stream is not None:
-            item.stream.put_nowait(whole)
-            item.stream.put_nowait(STREAM_END)
-            return None
-        return whole
+        return self._finish(item, whole)
 
     # -- embedding_request ------------------------------------------------------------------
     def _embedding_request(self, req: InferRequest, llm: Any) -> tuple[list[int], Any]:
@@ -516,32 +512,19 @@ class VLLMBackend(LLMBackend):
         ids, params = self._embedding_request(req, llm)  # ValueError: the caller's 400
         extra = {o for o in ("num_input_tokens", "num_output_tokens")
                  if self._flag(req, f"return_{o}")}
-        rid = f"triton-{req.id or ''}-{next(self._ids)}"
         try:
-            fut = llm.submit_pooling(ids, params, rid)
+            vec, _ = await llm.pool(ids, params, f"triton-{req.id or ''}-{next(self._ids)}")
         except ValueError as e:  # the engine refused it (too long, bad dimensions)
             return self._fail(item, self._invalid(e))
-        except Exception as e:  # engine dead, a bug: not the client's fault
-            return self._fail(item, ServingError(
-                f"model '{self.config.name}': {type(e).__name__}: {e}"))
-        try:
-            vec, _ = await llm.wait_pooling(rid, fut)
-        except ValueError as e:
-            return self._fail(item, self._invalid(e))
-        except Exception as e:  # engine died / aborted: fail this request only
+        except Exception as e:  # engine dead or died, a bug: not the client's fault
             return self._fail(item, ServingError(
                 f"model '{self.config.name}': embedding failed: {type(e).__name__}: {e}"))
         tensors = {"text_output": string_tensor("text_output", json.dumps(vec))}
         counts = {"num_input_tokens": len(ids), "num_output_tokens": 0}
         for name in sorted(extra):
             tensors[name] = InferTensor(name, "UINT32", np.asarray([counts[name]], np.uint32))
-        reply = InferResponse(self.config.name, req.model_version, tensors, id=req.id,
-                              final=True)
-        if item.stream is not None:
-            item.stream.put_nowait(reply)
-            item.stream.put_nowait(STREAM_END)
-            return None
-        return reply
+        return self._finish(item, InferResponse(self.config.name, req.model_version, tensors,
+                                                id=req.id, final=True))
 
     def _reply(self, req: InferRequest, out: Any, extra: set[str], seen: dict[str, int],
                prefix: str) -> InferResponse:
