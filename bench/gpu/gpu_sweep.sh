@@ -28,9 +28,12 @@ log="$o/sweep-$1.log"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$log"
 for f in $files; do
   start=$(date +%s)
-  out=$(PYTHONPATH=/tmp/site:src timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q \
-        -p no:cacheprovider -m gpu -rfE ${JOBS:+-n $JOBS} "$f" 2>&1)
+  out="$o/sweep-$(basename "$f" .py).out"  # the file's whole pytest output, kept on a timeout
+  PYTHONPATH=/tmp/site:src timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -v \
+    -p no:cacheprovider -m gpu -rfE ${JOBS:+-n $JOBS} "$f" > "$out" 2>&1
   rc=$?
   { echo "### $f rc=$rc $(( $(date +%s) - start ))s"
-    echo "$out" | grep -E "^(FAILED|ERROR)|passed|failed|error|no tests ran" | tail -15; } | tee -a "$log"
+    grep -E "^(FAILED|ERROR)|passed|failed|error|no tests ran" "$out" | tail -15
+    if [ $rc = 124 ]; then grep -E " (PASSED|FAILED|ERROR|SKIPPED)" "$out" | tail -15; fi
+  } | tee -a "$log"
 done

@@ -44,7 +44,9 @@
 # The repository / TorchServe GPU test files (gpu_sweep.sh) need tritonclient==2.73.0
 # python-rapidjson==1.25 gevent==26.9.0 geventhttpclient==2.6.1 greenlet==3.3.2 zope.event==6.2
 # zope.interface==8.7 brotli==1.2.1 protobuf==6.33.6 grpcio==1.85.4 torch-model-archiver==0.12.0
-# enum-compat==0.0.3 (the image's grpcio / protobuf may be older than tritonclient's stubs).
+# enum-compat==0.0.3 (the image's grpcio / protobuf may be older than tritonclient's stubs),
+# and torchserve==0.12.0 (its `ts` package for handlers) with ts/frontend/model-server.jar
+# (46 MB, unused by modelport) deleted from the wheel and its RECORD line, to fit the carry.
 # Before a device session, `.venv/bin/python bench/gpu/preflight.py` runs every stage's entry
 # points here on the CPU with only the image's packages and .whl's importable.
 set -uo pipefail
