@@ -405,6 +405,10 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # session 47, later: the quantized-MoE file alone (timed out at 200 s in s47)
   s47b) run 560 env FILE_TIMEOUT=540 bash bench/gpu/gpu_sweep.sh files tests/test_moe_quantized_cuda.py ;;
   # session 47, later: the vLLM-backend instances (two engines on GPU 0) GPU test
-  s47c) run 300 env FILE_TIMEOUT=280 bash bench/gpu/gpu_sweep.sh files tests/test_vllm_instances_gpu.py ;;
+  # (on an H200 first W3 bf16 on current main)
+  s47c) if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+          run 80 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+        fi
+        run 200 env FILE_TIMEOUT=180 bash bench/gpu/gpu_sweep.sh files tests/test_vllm_instances_gpu.py ;;
   *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43|s46|s46b|s46c|s47|s47b|s47c" >&2; exit 2 ;;
 esac
