@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,5 +97,19 @@ def test_a_tokenizer_that_fails_stops_the_started_core(model_dir, monkeypatch) -
     with pytest.raises(ValueError, match="this tokenizer cannot be read"):
         asyncio.run(AsyncLLM.from_engine_args(_args(model_dir)))
     assert len(clients) == 1 and clients[0].ready is not None  # the core did come up
-    clients[0]._proc.join(10)
-    assert not clients[0]._proc.is_alive()  # and went down with the failed start
+    assert clients[0]._closing  # shutdown() ran
+    proc = clients[0]._proc
+    proc.join(30)  # killed already; a loaded machine can take a while to tear a process down
+    assert not proc.is_alive(), _state(proc.pid)  # and went down with the failed start
+
+
+def _state(pid: int) -> str:
+    """A live process's scheduler state and kernel wait channel (for a failure's message)."""
+    facts = []
+    for name in ("status", "wchan"):
+        try:
+            text = Path(f"/proc/{pid}/{name}").read_text()
+        except OSError as e:
+            text = str(e)
+        facts.append(next((ln for ln in text.splitlines() if ln.startswith("State")), text))
+    return f"core {pid} still alive: " + "; ".join(facts)
