@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
 
 def total_memory_and_name(device: str) -> tuple[int, str] | None:
     """(total bytes, name) of the CUDA device ``device`` names, or None when neither NVML nor
     an initialized CUDA can say."""
+    import torch  # here: the CLI imports this module (via EngineArgs) for its flags alone
+
     index = torch.device(device).index or 0
     if torch.cuda.is_initialized():
         props = torch.cuda.get_device_properties(index)
