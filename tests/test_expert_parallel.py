@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import test_moe_tensor_parallel_quant as tpq
+from helpers.kernel_cache import seeded_cache
 from helpers.tiny_models import assert_same_greedy
 from helpers.tiny_models import load_cpu_fp32 as _load
 from helpers.tiny_moe import make_tiny_moe_dir, random_quant_experts
@@ -221,9 +222,15 @@ def quant_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("moe-epq")
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return seeded_cache(tmp_path_factory.mktemp("moe-epq-cache"))
+
+
 @pytest.fixture
-def _quant_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))  # GGUF configs
+def _quant_env(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GGUF configs; the CPU kernels built once (helpers/kernel_cache.py), not in every rank
+    monkeypatch.setenv("MODELPORT_CACHE", str(cache_dir))
     monkeypatch.setattr(quant_loading, "NARROW_CPU_LM_HEAD", False)
     # FP8 on CPU: the exact dequantized weights, not the int8 GEMM (tpq says why)
     monkeypatch.setenv("MODELPORT_FP8_CPU_INT8", "0")

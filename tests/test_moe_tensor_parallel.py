@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.kernel_cache import seeded_cache
 from helpers.tiny_models import load_cpu_fp32 as _load
 from helpers.tiny_moe import make_tiny_moe_dir
 from helpers.tiny_moe import tiny_moe_config as cfg
@@ -198,7 +199,8 @@ def test_gguf_moe_with_tp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     the experts dequantized and splits them like any float experts (one rank's tokens)."""
     from helpers.gguf_archs import write_gguf
 
-    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))
+    # GGUF configs; the CPU kernels built here, not again in the rank (helpers/kernel_cache.py)
+    monkeypatch.setenv("MODELPORT_CACHE", str(seeded_cache(tmp_path)))
     hf_dir = make_tiny_moe_dir(tmp_path / "hf", "qwen2_moe", moe_intermediate_size=64,
                                shared_expert_intermediate_size=64)
     path = str(write_gguf(hf_dir, tmp_path / "m-q4.gguf", "Q4_0"))

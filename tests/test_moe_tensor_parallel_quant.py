@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.gguf_archs import write_gguf
+from helpers.kernel_cache import seeded_cache
 from helpers.tiny_models import assert_same_greedy
 from helpers.tiny_moe import make_tiny_moe_dir
 from modelport import LLM, SamplingParams
@@ -60,9 +61,15 @@ GREEDY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return seeded_cache(tmp_path_factory.mktemp("moe-tpq-cache"))
+
+
 @pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))  # GGUF configs
+def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GGUF configs; the CPU kernels built once (helpers/kernel_cache.py), not in every rank
+    monkeypatch.setenv("MODELPORT_CACHE", str(cache_dir))
     monkeypatch.setattr(quant_loading, "NARROW_CPU_LM_HEAD", False)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.kernel_cache import seeded_cache
 from helpers.tiny_models import assert_same_greedy, make_tiny_llama_dir, make_tiny_llama_gguf
 from modelport import LLM, SamplingParams
 from modelport.config import LoadConfig
@@ -39,9 +40,15 @@ CASES = {  # name -> (method, act_order)
 REQUESTED = {"gguf-q4_0": "gguf", "fp8-online": "fp8"}
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return seeded_cache(tmp_path_factory.mktemp("tpq-cache"))
+
+
 @pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))  # GGUF configs
+def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GGUF configs; the CPU kernels built once (helpers/kernel_cache.py), not in every rank
+    monkeypatch.setenv("MODELPORT_CACHE", str(cache_dir))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.kernel_cache import seeded_cache
 from helpers.tiny_models import assert_same_greedy, make_tiny_llama_dir, make_tiny_llama_gguf
 from modelport import LLM, SamplingParams
 from modelport.config import LoadConfig
@@ -62,9 +63,15 @@ MOE = [("mixtral", "gguf-q4_0"), ("qwen2_moe", "awq"), ("qwen2_moe", "gptq-act-o
        ("qwen3_moe", "fp8"), ("qwen2_moe", "fp8-online"), ("qwen3_moe", "gguf-q8_0")]
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return seeded_cache(tmp_path_factory.mktemp("tp-sliced-cache"))
+
+
 @pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELPORT_CACHE", str(tmp_path / "cache"))  # GGUF configs
+def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GGUF configs; the CPU kernels built once (helpers/kernel_cache.py), not in every rank
+    monkeypatch.setenv("MODELPORT_CACHE", str(cache_dir))
 
 
 @pytest.fixture(scope="module")

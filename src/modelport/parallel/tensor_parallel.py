@@ -135,8 +135,10 @@ def _shard_row(m: Linear, rank: int, size: int) -> None:
         idx = torch.arange(start, start + part)
         m.quant_method.shard(m, TPShard(1, idx, int(m.input_size), int(m.output_size), rank, size))
     else:
-        w = m.weight.data[:, start : start + part].clone()
-        m.weight = nn.Parameter(w, requires_grad=False)
+        w = m.weight.data[:, start : start + part]
+        # a rank's own load slices meta weights: their clone() runs torch's Python reference
+        # implementation, whose first use imports sympy (~0.4 s of every rank's start-up)
+        m.weight = nn.Parameter(w.contiguous() if w.is_meta else w.clone(), requires_grad=False)
     m.input_size = part
 
 
