@@ -27,9 +27,13 @@ _SCRIPT = textwrap.dedent("""
 
     g = torch.Generator().manual_seed(0)
     # (tokens, experts, top_k, hidden, intermediate, renormalize): Qwen1.5-MoE's 60 experts
-    # top-4, a non-power-of-two expert count, ragged K and N against the blocks
-    for t, e, k, h, i, renorm in ((1, 60, 4, 64, 48, False), (3, 8, 2, 96, 40, True),
-                                  (8, 5, 4, 70, 33, True)):
+    # top-4, a non-power-of-two expert count, ragged K and N against the blocks. (The
+    # interpreter's time goes as programs x K steps, so the shapes are the smallest that keep
+    # each path: hidden 70 and intermediate 33 give every config a masked N tail in both
+    # GEMVs and a masked last K step after full ones (gate/up's steps of 32 and 64, down's
+    # of 32); 8 tokens x top-4, the most assignments the path takes, on small sizes)
+    for t, e, k, h, i, renorm in ((1, 60, 4, 64, 48, False), (3, 8, 2, 70, 33, True),
+                                  (8, 5, 4, 16, 8, True)):
         logits = torch.randn(t, e, generator=g) * 3
         w_ref, ids_ref = route(logits, k, renorm)
         w, ids = tm.route_topk(logits, k, renorm)
@@ -68,18 +72,25 @@ _SCRIPT = textwrap.dedent("""
                           group, bits)
 
     # (K steps of several groups, inside one group, and the fallback step where the config's
-    # suits neither: one group over each whole K, as GPTQ's group -1 gives)
-    for t, e, k, h, i, bits, g13, g2 in ((1, 6, 4, 256, 128, 4, 128, 128),
-                                         (3, 5, 2, 128, 96, 8, 32, 32),
-                                         (8, 4, 4, 64, 32, 4, 32, 32),
-                                         (2, 4, 2, 192, 96, 4, 192, 96)):
+    # suits neither: one group over each whole K, as GPTQ's group -1 gives). One token (top-2:
+    # the interpreter's programs go as assignments), three configs: gate/up (K 256, groups of
+    # 128) in one step of two groups, two steps of one group, eight steps inside groups; down
+    # (K 128, one group) in a step of two groups past K (masked words and groups), one step
+    # of the group, four steps inside it. The others in the interpreter's config (8, 256):
+    # 8-bit top-2 and 4-bit top-4 codes in a step past K (masked words and groups), and the
+    # fallback steps of 64 and 32 over groups of 192 / 96
+    for t, e, k, h, i, bits, g13, g2, cfgs in (
+            (1, 6, 2, 256, 128, 4, 128, 128, ((8, 256, 4), (4, 128, 2), (16, 32, 4))),
+            (3, 5, 2, 64, 32, 8, 32, 32, ((8, 256, 4),)),
+            (2, 4, 4, 32, 32, 4, 32, 32, ((8, 256, 4),)),
+            (1, 4, 2, 192, 96, 4, 192, 96, ((8, 256, 4),))):
         qe = QuantExperts.from_group_quant(
             [(gq(2 * i, h, g13, bits), gq(h, i, g2, bits)) for _ in range(e)])
         w, ids = tm.route_topk(torch.randn(t, e, generator=g) * 3, k, True)
         x = torch.randn(t, h, generator=g).half()
         d13, d2 = qe.dequantize()
         ref = moe_reference(x.float(), d13.half().float(), d2.half().float(), w, ids.long())
-        for cfg in ((8, 256, 4), (4, 128, 2), (16, 32, 4))[:3 if t == 1 else 1]:
+        for cfg in cfgs:
             y = tq.small_batch_experts_int(x, qe.q13, qe.s13, qe.z13, qe.q2, qe.s2, qe.z2, bits,
                                            qe.group13, qe.group2, w, ids, config=cfg)
             err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
@@ -88,7 +99,7 @@ _SCRIPT = textwrap.dedent("""
 
     # GPTQ act-order experts: the gate/up GEMV gathers x through perm13 (QuantExperts)
     for t, bits in ((1, 4), (3, 8)):
-        e, k, h, i, group = 4, 2, 128, 64, 32
+        e, k, h, i, group = 4, 2, 64, 32, 32  # two groups in gate/up's K, permuted
         parts = []
         for _ in range(e):
             pair = (gq(2 * i, h, group, bits), gq(h, i, group, bits))

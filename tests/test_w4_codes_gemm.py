@@ -1,6 +1,6 @@
 """The 4-bit GEMM on raw codes (triton_kernels.gemm_codes, MODELPORT_W4_GEMM=codes): in the
 Triton interpreter against x @ the reference dequantization (fp16: the interpreter's tl.dot
-gets bfloat16 wrong), through TritonKernel.forward for 5..100 rows; groups of 64, 128 and 256
+gets bfloat16 wrong), through TritonKernel.forward for 5..70 rows; groups of 64, 128 and 256
 (K steps of 64 and 128 inside a group), GPTQ act-order, every variant; every launch config
 compiled for sm_90 without register spills; and which weights it serves."""
 
@@ -25,10 +25,14 @@ _SCRIPT = textwrap.dedent("""
     tg.W4_GEMM = "codes"
     g = torch.Generator().manual_seed(0)
     # (N, K, rows, group, act-order, the config's (BLOCK_M, BLOCK_K)); N not a multiple of
-    # BLOCK_N and rows not of BLOCK_M: masked tiles
-    cases = [(96, 256, 5, 128, False, (16, 128)), (200, 512, 37, 64, True, (64, 64)),
-             (200, 512, 37, 128, True, (32, 128)), (40, 1024, 100, 128, False, (128, 64)),
-             (300, 256, 9, 64, False, (16, 64)), (130, 512, 70, 256, False, (64, 128))]
+    # BLOCK_N and rows not of BLOCK_M: masked tiles. The interpreter's time goes as rows x K
+    # (codes_prep: a program per row and 64 inputs) and tiles x K steps, so each case is the
+    # least that keeps its path: rows in the bucket of the config's tile (65: 128 rows), two
+    # K steps a split where a split took several, two groups when steps lie inside a group
+    # (K 256 of 128 in steps of 64, K 512 of 256 in steps of 128), two N tiles for SPLIT_K 8
+    cases = [(96, 256, 5, 128, False, (16, 128)), (200, 256, 37, 64, True, (64, 64)),
+             (200, 512, 37, 128, True, (32, 128)), (40, 256, 65, 128, False, (128, 64)),
+             (100, 256, 9, 64, False, (16, 64)), (130, 512, 70, 256, False, (64, 128))]
     for n, k, m, group, act, (bm, bk) in cases:
         cfg = next(c for c in tk.codes_configs
                    if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) == (bm, bk))

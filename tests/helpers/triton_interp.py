@@ -61,6 +61,32 @@ PRELUDE = textwrap.dedent("""
             _np_dtypes[key] = _np_dtype(key)
         return _np_dtypes[key]
     ti._get_np_dtype = _get_np_dtype
+
+    # and each tl.tuple (every tensor's shape is one, so every op makes some) builds its
+    # tuple_type at once, and the type its name string (a quarter of a run, nearly all never
+    # read): both on first use, from the same values and fields
+    _core = ti.tl.core
+    _tuple_type = _core.tuple_type
+    def _tuple_type_init(self, types, fields=None):
+        self.types = types
+        self.fields = fields or [''] * len(types)
+    _tuple_type.__init__ = _tuple_type_init
+    _tuple_type.name = property(
+        lambda self: '[' + ','.join([f"{k}:{v}" for k, v in zip(self.fields, self.types)]) + ']')
+    def _tuple_init(self, args, type=None):
+        self.values = [i for i in args]
+        if type is not None and not isinstance(type, _tuple_type):
+            type = _tuple_type(type)  # make_template's list of types
+        self.__dict__["_lazy_type"] = type
+    def _tuple_get_type(self):
+        t = self.__dict__.get("_lazy_type")
+        if t is None:
+            t = self.__dict__["_lazy_type"] = _core._type_for_tuple_values(self.values)
+        return t
+    def _tuple_set_type(self, t):
+        self.__dict__["_lazy_type"] = t
+    _core.tuple.__init__ = _tuple_init
+    _core.tuple.type = property(_tuple_get_type, _tuple_set_type)
 """)
 
 
