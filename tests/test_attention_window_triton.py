@@ -38,7 +38,7 @@ mixed = [(20, 5), (0, 17), (33, 1), (3, 40)]  # chunk after context, prefill, de
 for kv, cases, kw in [
     (None, decode, {"sliding_window": 7}),
     (None, mixed, {"sliding_window": 20, "soft_cap": 0.7}),
-    (None, decode, {"sliding_window": 50, "soft_cap": 1.5}),  # two splits inside the window
+    (None, decode, {"sliding_window": 80, "soft_cap": 1.5}),  # 80 of 101: two 64-wide splits
     (torch.float8_e4m3fn, mixed, {"sliding_window": 9, "soft_cap": 1.0}),
 ]:
     q, k, v, cache, meta = tga._batch(cases, 4, 2, 32, 16, seed=len(kw) + len(cases),
