@@ -93,7 +93,29 @@ def test_nvml_answers_by_cuda_visible_devices(nvml, monkeypatch):
     assert gpu_info.total_memory_and_name("cuda") == H100
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0000")
     assert gpu_info.total_memory_and_name("cuda") is None
+    # an engine core placed on its own GPUs (a KIND_GPU instance): its CUDA_VISIBLE_DEVICES
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert gpu_info.total_memory_and_name("cuda", "1") == L4
+    assert gpu_info.total_memory_and_name("cuda:1", "0,2") == H100
+    assert gpu_info.total_memory_and_name("cuda:1", "0") is None
     assert nvml.open == 0  # every init shut down
+
+
+def test_an_engine_placed_on_its_own_gpu_is_sized_by_it(nvml, tiny, monkeypatch):
+    """The front end's first GPU is an L4, the instance's (physical 2) an H100: the server
+    default for the H100 (8,192), not the L4's (2,048); CUDA already up in this process
+    numbers its own devices, so NVML answers for the instance's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: pytest.fail(
+        "torch answered for another process's GPU"))
+
+    def budget(**kw):
+        return EngineArgs(model=str(tiny), device="cuda", usage_context="server",
+                          **kw).create_engine_config().scheduler_config.max_num_batched_tokens
+
+    assert budget(cuda_visible_devices="2") == 8192
+    assert budget(cuda_visible_devices="0") == 2048
 
 
 def test_no_nvml_means_no_answer(monkeypatch):
@@ -116,7 +138,8 @@ def tiny(tmp_path_factory):
 def test_engine_args_pick_the_budget_on_cuda(tiny, monkeypatch, caplog, context, gpu, want):
     # a CUDA device as the front end sees it (no GPU here: availability and NVML faked)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("modelport.engine.arg_utils.total_memory_and_name", lambda device: gpu)
+    monkeypatch.setattr("modelport.engine.arg_utils.total_memory_and_name",
+                        lambda device, visible=None: gpu)
     with caplog.at_level(logging.INFO, logger="modelport.engine.arg_utils"):
         cfg = EngineArgs(model=str(tiny), device="cuda", usage_context=context).create_engine_config()
     assert cfg.scheduler_config.max_num_batched_tokens == want

@@ -459,7 +459,8 @@ class EngineArgs:
         batched = self.max_num_batched_tokens
         if batched is None:
             on_cuda = device.startswith("cuda")
-            gpu = total_memory_and_name(device) if on_cuda else None
+            # the GPU the core will see: an instance's own (cuda_visible_devices) or ours
+            gpu = total_memory_and_name(device, self.cuda_visible_devices) if on_cuda else None
             batched = default_max_num_batched_tokens(
                 on_cuda, offline=self.usage_context == "offline",
                 large_gpu=gpu is not None and is_large_gpu(*gpu))

@@ -9,13 +9,18 @@ import os
 from typing import Any
 
 
-def total_memory_and_name(device: str) -> tuple[int, str] | None:
+def total_memory_and_name(device: str, visible: str | None = None) -> tuple[int, str] | None:
     """(total bytes, name) of the CUDA device ``device`` names, or None when neither NVML nor
-    an initialized CUDA can say."""
+    an initialized CUDA can say. ``visible``: the CUDA_VISIBLE_DEVICES of the process that
+    will own the device when it is not this one's (an engine core placed on its own GPUs, as
+    a KIND_GPU instance is); ``device`` counts within it."""
     import torch  # here: the CLI imports this module (via EngineArgs) for its flags alone
 
     index = torch.device(device).index or 0
-    if torch.cuda.is_initialized():
+    own = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        visible = own
+    if torch.cuda.is_initialized() and visible == own:  # torch numbers this process's devices
         props = torch.cuda.get_device_properties(index)
         return int(props.total_memory), str(props.name)
     try:
@@ -27,7 +32,7 @@ def total_memory_and_name(device: str) -> tuple[int, str] | None:
     except pynvml.NVMLError:
         return None
     try:
-        handle = _handle(pynvml, index)
+        handle = _handle(pynvml, index, visible)
         if handle is None:
             return None
         name = pynvml.nvmlDeviceGetName(handle)
@@ -39,10 +44,9 @@ def total_memory_and_name(device: str) -> tuple[int, str] | None:
         pynvml.nvmlShutdown()
 
 
-def _handle(pynvml: Any, index: int) -> Any:
-    """NVML's handle for CUDA's device ``index``: CUDA_VISIBLE_DEVICES renumbers devices
-    (indices or GPU-/MIG- UUIDs); NVML counts the physical ones."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+def _handle(pynvml: Any, index: int, visible: str | None) -> Any:
+    """NVML's handle for CUDA's device ``index``: CUDA_VISIBLE_DEVICES (``visible``)
+    renumbers devices (indices or GPU-/MIG- UUIDs); NVML counts the physical ones."""
     if visible is None:
         return pynvml.nvmlDeviceGetHandleByIndex(index)
     entries = [e.strip() for e in visible.split(",") if e.strip()]
