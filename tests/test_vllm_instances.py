@@ -41,6 +41,7 @@ def setup(tmp_path_factory):
         (repo / name / "1" / "model.json").write_text(json.dumps(args))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(repo_manager, "gpu_count", lambda: 2)
+        mp.setenv("CUDA_VISIBLE_DEVICES", "7,GPU-5e1f")  # the server's GPUs 0 and 1
         srv = EmbeddedServer([repo], exit_on_error=False).start()  # gpu_tp2 fails on purpose
     ref = LLM(str(weights), max_model_len=128, kv_cache_memory=4 << 20)
     yield srv, ref
@@ -69,7 +70,8 @@ async def _at_once(srv, model: str, prompts: list[str], n: int) -> list[str]:
 def test_kind_gpu_runs_an_engine_on_each_named_gpu(setup) -> None:
     srv, ref = setup
     backend = srv.manager.get("two_gpus").backend
-    assert [e.engine_config.cuda_visible_devices for e in backend.engines] == ["1", "0"]
+    # gpus [1, 0] count the server's GPUs: its CUDA_VISIBLE_DEVICES entries 1 and 0
+    assert [e.engine_config.cuda_visible_devices for e in backend.engines] == ["GPU-5e1f", "7"]
     assert len({e.client._proc.pid for e in backend.engines}) == 2  # two engine cores
     assert backend.llm is backend.engines[0]
 

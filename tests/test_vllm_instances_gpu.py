@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import httpx
 import pytest
@@ -44,7 +45,8 @@ def test_kind_gpu_count_two_runs_two_engines_on_the_gpu(tmp_path) -> None:
     srv = EmbeddedServer([tmp_path / "models"], exit_on_error=False).start()
     try:
         backend = srv.manager.get("llm").backend
-        assert [e.engine_config.cuda_visible_devices for e in backend.engines] == ["0", "0"]
+        first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]  # server GPU 0
+        assert [e.engine_config.cuda_visible_devices for e in backend.engines] == [first] * 2
         pids = [e.client._proc.pid for e in backend.engines]
         assert len(set(pids)) == 2
         if before:  # both engine cores hold memory on GPU 0

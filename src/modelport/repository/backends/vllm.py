@@ -65,6 +65,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -234,11 +235,22 @@ def _instance_args(ctx: BackendContext, args: Any) -> list[Any]:
                     "please specify KIND_MODEL in the model's config.pbtxt for multi-GPU "
                     f"models (tensor_parallel_size x pipeline_parallel_size x "
                     f"data_parallel_size is {world})")
-            one.cuda_visible_devices = str(spec.device_id)
-            logger.info("model '%s': KIND_GPU instance %s runs its engine on GPU %d",
-                        ctx.config.name, spec.name, spec.device_id)
+            one.cuda_visible_devices = _server_gpu(spec.device_id)
+            logger.info("model '%s': KIND_GPU instance %s runs its engine on GPU %d "
+                        "(CUDA_VISIBLE_DEVICES=%s)", ctx.config.name, spec.name,
+                        spec.device_id, one.cuda_visible_devices)
         each.append(one)
     return each
+
+
+def _server_gpu(device_id: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of the server's GPU ``device_id`` (gpus count the GPUs
+    the server sees: under CUDA_VISIBLE_DEVICES=2,3, GPU 1 is physical 3, or its UUID)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
+    if visible is None or device_id >= len(entries):  # the repository checked the count
+        return str(device_id)
+    return entries[device_id]
 
 
 def _switch(ctx: BackendContext, key: str, what: str) -> bool:
