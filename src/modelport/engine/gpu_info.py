@@ -44,12 +44,20 @@ def total_memory_and_name(device: str, visible: str | None = None) -> tuple[int,
         pynvml.nvmlShutdown()
 
 
+def visible_entries(visible: str | None) -> list[str] | None:
+    """The entries of a CUDA_VISIBLE_DEVICES value (indices or GPU-/MIG- UUIDs), in CUDA's
+    order; None when it is unset (every GPU visible)."""
+    if visible is None:
+        return None
+    return [e.strip() for e in visible.split(",") if e.strip()]
+
+
 def _handle(pynvml: Any, index: int, visible: str | None) -> Any:
     """NVML's handle for CUDA's device ``index``: CUDA_VISIBLE_DEVICES (``visible``)
     renumbers devices (indices or GPU-/MIG- UUIDs); NVML counts the physical ones."""
-    if visible is None:
+    entries = visible_entries(visible)
+    if entries is None:
         return pynvml.nvmlDeviceGetHandleByIndex(index)
-    entries = [e.strip() for e in visible.split(",") if e.strip()]
     if index >= len(entries):
         return None
     entry = entries[index]

@@ -85,14 +85,14 @@ def _version_of(text: str) -> int:
 
 def gpu_count() -> int:
     """GPUs visible to this process, without importing torch (cheap at startup)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    from modelport.engine.gpu_info import visible_entries
+
     try:
         found = len([p for p in os.listdir("/proc/driver/nvidia/gpus")])
     except OSError:
         return 0
-    if visible is not None:
-        return min(found, len([v for v in visible.split(",") if v.strip()]))
-    return found
+    entries = visible_entries(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return found if entries is None else min(found, len(entries))
 
 
 @dataclass

@@ -246,9 +246,10 @@ def _instance_args(ctx: BackendContext, args: Any) -> list[Any]:
 def _server_gpu(device_id: int) -> str:
     """The CUDA_VISIBLE_DEVICES entry of the server's GPU ``device_id`` (gpus count the GPUs
     the server sees: under CUDA_VISIBLE_DEVICES=2,3, GPU 1 is physical 3, or its UUID)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
-    if visible is None or device_id >= len(entries):  # the repository checked the count
+    from modelport.engine.gpu_info import visible_entries
+
+    entries = visible_entries(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if entries is None or device_id >= len(entries):  # the repository checked the count
         return str(device_id)
     return entries[device_id]
 
