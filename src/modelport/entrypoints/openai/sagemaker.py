@@ -53,8 +53,6 @@ def add_routes(api: APIRouter, public: APIRouter, engine_for: Any, health: Any) 
     """Mount /ping on ``public`` (as /health) and /invocations on ``api`` (behind the API
     key); ``engine_for(request, model)`` finds the engine, ``health(request)`` answers
     /health."""
-    from modelport.entrypoints.openai.serving_embedding import pooling_task
-
     @public.api_route("/ping", methods=["GET", "POST"], tags=["sagemaker"])
     async def ping(request: Request) -> Response:
         return await health(request)
@@ -68,7 +66,7 @@ def add_routes(api: APIRouter, public: APIRouter, engine_for: Any, health: Any) 
         if not isinstance(body, dict):
             raise OpenAIError("the body must be a JSON object", 400)
         model = body.get("model")
-        kind = pooling_task(engine_for(request, model if isinstance(model, str) else None))
+        kind = engine_for(request, model if isinstance(model, str) else None).pooling_task
         served = [(path, cls, fits) for path, cls, kinds, fits in _apis() if kind in kinds]
         for path, cls, fits in served:
             if not fits(body):

@@ -178,11 +178,6 @@ async def pool_prompts(engine: AsyncLLM, prompts: list[list[int]],
             engine._abort_pooling(rid)
 
 
-def pooling_task(engine: AsyncLLM) -> str | None:
-    """What a pooling engine does: "embed" or "classify" (None: a generative engine)."""
-    return engine.pooling_task
-
-
 def _encode(vec: list[float] | list[list[float]], fmt: str
             ) -> list[float] | list[list[float]] | str:
     if fmt == "base64":  # little-endian float32, as OpenAI's and vLLM's base64 embeddings
@@ -206,7 +201,7 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
     def pooling_engine(request: Request, model: str | None, what: str,
                        task: str = "embed") -> AsyncLLM:
         engine = engine_for(request, model)
-        served = pooling_task(engine)
+        served = engine.pooling_task
         # generative, or a classifier asked for embeddings (its per-token task is served)
         if served is None or (served != "embed" and task not in TOKEN_TASKS):
             raise OpenAIError(f"The model does not support {what} API", 400)

@@ -41,7 +41,6 @@ from modelport.entrypoints.openai.serving_embedding import (
     _prompts,
     _usage,
     pool_prompts,
-    pooling_task,
 )
 from modelport.pooling_params import PoolingParams, id2label, num_labels
 from modelport.scoring import cosine, pair_encoding, pair_truncation, score_pairs
@@ -148,7 +147,7 @@ async def _scores(
         raise OpenAIError(str(e), 400) from None
     base = req.request_id or random_id(prefix)
     keep = req.truncate_prompt_tokens
-    if pooling_task(engine) == "classify":
+    if engine.pooling_task == "classify":
         if num_labels(engine.engine_config.model_config.hf_config) != 1:
             raise OpenAIError("Score API is only enabled for num_labels == 1.", 400)
         prompts, type_starts = _pair_prompts(engine, pairs, keep)
@@ -214,7 +213,7 @@ def add_routes(api: APIRouter, engine_for: Callable[[Request, str | None], Async
         request: Request, model: str | None, what: str, tasks: tuple[str, ...]
     ) -> AsyncLLM:
         engine = engine_for(request, model)
-        if pooling_task(engine) not in tasks:
+        if engine.pooling_task not in tasks:
             raise OpenAIError(f"The model does not support {what} API", 400)
         return engine
 
