@@ -18,7 +18,7 @@ import torch
 
 from modelport.layers import fused_ops as fo
 from modelport.layers import pdl
-from modelport.layers.triton_gemv import gemv, interleave_glu
+from modelport.layers.triton_gemv import gemv
 
 DT = torch.bfloat16
 HID, Q, KV, INTER, LAYERS = 4096, 4096, 1024, 14336, 32
@@ -31,12 +31,8 @@ def make_layers():
     def r(*s):
         return (torch.randn(*s, device="cuda", generator=g) * 0.02).to(DT)
 
-    layers = [{"qkv": r(Q + 2 * KV, HID), "o": r(HID, Q), "gu": r(2 * INTER, HID),
-               "down": r(HID, INTER), "n1": 1 + r(HID), "n2": 1 + r(HID)}
-              for _ in range(LAYERS)]
-    for L in layers:  # the streamed variants' gate/up rows, interleaved (a copy)
-        L["gu_i"] = interleave_glu(L["gu"])
-    return layers
+    return [{"qkv": r(Q + 2 * KV, HID), "o": r(HID, Q), "gu": r(2 * INTER, HID),
+             "down": r(HID, INTER), "n1": 1 + r(HID), "n2": 1 + r(HID)} for _ in range(LAYERS)]
 
 
 def unfused(x, layers):
@@ -66,42 +62,6 @@ def fused(x, layers, glu=True):
     return x
 
 
-def streamed(x, layers, norm=True, glu=True):
-    """MODELPORT_FUSED_DECODE=2's layer (norm=glu=True) or one of its two fusions alone."""
-    res = None
-    for L in layers:
-        if norm:
-            qkv = gemv(x, L["qkv"], norm=(L["n1"], EPS), norm_after=True)
-            x = gemv(qkv[:, :Q], L["o"], residual=x)
-            if glu:
-                act = gemv(x, L["gu_i"], norm=(L["n2"], EPS), norm_after=True, glu=True,
-                           interleaved=True)
-            else:
-                act = fo.silu_and_mul(gemv(x, L["gu"], norm=(L["n2"], EPS), norm_after=True))
-            x = gemv(act, L["down"], residual=x)
-        else:  # the unfused norms, the GLU over interleaved rows
-            if res is None:
-                res, h = x, fo.rms_norm(x, L["n1"], EPS)
-            else:
-                h, res = fo.rms_norm(x, L["n1"], EPS, res)
-            a = gemv(gemv(h, L["qkv"])[:, :Q], L["o"])
-            h, res = fo.rms_norm(a, L["n2"], EPS, res)
-            x = gemv(gemv(h, L["gu_i"], glu=True, interleaved=True), L["down"])
-    return x if res is None else x + res
-
-
-def gate_up_only(x, layers, mode):
-    """32 gate/up GEMVs alone: plain (28,672 rows), GLU over two row streams, GLU interleaved."""
-    for L in layers:
-        if mode == "plain":
-            y = gemv(x, L["gu"])
-        else:
-            y = gemv(x, L["gu_i"] if mode == "interleaved" else L["gu"], glu=True,
-                     interleaved=mode == "interleaved")
-        x = y[:, :HID] if mode == "plain" else y[:, :HID].contiguous()
-    return x
-
-
 def gemvs_only(x, layers):
     for L in layers:
         qkv = gemv(x, L["qkv"])
@@ -116,12 +76,6 @@ VARIANTS = {
     "fused_2pass_norm_silu_prologue": lambda x, L: fused(x, L, False),
     "fused_2pass_norm_glu": lambda x, L: fused(x, L, True),
     "gemvs_only": gemvs_only,
-    "streamed_norm_glu": streamed,
-    "streamed_norm_only": lambda x, L: streamed(x, L, glu=False),
-    "streamed_glu_only": lambda x, L: streamed(x, L, norm=False),
-    "gate_up_plain": lambda x, L: gate_up_only(x, L, "plain"),
-    "gate_up_glu_two_streams": lambda x, L: gate_up_only(x, L, "two_streams"),
-    "gate_up_glu_interleaved": lambda x, L: gate_up_only(x, L, "interleaved"),
 }
 
 
@@ -211,7 +165,7 @@ def main() -> None:
         if name == "unfused":  # compare residual streams (the fused layers return that)
             ref = out.float()
         err = None
-        if ref is not None and name.startswith(("fused", "streamed")):
+        if ref is not None and name.startswith("fused"):
             err = ((out.float() - ref).norm() / ref.norm()).item()
         print(json.dumps({"variant": name, "pdl": pdl.enabled(), "us_per_layer": round(
             ms * 1000 / LAYERS, 2), "weight_TBps": round(nbytes / ms / 1e9, 3),

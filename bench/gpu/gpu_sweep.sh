@@ -7,7 +7,7 @@
 # JOBS=N runs each file on N pytest-xdist workers (Triton compiles in parallel; .whl carries
 # pytest-xdist and execnet); only for `a`: engine tests size their KV cache from free memory,
 # so two at once on one GPU starve each other. Each file's pytest summary goes to
-# $OUT/sweep-<group>.log (bench/results without $OUT). PYTEST_K=EXPR: only tests matching -k EXPR.
+# $OUT/sweep-<group>.log (bench/results without $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 o=${OUT:-bench/results}
@@ -25,14 +25,12 @@ case ${1:-a} in
   *) echo "usage: $0 a|b|b1|b2|files FILE..." >&2; exit 2 ;;
 esac
 log="$o/sweep-$1.log"
-kargs=()
-[ -n "${PYTEST_K:-}" ] && kargs=(-k "$PYTEST_K")
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$log"
 for f in $files; do
   start=$(date +%s)
   out="$o/sweep-$(basename "$f" .py).out"  # the file's whole pytest output, kept on a timeout
   PYTHONPATH=/tmp/site:src timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -v \
-    -p no:cacheprovider -m gpu -rfE ${JOBS:+-n $JOBS} "${kargs[@]}" "$f" > "$out" 2>&1
+    -p no:cacheprovider -m gpu -rfE ${JOBS:+-n $JOBS} "$f" > "$out" 2>&1
   rc=$?
   { echo "### $f rc=$rc $(( $(date +%s) - start ))s"
     grep -E "^(FAILED|ERROR)|passed|failed|error|no tests ran" "$out" | tail -15

@@ -410,23 +410,5 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
           run 80 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
         fi
         run 200 env FILE_TIMEOUT=180 bash bench/gpu/gpu_sweep.sh files tests/test_vllm_instances_gpu.py ;;
-  # session 48: on an H200, W3 bf16 and AWQ (the targets' card), then the vLLM-backend
-  # instances on a GPU; s48b: NF4 and GGUF Q8_0 decode (the plan's item 2)
-  s48) if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-         run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
-         run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
-       fi
-       run 200 env FILE_TIMEOUT=180 bash bench/gpu/gpu_sweep.sh files tests/test_vllm_instances_gpu.py ;;
-  s48b) run 330 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode ;;
-  # session 48: the streamed fused decode layer (MODELPORT_FUSED_DECODE=2): its GEMV chains
-  # against the unfused kernels (32 layers in one graph), W3 off / on / off, its GPU tests
-  s48f) run 240 env PYTHONPATH=src python3 bench/gpu/fusion_bench.py unfused gemvs_only \
-          streamed_norm_glu streamed_norm_only streamed_glu_only gate_up_plain \
-          gate_up_glu_two_streams gate_up_glu_interleaved fused_2pass_norm_glu \
-          | tee "${OUT:-bench/results}/s48-fusion.jsonl"
-        run 150 env W3_ENVS="MODELPORT_FUSED_DECODE=0 MODELPORT_FUSED_DECODE=2 MODELPORT_FUSED_DECODE=0" \
-          bash bench/gpu/run_all.sh w3-env
-        run 180 env FILE_TIMEOUT=170 PYTEST_K="fused" bash bench/gpu/gpu_sweep.sh files \
-          tests/test_gpu_gemv.py tests/test_gpu_engine.py ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43|s46|s46b|s46c|s47|s47b|s47c|s48|s48b|s48f" >&2; exit 2 ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43|s46|s46b|s46c|s47|s47b|s47c" >&2; exit 2 ;;
 esac

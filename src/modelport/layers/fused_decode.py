@@ -14,14 +14,6 @@ layer against 109.8 us unfused: the GEMVs alone take 104.7 us, so the norms and 
 ~5 us a layer unfused, while the prologues and epilogues slow the GEMVs by ~9.5 us. W3 ITL:
 4.52 ms fused vs 4.33-4.36 ms unfused (bench/results/2026-12-04-h200-w3-fused-decode.jsonl).
 
-``MODELPORT_FUSED_DECODE=2`` (``StreamFusedDecodeLlamaLayer``) fuses the same ops without
-the costs measured above: the norm is not a pass over x before the GEMV's loop but x * w
-streamed with the weights, the row's sum of squares gathered on the way and its 1/rms applied
-to the sums after the loop (rounding once, where torch rounds the normed row to bf16 first),
-and the gate/up weight's rows are interleaved at load (gate i, up i side by side), so the
-GLU GEMV streams one block of rows a program as the plain GEMV does; the multi-row path's
-SiLU reads the interleaved layout (``fused_ops.InterleavedSiluAndMul``).
-
 The layer hands the new residual stream on as ``x`` with ``residual=None``, which is what a
 plain layer (and the final norm) expect from the first layer, so fused and unfused layers
 mix freely; rows other than one, CPU tensors and quantized or sharded projections take the
@@ -41,8 +33,6 @@ from modelport.models.llama import LlamaDecoderLayer
 
 
 class FusedDecodeLlamaLayer(LlamaDecoderLayer):
-    streamed = False  # MODELPORT_FUSED_DECODE=2's norm after the loop, interleaved gate/up
-
     def forward(self, positions, x, residual):  # type: ignore[override]
         attn, mlp = self.self_attn, self.mlp
         w_qkv = attn.qkv_proj.weight
@@ -50,18 +40,13 @@ class FusedDecodeLlamaLayer(LlamaDecoderLayer):
             return super().forward(positions, x, residual)
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         h = x if residual is None else x + residual
-        st = self.streamed
-        qkv = gemv(h, w_qkv, attn.qkv_proj.bias, norm=(ln1.weight, ln1.eps), norm_after=st)
+        qkv = gemv(h, w_qkv, attn.qkv_proj.bias, norm=(ln1.weight, ln1.eps))
         q, k, v = attn.qkv_proj.split(qkv)
         o = attn.attn.forward_rope(positions, q, k, v, attn.rotary_emb)
         h = gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
         act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                   norm=(ln2.weight, ln2.eps), glu=True, norm_after=st, interleaved=st)
+                   norm=(ln2.weight, ln2.eps), glu=True)
         return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h), None
-
-
-class StreamFusedDecodeLlamaLayer(FusedDecodeLlamaLayer):
-    streamed = True
 
 
 def _fusable(layer: LlamaDecoderLayer) -> bool:
@@ -78,25 +63,12 @@ def _fusable(layer: LlamaDecoderLayer) -> bool:
     )
 
 
-def fuse_decode_layers(model: nn.Module, streamed: bool = False) -> int:
+def fuse_decode_layers(model: nn.Module) -> int:
     """Swap plain bf16/fp16 Llama decoder layers for the fused single-row version; returns
-    how many were swapped (exact class only: a model-specific subclass keeps its code).
-    streamed: the ``StreamFusedDecodeLlamaLayer``, whose gate/up rows are interleaved here,
-    in place (after loading: weights loaded later would land in the old layout)."""
-    from modelport.layers.fused_ops import InterleavedSiluAndMul
-    from modelport.layers.triton_gemv import interleave_glu
-
+    how many were swapped (exact class only: a model-specific subclass keeps its code)."""
     n = 0
     for mod in model.modules():
         if type(mod) is LlamaDecoderLayer and _fusable(mod):
-            if streamed:
-                gu = mod.mlp.gate_up_proj
-                gu.weight.data = interleave_glu(gu.weight.data)
-                if gu.bias is not None:
-                    gu.bias.data = interleave_glu(gu.bias.data)
-                mod.mlp.act.__class__ = InterleavedSiluAndMul
-                mod.__class__ = StreamFusedDecodeLlamaLayer
-            else:
-                mod.__class__ = FusedDecodeLlamaLayer
+            mod.__class__ = FusedDecodeLlamaLayer
             n += 1
     return n

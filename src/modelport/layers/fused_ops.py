@@ -125,18 +125,14 @@ def _rotary_kernel(
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = False, INTERLEAVED: tl.constexpr = False):
+                         PDL: tl.constexpr = False):
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
     dt = out_ptr.dtype.element_ty
-    if INTERLEAVED:  # [g0, u0, g1, u1, ...]
-        g = tl.load(x_ptr + row * stride_x + 2 * offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + row * stride_x + 2 * offs + 1, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
     act = _round(g / (1.0 + tl.exp(-g)), dt)
     tl.store(out_ptr + row * stride_o + offs, (act * u).to(dt), mask=mask)
 
@@ -204,8 +200,8 @@ def apply_rotary_(
     return q, k
 
 
-def silu_and_mul(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """silu(x[:, :n]) * x[:, n:] for x = [gate | up]; interleaved: x = [g0, u0, g1, u1, ...]."""
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :n]) * x[:, n:] for x = [gate | up]."""
     n_rows, two_n = x.shape
     n = two_n // 2
     out = torch.empty((n_rows, n), dtype=x.dtype, device=x.device)
@@ -219,7 +215,6 @@ def silu_and_mul(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
             n,
             BLOCK=block,
             num_warps=4,
-            INTERLEAVED=interleaved,
             **pdl.kernel_kwargs(),
         )
     return out
@@ -250,17 +245,6 @@ class FusedSiluAndMul(SiluAndMul):
         if not _fusable(x):
             return super().forward(x)
         return silu_and_mul(x)
-
-
-class InterleavedSiluAndMul(SiluAndMul):
-    """silu(gate) * up where the input's last dim alternates gate, up (the interleaved
-    gate/up weight of the streamed fused decode layer, layers/fused_decode.py)."""
-
-    def forward(self, x):  # type: ignore[override]
-        if not _fusable(x):
-            pairs = x.unflatten(-1, (x.shape[-1] // 2, 2))
-            return torch.nn.functional.silu(pairs[..., 0]) * pairs[..., 1]
-        return silu_and_mul(x, interleaved=True)
 
 
 class FusedRotaryEmbedding(RotaryEmbedding):

@@ -60,28 +60,23 @@ def _acc(acc, w, x, LANE_ACC: tl.constexpr):
 
 
 @triton.jit
-def _step(w, w2, x_ptr, aux_ptr, kk, k_mask, K, rstd, ss, stride_xm, acc0, acc1, acc2, acc3,
+def _step(w, w2, x_ptr, aux_ptr, kk, k_mask, K, rstd, stride_xm, acc0, acc1, acc2, acc3,
           M: tl.constexpr, PRO: tl.constexpr, GLU: tl.constexpr, EVEN: tl.constexpr,
           LANE_ACC: tl.constexpr, dt: tl.constexpr):
     """Add one [BLOCK_N, BLOCK_K] weight block (and its GLU partner w2) times each x row's
     slice kk. Row 0's slice goes through the prologue PRO first:
     0: x itself; 1: RMSNorm(x) * aux, rounded as torch rounds it (rstd known);
-    2: silu(x[:K]) * x[K:] (x is the [gate | up] row); 3: x * aux, the slice's squares added
-    to ss (RMSNorm's 1/rms scales the sums after the loop: no pass over x before it)."""
+    2: silu(x[:K]) * x[K:] (x is the [gate | up] row)."""
     if PRO == 0:
         x0 = _x(x_ptr, kk, k_mask, EVEN)
     elif PRO == 1:
         h = _x(x_ptr, kk, k_mask, EVEN)
         x0 = _round(_x(aux_ptr, kk, k_mask, EVEN) * _round(h * rstd, dt), dt)
-    elif PRO == 2:
+    else:
         g = _x(x_ptr, kk, k_mask, EVEN)
         x0 = _round(_round(g / (1.0 + tl.exp(-g)), dt) * _x(x_ptr + K, kk, k_mask, EVEN), dt)
-    else:
-        h = _x(x_ptr, kk, k_mask, EVEN)
-        ss += h * h
-        x0 = h * _x(aux_ptr, kk, k_mask, EVEN)
     acc0 = _acc(acc0, w, x0, LANE_ACC)
-    if GLU == 1:
+    if GLU:
         acc1 = _acc(acc1, w2, x0, LANE_ACC)
     elif M > 1:
         acc1 = _acc(acc1, w, _x(x_ptr + stride_xm, kk, k_mask, EVEN), LANE_ACC)
@@ -89,7 +84,7 @@ def _step(w, w2, x_ptr, aux_ptr, kk, k_mask, K, rstd, ss, stride_xm, acc0, acc1,
         acc2 = _acc(acc2, w, _x(x_ptr + 2 * stride_xm, kk, k_mask, EVEN), LANE_ACC)
     if M > 3:
         acc3 = _acc(acc3, w, _x(x_ptr + 3 * stride_xm, kk, k_mask, EVEN), LANE_ACC)
-    return acc0, acc1, acc2, acc3, ss
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -124,15 +119,14 @@ def _gemv_kernel(
     PDL: tl.constexpr = False,
     EVEN: tl.constexpr = False,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
     LANE_ACC: tl.constexpr = False,
-    PRO: tl.constexpr = 0,  # x prologue, see _step (1-3 take M == 1)
-    GLU: tl.constexpr = 0,  # y = silu(gate x) * (up x), M == 1; W: 1 [gate; up] (2N rows),
-    # 2 gate and up rows interleaved (row 2i gate i, 2i + 1 up i: one weight stream a program)
+    PRO: tl.constexpr = 0,  # x prologue, see _step (1, 2 take M == 1)
+    GLU: tl.constexpr = False,  # W is [gate; up] (2N rows): y = silu(gate x) * (up x), M == 1
     HAS_RES: tl.constexpr = False,  # add a residual row to the output (M == 1)
 ):
     pid = tl.program_id(0)
     dt: tl.constexpr = y_ptr.dtype.element_ty
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # GLU 2: weight (and bias) rows
-    n_mask = offs_n < (2 * N if GLU == 2 else N)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     w_rows2 = w_ptr + (offs_n.to(tl.int64) + N)[:, None] * stride_wn  # GLU: up rows
@@ -148,7 +142,7 @@ def _gemv_kernel(
     k_cur = 0
     w_cur = _w(w_rows, offs_k, n_mask, K, EVEN)
     w2_cur = w_cur
-    if GLU == 1:
+    if GLU:
         w2_cur = _w(w_rows2, offs_k, n_mask, K, EVEN)
     pdl.wait(PDL)
     rstd = 1.0
@@ -158,45 +152,30 @@ def _gemv_kernel(
             h = _x(x_ptr, k0 + offs_k, k0 + offs_k < K, EVEN)
             ss += h * h
         rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
-    ss = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w_nxt = _w(w_rows, k0 + offs_k, n_mask, K, EVEN)
         w2_nxt = w_nxt
-        if GLU == 1:
+        if GLU:
             w2_nxt = _w(w_rows2, k0 + offs_k, n_mask, K, EVEN)
         kc = k_cur + offs_k
-        acc0, acc1, acc2, acc3, ss = _step(w_cur, w2_cur, x_ptr, aux_ptr, kc, kc < K, K,
-                                           rstd, ss, stride_xm, acc0, acc1, acc2, acc3, M,
-                                           PRO, GLU, EVEN, LANE_ACC, dt)
+        acc0, acc1, acc2, acc3 = _step(w_cur, w2_cur, x_ptr, aux_ptr, kc, kc < K, K, rstd,
+                                       stride_xm, acc0, acc1, acc2, acc3, M, PRO, GLU, EVEN,
+                                       LANE_ACC, dt)
         w_cur = w_nxt
         w2_cur = w2_nxt
         k_cur = k0
     kc = k_cur + offs_k
-    acc0, acc1, acc2, acc3, ss = _step(w_cur, w2_cur, x_ptr, aux_ptr, kc, kc < K, K, rstd,
-                                       ss, stride_xm, acc0, acc1, acc2, acc3, M, PRO, GLU,
-                                       EVEN, LANE_ACC, dt)
-    if PRO == 3:  # W (x * aux) / rms(x), then the bias
-        scale = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
-        y = _sum(acc0, b_ptr, offs_n, n_mask, False, LANE_ACC) * scale
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    else:
-        y = _sum(acc0, b_ptr, offs_n, n_mask, HAS_BIAS, LANE_ACC)
-    if GLU == 2:  # rows (2i, 2i + 1) are gate and up of output pid * BLOCK_N / 2 + i
-        g, u = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
-        g = _round(g, dt)
-        u = _round(u, dt)
-        offs_o = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(y_ptr + offs_o, (_round(g / (1.0 + tl.exp(-g)), dt) * u).to(dt),
-                 mask=offs_o < N)
-    else:
-        if GLU == 1:  # gate and up rounded as stored, then silu(gate) and the product, as torch
-            g = _round(y, dt)
-            u = _round(_sum(acc1, b_ptr + N, offs_n, n_mask, HAS_BIAS, LANE_ACC), dt)
-            y = _round(g / (1.0 + tl.exp(-g)), dt) * u
-        if HAS_RES:  # residual stream: round(round(W x + b) + residual), as torch would
-            y = _round(y, dt) + tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, y.to(dt), mask=n_mask)
+    acc0, acc1, acc2, acc3 = _step(w_cur, w2_cur, x_ptr, aux_ptr, kc, kc < K, K, rstd,
+                                   stride_xm, acc0, acc1, acc2, acc3, M, PRO, GLU, EVEN,
+                                   LANE_ACC, dt)
+    y = _sum(acc0, b_ptr, offs_n, n_mask, HAS_BIAS, LANE_ACC)
+    if GLU:  # gate and up rounded as stored, then silu(gate) and the product, as torch
+        g = _round(y, dt)
+        u = _round(_sum(acc1, b_ptr + N, offs_n, n_mask, HAS_BIAS, LANE_ACC), dt)
+        y = _round(g / (1.0 + tl.exp(-g)), dt) * u
+    if HAS_RES:  # residual stream: round(round(W x + b) + residual), as torch would
+        y = _round(y, dt) + tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(dt), mask=n_mask)
     if M > 1:
         y = _sum(acc1, b_ptr, offs_n, n_mask, HAS_BIAS, LANE_ACC)
         tl.store(y_ptr + stride_ym + offs_n, y.to(dt), mask=n_mask)
@@ -232,14 +211,7 @@ GEMV_CONFIGS = tuple((bn, bk, w, lane) for lane in (False, True)
 
 
 def _even(a: dict) -> bool:
-    rows = 2 * a["N"] if a.get("GLU") == 2 else a["N"]
-    return rows % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0
-
-
-def interleave_glu(weight: torch.Tensor) -> torch.Tensor:
-    """[gate; up] ([2N, ...]) -> rows gate 0, up 0, gate 1, up 1, ... (``gemv(interleaved=)``)."""
-    n = weight.shape[0] // 2
-    return torch.stack((weight[:n], weight[n:]), 1).reshape(weight.shape).contiguous()
+    return a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0
 
 
 @functools.cache
@@ -264,8 +236,6 @@ def gemv(
     silu: bool = False,
     glu: bool = False,
     residual: torch.Tensor | None = None,
-    norm_after: bool = False,
-    interleaved: bool = False,
 ) -> torch.Tensor:
     """x [M <= 4, K] @ weight[N, K]^T (+ bias) -> [M, N], float32 accumulation.
 
@@ -274,11 +244,7 @@ def gemv(
     ``norm=(w, eps)``: multiply RMSNorm(x) * w instead of x;
     ``silu``: x is [gate | up] ([1, 2K]) and silu(gate) * up is multiplied; ``glu``: weight is
     [gate; up] ([2N, K]) and the output is silu(gate x) * (up x); ``residual`` [1, N]: return
-    W x + b + residual (the new residual stream).
-    ``norm_after`` (with ``norm``): W (x * w) scaled by x's 1/rms after the loop, the squares
-    summed as x streams by (no pass over x first; rounds once, not as torch's two steps);
-    ``interleaved`` (with ``glu``): the weight's rows alternate gate, up (``interleave_glu``),
-    so each program streams one block of rows."""
+    W x + b + residual (the new residual stream)."""
     m, k = x.shape
     if silu:
         k //= 2
@@ -290,24 +256,19 @@ def gemv(
     if norm is not None and silu:
         raise ValueError("gemv: norm and silu prologues are exclusive")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if (norm_after and norm is None) or (interleaved and not glu):
-        raise ValueError("gemv: norm_after takes norm, interleaved takes glu")
     aux, eps = norm if norm is not None else (weight, 0.0)
-    pro = (3 if norm_after else 1) if norm is not None else 2 if silu else 0
-    glu_mode = (2 if interleaved else 1) if glu else 0
-    rows = weight.shape[0] if glu_mode == 2 else n
+    pro = 1 if norm is not None else 2 if silu else 0
     args = (x, weight, bias if bias is not None else weight, y, aux,
             residual if residual is not None else y, n, k, x.stride(0), weight.stride(0),
             y.stride(0), eps)
-    meta = {"M": m, "HAS_BIAS": bias is not None, "PRO": pro, "GLU": glu_mode,
+    meta = {"M": m, "HAS_BIAS": bias is not None, "PRO": pro, "GLU": glu,
             "HAS_RES": residual is not None, **pdl.kernel_kwargs()}
     if block_n is None:
-        _tuned()[lambda c: (triton.cdiv(rows, c["BLOCK_N"]),)](*args, **meta)
+        _tuned()[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
-        _gemv_kernel[(triton.cdiv(rows, block_n),)](
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
             *args, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=1,
-            EVEN=_even({"N": n, "K": k, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                        "GLU": glu_mode}),
+            EVEN=_even({"N": n, "K": k, "BLOCK_N": block_n, "BLOCK_K": block_k}),
             LANE_ACC=lane_acc, **meta)
     return y
 

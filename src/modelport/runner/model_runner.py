@@ -275,11 +275,11 @@ class ModelRunner:
 
                 n = use_gemv_for_decode(model)
                 logger.info("Triton GEMV for single-row calls: %d linear modules", n)
-                fused = os.environ.get("MODELPORT_FUSED_DECODE", "0")
-                if fused in ("1", "2") and self.config.lora_config is None:  # (skip LoRA)
+                if (os.environ.get("MODELPORT_FUSED_DECODE", "0") == "1"
+                        and self.config.lora_config is None):  # fused layers skip LoRA
                     from modelport.layers.fused_decode import fuse_decode_layers
 
-                    n = fuse_decode_layers(model, streamed=fused == "2")
+                    n = fuse_decode_layers(model)
                     logger.info("fused single-row decode layers (norm/SiLU/residual in the "
                                 "GEMVs): %d", n)
         return model
