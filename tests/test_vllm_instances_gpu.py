@@ -15,6 +15,7 @@ import torch
 
 from helpers.tiny_models import make_tiny_llama_dir
 from modelport import LLM, SamplingParams
+from modelport.engine.gpu_info import visible_entries
 from modelport.entrypoints.kserve.embedded import EmbeddedServer
 
 ENGINE = {"enforce_eager": True, "max_model_len": 128, "kv_cache_memory_bytes": 64 << 20}
@@ -45,7 +46,7 @@ def test_kind_gpu_count_two_runs_two_engines_on_the_gpu(tmp_path) -> None:
     srv = EmbeddedServer([tmp_path / "models"], exit_on_error=False).start()
     try:
         backend = srv.manager.get("llm").backend
-        first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]  # server GPU 0
+        first = (visible_entries(os.environ.get("CUDA_VISIBLE_DEVICES")) or ["0"])[0]  # GPU 0
         assert [e.engine_config.cuda_visible_devices for e in backend.engines] == [first] * 2
         pids = [e.client._proc.pid for e in backend.engines]
         assert len(set(pids)) == 2
