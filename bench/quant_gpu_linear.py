@@ -19,14 +19,18 @@ quantization + ``torch._scaled_mm`` above); ``fp8-mm`` forces the quantize +
 ``_scaled_mm`` path, ``fp8-w8a8`` the quantize + Triton FP8 GEMM path and ``fp8-w8a16`` the
 W8A16 kernel (up to 256 rows) at every batch, to place the crossovers.
 
+``--per-shape`` also times each projection alone (x 32 in its own graph), to show which
+shape a format loses on. Each row records the MODELPORT_* variables it ran under (``knobs``).
+
     python bench/quant_gpu_linear.py [--batch 1 4 64 256] [--formats bf16 fp8 fp8-mm]
-        [--json out.json]
+        [--per-shape] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -77,10 +81,14 @@ def build(fmt: str) -> list:
     return ops
 
 
-def time_step(ops: list, m: int, iters: int = 50) -> float:
-    """Milliseconds for one decode step's linears (one layer's four, graph-replayed, x 32)."""
+def time_step(ops: list, m: int, iters: int = 50, only: str | None = None) -> float:
+    """Milliseconds for one decode step's linears (one layer's four, graph-replayed, x 32);
+    ``only``: that projection's share (it alone, x 32)."""
     xs = {k: torch.randn(m, kk, device="cuda", dtype=torch.bfloat16) for k, (_, kk) in SHAPES.items()}
     inputs = [xs[k] for k in SHAPES]
+    if only is not None:
+        i = list(SHAPES).index(only)
+        ops, inputs = [ops[i]], [inputs[i]]
 
     def layer() -> None:
         for op, x in zip(ops, inputs):
@@ -113,8 +121,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 64, 256])
     ap.add_argument("--formats", nargs="+", default=["bf16", "awq-w4", "gptq-w8", "fp8"])
+    ap.add_argument("--per-shape", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    knobs = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MODELPORT_")}
     rows = []
     for fmt in args.formats:
         ops = build(fmt)
@@ -123,7 +133,10 @@ def main() -> None:
                 continue  # bf16 tensor-core bound there: not a candidate
             ms = time_step(ops, m)
             rows.append({"format": fmt, "batch": m, "linear_ms_per_step": round(ms, 3),
-                         "tok_s_linear_only": round(m * 1000 / ms, 1)})
+                         "tok_s_linear_only": round(m * 1000 / ms, 1), "knobs": knobs})
+            if args.per_shape:
+                rows[-1]["us_per_layer"] = {
+                    name: round(time_step(ops, m, only=name) * 1000 / LAYERS, 2) for name in SHAPES}
             print(json.dumps(rows[-1]), flush=True)  # a run cut short still shows its rows
         del ops
         torch.cuda.empty_cache()

@@ -150,22 +150,45 @@ def test_scaled_mm_path(m: int, per_channel: bool) -> None:
 
 def test_w8a8_every_program_shape() -> None:
     w8a8 = triton_fp8._jit()[2]
-    for bm, bn, bk, warps, stages in triton_fp8.W8A8_CONFIGS:
+    for bm, bn, bk, warps, stages, sk in triton_fp8.W8A8_CONFIGS:
         m, n, k = bm + bm // 2 + 1, 200, 1000  # partial blocks on every axis
+        tiles = triton_fp8._cdiv(m, bm) * triton_fp8._cdiv(n, bn)
+        part = torch.empty(sk * m * n, device="cuda", dtype=torch.float32)
+        cnt = torch.zeros(tiles, device="cuda", dtype=torch.int32)
         for per_channel in (True, False):
             q, s = _weight(n, k, per_channel, seed=bm + bn)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             xq, xs = quantize_fp8_per_token_torch(x)
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            grid = (triton_fp8._cdiv(m, bm) * triton_fp8._cdiv(n, bn),)
-            w8a8[grid](
-                xq, xs, q, s, bias, y, m, n, k, triton_fp8._next_pow2(m),
+            w8a8[(tiles, sk)](
+                xq, xs, q, s, bias, y, part, cnt, m, n, k, triton_fp8._next_pow2(m), int(sk > 1),
                 xq.stride(0), q.stride(0), y.stride(0),
                 PER_CHANNEL=per_channel, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                num_warps=warps, num_stages=stages,
+                SPLIT_K=sk, num_warps=warps, num_stages=stages,
             )  # fmt: skip
             _assert_gemm_close(y, _ref(xq.float() * xs, q, s, bias))
+            assert int(cnt.abs().sum()) == 0  # the last slice of each tile reset its counter
+
+
+def test_split_k_w8a8_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MODELPORT_FP8_SPLIT_K on: the autotuned GEMM (split configs among the candidates) on a
+    decode step's narrow shapes, eager and replayed from a CUDA graph, equals the reference."""
+    monkeypatch.setattr(triton_fp8, "SPLIT_K", True)
+    for m, n, k in ((16, 1024, 4096), (100, 768, 2048), (256, 512, 1024)):
+        q, s = _weight(n, k, True, seed=m)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xq, xs = triton_fp8.quantize_per_token(x)
+        ref = _ref(xq.float() * xs, q, s, None)
+        eager = triton_fp8.w8a8_linear(xq, xs, q, s, None, torch.bfloat16)  # tunes, then runs
+        _assert_gemm_close(eager, ref)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = triton_fp8.w8a8_linear(xq, xs, q, s, None, torch.bfloat16)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(y, eager, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

@@ -28,6 +28,7 @@ Nothing here needs Triton at import time; the kernels are built on first use.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -177,10 +178,13 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         ws_ptr,
         b_ptr,
         y_ptr,
+        part_ptr,
+        cnt_ptr,
         M,
         N,
         K,
         M_BUCKET,
+        SPLIT_OK,
         stride_xm,
         stride_wn,
         stride_ym,
@@ -189,9 +193,15 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr = 1,
     ):
         # FP8 x FP8 on the tensor cores, operands swapped as in w8a16 (both K-major, as FP8
-        # wgmma wants them); row blocks fastest, so a weight tile is fetched from HBM once
+        # wgmma wants them); row blocks fastest, so a weight tile is fetched from HBM once.
+        # SPLIT_K > 1 (grid axis 1): each slice of K stores its fp32 partial tile in part_ptr
+        # [SPLIT_K, M, N] and bumps the tile's counter; the slice that arrives last adds the
+        # partials in slice order (the same bits whichever finishes last), applies the scales
+        # and bias, writes y and resets the counter for the next launch or graph replay.
+        # SPLIT_OK (1: the scratch was passed) only keys the autotuning (see w8a8_linear).
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
@@ -201,15 +211,36 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         m_ok = rm < M
+        mn_ok = m_ok[None, :] & n_ok[:, None]
+        if SPLIT_K == 1:
+            k_lo = 0
+            k_hi = K
+        else:  # slices of whole BLOCK_K steps (only the last one may end inside a step)
+            k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+            k_lo = tl.program_id(1) * k_len
+            k_hi = tl.minimum(k_lo + k_len, K)
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
         x_cols = xq_ptr + rm.to(tl.int64)[None, :] * stride_xm
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + rk
             k_ok = k < K
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             xt = tl.load(x_cols + k[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
             acc = tl.dot(w, xt, acc)
+        out_ok = mn_ok
+        if SPLIT_K > 1:
+            tile = rm.to(tl.int64)[None, :] * N + rn[:, None]
+            tl.store(part_ptr + tl.program_id(1).to(tl.int64) * M * N + tile, acc, mask=mn_ok)
+            tl.debug_barrier()  # every thread's partials are written before the release below
+            last = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1
+            if last:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for sp in tl.static_range(SPLIT_K):
+                    acc += tl.load(part_ptr + sp * M * N + tile, mask=mn_ok, other=0.0,
+                                   cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+            out_ok = mn_ok & last
         xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
         if PER_CHANNEL:
             ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
@@ -219,7 +250,7 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
     return quant_rows, w8a16, w8a8
 
@@ -251,23 +282,45 @@ W8A16_CONFIGS = (
 
 
 # FP8 x FP8 (fused-quantized activations): the same swapped orientation; BLOCK_N is the
-# wgmma M side (64 per warpgroup), BLOCK_M its N side (16..256)
+# wgmma M side (64 per warpgroup), BLOCK_M its N side (16..256). (BLOCK_M, BLOCK_N, BLOCK_K,
+# num_warps, num_stages, SPLIT_K).
 W8A8_CONFIGS = (
-    (16, 64, 128, 4, 5),
-    (16, 128, 128, 4, 4),
-    (32, 64, 128, 4, 5),
-    (32, 128, 128, 4, 4),
-    (64, 64, 128, 4, 4),
-    (64, 128, 128, 4, 4),
-    (64, 128, 128, 8, 4),
-    (128, 128, 128, 8, 4),
-    (128, 256, 128, 8, 3),
-    (256, 128, 128, 8, 3),
+    (16, 64, 128, 4, 5, 1),
+    (16, 128, 128, 4, 4, 1),
+    (32, 64, 128, 4, 5, 1),
+    (32, 128, 128, 4, 4, 1),
+    (64, 64, 128, 4, 4, 1),
+    (64, 128, 128, 4, 4, 1),
+    (64, 128, 128, 8, 4, 1),
+    (128, 128, 128, 8, 4, 1),
+    (128, 256, 128, 8, 3, 1),
+    (256, 128, 128, 8, 3, 1),
     # 256 rows (a full W1 decode batch): 64 weight rows a program, so N = 4,096 gives 128 /
-    # 64 programs (128-row weight tiles: 32 on 132 SMs); not yet timed
-    (128, 64, 128, 4, 4),
-    (256, 64, 128, 4, 3),
+    # 64 programs (128-row weight tiles: 32 on 132 SMs)
+    (128, 64, 128, 4, 4, 1),
+    (256, 64, 128, 4, 3, 1),
+    # split-K (MODELPORT_FP8_SPLIT_K): the narrow layers of a decode step (q/k/v, o, down of
+    # an 8B model: N <= 6,144) give 32-96 weight tiles, one program each, too few to keep
+    # 132 SMs' loads in flight; 2-4 K slices a tile multiply the programs
+    (16, 64, 128, 4, 5, 2),
+    (16, 64, 128, 4, 5, 4),
+    (32, 64, 128, 4, 5, 2),
+    (32, 64, 128, 4, 5, 4),
+    (64, 64, 128, 4, 4, 2),
+    (64, 64, 128, 4, 4, 4),
+    (64, 128, 128, 4, 4, 2),
+    (128, 64, 128, 4, 4, 2),
+    (128, 64, 128, 4, 4, 4),
+    (128, 128, 128, 8, 4, 2),
+    (256, 64, 128, 8, 3, 2),
 )
+# split-K serves at most this many rows and output columns (its fp32 scratch, kept per
+# device and N, is SPLIT_K_MAX x SPLIT_MAX_M x N: 25 MiB at N = 6,144); wider layers have
+# weight tiles enough
+SPLIT_K_MAX = 4
+SPLIT_MAX_M = 256
+SPLIT_MAX_N = 8192
+SPLIT_K = os.environ.get("MODELPORT_FP8_SPLIT_K", "0") != "0"
 
 
 def _w8a8_block_ms(m_bucket: int) -> tuple[int, ...]:
@@ -321,20 +374,46 @@ def _w8a8_tuned():  # noqa: ANN202
     import triton
 
     configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in W8A8_CONFIGS
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk},
+                      num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st, sk in W8A8_CONFIGS
     ]
 
     def prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202
         keep = _w8a8_block_ms(named_args["M_BUCKET"])
-        return [c for c in configs if c.kwargs["BLOCK_M"] in keep]
+        split = named_args["SPLIT_OK"]
+        return [c for c in configs
+                if c.kwargs["BLOCK_M"] in keep and (c.kwargs["SPLIT_K"] == 1 or split)]
 
     return triton.autotune(
         configs=configs,
-        key=["M_BUCKET", "N", "K"],
+        key=["M_BUCKET", "N", "K", "SPLIT_OK"],
         prune_configs_by={"early_config_prune": prune},
         cache_results=True,
     )(_jit()[2])
+
+
+def split_fits(m_bucket: int, n: int) -> bool:
+    """Whether an output of n columns and m_bucket rows (a power of two) may take the split-K
+    configs (and so needs their scratch)."""
+    return SPLIT_K and m_bucket <= SPLIT_MAX_M and n <= SPLIT_MAX_N
+
+
+@functools.cache
+def split_scratch(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch shared by every W8A8 GEMM of output width n on a device: fp32 partial
+    tiles [SPLIT_K_MAX, SPLIT_MAX_M, n] and one arrival counter per output tile, which each
+    launch leaves at zero (launches on one stream never overlap). Made on the first eager
+    call, so never inside a CUDA-graph capture (the graphs run each batch eagerly first)."""
+    part = torch.empty((SPLIT_K_MAX * SPLIT_MAX_M * n,), dtype=torch.float32, device=device)
+    cnt = torch.zeros((_cdiv(SPLIT_MAX_M, 16) * _cdiv(n, 64),), dtype=torch.int32, device=device)
+    return part, cnt
+
+
+@functools.cache
+def _no_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((1,), dtype=torch.float32, device=device),
+            torch.zeros((1,), dtype=torch.int32, device=device))
 
 
 def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,11 +474,16 @@ def w8a8_linear(
         return y
 
     def grid(meta):  # noqa: ANN001, ANN202
-        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
+    # the split configs' scratch where they may run; the switch is part of the tuning key, so
+    # a best config found with it on is never replayed without the scratch
+    bucket = _next_pow2(m)
+    split_ok = split_fits(bucket, n)
+    part, cnt = split_scratch(xq.device, n) if split_ok else _no_scratch(xq.device)
     _w8a8_tuned()[grid](
-        xq, x_scale, w, w_scale, bias if bias is not None else w_scale, y, m, n, k,
-        _next_pow2(m), xq.stride(0), w.stride(0), y.stride(0),
+        xq, x_scale, w, w_scale, bias if bias is not None else w_scale, y, part, cnt, m, n, k,
+        bucket, int(split_ok), xq.stride(0), w.stride(0), y.stride(0),
         PER_CHANNEL=w_scale.numel() != 1, HAS_BIAS=bias is not None,
     )  # fmt: skip  (launched plainly, no PDL: not yet checked on a GPU with it)
     return y
