@@ -20,10 +20,10 @@ quantization + ``torch._scaled_mm`` above); ``fp8-mm`` forces the quantize +
 W8A16 kernel (up to 256 rows) at every batch, to place the crossovers.
 
 ``--per-shape`` also times each projection alone (x 32 in its own graph), to show which
-shape a format loses on. Each row records the MODELPORT_* variables it ran under (``knobs``).
+shape a format loses on; ``--copies N`` cycles the layers through N copies of the weights. Each row records the MODELPORT_* variables it ran under (``knobs``).
 
     python bench/quant_gpu_linear.py [--batch 1 4 64 256] [--formats bf16 fp8 fp8-mm]
-        [--per-shape] [--json out.json]
+        [--per-shape] [--copies 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -81,20 +81,24 @@ def build(fmt: str) -> list:
     return ops
 
 
-def time_step(ops: list, m: int, iters: int = 50, only: str | None = None) -> float:
-    """Milliseconds for one decode step's linears (one layer's four, graph-replayed, x 32);
-    ``only``: that projection's share (it alone, x 32)."""
+def time_step(op_sets: list[list], m: int, iters: int = 50, only: str | None = None) -> float:
+    """Milliseconds for one decode step's linears (one layer's four, graph-replayed, x 32;
+    layer i runs the weights of op_sets[i % len(op_sets)]); ``only``: that projection's share
+    (it alone, x 32)."""
     xs = {k: torch.randn(m, kk, device="cuda", dtype=torch.bfloat16) for k, (_, kk) in SHAPES.items()}
     inputs = [xs[k] for k in SHAPES]
     if only is not None:
         i = list(SHAPES).index(only)
-        ops, inputs = [ops[i]], [inputs[i]]
+        op_sets, inputs = [[ops[i]] for ops in op_sets], [inputs[i]]
+    n_layer = 0
 
     def layer() -> None:
-        for op, x in zip(ops, inputs):
+        nonlocal n_layer
+        for op, x in zip(op_sets[n_layer % len(op_sets)], inputs):
             op(x)
+        n_layer += 1
 
-    for _ in range(3):
+    for _ in range(3 * len(op_sets)):
         layer()  # autotune + warm up outside the graph
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -122,23 +126,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 64, 256])
     ap.add_argument("--formats", nargs="+", default=["bf16", "awq-w4", "gptq-w8", "fp8"])
     ap.add_argument("--per-shape", action="store_true")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="distinct weight copies the 32 layers cycle through (1: every layer "
+                         "runs one layer's weights, as earlier rounds measured; 4 or more keep a "
+                         "small shape such as o, 16-33 MB, from being read out of L2 in the "
+                         "per-shape figures)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     knobs = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MODELPORT_")}
     rows = []
     for fmt in args.formats:
-        ops = build(fmt)
+        op_sets = [build(fmt) for _ in range(args.copies)]
         for m in args.batch:
             if fmt == "fp8-w8a16" and m > W8A16_BENCH_MAX_M:
                 continue  # bf16 tensor-core bound there: not a candidate
-            ms = time_step(ops, m)
+            ms = time_step(op_sets, m)
             rows.append({"format": fmt, "batch": m, "linear_ms_per_step": round(ms, 3),
-                         "tok_s_linear_only": round(m * 1000 / ms, 1), "knobs": knobs})
+                         "tok_s_linear_only": round(m * 1000 / ms, 1), "copies": args.copies,
+                         "knobs": knobs})
             if args.per_shape:
                 rows[-1]["us_per_layer"] = {
-                    name: round(time_step(ops, m, only=name) * 1000 / LAYERS, 2) for name in SHAPES}
+                    name: round(time_step(op_sets, m, only=name) * 1000 / LAYERS, 2)
+                    for name in SHAPES}
             print(json.dumps(rows[-1]), flush=True)  # a run cut short still shows its rows
-        del ops
+        del op_sets
         torch.cuda.empty_cache()
         write(args.json, rows)
     print(json.dumps(write(args.json, rows), indent=2))

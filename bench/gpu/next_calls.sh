@@ -423,11 +423,11 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
          tests/test_quant_fp8_gpu.py -k "w8a8 or split or fp8_gemm_path or dispatch"
        for sk in 0 1; do
          run 170 env MODELPORT_FP8_SPLIT_K=$sk MODELPORT_FP8_TRITON_MAX_M=256 PYTHONPATH=/tmp/site:src \
-           python3 bench/quant_gpu_linear.py --batch 16 64 128 256 --formats fp8 --per-shape \
+           python3 bench/quant_gpu_linear.py --batch 16 64 128 256 --formats fp8 --per-shape --copies 4 \
            --json "${OUT:-bench/results}/fp8-split-$sk.json"
        done
        run 120 env PYTHONPATH=/tmp/site:src python3 bench/quant_gpu_linear.py --batch 16 64 128 256 \
-         --formats bf16 fp8-mm --per-shape --json "${OUT:-bench/results}/fp8-split-peers.json" ;;
+         --formats bf16 fp8-mm --per-shape --copies 4 --json "${OUT:-bench/results}/fp8-split-peers.json" ;;
   # session 49, call 2: W1 with FP8 weights + KV at the 16,384-token default budget: split-K
   # off, on, on with full 256-row batches on the Triton GEMM; then bf16 (the ratio's base)
   s49b) run 560 env W1_BUDGET=16384 W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" \
