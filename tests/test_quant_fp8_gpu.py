@@ -171,10 +171,13 @@ def test_w8a8_every_program_shape() -> None:
             assert int(cnt.abs().sum()) == 0  # the last slice of each tile reset its counter
 
 
-def test_split_k_w8a8_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("with_pdl", [False, True])
+def test_split_k_w8a8_in_a_cuda_graph(with_pdl: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """MODELPORT_FP8_SPLIT_K on: the autotuned GEMM (split configs among the candidates) on a
-    decode step's narrow shapes, eager and replayed from a CUDA graph, equals the reference."""
+    decode step's narrow shapes, eager and replayed from a CUDA graph, equals the reference;
+    also launched with PDL (MODELPORT_FP8_W8A8_PDL) after the quantizer, which has it too."""
     monkeypatch.setattr(triton_fp8, "SPLIT_K", True)
+    monkeypatch.setattr(triton_fp8, "W8A8_PDL", with_pdl)
     for m, n, k in ((16, 1024, 4096), (100, 768, 2048), (256, 512, 1024)):
         q, s = _weight(n, k, True, seed=m)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -184,7 +187,8 @@ def test_split_k_w8a8_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
         _assert_gemm_close(eager, ref)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y = triton_fp8.w8a8_linear(xq, xs, q, s, None, torch.bfloat16)
+            xq2, xs2 = triton_fp8.quantize_per_token(x)  # the launch before it, as in a step
+            y = triton_fp8.w8a8_linear(xq2, xs2, q, s, None, torch.bfloat16)
         for _ in range(3):
             graph.replay()
             torch.cuda.synchronize()

@@ -429,9 +429,10 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
        run 120 env PYTHONPATH=/tmp/site:src python3 bench/quant_gpu_linear.py --batch 16 64 128 256 \
          --formats bf16 fp8-mm --per-shape --copies 4 --json "${OUT:-bench/results}/fp8-split-peers.json" ;;
   # session 49, call 2: W1 with FP8 weights + KV at the 16,384-token default budget: split-K
-  # off, on, on with full 256-row batches on the Triton GEMM; then bf16 (the ratio's base)
+  # off, on, on with full 256-row batches on the Triton GEMM, on with the GEMM under PDL;
+  # s49c: bf16 (the ratio's base; on an H200 also the NF4 / GGUF Q8_0 decode table)
   s49b) run 560 env W1_BUDGET=16384 W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" \
-          W1_ENVS="MODELPORT_FP8_SPLIT_K=0 MODELPORT_FP8_SPLIT_K=1 MODELPORT_FP8_SPLIT_K=1,MODELPORT_FP8_TRITON_MAX_M=256" \
+          W1_ENVS="MODELPORT_FP8_SPLIT_K=0 MODELPORT_FP8_SPLIT_K=1 MODELPORT_FP8_SPLIT_K=1,MODELPORT_FP8_TRITON_MAX_M=256 MODELPORT_FP8_SPLIT_K=1,MODELPORT_FP8_W8A8_PDL=1" \
           bash bench/gpu/run_all.sh w1-env ;;
   s49c) run 300 env W1_BUDGET=16384 W1_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w1-env
         if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then

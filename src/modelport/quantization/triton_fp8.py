@@ -194,6 +194,7 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr = 1,
+        PDL: tl.constexpr = False,
     ):
         # FP8 x FP8 on the tensor cores, operands swapped as in w8a16 (both K-major, as FP8
         # wgmma wants them); row blocks fastest, so a weight tile is fetched from HBM once.
@@ -222,6 +223,7 @@ def _jit():  # noqa: ANN202 - built lazily so importing this module never needs 
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
         x_cols = xq_ptr + rm.to(tl.int64)[None, :] * stride_xm
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        pdl.wait(PDL)  # the activations (and the shared split scratch) come after the wait
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + rk
             k_ok = k < K
@@ -321,6 +323,8 @@ SPLIT_K_MAX = 4
 SPLIT_MAX_M = 256
 SPLIT_MAX_N = 8192
 SPLIT_K = os.environ.get("MODELPORT_FP8_SPLIT_K", "0") != "0"
+# the W8A8 GEMM with programmatic dependent launch (opt-in until measured on a GPU)
+W8A8_PDL = os.environ.get("MODELPORT_FP8_W8A8_PDL", "0") != "0"
 
 
 def _w8a8_block_ms(m_bucket: int) -> tuple[int, ...]:
@@ -485,5 +489,6 @@ def w8a8_linear(
         xq, x_scale, w, w_scale, bias if bias is not None else w_scale, y, part, cnt, m, n, k,
         bucket, int(split_ok), xq.stride(0), w.stride(0), y.stride(0),
         PER_CHANNEL=w_scale.numel() != 1, HAS_BIAS=bias is not None,
-    )  # fmt: skip  (launched plainly, no PDL: not yet checked on a GPU with it)
+        **(pdl.kernel_kwargs() if W8A8_PDL else {}),
+    )  # fmt: skip
     return y
