@@ -2,7 +2,8 @@
 
 Used by: the fused small ops, the KV write and attention kernels, the bf16 and W4 GEMVs,
 the W4 dequant kernel, and the FP8 activation quantizer and W8A16 GEMV. The W4 dequant-GEMM
-(5-255 rows) and the FP8 W8A8 GEMM launch plainly until they have been checked with it.
+(5-255 rows) and the FP8 W8A8 GEMM launch plainly until they have been checked with it (the
+W8A8 GEMM takes it with MODELPORT_FP8_W8A8_PDL=1).
 
 A decode step is a chain of ~300 short kernels; between two of them the GPU drains the
 first, then launches and ramps up the second. With PDL (CUDA's programmatic stream

@@ -86,6 +86,8 @@ W8A16_MAX_M = 1
 # GEMM (an A/B knob: at 256 rows both paths are ~1.5 ms above what the weight reads and the
 # FP8 tensor-core rate allow, and W8A8_CONFIGS now has 64-row weight tiles for more programs)
 TRITON_W8A8_MAX_M = int(os.environ.get("MODELPORT_FP8_TRITON_MAX_M", "128"))
+# MODELPORT_FP8_SPLIT_K=1 lets that GEMM split K over 2-4 programs a tile on the narrow layers
+# (triton_fp8.SPLIT_K; opt-in until timed on a GPU)
 # _scaled_mm without periodic fp32 promotion of the tensor-core accumulator (what inference
 # FP8 GEMMs use; measurably faster on Hopper)
 FAST_ACCUM = True
