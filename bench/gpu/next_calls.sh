@@ -410,33 +410,33 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
           run 80 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
         fi
         run 200 env FILE_TIMEOUT=180 bash bench/gpu/gpu_sweep.sh files tests/test_vllm_instances_gpu.py ;;
-  # session 49: FP8 split-K in the Triton W8A8 GEMM (MODELPORT_FP8_SPLIT_K). Call 1: its GPU
-  # tests, then the linear layers of a decode step at 16-256 rows, per shape, off / on (on an
-  # H200 first the targets' W3 bf16 and AWQ and the NF4 / GGUF Q8_0 decode table)
-  s49) if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-         run 70 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
-         run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
-       fi
-       [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  # session 49: FP8 split-K in the Triton W8A8 GEMM (MODELPORT_FP8_SPLIT_K). s49: its GPU
+  # tests, then the linear layers of a decode step at 16-256 rows, per shape, off / on
+  s49) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
          --upgrade --target /tmp/site .whl/*.whl
-       run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider \
+       run 190 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider \
          tests/test_quant_fp8_gpu.py -k "w8a8 or split or fp8_gemm_path or dispatch"
        for sk in 0 1; do
-         run 170 env MODELPORT_FP8_SPLIT_K=$sk MODELPORT_FP8_TRITON_MAX_M=256 PYTHONPATH=/tmp/site:src \
+         run 160 env MODELPORT_FP8_SPLIT_K=$sk MODELPORT_FP8_TRITON_MAX_M=256 PYTHONPATH=/tmp/site:src \
            python3 bench/quant_gpu_linear.py --batch 16 64 128 256 --formats fp8 --per-shape --copies 4 \
            --json "${OUT:-bench/results}/fp8-split-$sk.json"
-       done
-       run 120 env PYTHONPATH=/tmp/site:src python3 bench/quant_gpu_linear.py --batch 16 64 128 256 \
-         --formats bf16 fp8-mm --per-shape --copies 4 --json "${OUT:-bench/results}/fp8-split-peers.json" ;;
-  # session 49, call 2: W1 with FP8 weights + KV at the 16,384-token default budget: split-K
-  # off, on, on with full 256-row batches on the Triton GEMM, on with the GEMM under PDL;
-  # s49c: bf16 (the ratio's base; on an H200 also the NF4 / GGUF Q8_0 decode table)
+       done ;;
+  # s49b: W1 with FP8 weights + KV at the 16,384-token default budget: split-K off, on, on
+  # with full 256-row batches on the Triton GEMM, on with the GEMM under PDL
   s49b) run 560 env W1_BUDGET=16384 W1_EXTRA="--quantization fp8 --kv-cache-dtype fp8" \
           W1_ENVS="MODELPORT_FP8_SPLIT_K=0 MODELPORT_FP8_SPLIT_K=1 MODELPORT_FP8_SPLIT_K=1,MODELPORT_FP8_TRITON_MAX_M=256 MODELPORT_FP8_SPLIT_K=1,MODELPORT_FP8_W8A8_PDL=1" \
           bash bench/gpu/run_all.sh w1-env ;;
-  s49c) run 300 env W1_BUDGET=16384 W1_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w1-env
+  # s49c: bf16 and _scaled_mm beside s49's linear figures, bf16 W1 (the ratio's base); on an
+  # H200 also the targets' W3 bf16 and AWQ. s49d (H200): the NF4 / GGUF Q8_0 decode table
+  s49c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+          --upgrade --target /tmp/site .whl/*.whl
+        run 120 env PYTHONPATH=/tmp/site:src python3 bench/quant_gpu_linear.py --batch 16 64 128 256 \
+          --formats bf16 fp8-mm --per-shape --copies 4 --json "${OUT:-bench/results}/fp8-split-peers.json"
+        run 150 env W1_BUDGET=16384 W1_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w1-env
         if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-          run 280 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode
+          run 70 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
+          run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
         fi ;;
-  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43|s46|s46b|s46c|s47|s47b|s47c|s49|s49b|s49c" >&2; exit 2 ;;
+  s49d) run 560 env QD_FORMATS="bitsandbytes gguf-q8_0" bash bench/gpu/run_all.sh quant-decode ;;
+  *) echo "usage: $0 1|2|3|s25|s26|s27|s27b|s29|s29b|s30c|s31|s31b|s31c|s32b|s32c|s32d|s32e|s33|s33b|s33c|s33d|s33e|s34|s35|s35b|s35c|s36|s36b|s37|s37b|s37c|s38|s38b|s41|s41b|s41c|s41d|s41e|s42|s42b|s43|s46|s46b|s46c|s47|s47b|s47c|s49|s49b|s49c|s49d" >&2; exit 2 ;;
 esac
