@@ -20,7 +20,8 @@ quantization + ``torch._scaled_mm`` above); ``fp8-mm`` forces the quantize +
 W8A16 kernel (up to 256 rows) at every batch, to place the crossovers.
 
 ``--per-shape`` also times each projection alone (x 32 in its own graph), to show which
-shape a format loses on; ``--copies N`` cycles the layers through N copies of the weights. Each row records the MODELPORT_* variables it ran under (``knobs``).
+shape a format loses on; ``--copies N`` cycles the layers through N copies of the weights.
+Each row records the MODELPORT_* variables it ran under (``knobs``).
 
     python bench/quant_gpu_linear.py [--batch 1 4 64 256] [--formats bf16 fp8 fp8-mm]
         [--per-shape] [--copies 4] [--json out.json]
@@ -81,7 +82,8 @@ def build(fmt: str) -> list:
     return ops
 
 
-def time_step(op_sets: list[list], m: int, iters: int = 50, only: str | None = None) -> float:
+def time_step(op_sets: list[list], m: int, iters: int = 50,
+              only: str | None = None) -> float:
     """Milliseconds for one decode step's linears (one layer's four, graph-replayed, x 32;
     layer i runs the weights of op_sets[i % len(op_sets)]); ``only``: that projection's share
     (it alone, x 32)."""
