@@ -4,7 +4,7 @@ E4M3 operands (partial tiles on every axis, a K that the slices do not divide, p
 per-tensor scales, bias), the slices' sum equal bit for bit to the one-program result,
 counters left at zero after each launch (the next launch or graph replay starts clean), and
 which shapes may take the split configs; every W8A8 config compiled for sm_90 without
-register spills."""
+register spills (and with PDL's wait, for two of them)."""
 
 from __future__ import annotations
 
@@ -97,9 +97,12 @@ def test_every_w8a8_config_compiles_for_sm90() -> None:
                stride_ym="i32")
     div = ("xq_ptr", "xs_ptr", "w_ptr", "ws_ptr", "b_ptr", "y_ptr", "part_ptr", "N", "K",
            "stride_xm", "stride_wn", "stride_ym")
-    for bm, bn, bk, warps, stages, sk in t.W8A8_CONFIGS:
+    # every config plainly; with PDL (MODELPORT_FP8_W8A8_PDL) a split and an unsplit one
+    cases = [(c, False) for c in t.W8A8_CONFIGS]
+    cases += [(next(c for c in t.W8A8_CONFIGS if c[5] == sk), True) for sk in (1, 2)]
+    for (bm, bn, bk, warps, stages, sk), with_pdl in cases:
         const = dict(PER_CHANNEL=True, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                     SPLIT_K=sk)
+                     SPLIT_K=sk, PDL=with_pdl)
         r = kernel_regs.compile_sm90(fn, sig, const, div, warps, stages, loops=False)
-        assert r["stack"] == 0 and 0 < r["regs"] <= 255, (bm, bn, bk, sk, r)
-        assert r["programs_per_sm"] >= 1, (bm, bn, bk, sk, r)
+        assert r["stack"] == 0 and 0 < r["regs"] <= 255, (bm, bn, bk, sk, with_pdl, r)
+        assert r["programs_per_sm"] >= 1, (bm, bn, bk, sk, with_pdl, r)

@@ -11,6 +11,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 run() { local t=$1; shift; echo "### $* (timeout ${t}s)"; timeout "$t" "$@"; echo "### rc=$?"; }
+# the carried wheels into /tmp/site (as run_all.sh does), for the stages run without it
+wheels() {
+  [ -d .whl ] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+}
 # MoE AWQ single stream with OLD_MOE_QUANT (a triton_moe_quant.py) in a copy of src/, if set
 old_tree_moe_awq() {
   [ -f "${OLD_MOE_QUANT:-}" ] || return 0
@@ -123,7 +129,7 @@ case ${1:-1} in
   # for 4-bit integer experts (AWQ / GPTQ, opt-in MODELPORT_MOE_GEMV_INT=1): their GPU test,
   # then one MoE layer's routed experts at 1 and 8 tokens, grouped vs GEMVs, for bf16, FP8
   # and int4 (bench/gpu/moe_layer_bench.py)
-  s32e) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s32e) wheels
         run 90 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_moe_few_tokens.py -k integer
         run 130 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py \
@@ -142,7 +148,7 @@ case ${1:-1} in
   # session 33, second call: the integer-code MoE GEMVs rewritten (words loaded once, codes
   # made floats by a LOP3): their GPU tests, one MoE layer int4 / bf16, MoE AWQ single stream
   # with them, then (OLD_MOE_QUANT=FILE: the previous triton_moe_quant.py) with the old ones
-  s33b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s33b) wheels
         run 120 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_moe_few_tokens.py -k "integer or graph"
         run 120 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --kinds int4 bf16 \
@@ -154,7 +160,7 @@ case ${1:-1} in
   # in graphs and eager), its launch configs against bf16 at 256 / 1,024 tokens, then MoE AWQ
   # single stream with the fastest config at 1,024 tokens, and (OLD_MOE_QUANT=FILE) the
   # session's starting triton_moe_quant.py (grouped + GEMVs) in the same call
-  s33c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s33c) wheels
         run 130 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_moe_quantized_cuda.py -k awq
         run 120 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --grouped \
@@ -172,7 +178,7 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k128w4
   # config and the gather kernel, 4 and 8 bits), the AWQ / GPTQ MoE engine tests and the
   # few-token integer test; then where the integer GEMVs stop paying: one layer at 8, 16
   # and 32 tokens, GEMVs vs the new grouped kernel
-  s33d) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s33d) wheels
         run 240 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_moe_wint_grouped.py tests/test_moe_few_tokens.py tests/test_moe_quantized_cuda.py \
           -k "integer or awq or gptq" 2>&1 | tee "${OUT:-bench/results}/s33d-tests.log" | tail -15
@@ -181,7 +187,7 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k128w4
   # session 33, fifth call: the FP8 grouped MoE kernel's launch configs (prefill; it ran
   # 32-deep K steps, never timed) against bf16 at 256 / 1,024 tokens, then MoE single stream
   # with online FP8, the fastest config at 1,024 tokens against the default n64k32w4
-  s33e) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s33e) wheels
         run 100 env PYTHONPATH=/tmp/site:src python3 bench/gpu/moe_layer_bench.py --grouped \
           --kinds fp8 --tokens 256 1024 --json "${OUT:-bench/results}/moe_layer_grouped_fp8.jsonl"
         best=$(python3 -c "
@@ -208,7 +214,7 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
          run 60 env W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
          run 170 env W3_EXTRA="--quantization awq" W3_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w3-env
        fi
-       [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+       wheels
        run 100 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
          tests/test_gpu_engine.py tests/test_expert_parallel.py tests/test_logits_processors.py \
          -k "sleep or shares or cuda" \
@@ -219,7 +225,7 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
   # session 35's H100 call failed 4 tests, fixed after it (38b980e): the sleep-mode tests
   # (the test held the old graphs, so the KV cache stayed) and the GPTQ act-order MoE engine
   # tests (g_idx compared across devices at load)
-  s35c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s35c) wheels
         run 110 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_gpu_engine.py -k sleep 2>&1 | tee "${OUT:-bench/results}/s35c-sleep-tests.log" | tail -8
         run 160 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -238,7 +244,7 @@ print(min(rs, key=lambda r: r['us'])['variant'].split()[1] if rs else 'n64k32w4'
   # session 36, second call: the profiling forward's attention in query chunks (its [heads,
   # t, t] scores had cost 9,109 KV blocks at an 8,192-token budget on the H100): its GPU test,
   # then W1 bf16 at budgets 2,048 / 8,192 / 16,384 and FP8 weights + KV at 2,048 / 16,384
-  s36b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s36b) wheels
         run 60 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_gpu_attention.py -k profiling 2>&1 | tail -3
         env PYTHONPATH=/tmp/site:src python3 -c "
@@ -257,7 +263,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # server's new default (1,024 on such a card); on either the planner against the engine's
   # KV blocks on CUDA (not run since session 36's profiling changes; a 16,384-token budget
   # added) and the decode-graph limit test (last on the H200, first on an H100)
-  s37) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s37) wheels
        s37_tests() {
          run 150 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
            tests/test_planner_gpu.py tests/test_gpu_engine.py -k "planner or graph_limit" \
@@ -278,12 +284,12 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # session 37, second call: where the engine's memory goes before the KV cache is sized, next
   # to the planner's model (the first call's planner test: the planner 0.7-2.0 % below the
   # engine's blocks)
-  s37b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s37b) wheels
         run 240 env PYTHONPATH=/tmp/site:src python3 bench/gpu/planner_probe.py \
           --out "${OUT:-bench/results}/planner_probe.jsonl" ;;
   # session 37, third call: the planner test again after its fix (one rotary table for the
   # model, the larger of the forward's and the sampler's peaks rather than their sum)
-  s37c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s37c) wheels
         run 150 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           tests/test_planner_gpu.py 2>&1 | tee "${OUT:-bench/results}/s37c-planner-tests.log" | tail -8 ;;
   # session 38: the 4-bit GEMM on raw codes (5..255 rows): its GPU tests, then the linear
@@ -298,7 +304,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # session 38, second call: AWQ decode at batch 1 and 64 with the affine and the codes GEMM,
   # one process after the other; then the engine's GPU tests whole and the embeddings on CUDA
   # (the pooling model's profile no longer runs the LM head)
-  s38b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s38b) wheels
         run 300 env QD_FORMATS=awq QD_ENVS="MODELPORT_W4_GEMM=affine MODELPORT_W4_GEMM=codes${S38_CODES_EXTRA:-}" \
           bash bench/gpu/run_all.sh qd-env
         run 280 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -318,7 +324,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # session 41, third call: the start-up warm-up of mixed prefill / decode steps (one per
   # decode batch bucket), W2 at 16 req/s without it, then with it (one machine), then its GPU
   # test and the engine's graph / HF equality tests
-  s41c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s41c) wheels
         o=${OUT:-bench/results}
         run 170 env MODELPORT_WARMUP_STEPS=0 W2_RATES=16 bash bench/gpu/run_all.sh w2
         cp "$o/w2-server.log" "$o/w2-server-warmup-off.log"
@@ -342,7 +348,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
         grep -h "warmed up\|captured\|ready" "$o"/w2-server.log ;;
   # session 42: session 41's GPU tests never run (GGUF Q2_K / Q3_K on the Triton W4 kernels;
   # the mixed-step warm-up's last changes), then, only on an H200, W3 bf16 + AWQ and W1 bf16
-  s42) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s42) wheels
        o=${OUT:-bench/results}
        run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
          tests/test_gguf_q2k_q3k.py tests/test_gpu_engine.py -k "q2_k or q3_k or mixed_step" \
@@ -355,7 +361,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
   # session 42, second call: the GPU tests of this session's changes (rope scaling past
   # max_position_embeddings, the new architectures), then the engine's and the model
   # families' GPU tests as time allows
-  s42b) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s42b) wheels
         o=${OUT:-bench/results}
         new=$(ls tests/test_rope_scaling.py tests/test_models_new_archs.py 2>/dev/null)
         run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -363,7 +369,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
         run 200 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
           -rfE tests/test_gpu_engine.py tests/test_models_more.py tests/test_spec_decode.py \
           2>&1 | tee "$o/s42b-engine-tests.log" | tail -12 ;;
-  s43) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  s43) wheels
         o=${OUT:-bench/results}
         # session 42's GPU tests (s42b) with session 43's torch-profiler trace on CUDA
         run 240 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -412,8 +418,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
         run 200 env FILE_TIMEOUT=180 bash bench/gpu/gpu_sweep.sh files tests/test_vllm_instances_gpu.py ;;
   # session 49: FP8 split-K in the Triton W8A8 GEMM (MODELPORT_FP8_SPLIT_K). s49: its GPU
   # tests, then the linear layers of a decode step at 16-256 rows, per shape, off / on
-  s49) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-         --upgrade --target /tmp/site .whl/*.whl
+  s49) wheels
        run 190 env PYTHONPATH=/tmp/site:src python3 -m pytest -q -p no:cacheprovider \
          tests/test_quant_fp8_gpu.py -k "w8a8 or split or fp8_gemm_path or dispatch"
        for sk in 0 1; do
@@ -428,8 +433,7 @@ print('default budget offline / server', *(default_max_num_batched_tokens(True, 
           bash bench/gpu/run_all.sh w1-env ;;
   # s49c: bf16 and _scaled_mm beside s49's linear figures, bf16 W1 (the ratio's base); on an
   # H200 also the targets' W3 bf16 and AWQ. s49d (H200): the NF4 / GGUF Q8_0 decode table
-  s49c) [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-          --upgrade --target /tmp/site .whl/*.whl
+  s49c) wheels
         run 120 env PYTHONPATH=/tmp/site:src python3 bench/quant_gpu_linear.py --batch 16 64 128 256 \
           --formats bf16 fp8-mm --per-shape --copies 4 --json "${OUT:-bench/results}/fp8-split-peers.json"
         run 150 env W1_BUDGET=16384 W1_ENVS=MODELPORT_PDL=1 bash bench/gpu/run_all.sh w1-env
